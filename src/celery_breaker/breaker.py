@@ -1,0 +1,304 @@
+"""CircuitBreaker: guard any call (sync or async) with a breaker that lives in a store."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from types import TracebackType
+from typing import Any, NamedTuple, ParamSpec, TypeVar, overload
+
+from .clock import SYSTEM_CLOCK, Clock
+from .errors import CircuitOpenError
+from .core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
+from .storage import Cell, Store, resolve_store
+
+__all__ = ["CircuitBreaker", "TransitionListener"]
+
+logger = logging.getLogger("celery_breaker")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+TransitionListener = Callable[[Transition], object]
+
+SUCCESS, FAILURE, IGNORED = Outcome.SUCCESS, Outcome.FAILURE, Outcome.IGNORED
+OPEN, FORCED_OPEN = State.OPEN, State.FORCED_OPEN
+
+
+class _Active(NamedTuple):
+    """A guarded block in progress (``with breaker:``), innermost first."""
+
+    breaker: CircuitBreaker
+    cell: Cell
+    ticket: Ticket
+    start: float
+    outer: _Active | None
+
+
+# Per thread and per asyncio task: concurrent blocks never see each other's tickets.
+_ACTIVE: ContextVar[_Active | None] = ContextVar("celery_breaker_active", default=None)
+
+
+class CircuitBreaker:
+    """A named breaker in a store; the same name on the same store is the same breaker.
+
+    Use it as ``breaker.call(fn, *args)``, ``with breaker:``, ``async with breaker:``,
+    ``await breaker.acall(coro_fn, *args)`` or as a decorator on sync or async
+    functions. A rejected call raises ``CircuitOpenError`` without running.
+
+    Args:
+        name: the breaker's name.
+        policy: a ``BreakerPolicy`` or a dict of its fields (over the defaults).
+        storage: a store URL (``memory://`` by default) or a store object.
+        clock: where time comes from (``celery_breaker.testing.FakeClock`` in tests).
+        key: the per-key part (tenant, host, ...) of a per-key breaker.
+    """
+
+    __slots__ = ("name", "key", "policy", "store", "_clock", "_now", "_cell", "_listeners", "__weakref__")
+
+    def __init__(
+        self,
+        name: str,
+        policy: BreakerPolicy | dict[str, Any] | None = None,
+        *,
+        storage: str | Store = "memory://",
+        clock: Clock | None = None,
+        key: str | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"CircuitBreaker name must be a non-empty string, got {name!r}")
+        self.name = name
+        self.key = key
+        self.policy = BreakerPolicy.coerce(policy)
+        self.store = resolve_store(storage)
+        self._clock = clock or SYSTEM_CLOCK
+        self._now = self._clock.monotonic
+        self._listeners: list[TransitionListener] = []
+        self._cell = self.store.cell(name, key, self.policy, self._clock)
+
+    # -- the guarded call ----------------------------------------------------
+
+    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Run ``fn(*args, **kwargs)`` if the breaker admits it; record how it went."""
+        cell = self._cell
+        start = self._now()
+        if cell.passing:
+            ticket: Ticket = cell.generation
+        else:
+            cell, ticket = self._acquire(cell, start)
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self._finish(cell, ticket, exc, start)
+            raise
+        end = self._now()
+        cell.record_success(ticket, end - start, self.policy, end)
+        if cell.events:
+            self._announce(cell)
+        return result
+
+    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        """``await fn(*args, **kwargs)`` under the breaker."""
+        cell, ticket, start = self._admit()
+        try:
+            result = await fn(*args, **kwargs)
+        except BaseException as exc:
+            self._finish(cell, ticket, exc, start)
+            raise
+        self._finish(cell, ticket, None, start)
+        return result
+
+    @overload
+    def __call__(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]: ...
+    @overload
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
+
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        """Decorate ``fn`` (a function or a coroutine function) so every call is guarded."""
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def guarded_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return await self.acall(fn, *args, **kwargs)
+
+            return guarded_async
+
+        @functools.wraps(fn)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
+            return self.call(fn, *args, **kwargs)
+
+        return guarded
+
+    def __enter__(self) -> CircuitBreaker:
+        cell, ticket, start = self._admit()
+        _ACTIVE.set(_Active(self, cell, ticket, start, _ACTIVE.get()))
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        _exit_block(exc)
+
+    async def __aenter__(self) -> CircuitBreaker:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        _exit_block(exc)
+
+    # -- steps shared by every way of guarding -------------------------------
+
+    def _refresh(self) -> Cell:
+        self._cell = self.store.cell(self.name, self.key, self.policy, self._clock)
+        return self._cell
+
+    def _admit(self) -> tuple[Cell, Ticket, float]:
+        """Acquire a ticket (or raise ``CircuitOpenError``)."""
+        cell = self._cell
+        start = self._now()
+        if cell.passing:
+            return cell, cell.generation, start
+        cell, ticket = self._acquire(cell, start)
+        return cell, ticket, start
+
+    def _acquire(self, cell: Cell, now: float) -> tuple[Cell, Ticket]:
+        """The path for a breaker that is not simply passing calls."""
+        if cell.evicted:
+            cell = self._refresh()
+        state = cell.state
+        open_until = cell.open_until
+        # Reject from the local view without asking the store: one frame deep, so
+        # the rejection stays cheap (the store decides everything else).
+        if state is FORCED_OPEN or (state is OPEN and open_until is not None and now < open_until):
+            cell.note_rejection()
+            raise CircuitOpenError._rejected(
+                self.name, self.key, state, None if open_until is None else open_until - now
+            )
+        ticket = cell.acquire(self.policy, now)
+        if cell.events:
+            self._announce(cell)
+        return cell, ticket
+
+    def _finish(self, cell: Cell, ticket: Ticket, exc: BaseException | None, start: float) -> Outcome:
+        """Record how a call that started at ``start`` went; return how it counted."""
+        outcome = self.policy.classify(exc)
+        end = self._now()
+        cell.finish(ticket, outcome, end - start, self.policy, end)
+        if outcome is FAILURE:
+            logger.debug(
+                "breaker %s: recorded failure %r", self.label, exc,
+                extra={"breaker": self.name, "breaker_key": self.key},
+            )  # fmt: skip
+        if cell.events:
+            self._announce(cell)
+        return outcome
+
+    def _enter_with(self, cell: Cell, ticket: Ticket, start: float) -> None:
+        """Open a guarded block with a ticket acquired earlier (a task's admission)."""
+        _ACTIVE.set(_Active(self, cell, ticket, start, _ACTIVE.get()))
+
+    def _announce(self, cell: Cell) -> None:
+        events = cell.events
+        while events:
+            try:
+                transition = events.popleft()
+            except IndexError:  # another thread drained it first
+                return
+            _log_transition(transition)
+            for listener in tuple(self._listeners):
+                try:
+                    listener(transition)
+                except Exception:  # a hook cannot change the breaker's decision
+                    logger.exception("breaker %s: transition listener %r raised", self.label, listener)
+
+    # -- observing and operating ----------------------------------------------
+
+    @property
+    def label(self) -> str:
+        """``'crm'`` or ``'crm[tenant-7]'``."""
+        return self.name if self.key is None else f"{self.name}[{self.key}]"
+
+    @property
+    def state(self) -> State:
+        """The stored state (an OPEN breaker whose time is up half-opens on its next call)."""
+        cell = self._cell if not self._cell.evicted else self._refresh()
+        return cell.state
+
+    def snapshot(self) -> BreakerSnapshot:
+        """State and metrics now: failures, successes, last failure/success, trips, ..."""
+        cell = self._cell if not self._cell.evicted else self._refresh()
+        return cell.snapshot(self._now())
+
+    def add_listener(self, listener: TransitionListener) -> None:
+        """Call ``listener(transition)`` after every transition this breaker object causes."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: TransitionListener) -> None:
+        self._listeners.remove(listener)
+
+    def force_open(self) -> None:
+        """Reject every call until an operator closes, resets or disables the breaker."""
+        self._operate(State.FORCED_OPEN)
+
+    def disable(self) -> None:
+        """Admit every call and never trip, until an operator closes or resets it."""
+        self._operate(State.DISABLED)
+
+    force_closed = disable
+
+    def close(self) -> None:
+        """Move to CLOSED now (windows cleared, lifetime counters kept)."""
+        self._operate(State.CLOSED)
+
+    def reset(self) -> None:
+        """Forget everything: a fresh CLOSED breaker with zeroed counters."""
+        cell = self._cell if not self._cell.evicted else self._refresh()
+        cell.reset(self.policy, self._now())
+        self._announce(cell)
+
+    def note_deferral(self) -> None:
+        """Count a task deferred because this breaker rejected it."""
+        cell = self._cell if not self._cell.evicted else self._refresh()
+        cell.note_deferral()
+
+    def _operate(self, target: State) -> None:
+        cell = self._cell if not self._cell.evicted else self._refresh()
+        cell.force(target, self.policy, self._now())
+        self._announce(cell)
+
+    def __repr__(self) -> str:
+        return f"<CircuitBreaker {self.label!r} {self.state.value} on {self.store.url}>"
+
+
+def _exit_block(exc: BaseException | None) -> None:
+    active = _ACTIVE.get()
+    if active is None:  # pragma: no cover - only reachable by calling __exit__ by hand
+        raise RuntimeError("breaker block exited without being entered")
+    _ACTIVE.set(active.outer)
+    active.breaker._finish(active.cell, active.ticket, exc, active.start)
+
+
+def _log_transition(transition: Transition) -> None:
+    level = logging.WARNING if transition.target in (State.OPEN, State.FORCED_OPEN) else logging.INFO
+    until = ""
+    if transition.open_until is not None:
+        until = f", may half-open in {transition.open_until - transition.at:.1f} s"
+    logger.log(
+        level,
+        "breaker %s %s -> %s (%s; %d failures, %d calls in window%s)",
+        transition.label, transition.source.value, transition.target.value, transition.reason,
+        transition.failures, transition.calls, until,
+        extra={
+            "breaker": transition.name,
+            "breaker_key": transition.key,
+            "breaker_state": transition.target.value,
+            "breaker_previous_state": transition.source.value,
+            "breaker_reason": transition.reason,
+            "breaker_generation": transition.generation,
+            "breaker_open_until": transition.open_until,
+        },
+    )  # fmt: skip

@@ -1,0 +1,303 @@
+"""The state machine of one breaker: admission, outcomes, trips and recovery, on an injected time.
+
+A ``BreakerMachine`` is plain data plus rules. It never reads a clock (every method
+takes ``now``) and takes no locks: the store that owns it makes each call atomic.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NoReturn
+
+from ..errors import CircuitOpenError
+from .policy import BreakerPolicy, Outcome
+from .snapshot import BreakerSnapshot, Probe, Transition
+from .state import State, check_transition
+from .windows import CountWindow, FailureTimes, RateWindow, TimeWindow
+
+__all__ = ["BreakerMachine", "Ticket"]
+
+#: What an admitted call carries to its outcome: the generation (an int) for an
+#: ordinary call, or a ``Probe`` lease for a HALF_OPEN probe.
+Ticket = int | Probe
+
+CLOSED, OPEN, HALF_OPEN = State.CLOSED, State.OPEN, State.HALF_OPEN
+FORCED_OPEN, DISABLED = State.FORCED_OPEN, State.DISABLED
+FAILURE, IGNORED = Outcome.FAILURE, Outcome.IGNORED
+
+
+class BreakerMachine:
+    """One breaker's state. Every method is one atomic step for the store that owns it.
+
+    Generations fence outcomes: every transition increments ``generation``, and an
+    outcome whose ticket carries an older generation is counted in the metrics but
+    cannot move the state (gobreaker's rule).
+    """
+
+    __slots__ = (
+        "name", "key", "policy", "state", "generation", "opened_at", "open_until",
+        "failure_times", "rate_window", "leases", "next_lease", "half_open_successes",
+        "successes", "failures", "rejections", "deferrals", "trips",
+        "last_success", "last_failure", "last_used", "events", "wall_offset", "passing",
+    )  # fmt: skip
+
+    def __init__(self, name: str, key: str | None, policy: BreakerPolicy, now: float) -> None:
+        self.name = name
+        self.key = key
+        self.state = CLOSED
+        self.passing = True  # calls pass without a decision: CLOSED or DISABLED
+        self.generation = 0
+        self.opened_at: float | None = None
+        self.open_until: float | None = None
+        self.leases: dict[int, float] = {}
+        self.next_lease = 0
+        self.half_open_successes = 0
+        self.successes = self.failures = self.rejections = self.deferrals = self.trips = 0
+        self.last_success: float | None = None
+        self.last_failure: float | None = None
+        self.last_used = now
+        self.events: deque[Transition] = deque()
+        self.wall_offset = 0.0  # epoch - monotonic, for the times shown to people
+        self._use_policy(policy)
+
+    # -- policy --------------------------------------------------------------
+
+    def _use_policy(self, policy: BreakerPolicy) -> None:
+        self.policy = policy
+        self.failure_times = (
+            FailureTimes(policy.failure_threshold, policy.window)
+            if policy.failure_threshold is not None
+            else None
+        )
+        self.rate_window: RateWindow | None = None
+        if policy.uses_rates:
+            self.rate_window = (
+                CountWindow(policy.count_window)
+                if policy.count_window is not None
+                else TimeWindow(policy.window)
+            )
+
+    def _check_policy(self, policy: BreakerPolicy) -> None:
+        if policy is not self.policy and policy != self.policy:
+            self._use_policy(policy)  # counting starts afresh under a new policy
+
+    # -- admission -----------------------------------------------------------
+
+    def admit(self, policy: BreakerPolicy, now: float) -> Ticket:
+        """Admit a call (returning its ticket) or raise ``CircuitOpenError``."""
+        self.last_used = now
+        state = self.state
+        if state is CLOSED or state is DISABLED:
+            return self.generation
+        self._check_policy(policy)
+        if state is OPEN:
+            assert self.open_until is not None
+            if now < self.open_until:
+                return self._reject(self.open_until - now)
+            self._move(HALF_OPEN, now)
+        elif state is FORCED_OPEN:
+            return self._reject(None)
+        return self._admit_probe(now)
+
+    def _admit_probe(self, now: float) -> Ticket:
+        policy = self.policy
+        leases = self.leases
+        for lease, deadline in list(leases.items()):
+            if deadline <= now:
+                del leases[lease]  # a probe that never reported frees its slot
+        if len(leases) + self.half_open_successes < policy.half_open_max_calls:
+            lease = self.next_lease
+            self.next_lease = lease + 1
+            leases[lease] = now + policy.half_open_max_wait
+            return Probe(self.generation, lease)
+        # Every slot is taken: the next chance is when a lease expires, and probes
+        # usually report sooner, so do not wait longer than one open period.
+        soonest = min(leases.values(), default=now + policy.reset_timeout)
+        return self._reject(min(soonest - now, policy.reset_timeout))
+
+    def _reject(self, retry_after: float | None) -> NoReturn:
+        self.rejections += 1
+        raise CircuitOpenError._rejected(self.name, self.key, self.state, retry_after)
+
+    # -- outcomes ------------------------------------------------------------
+
+    def record(
+        self, ticket: Ticket, outcome: Outcome, duration: float, policy: BreakerPolicy, now: float
+    ) -> None:
+        """Count one finished call and apply any transition the policy calls for."""
+        is_probe = type(ticket) is Probe
+        generation = ticket.generation if is_probe else ticket  # type: ignore[union-attr]
+        current = generation == self.generation
+        if outcome is IGNORED:
+            if current and is_probe:
+                self.leases.pop(ticket.lease, None)  # type: ignore[union-attr]
+            return
+        failed = outcome is FAILURE
+        if failed:
+            self.failures += 1
+            self.last_failure = now
+        else:
+            self.successes += 1
+            self.last_success = now
+        if not current:
+            return  # started under an earlier state: counted, but cannot move this one
+        self._check_policy(policy)
+        policy = self.policy
+        slow_limit = policy.slow_call_duration
+        slow = slow_limit is not None and duration >= slow_limit
+        state = self.state
+        if state is CLOSED:
+            self._record_closed(failed, slow, now)
+        elif state is HALF_OPEN:
+            if is_probe:
+                self.leases.pop(ticket.lease, None)  # type: ignore[union-attr]
+            if failed or slow:
+                self._move(OPEN, now, "slow probe" if not failed else "probe failed")
+            else:
+                self.half_open_successes += 1
+                if self.half_open_successes >= policy.success_threshold:
+                    self._move(CLOSED, now, f"{self.half_open_successes} probes succeeded")
+
+    def _record_closed(self, failed: bool, slow: bool, now: float) -> None:
+        policy = self.policy
+        reason = None
+        if failed and self.failure_times is not None and self.failure_times.add(now):
+            reason = f"{policy.failure_threshold} failures within {policy.window:g} s"
+        window = self.rate_window
+        if window is not None:
+            window.add(now, failed, slow)
+            if reason is None and (failed or slow):
+                calls, failures, slow_calls = window.totals(now)
+                if calls >= policy.minimum_calls:
+                    rate = policy.failure_rate_threshold
+                    slow_rate = policy.slow_call_rate_threshold
+                    if rate is not None and failures >= rate * calls:
+                        reason = f"failure rate {failures}/{calls} >= {rate:.0%}"
+                    elif slow_rate is not None and slow_calls >= slow_rate * calls:
+                        reason = f"slow-call rate {slow_calls}/{calls} >= {slow_rate:.0%}"
+        if reason is not None:
+            self._move(OPEN, now, reason)
+
+    # -- operators -----------------------------------------------------------
+
+    def force(self, target: State, policy: BreakerPolicy, now: float) -> None:
+        """An operator moves the breaker to CLOSED, FORCED_OPEN or DISABLED."""
+        self._check_policy(policy)
+        self._move(target, now, "operator")
+
+    def reset(self, policy: BreakerPolicy, now: float) -> None:
+        """Back to a fresh CLOSED breaker: state, windows and lifetime counters cleared."""
+        self._use_policy(policy)
+        self._move(CLOSED, now, "reset")
+        self.successes = self.failures = self.rejections = self.deferrals = self.trips = 0
+        self.last_success = self.last_failure = self.opened_at = None
+
+    def note_deferral(self) -> None:
+        self.deferrals += 1
+
+    def note_rejection(self) -> None:
+        self.rejections += 1
+
+    # -- transitions ---------------------------------------------------------
+
+    def _move(self, target: State, now: float, reason: str | None = None) -> None:
+        source = self.state
+        why = check_transition(source, target)
+        calls = failures = 0
+        if self.rate_window is not None:
+            calls, failures, _ = self.rate_window.totals(now)
+        elif self.failure_times is not None:
+            failures = self.failure_times.count(now)
+        self.generation += 1
+        self.state = target
+        self.passing = target is CLOSED or target is DISABLED
+        if target is OPEN or target is FORCED_OPEN:
+            self.opened_at = now
+            self.trips += target is OPEN
+            self.open_until = now + self.policy.reset_timeout if target is OPEN else None
+        elif target is HALF_OPEN:
+            self.open_until = None
+            self.leases.clear()
+            self.half_open_successes = 0
+        else:
+            self.open_until = None
+        if target is not HALF_OPEN:
+            self.leases.clear()
+        if target is OPEN or target is CLOSED or source is CLOSED:
+            self._clear_windows()
+        offset = self.wall_offset
+        self.events.append(
+            Transition(
+                name=self.name,
+                key=self.key,
+                source=source,
+                target=target,
+                reason=reason or why,
+                generation=self.generation,
+                at=now + offset,
+                open_until=None if self.open_until is None else self.open_until + offset,
+                failures=failures,
+                calls=calls,
+                trips=self.trips,
+            )
+        )
+
+    def _clear_windows(self) -> None:
+        if self.failure_times is not None:
+            self.failure_times.clear()
+        if self.rate_window is not None:
+            self.rate_window.clear()
+
+    # -- reading -------------------------------------------------------------
+
+    def is_at_rest(self, now: float) -> bool:
+        """True when forgetting this breaker loses nothing that decides anything."""
+        if self.state is not CLOSED:
+            return False
+        if self.failure_times is not None and self.failure_times.count(now):
+            return False
+        return self.rate_window is None or self.rate_window.totals(now)[0] == 0
+
+    def retry_after(self, now: float) -> float | None:
+        """Seconds until a probe may be admitted: 0 if calls pass, None if forced open."""
+        if self.state is OPEN and self.open_until is not None:
+            return max(0.0, self.open_until - now)
+        if self.state is FORCED_OPEN:
+            return None
+        if self.state is HALF_OPEN:
+            live = [d for d in self.leases.values() if d > now]
+            if len(live) + self.half_open_successes >= self.policy.half_open_max_calls:
+                return min(min(live, default=now) - now, self.policy.reset_timeout)
+        return 0.0
+
+    def snapshot(self, now: float) -> BreakerSnapshot:
+        calls = failures = slow = 0
+        if self.rate_window is not None:
+            calls, failures, slow = self.rate_window.totals(now)
+        elif self.failure_times is not None:
+            failures = self.failure_times.count(now)
+        offset = self.wall_offset
+
+        def wall(t: float | None) -> float | None:
+            return None if t is None else t + offset
+
+        return BreakerSnapshot(
+            name=self.name,
+            key=self.key,
+            state=self.state,
+            generation=self.generation,
+            failures=self.failures,
+            successes=self.successes,
+            rejections=self.rejections,
+            deferrals=self.deferrals,
+            trips=self.trips,
+            last_failure=wall(self.last_failure),
+            last_success=wall(self.last_success),
+            opened_at=wall(self.opened_at),
+            open_until=wall(self.open_until),
+            retry_after=self.retry_after(now),
+            window_calls=calls,
+            window_failures=failures,
+            window_slow_calls=slow,
+            probes_in_flight=sum(1 for d in self.leases.values() if d > now),
+        )

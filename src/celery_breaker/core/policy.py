@@ -1,0 +1,287 @@
+"""BreakerPolicy: the frozen, validated rules that decide when a breaker trips and recovers."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import importlib
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Union
+
+from ..errors import CircuitOpenError, ConfigurationError
+
+__all__ = ["BreakerPolicy", "Outcome", "ExceptionMatcher"]
+
+logger = logging.getLogger("celery_breaker")
+
+#: An exception type, a dotted path to one (for settings files), or a predicate.
+ExceptionMatcher = Union[type[BaseException], str, Callable[[BaseException], bool]]
+
+DEFAULT_FAILURE_THRESHOLD = 5
+DEFAULT_WINDOW = 60.0
+DEFAULT_MINIMUM_CALLS = 10
+DEFAULT_RESET_TIMEOUT = 30.0
+DEFAULT_HALF_OPEN_MAX_CALLS = 3
+DEFAULT_SUCCESS_THRESHOLD = 2
+DEFAULT_HALF_OPEN_MAX_WAIT = 60.0
+
+
+class Outcome(enum.IntEnum):
+    """How a finished call counts."""
+
+    SUCCESS = 0
+    FAILURE = 1
+    IGNORED = 2
+    """Neutral: the call says nothing about the downstream (a probe slot is freed)."""
+
+
+def _resolve_matchers(
+    field_name: str, value: Any
+) -> tuple[tuple[type[BaseException], ...], tuple[Callable[[BaseException], bool], ...]]:
+    if value is None:
+        value = ()
+    if isinstance(value, (type, str)) or callable(value) and not isinstance(value, type):
+        value = (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ConfigurationError(
+            f"BreakerPolicy.{field_name} must be a sequence of exception types, dotted "
+            f"paths or predicates, got {value!r}"
+        ) from None
+    types: list[type[BaseException]] = []
+    predicates: list[Callable[[BaseException], bool]] = []
+    for item in items:
+        if isinstance(item, str):
+            item = _import_exception(field_name, item)
+        if isinstance(item, type):
+            if not issubclass(item, BaseException):
+                raise ConfigurationError(
+                    f"BreakerPolicy.{field_name}: {item.__qualname__} is not an exception type"
+                )
+            types.append(item)
+        elif callable(item):
+            predicates.append(item)
+        else:
+            raise ConfigurationError(
+                f"BreakerPolicy.{field_name}: {item!r} is neither an exception type, "
+                f"a dotted path to one, nor a predicate"
+            )
+    return tuple(types), tuple(predicates)
+
+
+def _import_exception(field_name: str, path: str) -> type[BaseException]:
+    module_name, _, attr = path.rpartition(".")
+    if not module_name:
+        import builtins
+
+        module_name, attr = builtins.__name__, path
+    try:
+        found = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigurationError(
+            f"BreakerPolicy.{field_name}: cannot import {path!r} ({exc}); "
+            f"write a dotted path such as 'requests.exceptions.ConnectionError'"
+        ) from None
+    if not (isinstance(found, type) and issubclass(found, BaseException)):
+        raise ConfigurationError(f"BreakerPolicy.{field_name}: {path!r} is not an exception type")
+    return found
+
+
+def _seconds(name: str, value: Any, *, optional: bool) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "a number of seconds > 0" + (" or None" if optional else "")
+        raise ConfigurationError(f"BreakerPolicy.{name} must be {kind}, got {value!r}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigurationError(f"BreakerPolicy.{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _count(name: str, value: Any, *, optional: bool) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        kind = "a whole number >= 1" + (" or None" if optional else "")
+        raise ConfigurationError(f"BreakerPolicy.{name} must be {kind}, got {value!r}")
+    return value
+
+
+def _rate(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        hint = f"; for {value}% write {value / 100:g}" if isinstance(value, (int, float)) and 1 < value <= 100 else ""
+        raise ConfigurationError(
+            f"BreakerPolicy.{name} must be a fraction in (0, 1] or None, got {value!r}{hint}"
+        )
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerPolicy:
+    """When a breaker trips, how long it stays open, and how it recovers.
+
+    Trip rules (any one that is set can trip a CLOSED breaker):
+
+    * ``failure_threshold`` recorded failures within the last ``window`` seconds
+      (exact: the timestamps of the last ``failure_threshold`` failures are kept).
+    * ``failure_rate_threshold`` (a fraction) of the calls in the window failed,
+      once at least ``minimum_calls`` calls were seen.
+    * ``slow_call_rate_threshold`` of those calls took ``slow_call_duration`` or longer.
+
+    Rates are measured over the last ``window`` seconds, or over the last
+    ``count_window`` calls when that is set.
+
+    Recovery: after ``reset_timeout`` seconds OPEN, the breaker half-opens and admits
+    at most ``half_open_max_calls`` probes; any recorded failure reopens it,
+    ``success_threshold`` successes close it. A probe that does not report within
+    ``half_open_max_wait`` seconds frees its slot.
+
+    Classification: an exception matching ``ignore_exceptions`` is neutral; one
+    matching ``record_exceptions`` is a failure; any other outcome is a success (the
+    downstream answered). Matchers are exception types, dotted paths or predicates.
+    """
+
+    failure_threshold: int | None = DEFAULT_FAILURE_THRESHOLD
+    window: float = DEFAULT_WINDOW
+    failure_rate_threshold: float | None = None
+    minimum_calls: int = DEFAULT_MINIMUM_CALLS
+    count_window: int | None = None
+    slow_call_duration: float | None = None
+    slow_call_rate_threshold: float | None = None
+    reset_timeout: float = DEFAULT_RESET_TIMEOUT
+    half_open_max_calls: int = DEFAULT_HALF_OPEN_MAX_CALLS
+    success_threshold: int = DEFAULT_SUCCESS_THRESHOLD
+    half_open_max_wait: float = DEFAULT_HALF_OPEN_MAX_WAIT
+    record_exceptions: tuple[ExceptionMatcher, ...] = (Exception,)
+    ignore_exceptions: tuple[ExceptionMatcher, ...] = ()
+
+    _record_types: tuple[type[BaseException], ...] = field(init=False, repr=False, compare=False)
+    _record_predicates: tuple[Callable[[BaseException], bool], ...] = field(
+        init=False, repr=False, compare=False
+    )
+    _ignore_types: tuple[type[BaseException], ...] = field(init=False, repr=False, compare=False)
+    _ignore_predicates: tuple[Callable[[BaseException], bool], ...] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        put = object.__setattr__
+        put(self, "failure_threshold", _count("failure_threshold", self.failure_threshold, optional=True))
+        put(self, "window", _seconds("window", self.window, optional=False))
+        put(self, "failure_rate_threshold", _rate("failure_rate_threshold", self.failure_rate_threshold))
+        put(self, "minimum_calls", _count("minimum_calls", self.minimum_calls, optional=False))
+        put(self, "count_window", _count("count_window", self.count_window, optional=True))
+        put(self, "slow_call_duration", _seconds("slow_call_duration", self.slow_call_duration, optional=True))
+        put(self, "slow_call_rate_threshold", _rate("slow_call_rate_threshold", self.slow_call_rate_threshold))
+        put(self, "reset_timeout", _seconds("reset_timeout", self.reset_timeout, optional=False))
+        put(self, "half_open_max_calls", _count("half_open_max_calls", self.half_open_max_calls, optional=False))
+        put(self, "success_threshold", _count("success_threshold", self.success_threshold, optional=False))
+        put(self, "half_open_max_wait", _seconds("half_open_max_wait", self.half_open_max_wait, optional=False))
+        record_types, record_predicates = _resolve_matchers("record_exceptions", self.record_exceptions)
+        ignore_types, ignore_predicates = _resolve_matchers("ignore_exceptions", self.ignore_exceptions)
+        # CircuitOpenError from another breaker says nothing about this downstream.
+        put(self, "_ignore_types", (CircuitOpenError, *ignore_types))
+        put(self, "_ignore_predicates", ignore_predicates)
+        put(self, "_record_types", record_types)
+        put(self, "_record_predicates", record_predicates)
+        put(self, "record_exceptions", (*record_types, *record_predicates))
+        put(self, "ignore_exceptions", (*ignore_types, *ignore_predicates))
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        if (self.slow_call_duration is None) != (self.slow_call_rate_threshold is None):
+            raise ConfigurationError(
+                "BreakerPolicy.slow_call_duration and slow_call_rate_threshold go together: "
+                f"got slow_call_duration={self.slow_call_duration!r}, "
+                f"slow_call_rate_threshold={self.slow_call_rate_threshold!r}"
+            )
+        if self.failure_threshold is None and not self.uses_rates:
+            raise ConfigurationError(
+                "BreakerPolicy never trips: set failure_threshold, failure_rate_threshold "
+                "or slow_call_rate_threshold (all are None)"
+            )
+        if self.success_threshold > self.half_open_max_calls:
+            raise ConfigurationError(
+                f"BreakerPolicy.success_threshold ({self.success_threshold}) must not exceed "
+                f"half_open_max_calls ({self.half_open_max_calls}): the breaker could never close"
+            )
+        if self.count_window is not None and self.minimum_calls > self.count_window:
+            raise ConfigurationError(
+                f"BreakerPolicy.minimum_calls ({self.minimum_calls}) must not exceed "
+                f"count_window ({self.count_window}): the rate rules could never trip"
+            )
+
+    @property
+    def uses_rates(self) -> bool:
+        """Whether a rate rule is set, so every outcome must be counted in a window."""
+        return self.failure_rate_threshold is not None or self.slow_call_rate_threshold is not None
+
+    def classify(self, exc: BaseException | None) -> Outcome:
+        """How a call that raised ``exc`` (or returned, for ``None``) counts."""
+        if exc is None:
+            return Outcome.SUCCESS
+        if isinstance(exc, self._ignore_types) or _any_match(self._ignore_predicates, exc):
+            return Outcome.IGNORED
+        if isinstance(exc, self._record_types) or _any_match(self._record_predicates, exc):
+            return Outcome.FAILURE
+        return Outcome.SUCCESS
+
+    def replace(self, **changes: Any) -> BreakerPolicy:
+        """A copy with ``changes`` applied (validated like a new policy)."""
+        return BreakerPolicy.from_mapping({**self.as_dict(), **changes})
+
+    def as_dict(self) -> dict[str, Any]:
+        """The public fields, as keyword arguments that rebuild this policy."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    @classmethod
+    def from_mapping(
+        cls, values: Mapping[str, Any], *, base: BreakerPolicy | None = None, source: str = "policy"
+    ) -> BreakerPolicy:
+        """Build a policy from a settings dict, over ``base``; errors name ``source``."""
+        if not isinstance(values, Mapping):
+            raise ConfigurationError(
+                f"{source} must be a dict of BreakerPolicy fields or a BreakerPolicy, got {values!r}"
+            )
+        allowed = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise ConfigurationError(
+                f"{source}: unknown BreakerPolicy field(s) {', '.join(map(repr, unknown))}; "
+                f"allowed: {', '.join(sorted(allowed))}"
+            )
+        merged = {**(base.as_dict() if base is not None else {}), **values}
+        try:
+            return cls(**merged)
+        except ConfigurationError as exc:
+            if source == "policy":
+                raise
+            raise ConfigurationError(f"{source}: {exc}") from None
+
+    @classmethod
+    def coerce(cls, value: Any, *, base: BreakerPolicy | None = None, source: str = "policy") -> BreakerPolicy:
+        """Accept a BreakerPolicy, a dict of overrides over ``base``, or ``None``."""
+        if value is None:
+            return base if base is not None else cls()
+        if isinstance(value, BreakerPolicy):
+            return value
+        return cls.from_mapping(value, base=base, source=source)
+
+
+def _any_match(predicates: tuple[Callable[[BaseException], bool], ...], exc: BaseException) -> bool:
+    for predicate in predicates:
+        try:
+            if predicate(exc):
+                return True
+        except Exception:  # a predicate that raises cannot change the decision
+            logger.exception("celery_breaker: exception predicate %r raised; treated as no match", predicate)
+    return False

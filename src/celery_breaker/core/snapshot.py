@@ -1,0 +1,86 @@
+"""Frozen records a breaker hands out: its transitions and its metrics snapshot."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from .state import State
+
+__all__ = ["Transition", "BreakerSnapshot", "Probe"]
+
+
+class Probe(NamedTuple):
+    """The ticket of a call admitted as a HALF_OPEN probe: a lease in one generation."""
+
+    generation: int
+    lease: int
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One move of one breaker, as its listeners and logs see it."""
+
+    name: str
+    key: str | None
+    source: State
+    target: State
+    reason: str
+    generation: int
+    at: float
+    """Epoch seconds (wall clock) when it happened."""
+    open_until: float | None
+    """Epoch seconds when an OPEN breaker may half-open; ``None`` otherwise."""
+    failures: int
+    """Failures in the window when it happened."""
+    calls: int
+    """Calls in the window when it happened (0 when the policy keeps no rate window)."""
+    trips: int
+
+    @property
+    def label(self) -> str:
+        return self.name if self.key is None else f"{self.name}[{self.key}]"
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerSnapshot:
+    """A breaker's state and metrics at one moment: the seed's ``getMetrics()`` and more.
+
+    Times are epoch seconds (``None`` when it never happened); counters are lifetime
+    totals since the breaker was created or last reset.
+    """
+
+    name: str
+    key: str | None
+    state: State
+    generation: int
+    failures: int
+    successes: int
+    rejections: int
+    deferrals: int
+    trips: int
+    last_failure: float | None
+    last_success: float | None
+    opened_at: float | None
+    open_until: float | None
+    retry_after: float | None
+    """Seconds until the breaker may admit a probe (0 when it admits calls now)."""
+    window_calls: int
+    window_failures: int
+    window_slow_calls: int
+    probes_in_flight: int
+
+    @property
+    def failure_rate(self) -> float | None:
+        """Failures / calls in the window, or ``None`` before any call was counted."""
+        if not self.window_calls:
+            return None
+        return self.window_failures / self.window_calls
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: the state as its string value, plus ``failure_rate``."""
+        data = dataclasses.asdict(self)
+        data["state"] = self.state.value
+        data["failure_rate"] = self.failure_rate
+        return data

@@ -1,0 +1,149 @@
+"""Sliding windows over call outcomes: exact failure times, counts of the last N calls, time buckets."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+__all__ = ["FailureTimes", "RateWindow", "CountWindow", "TimeWindow", "TIME_BUCKETS"]
+
+#: A time window is this many equal buckets; an outcome leaves it between
+#: ``window`` and ``window * (1 + 1/TIME_BUCKETS)`` seconds after it was recorded.
+TIME_BUCKETS = 20
+
+
+class FailureTimes:
+    """The times of the last ``threshold`` failures: "N failures within T seconds", exactly.
+
+    ``add`` is O(1) and memory is O(threshold). Unlike the seed (which compared only
+    the last failure with the window), failures older than the window never count.
+    """
+
+    __slots__ = ("_times", "_threshold", "_window")
+
+    def __init__(self, threshold: int, window: float) -> None:
+        self._threshold = threshold
+        self._window = window
+        self._times: deque[float] = deque(maxlen=threshold)
+
+    def add(self, now: float) -> bool:
+        """Record a failure at ``now``; True when ``threshold`` fell within the window."""
+        times = self._times
+        times.append(now)
+        return len(times) == self._threshold and now - times[0] <= self._window
+
+    def count(self, now: float) -> int:
+        """Failures recorded within the window that ends at ``now``."""
+        return sum(1 for t in self._times if now - t <= self._window)
+
+    def clear(self) -> None:
+        self._times.clear()
+
+
+class RateWindow(Protocol):
+    """Totals of calls, failures and slow calls over a sliding window."""
+
+    def add(self, now: float, failed: bool, slow: bool) -> None: ...
+
+    def totals(self, now: float) -> tuple[int, int, int]:
+        """``(calls, failures, slow_calls)`` in the window ending at ``now``."""
+        ...
+
+    def clear(self) -> None: ...
+
+
+class CountWindow:
+    """The last ``size`` outcomes in a ring; totals are kept by subtract-on-evict, O(1)."""
+
+    __slots__ = ("_size", "_ring", "_next", "_filled", "_calls", "_failures", "_slow")
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._ring = bytearray(size)  # bit 0: failed, bit 1: slow
+        self.clear()
+
+    def clear(self) -> None:
+        self._next = 0
+        self._filled = 0
+        self._calls = self._failures = self._slow = 0
+        for i in range(self._size):
+            self._ring[i] = 0
+
+    def add(self, now: float, failed: bool, slow: bool) -> None:
+        i = self._next
+        if self._filled == self._size:  # evict the oldest outcome, which sits at i
+            old = self._ring[i]
+            self._failures -= old & 1
+            self._slow -= old >> 1
+        else:
+            self._filled += 1
+            self._calls += 1
+        self._ring[i] = failed | (slow << 1)
+        self._failures += failed
+        self._slow += slow
+        self._next = (i + 1) % self._size
+
+    def totals(self, now: float) -> tuple[int, int, int]:
+        return self._calls, self._failures, self._slow
+
+
+class TimeWindow:
+    """Outcomes of the last ``window`` seconds in ``TIME_BUCKETS`` buckets.
+
+    Each bucket remembers which slice of time it holds; moving forward clears the
+    buckets that fell out and subtracts them from the running totals, so ``add`` and
+    ``totals`` cost O(1) amortised (at most ``TIME_BUCKETS`` steps after a long idle).
+    """
+
+    __slots__ = ("_width", "_epochs", "_calls", "_failures", "_slow", "_totals", "_head")
+
+    def __init__(self, window: float) -> None:
+        self._width = window / TIME_BUCKETS
+        self._epochs = [-1] * TIME_BUCKETS
+        self._calls = [0] * TIME_BUCKETS
+        self._failures = [0] * TIME_BUCKETS
+        self._slow = [0] * TIME_BUCKETS
+        self._totals = [0, 0, 0]
+        self._head = -1
+
+    def clear(self) -> None:
+        for i in range(TIME_BUCKETS):
+            self._epochs[i] = -1
+            self._calls[i] = self._failures[i] = self._slow[i] = 0
+        self._totals = [0, 0, 0]
+        self._head = -1
+
+    def _advance(self, now: float) -> int:
+        epoch = int(now // self._width)
+        if epoch > self._head:
+            # Evict every bucket that no longer belongs to (epoch - TIME_BUCKETS, epoch].
+            start = max(self._head + 1, epoch - TIME_BUCKETS + 1)
+            totals = self._totals
+            for e in range(start, epoch + 1):
+                i = e % TIME_BUCKETS
+                if self._epochs[i] != e:
+                    totals[0] -= self._calls[i]
+                    totals[1] -= self._failures[i]
+                    totals[2] -= self._slow[i]
+                    self._calls[i] = self._failures[i] = self._slow[i] = 0
+                    self._epochs[i] = e
+            self._head = epoch
+        return epoch
+
+    def add(self, now: float, failed: bool, slow: bool) -> None:
+        epoch = self._advance(now)
+        if epoch < self._head - TIME_BUCKETS + 1:
+            return  # older than the window (a clock reading from before the head)
+        i = epoch % TIME_BUCKETS
+        self._calls[i] += 1
+        self._failures[i] += failed
+        self._slow[i] += slow
+        totals = self._totals
+        totals[0] += 1
+        totals[1] += failed
+        totals[2] += slow
+
+    def totals(self, now: float) -> tuple[int, int, int]:
+        self._advance(now)
+        calls, failures, slow = self._totals
+        return calls, failures, slow

@@ -1,0 +1,94 @@
+"""Every error celery-breaker raises, under one base class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["CircuitBreakerError", "CircuitOpenError", "ConfigurationError"]
+
+
+class CircuitBreakerError(Exception):
+    """Base class of every error raised by celery-breaker."""
+
+
+class ConfigurationError(CircuitBreakerError, ValueError):
+    """A setting, policy field, URL or task option has a value we cannot use.
+
+    The message always names the setting, the value it got and what is allowed.
+    """
+
+
+class CircuitOpenError(CircuitBreakerError):
+    """A call was rejected because its breaker does not admit calls right now.
+
+    Attributes:
+        name: the breaker's name.
+        key: the per-key part of the breaker, or ``None``.
+        state: the breaker's state when it rejected the call (a ``State`` value).
+        retry_after: seconds until the breaker can next admit a probe, or ``None``
+            when only an operator can reopen it (``FORCED_OPEN``).
+        detail: extra text appended to the message (for example the deferral).
+
+    Every attribute has a default, so the error survives Celery's exception
+    serialisation (which rebuilds exceptions from ``args``) and pickling.
+    """
+
+    name: str
+    key: str | None
+    state: Any
+    retry_after: float | None
+    detail: str
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        name: str = "",
+        key: str | None = None,
+        state: Any = None,
+        retry_after: float | None = None,
+        detail: str = "",
+    ) -> None:
+        if message is None:
+            super().__init__()
+        else:
+            super().__init__(message)
+        self.name = name
+        self.key = key
+        self.state = state
+        self.retry_after = retry_after
+        self.detail = detail
+
+    @classmethod
+    def _rejected(
+        cls, name: str, key: str | None, state: Any, retry_after: float | None
+    ) -> CircuitOpenError:
+        # The rejection hot path: skip keyword parsing, format the text lazily.
+        err = cls.__new__(cls)
+        err.name = name
+        err.key = key
+        err.state = state
+        err.retry_after = retry_after
+        err.detail = ""
+        return err
+
+    @property
+    def label(self) -> str:
+        """``'crm'`` or ``'crm[tenant-7]'``: the breaker as people read it."""
+        return self.name if self.key is None else f"{self.name}[{self.key}]"
+
+    def __str__(self) -> str:
+        if self.args:
+            return str(self.args[0])
+        state = getattr(self.state, "value", self.state) or "open"
+        text = f"breaker {self.label!r} {state}"
+        if self.retry_after is not None and not self.detail:
+            text += f", next probe in {self.retry_after:.1f} s"
+        if self.detail:
+            text += f", {self.detail}"
+        return text
+
+    def __repr__(self) -> str:
+        # Celery's task-retried event (and so Flower) shows ``safe_repr(exc)``:
+        # make that read as a sentence, not as constructor syntax.
+        return f"{type(self).__name__}: {self}"

@@ -1,0 +1,190 @@
+"""The in-memory store (``memory://``): one process, a lock per breaker, bounded however many keys appear."""
+
+from __future__ import annotations
+
+import os
+import threading
+import weakref
+from urllib.parse import parse_qs, urlsplit
+
+from ..clock import Clock
+from ..core import BreakerMachine, BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket
+from ..errors import ConfigurationError
+
+__all__ = ["MemoryStore", "MemoryCell", "DEFAULT_MAX_BREAKERS", "DEFAULT_IDLE_TTL"]
+
+DEFAULT_MAX_BREAKERS = 10_000
+DEFAULT_IDLE_TTL = 3600.0
+#: Share of ``max_breakers`` kept after an eviction sweep, so sweeps are rare
+#: (one per ``max_breakers / 2`` new breakers) and their cost amortises to O(log n).
+_KEEP_AFTER_SWEEP = 0.5
+
+CLOSED = State.CLOSED
+SUCCESS = Outcome.SUCCESS
+
+
+class MemoryCell(BreakerMachine):
+    """A ``BreakerMachine`` behind its own lock. The lock guards state, never the user's call."""
+
+    __slots__ = ("lock", "evicted")
+
+    def __init__(self, name: str, key: str | None, policy: BreakerPolicy, now: float) -> None:
+        super().__init__(name, key, policy, now)
+        self.lock = threading.Lock()
+        self.evicted = False
+
+    def acquire(self, policy: BreakerPolicy, now: float) -> Ticket:
+        with self.lock:
+            return self.admit(policy, now)
+
+    def finish(self, ticket: Ticket, outcome: Outcome, duration: float, policy: BreakerPolicy, now: float) -> None:
+        with self.lock:
+            self.record(ticket, outcome, duration, policy, now)
+
+    def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:
+        with self.lock:
+            if (
+                self.state is CLOSED
+                and self.rate_window is None
+                and ticket == self.generation
+                and policy is self.policy
+            ):
+                # The common case: a success in CLOSED under a threshold-only policy
+                # changes nothing but the counters.
+                self.successes += 1
+                self.last_success = self.last_used = now
+                return
+            self.record(ticket, SUCCESS, duration, policy, now)
+
+    def note_rejection(self) -> None:
+        with self.lock:
+            self.rejections += 1
+
+    def force(self, target: State, policy: BreakerPolicy, now: float) -> None:
+        with self.lock:
+            super().force(target, policy, now)
+
+    def reset(self, policy: BreakerPolicy, now: float) -> None:
+        with self.lock:
+            super().reset(policy, now)
+
+    def note_deferral(self) -> None:
+        with self.lock:
+            self.deferrals += 1
+
+    def snapshot(self, now: float) -> BreakerSnapshot:
+        with self.lock:
+            return super().snapshot(now)
+
+
+_STORES: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
+
+
+class MemoryStore:
+    """Breakers of one process, in a dict bounded by ``max_breakers``.
+
+    When a new breaker would exceed the bound, a sweep drops the least useful half:
+    first breakers idle for ``idle_ttl`` seconds, then those "at rest" (CLOSED with
+    no failure in their window: forgetting them changes no decision), least recently
+    used first, and only then others. A dropped cell is flagged ``evicted`` so any
+    holder asks the store again instead of keeping a private copy.
+    """
+
+    def __init__(
+        self,
+        url: str = "memory://",
+        *,
+        max_breakers: int = DEFAULT_MAX_BREAKERS,
+        idle_ttl: float = DEFAULT_IDLE_TTL,
+    ) -> None:
+        if isinstance(max_breakers, bool) or not isinstance(max_breakers, int) or max_breakers < 1:
+            raise ConfigurationError(f"memory store: max_breakers must be a whole number >= 1, got {max_breakers!r}")
+        if isinstance(idle_ttl, bool) or not isinstance(idle_ttl, (int, float)) or idle_ttl <= 0:
+            raise ConfigurationError(f"memory store: idle_ttl must be seconds > 0, got {idle_ttl!r}")
+        self.url = url
+        self.max_breakers = max_breakers
+        self.idle_ttl = float(idle_ttl)
+        self._cells: dict[tuple[str, str | None], MemoryCell] = {}
+        self._lock = threading.Lock()
+        _STORES.add(self)
+
+    @classmethod
+    def from_url(cls, url: str) -> MemoryStore:
+        """``memory://[name][?max_breakers=N&idle_ttl=SECONDS]``; the name separates stores."""
+        query = parse_qs(urlsplit(url).query, keep_blank_values=True)
+        options: dict[str, float] = {}
+        for field, value in query.items():
+            if field not in ("max_breakers", "idle_ttl"):
+                raise ConfigurationError(
+                    f"memory store URL {url!r}: unknown option {field!r}; allowed: max_breakers, idle_ttl"
+                )
+            try:
+                options[field] = int(value[-1]) if field == "max_breakers" else float(value[-1])
+            except ValueError:
+                raise ConfigurationError(f"memory store URL {url!r}: {field}={value[-1]!r} is not a number") from None
+        return cls(url, **options)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self._cells)
+
+    def cell(self, name: str, key: str | None, policy: BreakerPolicy, clock: Clock) -> MemoryCell:
+        ident = (name, key)
+        found = self._cells.get(ident)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._cells.get(ident)
+            if found is None:
+                now = clock.monotonic()
+                if len(self._cells) >= self.max_breakers:
+                    self._sweep(now)
+                found = MemoryCell(name, key, policy, now)
+                found.wall_offset = clock.time() - now
+                self._cells[ident] = found
+            return found
+
+    def _sweep(self, now: float) -> None:
+        keep = int(self.max_breakers * _KEEP_AFTER_SWEEP)
+        cells = self._cells
+        idle_before = now - self.idle_ttl
+        ranked = sorted(
+            cells.items(),
+            key=lambda item: (
+                item[1].last_used > idle_before,
+                not item[1].is_at_rest(now),
+                item[1].last_used,
+            ),
+        )
+        for ident, cell in ranked[: max(0, len(cells) - keep)]:
+            cell.evicted = True
+            cell.passing = False
+            del cells[ident]
+
+    def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
+        now = clock.monotonic()
+        with self._lock:
+            cells = list(self._cells.values())
+        return [cell.snapshot(now) for cell in cells]
+
+    def clear(self) -> None:
+        """Forget every breaker (for tests)."""
+        with self._lock:
+            for cell in self._cells.values():
+                cell.evicted = True
+                cell.passing = False
+            self._cells.clear()
+
+    def __repr__(self) -> str:
+        return f"MemoryStore({self.url!r}, breakers={len(self._cells)})"
+
+
+def _reinit_locks_after_fork() -> None:
+    # A lock held by another thread at fork time would stay held forever in the child.
+    for store in list(_STORES):
+        store._lock = threading.Lock()
+        for cell in store._cells.values():
+            cell.lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_locks_after_fork)

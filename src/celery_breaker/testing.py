@@ -1,0 +1,52 @@
+"""Helpers for testing code that uses celery-breaker: a fake clock and fresh stores."""
+
+from __future__ import annotations
+
+import threading
+
+from .storage import MemoryStore
+
+__all__ = ["FakeClock", "fresh_store"]
+
+
+class FakeClock:
+    """A clock that moves only when told to: ``advance(seconds)`` or ``set(t)``.
+
+    ``monotonic()`` starts at ``start``; ``time()`` is the same reading shifted to
+    ``epoch`` so timestamps in snapshots look like real epoch seconds.
+    """
+
+    __slots__ = ("_now", "_epoch", "_lock")
+
+    def __init__(self, start: float = 1000.0, *, epoch: float = 1_700_000_000.0) -> None:
+        self._now = float(start)
+        self._epoch = float(epoch) - float(start)
+        self._lock = threading.Lock()
+
+    def monotonic(self) -> float:
+        return self._now
+
+    def time(self) -> float:
+        return self._now + self._epoch
+
+    def advance(self, seconds: float) -> float:
+        """Move forward ``seconds`` (never backwards) and return the new reading."""
+        if seconds < 0:
+            raise ValueError(f"FakeClock.advance: a clock never goes backwards, got {seconds!r}")
+        with self._lock:
+            self._now += seconds
+            return self._now
+
+    def set(self, now: float) -> None:
+        """Jump to ``now`` (not earlier than the current reading)."""
+        if now < self._now:
+            raise ValueError(f"FakeClock.set: {now!r} is earlier than the current reading {self._now!r}")
+        self._now = float(now)
+
+    def __repr__(self) -> str:
+        return f"FakeClock({self._now!r})"
+
+
+def fresh_store(**options: float) -> MemoryStore:
+    """A private in-memory store, so a test's breakers share nothing with other tests."""
+    return MemoryStore("memory://test", **options)  # type: ignore[arg-type]
