@@ -183,9 +183,12 @@ class CircuitBreaker:
             self._announce(cell)
         return cell, ticket
 
-    def _finish(self, cell: Cell, ticket: Ticket, exc: BaseException | None, start: float) -> Outcome:
+    def _finish(
+        self, cell: Cell, ticket: Ticket, exc: BaseException | None, start: float, outcome: Outcome | None = None
+    ) -> Outcome:
         """Record how a call that started at ``start`` went; return how it counted."""
-        outcome = self.policy.classify(exc)
+        if outcome is None:
+            outcome = self.policy.classify(exc)
         end = self._now()
         cell.finish(ticket, outcome, end - start, self.policy, end)
         if outcome is FAILURE:

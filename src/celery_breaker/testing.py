@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
+
+from .clock import Clock
 
 from .storage import MemoryStore
 
-__all__ = ["FakeClock", "fresh_store"]
+__all__ = ["FakeClock", "fresh_store", "use_clock"]
 
 
 class FakeClock:
@@ -50,3 +53,10 @@ class FakeClock:
 def fresh_store(**options: float) -> MemoryStore:
     """A private in-memory store, so a test's breakers share nothing with other tests."""
     return MemoryStore("memory://test", **options)  # type: ignore[arg-type]
+
+
+def use_clock(app: Any, clock: Clock) -> None:
+    """Make every task breaker of ``app`` read ``clock`` from now on."""
+    from .registry import registry_for
+
+    registry_for(app).use_clock(clock)

@@ -1,0 +1,131 @@
+"""Deferral arithmetic: reading the ``x-breaker-*`` headers and planning the next delay (no Celery calls)."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "DEFERRALS_HEADER",
+    "SINCE_HEADER",
+    "HEADERS",
+    "DeferralHeaders",
+    "DeferralPlan",
+    "read_headers",
+    "plan_deferral",
+]
+
+#: How many times this task was deferred (an unprefixed name could overwrite Celery's own).
+DEFERRALS_HEADER = "x-breaker-deferrals"
+#: Epoch seconds of the task's first deferral, for ``breaker_max_defer_age``.
+SINCE_HEADER = "x-breaker-deferred-since"
+HEADERS = (DEFERRALS_HEADER, SINCE_HEADER)
+
+#: How long after its ``expires`` a deferred task arrives, so the worker revokes it as expired.
+EXPIRY_OVERSHOOT = 1.0
+#: The shortest deferral: never requeue in a busy loop.
+MINIMUM_DELAY = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class DeferralHeaders:
+    """What the headers of a message say about its past deferrals."""
+
+    count: int
+    since: float | None
+    problems: tuple[str, ...] = ()
+    """Human-readable complaints about malformed values (they were ignored)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeferralPlan:
+    """The next deferral: publish again after ``delay`` seconds, or give up (``give_up`` set)."""
+
+    delay: float
+    count: int
+    since: float
+    expires_first: bool = False
+    """The task expires before the breaker can admit it: it arrives just after
+    ``expires`` so the worker revokes it as expired, as Celery does."""
+    give_up: str | None = None
+
+
+def read_headers(headers: Mapping[str, Any] | None, *, now: float) -> DeferralHeaders:
+    """Parse the deferral headers leniently: a malformed value is reported, not fatal."""
+    if not headers:
+        return DeferralHeaders(0, None)
+    problems = []
+    count = 0
+    raw_count = headers.get(DEFERRALS_HEADER)
+    if raw_count is not None:
+        try:
+            if isinstance(raw_count, bool) or isinstance(raw_count, float) and not raw_count.is_integer():
+                raise ValueError
+            count = int(raw_count)
+            if count < 0:
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(
+                f"header {DEFERRALS_HEADER}={raw_count!r} is not a whole number >= 0; counting from 0"
+            )
+            count = 0
+    since: float | None = None
+    raw_since = headers.get(SINCE_HEADER)
+    if raw_since is not None:
+        try:
+            if isinstance(raw_since, bool):
+                raise ValueError
+            since = float(raw_since)
+            if not math.isfinite(since) or since > now + 86400:
+                raise ValueError
+        except (TypeError, ValueError):
+            problems.append(
+                f"header {SINCE_HEADER}={raw_since!r} is not epoch seconds; measuring the deferral age from now"
+            )
+            since = None
+    return DeferralHeaders(count, since, tuple(problems))
+
+
+def plan_deferral(
+    *,
+    label: str,
+    retry_after: float,
+    spread: float,
+    past: DeferralHeaders,
+    now: float,
+    max_deferrals: int | None,
+    max_defer_age: float | None,
+    expires_in: float | None,
+    cap: float | None,
+    uniform: Callable[[float, float], float] = random.uniform,
+) -> DeferralPlan:
+    """Plan the next deferral of a task whose breaker said ``retry_after``.
+
+    The delay is the time until the breaker can next admit a probe plus a random
+    share of ``spread`` (so a backlog does not return all at once), no longer than
+    ``cap`` (the broker's redelivery window), and never past ``expires``.
+    """
+    since = past.since if past.since is not None else now
+    age = now - since
+    if max_deferrals is not None and past.count >= max_deferrals:
+        return DeferralPlan(
+            0.0, past.count, since,
+            give_up=f"breaker {label!r} still open after {past.count} deferral(s) over {age:.0f} s; "
+            f"giving up (breaker_max_deferrals={max_deferrals})",
+        )  # fmt: skip
+    if max_defer_age is not None and age >= max_defer_age:
+        return DeferralPlan(
+            0.0, past.count, since,
+            give_up=f"breaker {label!r} still open after {past.count} deferral(s) over {age:.0f} s; "
+            f"giving up (breaker_max_defer_age={max_defer_age:g} s)",
+        )  # fmt: skip
+    delay = max(retry_after, 0.0) + (uniform(0.0, spread) if spread > 0 else 0.0)
+    if cap is not None:
+        delay = min(delay, cap)
+    delay = max(delay, MINIMUM_DELAY)
+    if expires_in is not None and delay >= expires_in:
+        return DeferralPlan(max(expires_in, 0.0) + EXPIRY_OVERSHOOT, past.count + 1, since, expires_first=True)
+    return DeferralPlan(delay, past.count + 1, since)

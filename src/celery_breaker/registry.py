@@ -1,0 +1,66 @@
+"""Per-app registry of CircuitBreaker objects, bounded however many per-key breakers appear."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .breaker import CircuitBreaker
+from .clock import SYSTEM_CLOCK, Clock
+from .core import BreakerPolicy
+from .settings import get_settings
+
+__all__ = ["BreakerRegistry", "registry_for"]
+
+#: Breaker objects kept per app; beyond this the oldest half is dropped. Dropping one
+#: loses nothing: its state lives in the store, and the next call builds it again.
+MAX_CACHED_BREAKERS = 10_000
+
+_ATTRIBUTE = "_celery_breaker_registry"
+_LOCK = threading.Lock()
+
+
+class BreakerRegistry:
+    """The CircuitBreaker for each (name, key) an app's tasks use."""
+
+    def __init__(self, app: Any, *, clock: Clock | None = None) -> None:
+        self.app = app
+        self.clock = clock or SYSTEM_CLOCK
+        self._breakers: dict[tuple[str, str | None], CircuitBreaker] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str, key: str | None, policy: BreakerPolicy) -> CircuitBreaker:
+        found = self._breakers.get((name, key))
+        if found is not None and found.policy is policy:
+            return found
+        settings = get_settings(self.app)
+        breaker = CircuitBreaker(name, policy, storage=settings.storage_url, clock=self.clock, key=key)
+        with self._lock:
+            if len(self._breakers) >= MAX_CACHED_BREAKERS:
+                for ident in list(self._breakers)[: MAX_CACHED_BREAKERS // 2]:
+                    del self._breakers[ident]
+            self._breakers[(name, key)] = breaker
+        return breaker
+
+    def known(self) -> list[CircuitBreaker]:
+        """The breakers this process has built (most recent last)."""
+        with self._lock:
+            return list(self._breakers.values())
+
+    def use_clock(self, clock: Clock) -> None:
+        """Build every breaker from now on with ``clock`` (for tests)."""
+        with self._lock:
+            self.clock = clock
+            self._breakers.clear()
+
+
+def registry_for(app: Any) -> BreakerRegistry:
+    """The app's registry, created on first use."""
+    found: BreakerRegistry | None = getattr(app, _ATTRIBUTE, None)
+    if found is None:
+        with _LOCK:
+            found = getattr(app, _ATTRIBUTE, None)
+            if found is None:
+                found = BreakerRegistry(app)
+                setattr(app, _ATTRIBUTE, found)
+    return found

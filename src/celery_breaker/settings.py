@@ -1,0 +1,248 @@
+"""The one place Celery settings are read: validated once, cached per app, Django's ``CELERY_`` namespace included."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+from .core import BreakerPolicy
+from .errors import ConfigurationError
+
+__all__ = ["BreakerSettings", "SETTINGS", "get_settings", "reload_settings", "broker_visibility_timeout"]
+
+logger = logging.getLogger("celery_breaker")
+
+ON_STORAGE_ERROR_CHOICES = ("local", "allow", "deny")
+
+#: Every setting celery-breaker reads, with its default. Anything else named
+#: ``breaker_*`` is a typo and fails at worker start.
+SETTINGS: dict[str, Any] = {
+    "breaker_storage_url": None,
+    "breaker_key_prefix": "breaker",
+    "breaker_default_policy": None,
+    "breaker_policies": {},
+    "breaker_routes": {},
+    "breaker_max_deferrals": None,
+    "breaker_max_defer_age": None,
+    "breaker_defer_spread": None,
+    "breaker_on_storage_error": "local",
+    "breaker_send_events": None,
+}
+
+#: Brokers that redeliver a message held unacknowledged longer than their
+#: ``visibility_timeout`` (kombu's Redis and SQS transports).
+_REDELIVERING_BROKERS = {"redis", "rediss", "redis+socket", "sentinel", "sqs", "valkey", "valkeys"}
+_DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+
+_LOCK = threading.Lock()
+_ATTRIBUTE = "_celery_breaker_settings"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerSettings:
+    """celery-breaker's settings for one app, validated."""
+
+    storage_url: str
+    key_prefix: str
+    default_policy: BreakerPolicy
+    policies: tuple[tuple[str, BreakerPolicy | Mapping[str, Any]], ...]
+    routes: tuple[tuple[str, str], ...]
+    max_deferrals: int | None
+    max_defer_age: float | None
+    defer_spread: float | None
+    on_storage_error: str
+    send_events: bool
+    visibility_timeout: float | None
+    """The broker's redelivery window, when it has one; deferrals stay well inside it."""
+    _policy_cache: dict[str, BreakerPolicy] = field(default_factory=dict, repr=False, compare=False)
+
+    def policy_for(self, name: str) -> BreakerPolicy:
+        """The default policy, then every matching ``breaker_policies`` entry in order
+        (globs first, the exact name last)."""
+        found = self._policy_cache.get(name)
+        if found is not None:
+            return found
+        policy = self.default_policy
+        matches = [(pattern, value) for pattern, value in self.policies if pattern != name and _glob(pattern, name)]
+        matches += [(pattern, value) for pattern, value in self.policies if pattern == name]
+        for pattern, value in matches:
+            policy = BreakerPolicy.coerce(value, base=policy, source=f"breaker_policies[{pattern!r}]")
+        self._policy_cache[name] = policy
+        return policy
+
+    def route_for(self, task_name: str) -> str | None:
+        """The breaker a plain task is put under by ``breaker_routes``, if any."""
+        for pattern, breaker in self.routes:
+            if _glob(pattern, task_name):
+                return breaker
+        return None
+
+    def defer_cap(self, time_limit: float | None) -> float | None:
+        """The longest deferral delay the broker tolerates for a task with ``time_limit``."""
+        if self.visibility_timeout is None:
+            return None
+        margin = max(self.visibility_timeout * 0.1, time_limit or 0.0)
+        return max(1.0, self.visibility_timeout - margin)
+
+
+def _glob(pattern: str, name: str) -> bool:
+    return pattern == name or fnmatch.fnmatchcase(name, pattern)
+
+
+def _conf_get(conf: Any, key: str) -> Any:
+    # conf.get resolves Django's namespace (CELERY_BREAKER_X) as well as breaker_x.
+    return conf.get(key, SETTINGS[key])
+
+
+def _seconds(key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ConfigurationError(f"{key} must be a number of seconds > 0 (or None), got {value!r}")
+    return float(value)
+
+
+def _whole(key: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigurationError(f"{key} must be a whole number >= 0 (or None for no limit), got {value!r}")
+    return value
+
+
+def _mapping(key: str, value: Any) -> Mapping[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(f"{key} must be a dict, got {type(value).__name__} {value!r}")
+    for name in value:
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(f"{key}: every key must be a non-empty string, got {name!r}")
+    return value
+
+
+def unknown_settings(conf: Any) -> list[str]:
+    """Settings named like ours (``breaker_*``, any case, any namespace) that we do not know."""
+    prefix = (getattr(conf, "prefix", None) or "").lower()
+    unknown = []
+    for raw in list(conf.keys()):
+        if not isinstance(raw, str):
+            continue
+        key = raw.lower()
+        if prefix and key.startswith(prefix):
+            key = key[len(prefix) :]
+        if key.startswith("breaker_") and key not in SETTINGS:
+            unknown.append(raw)
+    return sorted(set(unknown))
+
+
+def broker_visibility_timeout(conf: Any) -> float | None:
+    """The broker's redelivery window in seconds, or None for brokers without one."""
+    url = conf.get("broker_url") or ""
+    scheme = urlsplit(str(url).split(";")[0]).scheme.lower() if url else ""
+    if scheme not in _REDELIVERING_BROKERS:
+        return None
+    options = conf.get("broker_transport_options") or {}
+    value = options.get("visibility_timeout", _DEFAULT_VISIBILITY_TIMEOUT)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return _DEFAULT_VISIBILITY_TIMEOUT
+
+
+def build_settings(conf: Any) -> BreakerSettings:
+    """Read and validate every ``breaker_*`` setting; raise ConfigurationError naming the first bad one."""
+    unknown = unknown_settings(conf)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown celery-breaker setting(s): {', '.join(unknown)}; "
+            f"known settings: {', '.join(sorted(SETTINGS))}"
+        )
+    storage_url = _conf_get(conf, "breaker_storage_url") or "memory://"
+    if not isinstance(storage_url, str) or "://" not in storage_url:
+        raise ConfigurationError(f"breaker_storage_url must be a URL such as 'memory://', got {storage_url!r}")
+    key_prefix = _conf_get(conf, "breaker_key_prefix")
+    if not isinstance(key_prefix, str) or not key_prefix or any(c in key_prefix for c in "{}"):
+        raise ConfigurationError(
+            f"breaker_key_prefix must be a non-empty string without braces, got {key_prefix!r}"
+        )
+    default_policy = BreakerPolicy.coerce(
+        _conf_get(conf, "breaker_default_policy"), source="breaker_default_policy"
+    )
+    raw_policies = _mapping("breaker_policies", _conf_get(conf, "breaker_policies"))
+    policies: list[tuple[str, BreakerPolicy | Mapping[str, Any]]] = []
+    for pattern, value in raw_policies.items():
+        # Validate each entry now (over the default), so a typo fails at worker start.
+        BreakerPolicy.coerce(value, base=default_policy, source=f"breaker_policies[{pattern!r}]")
+        policies.append((pattern, value))
+    raw_routes = _mapping("breaker_routes", _conf_get(conf, "breaker_routes"))
+    routes = []
+    for pattern, breaker in raw_routes.items():
+        if breaker is True:
+            breaker = None  # True: each matching task gets a breaker of its own name
+        elif not isinstance(breaker, str) or not breaker:
+            raise ConfigurationError(
+                f"breaker_routes[{pattern!r}] must be a breaker name (or True for the task's own "
+                f"name), got {breaker!r}"
+            )
+        routes.append((pattern, breaker or ""))
+    on_storage_error = _conf_get(conf, "breaker_on_storage_error")
+    if on_storage_error not in ON_STORAGE_ERROR_CHOICES:
+        raise ConfigurationError(
+            f"breaker_on_storage_error must be one of {', '.join(ON_STORAGE_ERROR_CHOICES)}, "
+            f"got {on_storage_error!r}"
+        )
+    send_events = _conf_get(conf, "breaker_send_events")
+    if send_events is None:
+        send_events = bool(conf.get("worker_send_task_events", False))
+    elif not isinstance(send_events, bool):
+        raise ConfigurationError(f"breaker_send_events must be True, False or None, got {send_events!r}")
+    return BreakerSettings(
+        storage_url=storage_url,
+        key_prefix=key_prefix,
+        default_policy=default_policy,
+        policies=tuple(policies),
+        routes=tuple(routes),
+        max_deferrals=_whole("breaker_max_deferrals", _conf_get(conf, "breaker_max_deferrals")),
+        max_defer_age=_seconds("breaker_max_defer_age", _conf_get(conf, "breaker_max_defer_age")),
+        defer_spread=_seconds_or_zero("breaker_defer_spread", _conf_get(conf, "breaker_defer_spread")),
+        on_storage_error=on_storage_error,
+        send_events=send_events,
+        visibility_timeout=broker_visibility_timeout(conf),
+    )
+
+
+def _seconds_or_zero(key: str, value: Any) -> float | None:
+    if value == 0 and not isinstance(value, bool):
+        return 0.0
+    return _seconds(key, value)
+
+
+def get_settings(app: Any) -> BreakerSettings:
+    """The app's validated settings, read once and cached on the app."""
+    found: BreakerSettings | None = getattr(app, _ATTRIBUTE, None)
+    if found is not None:
+        return found
+    with _LOCK:
+        found = getattr(app, _ATTRIBUTE, None)
+        if found is None:
+            found = build_settings(app.conf)
+            setattr(app, _ATTRIBUTE, found)
+        return found
+
+
+def reload_settings(app: Any) -> BreakerSettings:
+    """Forget the cached settings and read them again (after changing ``app.conf``)."""
+    with _LOCK:
+        if hasattr(app, _ATTRIBUTE):
+            delattr(app, _ATTRIBUTE)
+    return get_settings(app)

@@ -1,0 +1,105 @@
+"""Wiring into Celery: ``install(app)``, the worker bootstep that validates settings, and ``breaker_routes``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+from celery.signals import worker_init
+
+from .errors import ConfigurationError
+from .settings import get_settings, reload_settings
+from .task import BreakerTask, prepare_task_class, task_breaker_config
+
+__all__ = ["install", "BreakerStep", "apply_routes", "check_app"]
+
+logger = logging.getLogger("celery_breaker")
+
+_INSTALLED = "_celery_breaker_installed"
+
+
+def install(app: Any) -> None:
+    """Wire celery-breaker into ``app`` (idempotent).
+
+    Subclassing ``BreakerTask`` calls this for you; call it yourself when tasks are
+    put under breakers by ``breaker_routes`` alone. It adds a worker bootstep that
+    validates every ``breaker_*`` setting and task option at worker start (a bad one
+    stops the worker with a ConfigurationError) and applies ``breaker_routes``.
+    """
+    if getattr(app, _INSTALLED, False):
+        return
+    setattr(app, _INSTALLED, True)
+    app.steps["worker"].add(BreakerStep)
+
+
+class BreakerStep(bootsteps.Step):  # type: ignore[misc]
+    """Validates celery-breaker's configuration when a worker starts, before any task runs."""
+
+    name = "celery_breaker.signals.BreakerStep"
+    label = "celery-breaker"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        app = worker.app
+        settings = reload_settings(app)  # the worker's final config, not an import-time read
+        routed = apply_routes(app)
+        breakers = check_app(app)
+        logger.info(
+            "celery-breaker: storage %s; %d breaker(s) on %d task(s)%s",
+            settings.storage_url, len(breakers), sum(len(v) for v in breakers.values()),
+            f" ({len(routed)} by breaker_routes)" if routed else "",
+        )  # fmt: skip
+        super().__init__(worker, **kwargs)
+
+
+def apply_routes(app: Any) -> list[str]:
+    """Put plain tasks matching ``breaker_routes`` under their breakers; return their names."""
+    settings = get_settings(app)
+    if not settings.routes:
+        return []
+    routed = []
+    for name, task in list(app.tasks.items()):
+        if name.startswith("celery.") or isinstance(task, BreakerTask):
+            continue
+        breaker = settings.route_for(name)
+        if breaker is None:
+            continue
+        cls = type(task)
+        guarded = type(
+            cls.__name__,
+            (cls, BreakerTask),
+            {"breaker": breaker or None, "__module__": cls.__module__, "__qualname__": cls.__qualname__},
+        )
+        prepare_task_class(guarded)
+        task.__class__ = guarded  # same instance, same registration: only its behaviour changes
+        routed.append(name)
+    return routed
+
+
+def check_app(app: Any) -> dict[str, list[str]]:
+    """Resolve every BreakerTask's options; raise ConfigurationError on any bad one, or
+    when tasks sharing a breaker disagree on its policy. Returns breaker -> task names."""
+    by_breaker: dict[str, list[str]] = {}
+    policies: dict[str, Any] = {}
+    for name, task in list(app.tasks.items()):
+        if not isinstance(task, BreakerTask):
+            continue
+        prepare_task_class(type(task))
+        config = task_breaker_config(task)
+        seen = policies.setdefault(config.name, (name, config.policy))
+        if seen[1] != config.policy:
+            raise ConfigurationError(
+                f"tasks {seen[0]!r} and {name!r} share breaker {config.name!r} but give it different "
+                f"policies; set the policy once in breaker_policies[{config.name!r}] instead of per task"
+            )
+        by_breaker.setdefault(config.name, []).append(name)
+    return by_breaker
+
+
+@worker_init.connect(weak=False)
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    # Sent before the worker builds its bootsteps: installing here covers apps that
+    # use breaker_routes without ever binding a BreakerTask.
+    app = getattr(sender, "app", None)
+    if app is not None:
+        install(app)

@@ -1,0 +1,410 @@
+"""BreakerTask: a Celery task whose breaker defers it, without spending retries, while its downstream is down."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from celery import Task
+from celery.app.task import X_DEATH_HEADERS
+from celery.exceptions import Ignore, Reject, Retry
+from celery.utils.time import maybe_iso8601, maybe_make_aware
+
+from .breaker import CircuitBreaker
+from .core import BreakerPolicy, Outcome, State, Ticket
+from .deferral import DEFERRALS_HEADER, SINCE_HEADER, plan_deferral, read_headers
+from .errors import CircuitOpenError, ConfigurationError
+from .registry import registry_for
+from .settings import get_settings
+from .storage import Cell
+
+__all__ = ["BreakerTask", "TaskBreakerConfig", "task_breaker_config"]
+
+logger = logging.getLogger("celery_breaker")
+
+FAILURE, IGNORED = Outcome.FAILURE, Outcome.IGNORED
+_CALL = "_celery_breaker_call"  # the request attribute holding the running call's admission
+_CONFIG = "_celery_breaker_config"  # the class attribute caching the resolved options
+
+
+@dataclass(frozen=True, slots=True)
+class TaskBreakerConfig:
+    """A task's breaker options, resolved against the app's settings and validated."""
+
+    name: str
+    policy: BreakerPolicy
+    max_deferrals: int | None
+    max_defer_age: float | None
+    defer_spread: float | None
+
+
+class _TaskCall:
+    """One run's admission. Its ticket serves the task, or the body's first guarded block."""
+
+    __slots__ = ("breaker", "cell", "ticket", "start", "settled")
+
+    def __init__(self, breaker: CircuitBreaker, cell: Cell, ticket: Ticket, start: float) -> None:
+        self.breaker = breaker
+        self.cell = cell
+        self.ticket = ticket
+        self.start = start
+        self.settled = False
+
+    def settle(self, exc: BaseException | None, *, neutral: bool = False) -> Outcome:
+        """Record the run's outcome once; return how ``exc`` counts under the policy."""
+        outcome = IGNORED if neutral else self.breaker.policy.classify(exc)
+        if not self.settled:
+            self.settled = True
+            self.breaker._finish(self.cell, self.ticket, None if neutral else exc, self.start, outcome)
+        return outcome
+
+
+class _CallBreaker(CircuitBreaker):
+    """``self.breaker`` inside a running task: the task's breaker, whose first guarded
+    block uses the admission the task already holds (no second probe slot)."""
+
+    __slots__ = ("_task_call",)
+
+    def _admit(self) -> tuple[Cell, Ticket, float]:
+        call = self._task_call
+        if not call.settled:
+            call.settled = True  # the block's exit records the outcome
+            return call.cell, call.ticket, call.start
+        return super()._admit()
+
+    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        cell, ticket, start = self._admit()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self._finish(cell, ticket, exc, start)
+            raise
+        self._finish(cell, ticket, None, start)
+        return result
+
+
+def _bind_to_call(call: _TaskCall) -> _CallBreaker:
+    source = call.breaker
+    bound = _CallBreaker.__new__(_CallBreaker)
+    for slot in ("name", "key", "policy", "store", "_clock", "_now", "_cell", "_listeners"):
+        object.__setattr__(bound, slot, getattr(source, slot))
+    bound._task_call = call
+    return bound
+
+
+class _BreakerAttribute:
+    """``task.breaker``: the running call's breaker inside a task body, else the task's
+    (key-less) breaker. The ``breaker=`` task option names it (``task.breaker_name``)."""
+
+    def __get__(self, task: BreakerTask | None, owner: type | None = None) -> Any:
+        if task is None:
+            return self
+        call: _TaskCall | None = getattr(task.request, _CALL, None)
+        if call is not None:
+            return _bind_to_call(call)
+        config = task_breaker_config(task)
+        return registry_for(task.app).get(config.name, None, config.policy)
+
+
+class BreakerTask(Task):  # type: ignore[misc]
+    """A task guarded by a circuit breaker: ``@app.task(base=BreakerTask, breaker="crm")``.
+
+    While the breaker rejects calls the task is deferred: published again with the
+    same id, arguments and ``request.retries``, after the time until the breaker can
+    next admit a probe plus a spread. Options (``None`` means the app setting):
+
+    * ``breaker``: the breaker's name (default: the task's name). Inside the body,
+      ``self.breaker`` is this call's ``CircuitBreaker``, so ``with self.breaker:``
+      can guard just the downstream call.
+    * ``breaker_key``: ``(args, kwargs) -> str`` (or a method name) for per-key breakers.
+    * ``breaker_policy``: a dict of ``BreakerPolicy`` fields or a ``BreakerPolicy``.
+    * ``breaker_fallback``: a callable (or method name) called with the task's
+      arguments whose result is returned instead of deferring.
+    * ``breaker_max_deferrals``, ``breaker_max_defer_age``, ``breaker_defer_spread``.
+    """
+
+    breaker_name: ClassVar[str | None] = None
+    breaker: Any = _BreakerAttribute()
+    breaker_key: Any = None
+    breaker_policy: Any = None
+    breaker_fallback: Any = None
+    breaker_max_deferrals: Any = None
+    breaker_max_defer_age: Any = None
+    breaker_defer_spread: Any = None
+    #: ``autoretry_for=(Exception,)`` must never spend a retry on an open breaker.
+    dont_autoretry_for = (CircuitOpenError,)
+
+    @classmethod
+    def bind(cls, app: Any) -> Any:
+        result = super().bind(app)
+        prepare_task_class(cls)
+        from .signals import install
+
+        install(app)
+        return result
+
+    # -- execution -----------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.request.called_directly:
+            # Called as a plain function (not by a worker): set up the request the way
+            # Task.__call__ does, so the body sees its arguments.
+            from celery.app.task import _task_stack
+
+            _task_stack.push(self)
+            self.push_request(args=args, kwargs=kwargs)
+            try:
+                return self._run_guarded(args, kwargs)
+            finally:
+                self.pop_request()
+                _task_stack.pop()
+        return self._run_guarded(args, kwargs)
+
+    def _run_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        breaker = self._breaker_for(args, kwargs)
+        try:
+            cell, ticket, start = breaker._admit()
+        except CircuitOpenError as rejected:
+            return self._on_rejected(breaker, rejected, args, kwargs)
+        call = _TaskCall(breaker, cell, ticket, start)
+        request = self.request
+        setattr(request, _CALL, call)
+        try:
+            result = self.run(*args, **kwargs)
+        except Retry as retry:
+            # self.retry() / autoretry_for: count the cause, then let Celery retry.
+            cause = retry.exc if isinstance(retry.exc, BaseException) else None
+            call.settle(cause, neutral=cause is None)
+            raise
+        except (Ignore, Reject):
+            call.settle(None, neutral=True)
+            raise
+        except CircuitOpenError as rejected:  # from a guarded block or a nested breaker
+            call.settle(None, neutral=True)
+            if getattr(rejected, "final", False):
+                raise
+            return self._on_rejected(breaker, rejected, args, kwargs)
+        except BaseException as exc:
+            if call.settle(exc) is FAILURE and not call.cell.passing:
+                # The downstream failed and the breaker is open now: this task too
+                # waits for recovery instead of failing.
+                return self._on_rejected(breaker, _rejection_now(breaker, call.cell), args, kwargs)
+            raise
+        else:
+            call.settle(None)
+            return result
+        finally:
+            setattr(request, _CALL, None)
+
+    def retry(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        exc: Any = None,
+        throw: bool = True,
+        eta: Any = None,
+        countdown: Any = None,
+        max_retries: Any = None,
+        **options: Any,
+    ) -> Any:
+        """Celery's retry, except that an open breaker defers instead of spending a retry."""
+        call: _TaskCall | None = getattr(self.request, _CALL, None)
+        if isinstance(exc, CircuitOpenError):
+            raise exc  # the run's handler defers (or falls back); never a retry
+        if call is not None and isinstance(exc, BaseException):
+            if call.settle(exc) is FAILURE and not call.cell.passing:
+                raise _rejection_now(call.breaker, call.cell) from exc
+        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+
+    # -- rejection: fallback, error or deferral -------------------------------
+
+    def _breaker_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CircuitBreaker:
+        config = task_breaker_config(self)
+        key = None
+        key_fn = self.breaker_key
+        if key_fn is not None:
+            if isinstance(key_fn, str):
+                key_fn = getattr(self, key_fn)
+            key = key_fn(args, kwargs)
+            if key is not None and not isinstance(key, str):
+                key = str(key)
+        return registry_for(self.app).get(config.name, key, config.policy)
+
+    def _on_rejected(
+        self, breaker: CircuitBreaker, rejected: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        fallback = self.breaker_fallback
+        if fallback is not None:
+            if isinstance(fallback, str):
+                fallback = getattr(self, fallback)
+            return fallback(*args, **kwargs)
+        request = self.request
+        if request.is_eager or request.called_directly:
+            raise rejected  # nothing to requeue; Celery's eager retry would recurse
+        self._defer(breaker, rejected, args, kwargs)
+
+    def _defer(
+        self, breaker: CircuitBreaker, rejected: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        request = self.request
+        config = task_breaker_config(self)
+        settings = get_settings(self.app)
+        now = time.time()
+        past = read_headers(request.headers, now=now)
+        for problem in past.problems:
+            logger.warning("task %s[%s]: %s", self.name, request.id, problem)
+        retry_after = rejected.retry_after
+        if retry_after is None:
+            retry_after = breaker.policy.reset_timeout
+        spread = config.defer_spread if config.defer_spread is not None else breaker.policy.reset_timeout
+        plan = plan_deferral(
+            label=rejected.label if rejected.name else breaker.label,
+            retry_after=retry_after,
+            spread=spread,
+            past=past,
+            now=now,
+            max_deferrals=config.max_deferrals,
+            max_defer_age=config.max_defer_age,
+            expires_in=_seconds_until(request.expires, now),
+            cap=settings.defer_cap(_hard_time_limit(request)),
+        )
+        if plan.give_up is not None:
+            final = CircuitOpenError(
+                plan.give_up, name=breaker.name, key=breaker.key, state=rejected.state,
+                retry_after=rejected.retry_after,
+            )  # fmt: skip
+            final.final = True  # type: ignore[attr-defined]
+            logger.warning("task %s[%s]: %s", self.name, request.id, plan.give_up)
+            raise final from rejected
+        headers = {k: v for k, v in (request.headers or {}).items() if k not in X_DEATH_HEADERS}
+        headers[DEFERRALS_HEADER] = plan.count
+        headers[SINCE_HEADER] = plan.since
+        signature = self.signature_from_request(request, args, kwargs, countdown=plan.delay, headers=headers)
+        try:
+            signature.apply_async()
+        except Exception as exc:
+            if self.acks_late:
+                # Not acknowledged: the broker gives the message back, nothing is lost.
+                raise Reject(exc, requeue=True) from exc
+            failed = CircuitOpenError(
+                f"breaker {breaker.label!r} open and the task could not be deferred: {exc!r}",
+                name=breaker.name, key=breaker.key, state=rejected.state,
+            )  # fmt: skip
+            failed.final = True  # type: ignore[attr-defined]
+            raise failed from exc
+        breaker.note_deferral()
+        state = getattr(rejected.state, "value", rejected.state) or "open"
+        label = rejected.label if rejected.name else breaker.label
+        if plan.expires_first:
+            text = (
+                f"breaker {label!r} {state}, task expires first: requeued to arrive after "
+                f"its expiry in {plan.delay:.1f} s (deferral {plan.count})"
+            )
+        else:
+            text = f"breaker {label!r} {state}, deferred {plan.delay:.1f} s (deferral {plan.count})"
+        logger.debug("task %s[%s]: %s", self.name, request.id, text)
+        reason = CircuitOpenError(
+            text, name=rejected.name or breaker.name, key=rejected.key if rejected.name else breaker.key,
+            state=rejected.state, retry_after=rejected.retry_after,
+        )  # fmt: skip
+        raise Retry(exc=reason, when=plan.delay)
+
+
+def _rejection_now(breaker: CircuitBreaker, cell: Cell) -> CircuitOpenError:
+    """The rejection an open breaker would give a new call right now."""
+    now = breaker._clock.monotonic()
+    state = cell.state
+    open_until = cell.open_until
+    if state is State.OPEN and open_until is not None:
+        retry_after: float | None = max(0.0, open_until - now)
+    elif state is State.FORCED_OPEN:
+        retry_after = None
+    else:
+        retry_after = breaker.policy.reset_timeout
+    return CircuitOpenError._rejected(breaker.name, breaker.key, state, retry_after)
+
+
+def _seconds_until(expires: Any, now: float) -> float | None:
+    if not expires:
+        return None
+    try:
+        when = maybe_make_aware(maybe_iso8601(expires))
+        return float(when.timestamp() - now)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        logger.warning("celery_breaker: ignoring unreadable expires=%r", expires)
+        return None
+
+
+def _hard_time_limit(request: Any) -> float | None:
+    limits = getattr(request, "timelimit", None) or (None, None)
+    try:
+        return float(limits[0]) if limits[0] else None
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+# -- class preparation -------------------------------------------------------
+
+
+def prepare_task_class(cls: type[BreakerTask]) -> None:
+    """Turn decorator options into their working form (idempotent).
+
+    ``@app.task(base=BreakerTask, breaker="crm")`` makes ``breaker`` a class attribute
+    string, which would hide the ``self.breaker`` accessor: move it to ``breaker_name``.
+    Functions given as ``breaker_key``/``breaker_fallback`` would become methods of the
+    task class: keep them plain.
+    """
+    raw = inspect.getattr_static(cls, "breaker")
+    if not isinstance(raw, _BreakerAttribute):
+        if raw is not None and (not isinstance(raw, str) or not raw):
+            raise ConfigurationError(
+                f"task {cls.name!r}: the breaker option must be a breaker name (a non-empty str), got {raw!r}"
+            )
+        cls.breaker_name = raw
+        cls.breaker = _BreakerAttribute()
+    for option in ("breaker_key", "breaker_fallback"):
+        value = inspect.getattr_static(cls, option)
+        if isinstance(value, types.FunctionType):
+            setattr(cls, option, staticmethod(value))
+        elif value is not None and not isinstance(value, (str, staticmethod)) and not callable(value):
+            raise ConfigurationError(
+                f"task {cls.name!r}: {option} must be a callable or a method name, got {value!r}"
+            )
+    if _CONFIG in cls.__dict__:
+        delattr(cls, _CONFIG)  # options changed: resolve them again
+
+
+def task_breaker_config(task: BreakerTask | type[BreakerTask]) -> TaskBreakerConfig:
+    """The task's resolved breaker options (validated once, cached on its class)."""
+    cls = task if isinstance(task, type) else type(task)
+    found: TaskBreakerConfig | None = cls.__dict__.get(_CONFIG)
+    if found is not None:
+        return found
+    settings = get_settings(cls.app if isinstance(task, type) else task.app)
+    name = cls.breaker_name or cls.name
+    where = f"task {cls.name!r}"
+    base_policy = settings.policy_for(name)
+    policy = BreakerPolicy.coerce(cls.breaker_policy, base=base_policy, source=f"{where}: breaker_policy")
+    from .settings import _seconds, _seconds_or_zero, _whole
+
+    def option(attr: str, setting_value: Any, check: Callable[[str, Any], Any]) -> Any:
+        value = getattr(cls, attr)
+        if value is None:
+            return setting_value
+        return check(f"{where}: {attr}", value)
+
+    config = TaskBreakerConfig(
+        name=name,
+        policy=policy,
+        max_deferrals=option("breaker_max_deferrals", settings.max_deferrals, _whole),
+        max_defer_age=option("breaker_max_defer_age", settings.max_defer_age, _seconds),
+        defer_spread=option("breaker_defer_spread", settings.defer_spread, _seconds_or_zero),
+    )
+    setattr(cls, _CONFIG, config)
+    return config
+
