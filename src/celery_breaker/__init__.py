@@ -1,4 +1,4 @@
-"""celery-breaker: circuit breakers for Celery tasks that defer work, instead of failing it, while a downstream is down."""
+"""celery-breaker: circuit breakers for Celery tasks that defer work, not fail it, while a downstream is down."""
 
 from __future__ import annotations
 

@@ -11,8 +11,8 @@ from types import TracebackType
 from typing import Any, NamedTuple, ParamSpec, TypeVar, overload
 
 from .clock import SYSTEM_CLOCK, Clock
-from .errors import CircuitOpenError
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
+from .errors import CircuitOpenError
 from .storage import Cell, Store, resolve_store
 
 __all__ = ["CircuitBreaker", "TransitionListener"]
@@ -88,6 +88,15 @@ class CircuitBreaker:
         if cell.passing:
             ticket: Ticket = cell.generation
         else:
+            state = cell.state
+            open_until = cell.open_until
+            if state is FORCED_OPEN or (state is OPEN and open_until is not None and start < open_until):
+                # Rejected from the local view, raised from this frame: the cheapest
+                # rejection there is (every other case asks the store).
+                next(cell.rejection_tally)
+                raise CircuitOpenError._rejected(
+                    self.name, self.key, state, None if open_until is None else open_until - start
+                )
             cell, ticket = self._acquire(cell, start)
         try:
             result = fn(*args, **kwargs)
@@ -174,7 +183,7 @@ class CircuitBreaker:
         # Reject from the local view without asking the store: one frame deep, so
         # the rejection stays cheap (the store decides everything else).
         if state is FORCED_OPEN or (state is OPEN and open_until is not None and now < open_until):
-            cell.note_rejection()
+            next(cell.rejection_tally)
             raise CircuitOpenError._rejected(
                 self.name, self.key, state, None if open_until is None else open_until - now
             )

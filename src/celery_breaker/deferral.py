@@ -10,12 +10,12 @@ from typing import Any
 
 __all__ = [
     "DEFERRALS_HEADER",
-    "SINCE_HEADER",
     "HEADERS",
+    "SINCE_HEADER",
     "DeferralHeaders",
     "DeferralPlan",
-    "read_headers",
     "plan_deferral",
+    "read_headers",
 ]
 
 #: How many times this task was deferred (an unprefixed name could overwrite Celery's own).
@@ -62,15 +62,13 @@ def read_headers(headers: Mapping[str, Any] | None, *, now: float) -> DeferralHe
     raw_count = headers.get(DEFERRALS_HEADER)
     if raw_count is not None:
         try:
-            if isinstance(raw_count, bool) or isinstance(raw_count, float) and not raw_count.is_integer():
+            if isinstance(raw_count, bool) or (isinstance(raw_count, float) and not raw_count.is_integer()):
                 raise ValueError
             count = int(raw_count)
             if count < 0:
                 raise ValueError
         except (TypeError, ValueError):
-            problems.append(
-                f"header {DEFERRALS_HEADER}={raw_count!r} is not a whole number >= 0; counting from 0"
-            )
+            problems.append(f"header {DEFERRALS_HEADER}={raw_count!r} is not a whole number >= 0; counting from 0")
             count = 0
     since: float | None = None
     raw_since = headers.get(SINCE_HEADER)

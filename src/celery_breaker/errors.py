@@ -33,11 +33,8 @@ class CircuitOpenError(CircuitBreakerError):
     serialisation (which rebuilds exceptions from ``args``) and pickling.
     """
 
-    name: str
-    key: str | None
-    state: Any
-    retry_after: float | None
-    detail: str
+    # Slots: the rejection hot path writes them without creating an instance dict.
+    __slots__ = ("name", "key", "state", "retry_after", "detail")
 
     def __init__(
         self,
@@ -60,9 +57,7 @@ class CircuitOpenError(CircuitBreakerError):
         self.detail = detail
 
     @classmethod
-    def _rejected(
-        cls, name: str, key: str | None, state: Any, retry_after: float | None
-    ) -> CircuitOpenError:
+    def _rejected(cls, name: str, key: str | None, state: Any, retry_after: float | None) -> CircuitOpenError:
         # The rejection hot path: skip keyword parsing, format the text lazily.
         err = cls.__new__(cls)
         err.name = name
@@ -71,6 +66,15 @@ class CircuitOpenError(CircuitBreakerError):
         err.retry_after = retry_after
         err.detail = ""
         return err
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # BaseException pickles args and __dict__ only: carry the slots too.
+        state = {slot: getattr(self, slot, None) for slot in self.__slots__}
+        return (type(self), self.args, {**getattr(self, "__dict__", {}), **state})
+
+    def __setstate__(self, state: dict[str, Any] | None) -> None:
+        for name, value in (state or {}).items():
+            setattr(self, name, value)
 
     @property
     def label(self) -> str:

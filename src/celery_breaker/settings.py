@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from .core import BreakerPolicy
 from .errors import ConfigurationError
 
-__all__ = ["BreakerSettings", "SETTINGS", "get_settings", "reload_settings", "broker_visibility_timeout"]
+__all__ = ["SETTINGS", "BreakerSettings", "broker_visibility_timeout", "get_settings", "reload_settings"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -164,20 +164,15 @@ def build_settings(conf: Any) -> BreakerSettings:
     unknown = unknown_settings(conf)
     if unknown:
         raise ConfigurationError(
-            f"unknown celery-breaker setting(s): {', '.join(unknown)}; "
-            f"known settings: {', '.join(sorted(SETTINGS))}"
+            f"unknown celery-breaker setting(s): {', '.join(unknown)}; known settings: {', '.join(sorted(SETTINGS))}"
         )
     storage_url = _conf_get(conf, "breaker_storage_url") or "memory://"
     if not isinstance(storage_url, str) or "://" not in storage_url:
         raise ConfigurationError(f"breaker_storage_url must be a URL such as 'memory://', got {storage_url!r}")
     key_prefix = _conf_get(conf, "breaker_key_prefix")
     if not isinstance(key_prefix, str) or not key_prefix or any(c in key_prefix for c in "{}"):
-        raise ConfigurationError(
-            f"breaker_key_prefix must be a non-empty string without braces, got {key_prefix!r}"
-        )
-    default_policy = BreakerPolicy.coerce(
-        _conf_get(conf, "breaker_default_policy"), source="breaker_default_policy"
-    )
+        raise ConfigurationError(f"breaker_key_prefix must be a non-empty string without braces, got {key_prefix!r}")
+    default_policy = BreakerPolicy.coerce(_conf_get(conf, "breaker_default_policy"), source="breaker_default_policy")
     raw_policies = _mapping("breaker_policies", _conf_get(conf, "breaker_policies"))
     policies: list[tuple[str, BreakerPolicy | Mapping[str, Any]]] = []
     for pattern, value in raw_policies.items():
@@ -187,19 +182,16 @@ def build_settings(conf: Any) -> BreakerSettings:
     raw_routes = _mapping("breaker_routes", _conf_get(conf, "breaker_routes"))
     routes = []
     for pattern, breaker in raw_routes.items():
-        if breaker is True:
-            breaker = None  # True: each matching task gets a breaker of its own name
-        elif not isinstance(breaker, str) or not breaker:
+        # True: each matching task gets a breaker of its own name ("").
+        if breaker is not True and (not isinstance(breaker, str) or not breaker):
             raise ConfigurationError(
-                f"breaker_routes[{pattern!r}] must be a breaker name (or True for the task's own "
-                f"name), got {breaker!r}"
+                f"breaker_routes[{pattern!r}] must be a breaker name (or True for the task's own name), got {breaker!r}"
             )
-        routes.append((pattern, breaker or ""))
+        routes.append((pattern, "" if breaker is True else breaker))
     on_storage_error = _conf_get(conf, "breaker_on_storage_error")
     if on_storage_error not in ON_STORAGE_ERROR_CHOICES:
         raise ConfigurationError(
-            f"breaker_on_storage_error must be one of {', '.join(ON_STORAGE_ERROR_CHOICES)}, "
-            f"got {on_storage_error!r}"
+            f"breaker_on_storage_error must be one of {', '.join(ON_STORAGE_ERROR_CHOICES)}, got {on_storage_error!r}"
         )
     send_events = _conf_get(conf, "breaker_send_events")
     if send_events is None:

@@ -12,7 +12,7 @@ from .errors import ConfigurationError
 from .settings import get_settings, reload_settings
 from .task import BreakerTask, prepare_task_class, task_breaker_config
 
-__all__ = ["install", "BreakerStep", "apply_routes", "check_app"]
+__all__ = ["BreakerStep", "apply_routes", "check_app", "install"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -96,7 +96,7 @@ def check_app(app: Any) -> dict[str, list[str]]:
     return by_breaker
 
 
-@worker_init.connect(weak=False)
+@worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
 def _on_worker_init(sender: Any = None, **_: Any) -> None:
     # Sent before the worker builds its bootsteps: installing here covers apps that
     # use breaker_routes without ever binding a BreakerTask.

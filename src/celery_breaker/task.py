@@ -69,6 +69,7 @@ class _CallBreaker(CircuitBreaker):
     block uses the admission the task already holds (no second probe slot)."""
 
     __slots__ = ("_task_call",)
+    _task_call: _TaskCall
 
     def _admit(self) -> tuple[Cell, Ticket, float]:
         call = self._task_call
@@ -217,7 +218,9 @@ class BreakerTask(Task):  # type: ignore[misc]
         if isinstance(exc, CircuitOpenError):
             raise exc  # the run's handler defers (or falls back); never a retry
         if call is not None and isinstance(exc, BaseException):
-            if call.settle(exc) is FAILURE and not call.cell.passing:
+            failed = call.settle(exc) is FAILURE
+            if failed and not call.cell.passing:
+                # It failed and the breaker is open now: defer instead of retrying.
                 raise _rejection_now(call.breaker, call.cell) from exc
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
@@ -372,20 +375,18 @@ def prepare_task_class(cls: type[BreakerTask]) -> None:
         if isinstance(value, types.FunctionType):
             setattr(cls, option, staticmethod(value))
         elif value is not None and not isinstance(value, (str, staticmethod)) and not callable(value):
-            raise ConfigurationError(
-                f"task {cls.name!r}: {option} must be a callable or a method name, got {value!r}"
-            )
+            raise ConfigurationError(f"task {cls.name!r}: {option} must be a callable or a method name, got {value!r}")
     if _CONFIG in cls.__dict__:
         delattr(cls, _CONFIG)  # options changed: resolve them again
 
 
 def task_breaker_config(task: BreakerTask | type[BreakerTask]) -> TaskBreakerConfig:
     """The task's resolved breaker options (validated once, cached on its class)."""
-    cls = task if isinstance(task, type) else type(task)
+    cls: type[BreakerTask] = task if isinstance(task, type) else type(task)
     found: TaskBreakerConfig | None = cls.__dict__.get(_CONFIG)
     if found is not None:
         return found
-    settings = get_settings(cls.app if isinstance(task, type) else task.app)
+    settings = get_settings(cls.app)
     name = cls.breaker_name or cls.name
     where = f"task {cls.name!r}"
     base_policy = settings.policy_for(name)
@@ -407,4 +408,3 @@ def task_breaker_config(task: BreakerTask | type[BreakerTask]) -> TaskBreakerCon
     )
     setattr(cls, _CONFIG, config)
     return config
-

@@ -6,7 +6,6 @@ import threading
 from typing import Any
 
 from .clock import Clock
-
 from .storage import MemoryStore
 
 __all__ = ["FakeClock", "fresh_store", "use_clock"]

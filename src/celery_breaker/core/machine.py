@@ -6,6 +6,7 @@ takes ``now``) and takes no locks: the store that owns it makes each call atomic
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from typing import NoReturn
 
@@ -37,8 +38,8 @@ class BreakerMachine:
     __slots__ = (
         "name", "key", "policy", "state", "generation", "opened_at", "open_until",
         "failure_times", "rate_window", "leases", "next_lease", "half_open_successes",
-        "successes", "failures", "rejections", "deferrals", "trips",
-        "last_success", "last_failure", "last_used", "events", "wall_offset", "passing",
+        "success_tally", "failures", "rejection_tally", "deferrals", "trips",
+        "last_success", "last_failure", "last_used", "events", "wall_offset", "passing", "quiet_success",
     )  # fmt: skip
 
     def __init__(self, name: str, key: str | None, policy: BreakerPolicy, now: float) -> None:
@@ -46,13 +47,18 @@ class BreakerMachine:
         self.key = key
         self.state = CLOSED
         self.passing = True  # calls pass without a decision: CLOSED or DISABLED
+        self.quiet_success = True
         self.generation = 0
         self.opened_at: float | None = None
         self.open_until: float | None = None
         self.leases: dict[int, float] = {}
         self.next_lease = 0
         self.half_open_successes = 0
-        self.successes = self.failures = self.rejections = self.deferrals = self.trips = 0
+        # Successes and rejections are the hot-path counters: itertools.count's
+        # next() is one atomic C call, so they are exact without taking the lock.
+        self.success_tally = itertools.count()
+        self.rejection_tally = itertools.count()
+        self.failures = self.deferrals = self.trips = 0
         self.last_success: float | None = None
         self.last_failure: float | None = None
         self.last_used = now
@@ -62,20 +68,29 @@ class BreakerMachine:
 
     # -- policy --------------------------------------------------------------
 
+    @property
+    def successes(self) -> int:
+        return _tally(self.success_tally)
+
+    @property
+    def rejections(self) -> int:
+        return _tally(self.rejection_tally)
+
     def _use_policy(self, policy: BreakerPolicy) -> None:
         self.policy = policy
         self.failure_times = (
-            FailureTimes(policy.failure_threshold, policy.window)
-            if policy.failure_threshold is not None
-            else None
+            FailureTimes(policy.failure_threshold, policy.window) if policy.failure_threshold is not None else None
         )
         self.rate_window: RateWindow | None = None
         if policy.uses_rates:
             self.rate_window = (
-                CountWindow(policy.count_window)
-                if policy.count_window is not None
-                else TimeWindow(policy.window)
+                CountWindow(policy.count_window) if policy.count_window is not None else TimeWindow(policy.window)
             )
+        self._update_quiet()
+
+    def _update_quiet(self) -> None:
+        # A success changes nothing but counters: CLOSED or DISABLED with no rate window.
+        self.quiet_success = self.passing and self.rate_window is None
 
     def _check_policy(self, policy: BreakerPolicy) -> None:
         if policy is not self.policy and policy != self.policy:
@@ -116,14 +131,12 @@ class BreakerMachine:
         return self._reject(min(soonest - now, policy.reset_timeout))
 
     def _reject(self, retry_after: float | None) -> NoReturn:
-        self.rejections += 1
+        next(self.rejection_tally)
         raise CircuitOpenError._rejected(self.name, self.key, self.state, retry_after)
 
     # -- outcomes ------------------------------------------------------------
 
-    def record(
-        self, ticket: Ticket, outcome: Outcome, duration: float, policy: BreakerPolicy, now: float
-    ) -> None:
+    def record(self, ticket: Ticket, outcome: Outcome, duration: float, policy: BreakerPolicy, now: float) -> None:
         """Count one finished call and apply any transition the policy calls for."""
         is_probe = type(ticket) is Probe
         generation = ticket.generation if is_probe else ticket  # type: ignore[union-attr]
@@ -137,7 +150,7 @@ class BreakerMachine:
             self.failures += 1
             self.last_failure = now
         else:
-            self.successes += 1
+            next(self.success_tally)
             self.last_success = now
         if not current:
             return  # started under an earlier state: counted, but cannot move this one
@@ -189,14 +202,16 @@ class BreakerMachine:
         """Back to a fresh CLOSED breaker: state, windows and lifetime counters cleared."""
         self._use_policy(policy)
         self._move(CLOSED, now, "reset")
-        self.successes = self.failures = self.rejections = self.deferrals = self.trips = 0
+        self.success_tally = itertools.count()
+        self.rejection_tally = itertools.count()
+        self.failures = self.deferrals = self.trips = 0
         self.last_success = self.last_failure = self.opened_at = None
 
     def note_deferral(self) -> None:
         self.deferrals += 1
 
     def note_rejection(self) -> None:
-        self.rejections += 1
+        next(self.rejection_tally)
 
     # -- transitions ---------------------------------------------------------
 
@@ -211,6 +226,7 @@ class BreakerMachine:
         self.generation += 1
         self.state = target
         self.passing = target is CLOSED or target is DISABLED
+        self._update_quiet()
         if target is OPEN or target is FORCED_OPEN:
             self.opened_at = now
             self.trips += target is OPEN
@@ -301,3 +317,8 @@ class BreakerMachine:
             window_slow_calls=slow,
             probes_in_flight=sum(1 for d in self.leases.values() if d > now),
         )
+
+
+def _tally(counter: itertools.count[int]) -> int:
+    """How many times ``next`` was called on ``counter`` (read without consuming it)."""
+    return int(repr(counter)[6:-1])  # repr is "count(N)"

@@ -10,16 +10,16 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Union
+from typing import Any
 
 from ..errors import CircuitOpenError, ConfigurationError
 
-__all__ = ["BreakerPolicy", "Outcome", "ExceptionMatcher"]
+__all__ = ["BreakerPolicy", "ExceptionMatcher", "Outcome"]
 
 logger = logging.getLogger("celery_breaker")
 
 #: An exception type, a dotted path to one (for settings files), or a predicate.
-ExceptionMatcher = Union[type[BaseException], str, Callable[[BaseException], bool]]
+ExceptionMatcher = type[BaseException] | str | Callable[[BaseException], bool]
 
 DEFAULT_FAILURE_THRESHOLD = 5
 DEFAULT_WINDOW = 60.0
@@ -44,7 +44,7 @@ def _resolve_matchers(
 ) -> tuple[tuple[type[BaseException], ...], tuple[Callable[[BaseException], bool], ...]]:
     if value is None:
         value = ()
-    if isinstance(value, (type, str)) or callable(value) and not isinstance(value, type):
+    if isinstance(value, (type, str)) or (callable(value) and not isinstance(value, type)):
         value = (value,)
     try:
         items = tuple(value)
@@ -55,14 +55,11 @@ def _resolve_matchers(
         ) from None
     types: list[type[BaseException]] = []
     predicates: list[Callable[[BaseException], bool]] = []
-    for item in items:
-        if isinstance(item, str):
-            item = _import_exception(field_name, item)
+    for given in items:
+        item = _import_exception(field_name, given) if isinstance(given, str) else given
         if isinstance(item, type):
             if not issubclass(item, BaseException):
-                raise ConfigurationError(
-                    f"BreakerPolicy.{field_name}: {item.__qualname__} is not an exception type"
-                )
+                raise ConfigurationError(f"BreakerPolicy.{field_name}: {item.__qualname__} is not an exception type")
             types.append(item)
         elif callable(item):
             predicates.append(item)
@@ -119,9 +116,7 @@ def _rate(name: str, value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         hint = f"; for {value}% write {value / 100:g}" if isinstance(value, (int, float)) and 1 < value <= 100 else ""
-        raise ConfigurationError(
-            f"BreakerPolicy.{name} must be a fraction in (0, 1] or None, got {value!r}{hint}"
-        )
+        raise ConfigurationError(f"BreakerPolicy.{name} must be a fraction in (0, 1] or None, got {value!r}{hint}")
     return float(value)
 
 
@@ -165,13 +160,9 @@ class BreakerPolicy:
     ignore_exceptions: tuple[ExceptionMatcher, ...] = ()
 
     _record_types: tuple[type[BaseException], ...] = field(init=False, repr=False, compare=False)
-    _record_predicates: tuple[Callable[[BaseException], bool], ...] = field(
-        init=False, repr=False, compare=False
-    )
+    _record_predicates: tuple[Callable[[BaseException], bool], ...] = field(init=False, repr=False, compare=False)
     _ignore_types: tuple[type[BaseException], ...] = field(init=False, repr=False, compare=False)
-    _ignore_predicates: tuple[Callable[[BaseException], bool], ...] = field(
-        init=False, repr=False, compare=False
-    )
+    _ignore_predicates: tuple[Callable[[BaseException], bool], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         put = object.__setattr__

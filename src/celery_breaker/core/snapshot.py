@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from .state import State
 
-__all__ = ["Transition", "BreakerSnapshot", "Probe"]
+__all__ = ["BreakerSnapshot", "Probe", "Transition"]
 
 
 class Probe(NamedTuple):

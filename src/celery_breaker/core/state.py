@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["State", "TRANSITIONS", "check_transition", "IllegalTransition"]
+__all__ = ["TRANSITIONS", "IllegalTransition", "State", "check_transition"]
 
 
 class State(str, enum.Enum):

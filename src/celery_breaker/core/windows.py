@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Protocol
 
-__all__ = ["FailureTimes", "RateWindow", "CountWindow", "TimeWindow", "TIME_BUCKETS"]
+__all__ = ["TIME_BUCKETS", "CountWindow", "FailureTimes", "RateWindow", "TimeWindow"]
 
 #: A time window is this many equal buckets; an outcome leaves it between
 #: ``window`` and ``window * (1 + 1/TIME_BUCKETS)`` seconds after it was recorded.
@@ -131,9 +131,11 @@ class TimeWindow:
         return epoch
 
     def add(self, now: float, failed: bool, slow: bool) -> None:
-        epoch = self._advance(now)
-        if epoch < self._head - TIME_BUCKETS + 1:
-            return  # older than the window (a clock reading from before the head)
+        epoch = int(now // self._width)
+        if epoch != self._head:
+            self._advance(now)
+            if epoch < self._head - TIME_BUCKETS + 1:
+                return  # older than the window (a clock reading from before the head)
         i = epoch % TIME_BUCKETS
         self._calls[i] += 1
         self._failures[i] += failed

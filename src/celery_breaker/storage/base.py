@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from typing import Protocol
 
 from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
 
-__all__ = ["Store", "Cell", "StorageError"]
+__all__ = ["Cell", "StorageError", "Store"]
 
 
 class StorageError(Exception):
@@ -27,6 +28,8 @@ class Cell(Protocol):
     passing: bool
     """True while calls pass without asking the store: CLOSED or DISABLED, not evicted.
     Callers may then admit with ``generation`` as the ticket and skip ``acquire``."""
+    rejection_tally: itertools.count[int]
+    """Calls rejected from the local view: callers count them with one ``next()``."""
     evicted: bool
     """Set when the store dropped this cell; its holder must ask the store again."""
     events: deque[Transition]
@@ -42,10 +45,6 @@ class Cell(Protocol):
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:
         """``finish`` for a success: the hot path, kept separate so stores can make it cheap."""
-        ...
-
-    def note_rejection(self) -> None:
-        """Count a call rejected by the caller from the cell's OPEN/FORCED_OPEN view."""
         ...
 
     def force(self, target: State, policy: BreakerPolicy, now: float) -> None:

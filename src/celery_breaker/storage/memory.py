@@ -11,7 +11,7 @@ from ..clock import Clock
 from ..core import BreakerMachine, BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket
 from ..errors import ConfigurationError
 
-__all__ = ["MemoryStore", "MemoryCell", "DEFAULT_MAX_BREAKERS", "DEFAULT_IDLE_TTL"]
+__all__ = ["DEFAULT_IDLE_TTL", "DEFAULT_MAX_BREAKERS", "MemoryCell", "MemoryStore"]
 
 DEFAULT_MAX_BREAKERS = 10_000
 DEFAULT_IDLE_TTL = 3600.0
@@ -42,23 +42,25 @@ class MemoryCell(BreakerMachine):
             self.record(ticket, outcome, duration, policy, now)
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:
+        if self.quiet_success and ticket == self.generation and policy is self.policy:
+            # The common case needs no lock: under a threshold-only policy a success
+            # in CLOSED moves nothing, and the tally's next() is atomic. Should another
+            # thread trip the breaker meanwhile, this success still belongs to the
+            # generation it ran in, which is all the metrics claim.
+            next(self.success_tally)
+            self.last_success = self.last_used = now
+            return
         with self.lock:
-            if (
-                self.state is CLOSED
-                and self.rate_window is None
-                and ticket == self.generation
-                and policy is self.policy
-            ):
-                # The common case: a success in CLOSED under a threshold-only policy
-                # changes nothing but the counters.
-                self.successes += 1
-                self.last_success = self.last_used = now
-                return
+            window = self.rate_window
+            if self.state is CLOSED and window is not None and ticket == self.generation and policy is self.policy:
+                slow_limit = policy.slow_call_duration
+                if slow_limit is None or duration < slow_limit:
+                    # A fast success only lowers the rates: count it, no trip to evaluate.
+                    next(self.success_tally)
+                    self.last_success = self.last_used = now
+                    window.add(now, False, False)
+                    return
             self.record(ticket, SUCCESS, duration, policy, now)
-
-    def note_rejection(self) -> None:
-        with self.lock:
-            self.rejections += 1
 
     def force(self, target: State, policy: BreakerPolicy, now: float) -> None:
         with self.lock:
@@ -71,6 +73,8 @@ class MemoryCell(BreakerMachine):
     def note_deferral(self) -> None:
         with self.lock:
             self.deferrals += 1
+
+    # note_rejection is BreakerMachine's: a lock-free tally.
 
     def snapshot(self, now: float) -> BreakerSnapshot:
         with self.lock:

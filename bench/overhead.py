@@ -1,0 +1,575 @@
+"""Per-call overhead of ``CircuitBreaker.call`` against a bare call, pybreaker and fabfuel circuitbreaker.
+
+Run ``python bench/overhead.py`` (about 10 s), ``--quick`` for a CI smoke run (about 2 s),
+``--json PATH`` to also write the results as JSON. This is a benchmark, not a
+timed test: it reports, it never fails on a figure.
+
+Method
+------
+* Every variant wraps the same no-op function ``noop()`` (or calls it bare) and is
+  timed by a closure that runs ``n`` calls in a tight ``for _ in range(n)`` loop between
+  two ``time.perf_counter_ns()`` readings. The callable (bound method, decorated
+  function, exception class) is bound to a local before the loop, as hot code would.
+  One sample = elapsed ns / n. Nothing is subtracted from a sample: the loop's own
+  cost is in every variant, including the bare call, and cancels out in the overhead.
+* ``n`` is sized per variant during a calibration pass (which doubles as warm-up) so
+  each sample takes about ``--target-ms`` (70 ms; 15 ms with ``--quick``).
+* Samples are taken round-robin: each of ``--repeats`` rounds (9; 3 with ``--quick``)
+  takes one sample of every variant, starting one variant later each round, so noise
+  from this shared machine lands on every variant alike. The garbage collector is off
+  during a sample (as in ``timeit``) and run between rounds.
+* Reported per variant: the median ns/call, the min-max over the rounds, the overhead
+  (median minus the bare call's median) and the ratio of that overhead to fabfuel
+  circuitbreaker's overhead on the same path (closed variants against fabfuel closed,
+  open variants against fabfuel's open reject).
+* Open-path variants call through a breaker that rejects and catch the library's
+  error (``try: ... except Error: pass``), so raising and catching that exception is
+  part of their cost, as it is for any caller. A reference row ("raise + catch") times
+  a plain function that raises a fresh exception, the floor for any reject path.
+* Every breaker is checked before and after the timed rounds (closed ones still
+  closed, open ones still rejecting); the script stops if one is not.
+* Threads section: 4 threads each make ``calls`` calls of a function that sleeps
+  10 ms, bare and through each library, and the wall time is reported. pybreaker
+  holds its lock around the wrapped call, so its calls run one at a time.
+
+Figures come from one run on a shared machine: compare ratios within a run, not
+absolute numbers across runs or machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from time import perf_counter_ns
+from typing import Any
+
+import circuitbreaker  # type: ignore[import-untyped,unused-ignore]
+import pybreaker
+
+import celery_breaker
+from celery_breaker import CircuitBreaker, CircuitOpenError, State
+
+#: Runs ``n`` calls of one variant; returns the elapsed nanoseconds.
+Runner = Callable[[int], int]
+
+LONG = 3600.0  # seconds an open breaker stays open: far longer than any run
+SLEEP = 0.010  # seconds slept per call in the threads section
+
+
+def noop() -> None:
+    """The guarded function: does nothing, so a variant's cost is the breaker's."""
+
+
+class DownstreamError(RuntimeError):
+    """What ``fail`` raises to trip a breaker."""
+
+
+def fail() -> None:
+    raise DownstreamError("down")
+
+
+class _Reference(Exception):
+    """Raised by ``raise_fresh`` for the raise-and-catch reference row."""
+
+
+def raise_fresh() -> None:
+    raise _Reference
+
+
+def sleep10() -> None:
+    time.sleep(SLEEP)
+
+
+# -- timing loops: one shape per kind of call --------------------------------
+
+
+def plain_loop(fn: Callable[[], object]) -> Runner:
+    """``fn()`` n times."""
+
+    def run(n: int) -> int:
+        f = fn
+        start = perf_counter_ns()
+        for _ in range(n):
+            f()
+        return perf_counter_ns() - start
+
+    return run
+
+
+def call_loop(call: Callable[[Callable[[], object]], object], target: Callable[[], object]) -> Runner:
+    """``call(target)`` n times (``breaker.call(noop)``)."""
+
+    def run(n: int) -> int:
+        c = call
+        t = target
+        start = perf_counter_ns()
+        for _ in range(n):
+            c(t)
+        return perf_counter_ns() - start
+
+    return run
+
+
+def reject_loop(fn: Callable[[], object], error: type[BaseException]) -> Runner:
+    """``fn()`` n times, each raising ``error``, caught."""
+
+    def run(n: int) -> int:
+        f = fn
+        e = error
+        start = perf_counter_ns()
+        for _ in range(n):
+            try:  # noqa: SIM105 - contextlib.suppress would add its own cost to every call
+                f()
+            except e:
+                pass
+        return perf_counter_ns() - start
+
+    return run
+
+
+def reject_call_loop(
+    call: Callable[[Callable[[], object]], object], target: Callable[[], object], error: type[BaseException]
+) -> Runner:
+    """``call(target)`` n times, each raising ``error``, caught."""
+
+    def run(n: int) -> int:
+        c = call
+        t = target
+        e = error
+        start = perf_counter_ns()
+        for _ in range(n):
+            try:  # noqa: SIM105 - contextlib.suppress would add its own cost to every call
+                c(t)
+            except e:
+                pass
+        return perf_counter_ns() - start
+
+    return run
+
+
+# -- variants ------------------------------------------------------------------
+
+
+@dataclass
+class Variant:
+    key: str
+    label: str
+    path: str  # "bare", "closed", "open" or "ref"
+    run: Runner
+    n: int = 0
+    samples: list[float] = field(default_factory=list)  # ns per call, one per round
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+@dataclass
+class Setup:
+    variants: list[Variant]
+    checks: list[tuple[str, Callable[[], bool]]]  # (what must hold, predicate)
+
+
+def _raises(fn: Callable[[], object], error: type[BaseException]) -> bool:
+    try:
+        fn()
+    except error:
+        return True
+    return False
+
+
+def _trip(fn: Callable[[], object], times: int) -> None:
+    for _ in range(times):
+        with contextlib.suppress(DownstreamError, pybreaker.CircuitBreakerError, circuitbreaker.CircuitBreakerError):
+            fn()
+
+
+def build_variants() -> Setup:
+    checks: list[tuple[str, Callable[[], bool]]] = []
+    pid = os.getpid()  # fresh names, in case this runs inside a process that made breakers
+
+    # celery-breaker, CLOSED: the default policy (a failure-count threshold).
+    cb_closed = CircuitBreaker(f"bench-closed-{pid}")
+    cb_decorated = CircuitBreaker(f"bench-decorator-{pid}")(noop)
+    cb_rate = CircuitBreaker(
+        f"bench-rate-{pid}", {"failure_rate_threshold": 0.5, "minimum_calls": 20}
+    )  # every outcome goes into a 60 s time window
+    # celery-breaker, rejecting: forced open by an operator, and OPEN after a trip.
+    cb_forced = CircuitBreaker(f"bench-forced-{pid}")
+    cb_forced.force_open()
+    cb_tripped = CircuitBreaker(f"bench-tripped-{pid}", {"failure_threshold": 3, "reset_timeout": LONG})
+    _trip(lambda: cb_tripped.call(fail), 3)
+
+    # pybreaker: closed, and OPEN after a trip (it raises CircuitBreakerError on the
+    # tripping call itself).
+    pb_closed = pybreaker.CircuitBreaker(name="bench-closed")
+    pb_open = pybreaker.CircuitBreaker(fail_max=3, reset_timeout=LONG, name="bench-open")
+    _trip(lambda: pb_open.call(fail), 3)
+
+    # fabfuel circuitbreaker: a decorated noop, closed; and a breaker tripped through
+    # a decorated failing function, guarding a decorated noop.
+    fab_closed = circuitbreaker.CircuitBreaker(name=f"bench-closed-{pid}")(noop)
+    fab_open_breaker = circuitbreaker.CircuitBreaker(
+        failure_threshold=3, recovery_timeout=int(LONG), name=f"bench-open-{pid}"
+    )
+    fab_fail = fab_open_breaker(fail)
+    fab_open = fab_open_breaker(noop)
+    _trip(fab_fail, 3)
+
+    checks += [
+        ("celery-breaker closed breakers are CLOSED", lambda: cb_closed.state is State.CLOSED),
+        ("celery-breaker rate breaker is CLOSED", lambda: cb_rate.state is State.CLOSED),
+        ("celery-breaker forced breaker is FORCED_OPEN", lambda: cb_forced.state is State.FORCED_OPEN),
+        ("celery-breaker tripped breaker is OPEN", lambda: cb_tripped.state is State.OPEN),
+        (
+            "celery-breaker forced breaker rejects",
+            lambda: _raises(lambda: cb_forced.call(noop), CircuitOpenError),
+        ),
+        (
+            "celery-breaker tripped breaker rejects",
+            lambda: _raises(lambda: cb_tripped.call(noop), CircuitOpenError),
+        ),
+        ("celery-breaker decorator passes", lambda: cb_decorated() is None),
+        ("pybreaker closed breaker is closed", lambda: pb_closed.current_state == pybreaker.STATE_CLOSED),
+        ("pybreaker open breaker is open", lambda: pb_open.current_state == pybreaker.STATE_OPEN),
+        (
+            "pybreaker open breaker rejects",
+            lambda: _raises(lambda: pb_open.call(noop), pybreaker.CircuitBreakerError),
+        ),
+        ("fabfuel closed breaker passes", lambda: fab_closed() is None),
+        ("fabfuel open breaker is open", lambda: fab_open_breaker.state == circuitbreaker.STATE_OPEN),
+        ("fabfuel open breaker rejects", lambda: _raises(fab_open, circuitbreaker.CircuitBreakerError)),
+    ]
+
+    variants = [
+        Variant("bare", "bare call noop()", "bare", plain_loop(noop)),
+        Variant("cb_closed", "celery-breaker closed: b.call(noop)", "closed", call_loop(cb_closed.call, noop)),
+        Variant("cb_decorator", "celery-breaker closed: @b decorator", "closed", plain_loop(cb_decorated)),
+        Variant(
+            "cb_rate",
+            "celery-breaker closed, failure-rate policy",
+            "closed",
+            call_loop(cb_rate.call, noop),
+        ),
+        Variant("pb_closed", "pybreaker closed: cb.call(noop)", "closed", call_loop(pb_closed.call, noop)),
+        Variant("fab_closed", "fabfuel circuitbreaker closed: @circuit", "closed", plain_loop(fab_closed)),
+        Variant(
+            "cb_forced_open",
+            "celery-breaker reject: force_open()",
+            "open",
+            reject_call_loop(cb_forced.call, noop, CircuitOpenError),
+        ),
+        Variant(
+            "cb_tripped_open",
+            "celery-breaker reject: OPEN after trip",
+            "open",
+            reject_call_loop(cb_tripped.call, noop, CircuitOpenError),
+        ),
+        Variant(
+            "pb_open",
+            "pybreaker reject: OPEN after trip",
+            "open",
+            reject_call_loop(pb_open.call, noop, pybreaker.CircuitBreakerError),
+        ),
+        Variant(
+            "fab_open",
+            "fabfuel circuitbreaker reject: OPEN",
+            "open",
+            reject_loop(fab_open, circuitbreaker.CircuitBreakerError),
+        ),
+        Variant("ref_raise", "reference: raise + catch, no breaker", "ref", reject_loop(raise_fresh, _Reference)),
+    ]
+    return Setup(variants, checks)
+
+
+def verify(setup: Setup, when: str) -> None:
+    failed = [what for what, holds in setup.checks if not holds()]
+    if failed:
+        raise SystemExit(f"bench/overhead.py: {when}, these no longer hold: " + "; ".join(failed))
+
+
+# -- measuring -----------------------------------------------------------------
+
+
+def calibrate(run: Runner, target_ns: int) -> int:
+    """Calls per sample so that one sample takes about ``target_ns`` (also warms up)."""
+    n = 1_000
+    while True:
+        elapsed = run(n)
+        if elapsed >= target_ns // 4:
+            return max(1_000, round(n * target_ns / elapsed))
+        n *= 4 if elapsed < target_ns // 16 else 2
+
+
+def measure(variants: list[Variant], repeats: int, target_ns: int) -> None:
+    for variant in variants:
+        variant.n = calibrate(variant.run, target_ns)
+    count = len(variants)
+    for round_ in range(repeats):
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(count):
+                variant = variants[(round_ + i) % count]
+                variant.samples.append(variant.run(variant.n) / variant.n)
+        finally:
+            gc.enable()
+
+
+@dataclass
+class ThreadResult:
+    key: str
+    label: str
+    wall_s: float
+
+
+def time_threads(fn: Callable[[], object], threads: int, calls: int) -> float:
+    """Wall seconds for ``threads`` threads each calling ``fn`` ``calls`` times."""
+    barrier = threading.Barrier(threads + 1)
+
+    def work() -> None:
+        barrier.wait()
+        for _ in range(calls):
+            fn()
+
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    barrier.wait()
+    start = perf_counter_ns()
+    for worker in workers:
+        worker.join()
+    return (perf_counter_ns() - start) / 1e9
+
+
+def measure_threads(threads: int, calls: int) -> list[ThreadResult]:
+    pid = os.getpid()
+    cb = CircuitBreaker(f"bench-threads-{pid}")
+    pb = pybreaker.CircuitBreaker(name="bench-threads")
+    fab = circuitbreaker.CircuitBreaker(name=f"bench-threads-{pid}")(sleep10)
+    cases: list[tuple[str, str, Callable[[], object]]] = [
+        ("bare", "bare call", sleep10),
+        ("cb", "celery-breaker b.call", lambda: cb.call(sleep10)),
+        ("pb", "pybreaker cb.call", lambda: pb.call(sleep10)),
+        ("fab", "fabfuel circuitbreaker @circuit", fab),
+    ]
+    return [ThreadResult(key, label, time_threads(fn, threads, calls)) for key, label, fn in cases]
+
+
+# -- reporting -----------------------------------------------------------------
+
+
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "celery_breaker": getattr(celery_breaker, "__version__", _version("celery-breaker")),
+        "pybreaker": _version("pybreaker"),
+        "circuitbreaker": _version("circuitbreaker"),
+    }
+
+
+def overheads(variants: list[Variant]) -> dict[str, dict[str, float | None]]:
+    by_key = {v.key: v for v in variants}
+    bare = by_key["bare"].median
+    fab_by_path = {"closed": by_key["fab_closed"].median - bare, "open": by_key["fab_open"].median - bare}
+    result: dict[str, dict[str, float | None]] = {}
+    for v in variants:
+        over = v.median - bare
+        fab = fab_by_path.get(v.path)
+        result[v.key] = {
+            "overhead_ns": over,
+            "ratio_vs_fabfuel": over / fab if fab and v.path in fab_by_path else None,
+        }
+    return result
+
+
+def goals(variants: list[Variant]) -> dict[str, Any]:
+    by_key = {v.key: v for v in variants}
+    bare = by_key["bare"]
+    fab = by_key["fab_closed"]
+
+    def rounds_below(key: str) -> int:
+        # Round by round (each round samples every variant once), on the overhead.
+        v = by_key[key]
+        return sum(1 for s, f, b in zip(v.samples, fab.samples, bare.samples, strict=True) if s - b < f - b)
+
+    fab_over = fab.median - bare.median
+    result: dict[str, Any] = {"fabfuel_closed_overhead_ns": fab_over}
+    for key in ("cb_closed", "cb_decorator", "cb_rate"):
+        over = by_key[key].median - bare.median
+        result[key] = {
+            "overhead_ns": over,
+            "below_fabfuel": over < fab_over,
+            "rounds_below_fabfuel": rounds_below(key),
+            "rounds": len(bare.samples),
+        }
+    for key in ("cb_forced_open", "cb_tripped_open"):
+        med = by_key[key].median
+        result[key] = {"median_ns": med, "under_1us": med < 1_000.0}
+    return result
+
+
+def _ns(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+@dataclass
+class Results:
+    env: dict[str, Any]
+    variants: list[Variant]
+    repeats: int
+    target_ms: float
+    threads: list[ThreadResult] | None
+    thread_shape: tuple[int, int]  # (threads, calls per thread)
+
+
+def print_report(res: Results) -> None:
+    env, variants, repeats, target_ms = res.env, res.variants, res.repeats, res.target_ms
+    over = overheads(variants)
+    print(
+        f"Python {env['python']} ({env['implementation']}) on {env['platform']}, {env['cpus']} CPUs\n"
+        f"celery-breaker {env['celery_breaker']}, pybreaker {env['pybreaker']}, "
+        f"circuitbreaker (fabfuel) {env['circuitbreaker']}\n"
+        f"{repeats} rounds, round-robin; each sample ~{target_ms:g} ms of calls; ns per call.\n"
+        "Figures are from one run on a shared, noisy machine: compare ratios within this run.\n"
+    )
+    width = max(len(v.label) for v in variants)
+    head = (
+        f"{'variant':<{width}}  {'median':>7}  {'min-max':>15}  {'overhead':>8}  "
+        f"{'vs fabfuel':>10}  {'calls/sample':>12}"
+    )
+    print(head)
+    print("-" * len(head))
+    for v in variants:
+        o = over[v.key]
+        overhead = o["overhead_ns"]
+        ratio = o["ratio_vs_fabfuel"]
+        span = f"{_ns(min(v.samples))}-{_ns(max(v.samples))}"
+        print(
+            f"{v.label:<{width}}  {_ns(v.median):>7}  {span:>15}  "
+            f"{'-' if v.path == 'bare' or overhead is None else _ns(overhead):>8}  "
+            f"{'-' if ratio is None else f'x{ratio:.2f}':>10}  {v.n:>12,}"
+        )
+    print(
+        "\noverhead = median - bare median; 'vs fabfuel' = overhead / fabfuel's overhead on the same\n"
+        "path (closed rows: fabfuel closed; reject rows: fabfuel's open reject)."
+    )
+
+    g = goals(variants)
+    print(f"\nGoals (fabfuel closed overhead {_ns(g['fabfuel_closed_overhead_ns'])} ns in this run):")
+    for key, label in (("cb_closed", "b.call(noop)"), ("cb_decorator", "@b"), ("cb_rate", "failure-rate")):
+        r = g[key]
+        verdict = "MET" if r["below_fabfuel"] else "NOT MET"
+        print(
+            f"  closed overhead below fabfuel, {label:<13} {_ns(r['overhead_ns']):>5} ns  {verdict:<7} "
+            f"(below in {r['rounds_below_fabfuel']}/{r['rounds']} rounds)"
+        )
+    for key, label in (("cb_forced_open", "force_open()"), ("cb_tripped_open", "OPEN by trip")):
+        r = g[key]
+        verdict = "MET" if r["under_1us"] else "NOT MET"
+        print(f"  open reject under 1 us,           {label:<13} {_ns(r['median_ns']):>5} ns  {verdict}")
+
+    if res.threads is not None:
+        threads = res.threads
+        n_threads, calls = res.thread_shape
+        bare_wall = next(t.wall_s for t in threads if t.key == "bare")
+        print(
+            f"\nThreads: {n_threads} threads x {calls} calls of a {SLEEP * 1000:g} ms sleep "
+            f"(parallel ~{calls * SLEEP:.2f} s, one at a time ~{n_threads * calls * SLEEP:.2f} s)"
+        )
+        for t in threads:
+            print(f"  {t.label:<32} {t.wall_s:6.2f} s  x{t.wall_s / bare_wall:.2f} of bare")
+
+
+def to_json(res: Results) -> dict[str, Any]:
+    env, variants, threads, thread_shape = res.env, res.variants, res.threads, res.thread_shape
+    over = overheads(variants)
+    return {
+        "environment": env,
+        "settings": {"repeats": res.repeats, "target_ms": res.target_ms, "unit": "ns per call"},
+        "note": "one run on a shared machine; compare ratios within a run",
+        "variants": [
+            {
+                "key": v.key,
+                "label": v.label,
+                "path": v.path,
+                "calls_per_sample": v.n,
+                "median_ns": v.median,
+                "min_ns": min(v.samples),
+                "max_ns": max(v.samples),
+                "samples_ns": v.samples,
+                **over[v.key],
+            }
+            for v in variants
+        ],
+        "goals": goals(variants),
+        "threads": None
+        if threads is None
+        else {
+            "threads": thread_shape[0],
+            "calls_per_thread": thread_shape[1],
+            "sleep_s": SLEEP,
+            "results": [{"key": t.key, "label": t.label, "wall_s": t.wall_s} for t in threads],
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="fewer, shorter rounds (CI smoke run)")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    parser.add_argument("--repeats", type=int, help="rounds of samples (default 9; 3 with --quick)")
+    parser.add_argument("--target-ms", type=float, help="duration of one sample (default 70; 15 with --quick)")
+    parser.add_argument("--no-threads", action="store_true", help="skip the threads section")
+    args = parser.parse_args(argv)
+
+    repeats: int = args.repeats or (3 if args.quick else 9)
+    target_ms: float = args.target_ms or (15.0 if args.quick else 70.0)
+    if repeats < 1 or target_ms <= 0:
+        parser.error("--repeats and --target-ms must be positive")
+    thread_shape = (4, 8 if args.quick else 25)
+
+    # Transitions log at WARNING; keep them off stderr without touching levels.
+    logging.getLogger("celery_breaker").addHandler(logging.NullHandler())
+
+    env = environment()
+    setup = build_variants()
+    verify(setup, "before timing")
+    measure(setup.variants, repeats, int(target_ms * 1e6))
+    verify(setup, "after timing")
+    threads = None if args.no_threads else measure_threads(*thread_shape)
+
+    results = Results(env, setup.variants, repeats, target_ms, threads, thread_shape)
+    print_report(results)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(to_json(results), out, indent=2)
+            out.write("\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
