@@ -8,7 +8,7 @@ import time
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from celery import Task
 from celery.app.task import X_DEATH_HEADERS
@@ -382,7 +382,7 @@ def prepare_task_class(cls: type[BreakerTask]) -> None:
 
 def task_breaker_config(task: BreakerTask | type[BreakerTask]) -> TaskBreakerConfig:
     """The task's resolved breaker options (validated once, cached on its class)."""
-    cls: type[BreakerTask] = task if isinstance(task, type) else type(task)
+    cls = cast("type[BreakerTask]", task if isinstance(task, type) else type(task))
     found: TaskBreakerConfig | None = cls.__dict__.get(_CONFIG)
     if found is not None:
         return found
