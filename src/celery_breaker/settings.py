@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import logging
 import math
@@ -130,16 +131,19 @@ def _mapping(key: str, value: Any) -> Mapping[str, Any]:
     return value
 
 
+def _strip_namespace(conf: Any, raw: str) -> str:
+    prefix = (getattr(conf, "prefix", None) or "").lower()
+    key = raw.lower()
+    return key[len(prefix) :] if prefix and key.startswith(prefix) else key
+
+
 def unknown_settings(conf: Any) -> list[str]:
     """Settings named like ours (``breaker_*``, any case, any namespace) that we do not know."""
-    prefix = (getattr(conf, "prefix", None) or "").lower()
     unknown = []
     for raw in list(conf.keys()):
         if not isinstance(raw, str):
             continue
-        key = raw.lower()
-        if prefix and key.startswith(prefix):
-            key = key[len(prefix) :]
+        key = _strip_namespace(conf, raw)
         if key.startswith("breaker_") and key not in SETTINGS:
             unknown.append(raw)
     return sorted(set(unknown))
@@ -163,8 +167,15 @@ def build_settings(conf: Any) -> BreakerSettings:
     """Read and validate every ``breaker_*`` setting; raise ConfigurationError naming the first bad one."""
     unknown = unknown_settings(conf)
     if unknown:
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(_strip_namespace(conf, name), SETTINGS, n=1)
+            if close:
+                hints.append(f"{name}: did you mean {close[0]}?")
         raise ConfigurationError(
-            f"unknown celery-breaker setting(s): {', '.join(unknown)}; known settings: {', '.join(sorted(SETTINGS))}"
+            f"unknown celery-breaker setting(s): {', '.join(unknown)}"
+            + (f" ({'; '.join(hints)})" if hints else "")
+            + f"; known settings: {', '.join(sorted(SETTINGS))}"
         )
     storage_url = _conf_get(conf, "breaker_storage_url") or "memory://"
     if not isinstance(storage_url, str) or "://" not in storage_url:

@@ -1,0 +1,121 @@
+"""Real ``celery worker -P prefork`` processes on a real Redis broker: deferral end to end."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery.result import AsyncResult
+
+from tests.integration import proj
+from tests.integration.workers import WorkerProcess
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)  # polling real processes for an outcome
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def broker(redis_url: str) -> Iterator[str]:
+    url = f"{redis_url}/3"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    proj.app.conf.update(broker_url=url, result_backend=url)
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture(scope="module")
+def worker(broker: str) -> Iterator[WorkerProcess]:
+    with WorkerProcess(broker, concurrency=2) as process:
+        process.wait_ready()
+        yield process
+
+
+@pytest.fixture
+def downstream(broker: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(broker)
+    client.delete(proj.DOWN_KEY, proj.CALLS_KEY)
+    yield client
+    client.delete(proj.DOWN_KEY)
+
+
+def info_text(result: AsyncResult) -> str:
+    return str(result.info)
+
+
+def test_outage_defers_without_spending_retries_then_everything_completes(
+    worker: WorkerProcess, downstream: redis.Redis
+) -> None:
+    downstream.set(proj.DOWN_KEY, 1)
+    results = [proj.call_partner.delay(n) for n in range(20)]
+
+    # Every task is deferred (RETRY), none fails, although max_retries=0 ...
+    wait_for(lambda: all(r.state == "RETRY" for r in results), 30, "all 20 tasks deferred")
+    # ... and keeps being deferred while the outage lasts.
+    wait_for(lambda: any("(deferral 2)" in info_text(r) for r in results), 30, "a second deferral")
+    assert not [r for r in results if r.state == "FAILURE"]
+    sample = results[0].info
+    assert type(sample).__name__ == "CircuitOpenError"
+    assert "breaker 'partner-api'" in str(sample)
+    calls_during_outage = int(downstream.get(proj.CALLS_KEY) or 0)
+
+    downstream.delete(proj.DOWN_KEY)
+    values: list[dict[str, Any]] = [r.get(timeout=60) for r in results]
+
+    assert [v["n"] for v in values] == list(range(20))
+    assert [v["id"] for v in values] == [r.id for r in results]  # same task ids
+    assert {v["retries"] for v in values} == {0}  # the retry budget was never spent
+    assert all(v["deferrals"] is not None and int(v["deferrals"]) >= 1 for v in values)
+    assert len({v["pid"] for v in values}) >= 1
+    # While open, the breaker let through only probes: far fewer calls than task runs.
+    assert calls_during_outage < 20
+    assert worker.process.poll() is None
+
+
+def test_malformed_deferral_headers_never_crash_the_worker(worker: WorkerProcess, downstream: redis.Redis) -> None:
+    downstream.set(proj.DOWN_KEY, 1)
+    bad = proj.call_partner.apply_async(
+        (99,), headers={"x-breaker-deferrals": "abc", "x-breaker-deferred-since": "yesterday"}
+    )
+    wait_for(lambda: bad.state == "RETRY", 30, "the malformed-header task to be deferred")
+    assert "(deferral 1)" in info_text(bad)  # the count restarted instead of crashing
+    downstream.delete(proj.DOWN_KEY)
+    value = bad.get(timeout=60)
+    assert value["id"] == bad.id
+    assert value["retries"] == 0
+    assert worker.process.poll() is None
+    log = worker.log()
+    assert "header x-breaker-deferrals='abc' is not a whole number" in log
+    assert "header x-breaker-deferred-since='yesterday' is not epoch seconds" in log
+
+
+@pytest.mark.parametrize(
+    ("extra_conf", "expected"),
+    [
+        ({"breaker_max_deferals": 3}, "unknown celery-breaker setting(s): breaker_max_deferals"),
+        ({"breaker_max_deferrals": -1}, "breaker_max_deferrals must be a whole number >= 0"),
+        ({"breaker_default_policy": {"failure_threshold": 0}}, "BreakerPolicy.failure_threshold"),
+        ({"breaker_on_storage_error": "panic"}, "breaker_on_storage_error must be one of local, allow, deny"),
+    ],
+)
+def test_bad_settings_stop_the_worker_with_a_clear_error(
+    broker: str, extra_conf: dict[str, Any], expected: str
+) -> None:
+    process = WorkerProcess(broker, concurrency=1, extra_conf=json.dumps(extra_conf), name="bad")
+    code = process.wait_exit(timeout=60)
+    log = process.log()
+    assert code != 0, log
+    assert expected in log, log
+    assert "ConfigurationError" in log
