@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .breaker import CircuitBreaker
+from .breaker import CircuitBreaker, TransitionListener
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy
 from .settings import get_settings
@@ -27,20 +27,35 @@ class BreakerRegistry:
         self.app = app
         self.clock = clock or SYSTEM_CLOCK
         self._breakers: dict[tuple[str, str | None], CircuitBreaker] = {}
+        self._listeners: list[TransitionListener] = []
         self._lock = threading.Lock()
 
     def get(self, name: str, key: str | None, policy: BreakerPolicy) -> CircuitBreaker:
         found = self._breakers.get((name, key))
-        if found is not None and found.policy is policy:
-            return found
+        if found is not None:
+            if found.policy is policy:
+                return found
+            if found.policy == policy:  # settings were re-read: same rules, new object
+                found.policy = policy
+                return found
         settings = get_settings(self.app)
         breaker = CircuitBreaker(name, policy, storage=settings.storage_url, clock=self.clock, key=key)
+        for listener in self._listeners + (found._listeners if found is not None else []):
+            if listener not in breaker._listeners:
+                breaker.add_listener(listener)
         with self._lock:
             if len(self._breakers) >= MAX_CACHED_BREAKERS:
                 for ident in list(self._breakers)[: MAX_CACHED_BREAKERS // 2]:
                     del self._breakers[ident]
             self._breakers[(name, key)] = breaker
         return breaker
+
+    def add_listener(self, listener: TransitionListener) -> None:
+        """Call ``listener(transition)`` for every breaker of this app, per-key ones included."""
+        with self._lock:
+            self._listeners.append(listener)
+            for breaker in self._breakers.values():
+                breaker.add_listener(listener)
 
     def known(self) -> list[CircuitBreaker]:
         """The breakers this process has built (most recent last)."""

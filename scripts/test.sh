@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Install everything the tests need, then lint, type-check and run the whole suite.
+# Usage: ./scripts/test.sh [extra pytest arguments]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# redis-server: the real Redis that the Celery broker and Redis tests run against
+# (the test suite starts its own instance on a free loopback port and stops it).
+if ! command -v redis-server >/dev/null 2>&1; then
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+    echo "== installing redis-server"
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "== creating $VENV"
+    python3 -m venv "$VENV"
+fi
+echo "== installing celery-breaker with its dev extra"
+"$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+
+echo "== ruff"
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
+echo "== mypy --strict"
+"$VENV/bin/mypy"
+echo "== pytest"
+"$VENV/bin/python" -m pytest "$@"
+echo "== benchmark smoke run (figures are not checked)"
+"$VENV/bin/python" bench/overhead.py --quick --no-threads > /dev/null
+echo "== all checks passed"
