@@ -1,0 +1,1 @@
+"""Runnable examples of celery-breaker (each is run by the test suite)."""
