@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -82,6 +84,49 @@ def test_outage_defers_without_spending_retries_then_everything_completes(
     # While open, the breaker let through only probes: far fewer calls than task runs.
     assert calls_during_outage < 20
     assert worker.process.poll() is None
+
+
+class EventLog:
+    """Celery events from the broker, captured by a receiver thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.events: list[dict[str, Any]] = []
+        self._connection = app.connection_for_read()
+        self._receiver = app.events.Receiver(self._connection, handlers={"*": self.events.append})
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with contextlib.suppress(Exception):  # the receiver ends when its connection closes
+            self._receiver.capture(limit=None, timeout=None, wakeup=False)
+
+    def __enter__(self) -> EventLog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._receiver.should_stop = True
+        self._thread.join(timeout=5)
+        self._connection.release()
+
+    def of(self, kind: str, task_id: str) -> list[dict[str, Any]]:
+        return [e for e in list(self.events) if e.get("type") == kind and e.get("uuid") == task_id]
+
+
+def test_a_deferral_shows_as_retry_with_a_readable_reason_in_celery_events(
+    worker: WorkerProcess, downstream: redis.Redis
+) -> None:
+    with EventLog(proj.app) as log:
+        downstream.set(proj.DOWN_KEY, 1)
+        result = proj.call_partner.delay(7)
+        wait_for(lambda: bool(log.of("task-retried", result.id)), 30, "a task-retried event")
+        downstream.delete(proj.DOWN_KEY)
+        assert result.get(timeout=60)["retries"] == 0
+        wait_for(lambda: bool(log.of("task-succeeded", result.id)), 30, "a task-succeeded event")
+    retried = log.of("task-retried", result.id)[0]
+    # Flower shows this text as the task's exception.
+    assert retried["exception"].startswith("CircuitOpenError: breaker 'partner-api' open, deferred ")
+    assert retried["exception"].endswith("(deferral 1)")
+    assert retried["hostname"].startswith("w1@")
 
 
 def test_malformed_deferral_headers_never_crash_the_worker(worker: WorkerProcess, downstream: redis.Redis) -> None:

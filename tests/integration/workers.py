@@ -27,7 +27,7 @@ class WorkerProcess:
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "tests.integration.proj", "worker", "-P", pool,
-             "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip",
+             "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO", "-E", "--without-gossip",
              "--without-mingle"],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip

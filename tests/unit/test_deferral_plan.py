@@ -1,0 +1,162 @@
+"""Deferral arithmetic: headers, delay, budget, expiry and the broker's redelivery window."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_breaker.deferral import (
+    DEFERRALS_HEADER,
+    EXPIRY_OVERSHOOT,
+    MINIMUM_DELAY,
+    SINCE_HEADER,
+    DeferralHeaders,
+    plan_deferral,
+    read_headers,
+)
+from celery_breaker.settings import broker_visibility_timeout, build_settings
+
+NOW = 1_700_000_000.0
+
+
+def plan(**overrides: Any) -> Any:
+    options: dict[str, Any] = {
+        "label": "crm",
+        "retry_after": 10.0,
+        "spread": 0.0,
+        "past": DeferralHeaders(0, None),
+        "now": NOW,
+        "max_deferrals": None,
+        "max_defer_age": None,
+        "expires_in": None,
+        "cap": None,
+    }
+    options.update(overrides)
+    return plan_deferral(**options)
+
+
+def test_first_deferral_waits_until_the_next_probe_and_starts_the_clock() -> None:
+    result = plan()
+    assert result.delay == 10.0
+    assert result.count == 1
+    assert result.since == NOW
+    assert result.give_up is None
+    assert not result.expires_first
+
+
+def test_spread_adds_a_random_share_within_bounds() -> None:
+    seen: list[tuple[float, float]] = []
+
+    def uniform(low: float, high: float) -> float:
+        seen.append((low, high))
+        return high * 0.25
+
+    result = plan(spread=8.0, uniform=uniform)
+    assert seen == [(0.0, 8.0)]
+    assert result.delay == 12.0
+
+
+def test_delay_never_drops_below_the_minimum_so_nothing_busy_loops() -> None:
+    assert plan(retry_after=0.0).delay == MINIMUM_DELAY
+    assert plan(retry_after=-3.0).delay == MINIMUM_DELAY
+
+
+def test_broker_redelivery_window_caps_the_delay() -> None:
+    assert plan(retry_after=5000.0, cap=3240.0).delay == 3240.0
+
+
+def test_a_task_that_expires_first_arrives_just_after_its_expiry() -> None:
+    result = plan(retry_after=30.0, expires_in=4.0)
+    assert result.expires_first
+    assert result.delay == 4.0 + EXPIRY_OVERSHOOT
+    assert result.count == 1
+
+
+def test_an_already_expired_task_is_not_held_back() -> None:
+    result = plan(expires_in=-2.0)
+    assert result.expires_first
+    assert result.delay == EXPIRY_OVERSHOOT
+
+
+def test_deferral_count_budget_gives_up_with_a_clear_reason() -> None:
+    past = DeferralHeaders(3, NOW - 100)
+    result = plan(past=past, max_deferrals=3)
+    assert result.give_up is not None
+    assert "breaker 'crm' still open after 3 deferral(s) over 100 s" in result.give_up
+    assert "breaker_max_deferrals=3" in result.give_up
+    assert plan(past=past, max_deferrals=4).give_up is None
+
+
+def test_deferral_age_budget_gives_up_with_a_clear_reason() -> None:
+    result = plan(past=DeferralHeaders(2, NOW - 601), max_defer_age=600.0)
+    assert result.give_up is not None
+    assert "breaker_max_defer_age=600 s" in result.give_up
+    assert plan(past=DeferralHeaders(2, NOW - 599), max_defer_age=600.0).give_up is None
+
+
+def test_later_deferrals_keep_the_first_deferral_time() -> None:
+    result = plan(past=DeferralHeaders(4, NOW - 50))
+    assert result.count == 5
+    assert result.since == NOW - 50
+
+
+@pytest.mark.parametrize(
+    ("headers", "count", "since"),
+    [
+        (None, 0, None),
+        ({}, 0, None),
+        ({DEFERRALS_HEADER: 3, SINCE_HEADER: NOW - 5}, 3, NOW - 5),
+        ({DEFERRALS_HEADER: "7", SINCE_HEADER: str(NOW - 5)}, 7, NOW - 5),
+        ({DEFERRALS_HEADER: 2.0}, 2, None),
+    ],
+)
+def test_headers_are_read(headers: dict[str, Any] | None, count: int, since: float | None) -> None:
+    parsed = read_headers(headers, now=NOW)
+    assert (parsed.count, parsed.since, parsed.problems) == (count, since, ())
+
+
+@pytest.mark.parametrize("bad", ["abc", -1, True, 2.5, [1], {"n": 1}, "1e3x"])
+def test_a_malformed_deferral_count_restarts_from_zero_and_says_so(bad: Any) -> None:
+    parsed = read_headers({DEFERRALS_HEADER: bad}, now=NOW)
+    assert parsed.count == 0
+    assert len(parsed.problems) == 1
+    assert f"header {DEFERRALS_HEADER}={bad!r} is not a whole number" in parsed.problems[0]
+
+
+@pytest.mark.parametrize("bad", ["yesterday", True, float("nan"), float("inf"), NOW + 10 * 86400, [1]])
+def test_a_malformed_since_header_restarts_the_age_and_says_so(bad: Any) -> None:
+    parsed = read_headers({SINCE_HEADER: bad}, now=NOW)
+    assert parsed.since is None
+    assert len(parsed.problems) == 1
+    assert SINCE_HEADER in parsed.problems[0]
+
+
+@pytest.mark.parametrize(
+    ("broker", "options", "expected"),
+    [
+        ("redis://localhost:6379/0", {}, 3600.0),
+        ("rediss://localhost:6379/0", {"visibility_timeout": 600}, 600.0),
+        ("sentinel://localhost:26379", {"visibility_timeout": 7200}, 7200.0),
+        ("sqs://", {}, 3600.0),
+        ("amqp://guest@localhost//", {"visibility_timeout": 10}, None),
+        ("memory://", {}, None),
+    ],
+)
+def test_visibility_timeout_applies_only_to_brokers_that_redeliver(
+    broker: str, options: dict[str, Any], expected: float | None
+) -> None:
+    app = Celery(broker=broker)
+    app.conf.broker_transport_options = options
+    assert broker_visibility_timeout(app.conf) == expected
+
+
+def test_defer_cap_keeps_a_margin_for_the_task_runtime() -> None:
+    app = Celery(broker="redis://localhost:6379/0")
+    app.conf.broker_transport_options = {"visibility_timeout": 1000}
+    settings = build_settings(app.conf)
+    assert settings.defer_cap(None) == 900.0  # 10 % margin
+    assert settings.defer_cap(300.0) == 700.0  # the hard time limit is the margin
+    assert settings.defer_cap(5000.0) == 1.0  # never zero or negative
+    assert build_settings(Celery(broker="memory://").conf).defer_cap(None) is None
