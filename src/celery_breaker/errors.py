@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .core.state import State
 
 __all__ = ["CircuitBreakerError", "CircuitOpenError", "ConfigurationError"]
 
@@ -35,6 +38,11 @@ class CircuitOpenError(CircuitBreakerError):
 
     # Slots: the rejection hot path writes them without creating an instance dict.
     __slots__ = ("name", "key", "state", "retry_after", "detail")
+    name: str
+    key: str | None
+    state: State | None
+    retry_after: float | None
+    detail: str
 
     def __init__(
         self,
@@ -42,7 +50,7 @@ class CircuitOpenError(CircuitBreakerError):
         *,
         name: str = "",
         key: str | None = None,
-        state: Any = None,
+        state: State | None = None,
         retry_after: float | None = None,
         detail: str = "",
     ) -> None:
@@ -57,7 +65,7 @@ class CircuitOpenError(CircuitBreakerError):
         self.detail = detail
 
     @classmethod
-    def _rejected(cls, name: str, key: str | None, state: Any, retry_after: float | None) -> CircuitOpenError:
+    def _rejected(cls, name: str, key: str | None, state: State | None, retry_after: float | None) -> CircuitOpenError:
         # The rejection hot path: skip keyword parsing, format the text lazily.
         err = cls.__new__(cls)
         err.name = name
