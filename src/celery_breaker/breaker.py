@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar, overload
 
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
-from .errors import CircuitOpenError
+from .errors import CircuitOpenError, ConfigurationError
 from .storage import Cell, Store, resolve_store
 
 __all__ = ["CircuitBreaker", "TransitionListener"]
@@ -69,7 +69,7 @@ class CircuitBreaker:
         key: str | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
-            raise ValueError(f"CircuitBreaker name must be a non-empty string, got {name!r}")
+            raise ConfigurationError(f"CircuitBreaker name must be a non-empty string, got {name!r}")
         self.name = name
         self.key = key
         self.policy = BreakerPolicy.coerce(policy)
@@ -86,14 +86,19 @@ class CircuitBreaker:
         cell = self._cell
         start = self._now()
         if cell.passing:
+            # Should a trip land between these two reads, the ticket carries the OPEN
+            # generation, whose outcomes move nothing: a stale read is harmless.
             ticket: Ticket = cell.generation
         else:
             state = cell.state
             open_until = cell.open_until
-            if state is FORCED_OPEN or (state is OPEN and open_until is not None and start < open_until):
+            if not cell.evicted and (
+                state is FORCED_OPEN or (state is OPEN and open_until is not None and start < open_until)
+            ):
                 # Rejected from the local view, raised from this frame: the cheapest
                 # rejection there is (every other case asks the store).
                 next(cell.rejection_tally)
+                cell.last_used = start
                 raise CircuitOpenError._rejected(
                     self.name, self.key, state, None if open_until is None else open_until - start
                 )
@@ -178,12 +183,15 @@ class CircuitBreaker:
         """The path for a breaker that is not simply passing calls."""
         if cell.evicted:
             cell = self._refresh()
+            if cell.passing:
+                return cell, cell.generation
         state = cell.state
         open_until = cell.open_until
         # Reject from the local view without asking the store: one frame deep, so
         # the rejection stays cheap (the store decides everything else).
         if state is FORCED_OPEN or (state is OPEN and open_until is not None and now < open_until):
             next(cell.rejection_tally)
+            cell.last_used = now
             raise CircuitOpenError._rejected(
                 self.name, self.key, state, None if open_until is None else open_until - now
             )

@@ -7,6 +7,7 @@ from typing import Any
 
 from .clock import Clock
 from .storage import MemoryStore
+from .storage.memory import DEFAULT_IDLE_TTL, DEFAULT_MAX_BREAKERS
 
 __all__ = ["FakeClock", "fresh_store", "use_clock"]
 
@@ -49,9 +50,9 @@ class FakeClock:
         return f"FakeClock({self._now!r})"
 
 
-def fresh_store(**options: float) -> MemoryStore:
+def fresh_store(*, max_breakers: int = DEFAULT_MAX_BREAKERS, idle_ttl: float = DEFAULT_IDLE_TTL) -> MemoryStore:
     """A private in-memory store, so a test's breakers share nothing with other tests."""
-    return MemoryStore("memory://test", **options)  # type: ignore[arg-type]
+    return MemoryStore("memory://test", max_breakers=max_breakers, idle_ttl=idle_ttl)
 
 
 def use_clock(app: Any, clock: Clock) -> None:

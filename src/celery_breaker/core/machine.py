@@ -138,6 +138,7 @@ class BreakerMachine:
 
     def record(self, ticket: Ticket, outcome: Outcome, duration: float, policy: BreakerPolicy, now: float) -> None:
         """Count one finished call and apply any transition the policy calls for."""
+        self.last_used = now
         is_probe = type(ticket) is Probe
         generation = ticket.generation if is_probe else ticket  # type: ignore[union-attr]
         current = generation == self.generation
@@ -168,7 +169,7 @@ class BreakerMachine:
                 self._move(OPEN, now, "slow probe" if not failed else "probe failed")
             else:
                 self.half_open_successes += 1
-                if self.half_open_successes >= policy.success_threshold:
+                if self.half_open_successes >= policy.probes_to_close:
                     self._move(CLOSED, now, f"{self.half_open_successes} probes succeeded")
 
     def _record_closed(self, failed: bool, slow: bool, now: float) -> None:
@@ -181,7 +182,7 @@ class BreakerMachine:
             window.add(now, failed, slow)
             if reason is None and (failed or slow):
                 calls, failures, slow_calls = window.totals(now)
-                if calls >= policy.minimum_calls:
+                if calls >= policy.calls_to_judge:
                     rate = policy.failure_rate_threshold
                     slow_rate = policy.slow_call_rate_threshold
                     if rate is not None and failures >= rate * calls:

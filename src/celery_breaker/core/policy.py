@@ -129,7 +129,8 @@ class BreakerPolicy:
     * ``failure_threshold`` recorded failures within the last ``window`` seconds
       (exact: the timestamps of the last ``failure_threshold`` failures are kept).
     * ``failure_rate_threshold`` (a fraction) of the calls in the window failed,
-      once at least ``minimum_calls`` calls were seen.
+      once at least ``minimum_calls`` calls were seen (default 10, or ``count_window``
+      if smaller).
     * ``slow_call_rate_threshold`` of those calls took ``slow_call_duration`` or longer.
 
     Rates are measured over the last ``window`` seconds, or over the last
@@ -137,28 +138,34 @@ class BreakerPolicy:
 
     Recovery: after ``reset_timeout`` seconds OPEN, the breaker half-opens and admits
     at most ``half_open_max_calls`` probes; any recorded failure reopens it,
-    ``success_threshold`` successes close it. A probe that does not report within
+    ``success_threshold`` successes close it (default 2, or ``half_open_max_calls`` if
+    fewer). A probe that does not report within
     ``half_open_max_wait`` seconds frees its slot.
 
     Classification: an exception matching ``ignore_exceptions`` is neutral; one
-    matching ``record_exceptions`` is a failure; any other outcome is a success (the
-    downstream answered). Matchers are exception types, dotted paths or predicates.
+    matching ``record_exceptions`` is a failure; a ``BaseException`` that is not an
+    ``Exception`` (cancellation, interrupt, exit) is neutral; any other outcome is a
+    success (the downstream answered). Matchers are exception types, dotted paths or predicates.
     """
 
     failure_threshold: int | None = DEFAULT_FAILURE_THRESHOLD
     window: float = DEFAULT_WINDOW
     failure_rate_threshold: float | None = None
-    minimum_calls: int = DEFAULT_MINIMUM_CALLS
+    minimum_calls: int | None = None
     count_window: int | None = None
     slow_call_duration: float | None = None
     slow_call_rate_threshold: float | None = None
     reset_timeout: float = DEFAULT_RESET_TIMEOUT
     half_open_max_calls: int = DEFAULT_HALF_OPEN_MAX_CALLS
-    success_threshold: int = DEFAULT_SUCCESS_THRESHOLD
+    success_threshold: int | None = None
     half_open_max_wait: float = DEFAULT_HALF_OPEN_MAX_WAIT
     record_exceptions: tuple[ExceptionMatcher, ...] = (Exception,)
     ignore_exceptions: tuple[ExceptionMatcher, ...] = ()
 
+    probes_to_close: int = field(init=False, repr=False, compare=False)
+    """``success_threshold``, or its default: 2, or ``half_open_max_calls`` if fewer."""
+    calls_to_judge: int = field(init=False, repr=False, compare=False)
+    """``minimum_calls``, or its default: 10, or ``count_window`` if smaller."""
     _record_types: tuple[type[BaseException], ...] = field(init=False, repr=False, compare=False)
     _record_predicates: tuple[Callable[[BaseException], bool], ...] = field(init=False, repr=False, compare=False)
     _ignore_types: tuple[type[BaseException], ...] = field(init=False, repr=False, compare=False)
@@ -169,13 +176,13 @@ class BreakerPolicy:
         put(self, "failure_threshold", _count("failure_threshold", self.failure_threshold, optional=True))
         put(self, "window", _seconds("window", self.window, optional=False))
         put(self, "failure_rate_threshold", _rate("failure_rate_threshold", self.failure_rate_threshold))
-        put(self, "minimum_calls", _count("minimum_calls", self.minimum_calls, optional=False))
+        put(self, "minimum_calls", _count("minimum_calls", self.minimum_calls, optional=True))
         put(self, "count_window", _count("count_window", self.count_window, optional=True))
         put(self, "slow_call_duration", _seconds("slow_call_duration", self.slow_call_duration, optional=True))
         put(self, "slow_call_rate_threshold", _rate("slow_call_rate_threshold", self.slow_call_rate_threshold))
         put(self, "reset_timeout", _seconds("reset_timeout", self.reset_timeout, optional=False))
         put(self, "half_open_max_calls", _count("half_open_max_calls", self.half_open_max_calls, optional=False))
-        put(self, "success_threshold", _count("success_threshold", self.success_threshold, optional=False))
+        put(self, "success_threshold", _count("success_threshold", self.success_threshold, optional=True))
         put(self, "half_open_max_wait", _seconds("half_open_max_wait", self.half_open_max_wait, optional=False))
         record_types, record_predicates = _resolve_matchers("record_exceptions", self.record_exceptions)
         ignore_types, ignore_predicates = _resolve_matchers("ignore_exceptions", self.ignore_exceptions)
@@ -200,16 +207,30 @@ class BreakerPolicy:
                 "BreakerPolicy never trips: set failure_threshold, failure_rate_threshold "
                 "or slow_call_rate_threshold (all are None)"
             )
-        if self.success_threshold > self.half_open_max_calls:
+        if self.success_threshold is not None and self.success_threshold > self.half_open_max_calls:
             raise ConfigurationError(
                 f"BreakerPolicy.success_threshold ({self.success_threshold}) must not exceed "
                 f"half_open_max_calls ({self.half_open_max_calls}): the breaker could never close"
             )
-        if self.count_window is not None and self.minimum_calls > self.count_window:
+        if (
+            self.uses_rates
+            and self.count_window is not None
+            and self.minimum_calls is not None
+            and self.minimum_calls > self.count_window
+        ):
             raise ConfigurationError(
                 f"BreakerPolicy.minimum_calls ({self.minimum_calls}) must not exceed "
                 f"count_window ({self.count_window}): the rate rules could never trip"
             )
+        # Resolved once: the hot path reads plain ints.
+        object.__setattr__(
+            self, "probes_to_close", self.success_threshold or min(DEFAULT_SUCCESS_THRESHOLD, self.half_open_max_calls)
+        )
+        object.__setattr__(
+            self,
+            "calls_to_judge",
+            self.minimum_calls or min(DEFAULT_MINIMUM_CALLS, self.count_window or DEFAULT_MINIMUM_CALLS),
+        )
 
     @property
     def uses_rates(self) -> bool:
@@ -224,6 +245,10 @@ class BreakerPolicy:
             return Outcome.IGNORED
         if isinstance(exc, self._record_types) or _any_match(self._record_predicates, exc):
             return Outcome.FAILURE
+        if not isinstance(exc, Exception):
+            # Cancelled, interrupted or exiting (CancelledError, KeyboardInterrupt,
+            # SystemExit): the downstream never answered, so it is no success.
+            return Outcome.IGNORED
         return Outcome.SUCCESS
 
     def replace(self, **changes: Any) -> BreakerPolicy:

@@ -29,13 +29,14 @@ _OPERATOR_TARGETS = (State.CLOSED, State.FORCED_OPEN, State.DISABLED)
 
 #: Every legal move, with the reason it happens. Anything else is a bug.
 TRANSITIONS: dict[tuple[State, State], str] = {
+    # Operators may move any state to CLOSED, FORCED_OPEN or DISABLED
+    # (CLOSED -> CLOSED is a reset) ...
+    **{(source, target): "operator" for source in State for target in _OPERATOR_TARGETS},
+    # ... and the policy makes these moves (HALF_OPEN -> CLOSED is both).
     (State.CLOSED, State.OPEN): "trip",
     (State.OPEN, State.HALF_OPEN): "open duration over",
     (State.HALF_OPEN, State.OPEN): "probe failed",
     (State.HALF_OPEN, State.CLOSED): "probes succeeded",
-    # Operators may move any state to CLOSED, FORCED_OPEN or DISABLED
-    # (CLOSED -> CLOSED is a reset).
-    **{(source, target): "operator" for source in State for target in _OPERATOR_TARGETS},
 }
 
 

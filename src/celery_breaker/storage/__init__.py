@@ -35,11 +35,11 @@ register_scheme("memory")(MemoryStore.from_url)
 
 def store_from_url(url: str) -> Store:
     """The process's store for ``url``: one per URL, so equal URLs share breakers."""
+    if not isinstance(url, str):
+        raise ConfigurationError(f"breaker_storage_url must be a URL string, got {url!r}")
     found = _OPEN.get(url)
     if found is not None:
         return found
-    if not isinstance(url, str):
-        raise ConfigurationError(f"breaker_storage_url must be a URL string, got {url!r}")
     scheme = urlsplit(url).scheme.lower()
     factory = _FACTORIES.get(scheme)
     if factory is None:

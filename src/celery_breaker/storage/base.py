@@ -28,6 +28,8 @@ class Cell(Protocol):
     passing: bool
     """True while calls pass without asking the store: CLOSED or DISABLED, not evicted.
     Callers may then admit with ``generation`` as the ticket and skip ``acquire``."""
+    last_used: float
+    """When the cell was last used, on the caller's clock (rejections refresh it)."""
     rejection_tally: itertools.count[int]
     """Calls rejected from the local view: callers count them with one ``next()``."""
     evicted: bool

@@ -20,6 +20,7 @@ DEFAULT_IDLE_TTL = 3600.0
 _KEEP_AFTER_SWEEP = 0.5
 
 CLOSED = State.CLOSED
+_OPERATOR_STATES = (State.FORCED_OPEN, State.DISABLED)
 SUCCESS = Outcome.SUCCESS
 
 
@@ -90,8 +91,10 @@ class MemoryStore:
     When a new breaker would exceed the bound, a sweep drops the least useful half:
     first breakers idle for ``idle_ttl`` seconds, then those "at rest" (CLOSED with
     no failure in their window: forgetting them changes no decision), least recently
-    used first, and only then others. A dropped cell is flagged ``evicted`` so any
-    holder asks the store again instead of keeping a private copy.
+    used first, then others; breakers an operator forced open or disabled go last.
+    ``idle_ttl`` only ranks breakers during a sweep; it does not expire them on its own.
+    A dropped cell is flagged ``evicted`` so any holder asks the store again instead of
+    keeping a private copy.
     """
 
     def __init__(
@@ -103,7 +106,7 @@ class MemoryStore:
     ) -> None:
         if isinstance(max_breakers, bool) or not isinstance(max_breakers, int) or max_breakers < 1:
             raise ConfigurationError(f"memory store: max_breakers must be a whole number >= 1, got {max_breakers!r}")
-        if isinstance(idle_ttl, bool) or not isinstance(idle_ttl, (int, float)) or idle_ttl <= 0:
+        if isinstance(idle_ttl, bool) or not isinstance(idle_ttl, (int, float)) or not idle_ttl > 0:
             raise ConfigurationError(f"memory store: idle_ttl must be seconds > 0, got {idle_ttl!r}")
         self.url = url
         self.max_breakers = max_breakers
@@ -125,7 +128,8 @@ class MemoryStore:
             try:
                 options[field] = int(value[-1]) if field == "max_breakers" else float(value[-1])
             except ValueError:
-                raise ConfigurationError(f"memory store URL {url!r}: {field}={value[-1]!r} is not a number") from None
+                kind = "a whole number" if field == "max_breakers" else "a number of seconds"
+                raise ConfigurationError(f"memory store URL {url!r}: {field}={value[-1]!r} is not {kind}") from None
         return cls(url, **options)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
@@ -154,6 +158,7 @@ class MemoryStore:
         ranked = sorted(
             cells.items(),
             key=lambda item: (
+                item[1].state in _OPERATOR_STATES,  # an operator's decision goes last
                 item[1].last_used > idle_before,
                 not item[1].is_at_rest(now),
                 item[1].last_used,
