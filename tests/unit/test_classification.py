@@ -1,0 +1,194 @@
+"""Exception classification: recorded failures, neutral (ignored) outcomes and everything else a success."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
+from celery_breaker.core import Outcome
+from celery_breaker.testing import FakeClock, fresh_store
+
+SUCCESS, FAILURE, IGNORED = Outcome.SUCCESS, Outcome.FAILURE, Outcome.IGNORED
+
+
+class ValidationError(Exception):
+    pass
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+def is_server_error(exc: BaseException) -> bool:
+    return isinstance(exc, HTTPError) and exc.status >= 500
+
+
+def test_default_policy_records_every_exception_and_returns_succeed() -> None:
+    policy = BreakerPolicy()
+    assert policy.classify(None) is SUCCESS
+    assert policy.classify(ValueError()) is FAILURE
+    assert policy.classify(ConnectionError()) is FAILURE
+
+
+def test_narrow_record_list_makes_other_exceptions_successes() -> None:
+    policy = BreakerPolicy(record_exceptions=(ConnectionError, TimeoutError))
+    assert policy.classify(ConnectionRefusedError()) is FAILURE  # a subclass matches
+    assert policy.classify(TimeoutError()) is FAILURE
+    assert policy.classify(ValidationError()) is SUCCESS  # the downstream answered
+
+
+def test_ignored_exceptions_are_neutral_and_win_over_recorded() -> None:
+    policy = BreakerPolicy(record_exceptions=(Exception,), ignore_exceptions=(ValidationError,))
+    assert policy.classify(ValidationError()) is IGNORED
+    assert policy.classify(RuntimeError()) is FAILURE
+
+
+def test_open_error_of_another_breaker_is_always_neutral() -> None:
+    policy = BreakerPolicy(record_exceptions=(Exception,))
+    assert policy.classify(CircuitOpenError(name="other")) is IGNORED
+    assert BreakerPolicy().ignore_exceptions == ()  # applied internally, not shown as a setting
+    assert BreakerPolicy(record_exceptions=(CircuitOpenError,)).classify(CircuitOpenError()) is IGNORED
+
+
+def test_predicates_classify_by_content() -> None:
+    policy = BreakerPolicy(record_exceptions=(is_server_error,))
+    assert policy.classify(HTTPError(503)) is FAILURE
+    assert policy.classify(HTTPError(404)) is SUCCESS
+    assert policy.classify(ConnectionError()) is SUCCESS
+
+
+def test_ignore_predicates() -> None:
+    policy = BreakerPolicy(ignore_exceptions=(lambda exc: isinstance(exc, HTTPError) and exc.status == 429,))
+    assert policy.classify(HTTPError(429)) is IGNORED
+    assert policy.classify(HTTPError(500)) is FAILURE
+
+
+@pytest.mark.parametrize("path", ["builtins.ConnectionError", "ConnectionError", "socket.timeout"])
+def test_dotted_paths_resolve_to_exception_types(path: str) -> None:
+    policy = BreakerPolicy.from_mapping({"record_exceptions": [path]})
+    (resolved,) = policy.record_exceptions
+    assert isinstance(resolved, type)
+    assert issubclass(resolved, OSError)
+    assert policy.classify(resolved()) is FAILURE
+    assert policy.classify(ValueError()) is SUCCESS
+
+
+def test_a_single_matcher_need_not_be_in_a_sequence() -> None:
+    policy = BreakerPolicy.from_mapping({"record_exceptions": "builtins.TimeoutError", "ignore_exceptions": KeyError})
+    assert policy.record_exceptions == (TimeoutError,)
+    assert policy.ignore_exceptions == (KeyError,)
+
+
+def test_none_means_no_ignored_exceptions() -> None:
+    policy = BreakerPolicy.from_mapping({"ignore_exceptions": None})
+    assert policy.ignore_exceptions == ()
+    assert policy.classify(KeyError()) is FAILURE
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (["no_such_module_xyz.Error"], "cannot import 'no_such_module_xyz.Error'"),
+        (["builtins.NoSuchError"], "cannot import 'builtins.NoSuchError'"),
+        (["builtins.len"], "'builtins.len' is not an exception type"),
+        ([int], "int is not an exception type"),
+        ([42], "42 is neither an exception type"),
+        (42, "must be a sequence"),
+    ],
+)
+def test_bad_matchers_are_configuration_errors_naming_the_field(value: Any, message: str) -> None:
+    with pytest.raises(ConfigurationError, match="record_exceptions") as info:
+        BreakerPolicy.from_mapping({"record_exceptions": value})
+    assert message in str(info.value)
+
+
+def test_raising_predicate_is_logged_and_treated_as_no_match(caplog: pytest.LogCaptureFixture) -> None:
+    def broken(exc: BaseException) -> bool:
+        raise RuntimeError("predicate bug")
+
+    policy = BreakerPolicy(record_exceptions=(broken, ConnectionError), ignore_exceptions=(broken,))
+    with caplog.at_level(logging.ERROR, logger="celery_breaker"):
+        assert policy.classify(ValueError()) is SUCCESS
+        assert policy.classify(ConnectionError()) is FAILURE
+    records = [r for r in caplog.records if "predicate" in r.getMessage()]
+    assert records
+    assert all(r.name == "celery_breaker" and r.exc_info is not None for r in records)
+
+
+# -- through a breaker ------------------------------------------------------------
+
+
+def make(clock: FakeClock, **policy: Any) -> CircuitBreaker:
+    return CircuitBreaker("svc", BreakerPolicy(failure_threshold=1, **policy), storage=fresh_store(), clock=clock)
+
+
+def test_validation_error_does_not_trip_a_narrow_breaker() -> None:
+    """The seed's defect: every outcome counted as a failure."""
+    breaker = make(FakeClock(), record_exceptions=(ConnectionError,))
+
+    def invalid() -> None:
+        raise ValidationError("bad input")
+
+    for _ in range(10):
+        with pytest.raises(ValidationError):
+            breaker.call(invalid)
+    snap = breaker.snapshot()
+    assert snap.state is State.CLOSED
+    assert (snap.successes, snap.failures) == (10, 0)
+
+
+def test_ignored_exception_through_a_breaker_changes_nothing() -> None:
+    breaker = make(FakeClock(), ignore_exceptions=("builtins.KeyError",))
+
+    def missing() -> None:
+        raise KeyError("k")
+
+    for _ in range(10):
+        with pytest.raises(KeyError):
+            breaker.call(missing)
+    assert breaker.state is State.CLOSED
+
+
+def test_open_error_raised_inside_a_call_does_not_trip() -> None:
+    breaker = make(FakeClock())
+
+    def nested() -> None:
+        raise CircuitOpenError(name="inner")
+
+    with pytest.raises(CircuitOpenError):
+        breaker.call(nested)
+    assert breaker.state is State.CLOSED
+
+
+def probe_then_raise(exc: BaseException) -> State:
+    """Half-open a breaker (one probe closes it), let its probe raise ``exc``, return the state."""
+    clock = FakeClock()
+    breaker = make(clock, half_open_max_calls=1, success_threshold=1)
+
+    def down() -> None:
+        raise ConnectionError("down")
+
+    def interrupted() -> None:
+        raise exc
+
+    with pytest.raises(ConnectionError):
+        breaker.call(down)
+    clock.advance(30)
+    with pytest.raises(type(exc)):
+        breaker.call(interrupted)
+    return breaker.state
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [asyncio.CancelledError(), KeyboardInterrupt(), SystemExit(1)],
+    ids=["CancelledError", "KeyboardInterrupt", "SystemExit"],
+)
+def test_interrupted_probe_is_neutral_not_a_success(exc: BaseException) -> None:
+    assert probe_then_raise(exc) is State.HALF_OPEN

@@ -1,0 +1,293 @@
+"""The in-memory store: bounded however many keys appear, eviction order, URLs and the scheme registry."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import Any
+
+import pytest
+
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
+from celery_breaker.storage import MemoryStore, resolve_store, store_from_url
+from celery_breaker.testing import FakeClock, fresh_store
+
+POLICY = BreakerPolicy(failure_threshold=1)
+
+
+def down() -> None:
+    raise ConnectionError("down")
+
+
+def ok() -> str:
+    return "ok"
+
+
+def trip(breaker: CircuitBreaker) -> None:
+    with pytest.raises(ConnectionError):
+        breaker.call(down)
+    assert breaker.state is State.OPEN
+
+
+def keyed(store: MemoryStore, clock: FakeClock, key: str) -> CircuitBreaker:
+    return CircuitBreaker("tenant", POLICY, storage=store, clock=clock, key=key)
+
+
+def held(store: MemoryStore, name: str, key: str | None = None) -> bool:
+    return (name, key) in {(s.name, s.key) for s in store.snapshots(FakeClock())}
+
+
+# -- bounds ------------------------------------------------------------------------------
+
+
+def test_a_million_per_key_breakers_stay_within_max_breakers() -> None:
+    clock = FakeClock()
+    store = MemoryStore("memory://bounded", max_breakers=10_000)
+    first = keyed(store, clock, "0")
+    first_cell = store.cell("tenant", "0", POLICY, clock)
+    peak = 0
+    for i in range(1, 1_000_000):
+        CircuitBreaker("tenant", POLICY, storage=store, clock=clock, key=str(i))
+        peak = max(peak, len(store))
+    assert peak <= 10_000
+    assert len(store) <= 10_000
+    assert first_cell.evicted is True
+    assert first.call(ok) == "ok"  # the holder transparently gets a fresh cell
+    assert store.cell("tenant", "0", POLICY, clock) is not first_cell
+
+
+def test_open_breakers_are_evicted_after_at_rest_ones() -> None:
+    clock = FakeClock()
+    store = fresh_store(max_breakers=10)
+    open_ones = [keyed(store, clock, f"open-{i}") for i in range(3)]
+    for breaker in open_ones:
+        trip(breaker)  # created first: the least recently used of all
+    for i in range(40):
+        clock.advance(1)
+        keyed(store, clock, f"rest-{i}")
+        assert len(store) <= 10
+    for i in range(3):
+        assert held(store, "tenant", f"open-{i}")
+    assert all(b.state is State.OPEN for b in open_ones)
+
+
+def test_when_nothing_is_at_rest_the_least_recently_used_go() -> None:
+    clock = FakeClock()
+    store = fresh_store(max_breakers=4)
+    breakers = []
+    for i in range(4):
+        clock.advance(1)
+        breaker = keyed(store, clock, str(i))
+        trip(breaker)
+        breakers.append(breaker)
+    clock.advance(1)
+    keyed(store, clock, "new")  # sweep keeps half: the two most recently used stay
+    assert [held(store, "tenant", str(i)) for i in range(4)] == [False, False, True, True]
+    assert breakers[0].state is State.CLOSED  # forgotten: a fresh breaker
+
+
+def test_closed_breaker_with_recent_failures_is_not_at_rest() -> None:
+    clock = FakeClock()
+    store = fresh_store(max_breakers=4)
+    policy = BreakerPolicy(failure_threshold=5)
+    worried = CircuitBreaker("worried", policy, storage=store, clock=clock)
+    with pytest.raises(ConnectionError):
+        worried.call(down)
+    for name in ("a", "b", "c", "d"):
+        clock.advance(1)
+        CircuitBreaker(name, policy, storage=store, clock=clock)
+    assert held(store, "worried")
+    assert worried.snapshot().window_failures == 1
+
+
+def test_idle_breakers_are_evicted_first_even_when_open() -> None:
+    clock = FakeClock()
+    store = fresh_store(max_breakers=4, idle_ttl=100)
+    idle = keyed(store, clock, "idle")
+    trip(idle)
+    clock.advance(200)
+    for key in ("a", "b", "c", "d"):
+        keyed(store, clock, key)
+    assert not held(store, "tenant", "idle")
+    assert held(store, "tenant", "d")
+
+
+def test_evicted_cell_is_flagged_and_its_holder_gets_a_fresh_one() -> None:
+    clock = FakeClock()
+    store = fresh_store()
+    breaker = CircuitBreaker("svc", storage=store, clock=clock)
+    breaker.call(ok)
+    old = store.cell("svc", None, breaker.policy, clock)
+    store.clear()
+    assert (old.evicted, old.passing) == (True, False)
+    assert len(store) == 0
+    assert breaker.call(ok) == "ok"
+    assert breaker.snapshot().successes == 1  # a fresh breaker, the old success forgotten
+    assert store.cell("svc", None, breaker.policy, clock) is not old
+
+
+@pytest.mark.parametrize("use", ["with", "state", "snapshot", "force_open"])
+def test_every_entry_point_refreshes_an_evicted_cell(use: str) -> None:
+    clock = FakeClock()
+    store = fresh_store()
+    breaker = CircuitBreaker("svc", storage=store, clock=clock)
+    old = store.cell("svc", None, breaker.policy, clock)
+    store.clear()
+    if use == "with":
+        with breaker:
+            pass
+    elif use == "state":
+        assert breaker.state is State.CLOSED
+    elif use == "snapshot":
+        assert breaker.snapshot().state is State.CLOSED
+    else:
+        breaker.force_open()
+        assert old.state is State.CLOSED
+    assert len(store) == 1
+    assert store.cell("svc", None, breaker.policy, clock) is not old
+
+
+def test_call_on_an_evicted_forced_open_cell_asks_the_store_again() -> None:
+    clock = FakeClock()
+    store = fresh_store()
+    breaker = CircuitBreaker("svc", storage=store, clock=clock)
+    breaker.force_open()
+    store.clear()  # the store forgot it: the breaker is CLOSED again for everyone
+    assert breaker.call(ok) == "ok"
+
+
+def test_forced_open_breaker_survives_a_sweep_while_it_keeps_rejecting() -> None:
+    clock = FakeClock()
+    store = fresh_store(max_breakers=4, idle_ttl=3600)
+    forced = CircuitBreaker("forced", storage=store, clock=clock)
+    forced.force_open()
+    for _ in range(120):  # two hours of traffic, all rejected
+        clock.advance(60)
+        with pytest.raises(CircuitOpenError):
+            forced.call(ok)
+    for name in ("a", "b", "c", "d"):
+        CircuitBreaker(name, storage=store, clock=clock)
+    assert forced.state is State.FORCED_OPEN
+
+
+def test_breaker_failing_below_threshold_is_not_idle() -> None:
+    clock = FakeClock()
+    store = fresh_store(max_breakers=4, idle_ttl=100)
+    failing = CircuitBreaker("failing", {"failure_threshold": 5}, storage=store, clock=clock)
+    for _ in range(30):  # one failure every 16 s: never 5 within 60 s
+        clock.advance(16)
+        with pytest.raises(ConnectionError):
+            failing.call(down)
+    for name in ("a", "b", "c", "d"):
+        CircuitBreaker(name, storage=store, clock=clock)
+    assert held(store, "failing")
+
+
+# -- MemoryStore options and URLs -----------------------------------------------------------
+
+
+def test_from_url_reads_options() -> None:
+    store = MemoryStore.from_url("memory://named?max_breakers=50&idle_ttl=12.5")
+    assert (store.max_breakers, store.idle_ttl, store.url) == (50, 12.5, "memory://named?max_breakers=50&idle_ttl=12.5")
+    default = MemoryStore.from_url("memory://")
+    assert (default.max_breakers, default.idle_ttl) == (10_000, 3600.0)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("memory://?size=5", "unknown option 'size'; allowed: max_breakers, idle_ttl"),
+        ("memory://?max_breakers=lots", "max_breakers='lots' is not a whole number"),
+        ("memory://?max_breakers=", "max_breakers='' is not a whole number"),
+        ("memory://?max_breakers=0", "max_breakers must be a whole number >= 1, got 0"),
+        ("memory://?max_breakers=-3", "max_breakers must be a whole number >= 1, got -3"),
+        ("memory://?idle_ttl=0", "idle_ttl must be seconds > 0, got 0.0"),
+        ("memory://?idle_ttl=-1", "idle_ttl must be seconds > 0, got -1.0"),
+        ("memory://?idle_ttl=soon", "idle_ttl='soon' is not a number of seconds"),
+    ],
+)
+def test_from_url_bad_options(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        MemoryStore.from_url(url)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"max_breakers": True}, "max_breakers"),
+        ({"max_breakers": 1.5}, "max_breakers"),
+        ({"max_breakers": 0}, "max_breakers"),
+        ({"idle_ttl": 0}, "idle_ttl"),
+        ({"idle_ttl": True}, "idle_ttl"),
+        ({"idle_ttl": "5"}, "idle_ttl"),
+    ],
+)
+def test_constructor_rejects_bad_options(options: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigurationError, match=field):
+        MemoryStore(**options)
+
+
+@pytest.mark.parametrize("via", ["url", "constructor"])
+def test_nan_idle_ttl_is_rejected(via: str) -> None:
+    def build() -> MemoryStore:
+        if via == "url":
+            return MemoryStore.from_url("memory://?idle_ttl=nan")
+        return MemoryStore(idle_ttl=math.nan)
+
+    with pytest.raises(ConfigurationError, match="idle_ttl"):
+        build()
+
+
+def test_store_from_url_returns_one_store_per_url() -> None:
+    name = uuid.uuid4().hex
+    first = store_from_url(f"memory://{name}")
+    assert store_from_url(f"memory://{name}") is first
+    assert store_from_url(f"memory://{name}-other") is not first
+    assert isinstance(first, MemoryStore)
+
+
+def test_store_from_url_applies_options() -> None:
+    store = store_from_url(f"memory://{uuid.uuid4().hex}?max_breakers=7")
+    assert isinstance(store, MemoryStore)
+    assert store.max_breakers == 7
+
+
+def test_unknown_scheme_is_a_configuration_error_naming_the_scheme() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        store_from_url("bogus://localhost:1234/0")
+    message = str(info.value)
+    assert "breaker_storage_url" in message
+    assert "'bogus'" in message
+    assert "memory://" in message  # lists what this build supports
+
+
+def test_non_string_url_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="URL string"):
+        store_from_url(42)  # type: ignore[arg-type]
+
+
+def test_unhashable_url_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError):
+        store_from_url(["memory://"])  # type: ignore[arg-type]
+
+
+def test_resolve_store_passes_store_objects_through() -> None:
+    store = fresh_store()
+    assert resolve_store(store) is store
+    with pytest.raises(ConfigurationError, match="store URL or a store object"):
+        resolve_store(object())  # type: ignore[arg-type]
+
+
+def test_fresh_stores_share_nothing() -> None:
+    clock = FakeClock()
+    a, b = fresh_store(), fresh_store()
+    assert a is not b
+    trip(CircuitBreaker("svc", POLICY, storage=a, clock=clock))
+    assert CircuitBreaker("svc", POLICY, storage=b, clock=clock).state is State.CLOSED
+
+
+def test_repr_counts_breakers() -> None:
+    store = fresh_store()
+    CircuitBreaker("a", storage=store)
+    assert repr(store) == "MemoryStore('memory://test', breakers=1)"
