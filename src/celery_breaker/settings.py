@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 from .core import BreakerPolicy
 from .errors import ConfigurationError
+from .storage import check_storage_url
 
 __all__ = ["SETTINGS", "BreakerSettings", "broker_visibility_timeout", "get_settings", "reload_settings"]
 
@@ -180,6 +181,7 @@ def build_settings(conf: Any) -> BreakerSettings:
     storage_url = _conf_get(conf, "breaker_storage_url") or "memory://"
     if not isinstance(storage_url, str) or "://" not in storage_url:
         raise ConfigurationError(f"breaker_storage_url must be a URL such as 'memory://', got {storage_url!r}")
+    check_storage_url(storage_url)
     key_prefix = _conf_get(conf, "breaker_key_prefix")
     if not isinstance(key_prefix, str) or not key_prefix or any(c in key_prefix for c in "{}"):
         raise ConfigurationError(f"breaker_key_prefix must be a non-empty string without braces, got {key_prefix!r}")

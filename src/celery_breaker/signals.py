@@ -10,6 +10,7 @@ from celery.signals import worker_init
 
 from .errors import ConfigurationError
 from .settings import get_settings, reload_settings
+from .storage import resolve_store
 from .task import BreakerTask, prepare_task_class, task_breaker_config
 
 __all__ = ["BreakerStep", "apply_routes", "check_app", "install"]
@@ -31,6 +32,11 @@ def install(app: Any) -> None:
         return
     setattr(app, _INSTALLED, True)
     app.steps["worker"].add(BreakerStep)
+    # Routes also apply outside workers (eager mode, direct calls), once tasks exist.
+    if app.finalized:
+        _apply_routes_quietly(app)
+    else:
+        app.on_after_finalize.connect(_apply_routes_quietly, weak=False)
 
 
 class BreakerStep(bootsteps.Step):  # type: ignore[misc]
@@ -42,6 +48,7 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         app = worker.app
         settings = reload_settings(app)  # the worker's final config, not an import-time read
+        resolve_store(settings.storage_url)  # a store URL with bad options fails here, not on a task
         routed = apply_routes(app)
         breakers = check_app(app)
         logger.info(
@@ -74,6 +81,14 @@ def apply_routes(app: Any) -> list[str]:
         task.__class__ = guarded  # same instance, same registration: only its behaviour changes
         routed.append(name)
     return routed
+
+
+def _apply_routes_quietly(sender: Any = None, **_: Any) -> None:
+    # At finalize time a bad setting is only logged: the worker's bootstep raises it.
+    try:
+        apply_routes(sender)
+    except ConfigurationError as exc:
+        logger.error("celery-breaker: breaker_routes not applied: %s", exc)
 
 
 def check_app(app: Any) -> dict[str, list[str]]:

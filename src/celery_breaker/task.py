@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 import time
 import types
 from collections.abc import Callable
@@ -46,7 +47,7 @@ class TaskBreakerConfig:
 class _TaskCall:
     """One run's admission. Its ticket serves the task, or the body's first guarded block."""
 
-    __slots__ = ("breaker", "cell", "ticket", "start", "settled")
+    __slots__ = ("breaker", "cell", "ticket", "start", "settled", "recorded")
 
     def __init__(self, breaker: CircuitBreaker, cell: Cell, ticket: Ticket, start: float) -> None:
         self.breaker = breaker
@@ -54,14 +55,22 @@ class _TaskCall:
         self.ticket = ticket
         self.start = start
         self.settled = False
+        self.recorded: Outcome | None = None
+        """What this run last recorded on its breaker (its own outcome, or its blocks')."""
 
-    def settle(self, exc: BaseException | None, *, neutral: bool = False) -> Outcome:
-        """Record the run's outcome once; return how ``exc`` counts under the policy."""
-        outcome = IGNORED if neutral else self.breaker.policy.classify(exc)
+    def settle(self, exc: BaseException | None, *, neutral: bool = False) -> Outcome | None:
+        """Record the run's outcome unless a guarded block already did; return what this
+        run recorded last (a failure recorded here is what may defer the task)."""
         if not self.settled:
             self.settled = True
+            outcome = IGNORED if neutral else self.breaker.policy.classify(exc)
             self.breaker._finish(self.cell, self.ticket, None if neutral else exc, self.start, outcome)
-        return outcome
+            self.recorded = outcome
+        return self.recorded
+
+    def failed_while_open(self) -> bool:
+        """This run recorded a failure, and the breaker no longer admits calls freely."""
+        return self.recorded is FAILURE and not self.cell.passing
 
 
 class _CallBreaker(CircuitBreaker):
@@ -77,6 +86,13 @@ class _CallBreaker(CircuitBreaker):
             call.settled = True  # the block's exit records the outcome
             return call.cell, call.ticket, call.start
         return super()._admit()
+
+    def _finish(
+        self, cell: Cell, ticket: Ticket, exc: BaseException | None, start: float, outcome: Outcome | None = None
+    ) -> Outcome:
+        recorded = super()._finish(cell, ticket, exc, start, outcome)
+        self._task_call.recorded = recorded
+        return recorded
 
     def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         cell, ticket, start = self._admit()
@@ -166,7 +182,18 @@ class BreakerTask(Task):  # type: ignore[misc]
                 _task_stack.pop()
         return self._run_guarded(args, kwargs)
 
+    def _unguarded(self) -> bool:
+        # Celery's own tasks (celery.map, chord_unlock, ...) become BreakerTasks under
+        # task_cls="celery_breaker:BreakerTask"; they get a breaker only when named.
+        return self.breaker_name is None and self.name.startswith("celery.")
+
+    def _can_defer(self) -> bool:
+        request = self.request
+        return not (request.is_eager or request.called_directly)
+
     def _run_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self._unguarded():
+            return self.run(*args, **kwargs)
         breaker = self._breaker_for(args, kwargs)
         try:
             cell, ticket, start = breaker._admit()
@@ -190,10 +217,12 @@ class BreakerTask(Task):  # type: ignore[misc]
             if getattr(rejected, "final", False):
                 raise
             return self._on_rejected(breaker, rejected, args, kwargs)
-        except BaseException as exc:
-            if call.settle(exc) is FAILURE and not call.cell.passing:
-                # The downstream failed and the breaker is open now: this task too
-                # waits for recovery instead of failing.
+        except BaseException:
+            call.settle(sys.exc_info()[1])
+            if call.failed_while_open() and (self._can_defer() or self.breaker_fallback is not None):
+                # This run's downstream call failed and the breaker is open now: the
+                # task too waits for recovery instead of failing. (Eager and direct
+                # calls cannot wait: they keep their real error.)
                 return self._on_rejected(breaker, _rejection_now(breaker, call.cell), args, kwargs)
             raise
         else:
@@ -215,11 +244,11 @@ class BreakerTask(Task):  # type: ignore[misc]
     ) -> Any:
         """Celery's retry, except that an open breaker defers instead of spending a retry."""
         call: _TaskCall | None = getattr(self.request, _CALL, None)
-        if isinstance(exc, CircuitOpenError):
+        if isinstance(exc, CircuitOpenError) and call is not None:
             raise exc  # the run's handler defers (or falls back); never a retry
         if call is not None and isinstance(exc, BaseException):
-            failed = call.settle(exc) is FAILURE
-            if failed and not call.cell.passing:
+            call.settle(exc)
+            if call.failed_while_open() and self._can_defer():
                 # It failed and the breaker is open now: defer instead of retrying.
                 raise _rejection_now(call.breaker, call.cell) from exc
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
@@ -246,8 +275,7 @@ class BreakerTask(Task):  # type: ignore[misc]
             if isinstance(fallback, str):
                 fallback = getattr(self, fallback)
             return fallback(*args, **kwargs)
-        request = self.request
-        if request.is_eager or request.called_directly:
+        if not self._can_defer():
             raise rejected  # nothing to requeue; Celery's eager retry would recurse
         self._defer(breaker, rejected, args, kwargs)
 
@@ -300,7 +328,8 @@ class BreakerTask(Task):  # type: ignore[misc]
             )  # fmt: skip
             failed.final = True  # type: ignore[attr-defined]
             raise failed from exc
-        breaker.note_deferral()
+        if not rejected.name or (rejected.name, rejected.key) == (breaker.name, breaker.key):
+            breaker.note_deferral()  # (a nested breaker's rejection is not this breaker's deferral)
         state = getattr(rejected.state, "value", rejected.state) or "open"
         label = rejected.label if rejected.name else breaker.label
         if plan.expires_first:
@@ -382,7 +411,8 @@ def prepare_task_class(cls: type[BreakerTask]) -> None:
 
 def task_breaker_config(task: BreakerTask | type[BreakerTask]) -> TaskBreakerConfig:
     """The task's resolved breaker options (validated once, cached on its class)."""
-    cls = cast("type[BreakerTask]", task if isinstance(task, type) else type(task))
+    # task.__class__, not type(task): @shared_task hands out a Proxy that forwards it.
+    cls = cast("type[BreakerTask]", task if isinstance(task, type) else task.__class__)
     found: TaskBreakerConfig | None = cls.__dict__.get(_CONFIG)
     if found is not None:
         return found

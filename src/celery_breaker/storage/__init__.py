@@ -10,7 +10,16 @@ from ..errors import ConfigurationError
 from .base import Cell, StorageError, Store
 from .memory import MemoryStore
 
-__all__ = ["Cell", "MemoryStore", "StorageError", "Store", "register_scheme", "resolve_store", "store_from_url"]
+__all__ = [
+    "Cell",
+    "MemoryStore",
+    "StorageError",
+    "Store",
+    "check_storage_url",
+    "register_scheme",
+    "resolve_store",
+    "store_from_url",
+]
 
 StoreFactory = Callable[[str], Store]
 
@@ -33,6 +42,16 @@ def register_scheme(*schemes: str) -> Callable[[StoreFactory], StoreFactory]:
 register_scheme("memory")(MemoryStore.from_url)
 
 
+def check_storage_url(url: str) -> None:
+    """Raise ConfigurationError unless ``url`` names a scheme this build can open."""
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in _FACTORIES:
+        raise ConfigurationError(
+            f"breaker_storage_url: unknown scheme {scheme!r} in {url!r}; "
+            f"this build supports: {', '.join(sorted(f + '://' for f in _FACTORIES))}"
+        )
+
+
 def store_from_url(url: str) -> Store:
     """The process's store for ``url``: one per URL, so equal URLs share breakers."""
     if not isinstance(url, str):
@@ -40,17 +59,15 @@ def store_from_url(url: str) -> Store:
     found = _OPEN.get(url)
     if found is not None:
         return found
-    scheme = urlsplit(url).scheme.lower()
-    factory = _FACTORIES.get(scheme)
-    if factory is None:
-        raise ConfigurationError(
-            f"breaker_storage_url: unknown scheme {scheme!r} in {url!r}; "
-            f"this build supports: {', '.join(sorted(f + '://' for f in _FACTORIES))}"
-        )
+    check_storage_url(url)
+    factory = _FACTORIES[urlsplit(url).scheme.lower()]
     with _OPEN_LOCK:
         found = _OPEN.get(url)
         if found is None:
-            found = _OPEN[url] = factory(url)
+            try:
+                found = _OPEN[url] = factory(url)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"breaker_storage_url {url!r}: {exc}") from None
         return found
 
 
