@@ -1,0 +1,210 @@
+"""Tasks for the in-process worker: one task and one breaker per scenario, so tests never share state.
+
+Loaded by the session worker through the ``celery_includes`` fixture. ``@shared_task``
+binds each task to every app that is finalized, so throwaway apps in the settings tests
+get them too: their options must be valid against the default settings as well.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from celery import shared_task
+
+from celery_breaker import BreakerTask, CircuitBreaker, CircuitOpenError
+from celery_breaker.deferral import DEFERRALS_HEADER
+
+#: The breaker store of the session app (process-global, so the test sees the worker's state).
+STORE_URL = "memory://celery-tests"
+
+#: Downstreams a test switches down (True) and back up; read by the task bodies.
+DOWN: dict[str, bool] = {}
+#: How many times each downstream was called.
+CALLS: dict[str, int] = {}
+_LOCK = threading.Lock()
+
+
+def call_downstream(name: str) -> str:
+    """The flaky dependency: counts the call, then fails while ``DOWN[name]`` is set."""
+    with _LOCK:
+        CALLS[name] = CALLS.get(name, 0) + 1
+    if DOWN.get(name, False):
+        raise ConnectionError(f"downstream {name} is down")
+    return f"{name} ok"
+
+
+def report(task: Any, value: Any = None) -> dict[str, Any]:
+    """What a run saw: its id, its retry count and the deferral header."""
+    request = task.request
+    headers = request.headers or {}
+    return {
+        "id": request.id,
+        "retries": request.retries,
+        "deferrals": headers.get(DEFERRALS_HEADER),
+        "value": value,
+    }
+
+
+# -- deferral ------------------------------------------------------------------
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-forced")
+def forced_task(self: Any, x: int) -> dict[str, Any]:
+    return report(self, x * 2)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-max-retries-0", max_retries=0)
+def no_retries_task(self: Any) -> dict[str, Any]:
+    return report(self)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-autoretry", autoretry_for=(Exception,), max_retries=0)
+def autoretry_task(self: Any) -> dict[str, Any]:
+    with self.breaker:
+        value = call_downstream("t-autoretry")
+    return report(self, value)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-autoretry-nested", autoretry_for=(Exception,), max_retries=0)
+def autoretry_nested_task(self: Any) -> dict[str, Any]:
+    """Admitted by its own (closed) breaker; a nested breaker rejects inside the body."""
+    with self.breaker, CircuitBreaker("t-autoretry-nested-dep", storage=STORE_URL):
+        value = call_downstream("t-autoretry-nested")
+    return report(self, value)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-autoretry-trip", autoretry_for=(Exception,), max_retries=0)
+def autoretry_trip_task(self: Any) -> dict[str, Any]:
+    with self.breaker:
+        value = call_downstream("t-autoretry-trip")
+    return report(self, value)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-own-retry", max_retries=5)
+def own_retry_task(self: Any) -> dict[str, Any]:
+    """The user's own ``raise self.retry(exc=exc)`` around a guarded call."""
+    try:
+        with CircuitBreaker("t-own-retry-dep", storage=STORE_URL):
+            value = call_downstream("t-own-retry")
+    except CircuitOpenError as exc:
+        raise self.retry(exc=exc, countdown=0.1) from exc
+    return report(self, value)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-trip")
+def trip_task(self: Any) -> dict[str, Any]:
+    with self.breaker:
+        value = call_downstream("t-trip")
+    return report(self, value)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-stays-closed")  # failure_threshold 2 in breaker_policies
+def stays_closed_task(self: Any) -> dict[str, Any]:
+    with self.breaker:
+        value = call_downstream("t-stays-closed")
+    return report(self, value)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-eager")
+def eager_task(self: Any, x: int) -> dict[str, Any]:
+    return report(self, x)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-max-deferrals", breaker_max_deferrals=2)
+def max_deferrals_task(self: Any) -> dict[str, Any]:
+    return report(self)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-max-defer-age", breaker_max_defer_age=1.0)
+def max_defer_age_task(self: Any) -> dict[str, Any]:
+    return report(self)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-expires")  # reset_timeout 60 in breaker_policies
+def expiring_task(self: Any) -> dict[str, Any]:
+    return report(self)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-headers")
+def header_task(self: Any) -> dict[str, Any]:
+    return report(self, (self.request.headers or {}).get("x-breaker-deferred-since"))
+
+
+# -- fallbacks, keys, self.breaker ---------------------------------------------
+
+
+def cached_quote(symbol: str, *, currency: str = "EUR") -> dict[str, Any]:
+    """A fallback: called with the task's arguments instead of deferring it."""
+    return {"fallback": "callable", "symbol": symbol, "currency": currency}
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-fallback-callable", breaker_fallback=cached_quote)
+def fallback_callable_task(self: Any, symbol: str, *, currency: str = "EUR") -> dict[str, Any]:
+    return {"fallback": None, "symbol": symbol}
+
+
+class QuoteTask(BreakerTask):
+    """A BreakerTask base class whose method serves as the fallback."""
+
+    def stale_quote(self, symbol: str) -> dict[str, Any]:
+        return {"fallback": "method", "symbol": symbol, "task": self.name}
+
+
+@shared_task(base=QuoteTask, bind=True, breaker="t-fallback-method", breaker_fallback="stale_quote")
+def fallback_method_task(self: Any, symbol: str) -> dict[str, Any]:
+    return {"fallback": None, "symbol": symbol}
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-tenant", breaker_key=lambda args, kwargs: kwargs["tenant"])
+def tenant_task(self: Any, *, tenant: str) -> dict[str, Any]:
+    breaker = self.breaker
+    return {**report(self, tenant), "breaker": breaker.name, "key": breaker.key}
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-guard-once")  # failure_threshold 5 in breaker_policies
+def guard_once_task(self: Any, fail: bool) -> dict[str, Any]:
+    breaker = self.breaker
+    seen = {
+        "is_breaker": isinstance(breaker, CircuitBreaker),
+        "name": breaker.name,
+        "key": breaker.key,
+        "state": breaker.state.value,
+    }
+    with self.breaker:
+        if fail:
+            raise ConnectionError("t-guard-once is down")
+    return seen
+
+
+@shared_task(
+    base=BreakerTask,
+    bind=True,
+    breaker="t-probe",
+    breaker_policy={"half_open_max_calls": 2, "success_threshold": 2},
+)
+def probe_task(self: Any) -> dict[str, Any]:
+    with self.breaker:
+        inside = self.breaker.snapshot()
+    return {"state": inside.state.value, "probes_in_flight": inside.probes_in_flight}
+
+
+@shared_task(
+    base=BreakerTask,
+    bind=True,
+    breaker="t-fails-after-block",
+    breaker_policy={"half_open_max_calls": 2, "success_threshold": 2},
+)
+def fails_after_block_task(self: Any) -> None:
+    """The downstream call succeeds; the task's own code fails afterwards."""
+    with self.breaker:
+        call_downstream("t-fails-after-block")
+    raise ValueError("bug in the task's own code, after the downstream call succeeded")
+
+
+# -- breaker_routes: plain tasks, no BreakerTask base --------------------------
+
+
+@shared_task(bind=True)  # put under breaker "t-routed" by breaker_routes alone
+def routed_plain_task(self: Any, x: int) -> dict[str, Any]:
+    return report(self, x + 1)

@@ -1,0 +1,298 @@
+"""Deferral through a real (in-process) worker: an open breaker requeues the task, it never spends a retry."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from celery_breaker import CircuitBreaker, CircuitOpenError, State
+from celery_breaker.deferral import DEFERRALS_HEADER, MINIMUM_DELAY, SINCE_HEADER
+
+from . import tasks
+from .support import DEFER_SPREAD, DEFERRED, TIMEOUT, deferral_text, wait_for
+
+Operate = Callable[[CircuitBreaker], CircuitBreaker]
+
+
+def deferred_match(result: Any) -> dict[str, str]:
+    """The parts of a deferred task's reason; fails the test if it does not read as one."""
+    text = deferral_text(result)
+    match = DEFERRED.fullmatch(text)
+    assert match is not None, f"not a deferral reason: {text!r}"
+    return match.groupdict()
+
+
+def get(result: Any) -> Any:
+    return result.get(timeout=TIMEOUT, interval=0.02)
+
+
+# -- 1. a forced-open breaker defers, the task keeps its id and its retries -----
+
+
+def test_forced_open_breaker_defers_the_task_with_same_id_and_unchanged_retries(app: Any, operate: Operate) -> None:
+    breaker = operate(tasks.forced_task.breaker)
+    breaker.force_open()
+
+    result = tasks.forced_task.delay(21)
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+
+    reason = result.info
+    assert isinstance(reason, CircuitOpenError)
+    parts = deferred_match(result)
+    assert parts["label"] == "t-forced"
+    assert parts["state"] == "forced_open"
+    assert parts["count"] == "1"
+    # Forced open has no reopening time: the delay is one reset_timeout (0.3 s) plus up to
+    # one spread, and never under the anti-busy-loop minimum.
+    assert MINIMUM_DELAY <= float(parts["delay"]) <= max(MINIMUM_DELAY, 0.3 + DEFER_SPREAD)
+
+    # It stays deferred (not failed) while the breaker stays open.
+    wait_for(lambda: breaker.snapshot().deferrals >= 2, "a second deferral")
+    assert result.state == "RETRY"
+    assert "(deferral " in deferral_text(result)
+
+    breaker.close()
+    value = get(result)
+    assert result.state == "SUCCESS"
+    assert value["value"] == 42
+    assert value["id"] == result.id  # republished with the same task id
+    assert value["retries"] == 0  # not charged to the retry budget
+    deferrals = breaker.snapshot().deferrals
+    assert deferrals >= 2
+    assert value["deferrals"] == deferrals  # the header counted every deferral
+
+
+# -- 2. max_retries=0 does not stop deferral -----------------------------------
+
+
+def test_task_with_max_retries_zero_survives_several_deferrals(app: Any, operate: Operate) -> None:
+    breaker = operate(tasks.no_retries_task.breaker)
+    breaker.force_open()
+
+    result = tasks.no_retries_task.delay()
+    wait_for(lambda: breaker.snapshot().deferrals >= 3, "three deferrals")
+    assert result.state == "RETRY"
+
+    breaker.close()
+    value = get(result)
+    assert value["retries"] == 0
+    assert value["deferrals"] >= 3
+    assert value["id"] == result.id
+
+
+# -- 3. autoretry_for and self.retry never spend a retry on CircuitOpenError ----
+
+
+def test_autoretry_for_exception_does_not_spend_a_retry_on_an_open_breaker(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(tasks.CALLS, "t-autoretry", 0)
+    breaker = operate(tasks.autoretry_task.breaker)
+    breaker.force_open()
+
+    result = tasks.autoretry_task.delay()
+    # max_retries=0: one spent retry would have failed the task (MaxRetriesExceeded).
+    wait_for(lambda: breaker.snapshot().deferrals >= 2, "two deferrals")
+    assert result.state == "RETRY"
+    assert deferred_match(result)["label"] == "t-autoretry"
+    assert tasks.CALLS["t-autoretry"] == 0  # the downstream was never called
+
+    breaker.close()
+    value = get(result)
+    assert value == {"id": result.id, "retries": 0, "deferrals": value["deferrals"], "value": "t-autoretry ok"}
+    assert value["deferrals"] >= 2
+    assert tasks.CALLS["t-autoretry"] == 1
+
+
+def test_autoretry_for_exception_defers_on_a_nested_breaker_raising_inside_the_body(app: Any, operate: Operate) -> None:
+    # The task's own breaker admits it; CircuitOpenError comes out of the body, through
+    # Celery's autoretry wrapper (dont_autoretry_for), and defers the task.
+    dependency = operate(CircuitBreaker("t-autoretry-nested-dep", storage=tasks.STORE_URL))
+    own = operate(tasks.autoretry_nested_task.breaker)
+    dependency.force_open()
+
+    result = tasks.autoretry_nested_task.delay()
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    parts = deferred_match(result)
+    assert parts["label"] == "t-autoretry-nested-dep"
+    assert parts["state"] == "forced_open"
+
+    dependency.close()
+    value = get(result)
+    assert value["retries"] == 0
+    assert value["deferrals"] >= 1
+    # A rejection by another breaker says nothing about this one's downstream.
+    snapshot = own.snapshot()
+    assert snapshot.state is State.CLOSED
+    assert snapshot.failures == 0
+
+
+def test_users_own_self_retry_with_circuit_open_error_defers_instead_of_retrying(app: Any, operate: Operate) -> None:
+    dependency = operate(CircuitBreaker("t-own-retry-dep", storage=tasks.STORE_URL))
+    dependency.force_open()
+
+    result = tasks.own_retry_task.delay()
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    assert deferred_match(result)["label"] == "t-own-retry-dep"
+    # A Celery retry (countdown 0.1 s, max_retries 5) would show as a plain CircuitOpenError
+    # reason, not as a deferral, and would use up the budget while the breaker is open.
+    wait_for(lambda: "(deferral 2)" in deferral_text(result), "a second deferral")
+
+    dependency.close()
+    value = get(result)
+    assert value["retries"] == 0
+    assert value["deferrals"] >= 2
+
+
+def test_autoretry_for_exception_defers_when_the_failure_trips_the_breaker(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    breaker = operate(tasks.autoretry_trip_task.breaker)
+    monkeypatch.setitem(tasks.DOWN, "t-autoretry-trip", True)
+
+    result = tasks.autoretry_trip_task.delay()
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    assert deferred_match(result)["label"] == "t-autoretry-trip"
+    assert breaker.snapshot().trips >= 1
+
+    monkeypatch.setitem(tasks.DOWN, "t-autoretry-trip", False)
+    value = get(result)
+    assert value["retries"] == 0  # autoretry (max_retries=0) never spent a retry
+    assert value["deferrals"] >= 1
+
+
+# -- 4. a failure that trips the breaker defers; one that does not, fails -------
+
+
+def test_failure_that_trips_the_breaker_defers_the_task_until_recovery(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    breaker = operate(tasks.trip_task.breaker)
+    monkeypatch.setitem(tasks.CALLS, "t-trip", 0)
+    monkeypatch.setitem(tasks.DOWN, "t-trip", True)
+
+    result = tasks.trip_task.delay()
+    wait_for(lambda: result.state == "RETRY", "the failing task to be deferred")
+    parts = deferred_match(result)
+    assert parts["label"] == "t-trip"
+    assert parts["state"] in ("open", "half_open")
+    snapshot = breaker.snapshot()
+    assert snapshot.trips >= 1
+    assert snapshot.failures >= 1
+    assert result.state != "FAILURE"
+
+    monkeypatch.setitem(tasks.DOWN, "t-trip", False)  # the downstream recovers
+    value = get(result)
+    assert value["value"] == "t-trip ok"
+    assert value["retries"] == 0
+    assert value["deferrals"] >= 1
+    assert tasks.CALLS["t-trip"] >= 2  # the failed call, then the successful probe
+
+
+def test_failure_while_the_breaker_stays_closed_fails_the_task_normally(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    breaker = operate(tasks.stays_closed_task.breaker)  # failure_threshold 2
+    monkeypatch.setitem(tasks.DOWN, "t-stays-closed", True)
+
+    result = tasks.stays_closed_task.delay()
+    with pytest.raises(ConnectionError, match="t-stays-closed is down"):
+        get(result)
+    assert result.state == "FAILURE"
+    snapshot = breaker.snapshot()
+    assert snapshot.state is State.CLOSED
+    assert snapshot.failures == 1
+    assert snapshot.deferrals == 0
+
+
+# -- 6. exhausted deferral budgets fail with a clear CircuitOpenError ----------
+
+
+def test_breaker_max_deferrals_exhausted_fails_the_task(app: Any, operate: Operate) -> None:
+    breaker = operate(tasks.max_deferrals_task.breaker)
+    breaker.force_open()
+
+    result = tasks.max_deferrals_task.delay()
+    with pytest.raises(CircuitOpenError, match=r"giving up \(breaker_max_deferrals=2\)") as info:
+        get(result)
+    assert "breaker 't-max-deferrals' still open after 2 deferral(s)" in str(info.value)
+    assert result.state == "FAILURE"
+    assert breaker.snapshot().deferrals == 2
+
+
+def test_breaker_max_defer_age_exceeded_fails_the_task(app: Any, operate: Operate) -> None:
+    breaker = operate(tasks.max_defer_age_task.breaker)
+    breaker.force_open()
+
+    result = tasks.max_defer_age_task.delay()
+    with pytest.raises(CircuitOpenError, match=r"giving up \(breaker_max_defer_age=1 s\)") as info:
+        get(result)
+    assert "breaker 't-max-defer-age' still open after" in str(info.value)
+    assert result.state == "FAILURE"
+    assert breaker.snapshot().deferrals >= 1
+
+
+# -- 7. a deferral never outlives the task's expires ---------------------------
+
+
+def test_deferral_never_pushes_a_task_past_its_expiry(app: Any, operate: Operate) -> None:
+    breaker = operate(tasks.expiring_task.breaker)  # reset_timeout 60 s
+    breaker.force_open()
+
+    result = tasks.expiring_task.apply_async(expires=2.0)
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    text = deferral_text(result)
+    assert "breaker 't-expires' forced_open, task expires first" in text
+    assert "(deferral 1)" in text
+
+    # It arrives just after its expiry and the worker revokes it: it is not held for 60 s.
+    wait_for(lambda: result.state == "REVOKED", "the worker to revoke the expired task")
+    assert breaker.snapshot().deferrals == 1
+
+
+# -- 11. malformed deferral headers never crash the worker ----------------------
+
+MALFORMED = {DEFERRALS_HEADER: "abc", SINCE_HEADER: "yesterday"}
+
+
+def test_malformed_deferral_headers_are_ignored_while_the_breaker_is_closed(app: Any, operate: Operate) -> None:
+    operate(tasks.header_task.breaker)
+    value = get(tasks.header_task.apply_async(headers=MALFORMED))
+    assert value["retries"] == 0
+    assert value["deferrals"] == "abc"  # the task just ran; the header is only read to defer
+    assert value["value"] == "yesterday"
+
+
+def test_malformed_deferral_headers_restart_the_count_and_log_a_warning(
+    app: Any, operate: Operate, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="celery_breaker")
+    breaker = operate(tasks.header_task.breaker)
+    breaker.force_open()
+
+    result = tasks.header_task.apply_async(headers=MALFORMED)
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    parts = deferred_match(result)
+    assert parts["label"] == "t-headers"
+    assert parts["count"] == "1"  # "abc" counted as 0 deferrals so far
+
+    def warnings() -> list[str]:
+        return [
+            record.getMessage()
+            for record in caplog.records
+            if record.name == "celery_breaker" and record.levelno == logging.WARNING
+        ]
+
+    wait_for(lambda: len(warnings()) >= 2, "warnings about both headers")
+    assert any(f"{DEFERRALS_HEADER}='abc'" in message for message in warnings())
+    assert any(f"{SINCE_HEADER}='yesterday'" in message for message in warnings())
+    assert any(result.id in message for message in warnings())
+
+    breaker.close()
+    value = get(result)
+    assert value["retries"] == 0
+    assert value["deferrals"] == breaker.snapshot().deferrals >= 1
+    assert isinstance(value["value"], float)  # the deferral age restarted from a valid time

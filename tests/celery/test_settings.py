@@ -1,0 +1,364 @@
+"""Settings on throwaway apps: validation, Django's namespace, worker-start checks, ``task_cls``.
+
+Throwaway apps are made with ``set_as_current=False`` so the session app stays current.
+No test here starts a worker thread: ``start_worker`` is only used where the bad setting
+stops the worker in its constructor, before any thread exists (a second worker thread
+stopping would also stop the session worker, through Celery's global ``should_terminate``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+from celery import Celery
+from celery.contrib.testing.worker import TestWorkController, start_worker
+
+from celery_breaker import BreakerTask, CircuitOpenError, ConfigurationError, State, install
+from celery_breaker.clock import SYSTEM_CLOCK
+from celery_breaker.settings import build_settings, get_settings, reload_settings
+from celery_breaker.signals import check_app
+from celery_breaker.storage import store_from_url
+from celery_breaker.task import task_breaker_config
+
+
+def throwaway_app(name: str, **settings: Any) -> Any:
+    app = Celery(name, set_as_current=False, broker="memory://", backend="cache+memory://")
+    app.conf.update(
+        task_default_queue=f"{name}-queue",  # the memory transport is process-global
+        worker_hijack_root_logger=False,
+        **settings,
+    )
+    return app
+
+
+def start_and_stop(app: Any) -> None:
+    with start_worker(app, perform_ping_check=False, shutdown_timeout=10):
+        pass
+
+
+# -- every bad value names the setting and the value ---------------------------
+
+#: (setting, bad value, what the message must say besides the setting's name).
+BAD_VALUES: list[tuple[str, Any, tuple[str, ...]]] = [
+    ("breaker_storage_url", 42, ("got 42",)),
+    ("breaker_storage_url", "localhost:6379", ("got 'localhost:6379'",)),
+    ("breaker_key_prefix", "", ("got ''",)),
+    ("breaker_key_prefix", "{app}", ("got '{app}'",)),
+    ("breaker_default_policy", "fast", ("got 'fast'",)),
+    ("breaker_default_policy", {"failure_threshold": -3}, ("failure_threshold", "got -3")),
+    ("breaker_default_policy", {"failure_treshold": 3}, ("'failure_treshold'",)),
+    ("breaker_default_policy", {"success_threshold": 5, "half_open_max_calls": 2}, ("success_threshold (5)",)),
+    ("breaker_policies", ["crm"], ("got list ['crm']",)),
+    ("breaker_policies", {"crm": {"reset_timeout": -1}}, ("breaker_policies['crm']", "reset_timeout", "got -1")),
+    ("breaker_policies", {"": {"reset_timeout": 1}}, ("got ''",)),
+    ("breaker_routes", "proj.*", ("'proj.*'",)),
+    ("breaker_routes", {"proj.*": 5}, ("breaker_routes['proj.*']", "got 5")),
+    ("breaker_routes", {"proj.*": ""}, ("breaker_routes['proj.*']", "got ''")),
+    ("breaker_max_deferrals", -1, ("got -1",)),
+    ("breaker_max_deferrals", 2.5, ("got 2.5",)),
+    ("breaker_max_deferrals", "3", ("got '3'",)),
+    ("breaker_max_deferrals", True, ("got True",)),
+    ("breaker_max_defer_age", 0, ("got 0",)),
+    ("breaker_max_defer_age", -5, ("got -5",)),
+    ("breaker_max_defer_age", "1h", ("got '1h'",)),
+    ("breaker_max_defer_age", math.inf, ("got inf",)),
+    ("breaker_defer_spread", -0.5, ("got -0.5",)),
+    ("breaker_defer_spread", "wide", ("got 'wide'",)),
+    ("breaker_on_storage_error", "explode", ("got 'explode'",)),
+    ("breaker_send_events", "yes", ("got 'yes'",)),
+]
+
+
+@pytest.mark.parametrize(("setting", "value", "fragments"), BAD_VALUES)
+def test_bad_setting_value_raises_configuration_error_naming_setting_and_value(
+    setting: str, value: Any, fragments: tuple[str, ...]
+) -> None:
+    app = throwaway_app("bad-value", **{setting: value})
+    with pytest.raises(ConfigurationError) as info:
+        build_settings(app.conf)
+    message = str(info.value)
+    assert setting in message
+    for fragment in fragments:
+        assert fragment in message
+    with pytest.raises(ConfigurationError, match=setting):
+        get_settings(app)  # the cached accessor validates the same way
+
+
+def test_unknown_breaker_setting_is_reported_with_a_suggestion() -> None:
+    app = throwaway_app("typo", breaker_max_deferals=3)
+    with pytest.raises(ConfigurationError, match="breaker_max_deferals") as info:
+        build_settings(app.conf)
+    assert "did you mean breaker_max_deferrals?" in str(info.value)
+
+
+def test_valid_settings_resolve_to_the_users_values() -> None:
+    app = throwaway_app(
+        "valid",
+        breaker_max_deferrals=0,
+        breaker_max_defer_age=90,
+        breaker_defer_spread=0,
+        breaker_default_policy={"failure_threshold": 4},
+        breaker_policies={"crm*": {"reset_timeout": 5}, "crm": {"failure_threshold": 2}},
+        breaker_routes={"proj.*": True},
+    )
+    settings = build_settings(app.conf)
+    assert settings.max_deferrals == 0
+    assert settings.max_defer_age == 90.0
+    assert settings.defer_spread == 0.0
+    assert settings.policy_for("crm").failure_threshold == 2
+    assert settings.policy_for("crm").reset_timeout == 5.0  # the glob, then the exact name
+    assert settings.policy_for("crm-eu").failure_threshold == 4
+    assert settings.route_for("proj.sync") == ""  # True: the task's own name
+
+
+# -- Django's CELERY_ namespace, and no shadowing by plugin defaults ------------
+
+
+class DjangoSettings:
+    CELERY_BROKER_URL = "memory://"
+    CELERY_BREAKER_MAX_DEFERRALS = 3
+    CELERY_BREAKER_KEY_PREFIX = "mine"
+    CELERY_BREAKER_DEFAULT_POLICY = {"failure_threshold": 7}
+
+
+def test_django_namespace_settings_resolve_and_are_not_shadowed() -> None:
+    app = Celery("django-style", set_as_current=False)
+    app.config_from_object(DjangoSettings, namespace="CELERY")
+    install(app)
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="django.job")
+    def job(self: Any) -> None:
+        return None
+
+    app.finalize()  # binds the BreakerTask: nothing it does may shadow the user's values
+    settings = reload_settings(app)
+    assert settings.max_deferrals == 3
+    assert settings.key_prefix == "mine"
+    assert settings.default_policy.failure_threshold == 7
+    assert task_breaker_config(app.tasks["django.job"]).policy.failure_threshold == 7
+    assert app.conf.get("breaker_max_deferrals") == 3
+
+
+class PlainSettings:
+    breaker_max_deferrals = 7
+    breaker_key_prefix = "theirs"
+
+
+def test_plain_settings_object_is_not_shadowed_by_plugin_defaults() -> None:
+    app = Celery("plain-style", set_as_current=False)
+    app.config_from_object(PlainSettings)
+    install(app)
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="plain.job")
+    def job(self: Any) -> None:
+        return None
+
+    app.finalize()
+    settings = reload_settings(app)
+    assert settings.max_deferrals == 7
+    assert settings.key_prefix == "theirs"
+    assert app.conf.breaker_max_deferrals == 7
+
+
+class DjangoSettingsWithTypo:
+    CELERY_BROKER_URL = "memory://"
+    CELERY_BREAKER_TYPO = 1
+
+
+def test_unknown_django_namespace_setting_is_reported() -> None:
+    app = Celery("django-typo", set_as_current=False)
+    app.config_from_object(DjangoSettingsWithTypo, namespace="CELERY")
+    with pytest.raises(ConfigurationError, match="CELERY_BREAKER_TYPO"):
+        build_settings(app.conf)
+
+
+class DjangoSettingsWithBadValue:
+    CELERY_BROKER_URL = "memory://"
+    CELERY_BREAKER_MAX_DEFERRALS = -2
+
+
+def test_bad_django_namespace_value_is_reported() -> None:
+    app = Celery("django-bad", set_as_current=False)
+    app.config_from_object(DjangoSettingsWithBadValue, namespace="CELERY")
+    with pytest.raises(ConfigurationError, match=r"breaker_max_deferrals .*got -2"):
+        build_settings(app.conf)
+
+
+# -- worker start ----------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("restore_worker_globals")
+def test_worker_with_a_bad_breaker_setting_refuses_to_start_before_any_task_runs() -> None:
+    app = throwaway_app("bad-worker", breaker_max_deferrals=-1)
+    ran: list[int] = []
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="bad_worker.job")
+    def job(self: Any) -> None:
+        ran.append(1)
+
+    job.delay()  # waiting in the queue when the worker starts
+    with pytest.raises(ConfigurationError, match=r"breaker_max_deferrals .*got -1"):
+        start_and_stop(app)
+    assert ran == []
+
+
+@pytest.mark.usefixtures("restore_worker_globals")
+def test_worker_with_an_unknown_breaker_setting_refuses_to_start() -> None:
+    app = throwaway_app("typo-worker", breaker_max_defer_agee=5)
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="typo_worker.job")
+    def job(self: Any) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="breaker_max_defer_agee"):
+        start_and_stop(app)
+
+
+@pytest.mark.usefixtures("restore_worker_globals")
+def test_worker_refuses_tasks_sharing_a_breaker_with_different_policies() -> None:
+    app = throwaway_app("conflict-worker")
+
+    @app.task(
+        base=BreakerTask,
+        bind=True,
+        shared=False,
+        name="conflict.a",
+        breaker="shared",
+        breaker_policy={"failure_threshold": 2},
+    )
+    def first(self: Any) -> None:
+        return None
+
+    @app.task(
+        base=BreakerTask,
+        bind=True,
+        shared=False,
+        name="conflict.b",
+        breaker="shared",
+        breaker_policy={"failure_threshold": 3},
+    )
+    def second(self: Any) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="'shared'") as info:
+        start_and_stop(app)
+    assert "conflict.a" in str(info.value)
+    assert "conflict.b" in str(info.value)
+
+
+def test_tasks_sharing_a_breaker_with_the_same_policy_are_accepted() -> None:
+    app = throwaway_app("agree")
+
+    @app.task(
+        base=BreakerTask,
+        bind=True,
+        shared=False,
+        name="agree.a",
+        breaker="shared",
+        breaker_policy={"failure_threshold": 2},
+    )
+    def first(self: Any) -> None:
+        return None
+
+    @app.task(
+        base=BreakerTask,
+        bind=True,
+        shared=False,
+        name="agree.b",
+        breaker="shared",
+        breaker_policy={"failure_threshold": 2},
+    )
+    def second(self: Any) -> None:
+        return None
+
+    app.finalize()
+    assert sorted(check_app(app)["shared"]) == ["agree.a", "agree.b"]
+
+
+@pytest.mark.parametrize("url", ["nosuch://somewhere", "memory://named?max_breakers=lots"])
+@pytest.mark.usefixtures("restore_worker_globals")
+def test_worker_with_an_unusable_storage_url_refuses_to_start(url: str) -> None:
+    app = throwaway_app("bad-store", breaker_storage_url=url)
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="bad_store.job")
+    def job(self: Any) -> None:
+        return None
+
+    app.finalize()
+    # Build the worker exactly as start_worker does, without starting its thread: should
+    # the check be missing, no second worker thread may run in this process.
+    with pytest.raises(ConfigurationError, match="breaker_storage_url"):
+        TestWorkController(
+            app=app, pool="solo", concurrency=1, without_heartbeat=True, without_mingle=True, without_gossip=True
+        )
+
+
+# -- 14. task_cls makes every task a BreakerTask --------------------------------
+
+
+def test_task_cls_makes_every_task_a_breaker_task_named_after_itself() -> None:
+    app = Celery("task-cls", set_as_current=False, broker="memory://", task_cls="celery_breaker:BreakerTask")
+    app.conf.update(breaker_storage_url="memory://celery-tests-task-cls")
+
+    @app.task(bind=True, shared=False, name="taskcls.sync_crm")
+    def sync_crm(self: Any, x: int) -> int:
+        return x + 1
+
+    app.finalize()
+    task = app.tasks["taskcls.sync_crm"]
+    assert isinstance(task, BreakerTask)
+    assert task_breaker_config(task).name == "taskcls.sync_crm"
+    breaker = task.breaker
+    assert breaker.name == "taskcls.sync_crm"
+    assert check_app(app)["taskcls.sync_crm"] == ["taskcls.sync_crm"]
+
+    assert task.apply(args=(1,)).result == 2
+    breaker.force_open()
+    try:
+        result = task.apply(args=(1,))
+        assert result.state == "FAILURE"
+        assert isinstance(result.result, CircuitOpenError)
+        assert result.result.name == "taskcls.sync_crm"
+        assert result.result.state is State.FORCED_OPEN
+    finally:
+        breaker.reset()
+
+
+def test_task_cls_leaves_celerys_own_tasks_unguarded() -> None:
+    app = Celery("task-cls-builtins", set_as_current=False, broker="memory://", task_cls="celery_breaker:BreakerTask")
+    app.conf.update(breaker_storage_url="memory://celery-tests-task-cls-builtins")
+    app.finalize()
+    backend_cleanup = app.tasks["celery.backend_cleanup"]
+    assert isinstance(backend_cleanup, BreakerTask)
+    assert backend_cleanup._unguarded()
+    assert backend_cleanup.apply().state == "SUCCESS"
+    store = store_from_url(app.conf.breaker_storage_url)
+    assert store.snapshots(SYSTEM_CLOCK) == []  # no breaker was made for it
+
+
+def test_breaker_routes_apply_outside_workers_too() -> None:
+    app = Celery("routes-eager", set_as_current=False, broker="memory://", backend="cache+memory://")
+    app.conf.update(
+        breaker_storage_url="memory://celery-tests-routes-eager",
+        breaker_routes={"eager.*": "eager-routed"},
+    )
+    install(app)
+
+    @app.task(shared=False, name="eager.plain")
+    def plain(x: int) -> int:
+        return x * 2
+
+    app.finalize()
+    task = app.tasks["eager.plain"]
+    assert isinstance(task, BreakerTask)  # routed when the app finalized, no worker needed
+    assert task.apply(args=(2,)).result == 4
+    task.breaker.force_open()
+    try:
+        result = task.apply(args=(2,))
+        assert result.state == "FAILURE"
+        assert isinstance(result.result, CircuitOpenError)
+        assert result.result.name == "eager-routed"
+    finally:
+        task.breaker.reset()

@@ -1,0 +1,206 @@
+"""BreakerTask options through the worker: eager mode, fallbacks, per-key breakers, self.breaker, breaker_routes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from celery.result import EagerResult
+
+from celery_breaker import BreakerTask, CircuitBreaker, CircuitOpenError, State
+from celery_breaker.registry import registry_for
+from celery_breaker.task import task_breaker_config
+
+from . import tasks
+from .support import DEFERRED, TIMEOUT, deferral_text, wait_for
+
+Operate = Callable[[CircuitBreaker], CircuitBreaker]
+
+
+def get(result: Any) -> Any:
+    return result.get(timeout=TIMEOUT, interval=0.02)
+
+
+def wait_until_probe_admissible(breaker: CircuitBreaker) -> None:
+    """Poll for the end of the open period (the breaker then half-opens on its next call)."""
+    wait_for(lambda: breaker.snapshot().retry_after == 0.0, f"breaker {breaker.label!r} to admit a probe")
+
+
+def trip(breaker: CircuitBreaker) -> None:
+    """Record one failure from the test thread (failure_threshold 1): the breaker opens."""
+    with pytest.raises(ConnectionError), breaker:
+        raise ConnectionError("tripped by the test")
+    assert breaker.state is State.OPEN
+
+
+# -- 5. eager mode raises instead of deferring ---------------------------------
+
+
+def test_eager_apply_with_an_open_breaker_fails_with_circuit_open_error(app: Any, operate: Operate) -> None:
+    breaker = operate(tasks.eager_task.breaker)
+    breaker.force_open()
+
+    result = tasks.eager_task.apply(args=(1,))
+    assert isinstance(result, EagerResult)
+    assert result.state == "FAILURE"
+    error = result.result
+    assert isinstance(error, CircuitOpenError)
+    assert error.name == "t-eager"
+    assert error.state is State.FORCED_OPEN
+    assert error.retry_after is None
+    assert str(error) == "breaker 't-eager' forced_open"
+    snapshot = breaker.snapshot()
+    assert snapshot.deferrals == 0  # nothing was requeued (and no eager retry recursion)
+    assert snapshot.rejections == 1
+
+    with pytest.raises(CircuitOpenError, match="breaker 't-eager' forced_open"):
+        tasks.eager_task(2)  # called as a plain function
+    assert breaker.snapshot().deferrals == 0
+
+    breaker.close()
+    assert tasks.eager_task.apply(args=(3,)).result["value"] == 3
+    assert tasks.eager_task(4)["value"] == 4
+
+
+# -- 8. breaker_fallback -------------------------------------------------------
+
+
+def test_fallback_callable_returns_its_value_instead_of_deferring(app: Any, operate: Operate) -> None:
+    breaker = operate(tasks.fallback_callable_task.breaker)
+    breaker.force_open()
+
+    value = get(tasks.fallback_callable_task.delay("ACME", currency="USD"))
+    assert value == {"fallback": "callable", "symbol": "ACME", "currency": "USD"}
+    assert breaker.snapshot().deferrals == 0
+
+    breaker.close()
+    assert get(tasks.fallback_callable_task.delay("ACME")) == {"fallback": None, "symbol": "ACME"}
+
+
+def test_fallback_method_name_returns_its_value_instead_of_deferring(app: Any, operate: Operate) -> None:
+    breaker = operate(tasks.fallback_method_task.breaker)
+    breaker.force_open()
+
+    value = get(tasks.fallback_method_task.delay("ACME"))
+    assert value == {"fallback": "method", "symbol": "ACME", "task": tasks.fallback_method_task.name}
+    assert breaker.snapshot().deferrals == 0
+
+    breaker.close()
+    assert get(tasks.fallback_method_task.delay("ACME")) == {"fallback": None, "symbol": "ACME"}
+
+
+# -- 9. per-key breakers ---------------------------------------------------------
+
+
+def test_per_key_breaker_defers_one_tenant_while_another_runs(app: Any, operate: Operate) -> None:
+    policy = task_breaker_config(app.tasks[tasks.tenant_task.name]).policy
+    registry = registry_for(app)
+    tenant_a = operate(registry.get("t-tenant", "A", policy))
+    tenant_b = operate(registry.get("t-tenant", "B", policy))
+    tenant_a.force_open()
+
+    result_a = tasks.tenant_task.apply_async(kwargs={"tenant": "A"})
+    result_b = tasks.tenant_task.apply_async(kwargs={"tenant": "B"})
+
+    value_b = get(result_b)
+    assert value_b["breaker"] == "t-tenant"
+    assert value_b["key"] == "B"  # self.breaker is this tenant's breaker
+    assert value_b["deferrals"] is None
+    # Tenant A is forced open, so it is still deferred while B has run.
+    wait_for(lambda: result_a.state == "RETRY", "tenant A's task to be deferred")
+    match = DEFERRED.fullmatch(deferral_text(result_a))
+    assert match is not None
+    assert match["label"] == "t-tenant[A]"
+    assert not result_a.ready()
+    assert tenant_b.snapshot().deferrals == 0
+    assert tenant_b.snapshot().successes == 1
+
+    tenant_a.close()
+    value_a = get(result_a)
+    assert value_a["key"] == "A"
+    assert value_a["deferrals"] == tenant_a.snapshot().deferrals >= 1
+    assert tasks.tenant_task.breaker.snapshot().deferrals == 0  # the key-less breaker is untouched
+
+
+# -- 10. self.breaker inside the body ------------------------------------------
+
+
+def test_self_breaker_in_the_body_is_this_calls_breaker_and_records_once(app: Any, operate: Operate) -> None:
+    breaker = operate(tasks.guard_once_task.breaker)  # failure_threshold 5: stays closed
+    before = breaker.snapshot()
+
+    seen = get(tasks.guard_once_task.delay(False))
+    assert seen == {"is_breaker": True, "name": "t-guard-once", "key": None, "state": "closed"}
+    after_success = breaker.snapshot()
+    assert after_success.successes == before.successes + 1
+    assert after_success.failures == before.failures
+
+    with pytest.raises(ConnectionError, match="t-guard-once is down"):
+        get(tasks.guard_once_task.delay(True))
+    after_failure = breaker.snapshot()
+    assert after_failure.failures == after_success.failures + 1
+    assert after_failure.successes == after_success.successes
+    assert after_failure.state is State.CLOSED
+
+
+def test_guarded_block_in_half_open_uses_the_tasks_probe_slot(app: Any, operate: Operate) -> None:
+    # half_open_max_calls 2, success_threshold 2 (task option breaker_policy).
+    breaker = operate(tasks.probe_task.breaker)
+    assert breaker.policy.half_open_max_calls == 2
+    trip(breaker)
+    wait_until_probe_admissible(breaker)
+    successes = breaker.snapshot().successes
+
+    inside = get(tasks.probe_task.delay())
+    assert inside == {"state": "half_open", "probes_in_flight": 1}  # one slot, not two
+    after = breaker.snapshot()
+    assert after.successes == successes + 1  # recorded once
+    assert after.state is State.HALF_OPEN  # one success of the two needed
+    assert after.probes_in_flight == 0
+
+    assert get(tasks.probe_task.delay()) == {"state": "half_open", "probes_in_flight": 1}
+    assert breaker.snapshot().state is State.CLOSED
+    assert breaker.snapshot().successes == successes + 2
+
+
+def test_failure_after_a_successful_guarded_block_is_not_deferred(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    breaker = operate(tasks.fails_after_block_task.breaker)  # half_open_max_calls 2, success_threshold 2
+    monkeypatch.setitem(tasks.CALLS, "t-fails-after-block", 0)
+    trip(breaker)
+    wait_until_probe_admissible(breaker)
+
+    result = tasks.fails_after_block_task.delay()
+    with pytest.raises(ValueError, match="bug in the task's own code"):
+        get(result)
+    # The ValueError is the task's own bug, recorded nowhere: it must fail the task at once,
+    # without a deferral that calls the (successful) downstream a second time.
+    assert breaker.snapshot().deferrals == 0
+    assert tasks.CALLS["t-fails-after-block"] == 1
+
+
+# -- 12. breaker_routes: a plain task under a breaker by settings alone ---------
+
+
+def test_breaker_routes_put_a_plain_task_under_a_breaker(app: Any, operate: Operate) -> None:
+    task = app.tasks["tests.celery.tasks.routed_plain_task"]
+    assert isinstance(task, BreakerTask)  # made one at worker start, by breaker_routes
+    assert task_breaker_config(task).name == "t-routed"
+    breaker = operate(task.breaker)
+    assert breaker.name == "t-routed"
+    breaker.force_open()
+
+    result = tasks.routed_plain_task.delay(1)
+    wait_for(lambda: result.state == "RETRY", "the routed task to be deferred")
+    match = DEFERRED.fullmatch(deferral_text(result))
+    assert match is not None
+    assert match["label"] == "t-routed"
+    assert match["state"] == "forced_open"
+
+    breaker.close()
+    value = get(result)
+    assert value["value"] == 2
+    assert value["retries"] == 0
+    assert value["deferrals"] == breaker.snapshot().deferrals >= 1
