@@ -4,21 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from typing import Any
 
 import pytest
 
-from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, State
+from celery_breaker import CircuitBreaker, CircuitOpenError, State
 from celery_breaker.testing import FakeClock, fresh_store
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-def make(clock: FakeClock, **policy: Any) -> CircuitBreaker:
-    return CircuitBreaker("svc", BreakerPolicy(**policy), storage=fresh_store(), clock=clock)
+from .support import make
 
 
 async def fetch(value: int, *, scale: int = 1) -> int:

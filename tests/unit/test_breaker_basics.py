@@ -22,14 +22,7 @@ from celery_breaker import (
 )
 from celery_breaker.testing import FakeClock, fresh_store
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-def make(clock: FakeClock, name: str = "svc", **policy: Any) -> CircuitBreaker:
-    return CircuitBreaker(name, BreakerPolicy(**policy), storage=fresh_store(), clock=clock)
+from .support import make
 
 
 def down() -> None:

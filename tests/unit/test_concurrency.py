@@ -13,6 +13,8 @@ from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, Stat
 from celery_breaker.core import Transition
 from celery_breaker.testing import FakeClock, fresh_store
 
+from .support import down, ok
+
 THREADS = 8
 CALLS = 2000
 TIMEOUT = 10.0
@@ -38,14 +40,6 @@ def run_threads(count: int, target: Callable[[int], None]) -> None:
     assert not any(thread.is_alive() for thread in threads), "a thread hung"
     if errors:
         raise errors[0]
-
-
-def down() -> None:
-    raise ConnectionError("down")
-
-
-def ok() -> str:
-    return "ok"
 
 
 @pytest.mark.parametrize(

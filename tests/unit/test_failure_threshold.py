@@ -3,41 +3,13 @@
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
 
 import pytest
 
-from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, State
-from celery_breaker.testing import FakeClock, fresh_store
+from celery_breaker import CircuitOpenError, State
+from celery_breaker.testing import FakeClock
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-def make(clock: FakeClock, **policy: Any) -> CircuitBreaker:
-    return CircuitBreaker("svc", BreakerPolicy(**policy), storage=fresh_store(), clock=clock)
-
-
-def down() -> None:
-    raise ConnectionError("down")
-
-
-def ok() -> str:
-    return "ok"
-
-
-def state_of(breaker: CircuitBreaker) -> State:
-    """The state read afresh: a call, so type checkers do not narrow it across calls."""
-    return breaker.state
-
-
-def fail(breaker: CircuitBreaker, times: int = 1) -> None:
-    for _ in range(times):
-        with pytest.raises(ConnectionError):
-            breaker.call(down)
-
+from .support import fail, make, ok, state_of
 
 # -- N failures within T seconds ------------------------------------------------------
 

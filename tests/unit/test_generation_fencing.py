@@ -2,57 +2,12 @@
 
 from __future__ import annotations
 
-import contextvars
-from typing import Any
-
 import pytest
 
-from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, State
-from celery_breaker.testing import FakeClock, fresh_store
+from celery_breaker import CircuitOpenError, State
+from celery_breaker.testing import FakeClock
 
-
-class HeldCall:
-    """A call admitted now and finished later, in its own context as a thread or task would be."""
-
-    def __init__(self, breaker: CircuitBreaker) -> None:
-        self._breaker = breaker
-        self._context = contextvars.copy_context()
-        self._context.run(breaker.__enter__)
-
-    def succeed(self) -> None:
-        self._context.run(self._breaker.__exit__, None, None, None)
-
-    def fail(self, exc: BaseException | None = None) -> None:
-        err = exc if exc is not None else ConnectionError("late")
-        self._context.run(self._breaker.__exit__, type(err), err, None)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-def make(clock: FakeClock, **policy: Any) -> CircuitBreaker:
-    return CircuitBreaker("svc", BreakerPolicy(**policy), storage=fresh_store(), clock=clock)
-
-
-def down() -> None:
-    raise ConnectionError("down")
-
-
-def ok() -> str:
-    return "ok"
-
-
-def state_of(breaker: CircuitBreaker) -> State:
-    """The state read afresh: a call, so type checkers do not narrow it across calls."""
-    return breaker.state
-
-
-def fail(breaker: CircuitBreaker, times: int = 1) -> None:
-    for _ in range(times):
-        with pytest.raises(ConnectionError):
-            breaker.call(down)
+from .support import HeldCall, fail, make, ok, state_of
 
 
 def test_late_failure_from_before_the_trip_does_not_touch_the_open_breaker(clock: FakeClock) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextvars
 from typing import Any
 
 import pytest
@@ -10,26 +9,7 @@ import pytest
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
 from celery_breaker.testing import FakeClock, fresh_store
 
-
-class HeldCall:
-    """A call admitted now and finished later, in its own context as a thread or task would be."""
-
-    def __init__(self, breaker: CircuitBreaker) -> None:
-        self._breaker = breaker
-        self._context = contextvars.copy_context()
-        self._context.run(breaker.__enter__)
-
-    def succeed(self) -> None:
-        self._context.run(self._breaker.__exit__, None, None, None)
-
-    def fail(self, exc: BaseException | None = None) -> None:
-        err = exc if exc is not None else ConnectionError("down")
-        self._context.run(self._breaker.__exit__, type(err), err, None)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+from .support import HeldCall, down, ok, state_of
 
 
 def half_open(clock: FakeClock, **policy: Any) -> CircuitBreaker:
@@ -39,19 +19,6 @@ def half_open(clock: FakeClock, **policy: Any) -> CircuitBreaker:
         breaker.call(down)
     clock.advance(breaker.policy.reset_timeout)
     return breaker
-
-
-def down() -> None:
-    raise ConnectionError("down")
-
-
-def ok() -> str:
-    return "ok"
-
-
-def state_of(breaker: CircuitBreaker) -> State:
-    """The state read afresh: a call, so type checkers do not narrow it across calls."""
-    return breaker.state
 
 
 def test_at_most_half_open_max_calls_probes_are_admitted(clock: FakeClock) -> None:

@@ -11,10 +11,7 @@ from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, Stat
 from celery_breaker.core import Transition
 from celery_breaker.testing import FakeClock, fresh_store
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+from .support import down, fail, ok, state_of
 
 
 @pytest.fixture
@@ -25,25 +22,6 @@ def logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
 
 def make(clock: FakeClock, **policy: Any) -> CircuitBreaker:
     return CircuitBreaker("crm", BreakerPolicy(**policy), storage=fresh_store(), clock=clock)
-
-
-def down() -> None:
-    raise ConnectionError("down")
-
-
-def ok() -> str:
-    return "ok"
-
-
-def state_of(breaker: CircuitBreaker) -> State:
-    """The state read afresh: a call, so type checkers do not narrow it across calls."""
-    return breaker.state
-
-
-def fail(breaker: CircuitBreaker, times: int = 1) -> None:
-    for _ in range(times):
-        with pytest.raises(ConnectionError):
-            breaker.call(down)
 
 
 def at_least(logs: pytest.LogCaptureFixture, level: int) -> list[logging.LogRecord]:

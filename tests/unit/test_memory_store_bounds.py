@@ -12,15 +12,9 @@ from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, Conf
 from celery_breaker.storage import MemoryStore, resolve_store, store_from_url
 from celery_breaker.testing import FakeClock, fresh_store
 
+from .support import down, ok
+
 POLICY = BreakerPolicy(failure_threshold=1)
-
-
-def down() -> None:
-    raise ConnectionError("down")
-
-
-def ok() -> str:
-    return "ok"
 
 
 def trip(breaker: CircuitBreaker) -> None:

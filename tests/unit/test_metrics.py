@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
 
 import pytest
 
-from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, State
+from celery_breaker import CircuitBreaker, CircuitOpenError, State
 from celery_breaker.core import BreakerSnapshot
 from celery_breaker.testing import FakeClock, fresh_store
+
+from .support import down, fail, make, ok
 
 EPOCH = 1_700_000_000.0
 
@@ -18,24 +19,6 @@ EPOCH = 1_700_000_000.0
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock(start=500.0, epoch=EPOCH)
-
-
-def make(clock: FakeClock, name: str = "svc", **policy: Any) -> CircuitBreaker:
-    return CircuitBreaker(name, BreakerPolicy(**policy), storage=fresh_store(), clock=clock)
-
-
-def down() -> None:
-    raise ConnectionError("down")
-
-
-def ok() -> str:
-    return "ok"
-
-
-def fail(breaker: CircuitBreaker, times: int = 1) -> None:
-    for _ in range(times):
-        with pytest.raises(ConnectionError):
-            breaker.call(down)
 
 
 def test_fresh_breaker_snapshot(clock: FakeClock) -> None:

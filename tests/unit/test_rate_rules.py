@@ -8,29 +8,9 @@ import pytest
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, ConfigurationError, State
 from celery_breaker.core import Transition
-from celery_breaker.testing import FakeClock, fresh_store
+from celery_breaker.testing import FakeClock
 
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-def make(clock: FakeClock, **policy: Any) -> CircuitBreaker:
-    return CircuitBreaker("svc", BreakerPolicy(**policy), storage=fresh_store(), clock=clock)
-
-
-def down() -> None:
-    raise ConnectionError("down")
-
-
-def ok() -> str:
-    return "ok"
-
-
-def state_of(breaker: CircuitBreaker) -> State:
-    """The state read afresh: a call, so type checkers do not narrow it across calls."""
-    return breaker.state
+from .support import down, make, ok, state_of
 
 
 def run(breaker: CircuitBreaker, pattern: str) -> None:
@@ -43,7 +23,7 @@ def run(breaker: CircuitBreaker, pattern: str) -> None:
                 breaker.call(down)
 
 
-RATE = {"failure_threshold": None, "failure_rate_threshold": 0.5, "minimum_calls": 4}
+RATE: dict[str, Any] = {"failure_threshold": None, "failure_rate_threshold": 0.5, "minimum_calls": 4}
 
 
 # -- failure rate over a time window ----------------------------------------------
@@ -161,7 +141,7 @@ def test_windows_are_cleared_when_the_breaker_recovers(clock: FakeClock) -> None
 # -- slow calls ---------------------------------------------------------------------------
 
 
-SLOW = {
+SLOW: dict[str, Any] = {
     "failure_threshold": None,
     "slow_call_duration": 2.0,
     "slow_call_rate_threshold": 0.5,

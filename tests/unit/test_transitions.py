@@ -14,6 +14,8 @@ from celery_breaker.core import TRANSITIONS, Transition
 from celery_breaker.core.state import IllegalTransition, check_transition
 from celery_breaker.testing import FakeClock, fresh_store
 
+from .support import fail, ok, state_of
+
 AUTOMATIC = {
     (State.CLOSED, State.OPEN): "trip",
     (State.OPEN, State.HALF_OPEN): "open duration over",
@@ -24,35 +26,11 @@ OPERATOR_TARGETS = (State.CLOSED, State.FORCED_OPEN, State.DISABLED)
 ALL_PAIRS = list(itertools.product(State, State))
 
 
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
 def make(clock: FakeClock, **policy: Any) -> tuple[CircuitBreaker, list[Transition]]:
     breaker = CircuitBreaker("svc", BreakerPolicy(**policy), storage=fresh_store(), clock=clock)
     seen: list[Transition] = []
     breaker.add_listener(seen.append)
     return breaker, seen
-
-
-def down() -> None:
-    raise ConnectionError("down")
-
-
-def ok() -> str:
-    return "ok"
-
-
-def state_of(breaker: CircuitBreaker) -> State:
-    """The state read afresh: a call, so type checkers do not narrow it across calls."""
-    return breaker.state
-
-
-def fail(breaker: CircuitBreaker, times: int = 1) -> None:
-    for _ in range(times):
-        with pytest.raises(ConnectionError):
-            breaker.call(down)
 
 
 def moves(seen: list[Transition]) -> list[tuple[State, State]]:

@@ -1,0 +1,1 @@
+"""Unit tests of the breaker core: fake clock, no Celery worker, no sleeps."""
