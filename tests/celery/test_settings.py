@@ -216,32 +216,27 @@ def test_worker_with_an_unknown_breaker_setting_refuses_to_start() -> None:
         start_and_stop(app)
 
 
+def two_tasks_sharing_a_breaker(app: Any, prefix: str, thresholds: tuple[int, int]) -> None:
+    """Register ``{prefix}.a`` and ``{prefix}.b`` on breaker "shared" with these thresholds."""
+    for suffix, threshold in zip("ab", thresholds, strict=True):
+
+        def job(self: Any) -> None:
+            return None
+
+        app.task(
+            base=BreakerTask,
+            bind=True,
+            shared=False,
+            name=f"{prefix}.{suffix}",
+            breaker="shared",
+            breaker_policy={"failure_threshold": threshold},
+        )(job)
+
+
 @pytest.mark.usefixtures("restore_worker_globals")
 def test_worker_refuses_tasks_sharing_a_breaker_with_different_policies() -> None:
     app = throwaway_app("conflict-worker")
-
-    @app.task(
-        base=BreakerTask,
-        bind=True,
-        shared=False,
-        name="conflict.a",
-        breaker="shared",
-        breaker_policy={"failure_threshold": 2},
-    )
-    def first(self: Any) -> None:
-        return None
-
-    @app.task(
-        base=BreakerTask,
-        bind=True,
-        shared=False,
-        name="conflict.b",
-        breaker="shared",
-        breaker_policy={"failure_threshold": 3},
-    )
-    def second(self: Any) -> None:
-        return None
-
+    two_tasks_sharing_a_breaker(app, "conflict", (2, 3))
     with pytest.raises(ConfigurationError, match="'shared'") as info:
         start_and_stop(app)
     assert "conflict.a" in str(info.value)
@@ -250,29 +245,7 @@ def test_worker_refuses_tasks_sharing_a_breaker_with_different_policies() -> Non
 
 def test_tasks_sharing_a_breaker_with_the_same_policy_are_accepted() -> None:
     app = throwaway_app("agree")
-
-    @app.task(
-        base=BreakerTask,
-        bind=True,
-        shared=False,
-        name="agree.a",
-        breaker="shared",
-        breaker_policy={"failure_threshold": 2},
-    )
-    def first(self: Any) -> None:
-        return None
-
-    @app.task(
-        base=BreakerTask,
-        bind=True,
-        shared=False,
-        name="agree.b",
-        breaker="shared",
-        breaker_policy={"failure_threshold": 2},
-    )
-    def second(self: Any) -> None:
-        return None
-
+    two_tasks_sharing_a_breaker(app, "agree", (2, 2))
     app.finalize()
     assert sorted(check_app(app)["shared"]) == ["agree.a", "agree.b"]
 
