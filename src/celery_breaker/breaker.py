@@ -15,7 +15,7 @@ from .core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transi
 from .errors import CircuitOpenError, ConfigurationError
 from .storage import Cell, Store, resolve_store
 
-__all__ = ["CircuitBreaker", "TransitionListener"]
+__all__ = ["CircuitBreaker", "ExceptionTranslator", "RunAdmission", "TransitionListener", "current_run"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -40,6 +40,54 @@ class _Active(NamedTuple):
 
 # Per thread and per asyncio task: concurrent blocks never see each other's tickets.
 _ACTIVE: ContextVar[_Active | None] = ContextVar("celery_breaker_active", default=None)
+
+#: Maps an exception raised inside a run to the one to classify, or ``None`` for
+#: "neutral" (the Celery layer unwraps ``Retry`` and neutralises ``Ignore``/``Reject``).
+ExceptionTranslator = Callable[[BaseException], BaseException | None]
+
+
+class RunAdmission:
+    """A ticket taken for a whole run (a task's) before its body starts.
+
+    While the run is current, the first guarded call on the same breaker (same store,
+    name and key; ``self.breaker`` or any other object) uses this ticket instead of
+    acquiring another: a half-open breaker spends one probe slot per run, and a run is
+    never rejected by the admission it already holds. ``recorded`` is what the run last
+    recorded on that breaker.
+    """
+
+    __slots__ = ("breaker", "cell", "ticket", "start", "claimed", "recorded", "translate")
+
+    def __init__(
+        self, breaker: CircuitBreaker, cell: Cell, ticket: Ticket, start: float, translate: ExceptionTranslator
+    ) -> None:
+        self.breaker = breaker
+        self.cell = cell
+        self.ticket = ticket
+        self.start = start
+        self.claimed = False
+        self.recorded: Outcome | None = None
+        self.translate = translate
+
+    def covers(self, breaker: CircuitBreaker) -> bool:
+        own = self.breaker
+        return breaker.store is own.store and breaker.name == own.name and breaker.key == own.key
+
+    def settle(self, exc: BaseException | None, *, neutral: bool = False) -> Outcome | None:
+        """Record the run's own outcome unless a guarded call used its ticket; return
+        what the run last recorded on its breaker."""
+        if not self.claimed:
+            self.claimed = True
+            self.breaker._finish(self.cell, self.ticket, exc, self.start, IGNORED if neutral else None)
+        return self.recorded
+
+
+_RUN: ContextVar[RunAdmission | None] = ContextVar("celery_breaker_run", default=None)
+
+
+def current_run() -> RunAdmission | None:
+    """The run admission of the task running in this context, if any."""
+    return _RUN.get()
 
 
 class CircuitBreaker:
@@ -78,11 +126,20 @@ class CircuitBreaker:
         self._now = self._clock.monotonic
         self._listeners: list[TransitionListener] = []
         self._cell = self.store.cell(name, key, self.policy, self._clock)
+        existing = self._cell.policy
+        if existing is not self.policy and existing != self.policy:
+            logger.warning(
+                "breaker %s already exists in %s with another policy; it keeps that one "
+                "(reset() adopts a new policy): existing %r, this one %r",
+                self.label, self.store.url, existing, self.policy,
+            )  # fmt: skip
 
     # -- the guarded call ----------------------------------------------------
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(*args, **kwargs)`` if the breaker admits it; record how it went."""
+        if _RUN.get() is not None:
+            return self._call_in_run(fn, *args, **kwargs)
         cell = self._cell
         start = self._now()
         if cell.passing:
@@ -112,6 +169,18 @@ class CircuitBreaker:
         cell.record_success(ticket, end - start, self.policy, end)
         if cell.events:
             self._announce(cell)
+        return result
+
+    def _call_in_run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        # Inside a task run: the run's admission may serve this call, and every outcome
+        # tells the run what it recorded.
+        cell, ticket, start = self._admit()
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as exc:
+            self._finish(cell, ticket, exc, start)
+            raise
+        self._finish(cell, ticket, None, start)
         return result
 
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -154,7 +223,7 @@ class CircuitBreaker:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        _exit_block(exc)
+        _exit_block(self, exc)
 
     async def __aenter__(self) -> CircuitBreaker:
         return self.__enter__()
@@ -162,7 +231,7 @@ class CircuitBreaker:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        _exit_block(exc)
+        _exit_block(self, exc)
 
     # -- steps shared by every way of guarding -------------------------------
 
@@ -172,6 +241,10 @@ class CircuitBreaker:
 
     def _admit(self) -> tuple[Cell, Ticket, float]:
         """Acquire a ticket (or raise ``CircuitOpenError``)."""
+        run = _RUN.get()
+        if run is not None and not run.claimed and run.covers(self):
+            run.claimed = True  # the run's ticket serves this call; timed from now
+            return run.cell, run.ticket, self._now()
         cell = self._cell
         start = self._now()
         if cell.passing:
@@ -204,10 +277,20 @@ class CircuitBreaker:
         self, cell: Cell, ticket: Ticket, exc: BaseException | None, start: float, outcome: Outcome | None = None
     ) -> Outcome:
         """Record how a call that started at ``start`` went; return how it counted."""
+        run = _RUN.get()
         if outcome is None:
-            outcome = self.policy.classify(exc)
+            if exc is not None and run is not None:
+                exc = run.translate(exc)
+                outcome = IGNORED if exc is None else self.policy.classify(exc)
+            else:
+                outcome = self.policy.classify(exc)
         end = self._now()
-        cell.finish(ticket, outcome, end - start, self.policy, end)
+        if outcome is SUCCESS:
+            cell.record_success(ticket, end - start, self.policy, end)
+        else:
+            cell.finish(ticket, outcome, end - start, self.policy, end)
+        if run is not None and run.covers(self):
+            run.recorded = outcome
         if outcome is FAILURE:
             logger.debug(
                 "breaker %s: recorded failure %r", self.label, exc,
@@ -216,10 +299,6 @@ class CircuitBreaker:
         if cell.events:
             self._announce(cell)
         return outcome
-
-    def _enter_with(self, cell: Cell, ticket: Ticket, start: float) -> None:
-        """Open a guarded block with a ticket acquired earlier (a task's admission)."""
-        _ACTIVE.set(_Active(self, cell, ticket, start, _ACTIVE.get()))
 
     def _announce(self, cell: Cell) -> None:
         events = cell.events
@@ -294,12 +373,21 @@ class CircuitBreaker:
         return f"<CircuitBreaker {self.label!r} {self.state.value} on {self.store.url}>"
 
 
-def _exit_block(exc: BaseException | None) -> None:
+def _exit_block(breaker: CircuitBreaker, exc: BaseException | None) -> None:
+    # Blocks normally exit innermost first; an ExitStack or a suspended generator can
+    # exit them out of order, so find this breaker's innermost block.
+    skipped: list[_Active] = []
     active = _ACTIVE.get()
-    if active is None:  # pragma: no cover - only reachable by calling __exit__ by hand
-        raise RuntimeError("breaker block exited without being entered")
-    _ACTIVE.set(active.outer)
-    active.breaker._finish(active.cell, active.ticket, exc, active.start)
+    while active is not None and active.breaker is not breaker:
+        skipped.append(active)
+        active = active.outer
+    if active is None:
+        raise RuntimeError(f"breaker {breaker.label!r}: block exited without being entered")
+    rest = active.outer
+    for frame in reversed(skipped):
+        rest = frame._replace(outer=rest)
+    _ACTIVE.set(rest)
+    breaker._finish(active.cell, active.ticket, exc, active.start)
 
 
 def _log_transition(transition: Transition) -> None:

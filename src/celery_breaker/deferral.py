@@ -28,6 +28,8 @@ HEADERS = (DEFERRALS_HEADER, SINCE_HEADER)
 EXPIRY_OVERSHOOT = 1.0
 #: The shortest deferral: never requeue in a busy loop.
 MINIMUM_DELAY = 0.5
+#: How long before its ``expires`` a deferred task that can still run is due at the latest.
+EXPIRY_MARGIN = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,7 @@ def read_headers(headers: Mapping[str, Any] | None, *, now: float) -> DeferralHe
             since = float(raw_since)
             if not math.isfinite(since) or since > now + 86400:
                 raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             problems.append(
                 f"header {SINCE_HEADER}={raw_since!r} is not epoch seconds; measuring the deferral age from now"
             )
@@ -90,6 +92,7 @@ def read_headers(headers: Mapping[str, Any] | None, *, now: float) -> DeferralHe
 def plan_deferral(
     *,
     label: str,
+    state: str = "open",
     retry_after: float,
     spread: float,
     past: DeferralHeaders,
@@ -111,19 +114,26 @@ def plan_deferral(
     if max_deferrals is not None and past.count >= max_deferrals:
         return DeferralPlan(
             0.0, past.count, since,
-            give_up=f"breaker {label!r} still open after {past.count} deferral(s) over {age:.0f} s; "
+            give_up=f"breaker {label!r} still {state} after {past.count} deferral(s) over {age:.0f} s; "
             f"giving up (breaker_max_deferrals={max_deferrals})",
         )  # fmt: skip
     if max_defer_age is not None and age >= max_defer_age:
         return DeferralPlan(
             0.0, past.count, since,
-            give_up=f"breaker {label!r} still open after {past.count} deferral(s) over {age:.0f} s; "
+            give_up=f"breaker {label!r} still {state} after {past.count} deferral(s) over {age:.0f} s; "
             f"giving up (breaker_max_defer_age={max_defer_age:g} s)",
         )  # fmt: skip
-    delay = max(retry_after, 0.0) + (uniform(0.0, spread) if spread > 0 else 0.0)
+    earliest = max(retry_after, MINIMUM_DELAY)  # when the breaker may admit it
+    if expires_in is not None and earliest >= expires_in:
+        # It cannot run before it expires: let it arrive just after, to be revoked.
+        delay = max(expires_in, 0.0) + EXPIRY_OVERSHOOT
+        if cap is not None:
+            delay = min(delay, cap)
+        return DeferralPlan(delay, past.count + 1, since, expires_first=True)
+    delay = max(max(retry_after, 0.0) + (uniform(0.0, spread) if spread > 0 else 0.0), MINIMUM_DELAY)
+    if expires_in is not None:
+        # The spread must not push it past its expiry: arrive a little before it.
+        delay = min(delay, max(earliest, expires_in - EXPIRY_MARGIN))
     if cap is not None:
         delay = min(delay, cap)
-    delay = max(delay, MINIMUM_DELAY)
-    if expires_in is not None and delay >= expires_in:
-        return DeferralPlan(max(expires_in, 0.0) + EXPIRY_OVERSHOOT, past.count + 1, since, expires_first=True)
-    return DeferralPlan(delay, past.count + 1, since)
+    return DeferralPlan(max(delay, MINIMUM_DELAY), past.count + 1, since)

@@ -39,9 +39,11 @@ SETTINGS: dict[str, Any] = {
 }
 
 #: Brokers that redeliver a message held unacknowledged longer than their
-#: ``visibility_timeout`` (kombu's Redis and SQS transports).
-_REDELIVERING_BROKERS = {"redis", "rediss", "redis+socket", "sentinel", "sqs", "valkey", "valkeys"}
-_DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+#: ``visibility_timeout``, with kombu's default for it (Redis 3600 s, SQS 1800 s).
+_REDELIVERING_BROKERS = {
+    "redis": 3600.0, "rediss": 3600.0, "redis+socket": 3600.0, "sentinel": 3600.0,
+    "valkey": 3600.0, "valkeys": 3600.0, "sqs": 1800.0,
+}  # fmt: skip
 
 _LOCK = threading.Lock()
 _ATTRIBUTE = "_celery_breaker_settings"
@@ -152,16 +154,18 @@ def unknown_settings(conf: Any) -> list[str]:
 
 def broker_visibility_timeout(conf: Any) -> float | None:
     """The broker's redelivery window in seconds, or None for brokers without one."""
-    url = conf.get("broker_url") or ""
+    # conf.broker_url (a property) honours the CELERY_BROKER_URL environment variable.
+    url = getattr(conf, "broker_url", None) or conf.get("broker_url") or ""
     scheme = urlsplit(str(url).split(";")[0]).scheme.lower() if url else ""
-    if scheme not in _REDELIVERING_BROKERS:
+    default = _REDELIVERING_BROKERS.get(scheme)
+    if default is None:
         return None
     options = conf.get("broker_transport_options") or {}
-    value = options.get("visibility_timeout", _DEFAULT_VISIBILITY_TIMEOUT)
+    value = options.get("visibility_timeout", default)
     try:
         return float(value)
     except (TypeError, ValueError):
-        return _DEFAULT_VISIBILITY_TIMEOUT
+        return default
 
 
 def build_settings(conf: Any) -> BreakerSettings:

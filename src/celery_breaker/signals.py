@@ -32,11 +32,12 @@ def install(app: Any) -> None:
         return
     setattr(app, _INSTALLED, True)
     app.steps["worker"].add(BreakerStep)
-    # Routes also apply outside workers (eager mode, direct calls), once tasks exist.
+    # Routes also apply outside workers (eager mode, direct calls), once tasks exist:
+    # now for an app already finalized, and when finalizing ends (BreakerTask.bind
+    # runs in the middle of it, before every task is registered).
+    app.on_after_finalize.connect(_apply_routes_quietly, weak=False)
     if app.finalized:
         _apply_routes_quietly(app)
-    else:
-        app.on_after_finalize.connect(_apply_routes_quietly, weak=False)
 
 
 class BreakerStep(bootsteps.Step):  # type: ignore[misc]

@@ -16,21 +16,21 @@ from celery.app.task import X_DEATH_HEADERS
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.time import maybe_iso8601, maybe_make_aware
 
-from .breaker import CircuitBreaker
-from .core import BreakerPolicy, Outcome, State, Ticket
+from .breaker import _RUN, CircuitBreaker, RunAdmission, current_run
+from .core import BreakerPolicy, Outcome, State
 from .deferral import DEFERRALS_HEADER, SINCE_HEADER, plan_deferral, read_headers
 from .errors import CircuitOpenError, ConfigurationError
 from .registry import registry_for
 from .settings import get_settings
-from .storage import Cell
 
 __all__ = ["BreakerTask", "TaskBreakerConfig", "task_breaker_config"]
 
 logger = logging.getLogger("celery_breaker")
 
-FAILURE, IGNORED = Outcome.FAILURE, Outcome.IGNORED
-_CALL = "_celery_breaker_call"  # the request attribute holding the running call's admission
+FAILURE = Outcome.FAILURE
+_RUN_ATTR = "_celery_breaker_run"  # the request attribute naming the task's own run admission
 _CONFIG = "_celery_breaker_config"  # the class attribute caching the resolved options
+_REQUEUE_PAUSE = 1.0  # seconds before requeueing a task whose deferral could not be published
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,86 +44,44 @@ class TaskBreakerConfig:
     defer_spread: float | None
 
 
-class _TaskCall:
-    """One run's admission. Its ticket serves the task, or the body's first guarded block."""
-
-    __slots__ = ("breaker", "cell", "ticket", "start", "settled", "recorded")
-
-    def __init__(self, breaker: CircuitBreaker, cell: Cell, ticket: Ticket, start: float) -> None:
-        self.breaker = breaker
-        self.cell = cell
-        self.ticket = ticket
-        self.start = start
-        self.settled = False
-        self.recorded: Outcome | None = None
-        """What this run last recorded on its breaker (its own outcome, or its blocks')."""
-
-    def settle(self, exc: BaseException | None, *, neutral: bool = False) -> Outcome | None:
-        """Record the run's outcome unless a guarded block already did; return what this
-        run recorded last (a failure recorded here is what may defer the task)."""
-        if not self.settled:
-            self.settled = True
-            outcome = IGNORED if neutral else self.breaker.policy.classify(exc)
-            self.breaker._finish(self.cell, self.ticket, None if neutral else exc, self.start, outcome)
-            self.recorded = outcome
-        return self.recorded
-
-    def failed_while_open(self) -> bool:
-        """This run recorded a failure, and the breaker no longer admits calls freely."""
-        return self.recorded is FAILURE and not self.cell.passing
+def _translate(exc: BaseException) -> BaseException | None:
+    """What a Celery control-flow exception raised inside a run says about the downstream:
+    a ``Retry`` counts as its cause (neutral without one); ``Ignore``/``Reject`` are neutral."""
+    if isinstance(exc, Retry):
+        cause = exc.exc
+        return cause if isinstance(cause, BaseException) else None
+    if isinstance(exc, (Ignore, Reject)):
+        return None
+    return exc
 
 
-class _CallBreaker(CircuitBreaker):
-    """``self.breaker`` inside a running task: the task's breaker, whose first guarded
-    block uses the admission the task already holds (no second probe slot)."""
-
-    __slots__ = ("_task_call",)
-    _task_call: _TaskCall
-
-    def _admit(self) -> tuple[Cell, Ticket, float]:
-        call = self._task_call
-        if not call.settled:
-            call.settled = True  # the block's exit records the outcome
-            return call.cell, call.ticket, call.start
-        return super()._admit()
-
-    def _finish(
-        self, cell: Cell, ticket: Ticket, exc: BaseException | None, start: float, outcome: Outcome | None = None
-    ) -> Outcome:
-        recorded = super()._finish(cell, ticket, exc, start, outcome)
-        self._task_call.recorded = recorded
-        return recorded
-
-    def call(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        cell, ticket, start = self._admit()
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as exc:
-            self._finish(cell, ticket, exc, start)
-            raise
-        self._finish(cell, ticket, None, start)
-        return result
+def _running(task: BreakerTask) -> RunAdmission | None:
+    """The admission of ``task``'s run in this context (not another task's)."""
+    run = current_run()
+    if run is not None and getattr(task.request, _RUN_ATTR, None) is run:
+        return run
+    return None
 
 
-def _bind_to_call(call: _TaskCall) -> _CallBreaker:
-    source = call.breaker
-    bound = _CallBreaker.__new__(_CallBreaker)
-    for slot in ("name", "key", "policy", "store", "_clock", "_now", "_cell", "_listeners"):
-        object.__setattr__(bound, slot, getattr(source, slot))
-    bound._task_call = call
-    return bound
+def _failed_while_open(run: RunAdmission) -> bool:
+    """The run recorded a failure, and its breaker no longer admits calls freely."""
+    if run.recorded is not FAILURE:
+        return False
+    breaker = run.breaker
+    return breaker.state not in (State.CLOSED, State.DISABLED)  # (re-reads an evicted cell)
 
 
 class _BreakerAttribute:
-    """``task.breaker``: the running call's breaker inside a task body, else the task's
-    (key-less) breaker. The ``breaker=`` task option names it (``task.breaker_name``)."""
+    """``task.breaker``: the running call's breaker inside a task body (its first guarded
+    call uses the run's admission), else the task's key-less breaker. The ``breaker=``
+    task option names it (``task.breaker_name``)."""
 
     def __get__(self, task: BreakerTask | None, owner: type | None = None) -> Any:
         if task is None:
             return self
-        call: _TaskCall | None = getattr(task.request, _CALL, None)
-        if call is not None:
-            return _bind_to_call(call)
+        run = _running(task)
+        if run is not None:
+            return run.breaker
         config = task_breaker_config(task)
         return registry_for(task.app).get(config.name, None, config.policy)
 
@@ -199,37 +157,38 @@ class BreakerTask(Task):  # type: ignore[misc]
             cell, ticket, start = breaker._admit()
         except CircuitOpenError as rejected:
             return self._on_rejected(breaker, rejected, args, kwargs)
-        call = _TaskCall(breaker, cell, ticket, start)
+        run = RunAdmission(breaker, cell, ticket, start, _translate)
         request = self.request
-        setattr(request, _CALL, call)
+        setattr(request, _RUN_ATTR, run)
+        token = _RUN.set(run)
         try:
             result = self.run(*args, **kwargs)
         except Retry as retry:
             # self.retry() / autoretry_for: count the cause, then let Celery retry.
-            cause = retry.exc if isinstance(retry.exc, BaseException) else None
-            call.settle(cause, neutral=cause is None)
+            run.settle(retry)
             raise
         except (Ignore, Reject):
-            call.settle(None, neutral=True)
+            run.settle(None, neutral=True)
             raise
-        except CircuitOpenError as rejected:  # from a guarded block or a nested breaker
-            call.settle(None, neutral=True)
+        except CircuitOpenError as rejected:  # from a guarded call or a nested breaker
+            run.settle(None, neutral=True)
             if getattr(rejected, "final", False):
                 raise
             return self._on_rejected(breaker, rejected, args, kwargs)
         except BaseException:
-            call.settle(sys.exc_info()[1])
-            if call.failed_while_open() and (self._can_defer() or self.breaker_fallback is not None):
+            run.settle(sys.exc_info()[1])
+            if _failed_while_open(run) and (self._can_defer() or self.breaker_fallback is not None):
                 # This run's downstream call failed and the breaker is open now: the
                 # task too waits for recovery instead of failing. (Eager and direct
                 # calls cannot wait: they keep their real error.)
-                return self._on_rejected(breaker, _rejection_now(breaker, call.cell), args, kwargs)
+                return self._on_rejected(breaker, _rejection_now(breaker), args, kwargs)
             raise
         else:
-            call.settle(None)
+            run.settle(None)
             return result
         finally:
-            setattr(request, _CALL, None)
+            _RUN.reset(token)
+            setattr(request, _RUN_ATTR, None)
 
     def retry(
         self,
@@ -243,14 +202,14 @@ class BreakerTask(Task):  # type: ignore[misc]
         **options: Any,
     ) -> Any:
         """Celery's retry, except that an open breaker defers instead of spending a retry."""
-        call: _TaskCall | None = getattr(self.request, _CALL, None)
-        if isinstance(exc, CircuitOpenError) and call is not None:
+        run = _running(self)
+        if isinstance(exc, CircuitOpenError) and run is not None:
             raise exc  # the run's handler defers (or falls back); never a retry
-        if call is not None and isinstance(exc, BaseException):
-            call.settle(exc)
-            if call.failed_while_open() and self._can_defer():
+        if run is not None and isinstance(exc, BaseException):
+            run.settle(exc)
+            if _failed_while_open(run) and self._can_defer():
                 # It failed and the breaker is open now: defer instead of retrying.
-                raise _rejection_now(call.breaker, call.cell) from exc
+                raise _rejection_now(run.breaker) from exc
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     # -- rejection: fallback, error or deferral -------------------------------
@@ -293,8 +252,10 @@ class BreakerTask(Task):  # type: ignore[misc]
         if retry_after is None:
             retry_after = breaker.policy.reset_timeout
         spread = config.defer_spread if config.defer_spread is not None else breaker.policy.reset_timeout
+        state = getattr(rejected.state, "value", rejected.state) or "open"
         plan = plan_deferral(
             label=rejected.label if rejected.name else breaker.label,
+            state=state,
             retry_after=retry_after,
             spread=spread,
             past=past,
@@ -321,6 +282,10 @@ class BreakerTask(Task):  # type: ignore[misc]
         except Exception as exc:
             if self.acks_late:
                 # Not acknowledged: the broker gives the message back, nothing is lost.
+                # Pause first, so a broker that delivers but will not take a publish
+                # does not turn this into a busy loop.
+                logger.warning("task %s[%s]: could not defer (%r); requeueing it", self.name, request.id, exc)
+                time.sleep(_REQUEUE_PAUSE)
                 raise Reject(exc, requeue=True) from exc
             failed = CircuitOpenError(
                 f"breaker {breaker.label!r} open and the task could not be deferred: {exc!r}",
@@ -330,7 +295,6 @@ class BreakerTask(Task):  # type: ignore[misc]
             raise failed from exc
         if not rejected.name or (rejected.name, rejected.key) == (breaker.name, breaker.key):
             breaker.note_deferral()  # (a nested breaker's rejection is not this breaker's deferral)
-        state = getattr(rejected.state, "value", rejected.state) or "open"
         label = rejected.label if rejected.name else breaker.label
         if plan.expires_first:
             text = (
@@ -347,18 +311,13 @@ class BreakerTask(Task):  # type: ignore[misc]
         raise Retry(exc=reason, when=plan.delay)
 
 
-def _rejection_now(breaker: CircuitBreaker, cell: Cell) -> CircuitOpenError:
+def _rejection_now(breaker: CircuitBreaker) -> CircuitOpenError:
     """The rejection an open breaker would give a new call right now."""
-    now = breaker._clock.monotonic()
-    state = cell.state
-    open_until = cell.open_until
-    if state is State.OPEN and open_until is not None:
-        retry_after: float | None = max(0.0, open_until - now)
-    elif state is State.FORCED_OPEN:
-        retry_after = None
-    else:
-        retry_after = breaker.policy.reset_timeout
-    return CircuitOpenError._rejected(breaker.name, breaker.key, state, retry_after)
+    snapshot = breaker.snapshot()
+    retry_after = snapshot.retry_after
+    if snapshot.state is State.HALF_OPEN and not retry_after:
+        retry_after = breaker.policy.reset_timeout  # probes are out: wait for their verdict
+    return CircuitOpenError._rejected(breaker.name, breaker.key, snapshot.state, retry_after)
 
 
 def _seconds_until(expires: Any, now: float) -> float | None:
@@ -400,11 +359,14 @@ def prepare_task_class(cls: type[BreakerTask]) -> None:
         cls.breaker_name = raw
         cls.breaker = _BreakerAttribute()
     for option in ("breaker_key", "breaker_fallback"):
+        owner = next((klass for klass in cls.__mro__ if option in vars(klass)), None)
         value = inspect.getattr_static(cls, option)
-        if isinstance(value, types.FunctionType):
-            setattr(cls, option, staticmethod(value))
-        elif value is not None and not isinstance(value, (str, staticmethod)) and not callable(value):
+        if isinstance(value, types.FunctionType) and owner is not None and vars(owner).get("_decorated"):
+            # Given to @app.task(...): a plain function, not a method of the task.
+            setattr(owner, option, staticmethod(value))
+        elif value is not None and not isinstance(value, (str, staticmethod, classmethod)) and not callable(value):
             raise ConfigurationError(f"task {cls.name!r}: {option} must be a callable or a method name, got {value!r}")
+
     if _CONFIG in cls.__dict__:
         delattr(cls, _CONFIG)  # options changed: resolve them again
 
@@ -429,6 +391,13 @@ def task_breaker_config(task: BreakerTask | type[BreakerTask]) -> TaskBreakerCon
             return setting_value
         return check(f"{where}: {attr}", value)
 
+    for attr in ("breaker_key", "breaker_fallback"):
+        value = getattr(cls, attr)
+        if isinstance(value, str) and not callable(getattr(cls, value, None)):
+            raise ConfigurationError(
+                f"{where}: {attr}={value!r} names no method of the task; "
+                f"define {value}() on the task class or give a callable"
+            )
     config = TaskBreakerConfig(
         name=name,
         policy=policy,

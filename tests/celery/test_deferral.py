@@ -218,7 +218,7 @@ def test_breaker_max_deferrals_exhausted_fails_the_task(app: Any, operate: Opera
     result = tasks.max_deferrals_task.delay()
     with pytest.raises(CircuitOpenError, match=r"giving up \(breaker_max_deferrals=2\)") as info:
         get(result)
-    assert "breaker 't-max-deferrals' still open after 2 deferral(s)" in str(info.value)
+    assert "breaker 't-max-deferrals' still forced_open after 2 deferral(s)" in str(info.value)
     assert result.state == "FAILURE"
     assert breaker.snapshot().deferrals == 2
 
@@ -230,7 +230,7 @@ def test_breaker_max_defer_age_exceeded_fails_the_task(app: Any, operate: Operat
     result = tasks.max_defer_age_task.delay()
     with pytest.raises(CircuitOpenError, match=r"giving up \(breaker_max_defer_age=1 s\)") as info:
         get(result)
-    assert "breaker 't-max-defer-age' still open after" in str(info.value)
+    assert "breaker 't-max-defer-age' still forced_open after" in str(info.value)
     assert result.state == "FAILURE"
     assert breaker.snapshot().deferrals >= 1
 

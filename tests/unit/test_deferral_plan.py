@@ -139,7 +139,7 @@ def test_a_malformed_since_header_restarts_the_age_and_says_so(bad: Any) -> None
         ("redis://localhost:6379/0", {}, 3600.0),
         ("rediss://localhost:6379/0", {"visibility_timeout": 600}, 600.0),
         ("sentinel://localhost:26379", {"visibility_timeout": 7200}, 7200.0),
-        ("sqs://", {}, 3600.0),
+        ("sqs://", {}, 1800.0),  # kombu's SQS default
         ("amqp://guest@localhost//", {"visibility_timeout": 10}, None),
         ("memory://", {}, None),
     ],
@@ -160,3 +160,27 @@ def test_defer_cap_keeps_a_margin_for_the_task_runtime() -> None:
     assert settings.defer_cap(300.0) == 700.0  # the hard time limit is the margin
     assert settings.defer_cap(5000.0) == 1.0  # never zero or negative
     assert build_settings(Celery(broker="memory://").conf).defer_cap(None) is None
+
+
+def test_the_spread_never_pushes_a_task_that_could_run_past_its_expiry() -> None:
+    result = plan(retry_after=5.0, spread=30.0, expires_in=20.0, uniform=lambda low, high: high * 0.8)
+    assert not result.expires_first
+    assert 5.0 <= result.delay <= 20.0 - 1.0  # due before it expires, after the breaker can admit
+
+
+def test_an_expiring_task_still_respects_the_redelivery_cap() -> None:
+    result = plan(retry_after=100.0, expires_in=50.0, cap=30.0)
+    assert result.expires_first
+    assert result.delay == 30.0
+
+
+def test_a_huge_since_header_is_reported_not_raised() -> None:
+    parsed = read_headers({SINCE_HEADER: 10**400, DEFERRALS_HEADER: 1e400}, now=NOW)
+    assert (parsed.count, parsed.since) == (0, None)
+    assert len(parsed.problems) == 2
+
+
+def test_the_broker_url_from_the_environment_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CELERY_BROKER_URL", "redis://localhost:6379/0")
+    app = Celery()
+    assert broker_visibility_timeout(app.conf) == 3600.0

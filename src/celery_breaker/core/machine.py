@@ -30,6 +30,9 @@ FAILURE, IGNORED = Outcome.FAILURE, Outcome.IGNORED
 class BreakerMachine:
     """One breaker's state. Every method is one atomic step for the store that owns it.
 
+    The policy is the one the breaker was created with (``reset`` replaces it): callers
+    pass theirs, but a caller with a different policy cannot make the windows restart.
+
     Generations fence outcomes: every transition increments ``generation``, and an
     outcome whose ticket carries an older generation is counted in the metrics but
     cannot move the state (gobreaker's rule).
@@ -92,10 +95,6 @@ class BreakerMachine:
         # A success changes nothing but counters: CLOSED or DISABLED with no rate window.
         self.quiet_success = self.passing and self.rate_window is None
 
-    def _check_policy(self, policy: BreakerPolicy) -> None:
-        if policy is not self.policy and policy != self.policy:
-            self._use_policy(policy)  # counting starts afresh under a new policy
-
     # -- admission -----------------------------------------------------------
 
     def admit(self, policy: BreakerPolicy, now: float) -> Ticket:
@@ -104,7 +103,6 @@ class BreakerMachine:
         state = self.state
         if state is CLOSED or state is DISABLED:
             return self.generation
-        self._check_policy(policy)
         if state is OPEN:
             assert self.open_until is not None
             if now < self.open_until:
@@ -155,16 +153,14 @@ class BreakerMachine:
             self.last_success = now
         if not current:
             return  # started under an earlier state: counted, but cannot move this one
-        self._check_policy(policy)
         policy = self.policy
         slow_limit = policy.slow_call_duration
         slow = slow_limit is not None and duration >= slow_limit
         state = self.state
         if state is CLOSED:
             self._record_closed(failed, slow, now)
-        elif state is HALF_OPEN:
-            if is_probe:
-                self.leases.pop(ticket.lease, None)  # type: ignore[union-attr]
+        elif state is HALF_OPEN and is_probe:  # (only probes speak in HALF_OPEN)
+            self.leases.pop(ticket.lease, None)  # type: ignore[union-attr]
             if failed or slow:
                 self._move(OPEN, now, "slow probe" if not failed else "probe failed")
             else:
@@ -196,11 +192,11 @@ class BreakerMachine:
 
     def force(self, target: State, policy: BreakerPolicy, now: float) -> None:
         """An operator moves the breaker to CLOSED, FORCED_OPEN or DISABLED."""
-        self._check_policy(policy)
         self._move(target, now, "operator")
 
     def reset(self, policy: BreakerPolicy, now: float) -> None:
-        """Back to a fresh CLOSED breaker: state, windows and lifetime counters cleared."""
+        """Back to a fresh CLOSED breaker: state, windows and lifetime counters cleared,
+        under ``policy`` (the one way to change an existing breaker's policy)."""
         self._use_policy(policy)
         self._move(CLOSED, now, "reset")
         self.success_tally = itertools.count()

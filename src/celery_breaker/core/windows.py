@@ -66,8 +66,7 @@ class CountWindow:
         self._next = 0
         self._filled = 0
         self._calls = self._failures = self._slow = 0
-        for i in range(self._size):
-            self._ring[i] = 0
+        self._ring[:] = bytes(self._size)
 
     def add(self, now: float, failed: bool, slow: bool) -> None:
         i = self._next

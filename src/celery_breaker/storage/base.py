@@ -21,6 +21,8 @@ class Cell(Protocol):
     that shares the store."""
 
     state: State
+    policy: BreakerPolicy
+    """The policy the breaker was created with (``reset`` replaces it)."""
     generation: int
     """Increments on every transition; tickets carry it so stale outcomes are fenced."""
     open_until: float | None

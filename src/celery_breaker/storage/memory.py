@@ -43,7 +43,7 @@ class MemoryCell(BreakerMachine):
             self.record(ticket, outcome, duration, policy, now)
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:
-        if self.quiet_success and ticket == self.generation and policy is self.policy:
+        if self.quiet_success and ticket == self.generation:
             # The common case needs no lock: under a threshold-only policy a success
             # in CLOSED moves nothing, and the tally's next() is atomic. Should another
             # thread trip the breaker meanwhile, this success still belongs to the
@@ -53,8 +53,8 @@ class MemoryCell(BreakerMachine):
             return
         with self.lock:
             window = self.rate_window
-            if self.state is CLOSED and window is not None and ticket == self.generation and policy is self.policy:
-                slow_limit = policy.slow_call_duration
+            if self.state is CLOSED and window is not None and ticket == self.generation:
+                slow_limit = self.policy.slow_call_duration
                 if slow_limit is None or duration < slow_limit:
                     # A fast success only lowers the rates: count it, no trip to evaluate.
                     next(self.success_tally)
@@ -80,6 +80,17 @@ class MemoryCell(BreakerMachine):
     def snapshot(self, now: float) -> BreakerSnapshot:
         with self.lock:
             return super().snapshot(now)
+
+
+def _at_rest(cell: MemoryCell, now: float) -> bool:
+    # Reading a window moves it forward: do it under the cell's lock, and count a cell
+    # that is busy right now as in use rather than wait for it.
+    if not cell.lock.acquire(blocking=False):
+        return False
+    try:
+        return cell.is_at_rest(now)
+    finally:
+        cell.lock.release()
 
 
 _STORES: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
@@ -155,15 +166,16 @@ class MemoryStore:
         keep = int(self.max_breakers * _KEEP_AFTER_SWEEP)
         cells = self._cells
         idle_before = now - self.idle_ttl
-        ranked = sorted(
-            cells.items(),
-            key=lambda item: (
-                item[1].state in _OPERATOR_STATES,  # an operator's decision goes last
-                item[1].last_used > idle_before,
-                not item[1].is_at_rest(now),
-                item[1].last_used,
-            ),
-        )
+
+        def rank(cell: MemoryCell) -> tuple[bool, bool, bool, float]:
+            return (
+                cell.state in _OPERATOR_STATES,  # an operator's decision goes last
+                cell.last_used > idle_before,
+                not _at_rest(cell, now),
+                cell.last_used,
+            )
+
+        ranked = sorted(cells.items(), key=lambda item: rank(item[1]))
         for ident, cell in ranked[: max(0, len(cells) - keep)]:
             cell.evicted = True
             cell.passing = False

@@ -1,0 +1,115 @@
+"""What a task run records, and how options given as methods behave (eager runs on throwaway apps)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_breaker import BreakerTask, CircuitBreaker, ConfigurationError, State
+from celery_breaker.signals import check_app
+from celery_breaker.testing import FakeClock, use_clock
+
+
+class RateLimited(Exception):
+    """The downstream asked us to slow down: not a sign that it is down."""
+
+
+def throwaway_app(name: str, **settings: Any) -> Any:
+    app = Celery(name, set_as_current=False, broker="memory://", backend="cache+memory://")
+    app.conf.update(breaker_storage_url=f"memory://celery-tests-{name}", **settings)
+    return app
+
+
+def test_a_retry_inside_a_guarded_block_counts_as_its_cause_not_as_a_failure() -> None:
+    app = throwaway_app(
+        "retry-in-block",
+        breaker_default_policy={"failure_threshold": 1, "ignore_exceptions": [RateLimited]},
+    )
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="rib.job", max_retries=2)
+    def job(self: Any) -> str:
+        with self.breaker:
+            if self.request.retries == 0:
+                raise self.retry(exc=RateLimited("slow down"), countdown=0)
+        return "done"
+
+    app.finalize()
+    result = app.tasks["rib.job"].apply()
+    assert result.get() == "done"
+    snapshot = app.tasks["rib.job"].breaker.snapshot()
+    assert snapshot.state is State.CLOSED  # the ignored cause did not trip it
+    assert snapshot.failures == 0
+
+
+def test_a_fallback_defined_as_a_method_of_a_task_class_gets_self() -> None:
+    app = throwaway_app("fallback-method")
+
+    class QuoteTask(BreakerTask):
+        def breaker_fallback(self, symbol: str) -> str:
+            return f"stale quote for {symbol} from {self.name}"
+
+    @app.task(base=QuoteTask, bind=True, shared=False, name="fm.quote")
+    def quote(self: Any, symbol: str) -> str:
+        return f"live quote for {symbol}"
+
+    app.finalize()
+    task = app.tasks["fm.quote"]
+    task.breaker.force_open()
+    assert task.apply(args=("ACME",)).get() == "stale quote for ACME from fm.quote"
+
+
+def test_a_fallback_method_name_that_does_not_exist_stops_the_worker_at_start() -> None:
+    app = throwaway_app("fallback-typo")
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="ft.job", breaker_fallback="stale_quoet")
+    def job(self: Any) -> None:
+        return None
+
+    app.finalize()
+    with pytest.raises(ConfigurationError, match=r"breaker_fallback='stale_quoet' names no method"):
+        check_app(app)
+
+
+def test_a_library_breaker_of_the_same_name_inside_the_task_uses_the_tasks_probe() -> None:
+    clock = FakeClock()
+    app = throwaway_app(
+        "library-breaker",
+        breaker_default_policy={"failure_threshold": 1, "reset_timeout": 10, "half_open_max_calls": 1},
+    )
+    use_clock(app, clock)
+    library = CircuitBreaker("crm", app.conf.breaker_default_policy, storage=app.conf.breaker_storage_url, clock=clock)
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="lb.sync", breaker="crm")
+    def sync(self: Any) -> str:
+        return library.call(lambda: "synced")  # a client library guarding its own calls
+
+    app.finalize()
+    with pytest.raises(ConnectionError):
+        library.call(_down)
+    clock.advance(10)  # the breaker may half-open: one probe
+    result = app.tasks["lb.sync"].apply()
+    assert result.get() == "synced"  # not rejected by the probe its own task holds
+    assert library.state is State.CLOSED
+
+
+def _down() -> None:
+    raise ConnectionError("down")
+
+
+def test_routes_apply_to_plain_tasks_when_the_app_also_has_breaker_tasks() -> None:
+    app = throwaway_app("routes-mixed", breaker_routes={"rm.plain": "rm-routed"})
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="rm.guarded")
+    def guarded(self: Any) -> str:
+        return "guarded"
+
+    @app.task(shared=False, name="rm.plain")
+    def plain() -> str:
+        return "plain"
+
+    app.finalize()
+    task = app.tasks["rm.plain"]
+    assert isinstance(task, BreakerTask)
+    assert task.breaker.name == "rm-routed"

@@ -1,0 +1,132 @@
+"""A run admission (a task's ticket for its whole run) and what guarded calls inside the run do with it."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from celery_breaker import CircuitBreaker, CircuitOpenError, State
+from celery_breaker.breaker import _RUN, RunAdmission
+from celery_breaker.core import Outcome, Probe
+from celery_breaker.testing import FakeClock, fresh_store
+
+from .support import down, make, ok, state_of
+
+
+def keep(exc: BaseException) -> BaseException | None:
+    return exc
+
+
+@contextlib.contextmanager
+def running(breaker: CircuitBreaker) -> Iterator[RunAdmission]:
+    """Admit a run on ``breaker`` and make it current, as BreakerTask does."""
+    cell, ticket, start = breaker._admit()
+    run = RunAdmission(breaker, cell, ticket, start, keep)
+    token = _RUN.set(run)
+    try:
+        yield run
+    finally:
+        _RUN.reset(token)
+
+
+def recorded(run: RunAdmission) -> Outcome | None:
+    """Read afresh (a call, so type checkers do not narrow it across calls)."""
+    return run.recorded
+
+
+def half_open_with_one_probe(clock: FakeClock) -> CircuitBreaker:
+    breaker = make(clock, failure_threshold=1, reset_timeout=10, half_open_max_calls=1)
+    with pytest.raises(ConnectionError):
+        breaker.call(down)
+    clock.advance(10)
+    return breaker
+
+
+def test_another_object_for_the_same_breaker_uses_the_runs_probe_slot(clock: FakeClock) -> None:
+    task_side = half_open_with_one_probe(clock)
+    library_side = CircuitBreaker("svc", task_side.policy, storage=task_side.store, clock=clock)
+    with running(task_side) as run:
+        assert type(run.ticket) is Probe  # the run holds the only probe slot ...
+        assert library_side.call(ok) == "ok"  # ... and the library's call inside it uses it
+        assert run.recorded is Outcome.SUCCESS
+        assert run.settle(None) is Outcome.SUCCESS  # nothing recorded twice
+    assert state_of(task_side) is State.CLOSED
+
+
+def test_the_runs_first_block_is_timed_from_the_block_not_from_admission(clock: FakeClock) -> None:
+    breaker = make(clock, failure_threshold=None, slow_call_duration=1.0, slow_call_rate_threshold=1.0,
+                   minimum_calls=1)  # fmt: skip
+    with running(breaker) as run:
+        clock.advance(30)  # local work before the downstream call
+        with breaker:
+            clock.advance(0.1)
+        assert run.recorded is Outcome.SUCCESS
+    snapshot = breaker.snapshot()
+    assert (snapshot.window_calls, snapshot.window_slow_calls) == (1, 0)
+    assert state_of(breaker) is State.CLOSED
+
+
+def test_a_run_that_never_used_a_guarded_call_records_its_own_outcome(clock: FakeClock) -> None:
+    breaker = make(clock, failure_threshold=1)
+    with running(breaker) as run:
+        assert run.settle(ConnectionError("down")) is Outcome.FAILURE
+    assert state_of(breaker) is State.OPEN
+
+
+def test_the_run_remembers_the_last_outcome_it_recorded(clock: FakeClock) -> None:
+    breaker = make(clock, failure_threshold=5)
+    with running(breaker) as run:
+        with pytest.raises(ConnectionError):
+            breaker.call(down)
+        assert recorded(run) is Outcome.FAILURE
+        assert breaker.call(ok) == "ok"
+        assert recorded(run) is Outcome.SUCCESS
+
+
+def test_outside_a_run_nothing_changes(clock: FakeClock) -> None:
+    breaker = half_open_with_one_probe(clock)
+    other = CircuitBreaker("svc", breaker.policy, storage=breaker.store, clock=clock)
+    with breaker, pytest.raises(CircuitOpenError):  # the block takes the only probe
+        other.call(ok)
+
+
+def test_a_breaker_keeps_the_policy_it_was_created_with(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="celery_breaker")
+    clock = FakeClock()
+    store = fresh_store()
+    first = CircuitBreaker("svc", {"failure_threshold": 3}, storage=store, clock=clock)
+    second = CircuitBreaker("svc", {"failure_threshold": 4}, storage=store, clock=clock)
+    assert "already exists" in caplog.text
+    for breaker in (first, second, first):  # alternating objects no longer restart the windows
+        with pytest.raises(ConnectionError):
+            breaker.call(down)
+    assert state_of(first) is State.OPEN
+    second.reset()  # reset adopts the caller's policy
+    assert second._cell.policy.failure_threshold == 4
+
+
+def test_blocks_exited_out_of_order_record_on_their_own_breaker(clock: FakeClock) -> None:
+    a = make(clock, name="a", failure_threshold=1)
+    b = CircuitBreaker("b", {"failure_threshold": 1}, storage=a.store, clock=clock)
+    a.__enter__()
+    b.__enter__()
+    failure = ConnectionError("a failed")
+    a.__exit__(type(failure), failure, None)  # a first, as an ExitStack may do
+    b.__exit__(None, None, None)
+    assert state_of(a) is State.OPEN
+    assert state_of(b) is State.CLOSED
+    assert b.snapshot().successes == 1
+
+
+def test_an_ordinary_ticket_in_half_open_is_not_a_probe(clock: FakeClock) -> None:
+    breaker = half_open_with_one_probe(clock)
+    cell = breaker._cell
+    probe = cell.acquire(breaker.policy, clock.monotonic())
+    assert type(probe) is Probe
+    # A call that read "passing" just before the trip and the generation just after
+    # carries an int ticket of this generation: its success must not close the breaker.
+    cell.record_success(cell.generation, 0.0, breaker.policy, clock.monotonic())
+    assert state_of(breaker) is State.HALF_OPEN
