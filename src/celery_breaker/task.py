@@ -42,6 +42,8 @@ class TaskBreakerConfig:
     max_deferrals: int | None
     max_defer_age: float | None
     defer_spread: float | None
+    counts_runs: bool
+    """``breaker_scope="run"``: a run that made no guarded call records its own outcome."""
 
 
 def _translate(exc: BaseException) -> BaseException | None:
@@ -100,6 +102,9 @@ class BreakerTask(Task):  # type: ignore[misc]
     * ``breaker_policy``: a dict of ``BreakerPolicy`` fields or a ``BreakerPolicy``.
     * ``breaker_fallback``: a callable (or method name) called with the task's
       arguments whose result is returned instead of deferring.
+    * ``breaker_scope``: ``"run"`` (default) — a run that made no guarded call
+      (``with self.breaker:``) counts as one call; ``"calls"`` — only guarded calls
+      count, so a run served from a cache says nothing about the downstream.
     * ``breaker_max_deferrals``, ``breaker_max_defer_age``, ``breaker_defer_spread``.
     """
 
@@ -111,6 +116,7 @@ class BreakerTask(Task):  # type: ignore[misc]
     breaker_max_deferrals: Any = None
     breaker_max_defer_age: Any = None
     breaker_defer_spread: Any = None
+    breaker_scope: Any = None
     #: ``autoretry_for=(Exception,)`` must never spend a retry on an open breaker.
     dont_autoretry_for = (CircuitOpenError,)
 
@@ -158,6 +164,7 @@ class BreakerTask(Task):  # type: ignore[misc]
         except CircuitOpenError as rejected:
             return self._on_rejected(breaker, rejected, args, kwargs)
         run = RunAdmission(breaker, cell, ticket, start, _translate)
+        run_counts = task_breaker_config(self).counts_runs
         request = self.request
         setattr(request, _RUN_ATTR, run)
         token = _RUN.set(run)
@@ -165,7 +172,7 @@ class BreakerTask(Task):  # type: ignore[misc]
             result = self.run(*args, **kwargs)
         except Retry as retry:
             # self.retry() / autoretry_for: count the cause, then let Celery retry.
-            run.settle(retry)
+            run.settle(retry, neutral=not run_counts)
             raise
         except (Ignore, Reject):
             run.settle(None, neutral=True)
@@ -176,7 +183,7 @@ class BreakerTask(Task):  # type: ignore[misc]
                 raise
             return self._on_rejected(breaker, rejected, args, kwargs)
         except BaseException:
-            run.settle(sys.exc_info()[1])
+            run.settle(sys.exc_info()[1], neutral=not run_counts)
             if _failed_while_open(run) and (self._can_defer() or self.breaker_fallback is not None):
                 # This run's downstream call failed and the breaker is open now: the
                 # task too waits for recovery instead of failing. (Eager and direct
@@ -184,7 +191,7 @@ class BreakerTask(Task):  # type: ignore[misc]
                 return self._on_rejected(breaker, _rejection_now(breaker), args, kwargs)
             raise
         else:
-            run.settle(None)
+            run.settle(None, neutral=not run_counts)
             return result
         finally:
             _RUN.reset(token)
@@ -206,7 +213,7 @@ class BreakerTask(Task):  # type: ignore[misc]
         if isinstance(exc, CircuitOpenError) and run is not None:
             raise exc  # the run's handler defers (or falls back); never a retry
         if run is not None and isinstance(exc, BaseException):
-            run.settle(exc)
+            run.settle(exc, neutral=not task_breaker_config(self).counts_runs)
             if _failed_while_open(run) and self._can_defer():
                 # It failed and the breaker is open now: defer instead of retrying.
                 raise _rejection_now(run.breaker) from exc
@@ -371,6 +378,12 @@ def prepare_task_class(cls: type[BreakerTask]) -> None:
         delattr(cls, _CONFIG)  # options changed: resolve them again
 
 
+def _scope(where: str, value: Any) -> str:
+    if value not in ("run", "calls"):
+        raise ConfigurationError(f"{where} must be 'run' or 'calls', got {value!r}")
+    return str(value)
+
+
 def task_breaker_config(task: BreakerTask | type[BreakerTask]) -> TaskBreakerConfig:
     """The task's resolved breaker options (validated once, cached on its class)."""
     # task.__class__, not type(task): @shared_task hands out a Proxy that forwards it.
@@ -404,6 +417,7 @@ def task_breaker_config(task: BreakerTask | type[BreakerTask]) -> TaskBreakerCon
         max_deferrals=option("breaker_max_deferrals", settings.max_deferrals, _whole),
         max_defer_age=option("breaker_max_defer_age", settings.max_defer_age, _seconds),
         defer_spread=option("breaker_defer_spread", settings.defer_spread, _seconds_or_zero),
+        counts_runs=option("breaker_scope", "run", _scope) == "run",
     )
     setattr(cls, _CONFIG, config)
     return config

@@ -113,3 +113,34 @@ def test_routes_apply_to_plain_tasks_when_the_app_also_has_breaker_tasks() -> No
     task = app.tasks["rm.plain"]
     assert isinstance(task, BreakerTask)
     assert task.breaker.name == "rm-routed"
+
+
+@pytest.mark.parametrize(("scope", "failures_after"), [("run", 1), ("calls", 0)])
+def test_breaker_scope_decides_whether_a_run_without_guarded_calls_counts(scope: str, failures_after: int) -> None:
+    app = throwaway_app(f"scope-{scope}")
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name=f"scope{scope}.job", breaker_scope=scope)
+    def job(self: Any, cached: bool) -> str:
+        if cached:
+            raise KeyError("cache miss handled badly")  # never reached the downstream
+        with self.breaker:
+            return "fresh"
+
+    app.finalize()
+    task = app.tasks[f"scope{scope}.job"]
+    assert task.apply(args=(False,)).get() == "fresh"
+    assert task.apply(args=(True,)).state == "FAILURE"
+    snapshot = task.breaker.snapshot()
+    assert (snapshot.successes, snapshot.failures) == (1, failures_after)
+
+
+def test_a_bad_breaker_scope_is_a_configuration_error() -> None:
+    app = throwaway_app("scope-bad")
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="scopebad.job", breaker_scope="block")
+    def job(self: Any) -> None:
+        return None
+
+    app.finalize()
+    with pytest.raises(ConfigurationError, match=r"breaker_scope must be 'run' or 'calls', got 'block'"):
+        check_app(app)
