@@ -209,9 +209,11 @@ class CircuitBreaker:
 
             return guarded_async
 
+        call = self.call  # bound once: the wrapper stays one frame over call()
+
         @functools.wraps(fn)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
-            return self.call(fn, *args, **kwargs)
+            return call(fn, *args, **kwargs)
 
         return guarded
 
