@@ -57,11 +57,6 @@ class BreakerRegistry:
             for breaker in self._breakers.values():
                 breaker.add_listener(listener)
 
-    def known(self) -> list[CircuitBreaker]:
-        """The breakers this process has built (most recent last)."""
-        with self._lock:
-            return list(self._breakers.values())
-
     def use_clock(self, clock: Clock) -> None:
         """Build every breaker from now on with ``clock`` (for tests)."""
         with self._lock:

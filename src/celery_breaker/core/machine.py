@@ -207,9 +207,6 @@ class BreakerMachine:
     def note_deferral(self) -> None:
         self.deferrals += 1
 
-    def note_rejection(self) -> None:
-        next(self.rejection_tally)
-
     # -- transitions ---------------------------------------------------------
 
     def _move(self, target: State, now: float, reason: str | None = None) -> None:

@@ -75,8 +75,6 @@ class MemoryCell(BreakerMachine):
         with self.lock:
             self.deferrals += 1
 
-    # note_rejection is BreakerMachine's: a lock-free tally.
-
     def snapshot(self, now: float) -> BreakerSnapshot:
         with self.lock:
             return super().snapshot(now)
