@@ -42,6 +42,14 @@ def register_scheme(*schemes: str) -> Callable[[StoreFactory], StoreFactory]:
 register_scheme("memory")(MemoryStore.from_url)
 
 
+@register_scheme("redis", "rediss", "redis+unix", "valkey", "valkeys", "valkey+unix")
+def _redis_store(url: str) -> Store:
+    # Imported here, so memory:// never loads redis-py.
+    from .redis import RedisStore
+
+    return RedisStore.from_url(url)
+
+
 def check_storage_url(url: str) -> None:
     """Raise ConfigurationError unless ``url`` names a scheme this build can open."""
     scheme = urlsplit(url).scheme.lower()

@@ -1,0 +1,70 @@
+-- record: count one finished call and apply the transition the policy calls for.
+-- Mirrors BreakerMachine.record. ARGV[7] ticket generation, ARGV[8] probe lease or -1,
+-- ARGV[9] outcome (0 success, 1 failure, 2 ignored), ARGV[10] duration in seconds.
+
+local generation, lease = tonumber(ARGV[7]), tonumber(ARGV[8])
+local outcome, duration = tonumber(ARGV[9]), tonumber(ARGV[10])
+local is_probe = lease >= 0
+local current = generation == S.gen
+
+local function record_closed(failed, slow)
+  local reason = nil
+  local threshold = P.failure_threshold
+  if failed and threshold ~= nil then
+    -- The times of the last `threshold` failures: trip when they all fall within the window.
+    redis.call('RPUSH', K_FAILS, fmt(now))
+    redis.call('LTRIM', K_FAILS, -threshold, -1)
+    if redis.call('LLEN', K_FAILS) == threshold then
+      local oldest = tonumber(redis.call('LINDEX', K_FAILS, 0))
+      if oldest == nil then
+        clear_failure_times() -- forget the unreadable history, keep this failure
+        redis.call('RPUSH', K_FAILS, fmt(now))
+        warnings[#warnings + 1] = 'unreadable failure time'
+      elseif now - oldest <= P.window then
+        reason = string.format('%d failures within %g s', threshold, P.window)
+      end
+    end
+  end
+  if P.uses_rates then
+    rate_add(failed, slow)
+    if reason == nil and (failed or slow) then
+      local calls, failures, slow_calls = rate_totals()
+      if calls >= P.calls_to_judge then
+        if P.failure_rate ~= nil and failures >= P.failure_rate * calls then
+          reason = string.format('failure rate %d/%d >= %.0f%%', failures, calls, P.failure_rate * 100)
+        elseif P.slow_rate ~= nil and slow_calls >= P.slow_rate * calls then
+          reason = string.format('slow-call rate %d/%d >= %.0f%%', slow_calls, calls, P.slow_rate * 100)
+        end
+      end
+    end
+  end
+  if reason ~= nil then move(OPEN, reason) end
+end
+
+if outcome == 2 then
+  if current and is_probe then redis.call('HDEL', K_LEASES, lease) end -- neutral: frees the slot
+  return reply('ok')
+end
+local failed = outcome == 1
+if failed then
+  S.ko = S.ko + 1
+  S.lf = now
+else
+  S.ok = S.ok + 1
+  S.ls = now
+end
+-- An outcome that started under an earlier state is counted, but cannot move this one.
+if not current then return reply('ok') end
+local slow = P.slow_duration ~= nil and duration >= P.slow_duration
+if S.st == CLOSED then
+  record_closed(failed, slow)
+elseif S.st == HALF_OPEN and is_probe then -- only probes speak in HALF_OPEN
+  redis.call('HDEL', K_LEASES, lease)
+  if failed or slow then
+    move(OPEN, failed and 'probe failed' or 'slow probe')
+  else
+    S.hos = S.hos + 1
+    if S.hos >= P.probes_to_close then move(CLOSED, S.hos .. ' probes succeeded') end
+  end
+end
+return reply('ok')

@@ -1,0 +1,333 @@
+"""The store contract: the same behaviour, test for test, over every store (memory and Redis)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, State
+from celery_breaker.core import Transition
+from celery_breaker.storage import Store
+from celery_breaker.testing import FakeClock
+
+from ..unit.support import HeldCall, fail, ok, state_of
+
+
+def make(store: Store, clock: FakeClock, *, name: str = "svc", **policy: Any) -> CircuitBreaker:
+    return CircuitBreaker(name, BreakerPolicy(**policy), storage=store, clock=clock)
+
+
+def recorder(breaker: CircuitBreaker) -> list[Transition]:
+    seen: list[Transition] = []
+    breaker.add_listener(seen.append)
+    return seen
+
+
+def half_open(store: Store, clock: FakeClock, **policy: Any) -> CircuitBreaker:
+    """A breaker whose next call is its first probe."""
+    breaker = make(store, clock, failure_threshold=1, **policy)
+    fail(breaker)
+    clock.advance(breaker.policy.reset_timeout)
+    return breaker
+
+
+def rejected(breaker: CircuitBreaker) -> CircuitOpenError:
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.call(ok)
+    return info.value
+
+
+# -- failure threshold -----------------------------------------------------------
+
+
+def test_threshold_failures_within_the_window_trip(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, failure_threshold=3, window=10)
+    seen = recorder(breaker)
+    fail(breaker, 2)
+    clock.advance(5)
+    fail(breaker)
+    assert state_of(breaker) is State.OPEN
+    [trip] = seen
+    assert (trip.source, trip.target, trip.trips, trip.failures) == (State.CLOSED, State.OPEN, 1, 3)
+    assert trip.reason == "3 failures within 10 s"
+    assert trip.at == pytest.approx(clock.time())
+    assert trip.open_until == pytest.approx(clock.time() + 30)
+
+
+def test_failures_spread_wider_than_the_window_do_not_trip(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, failure_threshold=3, window=10)
+    for _ in range(2):
+        fail(breaker)
+        clock.advance(6)
+    fail(breaker)  # failures at 0, 6 and 12 s
+    assert state_of(breaker) is State.CLOSED
+    clock.advance(1)
+    fail(breaker)  # 6, 12 and 13 s: within 10 s
+    assert state_of(breaker) is State.OPEN
+
+
+def test_successes_do_not_reset_the_failure_count(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, failure_threshold=2, window=10)
+    fail(breaker)
+    assert breaker.call(ok) == "ok"
+    fail(breaker)
+    assert state_of(breaker) is State.OPEN
+
+
+# -- open, half-open, closed -------------------------------------------------------
+
+
+def test_open_rejects_until_reset_timeout_then_probes_close_it(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, failure_threshold=1, reset_timeout=30)
+    fail(breaker)
+    error = rejected(breaker)
+    assert error.state is State.OPEN
+    assert error.retry_after == pytest.approx(30)
+    clock.advance(29.5)
+    assert rejected(breaker).retry_after == pytest.approx(0.5)
+    clock.advance(0.5)
+    assert breaker.call(ok) == "ok"
+    assert state_of(breaker) is State.HALF_OPEN
+    assert breaker.call(ok) == "ok"  # success_threshold defaults to 2
+    assert state_of(breaker) is State.CLOSED
+
+
+def test_half_open_admits_at_most_half_open_max_calls_probes(store: Store, clock: FakeClock) -> None:
+    breaker = half_open(store, clock, half_open_max_calls=2)
+    probes = [HeldCall(breaker) for _ in range(2)]
+    for _ in range(3):
+        assert rejected(breaker).state is State.HALF_OPEN
+    snap = breaker.snapshot()
+    assert (snap.state, snap.probes_in_flight) == (State.HALF_OPEN, 2)
+    probes[0].succeed()
+    probes[1].succeed()
+    assert state_of(breaker) is State.CLOSED
+
+
+def test_a_hung_probe_frees_its_slot_after_half_open_max_wait(store: Store, clock: FakeClock) -> None:
+    breaker = half_open(store, clock, half_open_max_calls=1, success_threshold=1, half_open_max_wait=10)
+    HeldCall(breaker)  # never reports
+    clock.advance(4)
+    assert rejected(breaker).retry_after == pytest.approx(6)
+    assert breaker.snapshot().retry_after == pytest.approx(6)
+    clock.advance(6)
+    assert breaker.call(ok) == "ok"
+    assert state_of(breaker) is State.CLOSED
+
+
+def test_an_ignored_outcome_frees_a_probe_slot(store: Store, clock: FakeClock) -> None:
+    breaker = half_open(store, clock, half_open_max_calls=1, success_threshold=1, ignore_exceptions=(KeyError,))
+    HeldCall(breaker).fail(KeyError("neutral"))
+    assert state_of(breaker) is State.HALF_OPEN
+    assert breaker.call(ok) == "ok"
+    assert state_of(breaker) is State.CLOSED
+
+
+def test_success_threshold_successes_close(store: Store, clock: FakeClock) -> None:
+    breaker = half_open(store, clock, half_open_max_calls=3, success_threshold=3)
+    seen = recorder(breaker)
+    first, second, third = (HeldCall(breaker) for _ in range(3))
+    first.succeed()
+    second.succeed()
+    assert state_of(breaker) is State.HALF_OPEN
+    third.succeed()
+    assert state_of(breaker) is State.CLOSED
+    assert [(t.target, t.reason) for t in seen] == [
+        (State.HALF_OPEN, "open duration over"),
+        (State.CLOSED, "3 probes succeeded"),
+    ]
+
+
+def test_a_failed_probe_reopens_and_late_probes_change_nothing(store: Store, clock: FakeClock) -> None:
+    breaker = half_open(store, clock, half_open_max_calls=3, success_threshold=3)
+    first, second, third = (HeldCall(breaker) for _ in range(3))
+    first.succeed()
+    second.fail()
+    assert state_of(breaker) is State.OPEN
+    third.succeed()  # from the previous half-open period
+    assert state_of(breaker) is State.OPEN
+    assert breaker.snapshot().trips == 2
+
+
+def test_a_slow_probe_reopens(store: Store, clock: FakeClock) -> None:
+    breaker = half_open(store, clock, slow_call_duration=2, slow_call_rate_threshold=1.0)
+    seen = recorder(breaker)
+    probe = HeldCall(breaker)
+    clock.advance(2)
+    probe.succeed()
+    assert state_of(breaker) is State.OPEN
+    assert seen[-1].reason == "slow probe"
+
+
+def test_an_outcome_from_an_earlier_generation_is_fenced(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, failure_threshold=1, half_open_max_calls=1, success_threshold=1)
+    late = HeldCall(breaker)  # admitted while CLOSED
+    fail(breaker)
+    clock.advance(30)
+    breaker.call(ok)
+    assert state_of(breaker) is State.CLOSED
+    generation = breaker.snapshot().generation
+    late.fail()  # counted, but cannot trip the breaker it did not run under
+    snap = breaker.snapshot()
+    assert (snap.state, snap.generation, snap.failures) == (State.CLOSED, generation, 2)
+
+
+# -- rate rules --------------------------------------------------------------------
+
+
+def rate_breaker(store: Store, clock: FakeClock, **policy: Any) -> CircuitBreaker:
+    return make(store, clock, failure_threshold=None, **policy)
+
+
+def test_failure_rate_over_a_count_window_evicts_the_oldest(store: Store, clock: FakeClock) -> None:
+    breaker = rate_breaker(store, clock, failure_rate_threshold=0.5, count_window=4, minimum_calls=4)
+    seen = recorder(breaker)
+    fail(breaker)
+    for _ in range(4):
+        breaker.call(ok)  # the last of these evicts the failure
+    assert breaker.snapshot().window_failures == 0
+    fail(breaker)
+    assert state_of(breaker) is State.CLOSED
+    fail(breaker)
+    assert state_of(breaker) is State.OPEN
+    assert seen[-1].reason == "failure rate 2/4 >= 50%"
+    assert (seen[-1].calls, seen[-1].failures) == (4, 2)
+
+
+def test_failure_rate_needs_minimum_calls(store: Store, clock: FakeClock) -> None:
+    breaker = rate_breaker(store, clock, failure_rate_threshold=0.5, minimum_calls=3)
+    fail(breaker, 2)
+    assert state_of(breaker) is State.CLOSED
+    fail(breaker)
+    assert state_of(breaker) is State.OPEN
+
+
+def test_failure_rate_over_a_time_window_forgets_old_calls(store: Store, clock: FakeClock) -> None:
+    breaker = rate_breaker(store, clock, failure_rate_threshold=0.6, window=10, minimum_calls=2)
+    fail(breaker)
+    clock.advance(11)  # the failure leaves the window
+    breaker.call(ok)
+    fail(breaker)  # 1/2 < 60%
+    assert state_of(breaker) is State.CLOSED
+    assert breaker.snapshot().window_calls == 2
+
+
+def test_failure_rate_over_a_time_window_trips(store: Store, clock: FakeClock) -> None:
+    breaker = rate_breaker(store, clock, failure_rate_threshold=0.6, window=10, minimum_calls=2)
+    fail(breaker)
+    clock.advance(5)
+    breaker.call(ok)
+    fail(breaker)  # 2/3 >= 60%
+    assert state_of(breaker) is State.OPEN
+
+
+def test_slow_call_rate_trips(store: Store, clock: FakeClock) -> None:
+    breaker = rate_breaker(store, clock, slow_call_duration=1, slow_call_rate_threshold=0.5, count_window=2)
+    seen = recorder(breaker)
+    breaker.call(ok)
+    slow = HeldCall(breaker)
+    clock.advance(1)
+    slow.succeed()
+    assert state_of(breaker) is State.OPEN
+    assert seen[-1].reason == "slow-call rate 1/2 >= 50%"
+
+
+# -- operators -------------------------------------------------------------------
+
+
+def test_forced_open_rejects_until_an_operator_closes(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock)
+    breaker.force_open()
+    error = rejected(breaker)
+    assert (error.state, error.retry_after) == (State.FORCED_OPEN, None)
+    clock.advance(3600)
+    rejected(breaker)
+    breaker.close()
+    assert breaker.call(ok) == "ok"
+    assert state_of(breaker) is State.CLOSED
+
+
+def test_disabled_admits_everything_and_never_trips(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, failure_threshold=1)
+    breaker.disable()
+    fail(breaker, 3)
+    assert state_of(breaker) is State.DISABLED
+    assert breaker.snapshot().failures == 3
+    breaker.close()
+    fail(breaker)
+    assert state_of(breaker) is State.OPEN
+
+
+def test_reset_forgets_everything_and_adopts_the_callers_policy(store: Store, clock: FakeClock) -> None:
+    first = make(store, clock, failure_threshold=1)
+    fail(first)
+    rejected(first)
+    second = make(store, clock, failure_threshold=3)
+    second.reset()
+    snap = second.snapshot()
+    assert (snap.state, snap.failures, snap.rejections, snap.trips, snap.last_failure) == (State.CLOSED, 0, 0, 0, None)
+    fail(second, 2)
+    assert state_of(second) is State.CLOSED  # the new threshold applies
+    fail(second)
+    assert state_of(second) is State.OPEN
+
+
+def test_a_breaker_keeps_the_policy_it_was_created_with(
+    store: Store, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = make(store, clock, failure_threshold=1)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        second = make(store, clock, failure_threshold=5)
+    assert "already exists" in caplog.text
+    fail(second)
+    assert state_of(second) is State.OPEN
+    assert state_of(first) is State.OPEN
+
+
+# -- metrics ---------------------------------------------------------------------
+
+
+def test_snapshot_counts_and_times(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, failure_threshold=2, reset_timeout=30)
+    breaker.call(ok)
+    clock.advance(1)
+    fail(breaker)
+    snap = breaker.snapshot()
+    assert (snap.successes, snap.failures, snap.window_failures, snap.trips) == (1, 1, 1, 0)
+    assert snap.last_success == pytest.approx(clock.time() - 1)
+    assert snap.last_failure == pytest.approx(clock.time())
+    assert (snap.opened_at, snap.open_until, snap.retry_after) == (None, None, 0.0)
+    fail(breaker)
+    snap = breaker.snapshot()
+    assert (snap.state, snap.trips, snap.name, snap.key) == (State.OPEN, 1, "svc", None)
+    assert snap.opened_at == pytest.approx(clock.time())
+    assert snap.open_until == pytest.approx(clock.time() + 30)
+    assert snap.retry_after == pytest.approx(30)
+
+
+def test_rejections_and_deferrals_are_counted(store: Store, clock: FakeClock) -> None:
+    breaker = half_open(store, clock, half_open_max_calls=1)
+    HeldCall(breaker)
+    rejected(breaker)  # HALF_OPEN, every slot taken
+    breaker.note_deferral()
+    other = make(store, clock, name="other", failure_threshold=1)
+    fail(other)
+    for _ in range(3):
+        rejected(other)  # OPEN
+    assert breaker.snapshot().rejections == 1
+    assert breaker.snapshot().deferrals == 1
+    assert other.snapshot().rejections == 3
+
+
+def test_per_key_breakers_are_separate(store: Store, clock: FakeClock) -> None:
+    tenant_a = CircuitBreaker("svc", {"failure_threshold": 1}, storage=store, clock=clock, key="a")
+    tenant_b = CircuitBreaker("svc", {"failure_threshold": 1}, storage=store, clock=clock, key="b")
+    fail(tenant_a)
+    assert (state_of(tenant_a), state_of(tenant_b)) == (State.OPEN, State.CLOSED)
+    assert tenant_a.snapshot().key == "a"
+    assert {(s.name, s.key, s.state) for s in store.snapshots(clock)} == {
+        ("svc", "a", State.OPEN),
+        ("svc", "b", State.CLOSED),
+    }

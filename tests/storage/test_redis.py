@@ -1,0 +1,257 @@
+"""The Redis store alone: URLs, server time, keys and their TTLs, corrupted state, outages."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
+from celery_breaker.storage import StorageError, store_from_url
+from celery_breaker.storage.redis import DEFAULT_IDLE_TTL, RedisStore
+from celery_breaker.testing import FakeClock
+
+from ..unit.support import fail, ok, state_of
+from .conftest import unique_prefix
+
+
+@pytest.fixture
+def server(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def client_time_store(redis_url: str, **options: str) -> RedisStore:
+    query = "&".join(f"{k}={v}" for k, v in {"time": "client", "key_prefix": unique_prefix(), **options}.items())
+    return RedisStore.from_url(f"{redis_url}?{query}")
+
+
+# -- URLs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["redis", "valkey"])
+def test_store_urls_open_a_redis_store(redis_url: str, scheme: str) -> None:
+    url = redis_url.replace("redis", scheme, 1) + f"?key_prefix={unique_prefix()}&idle_ttl=60&socket_timeout=0.25"
+    store = store_from_url(url)
+    assert isinstance(store, RedisStore)
+    assert store is store_from_url(url)  # one store per URL per process
+    assert (store.idle_ttl, store.client_time) == (60.0, False)
+    breaker = CircuitBreaker("svc", storage=store)
+    assert breaker.call(ok) == "ok"
+
+
+@pytest.mark.parametrize(
+    ("url", "connects_to"),
+    [
+        ("redis+unix:///run/redis.sock?db=2&key_prefix=x", "unix:///run/redis.sock?db=2"),
+        ("valkey+unix:///run/valkey.sock", "unix:///run/valkey.sock"),
+        ("valkeys://:secret@cache:6380/1?idle_ttl=5&time=server", "rediss://:secret@cache:6380/1"),
+        ("rediss://cache?ssl_cert_reqs=none&socket_connect_timeout=1", "rediss://cache?ssl_cert_reqs=none"),
+    ],
+)
+def test_our_options_are_taken_out_of_the_url_redis_py_sees(url: str, connects_to: str) -> None:
+    assert RedisStore.from_url(url)._connection_url == connects_to
+
+
+def test_defaults(redis_url: str) -> None:
+    store = RedisStore.from_url(redis_url)
+    assert (store.key_prefix, store.idle_ttl, store.client_time) == ("breaker", DEFAULT_IDLE_TTL, False)
+    kwargs = store.client().connection_pool.connection_kwargs
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize(
+    ("query", "named"),
+    [
+        ("idle_ttl=0", "idle_ttl"),
+        ("idle_ttl=soon", "idle_ttl"),
+        ("socket_timeout=-1", "socket_timeout"),
+        ("time=worker", "time"),
+        ("key_prefix={x}", "key_prefix"),
+    ],
+)
+def test_bad_url_options_name_the_option(query: str, named: str) -> None:
+    with pytest.raises(ConfigurationError, match=named):
+        store_from_url(f"redis://127.0.0.1:1?{query}")
+
+
+def test_memory_urls_do_not_import_redis_py() -> None:
+    code = (
+        "import sys, celery_breaker\n"
+        "from celery_breaker import CircuitBreaker\n"
+        "CircuitBreaker('svc', storage='memory://').call(int)\n"
+        "assert 'redis' not in sys.modules, 'redis imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# -- time, keys, TTLs ----------------------------------------------------------------
+
+
+def test_decisions_use_redis_time_by_default(redis_url: str, server: redis.Redis) -> None:
+    store = RedisStore.from_url(f"{redis_url}?key_prefix={unique_prefix()}")
+    # A fake clock far from real time: the breaker must not read it for decisions.
+    breaker = CircuitBreaker("svc", {"failure_threshold": 1, "reset_timeout": 30}, storage=store, clock=FakeClock(5.0))
+    fail(breaker)
+    seconds, micros = server.time()
+    snap = breaker.snapshot()
+    assert snap.opened_at == pytest.approx(seconds + micros / 1e6, abs=2)
+    assert snap.open_until == pytest.approx(seconds + micros / 1e6 + 30, abs=2)
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.call(ok)
+    assert 28 < (info.value.retry_after or 0) <= 30
+
+
+def test_keys_share_a_hash_tag_and_expire_when_idle(redis_url: str, server: redis.Redis) -> None:
+    store = client_time_store(redis_url, idle_ttl="120")
+    clock = FakeClock()
+    breaker = CircuitBreaker(
+        "crm:eu{1}", {"failure_threshold": 2, "failure_rate_threshold": 0.9}, storage=store, clock=clock, key="t 7"
+    )
+    fail(breaker)
+    keys = sorted(k.decode() for k in server.scan_iter(match=f"*{store.key_prefix}*"))
+    tag = "{" + store.key_prefix + ":crm%3Aeu%7B1%7D:t%207}"
+    assert keys == sorted(tag + suffix for suffix in (":b", ":f", ":s"))
+    for key in keys:
+        assert 0 < server.pttl(key) <= 120_000
+
+
+def test_names_and_keys_cannot_collide(redis_url: str) -> None:
+    store = client_time_store(redis_url)
+    clock = FakeClock()
+    joined = CircuitBreaker("a:b", {"failure_threshold": 1}, storage=store, clock=clock)
+    keyed = CircuitBreaker("a", {"failure_threshold": 1}, storage=store, clock=clock, key="b")
+    fail(joined)
+    assert (state_of(joined), state_of(keyed)) == (State.OPEN, State.CLOSED)
+
+
+# -- corrupted state -----------------------------------------------------------------
+
+
+THRESHOLD = {"failure_threshold": 2}
+COUNT_RATE = {"failure_threshold": 2, "failure_rate_threshold": 0.99, "count_window": 10}
+TIME_RATE = {"failure_threshold": 2, "failure_rate_threshold": 0.99}
+
+
+@pytest.mark.parametrize(
+    ("policy", "corrupt"),
+    [
+        pytest.param(THRESHOLD, lambda r, tag: r.set(tag + ":s", "not a hash"), id="wrong-type"),
+        pytest.param(THRESHOLD, lambda r, tag: r.hset(tag + ":s", "gen", "seven"), id="unparsable-number"),
+        pytest.param(THRESHOLD, lambda r, tag: r.hset(tag + ":s", "st", "ajar"), id="unknown-state"),
+        pytest.param(THRESHOLD, lambda r, tag: r.hset(tag + ":s", "pol", "2;?"), id="unreadable-policy"),
+        pytest.param(THRESHOLD, lambda r, tag: r.rpush(tag + ":f", "yesterday"), id="unreadable-failure-time"),
+        pytest.param(THRESHOLD, lambda r, tag: r.set(tag + ":l", "x"), id="leases-wrong-type"),
+        pytest.param(COUNT_RATE, lambda r, tag: r.hset(tag + ":s", "wn", "999999999"), id="ring-out-of-range"),
+        pytest.param(TIME_RATE, lambda r, tag: r.hset(tag + ":b", "later", "1:1:1:1"), id="foreign-bucket"),
+        pytest.param(TIME_RATE, lambda r, tag: r.hset(tag + ":b", "3", "x"), id="unreadable-bucket"),
+    ],
+)
+def test_corrupted_state_is_reset_with_a_warning(
+    redis_url: str,
+    server: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+    policy: dict[str, Any],
+    corrupt: Callable[[redis.Redis, str], object],
+) -> None:
+    store = client_time_store(redis_url)
+    breaker = CircuitBreaker("svc", policy, storage=store, clock=FakeClock())
+    fail(breaker)
+    corrupt(server, store.keys_for("svc", None)[0][: -len(":s")])
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert breaker.call(ok) == "ok"
+        fail(breaker)  # reads the failure times
+    assert "reset unreadable state in Redis" in caplog.text
+    assert [r.levelname for r in caplog.records if "unreadable state" in r.getMessage()] == ["WARNING"]
+    # A broken window is cleared alone (the failure times survive and have tripped the
+    # breaker by now); a broken state hash resets everything: one more failure trips it.
+    if state_of(breaker) is State.CLOSED:
+        fail(breaker)
+    assert state_of(breaker) is State.OPEN
+
+
+# -- sharing -------------------------------------------------------------------------
+
+
+def test_two_stores_share_one_breaker(redis_url: str) -> None:
+    url = f"{redis_url}?time=client&key_prefix={unique_prefix()}"
+    clock = FakeClock()
+    policy = BreakerPolicy(failure_threshold=2)
+    here = CircuitBreaker("svc", policy, storage=RedisStore.from_url(url), clock=clock)
+    there = CircuitBreaker("svc", policy, storage=RedisStore.from_url(url), clock=clock)
+    assert here.store is not there.store
+    assert there.call(ok) == "ok"
+    fail(here, 2)
+    with pytest.raises(CircuitOpenError):
+        there.call(ok)  # its very next call
+    there.close()
+    # ``here`` still holds its OPEN view (trusted for VIEW_TTL); a snapshot reads Redis
+    # and refreshes that view.
+    assert here.snapshot().state is State.CLOSED
+    assert here.call(ok) == "ok"
+    snap = there.snapshot()
+    assert (snap.state, snap.successes, snap.failures, snap.rejections) == (State.CLOSED, 2, 2, 1)
+
+
+def test_a_second_store_adopts_the_stored_policy(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    url = f"{redis_url}?time=client&key_prefix={unique_prefix()}"
+    clock = FakeClock()
+    CircuitBreaker("svc", {"failure_threshold": 1}, storage=RedisStore.from_url(url), clock=clock)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        other = CircuitBreaker("svc", {"failure_threshold": 4}, storage=RedisStore.from_url(url), clock=clock)
+    assert "already exists" in caplog.text
+    assert other._cell.policy.failure_threshold == 1
+    fail(other)
+    assert state_of(other) is State.OPEN
+
+
+# -- outages -------------------------------------------------------------------------
+
+
+def test_a_stopped_redis_raises_storage_error(redis_url: str) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once the socket closes
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}")
+    started = time.monotonic()
+    with pytest.raises(StorageError) as info:
+        CircuitBreaker("svc", storage=store)
+    assert isinstance(info.value.__cause__, redis.RedisError)
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_silent_redis_times_out_instead_of_hanging() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel accepts connections; nobody ever answers
+        port = silent.getsockname()[1]
+        store = RedisStore.from_url(f"redis://127.0.0.1:{port}?socket_timeout=0.3")
+        started = time.monotonic()
+        with pytest.raises(StorageError):
+            CircuitBreaker("svc", storage=store)
+        assert time.monotonic() - started < 1.5
+
+
+def test_storage_errors_keep_locally_counted_rejections(redis_url: str, server: redis.Redis) -> None:
+    store = client_time_store(redis_url)
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", {"failure_threshold": 1}, storage=store, clock=clock)
+    fail(breaker)
+    for _ in range(2):
+        with pytest.raises(CircuitOpenError):
+            breaker.call(ok)  # counted locally
+    good = store._connection_url
+    store._connection_url = "redis://127.0.0.1:1"  # the store goes away ...
+    store._pid = -2
+    with pytest.raises(StorageError):
+        breaker.snapshot()
+    store._connection_url, store._pid = good, -2  # ... and comes back
+    assert breaker.snapshot().rejections == 2

@@ -1,0 +1,68 @@
+"""Real processes on one Redis breaker: HALF_OPEN never admits more probes than allowed."""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import random
+import time
+
+import redis
+
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError
+from celery_breaker.clock import SYSTEM_CLOCK
+from celery_breaker.core import Outcome, Probe
+from celery_breaker.storage.redis import RedisStore
+
+from ..unit.support import fail
+from .conftest import unique_prefix
+
+WORKERS = 8
+HAMMER_SECONDS = 2.0
+POLICY = BreakerPolicy(
+    failure_threshold=1, reset_timeout=0.02, half_open_max_calls=2, success_threshold=2, half_open_max_wait=5
+)
+
+
+def hammer(store: RedisStore, probes_key: str, barrier: multiprocessing.synchronize.Barrier, seed: int) -> None:
+    """Take tickets as fast as possible; log every probe admitted; fail half the calls."""
+    pick = random.Random(seed)
+    log = redis.Redis.from_url(store.url.partition("?")[0])
+    barrier.wait(timeout=10)
+    # The store (and its client) came from the parent through fork: it must reconnect.
+    cell = store.cell("svc", None, POLICY, SYSTEM_CLOCK)
+    deadline = time.monotonic() + HAMMER_SECONDS
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        try:
+            ticket = cell.acquire(POLICY, now)
+        except CircuitOpenError:
+            continue
+        if isinstance(ticket, Probe):
+            log.rpush(probes_key, f"{ticket.generation}:{ticket.lease}")
+        outcome = Outcome.FAILURE if pick.random() < 0.5 else Outcome.SUCCESS
+        cell.finish(ticket, outcome, 0.0, POLICY, time.monotonic())
+
+
+def test_half_open_admits_at_most_max_calls_probes_across_processes(redis_url: str) -> None:
+    store = RedisStore.from_url(f"{redis_url}?key_prefix={unique_prefix()}")
+    breaker = CircuitBreaker("svc", POLICY, storage=store)
+    fail(breaker)  # OPEN; the parent's client now exists, so children inherit it
+    probes_key = f"{store.key_prefix}:probes"
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(WORKERS)
+    workers = [
+        context.Process(target=hammer, args=(store, probes_key, barrier, seed), daemon=True) for seed in range(WORKERS)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=15)
+    assert [worker.exitcode for worker in workers] == [0] * WORKERS
+
+    entries = redis.Redis.from_url(redis_url).lrange(probes_key, 0, -1)
+    admitted = [entry.decode() if isinstance(entry, bytes) else entry for entry in entries]
+    per_generation = collections.Counter(entry.split(":")[0] for entry in admitted)
+    assert len(admitted) == len(set(admitted)), "a lease was handed out twice"
+    assert len(per_generation) >= 5, f"too few half-open periods to prove anything: {per_generation}"
+    assert max(per_generation.values()) <= POLICY.half_open_max_calls, per_generation
