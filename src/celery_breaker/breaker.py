@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar, overload
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
 from .errors import CircuitOpenError, ConfigurationError
-from .storage import Cell, Store, resolve_store
+from .storage import Cell, Store, resolve_store, with_fallback
 
 __all__ = ["CircuitBreaker", "ExceptionTranslator", "RunAdmission", "TransitionListener", "current_run"]
 
@@ -103,6 +103,9 @@ class CircuitBreaker:
         storage: a store URL (``memory://`` by default) or a store object.
         clock: where time comes from (``celery_breaker.testing.FakeClock`` in tests).
         key: the per-key part (tenant, host, ...) of a per-key breaker.
+        on_storage_error: while a shared store cannot be reached, ``"local"`` (a breaker
+            of this process stands in), ``"allow"`` (every call passes) or ``"deny"``
+            (every call is rejected); the shared state is rejoined when it answers.
     """
 
     __slots__ = ("name", "key", "policy", "store", "_clock", "_now", "_cell", "_listeners", "__weakref__")
@@ -115,13 +118,14 @@ class CircuitBreaker:
         storage: str | Store = "memory://",
         clock: Clock | None = None,
         key: str | None = None,
+        on_storage_error: str = "local",
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"CircuitBreaker name must be a non-empty string, got {name!r}")
         self.name = name
         self.key = key
         self.policy = BreakerPolicy.coerce(policy)
-        self.store = resolve_store(storage)
+        self.store = with_fallback(resolve_store(storage), on_storage_error)
         self._clock = clock or SYSTEM_CLOCK
         self._now = self._clock.monotonic
         self._listeners: list[TransitionListener] = []

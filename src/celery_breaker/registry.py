@@ -39,7 +39,10 @@ class BreakerRegistry:
                 found.policy = policy
                 return found
         settings = get_settings(self.app)
-        breaker = CircuitBreaker(name, policy, storage=settings.storage_url, clock=self.clock, key=key)
+        breaker = CircuitBreaker(
+            name, policy, storage=settings.storage_url, clock=self.clock, key=key,
+            on_storage_error=settings.on_storage_error,
+        )  # fmt: skip
         for listener in self._listeners + (found._listeners if found is not None else []):
             if listener not in breaker._listeners:
                 breaker.add_listener(listener)

@@ -14,7 +14,9 @@ import pytest
 import redis
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
+from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.storage import StorageError, store_from_url
+from celery_breaker.storage.fallback import FallbackCell
 from celery_breaker.storage.redis import DEFAULT_IDLE_TTL, RedisStore
 from celery_breaker.testing import FakeClock
 
@@ -223,7 +225,7 @@ def test_a_stopped_redis_raises_storage_error(redis_url: str) -> None:
     store = RedisStore.from_url(f"redis://127.0.0.1:{port}")
     started = time.monotonic()
     with pytest.raises(StorageError) as info:
-        CircuitBreaker("svc", storage=store)
+        store.cell("svc", None, BreakerPolicy(), SYSTEM_CLOCK)  # the store itself; breakers fall back
     assert isinstance(info.value.__cause__, redis.RedisError)
     assert time.monotonic() - started < 1.5
 
@@ -236,7 +238,7 @@ def test_a_silent_redis_times_out_instead_of_hanging() -> None:
         store = RedisStore.from_url(f"redis://127.0.0.1:{port}?socket_timeout=0.3")
         started = time.monotonic()
         with pytest.raises(StorageError):
-            CircuitBreaker("svc", storage=store)
+            store.cell("svc", None, BreakerPolicy(), SYSTEM_CLOCK)
         assert time.monotonic() - started < 1.5
 
 
@@ -251,7 +253,11 @@ def test_storage_errors_keep_locally_counted_rejections(redis_url: str, server: 
     good = store._connection_url
     store._connection_url = "redis://127.0.0.1:1"  # the store goes away ...
     store._pid = -2
+    wrapper = breaker._cell
+    assert isinstance(wrapper, FallbackCell)
+    raw = wrapper._primary  # the Redis cell under the fallback wrapper
+    assert raw is not None
     with pytest.raises(StorageError):
-        breaker.snapshot()
+        raw.snapshot(clock.monotonic())
     store._connection_url, store._pid = good, -2  # ... and comes back
-    assert breaker.snapshot().rejections == 2
+    assert raw.snapshot(clock.monotonic()).rejections == 2

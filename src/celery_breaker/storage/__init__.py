@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import cast
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError
 from .base import Cell, StorageError, Store
+from .fallback import FallbackStore
 from .memory import MemoryStore
 
 __all__ = [
     "Cell",
+    "FallbackStore",
     "MemoryStore",
     "StorageError",
     "Store",
@@ -19,6 +22,7 @@ __all__ = [
     "register_scheme",
     "resolve_store",
     "store_from_url",
+    "with_fallback",
 ]
 
 StoreFactory = Callable[[str], Store]
@@ -77,6 +81,23 @@ def store_from_url(url: str) -> Store:
             except ConfigurationError as exc:
                 raise ConfigurationError(f"breaker_storage_url {url!r}: {exc}") from None
         return found
+
+
+_FALLBACKS: dict[tuple[int, str], FallbackStore] = {}
+
+
+def with_fallback(store: Store, mode: str) -> Store:
+    """``store`` itself when it cannot fail (in memory), else the process's
+    ``FallbackStore`` for it and ``mode`` (``breaker_on_storage_error``)."""
+    if isinstance(store, (MemoryStore, FallbackStore)):
+        return store
+    ident = (id(store), mode)
+    found = _FALLBACKS.get(ident)
+    if found is None or found.primary is not store:
+        with _OPEN_LOCK:
+            found = _FALLBACKS[ident] = FallbackStore(store, mode)
+    # FallbackCell exposes the Cell attributes as properties (it forwards them).
+    return cast(Store, found)
 
 
 def resolve_store(storage: str | Store) -> Store:

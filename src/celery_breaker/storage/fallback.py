@@ -1,0 +1,242 @@
+"""What a breaker does while its shared store cannot be reached: ``breaker_on_storage_error``.
+
+``FallbackStore`` wraps a shared store. Its cells follow the shared breaker while the
+store answers; when an operation raises ``StorageError`` they switch to a breaker of
+this process — fresh and CLOSED (``local``), DISABLED (``allow``: every call passes) or
+FORCED_OPEN (``deny``: every call is rejected) — and try the shared store again every
+``retry_interval`` seconds, rejoining the shared state when it answers. The outage is
+logged once per ``log_interval`` per store, not per call.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections import deque
+from typing import Any
+
+from ..clock import Clock
+from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
+from ..errors import ConfigurationError
+from .base import Cell, StorageError, Store
+from .memory import MemoryCell
+
+__all__ = ["MODES", "FallbackCell", "FallbackStore"]
+
+logger = logging.getLogger("celery_breaker")
+
+MODES = ("local", "allow", "deny")
+DEFAULT_RETRY_INTERVAL = 5.0
+DEFAULT_LOG_INTERVAL = 60.0
+
+
+class FallbackStore:
+    """A shared store whose cells keep working, as ``mode`` says, while it is down."""
+
+    def __init__(
+        self,
+        primary: Store,
+        mode: str,
+        *,
+        retry_interval: float = DEFAULT_RETRY_INTERVAL,
+        log_interval: float = DEFAULT_LOG_INTERVAL,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigurationError(f"breaker_on_storage_error must be one of {', '.join(MODES)}, got {mode!r}")
+        self.primary = primary
+        self.mode = mode
+        self.url = primary.url
+        self.retry_interval = retry_interval
+        self.log_interval = log_interval
+        self._lock = threading.Lock()  # the outage bookkeeping
+        self._cells_lock = threading.Lock()  # the cell map (cells report outages while made)
+        self._down = False
+        self._last_log = float("-inf")
+        self._cells: weakref.WeakValueDictionary[tuple[str, str | None], FallbackCell] = weakref.WeakValueDictionary()
+
+    def cell(self, name: str, key: str | None, policy: BreakerPolicy, clock: Clock) -> FallbackCell:
+        # One cell per breaker, so its stand-in keeps its state across refreshes.
+        ident = (name, key)
+        found = self._cells.get(ident)
+        if found is None:
+            with self._cells_lock:
+                found = self._cells.get(ident)
+                if found is None:
+                    found = self._cells[ident] = FallbackCell(self, name, key, policy, clock)
+                    return found
+        found.refresh(clock.monotonic())
+        return found
+
+    def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
+        try:
+            return self.primary.snapshots(clock)
+        except StorageError as exc:
+            self.store_failed(exc, clock.monotonic())
+            return []
+
+    # -- outage bookkeeping, shared by every cell of this store ---------------
+
+    def store_failed(self, exc: StorageError, now: float) -> None:
+        with self._lock:
+            first = not self._down
+            self._down = True
+            due = now - self._last_log >= self.log_interval
+            if first or due:
+                self._last_log = now
+        if first or due:
+            logger.warning(
+                "breaker store %s unreachable (%s); breakers follow breaker_on_storage_error=%s "
+                "until it answers again (retried every %g s)",
+                self.url, exc, self.mode, self.retry_interval,
+                extra={"breaker_store": self.url, "breaker_on_storage_error": self.mode},
+            )  # fmt: skip
+
+    def store_answered(self) -> None:
+        with self._lock:
+            was_down, self._down = self._down, False
+        if was_down:
+            logger.info("breaker store %s answers again: breakers rejoin the shared state", self.url)
+
+
+class FallbackCell:
+    """A cell that is the shared store's while it answers, and this process's while not."""
+
+    def __init__(self, store: FallbackStore, name: str, key: str | None, policy: BreakerPolicy, clock: Clock) -> None:
+        self._store = store
+        self._name = name
+        self._key = key
+        self._policy = policy
+        self._clock = clock
+        self._local: MemoryCell | None = None
+        self._retry_at = float("-inf")
+        self._active: Cell
+        self._primary: Cell | None = None
+        if not self._try_primary(clock.monotonic()):
+            self._active = self._fallback()
+
+    # -- switching ------------------------------------------------------------
+
+    def _try_primary(self, now: float) -> bool:
+        try:
+            self._primary = self._store.primary.cell(self._name, self._key, self._policy, self._clock)
+        except StorageError as exc:
+            self._degrade(exc, now)
+            return False
+        self._active = self._primary
+        self._store.store_answered()
+        return True
+
+    def _fallback(self) -> Cell:
+        if self._local is None:
+            now = self._clock.monotonic()
+            local = MemoryCell(self._name, self._key, self._policy, now)
+            local.wall_offset = self._clock.time() - now
+            mode = self._store.mode
+            if mode != "local":
+                local.force(State.DISABLED if mode == "allow" else State.FORCED_OPEN, self._policy, now)
+                local.events.clear()  # not a transition of the breaker, only of this process's stand-in
+            self._local = local
+        return self._local
+
+    def _degrade(self, exc: StorageError, now: float) -> None:
+        self._store.store_failed(exc, now)
+        self._retry_at = now + self._store.retry_interval
+        self._active = self._fallback()
+
+    def refresh(self, now: float) -> None:
+        """Asked again by a holder: rejoin the shared store if a retry is due, and take a
+        fresh shared cell if the current one went stale."""
+        if self._due(now):
+            self._retry_at = now + self._store.retry_interval
+            self._try_primary(now)
+        elif self._active is self._primary and self._primary.evicted:
+            self._try_primary(now)
+
+    def _due(self, now: float) -> bool:
+        return self._active is self._local and now >= self._retry_at
+
+    def _run(self, operation: str, now: float, *args: Any) -> Any:
+        """Do ``operation`` on the shared cell if possible, else on the stand-in."""
+        if self._due(now):
+            self._retry_at = now + self._store.retry_interval
+            self._try_primary(now)
+        active = self._active
+        if active is self._primary:
+            try:
+                return getattr(active, operation)(*args)
+            except StorageError as exc:
+                self._degrade(exc, now)
+        return getattr(self._active, operation)(*args)
+
+    # -- the local view (read by CircuitBreaker on every call) ----------------
+
+    @property
+    def passing(self) -> bool:
+        # While on the stand-in, a retry that is due sends calls down the slow path,
+        # where acquire() tries the shared store again.
+        return self._active.passing and not self._due(self._clock.monotonic())
+
+    @property
+    def state(self) -> State:
+        return self._active.state
+
+    @property
+    def policy(self) -> BreakerPolicy:
+        return self._active.policy
+
+    @property
+    def generation(self) -> int:
+        return self._active.generation
+
+    @property
+    def open_until(self) -> float | None:
+        return self._active.open_until
+
+    @property
+    def evicted(self) -> bool:
+        # "Ask the store again": the shared cell went stale, or a retry is due.
+        if self._active is self._primary:
+            return self._active.evicted
+        return self._due(self._clock.monotonic())
+
+    @property
+    def events(self) -> deque[Transition]:
+        return self._active.events
+
+    @property
+    def rejection_tally(self) -> Any:
+        return self._active.rejection_tally
+
+    @property
+    def last_used(self) -> float:
+        return self._active.last_used
+
+    @last_used.setter
+    def last_used(self, value: float) -> None:
+        self._active.last_used = value
+
+    # -- atomic operations ----------------------------------------------------
+
+    def acquire(self, policy: BreakerPolicy, now: float) -> Ticket:
+        ticket: Ticket = self._run("acquire", now, policy, now)
+        return ticket
+
+    def finish(self, ticket: Ticket, outcome: Outcome, duration: float, policy: BreakerPolicy, now: float) -> None:
+        self._run("finish", now, ticket, outcome, duration, policy, now)
+
+    def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:
+        self._run("record_success", now, ticket, duration, policy, now)
+
+    def force(self, target: State, policy: BreakerPolicy, now: float) -> None:
+        self._run("force", now, target, policy, now)
+
+    def reset(self, policy: BreakerPolicy, now: float) -> None:
+        self._run("reset", now, policy, now)
+
+    def note_deferral(self) -> None:
+        self._run("note_deferral", self._clock.monotonic())
+
+    def snapshot(self, now: float) -> BreakerSnapshot:
+        snapshot: BreakerSnapshot = self._run("snapshot", now, now)
+        return snapshot

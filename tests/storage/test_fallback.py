@@ -1,0 +1,113 @@
+"""breaker_on_storage_error: what breakers do while their Redis store is down, and rejoining it."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from typing import cast
+
+import pytest
+
+from celery_breaker import CircuitBreaker, CircuitOpenError, ConfigurationError, State
+from celery_breaker.storage import FallbackStore
+from celery_breaker.storage.redis import RedisStore
+from celery_breaker.testing import FakeClock
+
+from ..conftest import _wait_for_ping, free_port
+from ..unit.support import down, fail, ok, state_of
+
+
+def dead_store() -> RedisStore:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once the socket closes
+    return RedisStore.from_url(f"redis://127.0.0.1:{port}?time=client")
+
+
+def test_local_mode_keeps_a_working_breaker_of_this_process(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="celery_breaker")
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", {"failure_threshold": 2}, storage=dead_store(), clock=clock)
+    assert breaker.call(ok) == "ok"
+    fail(breaker, 2)
+    assert state_of(breaker) is State.OPEN  # it still protects the downstream
+    with pytest.raises(CircuitOpenError):
+        breaker.call(ok)
+    warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
+    assert len(warnings) == 1  # logged once, not per call
+    assert "breaker_on_storage_error=local" in warnings[0].getMessage()
+
+
+def test_allow_mode_lets_every_call_through_and_never_trips() -> None:
+    breaker = CircuitBreaker("svc", {"failure_threshold": 1}, storage=dead_store(), clock=FakeClock(),
+                             on_storage_error="allow")  # fmt: skip
+    for _ in range(3):
+        with pytest.raises(ConnectionError):
+            breaker.call(down)
+    assert breaker.call(ok) == "ok"
+
+
+def test_deny_mode_rejects_every_call() -> None:
+    breaker = CircuitBreaker("svc", storage=dead_store(), clock=FakeClock(), on_storage_error="deny")
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.call(ok)
+    assert info.value.state is State.FORCED_OPEN
+
+
+def test_an_unknown_mode_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="breaker_on_storage_error must be one of local, allow, deny"):
+        CircuitBreaker("svc", storage=dead_store(), on_storage_error="panic")
+
+
+@pytest.fixture
+def restartable_redis() -> Iterator[tuple[int, list[subprocess.Popen[bytes]]]]:
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="celery-breaker-fallback-")
+    processes: list[subprocess.Popen[bytes]] = []
+    yield port, processes
+    for process in processes:
+        process.terminate()
+        process.wait(timeout=10)
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def start_redis(port: int, processes: list[subprocess.Popen[bytes]]) -> None:
+    binary = shutil.which("redis-server")
+    assert binary is not None
+    process = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    processes.append(process)
+    _wait_for_ping(port, process, time.monotonic() + 20)
+
+
+def test_a_store_outage_falls_back_and_the_breaker_rejoins_when_redis_returns(
+    restartable_redis: tuple[int, list[subprocess.Popen[bytes]]],
+) -> None:
+    port, processes = restartable_redis
+    start_redis(port, processes)
+    clock = FakeClock()
+    url = f"redis://127.0.0.1:{port}?time=client&key_prefix=fallback"
+    breaker = CircuitBreaker("svc", {"failure_threshold": 2}, storage=url, clock=clock)
+    assert isinstance(cast(object, breaker.store), FallbackStore)
+    assert breaker.call(ok) == "ok"  # on the shared breaker
+
+    processes[0].terminate()
+    processes[0].wait(timeout=10)
+    # Recording that success fails: the stand-in takes over, and calls keep flowing.
+    assert breaker.call(ok) == "ok"
+    fail(breaker, 2)
+    assert state_of(breaker) is State.OPEN  # the stand-in protects the downstream meanwhile
+
+    start_redis(port, processes)  # a fresh, empty Redis on the same port
+    other = CircuitBreaker("svc", {"failure_threshold": 2}, storage=f"{url}&socket_timeout=0.6", clock=clock)
+    other.force_open()  # written to the new Redis by another "process"
+    clock.advance(6)  # past the retry interval: the next call asks Redis again
+    with pytest.raises(CircuitOpenError):
+        breaker.call(ok)
+    assert state_of(breaker) is State.FORCED_OPEN  # rejoined the shared state
