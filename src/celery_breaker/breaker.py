@@ -56,10 +56,17 @@ class RunAdmission:
     recorded on that breaker.
     """
 
-    __slots__ = ("breaker", "cell", "ticket", "start", "claimed", "recorded", "translate")
+    __slots__ = ("breaker", "cell", "ticket", "start", "claimed", "recorded", "translate", "counts_itself")
 
     def __init__(
-        self, breaker: CircuitBreaker, cell: Cell, ticket: Ticket, start: float, translate: ExceptionTranslator
+        self,
+        breaker: CircuitBreaker,
+        cell: Cell,
+        ticket: Ticket,
+        start: float,
+        translate: ExceptionTranslator,
+        *,
+        counts_itself: bool = True,
     ) -> None:
         self.breaker = breaker
         self.cell = cell
@@ -68,6 +75,8 @@ class RunAdmission:
         self.claimed = False
         self.recorded: Outcome | None = None
         self.translate = translate
+        self.counts_itself = counts_itself
+        """False: a run that made no guarded call records nothing (``breaker_scope="calls"``)."""
 
     def covers(self, breaker: CircuitBreaker) -> bool:
         own = self.breaker
@@ -78,6 +87,7 @@ class RunAdmission:
         what the run last recorded on its breaker."""
         if not self.claimed:
             self.claimed = True
+            neutral = neutral or not self.counts_itself
             self.breaker._finish(self.cell, self.ticket, exc, self.start, IGNORED if neutral else None)
         return self.recorded
 

@@ -158,13 +158,13 @@ class BreakerTask(Task):  # type: ignore[misc]
     def _run_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self._unguarded():
             return self.run(*args, **kwargs)
-        breaker = self._breaker_for(args, kwargs)
+        config = task_breaker_config(self)
+        breaker = self._breaker_for(config, args, kwargs)
         try:
             cell, ticket, start = breaker._admit()
         except CircuitOpenError as rejected:
             return self._on_rejected(breaker, rejected, args, kwargs)
-        run = RunAdmission(breaker, cell, ticket, start, _translate)
-        run_counts = task_breaker_config(self).counts_runs
+        run = RunAdmission(breaker, cell, ticket, start, _translate, counts_itself=config.counts_runs)
         request = self.request
         setattr(request, _RUN_ATTR, run)
         token = _RUN.set(run)
@@ -172,7 +172,7 @@ class BreakerTask(Task):  # type: ignore[misc]
             result = self.run(*args, **kwargs)
         except Retry as retry:
             # self.retry() / autoretry_for: count the cause, then let Celery retry.
-            run.settle(retry, neutral=not run_counts)
+            run.settle(retry)
             raise
         except (Ignore, Reject):
             run.settle(None, neutral=True)
@@ -183,7 +183,7 @@ class BreakerTask(Task):  # type: ignore[misc]
                 raise
             return self._on_rejected(breaker, rejected, args, kwargs)
         except BaseException:
-            run.settle(sys.exc_info()[1], neutral=not run_counts)
+            run.settle(sys.exc_info()[1])
             if _failed_while_open(run) and (self._can_defer() or self.breaker_fallback is not None):
                 # This run's downstream call failed and the breaker is open now: the
                 # task too waits for recovery instead of failing. (Eager and direct
@@ -191,7 +191,7 @@ class BreakerTask(Task):  # type: ignore[misc]
                 return self._on_rejected(breaker, _rejection_now(breaker), args, kwargs)
             raise
         else:
-            run.settle(None, neutral=not run_counts)
+            run.settle(None)
             return result
         finally:
             _RUN.reset(token)
@@ -213,7 +213,7 @@ class BreakerTask(Task):  # type: ignore[misc]
         if isinstance(exc, CircuitOpenError) and run is not None:
             raise exc  # the run's handler defers (or falls back); never a retry
         if run is not None and isinstance(exc, BaseException):
-            run.settle(exc, neutral=not task_breaker_config(self).counts_runs)
+            run.settle(exc)
             if _failed_while_open(run) and self._can_defer():
                 # It failed and the breaker is open now: defer instead of retrying.
                 raise _rejection_now(run.breaker) from exc
@@ -221,8 +221,7 @@ class BreakerTask(Task):  # type: ignore[misc]
 
     # -- rejection: fallback, error or deferral -------------------------------
 
-    def _breaker_for(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CircuitBreaker:
-        config = task_breaker_config(self)
+    def _breaker_for(self, config: TaskBreakerConfig, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CircuitBreaker:
         key = None
         key_fn = self.breaker_key
         if key_fn is not None:
