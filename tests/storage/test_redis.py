@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -51,16 +52,18 @@ def test_store_urls_open_a_redis_store(redis_url: str, scheme: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("url", "connects_to"),
+    ("url", "expected"),
     [
-        ("redis+unix:///run/redis.sock?db=2&key_prefix=x", "unix:///run/redis.sock?db=2"),
-        ("valkey+unix:///run/valkey.sock", "unix:///run/valkey.sock"),
-        ("valkeys://:secret@cache:6380/1?idle_ttl=5&time=server", "rediss://:secret@cache:6380/1"),
-        ("rediss://cache?ssl_cert_reqs=none&socket_connect_timeout=1", "rediss://cache?ssl_cert_reqs=none"),
+        ("redis+unix:///run/redis.sock?db=2&key_prefix=x", {"path": "/run/redis.sock", "db": 2}),
+        ("valkey+unix:///run/valkey.sock", {"path": "/run/valkey.sock"}),
+        ("valkeys://:secret@cache:6380/1?idle_ttl=5&time=server", {"host": "cache", "port": 6380, "db": 1}),
+        ("rediss://cache?ssl_cert_reqs=none&socket_connect_timeout=1", {"host": "cache", "ssl_cert_reqs": "none"}),
     ],
 )
-def test_our_options_are_taken_out_of_the_url_redis_py_sees(url: str, connects_to: str) -> None:
-    assert RedisStore.from_url(url)._connection_url == connects_to
+def test_our_options_are_taken_out_of_the_url_redis_py_sees(url: str, expected: dict[str, object]) -> None:
+    kwargs = RedisStore.from_url(url).client().connection_pool.connection_kwargs  # no connection made yet
+    assert {name: kwargs.get(name) for name in expected} == expected
+    assert not {"key_prefix", "idle_ttl", "time"} & kwargs.keys()
 
 
 def test_defaults(redis_url: str) -> None:
@@ -250,8 +253,8 @@ def test_storage_errors_keep_locally_counted_rejections(redis_url: str, server: 
     for _ in range(2):
         with pytest.raises(CircuitOpenError):
             breaker.call(ok)  # counted locally
-    good = store._connection_url
-    store._connection_url = "redis://127.0.0.1:1"  # the store goes away ...
+    good = store._parts
+    store._parts = urlsplit("redis://127.0.0.1:1")  # the store goes away ...
     store._pid = -2
     wrapper = breaker._cell
     assert isinstance(wrapper, FallbackCell)
@@ -259,5 +262,5 @@ def test_storage_errors_keep_locally_counted_rejections(redis_url: str, server: 
     assert raw is not None
     with pytest.raises(StorageError):
         raw.snapshot(clock.monotonic())
-    store._connection_url, store._pid = good, -2  # ... and comes back
+    store._parts, store._pid = good, -2  # ... and comes back
     assert raw.snapshot(clock.monotonic()).rejections == 2

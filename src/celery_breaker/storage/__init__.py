@@ -46,7 +46,10 @@ def register_scheme(*schemes: str) -> Callable[[StoreFactory], StoreFactory]:
 register_scheme("memory")(MemoryStore.from_url)
 
 
-@register_scheme("redis", "rediss", "redis+unix", "valkey", "valkeys", "valkey+unix")
+@register_scheme(
+    "redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster",
+    "valkey", "valkeys", "valkey+unix", "valkey+sentinel", "valkey+cluster",
+)  # fmt: skip
 def _redis_store(url: str) -> Store:
     # Imported here, so memory:// never loads redis-py.
     from .redis import RedisStore

@@ -1,0 +1,234 @@
+"""The Redis store (``redis://`` and friends): breakers shared by every process, each step one Lua script."""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import weakref
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qsl, quote, urlsplit
+
+import redis
+from redis.commands.core import Script
+
+from ...clock import Clock
+from ...core import BreakerPolicy, BreakerSnapshot
+from ...errors import ConfigurationError
+from ..base import StorageError
+from .cell import RedisCell
+from .client import DEFAULT_SOCKET_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, SCHEMES, make_client
+
+__all__ = ["DEFAULT_IDLE_TTL", "DEFAULT_KEY_PREFIX", "RedisStore"]
+
+DEFAULT_KEY_PREFIX = "breaker"
+DEFAULT_IDLE_TTL = 86_400.0
+_OPTIONS = ("key_prefix", "idle_ttl", "socket_timeout", "socket_connect_timeout", "time")
+_KEY_SUFFIXES = (":s", ":f", ":r", ":b", ":l")  # state, failure times, count ring, time buckets, leases
+_SCRIPTS = ("acquire", "record", "operate", "snapshot")
+
+
+def _script_sources() -> dict[str, str]:
+    # Every script is the shared prelude (load, validate, save) plus one operation.
+    folder = resources.files("celery_breaker.storage").joinpath("lua")
+    common = folder.joinpath("common.lua").read_text(encoding="utf-8")
+    return {name: common + "\n" + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in _SCRIPTS}
+
+
+_SOURCES = _script_sources()
+_STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _positive(url: str, option: str, text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigurationError(f"redis store URL {url!r}: {option}={text!r} must be a number of seconds > 0")
+    return value
+
+
+class RedisStore:
+    """Breakers in Redis, shared by every process and host that opens the same URL.
+
+    URL: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS),
+    ``redis+unix:///path/to.sock`` and the ``valkey`` spellings of each, with options
+    ``key_prefix`` (default ``breaker``), ``idle_ttl`` (seconds a breaker's keys live
+    unused, default one day), ``socket_timeout`` and ``socket_connect_timeout`` (default
+    0.5 s each); any other query option goes to redis-py.
+
+    ``time=client`` is a **test seam**: the scripts then use the caller's clock (a
+    ``FakeClock``) instead of Redis ``TIME``, so a fake-clock test suite runs against a
+    real server. Never use it in production: shared decisions would then depend on
+    every worker's clock agreeing.
+
+    One redis-py client per process, created on first use and again after a fork.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        parts: Any = None,
+        passed: list[tuple[str, str]] | None = None,
+        key_prefix: str = DEFAULT_KEY_PREFIX,
+        idle_ttl: float = DEFAULT_IDLE_TTL,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        socket_connect_timeout: float = DEFAULT_SOCKET_CONNECT_TIMEOUT,
+        client_time: bool = False,
+    ) -> None:
+        if not key_prefix or "{" in key_prefix or "}" in key_prefix:
+            raise ConfigurationError(
+                f"redis store URL {url!r}: key_prefix={key_prefix!r} must be non-empty and "
+                "without braces (they delimit the Redis Cluster hash tag)"
+            )
+        self.url = url
+        self.key_prefix = key_prefix
+        self.idle_ttl = idle_ttl
+        self.client_time = client_time
+        self._parts = parts if parts is not None else urlsplit(url)
+        self._passed = passed or []
+        self._timeouts = (socket_timeout, socket_connect_timeout)
+        self.ttl_ms = str(max(1, int(idle_ttl * 1000)))
+        self._lock = threading.Lock()
+        self._pid = -1
+        self._client: redis.Redis | None = None
+        self._scripts: dict[str, Script] = {}
+        self._cells: weakref.WeakValueDictionary[tuple[str, str | None], RedisCell] = weakref.WeakValueDictionary()
+        _STORES.add(self)
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisStore:
+        parts = urlsplit(url)
+        scheme = SCHEMES.get(parts.scheme.lower())
+        if scheme is None:
+            raise ConfigurationError(f"redis store URL {url!r}: scheme must be one of {', '.join(SCHEMES)}")
+        ours: dict[str, str] = {}
+        passed: list[tuple[str, str]] = []
+        for field, value in parse_qsl(parts.query, keep_blank_values=True):
+            if field in _OPTIONS:
+                ours[field] = value
+            else:
+                passed.append((field, value))  # db, password, ssl_*: redis-py's own
+        time_source = ours.get("time", "server")
+        if time_source not in ("server", "client"):
+            raise ConfigurationError(f"redis store URL {url!r}: time={time_source!r}; allowed: server, client (tests)")
+        return cls(
+            url,
+            parts=parts,
+            passed=passed,
+            key_prefix=ours.get("key_prefix", DEFAULT_KEY_PREFIX),
+            idle_ttl=_positive(url, "idle_ttl", ours.get("idle_ttl", str(DEFAULT_IDLE_TTL))),
+            socket_timeout=_positive(url, "socket_timeout", ours.get("socket_timeout", str(DEFAULT_SOCKET_TIMEOUT))),
+            socket_connect_timeout=_positive(
+                url, "socket_connect_timeout", ours.get("socket_connect_timeout", str(DEFAULT_SOCKET_CONNECT_TIMEOUT))
+            ),
+            client_time=time_source == "client",
+        )
+
+    # -- the connection ------------------------------------------------------
+
+    def client(self) -> redis.Redis:
+        """This process's client (a client inherited through fork shares its parent's sockets)."""
+        client = self._client
+        if client is not None and self._pid == os.getpid():
+            return client
+        with self._lock:
+            if self._client is None or self._pid != os.getpid():
+                self._connect()
+            assert self._client is not None
+            return self._client
+
+    def _connect(self) -> None:
+        socket_timeout, connect_timeout = self._timeouts
+        client = make_client(
+            self.url,
+            self._parts,
+            self._passed,
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=connect_timeout,
+        )
+        if self._pid != -1:
+            for cell in list(self._cells.values()):
+                cell.forget_pending()  # the parent flushes its own rejections
+        self._client = client
+        self._scripts = {name: Script(client, source) for name, source in _SOURCES.items()}
+        self._pid = os.getpid()
+
+    def run(self, script: str, keys: list[str], args: list[str]) -> list[Any]:
+        """Run one script; any Redis failure becomes ``StorageError``."""
+        client = self.client()
+        try:
+            reply = self._scripts[script](keys, args, client=client)
+        except redis.RedisError as exc:
+            raise StorageError(f"redis store {self.url}: {script} failed: {exc}") from exc
+        if not isinstance(reply, list) or not reply:
+            raise StorageError(f"redis store {self.url}: {script} answered {reply!r}")
+        return reply
+
+    # -- breakers ------------------------------------------------------------
+
+    def keys_for(self, name: str, key: str | None) -> list[str]:
+        """The keys of one breaker; they share the hash tag ``{prefix:name[:key]}``."""
+        tag = f"{self.key_prefix}:{quote(name, safe='')}"
+        if key is not None:
+            tag += f":{quote(key, safe='')}"
+        return [f"{{{tag}}}{suffix}" for suffix in _KEY_SUFFIXES]
+
+    def cell(self, name: str, key: str | None, policy: BreakerPolicy, clock: Clock) -> RedisCell:
+        ident = (name, key)
+        found = self._cells.get(ident)
+        if found is None:
+            with self._lock:
+                found = self._cells.get(ident)
+                if found is None:
+                    found = self._cells[ident] = RedisCell(self, name, key, policy, clock)
+                    found.evicted = True  # nothing read yet
+        if found.evicted:
+            # A new cell learns the stored policy and state; an old rejecting view is
+            # read again. (Outside the lock: the round trip may create the client.)
+            found.refresh(clock.monotonic())
+            found.evicted = False
+        return found
+
+    def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
+        """Every breaker under this store's key prefix (a SCAN: for operators, not hot paths)."""
+        pattern = "{" + _glob_escape(self.key_prefix) + ":*}:s"
+        now = clock.monotonic()
+        offset = clock.time() - now if self.client_time else 0.0
+        found: list[BreakerSnapshot] = []
+        try:
+            state_keys = [k.decode() for k in self.client().scan_iter(match=pattern, count=500)]
+        except redis.RedisError as exc:
+            raise StorageError(f"redis store {self.url}: listing breakers failed: {exc}") from exc
+        for state_key in state_keys:
+            tag = state_key[: -len(":s")]
+            keys = [tag + suffix for suffix in _KEY_SUFFIXES]
+            now_arg = repr(now) if self.client_time else ""
+            reply = self.run("snapshot", keys, [now_arg, self.ttl_ms, "0", "", "", ""])
+            if reply[0] == b"absent":
+                continue  # expired since the scan saw it
+            found.append(RedisCell.decode_snapshot(reply, offset))
+        return found
+
+    def __repr__(self) -> str:
+        return f"RedisStore({self.url!r})"
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def _reinit_locks_after_fork() -> None:
+    # A lock held by another thread at fork time would stay held forever in the child;
+    # the client itself is replaced lazily (``RedisStore.client`` checks the pid).
+    for store in list(_STORES):
+        store._lock = threading.Lock()
+        for cell in list(store._cells.values()):
+            cell._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_locks_after_fork)
