@@ -195,14 +195,14 @@ def test_two_stores_share_one_breaker(redis_url: str) -> None:
     assert here.store is not there.store
     assert there.call(ok) == "ok"
     fail(here, 2)
+    assert there.store.sync()  # the trip was published; ``there`` has heard it
     with pytest.raises(CircuitOpenError):
-        there.call(ok)  # its very next call
+        there.call(ok)
     there.close()
-    # ``here`` still holds its OPEN view (trusted for VIEW_TTL); a snapshot reads Redis
-    # and refreshes that view.
-    assert here.snapshot().state is State.CLOSED
-    assert here.call(ok) == "ok"
-    snap = there.snapshot()
+    assert here.store.sync()
+    assert here._cell.state is State.CLOSED  # heard, not read
+    assert here.call(ok) == "ok"  # counted in this process, sent with its next script call
+    snap = here.snapshot()
     assert (snap.state, snap.successes, snap.failures, snap.rejections) == (State.CLOSED, 2, 2, 1)
 
 

@@ -78,3 +78,8 @@ class Store(Protocol):
     def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
         """Every breaker the store currently holds."""
         ...
+
+    def sync(self, timeout: float = 5.0) -> bool:
+        """Return once this process's views reflect every transition made (anywhere)
+        before the call; False if that could not be established within ``timeout``."""
+        ...

@@ -75,6 +75,13 @@ class FallbackStore:
             self.store_failed(exc, clock.monotonic())
             return []
 
+    def sync(self, timeout: float = 5.0) -> bool:
+        """The shared store's barrier (``RedisStore.sync``); False while it cannot be reached."""
+        try:
+            return self.primary.sync(timeout)
+        except StorageError:
+            return False
+
     # -- outage bookkeeping, shared by every cell of this store ---------------
 
     def store_failed(self, exc: StorageError, now: float) -> None:

@@ -179,6 +179,10 @@ class MemoryStore:
             cell.passing = False
             del cells[ident]
 
+    def sync(self, timeout: float = 5.0) -> bool:
+        """Nothing to wait for: every breaker of this store lives in this process."""
+        return True
+
     def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
         now = clock.monotonic()
         with self._lock:

@@ -8,9 +8,14 @@
 --   5 probe leases (hash: lease id -> deadline)
 -- ARGV:
 --   1 the caller's clock reading, or '' to use Redis TIME (the default: shared decisions
---     never depend on worker clocks); 2 idle TTL in ms; 3 rejections counted locally since
---     the last script call; 4 the caller's policy text; 5 name; 6 '-' or '+' .. key;
---   7.. the operation's own arguments.
+--     never depend on worker clocks); 2 idle TTL in ms; 3 what the caller counted locally
+--     since its last script call: 'rejections;deferrals;generation;successes;stale successes'
+--     (successes under that generation, stale ones under an earlier one); 4 the caller's
+--     policy text; 5 name; 6 '-' or '+' .. key; 7 the pub/sub channel transitions are
+--     published on ('' for none); 8.. the operation's own arguments.
+--
+-- Every transition is PUBLISHed on ARGV[7] as 'state key\nincarnation\ngeneration\nstate\n
+-- seconds until a probe may be admitted', so each process's local view follows it.
 
 local K_STATE, K_FAILS, K_RING, K_BUCKETS, K_LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local TIME_BUCKETS = 20
@@ -91,7 +96,9 @@ local INTEGER_FIELDS = { 'gen', 'hos', 'nl', 'ok', 'ko', 'rj', 'df', 'tr', 'wn',
 local TIME_FIELDS = { 'oa', 'ou', 'ls', 'lf' }
 
 local function fresh(policy_text)
-  local s = { st = CLOSED, pol = policy_text, nm = ARGV[5], ky = ARGV[6] }
+  -- The incarnation tells a breaker from an earlier one under the same keys (expired or
+  -- wiped): generations restart with it, so local views compare generations only within one.
+  local s = { st = CLOSED, pol = policy_text, nm = ARGV[5], ky = ARGV[6], inc = fmt(now) }
   for _, name in ipairs(INTEGER_FIELDS) do s[name] = 0 end
   return s
 end
@@ -101,7 +108,7 @@ local function load()
   if #flat == 0 then return nil end
   local raw = {}
   for i = 1, #flat, 2 do raw[flat[i]] = flat[i + 1] end
-  local s = { st = raw.st, pol = raw.pol, nm = raw.nm or ARGV[5], ky = raw.ky or ARGV[6] }
+  local s = { st = raw.st, pol = raw.pol, nm = raw.nm or ARGV[5], ky = raw.ky or ARGV[6], inc = raw.inc or '0' }
   if not STATES[s.st or ''] then return false, 'state ' .. tostring(raw.st) end
   for _, name in ipairs(INTEGER_FIELDS) do
     s[name] = tonumber(raw[name] or '')
@@ -130,7 +137,12 @@ end
 -- The stored policy wins (the breaker keeps the policy it was created with).
 local P = parse_policy(S.pol)
 if P == nil then error('celery-breaker: unparsable policy ' .. tostring(S.pol)) end
-S.rj = S.rj + (tonumber(ARGV[3]) or 0)
+
+-- What the caller counted locally: applied below, once the window functions exist.
+local pending = {}
+for item in (ARGV[3] .. ';'):gmatch('([^;]*);') do pending[#pending + 1] = math.max(0, tonumber(item) or 0) end
+S.rj = S.rj + (pending[1] or 0)
+S.df = S.df + (pending[2] or 0)
 
 -- -- windows -----------------------------------------------------------------
 
@@ -197,9 +209,12 @@ local function rate_totals()
   return calls, failures, slow
 end
 
-local function rate_add(failed, slow)
+local function rate_add(failed, slow, n)
   local f, s = failed and 1 or 0, slow and 1 or 0
+  n = n or 1
   if P.count_window ~= nil then
+    -- n outcomes at once (aggregated successes): only the last count_window of them matter
+    for _ = 2, math.min(n, P.count_window) do rate_add(failed, slow, 1) end
     -- A ring of the last count_window outcomes, one byte each ('0' + failed + 2 * slow);
     -- the totals in the state hash are kept by subtract-on-evict.
     local i = S.wn
@@ -224,7 +239,8 @@ local function rate_add(failed, slow)
   local i = epoch % TIME_BUCKETS
   local b = buckets[i]
   if b == nil or b[1] ~= epoch then b = { epoch, 0, 0, 0 } end
-  redis.call('HSET', K_BUCKETS, 'h', head, i, string.format('%d:%d:%d:%d', epoch, b[2] + 1, b[3] + f, b[4] + s))
+  redis.call('HSET', K_BUCKETS, 'h', head, i,
+    string.format('%d:%d:%d:%d', epoch, b[2] + n, b[3] + f * n, b[4] + s * n))
 end
 
 local function clear_windows()
@@ -289,7 +305,7 @@ end
 -- -- saving and replying -----------------------------------------------------
 
 local function save()
-  redis.call('HSET', K_STATE, 'st', S.st, 'pol', S.pol, 'nm', S.nm, 'ky', S.ky,
+  redis.call('HSET', K_STATE, 'st', S.st, 'pol', S.pol, 'nm', S.nm, 'ky', S.ky, 'inc', S.inc,
     'gen', S.gen, 'hos', S.hos, 'nl', S.nl, 'ok', S.ok, 'ko', S.ko, 'rj', S.rj, 'df', S.df,
     'tr', S.tr, 'wn', S.wn, 'wl', S.wl, 'wc', S.wc, 'wf', S.wf, 'ws', S.ws,
     'oa', fmt(S.oa), 'ou', fmt(S.ou), 'ls', fmt(S.ls), 'lf', fmt(S.lf))
@@ -297,9 +313,20 @@ local function save()
   for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl_ms) end
 end
 
+-- Tell every process's local view: after a transition, or when a probe slot frees up.
+local announce = false
+
+local function publish()
+  if ARGV[7] == '' then return end
+  local remaining = ''
+  if S.ou ~= nil then remaining = fmt(S.ou - now) end
+  redis.call('PUBLISH', ARGV[7], table.concat({ K_STATE, S.inc, S.gen, S.st, remaining }, '\n'))
+end
+
 -- The local view every reply starts with (the caller converts times to its own clock).
 local function reply(verdict, value, extra)
   save()
+  if transition ~= nil or announce then publish() end
   local remaining = ''
   if S.ou ~= nil then remaining = fmt(S.ou - now) end
   local policy_back = ''
@@ -307,6 +334,16 @@ local function reply(verdict, value, extra)
   local out = { S.st, S.gen, remaining, fmt(now), verdict, value or '', table.concat(warnings, '; '), policy_back }
   local t = transition or { '', '', '', '', '', '', '' }
   for _, v in ipairs(t) do out[#out + 1] = v end
+  out[#out + 1] = S.inc
   for _, v in ipairs(extra or {}) do out[#out + 1] = v end
   return out
+end
+
+-- Successes the caller aggregated: counted, and in the window only under the generation
+-- they were admitted in (a success never moves a CLOSED breaker, so this decides nothing).
+local batch_gen, batch, stale = pending[3], pending[4] or 0, pending[5] or 0
+if batch + stale > 0 then
+  S.ok = S.ok + batch + stale
+  S.ls = now
+  if batch > 0 and batch_gen == S.gen and S.st == CLOSED and P.uses_rates then rate_add(false, false, batch) end
 end

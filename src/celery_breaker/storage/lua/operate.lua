@@ -1,10 +1,10 @@
--- operate: an operator's move (ARGV[7] 'force' with ARGV[8] the target state), a reset to a
--- fresh CLOSED breaker under the caller's policy (ARGV[7] 'reset'), or one deferral counted
--- (ARGV[7] 'deferral'). Mirrors BreakerMachine.force, .reset and .note_deferral.
+-- operate: an operator's move (ARGV[8] 'force' with ARGV[9] the target state), a reset to a
+-- fresh CLOSED breaker under the caller's policy (ARGV[8] 'reset'), or one deferral counted
+-- (ARGV[8] 'deferral'). Mirrors BreakerMachine.force, .reset and .note_deferral.
 
-local action = ARGV[7]
+local action = ARGV[8]
 if action == 'force' then
-  local target = ARGV[8]
+  local target = ARGV[9]
   if not OPERATOR_TARGETS[target] then error('celery-breaker: operators cannot move to ' .. target) end
   move(target, 'operator')
 elseif action == 'reset' then

@@ -1,9 +1,9 @@
 -- record: count one finished call and apply the transition the policy calls for.
--- Mirrors BreakerMachine.record. ARGV[7] ticket generation, ARGV[8] probe lease or -1,
--- ARGV[9] outcome (0 success, 1 failure, 2 ignored), ARGV[10] duration in seconds.
+-- Mirrors BreakerMachine.record. ARGV[8] ticket generation, ARGV[9] probe lease or -1,
+-- ARGV[10] outcome (0 success, 1 failure, 2 ignored), ARGV[11] duration in seconds.
 
-local generation, lease = tonumber(ARGV[7]), tonumber(ARGV[8])
-local outcome, duration = tonumber(ARGV[9]), tonumber(ARGV[10])
+local generation, lease = tonumber(ARGV[8]), tonumber(ARGV[9])
+local outcome, duration = tonumber(ARGV[10]), tonumber(ARGV[11])
 local is_probe = lease >= 0
 local current = generation == S.gen
 
@@ -42,7 +42,9 @@ local function record_closed(failed, slow)
 end
 
 if outcome == 2 then
-  if current and is_probe then redis.call('HDEL', K_LEASES, lease) end -- neutral: frees the slot
+  if current and is_probe and redis.call('HDEL', K_LEASES, lease) == 1 then
+    announce = true -- neutral: frees the slot, which other processes may be waiting for
+  end
   return reply('ok')
 end
 local failed = outcome == 1

@@ -58,25 +58,31 @@ def _opt_float(value: Any) -> float | None:
 
 
 _REJECTING = (State.OPEN, State.FORCED_OPEN)
+_PASSING = (State.CLOSED, State.DISABLED)
 #: Real seconds a local OPEN or FORCED_OPEN view may reject calls before it is read
-#: again, so an operator's close or reset in another process reaches this one.
+#: again while this process hears no transitions (its subscription is down), so an
+#: operator's close or reset in another process still reaches it.
 VIEW_TTL = 1.0
 
 
 class RedisCell:
-    """One breaker in Redis, seen through a local view that every script reply refreshes.
+    """One breaker in Redis, seen through a local view.
 
-    First cut: ``passing`` is always False, so every admission asks Redis and a trip in
-    any process is seen by every other on its very next call (two round trips per
-    admitted call: acquire, then the outcome). Rejections from the local view (OPEN
-    until ``open_until``, FORCED_OPEN) cost nothing; they are counted in
-    ``rejection_tally`` and flushed to Redis with this cell's next script call.
+    The view is refreshed by every script reply and, between them, by the transitions
+    every process publishes (``RedisStore`` subscribes once per process). While this
+    process's subscription is live, a CLOSED or DISABLED view is ``passing``: calls are
+    admitted without asking Redis, and their successes are counted locally and sent with
+    the next script call or by the store's flusher (every ``FLUSH_INTERVAL``). Failures,
+    probes and everything else are one synchronous script call each. Rejections from an
+    OPEN or FORCED_OPEN view, or from a HALF_OPEN view whose probe slots were all taken,
+    cost nothing; they are counted locally too.
     """
 
     __slots__ = (
         "name", "key", "policy", "state", "generation", "open_until", "passing", "last_used",
-        "rejection_tally", "events", "_store", "_clock", "_keys", "_key_arg", "_policy_text",
-        "_offset", "_flushed", "_seen", "_dropped", "_lock", "__weakref__",
+        "rejection_tally", "events", "state_key", "_store", "_clock", "_keys", "_key_arg", "_policy_text",
+        "_offset", "_rj_flushed", "_ok_tally", "_ok_flushed", "_ok_gen", "_stale_ok", "_df_tally",
+        "_df_flushed", "_incarnation", "_full_until", "_slow", "_seen", "_dropped", "_lock", "__weakref__",
     )  # fmt: skip
 
     def __init__(self, store: RedisStore, name: str, key: str | None, policy: BreakerPolicy, clock: Clock) -> None:
@@ -93,12 +99,24 @@ class RedisCell:
         self._store = store
         self._clock = clock
         self._keys = store.keys_for(name, key)
+        self.state_key = self._keys[0]
         self._key_arg = "-" if key is None else "+" + key
         self._policy_text = policy_text(policy)
         # Script times are Redis TIME (epoch seconds) unless the test seam is on, when
         # they are the caller's monotonic clock and need its offset to read as epoch.
         self._offset = clock.time() - self.last_used if store.client_time else 0.0
-        self._flushed = 0
+        # Counted locally, sent with the next script call: rejections, deferrals, and
+        # successes (those of generation _ok_gen, and stale ones of earlier generations).
+        self._rj_flushed = 0
+        self._ok_tally = itertools.count()
+        self._ok_flushed = 0
+        self._ok_gen = 0
+        self._stale_ok = 0
+        self._df_tally = itertools.count()
+        self._df_flushed = 0
+        self._incarnation = ""
+        self._full_until = 0.0  # HALF_OPEN with every probe slot taken: reject until then
+        self._slow = policy.slow_call_duration
         self._seen = time.monotonic()
         self._dropped = False
         self._lock = threading.Lock()
@@ -109,51 +127,82 @@ class RedisCell:
 
     @property
     def evicted(self) -> bool:
-        """True when the holder must ask the store again: a rejecting view older than ``VIEW_TTL``."""
-        return self._dropped or (self.state in _REJECTING and time.monotonic() - self._seen > VIEW_TTL)
+        """True when the holder must ask the store again: dropped, or a rejecting view
+        older than ``VIEW_TTL`` while no transitions are heard."""
+        return self._dropped or (
+            self.state in _REJECTING and not self._store.live and time.monotonic() - self._seen > VIEW_TTL
+        )
 
     @evicted.setter
     def evicted(self, value: bool) -> None:
         self._dropped = value
 
+    # -- what was counted locally --------------------------------------------
+
+    def _take_pending(self) -> tuple[str, tuple[int, int, int, int]]:
+        """The counts to send with a script call (and to give back if it fails)."""
+        with self._lock:
+            rejections = _tally(self.rejection_tally) - self._rj_flushed
+            deferrals = _tally(self._df_tally) - self._df_flushed
+            successes = _tally(self._ok_tally) - self._ok_flushed
+            stale, self._stale_ok = self._stale_ok, 0
+            self._rj_flushed += rejections
+            self._df_flushed += deferrals
+            self._ok_flushed += successes
+            text = f"{rejections};{deferrals};{self._ok_gen};{successes};{stale}"
+        return text, (rejections, deferrals, successes, stale)
+
+    def _give_back(self, counts: tuple[int, int, int, int]) -> None:
+        rejections, deferrals, successes, stale = counts
+        with self._lock:
+            self._rj_flushed -= rejections
+            self._df_flushed -= deferrals
+            # The generation they were counted under may have moved on: keep them as stale.
+            self._stale_ok += successes + stale
+
+    @property
+    def pending(self) -> bool:
+        """Whether anything counted locally waits to be sent."""
+        return (
+            _tally(self._ok_tally) != self._ok_flushed
+            or self._stale_ok > 0
+            or _tally(self.rejection_tally) != self._rj_flushed
+            or _tally(self._df_tally) != self._df_flushed
+        )
+
+    def forget_pending(self) -> None:
+        """After fork: what was counted so far is the parent's to send."""
+        with self._lock:
+            self._rj_flushed = _tally(self.rejection_tally)
+            self._df_flushed = _tally(self._df_tally)
+            self._ok_flushed = _tally(self._ok_tally)
+            self._stale_ok = 0
+
     # -- one round trip ------------------------------------------------------
 
     def _call(self, script: str, now: float, *args: str, policy: str | None = None) -> list[Any]:
-        pending = self._take_pending()
         store = self._store
-        head = [repr(now) if store.client_time else "", store.ttl_ms, str(pending)]
+        epoch = store.epoch
+        pending, counts = self._take_pending()
+        head = [repr(now) if store.client_time else "", store.ttl_ms, pending]
         try:
-            reply = store.run(script, self._keys, [*head, policy or self._policy_text, self.name, self._key_arg, *args])
+            reply = store.run(
+                script, self._keys, [*head, policy or self._policy_text, self.name, self._key_arg, store.channel, *args]
+            )
         except StorageError:
-            with self._lock:
-                self._flushed -= pending  # not counted in Redis: send them next time
+            self._give_back(counts)
             raise
         try:
-            self._apply(reply, now)
+            self._apply(reply, now, epoch)
         except (ValueError, IndexError, AttributeError, TypeError) as exc:
             raise StorageError(f"redis store {store.url}: {script} answered {reply!r}") from exc
         return reply
 
-    def _take_pending(self) -> int:
-        with self._lock:
-            seen = _tally(self.rejection_tally)
-            pending = seen - self._flushed
-            self._flushed = seen
-            return pending
-
-    def forget_pending(self) -> None:
-        """After fork: the rejections counted so far are the parent's to flush."""
-        with self._lock:
-            self._flushed = _tally(self.rejection_tally)
-
-    def _apply(self, reply: list[Any], now: float) -> None:
+    def _apply(self, reply: list[Any], now: float, epoch: int) -> None:
         state = State(reply[0].decode())
         remaining = _opt_float(reply[2])
-        self.generation = int(reply[1])
-        self.open_until = None if remaining is None else now + remaining
-        self.state = state
-        self.last_used = now
-        self._seen = time.monotonic()
+        generation = int(reply[1])
+        incarnation = reply[15].decode()
         if reply[6]:
             logger.warning(
                 "breaker %s: reset unreadable state in Redis (%s)", self.label, reply[6].decode(),
@@ -161,6 +210,8 @@ class RedisCell:
             )  # fmt: skip
         if reply[7]:
             self._adopt(reply[7].decode())
+        self._view(incarnation, generation, state, None if remaining is None else now + remaining, epoch)
+        self.last_used = now
         if reply[8]:
             at = float(reply[3]) + self._offset
             target = State(reply[9].decode())
@@ -180,6 +231,38 @@ class RedisCell:
                 )
             )
 
+    def _view(self, incarnation: str, generation: int, state: State, open_until: float | None, epoch: int) -> None:
+        """Take a newer view of the breaker (script replies and transitions may cross)."""
+        with self._lock:
+            if incarnation == self._incarnation and generation < self.generation:
+                return  # older than what this process already knows
+            if incarnation != self._incarnation or generation != self.generation:
+                self._full_until = 0.0
+            self._incarnation = incarnation
+            self.generation = generation
+            self.open_until = open_until
+            self.state = state
+            self._seen = time.monotonic()
+            passing = state in _PASSING
+            if passing and generation != self._ok_gen:
+                # Successes counted under the old generation no longer count in the window.
+                self._stale_ok += _tally(self._ok_tally) - self._ok_flushed
+                self._ok_flushed = _tally(self._ok_tally)
+                self._ok_gen = generation
+            # Calls pass without asking only while this process hears every transition,
+            # and only on a view read since it started hearing them.
+            self.passing = passing and self._store.live and epoch == self._store.epoch
+
+    def hear(self, incarnation: str, generation: int, state: State, remaining: float | None) -> None:
+        """A transition another process published (or a probe slot freed)."""
+        now = self._clock.monotonic()
+        self._view(incarnation, generation, state, None if remaining is None else now + remaining, self._store.epoch)
+
+    def go_dark(self) -> None:
+        """This process stopped hearing transitions: ask Redis again before passing calls."""
+        with self._lock:
+            self.passing = False
+
     def _adopt(self, text: str) -> None:
         # Another process created (or reset) this breaker with other rules: they win.
         try:
@@ -188,20 +271,31 @@ class RedisCell:
             logger.warning("breaker %s: stored policy %r is unreadable here; Redis keeps using it", self.label, text)
             return
         self._policy_text = text
+        self._slow = self.policy.slow_call_duration
 
     # -- the Cell protocol ---------------------------------------------------
 
     def refresh(self, now: float) -> None:
-        """Read the breaker's state (creating it if needed) into the local view."""
+        """Read the breaker's state (creating it if needed) into the local view, and send
+        what was counted locally."""
         self._call("operate", now, "view")
 
     def acquire(self, policy: BreakerPolicy, now: float) -> Ticket:
+        if self.state is State.HALF_OPEN and now < self._full_until:
+            # Every probe slot was taken when last asked, and no slot has freed since
+            # (that would have been published): reject without asking.
+            next(self.rejection_tally)
+            raise CircuitOpenError._rejected(self.name, self.key, State.HALF_OPEN, self._full_until - now)
         reply = self._call("acquire", now)
         verdict = reply[4]
         if verdict == b"probe":
             return Probe(int(reply[1]), int(reply[5]))
         if verdict == b"reject":
-            raise CircuitOpenError._rejected(self.name, self.key, State(reply[0].decode()), _opt_float(reply[5]))
+            state = State(reply[0].decode())
+            retry_after = _opt_float(reply[5])
+            if state is State.HALF_OPEN and retry_after is not None:
+                self._full_until = now + retry_after
+            raise CircuitOpenError._rejected(self.name, self.key, state, retry_after)
         return int(reply[1])
 
     def finish(self, ticket: Ticket, outcome: Outcome, duration: float, policy: BreakerPolicy, now: float) -> None:
@@ -209,6 +303,16 @@ class RedisCell:
         self._call("record", now, str(generation), str(lease), str(int(outcome)), repr(float(duration)))
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:
+        # The hot path: a success admitted without a probe is counted here and sent later
+        # (it moves nothing). Probes and slow calls (which can trip) are sent now.
+        if ticket.__class__ is int and (self._slow is None or duration < self._slow):
+            self.last_used = now
+            if ticket == self._ok_gen:
+                next(self._ok_tally)
+                return
+            with self._lock:
+                self._stale_ok += 1
+            return
         self.finish(ticket, Outcome.SUCCESS, duration, policy, now)
 
     def force(self, target: State, policy: BreakerPolicy, now: float) -> None:
@@ -217,10 +321,14 @@ class RedisCell:
     def reset(self, policy: BreakerPolicy, now: float) -> None:
         text = policy_text(policy)
         self._call("operate", now, "reset", policy=text)
-        self.policy, self._policy_text = policy, text
+        self.policy, self._policy_text, self._slow = policy, text, policy.slow_call_duration
 
     def note_deferral(self) -> None:
-        self._call("operate", self._clock.monotonic(), "deferral")
+        next(self._df_tally)  # sent with the next script call or flush
+
+    def flush(self) -> None:
+        """Send what was counted locally (the store's flusher calls this)."""
+        self._call("operate", self._clock.monotonic(), "view")
 
     def snapshot(self, now: float) -> BreakerSnapshot:
         return self.decode_snapshot(self._call("snapshot", now), self._offset)
@@ -233,26 +341,26 @@ class RedisCell:
             seconds = _opt_float(value)
             return None if seconds is None else seconds + offset
 
-        key_arg = reply[30].decode()
+        key_arg = reply[31].decode()
         return BreakerSnapshot(
-            name=reply[29].decode(),
+            name=reply[30].decode(),
             key=None if key_arg == "-" else key_arg[1:],
             state=State(reply[0].decode()),
             generation=int(reply[1]),
-            successes=int(reply[15]),
-            failures=int(reply[16]),
-            rejections=int(reply[17]),
-            deferrals=int(reply[18]),
-            trips=int(reply[19]),
-            last_failure=wall(reply[20]),
-            last_success=wall(reply[21]),
-            opened_at=wall(reply[22]),
-            open_until=wall(reply[23]),
-            retry_after=_opt_float(reply[24]),
-            window_calls=int(reply[25]),
-            window_failures=int(reply[26]),
-            window_slow_calls=int(reply[27]),
-            probes_in_flight=int(reply[28]),
+            successes=int(reply[16]),
+            failures=int(reply[17]),
+            rejections=int(reply[18]),
+            deferrals=int(reply[19]),
+            trips=int(reply[20]),
+            last_failure=wall(reply[21]),
+            last_success=wall(reply[22]),
+            opened_at=wall(reply[23]),
+            open_until=wall(reply[24]),
+            retry_after=_opt_float(reply[25]),
+            window_calls=int(reply[26]),
+            window_failures=int(reply[27]),
+            window_slow_calls=int(reply[28]),
+            probes_in_flight=int(reply[29]),
         )
 
     def __repr__(self) -> str:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
+import time
 import weakref
 from importlib import resources
 from typing import Any
@@ -14,13 +16,16 @@ import redis
 from redis.commands.core import Script
 
 from ...clock import Clock
-from ...core import BreakerPolicy, BreakerSnapshot
+from ...core import BreakerPolicy, BreakerSnapshot, State
 from ...errors import ConfigurationError
 from ..base import StorageError
-from .cell import RedisCell
+from .agent import Agent
+from .cell import RedisCell, _opt_float
 from .client import DEFAULT_SOCKET_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, SCHEMES, make_client
 
 __all__ = ["DEFAULT_IDLE_TTL", "DEFAULT_KEY_PREFIX", "RedisStore"]
+
+logger = logging.getLogger("celery_breaker")
 
 DEFAULT_KEY_PREFIX = "breaker"
 DEFAULT_IDLE_TTL = 86_400.0
@@ -91,6 +96,16 @@ class RedisStore:
         self._parts = parts if parts is not None else urlsplit(url)
         self._passed = passed or []
         self._timeouts = (socket_timeout, socket_connect_timeout)
+        self.socket_timeout = socket_timeout
+        self.channel = f"{key_prefix}:transitions"
+        #: True while this process hears every transition (its agent is subscribed).
+        self.live = False
+        #: Bumped whenever ``live`` changes: a view read in an earlier epoch never passes calls.
+        self.epoch = 0
+        self._agent: Agent | None = None
+        self._dark_since: float | None = None
+        self._by_state_key: weakref.WeakValueDictionary[str, RedisCell] = weakref.WeakValueDictionary()
+        self._barriers: dict[str, threading.Event] = {}
         self.ttl_ms = str(max(1, int(idle_ttl * 1000)))
         self._lock = threading.Lock()
         self._pid = -1
@@ -185,13 +200,105 @@ class RedisStore:
                 found = self._cells.get(ident)
                 if found is None:
                     found = self._cells[ident] = RedisCell(self, name, key, policy, clock)
+                    self._by_state_key[found.state_key] = found
                     found.evicted = True  # nothing read yet
+        agent = self._agent
+        if agent is None or agent.pid != os.getpid() or not agent.is_alive():
+            self._start_agent()
         if found.evicted:
             # A new cell learns the stored policy and state; an old rejecting view is
             # read again. (Outside the lock: the round trip may create the client.)
             found.refresh(clock.monotonic())
             found.evicted = False
         return found
+
+    # -- the agent's side: transitions heard, counts sent ----------------------
+
+    def _start_agent(self) -> None:
+        with self._lock:
+            agent = self._agent
+            if agent is not None and agent.pid == os.getpid() and agent.is_alive():
+                return
+            self._agent = Agent(self)
+            self._agent.start()
+
+    def cell_count(self) -> int:
+        return len(self._cells)
+
+    def go_live(self) -> None:
+        """The agent is subscribed: views read from now on are kept fresh."""
+        with self._lock:
+            self.epoch += 1
+            self.live = True
+            if self._dark_since is not None:
+                logger.info(
+                    "redis store %s: hearing breaker transitions again after %.1f s",
+                    self.url, time.monotonic() - self._dark_since,
+                )  # fmt: skip
+                self._dark_since = None
+
+    def go_dark(self, exc: BaseException | None) -> None:
+        """The agent lost its subscription: every cell asks Redis again until it is back."""
+        with self._lock:
+            was_live = self.live
+            self.live = False
+            self.epoch += 1
+            cells = list(self._cells.values())
+        for cell in cells:
+            cell.go_dark()
+        if was_live and exc is not None:
+            self._dark_since = time.monotonic()
+            logger.warning(
+                "redis store %s: lost the breaker transitions channel (%s); every call asks Redis until it is back",
+                self.url, exc,
+            )  # fmt: skip
+
+    def agent_stopped(self, agent: Agent) -> None:
+        with self._lock:
+            if self._agent is not agent:
+                return
+            self._agent = None
+        self.go_dark(None)
+
+    def hear(self, data: Any) -> None:
+        """One published transition: ``state key, incarnation, generation, state, seconds
+        until a probe``. Anything else on the channel is ignored."""
+        try:
+            if data.startswith(b"sync\n"):
+                barrier = self._barriers.get(data[5:].decode())
+                if barrier is not None:
+                    barrier.set()
+                return
+            state_key, incarnation, generation, state, remaining = data.decode().split("\n")
+            cell = self._by_state_key.get(state_key)
+            if cell is not None:
+                cell.hear(incarnation, int(generation), State(state), _opt_float(remaining))
+        except (AttributeError, UnicodeDecodeError, ValueError):
+            logger.debug("redis store %s: ignored a foreign message on %s: %r", self.url, self.channel, data)
+
+    def sync(self, timeout: float = 5.0) -> bool:
+        """Wait until this process has heard every transition published before the call
+        (a barrier message through the same channel). False if it could not tell within
+        ``timeout``; while the store is not live there is nothing to wait for (every call
+        asks Redis), so True."""
+        if not self.live:
+            return True
+        token = os.urandom(8).hex()
+        barrier = self._barriers[token] = threading.Event()
+        try:
+            try:
+                self.client().publish(self.channel, f"sync\n{token}")
+            except redis.RedisError as exc:
+                raise StorageError(f"redis store {self.url}: sync failed: {exc}") from exc
+            return barrier.wait(timeout) or not self.live
+        finally:
+            del self._barriers[token]
+
+    def flush(self, *, everything: bool = False) -> None:
+        """Send what each cell counted locally (``everything``: read every cell again)."""
+        for cell in list(self._cells.values()):
+            if everything or cell.pending:
+                cell.flush()
 
     def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
         """Every breaker under this store's key prefix (a SCAN: for operators, not hot paths)."""
@@ -207,7 +314,7 @@ class RedisStore:
             tag = state_key[: -len(":s")]
             keys = [tag + suffix for suffix in _KEY_SUFFIXES]
             now_arg = repr(now) if self.client_time else ""
-            reply = self.run("snapshot", keys, [now_arg, self.ttl_ms, "0", "", "", ""])
+            reply = self.run("snapshot", keys, [now_arg, self.ttl_ms, "0", "", "", "", ""])
             if reply[0] == b"absent":
                 continue  # expired since the scan saw it
             found.append(RedisCell.decode_snapshot(reply, offset))
@@ -222,12 +329,18 @@ def _glob_escape(text: str) -> str:
 
 
 def _reinit_locks_after_fork() -> None:
-    # A lock held by another thread at fork time would stay held forever in the child;
-    # the client itself is replaced lazily (``RedisStore.client`` checks the pid).
+    # A lock held by another thread at fork time would stay held forever in the child,
+    # and the parent's agent thread does not exist here: until this process's own agent
+    # subscribes, every call asks Redis. The client is replaced lazily (``client`` checks
+    # the pid).
     for store in list(_STORES):
         store._lock = threading.Lock()
+        store.live = False
+        store.epoch += 1
+        store._agent = None
         for cell in list(store._cells.values()):
             cell._lock = threading.Lock()
+            cell.passing = False
 
 
 if hasattr(os, "register_at_fork"):

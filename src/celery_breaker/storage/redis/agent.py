@@ -1,0 +1,149 @@
+"""The one background thread per process and Redis store: hears transitions, sends local counts.
+
+It keeps a SUBSCRIBE on the store's transitions channel (every script that moves a
+breaker PUBLISHes there), so each process's local view follows every transition without
+asking Redis on each call; and every ``FLUSH_INTERVAL`` it sends what cells counted
+locally (successes, rejections, deferrals). While it is subscribed and its heartbeat is
+answered the store is *live*: CLOSED cells then pass calls without a round trip. When it
+loses the subscription (or a heartbeat goes unanswered for ``DEAD_AFTER``) the store goes
+dark at once: every call asks Redis again until the subscription is back and each cell
+has been read again.
+
+Started lazily by the first cell a process creates (so never before a prefork pool
+forks its children: each child starts its own), it stops by itself when the store is
+garbage or has had no cells for ``IDLE_EXIT`` seconds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import redis
+
+from ..base import StorageError
+
+if TYPE_CHECKING:
+    from .store import RedisStore
+
+__all__ = ["DEAD_AFTER", "FLUSH_INTERVAL", "HEARTBEAT", "Agent"]
+
+logger = logging.getLogger("celery_breaker")
+
+#: Seconds between sends of locally counted successes, rejections and deferrals.
+FLUSH_INTERVAL = 0.25
+#: Seconds between PINGs on the subscription connection.
+HEARTBEAT = 0.5
+#: A subscription that has not answered a PING for this long is treated as lost: the
+#: worst-case delay before a process stops trusting its local view when transitions
+#: cannot reach it (normally they arrive in well under a millisecond).
+DEAD_AFTER = 1.5
+#: Seconds without any cell before the thread stops (a new cell starts it again).
+IDLE_EXIT = 5.0
+_BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
+
+
+class _Lost(Exception):
+    """The subscription stopped answering."""
+
+
+class Agent(threading.Thread):
+    """The background thread of one store in one process (see the module docstring)."""
+
+    def __init__(self, store: RedisStore) -> None:
+        super().__init__(name=f"celery-breaker {store.key_prefix}", daemon=True)
+        self.pid = os.getpid()
+        self._store = weakref.ref(store)
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        failures = 0
+        try:
+            while not self._stop_event.is_set():
+                store = self._store()
+                if store is None or self.pid != os.getpid():
+                    return
+                pubsub = None
+                try:
+                    pubsub = self._subscribe(store)
+                    failures = 0
+                    store.go_live()
+                    store.flush(everything=True)  # views read from here on are followed
+                    del store
+                    if self._listen(pubsub):
+                        return
+                except (redis.RedisError, OSError, StorageError, _Lost) as exc:
+                    failures += 1
+                    lost = self._store()
+                    if lost is not None:
+                        lost.go_dark(exc)
+                    del lost
+                finally:
+                    if pubsub is not None:
+                        _close(pubsub)
+                self._stop_event.wait(_BACKOFF[min(failures, len(_BACKOFF)) - 1] if failures else 0.0)
+        finally:
+            store = self._store()
+            if store is not None:
+                store.agent_stopped(self)
+
+    def _subscribe(self, store: RedisStore) -> Any:
+        pubsub = store.client().pubsub()  # type: ignore[no-untyped-call]
+        pubsub.subscribe(store.channel)
+        deadline = time.monotonic() + max(store.socket_timeout, 1.0)
+        while time.monotonic() < deadline:
+            message = pubsub.get_message(timeout=0.1)
+            if message is not None and message.get("type") == "subscribe":
+                return pubsub
+        raise _Lost(f"no SUBSCRIBE confirmation for {store.channel}")
+
+    def _listen(self, pubsub: Any) -> bool:
+        """Hear transitions, flush and ping until the subscription is lost (raises), or
+        until there is nothing left to serve (returns True) or the thread is stopped."""
+        now = time.monotonic()
+        answered = now
+        next_ping = now + HEARTBEAT
+        next_flush = now + FLUSH_INTERVAL
+        empty_since: float | None = None
+        while not self._stop_event.is_set():
+            timeout = max(0.0, min(next_ping, next_flush) - time.monotonic())
+            message = pubsub.get_message(timeout=timeout)
+            now = time.monotonic()
+            store = self._store()
+            if store is None or self.pid != os.getpid():
+                return True
+            if message is not None:
+                kind = message.get("type")
+                if kind == "message":
+                    store.hear(message.get("data"))
+                answered = now  # any reply proves the connection alive
+            if now >= next_flush:
+                next_flush = now + FLUSH_INTERVAL
+                with contextlib.suppress(StorageError):  # counts are kept and sent next time
+                    store.flush()
+                if store.cell_count():
+                    empty_since = None
+                elif empty_since is None:
+                    empty_since = now
+                elif now - empty_since > IDLE_EXIT:
+                    return True
+            if now >= next_ping:
+                if now - answered > DEAD_AFTER:
+                    raise _Lost(f"no answer on {store.channel} for {now - answered:.1f} s")
+                pubsub.ping()
+                next_ping = now + HEARTBEAT
+            del store
+        return True
+
+
+def _close(pubsub: Any) -> None:
+    with contextlib.suppress(redis.RedisError, OSError):
+        pubsub.close()
