@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import collections
+import importlib
 import multiprocessing
 import random
+import sys
 import time
+from pathlib import Path
 
 import redis
 
@@ -66,3 +69,17 @@ def test_half_open_admits_at_most_max_calls_probes_across_processes(redis_url: s
     assert len(admitted) == len(set(admitted)), "a lease was handed out twice"
     assert len(per_generation) >= 5, f"too few half-open periods to prove anything: {per_generation}"
     assert max(per_generation.values()) <= POLICY.half_open_max_calls, per_generation
+
+
+def test_a_trip_reaches_every_other_process_within_milliseconds(redis_url: str) -> None:
+    # bench/propagation.py measures it; here 8 processes must hear every one of 20 trips
+    # (the figures are printed, not asserted: the machine is shared).
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    sys.path.insert(0, str(bench))  # spawned observers import the module by name, too
+    try:
+        propagation = importlib.import_module("propagation")
+        result = propagation.measure(f"{redis_url}?key_prefix={unique_prefix()}", observers=8, trips=20)
+    finally:
+        sys.path.remove(str(bench))
+    print(f"trip propagation: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms over {result['samples']}")
+    assert (result["samples"], result["missed"]) == (8 * 20, 0)

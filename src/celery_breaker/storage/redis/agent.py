@@ -60,6 +60,7 @@ class Agent(threading.Thread):
         self.pid = os.getpid()
         self._store = weakref.ref(store)
         self._stop_event = threading.Event()
+        self._reconnects = 0
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -102,8 +103,17 @@ class Agent(threading.Thread):
         while time.monotonic() < deadline:
             message = pubsub.get_message(timeout=0.1)
             if message is not None and message.get("type") == "subscribe":
+                # redis-py reconnects and resubscribes a pub/sub connection by itself,
+                # silently: whatever was published meanwhile is lost, so a reconnect
+                # must count as a lost subscription.
+                connection = getattr(pubsub, "connection", None)
+                if connection is not None:
+                    connection.register_connect_callback(self._reconnected)
                 return pubsub
         raise _Lost(f"no SUBSCRIBE confirmation for {store.channel}")
+
+    def _reconnected(self, connection: Any) -> None:
+        self._reconnects += 1
 
     def _listen(self, pubsub: Any) -> bool:
         """Hear transitions, flush and ping until the subscription is lost (raises), or
@@ -113,9 +123,12 @@ class Agent(threading.Thread):
         next_ping = now + HEARTBEAT
         next_flush = now + FLUSH_INTERVAL
         empty_since: float | None = None
+        reconnects = self._reconnects
         while not self._stop_event.is_set():
             timeout = max(0.0, min(next_ping, next_flush) - time.monotonic())
             message = pubsub.get_message(timeout=timeout)
+            if self._reconnects != reconnects:
+                raise _Lost("the subscription was reconnected; transitions may have been missed")
             now = time.monotonic()
             store = self._store()
             if store is None or self.pid != os.getpid():

@@ -182,6 +182,7 @@ class RedisCell:
 
     def _call(self, script: str, now: float, *args: str, policy: str | None = None) -> list[Any]:
         store = self._store
+        store.ensure_agent()  # (after a fork, the child's own)
         epoch = store.epoch
         pending, counts = self._take_pending()
         head = [repr(now) if store.client_time else "", store.ttl_ms, pending]
@@ -210,7 +211,7 @@ class RedisCell:
             )  # fmt: skip
         if reply[7]:
             self._adopt(reply[7].decode())
-        self._view(incarnation, generation, state, None if remaining is None else now + remaining, epoch)
+        self._view(incarnation, generation, state, None if remaining is None else now + remaining, epoch, heard=False)
         self.last_used = now
         if reply[8]:
             at = float(reply[3]) + self._offset
@@ -231,13 +232,15 @@ class RedisCell:
                 )
             )
 
-    def _view(self, incarnation: str, generation: int, state: State, open_until: float | None, epoch: int) -> None:
+    def _view(
+        self, incarnation: str, generation: int, state: State, open_until: float | None, epoch: int, *, heard: bool
+    ) -> None:
         """Take a newer view of the breaker (script replies and transitions may cross)."""
         with self._lock:
             if incarnation == self._incarnation and generation < self.generation:
                 return  # older than what this process already knows
-            if incarnation != self._incarnation or generation != self.generation:
-                self._full_until = 0.0
+            if heard or incarnation != self._incarnation or generation != self.generation:
+                self._full_until = 0.0  # (a message in the same generation: a probe slot freed)
             self._incarnation = incarnation
             self.generation = generation
             self.open_until = open_until
@@ -256,7 +259,8 @@ class RedisCell:
     def hear(self, incarnation: str, generation: int, state: State, remaining: float | None) -> None:
         """A transition another process published (or a probe slot freed)."""
         now = self._clock.monotonic()
-        self._view(incarnation, generation, state, None if remaining is None else now + remaining, self._store.epoch)
+        open_until = None if remaining is None else now + remaining
+        self._view(incarnation, generation, state, open_until, self._store.epoch, heard=True)
 
     def go_dark(self) -> None:
         """This process stopped hearing transitions: ask Redis again before passing calls."""

@@ -104,6 +104,8 @@ class RedisStore:
         self.epoch = 0
         self._agent: Agent | None = None
         self._dark_since: float | None = None
+        #: How many times this process lost the transitions channel (and went dark).
+        self.losses = 0
         self._by_state_key: weakref.WeakValueDictionary[str, RedisCell] = weakref.WeakValueDictionary()
         self._barriers: dict[str, threading.Event] = {}
         self.ttl_ms = str(max(1, int(idle_ttl * 1000)))
@@ -202,9 +204,7 @@ class RedisStore:
                     found = self._cells[ident] = RedisCell(self, name, key, policy, clock)
                     self._by_state_key[found.state_key] = found
                     found.evicted = True  # nothing read yet
-        agent = self._agent
-        if agent is None or agent.pid != os.getpid() or not agent.is_alive():
-            self._start_agent()
+        self.ensure_agent()
         if found.evicted:
             # A new cell learns the stored policy and state; an old rejecting view is
             # read again. (Outside the lock: the round trip may create the client.)
@@ -213,6 +213,12 @@ class RedisStore:
         return found
 
     # -- the agent's side: transitions heard, counts sent ----------------------
+
+    def ensure_agent(self) -> None:
+        """Start this process's agent unless it is running."""
+        agent = self._agent
+        if agent is None or agent.pid != os.getpid() or not agent.is_alive():
+            self._start_agent()
 
     def _start_agent(self) -> None:
         with self._lock:
@@ -247,6 +253,7 @@ class RedisStore:
         for cell in cells:
             cell.go_dark()
         if was_live and exc is not None:
+            self.losses += 1
             self._dark_since = time.monotonic()
             logger.warning(
                 "redis store %s: lost the breaker transitions channel (%s); every call asks Redis until it is back",

@@ -1,0 +1,315 @@
+"""The Redis hot path: local views kept fresh by published transitions, counts sent later.
+
+Round trips are counted where they happen (``RedisStore.run``, per thread), against a
+real redis-server; nothing here waits for time to pass except for the background thread
+itself to notice a lost subscription (polled with a deadline).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, State
+from celery_breaker.core import Probe
+from celery_breaker.storage.redis import RedisCell, RedisStore
+from celery_breaker.storage.redis import agent as agent_module
+from celery_breaker.testing import FakeClock
+
+from ..unit.support import fail, ok, state_of
+from .conftest import unique_prefix
+
+
+class Trips:
+    """Counts the scripts a store runs from the thread that made the counter."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.count = 0
+        self._thread = threading.get_ident()
+        run = store.run
+
+        def counted(script: str, keys: list[str], args: list[str]) -> list[Any]:
+            if threading.get_ident() == self._thread:
+                self.count += 1
+            return run(script, keys, args)
+
+        store.run = counted  # type: ignore[method-assign]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll a condition another thread makes true (not waiting for time to pass)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.01)
+
+
+def view_of(cell: RedisCell) -> State:
+    return cell.state  # (read afresh: another thread changes it)
+
+
+@pytest.fixture
+def url(redis_url: str) -> str:
+    return f"{redis_url}?time=client&key_prefix={unique_prefix()}"
+
+
+@pytest.fixture
+def server(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def live_breaker(url: str, policy: dict[str, Any], clock: FakeClock) -> tuple[CircuitBreaker, RedisStore, RedisCell]:
+    """A breaker on its own store whose agent is subscribed and whose view is fresh."""
+    store = RedisStore.from_url(url)
+    breaker = CircuitBreaker("svc", policy, storage=store, clock=clock)
+    wait_for(lambda: store.live)
+    assert store.sync()
+    cell = store._cells[("svc", None)]
+    if not cell.passing and cell.state is State.CLOSED:
+        cell.refresh(clock.monotonic())  # a view read before the subscription never passes
+    return breaker, store, cell
+
+
+def test_closed_calls_and_open_rejections_make_no_round_trip(url: str) -> None:
+    clock = FakeClock()
+    breaker, store, cell = live_breaker(url, {"failure_threshold": 3}, clock)
+    assert cell.passing
+    trips = Trips(store)
+    for _ in range(1000):
+        breaker.call(ok)
+    assert trips.count == 0
+    breaker.force_open()
+    trips.count = 0
+    for _ in range(1000):
+        with pytest.raises(CircuitOpenError):
+            breaker.call(ok)
+    assert trips.count == 0
+    snap = breaker.snapshot()  # one script call, carrying everything counted locally
+    assert trips.count == 1
+    assert (snap.successes, snap.rejections) == (1000, 1000)
+
+
+def test_a_failure_is_one_round_trip_and_carries_the_successes_before_it(url: str) -> None:
+    clock = FakeClock()
+    policy = {"failure_rate_threshold": 0.5, "count_window": 20, "minimum_calls": 20}
+    breaker, store, _ = live_breaker(url, policy, clock)
+    trips = Trips(store)
+    for _ in range(9):
+        breaker.call(ok)
+    fail(breaker)
+    assert trips.count == 1
+    snap = breaker.snapshot()
+    assert (snap.window_calls, snap.window_failures, snap.successes) == (10, 1, 9)
+
+
+def test_aggregated_successes_fill_a_count_window_in_order_of_arrival(url: str) -> None:
+    # 30 successes sent at once into a window of 20: the window holds 20 successes, then
+    # 10 failures make it 50 % and trip.
+    clock = FakeClock()
+    policy = {"failure_rate_threshold": 0.5, "count_window": 20, "minimum_calls": 20, "failure_threshold": None}
+    breaker, _, _ = live_breaker(url, policy, clock)
+    for _ in range(30):
+        breaker.call(ok)
+    assert breaker.snapshot().window_calls == 20
+    fail(breaker, 9)
+    assert breaker.state is State.CLOSED
+    fail(breaker)
+    assert state_of(breaker) is State.OPEN
+
+
+def test_a_slow_success_is_sent_at_once(url: str) -> None:
+    clock = FakeClock()
+    policy = {"slow_call_duration": 1.0, "slow_call_rate_threshold": 0.5, "minimum_calls": 2, "failure_threshold": None}
+    breaker, store, _ = live_breaker(url, policy, clock)
+    trips = Trips(store)
+    breaker.call(ok)
+    assert trips.count == 0
+
+    def slow() -> None:
+        clock.advance(2.0)
+
+    breaker.call(slow)
+    assert trips.count == 1
+    assert breaker.state is State.OPEN  # 1 slow of 2 calls: the aggregated success counted
+
+
+def test_successes_from_before_a_trip_do_not_count_in_the_next_window(url: str) -> None:
+    clock = FakeClock()
+    policy = {"failure_rate_threshold": 0.5, "count_window": 4, "minimum_calls": 4, "failure_threshold": None}
+    breaker, _, cell = live_breaker(url, policy, clock)
+    stale = cell.generation
+    breaker.force_open()
+    breaker.close()
+    breaker.call(ok)  # a fresh CLOSED generation
+    cell.record_success(stale, 0.0, cell.policy, clock.monotonic())  # finished after the trip
+    snap = breaker.snapshot()
+    assert (snap.successes, snap.window_calls) == (2, 1)
+
+
+def test_a_trip_reaches_every_other_process_view_through_the_channel(url: str) -> None:
+    clock = FakeClock()
+    here, _, _ = live_breaker(url, {"failure_threshold": 2}, clock)
+    there, there_store, there_cell = live_breaker(url, {"failure_threshold": 2}, clock)
+    assert there_cell.passing
+    fail(here, 2)
+    assert there_store.sync()
+    assert (there_cell.state, there_cell.passing, there_cell.generation) == (State.OPEN, False, 1)
+    assert there_cell.open_until == pytest.approx(clock.monotonic() + 30.0)
+    trips = Trips(there_store)
+    with pytest.raises(CircuitOpenError) as caught:
+        there.call(ok)
+    assert trips.count == 0
+    assert caught.value.retry_after == pytest.approx(30.0)
+    here.close()
+    assert there_store.sync()
+    assert there_cell.passing
+    assert there.call(ok) == "ok"
+    assert trips.count == 0
+
+
+def test_only_the_probe_asks_in_half_open_the_others_reject_locally(url: str) -> None:
+    clock = FakeClock()
+    policy = {"failure_threshold": 1, "reset_timeout": 10.0, "half_open_max_calls": 1, "success_threshold": 1}
+    prober, _prober_store, prober_cell = live_breaker(url, policy, clock)
+    other, other_store, other_cell = live_breaker(url, policy, clock)
+    fail(prober)
+    clock.advance(10.0)
+    ticket = prober_cell.acquire(prober.policy, clock.monotonic())  # the one probe slot
+    assert isinstance(ticket, Probe)
+    assert other_store.sync()
+    assert other_cell.state is State.HALF_OPEN
+    trips = Trips(other_store)
+    for _ in range(5):
+        with pytest.raises(CircuitOpenError):
+            other.call(ok)
+    assert trips.count == 1  # asked once, then knew every slot was taken
+    prober_cell.record_success(ticket, 0.01, prober.policy, clock.monotonic())
+    assert other_store.sync()
+    assert view_of(other_cell) is State.CLOSED
+    assert other_cell.passing
+
+
+def test_a_neutral_probe_frees_its_slot_for_other_processes(url: str) -> None:
+    clock = FakeClock()
+    policy = {"failure_threshold": 1, "reset_timeout": 10.0, "half_open_max_calls": 1, "success_threshold": 1}
+    prober, _, prober_cell = live_breaker(url, policy, clock)
+    other, other_store, _ = live_breaker(url, policy, clock)
+    fail(prober)
+    clock.advance(10.0)
+    ticket = prober_cell.acquire(prober.policy, clock.monotonic())
+    assert other_store.sync()
+    with pytest.raises(CircuitOpenError):
+        other.call(ok)
+    from celery_breaker.core import Outcome
+
+    prober_cell.finish(ticket, Outcome.IGNORED, 0.0, prober.policy, clock.monotonic())
+    assert other_store.sync()
+    assert other.call(ok) == "ok"  # it asked again and got the freed slot
+    assert other.state is State.CLOSED
+
+
+def test_losing_the_channel_makes_every_call_ask_until_it_is_back(url: str, server: redis.Redis) -> None:
+    clock = FakeClock()
+    breaker, store, cell = live_breaker(url, {"failure_threshold": 3}, clock)
+    server.client_kill_filter(_type="pubsub")
+    wait_for(lambda: store.losses == 1)
+    wait_for(lambda: store.live)  # resubscribed; every view is read again
+    wait_for(lambda: cell.passing)
+    trips = Trips(store)
+    breaker.call(ok)
+    assert trips.count == 0
+
+
+def test_a_silent_channel_is_declared_lost_by_the_heartbeat(
+    url: str, server: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    _, store, cell = live_breaker(url, {"failure_threshold": 3}, clock)
+    # CLIENT PAUSE holds every reply (the pings' too) without closing a connection.
+    server.client_pause(int(agent_module.DEAD_AFTER * 1000 * 3), all=True)
+    try:
+        wait_for(lambda: store.losses == 1)
+        assert not cell.passing
+    finally:
+        server.client_unpause()
+    wait_for(lambda: cell.passing)
+
+
+def test_a_forked_child_asks_redis_until_its_own_agent_hears(url: str) -> None:
+    clock = FakeClock()
+    breaker, store, cell = live_breaker(url, {"failure_threshold": 3}, clock)
+    assert cell.passing
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what its view says, then whether it passes after a call
+        try:
+            before = cell.passing
+            breaker.call(ok)
+            wait_for(lambda: store.live)
+            breaker.call(ok)
+            os.write(
+                write, f"{int(before)}{int(store._agent is not None and store._agent.pid == os.getpid())}".encode()
+            )
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    answer = os.read(read, 16).decode()
+    os.close(read)
+    assert status == 0
+    assert answer == "01"  # not passing after fork; its own agent started in the child
+
+
+def test_foreign_messages_on_the_channel_are_ignored(url: str, server: redis.Redis) -> None:
+    clock = FakeClock()
+    breaker, store, cell = live_breaker(url, {"failure_threshold": 3}, clock)
+    for junk in (b"hello", b"a\nb\nc\nd\ne", cell.state_key.encode() + b"\nx\nnot-a-number\nopen\n", b"\xff\xfe"):
+        server.publish(store.channel, junk)
+    assert store.sync()
+    assert store.live
+    assert cell.passing
+    assert cell.state is State.CLOSED
+    assert breaker.call(ok) == "ok"
+
+
+def test_the_agent_stops_when_the_store_has_no_breakers(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_module, "IDLE_EXIT", 0.0)
+    clock = FakeClock()
+    breaker, store, _ = live_breaker(url, {"failure_threshold": 3}, clock)
+    agent = store._agent
+    assert agent is not None
+    del breaker
+    store._cells.clear()
+    agent.join(timeout=10)
+    assert not agent.is_alive()
+    assert not store.live
+    assert store._agent is None
+    again = CircuitBreaker("svc", {"failure_threshold": 3}, storage=store, clock=clock)  # starts a new one
+    wait_for(lambda: store.live)
+    assert again.call(ok) == "ok"
+
+
+def test_sync_is_true_without_a_subscription(url: str) -> None:
+    store = RedisStore.from_url(url)
+    assert not store.live
+    assert store.sync()
+
+
+def test_policy_mismatch_slow_duration_is_adopted_from_redis(url: str) -> None:
+    clock = FakeClock()
+    first = BreakerPolicy(failure_threshold=3)
+    CircuitBreaker("svc", first, storage=RedisStore.from_url(url), clock=clock)
+    store = RedisStore.from_url(url)
+    other = CircuitBreaker("svc", {"slow_call_duration": 0.5, "slow_call_rate_threshold": 0.5}, storage=store)
+    cell = store._cells[("svc", None)]
+    assert cell._slow is None  # the stored policy has no slow calls: successes stay local
+    assert other.call(ok) == "ok"
