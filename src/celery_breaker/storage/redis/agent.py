@@ -81,7 +81,9 @@ class Agent(threading.Thread):
                     del store
                     if self._listen(pubsub):
                         return
-                except (redis.RedisError, OSError, StorageError, _Lost) as exc:
+                except Exception as exc:  # the thread must outlive anything it meets
+                    if not isinstance(exc, (redis.RedisError, OSError, StorageError, _Lost)):
+                        logger.warning("redis store agent: unexpected %r; resubscribing", exc, exc_info=True)
                     failures += 1
                     lost = self._store()
                     if lost is not None:
