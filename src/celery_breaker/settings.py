@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, quote, urlsplit
 
 from .core import BreakerPolicy
 from .errors import ConfigurationError
@@ -168,6 +168,60 @@ def broker_visibility_timeout(conf: Any) -> float | None:
         return default
 
 
+#: Broker URL schemes whose server can hold the breakers too, and the store scheme for each.
+_REDIS_BROKERS = {
+    "redis": "redis", "rediss": "rediss", "valkey": "valkey", "valkeys": "valkeys",
+    "redis+socket": "redis+unix", "socket": "redis+unix", "sentinel": "redis+sentinel",
+}  # fmt: skip
+_SHARED_SCHEMES = ("redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster", "valkey", "valkeys",
+                   "valkey+unix", "valkey+sentinel", "valkey+cluster")  # fmt: skip
+
+
+def store_url_from_broker(conf: Any) -> str | None:
+    """The default ``breaker_storage_url``: the broker's own Redis, when the broker is Redis.
+
+    ``redis://``, ``rediss://`` and ``valkey`` URLs are used as they are (database,
+    credentials and TLS options included); ``redis+socket://`` becomes ``redis+unix://``;
+    kombu's ``sentinel://h1:26379;sentinel://h2:26379`` with
+    ``broker_transport_options={"master_name": ...}`` becomes
+    ``redis+sentinel://h1:26379,h2:26379/<master_name>``. Anything else: None.
+    """
+    url = str(getattr(conf, "broker_url", None) or conf.get("broker_url") or "")
+    first = url.split(";", maxsplit=1)[0].strip()
+    scheme = urlsplit(first).scheme.lower() if "://" in first else ""
+    target = _REDIS_BROKERS.get(scheme)
+    if target is None:
+        return None
+    if target == "redis+sentinel":
+        master = (conf.get("broker_transport_options") or {}).get("master_name")
+        if not master:
+            return None
+        hosts = [urlsplit(part.strip()) for part in url.split(";") if part.strip()]
+        auth = hosts[0].netloc.rpartition("@")[0]
+        netloc = ",".join(part.netloc.rpartition("@")[2] for part in hosts)
+        return f"redis+sentinel://{auth + '@' if auth else ''}{netloc}/{quote(master, safe='')}"
+    return target + first[len(scheme) :]
+
+
+def _with_key_prefix(url: str, key_prefix: str) -> str:
+    """Carry ``breaker_key_prefix`` into a shared store's URL (unless the URL names one:
+    then both must agree, or the setting is left at its default)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in _SHARED_SCHEMES:
+        return url
+    named = [value for option, value in parse_qsl(parts.query, keep_blank_values=True) if option == "key_prefix"]
+    if named:
+        if key_prefix != SETTINGS["breaker_key_prefix"] and named[-1] != key_prefix:
+            raise ConfigurationError(
+                f"breaker_key_prefix={key_prefix!r} disagrees with key_prefix={named[-1]!r} in "
+                f"breaker_storage_url; set one of them"
+            )
+        return url
+    if key_prefix == SETTINGS["breaker_key_prefix"]:
+        return url
+    return f"{url}{'&' if parts.query else '?'}key_prefix={quote(key_prefix, safe='')}"
+
+
 def build_settings(conf: Any) -> BreakerSettings:
     """Read and validate every ``breaker_*`` setting; raise ConfigurationError naming the first bad one."""
     unknown = unknown_settings(conf)
@@ -182,13 +236,14 @@ def build_settings(conf: Any) -> BreakerSettings:
             + (f" ({'; '.join(hints)})" if hints else "")
             + f"; known settings: {', '.join(sorted(SETTINGS))}"
         )
-    storage_url = _conf_get(conf, "breaker_storage_url") or "memory://"
-    if not isinstance(storage_url, str) or "://" not in storage_url:
-        raise ConfigurationError(f"breaker_storage_url must be a URL such as 'memory://', got {storage_url!r}")
-    check_storage_url(storage_url)
     key_prefix = _conf_get(conf, "breaker_key_prefix")
     if not isinstance(key_prefix, str) or not key_prefix or any(c in key_prefix for c in "{}"):
         raise ConfigurationError(f"breaker_key_prefix must be a non-empty string without braces, got {key_prefix!r}")
+    storage_url = _conf_get(conf, "breaker_storage_url") or store_url_from_broker(conf) or "memory://"
+    if not isinstance(storage_url, str) or "://" not in storage_url:
+        raise ConfigurationError(f"breaker_storage_url must be a URL such as 'memory://', got {storage_url!r}")
+    check_storage_url(storage_url)
+    storage_url = _with_key_prefix(storage_url, key_prefix)
     default_policy = BreakerPolicy.coerce(_conf_get(conf, "breaker_default_policy"), source="breaker_default_policy")
     raw_policies = _mapping("breaker_policies", _conf_get(conf, "breaker_policies"))
     policies: list[tuple[str, BreakerPolicy | Mapping[str, Any]]] = []

@@ -10,7 +10,7 @@ from celery.signals import worker_init
 
 from .errors import ConfigurationError
 from .settings import get_settings, reload_settings
-from .storage import resolve_store
+from .storage import describe_url, resolve_store
 from .task import BreakerTask, prepare_task_class, task_breaker_config
 
 __all__ = ["BreakerStep", "apply_routes", "check_app", "install"]
@@ -53,8 +53,10 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
         routed = apply_routes(app)
         breakers = check_app(app)
         logger.info(
-            "celery-breaker: storage %s; %d breaker(s) on %d task(s)%s",
-            settings.storage_url, len(breakers), sum(len(v) for v in breakers.values()),
+            "celery-breaker: breakers stored in %s%s; %d breaker(s) on %d task(s)%s",
+            describe_url(settings.storage_url),
+            "" if app.conf.get("breaker_storage_url") else " (the default: the broker's Redis, else memory://)",
+            len(breakers), sum(len(v) for v in breakers.values()),
             f" ({len(routed)} by breaker_routes)" if routed else "",
         )  # fmt: skip
         super().__init__(worker, **kwargs)

@@ -335,3 +335,79 @@ def test_breaker_routes_apply_outside_workers_too() -> None:
         assert result.result.name == "eager-routed"
     finally:
         task.breaker.reset()
+
+
+# -- where breakers are stored by default ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("broker", "options", "expected"),
+    [
+        ("redis://:secret@cache:6379/3", {}, "redis://:secret@cache:6379/3"),
+        ("rediss://cache:6380/0?ssl_cert_reqs=required", {}, "rediss://cache:6380/0?ssl_cert_reqs=required"),
+        ("valkey://cache/1", {}, "valkey://cache/1"),
+        ("redis+socket:///run/redis.sock", {}, "redis+unix:///run/redis.sock"),
+        (
+            "sentinel://:pw@s1:26379;sentinel://s2:26380",
+            {"broker_transport_options": {"master_name": "mymaster"}},
+            "redis+sentinel://:pw@s1:26379,s2:26380/mymaster",
+        ),
+        ("sentinel://s1:26379", {}, "memory://"),  # no master_name: cannot tell which master
+        ("amqp://guest@rabbit//", {}, "memory://"),
+        ("memory://", {}, "memory://"),
+    ],
+)
+def test_storage_defaults_to_the_brokers_redis(broker: str, options: dict[str, Any], expected: str) -> None:
+    app = Celery("default-store", broker=broker, set_as_current=False)
+    app.conf.update(options)
+    assert build_settings(app.conf).storage_url == expected
+
+
+def test_an_explicit_storage_url_wins_over_the_broker() -> None:
+    app = Celery("explicit-store", broker="redis://cache/0", set_as_current=False)
+    app.conf.update(breaker_storage_url="memory://")
+    assert build_settings(app.conf).storage_url == "memory://"
+
+
+def test_breaker_key_prefix_is_carried_into_a_redis_url() -> None:
+    app = Celery("prefix", broker="redis://cache/0", set_as_current=False)
+    app.conf.update(breaker_key_prefix="payments")
+    url = build_settings(app.conf).storage_url
+    assert url == "redis://cache/0?key_prefix=payments"
+    assert store_from_url(url).key_prefix == "payments"  # type: ignore[attr-defined]
+    app.conf.update(breaker_storage_url="redis://cache/0?db=1")
+    assert build_settings(app.conf).storage_url == "redis://cache/0?db=1&key_prefix=payments"
+
+
+def test_a_url_key_prefix_must_agree_with_the_setting() -> None:
+    app = Celery("prefix-conflict", broker="memory://", set_as_current=False)
+    app.conf.update(breaker_storage_url="redis://cache/0?key_prefix=a")
+    assert build_settings(app.conf).storage_url == "redis://cache/0?key_prefix=a"  # the setting left at its default
+    app.conf.update(breaker_key_prefix="a")
+    assert build_settings(app.conf).storage_url == "redis://cache/0?key_prefix=a"
+    app.conf.update(breaker_key_prefix="b")
+    with pytest.raises(ConfigurationError, match=r"breaker_key_prefix='b' disagrees with key_prefix='a'"):
+        build_settings(app.conf)
+
+
+def test_memory_urls_ignore_the_key_prefix() -> None:
+    app = Celery("prefix-memory", broker="memory://", set_as_current=False)
+    app.conf.update(breaker_key_prefix="payments")
+    assert build_settings(app.conf).storage_url == "memory://"
+
+
+@pytest.mark.usefixtures("restore_worker_globals")
+def test_a_worker_logs_where_its_breakers_are_stored(caplog: pytest.LogCaptureFixture) -> None:
+    app = throwaway_app("logs-store", breaker_storage_url="redis://:hunter2@cache:6379/0")
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="logs_store.job")
+    def job(self: Any) -> None:
+        return None
+
+    app.finalize()
+    with caplog.at_level("INFO", logger="celery_breaker"):
+        TestWorkController(
+            app=app, pool="solo", concurrency=1, without_heartbeat=True, without_mingle=True, without_gossip=True
+        )  # built, not started: the bootstep logs while the worker is made
+    assert "breakers stored in redis://:***@cache:6379/0;" in caplog.text
+    assert "hunter2" not in caplog.text

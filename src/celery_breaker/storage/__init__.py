@@ -19,6 +19,7 @@ __all__ = [
     "StorageError",
     "Store",
     "check_storage_url",
+    "describe_url",
     "register_scheme",
     "resolve_store",
     "store_from_url",
@@ -55,6 +56,16 @@ def _redis_store(url: str) -> Store:
     from .redis import RedisStore
 
     return RedisStore.from_url(url)
+
+
+def describe_url(url: str) -> str:
+    """``url`` with any password masked, for logs (``redis://user:***@host/0``)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def check_storage_url(url: str) -> None:
