@@ -6,11 +6,11 @@ import logging
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_process_shutdown
 
 from .errors import ConfigurationError
 from .settings import get_settings, reload_settings
-from .storage import describe_url, resolve_store
+from .storage import describe_url, flush_stores, resolve_store
 from .task import BreakerTask, prepare_task_class, task_breaker_config
 
 __all__ = ["BreakerStep", "apply_routes", "check_app", "install"]
@@ -121,3 +121,9 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is not None:
         install(app)
+
+
+@worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+def _on_worker_process_shutdown(**_: Any) -> None:
+    # A prefork child leaves through os._exit (no atexit): send what it counted first.
+    flush_stores()

@@ -18,6 +18,7 @@ import redis
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, State
 from celery_breaker.core import Probe
+from celery_breaker.storage import flush_stores
 from celery_breaker.storage.redis import RedisCell, RedisStore
 from celery_breaker.storage.redis import agent as agent_module
 from celery_breaker.testing import FakeClock
@@ -313,3 +314,16 @@ def test_policy_mismatch_slow_duration_is_adopted_from_redis(url: str) -> None:
     cell = store._cells[("svc", None)]
     assert cell._slow is None  # the stored policy has no slow calls: successes stay local
     assert other.call(ok) == "ok"
+
+
+def test_flush_stores_sends_what_was_counted_locally(url: str) -> None:
+    clock = FakeClock()
+    breaker, _, cell = live_breaker(url, {"failure_threshold": 3}, clock)
+    for _ in range(5):
+        breaker.call(ok)
+    breaker._cell.note_deferral()
+    assert cell.pending
+    flush_stores()  # what a prefork child does before it exits
+    assert not cell.pending
+    elsewhere = CircuitBreaker("svc", storage=RedisStore.from_url(url), clock=clock).snapshot()
+    assert (elsewhere.successes, elsewhere.deferrals) == (5, 1)

@@ -66,6 +66,8 @@ def test_half_open_admits_at_most_max_calls_probes_across_processes(redis_url: s
     entries = redis.Redis.from_url(redis_url).lrange(probes_key, 0, -1)
     admitted = [entry.decode() if isinstance(entry, bytes) else entry for entry in entries]
     per_generation = collections.Counter(entry.split(":")[0] for entry in admitted)
+    shape = collections.Counter(per_generation.values())
+    print(f"{len(per_generation)} half-open periods across {WORKERS} processes; probes per period: {dict(shape)}")
     assert len(admitted) == len(set(admitted)), "a lease was handed out twice"
     assert len(per_generation) >= 5, f"too few half-open periods to prove anything: {per_generation}"
     assert max(per_generation.values()) <= POLICY.half_open_max_calls, per_generation

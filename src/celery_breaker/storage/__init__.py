@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import cast
@@ -20,6 +21,7 @@ __all__ = [
     "Store",
     "check_storage_url",
     "describe_url",
+    "flush_stores",
     "register_scheme",
     "resolve_store",
     "store_from_url",
@@ -56,6 +58,14 @@ def _redis_store(url: str) -> Store:
     from .redis import RedisStore
 
     return RedisStore.from_url(url)
+
+
+def flush_stores() -> None:
+    """Send every count this process keeps locally (successes, rejections, deferrals) to
+    its shared stores now; a prefork child calls it before it exits."""
+    redis_store = sys.modules.get(f"{__name__}.redis.store")
+    if redis_store is not None:  # never imports redis-py for a memory-only process
+        redis_store.flush_all()
 
 
 def describe_url(url: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import math
 import os
@@ -333,6 +335,17 @@ class RedisStore:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+def flush_all() -> None:
+    """Send what this process counted locally to every Redis store it uses (at exit)."""
+    for store in list(_STORES):
+        if store._pid == os.getpid():
+            with contextlib.suppress(StorageError):
+                store.flush()
+
+
+atexit.register(flush_all)
 
 
 def _reinit_locks_after_fork() -> None:
