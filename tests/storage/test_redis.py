@@ -264,3 +264,15 @@ def test_storage_errors_keep_locally_counted_rejections(redis_url: str, server: 
         raw.snapshot(clock.monotonic())
     store._parts, store._pid = good, -2  # ... and comes back
     assert raw.snapshot(clock.monotonic()).rejections == 2
+
+
+def test_a_redis_url_without_redis_py_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery_breaker import storage
+
+    for name in [
+        name for name in sys.modules if name == "redis" or name.startswith(("redis.", storage.__name__ + ".redis"))
+    ]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "redis", None)  # what an environment without redis-py looks like to import
+    with pytest.raises(ConfigurationError, match=r"pip install 'celery-breaker\[redis\]'"):
+        storage._redis_store("redis://localhost/0")

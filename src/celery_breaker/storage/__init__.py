@@ -55,7 +55,14 @@ register_scheme("memory")(MemoryStore.from_url)
 )  # fmt: skip
 def _redis_store(url: str) -> Store:
     # Imported here, so memory:// never loads redis-py.
-    from .redis import RedisStore
+    try:
+        from .redis import RedisStore
+    except ModuleNotFoundError as exc:
+        if exc.name != "redis":
+            raise
+        raise ConfigurationError(
+            f"{url!r} needs redis-py, which is not installed: pip install 'celery-breaker[redis]'"
+        ) from None
 
     return RedisStore.from_url(url)
 
