@@ -276,3 +276,18 @@ def test_a_redis_url_without_redis_py_says_what_to_install(monkeypatch: pytest.M
     monkeypatch.setitem(sys.modules, "redis", None)  # what an environment without redis-py looks like to import
     with pytest.raises(ConfigurationError, match=r"pip install 'celery-breaker\[redis\]'"):
         storage._redis_store("redis://localhost/0")
+
+
+def test_passwords_never_reach_logs_or_errors(caplog: pytest.LogCaptureFixture) -> None:
+    url = "redis://:s3cret@127.0.0.1:1/0?socket_connect_timeout=0.2"
+    with caplog.at_level(logging.INFO, logger="celery_breaker"):
+        breaker = CircuitBreaker("crm", storage=url)
+        assert breaker.call(ok) == "ok"  # a stand-in breaker, the outage logged
+        with pytest.raises(StorageError) as caught:
+            RedisStore.from_url(url).snapshots(SYSTEM_CLOCK)
+    assert "unreachable" in caplog.text
+    assert "redis://:***@127.0.0.1:1/0" in caplog.text
+    assert "s3cret" not in caplog.text + str(caught.value) + repr(RedisStore.from_url(url))
+    with pytest.raises(ConfigurationError) as bad:
+        RedisStore.from_url("redis://:s3cret@host/0?idle_ttl=-1")
+    assert "s3cret" not in str(bad.value)

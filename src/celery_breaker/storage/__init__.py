@@ -12,6 +12,7 @@ from ..errors import ConfigurationError
 from .base import Cell, StorageError, Store
 from .fallback import FallbackStore
 from .memory import MemoryStore
+from .urls import describe_url
 
 __all__ = [
     "Cell",
@@ -73,16 +74,6 @@ def flush_stores() -> None:
     redis_store = sys.modules.get(f"{__name__}.redis.store")
     if redis_store is not None:  # never imports redis-py for a memory-only process
         redis_store.flush_all()
-
-
-def describe_url(url: str) -> str:
-    """``url`` with any password masked, for logs (``redis://user:***@host/0``)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
 
 
 def check_storage_url(url: str) -> None:

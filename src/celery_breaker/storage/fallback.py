@@ -21,6 +21,7 @@ from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Trans
 from ..errors import ConfigurationError
 from .base import Cell, StorageError, Store
 from .memory import MemoryCell
+from .urls import describe_url
 
 __all__ = ["MODES", "FallbackCell", "FallbackStore"]
 
@@ -47,6 +48,7 @@ class FallbackStore:
         self.primary = primary
         self.mode = mode
         self.url = primary.url
+        self.label = describe_url(primary.url)
         self.retry_interval = retry_interval
         self.log_interval = log_interval
         self._lock = threading.Lock()  # the outage bookkeeping
@@ -95,15 +97,15 @@ class FallbackStore:
             logger.warning(
                 "breaker store %s unreachable (%s); breakers follow breaker_on_storage_error=%s "
                 "until it answers again (retried every %g s)",
-                self.url, exc, self.mode, self.retry_interval,
-                extra={"breaker_store": self.url, "breaker_on_storage_error": self.mode},
+                self.label, exc, self.mode, self.retry_interval,
+                extra={"breaker_store": self.label, "breaker_on_storage_error": self.mode},
             )  # fmt: skip
 
     def store_answered(self) -> None:
         with self._lock:
             was_down, self._down = self._down, False
         if was_down:
-            logger.info("breaker store %s answers again: breakers rejoin the shared state", self.url)
+            logger.info("breaker store %s answers again: breakers rejoin the shared state", self.label)
 
 
 class FallbackCell:

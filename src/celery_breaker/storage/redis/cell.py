@@ -196,7 +196,7 @@ class RedisCell:
         try:
             self._apply(reply, now, epoch)
         except (ValueError, IndexError, AttributeError, TypeError) as exc:
-            raise StorageError(f"redis store {store.url}: {script} answered {reply!r}") from exc
+            raise StorageError(f"redis store {store.label}: {script} answered {reply!r}") from exc
         return reply
 
     def _apply(self, reply: list[Any], now: float, epoch: int) -> None:

@@ -21,6 +21,7 @@ from ...clock import Clock
 from ...core import BreakerPolicy, BreakerSnapshot, State
 from ...errors import ConfigurationError
 from ..base import StorageError
+from ..urls import describe_url
 from .agent import Agent
 from .cell import RedisCell, _opt_float
 from .client import DEFAULT_SOCKET_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, SCHEMES, make_client
@@ -53,7 +54,9 @@ def _positive(url: str, option: str, text: str) -> float:
     except ValueError:
         value = math.nan
     if not (value > 0 and math.isfinite(value)):
-        raise ConfigurationError(f"redis store URL {url!r}: {option}={text!r} must be a number of seconds > 0")
+        raise ConfigurationError(
+            f"redis store URL {describe_url(url)!r}: {option}={text!r} must be a number of seconds > 0"
+        )
     return value
 
 
@@ -88,10 +91,11 @@ class RedisStore:
     ) -> None:
         if not key_prefix or "{" in key_prefix or "}" in key_prefix:
             raise ConfigurationError(
-                f"redis store URL {url!r}: key_prefix={key_prefix!r} must be non-empty and "
+                f"redis store URL {describe_url(url)!r}: key_prefix={key_prefix!r} must be non-empty and "
                 "without braces (they delimit the Redis Cluster hash tag)"
             )
         self.url = url
+        self.label = describe_url(url)  # for messages: the password masked
         self.key_prefix = key_prefix
         self.idle_ttl = idle_ttl
         self.client_time = client_time
@@ -123,7 +127,9 @@ class RedisStore:
         parts = urlsplit(url)
         scheme = SCHEMES.get(parts.scheme.lower())
         if scheme is None:
-            raise ConfigurationError(f"redis store URL {url!r}: scheme must be one of {', '.join(SCHEMES)}")
+            raise ConfigurationError(
+                f"redis store URL {describe_url(url)!r}: scheme must be one of {', '.join(SCHEMES)}"
+            )
         ours: dict[str, str] = {}
         passed: list[tuple[str, str]] = []
         for field, value in parse_qsl(parts.query, keep_blank_values=True):
@@ -133,7 +139,9 @@ class RedisStore:
                 passed.append((field, value))  # db, password, ssl_*: redis-py's own
         time_source = ours.get("time", "server")
         if time_source not in ("server", "client"):
-            raise ConfigurationError(f"redis store URL {url!r}: time={time_source!r}; allowed: server, client (tests)")
+            raise ConfigurationError(
+                f"redis store URL {describe_url(url)!r}: time={time_source!r}; allowed: server, client (tests)"
+            )
         return cls(
             url,
             parts=parts,
@@ -182,9 +190,9 @@ class RedisStore:
         try:
             reply = self._scripts[script](keys, args, client=client)
         except redis.RedisError as exc:
-            raise StorageError(f"redis store {self.url}: {script} failed: {exc}") from exc
+            raise StorageError(f"redis store {self.label}: {script} failed: {exc}") from exc
         if not isinstance(reply, list) or not reply:
-            raise StorageError(f"redis store {self.url}: {script} answered {reply!r}")
+            raise StorageError(f"redis store {self.label}: {script} answered {reply!r}")
         return reply
 
     # -- breakers ------------------------------------------------------------
@@ -241,7 +249,7 @@ class RedisStore:
             if self._dark_since is not None:
                 logger.info(
                     "redis store %s: hearing breaker transitions again after %.1f s",
-                    self.url, time.monotonic() - self._dark_since,
+                    self.label, time.monotonic() - self._dark_since,
                 )  # fmt: skip
                 self._dark_since = None
 
@@ -259,7 +267,7 @@ class RedisStore:
             self._dark_since = time.monotonic()
             logger.warning(
                 "redis store %s: lost the breaker transitions channel (%s); every call asks Redis until it is back",
-                self.url, exc,
+                self.label, exc,
             )  # fmt: skip
 
     def agent_stopped(self, agent: Agent) -> None:
@@ -283,7 +291,7 @@ class RedisStore:
             if cell is not None:
                 cell.hear(incarnation, int(generation), State(state), _opt_float(remaining))
         except (AttributeError, UnicodeDecodeError, ValueError):
-            logger.debug("redis store %s: ignored a foreign message on %s: %r", self.url, self.channel, data)
+            logger.debug("redis store %s: ignored a foreign message on %s: %r", self.label, self.channel, data)
 
     def sync(self, timeout: float = 5.0) -> bool:
         """Wait until this process has heard every transition published before the call
@@ -298,7 +306,7 @@ class RedisStore:
             try:
                 self.client().publish(self.channel, f"sync\n{token}")
             except redis.RedisError as exc:
-                raise StorageError(f"redis store {self.url}: sync failed: {exc}") from exc
+                raise StorageError(f"redis store {self.label}: sync failed: {exc}") from exc
             return barrier.wait(timeout) or not self.live
         finally:
             del self._barriers[token]
@@ -318,7 +326,7 @@ class RedisStore:
         try:
             state_keys = [k.decode() for k in self.client().scan_iter(match=pattern, count=500)]
         except redis.RedisError as exc:
-            raise StorageError(f"redis store {self.url}: listing breakers failed: {exc}") from exc
+            raise StorageError(f"redis store {self.label}: listing breakers failed: {exc}") from exc
         for state_key in state_keys:
             tag = state_key[: -len(":s")]
             keys = [tag + suffix for suffix in _KEY_SUFFIXES]
@@ -330,7 +338,7 @@ class RedisStore:
         return found
 
     def __repr__(self) -> str:
-        return f"RedisStore({self.url!r})"
+        return f"RedisStore({self.label!r})"
 
 
 def _glob_escape(text: str) -> str:
