@@ -29,6 +29,7 @@ echo "== mypy --strict"
 "$VENV/bin/mypy"
 echo "== pytest"
 "$VENV/bin/python" -m pytest "$@"
-echo "== benchmark smoke run (figures are not checked)"
+echo "== benchmark smoke runs (figures are not checked)"
 "$VENV/bin/python" bench/overhead.py --quick --no-threads > /dev/null
+"$VENV/bin/python" bench/redis_store.py --quick > /dev/null
 echo "== all checks passed"
