@@ -154,7 +154,8 @@ TIME_RATE = {"failure_threshold": 2, "failure_rate_threshold": 0.99}
         pytest.param(THRESHOLD, lambda r, tag: r.hset(tag + ":s", "st", "ajar"), id="unknown-state"),
         pytest.param(THRESHOLD, lambda r, tag: r.hset(tag + ":s", "pol", "2;?"), id="unreadable-policy"),
         pytest.param(THRESHOLD, lambda r, tag: r.rpush(tag + ":f", "yesterday"), id="unreadable-failure-time"),
-        pytest.param(THRESHOLD, lambda r, tag: r.set(tag + ":l", "x"), id="leases-wrong-type"),
+        pytest.param(THRESHOLD, lambda r, tag: r.delete(tag + ":s") + r.set(tag + ":s", "x"), id="state-wrong-type"),
+        pytest.param(THRESHOLD, lambda r, tag: r.set(tag + ":f", "x"), id="failures-wrong-type"),
         pytest.param(COUNT_RATE, lambda r, tag: r.hset(tag + ":s", "wn", "999999999"), id="ring-out-of-range"),
         pytest.param(TIME_RATE, lambda r, tag: r.hset(tag + ":b", "later", "1:1:1:1"), id="foreign-bucket"),
         pytest.param(TIME_RATE, lambda r, tag: r.hset(tag + ":b", "3", "x"), id="unreadable-bucket"),
@@ -181,6 +182,23 @@ def test_corrupted_state_is_reset_with_a_warning(
     if state_of(breaker) is State.CLOSED:
         fail(breaker)
     assert state_of(breaker) is State.OPEN
+
+
+def test_a_foreign_value_in_the_lease_key_resets_a_half_open_breaker(
+    redis_url: str, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = client_time_store(redis_url)
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", {"failure_threshold": 1, "reset_timeout": 5.0}, storage=store, clock=clock)
+    fail(breaker)
+    clock.advance(5.0)
+    store._cells[("svc", None)].acquire(breaker.policy, clock.monotonic())  # HALF_OPEN, its probe out
+    server.delete(store.keys_for("svc", None)[4])
+    server.set(store.keys_for("svc", None)[4], "not a hash")
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert breaker.call(ok) == "ok"  # its admission met WRONGTYPE: checked, reset, admitted
+    assert "held a string, expected a hash" in caplog.text
+    assert state_of(breaker) is State.CLOSED
 
 
 # -- sharing -------------------------------------------------------------------------

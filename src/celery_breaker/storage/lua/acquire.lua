@@ -21,6 +21,7 @@ local function admit_probe()
     local lease = S.nl
     S.nl = lease + 1
     redis.call('HSET', K_LEASES, lease, fmt(now + P.max_wait))
+    touch(K_LEASES)
     return reply('probe', lease)
   end
   -- Every slot is taken: the next chance is when a lease expires, and probes usually

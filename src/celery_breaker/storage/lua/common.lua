@@ -9,8 +9,9 @@
 -- ARGV:
 --   1 the caller's clock reading, or '' to use Redis TIME (the default: shared decisions
 --     never depend on worker clocks); 2 idle TTL in ms; 3 what the caller counted locally
---     since its last script call: 'rejections;deferrals;generation;successes;stale successes'
---     (successes under that generation, stale ones under an earlier one); 4 the caller's
+--     since its last script call: 'rejections;deferrals;generation;successes;stale successes;
+--     check' (successes under that generation, stale ones under an earlier one; check = 1
+--     asks for the key types to be checked first); 4 the caller's
 --     policy text; 5 name; 6 '-' or '+' .. key; 7 the pub/sub channel transitions are
 --     published on ('' for none); 8.. the operation's own arguments.
 --
@@ -81,16 +82,29 @@ local function wipe(reason)
   warnings[#warnings + 1] = reason
 end
 
--- A key of another type (a foreign value, or a collision) would make every command fail.
-local EXPECTED_TYPES = { { K_STATE, 'hash' }, { K_FAILS, 'list' }, { K_RING, 'string' },
-  { K_BUCKETS, 'hash' }, { K_LEASES, 'hash' } }
-for _, pair in ipairs(EXPECTED_TYPES) do
-  local found = redis.call('TYPE', pair[1]).ok
-  if found ~= 'none' and found ~= pair[2] then
-    wipe(pair[1] .. ' held a ' .. found .. ', expected a ' .. pair[2])
-    break
+-- What the caller counted locally (applied below, once the window functions exist), and
+-- its request to check key types: a key of another type (a foreign value, a collision)
+-- makes commands fail with WRONGTYPE, and the caller then runs the script again with the
+-- check on, which resets the breaker. (Checking on every call would cost five commands.)
+local pending = {}
+for item in (ARGV[3] .. ';'):gmatch('([^;]*);') do pending[#pending + 1] = math.max(0, tonumber(item) or 0) end
+if pending[6] == 1 then
+  local EXPECTED_TYPES = { { K_STATE, 'hash' }, { K_FAILS, 'list' }, { K_RING, 'string' },
+    { K_BUCKETS, 'hash' }, { K_LEASES, 'hash' } }
+  for _, pair in ipairs(EXPECTED_TYPES) do
+    local found = redis.call('TYPE', pair[1]).ok
+    if found ~= 'none' and found ~= pair[2] then
+      wipe(pair[1] .. ' held a ' .. found .. ', expected a ' .. pair[2])
+      break
+    end
   end
 end
+
+-- Keys written by this script get their TTL now; all five are refreshed together when
+-- the state key's TTL has run down by a tenth (at most a minute), so an idle breaker
+-- vanishes as a whole without five PEXPIREs on every call.
+local touched = {}
+local function touch(key) touched[key] = true end
 
 local INTEGER_FIELDS = { 'gen', 'hos', 'nl', 'ok', 'ko', 'rj', 'df', 'tr', 'wn', 'wl', 'wc', 'wf', 'ws' }
 local TIME_FIELDS = { 'oa', 'ou', 'ls', 'lf' }
@@ -133,14 +147,11 @@ if S == nil then
   -- Asked about a breaker without a policy (a listing) that expired meanwhile: nothing to show.
   if given_policy == '' then do return { 'absent' } end end
   S = fresh(given_policy)
+  redis.call('DEL', K_FAILS, K_RING, K_BUCKETS, K_LEASES) -- leftovers of an expired breaker
 end
 -- The stored policy wins (the breaker keeps the policy it was created with).
 local P = parse_policy(S.pol)
 if P == nil then error('celery-breaker: unparsable policy ' .. tostring(S.pol)) end
-
--- What the caller counted locally: applied below, once the window functions exist.
-local pending = {}
-for item in (ARGV[3] .. ';'):gmatch('([^;]*);') do pending[#pending + 1] = math.max(0, tonumber(item) or 0) end
 S.rj = S.rj + (pending[1] or 0)
 S.df = S.df + (pending[2] or 0)
 
@@ -228,6 +239,7 @@ local function rate_add(failed, slow, n)
       S.wc = S.wc + 1
     end
     redis.call('SETRANGE', K_RING, i, string.char(48 + f + 2 * s))
+    touch(K_RING)
     S.wf, S.ws = S.wf + f, S.ws + s
     S.wn = (i + 1) % P.count_window
     return
@@ -241,6 +253,7 @@ local function rate_add(failed, slow, n)
   if b == nil or b[1] ~= epoch then b = { epoch, 0, 0, 0 } end
   redis.call('HSET', K_BUCKETS, 'h', head, i,
     string.format('%d:%d:%d:%d', epoch, b[2] + n, b[3] + f * n, b[4] + s * n))
+  touch(K_BUCKETS)
 end
 
 local function clear_windows()
@@ -309,8 +322,11 @@ local function save()
     'gen', S.gen, 'hos', S.hos, 'nl', S.nl, 'ok', S.ok, 'ko', S.ko, 'rj', S.rj, 'df', S.df,
     'tr', S.tr, 'wn', S.wn, 'wl', S.wl, 'wc', S.wc, 'wf', S.wf, 'ws', S.ws,
     'oa', fmt(S.oa), 'ou', fmt(S.ou), 'ls', fmt(S.ls), 'lf', fmt(S.lf))
-  -- Every write refreshes every key, so a breaker nobody uses vanishes as a whole.
-  for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl_ms) end
+  if redis.call('PTTL', K_STATE) < ttl_ms - math.min(ttl_ms / 10, 60000) then
+    for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl_ms) end
+  else
+    for key in pairs(touched) do redis.call('PEXPIRE', key, ttl_ms) end
+  end
 end
 
 -- Tell every process's local view: after a transition, or when a probe slot frees up.

@@ -13,12 +13,14 @@ local function record_closed(failed, slow)
   if failed and threshold ~= nil then
     -- The times of the last `threshold` failures: trip when they all fall within the window.
     redis.call('RPUSH', K_FAILS, fmt(now))
+    touch(K_FAILS)
     redis.call('LTRIM', K_FAILS, -threshold, -1)
     if redis.call('LLEN', K_FAILS) == threshold then
       local oldest = tonumber(redis.call('LINDEX', K_FAILS, 0))
       if oldest == nil then
         clear_failure_times() -- forget the unreadable history, keep this failure
         redis.call('RPUSH', K_FAILS, fmt(now))
+        touch(K_FAILS)
         warnings[#warnings + 1] = 'unreadable failure time'
       elseif now - oldest <= P.window then
         reason = string.format('%d failures within %g s', threshold, P.window)

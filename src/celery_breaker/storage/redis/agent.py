@@ -36,7 +36,7 @@ __all__ = ["DEAD_AFTER", "FLUSH_INTERVAL", "HEARTBEAT", "Agent"]
 logger = logging.getLogger("celery_breaker")
 
 #: Seconds between sends of locally counted successes, rejections and deferrals.
-FLUSH_INTERVAL = 0.25
+FLUSH_INTERVAL = 1.0
 #: Seconds between PINGs on the subscription connection.
 HEARTBEAT = 0.5
 #: A subscription that has not answered a PING for this long is treated as lost: the

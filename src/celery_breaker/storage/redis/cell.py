@@ -183,16 +183,21 @@ class RedisCell:
     def _call(self, script: str, now: float, *args: str, policy: str | None = None) -> list[Any]:
         store = self._store
         store.ensure_agent()  # (after a fork, the child's own)
-        epoch = store.epoch
-        pending, counts = self._take_pending()
-        head = [repr(now) if store.client_time else "", store.ttl_ms, pending]
-        try:
-            reply = store.run(
-                script, self._keys, [*head, policy or self._policy_text, self.name, self._key_arg, store.channel, *args]
-            )
-        except StorageError:
-            self._give_back(counts)
-            raise
+        check = ""
+        while True:
+            epoch = store.epoch
+            pending, counts = self._take_pending()
+            head = [repr(now) if store.client_time else "", store.ttl_ms, pending + check]
+            argv = [*head, policy or self._policy_text, self.name, self._key_arg, store.channel, *args]
+            try:
+                reply = store.run(script, self._keys, argv)
+            except StorageError as exc:
+                self._give_back(counts)
+                if not check and "WRONGTYPE" in str(exc):
+                    check = ";1"  # a foreign value in one of the keys: check them, reset the breaker
+                    continue
+                raise
+            break
         try:
             self._apply(reply, now, epoch)
         except (ValueError, IndexError, AttributeError, TypeError) as exc:
