@@ -184,7 +184,10 @@ class FallbackCell:
     def passing(self) -> bool:
         # While on the stand-in, a retry that is due sends calls down the slow path,
         # where acquire() tries the shared store again.
-        return self._active.passing and not self._due(self._clock.monotonic())
+        active = self._active
+        if active is self._primary:
+            return active.passing  # (the hot path: no clock read)
+        return active.passing and not self._due(self._clock.monotonic())
 
     @property
     def state(self) -> State:
@@ -235,6 +238,13 @@ class FallbackCell:
         self._run("finish", now, ticket, outcome, duration, policy, now)
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:
+        active = self._active
+        if active is self._primary:  # the hot path, without the generic dispatch
+            try:
+                active.record_success(ticket, duration, policy, now)
+                return
+            except StorageError as exc:
+                self._degrade(exc, now)
         self._run("record_success", now, ticket, duration, policy, now)
 
     def force(self, target: State, policy: BreakerPolicy, now: float) -> None:
