@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # redis-server: the real Redis that the Celery broker and Redis tests run against
-# (the test suite starts its own instance on a free loopback port and stops it).
+# (the test suite starts its own instances on free loopback ports and stops them:
+# standalone, a 3-node Cluster, and a Sentinel, which is `redis-server --sentinel`).
 if ! command -v redis-server >/dev/null 2>&1; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi

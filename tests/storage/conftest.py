@@ -1,4 +1,4 @@
-"""The ``store`` fixture: every contract test runs once per store (memory, then real Redis)."""
+"""The ``store`` fixture: every contract test runs once per store (memory, Redis, Redis Cluster, Redis Sentinel)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,16 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 def store(request: pytest.FixtureRequest) -> Store:
     if request.param == "memory":
         return fresh_store()
-    redis_url: str = request.getfixturevalue("redis_url")
+    url: str
+    if request.param == "cluster":
+        url = request.getfixturevalue("redis_cluster_url")
+    elif request.param == "sentinel":
+        url = request.getfixturevalue("redis_sentinel").url
+    else:
+        url = request.getfixturevalue("redis_url")
     # time=client: the scripts read the test's FakeClock instead of Redis TIME.
-    return RedisStore.from_url(f"{redis_url}?time=client&key_prefix={unique_prefix()}")
+    return RedisStore.from_url(f"{url}?time=client&key_prefix={unique_prefix()}")

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
 import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from typing import cast
 
@@ -17,7 +13,7 @@ from celery_breaker.storage import FallbackStore
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
-from ..conftest import _wait_for_ping, free_port
+from ..servers import RedisServer
 from ..unit.support import down, fail, ok, state_of
 
 
@@ -64,47 +60,26 @@ def test_an_unknown_mode_is_a_configuration_error() -> None:
 
 
 @pytest.fixture
-def restartable_redis() -> Iterator[tuple[int, list[subprocess.Popen[bytes]]]]:
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="celery-breaker-fallback-")
-    processes: list[subprocess.Popen[bytes]] = []
-    yield port, processes
-    for process in processes:
-        process.terminate()
-        process.wait(timeout=10)
-    shutil.rmtree(workdir, ignore_errors=True)
+def restartable_redis() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
 
 
-def start_redis(port: int, processes: list[subprocess.Popen[bytes]]) -> None:
-    binary = shutil.which("redis-server")
-    assert binary is not None
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    processes.append(process)
-    _wait_for_ping(port, process, time.monotonic() + 20)
-
-
-def test_a_store_outage_falls_back_and_the_breaker_rejoins_when_redis_returns(
-    restartable_redis: tuple[int, list[subprocess.Popen[bytes]]],
-) -> None:
-    port, processes = restartable_redis
-    start_redis(port, processes)
+def test_a_store_outage_falls_back_and_the_breaker_rejoins_when_redis_returns(restartable_redis: RedisServer) -> None:
+    restartable_redis.start()
     clock = FakeClock()
-    url = f"redis://127.0.0.1:{port}?time=client&key_prefix=fallback"
+    url = f"{restartable_redis.url}?time=client&key_prefix=fallback"
     breaker = CircuitBreaker("svc", {"failure_threshold": 2}, storage=url, clock=clock)
     assert isinstance(cast(object, breaker.store), FallbackStore)
     assert breaker.call(ok) == "ok"  # on the shared breaker
 
-    processes[0].terminate()
-    processes[0].wait(timeout=10)
+    restartable_redis.stop()
     # Recording that success fails: the stand-in takes over, and calls keep flowing.
     assert breaker.call(ok) == "ok"
     fail(breaker, 2)
     assert state_of(breaker) is State.OPEN  # the stand-in protects the downstream meanwhile
 
-    start_redis(port, processes)  # a fresh, empty Redis on the same port
+    restartable_redis.start()  # a fresh, empty Redis on the same port
     other = CircuitBreaker("svc", {"failure_threshold": 2}, storage=f"{url}&socket_timeout=0.6", clock=clock)
     other.force_open()  # written to the new Redis by another "process"
     clock.advance(6)  # past the retry interval: the next call asks Redis again

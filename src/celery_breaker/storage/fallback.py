@@ -149,6 +149,8 @@ class FallbackCell:
         return self._local
 
     def _degrade(self, exc: StorageError, now: float) -> None:
+        if self._primary is not None:
+            self._primary.evicted = True  # so rejoining reads the shared state: a real check
         self._store.store_failed(exc, now)
         self._retry_at = now + self._store.retry_interval
         self._active = self._fallback()

@@ -1,17 +1,28 @@
-"""URL helpers every store shares."""
+"""URL helpers every store shares (no driver imports)."""
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+import re
 
 __all__ = ["describe_url"]
 
 
+_SECRET_OPTIONS = re.compile(r"(?P<name>(?:^|[?&])(?:sentinel_)?password=)[^&#]*")
+
+
 def describe_url(url: str) -> str:
-    """``url`` with any password masked, for logs (``redis://user:***@host/0``)."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with every password masked (user info, ``password=`` and ``sentinel_password=``), for logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
         return url
-    user = parts.username or ""
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+    end = len(rest)
+    for mark in "/?#":
+        found = rest.find(mark)
+        if found != -1:
+            end = min(end, found)
+    netloc, tail = rest[:end], rest[end:]
+    credentials, at, hosts = netloc.rpartition("@")
+    if at:
+        user = credentials.partition(":")[0]
+        netloc = f"{user}:***@{hosts}" if ":" in credentials else f"***@{hosts}"
+    return f"{scheme}://{netloc}" + _SECRET_OPTIONS.sub(r"\g<name>***", tail)

@@ -1,28 +1,91 @@
-"""Redis clients from store URLs: one place knows every topology (standalone, TLS, unix socket)."""
+"""Redis clients from store URLs: one place knows every topology (standalone, TLS, unix socket, Sentinel, Cluster)."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import SplitResult, urlencode
+from urllib.parse import SplitResult, unquote, urlencode
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException
 from redis.retry import Retry
+from redis.sentinel import Sentinel
 
 from ...errors import ConfigurationError
+from ..base import StorageError
+from ..urls import describe_url as describe
 
-__all__ = ["DEFAULT_SOCKET_CONNECT_TIMEOUT", "DEFAULT_SOCKET_TIMEOUT", "SCHEMES", "describe", "make_client"]
+__all__ = [
+    "CLIENT_ERRORS",
+    "DEFAULT_SOCKET_CONNECT_TIMEOUT",
+    "DEFAULT_SOCKET_TIMEOUT",
+    "SCHEMES",
+    "check_url",
+    "describe",
+    "make_client",
+]
 
 #: Our schemes, and the topology each names (valkey speaks the same protocol).
 SCHEMES = {
     "redis": "standalone",
     "rediss": "tls",
     "redis+unix": "unix",
+    "redis+sentinel": "sentinel",
+    "redis+cluster": "cluster",
     "valkey": "standalone",
     "valkeys": "tls",
     "valkey+unix": "unix",
+    "valkey+sentinel": "sentinel",
+    "valkey+cluster": "cluster",
 }
 _REDIS_PY_SCHEMES = {"standalone": "redis", "tls": "rediss", "unix": "unix"}
+_DEFAULT_PORTS = {"sentinel": 26379, "cluster": 6379}
+_FORMS = {
+    "sentinel": "redis+sentinel://[[user]:password@]host:26379[,host:port...]/service_name[/db]",
+    "cluster": "redis+cluster://[[user]:password@]host:6379[,host:port...]",
+}
+
+
+def _flag(text: str) -> bool:
+    value = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}.get(text.lower())
+    if value is None:
+        raise ValueError(text)
+    return value
+
+
+def _protocol(text: str) -> int:
+    if text not in ("2", "3"):
+        raise ValueError(text)
+    return int(text)
+
+
+#: The redis-py options a Sentinel or Cluster URL may carry, and how each is read
+#: (anything else is a typo that redis-py would report only on first use, or drop).
+_OPTION_TYPES: dict[str, tuple[Callable[[str], Any], str]] = {
+    "username": (str, "text"),
+    "password": (str, "text"),
+    "client_name": (str, "text"),
+    "db": (int, "a whole number"),
+    "protocol": (_protocol, "2 or 3"),
+    "max_connections": (int, "a whole number"),
+    "health_check_interval": (float, "a number of seconds"),
+    "socket_keepalive": (_flag, "true or false"),
+    "sentinel_username": (str, "text"),
+    "sentinel_password": (str, "text"),
+}
+_OPTIONS = {
+    "sentinel": tuple(_OPTION_TYPES),
+    # Cluster: db 0 only; redis-py drops health_check_interval for cluster nodes.
+    "cluster": ("username", "password", "client_name", "db", "protocol", "max_connections", "socket_keepalive"),
+}
+
+#: Every exception a client call may raise: a Cluster client's own errors (no slot
+#: covered, no node reachable) are not ``RedisError``.
+CLIENT_ERRORS: tuple[type[Exception], ...] = (redis.RedisError, RedisClusterException)
 
 #: A breaker must never make a call wait on a dead store for long: both timeouts are
 #: always set (redis-py's own default would be 5 s, or none for connecting).
@@ -32,8 +95,31 @@ DEFAULT_SOCKET_CONNECT_TIMEOUT = 0.5
 
 def _retry() -> Retry:
     # One immediate retry heals a pooled connection the server closed; a timeout is not
-    # retried (redis-py's default would retry 10 times).
+    # retried (redis-py's default would retry 10 times). Behind Sentinel, a connection
+    # closed by a failover is reopened on the new master by the pool on the next
+    # command; the in-call retry reopens the old address (redis-py 8.1), so at most
+    # one call per connection sees the failover as a ConnectionError.
     return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Endpoint:
+    """Where a store URL points, parsed and checked; nothing connected."""
+
+    topology: str
+    target: str = ""  # standalone, tls, unix: the URL redis-py opens
+    nodes: tuple[tuple[str, int], ...] = ()  # the Sentinels, or the cluster's startup nodes
+    service: str = ""  # Sentinel: the monitored master's name
+    options: dict[str, Any] = field(default_factory=dict)  # the data connections' redis-py options
+    sentinel_options: dict[str, Any] = field(default_factory=dict)  # Sentinel: its own credentials
+
+
+def check_url(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> None:
+    """Raise ``ConfigurationError`` naming the URL and the fix unless ``make_client`` can use it.
+
+    Connects nowhere, so a store can call it when it is configured rather than on first use.
+    """
+    _endpoint(url, parts, passed)
 
 
 def make_client(
@@ -47,29 +133,130 @@ def make_client(
     """A redis-py client for store URL ``url`` (already split into ``parts``); ``passed``
     are the query options that are redis-py's own (``db``, ``password``, ``ssl_*``...).
 
-    Raises ``ConfigurationError`` naming the URL when redis-py rejects it. Connecting
-    happens on first use, never here.
+    Raises ``ConfigurationError`` naming the URL when the URL or redis-py rejects it.
+    Connecting happens on first use, except for Cluster: redis-py reads the slot map
+    when the client is made, so a cluster that cannot be reached raises
+    ``StorageError`` here (call this on first use, as ``RedisStore.client`` does).
     """
+    endpoint = _endpoint(url, parts, passed)
+    timeouts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
+    if endpoint.topology == "sentinel":
+        # Sentinel's own connections only ask where the master is; the master's get the
+        # URL's credentials, db and options. Neither connects before the first command.
+        sentinel_kwargs = {**timeouts, "retry": _retry(), **endpoint.sentinel_options}
+        sentinel = Sentinel(list(endpoint.nodes), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        return sentinel.master_for(endpoint.service, retry=_retry(), **timeouts, **endpoint.options)  # type: ignore[no-untyped-call]
+    if endpoint.topology == "cluster":
+        try:
+            # A cluster-level retry: redis-py retries a timeout too, and reads the slot
+            # map again after a connection error (node connections never retry).
+            return RedisCluster(
+                startup_nodes=[ClusterNode(host, port) for host, port in endpoint.nodes],  # type: ignore[no-untyped-call]
+                retry=Retry(NoBackoff(), 1),
+                **timeouts,
+                **endpoint.options,
+            )
+        except CLIENT_ERRORS as exc:
+            raise StorageError(f"redis store {describe(url)}: cannot read the cluster's slot map: {exc}") from exc
+    try:
+        return redis.Redis.from_url(endpoint.target, retry=_retry(), **timeouts)
+    except ValueError as exc:
+        raise ConfigurationError(f"redis store URL {describe(url)!r}: {exc}") from None
+
+
+def _endpoint(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> _Endpoint:
     topology = SCHEMES[parts.scheme.lower()]
+    if topology == "sentinel":
+        return _sentinel_endpoint(url, parts, passed)
+    if topology == "cluster":
+        nodes, options = _nodes_and_options(url, parts, passed, topology)
+        if options.pop("db", 0) != 0 or parts.path.strip("/") not in ("", "0"):
+            raise ConfigurationError(
+                f"redis store URL {describe(url)!r}: Redis Cluster has only database 0; write {_FORMS['cluster']}"
+            )
+        return _Endpoint(topology=topology, nodes=nodes, options=options)
     # Not urlunsplit: it drops the empty host of unix:///path, which redis-py requires.
     query = urlencode(passed)
     target = f"{_REDIS_PY_SCHEMES[topology]}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
     try:
-        return redis.Redis.from_url(
-            target,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=socket_connect_timeout,
-            retry=_retry(),
-        )
+        redis.ConnectionPool.from_url(target)  # redis-py's own checks; connects nowhere
     except ValueError as exc:
-        raise ConfigurationError(f"redis store URL {url!r}: {exc}") from None
+        raise ConfigurationError(f"redis store URL {describe(url)!r}: {exc}") from None
+    return _Endpoint(topology=topology, target=target)
 
 
-def describe(url: str) -> str:
-    """``url`` with any password masked, for logs."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest.split("/", 1)[0]:
-        return url
-    credentials, _, host = rest.partition("@")
-    user = credentials.partition(":")[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else f"{scheme}://***@{host}"
+def _sentinel_endpoint(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> _Endpoint:
+    nodes, options = _nodes_and_options(url, parts, passed, "sentinel")
+    path = parts.path.strip("/")
+    segments = path.split("/") if path else []
+    if not segments or len(segments) > 2:
+        raise ConfigurationError(
+            f"redis store URL {describe(url)!r} must name the master's service after the hosts "
+            f"(the name in Sentinel's 'sentinel monitor' line); write {_FORMS['sentinel']}"
+        )
+    if len(segments) == 2:
+        if not segments[1].isdigit():
+            raise ConfigurationError(
+                f"redis store URL {describe(url)!r}: database {segments[1]!r} is not a number; "
+                f"write {_FORMS['sentinel']}"
+            )
+        options["db"] = int(segments[1])
+    sentinel_options = {
+        option: options.pop(f"sentinel_{option}")
+        for option in ("username", "password")
+        if f"sentinel_{option}" in options
+    }
+    return _Endpoint(
+        topology="sentinel",
+        nodes=nodes,
+        service=unquote(segments[0]),
+        options=options,
+        sentinel_options=sentinel_options,
+    )
+
+
+def _nodes_and_options(
+    url: str, parts: SplitResult, passed: list[tuple[str, str]], topology: str
+) -> tuple[tuple[tuple[str, int], ...], dict[str, Any]]:
+    """The ``host:port`` list of a Sentinel or Cluster URL, and the redis-py options it carries."""
+    credentials, _, hosts = parts.netloc.rpartition("@")
+    nodes = tuple(_address(url, host, topology) for host in hosts.split(",") if host.strip())
+    if not nodes:
+        raise ConfigurationError(f"redis store URL {describe(url)!r} lists no host; write {_FORMS[topology]}")
+    unknown = sorted({name for name, _ in passed} - set(_OPTIONS[topology]))
+    if unknown:
+        raise ConfigurationError(
+            f"redis store URL {describe(url)!r}: unknown option(s) {', '.join(unknown)}; "
+            f"a {parts.scheme}:// URL takes key_prefix, idle_ttl, socket_timeout, socket_connect_timeout, "
+            f"time and {', '.join(_OPTIONS[topology])}"
+        )
+    options: dict[str, Any] = {}
+    for name, text in passed:
+        read, kind = _OPTION_TYPES[name]
+        try:
+            options[name] = read(text)
+        except ValueError:
+            raise ConfigurationError(f"redis store URL {describe(url)!r}: {name}={text!r} must be {kind}") from None
+    if credentials:
+        user, has_password, password = credentials.partition(":")
+        if user:
+            options["username"] = unquote(user)
+        if has_password and password:
+            options["password"] = unquote(password)
+    return nodes, options
+
+
+_HOST_PORT = re.compile(r"^(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:\[\]]+))(?::(?P<port>[^:]*))?$")
+
+
+def _address(url: str, text: str, topology: str) -> tuple[str, int]:
+    default = _DEFAULT_PORTS[topology]
+    found = _HOST_PORT.match(text.strip())
+    port_text = found and found.group("port")
+    if found is None or (port_text is not None and not (port_text.isdigit() and 0 < int(port_text) < 65536)):
+        raise ConfigurationError(
+            f"redis store URL {describe(url)!r}: {text!r} is not host[:port] with a port from 1 to 65535; "
+            f"write {_FORMS[topology]} (the port defaults to {default})"
+        )
+    host = unquote(found.group("ipv6") or found.group("host"))
+    return host, int(port_text) if port_text else default

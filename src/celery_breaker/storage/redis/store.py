@@ -24,7 +24,14 @@ from ..base import StorageError
 from ..urls import describe_url
 from .agent import Agent
 from .cell import RedisCell, _opt_float
-from .client import DEFAULT_SOCKET_CONNECT_TIMEOUT, DEFAULT_SOCKET_TIMEOUT, SCHEMES, make_client
+from .client import (
+    CLIENT_ERRORS,
+    DEFAULT_SOCKET_CONNECT_TIMEOUT,
+    DEFAULT_SOCKET_TIMEOUT,
+    SCHEMES,
+    check_url,
+    make_client,
+)
 
 __all__ = ["DEFAULT_IDLE_TTL", "DEFAULT_KEY_PREFIX", "RedisStore"]
 
@@ -142,6 +149,7 @@ class RedisStore:
             raise ConfigurationError(
                 f"redis store URL {describe_url(url)!r}: time={time_source!r}; allowed: server, client (tests)"
             )
+        check_url(url, parts, passed)  # a bad URL fails when configured, not on a breaker's first call
         return cls(
             url,
             parts=parts,
@@ -186,10 +194,10 @@ class RedisStore:
 
     def run(self, script: str, keys: list[str], args: list[str]) -> list[Any]:
         """Run one script; any Redis failure becomes ``StorageError``."""
-        client = self.client()
         try:
+            client = self.client()
             reply = self._scripts[script](keys, args, client=client)
-        except redis.RedisError as exc:
+        except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.label}: {script} failed: {exc}") from exc
         if not isinstance(reply, list) or not reply:
             raise StorageError(f"redis store {self.label}: {script} answered {reply!r}")
@@ -305,7 +313,7 @@ class RedisStore:
         try:
             try:
                 self.client().publish(self.channel, f"sync\n{token}")
-            except redis.RedisError as exc:
+            except CLIENT_ERRORS as exc:
                 raise StorageError(f"redis store {self.label}: sync failed: {exc}") from exc
             return barrier.wait(timeout) or not self.live
         finally:
@@ -325,7 +333,7 @@ class RedisStore:
         found: list[BreakerSnapshot] = []
         try:
             state_keys = [k.decode() for k in self.client().scan_iter(match=pattern, count=500)]
-        except redis.RedisError as exc:
+        except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.label}: listing breakers failed: {exc}") from exc
         for state_key in state_keys:
             tag = state_key[: -len(":s")]

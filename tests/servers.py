@@ -1,0 +1,376 @@
+"""Real Redis servers for tests (standalone, Cluster, Sentinel) on free loopback ports, each in a temp dir.
+
+Every server binds 127.0.0.1 only and never persists (``save ""``, ``appendonly no``).
+Waiting on them polls with short sleeps: that is waiting for a process to get somewhere,
+never for time to pass.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar, cast
+
+import redis
+
+__all__ = ["RedisCluster", "RedisSentinel", "RedisServer", "ServerError", "free_port", "poll"]
+
+#: Seconds a server gets to start, a cluster to agree, a failover to complete.
+START_TIMEOUT = 20.0
+_POLL_INTERVAL = 0.02
+
+
+class ServerError(RuntimeError):
+    """A test server would not start, agree or fail over in time."""
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def redis_server_binary() -> str:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise ServerError("redis-server is not installed; run ./scripts/test.sh, which installs it")
+    return binary
+
+
+def poll(predicate: Callable[[], bool], what: str, timeout: float = START_TIMEOUT) -> None:
+    """Return once ``predicate()`` is true; ``ServerError`` naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise ServerError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(_POLL_INTERVAL)  # polling servers that are getting somewhere, not waiting for time
+
+
+def _answers(check: Callable[[], bool]) -> Callable[[], bool]:
+    """``check`` as a poll predicate: a server that cannot answer yet is simply not there yet."""
+
+    def predicate() -> bool:
+        try:
+            return check()
+        except (redis.RedisError, OSError):
+            return False
+
+    return predicate
+
+
+_Self = TypeVar("_Self", bound="_Owned")
+
+
+class _Owned:
+    """A context manager that closes itself on exit."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _Self) -> _Self:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
+
+
+class RedisServer(_Owned):
+    """One ``redis-server`` process on 127.0.0.1; ``stop()`` then ``start()`` keeps its port.
+
+    ``options`` are extra command-line options (``"--replicaof", "127.0.0.1", "6379"``...).
+    The temp dir (``workdir``) holds its log; it is removed by ``close()`` unless given.
+    """
+
+    def __init__(self, *options: str, port: int | None = None, workdir: str | None = None) -> None:
+        self.port = port if port is not None else free_port()
+        self.options = options
+        self._own_dir = workdir is None
+        self.workdir = Path(workdir if workdir is not None else tempfile.mkdtemp(prefix="celery-breaker-redis-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log = self.workdir / f"redis-{self.port}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._admin: redis.Redis | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    def command(self) -> list[str]:
+        return [
+            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+            "--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.options,
+        ]  # fmt: skip
+
+    def start(self) -> RedisServer:
+        """Start the process and return once it answers PING."""
+        if self._process is not None and self._process.poll() is None:
+            return self
+        with self.log.open("ab") as log:
+            self._process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir)
+        try:
+            poll(self._pong, f"{self} to answer PING")
+        except ServerError:
+            self.stop()
+            raise
+        return self
+
+    def _pong(self) -> bool:
+        process = self._process
+        if process is not None and process.poll() is not None:
+            raise ServerError(f"{self} exited with {process.returncode}: {self.log_tail()}")
+        return _answers(lambda: bool(self.admin().ping()))()
+
+    def admin(self) -> redis.Redis:
+        """A client for test set-up and checks (RESP2, text replies, short timeouts)."""
+        if self._admin is None:
+            self._admin = redis.Redis(
+                host="127.0.0.1", port=self.port, protocol=2, decode_responses=True,
+                socket_timeout=2.0, socket_connect_timeout=2.0,
+            )  # fmt: skip
+        return self._admin
+
+    def info(self, section: str) -> dict[str, Any]:
+        return dict(self.admin().info(section))
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """Stop the process (its port stays ours for ``start()``)."""
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_dir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} 127.0.0.1:{self.port}>"
+
+
+class _SentinelServer(RedisServer):
+    """A ``redis-server sentinel.conf --sentinel`` process (Sentinel rewrites its own config file)."""
+
+    def __init__(self, service: str, master: tuple[str, int], *, workdir: str) -> None:
+        super().__init__(workdir=workdir)
+        self.config = self.workdir / f"sentinel-{self.port}.conf"
+        host, port = master
+        self.config.write_text(
+            f"port {self.port}\nbind 127.0.0.1\nprotected-mode yes\ndir {self.workdir}\n"
+            f"sentinel monitor {service} {host} {port} 1\n"
+            f"sentinel down-after-milliseconds {service} 1000\n"
+            f"sentinel failover-timeout {service} 5000\n"
+            f"sentinel parallel-syncs {service} 1\n"
+        )
+
+    def command(self) -> list[str]:
+        return [redis_server_binary(), str(self.config), "--sentinel"]
+
+
+class RedisSentinel(_Owned):
+    """A master, one replica and ``sentinels`` Sentinels (quorum 1) watching service ``service``.
+
+    ``failover()`` switches master and replica. Sentinel's internal periods are shortened
+    (``SENTINEL DEBUG``), so a failover completes in about 2 s where a stock Sentinel
+    takes about ten (see ``failover``).
+    """
+
+    def __init__(self, sentinels: int = 1, service: str = "breakers") -> None:
+        self.service = service
+        self.workdir = Path(tempfile.mkdtemp(prefix="celery-breaker-sentinel-"))
+        # No diskless-sync delay: a replica (and the demoted master) syncs at once, not after 5 s.
+        sync = ("--repl-diskless-sync-delay", "0")
+        master = RedisServer(*sync, workdir=str(self.workdir / "server-0"))
+        replica = RedisServer(*sync, "--replicaof", *map(str, master.address), workdir=str(self.workdir / "server-1"))
+        self.servers = [master, replica]
+        self.sentinels = [
+            _SentinelServer(service, self.servers[0].address, workdir=str(self.workdir / "sentinel"))
+            for _ in range(sentinels)
+        ]
+
+    @property
+    def url(self) -> str:
+        """Our store URL for this service (every Sentinel listed)."""
+        return "redis+sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels) + f"/{self.service}"
+
+    def start(self) -> RedisSentinel:
+        for server in self.servers:
+            server.start()
+        # Sentinels start once the replica is in sync, so their first INFO of the master lists it.
+        poll(_answers(partial(self._replica_in_sync, self.servers[0])), "the replica to sync")
+        # Shorter periods in ms (stock: INFO every 10 s, hello every 2 s). A Sentinel that
+        # hears nothing of a failover demotes the promoted replica after 4 hello periods,
+        # so with others around the period must stay well above the ~1 s a promotion takes.
+        publish = 100 if len(self.sentinels) == 1 else 1000
+        for sentinel in self.sentinels:
+            sentinel.start()
+            _command(sentinel, "SENTINEL", "DEBUG", "info-period", 100, "publish-period", publish)
+        self._wait_settled(self.servers[0])
+        return self
+
+    def master_address(self, sentinel: RedisServer | None = None) -> tuple[str, int]:
+        """The master's address as ``sentinel`` (default: the first) reports it."""
+        reply = (sentinel or self.sentinels[0]).admin().sentinel_get_master_addr_by_name(self.service)
+        host, port = cast(tuple[str, int], reply)
+        return host, int(port)
+
+    def master(self) -> RedisServer:
+        """The server the Sentinels name master."""
+        return self._server_at(self.master_address())
+
+    def failover(self, *, crash: bool = False) -> RedisServer:
+        """Fail over and return the new master once the failover is complete.
+
+        By default an operator's ``SENTINEL FAILOVER``; with ``crash`` the master's
+        process is stopped instead, Sentinel finds it down and promotes the replica, and
+        the old master is started again, empty (Sentinel makes it the new replica).
+
+        Complete means: the Sentinels report the new address, the new master answers
+        ``ROLE`` as master, and the old master has been demoted to its replica and is in
+        sync (so no client can still write to it, and another failover can follow).
+        A stock Sentinel leaves a live old master writable for about 8 s after the
+        switch (4 hello periods) before it demotes it; here for about 0.5 s.
+        """
+        old = self.master()
+        if crash:
+            old.stop()
+        else:
+            self.sentinels[0].admin().sentinel_failover(self.service)
+        poll(
+            _answers(lambda: all(self.master_address(s) != old.address for s in self.sentinels)),
+            f"the Sentinels to report a master other than {old}",
+        )
+        new = self.master()
+        if crash:
+            old.start()
+        self._wait_settled(new)
+        return new
+
+    def _server_at(self, address: tuple[str, int]) -> RedisServer:
+        return next(server for server in self.servers if server.address == address)
+
+    def _wait_settled(self, master: RedisServer) -> None:
+        replica = next(server for server in self.servers if server is not master)
+        poll(_answers(lambda: master.admin().role()[0] == "master"), f"{master} to answer ROLE as master")
+        poll(_answers(partial(self._replica_in_sync, master)), f"{replica} to replicate {master}")
+        for sentinel in self.sentinels:
+            poll(_answers(partial(self._sees, sentinel, master, replica)), f"{sentinel} to see {master} and {replica}")
+
+    def wait_replicated(self) -> None:
+        """Return once the replica has every write the master has taken so far."""
+        master = self.master()
+        poll(_answers(partial(self._replica_in_sync, master)), f"the replica to catch up with {master}")
+
+    def _replica_in_sync(self, master: RedisServer) -> bool:
+        """The replica follows ``master`` and has applied every write the master had a moment ago.
+
+        Offsets, not only ``master_link_status:up``: after a diskless sync the master
+        holds back writes until the replica's first ACK, up to a second later.
+        """
+        written = master.info("replication")["master_repl_offset"]
+        replica = next(server for server in self.servers if server is not master)
+        info = replica.info("replication")
+        following = info["role"] == "slave" and info["master_port"] == master.port
+        return bool(following and info["master_link_status"] == "up" and info["slave_repl_offset"] >= written)
+
+    def _sees(self, sentinel: RedisServer, master: RedisServer, replica: RedisServer) -> bool:
+        """``sentinel`` names ``master``, knows the other Sentinels, and could promote ``replica``."""
+        admin = sentinel.admin()
+        state = cast(dict[str, Any], admin.sentinel_master(self.service))
+        replicas = admin.sentinel_slaves(self.service)
+        return (
+            (state["ip"], int(state["port"])) == master.address
+            and int(state["num-other-sentinels"]) == len(self.sentinels) - 1
+            and any(
+                (r["ip"], int(r["port"])) == replica.address
+                and r["flags"] == "slave"
+                and r["master-link-status"] == "ok"
+                for r in replicas
+            )
+        )
+
+    def close(self) -> None:
+        for server in [*self.sentinels, *self.servers]:
+            server.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class RedisCluster(_Owned):
+    """A Redis Cluster of ``masters`` primaries without replicas, the slots split evenly.
+
+    Ready once every node says ``cluster_state:ok``: about 2 s after the nodes start,
+    which is Redis's own delay before a new primary takes writes.
+    """
+
+    def __init__(self, masters: int = 3) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix="celery-breaker-cluster-"))
+        # Bus ports are chosen, not port + 10000 (which a free port above 55535 would overflow).
+        self.bus_ports = [free_port() for _ in range(masters)]
+        self.nodes = [
+            RedisServer(
+                "--cluster-enabled", "yes", "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "2000", workdir=str(self.workdir / f"node-{index}"),
+            )
+            for index, bus in enumerate(self.bus_ports)
+        ]  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        """Our store URL for this cluster (every node a startup node)."""
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+
+    def start(self) -> RedisCluster:
+        """What ``redis-cli --cluster create`` does, but every node meets every other
+        directly: learning of each other by gossip alone may take seconds more."""
+        for node in self.nodes:
+            node.start()
+        count = len(self.nodes)
+        for index, node in enumerate(self.nodes):
+            _command(node, "CLUSTER", "ADDSLOTSRANGE", index * 16384 // count, (index + 1) * 16384 // count - 1)
+            _command(node, "CLUSTER", "SET-CONFIG-EPOCH", index + 1)
+            for other, bus in zip(self.nodes[index + 1 :], self.bus_ports[index + 1 :], strict=True):
+                _command(node, "CLUSTER", "MEET", "127.0.0.1", other.port, bus)
+        for node in self.nodes:
+            poll(_answers(partial(_cluster_ok, node)), f"{node} to say cluster_state:ok")
+        return self
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _command(server: RedisServer, *args: str | int) -> Any:
+    """A command redis-py has no typed method for."""
+    return server.admin().execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def _cluster_ok(node: RedisServer) -> bool:
+    return bool(node.admin().cluster("INFO")["cluster_state"] == "ok")

@@ -1,0 +1,429 @@
+"""Sentinel and Cluster store URLs: parsing, and breakers on a real cluster and through real failovers."""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any, cast
+from urllib.parse import parse_qsl, urlsplit
+
+import pytest
+from redis.cluster import RedisCluster
+from redis.commands.core import Script
+from redis.sentinel import SentinelConnectionPool
+
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
+from celery_breaker.clock import SYSTEM_CLOCK
+from celery_breaker.storage import FallbackStore, StorageError, Store, store_from_url
+from celery_breaker.storage.redis import RedisStore
+from celery_breaker.storage.redis.client import check_url, describe
+from celery_breaker.testing import FakeClock
+
+from .. import servers
+from ..servers import RedisSentinel
+from ..unit.support import fail, ok, state_of
+from .conftest import unique_prefix
+from .test_redis_hot_path import Trips, live_breaker
+
+TRIP_AT_TWO = {"failure_threshold": 2}
+
+
+def redis_py(store: RedisStore) -> Any:
+    """The store's redis-py client (redis-py leaves much of ``RedisCluster`` untyped)."""
+    return store.client()
+
+
+def dead_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]  # nothing listens here once the socket closes
+        return port
+
+
+def heard(subscriber: Any, within: float = 0.5, until: int | None = None) -> list[str]:
+    """The messages ``subscriber`` receives within ``within`` seconds (or until it has ``until``)."""
+    messages: list[str] = []
+    deadline = time.monotonic() + within
+    while (left := deadline - time.monotonic()) > 0 and len(messages) != until:
+        message = subscriber.get_message(ignore_subscribe_messages=True, timeout=left)
+        if message is not None:
+            messages.append(message["data"].decode())
+    return messages
+
+
+# -- URLs --------------------------------------------------------------------------
+
+
+def test_a_sentinel_url_names_the_sentinels_the_service_and_the_master_connection() -> None:
+    url = (
+        "redis+sentinel://app:s%40cret@127.0.0.1:26379,[::1]:26380,sentinel-3/mymaster/2"
+        "?sentinel_password=watch&client_name=breakers&key_prefix=x&socket_timeout=0.3"
+    )
+    client = RedisStore.from_url(url).client()  # no connection made yet
+    pool = cast(SentinelConnectionPool, client.connection_pool)
+    assert pool.service_name == "mymaster"
+    master = pool.connection_kwargs
+    assert {name: master.get(name) for name in ("username", "password", "db", "client_name")} == {
+        "username": "app",
+        "password": "s@cret",
+        "db": 2,
+        "client_name": "breakers",
+    }
+    assert (master["socket_timeout"], master["socket_connect_timeout"]) == (0.3, 0.5)
+    assert master["retry"].get_retries() == 1  # one immediate retry on a closed connection, as standalone
+    sentinels = [s.connection_pool.connection_kwargs for s in pool.sentinel_manager.sentinels]
+    assert [(s["host"], s["port"]) for s in sentinels] == [("127.0.0.1", 26379), ("::1", 26380), ("sentinel-3", 26379)]
+    for kwargs in sentinels:
+        assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"], kwargs["password"]) == (0.3, 0.5, "watch")
+        assert kwargs.get("db", 0) == 0  # the master's db and credentials are not the Sentinels'
+
+
+def test_a_cluster_url_names_every_startup_node(redis_cluster_url: str) -> None:
+    url = f"{redis_cluster_url}?key_prefix={unique_prefix()}&client_name=breakers&socket_connect_timeout=0.4"
+    client = redis_py(RedisStore.from_url(url))
+    startup = sorted(node.port for node in client.startup_nodes)
+    hosts = redis_cluster_url.partition("://")[2].split(",")
+    assert startup == sorted(int(host.rpartition(":")[2]) for host in hosts)
+    for node in client.get_primaries():
+        kwargs = client.get_redis_connection(node).connection_pool.connection_kwargs
+        assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.5, 0.4)
+        assert kwargs["client_name"] == "breakers"
+    assert isinstance(client, RedisCluster)
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("redis+sentinel://127.0.0.1:26379", "must name the master's service"),
+        ("redis+sentinel://127.0.0.1:26379/", "must name the master's service"),
+        ("redis+sentinel://h1/mymaster/1/2", "must name the master's service"),
+        ("redis+sentinel:///mymaster", "lists no host"),
+        ("valkey+sentinel://,/mymaster", "lists no host"),
+        ("redis+sentinel://h1:26379,h2:port/mymaster", "'h2:port' is not host[:port]"),
+        ("redis+sentinel://h1:70000/mymaster", "'h1:70000' is not host[:port]"),
+        ("redis+sentinel://h1:/mymaster", "'h1:' is not host[:port]"),
+        ("redis+sentinel://::1/mymaster", "is not host[:port]"),
+        ("redis+sentinel://h1/mymaster/two", "database 'two' is not a number"),
+        ("redis+sentinel://h1/mymaster?db=two", "db='two' must be a whole number"),
+        ("redis+sentinel://h1/mymaster?protocol=4", "protocol='4' must be 2 or 3"),
+        ("redis+sentinel://h1/mymaster?sentinel_pasword=x", "unknown option(s) sentinel_pasword"),
+        ("redis+cluster://", "lists no host"),
+        ("redis+cluster://h1:7000,h2:7o01", "'h2:7o01' is not host[:port]"),
+        ("redis+cluster://h1:7000/1", "Redis Cluster has only database 0"),
+        ("valkey+cluster://h1:7000?db=2", "Redis Cluster has only database 0"),
+        ("redis+cluster://h1:7000?sentinel_password=x", "unknown option(s) sentinel_password"),
+        ("redis+cluster://h1:7000?health_check_interval=5", "unknown option(s) health_check_interval"),
+    ],
+)
+def test_bad_urls_name_the_url_and_the_fix(url: str, named: str) -> None:
+    parts = urlsplit(url)
+    with pytest.raises(ConfigurationError, match=re.escape(named)):
+        check_url(url, parts, parse_qsl(parts.query))  # connects nowhere: a store can check when configured
+    with pytest.raises(ConfigurationError) as info:
+        RedisStore.from_url(url).client()
+    message = str(info.value)
+    assert named in message
+    assert repr(describe(url)) in message  # the URL as written, any password masked
+    if "option" not in named and "must be" not in named:
+        assert "; write redis+" in message  # the form that works
+
+
+def test_url_errors_do_not_show_passwords() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        RedisStore.from_url("redis+sentinel://:hunter2@h1/?sentinel_password=swordfish").client()
+    assert "hunter2" not in str(info.value)
+    assert "swordfish" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis+sentinel://:pw@h1:26379,h2:26380/mymaster", "redis+sentinel://:***@h1:26379,h2:26380/mymaster"),
+        ("valkey+sentinel://app:pw@h1/mymaster/2?sentinel_password=pw2&key_prefix=x",
+         "valkey+sentinel://app:***@h1/mymaster/2?sentinel_password=***&key_prefix=x"),
+        ("redis+cluster://app:p@ss@h1:7000,h2:7001?password=pw&client_name=c",
+         "redis+cluster://app:***@h1:7000,h2:7001?password=***&client_name=c"),
+        ("redis+cluster://h1:7000,h2:7001", "redis+cluster://h1:7000,h2:7001"),
+        ("rediss://secret@cache:6380/1", "rediss://***@cache:6380/1"),
+    ],
+)  # fmt: skip
+def test_describe_masks_every_password(url: str, shown: str) -> None:
+    assert describe(url) == shown
+
+
+@pytest.mark.parametrize("topology", ["cluster", "sentinel"])
+@pytest.mark.parametrize("server", ["stopped", "silent"])
+def test_an_unreachable_cluster_or_sentinel_raises_storage_error_in_bounded_time(topology: str, server: str) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel accepts connections; nobody ever answers
+        port = silent.getsockname()[1] if server == "silent" else dead_port()
+        nodes = f"127.0.0.1:{port},127.0.0.1:{dead_port()}"
+        url = f"redis+{topology}://{nodes}" + ("/mymaster" if topology == "sentinel" else "") + "?socket_timeout=0.3"
+        store = RedisStore.from_url(url)
+        started = time.monotonic()
+        with pytest.raises(StorageError):
+            store.cell("svc", None, BreakerPolicy(), SYSTEM_CLOCK)  # the store itself; breakers fall back
+        assert time.monotonic() - started < 2.0
+        breaker = CircuitBreaker("svc", TRIP_AT_TWO, storage=store)  # falls back to this process
+        fail(breaker, 2)
+        assert state_of(breaker) is State.OPEN
+
+
+# -- Cluster -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def cluster_url(redis_cluster_url: str) -> str:
+    return f"{redis_cluster_url}?key_prefix={unique_prefix()}"
+
+
+def names_on_every_node(store: RedisStore, count: int = 3) -> dict[int, str]:
+    """A breaker name per cluster primary (by port), each hashing to a slot of that node."""
+    client = redis_py(store)
+    found: dict[int, str] = {}
+    for index in range(200):
+        name = f"svc-{index}"
+        found.setdefault(client.get_node_from_key(store.keys_for(name, None)[0]).port, name)
+        if len(found) == count:
+            return found
+    raise AssertionError(f"no names found on {count} nodes: {found}")
+
+
+def test_breakers_on_every_node_trip_alone(cluster_url: str) -> None:
+    names = list(names_on_every_node(RedisStore.from_url(cluster_url)).values())
+    breakers = [CircuitBreaker(name, TRIP_AT_TWO, storage=cluster_url, on_storage_error="deny") for name in names]
+    for tripped, breaker in enumerate(breakers):
+        assert breaker.call(ok) == "ok"
+        fail(breaker, 2)
+        with pytest.raises(CircuitOpenError):
+            breaker.call(ok)
+        for other in breakers[tripped + 1 :]:
+            assert other.call(ok) == "ok"
+            assert state_of(other) is State.CLOSED
+
+
+def test_another_store_sees_a_trip_and_lists_breakers_from_every_node(cluster_url: str) -> None:
+    nodes = names_on_every_node(RedisStore.from_url(cluster_url))
+    for name in nodes.values():
+        fail(CircuitBreaker(name, TRIP_AT_TWO, storage=cluster_url, on_storage_error="deny"), 2)
+    elsewhere = RedisStore.from_url(cluster_url)  # as another process would open it
+    for name in nodes.values():
+        with pytest.raises(CircuitOpenError):
+            CircuitBreaker(name, TRIP_AT_TWO, storage=elsewhere, on_storage_error="deny").call(ok)
+    listed = {snap.name: snap.state for snap in RedisStore.from_url(cluster_url).snapshots(SYSTEM_CLOCK)}
+    assert listed == dict.fromkeys(nodes.values(), State.OPEN)
+
+
+def test_keys_of_one_breaker_share_one_slot(cluster_url: str) -> None:
+    store = RedisStore.from_url(cluster_url)
+    rated = {"failure_threshold": 2, "failure_rate_threshold": 0.9}
+    fail(CircuitBreaker("crm:eu{1}", rated, storage=store, key="t 7", on_storage_error="deny"))
+    client = redis_py(store)
+    keys = sorted(key.decode() for key in client.scan_iter(match=f"*{store.key_prefix}*"))
+    assert [key.rpartition(":")[2] for key in keys] == ["b", "f", "s"]
+    assert len({client.keyslot(key) for key in keys}) == 1
+
+
+def test_scripts_are_loaded_again_after_a_script_flush(cluster_url: str) -> None:
+    store = RedisStore.from_url(cluster_url)
+    names = names_on_every_node(store).values()
+    breakers = [CircuitBreaker(name, TRIP_AT_TWO, storage=store, on_storage_error="deny") for name in names]
+    for breaker in breakers:
+        assert breaker.call(ok) == "ok"
+    redis_py(store).script_flush()  # every primary forgets every script: NOSCRIPT
+    for breaker in breakers:
+        fail(breaker, 2)  # each EVALSHA loads its script again on the node that owns the slot
+        assert state_of(breaker) is State.OPEN
+
+
+def test_a_publish_from_a_script_on_any_node_reaches_a_subscriber_on_one_node(cluster_url: str) -> None:
+    store = RedisStore.from_url(cluster_url)
+    client = redis_py(store)
+    channel = f"{store.key_prefix}:transitions"
+    subscriber = client.pubsub()
+    subscriber.subscribe(channel)
+    try:
+        assert subscriber.get_message(timeout=2.0)["type"] == "subscribe"
+        subscriber.ping()
+        assert subscriber.get_message(timeout=2.0)["type"] == "pong"
+        announce = Script(client, "return redis.call('PUBLISH', ARGV[1], KEYS[1])")
+        keys = [store.keys_for(name, None)[0] for name in names_on_every_node(store).values()]
+        for key in keys:
+            # PUBLISH counts only the subscribers on its own node (0 on the others), yet
+            # every node forwards the message over the cluster bus.
+            assert announce([key], [channel], client=client) in (0, 1)
+        assert heard(subscriber, within=2.0, until=len(keys)) == keys
+    finally:
+        subscriber.close()
+
+
+def test_a_cluster_gone_after_the_client_is_made_raises_storage_error() -> None:
+    with servers.RedisCluster(masters=1) as cluster:
+        cluster.start()
+        store = RedisStore.from_url(f"{cluster.url}?key_prefix={unique_prefix()}")
+        store.cell("svc", None, BreakerPolicy(), SYSTEM_CLOCK)  # the client has read the slot map
+        cluster.nodes[0].stop()
+        # Every node refuses: redis-py raises RedisClusterException, which is not a RedisError.
+        with pytest.raises(StorageError):
+            store.snapshots(SYSTEM_CLOCK)
+
+
+# -- Sentinel ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def sentinel_url(redis_sentinel: RedisSentinel) -> str:
+    return f"{redis_sentinel.url}?key_prefix={unique_prefix()}"
+
+
+def test_breakers_behind_sentinel_trip_share_and_list(sentinel_url: str) -> None:
+    breaker = CircuitBreaker("svc", TRIP_AT_TWO, storage=sentinel_url, on_storage_error="deny")
+    calm = CircuitBreaker("calm", TRIP_AT_TWO, storage=sentinel_url, on_storage_error="deny")
+    fail(breaker, 2)
+    assert calm.call(ok) == "ok"
+    with pytest.raises(CircuitOpenError):
+        CircuitBreaker("svc", TRIP_AT_TWO, storage=RedisStore.from_url(sentinel_url), on_storage_error="deny").call(ok)
+    listed = {snap.name: snap.state for snap in RedisStore.from_url(sentinel_url).snapshots(SYSTEM_CLOCK)}
+    assert listed == {"svc": State.OPEN, "calm": State.CLOSED}
+
+
+def test_a_dead_sentinel_listed_first_is_passed_over(redis_sentinel: RedisSentinel, sentinel_url: str) -> None:
+    detour = sentinel_url.replace("sentinel://", f"sentinel://127.0.0.1:{dead_port()},", 1)
+    fail(CircuitBreaker("svc", TRIP_AT_TWO, storage=detour, on_storage_error="deny"), 2)
+    with pytest.raises(CircuitOpenError):
+        CircuitBreaker("svc", TRIP_AT_TWO, storage=store_from_url(sentinel_url), on_storage_error="deny").call(ok)
+
+
+class _Outages(logging.Handler):
+    """When the fallback store said the shared store went away and came back."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.seen: list[tuple[float, bool]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "unreachable" in message or "answers again" in message:
+            self.seen.append((time.monotonic(), "unreachable" in message))
+
+    def window(self) -> float:
+        """Seconds from the first outage to the last recovery (0 if none)."""
+        downs = [at for at, down in self.seen if down]
+        ups = [at for at, down in self.seen if not down]
+        return max(ups) - min(downs) if downs and ups else 0.0
+
+
+@pytest.fixture
+def outages() -> Iterator[_Outages]:
+    handler = _Outages()
+    logger = logging.getLogger("celery_breaker")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["sentinel-failover", "master-crash"])
+def test_calls_keep_flowing_through_a_failover(
+    redis_sentinel: RedisSentinel, sentinel_url: str, outages: _Outages, crash: bool
+) -> None:
+    tripped = CircuitBreaker("tripped-before", TRIP_AT_TWO, storage=RedisStore.from_url(sentinel_url))
+    fail(tripped, 2)
+    redis_sentinel.wait_replicated()  # replication is asynchronous: only a replicated trip survives
+    # Local fallback, retrying the shared store every 0.2 s instead of 5 s to keep the test short.
+    store = cast(Store, FallbackStore(RedisStore.from_url(sentinel_url), "local", retry_interval=0.2))
+    traffic = CircuitBreaker("traffic", {"failure_threshold": 5}, storage=store)
+    calls: list[tuple[float, str]] = []  # (duration, outcome)
+    stop = threading.Event()
+
+    def keep_calling() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                outcome = traffic.call(ok)
+            except CircuitOpenError:
+                outcome = "rejected"
+            except Exception as exc:  # recorded, so the assertion below shows it
+                outcome = repr(exc)
+            calls.append((time.monotonic() - started, outcome))
+            stop.wait(0.002)  # a steady stream of calls, not a tight loop
+
+    caller = threading.Thread(target=keep_calling, name="traffic")
+    caller.start()
+    started = time.monotonic()
+    try:
+        redis_sentinel.failover(crash=crash)
+    finally:
+        took = time.monotonic() - started
+        stop.set()
+        caller.join(timeout=10)
+    assert not caller.is_alive(), "a call hung"
+    slowest = max(duration for duration, _ in calls)
+    fresh = RedisStore.from_url(sentinel_url)  # the new master, as another process opens it
+    recorded = CircuitBreaker("traffic", {"failure_threshold": 5}, storage=fresh).snapshot().successes
+    print(  # the figures, for -s: not asserted, they vary with the machine
+        f"\n{'crash' if crash else 'SENTINEL FAILOVER'}: failover took {took:.2f} s, {len(calls)} calls "
+        f"({recorded} successes on the new master), slowest {slowest:.3f} s, "
+        f"fallback window {outages.window():.2f} s ({len(outages.seen)} log lines)"
+    )
+    assert {outcome for _, outcome in calls} <= {"ok", "rejected"}
+    assert slowest < 3.0  # socket and connect timeouts (0.5 s each), one retry each, and a margin
+
+    assert CircuitBreaker("tripped-before", TRIP_AT_TWO, storage=fresh).snapshot().state is State.OPEN
+    late = CircuitBreaker("tripped-after", TRIP_AT_TWO, storage=store)  # the store used through the failover
+    fail(late, 2)
+    with pytest.raises(CircuitOpenError):
+        CircuitBreaker("tripped-after", TRIP_AT_TWO, storage=RedisStore.from_url(sentinel_url)).call(ok)
+
+
+def test_a_subscriber_hears_the_new_master_after_a_failover(redis_sentinel: RedisSentinel, sentinel_url: str) -> None:
+    store = RedisStore.from_url(sentinel_url)
+    client = redis_py(store)
+    channel = f"{store.key_prefix}:transitions"
+    subscriber = client.pubsub()
+    subscriber.subscribe(channel)
+    announce = Script(client, "return redis.call('PUBLISH', ARGV[1], ARGV[2])")
+    try:
+        assert subscriber.get_message(timeout=2.0)["type"] == "subscribe"
+        assert announce([], [channel, "before"], client=client) == 1
+        assert heard(subscriber, until=1) == ["before"]
+        redis_sentinel.failover()
+        # Sentinel closed the subscriber's connection on the demoted master; the next read
+        # reconnects through Sentinel to the new master and subscribes again.
+        assert subscriber.get_message(timeout=2.0)["type"] == "subscribe"
+        assert announce([], [channel, "after"], client=client) == 1
+        assert heard(subscriber, until=1) == ["after"]
+    finally:
+        subscriber.close()
+
+
+# -- the hot path on every topology -----------------------------------------------------
+
+
+@pytest.mark.parametrize("topology", ["cluster", "sentinel"])
+def test_the_hot_path_hears_trips_on_every_topology(topology: str, request: pytest.FixtureRequest) -> None:
+    if topology == "cluster":
+        base: str = request.getfixturevalue("redis_cluster_url")
+    else:
+        base = request.getfixturevalue("redis_sentinel").url
+    url = f"{base}{'&' if '?' in base else '?'}time=client&key_prefix={unique_prefix()}"
+    clock = FakeClock()
+    here, _, _ = live_breaker(url, {"failure_threshold": 2}, clock)
+    there, there_store, there_cell = live_breaker(url, {"failure_threshold": 2}, clock)
+    trips = Trips(there_store)
+    for _ in range(100):
+        there.call(ok)
+    assert trips.count == 0  # closed: decided from the local view
+    fail(here, 2)
+    assert there_store.sync()
+    assert there_cell.state is State.OPEN
+    with pytest.raises(CircuitOpenError):
+        there.call(ok)
+    assert trips.count == 0  # the trip was heard, the rejection made locally
