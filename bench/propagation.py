@@ -19,17 +19,14 @@ import logging
 import multiprocessing
 import os
 import queue
-import shutil
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from multiprocessing.synchronize import Event
 from typing import Any
+
+from redis_meter import RedisServer
 
 from celery_breaker import CircuitBreaker, CircuitOpenError, State
 from celery_breaker.storage.redis import RedisStore
@@ -116,34 +113,6 @@ def measure(url: str, observers: int = 8, trips: int = 100, timeout: float = 10.
     }
 
 
-@contextmanager
-def redis_server() -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    folder = tempfile.mkdtemp(prefix="bench-redis-")
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", folder],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                time.sleep(0.05)  # polling a starting server
-        yield f"redis://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--observers", type=int, default=8)
@@ -159,8 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         result = run(args.url)
     else:
-        with redis_server() as url:
-            result = run(url)
+        with RedisServer() as server:
+            result = run(server.url())
     print(
         f"trip propagation to {result['observers']} processes over {result['trips']} trips "
         f"({result['samples']} samples, {result['missed']} missed): "

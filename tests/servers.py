@@ -151,6 +151,16 @@ class RedisServer(_Owned):
         except OSError:
             return "(no log)"
 
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no goodbye to connected clients (``start()`` brings it back, empty)."""
+        if self._admin is not None:
+            self._admin.close()
+            self._admin = None
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
     def stop(self) -> None:
         """Stop the process (its port stays ours for ``start()``)."""
         if self._admin is not None:

@@ -22,7 +22,8 @@ from celery_breaker import CircuitBreaker, State
 from celery_breaker.storage.redis import RedisStore
 from tests.integration import partner_proj
 from tests.integration.partner_proj import BREAKER, call_partner, calls_key, down_key
-from tests.integration.workers import RedisServer, WorkerProcess
+from tests.integration.workers import WorkerProcess
+from tests.servers import RedisServer
 
 pytestmark = pytest.mark.slow
 
@@ -191,6 +192,7 @@ def test_the_breaker_store_killed_and_restarted_mid_run_loses_nothing_and_is_rej
         return [call_partner.apply_async((ns, next(counter)), queue=f"q-{mode}") for _ in range(count)]
 
     with RedisServer() as store_server:
+        store_server.start()
         store_url = f"{store_server.url}/0?key_prefix={ns}"
         conf = {"breaker_storage_url": store_url, "breaker_default_policy": POLICY}
         began = time.monotonic()

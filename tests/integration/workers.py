@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
-
-import redis
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,72 +63,6 @@ class WorkerProcess:
         self._log.close()
 
     def __enter__(self) -> WorkerProcess:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-
-class RedisServer:
-    """A redis-server of the test's own on a fixed loopback port: ``kill()`` it, ``start()`` it again.
-
-    No persistence, so it comes back empty, as a crashed cache node would.
-    """
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not installed; run ./scripts/test.sh, which installs it")
-        self._binary = binary
-        self._workdir = tempfile.mkdtemp(prefix="celery-breaker-killable-redis-")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port: int = sock.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, timeout: float = 20) -> None:
-        self.process = subprocess.Popen(
-            [self._binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self._workdir, "--protected-mode", "yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + timeout
-        try:
-            while time.monotonic() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"redis-server on port {self.port} exited with {self.process.returncode}")
-                try:
-                    if client.ping():
-                        return
-                except redis.RedisError:
-                    pass
-                time.sleep(0.05)  # polling a server that is starting
-        finally:
-            client.close()
-        raise RuntimeError(f"redis-server on port {self.port} did not answer PING within {timeout} s")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown, no goodbye to connected clients."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait()
-        self.process = None
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-        shutil.rmtree(self._workdir, ignore_errors=True)
-
-    def __enter__(self) -> RedisServer:
-        self.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
