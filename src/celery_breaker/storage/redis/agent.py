@@ -91,7 +91,7 @@ class Agent(threading.Thread):
                     del lost
                 finally:
                     if pubsub is not None:
-                        _close(pubsub)
+                        self._close(pubsub)
                 self._stop_event.wait(_BACKOFF[min(failures, len(_BACKOFF)) - 1] if failures else 0.0)
         finally:
             store = self._store()
@@ -116,6 +116,15 @@ class Agent(threading.Thread):
 
     def _reconnected(self, connection: Any) -> None:
         self._reconnects += 1
+
+    def _close(self, pubsub: Any) -> None:
+        # The connection goes back to the pool, where its reconnects are no longer ours.
+        connection = getattr(pubsub, "connection", None)
+        with contextlib.suppress(Exception):
+            if connection is not None:
+                connection.deregister_connect_callback(self._reconnected)
+        with contextlib.suppress(redis.RedisError, OSError):
+            pubsub.close()
 
     def _listen(self, pubsub: Any) -> bool:
         """Hear transitions, flush and ping until the subscription is lost (raises), or
@@ -157,8 +166,3 @@ class Agent(threading.Thread):
                 next_ping = now + HEARTBEAT
             del store
         return True
-
-
-def _close(pubsub: Any) -> None:
-    with contextlib.suppress(redis.RedisError, OSError):
-        pubsub.close()
