@@ -11,7 +11,7 @@ import functools
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -22,7 +22,7 @@ from celery_breaker import CircuitBreaker, State
 from celery_breaker.storage.redis import RedisStore
 from tests.integration import partner_proj
 from tests.integration.partner_proj import BREAKER, call_partner, calls_key, down_key
-from tests.integration.workers import WorkerProcess
+from tests.integration.workers import WorkerProcess, wait_for
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -33,17 +33,6 @@ CONCURRENCY = 2  # pool processes per worker
 THRESHOLD = 3
 PROBES = 1
 POLICY = {"failure_threshold": THRESHOLD, "reset_timeout": 1.0, "half_open_max_calls": PROBES, "success_threshold": 1}
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``predicate`` until it holds; return the seconds it took."""
-    start = time.monotonic()
-    deadline = start + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.1)  # polling real processes for an outcome
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

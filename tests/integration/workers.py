@@ -8,10 +8,22 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``predicate`` until it holds; return the seconds it took."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.1)  # polling real processes for an outcome
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 class WorkerProcess:
