@@ -15,7 +15,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 from .core import BreakerPolicy
 from .errors import ConfigurationError
-from .storage import check_storage_url
+from .storage import check_storage_url, describe_url
 
 __all__ = ["SETTINGS", "BreakerSettings", "broker_visibility_timeout", "get_settings", "reload_settings"]
 
@@ -36,6 +36,9 @@ SETTINGS: dict[str, Any] = {
     "breaker_defer_spread": None,
     "breaker_on_storage_error": "local",
     "breaker_send_events": None,
+    "breaker_park": "auto",
+    "breaker_release_rate": 50.0,
+    "breaker_release_ramp": 30.0,
 }
 
 #: Brokers that redeliver a message held unacknowledged longer than their
@@ -63,6 +66,12 @@ class BreakerSettings:
     defer_spread: float | None
     on_storage_error: str
     send_events: bool
+    park: bool | str
+    """Park deferred tasks in the store (``True``), never (``False``), or when the store is Redis (``"auto"``)."""
+    release_rate: float
+    """Parked tasks released per second per breaker once it closes (cluster-wide), at full pace."""
+    release_ramp: float
+    """Seconds from a tenth of ``release_rate`` to all of it after the breaker closes."""
     visibility_timeout: float | None
     """The broker's redelivery window, when it has one; deferrals stay well inside it."""
     _policy_cache: dict[str, BreakerPolicy] = field(default_factory=dict, repr=False, compare=False)
@@ -270,6 +279,22 @@ def build_settings(conf: Any) -> BreakerSettings:
         send_events = bool(conf.get("worker_send_task_events", False))
     elif not isinstance(send_events, bool):
         raise ConfigurationError(f"breaker_send_events must be True, False or None, got {send_events!r}")
+    park = _conf_get(conf, "breaker_park")
+    if park not in (True, False, "auto"):
+        raise ConfigurationError(f"breaker_park must be True, False or 'auto', got {park!r}")
+    if park is True and urlsplit(storage_url).scheme.lower() not in _SHARED_SCHEMES:
+        raise ConfigurationError(
+            f"breaker_park=True needs a Redis breaker_storage_url (parked tasks must outlive the worker), "
+            f"got {describe_url(storage_url)!r}; use breaker_park='auto' to park only with Redis"
+        )
+    release_rate = _conf_get(conf, "breaker_release_rate")
+    if (
+        isinstance(release_rate, bool)
+        or not isinstance(release_rate, (int, float))
+        or not (release_rate > 0 and math.isfinite(release_rate))
+    ):
+        raise ConfigurationError(f"breaker_release_rate must be a number of tasks per second > 0, got {release_rate!r}")
+    release_ramp = _seconds_or_zero("breaker_release_ramp", _conf_get(conf, "breaker_release_ramp"))
     return BreakerSettings(
         storage_url=storage_url,
         key_prefix=key_prefix,
@@ -281,6 +306,9 @@ def build_settings(conf: Any) -> BreakerSettings:
         defer_spread=_seconds_or_zero("breaker_defer_spread", _conf_get(conf, "breaker_defer_spread")),
         on_storage_error=on_storage_error,
         send_events=send_events,
+        park=park,
+        release_rate=float(release_rate),
+        release_ramp=release_ramp or 0.0,
         visibility_timeout=broker_visibility_timeout(conf),
     )
 

@@ -9,6 +9,7 @@ from celery import bootsteps
 from celery.signals import worker_init, worker_process_shutdown
 
 from .errors import ConfigurationError
+from .parking import Releaser, parking_of
 from .settings import get_settings, reload_settings
 from .storage import describe_url, flush_stores, resolve_store
 from .task import BreakerTask, prepare_task_class, task_breaker_config
@@ -32,6 +33,7 @@ def install(app: Any) -> None:
         return
     setattr(app, _INSTALLED, True)
     app.steps["worker"].add(BreakerStep)
+    app.steps["worker"].add(ReleaserStep)
     # Routes also apply outside workers (eager mode, direct calls), once tasks exist:
     # now for an app already finalized, and when finalizing ends (BreakerTask.bind
     # runs in the middle of it, before every task is registered).
@@ -60,6 +62,43 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
             f" ({len(routed)} by breaker_routes)" if routed else "",
         )  # fmt: skip
         super().__init__(worker, **kwargs)
+
+
+class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Runs the worker's releaser of parked tasks (``celery_breaker.parking``), started
+    once the pool exists, so a prefork parent forks its children without the thread."""
+
+    name = "celery_breaker.signals.ReleaserStep"
+    label = "celery-breaker releaser"
+    requires = ("celery.worker.components:Pool",)
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        self.releaser: Releaser | None = None
+        super().__init__(worker, **kwargs)
+
+    def create(self, worker: Any) -> Any:
+        return self
+
+    def start(self, worker: Any) -> None:
+        settings = get_settings(worker.app)
+        if settings.park is False:
+            return
+        store = resolve_store(settings.storage_url)
+        if parking_of(store) is None:
+            return
+        self.releaser = Releaser(worker.app, store, rate=settings.release_rate, ramp=settings.release_ramp)
+        self.releaser.start()
+        logger.info(
+            "celery-breaker: parking deferred tasks in %s; releasing up to %g per second per breaker",
+            describe_url(settings.storage_url), settings.release_rate,
+        )  # fmt: skip
+
+    def stop(self, worker: Any) -> None:
+        if self.releaser is not None:
+            self.releaser.stop()
+            self.releaser = None
+
+    shutdown = stop
 
 
 def apply_routes(app: Any) -> list[str]:

@@ -18,10 +18,12 @@ from celery.utils.time import maybe_iso8601, maybe_make_aware
 
 from .breaker import _RUN, CircuitBreaker, RunAdmission, current_run
 from .core import BreakerPolicy, Outcome, State
-from .deferral import DEFERRALS_HEADER, SINCE_HEADER, plan_deferral, read_headers
+from .deferral import DEFERRALS_HEADER, EXPIRY_OVERSHOOT, SINCE_HEADER, plan_deferral, read_headers
 from .errors import CircuitOpenError, ConfigurationError
+from .parking import encode_message, parking_of
 from .registry import registry_for
 from .settings import get_settings
+from .storage import StorageError
 
 __all__ = ["BreakerTask", "TaskBreakerConfig", "task_breaker_config"]
 
@@ -244,6 +246,42 @@ class BreakerTask(Task):  # type: ignore[misc]
             raise rejected  # nothing to requeue; Celery's eager retry would recurse
         self._defer(breaker, rejected, args, kwargs)
 
+    def _park(
+        self,
+        breaker: CircuitBreaker,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        headers: dict[str, Any],
+        plan: Any,
+        settings: Any,
+        now: float,
+    ) -> bool:
+        """Park this delivery in the breaker's store instead of publishing a countdown
+        message; False when parking is off, impossible, or failed (then the caller
+        publishes a countdown message as before: nothing is lost either way)."""
+        if settings.park is False:
+            return False
+        parking = parking_of(breaker.store)
+        if parking is None:
+            return False
+        request = self.request
+        signature = self.signature_from_request(request, args, kwargs, headers=headers)
+        body = dict(signature)
+        body["options"] = {k: v for k, v in body.get("options", {}).items() if k not in ("countdown", "eta")}
+        try:
+            payload = encode_message(body, self.serializer or self.app.conf.task_serializer)
+        except Exception as exc:
+            logger.warning("task %s[%s]: cannot park it (%r); deferring with a countdown", self.name, request.id, exc)
+            return False
+        config = task_breaker_config(self)
+        deadline = _deadline(request, plan, config.max_defer_age, now)
+        try:
+            parking.park(breaker.name, breaker.key, f"{request.id}:{plan.count}", plan.since, payload, deadline)
+        except StorageError as exc:
+            logger.warning("task %s[%s]: cannot park it (%s); deferring with a countdown", self.name, request.id, exc)
+            return False
+        return True
+
     def _defer(
         self, breaker: CircuitBreaker, rejected: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
@@ -282,9 +320,14 @@ class BreakerTask(Task):  # type: ignore[misc]
         headers = {k: v for k, v in (request.headers or {}).items() if k not in X_DEATH_HEADERS}
         headers[DEFERRALS_HEADER] = plan.count
         headers[SINCE_HEADER] = plan.since
-        signature = self.signature_from_request(request, args, kwargs, countdown=plan.delay, headers=headers)
+        if not plan.expires_first and self._park(breaker, args, kwargs, headers, plan, settings, now):
+            parked = True
+        else:
+            parked = False
+            signature = self.signature_from_request(request, args, kwargs, countdown=plan.delay, headers=headers)
         try:
-            signature.apply_async()
+            if not parked:
+                signature.apply_async()
         except Exception as exc:
             if self.acks_late:
                 # Not acknowledged: the broker gives the message back, nothing is lost.
@@ -307,14 +350,27 @@ class BreakerTask(Task):  # type: ignore[misc]
                 f"breaker {label!r} {state}, task expires first: requeued to arrive after "
                 f"its expiry in {plan.delay:.1f} s (deferral {plan.count})"
             )
-        else:
+        else:  # (parked or not: the delay is when the breaker may admit it)
             text = f"breaker {label!r} {state}, deferred {plan.delay:.1f} s (deferral {plan.count})"
-        logger.debug("task %s[%s]: %s", self.name, request.id, text)
+        logger.debug("task %s[%s]: %s%s", self.name, request.id, text, ", parked" if parked else "")
         reason = CircuitOpenError(
             text, name=rejected.name or breaker.name, key=rejected.key if rejected.name else breaker.key,
             state=rejected.state, retry_after=rejected.retry_after,
         )  # fmt: skip
         raise Retry(exc=reason, when=plan.delay)
+
+
+def _deadline(request: Any, plan: Any, max_defer_age: float | None, now: float) -> float | None:
+    """When a parked task must be released whatever its breaker says (epoch seconds):
+    just after its ``expires`` (so the worker revokes it), or when its deferral budget
+    by age runs out (so it fails with a clear CircuitOpenError)."""
+    found = []
+    expires_in = _seconds_until(request.expires, now)
+    if expires_in is not None:
+        found.append(now + expires_in + EXPIRY_OVERSHOOT)
+    if max_defer_age is not None:
+        found.append(plan.since + max_defer_age)
+    return min(found) if found else None
 
 
 def _rejection_now(breaker: CircuitBreaker) -> CircuitOpenError:

@@ -32,6 +32,7 @@ from .client import (
     check_url,
     make_client,
 )
+from .parking import Parking
 
 __all__ = ["DEFAULT_IDLE_TTL", "DEFAULT_KEY_PREFIX", "RedisStore"]
 
@@ -121,6 +122,7 @@ class RedisStore:
         self.losses = 0
         self._by_state_key: weakref.WeakValueDictionary[str, RedisCell] = weakref.WeakValueDictionary()
         self._barriers: dict[str, threading.Event] = {}
+        self._parking: Parking | None = None
         self.ttl_ms = str(max(1, int(idle_ttl * 1000)))
         self._lock = threading.Lock()
         self._pid = -1
@@ -229,6 +231,14 @@ class RedisStore:
             found.refresh(clock.monotonic())
             found.evicted = False
         return found
+
+    @property
+    def parking(self) -> Parking:
+        """Where this store keeps parked (deferred) tasks."""
+        parking = self._parking
+        if parking is None:
+            parking = self._parking = Parking(self)
+        return parking
 
     # -- the agent's side: transitions heard, counts sent ----------------------
 
