@@ -19,6 +19,7 @@ from celery_breaker import (
     CircuitBreakerError,
     CircuitOpenError,
     ConfigurationError,
+    RetryAfter,
     State,
     install,
 )
@@ -35,11 +36,14 @@ def test_public_names_are_exactly_the_promised_ones_sorted() -> None:
         "CircuitBreakerError",
         "CircuitOpenError",
         "ConfigurationError",
+        "RetryAfter",
         "State",
         "install",
     }
     assert issubclass(CircuitOpenError, CircuitBreakerError)
     assert issubclass(ConfigurationError, CircuitBreakerError)
+    assert issubclass(RetryAfter, CircuitBreakerError)
+    assert_type(RetryAfter(3).seconds, float)
     assert callable(install)
     assert BreakerTask.dont_autoretry_for == (CircuitOpenError,)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .breaker import CircuitBreaker
 from .core import BreakerPolicy, State
-from .errors import CircuitBreakerError, CircuitOpenError, ConfigurationError
+from .errors import CircuitBreakerError, CircuitOpenError, ConfigurationError, RetryAfter
 from .signals import install
 from .task import BreakerTask
 
@@ -17,6 +17,7 @@ __all__ = [
     "CircuitBreakerError",
     "CircuitOpenError",
     "ConfigurationError",
+    "RetryAfter",
     "State",
     "install",
 ]

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar, overload
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
 from .errors import CircuitOpenError, ConfigurationError
+from .retry_after import retry_after_of
 from .storage import Cell, Store, resolve_store, with_fallback
 
 __all__ = ["CircuitBreaker", "ExceptionTranslator", "RunAdmission", "TransitionListener", "current_run"]
@@ -303,6 +304,10 @@ class CircuitBreaker:
         end = self._now()
         if outcome is SUCCESS:
             cell.record_success(ticket, end - start, self.policy, end)
+        elif outcome is FAILURE and exc is not None:
+            # Only failures pay for this: a Retry-After opens the breaker for that long.
+            open_for = retry_after_of(exc, self._clock.time())
+            cell.finish(ticket, outcome, end - start, self.policy, end, open_for=open_for)
         else:
             cell.finish(ticket, outcome, end - start, self.policy, end)
         if run is not None and run.covers(self):

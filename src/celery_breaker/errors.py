@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .core.state import State
 
-__all__ = ["CircuitBreakerError", "CircuitOpenError", "ConfigurationError"]
+__all__ = ["CircuitBreakerError", "CircuitOpenError", "ConfigurationError", "RetryAfter"]
 
 
 class CircuitBreakerError(Exception):
@@ -104,3 +104,29 @@ class CircuitOpenError(CircuitBreakerError):
         # Celery's task-retried event (and so Flower) shows ``safe_repr(exc)``:
         # make that read as a sentence, not as constructor syntax.
         return f"{type(self).__name__}: {self}"
+
+
+class RetryAfter(CircuitBreakerError):
+    """Raise it from a guarded call to say "the downstream asks us to stay away this long".
+
+    It is a recorded failure (unless ``ignore_exceptions`` matches it) that opens the
+    breaker at once, from CLOSED or from a failed probe, for ``seconds`` (capped by the
+    policy's ``max_reset_timeout``), whatever the trip rules say.
+
+    Args:
+        seconds: how long the downstream asked to be left alone (> 0).
+        message: the text of the error; default ``"retry after N s"``.
+    """
+
+    def __init__(self, seconds: float, message: str | None = None) -> None:
+        super().__init__(seconds, message)  # both in args: rebuilt by pickling and Celery
+        self.seconds = seconds
+        self.message = message
+
+    def __str__(self) -> str:
+        if self.message is not None:
+            return self.message
+        try:
+            return f"retry after {self.seconds:g} s"
+        except (TypeError, ValueError):  # not a number: shown as given (and ignored as a hint)
+            return f"retry after {self.seconds!r}"

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, State
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, RetryAfter, State
 from celery_breaker.core import Transition
 from celery_breaker.storage import Store
 from celery_breaker.testing import FakeClock
@@ -172,6 +172,92 @@ def test_an_outcome_from_an_earlier_generation_is_fenced(store: Store, clock: Fa
     late.fail()  # counted, but cannot trip the breaker it did not run under
     snap = breaker.snapshot()
     assert (snap.state, snap.generation, snap.failures) == (State.CLOSED, generation, 2)
+
+
+# -- open durations: backoff, jitter, Retry-After -------------------------------------
+
+
+def raise_(exc: BaseException) -> None:
+    raise exc
+
+
+def test_consecutive_trips_back_off_up_to_the_cap_and_closing_starts_over(store: Store, clock: FakeClock) -> None:
+    breaker = make(
+        store, clock, failure_threshold=1, reset_timeout=10, max_reset_timeout=50,
+        half_open_max_calls=1, success_threshold=1,
+    )  # fmt: skip
+    seen = recorder(breaker)
+    fail(breaker)
+    durations = []
+    for _ in range(4):
+        durations.append(rejected(breaker).retry_after)
+        snap = breaker.snapshot()
+        assert snap.streak == len(durations)
+        assert snap.open_duration == pytest.approx(durations[-1])
+        clock.advance(durations[-1] or 0)
+        fail(breaker)  # the probe fails
+    assert durations == [pytest.approx(d) for d in (10, 20, 40, 50)]
+    assert seen[-1].open_until == pytest.approx(clock.time() + 50)
+    clock.advance(50)
+    assert breaker.call(ok) == "ok"
+    snap = breaker.snapshot()
+    assert (snap.state, snap.streak, snap.open_duration) == (State.CLOSED, 0, None)
+    fail(breaker)
+    assert rejected(breaker).retry_after == pytest.approx(10)
+
+
+def test_jitter_keeps_open_durations_within_bounds(store: Store, clock: FakeClock) -> None:
+    durations = []
+    for i in range(40):
+        breaker = make(store, clock, name=f"j{i}", failure_threshold=1, reset_timeout=100, reset_jitter=0.5)
+        fail(breaker)
+        retry_after = rejected(breaker).retry_after
+        assert retry_after is not None
+        durations.append(retry_after)
+    assert all(50 <= d <= 150 for d in durations)
+    # 40 uniform draws all on one side of 100 s: probability 2 * 2^-40.
+    assert min(durations) < 100 < max(durations)
+
+
+def test_a_retry_after_opens_at_once_for_that_long(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, failure_threshold=5, reset_timeout=30)
+    seen = recorder(breaker)
+    with pytest.raises(RetryAfter):
+        breaker.call(raise_, RetryAfter(90))
+    assert state_of(breaker) is State.OPEN
+    assert seen[-1].reason == "retry-after 90 s"
+    assert rejected(breaker).retry_after == pytest.approx(90)
+    assert breaker.snapshot().open_duration == pytest.approx(90)
+
+
+def test_a_huge_retry_after_is_capped(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, reset_timeout=30)
+    seen = recorder(breaker)
+    with pytest.raises(RetryAfter):
+        breaker.call(raise_, RetryAfter(1e9))
+    assert rejected(breaker).retry_after == pytest.approx(300)
+    assert seen[-1].reason == "retry-after 1e+09 s (capped at 300 s)"
+
+
+def test_a_probe_failing_with_a_retry_after_reopens_for_that_long(store: Store, clock: FakeClock) -> None:
+    breaker = half_open(store, clock, reset_timeout=30, half_open_max_calls=1)
+    seen = recorder(breaker)
+    with pytest.raises(RetryAfter):
+        breaker.call(raise_, RetryAfter(5))
+    assert seen[-1].reason == "probe failed, retry-after 5 s"
+    assert rejected(breaker).retry_after == pytest.approx(5)
+    clock.advance(5)
+    fail(breaker)  # no hint: the streak (now 3) backs off
+    assert rejected(breaker).retry_after == pytest.approx(120)
+
+
+def test_a_stale_retry_after_moves_nothing(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, failure_threshold=3)
+    late = HeldCall(breaker)
+    breaker.force_open()
+    breaker.close()
+    late.fail(RetryAfter(60))
+    assert state_of(breaker) is State.CLOSED
 
 
 # -- rate rules --------------------------------------------------------------------

@@ -144,8 +144,8 @@ def test_snapshot_retry_after_counts_down(clock: FakeClock) -> None:
     assert breaker.snapshot().retry_after == 0.0
 
 
-def test_failed_probe_restarts_the_full_reset_timeout(clock: FakeClock) -> None:
-    breaker = make(clock, failure_threshold=1, reset_timeout=30)
+def test_failed_probe_restarts_the_full_reset_timeout_without_backoff(clock: FakeClock) -> None:
+    breaker = make(clock, failure_threshold=1, reset_timeout=30, backoff_multiplier=1)
     fail(breaker)
     clock.advance(100)
     fail(breaker)  # the probe fails

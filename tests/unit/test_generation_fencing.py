@@ -66,7 +66,7 @@ def test_stale_probe_success_cannot_close_a_later_half_open(clock: FakeClock) ->
     clock.advance(30)
     stale = HeldCall(breaker)  # probe of the first HALF_OPEN
     fail(breaker)  # another probe fails: reopened
-    clock.advance(30)
+    clock.advance(60)  # (the second trip in a row: backed off to 2 x 30 s)
     current = HeldCall(breaker)  # probe of the second HALF_OPEN
     stale.succeed()
     assert state_of(breaker) is State.HALF_OPEN
@@ -81,7 +81,7 @@ def test_stale_probe_failure_cannot_reopen_a_later_half_open(clock: FakeClock) -
     clock.advance(30)
     stale = HeldCall(breaker)
     fail(breaker)
-    clock.advance(30)
+    clock.advance(60)  # (the second trip in a row: backed off)
     HeldCall(breaker)
     stale.fail()
     assert state_of(breaker) is State.HALF_OPEN

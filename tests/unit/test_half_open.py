@@ -142,7 +142,7 @@ def test_probes_are_fresh_after_reopening(clock: FakeClock) -> None:
     first.succeed()
     with pytest.raises(ConnectionError):
         breaker.call(down)
-    clock.advance(30)
+    clock.advance(60)  # (the second trip in a row: backed off)
     second = HeldCall(breaker)
     second.succeed()
     assert state_of(breaker) is State.HALF_OPEN  # the success before the reopening is forgotten

@@ -7,6 +7,7 @@ takes ``now``) and takes no locks: the store that owns it makes each call atomic
 from __future__ import annotations
 
 import itertools
+import random
 from collections import deque
 from typing import NoReturn
 
@@ -43,6 +44,7 @@ class BreakerMachine:
         "failure_times", "rate_window", "leases", "next_lease", "half_open_successes",
         "success_tally", "failures", "rejection_tally", "deferrals", "trips",
         "last_success", "last_failure", "last_used", "events", "wall_offset", "passing", "quiet_success",
+        "streak", "open_duration", "draw",
     )  # fmt: skip
 
     def __init__(self, name: str, key: str | None, policy: BreakerPolicy, now: float) -> None:
@@ -54,6 +56,9 @@ class BreakerMachine:
         self.generation = 0
         self.opened_at: float | None = None
         self.open_until: float | None = None
+        self.streak = 0  # consecutive trips: a failed probe adds one, closing ends it
+        self.open_duration: float | None = None  # of the current or latest open period
+        self.draw = random.random  # the jitter's random source (tests may replace it)
         self.leases: dict[int, float] = {}
         self.next_lease = 0
         self.half_open_successes = 0
@@ -134,8 +139,20 @@ class BreakerMachine:
 
     # -- outcomes ------------------------------------------------------------
 
-    def record(self, ticket: Ticket, outcome: Outcome, duration: float, policy: BreakerPolicy, now: float) -> None:
-        """Count one finished call and apply any transition the policy calls for."""
+    def record(
+        self,
+        ticket: Ticket,
+        outcome: Outcome,
+        duration: float,
+        policy: BreakerPolicy,
+        now: float,
+        open_for: float | None = None,
+    ) -> None:
+        """Count one finished call and apply any transition the policy calls for.
+
+        ``open_for``: a failure's Retry-After; it opens a CLOSED breaker (or reopens a
+        HALF_OPEN one, as a failed probe) at once for that long, capped by ``max_reset_timeout``.
+        """
         self.last_used = now
         is_probe = type(ticket) is Probe
         generation = ticket.generation if is_probe else ticket  # type: ignore[union-attr]
@@ -158,17 +175,17 @@ class BreakerMachine:
         slow = slow_limit is not None and duration >= slow_limit
         state = self.state
         if state is CLOSED:
-            self._record_closed(failed, slow, now)
+            self._record_closed(failed, slow, now, open_for if failed else None)
         elif state is HALF_OPEN and is_probe:  # (only probes speak in HALF_OPEN)
             self.leases.pop(ticket.lease, None)  # type: ignore[union-attr]
             if failed or slow:
-                self._move(OPEN, now, "slow probe" if not failed else "probe failed")
+                self._trip(now, "slow probe" if not failed else "probe failed", open_for if failed else None)
             else:
                 self.half_open_successes += 1
                 if self.half_open_successes >= policy.probes_to_close:
                     self._move(CLOSED, now, f"{self.half_open_successes} probes succeeded")
 
-    def _record_closed(self, failed: bool, slow: bool, now: float) -> None:
+    def _record_closed(self, failed: bool, slow: bool, now: float, open_for: float | None) -> None:
         policy = self.policy
         reason = None
         if failed and self.failure_times is not None and self.failure_times.add(now):
@@ -185,8 +202,23 @@ class BreakerMachine:
                         reason = f"failure rate {failures}/{calls} >= {rate:.0%}"
                     elif slow_rate is not None and slow_calls >= slow_rate * calls:
                         reason = f"slow-call rate {slow_calls}/{calls} >= {slow_rate:.0%}"
-        if reason is not None:
-            self._move(OPEN, now, reason)
+        if open_for is not None:
+            self._trip(now, "", open_for)  # a Retry-After opens at once, whatever the rules say
+        elif reason is not None:
+            self._trip(now, reason, None)
+
+    def _trip(self, now: float, reason: str, open_for: float | None) -> None:
+        """Open the breaker: for ``open_for`` (a Retry-After), else the backed-off duration."""
+        policy = self.policy
+        streak = self.streak + 1 if self.state is HALF_OPEN else 1
+        if open_for is None:
+            seconds = policy.open_duration(streak, self.draw())
+        else:
+            seconds = min(open_for, policy.longest_open)
+            hint = f"retry-after {open_for:g} s" + (f" (capped at {seconds:g} s)" if seconds < open_for else "")
+            reason = f"{reason}, {hint}" if reason else hint
+        self._move(OPEN, now, reason, seconds)
+        self.streak = streak
 
     # -- operators -----------------------------------------------------------
 
@@ -209,7 +241,7 @@ class BreakerMachine:
 
     # -- transitions ---------------------------------------------------------
 
-    def _move(self, target: State, now: float, reason: str | None = None) -> None:
+    def _move(self, target: State, now: float, reason: str | None = None, open_for: float = 0.0) -> None:
         source = self.state
         why = check_transition(source, target)
         calls = failures = 0
@@ -224,13 +256,16 @@ class BreakerMachine:
         if target is OPEN or target is FORCED_OPEN:
             self.opened_at = now
             self.trips += target is OPEN
-            self.open_until = now + self.policy.reset_timeout if target is OPEN else None
+            self.open_until = now + open_for if target is OPEN else None
+            self.open_duration = open_for if target is OPEN else None
         elif target is HALF_OPEN:
             self.open_until = None
             self.leases.clear()
             self.half_open_successes = 0
         else:
             self.open_until = None
+            self.open_duration = None
+            self.streak = 0  # CLOSED or DISABLED: the next trip starts a new streak
         if target is not HALF_OPEN:
             self.leases.clear()
         if target is OPEN or target is CLOSED or source is CLOSED:
@@ -310,6 +345,8 @@ class BreakerMachine:
             window_failures=failures,
             window_slow_calls=slow,
             probes_in_flight=sum(1 for d in self.leases.values() if d > now),
+            streak=self.streak,
+            open_duration=self.open_duration,
         )
 
 

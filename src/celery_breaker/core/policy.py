@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from ..errors import CircuitOpenError, ConfigurationError
+from ..errors import CircuitOpenError, ConfigurationError, RetryAfter
 
 __all__ = ["BreakerPolicy", "ExceptionMatcher", "Outcome"]
 
@@ -28,6 +28,10 @@ DEFAULT_RESET_TIMEOUT = 30.0
 DEFAULT_HALF_OPEN_MAX_CALLS = 3
 DEFAULT_SUCCESS_THRESHOLD = 2
 DEFAULT_HALF_OPEN_MAX_WAIT = 60.0
+DEFAULT_BACKOFF_MULTIPLIER = 2.0
+#: ``max_reset_timeout`` when unset: this many times ``reset_timeout``.
+DEFAULT_MAX_RESET_FACTOR = 10.0
+DEFAULT_RESET_JITTER = 0.0
 
 
 class Outcome(enum.IntEnum):
@@ -120,6 +124,22 @@ def _rate(name: str, value: Any) -> float | None:
     return float(value)
 
 
+def _multiplier(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 1):
+        raise ConfigurationError(
+            f"BreakerPolicy.{name} must be a finite number >= 1 (1 = the same open duration "
+            f"after every trip), got {value!r}"
+        )
+    return float(value)
+
+
+def _jitter(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        hint = f"; for {value}% write {value / 100:g}" if isinstance(value, (int, float)) and 1 <= value < 100 else ""
+        raise ConfigurationError(f"BreakerPolicy.{name} must be a fraction in [0, 1), got {value!r}{hint}")
+    return float(value)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BreakerPolicy:
     """When a breaker trips, how long it stays open, and how it recovers.
@@ -136,14 +156,21 @@ class BreakerPolicy:
     Rates are measured over the last ``window`` seconds, or over the last
     ``count_window`` calls when that is set.
 
-    Recovery: after ``reset_timeout`` seconds OPEN, the breaker half-opens and admits
+    Open duration: the k-th consecutive trip (a failed probe extends the streak, closing
+    ends it) opens the breaker for ``min(max_reset_timeout, reset_timeout *
+    backoff_multiplier ** (k - 1))`` seconds, times a random factor in ``[1 - reset_jitter,
+    1 + reset_jitter]``, never past ``max_reset_timeout`` (default ``10 * reset_timeout``).
+    A recorded failure carrying a Retry-After (``retry_after_of``) opens the breaker at
+    once for that long, capped by ``max_reset_timeout``.
+
+    Recovery: after the open duration, the breaker half-opens and admits
     at most ``half_open_max_calls`` probes; any recorded failure reopens it,
     ``success_threshold`` successes close it (default 2, or ``half_open_max_calls`` if
     fewer). A probe that does not report within
     ``half_open_max_wait`` seconds frees its slot.
 
     Classification: an exception matching ``ignore_exceptions`` is neutral; one
-    matching ``record_exceptions`` is a failure; a ``BaseException`` that is not an
+    matching ``record_exceptions`` (or a ``RetryAfter``) is a failure; a ``BaseException`` that is not an
     ``Exception`` (cancellation, interrupt, exit) is neutral; any other outcome is a
     success (the downstream answered). Matchers are exception types, dotted paths or predicates.
     """
@@ -156,6 +183,9 @@ class BreakerPolicy:
     slow_call_duration: float | None = None
     slow_call_rate_threshold: float | None = None
     reset_timeout: float = DEFAULT_RESET_TIMEOUT
+    backoff_multiplier: float = DEFAULT_BACKOFF_MULTIPLIER
+    max_reset_timeout: float | None = None
+    reset_jitter: float = DEFAULT_RESET_JITTER
     half_open_max_calls: int = DEFAULT_HALF_OPEN_MAX_CALLS
     success_threshold: int | None = None
     half_open_max_wait: float = DEFAULT_HALF_OPEN_MAX_WAIT
@@ -166,6 +196,8 @@ class BreakerPolicy:
     """``success_threshold``, or its default: 2, or ``half_open_max_calls`` if fewer."""
     calls_to_judge: int = field(init=False, repr=False, compare=False)
     """``minimum_calls``, or its default: 10, or ``count_window`` if smaller."""
+    longest_open: float = field(init=False, repr=False, compare=False)
+    """``max_reset_timeout``, or its default: ``10 * reset_timeout``."""
     _record_types: tuple[type[BaseException], ...] = field(init=False, repr=False, compare=False)
     _record_predicates: tuple[Callable[[BaseException], bool], ...] = field(init=False, repr=False, compare=False)
     _ignore_types: tuple[type[BaseException], ...] = field(init=False, repr=False, compare=False)
@@ -181,6 +213,9 @@ class BreakerPolicy:
         put(self, "slow_call_duration", _seconds("slow_call_duration", self.slow_call_duration, optional=True))
         put(self, "slow_call_rate_threshold", _rate("slow_call_rate_threshold", self.slow_call_rate_threshold))
         put(self, "reset_timeout", _seconds("reset_timeout", self.reset_timeout, optional=False))
+        put(self, "backoff_multiplier", _multiplier("backoff_multiplier", self.backoff_multiplier))
+        put(self, "max_reset_timeout", _seconds("max_reset_timeout", self.max_reset_timeout, optional=True))
+        put(self, "reset_jitter", _jitter("reset_jitter", self.reset_jitter))
         put(self, "half_open_max_calls", _count("half_open_max_calls", self.half_open_max_calls, optional=False))
         put(self, "success_threshold", _count("success_threshold", self.success_threshold, optional=True))
         put(self, "half_open_max_wait", _seconds("half_open_max_wait", self.half_open_max_wait, optional=False))
@@ -189,7 +224,9 @@ class BreakerPolicy:
         # CircuitOpenError from another breaker says nothing about this downstream.
         put(self, "_ignore_types", (CircuitOpenError, *ignore_types))
         put(self, "_ignore_predicates", ignore_predicates)
-        put(self, "_record_types", record_types)
+        # RetryAfter is the user saying "the downstream is down for this long": a failure
+        # unless ignored explicitly, whatever record_exceptions says.
+        put(self, "_record_types", (*record_types, RetryAfter))
         put(self, "_record_predicates", record_predicates)
         put(self, "record_exceptions", (*record_types, *record_predicates))
         put(self, "ignore_exceptions", (*ignore_types, *ignore_predicates))
@@ -222,7 +259,16 @@ class BreakerPolicy:
                 f"BreakerPolicy.minimum_calls ({self.minimum_calls}) must not exceed "
                 f"count_window ({self.count_window}): the rate rules could never trip"
             )
+        if self.max_reset_timeout is not None and self.max_reset_timeout < self.reset_timeout:
+            raise ConfigurationError(
+                f"BreakerPolicy.max_reset_timeout ({self.max_reset_timeout:g}) must not be less than "
+                f"reset_timeout ({self.reset_timeout:g}): raise it, or leave it None for "
+                f"{DEFAULT_MAX_RESET_FACTOR:g} x reset_timeout"
+            )
         # Resolved once: the hot path reads plain ints.
+        object.__setattr__(
+            self, "longest_open", self.max_reset_timeout or self.reset_timeout * DEFAULT_MAX_RESET_FACTOR
+        )
         object.__setattr__(
             self, "probes_to_close", self.success_threshold or min(DEFAULT_SUCCESS_THRESHOLD, self.half_open_max_calls)
         )
@@ -236,6 +282,25 @@ class BreakerPolicy:
     def uses_rates(self) -> bool:
         """Whether a rate rule is set, so every outcome must be counted in a window."""
         return self.failure_rate_threshold is not None or self.slow_call_rate_threshold is not None
+
+    def open_duration(self, streak: int, draw: float) -> float:
+        """Seconds OPEN after the ``streak``-th consecutive trip; ``draw`` is uniform in [0, 1).
+
+        Mirrored by ``open_seconds`` in ``storage/lua/common.lua``.
+        """
+        longest = self.longest_open
+        seconds = self.reset_timeout
+        multiplier = self.backoff_multiplier
+        if streak > 1 and multiplier > 1:
+            # Compared in logs: multiplier ** (streak - 1) may not fit in a float.
+            if (streak - 1) * math.log(multiplier) >= math.log(longest / seconds):
+                seconds = longest
+            else:
+                seconds *= multiplier ** (streak - 1)
+        jitter = self.reset_jitter
+        if jitter:
+            seconds *= 1 - jitter + 2 * jitter * draw
+        return min(seconds, longest)
 
     def classify(self, exc: BaseException | None) -> Outcome:
         """How a call that raised ``exc`` (or returned, for ``None``) counts."""

@@ -70,6 +70,10 @@ class BreakerSnapshot:
     window_failures: int
     window_slow_calls: int
     probes_in_flight: int
+    streak: int = 0
+    """Consecutive trips (a failed probe adds one; closing resets it to 0)."""
+    open_duration: float | None = None
+    """Seconds the current (or, while HALF_OPEN, the latest) open period lasts; ``None`` when not tripped."""
 
     @property
     def failure_rate(self) -> float | None:

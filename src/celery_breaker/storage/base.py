@@ -43,8 +43,19 @@ class Cell(Protocol):
         """Admit a call or raise ``CircuitOpenError``; may half-open an OPEN breaker."""
         ...
 
-    def finish(self, ticket: Ticket, outcome: Outcome, duration: float, policy: BreakerPolicy, now: float) -> None:
-        """Record a call's outcome and apply any transition it causes."""
+    def finish(
+        self,
+        ticket: Ticket,
+        outcome: Outcome,
+        duration: float,
+        policy: BreakerPolicy,
+        now: float,
+        *,
+        open_for: float | None = None,
+    ) -> None:
+        """Record a call's outcome and apply any transition it causes. ``open_for`` (a
+        failure's Retry-After, seconds) opens a CLOSED or HALF_OPEN breaker at once for
+        that long, capped by the policy's ``max_reset_timeout``."""
         ...
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:

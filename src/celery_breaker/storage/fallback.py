@@ -167,7 +167,7 @@ class FallbackCell:
     def _due(self, now: float) -> bool:
         return self._active is self._local and now >= self._retry_at
 
-    def _run(self, operation: str, now: float, *args: Any) -> Any:
+    def _run(self, operation: str, now: float, *args: Any, **kwargs: Any) -> Any:
         """Do ``operation`` on the shared cell if possible, else on the stand-in."""
         if self._due(now):
             self._retry_at = now + self._store.retry_interval
@@ -175,10 +175,10 @@ class FallbackCell:
         active = self._active
         if active is self._primary:
             try:
-                return getattr(active, operation)(*args)
+                return getattr(active, operation)(*args, **kwargs)
             except StorageError as exc:
                 self._degrade(exc, now)
-        return getattr(self._active, operation)(*args)
+        return getattr(self._active, operation)(*args, **kwargs)
 
     # -- the local view (read by CircuitBreaker on every call) ----------------
 
@@ -236,8 +236,17 @@ class FallbackCell:
         ticket: Ticket = self._run("acquire", now, policy, now)
         return ticket
 
-    def finish(self, ticket: Ticket, outcome: Outcome, duration: float, policy: BreakerPolicy, now: float) -> None:
-        self._run("finish", now, ticket, outcome, duration, policy, now)
+    def finish(
+        self,
+        ticket: Ticket,
+        outcome: Outcome,
+        duration: float,
+        policy: BreakerPolicy,
+        now: float,
+        *,
+        open_for: float | None = None,
+    ) -> None:
+        self._run("finish", now, ticket, outcome, duration, policy, now, open_for=open_for)
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:
         active = self._active

@@ -38,9 +38,18 @@ class MemoryCell(BreakerMachine):
         with self.lock:
             return self.admit(policy, now)
 
-    def finish(self, ticket: Ticket, outcome: Outcome, duration: float, policy: BreakerPolicy, now: float) -> None:
+    def finish(
+        self,
+        ticket: Ticket,
+        outcome: Outcome,
+        duration: float,
+        policy: BreakerPolicy,
+        now: float,
+        *,
+        open_for: float | None = None,
+    ) -> None:
         with self.lock:
-            self.record(ticket, outcome, duration, policy, now)
+            self.record(ticket, outcome, duration, policy, now, open_for)
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:
         if self.quiet_success and ticket == self.generation:

@@ -55,22 +55,28 @@ local now = read_now()
 local ttl_ms = tonumber(ARGV[2])
 local given_policy = ARGV[4]
 
--- Policy text: '1;failure_threshold;window;failure_rate;minimum_calls;count_window;
+-- Policy text: '2;failure_threshold;window;failure_rate;minimum_calls;count_window;
 -- slow_call_duration;slow_call_rate;reset_timeout;half_open_max_calls;success_threshold;
--- half_open_max_wait;calls_to_judge;probes_to_close' (empty = None).
+-- half_open_max_wait;calls_to_judge;probes_to_close;backoff_multiplier;max_reset_timeout;
+-- reset_jitter;longest_open' (empty = None). Version 1 (the first 14 fields, written by
+-- releases without backoff) still parses, as a policy without backoff or jitter.
 local function parse_policy(text)
   if type(text) ~= 'string' then return nil end
   local f = {}
   for item in (text .. ';'):gmatch('([^;]*);') do f[#f + 1] = item end
-  if #f ~= 14 or f[1] ~= '1' then return nil end
+  if not ((#f == 18 and f[1] == '2') or (#f == 14 and f[1] == '1')) then return nil end
   local p = {
     failure_threshold = tonumber(f[2]), window = tonumber(f[3]), failure_rate = tonumber(f[4]),
     count_window = tonumber(f[6]), slow_duration = tonumber(f[7]), slow_rate = tonumber(f[8]),
     reset_timeout = tonumber(f[9]), max_calls = tonumber(f[10]), max_wait = tonumber(f[12]),
     calls_to_judge = tonumber(f[13]), probes_to_close = tonumber(f[14]),
+    multiplier = 1, jitter = 0, longest_open = tonumber(f[9]),
   }
+  if f[1] == '2' then
+    p.multiplier, p.jitter, p.longest_open = tonumber(f[15]), tonumber(f[17]), tonumber(f[18])
+  end
   if not (p.window and p.reset_timeout and p.max_calls and p.max_wait and p.calls_to_judge
-      and p.probes_to_close) then
+      and p.probes_to_close and p.multiplier and p.jitter and p.longest_open) then
     return nil
   end
   p.uses_rates = p.failure_rate ~= nil or p.slow_rate ~= nil
@@ -114,6 +120,7 @@ local function fresh(policy_text)
   -- wiped): generations restart with it, so local views compare generations only within one.
   local s = { st = CLOSED, pol = policy_text, nm = ARGV[5], ky = ARGV[6], inc = fmt(now) }
   for _, name in ipairs(INTEGER_FIELDS) do s[name] = 0 end
+  s.stk = 0
   return s
 end
 
@@ -133,6 +140,13 @@ local function load()
     if value == nil then return false, name .. '=' .. tostring(raw[name]) end
     s[name] = value or nil
   end
+  -- The trip streak and the open duration: absent in a hash written by a release
+  -- without backoff, which reads as no streak.
+  s.stk = tonumber(raw.stk or '0')
+  if s.stk == nil then return false, 'stk=' .. tostring(raw.stk) end
+  local od = opt_number(raw.od or '')
+  if od == nil then return false, 'od=' .. tostring(raw.od) end
+  s.od = od or nil
   if s.st == OPEN and s.ou == nil then return false, 'open without open_until' end
   if parse_policy(s.pol) == nil then return false, 'policy ' .. tostring(raw.pol) end
   return s
@@ -287,7 +301,24 @@ end
 
 -- -- transitions -------------------------------------------------------------
 
-local function move(target, reason)
+-- Seconds OPEN after the streak-th consecutive trip (BreakerPolicy.open_duration);
+-- draw is uniform in [0, 1), sent by the caller (a script's math.random is not random).
+local function open_seconds(streak, draw)
+  local longest, seconds, multiplier = P.longest_open, P.reset_timeout, P.multiplier
+  if streak > 1 and multiplier > 1 then
+    -- compared in logs: multiplier ^ (streak - 1) may overflow
+    if (streak - 1) * math.log(multiplier) >= math.log(longest / seconds) then
+      seconds = longest
+    else
+      seconds = seconds * multiplier ^ (streak - 1)
+    end
+  end
+  if P.jitter > 0 then seconds = seconds * (1 - P.jitter + 2 * P.jitter * draw) end
+  return math.min(seconds, longest)
+end
+
+-- Only a trip moves to OPEN: for `seconds` (set by trip()).
+local function move(target, reason, seconds)
   local source = S.st
   local why = POLICY_MOVES[source .. '>' .. target]
   if OPERATOR_TARGETS[target] and why == nil then why = 'operator' end
@@ -303,16 +334,38 @@ local function move(target, reason)
   S.ou = nil
   if target == OPEN or target == FORCED_OPEN then
     S.oa = now
+    S.od = nil
     if target == OPEN then
       S.tr = S.tr + 1
-      S.ou = now + P.reset_timeout
+      S.ou = now + seconds
+      S.od = seconds
     end
   elseif target == HALF_OPEN then
     S.hos = 0
+  else
+    S.od, S.stk = nil, 0 -- CLOSED or DISABLED: the next trip starts a new streak
   end
   redis.call('DEL', K_LEASES) -- every move ends the probes of the previous period
   if target == OPEN or target == CLOSED or source == CLOSED then clear_windows() end
   transition = { source, target, reason or why, S.gen, failures, calls, S.tr }
+end
+
+-- Open the breaker (BreakerMachine._trip): for open_for seconds (a Retry-After, capped by
+-- max_reset_timeout) when given, else for the backed-off open duration.
+local function trip(reason, open_for, draw)
+  local streak = 1
+  if S.st == HALF_OPEN then streak = S.stk + 1 end
+  local seconds
+  if open_for == nil then
+    seconds = open_seconds(streak, draw)
+  else
+    seconds = math.min(open_for, P.longest_open)
+    local hint = string.format('retry-after %g s', open_for)
+    if seconds < open_for then hint = hint .. string.format(' (capped at %g s)', seconds) end
+    if reason ~= '' then reason = reason .. ', ' .. hint else reason = hint end
+  end
+  move(OPEN, reason, seconds)
+  S.stk = streak
 end
 
 -- -- saving and replying -----------------------------------------------------
@@ -321,7 +374,7 @@ local function save()
   redis.call('HSET', K_STATE, 'st', S.st, 'pol', S.pol, 'nm', S.nm, 'ky', S.ky, 'inc', S.inc,
     'gen', S.gen, 'hos', S.hos, 'nl', S.nl, 'ok', S.ok, 'ko', S.ko, 'rj', S.rj, 'df', S.df,
     'tr', S.tr, 'wn', S.wn, 'wl', S.wl, 'wc', S.wc, 'wf', S.wf, 'ws', S.ws,
-    'oa', fmt(S.oa), 'ou', fmt(S.ou), 'ls', fmt(S.ls), 'lf', fmt(S.lf))
+    'oa', fmt(S.oa), 'ou', fmt(S.ou), 'ls', fmt(S.ls), 'lf', fmt(S.lf), 'stk', S.stk, 'od', fmt(S.od))
   if redis.call('PTTL', K_STATE) < ttl_ms - math.min(ttl_ms / 10, 60000) then
     for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl_ms) end
   else

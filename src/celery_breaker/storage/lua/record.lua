@@ -1,13 +1,17 @@
 -- record: count one finished call and apply the transition the policy calls for.
 -- Mirrors BreakerMachine.record. ARGV[8] ticket generation, ARGV[9] probe lease or -1,
--- ARGV[10] outcome (0 success, 1 failure, 2 ignored), ARGV[11] duration in seconds.
+-- ARGV[10] outcome (0 success, 1 failure, 2 ignored), ARGV[11] duration in seconds,
+-- ARGV[12] a failure's Retry-After in seconds ('' for none: it opens the breaker at once),
+-- ARGV[13] a uniform draw in [0, 1) for the open duration's jitter.
 
 local generation, lease = tonumber(ARGV[8]), tonumber(ARGV[9])
 local outcome, duration = tonumber(ARGV[10]), tonumber(ARGV[11])
+local open_for, draw = tonumber(ARGV[12] or ''), tonumber(ARGV[13] or '') or 0.5
+if open_for ~= nil and not (open_for > 0 and open_for < math.huge) then open_for = nil end
 local is_probe = lease >= 0
 local current = generation == S.gen
 
-local function record_closed(failed, slow)
+local function record_closed(failed, slow, hint)
   local reason = nil
   local threshold = P.failure_threshold
   if failed and threshold ~= nil then
@@ -40,7 +44,11 @@ local function record_closed(failed, slow)
       end
     end
   end
-  if reason ~= nil then move(OPEN, reason) end
+  if hint ~= nil then
+    trip('', hint, draw) -- a Retry-After opens at once, whatever the rules say
+  elseif reason ~= nil then
+    trip(reason, nil, draw)
+  end
 end
 
 if outcome == 2 then
@@ -60,12 +68,13 @@ end
 -- An outcome that started under an earlier state is counted, but cannot move this one.
 if not current then return reply('ok') end
 local slow = P.slow_duration ~= nil and duration >= P.slow_duration
+if not failed then open_for = nil end
 if S.st == CLOSED then
-  record_closed(failed, slow)
+  record_closed(failed, slow, open_for)
 elseif S.st == HALF_OPEN and is_probe then -- only probes speak in HALF_OPEN
   redis.call('HDEL', K_LEASES, lease)
   if failed or slow then
-    move(OPEN, failed and 'probe failed' or 'slow probe')
+    trip(failed and 'probe failed' or 'slow probe', open_for, draw)
   else
     S.hos = S.hos + 1
     if S.hos >= P.probes_to_close then move(CLOSED, S.hos .. ' probes succeeded') end

@@ -24,5 +24,5 @@ elseif S.st == HALF_OPEN and live + S.hos >= P.max_calls then
 end
 return reply('ok', nil, {
   S.ok, S.ko, S.rj, S.df, S.tr, fmt(S.lf), fmt(S.ls), fmt(S.oa), fmt(S.ou), fmt(retry_after),
-  calls, failures, slow, live, S.nm, S.ky,
+  calls, failures, slow, live, S.nm, S.ky, S.stk, fmt(S.od),
 })

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -29,27 +30,41 @@ _POLICY_FIELDS = (
     "slow_call_duration", "slow_call_rate_threshold", "reset_timeout", "half_open_max_calls",
     "success_threshold", "half_open_max_wait",
 )  # fmt: skip
+#: Added by version 2 of the text, after the two resolved fields of version 1.
+_BACKOFF_FIELDS = ("backoff_multiplier", "max_reset_timeout", "reset_jitter")
 _INT_FIELDS = frozenset(
     ("failure_threshold", "minimum_calls", "count_window", "half_open_max_calls", "success_threshold")
 )
+#: What a version-1 text (a release without backoff) means for the new fields.
+_V1_BACKOFF = {"backoff_multiplier": 1.0, "max_reset_timeout": None, "reset_jitter": 0.0}
 
 
 def policy_text(policy: BreakerPolicy) -> str:
     """The policy's numeric fields as one ARGV, also its fingerprint: equal text, equal rules.
 
     Classification (``record_exceptions``, ``ignore_exceptions``) stays with the caller:
-    it runs in the worker and cannot be stored.
+    it runs in the worker and cannot be stored. Version 2: version 1's fourteen fields,
+    then the backoff fields and ``longest_open`` (``parse_policy`` in common.lua reads both).
     """
     values = [getattr(policy, name) for name in _POLICY_FIELDS] + [policy.calls_to_judge, policy.probes_to_close]
-    return "1;" + ";".join("" if value is None else repr(value) for value in values)
+    values += [getattr(policy, name) for name in _BACKOFF_FIELDS] + [policy.longest_open]
+    return "2;" + ";".join("" if value is None else repr(value) for value in values)
 
 
 def _policy_from_text(text: str, base: BreakerPolicy) -> BreakerPolicy:
-    fields = text.split(";")[1 : 1 + len(_POLICY_FIELDS)]
-    changes = {
+    items = text.split(";")
+    fields = items[1 : 1 + len(_POLICY_FIELDS)]
+    changes: dict[str, Any] = {
         name: None if value == "" else int(value) if name in _INT_FIELDS else float(value)
         for name, value in zip(_POLICY_FIELDS, fields, strict=True)
     }
+    if items[0] == "1":
+        changes.update(_V1_BACKOFF)  # as the scripts read it: no backoff, no jitter
+    else:
+        extra = items[3 + len(_POLICY_FIELDS) : 3 + len(_POLICY_FIELDS) + len(_BACKOFF_FIELDS)]
+        changes.update(
+            (name, None if value == "" else float(value)) for name, value in zip(_BACKOFF_FIELDS, extra, strict=True)
+        )
     return base.replace(**changes)
 
 
@@ -307,9 +322,23 @@ class RedisCell:
             raise CircuitOpenError._rejected(self.name, self.key, state, retry_after)
         return int(reply[1])
 
-    def finish(self, ticket: Ticket, outcome: Outcome, duration: float, policy: BreakerPolicy, now: float) -> None:
+    def finish(
+        self,
+        ticket: Ticket,
+        outcome: Outcome,
+        duration: float,
+        policy: BreakerPolicy,
+        now: float,
+        *,
+        open_for: float | None = None,
+    ) -> None:
         generation, lease = (ticket.generation, ticket.lease) if isinstance(ticket, Probe) else (ticket, -1)
-        self._call("record", now, str(generation), str(lease), str(int(outcome)), repr(float(duration)))
+        hint = "" if open_for is None else repr(float(open_for))
+        # The jitter's draw comes from here: a script's math.random repeats itself.
+        self._call(
+            "record", now, str(generation), str(lease), str(int(outcome)), repr(float(duration)), hint,
+            repr(random.random()),
+        )  # fmt: skip
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:
         # The hot path: a success admitted without a probe is counted here and sent later
@@ -370,6 +399,8 @@ class RedisCell:
             window_failures=int(reply[27]),
             window_slow_calls=int(reply[28]),
             probes_in_flight=int(reply[29]),
+            streak=int(reply[32]),
+            open_duration=_opt_float(reply[33]),
         )
 
     def __repr__(self) -> str:

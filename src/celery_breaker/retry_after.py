@@ -1,0 +1,74 @@
+"""How long a failed call's downstream asked us to stay away: ``RetryAfter`` or an HTTP Retry-After."""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import timezone
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+from .errors import RetryAfter
+
+__all__ = ["RETRY_AFTER_STATUSES", "parse_retry_after", "retry_after_of"]
+
+#: Responses whose Retry-After means "the service is unavailable for this long" (RFC 9110
+#: 10.2.3); on a redirect it means something else.
+RETRY_AFTER_STATUSES = frozenset((429, 503))
+
+
+def retry_after_of(exc: BaseException, now: float | None = None) -> float | None:
+    """Seconds ``exc`` asks the breaker to stay open, or ``None``.
+
+    ``exc`` is a ``RetryAfter``, or carries an HTTP 429/503 response with a
+    ``Retry-After`` header: ``requests.HTTPError`` and ``httpx.HTTPStatusError`` (found by
+    duck typing: ``exc.response.status_code`` and ``exc.response.headers``; neither
+    library is imported). ``now`` is the wall clock (epoch seconds) an HTTP-date is
+    measured from. A value that is missing, unreadable, not positive or not finite gives
+    ``None``: the failure then counts as an ordinary one. Never raises.
+    """
+    try:
+        if isinstance(exc, RetryAfter):
+            return _positive(exc.seconds)
+        response = getattr(exc, "response", None)
+        if response is None or getattr(response, "status_code", None) not in RETRY_AFTER_STATUSES:
+            return None
+        headers = getattr(response, "headers", None)
+        if headers is None:
+            return None
+        value = headers.get("Retry-After")
+        if value is None:
+            value = headers.get("retry-after")  # a plain dict is case-sensitive
+        return parse_retry_after(value, time.time() if now is None else now)
+    except Exception:  # a response object we do not understand must not break recording
+        return None
+
+
+def parse_retry_after(value: Any, now: float) -> float | None:
+    """A ``Retry-After`` header value (delta-seconds or an HTTP-date) as seconds from ``now``."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    if text[0].isdigit() or text[0] in "+-.":
+        try:
+            return _positive(float(text))
+        except ValueError:
+            return None
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": an HTTP-date is always GMT
+        when = when.replace(tzinfo=timezone.utc)
+    return _positive(when.timestamp() - now)
+
+
+def _positive(seconds: Any) -> float | None:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        return None
+    seconds = float(seconds)
+    return seconds if seconds > 0 and math.isfinite(seconds) else None
