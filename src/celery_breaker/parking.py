@@ -84,8 +84,10 @@ class Releaser(threading.Thread):
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop_event.set()
-        if self.is_alive():
+        if self.is_alive() and self is not threading.current_thread():
             self.join(timeout)
+
+    terminate = stop  # (the worker's bootstep calls either)
 
     def run(self) -> None:
         while not self._stop_event.wait(self.tick):

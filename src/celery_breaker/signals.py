@@ -72,33 +72,18 @@ class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
     label = "celery-breaker releaser"
     requires = ("celery.worker.components:Pool",)
 
-    def __init__(self, worker: Any, **kwargs: Any) -> None:
-        self.releaser: Releaser | None = None
-        super().__init__(worker, **kwargs)
-
-    def create(self, worker: Any) -> Any:
-        return self
-
-    def start(self, worker: Any) -> None:
+    def create(self, worker: Any) -> Releaser | None:
         settings = get_settings(worker.app)
         if settings.park is False:
-            return
+            return None
         store = resolve_store(settings.storage_url)
         if parking_of(store) is None:
-            return
-        self.releaser = Releaser(worker.app, store, rate=settings.release_rate, ramp=settings.release_ramp)
-        self.releaser.start()
+            return None
         logger.info(
             "celery-breaker: parking deferred tasks in %s; releasing up to %g per second per breaker",
             describe_url(settings.storage_url), settings.release_rate,
         )  # fmt: skip
-
-    def stop(self, worker: Any) -> None:
-        if self.releaser is not None:
-            self.releaser.stop()
-            self.releaser = None
-
-    shutdown = stop
+        return Releaser(worker.app, store, rate=settings.release_rate, ramp=settings.release_ramp)
 
 
 def apply_routes(app: Any) -> list[str]:

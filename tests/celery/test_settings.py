@@ -411,3 +411,23 @@ def test_a_worker_logs_where_its_breakers_are_stored(caplog: pytest.LogCaptureFi
         )  # built, not started: the bootstep logs while the worker is made
     assert "breakers stored in redis://:***@cache:6379/0;" in caplog.text
     assert "hunter2" not in caplog.text
+
+
+# -- parking ---------------------------------------------------------------------------
+
+
+def test_breaker_park_true_needs_a_redis_store() -> None:
+    app = Celery("park-memory", set_as_current=False, broker="memory://")
+    app.conf.update(breaker_storage_url="memory://", breaker_park=True)
+    with pytest.raises(ConfigurationError, match="breaker_park=True needs a Redis breaker_storage_url"):
+        build_settings(app.conf)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"), [("breaker_park", "yes"), ("breaker_release_rate", 0), ("breaker_release_ramp", -1)]
+)
+def test_bad_parking_settings_name_the_setting(setting: str, value: Any) -> None:
+    app = Celery("park-bad", set_as_current=False, broker="memory://")
+    app.conf.update({setting: value})
+    with pytest.raises(ConfigurationError, match=setting):
+        build_settings(app.conf)

@@ -1,0 +1,32 @@
+"""A Celery project for the parking tests: one task on breaker "partner", results in Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from celery import Celery
+
+from celery_breaker import BreakerTask
+
+BROKER = os.environ.get("PROJ_BROKER", "redis://127.0.0.1:6379/0")
+POLICY = {"failure_threshold": 1, "reset_timeout": 1.0, "half_open_max_calls": 1, "success_threshold": 1}
+
+app = Celery("parking_proj", broker=BROKER, backend=BROKER)
+app.conf.update(
+    task_acks_late=True,
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    result_expires=600,
+    breaker_default_policy=POLICY,
+    breaker_defer_spread=0,
+    breaker_release_rate=200.0,
+    breaker_release_ramp=0,
+)
+app.conf.update(json.loads(os.environ.get("PROJ_EXTRA_CONF", "{}")))
+
+
+@app.task(base=BreakerTask, bind=True, breaker="partner", max_retries=0, acks_late=True)
+def job(self: Any, n: int) -> dict[str, Any]:
+    return {"n": n, "retries": self.request.retries, "headers": dict(self.request.headers or {})}

@@ -1,0 +1,117 @@
+"""Parking with a real ``celery worker -P prefork``: Redis broker and breaker store.
+
+While the breaker is open, deferred tasks wait in Redis next to it (no worker holds
+them); the worker's releaser publishes them again, oldest first, when it closes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from celery_breaker import CircuitBreaker
+from tests.integration import parking_proj
+from tests.integration.workers import WorkerProcess, wait_for
+
+from ..storage.conftest import unique_prefix
+
+
+@pytest.fixture(scope="module")
+def broker(redis_url: str) -> Iterator[str]:
+    url = f"{redis_url}/6"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    parking_proj.app.conf.update(broker_url=url, result_backend=url)
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture
+def store_url(broker: str) -> str:
+    return f"{broker}?key_prefix={unique_prefix()}"
+
+
+def start_worker(broker: str, store_url: str, **conf: Any) -> WorkerProcess:
+    extra = json.dumps({"breaker_storage_url": store_url, **conf})
+    worker = WorkerProcess(broker, app="tests.integration.parking_proj", extra_conf=extra, name="park")
+    worker.wait_ready()
+    return worker
+
+
+def parked(store_url: str) -> int:
+    breaker = CircuitBreaker("partner", parking_proj.POLICY, storage=store_url)
+    parking = breaker.store.primary.parking  # type: ignore[attr-defined]
+    return int(parking.count(parking.tag("partner", None))[0])
+
+
+def test_deferred_tasks_are_parked_then_run_in_order_when_the_breaker_closes(broker: str, store_url: str) -> None:
+    breaker = CircuitBreaker("partner", parking_proj.POLICY, storage=store_url)
+    breaker.force_open()
+    worker = start_worker(broker, store_url)
+    try:
+        results = [parking_proj.job.delay(n) for n in range(30)]
+        wait_for(lambda: parked(store_url) == 30, 60, "30 parked tasks")
+        wait_for(lambda: all(r.state == "RETRY" for r in results), 30, "30 tasks in RETRY")
+        assert "breaker 'partner' forced_open, deferred" in str(results[0].info)
+        breaker.close()
+        values = [r.get(timeout=60) for r in results]
+    finally:
+        worker.stop()
+    assert [v["n"] for v in values] == list(range(30))
+    assert all(v["retries"] == 0 for v in values)  # no retry spent
+    assert all(v["headers"]["x-breaker-deferrals"] == 1 for v in values)
+    assert parked(store_url) == 0
+    assert breaker.snapshot().deferrals == 30
+    done_at = [r.date_done for r in results]
+    # Released oldest first: the first ten finished before the last ten began.
+    assert max(done_at[:10]) <= min(done_at[20:])
+    assert "parking deferred tasks in" in worker.log()
+
+
+def test_an_expiring_parked_task_is_released_at_its_expiry_and_revoked(broker: str, store_url: str) -> None:
+    CircuitBreaker("partner", parking_proj.POLICY, storage=store_url).force_open()
+    worker = start_worker(broker, store_url)
+    try:
+        result = parking_proj.job.apply_async((1,), expires=3.0)
+        wait_for(lambda: parked(store_url) == 1, 30, "a parked task")
+        wait_for(lambda: result.state == "REVOKED", 30, "the expired task revoked")
+    finally:
+        worker.stop()
+    assert parked(store_url) == 0
+
+
+def test_parked_tasks_survive_a_worker_restart(broker: str, store_url: str) -> None:
+    breaker = CircuitBreaker("partner", parking_proj.POLICY, storage=store_url)
+    breaker.force_open()
+    worker = start_worker(broker, store_url)
+    try:
+        results = [parking_proj.job.delay(n) for n in range(10)]
+        wait_for(lambda: parked(store_url) == 10, 60, "10 parked tasks")
+    finally:
+        worker.stop()
+    worker = start_worker(broker, store_url)  # a new worker finds them in Redis
+    try:
+        breaker.close()
+        values = [r.get(timeout=60) for r in results]
+    finally:
+        worker.stop()
+    assert sorted(v["n"] for v in values) == list(range(10))
+
+
+def test_breaker_park_false_defers_with_a_countdown(broker: str, store_url: str) -> None:
+    breaker = CircuitBreaker("partner", parking_proj.POLICY, storage=store_url)
+    breaker.force_open()
+    worker = start_worker(broker, store_url, breaker_park=False)
+    try:
+        result = parking_proj.job.delay(1)
+        wait_for(lambda: result.state == "RETRY", 30, "a deferral")
+        assert parked(store_url) == 0
+        breaker.close()
+        assert result.get(timeout=60)["headers"]["x-breaker-deferrals"] >= 1
+    finally:
+        worker.stop()
+    assert "parking deferred tasks" not in worker.log()

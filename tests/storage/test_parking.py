@@ -1,0 +1,158 @@
+"""Parked tasks in Redis (storage/lua/park.lua, release.lua) against a real redis-server.
+
+The breaker runs on the ``time=client`` seam, and each release passes the same fake
+clock's reading, so open periods and the release ramp move only when the test says.
+"""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from celery_breaker import CircuitBreaker, State
+from celery_breaker.storage.redis import RedisStore
+from celery_breaker.testing import FakeClock
+
+from ..unit.support import fail, ok
+from .conftest import unique_prefix
+
+POLICY = {"failure_threshold": 1, "reset_timeout": 10.0, "half_open_max_calls": 2, "success_threshold": 1}
+
+
+@pytest.fixture
+def store(redis_url: str) -> RedisStore:
+    return RedisStore.from_url(f"{redis_url}?time=client&key_prefix={unique_prefix()}")
+
+
+def park_many(store: RedisStore, count: int, *, name: str = "svc", start: float = 100.0) -> list[str]:
+    entries = [f"task-{i}:1" for i in range(count)]
+    for i, entry in enumerate(entries):
+        store.parking.park(name, None, entry, start + i, f"payload {i}", None)
+    return entries
+
+
+def release(
+    store: RedisStore, clock: FakeClock, *, most: int = 100, pace: float = 10.0, ramp: float = 0.0
+) -> list[str]:
+    tag = store.parking.tag("svc", None)
+    return [
+        e for e, _ in store.parking.release(tag, most=most, pace=pace, ramp=ramp, lease=30.0, now=clock.monotonic())
+    ]
+
+
+def test_a_parked_entry_is_kept_once_with_its_payload(store: RedisStore) -> None:
+    assert store.parking.park("svc", None, "t1:1", 5.0, "body", None) == 1
+    assert store.parking.park("svc", None, "t1:1", 5.0, "body", None) == 1  # a redelivered message
+    tag = store.parking.tag("svc", None)
+    assert store.parking.tags() == [tag]
+    assert store.parking.count(tag) == (1, 0)
+
+
+def test_nothing_is_released_while_the_breaker_is_open(store: RedisStore) -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    fail(breaker)
+    park_many(store, 5)
+    assert release(store, clock) == []
+    clock.advance(9.9)
+    assert release(store, clock) == []
+
+
+def test_only_the_probes_go_when_it_may_half_open_once_per_open_period(store: RedisStore) -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    fail(breaker)
+    entries = park_many(store, 10)
+    clock.advance(10.0)
+    assert release(store, clock) == entries[:2]  # half_open_max_calls, oldest first
+    assert release(store, clock) == []  # this open period's probes are out
+    breaker.call(ok)  # (a new task) half-opens it ...
+    fail(breaker)  # ... and a probe fails: open again, a new period
+    assert breaker.state is State.OPEN
+    assert release(store, clock) == []
+    clock.advance(10.0)
+    assert release(store, clock) == entries[2:4]
+
+
+def test_after_closing_the_backlog_goes_at_a_ramp_in_order(store: RedisStore) -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    entries = park_many(store, 200)
+    released: list[str] = []
+    per_second = []
+    # pace 20/s, reached after 10 s (a tenth of it at first); one release per 0.1 s.
+    for _second in range(12):
+        count = 0
+        for _tick in range(10):
+            clock.advance(0.1)
+            got = release(store, clock, pace=20.0, ramp=10.0)
+            released += got
+            count += len(got)
+        per_second.append(count)
+    assert released == entries[: len(released)]  # oldest first, none twice
+    assert per_second[0] <= 4  # about a tenth of the pace at first
+    assert 17 <= per_second[-1] <= 21  # the full pace once the ramp is over
+    assert per_second == sorted(per_second) or max(per_second[:3]) < min(per_second[-3:])
+    assert breaker.state is State.CLOSED
+
+
+def test_a_breaker_that_reopens_keeps_the_rest_parked(store: RedisStore) -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    park_many(store, 50)
+    assert release(store, clock, pace=100.0) == []  # the ramp starts when the releaser first sees it closed
+    clock.advance(1.0)
+    first = release(store, clock, pace=100.0)
+    assert first
+    fail(breaker)
+    clock.advance(0.5)
+    assert release(store, clock, pace=100.0) == []
+    tag = store.parking.tag("svc", None)
+    assert store.parking.count(tag)[0] == 50 - len(first)
+
+
+def test_entries_past_their_deadline_go_whatever_the_breaker_says(store: RedisStore) -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    breaker.force_open()
+    now = clock.monotonic()
+    store.parking.park("svc", None, "expiring:1", 1.0, "x", now + 5.0)
+    store.parking.park("svc", None, "patient:1", 0.5, "y", None)
+    assert release(store, clock) == []
+    clock.advance(5.0)
+    assert release(store, clock) == ["expiring:1"]
+    assert release(store, clock) == []
+
+
+def test_a_claim_not_published_in_time_is_released_again_in_order(store: RedisStore) -> None:
+    clock = FakeClock()
+    CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    entries = park_many(store, 3)
+    tag = store.parking.tag("svc", None)
+    assert release(store, clock, pace=1.0) == []  # the ramp starts
+    clock.advance(1.0)
+    claimed = store.parking.release(tag, most=1, pace=1.0, ramp=0.0, lease=30.0, now=clock.monotonic())
+    assert [e for e, _ in claimed] == entries[:1]
+    assert store.parking.count(tag) == (2, 1)
+    # The releaser died before publishing: after the lease the entry is back, first in line.
+    clock.advance(30.0)
+    again = store.parking.release(tag, most=1, pace=1.0, ramp=0.0, lease=30.0, now=clock.monotonic())
+    assert [e for e, _ in again] == entries[:1]
+    store.parking.done(tag, [entries[0]])
+    assert store.parking.count(tag) == (2, 0)
+
+
+def test_the_index_forgets_a_breaker_only_when_it_holds_nothing(store: RedisStore, redis_url: str) -> None:
+    clock = FakeClock()
+    CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    park_many(store, 1)
+    tag = store.parking.tag("svc", None)
+    store.parking.forget(tag)
+    assert store.parking.tags() == [tag]  # still holds an entry
+    release(store, clock)  # the ramp starts
+    clock.advance(1.0)
+    claimed = release(store, clock)
+    store.parking.done(tag, claimed)
+    store.parking.forget(tag)
+    assert store.parking.tags() == []
+    assert not redis.Redis.from_url(redis_url).exists(tag + ":q", tag + ":m", tag + ":c")
