@@ -35,7 +35,16 @@ import redis
 from redis.connection import AbstractConnection
 from redis.exceptions import ResponseError
 
-__all__ = ["RedisServer", "RoundTripMeter", "Tally", "free_port", "process_tree_cpu", "server_stats"]
+__all__ = [
+    "RedisServer",
+    "RoundTripMeter",
+    "Tally",
+    "TreeRss",
+    "free_port",
+    "process_tree_cpu",
+    "process_tree_rss",
+    "server_stats",
+]
 
 _STATE_ATTR = "_bench_meter_state"
 _PATCHED = ("send_command", "pack_commands", "send_packed_command", "read_response")
@@ -267,6 +276,52 @@ def process_tree_cpu(pid: int) -> float | None:
     except (OSError, ValueError, IndexError):
         return None
     return total / ticks
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (``/proc/*/stat`` field 4, the parent pid)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                if _stat_fields(entry)[1] == str(pid):
+                    found.append(int(entry))
+    return found
+
+
+def _rss_bytes(pid: int) -> int | None:
+    """``VmRSS`` of ``pid`` in bytes (``None`` once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+@dataclass(frozen=True)
+class TreeRss:
+    """Resident memory of a worker: its main process and its pool children, in bytes."""
+
+    main: int
+    children: int
+    child_count: int
+
+    @property
+    def total(self) -> int:
+        return self.main + self.children
+
+
+def process_tree_rss(pid: int) -> TreeRss | None:
+    """RSS of process ``pid`` and of its live children (Linux ``/proc``; ``None`` elsewhere
+    or once ``pid`` is gone). Shared pages count in every process that maps them."""
+    main = _rss_bytes(pid)
+    if main is None:
+        return None
+    sizes = [size for size in map(_rss_bytes, _children(pid)) if size is not None]
+    return TreeRss(main, sum(sizes), len(sizes))
 
 
 # -- a throwaway redis-server --------------------------------------------------
