@@ -23,7 +23,8 @@ def retry_after_of(exc: BaseException, now: float | None = None) -> float | None
     ``exc`` is a ``RetryAfter``, or carries an HTTP 429/503 response with a
     ``Retry-After`` header: ``requests.HTTPError`` and ``httpx.HTTPStatusError`` (found by
     duck typing: ``exc.response.status_code`` and ``exc.response.headers``; neither
-    library is imported). ``now`` is the wall clock (epoch seconds) an HTTP-date is
+    library is imported), and the standard library's ``urllib.error.HTTPError``
+    (``exc.code`` and ``exc.headers``). ``now`` is the wall clock (epoch seconds) an HTTP-date is
     measured from. A value that is missing, unreadable, not positive or not finite gives
     ``None``: the failure then counts as an ordinary one. Never raises.
     """
@@ -31,6 +32,8 @@ def retry_after_of(exc: BaseException, now: float | None = None) -> float | None
         if isinstance(exc, RetryAfter):
             return _positive(exc.seconds)
         response = getattr(exc, "response", None)
+        if response is None and isinstance(getattr(exc, "code", None), int) and hasattr(exc, "headers"):
+            response = _UrllibResponse(exc)  # urllib.error.HTTPError: .code and .headers on itself
         if response is None or getattr(response, "status_code", None) not in RETRY_AFTER_STATUSES:
             return None
         headers = getattr(response, "headers", None)
@@ -72,3 +75,11 @@ def _positive(seconds: Any) -> float | None:
         return None
     seconds = float(seconds)
     return seconds if seconds > 0 and math.isfinite(seconds) else None
+
+
+class _UrllibResponse:
+    """``urllib.error.HTTPError`` seen as a response (status and headers)."""
+
+    def __init__(self, exc: Any) -> None:
+        self.status_code = exc.code
+        self.headers = exc.headers

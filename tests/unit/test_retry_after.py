@@ -230,3 +230,16 @@ def test_with_block_carries_the_hint(clock: FakeClock) -> None:
     with pytest.raises(HTTPError), breaker:
         raise HTTPError(503, Retry_After="20")
     assert retry_after_of_rejection(breaker) == 20
+
+
+def test_urllib_http_errors_carry_their_retry_after() -> None:
+    import email.message
+    import io
+    import urllib.error
+
+    headers = email.message.Message()
+    headers["Retry-After"] = "7"
+    error = urllib.error.HTTPError("http://api.test/x", 429, "Too Many Requests", headers, io.BytesIO(b""))
+    assert retry_after_of(error, now=0.0) == 7.0
+    plain = urllib.error.HTTPError("http://api.test/x", 500, "Oops", headers, io.BytesIO(b""))
+    assert retry_after_of(plain, now=0.0) is None  # only 429 and 503 speak for the downstream
