@@ -23,6 +23,7 @@ import pytest
 import redis
 
 from celery_breaker import CircuitBreaker, State
+from celery_breaker.parking import LEASE
 from celery_breaker.settings import SETTINGS
 from tests.integration import backlog_proj
 from tests.integration.backlog_proj import (
@@ -286,6 +287,48 @@ def test_sigkill_during_deferral_loses_nothing(server: RedisServer, ns: str, mod
         f"deferred and {unacked_at_kill} messages unacked; every task done {total_s:.1f} s after the restart "
         f"({done_s:.1f} s after the new worker was ready); duplicated {len(tally.duplicates)}, "
         f"failed {len(tally.failed)} {tally.failures}; downstream calls {downstream.counts()}"
+    )
+    assert set(tally.executions) == set(ids)  # every task id ran at least once
+    assert not tally.failed, tally.failures
+
+
+def test_sigkill_during_release_loses_nothing(server: RedisServer, ns: str) -> None:
+    """The releaser lives in the worker's main process: kill the whole worker while it is
+    publishing parked tasks again. Claimed entries come back after their lease."""
+    extra = mode_conf("park")
+    if not extra:
+        pytest.skip("this build has no parking")
+    store_url = f"{server.url}/1?key_prefix={ns}"
+    conf = {**extra, "breaker_storage_url": store_url, "breaker_default_policy": POLICY,
+            "broker_transport_options": SIGKILL_TRANSPORT,
+            "breaker_release_rate": 40, "breaker_release_ramp": 0}  # fmt: skip
+    client = redis.Redis.from_url(f"{server.url}/0", decode_responses=True)
+    observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
+    observer.force_open()
+    with Downstream() as downstream:
+        with workers(server, conf, ["r1"]) as (victim,):
+            ids = publish(ns, downstream.url, SIGKILL_TASKS)
+            wait_for(lambda: observer.snapshot().deferrals >= SIGKILL_TASKS, 90, "every task parked")
+            observer.close()  # the release begins, at 40 per second
+            wait_for(lambda: client.hlen(executions_key(ns)) >= SIGKILL_TASKS // 4, 60, "a quarter released and run")
+            family = [victim.process.pid, *children(victim.process.pid)]
+            for pid in family:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            victim.process.wait(timeout=30)
+            ran_at_kill = client.hlen(executions_key(ns))
+        restarted = time.monotonic()
+        with workers(server, conf, ["r2"]) as (survivor,):
+            wait_for(
+                lambda: client.hlen(executions_key(ns)) >= SIGKILL_TASKS, 150, "every task to run after the restart"
+            )
+            total_s = time.monotonic() - restarted
+            assert survivor.process.poll() is None, survivor.log()
+    tally = Tally.read(client, ns)
+    print(
+        f"\n[sigkill release] {SIGKILL_TASKS} tasks parked; worker killed with {ran_at_kill} run; every task done "
+        f"{total_s:.1f} s after the restart (claims lease {LEASE:.0f} s); duplicated {len(tally.duplicates)}, "
+        f"failed {len(tally.failed)}"
     )
     assert set(tally.executions) == set(ids)  # every task id ran at least once
     assert not tally.failed, tally.failures
