@@ -32,6 +32,7 @@ def celery_config() -> Mapping[str, Any]:
             "t-stays-closed": {"failure_threshold": 2},
             "t-guard-once": {"failure_threshold": 5},
             "t-expires": {"reset_timeout": 60},
+            "t-retry-after": {"failure_threshold": 5},
         },
         "breaker_routes": {"tests.celery.tasks.routed_*": "t-routed"},
     }

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import shared_task
 
-from celery_breaker import BreakerTask, CircuitBreaker, CircuitOpenError
+from celery_breaker import BreakerTask, CircuitBreaker, CircuitOpenError, RetryAfter
 from celery_breaker.deferral import DEFERRALS_HEADER
 
 #: The breaker store of the session app (process-global, so the test sees the worker's state).
@@ -97,6 +97,17 @@ def trip_task(self: Any) -> dict[str, Any]:
     with self.breaker:
         value = call_downstream("t-trip")
     return report(self, value)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-retry-after")  # failure_threshold 5 in breaker_policies
+def retry_after_task(self: Any) -> dict[str, Any]:
+    """The downstream answers "come back in 2 s" once (a 429 would), then works."""
+    with _LOCK:
+        CALLS["t-retry-after"] = CALLS.get("t-retry-after", 0) + 1
+        first = CALLS["t-retry-after"] == 1
+    if first:
+        raise RetryAfter(2.0, "partner rate limit")
+    return report(self, "t-retry-after ok")
 
 
 @shared_task(base=BreakerTask, bind=True, breaker="t-stays-closed")  # failure_threshold 2 in breaker_policies

@@ -192,6 +192,24 @@ def test_failure_that_trips_the_breaker_defers_the_task_until_recovery(
     assert tasks.CALLS["t-trip"] >= 2  # the failed call, then the successful probe
 
 
+def test_a_retry_after_opens_the_breaker_that_long_and_the_task_waits_for_it(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    breaker = operate(tasks.retry_after_task.breaker)  # failure_threshold 5: only the hint trips it
+    monkeypatch.setitem(tasks.CALLS, "t-retry-after", 0)
+
+    result = tasks.retry_after_task.delay()
+    wait_for(lambda: result.state == "RETRY", "the rate-limited task to be deferred")
+    parts = deferred_match(result)
+    assert parts["state"] == "open"
+    assert 1.5 <= float(parts["delay"]) <= 2.0 + DEFER_SPREAD + 0.05  # the downstream's 2 s, not reset_timeout
+    snapshot = breaker.snapshot()
+    assert (snapshot.trips, snapshot.failures) == (1, 1)
+    value = get(result)
+    assert value["value"] == "t-retry-after ok"
+    assert (value["retries"], value["deferrals"]) == (0, 1)
+
+
 def test_failure_while_the_breaker_stays_closed_fails_the_task_normally(
     app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
 ) -> None:
