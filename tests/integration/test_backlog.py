@@ -11,11 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -240,7 +241,7 @@ def test_an_http_outage_defers_the_backlog_and_it_drains_after_recovery_with_not
     assert counts.get("outage", {}).get("ok", 0) == 0
 
 
-# -- 2. SIGKILL while tasks are being deferred --------------------------------------
+# -- 2. SIGKILL while tasks are being deferred or released ---------------------------
 
 SIGKILL_TASKS = 400
 #: Short, so the restarted worker gives back what the killed one held unacknowledged in
@@ -249,17 +250,123 @@ SIGKILL_TASKS = 400
 #: a worker killed while holding it would stop every restore for five minutes.
 SIGKILL_TRANSPORT = {"visibility_timeout": 10, "unacked_restore_interval": 1, "unacked_restore_throttle": 1,
                      "unacked_mutex_expire": 5}  # fmt: skip
+#: kombu's Redis transport takes messages with BRPOP, one at a time per worker: once Redis
+#: has answered, the message exists only in the worker's socket and memory until kombu
+#: records it as unacknowledged. A worker killed in that window loses that one message,
+#: before it is received and before any task or celery-breaker code sees it (shown by
+#: ``test_a_killed_worker_loses_the_message_redis_handed_to_its_waiting_brpop``).
+TRANSPORT_WINDOW = 1
 
 
-_KILL_FLAKE = pytest.mark.xfail(
-    strict=False,
-    reason="after a SIGKILL during deferral, some tasks sometimes did not run within the deadline "
-    "(2 of 6 park runs, 1 of 4 countdown runs): not yet explained (kombu's restore of the dead "
-    "worker's unacknowledged messages is the suspect); whether a task is lost or only late is open",
-)
+def kill_worker(worker: WorkerProcess, sig: int = signal.SIGKILL) -> list[int]:
+    """Signal the whole worker at once, main process and pool children (SIGKILL: no
+    goodbye, then reaped). Returns the pids signalled."""
+    family = [worker.process.pid, *children(worker.process.pid)]
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+    if sig == signal.SIGKILL:
+        worker.process.wait(timeout=30)
+    return family
 
 
-@pytest.mark.parametrize("mode", [pytest.param(mode, marks=_KILL_FLAKE) for mode in MODES])
+RECEIVED = re.compile(r"\[([0-9a-f-]{36})\] received")
+
+
+@dataclass
+class Whereabouts:
+    """Where each task of a SIGKILL test is: run, somewhere a worker will still take it
+    from (the queue, kombu's unacknowledged hash, parked or claimed), or nowhere."""
+
+    ids: list[str]
+    ran: set[str]
+    pending: dict[str, list[str]]
+    received: set[str]
+    """Ids some worker logged as received: kombu had recorded them as unacknowledged."""
+
+    @classmethod
+    def read(cls, server: RedisServer, ns: str, ids: list[str], logs: str) -> Whereabouts:
+        broker = redis.Redis.from_url(f"{server.url}/0", decode_responses=True)
+        store = redis.Redis.from_url(f"{server.url}/1", decode_responses=True)
+        known = set(ids)
+        pending: dict[str, list[str]] = {}
+        for raw in broker.lrange("celery", 0, -1):
+            pending.setdefault(json.loads(raw)["headers"]["id"], []).append("queued")
+        for raw in broker.hvals("unacked"):
+            pending.setdefault(json.loads(raw)[0]["headers"]["id"], []).append("unacknowledged")
+        for suffix, where in ((":q", "parked"), (":c", "claimed")):
+            for key in store.scan_iter(f"*{ns}*{suffix}"):
+                for entry in store.zrange(key, 0, -1):
+                    pending.setdefault(str(entry).rsplit(":", 1)[0], []).append(where)
+        ran = {str(task_id) for task_id in broker.hkeys(executions_key(ns))}
+        return cls(ids, ran, {k: v for k, v in pending.items() if k in known}, set(RECEIVED.findall(logs)) & known)
+
+    @property
+    def nowhere(self) -> set[str]:
+        """Not run, and nowhere any worker would find them: lost."""
+        return set(self.ids) - self.ran - set(self.pending)
+
+    @property
+    def lost_in_transport(self) -> set[str]:
+        """Lost before any worker received them (see ``TRANSPORT_WINDOW``)."""
+        return self.nowhere - self.received
+
+    def text(self) -> str:
+        position = {task_id: n for n, task_id in enumerate(self.ids)}
+        rows = [
+            f"{task_id} (published {position[task_id]}th): {self.pending.get(task_id) or 'nowhere'}, "
+            f"received {task_id in self.received}"
+            for task_id in sorted(set(self.ids) - self.ran, key=position.__getitem__)
+        ]
+        return f"ran {len(self.ran)} of {len(self.ids)}; not run:\n" + "\n".join(rows[:20])
+
+
+def settle(server: RedisServer, ns: str, ids: list[str], logs: Callable[[], str], timeout: float) -> Whereabouts:
+    """Wait until every task has run or is nowhere a worker would find it (two reads in a
+    row agreeing, so a message between a BRPOP and kombu's unacknowledged hash is not
+    taken for lost); return where they are."""
+    last: list[Whereabouts] = []
+
+    def settled() -> bool:
+        now = Whereabouts.read(server, ns, ids, logs())
+        agreed = bool(last) and not last[-1].pending and not now.pending and last[-1].ran == now.ran
+        last.append(now)
+        return agreed
+
+    try:
+        wait_for(settled, timeout, "every task to run, or be nowhere a worker would find it")
+    except AssertionError:
+        raise AssertionError(last[-1].text()) from None
+    return last[-1]
+
+
+def test_a_killed_worker_loses_the_message_redis_handed_to_its_waiting_brpop(server: RedisServer, ns: str) -> None:
+    """The SIGKILL tests allow ``TRANSPORT_WINDOW`` task lost before any worker received it.
+    This shows why, with no celery-breaker code involved: a worker waits in BRPOP on an
+    empty queue and is stopped (SIGSTOP); a task is published; Redis pops it and answers
+    the stopped worker at once; a SIGKILL then leaves the task nowhere. This is kombu's
+    Redis transport (and the Redis BLPOP documentation's warning), not something a task
+    base class can close; RabbitMQ keeps an unacknowledged delivery on the broker."""
+    conf = {"breaker_storage_url": "memory://",
+            "broker_transport_options": {**SIGKILL_TRANSPORT, "polling_interval": 60}}  # fmt: skip
+    client = redis.Redis.from_url(f"{server.url}/0", decode_responses=True)
+    client.flushdb()
+
+    def waiting_in_brpop() -> bool:
+        return any(c.get("cmd") == "brpop" and "b" in c.get("flags", "") for c in client.client_list())
+
+    with workers(server, conf, ["t1"]) as (victim,):
+        wait_for(waiting_in_brpop, 30, "the worker to wait in BRPOP on the empty queue")
+        kill_worker(victim, signal.SIGSTOP)
+        (task_id,) = publish(ns, "http://127.0.0.1:9", 1)
+        assert client.llen("celery") == 0, "Redis did not hand the message to the waiting BRPOP"
+        assert not waiting_in_brpop()
+        kill_worker(victim)
+        where = Whereabouts.read(server, ns, [task_id], victim.log())
+    assert where.nowhere == where.lost_in_transport == {task_id}, where.text()
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_sigkill_during_deferral_loses_nothing(server: RedisServer, ns: str, mode: str) -> None:
     extra = mode_conf(mode)
     store_url = f"{server.url}/1?key_prefix={ns}"
@@ -277,30 +384,26 @@ def test_sigkill_during_deferral_loses_nothing(server: RedisServer, ns: str, mod
                 lambda: client.scard(deferred_key(ns)) >= half or observer.snapshot().deferrals >= half,
                 60, "half the tasks deferred",
             )  # fmt: skip
-            # The whole worker at once: main process and pool children, no goodbye.
-            family = [victim.process.pid, *children(victim.process.pid)]
-            for pid in family:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            victim.process.wait(timeout=30)
+            family = kill_worker(victim)
             deferred_at_kill = client.scard(deferred_key(ns))
             unacked_at_kill = client.hlen("unacked")
         restarted = time.monotonic()
         with workers(server, conf, ["k2"]) as (survivor,):
             observer.close()
-            done_s = wait_for(
-                lambda: client.hlen(executions_key(ns)) >= SIGKILL_TASKS, 120, "every task to run after the restart"
-            )
+            where = settle(server, ns, ids, lambda: victim.log() + survivor.log(), 120)
             total_s = time.monotonic() - restarted
             assert survivor.process.poll() is None, survivor.log()
     tally = Tally.read(client, ns)
     print(
         f"\n[sigkill {mode}] {SIGKILL_TASKS} tasks; killed {len(family)} processes with {deferred_at_kill} tasks "
-        f"deferred and {unacked_at_kill} messages unacked; every task done {total_s:.1f} s after the restart "
-        f"({done_s:.1f} s after the new worker was ready); duplicated {len(tally.duplicates)}, "
-        f"failed {len(tally.failed)} {tally.failures}; downstream calls {downstream.counts()}"
+        f"deferred and {unacked_at_kill} messages unacked; settled {total_s:.1f} s after the restart; "
+        f"ran {len(where.ran)}, lost in the transport before any worker received them "
+        f"{len(where.lost_in_transport)}; duplicated {len(tally.duplicates)}, failed {len(tally.failed)} "
+        f"{tally.failures}; downstream calls {downstream.counts()}"
     )
-    assert set(tally.executions) == set(ids)  # every task id ran at least once
+    # Every task a worker received (so every deferral, parked or not) ran at least once.
+    assert where.nowhere == where.lost_in_transport, where.text()
+    assert len(where.lost_in_transport) <= TRANSPORT_WINDOW, where.text()
     assert not tally.failed, tally.failures
 
 
@@ -326,32 +429,20 @@ def test_sigkill_during_release_loses_nothing(server: RedisServer, ns: str) -> N
             wait_for(lambda: observer.snapshot().deferrals >= SIGKILL_TASKS, 90, "every task parked")
             observer.close()  # the release begins, at 40 per second
             wait_for(lambda: client.hlen(executions_key(ns)) >= SIGKILL_TASKS // 4, 60, "a quarter released and run")
-            family = [victim.process.pid, *children(victim.process.pid)]
-            for pid in family:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            victim.process.wait(timeout=30)
+            kill_worker(victim)
             ran_at_kill = client.hlen(executions_key(ns))
         restarted = time.monotonic()
         with workers(server, conf, ["r2"]) as (survivor,):
-            try:
-                wait_for(
-                    lambda: client.hlen(executions_key(ns)) >= SIGKILL_TASKS, 150, "every task to run after the restart"
-                )
-            except AssertionError:
-                parking = observer.store.primary.parking  # type: ignore[attr-defined]
-                tag = parking.tag(BREAKER, None)
-                raise AssertionError(
-                    f"ran {client.hlen(executions_key(ns))} of {SIGKILL_TASKS}; parked/claimed "
-                    f"{parking.count(tag)}; breaker {observer.snapshot()}; survivor log:\n{survivor.log()[-3000:]}"
-                ) from None
+            where = settle(server, ns, ids, lambda: victim.log() + survivor.log(), 150)
             total_s = time.monotonic() - restarted
             assert survivor.process.poll() is None, survivor.log()
     tally = Tally.read(client, ns)
     print(
-        f"\n[sigkill release] {SIGKILL_TASKS} tasks parked; worker killed with {ran_at_kill} run; every task done "
-        f"{total_s:.1f} s after the restart (claims lease {LEASE:.0f} s); duplicated {len(tally.duplicates)}, "
-        f"failed {len(tally.failed)}"
+        f"\n[sigkill release] {SIGKILL_TASKS} tasks parked; worker killed with {ran_at_kill} run; settled "
+        f"{total_s:.1f} s after the restart (claims lease {LEASE:.0f} s); ran {len(where.ran)}, lost in the "
+        f"transport before any worker received them {len(where.lost_in_transport)}; duplicated "
+        f"{len(tally.duplicates)}, failed {len(tally.failed)}"
     )
-    assert set(tally.executions) == set(ids)  # every task id ran at least once
+    assert where.nowhere == where.lost_in_transport, where.text()
+    assert len(where.lost_in_transport) <= TRANSPORT_WINDOW, where.text()
     assert not tally.failed, tally.failures
