@@ -156,3 +156,23 @@ def test_the_index_forgets_a_breaker_only_when_it_holds_nothing(store: RedisStor
     store.parking.forget(tag)
     assert store.parking.tags() == []
     assert not redis.Redis.from_url(redis_url).exists(tag + ":q", tag + ":m", tag + ":c")
+
+
+def test_parked_entries_never_expire_and_outlive_their_breakers_state(store: RedisStore, redis_url: str) -> None:
+    """Parked entries have no TTL (a TTL would drop tasks); the breaker's own keys do. Once
+    those expire (a breaker nobody uses), its entries go at the paced ramp, as if closed."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    fail(breaker)
+    entries = park_many(store, 3)
+    assert release(store, clock) == []
+    client = redis.Redis.from_url(redis_url)
+    tag = store.parking.tag("svc", None)
+    assert client.ttl(tag + ":q") == client.ttl(tag + ":m") == -1  # kept until released
+    state = [key for key in store.keys_for("svc", None) if client.exists(key)]
+    assert state
+    assert all(client.ttl(key) > 0 for key in state)  # the breaker's state has its idle TTL
+    client.delete(*state)  # what that TTL does to a breaker nobody uses
+    assert release(store, clock) == []  # the ramp starts
+    clock.advance(1.0)
+    assert release(store, clock) == entries
