@@ -18,6 +18,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import pytest
@@ -404,6 +405,50 @@ def test_sigkill_during_deferral_loses_nothing(server: RedisServer, ns: str, mod
     # Every task a worker received (so every deferral, parked or not) ran at least once.
     assert where.nowhere == where.lost_in_transport, where.text()
     assert len(where.lost_in_transport) <= TRANSPORT_WINDOW, where.text()
+    assert not tally.failed, tally.failures
+
+
+def deferred_at_least(breaker: CircuitBreaker, count: int) -> bool:
+    return breaker.snapshot().deferrals >= count
+
+
+def test_sigkilled_pool_processes_lose_nothing_with_reject_on_worker_lost(server: RedisServer, ns: str) -> None:
+    """Deferrals run in pool processes: kill only those, three times while tasks are being
+    deferred (billiard starts new ones; the main process, which consumes, lives on). With
+    Celery's ``task_reject_on_worker_lost=True`` the killed runs' messages go back to the
+    queue, so every task runs, and none is lost: the transport window needs the consumer
+    itself to die."""
+    store_url = f"{server.url}/1?key_prefix={ns}"
+    conf = {**mode_conf("park"), "breaker_storage_url": store_url, "breaker_default_policy": POLICY,
+            "broker_transport_options": SIGKILL_TRANSPORT, "task_reject_on_worker_lost": True}  # fmt: skip
+    client = redis.Redis.from_url(f"{server.url}/0", decode_responses=True)
+    client.flushdb()
+    observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
+    observer.force_open()
+    killed: list[int] = []
+    with Downstream() as downstream, workers(server, conf, ["c1"]) as (worker,):
+        ids = publish(ns, downstream.url, SIGKILL_TASKS)
+        for round_ in range(1, 4):
+            target = round_ * SIGKILL_TASKS // 4
+            wait_for(partial(deferred_at_least, observer, target), 60, f"{target} tasks deferred")
+            pool = children(worker.process.pid)
+            for pid in pool:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            killed += pool
+        observer.close()
+        where = settle(server, ns, ids, worker.log, 120)
+        assert worker.process.poll() is None, worker.log()
+    tally = Tally.read(client, ns)
+    lost_runs = worker.log().count("WorkerLostError")
+    print(
+        f"\n[sigkill pool] {SIGKILL_TASKS} tasks; {len(killed)} pool processes killed in 3 rounds "
+        f"({lost_runs} WorkerLostError lines logged); ran {len(where.ran)}, duplicated {len(tally.duplicates)}, "
+        f"failed {len(tally.failed)} {tally.failures}"
+    )
+    assert len(killed) >= 6
+    assert not where.nowhere, where.text()
+    assert where.ran == set(ids)
     assert not tally.failed, tally.failures
 
 
