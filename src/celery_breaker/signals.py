@@ -6,10 +6,12 @@ import logging
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import worker_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
+from . import events
 from .errors import ConfigurationError
 from .parking import Releaser, parking_of
+from .registry import registry_for
 from .settings import get_settings, reload_settings
 from .storage import describe_url, flush_stores, resolve_store
 from .task import BreakerTask, prepare_task_class, task_breaker_config
@@ -32,6 +34,9 @@ def install(app: Any) -> None:
     if getattr(app, _INSTALLED, False):
         return
     setattr(app, _INSTALLED, True)
+    from . import control  # noqa: F401  (registers the inspect/control commands)
+
+    registry_for(app).add_listener(events.TransitionEvents(app))
     app.steps["worker"].add(BreakerStep)
     app.steps["worker"].add(ReleaserStep)
     # Routes also apply outside workers (eager mode, direct calls), once tasks exist:
@@ -54,6 +59,13 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
         resolve_store(settings.storage_url)  # a store URL with bad options fails here, not on a task
         routed = apply_routes(app)
         breakers = check_app(app)
+        # Events: breaker_send_events when set, else the worker's own -E (which Celery
+        # does not write back into worker_send_task_events).
+        explicit = app.conf.get("breaker_send_events", None)
+        events.configure(
+            enabled=bool(explicit) if explicit is not None else bool(getattr(worker, "task_events", False)),
+            nodename=getattr(worker, "hostname", None),
+        )
         logger.info(
             "celery-breaker: breakers stored in %s%s; %d breaker(s) on %d task(s)%s",
             describe_url(settings.storage_url),
@@ -145,6 +157,13 @@ def _on_worker_init(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is not None:
         install(app)
+
+
+@worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
+def _on_worker_process_init(sender: Any = None, **_: Any) -> None:
+    # A prefork child: the sender is the worker's node name.
+    if isinstance(sender, str):
+        events.configure(nodename=sender)
 
 
 @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]

@@ -17,6 +17,7 @@ from celery.app.task import X_DEATH_HEADERS
 from celery.exceptions import Ignore, Reject, Retry
 from celery.utils.time import maybe_iso8601, maybe_make_aware
 
+from . import events
 from .breaker import _RUN, CircuitBreaker, RunAdmission, current_run
 from .core import BreakerPolicy, Outcome, State
 from .deferral import DEFERRALS_HEADER, EXPIRY_OVERSHOOT, SINCE_HEADER, plan_deferral, read_headers
@@ -378,6 +379,12 @@ class BreakerTask(Task):  # type: ignore[misc]
         else:  # (parked or not: the delay is when the breaker may admit it)
             text = f"breaker {label!r} {state}, deferred {plan.delay:.1f} s (deferral {plan.count})"
         logger.debug("task %s[%s]: %s%s", self.name, request.id, text, ", parked" if parked else "")
+        if events.enabled():
+            events.send(
+                self.app, events.DEFERRED_EVENT, uuid=request.id, name=self.name,
+                breaker=rejected.name or breaker.name, key=rejected.key if rejected.name else breaker.key,
+                state=state, delay=plan.delay, deferral=plan.count, parked=parked, reason=text,
+            )  # fmt: skip
         reason = CircuitOpenError(
             text, name=rejected.name or breaker.name, key=rejected.key if rejected.name else breaker.key,
             state=rejected.state, retry_after=rejected.retry_after,

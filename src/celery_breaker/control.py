@@ -1,0 +1,157 @@
+"""Remote control: ``celery inspect breakers``, and ``celery control`` with
+``breaker_open``, ``breaker_close``, ``breaker_reset`` or ``breaker_disable NAME [KEY]``.
+
+Importing this module registers the commands in Celery's ``Panel`` (they run in a
+worker's main process). ``install(app)`` imports it, so does the ``celery breaker``
+entry point (imported by every ``celery`` command, so CLI-started workers and the
+``celery inspect``/``celery control`` client know the names). It imports nothing heavy.
+
+Every worker that receives a command answers for itself: with a Redis store they all
+act on the same shared breaker (the operation is idempotent), with ``memory://`` each
+on its own. Arguments are checked in the ``celery`` client before anything is sent,
+so a malformed name or key is a usage error (exit 2); an unknown breaker is an
+``error`` reply naming the breakers the worker knows.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.worker.control import control_command, inspect_command
+
+from .errors import ConfigurationError
+
+__all__ = ["OPERATIONS", "breaker_ref", "known_breakers", "operate"]
+
+logger = logging.getLogger("celery_breaker")
+
+#: What an operator can do to a breaker: command suffix -> (CircuitBreaker method, what it reports).
+OPERATIONS = {
+    "open": ("force_open", "forced open: every call rejected until closed, reset or disabled"),
+    "close": ("close", "closed: calls admitted, windows cleared"),
+    "reset": ("reset", "reset: a fresh closed breaker, counters zeroed"),
+    "disable": ("disable", "disabled: every call admitted and never tripped until closed or reset"),
+}
+
+MAX_REF_LENGTH = 200
+
+
+def breaker_ref(value: str) -> str:
+    """A breaker name or key as an operator typed it; raises ``ValueError`` (which the
+    ``celery`` client shows as a usage error) when it cannot name a breaker."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"a breaker name or key must be a non-empty string, got {value!r}")
+    if len(value) > MAX_REF_LENGTH:
+        raise ValueError(f"a breaker name or key is at most {MAX_REF_LENGTH} characters, got {len(value)}")
+    if any(ord(char) < 32 or ord(char) == 127 for char in value):
+        raise ValueError(f"a breaker name or key cannot hold control characters, got {value!r}")
+    return value
+
+
+def known_breakers(app: Any) -> set[str]:
+    """Names this app knows: every breaker in its store, on its tasks, and in ``breaker_policies``."""
+    from .monitoring import collect_metrics
+    from .settings import get_settings
+    from .signals import check_app
+
+    names = set(check_app(app))
+    names.update(name for name, _ in get_settings(app).policies if not any(c in name for c in "*?["))
+    names.update(row.snapshot.name for row in collect_metrics(app))
+    return names
+
+
+def operate(app: Any, operation: str, name: str, key: str | None = None) -> dict[str, Any]:
+    """Apply ``operation`` (a key of ``OPERATIONS``) to breaker ``name``/``key`` of ``app``'s
+    store; return its snapshot as a dict. Raises ``LookupError`` for a breaker the app
+    does not know, ``ValueError`` for a malformed name or key or operation."""
+    from .breaker import CircuitBreaker
+    from .settings import get_settings
+
+    if operation not in OPERATIONS:
+        raise ValueError(f"unknown operation {operation!r}; one of {', '.join(OPERATIONS)}")
+    breaker_ref(name)
+    if key is not None:
+        breaker_ref(key)
+    known = known_breakers(app)
+    if name not in known:
+        listing = ", ".join(sorted(known)) or "none"
+        raise LookupError(f"unknown breaker {name!r}; this worker knows: {listing}")
+    settings = get_settings(app)
+    breaker = CircuitBreaker(
+        name, settings.policy_for(name), storage=settings.storage_url, key=key,
+        on_storage_error=settings.on_storage_error,
+    )  # fmt: skip
+    method, _ = OPERATIONS[operation]
+    getattr(breaker, method)()
+    logger.warning("celery-breaker: breaker %s %s by remote control", breaker.label, OPERATIONS[operation][1])
+    return breaker.snapshot().as_dict()
+
+
+def _reply(state: Any, operation: str, name: str | None, key: str | None) -> dict[str, Any]:
+    if not name:
+        return {"error": f"breaker_{operation} needs a breaker name: celery control breaker_{operation} NAME [KEY]"}
+    app = state.consumer.app
+    label = name if not key else f"{name}[{key}]"
+    try:
+        snapshot = operate(app, operation, name, key or None)
+    except (LookupError, ValueError, ConfigurationError) as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # a store outage, say: a reply, never a dead control thread
+        logger.exception("celery-breaker: breaker_%s %s failed", operation, label)
+        return {"error": f"breaker_{operation} {label}: {exc}"}
+    return {"ok": f"breaker {label} {OPERATIONS[operation][1]}; state {snapshot['state']}"}
+
+
+def _typed_ref(value: str) -> str:
+    """``breaker_ref`` for the ``celery`` client: a bad value is a usage error (exit 2)."""
+    import click
+
+    try:
+        return breaker_ref(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+_ARGS = [("name", _typed_ref), ("key", _typed_ref)]
+_SIGNATURE = "<breaker name> [key]"
+
+
+@inspect_command(name="breakers", help="State of every breaker in the shared store.")  # type: ignore[untyped-decorator]
+def breakers(state: Any) -> Any:
+    """Every breaker this worker's store holds (a Redis store: the whole cluster's), as dicts."""
+    from .monitoring import collect_metrics
+
+    try:
+        return [row.as_dict() for row in collect_metrics(state.consumer.app)]
+    except Exception as exc:
+        logger.exception("celery-breaker: inspect breakers failed")
+        return {"error": f"inspect breakers: {exc}"}
+
+
+@control_command(  # type: ignore[untyped-decorator]
+    name="breaker_open", args=_ARGS, signature=_SIGNATURE, help="Force a breaker open (every call rejected)."
+)
+def breaker_open(state: Any, name: str | None = None, key: str | None = None) -> dict[str, Any]:
+    return _reply(state, "open", name, key)
+
+
+@control_command(  # type: ignore[untyped-decorator]
+    name="breaker_close", args=_ARGS, signature=_SIGNATURE, help="Close a breaker (calls admitted again)."
+)
+def breaker_close(state: Any, name: str | None = None, key: str | None = None) -> dict[str, Any]:
+    return _reply(state, "close", name, key)
+
+
+@control_command(  # type: ignore[untyped-decorator]
+    name="breaker_reset", args=_ARGS, signature=_SIGNATURE, help="Reset a breaker (closed, counters zeroed)."
+)
+def breaker_reset(state: Any, name: str | None = None, key: str | None = None) -> dict[str, Any]:
+    return _reply(state, "reset", name, key)
+
+
+@control_command(  # type: ignore[untyped-decorator]
+    name="breaker_disable", args=_ARGS, signature=_SIGNATURE, help="Disable a breaker (every call admitted)."
+)
+def breaker_disable(state: Any, name: str | None = None, key: str | None = None) -> dict[str, Any]:
+    return _reply(state, "disable", name, key)

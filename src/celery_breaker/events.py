@@ -1,0 +1,97 @@
+"""Celery events for breakers: ``breaker-opened``, ``breaker-half-opened``, ``breaker-closed``
+(one per transition, sent by the process whose call made it, so once cluster-wide) and
+``task-breaker-deferred`` (one per deferral).
+
+They go out only in workers with events on: ``breaker_send_events``, or when that is
+left unset, the worker's own ``-E`` / ``worker_send_task_events``. Every event carries
+the worker's node name as ``hostname`` (Celery's solo pool would give the machine's
+host name, which makes Flower invent a phantom worker). Sending never raises into a
+task or a breaker: a broker that cannot take an event costs a log line, once a minute.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from .core import State, Transition
+
+__all__ = ["DEFERRED_EVENT", "EVENT_TYPES", "configure", "enabled", "nodename", "send", "transition_event"]
+
+logger = logging.getLogger("celery_breaker")
+
+#: The event type of a transition, by the state it moved to.
+EVENT_TYPES = {
+    State.OPEN: "breaker-opened",
+    State.FORCED_OPEN: "breaker-opened",
+    State.HALF_OPEN: "breaker-half-opened",
+    State.CLOSED: "breaker-closed",
+    State.DISABLED: "breaker-closed",
+}
+DEFERRED_EVENT = "task-breaker-deferred"
+_COMPLAIN_EVERY = 60.0
+
+_state: dict[str, Any] = {"enabled": False, "nodename": None, "complained": 0.0}
+
+
+def configure(*, enabled: bool | None = None, nodename: str | None = None) -> None:
+    """Set (in a worker) whether events go out and the node name they carry."""
+    if enabled is not None:
+        _state["enabled"] = enabled
+    if nodename:
+        _state["nodename"] = nodename
+
+
+def enabled() -> bool:
+    return bool(_state["enabled"])
+
+
+def nodename() -> str | None:
+    """This worker's node name (``celery@host``), once a worker has started here."""
+    return _state["nodename"]  # type: ignore[no-any-return]
+
+
+def send(app: Any, type_: str, **fields: Any) -> bool:
+    """Send one event as this worker; False (logged, rate-limited) when it could not go."""
+    try:
+        with app.events.default_dispatcher(hostname=nodename()) as dispatcher:
+            dispatcher.send(type_, **fields)
+    except Exception as exc:
+        now = time.monotonic()
+        if now - _state["complained"] >= _COMPLAIN_EVERY:
+            _state["complained"] = now
+            logger.warning("celery-breaker: could not send the %s event (%r); events are skipped meanwhile", type_, exc)
+        return False
+    return True
+
+
+def transition_event(transition: Transition) -> tuple[str, dict[str, Any]]:
+    """The event type and fields of a transition."""
+    calls = transition.calls
+    return EVENT_TYPES[transition.target], {
+        "breaker": transition.name,
+        "key": transition.key,
+        "state": transition.target.value,
+        "previous": transition.source.value,
+        "reason": transition.reason,
+        "failures": transition.failures,
+        "calls": calls,
+        "failure_rate": transition.failures / calls if calls else None,
+        "open_until": transition.open_until,
+        "trips": transition.trips,
+        "generation": transition.generation,
+        "at": transition.at,
+    }
+
+
+class TransitionEvents:
+    """A transition listener (``BreakerRegistry.add_listener``) that sends the events."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    def __call__(self, transition: Transition) -> None:
+        if enabled():
+            type_, fields = transition_event(transition)
+            send(self.app, type_, **fields)

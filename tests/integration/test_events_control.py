@@ -1,0 +1,208 @@
+"""Celery events and remote control with real prefork workers on a Redis broker and store.
+
+Events are captured by a real ``app.events.Receiver`` (what Flower runs); remote control
+goes through ``app.control`` exactly as ``celery inspect``/``celery control`` send it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from celery_breaker import CircuitBreaker, State
+from tests.integration import partner_proj
+from tests.integration.partner_proj import BREAKER, call_partner, down_key
+from tests.integration.workers import WorkerProcess, wait_for
+
+pytestmark = pytest.mark.slow
+
+APP = "tests.integration.partner_proj"
+POLICY = {"failure_threshold": 2, "reset_timeout": 1.0, "half_open_max_calls": 1, "success_threshold": 1}
+
+
+@pytest.fixture(scope="module")
+def broker(redis_url: str) -> Iterator[str]:
+    url = f"{redis_url}/6"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    partner_proj.app.conf.update(broker_url=url, result_backend=url)
+    yield url
+    client.flushdb()
+
+
+@pytest.fixture
+def ns() -> str:
+    return f"events-{uuid.uuid4().hex[:8]}"
+
+
+class Events:
+    """Every event on the broker, captured by a real ``Receiver`` in a thread."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._receiver: Any = None
+
+    def of(self, *types: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [event for event in self.seen if event["type"] in types]
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        with self._lock:
+            self.seen.append(event)
+
+    def _run(self) -> None:
+        app = partner_proj.app
+        with app.connection_for_read() as connection:
+            receiver = self._receiver = app.events.Receiver(connection, handlers={"*": self._on_event})
+            bind = receiver.on_consume_ready
+
+            def ready(*args: Any, **kwargs: Any) -> None:
+                bind(*args, **kwargs)
+                self._ready.set()
+
+            receiver.on_consume_ready = ready
+            for _ in receiver.consume(limit=None, timeout=None, safety_interval=0.2, wakeup=False):
+                pass
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Events]:
+        thread = threading.Thread(target=self._run, name="event-receiver", daemon=True)
+        thread.start()
+        assert self._ready.wait(10), "the event receiver did not start"
+        try:
+            yield self
+        finally:
+            self._receiver.should_stop = True
+            thread.join(timeout=5)
+
+
+@contextlib.contextmanager
+def workers(broker: str, conf: dict[str, Any], names: list[str]) -> Iterator[list[WorkerProcess]]:
+    with contextlib.ExitStack() as stack:
+        started = [
+            stack.enter_context(WorkerProcess(broker, concurrency=2, extra_conf=json.dumps(conf), name=n, app=APP))
+            for n in names
+        ]
+        for process in started:
+            process.wait_ready()
+        yield started
+
+
+def test_transitions_and_deferrals_are_events_sent_once_with_the_worker_node_name(broker: str, ns: str) -> None:
+    store_url = f"{broker.rsplit('/', 1)[0]}/7?key_prefix={ns}"
+    conf = {"breaker_storage_url": store_url, "breaker_default_policy": POLICY}
+    client = redis.Redis.from_url(broker)
+    observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
+    nodes = {f"{name}@{socket.gethostname()}" for name in ("e1", "e2")}
+    with Events().running() as events, workers(broker, conf, ["e1", "e2"]):
+        client.set(down_key(ns), 1)
+        results = [call_partner.delay(ns, n) for n in range(8)]
+        wait_for(lambda: observer.snapshot().trips >= 2, 60, "two trips (a failed probe reopens)")
+        wait_for(lambda: len(events.of("task-breaker-deferred")) >= 4, 30, "deferral events")
+        client.delete(down_key(ns))
+        wait_for(lambda: all(r.state == "SUCCESS" for r in results), 60, "every task to succeed after recovery")
+        final = observer.snapshot()
+        wait_for(lambda: events.of("breaker-closed") != [], 10, "the closing event")
+
+    transitions = events.of("breaker-opened", "breaker-half-opened", "breaker-closed")
+    counts = collections.Counter(e["type"] for e in transitions)
+    # Once per transition cluster-wide: as many "opened" as trips, whichever process won each.
+    assert counts["breaker-opened"] == final.trips, counts
+    assert counts["breaker-closed"] == 1
+    assert counts["breaker-half-opened"] >= 1
+    for event in transitions:
+        assert event["hostname"] in nodes, event  # the node name, never the machine's host name
+        assert event["breaker"] == BREAKER
+        assert event["key"] is None
+    opened = events.of("breaker-opened")[0]
+    assert opened["state"] == State.OPEN.value
+    assert opened["previous"] == State.CLOSED.value
+    assert opened["failures"] >= POLICY["failure_threshold"]
+    assert opened["open_until"] > opened["at"]
+    assert opened["trips"] == 1
+    assert opened["reason"]
+
+    deferred = events.of("task-breaker-deferred")
+    ids = {r.id for r in results}
+    for event in deferred:
+        assert event["hostname"] in nodes, event
+        assert event["uuid"] in ids
+        assert event["breaker"] == BREAKER
+        assert event["reason"].startswith(f"breaker {BREAKER!r} ")
+        assert event["deferral"] >= 1
+        assert event["delay"] > 0
+    assert len(deferred) == final.deferrals
+
+
+def test_events_stay_off_without_minus_e_or_breaker_send_events(broker: str, ns: str) -> None:
+    store_url = f"{broker.rsplit('/', 1)[0]}/7?key_prefix={ns}"
+    conf = {"breaker_storage_url": store_url, "breaker_default_policy": POLICY, "breaker_send_events": False}
+    client = redis.Redis.from_url(broker)
+    observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
+    with Events().running() as events, workers(broker, conf, ["q1"]):
+        client.set(down_key(ns), 1)
+        results = [call_partner.delay(ns, n) for n in range(4)]
+        wait_for(lambda: observer.snapshot().deferrals >= 2, 60, "deferrals")
+        client.delete(down_key(ns))
+        wait_for(lambda: all(r.state == "SUCCESS" for r in results), 60, "every task to succeed")
+        assert events.of("task-retried")  # Celery's own events flow (the worker runs with -E)
+    assert not events.of("breaker-opened", "breaker-closed", "task-breaker-deferred")
+
+
+# -- remote control -----------------------------------------------------------------
+
+
+def test_inspect_breakers_and_control_commands_act_on_the_shared_store(broker: str, ns: str) -> None:
+    store_url = f"{broker.rsplit('/', 1)[0]}/7?key_prefix={ns}"
+    conf = {"breaker_storage_url": store_url, "breaker_default_policy": POLICY}
+    observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
+    observer.reset()
+    control = partner_proj.app.control
+    with workers(broker, conf, ["c1", "c2"]):
+        replies = control.inspect(timeout=5)._request("breakers")
+        assert set(replies) == {f"{n}@{socket.gethostname()}" for n in ("c1", "c2")}
+        for rows in replies.values():
+            assert [(row["name"], row["state"]) for row in rows] == [(BREAKER, "closed")]
+
+        answers = control.broadcast("breaker_open", arguments={"name": BREAKER}, reply=True, timeout=5)
+        assert len(answers) == 2
+        assert all("forced open" in a[node]["ok"] for a in answers for node in a)
+        assert observer.snapshot().state is State.FORCED_OPEN
+
+        for command, state in (("breaker_disable", State.DISABLED), ("breaker_close", State.CLOSED)):
+            answers = control.broadcast(command, arguments={"name": BREAKER}, reply=True, timeout=5)
+            assert len(answers) == 2
+            assert all("ok" in a[node] for a in answers for node in a), answers
+            assert observer.snapshot().state is state
+
+        answers = control.broadcast(
+            "breaker_open", arguments={"name": BREAKER, "key": "tenant-7"}, reply=True, timeout=5
+        )
+        assert all("ok" in a[node] for a in answers for node in a), answers
+        per_key = CircuitBreaker(BREAKER, POLICY, storage=store_url, key="tenant-7")
+        assert per_key.snapshot().state is State.FORCED_OPEN
+        assert observer.snapshot().state is State.CLOSED  # the unkeyed breaker is another one
+
+        answers = control.broadcast("breaker_reset", arguments={"name": BREAKER}, reply=True, timeout=5)
+        assert all("ok" in a[node] for a in answers for node in a), answers
+        assert observer.snapshot().trips == 0
+
+        # Bad input: an error reply naming what the worker knows, and nothing changed.
+        answers = control.broadcast("breaker_open", arguments={"name": "no-such"}, reply=True, timeout=5)
+        errors = [a[node]["error"] for a in answers for node in a]
+        assert len(errors) == 2
+        assert all("unknown breaker 'no-such'" in e and BREAKER in e for e in errors)
+        answers = control.broadcast("breaker_open", arguments={}, reply=True, timeout=5)
+        assert all("needs a breaker name" in a[node]["error"] for a in answers for node in a)
+        assert observer.snapshot().state is State.CLOSED
