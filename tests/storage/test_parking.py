@@ -176,3 +176,26 @@ def test_parked_entries_never_expire_and_outlive_their_breakers_state(store: Red
     assert release(store, clock) == []  # the ramp starts
     clock.advance(1.0)
     assert release(store, clock) == entries
+
+
+def test_parking_keys_never_clash_with_the_breakers_own_keys() -> None:
+    """Regression: the pacing hash was ``:r``, the count window's ring too (WRONGTYPE:
+    a count-window breaker's parked tasks were never released)."""
+    from celery_breaker.storage.redis.parking import PARKING_SUFFIXES
+    from celery_breaker.storage.redis.store import _KEY_SUFFIXES
+
+    assert not set(PARKING_SUFFIXES) & set(_KEY_SUFFIXES)
+    assert len(set(PARKING_SUFFIXES)) == len(PARKING_SUFFIXES)
+
+
+def test_a_count_window_breakers_backlog_is_released(store: RedisStore) -> None:
+    clock = FakeClock()
+    policy = {"failure_rate_threshold": 0.5, "count_window": 10, "minimum_calls": 5, "reset_timeout": 10.0}
+    breaker = CircuitBreaker("svc", policy, storage=store, clock=clock)
+    fail(breaker)  # a failure goes to Redis at once: the count window's ring exists
+    entries = park_many(store, 3)
+    assert release(store, clock) == []  # the ramp starts
+    clock.advance(1.0)
+    assert release(store, clock) == entries
+    snapshot = breaker.snapshot()
+    assert (snapshot.window_failures, snapshot.window_calls) == (1, 1)  # the window is intact

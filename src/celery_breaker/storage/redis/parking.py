@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 __all__ = ["PARKING_SUFFIXES", "Parking"]
 
 #: queue (zset), messages (hash), claims (zset), deadlines (zset), pacing (hash)
-PARKING_SUFFIXES = (":q", ":m", ":c", ":d", ":r")
+PARKING_SUFFIXES = (":q", ":m", ":c", ":d", ":p")
 
 
 def _source(name: str) -> str:
