@@ -129,29 +129,16 @@ def breakers(state: Any) -> Any:
         return {"error": f"inspect breakers: {exc}"}
 
 
-@control_command(  # type: ignore[untyped-decorator]
-    name="breaker_open", args=_ARGS, signature=_SIGNATURE, help="Force a breaker open (every call rejected)."
-)
-def breaker_open(state: Any, name: str | None = None, key: str | None = None) -> dict[str, Any]:
-    return _reply(state, "open", name, key)
+def _register(operation: str, help_text: str) -> None:
+    def command(state: Any, name: str | None = None, key: str | None = None) -> dict[str, Any]:
+        return _reply(state, operation, name, key)
+
+    command.__name__ = command.__qualname__ = f"breaker_{operation}"
+    command.__doc__ = help_text
+    control_command(name=f"breaker_{operation}", args=_ARGS, signature=_SIGNATURE, help=help_text)(command)
 
 
-@control_command(  # type: ignore[untyped-decorator]
-    name="breaker_close", args=_ARGS, signature=_SIGNATURE, help="Close a breaker (calls admitted again)."
-)
-def breaker_close(state: Any, name: str | None = None, key: str | None = None) -> dict[str, Any]:
-    return _reply(state, "close", name, key)
-
-
-@control_command(  # type: ignore[untyped-decorator]
-    name="breaker_reset", args=_ARGS, signature=_SIGNATURE, help="Reset a breaker (closed, counters zeroed)."
-)
-def breaker_reset(state: Any, name: str | None = None, key: str | None = None) -> dict[str, Any]:
-    return _reply(state, "reset", name, key)
-
-
-@control_command(  # type: ignore[untyped-decorator]
-    name="breaker_disable", args=_ARGS, signature=_SIGNATURE, help="Disable a breaker (every call admitted)."
-)
-def breaker_disable(state: Any, name: str | None = None, key: str | None = None) -> dict[str, Any]:
-    return _reply(state, "disable", name, key)
+_register("open", "Force a breaker open (every call rejected).")
+_register("close", "Close a breaker (calls admitted again).")
+_register("reset", "Reset a breaker (closed, counters zeroed).")
+_register("disable", "Disable a breaker (every call admitted).")

@@ -312,6 +312,14 @@ class Whereabouts:
         """Lost before any worker received them (see ``TRANSPORT_WINDOW``)."""
         return self.nowhere - self.received
 
+    def check(self, tally: Tally) -> None:
+        """Every task a worker received (so every deferral, parking and release) ran at
+        least once; at most ``TRANSPORT_WINDOW`` was lost before any worker received it;
+        none failed."""
+        assert self.nowhere == self.lost_in_transport, self.text()
+        assert len(self.lost_in_transport) <= TRANSPORT_WINDOW, self.text()
+        assert not tally.failed, tally.failures
+
     def text(self) -> str:
         position = {task_id: n for n, task_id in enumerate(self.ids)}
         rows = [
@@ -402,10 +410,7 @@ def test_sigkill_during_deferral_loses_nothing(server: RedisServer, ns: str, mod
         f"{len(where.lost_in_transport)}; duplicated {len(tally.duplicates)}, failed {len(tally.failed)} "
         f"{tally.failures}; downstream calls {downstream.counts()}"
     )
-    # Every task a worker received (so every deferral, parked or not) ran at least once.
-    assert where.nowhere == where.lost_in_transport, where.text()
-    assert len(where.lost_in_transport) <= TRANSPORT_WINDOW, where.text()
-    assert not tally.failed, tally.failures
+    where.check(tally)
 
 
 def deferred_at_least(breaker: CircuitBreaker, count: int) -> bool:
@@ -488,6 +493,4 @@ def test_sigkill_during_release_loses_nothing(server: RedisServer, ns: str) -> N
         f"transport before any worker received them {len(where.lost_in_transport)}; duplicated "
         f"{len(tally.duplicates)}, failed {len(tally.failed)}"
     )
-    assert where.nowhere == where.lost_in_transport, where.text()
-    assert len(where.lost_in_transport) <= TRANSPORT_WINDOW, where.text()
-    assert not tally.failed, tally.failures
+    where.check(tally)
