@@ -1,21 +1,48 @@
-"""What every breaker in a store is doing now: the rows behind ``celery inspect breakers``,
-the ``celery breaker`` CLI, the Prometheus collector and stored metrics history.
+"""What every breaker in a store is doing now, and what it did: the rows behind ``celery
+inspect breakers``, the ``celery breaker`` CLI and the Prometheus collector, and their
+stored history.
 
 ``collect_metrics`` is the seed's ``collectCircuitMetrics``: one call, every breaker.
+``record_metrics`` stores that call's rows in Redis with a TTL (from a periodic task:
+``install_metrics_task``), and ``metrics_history`` reads one breaker's back, to chart it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerSnapshot
+from .errors import ConfigurationError
 from .parking import parking_of
-from .settings import get_settings
-from .storage import Store, resolve_store
+from .settings import SETTINGS, _duration, get_settings
+from .storage import Store, describe_url, resolve_store
 
-__all__ = ["BreakerStatus", "app_store", "collect_metrics"]
+__all__ = [
+    "DEFAULT_METRICS_TTL",
+    "METRICS_TASK_NAME",
+    "BreakerStatus",
+    "app_store",
+    "collect_metrics",
+    "install_metrics_task",
+    "metrics_history",
+    "record_metrics",
+    "store_of",
+]
+
+logger = logging.getLogger("celery_breaker")
+
+#: Seconds a stored snapshot is kept when neither ``ttl`` nor ``breaker_metrics_ttl`` says.
+DEFAULT_METRICS_TTL: float = SETTINGS["breaker_metrics_ttl"]
+#: The name of the periodic task ``install_metrics_task`` registers.
+METRICS_TASK_NAME = "celery_breaker.record_metrics"
+#: Version of the stored JSON (``"v"``), bumped if a field changes meaning.
+_HISTORY_FORMAT = 1
+_METRICS_TASK = "_celery_breaker_metrics_task"
 
 
 @dataclass(frozen=True)
@@ -38,6 +65,15 @@ def app_store(app: Any) -> Store:
     return resolve_store(get_settings(app).storage_url)
 
 
+def _is_app(source: Any) -> bool:
+    return not (isinstance(source, str) or hasattr(source, "snapshots"))
+
+
+def store_of(source: Any) -> Store:
+    """The store ``source`` names: a Celery app (its ``breaker_storage_url``), a store URL or a store."""
+    return app_store(source) if _is_app(source) else resolve_store(source)
+
+
 def collect_metrics(source: Any, *, clock: Clock | None = None) -> list[BreakerStatus]:
     """Every breaker ``source`` holds, sorted by name and key.
 
@@ -45,8 +81,7 @@ def collect_metrics(source: Any, *, clock: Clock | None = None) -> list[BreakerS
     ``memory://`` store holds only this process's breakers; a Redis store holds every
     process's. Raises ``StorageError`` when the store cannot be read.
     """
-    is_store = isinstance(source, str) or hasattr(source, "snapshots")
-    store = resolve_store(source) if is_store else app_store(source)
+    store = store_of(source)
     snapshots = store.snapshots(clock or SYSTEM_CLOCK)
     parking = parking_of(store)
     counts: dict[str, tuple[int, int]] = {}
@@ -58,3 +93,102 @@ def collect_metrics(source: Any, *, clock: Clock | None = None) -> list[BreakerS
         parked, claimed = counts.get(parking.tag(snapshot.name, snapshot.key), (0, 0)) if parking else (0, 0)
         rows.append(BreakerStatus(snapshot, parked, claimed))
     return sorted(rows, key=lambda row: (row.snapshot.name, row.snapshot.key or ""))
+
+
+# -- history -------------------------------------------------------------------
+
+
+def _history_of(store: Store) -> Any:
+    """The Redis history of ``store`` (or of the Redis store behind a fallback); a
+    ConfigurationError for a store that only this process sees."""
+    primary = getattr(store, "primary", store)
+    history = getattr(primary, "history", None)
+    if history is None:
+        raise ConfigurationError(
+            f"metrics history needs a shared store, and {describe_url(store.url)!r} keeps breakers in "
+            f"this process only; set breaker_storage_url (or pass a store URL) to a Redis URL such as "
+            f"'redis://localhost:6379/0'"
+        )
+    return history
+
+
+def record_metrics(source: Any, *, ttl: float | timedelta | None = None, clock: Clock | None = None) -> int:
+    """Store a snapshot of every breaker ``source`` holds (``collect_metrics``) in its
+    history; return how many breakers were recorded.
+
+    Each breaker's history is a Redis sorted set next to its keys (same hash tag, so
+    Redis Cluster keeps both on one slot), holding ``BreakerStatus.as_dict()`` plus
+    ``"at"`` (epoch seconds, Redis's clock) and ``"v"`` (the format). Entries older than
+    ``ttl`` seconds are dropped on each record, and the set expires ``ttl`` after the
+    last one. ``ttl`` defaults to the app's ``breaker_metrics_ttl`` (a URL or store:
+    ``DEFAULT_METRICS_TTL``, one day).
+
+    ``source`` is a Celery app, a store URL or a store, which must be shared (Redis): a
+    ``memory://`` store raises ``ConfigurationError``. Raises ``StorageError`` when the
+    store cannot be read or written.
+    """
+    if ttl is not None:
+        seconds = _duration("record_metrics: ttl", ttl)
+    else:
+        seconds = get_settings(source).metrics_ttl if _is_app(source) else DEFAULT_METRICS_TTL
+    store = store_of(source)
+    history = _history_of(store)
+    clock = clock or SYSTEM_CLOCK
+    rows = collect_metrics(store, clock=clock)
+    for row in rows:
+        snapshot = json.dumps({"v": _HISTORY_FORMAT, **row.as_dict()}, separators=(",", ":"))
+        history.append(row.snapshot.name, row.snapshot.key, snapshot, ttl=seconds, now=clock.time())
+    return len(rows)
+
+
+def metrics_history(
+    source: Any, name: str, key: str | None = None, *, since: float | None = None, until: float | None = None
+) -> list[dict[str, Any]]:
+    """The snapshots ``record_metrics`` stored for breaker ``name`` (and ``key``), oldest
+    first, each a dict: ``at`` (epoch seconds), ``v``, and the fields of
+    ``BreakerStatus.as_dict()``. ``since``/``until`` (epoch seconds, inclusive) narrow it.
+
+    Entries that are not readable JSON objects are skipped with a warning. An unknown
+    breaker has no history: ``[]``. ``source`` as for ``record_metrics``.
+    """
+    history = _history_of(store_of(source))
+    records = []
+    unreadable = 0
+    for entry in history.read(name, key, since=since, until=until):
+        try:
+            record = json.loads(entry)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("at"), (int, float)):
+            records.append(record)
+        else:
+            unreadable += 1
+    if unreadable:
+        label = name if key is None else f"{name}[{key}]"
+        logger.warning("celery-breaker: skipped %d unreadable entries in the metrics history of %s", unreadable, label)
+    return records
+
+
+def install_metrics_task(app: Any, *, interval: float | timedelta | None = None) -> Any:
+    """Register the task ``celery_breaker.record_metrics`` on ``app`` (idempotent) and return it.
+
+    The task calls ``record_metrics(app)``. Schedule it with Celery beat, either here,
+    ``interval`` seconds apart (each run expires after one interval, so runs do not pile
+    up while no worker consumes them), or in ``beat_schedule`` yourself. The task is a
+    plain ``celery.Task`` (never a ``BreakerTask``, whatever ``task_cls`` says): it must
+    record while breakers are open.
+    """
+    task = getattr(app, _METRICS_TASK, None)
+    if task is None:
+        from celery import Task
+
+        def record_breaker_metrics() -> int:
+            """Store a snapshot of every breaker (``celery_breaker.monitoring.record_metrics``)."""
+            return record_metrics(app)
+
+        task = app.task(name=METRICS_TASK_NAME, base=Task, ignore_result=True, shared=False)(record_breaker_metrics)
+        setattr(app, _METRICS_TASK, task)
+    if interval is not None:
+        seconds = _duration("install_metrics_task: interval", interval)
+        app.add_periodic_task(seconds, task.s(), name=METRICS_TASK_NAME, expires=seconds)
+    return task

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import ipaddress
 import logging
 import math
+import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +41,9 @@ SETTINGS: dict[str, Any] = {
     "breaker_park": "auto",
     "breaker_release_rate": 50.0,
     "breaker_release_ramp": 30.0,
+    "breaker_metrics_port": None,
+    "breaker_metrics_address": "127.0.0.1",
+    "breaker_metrics_ttl": 86_400.0,
 }
 
 #: Brokers that redeliver a message held unacknowledged longer than their
@@ -74,6 +79,12 @@ class BreakerSettings:
     """Seconds from a tenth of ``release_rate`` to all of it after the breaker closes."""
     visibility_timeout: float | None
     """The broker's redelivery window, when it has one; deferrals stay well inside it."""
+    metrics_port: int | None
+    """The TCP port of the worker's Prometheus endpoint; ``None``: no endpoint."""
+    metrics_address: str
+    """The address that endpoint binds (this host only unless set otherwise)."""
+    metrics_ttl: float
+    """Seconds stored metrics snapshots (``record_metrics``) are kept."""
     _policy_cache: dict[str, BreakerPolicy] = field(default_factory=dict, repr=False, compare=False)
 
     def policy_for(self, name: str) -> BreakerPolicy:
@@ -124,6 +135,13 @@ def _seconds(key: str, value: Any) -> float | None:
     return float(value)
 
 
+def _duration(key: str, value: Any) -> float:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (0 < seconds < math.inf):
+        raise ConfigurationError(f"{key} must be a number of seconds > 0 (or a timedelta), got {value!r}")
+    return float(seconds)
+
+
 def _whole(key: str, value: Any) -> int | None:
     if value is None:
         return None
@@ -141,6 +159,34 @@ def _mapping(key: str, value: Any) -> Mapping[str, Any]:
         if not isinstance(name, str) or not name:
             raise ConfigurationError(f"{key}: every key must be a non-empty string, got {name!r}")
     return value
+
+
+def _port(key: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ConfigurationError(
+            f"{key} must be a TCP port number from 1 to 65535 as an int (or None: no metrics endpoint), got {value!r}"
+        )
+    return value
+
+
+#: A DNS host name: dot-separated labels of letters, digits and inner hyphens.
+_HOST_NAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
+
+
+def _bind_address(key: str, value: Any) -> str:
+    if isinstance(value, str) and len(value) <= 253:
+        try:
+            ipaddress.ip_address(value)
+            return value
+        except ValueError:
+            if _HOST_NAME.match(value):
+                return value
+    raise ConfigurationError(
+        f"{key} must be an IP address or host name to bind, such as '127.0.0.1' (this host only, the default) "
+        f"or '0.0.0.0' (every interface), got {value!r}"
+    )
 
 
 def _strip_namespace(conf: Any, raw: str) -> str:
@@ -310,6 +356,9 @@ def build_settings(conf: Any) -> BreakerSettings:
         release_rate=float(release_rate),
         release_ramp=release_ramp or 0.0,
         visibility_timeout=broker_visibility_timeout(conf),
+        metrics_port=_port("breaker_metrics_port", _conf_get(conf, "breaker_metrics_port")),
+        metrics_address=_bind_address("breaker_metrics_address", _conf_get(conf, "breaker_metrics_address")),
+        metrics_ttl=_duration("breaker_metrics_ttl", _conf_get(conf, "breaker_metrics_ttl")),
     )
 
 

@@ -39,6 +39,7 @@ def install(app: Any) -> None:
     registry_for(app).add_listener(events.TransitionEvents(app))
     app.steps["worker"].add(BreakerStep)
     app.steps["worker"].add(ReleaserStep)
+    app.steps["worker"].add(MetricsStep)
     # Routes also apply outside workers (eager mode, direct calls), once tasks exist:
     # now for an app already finalized, and when finalizing ends (BreakerTask.bind
     # runs in the middle of it, before every task is registered).
@@ -98,6 +99,44 @@ class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
         return Releaser(worker.app, store, rate=settings.release_rate, ramp=settings.release_ramp)
 
 
+class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Serves the breakers' Prometheus metrics from the worker's main process when
+    ``breaker_metrics_port`` is set (on ``breaker_metrics_address``, loopback by default).
+    Started after the pool forks, so no child holds the listening socket."""
+
+    name = "celery_breaker.signals.MetricsStep"
+    label = "celery-breaker metrics"
+    requires = ("celery.worker.components:Pool",)
+
+    def create(self, worker: Any) -> Any:
+        if get_settings(worker.app).metrics_port is None:
+            return None
+        try:
+            from .prometheus import start_metrics_server
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"breaker_metrics_port is set but prometheus-client is missing ({exc}): "
+                "pip install 'celery-breaker[prometheus]', or unset breaker_metrics_port"
+            ) from None
+        return _MetricsService(worker.app, start_metrics_server)
+
+
+class _MetricsService:
+    """The StartStopStep's object: the endpoint starts and stops with the worker."""
+
+    def __init__(self, app: Any, start: Any) -> None:
+        self.app, self._start = app, start
+        self.server: Any = None
+
+    def start(self) -> None:
+        self.server = self._start(self.app)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
 def apply_routes(app: Any) -> list[str]:
     """Put plain tasks matching ``breaker_routes`` under their breakers; return their names."""
     settings = get_settings(app)
@@ -105,7 +144,7 @@ def apply_routes(app: Any) -> list[str]:
         return []
     routed = []
     for name, task in list(app.tasks.items()):
-        if name.startswith("celery.") or isinstance(task, BreakerTask):
+        if name.startswith(("celery.", "celery_breaker.")) or isinstance(task, BreakerTask):
             continue
         breaker = settings.route_for(name)
         if breaker is None:

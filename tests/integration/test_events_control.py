@@ -11,6 +11,8 @@ import contextlib
 import json
 import socket
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +24,7 @@ from celery_breaker import CircuitBreaker, State
 from tests.integration import partner_proj
 from tests.integration.partner_proj import BREAKER, call_partner, down_key
 from tests.integration.workers import WorkerProcess, wait_for
+from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -206,3 +209,36 @@ def test_inspect_breakers_and_control_commands_act_on_the_shared_store(broker: s
         answers = control.broadcast("breaker_open", arguments={}, reply=True, timeout=5)
         assert all("needs a breaker name" in a[node]["error"] for a in answers for node in a)
         assert observer.snapshot().state is State.CLOSED
+
+
+# -- the worker's metrics endpoint ----------------------------------------------------
+
+
+def test_a_worker_serves_the_breakers_metrics_on_loopback(broker: str, ns: str) -> None:
+    store_url = f"{broker.rsplit('/', 1)[0]}/7?key_prefix={ns}"
+    port = free_port()
+    conf = {"breaker_storage_url": store_url, "breaker_default_policy": POLICY, "breaker_metrics_port": port}
+    observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
+    observer.force_open()
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            return str(response.read().decode())
+
+    with workers(broker, conf, ["m1"]) as (worker,):
+        wait_for(lambda: _answers(scrape), 30, "the worker's metrics endpoint")
+        text = scrape()
+        assert f'celery_breaker_state{{breaker="{BREAKER}",key="",state="forced_open"}} 1.0' in text
+        assert "celery_breaker_store_up 1.0" in text
+        listening = [line for line in worker.log().splitlines() if "metrics" in line.lower()]
+        assert listening, worker.log()[-2000:]
+    with pytest.raises(urllib.error.URLError):  # stopped with the worker
+        scrape()
+
+
+def _answers(scrape: Any) -> bool:
+    try:
+        scrape()
+    except OSError:
+        return False
+    return True

@@ -32,6 +32,7 @@ from .client import (
     check_url,
     make_client,
 )
+from .history import History
 from .parking import Parking
 
 __all__ = ["DEFAULT_IDLE_TTL", "DEFAULT_KEY_PREFIX", "RedisStore"]
@@ -123,6 +124,7 @@ class RedisStore:
         self._by_state_key: weakref.WeakValueDictionary[str, RedisCell] = weakref.WeakValueDictionary()
         self._barriers: dict[str, threading.Event] = {}
         self._parking: Parking | None = None
+        self._history: History | None = None
         self.ttl_ms = str(max(1, int(idle_ttl * 1000)))
         self._lock = threading.Lock()
         self._pid = -1
@@ -239,6 +241,14 @@ class RedisStore:
         if parking is None:
             parking = self._parking = Parking(self)
         return parking
+
+    @property
+    def history(self) -> History:
+        """Where this store keeps breakers' metrics snapshots (``celery_breaker.monitoring.record_metrics``)."""
+        history = self._history
+        if history is None:
+            history = self._history = History(self)
+        return history
 
     # -- the agent's side: transitions heard, counts sent ----------------------
 

@@ -1,0 +1,83 @@
+"""Stored metrics snapshots: one sorted set per breaker, next to its keys, trimmed to a TTL.
+
+Each entry is a JSON object (the snapshot, with ``"at"``: epoch seconds, on Redis's clock
+unless the store is on the ``time=client`` test seam) scored by ``at``. An append is one
+script: add, drop entries older than the TTL, and set the key's TTL, so a breaker that is
+no longer recorded leaves no history behind once the TTL has passed.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from redis.commands.core import Script
+from redis.exceptions import ResponseError
+
+from ..base import StorageError
+from .client import CLIENT_ERRORS
+
+if TYPE_CHECKING:
+    from .store import RedisStore
+
+__all__ = ["HISTORY_SUFFIX", "History"]
+
+logger = logging.getLogger("celery_breaker")
+
+#: After the breaker's hash tag; the breaker and parking keys use s f r b l q m c d.
+HISTORY_SUFFIX = ":h"
+
+_APPEND = resources.files("celery_breaker.storage").joinpath("lua", "history.lua").read_text(encoding="utf-8")
+
+
+class History:
+    """The metrics history of every breaker in one Redis store (this process's view)."""
+
+    def __init__(self, store: RedisStore) -> None:
+        self.store = store
+        self._client: Any = None
+        self._script: Script | None = None
+
+    def key(self, name: str, key: str | None) -> str:
+        """The history key of a breaker: its hash tag (so one Cluster slot holds both) and ``:h``."""
+        return self.store.keys_for(name, key)[0][: -len(":s")] + HISTORY_SUFFIX
+
+    def append(self, name: str, key: str | None, snapshot: str, *, ttl: float, now: float | None = None) -> float:
+        """Store ``snapshot`` (a JSON object) in the breaker's history; return its time.
+
+        ``now`` (epoch seconds) is used only by a store on the ``time=client`` test seam;
+        otherwise the time is Redis's, like every other time the store keeps.
+        """
+        history_key = self.key(name, key)
+        now_arg = repr(now) if now is not None and self.store.client_time else ""
+        try:
+            client = self.store.client()
+            if client is not self._client or self._script is None:  # (a new client after a fork)
+                self._script, self._client = Script(client, _APPEND), client
+            at, _, foreign = self._script([history_key], [now_arg, snapshot, repr(ttl)], client=client)
+        except CLIENT_ERRORS as exc:
+            raise StorageError(f"redis store {self.store.label}: recording metrics of {name!r} failed: {exc}") from exc
+        if foreign:
+            logger.warning("redis store %s: %s held a %s, not a history; replaced it", self.store.label,
+                           history_key, _text(foreign))  # fmt: skip
+        return float(at)
+
+    def read(self, name: str, key: str | None, *, since: float | None = None, until: float | None = None) -> list[str]:
+        """The breaker's stored snapshots with ``since <= at <= until``, oldest first."""
+        history_key = self.key(name, key)
+        low = "-inf" if since is None else repr(since)
+        high = "+inf" if until is None else repr(until)
+        try:
+            entries = self.store.client().zrangebyscore(history_key, low, high)
+        except ResponseError as exc:
+            if "WRONGTYPE" in str(exc):
+                return []  # a foreign value: no history (the next append replaces it)
+            raise StorageError(f"redis store {self.store.label}: reading metrics of {name!r} failed: {exc}") from exc
+        except CLIENT_ERRORS as exc:
+            raise StorageError(f"redis store {self.store.label}: reading metrics of {name!r} failed: {exc}") from exc
+        return [_text(entry) for entry in entries]
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
