@@ -1,0 +1,160 @@
+"""A real Flower (pip ``flower``) against a real Redis broker and prefork worker.
+
+The worker defers tasks while a breaker is open; Flower's HTTP API must then show the
+deferred task as RETRY with the readable reason, count the breaker events per worker,
+and serve the celery-breaker series on ``/metrics`` through the two documented lines
+of ``flowerconfig.py`` (docs/metrics.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from celery_breaker import CircuitBreaker
+from tests.integration import partner_proj
+from tests.integration.partner_proj import BREAKER, call_partner, down_key
+from tests.integration.workers import ROOT, WorkerProcess, wait_for
+from tests.servers import free_port
+
+pytestmark = pytest.mark.slow
+
+APP = "tests.integration.partner_proj"
+POLICY = {"failure_threshold": 2, "reset_timeout": 30.0, "half_open_max_calls": 1}
+DEFERRED = re.compile(r"CircuitOpenError: breaker 'partner' open, deferred \d+\.\d s \(deferral \d+\)")
+
+
+class Flower:
+    """``celery -A <app> flower`` on a free loopback port, with a ``flowerconfig.py``."""
+
+    def __init__(self, broker: str, config: str) -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="flower-"))
+        (self.dir / "flowerconfig.py").write_text(config)
+        self.log_path = self.dir / "flower.log"
+        env = {**os.environ, "PROJ_BROKER": broker, "FLOWER_UNAUTHENTICATED_API": "true",
+               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", APP, "--broker", broker, "flower",
+                 f"--conf={self.dir / 'flowerconfig.py'}", "--address=127.0.0.1", f"--port={self.port}",
+                 "--persistent=False"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+            return str(response.read().decode())
+
+    def json(self, path: str) -> Any:
+        return json.loads(self.get(path))
+
+    def up(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"flower exited:\n{self.log_path.read_text(errors='replace')}")
+        try:
+            self.get("/healthcheck")
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextlib.contextmanager
+def flower(broker: str, config: str) -> Iterator[Flower]:
+    started = Flower(broker, config)
+    try:
+        wait_for(started.up, 60, "flower to answer")
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture(scope="module")
+def broker(redis_url: str) -> Iterator[str]:
+    url = f"{redis_url}/8"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    partner_proj.app.conf.update(broker_url=url, result_backend=url)
+    yield url
+    client.flushdb()
+
+
+def test_flower_shows_the_deferral_the_breaker_events_and_the_breaker_metrics(broker: str) -> None:
+    ns = f"flower-{uuid.uuid4().hex[:8]}"
+    store_url = f"{broker.rsplit('/', 1)[0]}/9?key_prefix={ns}"
+    conf = {"breaker_storage_url": store_url, "breaker_default_policy": POLICY}
+    client = redis.Redis.from_url(broker)
+    observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
+    config = f"from celery_breaker.flower import register_breakers\nregister_breakers({store_url!r})\n"
+    with (
+        flower(broker, config) as web,
+        WorkerProcess(broker, concurrency=2, extra_conf=json.dumps(conf), name="f1", app=APP) as worker,
+    ):
+        worker.wait_ready()
+        node = f"f1@{os.uname().nodename}"
+        client.set(down_key(ns), 1)
+        results = [call_partner.delay(ns, n) for n in range(6)]
+        wait_for(lambda: observer.snapshot().deferrals >= 3, 60, "deferrals")
+
+        # The deferred task: RETRY, with the reason readable on its page.
+        def retried() -> dict[str, Any] | None:
+            for result in results:
+                info = web.json(f"/api/task/info/{result.id}")
+                if info.get("state") == "RETRY" and DEFERRED.search(info.get("exception") or ""):
+                    return dict(info)
+            return None
+
+        wait_for(lambda: retried() is not None, 30, "a deferred task shown as RETRY in flower")
+        info = retried()
+        assert info is not None
+        assert info["worker"] == node
+        page = web.get(f"/task/{info['uuid']}")
+        assert DEFERRED.search(html.unescape(page)), [line for line in page.splitlines() if "Circuit" in line]
+
+        # The worker's event counters include the breaker events.
+        def counters() -> dict[str, Any]:
+            rows = web.json("/workers?json=1")["data"]
+            return next((row for row in rows if row.get("hostname") == node), {})
+
+        wait_for(lambda: counters().get("task-breaker-deferred", 0) >= 3, 30, "breaker events counted")
+        row = counters()
+        assert row.get("breaker-opened", 0) >= 1, row
+        assert row["task-breaker-deferred"] >= 3
+
+        # /metrics: Flower's own series and the collector's.
+        metrics = web.get("/metrics")
+        assert f'celery_breaker_state{{breaker="{BREAKER}",key="",state="open"}} 1.0' in metrics
+        assert "celery_breaker_deferrals_total" in metrics
+        assert "celery_breaker_store_up 1.0" in metrics
+        deferred_series = [
+            line for line in metrics.splitlines()
+            if line.startswith("flower_events_total{") and 'type="task-breaker-deferred"' in line
+        ]  # fmt: skip
+        assert deferred_series, "flower counts task-breaker-deferred in flower_events_total"
+
+        client.delete(down_key(ns))
+        observer.close()
+        wait_for(lambda: all(r.state == "SUCCESS" for r in results), 60, "every task to succeed after recovery")
+        wait_for(lambda: web.json(f"/api/task/info/{results[0].id}").get("state") == "SUCCESS", 30, "flower")
