@@ -22,24 +22,24 @@ from celery.worker.control import control_command, inspect_command
 
 from .errors import ConfigurationError
 
-__all__ = ["OPERATIONS", "breaker_ref", "known_breakers", "operate"]
+__all__ = ["OPERATIONS", "breaker_ref", "operate"]
 
 logger = logging.getLogger("celery_breaker")
 
-#: What an operator can do to a breaker: command suffix -> (CircuitBreaker method, what it reports).
+#: What each operator command reports it did.
 OPERATIONS = {
-    "open": ("force_open", "forced open: every call rejected until closed, reset or disabled"),
-    "close": ("close", "closed: calls admitted, windows cleared"),
-    "reset": ("reset", "reset: a fresh closed breaker, counters zeroed"),
-    "disable": ("disable", "disabled: every call admitted and never tripped until closed or reset"),
+    "open": "forced open: every call rejected until closed, reset or disabled",
+    "close": "closed: calls admitted, windows cleared",
+    "reset": "reset: a fresh closed breaker, counters zeroed",
+    "disable": "disabled: every call admitted and never tripped until closed or reset",
 }
 
 MAX_REF_LENGTH = 200
 
 
 def breaker_ref(value: str) -> str:
-    """A breaker name or key as an operator typed it; raises ``ValueError`` (which the
-    ``celery`` client shows as a usage error) when it cannot name a breaker."""
+    """A breaker name or key as an operator typed it; raises ``ValueError`` when it
+    cannot name a breaker (empty, too long, or holding control characters)."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"a breaker name or key must be a non-empty string, got {value!r}")
     if len(value) > MAX_REF_LENGTH:
@@ -49,58 +49,48 @@ def breaker_ref(value: str) -> str:
     return value
 
 
-def known_breakers(app: Any) -> set[str]:
-    """Names this app knows: every breaker in its store, on its tasks, and in ``breaker_policies``."""
-    from .monitoring import collect_metrics
-    from .settings import get_settings
-    from .signals import check_app
-
-    names = set(check_app(app))
-    names.update(name for name, _ in get_settings(app).policies if not any(c in name for c in "*?["))
-    names.update(row.snapshot.name for row in collect_metrics(app))
-    return names
-
-
 def operate(app: Any, operation: str, name: str, key: str | None = None) -> dict[str, Any]:
-    """Apply ``operation`` (a key of ``OPERATIONS``) to breaker ``name``/``key`` of ``app``'s
-    store; return its snapshot as a dict. Raises ``LookupError`` for a breaker the app
-    does not know, ``ValueError`` for a malformed name or key or operation."""
-    from .breaker import CircuitBreaker
-    from .settings import get_settings
+    """Apply ``operation`` (a key of ``OPERATIONS``) to breaker ``name``/``key`` in this
+    process's store (``celery_breaker.operations.operate``, which the CLI uses too), send
+    the events of the transitions it made, and return the breaker's snapshot as a dict.
+    Raises ``UnknownBreakerError`` / ``BreakerKeyError`` for bad input."""
+    from . import events
+    from .clock import SYSTEM_CLOCK
+    from .errors import UnknownBreakerError
+    from .monitoring import app_store
+    from .operations import app_breakers
+    from .operations import operate as move
 
     if operation not in OPERATIONS:
         raise ValueError(f"unknown operation {operation!r}; one of {', '.join(OPERATIONS)}")
-    breaker_ref(name)
-    if key is not None:
-        breaker_ref(key)
-    known = known_breakers(app)
+    store = app_store(app)  # this process's own: with memory:// each worker acts on its own breakers
+    known = set(app_breakers(app)) | {snapshot.name for snapshot in store.snapshots(SYSTEM_CLOCK)}
     if name not in known:
         listing = ", ".join(sorted(known)) or "none"
-        raise LookupError(f"unknown breaker {name!r}; this worker knows: {listing}")
-    settings = get_settings(app)
-    breaker = CircuitBreaker(
-        name, settings.policy_for(name), storage=settings.storage_url, key=key,
-        on_storage_error=settings.on_storage_error,
-    )  # fmt: skip
-    method, _ = OPERATIONS[operation]
-    getattr(breaker, method)()
-    logger.warning("celery-breaker: breaker %s %s by remote control", breaker.label, OPERATIONS[operation][1])
-    return breaker.snapshot().as_dict()
+        raise UnknownBreakerError(f"unknown breaker {name!r}; this worker knows: {listing}")
+    # A known breaker's new key (a tenant to hold open before its first call) is created.
+    done = move(app, operation, name, key, store=store, create=True)
+    for transition in done.transitions:
+        if events.enabled():
+            type_, fields = events.transition_event(transition)
+            events.send(app, type_, **fields)
+    label = name if key is None else f"{name}[{key}]"
+    logger.warning("celery-breaker: breaker %s %s by remote control", label, OPERATIONS[operation])
+    return done.after.as_dict()
 
 
 def _reply(state: Any, operation: str, name: str | None, key: str | None) -> dict[str, Any]:
     if not name:
         return {"error": f"breaker_{operation} needs a breaker name: celery control breaker_{operation} NAME [KEY]"}
-    app = state.consumer.app
     label = name if not key else f"{name}[{key}]"
     try:
-        snapshot = operate(app, operation, name, key or None)
+        snapshot = operate(state.consumer.app, operation, name, key or None)
     except (LookupError, ValueError, ConfigurationError) as exc:
         return {"error": str(exc)}
     except Exception as exc:  # a store outage, say: a reply, never a dead control thread
         logger.exception("celery-breaker: breaker_%s %s failed", operation, label)
         return {"error": f"breaker_{operation} {label}: {exc}"}
-    return {"ok": f"breaker {label} {OPERATIONS[operation][1]}; state {snapshot['state']}"}
+    return {"ok": f"breaker {label} {OPERATIONS[operation]}; state {snapshot['state']}"}
 
 
 def _typed_ref(value: str) -> str:

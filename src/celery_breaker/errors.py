@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .core.state import State
 
-__all__ = ["CircuitBreakerError", "CircuitOpenError", "ConfigurationError", "RetryAfter"]
+__all__ = [
+    "BreakerKeyError",
+    "CircuitBreakerError",
+    "CircuitOpenError",
+    "ConfigurationError",
+    "RetryAfter",
+    "UnknownBreakerError",
+]
 
 
 class CircuitBreakerError(Exception):
@@ -19,6 +26,18 @@ class ConfigurationError(CircuitBreakerError, ValueError):
 
     The message always names the setting, the value it got and what is allowed.
     """
+
+
+class UnknownBreakerError(CircuitBreakerError, LookupError):
+    """An operator named a breaker that neither the store nor the app knows.
+
+    The message names the breaker, lists the known ones and says how to act anyway.
+    """
+
+
+class BreakerKeyError(CircuitBreakerError, ValueError):
+    """An operator gave a per-key breaker's key that cannot name a breaker (empty,
+    surrounded by whitespace, or holding control characters)."""
 
 
 class CircuitOpenError(CircuitBreakerError):

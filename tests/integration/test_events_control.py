@@ -9,7 +9,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -23,7 +26,7 @@ import redis
 from celery_breaker import CircuitBreaker, State
 from tests.integration import partner_proj
 from tests.integration.partner_proj import BREAKER, call_partner, down_key
-from tests.integration.workers import WorkerProcess, wait_for
+from tests.integration.workers import ROOT, WorkerProcess, wait_for
 from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
@@ -242,3 +245,48 @@ def _answers(scrape: Any) -> bool:
     except OSError:
         return False
     return True
+
+
+def celery_cli(broker: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``celery -A partner_proj <args>`` as an operator types it."""
+    env = {**os.environ, "PROJ_BROKER": broker, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "celery", "-A", APP, *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+def test_the_celery_inspect_and_control_commands_as_an_operator_types_them(broker: str, ns: str) -> None:
+    store_url = f"{broker.rsplit('/', 1)[0]}/7?key_prefix={ns}"
+    conf = {"breaker_storage_url": store_url, "breaker_default_policy": POLICY}
+    observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
+    observer.reset()
+
+    # No worker answering: Celery's own message and exit code 69, never a traceback.
+    nobody = celery_cli(broker, "inspect", "breakers", "--timeout", "0.5")
+    assert nobody.returncode == 69, nobody
+    assert "No nodes replied" in nobody.stderr + nobody.stdout
+    assert "Traceback" not in nobody.stderr
+
+    with workers(broker, conf, ["o1"]):
+        listed = celery_cli(broker, "inspect", "breakers", "--json", "--timeout", "5")
+        assert listed.returncode == 0, listed
+        rows = json.loads(listed.stdout)[f"o1@{socket.gethostname()}"]
+        assert [(row["name"], row["state"]) for row in rows] == [(BREAKER, "closed")]
+
+        opened = celery_cli(broker, "control", "breaker_open", BREAKER, "--timeout", "5")
+        assert opened.returncode == 0, opened
+        assert "forced open" in opened.stdout
+        assert observer.snapshot().state is State.FORCED_OPEN
+        closed = celery_cli(broker, "control", "breaker_close", BREAKER, "--timeout", "5")
+        assert "closed" in closed.stdout
+        assert observer.snapshot().state is State.CLOSED
+
+        unknown = celery_cli(broker, "control", "breaker_open", "no-such", "--timeout", "5")
+        assert "unknown breaker 'no-such'" in unknown.stdout + unknown.stderr, unknown
+        for bad in ("", "tab\there"):
+            refused = celery_cli(broker, "control", "breaker_open", BREAKER, bad, "--timeout", "5")
+            assert refused.returncode == 2, refused
+            assert "Invalid value" in refused.stderr
+            assert "Traceback" not in refused.stderr
+        assert observer.snapshot().state is State.CLOSED

@@ -8,18 +8,12 @@ of ``flowerconfig.py`` (docs/metrics.md).
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
 import os
 import re
-import subprocess
-import sys
-import tempfile
-import urllib.request
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -28,67 +22,13 @@ import redis
 from celery_breaker import CircuitBreaker
 from tests.integration import partner_proj
 from tests.integration.partner_proj import BREAKER, call_partner, down_key
-from tests.integration.workers import ROOT, WorkerProcess, wait_for
-from tests.servers import free_port
+from tests.integration.workers import WorkerProcess, flower, wait_for
 
 pytestmark = pytest.mark.slow
 
 APP = "tests.integration.partner_proj"
 POLICY = {"failure_threshold": 2, "reset_timeout": 30.0, "half_open_max_calls": 1}
 DEFERRED = re.compile(r"CircuitOpenError: breaker 'partner' open, deferred \d+\.\d s \(deferral \d+\)")
-
-
-class Flower:
-    """``celery -A <app> flower`` on a free loopback port, with a ``flowerconfig.py``."""
-
-    def __init__(self, broker: str, config: str) -> None:
-        self.port = free_port()
-        self.dir = Path(tempfile.mkdtemp(prefix="flower-"))
-        (self.dir / "flowerconfig.py").write_text(config)
-        self.log_path = self.dir / "flower.log"
-        env = {**os.environ, "PROJ_BROKER": broker, "FLOWER_UNAUTHENTICATED_API": "true",
-               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", APP, "--broker", broker, "flower",
-                 f"--conf={self.dir / 'flowerconfig.py'}", "--address=127.0.0.1", f"--port={self.port}",
-                 "--persistent=False"],
-                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-
-    def get(self, path: str) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
-            return str(response.read().decode())
-
-    def json(self, path: str) -> Any:
-        return json.loads(self.get(path))
-
-    def up(self) -> bool:
-        if self.process.poll() is not None:
-            raise AssertionError(f"flower exited:\n{self.log_path.read_text(errors='replace')}")
-        try:
-            self.get("/healthcheck")
-        except OSError:
-            return False
-        return True
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-@contextlib.contextmanager
-def flower(broker: str, config: str) -> Iterator[Flower]:
-    started = Flower(broker, config)
-    try:
-        wait_for(started.up, 60, "flower to answer")
-        yield started
-    finally:
-        started.stop()
 
 
 @pytest.fixture(scope="module")

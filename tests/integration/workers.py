@@ -1,16 +1,21 @@
-"""Start and stop real ``celery worker`` processes, and a redis-server a test can kill, for tests."""
+"""Start and stop real ``celery worker`` and ``celery flower`` processes for tests."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,3 +84,57 @@ class WorkerProcess:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
+
+
+class Flower:
+    """``celery -A <app> flower`` on a free loopback port, with a ``flowerconfig.py``."""
+
+    def __init__(self, broker: str, config: str, app: str = "tests.integration.partner_proj") -> None:
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="flower-"))
+        (self.dir / "flowerconfig.py").write_text(config)
+        self.log_path = self.dir / "flower.log"
+        env = {**os.environ, "PROJ_BROKER": broker, "FLOWER_UNAUTHENTICATED_API": "true",
+               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", app, "--broker", broker, "flower",
+                 f"--conf={self.dir / 'flowerconfig.py'}", "--address=127.0.0.1", f"--port={self.port}",
+                 "--persistent=False"],
+                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    def get(self, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as response:
+            return str(response.read().decode())
+
+    def json(self, path: str) -> Any:
+        return json.loads(self.get(path))
+
+    def up(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"flower exited:\n{self.log_path.read_text(errors='replace')}")
+        try:
+            self.get("/healthcheck")
+        except OSError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+@contextlib.contextmanager
+def flower(broker: str, config: str) -> Iterator[Flower]:
+    """A started Flower, stopped on leaving."""
+    started = Flower(broker, config)
+    try:
+        wait_for(started.up, 60, "flower to answer")
+        yield started
+    finally:
+        started.stop()

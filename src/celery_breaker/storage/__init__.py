@@ -62,7 +62,7 @@ def _redis_store(url: str) -> Store:
         if exc.name != "redis":
             raise
         raise ConfigurationError(
-            f"{url!r} needs redis-py, which is not installed: pip install 'celery-breaker[redis]'"
+            f"{describe_url(url)!r} needs redis-py, which is not installed: pip install 'celery-breaker[redis]'"
         ) from None
 
     return RedisStore.from_url(url)
@@ -81,7 +81,7 @@ def check_storage_url(url: str) -> None:
     scheme = urlsplit(url).scheme.lower()
     if scheme not in _FACTORIES:
         raise ConfigurationError(
-            f"breaker_storage_url: unknown scheme {scheme!r} in {url!r}; "
+            f"breaker_storage_url: unknown scheme {scheme!r} in {describe_url(url)!r}; "
             f"this build supports: {', '.join(sorted(f + '://' for f in _FACTORIES))}"
         )
 
@@ -101,7 +101,7 @@ def store_from_url(url: str) -> Store:
             try:
                 found = _OPEN[url] = factory(url)
             except ConfigurationError as exc:
-                raise ConfigurationError(f"breaker_storage_url {url!r}: {exc}") from None
+                raise ConfigurationError(f"breaker_storage_url {describe_url(url)!r}: {exc}") from None
         return found
 
 

@@ -1,0 +1,228 @@
+"""Operator moves on an app's breakers in its shared store: which breakers exist, valid keys, the policy kept.
+
+Free of click and of remote control, so the ``celery breaker`` CLI and the worker's
+control commands can share it. Every function that reads the store raises
+``StorageError`` when it cannot be reached.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import unicodedata
+from dataclasses import dataclass
+from typing import Any
+
+from .clock import SYSTEM_CLOCK, Clock
+from .core import BreakerPolicy, BreakerSnapshot, State, Transition
+from .errors import BreakerKeyError, ConfigurationError, UnknownBreakerError
+from .settings import get_settings
+from .storage import MemoryStore, Store, describe_url, resolve_store
+
+__all__ = [
+    "ACTIONS",
+    "Move",
+    "app_breakers",
+    "check_key",
+    "operate",
+    "shared_store",
+    "split_label",
+]
+
+#: Each operator action and the state it moves a breaker to (``None``: a reset to a
+#: fresh CLOSED breaker with zeroed counters, under the app's policy).
+ACTIONS: dict[str, State | None] = {
+    "open": State.FORCED_OPEN,
+    "close": State.CLOSED,
+    "disable": State.DISABLED,
+    "reset": None,
+}
+
+#: At most this many names are listed in an error message.
+MAX_LISTED = 20
+
+_CREATE_HINT = "pass --create to act on it anyway"
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """What one operator action did to one breaker."""
+
+    action: str
+    before: State | None
+    """The state before, or ``None`` when the breaker did not exist and was created."""
+    after: BreakerSnapshot
+    store: str
+    """The store's URL, passwords masked."""
+    transitions: tuple[Transition, ...]
+    """The transitions the action made (what listeners and events would announce)."""
+    policy_differs: bool
+    """The stored policy differed from the app's (a reset has now adopted the app's)."""
+
+    @property
+    def label(self) -> str:
+        """``'crm'`` or ``'crm[tenant-7]'``."""
+        snapshot = self.after
+        return snapshot.name if snapshot.key is None else f"{snapshot.name}[{snapshot.key}]"
+
+
+def shared_store(app: Any) -> Store:
+    """The app's breaker store, refusing a ``memory://`` one: it holds only the breakers
+    of the process that uses it, so another process can neither see nor change them."""
+    url = get_settings(app).storage_url
+    store = resolve_store(url)
+    if isinstance(store, MemoryStore):
+        raise ConfigurationError(
+            f"breaker_storage_url is {describe_url(url)!r}: a memory store holds only the breakers of the "
+            "process that uses it, so this command cannot see or change the workers' breakers; set "
+            "breaker_storage_url to a redis:// URL (a Redis broker's server is the default) to share them"
+        )
+    return store
+
+
+def check_key(key: str | None) -> None:
+    """Raise ``BreakerKeyError`` unless ``key`` (``None``: no key) can name a per-key breaker."""
+    if key is None:
+        return
+    if not isinstance(key, str) or not key:
+        raise BreakerKeyError(f"breaker key {key!r} is empty; a breaker without a key takes no key at all")
+    if key != key.strip():
+        raise BreakerKeyError(f"breaker key {key!r} starts or ends with whitespace; quote only the key itself")
+    bad = next((c for c in key if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+    if bad is not None:
+        raise BreakerKeyError(f"breaker key {key!r} holds the control character {bad!r}; keys are printable text")
+
+
+def split_label(label: str) -> tuple[str, str | None]:
+    """``'crm[tenant-7]'`` (a label as ``status`` shows it) -> ``('crm', 'tenant-7')``;
+    anything else -> ``(label, None)``."""
+    if label.endswith("]") and "[" in label:
+        name, _, key = label[:-1].partition("[")
+        if name:
+            return name, key
+    return label, None
+
+
+def app_breakers(app: Any) -> dict[str, BreakerPolicy]:
+    """Every breaker the app names, with the policy it gives it: its tasks' breakers
+    (``BreakerTask`` and ``breaker_routes``) and the exact names in ``breaker_policies``.
+
+    A task whose options are invalid is skipped: the worker refuses it at start, and an
+    operator must still be able to act on the other breakers.
+    """
+    from .task import BreakerTask, prepare_task_class, task_breaker_config
+
+    settings = get_settings(app)
+    found: dict[str, BreakerPolicy] = {}
+    for task_name, task in sorted(app.tasks.items()):
+        if task_name.startswith("celery."):
+            continue
+        if isinstance(task, BreakerTask):
+            try:
+                prepare_task_class(type(task))
+                config = task_breaker_config(task)
+            except ConfigurationError:
+                continue
+            found.setdefault(config.name, config.policy)
+            continue
+        routed = settings.route_for(task_name)
+        if routed is not None:
+            name = routed or task_name  # True in breaker_routes: the task's own name
+            found.setdefault(name, settings.policy_for(name))
+    for pattern, _ in settings.policies:
+        if not any(mark in pattern for mark in "*?["):
+            found.setdefault(pattern, settings.policy_for(pattern))
+    return found
+
+
+def _app_policy(app: Any, name: str, named: dict[str, BreakerPolicy]) -> BreakerPolicy | None:
+    """The policy the app gives ``name``, or ``None`` when no setting or task mentions it."""
+    found = named.get(name)
+    if found is not None:
+        return found
+    settings = get_settings(app)
+    if any(pattern == name or fnmatch.fnmatchcase(name, pattern) for pattern, _ in settings.policies):
+        return settings.policy_for(name)
+    return None
+
+
+def _listing(names: list[str]) -> str:
+    shown = ", ".join(names[:MAX_LISTED])
+    hidden = len(names) - MAX_LISTED
+    return shown + (f" and {hidden} more" if hidden > 0 else "")
+
+
+def _unknown(
+    name: str, key: str | None, names: list[str], in_store: set[tuple[str, str | None]], store: str, hint: str
+) -> UnknownBreakerError:
+    if key is not None and name in names:
+        keys = sorted(k for n, k in in_store if n == name and k is not None)
+        text = f"breaker {name!r} has no key {key!r} in {store}"
+        text += f"; its keys there: {_listing(keys)}" if keys else "; it has no per-key breakers there"
+    else:
+        text = f"no breaker named {name!r} in {store} or among the app's tasks"
+        close = difflib.get_close_matches(name, names, n=1)
+        if close:
+            text += f" (did you mean {close[0]!r}?)"
+        text += f"; known breakers: {_listing(names)}" if names else "; the app and the store know no breakers"
+    return UnknownBreakerError(f"{text}; {hint}")
+
+
+def operate(
+    app: Any,
+    action: str,
+    name: str,
+    key: str | None = None,
+    *,
+    create: bool = False,
+    store: Store | None = None,
+    clock: Clock | None = None,
+    create_hint: str = _CREATE_HINT,
+) -> Move:
+    """Apply ``action`` (a key of ``ACTIONS``) to breaker ``name``/``key`` in the app's store.
+
+    ``name`` may be a label as ``status`` shows it (``crm[tenant-7]``). The breaker must
+    be in the store, or (without a key) be one the app names; ``create`` acts anyway.
+    A breaker the app names gets the app's policy when created or reset; any other keeps
+    the policy stored with it. Raises ``UnknownBreakerError``, ``BreakerKeyError``,
+    ``ConfigurationError`` (a memory store, bad settings) or ``StorageError``.
+    """
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
+    if not isinstance(name, str) or not name.strip():
+        raise UnknownBreakerError(f"a breaker name is required, got {name!r}")
+    check_key(key)
+    store = store if store is not None else shared_store(app)
+    clock = clock or SYSTEM_CLOCK
+    label = describe_url(store.url)
+    named = app_breakers(app)
+    snapshots = store.snapshots(clock)
+    in_store = {(snapshot.name, snapshot.key) for snapshot in snapshots}
+    if key is None and name not in named and (name, None) not in in_store:
+        name, key = split_label(name)
+        check_key(key)
+    exists = (name, key) in in_store
+    if not exists and not create and not (key is None and name in named):
+        names = sorted(set(named) | {n for n, _ in in_store})
+        raise _unknown(name, key, names, in_store, label, create_hint)
+
+    wanted = _app_policy(app, name, named)
+    cell = store.cell(name, key, wanted or get_settings(app).policy_for(name), clock)
+    before = cell.state if exists else None
+    stored = cell.policy
+    differs = wanted is not None and stored != wanted
+    target = ACTIONS[action]
+    if target is None:
+        cell.reset(wanted or stored, clock.monotonic())
+    else:
+        cell.force(target, wanted or stored, clock.monotonic())
+    transitions = tuple(cell.events)
+    cell.events.clear()  # reported to the caller, which announces them as it sees fit
+    return Move(
+        action=action,
+        before=before,
+        after=cell.snapshot(clock.monotonic()),
+        store=label,
+        transitions=transitions,
+        policy_differs=differs,
+    )
