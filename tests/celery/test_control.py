@@ -1,0 +1,39 @@
+"""Remote control in an in-process worker (``celery.contrib.pytest``'s): the commands are
+registered by ``install(app)`` and answered over the memory transport."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from celery_breaker import CircuitBreaker, State
+
+from . import tasks
+
+Operate = Callable[[CircuitBreaker], CircuitBreaker]
+
+
+def test_the_in_process_worker_answers_inspect_breakers(app: Any, operate: Operate) -> None:
+    breaker = operate(tasks.forced_task.breaker)
+    breaker.force_open()
+    replies = app.control.inspect(timeout=3, limit=1)._request("breakers")
+    assert len(replies) == 1, replies
+    (rows,) = replies.values()
+    states = {(row["name"], row["key"]): row["state"] for row in rows}
+    assert states[("t-forced", None)] == "forced_open"
+
+
+def test_the_in_process_worker_obeys_breaker_control_commands(app: Any, operate: Operate) -> None:
+    breaker = operate(tasks.forced_task.breaker)
+    for command, state in (("breaker_open", State.FORCED_OPEN), ("breaker_disable", State.DISABLED),
+                           ("breaker_close", State.CLOSED), ("breaker_reset", State.CLOSED)):  # fmt: skip
+        answers = app.control.broadcast(command, arguments={"name": "t-forced"}, reply=True, timeout=3, limit=1)
+        assert len(answers) == 1, answers
+        (answer,) = answers[0].values()
+        assert "ok" in answer, answer
+        assert breaker.state is state
+    answers = app.control.broadcast("breaker_open", arguments={"name": "nope"}, reply=True, timeout=3, limit=1)
+    (answer,) = answers[0].values()
+    assert "unknown breaker 'nope'" in answer["error"]
+    assert "t-forced" in answer["error"]
+    assert breaker.state is State.CLOSED
