@@ -36,13 +36,8 @@ POLICY = {"failure_threshold": 2, "reset_timeout": 1.0, "half_open_max_calls": 1
 
 
 @pytest.fixture(scope="module")
-def broker(redis_url: str) -> Iterator[str]:
-    url = f"{redis_url}/6"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    partner_proj.app.conf.update(broker_url=url, result_backend=url)
-    yield url
-    client.flushdb()
+def broker(partner_broker: str) -> str:
+    return partner_broker
 
 
 @pytest.fixture

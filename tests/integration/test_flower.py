@@ -13,14 +13,12 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis
 
 from celery_breaker import CircuitBreaker
-from tests.integration import partner_proj
 from tests.integration.partner_proj import BREAKER, call_partner, down_key
 from tests.integration.workers import WorkerProcess, flower, wait_for
 
@@ -32,13 +30,8 @@ DEFERRED = re.compile(r"CircuitOpenError: breaker 'partner' open, deferred \d+\.
 
 
 @pytest.fixture(scope="module")
-def broker(redis_url: str) -> Iterator[str]:
-    url = f"{redis_url}/8"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    partner_proj.app.conf.update(broker_url=url, result_backend=url)
-    yield url
-    client.flushdb()
+def broker(partner_broker: str) -> str:
+    return partner_broker
 
 
 def test_flower_shows_the_deferral_the_breaker_events_and_the_breaker_metrics(broker: str) -> None:

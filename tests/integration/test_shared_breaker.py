@@ -20,7 +20,6 @@ from celery.result import AsyncResult
 
 from celery_breaker import CircuitBreaker, State
 from celery_breaker.storage.redis import RedisStore
-from tests.integration import partner_proj
 from tests.integration.partner_proj import BREAKER, call_partner, calls_key, down_key
 from tests.integration.workers import WorkerProcess, wait_for
 from tests.servers import RedisServer
@@ -36,13 +35,8 @@ POLICY = {"failure_threshold": THRESHOLD, "reset_timeout": 1.0, "half_open_max_c
 
 
 @pytest.fixture(scope="module")
-def broker(redis_url: str) -> Iterator[str]:
-    url = f"{redis_url}/4"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    partner_proj.app.conf.update(broker_url=url, result_backend=url)
-    yield url
-    client.flushdb()
+def broker(partner_broker: str) -> str:
+    return partner_broker
 
 
 @pytest.fixture

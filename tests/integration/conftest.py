@@ -1,0 +1,34 @@
+"""The ``partner_broker`` fixture: the one broker database of ``partner_proj``'s app.
+
+The app builds its connection and producer pools, and its result backend, on first use
+and keeps them, so once a test module has published, pointing ``broker_url`` somewhere
+else would not move them. Every module that uses the app therefore shares one
+database, and empties it before and after its own tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from tests.integration import partner_proj
+
+PARTNER_DB = 4
+
+
+@pytest.fixture(scope="session")
+def partner_url(redis_url: str) -> str:
+    url = f"{redis_url}/{PARTNER_DB}"
+    partner_proj.app.conf.update(broker_url=url, result_backend=url)
+    return url
+
+
+@pytest.fixture(scope="module")
+def partner_broker(partner_url: str) -> Iterator[str]:
+    """``partner_proj``'s broker (and result backend), empty for this module."""
+    client = redis.Redis.from_url(partner_url)
+    client.flushdb()
+    yield partner_url
+    client.flushdb()
