@@ -1,12 +1,21 @@
-"""celery-breaker: circuit breakers for Celery tasks that defer work, not fail it, while a downstream is down."""
+"""celery-breaker: circuit breakers for Celery tasks that defer work, not fail it, while a downstream is down.
+
+The public names are imported on first use (PEP 562): every ``celery`` command imports
+this package through the ``celery breaker`` entry point, and should not pay for the
+breaker, the task class and the worker wiring unless it uses them.
+"""
 
 from __future__ import annotations
 
-from .breaker import CircuitBreaker
-from .core import BreakerPolicy, State
-from .errors import CircuitBreakerError, CircuitOpenError, ConfigurationError, RetryAfter
-from .signals import install
-from .task import BreakerTask
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .breaker import CircuitBreaker
+    from .core import BreakerPolicy, State
+    from .errors import CircuitBreakerError, CircuitOpenError, ConfigurationError, RetryAfter
+    from .signals import install
+    from .task import BreakerTask
 
 __version__ = "0.1.0"
 
@@ -21,3 +30,28 @@ __all__ = [
     "State",
     "install",
 ]
+
+_HOMES = {
+    "BreakerPolicy": ".core",
+    "BreakerTask": ".task",
+    "CircuitBreaker": ".breaker",
+    "CircuitBreakerError": ".errors",
+    "CircuitOpenError": ".errors",
+    "ConfigurationError": ".errors",
+    "RetryAfter": ".errors",
+    "State": ".core",
+    "install": ".signals",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'celery_breaker' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

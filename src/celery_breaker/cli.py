@@ -18,11 +18,24 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import click
 from celery.bin.base import CeleryCommand
+from celery.signals import worker_init
 
 # Every `celery` command imports this entry point: registering the remote-control
 # commands here lets `celery inspect breakers` / `celery control breaker_open` be sent,
 # and CLI-started workers answer them, whether or not the app imports celery_breaker.
 from . import control  # noqa: F401
+
+
+@worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
+def _install_in_cli_workers(sender: Any = None, **_: Any) -> None:
+    """A CLI-started worker wires celery-breaker into its app (``install``) even when the
+    app puts tasks under breakers by ``breaker_routes`` alone and never imports it."""
+    app = getattr(sender, "app", None)
+    if app is not None:
+        from .signals import install
+
+        install(app)
+
 
 if TYPE_CHECKING:
     from .clock import Clock
