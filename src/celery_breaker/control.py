@@ -103,7 +103,30 @@ def _typed_ref(value: str) -> str:
         raise click.BadParameter(str(exc)) from None
 
 
-_ARGS = [("name", _typed_ref), ("key", _typed_ref)]
+def _typed_name(value: str) -> str:
+    """A breaker name for the ``celery`` client: malformed, or unknown to the app the
+    client loaded (``-A``) and to its store, is a usage error (exit 2) before anything is
+    sent. If the client cannot read the store, the workers decide."""
+    import click
+    from celery import current_app
+
+    name = _typed_ref(value)
+    app = current_app._get_current_object()
+    try:
+        from .clock import SYSTEM_CLOCK
+        from .monitoring import app_store
+        from .operations import app_breakers
+
+        known = set(app_breakers(app)) | {s.name for s in app_store(app).snapshots(SYSTEM_CLOCK)}
+    except Exception:  # no store from here (or no settings): leave it to the workers
+        return name
+    if name not in known:
+        listing = ", ".join(sorted(known)) or "none"
+        raise click.BadParameter(f"unknown breaker {name!r}; known: {listing}")
+    return name
+
+
+_ARGS = [("name", _typed_name), ("key", _typed_ref)]
 _SIGNATURE = "<breaker name> [key]"
 
 

@@ -242,9 +242,9 @@ def _answers(scrape: Any) -> bool:
     return True
 
 
-def celery_cli(broker: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``celery -A partner_proj <args>`` as an operator types it."""
-    env = {**os.environ, "PROJ_BROKER": broker, "PYTHONPATH": str(ROOT)}
+def celery_cli(broker: str, *args: str, conf: dict[str, Any] | None = None) -> subprocess.CompletedProcess[str]:
+    """``celery -A partner_proj <args>`` as an operator types it (with the workers' settings)."""
+    env = {**os.environ, "PROJ_BROKER": broker, "PROJ_EXTRA_CONF": json.dumps(conf or {}), "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "celery", "-A", APP, *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
@@ -258,29 +258,32 @@ def test_the_celery_inspect_and_control_commands_as_an_operator_types_them(broke
     observer.reset()
 
     # No worker answering: Celery's own message and exit code 69, never a traceback.
-    nobody = celery_cli(broker, "inspect", "breakers", "--timeout", "0.5")
+    nobody = celery_cli(broker, "inspect", "breakers", "--timeout", "0.5", conf=conf)
     assert nobody.returncode == 69, nobody
     assert "No nodes replied" in nobody.stderr + nobody.stdout
     assert "Traceback" not in nobody.stderr
 
     with workers(broker, conf, ["o1"]):
-        listed = celery_cli(broker, "inspect", "breakers", "--json", "--timeout", "5")
+        listed = celery_cli(broker, "inspect", "breakers", "--json", "--timeout", "5", conf=conf)
         assert listed.returncode == 0, listed
         rows = json.loads(listed.stdout)[f"o1@{socket.gethostname()}"]
         assert [(row["name"], row["state"]) for row in rows] == [(BREAKER, "closed")]
 
-        opened = celery_cli(broker, "control", "breaker_open", BREAKER, "--timeout", "5")
+        opened = celery_cli(broker, "control", "breaker_open", BREAKER, "--timeout", "5", conf=conf)
         assert opened.returncode == 0, opened
         assert "forced open" in opened.stdout
         assert observer.snapshot().state is State.FORCED_OPEN
-        closed = celery_cli(broker, "control", "breaker_close", BREAKER, "--timeout", "5")
+        closed = celery_cli(broker, "control", "breaker_close", BREAKER, "--timeout", "5", conf=conf)
         assert "closed" in closed.stdout
         assert observer.snapshot().state is State.CLOSED
 
-        unknown = celery_cli(broker, "control", "breaker_open", "no-such", "--timeout", "5")
-        assert "unknown breaker 'no-such'" in unknown.stdout + unknown.stderr, unknown
+        # An unknown breaker is refused by the client (it loads the app and reads the store).
+        unknown = celery_cli(broker, "control", "breaker_open", "no-such", "--timeout", "5", conf=conf)
+        assert unknown.returncode == 2, unknown
+        assert "unknown breaker 'no-such'; known: partner" in unknown.stderr
+        assert "Traceback" not in unknown.stderr
         for bad in ("", "tab\there"):
-            refused = celery_cli(broker, "control", "breaker_open", BREAKER, bad, "--timeout", "5")
+            refused = celery_cli(broker, "control", "breaker_open", BREAKER, bad, "--timeout", "5", conf=conf)
             assert refused.returncode == 2, refused
             assert "Invalid value" in refused.stderr
             assert "Traceback" not in refused.stderr
