@@ -39,3 +39,23 @@ def redis_sentinel() -> Iterator[RedisSentinel]:
     with RedisSentinel() as sentinel:
         _started(sentinel)
         yield sentinel
+
+
+#: The database of ``tests.integration.proj``'s broker and result backend.
+PROJ_DB = 3
+
+
+@pytest.fixture(scope="session")
+def proj_url(redis_url: str) -> str:
+    """``tests.integration.proj``'s broker (and result backend), set once per session.
+
+    A Celery app builds its connection and producer pools, and its result backend, on
+    first use and keeps them: pointing ``broker_url`` elsewhere later would not move
+    them. Every test module that publishes with this app shares this database, and
+    empties what it uses.
+    """
+    from tests.integration import proj
+
+    url = f"{redis_url}/{PROJ_DB}"
+    proj.app.conf.update(broker_url=url, result_backend=url)
+    return url

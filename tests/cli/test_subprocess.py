@@ -29,8 +29,6 @@ from tests.servers import free_port
 
 from .conftest import breaker, stored, trip
 
-DB = 6  # the broker's database here (the integration tests use others)
-
 
 def celery(broker: str, prefix: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``celery -A tests.integration.proj <args>`` in a subprocess; breakers under key prefix ``prefix``."""
@@ -44,8 +42,9 @@ def celery(broker: str, prefix: str, *args: str) -> subprocess.CompletedProcess[
 
 
 @pytest.fixture
-def broker(redis_url: str) -> str:
-    return f"{redis_url}/{DB}"
+def broker(proj_url: str) -> str:
+    """``proj``'s own broker (tests/conftest.py): its app in this process publishes there."""
+    return proj_url
 
 
 @pytest.fixture
@@ -163,13 +162,11 @@ def _read_until(fd: int, seen: bytes, done: Callable[[bytes], bool], timeout: fl
 
 @pytest.fixture
 def sender(broker: str) -> Iterator[None]:
-    """``proj``'s app in this process sends to this test's broker (then back as it was)."""
-    before = (proj.app.conf.broker_url, proj.app.conf.result_backend)
-    proj.app.conf.update(broker_url=broker, result_backend=broker)
+    """``proj``'s downstream, up and unused, before and after the test."""
     client = redis.Redis.from_url(broker)
     client.delete(proj.DOWN_KEY, proj.CALLS_KEY)
     yield
-    proj.app.conf.update(broker_url=before[0], result_backend=before[1])
+    client.delete(proj.DOWN_KEY, proj.CALLS_KEY)
 
 
 @pytest.mark.slow

@@ -20,12 +20,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def broker(redis_url: str) -> Iterator[str]:
-    url = f"{redis_url}/3"
-    client = redis.Redis.from_url(url)
+def broker(proj_url: str) -> Iterator[str]:
+    client = redis.Redis.from_url(proj_url)
     client.flushdb()
-    proj.app.conf.update(broker_url=url, result_backend=url)
-    yield url
+    yield proj_url
     client.flushdb()
 
 

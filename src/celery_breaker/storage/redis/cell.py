@@ -97,7 +97,7 @@ class RedisCell:
         "name", "key", "policy", "state", "generation", "open_until", "passing", "last_used",
         "rejection_tally", "events", "state_key", "_store", "_clock", "_keys", "_key_arg", "_policy_text",
         "_offset", "_rj_flushed", "_ok_tally", "_ok_flushed", "_ok_gen", "_stale_ok", "_df_tally",
-        "_df_flushed", "_incarnation", "_full_until", "_slow", "_seen", "_dropped", "_lock", "__weakref__",
+        "_df_flushed", "_incarnation", "_full_until", "_slow", "_seen", "_dropped", "_lock", "_sending", "__weakref__",
     )  # fmt: skip
 
     def __init__(self, store: RedisStore, name: str, key: str | None, policy: BreakerPolicy, clock: Clock) -> None:
@@ -129,6 +129,9 @@ class RedisCell:
         self._stale_ok = 0
         self._df_tally = itertools.count()
         self._df_flushed = 0
+        # A flush and a snapshot never overlap: counts another thread's flush has taken
+        # but not yet sent would be in neither Redis nor the snapshot's own pending part.
+        self._sending = threading.Lock()
         self._incarnation = ""
         self._full_until = 0.0  # HALF_OPEN with every probe slot taken: reject until then
         self._slow = policy.slow_call_duration
@@ -366,10 +369,12 @@ class RedisCell:
 
     def flush(self) -> None:
         """Send what was counted locally (the store's flusher calls this)."""
-        self._call("operate", self._clock.monotonic(), "view")
+        with self._sending:
+            self._call("operate", self._clock.monotonic(), "view")
 
     def snapshot(self, now: float) -> BreakerSnapshot:
-        return self.decode_snapshot(self._call("snapshot", now), self._offset)
+        with self._sending:
+            return self.decode_snapshot(self._call("snapshot", now), self._offset)
 
     @staticmethod
     def decode_snapshot(reply: list[Any], offset: float) -> BreakerSnapshot:

@@ -396,6 +396,7 @@ def _reinit_locks_after_fork() -> None:
         store._agent = None
         for cell in list(store._cells.values()):
             cell._lock = threading.Lock()
+            cell._sending = threading.Lock()
             cell.passing = False
 
 
