@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from .servers import RedisCluster, RedisSentinel, RedisServer, ServerError
 
@@ -39,6 +41,17 @@ def redis_sentinel() -> Iterator[RedisSentinel]:
     with RedisSentinel() as sentinel:
         _started(sentinel)
         yield sentinel
+
+
+@contextlib.contextmanager
+def emptied(url: str) -> Iterator[str]:
+    """A Redis database emptied before and after use (a test module's broker)."""
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
 
 
 #: The database of ``tests.integration.proj``'s broker and result backend.

@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import redis
 
+from tests.conftest import emptied
 from tests.integration import partner_proj
 
 PARTNER_DB = 4
@@ -28,7 +28,5 @@ def partner_url(redis_url: str) -> str:
 @pytest.fixture(scope="module")
 def partner_broker(partner_url: str) -> Iterator[str]:
     """``partner_proj``'s broker (and result backend), empty for this module."""
-    client = redis.Redis.from_url(partner_url)
-    client.flushdb()
-    yield partner_url
-    client.flushdb()
+    with emptied(partner_url) as url:
+        yield url

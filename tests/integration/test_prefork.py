@@ -13,6 +13,7 @@ import pytest
 import redis
 from celery.result import AsyncResult
 
+from tests.conftest import emptied
 from tests.integration import proj
 from tests.integration.workers import WorkerProcess, wait_for
 
@@ -21,10 +22,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def broker(proj_url: str) -> Iterator[str]:
-    client = redis.Redis.from_url(proj_url)
-    client.flushdb()
-    yield proj_url
-    client.flushdb()
+    with emptied(proj_url) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
