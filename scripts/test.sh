@@ -33,4 +33,15 @@ echo "== pytest"
 echo "== benchmark smoke runs (figures are not checked)"
 "$VENV/bin/python" bench/overhead.py --quick --no-threads > /dev/null
 "$VENV/bin/python" bench/redis_store.py --quick > /dev/null
+echo "== package: build the wheel and sdist, check them, run the quick start from the wheel"
+DIST="$(mktemp -d)"
+trap 'rm -rf "$DIST"' EXIT
+"$VENV/bin/python" -m build --outdir "$DIST" . > "$DIST/build.log" 2>&1 || { cat "$DIST/build.log"; exit 1; }
+"$VENV/bin/twine" check --strict "$DIST"/*.whl "$DIST"/*.tar.gz
+python3 -m venv "$DIST/venv"
+"$DIST/venv/bin/python" -m pip install -q --disable-pip-version-check "$DIST"/*.whl > "$DIST/pip.log" 2>&1 \
+    || { cat "$DIST/pip.log"; exit 1; }
+# From outside the checkout, so the installed wheel (not src/) is what runs.
+(cd "$DIST" && "$DIST/venv/bin/python" "$OLDPWD/examples/quickstart.py" > "$DIST/demo.log") || { cat "$DIST/demo.log"; exit 1; }
+tail -n 4 "$DIST/demo.log"
 echo "== all checks passed"
