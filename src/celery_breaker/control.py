@@ -49,31 +49,36 @@ def breaker_ref(value: str) -> str:
     return value
 
 
+def _known_names(app: Any) -> tuple[Any, set[str]]:
+    """The app's store, and the breaker names known to the app or held in that store."""
+    from .clock import SYSTEM_CLOCK
+    from .monitoring import app_store
+    from .operations import app_breakers
+
+    store = app_store(app)
+    return store, set(app_breakers(app)) | {snapshot.name for snapshot in store.snapshots(SYSTEM_CLOCK)}
+
+
 def operate(app: Any, operation: str, name: str, key: str | None = None) -> dict[str, Any]:
     """Apply ``operation`` (a key of ``OPERATIONS``) to breaker ``name``/``key`` in this
     process's store (``celery_breaker.operations.operate``, which the CLI uses too), send
     the events of the transitions it made, and return the breaker's snapshot as a dict.
     Raises ``UnknownBreakerError`` / ``BreakerKeyError`` for bad input."""
-    from . import events
-    from .clock import SYSTEM_CLOCK
     from .errors import UnknownBreakerError
-    from .monitoring import app_store
-    from .operations import app_breakers
+    from .events import TransitionEvents
     from .operations import operate as move
 
     if operation not in OPERATIONS:
         raise ValueError(f"unknown operation {operation!r}; one of {', '.join(OPERATIONS)}")
-    store = app_store(app)  # this process's own: with memory:// each worker acts on its own breakers
-    known = set(app_breakers(app)) | {snapshot.name for snapshot in store.snapshots(SYSTEM_CLOCK)}
+    store, known = _known_names(app)  # this process's store: with memory:// each worker acts on its own
     if name not in known:
         listing = ", ".join(sorted(known)) or "none"
         raise UnknownBreakerError(f"unknown breaker {name!r}; this worker knows: {listing}")
     # A known breaker's new key (a tenant to hold open before its first call) is created.
     done = move(app, operation, name, key, store=store, create=True)
+    announce = TransitionEvents(app)  # (sends only where events are on)
     for transition in done.transitions:
-        if events.enabled():
-            type_, fields = events.transition_event(transition)
-            events.send(app, type_, **fields)
+        announce(transition)
     label = name if key is None else f"{name}[{key}]"
     logger.warning("celery-breaker: breaker %s %s by remote control", label, OPERATIONS[operation])
     return done.after.as_dict()
@@ -113,11 +118,7 @@ def _typed_name(value: str) -> str:
     name = _typed_ref(value)
     app = current_app._get_current_object()
     try:
-        from .clock import SYSTEM_CLOCK
-        from .monitoring import app_store
-        from .operations import app_breakers
-
-        known = set(app_breakers(app)) | {s.name for s in app_store(app).snapshots(SYSTEM_CLOCK)}
+        _, known = _known_names(app)
     except Exception:  # no store from here (or no settings): leave it to the workers
         return name
     if name not in known:
