@@ -80,6 +80,7 @@ class RunAdmission:
         """False: a run that made no guarded call records nothing (``breaker_scope="calls"``)."""
 
     def covers(self, breaker: CircuitBreaker) -> bool:
+        """True if ``breaker`` is the run's own breaker (same store, name and key)."""
         own = self.breaker
         return breaker.store is own.store and breaker.name == own.name and breaker.key == own.key
 
@@ -358,6 +359,7 @@ class CircuitBreaker:
         self._listeners.append(listener)
 
     def remove_listener(self, listener: TransitionListener) -> None:
+        """Stop calling ``listener``; ``ValueError`` if it was never added."""
         self._listeners.remove(listener)
 
     def force_open(self) -> None:

@@ -44,6 +44,7 @@ def configure(*, enabled: bool | None = None, nodename: str | None = None) -> No
 
 
 def enabled() -> bool:
+    """Whether this worker sends breaker events (``breaker_send_events``, else its ``-E``)."""
     return bool(_state["enabled"])
 
 

@@ -83,6 +83,7 @@ class Releaser(threading.Thread):
         self._failing_since: float | None = None
 
     def stop(self, timeout: float = 5.0) -> None:
+        """Ask the releaser to stop and wait up to ``timeout`` seconds for it."""
         self._stop_event.set()
         if self.is_alive() and self is not threading.current_thread():
             self.join(timeout)

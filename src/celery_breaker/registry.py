@@ -31,6 +31,7 @@ class BreakerRegistry:
         self._lock = threading.Lock()
 
     def get(self, name: str, key: str | None, policy: BreakerPolicy) -> CircuitBreaker:
+        """The breaker for ``(name, key)``, cached; a changed ``policy`` makes a new one that keeps the listeners."""
         found = self._breakers.get((name, key))
         if found is not None:
             if found.policy is policy:

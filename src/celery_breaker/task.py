@@ -126,6 +126,7 @@ class BreakerTask(Task):  # type: ignore[misc]
 
     @classmethod
     def bind(cls, app: Any) -> Any:
+        """Bind the task class to ``app``: resolve its breaker options and install the plugin."""
         result = super().bind(app)
         prepare_task_class(cls)
         from .signals import install

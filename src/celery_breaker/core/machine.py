@@ -78,10 +78,12 @@ class BreakerMachine:
 
     @property
     def successes(self) -> int:
+        """Successes counted since the breaker was made or reset."""
         return _tally(self.success_tally)
 
     @property
     def rejections(self) -> int:
+        """Calls rejected since the breaker was made or reset."""
         return _tally(self.rejection_tally)
 
     def _use_policy(self, policy: BreakerPolicy) -> None:
@@ -316,6 +318,7 @@ class BreakerMachine:
         return 0.0
 
     def snapshot(self, now: float) -> BreakerSnapshot:
+        """The breaker as of ``now`` (monotonic seconds): state, window totals and counters."""
         calls = failures = slow = 0
         if self.rate_window is not None:
             calls, failures, slow = self.rate_window.totals(now)

@@ -40,6 +40,7 @@ class Transition:
 
     @property
     def label(self) -> str:
+        """``'crm'`` or ``'crm[tenant-7]'``: the breaker as people read it."""
         return self.name if self.key is None else f"{self.name}[{self.key}]"
 
 

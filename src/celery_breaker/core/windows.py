@@ -37,19 +37,24 @@ class FailureTimes:
         return sum(1 for t in self._times if now - t <= self._window)
 
     def clear(self) -> None:
+        """Forget every failure."""
         self._times.clear()
 
 
 class RateWindow(Protocol):
     """Totals of calls, failures and slow calls over a sliding window."""
 
-    def add(self, now: float, failed: bool, slow: bool) -> None: ...
+    def add(self, now: float, failed: bool, slow: bool) -> None:
+        """Count one call that ended at ``now``, failed or not, slow or not."""
+        ...
 
     def totals(self, now: float) -> tuple[int, int, int]:
         """``(calls, failures, slow_calls)`` in the window ending at ``now``."""
         ...
 
-    def clear(self) -> None: ...
+    def clear(self) -> None:
+        """Forget every call."""
+        ...
 
 
 class CountWindow:

@@ -74,7 +74,9 @@ class Cell(Protocol):
         """Count one task deferred because this breaker rejected it."""
         ...
 
-    def snapshot(self, now: float) -> BreakerSnapshot: ...
+    def snapshot(self, now: float) -> BreakerSnapshot:
+        """The breaker as of ``now`` (the caller's monotonic clock): state, window totals and counters."""
+        ...
 
 
 class Store(Protocol):

@@ -87,6 +87,7 @@ class FallbackStore:
     # -- outage bookkeeping, shared by every cell of this store ---------------
 
     def store_failed(self, exc: StorageError, now: float) -> None:
+        """Note that the shared store failed; logs the outage at most once per ``log_interval``."""
         with self._lock:
             first = not self._down
             self._down = True
@@ -102,6 +103,7 @@ class FallbackStore:
             )  # fmt: skip
 
     def store_answered(self) -> None:
+        """Note that the shared store answers again; logs the recovery once."""
         with self._lock:
             was_down, self._down = self._down, False
         if was_down:

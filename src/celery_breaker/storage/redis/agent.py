@@ -63,6 +63,7 @@ class Agent(threading.Thread):
         self._reconnects = 0
 
     def stop(self) -> None:
+        """Ask the thread to stop; it closes its subscription and ends at its next wake-up."""
         self._stop_event.set()
 
     def run(self) -> None:

@@ -141,6 +141,7 @@ class RedisCell:
 
     @property
     def label(self) -> str:
+        """``'crm'`` or ``'crm[tenant-7]'``: the breaker as people read it."""
         return self.name if self.key is None else f"{self.name}[{self.key}]"
 
     @property

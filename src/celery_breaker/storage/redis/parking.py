@@ -53,6 +53,7 @@ class Parking:
         return self._scripts[script](keys, args, client=client)
 
     def tag(self, name: str, key: str | None) -> str:
+        """The hash-tagged key stem of a breaker, ``{prefix:name[:key]}``, that its parking keys share."""
         return self.store.keys_for(name, key)[0][: -len(":s")]
 
     def park(self, name: str, key: str | None, entry: str, order: float, payload: str, deadline: float | None) -> int:

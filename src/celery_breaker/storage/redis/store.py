@@ -135,6 +135,7 @@ class RedisStore:
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
+        """Make a store from a Redis URL: ``redis``, ``rediss``, ``redis+unix``, ``+sentinel`` or ``+cluster``."""
         parts = urlsplit(url)
         scheme = SCHEMES.get(parts.scheme.lower())
         if scheme is None:
@@ -267,6 +268,7 @@ class RedisStore:
             self._agent.start()
 
     def cell_count(self) -> int:
+        """How many breakers this process holds a cell for."""
         return len(self._cells)
 
     def go_live(self) -> None:
@@ -299,6 +301,7 @@ class RedisStore:
             )  # fmt: skip
 
     def agent_stopped(self, agent: Agent) -> None:
+        """Forget ``agent`` once its thread has ended, so the next call starts a new one."""
         with self._lock:
             if self._agent is not agent:
                 return
