@@ -44,4 +44,12 @@ python3 -m venv "$DIST/venv"
 # From outside the checkout, so the installed wheel (not src/) is what runs.
 (cd "$DIST" && "$DIST/venv/bin/python" "$OLDPWD/examples/quickstart.py" > "$DIST/demo.log") || { cat "$DIST/demo.log"; exit 1; }
 tail -n 4 "$DIST/demo.log"
+# The public API's types as a user sees them: mypy --strict over a consumer program,
+# resolving celery_breaker in the wheel's venv (its py.typed and inline types).
+printf '[mypy]\nstrict = True\ndisallow_untyped_decorators = False\n[mypy-celery.*,kombu.*]\nignore_missing_imports = True\n' > "$DIST/mypy.ini"
+cp tests/typing/consumer.py "$DIST/consumer.py"
+MYPY="$(realpath "$VENV/bin/mypy")"
+(cd "$DIST" && "$MYPY" --config-file mypy.ini --no-incremental --python-executable "$DIST/venv/bin/python" consumer.py) \
+    || { echo "the wheel's public API does not type-check"; exit 1; }
+(cd "$DIST" && "$DIST/venv/bin/python" consumer.py)
 echo "== all checks passed"
