@@ -331,10 +331,10 @@ def watch(
     PATTERN: only breakers matching a glob, as for `status`.
     """
     from .clock import SYSTEM_CLOCK
-    from .console import Watch, fit, run_watch
     from .monitoring import collect_metrics
     from .operations import shared_store
     from .storage import StorageError, describe_url
+    from .watch import Watch, fit, run_watch
 
     store = shared_store(_app(ctx))
     terminal = sys.stdout.isatty()

@@ -1,38 +1,41 @@
-"""What the ``celery breaker`` CLI prints: the status table, and the watch view that follows breakers across refreshes.
+"""What the ``celery breaker`` CLI prints: the status table and the pieces it shares with the watch view.
 
 Everything here is a pure function of rows and clock readings (colour is click's ANSI
-styling, off unless asked for), so tests check the text without a terminal.
+styling, off unless asked for), so tests check the text without a terminal. The watch
+view, which follows breakers across refreshes, is in ``celery_breaker.watch``.
 """
 
 from __future__ import annotations
 
-import re
 import time
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import click
 
-from .clock import Clock
-from .core import TRANSITIONS, BreakerSnapshot, State
+from .core import BreakerSnapshot, State
 
 if TYPE_CHECKING:
     from .monitoring import BreakerStatus
 
 __all__ = [
-    "Change",
-    "Rates",
-    "Watch",
-    "WatchRow",
+    "ALERT",
+    "BOLD",
+    "DIM",
+    "STATE_STYLES",
+    "Cell",
+    "Column",
+    "breaker_label",
+    "clock_time",
+    "count_cell",
     "duration",
-    "fit",
+    "failure_rate_text",
     "open_until_text",
-    "run_watch",
+    "render_table",
+    "state_cell",
     "status_text",
     "summary",
-    "watch_frame",
 ]
 
 #: How each state looks in colour; the order is the summary's (the worst first).
@@ -43,11 +46,9 @@ STATE_STYLES: dict[State, dict[str, Any]] = {
     State.CLOSED: {"fg": "green"},
     State.DISABLED: {"fg": "blue"},
 }
-#: Transitions the watch view keeps listing.
-HISTORY = 10
-_BOLD = {"bold": True}
-_DIM = {"dim": True}
-_ALERT = {"fg": "yellow"}
+BOLD = {"bold": True}
+DIM = {"dim": True}
+ALERT = {"fg": "yellow"}
 
 Cell = tuple[str, dict[str, Any] | None]
 """One table cell: its text and the ``click.style`` options it is shown with."""
@@ -73,7 +74,7 @@ def render_table(columns: Sequence[Column], rows: Sequence[Sequence[Cell]], *, c
             parts.append(padding + shown if column.numeric else shown + padding)
         return "  ".join(parts).rstrip()
 
-    header = [(column.title, _BOLD) for column in columns]
+    header = [(column.title, BOLD) for column in columns]
     return [line(header), *(line(row) for row in rows)]
 
 
@@ -116,20 +117,24 @@ def open_until_text(snapshot: BreakerSnapshot) -> str:
     return "-"
 
 
-def _rate(snapshot: BreakerSnapshot) -> str:
+def failure_rate_text(snapshot: BreakerSnapshot) -> str:
+    """``25%``, or ``-`` while the window has too few calls to judge."""
     rate = snapshot.failure_rate
     return "-" if rate is None else f"{rate:.0%}"
 
 
-def _state(state: State) -> Cell:
+def state_cell(state: State) -> Cell:
+    """A state as a table cell, in its colour."""
     return state.value, STATE_STYLES[state]
 
 
-def _label(snapshot: BreakerSnapshot) -> str:
+def breaker_label(snapshot: BreakerSnapshot) -> str:
+    """``'crm'`` or ``'crm[tenant-7]'``: the breaker as people read it."""
     return snapshot.name if snapshot.key is None else f"{snapshot.name}[{snapshot.key}]"
 
 
-def _count(value: int) -> Cell:
+def count_cell(value: int) -> Cell:
+    """A count as an unstyled table cell."""
     return str(value), None
 
 
@@ -167,287 +172,23 @@ def status_text(rows: Sequence[BreakerStatus], *, now: float, wide: bool = False
         if keyed:
             cells.append((snapshot.key if snapshot.key is not None else "-", None))
         cells += [
-            _state(snapshot.state),
-            (_rate(snapshot), None),
-            _count(snapshot.window_calls),
-            _count(snapshot.window_failures),
+            state_cell(snapshot.state),
+            (failure_rate_text(snapshot), None),
+            count_cell(snapshot.window_calls),
+            count_cell(snapshot.window_failures),
             (open_until_text(snapshot), None),
         ]
         if wide:
             until = snapshot.open_until if snapshot.state is State.OPEN else None
             cells.append((clock_time(until, now) if until is not None else "-", None))
-        cells += [_count(snapshot.trips), _count(snapshot.deferrals), (str(row.parked), _ALERT if row.parked else None)]
+        cells += [
+            count_cell(snapshot.trips),
+            count_cell(snapshot.deferrals),
+            (str(row.parked), ALERT if row.parked else None),
+        ]
         if wide:
-            cells += [_count(snapshot.rejections), _count(row.claimed), _count(snapshot.streak),
-                      _count(snapshot.generation)]  # fmt: skip
+            cells += [count_cell(snapshot.rejections), count_cell(row.claimed), count_cell(snapshot.streak),
+                      count_cell(snapshot.generation)]  # fmt: skip
         table.append(cells)
     lines = render_table(columns, table, color=color)
     return "\n".join([*lines, "", summary([row.snapshot for row in rows], color=color)])
-
-
-# -- watch ------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Rates:
-    """Per second since the previous refresh."""
-
-    calls: float
-    deferrals: float
-    rejections: float
-
-
-@dataclass(frozen=True, slots=True)
-class Change:
-    """A state change the watch saw between two refreshes."""
-
-    at: float
-    """Epoch seconds of the refresh that saw it."""
-    label: str
-    source: State | None
-    """``None``: the breaker appeared."""
-    target: State | None
-    """``None``: the breaker left the store (expired or deleted)."""
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class WatchRow:
-    """One breaker in one refresh: its status, rates and how long it has been in its state."""
-
-    status: BreakerStatus
-    rates: Rates | None
-    """``None`` on the first refresh that shows the breaker."""
-    since: float | None
-    """Epoch seconds its state began; ``None``: before the watch started."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Seen:
-    snapshot: BreakerSnapshot
-    at: float
-    since: float | None
-
-
-def _per_second(now: int, before: int, elapsed: float) -> float:
-    # A counter that went down was reset: everything it holds now came since.
-    return (now - before if now >= before else now) / elapsed
-
-
-def _reason(old: BreakerSnapshot, new: BreakerSnapshot) -> str:
-    moves = new.generation - old.generation
-    if new.state is State.CLOSED and (
-        new.trips < old.trips or new.successes + new.failures < old.successes + old.failures
-    ):
-        return "reset"
-    if moves < 1:
-        return "recreated"  # expired and made again: its generation started over
-    if moves == 1:
-        reason = TRANSITIONS.get((old.state, new.state), "moved")
-    elif old.state is State.OPEN and new.state is State.OPEN and new.streak > old.streak:
-        # OPEN -> HALF_OPEN -> OPEN, perhaps more than once: the streak counts failed probes.
-        failed = new.streak - old.streak
-        reason = "probe failed" + (f" {failed} times" if failed > 1 else "") + " via half_open"
-    else:
-        reason = f"{moves} transitions since the last refresh"
-    if new.state is State.OPEN and new.open_duration:
-        reason += f"; open for {duration(new.open_duration)}"
-    return reason
-
-
-class Watch:
-    """Follows a store's breakers across refreshes: rates, time in state, recent changes.
-
-    A change is seen as a new generation (every transition increments it), so several
-    transitions between two refreshes show as one change that says how many there were.
-    """
-
-    def __init__(self, clock: Clock, *, history: int = HISTORY) -> None:
-        self.clock = clock
-        self.started = clock.time()
-        self.changes: deque[Change] = deque(maxlen=history)
-        self._seen: dict[tuple[str, str | None], _Seen] = {}
-        self._refreshes = 0
-
-    def observe(self, rows: Sequence[BreakerStatus]) -> list[WatchRow]:
-        """Take one refresh's rows; return them with rates and state ages."""
-        mono, wall = self.clock.monotonic(), self.clock.time()
-        first = self._refreshes == 0
-        self._refreshes += 1
-        seen_now: dict[tuple[str, str | None], _Seen] = {}
-        out = []
-        for row in rows:
-            new = row.snapshot
-            ident = (new.name, new.key)
-            seen = self._seen.get(ident)
-            since: float | None
-            rates = None
-            if seen is None:
-                since = new.opened_at if new.state is State.OPEN else (None if first else wall)
-                if not first:
-                    self.changes.append(Change(wall, _label(new), None, new.state, "new breaker"))
-            else:
-                old = seen.snapshot
-                elapsed = mono - seen.at
-                if elapsed > 0:
-                    rates = Rates(
-                        calls=_per_second(new.successes + new.failures, old.successes + old.failures, elapsed),
-                        deferrals=_per_second(new.deferrals, old.deferrals, elapsed),
-                        rejections=_per_second(new.rejections, old.rejections, elapsed),
-                    )
-                since = seen.since
-                if new.generation != old.generation or new.state is not old.state:
-                    self.changes.append(Change(wall, _label(new), old.state, new.state, _reason(old, new)))
-                    since = new.opened_at if new.state is State.OPEN and new.opened_at else wall
-            seen_now[ident] = _Seen(new, mono, since)
-            out.append(WatchRow(row, rates, since))
-        for ident, gone in self._seen.items():
-            if ident not in seen_now:
-                self.changes.append(Change(wall, _label(gone.snapshot), gone.snapshot.state, None, "left the store"))
-        self._seen = seen_now
-        return out
-
-
-def _in_state(row: WatchRow, now: float, started: float) -> str:
-    if row.since is None:  # in this state since before the watch started: at least that long
-        watched = now - started
-        return f">= {duration(watched)}" if watched >= 0.05 else "-"
-    return duration(now - row.since)
-
-
-def _rate_cell(value: float | None, *, alert: bool = True) -> Cell:
-    """A rate; deferrals and rejections stand out while they happen (calls are normal)."""
-    if value is None:
-        return "-", _DIM
-    return f"{value:.1f}", _ALERT if alert and value > 0 else None
-
-
-def _change_line(change: Change, *, width: int, color: bool) -> str:
-    def state(value: State | None, absent: str) -> str:
-        if value is None:
-            return absent
-        return click.style(value.value, **STATE_STYLES[value]) if color else value.value
-
-    moved = f"{state(change.source, '(new)')} -> {state(change.target, '(gone)')}"
-    return f"  {clock_time(change.at)}  {change.label.ljust(width)}  {moved}  ({change.reason})"
-
-
-def watch_frame(
-    rows: Sequence[WatchRow],
-    watch: Watch,
-    *,
-    store: str,
-    interval: float,
-    color: bool = False,
-    error: str | None = None,
-) -> str:
-    """One screen of ``watch``: a title, the summary, the table, recent changes."""
-    now = watch.clock.time()
-    title = f"celery breaker watch  {store}  {clock_time(now)}  every {interval:g} s  (Ctrl-C to quit)"
-    lines = [click.style(title, bold=True) if color else title]
-    if error is not None:
-        warning = f"store unreachable at {clock_time(now)}: {error}; showing the last view, retrying"
-        lines.append(click.style(warning, fg="red", bold=True) if color else warning)
-    lines += [summary([row.status.snapshot for row in rows], color=color), ""]
-    keyed = any(row.status.snapshot.key is not None for row in rows)
-    columns = [Column("NAME"), *([Column("KEY")] if keyed else []), Column("STATE"), Column("FOR", True),
-               Column("FAIL%", True), Column("CALLS", True), Column("OPEN UNTIL"), Column("TRIPS", True),
-               Column("CALLS/S", True), Column("DEFER/S", True), Column("REJ/S", True),
-               Column("DEFERRED", True), Column("PARKED", True)]  # fmt: skip
-    table: list[list[Cell]] = []
-    for row in rows:
-        snapshot, rates = row.status.snapshot, row.rates
-        cells: list[Cell] = [(snapshot.name, None)]
-        if keyed:
-            cells.append((snapshot.key if snapshot.key is not None else "-", None))
-        parked = row.status.parked
-        cells += [
-            _state(snapshot.state),
-            (_in_state(row, now, watch.started), None),
-            (_rate(snapshot), None),
-            _count(snapshot.window_calls),
-            (open_until_text(snapshot), None),
-            _count(snapshot.trips),
-            _rate_cell(rates.calls if rates else None, alert=False),
-            _rate_cell(rates.deferrals if rates else None),
-            _rate_cell(rates.rejections if rates else None),
-            _count(snapshot.deferrals),
-            (str(parked), _ALERT if parked else None),
-        ]
-        table.append(cells)
-    lines += render_table(columns, table, color=color) if rows else ["(no breakers yet)"]
-    lines.append("")
-    heading = "Recent changes (newest last)" if watch.changes else f"No changes since {clock_time(watch.started)}"
-    lines.append(click.style(heading, bold=True) if color else heading)
-    width = max((len(change.label) for change in watch.changes), default=0)
-    lines += [_change_line(change, width=width, color=color) for change in watch.changes]
-    return "\n".join(lines)
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-def fit(frame: str, columns: int, lines: int) -> str:
-    """``frame`` cut to a terminal of ``columns`` x ``lines``, so redrawing in place never
-    scrolls: long lines are cut (escape sequences kept, colour reset), extra lines dropped
-    with a note saying how many."""
-    out = [_cut(line, columns) for line in frame.split("\n")]
-    if len(out) > lines:
-        hidden = len(out) - (lines - 1)
-        out = [*out[: lines - 1], f"... {hidden} more lines: enlarge the terminal or give a PATTERN"]
-    return "\n".join(out)
-
-
-def _cut(line: str, columns: int) -> str:
-    if len(_ANSI.sub("", line)) <= columns:
-        return line
-    kept, visible, at = [], 0, 0
-    while at < len(line) and visible < columns - 1:
-        escape = _ANSI.match(line, at)
-        if escape:
-            kept.append(escape.group())
-            at = escape.end()
-            continue
-        kept.append(line[at])
-        visible += 1
-        at += 1
-    return "".join(kept) + ("\x1b[0m" if "\x1b[" in line else "") + ">"
-
-
-def run_watch(
-    fetch: Callable[[], Sequence[BreakerStatus]],
-    draw: Callable[[str], None],
-    watch: Watch,
-    *,
-    store: str,
-    interval: float,
-    iterations: int | None,
-    sleep: Callable[[float], None],
-    errors: tuple[type[Exception], ...],
-    color: bool = False,
-) -> int:
-    """Fetch, observe and draw every ``interval`` seconds, ``iterations`` times (``None``:
-    until interrupted); return the number of frames drawn.
-
-    The first fetch's errors propagate; a later one that raises one of ``errors`` keeps
-    the last view on screen with a warning and tries again at the next refresh.
-    """
-    rows = watch.observe(fetch())
-    error: str | None = None
-    drawn = 0
-    deadline = watch.clock.monotonic()
-    while True:
-        draw(watch_frame(rows, watch, store=store, interval=interval, color=color, error=error))
-        drawn += 1
-        if iterations is not None and drawn >= iterations:
-            return drawn
-        # Refresh on a fixed beat; a slow fetch delays the next frame, never the one after.
-        deadline = max(deadline + interval, watch.clock.monotonic())
-        sleep(max(0.0, deadline - watch.clock.monotonic()))
-        try:
-            fetched = fetch()
-        except errors as exc:
-            error = str(exc)
-            continue
-        error = None
-        rows = watch.observe(fetched)

@@ -62,7 +62,7 @@ def test_celery_help_lists_the_breaker_command(broker: str, prefix: str) -> None
 def test_the_entry_point_module_stays_import_light() -> None:
     """Every ``celery`` call imports ``celery_breaker.cli``: Redis, stores and rendering load in a command."""
     heavy = ["redis", "celery_breaker.storage.redis", "celery_breaker.monitoring", "celery_breaker.operations",
-             "celery_breaker.console"]  # fmt: skip
+             "celery_breaker.console", "celery_breaker.watch"]  # fmt: skip
     check = f"import sys, celery_breaker.cli; print([m for m in {heavy!r} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=60)
     assert result.stdout.strip() == "[]"

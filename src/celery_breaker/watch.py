@@ -1,0 +1,310 @@
+"""The ``celery breaker watch`` view: breakers followed across refreshes, with rates per
+second, time in state and the recent changes.
+
+Like ``celery_breaker.console``, everything but ``run_watch`` is a pure function of rows
+and clock readings, so tests check the frames without a terminal.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import click
+
+from .clock import Clock
+from .console import (
+    ALERT,
+    DIM,
+    STATE_STYLES,
+    Cell,
+    Column,
+    breaker_label,
+    clock_time,
+    count_cell,
+    duration,
+    failure_rate_text,
+    open_until_text,
+    render_table,
+    state_cell,
+    summary,
+)
+from .core import TRANSITIONS, BreakerSnapshot, State
+
+if TYPE_CHECKING:
+    from .monitoring import BreakerStatus
+
+__all__ = ["Change", "Rates", "Watch", "WatchRow", "fit", "run_watch", "watch_frame"]
+
+#: Transitions the watch view keeps listing.
+HISTORY = 10
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """Per second since the previous refresh."""
+
+    calls: float
+    deferrals: float
+    rejections: float
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """A state change the watch saw between two refreshes."""
+
+    at: float
+    """Epoch seconds of the refresh that saw it."""
+    label: str
+    source: State | None
+    """``None``: the breaker appeared."""
+    target: State | None
+    """``None``: the breaker left the store (expired or deleted)."""
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class WatchRow:
+    """One breaker in one refresh: its status, rates and how long it has been in its state."""
+
+    status: BreakerStatus
+    rates: Rates | None
+    """``None`` on the first refresh that shows the breaker."""
+    since: float | None
+    """Epoch seconds its state began; ``None``: before the watch started."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    snapshot: BreakerSnapshot
+    at: float
+    since: float | None
+
+
+def _per_second(now: int, before: int, elapsed: float) -> float:
+    # A counter that went down was reset: everything it holds now came since.
+    return (now - before if now >= before else now) / elapsed
+
+
+def _reason(old: BreakerSnapshot, new: BreakerSnapshot) -> str:
+    moves = new.generation - old.generation
+    if new.state is State.CLOSED and (
+        new.trips < old.trips or new.successes + new.failures < old.successes + old.failures
+    ):
+        return "reset"
+    if moves < 1:
+        return "recreated"  # expired and made again: its generation started over
+    if moves == 1:
+        reason = TRANSITIONS.get((old.state, new.state), "moved")
+    elif old.state is State.OPEN and new.state is State.OPEN and new.streak > old.streak:
+        # OPEN -> HALF_OPEN -> OPEN, perhaps more than once: the streak counts failed probes.
+        failed = new.streak - old.streak
+        reason = "probe failed" + (f" {failed} times" if failed > 1 else "") + " via half_open"
+    else:
+        reason = f"{moves} transitions since the last refresh"
+    if new.state is State.OPEN and new.open_duration:
+        reason += f"; open for {duration(new.open_duration)}"
+    return reason
+
+
+class Watch:
+    """Follows a store's breakers across refreshes: rates, time in state, recent changes.
+
+    A change is seen as a new generation (every transition increments it), so several
+    transitions between two refreshes show as one change that says how many there were.
+    """
+
+    def __init__(self, clock: Clock, *, history: int = HISTORY) -> None:
+        self.clock = clock
+        self.started = clock.time()
+        self.changes: deque[Change] = deque(maxlen=history)
+        self._seen: dict[tuple[str, str | None], _Seen] = {}
+        self._refreshes = 0
+
+    def observe(self, rows: Sequence[BreakerStatus]) -> list[WatchRow]:
+        """Take one refresh's rows; return them with rates and state ages."""
+        mono, wall = self.clock.monotonic(), self.clock.time()
+        first = self._refreshes == 0
+        self._refreshes += 1
+        seen_now: dict[tuple[str, str | None], _Seen] = {}
+        out = []
+        for row in rows:
+            new = row.snapshot
+            ident = (new.name, new.key)
+            seen = self._seen.get(ident)
+            since: float | None
+            rates = None
+            if seen is None:
+                since = new.opened_at if new.state is State.OPEN else (None if first else wall)
+                if not first:
+                    self.changes.append(Change(wall, breaker_label(new), None, new.state, "new breaker"))
+            else:
+                old = seen.snapshot
+                elapsed = mono - seen.at
+                if elapsed > 0:
+                    rates = Rates(
+                        calls=_per_second(new.successes + new.failures, old.successes + old.failures, elapsed),
+                        deferrals=_per_second(new.deferrals, old.deferrals, elapsed),
+                        rejections=_per_second(new.rejections, old.rejections, elapsed),
+                    )
+                since = seen.since
+                if new.generation != old.generation or new.state is not old.state:
+                    self.changes.append(Change(wall, breaker_label(new), old.state, new.state, _reason(old, new)))
+                    since = new.opened_at if new.state is State.OPEN and new.opened_at else wall
+            seen_now[ident] = _Seen(new, mono, since)
+            out.append(WatchRow(row, rates, since))
+        for ident, gone in self._seen.items():
+            if ident not in seen_now:
+                self.changes.append(
+                    Change(wall, breaker_label(gone.snapshot), gone.snapshot.state, None, "left the store")
+                )
+        self._seen = seen_now
+        return out
+
+
+def _in_state(row: WatchRow, now: float, started: float) -> str:
+    if row.since is None:  # in this state since before the watch started: at least that long
+        watched = now - started
+        return f">= {duration(watched)}" if watched >= 0.05 else "-"
+    return duration(now - row.since)
+
+
+def _rate_cell(value: float | None, *, alert: bool = True) -> Cell:
+    """A rate; deferrals and rejections stand out while they happen (calls are normal)."""
+    if value is None:
+        return "-", DIM
+    return f"{value:.1f}", ALERT if alert and value > 0 else None
+
+
+def _change_line(change: Change, *, width: int, color: bool) -> str:
+    def state(value: State | None, absent: str) -> str:
+        if value is None:
+            return absent
+        return click.style(value.value, **STATE_STYLES[value]) if color else value.value
+
+    moved = f"{state(change.source, '(new)')} -> {state(change.target, '(gone)')}"
+    return f"  {clock_time(change.at)}  {change.label.ljust(width)}  {moved}  ({change.reason})"
+
+
+def watch_frame(
+    rows: Sequence[WatchRow],
+    watch: Watch,
+    *,
+    store: str,
+    interval: float,
+    color: bool = False,
+    error: str | None = None,
+) -> str:
+    """One screen of ``watch``: a title, the summary, the table, recent changes."""
+    now = watch.clock.time()
+    title = f"celery breaker watch  {store}  {clock_time(now)}  every {interval:g} s  (Ctrl-C to quit)"
+    lines = [click.style(title, bold=True) if color else title]
+    if error is not None:
+        warning = f"store unreachable at {clock_time(now)}: {error}; showing the last view, retrying"
+        lines.append(click.style(warning, fg="red", bold=True) if color else warning)
+    lines += [summary([row.status.snapshot for row in rows], color=color), ""]
+    keyed = any(row.status.snapshot.key is not None for row in rows)
+    columns = [Column("NAME"), *([Column("KEY")] if keyed else []), Column("STATE"), Column("FOR", True),
+               Column("FAIL%", True), Column("CALLS", True), Column("OPEN UNTIL"), Column("TRIPS", True),
+               Column("CALLS/S", True), Column("DEFER/S", True), Column("REJ/S", True),
+               Column("DEFERRED", True), Column("PARKED", True)]  # fmt: skip
+    table: list[list[Cell]] = []
+    for row in rows:
+        snapshot, rates = row.status.snapshot, row.rates
+        cells: list[Cell] = [(snapshot.name, None)]
+        if keyed:
+            cells.append((snapshot.key if snapshot.key is not None else "-", None))
+        parked = row.status.parked
+        cells += [
+            state_cell(snapshot.state),
+            (_in_state(row, now, watch.started), None),
+            (failure_rate_text(snapshot), None),
+            count_cell(snapshot.window_calls),
+            (open_until_text(snapshot), None),
+            count_cell(snapshot.trips),
+            _rate_cell(rates.calls if rates else None, alert=False),
+            _rate_cell(rates.deferrals if rates else None),
+            _rate_cell(rates.rejections if rates else None),
+            count_cell(snapshot.deferrals),
+            (str(parked), ALERT if parked else None),
+        ]
+        table.append(cells)
+    lines += render_table(columns, table, color=color) if rows else ["(no breakers yet)"]
+    lines.append("")
+    heading = "Recent changes (newest last)" if watch.changes else f"No changes since {clock_time(watch.started)}"
+    lines.append(click.style(heading, bold=True) if color else heading)
+    width = max((len(change.label) for change in watch.changes), default=0)
+    lines += [_change_line(change, width=width, color=color) for change in watch.changes]
+    return "\n".join(lines)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def fit(frame: str, columns: int, lines: int) -> str:
+    """``frame`` cut to a terminal of ``columns`` x ``lines``, so redrawing in place never
+    scrolls: long lines are cut (escape sequences kept, colour reset), extra lines dropped
+    with a note saying how many."""
+    out = [_cut(line, columns) for line in frame.split("\n")]
+    if len(out) > lines:
+        hidden = len(out) - (lines - 1)
+        out = [*out[: lines - 1], f"... {hidden} more lines: enlarge the terminal or give a PATTERN"]
+    return "\n".join(out)
+
+
+def _cut(line: str, columns: int) -> str:
+    if len(_ANSI.sub("", line)) <= columns:
+        return line
+    kept, visible, at = [], 0, 0
+    while at < len(line) and visible < columns - 1:
+        escape = _ANSI.match(line, at)
+        if escape:
+            kept.append(escape.group())
+            at = escape.end()
+            continue
+        kept.append(line[at])
+        visible += 1
+        at += 1
+    return "".join(kept) + ("\x1b[0m" if "\x1b[" in line else "") + ">"
+
+
+def run_watch(
+    fetch: Callable[[], Sequence[BreakerStatus]],
+    draw: Callable[[str], None],
+    watch: Watch,
+    *,
+    store: str,
+    interval: float,
+    iterations: int | None,
+    sleep: Callable[[float], None],
+    errors: tuple[type[Exception], ...],
+    color: bool = False,
+) -> int:
+    """Fetch, observe and draw every ``interval`` seconds, ``iterations`` times (``None``:
+    until interrupted); return the number of frames drawn.
+
+    The first fetch's errors propagate; a later one that raises one of ``errors`` keeps
+    the last view on screen with a warning and tries again at the next refresh.
+    """
+    rows = watch.observe(fetch())
+    error: str | None = None
+    drawn = 0
+    deadline = watch.clock.monotonic()
+    while True:
+        draw(watch_frame(rows, watch, store=store, interval=interval, color=color, error=error))
+        drawn += 1
+        if iterations is not None and drawn >= iterations:
+            return drawn
+        # Refresh on a fixed beat; a slow fetch delays the next frame, never the one after.
+        deadline = max(deadline + interval, watch.clock.monotonic())
+        sleep(max(0.0, deadline - watch.clock.monotonic()))
+        try:
+            fetched = fetch()
+        except errors as exc:
+            error = str(exc)
+            continue
+        error = None
+        rows = watch.observe(fetched)
