@@ -3,7 +3,7 @@
 Starts a redis-server, a prefork worker of ``tests.integration.partner_proj`` and a real
 Flower on loopback ports, takes the partner down so the breaker opens and tasks are
 deferred, then captures Flower's page of a deferred task: RETRY, with the reason in its
-Exception. (``docs/capture_watch.py`` captures ``celery breaker watch``.)
+Exception. (``scripts/capture_watch.py`` captures ``celery breaker watch``.)
 
 Run ``.venv/bin/python scripts/screenshots.py`` from the project root (needs
 ``chromium``: ``apt-get install -y chromium``). Not part of the test suite: the

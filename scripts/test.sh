@@ -52,4 +52,7 @@ MYPY="$(realpath "$VENV/bin/mypy")"
 (cd "$DIST" && "$MYPY" --config-file mypy.ini --no-incremental --python-executable "$DIST/venv/bin/python" consumer.py) \
     || { echo "the wheel's public API does not type-check"; exit 1; }
 (cd "$DIST" && "$DIST/venv/bin/python" consumer.py)
+echo "== docs: mkdocs build --strict"
+NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict --site-dir "$DIST/site" > "$DIST/mkdocs.log" 2>&1 \
+    || { cat "$DIST/mkdocs.log"; exit 1; }
 echo "== all checks passed"

@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from ..errors import CircuitOpenError, ConfigurationError, RetryAfter
+from ..reference import doc
 
 __all__ = ["BreakerPolicy", "ExceptionMatcher", "Outcome"]
 
@@ -32,6 +33,10 @@ DEFAULT_BACKOFF_MULTIPLIER = 2.0
 #: ``max_reset_timeout`` when unset: this many times ``reset_timeout``.
 DEFAULT_MAX_RESET_FACTOR = 10.0
 DEFAULT_RESET_JITTER = 0.0
+
+# What the configuration reference says a field accepts (shared wording).
+_SECONDS_DOC = "seconds > 0 (number or `timedelta`)"
+_MATCHERS_DOC = "exception types, dotted paths to them, or predicates `exc -> bool`"
 
 
 class Outcome(enum.IntEnum):
@@ -175,22 +180,117 @@ class BreakerPolicy:
     success (the downstream answered). Matchers are exception types, dotted paths or predicates.
     """
 
-    failure_threshold: int | None = DEFAULT_FAILURE_THRESHOLD
-    window: float = DEFAULT_WINDOW
-    failure_rate_threshold: float | None = None
-    minimum_calls: int | None = None
-    count_window: int | None = None
-    slow_call_duration: float | None = None
-    slow_call_rate_threshold: float | None = None
-    reset_timeout: float = DEFAULT_RESET_TIMEOUT
-    backoff_multiplier: float = DEFAULT_BACKOFF_MULTIPLIER
-    max_reset_timeout: float | None = None
-    reset_jitter: float = DEFAULT_RESET_JITTER
-    half_open_max_calls: int = DEFAULT_HALF_OPEN_MAX_CALLS
-    success_threshold: int | None = None
-    half_open_max_wait: float = DEFAULT_HALF_OPEN_MAX_WAIT
-    record_exceptions: tuple[ExceptionMatcher, ...] = (Exception,)
-    ignore_exceptions: tuple[ExceptionMatcher, ...] = ()
+    failure_threshold: int | None = field(
+        default=DEFAULT_FAILURE_THRESHOLD,
+        metadata=doc(
+            accepts="whole number ≥ 1, or `None` (this rule off)",
+            meaning="failures within `window` that trip the breaker",
+        ),
+    )
+    window: float = field(
+        default=DEFAULT_WINDOW,
+        metadata=doc(accepts=_SECONDS_DOC, meaning="the time window of every rule, unless `count_window` is set"),
+    )
+    failure_rate_threshold: float | None = field(
+        default=None,
+        metadata=doc(
+            accepts="fraction in (0, 1] (`0.5` = 50 %), or `None`",
+            meaning="failure rate in the window that trips the breaker",
+            default="this rule off",
+        ),
+    )
+    minimum_calls: int | None = field(
+        default=None,
+        metadata=doc(
+            accepts="whole number ≥ 1, ≤ `count_window`",
+            meaning="calls in the window before the rates are judged",
+            default=f"{DEFAULT_MINIMUM_CALLS}, or `count_window` if smaller",
+        ),
+    )
+    count_window: int | None = field(
+        default=None,
+        metadata=doc(
+            accepts="whole number ≥ 1",
+            meaning="judge the rates over the last N calls instead of the last `window` seconds",
+            default="judge over `window` seconds",
+        ),
+    )
+    slow_call_duration: float | None = field(
+        default=None,
+        metadata=doc(
+            accepts=f"{_SECONDS_DOC}; set together with `slow_call_rate_threshold`",
+            meaning="a call that takes this long or longer is slow",
+        ),
+    )
+    slow_call_rate_threshold: float | None = field(
+        default=None,
+        metadata=doc(
+            accepts="fraction in (0, 1]; set together with `slow_call_duration`",
+            meaning="slow-call rate in the window that trips the breaker",
+            default="this rule off",
+        ),
+    )
+    reset_timeout: float = field(
+        default=DEFAULT_RESET_TIMEOUT,
+        metadata=doc(
+            accepts=_SECONDS_DOC, meaning="how long the breaker stays OPEN after a trip (the first of a streak)"
+        ),
+    )
+    backoff_multiplier: float = field(
+        default=DEFAULT_BACKOFF_MULTIPLIER,
+        metadata=doc(
+            accepts="number ≥ 1",
+            meaning="each consecutive trip (a failed probe) multiplies the open duration by this; "
+            "`1`: always `reset_timeout`",
+        ),
+    )
+    max_reset_timeout: float | None = field(
+        default=None,
+        metadata=doc(
+            accepts="seconds ≥ `reset_timeout` (number or `timedelta`)",
+            meaning="the longest open duration: caps the backoff, the jitter and a Retry-After",
+            default=f"{DEFAULT_MAX_RESET_FACTOR:g} times `reset_timeout`",
+        ),
+    )
+    reset_jitter: float = field(
+        default=DEFAULT_RESET_JITTER,
+        metadata=doc(
+            accepts="fraction in [0, 1)",
+            meaning="the open duration is multiplied by a random factor in [1 - j, 1 + j] (still capped), "
+            "so breakers tripped by one outage do not all probe at once",
+        ),
+    )
+    half_open_max_calls: int = field(
+        default=DEFAULT_HALF_OPEN_MAX_CALLS,
+        metadata=doc(accepts="whole number ≥ 1", meaning="probes admitted per half-open period"),
+    )
+    success_threshold: int | None = field(
+        default=None,
+        metadata=doc(
+            accepts="whole number ≥ 1, ≤ `half_open_max_calls`",
+            meaning="successful probes that close the breaker",
+            default=f"{DEFAULT_SUCCESS_THRESHOLD}, or `half_open_max_calls` if fewer",
+        ),
+    )
+    half_open_max_wait: float = field(
+        default=DEFAULT_HALF_OPEN_MAX_WAIT,
+        metadata=doc(accepts=_SECONDS_DOC, meaning="a probe that has not reported by then frees its slot"),
+    )
+    record_exceptions: tuple[ExceptionMatcher, ...] = field(
+        default=(Exception,),
+        metadata=doc(
+            accepts=_MATCHERS_DOC,
+            meaning="outcomes that count as failures; a `RetryAfter` always does, unless ignored",
+        ),
+    )
+    ignore_exceptions: tuple[ExceptionMatcher, ...] = field(
+        default=(),
+        metadata=doc(
+            accepts=_MATCHERS_DOC,
+            meaning="neutral outcomes: they count for nothing and free a probe slot "
+            "(`CircuitOpenError` from another breaker always is)",
+        ),
+    )
 
     probes_to_close: int = field(init=False, repr=False, compare=False)
     """``success_threshold``, or its default: 2, or ``half_open_max_calls`` if fewer."""

@@ -1,6 +1,6 @@
 """Capture ``celery breaker watch`` during a real outage, for the docs: ``docs/img/breaker-watch.{txt,svg}``.
 
-    .venv/bin/python docs/capture_watch.py        # ~25 s; needs redis-server
+    .venv/bin/python scripts/capture_watch.py        # ~25 s; needs redis-server
 
 It starts a redis-server on a free loopback port and a worker of the small app below
 (three breakers: ``partner-api``, ``billing`` and the per-key ``crm``), sends tasks at a
@@ -111,7 +111,7 @@ def main() -> None:
             worker.terminate()
             worker.wait(timeout=30)
     frame = _pick(frames)
-    img = HERE / "img"
+    img = ROOT / "docs" / "img"
     img.mkdir(exist_ok=True)
     (img / "breaker-watch.txt").write_text(frame + "\n")
     (img / "breaker-watch.svg").write_text(to_svg(frame))

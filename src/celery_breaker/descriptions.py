@@ -1,0 +1,151 @@
+"""What each ``breaker_*`` setting and ``BreakerTask`` option means, for the configuration reference.
+
+``docs/configuration.md`` is generated from these tables (``scripts/gen_reference.py``)
+together with the defaults the code holds (``settings.SETTINGS``, ``BreakerTask``'s class
+attributes); the policy fields carry theirs as field metadata in ``core/policy.py``.
+``tests/test_docs_reference.py`` fails when a setting or option has no row here.
+"""
+
+from __future__ import annotations
+
+from .reference import Doc
+from .settings import ON_STORAGE_ERROR_CHOICES
+
+__all__ = ["SETTING_DOCS", "TASK_OPTION_DOCS"]
+
+_SECONDS_DOC = "seconds > 0 (number or `timedelta`)"
+
+#: What each setting means, for the configuration reference (docs/configuration.md is
+#: generated from this table and the defaults in ``settings.SETTINGS``; every setting must have a row).
+SETTING_DOCS: dict[str, Doc] = {
+    "breaker_storage_url": Doc(
+        accepts="URL; an unknown scheme or a bad option stops the worker",
+        meaning="where breaker state lives: `memory://[name][?max_breakers=N&idle_ttl=SECONDS]`, `redis://`, "
+        "`rediss://`, `redis+unix://`, `redis+sentinel://`, `redis+cluster://` and the `valkey` spellings "
+        "([Redis internals](redis.md#urls)). The worker logs the store it uses at start.",
+        default="the broker's Redis when the broker is Redis (Sentinel too), else `memory://`",
+    ),
+    "breaker_key_prefix": Doc(
+        accepts="non-empty string without `{` or `}`",
+        meaning="namespace of every key (and of the transitions channel) in a Redis store; added to the URL as "
+        "`key_prefix`, and must agree with a `key_prefix` the URL names",
+    ),
+    "breaker_default_policy": Doc(
+        accepts="dict of policy fields, or a `BreakerPolicy`",
+        meaning="the policy of every breaker",
+        default="the `BreakerPolicy` defaults ([policy fields](#policy-fields-breakerpolicy))",
+    ),
+    "breaker_policies": Doc(
+        accepts="dict: breaker name or glob → dict of policy fields, or a `BreakerPolicy`; "
+        "each entry is validated at start",
+        meaning="overrides over the default policy; matching globs apply in order, then the exact name",
+    ),
+    "breaker_routes": Doc(
+        accepts="dict: task-name glob → breaker name, or `True` for the task's own name",
+        meaning="puts plain tasks (not subclassing `BreakerTask`) under a breaker; the first matching glob wins",
+    ),
+    "breaker_max_deferrals": Doc(
+        accepts="whole number ≥ 0, or `None`",
+        meaning="deferrals after which the task fails with `CircuitOpenError`",
+        default="no limit",
+    ),
+    "breaker_max_defer_age": Doc(
+        accepts=f"{_SECONDS_DOC}, or `None`",
+        meaning="time since the first deferral after which the task fails with `CircuitOpenError`",
+        default="no limit",
+    ),
+    "breaker_defer_spread": Doc(
+        accepts="seconds ≥ 0, or `None`",
+        meaning="a random extra delay of up to this long on each deferral, so a backlog does not return all at once",
+        default="the policy's `reset_timeout`",
+    ),
+    "breaker_on_storage_error": Doc(
+        accepts="one of " + ", ".join(f"`{choice}`" for choice in ON_STORAGE_ERROR_CHOICES),
+        meaning="while a shared store cannot be reached: a breaker of this process stands in (`local`), every call "
+        "passes (`allow`), or every call is rejected (`deny`); the store is tried again every 5 s and the "
+        "shared state rejoined when it answers",
+    ),
+    "breaker_send_events": Doc(
+        accepts="`True`, `False` or `None`",
+        meaning="send `breaker-opened`/`-half-opened`/`-closed` and `task-breaker-deferred` events from workers "
+        "([monitoring](monitoring.md#celery-events))",
+        default="follow the worker's `-E` / `worker_send_task_events`",
+    ),
+    "breaker_park": Doc(
+        accepts='`True`, `False` or `"auto"`; `True` needs a Redis store',
+        meaning="park deferred tasks in the breaker's Redis instead of countdown messages held by workers "
+        '(`"auto"`: whenever the store is Redis; [parking](concepts.md#parking-long-outages-big-backlogs))',
+    ),
+    "breaker_release_rate": Doc(
+        accepts="tasks per second > 0",
+        meaning="parked tasks released per breaker per second once it has closed, across all workers",
+    ),
+    "breaker_release_ramp": Doc(
+        accepts="seconds ≥ 0",
+        meaning="the release starts at a tenth of `breaker_release_rate` and reaches it after this long (0: at once)",
+    ),
+    "breaker_metrics_port": Doc(
+        accepts="int from 1 to 65535, or `None`",
+        meaning="the port of the worker's Prometheus endpoint (`/metrics`, served by its main process; needs "
+        "`celery-breaker[prometheus]`); each worker on a host needs its own "
+        "([metrics](metrics.md#a-workers-own-endpoint))",
+        default="no endpoint",
+    ),
+    "breaker_metrics_address": Doc(
+        accepts="an IP address or a host name",
+        meaning='the address that endpoint binds: this host only unless you set e.g. `"0.0.0.0"` (every interface)',
+    ),
+    "breaker_metrics_ttl": Doc(
+        accepts=_SECONDS_DOC,
+        meaning="how long `record_metrics` (the `celery_breaker.record_metrics` task) keeps each breaker's stored "
+        "snapshots ([metrics](metrics.md#stored-history))",
+        default="one day",
+    ),
+}
+
+
+#: What each task option means, for the configuration reference (docs/configuration.md is
+#: generated from it and the class defaults of ``BreakerTask``; every option needs a row).
+TASK_OPTION_DOCS: dict[str, Doc] = {
+    "breaker": Doc(
+        accepts="a non-empty string",
+        meaning="the breaker's name. Inside the body, `self.breaker` is this call's `CircuitBreaker` "
+        "(the name is kept in `breaker_name`).",
+        default="the task's name",
+    ),
+    "breaker_key": Doc(
+        accepts="a callable `(args, kwargs) -> str`, or the name of a task method; a name that is no method "
+        "stops the worker at start",
+        meaning="per-key breakers (one per tenant, host, ...); a method defined on a `BreakerTask` subclass is "
+        "called as a method (`self.breaker_key(args, kwargs)`)",
+        default="one breaker for every call",
+    ),
+    "breaker_policy": Doc(
+        accepts="dict of policy fields, or a `BreakerPolicy`",
+        meaning="the breaker's policy, over `breaker_policies` and the default. Tasks sharing a breaker must agree "
+        "on its policy: a conflict stops the worker at start (set it once in `breaker_policies`).",
+        default="`breaker_policies`, then `breaker_default_policy`",
+    ),
+    "breaker_fallback": Doc(
+        accepts="a callable, or the name of a task method",
+        meaning="called with the task's arguments when the breaker rejects the task; its result is returned "
+        "instead of deferring",
+        default="defer",
+    ),
+    "breaker_scope": Doc(
+        accepts='`"run"` or `"calls"`',
+        meaning='`"run"`: a run that made no guarded call counts as one call, its outcome recorded; `"calls"`: '
+        "only guarded calls count, so a run that never reached the downstream (a cache hit) says nothing "
+        "about it",
+        default='`"run"`',
+    ),
+    "breaker_max_deferrals": Doc(
+        accepts="as the setting", meaning="this task's `breaker_max_deferrals`", default="the setting"
+    ),
+    "breaker_max_defer_age": Doc(
+        accepts="as the setting", meaning="this task's `breaker_max_defer_age`", default="the setting"
+    ),
+    "breaker_defer_spread": Doc(
+        accepts="as the setting", meaning="this task's `breaker_defer_spread`", default="the setting"
+    ),
+}
