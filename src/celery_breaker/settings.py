@@ -236,7 +236,8 @@ def store_url_from_broker(conf: Any) -> str | None:
     """The default ``breaker_storage_url``: the broker's own Redis, when the broker is Redis.
 
     ``redis://``, ``rediss://`` and ``valkey`` URLs are used as they are (database,
-    credentials and TLS options included); ``redis+socket://`` becomes ``redis+unix://``;
+    credentials and TLS options included; ``broker_use_ssl`` makes them ``rediss://``
+    with its certificate options); ``redis+socket://`` becomes ``redis+unix://``;
     kombu's ``sentinel://h1:26379;sentinel://h2:26379`` with
     ``broker_transport_options={"master_name": ...}`` becomes
     ``redis+sentinel://h1:26379,h2:26379/<master_name>``. Anything else: None.
@@ -255,7 +256,36 @@ def store_url_from_broker(conf: Any) -> str | None:
         auth = hosts[0].netloc.rpartition("@")[0]
         netloc = ",".join(part.netloc.rpartition("@")[2] for part in hosts)
         return f"redis+sentinel://{auth + '@' if auth else ''}{netloc}/{quote(master, safe='')}"
-    return target + first[len(scheme) :]
+    return _with_broker_ssl(target + first[len(scheme) :], conf.get("broker_use_ssl"))
+
+
+#: ``broker_use_ssl`` keys the Redis transport passes on to redis-py (Celery's documented ones).
+_BROKER_SSL_KEYS = ("ssl_cert_reqs", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+_TLS_SCHEMES = {"redis": "rediss", "valkey": "valkeys"}
+
+
+def _with_broker_ssl(url: str, use_ssl: Any) -> str:
+    """The broker's TLS settings (``broker_use_ssl``) carried into the store URL derived
+    from it: a ``redis://`` broker with ``broker_use_ssl`` speaks TLS, so the store does
+    too, with the same certificates. Options the URL names already win."""
+    if not use_ssl or url.startswith(("redis+", "valkey+")):
+        return url
+    scheme, _, rest = url.partition("://")
+    url = f"{_TLS_SCHEMES.get(scheme, scheme)}://{rest}"
+    if not isinstance(use_ssl, Mapping):
+        return url
+    named = {name for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)}
+    extra = []
+    for name in _BROKER_SSL_KEYS:
+        value = use_ssl.get(name)
+        if value is None or name in named:
+            continue
+        if name == "ssl_cert_reqs":  # ssl.CERT_REQUIRED (a VerifyMode) or kombu's text for it
+            value = getattr(value, "name", str(value)).removeprefix("CERT_").lower()
+        extra.append(f"{name}={quote(str(value), safe='')}")
+    if not extra:
+        return url
+    return url + ("&" if "?" in url else "?") + "&".join(extra)
 
 
 def _with_key_prefix(url: str, key_prefix: str) -> str:

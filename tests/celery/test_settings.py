@@ -9,6 +9,7 @@ stopping would also stop the session worker, through Celery's global ``should_te
 from __future__ import annotations
 
 import math
+import ssl
 from typing import Any
 
 import pytest
@@ -353,6 +354,26 @@ def test_breaker_routes_apply_outside_workers_too() -> None:
             "redis+sentinel://:pw@s1:26379,s2:26380/mymaster",
         ),
         ("sentinel://s1:26379", {}, "memory://"),  # no master_name: cannot tell which master
+        # The broker's TLS settings reach the store: the scheme, then the certificates.
+        ("redis://cache:6380/0", {"broker_use_ssl": True}, "rediss://cache:6380/0"),
+        (
+            "redis://cache:6380/0",
+            {
+                "broker_use_ssl": {
+                    "ssl_cert_reqs": ssl.CERT_REQUIRED,
+                    "ssl_ca_certs": "/etc/ca.pem",
+                    "ssl_certfile": "/etc/client.crt",
+                    "ssl_keyfile": "/etc/client.key",
+                }
+            },
+            "rediss://cache:6380/0?ssl_cert_reqs=required&ssl_ca_certs=%2Fetc%2Fca.pem"
+            "&ssl_certfile=%2Fetc%2Fclient.crt&ssl_keyfile=%2Fetc%2Fclient.key",
+        ),
+        (
+            "rediss://cache/0?ssl_cert_reqs=none",
+            {"broker_use_ssl": {"ssl_cert_reqs": "CERT_REQUIRED", "ssl_ca_certs": "/ca.pem"}},
+            "rediss://cache/0?ssl_cert_reqs=none&ssl_ca_certs=%2Fca.pem",
+        ),  # the URL's own option wins
         ("amqp://guest@rabbit//", {}, "memory://"),
         ("memory://", {}, "memory://"),
     ],

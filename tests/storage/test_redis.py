@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import subprocess
 import sys
@@ -86,6 +87,29 @@ def test_defaults(redis_url: str) -> None:
 def test_bad_url_options_name_the_option(query: str, named: str) -> None:
     with pytest.raises(ConfigurationError, match=named):
         store_from_url(f"redis://127.0.0.1:1?{query}")
+
+
+@pytest.mark.parametrize(
+    ("url", "named"),
+    [
+        ("redis://127.0.0.1:1/0?ssl_typo=1", "unknown option 'ssl_typo'"),
+        ("redis+unix:///run/redis.sock?db=2&bogus=1", "unknown option 'bogus'"),
+        ("rediss://127.0.0.1:1/0?ssl_min_version=3", "3 is not a valid TLSVersion"),
+        ("rediss://127.0.0.1:1/0?ssl_cert_reqs=sometimes", "Invalid SSL Certificate Requirements Flag: sometimes"),
+        ("redis://127.0.0.1:1/0?db=first", "Invalid value for 'db'"),
+    ],
+)
+def test_a_misspelt_or_bad_redis_py_option_is_refused_when_configured_not_on_first_call(url: str, named: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(named)):
+        store_from_url(url)
+
+
+def test_kombus_spelling_of_ssl_cert_reqs_is_read_as_redis_pys() -> None:
+    # A Celery broker URL says ssl_cert_reqs=CERT_REQUIRED; the default store reuses that URL.
+    kwargs = (
+        RedisStore.from_url("rediss://cache/0?ssl_cert_reqs=CERT_REQUIRED").client().connection_pool.connection_kwargs
+    )
+    assert kwargs["ssl_cert_reqs"] == "required"
 
 
 def test_memory_urls_do_not_import_redis_py() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,11 @@ _FORMS = {
     "sentinel": "redis+sentinel://[[user]:password@]host:26379[,host:port...]/service_name[/db]",
     "cluster": "redis+cluster://[[user]:password@]host:6379[,host:port...]",
 }
+
+
+#: kombu's spelling of ``ssl_cert_reqs`` (a Celery broker URL's) and redis-py's.
+_CERT_REQS = {"CERT_REQUIRED": "required", "CERT_OPTIONAL": "optional", "CERT_NONE": "none"}
+_UNEXPECTED = re.compile(r"unexpected keyword argument '([^']+)'")
 
 
 def _flag(text: str) -> bool:
@@ -176,11 +182,26 @@ def _endpoint(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> _E
             )
         return _Endpoint(topology=topology, nodes=nodes, options=options)
     # Not urlunsplit: it drops the empty host of unix:///path, which redis-py requires.
-    query = urlencode(passed)
+    query = urlencode([(name, _CERT_REQS.get(value, value) if name == "ssl_cert_reqs" else value)
+                       for name, value in passed])  # fmt: skip
     target = f"{_REDIS_PY_SCHEMES[topology]}://{parts.netloc}{parts.path}" + (f"?{query}" if query else "")
     try:
-        redis.ConnectionPool.from_url(target)  # redis-py's own checks; connects nowhere
-    except ValueError as exc:
+        # redis-py's own checks, connecting nowhere: parsing the URL, then building the
+        # connection the pool would make (where a misspelt option or a bad value shows;
+        # redis-py would otherwise report it only on the first breaker call).
+        pool = redis.ConnectionPool.from_url(target)
+        pool.connection_class(**pool.connection_kwargs)
+        if pool.connection_kwargs.get("ssl_min_version") is not None:  # read only when connecting
+            ssl.TLSVersion(pool.connection_kwargs["ssl_min_version"])
+    except TypeError as exc:
+        unknown = _UNEXPECTED.search(str(exc))
+        option = unknown.group(1) if unknown else str(exc)
+        raise ConfigurationError(
+            f"redis store URL {describe(url)!r}: unknown option {option!r}; a {parts.scheme}:// URL takes "
+            "key_prefix, idle_ttl, socket_timeout, socket_connect_timeout, time and redis-py's own connection "
+            "options (db, username, password, client_name, protocol, health_check_interval, ssl_* ...)"
+        ) from None
+    except (ValueError, redis.RedisError) as exc:
         raise ConfigurationError(f"redis store URL {describe(url)!r}: {exc}") from None
     return _Endpoint(topology=topology, target=target)
 
