@@ -1,0 +1,1 @@
+"""The example's Django app: tasks that call a payments API and a mailer."""
