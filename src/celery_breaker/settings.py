@@ -195,6 +195,13 @@ def _strip_namespace(conf: Any, raw: str) -> str:
     return key[len(prefix) :] if prefix and key.startswith(prefix) else key
 
 
+def _respell(raw: str, key: str, setting: str) -> str:
+    """``setting`` as the user writes settings: Django's ``CELERY_BREAKER_DEFAULT_POLICY``
+    for ``CELERY_BREAKER_DEFAULT_POLCY``, Celery's ``breaker_default_policy`` otherwise."""
+    spelled = raw[: len(raw) - len(key)] + setting
+    return spelled.upper() if raw.isupper() else spelled
+
+
 def unknown_settings(conf: Any) -> list[str]:
     """Settings named like ours (``breaker_*``, any case, any namespace) that we do not know."""
     unknown = []
@@ -313,9 +320,10 @@ def build_settings(conf: Any) -> BreakerSettings:
     if unknown:
         hints = []
         for name in unknown:
-            close = difflib.get_close_matches(_strip_namespace(conf, name), SETTINGS, n=1)
+            key = _strip_namespace(conf, name)
+            close = difflib.get_close_matches(key, SETTINGS, n=1)
             if close:
-                hints.append(f"{name}: did you mean {close[0]}?")
+                hints.append(f"{name}: did you mean {_respell(name, key, close[0])}?")
         raise ConfigurationError(
             f"unknown celery-breaker setting(s): {', '.join(unknown)}"
             + (f" ({'; '.join(hints)})" if hints else "")

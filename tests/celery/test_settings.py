@@ -175,6 +175,19 @@ def test_unknown_django_namespace_setting_is_reported() -> None:
         build_settings(app.conf)
 
 
+class DjangoSettingsWithCloseTypo:
+    CELERY_BROKER_URL = "memory://"
+    CELERY_BREAKER_DEFAULT_POLCY = {"failure_threshold": 3}
+
+
+def test_a_django_spelt_typo_gets_a_django_spelt_suggestion() -> None:
+    app = Celery("django-close-typo", set_as_current=False)
+    app.config_from_object(DjangoSettingsWithCloseTypo, namespace="CELERY")
+    with pytest.raises(ConfigurationError) as info:
+        build_settings(app.conf)
+    assert "CELERY_BREAKER_DEFAULT_POLCY: did you mean CELERY_BREAKER_DEFAULT_POLICY?" in str(info.value)
+
+
 class DjangoSettingsWithBadValue:
     CELERY_BROKER_URL = "memory://"
     CELERY_BREAKER_MAX_DEFERRALS = -2

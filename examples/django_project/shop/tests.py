@@ -63,4 +63,4 @@ class BreakerTasksTest(SimpleTestCase):
         finally:
             app.set_current()  # start_worker made the misspelt app the current one
             app.set_default()
-        assert "CELERY_BREAKER_DEFAULT_POLCY: did you mean breaker_default_policy?" in str(refused.exception)
+        assert "CELERY_BREAKER_DEFAULT_POLCY: did you mean CELERY_BREAKER_DEFAULT_POLICY?" in str(refused.exception)
