@@ -263,6 +263,44 @@ def test_two_stores_share_one_breaker(redis_url: str) -> None:
     assert (snap.state, snap.successes, snap.failures, snap.rejections) == (State.CLOSED, 2, 2, 1)
 
 
+def test_a_breaker_remade_after_its_keys_expired_is_a_new_incarnation_everywhere(
+    redis_url: str, server: redis.Redis
+) -> None:
+    """Generations restart when idle keys expire and the breaker is made again: a process
+    still holding the old breaker's view (at a higher generation) must adopt the new one's
+    transitions, not ignore them as stale."""
+    prefix = unique_prefix()
+    url = f"{redis_url}?time=client&key_prefix={prefix}"
+    clock = FakeClock()
+    policy = BreakerPolicy(failure_threshold=2, reset_timeout=10, success_threshold=1)
+    here = CircuitBreaker("svc", policy, storage=RedisStore.from_url(url), clock=clock)
+    there = CircuitBreaker("svc", policy, storage=RedisStore.from_url(url), clock=clock)
+    there_store = there.store.primary  # type: ignore[attr-defined]
+    assert there.call(ok) == "ok"
+    _until(lambda: there_store.live)
+    fail(here, 2)  # generation 1: OPEN
+    assert there.store.sync()
+    clock.advance(10)
+    assert here.call(ok) == "ok"  # 2: HALF_OPEN, then 3: CLOSED
+    assert there.store.sync()
+    assert there.call(ok) == "ok"
+    if there_store.live:
+        assert (there._cell.state, there._cell.generation) == (State.CLOSED, 3)
+
+    keys = list(server.scan_iter(match=f"{{{prefix}:*"))
+    assert keys
+    server.delete(*keys)  # what the idle TTL does to a breaker nobody used for a while
+    # The first failure was admitted by the old breaker (its view, generation 3): it is
+    # fenced, counted but not judged. The next two trip the new one: its generation 1.
+    fail(here, 3)
+    assert here.snapshot().state is State.OPEN
+    assert there.store.sync()
+    if there_store.live:  # heard through the channel, not read: the lower generation is adopted
+        assert (there._cell.state, there._cell.generation) == (State.OPEN, 1)
+    with pytest.raises(CircuitOpenError):
+        there.call(ok)
+
+
 def test_a_second_store_adopts_the_stored_policy(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
     url = f"{redis_url}?time=client&key_prefix={unique_prefix()}"
     clock = FakeClock()
