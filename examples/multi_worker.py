@@ -41,6 +41,8 @@ from typing import Any
 import redis
 from celery.exceptions import TimeoutError as ResultTimeout
 
+from celery_breaker.storage import close_stores
+
 HERE = Path(__file__).resolve().parent
 WORKERS = ("w1", "w2")
 CONCURRENCY = 2  # pool processes per worker
@@ -220,11 +222,12 @@ def describe(state: str, trips: int) -> str:
 
 def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on SIGTERM as on Ctrl-C
-    logging.basicConfig(level=logging.ERROR)  # the summary below tells the story
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     began = time.monotonic()
     api = InventoryAPI()
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(redis_url())
+        stack.callback(close_stores)  # done with Redis before it stops: no lost-channel warnings
         prefix = "multi-worker-demo" if not os.environ.get("REDIS_URL") else f"multi-worker-demo-{os.getpid()}"
         os.environ.update(DEMO_REDIS_URL=url, DEMO_DOWNSTREAM_URL=api.url, DEMO_PREFIX=prefix)
         # Imported now: the module reads the environment just set (the workers read theirs).

@@ -301,6 +301,31 @@ def test_a_breaker_remade_after_its_keys_expired_is_a_new_incarnation_everywhere
         there.call(ok)
 
 
+def test_close_sends_the_counts_stops_the_agent_and_a_later_call_connects_again(redis_url: str) -> None:
+    url = f"{redis_url}?time=client&key_prefix={unique_prefix()}"
+    clock = FakeClock()
+    store = RedisStore.from_url(url)
+    breaker = CircuitBreaker("svc", {"failure_threshold": 2}, storage=store, clock=clock)
+    assert breaker.call(ok) == "ok"  # counted in this process; starts the agent
+    _until(lambda: store.live)
+    agent = store._agent
+    assert agent is not None
+
+    store.close()
+    assert not agent.is_alive()  # nothing left to log a lost channel once Redis goes away
+    assert (store._agent, store._client, store.live) == (None, None, False)
+    other = CircuitBreaker("svc", {"failure_threshold": 2}, storage=RedisStore.from_url(url), clock=clock)
+    assert other.snapshot().successes == 1  # the count was sent before closing
+
+    assert breaker.call(ok) == "ok"  # connects again, and follows transitions again
+    _until(lambda: store.live)
+    fail(other, 2)
+    assert store.sync()
+    with pytest.raises(CircuitOpenError):
+        breaker.call(ok)
+    store.close()
+
+
 def test_a_second_store_adopts_the_stored_policy(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
     url = f"{redis_url}?time=client&key_prefix={unique_prefix()}"
     clock = FakeClock()

@@ -21,6 +21,7 @@ __all__ = [
     "StorageError",
     "Store",
     "check_storage_url",
+    "close_stores",
     "describe_url",
     "flush_stores",
     "register_scheme",
@@ -74,6 +75,15 @@ def flush_stores() -> None:
     redis_store = sys.modules.get(f"{__name__}.redis.store")
     if redis_store is not None:  # never imports redis-py for a memory-only process
         redis_store.flush_all()
+
+
+def close_stores() -> None:
+    """Send every count this process keeps locally, stop following transitions and close
+    its connections to shared stores; a later breaker call connects again. For scripts
+    done with Redis before it stops (workers need not call it)."""
+    redis_store = sys.modules.get(f"{__name__}.redis.store")
+    if redis_store is not None:
+        redis_store.close_all()
 
 
 def check_storage_url(url: str) -> None:

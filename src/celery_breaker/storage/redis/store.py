@@ -348,6 +348,28 @@ class RedisStore:
             if everything or cell.pending:
                 cell.flush()
 
+    def close(self, timeout: float = 2.0) -> None:
+        """Send what this process counted, stop following transitions and close this
+        process's connections. A later breaker call connects and follows again.
+
+        For scripts and tests that are done with Redis before it goes away (otherwise
+        the agent thread would log the lost channel); workers need not call it.
+        """
+        with contextlib.suppress(StorageError):
+            self.flush()
+        with self._lock:
+            agent, self._agent = self._agent, None
+            client, self._client = self._client, None
+            self._pid = -1  # not a fork: nothing counted since is forgotten on reconnecting
+        if agent is not None and agent.pid == os.getpid():
+            agent.stop()
+            if agent is not threading.current_thread():
+                agent.join(timeout)
+        self.go_dark(None)
+        if client is not None:
+            with contextlib.suppress(*CLIENT_ERRORS, OSError):
+                client.close()
+
     def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
         """Every breaker under this store's key prefix (a SCAN: for operators, not hot paths)."""
         pattern = "{" + _glob_escape(self.key_prefix) + ":*}:s"
@@ -385,6 +407,12 @@ def flush_all() -> None:
 
 
 atexit.register(flush_all)
+
+
+def close_all() -> None:
+    """``close()`` every Redis store this process uses."""
+    for store in list(_STORES):
+        store.close()
 
 
 def _reinit_locks_after_fork() -> None:
