@@ -108,15 +108,15 @@ class ModeRun:
 
 
 class Worker:
-    """``celery -A backlog_app worker -P prefork -c 2`` in a subprocess, logging to a file."""
+    """``celery -A <app> worker -P prefork -c 2`` (``backlog_app`` by default) in a subprocess, logging to a file."""
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
+    def __init__(self, env: dict[str, str], log: Path, *, app: str = "backlog_app", name: str = "backlog") -> None:
         full = {**os.environ, **env, "PYTHONPATH": str(BENCH) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.log = log
         with log.open("ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "backlog_app", "worker", "-P", "prefork", "-c", "2",
-                 "-n", f"backlog-{os.getpid()}@%h", "--loglevel", "WARNING", "--without-gossip",
+                [sys.executable, "-m", "celery", "-A", app, "worker", "-P", "prefork", "-c", "2",
+                 "-n", f"{name}-{os.getpid()}@%h", "--loglevel", "WARNING", "--without-gossip",
                  "--without-mingle", "--without-heartbeat"],
                 cwd=BENCH, env=full, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip

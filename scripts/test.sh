@@ -33,6 +33,10 @@ echo "== pytest"
 echo "== benchmark smoke runs (figures are not checked)"
 "$VENV/bin/python" bench/overhead.py --quick --no-threads > /dev/null
 "$VENV/bin/python" bench/redis_store.py --quick > /dev/null
+OUTAGE="$(mktemp -d)"
+"$VENV/bin/python" bench/outage_timeline.py --quick --json "$OUTAGE/outage.json" > /dev/null
+"$VENV/bin/python" bench/plot_outage.py --out "$OUTAGE/outage.png" "$OUTAGE/outage.json" > /dev/null
+rm -rf "$OUTAGE"
 echo "== package: build the wheel and sdist, check them, run the quick start from the wheel"
 DIST="$(mktemp -d)"
 trap 'rm -rf "$DIST"' EXIT

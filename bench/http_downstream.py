@@ -1,0 +1,110 @@
+"""A real HTTP downstream on 127.0.0.1 for bench/outage_timeline.py: healthy, or in an outage; logs every request.
+
+A copy, with a timestamped log, of ``tests/integration/downstream.py`` (bench cannot import tests/).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any
+
+__all__ = ["Downstream", "Request"]
+
+#: How long a hanging answer is held: well beyond the clients' timeout (the bench app's is 0.5 s).
+HANG_S = 2.0
+
+
+@dataclass(frozen=True)
+class Request:
+    """One request the downstream received: when (epoch seconds), in which phase, and its answer."""
+
+    at: float
+    phase: str
+    answer: str  # ok, 503 or hang
+
+
+class Downstream:
+    """``ThreadingHTTPServer`` in a thread. ``outage(True)`` starts an outage: requests get
+    503 and hang (no answer for ``HANG_S`` seconds, then 503) in turn; ``outage(False)``
+    ends it (200 again). ``requests()`` is every request it has received, in order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._phase = "before"
+        self._log: list[Request] = []
+        self._outage_count = 0
+        self._stopping = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="downstream", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def outage(self, down: bool) -> None:
+        """Start (``True``) or end (``False``) the outage; phases: before, outage, after."""
+        with self._lock:
+            self._phase = "outage" if down else "after"
+
+    def requests(self) -> list[Request]:
+        with self._lock:
+            return list(self._log)
+
+    def _answer(self) -> str:
+        """Log this request and decide its answer: ok, 503 or hang."""
+        with self._lock:
+            if self._phase == "outage":
+                self._outage_count += 1
+                answer = "hang" if self._outage_count % 2 == 0 else "503"
+            else:
+                answer = "ok"
+            self._log.append(Request(time.time(), self._phase, answer))
+        return answer
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        downstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def do_GET(self) -> None:
+                answer = downstream._answer()
+                if answer == "hang":
+                    # The downstream misbehaving, not the bench waiting: hold the answer.
+                    downstream._stopping.wait(HANG_S)
+                status = 200 if answer == "ok" else 503
+                body = b"ok" if status == 200 else b"unavailable"
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the client gave up (timed out) before the answer
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
+
+    def start(self) -> Downstream:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+    def __enter__(self) -> Downstream:
+        return self.start()
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self.close()
