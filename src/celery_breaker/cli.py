@@ -1,4 +1,4 @@
-"""The ``celery breaker`` command: ``status``, ``open``/``close``/``reset``/``disable`` and a live ``watch``.
+"""The ``celery breaker`` command: ``status``, ``open``/``close``/``reset``/``disable``, ``purge`` and ``watch``.
 
 Celery imports this module on every ``celery`` call (the ``celery.commands`` entry
 point), so at module level it imports only click and Celery's own CLI base, which
@@ -299,6 +299,41 @@ for _action, _summary in (
     ("disable", "Disable NAME: every call passes and nothing trips it until closed or reset."),
 ):
     breaker.add_command(_operator_command(_action, _summary))
+
+
+@breaker.command(cls=CeleryCommand)
+@click.argument("name")
+@click.option("--key", "-k", default=None, help="The key of a per-key breaker (NAME[KEY] works too).")
+@click.option("--force", "-f", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--json", "as_json", is_flag=True, help="Print what was discarded as JSON.")
+@click.pass_context
+@_reporting
+def purge(ctx: click.Context, name: str, key: str | None, force: bool, as_json: bool) -> None:
+    """Discard the tasks parked behind NAME: they never run, and their results stay PENDING.
+
+    As many as were parked when the command began go, oldest first; tasks a worker is
+    publishing again are left. The breaker's state is not touched. Asks first, unless
+    --force. NAME[KEY] as `status` shows it, or NAME with --key KEY, names a per-key breaker.
+    """
+    from .operations import purge as purge_parked
+
+    app = _app(ctx)
+    app.loader.import_default_modules()  # the app's tasks name its breakers
+    if not force:
+        label = name if key is None else f"{name}[{key}]"
+        click.confirm(f"Discard the tasks parked behind {label}? They will never run.", abort=True)
+    done = purge_parked(app, name, key)
+    if as_json:
+        import json
+
+        click.echo(json.dumps({"breaker": done.label, "discarded": done.discarded, "parked": done.parked,
+                               "claimed": done.claimed, "store": done.store}, indent=2))  # fmt: skip
+        return
+    noun = "task" if done.discarded == 1 else "tasks"
+    text = f"{done.label}: discarded {done.discarded} parked {noun} in {done.store}"
+    left = [f"{done.parked} parked since"] if done.parked else []
+    left += [f"{done.claimed} being published, which run"] if done.claimed else []
+    click.echo(text + (f" ({'; '.join(left)})" if left else "") + ".")
 
 
 @breaker.command(cls=CeleryCommand)

@@ -22,9 +22,11 @@ from .storage import MemoryStore, Store, describe_url, resolve_store
 __all__ = [
     "ACTIONS",
     "Move",
+    "Purge",
     "app_breakers",
     "check_key",
     "operate",
+    "purge",
     "shared_store",
     "split_label",
 ]
@@ -64,6 +66,22 @@ class Move:
         """``'crm'`` or ``'crm[tenant-7]'``."""
         snapshot = self.after
         return snapshot.name if snapshot.key is None else f"{snapshot.name}[{snapshot.key}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Purge:
+    """What one purge discarded from one breaker's parked tasks."""
+
+    label: str
+    """``'crm'`` or ``'crm[tenant-7]'``."""
+    discarded: int
+    """Parked tasks discarded: they will never run, and their results stay PENDING."""
+    parked: int
+    """Tasks still parked: those parked while the purge ran."""
+    claimed: int
+    """Tasks a releaser had claimed and was publishing again: they run."""
+    store: str
+    """The store's URL, passwords masked."""
 
 
 def shared_store(app: Any) -> Store:
@@ -225,4 +243,50 @@ def operate(
         store=label,
         transitions=transitions,
         policy_differs=differs,
+    )
+
+
+def purge(app: Any, name: str, key: str | None = None, *, store: Store | None = None) -> Purge:
+    """Discard the tasks parked behind breaker ``name``/``key``, as many as were parked
+    when the call began, oldest first; tasks being published by a releaser are left.
+
+    Like ``celery purge``, the discarded tasks never run and their results stay
+    PENDING. The breaker's state is not touched. ``name`` may be a label
+    (``crm[tenant-7]``); it must be a breaker the store or the app knows, or have tasks
+    parked (parked tasks outlive their breaker's state). Raises
+    ``UnknownBreakerError``, ``BreakerKeyError``, ``ConfigurationError`` (a memory
+    store, a store without parking) or ``StorageError``.
+    """
+    from .parking import parking_of
+
+    if not isinstance(name, str) or not name.strip():
+        raise UnknownBreakerError(f"a breaker name is required, got {name!r}")
+    check_key(key)
+    store = store if store is not None else shared_store(app)
+    parking = parking_of(store)
+    label = describe_url(store.url)
+    if parking is None:
+        raise ConfigurationError(f"the breaker store {label} parks no tasks: there is nothing to purge")
+    named = app_breakers(app)
+    in_store = {(snapshot.name, snapshot.key) for snapshot in store.snapshots(SYSTEM_CLOCK)}
+    parked_tags = set(parking.tags())
+
+    def known(name: str, key: str | None) -> bool:
+        return (key is None and name in named) or (name, key) in in_store or parking.tag(name, key) in parked_tags
+
+    if key is None and not known(name, key):
+        name, key = split_label(name)
+        check_key(key)
+    if not known(name, key):
+        names = sorted(set(named) | {n for n, _ in in_store})
+        raise _unknown(name, key, names, in_store, label, "nothing was purged")
+    tag = parking.tag(name, key)
+    discarded, parked = parking.purge(tag)
+    _, claimed = parking.count(tag)
+    return Purge(
+        label=name if key is None else f"{name}[{key}]",
+        discarded=discarded,
+        parked=parked,
+        claimed=claimed,
+        store=label,
     )

@@ -199,3 +199,15 @@ def test_a_count_window_breakers_backlog_is_released(store: RedisStore) -> None:
     assert release(store, clock) == entries
     snapshot = breaker.snapshot()
     assert (snapshot.window_failures, snapshot.window_calls) == (1, 1)  # the window is intact
+
+
+def test_purge_discards_in_bounded_chunks_oldest_first(store: RedisStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    from celery_breaker.storage.redis import parking
+
+    monkeypatch.setattr(parking, "PURGE_CHUNK", 2)  # five entries: three script calls
+    park_many(store, 5)
+    tag = store.parking.tag("svc", None)
+    assert store.parking.purge(tag) == (5, 0)
+    assert store.parking.count(tag) == (0, 0)
+    assert not store.client().exists(tag + ":q", tag + ":m", tag + ":d")
+    assert store.parking.purge(tag) == (0, 0)  # nothing left: nothing to do

@@ -33,6 +33,9 @@ def _source(name: str) -> str:
 
 _PARK = _source("park")
 _RELEASE = _source("release")
+_PURGE = _source("purge")
+#: Entries one purge script call discards: bounded, so Redis is never blocked for long.
+PURGE_CHUNK = 1000
 
 
 class Parking:
@@ -48,7 +51,8 @@ class Parking:
     def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
         client = self.store.client()
         if client is not self._client:  # (a new client after a fork)
-            self._scripts = {"park": Script(client, _PARK), "release": Script(client, _RELEASE)}
+            self._scripts = {name: Script(client, source) for name, source in
+                             (("park", _PARK), ("release", _RELEASE), ("purge", _PURGE))}  # fmt: skip
             self._client = client
         return self._scripts[script](keys, args, client=client)
 
@@ -96,6 +100,24 @@ class Parking:
             pipe.execute()
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.store.label}: forgetting released entries failed: {exc}") from exc
+
+    def purge(self, tag: str) -> tuple[int, int]:
+        """Discard the entries of breaker ``tag`` parked when the call began, oldest first,
+        in chunks; return ``(discarded, still parked)``. Entries parked meanwhile, and
+        claimed ones (being published), are kept."""
+        keys = [tag + ":q", tag + ":m", tag + ":d"]
+        try:
+            wanted = int(self.store.client().zcard(keys[0]))
+            discarded = left = 0
+            while discarded < wanted:
+                removed, left = self._run("purge", keys, [min(PURGE_CHUNK, wanted - discarded)])
+                if not removed:
+                    break
+                discarded += int(removed)
+            left = int(self.store.client().zcard(keys[0]))
+        except CLIENT_ERRORS as exc:
+            raise StorageError(f"redis store {self.store.label}: purging {tag} failed: {exc}") from exc
+        return discarded, left
 
     def tags(self) -> list[str]:
         """Hash tags of breakers that may hold parked entries."""
