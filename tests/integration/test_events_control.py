@@ -169,42 +169,42 @@ def test_inspect_breakers_and_control_commands_act_on_the_shared_store(broker: s
     conf = {"breaker_storage_url": store_url, "breaker_default_policy": POLICY}
     observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
     observer.reset()
-    control = partner_proj.app.control
+    control = partner_proj.app.control  # limit=2: each call returns once both workers replied
     with workers(broker, conf, ["c1", "c2"]):
-        replies = control.inspect(timeout=5)._request("breakers")
+        replies = control.inspect(timeout=5, limit=2)._request("breakers")
         assert set(replies) == {f"{n}@{socket.gethostname()}" for n in ("c1", "c2")}
         for rows in replies.values():
             assert [(row["name"], row["state"]) for row in rows] == [(BREAKER, "closed")]
 
-        answers = control.broadcast("breaker_open", arguments={"name": BREAKER}, reply=True, timeout=5)
+        answers = control.broadcast("breaker_open", arguments={"name": BREAKER}, reply=True, timeout=5, limit=2)
         assert len(answers) == 2
         assert all("forced open" in a[node]["ok"] for a in answers for node in a)
         assert observer.snapshot().state is State.FORCED_OPEN
 
         for command, state in (("breaker_disable", State.DISABLED), ("breaker_close", State.CLOSED)):
-            answers = control.broadcast(command, arguments={"name": BREAKER}, reply=True, timeout=5)
+            answers = control.broadcast(command, arguments={"name": BREAKER}, reply=True, timeout=5, limit=2)
             assert len(answers) == 2
             assert all("ok" in a[node] for a in answers for node in a), answers
             assert observer.snapshot().state is state
 
         answers = control.broadcast(
-            "breaker_open", arguments={"name": BREAKER, "key": "tenant-7"}, reply=True, timeout=5
+            "breaker_open", arguments={"name": BREAKER, "key": "tenant-7"}, reply=True, timeout=5, limit=2
         )
         assert all("ok" in a[node] for a in answers for node in a), answers
         per_key = CircuitBreaker(BREAKER, POLICY, storage=store_url, key="tenant-7")
         assert per_key.snapshot().state is State.FORCED_OPEN
         assert observer.snapshot().state is State.CLOSED  # the unkeyed breaker is another one
 
-        answers = control.broadcast("breaker_reset", arguments={"name": BREAKER}, reply=True, timeout=5)
+        answers = control.broadcast("breaker_reset", arguments={"name": BREAKER}, reply=True, timeout=5, limit=2)
         assert all("ok" in a[node] for a in answers for node in a), answers
         assert observer.snapshot().trips == 0
 
         # Bad input: an error reply naming what the worker knows, and nothing changed.
-        answers = control.broadcast("breaker_open", arguments={"name": "no-such"}, reply=True, timeout=5)
+        answers = control.broadcast("breaker_open", arguments={"name": "no-such"}, reply=True, timeout=5, limit=2)
         errors = [a[node]["error"] for a in answers for node in a]
         assert len(errors) == 2
         assert all("unknown breaker 'no-such'" in e and BREAKER in e for e in errors)
-        answers = control.broadcast("breaker_open", arguments={}, reply=True, timeout=5)
+        answers = control.broadcast("breaker_open", arguments={}, reply=True, timeout=5, limit=2)
         assert all("needs a breaker name" in a[node]["error"] for a in answers for node in a)
         assert observer.snapshot().state is State.CLOSED
 
