@@ -326,6 +326,24 @@ def test_close_sends_the_counts_stops_the_agent_and_a_later_call_connects_again(
     store.close()
 
 
+def test_listing_breakers_pipelines_the_snapshots_and_reloads_flushed_scripts(
+    redis_url: str, server: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery_breaker.storage.redis import store as store_module
+
+    monkeypatch.setattr(store_module, "PIPELINE_BATCH", 3)  # seven breakers: three round trips
+    url = f"{redis_url}?time=client&key_prefix={unique_prefix()}"
+    clock = FakeClock()
+    breakers = [CircuitBreaker("tenant", {"failure_threshold": 1}, storage=url, clock=clock, key=f"t{i}")
+                for i in range(7)]  # fmt: skip
+    fail(breakers[4])
+    server.script_flush()  # a restarted Redis forgets the scripts: the pipeline loads them again
+    listed = RedisStore.from_url(url).snapshots(clock)
+    assert sorted((snap.key, snap.state) for snap in listed) == [
+        (f"t{i}", State.OPEN if i == 4 else State.CLOSED) for i in range(7)
+    ]
+
+
 def test_a_second_store_adopts_the_stored_policy(redis_url: str, caplog: pytest.LogCaptureFixture) -> None:
     url = f"{redis_url}?time=client&key_prefix={unique_prefix()}"
     clock = FakeClock()

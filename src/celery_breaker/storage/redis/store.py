@@ -42,6 +42,8 @@ logger = logging.getLogger("celery_breaker")
 DEFAULT_KEY_PREFIX = "breaker"
 DEFAULT_IDLE_TTL = 86_400.0
 _OPTIONS = ("key_prefix", "idle_ttl", "socket_timeout", "socket_connect_timeout", "time")
+#: Scripts sent per round trip by ``run_many`` (listing breakers for operators).
+PIPELINE_BATCH = 500
 _KEY_SUFFIXES = (":s", ":f", ":r", ":b", ":l")  # state, failure times, count ring, time buckets, leases
 _SCRIPTS = ("acquire", "record", "operate", "snapshot")
 
@@ -380,15 +382,33 @@ class RedisStore:
             state_keys = [k.decode() for k in self.client().scan_iter(match=pattern, count=500)]
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.label}: listing breakers failed: {exc}") from exc
-        for state_key in state_keys:
-            tag = state_key[: -len(":s")]
-            keys = [tag + suffix for suffix in _KEY_SUFFIXES]
-            now_arg = repr(now) if self.client_time else ""
-            reply = self.run("snapshot", keys, [now_arg, self.ttl_ms, "0", "", "", "", ""])
+        args = [repr(now) if self.client_time else "", self.ttl_ms, "0", "", "", "", ""]
+        calls = [([state_key[: -len(":s")] + suffix for suffix in _KEY_SUFFIXES], args) for state_key in state_keys]
+        for reply in self.run_many("snapshot", calls):
             if reply[0] == b"absent":
                 continue  # expired since the scan saw it
             found.append(RedisCell.decode_snapshot(reply, offset))
         return found
+
+    def run_many(self, script: str, calls: list[tuple[list[str], list[str]]]) -> list[list[Any]]:
+        """``run`` for many breakers, ``PIPELINE_BATCH`` scripts per round trip (one by one
+        on a Cluster, whose keys live on several nodes). A failure of any becomes ``StorageError``."""
+        client = self.client()
+        if not hasattr(client, "pipeline") or getattr(client, "nodes_manager", None) is not None:
+            return [self.run(script, keys, args) for keys, args in calls]
+        replies: list[Any] = []
+        try:
+            for start in range(0, len(calls), PIPELINE_BATCH):
+                pipe = client.pipeline(transaction=False)
+                for keys, args in calls[start : start + PIPELINE_BATCH]:
+                    self._scripts[script](keys, args, client=pipe)
+                replies += pipe.execute()
+        except CLIENT_ERRORS as exc:
+            raise StorageError(f"redis store {self.label}: {script} failed: {exc}") from exc
+        for reply in replies:
+            if not isinstance(reply, list) or not reply:
+                raise StorageError(f"redis store {self.label}: {script} answered {reply!r}")
+        return replies
 
     def __repr__(self) -> str:
         return f"RedisStore({self.label!r})"
