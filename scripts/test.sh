@@ -6,13 +6,14 @@ cd "$(dirname "$0")/.."
 
 # redis-server: the real Redis that the Celery broker and Redis tests run against
 # (the test suite starts its own instances on free loopback ports and stops them:
-# standalone, a 3-node Cluster, and a Sentinel, which is `redis-server --sentinel`).
-if ! command -v redis-server >/dev/null 2>&1; then
+# standalone, a 3-node Cluster, and a Sentinel, which is `redis-server --sentinel`;
+# each also over TLS). openssl: makes the TLS servers' throwaway CA and certificates.
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-    echo "== installing redis-server"
+    echo "== installing redis-server and openssl"
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq redis-server >/dev/null
+    $SUDO apt-get install -y -qq redis-server openssl >/dev/null
 fi
 
 VENV="${VENV:-.venv}"

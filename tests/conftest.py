@@ -1,4 +1,4 @@
-"""Fixtures shared by every test: real Redis servers (standalone, Cluster, Sentinel) started once per session."""
+"""Fixtures shared by every test: real Redis servers (standalone, Cluster, Sentinel, TLS) started once per session."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from .servers import RedisCluster, RedisSentinel, RedisServer, ServerError
+from .tls import Certificates, make_certificates
 
 
 def _started(server: RedisServer | RedisCluster | RedisSentinel) -> None:
@@ -39,6 +40,37 @@ def redis_sentinel() -> Iterator[RedisSentinel]:
     """A master, a replica and a Sentinel started for this session: ``.url`` is our
     ``redis+sentinel://`` URL, ``.failover()`` switches master and replica."""
     with RedisSentinel() as sentinel:
+        _started(sentinel)
+        yield sentinel
+
+
+@pytest.fixture(scope="session")
+def tls_certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
+    """A throwaway CA, the server and client certificates it signed, and an unrelated CA."""
+    return make_certificates(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def redis_tls(tls_certificates: Certificates) -> Iterator[RedisServer]:
+    """A redis-server speaking TLS only and requiring a client certificate (``.url`` is ``rediss://``)."""
+    with RedisServer(tls=tls_certificates) as server:
+        _started(server)
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_tls_cluster(tls_certificates: Certificates) -> Iterator[RedisCluster]:
+    """A 3-primary Redis Cluster speaking TLS only, its bus too (``.url`` is ``rediss+cluster://``)."""
+    with RedisCluster(tls=tls_certificates) as cluster:
+        _started(cluster)
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_tls_sentinel(tls_certificates: Certificates) -> Iterator[RedisSentinel]:
+    """A TLS-only master and replica and a Sentinel answering TLS (``.url``, ``rediss+sentinel://``)
+    and plain connections (``.plain_sentinels_url``)."""
+    with RedisSentinel(tls=tls_certificates) as sentinel:
         _started(sentinel)
         yield sentinel
 

@@ -1,6 +1,8 @@
 """Real Redis servers for tests (standalone, Cluster, Sentinel) on free loopback ports, each in a temp dir.
 
 Every server binds 127.0.0.1 only and never persists (``save ""``, ``appendonly no``).
+Given ``tls`` (``tests.tls.Certificates``), each speaks TLS only, on the same port, and
+requires a client certificate; the servers talk to each other over TLS too.
 Waiting on them polls with short sleeps: that is waiting for a process to get somewhere,
 never for time to pass.
 """
@@ -19,6 +21,8 @@ from types import TracebackType
 from typing import Any, TypeVar, cast
 
 import redis
+
+from .tls import Certificates
 
 __all__ = ["RedisCluster", "RedisSentinel", "RedisServer", "ServerError", "free_port", "poll"]
 
@@ -90,9 +94,12 @@ class RedisServer(_Owned):
     The temp dir (``workdir``) holds its log; it is removed by ``close()`` unless given.
     """
 
-    def __init__(self, *options: str, port: int | None = None, workdir: str | None = None) -> None:
+    def __init__(
+        self, *options: str, port: int | None = None, workdir: str | None = None, tls: Certificates | None = None
+    ) -> None:
         self.port = port if port is not None else free_port()
         self.options = options
+        self.tls = tls
         self._own_dir = workdir is None
         self.workdir = Path(workdir if workdir is not None else tempfile.mkdtemp(prefix="celery-breaker-redis-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -102,15 +109,18 @@ class RedisServer(_Owned):
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}"
 
     @property
     def address(self) -> tuple[str, int]:
         return ("127.0.0.1", self.port)
 
     def command(self) -> list[str]:
+        ports: tuple[str, ...] = ("--port", str(self.port))
+        if self.tls:  # TLS only: the plain port closed
+            ports = ("--port", "0", "--tls-port", str(self.port), *self.tls.server_args())
         return [
-            redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--protected-mode", "yes",
+            redis_server_binary(), *ports, "--bind", "127.0.0.1", "--protected-mode", "yes",
             "--save", "", "--appendonly", "no", "--dir", str(self.workdir), *self.options,
         ]  # fmt: skip
 
@@ -138,7 +148,7 @@ class RedisServer(_Owned):
         if self._admin is None:
             self._admin = redis.Redis(
                 host="127.0.0.1", port=self.port, protocol=2, decode_responses=True,
-                socket_timeout=2.0, socket_connect_timeout=2.0,
+                socket_timeout=2.0, socket_connect_timeout=2.0, **(self.tls.client_kwargs() if self.tls else {}),
             )  # fmt: skip
         return self._admin
 
@@ -186,14 +196,22 @@ class RedisServer(_Owned):
 
 
 class _SentinelServer(RedisServer):
-    """A ``redis-server sentinel.conf --sentinel`` process (Sentinel rewrites its own config file)."""
+    """A ``redis-server sentinel.conf --sentinel`` process (Sentinel rewrites its own config file).
 
-    def __init__(self, service: str, master: tuple[str, int], *, workdir: str) -> None:
-        super().__init__(workdir=workdir)
+    With ``tls``, ``port`` is its TLS port, and it also answers plain connections on
+    ``plain_port`` (a deployment's plain Sentinels watching a TLS master).
+    """
+
+    def __init__(self, service: str, master: tuple[str, int], *, workdir: str, tls: Certificates | None) -> None:
+        super().__init__(workdir=workdir, tls=tls)
         self.config = self.workdir / f"sentinel-{self.port}.conf"
+        self.plain_port = free_port() if tls else self.port
+        ports = f"port {self.port}\n"
+        if tls:
+            ports = f"port {self.plain_port}\ntls-port {self.port}\n{tls.sentinel_config()}"
         host, port = master
         self.config.write_text(
-            f"port {self.port}\nbind 127.0.0.1\nprotected-mode yes\ndir {self.workdir}\n"
+            f"{ports}bind 127.0.0.1\nprotected-mode yes\ndir {self.workdir}\n"
             f"sentinel monitor {service} {host} {port} 1\n"
             f"sentinel down-after-milliseconds {service} 1000\n"
             f"sentinel failover-timeout {service} 5000\n"
@@ -212,23 +230,33 @@ class RedisSentinel(_Owned):
     takes about ten (see ``failover``).
     """
 
-    def __init__(self, sentinels: int = 1, service: str = "breakers") -> None:
+    def __init__(self, sentinels: int = 1, service: str = "breakers", tls: Certificates | None = None) -> None:
         self.service = service
+        self.tls = tls
         self.workdir = Path(tempfile.mkdtemp(prefix="celery-breaker-sentinel-"))
         # No diskless-sync delay: a replica (and the demoted master) syncs at once, not after 5 s.
         sync = ("--repl-diskless-sync-delay", "0")
-        master = RedisServer(*sync, workdir=str(self.workdir / "server-0"))
-        replica = RedisServer(*sync, "--replicaof", *map(str, master.address), workdir=str(self.workdir / "server-1"))
+        master = RedisServer(*sync, workdir=str(self.workdir / "server-0"), tls=tls)
+        replica = RedisServer(
+            *sync, "--replicaof", *map(str, master.address), workdir=str(self.workdir / "server-1"), tls=tls
+        )
         self.servers = [master, replica]
         self.sentinels = [
-            _SentinelServer(service, self.servers[0].address, workdir=str(self.workdir / "sentinel"))
+            _SentinelServer(service, self.servers[0].address, workdir=str(self.workdir / "sentinel"), tls=tls)
             for _ in range(sentinels)
         ]
 
     @property
     def url(self) -> str:
-        """Our store URL for this service (every Sentinel listed)."""
-        return "redis+sentinel://" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels) + f"/{self.service}"
+        """Our store URL for this service (every Sentinel listed; TLS to every one, and the master, given ``tls``)."""
+        scheme = "rediss+sentinel" if self.tls else "redis+sentinel"
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels) + f"/{self.service}"
+
+    @property
+    def plain_sentinels_url(self) -> str:
+        """Given ``tls``: a store URL asking the Sentinels' plain ports where the TLS master is."""
+        hosts = ",".join(f"127.0.0.1:{s.plain_port}" for s in self.sentinels)
+        return f"rediss+sentinel://{hosts}/{self.service}?sentinel_ssl=false"
 
     def start(self) -> RedisSentinel:
         for server in self.servers:
@@ -339,14 +367,16 @@ class RedisCluster(_Owned):
     which is Redis's own delay before a new primary takes writes.
     """
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, tls: Certificates | None = None) -> None:
+        self.tls = tls
         self.workdir = Path(tempfile.mkdtemp(prefix="celery-breaker-cluster-"))
         # Bus ports are chosen, not port + 10000 (which a free port above 55535 would overflow).
         self.bus_ports = [free_port() for _ in range(masters)]
         self.nodes = [
             RedisServer(
                 "--cluster-enabled", "yes", "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "2000", workdir=str(self.workdir / f"node-{index}"),
+                "--cluster-node-timeout", "2000", *(("--tls-cluster", "yes") if tls else ()),
+                workdir=str(self.workdir / f"node-{index}"), tls=tls,
             )
             for index, bus in enumerate(self.bus_ports)
         ]  # fmt: skip
@@ -354,7 +384,8 @@ class RedisCluster(_Owned):
     @property
     def url(self) -> str:
         """Our store URL for this cluster (every node a startup node)."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
+        scheme = "rediss+cluster" if self.tls else "redis+cluster"
+        return f"{scheme}://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes)
 
     def start(self) -> RedisCluster:
         """What ``redis-cli --cluster create`` does, but every node meets every other

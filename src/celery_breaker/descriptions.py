@@ -21,9 +21,11 @@ SETTING_DOCS: dict[str, Doc] = {
     "breaker_storage_url": Doc(
         accepts="URL; an unknown scheme or a bad option stops the worker",
         meaning="where breaker state lives: `memory://[name][?max_breakers=N&idle_ttl=SECONDS]`, `redis://`, "
-        "`rediss://`, `redis+unix://`, `redis+sentinel://`, `redis+cluster://` and the `valkey` spellings "
+        "`rediss://`, `redis+unix://`, `redis+sentinel://`, `redis+cluster://`, their TLS forms "
+        "`rediss+sentinel://` and `rediss+cluster://`, and the `valkey` spellings "
         "([Redis internals](redis.md#urls)). The worker logs the store it uses at start.",
-        default="the broker's Redis when the broker is Redis (Sentinel too), else `memory://`",
+        default="the broker's Redis when the broker is Redis (Sentinel too), with its `broker_use_ssl`, "
+        "else `memory://`",
     ),
     "breaker_key_prefix": Doc(
         accepts="non-empty string without `{` or `}`",

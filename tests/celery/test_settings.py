@@ -387,6 +387,33 @@ def test_breaker_routes_apply_outside_workers_too() -> None:
             {"broker_use_ssl": {"ssl_cert_reqs": "CERT_REQUIRED", "ssl_ca_certs": "/ca.pem"}},
             "rediss://cache/0?ssl_cert_reqs=none&ssl_ca_certs=%2Fca.pem",
         ),  # the URL's own option wins
+        (
+            "redis://cache/0",
+            {"broker_use_ssl": {"ssl_check_hostname": False, "ssl_ca_path": "/etc/cas", "ssl_password": "pw"}},
+            "rediss://cache/0?ssl_ca_path=%2Fetc%2Fcas&ssl_check_hostname=false&ssl_password=pw",
+        ),
+        # A Sentinel broker with TLS: kombu speaks TLS to the master, and to the Sentinels
+        # only when its sentinel_kwargs say so; the store does the same.
+        (
+            "sentinel://:pw@s1:26379;sentinel://s2:26380",
+            {"broker_transport_options": {"master_name": "mymaster"}, "broker_use_ssl": True},
+            "rediss+sentinel://:pw@s1:26379,s2:26380/mymaster?sentinel_ssl=false",
+        ),
+        (
+            "sentinel://s1:26379",
+            {
+                "broker_transport_options": {"master_name": "mymaster", "sentinel_kwargs": {"ssl": True}},
+                "broker_use_ssl": {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": "/etc/ca.pem"},
+            },
+            "rediss+sentinel://s1:26379/mymaster?ssl_cert_reqs=required&ssl_ca_certs=%2Fetc%2Fca.pem",
+        ),
+        (
+            "sentinel://s1:26379",
+            {"broker_transport_options": {"master_name": "mymaster"}, "broker_use_ssl": {"ssl_certfile": "/c.crt"}},
+            "rediss+sentinel://s1:26379/mymaster?sentinel_ssl=false&ssl_certfile=%2Fc.crt",
+        ),
+        ("sentinel://s1:26379", {"broker_use_ssl": True}, "memory://"),  # still no master_name
+        ("redis+socket:///run/redis.sock", {"broker_use_ssl": True}, "redis+unix:///run/redis.sock"),
         ("amqp://guest@rabbit//", {}, "memory://"),
         ("memory://", {}, "memory://"),
     ],

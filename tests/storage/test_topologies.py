@@ -257,9 +257,33 @@ def test_a_publish_from_a_script_on_any_node_reaches_a_subscriber_on_one_node(cl
             # PUBLISH counts only the subscribers on its own node (0 on the others), yet
             # every node forwards the message over the cluster bus.
             assert announce([key], [channel], client=client) in (0, 1)
-        assert heard(subscriber, within=2.0, until=len(keys)) == keys
+        # Forwarded over the cluster bus from several nodes: all arrive, in no set order.
+        assert sorted(heard(subscriber, within=2.0, until=len(keys))) == sorted(keys)
     finally:
         subscriber.close()
+
+
+def test_sync_on_a_cluster_sends_its_barrier_through_every_primary(cluster_url: str) -> None:
+    """Messages from different nodes arrive in no set order, so one barrier per node:
+    each follows, on its own cluster-bus link, what that node published before it."""
+    store = RedisStore.from_url(cluster_url)
+    breaker = CircuitBreaker("svc", TRIP_AT_TWO, storage=store, on_storage_error="deny")
+    assert breaker.call(ok) == "ok"  # starts the agent
+    deadline = time.monotonic() + 10
+    while not store.live and time.monotonic() < deadline:
+        time.sleep(0.01)  # the agent subscribes in its own thread
+    client = redis_py(store)
+    listener = client.pubsub()
+    listener.subscribe(store.channel)
+    try:
+        assert listener.get_message(timeout=2.0)["type"] == "subscribe"
+        assert store.sync()
+        barriers = heard(listener, within=2.0, until=3)
+        assert len(barriers) == len(client.get_primaries()) == 3
+        assert all(message.startswith("sync\n") for message in barriers)
+        assert len(set(barriers)) == 3
+    finally:
+        listener.close()
 
 
 def test_a_cluster_gone_after_the_client_is_made_raises_storage_error() -> None:

@@ -52,8 +52,8 @@ register_scheme("memory")(MemoryStore.from_url)
 
 
 @register_scheme(
-    "redis", "rediss", "redis+unix", "redis+sentinel", "redis+cluster",
-    "valkey", "valkeys", "valkey+unix", "valkey+sentinel", "valkey+cluster",
+    "redis", "rediss", "redis+unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster",
+    "valkey", "valkeys", "valkey+unix", "valkey+sentinel", "valkeys+sentinel", "valkey+cluster", "valkeys+cluster",
 )  # fmt: skip
 def _redis_store(url: str) -> Store:
     # Imported here, so memory:// never loads redis-py.

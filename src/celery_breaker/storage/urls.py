@@ -7,11 +7,11 @@ import re
 __all__ = ["describe_url"]
 
 
-_SECRET_OPTIONS = re.compile(r"(?P<name>(?:^|[?&])(?:sentinel_)?password=)[^&#]*")
+_SECRET_OPTIONS = re.compile(r"(?P<name>(?:^|[?&])(?:sentinel_|ssl_)?password=)[^&#]*")
 
 
 def describe_url(url: str) -> str:
-    """``url`` with every password masked (user info, ``password=`` and ``sentinel_password=``), for logs."""
+    """``url`` with every password masked (user info, ``password=``, ``sentinel_password=``, ``ssl_password=``)."""
     scheme, sep, rest = url.partition("://")
     if not sep:
         return url

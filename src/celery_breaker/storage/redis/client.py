@@ -1,4 +1,4 @@
-"""Redis clients from store URLs: one place knows every topology (standalone, TLS, unix socket, Sentinel, Cluster)."""
+"""Redis clients from store URLs: one place knows every topology (standalone, unix socket, Sentinel, Cluster; TLS)."""
 
 from __future__ import annotations
 
@@ -36,13 +36,19 @@ SCHEMES = {
     "rediss": "tls",
     "redis+unix": "unix",
     "redis+sentinel": "sentinel",
+    "rediss+sentinel": "sentinel",
     "redis+cluster": "cluster",
+    "rediss+cluster": "cluster",
     "valkey": "standalone",
     "valkeys": "tls",
     "valkey+unix": "unix",
     "valkey+sentinel": "sentinel",
+    "valkeys+sentinel": "sentinel",
     "valkey+cluster": "cluster",
+    "valkeys+cluster": "cluster",
 }
+#: The Sentinel and Cluster schemes whose connections speak TLS, to every node.
+_TLS_SCHEMES = frozenset({"rediss+sentinel", "rediss+cluster", "valkeys+sentinel", "valkeys+cluster"})
 _REDIS_PY_SCHEMES = {"standalone": "redis", "tls": "rediss", "unix": "unix"}
 _DEFAULT_PORTS = {"sentinel": 26379, "cluster": 6379}
 _FORMS = {
@@ -69,6 +75,13 @@ def _protocol(text: str) -> int:
     return int(text)
 
 
+def _cert_reqs(text: str) -> str:
+    value = _CERT_REQS.get(text, text)
+    if value not in ("required", "optional", "none"):
+        raise ValueError(text)
+    return value
+
+
 #: The redis-py options a Sentinel or Cluster URL may carry, and how each is read
 #: (anything else is a typo that redis-py would report only on first use, or drop).
 _OPTION_TYPES: dict[str, tuple[Callable[[str], Any], str]] = {
@@ -82,11 +95,28 @@ _OPTION_TYPES: dict[str, tuple[Callable[[str], Any], str]] = {
     "socket_keepalive": (_flag, "true or false"),
     "sentinel_username": (str, "text"),
     "sentinel_password": (str, "text"),
+    # TLS (rediss+ schemes only): what redis-py's SSLConnection takes, and what its
+    # cluster client passes on to every node (it silently drops ssl_min_version and
+    # ssl_ciphers, so neither is offered).
+    "ssl_ca_certs": (str, "a file path"),
+    "ssl_ca_path": (str, "a directory path"),
+    "ssl_certfile": (str, "a file path"),
+    "ssl_keyfile": (str, "a file path"),
+    "ssl_password": (str, "text"),
+    "ssl_cert_reqs": (_cert_reqs, "required, optional or none (or CERT_REQUIRED, CERT_OPTIONAL, CERT_NONE)"),
+    "ssl_check_hostname": (_flag, "true or false"),
+    "sentinel_ssl": (_flag, "true or false"),
 }
-_OPTIONS = {
-    "sentinel": tuple(_OPTION_TYPES),
+_SSL_OPTIONS = tuple(name for name in _OPTION_TYPES if name.startswith("ssl_"))
+_PLAIN_OPTIONS = {
+    "sentinel": ("username", "password", "client_name", "db", "protocol", "max_connections",
+                 "health_check_interval", "socket_keepalive", "sentinel_username", "sentinel_password"),
     # Cluster: db 0 only; redis-py drops health_check_interval for cluster nodes.
     "cluster": ("username", "password", "client_name", "db", "protocol", "max_connections", "socket_keepalive"),
+}  # fmt: skip
+_TLS_OPTIONS = {
+    "sentinel": (*_PLAIN_OPTIONS["sentinel"], *_SSL_OPTIONS, "sentinel_ssl"),
+    "cluster": (*_PLAIN_OPTIONS["cluster"], *_SSL_OPTIONS),
 }
 
 #: Every exception a client call may raise: a Cluster client's own errors (no slot
@@ -117,7 +147,7 @@ class _Endpoint:
     nodes: tuple[tuple[str, int], ...] = ()  # the Sentinels, or the cluster's startup nodes
     service: str = ""  # Sentinel: the monitored master's name
     options: dict[str, Any] = field(default_factory=dict)  # the data connections' redis-py options
-    sentinel_options: dict[str, Any] = field(default_factory=dict)  # Sentinel: its own credentials
+    sentinel_options: dict[str, Any] = field(default_factory=dict)  # Sentinel: its own credentials and TLS
 
 
 def check_url(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> None:
@@ -180,6 +210,8 @@ def _endpoint(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> _E
             raise ConfigurationError(
                 f"redis store URL {describe(url)!r}: Redis Cluster has only database 0; write {_FORMS['cluster']}"
             )
+        if parts.scheme.lower() in _TLS_SCHEMES:
+            options["ssl"] = True  # every node: the startup nodes and those the slot map names
         return _Endpoint(topology=topology, nodes=nodes, options=options)
     # Not urlunsplit: it drops the empty host of unix:///path, which redis-py requires.
     query = urlencode([(name, _CERT_REQS.get(value, value) if name == "ssl_cert_reqs" else value)
@@ -227,6 +259,13 @@ def _sentinel_endpoint(url: str, parts: SplitResult, passed: list[tuple[str, str
         for option in ("username", "password")
         if f"sentinel_{option}" in options
     }
+    if parts.scheme.lower() in _TLS_SCHEMES:
+        # TLS to the master; to the Sentinels too unless sentinel_ssl=false (kombu's
+        # default with broker_use_ssl: plain Sentinels, a TLS master), with the same
+        # certificate options.
+        options["ssl"] = True
+        if options.pop("sentinel_ssl", True):
+            sentinel_options.update(ssl=True, **{name: options[name] for name in _SSL_OPTIONS if name in options})
     return _Endpoint(
         topology="sentinel",
         nodes=nodes,
@@ -244,12 +283,32 @@ def _nodes_and_options(
     nodes = tuple(_address(url, host, topology) for host in hosts.split(",") if host.strip())
     if not nodes:
         raise ConfigurationError(f"redis store URL {describe(url)!r} lists no host; write {_FORMS[topology]}")
-    unknown = sorted({name for name, _ in passed} - set(_OPTIONS[topology]))
+    options = _options(url, parts, passed, topology)
+    if credentials:
+        user, has_password, password = credentials.partition(":")
+        if user:
+            options["username"] = unquote(user)
+        if has_password and password:
+            options["password"] = unquote(password)
+    return nodes, options
+
+
+def _options(url: str, parts: SplitResult, passed: list[tuple[str, str]], topology: str) -> dict[str, Any]:
+    """The query options of a Sentinel or Cluster URL, read and checked (none connects anywhere)."""
+    tls = parts.scheme.lower() in _TLS_SCHEMES
+    allowed = (_TLS_OPTIONS if tls else _PLAIN_OPTIONS)[topology]
+    unknown = sorted({name for name, _ in passed} - set(allowed))
+    needs_tls = [name for name in unknown if name in _TLS_OPTIONS[topology]]
+    if not tls and needs_tls:
+        raise ConfigurationError(
+            f"redis store URL {describe(url)!r}: {', '.join(needs_tls)} only apply over TLS; "
+            f"write {parts.scheme.lower().replace('+', 's+', 1)}://..."
+        )
     if unknown:
         raise ConfigurationError(
             f"redis store URL {describe(url)!r}: unknown option(s) {', '.join(unknown)}; "
             f"a {parts.scheme}:// URL takes key_prefix, idle_ttl, socket_timeout, socket_connect_timeout, "
-            f"time and {', '.join(_OPTIONS[topology])}"
+            f"time and {', '.join(allowed)}"
         )
     options: dict[str, Any] = {}
     for name, text in passed:
@@ -258,13 +317,12 @@ def _nodes_and_options(
             options[name] = read(text)
         except ValueError:
             raise ConfigurationError(f"redis store URL {describe(url)!r}: {name}={text!r} must be {kind}") from None
-    if credentials:
-        user, has_password, password = credentials.partition(":")
-        if user:
-            options["username"] = unquote(user)
-        if has_password and password:
-            options["password"] = unquote(password)
-    return nodes, options
+    if "ssl_keyfile" in options and "ssl_certfile" not in options:
+        # redis-py would silently connect without the client certificate.
+        raise ConfigurationError(
+            f"redis store URL {describe(url)!r}: ssl_keyfile needs ssl_certfile (the client certificate it is for)"
+        )
+    return options
 
 
 _HOST_PORT = re.compile(r"^(?:\[(?P<ipv6>[^\]]+)\]|(?P<host>[^:\[\]]+))(?::(?P<port>[^:]*))?$")

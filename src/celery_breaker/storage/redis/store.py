@@ -330,19 +330,32 @@ class RedisStore:
         """Wait until this process has heard every transition published before the call
         (a barrier message through the same channel). False if it could not tell within
         ``timeout``; while the store is not live there is nothing to wait for (every call
-        asks Redis), so True."""
+        asks Redis), so True.
+
+        On a Cluster the barrier is published on every primary: messages from different
+        nodes reach the subscriber over different cluster-bus links, ordered per link only.
+        """
         if not self.live:
             return True
-        token = os.urandom(8).hex()
-        barrier = self._barriers[token] = threading.Event()
+        client: Any = self.client()  # a Redis or a RedisCluster
+        primaries = client.get_primaries() if getattr(client, "nodes_manager", None) is not None else [None]
+        tokens = [os.urandom(8).hex() for _ in primaries]
+        barriers = [self._barriers.setdefault(token, threading.Event()) for token in tokens]
+        deadline = time.monotonic() + timeout
         try:
             try:
-                self.client().publish(self.channel, f"sync\n{token}")
+                for node, token in zip(primaries, tokens, strict=True):
+                    options = {} if node is None else {"target_nodes": node}
+                    client.execute_command("PUBLISH", self.channel, f"sync\n{token}", **options)
             except CLIENT_ERRORS as exc:
                 raise StorageError(f"redis store {self.label}: sync failed: {exc}") from exc
-            return barrier.wait(timeout) or not self.live
+            for barrier in barriers:
+                if not barrier.wait(max(0.0, deadline - time.monotonic())) and self.live:
+                    return False
+            return True
         finally:
-            del self._barriers[token]
+            for token in tokens:
+                self._barriers.pop(token, None)
 
     def flush(self, *, everything: bool = False) -> None:
         """Send what each cell counted locally (``everything``: read every cell again)."""
