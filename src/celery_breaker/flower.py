@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from .broker_store import store_url_from_broker
 from .errors import ConfigurationError
-from .settings import SETTINGS, _with_key_prefix, store_url_from_broker
+from .settings import SETTINGS, _with_key_prefix
 from .storage import check_storage_url, describe_url
 
 if TYPE_CHECKING:
