@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar, overload
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
 from .errors import CircuitOpenError, ConfigurationError
+from .labels import breaker_label
 from .retry_after import retry_after_of
 from .storage import Cell, Store, resolve_store, with_fallback
 
@@ -341,7 +342,7 @@ class CircuitBreaker:
     @property
     def label(self) -> str:
         """``'crm'`` or ``'crm[tenant-7]'``."""
-        return self.name if self.key is None else f"{self.name}[{self.key}]"
+        return breaker_label(self.name, self.key)
 
     @property
     def state(self) -> State:

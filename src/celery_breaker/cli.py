@@ -173,7 +173,7 @@ def _matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[Br
         return list(rows)
     import fnmatch
 
-    from .operations import split_label
+    from .labels import split_label
 
     def matches(row: BreakerStatus, pattern: str) -> bool:
         name_glob, key_glob = split_label(pattern)
@@ -320,7 +320,9 @@ def purge(ctx: click.Context, name: str, key: str | None, force: bool, as_json: 
     app = _app(ctx)
     app.loader.import_default_modules()  # the app's tasks name its breakers
     if not force:
-        label = name if key is None else f"{name}[{key}]"
+        from .labels import breaker_label
+
+        label = breaker_label(name, key)
         click.confirm(f"Discard the tasks parked behind {label}? They will never run.", abort=True)
     done = purge_parked(app, name, key)
     if as_json:

@@ -26,7 +26,6 @@ __all__ = [
     "STATE_STYLES",
     "Cell",
     "Column",
-    "breaker_label",
     "clock_time",
     "count_cell",
     "duration",
@@ -126,11 +125,6 @@ def failure_rate_text(snapshot: BreakerSnapshot) -> str:
 def state_cell(state: State) -> Cell:
     """A state as a table cell, in its colour."""
     return state.value, STATE_STYLES[state]
-
-
-def breaker_label(snapshot: BreakerSnapshot) -> str:
-    """``'crm'`` or ``'crm[tenant-7]'``: the breaker as people read it."""
-    return snapshot.name if snapshot.key is None else f"{snapshot.name}[{snapshot.key}]"
 
 
 def count_cell(value: int) -> Cell:

@@ -21,6 +21,7 @@ from typing import Any
 from celery.worker.control import control_command, inspect_command
 
 from .errors import ConfigurationError
+from .labels import breaker_label
 
 __all__ = ["OPERATIONS", "breaker_ref", "operate"]
 
@@ -79,15 +80,14 @@ def operate(app: Any, operation: str, name: str, key: str | None = None) -> dict
     announce = TransitionEvents(app)  # (sends only where events are on)
     for transition in done.transitions:
         announce(transition)
-    label = name if key is None else f"{name}[{key}]"
-    logger.warning("celery-breaker: breaker %s %s by remote control", label, OPERATIONS[operation])
+    logger.warning("celery-breaker: breaker %s %s by remote control", done.label, OPERATIONS[operation])
     return done.after.as_dict()
 
 
 def _reply(state: Any, operation: str, name: str | None, key: str | None) -> dict[str, Any]:
     if not name:
         return {"error": f"breaker_{operation} needs a breaker name: celery control breaker_{operation} NAME [KEY]"}
-    label = name if not key else f"{name}[{key}]"
+    label = breaker_label(name, key or None)  # (an empty KEY from the command line: no key)
     try:
         snapshot = operate(state.consumer.app, operation, name, key or None)
     except (LookupError, ValueError, ConfigurationError) as exc:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .labels import breaker_label
+
 if TYPE_CHECKING:
     from .core.state import State
 
@@ -106,7 +108,7 @@ class CircuitOpenError(CircuitBreakerError):
     @property
     def label(self) -> str:
         """``'crm'`` or ``'crm[tenant-7]'``: the breaker as people read it."""
-        return self.name if self.key is None else f"{self.name}[{self.key}]"
+        return breaker_label(self.name, self.key)
 
     def __str__(self) -> str:
         if self.args:

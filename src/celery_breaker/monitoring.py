@@ -18,6 +18,7 @@ from typing import Any
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerSnapshot
 from .errors import ConfigurationError
+from .labels import breaker_label
 from .parking import parking_of
 from .settings import SETTINGS, _duration, get_settings
 from .storage import Store, describe_url, resolve_store
@@ -164,7 +165,7 @@ def metrics_history(
         else:
             unreadable += 1
     if unreadable:
-        label = name if key is None else f"{name}[{key}]"
+        label = breaker_label(name, key)
         logger.warning("celery-breaker: skipped %d unreadable entries in the metrics history of %s", unreadable, label)
     return records
 

@@ -16,6 +16,7 @@ from typing import Any
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, State, Transition
 from .errors import BreakerKeyError, ConfigurationError, UnknownBreakerError
+from .labels import breaker_label, split_label
 from .settings import get_settings
 from .storage import MemoryStore, Store, describe_url, resolve_store
 
@@ -28,7 +29,6 @@ __all__ = [
     "operate",
     "purge",
     "shared_store",
-    "split_label",
 ]
 
 #: Each operator action and the state it moves a breaker to (``None``: a reset to a
@@ -64,8 +64,7 @@ class Move:
     @property
     def label(self) -> str:
         """``'crm'`` or ``'crm[tenant-7]'``."""
-        snapshot = self.after
-        return snapshot.name if snapshot.key is None else f"{snapshot.name}[{snapshot.key}]"
+        return self.after.label
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,16 +108,6 @@ def check_key(key: str | None) -> None:
     bad = next((c for c in key if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
     if bad is not None:
         raise BreakerKeyError(f"breaker key {key!r} holds the control character {bad!r}; keys are printable text")
-
-
-def split_label(label: str) -> tuple[str, str | None]:
-    """``'crm[tenant-7]'`` (a label as ``status`` shows it) -> ``('crm', 'tenant-7')``;
-    anything else -> ``(label, None)``."""
-    if label.endswith("]") and "[" in label:
-        name, _, key = label[:-1].partition("[")
-        if name:
-            return name, key
-    return label, None
 
 
 def app_breakers(app: Any) -> dict[str, BreakerPolicy]:
@@ -284,7 +273,7 @@ def purge(app: Any, name: str, key: str | None = None, *, store: Store | None = 
     discarded, parked = parking.purge(tag)
     _, claimed = parking.count(tag)
     return Purge(
-        label=name if key is None else f"{name}[{key}]",
+        label=breaker_label(name, key),
         discarded=discarded,
         parked=parked,
         claimed=claimed,

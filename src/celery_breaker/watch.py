@@ -22,7 +22,6 @@ from .console import (
     STATE_STYLES,
     Cell,
     Column,
-    breaker_label,
     clock_time,
     count_cell,
     duration,
@@ -140,7 +139,7 @@ class Watch:
             if seen is None:
                 since = new.opened_at if new.state is State.OPEN else (None if first else wall)
                 if not first:
-                    self.changes.append(Change(wall, breaker_label(new), None, new.state, "new breaker"))
+                    self.changes.append(Change(wall, new.label, None, new.state, "new breaker"))
             else:
                 old = seen.snapshot
                 elapsed = mono - seen.at
@@ -152,15 +151,13 @@ class Watch:
                     )
                 since = seen.since
                 if new.generation != old.generation or new.state is not old.state:
-                    self.changes.append(Change(wall, breaker_label(new), old.state, new.state, _reason(old, new)))
+                    self.changes.append(Change(wall, new.label, old.state, new.state, _reason(old, new)))
                     since = new.opened_at if new.state is State.OPEN and new.opened_at else wall
             seen_now[ident] = _Seen(new, mono, since)
             out.append(WatchRow(row, rates, since))
         for ident, gone in self._seen.items():
             if ident not in seen_now:
-                self.changes.append(
-                    Change(wall, breaker_label(gone.snapshot), gone.snapshot.state, None, "left the store")
-                )
+                self.changes.append(Change(wall, gone.snapshot.label, gone.snapshot.state, None, "left the store"))
         self._seen = seen_now
         return out
 

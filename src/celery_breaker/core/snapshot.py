@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ..labels import breaker_label
 from .state import State
 
 __all__ = ["BreakerSnapshot", "Probe", "Transition"]
@@ -41,7 +42,7 @@ class Transition:
     @property
     def label(self) -> str:
         """``'crm'`` or ``'crm[tenant-7]'``: the breaker as people read it."""
-        return self.name if self.key is None else f"{self.name}[{self.key}]"
+        return breaker_label(self.name, self.key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,11 @@ class BreakerSnapshot:
         if not self.window_calls:
             return None
         return self.window_failures / self.window_calls
+
+    @property
+    def label(self) -> str:
+        """``'crm'`` or ``'crm[tenant-7]'``: the breaker as people read it."""
+        return breaker_label(self.name, self.key)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: the state as its string value, plus ``failure_rate``."""

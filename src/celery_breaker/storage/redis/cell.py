@@ -14,6 +14,7 @@ from ...clock import Clock
 from ...core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
 from ...core.machine import _tally
 from ...errors import CircuitOpenError, ConfigurationError
+from ...labels import breaker_label
 from ..base import StorageError
 
 if TYPE_CHECKING:
@@ -142,7 +143,7 @@ class RedisCell:
     @property
     def label(self) -> str:
         """``'crm'`` or ``'crm[tenant-7]'``: the breaker as people read it."""
-        return self.name if self.key is None else f"{self.name}[{self.key}]"
+        return breaker_label(self.name, self.key)
 
     @property
     def evicted(self) -> bool:
