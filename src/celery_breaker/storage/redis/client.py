@@ -27,6 +27,7 @@ __all__ = [
     "SCHEMES",
     "check_url",
     "describe",
+    "is_cluster",
     "make_client",
 ]
 
@@ -148,6 +149,12 @@ class _Endpoint:
     service: str = ""  # Sentinel: the monitored master's name
     options: dict[str, Any] = field(default_factory=dict)  # the data connections' redis-py options
     sentinel_options: dict[str, Any] = field(default_factory=dict)  # Sentinel: its own credentials and TLS
+
+
+def is_cluster(client: Any) -> bool:
+    """Whether ``client`` (one ``make_client`` made) talks to a Redis Cluster: its keys
+    live on several nodes, so no pipeline across breakers and one PUBLISH per primary."""
+    return isinstance(client, RedisCluster)
 
 
 def check_url(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> None:

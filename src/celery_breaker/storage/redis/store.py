@@ -30,6 +30,7 @@ from .client import (
     DEFAULT_SOCKET_TIMEOUT,
     SCHEMES,
     check_url,
+    is_cluster,
     make_client,
 )
 from .history import History
@@ -206,6 +207,10 @@ class RedisStore:
             reply = self._scripts[script](keys, args, client=client)
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.label}: {script} failed: {exc}") from exc
+        return self._checked(script, reply)
+
+    def _checked(self, script: str, reply: Any) -> list[Any]:
+        """A script's reply, which is always a non-empty list; anything else is a ``StorageError``."""
         if not isinstance(reply, list) or not reply:
             raise StorageError(f"redis store {self.label}: {script} answered {reply!r}")
         return reply
@@ -338,7 +343,7 @@ class RedisStore:
         if not self.live:
             return True
         client: Any = self.client()  # a Redis or a RedisCluster
-        primaries = client.get_primaries() if getattr(client, "nodes_manager", None) is not None else [None]
+        primaries = client.get_primaries() if is_cluster(client) else [None]
         tokens = [os.urandom(8).hex() for _ in primaries]
         barriers = [self._barriers.setdefault(token, threading.Event()) for token in tokens]
         deadline = time.monotonic() + timeout
@@ -407,7 +412,7 @@ class RedisStore:
         """``run`` for many breakers, ``PIPELINE_BATCH`` scripts per round trip (one by one
         on a Cluster, whose keys live on several nodes). A failure of any becomes ``StorageError``."""
         client = self.client()
-        if not hasattr(client, "pipeline") or getattr(client, "nodes_manager", None) is not None:
+        if is_cluster(client):
             return [self.run(script, keys, args) for keys, args in calls]
         replies: list[Any] = []
         try:
@@ -418,10 +423,7 @@ class RedisStore:
                 replies += pipe.execute()
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.label}: {script} failed: {exc}") from exc
-        for reply in replies:
-            if not isinstance(reply, list) or not reply:
-                raise StorageError(f"redis store {self.label}: {script} answered {reply!r}")
-        return replies
+        return [self._checked(script, reply) for reply in replies]
 
     def __repr__(self) -> str:
         return f"RedisStore({self.label!r})"
