@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +176,47 @@ def _unknown(
     return UnknownBreakerError(f"{text}; {hint}")
 
 
+def _check_name(name: str, key: str | None) -> None:
+    """Refuse a missing name or a malformed key before anything is read."""
+    if not isinstance(name, str) or not name.strip():
+        raise UnknownBreakerError(f"a breaker name is required, got {name!r}")
+    check_key(key)
+
+
+def _target(
+    app: Any,
+    name: str,
+    key: str | None,
+    store: Store,
+    clock: Clock,
+    *,
+    create: bool,
+    hint: str,
+    also_known: Callable[[str, str | None], bool] | None = None,
+) -> tuple[str, str | None, dict[str, BreakerPolicy], set[tuple[str, str | None]]]:
+    """The breaker an operator names: ``(name, key, the app's breakers, those in the store)``.
+
+    ``name`` may be a label (``crm[tenant-7]``) unless it is itself a known name. Known:
+    in the store, named by the app (without a key), or ``also_known``. An unknown one
+    raises ``UnknownBreakerError`` ending in ``hint``, unless ``create``. ``name`` and
+    ``key`` were checked (``_check_name``) before the store was opened.
+    """
+    named = app_breakers(app)
+    in_store = {(snapshot.name, snapshot.key) for snapshot in store.snapshots(clock)}
+
+    def known(name: str, key: str | None) -> bool:
+        in_app = key is None and name in named
+        return in_app or (name, key) in in_store or (also_known is not None and also_known(name, key))
+
+    if key is None and not known(name, key):
+        name, key = split_label(name)
+        check_key(key)
+    if not create and not known(name, key):
+        names = sorted(set(named) | {n for n, _ in in_store})
+        raise _unknown(name, key, names, in_store, describe_url(store.url), hint)
+    return name, key, named, in_store
+
+
 def operate(
     app: Any,
     action: str,
@@ -196,22 +238,12 @@ def operate(
     """
     if action not in ACTIONS:
         raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
-    if not isinstance(name, str) or not name.strip():
-        raise UnknownBreakerError(f"a breaker name is required, got {name!r}")
-    check_key(key)
+    _check_name(name, key)
     store = store if store is not None else shared_store(app)
     clock = clock or SYSTEM_CLOCK
+    name, key, named, in_store = _target(app, name, key, store, clock, create=create, hint=create_hint)
     label = describe_url(store.url)
-    named = app_breakers(app)
-    snapshots = store.snapshots(clock)
-    in_store = {(snapshot.name, snapshot.key) for snapshot in snapshots}
-    if key is None and name not in named and (name, None) not in in_store:
-        name, key = split_label(name)
-        check_key(key)
     exists = (name, key) in in_store
-    if not exists and not create and not (key is None and name in named):
-        names = sorted(set(named) | {n for n, _ in in_store})
-        raise _unknown(name, key, names, in_store, label, create_hint)
 
     wanted = _app_policy(app, name, named)
     cell = store.cell(name, key, wanted or get_settings(app).policy_for(name), clock)
@@ -248,30 +280,18 @@ def purge(app: Any, name: str, key: str | None = None, *, store: Store | None = 
     """
     from .parking import parking_of
 
-    if not isinstance(name, str) or not name.strip():
-        raise UnknownBreakerError(f"a breaker name is required, got {name!r}")
-    check_key(key)
+    _check_name(name, key)
     store = store if store is not None else shared_store(app)
     parking = parking_of(store)
     label = describe_url(store.url)
     if parking is None:
         raise ConfigurationError(f"the breaker store {label} parks no tasks: there is nothing to purge")
-    named = app_breakers(app)
-    in_store = {(snapshot.name, snapshot.key) for snapshot in store.snapshots(SYSTEM_CLOCK)}
     parked_tags = set(parking.tags())
-
-    def known(name: str, key: str | None) -> bool:
-        return (key is None and name in named) or (name, key) in in_store or parking.tag(name, key) in parked_tags
-
-    if key is None and not known(name, key):
-        name, key = split_label(name)
-        check_key(key)
-    if not known(name, key):
-        names = sorted(set(named) | {n for n, _ in in_store})
-        raise _unknown(name, key, names, in_store, label, "nothing was purged")
+    name, key, _, _ = _target(app, name, key, store, SYSTEM_CLOCK, create=False, hint="nothing was purged",
+                              also_known=lambda name, key: parking.tag(name, key) in parked_tags)  # fmt: skip
     tag = parking.tag(name, key)
-    discarded, parked = parking.purge(tag)
-    _, claimed = parking.count(tag)
+    discarded = parking.purge(tag)
+    parked, claimed = parking.count(tag)
     return Purge(
         label=breaker_label(name, key),
         discarded=discarded,

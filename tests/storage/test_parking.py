@@ -207,7 +207,7 @@ def test_purge_discards_in_bounded_chunks_oldest_first(store: RedisStore, monkey
     monkeypatch.setattr(parking, "PURGE_CHUNK", 2)  # five entries: three script calls
     park_many(store, 5)
     tag = store.parking.tag("svc", None)
-    assert store.parking.purge(tag) == (5, 0)
+    assert store.parking.purge(tag) == 5
     assert store.parking.count(tag) == (0, 0)
     assert not store.client().exists(tag + ":q", tag + ":m", tag + ":d")
-    assert store.parking.purge(tag) == (0, 0)  # nothing left: nothing to do
+    assert store.parking.purge(tag) == 0  # nothing left: nothing to do

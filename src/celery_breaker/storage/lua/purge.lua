@@ -3,7 +3,7 @@
 -- KEYS: 1 queue (zset), 2 messages (hash), 3 deadlines (zset)
 -- ARGV: 1 most entries to discard in this call (the caller loops, so Redis is never
 --       blocked for long)
--- Returns { discarded, still parked }.
+-- Returns how many it discarded.
 local most = tonumber(ARGV[1])
 if most == nil or most < 1 then return redis.error_reply('celery-breaker: purge needs a positive count') end
 local entries = redis.call('ZRANGE', KEYS[1], 0, most - 1)
@@ -12,4 +12,4 @@ if #entries > 0 then
   redis.call('ZREM', KEYS[3], unpack(entries))
   redis.call('HDEL', KEYS[2], unpack(entries))
 end
-return { #entries, redis.call('ZCARD', KEYS[1]) }
+return #entries

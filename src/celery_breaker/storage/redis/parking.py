@@ -101,23 +101,22 @@ class Parking:
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.store.label}: forgetting released entries failed: {exc}") from exc
 
-    def purge(self, tag: str) -> tuple[int, int]:
-        """Discard the entries of breaker ``tag`` parked when the call began, oldest first,
-        in chunks; return ``(discarded, still parked)``. Entries parked meanwhile, and
-        claimed ones (being published), are kept."""
+    def purge(self, tag: str) -> int:
+        """Discard as many entries of breaker ``tag`` as were parked when the call began,
+        oldest first, in chunks of ``PURGE_CHUNK``; return how many. Claimed entries
+        (being published) are kept."""
         keys = [tag + ":q", tag + ":m", tag + ":d"]
+        discarded = 0
         try:
             wanted = int(self.store.client().zcard(keys[0]))
-            discarded = left = 0
             while discarded < wanted:
-                removed, left = self._run("purge", keys, [min(PURGE_CHUNK, wanted - discarded)])
+                removed = int(self._run("purge", keys, [min(PURGE_CHUNK, wanted - discarded)]))
                 if not removed:
                     break
-                discarded += int(removed)
-            left = int(self.store.client().zcard(keys[0]))
+                discarded += removed
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.store.label}: purging {tag} failed: {exc}") from exc
-        return discarded, left
+        return discarded
 
     def tags(self) -> list[str]:
         """Hash tags of breakers that may hold parked entries."""
