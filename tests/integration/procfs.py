@@ -9,12 +9,13 @@ __all__ = ["children", "rss", "tree_rss"]
 
 
 def children(pid: int) -> list[int]:
-    """Live child processes of ``pid``."""
+    """Live child processes of ``pid`` (zombies, killed but not yet reaped, are left out)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             with contextlib.suppress(OSError, IndexError), open(f"/proc/{entry}/stat", encoding="ascii") as stat:
-                if stat.read().rsplit(")", 1)[1].split()[1] == str(pid):
+                state, parent = stat.read().rsplit(")", 1)[1].split()[:2]
+                if parent == str(pid) and state not in ("Z", "X"):
                     found.append(int(entry))
     return found
 
