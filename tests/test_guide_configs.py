@@ -40,7 +40,7 @@ _CHECK = textwrap.dedent(
     import json
     from celery_breaker.settings import get_settings
     from celery_breaker.signals import check_app
-    from celery_breaker.task import task_breaker_config
+    from celery_breaker.task_options import task_breaker_config
     from celery_breaker.storage import resolve_store
     from celery_breaker.parking import parking_of
 

@@ -1,12 +1,15 @@
-"""Deferral arithmetic: reading the ``x-breaker-*`` headers and planning the next delay (no Celery calls)."""
+"""Deferral arithmetic: the ``x-breaker-*`` headers, a request's limits, the next delay (no Celery calls)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from celery.utils.time import maybe_iso8601, maybe_make_aware
 
 __all__ = [
     "DEFERRALS_HEADER",
@@ -14,9 +17,14 @@ __all__ = [
     "SINCE_HEADER",
     "DeferralHeaders",
     "DeferralPlan",
+    "hard_time_limit",
+    "park_deadline",
     "plan_deferral",
     "read_headers",
+    "seconds_until",
 ]
+
+logger = logging.getLogger("celery_breaker")
 
 #: How many times this task was deferred (an unprefixed name could overwrite Celery's own).
 DEFERRALS_HEADER = "x-breaker-deferrals"
@@ -137,3 +145,37 @@ def plan_deferral(
     if cap is not None:
         delay = min(delay, cap)
     return DeferralPlan(max(delay, MINIMUM_DELAY), past.count + 1, since)
+
+
+def seconds_until(expires: Any, now: float) -> float | None:
+    """Seconds from ``now`` to a request's ``expires`` (ISO 8601 text or a datetime);
+    ``None`` when it has none, or has one that cannot be read (logged, then ignored)."""
+    if not expires:
+        return None
+    try:
+        when = maybe_make_aware(maybe_iso8601(expires))
+        return float(when.timestamp() - now)
+    except (TypeError, ValueError, AttributeError, OverflowError):
+        logger.warning("celery_breaker: ignoring unreadable expires=%r", expires)
+        return None
+
+
+def hard_time_limit(request: Any) -> float | None:
+    """A request's hard time limit in seconds (``None`` when it has none)."""
+    limits = getattr(request, "timelimit", None) or (None, None)
+    try:
+        return float(limits[0]) if limits[0] else None
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def park_deadline(expires_in: float | None, since: float, max_defer_age: float | None, now: float) -> float | None:
+    """When a parked task must be released whatever its breaker says (epoch seconds):
+    just after its ``expires`` (so the worker revokes it), or when its deferral budget
+    by age runs out (so it fails with a clear CircuitOpenError)."""
+    found = []
+    if expires_in is not None:
+        found.append(now + expires_in + EXPIRY_OVERSHOOT)
+    if max_defer_age is not None:
+        found.append(since + max_defer_age)
+    return min(found) if found else None

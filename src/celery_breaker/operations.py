@@ -118,7 +118,8 @@ def app_breakers(app: Any) -> dict[str, BreakerPolicy]:
     A task whose options are invalid is skipped: the worker refuses it at start, and an
     operator must still be able to act on the other breakers.
     """
-    from .task import BreakerTask, prepare_task_class, task_breaker_config
+    from .task import BreakerTask, prepare_task_class
+    from .task_options import task_breaker_config
 
     settings = get_settings(app)
     found: dict[str, BreakerPolicy] = {}

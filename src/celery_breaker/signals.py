@@ -14,7 +14,8 @@ from .parking import Releaser, parking_of
 from .registry import registry_for
 from .settings import get_settings, reload_settings
 from .storage import describe_url, flush_stores, resolve_store
-from .task import BreakerTask, prepare_task_class, task_breaker_config
+from .task import BreakerTask, prepare_task_class
+from .task_options import task_breaker_config
 
 __all__ = ["BreakerStep", "apply_routes", "check_app", "install"]
 

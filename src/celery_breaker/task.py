@@ -5,49 +5,27 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
-import time
 import traceback
 import types
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 from celery import Task
-from celery.app.task import X_DEATH_HEADERS
 from celery.exceptions import Ignore, Reject, Retry
-from celery.utils.time import maybe_iso8601, maybe_make_aware
 
-from . import events
 from .breaker import _RUN, CircuitBreaker, RunAdmission, current_run
-from .core import BreakerPolicy, Outcome, State
-from .deferral import DEFERRALS_HEADER, EXPIRY_OVERSHOOT, SINCE_HEADER, plan_deferral, read_headers
+from .core import Outcome, State
+from .deferring import defer
 from .errors import CircuitOpenError, ConfigurationError
-from .parking import encode_message, parking_of
 from .registry import registry_for
-from .settings import get_settings
-from .storage import StorageError
+from .task_options import TaskBreakerConfig, forget_task_breaker_config, task_breaker_config
 
-__all__ = ["BreakerTask", "TaskBreakerConfig", "task_breaker_config"]
+__all__ = ["BreakerTask", "prepare_task_class"]
 
 logger = logging.getLogger("celery_breaker")
 
 FAILURE = Outcome.FAILURE
 _RUN_ATTR = "_celery_breaker_run"  # the request attribute naming the task's own run admission
-_CONFIG = "_celery_breaker_config"  # the class attribute caching the resolved options
-_REQUEUE_PAUSE = 1.0  # seconds before requeueing a task whose deferral could not be published
-
-
-@dataclass(frozen=True, slots=True)
-class TaskBreakerConfig:
-    """A task's breaker options, resolved against the app's settings and validated."""
-
-    name: str
-    policy: BreakerPolicy
-    max_deferrals: int | None
-    max_defer_age: float | None
-    defer_spread: float | None
-    counts_runs: bool
-    """``breaker_scope="run"``: a run that made no guarded call records its own outcome."""
 
 
 def _translate(exc: BaseException) -> BaseException | None:
@@ -270,127 +248,7 @@ class BreakerTask(Task):  # type: ignore[misc]
             return fallback(*args, **kwargs)
         if not self._can_defer():
             raise rejected  # nothing to requeue; Celery's eager retry would recurse
-        return _Deferred(self._defer(breaker, rejected, args, kwargs))
-
-    def _park(
-        self,
-        breaker: CircuitBreaker,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        headers: dict[str, Any],
-        plan: Any,
-        settings: Any,
-        now: float,
-    ) -> bool:
-        """Park this delivery in the breaker's store instead of publishing a countdown
-        message; False when parking is off, impossible, or failed (then the caller
-        publishes a countdown message as before: nothing is lost either way)."""
-        if settings.park is False:
-            return False
-        parking = parking_of(breaker.store)
-        if parking is None:
-            return False
-        request = self.request
-        signature = self.signature_from_request(request, args, kwargs, headers=headers)
-        body = dict(signature)
-        body["options"] = {k: v for k, v in body.get("options", {}).items() if k not in ("countdown", "eta")}
-        try:
-            payload = encode_message(body, self.serializer or self.app.conf.task_serializer)
-        except Exception as exc:
-            logger.warning("task %s[%s]: cannot park it (%r); deferring with a countdown", self.name, request.id, exc)
-            return False
-        config = task_breaker_config(self)
-        deadline = _deadline(request, plan, config.max_defer_age, now)
-        try:
-            parking.park(breaker.name, breaker.key, f"{request.id}:{plan.count}", plan.since, payload, deadline)
-        except StorageError as exc:
-            logger.warning("task %s[%s]: cannot park it (%s); deferring with a countdown", self.name, request.id, exc)
-            return False
-        return True
-
-    def _defer(
-        self, breaker: CircuitBreaker, rejected: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Retry:
-        """Park or republish this delivery; return the ``Retry`` that ends the run."""
-        request = self.request
-        config = task_breaker_config(self)
-        settings = get_settings(self.app)
-        now = time.time()
-        past = read_headers(request.headers, now=now)
-        for problem in past.problems:
-            logger.warning("task %s[%s]: %s", self.name, request.id, problem)
-        retry_after = rejected.retry_after
-        if retry_after is None:
-            retry_after = breaker.policy.reset_timeout
-        spread = config.defer_spread if config.defer_spread is not None else breaker.policy.reset_timeout
-        state = getattr(rejected.state, "value", rejected.state) or "open"
-        plan = plan_deferral(
-            label=rejected.label if rejected.name else breaker.label,
-            state=state,
-            retry_after=retry_after,
-            spread=spread,
-            past=past,
-            now=now,
-            max_deferrals=config.max_deferrals,
-            max_defer_age=config.max_defer_age,
-            expires_in=_seconds_until(request.expires, now),
-            cap=settings.defer_cap(_hard_time_limit(request)),
-        )
-        if plan.give_up is not None:
-            final = CircuitOpenError(
-                plan.give_up, name=breaker.name, key=breaker.key, state=rejected.state,
-                retry_after=rejected.retry_after,
-            )  # fmt: skip
-            final.final = True  # type: ignore[attr-defined]
-            logger.warning("task %s[%s]: %s", self.name, request.id, plan.give_up)
-            raise final from rejected
-        headers = {k: v for k, v in (request.headers or {}).items() if k not in X_DEATH_HEADERS}
-        headers[DEFERRALS_HEADER] = plan.count
-        headers[SINCE_HEADER] = plan.since
-        if not plan.expires_first and self._park(breaker, args, kwargs, headers, plan, settings, now):
-            parked = True
-        else:
-            parked = False
-            signature = self.signature_from_request(request, args, kwargs, countdown=plan.delay, headers=headers)
-        try:
-            if not parked:
-                signature.apply_async()
-        except Exception as exc:
-            if self.acks_late:
-                # Not acknowledged: the broker gives the message back, nothing is lost.
-                # Pause first, so a broker that delivers but will not take a publish
-                # does not turn this into a busy loop.
-                logger.warning("task %s[%s]: could not defer (%r); requeueing it", self.name, request.id, exc)
-                time.sleep(_REQUEUE_PAUSE)
-                raise Reject(exc, requeue=True) from exc
-            failed = CircuitOpenError(
-                f"breaker {breaker.label!r} open and the task could not be deferred: {exc!r}",
-                name=breaker.name, key=breaker.key, state=rejected.state,
-            )  # fmt: skip
-            failed.final = True  # type: ignore[attr-defined]
-            raise failed from exc
-        if not rejected.name or (rejected.name, rejected.key) == (breaker.name, breaker.key):
-            breaker.note_deferral()  # (a nested breaker's rejection is not this breaker's deferral)
-        label = rejected.label if rejected.name else breaker.label
-        if plan.expires_first:
-            text = (
-                f"breaker {label!r} {state}, task expires first: requeued to arrive after "
-                f"its expiry in {plan.delay:.1f} s (deferral {plan.count})"
-            )
-        else:  # (parked or not: the delay is when the breaker may admit it)
-            text = f"breaker {label!r} {state}, deferred {plan.delay:.1f} s (deferral {plan.count})"
-        logger.debug("task %s[%s]: %s%s", self.name, request.id, text, ", parked" if parked else "")
-        if events.enabled():
-            events.send(
-                self.app, events.DEFERRED_EVENT, uuid=request.id, name=self.name,
-                breaker=rejected.name or breaker.name, key=rejected.key if rejected.name else breaker.key,
-                state=state, delay=plan.delay, deferral=plan.count, parked=parked, reason=text,
-            )  # fmt: skip
-        reason = CircuitOpenError(
-            text, name=rejected.name or breaker.name, key=rejected.key if rejected.name else breaker.key,
-            state=rejected.state, retry_after=rejected.retry_after,
-        )  # fmt: skip
-        return Retry(exc=reason, when=plan.delay)
+        return _Deferred(defer(self, breaker, rejected, args, kwargs))
 
 
 @dataclass(frozen=True, slots=True)
@@ -417,19 +275,6 @@ def _drop_frames(exc: BaseException) -> None:
         pending += [current.__cause__, current.__context__, getattr(current, "exc", None)]
 
 
-def _deadline(request: Any, plan: Any, max_defer_age: float | None, now: float) -> float | None:
-    """When a parked task must be released whatever its breaker says (epoch seconds):
-    just after its ``expires`` (so the worker revokes it), or when its deferral budget
-    by age runs out (so it fails with a clear CircuitOpenError)."""
-    found = []
-    expires_in = _seconds_until(request.expires, now)
-    if expires_in is not None:
-        found.append(now + expires_in + EXPIRY_OVERSHOOT)
-    if max_defer_age is not None:
-        found.append(plan.since + max_defer_age)
-    return min(found) if found else None
-
-
 def _rejection_now(breaker: CircuitBreaker) -> CircuitOpenError:
     """The rejection an open breaker would give a new call right now."""
     snapshot = breaker.snapshot()
@@ -437,25 +282,6 @@ def _rejection_now(breaker: CircuitBreaker) -> CircuitOpenError:
     if snapshot.state is State.HALF_OPEN and not retry_after:
         retry_after = breaker.policy.reset_timeout  # probes are out: wait for their verdict
     return CircuitOpenError._rejected(breaker.name, breaker.key, snapshot.state, retry_after)
-
-
-def _seconds_until(expires: Any, now: float) -> float | None:
-    if not expires:
-        return None
-    try:
-        when = maybe_make_aware(maybe_iso8601(expires))
-        return float(when.timestamp() - now)
-    except (TypeError, ValueError, AttributeError, OverflowError):
-        logger.warning("celery_breaker: ignoring unreadable expires=%r", expires)
-        return None
-
-
-def _hard_time_limit(request: Any) -> float | None:
-    limits = getattr(request, "timelimit", None) or (None, None)
-    try:
-        return float(limits[0]) if limits[0] else None
-    except (TypeError, ValueError, IndexError):
-        return None
 
 
 # -- class preparation -------------------------------------------------------
@@ -486,50 +312,4 @@ def prepare_task_class(cls: type[BreakerTask]) -> None:
         elif value is not None and not isinstance(value, (str, staticmethod, classmethod)) and not callable(value):
             raise ConfigurationError(f"task {cls.name!r}: {option} must be a callable or a method name, got {value!r}")
 
-    if _CONFIG in cls.__dict__:
-        delattr(cls, _CONFIG)  # options changed: resolve them again
-
-
-def _scope(where: str, value: Any) -> str:
-    if value not in ("run", "calls"):
-        raise ConfigurationError(f"{where} must be 'run' or 'calls', got {value!r}")
-    return str(value)
-
-
-def task_breaker_config(task: BreakerTask | type[BreakerTask]) -> TaskBreakerConfig:
-    """The task's resolved breaker options (validated once, cached on its class)."""
-    # task.__class__, not type(task): @shared_task hands out a Proxy that forwards it.
-    cls = cast("type[BreakerTask]", task if isinstance(task, type) else task.__class__)
-    found: TaskBreakerConfig | None = cls.__dict__.get(_CONFIG)
-    if found is not None:
-        return found
-    settings = get_settings(cls.app)
-    name = cls.breaker_name or cls.name
-    where = f"task {cls.name!r}"
-    base_policy = settings.policy_for(name)
-    policy = BreakerPolicy.coerce(cls.breaker_policy, base=base_policy, source=f"{where}: breaker_policy")
-    from .settings import _seconds, _seconds_or_zero, _whole
-
-    def option(attr: str, setting_value: Any, check: Callable[[str, Any], Any]) -> Any:
-        value = getattr(cls, attr)
-        if value is None:
-            return setting_value
-        return check(f"{where}: {attr}", value)
-
-    for attr in ("breaker_key", "breaker_fallback"):
-        value = getattr(cls, attr)
-        if isinstance(value, str) and not callable(getattr(cls, value, None)):
-            raise ConfigurationError(
-                f"{where}: {attr}={value!r} names no method of the task; "
-                f"define {value}() on the task class or give a callable"
-            )
-    config = TaskBreakerConfig(
-        name=name,
-        policy=policy,
-        max_deferrals=option("breaker_max_deferrals", settings.max_deferrals, _whole),
-        max_defer_age=option("breaker_max_defer_age", settings.max_defer_age, _seconds),
-        defer_spread=option("breaker_defer_spread", settings.defer_spread, _seconds_or_zero),
-        counts_runs=option("breaker_scope", "run", _scope) == "run",
-    )
-    setattr(cls, _CONFIG, config)
-    return config
+    forget_task_breaker_config(cls)  # options changed: resolve them again

@@ -21,7 +21,7 @@ from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.settings import build_settings, get_settings, reload_settings
 from celery_breaker.signals import check_app
 from celery_breaker.storage import store_from_url
-from celery_breaker.task import task_breaker_config
+from celery_breaker.task_options import task_breaker_config
 
 
 def throwaway_app(name: str, **settings: Any) -> Any:

@@ -10,7 +10,7 @@ from celery.result import EagerResult
 
 from celery_breaker import BreakerTask, CircuitBreaker, CircuitOpenError, State
 from celery_breaker.registry import registry_for
-from celery_breaker.task import task_breaker_config
+from celery_breaker.task_options import task_breaker_config
 
 from . import tasks
 from .support import DEFERRED, TIMEOUT, deferral_text, wait_for

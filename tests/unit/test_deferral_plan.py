@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -13,8 +16,11 @@ from celery_breaker.deferral import (
     MINIMUM_DELAY,
     SINCE_HEADER,
     DeferralHeaders,
+    hard_time_limit,
+    park_deadline,
     plan_deferral,
     read_headers,
+    seconds_until,
 )
 from celery_breaker.settings import broker_visibility_timeout, build_settings
 
@@ -184,3 +190,39 @@ def test_the_broker_url_from_the_environment_counts(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("CELERY_BROKER_URL", "redis://localhost:6379/0")
     app = Celery()
     assert broker_visibility_timeout(app.conf) == 3600.0
+
+
+def test_seconds_until_reads_iso_text_and_datetimes() -> None:
+    assert seconds_until(None, NOW) is None
+    assert seconds_until("", NOW) is None
+    when = datetime.fromtimestamp(NOW + 90, tz=timezone.utc)
+    assert seconds_until(when, NOW) == pytest.approx(90)
+    assert seconds_until(when.isoformat(), NOW) == pytest.approx(90)
+    assert seconds_until((when - timedelta(seconds=120)).isoformat(), NOW) == pytest.approx(-30)
+
+
+def test_an_unreadable_expires_is_ignored_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert seconds_until("next tuesday", NOW) is None
+    assert [record.getMessage() for record in caplog.records] == [
+        "celery_breaker: ignoring unreadable expires='next tuesday'"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("timelimit", "expected"),
+    [(None, None), ((None, None), None), ((30, 25), 30.0), (("12.5", None), 12.5), (("soon", None), None), ((), None)],
+)
+def test_hard_time_limit_reads_the_requests_first_limit(timelimit: Any, expected: float | None) -> None:
+    request = SimpleNamespace(timelimit=timelimit)
+    assert hard_time_limit(request) == expected
+    assert hard_time_limit(SimpleNamespace()) is None
+
+
+def test_a_parked_task_is_due_at_its_expiry_or_its_age_budget_whichever_is_first() -> None:
+    since = NOW - 100
+    assert park_deadline(None, since, None, NOW) is None
+    assert park_deadline(60.0, since, None, NOW) == NOW + 60 + EXPIRY_OVERSHOOT
+    assert park_deadline(None, since, 300.0, NOW) == since + 300
+    assert park_deadline(60.0, since, 300.0, NOW) == NOW + 60 + EXPIRY_OVERSHOOT
+    assert park_deadline(600.0, since, 300.0, NOW) == since + 300

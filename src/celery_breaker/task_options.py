@@ -1,0 +1,81 @@
+"""A BreakerTask's options: resolved against the app's settings, validated once, cached on its class."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast
+
+from .core import BreakerPolicy
+from .errors import ConfigurationError
+from .settings import _seconds, _seconds_or_zero, _whole, get_settings
+
+if TYPE_CHECKING:
+    from .task import BreakerTask
+
+__all__ = ["TaskBreakerConfig", "forget_task_breaker_config", "task_breaker_config"]
+
+_CONFIG = "_celery_breaker_config"  # the class attribute caching the resolved options
+
+
+@dataclass(frozen=True, slots=True)
+class TaskBreakerConfig:
+    """A task's breaker options, resolved against the app's settings and validated."""
+
+    name: str
+    policy: BreakerPolicy
+    max_deferrals: int | None
+    max_defer_age: float | None
+    defer_spread: float | None
+    counts_runs: bool
+    """``breaker_scope="run"``: a run that made no guarded call records its own outcome."""
+
+
+def _scope(where: str, value: Any) -> str:
+    if value not in ("run", "calls"):
+        raise ConfigurationError(f"{where} must be 'run' or 'calls', got {value!r}")
+    return str(value)
+
+
+def task_breaker_config(task: BreakerTask | type[BreakerTask]) -> TaskBreakerConfig:
+    """The task's resolved breaker options (validated once, cached on its class)."""
+    # task.__class__, not type(task): @shared_task hands out a Proxy that forwards it.
+    cls = cast("type[BreakerTask]", task if isinstance(task, type) else task.__class__)
+    found: TaskBreakerConfig | None = cls.__dict__.get(_CONFIG)
+    if found is not None:
+        return found
+    settings = get_settings(cls.app)
+    name = cls.breaker_name or cls.name
+    where = f"task {cls.name!r}"
+    base_policy = settings.policy_for(name)
+    policy = BreakerPolicy.coerce(cls.breaker_policy, base=base_policy, source=f"{where}: breaker_policy")
+
+    def option(attr: str, setting_value: Any, check: Callable[[str, Any], Any]) -> Any:
+        value = getattr(cls, attr)
+        if value is None:
+            return setting_value
+        return check(f"{where}: {attr}", value)
+
+    for attr in ("breaker_key", "breaker_fallback"):
+        value = getattr(cls, attr)
+        if isinstance(value, str) and not callable(getattr(cls, value, None)):
+            raise ConfigurationError(
+                f"{where}: {attr}={value!r} names no method of the task; "
+                f"define {value}() on the task class or give a callable"
+            )
+    config = TaskBreakerConfig(
+        name=name,
+        policy=policy,
+        max_deferrals=option("breaker_max_deferrals", settings.max_deferrals, _whole),
+        max_defer_age=option("breaker_max_defer_age", settings.max_defer_age, _seconds),
+        defer_spread=option("breaker_defer_spread", settings.defer_spread, _seconds_or_zero),
+        counts_runs=option("breaker_scope", "run", _scope) == "run",
+    )
+    setattr(cls, _CONFIG, config)
+    return config
+
+
+def forget_task_breaker_config(cls: type[BreakerTask]) -> None:
+    """Drop the options cached on ``cls`` (its options changed: resolve them again)."""
+    if _CONFIG in cls.__dict__:
+        delattr(cls, _CONFIG)
