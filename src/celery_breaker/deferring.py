@@ -6,7 +6,6 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from celery.app.task import X_DEATH_HEADERS
 from celery.exceptions import Reject, Retry
 
 from . import events
@@ -35,6 +34,20 @@ __all__ = ["defer"]
 
 logger = logging.getLogger("celery_breaker")
 
+#: RabbitMQ's dead-lettering headers, never carried into a deferral: RabbitMQ would read
+#: them as a dead-letter cycle. (Celery 5.7 drops the same set from retries; 5.5 and 5.6
+#: have no such list to import.)
+DEAD_LETTER_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
 _REQUEUE_PAUSE = 1.0  # seconds before requeueing a task whose deferral could not be published
 
 
@@ -79,7 +92,7 @@ def defer(
         final.final = True  # type: ignore[attr-defined]
         logger.warning("task %s[%s]: %s", task.name, request.id, plan.give_up)
         raise final from rejected
-    headers = {k: v for k, v in (request.headers or {}).items() if k not in X_DEATH_HEADERS}
+    headers = {k: v for k, v in (request.headers or {}).items() if k not in DEAD_LETTER_HEADERS}
     headers[DEFERRALS_HEADER] = plan.count
     headers[SINCE_HEADER] = plan.since
     deadline = park_deadline(expires_in, plan.since, config.max_defer_age, now)

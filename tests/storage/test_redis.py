@@ -94,7 +94,7 @@ def test_bad_url_options_name_the_option(query: str, named: str) -> None:
     [
         ("redis://127.0.0.1:1/0?ssl_typo=1", "unknown option 'ssl_typo'"),
         ("redis+unix:///run/redis.sock?db=2&bogus=1", "unknown option 'bogus'"),
-        ("rediss://127.0.0.1:1/0?ssl_min_version=3", "3 is not a valid TLSVersion"),
+        ("rediss://127.0.0.1:1/0?ssl_min_version=3", "is not a valid TLSVersion"),
         ("rediss://127.0.0.1:1/0?ssl_cert_reqs=sometimes", "Invalid SSL Certificate Requirements Flag: sometimes"),
         ("redis://127.0.0.1:1/0?db=first", "Invalid value for 'db'"),
     ],
