@@ -91,8 +91,8 @@ def undocumented(
 
 def literal(value: Any) -> str:
     """``value`` as Python source, the way a user would write it in a setting."""
-    if isinstance(value, type):
-        return value.__qualname__
+    if isinstance(value, type) or inspect.isfunction(value):
+        return str(value.__qualname__)
     if isinstance(value, tuple):
         items = [literal(item) for item in value]
         return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"

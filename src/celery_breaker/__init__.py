@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .breaker import CircuitBreaker
-    from .core import BreakerPolicy, State
+    from .core import BreakerPolicy, State, downstream_error
     from .errors import CircuitBreakerError, CircuitOpenError, ConfigurationError, RetryAfter
     from .signals import install
     from .task import BreakerTask
@@ -28,6 +28,7 @@ __all__ = [
     "ConfigurationError",
     "RetryAfter",
     "State",
+    "downstream_error",
     "install",
 ]
 
@@ -40,6 +41,7 @@ _HOMES = {
     "ConfigurationError": ".errors",
     "RetryAfter": ".errors",
     "State": ".core",
+    "downstream_error": ".core",
     "install": ".signals",
 }
 

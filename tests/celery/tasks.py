@@ -210,7 +210,7 @@ def fails_after_block_task(self: Any) -> None:
     """The downstream call succeeds; the task's own code fails afterwards."""
     with self.breaker:
         call_downstream("t-fails-after-block")
-    raise ValueError("bug in the task's own code, after the downstream call succeeded")
+    raise RuntimeError("bug in the task's own code, after the downstream call succeeded")
 
 
 # -- breaker_routes: plain tasks, no BreakerTask base --------------------------

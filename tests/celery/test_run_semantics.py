@@ -122,7 +122,7 @@ def test_breaker_scope_decides_whether_a_run_without_guarded_calls_counts(scope:
     @app.task(base=BreakerTask, bind=True, shared=False, name=f"scope{scope}.job", breaker_scope=scope)
     def job(self: Any, cached: bool) -> str:
         if cached:
-            raise KeyError("cache miss handled badly")  # never reached the downstream
+            raise RuntimeError("cache miss handled badly")  # never reached the downstream
         with self.breaker:
             return "fresh"
 

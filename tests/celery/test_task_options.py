@@ -173,10 +173,10 @@ def test_failure_after_a_successful_guarded_block_is_not_deferred(
     wait_until_probe_admissible(breaker)
 
     result = tasks.fails_after_block_task.delay()
-    with pytest.raises(ValueError, match="bug in the task's own code"):
+    with pytest.raises(RuntimeError, match="bug in the task's own code"):
         get(result)
-    # The ValueError is the task's own bug, recorded nowhere: it must fail the task at once,
-    # without a deferral that calls the (successful) downstream a second time.
+    # The RuntimeError is the task's own bug, after its guarded call succeeded: it must fail
+    # the task at once, without a deferral that calls the (successful) downstream a second time.
     assert breaker.snapshot().deferrals == 0
     assert tasks.CALLS["t-fails-after-block"] == 1
 

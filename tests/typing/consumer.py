@@ -28,6 +28,7 @@ from celery_breaker import (
     ConfigurationError,
     RetryAfter,
     State,
+    downstream_error,
     install,
 )
 from celery_breaker.core import BreakerSnapshot
@@ -48,6 +49,8 @@ def breaker_api() -> None:
     policy = BreakerPolicy(failure_threshold=2, window=60, reset_timeout=timedelta(seconds=30).total_seconds())
     breaker = CircuitBreaker("payments", policy, storage=fresh_store(), clock=clock)
     CircuitBreaker("crm", {"failure_rate_threshold": 0.5, "minimum_calls": 10}, storage="memory://typed")
+    assert_type(downstream_error(ValueError("bad input")), bool)
+    BreakerPolicy(record_exceptions=(downstream_error, KeyError, "builtins.TimeoutError"))
 
     assert_type(breaker.call(charge, 1, amount=9.5), str)
     guarded = breaker(charge)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import ssl
 from typing import Any
 
 import pytest
 
-from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State, downstream_error
 from celery_breaker.core import Outcome
 from celery_breaker.testing import FakeClock, fresh_store
 
@@ -29,11 +31,79 @@ def is_server_error(exc: BaseException) -> bool:
     return isinstance(exc, HTTPError) and exc.status >= 500
 
 
-def test_default_policy_records_every_exception_and_returns_succeed() -> None:
+class CertificateExpired(ssl.SSLCertVerificationError):
+    """An OSError that is also a ValueError, as every TLS verification failure is."""
+
+
+class PydanticLikeValidationError(ValueError):
+    pass
+
+
+PydanticLikeValidationError.__name__ = "ValidationError"
+
+
+class DjangoLikeValidationError(Exception):
+    pass
+
+
+DjangoLikeValidationError.__name__ = "ValidationError"
+
+
+class FormError(DjangoLikeValidationError):
+    """A subclass: its ancestry holds a ValidationError."""
+
+
+class SDKError(Exception):
+    """What a client library raises for a downstream failure: a plain Exception."""
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ConnectionError(),
+        TimeoutError(),
+        OSError(),
+        CertificateExpired(),
+        RuntimeError(),
+        SDKError(),
+        HTTPError(503),
+        asyncio.TimeoutError(),
+        socket.gaierror(),
+    ],
+)
+def test_the_default_policy_records_downstream_errors(exc: Exception) -> None:
+    assert BreakerPolicy().classify(exc) is FAILURE
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        ValueError("bad amount"),
+        TypeError(),
+        KeyError("id"),
+        IndexError(),
+        AttributeError(),
+        AssertionError(),
+        NotImplementedError(),
+        PydanticLikeValidationError(),
+        DjangoLikeValidationError(),
+        FormError(),
+    ],
+)
+def test_the_default_policy_counts_the_callers_own_errors_as_the_downstream_answering(exc: Exception) -> None:
+    """The seed's defect: every outcome counted as a failure, so bad input tripped the breaker."""
     policy = BreakerPolicy()
     assert policy.classify(None) is SUCCESS
-    assert policy.classify(ValueError()) is FAILURE
+    assert policy.classify(exc) is SUCCESS
+    assert not downstream_error(exc)
+
+
+def test_downstream_error_extends_to_the_users_own_types() -> None:
+    policy = BreakerPolicy(record_exceptions=(downstream_error, KeyError))
+    assert policy.classify(KeyError("missing in the downstream's answer")) is FAILURE
+    assert policy.classify(ValueError()) is SUCCESS
     assert policy.classify(ConnectionError()) is FAILURE
+    assert BreakerPolicy(record_exceptions=(Exception,)).classify(ValueError()) is FAILURE  # the old default
 
 
 def test_narrow_record_list_makes_other_exceptions_successes() -> None:
@@ -88,7 +158,7 @@ def test_a_single_matcher_need_not_be_in_a_sequence() -> None:
 def test_none_means_no_ignored_exceptions() -> None:
     policy = BreakerPolicy.from_mapping({"ignore_exceptions": None})
     assert policy.ignore_exceptions == ()
-    assert policy.classify(KeyError()) is FAILURE
+    assert policy.classify(RuntimeError()) is FAILURE
 
 
 @pytest.mark.parametrize(
@@ -126,6 +196,28 @@ def test_raising_predicate_is_logged_and_treated_as_no_match(caplog: pytest.LogC
 
 def make(clock: FakeClock, **policy: Any) -> CircuitBreaker:
     return CircuitBreaker("svc", BreakerPolicy(failure_threshold=1, **policy), storage=fresh_store(), clock=clock)
+
+
+def test_a_validation_error_does_not_trip_a_default_breaker() -> None:
+    """The seed's defect, through a breaker with the default policy."""
+    breaker = make(FakeClock())
+
+    def invalid() -> None:
+        raise ValueError("amount must be positive")
+
+    for _ in range(10):
+        with pytest.raises(ValueError, match="positive"):
+            breaker.call(invalid)
+    snap = breaker.snapshot()
+    assert snap.state is State.CLOSED
+    assert (snap.successes, snap.failures) == (10, 0)
+
+    def down() -> None:
+        raise ConnectionError("refused")
+
+    with pytest.raises(ConnectionError):
+        breaker.call(down)
+    assert breaker.state is State.OPEN  # failure_threshold=1: the one downstream error trips it
 
 
 def test_validation_error_does_not_trip_a_narrow_breaker() -> None:

@@ -1,11 +1,12 @@
 """The breaker itself, free of Celery and Redis: states, policies, windows and the state machine."""
 
 from .machine import BreakerMachine, Ticket
-from .policy import BreakerPolicy, Outcome
+from .policy import CALLER_ERRORS, BreakerPolicy, Outcome, downstream_error
 from .snapshot import BreakerSnapshot, Probe, Transition
 from .state import TRANSITIONS, State
 
 __all__ = [
+    "CALLER_ERRORS",
     "TRANSITIONS",
     "BreakerMachine",
     "BreakerPolicy",
@@ -15,4 +16,5 @@ __all__ = [
     "State",
     "Ticket",
     "Transition",
+    "downstream_error",
 ]

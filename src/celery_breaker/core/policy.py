@@ -15,7 +15,7 @@ from typing import Any
 from ..errors import CircuitOpenError, ConfigurationError, RetryAfter
 from ..reference import doc
 
-__all__ = ["BreakerPolicy", "ExceptionMatcher", "Outcome"]
+__all__ = ["CALLER_ERRORS", "BreakerPolicy", "ExceptionMatcher", "Outcome", "downstream_error"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -37,6 +37,38 @@ DEFAULT_RESET_JITTER = 0.0
 # What the configuration reference says a field accepts (shared wording).
 _SECONDS_DOC = "seconds > 0 (number or `timedelta`)"
 _MATCHERS_DOC = "exception types, dotted paths to them, or predicates `exc -> bool`"
+
+
+#: Exceptions that say the caller is wrong, not the downstream: bad arguments or input, a
+#: missing key, a bug. ``downstream_error`` (the default ``record_exceptions``) does not
+#: count them, nor any exception named ``ValidationError`` (pydantic, Django, marshmallow,
+#: jsonschema, DRF), unless it is an ``OSError``.
+CALLER_ERRORS: tuple[type[Exception], ...] = (
+    TypeError,
+    ValueError,
+    LookupError,
+    AttributeError,
+    AssertionError,
+    NotImplementedError,
+)
+
+
+def downstream_error(exc: BaseException) -> bool:
+    """The default ``record_exceptions``: every ``Exception`` except the caller's own errors.
+
+    An ``OSError`` (sockets, TLS, timeouts, and the HTTP clients built on them, ``requests``
+    included) always counts, even when it is also a ``ValueError`` as
+    ``ssl.SSLCertVerificationError`` is. Otherwise ``CALLER_ERRORS`` and any exception with
+    a ``ValidationError`` class in its ancestry do not count: input that fails validation
+    says nothing about the downstream (the seed counted it, and so tripped on bad input).
+    Anything else that is an ``Exception`` counts. Put it in your own list to extend it:
+    ``record_exceptions=(downstream_error, CardNetworkDown)``.
+    """
+    if isinstance(exc, OSError):
+        return True
+    if not isinstance(exc, Exception) or isinstance(exc, CALLER_ERRORS):
+        return False
+    return not any(klass.__name__ == "ValidationError" for klass in type(exc).__mro__)
 
 
 class Outcome(enum.IntEnum):
@@ -175,7 +207,8 @@ class BreakerPolicy:
     ``half_open_max_wait`` seconds frees its slot.
 
     Classification: an exception matching ``ignore_exceptions`` is neutral; one
-    matching ``record_exceptions`` (or a ``RetryAfter``) is a failure; a ``BaseException`` that is not an
+    matching ``record_exceptions`` (or a ``RetryAfter``; by default every ``Exception``
+    except the caller's own errors, see ``downstream_error``) is a failure; a ``BaseException`` that is not an
     ``Exception`` (cancellation, interrupt, exit) is neutral; any other outcome is a
     success (the downstream answered). Matchers are exception types, dotted paths or predicates.
     """
@@ -277,10 +310,13 @@ class BreakerPolicy:
         metadata=doc(accepts=_SECONDS_DOC, meaning="a probe that has not reported by then frees its slot"),
     )
     record_exceptions: tuple[ExceptionMatcher, ...] = field(
-        default=(Exception,),
+        default=(downstream_error,),
         metadata=doc(
             accepts=_MATCHERS_DOC,
             meaning="outcomes that count as failures; a `RetryAfter` always does, unless ignored",
+            default="every `Exception` except the caller's own "
+            "(`TypeError`, `ValueError`, `LookupError`, `AttributeError`, `AssertionError`, "
+            "`NotImplementedError`, any `ValidationError`), an `OSError` always",
         ),
     )
     ignore_exceptions: tuple[ExceptionMatcher, ...] = field(
