@@ -118,8 +118,11 @@ def _park(
     """Park this delivery in the breaker's store instead of publishing a countdown
     message; False when the store cannot park or parking failed (then the caller
     publishes a countdown message as before: nothing is lost either way)."""
-    parking = parking_of(breaker.store)
-    if parking is None:
+    store = breaker.store
+    parking = parking_of(store)
+    if parking is None or getattr(store, "down", False):
+        # No parking here, or the shared store is down (its outage is logged once per
+        # interval): a countdown message now, rather than Redis's timeouts for each task.
         return False
     request = task.request
     signature = task.signature_from_request(request, args, kwargs, headers=headers)
@@ -133,7 +136,11 @@ def _park(
     try:
         parking.park(breaker.name, breaker.key, entry, plan.since, payload, deadline)
     except StorageError as exc:
-        logger.warning("task %s[%s]: cannot park it (%s); deferring with a countdown", task.name, request.id, exc)
+        store_failed = getattr(store, "store_failed", None)
+        if store_failed is not None:  # an outage: logged once per interval, not per task
+            store_failed(exc, time.monotonic())
+        else:
+            logger.warning("task %s[%s]: cannot park it (%s); deferring with a countdown", task.name, request.id, exc)
         return False
     return True
 

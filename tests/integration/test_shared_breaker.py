@@ -242,6 +242,9 @@ def test_the_breaker_store_killed_and_restarted_mid_run_loses_nothing_and_is_rej
     assert all(r.state == "SUCCESS" for r in everything)  # none lost, none failed
     assert [v["id"] for v in after_values] == [r.id for r in after_trip]
     outage_lines = {mode: [line for line in log.splitlines() if "unreachable" in line] for mode, log in logs.items()}
+    # A deferral made while the store is down publishes a countdown message at once: it
+    # neither waits out Redis's timeouts to park nor logs per task.
+    park_lines = {mode: [line for line in log.splitlines() if "cannot park" in line] for mode, log in logs.items()}
     rejoin_lines = {mode: log.count("answers again:") for mode, log in logs.items()}
     print(
         f"\n[store] workers ready in {ready:.1f} s; {done_at_kill}/{BATCH * len(MODES)} flowing tasks done at the "
@@ -250,8 +253,9 @@ def test_the_breaker_store_killed_and_restarted_mid_run_loses_nothing_and_is_rej
         f"{after_close:.1f} s after the close; tasks in total {len(everything)}; "
         f"partner calls {partner.llen(calls_key(ns))}; successes in the restarted store {shared.successes}\n"
         f"[store] outage logged per worker: { {m: len(lines) for m, lines in outage_lines.items()} }; "
-        f"rejoin logged: {rejoin_lines}"
+        f"rejoin logged: {rejoin_lines}; parking refused: { {m: len(lines) for m, lines in park_lines.items()} }"
     )
+    assert not any(park_lines.values()), park_lines
     for mode, lines in outage_lines.items():
         # Once per pool process for this outage (each has its own client), never per task.
         assert 1 <= len(lines) <= CONCURRENCY, (mode, lines)

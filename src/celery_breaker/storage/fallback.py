@@ -86,6 +86,11 @@ class FallbackStore:
 
     # -- outage bookkeeping, shared by every cell of this store ---------------
 
+    @property
+    def down(self) -> bool:
+        """The shared store failed and has not answered since (its outage is being logged)."""
+        return self._down
+
     def store_failed(self, exc: StorageError, now: float) -> None:
         """Note that the shared store failed; logs the outage at most once per ``log_interval``."""
         with self._lock:
