@@ -99,7 +99,7 @@ def defer(
     parked = not plan.expires_first and settings.park is not False
     parked = parked and _park(task, breaker, args, kwargs, headers, f"{request.id}:{plan.count}", plan, deadline)
     if not parked:
-        _republish(task, breaker, rejected, args, kwargs, headers, plan.delay)
+        _republish(task, breaker, rejected, state, args, kwargs, headers, plan.delay)
     if not rejected.name or (rejected.name, rejected.key) == (breaker.name, breaker.key):
         breaker.note_deferral()  # (a nested breaker's rejection is not this breaker's deferral)
     return _announce(task, breaker, rejected, state, plan, parked)
@@ -149,6 +149,7 @@ def _republish(
     task: BreakerTask,
     breaker: CircuitBreaker,
     rejected: CircuitOpenError,
+    state: str,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     headers: dict[str, Any],
@@ -168,7 +169,7 @@ def _republish(
             time.sleep(_REQUEUE_PAUSE)
             raise Reject(exc, requeue=True) from exc
         failed = CircuitOpenError(
-            f"breaker {breaker.label!r} open and the task could not be deferred: {exc!r}",
+            f"breaker {breaker.label!r} {state} and the task could not be deferred: {exc!r}",
             name=breaker.name, key=breaker.key, state=rejected.state,
         )  # fmt: skip
         failed.final = True  # type: ignore[attr-defined]

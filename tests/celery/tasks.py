@@ -213,6 +213,16 @@ def fails_after_block_task(self: Any) -> None:
     raise RuntimeError("bug in the task's own code, after the downstream call succeeded")
 
 
+@shared_task(base=BreakerTask, bind=True, breaker="t-unpublishable")
+def unpublishable_task(self: Any) -> dict[str, Any]:
+    return report(self)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-unpublishable-late", acks_late=True)
+def unpublishable_late_task(self: Any) -> dict[str, Any]:
+    return report(self)
+
+
 # -- breaker_routes: plain tasks, no BreakerTask base --------------------------
 
 

@@ -9,9 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from celery.canvas import Signature
 from celery.signals import task_retry
+from kombu.exceptions import OperationalError
 
-from celery_breaker import CircuitBreaker, CircuitOpenError, State
+from celery_breaker import CircuitBreaker, CircuitOpenError, State, deferring
 from celery_breaker.deferral import DEFERRALS_HEADER, MINIMUM_DELAY, SINCE_HEADER
 
 from . import tasks
@@ -283,6 +285,62 @@ def test_breaker_max_defer_age_exceeded_fails_the_task(app: Any, operate: Operat
     assert "breaker 't-max-defer-age' still forced_open after" in str(info.value)
     assert result.state == "FAILURE"
     assert breaker.snapshot().deferrals >= 1
+
+
+# -- a broker that will not take the deferred copy ------------------------------
+
+
+def refuse_publishing(monkeypatch: pytest.MonkeyPatch, times: int | None) -> list[str]:
+    """Make publishing a deferral (``Signature.apply_async``) fail ``times`` times (None: always)."""
+    attempts: list[str] = []
+    publish = Signature.apply_async
+
+    def flaky(signature: Signature, *args: Any, **kwargs: Any) -> Any:
+        attempts.append(signature.task)
+        if times is None or len(attempts) <= times:
+            raise OperationalError("broker refused the publish")
+        return publish(signature, *args, **kwargs)
+
+    monkeypatch.setattr(Signature, "apply_async", flaky)
+    return attempts
+
+
+def test_a_deferral_the_broker_refuses_fails_the_task_when_it_was_acknowledged(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    breaker = operate(tasks.unpublishable_task.breaker)
+    breaker.force_open()
+    attempts = refuse_publishing(monkeypatch, None)
+
+    result = tasks.unpublishable_task.delay()
+    with pytest.raises(CircuitOpenError) as info:
+        get(result)
+    assert str(info.value) == (
+        "breaker 't-unpublishable' forced_open and the task could not be deferred: "
+        "OperationalError('broker refused the publish')"
+    )
+    assert result.state == "FAILURE"
+    assert attempts == ["tests.celery.tasks.unpublishable_task"]  # once: no retry spent, no loop
+    assert breaker.snapshot().deferrals == 0
+
+
+def test_a_deferral_the_broker_refuses_is_requeued_with_acks_late(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    breaker = operate(tasks.unpublishable_late_task.breaker)
+    breaker.force_open()
+    monkeypatch.setattr(deferring, "_REQUEUE_PAUSE", 0.05)
+    attempts = refuse_publishing(monkeypatch, 2)
+
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        result = tasks.unpublishable_late_task.delay()
+        wait_for(lambda: result.state == "RETRY", "the deferral published on the third attempt")
+    assert len(attempts) == 3
+    refused = [r.getMessage() for r in caplog.records if "could not defer" in r.getMessage()]
+    assert len(refused) == 2
+    assert all("requeueing it" in line for line in refused)
+    breaker.close()
+    assert get(result)["retries"] == 0  # it ran, once, without spending a retry
 
 
 # -- 7. a deferral never outlives the task's expires ---------------------------
