@@ -9,6 +9,7 @@ import pytest
 
 from celery_breaker.storage import Store
 from celery_breaker.storage.redis import RedisStore
+from celery_breaker.storage.redis.parking import PARKING_SUFFIXES
 from celery_breaker.testing import FakeClock, fresh_store
 
 _PREFIXES = itertools.count()
@@ -24,8 +25,27 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+#: The idle TTL of ``idle_store``: a Redis key's TTL, a memory breaker's idleness before
+#: a sweep. Long enough that no key expires by itself during a test (tests simulate it).
+IDLE_TTL = 30.0
+#: ``max_breakers`` of the memory ``idle_store``: creating this many breakers sweeps it.
+IDLE_MAX_BREAKERS = 4
+
+
 @pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
 def store(request: pytest.FixtureRequest) -> Store:
+    return _store(request)
+
+
+@pytest.fixture(params=["memory", "redis", "cluster", "sentinel"])
+def idle_store(request: pytest.FixtureRequest) -> Store:
+    """``store`` with a short idle TTL (``IDLE_TTL``), and for memory a small bound."""
+    if request.param == "memory":
+        return fresh_store(max_breakers=IDLE_MAX_BREAKERS, idle_ttl=IDLE_TTL)
+    return _store(request, f"&idle_ttl={IDLE_TTL:g}")
+
+
+def _store(request: pytest.FixtureRequest, options: str = "") -> Store:
     if request.param == "memory":
         return fresh_store()
     url: str
@@ -36,4 +56,26 @@ def store(request: pytest.FixtureRequest) -> Store:
     else:
         url = request.getfixturevalue("redis_url")
     # time=client: the scripts read the test's FakeClock instead of Redis TIME.
-    return RedisStore.from_url(f"{url}?time=client&key_prefix={unique_prefix()}")
+    return RedisStore.from_url(f"{url}?time=client&key_prefix={unique_prefix()}{options}")
+
+
+def breaker_keys(store: RedisStore, name: str, key: str | None = None) -> list[str]:
+    """Every Redis key of one breaker: its state keys and its parking keys."""
+    tag = store.parking.tag(name, key)
+    return store.keys_for(name, key) + [tag + suffix for suffix in PARKING_SUFFIXES]
+
+
+def key_ttls(store: RedisStore, name: str, key: str | None = None) -> dict[str, int]:
+    """The PTTL of each existing key of one breaker (-1: the key never expires)."""
+    client = store.client()
+    found = {k: int(client.pttl(k)) for k in breaker_keys(store, name, key)}
+    return {k: ttl for k, ttl in found.items() if ttl != -2}
+
+
+def expire_now(store: RedisStore, name: str, key: str | None = None) -> None:
+    """What Redis does once a breaker's idle TTL has passed, without waiting for it:
+    every key of the breaker that has a TTL is gone."""
+    client = store.client()
+    for k, ttl in key_ttls(store, name, key).items():
+        if ttl >= 0:
+            client.delete(k)

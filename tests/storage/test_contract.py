@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any
 
 import pytest
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, RetryAfter, State
-from celery_breaker.core import Transition
+from celery_breaker.core import BreakerSnapshot, Transition
 from celery_breaker.storage import Store
+from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
 from ..unit.support import HeldCall, fail, ok, state_of
+from .conftest import IDLE_MAX_BREAKERS, IDLE_TTL, expire_now, key_ttls
 
 
 def make(store: Store, clock: FakeClock, *, name: str = "svc", **policy: Any) -> CircuitBreaker:
@@ -344,6 +347,100 @@ def test_disabled_admits_everything_and_never_trips(store: Store, clock: FakeClo
     breaker.close()
     fail(breaker)
     assert state_of(breaker) is State.OPEN
+
+
+# -- operator states and the idle TTL ---------------------------------------------------
+
+_BYSTANDERS = itertools.count()
+
+
+def outlive_idle_ttl(store: Store, clock: FakeClock) -> None:
+    """What passing the idle TTL does to breaker ``svc`` if nobody uses it: Redis drops
+    its keys that have a TTL (done here at once, no waiting); a full memory store sweeps
+    idle breakers out (here: as many new breakers as it takes to sweep twice)."""
+    clock.advance(2 * IDLE_TTL)
+    if isinstance(store, RedisStore):
+        store.flush()  # what this process counted is sent long before the TTL runs out
+        expire_now(store, "svc")
+        return
+    for _ in range(2 * IDLE_MAX_BREAKERS):
+        CircuitBreaker(f"bystander-{next(_BYSTANDERS)}", storage=store, clock=clock)
+
+
+def read_afresh(store: Store, clock: FakeClock) -> tuple[BreakerSnapshot, bool]:
+    """Breaker ``svc`` as another process reads it (for Redis, through a new store on the
+    same URL, nothing cached): its snapshot, then whether a call passes."""
+    if not isinstance(store, RedisStore):
+        return _read(store, clock)
+    view = RedisStore.from_url(store.url)
+    try:
+        return _read(view, clock)
+    finally:
+        view.close()
+
+
+def _read(store: Store, clock: FakeClock) -> tuple[BreakerSnapshot, bool]:
+    breaker = make(store, clock)
+    snap = breaker.snapshot()
+    try:
+        breaker.call(ok)
+    except CircuitOpenError:
+        return snap, False
+    return snap, True
+
+
+def assert_idle_ttl(store: Store) -> None:
+    """On Redis, every key of breaker ``svc`` expires within the idle TTL."""
+    if isinstance(store, RedisStore):
+        ttls = key_ttls(store, "svc")
+        assert ttls
+        assert all(0 < ttl <= IDLE_TTL * 1000 for ttl in ttls.values()), ttls
+
+
+@pytest.mark.parametrize(("move", "target"), [("force_open", State.FORCED_OPEN), ("disable", State.DISABLED)])
+def test_an_operator_state_outlives_the_idle_ttl(idle_store: Store, clock: FakeClock, move: str, target: State) -> None:
+    breaker = make(idle_store, clock)
+    assert breaker.call(ok) == "ok"
+    getattr(breaker, move)()
+    if isinstance(idle_store, RedisStore):
+        assert set(key_ttls(idle_store, "svc").values()) == {-1}  # no TTL while the operator's state holds
+    outlive_idle_ttl(idle_store, clock)
+    snap, passed = read_afresh(idle_store, clock)
+    assert (snap.state, snap.successes) == (target, 1)  # the same breaker, not a fresh CLOSED one
+    assert passed is (target is State.DISABLED)
+    assert state_of(breaker) is target
+
+
+@pytest.mark.parametrize("leave", ["close", "reset"])
+@pytest.mark.parametrize("move", ["force_open", "disable"])
+def test_leaving_an_operator_state_brings_the_idle_ttl_back(
+    idle_store: Store, clock: FakeClock, move: str, leave: str
+) -> None:
+    breaker = make(idle_store, clock)
+    getattr(breaker, move)()
+    outlive_idle_ttl(idle_store, clock)
+    getattr(breaker, leave)()
+    assert_idle_ttl(idle_store)
+    assert breaker.call(ok) == "ok"
+    outlive_idle_ttl(idle_store, clock)
+    snap, _ = read_afresh(idle_store, clock)
+    assert (snap.state, snap.successes) == (State.CLOSED, 0)  # forgotten, like any idle breaker
+
+
+def test_an_idle_closed_breaker_is_forgotten(idle_store: Store, clock: FakeClock) -> None:
+    breaker = make(idle_store, clock)
+    assert breaker.call(ok) == "ok"
+    assert_idle_ttl(idle_store)
+    outlive_idle_ttl(idle_store, clock)
+    snap, passed = read_afresh(idle_store, clock)
+    assert (snap.state, snap.successes, passed) == (State.CLOSED, 0, True)
+
+
+def test_an_idle_open_breaker_keeps_its_idle_ttl(idle_store: Store, clock: FakeClock) -> None:
+    breaker = make(idle_store, clock, failure_threshold=1)
+    fail(breaker)
+    assert state_of(breaker) is State.OPEN
+    assert_idle_ttl(idle_store)  # only an operator's states are kept: OPEN ends by itself
 
 
 def test_reset_forgets_everything_and_adopts_the_callers_policy(store: Store, clock: FakeClock) -> None:

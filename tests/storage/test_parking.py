@@ -14,7 +14,7 @@ from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
 from ..unit.support import fail, ok
-from .conftest import unique_prefix
+from .conftest import expire_now, key_ttls, unique_prefix
 
 POLICY = {"failure_threshold": 1, "reset_timeout": 10.0, "half_open_max_calls": 2, "success_threshold": 1}
 
@@ -122,6 +122,22 @@ def test_entries_past_their_deadline_go_whatever_the_breaker_says(store: RedisSt
     clock.advance(5.0)
     assert release(store, clock) == ["expiring:1"]
     assert release(store, clock) == []
+
+
+def test_a_forced_open_breaker_holds_its_backlog_past_the_idle_ttl(store: RedisStore) -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    breaker.force_open()
+    entries = park_many(store, 5)
+    assert set(key_ttls(store, "svc").values()) == {-1}  # state and parking: none expires
+    expire_now(store, "svc")  # the idle TTL passing: nothing goes, the breaker still reads forced_open
+    for _ in range(3):
+        clock.advance(1.0)
+        assert release(store, clock) == []
+    breaker.close()
+    assert release(store, clock) == []  # the ramp starts when the releaser first sees it closed
+    clock.advance(1.0)
+    assert release(store, clock) == entries
 
 
 def test_a_claim_not_published_in_time_is_released_again_in_order(store: RedisStore) -> None:

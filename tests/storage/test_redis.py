@@ -153,6 +153,30 @@ def test_keys_share_a_hash_tag_and_expire_when_idle(redis_url: str, server: redi
         assert 0 < server.pttl(key) <= 120_000
 
 
+def test_a_forced_open_breaker_outlives_a_real_idle_ttl(redis_url: str, server: redis.Redis) -> None:
+    """Redis's own expiry, on its own clock: once an idle CLOSED breaker's keys are gone,
+    a forced-open one nobody touched is still forced open for a process reading it afresh."""
+    url = f"{redis_url}?key_prefix={unique_prefix()}&idle_ttl=0.3"
+    store = RedisStore.from_url(url)
+    assert CircuitBreaker("idle", storage=store).call(ok) == "ok"
+    CircuitBreaker("forced", storage=store).force_open()
+    store.close()
+    idle_key, forced_key = store.keys_for("idle", None)[0], store.keys_for("forced", None)[0]
+    deadline = time.monotonic() + 2.0
+    while server.exists(idle_key) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not server.exists(idle_key)  # the idle TTL has passed
+    assert server.pttl(forced_key) == -1
+    view_store = RedisStore.from_url(url)
+    view = CircuitBreaker("forced", storage=view_store)
+    assert state_of(view) is State.FORCED_OPEN
+    with pytest.raises(CircuitOpenError):
+        view.call(ok)
+    view.close()
+    assert 0 < server.pttl(forced_key) <= 300  # closed: the idle TTL applies again
+    view_store.close()
+
+
 def test_names_and_keys_cannot_collide(redis_url: str) -> None:
     store = client_time_store(redis_url)
     clock = FakeClock()

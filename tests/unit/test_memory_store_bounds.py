@@ -164,6 +164,44 @@ def test_forced_open_breaker_survives_a_sweep_while_it_keeps_rejecting() -> None
     assert forced.state is State.FORCED_OPEN
 
 
+def test_operator_states_are_never_evicted_even_when_they_fill_the_store() -> None:
+    clock = FakeClock()
+    store = fresh_store(max_breakers=4, idle_ttl=100)
+    forced = [keyed(store, clock, f"forced-{i}") for i in range(3)]
+    disabled = [keyed(store, clock, f"disabled-{i}") for i in range(2)]
+    for breaker in forced:
+        breaker.force_open()
+    for breaker in disabled:
+        breaker.disable()
+    clock.advance(1000)  # all of them idle ten times over
+    for i in range(20):
+        keyed(store, clock, f"new-{i}")
+        others = [s for s in store.snapshots(clock) if s.state not in (State.FORCED_OPEN, State.DISABLED)]
+        assert len(others) <= 4  # the rest of the store stays bounded
+    assert all(held(store, "tenant", f"forced-{i}") for i in range(3))
+    assert all(held(store, "tenant", f"disabled-{i}") for i in range(2))
+    assert {b.state for b in forced} == {State.FORCED_OPEN}
+    assert {b.state for b in disabled} == {State.DISABLED}
+    with pytest.raises(CircuitOpenError):
+        forced[0].call(ok)
+
+
+def test_a_closed_operator_breaker_is_evicted_again() -> None:
+    clock = FakeClock()
+    store = fresh_store(max_breakers=4, idle_ttl=100)
+    breaker = keyed(store, clock, "maintenance")
+    breaker.force_open()
+    clock.advance(1000)
+    for i in range(8):
+        keyed(store, clock, f"during-{i}")
+    assert held(store, "tenant", "maintenance")
+    breaker.close()
+    clock.advance(1000)
+    for i in range(8):
+        keyed(store, clock, f"after-{i}")
+    assert not held(store, "tenant", "maintenance")
+
+
 def test_breaker_failing_below_threshold_is_not_idle() -> None:
     clock = FakeClock()
     store = fresh_store(max_breakers=4, idle_ttl=100)

@@ -100,6 +100,21 @@ def _at_rest(cell: MemoryCell, now: float) -> bool:
         cell.lock.release()
 
 
+def _evict(cell: MemoryCell) -> bool:
+    # Under the cell's lock, so an operator's move made since the ranking is seen and
+    # kept; a cell busy right now is in use, and kept too.
+    if not cell.lock.acquire(blocking=False):
+        return False
+    try:
+        if cell.state in _OPERATOR_STATES:
+            return False
+        cell.evicted = True
+        cell.passing = False
+        return True
+    finally:
+        cell.lock.release()
+
+
 _STORES: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
 
 
@@ -109,8 +124,10 @@ class MemoryStore:
     When a new breaker would exceed the bound, a sweep drops the least useful half:
     first breakers idle for ``idle_ttl`` seconds, then those "at rest" (CLOSED with
     no failure in their window: forgetting them changes no decision), least recently
-    used first, then others; breakers an operator forced open or disabled go last.
-    ``idle_ttl`` only ranks breakers during a sweep; it does not expire them on its own.
+    used first, then others. Breakers an operator forced open or disabled are never
+    dropped: an operator's state is left only by an operator, so they may take the
+    store past ``max_breakers``. ``idle_ttl`` only ranks breakers during a sweep; it
+    does not expire them on its own.
     A dropped cell is flagged ``evicted`` so any holder asks the store again instead of
     keeping a private copy.
     """
@@ -130,6 +147,9 @@ class MemoryStore:
         self.max_breakers = max_breakers
         self.idle_ttl = float(idle_ttl)
         self._cells: dict[tuple[str, str | None], MemoryCell] = {}
+        #: The size that triggers the next sweep: ``max_breakers``, or more while kept
+        #: operator states fill the store, so sweeps stay as rare as without them.
+        self._sweep_at = max_breakers
         self._lock = threading.Lock()
         _STORES.add(self)
 
@@ -162,7 +182,7 @@ class MemoryStore:
             found = self._cells.get(ident)
             if found is None:
                 now = clock.monotonic()
-                if len(self._cells) >= self.max_breakers:
+                if len(self._cells) >= self._sweep_at:
                     self._sweep(now)
                 found = MemoryCell(name, key, policy, now)
                 found.wall_offset = clock.time() - now
@@ -174,19 +194,16 @@ class MemoryStore:
         cells = self._cells
         idle_before = now - self.idle_ttl
 
-        def rank(cell: MemoryCell) -> tuple[bool, bool, bool, float]:
-            return (
-                cell.state in _OPERATOR_STATES,  # an operator's decision goes last
-                cell.last_used > idle_before,
-                not _at_rest(cell, now),
-                cell.last_used,
-            )
+        def rank(cell: MemoryCell) -> tuple[bool, bool, float]:
+            return (cell.last_used > idle_before, not _at_rest(cell, now), cell.last_used)
 
-        ranked = sorted(cells.items(), key=lambda item: rank(item[1]))
-        for ident, cell in ranked[: max(0, len(cells) - keep)]:
-            cell.evicted = True
-            cell.passing = False
-            del cells[ident]
+        # An operator's state is never forgotten: only the others are candidates.
+        candidates = [(ident, cell) for ident, cell in cells.items() if cell.state not in _OPERATOR_STATES]
+        candidates.sort(key=lambda item: rank(item[1]))
+        for ident, cell in candidates[: max(0, len(cells) - keep)]:
+            if _evict(cell):
+                del cells[ident]
+        self._sweep_at = max(self.max_breakers, len(cells) + self.max_breakers - keep)
 
     def sync(self, timeout: float = 5.0) -> bool:
         """Nothing to wait for: every breaker of this store lives in this process."""
@@ -205,6 +222,7 @@ class MemoryStore:
                 cell.evicted = True
                 cell.passing = False
             self._cells.clear()
+            self._sweep_at = self.max_breakers
 
     def __repr__(self) -> str:
         return f"MemoryStore({self.url!r}, breakers={len(self._cells)})"

@@ -108,7 +108,8 @@ end
 
 -- Keys written by this script get their TTL now; all five are refreshed together when
 -- the state key's TTL has run down by a tenth (at most a minute), so an idle breaker
--- vanishes as a whole without five PEXPIREs on every call.
+-- vanishes as a whole without five PEXPIREs on every call. FORCED_OPEN and DISABLED
+-- keep no TTL at all (see save).
 local touched = {}
 local function touch(key) touched[key] = true end
 
@@ -375,7 +376,15 @@ local function save()
     'gen', S.gen, 'hos', S.hos, 'nl', S.nl, 'ok', S.ok, 'ko', S.ko, 'rj', S.rj, 'df', S.df,
     'tr', S.tr, 'wn', S.wn, 'wl', S.wl, 'wc', S.wc, 'wf', S.wf, 'ws', S.ws,
     'oa', fmt(S.oa), 'ou', fmt(S.ou), 'ls', fmt(S.ls), 'lf', fmt(S.lf), 'stk', S.stk, 'od', fmt(S.od))
-  if redis.call('PTTL', K_STATE) < ttl_ms - math.min(ttl_ms / 10, 60000) then
+  local pttl = redis.call('PTTL', K_STATE)
+  if S.st == FORCED_OPEN or S.st == DISABLED then
+    -- Set by an operator and left only by an operator (DESIGN.md): its keys never expire
+    -- meanwhile, or an idle breaker would come back CLOSED and release its parked tasks.
+    -- Leaving the state (PTTL -1 below the threshold) gives all five the idle TTL again.
+    if pttl ~= -1 then
+      for _, key in ipairs(KEYS) do redis.call('PERSIST', key) end
+    end
+  elseif pttl < ttl_ms - math.min(ttl_ms / 10, 60000) then
     for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl_ms) end
   else
     for key in pairs(touched) do redis.call('PEXPIRE', key, ttl_ms) end
