@@ -28,7 +28,7 @@ logger = logging.getLogger("celery_breaker")
 #: After the breaker's hash tag; the breaker and parking keys use s f r b l q m c d.
 HISTORY_SUFFIX = ":h"
 
-_APPEND = resources.files("celery_breaker.storage").joinpath("lua", "history.lua").read_text(encoding="utf-8")
+_APPEND = resources.files("celery_breaker.storage").joinpath("lua").joinpath("history.lua").read_text(encoding="utf-8")
 
 
 class History:

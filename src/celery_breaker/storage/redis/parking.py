@@ -28,7 +28,7 @@ PARKING_SUFFIXES = (":q", ":m", ":c", ":d", ":p")
 
 
 def _source(name: str) -> str:
-    return resources.files("celery_breaker.storage").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+    return resources.files("celery_breaker.storage").joinpath("lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
 _PARK = _source("park")
