@@ -21,6 +21,7 @@ from celery_breaker import (
     ConfigurationError,
     RetryAfter,
     State,
+    downstream_error,
     install,
 )
 from celery_breaker.core import BreakerSnapshot
@@ -38,6 +39,7 @@ def test_public_names_are_exactly_the_promised_ones_sorted() -> None:
         "ConfigurationError",
         "RetryAfter",
         "State",
+        "downstream_error",
         "install",
     }
     assert issubclass(CircuitOpenError, CircuitBreakerError)
@@ -45,6 +47,7 @@ def test_public_names_are_exactly_the_promised_ones_sorted() -> None:
     assert issubclass(RetryAfter, CircuitBreakerError)
     assert_type(RetryAfter(3).seconds, float)
     assert callable(install)
+    assert BreakerPolicy().record_exceptions == (downstream_error,)
     assert BreakerTask.dont_autoretry_for == (CircuitOpenError,)
 
 
