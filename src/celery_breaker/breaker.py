@@ -389,8 +389,14 @@ class CircuitBreaker:
         cell.note_deferral()
 
     def _operate(self, target: State) -> None:
-        cell = self._cell if not self._cell.evicted else self._refresh()
-        cell.force(target, self.policy, self._now())
+        # A memory store's sweep may drop the cell between the check and the move, which
+        # would then land on a forgotten copy: an operator's move is made again on the
+        # new cell. (A sweep never drops a cell once it holds an operator's state.)
+        while True:
+            cell = self._cell if not self._cell.evicted else self._refresh()
+            cell.force(target, self.policy, self._now())
+            if not cell.evicted:
+                break
         self._announce(cell)
 
     def __repr__(self) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
 from celery_breaker.storage import MemoryStore, resolve_store, store_from_url
+from celery_breaker.storage.memory import MemoryCell
 from celery_breaker.testing import FakeClock, fresh_store
 
 from .support import down, ok
@@ -184,6 +185,41 @@ def test_operator_states_are_never_evicted_even_when_they_fill_the_store() -> No
     assert {b.state for b in disabled} == {State.DISABLED}
     with pytest.raises(CircuitOpenError):
         forced[0].call(ok)
+
+
+@pytest.mark.parametrize("move", ["force_open", "disable"])  # (a dropped breaker is already CLOSED)
+def test_an_operators_move_lands_even_when_a_sweep_drops_the_breaker_at_that_moment(
+    move: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    store = fresh_store(max_breakers=4, idle_ttl=100)
+    target = keyed(store, clock, "target")
+    trip(target)  # OPEN: a close or reset has something to undo
+    clock.advance(1000)  # idle: first in line for the next sweep
+    original = {"force": MemoryCell.force}
+    swept: list[bool] = []
+
+    def sweep_first(name: str) -> Any:
+        def move_cell(cell: MemoryCell, *args: Any) -> None:
+            if not swept:  # the sweep lands between the holder's check and its move
+                swept.append(True)
+                for i in range(8):
+                    keyed(store, clock, f"other-{i}")
+                assert cell.evicted
+            original[name](cell, *args)
+
+        return move_cell
+
+    for name in original:
+        monkeypatch.setattr(MemoryCell, name, sweep_first(name))
+    getattr(target, move)()
+    assert swept
+    expected = {"force_open": State.FORCED_OPEN, "disable": State.DISABLED}[move]
+    assert target.state is expected
+    assert CircuitBreaker("tenant", POLICY, storage=store, clock=clock, key="target").state is expected
+    for i in range(8):
+        keyed(store, clock, f"later-{i}")
+    assert held(store, "tenant", "target")
 
 
 def test_a_closed_operator_breaker_is_evicted_again() -> None:
