@@ -4,6 +4,8 @@ Every key the project writes is under the test's namespace ``ns`` (the task's fi
 
 * ``executions_key(ns)``: hash task id -> runs that got a 200 (more than 1 is a duplicate);
 * ``deferred_key(ns)``: set of task ids deferred at least once (``task_retry`` for a ``CircuitOpenError``);
+* ``deferral_counts_key(ns)``: hash task id -> deferrals (each one a copy published now or
+  on release, so a task is delivered 1 + deferrals times);
 * ``failures_key(ns)``: hash exception type -> tasks that failed; ``failed_ids_key(ns)``: their ids.
 """
 
@@ -51,6 +53,10 @@ def deferred_key(ns: str) -> str:
     return f"{ns}:deferred"
 
 
+def deferral_counts_key(ns: str) -> str:
+    return f"{ns}:deferral-counts"
+
+
 def failures_key(ns: str) -> str:
     return f"{ns}:failures"
 
@@ -86,7 +92,10 @@ def _ns(args: Any) -> str | None:
 def _count_deferral(sender: Any = None, request: Any = None, reason: Any = None, **kwargs: Any) -> None:
     ns = _ns(getattr(request, "args", None))
     if ns is not None and isinstance(getattr(reason, "exc", reason), CircuitOpenError):
-        counter().sadd(deferred_key(ns), request.id)
+        with counter().pipeline() as pipe:
+            pipe.sadd(deferred_key(ns), request.id)
+            pipe.hincrby(deferral_counts_key(ns), request.id, 1)
+            pipe.execute()
 
 
 @task_failure.connect
