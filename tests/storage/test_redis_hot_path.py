@@ -331,3 +331,44 @@ def test_flush_stores_sends_what_was_counted_locally(url: str) -> None:
     assert not pending(cell)
     elsewhere = CircuitBreaker("svc", storage=RedisStore.from_url(url), clock=clock).snapshot()
     assert (elsewhere.successes, elsewhere.deferrals) == (5, 1)
+
+
+def test_flush_returns_only_once_a_flush_in_flight_on_another_thread_has_landed(
+    url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent thread may have taken the counts and not yet sent them: a flush that
+    found nothing pending must still wait for that send (a CLI test saw the success land
+    after ``flush_stores()`` returned)."""
+    clock = FakeClock()
+    breaker, store, cell = live_breaker(url, {"failure_threshold": 3}, clock)
+    breaker.call(ok)
+    assert pending(cell)
+    taken, release = threading.Event(), threading.Event()
+    run = store.run
+
+    def slow_run(script: str, keys: Any, argv: Any) -> Any:
+        if threading.current_thread().name == "in-flight":
+            taken.set()  # the counts are taken (argv holds them), the reply is not back yet
+            assert release.wait(10)
+        return run(script, keys, argv)
+
+    monkeypatch.setattr(store, "run", slow_run)
+    in_flight = threading.Thread(target=cell.flush, name="in-flight")
+    in_flight.start()
+    assert taken.wait(10)
+    assert not pending(cell)
+    done = threading.Event()
+
+    def flush_then_say_so() -> None:
+        store.flush()
+        done.set()
+
+    flusher = threading.Thread(target=flush_then_say_so)
+    flusher.start()
+    assert not done.wait(0.2)  # held: the send in flight has not landed
+    release.set()
+    assert done.wait(10)
+    in_flight.join(10)
+    flusher.join(10)
+    elsewhere = CircuitBreaker("svc", storage=RedisStore.from_url(url), clock=clock).snapshot()
+    assert elsewhere.successes == 1

@@ -374,6 +374,12 @@ class RedisCell:
         with self._sending:
             self._call("operate", self._clock.monotonic(), "view")
 
+    def wait_sent(self) -> None:
+        """Return once a flush in flight on another thread (its counts taken, not yet in
+        Redis) has finished."""
+        with self._sending:
+            pass
+
     def snapshot(self, now: float) -> BreakerSnapshot:
         with self._sending:
             return self.decode_snapshot(self._call("snapshot", now), self._offset)

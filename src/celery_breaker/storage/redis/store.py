@@ -363,10 +363,13 @@ class RedisStore:
                 self._barriers.pop(token, None)
 
     def flush(self, *, everything: bool = False) -> None:
-        """Send what each cell counted locally (``everything``: read every cell again)."""
+        """Send what each cell counted locally (``everything``: read every cell again).
+        Counts another thread's flush has taken are in Redis when this returns too."""
         for cell in list(self._cells.values()):
             if everything or cell.pending:
                 cell.flush()
+            else:
+                cell.wait_sent()
 
     def close(self, timeout: float = 2.0) -> None:
         """Send what this process counted, stop following transitions and close this
