@@ -71,9 +71,11 @@ def defer(
         retry_after = breaker.policy.reset_timeout
     spread = config.defer_spread if config.defer_spread is not None else breaker.policy.reset_timeout
     state = getattr(rejected.state, "value", rejected.state) or "open"
+    # The breaker that rejected the run: this task's, or one nested in its body.
+    name, key = (rejected.name, rejected.key) if rejected.name else (breaker.name, breaker.key)
     expires_in = seconds_until(request.expires, now)
     plan = plan_deferral(
-        label=rejected.label if rejected.name else breaker.label,
+        label=breaker_label(name, key),
         state=state,
         retry_after=retry_after,
         spread=spread,
@@ -95,14 +97,15 @@ def defer(
     headers = {k: v for k, v in (request.headers or {}).items() if k not in DEAD_LETTER_HEADERS}
     headers[DEFERRALS_HEADER] = plan.count
     headers[SINCE_HEADER] = plan.since
-    deadline = park_deadline(expires_in, plan.since, config.max_defer_age, now)
-    parked = not plan.expires_first and settings.park is not False
-    parked = parked and _park(task, breaker, args, kwargs, headers, f"{request.id}:{plan.count}", plan, deadline)
+    parked = False
+    if not plan.expires_first and settings.park is not False:
+        deadline = park_deadline(expires_in, plan.since, config.max_defer_age, now)
+        parked = _park(task, breaker, args, kwargs, headers, f"{request.id}:{plan.count}", plan.since, deadline)
     if not parked:
         _republish(task, breaker, rejected, state, args, kwargs, headers, plan.delay)
-    if not rejected.name or (rejected.name, rejected.key) == (breaker.name, breaker.key):
+    if (name, key) == (breaker.name, breaker.key):
         breaker.note_deferral()  # (a nested breaker's rejection is not this breaker's deferral)
-    return _announce(task, breaker, rejected, state, plan, parked)
+    return _announce(task, name, key, rejected, state, plan, parked)
 
 
 def _park(
@@ -112,7 +115,7 @@ def _park(
     kwargs: dict[str, Any],
     headers: dict[str, Any],
     entry: str,
-    plan: DeferralPlan,
+    since: float,
     deadline: float | None,
 ) -> bool:
     """Park this delivery in the breaker's store instead of publishing a countdown
@@ -134,7 +137,7 @@ def _park(
         logger.warning("task %s[%s]: cannot park it (%r); deferring with a countdown", task.name, request.id, exc)
         return False
     try:
-        parking.park(breaker.name, breaker.key, entry, plan.since, payload, deadline)
+        parking.park(breaker.name, breaker.key, entry, since, payload, deadline)
     except StorageError as exc:
         store_failed = getattr(store, "store_failed", None)
         if store_failed is not None:  # an outage: logged once per interval, not per task
@@ -177,11 +180,17 @@ def _republish(
 
 
 def _announce(
-    task: BreakerTask, breaker: CircuitBreaker, rejected: CircuitOpenError, state: str, plan: DeferralPlan, parked: bool
+    task: BreakerTask,
+    name: str,
+    key: str | None,
+    rejected: CircuitOpenError,
+    state: str,
+    plan: DeferralPlan,
+    parked: bool,
 ) -> Retry:
-    """Log the deferral, send its ``task-deferred`` event, and make the ``Retry`` that ends the run."""
+    """Log the deferral of a run breaker ``name``/``key`` rejected, send its ``task-deferred``
+    event, and make the ``Retry`` that ends the run."""
     request = task.request
-    name, key = (rejected.name, rejected.key) if rejected.name else (breaker.name, breaker.key)
     label = breaker_label(name, key)
     if plan.expires_first:
         text = (
