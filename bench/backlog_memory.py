@@ -49,7 +49,7 @@ import redis
 from redis_meter import RedisServer, TreeRss, process_tree_cpu, process_tree_rss
 
 from celery_breaker import CircuitBreaker
-from celery_breaker.settings import SETTINGS
+from celery_breaker.integration.settings import SETTINGS
 
 BENCH = Path(__file__).resolve().parent
 QUEUE = "celery"

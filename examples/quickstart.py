@@ -26,7 +26,7 @@ from celery.contrib.testing.worker import start_worker
 
 from celery_breaker import BreakerTask
 from celery_breaker.core import Transition
-from celery_breaker.registry import registry_for
+from celery_breaker.monitoring import add_transition_listener
 
 OUTAGE = (1.0, 5.0)  # seconds after start: the payments API is down in between
 CHARGES = 40
@@ -96,7 +96,7 @@ def on_transition(transition: Transition) -> None:
 
 def main() -> int:
     logging.basicConfig(level=logging.ERROR)  # the timeline below tells the story
-    registry_for(app).add_listener(on_transition)  # every breaker of this app
+    add_transition_listener(app, on_transition)  # every breaker of this app
     # An embedded worker thread (in production: ``celery -A proj worker``).
     with start_worker(app, pool="solo", perform_ping_check=False, loglevel="ERROR", shutdown_timeout=10):
         results = []

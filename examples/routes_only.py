@@ -27,7 +27,7 @@ from celery.contrib.testing.worker import start_worker
 
 import celery_breaker
 from celery_breaker.core import Transition
-from celery_breaker.registry import registry_for
+from celery_breaker.monitoring import add_transition_listener
 
 OUTAGE = (1.0, 4.0)  # seconds after start: the SMS gateway is down in between
 MESSAGES = 30
@@ -91,7 +91,7 @@ def on_transition(transition: Transition) -> None:
 
 def main() -> int:
     logging.basicConfig(level=logging.ERROR)  # the timeline below tells the story
-    registry_for(app).add_listener(on_transition)
+    add_transition_listener(app, on_transition)
     app.finalize()  # (a worker or the first .delay() does this too) routes apply here
     routed = isinstance(app.tasks["notifications.send_sms"], celery_breaker.BreakerTask)
     print(

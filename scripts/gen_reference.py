@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from celery_breaker import BreakerPolicy, BreakerTask  # noqa: E402
-from celery_breaker.descriptions import SETTING_DOCS, TASK_OPTION_DOCS  # noqa: E402
-from celery_breaker.reference import DOC_KEY, Doc  # noqa: E402
-from celery_breaker.settings import SETTINGS  # noqa: E402
+from celery_breaker.core.reference import DOC_KEY, Doc  # noqa: E402
+from celery_breaker.integration.setting_docs import SETTING_DOCS, TASK_OPTION_DOCS  # noqa: E402
+from celery_breaker.integration.settings import SETTINGS  # noqa: E402
 
 REFERENCE = ROOT / "docs" / "configuration.md"
 END = "<!-- end generated -->"

@@ -61,7 +61,7 @@ def main() -> None:
         partner_proj.app.conf.update(broker_url=broker, result_backend=broker)
         conf = {"breaker_storage_url": store_url, "breaker_default_policy": POLICY}
         observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
-        config = f"from celery_breaker.flower import register_breakers\nregister_breakers({store_url!r})\n"
+        config = f"from celery_breaker.monitoring.flower import register_breakers\nregister_breakers({store_url!r})\n"
         with (
             flower(broker, config) as web,
             WorkerProcess(broker, concurrency=2, extra_conf=json.dumps(conf), name="web-1",

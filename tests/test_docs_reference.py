@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from celery_breaker import BreakerTask
-from celery_breaker.descriptions import SETTING_DOCS, TASK_OPTION_DOCS
-from celery_breaker.reference import Doc, doc
-from celery_breaker.settings import SETTINGS
+from celery_breaker.core.reference import Doc, doc
+from celery_breaker.integration.setting_docs import SETTING_DOCS, TASK_OPTION_DOCS
+from celery_breaker.integration.settings import SETTINGS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "gen_reference.py"

@@ -38,18 +38,17 @@ _STUB = textwrap.dedent(
 _CHECK = textwrap.dedent(
     """
     import json
-    from celery_breaker.settings import get_settings
-    from celery_breaker.signals import check_app
-    from celery_breaker.task_options import task_breaker_config
+    from celery_breaker.integration.settings import get_settings
+    from celery_breaker.integration.inventory import check_app
+    from celery_breaker.integration.task_options import task_breaker_config
     from celery_breaker.storage import resolve_store
-    from celery_breaker.parking import parking_of
 
     settings = get_settings(app)
     config = task_breaker_config(charge)
     policy = config.policy
     print(json.dumps({
         "storage_url": settings.storage_url,
-        "parks": settings.park == "auto" and parking_of(resolve_store(settings.storage_url)) is not None,
+        "parks": settings.park == "auto" and resolve_store(settings.storage_url).parking is not None,
         "breakers": check_app(app),
         "cap": settings.defer_cap(60.0),
         "max_defer_age": config.max_defer_age,

@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .integration import plugin as _plugin  # noqa: F401  (connects the worker_init hook: see integration/plugin.py)
+
 if TYPE_CHECKING:
     from .breaker import CircuitBreaker
     from .core import BreakerPolicy, State, downstream_error
     from .errors import CircuitBreakerError, CircuitOpenError, ConfigurationError, RetryAfter
-    from .signals import install
-    from .task import BreakerTask
+    from .integration.install import install
+    from .integration.task import BreakerTask
 
 __version__ = "0.1.0"
 
@@ -34,7 +36,7 @@ __all__ = [
 
 _HOMES = {
     "BreakerPolicy": ".core",
-    "BreakerTask": ".task",
+    "BreakerTask": ".integration.task",
     "CircuitBreaker": ".breaker",
     "CircuitBreakerError": ".errors",
     "CircuitOpenError": ".errors",
@@ -42,7 +44,7 @@ _HOMES = {
     "RetryAfter": ".errors",
     "State": ".core",
     "downstream_error": ".core",
-    "install": ".signals",
+    "install": ".integration.install",
 }
 
 

@@ -12,10 +12,10 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar, overload
 
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
-from .errors import CircuitOpenError, ConfigurationError
+from .core.retry_after import retry_after_of
 from .labels import breaker_label
-from .retry_after import retry_after_of
-from .storage import Cell, Store, resolve_store, with_fallback
+from .names import check_name
+from .storage import Cell, Moves, Store, describe_url, resolve_store, with_fallback
 
 __all__ = ["CircuitBreaker", "ExceptionTranslator", "RunAdmission", "TransitionListener", "current_run"]
 
@@ -27,7 +27,6 @@ R = TypeVar("R")
 TransitionListener = Callable[[Transition], object]
 
 SUCCESS, FAILURE, IGNORED = Outcome.SUCCESS, Outcome.FAILURE, Outcome.IGNORED
-OPEN, FORCED_OPEN = State.OPEN, State.FORCED_OPEN
 
 
 class _Active(NamedTuple):
@@ -58,7 +57,7 @@ class RunAdmission:
     recorded on that breaker.
     """
 
-    __slots__ = ("breaker", "cell", "ticket", "start", "claimed", "recorded", "translate", "counts_itself")
+    __slots__ = ("breaker", "cell", "ticket", "start", "claimed", "recorded", "translate", "counts_itself", "_token")
 
     def __init__(
         self,
@@ -93,6 +92,22 @@ class RunAdmission:
             neutral = neutral or not self.counts_itself
             self.breaker._finish(self.cell, self.ticket, exc, self.start, IGNORED if neutral else None)
         return self.recorded
+
+    def failed_while_open(self) -> bool:
+        """The run recorded a failure, and its breaker no longer admits calls freely."""
+        if self.recorded is not FAILURE:
+            return False
+        return self.breaker.state not in (State.CLOSED, State.DISABLED)  # (re-reads an evicted cell)
+
+    def __enter__(self) -> RunAdmission:
+        """Make this the current run (``current_run()``) until the block ends."""
+        self._token = _RUN.set(self)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        _RUN.reset(self._token)
 
 
 _RUN: ContextVar[RunAdmission | None] = ContextVar("celery_breaker_run", default=None)
@@ -133,9 +148,7 @@ class CircuitBreaker:
         key: str | None = None,
         on_storage_error: str = "local",
     ) -> None:
-        if not isinstance(name, str) or not name:
-            raise ConfigurationError(f"CircuitBreaker name must be a non-empty string, got {name!r}")
-        self.name = name
+        self.name = check_name(name, "CircuitBreaker name")
         self.key = key
         self.policy = BreakerPolicy.coerce(policy)
         self.store = with_fallback(resolve_store(storage), on_storage_error)
@@ -148,7 +161,7 @@ class CircuitBreaker:
             logger.warning(
                 "breaker %s already exists in %s with another policy; it keeps that one "
                 "(reset() adopts a new policy): existing %r, this one %r",
-                self.label, self.store.url, existing, self.policy,
+                self.label, describe_url(self.store.url), existing, self.policy,
             )  # fmt: skip
 
     # -- the guarded call ----------------------------------------------------
@@ -164,18 +177,6 @@ class CircuitBreaker:
             # generation, whose outcomes move nothing: a stale read is harmless.
             ticket: Ticket = cell.generation
         else:
-            state = cell.state
-            open_until = cell.open_until
-            if not cell.evicted and (
-                state is FORCED_OPEN or (state is OPEN and open_until is not None and start < open_until)
-            ):
-                # Rejected from the local view, raised from this frame: the cheapest
-                # rejection there is (every other case asks the store).
-                next(cell.rejection_tally)
-                cell.last_used = start
-                raise CircuitOpenError._rejected(
-                    self.name, self.key, state, None if open_until is None else open_until - start
-                )
             cell, ticket = self._acquire(cell, start)
         try:
             result = fn(*args, **kwargs)
@@ -183,9 +184,9 @@ class CircuitBreaker:
             self._finish(cell, ticket, exc, start)
             raise
         end = self._now()
-        cell.record_success(ticket, end - start, self.policy, end)
-        if cell.events:
-            self._announce(cell)
+        moves = cell.record_success(ticket, end - start, self.policy, end)
+        if moves:
+            self._announce(moves)
         return result
 
     def _call_in_run(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -252,6 +253,16 @@ class CircuitBreaker:
     ) -> None:
         _exit_block(self, exc)
 
+    def begin_run(self, translate: ExceptionTranslator, *, counts_itself: bool = True) -> RunAdmission:
+        """Admit a whole run (a task's) before its body starts, or raise ``CircuitOpenError``.
+
+        Enter the returned ``RunAdmission`` (``with run:``) while the body runs, so its
+        guarded calls on this breaker use the run's ticket; ``settle`` it when the body
+        ends. ``translate`` maps the body's exceptions to the one to classify.
+        """
+        cell, ticket, start = self._admit()
+        return RunAdmission(self, cell, ticket, start, translate, counts_itself=counts_itself)
+
     # -- steps shared by every way of guarding -------------------------------
 
     def _refresh(self) -> Cell:
@@ -277,19 +288,11 @@ class CircuitBreaker:
             cell = self._refresh()
             if cell.passing:
                 return cell, cell.generation
-        state = cell.state
-        open_until = cell.open_until
-        # Reject from the local view without asking the store: one frame deep, so
-        # the rejection stays cheap (the store decides everything else).
-        if state is FORCED_OPEN or (state is OPEN and open_until is not None and now < open_until):
-            next(cell.rejection_tally)
-            cell.last_used = now
-            raise CircuitOpenError._rejected(
-                self.name, self.key, state, None if open_until is None else open_until - now
-            )
-        ticket = cell.acquire(self.policy, now)
-        if cell.events:
-            self._announce(cell)
+        # Reject from the local view without asking the store (the store decides everything else).
+        cell.reject_locally(now)
+        ticket, moves = cell.acquire(self.policy, now)
+        if moves:
+            self._announce(moves)
         return cell, ticket
 
     def _finish(
@@ -305,13 +308,13 @@ class CircuitBreaker:
                 outcome = self.policy.classify(exc)
         end = self._now()
         if outcome is SUCCESS:
-            cell.record_success(ticket, end - start, self.policy, end)
+            moves = cell.record_success(ticket, end - start, self.policy, end)
         elif outcome is FAILURE and exc is not None:
             # Only failures pay for this: a Retry-After opens the breaker for that long.
             open_for = retry_after_of(exc, self._clock.time())
-            cell.finish(ticket, outcome, end - start, self.policy, end, open_for=open_for)
+            moves = cell.finish(ticket, outcome, end - start, self.policy, end, open_for=open_for)
         else:
-            cell.finish(ticket, outcome, end - start, self.policy, end)
+            moves = cell.finish(ticket, outcome, end - start, self.policy, end)
         if run is not None and run.covers(self):
             run.recorded = outcome
         if outcome is FAILURE:
@@ -319,17 +322,13 @@ class CircuitBreaker:
                 "breaker %s: recorded failure %r", self.label, exc,
                 extra={"breaker": self.name, "breaker_key": self.key},
             )  # fmt: skip
-        if cell.events:
-            self._announce(cell)
+        if moves:
+            self._announce(moves)
         return outcome
 
-    def _announce(self, cell: Cell) -> None:
-        events = cell.events
-        while events:
-            try:
-                transition = events.popleft()
-            except IndexError:  # another thread drained it first
-                return
+    def _announce(self, moves: Moves) -> None:
+        """Log each transition this object's operation made and tell its listeners."""
+        for transition in moves:
             _log_transition(transition)
             for listener in tuple(self._listeners):
                 try:
@@ -354,6 +353,11 @@ class CircuitBreaker:
         """State and metrics now: failures, successes, last failure/success, trips, ..."""
         cell = self._cell if not self._cell.evicted else self._refresh()
         return cell.snapshot(self._now())
+
+    @property
+    def listeners(self) -> tuple[TransitionListener, ...]:
+        """What ``add_listener`` added, in order."""
+        return tuple(self._listeners)
 
     def add_listener(self, listener: TransitionListener) -> None:
         """Call ``listener(transition)`` after every transition this breaker object causes."""
@@ -380,8 +384,7 @@ class CircuitBreaker:
     def reset(self) -> None:
         """Forget everything: a fresh CLOSED breaker with zeroed counters."""
         cell = self._cell if not self._cell.evicted else self._refresh()
-        cell.reset(self.policy, self._now())
-        self._announce(cell)
+        self._announce(cell.reset(self.policy, self._now()))
 
     def note_deferral(self) -> None:
         """Count a task deferred because this breaker rejected it."""
@@ -394,13 +397,13 @@ class CircuitBreaker:
         # new cell. (A sweep never drops a cell once it holds an operator's state.)
         while True:
             cell = self._cell if not self._cell.evicted else self._refresh()
-            cell.force(target, self.policy, self._now())
+            moves = cell.force(target, self.policy, self._now())
             if not cell.evicted:
                 break
-        self._announce(cell)
+        self._announce(moves)
 
     def __repr__(self) -> str:
-        return f"<CircuitBreaker {self.label!r} {self.state.value} on {self.store.url}>"
+        return f"<CircuitBreaker {self.label!r} {self.state.value} on {describe_url(self.store.url)}>"
 
 
 def _exit_block(breaker: CircuitBreaker, exc: BaseException | None) -> None:

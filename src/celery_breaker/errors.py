@@ -15,6 +15,7 @@ __all__ = [
     "CircuitOpenError",
     "ConfigurationError",
     "RetryAfter",
+    "StorageError",
     "UnknownBreakerError",
 ]
 
@@ -28,6 +29,11 @@ class ConfigurationError(CircuitBreakerError, ValueError):
 
     The message always names the setting, the value it got and what is allowed.
     """
+
+
+class StorageError(CircuitBreakerError):
+    """A shared store could not be reached or answered nonsense; breakers fall back
+    (``breaker_on_storage_error``) and operator commands report it."""
 
 
 class UnknownBreakerError(CircuitBreakerError, LookupError):
@@ -52,18 +58,21 @@ class CircuitOpenError(CircuitBreakerError):
         retry_after: seconds until the breaker can next admit a probe, or ``None``
             when only an operator can reopen it (``FORCED_OPEN``).
         detail: extra text appended to the message (for example the deferral).
+        final: True when the task it ends will not be deferred again (its deferral
+            budget ran out, or the deferral could not be published): it fails.
 
     Every attribute has a default, so the error survives Celery's exception
     serialisation (which rebuilds exceptions from ``args``) and pickling.
     """
 
     # Slots: the rejection hot path writes them without creating an instance dict.
-    __slots__ = ("name", "key", "state", "retry_after", "detail")
+    __slots__ = ("name", "key", "state", "retry_after", "detail", "final")
     name: str
     key: str | None
     state: State | None
     retry_after: float | None
     detail: str
+    final: bool
 
     def __init__(
         self,
@@ -74,6 +83,7 @@ class CircuitOpenError(CircuitBreakerError):
         state: State | None = None,
         retry_after: float | None = None,
         detail: str = "",
+        final: bool = False,
     ) -> None:
         if message is None:
             super().__init__()
@@ -84,6 +94,7 @@ class CircuitOpenError(CircuitBreakerError):
         self.state = state
         self.retry_after = retry_after
         self.detail = detail
+        self.final = final
 
     @classmethod
     def _rejected(cls, name: str, key: str | None, state: State | None, retry_after: float | None) -> CircuitOpenError:
@@ -94,6 +105,7 @@ class CircuitOpenError(CircuitBreakerError):
         err.state = state
         err.retry_after = retry_after
         err.detail = ""
+        err.final = False
         return err
 
     def __reduce__(self) -> tuple[Any, ...]:

@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 from .clock import Clock
+from .integration.registry import registry_for
 from .storage import MemoryStore
 from .storage.memory import DEFAULT_IDLE_TTL, DEFAULT_MAX_BREAKERS
 
@@ -57,6 +58,4 @@ def fresh_store(*, max_breakers: int = DEFAULT_MAX_BREAKERS, idle_ttl: float = D
 
 def use_clock(app: Any, clock: Clock) -> None:
     """Make every task breaker of ``app`` read ``clock`` from now on."""
-    from .registry import registry_for
-
     registry_for(app).use_clock(clock)

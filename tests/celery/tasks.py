@@ -13,7 +13,7 @@ from typing import Any
 from celery import shared_task
 
 from celery_breaker import BreakerTask, CircuitBreaker, CircuitOpenError, RetryAfter
-from celery_breaker.deferral import DEFERRALS_HEADER
+from celery_breaker.integration.deferral.plan import DEFERRALS_HEADER
 
 #: The breaker store of the session app (process-global, so the test sees the worker's state).
 STORE_URL = "memory://celery-tests"

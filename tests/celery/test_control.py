@@ -42,7 +42,7 @@ def test_the_in_process_worker_obeys_breaker_control_commands(app: Any, operate:
 def test_events_from_the_solo_pool_carry_the_workers_node_name(app: Any, celery_session_worker: Any) -> None:
     """Celery's solo pool puts the machine's host name on events sent from a task; ours
     carry the node name the worker registered with (captured at worker start)."""
-    from celery_breaker import events
+    from celery_breaker.integration import events
 
     assert events.nodename() == celery_session_worker.hostname
     assert "@" in celery_session_worker.hostname

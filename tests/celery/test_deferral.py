@@ -13,8 +13,9 @@ from celery.canvas import Signature
 from celery.signals import task_retry
 from kombu.exceptions import OperationalError
 
-from celery_breaker import CircuitBreaker, CircuitOpenError, State, deferring
-from celery_breaker.deferral import DEFERRALS_HEADER, MINIMUM_DELAY, SINCE_HEADER
+from celery_breaker import CircuitBreaker, CircuitOpenError, State
+from celery_breaker.integration.deferral import countdown
+from celery_breaker.integration.deferral.plan import DEFERRALS_HEADER, MINIMUM_DELAY, SINCE_HEADER
 
 from . import tasks
 from .support import DEFER_SPREAD, DEFERRED, TIMEOUT, deferral_text, wait_for
@@ -329,7 +330,7 @@ def test_a_deferral_the_broker_refuses_is_requeued_with_acks_late(
 ) -> None:
     breaker = operate(tasks.unpublishable_late_task.breaker)
     breaker.force_open()
-    monkeypatch.setattr(deferring, "_REQUEUE_PAUSE", 0.05)
+    monkeypatch.setattr(countdown, "REQUEUE_PAUSE", 0.05)
     attempts = refuse_publishing(monkeypatch, 2)
 
     with caplog.at_level(logging.WARNING, logger="celery_breaker"):

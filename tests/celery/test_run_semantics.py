@@ -8,7 +8,7 @@ import pytest
 from celery import Celery
 
 from celery_breaker import BreakerTask, CircuitBreaker, ConfigurationError, State
-from celery_breaker.signals import check_app
+from celery_breaker.integration.inventory import check_app
 from celery_breaker.testing import FakeClock, use_clock
 
 

@@ -18,10 +18,10 @@ from celery.contrib.testing.worker import TestWorkController, start_worker
 
 from celery_breaker import BreakerTask, CircuitOpenError, ConfigurationError, State, install
 from celery_breaker.clock import SYSTEM_CLOCK
-from celery_breaker.settings import build_settings, get_settings, reload_settings
-from celery_breaker.signals import check_app
+from celery_breaker.integration.inventory import check_app
+from celery_breaker.integration.settings import build_settings, get_settings, reload_settings
+from celery_breaker.integration.task_options import task_breaker_config
 from celery_breaker.storage import store_from_url
-from celery_breaker.task_options import task_breaker_config
 
 
 def throwaway_app(name: str, **settings: Any) -> Any:
@@ -319,7 +319,7 @@ def test_task_cls_leaves_celerys_own_tasks_unguarded() -> None:
     app.finalize()
     backend_cleanup = app.tasks["celery.backend_cleanup"]
     assert isinstance(backend_cleanup, BreakerTask)
-    assert backend_cleanup._unguarded()
+    assert not backend_cleanup.is_guarded()
     assert backend_cleanup.apply().state == "SUCCESS"
     store = store_from_url(app.conf.breaker_storage_url)
     assert store.snapshots(SYSTEM_CLOCK) == []  # no breaker was made for it

@@ -9,8 +9,8 @@ import pytest
 from celery.result import EagerResult
 
 from celery_breaker import BreakerTask, CircuitBreaker, CircuitOpenError, State
-from celery_breaker.registry import registry_for
-from celery_breaker.task_options import task_breaker_config
+from celery_breaker.integration.registry import registry_for
+from celery_breaker.integration.task_options import task_breaker_config
 
 from . import tasks
 from .support import DEFERRED, TIMEOUT, deferral_text, wait_for

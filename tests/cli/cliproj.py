@@ -12,7 +12,7 @@ from typing import Any
 from celery import Celery
 
 from celery_breaker import BreakerTask
-from celery_breaker.settings import reload_settings
+from celery_breaker.integration.settings import reload_settings
 
 POLICY = {"failure_threshold": 1, "reset_timeout": 30.0}
 CRM_POLICY = {"failure_threshold": 3, "reset_timeout": 60.0}

@@ -10,12 +10,12 @@ import click
 import pytest
 
 from celery_breaker import State
-from celery_breaker.console import duration, open_until_text, status_text, summary
 from celery_breaker.core import BreakerSnapshot
+from celery_breaker.errors import StorageError
 from celery_breaker.monitoring import BreakerStatus
-from celery_breaker.storage import StorageError
+from celery_breaker.ops.console import duration, open_until_text, status_text, summary
+from celery_breaker.ops.watch import Watch, fit, run_watch, watch_frame
 from celery_breaker.testing import FakeClock
-from celery_breaker.watch import Watch, fit, run_watch, watch_frame
 
 
 def snap(name: str = "crm", key: str | None = None, **fields: Any) -> BreakerSnapshot:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from celery_breaker import CircuitOpenError, State
-from celery_breaker.cli import EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_USAGE
+from celery_breaker.ops.cli import EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_USAGE
 from tests.servers import free_port
 
 from . import cliproj

@@ -7,7 +7,7 @@ import json
 from celery.bin.celery import celery as celery_main
 from click.testing import CliRunner, Result
 
-from celery_breaker.cli import EXIT_USAGE
+from celery_breaker.ops.cli import EXIT_USAGE
 from celery_breaker.storage.redis import RedisStore
 
 from .conftest import APP, breaker, run

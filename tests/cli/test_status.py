@@ -9,8 +9,8 @@ from celery.bin.celery import celery as celery_main
 from click.testing import CliRunner
 
 from celery_breaker import CircuitOpenError
-from celery_breaker.cli import EXIT_CONFIG, EXIT_UNAVAILABLE
 from celery_breaker.monitoring import collect_metrics
+from celery_breaker.ops.cli import EXIT_CONFIG, EXIT_UNAVAILABLE
 from celery_breaker.storage import flush_stores
 from celery_breaker.storage.redis import RedisStore
 from tests.servers import free_port

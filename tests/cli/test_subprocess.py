@@ -22,8 +22,8 @@ import pytest
 import redis
 
 from celery_breaker import State
-from celery_breaker.cli import EXIT_UNAVAILABLE, EXIT_USAGE
 from celery_breaker.monitoring import collect_metrics
+from celery_breaker.ops.cli import EXIT_UNAVAILABLE, EXIT_USAGE
 from tests.integration import proj
 from tests.integration.workers import ROOT, WorkerProcess, wait_for
 from tests.servers import free_port
@@ -61,10 +61,11 @@ def test_celery_help_lists_the_breaker_command(broker: str, prefix: str) -> None
 
 
 def test_the_entry_point_module_stays_import_light() -> None:
-    """Every ``celery`` call imports ``celery_breaker.cli``: Redis, stores and rendering load in a command."""
-    heavy = ["redis", "celery_breaker.storage.redis", "celery_breaker.monitoring", "celery_breaker.operations",
-             "celery_breaker.console", "celery_breaker.watch"]  # fmt: skip
-    check = f"import sys, celery_breaker.cli; print([m for m in {heavy!r} if m in sys.modules])"
+    """Every ``celery`` call imports ``celery_breaker.ops.cli``: Redis, stores and rendering load in a command."""
+    heavy = ["redis", "celery_breaker.storage", "celery_breaker.core", "celery_breaker.monitoring",
+             "celery_breaker.ops.operator", "celery_breaker.ops.console", "celery_breaker.ops.watch",
+             "celery_breaker.integration.settings", "celery_breaker.integration.task"]  # fmt: skip
+    check = f"import sys, celery_breaker.ops.cli; print([m for m in {heavy!r} if m in sys.modules])"
     result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True, timeout=60)
     assert result.stdout.strip() == "[]"
 

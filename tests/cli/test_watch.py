@@ -6,8 +6,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from celery_breaker import CircuitOpenError, cli
-from celery_breaker.cli import EXIT_UNAVAILABLE
+from celery_breaker import CircuitOpenError
+from celery_breaker.ops import cli
+from celery_breaker.ops.cli import EXIT_UNAVAILABLE
 from celery_breaker.storage import flush_stores
 from celery_breaker.testing import FakeClock
 from tests.servers import RedisServer

@@ -26,8 +26,8 @@ import pytest
 import redis
 
 from celery_breaker import CircuitBreaker, State
-from celery_breaker.parking import LEASE
-from celery_breaker.settings import SETTINGS
+from celery_breaker.integration.deferral.release import LEASE
+from celery_breaker.integration.settings import SETTINGS
 from tests.integration import backlog_proj
 from tests.integration.backlog_proj import (
     BREAKER,

@@ -40,7 +40,7 @@ def test_flower_shows_the_deferral_the_breaker_events_and_the_breaker_metrics(br
     conf = {"breaker_storage_url": store_url, "breaker_default_policy": POLICY}
     client = redis.Redis.from_url(broker)
     observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
-    config = f"from celery_breaker.flower import register_breakers\nregister_breakers({store_url!r})\n"
+    config = f"from celery_breaker.monitoring.flower import register_breakers\nregister_breakers({store_url!r})\n"
     with (
         flower(broker, config) as web,
         WorkerProcess(broker, concurrency=2, extra_conf=json.dumps(conf), name="f1", app=APP) as worker,

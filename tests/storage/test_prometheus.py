@@ -20,8 +20,8 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_breaker import CircuitBreaker, ConfigurationError, State
-from celery_breaker.flower import register_breakers, store_url
-from celery_breaker.prometheus import BreakerCollector, register, start_metrics_server, unregister
+from celery_breaker.monitoring.flower import register_breakers, store_url
+from celery_breaker.monitoring.prometheus import BreakerCollector, register, start_metrics_server, unregister
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock, fresh_store
 
@@ -321,7 +321,7 @@ def endpoint_app(url: str) -> Iterator[Celery]:
     app = throwaway_app(breaker_storage_url=url, breaker_metrics_port=free_port())
     yield app
     # Whatever a test left running in this process is stopped.
-    from celery_breaker import prometheus
+    from celery_breaker.monitoring import prometheus
 
     for server in list(prometheus._SERVERS.values()):
         server.stop()
@@ -394,6 +394,6 @@ def test_a_forked_process_does_not_hold_the_port(endpoint_app: Celery) -> None:
 
 def test_without_prometheus_client_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # as if not installed
-    monkeypatch.delitem(sys.modules, "celery_breaker.prometheus")
+    monkeypatch.delitem(sys.modules, "celery_breaker.monitoring.prometheus")
     with pytest.raises(ImportError, match=re.escape("pip install 'celery-breaker[prometheus]'")):
-        importlib.import_module("celery_breaker.prometheus")
+        importlib.import_module("celery_breaker.monitoring.prometheus")

@@ -17,7 +17,8 @@ import redis
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
 from celery_breaker.clock import SYSTEM_CLOCK
-from celery_breaker.storage import StorageError, store_from_url
+from celery_breaker.errors import StorageError
+from celery_breaker.storage import store_from_url
 from celery_breaker.storage.fallback import FallbackCell
 from celery_breaker.storage.redis import DEFAULT_IDLE_TTL, RedisStore
 from celery_breaker.testing import FakeClock
@@ -430,6 +431,7 @@ def test_storage_errors_keep_locally_counted_rejections(redis_url: str, server: 
 
 def test_a_redis_url_without_redis_py_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     from celery_breaker import storage
+    from celery_breaker.storage.redis import open_store  # (what the registry calls for a redis:// URL)
 
     for name in [
         name for name in sys.modules if name == "redis" or name.startswith(("redis.", storage.__name__ + ".redis"))
@@ -437,7 +439,7 @@ def test_a_redis_url_without_redis_py_says_what_to_install(monkeypatch: pytest.M
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "redis", None)  # what an environment without redis-py looks like to import
     with pytest.raises(ConfigurationError, match=r"pip install 'celery-breaker\[redis\]'"):
-        storage._redis_store("redis://localhost/0")
+        open_store("redis://localhost/0")
 
 
 def test_passwords_never_reach_logs_or_errors(caplog: pytest.LogCaptureFixture) -> None:

@@ -10,7 +10,7 @@ import redis
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, State
 from celery_breaker.storage.redis import RedisStore, policy_text
-from celery_breaker.storage.redis.cell import _policy_from_text
+from celery_breaker.storage.redis.replies import policy_from_text
 from celery_breaker.testing import FakeClock
 
 from ..unit.support import fail, ok, state_of
@@ -29,8 +29,8 @@ def test_policy_text_round_trips_the_backoff_fields() -> None:
     text = policy_text(policy)
     assert text.startswith("2;")
     assert text.endswith(";3.0;100.0;0.25;100.0")
-    assert _policy_from_text(text, BreakerPolicy()) == policy
-    assert _policy_from_text(policy_text(BreakerPolicy()), BreakerPolicy(reset_timeout=1)) == BreakerPolicy()
+    assert policy_from_text(text, BreakerPolicy()) == policy
+    assert policy_from_text(policy_text(BreakerPolicy()), BreakerPolicy(reset_timeout=1)) == BreakerPolicy()
 
 
 def v1_text(policy: BreakerPolicy) -> str:
@@ -39,7 +39,7 @@ def v1_text(policy: BreakerPolicy) -> str:
 
 
 def test_a_version_1_policy_reads_as_no_backoff() -> None:
-    policy = _policy_from_text(v1_text(BreakerPolicy(reset_timeout=900)), BreakerPolicy(max_reset_timeout=60))
+    policy = policy_from_text(v1_text(BreakerPolicy(reset_timeout=900)), BreakerPolicy(max_reset_timeout=60))
     assert (policy.reset_timeout, policy.backoff_multiplier, policy.max_reset_timeout, policy.reset_jitter) == (
         900.0,
         1.0,

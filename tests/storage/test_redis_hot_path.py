@@ -188,7 +188,7 @@ def test_only_the_probe_asks_in_half_open_the_others_reject_locally(url: str) ->
     other, other_store, other_cell = live_breaker(url, policy, clock)
     fail(prober)
     clock.advance(10.0)
-    ticket = prober_cell.acquire(prober.policy, clock.monotonic())  # the one probe slot
+    ticket, _ = prober_cell.acquire(prober.policy, clock.monotonic())  # the one probe slot
     assert isinstance(ticket, Probe)
     assert other_store.sync()
     assert other_cell.state is State.HALF_OPEN
@@ -210,7 +210,7 @@ def test_a_neutral_probe_frees_its_slot_for_other_processes(url: str) -> None:
     other, other_store, _ = live_breaker(url, policy, clock)
     fail(prober)
     clock.advance(10.0)
-    ticket = prober_cell.acquire(prober.policy, clock.monotonic())
+    ticket, _ = prober_cell.acquire(prober.policy, clock.monotonic())
     assert other_store.sync()
     with pytest.raises(CircuitOpenError):
         other.call(ok)

@@ -38,7 +38,7 @@ def hammer(store: RedisStore, probes_key: str, barrier: multiprocessing.synchron
     while time.monotonic() < deadline:
         now = time.monotonic()
         try:
-            ticket = cell.acquire(POLICY, now)
+            ticket, _ = cell.acquire(POLICY, now)
         except CircuitOpenError:
             continue
         if isinstance(ticket, Probe):

@@ -25,8 +25,9 @@ from redis.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
 from celery_breaker.clock import SYSTEM_CLOCK
-from celery_breaker.settings import build_settings
-from celery_breaker.storage import StorageError, describe_url, store_from_url
+from celery_breaker.errors import StorageError
+from celery_breaker.integration.settings import build_settings
+from celery_breaker.storage import describe_url, store_from_url
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.storage.redis.client import CLIENT_ERRORS, check_url
 

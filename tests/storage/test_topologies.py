@@ -19,7 +19,8 @@ from redis.sentinel import SentinelConnectionPool
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
 from celery_breaker.clock import SYSTEM_CLOCK
-from celery_breaker.storage import FallbackStore, StorageError, Store, store_from_url
+from celery_breaker.errors import StorageError
+from celery_breaker.storage import FallbackStore, Store, store_from_url
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.storage.redis.client import check_url, describe
 from celery_breaker.testing import FakeClock

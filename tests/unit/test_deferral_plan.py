@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from celery_breaker.deferral import (
+from celery_breaker.integration.broker import redelivery_window
+from celery_breaker.integration.deferral.plan import (
     DEFERRALS_HEADER,
     EXPIRY_OVERSHOOT,
     MINIMUM_DELAY,
@@ -22,7 +23,7 @@ from celery_breaker.deferral import (
     read_headers,
     seconds_until,
 )
-from celery_breaker.settings import broker_visibility_timeout, build_settings
+from celery_breaker.integration.settings import build_settings
 
 NOW = 1_700_000_000.0
 
@@ -155,7 +156,7 @@ def test_visibility_timeout_applies_only_to_brokers_that_redeliver(
 ) -> None:
     app = Celery(broker=broker)
     app.conf.broker_transport_options = options
-    assert broker_visibility_timeout(app.conf) == expected
+    assert redelivery_window(app.conf) == expected
 
 
 def test_defer_cap_keeps_a_margin_for_the_task_runtime() -> None:
@@ -189,7 +190,7 @@ def test_a_huge_since_header_is_reported_not_raised() -> None:
 def test_the_broker_url_from_the_environment_counts(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CELERY_BROKER_URL", "redis://localhost:6379/0")
     app = Celery()
-    assert broker_visibility_timeout(app.conf) == 3600.0
+    assert redelivery_window(app.conf) == 3600.0
 
 
 def test_seconds_until_reads_iso_text_and_datetimes() -> None:

@@ -1,8 +1,8 @@
 """Every public name carries a docstring: the module, each name in its ``__all__``, and the
 public methods and properties of each public class.
 
-A method implementing a documented protocol member (``Cell``, ``Store``, ``Clock``,
-``RateWindow``) or
+A method implementing a documented protocol member (``Cell``, ``Store``, ``Parking``,
+``History``, ``Clock``, ``RateWindow``, ``DeferralStrategy``) or
 overriding a documented base method inherits that documentation, as ``help()`` shows it.
 """
 
@@ -17,9 +17,10 @@ from typing import Any
 import celery_breaker
 from celery_breaker.clock import Clock
 from celery_breaker.core.windows import RateWindow
-from celery_breaker.storage.base import Cell, Store
+from celery_breaker.integration.deferral.strategy import DeferralStrategy
+from celery_breaker.storage.contract import Cell, History, Parking, Store
 
-PROTOCOLS = (Cell, Store, Clock, RateWindow)
+PROTOCOLS = (Cell, Store, Parking, History, Clock, RateWindow, DeferralStrategy)
 
 
 def modules() -> list[ModuleType]:

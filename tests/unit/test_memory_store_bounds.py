@@ -200,13 +200,13 @@ def test_an_operators_move_lands_even_when_a_sweep_drops_the_breaker_at_that_mom
     swept: list[bool] = []
 
     def sweep_first(name: str) -> Any:
-        def move_cell(cell: MemoryCell, *args: Any) -> None:
+        def move_cell(cell: MemoryCell, *args: Any) -> Any:
             if not swept:  # the sweep lands between the holder's check and its move
                 swept.append(True)
                 for i in range(8):
                     keyed(store, clock, f"other-{i}")
                 assert cell.evicted
-            original[name](cell, *args)
+            return original[name](cell, *args)
 
         return move_cell
 

@@ -9,7 +9,7 @@ import pytest
 from celery import Celery
 
 from celery_breaker import ConfigurationError
-from celery_breaker.settings import build_settings
+from celery_breaker.integration.settings import build_settings
 
 
 def settings_of(**conf: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from celery_breaker import CircuitBreakerError, CircuitOpenError, RetryAfter, State
-from celery_breaker.retry_after import parse_retry_after, retry_after_of
+from celery_breaker.core.retry_after import parse_retry_after, retry_after_of
 from celery_breaker.testing import FakeClock
 
 from .support import HeldCall, fail, make, ok, state_of

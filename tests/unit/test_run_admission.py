@@ -124,7 +124,7 @@ def test_blocks_exited_out_of_order_record_on_their_own_breaker(clock: FakeClock
 def test_an_ordinary_ticket_in_half_open_is_not_a_probe(clock: FakeClock) -> None:
     breaker = half_open_with_one_probe(clock)
     cell = breaker._cell
-    probe = cell.acquire(breaker.policy, clock.monotonic())
+    probe, _ = cell.acquire(breaker.policy, clock.monotonic())
     assert type(probe) is Probe
     # A call that read "passing" just before the trip and the generation just after
     # carries an int ticket of this generation: its success must not close the breaker.

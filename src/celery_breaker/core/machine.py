@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections import deque
 from typing import NoReturn
 
 from ..errors import CircuitOpenError
+from .counters import tally
 from .policy import BreakerPolicy, Outcome
 from .snapshot import BreakerSnapshot, Probe, Transition
 from .state import State, check_transition
@@ -43,7 +43,7 @@ class BreakerMachine:
         "name", "key", "policy", "state", "generation", "opened_at", "open_until",
         "failure_times", "rate_window", "leases", "next_lease", "half_open_successes",
         "success_tally", "failures", "rejection_tally", "deferrals", "trips",
-        "last_success", "last_failure", "last_used", "events", "wall_offset", "passing", "quiet_success",
+        "last_success", "last_failure", "last_used", "moves", "wall_offset", "passing", "quiet_success",
         "streak", "open_duration", "draw",
     )  # fmt: skip
 
@@ -70,7 +70,7 @@ class BreakerMachine:
         self.last_success: float | None = None
         self.last_failure: float | None = None
         self.last_used = now
-        self.events: deque[Transition] = deque()
+        self.moves: list[Transition] = []  # made since the last take_moves()
         self.wall_offset = 0.0  # epoch - monotonic, for the times shown to people
         self._use_policy(policy)
 
@@ -79,12 +79,12 @@ class BreakerMachine:
     @property
     def successes(self) -> int:
         """Successes counted since the breaker was made or reset."""
-        return _tally(self.success_tally)
+        return tally(self.success_tally)
 
     @property
     def rejections(self) -> int:
         """Calls rejected since the breaker was made or reset."""
-        return _tally(self.rejection_tally)
+        return tally(self.rejection_tally)
 
     def _use_policy(self, policy: BreakerPolicy) -> None:
         self.policy = policy
@@ -224,11 +224,11 @@ class BreakerMachine:
 
     # -- operators -----------------------------------------------------------
 
-    def force(self, target: State, policy: BreakerPolicy, now: float) -> None:
+    def operate(self, target: State, now: float) -> None:
         """An operator moves the breaker to CLOSED, FORCED_OPEN or DISABLED."""
         self._move(target, now, "operator")
 
-    def reset(self, policy: BreakerPolicy, now: float) -> None:
+    def renew(self, policy: BreakerPolicy, now: float) -> None:
         """Back to a fresh CLOSED breaker: state, windows and lifetime counters cleared,
         under ``policy`` (the one way to change an existing breaker's policy)."""
         self._use_policy(policy)
@@ -239,7 +239,16 @@ class BreakerMachine:
         self.last_success = self.last_failure = self.opened_at = None
 
     def note_deferral(self) -> None:
+        """Count one task deferred because this breaker rejected it."""
         self.deferrals += 1
+
+    def take_moves(self) -> tuple[Transition, ...]:
+        """The transitions made since the last call, oldest first (the caller announces them)."""
+        moves = self.moves
+        if not moves:
+            return ()
+        self.moves = []
+        return tuple(moves)
 
     # -- transitions ---------------------------------------------------------
 
@@ -273,7 +282,7 @@ class BreakerMachine:
         if target is OPEN or target is CLOSED or source is CLOSED:
             self._clear_windows()
         offset = self.wall_offset
-        self.events.append(
+        self.moves.append(
             Transition(
                 name=self.name,
                 key=self.key,
@@ -351,8 +360,3 @@ class BreakerMachine:
             streak=self.streak,
             open_duration=self.open_duration,
         )
-
-
-def _tally(counter: itertools.count[int]) -> int:
-    """How many times ``next`` was called on ``counter`` (read without consuming it)."""
-    return int(repr(counter)[6:-1])  # repr is "count(N)"

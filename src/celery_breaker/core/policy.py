@@ -13,7 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 from ..errors import CircuitOpenError, ConfigurationError, RetryAfter
-from ..reference import doc
+from .reference import doc
 
 __all__ = ["CALLER_ERRORS", "BreakerPolicy", "ExceptionMatcher", "Outcome", "downstream_error"]
 

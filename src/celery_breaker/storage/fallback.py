@@ -12,21 +12,22 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import weakref
-from collections import deque
 from typing import Any
 
 from ..clock import Clock
-from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
-from ..errors import ConfigurationError
-from .base import Cell, StorageError, Store
+from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket
+from ..errors import ConfigurationError, StorageError
+from .contract import Cell, History, Moves, Parking, Store
 from .memory import MemoryCell
 from .urls import describe_url
 
-__all__ = ["MODES", "FallbackCell", "FallbackStore"]
+__all__ = ["MODES", "FallbackCell", "FallbackStore", "with_fallback"]
 
 logger = logging.getLogger("celery_breaker")
 
+#: ``breaker_on_storage_error``'s values: what a breaker does while its shared store is down.
 MODES = ("local", "allow", "deny")
 DEFAULT_RETRY_INTERVAL = 5.0
 DEFAULT_LOG_INTERVAL = 60.0
@@ -83,6 +84,28 @@ class FallbackStore:
             return self.primary.sync(timeout)
         except StorageError:
             return False
+
+    # -- what the shared store can do ------------------------------------------
+
+    @property
+    def shared(self) -> bool:
+        return self.primary.shared
+
+    @property
+    def parking(self) -> Parking | None:
+        """The shared store's parking, whose failures are reported as this store's outage."""
+        parking = self.primary.parking
+        return None if parking is None else _ReportingParking(parking, self)
+
+    @property
+    def history(self) -> History | None:
+        return self.primary.history
+
+    def flush(self) -> None:
+        self.primary.flush()
+
+    def close(self) -> None:
+        self.primary.close()
 
     # -- outage bookkeeping, shared by every cell of this store ---------------
 
@@ -150,14 +173,14 @@ class FallbackCell:
             local.wall_offset = self._clock.time() - now
             mode = self._store.mode
             if mode != "local":
+                # (its transition is not announced: a move of this process's stand-in, not of the breaker)
                 local.force(State.DISABLED if mode == "allow" else State.FORCED_OPEN, self._policy, now)
-                local.events.clear()  # not a transition of the breaker, only of this process's stand-in
             self._local = local
         return self._local
 
     def _degrade(self, exc: StorageError, now: float) -> None:
         if self._primary is not None:
-            self._primary.evicted = True  # so rejoining reads the shared state: a real check
+            self._primary.stale()  # so rejoining reads the shared state: a real check
         self._store.store_failed(exc, now)
         self._retry_at = now + self._store.retry_interval
         self._active = self._fallback()
@@ -211,37 +234,23 @@ class FallbackCell:
         return self._active.generation
 
     @property
-    def open_until(self) -> float | None:
-        return self._active.open_until
-
-    @property
     def evicted(self) -> bool:
         # "Ask the store again": the shared cell went stale, or a retry is due.
         if self._active is self._primary:
             return self._active.evicted
         return self._due(self._clock.monotonic())
 
-    @property
-    def events(self) -> deque[Transition]:
-        return self._active.events
+    def stale(self) -> None:
+        self._active.stale()
 
-    @property
-    def rejection_tally(self) -> Any:
-        return self._active.rejection_tally
-
-    @property
-    def last_used(self) -> float:
-        return self._active.last_used
-
-    @last_used.setter
-    def last_used(self, value: float) -> None:
-        self._active.last_used = value
+    def reject_locally(self, now: float) -> None:
+        self._active.reject_locally(now)
 
     # -- atomic operations ----------------------------------------------------
 
-    def acquire(self, policy: BreakerPolicy, now: float) -> Ticket:
-        ticket: Ticket = self._run("acquire", now, policy, now)
-        return ticket
+    def acquire(self, policy: BreakerPolicy, now: float) -> tuple[Ticket, Moves]:
+        admitted: tuple[Ticket, Moves] = self._run("acquire", now, policy, now)
+        return admitted
 
     def finish(
         self,
@@ -252,24 +261,27 @@ class FallbackCell:
         now: float,
         *,
         open_for: float | None = None,
-    ) -> None:
-        self._run("finish", now, ticket, outcome, duration, policy, now, open_for=open_for)
+    ) -> Moves:
+        moves: Moves = self._run("finish", now, ticket, outcome, duration, policy, now, open_for=open_for)
+        return moves
 
-    def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:
+    def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
         active = self._active
         if active is self._primary:  # the hot path, without the generic dispatch
             try:
-                active.record_success(ticket, duration, policy, now)
-                return
+                return active.record_success(ticket, duration, policy, now)
             except StorageError as exc:
                 self._degrade(exc, now)
-        self._run("record_success", now, ticket, duration, policy, now)
+        moves: Moves = self._run("record_success", now, ticket, duration, policy, now)
+        return moves
 
-    def force(self, target: State, policy: BreakerPolicy, now: float) -> None:
-        self._run("force", now, target, policy, now)
+    def force(self, target: State, policy: BreakerPolicy, now: float) -> Moves:
+        moves: Moves = self._run("force", now, target, policy, now)
+        return moves
 
-    def reset(self, policy: BreakerPolicy, now: float) -> None:
-        self._run("reset", now, policy, now)
+    def reset(self, policy: BreakerPolicy, now: float) -> Moves:
+        moves: Moves = self._run("reset", now, policy, now)
+        return moves
 
     def note_deferral(self) -> None:
         self._run("note_deferral", self._clock.monotonic())
@@ -277,3 +289,69 @@ class FallbackCell:
     def snapshot(self, now: float) -> BreakerSnapshot:
         snapshot: BreakerSnapshot = self._run("snapshot", now, now)
         return snapshot
+
+
+class _ReportingParking:
+    """A shared store's parking whose failures count as the store's outage: logged once
+    per interval by the ``FallbackStore``, then raised as usual (the caller falls back)."""
+
+    def __init__(self, parking: Parking, store: FallbackStore) -> None:
+        self._parking = parking
+        self._store = store
+
+    def _reporting(self, operation: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return getattr(self._parking, operation)(*args, **kwargs)
+        except StorageError as exc:
+            self._store.store_failed(exc, time.monotonic())
+            raise
+
+    def tag(self, name: str, key: str | None) -> str:
+        return self._parking.tag(name, key)
+
+    def park(self, name: str, key: str | None, entry: str, order: float, payload: str, deadline: float | None) -> int:
+        count: int = self._reporting("park", name, key, entry, order, payload, deadline)
+        return count
+
+    def release(
+        self, tag: str, *, most: int, pace: float, ramp: float, lease: float, now: float | None = None
+    ) -> list[tuple[str, str]]:
+        claimed: list[tuple[str, str]] = self._reporting(
+            "release", tag, most=most, pace=pace, ramp=ramp, lease=lease, now=now
+        )
+        return claimed
+
+    def done(self, tag: str, entries: list[str]) -> None:
+        self._reporting("done", tag, entries)
+
+    def purge(self, tag: str) -> int:
+        discarded: int = self._reporting("purge", tag)
+        return discarded
+
+    def tags(self) -> list[str]:
+        tags: list[str] = self._reporting("tags")
+        return tags
+
+    def count(self, tag: str) -> tuple[int, int]:
+        counts: tuple[int, int] = self._reporting("count", tag)
+        return counts
+
+    def forget(self, tag: str) -> None:
+        self._reporting("forget", tag)
+
+
+_FALLBACKS: dict[tuple[int, str], FallbackStore] = {}
+_FALLBACKS_LOCK = threading.Lock()
+
+
+def with_fallback(store: Store, mode: str) -> Store:
+    """``store`` itself when only this process uses it (it cannot become unreachable),
+    else the process's ``FallbackStore`` for it and ``mode`` (``breaker_on_storage_error``)."""
+    if not store.shared or isinstance(store, FallbackStore):
+        return store
+    ident = (id(store), mode)
+    found = _FALLBACKS.get(ident)
+    if found is None or found.primary is not store:
+        with _FALLBACKS_LOCK:
+            found = _FALLBACKS[ident] = FallbackStore(store, mode)
+    return found

@@ -9,7 +9,9 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..clock import Clock
 from ..core import BreakerMachine, BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket
-from ..errors import ConfigurationError
+from ..errors import CircuitOpenError, ConfigurationError
+from .contract import NO_MOVES, History, Moves, Parking
+from .registry import register_scheme, remember
 
 __all__ = ["DEFAULT_IDLE_TTL", "DEFAULT_MAX_BREAKERS", "MemoryCell", "MemoryStore"]
 
@@ -19,7 +21,7 @@ DEFAULT_IDLE_TTL = 3600.0
 #: (one per ``max_breakers / 2`` new breakers) and their cost amortises to O(log n).
 _KEEP_AFTER_SWEEP = 0.5
 
-CLOSED = State.CLOSED
+CLOSED, OPEN, FORCED_OPEN = State.CLOSED, State.OPEN, State.FORCED_OPEN
 _OPERATOR_STATES = (State.FORCED_OPEN, State.DISABLED)
 SUCCESS = Outcome.SUCCESS
 
@@ -34,9 +36,25 @@ class MemoryCell(BreakerMachine):
         self.lock = threading.Lock()
         self.evicted = False
 
-    def acquire(self, policy: BreakerPolicy, now: float) -> Ticket:
+    def stale(self) -> None:
+        """Nothing to forget: the view is the breaker itself."""
+
+    def reject_locally(self, now: float) -> None:
+        state = self.state
+        open_until = self.open_until
+        if state is FORCED_OPEN or (state is OPEN and open_until is not None and now < open_until):
+            next(self.rejection_tally)
+            self.last_used = now
+            retry_after = None if open_until is None else open_until - now
+            raise CircuitOpenError._rejected(self.name, self.key, state, retry_after)
+
+    def acquire(self, policy: BreakerPolicy, now: float) -> tuple[Ticket, Moves]:
         with self.lock:
-            return self.admit(policy, now)
+            try:
+                return self.admit(policy, now), self.take_moves()
+            except CircuitOpenError:
+                self.moves.clear()  # (a rejection moves nothing)
+                raise
 
     def finish(
         self,
@@ -47,11 +65,12 @@ class MemoryCell(BreakerMachine):
         now: float,
         *,
         open_for: float | None = None,
-    ) -> None:
+    ) -> Moves:
         with self.lock:
             self.record(ticket, outcome, duration, policy, now, open_for)
+            return self.take_moves()
 
-    def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:
+    def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
         if self.quiet_success and ticket == self.generation:
             # The common case needs no lock: under a threshold-only policy a success
             # in CLOSED moves nothing, and the tally's next() is atomic. Should another
@@ -59,7 +78,7 @@ class MemoryCell(BreakerMachine):
             # generation it ran in, which is all the metrics claim.
             next(self.success_tally)
             self.last_success = self.last_used = now
-            return
+            return NO_MOVES
         with self.lock:
             window = self.rate_window
             if self.state is CLOSED and window is not None and ticket == self.generation:
@@ -69,16 +88,19 @@ class MemoryCell(BreakerMachine):
                     next(self.success_tally)
                     self.last_success = self.last_used = now
                     window.add(now, False, False)
-                    return
+                    return NO_MOVES
             self.record(ticket, SUCCESS, duration, policy, now)
+            return self.take_moves()
 
-    def force(self, target: State, policy: BreakerPolicy, now: float) -> None:
+    def force(self, target: State, policy: BreakerPolicy, now: float) -> Moves:
         with self.lock:
-            super().force(target, policy, now)
+            self.operate(target, now)
+            return self.take_moves()
 
-    def reset(self, policy: BreakerPolicy, now: float) -> None:
+    def reset(self, policy: BreakerPolicy, now: float) -> Moves:
         with self.lock:
-            super().reset(policy, now)
+            self.renew(policy, now)
+            return self.take_moves()
 
     def note_deferral(self) -> None:
         with self.lock:
@@ -132,6 +154,14 @@ class MemoryStore:
     keeping a private copy.
     """
 
+    shared = False
+    """Every process has its own memory store: breakers are not shared."""
+    parking: Parking | None = None
+    """Parked tasks must outlive the process: a memory store keeps none."""
+    history: History | None = None
+    down = False
+    """A memory store is always there."""
+
     def __init__(
         self,
         url: str = "memory://",
@@ -152,6 +182,7 @@ class MemoryStore:
         self._sweep_at = max_breakers
         self._lock = threading.Lock()
         _STORES.add(self)
+        remember(self)
 
     @classmethod
     def from_url(cls, url: str) -> MemoryStore:
@@ -209,6 +240,12 @@ class MemoryStore:
         """Nothing to wait for: every breaker of this store lives in this process."""
         return True
 
+    def flush(self) -> None:
+        """Nothing to send: every count is kept in the breakers themselves."""
+
+    def close(self) -> None:
+        """Nothing to let go of."""
+
     def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
         now = clock.monotonic()
         with self._lock:
@@ -238,3 +275,6 @@ def _reinit_locks_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reinit_locks_after_fork)
+
+
+register_scheme("memory", shared=False)(MemoryStore.from_url)

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
-from ..base import StorageError
+from ...errors import StorageError
 
 if TYPE_CHECKING:
     from .store import RedisStore

@@ -7,71 +7,22 @@ import logging
 import random
 import threading
 import time
-from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from ...clock import Clock
 from ...core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
-from ...core.machine import _tally
-from ...errors import CircuitOpenError, ConfigurationError
+from ...core.counters import tally
+from ...errors import CircuitOpenError, ConfigurationError, StorageError
 from ...labels import breaker_label
-from ..base import StorageError
+from ..contract import NO_MOVES, Moves
+from .replies import decode_snapshot, opt_float, policy_from_text, policy_text
 
 if TYPE_CHECKING:
     from .store import RedisStore
 
-__all__ = ["VIEW_TTL", "RedisCell", "policy_text"]
+__all__ = ["VIEW_TTL", "RedisCell"]
 
 logger = logging.getLogger("celery_breaker")
-
-# -- the policy as the scripts read it ------------------------------------------
-
-_POLICY_FIELDS = (
-    "failure_threshold", "window", "failure_rate_threshold", "minimum_calls", "count_window",
-    "slow_call_duration", "slow_call_rate_threshold", "reset_timeout", "half_open_max_calls",
-    "success_threshold", "half_open_max_wait",
-)  # fmt: skip
-#: Added by version 2 of the text, after the two resolved fields of version 1.
-_BACKOFF_FIELDS = ("backoff_multiplier", "max_reset_timeout", "reset_jitter")
-_INT_FIELDS = frozenset(
-    ("failure_threshold", "minimum_calls", "count_window", "half_open_max_calls", "success_threshold")
-)
-#: What a version-1 text (a release without backoff) means for the new fields.
-_V1_BACKOFF = {"backoff_multiplier": 1.0, "max_reset_timeout": None, "reset_jitter": 0.0}
-
-
-def policy_text(policy: BreakerPolicy) -> str:
-    """The policy's numeric fields as one ARGV, also its fingerprint: equal text, equal rules.
-
-    Classification (``record_exceptions``, ``ignore_exceptions``) stays with the caller:
-    it runs in the worker and cannot be stored. Version 2: version 1's fourteen fields,
-    then the backoff fields and ``longest_open`` (``parse_policy`` in common.lua reads both).
-    """
-    values = [getattr(policy, name) for name in _POLICY_FIELDS] + [policy.calls_to_judge, policy.probes_to_close]
-    values += [getattr(policy, name) for name in _BACKOFF_FIELDS] + [policy.longest_open]
-    return "2;" + ";".join("" if value is None else repr(value) for value in values)
-
-
-def _policy_from_text(text: str, base: BreakerPolicy) -> BreakerPolicy:
-    items = text.split(";")
-    fields = items[1 : 1 + len(_POLICY_FIELDS)]
-    changes: dict[str, Any] = {
-        name: None if value == "" else int(value) if name in _INT_FIELDS else float(value)
-        for name, value in zip(_POLICY_FIELDS, fields, strict=True)
-    }
-    if items[0] == "1":
-        changes.update(_V1_BACKOFF)  # as the scripts read it: no backoff, no jitter
-    else:
-        extra = items[3 + len(_POLICY_FIELDS) : 3 + len(_POLICY_FIELDS) + len(_BACKOFF_FIELDS)]
-        changes.update(
-            (name, None if value == "" else float(value)) for name, value in zip(_BACKOFF_FIELDS, extra, strict=True)
-        )
-    return base.replace(**changes)
-
-
-def _opt_float(value: Any) -> float | None:
-    return None if value in (b"", "", None) else float(value)
-
 
 _REJECTING = (State.OPEN, State.FORCED_OPEN)
 _PASSING = (State.CLOSED, State.DISABLED)
@@ -96,7 +47,7 @@ class RedisCell:
 
     __slots__ = (
         "name", "key", "policy", "state", "generation", "open_until", "passing", "last_used",
-        "rejection_tally", "events", "state_key", "_store", "_clock", "_keys", "_key_arg", "_policy_text",
+        "_rejections", "state_key", "_store", "_clock", "_keys", "_key_arg", "_policy_text",
         "_offset", "_rj_flushed", "_ok_tally", "_ok_flushed", "_ok_gen", "_stale_ok", "_df_tally",
         "_df_flushed", "_incarnation", "_full_until", "_slow", "_seen", "_dropped", "_lock", "_sending", "__weakref__",
     )  # fmt: skip
@@ -110,8 +61,7 @@ class RedisCell:
         self.open_until: float | None = None
         self.passing = False
         self.last_used = clock.monotonic()
-        self.rejection_tally = itertools.count()
-        self.events: deque[Transition] = deque()
+        self._rejections = itertools.count()  # counted locally, sent with the next script call
         self._store = store
         self._clock = clock
         self._keys = store.keys_for(name, key)
@@ -157,14 +107,17 @@ class RedisCell:
     def evicted(self, value: bool) -> None:
         self._dropped = value
 
+    def stale(self) -> None:
+        self._dropped = True
+
     # -- what was counted locally --------------------------------------------
 
     def _take_pending(self) -> tuple[str, tuple[int, int, int, int]]:
         """The counts to send with a script call (and to give back if it fails)."""
         with self._lock:
-            rejections = _tally(self.rejection_tally) - self._rj_flushed
-            deferrals = _tally(self._df_tally) - self._df_flushed
-            successes = _tally(self._ok_tally) - self._ok_flushed
+            rejections = tally(self._rejections) - self._rj_flushed
+            deferrals = tally(self._df_tally) - self._df_flushed
+            successes = tally(self._ok_tally) - self._ok_flushed
             stale, self._stale_ok = self._stale_ok, 0
             self._rj_flushed += rejections
             self._df_flushed += deferrals
@@ -184,23 +137,25 @@ class RedisCell:
     def pending(self) -> bool:
         """Whether anything counted locally waits to be sent."""
         return (
-            _tally(self._ok_tally) != self._ok_flushed
+            tally(self._ok_tally) != self._ok_flushed
             or self._stale_ok > 0
-            or _tally(self.rejection_tally) != self._rj_flushed
-            or _tally(self._df_tally) != self._df_flushed
+            or tally(self._rejections) != self._rj_flushed
+            or tally(self._df_tally) != self._df_flushed
         )
 
     def forget_pending(self) -> None:
         """After fork: what was counted so far is the parent's to send."""
         with self._lock:
-            self._rj_flushed = _tally(self.rejection_tally)
-            self._df_flushed = _tally(self._df_tally)
-            self._ok_flushed = _tally(self._ok_tally)
+            self._rj_flushed = tally(self._rejections)
+            self._df_flushed = tally(self._df_tally)
+            self._ok_flushed = tally(self._ok_tally)
             self._stale_ok = 0
 
     # -- one round trip ------------------------------------------------------
 
-    def _call(self, script: str, now: float, *args: str, policy: str | None = None) -> list[Any]:
+    def _call(self, script: str, now: float, *args: str, policy: str | None = None) -> tuple[list[Any], Moves]:
+        """Run ``script`` on this breaker, sending what was counted locally; return its
+        reply and the transition it made, after taking the view it answered."""
         store = self._store
         store.ensure_agent()  # (after a fork, the child's own)
         check = ""
@@ -219,14 +174,14 @@ class RedisCell:
                 raise
             break
         try:
-            self._apply(reply, now, epoch)
+            moved = self._apply(reply, now, epoch)
         except (ValueError, IndexError, AttributeError, TypeError) as exc:
             raise StorageError(f"redis store {store.label}: {script} answered {reply!r}") from exc
-        return reply
+        return reply, NO_MOVES if moved is None else (moved,)
 
-    def _apply(self, reply: list[Any], now: float, epoch: int) -> None:
+    def _apply(self, reply: list[Any], now: float, epoch: int) -> Transition | None:
         state = State(reply[0].decode())
-        remaining = _opt_float(reply[2])
+        remaining = opt_float(reply[2])
         generation = int(reply[1])
         incarnation = reply[15].decode()
         if reply[6]:
@@ -238,24 +193,23 @@ class RedisCell:
             self._adopt(reply[7].decode())
         self._view(incarnation, generation, state, None if remaining is None else now + remaining, epoch, heard=False)
         self.last_used = now
-        if reply[8]:
-            at = float(reply[3]) + self._offset
-            target = State(reply[9].decode())
-            self.events.append(
-                Transition(
-                    name=self.name,
-                    key=self.key,
-                    source=State(reply[8].decode()),
-                    target=target,
-                    reason=reply[10].decode(),
-                    generation=int(reply[11]),
-                    at=at,
-                    open_until=at + remaining if target is State.OPEN and remaining is not None else None,
-                    failures=int(reply[12]),
-                    calls=int(reply[13]),
-                    trips=int(reply[14]),
-                )
-            )
+        if not reply[8]:
+            return None
+        at = float(reply[3]) + self._offset
+        target = State(reply[9].decode())
+        return Transition(
+            name=self.name,
+            key=self.key,
+            source=State(reply[8].decode()),
+            target=target,
+            reason=reply[10].decode(),
+            generation=int(reply[11]),
+            at=at,
+            open_until=at + remaining if target is State.OPEN and remaining is not None else None,
+            failures=int(reply[12]),
+            calls=int(reply[13]),
+            trips=int(reply[14]),
+        )
 
     def _view(
         self, incarnation: str, generation: int, state: State, open_until: float | None, epoch: int, *, heard: bool
@@ -274,8 +228,8 @@ class RedisCell:
             passing = state in _PASSING
             if passing and generation != self._ok_gen:
                 # Successes counted under the old generation no longer count in the window.
-                self._stale_ok += _tally(self._ok_tally) - self._ok_flushed
-                self._ok_flushed = _tally(self._ok_tally)
+                self._stale_ok += tally(self._ok_tally) - self._ok_flushed
+                self._ok_flushed = tally(self._ok_tally)
                 self._ok_gen = generation
             # Calls pass without asking only while this process hears every transition,
             # and only on a view read since it started hearing them.
@@ -295,7 +249,7 @@ class RedisCell:
     def _adopt(self, text: str) -> None:
         # Another process created (or reset) this breaker with other rules: they win.
         try:
-            self.policy = _policy_from_text(text, self.policy)
+            self.policy = policy_from_text(text, self.policy)
         except (ConfigurationError, ValueError):
             logger.warning("breaker %s: stored policy %r is unreadable here; Redis keeps using it", self.label, text)
             return
@@ -309,23 +263,35 @@ class RedisCell:
         what was counted locally."""
         self._call("operate", now, "view")
 
-    def acquire(self, policy: BreakerPolicy, now: float) -> Ticket:
-        if self.state is State.HALF_OPEN and now < self._full_until:
+    def reject_locally(self, now: float) -> None:
+        state = self.state
+        if state is State.FORCED_OPEN or state is State.OPEN:
+            open_until = self.open_until
+            if state is State.OPEN and (open_until is None or now >= open_until):
+                return  # its time is up: the store half-opens it
+            retry_after = None if open_until is None else open_until - now
+        elif state is State.HALF_OPEN and now < self._full_until:
             # Every probe slot was taken when last asked, and no slot has freed since
             # (that would have been published): reject without asking.
-            next(self.rejection_tally)
-            raise CircuitOpenError._rejected(self.name, self.key, State.HALF_OPEN, self._full_until - now)
-        reply = self._call("acquire", now)
+            retry_after = self._full_until - now
+        else:
+            return
+        next(self._rejections)
+        self.last_used = now
+        raise CircuitOpenError._rejected(self.name, self.key, state, retry_after)
+
+    def acquire(self, policy: BreakerPolicy, now: float) -> tuple[Ticket, Moves]:
+        reply, moves = self._call("acquire", now)
         verdict = reply[4]
         if verdict == b"probe":
-            return Probe(int(reply[1]), int(reply[5]))
+            return Probe(int(reply[1]), int(reply[5])), moves
         if verdict == b"reject":
             state = State(reply[0].decode())
-            retry_after = _opt_float(reply[5])
+            retry_after = opt_float(reply[5])
             if state is State.HALF_OPEN and retry_after is not None:
                 self._full_until = now + retry_after
             raise CircuitOpenError._rejected(self.name, self.key, state, retry_after)
-        return int(reply[1])
+        return int(reply[1]), moves
 
     def finish(
         self,
@@ -336,35 +302,36 @@ class RedisCell:
         now: float,
         *,
         open_for: float | None = None,
-    ) -> None:
+    ) -> Moves:
         generation, lease = (ticket.generation, ticket.lease) if isinstance(ticket, Probe) else (ticket, -1)
         hint = "" if open_for is None else repr(float(open_for))
         # The jitter's draw comes from here: a script's math.random repeats itself.
-        self._call(
+        return self._call(
             "record", now, str(generation), str(lease), str(int(outcome)), repr(float(duration)), hint,
             repr(random.random()),
-        )  # fmt: skip
+        )[1]  # fmt: skip
 
-    def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> None:
+    def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
         # The hot path: a success admitted without a probe is counted here and sent later
         # (it moves nothing). Probes and slow calls (which can trip) are sent now.
         if ticket.__class__ is int and (self._slow is None or duration < self._slow):
             self.last_used = now
             if ticket == self._ok_gen:
                 next(self._ok_tally)
-                return
+                return NO_MOVES
             with self._lock:
                 self._stale_ok += 1
-            return
-        self.finish(ticket, Outcome.SUCCESS, duration, policy, now)
+            return NO_MOVES
+        return self.finish(ticket, Outcome.SUCCESS, duration, policy, now)
 
-    def force(self, target: State, policy: BreakerPolicy, now: float) -> None:
-        self._call("operate", now, "force", target.value)
+    def force(self, target: State, policy: BreakerPolicy, now: float) -> Moves:
+        return self._call("operate", now, "force", target.value)[1]
 
-    def reset(self, policy: BreakerPolicy, now: float) -> None:
+    def reset(self, policy: BreakerPolicy, now: float) -> Moves:
         text = policy_text(policy)
-        self._call("operate", now, "reset", policy=text)
+        moves = self._call("operate", now, "reset", policy=text)[1]
         self.policy, self._policy_text, self._slow = policy, text, policy.slow_call_duration
+        return moves
 
     def note_deferral(self) -> None:
         next(self._df_tally)  # sent with the next script call or flush
@@ -382,39 +349,7 @@ class RedisCell:
 
     def snapshot(self, now: float) -> BreakerSnapshot:
         with self._sending:
-            return self.decode_snapshot(self._call("snapshot", now), self._offset)
-
-    @staticmethod
-    def decode_snapshot(reply: list[Any], offset: float) -> BreakerSnapshot:
-        """A snapshot script's reply as a ``BreakerSnapshot`` (script times + ``offset`` = epoch)."""
-
-        def wall(value: Any) -> float | None:
-            seconds = _opt_float(value)
-            return None if seconds is None else seconds + offset
-
-        key_arg = reply[31].decode()
-        return BreakerSnapshot(
-            name=reply[30].decode(),
-            key=None if key_arg == "-" else key_arg[1:],
-            state=State(reply[0].decode()),
-            generation=int(reply[1]),
-            successes=int(reply[16]),
-            failures=int(reply[17]),
-            rejections=int(reply[18]),
-            deferrals=int(reply[19]),
-            trips=int(reply[20]),
-            last_failure=wall(reply[21]),
-            last_success=wall(reply[22]),
-            opened_at=wall(reply[23]),
-            open_until=wall(reply[24]),
-            retry_after=_opt_float(reply[25]),
-            window_calls=int(reply[26]),
-            window_failures=int(reply[27]),
-            window_slow_calls=int(reply[28]),
-            probes_in_flight=int(reply[29]),
-            streak=int(reply[32]),
-            open_duration=_opt_float(reply[33]),
-        )
+            return decode_snapshot(self._call("snapshot", now)[0], self._offset)
 
     def __repr__(self) -> str:
         return f"<RedisCell {self.label!r} {self.state.value} generation {self.generation}>"

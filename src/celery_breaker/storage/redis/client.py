@@ -16,40 +16,20 @@ from redis.exceptions import RedisClusterException
 from redis.retry import Retry
 from redis.sentinel import Sentinel
 
-from ...errors import ConfigurationError
-from ..base import StorageError
+from ...errors import ConfigurationError, StorageError
 from ..urls import describe_url as describe
+from .schemes import SCHEMES, TLS_SCHEMES
 
 __all__ = [
     "CLIENT_ERRORS",
     "DEFAULT_SOCKET_CONNECT_TIMEOUT",
     "DEFAULT_SOCKET_TIMEOUT",
-    "SCHEMES",
     "check_url",
     "describe",
     "is_cluster",
     "make_client",
 ]
 
-#: Our schemes, and the topology each names (valkey speaks the same protocol).
-SCHEMES = {
-    "redis": "standalone",
-    "rediss": "tls",
-    "redis+unix": "unix",
-    "redis+sentinel": "sentinel",
-    "rediss+sentinel": "sentinel",
-    "redis+cluster": "cluster",
-    "rediss+cluster": "cluster",
-    "valkey": "standalone",
-    "valkeys": "tls",
-    "valkey+unix": "unix",
-    "valkey+sentinel": "sentinel",
-    "valkeys+sentinel": "sentinel",
-    "valkey+cluster": "cluster",
-    "valkeys+cluster": "cluster",
-}
-#: The Sentinel and Cluster schemes whose connections speak TLS, to every node.
-_TLS_SCHEMES = frozenset({"rediss+sentinel", "rediss+cluster", "valkeys+sentinel", "valkeys+cluster"})
 _REDIS_PY_SCHEMES = {"standalone": "redis", "tls": "rediss", "unix": "unix"}
 _DEFAULT_PORTS = {"sentinel": 26379, "cluster": 6379}
 _FORMS = {
@@ -217,7 +197,7 @@ def _endpoint(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> _E
             raise ConfigurationError(
                 f"redis store URL {describe(url)!r}: Redis Cluster has only database 0; write {_FORMS['cluster']}"
             )
-        if parts.scheme.lower() in _TLS_SCHEMES:
+        if parts.scheme.lower() in TLS_SCHEMES:
             options["ssl"] = True  # every node: the startup nodes and those the slot map names
         return _Endpoint(topology=topology, nodes=nodes, options=options)
     # Not urlunsplit: it drops the empty host of unix:///path, which redis-py requires.
@@ -266,7 +246,7 @@ def _sentinel_endpoint(url: str, parts: SplitResult, passed: list[tuple[str, str
         for option in ("username", "password")
         if f"sentinel_{option}" in options
     }
-    if parts.scheme.lower() in _TLS_SCHEMES:
+    if parts.scheme.lower() in TLS_SCHEMES:
         # TLS to the master; to the Sentinels too unless sentinel_ssl=false (kombu's
         # default with broker_use_ssl: plain Sentinels, a TLS master), with the same
         # certificate options.
@@ -302,7 +282,7 @@ def _nodes_and_options(
 
 def _options(url: str, parts: SplitResult, passed: list[tuple[str, str]], topology: str) -> dict[str, Any]:
     """The query options of a Sentinel or Cluster URL, read and checked (none connects anywhere)."""
-    tls = parts.scheme.lower() in _TLS_SCHEMES
+    tls = parts.scheme.lower() in TLS_SCHEMES
     allowed = (_TLS_OPTIONS if tls else _PLAIN_OPTIONS)[topology]
     unknown = sorted({name for name, _ in passed} - set(allowed))
     needs_tls = [name for name in unknown if name in _TLS_OPTIONS[topology]]

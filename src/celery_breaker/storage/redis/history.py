@@ -9,35 +9,29 @@ no longer recorded leaves no history behind once the TTL has passed.
 from __future__ import annotations
 
 import logging
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from redis.commands.core import Script
 from redis.exceptions import ResponseError
 
-from ..base import StorageError
+from ...errors import StorageError
 from .client import CLIENT_ERRORS
 
 if TYPE_CHECKING:
     from .store import RedisStore
 
-__all__ = ["HISTORY_SUFFIX", "History"]
+__all__ = ["HISTORY_SUFFIX", "RedisHistory"]
 
 logger = logging.getLogger("celery_breaker")
 
 #: After the breaker's hash tag; the breaker and parking keys use s f r b l q m c d.
 HISTORY_SUFFIX = ":h"
 
-_APPEND = resources.files("celery_breaker.storage").joinpath("lua").joinpath("history.lua").read_text(encoding="utf-8")
 
-
-class History:
+class RedisHistory:
     """The metrics history of every breaker in one Redis store (this process's view)."""
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
-        self._client: Any = None
-        self._script: Script | None = None
 
     def key(self, name: str, key: str | None) -> str:
         """The history key of a breaker: its hash tag (so one Cluster slot holds both) and ``:h``."""
@@ -51,13 +45,9 @@ class History:
         """
         history_key = self.key(name, key)
         now_arg = repr(now) if now is not None and self.store.client_time else ""
-        try:
-            client = self.store.client()
-            if client is not self._client or self._script is None:  # (a new client after a fork)
-                self._script, self._client = Script(client, _APPEND), client
-            at, _, foreign = self._script([history_key], [now_arg, snapshot, repr(ttl)], client=client)
-        except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: recording metrics of {name!r} failed: {exc}") from exc
+        at, _, foreign = self.store.eval(
+            "history", [history_key], [now_arg, snapshot, repr(ttl)], doing=f"recording metrics of {name!r}"
+        )
         if foreign:
             logger.warning("redis store %s: %s held a %s, not a history; replaced it", self.store.label,
                            history_key, _text(foreign))  # fmt: skip

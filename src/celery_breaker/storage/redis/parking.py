@@ -10,51 +10,30 @@ midway loses nothing (the entry is released again: a duplicate, never a loss).
 
 from __future__ import annotations
 
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
-from redis.commands.core import Script
-
-from ..base import StorageError
+from ...errors import StorageError
 from .client import CLIENT_ERRORS
 
 if TYPE_CHECKING:
     from .store import RedisStore
 
-__all__ = ["PARKING_SUFFIXES", "Parking"]
+__all__ = ["PARKING_SUFFIXES", "PURGE_CHUNK", "RedisParking"]
 
 #: queue (zset), messages (hash), claims (zset), deadlines (zset), pacing (hash)
 PARKING_SUFFIXES = (":q", ":m", ":c", ":d", ":p")
 
-
-def _source(name: str) -> str:
-    return resources.files("celery_breaker.storage").joinpath("lua").joinpath(f"{name}.lua").read_text(encoding="utf-8")
-
-
-_PARK = _source("park")
-_RELEASE = _source("release")
-_PURGE = _source("purge")
 #: Entries one purge script call discards: bounded, so Redis is never blocked for long.
 PURGE_CHUNK = 1000
 
 
-class Parking:
+class RedisParking:
     """The parked tasks of every breaker in one Redis store (this process's view)."""
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
         self.index = f"{store.key_prefix}:parked"
         """A set of the hash tags of breakers that may hold parked entries."""
-        self._client: Any = None
-        self._scripts: dict[str, Script] = {}
-
-    def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        client = self.store.client()
-        if client is not self._client:  # (a new client after a fork)
-            self._scripts = {name: Script(client, source) for name, source in
-                             (("park", _PARK), ("release", _RELEASE), ("purge", _PURGE))}  # fmt: skip
-            self._client = client
-        return self._scripts[script](keys, args, client=client)
 
     def tag(self, name: str, key: str | None) -> str:
         """The hash-tagged key stem of a breaker, ``{prefix:name[:key]}``, that its parking keys share."""
@@ -63,13 +42,14 @@ class Parking:
     def park(self, name: str, key: str | None, entry: str, order: float, payload: str, deadline: float | None) -> int:
         """Keep ``payload`` (a task message) until released; return how many are parked."""
         tag = self.tag(name, key)
+        doing = f"parking {entry}"
+        count = self.store.eval(
+            "park", [tag + ":q", tag + ":m", tag + ":d"], [entry, repr(order), payload, _opt(deadline)], doing=doing
+        )
         try:
-            count = self._run(
-                "park", [tag + ":q", tag + ":m", tag + ":d"], [entry, repr(order), payload, _opt(deadline)]
-            )
             self.store.client().sadd(self.index, tag)  # after the entry exists: see forget()
         except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: parking {entry} failed: {exc}") from exc
+            raise StorageError(f"redis store {self.store.label}: {doing} failed: {exc}") from exc
         return int(count)
 
     def release(
@@ -79,10 +59,8 @@ class Parking:
         for stores on the ``time=client`` test seam (the breaker's times are the caller's)."""
         keys = [tag + ":s", *(tag + suffix for suffix in PARKING_SUFFIXES)]
         now_arg = _opt(now) if self.store.client_time else ""
-        try:
-            reply = self._run("release", keys, [most, repr(pace), repr(ramp), repr(lease), now_arg])
-        except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: releasing {tag} failed: {exc}") from exc
+        args = [most, repr(pace), repr(ramp), repr(lease), now_arg]
+        reply = self.store.eval("release", keys, args, doing=f"releasing {tag}")
         pairs = []
         for i in range(0, len(reply) - 1, 2):
             entry, payload = reply[i], reply[i + 1]
@@ -106,16 +84,17 @@ class Parking:
         oldest first, in chunks of ``PURGE_CHUNK``; return how many. Claimed entries
         (being published) are kept."""
         keys = [tag + ":q", tag + ":m", tag + ":d"]
-        discarded = 0
+        doing = f"purging {tag}"
         try:
             wanted = int(self.store.client().zcard(keys[0]))
-            while discarded < wanted:
-                removed = int(self._run("purge", keys, [min(PURGE_CHUNK, wanted - discarded)]))
-                if not removed:
-                    break
-                discarded += removed
         except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: purging {tag} failed: {exc}") from exc
+            raise StorageError(f"redis store {self.store.label}: {doing} failed: {exc}") from exc
+        discarded = 0
+        while discarded < wanted:
+            removed = int(self.store.eval("purge", keys, [min(PURGE_CHUNK, wanted - discarded)], doing=doing))
+            if not removed:
+                break
+            discarded += removed
         return discarded
 
     def tags(self) -> list[str]:

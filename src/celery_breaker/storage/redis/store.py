@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import math
@@ -10,31 +9,31 @@ import os
 import threading
 import time
 import weakref
-from importlib import resources
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import redis
-from redis.commands.core import Script
 
 from ...clock import Clock
 from ...core import BreakerPolicy, BreakerSnapshot, State
-from ...errors import ConfigurationError
-from ..base import StorageError
+from ...errors import ConfigurationError, StorageError
+from ..registry import remember
 from ..urls import describe_url
 from .agent import Agent
-from .cell import RedisCell, _opt_float
+from .cell import RedisCell
 from .client import (
     CLIENT_ERRORS,
     DEFAULT_SOCKET_CONNECT_TIMEOUT,
     DEFAULT_SOCKET_TIMEOUT,
-    SCHEMES,
     check_url,
     is_cluster,
     make_client,
 )
-from .history import History
-from .parking import Parking
+from .history import RedisHistory
+from .parking import RedisParking
+from .replies import decode_snapshot, opt_float
+from .schemes import SCHEMES
+from .scripts import Scripts
 
 __all__ = ["DEFAULT_IDLE_TTL", "DEFAULT_KEY_PREFIX", "RedisStore"]
 
@@ -46,17 +45,6 @@ _OPTIONS = ("key_prefix", "idle_ttl", "socket_timeout", "socket_connect_timeout"
 #: Scripts sent per round trip by ``run_many`` (listing breakers for operators).
 PIPELINE_BATCH = 500
 _KEY_SUFFIXES = (":s", ":f", ":r", ":b", ":l")  # state, failure times, count ring, time buckets, leases
-_SCRIPTS = ("acquire", "record", "operate", "snapshot")
-
-
-def _script_sources() -> dict[str, str]:
-    # Every script is the shared prelude (load, validate, save) plus one operation.
-    folder = resources.files("celery_breaker.storage").joinpath("lua")
-    common = folder.joinpath("common.lua").read_text(encoding="utf-8")
-    return {name: common + "\n" + folder.joinpath(f"{name}.lua").read_text(encoding="utf-8") for name in _SCRIPTS}
-
-
-_SOURCES = _script_sources()
 _STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
 
 
@@ -88,6 +76,11 @@ class RedisStore:
 
     One redis-py client per process, created on first use and again after a fork.
     """
+
+    shared = True
+    """Every process that opens the same URL sees the same breakers."""
+    down = False
+    """Outages are tracked by the ``FallbackStore`` each breaker wraps this store in."""
 
     def __init__(
         self,
@@ -126,15 +119,16 @@ class RedisStore:
         self.losses = 0
         self._by_state_key: weakref.WeakValueDictionary[str, RedisCell] = weakref.WeakValueDictionary()
         self._barriers: dict[str, threading.Event] = {}
-        self._parking: Parking | None = None
-        self._history: History | None = None
+        self._parking: RedisParking | None = None
+        self._history: RedisHistory | None = None
         self.ttl_ms = str(max(1, int(idle_ttl * 1000)))
         self._lock = threading.Lock()
         self._pid = -1
         self._client: redis.Redis | None = None
-        self._scripts: dict[str, Script] = {}
+        self._scripts: Scripts | None = None
         self._cells: weakref.WeakValueDictionary[tuple[str, str | None], RedisCell] = weakref.WeakValueDictionary()
         _STORES.add(self)
+        remember(self)
 
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
@@ -197,17 +191,31 @@ class RedisStore:
             for cell in list(self._cells.values()):
                 cell.forget_pending()  # the parent flushes its own rejections
         self._client = client
-        self._scripts = {name: Script(client, source) for name, source in _SOURCES.items()}
+        self._scripts = Scripts(client)
         self._pid = os.getpid()
 
-    def run(self, script: str, keys: list[str], args: list[str]) -> list[Any]:
-        """Run one script; any Redis failure becomes ``StorageError``."""
+    def scripts(self) -> Scripts:
+        """This process's scripts (registered with its client)."""
+        client = self.client()
+        scripts = self._scripts
+        if scripts is None or scripts.client is not client:
+            with self._lock:
+                if self._scripts is None or self._scripts.client is not client:
+                    self._scripts = Scripts(client)
+                scripts = self._scripts
+        return scripts
+
+    def eval(self, script: str, keys: list[str], args: list[Any], *, doing: str) -> Any:
+        """Run one script (``storage/lua/<script>.lua``) and return its raw reply; any Redis
+        failure becomes ``StorageError`` saying what was being done (``doing``)."""
         try:
-            client = self.client()
-            reply = self._scripts[script](keys, args, client=client)
+            return self.scripts()(script, keys, args)
         except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.label}: {script} failed: {exc}") from exc
-        return self._checked(script, reply)
+            raise StorageError(f"redis store {self.label}: {doing} failed: {exc}") from exc
+
+    def run(self, script: str, keys: list[str], args: list[str]) -> list[Any]:
+        """Run one breaker script; any Redis failure becomes ``StorageError``."""
+        return self._checked(script, self.eval(script, keys, args, doing=script))
 
     def _checked(self, script: str, reply: Any) -> list[Any]:
         """A script's reply, which is always a non-empty list; anything else is a ``StorageError``."""
@@ -243,19 +251,19 @@ class RedisStore:
         return found
 
     @property
-    def parking(self) -> Parking:
+    def parking(self) -> RedisParking:
         """Where this store keeps parked (deferred) tasks."""
         parking = self._parking
         if parking is None:
-            parking = self._parking = Parking(self)
+            parking = self._parking = RedisParking(self)
         return parking
 
     @property
-    def history(self) -> History:
+    def history(self) -> RedisHistory:
         """Where this store keeps breakers' metrics snapshots (``celery_breaker.monitoring.record_metrics``)."""
         history = self._history
         if history is None:
-            history = self._history = History(self)
+            history = self._history = RedisHistory(self)
         return history
 
     # -- the agent's side: transitions heard, counts sent ----------------------
@@ -327,7 +335,7 @@ class RedisStore:
             state_key, incarnation, generation, state, remaining = data.decode().split("\n")
             cell = self._by_state_key.get(state_key)
             if cell is not None:
-                cell.hear(incarnation, int(generation), State(state), _opt_float(remaining))
+                cell.hear(incarnation, int(generation), State(state), opt_float(remaining))
         except (AttributeError, UnicodeDecodeError, ValueError):
             logger.debug("redis store %s: ignored a foreign message on %s: %r", self.label, self.channel, data)
 
@@ -364,7 +372,11 @@ class RedisStore:
 
     def flush(self, *, everything: bool = False) -> None:
         """Send what each cell counted locally (``everything``: read every cell again).
-        Counts another thread's flush has taken are in Redis when this returns too."""
+        Counts another thread's flush has taken are in Redis when this returns too.
+        A process that has not connected yet sends nothing: what its cells hold was
+        counted before a fork, by the parent, which sends it."""
+        if self._pid != os.getpid():
+            return
         for cell in list(self._cells.values()):
             if everything or cell.pending:
                 cell.flush()
@@ -408,7 +420,7 @@ class RedisStore:
         for reply in self.run_many("snapshot", calls):
             if reply[0] == b"absent":
                 continue  # expired since the scan saw it
-            found.append(RedisCell.decode_snapshot(reply, offset))
+            found.append(decode_snapshot(reply, offset))
         return found
 
     def run_many(self, script: str, calls: list[tuple[list[str], list[str]]]) -> list[list[Any]]:
@@ -421,8 +433,9 @@ class RedisStore:
         try:
             for start in range(0, len(calls), PIPELINE_BATCH):
                 pipe = client.pipeline(transaction=False)
+                scripts = self.scripts()
                 for keys, args in calls[start : start + PIPELINE_BATCH]:
-                    self._scripts[script](keys, args, client=pipe)
+                    scripts(script, keys, args, client=pipe)
                 replies += pipe.execute()
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.label}: {script} failed: {exc}") from exc
@@ -434,23 +447,6 @@ class RedisStore:
 
 def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
-
-
-def flush_all() -> None:
-    """Send what this process counted locally to every Redis store it uses (at exit)."""
-    for store in list(_STORES):
-        if store._pid == os.getpid():
-            with contextlib.suppress(StorageError):
-                store.flush()
-
-
-atexit.register(flush_all)
-
-
-def close_all() -> None:
-    """``close()`` every Redis store this process uses."""
-    for store in list(_STORES):
-        store.close()
 
 
 def _reinit_locks_after_fork() -> None:

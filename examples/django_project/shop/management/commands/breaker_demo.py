@@ -23,7 +23,7 @@ from proj.celery import app
 
 import celery_breaker
 from celery_breaker.core import Transition
-from celery_breaker.registry import registry_for
+from celery_breaker.monitoring import add_transition_listener
 
 from ... import tasks
 from ...services import mailer, payments
@@ -44,7 +44,7 @@ class Command(BaseCommand):
             moved = f"{transition.source.value} -> {transition.target.value} ({transition.reason})"
             timeline.append((time.monotonic() - start, f"breaker {transition.label}: {moved}"))
 
-        registry_for(app).add_listener(on_transition)
+        add_transition_listener(app, on_transition)
         app.finalize()  # (a worker does this too) CELERY_BREAKER_ROUTES apply here
         self.stdout.write(f"shop.tasks.send_receipt is a plain task under breaker {tasks.send_receipt.breaker_name!r} "
                           "(CELERY_BREAKER_ROUTES)")  # fmt: skip

@@ -1,9 +1,13 @@
 """The ``celery breaker`` command: ``status``, ``open``/``close``/``reset``/``disable``, ``purge`` and ``watch``.
 
 Celery imports this module on every ``celery`` call (the ``celery.commands`` entry
-point), so at module level it imports only click and Celery's own CLI base, which
-``celery`` has already loaded; the store, Redis and the rendering load inside the
-commands. Every error is one line on stderr and an exit code (see ``docs/cli.md``).
+point), so at module level it imports only click, Celery's own CLI base (which
+``celery`` has already loaded) and ``control``, which registers the remote-control
+commands; importing it through the ``celery_breaker`` package also connects the plugin's
+``worker_init`` hook, so CLI-started workers load the plugin's steps. The settings, the
+store, Redis and the rendering load inside the commands that use them (import cost, not
+import cycles: ``tests/test_architecture.py`` checks). Every error is one line on stderr
+and an exit code (see ``docs/cli.md``).
 """
 
 from __future__ import annotations
@@ -18,29 +22,18 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import click
 from celery.bin.base import CeleryCommand
-from celery.signals import worker_init
 
 # Every `celery` command imports this entry point: registering the remote-control
-# commands here lets `celery inspect breakers` / `celery control breaker_open` be sent,
-# and CLI-started workers answer them, whether or not the app imports celery_breaker.
+# commands here lets `celery inspect breakers` / `celery control breaker_open` be sent.
+from ..errors import BreakerKeyError, ConfigurationError, StorageError, UnknownBreakerError
+from ..labels import breaker_label, split_label
 from . import control  # noqa: F401
-
-
-@worker_init.connect(weak=False)  # type: ignore[untyped-decorator]
-def _install_in_cli_workers(sender: Any = None, **_: Any) -> None:
-    """A CLI-started worker wires celery-breaker into its app (``install``) even when the
-    app puts tasks under breakers by ``breaker_routes`` alone and never imports it."""
-    app = getattr(sender, "app", None)
-    if app is not None:
-        from .signals import install
-
-        install(app)
-
+from .actions import ACTIONS
 
 if TYPE_CHECKING:
-    from .clock import Clock
-    from .monitoring import BreakerStatus
-    from .operations import Move
+    from ..clock import Clock
+    from ..monitoring.status import BreakerStatus
+    from .operator import Move
 
 __all__ = [
     "EXIT_CONFIG",
@@ -102,9 +95,6 @@ def _reporting(command: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(command)
     def reported(*args: P.args, **kwargs: P.kwargs) -> R:
-        from .errors import BreakerKeyError, ConfigurationError, UnknownBreakerError
-        from .storage import StorageError
-
         try:
             return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
@@ -126,8 +116,8 @@ def _reporting(command: Callable[P, R]) -> Callable[P, R]:
 
 
 def _unreachable(exc: Exception) -> str:
-    from .settings import get_settings
-    from .storage import describe_url
+    from ..integration.settings import get_settings
+    from ..storage import describe_url
 
     cause = exc.__cause__
     reason = str(cause) if cause is not None else str(exc)
@@ -172,8 +162,6 @@ def _matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[Br
     if not patterns:
         return list(rows)
     import fnmatch
-
-    from .labels import split_label
 
     def matches(row: BreakerStatus, pattern: str) -> bool:
         name_glob, key_glob = split_label(pattern)
@@ -221,9 +209,9 @@ def status(ctx: click.Context, patterns: tuple[str, ...], as_json: bool, wide: b
     """
     import json
 
-    from .monitoring import collect_metrics
-    from .operations import shared_store
-    from .storage import describe_url
+    from ..monitoring.status import collect_metrics
+    from ..storage import describe_url
+    from .operator import shared_store
 
     app = _app(ctx)
     store = shared_store(app)
@@ -244,13 +232,6 @@ def status(ctx: click.Context, patterns: tuple[str, ...], as_json: bool, wide: b
     click.echo(status_text(rows, now=time.time(), wide=wide, color=_use_color(ctx, color)), color=True)
 
 
-_RESULTS = {
-    "forced_open": "every call is rejected (tasks are deferred) until an operator closes, resets or disables it",
-    "disabled": "every call passes and nothing trips it until an operator closes or resets it",
-    "closed": "calls pass and count towards the policy again",
-}
-
-
 def _report_move(move: Move, as_json: bool) -> None:
     if as_json:
         import json
@@ -264,7 +245,7 @@ def _report_move(move: Move, as_json: bool) -> None:
     after = move.after.state.value
     was = "created" if move.before is None else f"was {move.before.value}"
     done = "reset: counters zeroed, " if move.action == "reset" else ""
-    click.echo(f"{move.label}: {after} ({was}) in {move.store}: {done}{_RESULTS.get(after, after)}.")
+    click.echo(f"{move.label}: {after} ({was}) in {move.store}: {done}{ACTIONS[move.action].after}.")
     if move.policy_differs and move.action == "reset":
         click.echo("The stored policy differed from the app's settings: the breaker now keeps the app's.")
     elif move.policy_differs:
@@ -283,7 +264,7 @@ def _operator_command(action: str, summary: str) -> click.Command:
     @click.pass_context
     @_reporting
     def command(ctx: click.Context, name: str, key: str | None, create: bool, as_json: bool) -> None:
-        from .operations import operate
+        from .operator import operate
 
         app = _app(ctx)
         app.loader.import_default_modules()  # the app's tasks name its breakers
@@ -292,13 +273,8 @@ def _operator_command(action: str, summary: str) -> click.Command:
     return cast("click.Command", command)  # CeleryCommand is untyped
 
 
-for _action, _summary in (
-    ("open", "Force NAME open: every call is rejected (tasks deferred) until an operator closes it."),
-    ("close", "Close NAME now: calls pass again (windows cleared, lifetime counters kept)."),
-    ("reset", "Reset NAME: a fresh CLOSED breaker, counters zeroed, the app's policy adopted."),
-    ("disable", "Disable NAME: every call passes and nothing trips it until closed or reset."),
-):
-    breaker.add_command(_operator_command(_action, _summary))
+for _action in ACTIONS.values():
+    breaker.add_command(_operator_command(_action.name, _action.summary))
 
 
 @breaker.command(cls=CeleryCommand)
@@ -315,13 +291,11 @@ def purge(ctx: click.Context, name: str, key: str | None, force: bool, as_json: 
     publishing again are left. The breaker's state is not touched. Asks first, unless
     --force. NAME[KEY] as `status` shows it, or NAME with --key KEY, names a per-key breaker.
     """
-    from .operations import purge as purge_parked
+    from .operator import purge as purge_parked
 
     app = _app(ctx)
     app.loader.import_default_modules()  # the app's tasks name its breakers
     if not force:
-        from .labels import breaker_label
-
         label = breaker_label(name, key)
         click.confirm(f"Discard the tasks parked behind {label}? They will never run.", abort=True)
     done = purge_parked(app, name, key)
@@ -367,10 +341,10 @@ def watch(
     On a terminal it redraws in place; otherwise each refresh is printed after the last.
     PATTERN: only breakers matching a glob, as for `status`.
     """
-    from .clock import SYSTEM_CLOCK
-    from .monitoring import collect_metrics
-    from .operations import shared_store
-    from .storage import StorageError, describe_url
+    from ..clock import SYSTEM_CLOCK
+    from ..monitoring.status import collect_metrics
+    from ..storage import describe_url
+    from .operator import shared_store
     from .watch import Watch, fit, run_watch
 
     store = shared_store(_app(ctx))

@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .core import BreakerSnapshot, State
+from ..core import BreakerSnapshot, State
 
 if TYPE_CHECKING:
-    from .monitoring import BreakerStatus
+    from ..monitoring.status import BreakerStatus
 
 __all__ = [
     "ALERT",

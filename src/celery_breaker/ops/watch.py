@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 
 import click
 
-from .clock import Clock
+from ..clock import Clock
+from ..core import TRANSITIONS, BreakerSnapshot, State
 from .console import (
     ALERT,
     DIM,
@@ -31,10 +32,9 @@ from .console import (
     state_cell,
     summary,
 )
-from .core import TRANSITIONS, BreakerSnapshot, State
 
 if TYPE_CHECKING:
-    from .monitoring import BreakerStatus
+    from ..monitoring.status import BreakerStatus
 
 __all__ = ["Change", "Rates", "Watch", "WatchRow", "fit", "run_watch", "watch_frame"]
 

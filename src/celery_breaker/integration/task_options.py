@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any
 
-from .core import BreakerPolicy
-from .errors import ConfigurationError
-from .settings import _seconds, _seconds_or_zero, _whole, get_settings
-
-if TYPE_CHECKING:
-    from .task import BreakerTask
+from ..core import BreakerPolicy
+from ..errors import ConfigurationError
+from ..names import check_name
+from . import values
+from .settings import get_settings
 
 __all__ = ["TaskBreakerConfig", "forget_task_breaker_config", "task_breaker_config"]
 
@@ -37,16 +36,16 @@ def _scope(where: str, value: Any) -> str:
     return str(value)
 
 
-def task_breaker_config(task: BreakerTask | type[BreakerTask]) -> TaskBreakerConfig:
-    """The task's resolved breaker options (validated once, cached on its class)."""
+def task_breaker_config(task: Any) -> TaskBreakerConfig:
+    """The resolved breaker options of a ``BreakerTask`` (or its class): validated once, cached on its class."""
     # task.__class__, not type(task): @shared_task hands out a Proxy that forwards it.
-    cls = cast("type[BreakerTask]", task if isinstance(task, type) else task.__class__)
+    cls: Any = task if isinstance(task, type) else task.__class__
     found: TaskBreakerConfig | None = cls.__dict__.get(_CONFIG)
     if found is not None:
         return found
     settings = get_settings(cls.app)
-    name = cls.breaker_name or cls.name
     where = f"task {cls.name!r}"
+    name = check_name(cls.breaker_name or cls.name, f"{where}: breaker name")
     base_policy = settings.policy_for(name)
     policy = BreakerPolicy.coerce(cls.breaker_policy, base=base_policy, source=f"{where}: breaker_policy")
 
@@ -66,16 +65,16 @@ def task_breaker_config(task: BreakerTask | type[BreakerTask]) -> TaskBreakerCon
     config = TaskBreakerConfig(
         name=name,
         policy=policy,
-        max_deferrals=option("breaker_max_deferrals", settings.max_deferrals, _whole),
-        max_defer_age=option("breaker_max_defer_age", settings.max_defer_age, _seconds),
-        defer_spread=option("breaker_defer_spread", settings.defer_spread, _seconds_or_zero),
+        max_deferrals=option("breaker_max_deferrals", settings.max_deferrals, values.whole),
+        max_defer_age=option("breaker_max_defer_age", settings.max_defer_age, values.seconds),
+        defer_spread=option("breaker_defer_spread", settings.defer_spread, values.seconds_or_zero),
         counts_runs=option("breaker_scope", "run", _scope) == "run",
     )
     setattr(cls, _CONFIG, config)
     return config
 
 
-def forget_task_breaker_config(cls: type[BreakerTask]) -> None:
+def forget_task_breaker_config(cls: type) -> None:
     """Drop the options cached on ``cls`` (its options changed: resolve them again)."""
     if _CONFIG in cls.__dict__:
         delattr(cls, _CONFIG)

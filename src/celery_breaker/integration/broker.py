@@ -1,9 +1,12 @@
-"""The default ``breaker_storage_url``: the broker's own Redis, when the broker is Redis.
+"""What celery-breaker knows about Celery's brokers, read from the app's settings (text only, no connections).
 
-A worker whose broker is Redis (standalone, TLS, a unix socket, Sentinel, Valkey) keeps
-its breakers in that server unless ``breaker_storage_url`` says otherwise; this module
-turns the broker's settings (URL, ``broker_transport_options``, ``broker_use_ssl``) into
-a store URL. Free of Redis imports: only text.
+* The default ``breaker_storage_url``: a worker whose broker is Redis (standalone, TLS, a
+  unix socket, Sentinel, Valkey) keeps its breakers in that server unless
+  ``breaker_storage_url`` says otherwise; ``store_url_from_broker`` turns the broker's
+  settings (URL, ``broker_transport_options``, ``broker_use_ssl``) into a store URL.
+* The redelivery window (``redelivery_window``): brokers that hand a message held
+  unacknowledged too long to another worker, so a countdown deferral must stay inside it.
+* RabbitMQ's dead-lettering headers, never carried into a deferral.
 """
 
 from __future__ import annotations
@@ -12,7 +15,54 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
-__all__ = ["store_url_from_broker"]
+__all__ = ["DEAD_LETTER_HEADERS", "broker_scheme", "redelivery_window", "store_url_from_broker"]
+
+#: RabbitMQ's dead-lettering headers, never carried into a deferral: RabbitMQ would read
+#: them as a dead-letter cycle. (Celery 5.7 drops the same set from retries; 5.5 and 5.6
+#: have no such list to import.)
+DEAD_LETTER_HEADERS = frozenset(
+    {
+        "x-death",
+        "x-first-death-exchange",
+        "x-first-death-queue",
+        "x-first-death-reason",
+        "x-last-death-exchange",
+        "x-last-death-queue",
+        "x-last-death-reason",
+    }
+)
+
+#: Brokers that redeliver a message held unacknowledged longer than their
+#: ``visibility_timeout``, with kombu's default for it (Redis 3600 s, SQS 1800 s).
+_REDELIVERING_BROKERS = {
+    "redis": 3600.0, "rediss": 3600.0, "redis+socket": 3600.0, "sentinel": 3600.0,
+    "valkey": 3600.0, "valkeys": 3600.0, "sqs": 1800.0,
+}  # fmt: skip
+
+
+def broker_url(conf: Any) -> str:
+    """The app's broker URL (``conf.broker_url`` honours the ``CELERY_BROKER_URL`` variable)."""
+    return str(getattr(conf, "broker_url", None) or conf.get("broker_url") or "")
+
+
+def broker_scheme(conf: Any) -> str:
+    """The scheme of the (first) broker URL, lowercase: ``redis``, ``amqp``, ``sqs``, ..."""
+    first = broker_url(conf).split(";", maxsplit=1)[0].strip()
+    return urlsplit(first).scheme.lower() if "://" in first else ""
+
+
+def redelivery_window(conf: Any) -> float | None:
+    """The broker's redelivery window in seconds, or None for brokers without one."""
+    default = _REDELIVERING_BROKERS.get(broker_scheme(conf))
+    if default is None:
+        return None
+    options = conf.get("broker_transport_options") or {}
+    value = options.get("visibility_timeout", default)
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
+
 
 #: Broker URL schemes whose server can hold the breakers too, and the store scheme for each.
 _REDIS_BROKERS = {
@@ -33,9 +83,9 @@ def store_url_from_broker(conf: Any) -> str | None:
     ``rediss+sentinel://...`` (TLS to the master; to the Sentinels only when the
     transport's ``sentinel_kwargs`` say ``ssl``, as kombu does). Anything else: None.
     """
-    url = str(getattr(conf, "broker_url", None) or conf.get("broker_url") or "")
+    url = broker_url(conf)
     first = url.split(";", maxsplit=1)[0].strip()
-    scheme = urlsplit(first).scheme.lower() if "://" in first else ""
+    scheme = broker_scheme(conf)
     target = _REDIS_BROKERS.get(scheme)
     if target is None:
         return None

@@ -1,9 +1,6 @@
-"""Parking deferred tasks in the breaker store, and releasing them in order, at a pace.
+"""Releasing parked tasks (``parking.py``) in order, at a pace, when their breakers let them run.
 
-While a breaker is open, a deferred task is *parked*: its message (the signature Celery
-would publish again: same id, arguments, headers, options) is stored next to the
-breaker in Redis and the delivery is acknowledged, so no worker holds it. Each worker
-runs one ``Releaser`` thread (in its main process, after the pool has forked) that asks
+Each worker runs one ``Releaser`` thread (in its main process, after the pool has forked) that asks
 the store, every ``TICK`` seconds and for every breaker with parked tasks, which may run
 now (see ``storage/lua/release.lua``): the probes when the breaker may half-open, then,
 once it has closed, the rest at a ramp (``breaker_release_rate`` tasks per second
@@ -14,18 +11,16 @@ is parked again, keeping its place.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import threading
 import time
 from typing import Any
 
-from kombu.serialization import dumps, loads
+from ...errors import StorageError
+from ...storage import Parking
+from .parking import decode_message
 
-from .storage import StorageError, Store
-
-__all__ = ["LEASE", "TICK", "Releaser", "decode_message", "encode_message", "parking_of"]
+__all__ = ["LEASE", "MOST_PER_TICK", "TICK", "Releaser"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -37,44 +32,13 @@ LEASE = 30.0
 MOST_PER_TICK = 500
 
 
-def parking_of(store: Store) -> Any:
-    """The parking of ``store`` (a Redis store, or the Redis store behind a fallback), or None."""
-    primary = getattr(store, "primary", store)
-    return getattr(primary, "parking", None)
-
-
-def encode_message(signature: dict[str, Any], serializer: str) -> str:
-    """A signature (``dict(sig)``) as text, in the task's own serializer."""
-    content_type, encoding, body = dumps(signature, serializer=serializer)  # type: ignore[no-untyped-call]
-    if isinstance(body, bytes):
-        text, wrapped = base64.b64encode(body).decode("ascii"), True
-    else:
-        text, wrapped = body, False
-    return json.dumps({"v": 1, "ct": content_type, "ce": encoding, "b64": wrapped, "body": text})
-
-
-def decode_message(payload: str) -> dict[str, Any]:
-    """The signature dict ``encode_message`` stored; raises ValueError when unreadable."""
-    try:
-        outer = json.loads(payload)
-        body: str | bytes = outer["body"]
-        if outer.get("b64"):
-            body = base64.b64decode(body)
-        found = loads(body, outer["ct"], outer["ce"])  # type: ignore[no-untyped-call]
-    except Exception as exc:  # any decoding failure: the caller reports the entry
-        raise ValueError(f"unreadable parked message: {exc!r}") from exc
-    if not isinstance(found, dict) or "task" not in found:
-        raise ValueError(f"unreadable parked message: {found!r:.200}")
-    return found
-
-
 class Releaser(threading.Thread):
     """Publishes parked tasks again when their breakers let them run (one per worker)."""
 
-    def __init__(self, app: Any, store: Store, *, rate: float, ramp: float, tick: float = TICK) -> None:
+    def __init__(self, app: Any, parking: Parking, *, rate: float, ramp: float, tick: float = TICK) -> None:
         super().__init__(name="celery-breaker releaser", daemon=True)
         self.app = app
-        self.parking = parking_of(store)
+        self.parking = parking
         self.rate = rate
         self.ramp = ramp
         self.tick = tick

@@ -26,12 +26,12 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a test by 
         "pip install 'celery-breaker[prometheus]'"
     ) from None
 
-from .clock import SYSTEM_CLOCK, Clock
-from .core import State
-from .errors import ConfigurationError
-from .monitoring import BreakerStatus, collect_metrics, store_of
-from .settings import get_settings
-from .storage import Store, describe_url
+from ..clock import SYSTEM_CLOCK, Clock
+from ..core import State
+from ..errors import ConfigurationError
+from ..integration.settings import get_settings
+from ..storage import Store, describe_url
+from .status import BreakerStatus, collect_metrics, store_of
 
 __all__ = [
     "LOG_INTERVAL",

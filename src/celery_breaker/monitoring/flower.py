@@ -5,7 +5,7 @@ process's default ``prometheus_client.REGISTRY``; a collector registered there s
 next to Flower's own ``flower_*`` series::
 
     # flowerconfig.py
-    from celery_breaker.flower import register_breakers
+    from celery_breaker.monitoring.flower import register_breakers
     register_breakers("redis://localhost:6379/0")
 
 Flower has no app of ours, so the breakers are read straight from the store: give the
@@ -17,12 +17,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
-from .broker_store import store_url_from_broker
-from .errors import ConfigurationError
-from .settings import SETTINGS, _with_key_prefix
-from .storage import check_storage_url, describe_url
+from ..errors import ConfigurationError
+from ..integration.broker import store_url_from_broker
+from ..integration.settings import SETTINGS, with_key_prefix
+from ..storage import check_storage_url, describe_url, is_shared_url
 
 if TYPE_CHECKING:
     from .prometheus import BreakerCollector
@@ -45,13 +44,13 @@ def store_url(url: str, *, key_prefix: str | None = None, transport_options: Map
     conf = {"broker_url": url, "broker_transport_options": dict(transport_options or {})}
     found = store_url_from_broker(conf) or url
     check_storage_url(found)
-    if urlsplit(found).scheme.lower() == "memory":
+    if not is_shared_url(found):
         raise ConfigurationError(
             f"register_breakers: {describe_url(url)!r} is a store of one process only, and Flower runs in a "
             f"process of its own; give the Redis URL your workers keep their breakers in (breaker_storage_url, "
             f"or their Redis broker URL)"
         )
-    return _with_key_prefix(found, key_prefix or SETTINGS["breaker_key_prefix"])
+    return with_key_prefix(found, key_prefix or SETTINGS["breaker_key_prefix"])
 
 
 def register_breakers(

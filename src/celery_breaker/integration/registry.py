@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from .breaker import CircuitBreaker, TransitionListener
-from .clock import SYSTEM_CLOCK, Clock
-from .core import BreakerPolicy
+from ..breaker import CircuitBreaker, TransitionListener
+from ..clock import SYSTEM_CLOCK, Clock
+from ..core import BreakerPolicy
 from .settings import get_settings
 
 __all__ = ["BreakerRegistry", "registry_for"]
@@ -44,8 +44,8 @@ class BreakerRegistry:
             name, policy, storage=settings.storage_url, clock=self.clock, key=key,
             on_storage_error=settings.on_storage_error,
         )  # fmt: skip
-        for listener in self._listeners + (found._listeners if found is not None else []):
-            if listener not in breaker._listeners:
+        for listener in (*self._listeners, *(found.listeners if found is not None else ())):
+            if listener not in breaker.listeners:
                 breaker.add_listener(listener)
         with self._lock:
             if len(self._breakers) >= MAX_CACHED_BREAKERS:

@@ -8,7 +8,7 @@ attributes); the policy fields carry theirs as field metadata in ``core/policy.p
 
 from __future__ import annotations
 
-from .reference import Doc
+from ..core.reference import Doc
 from .settings import ON_STORAGE_ERROR_CHOICES
 
 __all__ = ["SETTING_DOCS", "TASK_OPTION_DOCS"]

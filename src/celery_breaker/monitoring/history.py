@@ -1,38 +1,31 @@
-"""What every breaker in a store is doing now, and what it did: the rows behind ``celery
-inspect breakers``, the ``celery breaker`` CLI and the Prometheus collector, and their
-stored history.
-
-``collect_metrics`` is the seed's ``collectCircuitMetrics``: one call, every breaker.
-``record_metrics`` stores that call's rows in Redis with a TTL (from a periodic task:
-``install_metrics_task``), and ``metrics_history`` reads one breaker's back, to chart it.
+"""Breakers' stored history: ``record_metrics`` stores ``collect_metrics``'s rows in the
+shared store with a TTL (from a periodic task: ``install_metrics_task``), and
+``metrics_history`` reads one breaker's back, to chart it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from .clock import SYSTEM_CLOCK, Clock
-from .core import BreakerSnapshot
-from .errors import ConfigurationError
-from .labels import breaker_label
-from .parking import parking_of
-from .settings import SETTINGS, _duration, get_settings
-from .storage import Store, describe_url, resolve_store
+from celery import Task
+
+from ..clock import SYSTEM_CLOCK, Clock
+from ..errors import ConfigurationError
+from ..integration import values
+from ..integration.settings import SETTINGS, get_settings
+from ..labels import breaker_label
+from ..storage import History, Store, describe_url
+from .status import collect_metrics, is_app, store_of
 
 __all__ = [
     "DEFAULT_METRICS_TTL",
     "METRICS_TASK_NAME",
-    "BreakerStatus",
-    "app_store",
-    "collect_metrics",
     "install_metrics_task",
     "metrics_history",
     "record_metrics",
-    "store_of",
 ]
 
 logger = logging.getLogger("celery_breaker")
@@ -46,64 +39,10 @@ _HISTORY_FORMAT = 1
 _METRICS_TASK = "_celery_breaker_metrics_task"
 
 
-@dataclass(frozen=True)
-class BreakerStatus:
-    """One breaker's snapshot, with the tasks parked behind it (Redis stores)."""
-
-    snapshot: BreakerSnapshot
-    parked: int = 0
-    """Deferred tasks waiting in the breaker's parking."""
-    claimed: int = 0
-    """Parked tasks a releaser has claimed and is publishing again."""
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: the snapshot's fields (``BreakerSnapshot.as_dict``), ``parked`` and ``claimed``."""
-        return {**self.snapshot.as_dict(), "parked": self.parked, "claimed": self.claimed}
-
-
-def app_store(app: Any) -> Store:
-    """The store an app's breakers use (``breaker_storage_url``, validated)."""
-    return resolve_store(get_settings(app).storage_url)
-
-
-def _is_app(source: Any) -> bool:
-    return not (isinstance(source, str) or hasattr(source, "snapshots"))
-
-
-def store_of(source: Any) -> Store:
-    """The store ``source`` names: a Celery app (its ``breaker_storage_url``), a store URL or a store."""
-    return app_store(source) if _is_app(source) else resolve_store(source)
-
-
-def collect_metrics(source: Any, *, clock: Clock | None = None) -> list[BreakerStatus]:
-    """Every breaker ``source`` holds, sorted by name and key.
-
-    ``source`` is a Celery app (its ``breaker_storage_url``), a store URL or a store. A
-    ``memory://`` store holds only this process's breakers; a Redis store holds every
-    process's. Raises ``StorageError`` when the store cannot be read.
-    """
-    store = store_of(source)
-    snapshots = store.snapshots(clock or SYSTEM_CLOCK)
-    parking = parking_of(store)
-    counts: dict[str, tuple[int, int]] = {}
-    if parking is not None:
-        for tag in parking.tags():
-            counts[tag] = parking.count(tag)
-    rows = []
-    for snapshot in snapshots:
-        parked, claimed = counts.get(parking.tag(snapshot.name, snapshot.key), (0, 0)) if parking else (0, 0)
-        rows.append(BreakerStatus(snapshot, parked, claimed))
-    return sorted(rows, key=lambda row: (row.snapshot.name, row.snapshot.key or ""))
-
-
-# -- history -------------------------------------------------------------------
-
-
-def _history_of(store: Store) -> Any:
-    """The Redis history of ``store`` (or of the Redis store behind a fallback); a
-    ConfigurationError for a store that only this process sees."""
-    primary = getattr(store, "primary", store)
-    history = getattr(primary, "history", None)
+def _history_of(store: Store) -> History:
+    """The history of ``store``; a ConfigurationError for a store that keeps none (only
+    this process sees it)."""
+    history = store.history
     if history is None:
         raise ConfigurationError(
             f"metrics history needs a shared store, and {describe_url(store.url)!r} keeps breakers in "
@@ -129,9 +68,9 @@ def record_metrics(source: Any, *, ttl: float | timedelta | None = None, clock: 
     store cannot be read or written.
     """
     if ttl is not None:
-        seconds = _duration("record_metrics: ttl", ttl)
+        seconds = values.duration("record_metrics: ttl", ttl)
     else:
-        seconds = get_settings(source).metrics_ttl if _is_app(source) else DEFAULT_METRICS_TTL
+        seconds = get_settings(source).metrics_ttl if is_app(source) else DEFAULT_METRICS_TTL
     store = store_of(source)
     history = _history_of(store)
     clock = clock or SYSTEM_CLOCK
@@ -181,7 +120,6 @@ def install_metrics_task(app: Any, *, interval: float | timedelta | None = None)
     """
     task = getattr(app, _METRICS_TASK, None)
     if task is None:
-        from celery import Task
 
         def record_breaker_metrics() -> int:
             """Store a snapshot of every breaker (``celery_breaker.monitoring.record_metrics``)."""
@@ -190,6 +128,6 @@ def install_metrics_task(app: Any, *, interval: float | timedelta | None = None)
         task = app.task(name=METRICS_TASK_NAME, base=Task, ignore_result=True, shared=False)(record_breaker_metrics)
         setattr(app, _METRICS_TASK, task)
     if interval is not None:
-        seconds = _duration("install_metrics_task: interval", interval)
+        seconds = values.duration("install_metrics_task: interval", interval)
         app.add_periodic_task(seconds, task.s(), name=METRICS_TASK_NAME, expires=seconds)
     return task

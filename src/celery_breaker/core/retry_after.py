@@ -8,7 +8,7 @@ from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from .errors import RetryAfter
+from ..errors import RetryAfter
 
 __all__ = ["RETRY_AFTER_STATUSES", "parse_retry_after", "retry_after_of"]
 

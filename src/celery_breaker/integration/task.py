@@ -11,20 +11,21 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from celery import Task
+from celery.app.task import _task_stack
 from celery.exceptions import Ignore, Reject, Retry
 
-from .breaker import _RUN, CircuitBreaker, RunAdmission, current_run
-from .core import Outcome, State
-from .deferring import defer
-from .errors import CircuitOpenError, ConfigurationError
+from ..breaker import CircuitBreaker, RunAdmission, current_run
+from ..core import State
+from ..errors import CircuitOpenError, ConfigurationError
+from ..names import check_name
+from .deferral.defer import defer
 from .registry import registry_for
 from .task_options import TaskBreakerConfig, forget_task_breaker_config, task_breaker_config
 
-__all__ = ["BreakerTask", "prepare_task_class"]
+__all__ = ["BreakerTask"]
 
 logger = logging.getLogger("celery_breaker")
 
-FAILURE = Outcome.FAILURE
 _RUN_ATTR = "_celery_breaker_run"  # the request attribute naming the task's own run admission
 
 
@@ -45,14 +46,6 @@ def _running(task: BreakerTask) -> RunAdmission | None:
     if run is not None and getattr(task.request, _RUN_ATTR, None) is run:
         return run
     return None
-
-
-def _failed_while_open(run: RunAdmission) -> bool:
-    """The run recorded a failure, and its breaker no longer admits calls freely."""
-    if run.recorded is not FAILURE:
-        return False
-    breaker = run.breaker
-    return breaker.state not in (State.CLOSED, State.DISABLED)  # (re-reads an evicted cell)
 
 
 class _BreakerAttribute:
@@ -102,15 +95,17 @@ class BreakerTask(Task):  # type: ignore[misc]
     #: ``autoretry_for=(Exception,)`` must never spend a retry on an open breaker.
     dont_autoretry_for = (CircuitOpenError,)
 
-    @classmethod
-    def bind(cls, app: Any) -> Any:
-        """Bind the task class to ``app``: resolve its breaker options and install the plugin."""
-        result = super().bind(app)
-        prepare_task_class(cls)
-        from .signals import install
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # Every task class is made by subclassing (``@app.task(base=...)``, ``task_cls``,
+        # ``breaker_routes``): its options take their working form here.
+        super().__init_subclass__(**kwargs)
+        _prepare(cls)
 
-        install(app)
-        return result
+    @classmethod
+    def on_bound(cls, app: Any) -> None:
+        """Bound to ``app``: ``task_annotations`` may have set breaker options since the class was made."""
+        super().on_bound(app)
+        _prepare(cls)
 
     # -- execution -----------------------------------------------------------
 
@@ -118,8 +113,6 @@ class BreakerTask(Task):  # type: ignore[misc]
         if self.request.called_directly:
             # Called as a plain function (not by a worker): set up the request the way
             # Task.__call__ does, so the body sees its arguments.
-            from celery.app.task import _task_stack
-
             _task_stack.push(self)
             self.push_request(args=args, kwargs=kwargs)
             try:
@@ -152,56 +145,55 @@ class BreakerTask(Task):  # type: ignore[misc]
         if isinstance(retry, Retry) and isinstance(exc, CircuitOpenError):
             _drop_frames(retry)
 
-    def _unguarded(self) -> bool:
-        # Celery's own tasks (celery.map, chord_unlock, ...) become BreakerTasks under
-        # task_cls="celery_breaker:BreakerTask"; they get a breaker only when named.
-        return self.breaker_name is None and self.name.startswith("celery.")
+    def is_guarded(self) -> bool:
+        """Whether this task runs under a breaker. Celery's own tasks (celery.map,
+        chord_unlock, ...) become BreakerTasks under ``task_cls="celery_breaker:BreakerTask"``;
+        they get a breaker only when one is named for them."""
+        return self.breaker_name is not None or not self.name.startswith("celery.")
 
     def _can_defer(self) -> bool:
         request = self.request
         return not (request.is_eager or request.called_directly)
 
     def _run_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if self._unguarded():
+        if not self.is_guarded():
             return self.run(*args, **kwargs)
         config = task_breaker_config(self)
         breaker = self._breaker_for(config, args, kwargs)
         try:
-            cell, ticket, start = breaker._admit()
+            run = breaker.begin_run(_translate, counts_itself=config.counts_runs)
         except CircuitOpenError as rejected:
             return self._on_rejected(breaker, rejected, args, kwargs)
-        run = RunAdmission(breaker, cell, ticket, start, _translate, counts_itself=config.counts_runs)
         request = self.request
         setattr(request, _RUN_ATTR, run)
-        token = _RUN.set(run)
-        try:
-            result = self.run(*args, **kwargs)
-        except Retry as retry:
-            # self.retry() / autoretry_for: count the cause, then let Celery retry.
-            run.settle(retry)
-            raise
-        except (Ignore, Reject):
-            run.settle(None, neutral=True)
-            raise
-        except CircuitOpenError as rejected:  # from a guarded call or a nested breaker
-            run.settle(None, neutral=True)
-            if getattr(rejected, "final", False):
+        with run:  # (current until every handler below has run: they settle the run)
+            try:
+                result = self.run(*args, **kwargs)
+            except Retry as retry:
+                # self.retry() / autoretry_for: count the cause, then let Celery retry.
+                run.settle(retry)
                 raise
-            return self._on_rejected(breaker, rejected, args, kwargs)
-        except BaseException:
-            run.settle(sys.exc_info()[1])
-            if _failed_while_open(run) and (self._can_defer() or self.breaker_fallback is not None):
-                # This run's downstream call failed and the breaker is open now: the
-                # task too waits for recovery instead of failing. (Eager and direct
-                # calls cannot wait: they keep their real error.)
-                return self._on_rejected(breaker, _rejection_now(breaker), args, kwargs)
-            raise
-        else:
-            run.settle(None)
-            return result
-        finally:
-            _RUN.reset(token)
-            setattr(request, _RUN_ATTR, None)
+            except (Ignore, Reject):
+                run.settle(None, neutral=True)
+                raise
+            except CircuitOpenError as rejected:  # from a guarded call or a nested breaker
+                run.settle(None, neutral=True)
+                if rejected.final:
+                    raise
+                return self._on_rejected(breaker, rejected, args, kwargs)
+            except BaseException:
+                run.settle(sys.exc_info()[1])
+                if run.failed_while_open() and (self._can_defer() or self.breaker_fallback is not None):
+                    # This run's downstream call failed and the breaker is open now: the
+                    # task too waits for recovery instead of failing. (Eager and direct
+                    # calls cannot wait: they keep their real error.)
+                    return self._on_rejected(breaker, _rejection_now(breaker), args, kwargs)
+                raise
+            else:
+                run.settle(None)
+                return result
+            finally:
+                setattr(request, _RUN_ATTR, None)
 
     def retry(
         self,
@@ -220,7 +212,7 @@ class BreakerTask(Task):  # type: ignore[misc]
             raise exc  # the run's handler defers (or falls back); never a retry
         if run is not None and isinstance(exc, BaseException):
             run.settle(exc)
-            if _failed_while_open(run) and self._can_defer():
+            if run.failed_while_open() and self._can_defer():
                 # It failed and the breaker is open now: defer instead of retrying.
                 raise _rejection_now(run.breaker) from exc
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
@@ -287,7 +279,7 @@ def _rejection_now(breaker: CircuitBreaker) -> CircuitOpenError:
 # -- class preparation -------------------------------------------------------
 
 
-def prepare_task_class(cls: type[BreakerTask]) -> None:
+def _prepare(cls: type[BreakerTask]) -> None:
     """Turn decorator options into their working form (idempotent).
 
     ``@app.task(base=BreakerTask, breaker="crm")`` makes ``breaker`` a class attribute
@@ -297,10 +289,8 @@ def prepare_task_class(cls: type[BreakerTask]) -> None:
     """
     raw = inspect.getattr_static(cls, "breaker")
     if not isinstance(raw, _BreakerAttribute):
-        if raw is not None and (not isinstance(raw, str) or not raw):
-            raise ConfigurationError(
-                f"task {cls.name!r}: the breaker option must be a breaker name (a non-empty str), got {raw!r}"
-            )
+        if raw is not None:
+            check_name(raw, f"task {cls.name!r}: the breaker option")
         cls.breaker_name = raw
         cls.breaker = _BreakerAttribute()
     for option in ("breaker_key", "breaker_fallback"):

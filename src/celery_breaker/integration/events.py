@@ -15,7 +15,7 @@ import logging
 import time
 from typing import Any
 
-from .core import State, Transition
+from ..core import State, Transition
 
 __all__ = ["DEFERRED_EVENT", "EVENT_TYPES", "configure", "enabled", "nodename", "send", "transition_event"]
 

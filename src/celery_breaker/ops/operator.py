@@ -1,50 +1,39 @@
-"""Operator moves on an app's breakers in its shared store: which breakers exist, valid keys, the policy kept.
+"""Operating an app's breakers in its shared store: ``operate`` (an ``ACTIONS`` entry) and ``purge``.
 
-Free of click and of remote control, so the ``celery breaker`` CLI and the worker's
-control commands can share it. Every function that reads the store raises
-``StorageError`` when it cannot be reached.
+Free of click and of remote control: the Python API (``celery_breaker.ops.operate``), the
+worker's remote-control commands and the ``celery breaker`` CLI all act through these.
+Every function that reads the store raises ``StorageError`` when it cannot be reached.
 """
 
 from __future__ import annotations
 
 import difflib
-import fnmatch
-import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .clock import SYSTEM_CLOCK, Clock
-from .core import BreakerPolicy, BreakerSnapshot, State, Transition
-from .errors import BreakerKeyError, ConfigurationError, UnknownBreakerError
-from .labels import breaker_label, split_label
-from .settings import get_settings
-from .storage import MemoryStore, Store, describe_url, resolve_store
-
-__all__ = [
-    "ACTIONS",
-    "Move",
-    "Purge",
-    "app_breakers",
-    "check_key",
-    "operate",
-    "purge",
-    "shared_store",
-]
-
-#: Each operator action and the state it moves a breaker to (``None``: a reset to a
-#: fresh CLOSED breaker with zeroed counters, under the app's policy).
-ACTIONS: dict[str, State | None] = {
-    "open": State.FORCED_OPEN,
-    "close": State.CLOSED,
-    "disable": State.DISABLED,
-    "reset": None,
-}
+from ..clock import SYSTEM_CLOCK, Clock
+from ..core import BreakerPolicy, BreakerSnapshot, State, Transition
+from ..errors import ConfigurationError, UnknownBreakerError
+from ..integration.inventory import app_breakers, policy_named
+from ..integration.settings import get_settings
+from ..labels import breaker_label, split_label
+from ..names import check_key, check_name
+from ..storage import Store, describe_url, resolve_store
+from .actions import ACTIONS
 
 #: At most this many names are listed in an error message.
 MAX_LISTED = 20
 
 _CREATE_HINT = "pass --create to act on it anyway"
+
+__all__ = [
+    "Move",
+    "Purge",
+    "operate",
+    "purge",
+    "shared_store",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,70 +78,13 @@ def shared_store(app: Any) -> Store:
     of the process that uses it, so another process can neither see nor change them."""
     url = get_settings(app).storage_url
     store = resolve_store(url)
-    if isinstance(store, MemoryStore):
+    if not store.shared:
         raise ConfigurationError(
             f"breaker_storage_url is {describe_url(url)!r}: a memory store holds only the breakers of the "
             "process that uses it, so this command cannot see or change the workers' breakers; set "
             "breaker_storage_url to a redis:// URL (a Redis broker's server is the default) to share them"
         )
     return store
-
-
-def check_key(key: str | None) -> None:
-    """Raise ``BreakerKeyError`` unless ``key`` (``None``: no key) can name a per-key breaker."""
-    if key is None:
-        return
-    if not isinstance(key, str) or not key:
-        raise BreakerKeyError(f"breaker key {key!r} is empty; a breaker without a key takes no key at all")
-    if key != key.strip():
-        raise BreakerKeyError(f"breaker key {key!r} starts or ends with whitespace; quote only the key itself")
-    bad = next((c for c in key if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
-    if bad is not None:
-        raise BreakerKeyError(f"breaker key {key!r} holds the control character {bad!r}; keys are printable text")
-
-
-def app_breakers(app: Any) -> dict[str, BreakerPolicy]:
-    """Every breaker the app names, with the policy it gives it: its tasks' breakers
-    (``BreakerTask`` and ``breaker_routes``) and the exact names in ``breaker_policies``.
-
-    A task whose options are invalid is skipped: the worker refuses it at start, and an
-    operator must still be able to act on the other breakers.
-    """
-    from .task import BreakerTask, prepare_task_class
-    from .task_options import task_breaker_config
-
-    settings = get_settings(app)
-    found: dict[str, BreakerPolicy] = {}
-    for task_name, task in sorted(app.tasks.items()):
-        if task_name.startswith("celery."):
-            continue
-        if isinstance(task, BreakerTask):
-            try:
-                prepare_task_class(type(task))
-                config = task_breaker_config(task)
-            except ConfigurationError:
-                continue
-            found.setdefault(config.name, config.policy)
-            continue
-        routed = settings.route_for(task_name)
-        if routed is not None:
-            name = routed or task_name  # True in breaker_routes: the task's own name
-            found.setdefault(name, settings.policy_for(name))
-    for pattern, _ in settings.policies:
-        if not any(mark in pattern for mark in "*?["):
-            found.setdefault(pattern, settings.policy_for(pattern))
-    return found
-
-
-def _app_policy(app: Any, name: str, named: dict[str, BreakerPolicy]) -> BreakerPolicy | None:
-    """The policy the app gives ``name``, or ``None`` when no setting or task mentions it."""
-    found = named.get(name)
-    if found is not None:
-        return found
-    settings = get_settings(app)
-    if any(pattern == name or fnmatch.fnmatchcase(name, pattern) for pattern, _ in settings.policies):
-        return settings.policy_for(name)
-    return None
 
 
 def _listing(names: list[str]) -> str:
@@ -178,9 +110,14 @@ def _unknown(
 
 
 def _check_name(name: str, key: str | None) -> None:
-    """Refuse a missing name or a malformed key before anything is read."""
-    if not isinstance(name, str) or not name.strip():
-        raise UnknownBreakerError(f"a breaker name is required, got {name!r}")
+    """Refuse a name or key that cannot name a breaker (the one rule, ``names``) before
+    anything is read; ``name`` may be a label (``crm[tenant-7]``) when no ``key`` is given."""
+    if key is None:
+        name, key = split_label(name) if isinstance(name, str) else (name, None)
+    try:
+        check_name(name, "breaker name")
+    except ConfigurationError as exc:
+        raise UnknownBreakerError(str(exc)) from None
     check_key(key)
 
 
@@ -237,7 +174,8 @@ def operate(
     the policy stored with it. Raises ``UnknownBreakerError``, ``BreakerKeyError``,
     ``ConfigurationError`` (a memory store, bad settings) or ``StorageError``.
     """
-    if action not in ACTIONS:
+    found = ACTIONS.get(action)
+    if found is None:
         raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
     _check_name(name, key)
     store = store if store is not None else shared_store(app)
@@ -246,18 +184,16 @@ def operate(
     label = describe_url(store.url)
     exists = (name, key) in in_store
 
-    wanted = _app_policy(app, name, named)
+    wanted = named.get(name) or policy_named(app, name)
     cell = store.cell(name, key, wanted or get_settings(app).policy_for(name), clock)
     before = cell.state if exists else None
     stored = cell.policy
     differs = wanted is not None and stored != wanted
-    target = ACTIONS[action]
-    if target is None:
-        cell.reset(wanted or stored, clock.monotonic())
+    if found.target is None:
+        transitions = cell.reset(wanted or stored, clock.monotonic())
     else:
-        cell.force(target, wanted or stored, clock.monotonic())
-    transitions = tuple(cell.events)
-    cell.events.clear()  # reported to the caller, which announces them as it sees fit
+        transitions = cell.force(State(found.target), wanted or stored, clock.monotonic())
+    # (reported to the caller, which announces them as it sees fit)
     return Move(
         action=action,
         before=before,
@@ -279,11 +215,9 @@ def purge(app: Any, name: str, key: str | None = None, *, store: Store | None = 
     ``UnknownBreakerError``, ``BreakerKeyError``, ``ConfigurationError`` (a memory
     store, a store without parking) or ``StorageError``.
     """
-    from .parking import parking_of
-
     _check_name(name, key)
     store = store if store is not None else shared_store(app)
-    parking = parking_of(store)
+    parking = store.parking
     label = describe_url(store.url)
     if parking is None:
         raise ConfigurationError(f"the breaker store {label} parks no tasks: there is nothing to purge")

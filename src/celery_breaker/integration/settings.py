@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import ipaddress
 import logging
 import math
-import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
-from .broker_store import store_url_from_broker
-from .core import BreakerPolicy
-from .errors import ConfigurationError
-from .storage import check_storage_url, describe_url
+from ..core import BreakerPolicy
+from ..errors import ConfigurationError
+from ..names import check_name
+from ..storage import check_storage_url, describe_url, is_shared_url
+from ..storage.fallback import MODES as ON_STORAGE_ERROR_CHOICES
+from . import values
+from .broker import redelivery_window, store_url_from_broker
 
-__all__ = ["SETTINGS", "BreakerSettings", "broker_visibility_timeout", "get_settings", "reload_settings"]
+__all__ = [
+    "ON_STORAGE_ERROR_CHOICES",
+    "SETTINGS",
+    "BreakerSettings",
+    "get_settings",
+    "reload_settings",
+    "with_key_prefix",
+]
 
 logger = logging.getLogger("celery_breaker")
-
-ON_STORAGE_ERROR_CHOICES = ("local", "allow", "deny")
 
 #: Every setting celery-breaker reads, with its default. Anything else named
 #: ``breaker_*`` is a typo and fails at worker start.
@@ -46,13 +51,6 @@ SETTINGS: dict[str, Any] = {
     "breaker_metrics_address": "127.0.0.1",
     "breaker_metrics_ttl": 86_400.0,
 }
-
-#: Brokers that redeliver a message held unacknowledged longer than their
-#: ``visibility_timeout``, with kombu's default for it (Redis 3600 s, SQS 1800 s).
-_REDELIVERING_BROKERS = {
-    "redis": 3600.0, "rediss": 3600.0, "redis+socket": 3600.0, "sentinel": 3600.0,
-    "valkey": 3600.0, "valkeys": 3600.0, "sqs": 1800.0,
-}  # fmt: skip
 
 _LOCK = threading.Lock()
 _ATTRIBUTE = "_celery_breaker_settings"
@@ -126,70 +124,6 @@ def _conf_get(conf: Any, key: str) -> Any:
     return conf.get(key, SETTINGS[key])
 
 
-def _seconds(key: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, timedelta):
-        value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ConfigurationError(f"{key} must be a number of seconds > 0 (or None), got {value!r}")
-    return float(value)
-
-
-def _duration(key: str, value: Any) -> float:
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (0 < seconds < math.inf):
-        raise ConfigurationError(f"{key} must be a number of seconds > 0 (or a timedelta), got {value!r}")
-    return float(seconds)
-
-
-def _whole(key: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(f"{key} must be a whole number >= 0 (or None for no limit), got {value!r}")
-    return value
-
-
-def _mapping(key: str, value: Any) -> Mapping[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping):
-        raise ConfigurationError(f"{key} must be a dict, got {type(value).__name__} {value!r}")
-    for name in value:
-        if not isinstance(name, str) or not name:
-            raise ConfigurationError(f"{key}: every key must be a non-empty string, got {name!r}")
-    return value
-
-
-def _port(key: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
-        raise ConfigurationError(
-            f"{key} must be a TCP port number from 1 to 65535 as an int (or None: no metrics endpoint), got {value!r}"
-        )
-    return value
-
-
-#: A DNS host name: dot-separated labels of letters, digits and inner hyphens.
-_HOST_NAME = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?$")
-
-
-def _bind_address(key: str, value: Any) -> str:
-    if isinstance(value, str) and len(value) <= 253:
-        try:
-            ipaddress.ip_address(value)
-            return value
-        except ValueError:
-            if _HOST_NAME.match(value):
-                return value
-    raise ConfigurationError(
-        f"{key} must be an IP address or host name to bind, such as '127.0.0.1' (this host only, the default) "
-        f"or '0.0.0.0' (every interface), got {value!r}"
-    )
-
-
 def _strip_namespace(conf: Any, raw: str) -> str:
     prefix = (getattr(conf, "prefix", None) or "").lower()
     key = raw.lower()
@@ -215,33 +149,11 @@ def unknown_settings(conf: Any) -> list[str]:
     return sorted(set(unknown))
 
 
-def broker_visibility_timeout(conf: Any) -> float | None:
-    """The broker's redelivery window in seconds, or None for brokers without one."""
-    # conf.broker_url (a property) honours the CELERY_BROKER_URL environment variable.
-    url = getattr(conf, "broker_url", None) or conf.get("broker_url") or ""
-    scheme = urlsplit(str(url).split(";")[0]).scheme.lower() if url else ""
-    default = _REDELIVERING_BROKERS.get(scheme)
-    if default is None:
-        return None
-    options = conf.get("broker_transport_options") or {}
-    value = options.get("visibility_timeout", default)
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return default
-
-
-#: Store schemes whose server holds breakers for every process (``breaker_key_prefix`` applies).
-_SHARED_SCHEMES = ("redis", "rediss", "redis+unix", "redis+sentinel", "rediss+sentinel", "redis+cluster",
-                   "rediss+cluster", "valkey", "valkeys", "valkey+unix", "valkey+sentinel", "valkeys+sentinel",
-                   "valkey+cluster", "valkeys+cluster")  # fmt: skip
-
-
-def _with_key_prefix(url: str, key_prefix: str) -> str:
+def with_key_prefix(url: str, key_prefix: str) -> str:
     """Carry ``breaker_key_prefix`` into a shared store's URL (unless the URL names one:
     then both must agree, or the setting is left at its default)."""
     parts = urlsplit(url)
-    if parts.scheme.lower() not in _SHARED_SCHEMES:
+    if not is_shared_url(url):
         return url
     named = [value for option, value in parse_qsl(parts.query, keep_blank_values=True) if option == "key_prefix"]
     if named:
@@ -278,22 +190,25 @@ def build_settings(conf: Any) -> BreakerSettings:
     if not isinstance(storage_url, str) or "://" not in storage_url:
         raise ConfigurationError(f"breaker_storage_url must be a URL such as 'memory://', got {storage_url!r}")
     check_storage_url(storage_url)
-    storage_url = _with_key_prefix(storage_url, key_prefix)
+    storage_url = with_key_prefix(storage_url, key_prefix)
     default_policy = BreakerPolicy.coerce(_conf_get(conf, "breaker_default_policy"), source="breaker_default_policy")
-    raw_policies = _mapping("breaker_policies", _conf_get(conf, "breaker_policies"))
+    raw_policies = values.mapping("breaker_policies", _conf_get(conf, "breaker_policies"))
     policies: list[tuple[str, BreakerPolicy | Mapping[str, Any]]] = []
     for pattern, value in raw_policies.items():
+        check_name(pattern, f"breaker_policies key {pattern!r}")
         # Validate each entry now (over the default), so a typo fails at worker start.
         BreakerPolicy.coerce(value, base=default_policy, source=f"breaker_policies[{pattern!r}]")
         policies.append((pattern, value))
-    raw_routes = _mapping("breaker_routes", _conf_get(conf, "breaker_routes"))
+    raw_routes = values.mapping("breaker_routes", _conf_get(conf, "breaker_routes"))
     routes = []
     for pattern, breaker in raw_routes.items():
         # True: each matching task gets a breaker of its own name ("").
-        if breaker is not True and (not isinstance(breaker, str) or not breaker):
+        if breaker is not True and not isinstance(breaker, str):
             raise ConfigurationError(
                 f"breaker_routes[{pattern!r}] must be a breaker name (or True for the task's own name), got {breaker!r}"
             )
+        if breaker is not True:
+            check_name(breaker, f"breaker_routes[{pattern!r}]")
         routes.append((pattern, "" if breaker is True else breaker))
     on_storage_error = _conf_get(conf, "breaker_on_storage_error")
     if on_storage_error not in ON_STORAGE_ERROR_CHOICES:
@@ -308,7 +223,7 @@ def build_settings(conf: Any) -> BreakerSettings:
     park = _conf_get(conf, "breaker_park")
     if park not in (True, False, "auto"):
         raise ConfigurationError(f"breaker_park must be True, False or 'auto', got {park!r}")
-    if park is True and urlsplit(storage_url).scheme.lower() not in _SHARED_SCHEMES:
+    if park is True and not is_shared_url(storage_url):
         raise ConfigurationError(
             f"breaker_park=True needs a Redis breaker_storage_url (parked tasks must outlive the worker), "
             f"got {describe_url(storage_url)!r}; use breaker_park='auto' to park only with Redis"
@@ -320,32 +235,26 @@ def build_settings(conf: Any) -> BreakerSettings:
         or not (release_rate > 0 and math.isfinite(release_rate))
     ):
         raise ConfigurationError(f"breaker_release_rate must be a number of tasks per second > 0, got {release_rate!r}")
-    release_ramp = _seconds_or_zero("breaker_release_ramp", _conf_get(conf, "breaker_release_ramp"))
+    release_ramp = values.seconds_or_zero("breaker_release_ramp", _conf_get(conf, "breaker_release_ramp"))
     return BreakerSettings(
         storage_url=storage_url,
         key_prefix=key_prefix,
         default_policy=default_policy,
         policies=tuple(policies),
         routes=tuple(routes),
-        max_deferrals=_whole("breaker_max_deferrals", _conf_get(conf, "breaker_max_deferrals")),
-        max_defer_age=_seconds("breaker_max_defer_age", _conf_get(conf, "breaker_max_defer_age")),
-        defer_spread=_seconds_or_zero("breaker_defer_spread", _conf_get(conf, "breaker_defer_spread")),
+        max_deferrals=values.whole("breaker_max_deferrals", _conf_get(conf, "breaker_max_deferrals")),
+        max_defer_age=values.seconds("breaker_max_defer_age", _conf_get(conf, "breaker_max_defer_age")),
+        defer_spread=values.seconds_or_zero("breaker_defer_spread", _conf_get(conf, "breaker_defer_spread")),
         on_storage_error=on_storage_error,
         send_events=send_events,
         park=park,
         release_rate=float(release_rate),
         release_ramp=release_ramp or 0.0,
-        visibility_timeout=broker_visibility_timeout(conf),
-        metrics_port=_port("breaker_metrics_port", _conf_get(conf, "breaker_metrics_port")),
-        metrics_address=_bind_address("breaker_metrics_address", _conf_get(conf, "breaker_metrics_address")),
-        metrics_ttl=_duration("breaker_metrics_ttl", _conf_get(conf, "breaker_metrics_ttl")),
+        visibility_timeout=redelivery_window(conf),
+        metrics_port=values.port("breaker_metrics_port", _conf_get(conf, "breaker_metrics_port")),
+        metrics_address=values.bind_address("breaker_metrics_address", _conf_get(conf, "breaker_metrics_address")),
+        metrics_ttl=values.duration("breaker_metrics_ttl", _conf_get(conf, "breaker_metrics_ttl")),
     )
-
-
-def _seconds_or_zero(key: str, value: Any) -> float | None:
-    if value == 0 and not isinstance(value, bool):
-        return 0.0
-    return _seconds(key, value)
 
 
 def get_settings(app: Any) -> BreakerSettings:

@@ -1,0 +1,56 @@
+"""Deferral by countdown: publish the run again now, to arrive after the planned delay.
+
+The new message has the same id, arguments and ``request.retries``; the worker that
+receives it holds it until it is due (an ETA message). This is the strategy every broker
+has, so it comes last: it never passes a run on. If the broker refuses the publish, a
+late-acknowledged delivery is requeued (``Reject``); otherwise the task fails with a
+``CircuitOpenError`` that says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from celery.exceptions import Reject
+
+from ...errors import CircuitOpenError
+from .strategy import Deferral
+
+__all__ = ["REQUEUE_PAUSE", "CountdownRepublish"]
+
+logger = logging.getLogger("celery_breaker")
+
+#: Seconds before requeueing a task whose deferral could not be published.
+REQUEUE_PAUSE = 1.0
+
+
+class CountdownRepublish:
+    """Publish the run again with a countdown of the planned delay."""
+
+    name = "countdown"
+    parks = False
+
+    def deliver(self, deferral: Deferral) -> bool:
+        task = deferral.task
+        request = task.request
+        signature = task.signature_from_request(
+            request, deferral.args, deferral.kwargs, countdown=deferral.plan.delay, headers=deferral.headers
+        )
+        try:
+            signature.apply_async()
+        except Exception as exc:
+            if task.acks_late:
+                # Not acknowledged: the broker gives the message back, nothing is lost.
+                # Pause first, so a broker that delivers but will not take a publish
+                # does not turn this into a busy loop.
+                logger.warning("task %s[%s]: could not defer (%r); requeueing it", task.name, request.id, exc)
+                time.sleep(REQUEUE_PAUSE)
+                raise Reject(exc, requeue=True) from exc
+            breaker = deferral.breaker
+            failed = CircuitOpenError(
+                f"breaker {breaker.label!r} {deferral.state} and the task could not be deferred: {exc!r}",
+                name=breaker.name, key=breaker.key, state=deferral.rejected.state, final=True,
+            )  # fmt: skip
+            raise failed from exc
+        return True

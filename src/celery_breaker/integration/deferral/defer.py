@@ -1,0 +1,121 @@
+"""Deferring a rejected run: plan its delay, deliver it by the app's strategies, announce it."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery.exceptions import Retry
+
+from ...breaker import CircuitBreaker
+from ...errors import CircuitOpenError
+from ...labels import breaker_label
+from .. import events
+from ..broker import DEAD_LETTER_HEADERS
+from ..settings import get_settings
+from ..task_options import task_breaker_config
+from .plan import (
+    DEFERRALS_HEADER,
+    SINCE_HEADER,
+    hard_time_limit,
+    plan_deferral,
+    read_headers,
+    seconds_until,
+)
+from .selection import deferral_strategies
+from .strategy import Deferral, DeferralStrategy
+
+__all__ = ["defer"]
+
+logger = logging.getLogger("celery_breaker")
+
+
+def defer(
+    task: Any,
+    breaker: CircuitBreaker,
+    rejected: CircuitOpenError,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Retry:
+    """Deliver this run (a ``BreakerTask``'s) again by the first strategy that takes it;
+    return the ``Retry`` that ends the run. Raises a final ``CircuitOpenError`` when the
+    task's deferral budget is spent."""
+    request = task.request
+    config = task_breaker_config(task)
+    settings = get_settings(task.app)
+    now = time.time()
+    past = read_headers(request.headers, now=now)
+    for problem in past.problems:
+        logger.warning("task %s[%s]: %s", task.name, request.id, problem)
+    retry_after = rejected.retry_after
+    if retry_after is None:
+        retry_after = breaker.policy.reset_timeout
+    spread = config.defer_spread if config.defer_spread is not None else breaker.policy.reset_timeout
+    state = getattr(rejected.state, "value", rejected.state) or "open"
+    expires_in = seconds_until(request.expires, now)
+    plan = plan_deferral(
+        label=_rejecting_label(breaker, rejected),
+        state=state,
+        retry_after=retry_after,
+        spread=spread,
+        past=past,
+        now=now,
+        max_deferrals=config.max_deferrals,
+        max_defer_age=config.max_defer_age,
+        expires_in=expires_in,
+        cap=settings.defer_cap(hard_time_limit(request)),
+    )
+    if plan.give_up is not None:
+        logger.warning("task %s[%s]: %s", task.name, request.id, plan.give_up)
+        raise CircuitOpenError(
+            plan.give_up, name=breaker.name, key=breaker.key, state=rejected.state,
+            retry_after=rejected.retry_after, final=True,
+        ) from rejected  # fmt: skip
+    headers = {k: v for k, v in (request.headers or {}).items() if k not in DEAD_LETTER_HEADERS}
+    headers[DEFERRALS_HEADER] = plan.count
+    headers[SINCE_HEADER] = plan.since
+    deferral = Deferral(
+        task=task, breaker=breaker, rejected=rejected, state=state, args=args, kwargs=kwargs, headers=headers,
+        plan=plan, expires_in=expires_in, max_defer_age=config.max_defer_age, now=now,
+    )  # fmt: skip
+    strategy = _deliver(deferral, deferral_strategies(task.app))
+    if not rejected.name or (rejected.name, rejected.key) == (breaker.name, breaker.key):
+        breaker.note_deferral()  # (a nested breaker's rejection is not this breaker's deferral)
+    return _announce(deferral, strategy)
+
+
+def _rejecting_label(breaker: CircuitBreaker, rejected: CircuitOpenError) -> str:
+    """The breaker that rejected the run: the task's own, or one nested in its body."""
+    return rejected.label if rejected.name else breaker.label
+
+
+def _deliver(deferral: Deferral, strategies: tuple[DeferralStrategy, ...]) -> DeferralStrategy:
+    """Hand the run to each strategy in turn until one delivers it (the last always does, or raises)."""
+    for strategy in strategies:
+        if strategy.deliver(deferral):
+            return strategy
+    raise RuntimeError(f"no deferral strategy took the run (strategies: {[s.name for s in strategies]})")
+
+
+def _announce(deferral: Deferral, strategy: DeferralStrategy) -> Retry:
+    """Log the deferral, send its ``task-breaker-deferred`` event, and make the ``Retry`` that ends the run."""
+    task, rejected, plan, state = deferral.task, deferral.rejected, deferral.plan, deferral.state
+    request = task.request
+    name, key = (rejected.name, rejected.key) if rejected.name else (deferral.breaker.name, deferral.breaker.key)
+    label = breaker_label(name, key)
+    if plan.expires_first:
+        text = (
+            f"breaker {label!r} {state}, task expires first: requeued to arrive after "
+            f"its expiry in {plan.delay:.1f} s (deferral {plan.count})"
+        )
+    else:  # (parked or not: the delay is when the breaker may admit it)
+        text = f"breaker {label!r} {state}, deferred {plan.delay:.1f} s (deferral {plan.count})"
+    logger.debug("task %s[%s]: %s (%s)", task.name, request.id, text, strategy.name)
+    if events.enabled():
+        events.send(
+            task.app, events.DEFERRED_EVENT, uuid=request.id, name=task.name, breaker=name, key=key,
+            state=state, delay=plan.delay, deferral=plan.count, parked=strategy.parks, reason=text,
+        )  # fmt: skip
+    reason = CircuitOpenError(text, name=name, key=key, state=rejected.state, retry_after=rejected.retry_after)
+    return Retry(exc=reason, when=plan.delay)

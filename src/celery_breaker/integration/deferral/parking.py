@@ -1,0 +1,86 @@
+"""Deferral by parking: the run's message waits in its breaker's store until the breaker lets it run.
+
+While a breaker is open, a deferred task is *parked*: its message (the signature Celery
+would publish again: same id, arguments, headers, options) is stored next to the
+breaker and the delivery is acknowledged, so no worker holds it. The releaser
+(``release.py``) publishes it again when the breaker lets it run. Parking needs a store
+that can keep it (``Store.parking``: Redis); a store that is down, or a park that fails,
+leaves the run to the next strategy (a countdown): nothing is lost either way.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any
+
+from kombu.serialization import dumps, loads
+
+from ...errors import StorageError
+from .plan import park_deadline
+from .strategy import Deferral
+
+__all__ = ["ParkInStore", "decode_message", "encode_message"]
+
+logger = logging.getLogger("celery_breaker")
+
+
+def encode_message(signature: dict[str, Any], serializer: str) -> str:
+    """A signature (``dict(sig)``) as text, in the task's own serializer."""
+    content_type, encoding, body = dumps(signature, serializer=serializer)  # type: ignore[no-untyped-call]
+    if isinstance(body, bytes):
+        text, wrapped = base64.b64encode(body).decode("ascii"), True
+    else:
+        text, wrapped = body, False
+    return json.dumps({"v": 1, "ct": content_type, "ce": encoding, "b64": wrapped, "body": text})
+
+
+def decode_message(payload: str) -> dict[str, Any]:
+    """The signature dict ``encode_message`` stored; raises ValueError when unreadable."""
+    try:
+        outer = json.loads(payload)
+        body: str | bytes = outer["body"]
+        if outer.get("b64"):
+            body = base64.b64decode(body)
+        found = loads(body, outer["ct"], outer["ce"])  # type: ignore[no-untyped-call]
+    except Exception as exc:  # any decoding failure: the caller reports the entry
+        raise ValueError(f"unreadable parked message: {exc!r}") from exc
+    if not isinstance(found, dict) or "task" not in found:
+        raise ValueError(f"unreadable parked message: {found!r:.200}")
+    return found
+
+
+class ParkInStore:
+    """Park the run in its breaker's store (``Store.parking``), in the order of its first deferral."""
+
+    name = "park"
+    parks = True
+
+    def deliver(self, deferral: Deferral) -> bool:
+        plan = deferral.plan
+        if plan.expires_first:
+            return False  # it must arrive just after its expiry, to be revoked: a countdown does that
+        store = deferral.breaker.store
+        parking = store.parking
+        if parking is None or store.down:
+            # No parking here, or the shared store is down (its outage is logged once per
+            # interval): a countdown message now, rather than Redis's timeouts for each task.
+            return False
+        task = deferral.task
+        request = task.request
+        signature = task.signature_from_request(request, deferral.args, deferral.kwargs, headers=deferral.headers)
+        body = dict(signature)
+        body["options"] = {k: v for k, v in body.get("options", {}).items() if k not in ("countdown", "eta")}
+        try:
+            payload = encode_message(body, task.serializer or task.app.conf.task_serializer)
+        except Exception as exc:
+            logger.warning("task %s[%s]: cannot park it (%r); deferring with a countdown", task.name, request.id, exc)
+            return False
+        deadline = park_deadline(deferral.expires_in, plan.since, deferral.max_defer_age, deferral.now)
+        breaker = deferral.breaker
+        try:
+            parking.park(breaker.name, breaker.key, f"{request.id}:{plan.count}", plan.since, payload, deadline)
+        except StorageError:
+            return False  # (the store reports its outage, once per interval)
+        return True

@@ -1,0 +1,60 @@
+"""The deferral seam: what a strategy is given (one ``Deferral``) and what it must do with it.
+
+A rejected run is *planned* (``plan.py``: when it may run, how often it was deferred, or
+whether to give up) and then *delivered* by the first strategy that takes it: parked in
+the breaker's store (``parking.py``), or published again with a countdown
+(``countdown.py``). ``selection.py`` chooses the strategies from the broker and the
+settings. A new mechanism (a broker's own delayed delivery, say) is one module here that
+implements ``DeferralStrategy`` plus one line in ``selection.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ...breaker import CircuitBreaker
+from ...errors import CircuitOpenError
+from .plan import DeferralPlan
+
+__all__ = ["Deferral", "DeferralStrategy"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Deferral:
+    """One rejected run to deliver again, and the plan for it."""
+
+    task: Any
+    """The running ``BreakerTask`` (its ``request`` is the delivery being deferred)."""
+    breaker: CircuitBreaker
+    """The task's own breaker (parked tasks wait behind it)."""
+    rejected: CircuitOpenError
+    """The rejection: the task's breaker, or one nested in its body."""
+    state: str
+    """The rejecting breaker's state, as text (``open``, ``forced_open``, ...)."""
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    headers: dict[str, Any]
+    """The delivery's headers, with the ``x-breaker-*`` ones for this deferral."""
+    plan: DeferralPlan
+    expires_in: float | None
+    """Seconds until the task's ``expires`` (``None``: it has none)."""
+    max_defer_age: float | None
+    """The task's ``breaker_max_defer_age``."""
+    now: float
+    """Epoch seconds when the deferral was planned."""
+
+
+class DeferralStrategy(Protocol):
+    """A way to deliver a deferred run so that it runs again later."""
+
+    name: str
+    """Named in logs and in the ``task-breaker-deferred`` event: ``park``, ``countdown``, ..."""
+    parks: bool
+    """True when the run waits outside every worker (a store, a queue) until released."""
+
+    def deliver(self, deferral: Deferral) -> bool:
+        """Deliver the run; ``False`` when this strategy cannot take it now (the next one
+        is tried). Nothing may be lost either way: a strategy that cannot publish and
+        cannot pass the run on raises (``Reject`` to requeue it, or a final error)."""
+        ...

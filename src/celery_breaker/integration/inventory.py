@@ -1,0 +1,93 @@
+"""Which breakers an app has: those its tasks use (``BreakerTask`` and ``breaker_routes``) and those its settings name.
+
+One walk over the app's tasks serves both the worker's start-up check (``check_app``:
+strict, a bad option or a policy conflict stops the worker) and the operators
+(``app_breakers``: lenient, a task whose options are invalid is skipped, so the other
+breakers can still be operated).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Any
+
+from ..core import BreakerPolicy
+from ..errors import ConfigurationError
+from .settings import get_settings
+from .task import BreakerTask
+from .task_options import task_breaker_config
+
+__all__ = ["AppBreaker", "app_breakers", "check_app", "policy_named"]
+
+
+@dataclass(frozen=True, slots=True)
+class AppBreaker:
+    """One breaker the app names, and the policy it gives it."""
+
+    name: str
+    policy: BreakerPolicy
+    tasks: tuple[str, ...]
+    """The ``BreakerTask``s guarded by it (routed plain tasks count once routes are applied)."""
+
+
+def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
+    settings = get_settings(app)
+    found: dict[str, AppBreaker] = {}
+
+    def add(name: str, policy: BreakerPolicy, task: str | None) -> None:
+        seen = found.get(name)
+        if seen is None:
+            found[name] = AppBreaker(name, policy, (task,) if task else ())
+            return
+        if strict and task and seen.tasks and seen.policy != policy:
+            raise ConfigurationError(
+                f"tasks {seen.tasks[0]!r} and {task!r} share breaker {name!r} but give it different "
+                f"policies; set the policy once in breaker_policies[{name!r}] instead of per task"
+            )
+        if task:
+            found[name] = AppBreaker(name, seen.policy, (*seen.tasks, task))
+
+    for task_name, task in sorted(app.tasks.items()):
+        if isinstance(task, BreakerTask):
+            if not task.is_guarded():
+                continue
+            try:
+                config = task_breaker_config(task)
+            except ConfigurationError:
+                if strict:
+                    raise
+                continue  # the worker refuses it at start; operators still act on the others
+            add(config.name, config.policy, task_name)
+        elif not task_name.startswith("celery."):
+            routed = settings.route_for(task_name)
+            if routed is not None:  # a plain task the worker will route (True: its own name)
+                add(routed or task_name, settings.policy_for(routed or task_name), None)
+    for pattern, _ in settings.policies:
+        if not any(mark in pattern for mark in "*?["):
+            add(pattern, settings.policy_for(pattern), None)
+    return found
+
+
+def check_app(app: Any) -> dict[str, list[str]]:
+    """Resolve every BreakerTask's options; raise ConfigurationError on any bad one, or
+    when tasks sharing a breaker disagree on its policy. Returns breaker -> task names."""
+    return {name: list(found.tasks) for name, found in _walk(app, strict=True).items() if found.tasks}
+
+
+def app_breakers(app: Any) -> dict[str, BreakerPolicy]:
+    """Every breaker the app names, with the policy it gives it: its tasks' breakers
+    (``BreakerTask`` and ``breaker_routes``) and the exact names in ``breaker_policies``.
+    A task whose options are invalid is skipped."""
+    return {name: found.policy for name, found in _walk(app, strict=False).items()}
+
+
+def policy_named(app: Any, name: str) -> BreakerPolicy | None:
+    """The policy the app gives breaker ``name``, or ``None`` when no task or setting mentions it."""
+    found = app_breakers(app).get(name)
+    if found is not None:
+        return found
+    settings = get_settings(app)
+    if any(pattern == name or fnmatch.fnmatchcase(name, pattern) for pattern, _ in settings.policies):
+        return settings.policy_for(name)
+    return None

@@ -1,0 +1,73 @@
+"""How celery-breaker gets into a worker: its worker steps, named here and nowhere else.
+
+A worker builds its blueprint from ``app.steps["worker"]`` right after it sends
+``worker_init``. The hook below (connected when ``celery_breaker`` is imported: the
+``celery breaker`` entry point imports it into every ``celery`` command, and an app that
+uses ``BreakerTask`` imports it itself) adds the steps by name, and the worker loads
+them: ``worker.BreakerStep`` (settings, routes, tasks checked before any task runs;
+events), ``worker.ReleaserStep`` (parked tasks), the remote-control commands
+(``ops.control``) and the metrics endpoint (``monitoring.endpoint``). Everything the
+plugin does in a worker starts in one of those steps.
+
+Outside workers, ``breaker_routes`` apply when an app finalizes (so eager and direct
+calls of a routed task are guarded too): the second hook below, Celery's
+``connect_on_app_finalize`` (what ``@shared_task`` uses), reaches every app. ``install(app)``
+(``install.py``) does both for one app ahead of time. This module stays light: every
+``celery`` command imports it, so the routes load only for an app that sets some.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+from celery._state import connect_on_app_finalize
+from celery.signals import worker_init
+
+from ..errors import ConfigurationError
+
+__all__ = ["WORKER_STEPS", "add_worker_steps", "apply_routes_when_finalized", "route_plain_tasks"]
+
+logger = logging.getLogger("celery_breaker")
+
+#: The worker bootsteps, by name: Celery imports each when it builds the worker.
+WORKER_STEPS = (
+    "celery_breaker.integration.worker:BreakerStep",
+    "celery_breaker.integration.worker:ReleaserStep",
+    "celery_breaker.ops.control:ControlStep",
+    "celery_breaker.monitoring.endpoint:MetricsStep",
+)
+
+
+def add_worker_steps(app: Any) -> None:
+    """Add celery-breaker's steps to the workers ``app`` will start (idempotent)."""
+    app.steps["worker"].update(WORKER_STEPS)
+
+
+@worker_init.connect(weak=False, dispatch_uid="celery_breaker.worker_init")  # type: ignore[untyped-decorator]
+def _on_worker_init(sender: Any = None, **_: Any) -> None:
+    # Sent before the worker builds its blueprint from app.steps["worker"].
+    app = getattr(sender, "app", None)
+    if app is not None:
+        add_worker_steps(app)
+
+
+def apply_routes_when_finalized(app: Any) -> None:
+    """Apply ``breaker_routes`` to ``app`` once its tasks exist (when finalizing ends)."""
+    app.on_after_finalize.connect(route_plain_tasks, weak=False)
+
+
+def route_plain_tasks(sender: Any = None, **_: Any) -> None:
+    """Apply ``breaker_routes`` to app ``sender``'s tasks now; a bad setting is logged
+    (the worker's step raises it)."""
+    if not sender.conf.get("breaker_routes"):
+        return  # (most apps: nothing to load)
+    routes = importlib.import_module(".routes", __package__)  # import cost: see the module docstring
+    try:
+        routes.apply_routes(sender)
+    except ConfigurationError as exc:
+        logger.error("celery-breaker: breaker_routes not applied: %s", exc)
+
+
+connect_on_app_finalize(apply_routes_when_finalized)

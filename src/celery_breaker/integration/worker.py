@@ -1,0 +1,94 @@
+"""The worker's steps: check the configuration before any task runs, and release parked tasks.
+
+Named in ``plugin.WORKER_STEPS``; Celery imports this module when it builds a worker (in
+its main process, before a prefork pool forks), which also connects the pool processes'
+signal handlers below.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from ..storage import describe_url, flush_stores, resolve_store
+from . import events
+from .deferral.release import Releaser
+from .inventory import check_app
+from .registry import registry_for
+from .routes import apply_routes
+from .settings import get_settings, reload_settings
+
+__all__ = ["BreakerStep", "ReleaserStep"]
+
+logger = logging.getLogger("celery_breaker")
+
+_EVENTS_LISTENING = "_celery_breaker_events_listening"
+
+
+class BreakerStep(bootsteps.Step):  # type: ignore[misc]
+    """Validates celery-breaker's configuration when a worker starts, before any task runs;
+    applies ``breaker_routes``; turns on breaker events as configured."""
+
+    label = "celery-breaker"
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        app = worker.app
+        settings = reload_settings(app)  # the worker's final config, not an import-time read
+        resolve_store(settings.storage_url)  # a store URL with bad options fails here, not on a task
+        routed = apply_routes(app)
+        breakers = check_app(app)
+        # Events: breaker_send_events when set, else the worker's own -E (which Celery
+        # does not write back into worker_send_task_events).
+        explicit = app.conf.get("breaker_send_events", None)
+        events.configure(
+            enabled=bool(explicit) if explicit is not None else bool(getattr(worker, "task_events", False)),
+            nodename=getattr(worker, "hostname", None),
+        )
+        if not getattr(app, _EVENTS_LISTENING, False):
+            setattr(app, _EVENTS_LISTENING, True)
+            registry_for(app).add_listener(events.TransitionEvents(app))
+        logger.info(
+            "celery-breaker: breakers stored in %s%s; %d breaker(s) on %d task(s)%s",
+            describe_url(settings.storage_url),
+            "" if app.conf.get("breaker_storage_url") else " (the default: the broker's Redis, else memory://)",
+            len(breakers), sum(len(v) for v in breakers.values()),
+            f" ({len(routed)} by breaker_routes)" if routed else "",
+        )  # fmt: skip
+        super().__init__(worker, **kwargs)
+
+
+class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Runs the worker's releaser of parked tasks (``deferral.release``), started once
+    the pool exists, so a prefork parent forks its children without the thread."""
+
+    label = "celery-breaker releaser"
+    requires = ("celery.worker.components:Pool",)
+
+    def create(self, worker: Any) -> Releaser | None:
+        settings = get_settings(worker.app)
+        if settings.park is False:
+            return None
+        parking = resolve_store(settings.storage_url).parking
+        if parking is None:
+            return None
+        logger.info(
+            "celery-breaker: parking deferred tasks in %s; releasing up to %g per second per breaker",
+            describe_url(settings.storage_url), settings.release_rate,
+        )  # fmt: skip
+        return Releaser(worker.app, parking, rate=settings.release_rate, ramp=settings.release_ramp)
+
+
+@worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]
+def _on_worker_process_init(sender: Any = None, **_: Any) -> None:
+    # A prefork child: the sender is the worker's node name.
+    if isinstance(sender, str):
+        events.configure(nodename=sender)
+
+
+@worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+def _on_worker_process_shutdown(**_: Any) -> None:
+    # A prefork child leaves through os._exit (no atexit): send what it counted first.
+    flush_stores()

@@ -1,0 +1,59 @@
+"""Breaker names and keys: the one rule for what may name a breaker.
+
+A breaker is a name (``crm``) and, for a per-key breaker, a key (``tenant-7``); people
+write it as a label (``celery_breaker.labels``). Tasks, settings, the Python API, remote
+control and the ``celery breaker`` CLI all check names with ``check_name`` and operators'
+keys with ``check_key``, so a name one of them accepts is accepted by all.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from .errors import BreakerKeyError, ConfigurationError
+
+__all__ = ["MAX_NAME_LENGTH", "check_key", "check_name"]
+
+#: The longest breaker name, in characters.
+MAX_NAME_LENGTH = 200
+
+#: Unicode categories no name or key may hold: control and format characters, line and
+#: paragraph separators (they would break log lines, tables and the CLI's arguments).
+_UNPRINTABLE = frozenset(("Cc", "Cf", "Zl", "Zp"))
+
+
+def _unprintable(text: str) -> str | None:
+    return next((char for char in text if unicodedata.category(char) in _UNPRINTABLE), None)
+
+
+def check_name(name: object, where: str = "breaker name") -> str:
+    """Return ``name`` if it can name a breaker, else raise ``ConfigurationError`` naming
+    ``where`` (the setting, option or argument it came from), the value and the rule.
+
+    A name is a non-empty string of at most ``MAX_NAME_LENGTH`` printable characters,
+    without leading or trailing whitespace.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigurationError(f"{where} must be a non-empty string, got {name!r}")
+    if name != name.strip():
+        raise ConfigurationError(f"{where} {name!r} starts or ends with whitespace; write {name.strip()!r}")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ConfigurationError(f"{where} is at most {MAX_NAME_LENGTH} characters, got {len(name)}: {name[:40]!r}...")
+    bad = _unprintable(name)
+    if bad is not None:
+        raise ConfigurationError(f"{where} {name!r} holds the control character {bad!r}; names are printable text")
+    return name
+
+
+def check_key(key: str | None) -> None:
+    """Raise ``BreakerKeyError`` unless ``key`` (``None``: no key) is a key an operator
+    can name: a non-empty string of printable characters without surrounding whitespace."""
+    if key is None:
+        return
+    if not isinstance(key, str) or not key:
+        raise BreakerKeyError(f"breaker key {key!r} is empty; a breaker without a key takes no key at all")
+    if key != key.strip():
+        raise BreakerKeyError(f"breaker key {key!r} starts or ends with whitespace; quote only the key itself")
+    bad = _unprintable(key)
+    if bad is not None:
+        raise BreakerKeyError(f"breaker key {key!r} holds the control character {bad!r}; keys are printable text")

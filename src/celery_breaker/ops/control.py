@@ -1,0 +1,145 @@
+"""Remote control: ``celery inspect breakers``, and ``celery control breaker_open``, ``breaker_close``,
+``breaker_reset`` or ``breaker_disable NAME [KEY]`` (one command per ``ACTIONS`` entry).
+
+Importing this module registers the commands in Celery's ``Panel``, where they run in a
+worker's main process: a worker imports it when it loads ``ControlStep`` (one of the
+plugin's worker steps), and the ``celery breaker`` entry point imports it into every
+``celery`` command, so the ``celery inspect``/``celery control`` client knows the names.
+
+Every worker that receives a command answers for itself: with a Redis store they all
+act on the same shared breaker (the operation is idempotent), with ``memory://`` each
+on its own. Arguments are checked in the ``celery`` client before anything is sent,
+so a malformed name or key is a usage error (exit 2); an unknown breaker is an
+``error`` reply naming the breakers the worker knows.
+
+Like ``cli``, it is imported by every ``celery`` command: the settings, the store and
+the operator functions load inside the commands (import cost, not import cycles).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import click
+from celery import bootsteps, current_app
+from celery.worker.control import control_command, inspect_command
+
+from ..errors import BreakerKeyError, ConfigurationError, UnknownBreakerError
+from ..labels import breaker_label
+from ..names import check_key, check_name
+from .actions import ACTIONS
+
+__all__ = ["ControlStep", "operate"]
+
+logger = logging.getLogger("celery_breaker")
+
+
+class ControlStep(bootsteps.Step):  # type: ignore[misc]
+    """The worker step whose loading registers the remote-control commands (this module's import)."""
+
+    label = "celery-breaker remote control"
+
+
+def _known_names(app: Any) -> tuple[Any, set[str]]:
+    """The app's store, and the breaker names known to the app or held in that store."""
+    from ..clock import SYSTEM_CLOCK
+    from ..integration.inventory import app_breakers
+    from ..monitoring.status import app_store
+
+    store = app_store(app)
+    return store, set(app_breakers(app)) | {snapshot.name for snapshot in store.snapshots(SYSTEM_CLOCK)}
+
+
+def operate(app: Any, action: str, name: str, key: str | None = None) -> dict[str, Any]:
+    """Apply ``action`` (a key of ``ACTIONS``) to breaker ``name``/``key`` in this
+    process's store (``ops.operator.operate``, which the CLI uses too), send the events of
+    the transitions it made, and return the breaker's snapshot as a dict.
+    Raises ``UnknownBreakerError`` / ``BreakerKeyError`` for bad input."""
+    from ..integration.events import TransitionEvents
+    from .operator import operate as apply_action
+
+    if action not in ACTIONS:
+        raise ValueError(f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
+    store, known = _known_names(app)  # this process's store: with memory:// each worker acts on its own
+    if name not in known:
+        listing = ", ".join(sorted(known)) or "none"
+        raise UnknownBreakerError(f"unknown breaker {name!r}; this worker knows: {listing}")
+    # A known breaker's new key (a tenant to hold open before its first call) is created.
+    done = apply_action(app, action, name, key, store=store, create=True)
+    announce = TransitionEvents(app)  # (sends only where events are on)
+    for transition in done.transitions:
+        announce(transition)
+    logger.warning("celery-breaker: breaker %s %s by remote control", done.label, ACTIONS[action].done)
+    return done.after.as_dict()
+
+
+def _reply(state: Any, action: str, name: str | None, key: str | None) -> dict[str, Any]:
+    if not name:
+        return {"error": f"breaker_{action} needs a breaker name: celery control breaker_{action} NAME [KEY]"}
+    label = breaker_label(name, key or None)  # (an empty KEY from the command line: no key)
+    try:
+        snapshot = operate(state.consumer.app, action, name, key or None)
+    except (LookupError, ValueError, ConfigurationError) as exc:
+        return {"error": str(exc)}
+    except Exception as exc:  # a store outage, say: a reply, never a dead control thread
+        logger.exception("celery-breaker: breaker_%s %s failed", action, label)
+        return {"error": f"breaker_{action} {label}: {exc}"}
+    return {"ok": f"breaker {label} {ACTIONS[action].done}; state {snapshot['state']}"}
+
+
+def _typed_key(value: str) -> str:
+    """A breaker key for the ``celery`` client: one that cannot name a breaker is a usage error (exit 2)."""
+    try:
+        check_key(value)
+    except BreakerKeyError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+def _typed_name(value: str) -> str:
+    """A breaker name for the ``celery`` client: malformed, or unknown to the app the
+    client loaded (``-A``) and to its store, is a usage error (exit 2) before anything is
+    sent. If the client cannot read the store, the workers decide."""
+    try:
+        name = check_name(value, "breaker name")
+    except ConfigurationError as exc:
+        raise click.BadParameter(str(exc)) from None
+    app = current_app._get_current_object()
+    try:
+        _, known = _known_names(app)
+    except Exception:  # no store from here (or no settings): leave it to the workers
+        return name
+    if name not in known:
+        listing = ", ".join(sorted(known)) or "none"
+        raise click.BadParameter(f"unknown breaker {name!r}; known: {listing}")
+    return name
+
+
+_ARGS = [("name", _typed_name), ("key", _typed_key)]
+_SIGNATURE = "<breaker name> [key]"
+
+
+@inspect_command(name="breakers", help="State of every breaker in the shared store.")  # type: ignore[untyped-decorator]
+def breakers(state: Any) -> Any:
+    """Every breaker this worker's store holds (a Redis store: the whole cluster's), as dicts."""
+    from ..monitoring.status import collect_metrics
+
+    try:
+        return [row.as_dict() for row in collect_metrics(state.consumer.app)]
+    except Exception as exc:
+        logger.exception("celery-breaker: inspect breakers failed")
+        return {"error": f"inspect breakers: {exc}"}
+
+
+def _register(action: str, help_text: str) -> None:
+    def command(state: Any, name: str | None = None, key: str | None = None) -> dict[str, Any]:
+        return _reply(state, action, name, key)
+
+    command.__name__ = command.__qualname__ = f"breaker_{action}"
+    command.__doc__ = help_text
+    control_command(name=f"breaker_{action}", args=_ARGS, signature=_SIGNATURE, help=help_text)(command)
+
+
+for _action in ACTIONS.values():
+    _register(_action.name, _action.summary.replace("NAME", "a breaker"))

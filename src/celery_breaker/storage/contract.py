@@ -1,0 +1,210 @@
+"""The contract every breaker store keeps: intention-level atomic operations and declared capabilities.
+
+A store holds breakers (``Store.cell``); a cell is one breaker, whose every operation is
+one atomic step across all the processes sharing the store. Callers never read a store's
+internals: what a store can do beyond holding breakers it declares (``shared``,
+``parking``, ``history``), and every operation that changes a breaker returns the
+transitions it made, for the caller to announce.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..clock import Clock
+from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
+
+__all__ = ["NO_MOVES", "Cell", "History", "Moves", "Parking", "Store"]
+
+#: The transitions one operation made, oldest first (usually none).
+Moves = tuple[Transition, ...]
+NO_MOVES: Moves = ()
+
+
+class Cell(Protocol):
+    """One breaker inside a store, seen through a local view that its operations refresh.
+
+    The view (``passing``, ``generation``, ``state``, ``evicted``) is read without I/O on
+    every call; each method that changes the breaker is one atomic step across every
+    process that shares the store.
+    """
+
+    @property
+    def state(self) -> State:
+        """The breaker's state as last seen by this process."""
+        ...
+
+    @property
+    def policy(self) -> BreakerPolicy:
+        """The policy the breaker was created with (``reset`` replaces it)."""
+        ...
+
+    @property
+    def generation(self) -> int:
+        """Increments on every transition; tickets carry it so stale outcomes are fenced."""
+        ...
+
+    @property
+    def passing(self) -> bool:
+        """True while calls pass without asking the store (CLOSED or DISABLED, view fresh):
+        callers then admit with ``generation`` as the ticket and skip ``acquire``."""
+        ...
+
+    @property
+    def evicted(self) -> bool:
+        """True when the holder must ask the store for the cell again (``Store.cell``)."""
+        ...
+
+    def stale(self) -> None:
+        """Forget the local view: the holder asks the store again (``evicted`` turns True)
+        and ``Store.cell`` reads the breaker before the next call."""
+        ...
+
+    def reject_locally(self, now: float) -> None:
+        """Raise ``CircuitOpenError`` (counting the rejection) if the local view rejects a
+        call at ``now`` (OPEN before its time is up, FORCED_OPEN); return when the store
+        must decide (``acquire``). Raised here, not returned: a caller holding the error
+        in a local variable would make a reference cycle through its traceback."""
+        ...
+
+    def acquire(self, policy: BreakerPolicy, now: float) -> tuple[Ticket, Moves]:
+        """Admit a call (its ticket, and the transition admitting it made: an OPEN
+        breaker whose time is up half-opens) or raise ``CircuitOpenError``."""
+        ...
+
+    def finish(
+        self,
+        ticket: Ticket,
+        outcome: Outcome,
+        duration: float,
+        policy: BreakerPolicy,
+        now: float,
+        *,
+        open_for: float | None = None,
+    ) -> Moves:
+        """Record a call's outcome and apply any transition it causes. ``open_for`` (a
+        failure's Retry-After, seconds) opens a CLOSED or HALF_OPEN breaker at once for
+        that long, capped by the policy's ``max_reset_timeout``."""
+        ...
+
+    def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
+        """``finish`` for a success: the hot path, kept separate so stores can make it cheap."""
+        ...
+
+    def force(self, target: State, policy: BreakerPolicy, now: float) -> Moves:
+        """Operator move to CLOSED, FORCED_OPEN or DISABLED."""
+        ...
+
+    def reset(self, policy: BreakerPolicy, now: float) -> Moves:
+        """Forget everything: a fresh CLOSED breaker under ``policy``."""
+        ...
+
+    def note_deferral(self) -> None:
+        """Count one task deferred because this breaker rejected it."""
+        ...
+
+    def snapshot(self, now: float) -> BreakerSnapshot:
+        """The breaker as of ``now`` (the caller's monotonic clock): state, window totals and counters."""
+        ...
+
+
+class Parking(Protocol):
+    """Where a store keeps deferred tasks until their breaker lets them run (see
+    ``integration/deferral``). Entries are grouped per breaker under a *tag*; every
+    method raises ``StorageError`` when the store cannot be reached."""
+
+    def tag(self, name: str, key: str | None) -> str:
+        """The tag of breaker ``name``/``key``'s parked entries."""
+        ...
+
+    def park(self, name: str, key: str | None, entry: str, order: float, payload: str, deadline: float | None) -> int:
+        """Keep ``payload`` (a task message) until released; return how many are parked."""
+        ...
+
+    def release(
+        self, tag: str, *, most: int, pace: float, ramp: float, lease: float, now: float | None = None
+    ) -> list[tuple[str, str]]:
+        """Claim, under a lease, the ``(entry, payload)`` pairs the breaker lets run now."""
+        ...
+
+    def done(self, tag: str, entries: list[str]) -> None:
+        """Forget claimed entries that were published again."""
+        ...
+
+    def purge(self, tag: str) -> int:
+        """Discard the entries parked when the call began; return how many."""
+        ...
+
+    def tags(self) -> list[str]:
+        """Tags of breakers that may hold parked entries."""
+        ...
+
+    def count(self, tag: str) -> tuple[int, int]:
+        """``(parked, claimed and not yet published)`` entries of one breaker."""
+        ...
+
+    def forget(self, tag: str) -> None:
+        """Drop ``tag`` from the index of parked breakers if it holds nothing."""
+        ...
+
+
+class History(Protocol):
+    """Where a store keeps breakers' stored metrics snapshots (``monitoring.history``)."""
+
+    def append(self, name: str, key: str | None, snapshot: str, *, ttl: float, now: float | None = None) -> float:
+        """Store ``snapshot`` (a JSON object) in the breaker's history; return its time."""
+        ...
+
+    def read(self, name: str, key: str | None, *, since: float | None = None, until: float | None = None) -> list[str]:
+        """The breaker's stored snapshots with ``since <= at <= until``, oldest first."""
+        ...
+
+
+class Store(Protocol):
+    """Where breakers live. The same (name, key) on the same store is the same breaker."""
+
+    @property
+    def url(self) -> str:
+        """The URL the store was opened with (may hold a password: show ``describe_url(url)``)."""
+        ...
+
+    @property
+    def shared(self) -> bool:
+        """True when every process opening the same URL sees the same breakers."""
+        ...
+
+    @property
+    def parking(self) -> Parking | None:
+        """Where deferred tasks can wait for their breaker, if this store can keep them."""
+        ...
+
+    @property
+    def history(self) -> History | None:
+        """Where metrics snapshots can be stored, if this store can keep them."""
+        ...
+
+    @property
+    def down(self) -> bool:
+        """True while the store is known to be unreachable (its outage is being handled)."""
+        ...
+
+    def cell(self, name: str, key: str | None, policy: BreakerPolicy, clock: Clock) -> Cell:
+        """The cell of breaker ``name``/``key``, created CLOSED on first use."""
+        ...
+
+    def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
+        """Every breaker the store currently holds."""
+        ...
+
+    def sync(self, timeout: float = 5.0) -> bool:
+        """Return once this process's views reflect every transition made (anywhere)
+        before the call; False if that could not be established within ``timeout``."""
+        ...
+
+    def flush(self) -> None:
+        """Send whatever this process counted locally and has not yet stored."""
+        ...
+
+    def close(self) -> None:
+        """Flush, then let go of connections and threads (a later call reconnects)."""
+        ...
