@@ -124,7 +124,7 @@ def read(path: Path, known: set[str]) -> Module:
             if lazy:
                 module.lazy.add(target)
         elif target:
-            module.third_party.add(target.split(".")[0])
+            module.third_party.add(target.split(".", maxsplit=1)[0])
 
     def visit(node: ast.AST, *, in_function: bool) -> None:
         for child in ast.iter_child_nodes(node):

@@ -13,6 +13,7 @@ from typing import Any, NamedTuple, ParamSpec, TypeVar, overload
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
 from .core.retry_after import retry_after_of
+from .errors import CircuitOpenError
 from .labels import breaker_label
 from .names import check_name
 from .storage import Cell, Moves, Store, describe_url, resolve_store, with_fallback
@@ -27,6 +28,7 @@ R = TypeVar("R")
 TransitionListener = Callable[[Transition], object]
 
 SUCCESS, FAILURE, IGNORED = Outcome.SUCCESS, Outcome.FAILURE, Outcome.IGNORED
+OPEN, FORCED_OPEN = State.OPEN, State.FORCED_OPEN
 
 
 class _Active(NamedTuple):
@@ -177,6 +179,17 @@ class CircuitBreaker:
             # generation, whose outcomes move nothing: a stale read is harmless.
             ticket: Ticket = cell.generation
         else:
+            state = cell.state
+            open_until = cell.open_until
+            if not cell.evicted and (
+                state is FORCED_OPEN or (state is OPEN and open_until is not None and start < open_until)
+            ):
+                # Rejected from the local view, raised from this frame: the cheapest
+                # rejection there is (every other case asks the store).
+                cell.note_rejection(start)
+                raise CircuitOpenError.rejected(
+                    self.name, self.key, state, None if open_until is None else open_until - start
+                )
             cell, ticket = self._acquire(cell, start)
         try:
             result = fn(*args, **kwargs)
@@ -288,8 +301,15 @@ class CircuitBreaker:
             cell = self._refresh()
             if cell.passing:
                 return cell, cell.generation
-        # Reject from the local view without asking the store (the store decides everything else).
-        cell.reject_locally(now)
+        state = cell.state
+        open_until = cell.open_until
+        # Reject from the local view without asking the store: one frame deep, so
+        # the rejection stays cheap (the store decides everything else).
+        if state is FORCED_OPEN or (state is OPEN and open_until is not None and now < open_until):
+            cell.note_rejection(now)
+            raise CircuitOpenError.rejected(
+                self.name, self.key, state, None if open_until is None else open_until - now
+            )
         ticket, moves = cell.acquire(self.policy, now)
         if moves:
             self._announce(moves)

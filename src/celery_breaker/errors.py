@@ -97,8 +97,9 @@ class CircuitOpenError(CircuitBreakerError):
         self.final = final
 
     @classmethod
-    def _rejected(cls, name: str, key: str | None, state: State | None, retry_after: float | None) -> CircuitOpenError:
-        # The rejection hot path: skip keyword parsing, format the text lazily.
+    def rejected(cls, name: str, key: str | None, state: State | None, retry_after: float | None) -> CircuitOpenError:
+        """The error a breaker's rejection raises, made for the hot path: no keyword
+        parsing, and the text is formatted only when read."""
         err = cls.__new__(cls)
         err.name = name
         err.key = key

@@ -79,6 +79,123 @@ def test_successes_do_not_reset_the_failure_count(store: Store, clock: FakeClock
     assert state_of(breaker) is State.OPEN
 
 
+# -- consecutive failures ------------------------------------------------------------
+
+
+def consecutive(store: Store, clock: FakeClock, threshold: int, **policy: Any) -> CircuitBreaker:
+    return make(store, clock, failure_threshold=None, consecutive_failures=threshold, **policy)
+
+
+def test_consecutive_failures_trip_after_exactly_n_in_a_row(store: Store, clock: FakeClock) -> None:
+    breaker = consecutive(store, clock, 3)
+    seen = recorder(breaker)
+    fail(breaker, 2)
+    assert state_of(breaker) is State.CLOSED
+    fail(breaker)
+    assert state_of(breaker) is State.OPEN
+    [trip] = seen
+    assert (trip.source, trip.target, trip.reason) == (State.CLOSED, State.OPEN, "3 consecutive failures")
+    assert (trip.failures, trip.calls, trip.trips) == (3, 0, 1)
+
+
+def test_a_success_in_between_ends_the_run(store: Store, clock: FakeClock) -> None:
+    breaker = consecutive(store, clock, 3)
+    fail(breaker, 2)
+    assert breaker.call(ok) == "ok"
+    fail(breaker, 2)
+    assert state_of(breaker) is State.CLOSED
+    fail(breaker)
+    assert state_of(breaker) is State.OPEN
+
+
+def test_an_ignored_outcome_leaves_the_run_as_it_is(store: Store, clock: FakeClock) -> None:
+    breaker = consecutive(store, clock, 3, ignore_exceptions=(KeyError,))
+    fail(breaker, 2)
+    with pytest.raises(KeyError):
+        breaker.call(raise_, KeyError("neutral"))
+    assert breaker.snapshot().window_failures == 2
+    fail(breaker)
+    assert state_of(breaker) is State.OPEN
+
+
+def test_snapshot_window_failures_is_the_run(store: Store, clock: FakeClock) -> None:
+    breaker = consecutive(store, clock, 5)
+    fail(breaker, 3)
+    snap = breaker.snapshot()
+    assert (snap.window_failures, snap.window_calls, snap.window_slow_calls, snap.failures) == (3, 0, 0, 3)
+    assert breaker.call(ok) == "ok"
+    snap = breaker.snapshot()
+    assert (snap.window_failures, snap.failures, snap.successes) == (0, 3, 1)
+
+
+def test_a_failed_probe_reopens_a_consecutive_failures_breaker(store: Store, clock: FakeClock) -> None:
+    breaker = consecutive(store, clock, 2, reset_timeout=10, half_open_max_calls=1, success_threshold=1)
+    seen = recorder(breaker)
+    fail(breaker, 2)
+    clock.advance(10)
+    fail(breaker)  # the probe
+    assert state_of(breaker) is State.OPEN
+    assert seen[-1].reason == "probe failed"
+    assert rejected(breaker).retry_after == pytest.approx(20)  # the streak backs off as ever
+    clock.advance(20)
+    assert breaker.call(ok) == "ok"
+    assert state_of(breaker) is State.CLOSED
+    fail(breaker)  # closing started a new run
+    assert state_of(breaker) is State.CLOSED
+    fail(breaker)
+    assert state_of(breaker) is State.OPEN
+    assert breaker.snapshot().trips == 3
+
+
+def test_a_success_counted_locally_ends_the_run_before_the_next_failure(store: Store, clock: FakeClock) -> None:
+    # On Redis a CLOSED success is counted in this process and sent with its next script
+    # call (or by the flusher, within a second): the script applies it before the failure.
+    breaker = consecutive(store, clock, 2)
+    fail(breaker)
+    assert breaker.call(ok) == "ok"
+    fail(breaker)
+    assert state_of(breaker) is State.CLOSED
+    assert breaker.snapshot().window_failures == 1
+
+
+def test_reset_ends_the_run_and_adopts_the_callers_threshold(store: Store, clock: FakeClock) -> None:
+    first = consecutive(store, clock, 3)
+    fail(first, 2)
+    second = consecutive(store, clock, 2)
+    second.reset()
+    fail(second)
+    assert state_of(second) is State.CLOSED  # the run started over
+    fail(second)
+    assert state_of(second) is State.OPEN
+    assert second.snapshot().trips == 1
+
+
+def test_consecutive_failures_beside_failures_within_a_window(store: Store, clock: FakeClock) -> None:
+    # Both rules see every outcome; the run is what a snapshot shows (the later rule).
+    breaker = make(store, clock, failure_threshold=3, window=10, consecutive_failures=2)
+    seen = recorder(breaker)
+    fail(breaker)
+    assert breaker.call(ok) == "ok"
+    fail(breaker)
+    assert breaker.snapshot().window_failures == 1
+    fail(breaker)  # three within 10 s, and two in a row: the first rule names the trip
+    assert seen[-1].reason == "3 failures within 10 s"
+
+
+def test_consecutive_failures_beside_a_failure_rate(store: Store, clock: FakeClock) -> None:
+    breaker = make(
+        store, clock, failure_threshold=None, consecutive_failures=3, failure_rate_threshold=0.9,
+        count_window=10, minimum_calls=10,
+    )  # fmt: skip
+    seen = recorder(breaker)
+    for _ in range(4):
+        assert breaker.call(ok) == "ok"
+    fail(breaker, 3)
+    assert state_of(breaker) is State.OPEN
+    assert seen[-1].reason == "3 consecutive failures"
+    assert (seen[-1].failures, seen[-1].calls) == (3, 7)  # the rate window's counts are shown
+
+
 # -- open, half-open, closed -------------------------------------------------------
 
 

@@ -193,6 +193,7 @@ def test_names_and_keys_cannot_collide(redis_url: str) -> None:
 THRESHOLD = {"failure_threshold": 2}
 COUNT_RATE = {"failure_threshold": 2, "failure_rate_threshold": 0.99, "count_window": 10}
 TIME_RATE = {"failure_threshold": 2, "failure_rate_threshold": 0.99}
+CONSECUTIVE = {"failure_threshold": None, "consecutive_failures": 2}
 
 
 @pytest.mark.parametrize(
@@ -208,6 +209,11 @@ TIME_RATE = {"failure_threshold": 2, "failure_rate_threshold": 0.99}
         pytest.param(COUNT_RATE, lambda r, tag: r.hset(tag + ":s", "wn", "999999999"), id="ring-out-of-range"),
         pytest.param(TIME_RATE, lambda r, tag: r.hset(tag + ":b", "later", "1:1:1:1"), id="foreign-bucket"),
         pytest.param(TIME_RATE, lambda r, tag: r.hset(tag + ":b", "3", "x"), id="unreadable-bucket"),
+        pytest.param(CONSECUTIVE, lambda r, tag: r.hset(tag + ":s", "run", "many"), id="unreadable-run"),
+        pytest.param(CONSECUTIVE, lambda r, tag: r.hset(tag + ":s", "run", "-3"), id="run-out-of-range"),
+        pytest.param(
+            THRESHOLD, lambda r, tag: r.hset(tag + ":s", "pol", '{"v":3,"rules":[{"kind":7}]}'), id="keyed-policy-bad"
+        ),
     ],
 )
 def test_corrupted_state_is_reset_with_a_warning(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterator
 
@@ -27,15 +28,26 @@ def server(redis_url: str) -> Iterator[redis.Redis]:
 def test_policy_text_round_trips_the_backoff_fields() -> None:
     policy = BreakerPolicy(reset_timeout=7, backoff_multiplier=3, max_reset_timeout=100, reset_jitter=0.25)
     text = policy_text(policy)
-    assert text.startswith("2;")
-    assert text.endswith(";3.0;100.0;0.25;100.0")
+    described = json.loads(text)
+    assert described["v"] == 3
+    assert (described["backoff_multiplier"], described["longest_open"], described["reset_jitter"]) == (3.0, 100.0, 0.25)
+    assert described["fields"]["max_reset_timeout"] == 100.0
     assert policy_from_text(text, BreakerPolicy()) == policy
     assert policy_from_text(policy_text(BreakerPolicy()), BreakerPolicy(reset_timeout=1)) == BreakerPolicy()
 
 
+#: The fields of the positional policy texts (versions 1 and 2), in order, after the version.
+POSITIONAL_FIELDS = (
+    "failure_threshold", "window", "failure_rate_threshold", "minimum_calls", "count_window",
+    "slow_call_duration", "slow_call_rate_threshold", "reset_timeout", "half_open_max_calls",
+    "success_threshold", "half_open_max_wait", "calls_to_judge", "probes_to_close",
+)  # fmt: skip
+
+
 def v1_text(policy: BreakerPolicy) -> str:
     """The policy as a release without backoff wrote it."""
-    return "1;" + ";".join(policy_text(policy).split(";")[1:14])
+    values = (getattr(policy, name) for name in POSITIONAL_FIELDS)
+    return "1;" + ";".join("" if value is None else repr(value) for value in values)
 
 
 def test_a_version_1_policy_reads_as_no_backoff() -> None:

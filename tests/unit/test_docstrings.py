@@ -2,7 +2,7 @@
 public methods and properties of each public class.
 
 A method implementing a documented protocol member (``Cell``, ``Store``, ``Parking``,
-``History``, ``Clock``, ``RateWindow``, ``DeferralStrategy``) or
+``History``, ``Clock``, ``RateWindow``, ``TripRule``, ``DeferralStrategy``) or
 overriding a documented base method inherits that documentation, as ``help()`` shows it.
 """
 
@@ -16,11 +16,12 @@ from typing import Any
 
 import celery_breaker
 from celery_breaker.clock import Clock
+from celery_breaker.core.rules import TripRule
 from celery_breaker.core.windows import RateWindow
 from celery_breaker.integration.deferral.strategy import DeferralStrategy
 from celery_breaker.storage.contract import Cell, History, Parking, Store
 
-PROTOCOLS = (Cell, Store, Parking, History, Clock, RateWindow, DeferralStrategy)
+PROTOCOLS = (Cell, Store, Parking, History, Clock, RateWindow, TripRule, DeferralStrategy)
 
 
 def modules() -> list[ModuleType]:

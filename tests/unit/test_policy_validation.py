@@ -20,7 +20,14 @@ from celery_breaker.core.policy import (
     DEFAULT_WINDOW,
 )
 
-COUNTS = ["failure_threshold", "minimum_calls", "count_window", "half_open_max_calls", "success_threshold"]
+COUNTS = [
+    "failure_threshold",
+    "consecutive_failures",
+    "minimum_calls",
+    "count_window",
+    "half_open_max_calls",
+    "success_threshold",
+]
 SECONDS = ["window", "slow_call_duration", "reset_timeout", "half_open_max_wait"]
 RATES = ["failure_rate_threshold", "slow_call_rate_threshold"]
 BAD_FOR_ALL: list[Any] = [0, -1, True, False, "5", math.nan, math.inf, -math.inf, [5]]

@@ -1,7 +1,8 @@
-"""The breaker itself, free of Celery and Redis: states, policies, windows and the state machine."""
+"""The breaker itself, free of Celery and Redis: states, policies, trip rules, windows and the state machine."""
 
 from .machine import BreakerMachine, Ticket
 from .policy import CALLER_ERRORS, BreakerPolicy, Outcome, downstream_error
+from .rules import TripRule, rules_for
 from .snapshot import BreakerSnapshot, Probe, Transition
 from .state import TRANSITIONS, State
 
@@ -16,5 +17,7 @@ __all__ = [
     "State",
     "Ticket",
     "Transition",
+    "TripRule",
     "downstream_error",
+    "rules_for",
 ]

@@ -13,9 +13,9 @@ from typing import NoReturn
 from ..errors import CircuitOpenError
 from .counters import tally
 from .policy import BreakerPolicy, Outcome
+from .rules import TripRule, rules_for
 from .snapshot import BreakerSnapshot, Probe, Transition
 from .state import State, check_transition
-from .windows import CountWindow, FailureTimes, RateWindow, TimeWindow
 
 __all__ = ["BreakerMachine", "Ticket"]
 
@@ -41,7 +41,7 @@ class BreakerMachine:
 
     __slots__ = (
         "name", "key", "policy", "state", "generation", "opened_at", "open_until",
-        "failure_times", "rate_window", "leases", "next_lease", "half_open_successes",
+        "rules", "shown", "success_steps", "quiet_varies", "leases", "next_lease", "half_open_successes",
         "success_tally", "failures", "rejection_tally", "deferrals", "trips",
         "last_success", "last_failure", "last_used", "moves", "wall_offset", "passing", "quiet_success",
         "streak", "open_duration", "draw",
@@ -88,19 +88,25 @@ class BreakerMachine:
 
     def _use_policy(self, policy: BreakerPolicy) -> None:
         self.policy = policy
-        self.failure_times = (
-            FailureTimes(policy.failure_threshold, policy.window) if policy.failure_threshold is not None else None
-        )
-        self.rate_window: RateWindow | None = None
-        if policy.uses_rates:
-            self.rate_window = (
-                CountWindow(policy.count_window) if policy.count_window is not None else TimeWindow(policy.window)
-            )
+        self.rules: tuple[TripRule, ...] = rules_for(policy)
+        # The rule whose counts transitions and snapshots show (see rules_for).
+        self.shown: TripRule = self.rules[-1]
+        # What a fast success must do: each rule that minds one counts it, and whether
+        # one is quiet again is worth asking only of a rule whose quietness varies.
+        self.success_steps = tuple(rule.succeed for rule in self.rules if rule.minds_successes)
+        self.quiet_varies = any(rule.quiet_varies for rule in self.rules)
         self._update_quiet()
 
     def _update_quiet(self) -> None:
-        # A success changes nothing but counters: CLOSED or DISABLED with no rate window.
-        self.quiet_success = self.passing and self.rate_window is None
+        # A success changes nothing but counters: CLOSED or DISABLED, and no rule minds one
+        # (no rate window, no run of consecutive failures to end).
+        quiet = self.passing
+        if quiet:
+            for rule in self.rules:
+                if not rule.quiet:
+                    quiet = False
+                    break
+        self.quiet_success = quiet
 
     # -- admission -----------------------------------------------------------
 
@@ -137,7 +143,7 @@ class BreakerMachine:
 
     def _reject(self, retry_after: float | None) -> NoReturn:
         next(self.rejection_tally)
-        raise CircuitOpenError._rejected(self.name, self.key, self.state, retry_after)
+        raise CircuitOpenError.rejected(self.name, self.key, self.state, retry_after)
 
     # -- outcomes ------------------------------------------------------------
 
@@ -188,22 +194,14 @@ class BreakerMachine:
                     self._move(CLOSED, now, f"{self.half_open_successes} probes succeeded")
 
     def _record_closed(self, failed: bool, slow: bool, now: float, open_for: float | None) -> None:
-        policy = self.policy
+        # Every rule sees every outcome (a rate window counts it even when another rule
+        # trips); the first rule with a reason names the trip.
         reason = None
-        if failed and self.failure_times is not None and self.failure_times.add(now):
-            reason = f"{policy.failure_threshold} failures within {policy.window:g} s"
-        window = self.rate_window
-        if window is not None:
-            window.add(now, failed, slow)
-            if reason is None and (failed or slow):
-                calls, failures, slow_calls = window.totals(now)
-                if calls >= policy.calls_to_judge:
-                    rate = policy.failure_rate_threshold
-                    slow_rate = policy.slow_call_rate_threshold
-                    if rate is not None and failures >= rate * calls:
-                        reason = f"failure rate {failures}/{calls} >= {rate:.0%}"
-                    elif slow_rate is not None and slow_calls >= slow_rate * calls:
-                        reason = f"slow-call rate {slow_calls}/{calls} >= {slow_rate:.0%}"
+        for rule in self.rules:
+            said = rule.observe(failed, slow, now)
+            if reason is None:
+                reason = said
+        self._update_quiet()
         if open_for is not None:
             self._trip(now, "", open_for)  # a Retry-After opens at once, whatever the rules say
         elif reason is not None:
@@ -238,6 +236,14 @@ class BreakerMachine:
         self.failures = self.deferrals = self.trips = 0
         self.last_success = self.last_failure = self.opened_at = None
 
+    def observe_success(self, now: float) -> None:
+        """A CLOSED breaker's success, in its current generation and not slow: counted by
+        every rule it changes (none trips on it), with no transition to evaluate."""
+        for succeed in self.success_steps:
+            succeed(now)
+        if self.quiet_varies:
+            self._update_quiet()  # (a run of consecutive failures ended)
+
     def note_deferral(self) -> None:
         """Count one task deferred because this breaker rejected it."""
         self.deferrals += 1
@@ -255,15 +261,11 @@ class BreakerMachine:
     def _move(self, target: State, now: float, reason: str | None = None, open_for: float = 0.0) -> None:
         source = self.state
         why = check_transition(source, target)
-        calls = failures = 0
-        if self.rate_window is not None:
-            calls, failures, _ = self.rate_window.totals(now)
-        elif self.failure_times is not None:
-            failures = self.failure_times.count(now)
+        shown = self.shown
+        calls, failures = shown.calls(now), shown.failures(now)
         self.generation += 1
         self.state = target
         self.passing = target is CLOSED or target is DISABLED
-        self._update_quiet()
         if target is OPEN or target is FORCED_OPEN:
             self.opened_at = now
             self.trips += target is OPEN
@@ -280,7 +282,9 @@ class BreakerMachine:
         if target is not HALF_OPEN:
             self.leases.clear()
         if target is OPEN or target is CLOSED or source is CLOSED:
-            self._clear_windows()
+            for rule in self.rules:
+                rule.clear()
+        self._update_quiet()
         offset = self.wall_offset
         self.moves.append(
             Transition(
@@ -298,21 +302,13 @@ class BreakerMachine:
             )
         )
 
-    def _clear_windows(self) -> None:
-        if self.failure_times is not None:
-            self.failure_times.clear()
-        if self.rate_window is not None:
-            self.rate_window.clear()
-
     # -- reading -------------------------------------------------------------
 
     def is_at_rest(self, now: float) -> bool:
         """True when forgetting this breaker loses nothing that decides anything."""
         if self.state is not CLOSED:
             return False
-        if self.failure_times is not None and self.failure_times.count(now):
-            return False
-        return self.rate_window is None or self.rate_window.totals(now)[0] == 0
+        return all(rule.at_rest(now) for rule in self.rules)
 
     def retry_after(self, now: float) -> float | None:
         """Seconds until a probe may be admitted: 0 if calls pass, None if forced open."""
@@ -328,11 +324,8 @@ class BreakerMachine:
 
     def snapshot(self, now: float) -> BreakerSnapshot:
         """The breaker as of ``now`` (monotonic seconds): state, window totals and counters."""
-        calls = failures = slow = 0
-        if self.rate_window is not None:
-            calls, failures, slow = self.rate_window.totals(now)
-        elif self.failure_times is not None:
-            failures = self.failure_times.count(now)
+        shown = self.shown
+        calls, failures, slow = shown.calls(now), shown.failures(now), shown.slow_calls(now)
         offset = self.wall_offset
 
         def wall(t: float | None) -> float | None:

@@ -185,6 +185,8 @@ class BreakerPolicy:
 
     * ``failure_threshold`` recorded failures within the last ``window`` seconds
       (exact: the timestamps of the last ``failure_threshold`` failures are kept).
+    * ``consecutive_failures`` recorded failures in a row: any success ends the run,
+      an ignored outcome leaves it as it is.
     * ``failure_rate_threshold`` (a fraction) of the calls in the window failed,
       once at least ``minimum_calls`` calls were seen (default 10, or ``count_window``
       if smaller).
@@ -223,6 +225,15 @@ class BreakerPolicy:
     window: float = field(
         default=DEFAULT_WINDOW,
         metadata=doc(accepts=_SECONDS_DOC, meaning="the time window of every rule, unless `count_window` is set"),
+    )
+    consecutive_failures: int | None = field(
+        default=None,
+        metadata=doc(
+            accepts="whole number ≥ 1, or `None`",
+            meaning="failures in a row that trip the breaker (pybreaker's `fail_max`): any success "
+            "ends the run, an ignored outcome leaves it as it is",
+            default="this rule off",
+        ),
     )
     failure_rate_threshold: float | None = field(
         default=None,
@@ -343,6 +354,7 @@ class BreakerPolicy:
         put = object.__setattr__
         put(self, "failure_threshold", _count("failure_threshold", self.failure_threshold, optional=True))
         put(self, "window", _seconds("window", self.window, optional=False))
+        put(self, "consecutive_failures", _count("consecutive_failures", self.consecutive_failures, optional=True))
         put(self, "failure_rate_threshold", _rate("failure_rate_threshold", self.failure_rate_threshold))
         put(self, "minimum_calls", _count("minimum_calls", self.minimum_calls, optional=True))
         put(self, "count_window", _count("count_window", self.count_window, optional=True))
@@ -375,10 +387,10 @@ class BreakerPolicy:
                 f"got slow_call_duration={self.slow_call_duration!r}, "
                 f"slow_call_rate_threshold={self.slow_call_rate_threshold!r}"
             )
-        if self.failure_threshold is None and not self.uses_rates:
+        if self.failure_threshold is None and self.consecutive_failures is None and not self.uses_rates:
             raise ConfigurationError(
-                "BreakerPolicy never trips: set failure_threshold, failure_rate_threshold "
-                "or slow_call_rate_threshold (all are None)"
+                "BreakerPolicy never trips: set failure_threshold, consecutive_failures, "
+                "failure_rate_threshold or slow_call_rate_threshold (all are None)"
             )
         if self.success_threshold is not None and self.success_threshold > self.half_open_max_calls:
             raise ConfigurationError(

@@ -141,13 +141,16 @@ class TimeWindow:
             if epoch < self._head - TIME_BUCKETS + 1:
                 return  # older than the window (a clock reading from before the head)
         i = epoch % TIME_BUCKETS
-        self._calls[i] += 1
-        self._failures[i] += failed
-        self._slow[i] += slow
         totals = self._totals
+        self._calls[i] += 1
         totals[0] += 1
-        totals[1] += failed
-        totals[2] += slow
+        # (Most calls are fast successes: skip the two counts they leave as they are.)
+        if failed:
+            self._failures[i] += 1
+            totals[1] += 1
+        if slow:
+            self._slow[i] += 1
+            totals[2] += 1
 
     def totals(self, now: float) -> tuple[int, int, int]:
         self._advance(now)

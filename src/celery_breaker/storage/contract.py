@@ -60,11 +60,14 @@ class Cell(Protocol):
         and ``Store.cell`` reads the breaker before the next call."""
         ...
 
-    def reject_locally(self, now: float) -> None:
-        """Raise ``CircuitOpenError`` (counting the rejection) if the local view rejects a
-        call at ``now`` (OPEN before its time is up, FORCED_OPEN); return when the store
-        must decide (``acquire``). Raised here, not returned: a caller holding the error
-        in a local variable would make a reference cycle through its traceback."""
+    @property
+    def open_until(self) -> float | None:
+        """While OPEN: when (on the caller's monotonic clock) a probe may be admitted.
+        With ``state``, what lets a caller reject a call from the view, without the store."""
+        ...
+
+    def note_rejection(self, now: float) -> None:
+        """Count a call the caller rejected from the view (the store learns it later)."""
         ...
 
     def acquire(self, policy: BreakerPolicy, now: float) -> tuple[Ticket, Moves]:
@@ -117,6 +120,10 @@ class Parking(Protocol):
         """The tag of breaker ``name``/``key``'s parked entries."""
         ...
 
+    def label(self, tag: str) -> str:
+        """The breaker a tag belongs to, as people write it (``crm[tenant-7]``)."""
+        ...
+
     def park(self, name: str, key: str | None, entry: str, order: float, payload: str, deadline: float | None) -> int:
         """Keep ``payload`` (a task message) until released; return how many are parked."""
         ...
@@ -141,6 +148,15 @@ class Parking(Protocol):
 
     def count(self, tag: str) -> tuple[int, int]:
         """``(parked, claimed and not yet published)`` entries of one breaker."""
+        ...
+
+    def counts(self, tags: list[str]) -> dict[str, tuple[int, int]]:
+        """``count`` for many breakers at once."""
+        ...
+
+    def epoch(self) -> str | None:
+        """What names this parking's life: it changes (or vanishes) when the store loses
+        everything parked in it; ``None`` while nothing was parked."""
         ...
 
     def forget(self, tag: str) -> None:

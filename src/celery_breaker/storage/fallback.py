@@ -243,8 +243,12 @@ class FallbackCell:
     def stale(self) -> None:
         self._active.stale()
 
-    def reject_locally(self, now: float) -> None:
-        self._active.reject_locally(now)
+    @property
+    def open_until(self) -> float | None:
+        return self._active.open_until
+
+    def note_rejection(self, now: float) -> None:
+        self._active.note_rejection(now)
 
     # -- atomic operations ----------------------------------------------------
 
@@ -309,6 +313,9 @@ class _ReportingParking:
     def tag(self, name: str, key: str | None) -> str:
         return self._parking.tag(name, key)
 
+    def label(self, tag: str) -> str:
+        return self._parking.label(tag)
+
     def park(self, name: str, key: str | None, entry: str, order: float, payload: str, deadline: float | None) -> int:
         count: int = self._reporting("park", name, key, entry, order, payload, deadline)
         return count
@@ -335,6 +342,14 @@ class _ReportingParking:
     def count(self, tag: str) -> tuple[int, int]:
         counts: tuple[int, int] = self._reporting("count", tag)
         return counts
+
+    def counts(self, tags: list[str]) -> dict[str, tuple[int, int]]:
+        found: dict[str, tuple[int, int]] = self._reporting("counts", tags)
+        return found
+
+    def epoch(self) -> str | None:
+        found: str | None = self._reporting("epoch")
+        return found
 
     def forget(self, tag: str) -> None:
         self._reporting("forget", tag)

@@ -39,14 +39,9 @@ class MemoryCell(BreakerMachine):
     def stale(self) -> None:
         """Nothing to forget: the view is the breaker itself."""
 
-    def reject_locally(self, now: float) -> None:
-        state = self.state
-        open_until = self.open_until
-        if state is FORCED_OPEN or (state is OPEN and open_until is not None and now < open_until):
-            next(self.rejection_tally)
-            self.last_used = now
-            retry_after = None if open_until is None else open_until - now
-            raise CircuitOpenError._rejected(self.name, self.key, state, retry_after)
+    def note_rejection(self, now: float) -> None:
+        next(self.rejection_tally)
+        self.last_used = now
 
     def acquire(self, policy: BreakerPolicy, now: float) -> tuple[Ticket, Moves]:
         with self.lock:
@@ -72,22 +67,22 @@ class MemoryCell(BreakerMachine):
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
         if self.quiet_success and ticket == self.generation:
-            # The common case needs no lock: under a threshold-only policy a success
-            # in CLOSED moves nothing, and the tally's next() is atomic. Should another
-            # thread trip the breaker meanwhile, this success still belongs to the
-            # generation it ran in, which is all the metrics claim.
+            # The common case needs no lock: when no rule minds a success (no rate window,
+            # no run of consecutive failures), a success in CLOSED moves nothing, and the
+            # tally's next() is atomic. Should another thread trip the breaker (or start a
+            # run) meanwhile, this success still belongs to the generation it ran in, and
+            # counts as if it had finished first, which is all the metrics claim.
             next(self.success_tally)
             self.last_success = self.last_used = now
             return NO_MOVES
         with self.lock:
-            window = self.rate_window
-            if self.state is CLOSED and window is not None and ticket == self.generation:
+            if self.state is CLOSED and ticket == self.generation:
                 slow_limit = self.policy.slow_call_duration
                 if slow_limit is None or duration < slow_limit:
-                    # A fast success only lowers the rates: count it, no trip to evaluate.
+                    # A fast success trips no rule: count it in each, no trip to evaluate.
                     next(self.success_tally)
                     self.last_success = self.last_used = now
-                    window.add(now, False, False)
+                    self.observe_success(now)
                     return NO_MOVES
             self.record(ticket, SUCCESS, duration, policy, now)
             return self.take_moves()

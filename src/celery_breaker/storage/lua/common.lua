@@ -12,11 +12,13 @@
 --     since its last script call: 'rejections;deferrals;generation;successes;stale successes;
 --     check' (successes under that generation, stale ones under an earlier one; check = 1
 --     asks for the key types to be checked first); 4 the caller's
---     policy text; 5 name; 6 '-' or '+' .. key; 7 the pub/sub channel transitions are
---     published on ('' for none); 8.. the operation's own arguments.
+--     policy text (see parse_policy); 5 name; 6 '-' or '+' .. key; 7 the pub/sub channel
+--     transitions are published on ('' for none); 8.. the operation's own arguments.
 --
--- Every transition is PUBLISHed on ARGV[7] as 'state key\nincarnation\ngeneration\nstate\n
--- seconds until a probe may be admitted', so each process's local view follows it.
+-- Replies are flat key/value pairs, as HGETALL's (see reply(); storage/redis/replies.py
+-- reads them by name). Every transition is PUBLISHed on ARGV[7] as 'state key\nincarnation\n
+-- generation\nstate\nseconds until a probe may be admitted', so each process's local view
+-- follows it.
 
 local K_STATE, K_FAILS, K_RING, K_BUCKETS, K_LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local TIME_BUCKETS = 20
@@ -55,56 +57,9 @@ local now = read_now()
 local ttl_ms = tonumber(ARGV[2])
 local given_policy = ARGV[4]
 
--- Policy text: '2;failure_threshold;window;failure_rate;minimum_calls;count_window;
--- slow_call_duration;slow_call_rate;reset_timeout;half_open_max_calls;success_threshold;
--- half_open_max_wait;calls_to_judge;probes_to_close;backoff_multiplier;max_reset_timeout;
--- reset_jitter;longest_open' (empty = None). Version 1 (the first 14 fields, written by
--- releases without backoff) still parses, as a policy without backoff or jitter.
-local function parse_policy(text)
-  if type(text) ~= 'string' then return nil end
-  local f = {}
-  for item in (text .. ';'):gmatch('([^;]*);') do f[#f + 1] = item end
-  if not ((#f == 18 and f[1] == '2') or (#f == 14 and f[1] == '1')) then return nil end
-  local p = {
-    failure_threshold = tonumber(f[2]), window = tonumber(f[3]), failure_rate = tonumber(f[4]),
-    count_window = tonumber(f[6]), slow_duration = tonumber(f[7]), slow_rate = tonumber(f[8]),
-    reset_timeout = tonumber(f[9]), max_calls = tonumber(f[10]), max_wait = tonumber(f[12]),
-    calls_to_judge = tonumber(f[13]), probes_to_close = tonumber(f[14]),
-    multiplier = 1, jitter = 0, longest_open = tonumber(f[9]),
-  }
-  if f[1] == '2' then
-    p.multiplier, p.jitter, p.longest_open = tonumber(f[15]), tonumber(f[17]), tonumber(f[18])
-  end
-  if not (p.window and p.reset_timeout and p.max_calls and p.max_wait and p.calls_to_judge
-      and p.probes_to_close and p.multiplier and p.jitter and p.longest_open) then
-    return nil
-  end
-  p.uses_rates = p.failure_rate ~= nil or p.slow_rate ~= nil
-  return p
-end
-
-local function wipe(reason)
-  redis.call('DEL', K_STATE, K_FAILS, K_RING, K_BUCKETS, K_LEASES)
-  warnings[#warnings + 1] = reason
-end
-
--- What the caller counted locally (applied below, once the window functions exist), and
--- its request to check key types: a key of another type (a foreign value, a collision)
--- makes commands fail with WRONGTYPE, and the caller then runs the script again with the
--- check on, which resets the breaker. (Checking on every call would cost five commands.)
-local pending = {}
-for item in (ARGV[3] .. ';'):gmatch('([^;]*);') do pending[#pending + 1] = math.max(0, tonumber(item) or 0) end
-if pending[6] == 1 then
-  local EXPECTED_TYPES = { { K_STATE, 'hash' }, { K_FAILS, 'list' }, { K_RING, 'string' },
-    { K_BUCKETS, 'hash' }, { K_LEASES, 'hash' } }
-  for _, pair in ipairs(EXPECTED_TYPES) do
-    local found = redis.call('TYPE', pair[1]).ok
-    if found ~= 'none' and found ~= pair[2] then
-      wipe(pair[1] .. ' held a ' .. found .. ', expected a ' .. pair[2])
-      break
-    end
-  end
-end
+-- The breaker's state hash as a table (S) and its policy (P), set once loaded (below);
+-- the rules read and write them.
+local S, P
 
 -- Keys written by this script get their TTL now; all five are refreshed together when
 -- the state key's TTL has run down by a tenth (at most a minute), so an idle breaker
@@ -113,64 +68,7 @@ end
 local touched = {}
 local function touch(key) touched[key] = true end
 
-local INTEGER_FIELDS = { 'gen', 'hos', 'nl', 'ok', 'ko', 'rj', 'df', 'tr', 'wn', 'wl', 'wc', 'wf', 'ws' }
-local TIME_FIELDS = { 'oa', 'ou', 'ls', 'lf' }
-
-local function fresh(policy_text)
-  -- The incarnation tells a breaker from an earlier one under the same keys (expired or
-  -- wiped): generations restart with it, so local views compare generations only within one.
-  local s = { st = CLOSED, pol = policy_text, nm = ARGV[5], ky = ARGV[6], inc = fmt(now) }
-  for _, name in ipairs(INTEGER_FIELDS) do s[name] = 0 end
-  s.stk = 0
-  return s
-end
-
-local function load()
-  local flat = redis.call('HGETALL', K_STATE)
-  if #flat == 0 then return nil end
-  local raw = {}
-  for i = 1, #flat, 2 do raw[flat[i]] = flat[i + 1] end
-  local s = { st = raw.st, pol = raw.pol, nm = raw.nm or ARGV[5], ky = raw.ky or ARGV[6], inc = raw.inc or '0' }
-  if not STATES[s.st or ''] then return false, 'state ' .. tostring(raw.st) end
-  for _, name in ipairs(INTEGER_FIELDS) do
-    s[name] = tonumber(raw[name] or '')
-    if s[name] == nil then return false, name .. '=' .. tostring(raw[name]) end
-  end
-  for _, name in ipairs(TIME_FIELDS) do
-    local value = opt_number(raw[name] or '')
-    if value == nil then return false, name .. '=' .. tostring(raw[name]) end
-    s[name] = value or nil
-  end
-  -- The trip streak and the open duration: absent in a hash written by a release
-  -- without backoff, which reads as no streak.
-  s.stk = tonumber(raw.stk or '0')
-  if s.stk == nil then return false, 'stk=' .. tostring(raw.stk) end
-  local od = opt_number(raw.od or '')
-  if od == nil then return false, 'od=' .. tostring(raw.od) end
-  s.od = od or nil
-  if s.st == OPEN and s.ou == nil then return false, 'open without open_until' end
-  if parse_policy(s.pol) == nil then return false, 'policy ' .. tostring(raw.pol) end
-  return s
-end
-
-local S, why = load()
-if S == false then
-  wipe('unreadable ' .. why)
-  S = nil
-end
-if S == nil then
-  -- Asked about a breaker without a policy (a listing) that expired meanwhile: nothing to show.
-  if given_policy == '' then do return { 'absent' } end end
-  S = fresh(given_policy)
-  redis.call('DEL', K_FAILS, K_RING, K_BUCKETS, K_LEASES) -- leftovers of an expired breaker
-end
--- The stored policy wins (the breaker keeps the policy it was created with).
-local P = parse_policy(S.pol)
-if P == nil then error('celery-breaker: unparsable policy ' .. tostring(S.pol)) end
-S.rj = S.rj + (pending[1] or 0)
-S.df = S.df + (pending[2] or 0)
-
--- -- windows -----------------------------------------------------------------
+-- -- windows: where the rules keep their outcomes ----------------------------------
 
 local function clear_failure_times()
   redis.call('DEL', K_FAILS)
@@ -190,10 +88,10 @@ local function failure_times()
   return times
 end
 
-local function failures_in_window()
+local function failures_in_window(window)
   local count = 0
   for _, t in ipairs(failure_times()) do
-    if now - t <= P.window then count = count + 1 end
+    if now - t <= window then count = count + 1 end
   end
   return count
 end
@@ -219,12 +117,11 @@ local function read_buckets()
   return buckets, head
 end
 
-local function bucket_width() return P.window / TIME_BUCKETS end
-
-local function rate_totals()
-  if P.count_window ~= nil then return S.wc, S.wf, S.ws end
+-- (calls, failures, slow calls) in a rates rule's window.
+local function rate_totals(rule)
+  if rule.count_window ~= nil then return S.wc, S.wf, S.ws end
   local buckets, head = read_buckets()
-  local epoch = math.floor(now / bucket_width())
+  local epoch = math.floor(now / (rule.window / TIME_BUCKETS))
   if epoch > head then head = epoch end
   local calls, failures, slow = 0, 0, 0
   for _, b in pairs(buckets) do
@@ -235,16 +132,16 @@ local function rate_totals()
   return calls, failures, slow
 end
 
-local function rate_add(failed, slow, n)
+local function rate_add(rule, failed, slow, n)
   local f, s = failed and 1 or 0, slow and 1 or 0
-  n = n or 1
-  if P.count_window ~= nil then
+  local size = rule.count_window
+  if size ~= nil then
     -- n outcomes at once (aggregated successes): only the last count_window of them matter
-    for _ = 2, math.min(n, P.count_window) do rate_add(failed, slow, 1) end
+    for _ = 2, math.min(n, size) do rate_add(rule, failed, slow, 1) end
     -- A ring of the last count_window outcomes, one byte each ('0' + failed + 2 * slow);
     -- the totals in the state hash are kept by subtract-on-evict.
     local i = S.wn
-    if S.wl >= P.count_window then
+    if S.wl >= size then
       local old = (string.byte(redis.call('GETRANGE', K_RING, i, i)) or 48) - 48
       if old < 0 or old > 3 then old = 0 end
       S.wf = S.wf - old % 2
@@ -256,11 +153,11 @@ local function rate_add(failed, slow, n)
     redis.call('SETRANGE', K_RING, i, string.char(48 + f + 2 * s))
     touch(K_RING)
     S.wf, S.ws = S.wf + f, S.ws + s
-    S.wn = (i + 1) % P.count_window
+    S.wn = (i + 1) % size
     return
   end
   local buckets, head = read_buckets()
-  local epoch = math.floor(now / bucket_width())
+  local epoch = math.floor(now / (rule.window / TIME_BUCKETS))
   if epoch > head then head = epoch end
   if epoch <= head - TIME_BUCKETS then return end -- older than the window
   local i = epoch % TIME_BUCKETS
@@ -271,17 +168,342 @@ local function rate_add(failed, slow, n)
   touch(K_BUCKETS)
 end
 
-local function clear_windows()
-  clear_failure_times()
-  redis.call('DEL', K_RING, K_BUCKETS)
-  S.wn, S.wl, S.wc, S.wf, S.ws = 0, 0, 0, 0, 0
+-- -- trip rules (core/rules.py) ----------------------------------------------------
+--
+-- By kind, the same kinds as core/rules.py, each with the same operations:
+--   parse(spec)   the rule's parameters, read by name from the policy text (nil: unreadable);
+--   check(rule)   the rule's stored state is sane (else it is cleared, with a warning);
+--   observe(rule, failed, slow, n)  one outcome of a CLOSED breaker, or n aggregated
+--                 successes at once: the reason to trip, or nil (TripRule.observe);
+--   failures(rule), calls(rule), slow_calls(rule)  what the rule holds now, for transitions
+--                 and snapshots (TripRule.failures, .calls, .slow_calls);
+--   clear(rule)   forget every outcome (TripRule.clear).
+
+-- Parameters as the policy text gives them: a JSON number (cjson.null is not one).
+local function number(x)
+  if type(x) == 'number' and x == x then return x end
+  return nil
+end
+local function whole(x)
+  x = number(x)
+  if x ~= nil and x >= 1 and x == math.floor(x) then return x end
+  return nil
+end
+local function positive(x)
+  x = number(x)
+  if x ~= nil and x > 0 then return x end
+  return nil
 end
 
--- A ring position outside the ring would make SETRANGE allocate up to 512 MB.
-if P.count_window ~= nil and (S.wn < 0 or S.wn >= P.count_window or S.wl < 0 or S.wl > P.count_window) then
-  clear_windows()
-  warnings[#warnings + 1] = 'count window position out of range'
+local RULES = {}
+
+-- threshold failures within window seconds: the times of the last `threshold` failures,
+-- a list; it trips when they all fall within the window.
+RULES.failures_within = {
+  parse = function(spec)
+    local rule = { threshold = whole(spec.threshold), window = positive(spec.window) }
+    if rule.threshold == nil or rule.window == nil then return nil end
+    return rule
+  end,
+  check = function(rule) end, -- (an unreadable time is found, and forgotten, when read)
+  observe = function(rule, failed)
+    if not failed then return nil end
+    local threshold = rule.threshold
+    redis.call('RPUSH', K_FAILS, fmt(now))
+    touch(K_FAILS)
+    redis.call('LTRIM', K_FAILS, -threshold, -1)
+    if redis.call('LLEN', K_FAILS) == threshold then
+      local oldest = tonumber(redis.call('LINDEX', K_FAILS, 0))
+      if oldest == nil then
+        clear_failure_times() -- forget the unreadable history, keep this failure
+        redis.call('RPUSH', K_FAILS, fmt(now))
+        touch(K_FAILS)
+        warnings[#warnings + 1] = 'unreadable failure time'
+      elseif now - oldest <= rule.window then
+        return string.format('%d failures within %g s', threshold, rule.window)
+      end
+    end
+    return nil
+  end,
+  failures = function(rule) return failures_in_window(rule.window) end,
+  calls = function(rule) return 0 end,
+  slow_calls = function(rule) return 0 end,
+  clear = function(rule) clear_failure_times() end,
+}
+
+-- threshold failures in a row: the run, field 'run' of the state hash. Any success ends
+-- it (aggregated ones too, applied before the outcome a script records); ignored outcomes
+-- never reach a rule.
+RULES.consecutive_failures = {
+  parse = function(spec)
+    local threshold = whole(spec.threshold)
+    if threshold == nil then return nil end
+    return { threshold = threshold }
+  end,
+  check = function(rule)
+    if S.run < 0 or S.run ~= math.floor(S.run) then
+      S.run = 0
+      warnings[#warnings + 1] = 'consecutive failure run out of range'
+    end
+  end,
+  observe = function(rule, failed)
+    if not failed then
+      S.run = 0
+      return nil
+    end
+    S.run = S.run + 1
+    if S.run >= rule.threshold then return string.format('%d consecutive failures', rule.threshold) end
+    return nil
+  end,
+  failures = function(rule) return S.run end,
+  calls = function(rule) return 0 end,
+  slow_calls = function(rule) return 0 end,
+  clear = function(rule) S.run = 0 end,
+}
+
+-- The failure rate and the slow-call rate over one window: the last count_window calls
+-- (a ring, totals in the state hash) or the last `window` seconds (time buckets). Judged
+-- once calls_to_judge calls are in it, on a failed or slow call only.
+RULES.rates = {
+  parse = function(spec)
+    local rule = {
+      failure_rate = positive(spec.failure_rate_threshold), slow_rate = positive(spec.slow_call_rate_threshold),
+      calls_to_judge = whole(spec.calls_to_judge), count_window = whole(spec.count_window),
+      window = positive(spec.window),
+    }
+    if rule.calls_to_judge == nil or (rule.failure_rate == nil and rule.slow_rate == nil)
+        or (spec.count_window ~= nil and rule.count_window == nil)
+        or (rule.count_window == nil and rule.window == nil) then
+      return nil
+    end
+    return rule
+  end,
+  check = function(rule)
+    -- A ring position outside the ring would make SETRANGE allocate up to 512 MB.
+    local size = rule.count_window
+    if size ~= nil and (S.wn < 0 or S.wn >= size or S.wl < 0 or S.wl > size) then
+      RULES.rates.clear(rule)
+      warnings[#warnings + 1] = 'count window position out of range'
+    end
+  end,
+  observe = function(rule, failed, slow, n)
+    rate_add(rule, failed, slow, n)
+    if not (failed or slow) then return nil end
+    local calls, failures, slow_calls = rate_totals(rule)
+    if calls < rule.calls_to_judge then return nil end
+    if rule.failure_rate ~= nil and failures >= rule.failure_rate * calls then
+      return string.format('failure rate %d/%d >= %.0f%%', failures, calls, rule.failure_rate * 100)
+    end
+    if rule.slow_rate ~= nil and slow_calls >= rule.slow_rate * calls then
+      return string.format('slow-call rate %d/%d >= %.0f%%', slow_calls, calls, rule.slow_rate * 100)
+    end
+    return nil
+  end,
+  failures = function(rule)
+    local _, failures = rate_totals(rule)
+    return failures
+  end,
+  calls = function(rule) return (rate_totals(rule)) end,
+  slow_calls = function(rule)
+    local _, _, slow = rate_totals(rule)
+    return slow
+  end,
+  clear = function(rule)
+    redis.call('DEL', K_RING, K_BUCKETS)
+    S.wn, S.wl, S.wc, S.wf, S.ws = 0, 0, 0, 0, 0
+  end,
+}
+
+-- Every rule sees every outcome; the first reason wins (BreakerMachine._record_closed).
+local function observe(failed, slow, n)
+  local reason = nil
+  for _, rule in ipairs(P.rules) do
+    local said = RULES[rule.kind].observe(rule, failed, slow, n)
+    if reason == nil then reason = said end
+  end
+  return reason
 end
+
+local function clear_windows()
+  for _, rule in ipairs(P.rules) do RULES[rule.kind].clear(rule) end
+end
+
+-- The counts transitions and snapshots show: the last rule's (core/rules.py rules_for).
+-- `count` is 'failures', 'calls' or 'slow_calls'.
+local function shown(count)
+  local rule = P.rules[#P.rules]
+  if rule == nil then return 0 end
+  return RULES[rule.kind][count](rule)
+end
+
+-- -- the policy text -----------------------------------------------------------------
+
+local function add_rule(p, kind, spec)
+  local rule = RULES[kind].parse(spec)
+  if rule == nil then return false end
+  rule.kind = kind
+  p.rules[#p.rules + 1] = rule
+  return true
+end
+
+-- Version 3 (replies.py policy_text): a JSON object, rules by kind and parameters by name:
+-- {"v":3,"rules":[{"kind":"failures_within","threshold":5,"window":60.0},...],
+--  "reset_timeout":..,"backoff_multiplier":..,"longest_open":..,"reset_jitter":..,
+--  "half_open_max_calls":..,"probes_to_close":..,"half_open_max_wait":..,
+--  "slow_call_duration":.. (absent: no call is slow),"fields":{..for Python only..}}.
+-- A rule of a kind this release does not know (a newer release's) makes it unreadable.
+local function parse_keyed(text)
+  local decoded, d = pcall(cjson.decode, text)
+  if not decoded or type(d) ~= 'table' or d.v ~= 3 or type(d.rules) ~= 'table' then return nil end
+  local p = {
+    reset_timeout = positive(d.reset_timeout), max_calls = whole(d.half_open_max_calls),
+    max_wait = positive(d.half_open_max_wait), probes_to_close = whole(d.probes_to_close),
+    multiplier = number(d.backoff_multiplier), jitter = number(d.reset_jitter),
+    longest_open = positive(d.longest_open), slow_duration = positive(d.slow_call_duration),
+    rules = {},
+  }
+  if not (p.reset_timeout and p.max_calls and p.max_wait and p.probes_to_close and p.multiplier
+      and p.jitter and p.longest_open) or (d.slow_call_duration ~= nil and p.slow_duration == nil) then
+    return nil
+  end
+  for _, spec in ipairs(d.rules) do
+    if type(spec) ~= 'table' or type(spec.kind) ~= 'string' or RULES[spec.kind] == nil then return nil end
+    if not add_rule(p, spec.kind, spec) then return nil end
+  end
+  return p
+end
+
+-- Versions 1 and 2 (earlier releases), positional: '2;failure_threshold;window;failure_rate;
+-- minimum_calls;count_window;slow_call_duration;slow_call_rate;reset_timeout;
+-- half_open_max_calls;success_threshold;half_open_max_wait;calls_to_judge;probes_to_close;
+-- backoff_multiplier;max_reset_timeout;reset_jitter;longest_open' (empty = None). Version 1
+-- (the first 14 fields, written by releases without backoff) reads as a policy without
+-- backoff or jitter.
+local function parse_positional(text)
+  local f = {}
+  for item in (text .. ';'):gmatch('([^;]*);') do f[#f + 1] = item end
+  if not ((#f == 18 and f[1] == '2') or (#f == 14 and f[1] == '1')) then return nil end
+  local window, failure_threshold = tonumber(f[3]), tonumber(f[2])
+  local failure_rate, slow_rate, calls_to_judge = tonumber(f[4]), tonumber(f[8]), tonumber(f[13])
+  local p = {
+    slow_duration = tonumber(f[7]), reset_timeout = tonumber(f[9]), max_calls = tonumber(f[10]),
+    max_wait = tonumber(f[12]), probes_to_close = tonumber(f[14]),
+    multiplier = 1, jitter = 0, longest_open = tonumber(f[9]),
+    rules = {},
+  }
+  if f[1] == '2' then
+    p.multiplier, p.jitter, p.longest_open = tonumber(f[15]), tonumber(f[17]), tonumber(f[18])
+  end
+  if not (window and p.reset_timeout and p.max_calls and p.max_wait and calls_to_judge
+      and p.probes_to_close and p.multiplier and p.jitter and p.longest_open) then
+    return nil
+  end
+  if failure_threshold ~= nil and not add_rule(p, 'failures_within', { threshold = failure_threshold, window = window }) then
+    return nil
+  end
+  if (failure_rate ~= nil or slow_rate ~= nil) and not add_rule(p, 'rates', {
+      failure_rate_threshold = failure_rate, slow_call_rate_threshold = slow_rate,
+      calls_to_judge = calls_to_judge, count_window = tonumber(f[6]), window = window }) then
+    return nil
+  end
+  return p
+end
+
+-- The policy a text describes, or nil when it is unreadable here.
+local function parse_policy(text)
+  if type(text) ~= 'string' then return nil end
+  if string.sub(text, 1, 1) == '{' then return parse_keyed(text) end
+  return parse_positional(text)
+end
+
+-- -- loading -------------------------------------------------------------------------
+
+local function wipe(reason)
+  redis.call('DEL', K_STATE, K_FAILS, K_RING, K_BUCKETS, K_LEASES)
+  warnings[#warnings + 1] = reason
+end
+
+-- What the caller counted locally (applied below, once the breaker is loaded), and
+-- its request to check key types: a key of another type (a foreign value, a collision)
+-- makes commands fail with WRONGTYPE, and the caller then runs the script again with the
+-- check on, which resets the breaker. (Checking on every call would cost five commands.)
+local pending = {}
+for item in (ARGV[3] .. ';'):gmatch('([^;]*);') do pending[#pending + 1] = math.max(0, tonumber(item) or 0) end
+if pending[6] == 1 then
+  local EXPECTED_TYPES = { { K_STATE, 'hash' }, { K_FAILS, 'list' }, { K_RING, 'string' },
+    { K_BUCKETS, 'hash' }, { K_LEASES, 'hash' } }
+  for _, pair in ipairs(EXPECTED_TYPES) do
+    local found = redis.call('TYPE', pair[1]).ok
+    if found ~= 'none' and found ~= pair[2] then
+      wipe(pair[1] .. ' held a ' .. found .. ', expected a ' .. pair[2])
+      break
+    end
+  end
+end
+
+local INTEGER_FIELDS = { 'gen', 'hos', 'nl', 'ok', 'ko', 'rj', 'df', 'tr', 'wn', 'wl', 'wc', 'wf', 'ws' }
+local TIME_FIELDS = { 'oa', 'ou', 'ls', 'lf' }
+
+local function fresh(policy_text)
+  -- The incarnation tells a breaker from an earlier one under the same keys (expired or
+  -- wiped): generations restart with it, so local views compare generations only within one.
+  local s = { st = CLOSED, pol = policy_text, nm = ARGV[5], ky = ARGV[6], inc = fmt(now) }
+  for _, name in ipairs(INTEGER_FIELDS) do s[name] = 0 end
+  s.stk, s.run = 0, 0
+  return s
+end
+
+-- The stored breaker and its policy; nil when there is none, false and why when it is unreadable.
+local function load()
+  local flat = redis.call('HGETALL', K_STATE)
+  if #flat == 0 then return nil end
+  local raw = {}
+  for i = 1, #flat, 2 do raw[flat[i]] = flat[i + 1] end
+  local s = { st = raw.st, pol = raw.pol, nm = raw.nm or ARGV[5], ky = raw.ky or ARGV[6], inc = raw.inc or '0' }
+  if not STATES[s.st or ''] then return false, 'state ' .. tostring(raw.st) end
+  for _, name in ipairs(INTEGER_FIELDS) do
+    s[name] = tonumber(raw[name] or '')
+    if s[name] == nil then return false, name .. '=' .. tostring(raw[name]) end
+  end
+  for _, name in ipairs(TIME_FIELDS) do
+    local value = opt_number(raw[name] or '')
+    if value == nil then return false, name .. '=' .. tostring(raw[name]) end
+    s[name] = value or nil
+  end
+  -- Fields absent from a hash written by an earlier release: the trip streak and the open
+  -- duration (a release without backoff: no streak), the run of consecutive failures.
+  s.stk = tonumber(raw.stk or '0')
+  if s.stk == nil then return false, 'stk=' .. tostring(raw.stk) end
+  s.run = tonumber(raw.run or '0')
+  if s.run == nil then return false, 'run=' .. tostring(raw.run) end
+  local od = opt_number(raw.od or '')
+  if od == nil then return false, 'od=' .. tostring(raw.od) end
+  s.od = od or nil
+  if s.st == OPEN and s.ou == nil then return false, 'open without open_until' end
+  local policy = parse_policy(s.pol)
+  if policy == nil then return false, 'policy ' .. tostring(raw.pol) end
+  return s, policy
+end
+
+local loaded, policy_or_why = load()
+if loaded == false then
+  wipe('unreadable ' .. policy_or_why)
+  loaded = nil
+end
+if loaded == nil then
+  -- Asked about a breaker without a policy (a listing) that expired meanwhile: nothing to show.
+  if given_policy == '' then do return { 'absent', 1 } end end
+  S = fresh(given_policy)
+  redis.call('DEL', K_FAILS, K_RING, K_BUCKETS, K_LEASES) -- leftovers of an expired breaker
+  -- The stored policy wins (the breaker keeps the policy it was created with); a new one has the caller's.
+  P = parse_policy(given_policy)
+  if P == nil then error('celery-breaker: unparsable policy ' .. tostring(given_policy)) end
+else
+  S, P = loaded, policy_or_why
+end
+for _, rule in ipairs(P.rules) do RULES[rule.kind].check(rule) end
+S.rj = S.rj + (pending[1] or 0)
+S.df = S.df + (pending[2] or 0)
 
 -- -- leases ------------------------------------------------------------------
 
@@ -324,12 +546,7 @@ local function move(target, reason, seconds)
   local why = POLICY_MOVES[source .. '>' .. target]
   if OPERATOR_TARGETS[target] and why == nil then why = 'operator' end
   if why == nil then error('celery-breaker: no transition from ' .. source .. ' to ' .. target) end
-  local calls, failures = 0, 0
-  if P.uses_rates then
-    calls, failures = rate_totals()
-  elseif P.failure_threshold ~= nil then
-    failures = failures_in_window()
-  end
+  local calls, failures = shown('calls'), shown('failures')
   S.gen = S.gen + 1
   S.st = target
   S.ou = nil
@@ -348,7 +565,8 @@ local function move(target, reason, seconds)
   end
   redis.call('DEL', K_LEASES) -- every move ends the probes of the previous period
   if target == OPEN or target == CLOSED or source == CLOSED then clear_windows() end
-  transition = { source, target, reason or why, S.gen, failures, calls, S.tr }
+  transition = { 'from', source, 'to', target, 'why', reason or why, 'mgen', S.gen, 'mko', failures,
+    'mcalls', calls, 'mtr', S.tr }
 end
 
 -- Open the breaker (BreakerMachine._trip): for open_for seconds (a Retry-After, capped by
@@ -375,7 +593,8 @@ local function save()
   redis.call('HSET', K_STATE, 'st', S.st, 'pol', S.pol, 'nm', S.nm, 'ky', S.ky, 'inc', S.inc,
     'gen', S.gen, 'hos', S.hos, 'nl', S.nl, 'ok', S.ok, 'ko', S.ko, 'rj', S.rj, 'df', S.df,
     'tr', S.tr, 'wn', S.wn, 'wl', S.wl, 'wc', S.wc, 'wf', S.wf, 'ws', S.ws,
-    'oa', fmt(S.oa), 'ou', fmt(S.ou), 'ls', fmt(S.ls), 'lf', fmt(S.lf), 'stk', S.stk, 'od', fmt(S.od))
+    'oa', fmt(S.oa), 'ou', fmt(S.ou), 'ls', fmt(S.ls), 'lf', fmt(S.lf), 'stk', S.stk, 'od', fmt(S.od),
+    'run', S.run)
   local pttl = redis.call('PTTL', K_STATE)
   if S.st == FORCED_OPEN or S.st == DISABLED then
     -- Set by an operator and left only by an operator (DESIGN.md): its keys never expire
@@ -401,7 +620,11 @@ local function publish()
   redis.call('PUBLISH', ARGV[7], table.concat({ K_STATE, S.inc, S.gen, S.st, remaining }, '\n'))
 end
 
--- The local view every reply starts with (the caller converts times to its own clock).
+-- Every reply: key/value pairs (storage/redis/replies.py Reply): the local view (st, gen,
+-- left: seconds until open_until, now: this script's clock, inc), the operation's verdict
+-- and value, warn (what was reset as unreadable), pol (the stored policy text when it is not
+-- the caller's), the transition made if any (from, to, why, mgen, mko, mcalls, mtr), then
+-- the operation's `extra` pairs. The caller converts times to its own clock.
 local function reply(verdict, value, extra)
   save()
   if transition ~= nil or announce then publish() end
@@ -409,19 +632,19 @@ local function reply(verdict, value, extra)
   if S.ou ~= nil then remaining = fmt(S.ou - now) end
   local policy_back = ''
   if S.pol ~= given_policy then policy_back = S.pol end
-  local out = { S.st, S.gen, remaining, fmt(now), verdict, value or '', table.concat(warnings, '; '), policy_back }
-  local t = transition or { '', '', '', '', '', '', '' }
-  for _, v in ipairs(t) do out[#out + 1] = v end
-  out[#out + 1] = S.inc
+  local out = { 'st', S.st, 'gen', S.gen, 'left', remaining, 'now', fmt(now), 'verdict', verdict,
+    'value', value or '', 'warn', table.concat(warnings, '; '), 'pol', policy_back, 'inc', S.inc }
+  for _, v in ipairs(transition or {}) do out[#out + 1] = v end
   for _, v in ipairs(extra or {}) do out[#out + 1] = v end
   return out
 end
 
--- Successes the caller aggregated: counted, and in the window only under the generation
--- they were admitted in (a success never moves a CLOSED breaker, so this decides nothing).
+-- Successes the caller aggregated: counted, and seen by the rules only under the generation
+-- they were admitted in, before the outcome this script records (so they end a run of
+-- consecutive failures first; a success trips no rule, so this decides nothing by itself).
 local batch_gen, batch, stale = pending[3], pending[4] or 0, pending[5] or 0
 if batch + stale > 0 then
   S.ok = S.ok + batch + stale
   S.ls = now
-  if batch > 0 and batch_gen == S.gen and S.st == CLOSED and P.uses_rates then rate_add(false, false, batch) end
+  if batch > 0 and batch_gen == S.gen and S.st == CLOSED then observe(false, false, batch) end
 end

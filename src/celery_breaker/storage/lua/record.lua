@@ -11,39 +11,9 @@ if open_for ~= nil and not (open_for > 0 and open_for < math.huge) then open_for
 local is_probe = lease >= 0
 local current = generation == S.gen
 
+-- A CLOSED breaker's outcome goes through every trip rule (RULES, common.lua).
 local function record_closed(failed, slow, hint)
-  local reason = nil
-  local threshold = P.failure_threshold
-  if failed and threshold ~= nil then
-    -- The times of the last `threshold` failures: trip when they all fall within the window.
-    redis.call('RPUSH', K_FAILS, fmt(now))
-    touch(K_FAILS)
-    redis.call('LTRIM', K_FAILS, -threshold, -1)
-    if redis.call('LLEN', K_FAILS) == threshold then
-      local oldest = tonumber(redis.call('LINDEX', K_FAILS, 0))
-      if oldest == nil then
-        clear_failure_times() -- forget the unreadable history, keep this failure
-        redis.call('RPUSH', K_FAILS, fmt(now))
-        touch(K_FAILS)
-        warnings[#warnings + 1] = 'unreadable failure time'
-      elseif now - oldest <= P.window then
-        reason = string.format('%d failures within %g s', threshold, P.window)
-      end
-    end
-  end
-  if P.uses_rates then
-    rate_add(failed, slow)
-    if reason == nil and (failed or slow) then
-      local calls, failures, slow_calls = rate_totals()
-      if calls >= P.calls_to_judge then
-        if P.failure_rate ~= nil and failures >= P.failure_rate * calls then
-          reason = string.format('failure rate %d/%d >= %.0f%%', failures, calls, P.failure_rate * 100)
-        elseif P.slow_rate ~= nil and slow_calls >= P.slow_rate * calls then
-          reason = string.format('slow-call rate %d/%d >= %.0f%%', slow_calls, calls, P.slow_rate * 100)
-        end
-      end
-    end
-  end
+  local reason = observe(failed, slow, 1)
   if hint ~= nil then
     trip('', hint, draw) -- a Retry-After opens at once, whatever the rules say
   elseif reason ~= nil then

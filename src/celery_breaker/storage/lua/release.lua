@@ -73,9 +73,16 @@ elseif (st == 'open' and ou ~= nil and now >= ou) or st == 'half_open' then
   local p = redis.call('HMGET', K_PACE, 'probe_trip', 'probe_at')
   local probe_at = tonumber(p[2] or '') or 0
   if p[1] ~= trips or (st == 'half_open' and (tonumber(state[6] or '') or 0) == 0 and now - probe_at > lease) then
-    local fields = {}
-    for item in (policy .. ';'):gmatch('([^;]*);') do fields[#fields + 1] = item end
-    allowed = tonumber(fields[10] or '') or 1
+    -- half_open_max_calls, by name in a keyed (version 3) policy text, else the 10th field
+    -- of a positional one (versions 1 and 2, written by earlier releases)
+    if string.sub(policy, 1, 1) == '{' then
+      local decoded, described = pcall(cjson.decode, policy)
+      allowed = decoded and type(described) == 'table' and tonumber(described.half_open_max_calls) or 1
+    else
+      local fields = {}
+      for item in (policy .. ';'):gmatch('([^;]*);') do fields[#fields + 1] = item end
+      allowed = tonumber(fields[10] or '') or 1
+    end
     redis.call('HSET', K_PACE, 'probe_trip', trips, 'probe_at', now)
   end
 end

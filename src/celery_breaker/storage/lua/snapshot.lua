@@ -1,12 +1,8 @@
 -- snapshot: the breaker's state and metrics now (BreakerMachine.snapshot), after the local
--- view's part: lifetime counters, times (script clock), retry_after, window totals, probes.
+-- view's part: lifetime counters, times (script clock), retry_after, the shown rule's counts
+-- (wcalls, wko, wslow), probes in flight (replies.py Metrics names each key).
 
-local calls, failures, slow = 0, 0, 0
-if P.uses_rates then
-  calls, failures, slow = rate_totals()
-elseif P.failure_threshold ~= nil then
-  failures = failures_in_window()
-end
+local calls, failures, slow = shown('calls'), shown('failures'), shown('slow_calls')
 local live, soonest = 0, nil
 for _, deadline in pairs(read_leases()) do
   if deadline > now then
@@ -23,6 +19,7 @@ elseif S.st == HALF_OPEN and live + S.hos >= P.max_calls then
   retry_after = math.min((soonest or now) - now, P.reset_timeout)
 end
 return reply('ok', nil, {
-  S.ok, S.ko, S.rj, S.df, S.tr, fmt(S.lf), fmt(S.ls), fmt(S.oa), fmt(S.ou), fmt(retry_after),
-  calls, failures, slow, live, S.nm, S.ky, S.stk, fmt(S.od),
+  'ok', S.ok, 'ko', S.ko, 'rj', S.rj, 'df', S.df, 'tr', S.tr, 'lf', fmt(S.lf), 'ls', fmt(S.ls),
+  'oa', fmt(S.oa), 'ou', fmt(S.ou), 'ra', fmt(retry_after), 'wcalls', calls, 'wko', failures,
+  'wslow', slow, 'live', live, 'nm', S.nm, 'ky', S.ky, 'stk', S.stk, 'od', fmt(S.od),
 })

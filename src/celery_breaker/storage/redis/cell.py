@@ -7,7 +7,7 @@ import logging
 import random
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ...clock import Clock
 from ...core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
@@ -15,7 +15,7 @@ from ...core.counters import tally
 from ...errors import CircuitOpenError, ConfigurationError, StorageError
 from ...labels import breaker_label
 from ..contract import NO_MOVES, Moves
-from .replies import decode_snapshot, opt_float, policy_from_text, policy_text
+from .replies import Reply, decode_reply, decode_snapshot, opt_float, policy_from_text, policy_text
 
 if TYPE_CHECKING:
     from .store import RedisStore
@@ -153,7 +153,7 @@ class RedisCell:
 
     # -- one round trip ------------------------------------------------------
 
-    def _call(self, script: str, now: float, *args: str, policy: str | None = None) -> tuple[list[Any], Moves]:
+    def _call(self, script: str, now: float, *args: str, policy: str | None = None) -> tuple[Reply, Moves]:
         """Run ``script`` on this breaker, sending what was counted locally; return its
         reply and the transition it made, after taking the view it answered."""
         store = self._store
@@ -165,7 +165,7 @@ class RedisCell:
             head = [repr(now) if store.client_time else "", store.ttl_ms, pending + check]
             argv = [*head, policy or self._policy_text, self.name, self._key_arg, store.channel, *args]
             try:
-                reply = store.run(script, self._keys, argv)
+                raw = store.run(script, self._keys, argv)
             except StorageError as exc:
                 self._give_back(counts)
                 if not check and "WRONGTYPE" in str(exc):
@@ -174,41 +174,43 @@ class RedisCell:
                 raise
             break
         try:
-            moved = self._apply(reply, now, epoch)
-        except (ValueError, IndexError, AttributeError, TypeError) as exc:
-            raise StorageError(f"redis store {store.label}: {script} answered {reply!r}") from exc
+            reply = decode_reply(raw)
+            if reply is None:
+                raise ValueError("absent, though asked with a policy")
+        except (ValueError, LookupError, TypeError) as exc:
+            raise StorageError(f"redis store {store.label}: {script} answered {raw!r}") from exc
+        moved = self._apply(reply, now, epoch)
         return reply, NO_MOVES if moved is None else (moved,)
 
-    def _apply(self, reply: list[Any], now: float, epoch: int) -> Transition | None:
-        state = State(reply[0].decode())
-        remaining = opt_float(reply[2])
-        generation = int(reply[1])
-        incarnation = reply[15].decode()
-        if reply[6]:
+    def _apply(self, reply: Reply, now: float, epoch: int) -> Transition | None:
+        remaining = reply.remaining
+        if reply.warnings:
             logger.warning(
-                "breaker %s: reset unreadable state in Redis (%s)", self.label, reply[6].decode(),
+                "breaker %s: reset unreadable state in Redis (%s)", self.label, reply.warnings,
                 extra={"breaker": self.name, "breaker_key": self.key},
             )  # fmt: skip
-        if reply[7]:
-            self._adopt(reply[7].decode())
-        self._view(incarnation, generation, state, None if remaining is None else now + remaining, epoch, heard=False)
+        if reply.policy:
+            self._adopt(reply.policy)
+        open_until = None if remaining is None else now + remaining
+        self._view(reply.incarnation, reply.generation, reply.state, open_until, epoch, heard=False)
         self.last_used = now
-        if not reply[8]:
+        moved = reply.moved
+        if moved is None:
             return None
-        at = float(reply[3]) + self._offset
-        target = State(reply[9].decode())
+        at = reply.now + self._offset
+        target = moved.target
         return Transition(
             name=self.name,
             key=self.key,
-            source=State(reply[8].decode()),
+            source=moved.source,
             target=target,
-            reason=reply[10].decode(),
-            generation=int(reply[11]),
+            reason=moved.reason,
+            generation=moved.generation,
             at=at,
             open_until=at + remaining if target is State.OPEN and remaining is not None else None,
-            failures=int(reply[12]),
-            calls=int(reply[13]),
-            trips=int(reply[14]),
+            failures=moved.failures,
+            calls=moved.calls,
+            trips=moved.trips,
         )
 
     def _view(
@@ -263,35 +265,27 @@ class RedisCell:
         what was counted locally."""
         self._call("operate", now, "view")
 
-    def reject_locally(self, now: float) -> None:
-        state = self.state
-        if state is State.FORCED_OPEN or state is State.OPEN:
-            open_until = self.open_until
-            if state is State.OPEN and (open_until is None or now >= open_until):
-                return  # its time is up: the store half-opens it
-            retry_after = None if open_until is None else open_until - now
-        elif state is State.HALF_OPEN and now < self._full_until:
-            # Every probe slot was taken when last asked, and no slot has freed since
-            # (that would have been published): reject without asking.
-            retry_after = self._full_until - now
-        else:
-            return
-        next(self._rejections)
+    def note_rejection(self, now: float) -> None:
+        next(self._rejections)  # sent with the next script call
         self.last_used = now
-        raise CircuitOpenError._rejected(self.name, self.key, state, retry_after)
 
     def acquire(self, policy: BreakerPolicy, now: float) -> tuple[Ticket, Moves]:
+        if self.state is State.HALF_OPEN and now < self._full_until:
+            # Every probe slot was taken when last asked, and no slot has freed since
+            # (that would have been published): reject without asking.
+            next(self._rejections)
+            raise CircuitOpenError.rejected(self.name, self.key, State.HALF_OPEN, self._full_until - now)
         reply, moves = self._call("acquire", now)
-        verdict = reply[4]
-        if verdict == b"probe":
-            return Probe(int(reply[1]), int(reply[5])), moves
-        if verdict == b"reject":
-            state = State(reply[0].decode())
-            retry_after = opt_float(reply[5])
+        verdict = reply.verdict
+        if verdict == "probe":
+            return Probe(reply.generation, int(reply.value)), moves
+        if verdict == "reject":
+            state = reply.state
+            retry_after = opt_float(reply.value)
             if state is State.HALF_OPEN and retry_after is not None:
                 self._full_until = now + retry_after
-            raise CircuitOpenError._rejected(self.name, self.key, state, retry_after)
-        return int(reply[1]), moves
+            raise CircuitOpenError.rejected(self.name, self.key, state, retry_after)
+        return reply.generation, moves
 
     def finish(
         self,

@@ -10,9 +10,12 @@ midway loses nothing (the entry is released again: a duplicate, never a loss).
 
 from __future__ import annotations
 
+import uuid
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 from ...errors import StorageError
+from ...labels import breaker_label
 from .client import CLIENT_ERRORS
 
 if TYPE_CHECKING:
@@ -34,6 +37,19 @@ class RedisParking:
         self.store = store
         self.index = f"{store.key_prefix}:parked"
         """A set of the hash tags of breakers that may hold parked entries."""
+        self.marker = f"{store.key_prefix}:parking"
+        """A hash whose ``epoch`` names this parking's life: written with the first entry
+        parked, gone when the store loses its data (restarted empty, flushed)."""
+        self._epoch = uuid.uuid4().hex
+
+    def label(self, tag: str) -> str:
+        """The breaker a tag belongs to, as people write it (``crm[tenant-7]``)."""
+        inner = tag.strip("{}")
+        prefix = self.store.key_prefix + ":"
+        if not inner.startswith(prefix):
+            return tag
+        name, sep, key = inner[len(prefix) :].partition(":")
+        return breaker_label(unquote(name), unquote(key) if sep else None)
 
     def tag(self, name: str, key: str | None) -> str:
         """The hash-tagged key stem of a breaker, ``{prefix:name[:key]}``, that its parking keys share."""
@@ -47,10 +63,37 @@ class RedisParking:
             "park", [tag + ":q", tag + ":m", tag + ":d"], [entry, repr(order), payload, _opt(deadline)], doing=doing
         )
         try:
-            self.store.client().sadd(self.index, tag)  # after the entry exists: see forget()
+            pipe = self.store.client().pipeline(transaction=False)
+            pipe.sadd(self.index, tag)  # after the entry exists: see forget()
+            pipe.hsetnx(self.marker, "epoch", self._epoch)
+            pipe.execute()
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.store.label}: {doing} failed: {exc}") from exc
         return int(count)
+
+    def epoch(self) -> str | None:
+        """The current life of this parking (``None``: nothing was parked since the store
+        started empty). A releaser that saw one epoch with entries parked and then sees
+        another, or none, knows the store lost them."""
+        try:
+            found = self.store.client().hget(self.marker, "epoch")
+        except CLIENT_ERRORS as exc:
+            raise StorageError(f"redis store {self.store.label}: reading the parking's epoch failed: {exc}") from exc
+        return None if found is None else _text(found)
+
+    def counts(self, tags: list[str]) -> dict[str, tuple[int, int]]:
+        """``count`` for many breakers, in one round trip (a Cluster splits it per node)."""
+        if not tags:
+            return {}
+        try:
+            pipe = self.store.client().pipeline(transaction=False)
+            for tag in tags:
+                pipe.zcard(tag + ":q")
+                pipe.zcard(tag + ":c")
+            found = pipe.execute()
+        except CLIENT_ERRORS as exc:
+            raise StorageError(f"redis store {self.store.label}: counting parked entries failed: {exc}") from exc
+        return {tag: (int(found[2 * i]), int(found[2 * i + 1])) for i, tag in enumerate(tags)}
 
     def release(
         self, tag: str, *, most: int, pace: float, ramp: float, lease: float, now: float | None = None

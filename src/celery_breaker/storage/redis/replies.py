@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
-from ...core import BreakerPolicy, BreakerSnapshot, State
+from ...core import BreakerPolicy, BreakerSnapshot, State, rules_for
 
-__all__ = ["decode_snapshot", "opt_float", "policy_from_text", "policy_text"]
+__all__ = [
+    "Metrics",
+    "Moved",
+    "Reply",
+    "decode_reply",
+    "decode_snapshot",
+    "opt_float",
+    "policy_from_text",
+    "policy_text",
+]
 
 # -- the policy as the scripts read it ------------------------------------------
 
+#: The version of the keyed (JSON) policy text ``policy_text`` writes.
+POLICY_VERSION = 3
+#: Fields the text cannot hold: classification runs in the worker.
+_CLASSIFICATION = frozenset(("record_exceptions", "ignore_exceptions"))
+
+# Versions 1 and 2 (earlier releases) were positional: 'v;' then these fields in order.
 _POLICY_FIELDS = (
     "failure_threshold", "window", "failure_rate_threshold", "minimum_calls", "count_window",
     "slow_call_duration", "slow_call_rate_threshold", "reset_timeout", "half_open_max_calls",
@@ -25,25 +42,57 @@ _V1_BACKOFF = {"backoff_multiplier": 1.0, "max_reset_timeout": None, "reset_jitt
 
 
 def policy_text(policy: BreakerPolicy) -> str:
-    """The policy's numeric fields as one ARGV, also its fingerprint: equal text, equal rules.
+    """The policy as one ARGV, also its fingerprint: equal text, equal rules (the scripts
+    compare texts), so it is deterministic: sorted keys, no spaces.
 
-    Classification (``record_exceptions``, ``ignore_exceptions``) stays with the caller:
-    it runs in the worker and cannot be stored. Version 2: version 1's fourteen fields,
-    then the backoff fields and ``longest_open`` (``parse_policy`` in common.lua reads both).
+    Version 3, a JSON object: ``rules``, each rule's ``kind`` and ``parameters``
+    (``core/rules.py``) as ``common.lua``'s ``RULES`` reads them; the parameters of the
+    open and half-open periods by name, resolved; and ``fields``, every numeric
+    ``BreakerPolicy`` field that is set, by name (for ``policy_from_text``: a field left out
+    is ``None``). Classification
+    (``record_exceptions``, ``ignore_exceptions``) stays with the caller: it runs in the
+    worker and cannot be stored.
     """
-    values = [getattr(policy, name) for name in _POLICY_FIELDS] + [policy.calls_to_judge, policy.probes_to_close]
-    values += [getattr(policy, name) for name in _BACKOFF_FIELDS] + [policy.longest_open]
-    return "2;" + ";".join("" if value is None else repr(value) for value in values)
+    described: dict[str, Any] = {
+        "v": POLICY_VERSION,
+        "rules": [{"kind": rule.kind, **rule.parameters} for rule in rules_for(policy)],
+        "reset_timeout": policy.reset_timeout,
+        "backoff_multiplier": policy.backoff_multiplier,
+        "longest_open": policy.longest_open,
+        "reset_jitter": policy.reset_jitter,
+        "half_open_max_calls": policy.half_open_max_calls,
+        "probes_to_close": policy.probes_to_close,
+        "half_open_max_wait": policy.half_open_max_wait,
+        "fields": {
+            name: value for name, value in policy.as_dict().items() if name not in _CLASSIFICATION and value is not None
+        },
+    }
+    if policy.slow_call_duration is not None:
+        described["slow_call_duration"] = policy.slow_call_duration
+    return json.dumps(described, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def policy_from_text(text: str, base: BreakerPolicy) -> BreakerPolicy:
     """The policy a stored text describes (``base`` gives what the text cannot hold:
-    classification); raises ValueError or ConfigurationError when it is unreadable."""
+    classification); raises ValueError or ConfigurationError when it is unreadable.
+
+    Reads version 3 (keyed) and the positional versions 1 and 2 of earlier releases."""
+    if text.startswith("{"):
+        described = json.loads(text)
+        if not isinstance(described, dict) or described.get("v") != POLICY_VERSION:
+            raise ValueError(f"not a version {POLICY_VERSION} policy text")
+        fields = described["fields"]
+        if not isinstance(fields, dict):
+            raise ValueError("policy text without fields")
+        numeric = [name for name in base.as_dict() if name not in _CLASSIFICATION]
+        return base.replace(**{name: fields.get(name) for name in numeric})
     items = text.split(";")
-    fields = items[1 : 1 + len(_POLICY_FIELDS)]
+    if items[0] not in ("1", "2"):
+        raise ValueError(f"unknown policy text version {items[0]!r}")
+    fields_v1 = items[1 : 1 + len(_POLICY_FIELDS)]
     changes: dict[str, Any] = {
         name: None if value == "" else int(value) if name in _INT_FIELDS else float(value)
-        for name, value in zip(_POLICY_FIELDS, fields, strict=True)
+        for name, value in zip(_POLICY_FIELDS, fields_v1, strict=True)
     }
     if items[0] == "1":
         changes.update(_V1_BACKOFF)  # as the scripts read it: no backoff, no jitter
@@ -55,38 +104,162 @@ def policy_from_text(text: str, base: BreakerPolicy) -> BreakerPolicy:
     return base.replace(**changes)
 
 
+# -- what the scripts answer -------------------------------------------------------
+#
+# Every breaker script answers flat key/value pairs (as HGETALL does), built by reply()
+# in common.lua; the names below are the keys. A listing's snapshot of a breaker that
+# expired meanwhile answers {'absent', 1} alone.
+
+
 def opt_float(value: Any) -> float | None:
     """A script's optional number: ``''`` (or nothing) is ``None``."""
     return None if value in (b"", "", None) else float(value)
 
 
-def decode_snapshot(reply: list[Any], offset: float) -> BreakerSnapshot:
-    """A snapshot script's reply as a ``BreakerSnapshot`` (script times + ``offset`` = epoch)."""
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
-    def wall(value: Any) -> float | None:
-        seconds = opt_float(value)
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    """The transition a script made (keys ``from``, ``to``, ``why``, ``mgen``, ``mko``, ``mcalls``, ``mtr``)."""
+
+    source: State
+    target: State
+    reason: str
+    generation: int
+    failures: int
+    """Failures the policy's shown rule held when it happened."""
+    calls: int
+    trips: int
+
+
+@dataclass(frozen=True, slots=True)
+class Metrics:
+    """What a snapshot script adds to its reply; times on the script's clock."""
+
+    successes: int  # ok
+    failures: int  # ko
+    rejections: int  # rj
+    deferrals: int  # df
+    trips: int  # tr
+    last_failure: float | None  # lf
+    last_success: float | None  # ls
+    opened_at: float | None  # oa
+    open_until: float | None  # ou
+    retry_after: float | None  # ra
+    window_calls: int  # wcalls
+    window_failures: int  # wko
+    window_slow_calls: int  # wslow
+    probes_in_flight: int  # live
+    name: str  # nm
+    key_arg: str  # ky: '-' for no key, '+' .. key
+    streak: int  # stk
+    open_duration: float | None  # od
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One breaker script's reply: the local view every reply carries, and what the
+    script adds (a transition, a snapshot's metrics)."""
+
+    state: State  # st
+    generation: int  # gen
+    remaining: float | None  # left: seconds until open_until
+    now: float  # now: the script's clock
+    verdict: str  # verdict: 'ok', or acquire's 'admit', 'probe', 'reject'
+    value: str  # value: the probe's lease, or a rejection's retry_after
+    warnings: str  # warn: what was reset as unreadable ('' when nothing)
+    policy: str  # pol: the stored policy text when it is not the caller's, else ''
+    incarnation: str  # inc
+    moved: Moved | None
+    metrics: Metrics | None
+
+
+def decode_reply(raw: list[Any]) -> Reply | None:
+    """A breaker script's reply as a ``Reply``, or None for a breaker that is absent (a
+    listing's snapshot of one that expired since it was listed). Raises ``LookupError``,
+    ``ValueError`` or ``TypeError`` on anything else."""
+    fields = dict(zip(raw[::2], raw[1::2], strict=True))
+    if b"absent" in fields:
+        return None
+    moved = None
+    if fields.get(b"from"):
+        moved = Moved(
+            source=State(_text(fields[b"from"])),
+            target=State(_text(fields[b"to"])),
+            reason=_text(fields[b"why"]),
+            generation=int(fields[b"mgen"]),
+            failures=int(fields[b"mko"]),
+            calls=int(fields[b"mcalls"]),
+            trips=int(fields[b"mtr"]),
+        )
+    metrics = None
+    if b"ok" in fields:
+        metrics = Metrics(
+            successes=int(fields[b"ok"]),
+            failures=int(fields[b"ko"]),
+            rejections=int(fields[b"rj"]),
+            deferrals=int(fields[b"df"]),
+            trips=int(fields[b"tr"]),
+            last_failure=opt_float(fields[b"lf"]),
+            last_success=opt_float(fields[b"ls"]),
+            opened_at=opt_float(fields[b"oa"]),
+            open_until=opt_float(fields[b"ou"]),
+            retry_after=opt_float(fields[b"ra"]),
+            window_calls=int(fields[b"wcalls"]),
+            window_failures=int(fields[b"wko"]),
+            window_slow_calls=int(fields[b"wslow"]),
+            probes_in_flight=int(fields[b"live"]),
+            name=_text(fields[b"nm"]),
+            key_arg=_text(fields[b"ky"]),
+            streak=int(fields[b"stk"]),
+            open_duration=opt_float(fields[b"od"]),
+        )
+    return Reply(
+        state=State(_text(fields[b"st"])),
+        generation=int(fields[b"gen"]),
+        remaining=opt_float(fields[b"left"]),
+        now=float(fields[b"now"]),
+        verdict=_text(fields[b"verdict"]),
+        value=_text(fields[b"value"]),
+        warnings=_text(fields[b"warn"]),
+        policy=_text(fields[b"pol"]),
+        incarnation=_text(fields[b"inc"]),
+        moved=moved,
+        metrics=metrics,
+    )
+
+
+def decode_snapshot(reply: Reply, offset: float) -> BreakerSnapshot:
+    """A snapshot script's reply as a ``BreakerSnapshot`` (script times + ``offset`` = epoch)."""
+    metrics = reply.metrics
+    if metrics is None:
+        raise ValueError("not a snapshot script's reply")
+
+    def wall(seconds: float | None) -> float | None:
         return None if seconds is None else seconds + offset
 
-    key_arg = reply[31].decode()
+    key_arg = metrics.key_arg
     return BreakerSnapshot(
-        name=reply[30].decode(),
+        name=metrics.name,
         key=None if key_arg == "-" else key_arg[1:],
-        state=State(reply[0].decode()),
-        generation=int(reply[1]),
-        successes=int(reply[16]),
-        failures=int(reply[17]),
-        rejections=int(reply[18]),
-        deferrals=int(reply[19]),
-        trips=int(reply[20]),
-        last_failure=wall(reply[21]),
-        last_success=wall(reply[22]),
-        opened_at=wall(reply[23]),
-        open_until=wall(reply[24]),
-        retry_after=opt_float(reply[25]),
-        window_calls=int(reply[26]),
-        window_failures=int(reply[27]),
-        window_slow_calls=int(reply[28]),
-        probes_in_flight=int(reply[29]),
-        streak=int(reply[32]),
-        open_duration=opt_float(reply[33]),
+        state=reply.state,
+        generation=reply.generation,
+        successes=metrics.successes,
+        failures=metrics.failures,
+        rejections=metrics.rejections,
+        deferrals=metrics.deferrals,
+        trips=metrics.trips,
+        last_failure=wall(metrics.last_failure),
+        last_success=wall(metrics.last_success),
+        opened_at=wall(metrics.opened_at),
+        open_until=wall(metrics.open_until),
+        retry_after=metrics.retry_after,
+        window_calls=metrics.window_calls,
+        window_failures=metrics.window_failures,
+        window_slow_calls=metrics.window_slow_calls,
+        probes_in_flight=metrics.probes_in_flight,
+        streak=metrics.streak,
+        open_duration=metrics.open_duration,
     )

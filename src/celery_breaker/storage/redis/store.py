@@ -31,7 +31,7 @@ from .client import (
 )
 from .history import RedisHistory
 from .parking import RedisParking
-from .replies import decode_snapshot, opt_float
+from .replies import decode_reply, decode_snapshot, opt_float
 from .schemes import SCHEMES
 from .scripts import Scripts
 
@@ -417,10 +417,14 @@ class RedisStore:
             raise StorageError(f"redis store {self.label}: listing breakers failed: {exc}") from exc
         args = [repr(now) if self.client_time else "", self.ttl_ms, "0", "", "", "", ""]
         calls = [([state_key[: -len(":s")] + suffix for suffix in _KEY_SUFFIXES], args) for state_key in state_keys]
-        for reply in self.run_many("snapshot", calls):
-            if reply[0] == b"absent":
-                continue  # expired since the scan saw it
-            found.append(decode_snapshot(reply, offset))
+        for raw in self.run_many("snapshot", calls):
+            try:
+                reply = decode_reply(raw)
+                if reply is None:
+                    continue  # expired since the scan saw it
+                found.append(decode_snapshot(reply, offset))
+            except (ValueError, LookupError, TypeError) as exc:
+                raise StorageError(f"redis store {self.label}: snapshot answered {raw!r}") from exc
         return found
 
     def run_many(self, script: str, calls: list[tuple[list[str], list[str]]]) -> list[list[Any]]:
