@@ -6,7 +6,7 @@
 Each table sits between ``<!-- generated: NAME -->`` and ``<!-- end generated -->``;
 everything outside the markers is hand-written and left as it is. Defaults are read
 from the code (``SETTINGS``, ``BreakerPolicy``'s fields, ``BreakerTask``'s class
-attributes), descriptions from ``Doc`` rows (``celery_breaker.descriptions``' ``SETTING_DOCS`` and
+attributes), descriptions from ``Doc`` rows (``celery_breaker.integration.setting_docs``' ``SETTING_DOCS`` and
 ``TASK_OPTION_DOCS``, the policy fields' metadata). A setting, field or option without a
 description is an error.
 """

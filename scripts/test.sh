@@ -8,12 +8,16 @@ cd "$(dirname "$0")/.."
 # (the test suite starts its own instances on free loopback ports and stops them:
 # standalone, a 3-node Cluster, and a Sentinel, which is `redis-server --sentinel`;
 # each also over TLS). openssl: makes the TLS servers' throwaway CA and certificates.
-if ! command -v redis-server >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1; then
+# rabbitmq-server: the real RabbitMQ the broker tests run against (tests/rabbitmq.py runs
+# the server script of Debian's package as this user, on its own loopback ports).
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1 \
+    || [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-    echo "== installing redis-server and openssl"
+    echo "== installing redis-server, rabbitmq-server and openssl"
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq redis-server openssl >/dev/null
+    # (the package's own service is left alone: the tests start their own node)
+    $SUDO apt-get install -y -qq redis-server rabbitmq-server openssl >/dev/null
 fi
 
 VENV="${VENV:-.venv}"

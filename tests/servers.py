@@ -24,7 +24,7 @@ import redis
 
 from .tls import Certificates
 
-__all__ = ["RedisCluster", "RedisSentinel", "RedisServer", "ServerError", "free_port", "poll"]
+__all__ = ["Owned", "RedisCluster", "RedisSentinel", "RedisServer", "ServerError", "free_port", "poll"]
 
 #: Seconds a server gets to start, a cluster to agree, a failover to complete.
 START_TIMEOUT = 20.0
@@ -71,10 +71,10 @@ def _answers(check: Callable[[], bool]) -> Callable[[], bool]:
     return predicate
 
 
-_Self = TypeVar("_Self", bound="_Owned")
+_Self = TypeVar("_Self", bound="Owned")
 
 
-class _Owned:
+class Owned:
     """A context manager that closes itself on exit."""
 
     def close(self) -> None:
@@ -87,7 +87,7 @@ class _Owned:
         self.close()
 
 
-class RedisServer(_Owned):
+class RedisServer(Owned):
     """One ``redis-server`` process on 127.0.0.1; ``stop()`` then ``start()`` keeps its port.
 
     ``options`` are extra command-line options (``"--replicaof", "127.0.0.1", "6379"``...).
@@ -222,7 +222,7 @@ class _SentinelServer(RedisServer):
         return [redis_server_binary(), str(self.config), "--sentinel"]
 
 
-class RedisSentinel(_Owned):
+class RedisSentinel(Owned):
     """A master, one replica and ``sentinels`` Sentinels (quorum 1) watching service ``service``.
 
     ``failover()`` switches master and replica. Sentinel's internal periods are shortened
@@ -360,7 +360,7 @@ class RedisSentinel(_Owned):
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-class RedisCluster(_Owned):
+class RedisCluster(Owned):
     """A Redis Cluster of ``masters`` primaries without replicas, the slots split evenly.
 
     Ready once every node says ``cluster_state:ok``: about 2 s after the nodes start,

@@ -1,12 +1,18 @@
 """A Celery project whose one BreakerTask calls a real HTTP downstream (urllib) and counts its runs in Redis.
 
-Every key the project writes is under the test's namespace ``ns`` (the task's first argument):
+The broker is ``PROJ_BROKER`` (Redis or RabbitMQ: ``PROJ_QUEUE_TYPE=quorum`` declares
+the queues as RabbitMQ quorum queues on a topic exchange); the counts go to the Redis
+at ``PROJ_COUNTER`` (default: the broker). Every key the project writes is under the
+test's namespace ``ns`` (the task's first argument):
 
 * ``executions_key(ns)``: hash task id -> runs that got a 200 (more than 1 is a duplicate);
 * ``deferred_key(ns)``: set of task ids deferred at least once (``task_retry`` for a ``CircuitOpenError``);
 * ``deferral_counts_key(ns)``: hash task id -> deferrals (each one a copy published now or
   on release, so a task is delivered 1 + deferrals times);
-* ``failures_key(ns)``: hash exception type -> tasks that failed; ``failed_ids_key(ns)``: their ids.
+* ``failures_key(ns)``: hash exception type -> tasks that failed; ``failed_ids_key(ns)``: their ids;
+* ``revoked_key(ns)``: set of task ids revoked as expired (``task_revoked`` with ``expired=True``);
+* with ``PROJ_RUN`` set, ``transitions_key(run)``: every breaker transition each process
+  made, ``pid:source>target`` (with a memory store each process has its own breaker).
 """
 
 from __future__ import annotations
@@ -20,13 +26,19 @@ from typing import Any
 
 import redis
 from celery import Celery
-from celery.signals import task_failure, task_retry
+from celery.signals import task_failure, task_retry, task_revoked
 
 from celery_breaker import BreakerTask, CircuitOpenError
+from celery_breaker.core import Transition
+from celery_breaker.monitoring import add_transition_listener
 
 BROKER = os.environ.get("PROJ_BROKER", "redis://127.0.0.1:6379/0")
+COUNTER = os.environ.get("PROJ_COUNTER", BROKER)
+RUN = os.environ.get("PROJ_RUN")
 BREAKER = "downstream"
 TASK = "backlog.call_downstream"
+#: The same task acknowledged early, as Celery does by default (it is lost if it fails to be deferred).
+EARLY_ACK_TASK = "backlog.call_downstream_early_ack"
 #: The client's timeout: the downstream's hanging answers take longer.
 TIMEOUT_S = 0.5
 
@@ -38,6 +50,10 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     breaker_defer_spread=1.0,
 )
+if os.environ.get("PROJ_QUEUE_TYPE") == "quorum":
+    # Quorum queues allow no global QoS; Celery delays their countdowns in the broker,
+    # which needs a topic exchange.
+    app.conf.update(task_default_queue_type="quorum", task_default_exchange_type="topic")
 app.conf.update(json.loads(os.environ.get("PROJ_EXTRA_CONF", "{}")))
 
 
@@ -65,14 +81,21 @@ def failed_ids_key(ns: str) -> str:
     return f"{ns}:failed-ids"
 
 
+def revoked_key(ns: str) -> str:
+    return f"{ns}:revoked"
+
+
+def transitions_key(run: str) -> str:
+    return f"{run}:transitions"
+
+
 @functools.cache
 def counter() -> redis.Redis:
     """One client per worker process, made on first use (after the fork)."""
-    return redis.Redis.from_url(BROKER, socket_timeout=5, socket_connect_timeout=5)
+    return redis.Redis.from_url(COUNTER, socket_timeout=5, socket_connect_timeout=5)
 
 
-@app.task(name=TASK, base=BreakerTask, bind=True, breaker=BREAKER, acks_late=True, max_retries=0)
-def call_downstream(self: Any, ns: str, url: str, n: int) -> None:
+def _call_downstream(task: Any, ns: str, url: str, n: int) -> None:
     """One GET to the downstream under the task's breaker (the whole run is guarded)."""
     try:
         with urllib.request.urlopen(f"{url}/call?n={n}", timeout=TIMEOUT_S) as response:
@@ -81,7 +104,19 @@ def call_downstream(self: Any, ns: str, url: str, n: int) -> None:
         raise DownstreamError(f"downstream answered {exc.code}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as exc:
         raise DownstreamError(f"downstream did not answer: {exc}") from None
-    counter().hincrby(executions_key(ns), self.request.id, 1)
+    counter().hincrby(executions_key(ns), task.request.id, 1)
+
+
+@app.task(name=TASK, base=BreakerTask, bind=True, breaker=BREAKER, acks_late=True, max_retries=0)
+def call_downstream(self: Any, ns: str, url: str, n: int) -> None:
+    """One GET to the downstream under the task's breaker (acknowledged once it has run)."""
+    _call_downstream(self, ns, url, n)
+
+
+@app.task(name=EARLY_ACK_TASK, base=BreakerTask, bind=True, breaker=BREAKER, acks_late=False, max_retries=0)
+def call_downstream_early_ack(self: Any, ns: str, url: str, n: int) -> None:
+    """``call_downstream``, acknowledged when it starts (Celery's default)."""
+    _call_downstream(self, ns, url, n)
 
 
 def _ns(args: Any) -> str | None:
@@ -105,3 +140,57 @@ def _count_failure(sender: Any = None, task_id: str | None = None, exception: An
     if ns is not None and task_id is not None:
         counter().hincrby(failures_key(ns), type(exception).__name__, 1)
         counter().sadd(failed_ids_key(ns), task_id)
+
+
+@task_revoked.connect
+def _count_revoked(sender: Any = None, request: Any = None, expired: bool = False, **kwargs: Any) -> None:
+    ns = _ns(getattr(request, "args", None))
+    if ns is not None and expired:
+        counter().sadd(revoked_key(ns), request.id)
+
+
+def _note_transition(transition: Transition) -> None:
+    if RUN is not None:
+        counter().rpush(transitions_key(RUN), f"{os.getpid()}:{transition.source.value}>{transition.target.value}")
+
+
+add_transition_listener(app, _note_transition)
+
+
+# -- Celery's canvas under a breaker (results in the result backend) ---------------------
+
+
+def links_key(ns: str) -> str:
+    return f"{ns}:links"
+
+
+@app.task(name="backlog.add", base=BreakerTask, bind=True, breaker=BREAKER, acks_late=True, max_retries=0)
+def add(self: Any, x: int, y: int, ns: str) -> int:
+    """``x + y``, under the breaker (it makes no call: an open breaker defers it all the same)."""
+    counter().hincrby(executions_key(ns), self.request.id, 1)
+    return x + y
+
+
+@app.task(name="backlog.total", base=BreakerTask, bind=True, breaker=BREAKER, acks_late=True, max_retries=0)
+def total(self: Any, values: list[int], ns: str) -> int:
+    """A chord's body, under the breaker too."""
+    counter().hincrby(executions_key(ns), self.request.id, 1)
+    return sum(values)
+
+
+@app.task(name="backlog.refuse", base=BreakerTask, bind=True, breaker=BREAKER, acks_late=True, max_retries=0)
+def refuse(self: Any, ns: str) -> None:
+    """Fails with the caller's own error (never the downstream's): its ``link_error`` runs."""
+    raise ValueError("refused")
+
+
+@app.task(name="backlog.note")
+def note(result: Any, tag: str, ns: str) -> None:
+    """A ``link`` callback: records that it ran, with what."""
+    counter().rpush(links_key(ns), f"{tag}:{result}")
+
+
+@app.task(name="backlog.note_error")
+def note_error(request: Any, exc: Any, traceback: Any, tag: str, ns: str) -> None:
+    """A ``link_error`` errback: records that it ran, and for what error."""
+    counter().rpush(links_key(ns), f"{tag}:{type(exc).__name__}")

@@ -14,6 +14,9 @@ import pytest
 
 from tests.conftest import emptied
 from tests.integration import partner_proj
+from tests.integration.deployments import CONSUMER_TIMEOUT_S
+from tests.rabbitmq import RabbitMQServer
+from tests.servers import RedisServer
 
 PARTNER_DB = 4
 
@@ -30,3 +33,19 @@ def partner_broker(partner_url: str) -> Iterator[str]:
     """``partner_proj``'s broker (and result backend), empty for this module."""
     with emptied(partner_url) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitMQServer]:
+    """A real RabbitMQ (Debian's), its ``consumer_timeout`` short: ``CONSUMER_TIMEOUT_S``, checked every second."""
+    with RabbitMQServer(consumer_timeout_ms=CONSUMER_TIMEOUT_S * 1000) as server:
+        server.start()
+        yield server
+
+
+@pytest.fixture(scope="module")
+def redis_server() -> Iterator[RedisServer]:
+    """A redis-server of the module's own: db 0 a Redis broker, db 1 the store, db 2 counters, db 3 results."""
+    with RedisServer() as started:
+        started.start()
+        yield started

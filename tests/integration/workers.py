@@ -36,11 +36,11 @@ class WorkerProcess:
 
     def __init__(self, broker: str, *, pool: str = "prefork", concurrency: int = 2,
                  extra_conf: str = "{}", name: str = "w1", app: str = "tests.integration.proj",
-                 queues: str | None = None) -> None:  # fmt: skip
+                 queues: str | None = None, env: dict[str, str] | None = None) -> None:  # fmt: skip
         self.broker = broker
         self.name = name
         self.log_path = Path(tempfile.mkstemp(prefix=f"celery-{name}-", suffix=".log")[1])
-        env = {**os.environ, "PROJ_BROKER": broker, "PROJ_EXTRA_CONF": extra_conf,
+        env = {**os.environ, "PROJ_BROKER": broker, "PROJ_EXTRA_CONF": extra_conf, **(env or {}),
                "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(

@@ -4,8 +4,12 @@
   unix socket, Sentinel, Valkey) keeps its breakers in that server unless
   ``breaker_storage_url`` says otherwise; ``store_url_from_broker`` turns the broker's
   settings (URL, ``broker_transport_options``, ``broker_use_ssl``) into a store URL.
-* The redelivery window (``redelivery_window``): brokers that hand a message held
-  unacknowledged too long to another worker, so a countdown deferral must stay inside it.
+* What kind of broker it is (``broker_kind``: ``redis``, ``amqp`` for RabbitMQ, ``sqs``,
+  ``memory``, ``other``), and whether the app's queues are RabbitMQ quorum queues.
+* How long a worker may hold an unacknowledged message (``hold_limit``): Redis and SQS
+  hand it to another worker after their ``visibility_timeout``; RabbitMQ closes the
+  channel after its ``consumer_timeout`` (the worker then exits). A countdown deferral is
+  such a held message, so it must stay inside the limit.
 * RabbitMQ's dead-lettering headers, never carried into a deferral.
 """
 
@@ -15,13 +19,39 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
-__all__ = ["DEAD_LETTER_HEADERS", "broker_scheme", "redelivery_window", "store_url_from_broker"]
+__all__ = [
+    "AMQP",
+    "DEAD_LETTER_HEADERS",
+    "DEFAULT_CONSUMER_TIMEOUT",
+    "REDIS",
+    "broker_kind",
+    "broker_scheme",
+    "broker_url",
+    "hold_limit",
+    "redelivery_window",
+    "store_url_from_broker",
+    "uses_quorum_queues",
+]
 
-#: RabbitMQ's dead-lettering headers, never carried into a deferral: RabbitMQ would read
-#: them as a dead-letter cycle. (Celery 5.7 drops the same set from retries; 5.5 and 5.6
-#: have no such list to import.)
+#: Broker kinds (``broker_kind``).
+REDIS, AMQP, SQS, MEMORY, OTHER = "redis", "amqp", "sqs", "memory", "other"
+_KINDS = {
+    "redis": REDIS, "rediss": REDIS, "redis+socket": REDIS, "socket": REDIS, "sentinel": REDIS,
+    "valkey": REDIS, "valkeys": REDIS,
+    "amqp": AMQP, "amqps": AMQP, "pyamqp": AMQP, "librabbitmq": AMQP,
+    "sqs": SQS, "memory": MEMORY,
+}  # fmt: skip
+
+#: RabbitMQ's own default ``consumer_timeout`` (30 minutes, since 3.8.15): a delivery not
+#: acknowledged by then closes the consumer's channel.
+DEFAULT_CONSUMER_TIMEOUT = 1800.0
+
+#: Headers RabbitMQ adds, never carried into a deferral: its dead-lettering headers (it
+#: would read them as a dead-letter cycle; Celery 5.7 drops the same set from retries,
+#: 5.5 and 5.6 have no such list to import) and a quorum queue's delivery count.
 DEAD_LETTER_HEADERS = frozenset(
     {
+        "x-delivery-count",
         "x-death",
         "x-first-death-exchange",
         "x-first-death-queue",
@@ -49,6 +79,30 @@ def broker_scheme(conf: Any) -> str:
     """The scheme of the (first) broker URL, lowercase: ``redis``, ``amqp``, ``sqs``, ..."""
     first = broker_url(conf).split(";", maxsplit=1)[0].strip()
     return urlsplit(first).scheme.lower() if "://" in first else ""
+
+
+def broker_kind(conf: Any) -> str:
+    """``redis``, ``amqp`` (RabbitMQ), ``sqs``, ``memory`` or ``other``: what the broker URL names."""
+    return _KINDS.get(broker_scheme(conf), OTHER)
+
+
+def uses_quorum_queues(app: Any) -> bool:
+    """Whether the app declares a RabbitMQ quorum queue (``task_default_queue_type`` or
+    ``x-queue-type`` in ``task_queues``): Celery then delays countdown messages in the
+    broker (native delayed delivery, whole seconds, ``celery_delayed_*``) instead of in the worker."""
+    if broker_kind(app.conf) != AMQP:
+        return False
+    return any((queue.queue_arguments or {}).get("x-queue-type") == "quorum" for queue in app.amqp.queues.values())
+
+
+def hold_limit(conf: Any, consumer_timeout: float) -> float | None:
+    """Seconds a worker may hold an unacknowledged message before the broker acts: Redis
+    and SQS redeliver it (``visibility_timeout``), RabbitMQ closes the channel
+    (``consumer_timeout``, as the worker's ``breaker_consumer_timeout`` says); ``None``
+    for brokers with no such limit."""
+    if broker_kind(conf) == AMQP:
+        return consumer_timeout
+    return redelivery_window(conf)
 
 
 def redelivery_window(conf: Any) -> float | None:

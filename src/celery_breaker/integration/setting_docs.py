@@ -97,6 +97,13 @@ SETTING_DOCS: dict[str, Doc] = {
         accepts="an IP address or a host name",
         meaning='the address that endpoint binds: this host only unless you set e.g. `"0.0.0.0"` (every interface)',
     ),
+    "breaker_consumer_timeout": Doc(
+        accepts=_SECONDS_DOC,
+        meaning="RabbitMQ's `consumer_timeout` as your broker is configured: a delivery a worker holds "
+        "unacknowledged longer closes its channel and stops the worker, so no countdown deferral is held "
+        "longer than nine tenths of it ([brokers](brokers.md#rabbitmq))",
+        default="RabbitMQ's default, 30 minutes",
+    ),
     "breaker_metrics_ttl": Doc(
         accepts=_SECONDS_DOC,
         meaning="how long `record_metrics` (the `celery_breaker.record_metrics` task) keeps each breaker's stored "

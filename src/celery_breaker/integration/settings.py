@@ -18,7 +18,7 @@ from ..names import check_name
 from ..storage import check_storage_url, describe_url, is_shared_url
 from ..storage.fallback import MODES as ON_STORAGE_ERROR_CHOICES
 from . import values
-from .broker import redelivery_window, store_url_from_broker
+from .broker import DEFAULT_CONSUMER_TIMEOUT, hold_limit, store_url_from_broker
 
 __all__ = [
     "ON_STORAGE_ERROR_CHOICES",
@@ -50,6 +50,7 @@ SETTINGS: dict[str, Any] = {
     "breaker_metrics_port": None,
     "breaker_metrics_address": "127.0.0.1",
     "breaker_metrics_ttl": 86_400.0,
+    "breaker_consumer_timeout": DEFAULT_CONSUMER_TIMEOUT,
 }
 
 _LOCK = threading.Lock()
@@ -76,8 +77,11 @@ class BreakerSettings:
     """Parked tasks released per second per breaker once it closes (cluster-wide), at full pace."""
     release_ramp: float
     """Seconds from a tenth of ``release_rate`` to all of it after the breaker closes."""
-    visibility_timeout: float | None
-    """The broker's redelivery window, when it has one; deferrals stay well inside it."""
+    consumer_timeout: float
+    """RabbitMQ's ``consumer_timeout`` as the broker is configured (``breaker_consumer_timeout``)."""
+    hold_limit: float | None
+    """How long the broker lets a worker hold an unacknowledged message (Redis and SQS
+    ``visibility_timeout``, RabbitMQ ``consumer_timeout``); countdown deferrals stay well inside it."""
     metrics_port: int | None
     """The TCP port of the worker's Prometheus endpoint; ``None``: no endpoint."""
     metrics_address: str
@@ -108,11 +112,12 @@ class BreakerSettings:
         return None
 
     def defer_cap(self, time_limit: float | None) -> float | None:
-        """The longest deferral delay the broker tolerates for a task with ``time_limit``."""
-        if self.visibility_timeout is None:
+        """The longest countdown the broker tolerates for a task with ``time_limit``: a tenth
+        of ``hold_limit`` (or the time limit, if longer) short of it."""
+        if self.hold_limit is None:
             return None
-        margin = max(self.visibility_timeout * 0.1, time_limit or 0.0)
-        return max(1.0, self.visibility_timeout - margin)
+        margin = max(self.hold_limit * 0.1, time_limit or 0.0)
+        return max(1.0, self.hold_limit - margin)
 
 
 def _glob(pattern: str, name: str) -> bool:
@@ -236,6 +241,7 @@ def build_settings(conf: Any) -> BreakerSettings:
     ):
         raise ConfigurationError(f"breaker_release_rate must be a number of tasks per second > 0, got {release_rate!r}")
     release_ramp = values.seconds_or_zero("breaker_release_ramp", _conf_get(conf, "breaker_release_ramp"))
+    consumer_timeout = values.duration("breaker_consumer_timeout", _conf_get(conf, "breaker_consumer_timeout"))
     return BreakerSettings(
         storage_url=storage_url,
         key_prefix=key_prefix,
@@ -250,7 +256,8 @@ def build_settings(conf: Any) -> BreakerSettings:
         park=park,
         release_rate=float(release_rate),
         release_ramp=release_ramp or 0.0,
-        visibility_timeout=redelivery_window(conf),
+        consumer_timeout=consumer_timeout,
+        hold_limit=hold_limit(conf, consumer_timeout),
         metrics_port=values.port("breaker_metrics_port", _conf_get(conf, "breaker_metrics_port")),
         metrics_address=values.bind_address("breaker_metrics_address", _conf_get(conf, "breaker_metrics_address")),
         metrics_ttl=values.duration("breaker_metrics_ttl", _conf_get(conf, "breaker_metrics_ttl")),

@@ -273,7 +273,7 @@ def _rejection_now(breaker: CircuitBreaker) -> CircuitOpenError:
     retry_after = snapshot.retry_after
     if snapshot.state is State.HALF_OPEN and not retry_after:
         retry_after = breaker.policy.reset_timeout  # probes are out: wait for their verdict
-    return CircuitOpenError._rejected(breaker.name, breaker.key, snapshot.state, retry_after)
+    return CircuitOpenError.rejected(breaker.name, breaker.key, snapshot.state, retry_after)
 
 
 # -- class preparation -------------------------------------------------------

@@ -15,7 +15,10 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from ..storage import describe_url, flush_stores, resolve_store
 from . import events
+from .broker import REDIS, broker_kind, broker_url
+from .deferral.parking import ParkInStore
 from .deferral.release import Releaser
+from .deferral.selection import deferral_strategies
 from .inventory import check_app
 from .registry import registry_for
 from .routes import apply_routes
@@ -57,6 +60,18 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
             len(breakers), sum(len(v) for v in breakers.values()),
             f" ({len(routed)} by breaker_routes)" if routed else "",
         )  # fmt: skip
+        strategies = deferral_strategies(app)
+        logger.info(
+            "celery-breaker: deferring tasks by %s (broker %s)",
+            " then ".join(strategy.name for strategy in strategies), broker_kind(app.conf),
+        )  # fmt: skip
+        if any(isinstance(strategy, ParkInStore) for strategy in strategies) and broker_kind(app.conf) != REDIS:
+            logger.warning(
+                "celery-breaker: parked tasks live in the breaker store %s, while queued tasks live in the broker "
+                "%s: a store restarted without its data loses every parked task, which the broker would have kept. "
+                "Unset breaker_park (deferred tasks then wait in the broker itself), or keep that Redis persistent",
+                describe_url(settings.storage_url), describe_url(broker_url(app.conf)),
+            )  # fmt: skip
         super().__init__(worker, **kwargs)
 
 

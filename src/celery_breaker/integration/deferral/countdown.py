@@ -10,6 +10,7 @@ late-acknowledged delivery is requeued (``Reject``); otherwise the task fails wi
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 from celery.exceptions import Reject
@@ -26,16 +27,28 @@ REQUEUE_PAUSE = 1.0
 
 
 class CountdownRepublish:
-    """Publish the run again with a countdown of the planned delay."""
+    """Publish the run again with a countdown of the planned delay.
+
+    ``whole_seconds``: round the countdown up to whole seconds, at least one. On RabbitMQ
+    quorum queues Celery delays a countdown in the broker (native delayed delivery),
+    which takes only whole seconds of at least one: it refuses a shorter countdown and
+    leaves a fraction for the worker to hold.
+    """
 
     name = "countdown"
     parks = False
 
-    def deliver(self, deferral: Deferral) -> bool:
+    def __init__(self, *, whole_seconds: bool = False) -> None:
+        self.whole_seconds = whole_seconds
+
+    def deliver(self, deferral: Deferral) -> float | None:
         task = deferral.task
         request = task.request
+        delay = deferral.plan.delay
+        if self.whole_seconds:
+            delay = float(max(1, math.ceil(delay)))
         signature = task.signature_from_request(
-            request, deferral.args, deferral.kwargs, countdown=deferral.plan.delay, headers=deferral.headers
+            request, deferral.args, deferral.kwargs, countdown=delay, headers=deferral.headers
         )
         try:
             signature.apply_async()
@@ -53,4 +66,4 @@ class CountdownRepublish:
                 name=breaker.name, key=breaker.key, state=deferral.rejected.state, final=True,
             )  # fmt: skip
             raise failed from exc
-        return True
+        return delay

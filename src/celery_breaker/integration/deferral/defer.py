@@ -15,6 +15,7 @@ from .. import events
 from ..broker import DEAD_LETTER_HEADERS
 from ..settings import get_settings
 from ..task_options import task_breaker_config
+from . import expiry  # noqa: F401  (connects the handler that keeps expired deferrals for the worker to revoke)
 from .plan import (
     DEFERRALS_HEADER,
     SINCE_HEADER,
@@ -79,10 +80,10 @@ def defer(
         task=task, breaker=breaker, rejected=rejected, state=state, args=args, kwargs=kwargs, headers=headers,
         plan=plan, expires_in=expires_in, max_defer_age=config.max_defer_age, now=now,
     )  # fmt: skip
-    strategy = _deliver(deferral, deferral_strategies(task.app))
+    strategy, delay = _deliver(deferral, deferral_strategies(task.app))
     if not rejected.name or (rejected.name, rejected.key) == (breaker.name, breaker.key):
         breaker.note_deferral()  # (a nested breaker's rejection is not this breaker's deferral)
-    return _announce(deferral, strategy)
+    return _announce(deferral, strategy, delay)
 
 
 def _rejecting_label(breaker: CircuitBreaker, rejected: CircuitOpenError) -> str:
@@ -90,15 +91,30 @@ def _rejecting_label(breaker: CircuitBreaker, rejected: CircuitOpenError) -> str
     return rejected.label if rejected.name else breaker.label
 
 
-def _deliver(deferral: Deferral, strategies: tuple[DeferralStrategy, ...]) -> DeferralStrategy:
-    """Hand the run to each strategy in turn until one delivers it (the last always does, or raises)."""
-    for strategy in strategies:
-        if strategy.deliver(deferral):
-            return strategy
-    raise RuntimeError(f"no deferral strategy took the run (strategies: {[s.name for s in strategies]})")
+def _deliver(deferral: Deferral, strategies: tuple[DeferralStrategy, ...]) -> tuple[DeferralStrategy, float]:
+    """Hand the run to each strategy in turn until one delivers it; return it and the delay
+    it delivered with. A strategy that fails to publish passes the run on; the last one
+    takes every run (or raises: requeue, or a final error)."""
+    task = deferral.task
+    *others, last = strategies
+    for strategy in others:
+        try:
+            delay = strategy.deliver(deferral)
+        except Exception as exc:
+            logger.warning(
+                "task %s[%s]: could not defer it by %s (%r); trying the next way",
+                task.name, task.request.id, strategy.name, exc,
+            )  # fmt: skip
+            continue
+        if delay is not None:
+            return strategy, delay
+    delay = last.deliver(deferral)
+    if delay is None:
+        raise RuntimeError(f"the last deferral strategy ({last.name}) refused a run: every run must be taken")
+    return last, delay
 
 
-def _announce(deferral: Deferral, strategy: DeferralStrategy) -> Retry:
+def _announce(deferral: Deferral, strategy: DeferralStrategy, delay: float) -> Retry:
     """Log the deferral, send its ``task-breaker-deferred`` event, and make the ``Retry`` that ends the run."""
     task, rejected, plan, state = deferral.task, deferral.rejected, deferral.plan, deferral.state
     request = task.request
@@ -107,15 +123,16 @@ def _announce(deferral: Deferral, strategy: DeferralStrategy) -> Retry:
     if plan.expires_first:
         text = (
             f"breaker {label!r} {state}, task expires first: requeued to arrive after "
-            f"its expiry in {plan.delay:.1f} s (deferral {plan.count})"
+            f"its expiry in {delay:.1f} s (deferral {plan.count})"
         )
     else:  # (parked or not: the delay is when the breaker may admit it)
-        text = f"breaker {label!r} {state}, deferred {plan.delay:.1f} s (deferral {plan.count})"
+        text = f"breaker {label!r} {state}, deferred {delay:.1f} s (deferral {plan.count})"
     logger.debug("task %s[%s]: %s (%s)", task.name, request.id, text, strategy.name)
     if events.enabled():
         events.send(
             task.app, events.DEFERRED_EVENT, uuid=request.id, name=task.name, breaker=name, key=key,
-            state=state, delay=plan.delay, deferral=plan.count, parked=strategy.parks, reason=text,
+            state=state, delay=delay, deferral=plan.count, parked=strategy.parks, mechanism=strategy.name,
+            reason=text,
         )  # fmt: skip
     reason = CircuitOpenError(text, name=name, key=key, state=rejected.state, retry_after=rejected.retry_after)
-    return Retry(exc=reason, when=plan.delay)
+    return Retry(exc=reason, when=delay)

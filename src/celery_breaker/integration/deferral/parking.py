@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from collections.abc import Collection
 from typing import Any
 
 from kombu.serialization import dumps, loads
@@ -36,14 +37,19 @@ def encode_message(signature: dict[str, Any], serializer: str) -> str:
     return json.dumps({"v": 1, "ct": content_type, "ce": encoding, "b64": wrapped, "body": text})
 
 
-def decode_message(payload: str) -> dict[str, Any]:
-    """The signature dict ``encode_message`` stored; raises ValueError when unreadable."""
+def decode_message(payload: str, accept: Collection[str] | None) -> dict[str, Any]:
+    """The signature dict ``encode_message`` stored; raises ValueError when unreadable.
+
+    ``accept``: the content types the app accepts (``accept_content`` as content types,
+    ``kombu.serialization.prepare_accept_content``), so a pickle, msgpack or yaml task
+    the app accepts is read, and nothing else is: kombu refuses those by default.
+    """
     try:
         outer = json.loads(payload)
         body: str | bytes = outer["body"]
         if outer.get("b64"):
             body = base64.b64decode(body)
-        found = loads(body, outer["ct"], outer["ce"])  # type: ignore[no-untyped-call]
+        found = loads(body, outer["ct"], outer["ce"], accept=accept)  # type: ignore[no-untyped-call]
     except Exception as exc:  # any decoding failure: the caller reports the entry
         raise ValueError(f"unreadable parked message: {exc!r}") from exc
     if not isinstance(found, dict) or "task" not in found:
@@ -57,16 +63,16 @@ class ParkInStore:
     name = "park"
     parks = True
 
-    def deliver(self, deferral: Deferral) -> bool:
+    def deliver(self, deferral: Deferral) -> float | None:
         plan = deferral.plan
         if plan.expires_first:
-            return False  # it must arrive just after its expiry, to be revoked: a countdown does that
+            return None  # it must arrive just after its expiry, to be revoked: a countdown does that
         store = deferral.breaker.store
         parking = store.parking
         if parking is None or store.down:
             # No parking here, or the shared store is down (its outage is logged once per
-            # interval): a countdown message now, rather than Redis's timeouts for each task.
-            return False
+            # interval): the next strategy now, rather than Redis's timeouts for each task.
+            return None
         task = deferral.task
         request = task.request
         signature = task.signature_from_request(request, deferral.args, deferral.kwargs, headers=deferral.headers)
@@ -75,12 +81,12 @@ class ParkInStore:
         try:
             payload = encode_message(body, task.serializer or task.app.conf.task_serializer)
         except Exception as exc:
-            logger.warning("task %s[%s]: cannot park it (%r); deferring with a countdown", task.name, request.id, exc)
-            return False
+            logger.warning("task %s[%s]: cannot park it (%r); deferring it another way", task.name, request.id, exc)
+            return None
         deadline = park_deadline(deferral.expires_in, plan.since, deferral.max_defer_age, deferral.now)
         breaker = deferral.breaker
         try:
             parking.park(breaker.name, breaker.key, f"{request.id}:{plan.count}", plan.since, payload, deadline)
         except StorageError:
-            return False  # (the store reports its outage, once per interval)
-        return True
+            return None  # (the store reports its outage, once per interval)
+        return plan.delay

@@ -7,6 +7,11 @@ once it has closed, the rest at a ramp (``breaker_release_rate`` tasks per secon
 cluster-wide, reached after ``breaker_release_ramp`` seconds), oldest first. Released
 tasks are published again exactly as they were; one that meets an open breaker again
 is parked again, keeping its place.
+
+The releaser also watches for a store that lost its parked tasks (restarted without
+persistence, or flushed): every ``WATCH_EVERY`` seconds it counts them and reads the
+parking's epoch (``Parking.epoch``); an epoch that changed or vanished while tasks were
+parked is logged at ERROR, naming each breaker and how many it held at the last count.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ import threading
 import time
 from typing import Any
 
+from kombu.serialization import prepare_accept_content
+
 from ...errors import StorageError
 from ...storage import Parking
 from .parking import decode_message
 
-__all__ = ["LEASE", "MOST_PER_TICK", "TICK", "Releaser"]
+__all__ = ["LEASE", "MOST_PER_TICK", "TICK", "WATCH_EVERY", "Releaser"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -30,6 +37,8 @@ TICK = 0.2
 LEASE = 30.0
 #: Most entries one breaker releases per tick (the pace decides, this only bounds a tick).
 MOST_PER_TICK = 500
+#: Seconds between two counts of the parked tasks (to notice, and report, a store that lost them).
+WATCH_EVERY = 1.0
 
 
 class Releaser(threading.Thread):
@@ -39,12 +48,20 @@ class Releaser(threading.Thread):
         super().__init__(name="celery-breaker releaser", daemon=True)
         self.app = app
         self.parking = parking
+        #: The content types the app accepts: a parked pickle, msgpack or yaml task decodes
+        #: only when the app accepts it (kombu refuses those by default).
+        self.accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
         self.rate = rate
         self.ramp = ramp
         self.tick = tick
         self.released = 0
         self._stop_event = threading.Event()
         self._failing_since: float | None = None
+        # What the last count saw: the parking's epoch, each breaker's parked and claimed
+        # tasks, and when (monotonic seconds).
+        self._epoch: str | None = None
+        self._known: dict[str, int] = {}
+        self._counted_at: float | None = None
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the releaser to stop and wait up to ``timeout`` seconds for it."""
@@ -57,6 +74,9 @@ class Releaser(threading.Thread):
     def run(self) -> None:
         while not self._stop_event.wait(self.tick):
             try:
+                now = time.monotonic()
+                if self._counted_at is None or now - self._counted_at >= WATCH_EVERY:
+                    self.watch_for_loss(now)
                 self.release_once()
                 if self._failing_since is not None:
                     logger.info("celery-breaker releaser: the store answers again")
@@ -88,9 +108,38 @@ class Releaser(threading.Thread):
         self.released += published
         return published
 
+    def watch_for_loss(self, now: float) -> int:
+        """Count the parked tasks and check the parking's epoch; if the store lost tasks
+        since the last count (its epoch changed or vanished while some were parked), log
+        it at ERROR. Returns how many tasks the last count knew of and the store lost (0: none)."""
+        epoch = self.parking.epoch()
+        lost = 0
+        if epoch != self._epoch and self._known:
+            lost = sum(self._known.values())
+            ago = now - (self._counted_at or now)
+            held = ", ".join(f"{self.parking.label(tag)}: {count}" for tag, count in sorted(self._known.items()))
+            logger.error(
+                "celery-breaker releaser: the breaker store lost its parked tasks (restarted without its data, "
+                "or flushed): %d task(s) were parked %.0f s before (%s); they will not run. Keep parking in a store "
+                "at least as durable as the broker (docs/brokers.md)",
+                lost, ago, held,
+                extra={"breaker_parked_lost": lost},
+            )  # fmt: skip
+        self._epoch = epoch
+        counts = self.parking.counts(self.parking.tags())
+        known = {tag: parked + claimed for tag, (parked, claimed) in counts.items() if parked + claimed}
+        if known and not self._known:
+            held = ", ".join(f"{self.parking.label(tag)}: {count}" for tag, count in sorted(known.items()))
+            logger.info("celery-breaker releaser: %d task(s) parked (%s)", sum(known.values()), held)
+        elif self._known and not known and not lost:
+            logger.info("celery-breaker releaser: no task parked any more")
+        self._known = known
+        self._counted_at = now
+        return lost
+
     def _publish(self, tag: str, entry: str, payload: str) -> bool:
         try:
-            signature = decode_message(payload)
+            signature = decode_message(payload, self.accept)
         except ValueError as exc:
             # Never publishable: dropping it is the only way forward; say so loudly.
             logger.error("celery-breaker releaser: dropped parked entry %s of %s: %s", entry, tag, exc)

@@ -1,5 +1,14 @@
 """Which strategies defer an app's tasks, tried in order: chosen once per app, from the broker and the settings.
 
+``breaker_park`` decides, with the broker (``integration/broker.py``):
+
+* parking in the breaker store (``parking.py``) when it is asked for (``True``), or by
+  default (``"auto"``) when the broker is Redis: then the store is as durable as the queue;
+* on RabbitMQ, unless ``breaker_park=False``, RabbitMQ's own delayed delivery
+  (``broker_delay.py``): durable like the queue, held by no worker;
+* last, a countdown the receiving worker holds (``countdown.py``), in whole seconds when
+  the app uses quorum queues (Celery then delays it in the broker itself).
+
 Adding a mechanism is one module implementing ``DeferralStrategy`` and one line here.
 """
 
@@ -9,7 +18,9 @@ import threading
 from typing import Any
 
 from ...storage import resolve_store
+from ..broker import AMQP, REDIS, broker_kind, uses_quorum_queues
 from ..settings import BreakerSettings, get_settings
+from .broker_delay import BrokerDelay
 from .countdown import CountdownRepublish
 from .parking import ParkInStore
 from .strategy import DeferralStrategy
@@ -20,12 +31,16 @@ _ATTRIBUTE = "_celery_breaker_strategies"
 _LOCK = threading.Lock()
 
 
-def choose_strategies(settings: BreakerSettings) -> tuple[DeferralStrategy, ...]:
-    """The strategies for these settings, most preferred first; the last always delivers."""
+def choose_strategies(app: Any, settings: BreakerSettings) -> tuple[DeferralStrategy, ...]:
+    """The strategies for ``app`` with these settings, most preferred first; the last always delivers."""
+    kind = broker_kind(app.conf)
+    parks_in_store = resolve_store(settings.storage_url).parking is not None
     chosen: list[DeferralStrategy] = []
-    if settings.park is not False and resolve_store(settings.storage_url).parking is not None:
+    if parks_in_store and (settings.park is True or (settings.park == "auto" and kind == REDIS)):
         chosen.append(ParkInStore())
-    chosen.append(CountdownRepublish())
+    if kind == AMQP and settings.park is not False:
+        chosen.append(BrokerDelay())
+    chosen.append(CountdownRepublish(whole_seconds=uses_quorum_queues(app)))
     return tuple(chosen)
 
 
@@ -35,6 +50,6 @@ def deferral_strategies(app: Any) -> tuple[DeferralStrategy, ...]:
     found: tuple[BreakerSettings, tuple[DeferralStrategy, ...]] | None = getattr(app, _ATTRIBUTE, None)
     if found is None or found[0] is not settings:
         with _LOCK:
-            found = (settings, choose_strategies(settings))
+            found = (settings, choose_strategies(app, settings))
             setattr(app, _ATTRIBUTE, found)
     return found[1]

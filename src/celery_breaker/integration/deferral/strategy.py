@@ -2,10 +2,10 @@
 
 A rejected run is *planned* (``plan.py``: when it may run, how often it was deferred, or
 whether to give up) and then *delivered* by the first strategy that takes it: parked in
-the breaker's store (``parking.py``), or published again with a countdown
-(``countdown.py``). ``selection.py`` chooses the strategies from the broker and the
-settings. A new mechanism (a broker's own delayed delivery, say) is one module here that
-implements ``DeferralStrategy`` plus one line in ``selection.py``.
+the breaker's store (``parking.py``), delayed in the broker itself (``broker_delay.py``,
+RabbitMQ), or published again with a countdown a worker holds (``countdown.py``).
+``selection.py`` chooses the strategies from the broker and the settings. A new mechanism
+is one module here that implements ``DeferralStrategy`` plus one line in ``selection.py``.
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ class DeferralStrategy(Protocol):
     parks: bool
     """True when the run waits outside every worker (a store, a queue) until released."""
 
-    def deliver(self, deferral: Deferral) -> bool:
-        """Deliver the run; ``False`` when this strategy cannot take it now (the next one
-        is tried). Nothing may be lost either way: a strategy that cannot publish and
-        cannot pass the run on raises (``Reject`` to requeue it, or a final error)."""
+    def deliver(self, deferral: Deferral) -> float | None:
+        """Deliver the run; return the seconds until it comes back (the plan's delay, or
+        what the mechanism made of it), or ``None`` when this strategy cannot take it
+        now (the next one is tried). An error while publishing passes the run to the
+        next strategy too; the last one, which takes every run, raises instead
+        (``Reject`` to requeue it, or a final error): nothing is dropped silently."""
         ...

@@ -1,0 +1,304 @@
+"""What each broker does to a deferred task, tried with real prefork workers: RabbitMQ's consumer_timeout,
+quorum queues with early acknowledgement, expiry, every serializer, a store restarted under
+parked tasks, and Celery's canvas through an outage.
+
+Most cases force the breaker open from here through the Redis store the workers share
+(``breaker_storage_url``), so the outage lasts exactly as long as the test says.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from celery import chain, chord, group
+from celery.result import AsyncResult
+
+from celery_breaker import CircuitBreaker
+from celery_breaker.storage import close_stores
+from tests.integration.backlog_proj import (
+    BREAKER,
+    EARLY_ACK_TASK,
+    TASK,
+    add,
+    deferral_counts_key,
+    deferred_key,
+    executions_key,
+    failed_ids_key,
+    failures_key,
+    links_key,
+    note,
+    note_error,
+    refuse,
+    revoked_key,
+    total,
+)
+from tests.integration.deployments import CONSUMER_TIMEOUT_S, Deployment, deploy
+from tests.integration.downstream import Downstream
+from tests.integration.workers import wait_for
+from tests.rabbitmq import RabbitMQServer
+from tests.servers import RedisServer
+
+pytestmark = pytest.mark.slow
+
+#: The downstream of tasks that never reach it (their breaker is forced open until they expire).
+NO_URL = "http://127.0.0.1:9/unused"
+
+
+@contextlib.contextmanager
+def held_open(cell: Deployment, policy: dict[str, Any]) -> Iterator[CircuitBreaker]:
+    """The deployment's breaker, forced open from here until the block ends (then closed)."""
+    breaker = CircuitBreaker(BREAKER, policy, storage=cell.store_url)
+    breaker.force_open()
+    try:
+        yield breaker
+    finally:
+        breaker.close()
+
+
+def counts(cell: Deployment) -> redis.Redis:
+    return redis.Redis.from_url(cell.counter_url, decode_responses=True)
+
+
+@pytest.fixture(autouse=True)
+def _let_go() -> Iterator[None]:
+    yield
+    close_stores()  # this process's connections to the stores of the test's servers
+    # AsyncResults in reference cycles (a chain's parents) are collected while their result
+    # backend still answers: collected after the module's Redis stops, each __del__ raises.
+    gc.collect()
+
+
+# -- RabbitMQ's consumer_timeout ----------------------------------------------------
+
+
+def test_a_breaker_open_longer_than_the_consumer_timeout_never_stops_the_worker(
+    rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """Without the cap a deferral would wait a minute in the worker, and RabbitMQ would
+    close its channel after CONSUMER_TIMEOUT_S: "Unrecoverable error", exit code 1."""
+    policy = {"failure_threshold": 1, "reset_timeout": 60.0}
+    cell = deploy("rabbitmq-classic", "redis", "countdown", rabbitmq=rabbitmq, redis_server=redis_server,
+                  policy=policy, breaker_defer_spread=0)  # fmt: skip
+    client = counts(cell)
+    publisher = cell.publisher()
+    try:
+        with Downstream() as downstream, cell.worker() as started:
+            with held_open(cell, policy):
+                ids = [publisher.send_task(TASK, args=(cell.ns, downstream.url, n)).id for n in range(4)]
+
+                def deferred_twice() -> bool:
+                    found = client.hgetall(deferral_counts_key(cell.ns))
+                    return all(int(found.get(task_id, 0)) >= 2 for task_id in ids)
+
+                # Each deferral is held at most 0.9 x CONSUMER_TIMEOUT_S, then deferred again.
+                waited = wait_for(deferred_twice, 60, "every task deferred twice")
+                assert waited > 0.9 * CONSUMER_TIMEOUT_S - 1  # (a held deferral came back, and went again)
+            wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids), 60, "the tasks after the close")
+            assert started.process.poll() is None, started.log()
+        assert "Unrecoverable error" not in started.log()
+        assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
+    finally:
+        publisher.close()
+
+
+# -- quorum queues ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["park", "countdown"])
+def test_quorum_queues_with_early_acknowledgement_fail_no_task_by_deferral(
+    mode: str, rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """Half-second deferrals: RabbitMQ's native delayed delivery takes whole seconds of at
+    least one, and kombu refuses a shorter countdown: with early acknowledgement such a
+    task failed (``ValueError('countdown must be a positive number')``)."""
+    policy = {"failure_threshold": 1, "reset_timeout": 0.5}
+    cell = deploy("rabbitmq-quorum", "redis", mode, rabbitmq=rabbitmq, redis_server=redis_server, policy=policy,
+                  breaker_defer_spread=0)  # fmt: skip
+    client = counts(cell)
+    publisher = cell.publisher()
+    try:
+        with Downstream() as downstream, cell.worker() as started:
+            with held_open(cell, policy):
+                ids = [publisher.send_task(EARLY_ACK_TASK, args=(cell.ns, downstream.url, n)).id for n in range(12)]
+                wait_for(lambda: client.scard(deferred_key(cell.ns)) >= len(ids), 60, "every task deferred")
+            wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids), 60, "the tasks after the close")
+            log = started.log()
+        assert client.scard(failed_ids_key(cell.ns)) == 0, client.hgetall(failures_key(cell.ns))
+        assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
+        assert "countdown must be a positive number" not in log
+    finally:
+        publisher.close()
+
+
+# -- expiry ---------------------------------------------------------------------------------
+
+
+#: Each way a task can wait: a countdown a worker holds (Redis), RabbitMQ's delay queues,
+#: a Redis parking released at the task's expiry (RabbitMQ), Celery's own whole-second
+#: delay on quorum queues.
+EXPIRY_CASES = [
+    ("redis", "countdown"),
+    ("rabbitmq-classic", "park"),
+    ("rabbitmq-classic", "store"),
+    ("rabbitmq-quorum", "countdown"),
+]
+
+
+@pytest.mark.parametrize(("broker", "mode"), EXPIRY_CASES)
+def test_a_task_that_expires_while_deferred_or_parked_ends_revoked(
+    broker: str, mode: str, rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """On RabbitMQ a deferred copy used to carry its expiry as a message TTL: the broker
+    dropped it unseen, and the task stayed RETRY for ever. Now a worker receives it and
+    revokes it as expired: REVOKED in the result backend, ``task_revoked(expired=True)``.
+    One task expires before the breaker could admit it (it comes back just after its
+    expiry); the other would be admitted in time, but the breaker stays open."""
+    policy = {"failure_threshold": 1, "reset_timeout": 30.0}
+    cell = deploy(broker, "redis", mode, rabbitmq=rabbitmq, redis_server=redis_server, policy=policy, results=True,
+                  breaker_defer_spread=0)  # fmt: skip
+    client = counts(cell)
+    publisher = cell.publisher()
+    results: list[AsyncResult] = []
+    try:
+        with cell.worker(), held_open(cell, policy):
+            results += [publisher.send_task(TASK, args=(cell.ns, NO_URL, n), expires=3) for n in range(2)]
+            wait_for(lambda: all(r.state == "REVOKED" for r in results), 60, "both tasks revoked as expired")
+            wait_for(lambda: client.scard(revoked_key(cell.ns)) >= 2, 30, "task_revoked(expired=True) twice")
+        assert client.smembers(revoked_key(cell.ns)) == {r.id for r in results}
+        assert client.hlen(executions_key(cell.ns)) == 0
+    finally:
+        for result in results:
+            result.forget()
+        publisher.close()
+
+
+# -- serializers ------------------------------------------------------------------------------
+
+
+#: Parked tasks are decoded on release (the same code whatever the broker); RabbitMQ's
+#: delay queues hand the message back as it was published, never decoded.
+SERIALIZER_CASES = [
+    ("pickle", "redis", "park"),
+    ("msgpack", "redis", "park"),
+    ("yaml", "redis", "park"),
+    ("msgpack", "rabbitmq-classic", "store"),
+]
+
+
+@pytest.mark.parametrize(("serializer", "broker", "mode"), SERIALIZER_CASES)
+def test_tasks_in_every_serializer_the_app_accepts_are_parked_and_run_once(
+    serializer: str, broker: str, mode: str, rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """Parked tasks kept their content type, but were decoded with kombu's defaults, which
+    refuse pickle, msgpack and yaml: every one was dropped on release (ContentDisallowed).
+    They are decoded with the app's ``accept_content`` now."""
+    policy = {"failure_threshold": 1, "reset_timeout": 1.0}
+    conf: dict[str, Any] = {"task_serializer": serializer, "accept_content": ["json", serializer]}
+    cell = deploy(broker, "redis", mode, rabbitmq=rabbitmq, redis_server=redis_server, policy=policy, **conf)
+    if serializer == "pickle":
+        cell.env["C_FORCE_ROOT"] = "1"  # (tests run as root here; Celery refuses pickle to root workers)
+    client = counts(cell)
+    publisher = cell.publisher(**conf)
+    try:
+        with Downstream() as downstream, cell.worker() as started:
+            with held_open(cell, policy) as breaker:
+                ids = [publisher.send_task(TASK, args=(cell.ns, downstream.url, n)).id for n in range(5)]
+                wait_for(lambda: breaker.snapshot().deferrals >= len(ids), 60, "every task deferred")
+            wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids), 60, "every task run after the close")
+            log = started.log()
+        assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
+        assert "dropped parked entry" not in log
+        assert "ContentDisallowed" not in log
+    finally:
+        publisher.close()
+
+
+# -- parking less durable than the broker -------------------------------------------------------
+
+
+def test_a_store_restarted_under_parked_tasks_is_an_error_naming_the_loss(rabbitmq: RabbitMQServer) -> None:
+    """Parked in a Redis store that keeps nothing on disk, while RabbitMQ would have kept the
+    queued tasks: the worker says so when it starts, and says what was lost when the
+    store comes back empty."""
+    policy = {"failure_threshold": 1, "reset_timeout": 30.0}
+    with RedisServer() as store_server, RedisServer() as counter_server:
+        store_server.start()
+        counter_server.start()
+        cell = deploy("rabbitmq-classic", "redis", "store", rabbitmq=rabbitmq, redis_server=counter_server,
+                      policy=policy, breaker_storage_url=f"{store_server.url}/0")  # fmt: skip
+        cell.store_url = f"{store_server.url}/0"
+        publisher = cell.publisher()
+        try:
+            with cell.worker() as started:
+                assert "parked tasks live in the breaker store" in started.log()
+                breaker = CircuitBreaker(BREAKER, policy, storage=cell.store_url)
+                breaker.force_open()
+                for n in range(5):
+                    publisher.send_task(TASK, args=(cell.ns, NO_URL, n))
+                wait_for(lambda: "task(s) parked (downstream: " in started.log(), 60, "the releaser counting them")
+                parking = breaker.store.parking
+                assert parking is not None
+                tag = parking.tag(BREAKER, None)
+                wait_for(lambda: parking.count(tag)[0] == 5, 30, "all 5 parked")
+                close_stores()
+                store_server.kill()  # no persistence: it comes back empty
+                store_server.start()
+                wait_for(lambda: "lost its parked tasks" in started.log(), 60, "the loss reported")
+                line = next(line for line in started.log().splitlines() if "lost its parked tasks" in line)
+                assert "ERROR" in line
+                # As many as the releaser's last count knew of (it counts every WATCH_EVERY seconds).
+                found = re.search(rf"(\d) task\(s\) were parked .*\({BREAKER}: (\d)\)", line)
+                assert found is not None, line
+                assert 1 <= int(found.group(1)) == int(found.group(2)) <= 5
+        finally:
+            publisher.close()
+
+
+# -- Celery's canvas through an outage ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["park", "countdown"])
+@pytest.mark.parametrize("broker", ["redis", "rabbitmq-classic"])
+def test_chains_groups_chords_and_links_come_through_an_outage(
+    broker: str, mode: str, rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    policy = {"failure_threshold": 1, "reset_timeout": 1.0}
+    cell = deploy(broker, "redis", mode, rabbitmq=rabbitmq, redis_server=redis_server, policy=policy, results=True)
+    client = counts(cell)
+    app = cell.publisher()
+    ns = cell.ns
+
+    def sig(task: Any, *args: Any, **kwargs: Any) -> Any:
+        """The project's task as a signature of this deployment's publisher."""
+        return app.signature(task.name, args=args, kwargs=kwargs)
+
+    try:
+        with cell.worker(concurrency=3):
+            with held_open(cell, policy) as breaker:
+                results: dict[str, AsyncResult] = {
+                    "chain": chain(sig(add, 1, 2, ns=ns), sig(add, 3, ns=ns)).apply_async(),
+                    "group": group(sig(add, i, i, ns=ns) for i in range(3)).apply_async(),
+                    "chord": chord([sig(add, i, 1, ns=ns) for i in range(3)], sig(total, ns=ns)).apply_async(),
+                    "link": sig(add, 5, 5, ns=ns).apply_async(link=sig(note, "linked", ns=ns)),
+                    "link_error": sig(refuse, ns).apply_async(link_error=sig(note_error, "errored", ns=ns)),
+                }
+                wait_for(lambda: breaker.snapshot().deferrals >= 8, 60, "the canvas's first tasks deferred")
+            assert results["chain"].get(timeout=60) == 6
+            assert results["group"].get(timeout=60) == [0, 2, 4]
+            assert results["chord"].get(timeout=60) == 6
+            assert results["link"].get(timeout=60) == 10
+            with pytest.raises(ValueError, match="refused"):
+                results["link_error"].get(timeout=60)
+            wait_for(lambda: client.llen(links_key(ns)) >= 2, 30, "the link and the errback")
+        assert sorted(client.lrange(links_key(ns), 0, -1)) == ["errored:ValueError", "linked:10"]
+        runs = client.hgetall(executions_key(ns))
+        assert set(runs.values()) == {"1"}  # every task ran once: 2 + 3 + 3 + 1 (chord body) + 1
+        assert len(runs) == 10
+    finally:
+        app.close()
