@@ -11,13 +11,16 @@ cd "$(dirname "$0")/.."
 # rabbitmq-server: the real RabbitMQ the broker tests run against (tests/rabbitmq.py runs
 # the server script of Debian's package as this user, on its own loopback ports).
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v openssl >/dev/null 2>&1 \
-    || [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+    || [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ] \
+    || [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
-    echo "== installing redis-server, rabbitmq-server and openssl"
+    echo "== installing redis-server, rabbitmq-server, openssl, chromium and chromium-driver"
     $SUDO apt-get update -qq
-    # (the package's own service is left alone: the tests start their own node)
-    $SUDO apt-get install -y -qq redis-server rabbitmq-server openssl >/dev/null
+    # (the package's own service is left alone: the tests start their own node;
+    # chromium, chromium-driver: the headless browser tests/web drives, through the
+    # system's chromedriver, so nothing is downloaded at test time)
+    $SUDO apt-get install -y -qq redis-server rabbitmq-server openssl chromium chromium-driver >/dev/null
 fi
 
 VENV="${VENV:-.venv}"
@@ -64,6 +67,16 @@ MYPY="$(realpath "$VENV/bin/mypy")"
 (cd "$DIST" && "$MYPY" --config-file mypy.ini --no-incremental --python-executable "$DIST/venv/bin/python" consumer.py) \
     || { echo "the wheel's public API does not type-check"; exit 1; }
 (cd "$DIST" && "$DIST/venv/bin/python" consumer.py)
+# The documented install, `pip install "celery-breaker[redis]"`, from the wheel alone into a
+# fresh venv: a real worker on a Redis broker starts and runs a guarded task.
+python3 -m venv "$DIST/redis-venv"
+"$DIST/redis-venv/bin/python" -m pip install -q --disable-pip-version-check "$(ls "$DIST"/*.whl)[redis]" \
+    > "$DIST/redis-pip.log" 2>&1 || { cat "$DIST/redis-pip.log"; exit 1; }
+(cd "$DIST" && "$DIST/redis-venv/bin/python" "$OLDPWD/scripts/wheel_worker_smoke.py")
+echo "== the quick start followed command by command (docs/quickstart.md), in that venv"
+(cd "$DIST" && "$DIST/redis-venv/bin/python" "$OLDPWD/scripts/quickstart_path.py" > "$DIST/quickstart-path.log" 2>&1) \
+    || { cat "$DIST/quickstart-path.log"; exit 1; }
+tail -n 1 "$DIST/quickstart-path.log"
 echo "== docs: mkdocs build --strict"
 NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict --site-dir "$DIST/site" > "$DIST/mkdocs.log" 2>&1 \
     || { cat "$DIST/mkdocs.log"; exit 1; }

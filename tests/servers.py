@@ -91,14 +91,21 @@ class RedisServer(Owned):
     """One ``redis-server`` process on 127.0.0.1; ``stop()`` then ``start()`` keeps its port.
 
     ``options`` are extra command-line options (``"--replicaof", "127.0.0.1", "6379"``...).
+    ``password``: the default user's password (``requirepass``); ``url`` carries it.
     The temp dir (``workdir``) holds its log; it is removed by ``close()`` unless given.
     """
 
     def __init__(
-        self, *options: str, port: int | None = None, workdir: str | None = None, tls: Certificates | None = None
+        self,
+        *options: str,
+        port: int | None = None,
+        workdir: str | None = None,
+        tls: Certificates | None = None,
+        password: str | None = None,
     ) -> None:
         self.port = port if port is not None else free_port()
-        self.options = options
+        self.options = (*options, *(("--requirepass", password) if password else ()))
+        self.password = password
         self.tls = tls
         self._own_dir = workdir is None
         self.workdir = Path(workdir if workdir is not None else tempfile.mkdtemp(prefix="celery-breaker-redis-"))
@@ -109,7 +116,8 @@ class RedisServer(Owned):
 
     @property
     def url(self) -> str:
-        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}"
+        credentials = f":{self.password}@" if self.password else ""
+        return f"{'rediss' if self.tls else 'redis'}://{credentials}127.0.0.1:{self.port}"
 
     @property
     def address(self) -> tuple[str, int]:
@@ -147,7 +155,7 @@ class RedisServer(Owned):
         """A client for test set-up and checks (RESP2, text replies, short timeouts)."""
         if self._admin is None:
             self._admin = redis.Redis(
-                host="127.0.0.1", port=self.port, protocol=2, decode_responses=True,
+                host="127.0.0.1", port=self.port, protocol=2, decode_responses=True, password=self.password,
                 socket_timeout=2.0, socket_connect_timeout=2.0, **(self.tls.client_kwargs() if self.tls else {}),
             )  # fmt: skip
         return self._admin

@@ -14,6 +14,7 @@ __all__ = [
     "CircuitBreakerError",
     "CircuitOpenError",
     "ConfigurationError",
+    "ParkedTasksError",
     "RetryAfter",
     "StorageError",
     "UnknownBreakerError",
@@ -27,8 +28,14 @@ class CircuitBreakerError(Exception):
 class ConfigurationError(CircuitBreakerError, ValueError):
     """A setting, policy field, URL or task option has a value we cannot use.
 
-    The message always names the setting, the value it got and what is allowed.
+    The message always names the setting, the value it got and what is allowed. When
+    several were found in one pass, ``problems`` holds each one's message (the message
+    lists them all).
     """
+
+    def __init__(self, message: str = "", *, problems: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.problems: tuple[str, ...] = problems or (message,)
 
 
 class StorageError(CircuitBreakerError):
@@ -46,6 +53,12 @@ class UnknownBreakerError(CircuitBreakerError, LookupError):
 class BreakerKeyError(CircuitBreakerError, ValueError):
     """An operator gave a per-key breaker's key that cannot name a breaker (empty,
     surrounded by whitespace, or holding control characters)."""
+
+
+class ParkedTasksError(CircuitBreakerError, RuntimeError):
+    """An operator asked to delete a breaker that tasks are parked behind: deleting it
+    would leave them waiting for a breaker that is gone. The message says how many and
+    how to go on (purge them, or let them be released first)."""
 
 
 class CircuitOpenError(CircuitBreakerError):

@@ -1,12 +1,17 @@
 """How people write a breaker: ``crm``, or ``crm[tenant-7]`` for a per-key breaker.
 
 Logs, errors, ``status``, ``watch`` and the operator commands all show a breaker this
-way, and the commands read it back (``split_label``). Free of imports: ``errors`` uses it.
+way, and the commands read it back (``split_label``). A label reads back as the breaker
+it names, whatever its key holds (brackets included), because a name holds no bracket:
+``names.check_name`` refuses one. Free of imports: ``errors`` uses it.
 """
 
 from __future__ import annotations
 
-__all__ = ["breaker_label", "split_label"]
+__all__ = ["LABEL_MARKS", "breaker_label", "split_label"]
+
+#: The characters that set a key apart in a label; a breaker name never holds them.
+LABEL_MARKS = "[]"
 
 
 def breaker_label(name: str, key: str | None) -> str:
@@ -15,10 +20,11 @@ def breaker_label(name: str, key: str | None) -> str:
 
 
 def split_label(label: str) -> tuple[str, str | None]:
-    """``'crm[tenant-7]'`` (a label as ``status`` shows it) -> ``('crm', 'tenant-7')``;
-    anything else -> ``(label, None)``."""
-    if label.endswith("]") and "[" in label:
-        name, _, key = label[:-1].partition("[")
-        if name:
-            return name, key
+    """The ``(name, key)`` a label names: ``'crm[tenant-7]'`` -> ``('crm', 'tenant-7')``,
+    ``'crm[a[b]]'`` -> ``('crm', 'a[b]')``, ``'crm[]'`` -> ``('crm', '')``; a label without
+    a key -> ``(label, None)``. The name ends at the first ``[``; the key is everything
+    after it, less the closing ``]``."""
+    name, bracket, rest = label.partition("[")
+    if bracket and name and rest.endswith("]"):
+        return name, rest[:-1]
     return label, None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import unicodedata
 
 from .errors import BreakerKeyError, ConfigurationError
+from .labels import LABEL_MARKS
 
 __all__ = ["MAX_NAME_LENGTH", "check_key", "check_name"]
 
@@ -31,7 +32,8 @@ def check_name(name: object, where: str = "breaker name") -> str:
     ``where`` (the setting, option or argument it came from), the value and the rule.
 
     A name is a non-empty string of at most ``MAX_NAME_LENGTH`` printable characters,
-    without leading or trailing whitespace.
+    without leading or trailing whitespace, and without ``[`` or ``]``: they set a key
+    apart in a label (``crm[tenant-7]``), which must read back as the breaker it names.
     """
     if not isinstance(name, str) or not name:
         raise ConfigurationError(f"{where} must be a non-empty string, got {name!r}")
@@ -42,6 +44,12 @@ def check_name(name: object, where: str = "breaker name") -> str:
     bad = _unprintable(name)
     if bad is not None:
         raise ConfigurationError(f"{where} {name!r} holds the control character {bad!r}; names are printable text")
+    mark = next((char for char in name if char in LABEL_MARKS), None)
+    if mark is not None:
+        raise ConfigurationError(
+            f"{where} {name!r} holds {mark!r}: brackets set a per-key breaker's key apart (crm[tenant-7]), so a "
+            f"name cannot hold them; write it with other characters, e.g. {name.replace('[', '(').replace(']', ')')!r}"
+        )
     return name
 
 

@@ -3,6 +3,8 @@ registered by ``install(app)`` and answered over the memory transport."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -46,3 +48,25 @@ def test_events_from_the_solo_pool_carry_the_workers_node_name(app: Any, celery_
 
     assert events.nodename() == celery_session_worker.hostname
     assert "@" in celery_session_worker.hostname
+
+
+def test_a_control_command_that_admits_calls_to_a_failing_downstream_warns(app: Any, operate: Operate,
+                                                                           caplog: Any) -> None:  # fmt: skip
+    breaker = operate(tasks.forced_task.breaker)
+    with contextlib.suppress(ConnectionError):
+        breaker.call(_down)
+    breaker.force_open()
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        answers = app.control.broadcast("breaker_close", arguments={"name": "t-forced"}, reply=True, timeout=3,
+                                        limit=1)  # fmt: skip
+    (answer,) = answers[0].values()
+    assert answer["ok"].startswith("breaker t-forced closed: calls admitted, windows cleared; state closed. WARNING: ")
+    assert "a call through t-forced failed just now, before it was forced open" in answer["ok"]
+    assert breaker.state is State.CLOSED  # remote control cannot ask: it acts, and says so
+    logged = [r.getMessage() for r in caplog.records if "by remote control" in r.getMessage()]
+    assert logged, caplog.text
+    assert "beware: a call through t-forced failed" in logged[-1]
+
+
+def _down() -> None:
+    raise ConnectionError("down")

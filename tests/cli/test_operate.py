@@ -25,9 +25,10 @@ def test_open_close_disable_reset_move_the_stored_breaker(store_url: str) -> Non
     with pytest.raises(CircuitOpenError):  # a worker's breaker object follows at once
         partner.call(lambda: None)
 
-    closed = run("close", "partner-api")
+    closed = run("close", "partner-api", "--yes")  # (it failed a moment ago: test_operator_safety)
     assert closed.exit_code == 0, closed.output
     assert "partner-api: closed (was forced_open)" in closed.stdout
+    assert closed.stderr.startswith("Warning: a call through partner-api failed just now")
     after_close = stored(store_url, "partner-api")
     assert (after_close.state, after_close.trips) == (State.CLOSED, 1)  # close keeps lifetime counters
 

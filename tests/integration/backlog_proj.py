@@ -194,3 +194,17 @@ def note(result: Any, tag: str, ns: str) -> None:
 def note_error(request: Any, exc: Any, traceback: Any, tag: str, ns: str) -> None:
     """A ``link_error`` errback: records that it ran, and for what error."""
     counter().rpush(links_key(ns), f"{tag}:{type(exc).__name__}")
+
+
+# -- one breaker per tenant (tests/integration/test_corruption.py) --------------------------
+
+#: The per-key task's breaker: one per tenant, its key the task's fourth argument.
+KEYED_BREAKER = "tenants"
+KEYED_TASK = "backlog.keyed"
+
+
+@app.task(name=KEYED_TASK, base=BreakerTask, bind=True, breaker=KEYED_BREAKER,
+          breaker_key=lambda args, kwargs: args[3], acks_late=True, max_retries=0)  # fmt: skip
+def keyed(self: Any, ns: str, url: str, n: int, tenant: str) -> None:
+    """``call_downstream`` under the breaker of ``tenant``."""
+    _call_downstream(self, ns, url, n)

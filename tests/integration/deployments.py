@@ -75,7 +75,7 @@ def deploy(
     store: str,
     mode: str,
     *,
-    rabbitmq: RabbitMQServer,
+    rabbitmq: RabbitMQServer | None = None,
     redis_server: RedisServer,
     policy: dict[str, Any],
     results: bool = False,
@@ -84,7 +84,12 @@ def deploy(
     """A new deployment on the session's servers: Redis db 0 is the Redis broker, db 1 the
     store, db 2 the project's counters, db 3 the result backend (``results=True``)."""
     ns = f"deploy-{uuid.uuid4().hex[:8]}"
-    broker_url = f"{redis_server.url}/0" if broker == "redis" else rabbitmq.url
+    if broker == "redis":
+        broker_url = f"{redis_server.url}/0"
+    elif rabbitmq is not None:
+        broker_url = rabbitmq.url
+    else:
+        raise ValueError(f"a {broker} deployment needs the rabbitmq server")
     store_url = "memory://" if store == "memory" else f"{redis_server.url}/1?key_prefix={ns}"
     backend_url = f"{redis_server.url}/3" if results else None
     queue = f"q-{ns}"

@@ -135,7 +135,7 @@ def test_malformed_deferral_headers_never_crash_the_worker(worker: WorkerProcess
     assert worker.process.poll() is None
     log = worker.log()
     assert "header x-breaker-deferrals='abc' is not a whole number" in log
-    assert "header x-breaker-deferred-since='yesterday' is not epoch seconds" in log
+    assert "header x-breaker-deferred-since='yesterday' is not the epoch seconds of a past deferral" in log
 
 
 @pytest.mark.parametrize(
@@ -156,3 +156,24 @@ def test_bad_settings_stop_the_worker_with_a_clear_error(
     assert code != 0, log
     assert expected in log, log
     assert "ConfigurationError" in log
+
+
+def test_three_mistakes_are_named_in_one_start_without_a_traceback(broker: str) -> None:
+    """Before, a worker stopped at the first bad setting with a 60-line traceback, its fix on
+    the last line; the next mistake showed only once the first was fixed."""
+    mistakes = {
+        "breaker_max_deferrals": -1,
+        "breaker_relase_rate": 5,  # a typo of a setting
+        "breaker_default_policy": {"failure_treshold": 3},  # a typo of a policy field
+    }
+    process = WorkerProcess(broker, concurrency=1, extra_conf=json.dumps(mistakes), name="three")
+    code = process.wait_exit(timeout=60)
+    log = process.log()
+    assert code == 78, log  # EX_CONFIG
+    assert "3 problems in celery-breaker's settings" in log, log
+    assert "breaker_max_deferrals must be a whole number >= 0" in log
+    assert "breaker_relase_rate: did you mean breaker_release_rate?" in log  # (the setting meant)
+    assert "'failure_treshold': did you mean 'failure_threshold'?" in log
+    assert "Traceback" not in log
+    assert log.count("the worker cannot start") == 1
+    assert "breaker_routes not applied" not in log

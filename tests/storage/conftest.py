@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 
 import pytest
 
@@ -79,3 +80,14 @@ def expire_now(store: RedisStore, name: str, key: str | None = None) -> None:
     for k, ttl in key_ttls(store, name, key).items():
         if ttl >= 0:
             client.delete(k)
+
+
+def following(store: Store, timeout: float = 10.0) -> None:
+    """Return once a Redis store's agent has subscribed (and so re-read every view it holds,
+    which re-creates a breaker deleted meanwhile); at once for any other store. Polls a
+    real thread's progress, with a deadline."""
+    deadline = time.monotonic() + timeout
+    while isinstance(store, RedisStore) and not (store.live and store.settled):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{store!r} did not subscribe within {timeout} s")
+        time.sleep(0.01)

@@ -15,7 +15,7 @@ from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
 from ..unit.support import HeldCall, fail, ok, state_of
-from .conftest import IDLE_MAX_BREAKERS, IDLE_TTL, expire_now, key_ttls
+from .conftest import IDLE_MAX_BREAKERS, IDLE_TTL, expire_now, following, key_ttls
 
 
 def make(store: Store, clock: FakeClock, *, name: str = "svc", **policy: Any) -> CircuitBreaker:
@@ -631,3 +631,35 @@ def test_per_key_breakers_are_separate(store: Store, clock: FakeClock) -> None:
         ("svc", "a", State.OPEN),
         ("svc", "b", State.CLOSED),
     }
+
+
+# -- deleting a breaker (an operator's `celery breaker delete`) ------------------------
+
+
+def test_a_deleted_breaker_leaves_the_listing_and_its_next_call_starts_afresh(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, name="stray", failure_threshold=1, reset_timeout=60.0)
+    other = make(store, clock, name="kept", failure_threshold=1, reset_timeout=60.0)
+    fail(breaker)
+    fail(other)
+    assert state_of(breaker) is State.OPEN
+    following(store)  # (a process subscribing reads its views again: that would re-create it)
+    assert store.delete("stray", None) is True
+    assert {snapshot.name for snapshot in store.snapshots(clock)} == {"kept"}
+    assert store.sync()  # (every process hears it: this one too)
+    assert breaker.call(ok) == "ok"  # found afresh: closed, counters zeroed
+    fresh = breaker.snapshot()
+    assert (fresh.state, fresh.trips, fresh.failures, fresh.successes) == (State.CLOSED, 0, 0, 1)
+    assert state_of(other) is State.OPEN  # another breaker is untouched
+    assert store.delete("stray", "no-such-key") is False
+    assert store.delete("never-was", None) is False
+
+
+def test_deleting_a_per_key_breaker_leaves_its_siblings(store: Store, clock: FakeClock) -> None:
+    policy = BreakerPolicy(failure_threshold=1)
+    tenants = {key: CircuitBreaker("crm", policy, storage=store, clock=clock, key=key) for key in ("t1", "t2")}
+    for breaker in tenants.values():
+        fail(breaker)
+    following(store)
+    assert store.delete("crm", "t1") is True
+    assert {(s.name, s.key) for s in store.snapshots(clock)} == {("crm", "t2")}
+    assert state_of(tenants["t2"]) is State.OPEN

@@ -24,7 +24,7 @@ from celery_breaker.storage.redis import DEFAULT_IDLE_TTL, RedisStore
 from celery_breaker.testing import FakeClock
 
 from ..unit.support import fail, ok, state_of
-from .conftest import unique_prefix
+from .conftest import following, unique_prefix
 
 
 @pytest.fixture
@@ -461,3 +461,33 @@ def test_passwords_never_reach_logs_or_errors(caplog: pytest.LogCaptureFixture) 
     with pytest.raises(ConfigurationError) as bad:
         RedisStore.from_url("redis://:s3cret@host/0?idle_ttl=-1")
     assert "s3cret" not in str(bad.value)
+
+
+# -- delete ------------------------------------------------------------------------
+
+
+def test_a_delete_reaches_every_process_and_removes_every_key_of_the_breaker(redis_url: str,
+                                                                             server: redis.Redis) -> None:  # fmt: skip
+    url = f"{redis_url}?key_prefix={unique_prefix()}"
+    here, there = RedisStore.from_url(url), RedisStore.from_url(url)  # two processes' stores
+    try:
+        policy = BreakerPolicy(failure_threshold=1, reset_timeout=600.0)
+        tripped = CircuitBreaker("stray", policy, storage=there)
+        fail(tripped)
+        here.history.append("stray", None, "{}", ttl=60.0)
+        following(there)  # (``here`` holds no breaker, so follows nothing)
+        assert there.sync()
+        with pytest.raises(CircuitOpenError):  # rejected from its own view, no round trip
+            tripped.call(ok)
+        tag = here.keys_for("stray", None)[0][: -len(":s")]
+        assert server.keys(tag.replace("{", "\\{").replace("}", "\\}") + "*")
+        assert here.delete("stray", None) is True
+        assert server.keys(tag.replace("{", "\\{").replace("}", "\\}") + "*") == []  # state, windows, history
+        assert there.sync()  # the other process heard it
+        assert tripped.call(ok) == "ok"
+        there.flush()  # (its success, counted locally, creates it afresh)
+        (fresh,) = there.snapshots(SYSTEM_CLOCK)
+        assert (fresh.state, fresh.trips, fresh.successes) == (State.CLOSED, 0, 1)
+    finally:
+        here.close()
+        there.close()

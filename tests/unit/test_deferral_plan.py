@@ -9,12 +9,17 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from celery_breaker.integration.broker import redelivery_window
 from celery_breaker.integration.deferral.plan import (
+    CLOCK_SKEW,
     DEFERRALS_HEADER,
+    EARLIEST_SINCE,
     EXPIRY_OVERSHOOT,
     MINIMUM_DELAY,
+    MOST_DEFERRALS,
     SINCE_HEADER,
     DeferralHeaders,
     hard_time_limit,
@@ -179,6 +184,58 @@ def test_an_expiring_task_still_respects_the_redelivery_cap() -> None:
     result = plan(retry_after=100.0, expires_in=50.0, cap=30.0)
     assert result.expires_first
     assert result.delay == 30.0
+
+
+@pytest.mark.parametrize("bad", [-1, -1e308, 0, 946_684_799, "1e308", NOW + 301, "-inf", 10**30])
+def test_a_negative_future_or_absurd_since_is_ignored_and_said(bad: Any) -> None:
+    """A negative ``x-breaker-deferred-since`` used to be taken as the first deferral's time:
+    under ``breaker_max_defer_age`` the task failed at once, "over 1796302800 s" (with
+    ``-1e308``, a 309-digit age)."""
+    parsed = read_headers({SINCE_HEADER: bad}, now=NOW)
+    assert parsed.since is None
+    assert [problem.split("=")[0] for problem in parsed.problems] == [f"header {SINCE_HEADER}"]
+    assert len(parsed.problems[0]) < 200  # (the value shown, not 309 digits of it)
+    plan = plan_deferral(
+        label="crm", retry_after=1.0, spread=0.0, past=parsed, now=NOW, max_deferrals=None,
+        max_defer_age=600.0, expires_in=None, cap=None,
+    )  # fmt: skip
+    assert plan.give_up is None
+    assert plan.since == NOW  # the age counts from this deferral
+
+
+def test_a_since_a_little_ahead_of_this_clock_is_another_hosts_clock() -> None:
+    assert read_headers({SINCE_HEADER: NOW + 60}, now=NOW).since == NOW + 60
+
+
+@pytest.mark.parametrize("bad", [10**7, 2**63, "99999999999999999999", float(2**53)])
+def test_an_absurd_deferral_count_restarts_from_zero_and_says_so(bad: Any) -> None:
+    parsed = read_headers({DEFERRALS_HEADER: bad}, now=NOW)
+    assert parsed.count == 0
+    assert len(parsed.problems) == 1
+
+
+HEADER_VALUES = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=40)
+    | st.lists(st.integers(), max_size=3)
+    | st.dictionaries(st.text(max_size=5), st.integers(), max_size=2)
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(HEADER_VALUES, HEADER_VALUES)
+def test_any_header_values_give_a_usable_reading(count: Any, since: Any) -> None:
+    parsed = read_headers({DEFERRALS_HEADER: count, SINCE_HEADER: since}, now=NOW)
+    assert 0 <= parsed.count <= MOST_DEFERRALS
+    assert parsed.since is None or EARLIEST_SINCE <= parsed.since <= NOW + CLOCK_SKEW
+    plan = plan_deferral(
+        label="crm", retry_after=1.0, spread=0.0, past=parsed, now=NOW, max_deferrals=None,
+        max_defer_age=3600.0, expires_in=None, cap=None,
+    )  # fmt: skip
+    assert plan.give_up is None or "over" in plan.give_up
 
 
 def test_a_huge_since_header_is_reported_not_raised() -> None:

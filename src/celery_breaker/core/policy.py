@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import importlib
 import logging
@@ -352,23 +353,40 @@ class BreakerPolicy:
 
     def __post_init__(self) -> None:
         put = object.__setattr__
-        put(self, "failure_threshold", _count("failure_threshold", self.failure_threshold, optional=True))
-        put(self, "window", _seconds("window", self.window, optional=False))
-        put(self, "consecutive_failures", _count("consecutive_failures", self.consecutive_failures, optional=True))
-        put(self, "failure_rate_threshold", _rate("failure_rate_threshold", self.failure_rate_threshold))
-        put(self, "minimum_calls", _count("minimum_calls", self.minimum_calls, optional=True))
-        put(self, "count_window", _count("count_window", self.count_window, optional=True))
-        put(self, "slow_call_duration", _seconds("slow_call_duration", self.slow_call_duration, optional=True))
-        put(self, "slow_call_rate_threshold", _rate("slow_call_rate_threshold", self.slow_call_rate_threshold))
-        put(self, "reset_timeout", _seconds("reset_timeout", self.reset_timeout, optional=False))
-        put(self, "backoff_multiplier", _multiplier("backoff_multiplier", self.backoff_multiplier))
-        put(self, "max_reset_timeout", _seconds("max_reset_timeout", self.max_reset_timeout, optional=True))
-        put(self, "reset_jitter", _jitter("reset_jitter", self.reset_jitter))
-        put(self, "half_open_max_calls", _count("half_open_max_calls", self.half_open_max_calls, optional=False))
-        put(self, "success_threshold", _count("success_threshold", self.success_threshold, optional=True))
-        put(self, "half_open_max_wait", _seconds("half_open_max_wait", self.half_open_max_wait, optional=False))
-        record_types, record_predicates = _resolve_matchers("record_exceptions", self.record_exceptions)
-        ignore_types, ignore_predicates = _resolve_matchers("ignore_exceptions", self.ignore_exceptions)
+        problems: list[str] = []
+
+        def check(name: str, parse: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+            # Every field is checked, and every problem reported at once.
+            try:
+                put(self, name, parse(name, getattr(self, name), *args, **kwargs))
+            except ConfigurationError as exc:
+                problems.append(str(exc))
+
+        check("failure_threshold", _count, optional=True)
+        check("window", _seconds, optional=False)
+        check("consecutive_failures", _count, optional=True)
+        check("failure_rate_threshold", _rate)
+        check("minimum_calls", _count, optional=True)
+        check("count_window", _count, optional=True)
+        check("slow_call_duration", _seconds, optional=True)
+        check("slow_call_rate_threshold", _rate)
+        check("reset_timeout", _seconds, optional=False)
+        check("backoff_multiplier", _multiplier)
+        check("max_reset_timeout", _seconds, optional=True)
+        check("reset_jitter", _jitter)
+        check("half_open_max_calls", _count, optional=False)
+        check("success_threshold", _count, optional=True)
+        check("half_open_max_wait", _seconds, optional=False)
+        matchers = {}
+        for name in ("record_exceptions", "ignore_exceptions"):
+            try:
+                matchers[name] = _resolve_matchers(name, getattr(self, name))
+            except ConfigurationError as exc:
+                problems.append(str(exc))
+        if problems:
+            raise _combined(problems)
+        record_types, record_predicates = matchers["record_exceptions"]
+        ignore_types, ignore_predicates = matchers["ignore_exceptions"]
         # CircuitOpenError from another breaker says nothing about this downstream.
         put(self, "_ignore_types", (CircuitOpenError, *ignore_types))
         put(self, "_ignore_predicates", ignore_predicates)
@@ -482,19 +500,29 @@ class BreakerPolicy:
                 f"{source} must be a dict of BreakerPolicy fields or a BreakerPolicy, got {values!r}"
             )
         allowed = {f.name for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(values) - allowed)
+        problems = []
+        unknown = sorted(set(values) - allowed, key=str)
         if unknown:
-            raise ConfigurationError(
-                f"{source}: unknown BreakerPolicy field(s) {', '.join(map(repr, unknown))}; "
-                f"allowed: {', '.join(sorted(allowed))}"
+            hints = [
+                f"{name!r}: did you mean {close[0]!r}?"
+                for name in unknown
+                if (close := difflib.get_close_matches(str(name), allowed, n=1))
+            ]
+            problems.append(
+                f"unknown BreakerPolicy field(s) {', '.join(map(repr, unknown))}"
+                + (f" ({'; '.join(hints)})" if hints else "")
+                + f"; allowed: {', '.join(sorted(allowed))}"
             )
-        merged = {**(base.as_dict() if base is not None else {}), **values}
+        merged = {**(base.as_dict() if base is not None else {}), **{k: v for k, v in values.items() if k in allowed}}
         try:
-            return cls(**merged)
+            policy = cls(**merged)
         except ConfigurationError as exc:
-            if source == "policy":
-                raise
-            raise ConfigurationError(f"{source}: {exc}") from None
+            problems += exc.problems
+            policy = None
+        if policy is None or problems:
+            prefix = "" if source == "policy" else f"{source}: "
+            raise _combined([prefix + text for text in problems])
+        return policy
 
     @classmethod
     def coerce(cls, value: Any, *, base: BreakerPolicy | None = None, source: str = "policy") -> BreakerPolicy:
@@ -514,3 +542,11 @@ def _any_match(predicates: tuple[Callable[[BaseException], bool], ...], exc: Bas
         except Exception:  # a predicate that raises cannot change the decision
             logger.exception("celery_breaker: exception predicate %r raised; treated as no match", predicate)
     return False
+
+
+def _combined(problems: list[str]) -> ConfigurationError:
+    """One error for every problem found (one alone as it was written)."""
+    if len(problems) == 1:
+        return ConfigurationError(problems[0])
+    lines = "\n".join(f"  - {text}" for text in problems)
+    return ConfigurationError(f"{len(problems)} problems in a BreakerPolicy:\n{lines}", problems=tuple(problems))

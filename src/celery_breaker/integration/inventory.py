@@ -1,7 +1,8 @@
 """Which breakers an app has: those its tasks use (``BreakerTask`` and ``breaker_routes``) and those its settings name.
 
 One walk over the app's tasks serves both the worker's start-up check (``check_app``:
-strict, a bad option or a policy conflict stops the worker) and the operators
+strict, every bad option and policy conflict is collected, and they stop the worker
+together) and the operators
 (``app_breakers``: lenient, a task whose options are invalid is skipped, so the other
 breakers can still be operated).
 """
@@ -10,10 +11,11 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from ..core import BreakerPolicy
-from ..errors import ConfigurationError
+from .problems import Problems
 from .settings import get_settings
 from .task import BreakerTask
 from .task_options import task_breaker_config
@@ -34,6 +36,7 @@ class AppBreaker:
 def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
     settings = get_settings(app)
     found: dict[str, AppBreaker] = {}
+    problems = Problems("tasks")
 
     def add(name: str, policy: BreakerPolicy, task: str | None) -> None:
         seen = found.get(name)
@@ -41,7 +44,7 @@ def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
             found[name] = AppBreaker(name, policy, (task,) if task else ())
             return
         if strict and task and seen.tasks and seen.policy != policy:
-            raise ConfigurationError(
+            problems.add(
                 f"tasks {seen.tasks[0]!r} and {task!r} share breaker {name!r} but give it different "
                 f"policies; set the policy once in breaker_policies[{name!r}] instead of per task"
             )
@@ -52,13 +55,11 @@ def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
         if isinstance(task, BreakerTask):
             if not task.is_guarded():
                 continue
-            try:
-                config = task_breaker_config(task)
-            except ConfigurationError:
-                if strict:
-                    raise
-                continue  # the worker refuses it at start; operators still act on the others
-            add(config.name, config.policy, task_name)
+            # A task whose options are invalid: noted (the worker refuses to start on it),
+            # or skipped for operators, who must still act on the other breakers.
+            config = problems.check(partial(task_breaker_config, task), None)
+            if config is not None:
+                add(config.name, config.policy, task_name)
         elif not task_name.startswith("celery."):
             routed = settings.route_for(task_name)
             if routed is not None:  # a plain task the worker will route (True: its own name)
@@ -66,6 +67,8 @@ def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
     for pattern, _ in settings.policies:
         if not any(mark in pattern for mark in "*?["):
             add(pattern, settings.policy_for(pattern), None)
+    if strict:
+        problems.raise_any()
     return found
 
 

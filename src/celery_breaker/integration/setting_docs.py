@@ -101,7 +101,7 @@ SETTING_DOCS: dict[str, Doc] = {
         accepts=_SECONDS_DOC,
         meaning="RabbitMQ's `consumer_timeout` as your broker is configured: a delivery a worker holds "
         "unacknowledged longer closes its channel and stops the worker, so no countdown deferral is held "
-        "longer than nine tenths of it ([brokers](brokers.md#rabbitmq))",
+        "longer than nine tenths of it ([brokers](brokers.md#what-each-broker-does-with-a-deferred-task))",
         default="RabbitMQ's default, 30 minutes",
     ),
     "breaker_metrics_ttl": Doc(

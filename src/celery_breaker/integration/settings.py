@@ -7,9 +7,10 @@ import fnmatch
 import logging
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from ..core import BreakerPolicy
@@ -19,6 +20,7 @@ from ..storage import check_storage_url, describe_url, is_shared_url
 from ..storage.fallback import MODES as ON_STORAGE_ERROR_CHOICES
 from . import values
 from .broker import DEFAULT_CONSUMER_TIMEOUT, hold_limit, store_url_from_broker
+from .problems import Problems
 
 __all__ = [
     "ON_STORAGE_ERROR_CHOICES",
@@ -30,6 +32,8 @@ __all__ = [
 ]
 
 logger = logging.getLogger("celery_breaker")
+
+T = TypeVar("T")
 
 #: Every setting celery-breaker reads, with its default. Anything else named
 #: ``breaker_*`` is a typo and fails at worker start.
@@ -173,95 +177,145 @@ def with_key_prefix(url: str, key_prefix: str) -> str:
     return f"{url}{'&' if parts.query else '?'}key_prefix={quote(key_prefix, safe='')}"
 
 
-def build_settings(conf: Any) -> BreakerSettings:
-    """Read and validate every ``breaker_*`` setting; raise ConfigurationError naming the first bad one."""
+def _unknown(conf: Any) -> list[str]:
+    """The problem of settings named like ours that we do not know, with a did-you-mean."""
     unknown = unknown_settings(conf)
-    if unknown:
-        hints = []
-        for name in unknown:
-            key = _strip_namespace(conf, name)
-            close = difflib.get_close_matches(key, SETTINGS, n=1)
-            if close:
-                hints.append(f"{name}: did you mean {_respell(name, key, close[0])}?")
+    if not unknown:
+        return []
+    hints = []
+    for name in unknown:
+        key = _strip_namespace(conf, name)
+        close = difflib.get_close_matches(key, SETTINGS, n=1)
+        if close:
+            hints.append(f"{name}: did you mean {_respell(name, key, close[0])}?")
+    return [
+        f"unknown celery-breaker setting(s): {', '.join(unknown)}"
+        + (f" ({'; '.join(hints)})" if hints else "")
+        + f"; known settings: {', '.join(sorted(SETTINGS))}"
+    ]
+
+
+def _key_prefix(value: Any) -> str:
+    if not isinstance(value, str) or not value or any(c in value for c in "{}"):
+        raise ConfigurationError(f"breaker_key_prefix must be a non-empty string without braces, got {value!r}")
+    return value
+
+
+def _storage_url(conf: Any, key_prefix: str) -> str:
+    url = _conf_get(conf, "breaker_storage_url") or store_url_from_broker(conf) or "memory://"
+    if not isinstance(url, str) or "://" not in url:
+        shown = repr(describe_url(url) if isinstance(url, str) else url)
+        raise ConfigurationError(f"breaker_storage_url must be a URL such as 'memory://', got {shown}")
+    check_storage_url(url)
+    return with_key_prefix(url, key_prefix)
+
+
+def _policy_entry(
+    pattern: str, value: Any, default_policy: BreakerPolicy
+) -> tuple[str, BreakerPolicy | Mapping[str, Any]]:
+    check_name(pattern, f"breaker_policies key {pattern!r}")
+    # Validated now (over the default), so a typo fails at worker start.
+    BreakerPolicy.coerce(value, base=default_policy, source=f"breaker_policies[{pattern!r}]")
+    return pattern, value
+
+
+def _route(pattern: str, breaker: Any) -> tuple[str, str]:
+    # True: each matching task gets a breaker of its own name ("").
+    if breaker is True:
+        return pattern, ""
+    if not isinstance(breaker, str):
         raise ConfigurationError(
-            f"unknown celery-breaker setting(s): {', '.join(unknown)}"
-            + (f" ({'; '.join(hints)})" if hints else "")
-            + f"; known settings: {', '.join(sorted(SETTINGS))}"
+            f"breaker_routes[{pattern!r}] must be a breaker name (or True for the task's own name), got {breaker!r}"
         )
-    key_prefix = _conf_get(conf, "breaker_key_prefix")
-    if not isinstance(key_prefix, str) or not key_prefix or any(c in key_prefix for c in "{}"):
-        raise ConfigurationError(f"breaker_key_prefix must be a non-empty string without braces, got {key_prefix!r}")
-    storage_url = _conf_get(conf, "breaker_storage_url") or store_url_from_broker(conf) or "memory://"
-    if not isinstance(storage_url, str) or "://" not in storage_url:
-        raise ConfigurationError(f"breaker_storage_url must be a URL such as 'memory://', got {storage_url!r}")
-    check_storage_url(storage_url)
-    storage_url = with_key_prefix(storage_url, key_prefix)
-    default_policy = BreakerPolicy.coerce(_conf_get(conf, "breaker_default_policy"), source="breaker_default_policy")
-    raw_policies = values.mapping("breaker_policies", _conf_get(conf, "breaker_policies"))
-    policies: list[tuple[str, BreakerPolicy | Mapping[str, Any]]] = []
-    for pattern, value in raw_policies.items():
-        check_name(pattern, f"breaker_policies key {pattern!r}")
-        # Validate each entry now (over the default), so a typo fails at worker start.
-        BreakerPolicy.coerce(value, base=default_policy, source=f"breaker_policies[{pattern!r}]")
-        policies.append((pattern, value))
-    raw_routes = values.mapping("breaker_routes", _conf_get(conf, "breaker_routes"))
-    routes = []
-    for pattern, breaker in raw_routes.items():
-        # True: each matching task gets a breaker of its own name ("").
-        if breaker is not True and not isinstance(breaker, str):
-            raise ConfigurationError(
-                f"breaker_routes[{pattern!r}] must be a breaker name (or True for the task's own name), got {breaker!r}"
-            )
-        if breaker is not True:
-            check_name(breaker, f"breaker_routes[{pattern!r}]")
-        routes.append((pattern, "" if breaker is True else breaker))
-    on_storage_error = _conf_get(conf, "breaker_on_storage_error")
-    if on_storage_error not in ON_STORAGE_ERROR_CHOICES:
-        raise ConfigurationError(
-            f"breaker_on_storage_error must be one of {', '.join(ON_STORAGE_ERROR_CHOICES)}, got {on_storage_error!r}"
-        )
-    send_events = _conf_get(conf, "breaker_send_events")
+    return pattern, check_name(breaker, f"breaker_routes[{pattern!r}]")
+
+
+def _one_of(key: str, value: Any, choices: tuple[Any, ...], shown: str) -> Any:
+    """``value`` if it is one of ``choices`` (``True`` is no ``1``: booleans match booleans only)."""
+    for choice in choices:
+        if value is choice or (not isinstance(value, bool) and not isinstance(choice, bool) and value == choice):
+            return choice
+    raise ConfigurationError(f"{key} must be {shown}, got {value!r}")
+
+
+def _release_rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ConfigurationError(f"breaker_release_rate must be a number of tasks per second > 0, got {value!r}")
+    return float(value)
+
+
+def build_settings(conf: Any) -> BreakerSettings:
+    """Read and validate every ``breaker_*`` setting. Every problem is collected, and one
+    ``ConfigurationError`` lists them all (each naming the setting, the bad value and the
+    fix), so one start of the worker shows everything there is to fix."""
+    problems = Problems("settings")
+    for text in _unknown(conf):
+        problems.add(text)
+
+    def get(key: str, parse: Callable[[str, Any], T], fallback: T) -> T:
+        """The setting ``key`` as ``parse`` reads it, or ``fallback`` once its problem is noted."""
+        return problems.check(lambda: parse(key, _conf_get(conf, key)), fallback)
+
+    key_prefix = problems.check(lambda: _key_prefix(_conf_get(conf, "breaker_key_prefix")), "breaker")
+    storage_url = problems.check(lambda: _storage_url(conf, key_prefix), "memory://")
+    default_policy = problems.check(
+        lambda: BreakerPolicy.coerce(_conf_get(conf, "breaker_default_policy"), source="breaker_default_policy"),
+        BreakerPolicy(),
+    )
+    empty: Mapping[str, Any] = {}
+    policies = [
+        entry
+        for pattern, value in get("breaker_policies", values.mapping, empty).items()
+        if (entry := problems.check(partial(_policy_entry, pattern, value, default_policy), None)) is not None
+    ]
+    routes = [
+        route
+        for pattern, breaker in get("breaker_routes", values.mapping, empty).items()
+        if (route := problems.check(partial(_route, pattern, breaker), None)) is not None
+    ]
+    on_storage_error: str = get(
+        "breaker_on_storage_error",
+        lambda key, value: _one_of(
+            key, value, ON_STORAGE_ERROR_CHOICES, f"one of {', '.join(ON_STORAGE_ERROR_CHOICES)}"
+        ),
+        "local",
+    )
+    send_events: bool | None = get(
+        "breaker_send_events", lambda key, value: _one_of(key, value, (True, False, None), "True, False or None"), None
+    )
     if send_events is None:
         send_events = bool(conf.get("worker_send_task_events", False))
-    elif not isinstance(send_events, bool):
-        raise ConfigurationError(f"breaker_send_events must be True, False or None, got {send_events!r}")
-    park = _conf_get(conf, "breaker_park")
-    if park not in (True, False, "auto"):
-        raise ConfigurationError(f"breaker_park must be True, False or 'auto', got {park!r}")
+    park: bool | str = get(
+        "breaker_park", lambda key, value: _one_of(key, value, (True, False, "auto"), "True, False or 'auto'"), "auto"
+    )
     if park is True and not is_shared_url(storage_url):
-        raise ConfigurationError(
+        problems.add(
             f"breaker_park=True needs a Redis breaker_storage_url (parked tasks must outlive the worker), "
             f"got {describe_url(storage_url)!r}; use breaker_park='auto' to park only with Redis"
         )
-    release_rate = _conf_get(conf, "breaker_release_rate")
-    if (
-        isinstance(release_rate, bool)
-        or not isinstance(release_rate, (int, float))
-        or not (release_rate > 0 and math.isfinite(release_rate))
-    ):
-        raise ConfigurationError(f"breaker_release_rate must be a number of tasks per second > 0, got {release_rate!r}")
-    release_ramp = values.seconds_or_zero("breaker_release_ramp", _conf_get(conf, "breaker_release_ramp"))
-    consumer_timeout = values.duration("breaker_consumer_timeout", _conf_get(conf, "breaker_consumer_timeout"))
-    return BreakerSettings(
+    consumer_timeout = get("breaker_consumer_timeout", values.duration, DEFAULT_CONSUMER_TIMEOUT)
+    settings = BreakerSettings(
         storage_url=storage_url,
         key_prefix=key_prefix,
         default_policy=default_policy,
         policies=tuple(policies),
         routes=tuple(routes),
-        max_deferrals=values.whole("breaker_max_deferrals", _conf_get(conf, "breaker_max_deferrals")),
-        max_defer_age=values.seconds("breaker_max_defer_age", _conf_get(conf, "breaker_max_defer_age")),
-        defer_spread=values.seconds_or_zero("breaker_defer_spread", _conf_get(conf, "breaker_defer_spread")),
+        max_deferrals=get("breaker_max_deferrals", values.whole, None),
+        max_defer_age=get("breaker_max_defer_age", values.seconds, None),
+        defer_spread=get("breaker_defer_spread", values.seconds_or_zero, None),
         on_storage_error=on_storage_error,
         send_events=send_events,
         park=park,
-        release_rate=float(release_rate),
-        release_ramp=release_ramp or 0.0,
+        release_rate=problems.check(lambda: _release_rate(_conf_get(conf, "breaker_release_rate")), 50.0),
+        release_ramp=get("breaker_release_ramp", values.seconds_or_zero, None) or 0.0,
         consumer_timeout=consumer_timeout,
         hold_limit=hold_limit(conf, consumer_timeout),
-        metrics_port=values.port("breaker_metrics_port", _conf_get(conf, "breaker_metrics_port")),
-        metrics_address=values.bind_address("breaker_metrics_address", _conf_get(conf, "breaker_metrics_address")),
-        metrics_ttl=values.duration("breaker_metrics_ttl", _conf_get(conf, "breaker_metrics_ttl")),
+        metrics_port=get("breaker_metrics_port", values.port, None),
+        metrics_address=get("breaker_metrics_address", values.bind_address, "127.0.0.1"),
+        metrics_ttl=get("breaker_metrics_ttl", values.duration, 86_400.0),
     )
+    problems.raise_any()
+    return settings
 
 
 def get_settings(app: Any) -> BreakerSettings:

@@ -11,8 +11,10 @@ import logging
 from typing import Any
 
 from celery import bootsteps
+from celery.apps.worker import Worker as CliWorker
 from celery.signals import worker_process_init, worker_process_shutdown
 
+from ..errors import ConfigurationError
 from ..storage import describe_url, flush_stores, resolve_store
 from . import events
 from .broker import REDIS, broker_kind, broker_url
@@ -24,20 +26,45 @@ from .registry import registry_for
 from .routes import apply_routes
 from .settings import get_settings, reload_settings
 
-__all__ = ["BreakerStep", "ReleaserStep"]
+__all__ = ["EXIT_CONFIG", "BreakerStep", "ReleaserStep"]
 
 logger = logging.getLogger("celery_breaker")
 
 _EVENTS_LISTENING = "_celery_breaker_events_listening"
 
 
+#: sysexits' EX_CONFIG: what ``celery worker`` exits with when celery-breaker's settings cannot work.
+EXIT_CONFIG = 78
+
+
 class BreakerStep(bootsteps.Step):  # type: ignore[misc]
     """Validates celery-breaker's configuration when a worker starts, before any task runs;
-    applies ``breaker_routes``; turns on breaker events as configured."""
+    applies ``breaker_routes``; turns on breaker events as configured.
+
+    A ``celery worker`` whose settings or task options cannot work stops here: one block
+    lists every problem (each naming the setting, the bad value and the fix), without a
+    traceback unless the log level is DEBUG, and the worker exits with ``EXIT_CONFIG``. A
+    worker started in-process (``start_worker``, tests) gets the ``ConfigurationError``.
+    """
 
     label = "celery-breaker"
 
     def __init__(self, worker: Any, **kwargs: Any) -> None:
+        try:
+            self._check(worker)
+        except ConfigurationError as exc:
+            if not isinstance(worker, CliWorker):
+                raise
+            debug = getattr(worker, "loglevel", logging.INFO) <= logging.DEBUG
+            logger.critical(
+                "celery-breaker: the worker cannot start (ConfigurationError):\n%s\n%s", exc,
+                "" if debug else "(start it with -l debug to see where each problem was found)",
+                exc_info=debug,
+            )  # fmt: skip
+            raise SystemExit(EXIT_CONFIG) from None
+        super().__init__(worker, **kwargs)
+
+    def _check(self, worker: Any) -> None:
         app = worker.app
         settings = reload_settings(app)  # the worker's final config, not an import-time read
         resolve_store(settings.storage_url)  # a store URL with bad options fails here, not on a task
@@ -72,7 +99,6 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
                 "Unset breaker_park (deferred tasks then wait in the broker itself), or keep that Redis persistent",
                 describe_url(settings.storage_url), describe_url(broker_url(app.conf)),
             )  # fmt: skip
-        super().__init__(worker, **kwargs)
 
 
 class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]

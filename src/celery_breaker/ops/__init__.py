@@ -1,6 +1,6 @@
 """Operating breakers: the Python API for operators, remote control, and the ``celery breaker`` CLI.
 
-``operate(app, "open", "crm")`` and ``purge(app, "crm")`` act on an app's breakers in its
+``operate(app, "open", "crm")``, ``purge(app, "crm")`` and ``delete(app, "crm")`` act on an app's breakers in its
 shared store (``operator``; ``actions`` is the one table of actions); ``control`` registers the
 ``celery inspect``/``celery control`` commands; ``cli`` is the ``celery breaker`` command,
 drawn by ``console`` and ``watch``. The names below load on first use: every ``celery``
@@ -13,16 +13,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .actions import ACTIONS, Action
-    from .operator import Move, Purge, operate, purge, shared_store
+    from .actions import ACTIONS, DELETE, Action
+    from .operator import Deletion, Move, Purge, delete, operate, purge, shared_store
 
-__all__ = ["ACTIONS", "Action", "Move", "Purge", "operate", "purge", "shared_store"]
+__all__ = ["ACTIONS", "DELETE", "Action", "Deletion", "Move", "Purge", "delete", "operate", "purge", "shared_store"]
 
 
 def __getattr__(name: str) -> Any:
     if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    home = ".actions" if name in ("ACTIONS", "Action") else ".operator"
+    home = ".actions" if name in ("ACTIONS", "DELETE", "Action") else ".operator"
     value = getattr(importlib.import_module(home, __name__), name)
     globals()[name] = value
     return value

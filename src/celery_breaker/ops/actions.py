@@ -1,7 +1,9 @@
-"""The one table of operator actions: open, close, reset, disable.
+"""The one table of operator actions that move a breaker's state (open, close, reset,
+disable), and ``DELETE``, which removes one.
 
 The Python API (``ops.operator.operate``), the worker's remote-control commands
-(``breaker_open`` ...) and the ``celery breaker`` CLI are all made from it. Light: the
+(``breaker_open`` ...), the ``celery breaker`` CLI and the web page are all made from
+``ACTIONS``; ``DELETE`` (``ops.operator.delete``) is offered by the CLI and the web page. Light: the
 ``celery breaker`` entry point imports it on every ``celery`` command.
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ACTIONS", "Action"]
+__all__ = ["ACTIONS", "DELETE", "Action"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,11 @@ class Action:
     """What it did, for logs and remote-control replies."""
     after: str
     """What the breaker does from now on, for the CLI."""
+    cautious: bool = False
+    """It lets calls through that the breaker was holding back (or stops it tripping):
+    taken while the breaker's downstream was failing, the tasks deferred behind it run
+    against that downstream and spend their retries, so the CLI asks first and every
+    path warns (``operator.caution``)."""
 
 
 #: Every operator action, by name.
@@ -45,18 +52,31 @@ ACTIONS: dict[str, Action] = {
             "Close NAME now: calls pass again (windows cleared, lifetime counters kept).",
             "closed: calls admitted, windows cleared",
             "calls pass and count towards the policy again",
+            cautious=True,
         ),
         Action(
             "reset", None,
             "Reset NAME: a fresh CLOSED breaker, counters zeroed, the app's policy adopted.",
             "reset: a fresh closed breaker, counters zeroed",
             "calls pass and count towards the policy again",
+            cautious=True,
         ),
         Action(
             "disable", "disabled",
             "Disable NAME: every call passes and nothing trips it until closed or reset.",
             "disabled: every call admitted and never tripped until closed or reset",
             "every call passes and nothing trips it until an operator closes or resets it",
+            cautious=True,
         ),
     )
 }  # fmt: skip
+
+#: Deleting a breaker: not a move (``ops.operator.delete``). Its parked tasks must be
+#: purged with it or released first; in use again, the breaker is created afresh.
+DELETE = Action(
+    "delete", None,
+    "Delete NAME from the store: its state, counters, stored policy and history (not parked tasks).",
+    "deleted",
+    "it is gone from status, watch and metrics; a call through it creates it afresh, closed",
+    cautious=True,
+)  # fmt: skip

@@ -25,10 +25,10 @@ from celery.bin.base import CeleryCommand
 
 # Every `celery` command imports this entry point: registering the remote-control
 # commands here lets `celery inspect breakers` / `celery control breaker_open` be sent.
-from ..errors import BreakerKeyError, ConfigurationError, StorageError, UnknownBreakerError
+from ..errors import BreakerKeyError, ConfigurationError, ParkedTasksError, StorageError, UnknownBreakerError
 from ..labels import breaker_label, split_label
 from . import control  # noqa: F401
-from .actions import ACTIONS
+from .actions import ACTIONS, DELETE
 
 if TYPE_CHECKING:
     from ..clock import Clock
@@ -101,6 +101,8 @@ def _reporting(command: Callable[P, R]) -> Callable[P, R]:
             raise
         except (UnknownBreakerError, BreakerKeyError) as exc:
             raise BadInputError(str(exc)) from None
+        except ParkedTasksError as exc:
+            raise BreakerCommandError(str(exc)) from None
         except ConfigurationError as exc:
             raise NotConfiguredError(str(exc) + _without_app_hint()) from None
         except StorageError as exc:
@@ -232,15 +234,15 @@ def status(ctx: click.Context, patterns: tuple[str, ...], as_json: bool, wide: b
     click.echo(status_text(rows, now=time.time(), wide=wide, color=_use_color(ctx, color)), color=True)
 
 
-def _report_move(move: Move, as_json: bool) -> None:
+def _report_move(move: Move, as_json: bool, warned: bool) -> None:
+    if move.warning is not None and not warned:  # (--yes, or it began failing after we asked)
+        click.echo(f"Warning: {move.warning}.", err=True)
     if as_json:
         import json
 
-        click.echo(
-            json.dumps(
-                {"action": move.action, "before": move.before and move.before.value, **move.after.as_dict()}, indent=2
-            )
-        )
+        before = move.before and move.before.value
+        click.echo(json.dumps({"action": move.action, "before": before, "warning": move.warning,
+                               **move.after.as_dict()}, indent=2))  # fmt: skip
         return
     after = move.after.state.value
     was = "created" if move.before is None else f"was {move.before.value}"
@@ -253,28 +255,99 @@ def _report_move(move: Move, as_json: bool) -> None:
         click.echo(f"Note: the stored policy differs from the app's settings; `celery breaker reset {name}` adopts it.")
 
 
+_YES_OPTION = click.option(
+    "--yes", "-y", is_flag=True, help="Do not ask when the breaker's downstream was failing (still warns)."
+)
+
+
 def _operator_command(action: str, summary: str) -> click.Command:
     details = "NAME[KEY] as `status` shows it, or NAME with --key KEY, names a per-key breaker."
+    cautious = ACTIONS[action].cautious
+    if cautious:
+        details += (
+            "\n\nIf the breaker tripped, or calls through it failed within its window, this warns"
+            " that the tasks deferred behind it would run against a failing downstream and spend"
+            " their retries, and asks first (--yes: do not ask)."
+        )
 
     @click.command(name=action, cls=CeleryCommand, help=f"{summary}\n\n{details}", short_help=summary)
     @click.argument("name")
     @click.option("--key", "-k", default=None, help="The key of a per-key breaker (NAME[KEY] works too).")
     @click.option("--create", is_flag=True, help="Act even on a breaker neither the store nor the app knows.")
     @click.option("--json", "as_json", is_flag=True, help="Print the resulting snapshot as JSON.")
+    @_YES_OPTION
     @click.pass_context
     @_reporting
-    def command(ctx: click.Context, name: str, key: str | None, create: bool, as_json: bool) -> None:
-        from .operator import operate
+    def command(ctx: click.Context, name: str, key: str | None, create: bool, as_json: bool, yes: bool = False) -> None:
+        from .operator import assess, operate, shared_store
 
         app = _app(ctx)
         app.loader.import_default_modules()  # the app's tasks name its breakers
-        _report_move(operate(app, action, name, key, create=create), as_json)
+        store = shared_store(app)
+        warning = assess(app, action, name, key, create=create, store=store) if cautious and not yes else None
+        if warning is not None:
+            click.echo(f"Warning: {warning}.", err=True)
+            click.confirm(f"{action.capitalize()} {breaker_label(name, key)} anyway?", abort=True, err=True)
+        _report_move(operate(app, action, name, key, create=create, store=store), as_json, warned=warning is not None)
 
+    if not cautious:  # (the option is for the actions that admit calls)
+        command.params = [param for param in command.params if param.name != "yes"]
     return cast("click.Command", command)  # CeleryCommand is untyped
 
 
 for _action in ACTIONS.values():
     breaker.add_command(_operator_command(_action.name, _action.summary))
+
+
+@breaker.command(cls=CeleryCommand, short_help=DELETE.summary)
+@click.argument("name")
+@click.option("--key", "-k", default=None, help="The key of a per-key breaker (NAME[KEY] works too).")
+@click.option("--purge", "discard", is_flag=True, help="Discard the tasks parked behind it too: they never run.")
+@_YES_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print what was deleted as JSON.")
+@click.pass_context
+@_reporting
+def delete(ctx: click.Context, name: str, key: str | None, discard: bool, yes: bool, as_json: bool) -> None:
+    """Delete NAME from the store: its state, counters, stored policy and metrics history.
+
+    For a stray breaker (a typo given to --create, a task renamed): it leaves status,
+    watch and the metrics. A call through it creates it afresh, closed. Tasks parked
+    behind it make the command refuse, unless --purge discards them (after asking).
+    If its downstream was failing, it warns and asks first, as close does (--yes: do not
+    ask). NAME[KEY] as `status` shows it, or NAME with --key KEY, names a per-key breaker.
+    """
+    from .operator import delete as delete_breaker
+    from .operator import shared_store
+
+    app = _app(ctx)
+    app.loader.import_default_modules()  # the app's tasks name its breakers
+    store = shared_store(app)
+    plan = delete_breaker(app, name, key, purge=discard, dry_run=True, store=store)
+    if not yes and (plan.warning is not None or plan.discarded):
+        if plan.warning is not None:
+            click.echo(f"Warning: {plan.warning}.", err=True)
+        tasks = f" and discard the {plan.discarded} task(s) parked behind it (they will never run)"
+        click.confirm(f"Delete {plan.label}{tasks if plan.discarded else ''}?", abort=True, err=True)
+    done = delete_breaker(app, name, key, purge=discard, store=store)
+    if done.warning is not None and (yes or plan.warning is None):
+        click.echo(f"Warning: {done.warning}.", err=True)
+    if as_json:
+        import json
+
+        before = done.before.as_dict() if done.before is not None else None
+        click.echo(json.dumps({"breaker": done.label, "deleted": True, "before": before, "discarded": done.discarded,
+                               "claimed": done.claimed, "in_app": done.in_app, "warning": done.warning,
+                               "store": done.store}, indent=2))  # fmt: skip
+        return
+    was = f"was {done.before.state.value}" if done.before is not None else "only parked tasks were left of it"
+    text = f"{done.label}: deleted ({was}) from {done.store}"
+    text += f"; discarded {done.discarded} parked task(s)" if done.discarded else ""
+    text += f"; {done.claimed} task(s) being published run" if done.claimed else ""
+    click.echo(text + ".")
+    if done.in_app:
+        name, key = split_label(done.label)
+        which = "their next call" if key is None else f"their next call for key {key!r}"
+        click.echo(f"The app's tasks use {name}: {which} creates {done.label} afresh, closed, under the app's policy.")
 
 
 @breaker.command(cls=CeleryCommand)
@@ -387,3 +460,17 @@ def watch(
     finally:
         if terminal and drawn:
             click.echo(_SHOW_CURSOR, nl=False, color=True)
+
+
+# `celery breaker web` (ops/web.py): its options, its server and what it reads load only when it runs.
+@breaker.command(name="web", cls=CeleryCommand, add_help_option=False,
+                 context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+                 short_help="Serve a live page of the breakers in a browser (--help: its options).")  # fmt: skip
+@click.pass_context
+@_reporting
+def web(ctx: click.Context) -> None:
+    """A live page of the breakers in a browser: `celery breaker web --help` lists its options."""
+    from .web import web as command
+
+    with command.make_context("web", list(ctx.args), parent=ctx.parent, obj=_app(ctx)) as inner:
+        command.invoke(inner)

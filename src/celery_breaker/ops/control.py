@@ -54,7 +54,8 @@ def _known_names(app: Any) -> tuple[Any, set[str]]:
 def operate(app: Any, action: str, name: str, key: str | None = None) -> dict[str, Any]:
     """Apply ``action`` (a key of ``ACTIONS``) to breaker ``name``/``key`` in this
     process's store (``ops.operator.operate``, which the CLI uses too), send the events of
-    the transitions it made, and return the breaker's snapshot as a dict.
+    the transitions it made, and return the breaker's snapshot as a dict, with the
+    action's ``warning`` (``operator.caution``: its downstream was failing) or ``None``.
     Raises ``UnknownBreakerError`` / ``BreakerKeyError`` for bad input."""
     from ..integration.events import TransitionEvents
     from .operator import operate as apply_action
@@ -70,8 +71,12 @@ def operate(app: Any, action: str, name: str, key: str | None = None) -> dict[st
     announce = TransitionEvents(app)  # (sends only where events are on)
     for transition in done.transitions:
         announce(transition)
-    logger.warning("celery-breaker: breaker %s %s by remote control", done.label, ACTIONS[action].done)
-    return done.after.as_dict()
+    if done.warning is None:
+        logger.warning("celery-breaker: breaker %s %s by remote control", done.label, ACTIONS[action].done)
+    else:
+        logger.warning("celery-breaker: breaker %s %s by remote control; beware: %s", done.label,
+                       ACTIONS[action].done, done.warning)  # fmt: skip
+    return {**done.after.as_dict(), "warning": done.warning}
 
 
 def _reply(state: Any, action: str, name: str | None, key: str | None) -> dict[str, Any]:
@@ -85,7 +90,10 @@ def _reply(state: Any, action: str, name: str | None, key: str | None) -> dict[s
     except Exception as exc:  # a store outage, say: a reply, never a dead control thread
         logger.exception("celery-breaker: breaker_%s %s failed", action, label)
         return {"error": f"breaker_{action} {label}: {exc}"}
-    return {"ok": f"breaker {label} {ACTIONS[action].done}; state {snapshot['state']}"}
+    text = f"breaker {label} {ACTIONS[action].done}; state {snapshot['state']}"
+    if snapshot["warning"] is not None:  # (`celery control` prints only the "ok" text)
+        text += f". WARNING: {snapshot['warning']}"
+    return {"ok": text}
 
 
 def _typed_key(value: str) -> str:

@@ -14,13 +14,13 @@ from typing import Any
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..core import BreakerPolicy, BreakerSnapshot, State, Transition
-from ..errors import ConfigurationError, UnknownBreakerError
+from ..errors import ConfigurationError, ParkedTasksError, UnknownBreakerError
 from ..integration.inventory import app_breakers, policy_named
 from ..integration.settings import get_settings
 from ..labels import breaker_label, split_label
 from ..names import check_key, check_name
-from ..storage import Store, describe_url, resolve_store
-from .actions import ACTIONS
+from ..storage import Cell, Store, describe_url, resolve_store
+from .actions import ACTIONS, DELETE, Action
 
 #: At most this many names are listed in an error message.
 MAX_LISTED = 20
@@ -28,12 +28,19 @@ MAX_LISTED = 20
 _CREATE_HINT = "pass --create to act on it anyway"
 
 __all__ = [
+    "Deletion",
     "Move",
     "Purge",
+    "assess",
+    "caution",
+    "delete",
     "operate",
     "purge",
     "shared_store",
 ]
+
+#: States in which a breaker holds calls back: an operator action that admits them is cautious.
+_HOLDING = (State.OPEN, State.HALF_OPEN, State.FORCED_OPEN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +57,8 @@ class Move:
     """The transitions the action made (what listeners and events would announce)."""
     policy_differs: bool
     """The stored policy differed from the app's (a reset has now adopted the app's)."""
+    warning: str | None = None
+    """Why the action was risky (``caution``): the breaker's downstream was failing."""
 
     @property
     def label(self) -> str:
@@ -71,6 +80,26 @@ class Purge:
     """Tasks a releaser had claimed and was publishing again: they run."""
     store: str
     """The store's URL, passwords masked."""
+
+
+@dataclass(frozen=True, slots=True)
+class Deletion:
+    """What deleting one breaker did."""
+
+    label: str
+    """``'crm'`` or ``'crm[tenant-7]'``."""
+    before: BreakerSnapshot | None
+    """The breaker as it was, or ``None`` when nothing but parked tasks was left of it."""
+    discarded: int
+    """Parked tasks purged with it (``purge=True``): they never run."""
+    claimed: int
+    """Tasks a releaser was publishing again: they run (and a call creates the breaker afresh)."""
+    store: str
+    """The store's URL, passwords masked."""
+    in_app: bool
+    """The app's tasks use this breaker: their next call creates it afresh (closed, the app's policy)."""
+    warning: str | None = None
+    """Why deleting it was risky (``caution``): its downstream was failing."""
 
 
 def shared_store(app: Any) -> Store:
@@ -155,6 +184,97 @@ def _target(
     return name, key, named, in_store
 
 
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 1:
+        return "just now"
+    if seconds < 90:
+        return f"{seconds:.0f}s ago"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def caution(action: str, before: BreakerSnapshot | None, policy: BreakerPolicy, now: float) -> str | None:
+    """Why taking ``action`` on a breaker found as ``before`` risks its tasks, or ``None``.
+
+    Risky: an action that admits calls (``Action.cautious``: close, reset, disable) on
+    a breaker that tripped (OPEN, HALF_OPEN); on one forced open within its ``window``
+    seconds (before ``now``, epoch seconds) of a failure; or on a CLOSED one whose
+    window holds a failure that recent. The tasks deferred behind it then run against a
+    downstream that was failing, and each failure spends one of their own retries.
+    Closing or resetting a DISABLED breaker turns its protection back on: never risky.
+    """
+    found = _action(action)
+    if found is None or not found.cautious or before is None or before.state is State.DISABLED:
+        return None
+    failed = before.last_failure
+    recent = failed is not None and now - failed <= policy.window
+    if before.state in (State.OPEN, State.HALF_OPEN):
+        since = f" {_ago(now - before.opened_at)}" if before.opened_at is not None else ""
+        why = f"{before.label} tripped{since}"
+        why += f" (its last failure {_ago(now - failed)})" if failed is not None else ""
+        why += ": its downstream may still be failing"
+    elif before.state is State.FORCED_OPEN and recent:
+        assert failed is not None
+        why = f"a call through {before.label} failed {_ago(now - failed)}, before it was forced open"
+    elif before.state is State.CLOSED and recent and before.window_failures > 0:
+        assert failed is not None
+        counted, calls, label = before.window_failures, before.window_calls, before.label
+        if calls >= counted:
+            why = f"{counted} of the last {calls} calls through {label} failed"
+        else:  # (a rule that minds only failures counts no calls: FailuresWithin)
+            why = f"{counted} calls through {label} failed in its window"
+        why += f", the latest {_ago(now - failed)}"
+    else:
+        return None
+    if found.name == "disable":
+        effect = "disabling it lets every call through and nothing trips it"
+    else:
+        doing = {"close": "closing", "reset": "resetting", "delete": "deleting"}[found.name]
+        effect = f"{doing} it lets calls through now"
+        if before.state not in _HOLDING:
+            effect += " and forgets the failures that would trip it"
+    return f"{why}; {effect}: tasks deferred behind it run against that downstream and spend their own retries"
+
+
+def _action(name: str) -> Action | None:
+    return DELETE if name == DELETE.name else ACTIONS.get(name)
+
+
+def _cell(
+    app: Any, name: str, key: str | None, store: Store, clock: Clock, *, create: bool, hint: str
+) -> tuple[Cell, bool, BreakerPolicy | None]:
+    """The named breaker's cell in ``store``, whether it existed, and the app's policy for it (if the app names it)."""
+    name, key, named, in_store = _target(app, name, key, store, clock, create=create, hint=hint)
+    wanted = named.get(name) or policy_named(app, name)
+    cell = store.cell(name, key, wanted or get_settings(app).policy_for(name), clock)
+    return cell, (name, key) in in_store, wanted
+
+
+def assess(
+    app: Any,
+    action: str,
+    name: str,
+    key: str | None = None,
+    *,
+    create: bool = False,
+    store: Store | None = None,
+    clock: Clock | None = None,
+) -> str | None:
+    """``caution`` for ``action`` on breaker ``name``/``key`` as it is now, changing
+    nothing: what the CLI asks about before it acts. Raises as ``operate``."""
+    if _action(action) is None:
+        raise ValueError(f"unknown action {action!r}; one of {', '.join([*ACTIONS, DELETE.name])}")
+    _check_name(name, key)
+    store = store if store is not None else shared_store(app)
+    clock = clock or SYSTEM_CLOCK
+    cell, exists, _ = _cell(app, name, key, store, clock, create=create, hint=_CREATE_HINT)
+    if not exists:
+        return None
+    return caution(action, cell.snapshot(clock.monotonic()), cell.policy, clock.time())
+
+
 def operate(
     app: Any,
     action: str,
@@ -180,14 +300,10 @@ def operate(
     _check_name(name, key)
     store = store if store is not None else shared_store(app)
     clock = clock or SYSTEM_CLOCK
-    name, key, named, in_store = _target(app, name, key, store, clock, create=create, hint=create_hint)
-    label = describe_url(store.url)
-    exists = (name, key) in in_store
-
-    wanted = named.get(name) or policy_named(app, name)
-    cell = store.cell(name, key, wanted or get_settings(app).policy_for(name), clock)
-    before = cell.state if exists else None
+    cell, exists, wanted = _cell(app, name, key, store, clock, create=create, hint=create_hint)
     stored = cell.policy
+    found_as = cell.snapshot(clock.monotonic()) if exists else None
+    before = found_as.state if found_as is not None else None
     differs = wanted is not None and stored != wanted
     if found.target is None:
         transitions = cell.reset(wanted or stored, clock.monotonic())
@@ -198,9 +314,10 @@ def operate(
         action=action,
         before=before,
         after=cell.snapshot(clock.monotonic()),
-        store=label,
+        store=describe_url(store.url),
         transitions=transitions,
         policy_differs=differs,
+        warning=caution(action, found_as, stored, clock.time()),
     )
 
 
@@ -233,4 +350,74 @@ def purge(app: Any, name: str, key: str | None = None, *, store: Store | None = 
         parked=parked,
         claimed=claimed,
         store=label,
+    )
+
+
+def delete(
+    app: Any,
+    name: str,
+    key: str | None = None,
+    *,
+    purge: bool = False,
+    dry_run: bool = False,
+    store: Store | None = None,
+    clock: Clock | None = None,
+) -> Deletion:
+    """Delete breaker ``name``/``key`` from the app's store: its state, counters, stored
+    policy and metrics history. It leaves ``status``, ``watch`` and the metrics; a call
+    through it (in any process) creates it afresh, CLOSED, with that caller's policy.
+
+    A breaker that tasks are parked behind is refused with ``ParkedTasksError``, unless
+    ``purge``: its parked tasks are then discarded first (as ``purge`` does: they never
+    run). Tasks a releaser is already publishing run. ``name`` may be a label
+    (``crm[tenant-7]``); it must be known to the store or the app, or have tasks parked.
+    ``dry_run``: change nothing, and say what it would do (what the CLI asks about).
+    Raises ``UnknownBreakerError``, ``BreakerKeyError``, ``ParkedTasksError``,
+    ``ConfigurationError`` (a memory store) or ``StorageError``.
+    """
+    _check_name(name, key)
+    store = store if store is not None else shared_store(app)
+    clock = clock or SYSTEM_CLOCK
+    parking = store.parking
+    parked_tags = set(parking.tags()) if parking is not None else set()
+
+    def has_parked(name: str, key: str | None) -> bool:
+        return parking is not None and parking.tag(name, key) in parked_tags
+
+    name, key, named, in_store = _target(app, name, key, store, clock, create=False, hint="nothing was deleted",
+                                         also_known=has_parked)  # fmt: skip
+    label = breaker_label(name, key)
+    tag = parking.tag(name, key) if parking is not None else ""
+    parked, _ = parking.count(tag) if parking is not None else (0, 0)
+    if parked and not purge:
+        tasks = "1 task is" if parked == 1 else f"{parked} tasks are"
+        raise ParkedTasksError(
+            f"{tasks} parked behind {label}: deleting it would leave them waiting for a breaker that is gone; "
+            f"purge them with it (--purge: they never run), or close it and delete it once they have been released"
+        )
+    before, warning = None, None
+    if (name, key) in in_store:
+        wanted = named.get(name) or policy_named(app, name) or get_settings(app).policy_for(name)
+        cell = store.cell(name, key, wanted, clock)
+        before = cell.snapshot(clock.monotonic())
+        warning = caution(DELETE.name, before, cell.policy, clock.time())
+    discarded, claimed = 0, 0
+    if dry_run:
+        discarded = parked
+        _, claimed = parking.count(tag) if parking is not None else (0, 0)
+    elif parking is not None:
+        discarded = parking.purge(tag) if parked else 0
+        _, claimed = parking.count(tag)
+    if not dry_run:
+        store.delete(name, key)
+        if parking is not None and tag in parked_tags:
+            parking.forget(tag)  # (it stays in the index while anything is parked or claimed)
+    return Deletion(
+        label=label,
+        before=before,
+        discarded=discarded,
+        claimed=claimed,
+        store=describe_url(store.url),
+        in_app=name in named,
+        warning=warning,
     )

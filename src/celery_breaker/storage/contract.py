@@ -212,6 +212,12 @@ class Store(Protocol):
         """Every breaker the store currently holds."""
         ...
 
+    def delete(self, name: str, key: str | None) -> bool:
+        """Delete breaker ``name``/``key`` (state, counters, stored policy and history, not
+        its parked tasks): every process's next call through it creates it afresh, CLOSED.
+        True when it existed."""
+        ...
+
     def sync(self, timeout: float = 5.0) -> bool:
         """Return once this process's views reflect every transition made (anywhere)
         before the call; False if that could not be established within ``timeout``."""

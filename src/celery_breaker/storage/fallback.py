@@ -3,9 +3,11 @@
 ``FallbackStore`` wraps a shared store. Its cells follow the shared breaker while the
 store answers; when an operation raises ``StorageError`` they switch to a breaker of
 this process — fresh and CLOSED (``local``), DISABLED (``allow``: every call passes) or
-FORCED_OPEN (``deny``: every call is rejected) — and try the shared store again every
-``retry_interval`` seconds, rejoining the shared state when it answers. The outage is
-logged once per ``log_interval`` per store, not per call.
+FORCED_OPEN (``deny``: every call is rejected) — and the shared store is tried again
+every ``retry_interval`` seconds, by one cell for the whole store: while it is down, a
+breaker made meanwhile (a new per-key breaker) takes its stand-in at once instead of
+waiting out the store's timeout. Every cell rejoins the shared state once it answers.
+The outage is logged once per ``log_interval`` per store, not per call.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class FallbackStore:
         self._lock = threading.Lock()  # the outage bookkeeping
         self._cells_lock = threading.Lock()  # the cell map (cells report outages while made)
         self._down = False
+        self._retry_at = float("-inf")  # while down: when the store may be tried again
         self._last_log = float("-inf")
         self._cells: weakref.WeakValueDictionary[tuple[str, str | None], FallbackCell] = weakref.WeakValueDictionary()
 
@@ -77,6 +80,11 @@ class FallbackStore:
         except StorageError as exc:
             self.store_failed(exc, clock.monotonic())
             return []
+
+    def delete(self, name: str, key: str | None) -> bool:
+        """Delete the breaker in the shared store (an operator's act: a ``StorageError``
+        while it is down is raised, never covered by the fallback)."""
+        return self.primary.delete(name, key)
 
     def sync(self, timeout: float = 5.0) -> bool:
         """The shared store's barrier (``RedisStore.sync``); False while it cannot be reached."""
@@ -114,11 +122,27 @@ class FallbackStore:
         """The shared store failed and has not answered since (its outage is being logged)."""
         return self._down
 
+    def may_try(self, now: float) -> bool:
+        """Whether the shared store may be tried now: it is not down, or its retry is due."""
+        return not self._down or now >= self._retry_at
+
+    def claim_try(self, now: float) -> bool:
+        """Like ``may_try``, but a due retry is taken by this caller alone: the next is
+        due ``retry_interval`` later, whatever this one finds."""
+        with self._lock:
+            if not self._down:
+                return True
+            if now < self._retry_at:
+                return False
+            self._retry_at = now + self.retry_interval
+            return True
+
     def store_failed(self, exc: StorageError, now: float) -> None:
         """Note that the shared store failed; logs the outage at most once per ``log_interval``."""
         with self._lock:
             first = not self._down
             self._down = True
+            self._retry_at = max(self._retry_at, now + self.retry_interval)
             due = now - self._last_log >= self.log_interval
             if first or due:
                 self._last_log = now
@@ -148,10 +172,10 @@ class FallbackCell:
         self._policy = policy
         self._clock = clock
         self._local: MemoryCell | None = None
-        self._retry_at = float("-inf")
         self._active: Cell
         self._primary: Cell | None = None
-        if not self._try_primary(clock.monotonic()):
+        now = clock.monotonic()
+        if not (store.claim_try(now) and self._try_primary(now)):
             self._active = self._fallback()
 
     # -- switching ------------------------------------------------------------
@@ -182,25 +206,23 @@ class FallbackCell:
         if self._primary is not None:
             self._primary.stale()  # so rejoining reads the shared state: a real check
         self._store.store_failed(exc, now)
-        self._retry_at = now + self._store.retry_interval
         self._active = self._fallback()
 
     def refresh(self, now: float) -> None:
         """Asked again by a holder: rejoin the shared store if a retry is due, and take a
         fresh shared cell if the current one went stale."""
         if self._due(now):
-            self._retry_at = now + self._store.retry_interval
-            self._try_primary(now)
+            if self._store.claim_try(now):
+                self._try_primary(now)
         elif self._active is self._primary and self._primary.evicted:
             self._try_primary(now)
 
     def _due(self, now: float) -> bool:
-        return self._active is self._local and now >= self._retry_at
+        return self._active is self._local and self._store.may_try(now)
 
     def _run(self, operation: str, now: float, *args: Any, **kwargs: Any) -> Any:
         """Do ``operation`` on the shared cell if possible, else on the stand-in."""
-        if self._due(now):
-            self._retry_at = now + self._store.retry_interval
+        if self._due(now) and self._store.claim_try(now):
             self._try_primary(now)
         active = self._active
         if active is self._primary:

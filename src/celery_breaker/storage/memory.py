@@ -231,6 +231,17 @@ class MemoryStore:
                 del cells[ident]
         self._sweep_at = max(self.max_breakers, len(cells) + self.max_breakers - keep)
 
+    def delete(self, name: str, key: str | None) -> bool:
+        """Forget breaker ``name``/``key``; a breaker object holding it asks for a new one
+        (CLOSED, counters zeroed) on its next call. True when it existed."""
+        with self._lock:
+            cell = self._cells.pop((name, key), None)
+        if cell is None:
+            return False
+        cell.evicted = True
+        cell.passing = False
+        return True
+
     def sync(self, timeout: float = 5.0) -> bool:
         """Nothing to wait for: every breaker of this store lives in this process."""
         return True

@@ -87,7 +87,7 @@ def is_shared_url(url: str) -> bool:
 def store_from_url(url: str) -> Store:
     """The process's store for ``url``: one per URL, so equal URLs share breakers."""
     if not isinstance(url, str):
-        raise ConfigurationError(f"breaker_storage_url must be a URL string, got {url!r}")
+        raise ConfigurationError(f"breaker_storage_url must be a URL string, got a {type(url).__name__}")
     found = _OPEN.get(url)
     if found is not None:
         return found

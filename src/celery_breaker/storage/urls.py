@@ -11,10 +11,16 @@ _SECRET_OPTIONS = re.compile(r"(?P<name>(?:^|[?&])(?:sentinel_|ssl_)?password=)[
 
 
 def describe_url(url: str) -> str:
-    """``url`` with every password masked (user info, ``password=``, ``sentinel_password=``, ``ssl_password=``)."""
+    """``url`` with every password masked (user info, ``password=``, ``sentinel_password=``,
+    ``ssl_password=``): the one rule for every URL celery-breaker shows, in logs, errors,
+    reprs and the CLI. Each URL of a kombu list (``a://...;b://...``) is masked; text that
+    is no URL loses whatever stands before an ``@``."""
+    if ";" in url:
+        return ";".join(describe_url(part) for part in url.split(";"))
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return url
+        _, at, tail = url.rpartition("@")
+        return _SECRET_OPTIONS.sub(r"\g<name>***", f"***@{tail}" if at else url)
     end = len(rest)
     for mark in "/?#":
         found = rest.find(mark)

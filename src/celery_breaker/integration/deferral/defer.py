@@ -135,4 +135,7 @@ def _announce(deferral: Deferral, strategy: DeferralStrategy, delay: float) -> R
             reason=text,
         )  # fmt: skip
     reason = CircuitOpenError(text, name=name, key=key, state=rejected.state, retry_after=rejected.retry_after)
-    return Retry(exc=reason, when=delay)
+    # The text is the Retry's own message too: the worker's "retry:" log line and the last
+    # line of the traceback Flower's task page shows read as the reason, not "Retry in
+    # 24.36597550242707s"; ``when`` is rounded as the text is.
+    return Retry(message=f"deferred: {text}", exc=reason, when=round(delay, 1))

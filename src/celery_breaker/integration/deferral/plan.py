@@ -38,6 +38,13 @@ EXPIRY_OVERSHOOT = 1.0
 MINIMUM_DELAY = 0.5
 #: How long before its ``expires`` a deferred task that can still run is due at the latest.
 EXPIRY_MARGIN = 1.0
+#: The most deferrals a header may count: more is no real count (at least half a second
+#: each, a million is six days of nothing but deferrals).
+MOST_DEFERRALS = 1_000_000
+#: ``x-breaker-deferred-since`` earlier than this (2000-01-01) is no real time.
+EARLIEST_SINCE = 946_684_800.0
+#: How far ahead of this worker's clock another host's may be.
+CLOCK_SKEW = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,10 +82,13 @@ def read_headers(headers: Mapping[str, Any] | None, *, now: float) -> DeferralHe
             if isinstance(raw_count, bool) or (isinstance(raw_count, float) and not raw_count.is_integer()):
                 raise ValueError
             count = int(raw_count)
-            if count < 0:
+            if not 0 <= count <= MOST_DEFERRALS:
                 raise ValueError
-        except (TypeError, ValueError):
-            problems.append(f"header {DEFERRALS_HEADER}={raw_count!r} is not a whole number >= 0; counting from 0")
+        except (TypeError, ValueError, OverflowError):
+            problems.append(
+                f"header {DEFERRALS_HEADER}={_shown(raw_count)} is not a whole number from 0 to {MOST_DEFERRALS}; "
+                "counting from 0"
+            )
             count = 0
     since: float | None = None
     raw_since = headers.get(SINCE_HEADER)
@@ -87,11 +97,14 @@ def read_headers(headers: Mapping[str, Any] | None, *, now: float) -> DeferralHe
             if isinstance(raw_since, bool):
                 raise ValueError
             since = float(raw_since)
-            if not math.isfinite(since) or since > now + 86400:
+            # Epoch seconds of a past deferral: after 2000, and not ahead of this worker's
+            # clock by more than another host's clock could be.
+            if not (math.isfinite(since) and EARLIEST_SINCE <= since <= now + CLOCK_SKEW):
                 raise ValueError
         except (TypeError, ValueError, OverflowError):
             problems.append(
-                f"header {SINCE_HEADER}={raw_since!r} is not epoch seconds; measuring the deferral age from now"
+                f"header {SINCE_HEADER}={_shown(raw_since)} is not the epoch seconds of a past deferral; "
+                "measuring the deferral age from now"
             )
             since = None
     return DeferralHeaders(count, since, tuple(problems))
@@ -179,3 +192,9 @@ def park_deadline(expires_in: float | None, since: float, max_defer_age: float |
     if max_defer_age is not None:
         found.append(since + max_defer_age)
     return min(found) if found else None
+
+
+def _shown(value: Any) -> str:
+    """A header's value as a warning shows it: at most 60 characters of its repr."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -27,7 +27,7 @@ from ...errors import StorageError
 from ...storage import Parking
 from .parking import decode_message
 
-__all__ = ["LEASE", "MOST_PER_TICK", "TICK", "WATCH_EVERY", "Releaser"]
+__all__ = ["LEASE", "MOST_PER_TICK", "TAG_COMPLAINT_EVERY", "TICK", "WATCH_EVERY", "Releaser"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -39,6 +39,8 @@ LEASE = 30.0
 MOST_PER_TICK = 500
 #: Seconds between two counts of the parked tasks (to notice, and report, a store that lost them).
 WATCH_EVERY = 1.0
+#: Seconds between two warnings about one breaker whose parked tasks cannot be released.
+TAG_COMPLAINT_EVERY = 60.0
 
 
 class Releaser(threading.Thread):
@@ -62,6 +64,7 @@ class Releaser(threading.Thread):
         self._epoch: str | None = None
         self._known: dict[str, int] = {}
         self._counted_at: float | None = None
+        self._tag_failures: dict[str, float] = {}  # tag -> when it was last reported
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the releaser to stop and wait up to ``timeout`` seconds for it."""
@@ -90,23 +93,46 @@ class Releaser(threading.Thread):
                 logger.exception("celery-breaker releaser: unexpected error; trying again")
 
     def release_once(self) -> int:
-        """One pass over every breaker with parked tasks; return how many were published."""
+        """One pass over every breaker with parked tasks; return how many were published.
+
+        One breaker whose parking cannot be read (a key the store could not repair, say)
+        is reported (``TAG_COMPLAINT_EVERY``) and skipped: the others are released as
+        usual. A store that cannot even list them raises ``StorageError``."""
         published = 0
         most = max(1, min(MOST_PER_TICK, int(self.rate * self.tick * 4) + 1))
         for tag in self.parking.tags():
             if self._stop_event.is_set():
                 break
-            claimed = self.parking.release(tag, most=most, pace=self.rate, ramp=self.ramp, lease=LEASE)
-            done = []
-            for entry, payload in claimed:
-                if self._publish(tag, entry, payload):
-                    done.append(entry)
-            self.parking.done(tag, done)
-            published += len(done)
-            if not claimed:
-                self.parking.forget(tag)
+            try:
+                published += self._release_tag(tag, most)
+            except StorageError as exc:
+                self._tag_failed(tag, exc)
+            else:
+                self._tag_failures.pop(tag, None)
         self.released += published
         return published
+
+    def _release_tag(self, tag: str, most: int) -> int:
+        claimed = self.parking.release(tag, most=most, pace=self.rate, ramp=self.ramp, lease=LEASE)
+        done = []
+        for entry, payload in claimed:
+            if self._publish(tag, entry, payload):
+                done.append(entry)
+        self.parking.done(tag, done)
+        if not claimed:
+            self.parking.forget(tag)
+        return len(done)
+
+    def _tag_failed(self, tag: str, exc: StorageError) -> None:
+        now = time.monotonic()
+        last = self._tag_failures.get(tag)
+        if last is None or now - last >= TAG_COMPLAINT_EVERY:
+            self._tag_failures[tag] = now
+            logger.warning(
+                "celery-breaker releaser: cannot release the tasks parked behind %s (%s); the other breakers' "
+                "are released as usual, and it is tried again every tick",
+                self.parking.label(tag), exc,
+            )  # fmt: skip
 
     def watch_for_loss(self, now: float) -> int:
         """Count the parked tasks and check the parking's epoch; if the store lost tasks

@@ -1,6 +1,6 @@
 -- celery-breaker: the prelude every breaker script starts with (loads, validates, saves one breaker).
 --
--- Each script is this file followed by one operation (acquire.lua, record.lua, ...), and
+-- Each script is checks.lua, this file and one operation (acquire.lua, record.lua, ...), and
 -- runs as ONE atomic step mirroring celery_breaker.core.machine.BreakerMachine.
 --
 -- KEYS (one hash tag, so Redis Cluster keeps them on one slot):
@@ -10,18 +10,28 @@
 --   1 the caller's clock reading, or '' to use Redis TIME (the default: shared decisions
 --     never depend on worker clocks); 2 idle TTL in ms; 3 what the caller counted locally
 --     since its last script call: 'rejections;deferrals;generation;successes;stale successes;
---     check' (successes under that generation, stale ones under an earlier one; check = 1
---     asks for the key types to be checked first); 4 the caller's
---     policy text (see parse_policy); 5 name; 6 '-' or '+' .. key; 7 the pub/sub channel
---     transitions are published on ('' for none); 8.. the operation's own arguments.
+--     check;incarnation;generation' (successes under that generation, stale ones under an
+--     earlier one; check = 1 asks for the key types to be checked first, 2 also resets the
+--     breaker: the caller's last try failed on its data; the caller's view, the incarnation
+--     and generation it last saw, if any); 4 the caller's policy text (see parse_policy; '' for a
+--     listing, which never creates a breaker); 5 name ('' for a listing: read from the
+--     keys); 6 '-' or '+' .. key; 7 the pub/sub channel transitions are published on ('' for
+--     none); 8.. the operation's own arguments.
+--
+-- Everything read from the keys is checked (checks.lua): a key of another type, a value
+-- that is no number or out of its bounds, a state hash naming another breaker. A bad
+-- state hash resets the breaker (all five keys); a bad window or lease is cleared alone.
+-- Each is reported in the reply's warn, naming the key and the value.
 --
 -- Replies are flat key/value pairs, as HGETALL's (see reply(); storage/redis/replies.py
--- reads them by name). Every transition is PUBLISHed on ARGV[7] as 'state key\nincarnation\n
--- generation\nstate\nseconds until a probe may be admitted', so each process's local view
--- follows it.
+-- reads them by name). Every transition (and every reset) is PUBLISHed on ARGV[7] as
+-- 'state key\nincarnation\ngeneration\nstate\nseconds until a probe may be admitted', so
+-- each process's local view follows it.
 
 local K_STATE, K_FAILS, K_RING, K_BUCKETS, K_LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local TIME_BUCKETS = 20
+-- A count window's ring is a string: SETRANGE past Redis's 512 MB string limit fails.
+local MAX_RING = 536870912
 local CLOSED, OPEN, HALF_OPEN, FORCED_OPEN, DISABLED = 'closed', 'open', 'half_open', 'forced_open', 'disabled'
 local STATES = { closed = true, open = true, half_open = true, forced_open = true, disabled = true }
 local OPERATOR_TARGETS = { closed = true, forced_open = true, disabled = true }
@@ -35,25 +45,9 @@ local POLICY_MOVES = {
 
 local warnings = {}
 local transition = nil
+local wiped = false -- the breaker was reset as unreadable: every process's view must follow
 
-local function fmt(x)
-  if x == nil then return '' end
-  return string.format('%.17g', x)
-end
-
-local function opt_number(text)
-  -- '' is None; anything else must parse (nil signals corruption to the caller)
-  if text == '' then return false end
-  return tonumber(text)
-end
-
-local function read_now()
-  if ARGV[1] ~= '' then return tonumber(ARGV[1]) end
-  local t = redis.call('TIME')
-  return tonumber(t[1]) + tonumber(t[2]) / 1000000
-end
-
-local now = read_now()
+local now = script_now(ARGV[1])
 local ttl_ms = tonumber(ARGV[2])
 local given_policy = ARGV[4]
 
@@ -74,13 +68,18 @@ local function clear_failure_times()
   redis.call('DEL', K_FAILS)
 end
 
+-- A failure time: it has happened (CLOCK_SLACK aside), within TIME_SPAN.
+local function failure_time(text)
+  return read_time(text, now, 0)
+end
+
 local function failure_times()
   local times = {}
   for _, text in ipairs(redis.call('LRANGE', K_FAILS, 0, -1)) do
-    local t = tonumber(text)
+    local t = failure_time(text)
     if t == nil then
       clear_failure_times()
-      warnings[#warnings + 1] = 'unreadable failure time ' .. text
+      warnings[#warnings + 1] = 'unreadable failure time ' .. show(text) .. ' in ' .. K_FAILS .. ' (cleared)'
       return {}
     end
     times[#times + 1] = t
@@ -96,22 +95,40 @@ local function failures_in_window(window)
   return count
 end
 
--- Time window: bucket i holds 'epoch:calls:failures:slow'; field 'h' is the newest epoch.
-local function read_buckets()
+-- Time window: bucket i (0..19) holds 'epoch:calls:failures:slow' for an epoch with
+-- epoch % 20 == i; field 'h' is the newest epoch. An epoch may lie ahead of now's by
+-- CLOCK_SLACK at most (beyond, the window would drop every new outcome as too old).
+local function read_buckets(rule)
+  local width = rule.window / TIME_BUCKETS
+  local latest = math.floor(now / width) + math.ceil(CLOCK_SLACK / width)
+  local function epoch_of(text)
+    local e = read_number(text)
+    if e == nil or e ~= math.floor(e) or e > latest or e < -MAX_WHOLE then return nil end
+    return e
+  end
   local flat = redis.call('HGETALL', K_BUCKETS)
   local buckets, head = {}, -1
   for i = 1, #flat, 2 do
     local field, value = flat[i], flat[i + 1]
+    local bad = nil
     if field == 'h' then
-      head = tonumber(value) or -1
+      head = epoch_of(value)
+      if head == nil then bad = 'h=' .. show(value) end
     else
-      local e, c, f, s = value:match('^(-?%d+):(%d+):(%d+):(%d+)$')
-      if e == nil or tonumber(field) == nil then
-        redis.call('DEL', K_BUCKETS)
-        warnings[#warnings + 1] = 'unreadable time bucket ' .. value
-        return {}, -1
+      local index = read_whole(field, TIME_BUCKETS - 1)
+      local e, c, f, s = string.match(value, '^(-?%d+):(%d+):(%d+):(%d+)$')
+      e, c, f, s = epoch_of(e), read_whole(c), read_whole(f), read_whole(s)
+      if index == nil or e == nil or c == nil or f == nil or s == nil or f > c or s > c
+          or e % TIME_BUCKETS ~= index then
+        bad = show(field) .. '=' .. show(value)
+      else
+        buckets[index] = { e, c, f, s }
       end
-      buckets[tonumber(field)] = { tonumber(e), tonumber(c), tonumber(f), tonumber(s) }
+    end
+    if bad ~= nil then
+      redis.call('DEL', K_BUCKETS)
+      warnings[#warnings + 1] = 'unreadable time bucket ' .. bad .. ' in ' .. K_BUCKETS .. ' (cleared)'
+      return {}, -1
     end
   end
   return buckets, head
@@ -120,7 +137,7 @@ end
 -- (calls, failures, slow calls) in a rates rule's window.
 local function rate_totals(rule)
   if rule.count_window ~= nil then return S.wc, S.wf, S.ws end
-  local buckets, head = read_buckets()
+  local buckets, head = read_buckets(rule)
   local epoch = math.floor(now / (rule.window / TIME_BUCKETS))
   if epoch > head then head = epoch end
   local calls, failures, slow = 0, 0, 0
@@ -132,6 +149,8 @@ local function rate_totals(rule)
   return calls, failures, slow
 end
 
+local clear_rates -- (defined with the rule, below)
+
 local function rate_add(rule, failed, slow, n)
   local f, s = failed and 1 or 0, slow and 1 or 0
   local size = rule.count_window
@@ -142,8 +161,15 @@ local function rate_add(rule, failed, slow, n)
     -- the totals in the state hash are kept by subtract-on-evict.
     local i = S.wn
     if S.wl >= size then
-      local old = (string.byte(redis.call('GETRANGE', K_RING, i, i)) or 48) - 48
-      if old < 0 or old > 3 then old = 0 end
+      local byte = string.byte(redis.call('GETRANGE', K_RING, i, i))
+      if byte == nil or byte < 48 or byte > 51 then
+        -- (a ring shorter than its count, or a byte no script wrote: the totals cannot be trusted)
+        clear_rates(rule)
+        warnings[#warnings + 1] = 'unreadable count window byte ' .. show(byte) .. ' at ' .. i .. ' in ' .. K_RING
+          .. ' (cleared)'
+        return rate_add(rule, failed, slow, 1)
+      end
+      local old = byte - 48
       S.wf = S.wf - old % 2
       S.ws = S.ws - math.floor(old / 2)
     else
@@ -156,15 +182,15 @@ local function rate_add(rule, failed, slow, n)
     S.wn = (i + 1) % size
     return
   end
-  local buckets, head = read_buckets()
+  local buckets, head = read_buckets(rule)
   local epoch = math.floor(now / (rule.window / TIME_BUCKETS))
   if epoch > head then head = epoch end
   if epoch <= head - TIME_BUCKETS then return end -- older than the window
   local i = epoch % TIME_BUCKETS
   local b = buckets[i]
   if b == nil or b[1] ~= epoch then b = { epoch, 0, 0, 0 } end
-  redis.call('HSET', K_BUCKETS, 'h', head, i,
-    string.format('%d:%d:%d:%d', epoch, b[2] + n, b[3] + f * n, b[4] + s * n))
+  redis.call('HSET', K_BUCKETS, 'h', fmt(head), i,
+    string.format('%.0f:%.0f:%.0f:%.0f', epoch, b[2] + n, b[3] + f * n, b[4] + s * n))
   touch(K_BUCKETS)
 end
 
@@ -179,21 +205,7 @@ end
 --                 and snapshots (TripRule.failures, .calls, .slow_calls);
 --   clear(rule)   forget every outcome (TripRule.clear).
 
--- Parameters as the policy text gives them: a JSON number (cjson.null is not one).
-local function number(x)
-  if type(x) == 'number' and x == x then return x end
-  return nil
-end
-local function whole(x)
-  x = number(x)
-  if x ~= nil and x >= 1 and x == math.floor(x) then return x end
-  return nil
-end
-local function positive(x)
-  x = number(x)
-  if x ~= nil and x > 0 then return x end
-  return nil
-end
+-- (Parameters are read with checks.lua's number, whole, positive and fraction.)
 
 local RULES = {}
 
@@ -213,12 +225,13 @@ RULES.failures_within = {
     touch(K_FAILS)
     redis.call('LTRIM', K_FAILS, -threshold, -1)
     if redis.call('LLEN', K_FAILS) == threshold then
-      local oldest = tonumber(redis.call('LINDEX', K_FAILS, 0))
+      local text = redis.call('LINDEX', K_FAILS, 0)
+      local oldest = failure_time(text)
       if oldest == nil then
         clear_failure_times() -- forget the unreadable history, keep this failure
         redis.call('RPUSH', K_FAILS, fmt(now))
         touch(K_FAILS)
-        warnings[#warnings + 1] = 'unreadable failure time'
+        warnings[#warnings + 1] = 'unreadable failure time ' .. show(text) .. ' in ' .. K_FAILS .. ' (cleared)'
       elseif now - oldest <= rule.window then
         return string.format('%d failures within %g s', threshold, rule.window)
       end
@@ -240,12 +253,7 @@ RULES.consecutive_failures = {
     if threshold == nil then return nil end
     return { threshold = threshold }
   end,
-  check = function(rule)
-    if S.run < 0 or S.run ~= math.floor(S.run) then
-      S.run = 0
-      warnings[#warnings + 1] = 'consecutive failure run out of range'
-    end
-  end,
+  check = function(rule) end, -- (the run is a whole number, checked when loaded)
   observe = function(rule, failed)
     if not failed then
       S.run = 0
@@ -267,11 +275,13 @@ RULES.consecutive_failures = {
 RULES.rates = {
   parse = function(spec)
     local rule = {
-      failure_rate = positive(spec.failure_rate_threshold), slow_rate = positive(spec.slow_call_rate_threshold),
+      failure_rate = fraction(spec.failure_rate_threshold), slow_rate = fraction(spec.slow_call_rate_threshold),
       calls_to_judge = whole(spec.calls_to_judge), count_window = whole(spec.count_window),
       window = positive(spec.window),
     }
     if rule.calls_to_judge == nil or (rule.failure_rate == nil and rule.slow_rate == nil)
+        or (spec.failure_rate_threshold ~= nil and rule.failure_rate == nil)
+        or (spec.slow_call_rate_threshold ~= nil and rule.slow_rate == nil)
         or (spec.count_window ~= nil and rule.count_window == nil)
         or (rule.count_window == nil and rule.window == nil) then
       return nil
@@ -279,11 +289,15 @@ RULES.rates = {
     return rule
   end,
   check = function(rule)
-    -- A ring position outside the ring would make SETRANGE allocate up to 512 MB.
+    -- The ring's totals: a position inside the ring (outside, SETRANGE would allocate up
+    -- to 512 MB), as many calls as outcomes held, no more failures or slow calls than
+    -- calls. (A time window's buckets are checked as they are read.)
     local size = rule.count_window
-    if size ~= nil and (S.wn < 0 or S.wn >= size or S.wl < 0 or S.wl > size) then
+    if size ~= nil and not (S.wn < size and S.wn < MAX_RING and S.wl <= size and S.wc == S.wl
+        and S.wf <= S.wc and S.ws <= S.wc) then
+      warnings[#warnings + 1] = string.format('count window out of range (wn=%s wl=%s wc=%s wf=%s ws=%s) in %s (cleared)',
+        fmt(S.wn), fmt(S.wl), fmt(S.wc), fmt(S.wf), fmt(S.ws), K_STATE)
       RULES.rates.clear(rule)
-      warnings[#warnings + 1] = 'count window position out of range'
     end
   end,
   observe = function(rule, failed, slow, n)
@@ -313,6 +327,7 @@ RULES.rates = {
     S.wn, S.wl, S.wc, S.wf, S.ws = 0, 0, 0, 0, 0
   end,
 }
+clear_rates = RULES.rates.clear
 
 -- Every rule sees every outcome; the first reason wins (BreakerMachine._record_closed).
 local function observe(failed, slow, n)
@@ -352,20 +367,7 @@ end
 --  "half_open_max_calls":..,"probes_to_close":..,"half_open_max_wait":..,
 --  "slow_call_duration":.. (absent: no call is slow),"fields":{..for Python only..}}.
 -- A rule of a kind this release does not know (a newer release's) makes it unreadable.
-local function parse_keyed(text)
-  local decoded, d = pcall(cjson.decode, text)
-  if not decoded or type(d) ~= 'table' or d.v ~= 3 or type(d.rules) ~= 'table' then return nil end
-  local p = {
-    reset_timeout = positive(d.reset_timeout), max_calls = whole(d.half_open_max_calls),
-    max_wait = positive(d.half_open_max_wait), probes_to_close = whole(d.probes_to_close),
-    multiplier = number(d.backoff_multiplier), jitter = number(d.reset_jitter),
-    longest_open = positive(d.longest_open), slow_duration = positive(d.slow_call_duration),
-    rules = {},
-  }
-  if not (p.reset_timeout and p.max_calls and p.max_wait and p.probes_to_close and p.multiplier
-      and p.jitter and p.longest_open) or (d.slow_call_duration ~= nil and p.slow_duration == nil) then
-    return nil
-  end
+local function parse_keyed(p, d)
   for _, spec in ipairs(d.rules) do
     if type(spec) ~= 'table' or type(spec.kind) ~= 'string' or RULES[spec.kind] == nil then return nil end
     if not add_rule(p, spec.kind, spec) then return nil end
@@ -373,31 +375,13 @@ local function parse_keyed(text)
   return p
 end
 
--- Versions 1 and 2 (earlier releases), positional: '2;failure_threshold;window;failure_rate;
--- minimum_calls;count_window;slow_call_duration;slow_call_rate;reset_timeout;
--- half_open_max_calls;success_threshold;half_open_max_wait;calls_to_judge;probes_to_close;
--- backoff_multiplier;max_reset_timeout;reset_jitter;longest_open' (empty = None). Version 1
--- (the first 14 fields, written by releases without backoff) reads as a policy without
--- backoff or jitter.
-local function parse_positional(text)
-  local f = {}
-  for item in (text .. ';'):gmatch('([^;]*);') do f[#f + 1] = item end
-  if not ((#f == 18 and f[1] == '2') or (#f == 14 and f[1] == '1')) then return nil end
-  local window, failure_threshold = tonumber(f[3]), tonumber(f[2])
+-- Versions 1 and 2 (earlier releases), positional (see checks.lua policy_limits): the
+-- rules are made from failure_threshold, window, failure_rate, minimum_calls (calls_to_judge),
+-- count_window and slow_call_rate.
+local function parse_positional(p, f)
+  local window, failure_threshold = positive(tonumber(f[3])), tonumber(f[2])
   local failure_rate, slow_rate, calls_to_judge = tonumber(f[4]), tonumber(f[8]), tonumber(f[13])
-  local p = {
-    slow_duration = tonumber(f[7]), reset_timeout = tonumber(f[9]), max_calls = tonumber(f[10]),
-    max_wait = tonumber(f[12]), probes_to_close = tonumber(f[14]),
-    multiplier = 1, jitter = 0, longest_open = tonumber(f[9]),
-    rules = {},
-  }
-  if f[1] == '2' then
-    p.multiplier, p.jitter, p.longest_open = tonumber(f[15]), tonumber(f[17]), tonumber(f[18])
-  end
-  if not (window and p.reset_timeout and p.max_calls and p.max_wait and calls_to_judge
-      and p.probes_to_close and p.multiplier and p.jitter and p.longest_open) then
-    return nil
-  end
+  if not (window and calls_to_judge) then return nil end
   if failure_threshold ~= nil and not add_rule(p, 'failures_within', { threshold = failure_threshold, window = window }) then
     return nil
   end
@@ -409,11 +393,15 @@ local function parse_positional(text)
   return p
 end
 
--- The policy a text describes, or nil when it is unreadable here.
+-- The policy a text describes, or nil when it is unreadable here (a policy without a
+-- rule, which BreakerPolicy refuses, would never trip).
 local function parse_policy(text)
-  if type(text) ~= 'string' then return nil end
-  if string.sub(text, 1, 1) == '{' then return parse_keyed(text) end
-  return parse_positional(text)
+  local p, source = policy_limits(text)
+  if p == nil then return nil end
+  p.rules = {}
+  if string.sub(text, 1, 1) == '{' then p = parse_keyed(p, source) else p = parse_positional(p, source) end
+  if p == nil or #p.rules == 0 then return nil end
+  return p
 end
 
 -- -- loading -------------------------------------------------------------------------
@@ -421,15 +409,42 @@ end
 local function wipe(reason)
   redis.call('DEL', K_STATE, K_FAILS, K_RING, K_BUCKETS, K_LEASES)
   warnings[#warnings + 1] = reason
+  wiped = true
+end
+
+-- Which breaker the keys belong to: the caller's, or for a listing the one store.py's
+-- quoting wrote into the keys. A listing leaves keys it cannot tell as a breaker's of this
+-- prefix alone (another app's, or an earlier release's, under a colliding prefix): it skips them.
+local listing = given_policy == '' -- (a listing never creates a breaker)
+local want_nm, want_ky = ARGV[5], ARGV[6]
+local function skip(why)
+  return { 'absent', 1, 'foreign', why }
+end
+if want_nm == '' then
+  want_nm, want_ky = breaker_of(K_STATE)
+  if want_nm == nil then do return skip('not a key this store writes') end end
+end
+
+-- The name a state hash gives, if it names another breaker than the keys' (nil: the same).
+local function named_otherwise(nm, ky)
+  if (nm or want_nm) ~= want_nm or (ky or want_ky) ~= want_ky then
+    return 'nm=' .. show(nm) .. ' ky=' .. show(ky) .. ', another breaker'
+  end
+  return nil
 end
 
 -- What the caller counted locally (applied below, once the breaker is loaded), and
 -- its request to check key types: a key of another type (a foreign value, a collision)
 -- makes commands fail with WRONGTYPE, and the caller then runs the script again with the
 -- check on, which resets the breaker. (Checking on every call would cost five commands.)
-local pending = {}
-for item in (ARGV[3] .. ';'):gmatch('([^;]*);') do pending[#pending + 1] = math.max(0, tonumber(item) or 0) end
-if pending[6] == 1 then
+-- After any other failure on the breaker's data the caller asks for a reset (check 2).
+local pending, view = {}, {}
+for item in (ARGV[3] .. ';'):gmatch('([^;]*);') do
+  view[#view + 1] = item
+  pending[#pending + 1] = math.max(0, tonumber(item) or 0)
+end
+local check = pending[6] or 0
+if check >= 1 then
   local EXPECTED_TYPES = { { K_STATE, 'hash' }, { K_FAILS, 'list' }, { K_RING, 'string' },
     { K_BUCKETS, 'hash' }, { K_LEASES, 'hash' } }
   for _, pair in ipairs(EXPECTED_TYPES) do
@@ -438,61 +453,95 @@ if pending[6] == 1 then
       wipe(pair[1] .. ' held a ' .. found .. ', expected a ' .. pair[2])
       break
     end
+    if pair[1] == K_STATE and found == 'hash' and listing then
+      local named = redis.call('HMGET', K_STATE, 'nm', 'ky')
+      local other = named_otherwise(named[1] or nil, named[2] or nil)
+      if other ~= nil then do return skip(other) end end
+    end
   end
+  if check >= 2 and not wiped then wipe('reset after a script failed on its data') end
 end
 
-local INTEGER_FIELDS = { 'gen', 'hos', 'nl', 'ok', 'ko', 'rj', 'df', 'tr', 'wn', 'wl', 'wc', 'wf', 'ws' }
-local TIME_FIELDS = { 'oa', 'ou', 'ls', 'lf' }
+-- Counters and generations must be whole (WHOLE_FIELDS); the trip streak and the run of
+-- consecutive failures may be absent from a hash an earlier release wrote (read as 0).
+local WHOLE_FIELDS = { 'gen', 'hos', 'nl', 'ok', 'ko', 'rj', 'df', 'tr', 'wn', 'wl', 'wc', 'wf', 'ws' }
+local LATER_WHOLE_FIELDS = { 'stk', 'run' }
+-- Times of what has happened ('' for never): within TIME_SPAN of now.
+local PAST_FIELDS = { 'oa', 'ls', 'lf' }
 
 local function fresh(policy_text)
   -- The incarnation tells a breaker from an earlier one under the same keys (expired or
   -- wiped): generations restart with it, so local views compare generations only within one.
-  local s = { st = CLOSED, pol = policy_text, nm = ARGV[5], ky = ARGV[6], inc = fmt(now) }
-  for _, name in ipairs(INTEGER_FIELDS) do s[name] = 0 end
+  local s = { st = CLOSED, pol = policy_text, nm = want_nm, ky = want_ky, inc = fmt(now) }
+  for _, name in ipairs(WHOLE_FIELDS) do s[name] = 0 end
   s.stk, s.run = 0, 0
   return s
 end
 
--- The stored breaker and its policy; nil when there is none, false and why when it is unreadable.
+-- The stored breaker and its policy; nil when there is none, false and why when it is
+-- unreadable, 'foreign' and why when a listing finds another breaker's hash under the keys.
 local function load()
   local flat = redis.call('HGETALL', K_STATE)
   if #flat == 0 then return nil end
   local raw = {}
   for i = 1, #flat, 2 do raw[flat[i]] = flat[i + 1] end
-  local s = { st = raw.st, pol = raw.pol, nm = raw.nm or ARGV[5], ky = raw.ky or ARGV[6], inc = raw.inc or '0' }
-  if not STATES[s.st or ''] then return false, 'state ' .. tostring(raw.st) end
-  for _, name in ipairs(INTEGER_FIELDS) do
-    s[name] = tonumber(raw[name] or '')
-    if s[name] == nil then return false, name .. '=' .. tostring(raw[name]) end
+  local function bad(name) return false, name .. '=' .. show(raw[name]) end
+  local other = named_otherwise(raw.nm, raw.ky)
+  if other ~= nil then
+    if listing then return 'foreign', other end
+    return false, other
   end
-  for _, name in ipairs(TIME_FIELDS) do
-    local value = opt_number(raw[name] or '')
-    if value == nil then return false, name .. '=' .. tostring(raw[name]) end
-    s[name] = value or nil
+  if not STATES[raw.st or ''] then return bad('st') end
+  local policy = parse_policy(raw.pol)
+  if policy == nil then return false, 'policy ' .. show(raw.pol) end
+  local s = { st = raw.st, pol = raw.pol, nm = raw.nm or want_nm, ky = raw.ky or want_ky, inc = raw.inc or '0' }
+  for _, name in ipairs(WHOLE_FIELDS) do
+    s[name] = read_whole(raw[name])
+    if s[name] == nil then return bad(name) end
   end
-  -- Fields absent from a hash written by an earlier release: the trip streak and the open
-  -- duration (a release without backoff: no streak), the run of consecutive failures.
-  s.stk = tonumber(raw.stk or '0')
-  if s.stk == nil then return false, 'stk=' .. tostring(raw.stk) end
-  s.run = tonumber(raw.run or '0')
-  if s.run == nil then return false, 'run=' .. tostring(raw.run) end
-  local od = opt_number(raw.od or '')
-  if od == nil then return false, 'od=' .. tostring(raw.od) end
-  s.od = od or nil
+  for _, name in ipairs(LATER_WHOLE_FIELDS) do
+    s[name] = read_whole(raw[name] or '0')
+    if s[name] == nil then return bad(name) end
+  end
+  for _, name in ipairs(PAST_FIELDS) do
+    local text = raw[name] or ''
+    if text ~= '' then
+      s[name] = read_time(text, now)
+      if s[name] == nil then return bad(name) end
+    end
+  end
+  -- open_until: at most the policy's longest open duration ahead (CLOCK_SLACK aside);
+  -- the open duration itself never longer. (Only an OPEN breaker has them.)
+  if (raw.ou or '') ~= '' then
+    s.ou = read_time(raw.ou, now, policy.longest_open)
+    if s.ou == nil then return bad('ou') end
+  end
+  if (raw.od or '') ~= '' then
+    s.od = read_number(raw.od)
+    if s.od == nil or s.od < 0 or s.od > policy.longest_open then return bad('od') end
+  end
+  if s.st ~= OPEN then s.ou = nil end
   if s.st == OPEN and s.ou == nil then return false, 'open without open_until' end
-  local policy = parse_policy(s.pol)
-  if policy == nil then return false, 'policy ' .. tostring(raw.pol) end
+  -- A half-open breaker closes after probes_to_close successes: more can only be corrupt
+  -- (and would keep every probe slot taken for ever).
+  if s.st == HALF_OPEN and s.hos >= policy.probes_to_close then return bad('hos') end
+  -- The incarnation is published, a line of a message: a number as fmt() writes it.
+  if #s.inc > 32 or not string.match(s.inc, '^[%d%.eE%+%-]+$') or read_number(s.inc) == nil then
+    return bad('inc')
+  end
   return s, policy
 end
 
 local loaded, policy_or_why = load()
+if loaded == 'foreign' then do return skip(policy_or_why) end end
 if loaded == false then
-  wipe('unreadable ' .. policy_or_why)
+  wipe('unreadable ' .. policy_or_why .. ' in ' .. K_STATE)
   loaded = nil
 end
 if loaded == nil then
-  -- Asked about a breaker without a policy (a listing) that expired meanwhile: nothing to show.
-  if given_policy == '' then do return { 'absent', 1 } end end
+  -- Asked about a breaker without a policy (a listing) that expired meanwhile, or was
+  -- just reset: nothing to show, but what was reset.
+  if listing then do return { 'absent', 1, 'warn', table.concat(warnings, '; ') } end end
   S = fresh(given_policy)
   redis.call('DEL', K_FAILS, K_RING, K_BUCKETS, K_LEASES) -- leftovers of an expired breaker
   -- The stored policy wins (the breaker keeps the policy it was created with); a new one has the caller's.
@@ -500,6 +549,16 @@ if loaded == nil then
   if P == nil then error('celery-breaker: unparsable policy ' .. tostring(given_policy)) end
 else
   S, P = loaded, policy_or_why
+  -- A generation below one a process saw in this incarnation went back (a foreign write,
+  -- or a failover that lost the last writes): that process would ignore every reply and
+  -- fence every outcome it admitted. Moved past it (the state is kept), so views follow.
+  local seen = read_whole(view[8], MAX_WHOLE - 1)
+  if view[7] == S.inc and seen ~= nil and seen > S.gen then
+    warnings[#warnings + 1] = 'generation ' .. fmt(S.gen) .. ' in ' .. K_STATE .. ' went back from ' .. fmt(seen)
+      .. ' (moved past it)'
+    S.gen = seen + 1
+    wiped = true
+  end
 end
 for _, rule in ipairs(P.rules) do RULES[rule.kind].check(rule) end
 S.rj = S.rj + (pending[1] or 0)
@@ -507,14 +566,17 @@ S.df = S.df + (pending[2] or 0)
 
 -- -- leases ------------------------------------------------------------------
 
+-- Live probe leases: id (below the next id, nl) -> deadline (at most half_open_max_wait
+-- ahead, CLOCK_SLACK aside). An unreadable lease is dropped, as if it had expired.
 local function read_leases()
   local flat = redis.call('HGETALL', K_LEASES)
   local leases = {}
   for i = 1, #flat, 2 do
-    local deadline = tonumber(flat[i + 1])
-    if deadline == nil then
-      redis.call('HDEL', K_LEASES, flat[i]) -- unreadable: treat as a lease that expired
-      warnings[#warnings + 1] = 'unreadable probe lease ' .. flat[i + 1]
+    local id, deadline = read_whole(flat[i], S.nl - 1), read_time(flat[i + 1], now, P.max_wait)
+    if id == nil or deadline == nil then
+      redis.call('HDEL', K_LEASES, flat[i])
+      warnings[#warnings + 1] = 'unreadable probe lease ' .. show(flat[i]) .. ' = ' .. show(flat[i + 1]) .. ' in '
+        .. K_LEASES .. ' (dropped)'
     else
       leases[flat[i]] = deadline
     end
@@ -627,7 +689,7 @@ end
 -- the operation's `extra` pairs. The caller converts times to its own clock.
 local function reply(verdict, value, extra)
   save()
-  if transition ~= nil or announce then publish() end
+  if transition ~= nil or announce or wiped then publish() end
   local remaining = ''
   if S.ou ~= nil then remaining = fmt(S.ou - now) end
   local policy_back = ''

@@ -1,11 +1,11 @@
 -- release: claim the parked entries a breaker lets run now, under a lease.
--- KEYS: 1 breaker state (hash), 2 queue (zset), 3 messages (hash), 4 claims (zset: entry ->
---       lease deadline), 5 deadlines (zset), 6 pacing (hash)
--- ARGV: 1 most entries to claim, 2 full pace (entries per second), 3 ramp (seconds from a
---       tenth of the pace to all of it), 4 lease seconds, 5 the caller's clock or '' (TIME)
--- Returns { entry, payload, entry, payload, ... }.
+-- KEYS 1-5, ARGV 1-2 and the reply's first item: see parked.lua; KEYS 6 the breaker's
+--   state hash (read, and reset if unreadable; never otherwise changed here).
+-- ARGV: 3 most entries to claim, 4 full pace (entries per second), 5 ramp (seconds from a
+--       tenth of the pace to all of it), 6 lease seconds
+-- Returns { repairs, entry, payload, entry, payload, ... }.
 --
--- What the breaker lets run (read from its state hash, never changed here):
+-- What the breaker lets run (read from its state hash):
 --   CLOSED, DISABLED, or no breaker state at all: entries at a paced ramp, oldest first;
 --   OPEN whose time is up, or HALF_OPEN: half_open_max_calls entries once per open period
 --     (the probes), again only if that period's probes never reported back;
@@ -13,81 +13,124 @@
 -- Whatever the breaker says, entries past their deadline (expires, max defer age) are
 -- released, so Celery revokes or fails them as it should; and claims whose lease ran out
 -- (a releaser died between claiming and publishing) go back to the queue, in order.
-local K_STATE, K_QUEUE, K_MSGS, K_CLAIMS, K_DEADLINES, K_PACE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local most, pace, ramp, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local now
-if ARGV[5] ~= '' then
-  now = tonumber(ARGV[5])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+--
+-- What it reads is checked (checks.lua): a state hash the breaker scripts would reset
+-- (an unknown state, an unreadable policy or count, an open_until beyond the policy's
+-- longest open duration) is deleted here, so a breaker nobody calls any more cannot hold
+-- its tasks for ever: the next breaker script starts it afresh, CLOSED. Unreadable pacing
+-- restarts the ramp; claims, deadlines and orders no script wrote are repaired.
+local K_STATE = KEYS[6]
+local most, pace, ramp, lease = read_whole(ARGV[3]), read_number(ARGV[4]), read_number(ARGV[5]), read_number(ARGV[6])
+if most == nil or pace == nil or ramp == nil or lease == nil or pace < 0 or ramp < 0 or lease <= 0 then
+  return redis.error_reply('celery-breaker: release needs a count, a pace, a ramp and a lease')
 end
 
--- Claims whose lease ran out go back to the queue, in their original order.
-for _, entry in ipairs(redis.call('ZRANGEBYSCORE', K_CLAIMS, '-inf', now)) do
+-- Claims whose lease ran out go back to the queue, in their original order; so do claims
+-- whose deadline lies beyond any lease (no releaser set it).
+for _, entry in ipairs(redis.call('ZRANGEBYSCORE', K_CLAIMS, '-inf', fmt(now))) do
   redis.call('ZREM', K_CLAIMS, entry)
-  local message = redis.call('HGET', K_MSGS, entry)
-  if message then
-    local order = tonumber(string.match(message, '^([^\n]*)\n')) or now
-    redis.call('ZADD', K_QUEUE, order, entry)
-  end
+  requeue(entry)
 end
+local stray = redis.call('ZRANGEBYSCORE', K_CLAIMS, '(' .. fmt(now + lease + CLOCK_SLACK), '+inf', 'WITHSCORES')
+for i = 1, #stray, 2 do
+  redis.call('ZREM', K_CLAIMS, stray[i])
+  repaired('unreadable claim deadline ' .. show(stray[i + 1]) .. ' of ' .. show(stray[i]) .. ' in ' .. K_CLAIMS
+    .. ' (requeued)')
+  requeue(stray[i])
+end
+drop_bad_deadlines()
+fix_bad_orders()
 
-local out = {}
+local out = { '' }
 local function claim(entry)
   local message = redis.call('HGET', K_MSGS, entry)
   redis.call('ZREM', K_QUEUE, entry)
   redis.call('ZREM', K_DEADLINES, entry)
   if message then
-    redis.call('ZADD', K_CLAIMS, now + lease, entry)
+    redis.call('ZADD', K_CLAIMS, fmt(now + lease), entry)
     out[#out + 1] = entry
     out[#out + 1] = string.sub(message, (string.find(message, '\n', 1, true) or 0) + 1)
   end
 end
 
 -- Past their deadline: released whatever the breaker says.
-for _, entry in ipairs(redis.call('ZRANGEBYSCORE', K_DEADLINES, '-inf', now, 'LIMIT', 0, most)) do
+for _, entry in ipairs(redis.call('ZRANGEBYSCORE', K_DEADLINES, '-inf', fmt(now), 'LIMIT', 0, most)) do
   claim(entry)
 end
 
-local allowed = 0
+-- The breaker's state, as the breaker scripts would read it (common.lua load).
+local STATES = { closed = true, open = true, half_open = true, forced_open = true, disabled = true }
 local state = redis.call('HMGET', K_STATE, 'st', 'ou', 'tr', 'pol', 'gen', 'hos')
-local st, ou, trips, policy, gen = state[1], tonumber(state[2] or ''), state[3] or '0', state[4] or '', state[5] or '0'
+local st, trips, policy, gen = state[1], state[3] or '0', state[4] or '', state[5] or '0'
+local ou, hos, limits = nil, 0, nil
+if st then
+  local why = nil
+  limits = policy_limits(policy)
+  if not STATES[st] then
+    why = 'st=' .. show(st)
+  elseif limits == nil then
+    why = 'policy ' .. show(policy)
+  elseif read_whole(trips) == nil then
+    why = 'tr=' .. show(trips)
+  elseif read_whole(gen) == nil then
+    why = 'gen=' .. show(gen)
+  else
+    hos = read_whole(state[6] or '0')
+    if hos == nil or (st == 'half_open' and hos >= limits.probes_to_close) then why = 'hos=' .. show(state[6]) end
+    if st == 'open' then
+      ou = read_time(state[2], now, limits.longest_open)
+      if ou == nil then why = 'ou=' .. show(state[2]) end
+    end
+  end
+  if why ~= nil then
+    redis.call('DEL', K_STATE)
+    repaired('unreadable ' .. why .. ' in ' .. K_STATE .. ' (the breaker was reset)')
+    st = nil
+    gen = '0'
+  end
+end
+
+local allowed = 0
 if not st or st == 'closed' or st == 'disabled' then
   -- A paced ramp, restarted whenever the breaker (re)closes: a tenth of the pace at
   -- first, all of it after `ramp` seconds; at most one second's worth at once.
   local p = redis.call('HMGET', K_PACE, 'gen', 'since', 'tokens', 'at')
-  local since, tokens, at = tonumber(p[2] or ''), tonumber(p[3] or ''), tonumber(p[4] or '')
+  local since, tokens, at = read_time(p[2], now, 0), read_number(p[3]), read_time(p[4], now, 0)
+  if p[1] and (since == nil or at == nil or tokens == nil or tokens < 0 or read_whole(p[1]) == nil) then
+    repaired('unreadable pacing gen=' .. show(p[1]) .. ' since=' .. show(p[2]) .. ' tokens=' .. show(p[3]) .. ' at='
+      .. show(p[4]) .. ' in ' .. K_PACE .. ' (the ramp restarts)')
+    since = nil
+  end
   if p[1] ~= gen or since == nil or tokens == nil or at == nil then
     since, tokens, at = now, 0, now
   end
   local share = 1
-  if ramp > 0 then share = math.min(1, 0.1 + 0.9 * (now - since) / ramp) end
+  if ramp > 0 then share = math.min(1, 0.1 + 0.9 * math.max(0, now - since) / ramp) end
   local rate = pace * share
   tokens = math.min(rate, tokens + rate * math.max(0, now - at))
   allowed = math.floor(tokens)
-  redis.call('HSET', K_PACE, 'gen', gen, 'since', since, 'tokens', tokens - allowed, 'at', now)
-elseif (st == 'open' and ou ~= nil and now >= ou) or st == 'half_open' then
+  redis.call('HSET', K_PACE, 'gen', gen, 'since', fmt(since), 'tokens', fmt(tokens - allowed), 'at', fmt(now))
+elseif (st == 'open' and now >= ou) or st == 'half_open' then
   -- The probes of this open period (counted by trips), once; again if none reported
   -- within a lease (their tasks were lost or rejected).
   local p = redis.call('HMGET', K_PACE, 'probe_trip', 'probe_at')
-  local probe_at = tonumber(p[2] or '') or 0
-  if p[1] ~= trips or (st == 'half_open' and (tonumber(state[6] or '') or 0) == 0 and now - probe_at > lease) then
-    -- half_open_max_calls, by name in a keyed (version 3) policy text, else the 10th field
-    -- of a positional one (versions 1 and 2, written by earlier releases)
-    if string.sub(policy, 1, 1) == '{' then
-      local decoded, described = pcall(cjson.decode, policy)
-      allowed = decoded and type(described) == 'table' and tonumber(described.half_open_max_calls) or 1
-    else
-      local fields = {}
-      for item in (policy .. ';'):gmatch('([^;]*);') do fields[#fields + 1] = item end
-      allowed = tonumber(fields[10] or '') or 1
+  local probe_at = 0
+  if p[1] or p[2] then
+    probe_at = read_time(p[2], now, 0)
+    if read_whole(p[1]) == nil or probe_at == nil then
+      repaired('unreadable pacing probe_trip=' .. show(p[1]) .. ' probe_at=' .. show(p[2]) .. ' in ' .. K_PACE
+        .. ' (the probes go again)')
+      p[1], probe_at = false, 0
     end
-    redis.call('HSET', K_PACE, 'probe_trip', trips, 'probe_at', now)
+  end
+  if p[1] ~= trips or (st == 'half_open' and hos == 0 and now - probe_at > lease) then
+    allowed = limits.max_calls
+    redis.call('HSET', K_PACE, 'probe_trip', trips, 'probe_at', fmt(now))
   end
 end
-allowed = math.min(allowed, most - #out / 2)
+allowed = math.min(allowed, most - (#out - 1) / 2)
 if allowed > 0 then
   for _, entry in ipairs(redis.call('ZRANGE', K_QUEUE, 0, allowed - 1)) do claim(entry) end
 end
+out[1] = table.concat(repairs, '; ')
 return out

@@ -79,6 +79,7 @@ class Agent(threading.Thread):
                     failures = 0
                     store.go_live()
                     store.flush(everything=True)  # views read from here on are followed
+                    store.settled = True
                     del store
                     if self._listen(pubsub):
                         return

@@ -15,6 +15,7 @@ from ...core.counters import tally
 from ...errors import CircuitOpenError, ConfigurationError, StorageError
 from ...labels import breaker_label
 from ..contract import NO_MOVES, Moves
+from .damage import CLOCK_SLACK, RESET, repair_for
 from .replies import Reply, decode_reply, decode_snapshot, opt_float, policy_from_text, policy_text
 
 if TYPE_CHECKING:
@@ -155,21 +156,28 @@ class RedisCell:
 
     def _call(self, script: str, now: float, *args: str, policy: str | None = None) -> tuple[Reply, Moves]:
         """Run ``script`` on this breaker, sending what was counted locally; return its
-        reply and the transition it made, after taking the view it answered."""
+        reply and the transition it made, after taking the view it answered.
+
+        A script that fails on the breaker's data (``damage.repair_for``) is run once more,
+        checking the key types (after a WRONGTYPE: a key of another type resets the
+        breaker) or resetting the breaker (after any other failure its data caused): the
+        call goes on, on a fresh breaker, and the reset is logged."""
         store = self._store
         store.ensure_agent()  # (after a fork, the child's own)
-        check = ""
+        check, failure = "", ""
         while True:
             epoch = store.epoch
             pending, counts = self._take_pending()
-            head = [repr(now) if store.client_time else "", store.ttl_ms, pending + check]
+            view = f";{check or 0};{self._incarnation};{self.generation}"  # (common.lua ARGV[3])
+            head = [repr(now) if store.client_time else "", store.ttl_ms, pending + view]
             argv = [*head, policy or self._policy_text, self.name, self._key_arg, store.channel, *args]
             try:
                 raw = store.run(script, self._keys, argv)
             except StorageError as exc:
                 self._give_back(counts)
-                if not check and "WRONGTYPE" in str(exc):
-                    check = ";1"  # a foreign value in one of the keys: check them, reset the breaker
+                level = "" if check else repair_for(exc.__cause__)
+                if level:
+                    check, failure = level, str(exc.__cause__)
                     continue
                 raise
             break
@@ -179,14 +187,15 @@ class RedisCell:
                 raise ValueError("absent, though asked with a policy")
         except (ValueError, LookupError, TypeError) as exc:
             raise StorageError(f"redis store {store.label}: {script} answered {raw!r}") from exc
-        moved = self._apply(reply, now, epoch)
+        moved = self._apply(reply, now, epoch, failure=failure if check == RESET else "")
         return reply, NO_MOVES if moved is None else (moved,)
 
-    def _apply(self, reply: Reply, now: float, epoch: int) -> Transition | None:
+    def _apply(self, reply: Reply, now: float, epoch: int, *, failure: str = "") -> Transition | None:
         remaining = reply.remaining
         if reply.warnings:
+            found = f"{reply.warnings}: {failure}" if failure else reply.warnings
             logger.warning(
-                "breaker %s: reset unreadable state in Redis (%s)", self.label, reply.warnings,
+                "breaker %s: reset unreadable state in Redis (%s)", self.label, found,
                 extra={"breaker": self.name, "breaker_key": self.key},
             )  # fmt: skip
         if reply.policy:
@@ -238,7 +247,10 @@ class RedisCell:
             self.passing = passing and self._store.live and epoch == self._store.epoch
 
     def hear(self, incarnation: str, generation: int, state: State, remaining: float | None) -> None:
-        """A transition another process published (or a probe slot freed)."""
+        """A transition another process published (or a probe slot freed). One that no
+        script could have sent (an open period longer than the policy allows) is ignored."""
+        if remaining is not None and remaining > self.policy.longest_open + CLOCK_SLACK:
+            return
         now = self._clock.monotonic()
         open_until = None if remaining is None else now + remaining
         self._view(incarnation, generation, state, open_until, self._store.epoch, heard=True)
@@ -252,7 +264,7 @@ class RedisCell:
         # Another process created (or reset) this breaker with other rules: they win.
         try:
             self.policy = policy_from_text(text, self.policy)
-        except (ConfigurationError, ValueError):
+        except (ConfigurationError, ValueError, LookupError, TypeError):
             logger.warning("breaker %s: stored policy %r is unreadable here; Redis keeps using it", self.label, text)
             return
         self._policy_text = text
@@ -277,11 +289,15 @@ class RedisCell:
             raise CircuitOpenError.rejected(self.name, self.key, State.HALF_OPEN, self._full_until - now)
         reply, moves = self._call("acquire", now)
         verdict = reply.verdict
+        try:
+            lease = int(reply.value) if verdict == "probe" else -1
+            retry_after = opt_float(reply.value) if verdict == "reject" else None
+        except ValueError as exc:
+            raise StorageError(f"redis store {self._store.label}: acquire answered {reply!r}") from exc
         if verdict == "probe":
-            return Probe(reply.generation, int(reply.value)), moves
+            return Probe(reply.generation, lease), moves
         if verdict == "reject":
             state = reply.state
-            retry_after = opt_float(reply.value)
             if state is State.HALF_OPEN and retry_after is not None:
                 self._full_until = now + retry_after
             raise CircuitOpenError.rejected(self.name, self.key, state, retry_after)

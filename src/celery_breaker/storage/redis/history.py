@@ -9,12 +9,14 @@ no longer recorded leaves no history behind once the TTL has passed.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from redis.exceptions import ResponseError
 
 from ...errors import StorageError
+from ...labels import breaker_label
 from .client import CLIENT_ERRORS
+from .damage import classify, finite, text
 
 if TYPE_CHECKING:
     from .store import RedisStore
@@ -45,29 +47,35 @@ class RedisHistory:
         """
         history_key = self.key(name, key)
         now_arg = repr(now) if now is not None and self.store.client_time else ""
-        at, _, foreign = self.store.eval(
-            "history", [history_key], [now_arg, snapshot, repr(ttl)], doing=f"recording metrics of {name!r}"
-        )
+        doing = f"recording metrics of {name!r}"
+        reply = self.store.eval("history", [history_key], [now_arg, snapshot, repr(ttl)], doing=doing)
+        try:
+            at, _, foreign = reply
+            when = finite(float(at))
+        except (TypeError, ValueError) as exc:
+            raise StorageError(f"redis store {self.store.label}: {doing}: history answered {reply!r}") from exc
         if foreign:
-            logger.warning("redis store %s: %s held a %s, not a history; replaced it", self.store.label,
-                           history_key, _text(foreign))  # fmt: skip
-        return float(at)
+            logger.warning("breaker %s: %s held a %s, not a history; replaced it", breaker_label(name, key),
+                           history_key, text(foreign))  # fmt: skip
+        return when
 
     def read(self, name: str, key: str | None, *, since: float | None = None, until: float | None = None) -> list[str]:
         """The breaker's stored snapshots with ``since <= at <= until``, oldest first."""
         history_key = self.key(name, key)
         low = "-inf" if since is None else repr(since)
         high = "+inf" if until is None else repr(until)
+        client = self.store.client()
         try:
-            entries = self.store.client().zrangebyscore(history_key, low, high)
-        except ResponseError as exc:
-            if "WRONGTYPE" in str(exc):
-                return []  # a foreign value: no history (the next append replaces it)
-            raise StorageError(f"redis store {self.store.label}: reading metrics of {name!r} failed: {exc}") from exc
+            try:
+                entries = client.zrangebyscore(history_key, low, high)
+            except ResponseError as exc:
+                if classify(exc) != "types":
+                    raise
+                # A foreign value: no history, left for the next append to replace (its
+                # warning says so again then).
+                logger.warning("breaker %s: %s held a %s, not a history; none read (the next record replaces it)",
+                               breaker_label(name, key), history_key, text(client.type(history_key)))  # fmt: skip
+                return []
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.store.label}: reading metrics of {name!r} failed: {exc}") from exc
-        return [_text(entry) for entry in entries]
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+        return [text(entry) for entry in entries]  # (each a JSON object, read by monitoring.history)

@@ -6,22 +6,33 @@ a hash field and a sorted-set member next to its breaker's keys (same hash tag),
 nobody. Entries keep the order of their first deferral; each is claimed under a lease
 before it is published again, and deleted only once published, so a releaser that dies
 midway loses nothing (the entry is released again: a duplicate, never a loss).
+
+What Redis holds is never trusted: a parking key of another type is replaced (its
+entries that the messages hash still holds stay parked), values no script wrote are
+repaired (``storage/lua/parked.lua``), and the index's members that name no breaker of
+this store are dropped, each with one WARNING naming the breaker, the key and what was
+wrong. So one bad breaker fails no call made for another.
 """
 
 from __future__ import annotations
 
+import logging
 import uuid
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote
 
 from ...errors import StorageError
 from ...labels import breaker_label
 from .client import CLIENT_ERRORS
+from .damage import CHECK_TYPES, classify, text
+from .keys import breaker_of, breaker_tag, glob_escape
 
 if TYPE_CHECKING:
     from .store import RedisStore
 
 __all__ = ["PARKING_SUFFIXES", "PURGE_CHUNK", "RedisParking"]
+
+logger = logging.getLogger("celery_breaker")
 
 #: queue (zset), messages (hash), claims (zset), deadlines (zset), pacing (hash)
 PARKING_SUFFIXES = (":q", ":m", ":c", ":d", ":p")
@@ -31,129 +42,83 @@ PURGE_CHUNK = 1000
 
 
 class RedisParking:
-    """The parked tasks of every breaker in one Redis store (this process's view)."""
+    """The parked tasks of every breaker in one Redis store (this process's view).
+
+    Every method that takes a tag raises ``StorageError`` for that tag only when Redis
+    cannot be reached or fails (or the tag names no breaker of this store); what a
+    breaker's keys hold is repaired on the way.
+    """
 
     def __init__(self, store: RedisStore) -> None:
         self.store = store
-        self.index = f"{store.key_prefix}:parked"
+        self.index = f"{store.quoted_prefix}:parked"
         """A set of the hash tags of breakers that may hold parked entries."""
-        self.marker = f"{store.key_prefix}:parking"
+        self.marker = f"{store.quoted_prefix}:parking"
         """A hash whose ``epoch`` names this parking's life: written with the first entry
         parked, gone when the store loses its data (restarted empty, flushed)."""
         self._epoch = uuid.uuid4().hex
 
     def label(self, tag: str) -> str:
         """The breaker a tag belongs to, as people write it (``crm[tenant-7]``)."""
-        inner = tag.strip("{}")
-        prefix = self.store.key_prefix + ":"
-        if not inner.startswith(prefix):
-            return tag
-        name, sep, key = inner[len(prefix) :].partition(":")
-        return breaker_label(unquote(name), unquote(key) if sep else None)
+        found = breaker_of(tag, self.store.quoted_prefix)
+        return tag if found is None else breaker_label(*found)
 
     def tag(self, name: str, key: str | None) -> str:
         """The hash-tagged key stem of a breaker, ``{prefix:name[:key]}``, that its parking keys share."""
-        return self.store.keys_for(name, key)[0][: -len(":s")]
+        return breaker_tag(self.store.quoted_prefix, name, key)
+
+    # -- one breaker's entries -------------------------------------------------
 
     def park(self, name: str, key: str | None, entry: str, order: float, payload: str, deadline: float | None) -> int:
         """Keep ``payload`` (a task message) until released; return how many are parked."""
         tag = self.tag(name, key)
         doing = f"parking {entry}"
-        count = self.store.eval(
-            "park", [tag + ":q", tag + ":m", tag + ":d"], [entry, repr(order), payload, _opt(deadline)], doing=doing
-        )
-        try:
-            pipe = self.store.client().pipeline(transaction=False)
-            pipe.sadd(self.index, tag)  # after the entry exists: see forget()
-            pipe.hsetnx(self.marker, "epoch", self._epoch)
-            pipe.execute()
-        except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: {doing} failed: {exc}") from exc
+        (count,) = self._script("park", tag, [entry, repr(order), payload, _opt(deadline)], doing=doing)
+        self._own_keys(doing, lambda pipe: (pipe.sadd(self.index, tag), pipe.hsetnx(self.marker, "epoch", self._epoch)))
         return int(count)
-
-    def epoch(self) -> str | None:
-        """The current life of this parking (``None``: nothing was parked since the store
-        started empty). A releaser that saw one epoch with entries parked and then sees
-        another, or none, knows the store lost them."""
-        try:
-            found = self.store.client().hget(self.marker, "epoch")
-        except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: reading the parking's epoch failed: {exc}") from exc
-        return None if found is None else _text(found)
-
-    def counts(self, tags: list[str]) -> dict[str, tuple[int, int]]:
-        """``count`` for many breakers, in one round trip (a Cluster splits it per node)."""
-        if not tags:
-            return {}
-        try:
-            pipe = self.store.client().pipeline(transaction=False)
-            for tag in tags:
-                pipe.zcard(tag + ":q")
-                pipe.zcard(tag + ":c")
-            found = pipe.execute()
-        except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: counting parked entries failed: {exc}") from exc
-        return {tag: (int(found[2 * i]), int(found[2 * i + 1])) for i, tag in enumerate(tags)}
 
     def release(
         self, tag: str, *, most: int, pace: float, ramp: float, lease: float, now: float | None = None
     ) -> list[tuple[str, str]]:
         """Claim what the breaker of ``tag`` lets run now (see release.lua). ``now`` is
-        for stores on the ``time=client`` test seam (the breaker's times are the caller's)."""
-        keys = [tag + ":s", *(tag + suffix for suffix in PARKING_SUFFIXES)]
-        now_arg = _opt(now) if self.store.client_time else ""
-        args = [most, repr(pace), repr(ramp), repr(lease), now_arg]
-        reply = self.store.eval("release", keys, args, doing=f"releasing {tag}")
-        pairs = []
-        for i in range(0, len(reply) - 1, 2):
-            entry, payload = reply[i], reply[i + 1]
-            pairs.append((_text(entry), _text(payload)))
-        return pairs
+        for stores on the ``time=client`` test seam (the breaker's times are the caller's).
+
+        Raises ``StorageError`` only for this tag: Redis failing (or ``tag`` naming no
+        breaker of this store). A key of another type is replaced, unreadable values are
+        repaired, an unreadable breaker state is reset (its entries then go at the
+        closed breaker's pace), each with a WARNING; the next call works."""
+        reply = self._script(
+            "release", self._checked_tag(tag), [most, repr(pace), repr(ramp), repr(lease)],
+            doing=f"releasing {tag}", state=True, now=now,
+        )  # fmt: skip
+        return [(text(reply[i]), text(reply[i + 1])) for i in range(0, len(reply) - 1, 2)]
 
     def done(self, tag: str, entries: list[str]) -> None:
         """Forget entries that were published again."""
         if not entries:
             return
-        try:
-            pipe = self.store.client().pipeline(transaction=False)
-            pipe.zrem(tag + ":c", *entries)
-            pipe.hdel(tag + ":m", *entries)
-            pipe.execute()
-        except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: forgetting released entries failed: {exc}") from exc
+        doing = "forgetting released entries"
+        self._commands(tag, doing, lambda pipe: (pipe.zrem(tag + ":c", *entries), pipe.hdel(tag + ":m", *entries)))
 
     def purge(self, tag: str) -> int:
         """Discard as many entries of breaker ``tag`` as were parked when the call began,
         oldest first, in chunks of ``PURGE_CHUNK``; return how many. Claimed entries
         (being published) are kept."""
-        keys = [tag + ":q", tag + ":m", tag + ":d"]
-        doing = f"purging {tag}"
-        try:
-            wanted = int(self.store.client().zcard(keys[0]))
-        except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: {doing} failed: {exc}") from exc
+        wanted = self.count(tag)[0]
         discarded = 0
         while discarded < wanted:
-            removed = int(self.store.eval("purge", keys, [min(PURGE_CHUNK, wanted - discarded)], doing=doing))
-            if not removed:
+            (removed,) = self._script("purge", tag, [min(PURGE_CHUNK, wanted - discarded)], doing=f"purging {tag}")
+            if not int(removed):
                 break
-            discarded += removed
+            discarded += int(removed)
         return discarded
-
-    def tags(self) -> list[str]:
-        """Hash tags of breakers that may hold parked entries."""
-        try:
-            return sorted(_text(tag) for tag in self.store.client().smembers(self.index))
-        except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: listing parked breakers failed: {exc}") from exc
 
     def count(self, tag: str) -> tuple[int, int]:
         """(parked, claimed and not yet published) entries of one breaker."""
-        try:
-            client = self.store.client()
-            return int(client.zcard(tag + ":q")), int(client.zcard(tag + ":c"))
-        except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: counting parked entries failed: {exc}") from exc
+        parked, claimed = self._commands(
+            tag, "counting parked entries", lambda pipe: (pipe.zcard(tag + ":q"), pipe.zcard(tag + ":c"))
+        )
+        return int(parked), int(claimed)
 
     def forget(self, tag: str) -> None:
         """Drop ``tag`` from the index if it holds nothing (re-adding it if an entry arrived meanwhile)."""
@@ -161,16 +126,189 @@ class RedisParking:
         try:
             if client.exists(tag + ":q", tag + ":c"):
                 return
-            client.srem(self.index, tag)
+            self._own_keys("updating the parked index", lambda pipe: (pipe.srem(self.index, tag),))
             if client.exists(tag + ":q", tag + ":c"):  # parked between the check and the SREM
-                client.sadd(self.index, tag)
+                self._own_keys("updating the parked index", lambda pipe: (pipe.sadd(self.index, tag),))
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.store.label}: updating the parked index failed: {exc}") from exc
+
+    # -- every breaker ------------------------------------------------------------
+
+    def tags(self) -> list[str]:
+        """Hash tags of breakers that may hold parked entries. Members of the index that
+        name no breaker of this store are dropped from it, with a WARNING, and since a
+        foreign writer may have dropped ours too, the index is rebuilt from the parked
+        entries (a SCAN)."""
+        doing = "listing parked breakers"
+        (members,) = self._own_keys(doing, lambda pipe: (pipe.smembers(self.index),))
+        tags, strays = set(), []
+        for member in members:
+            tag = text(member)
+            if breaker_of(tag, self.store.quoted_prefix) is None:
+                strays.append(member)
+            else:
+                tags.add(tag)
+        if strays:
+            logger.warning(
+                "redis store %s: dropped %d member(s) of %s that name no breaker of this store (%s); rebuilt it "
+                "from the parked entries",
+                self.store.label, len(strays), self.index, ", ".join(repr(text(s))[:80] for s in strays[:5]),
+            )  # fmt: skip
+            self._own_keys("updating the parked index", lambda pipe: (pipe.srem(self.index, *strays),))
+            tags |= self._rebuild_index(doing)
+        return sorted(tags)
+
+    def counts(self, tags: list[str]) -> dict[str, tuple[int, int]]:
+        """``count`` for many breakers, in one round trip (a Cluster splits it per node).
+        A breaker whose keys hold another type is repaired (``count``); one that still
+        cannot be counted is left out, with a WARNING."""
+        if not tags:
+            return {}
+        try:
+            pipe = self.store.client().pipeline(transaction=False)
+            for tag in tags:
+                pipe.zcard(tag + ":q")
+                pipe.zcard(tag + ":c")
+            found = pipe.execute(raise_on_error=False)
+        except CLIENT_ERRORS as exc:
+            raise StorageError(f"redis store {self.store.label}: counting parked entries failed: {exc}") from exc
+        counted: dict[str, tuple[int, int]] = {}
+        for i, tag in enumerate(tags):
+            parked, claimed = found[2 * i], found[2 * i + 1]
+            if not isinstance(parked, Exception) and not isinstance(claimed, Exception):
+                counted[tag] = (int(parked), int(claimed))
+                continue
+            try:
+                counted[tag] = self.count(tag)  # (repairs it)
+            except StorageError as exc:
+                if classify(exc.__cause__) == "store":
+                    raise
+                logger.warning("redis store %s: left %s out of the parked counts: %s", self.store.label,
+                               self.label(tag), exc)  # fmt: skip
+        return counted
+
+    def epoch(self) -> str | None:
+        """The current life of this parking (``None``: nothing was parked since the store
+        started empty). A releaser that saw one epoch with entries parked and then sees
+        another, or none, knows the store lost them."""
+        (found,) = self._own_keys("reading the parking's epoch", lambda pipe: (pipe.hget(self.marker, "epoch"),))
+        return None if found is None else text(found)
+
+    # -- reading and repairing ------------------------------------------------------
+
+    def _checked_tag(self, tag: str) -> str:
+        if breaker_of(tag, self.store.quoted_prefix) is None:
+            raise StorageError(f"redis store {self.store.label}: {tag!r} is no breaker of this store's parking")
+        return tag
+
+    def _script(
+        self,
+        script: str,
+        tag: str,
+        args: list[Any],
+        *,
+        doing: str,
+        state: bool = False,
+        now: float | None = None,
+        check: str = "",
+    ) -> list[Any]:
+        """Run a parking script (``parked.lua``) on ``tag``'s keys (and its breaker's state
+        hash) and return its reply after what it repaired, which is logged. After a
+        failure on the keys' data (a WRONGTYPE) it is run once more, checking them
+        (``check``: at once)."""
+        keys = [tag + suffix for suffix in PARKING_SUFFIXES] + ([tag + ":s"] if state else [])
+        now_arg = _opt(now) if self.store.client_time else ""
+        while True:
+            try:
+                reply = self.store.eval(script, keys, [check, now_arg, *args], doing=doing)
+            except StorageError as exc:
+                if not check and classify(exc.__cause__) in ("types", "data"):
+                    check = CHECK_TYPES
+                    continue
+                raise
+            break
+        if not isinstance(reply, list) or not reply:
+            raise StorageError(f"redis store {self.store.label}: {doing}: {script} answered {reply!r}")
+        repairs = text(reply[0])
+        if repairs:
+            logger.warning(
+                "breaker %s: repaired what no script writes in Redis, while handling its parked tasks (%s)",
+                self.label(tag), repairs,
+                extra={"breaker_label": self.label(tag)},
+            )  # fmt: skip
+        return reply[1:]
+
+    def _commands(self, tag: str, doing: str, queue: Callable[[Any], tuple[Any, ...]]) -> list[Any]:
+        """Run ``queue``'s commands on ``tag``'s parking keys in one round trip; a key of
+        another type among them is repaired (the ``tidy`` script) and they run again."""
+        for attempt in (1, 2):
+            replies = self._pipeline(doing, queue)
+            failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+            if failed is None:
+                return replies
+            if attempt == 1 and classify(failed) == "types":
+                self._script("tidy", tag, [], doing=doing, check=CHECK_TYPES)
+                continue
+            error = StorageError(f"redis store {self.store.label}: {doing} of {self.label(tag)} failed: {failed}")
+            raise error from failed
+        raise AssertionError("unreachable")
+
+    def _own_keys(self, doing: str, queue: Callable[[Any], tuple[Any, ...]]) -> list[Any]:
+        """Run ``queue``'s commands on this parking's own keys (the index, the marker); one
+        of them holding another type is replaced, with a WARNING, and they run again."""
+        for attempt in (1, 2):
+            replies = self._pipeline(doing, queue)
+            failed = next((reply for reply in replies if isinstance(reply, Exception)), None)
+            if failed is None:
+                return replies
+            if attempt == 1 and classify(failed) == "types":
+                self._replace(self.marker, "hash")
+                if self._replace(self.index, "set"):
+                    self._rebuild_index(doing)
+                continue
+            raise StorageError(f"redis store {self.store.label}: {doing} failed: {failed}") from failed
+        raise AssertionError("unreachable")
+
+    def _pipeline(self, doing: str, queue: Callable[[Any], tuple[Any, ...]]) -> list[Any]:
+        try:
+            pipe = self.store.client().pipeline(transaction=False)
+            queue(pipe)
+            replies: list[Any] = pipe.execute(raise_on_error=False)
+        except CLIENT_ERRORS as exc:
+            raise StorageError(f"redis store {self.store.label}: {doing} failed: {exc}") from exc
+        return replies
+
+    def _replace(self, key: str, kind: str) -> bool:
+        """Replace ``key`` if it holds another type than ``kind``; True if it did."""
+        found = text(self.store.eval("retype", [key], [kind], doing=f"checking {key}"))
+        if found:
+            consequence = {
+                self.marker: "the releasers will report the tasks parked until now as lost, once",
+                self.index: "rebuilt from the parked entries",
+            }[key]
+            logger.warning(
+                "redis store %s: %s held a %s, expected a %s; replaced it (%s)",
+                self.store.label, key, found, kind, consequence,
+            )  # fmt: skip
+        return bool(found)
+
+    def _rebuild_index(self, doing: str) -> set[str]:
+        """Every breaker with queued or claimed entries back in the index (a SCAN); returns their tags."""
+        stem = "{" + glob_escape(self.store.quoted_prefix) + ":*}"
+        tags: set[str] = set()
+        try:
+            client = self.store.client()
+            for suffix in (":q", ":c"):
+                for key in client.scan_iter(match=stem + suffix, count=500):
+                    tag = text(key)[: -len(suffix)]
+                    if breaker_of(tag, self.store.quoted_prefix) is not None:
+                        tags.add(tag)
+            if tags:
+                client.sadd(self.index, *tags)
+        except CLIENT_ERRORS as exc:
+            raise StorageError(f"redis store {self.store.label}: {doing} failed: {exc}") from exc
+        return tags
 
 
 def _opt(value: float | None) -> str:
     return "" if value is None else repr(value)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

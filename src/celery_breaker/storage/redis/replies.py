@@ -7,11 +7,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...core import BreakerPolicy, BreakerSnapshot, State, rules_for
+from .damage import finite
 
 __all__ = [
+    "Absent",
     "Metrics",
     "Moved",
     "Reply",
+    "decode_absent",
     "decode_reply",
     "decode_snapshot",
     "opt_float",
@@ -74,14 +77,14 @@ def policy_text(policy: BreakerPolicy) -> str:
 
 def policy_from_text(text: str, base: BreakerPolicy) -> BreakerPolicy:
     """The policy a stored text describes (``base`` gives what the text cannot hold:
-    classification); raises ValueError or ConfigurationError when it is unreadable.
+    classification); raises ValueError (ConfigurationError is one) when it is unreadable.
 
     Reads version 3 (keyed) and the positional versions 1 and 2 of earlier releases."""
     if text.startswith("{"):
         described = json.loads(text)
         if not isinstance(described, dict) or described.get("v") != POLICY_VERSION:
             raise ValueError(f"not a version {POLICY_VERSION} policy text")
-        fields = described["fields"]
+        fields = described.get("fields")
         if not isinstance(fields, dict):
             raise ValueError("policy text without fields")
         numeric = [name for name in base.as_dict() if name not in _CLASSIFICATION]
@@ -112,12 +115,22 @@ def policy_from_text(text: str, base: BreakerPolicy) -> BreakerPolicy:
 
 
 def opt_float(value: Any) -> float | None:
-    """A script's optional number: ``''`` (or nothing) is ``None``."""
-    return None if value in (b"", "", None) else float(value)
+    """A script's optional number: ``''`` (or nothing) is ``None``; anything but a finite
+    number raises ``ValueError``."""
+    return None if value in (b"", "", None) else finite(float(value))
+
+
+def _whole(value: Any) -> int:
+    """A script's count or generation: a whole number >= 0 (a Redis integer: a window's
+    count sums up to 20 stored counts, each at most ``MAX_WHOLE``), else ``ValueError``."""
+    number = int(value)
+    if number < 0:
+        raise ValueError(f"not a count: {value!r}")
+    return number
 
 
 def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +189,24 @@ class Reply:
     metrics: Metrics | None
 
 
+@dataclass(frozen=True, slots=True)
+class Absent:
+    """A listing's answer for a breaker it does not show (``absent``): one that expired
+    since the scan saw it, one it reset as unreadable (``warnings``, as ``Reply``'s), or
+    keys that belong to no breaker of this store (``foreign``: why)."""
+
+    warnings: str
+    foreign: str
+
+
+def decode_absent(raw: list[Any]) -> Absent | None:
+    """A listing's ``Absent`` answer, or None for any other reply."""
+    fields = dict(zip(raw[::2], raw[1::2], strict=True))
+    if b"absent" not in fields:
+        return None
+    return Absent(warnings=_text(fields.get(b"warn", b"")), foreign=_text(fields.get(b"foreign", b"")))
+
+
 def decode_reply(raw: list[Any]) -> Reply | None:
     """A breaker script's reply as a ``Reply``, or None for a breaker that is absent (a
     listing's snapshot of one that expired since it was listed). Raises ``LookupError``,
@@ -189,38 +220,38 @@ def decode_reply(raw: list[Any]) -> Reply | None:
             source=State(_text(fields[b"from"])),
             target=State(_text(fields[b"to"])),
             reason=_text(fields[b"why"]),
-            generation=int(fields[b"mgen"]),
-            failures=int(fields[b"mko"]),
-            calls=int(fields[b"mcalls"]),
-            trips=int(fields[b"mtr"]),
+            generation=_whole(fields[b"mgen"]),
+            failures=_whole(fields[b"mko"]),
+            calls=_whole(fields[b"mcalls"]),
+            trips=_whole(fields[b"mtr"]),
         )
     metrics = None
     if b"ok" in fields:
         metrics = Metrics(
-            successes=int(fields[b"ok"]),
-            failures=int(fields[b"ko"]),
-            rejections=int(fields[b"rj"]),
-            deferrals=int(fields[b"df"]),
-            trips=int(fields[b"tr"]),
+            successes=_whole(fields[b"ok"]),
+            failures=_whole(fields[b"ko"]),
+            rejections=_whole(fields[b"rj"]),
+            deferrals=_whole(fields[b"df"]),
+            trips=_whole(fields[b"tr"]),
             last_failure=opt_float(fields[b"lf"]),
             last_success=opt_float(fields[b"ls"]),
             opened_at=opt_float(fields[b"oa"]),
             open_until=opt_float(fields[b"ou"]),
             retry_after=opt_float(fields[b"ra"]),
-            window_calls=int(fields[b"wcalls"]),
-            window_failures=int(fields[b"wko"]),
-            window_slow_calls=int(fields[b"wslow"]),
-            probes_in_flight=int(fields[b"live"]),
+            window_calls=_whole(fields[b"wcalls"]),
+            window_failures=_whole(fields[b"wko"]),
+            window_slow_calls=_whole(fields[b"wslow"]),
+            probes_in_flight=_whole(fields[b"live"]),
             name=_text(fields[b"nm"]),
             key_arg=_text(fields[b"ky"]),
-            streak=int(fields[b"stk"]),
+            streak=_whole(fields[b"stk"]),
             open_duration=opt_float(fields[b"od"]),
         )
     return Reply(
         state=State(_text(fields[b"st"])),
-        generation=int(fields[b"gen"]),
+        generation=_whole(fields[b"gen"]),
         remaining=opt_float(fields[b"left"]),
-        now=float(fields[b"now"]),
+        now=finite(float(fields[b"now"])),
         verdict=_text(fields[b"verdict"]),
         value=_text(fields[b"value"]),
         warnings=_text(fields[b"warn"]),

@@ -1,24 +1,29 @@
 """The Redis store's Lua scripts: read once from ``storage/lua``, one ``Script`` each per client.
 
-A breaker script is the shared prelude ``common.lua`` (load, validate, rules, save)
-followed by its operation (``acquire.lua``, ``record.lua``, ...); the parking and history
-scripts stand alone. redis-py's ``Script`` runs each by EVALSHA and loads it again after
+Every script starts with ``checks.lua`` (the bounds every value read from Redis is held
+to). A breaker script goes on with the shared prelude ``common.lua`` (load, validate,
+rules, save) and its operation (``acquire.lua``, ``record.lua``, ...); a parking script
+with ``parked.lua`` (its keys, their types repaired) and its own; ``history.lua`` and
+``forget.lua`` follow ``checks.lua`` alone. redis-py's ``Script`` runs each by EVALSHA and loads it again after
 a ``SCRIPT FLUSH`` or on a new server.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
 from redis.commands.core import Script
 
-__all__ = ["BREAKER_SCRIPTS", "SOURCES", "Scripts"]
+__all__ = ["BREAKER_SCRIPTS", "PARKING_SCRIPTS", "SOURCES", "Scripts"]
 
 #: Scripts that operate on one breaker: ``common.lua`` + the operation.
 BREAKER_SCRIPTS = ("acquire", "record", "operate", "snapshot")
-#: Scripts that stand alone.
-STANDALONE_SCRIPTS = ("park", "release", "purge", "history")
+#: Scripts that operate on one breaker's parked entries: ``parked.lua`` + the script.
+PARKING_SCRIPTS = ("park", "release", "purge", "tidy")
+#: Scripts that stand alone (after ``checks.lua``).
+STANDALONE_SCRIPTS = ("forget", "history", "retype")
 
 
 def _read(name: str) -> str:
@@ -26,9 +31,10 @@ def _read(name: str) -> str:
 
 
 def _sources() -> dict[str, str]:
-    common = _read("common")
-    found = {name: common + "\n" + _read(name) for name in BREAKER_SCRIPTS}
-    found.update((name, _read(name)) for name in STANDALONE_SCRIPTS)
+    checks, common, parked = _read("checks"), _read("common"), _read("parked")
+    found = {name: "\n".join((checks, common, _read(name))) for name in BREAKER_SCRIPTS}
+    found.update((name, "\n".join((checks, parked, _read(name)))) for name in PARKING_SCRIPTS)
+    found.update((name, "\n".join((checks, _read(name)))) for name in STANDALONE_SCRIPTS)
     return found
 
 
@@ -43,6 +49,6 @@ class Scripts:
         self.client = client
         self._scripts = {name: Script(client, source) for name, source in SOURCES.items()}
 
-    def __call__(self, name: str, keys: list[str], args: list[Any], client: Any = None) -> Any:
+    def __call__(self, name: str, keys: Sequence[str | bytes], args: Sequence[Any], client: Any = None) -> Any:
         """Run script ``name`` (on ``client``, e.g. a pipeline, else this one's client)."""
         return self._scripts[name](keys, args, client=client or self.client)

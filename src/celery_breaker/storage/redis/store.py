@@ -9,14 +9,16 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, quote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import redis
 
 from ...clock import Clock
 from ...core import BreakerPolicy, BreakerSnapshot, State
 from ...errors import ConfigurationError, StorageError
+from ...labels import breaker_label
 from ..registry import remember
 from ..urls import describe_url
 from .agent import Agent
@@ -29,9 +31,12 @@ from .client import (
     is_cluster,
     make_client,
 )
+from .damage import classify
 from .history import RedisHistory
+from .keys import breaker_tag, quote_part
+from .listing import list_snapshots
 from .parking import RedisParking
-from .replies import decode_reply, decode_snapshot, opt_float
+from .replies import opt_float
 from .schemes import SCHEMES
 from .scripts import Scripts
 
@@ -102,15 +107,20 @@ class RedisStore:
         self.url = url
         self.label = describe_url(url)  # for messages: the password masked
         self.key_prefix = key_prefix
+        #: The prefix as every key and the channel hold it (``keys.py``).
+        self.quoted_prefix = quote_part(key_prefix)
         self.idle_ttl = idle_ttl
         self.client_time = client_time
         self._parts = parts if parts is not None else urlsplit(url)
         self._passed = passed or []
         self._timeouts = (socket_timeout, socket_connect_timeout)
         self.socket_timeout = socket_timeout
-        self.channel = f"{key_prefix}:transitions"
+        self.channel = f"{self.quoted_prefix}:transitions"
         #: True while this process hears every transition (its agent is subscribed).
         self.live = False
+        #: True once the agent, subscribed, has read again every view it held (set after
+        #: ``live``; cleared with it). Until then a breaker deleted meanwhile may be re-read.
+        self.settled = False
         #: Bumped whenever ``live`` changes: a view read in an earlier epoch never passes calls.
         self.epoch = 0
         self._agent: Agent | None = None
@@ -205,7 +215,7 @@ class RedisStore:
                 scripts = self._scripts
         return scripts
 
-    def eval(self, script: str, keys: list[str], args: list[Any], *, doing: str) -> Any:
+    def eval(self, script: str, keys: Sequence[str | bytes], args: Sequence[Any], *, doing: str) -> Any:
         """Run one script (``storage/lua/<script>.lua``) and return its raw reply; any Redis
         failure becomes ``StorageError`` saying what was being done (``doing``)."""
         try:
@@ -213,8 +223,8 @@ class RedisStore:
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.label}: {doing} failed: {exc}") from exc
 
-    def run(self, script: str, keys: list[str], args: list[str]) -> list[Any]:
-        """Run one breaker script; any Redis failure becomes ``StorageError``."""
+    def run(self, script: str, keys: list[Any], args: list[Any]) -> list[Any]:
+        """Run one breaker script (``keys``: text or bytes); any Redis failure becomes ``StorageError``."""
         return self._checked(script, self.eval(script, keys, args, doing=script))
 
     def _checked(self, script: str, reply: Any) -> list[Any]:
@@ -226,11 +236,10 @@ class RedisStore:
     # -- breakers ------------------------------------------------------------
 
     def keys_for(self, name: str, key: str | None) -> list[str]:
-        """The keys of one breaker; they share the hash tag ``{prefix:name[:key]}``."""
-        tag = f"{self.key_prefix}:{quote(name, safe='')}"
-        if key is not None:
-            tag += f":{quote(key, safe='')}"
-        return [f"{{{tag}}}{suffix}" for suffix in _KEY_SUFFIXES]
+        """The keys of one breaker; they share the hash tag ``{prefix:name[:key]}``, each
+        part quoted (``keys.py``)."""
+        tag = breaker_tag(self.quoted_prefix, name, key)
+        return [tag + suffix for suffix in _KEY_SUFFIXES]
 
     def cell(self, name: str, key: str | None, policy: BreakerPolicy, clock: Clock) -> RedisCell:
         ident = (name, key)
@@ -249,6 +258,16 @@ class RedisStore:
             found.refresh(clock.monotonic())
             found.evicted = False
         return found
+
+    def delete(self, name: str, key: str | None) -> bool:
+        """Delete breaker ``name``/``key``: its state, windows, leases and metrics history, in
+        one script (``forget.lua``) that tells every process. A later call through it, in any
+        process, creates it afresh (CLOSED, counters zeroed, that caller's policy). Its parked
+        tasks are left alone. True when it existed."""
+        keys = [*self.keys_for(name, key), self.history.key(name, key)]
+        doing = f"deleting breaker {breaker_label(name, key)}"
+        reply = self._checked("forget", self.eval("forget", keys, [self.channel], doing=doing))
+        return bool(int(reply[0]))
 
     @property
     def parking(self) -> RedisParking:
@@ -291,6 +310,7 @@ class RedisStore:
         with self._lock:
             self.epoch += 1
             self.live = True
+            self.settled = False
             if self._dark_since is not None:
                 logger.info(
                     "redis store %s: hearing breaker transitions again after %.1f s",
@@ -303,6 +323,7 @@ class RedisStore:
         with self._lock:
             was_live = self.live
             self.live = False
+            self.settled = False
             self.epoch += 1
             cells = list(self._cells.values())
         for cell in cells:
@@ -334,7 +355,7 @@ class RedisStore:
                 return
             state_key, incarnation, generation, state, remaining = data.decode().split("\n")
             cell = self._by_state_key.get(state_key)
-            if cell is not None:
+            if cell is not None and int(generation) >= 0:
                 cell.hear(incarnation, int(generation), State(state), opt_float(remaining))
         except (AttributeError, UnicodeDecodeError, ValueError):
             logger.debug("redis store %s: ignored a foreign message on %s: %r", self.label, self.channel, data)
@@ -406,33 +427,19 @@ class RedisStore:
                 client.close()
 
     def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
-        """Every breaker under this store's key prefix (a SCAN: for operators, not hot paths)."""
-        pattern = "{" + _glob_escape(self.key_prefix) + ":*}:s"
-        now = clock.monotonic()
-        offset = clock.time() - now if self.client_time else 0.0
-        found: list[BreakerSnapshot] = []
-        try:
-            state_keys = [k.decode() for k in self.client().scan_iter(match=pattern, count=500)]
-        except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.label}: listing breakers failed: {exc}") from exc
-        args = [repr(now) if self.client_time else "", self.ttl_ms, "0", "", "", "", ""]
-        calls = [([state_key[: -len(":s")] + suffix for suffix in _KEY_SUFFIXES], args) for state_key in state_keys]
-        for raw in self.run_many("snapshot", calls):
-            try:
-                reply = decode_reply(raw)
-                if reply is None:
-                    continue  # expired since the scan saw it
-                found.append(decode_snapshot(reply, offset))
-            except (ValueError, LookupError, TypeError) as exc:
-                raise StorageError(f"redis store {self.label}: snapshot answered {raw!r}") from exc
-        return found
+        """Every breaker under this store's key prefix (a SCAN: for operators, not hot
+        paths). A breaker that cannot be read is repaired or left out, with a WARNING
+        (``listing.py``); ``StorageError`` only when the store cannot be read at all."""
+        return list_snapshots(self, clock, _KEY_SUFFIXES)
 
-    def run_many(self, script: str, calls: list[tuple[list[str], list[str]]]) -> list[list[Any]]:
+    def run_many(self, script: str, calls: Sequence[tuple[list[Any], list[Any]]]) -> list[list[Any] | StorageError]:
         """``run`` for many breakers, ``PIPELINE_BATCH`` scripts per round trip (one by one
-        on a Cluster, whose keys live on several nodes). A failure of any becomes ``StorageError``."""
+        on a Cluster, whose keys live on several nodes): each call's reply, or the
+        ``StorageError`` its error reply became. A store that fails (no connection, a
+        failing server) raises ``StorageError`` for all."""
         client = self.client()
         if is_cluster(client):
-            return [self.run(script, keys, args) for keys, args in calls]
+            return [self._one_of_many(script, keys, args) for keys, args in calls]
         replies: list[Any] = []
         try:
             for start in range(0, len(calls), PIPELINE_BATCH):
@@ -440,17 +447,34 @@ class RedisStore:
                 scripts = self.scripts()
                 for keys, args in calls[start : start + PIPELINE_BATCH]:
                     scripts(script, keys, args, client=pipe)
-                replies += pipe.execute()
+                replies += pipe.execute(raise_on_error=False)
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.label}: {script} failed: {exc}") from exc
-        return [self._checked(script, reply) for reply in replies]
+        found: list[list[Any] | StorageError] = []
+        for reply in replies:
+            if isinstance(reply, Exception):
+                error = StorageError(f"redis store {self.label}: {script} failed: {reply}")
+                error.__cause__ = reply
+                if classify(reply) == "store":
+                    raise error
+                found.append(error)
+                continue
+            try:
+                found.append(self._checked(script, reply))
+            except StorageError as exc:
+                found.append(exc)
+        return found
+
+    def _one_of_many(self, script: str, keys: list[Any], args: list[Any]) -> list[Any] | StorageError:
+        try:
+            return self.run(script, keys, args)
+        except StorageError as exc:
+            if classify(exc.__cause__) == "store":
+                raise
+            return exc
 
     def __repr__(self) -> str:
         return f"RedisStore({self.label!r})"
-
-
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 def _reinit_locks_after_fork() -> None:
@@ -461,6 +485,7 @@ def _reinit_locks_after_fork() -> None:
     for store in list(_STORES):
         store._lock = threading.Lock()
         store.live = False
+        store.settled = False
         store.epoch += 1
         store._agent = None
         for cell in list(store._cells.values()):

@@ -1,0 +1,157 @@
+"""The breakers as ``celery breaker web``'s page shows them: a ``Board`` reads the store every interval.
+
+One reader thread, whatever the number of open pages; ``watch.Watch`` follows the
+readings (rates, time in state, recent changes) and the board adds how fast each parked
+backlog drains. ``web`` serves ``Board.view()`` as JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..clock import SYSTEM_CLOCK, Clock
+from ..errors import StorageError
+from ..monitoring.status import BreakerStatus
+from .console import STATE_STYLES, clock_time, duration, failure_rate_text, open_until_text
+from .watch import Change, Watch, WatchRow
+
+__all__ = ["HISTORY", "Board"]
+
+logger = logging.getLogger("celery_breaker")
+
+#: Recent changes the page keeps listing (``--history``).
+HISTORY = 20
+
+_Ident = tuple[str, str | None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Backlog:
+    """A breaker's parked and claimed ``tasks`` at one reading (``at``, monotonic), and the most
+    seen since it was last empty (``peak``: what the release progress counts from)."""
+
+    at: float
+    tasks: int
+    peak: int
+
+
+def _change(change: Change) -> dict[str, Any]:
+    source, target = change.source, change.target
+    return {"at": clock_time(change.at), "label": change.label, "reason": change.reason,
+            "source": source.value if source else None, "target": target.value if target else None}  # fmt: skip
+
+
+class Board:
+    """What the page shows: the store read every ``interval`` seconds by one thread.
+
+    One reader whatever the number of open pages, so every page sees the same rates and
+    the store is read once per interval. A reading that fails keeps the last view with
+    the error; the next reading tries again. ``view()`` is safe from any thread.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[], Sequence[BreakerStatus]],
+        *,
+        store: str,
+        interval: float,
+        history: int = HISTORY,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        self._read = read
+        self.interval = interval
+        self._clock = clock
+        self._watch = Watch(clock, history=history)
+        self._backlogs: dict[_Ident, _Backlog] = {}
+        self._view: dict[str, Any] = {"store": store, "interval": interval, "error": None, "read_at": None,
+                                      "breakers": [], "summary": [], "changes": []}  # fmt: skip
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopped = threading.Event()
+
+    def view(self) -> dict[str, Any]:
+        """The latest view, JSON-ready (never changed once made: readers need no copy)."""
+        with self._lock:
+            return self._view
+
+    def refresh(self, *, raising: bool = False) -> None:
+        """Read the store once. A failure is kept for the page, or raised if ``raising``
+        (the first reading: the command then exits as ``watch`` does)."""
+        try:
+            observed = self._watch.observe(self._read())
+        except Exception as exc:
+            if raising:
+                raise
+            self._failed(exc)
+            return
+        now = self._clock.time()
+        rows = [self._row(row, now) for row in observed]
+        self._backlogs = {ident: self._backlogs[ident] for ident in (self._ident(row) for row in observed)}
+        counts = dict.fromkeys(STATE_STYLES, 0)
+        for row in observed:
+            counts[row.status.snapshot.state] += 1
+        view = {**self._view, "error": None, "read_at": clock_time(now), "breakers": rows,
+                "summary": [{"state": state.value, "count": n} for state, n in counts.items() if n],
+                "changes": [_change(change) for change in self._watch.changes]}  # fmt: skip
+        with self._lock:
+            self._view = view
+
+    def _failed(self, exc: Exception) -> None:
+        at = clock_time(self._clock.time())
+        if isinstance(exc, StorageError):
+            error = f"store unreachable at {at}: {exc}; showing the last reading, retrying"
+        else:  # a bug: the page says so, the log has the traceback, the reader goes on
+            logger.exception("celery-breaker web: reading the breakers failed")
+            error = f"reading the breakers failed at {at}: {type(exc).__name__}: {exc}; retrying"
+        with self._lock:
+            self._view = {**self._view, "error": error}
+
+    @staticmethod
+    def _ident(row: WatchRow) -> _Ident:
+        return row.status.snapshot.name, row.status.snapshot.key
+
+    def _row(self, row: WatchRow, now: float) -> dict[str, Any]:
+        status, snapshot, rates = row.status, row.status.snapshot, row.rates
+        mono, tasks = self._clock.monotonic(), status.parked + status.claimed
+        before = self._backlogs.get(self._ident(row))
+        released = None
+        if before is not None and mono > before.at:  # what left the parking since the last reading
+            released = max(0, before.tasks - tasks) / (mono - before.at)
+        peak = max(tasks, before.peak if before is not None else 0) if tasks else 0
+        self._backlogs[self._ident(row)] = _Backlog(mono, tasks, peak)
+        if row.since is not None:
+            in_state = duration(now - row.since)
+        else:  # in this state since before the first reading: at least as long as we have watched (as `watch`)
+            watched = now - self._watch.started
+            in_state = f">= {duration(watched)}" if watched >= 0.05 else "-"
+        return {
+            "label": snapshot.label, "name": snapshot.name, "key": snapshot.key, "state": snapshot.state.value,
+            "in_state": in_state, "open_until": open_until_text(snapshot), "retry_after": snapshot.retry_after,
+            "failure_rate": failure_rate_text(snapshot), "window_calls": snapshot.window_calls,
+            "window_failures": snapshot.window_failures, "calls_per_s": rates.calls if rates else None,
+            "rejections_per_s": rates.rejections if rates else None,
+            "deferrals_per_s": rates.deferrals if rates else None,
+            "parked": status.parked, "claimed": status.claimed, "released_per_s": released, "backlog_peak": peak,
+            "trips": snapshot.trips, "deferrals": snapshot.deferrals, "rejections": snapshot.rejections,
+        }  # fmt: skip
+
+    def run(self) -> None:
+        """Read every ``interval`` seconds until ``stop()``; ``wake()`` reads at once."""
+        while not self._stopped.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if not self._stopped.is_set():
+                self.refresh()
+
+    def wake(self) -> None:
+        """Read now (an action changed a breaker)."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        """End ``run()`` (at once: it is woken)."""
+        self._stopped.set()
+        self._wake.set()

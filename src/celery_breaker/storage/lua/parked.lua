@@ -1,0 +1,97 @@
+-- celery-breaker: the prelude of every parking script (park, release, purge, tidy): one
+-- breaker's parked entries, their keys checked (each script is checks.lua, this file and
+-- the script; storage/redis/parking.py runs them).
+--
+-- KEYS (the breaker's hash tag, parking.py PARKING_SUFFIXES): 1 queue (zset: entry ->
+--   order), 2 messages (hash: entry -> 'order\npayload'), 3 claims (zset: entry -> lease
+--   deadline), 4 deadlines (zset: entry -> when it goes whatever the breaker says),
+--   5 pacing (hash); release adds 6, the breaker's state hash.
+-- ARGV: 1 '1' asks for the key types to be checked first (the caller sends it after a
+--   WRONGTYPE), 2 the caller's clock or '' (Redis TIME), then the script's own.
+-- Every reply starts with what was repaired ('' when nothing), for the caller to log.
+
+local K_QUEUE, K_MSGS, K_CLAIMS, K_DEADLINES, K_PACE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local now = script_now(ARGV[2])
+local repairs = {}
+
+local function repaired(what)
+  repairs[#repairs + 1] = what
+end
+
+-- The order a message was parked with (epoch seconds of its first deferral: within
+-- TIME_SPAN of now), or nil when the message holds none.
+local function message_order(message)
+  return read_time(string.match(message, '^([^\n]*)\n'), now)
+end
+
+-- Put an entry back in the queue at its own order (now if its message holds none); an
+-- entry without a message is gone.
+local function requeue(entry)
+  local message = redis.call('HGET', K_MSGS, entry)
+  if not message then
+    redis.call('ZREM', K_QUEUE, entry)
+    return
+  end
+  local order = message_order(message)
+  if order == nil then
+    repaired('unreadable order ' .. show(string.match(message, '^([^\n]*)')) .. ' of ' .. show(entry) .. ' in '
+      .. K_MSGS .. ' (queued at ' .. fmt(now) .. ')')
+    order = now
+  end
+  redis.call('ZADD', K_QUEUE, fmt(order), entry)
+end
+
+-- Every message neither queued nor claimed goes back to the queue, in its order: after a
+-- queue or claims key of another type was replaced, its entries stay parked.
+local function requeue_orphans()
+  local flat = redis.call('HGETALL', K_MSGS)
+  for i = 1, #flat, 2 do
+    local entry = flat[i]
+    if not redis.call('ZSCORE', K_QUEUE, entry) and not redis.call('ZSCORE', K_CLAIMS, entry) then requeue(entry) end
+  end
+end
+
+-- A key of another type is replaced by an empty one of the right type (created when
+-- next written): no entry is lost that the messages hash still holds.
+if ARGV[1] == '1' then
+  local expected = { { K_QUEUE, 'zset' }, { K_MSGS, 'hash' }, { K_CLAIMS, 'zset' }, { K_DEADLINES, 'zset' },
+    { K_PACE, 'hash' } }
+  if KEYS[6] ~= nil then expected[#expected + 1] = { KEYS[6], 'hash' } end
+  local orphans = false
+  for _, pair in ipairs(expected) do
+    local found = redis.call('TYPE', pair[1]).ok
+    if found ~= 'none' and found ~= pair[2] then
+      redis.call('DEL', pair[1])
+      repaired(pair[1] .. ' held a ' .. found .. ', expected a ' .. pair[2] .. ' (replaced)')
+      orphans = orphans or pair[1] == K_QUEUE or pair[1] == K_CLAIMS
+    end
+  end
+  if orphans then requeue_orphans() end
+end
+
+-- Deadlines no caller could have set (beyond TIME_SPAN of now, or infinite): dropped, the
+-- entry stays parked; a deadline of an entry without a message: dropped.
+local function drop_bad_deadlines()
+  local low, high = fmt(now - TIME_SPAN), fmt(now + TIME_SPAN)
+  for _, range in ipairs({ { '-inf', '(' .. low }, { '(' .. high, '+inf' } }) do
+    local bad = redis.call('ZRANGEBYSCORE', K_DEADLINES, range[1], range[2], 'WITHSCORES')
+    for i = 1, #bad, 2 do
+      redis.call('ZREM', K_DEADLINES, bad[i])
+      repaired('unreadable deadline ' .. show(bad[i + 1]) .. ' of ' .. show(bad[i]) .. ' in ' .. K_DEADLINES
+        .. ' (dropped)')
+    end
+  end
+end
+
+-- Queued entries whose order no caller could have given (beyond TIME_SPAN of now): queued
+-- again at their message's order, or now.
+local function fix_bad_orders()
+  local low, high = fmt(now - TIME_SPAN), fmt(now + TIME_SPAN)
+  for _, range in ipairs({ { '-inf', '(' .. low }, { '(' .. high, '+inf' } }) do
+    local bad = redis.call('ZRANGEBYSCORE', K_QUEUE, range[1], range[2], 'WITHSCORES')
+    for i = 1, #bad, 2 do
+      repaired('unreadable order ' .. show(bad[i + 1]) .. ' of ' .. show(bad[i]) .. ' in ' .. K_QUEUE .. ' (requeued)')
+      requeue(bad[i])
+    end
+  end
+end

@@ -1,0 +1,93 @@
+"""What Redis may hold that no script wrote: the bounds every value is held to, and telling
+a failure it caused from a failure of Redis itself.
+
+The scripts check every value they read (``storage/lua/checks.lua``); the bounds here are
+the same, for what Python reads. A script that still fails on a breaker's data is run
+once more, asking it to check the key types (after a WRONGTYPE) or to reset the breaker
+(after any other failure its data caused): ``repair_for``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import redis
+
+from .client import CLIENT_ERRORS
+
+__all__ = [
+    "CHECK_TYPES",
+    "CLOCK_SLACK",
+    "MAX_WHOLE",
+    "RESET",
+    "TIME_SPAN",
+    "Damage",
+    "classify",
+    "finite",
+    "repair_for",
+    "text",
+]
+
+#: Counters, generations, lease ids: whole numbers up to 2**53 (a double's exact integers).
+MAX_WHOLE = 2**53
+#: A stored time lies within this many seconds of now (about 31,700 years).
+TIME_SPAN = 1e12
+#: Seconds a stored time may lie past the latest moment it can legitimately name (an open
+#: period's end, a lease's deadline): the clock may have stepped back that much.
+CLOCK_SLACK = 300.0
+
+#: A script's check request (the 6th item of ``common.lua``'s ARGV[3], a parking script's
+#: ARGV[1]): check the key types first, replacing a key of another type.
+CHECK_TYPES = "1"
+#: Check the types and reset the breaker: the script failed on its data.
+RESET = "2"
+
+Damage = Literal["types", "data", "refused", "store"]
+
+#: Error replies that say Redis (or a Cluster) cannot serve right now, whatever the data.
+_STORE_FAILING = ("Script killed", "non local key", "CROSSSLOT", "CLUSTERDOWN", "MASTERDOWN", "TRYAGAIN")
+
+
+def classify(exc: BaseException | None) -> Damage:
+    """What a failed command or script says about one breaker's keys:
+
+    - ``types``: a key holds another type (WRONGTYPE);
+    - ``data``: a script failed on a stored value (a Lua error, a command refusing it);
+    - ``refused``: the breaker's keys are not at fault as far as we can tell: a script
+      refused its caller's arguments (``celery-breaker: ...``) or answered nonsense (no
+      Redis error at all);
+    - ``store``: Redis itself failing (no connection, read-only, out of memory, busy...),
+      whatever the data.
+    """
+    if exc is None or not isinstance(exc, CLIENT_ERRORS):
+        return "refused"
+    if type(exc) is not redis.ResponseError:  # (its subclasses: NOSCRIPT, READONLY, OOM, LOADING...)
+        return "store"
+    message = str(exc)
+    if "WRONGTYPE" in message:
+        return "types"
+    if "celery-breaker:" in message:
+        return "refused"
+    code = message.split(" ", 1)[0]
+    if (code.isalpha() and code.isupper()) or any(mark in message for mark in _STORE_FAILING):
+        return "store"  # another error code (BUSY, MASTERDOWN...): not the data's doing
+    return "data"
+
+
+def repair_for(exc: BaseException | None) -> str:
+    """What to run a failed breaker script again with: ``CHECK_TYPES``, ``RESET``, or ``''``
+    (do not: the failure was not the data's)."""
+    return {"types": CHECK_TYPES, "data": RESET}.get(classify(exc), "")
+
+
+def finite(value: float) -> float:
+    """``value`` if it is a finite number; ``ValueError`` otherwise."""
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {value!r}")
+    return value
+
+
+def text(value: Any) -> str:
+    """What Redis returned, as text (bytes that are not UTF-8 are replaced, never raised on)."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

@@ -1,0 +1,108 @@
+"""Listing every breaker of a Redis store (``RedisStore.snapshots``): one SCAN, then the
+snapshot script over what it found, pipelined.
+
+One bad breaker never fails the listing. A breaker whose snapshot script fails on its
+data is run again on its own, checking its key types (after a WRONGTYPE) or resetting it
+(after any other failure its data caused); one that still fails, or whose keys belong to
+no breaker of this store (another app's under a colliding prefix, an earlier release's),
+is left out with one WARNING naming it. Only a store that cannot be read at all (no
+connection, a failing server) raises ``StorageError``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from ...clock import Clock
+from ...core import BreakerSnapshot
+from ...errors import StorageError
+from ...labels import breaker_label
+from .client import CLIENT_ERRORS
+from .damage import classify, repair_for, text
+from .keys import breaker_of, glob_escape
+from .replies import decode_absent, decode_reply, decode_snapshot
+
+if TYPE_CHECKING:
+    from .store import RedisStore
+
+__all__ = ["list_snapshots"]
+
+logger = logging.getLogger("celery_breaker")
+
+
+def list_snapshots(store: RedisStore, clock: Clock, suffixes: tuple[str, ...]) -> list[BreakerSnapshot]:
+    """Every breaker under ``store``'s key prefix; ``suffixes`` are a breaker's key suffixes, state first."""
+    pattern = "{" + glob_escape(store.quoted_prefix) + ":*}" + suffixes[0]
+    now = clock.monotonic()
+    offset = clock.time() - now if store.client_time else 0.0
+    try:
+        # (bytes: a key that is not UTF-8 is still read, and left out below)
+        state_keys: list[bytes] = list(dict.fromkeys(store.client().scan_iter(match=pattern, count=500)))
+    except CLIENT_ERRORS as exc:
+        raise StorageError(f"redis store {store.label}: listing breakers failed: {exc}") from exc
+    head = [repr(now) if store.client_time else "", store.ttl_ms]
+    tail = ["", "", "", ""]  # no policy, name, key or channel: a listing creates no breaker
+    stem = len(suffixes[0])
+    calls = [([key[:-stem] + suffix.encode() for suffix in suffixes], [*head, "0", *tail]) for key in state_keys]
+    found: list[BreakerSnapshot] = []
+    for state_key, (keys, _), outcome in zip(state_keys, calls, store.run_many("snapshot", calls), strict=True):
+        label = _label(store, state_key, stem)
+        raw = outcome
+        if isinstance(raw, StorageError):
+            level = repair_for(raw.__cause__)
+            if not level:
+                _left_out(store, label, raw)
+                continue
+            try:
+                raw = store.run("snapshot", keys, [*head, f"0;0;0;0;0;{level}", *tail])
+            except StorageError as exc:
+                if classify(exc.__cause__) == "store":
+                    raise
+                _left_out(store, label, exc)
+                continue
+        snapshot = _read(store, label, state_key, raw, offset)
+        if snapshot is not None:
+            found.append(snapshot)
+    return found
+
+
+def _read(store: RedisStore, label: str, state_key: bytes, raw: list[Any], offset: float) -> BreakerSnapshot | None:
+    """The snapshot a script answered, or None (logged) for a breaker to leave out."""
+    try:
+        absent = decode_absent(raw)
+        if absent is not None:
+            if absent.warnings:
+                logger.warning("breaker %s: reset unreadable state in Redis (%s)", label, absent.warnings)
+            if absent.foreign:
+                logger.warning(
+                    "redis store %s: left %s out of the listing: not a breaker of this store's (%s)",
+                    store.label, text(state_key), absent.foreign,
+                )  # fmt: skip
+            return None  # (else: expired since the scan saw it)
+        reply = decode_reply(raw)
+        if reply is None:
+            return None
+        if reply.warnings:
+            logger.warning("breaker %s: reset unreadable state in Redis (%s)", label, reply.warnings)
+        snapshot = decode_snapshot(reply, offset)
+    except (ValueError, LookupError, TypeError) as exc:
+        _left_out(store, label, StorageError(f"snapshot answered {raw!r}: {exc}"))
+        return None
+    if store.keys_for(snapshot.name, snapshot.key)[0].encode() != state_key:  # (never, unless Lua and Python disagree)
+        _left_out(store, label, StorageError(f"its state names {breaker_label(snapshot.name, snapshot.key)}"))
+        return None
+    return snapshot
+
+
+def _label(store: RedisStore, state_key: bytes, stem: int) -> str:
+    tag = text(state_key)[:-stem]
+    found = breaker_of(tag, store.quoted_prefix)
+    return tag if found is None else breaker_label(*found)
+
+
+def _left_out(store: RedisStore, label: str, exc: StorageError) -> None:
+    logger.warning(
+        "redis store %s: left breaker %s out of the listing: %s", store.label, label, exc,
+        extra={"breaker_label": label},
+    )  # fmt: skip

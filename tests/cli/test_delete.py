@@ -1,0 +1,116 @@
+"""``celery breaker delete``: a stray breaker leaves the store; parked tasks and a failing downstream make it wary."""
+
+from __future__ import annotations
+
+import json
+
+from celery.bin.celery import celery as celery_main
+from click.testing import CliRunner, Result
+
+from celery_breaker import State
+from celery_breaker.ops.cli import EXIT_USAGE
+
+from . import cliproj
+from .conftest import APP, breaker, run, stored, trip
+from .test_purge import park, parked
+
+
+def answered(answer: str, *args: str) -> Result:
+    return CliRunner().invoke(celery_main, ["-A", APP, "breaker", "delete", *args], input=answer)
+
+
+def listed(*patterns: str) -> set[str]:
+    rows = json.loads(run("status", "--json", *patterns).stdout)
+    return {row["name"] + (f"[{row['key']}]" if row["key"] else "") for row in rows}
+
+
+def test_a_stray_breaker_is_deleted_without_a_question_and_leaves_status(store_url: str) -> None:
+    assert run("open", "partnr-api", "--create").exit_code == 0  # the typo an operator made
+    breaker(store_url, "partner-api").call(lambda: None)
+    assert listed() >= {"partnr-api", "partner-api"}
+
+    done = run("delete", "partnr-api")  # (no input: a question would abort)
+    assert done.exit_code == 0, done.output
+    assert done.stdout.startswith(f"partnr-api: deleted (was forced_open) from {store_url}.")
+    assert done.stderr == ""
+    assert "partnr-api" not in listed()
+    assert "partner-api" in listed()
+    again = run("delete", "partnr-api")  # gone: an unknown breaker now
+    assert again.exit_code == EXIT_USAGE
+    assert "no breaker named 'partnr-api'" in again.stderr
+
+
+def test_a_breaker_whose_downstream_was_failing_asks_first(store_url: str) -> None:
+    trip(breaker(store_url, "stray-api"))
+    refused = answered("n\n", "stray-api")
+    assert refused.exit_code == 1
+    assert refused.stderr.startswith("Warning: stray-api tripped just now")
+    assert "deleting it lets calls through now" in refused.stderr
+    assert "Delete stray-api? [y/N]" in refused.stderr
+    assert stored(store_url, "stray-api").state is State.OPEN
+
+    done = answered("y\n", "stray-api")
+    assert done.exit_code == 0, done.output
+    assert "stray-api: deleted (was open)" in done.stdout
+    assert "stray-api" not in listed()
+
+
+def test_parked_tasks_refuse_it_unless_purged_with_it(store_url: str) -> None:
+    partner = breaker(store_url, "partner-api")
+    partner.force_open()
+    store = park(store_url, "partner-api", 3)
+
+    refused = run("delete", "partner-api")
+    assert refused.exit_code == 1
+    assert refused.stderr.strip() == (
+        "Error: 3 tasks are parked behind partner-api: deleting it would leave them waiting for a breaker that is "
+        "gone; purge them with it (--purge: they never run), or close it and delete it once they have been released"
+    )
+    assert parked(store, "partner-api") == (3, 0)
+    assert "partner-api" in listed()
+
+    kept = answered("n\n", "partner-api", "--purge")
+    assert kept.exit_code == 1
+    assert "Delete partner-api and discard the 3 task(s) parked behind it (they will never run)?" in kept.stderr
+    assert parked(store, "partner-api") == (3, 0)
+
+    done = run("delete", "partner-api", "--purge", "--yes", "--json")
+    assert done.exit_code == 0, done.output
+    data = json.loads(done.stdout)
+    assert (data["breaker"], data["deleted"], data["discarded"], data["claimed"]) == ("partner-api", True, 3, 0)
+    assert data["before"]["state"] == "forced_open"
+    assert data["in_app"] is True  # a task of the app uses it
+    assert parked(store, "partner-api") == (0, 0)
+    assert store.parking.tag("partner-api", None) not in store.parking.tags()
+    assert "partner-api" not in listed()
+
+
+def test_an_app_breaker_is_recreated_closed_by_its_next_call(store_url: str) -> None:
+    partner = breaker(store_url, "partner-api")
+    for _ in range(3):
+        partner.call(lambda: None)
+    done = run("delete", "partner-api")
+    assert done.exit_code == 0, done.output
+    assert "The app's tasks use partner-api: their next call creates partner-api afresh" in done.stdout
+    partner.call(lambda: None)
+    fresh = stored(store_url, "partner-api")
+    assert (fresh.state, fresh.successes) == (State.CLOSED, 1)
+
+
+def test_one_key_of_a_per_key_breaker_by_its_label(store_url: str) -> None:
+    for key in ("tenant-7", "tenant-8"):
+        breaker(store_url, "crm", key=key, policy=cliproj.CRM_POLICY).call(lambda: None)
+    done = run("delete", "crm[tenant-7]")
+    assert done.exit_code == 0, done.output
+    assert done.stdout.startswith("crm[tenant-7]: deleted (was closed)")
+    assert "The app's tasks use crm: their next call for key 'tenant-7' creates crm[tenant-7] afresh" in done.stdout
+    assert listed("crm*") == {"crm[tenant-8]"}
+
+
+def test_a_breaker_with_only_parked_tasks_left_can_be_deleted_with_them(store_url: str) -> None:
+    store = park(store_url, "old-task", 2)  # its state expired; its parked tasks did not
+    done = run("delete", "old-task", "--purge", "--yes")
+    assert done.exit_code == 0, done.output
+    assert done.stdout.startswith("old-task: deleted (only parked tasks were left of it)")
+    assert "discarded 2 parked task(s)" in done.stdout
+    assert parked(store, "old-task") == (0, 0)

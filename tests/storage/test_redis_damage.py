@@ -1,0 +1,528 @@
+"""Bad data in Redis, case by case: each is reset or repaired for its breaker alone, with one
+WARNING naming it, and the call that met it goes on (issue 14; test_redis_bad_data.py tries
+arbitrary values)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from redis.exceptions import ResponseError
+
+from celery_breaker import CircuitBreaker, State
+from celery_breaker.errors import StorageError
+from celery_breaker.storage.redis import RedisStore
+from celery_breaker.storage.redis.damage import CHECK_TYPES, RESET, classify, repair_for
+from celery_breaker.storage.redis.parking import PARKING_SUFFIXES
+from celery_breaker.testing import FakeClock
+
+from ..unit.support import fail, ok, state_of
+from .conftest import unique_prefix
+
+POLICY = {"failure_threshold": 2, "reset_timeout": 5.0, "half_open_max_calls": 2, "success_threshold": 1}
+
+
+@pytest.fixture
+def server(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def store(redis_url: str) -> RedisStore:
+    return RedisStore.from_url(f"{redis_url}?time=client&key_prefix={unique_prefix()}")
+
+
+def warnings_naming(caplog: pytest.LogCaptureFixture, label: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and label in r.getMessage()]
+
+
+def state_key(store: RedisStore, name: str = "svc", key: str | None = None) -> str:
+    return store.keys_for(name, key)[0]
+
+
+def replace(server: redis.Redis, key: str, kind: str) -> None:
+    """Put a value of type ``kind`` where ``key`` is."""
+    server.delete(key)
+    if kind == "string":
+        server.set(key, "junk")
+    elif kind == "list":
+        server.rpush(key, "junk")
+    elif kind == "set":
+        server.sadd(key, "junk")
+    elif kind == "zset":
+        server.zadd(key, {"junk": 1.0})
+    else:
+        server.hset(key, "junk", "1")
+
+
+# -- the named cases ---------------------------------------------------------------
+
+
+def test_a_nan_generation_is_reset_and_the_breaker_trips_again(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A generation of 'nan' equals no ticket's: the breaker never tripped again."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    neighbour = CircuitBreaker("other", POLICY, storage=store, clock=clock)
+    fail(neighbour)
+    fail(breaker)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        server.hset(state_key(store), "gen", "nan")
+        fail(breaker, 2)
+    assert state_of(breaker) is State.OPEN
+    assert any("gen='nan'" in m for m in warnings_naming(caplog, "breaker svc: reset unreadable state in Redis"))
+    assert not warnings_naming(caplog, "other")
+    assert (neighbour.snapshot().failures, state_of(neighbour)) == (1, State.CLOSED)
+
+
+def test_an_infinite_open_until_is_reset_and_the_breaker_closes_again(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    fail(breaker, 2)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        server.hset(state_key(store), "ou", "inf")
+        clock.advance(5.0)
+        assert breaker.call(ok) == "ok"
+    assert state_of(breaker) is State.CLOSED
+    assert any("ou='inf'" in m for m in warnings_naming(caplog, "breaker svc"))
+    fail(breaker, 2)
+    assert state_of(breaker) is State.OPEN
+
+
+@pytest.mark.parametrize("open_until", ["inf", "1e300", "1e12"])
+def test_parked_tasks_of_a_breaker_open_for_ever_are_released(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture, open_until: str
+) -> None:
+    """Nobody calls a breaker whose tasks are all parked: the releaser alone must notice
+    an open_until no script could have written, or its tasks wait for ever."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    fail(breaker, 2)
+    store.parking.park("svc", None, "t1:1", 1.0, "one", None)
+    tag = store.parking.tag("svc", None)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        server.hset(state_key(store), "ou", open_until)
+        release = store.parking.release
+        assert release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic()) == []  # (the ramp starts)
+        clock.advance(1.0)
+        assert release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic()) == [("t1:1", "one")]
+    assert any(f"ou='{open_until}'" in m for m in warnings_naming(caplog, "breaker svc"))
+    # This process's view (open until its own reading said) ends; then it finds it reset, CLOSED.
+    clock.advance(5.0)
+    assert breaker.call(ok) == "ok"
+    assert state_of(breaker) is State.CLOSED
+
+
+def test_a_nan_half_open_slot_count_is_reset(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """'nan' probes succeeded: every probe slot looked taken for ever."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    fail(breaker, 2)
+    clock.advance(5.0)
+    store._cells[("svc", None)].acquire(breaker.policy, clock.monotonic())  # HALF_OPEN, one probe out
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        server.hset(state_key(store), "hos", "nan")
+        assert breaker.call(ok) == "ok"
+    assert any("hos='nan'" in m for m in warnings_naming(caplog, "breaker svc"))
+    assert state_of(breaker) is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("gen", "inf"), ("gen", "-1"), ("gen", "1.5"), ("gen", "1e300"), ("nl", "nan"), ("ok", "-inf"),
+        ("tr", ""), ("stk", "nan"), ("run", "1e999"), ("oa", "nan"), ("ls", "-inf"), ("lf", "1e300"),
+        ("od", "inf"), ("od", "-5"), ("hos", "nan"), ("st", "ajar"), ("inc", "nan"), ("inc", "1\n2"),
+        ("nm", "someone else"), ("ky", "+k"), ("pol", '{"v":3,"rules":[],"reset_timeout":1}'),
+    ],
+)  # fmt: skip
+def test_every_field_of_the_state_hash_is_checked(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture, field: str, value: str
+) -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    fail(breaker)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        server.hset(state_key(store), field, value)
+        assert breaker.snapshot().failures == 0  # (a script call: the reset one's)
+    (warning,) = warnings_naming(caplog, "breaker svc: reset unreadable state in Redis")
+    assert state_key(store) in warning
+    fail(breaker, 2)
+    assert state_of(breaker) is State.OPEN
+
+
+@pytest.mark.parametrize(
+    ("policy", "corrupt", "named"),
+    [
+        pytest.param(POLICY, lambda r, k: r.rpush(k[1], "nan"), "'nan'", id="failure-time-nan"),
+        pytest.param(POLICY, lambda r, k: r.rpush(k[1], "1e300"), "'1e300'", id="failure-time-future"),
+        pytest.param(
+            {"failure_threshold": None, "failure_rate_threshold": 0.9, "minimum_calls": 2},
+            lambda r, k: r.hset(k[3], "h", "99999999999999"), "h=", id="bucket-head-ahead",
+        ),
+        pytest.param(
+            {"failure_threshold": None, "failure_rate_threshold": 0.9, "minimum_calls": 2},
+            lambda r, k: r.hset(k[3], "0", "0:1:5:0"), "'0:1:5:0'", id="bucket-more-failures-than-calls",
+        ),
+        pytest.param(
+            {"failure_threshold": None, "failure_rate_threshold": 0.9, "count_window": 2, "minimum_calls": 2},
+            lambda r, k: r.set(k[2], "xx"), "byte", id="ring-byte-unwritten",
+        ),
+        pytest.param(
+            {"failure_threshold": None, "failure_rate_threshold": 0.9, "count_window": 4, "minimum_calls": 2},
+            lambda r, k: r.hset(k[0], "wc", "3"), "count window", id="ring-totals-disagree",
+        ),
+    ],
+)  # fmt: skip
+def test_windows_holding_values_no_script_wrote_are_cleared(
+    store: RedisStore,
+    server: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+    policy: dict[str, Any],
+    corrupt: Any,
+    named: str,
+) -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", policy, storage=store, clock=clock)
+    breaker.call(ok)
+    fail(breaker)  # (a count window of 2 is full: its next outcome evicts one)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        corrupt(server, store.keys_for("svc", None))
+        breaker.call(ok)
+        fail(breaker)
+        breaker.snapshot()
+    assert any(named in m for m in warnings_naming(caplog, "breaker svc"))
+    for _ in range(12):
+        if state_of(breaker) is State.OPEN:
+            break
+        fail(breaker)
+    assert state_of(breaker) is State.OPEN
+
+
+def test_unreadable_probe_leases_are_dropped(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", {**POLICY, "half_open_max_calls": 1}, storage=store, clock=clock)
+    fail(breaker, 2)
+    clock.advance(5.0)
+    store._cells[("svc", None)].acquire(breaker.policy, clock.monotonic())  # the one slot taken
+    leases = store.keys_for("svc", None)[4]
+    ((lease, _),) = server.hgetall(leases).items()
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        server.hset(leases, lease, "inf")  # a slot held for ever
+        assert breaker.call(ok) == "ok"  # the slot is free again: a probe, which closes it
+    assert any("'inf'" in m and leases in m for m in warnings_naming(caplog, "breaker svc"))
+    assert state_of(breaker) is State.CLOSED
+
+
+def test_a_generation_that_went_back_is_moved_past_what_views_saw(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A whole but lower generation (a foreign write, a failover losing writes): a process
+    whose view is ahead would ignore every reply and fence every outcome it admitted."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    fail(breaker, 2)
+    clock.advance(5.0)
+    assert breaker.call(ok) == "ok"  # generation 2: HALF_OPEN, then 3: CLOSED
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        server.hset(state_key(store), "gen", "0")
+        for _ in range(3):  # (the first failure was admitted under the view's generation: fenced)
+            fail(breaker)
+            if state_of(breaker) is State.OPEN:
+                break
+    assert state_of(breaker) is State.OPEN
+    assert any("went back from 3" in m for m in warnings_naming(caplog, "breaker svc"))
+
+
+def test_a_script_failing_on_its_data_is_run_again_and_resets_the_breaker(
+    store: RedisStore, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure no check foresaw (a Lua error on some value) resets the breaker once; the call goes on."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    fail(breaker)
+    run, sent = store.run, []
+
+    def failing_once(script: str, keys: list[Any], args: list[Any]) -> list[Any]:
+        sent.append(args[2])
+        if len(sent) == 1:
+            raise StorageError("acquire failed") from ResponseError("user_script:9: attempt to compare nil with number")
+        return run(script, keys, args)
+
+    monkeypatch.setattr(store, "run", failing_once)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert breaker.snapshot().failures == 0  # a fresh breaker
+    assert [text.split(";")[5] for text in sent[:2]] == ["0", RESET]
+    (warning,) = warnings_naming(caplog, "breaker svc: reset unreadable state in Redis")
+    assert "attempt to compare nil" in warning
+    monkeypatch.undo()
+    fail(breaker, 2)
+    assert state_of(breaker) is State.OPEN
+
+
+@pytest.mark.parametrize(
+    ("message", "damage"),
+    [
+        ("WRONGTYPE Operation against a key holding the wrong kind of value script: 1, on @user_script:3.", "types"),
+        ("user_script:9: attempt to compare nil with number script: 1, on @user_script:9.", "data"),
+        ("value is not a valid float script: 1, on @user_script:4.", "data"),
+        ("user_script:720: celery-breaker: unparsable policy script: 1", "refused"),
+        ("celery-breaker: park needs a finite numeric order", "refused"),
+        ("BUSY Redis is busy running a script.", "store"),
+        ("MASTERDOWN Link with MASTER is down", "store"),
+    ],
+)
+def test_failures_are_told_apart(message: str, damage: str) -> None:
+    assert classify(ResponseError(message)) == damage
+    assert repair_for(ResponseError(message)) == {"types": CHECK_TYPES, "data": RESET}.get(damage, "")
+    assert classify(redis.ConnectionError("gone")) == "store"
+    assert classify(redis.exceptions.ReadOnlyError("READONLY")) == "store"
+
+
+def test_a_transition_no_script_could_publish_is_ignored(store: RedisStore) -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    assert breaker.call(ok) == "ok"
+    cell = store._cells[("svc", None)]
+    incarnation = cell._incarnation
+    for forged in (b"\nx\n-1\nopen\n1", b"\nx\n9\nopen\nnan", b"\nx\n9\nopen\ninf", b"\nx\n9\nopen\n1e300"):
+        store.hear(state_key(store).encode() + forged)
+    assert (cell._incarnation, cell.state) == (incarnation, State.CLOSED)
+
+
+# -- parking -----------------------------------------------------------------------
+
+
+#: Each parking key (parking.py PARKING_SUFFIXES) and the type it holds.
+PARKING_TYPES = {":q": "zset", ":m": "hash", ":c": "zset", ":d": "zset", ":p": "hash"}
+KINDS = ("string", "list", "set", "zset", "hash")
+
+
+@pytest.mark.parametrize(
+    ("suffix", "kind"),
+    [(suffix, kind) for suffix in PARKING_SUFFIXES for kind in KINDS if kind != PARKING_TYPES[suffix]],
+)
+def test_a_parking_key_of_another_type_is_repaired_by_a_release_and_loses_no_task(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture, suffix: str, kind: str
+) -> None:
+    clock = FakeClock()
+    CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    for i in range(3):
+        store.parking.park("svc", None, f"t{i}:1", 100.0 + i, f"payload {i}", None)
+    store.parking.park("other", None, "o:1", 1.0, "other", None)
+    tag = store.parking.tag("svc", None)
+    wanted = PARKING_TYPES[suffix]
+    release = store.parking.release
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        replace(server, tag + suffix, kind)
+        first = release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())
+        clock.advance(1.0)
+        second = release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())
+    (warning,) = warnings_naming(caplog, "breaker svc: repaired what no script writes in Redis, while handling")
+    assert f"{tag}{suffix} held a {kind}, expected a {wanted}" in warning
+    released = [entry for entry, _ in first + second]
+    # Every entry whose message survived goes; only a replaced messages hash loses them.
+    assert released == ([] if suffix == ":m" else ["t0:1", "t1:1", "t2:1"])
+    assert store.parking.count(store.parking.tag("other", None)) == (1, 0)
+
+
+@pytest.mark.parametrize("suffix", [":q", ":c"])
+def test_counting_and_purging_repair_a_parking_key_of_another_type(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture, suffix: str
+) -> None:
+    for name in ("a", "b", "c"):
+        store.parking.park(name, None, f"{name}:1", 1.0, name, None)
+    tags = store.parking.tags()
+    bad = store.parking.tag("b", None)
+    replace(server, bad + suffix, "string")
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert store.parking.counts(tags) == dict.fromkeys(tags, (1, 0))  # b's entry requeued from its message
+    assert warnings_naming(caplog, "breaker b: repaired")
+    replace(server, bad + suffix, "string")
+    assert store.parking.count(bad) == (1, 0)
+    replace(server, bad + suffix, "string")
+    assert store.parking.purge(bad) == 1
+
+
+def test_wrong_claims_deadlines_orders_and_pacing_are_repaired(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    breaker.force_open()
+    tag = store.parking.tag("svc", None)
+    for i in range(4):
+        store.parking.park("svc", None, f"t{i}:1", 100.0 + i, f"p{i}", None)
+    server.zadd(tag + ":c", {"t0:1": float("inf")})  # claimed for ever
+    server.zrem(tag + ":q", "t0:1")
+    server.zadd(tag + ":d", {"t1:1": float("-inf")})  # a deadline no caller gave
+    server.zadd(tag + ":q", {"t2:1": float("inf")})  # an order no caller gave
+    server.hset(tag + ":m", "t3:1", "nan\np3")  # an order no caller gave, in its message
+    server.zadd(tag + ":c", {"t3:1": 0.0})  # (its lease ran out: requeued from its message)
+    server.zrem(tag + ":q", "t3:1")
+    server.hset(tag + ":p", mapping={"gen": "x", "since": "inf", "tokens": "nan", "at": "inf"})
+    release = store.parking.release
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic()) == []  # forced open
+        breaker.close()
+        assert release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic()) == []
+        clock.advance(1.0)
+        released = release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())
+    assert sorted(entry for entry, _ in released) == ["t0:1", "t1:1", "t2:1", "t3:1"]
+    text = " ".join(warnings_naming(caplog, "breaker svc: repaired"))
+    for named in ("claim deadline 'inf'", "deadline '-inf'", "order 'inf'", "order 'nan'", "pacing gen='x'"):
+        assert named in text
+
+
+def test_the_index_and_the_marker_of_another_type_are_replaced(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    parking = store.parking
+    parking.park("a", None, "a:1", 1.0, "a", None)
+    parking.park("b", "k", "b:1", 1.0, "b", None)
+    replace(server, parking.index, "string")
+    replace(server, parking.marker, "list")
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert [parking.label(tag) for tag in parking.tags()] == ["a", "b[k]"]  # rebuilt from the parked entries
+        assert parking.epoch() is None  # (its epoch is gone with it)
+        parking.park("c", None, "c:1", 1.0, "c", None)
+        assert parking.epoch() is not None
+    messages = " ".join(r.getMessage() for r in caplog.records)
+    assert f"{parking.index} held a string, expected a set" in messages
+    assert f"{parking.marker} held a list, expected a hash" in messages
+    replace(server, parking.index, "hash")
+    parking.park("d", None, "d:1", 1.0, "d", None)  # (its index entry: after the repair)
+    assert [parking.label(tag) for tag in parking.tags()] == ["a", "b[k]", "c", "d"]
+
+
+def test_index_members_that_name_no_breaker_are_dropped(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    parking = store.parking
+    parking.park("a", None, "a:1", 1.0, "a", None)
+    server.sadd(parking.index, "foo", b"\xff{x}", "{other-prefix:a}", "{" + store.quoted_prefix + ":a b}")
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert [parking.label(tag) for tag in parking.tags()] == ["a"]
+    assert "dropped 4 member(s)" in caplog.text
+    assert "rebuilt it from the parked entries" in caplog.text
+    assert server.scard(parking.index) == 1
+    with pytest.raises(StorageError, match="no breaker of this store"):
+        parking.release("foo", most=1, pace=1.0, ramp=0.0, lease=1.0)
+
+
+def test_one_tags_failure_leaves_the_others_released(
+    store: RedisStore, server: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``release`` raises for its own tag only: Redis failing on that tag's keys."""
+    clock = FakeClock()
+    for name in ("a", "b", "c"):
+        store.parking.park(name, None, f"{name}:1", 1.0, name, None)
+    bad = store.parking.tag("b", None)
+    eval_ = store.eval
+
+    def failing_for_b(script: str, keys: Any, args: Any, *, doing: str) -> Any:
+        if keys[0].startswith(bad):
+            raise StorageError(f"{doing} failed") from redis.exceptions.ReadOnlyError("READONLY")
+        return eval_(script, keys, args, doing=doing)
+
+    monkeypatch.setattr(store, "eval", failing_for_b)
+    released, failed = [], []
+    for _ in range(2):
+        for tag in store.parking.tags():
+            try:
+                released += store.parking.release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())
+            except StorageError:
+                failed.append(tag)
+        clock.advance(1.0)
+    assert sorted(entry for entry, _ in released) == ["a:1", "c:1"]
+    assert set(failed) == {bad}
+
+
+# -- listings ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("topology", ["redis", "cluster"])
+@pytest.mark.parametrize("which", [0, 1, 4])  # (keys a snapshot reads: state, failure times, leases)
+def test_one_wrong_typed_breaker_never_stops_a_listing(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture, topology: str, which: int
+) -> None:
+    url = request.getfixturevalue("redis_url" if topology == "redis" else "redis_cluster_url")
+    store = RedisStore.from_url(f"{url}?time=client&key_prefix={unique_prefix()}")
+    client: Any = store.client()
+    clock = FakeClock()
+    names = [f"b{i}" for i in range(6)]
+    for name in names:
+        fail(CircuitBreaker(name, POLICY, storage=store, clock=clock))
+    bad = store.keys_for("b3", None)[which]
+    client.delete(bad)
+    client.set(bad, "junk")
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        listed = sorted(s.name for s in store.snapshots(clock))
+    assert listed == [n for n in names if n != "b3"]  # reset: no policy to show it with
+    (warning,) = warnings_naming(caplog, "breaker b3")
+    assert f"{bad} held a string" in warning
+    assert sorted(s.name for s in store.snapshots(clock)) == [n for n in names if n != "b3"]
+
+
+def test_a_listing_leaves_out_what_it_cannot_read_and_lists_the_rest(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    for name in ("a", "b", "c", "d"):
+        fail(CircuitBreaker(name, POLICY, storage=store, clock=clock))
+    server.hset(state_key(store, "b"), "gen", "nan")  # reset: left out, reported
+    server.hset(state_key(store, "c"), "nm", "someone")  # another breaker's hash: left alone
+    server.hset("{" + store.quoted_prefix + ":a b}:s", "st", "closed")  # no key this store writes
+    server.hset("{" + store.quoted_prefix + ":%zz}:s", "st", "closed")
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert sorted(s.name for s in store.snapshots(clock)) == ["a", "d"]
+    assert any("gen='nan'" in m for m in warnings_naming(caplog, "breaker b: reset unreadable"))
+    assert warnings_naming(caplog, "left {" + store.quoted_prefix + ":c}:s out of the listing")
+    assert len(warnings_naming(caplog, "not a key this store writes")) == 2
+    assert server.hget(state_key(store, "c"), "nm") == b"someone"  # untouched
+
+
+def test_a_listing_leaves_an_earlier_colliding_prefixs_breakers_alone(
+    redis_url: str, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before prefixes were quoted, prefix ``P:x`` kept breaker ``y`` under ``{P:x:y}``,
+    which prefix ``P`` now reads as its breaker ``x`` with key ``y``: never reset by a listing."""
+    base = unique_prefix()
+    clock = FakeClock()
+    old = RedisStore.from_url(f"{redis_url}?time=client&key_prefix={base}")
+    CircuitBreaker("mine", POLICY, storage=old, clock=clock).call(ok)
+    theirs = "{" + base + ":x:y}:s"  # what the earlier release wrote for prefix P:x, breaker y
+    server.hset(theirs, mapping={"st": "forced_open", "nm": "y", "ky": "-", "gen": "4"})
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert [s.name for s in old.snapshots(clock)] == ["mine"]
+    assert warnings_naming(caplog, f"left {theirs} out of the listing")
+    assert server.hgetall(theirs) == {b"st": b"forced_open", b"nm": b"y", b"ky": b"-", b"gen": b"4"}
+
+
+def test_a_foreign_history_is_reported_when_read_and_replaced_when_written(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    history = store.history
+    server.set(history.key("crm", "t/1"), "junk")
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert history.read("crm", "t/1") == []
+        history.append("crm", "t/1", '{"state":"closed"}', ttl=60.0, now=1000.0)
+    messages = warnings_naming(caplog, "breaker crm[t/1]")
+    assert "none read (the next record replaces it)" in messages[0]
+    assert "held a string, not a history; replaced it" in messages[1]
+    server.zadd(history.key("crm", "t/1"), {'{"at":1e300}': 1e300})
+    server.zadd(history.key("crm", "t/1"), {b"\xff\xfe": 1000.0})
+    history.append("crm", "t/1", '{"state":"open"}', ttl=60.0, now=1001.0)
+    assert len(history.read("crm", "t/1")) == 3  # the entry from the far future is gone; bytes read as text

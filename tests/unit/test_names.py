@@ -1,0 +1,100 @@
+"""The one rule for breaker names and keys, and labels that read back as the breaker they name (Hypothesis)."""
+
+from __future__ import annotations
+
+import pytest
+from celery import Celery
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from celery_breaker import BreakerTask, CircuitBreaker, ConfigurationError
+from celery_breaker.errors import BreakerKeyError
+from celery_breaker.integration.inventory import check_app
+from celery_breaker.integration.settings import build_settings
+from celery_breaker.labels import LABEL_MARKS, breaker_label, split_label
+from celery_breaker.names import MAX_NAME_LENGTH, check_key, check_name
+from celery_breaker.testing import fresh_store
+
+
+def valid(name: str) -> bool:
+    try:
+        check_name(name)
+    except ConfigurationError:
+        return False
+    return True
+
+
+#: Any Unicode text the rule accepts as a name.
+NAMES = st.text(min_size=1, max_size=MAX_NAME_LENGTH).filter(valid)
+#: Any key at all: a task computes its keys from its arguments.
+KEYS = st.none() | st.text(max_size=300)
+
+
+@settings(max_examples=500, deadline=None)
+@given(NAMES, KEYS)
+def test_every_label_reads_back_as_the_breaker_it_names(name: str, key: str | None) -> None:
+    assert split_label(breaker_label(name, key)) == (name, key)
+
+
+@settings(max_examples=300, deadline=None)
+@given(NAMES, KEYS, NAMES, KEYS)
+def test_two_breakers_never_share_a_label(name: str, key: str | None, other: str, other_key: str | None) -> None:
+    if (name, key) != (other, other_key):
+        assert breaker_label(name, key) != breaker_label(other, other_key)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=1), st.sampled_from(LABEL_MARKS), st.text())
+def test_a_name_holding_a_bracket_is_refused(before: str, mark: str, after: str) -> None:
+    with pytest.raises(ConfigurationError):
+        check_name(before + mark + after)
+
+
+def test_the_ambiguous_labels_of_before_cannot_be_made() -> None:
+    """Breaker ``v[2]`` with key ``k`` read back as breaker ``v`` with key ``2][k``; and
+    ``L[K]`` (a name) and ``L`` with key ``K`` were both ``L[K]``."""
+    with pytest.raises(ConfigurationError, match=r"'v\[2\]' holds '\['.*e\.g\. 'v\(2\)'"):
+        CircuitBreaker("v[2]", storage=fresh_store(), key="k")
+    with pytest.raises(ConfigurationError, match="brackets"):
+        check_name("L[K]", "breaker_policies key 'L[K]'")
+    assert split_label("L[K]") == ("L", "K")
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("", "non-empty"),
+        (" crm", "whitespace"),
+        ("crm\n", "whitespace"),
+        ("c\x00rm", "control character"),
+        ("c\u2028rm", "control character"),
+        ("x" * (MAX_NAME_LENGTH + 1), f"at most {MAX_NAME_LENGTH}"),
+        ("crm]", "brackets"),
+    ],
+)
+def test_a_bad_name_is_refused_naming_where_it_came_from(name: str, says: str) -> None:
+    with pytest.raises(ConfigurationError, match=says) as info:
+        check_name(name, "breaker_routes['tasks.*']")
+    assert str(info.value).startswith("breaker_routes['tasks.*']")
+
+
+def test_the_rule_holds_for_tasks_settings_and_the_api_alike() -> None:
+    app = Celery("names", set_as_current=False)
+    app.conf.update(breaker_storage_url="memory://names")
+
+    @app.task(base=BreakerTask, shared=False, name="names.bracketed", breaker="crm[eu]")
+    def bracketed() -> None: ...
+
+    with pytest.raises(ConfigurationError, match=r"task 'names\.bracketed': the breaker option"):
+        check_app(app)
+    app.conf.update(breaker_routes={"names.*": "bad\nname"})
+    with pytest.raises(ConfigurationError, match=r"breaker_routes\['names\.\*'\]"):
+        build_settings(app.conf)
+    with pytest.raises(ConfigurationError, match="CircuitBreaker name"):
+        CircuitBreaker("a" * (MAX_NAME_LENGTH + 1), storage=fresh_store())
+
+
+@pytest.mark.parametrize("key", ["", " tenant", "tenant\t", "a\x7fb"])
+def test_an_operators_key_must_be_printable_text(key: str) -> None:
+    with pytest.raises(BreakerKeyError):
+        check_key(key)

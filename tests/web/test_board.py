@@ -1,0 +1,226 @@
+"""The page's data (``Board``) and the checks every request meets, in-process: a fake clock, scripted readings."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from celery_breaker.core import BreakerSnapshot, State
+from celery_breaker.errors import ConfigurationError, StorageError
+from celery_breaker.monitoring.status import BreakerStatus
+from celery_breaker.ops.board import Board
+from celery_breaker.ops.web import (
+    TOKEN_ENV,
+    host_allowed,
+    load_token,
+    loopback,
+    loopback_hosts,
+    same_origin,
+)
+from celery_breaker.testing import FakeClock
+
+
+def status(
+    name: str,
+    state: State = State.CLOSED,
+    *,
+    key: str | None = None,
+    generation: int = 0,
+    successes: int = 0,
+    rejections: int = 0,
+    deferrals: int = 0,
+    trips: int = 0,
+    parked: int = 0,
+    claimed: int = 0,
+    opened_at: float | None = None,
+    retry_after: float | None = None,
+) -> BreakerStatus:
+    snapshot = BreakerSnapshot(
+        name=name,
+        key=key,
+        state=state,
+        generation=generation,
+        failures=trips,
+        successes=successes,
+        rejections=rejections,
+        deferrals=deferrals,
+        trips=trips,
+        last_failure=None,
+        last_success=None,
+        opened_at=opened_at,
+        open_until=None,
+        retry_after=retry_after,
+        window_calls=4,
+        window_failures=1,
+        window_slow_calls=0,
+        probes_in_flight=0,
+    )
+    return BreakerStatus(snapshot, parked, claimed)
+
+
+def scripted(*readings: list[BreakerStatus] | Exception) -> Callable[[], list[BreakerStatus]]:
+    """A store reader that answers ``readings`` in turn (an exception is raised)."""
+    pending = iter(readings)
+
+    def read() -> list[BreakerStatus]:
+        reading = next(pending)
+        if isinstance(reading, Exception):
+            raise reading
+        return reading
+
+    return read
+
+
+def test_rates_come_from_the_change_between_two_readings_and_the_backlog_drains_with_progress() -> None:
+    clock = FakeClock()
+    board = Board(
+        scripted(
+            [status("crm", key="t-3", successes=10), status("partner-api", trips=0, parked=0)],
+            [
+                status("crm", key="t-3", successes=30),
+                status(
+                    "partner-api",
+                    State.OPEN,
+                    generation=1,
+                    trips=1,
+                    rejections=8,
+                    deferrals=8,
+                    parked=8,
+                    opened_at=clock.time() + 1,
+                    retry_after=28.0,
+                ),
+            ],
+            [
+                status("crm", key="t-3", successes=40),
+                status("partner-api", generation=2, trips=1, rejections=8, deferrals=8, parked=2, claimed=2),
+            ],
+        ),
+        store="redis://127.0.0.1/0",
+        interval=1.0,
+        clock=clock,
+    )
+    board.refresh()
+    first = board.view()
+    assert [row["label"] for row in first["breakers"]] == ["crm[t-3]", "partner-api"]
+    assert first["breakers"][0]["calls_per_s"] is None  # one reading: no rate yet
+    assert first["breakers"][0]["in_state"] == "-"  # in its state since before the first reading
+
+    clock.advance(2.0)
+    board.refresh()
+    crm, partner = board.view()["breakers"]
+    assert crm["calls_per_s"] == 10.0
+    assert (partner["state"], partner["rejections_per_s"], partner["deferrals_per_s"]) == ("open", 4.0, 4.0)
+    assert (partner["open_until"], partner["parked"], partner["released_per_s"]) == ("in 28.0 s", 8, 0.0)
+    assert board.view()["summary"] == [{"state": "open", "count": 1}, {"state": "closed", "count": 1}]
+    [change] = board.view()["changes"]
+    assert (change["label"], change["source"], change["target"], change["reason"]) == (
+        "partner-api",
+        "closed",
+        "open",
+        "trip",
+    )
+
+    clock.advance(1.0)
+    board.refresh()
+    partner = board.view()["breakers"][1]
+    # 8 parked, then 2 parked and 2 claimed: 4 left the parking in 1 s, of a peak of 8.
+    assert (partner["released_per_s"], partner["backlog_peak"], partner["claimed"]) == (4.0, 8, 2)
+    assert [c["target"] for c in board.view()["changes"]] == ["open", "closed"]
+
+
+def test_a_failed_reading_keeps_the_last_view_with_the_error_and_the_next_one_clears_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    board = Board(
+        scripted(
+            [status("crm")],
+            StorageError("redis store redis://:***@h/0: listing breakers failed"),
+            RuntimeError("a bug"),
+            [status("crm"), status("billing")],
+        ),
+        store="redis://:***@h/0",
+        interval=0.5,
+        clock=clock,
+    )
+    board.refresh()
+    board.refresh()
+    view = board.view()
+    assert [row["label"] for row in view["breakers"]] == ["crm"]
+    assert view["error"].startswith("store unreachable at ")
+    assert view["error"].endswith("listing breakers failed; showing the last reading, retrying")
+    with caplog.at_level(logging.ERROR, logger="celery_breaker"):
+        board.refresh()
+    assert "reading the breakers failed" in board.view()["error"]
+    assert "RuntimeError: a bug" in caplog.text
+    board.refresh()
+    assert board.view()["error"] is None
+    assert [row["label"] for row in board.view()["breakers"]] == ["crm", "billing"]  # as read
+
+
+def test_the_first_reading_raises_so_the_command_exits_as_watch_does() -> None:
+    board = Board(scripted(StorageError("down")), store="redis://h/0", interval=1.0)
+    with pytest.raises(StorageError):
+        board.refresh(raising=True)
+
+
+def test_the_reader_thread_reads_at_once_when_woken_and_stops_when_told() -> None:
+    read = threading.Event()
+
+    def reading() -> list[BreakerStatus]:
+        read.set()
+        return []
+
+    board = Board(reading, store="redis://h/0", interval=60.0)
+    reader = threading.Thread(target=board.run)
+    reader.start()
+    board.wake()  # an action was taken: read now, not in 60 s
+    assert read.wait(timeout=5)
+    board.stop()
+    reader.join(timeout=5)
+    assert not reader.is_alive()
+
+
+def test_only_loopback_is_served_without_allow_remote_and_only_under_its_own_names() -> None:
+    assert loopback("127.0.0.1")
+    assert loopback("::1")
+    assert loopback("localhost")
+    assert loopback("127.0.0.2")
+    assert not loopback("0.0.0.0")
+    assert not loopback("192.168.1.4")
+    assert not loopback("breakers.example")
+    hosts = loopback_hosts("127.0.0.1", 8787)
+    assert host_allowed("127.0.0.1:8787", hosts)
+    assert host_allowed("localhost:8787", hosts)
+    assert host_allowed("[::1]:8787", hosts)
+    # DNS rebinding: another site's name resolving to 127.0.0.1 reaches the server with its own Host.
+    assert not host_allowed("evil.example:8787", hosts)
+    assert not host_allowed(None, hosts)
+    assert host_allowed("breakers.internal:8787", None)  # --allow-remote: any name
+
+
+def test_an_action_request_must_come_from_the_page_itself() -> None:
+    assert same_origin("http://127.0.0.1:8787", "127.0.0.1:8787")
+    assert same_origin("https://breakers.internal", "breakers.internal")  # behind a TLS proxy
+    assert not same_origin("http://evil.example", "127.0.0.1:8787")
+    assert not same_origin("null", "127.0.0.1:8787")  # a sandboxed frame, a file:// page
+    assert not same_origin(None, "127.0.0.1:8787")
+
+
+def test_the_token_comes_from_a_file_or_the_environment_and_is_long_enough(tmp_path: Path) -> None:
+    token = "x" * 32
+    path = tmp_path / "token"
+    path.write_text(token + "\n")
+    assert load_token(str(path), {}) == token
+    assert load_token(None, {TOKEN_ENV: f"  {token} "}) == token
+    assert load_token(str(path), {TOKEN_ENV: "y" * 32}) == token  # the file wins
+    with pytest.raises(ConfigurationError, match=f"needs a token: .*--token-file PATH.*{TOKEN_ENV}"):
+        load_token(None, {})
+    with pytest.raises(ConfigurationError, match="has 5 characters; use at least 16"):
+        load_token(None, {TOKEN_ENV: "short"})
+    with pytest.raises(ConfigurationError, match="cannot read the token in --token-file"):
+        load_token(str(tmp_path / "missing"), {})

@@ -1,0 +1,330 @@
+"""``celery breaker web`` in a real headless Chromium, against a real Redis, started as an operator starts it.
+
+Every wait polls the page's DOM (the page itself polls the server every 0.2 s here);
+nothing sleeps for a fixed time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from selenium.webdriver.chrome.webdriver import WebDriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions
+from selenium.webdriver.support.ui import WebDriverWait
+
+from celery_breaker import CircuitOpenError, State
+from celery_breaker.storage import Parking, describe_url, flush_stores, resolve_store
+from tests.servers import RedisServer
+
+from .conftest import WebProcess, breaker, request
+
+pytestmark = pytest.mark.slow
+
+INTERVAL = "0.2"
+
+#: Each row as the page shows it: its label, state, each cell's text (by class) and its buttons.
+ROWS_JS = """
+return Array.from(document.querySelectorAll('#breakers tbody tr')).map(tr => {
+  const row = {label: tr.dataset.label, state: tr.dataset.state};
+  for (const td of tr.querySelectorAll('td')) row[td.classList[0]] = td.textContent.trim();
+  row.buttons = Array.from(tr.querySelectorAll('button')).map(button => button.dataset.action);
+  return row;
+});
+"""
+
+
+def rows(browser: WebDriver) -> dict[str, dict[str, Any]]:
+    return {row["label"]: row for row in browser.execute_script(ROWS_JS)}
+
+
+def until(browser: WebDriver, holds: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    """Poll the page until ``holds()`` is true; its value."""
+    return WebDriverWait(browser, timeout, poll_frequency=0.05).until(lambda _: holds(), message=what)
+
+
+def screenshot(browser: WebDriver, path: Path) -> None:
+    """The page down to its last line (not the window's empty rest), as a PNG."""
+    browser.find_element(By.TAG_NAME, "body").screenshot(str(path))
+
+
+def shown(browser: WebDriver, element_id: str) -> str:
+    element = browser.find_element(By.ID, element_id)
+    return str(element.text) if element.is_displayed() else ""
+
+
+class Traffic:
+    """What workers do to the store: calls through closed breakers; on open ones, rejected
+    calls whose tasks are deferred and parked."""
+
+    def __init__(self, url: str, *labels: tuple[str, str | None]) -> None:
+        self.breakers = {_label(name, key): breaker(url, name, key) for name, key in labels}
+        parking = resolve_store(url).parking
+        assert parking is not None
+        self.parking: Parking = parking
+
+    def tick(self, calls: int = 3) -> None:
+        for guard in self.breakers.values():
+            for _ in range(calls):
+                try:
+                    guard.call(lambda: None)
+                except CircuitOpenError:
+                    guard.note_deferral()
+                    snapshot = guard.snapshot()
+                    self.parking.park(snapshot.name, snapshot.key, uuid.uuid4().hex, 0.0, "{}", None)
+        flush_stores()  # the counts reach Redis now, as a worker's agent sends them about every second
+
+    def fail(self, label: str, *, times: int | None = None) -> None:
+        """Failing calls through ``label``: ``times``, or until it trips."""
+        guard = self.breakers[label]
+        for _ in range(times or 1000):
+            with contextlib.suppress(ConnectionError, CircuitOpenError):
+                guard.call(_partner_down)
+            if times is None and guard.state is State.OPEN:
+                return
+        assert times is not None, f"{label} did not trip"
+
+
+def _label(name: str, key: str | None) -> str:
+    return name if key is None else f"{name}[{key}]"
+
+
+def _partner_down() -> None:
+    raise ConnectionError("partner API down")
+
+
+LABELS = [("billing", None), ("crm", "tenant-3"), ("crm", "tenant-7"), ("partner-api", None), ("search", None)]
+
+
+def test_the_page_shows_every_breaker_and_an_outage_as_it_happens(
+    browser: WebDriver, store_url: str, screenshots: Path
+) -> None:
+    password = store_url.split("@", maxsplit=1)[0].rsplit(":", 1)[1]
+    traffic = Traffic(store_url, *LABELS)
+    traffic.tick()
+    traffic.breakers["search"].disable()
+    with WebProcess(store_url, "--interval", INTERVAL) as web:
+        assert f"Serving the breakers of {describe_url(store_url)} at http://127.0.0.1:" in web.stdout
+        browser.get(web.url)
+
+        traffic.fail("crm[tenant-3]", times=1)
+
+        def calls_flowing() -> bool:
+            traffic.tick()
+            shown_rows = rows(browser)
+            return len(shown_rows) == 5 and shown_rows["billing"]["calls"] not in ("", "-", "0.0")
+
+        until(browser, calls_flowing, "every breaker listed, with its calls per second")
+        page = rows(browser)
+        assert list(page) == ["billing", "crm[tenant-3]", "crm[tenant-7]", "partner-api", "search"]
+        assert [page[label]["state"] for label in page] == ["closed", "closed", "closed", "closed", "disabled"]
+        assert page["crm[tenant-3]"]["breaker"] == "crm [tenant-3]"
+        assert page["crm[tenant-3]"]["rate"].endswith("%")
+        assert page["crm[tenant-3]"]["rate"] != "0%"  # 1 failure among the calls in the window
+        assert all(row["buttons"] == [] for row in page.values())  # no --allow-actions: no buttons
+        assert not browser.find_element(By.ID, "token-box").is_displayed()
+        assert shown(browser, "store") == describe_url(store_url)
+        screenshot(browser, screenshots / "web-closed.png")
+
+        # The outage: the partner API fails, its breaker trips; an operator holds crm[tenant-7].
+        traffic.fail("partner-api")
+        traffic.breakers["crm[tenant-7]"].force_open()
+
+        def outage_shown() -> bool:
+            traffic.tick()
+            now = rows(browser)
+            partner = now["partner-api"]
+            return (
+                partner["state"] == "open"
+                and partner["until"].startswith("in ")
+                and partner["deferred"] not in ("-", "0.0")
+                and int(partner["parked"].split(" / ")[0]) >= 30
+                and now["crm[tenant-7]"]["state"] == "forced_open"
+            )
+
+        until(browser, outage_shown, "the trip, its deferrals and parked tasks on the page")
+        partner = rows(browser)["partner-api"]
+        assert (partner["trips"], partner["rejected"] != "0.0") == ("1", True)
+        assert rows(browser)["crm[tenant-7]"]["until"] == "until closed"
+        changes = shown(browser, "changes")
+        assert "partner-api  closed -> open  (trip; open for 1m00s)" in changes
+        assert "crm[tenant-7]  closed -> forced_open  (operator)" in changes
+        assert shown(browser, "summary").split() == [
+            "5",
+            "breakers",
+            "1",
+            "forced_open",
+            "1",
+            "open",
+            "2",
+            "closed",
+            "1",
+            "disabled",
+        ]
+        assert browser.title == "2 not closed · Breakers · celery-breaker"
+        screenshot(browser, screenshots / "web-open.png")
+
+        # The store's password is in no page, no reading and no output.
+        assert password not in browser.page_source
+        status, view = request(web.url + "api/breakers")
+        assert status == 200
+        assert password not in str(view)
+        assert view["store"] == describe_url(store_url)
+        assert (
+            request(
+                web.url + "api/actions",
+                method="POST",
+                body={"action": "close", "name": "partner-api"},
+                headers={"Origin": web.url.rstrip("/"), "Content-Type": "application/json"},
+            )[0]
+            == 404
+        )
+    assert web.process.returncode == 0
+    assert password not in web.stdout + web.stderr()
+    for name in ("web-closed.png", "web-open.png"):
+        assert 10_000 < (screenshots / name).stat().st_size < 300_000
+
+
+def test_actions_need_the_opt_in_and_the_token_and_refuse_other_origins(
+    browser: WebDriver, store_url: str, tmp_path: Path, screenshots: Path
+) -> None:
+    token = "s3cr3t-" + uuid.uuid4().hex
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    traffic = Traffic(store_url, ("partner-api", None), ("crm", "tenant-3"))
+    traffic.tick()
+    traffic.breakers["partner-api"].force_open()
+    traffic.tick(calls=20)  # 20 tasks parked behind partner-api
+    with WebProcess(store_url, "--interval", INTERVAL, "--allow-actions", "--token-file", str(token_file)) as web:
+        assert (
+            "Actions are on (open, close, reset, disable, delete): each needs the token, and is logged." in web.stdout
+        )
+        browser.get(web.url)
+        until(browser, lambda: rows(browser).get("partner-api", {}).get("parked") == "20 / 0", "the parked tasks")
+        assert rows(browser)["partner-api"]["buttons"] == ["open", "close", "reset", "disable", "delete"]
+
+        def click(label: str, action: str) -> None:
+            button = f'tr[data-label="{label}"] button[data-action="{action}"]'
+            browser.find_element(By.CSS_SELECTOR, button).click()
+            WebDriverWait(browser, 5).until(expected_conditions.alert_is_present()).accept()  # the confirmation
+
+        def last_result() -> str:
+            results = browser.find_elements(By.CSS_SELECTOR, "#results li")
+            return f"{results[0].get_attribute('data-outcome')}: {results[0].text}" if results else ""
+
+        # Without the token: refused, and nothing changes.
+        click("partner-api", "close")
+        refused = until(browser, last_result, "the refusal on the page")
+        assert refused.startswith("refused: ")
+        assert "close partner-api refused (401): wrong or missing token" in refused
+        assert breaker(store_url, "partner-api").state is State.FORCED_OPEN
+
+        # With it: done, shown, and the parked tasks start to leave.
+        browser.find_element(By.ID, "token").send_keys(token)
+        click("partner-api", "close")
+        until(browser, lambda: last_result().startswith("ok: "), "the action's result")
+        assert "partner-api: closed (was forced_open): calls pass and count towards the policy again." in last_result()
+        until(browser, lambda: rows(browser)["partner-api"]["state"] == "closed", "the closed breaker on the page")
+        assert breaker(store_url, "partner-api").state is State.CLOSED
+
+        tag = traffic.parking.tag("partner-api", None)
+
+        def releasing() -> bool:  # a releaser publishing the parked tasks again, 4 at a time
+            claimed = traffic.parking.release(tag, most=4, pace=1000.0, ramp=0.0, lease=30.0)
+            traffic.parking.done(tag, [entry for entry, _ in claimed])
+            released: str = rows(browser)["partner-api"]["released"]
+            return released.endswith("/20")
+
+        until(browser, releasing, "the release progress")
+        assert re.fullmatch(r"\d+\.\d/s\d+/20", rows(browser)["partner-api"]["released"])  # a rate, then progress
+        screenshot(browser, screenshots / "web-actions.png")
+
+        # A move that lets calls through to a failing downstream asks again, with the warning the CLI gives.
+        traffic.fail("crm[tenant-3]")
+        flush_stores()
+        click("crm[tenant-3]", "reset")
+        warned = WebDriverWait(browser, 5).until(expected_conditions.alert_is_present())
+        assert warned.text.startswith("Warning: crm[tenant-3] tripped ")
+        assert "spend their own retries." in warned.text
+        assert warned.text.endswith("reset crm[tenant-3] anyway?")
+        warned.dismiss()
+        until(browser, lambda: "reset crm[tenant-3] not done: crm[tenant-3] tripped" in last_result(), "the refusal")
+        assert breaker(store_url, "crm", "tenant-3").state is State.OPEN
+        click("crm[tenant-3]", "reset")
+        WebDriverWait(browser, 5).until(expected_conditions.alert_is_present()).accept()  # "anyway?": yes
+        until(browser, lambda: "crm[tenant-3]: closed (was open)" in last_result(), "the reset")
+        assert last_result().startswith("ok: ")
+        assert "Warning: crm[tenant-3] tripped" in last_result()
+        assert breaker(store_url, "crm", "tenant-3").state is State.CLOSED
+
+        # A stray breaker with tasks parked behind it: deleted only once the user agrees to discard them.
+        breaker(store_url, "stray-api").call(lambda: None)
+        for i in range(2):
+            traffic.parking.park("stray-api", None, f"stray-{i}", float(i), "{}", None)
+        flush_stores()
+        until(browser, lambda: "stray-api" in rows(browser), "the stray breaker")
+        click("stray-api", "delete")
+        asked = WebDriverWait(browser, 5).until(expected_conditions.alert_is_present())
+        assert asked.text.startswith("2 tasks are parked behind stray-api: deleting it would leave them waiting")
+        assert asked.text.endswith("Discard them (they will never run) and delete stray-api?")
+        asked.accept()
+        until(
+            browser, lambda: "stray-api: deleted (was closed); discarded 2 parked task(s)." in last_result(), "delete"
+        )
+        until(browser, lambda: "stray-api" not in rows(browser), "the stray breaker gone from the page")
+        assert traffic.parking.count(traffic.parking.tag("stray-api", None)) == (0, 0)
+
+        # Another site's page cannot act, even holding the token; a page from elsewhere has no Origin of ours.
+        evil = {"Origin": "http://evil.example", "Content-Type": "application/json", "X-Breaker-Token": token}
+        status, body = request(
+            web.url + "api/actions",
+            method="POST",
+            body={"action": "open", "name": "crm", "key": "tenant-3"},
+            headers=evil,
+        )
+        assert (status, body["error"]) == (403, "cross-origin request refused: actions are taken from this page only")
+        assert breaker(store_url, "crm", "tenant-3").state is State.CLOSED
+    assert web.process.returncode == 0
+    log = web.stderr()
+    assert "refused an action request from 127.0.0.1: wrong or missing token" in log
+    assert "breaker partner-api closed: calls admitted, windows cleared, asked from 127.0.0.1" in log
+    assert "refused a cross-origin action request from 127.0.0.1 (Origin 'http://evil.example')" in log
+    assert "breaker crm[tenant-3] reset: a fresh closed breaker, counters zeroed, asked from 127.0.0.1; beware: " in log
+    assert "breaker stray-api deleted with 2 parked task(s), asked from 127.0.0.1" in log
+    assert token not in log + web.stdout
+
+
+def test_a_store_outage_shows_on_the_page_which_keeps_polling_and_ctrl_c_ends_it_cleanly(browser: WebDriver) -> None:
+    with RedisServer() as redis_server:
+        redis_server.start()
+        url = f"{redis_server.url}/0"
+        breaker(url, "partner-api").call(lambda: None)
+        flush_stores()
+        web = WebProcess(url, "--interval", INTERVAL)
+        try:
+            browser.get(web.url)
+            until(browser, lambda: "partner-api" in rows(browser), "the breaker")
+            redis_server.stop()
+            until(browser, lambda: shown(browser, "error").startswith("store unreachable at "), "the store's error")
+            assert shown(browser, "error").endswith("; showing the last reading, retrying")
+            assert "partner-api" in rows(browser)  # the last reading stays
+            redis_server.start()  # back, empty: the page follows
+            until(browser, lambda: not shown(browser, "error") and not rows(browser), "the page to recover")
+            assert shown(browser, "empty").startswith(f"No breakers in {url} yet")
+        finally:
+            code = web.interrupt()  # Ctrl-C
+        assert code == 0
+        assert web.stdout.rstrip().endswith(f"Stopped serving {web.url}")
+        assert "Traceback" not in web.stderr()
+        assert "Aborted" not in web.stderr()
+        until(
+            browser,
+            lambda: shown(browser, "offline").startswith("Cannot reach the celery breaker web server"),
+            "the page to say its server is gone, and go on polling",
+        )

@@ -1,0 +1,123 @@
+"""The HTTP server in-process (no store, no browser): what a request gets, and every refusal of an action."""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import urllib.request
+from collections.abc import Callable, Iterator
+from importlib import resources
+
+import pytest
+
+from celery_breaker.ops.board import Board
+from celery_breaker.ops.web import Site, WebServer, loopback_hosts
+
+from .conftest import request
+from .test_board import status
+
+TOKEN = "t0ken-that-is-long-enough-" + "9" * 8
+
+Serve = Callable[..., str]
+
+
+@pytest.fixture
+def serve() -> Iterator[Serve]:
+    """``serve(token=...)``: a server on a free loopback port, in a thread; its base URL."""
+    servers: list[tuple[WebServer, threading.Thread]] = []
+
+    def start(*, token: str | None = None) -> str:
+        board = Board(lambda: [status("crm", key="tenant-3"), status("partner-api")], store="redis://h/0", interval=1.0)
+        board.refresh()
+        template = resources.files("celery_breaker.ops").joinpath("web_page.html").read_text(encoding="utf-8")
+        server = WebServer(("127.0.0.1", 0))
+        server.site = Site(board, None, token, loopback_hosts("127.0.0.1", server.server_port), template)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        servers.append((server, thread))
+        return f"http://127.0.0.1:{server.server_port}/"
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_the_page_is_self_contained_and_locked_down(serve: Serve) -> None:
+    url = serve()
+    with urllib.request.urlopen(url, timeout=5) as response:
+        page = response.read().decode()
+        headers = response.headers
+    nonce = re.search(r"script-src 'nonce-([^']+)'", headers["Content-Security-Policy"])
+    assert nonce is not None
+    assert f'<script nonce="{nonce.group(1)}">' in page
+    assert "connect-src 'self'" in headers["Content-Security-Policy"]
+    assert headers["X-Frame-Options"] == "DENY"  # no clickjacking of the action buttons
+    assert headers["Cache-Control"] == "no-store"
+    # Nothing is fetched from elsewhere: no src/href but the empty data: icon, no URL in the page.
+    assert re.findall(r'(?:src|href)="([^"]*)"', page) == ["data:,"]
+    assert "http://" not in page
+    assert "https://" not in page
+    assert '"actions": []' in page  # no buttons without --allow-actions
+    assert "{{" not in page
+
+
+def test_the_json_endpoint_serves_the_boards_view(serve: Serve) -> None:
+    status_code, view = request(serve() + "api/breakers")
+    assert status_code == 200
+    assert [row["label"] for row in view["breakers"]] == ["crm[tenant-3]", "partner-api"]
+    assert view["store"] == "redis://h/0"
+
+
+def test_without_allow_actions_there_is_no_action_endpoint(serve: Serve) -> None:
+    url = serve()
+    status_code, _ = request(
+        url + "api/actions",
+        method="POST",
+        body={"action": "open", "name": "crm"},
+        headers={"Origin": url.rstrip("/"), "Content-Type": "application/json", "X-Breaker-Token": TOKEN},
+    )
+    assert status_code == 404
+
+
+def test_another_host_name_gets_nothing_dns_rebinding(serve: Serve) -> None:
+    url = serve()
+    port = url.rstrip("/").rsplit(":", 1)[1]
+    status_code, body = request(url + "api/breakers", headers={"Host": f"evil.example:{port}"})
+    assert status_code == 403
+    assert "unexpected Host header" in body["error"]
+
+
+def test_every_action_request_needs_the_same_origin_the_token_and_a_json_body(
+    serve: Serve, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = serve(token=TOKEN)
+    origin = url.rstrip("/")
+    good = {"Origin": origin, "Content-Type": "application/json", "X-Breaker-Token": TOKEN}
+    body = {"action": "open", "name": "crm", "key": "tenant-3"}
+
+    def post(headers: dict[str, str], sent: object = body, raw: bytes | None = None) -> tuple[int, str]:
+        code, answer = request(url + "api/actions", method="POST", body=sent, headers=headers, raw=raw)
+        return code, answer["error"]
+
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert post({**good, "Origin": "http://evil.example"})[0] == 403  # another site's page
+        assert post({k: v for k, v in good.items() if k != "Origin"})[0] == 403  # no Origin at all
+        assert post({**good, "X-Breaker-Token": "wrong" * 8}) == (
+            401,
+            "wrong or missing token: enter the token in the page's Token field",
+        )
+        assert post({k: v for k, v in good.items() if k != "X-Breaker-Token"})[0] == 401
+        # A plain HTML form can only send text/plain or form bodies, and no token header.
+        assert post({**good, "Content-Type": "text/plain"})[0] == 400
+        assert post(good, raw=b"{not json")[0] == 400
+        code, error = post(good, sent={"action": "explode", "name": "crm"})
+        assert code == 400
+        assert "one of open, close, reset, disable, delete" in error
+        assert post(good, sent={"action": "delete", "name": "crm", "purge": "yes"})[0] == 400  # purge is a boolean
+    assert "refused a cross-origin action request from 127.0.0.1 (Origin 'http://evil.example')" in caplog.text
+    assert "wrong or missing token" in caplog.text
+    assert TOKEN not in caplog.text
+    assert "wrong" * 8 not in caplog.text  # not even a wrong token is logged
