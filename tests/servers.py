@@ -401,9 +401,13 @@ class RedisCluster(Owned):
         for node in self.nodes:
             node.start()
         count = len(self.nodes)
+        # Every node takes its slots and its epoch before any meets another: a node that
+        # already knows another (a MEET's handshake is quick on an idle machine, and may
+        # not be on a busy one) refuses SET-CONFIG-EPOCH.
         for index, node in enumerate(self.nodes):
             _command(node, "CLUSTER", "ADDSLOTSRANGE", index * 16384 // count, (index + 1) * 16384 // count - 1)
             _command(node, "CLUSTER", "SET-CONFIG-EPOCH", index + 1)
+        for index, node in enumerate(self.nodes):
             for other, bus in zip(self.nodes[index + 1 :], self.bus_ports[index + 1 :], strict=True):
                 _command(node, "CLUSTER", "MEET", "127.0.0.1", other.port, bus)
         for node in self.nodes:

@@ -403,6 +403,13 @@ def test_calls_keep_flowing_through_a_failover(
     assert slowest < 3.0  # socket and connect timeouts (0.5 s each), one retry each, and a margin
 
     assert CircuitBreaker("tripped-before", TRIP_AT_TWO, storage=fresh).snapshot().state is State.OPEN
+    # The store is tried again once per retry_interval for all of its breakers (a breaker
+    # made while it is down takes its stand-in at once): a call after that rejoins it.
+    deadline = time.monotonic() + 10.0
+    while cast(FallbackStore, store).down:  # (a real store's progress, with a deadline)
+        assert time.monotonic() < deadline, "no call rejoined the store after the failover"
+        traffic.call(ok)
+        time.sleep(0.05)
     late = CircuitBreaker("tripped-after", TRIP_AT_TWO, storage=store)  # the store used through the failover
     fail(late, 2)
     with pytest.raises(CircuitOpenError):
