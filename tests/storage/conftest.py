@@ -7,6 +7,7 @@ import os
 import time
 
 import pytest
+import redis
 
 from celery_breaker.storage import Store
 from celery_breaker.storage.redis import RedisStore
@@ -91,3 +92,18 @@ def following(store: Store, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{store!r} did not subscribe within {timeout} s")
         time.sleep(0.01)
+
+
+def replace(server: redis.Redis, key: str, kind: str) -> None:
+    """Put a value of type ``kind`` (``string``, ``list``, ``set``, ``zset``, ``hash``) where ``key`` is."""
+    server.delete(key)
+    if kind == "string":
+        server.set(key, "junk")
+    elif kind == "list":
+        server.rpush(key, "junk")
+    elif kind == "set":
+        server.sadd(key, "junk")
+    elif kind == "zset":
+        server.zadd(key, {"junk": 1.0})
+    else:
+        server.hset(key, "junk", "1")

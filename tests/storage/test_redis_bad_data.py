@@ -24,7 +24,7 @@ from celery_breaker import CircuitBreaker, CircuitOpenError, State
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
-from .conftest import unique_prefix
+from .conftest import replace, unique_prefix
 
 #: Every open period, lease and clock slack is over after this many seconds (policies
 #: below: open at most 5 s, a lease 10 s; a stored time may lie 300 s ahead).
@@ -62,21 +62,6 @@ KINDS = st.sampled_from(["string", "list", "set", "zset", "hash"])
 _EXAMPLES = itertools.count()
 
 
-def replace(client: redis.Redis, key: str, kind: str) -> None:
-    """Put a value of type ``kind`` where ``key`` is."""
-    client.delete(key)
-    if kind == "string":
-        client.set(key, "junk")
-    elif kind == "list":
-        client.rpush(key, "junk")
-    elif kind == "set":
-        client.sadd(key, "junk")
-    elif kind == "zset":
-        client.zadd(key, {"junk": 1.0})
-    else:
-        client.hset(key, "junk", "1")
-
-
 def kind_of(client: redis.Redis, key: str) -> str:
     """The type ``key`` holds (``none`` when it is absent)."""
     found = client.type(key)
@@ -109,11 +94,14 @@ def example(redis_url: str) -> Iterator[tuple[RedisStore, FakeClock, Warnings]]:
     store = RedisStore(redis_url, key_prefix=f"{unique_prefix()}-bad{next(_EXAMPLES)}", client_time=True)
     seen = Warnings()
     logger = logging.getLogger("celery_breaker")
+    level = logger.level
+    logger.setLevel(logging.WARNING)  # (a worker started in this process may have set the root's to ERROR)
     logger.addHandler(seen)
     try:
         yield store, FakeClock(), seen
     finally:
         logger.removeHandler(seen)
+        logger.setLevel(level)
         store.close(timeout=0)  # (its agent thread ends by itself within a heartbeat)
 
 

@@ -20,7 +20,7 @@ from celery_breaker.storage.redis.parking import PARKING_SUFFIXES
 from celery_breaker.testing import FakeClock
 
 from ..unit.support import fail, ok, state_of
-from .conftest import unique_prefix
+from .conftest import replace, unique_prefix
 
 POLICY = {"failure_threshold": 2, "reset_timeout": 5.0, "half_open_max_calls": 2, "success_threshold": 1}
 
@@ -43,21 +43,6 @@ def warnings_naming(caplog: pytest.LogCaptureFixture, label: str) -> list[str]:
 
 def state_key(store: RedisStore, name: str = "svc", key: str | None = None) -> str:
     return store.keys_for(name, key)[0]
-
-
-def replace(server: redis.Redis, key: str, kind: str) -> None:
-    """Put a value of type ``kind`` where ``key`` is."""
-    server.delete(key)
-    if kind == "string":
-        server.set(key, "junk")
-    elif kind == "list":
-        server.rpush(key, "junk")
-    elif kind == "set":
-        server.sadd(key, "junk")
-    elif kind == "zset":
-        server.zadd(key, {"junk": 1.0})
-    else:
-        server.hset(key, "junk", "1")
 
 
 # -- the named cases ---------------------------------------------------------------
