@@ -1,0 +1,76 @@
+"""Whether a breaker with a health check lets its parked tasks go: it runs the check when due, and waits for CLOSED.
+
+A breaker without a health check is probed by real tasks: the releaser publishes
+``half_open_max_calls`` parked tasks when it may half-open (``release.lua``). One with a
+health check must not be: nobody else calls it while every task is parked, so the
+releaser runs the check itself when the breaker's open time is up, and releases nothing
+until the checks have closed it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...core import BreakerPolicy, State
+from ...errors import ConfigurationError
+from ...health import HealthCheck
+from ...labels import split_label
+from ..probes import breaker_with_probe, resolve_probe
+from ..settings import get_settings
+from ..task import BreakerTask
+from ..task_options import task_breaker_config
+
+__all__ = ["HealthGate"]
+
+_RELEASING = (State.CLOSED, State.DISABLED)
+
+
+class HealthGate:
+    """For the releaser: which parked breakers have a health check, and whether each may release."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self._checks: dict[str, tuple[BreakerPolicy, HealthCheck] | None] | None = None
+
+    def holds(self, label: str) -> bool:
+        """True while breaker ``label`` (``crm`` or ``crm[tenant-7]``) has a health check
+        and does not admit calls: its parked tasks stay parked. When its open time is up,
+        the check runs here (``CircuitBreaker.check_health``), so it can close on checks alone."""
+        name, key = split_label(label)
+        found = self._check_of(name)
+        if found is None:
+            return False
+        policy, probe = found
+        return breaker_with_probe(self.app, name, key, policy, probe).check_health() not in _RELEASING
+
+    def _check_of(self, name: str) -> tuple[BreakerPolicy, HealthCheck] | None:
+        checks = self._checks
+        if checks is None:
+            checks = self._checks = self._task_checks()
+        if name not in checks:
+            checks[name] = self._setting_check(name)
+        return checks[name]
+
+    def _task_checks(self) -> dict[str, tuple[BreakerPolicy, HealthCheck] | None]:
+        """The breakers of the app's tasks, with their policy and health check (or None)."""
+        found: dict[str, tuple[BreakerPolicy, HealthCheck] | None] = {}
+        for task in list(self.app.tasks.values()):
+            if not isinstance(task, BreakerTask) or not task.is_guarded():
+                continue
+            try:
+                config = task_breaker_config(task)
+            except ConfigurationError:
+                continue  # (the worker refused to start on it; nothing of it is parked here)
+            if found.get(config.name) is None:
+                found[config.name] = None if config.probe is None else (config.policy, config.probe)
+        return found
+
+    def _setting_check(self, name: str) -> tuple[BreakerPolicy, HealthCheck] | None:
+        """A breaker no task of this app names: ``breaker_probes`` alone decides."""
+        settings = get_settings(self.app)
+        entry = settings.probe_for(name)
+        if entry is None:
+            return None
+        pattern, probe = entry
+        check = resolve_probe(self.app, probe, where=f"breaker_probes[{pattern!r}]", timeout=settings.probe_timeout)
+        return settings.policy_for(name), check
