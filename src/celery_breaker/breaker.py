@@ -14,7 +14,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
 from .core.retry_after import retry_after_of
 from .errors import CircuitOpenError
-from .health import HealthCheck
+from .health import HealthCheck, HealthState
 from .labels import breaker_label
 from .names import check_name
 from .storage import Cell, Moves, Store, describe_url, resolve_store, with_fallback
@@ -392,30 +392,43 @@ class CircuitBreaker:
             self._announce(moves)
         return result.healthy
 
-    def check_health(self) -> State:
+    def check_health(self) -> HealthState:
         """Run the health check now if the breaker may admit a probe (its open time is up,
-        or it is half-open with a free slot), and return the state it leaves the breaker in.
+        or it is half-open with a free slot), and return where it leaves the breaker.
 
         Nothing runs, and nothing is counted, while the breaker admits calls or is still
-        open: the state is returned as this process sees it. This is how parked tasks'
-        breakers close while nobody calls them (the worker's releaser calls it)."""
+        open: its state (and while OPEN, the seconds left) is returned as this process sees
+        it. This is how parked tasks' breakers close while nobody calls them (the worker's
+        releaser calls it)."""
         if self.probe is None:
             raise ValueError(f"breaker {self.label!r} has no probe to check its health with")
         cell = self._cell if not self._cell.evicted else self._refresh()
         now = self._now()
         state = cell.state
-        open_until = cell.open_until
-        if state in _ADMITTING or state is FORCED_OPEN or (state is OPEN and (open_until is None or now < open_until)):
-            return state
+        if state in _ADMITTING or state is FORCED_OPEN or not self._due(cell, now):
+            return self._health_of(cell, now)
         try:
             ticket, moves = cell.acquire(self.policy, now)
-        except CircuitOpenError as rejected:
-            return rejected.state or cell.state
+        except CircuitOpenError:
+            return self._health_of(cell, now)
         if moves:
             self._announce(moves)
         if type(ticket) is Probe:
             self._run_checks(cell, ticket)
-        return cell.state
+        return self._health_of(cell, self._now())
+
+    @staticmethod
+    def _due(cell: Cell, now: float) -> bool:
+        """Whether an OPEN or HALF_OPEN breaker may admit a probe now (HALF_OPEN: if a slot is free)."""
+        open_until = cell.open_until
+        return cell.state is HALF_OPEN or (cell.state is OPEN and open_until is not None and now >= open_until)
+
+    @staticmethod
+    def _health_of(cell: Cell, now: float) -> HealthState:
+        open_until = cell.open_until
+        if cell.state is OPEN and open_until is not None:
+            return HealthState(OPEN, max(0.0, open_until - now))
+        return HealthState(cell.state)
 
     def _finish(
         self, cell: Cell, ticket: Ticket, exc: BaseException | None, start: float, outcome: Outcome | None = None

@@ -15,11 +15,12 @@ import math
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from .core import State
 from .errors import ConfigurationError
 
-__all__ = ["DEFAULT_PROBE_TIMEOUT", "CheckResult", "HealthCheck", "ProbeTimeout", "check_timeout"]
+__all__ = ["DEFAULT_PROBE_TIMEOUT", "CheckResult", "HealthCheck", "HealthState", "ProbeTimeout", "check_timeout"]
 
 #: Seconds a health check may take before it counts as failed.
 DEFAULT_PROBE_TIMEOUT = 10.0
@@ -27,6 +28,14 @@ DEFAULT_PROBE_TIMEOUT = 10.0
 
 class ProbeTimeout(TimeoutError):
     """A health check that did not answer within its timeout (it counts as failed)."""
+
+
+class HealthState(NamedTuple):
+    """Where ``CircuitBreaker.check_health`` leaves a breaker, as this process sees it."""
+
+    state: State
+    open_for: float | None = None
+    """While OPEN: seconds until a probe (a check) may be admitted."""
 
 
 @dataclass(frozen=True, slots=True)

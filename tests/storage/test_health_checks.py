@@ -197,19 +197,23 @@ def test_a_slow_check_reopens(store: Store, clock: FakeClock) -> None:
 def test_check_health_runs_only_when_due_and_closes_on_checks_alone(store: Store, clock: FakeClock) -> None:
     downstream = Downstream()
     breaker = tripped(store, clock, downstream.check, success_threshold=2)
-    assert breaker.check_health() is State.OPEN
+    health = breaker.check_health()
+    assert health.state is State.OPEN
+    assert health.open_for == pytest.approx(30)
     assert downstream.checks == 0  # not due yet: nothing ran, nothing was asked
     rejections = breaker.snapshot().rejections
     clock.advance(30)
-    assert breaker.check_health() is State.OPEN  # due: it ran, failed, and reopened
+    health = breaker.check_health()  # due: it ran, failed, and reopened
+    assert health.state is State.OPEN
+    assert health.open_for == pytest.approx(60)
     assert downstream.checks == 1
     assert breaker.store.sync()
     clock.advance(60)
     downstream.healthy = True
-    assert breaker.check_health() is State.CLOSED
+    assert breaker.check_health() == (State.CLOSED, None)
     assert (downstream.checks, downstream.calls) == (3, 0)
     assert breaker.snapshot().rejections == rejections
-    assert breaker.check_health() is State.CLOSED
+    assert breaker.check_health().state is State.CLOSED
     assert downstream.checks == 3
 
 

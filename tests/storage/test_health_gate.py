@@ -8,6 +8,7 @@ parked tasks go only once the checks have closed the breaker.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Any
 
 import pytest
@@ -111,3 +112,21 @@ def test_a_parked_breaker_without_a_probe_still_sends_real_probes(app: Any) -> N
     wait_for(lambda: releaser.release_once() > 0, "the probe to be released")
     assert releaser.released == 1  # half_open_max_calls real tasks go as the probes
     assert HEALTH["checks"] == 1  # only the trip called it
+
+
+def test_entries_past_their_deadline_still_go_while_the_breaker_stays_open(app: Any) -> None:
+    policy = {**POLICY, "reset_timeout": 30}
+    app.conf.breaker_default_policy = policy
+    url = app.conf.breaker_storage_url
+    breaker = CircuitBreaker("svc", policy, storage=url)
+    with pytest.raises(ConnectionError):
+        breaker.call(check)
+    parking = resolve_store(url).parking
+    assert parking is not None
+    expired = encode_message(dict(app.signature("gate.job", args=(-1,))), "json")
+    parking.park("svc", None, "expired:1", -1.0, expired, time.time() - 1)
+    park(app, breaker, 2)
+    releaser = Releaser(app, parking, rate=1000.0, ramp=0.0)
+    assert releaser.release_once() == 1  # the expired entry, so Celery can revoke it
+    assert parked(breaker) == 2
+    assert HEALTH["checks"] == 1  # the trip's: the breaker is not due for a check

@@ -1,10 +1,12 @@
-"""Whether a breaker with a health check lets its parked tasks go: it runs the check when due, and waits for CLOSED.
+"""Whether a breaker with a health check lets its parked tasks go: it runs the check when due, and sends no probes.
 
 A breaker without a health check is probed by real tasks: the releaser publishes
 ``half_open_max_calls`` parked tasks when it may half-open (``release.lua``). One with a
 health check must not be: nobody else calls it while every task is parked, so the
-releaser runs the check itself when the breaker's open time is up, and releases nothing
-until the checks have closed it.
+releaser runs the check itself when the breaker's open time is up, and releases no task
+as a probe: it lets ``release.lua`` run only while the breaker admits calls or an operator
+holds it open, or while it stays open for longer than ``MARGIN`` (then that script
+releases nothing but the entries past their deadline, which go whatever the breaker says).
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ from ..settings import get_settings
 from ..task import BreakerTask
 from ..task_options import task_breaker_config
 
-__all__ = ["HealthGate"]
+__all__ = ["MARGIN", "HealthGate"]
 
-_RELEASING = (State.CLOSED, State.DISABLED)
+#: Seconds of open time left below which a breaker with a health check releases nothing at
+#: all: the script decides on Redis's clock, which may run a little ahead of this view, and
+#: hands out the probes once it sees the open time up.
+MARGIN = 1.0
+#: What ``release.lua`` releases no probe for: calls pass, or an operator holds it open.
+_NO_PROBES = (State.CLOSED, State.DISABLED, State.FORCED_OPEN)
 
 
 class HealthGate:
@@ -33,15 +40,20 @@ class HealthGate:
         self._checks: dict[str, tuple[BreakerPolicy, HealthCheck] | None] | None = None
 
     def holds(self, label: str) -> bool:
-        """True while breaker ``label`` (``crm`` or ``crm[tenant-7]``) has a health check
-        and does not admit calls: its parked tasks stay parked. When its open time is up,
-        the check runs here (``CircuitBreaker.check_health``), so it can close on checks alone."""
+        """True when breaker ``label`` (``crm`` or ``crm[tenant-7]``) has a health check
+        and releasing now could publish a parked task as its probe (it is half-open, or
+        its open time is nearly up): nothing of it is released this tick. When its open
+        time is up, the check runs here (``CircuitBreaker.check_health``), so the breaker
+        can close on checks alone."""
         name, key = split_label(label)
         found = self._check_of(name)
         if found is None:
             return False
         policy, probe = found
-        return breaker_with_probe(self.app, name, key, policy, probe).check_health() not in _RELEASING
+        health = breaker_with_probe(self.app, name, key, policy, probe).check_health()
+        if health.state in _NO_PROBES:
+            return False
+        return not (health.state is State.OPEN and health.open_for is not None and health.open_for > MARGIN)
 
     def _check_of(self, name: str) -> tuple[BreakerPolicy, HealthCheck] | None:
         checks = self._checks
