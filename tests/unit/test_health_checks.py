@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Any
 
@@ -161,7 +162,7 @@ def test_a_failed_check_is_logged_with_what_it_raised(clock: FakeClock, caplog: 
     breaker = breaker_with(down, clock)
     fail(breaker)
     clock.advance(10)
-    with pytest.raises(CircuitOpenError):
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"), pytest.raises(CircuitOpenError):
         breaker.call(lambda: "real")
     assert f"breaker svc: health check {__name__}:down failed (ConnectionError: refused)" in caplog.text
 
