@@ -11,9 +11,10 @@ from types import TracebackType
 from typing import Any, NamedTuple, ParamSpec, TypeVar, overload
 
 from .clock import SYSTEM_CLOCK, Clock
-from .core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
+from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
 from .core.retry_after import retry_after_of
 from .errors import CircuitOpenError
+from .health import HealthCheck, HealthState
 from .labels import breaker_label
 from .names import check_name
 from .storage import Cell, Moves, Store, describe_url, resolve_store, with_fallback
@@ -28,7 +29,8 @@ R = TypeVar("R")
 TransitionListener = Callable[[Transition], object]
 
 SUCCESS, FAILURE, IGNORED = Outcome.SUCCESS, Outcome.FAILURE, Outcome.IGNORED
-OPEN, FORCED_OPEN = State.OPEN, State.FORCED_OPEN
+OPEN, FORCED_OPEN, HALF_OPEN = State.OPEN, State.FORCED_OPEN, State.HALF_OPEN
+_ADMITTING = (State.CLOSED, State.DISABLED)
 
 
 class _Active(NamedTuple):
@@ -136,9 +138,16 @@ class CircuitBreaker:
         on_storage_error: while a shared store cannot be reached, ``"local"`` (a breaker
             of this process stands in), ``"allow"`` (every call passes) or ``"deny"``
             (every call is rejected); the shared state is rejoined when it answers.
+        probe: a health check (a callable taking no arguments, sync or async, or a
+            ``HealthCheck``): when the breaker may half-open, the call that wins a probe
+            slot runs it instead of itself, and is rejected unless the check closed the
+            breaker. It fails by raising or returning ``False``; its verdict counts as a
+            probe's would. Every process using the breaker should give it the same probe.
+        probe_timeout: seconds the health check may take before it counts as failed
+            (default 10; never more than the policy's ``half_open_max_wait``).
     """
 
-    __slots__ = ("name", "key", "policy", "store", "_clock", "_now", "_cell", "_listeners", "__weakref__")
+    __slots__ = ("name", "key", "policy", "store", "probe", "_clock", "_now", "_cell", "_listeners", "__weakref__")
 
     def __init__(
         self,
@@ -149,10 +158,14 @@ class CircuitBreaker:
         clock: Clock | None = None,
         key: str | None = None,
         on_storage_error: str = "local",
+        probe: HealthCheck | Callable[[], object] | None = None,
+        probe_timeout: float | None = None,
     ) -> None:
         self.name = check_name(name, "CircuitBreaker name")
         self.key = key
         self.policy = BreakerPolicy.coerce(policy)
+        self.probe = HealthCheck.coerce(probe, probe_timeout)
+        """The health check run instead of a real call when the breaker may half-open (or ``None``)."""
         self.store = with_fallback(resolve_store(storage), on_storage_error)
         self._clock = clock or SYSTEM_CLOCK
         self._now = self._clock.monotonic
@@ -313,7 +326,109 @@ class CircuitBreaker:
         ticket, moves = cell.acquire(self.policy, now)
         if moves:
             self._announce(moves)
+        if self.probe is not None and type(ticket) is Probe:
+            return self._check_instead(cell, ticket)
         return cell, ticket
+
+    # -- health checks ----------------------------------------------------------
+
+    def _check_instead(self, cell: Cell, ticket: Probe) -> tuple[Cell, Ticket]:
+        """This call won a probe slot: run the health check in its place, then admit the
+        call only if the checks closed the breaker, else reject it (``CircuitOpenError``)."""
+        admitted = self._run_checks(cell, ticket)
+        if type(admitted) is not Probe:
+            return cell, admitted
+        now = self._now()
+        state = cell.state
+        open_until = cell.open_until
+        retry_after = None if state is FORCED_OPEN else 0.0
+        if state is OPEN and open_until is not None:
+            retry_after = max(0.0, open_until - now)
+        cell.note_rejection(now)
+        raise CircuitOpenError.rejected(self.name, self.key, state, retry_after)
+
+    def _run_checks(self, cell: Cell, ticket: Probe) -> Ticket:
+        """Run the health check on each probe slot this caller wins, until the breaker
+        closes (return its ordinary ticket) or not (return the last probe ticket): at most
+        ``probes_to_close`` checks, back to back."""
+        for _ in range(self.policy.probes_to_close):
+            self._check(cell, ticket)
+            if cell.state in _ADMITTING:
+                return cell.generation
+            if cell.state is not HALF_OPEN:
+                break
+            try:
+                next_ticket, moves = cell.acquire(self.policy, self._now())
+            except CircuitOpenError:
+                break  # every slot is taken: another caller's checks decide
+            if moves:
+                self._announce(moves)
+            if type(next_ticket) is not Probe:
+                return next_ticket
+            ticket = next_ticket
+        return ticket
+
+    def _check(self, cell: Cell, ticket: Probe) -> bool:
+        """Run the health check once under ``ticket``'s lease and record its verdict."""
+        probe = self.probe
+        assert probe is not None
+        start = self._now()
+        result = probe.run(self.policy.half_open_max_wait)  # (a lease lasts no longer)
+        end = self._now()
+        open_for = None
+        if result.error is not None:
+            open_for = retry_after_of(result.error, self._clock.time())
+        outcome = SUCCESS if result.healthy else FAILURE
+        moves = cell.finish(ticket._replace(check=True), outcome, end - start, self.policy, end, open_for=open_for)
+        if not result.healthy:
+            # At WARNING for the check that reopened the breaker; the others of its
+            # half-open period (their verdict came too late to count) at DEBUG.
+            logger.log(
+                logging.WARNING if moves else logging.DEBUG,
+                "breaker %s: health check %s failed (%s)", self.label, probe.name, result.detail,
+                extra={"breaker": self.name, "breaker_key": self.key},
+            )  # fmt: skip
+        if moves:
+            self._announce(moves)
+        return result.healthy
+
+    def check_health(self) -> HealthState:
+        """Run the health check now if the breaker may admit a probe (its open time is up,
+        or it is half-open with a free slot), and return where it leaves the breaker.
+
+        Nothing runs, and nothing is counted, while the breaker admits calls or is still
+        open: its state (and while OPEN, the seconds left) is returned as this process sees
+        it. This is how parked tasks' breakers close while nobody calls them (the worker's
+        releaser calls it)."""
+        if self.probe is None:
+            raise ValueError(f"breaker {self.label!r} has no probe to check its health with")
+        cell = self._cell if not self._cell.evicted else self._refresh()
+        now = self._now()
+        state = cell.state
+        if state in _ADMITTING or state is FORCED_OPEN or not self._due(cell, now):
+            return self._health_of(cell, now)
+        try:
+            ticket, moves = cell.acquire(self.policy, now)
+        except CircuitOpenError:
+            return self._health_of(cell, now)
+        if moves:
+            self._announce(moves)
+        if type(ticket) is Probe:
+            self._run_checks(cell, ticket)
+        return self._health_of(cell, self._now())
+
+    @staticmethod
+    def _due(cell: Cell, now: float) -> bool:
+        """Whether an OPEN or HALF_OPEN breaker may admit a probe now (HALF_OPEN: if a slot is free)."""
+        open_until = cell.open_until
+        return cell.state is HALF_OPEN or (cell.state is OPEN and open_until is not None and now >= open_until)
+
+    @staticmethod
+    def _health_of(cell: Cell, now: float) -> HealthState:
+        open_until = cell.open_until
+        if cell.state is OPEN and open_until is not None:
+            return HealthState(OPEN, max(0.0, open_until - now))
+        return HealthState(cell.state)
 
     def _finish(
         self, cell: Cell, ticket: Ticket, exc: BaseException | None, start: float, outcome: Outcome | None = None

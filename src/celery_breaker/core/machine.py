@@ -186,12 +186,22 @@ class BreakerMachine:
             self._record_closed(failed, slow, now, open_for if failed else None)
         elif state is HALF_OPEN and is_probe:  # (only probes speak in HALF_OPEN)
             self.leases.pop(ticket.lease, None)  # type: ignore[union-attr]
-            if failed or slow:
-                self._trip(now, "slow probe" if not failed else "probe failed", open_for if failed else None)
+            self._record_probe(ticket.check, failed, slow, now, open_for if failed else None)  # type: ignore[union-attr]
+
+    def _record_probe(self, check: bool, failed: bool, slow: bool, now: float, open_for: float | None) -> None:
+        # A probe's verdict: a health check's (``check``) counts exactly as a real call's
+        # would, and the transition it causes says which it was.
+        kind = "health check" if check else "probe"
+        if failed or slow:
+            self._trip(now, f"{kind} failed" if failed else f"slow {kind}", open_for)
+            return
+        self.half_open_successes += 1
+        successes = self.half_open_successes
+        if successes >= self.policy.probes_to_close:
+            if check and successes == 1:
+                self._move(CLOSED, now, "health check succeeded")
             else:
-                self.half_open_successes += 1
-                if self.half_open_successes >= policy.probes_to_close:
-                    self._move(CLOSED, now, f"{self.half_open_successes} probes succeeded")
+                self._move(CLOSED, now, f"{successes} {kind}s succeeded")
 
     def _record_closed(self, failed: bool, slow: bool, now: float, open_for: float | None) -> None:
         # Every rule sees every outcome (a rate window counts it even when another rule

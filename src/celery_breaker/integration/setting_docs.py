@@ -110,6 +110,23 @@ SETTING_DOCS: dict[str, Doc] = {
         "snapshots ([metrics](metrics.md#stored-history))",
         default="one day",
     ),
+    "breaker_probes": Doc(
+        accepts="dict: breaker name or glob → a dotted path to a function (`package.module:function`), the "
+        "name of a task of the app, or a callable; each is resolved at worker start, and one that names no task "
+        "and imports nothing stops the worker",
+        meaning="a health check per breaker, run instead of a real task when the breaker may half-open; real tasks "
+        "stay deferred or parked until the checks close it. A check fails by raising or returning `False`. A task "
+        "named here has its body called in the worker's process, without its breaker "
+        "([health-check probes](concepts.md#health-check-probes)); the exact name wins over globs, then the first "
+        "matching glob",
+        default="none (real tasks are the probes)",
+    ),
+    "breaker_probe_timeout": Doc(
+        accepts=_SECONDS_DOC,
+        meaning="how long a health check may take before it counts as failed (never longer than the policy's "
+        "`half_open_max_wait`); a check that hangs is left in its own thread",
+        default="10 seconds",
+    ),
 }
 
 
@@ -147,6 +164,14 @@ TASK_OPTION_DOCS: dict[str, Doc] = {
         "only guarded calls count, so a run that never reached the downstream (a cache hit) says nothing "
         "about it",
         default='`"run"`',
+    ),
+    "breaker_probe": Doc(
+        accepts="a callable (sync or async), a dotted path `package.module:function`, or a task name",
+        meaning="this task's breaker's health check, as in `breaker_probes`",
+        default="`breaker_probes`",
+    ),
+    "breaker_probe_timeout": Doc(
+        accepts="as the setting", meaning="this task's `breaker_probe_timeout`", default="the setting"
     ),
     "breaker_max_deferrals": Doc(
         accepts="as the setting", meaning="this task's `breaker_max_deferrals`", default="the setting"

@@ -15,6 +15,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 from ..core import BreakerPolicy
 from ..errors import ConfigurationError
+from ..health import DEFAULT_PROBE_TIMEOUT
 from ..names import check_name
 from ..storage import check_storage_url, describe_url, is_shared_url
 from ..storage.fallback import MODES as ON_STORAGE_ERROR_CHOICES
@@ -55,6 +56,8 @@ SETTINGS: dict[str, Any] = {
     "breaker_metrics_address": "127.0.0.1",
     "breaker_metrics_ttl": 86_400.0,
     "breaker_consumer_timeout": DEFAULT_CONSUMER_TIMEOUT,
+    "breaker_probes": {},
+    "breaker_probe_timeout": DEFAULT_PROBE_TIMEOUT,
 }
 
 _LOCK = threading.Lock()
@@ -92,6 +95,10 @@ class BreakerSettings:
     """The address that endpoint binds (this host only unless set otherwise)."""
     metrics_ttl: float
     """Seconds stored metrics snapshots (``record_metrics``) are kept."""
+    probes: tuple[tuple[str, str | Callable[[], object]], ...] = ()
+    """``breaker_probes``: breaker name or glob -> a health check (dotted path, task name or callable)."""
+    probe_timeout: float = DEFAULT_PROBE_TIMEOUT
+    """Seconds a health check may take before it counts as failed (``breaker_probe_timeout``)."""
     _policy_cache: dict[str, BreakerPolicy] = field(default_factory=dict, repr=False, compare=False)
 
     def policy_for(self, name: str) -> BreakerPolicy:
@@ -107,6 +114,17 @@ class BreakerSettings:
             policy = BreakerPolicy.coerce(value, base=policy, source=f"breaker_policies[{pattern!r}]")
         self._policy_cache[name] = policy
         return policy
+
+    def probe_for(self, name: str) -> tuple[str, str | Callable[[], object]] | None:
+        """The ``breaker_probes`` entry of breaker ``name``, as ``(pattern, probe)``: its
+        exact name, else the first matching glob; ``None`` when no entry matches."""
+        for pattern, probe in self.probes:
+            if pattern == name:
+                return pattern, probe
+        for pattern, probe in self.probes:
+            if _glob(pattern, name):
+                return pattern, probe
+        return None
 
     def route_for(self, task_name: str) -> str | None:
         """The breaker a plain task is put under by ``breaker_routes``, if any."""
@@ -230,6 +248,20 @@ def _route(pattern: str, breaker: Any) -> tuple[str, str]:
     return pattern, check_name(breaker, f"breaker_routes[{pattern!r}]")
 
 
+def _probe_entry(pattern: str, probe: Any) -> tuple[str, str | Callable[[], object]]:
+    # The shape only: whether a string names a task or an importable callable is known
+    # once the app's tasks are (``probes.resolve_probe``, at worker start).
+    check_name(pattern, f"breaker_probes key {pattern!r}")
+    if isinstance(probe, str) and probe.strip() == probe and probe:
+        return pattern, probe
+    if callable(probe) and not isinstance(probe, str):
+        return pattern, probe
+    raise ConfigurationError(
+        f"breaker_probes[{pattern!r}] must be a dotted path to a health-check function "
+        f"('package.module:function'), a task name, or a callable, got {probe!r}"
+    )
+
+
 def _one_of(key: str, value: Any, choices: tuple[Any, ...], shown: str) -> Any:
     """``value`` if it is one of ``choices`` (``True`` is no ``1``: booleans match booleans only)."""
     for choice in choices:
@@ -294,6 +326,11 @@ def build_settings(conf: Any) -> BreakerSettings:
             f"got {describe_url(storage_url)!r}; use breaker_park='auto' to park only with Redis"
         )
     consumer_timeout = get("breaker_consumer_timeout", values.duration, DEFAULT_CONSUMER_TIMEOUT)
+    probes = [
+        checked
+        for pattern, probe in get("breaker_probes", values.mapping, empty).items()
+        if (checked := problems.check(partial(_probe_entry, pattern, probe), None)) is not None
+    ]
     settings = BreakerSettings(
         storage_url=storage_url,
         key_prefix=key_prefix,
@@ -313,6 +350,8 @@ def build_settings(conf: Any) -> BreakerSettings:
         metrics_port=get("breaker_metrics_port", values.port, None),
         metrics_address=get("breaker_metrics_address", values.bind_address, "127.0.0.1"),
         metrics_ttl=get("breaker_metrics_ttl", values.duration, 86_400.0),
+        probes=tuple(probes),
+        probe_timeout=get("breaker_probe_timeout", values.duration, DEFAULT_PROBE_TIMEOUT),
     )
     problems.raise_any()
     return settings

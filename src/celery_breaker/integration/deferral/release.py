@@ -2,7 +2,8 @@
 
 Each worker runs one ``Releaser`` thread (in its main process, after the pool has forked) that asks
 the store, every ``TICK`` seconds and for every breaker with parked tasks, which may run
-now (see ``storage/lua/release.lua``): the probes when the breaker may half-open, then,
+now (see ``storage/lua/release.lua``): the probes when the breaker may half-open (none for a
+breaker with a health check, whose check runs here instead: ``health_gate.py``), then,
 once it has closed, the rest at a ramp (``breaker_release_rate`` tasks per second
 cluster-wide, reached after ``breaker_release_ramp`` seconds), oldest first. Released
 tasks are published again exactly as they were; one that meets an open breaker again
@@ -25,6 +26,7 @@ from kombu.serialization import prepare_accept_content
 
 from ...errors import StorageError
 from ...storage import Parking
+from .health_gate import HealthGate
 from .parking import decode_message
 
 __all__ = ["LEASE", "MOST_PER_TICK", "TAG_COMPLAINT_EVERY", "TICK", "WATCH_EVERY", "Releaser"]
@@ -65,6 +67,8 @@ class Releaser(threading.Thread):
         self._known: dict[str, int] = {}
         self._counted_at: float | None = None
         self._tag_failures: dict[str, float] = {}  # tag -> when it was last reported
+        #: Breakers with a health check release nothing (no real task is a probe) until it closes them.
+        self.health_gate = HealthGate(app)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the releaser to stop and wait up to ``timeout`` seconds for it."""
@@ -113,6 +117,8 @@ class Releaser(threading.Thread):
         return published
 
     def _release_tag(self, tag: str, most: int) -> int:
+        if self.health_gate.holds(self.parking.label(tag)):
+            return 0
         claimed = self.parking.release(tag, most=most, pace=self.rate, ramp=self.ramp, lease=LEASE)
         done = []
         for entry, payload in claimed:
