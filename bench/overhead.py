@@ -269,6 +269,27 @@ def run_loop(breaker: CircuitBreaker) -> Runner:
     return run
 
 
+def run_with_loop(breaker: CircuitBreaker) -> Runner:
+    """A run admission whose body guards ``noop()`` with ``with breaker:`` (``with self.breaker:``
+    in a task), n times: its overhead over the run admission alone is the block's."""
+
+    def run(n: int) -> int:
+        b = breaker
+        begin = breaker.begin_run
+        t = keep
+        f = noop
+        start = now_ns()
+        for _ in range(n):
+            admission = begin(t)
+            with admission:
+                with b:
+                    f()
+                admission.settle(None)
+        return now_ns() - start
+
+    return run
+
+
 # -- variants ------------------------------------------------------------------
 
 
@@ -347,6 +368,7 @@ def build_variants() -> Setup:
     cb_async_with = CircuitBreaker(f"bench-async-with-{pid}")
     cb_async_decorated = CircuitBreaker(f"bench-async-decorator-{pid}")(anoop)
     cb_run = CircuitBreaker(f"bench-run-{pid}")
+    cb_run_with = CircuitBreaker(f"bench-run-with-{pid}")
     task_plain, task_guarded = celery_tasks(f"bench-task-{pid}")
     fab_async = circuitbreaker.CircuitBreaker(name=f"bench-async-{pid}")(anoop)
     cb_rate = CircuitBreaker(
@@ -390,7 +412,7 @@ def build_variants() -> Setup:
         ("celery-breaker decorator passes", lambda: cb_decorated() is None),
         ("celery-breaker with-blocks pass", lambda: cb_with.state is State.CLOSED and not cb_with._slot),
         ("BreakerTask runs", lambda: task_guarded() is None),
-        ("every guarded call counted", lambda: _all_counted(cb_with, cb_async_with, cb_run)),
+        ("every guarded call counted", lambda: _all_counted(cb_with, cb_async_with, cb_run, cb_run_with)),
         ("pybreaker closed breaker is closed", lambda: pb_closed.current_state == pybreaker.STATE_CLOSED),
         ("pybreaker open breaker is open", lambda: pb_open.current_state == pybreaker.STATE_OPEN),
         (
@@ -423,6 +445,9 @@ def build_variants() -> Setup:
             "fab_async", "fabfuel circuitbreaker closed: @circuit async", "closed", await_loop(fab_async), "await_bare"
         ),
         Variant("cb_run", "celery-breaker closed: run admission", "closed", run_loop(cb_run)),
+        Variant(
+            "cb_run_with", "celery-breaker closed: with b: in a run", "closed", run_with_loop(cb_run_with), "cb_run"
+        ),
         Variant("task_plain", "plain Celery task, called in process", "bare", plain_loop(task_plain)),
         Variant("cb_task", "BreakerTask, called in process", "closed", plain_loop(task_guarded), "task_plain"),
         Variant(
@@ -560,7 +585,10 @@ def environment() -> dict[str, Any]:
 
 #: The guarding forms the issue's goals are about: each within ~10% of ``call``'s
 #: closed overhead and below fabfuel's, in the same run.
-FORMS = ("cb_closed", "cb_with", "cb_async_with", "cb_decorator", "cb_async_decorator", "cb_run", "cb_task", "cb_rate")
+FORMS = (
+    "cb_closed", "cb_with", "cb_async_with", "cb_decorator", "cb_async_decorator", "cb_run", "cb_run_with",
+    "cb_task", "cb_rate",
+)  # fmt: skip
 WITHIN_CALL = 1.10
 
 

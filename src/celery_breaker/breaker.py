@@ -309,8 +309,8 @@ class CircuitBreaker:
     # start) in the object's slot, with no context variable set, which is what makes a
     # block about as cheap as call(). dict.setdefault and dict.pop are atomic, so one
     # block at a time holds the slot. Any other block (a second thread or task on the
-    # same object, nesting, a run, a breaker not simply passing calls) goes on its
-    # context's stack, as every block did before, and sets ``_stacked`` first: from then
+    # same object, a nested block) goes on its context's stack, as every block did
+    # before, and sets ``_stacked`` first: from then
     # on this object's blocks all use the stack (so a context never mistakes a stacked
     # block it inherited from its parent for its own), and an exit looks at its
     # context's stack before the slot. A block still in the slot then finds nothing of
@@ -323,13 +323,13 @@ class CircuitBreaker:
         if cell.passing and _RUN.get() is None:
             start = self._now()
             ticket: Ticket = cell.generation
-            if not self._stacked:
-                held = (cell, ticket, start)
-                if self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
-                    return self
-            self._push(cell, ticket, start)
         else:
-            self._push(*self._admit())
+            cell, ticket, start = self._admit()
+        if not self._stacked:
+            held = (cell, ticket, start)
+            if self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
+                return self
+        self._push(cell, ticket, start)
         return self
 
     def __exit__(
@@ -342,9 +342,12 @@ class CircuitBreaker:
         if held is None:
             raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
         cell, ticket, start = held
-        if exc is None:
+        if exc is None:  # _finish's success path, without classifying
             end = self._now()
             moves = cell.record_success(ticket, end - start, self.policy, end)
+            run = _RUN.get()
+            if run is not None and run.covers(self):
+                run.recorded = SUCCESS
             if moves:
                 self._announce(moves)
         else:
@@ -355,13 +358,13 @@ class CircuitBreaker:
         if cell.passing and _RUN.get() is None:
             start = self._now()
             ticket: Ticket = cell.generation
-            if not self._stacked:
-                held = (cell, ticket, start)
-                if self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
-                    return self
-            self._push(cell, ticket, start)
         else:
-            self._push(*self._admit())
+            cell, ticket, start = self._admit()
+        if not self._stacked:
+            held = (cell, ticket, start)
+            if self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
+                return self
+        self._push(cell, ticket, start)
         return self
 
     async def __aexit__(
@@ -374,9 +377,12 @@ class CircuitBreaker:
         if held is None:
             raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
         cell, ticket, start = held
-        if exc is None:
+        if exc is None:  # _finish's success path, without classifying
             end = self._now()
             moves = cell.record_success(ticket, end - start, self.policy, end)
+            run = _RUN.get()
+            if run is not None and run.covers(self):
+                run.recorded = SUCCESS
             if moves:
                 self._announce(moves)
         else:
@@ -406,9 +412,12 @@ class CircuitBreaker:
             if held is None:
                 raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
             cell, ticket, start = held
-        if exc is None and _RUN.get() is None:
+        if exc is None:  # _finish's success path, without classifying
             end = self._now()
             moves = cell.record_success(ticket, end - start, self.policy, end)
+            run = _RUN.get()
+            if run is not None and run.covers(self):
+                run.recorded = SUCCESS
             if moves:
                 self._announce(moves)
         else:

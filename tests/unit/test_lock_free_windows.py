@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from celery_breaker import BreakerPolicy
+from celery_breaker import BreakerPolicy, State
 from celery_breaker.core.windows import TIME_BUCKETS, CountWindow, TimeWindow
 from celery_breaker.storage.memory import MemoryCell
 from celery_breaker.testing import FakeClock
@@ -116,3 +116,13 @@ def test_a_slow_success_still_takes_the_lock_and_can_trip(clock: FakeClock) -> N
     memory.record_success(ticket, 0.1, policy, clock.monotonic())
     memory.record_success(ticket, 2.0, policy, clock.monotonic())
     assert memory.snapshot(clock.monotonic()).state.value == "open"
+
+
+def test_no_lock_free_success_beside_a_run_of_consecutive_failures(clock: FakeClock) -> None:
+    both = BreakerPolicy(failure_threshold=None, consecutive_failures=3, failure_rate_threshold=0.5)
+    memory = MemoryCell("svc", None, both, clock.monotonic())
+    assert memory.unlocked_success is None  # a failure starting a run must see every success before it
+    rate_only = MemoryCell("svc", None, BreakerPolicy(failure_rate_threshold=0.5), clock.monotonic())
+    assert rate_only.unlocked_success is not None
+    rate_only.force(State.DISABLED, rate_only.policy, clock.monotonic())
+    assert rate_only.unlocked_success is None  # only in CLOSED

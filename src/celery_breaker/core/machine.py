@@ -104,10 +104,12 @@ class BreakerMachine:
         # (no rate window, no run of consecutive failures to end). Else, in CLOSED, when
         # the one rule that minds a success can count it without the lock (a rate
         # window), ``unlocked_success`` is how: the memory store's fast path calls it.
+        # Not beside a rule whose quietness varies: a failure that starts a run of them
+        # must see every success that came before it.
         minding = [rule for rule in self.rules if not rule.quiet] if self.passing else None
         self.quiet_success = minding == []
         unlocked: Callable[[float], bool] | None = None
-        if minding is not None and len(minding) == 1 and self.state is CLOSED:
+        if minding is not None and len(minding) == 1 and self.state is CLOSED and not self.quiet_varies:
             unlocked = minding[0].unlocked_success()
         self.unlocked_success = unlocked
 
