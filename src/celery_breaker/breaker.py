@@ -310,13 +310,12 @@ class CircuitBreaker:
     # block about as cheap as call(). dict.setdefault and dict.pop are atomic, so one
     # block at a time holds the slot. Any other block (a second thread or task on the
     # same object, a nested block) goes on its context's stack, as every block did
-    # before, and sets ``_stacked`` first: from then
-    # on this object's blocks all use the stack (so a context never mistakes a stacked
-    # block it inherited from its parent for its own), and an exit looks at its
-    # context's stack before the slot. A block still in the slot then finds nothing of
-    # its own on the stack (any stacked block of this object came after it, in another
-    # context or nested inside it and closed first). The async methods repeat the sync
-    # ones rather than call them (a frame each).
+    # before, and sets ``_stacked`` first: from then on this object's blocks all use the
+    # stack (so a context never mistakes a stacked block it inherited from its parent for
+    # its own), and an exit looks at its context's stack before the slot. A block still
+    # in the slot then finds nothing of its own on the stack (any stacked block of this
+    # object came after it, in another context, or nested inside it and closed first).
+    # The async methods repeat the sync ones rather than call them (a frame each).
 
     def __enter__(self) -> CircuitBreaker:
         cell = self._cell
@@ -389,7 +388,7 @@ class CircuitBreaker:
             self._finish(cell, ticket, exc, start)
 
     def _push(self, cell: Cell, ticket: Ticket, start: float) -> None:
-        """Open a block on this context's stack (the slot is taken, or a run is current)."""
+        """Open a block on this context's stack (the slot is taken, or was once)."""
         self._stacked = True  # (before the block is visible: see above)
         outer = _ACTIVE.get()
         while outer is not None and outer[0] is None:
