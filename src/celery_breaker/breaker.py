@@ -8,7 +8,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, NamedTuple, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
@@ -33,18 +33,18 @@ OPEN, FORCED_OPEN, HALF_OPEN = State.OPEN, State.FORCED_OPEN, State.HALF_OPEN
 _ADMITTING = (State.CLOSED, State.DISABLED)
 
 
-class _Active(NamedTuple):
-    """A guarded block in progress (``with breaker:``), innermost first."""
-
-    breaker: CircuitBreaker
-    cell: Cell
-    ticket: Ticket
-    start: float
-    outer: _Active | None
-
+#: A guarded block in progress (``with breaker:``): ``[breaker, cell, ticket, start, outer]``,
+#: innermost first through ``outer``. A list, not an object, because a block is entered
+#: on the hot path: making one is a single allocation, and closing it is two stores
+#: (``breaker`` and ``cell`` set to ``None``) rather than setting the context variable
+#: again. Closed blocks are skipped, and dropped when the next block is entered.
+_Block = list[Any]
 
 # Per thread and per asyncio task: concurrent blocks never see each other's tickets.
-_ACTIVE: ContextVar[_Active | None] = ContextVar("celery_breaker_active", default=None)
+# A copied context (a new task) may see its parent's open blocks, as before; it closes
+# only blocks of its own, since it enters its own (a closed block is never reopened).
+_ACTIVE: ContextVar[_Block | None] = ContextVar("celery_breaker_active", default=None)
+
 
 #: Maps an exception raised inside a run to the one to classify, or ``None`` for
 #: "neutral" (the Celery layer unwraps ``Retry`` and neutralises ``Ignore``/``Reject``).
@@ -93,8 +93,19 @@ class RunAdmission:
         what the run last recorded on its breaker."""
         if not self.claimed:
             self.claimed = True
-            neutral = neutral or not self.counts_itself
-            self.breaker._finish(self.cell, self.ticket, exc, self.start, IGNORED if neutral else None)
+            breaker = self.breaker
+            if exc is None and not neutral and self.counts_itself:
+                # A run that returned: _finish's success path, without classifying.
+                end = breaker._now()
+                moves = self.cell.record_success(self.ticket, end - self.start, breaker.policy, end)
+                run = _RUN.get()
+                if run is self or (run is not None and run.covers(breaker)):
+                    run.recorded = SUCCESS
+                if moves:
+                    breaker._announce(moves)
+            else:
+                neutral = neutral or not self.counts_itself
+                breaker._finish(self.cell, self.ticket, exc, self.start, IGNORED if neutral else None)
         return self.recorded
 
     def failed_while_open(self) -> bool:
@@ -147,7 +158,10 @@ class CircuitBreaker:
             (default 10; never more than the policy's ``half_open_max_wait``).
     """
 
-    __slots__ = ("name", "key", "policy", "store", "probe", "_clock", "_now", "_cell", "_listeners", "__weakref__")
+    __slots__ = (
+        "name", "key", "policy", "store", "probe", "_clock", "_now", "_cell", "_listeners", "__weakref__",
+        "_slot", "_stacked",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -170,6 +184,9 @@ class CircuitBreaker:
         self._clock = clock or SYSTEM_CLOCK
         self._now = self._clock.monotonic
         self._listeners: list[TransitionListener] = []
+        # The first open ``with`` block's (cell, ticket, start), under key 0 (see __enter__).
+        self._slot: dict[int, tuple[Cell, Ticket, float]] = {}
+        self._stacked = False
         self._cell = self.store.cell(name, key, self.policy, self._clock)
         existing = self._cell.policy
         if existing is not self.policy and existing != self.policy:
@@ -229,7 +246,12 @@ class CircuitBreaker:
 
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """``await fn(*args, **kwargs)`` under the breaker."""
-        cell, ticket, start = self._admit()
+        cell = self._cell
+        if cell.passing and _RUN.get() is None:
+            start = self._now()
+            ticket: Ticket = cell.generation
+        else:
+            cell, ticket, start = self._admit()
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
@@ -245,39 +267,173 @@ class CircuitBreaker:
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         """Decorate ``fn`` (a function or a coroutine function) so every call is guarded."""
+        # The wrappers repeat call()'s closed path rather than calling it: one frame, the
+        # arguments passed on once. Anything else (a run, a breaker not simply passing
+        # calls) goes through call() / acall(), which decide it.
+        breaker = self
+        now = self._now
+        finish = self._finish
         if inspect.iscoroutinefunction(fn):
+            acall = self.acall
 
             @functools.wraps(fn)
             async def guarded_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self.acall(fn, *args, **kwargs)
+                cell = breaker._cell
+                if not cell.passing or _RUN.get() is not None:
+                    return await acall(fn, *args, **kwargs)
+                start = now()
+                ticket = cell.generation
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    finish(cell, ticket, exc, start)
+                    raise
+                end = now()
+                moves = cell.record_success(ticket, end - start, breaker.policy, end)
+                if moves:
+                    breaker._announce(moves)
+                return result
 
             return guarded_async
 
-        call = self.call  # bound once: the wrapper stays one frame over call()
+        call = self.call
 
         @functools.wraps(fn)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
-            return call(fn, *args, **kwargs)
+            cell = breaker._cell
+            if not cell.passing or _RUN.get() is not None:
+                return call(fn, *args, **kwargs)
+            start = now()
+            ticket = cell.generation
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                finish(cell, ticket, exc, start)
+                raise
+            end = now()
+            moves = cell.record_success(ticket, end - start, breaker.policy, end)
+            if moves:
+                breaker._announce(moves)
+            return result
 
         return guarded
 
+    # ``with`` and ``async with``: a block on a breaker object keeps its (cell, ticket,
+    # start) in the object's slot, with no context variable set, which is what makes a
+    # block about as cheap as call(). dict.setdefault and dict.pop are atomic, so one
+    # block at a time holds the slot. Any other block (a second thread or task on the
+    # same object, a nested block) goes on its context's stack, as every block did
+    # before, and sets ``_stacked`` first: from then on this object's blocks all use the
+    # stack (so a context never mistakes a stacked block it inherited from its parent for
+    # its own), and an exit looks at its context's stack before the slot. A block still
+    # in the slot then finds nothing of its own on the stack (any stacked block of this
+    # object came after it, in another context, or nested inside it and closed first).
+    # The async methods repeat the sync ones rather than call them (a frame each).
+
     def __enter__(self) -> CircuitBreaker:
-        cell, ticket, start = self._admit()
-        _ACTIVE.set(_Active(self, cell, ticket, start, _ACTIVE.get()))
+        cell = self._cell
+        if cell.passing and _RUN.get() is None:
+            start = self._now()
+            ticket: Ticket = cell.generation
+        else:
+            cell, ticket, start = self._admit()
+        if not self._stacked:
+            held = (cell, ticket, start)
+            if self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
+                return self
+        self._push(cell, ticket, start)
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        _exit_block(self, exc)
+        if self._stacked:
+            self._exit_block(exc)
+            return
+        held = self._slot.pop(0, None)
+        if held is None:
+            raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
+        cell, ticket, start = held
+        if exc is None:  # _finish's success path, without classifying
+            end = self._now()
+            moves = cell.record_success(ticket, end - start, self.policy, end)
+            run = _RUN.get()
+            if run is not None and run.covers(self):
+                run.recorded = SUCCESS
+            if moves:
+                self._announce(moves)
+        else:
+            self._finish(cell, ticket, exc, start)
 
     async def __aenter__(self) -> CircuitBreaker:
-        return self.__enter__()
+        cell = self._cell
+        if cell.passing and _RUN.get() is None:
+            start = self._now()
+            ticket: Ticket = cell.generation
+        else:
+            cell, ticket, start = self._admit()
+        if not self._stacked:
+            held = (cell, ticket, start)
+            if self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
+                return self
+        self._push(cell, ticket, start)
+        return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        _exit_block(self, exc)
+        if self._stacked:
+            self._exit_block(exc)
+            return
+        held = self._slot.pop(0, None)
+        if held is None:
+            raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
+        cell, ticket, start = held
+        if exc is None:  # _finish's success path, without classifying
+            end = self._now()
+            moves = cell.record_success(ticket, end - start, self.policy, end)
+            run = _RUN.get()
+            if run is not None and run.covers(self):
+                run.recorded = SUCCESS
+            if moves:
+                self._announce(moves)
+        else:
+            self._finish(cell, ticket, exc, start)
+
+    def _push(self, cell: Cell, ticket: Ticket, start: float) -> None:
+        """Open a block on this context's stack (the slot is taken, or was once)."""
+        self._stacked = True  # (before the block is visible: see above)
+        outer = _ACTIVE.get()
+        while outer is not None and outer[0] is None:
+            outer = outer[4]  # (closed blocks: dropped here, not when they closed)
+        _ACTIVE.set([self, cell, ticket, start, outer])
+
+    def _exit_block(self, exc: BaseException | None) -> None:
+        """Close this breaker's innermost open block on this context's stack, else the
+        slot's block, and record how it went."""
+        # Blocks normally exit innermost first; an ExitStack or a suspended generator can
+        # exit them out of order, so find this breaker's innermost open block.
+        block = _ACTIVE.get()
+        while block is not None and block[0] is not self:
+            block = block[4]
+        if block is not None:
+            _, cell, ticket, start, _ = block
+            block[0] = block[1] = None  # closed: skipped from now on, and holds no cell
+        else:
+            held = self._slot.pop(0, None)
+            if held is None:
+                raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
+            cell, ticket, start = held
+        if exc is None:  # _finish's success path, without classifying
+            end = self._now()
+            moves = cell.record_success(ticket, end - start, self.policy, end)
+            run = _RUN.get()
+            if run is not None and run.covers(self):
+                run.recorded = SUCCESS
+            if moves:
+                self._announce(moves)
+        else:
+            self._finish(cell, ticket, exc, start)
 
     def begin_run(self, translate: ExceptionTranslator, *, counts_itself: bool = True) -> RunAdmission:
         """Admit a whole run (a task's) before its body starts, or raise ``CircuitOpenError``.
@@ -286,6 +442,9 @@ class CircuitBreaker:
         guarded calls on this breaker use the run's ticket; ``settle`` it when the body
         ends. ``translate`` maps the body's exceptions to the one to classify.
         """
+        cell = self._cell
+        if cell.passing and _RUN.get() is None:
+            return RunAdmission(self, cell, cell.generation, self._now(), translate, counts_itself=counts_itself)
         cell, ticket, start = self._admit()
         return RunAdmission(self, cell, ticket, start, translate, counts_itself=counts_itself)
 
@@ -539,23 +698,6 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.label!r} {self.state.value} on {describe_url(self.store.url)}>"
-
-
-def _exit_block(breaker: CircuitBreaker, exc: BaseException | None) -> None:
-    # Blocks normally exit innermost first; an ExitStack or a suspended generator can
-    # exit them out of order, so find this breaker's innermost block.
-    skipped: list[_Active] = []
-    active = _ACTIVE.get()
-    while active is not None and active.breaker is not breaker:
-        skipped.append(active)
-        active = active.outer
-    if active is None:
-        raise RuntimeError(f"breaker {breaker.label!r}: block exited without being entered")
-    rest = active.outer
-    for frame in reversed(skipped):
-        rest = frame._replace(outer=rest)
-    _ACTIVE.set(rest)
-    breaker._finish(active.cell, active.ticket, exc, active.start)
 
 
 def _log_transition(transition: Transition) -> None:

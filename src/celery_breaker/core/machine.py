@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from typing import NoReturn
 
 from ..errors import CircuitOpenError
@@ -45,6 +46,7 @@ class BreakerMachine:
         "success_tally", "failures", "rejection_tally", "deferrals", "trips",
         "last_success", "last_failure", "last_used", "moves", "wall_offset", "passing", "quiet_success",
         "streak", "open_duration", "draw",
+        "unlocked_success",
     )  # fmt: skip
 
     def __init__(self, name: str, key: str | None, policy: BreakerPolicy, now: float) -> None:
@@ -99,14 +101,17 @@ class BreakerMachine:
 
     def _update_quiet(self) -> None:
         # A success changes nothing but counters: CLOSED or DISABLED, and no rule minds one
-        # (no rate window, no run of consecutive failures to end).
-        quiet = self.passing
-        if quiet:
-            for rule in self.rules:
-                if not rule.quiet:
-                    quiet = False
-                    break
-        self.quiet_success = quiet
+        # (no rate window, no run of consecutive failures to end). Else, in CLOSED, when
+        # the one rule that minds a success can count it without the lock (a rate
+        # window), ``unlocked_success`` is how: the memory store's fast path calls it.
+        # Not beside a rule whose quietness varies: a failure that starts a run of them
+        # must see every success that came before it.
+        minding = [rule for rule in self.rules if not rule.quiet] if self.passing else None
+        self.quiet_success = minding == []
+        unlocked: Callable[[float], bool] | None = None
+        if minding is not None and len(minding) == 1 and self.state is CLOSED and not self.quiet_varies:
+            unlocked = minding[0].unlocked_success()
+        self.unlocked_success = unlocked
 
     # -- admission -----------------------------------------------------------
 

@@ -114,18 +114,20 @@ class BreakerTask(Task):  # type: ignore[misc]
     # -- execution -----------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.request.called_directly:
+        # (Celery's request is a thread-local stack lookup: read once per run.)
+        request = self.request
+        if request.called_directly:
             # Called as a plain function (not by a worker): set up the request the way
             # Task.__call__ does, so the body sees its arguments.
             _task_stack.push(self)
             self.push_request(args=args, kwargs=kwargs)
             try:
-                outcome = self._run_guarded(args, kwargs)
+                outcome = self._run_guarded(args, kwargs, self.request)
             finally:
                 self.pop_request()
                 _task_stack.pop()
         else:
-            outcome = self._run_guarded(args, kwargs)
+            outcome = self._run_guarded(args, kwargs, request)
         if type(outcome) is _Deferred:
             # Raised here, outside any handler: the traceback Celery copies for the
             # RETRY (billiard copies every frame's co_positions, ~0.1 ms per frame) is
@@ -159,7 +161,7 @@ class BreakerTask(Task):  # type: ignore[misc]
         request = self.request
         return not (request.is_eager or request.called_directly)
 
-    def _run_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _run_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any], request: Any) -> Any:
         if not self.is_guarded():
             return self.run(*args, **kwargs)
         config = task_breaker_config(self)
@@ -168,7 +170,6 @@ class BreakerTask(Task):  # type: ignore[misc]
             run = breaker.begin_run(_translate, counts_itself=config.counts_runs)
         except CircuitOpenError as rejected:
             return self._on_rejected(breaker, rejected, args, kwargs)
-        request = self.request
         setattr(request, _RUN_ATTR, run)
         with run:  # (current until every handler below has run: they settle the run)
             try:
