@@ -78,13 +78,24 @@ SETTING_DOCS: dict[str, Doc] = {
         meaning="park deferred tasks in the breaker's Redis instead of countdown messages held by workers "
         '(`"auto"`: whenever the store is Redis; [parking](concepts.md#parking-long-outages-big-backlogs))',
     ),
+    "breaker_release_pace": Doc(
+        accepts='`"adaptive"` or `"fixed"`',
+        meaning="how parked tasks are released once their breaker has closed, decided in Redis for all workers: "
+        '`"adaptive"` starts at 10 per second and grows (by a quarter every half second) while the released tasks '
+        "succeed, is cut to 80 % at once on failures or slow calls (the policy's `slow_call_duration`), and stops "
+        'while the breaker is open ([recovery](performance.md#recovery)); `"fixed"` goes at '
+        "`breaker_release_rate` after `breaker_release_ramp`. No effect on the memory store, which has no parking",
+    ),
     "breaker_release_rate": Doc(
-        accepts="tasks per second > 0",
-        meaning="parked tasks released per breaker per second once it has closed, across all workers",
+        accepts="tasks per second > 0, or `None`",
+        meaning="parked tasks released per breaker per second once it has closed, across all workers: the "
+        "adaptive pace's ceiling, or the fixed pace",
+        default="no ceiling under the adaptive pace, 50 under the fixed pace",
     ),
     "breaker_release_ramp": Doc(
         accepts="seconds ≥ 0",
-        meaning="the release starts at a tenth of `breaker_release_rate` and reaches it after this long (0: at once)",
+        meaning="the fixed pace starts at a tenth of `breaker_release_rate` and reaches it after this long (0: at "
+        'once); unused by `"adaptive"`',
     ),
     "breaker_metrics_port": Doc(
         accepts="int from 1 to 65535, or `None`",

@@ -41,6 +41,7 @@ end
 -- An outcome that started under an earlier state is counted, but cannot move this one.
 if not current then return reply('ok') end
 local slow = P.slow_duration ~= nil and duration >= P.slow_duration
+if slow and not failed then S.sl = S.sl + 1 end -- (slow successes: the adaptive release reads them, release.lua)
 if not failed then open_for = nil end
 if S.st == CLOSED then
   record_closed(failed, slow, open_for)
