@@ -1,18 +1,22 @@
-"""A real HTTP downstream on 127.0.0.1 for bench/outage_timeline.py: healthy, or in an outage; logs every request.
+"""Real HTTP downstreams on 127.0.0.1 for the benches; each logs every request.
 
-A copy, with a timestamped log, of ``tests/integration/downstream.py`` (bench cannot import tests/).
+``Downstream`` (bench/outage_timeline.py): healthy, or in an outage; a copy, with a
+timestamped log, of ``tests/integration/downstream.py`` (bench cannot import tests/).
+``LimitedDownstream`` (bench/recovery.py): down, or up with a capacity of C requests per
+second: slower near it, ``429`` with ``Retry-After`` above it.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Downstream", "Request"]
+__all__ = ["Downstream", "LimitedDownstream", "Request"]
 
 #: How long a hanging answer is held: well beyond the clients' timeout (the bench app's is 0.5 s).
 HANG_S = 2.0
@@ -108,3 +112,100 @@ class Downstream:
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.close()
+
+
+class LimitedDownstream:
+    """A downstream with a capacity: ``ThreadingHTTPServer`` in a thread.
+
+    While down (``down(True)``) every request gets 503. While up, requests are counted
+    over the last second: at ``capacity`` or more, a request gets ``429`` with
+    ``Retry-After: 1`` (and is not counted); below it, a 200 after ``BASE_S``, slower
+    from ``slow_from`` of the capacity on, rising linearly to ``BASE_S + SLOW_S`` at the
+    capacity (a service queueing as it saturates). ``capacity=None``: no limit, always
+    fast. ``requests()`` is every answer, in order: (epoch seconds, ``ok``/``429``/``503``, delay).
+    """
+
+    BASE_S = 0.003
+    SLOW_S = 0.4
+
+    def __init__(self, capacity: float | None, *, slow_from: float = 0.85) -> None:
+        self.capacity = capacity
+        self.slow_from = slow_from
+        self._lock = threading.Lock()
+        self._down = False
+        self._window: deque[float] = deque()
+        self._log: list[tuple[float, str, float]] = []
+        self._stopping = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self._server.request_queue_size = 256
+        self._thread = threading.Thread(target=self._server.serve_forever, name="downstream", daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def down(self, down: bool) -> None:
+        """Start (``True``) or end (``False``) an outage."""
+        with self._lock:
+            self._down = down
+
+    def requests(self) -> list[tuple[float, str, float]]:
+        with self._lock:
+            return list(self._log)
+
+    def _answer(self) -> tuple[str, float]:
+        """Log this request; its answer (ok, 429 or 503) and how long it takes."""
+        with self._lock:
+            now = time.monotonic()
+            while self._window and self._window[0] <= now - 1.0:
+                self._window.popleft()
+            if self._down:
+                answer, delay = "503", 0.0
+            elif self.capacity is not None and len(self._window) >= self.capacity:
+                answer, delay = "429", 0.0
+            else:
+                self._window.append(now)
+                load = 0.0 if self.capacity is None else len(self._window) / self.capacity
+                queueing = max(0.0, (load - self.slow_from) / (1.0 - self.slow_from))
+                answer, delay = "ok", self.BASE_S + self.SLOW_S * min(1.0, queueing)
+            self._log.append((time.time(), answer, delay))
+        return answer, delay
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        downstream = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def do_GET(self) -> None:
+                answer, delay = downstream._answer()
+                if delay:
+                    downstream._stopping.wait(delay)  # the downstream's own latency, not the bench waiting
+                status = {"ok": 200, "429": 429, "503": 503}[answer]
+                body = b"ok" if status == 200 else b"busy"
+                try:
+                    self.send_response(status)
+                    if status == 429:
+                        self.send_header("Retry-After", "1")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:
+                    pass  # the client gave up
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
+
+    def __enter__(self) -> LimitedDownstream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)

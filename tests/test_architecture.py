@@ -6,7 +6,7 @@ they never run). On that graph:
 
 * there is no import cycle, so no function-local import can be hiding one;
 * each layer imports only the layers below it: ``core`` nothing but the leaf modules,
-  ``storage`` only ``core``, the guard API (``breaker``) only ``storage`` and ``core``,
+  ``storage`` only ``core``, the guard API (``breaker``, ``health``) only ``storage`` and ``core``,
   ``integration`` (Celery) neither ``monitoring`` nor ``ops``, ``monitoring`` not ``ops``;
 * ``core``, ``storage`` and the guard API import neither Celery nor kombu nor click;
   redis-py is imported only inside ``storage/redis``;
@@ -72,7 +72,7 @@ def layer_of(module: str) -> str:
     top = parts[1]
     if top in ("core", "storage", "integration", "monitoring", "ops"):
         return top
-    if top == "breaker":
+    if top in ("breaker", "health"):
         return "guard"
     return "public"  # testing.py: helpers for users' tests, may use anything
 

@@ -74,8 +74,8 @@ def test_a_task_option_without_a_description_is_reported() -> None:
 
 
 def test_defaults_in_the_tables_come_from_the_code(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(SETTINGS, "breaker_release_rate", 75.0)
-    assert "| `breaker_release_rate` | `75.0` |" in gen.render_settings()
+    monkeypatch.setitem(SETTINGS, "breaker_release_ramp", 75.0)
+    assert "| `breaker_release_ramp` | `75.0` |" in gen.render_settings()
     assert "| `reset_timeout` | `30.0` |" in gen.render_policy()
     assert "| `record_exceptions` | `(downstream_error,)`: every `Exception` except" in gen.render_policy()
     assert '| `breaker_scope` | `None`: `"run"` |' in gen.render_task_options()

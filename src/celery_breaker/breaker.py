@@ -8,12 +8,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, NamedTuple, ParamSpec, TypeVar, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 from .clock import SYSTEM_CLOCK, Clock
-from .core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
+from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
 from .core.retry_after import retry_after_of
 from .errors import CircuitOpenError
+from .health import HealthCheck, HealthState
 from .labels import breaker_label
 from .names import check_name
 from .storage import Cell, Moves, Store, describe_url, resolve_store, with_fallback
@@ -28,21 +29,22 @@ R = TypeVar("R")
 TransitionListener = Callable[[Transition], object]
 
 SUCCESS, FAILURE, IGNORED = Outcome.SUCCESS, Outcome.FAILURE, Outcome.IGNORED
-OPEN, FORCED_OPEN = State.OPEN, State.FORCED_OPEN
+OPEN, FORCED_OPEN, HALF_OPEN = State.OPEN, State.FORCED_OPEN, State.HALF_OPEN
+_ADMITTING = (State.CLOSED, State.DISABLED)
 
 
-class _Active(NamedTuple):
-    """A guarded block in progress (``with breaker:``), innermost first."""
-
-    breaker: CircuitBreaker
-    cell: Cell
-    ticket: Ticket
-    start: float
-    outer: _Active | None
-
+#: A guarded block in progress (``with breaker:``): ``[breaker, cell, ticket, start, outer]``,
+#: innermost first through ``outer``. A list, not an object, because a block is entered
+#: on the hot path: making one is a single allocation, and closing it is two stores
+#: (``breaker`` and ``cell`` set to ``None``) rather than setting the context variable
+#: again. Closed blocks are skipped, and dropped when the next block is entered.
+_Block = list[Any]
 
 # Per thread and per asyncio task: concurrent blocks never see each other's tickets.
-_ACTIVE: ContextVar[_Active | None] = ContextVar("celery_breaker_active", default=None)
+# A copied context (a new task) may see its parent's open blocks, as before; it closes
+# only blocks of its own, since it enters its own (a closed block is never reopened).
+_ACTIVE: ContextVar[_Block | None] = ContextVar("celery_breaker_active", default=None)
+
 
 #: Maps an exception raised inside a run to the one to classify, or ``None`` for
 #: "neutral" (the Celery layer unwraps ``Retry`` and neutralises ``Ignore``/``Reject``).
@@ -91,8 +93,19 @@ class RunAdmission:
         what the run last recorded on its breaker."""
         if not self.claimed:
             self.claimed = True
-            neutral = neutral or not self.counts_itself
-            self.breaker._finish(self.cell, self.ticket, exc, self.start, IGNORED if neutral else None)
+            breaker = self.breaker
+            if exc is None and not neutral and self.counts_itself:
+                # A run that returned: _finish's success path, without classifying.
+                end = breaker._now()
+                moves = self.cell.record_success(self.ticket, end - self.start, breaker.policy, end)
+                run = _RUN.get()
+                if run is self or (run is not None and run.covers(breaker)):
+                    run.recorded = SUCCESS
+                if moves:
+                    breaker._announce(moves)
+            else:
+                neutral = neutral or not self.counts_itself
+                breaker._finish(self.cell, self.ticket, exc, self.start, IGNORED if neutral else None)
         return self.recorded
 
     def failed_while_open(self) -> bool:
@@ -136,9 +149,19 @@ class CircuitBreaker:
         on_storage_error: while a shared store cannot be reached, ``"local"`` (a breaker
             of this process stands in), ``"allow"`` (every call passes) or ``"deny"``
             (every call is rejected); the shared state is rejoined when it answers.
+        probe: a health check (a callable taking no arguments, sync or async, or a
+            ``HealthCheck``): when the breaker may half-open, the call that wins a probe
+            slot runs it instead of itself, and is rejected unless the check closed the
+            breaker. It fails by raising or returning ``False``; its verdict counts as a
+            probe's would. Every process using the breaker should give it the same probe.
+        probe_timeout: seconds the health check may take before it counts as failed
+            (default 10; never more than the policy's ``half_open_max_wait``).
     """
 
-    __slots__ = ("name", "key", "policy", "store", "_clock", "_now", "_cell", "_listeners", "__weakref__")
+    __slots__ = (
+        "name", "key", "policy", "store", "probe", "_clock", "_now", "_cell", "_listeners", "__weakref__",
+        "_slot", "_stacked",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -149,14 +172,21 @@ class CircuitBreaker:
         clock: Clock | None = None,
         key: str | None = None,
         on_storage_error: str = "local",
+        probe: HealthCheck | Callable[[], object] | None = None,
+        probe_timeout: float | None = None,
     ) -> None:
         self.name = check_name(name, "CircuitBreaker name")
         self.key = key
         self.policy = BreakerPolicy.coerce(policy)
+        self.probe = HealthCheck.coerce(probe, probe_timeout)
+        """The health check run instead of a real call when the breaker may half-open (or ``None``)."""
         self.store = with_fallback(resolve_store(storage), on_storage_error)
         self._clock = clock or SYSTEM_CLOCK
         self._now = self._clock.monotonic
         self._listeners: list[TransitionListener] = []
+        # The first open ``with`` block's (cell, ticket, start), under key 0 (see __enter__).
+        self._slot: dict[int, tuple[Cell, Ticket, float]] = {}
+        self._stacked = False
         self._cell = self.store.cell(name, key, self.policy, self._clock)
         existing = self._cell.policy
         if existing is not self.policy and existing != self.policy:
@@ -216,7 +246,12 @@ class CircuitBreaker:
 
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """``await fn(*args, **kwargs)`` under the breaker."""
-        cell, ticket, start = self._admit()
+        cell = self._cell
+        if cell.passing and _RUN.get() is None:
+            start = self._now()
+            ticket: Ticket = cell.generation
+        else:
+            cell, ticket, start = self._admit()
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
@@ -232,39 +267,173 @@ class CircuitBreaker:
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         """Decorate ``fn`` (a function or a coroutine function) so every call is guarded."""
+        # The wrappers repeat call()'s closed path rather than calling it: one frame, the
+        # arguments passed on once. Anything else (a run, a breaker not simply passing
+        # calls) goes through call() / acall(), which decide it.
+        breaker = self
+        now = self._now
+        finish = self._finish
         if inspect.iscoroutinefunction(fn):
+            acall = self.acall
 
             @functools.wraps(fn)
             async def guarded_async(*args: P.args, **kwargs: P.kwargs) -> Any:
-                return await self.acall(fn, *args, **kwargs)
+                cell = breaker._cell
+                if not cell.passing or _RUN.get() is not None:
+                    return await acall(fn, *args, **kwargs)
+                start = now()
+                ticket = cell.generation
+                try:
+                    result = await fn(*args, **kwargs)
+                except BaseException as exc:
+                    finish(cell, ticket, exc, start)
+                    raise
+                end = now()
+                moves = cell.record_success(ticket, end - start, breaker.policy, end)
+                if moves:
+                    breaker._announce(moves)
+                return result
 
             return guarded_async
 
-        call = self.call  # bound once: the wrapper stays one frame over call()
+        call = self.call
 
         @functools.wraps(fn)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
-            return call(fn, *args, **kwargs)
+            cell = breaker._cell
+            if not cell.passing or _RUN.get() is not None:
+                return call(fn, *args, **kwargs)
+            start = now()
+            ticket = cell.generation
+            try:
+                result = fn(*args, **kwargs)
+            except BaseException as exc:
+                finish(cell, ticket, exc, start)
+                raise
+            end = now()
+            moves = cell.record_success(ticket, end - start, breaker.policy, end)
+            if moves:
+                breaker._announce(moves)
+            return result
 
         return guarded
 
+    # ``with`` and ``async with``: a block on a breaker object keeps its (cell, ticket,
+    # start) in the object's slot, with no context variable set, which is what makes a
+    # block about as cheap as call(). dict.setdefault and dict.pop are atomic, so one
+    # block at a time holds the slot. Any other block (a second thread or task on the
+    # same object, a nested block) goes on its context's stack, as every block did
+    # before, and sets ``_stacked`` first: from then on this object's blocks all use the
+    # stack (so a context never mistakes a stacked block it inherited from its parent for
+    # its own), and an exit looks at its context's stack before the slot. A block still
+    # in the slot then finds nothing of its own on the stack (any stacked block of this
+    # object came after it, in another context, or nested inside it and closed first).
+    # The async methods repeat the sync ones rather than call them (a frame each).
+
     def __enter__(self) -> CircuitBreaker:
-        cell, ticket, start = self._admit()
-        _ACTIVE.set(_Active(self, cell, ticket, start, _ACTIVE.get()))
+        cell = self._cell
+        if cell.passing and _RUN.get() is None:
+            start = self._now()
+            ticket: Ticket = cell.generation
+        else:
+            cell, ticket, start = self._admit()
+        if not self._stacked:
+            held = (cell, ticket, start)
+            if self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
+                return self
+        self._push(cell, ticket, start)
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        _exit_block(self, exc)
+        if self._stacked:
+            self._exit_block(exc)
+            return
+        held = self._slot.pop(0, None)
+        if held is None:
+            raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
+        cell, ticket, start = held
+        if exc is None:  # _finish's success path, without classifying
+            end = self._now()
+            moves = cell.record_success(ticket, end - start, self.policy, end)
+            run = _RUN.get()
+            if run is not None and run.covers(self):
+                run.recorded = SUCCESS
+            if moves:
+                self._announce(moves)
+        else:
+            self._finish(cell, ticket, exc, start)
 
     async def __aenter__(self) -> CircuitBreaker:
-        return self.__enter__()
+        cell = self._cell
+        if cell.passing and _RUN.get() is None:
+            start = self._now()
+            ticket: Ticket = cell.generation
+        else:
+            cell, ticket, start = self._admit()
+        if not self._stacked:
+            held = (cell, ticket, start)
+            if self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
+                return self
+        self._push(cell, ticket, start)
+        return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        _exit_block(self, exc)
+        if self._stacked:
+            self._exit_block(exc)
+            return
+        held = self._slot.pop(0, None)
+        if held is None:
+            raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
+        cell, ticket, start = held
+        if exc is None:  # _finish's success path, without classifying
+            end = self._now()
+            moves = cell.record_success(ticket, end - start, self.policy, end)
+            run = _RUN.get()
+            if run is not None and run.covers(self):
+                run.recorded = SUCCESS
+            if moves:
+                self._announce(moves)
+        else:
+            self._finish(cell, ticket, exc, start)
+
+    def _push(self, cell: Cell, ticket: Ticket, start: float) -> None:
+        """Open a block on this context's stack (the slot is taken, or was once)."""
+        self._stacked = True  # (before the block is visible: see above)
+        outer = _ACTIVE.get()
+        while outer is not None and outer[0] is None:
+            outer = outer[4]  # (closed blocks: dropped here, not when they closed)
+        _ACTIVE.set([self, cell, ticket, start, outer])
+
+    def _exit_block(self, exc: BaseException | None) -> None:
+        """Close this breaker's innermost open block on this context's stack, else the
+        slot's block, and record how it went."""
+        # Blocks normally exit innermost first; an ExitStack or a suspended generator can
+        # exit them out of order, so find this breaker's innermost open block.
+        block = _ACTIVE.get()
+        while block is not None and block[0] is not self:
+            block = block[4]
+        if block is not None:
+            _, cell, ticket, start, _ = block
+            block[0] = block[1] = None  # closed: skipped from now on, and holds no cell
+        else:
+            held = self._slot.pop(0, None)
+            if held is None:
+                raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
+            cell, ticket, start = held
+        if exc is None:  # _finish's success path, without classifying
+            end = self._now()
+            moves = cell.record_success(ticket, end - start, self.policy, end)
+            run = _RUN.get()
+            if run is not None and run.covers(self):
+                run.recorded = SUCCESS
+            if moves:
+                self._announce(moves)
+        else:
+            self._finish(cell, ticket, exc, start)
 
     def begin_run(self, translate: ExceptionTranslator, *, counts_itself: bool = True) -> RunAdmission:
         """Admit a whole run (a task's) before its body starts, or raise ``CircuitOpenError``.
@@ -273,6 +442,9 @@ class CircuitBreaker:
         guarded calls on this breaker use the run's ticket; ``settle`` it when the body
         ends. ``translate`` maps the body's exceptions to the one to classify.
         """
+        cell = self._cell
+        if cell.passing and _RUN.get() is None:
+            return RunAdmission(self, cell, cell.generation, self._now(), translate, counts_itself=counts_itself)
         cell, ticket, start = self._admit()
         return RunAdmission(self, cell, ticket, start, translate, counts_itself=counts_itself)
 
@@ -313,7 +485,109 @@ class CircuitBreaker:
         ticket, moves = cell.acquire(self.policy, now)
         if moves:
             self._announce(moves)
+        if self.probe is not None and type(ticket) is Probe:
+            return self._check_instead(cell, ticket)
         return cell, ticket
+
+    # -- health checks ----------------------------------------------------------
+
+    def _check_instead(self, cell: Cell, ticket: Probe) -> tuple[Cell, Ticket]:
+        """This call won a probe slot: run the health check in its place, then admit the
+        call only if the checks closed the breaker, else reject it (``CircuitOpenError``)."""
+        admitted = self._run_checks(cell, ticket)
+        if type(admitted) is not Probe:
+            return cell, admitted
+        now = self._now()
+        state = cell.state
+        open_until = cell.open_until
+        retry_after = None if state is FORCED_OPEN else 0.0
+        if state is OPEN and open_until is not None:
+            retry_after = max(0.0, open_until - now)
+        cell.note_rejection(now)
+        raise CircuitOpenError.rejected(self.name, self.key, state, retry_after)
+
+    def _run_checks(self, cell: Cell, ticket: Probe) -> Ticket:
+        """Run the health check on each probe slot this caller wins, until the breaker
+        closes (return its ordinary ticket) or not (return the last probe ticket): at most
+        ``probes_to_close`` checks, back to back."""
+        for _ in range(self.policy.probes_to_close):
+            self._check(cell, ticket)
+            if cell.state in _ADMITTING:
+                return cell.generation
+            if cell.state is not HALF_OPEN:
+                break
+            try:
+                next_ticket, moves = cell.acquire(self.policy, self._now())
+            except CircuitOpenError:
+                break  # every slot is taken: another caller's checks decide
+            if moves:
+                self._announce(moves)
+            if type(next_ticket) is not Probe:
+                return next_ticket
+            ticket = next_ticket
+        return ticket
+
+    def _check(self, cell: Cell, ticket: Probe) -> bool:
+        """Run the health check once under ``ticket``'s lease and record its verdict."""
+        probe = self.probe
+        assert probe is not None
+        start = self._now()
+        result = probe.run(self.policy.half_open_max_wait)  # (a lease lasts no longer)
+        end = self._now()
+        open_for = None
+        if result.error is not None:
+            open_for = retry_after_of(result.error, self._clock.time())
+        outcome = SUCCESS if result.healthy else FAILURE
+        moves = cell.finish(ticket._replace(check=True), outcome, end - start, self.policy, end, open_for=open_for)
+        if not result.healthy:
+            # At WARNING for the check that reopened the breaker; the others of its
+            # half-open period (their verdict came too late to count) at DEBUG.
+            logger.log(
+                logging.WARNING if moves else logging.DEBUG,
+                "breaker %s: health check %s failed (%s)", self.label, probe.name, result.detail,
+                extra={"breaker": self.name, "breaker_key": self.key},
+            )  # fmt: skip
+        if moves:
+            self._announce(moves)
+        return result.healthy
+
+    def check_health(self) -> HealthState:
+        """Run the health check now if the breaker may admit a probe (its open time is up,
+        or it is half-open with a free slot), and return where it leaves the breaker.
+
+        Nothing runs, and nothing is counted, while the breaker admits calls or is still
+        open: its state (and while OPEN, the seconds left) is returned as this process sees
+        it. This is how parked tasks' breakers close while nobody calls them (the worker's
+        releaser calls it)."""
+        if self.probe is None:
+            raise ValueError(f"breaker {self.label!r} has no probe to check its health with")
+        cell = self._cell if not self._cell.evicted else self._refresh()
+        now = self._now()
+        state = cell.state
+        if state in _ADMITTING or state is FORCED_OPEN or not self._due(cell, now):
+            return self._health_of(cell, now)
+        try:
+            ticket, moves = cell.acquire(self.policy, now)
+        except CircuitOpenError:
+            return self._health_of(cell, now)
+        if moves:
+            self._announce(moves)
+        if type(ticket) is Probe:
+            self._run_checks(cell, ticket)
+        return self._health_of(cell, self._now())
+
+    @staticmethod
+    def _due(cell: Cell, now: float) -> bool:
+        """Whether an OPEN or HALF_OPEN breaker may admit a probe now (HALF_OPEN: if a slot is free)."""
+        open_until = cell.open_until
+        return cell.state is HALF_OPEN or (cell.state is OPEN and open_until is not None and now >= open_until)
+
+    @staticmethod
+    def _health_of(cell: Cell, now: float) -> HealthState:
+        open_until = cell.open_until
+        if cell.state is OPEN and open_until is not None:
+            return HealthState(OPEN, max(0.0, open_until - now))
+        return HealthState(cell.state)
 
     def _finish(
         self, cell: Cell, ticket: Ticket, exc: BaseException | None, start: float, outcome: Outcome | None = None
@@ -424,23 +698,6 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.label!r} {self.state.value} on {describe_url(self.store.url)}>"
-
-
-def _exit_block(breaker: CircuitBreaker, exc: BaseException | None) -> None:
-    # Blocks normally exit innermost first; an ExitStack or a suspended generator can
-    # exit them out of order, so find this breaker's innermost block.
-    skipped: list[_Active] = []
-    active = _ACTIVE.get()
-    while active is not None and active.breaker is not breaker:
-        skipped.append(active)
-        active = active.outer
-    if active is None:
-        raise RuntimeError(f"breaker {breaker.label!r}: block exited without being entered")
-    rest = active.outer
-    for frame in reversed(skipped):
-        rest = frame._replace(outer=rest)
-    _ACTIVE.set(rest)
-    breaker._finish(active.cell, active.ticket, exc, active.start)
 
 
 def _log_transition(transition: Transition) -> None:

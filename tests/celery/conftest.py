@@ -35,12 +35,16 @@ def celery_config() -> Mapping[str, Any]:
             "t-retry-after": {"failure_threshold": 5},
         },
         "breaker_routes": {"tests.celery.tasks.routed_*": "t-routed"},
+        "breaker_probes": {
+            "t-probe-setting": "tests.celery.probe_tasks:check_setting",
+            "t-probe-task": "tests.celery.probe_tasks.health",
+        },
     }
 
 
 @pytest.fixture(scope="session")
 def celery_includes() -> Sequence[str]:
-    return ["tests.celery.tasks"]
+    return ["tests.celery.tasks", "tests.celery.probe_tasks"]
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ from celery.contrib.testing.worker import TestWorkController, start_worker
 
 from celery_breaker import BreakerTask, CircuitOpenError, ConfigurationError, State, install
 from celery_breaker.clock import SYSTEM_CLOCK
+from celery_breaker.core.pacing import START_RATE
 from celery_breaker.integration.inventory import check_app
 from celery_breaker.integration.settings import build_settings, get_settings, reload_settings
 from celery_breaker.integration.task_options import task_breaker_config
@@ -492,3 +493,48 @@ def test_bad_parking_settings_name_the_setting(setting: str, value: Any) -> None
     app.conf.update({setting: value})
     with pytest.raises(ConfigurationError, match=setting):
         build_settings(app.conf)
+
+
+# -- release pace ----------------------------------------------------------------------
+
+
+def test_the_release_is_adaptive_without_a_ceiling_by_default() -> None:
+    settings = build_settings(Celery("pace-default", set_as_current=False, broker="memory://").conf)
+    assert (settings.release_pace, settings.release_rate) == ("adaptive", None)
+    law = settings.release_law()
+    assert law is not None
+    assert law.ceiling is None
+    assert law.start == START_RATE
+
+
+def test_breaker_release_rate_is_the_adaptive_pace_ceiling() -> None:
+    app = Celery("pace-ceiling", set_as_current=False, broker="memory://")
+    app.conf.update(breaker_release_rate=150)
+    law = build_settings(app.conf).release_law()
+    assert law is not None
+    assert law.ceiling == 150.0
+
+
+def test_the_fixed_pace_keeps_its_rate_and_ramp() -> None:
+    app = Celery("pace-fixed", set_as_current=False, broker="memory://")
+    app.conf.update(breaker_release_pace="fixed")
+    settings = build_settings(app.conf)
+    assert (settings.release_rate, settings.release_ramp, settings.release_law()) == (50.0, 30.0, None)
+    app.conf.update(breaker_release_pace="Fixed", breaker_release_rate=20, breaker_release_ramp=0)
+    settings = build_settings(app.conf)
+    assert (settings.release_pace, settings.release_rate, settings.release_ramp) == ("fixed", 20.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"), [("adaptiv", "did you mean 'adaptive'?"), ("fixd", "did you mean 'fixed'?"), (1, "")]
+)
+def test_a_bad_release_pace_names_the_setting_the_choices_and_a_close_one(value: Any, hint: str) -> None:
+    app = Celery("pace-bad", set_as_current=False, broker="memory://")
+    app.conf.update(breaker_release_pace=value)
+    with pytest.raises(ConfigurationError) as info:
+        build_settings(app.conf)
+    message = str(info.value)
+    assert message.startswith("breaker_release_pace must be 'adaptive'")
+    assert "or 'fixed'" in message
+    assert f"got {value!r}" in message
+    assert hint in message

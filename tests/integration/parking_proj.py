@@ -21,6 +21,7 @@ app.conf.update(
     result_expires=600,
     breaker_default_policy=POLICY,
     breaker_defer_spread=0,
+    breaker_release_pace="fixed",  # (the tests time their waits by it)
     breaker_release_rate=200.0,
     breaker_release_ramp=0,
 )

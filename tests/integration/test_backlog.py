@@ -495,7 +495,7 @@ def test_sigkill_during_release_loses_nothing(server: RedisServer, ns: str) -> N
     store_url = f"{server.url}/1?key_prefix={ns}"
     conf = {**extra, "breaker_storage_url": store_url, "breaker_default_policy": POLICY,
             "broker_transport_options": SIGKILL_TRANSPORT,
-            "breaker_release_rate": 40, "breaker_release_ramp": 0}  # fmt: skip
+            "breaker_release_pace": "fixed", "breaker_release_rate": 40, "breaker_release_ramp": 0}  # fmt: skip
     client = redis.Redis.from_url(f"{server.url}/0", decode_responses=True)
     # Earlier SIGKILL tests leave unacknowledged messages that come back after their
     # visibility timeout; under this test's breaker their failures would reopen it.

@@ -59,7 +59,8 @@ def scraped(port: int) -> set[str]:
 def test_one_corrupted_tenant_neither_stops_nor_loses_the_others(redis_server: RedisServer) -> None:
     metrics_port = free_port()
     cell = deploy("redis", "redis", "park", redis_server=redis_server, policy=POLICY,
-                  breaker_metrics_port=metrics_port, breaker_release_ramp=0.0)  # fmt: skip
+                  breaker_metrics_port=metrics_port,
+                  breaker_release_pace="fixed", breaker_release_ramp=0.0)  # fmt: skip
     store = redis.Redis.from_url(f"{redis_server.url}/1", decode_responses=True)
     counts = redis.Redis.from_url(cell.counter_url, decode_responses=True)
     publisher = cell.publisher()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Callable
 from typing import NoReturn
 
 from ..errors import CircuitOpenError
@@ -45,6 +46,7 @@ class BreakerMachine:
         "success_tally", "failures", "rejection_tally", "deferrals", "trips",
         "last_success", "last_failure", "last_used", "moves", "wall_offset", "passing", "quiet_success",
         "streak", "open_duration", "draw",
+        "unlocked_success",
     )  # fmt: skip
 
     def __init__(self, name: str, key: str | None, policy: BreakerPolicy, now: float) -> None:
@@ -99,14 +101,17 @@ class BreakerMachine:
 
     def _update_quiet(self) -> None:
         # A success changes nothing but counters: CLOSED or DISABLED, and no rule minds one
-        # (no rate window, no run of consecutive failures to end).
-        quiet = self.passing
-        if quiet:
-            for rule in self.rules:
-                if not rule.quiet:
-                    quiet = False
-                    break
-        self.quiet_success = quiet
+        # (no rate window, no run of consecutive failures to end). Else, in CLOSED, when
+        # the one rule that minds a success can count it without the lock (a rate
+        # window), ``unlocked_success`` is how: the memory store's fast path calls it.
+        # Not beside a rule whose quietness varies: a failure that starts a run of them
+        # must see every success that came before it.
+        minding = [rule for rule in self.rules if not rule.quiet] if self.passing else None
+        self.quiet_success = minding == []
+        unlocked: Callable[[float], bool] | None = None
+        if minding is not None and len(minding) == 1 and self.state is CLOSED and not self.quiet_varies:
+            unlocked = minding[0].unlocked_success()
+        self.unlocked_success = unlocked
 
     # -- admission -----------------------------------------------------------
 
@@ -186,12 +191,22 @@ class BreakerMachine:
             self._record_closed(failed, slow, now, open_for if failed else None)
         elif state is HALF_OPEN and is_probe:  # (only probes speak in HALF_OPEN)
             self.leases.pop(ticket.lease, None)  # type: ignore[union-attr]
-            if failed or slow:
-                self._trip(now, "slow probe" if not failed else "probe failed", open_for if failed else None)
+            self._record_probe(ticket.check, failed, slow, now, open_for if failed else None)  # type: ignore[union-attr]
+
+    def _record_probe(self, check: bool, failed: bool, slow: bool, now: float, open_for: float | None) -> None:
+        # A probe's verdict: a health check's (``check``) counts exactly as a real call's
+        # would, and the transition it causes says which it was.
+        kind = "health check" if check else "probe"
+        if failed or slow:
+            self._trip(now, f"{kind} failed" if failed else f"slow {kind}", open_for)
+            return
+        self.half_open_successes += 1
+        successes = self.half_open_successes
+        if successes >= self.policy.probes_to_close:
+            if check and successes == 1:
+                self._move(CLOSED, now, "health check succeeded")
             else:
-                self.half_open_successes += 1
-                if self.half_open_successes >= policy.probes_to_close:
-                    self._move(CLOSED, now, f"{self.half_open_successes} probes succeeded")
+                self._move(CLOSED, now, f"{successes} {kind}s succeeded")
 
     def _record_closed(self, failed: bool, slow: bool, now: float, open_for: float | None) -> None:
         # Every rule sees every outcome (a rate window counts it even when another rule

@@ -307,19 +307,26 @@ class BreakerPolicy:
     )
     half_open_max_calls: int = field(
         default=DEFAULT_HALF_OPEN_MAX_CALLS,
-        metadata=doc(accepts="whole number ≥ 1", meaning="probes admitted per half-open period"),
+        metadata=doc(
+            accepts="whole number ≥ 1",
+            meaning="probes (real calls, or the breaker's health checks) admitted per half-open period",
+        ),
     )
     success_threshold: int | None = field(
         default=None,
         metadata=doc(
             accepts="whole number ≥ 1, ≤ `half_open_max_calls`",
-            meaning="successful probes that close the breaker",
+            meaning="successful probes (or health checks) that close the breaker",
             default=f"{DEFAULT_SUCCESS_THRESHOLD}, or `half_open_max_calls` if fewer",
         ),
     )
     half_open_max_wait: float = field(
         default=DEFAULT_HALF_OPEN_MAX_WAIT,
-        metadata=doc(accepts=_SECONDS_DOC, meaning="a probe that has not reported by then frees its slot"),
+        metadata=doc(
+            accepts=_SECONDS_DOC,
+            meaning="a probe that has not reported by then frees its slot; a health check that has not answered "
+            "by then counts as failed",
+        ),
     )
     record_exceptions: tuple[ExceptionMatcher, ...] = field(
         default=(downstream_error,),

@@ -9,7 +9,7 @@ carries each rule's ``kind`` and ``parameters``. A new rule is a class here, one
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import ClassVar, Protocol
 
 from .policy import BreakerPolicy
@@ -41,6 +41,12 @@ class TripRule(Protocol):
 
     def succeed(self, now: float) -> None:
         """Count a success of a CLOSED breaker that was not slow (it trips no rule)."""
+        ...
+
+    def unlocked_success(self) -> Callable[[float], bool] | None:
+        """A function counting such a success without the owner's lock, returning False
+        when it cannot right now (then ``succeed`` counts it under the lock); or None
+        when this rule always needs the lock (the memory store asks once per policy)."""
         ...
 
     def observe(self, failed: bool, slow: bool, now: float) -> str | None:
@@ -91,6 +97,9 @@ class FailuresWithin:
     def succeed(self, now: float) -> None:
         pass  # (never called: a success changes nothing here)
 
+    def unlocked_success(self) -> Callable[[float], bool] | None:
+        return None  # (never needed: the rule is always quiet)
+
     def failures(self, now: float) -> int:
         return self._times.count(now)
 
@@ -138,6 +147,9 @@ class ConsecutiveFailures:
 
     def succeed(self, now: float) -> None:
         self._run = 0
+
+    def unlocked_success(self) -> Callable[[float], bool] | None:
+        return None  # ending a run races with a failure extending it: under the lock
 
     def failures(self, now: float) -> int:
         return self._run
@@ -205,6 +217,9 @@ class Rates:
 
     def succeed(self, now: float) -> None:
         self._window.add(now, False, False)
+
+    def unlocked_success(self) -> Callable[[float], bool] | None:
+        return self._window.add_success_unlocked  # (a fast success only lowers both rates)
 
     def failures(self, now: float) -> int:
         return self._window.totals(now)[1]

@@ -13,10 +13,14 @@ __all__ = ["BreakerSnapshot", "Probe", "Transition"]
 
 
 class Probe(NamedTuple):
-    """The ticket of a call admitted as a HALF_OPEN probe: a lease in one generation."""
+    """The ticket of a call admitted as a HALF_OPEN probe: a lease in one generation.
+
+    ``check``: the lease was spent on the breaker's health check, not a real call (the
+    transition a check causes says so)."""
 
     generation: int
     lease: int
+    check: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,13 +78,24 @@ SETTING_DOCS: dict[str, Doc] = {
         meaning="park deferred tasks in the breaker's Redis instead of countdown messages held by workers "
         '(`"auto"`: whenever the store is Redis; [parking](concepts.md#parking-long-outages-big-backlogs))',
     ),
+    "breaker_release_pace": Doc(
+        accepts='`"adaptive"` or `"fixed"`',
+        meaning="how parked tasks are released once their breaker has closed, decided in Redis for all workers: "
+        '`"adaptive"` starts at 10 per second and grows (by a quarter every half second) while the released tasks '
+        "succeed, is cut to 80 % at once on failures or slow calls (the policy's `slow_call_duration`), and stops "
+        'while the breaker is open ([recovery](performance.md#recovery)); `"fixed"` goes at '
+        "`breaker_release_rate` after `breaker_release_ramp`. No effect on the memory store, which has no parking",
+    ),
     "breaker_release_rate": Doc(
-        accepts="tasks per second > 0",
-        meaning="parked tasks released per breaker per second once it has closed, across all workers",
+        accepts="tasks per second > 0, or `None`",
+        meaning="parked tasks released per breaker per second once it has closed, across all workers: the "
+        "adaptive pace's ceiling, or the fixed pace",
+        default="no ceiling under the adaptive pace, 50 under the fixed pace",
     ),
     "breaker_release_ramp": Doc(
         accepts="seconds ≥ 0",
-        meaning="the release starts at a tenth of `breaker_release_rate` and reaches it after this long (0: at once)",
+        meaning="the fixed pace starts at a tenth of `breaker_release_rate` and reaches it after this long (0: at "
+        'once); unused by `"adaptive"`',
     ),
     "breaker_metrics_port": Doc(
         accepts="int from 1 to 65535, or `None`",
@@ -109,6 +120,23 @@ SETTING_DOCS: dict[str, Doc] = {
         meaning="how long `record_metrics` (the `celery_breaker.record_metrics` task) keeps each breaker's stored "
         "snapshots ([metrics](metrics.md#stored-history))",
         default="one day",
+    ),
+    "breaker_probes": Doc(
+        accepts="dict: breaker name or glob → a dotted path to a function (`package.module:function`), the "
+        "name of a task of the app, or a callable; each is resolved at worker start, and one that names no task "
+        "and imports nothing stops the worker",
+        meaning="a health check per breaker, run instead of a real task when the breaker may half-open; real tasks "
+        "stay deferred or parked until the checks close it. A check fails by raising or returning `False`. A task "
+        "named here has its body called in the worker's process, without its breaker "
+        "([health-check probes](concepts.md#health-check-probes)); the exact name wins over globs, then the first "
+        "matching glob",
+        default="none (real tasks are the probes)",
+    ),
+    "breaker_probe_timeout": Doc(
+        accepts=_SECONDS_DOC,
+        meaning="how long a health check may take before it counts as failed (never longer than the policy's "
+        "`half_open_max_wait`); a check that hangs is left in its own thread",
+        default="10 seconds",
     ),
 }
 
@@ -147,6 +175,14 @@ TASK_OPTION_DOCS: dict[str, Doc] = {
         "only guarded calls count, so a run that never reached the downstream (a cache hit) says nothing "
         "about it",
         default='`"run"`',
+    ),
+    "breaker_probe": Doc(
+        accepts="a callable (sync or async), a dotted path `package.module:function`, or a task name",
+        meaning="this task's breaker's health check, as in `breaker_probes`",
+        default="`breaker_probes`",
+    ),
+    "breaker_probe_timeout": Doc(
+        accepts="as the setting", meaning="this task's `breaker_probe_timeout`", default="the setting"
     ),
     "breaker_max_deferrals": Doc(
         accepts="as the setting", meaning="this task's `breaker_max_deferrals`", default="the setting"

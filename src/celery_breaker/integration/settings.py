@@ -14,7 +14,9 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from ..core import BreakerPolicy
+from ..core.pacing import PacingLaw
 from ..errors import ConfigurationError
+from ..health import DEFAULT_PROBE_TIMEOUT
 from ..names import check_name
 from ..storage import check_storage_url, describe_url, is_shared_url
 from ..storage.fallback import MODES as ON_STORAGE_ERROR_CHOICES
@@ -23,7 +25,9 @@ from .broker import DEFAULT_CONSUMER_TIMEOUT, hold_limit, store_url_from_broker
 from .problems import Problems
 
 __all__ = [
+    "FIXED_RELEASE_RATE",
     "ON_STORAGE_ERROR_CHOICES",
+    "RELEASE_PACES",
     "SETTINGS",
     "BreakerSettings",
     "get_settings",
@@ -34,6 +38,11 @@ __all__ = [
 logger = logging.getLogger("celery_breaker")
 
 T = TypeVar("T")
+
+#: How parked tasks are released once their breaker closes (``breaker_release_pace``).
+RELEASE_PACES = ("adaptive", "fixed")
+#: ``breaker_release_rate`` under ``breaker_release_pace="fixed"`` when it is not set.
+FIXED_RELEASE_RATE = 50.0
 
 #: Every setting celery-breaker reads, with its default. Anything else named
 #: ``breaker_*`` is a typo and fails at worker start.
@@ -49,12 +58,15 @@ SETTINGS: dict[str, Any] = {
     "breaker_on_storage_error": "local",
     "breaker_send_events": None,
     "breaker_park": "auto",
-    "breaker_release_rate": 50.0,
+    "breaker_release_pace": "adaptive",
+    "breaker_release_rate": None,
     "breaker_release_ramp": 30.0,
     "breaker_metrics_port": None,
     "breaker_metrics_address": "127.0.0.1",
     "breaker_metrics_ttl": 86_400.0,
     "breaker_consumer_timeout": DEFAULT_CONSUMER_TIMEOUT,
+    "breaker_probes": {},
+    "breaker_probe_timeout": DEFAULT_PROBE_TIMEOUT,
 }
 
 _LOCK = threading.Lock()
@@ -77,10 +89,14 @@ class BreakerSettings:
     send_events: bool
     park: bool | str
     """Park deferred tasks in the store (``True``), never (``False``), or when the store is Redis (``"auto"``)."""
-    release_rate: float
-    """Parked tasks released per second per breaker once it closes (cluster-wide), at full pace."""
+    release_pace: str
+    """``"adaptive"``: parked tasks go at a pace that follows their outcomes (``core/pacing.py``);
+    ``"fixed"``: at ``release_rate``, reached after ``release_ramp``."""
+    release_rate: float | None
+    """Parked tasks released per second per breaker once it closes (cluster-wide): the fixed
+    pace (``FIXED_RELEASE_RATE`` unless set), or the adaptive pace's ceiling (``None``: none)."""
     release_ramp: float
-    """Seconds from a tenth of ``release_rate`` to all of it after the breaker closes."""
+    """Seconds from a tenth of ``release_rate`` to all of it after the breaker closes (fixed pace only)."""
     consumer_timeout: float
     """RabbitMQ's ``consumer_timeout`` as the broker is configured (``breaker_consumer_timeout``)."""
     hold_limit: float | None
@@ -92,6 +108,10 @@ class BreakerSettings:
     """The address that endpoint binds (this host only unless set otherwise)."""
     metrics_ttl: float
     """Seconds stored metrics snapshots (``record_metrics``) are kept."""
+    probes: tuple[tuple[str, str | Callable[[], object]], ...] = ()
+    """``breaker_probes``: breaker name or glob -> a health check (dotted path, task name or callable)."""
+    probe_timeout: float = DEFAULT_PROBE_TIMEOUT
+    """Seconds a health check may take before it counts as failed (``breaker_probe_timeout``)."""
     _policy_cache: dict[str, BreakerPolicy] = field(default_factory=dict, repr=False, compare=False)
 
     def policy_for(self, name: str) -> BreakerPolicy:
@@ -107,6 +127,23 @@ class BreakerSettings:
             policy = BreakerPolicy.coerce(value, base=policy, source=f"breaker_policies[{pattern!r}]")
         self._policy_cache[name] = policy
         return policy
+
+    def probe_for(self, name: str) -> tuple[str, str | Callable[[], object]] | None:
+        """The ``breaker_probes`` entry of breaker ``name``, as ``(pattern, probe)``: its
+        exact name, else the first matching glob; ``None`` when no entry matches."""
+        for pattern, probe in self.probes:
+            if pattern == name:
+                return pattern, probe
+        for pattern, probe in self.probes:
+            if _glob(pattern, name):
+                return pattern, probe
+        return None
+
+    def release_law(self) -> PacingLaw | None:
+        """The adaptive release's law (its ceiling ``release_rate``); ``None`` for the fixed pace."""
+        if self.release_pace != "adaptive":
+            return None
+        return PacingLaw(ceiling=self.release_rate)
 
     def route_for(self, task_name: str) -> str | None:
         """The breaker a plain task is put under by ``breaker_routes``, if any."""
@@ -230,6 +267,20 @@ def _route(pattern: str, breaker: Any) -> tuple[str, str]:
     return pattern, check_name(breaker, f"breaker_routes[{pattern!r}]")
 
 
+def _probe_entry(pattern: str, probe: Any) -> tuple[str, str | Callable[[], object]]:
+    # The shape only: whether a string names a task or an importable callable is known
+    # once the app's tasks are (``probes.resolve_probe``, at worker start).
+    check_name(pattern, f"breaker_probes key {pattern!r}")
+    if isinstance(probe, str) and probe.strip() == probe and probe:
+        return pattern, probe
+    if callable(probe) and not isinstance(probe, str):
+        return pattern, probe
+    raise ConfigurationError(
+        f"breaker_probes[{pattern!r}] must be a dotted path to a health-check function "
+        f"('package.module:function'), a task name, or a callable, got {probe!r}"
+    )
+
+
 def _one_of(key: str, value: Any, choices: tuple[Any, ...], shown: str) -> Any:
     """``value`` if it is one of ``choices`` (``True`` is no ``1``: booleans match booleans only)."""
     for choice in choices:
@@ -238,10 +289,26 @@ def _one_of(key: str, value: Any, choices: tuple[Any, ...], shown: str) -> Any:
     raise ConfigurationError(f"{key} must be {shown}, got {value!r}")
 
 
-def _release_rate(value: Any) -> float:
+def _release_rate(value: Any) -> float | None:
+    if value is None:
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ConfigurationError(f"breaker_release_rate must be a number of tasks per second > 0, got {value!r}")
+        raise ConfigurationError(
+            f"breaker_release_rate must be a number of tasks per second > 0, or None (the adaptive pace without "
+            f"a ceiling; {FIXED_RELEASE_RATE:g} under the fixed pace), got {value!r}"
+        )
     return float(value)
+
+
+def _release_pace(key: str, value: Any) -> str:
+    if isinstance(value, str) and value.strip().lower() in RELEASE_PACES:
+        return value.strip().lower()
+    close = difflib.get_close_matches(value.strip().lower(), RELEASE_PACES, n=1) if isinstance(value, str) else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigurationError(
+        f"{key} must be 'adaptive' (the pace follows the released tasks' outcomes) or 'fixed' "
+        f"(breaker_release_rate, reached after breaker_release_ramp), got {value!r}{hint}"
+    )
 
 
 def build_settings(conf: Any) -> BreakerSettings:
@@ -294,6 +361,16 @@ def build_settings(conf: Any) -> BreakerSettings:
             f"got {describe_url(storage_url)!r}; use breaker_park='auto' to park only with Redis"
         )
     consumer_timeout = get("breaker_consumer_timeout", values.duration, DEFAULT_CONSUMER_TIMEOUT)
+    probes = [
+        checked
+        for pattern, probe in get("breaker_probes", values.mapping, empty).items()
+        if (checked := problems.check(partial(_probe_entry, pattern, probe), None)) is not None
+    ]
+
+    release_pace = get("breaker_release_pace", _release_pace, "adaptive")
+    release_rate = problems.check(lambda: _release_rate(_conf_get(conf, "breaker_release_rate")), None)
+    if release_rate is None and release_pace == "fixed":
+        release_rate = FIXED_RELEASE_RATE
     settings = BreakerSettings(
         storage_url=storage_url,
         key_prefix=key_prefix,
@@ -306,13 +383,16 @@ def build_settings(conf: Any) -> BreakerSettings:
         on_storage_error=on_storage_error,
         send_events=send_events,
         park=park,
-        release_rate=problems.check(lambda: _release_rate(_conf_get(conf, "breaker_release_rate")), 50.0),
+        release_pace=release_pace,
+        release_rate=release_rate,
         release_ramp=get("breaker_release_ramp", values.seconds_or_zero, None) or 0.0,
         consumer_timeout=consumer_timeout,
         hold_limit=hold_limit(conf, consumer_timeout),
         metrics_port=get("breaker_metrics_port", values.port, None),
         metrics_address=get("breaker_metrics_address", values.bind_address, "127.0.0.1"),
         metrics_ttl=get("breaker_metrics_ttl", values.duration, 86_400.0),
+        probes=tuple(probes),
+        probe_timeout=get("breaker_probe_timeout", values.duration, DEFAULT_PROBE_TIMEOUT),
     )
     problems.raise_any()
     return settings

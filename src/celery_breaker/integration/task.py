@@ -19,7 +19,7 @@ from ..core import State
 from ..errors import CircuitOpenError, ConfigurationError
 from ..names import check_name
 from .deferral.defer import defer
-from .registry import registry_for
+from .probes import breaker_with_probe
 from .task_options import TaskBreakerConfig, forget_task_breaker_config, task_breaker_config
 
 __all__ = ["BreakerTask"]
@@ -60,7 +60,7 @@ class _BreakerAttribute:
         if run is not None:
             return run.breaker
         config = task_breaker_config(task)
-        return registry_for(task.app).get(config.name, None, config.policy)
+        return breaker_with_probe(task.app, config.name, None, config.policy, config.probe)
 
 
 class BreakerTask(Task):  # type: ignore[misc]
@@ -80,6 +80,8 @@ class BreakerTask(Task):  # type: ignore[misc]
     * ``breaker_scope``: ``"run"`` (default) — a run that made no guarded call
       (``with self.breaker:``) counts as one call; ``"calls"`` — only guarded calls
       count, so a run served from a cache says nothing about the downstream.
+    * ``breaker_probe``: a health check (a callable, a dotted path or a task name) run
+      instead of the task when the breaker may half-open; ``breaker_probe_timeout``.
     * ``breaker_max_deferrals``, ``breaker_max_defer_age``, ``breaker_defer_spread``.
     """
 
@@ -92,6 +94,8 @@ class BreakerTask(Task):  # type: ignore[misc]
     breaker_max_defer_age: Any = None
     breaker_defer_spread: Any = None
     breaker_scope: Any = None
+    breaker_probe: Any = None
+    breaker_probe_timeout: Any = None
     #: ``autoretry_for=(Exception,)`` must never spend a retry on an open breaker.
     dont_autoretry_for = (CircuitOpenError,)
 
@@ -110,18 +114,20 @@ class BreakerTask(Task):  # type: ignore[misc]
     # -- execution -----------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.request.called_directly:
+        # (Celery's request is a thread-local stack lookup: read once per run.)
+        request = self.request
+        if request.called_directly:
             # Called as a plain function (not by a worker): set up the request the way
             # Task.__call__ does, so the body sees its arguments.
             _task_stack.push(self)
             self.push_request(args=args, kwargs=kwargs)
             try:
-                outcome = self._run_guarded(args, kwargs)
+                outcome = self._run_guarded(args, kwargs, self.request)
             finally:
                 self.pop_request()
                 _task_stack.pop()
         else:
-            outcome = self._run_guarded(args, kwargs)
+            outcome = self._run_guarded(args, kwargs, request)
         if type(outcome) is _Deferred:
             # Raised here, outside any handler: the traceback Celery copies for the
             # RETRY (billiard copies every frame's co_positions, ~0.1 ms per frame) is
@@ -155,7 +161,7 @@ class BreakerTask(Task):  # type: ignore[misc]
         request = self.request
         return not (request.is_eager or request.called_directly)
 
-    def _run_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    def _run_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any], request: Any) -> Any:
         if not self.is_guarded():
             return self.run(*args, **kwargs)
         config = task_breaker_config(self)
@@ -164,7 +170,6 @@ class BreakerTask(Task):  # type: ignore[misc]
             run = breaker.begin_run(_translate, counts_itself=config.counts_runs)
         except CircuitOpenError as rejected:
             return self._on_rejected(breaker, rejected, args, kwargs)
-        request = self.request
         setattr(request, _RUN_ATTR, run)
         with run:  # (current until every handler below has run: they settle the run)
             try:
@@ -228,7 +233,7 @@ class BreakerTask(Task):  # type: ignore[misc]
             key = key_fn(args, kwargs)
             if key is not None and not isinstance(key, str):
                 key = str(key)
-        return registry_for(self.app).get(config.name, key, config.policy)
+        return breaker_with_probe(self.app, config.name, key, config.policy, config.probe)
 
     def _on_rejected(
         self, breaker: CircuitBreaker, rejected: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -284,7 +289,7 @@ def _prepare(cls: type[BreakerTask]) -> None:
 
     ``@app.task(base=BreakerTask, breaker="crm")`` makes ``breaker`` a class attribute
     string, which would hide the ``self.breaker`` accessor: move it to ``breaker_name``.
-    Functions given as ``breaker_key``/``breaker_fallback`` would become methods of the
+    Functions given as ``breaker_key``/``breaker_fallback``/``breaker_probe`` would become methods of the
     task class: keep them plain.
     """
     raw = inspect.getattr_static(cls, "breaker")
@@ -293,13 +298,14 @@ def _prepare(cls: type[BreakerTask]) -> None:
             check_name(raw, f"task {cls.name!r}: the breaker option")
         cls.breaker_name = raw
         cls.breaker = _BreakerAttribute()
-    for option in ("breaker_key", "breaker_fallback"):
+    for option in ("breaker_key", "breaker_fallback", "breaker_probe"):
         owner = next((klass for klass in cls.__mro__ if option in vars(klass)), None)
         value = inspect.getattr_static(cls, option)
         if isinstance(value, types.FunctionType) and owner is not None and vars(owner).get("_decorated"):
             # Given to @app.task(...): a plain function, not a method of the task.
             setattr(owner, option, staticmethod(value))
         elif value is not None and not isinstance(value, (str, staticmethod, classmethod)) and not callable(value):
-            raise ConfigurationError(f"task {cls.name!r}: {option} must be a callable or a method name, got {value!r}")
+            accepted = "a dotted path or a task name" if option == "breaker_probe" else "a method name"
+            raise ConfigurationError(f"task {cls.name!r}: {option} must be a callable or {accepted}, got {value!r}")
 
     forget_task_breaker_config(cls)  # options changed: resolve them again

@@ -8,9 +8,11 @@ from typing import Any
 
 from ..core import BreakerPolicy
 from ..errors import ConfigurationError
+from ..health import HealthCheck
 from ..names import check_name
 from . import values
-from .settings import get_settings
+from .probes import resolve_probe
+from .settings import BreakerSettings, get_settings
 
 __all__ = ["TaskBreakerConfig", "forget_task_breaker_config", "task_breaker_config"]
 
@@ -28,6 +30,8 @@ class TaskBreakerConfig:
     defer_spread: float | None
     counts_runs: bool
     """``breaker_scope="run"``: a run that made no guarded call records its own outcome."""
+    probe: HealthCheck | None = None
+    """The breaker's health check (``breaker_probe``, else ``breaker_probes``), if any."""
 
 
 def _scope(where: str, value: Any) -> str:
@@ -69,9 +73,25 @@ def task_breaker_config(task: Any) -> TaskBreakerConfig:
         max_defer_age=option("breaker_max_defer_age", settings.max_defer_age, values.seconds),
         defer_spread=option("breaker_defer_spread", settings.defer_spread, values.seconds_or_zero),
         counts_runs=option("breaker_scope", "run", _scope) == "run",
+        probe=_probe(cls, where, name, settings),
     )
     setattr(cls, _CONFIG, config)
     return config
+
+
+def _probe(cls: Any, where: str, name: str, settings: BreakerSettings) -> HealthCheck | None:
+    """The task's health check: its ``breaker_probe`` option, else the ``breaker_probes``
+    entry of its breaker; resolved (imported, or found among the app's tasks) now."""
+    timeout = settings.probe_timeout
+    if cls.breaker_probe_timeout is not None:
+        timeout = values.duration(f"{where}: breaker_probe_timeout", cls.breaker_probe_timeout)
+    if cls.breaker_probe is not None:
+        return resolve_probe(cls.app, cls.breaker_probe, where=f"{where}: breaker_probe", timeout=timeout)
+    entry = settings.probe_for(name)
+    if entry is None:
+        return None
+    pattern, probe = entry
+    return resolve_probe(cls.app, probe, where=f"breaker_probes[{pattern!r}]", timeout=timeout)
 
 
 def forget_task_breaker_config(cls: type) -> None:

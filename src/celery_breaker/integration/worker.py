@@ -115,11 +115,17 @@ class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
         parking = resolve_store(settings.storage_url).parking
         if parking is None:
             return None
+        law = settings.release_law()
+        if law is None:
+            pace = f"at {settings.release_rate:g} per second per breaker (fixed)"
+        else:
+            ceiling = "no ceiling" if law.ceiling is None else f"at most {law.ceiling:g} per second"
+            pace = f"at an adaptive pace from {law.start:g} per second per breaker ({ceiling})"
         logger.info(
-            "celery-breaker: parking deferred tasks in %s; releasing up to %g per second per breaker",
-            describe_url(settings.storage_url), settings.release_rate,
+            "celery-breaker: parking deferred tasks in %s; releasing them %s",
+            describe_url(settings.storage_url), pace,
         )  # fmt: skip
-        return Releaser(worker.app, parking, rate=settings.release_rate, ramp=settings.release_ramp)
+        return Releaser(worker.app, parking, rate=settings.release_rate, ramp=settings.release_ramp, law=law)
 
 
 @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
+from ..core.pacing import PacingLaw
 
 __all__ = ["NO_MOVES", "Cell", "History", "Moves", "Parking", "Store"]
 
@@ -129,9 +130,18 @@ class Parking(Protocol):
         ...
 
     def release(
-        self, tag: str, *, most: int, pace: float, ramp: float, lease: float, now: float | None = None
+        self,
+        tag: str,
+        *,
+        most: int,
+        pace: float,
+        ramp: float,
+        lease: float,
+        now: float | None = None,
+        law: PacingLaw | None = None,
     ) -> list[tuple[str, str]]:
-        """Claim, under a lease, the ``(entry, payload)`` pairs the breaker lets run now."""
+        """Claim, under a lease, the ``(entry, payload)`` pairs the breaker lets run now:
+        at the fixed ``pace`` (reached after ``ramp``), or at the adaptive pace of ``law``."""
         ...
 
     def done(self, tag: str, entries: list[str]) -> None:

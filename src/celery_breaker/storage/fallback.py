@@ -20,6 +20,7 @@ from typing import Any
 
 from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket
+from ..core.pacing import PacingLaw
 from ..errors import ConfigurationError, StorageError
 from .contract import Cell, History, Moves, Parking, Store
 from .memory import MemoryCell
@@ -343,10 +344,18 @@ class _ReportingParking:
         return count
 
     def release(
-        self, tag: str, *, most: int, pace: float, ramp: float, lease: float, now: float | None = None
+        self,
+        tag: str,
+        *,
+        most: int,
+        pace: float,
+        ramp: float,
+        lease: float,
+        now: float | None = None,
+        law: PacingLaw | None = None,
     ) -> list[tuple[str, str]]:
         claimed: list[tuple[str, str]] = self._reporting(
-            "release", tag, most=most, pace=pace, ramp=ramp, lease=lease, now=now
+            "release", tag, most=most, pace=pace, ramp=ramp, lease=lease, now=now, law=law
         )
         return claimed
 

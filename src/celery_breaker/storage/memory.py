@@ -75,6 +75,16 @@ class MemoryCell(BreakerMachine):
             next(self.success_tally)
             self.last_success = self.last_used = now
             return NO_MOVES
+        count = self.unlocked_success
+        if count is not None and ticket == self.generation:
+            # CLOSED, and only a rate window minds a success: a fast one is counted in
+            # its newest bucket without the lock (False: the window must move first).
+            # A trip meanwhile clears the window, and the success goes with it.
+            slow_limit = self.policy.slow_call_duration
+            if (slow_limit is None or duration < slow_limit) and count(now):
+                next(self.success_tally)
+                self.last_success = self.last_used = now
+                return NO_MOVES
         with self.lock:
             if self.state is CLOSED and ticket == self.generation:
                 slow_limit = self.policy.slow_call_duration

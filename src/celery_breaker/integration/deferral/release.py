@@ -2,9 +2,13 @@
 
 Each worker runs one ``Releaser`` thread (in its main process, after the pool has forked) that asks
 the store, every ``TICK`` seconds and for every breaker with parked tasks, which may run
-now (see ``storage/lua/release.lua``): the probes when the breaker may half-open, then,
-once it has closed, the rest at a ramp (``breaker_release_rate`` tasks per second
-cluster-wide, reached after ``breaker_release_ramp`` seconds), oldest first. Released
+now (see ``storage/lua/release.lua``): the probes when the breaker may half-open (none for a
+breaker with a health check, whose check runs here instead: ``health_gate.py``), then,
+once it has closed, the rest oldest first, at the adaptive pace (``core/pacing.py``:
+from a few per second, growing while the released tasks succeed, cut back on failures
+and slow calls; decided in the store, so shared by every worker) or, with
+``breaker_release_pace="fixed"``, at a ramp (``breaker_release_rate`` tasks per second
+cluster-wide, reached after ``breaker_release_ramp`` seconds). Released
 tasks are published again exactly as they were; one that meets an open breaker again
 is parked again, keeping its place.
 
@@ -23,8 +27,10 @@ from typing import Any
 
 from kombu.serialization import prepare_accept_content
 
+from ...core.pacing import PacingLaw
 from ...errors import StorageError
 from ...storage import Parking
+from .health_gate import HealthGate
 from .parking import decode_message
 
 __all__ = ["LEASE", "MOST_PER_TICK", "TAG_COMPLAINT_EVERY", "TICK", "WATCH_EVERY", "Releaser"]
@@ -46,15 +52,29 @@ TAG_COMPLAINT_EVERY = 60.0
 class Releaser(threading.Thread):
     """Publishes parked tasks again when their breakers let them run (one per worker)."""
 
-    def __init__(self, app: Any, parking: Parking, *, rate: float, ramp: float, tick: float = TICK) -> None:
+    def __init__(
+        self,
+        app: Any,
+        parking: Parking,
+        *,
+        rate: float | None,
+        ramp: float,
+        law: PacingLaw | None = None,
+        tick: float = TICK,
+    ) -> None:
         super().__init__(name="celery-breaker releaser", daemon=True)
         self.app = app
         self.parking = parking
         #: The content types the app accepts: a parked pickle, msgpack or yaml task decodes
         #: only when the app accepts it (kombu refuses those by default).
         self.accept = prepare_accept_content(app.conf.accept_content)  # type: ignore[no-untyped-call]
+        if law is None and rate is None:
+            raise ValueError("Releaser: the fixed pace needs a rate (or give an adaptive law)")
+        #: The fixed pace (tasks per second), or the adaptive pace's ceiling (``None``: none).
         self.rate = rate
         self.ramp = ramp
+        #: The adaptive release's law; ``None``: the fixed pace.
+        self.law = law
         self.tick = tick
         self.released = 0
         self._stop_event = threading.Event()
@@ -65,6 +85,8 @@ class Releaser(threading.Thread):
         self._known: dict[str, int] = {}
         self._counted_at: float | None = None
         self._tag_failures: dict[str, float] = {}  # tag -> when it was last reported
+        #: Breakers with a health check release nothing (no real task is a probe) until it closes them.
+        self.health_gate = HealthGate(app)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the releaser to stop and wait up to ``timeout`` seconds for it."""
@@ -99,7 +121,7 @@ class Releaser(threading.Thread):
         is reported (``TAG_COMPLAINT_EVERY``) and skipped: the others are released as
         usual. A store that cannot even list them raises ``StorageError``."""
         published = 0
-        most = max(1, min(MOST_PER_TICK, int(self.rate * self.tick * 4) + 1))
+        most = MOST_PER_TICK if self.rate is None else max(1, min(MOST_PER_TICK, int(self.rate * self.tick * 4) + 1))
         for tag in self.parking.tags():
             if self._stop_event.is_set():
                 break
@@ -113,7 +135,10 @@ class Releaser(threading.Thread):
         return published
 
     def _release_tag(self, tag: str, most: int) -> int:
-        claimed = self.parking.release(tag, most=most, pace=self.rate, ramp=self.ramp, lease=LEASE)
+        if self.health_gate.holds(self.parking.label(tag)):
+            return 0
+        pace = 0.0 if self.rate is None else self.rate
+        claimed = self.parking.release(tag, most=most, pace=pace, ramp=self.ramp, lease=LEASE, law=self.law)
         done = []
         for entry, payload in claimed:
             if self._publish(tag, entry, payload):

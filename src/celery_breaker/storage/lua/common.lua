@@ -462,10 +462,11 @@ if check >= 1 then
   if check >= 2 and not wiped then wipe('reset after a script failed on its data') end
 end
 
--- Counters and generations must be whole (WHOLE_FIELDS); the trip streak and the run of
--- consecutive failures may be absent from a hash an earlier release wrote (read as 0).
+-- Counters and generations must be whole (WHOLE_FIELDS); the trip streak, the run of
+-- consecutive failures and the slow calls counted (the adaptive release's feedback,
+-- release.lua) may be absent from a hash an earlier release wrote (read as 0).
 local WHOLE_FIELDS = { 'gen', 'hos', 'nl', 'ok', 'ko', 'rj', 'df', 'tr', 'wn', 'wl', 'wc', 'wf', 'ws' }
-local LATER_WHOLE_FIELDS = { 'stk', 'run' }
+local LATER_WHOLE_FIELDS = { 'stk', 'run', 'sl' }
 -- Times of what has happened ('' for never): within TIME_SPAN of now.
 local PAST_FIELDS = { 'oa', 'ls', 'lf' }
 
@@ -474,7 +475,7 @@ local function fresh(policy_text)
   -- wiped): generations restart with it, so local views compare generations only within one.
   local s = { st = CLOSED, pol = policy_text, nm = want_nm, ky = want_ky, inc = fmt(now) }
   for _, name in ipairs(WHOLE_FIELDS) do s[name] = 0 end
-  s.stk, s.run = 0, 0
+  s.stk, s.run, s.sl = 0, 0, 0
   return s
 end
 
@@ -656,7 +657,7 @@ local function save()
     'gen', S.gen, 'hos', S.hos, 'nl', S.nl, 'ok', S.ok, 'ko', S.ko, 'rj', S.rj, 'df', S.df,
     'tr', S.tr, 'wn', S.wn, 'wl', S.wl, 'wc', S.wc, 'wf', S.wf, 'ws', S.ws,
     'oa', fmt(S.oa), 'ou', fmt(S.ou), 'ls', fmt(S.ls), 'lf', fmt(S.lf), 'stk', S.stk, 'od', fmt(S.od),
-    'run', S.run)
+    'run', S.run, 'sl', S.sl)
   local pttl = redis.call('PTTL', K_STATE)
   if S.st == FORCED_OPEN or S.st == DISABLED then
     -- Set by an operator and left only by an operator (DESIGN.md): its keys never expire

@@ -2,13 +2,16 @@
 -- Mirrors BreakerMachine.record. ARGV[8] ticket generation, ARGV[9] probe lease or -1,
 -- ARGV[10] outcome (0 success, 1 failure, 2 ignored), ARGV[11] duration in seconds,
 -- ARGV[12] a failure's Retry-After in seconds ('' for none: it opens the breaker at once),
--- ARGV[13] a uniform draw in [0, 1) for the open duration's jitter.
+-- ARGV[13] a uniform draw in [0, 1) for the open duration's jitter,
+-- ARGV[14] '1' when the probe lease was spent on the breaker's health check ('' otherwise:
+-- the transition it causes says which it was; see BreakerMachine._record_probe).
 
 local generation, lease = tonumber(ARGV[8]), tonumber(ARGV[9])
 local outcome, duration = tonumber(ARGV[10]), tonumber(ARGV[11])
 local open_for, draw = tonumber(ARGV[12] or ''), tonumber(ARGV[13] or '') or 0.5
 if open_for ~= nil and not (open_for > 0 and open_for < math.huge) then open_for = nil end
 local is_probe = lease >= 0
+local kind = ARGV[14] == '1' and 'health check' or 'probe'
 local current = generation == S.gen
 
 -- A CLOSED breaker's outcome goes through every trip rule (RULES, common.lua).
@@ -38,16 +41,23 @@ end
 -- An outcome that started under an earlier state is counted, but cannot move this one.
 if not current then return reply('ok') end
 local slow = P.slow_duration ~= nil and duration >= P.slow_duration
+if slow and not failed then S.sl = S.sl + 1 end -- (slow successes: the adaptive release reads them, release.lua)
 if not failed then open_for = nil end
 if S.st == CLOSED then
   record_closed(failed, slow, open_for)
 elseif S.st == HALF_OPEN and is_probe then -- only probes speak in HALF_OPEN
   redis.call('HDEL', K_LEASES, lease)
   if failed or slow then
-    trip(failed and 'probe failed' or 'slow probe', open_for, draw)
+    trip(failed and (kind .. ' failed') or ('slow ' .. kind), open_for, draw)
   else
     S.hos = S.hos + 1
-    if S.hos >= P.probes_to_close then move(CLOSED, S.hos .. ' probes succeeded') end
+    if S.hos >= P.probes_to_close then
+      if kind == 'health check' and S.hos == 1 then
+        move(CLOSED, 'health check succeeded')
+      else
+        move(CLOSED, S.hos .. ' ' .. kind .. 's succeeded')
+      end
+    end
   end
 end
 return reply('ok')

@@ -2,11 +2,15 @@
 -- KEYS 1-5, ARGV 1-2 and the reply's first item: see parked.lua; KEYS 6 the breaker's
 --   state hash (read, and reset if unreadable; never otherwise changed here).
 -- ARGV: 3 most entries to claim, 4 full pace (entries per second), 5 ramp (seconds from a
---       tenth of the pace to all of it), 6 lease seconds
+--       tenth of the pace to all of it), 6 lease seconds, 7 '' for that fixed pace, or the
+--       adaptive law (core/pacing.py PacingLaw.text: start;ceiling;judge_every;slow_start;
+--       step;back_off;bad_share;floor;least_bad;in_flight_s, the ceiling '' for none; 4 and
+--       5 are then unused)
 -- Returns { repairs, entry, payload, entry, payload, ... }.
 --
 -- What the breaker lets run (read from its state hash):
---   CLOSED, DISABLED, or no breaker state at all: entries at a paced ramp, oldest first;
+--   CLOSED, DISABLED, or no breaker state at all: entries at a paced ramp, oldest first,
+--     or at the adaptive pace (mirrors core/pacing.py advance/allowed/took, step for step);
 --   OPEN whose time is up, or HALF_OPEN: half_open_max_calls entries once per open period
 --     (the probes), again only if that period's probes never reported back;
 --   OPEN, FORCED_OPEN: nothing.
@@ -18,11 +22,17 @@
 -- (an unknown state, an unreadable policy or count, an open_until beyond the policy's
 -- longest open duration) is deleted here, so a breaker nobody calls any more cannot hold
 -- its tasks for ever: the next breaker script starts it afresh, CLOSED. Unreadable pacing
--- restarts the ramp; claims, deadlines and orders no script wrote are repaired.
+-- restarts the ramp (or the adaptive pace); claims, deadlines and orders no script wrote
+-- are repaired.
 local K_STATE = KEYS[6]
 local most, pace, ramp, lease = read_whole(ARGV[3]), read_number(ARGV[4]), read_number(ARGV[5]), read_number(ARGV[6])
 if most == nil or pace == nil or ramp == nil or lease == nil or pace < 0 or ramp < 0 or lease <= 0 then
   return redis.error_reply('celery-breaker: release needs a count, a pace, a ramp and a lease')
+end
+local law = nil
+if (ARGV[7] or '') ~= '' then
+  law = read_law(ARGV[7])
+  if law == nil then return redis.error_reply('celery-breaker: release got an unreadable pacing law') end
 end
 
 -- Claims whose lease ran out go back to the queue, in their original order; so do claims
@@ -60,9 +70,11 @@ end
 
 -- The breaker's state, as the breaker scripts would read it (common.lua load).
 local STATES = { closed = true, open = true, half_open = true, forced_open = true, disabled = true }
-local state = redis.call('HMGET', K_STATE, 'st', 'ou', 'tr', 'pol', 'gen', 'hos')
+local state = redis.call('HMGET', K_STATE, 'st', 'ou', 'tr', 'pol', 'gen', 'hos', 'ok', 'ko', 'sl')
 local st, trips, policy, gen = state[1], state[3] or '0', state[4] or '', state[5] or '0'
 local ou, hos, limits = nil, 0, nil
+-- What the breaker counted (the adaptive pace's feedback; 'sl' is absent from hashes older than it)
+local counts = { read_whole(state[7] or '0'), read_whole(state[8] or '0'), read_whole(state[9] or '0') }
 if st then
   local why = nil
   limits = policy_limits(policy)
@@ -74,6 +86,8 @@ if st then
     why = 'tr=' .. show(trips)
   elseif read_whole(gen) == nil then
     why = 'gen=' .. show(gen)
+  elseif counts[1] == nil or counts[2] == nil or counts[3] == nil then
+    why = 'ok=' .. show(state[7]) .. ' ko=' .. show(state[8]) .. ' sl=' .. show(state[9])
   else
     hos = read_whole(state[6] or '0')
     if hos == nil or (st == 'half_open' and hos >= limits.probes_to_close) then why = 'hos=' .. show(state[6]) end
@@ -89,9 +103,14 @@ if st then
     gen = '0'
   end
 end
+if not st then counts = { 0, 0, 0 } end
 
 local allowed = 0
-if not st or st == 'closed' or st == 'disabled' then
+local adaptive = nil -- the adaptive pace, written back once the entries are claimed
+if law ~= nil and (not st or st == 'closed' or st == 'disabled') then
+  adaptive = advance_pace(law, read_pace(), { gen = read_whole(gen), ok = counts[1], ko = counts[2], sl = counts[3] })
+  allowed = math.floor(adaptive.tokens)
+elseif not st or st == 'closed' or st == 'disabled' then
   -- A paced ramp, restarted whenever the breaker (re)closes: a tenth of the pace at
   -- first, all of it after `ramp` seconds; at most one second's worth at once.
   local p = redis.call('HMGET', K_PACE, 'gen', 'since', 'tokens', 'at')
@@ -129,8 +148,13 @@ elseif (st == 'open' and now >= ou) or st == 'half_open' then
   end
 end
 allowed = math.min(allowed, most - (#out - 1) / 2)
+local taken = 0
 if allowed > 0 then
-  for _, entry in ipairs(redis.call('ZRANGE', K_QUEUE, 0, allowed - 1)) do claim(entry) end
+  for _, entry in ipairs(redis.call('ZRANGE', K_QUEUE, 0, allowed - 1)) do
+    claim(entry)
+    taken = taken + 1
+  end
 end
+if adaptive ~= nil then write_pace(took_pace(adaptive, taken)) end
 out[1] = table.concat(repairs, '; ')
 return out

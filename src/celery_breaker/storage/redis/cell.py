@@ -313,12 +313,15 @@ class RedisCell:
         *,
         open_for: float | None = None,
     ) -> Moves:
-        generation, lease = (ticket.generation, ticket.lease) if isinstance(ticket, Probe) else (ticket, -1)
+        if isinstance(ticket, Probe):
+            generation, lease, check = ticket.generation, ticket.lease, "1" if ticket.check else ""
+        else:
+            generation, lease, check = ticket, -1, ""
         hint = "" if open_for is None else repr(float(open_for))
         # The jitter's draw comes from here: a script's math.random repeats itself.
         return self._call(
             "record", now, str(generation), str(lease), str(int(outcome)), repr(float(duration)), hint,
-            repr(random.random()),
+            repr(random.random()), check,
         )[1]  # fmt: skip
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:

@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ...core.pacing import PacingLaw
 from ...errors import StorageError
 from ...labels import breaker_label
 from .client import CLIENT_ERRORS
@@ -78,20 +79,39 @@ class RedisParking:
         return int(count)
 
     def release(
-        self, tag: str, *, most: int, pace: float, ramp: float, lease: float, now: float | None = None
+        self,
+        tag: str,
+        *,
+        most: int,
+        pace: float,
+        ramp: float,
+        lease: float,
+        now: float | None = None,
+        law: PacingLaw | None = None,
     ) -> list[tuple[str, str]]:
-        """Claim what the breaker of ``tag`` lets run now (see release.lua). ``now`` is
-        for stores on the ``time=client`` test seam (the breaker's times are the caller's).
+        """Claim what the breaker of ``tag`` lets run now (see release.lua): once it has
+        closed, at the fixed ``pace`` reached after ``ramp``, or with ``law`` at the
+        adaptive pace (``core/pacing.py``, shared by every caller; ``pace`` and ``ramp``
+        are then unused). ``now`` is for stores on the ``time=client`` test seam (the
+        breaker's times are the caller's).
 
         Raises ``StorageError`` only for this tag: Redis failing (or ``tag`` naming no
         breaker of this store). A key of another type is replaced, unreadable values are
         repaired, an unreadable breaker state is reset (its entries then go at the
         closed breaker's pace), each with a WARNING; the next call works."""
         reply = self._script(
-            "release", self._checked_tag(tag), [most, repr(pace), repr(ramp), repr(lease)],
+            "release", self._checked_tag(tag),
+            [most, repr(pace), repr(ramp), repr(lease), "" if law is None else law.text()],
             doing=f"releasing {tag}", state=True, now=now,
         )  # fmt: skip
         return [(text(reply[i]), text(reply[i + 1])) for i in range(0, len(reply) - 1, 2)]
+
+    def pace(self, tag: str) -> dict[str, str]:
+        """The pacing hash of breaker ``tag`` as stored (field -> value): the adaptive
+        release's ``rate``, ``thr``eshold and the rest (``storage/lua/pacing.lua``), or
+        the fixed ramp's. For operators and tests; nothing decides on it."""
+        (found,) = self._commands(tag, "reading the release pace", lambda pipe: (pipe.hgetall(tag + ":p"),))
+        return {text(field): text(value) for field, value in found.items()}
 
     def done(self, tag: str, entries: list[str]) -> None:
         """Forget entries that were published again."""

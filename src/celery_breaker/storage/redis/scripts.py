@@ -3,7 +3,8 @@
 Every script starts with ``checks.lua`` (the bounds every value read from Redis is held
 to). A breaker script goes on with the shared prelude ``common.lua`` (load, validate,
 rules, save) and its operation (``acquire.lua``, ``record.lua``, ...); a parking script
-with ``parked.lua`` (its keys, their types repaired) and its own; ``history.lua`` and
+with ``parked.lua`` (its keys, their types repaired) and its own (``release.lua`` after
+``pacing.lua``, the adaptive release's law); ``history.lua`` and
 ``forget.lua`` follow ``checks.lua`` alone. redis-py's ``Script`` runs each by EVALSHA and loads it again after
 a ``SCRIPT FLUSH`` or on a new server.
 """
@@ -34,6 +35,7 @@ def _sources() -> dict[str, str]:
     checks, common, parked = _read("checks"), _read("common"), _read("parked")
     found = {name: "\n".join((checks, common, _read(name))) for name in BREAKER_SCRIPTS}
     found.update((name, "\n".join((checks, parked, _read(name)))) for name in PARKING_SCRIPTS)
+    found["release"] = "\n".join((checks, parked, _read("pacing"), _read("release")))  # the adaptive law first
     found.update((name, "\n".join((checks, _read(name)))) for name in STANDALONE_SCRIPTS)
     return found
 

@@ -1,0 +1,456 @@
+"""Recovery at the downstream's pace: a parked backlog released at the fixed pace and at the adaptive one.
+
+Real parts only: a redis-server on a free loopback port (broker db 0, breaker store db 1),
+two ``celery -A recovery worker -P prefork -c 6`` processes per run (this module is also
+their Celery app, configured from the environment), and an HTTP downstream in this
+process (``http_downstream.LimitedDownstream``): capacity C requests per second, slower
+from 85 % of it (up to +400 ms at C), ``429`` with ``Retry-After: 1`` above it. The task
+GETs it under a ``BreakerTask`` breaker whose policy counts a call of 100 ms or more as slow;
+a 429 is raised as urllib's ``HTTPError``, so its Retry-After reopens the breaker at once,
+as it would in production.
+
+Each run, with ``breaker_release_pace`` fixed (50/s reached after 30 s, the defaults of
+0.1.0) or adaptive:
+
+1. The downstream goes down (503); a few tasks fail and trip the breaker.
+2. N tasks are published; every one is parked. The downstream comes back.
+3. The breaker half-opens, its probes succeed, it closes: time 0 of the drain. The
+   bench samples, every 100 ms, the breaker (state, trips, parked, claimed) and the
+   adaptive pace (the ``rate`` in the store), until every parked task has run.
+
+Measured per run: the drain time after the breaker closed against the bound N / C; the
+share of the release's downstream calls refused with 429; task failures and breaker
+reopenings during the drain. Runs: a downstream with C = 150/s (fixed, adaptive) and
+one with no limit (fixed, adaptive, and the workers' own speed: N tasks run with the
+breaker closed, nothing parked).
+
+    python bench/recovery.py                 # N = 3000, C = 150/s: ~4 minutes
+    python bench/recovery.py --quick         # N = 600, C = 60/s, capacity runs only: a CI smoke run
+    python bench/recovery.py --json out.json # then: python bench/recovery.py --plot out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.signals import task_failure, worker_ready
+
+from celery_breaker import BreakerTask
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+BREAKER = "downstream"
+TASK = "bench.recovery.call_downstream"
+POLICY: dict[str, Any] = {
+    "failure_threshold": 5,
+    "reset_timeout": 3.0,
+    "backoff_multiplier": 1.0,
+    "half_open_max_calls": 3,
+    "success_threshold": 2,
+    # A call of 100 ms or more is slow: the adaptive pace's early warning. The rule itself
+    # trips only if every call in a minute's window is slow.
+    "slow_call_duration": 0.1,
+    "slow_call_rate_threshold": 1.0,
+}
+WORKERS = 2
+CONCURRENCY = 6  # pool processes per worker: a slow downstream's calls wait in them
+SAMPLE_S = 0.1
+TIMEOUT_S = 5.0  # the task's HTTP client
+
+
+# -- the Celery app the workers run (configured from the environment) --------------------
+
+app = Celery("bench_recovery", broker=os.environ.get("BENCH_BROKER", "redis://127.0.0.1:6379/0"))
+app.conf.update(
+    task_ignore_result=True,
+    task_acks_late=True,
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+    breaker_storage_url=os.environ.get("BENCH_BREAKER_URL", "redis://127.0.0.1:6379/1?key_prefix=bench-recovery"),
+    breaker_default_policy=POLICY,
+    breaker_defer_spread=0,
+    breaker_on_storage_error="deny",
+)
+app.conf.update(json.loads(os.environ.get("BENCH_EXTRA_CONF", "{}")))
+NS = os.environ.get("BENCH_NS", "bench-recovery")
+
+
+@functools.cache
+def counter() -> redis.Redis:
+    """One client per worker process, made on first use (after the fork)."""
+    return redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=5)
+
+
+class DownstreamError(Exception):
+    """The downstream answered 503, or not at all."""
+
+
+def call_downstream(url: str, n: int) -> None:
+    """One GET under the task's breaker; a 429 propagates as urllib's HTTPError (its Retry-After counts)."""
+    try:
+        with urllib.request.urlopen(f"{url}/call?n={n}", timeout=TIMEOUT_S) as response:
+            response.read()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 429:
+            raise
+        raise DownstreamError(f"downstream answered {exc.code}") from None
+    except (urllib.error.URLError, TimeoutError, OSError) as exc:
+        raise DownstreamError(f"downstream did not answer: {exc}") from None
+    counter().rpush(f"{NS}:done", f"{n} {time.time():.4f}")
+
+
+def _count_failure(sender: Any = None, args: Any = None, **kwargs: Any) -> None:
+    n = args[1] if isinstance(args, (list, tuple)) and len(args) > 1 else -1
+    counter().rpush(f"{NS}:failed", f"{n} {time.time():.4f}")
+
+
+def _announce_ready(sender: Any = None, **kwargs: Any) -> None:
+    redis.Redis.from_url(app.conf.broker_url).incr(f"{NS}:ready")
+
+
+task_failure.connect(_count_failure, weak=False)
+worker_ready.connect(_announce_ready, weak=False)
+app.task(name=TASK, base=BreakerTask, breaker=BREAKER, acks_late=True, max_retries=0)(call_downstream)
+
+
+# -- one run --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    """One run: a release pace against a downstream."""
+
+    name: str
+    pace: str  # breaker_release_pace
+    capacity: float | None  # the downstream's C (None: no limit)
+    tasks: int  # N, parked by the outage
+
+
+@dataclass
+class Run:
+    """What one run recorded; times are seconds since the breaker closed after the recovery."""
+
+    case: Case
+    closed_at: float = 0.0  # epoch seconds
+    drained_s: float | None = None
+    worker_speed: float | None = None  # tasks/s with the breaker closed (healthy case only)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    answers: list[tuple[float, str, float]] = field(default_factory=list)  # (t, answer, delay) after closing
+    completed: list[float] = field(default_factory=list)
+    failed: list[float] = field(default_factory=list)
+    trips_at_close: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        capacity, n = self.case.capacity, self.case.tasks
+        bound = None if capacity is None else n / capacity
+        calls = len(self.answers)
+        refused = sum(1 for _, answer, _ in self.answers if answer == "429")
+        trips = max((s["trips"] for s in self.samples), default=self.trips_at_close)
+        return {
+            "case": self.case.name,
+            "pace": self.case.pace,
+            "capacity": capacity,
+            "tasks": n,
+            "drain_s": None if self.drained_s is None else round(self.drained_s, 1),
+            "bound_s": None if bound is None else round(bound, 1),
+            "drain_over_bound": None if bound is None or self.drained_s is None else round(self.drained_s / bound, 2),
+            "drain_rate": None if not self.drained_s else round(n / self.drained_s, 1),
+            "worker_speed": None if self.worker_speed is None else round(self.worker_speed, 1),
+            "release_calls": calls,
+            "refused_429": refused,
+            "refused_share": round(refused / calls, 4) if calls else 0.0,
+            "slow_calls": sum(1 for _, answer, delay in self.answers if answer == "ok" and delay >= 0.095),
+            "task_failures": len(self.failed),
+            "reopenings": trips - self.trips_at_close,
+            "peak_rate": max((s["rate"] or 0.0 for s in self.samples), default=0.0),
+        }
+
+
+class Progress:
+    """The tasks' own records of completions and failures (lists in Redis), read as they grow."""
+
+    def __init__(self, client: redis.Redis, ns: str) -> None:
+        self.client, self.ns = client, ns
+        self.done: list[tuple[int, float]] = []
+        self.failed: list[tuple[int, float]] = []
+
+    def read(self) -> None:
+        for kind, seen in (("done", self.done), ("failed", self.failed)):
+            for raw in self.client.lrange(f"{self.ns}:{kind}", len(seen), -1):
+                n, at = (raw.decode() if isinstance(raw, bytes) else str(raw)).split()
+                seen.append((int(n), float(at)))
+
+    def settled(self, below: int, start: int = 0) -> int:
+        """How many tasks ``start <= n < below`` have completed or failed."""
+        return len({n for n, _ in self.done + self.failed if start <= n < below})
+
+
+@contextlib.contextmanager
+def workers(env: dict[str, str], log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    full = {**os.environ, **env, "PYTHONPATH": str(BENCH) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    started = []
+    for i in range(WORKERS):
+        with (log_dir / f"worker{i}.log").open("ab") as out:
+            started.append(subprocess.Popen(
+                [sys.executable, "-m", "celery", "-A", "recovery", "worker", "-P", "prefork", "-c", str(CONCURRENCY),
+                 "-n", f"recovery{i}-{os.getpid()}@%h", "--loglevel", "WARNING", "--without-gossip",
+                 "--without-mingle", "--without-heartbeat"],
+                cwd=BENCH, env=full, stdout=out, stderr=subprocess.STDOUT,
+            ))  # fmt: skip
+    try:
+        yield started
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in started:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_for(predicate: Any, seconds: float, what: str, started: list[subprocess.Popen[bytes]], log_dir: Path) -> None:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if any(process.poll() is not None for process in started):
+            raise SystemExit(f"recovery: a worker exited while waiting for {what}; logs in {log_dir}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"recovery: timed out waiting for {what}; logs in {log_dir}")
+        time.sleep(SAMPLE_S)  # polling real processes
+
+
+def run(case: Case, server: Any, log_dir: Path) -> Run:
+    """One case, end to end (its own workers, key prefix and breaker)."""
+    from http_downstream import LimitedDownstream
+
+    from celery_breaker.monitoring import collect_metrics
+    from celery_breaker.storage.redis import RedisStore
+
+    ns = f"bench-recovery-{uuid.uuid4().hex[:6]}"
+    store_url = f"{server.url(1)}?key_prefix={ns}"
+    extra = {"breaker_release_pace": case.pace}
+    env = {"BENCH_BROKER": server.url(0), "BENCH_BREAKER_URL": store_url, "BENCH_NS": ns,
+           "BENCH_EXTRA_CONF": json.dumps(extra)}  # fmt: skip
+    sender = Celery("bench_recovery_sender", broker=server.url(0))
+    broker = redis.Redis.from_url(server.url(0))
+    store = RedisStore.from_url(store_url)
+    tag = store.parking.tag(BREAKER, None)
+    progress = Progress(broker, ns)
+    result = Run(case)
+
+    def row() -> Any:
+        return next((r for r in collect_metrics(store_url) if r.snapshot.name == BREAKER), None)
+
+    def state() -> str | None:
+        found = row()
+        return None if found is None else str(found.snapshot.state.value)
+
+    def publish(url: str, numbers: range) -> None:
+        with sender.producer_or_acquire() as producer:
+            for n in numbers:
+                sender.send_task(TASK, args=(url, n), producer=producer)
+
+    with LimitedDownstream(case.capacity) as downstream, workers(env, log_dir) as started:
+        wait_for(lambda: int(broker.get(f"{ns}:ready") or 0) >= WORKERS, 90, "the workers", started, log_dir)
+        n = case.tasks
+        base = 10 * n  # the numbers of the tasks that are not the backlog
+        if case.capacity is None and case.pace == "adaptive":  # the workers' own speed, nothing parked
+            began = time.monotonic()
+            publish(downstream.url, range(2 * base, 2 * base + n))
+
+            def direct_done() -> bool:
+                progress.read()
+                return progress.settled(2 * base + n, 2 * base) >= n
+
+            wait_for(direct_done, 120, "the direct run", started, log_dir)
+            result.worker_speed = n / (time.monotonic() - began)
+        downstream.down(True)
+        publish(downstream.url, range(base, base + 10))
+        wait_for(lambda: state() == "open", 60, "the trip", started, log_dir)
+        publish(downstream.url, range(n))
+        wait_for(lambda: sum(store.parking.count(tag)) >= n, 120, "the backlog parked", started, log_dir)
+        downstream.down(False)
+
+        wait_for(lambda: state() == "closed", 120, "the breaker to close", started, log_dir)
+        result.closed_at = time.time()
+        r = row()
+        result.trips_at_close = r.snapshot.trips if r is not None else 0
+        deadline = time.monotonic() + 300
+        while True:
+            time.sleep(SAMPLE_S)  # the sampling period
+            r = row()
+            progress.read()
+            pace = store.parking.pace(tag)
+            result.samples.append({
+                "t": time.time() - result.closed_at,
+                "state": r.snapshot.state.value if r else "closed",
+                "trips": r.snapshot.trips if r else 0,
+                "parked": r.parked if r else 0,
+                "claimed": r.claimed if r else 0,
+                "rate": float(pace["rate"]) if pace.get("rate") else None,
+            })  # fmt: skip
+            if progress.settled(n) >= n and r is not None and r.parked == 0 and r.claimed == 0:
+                result.drained_s = max(at for k, at in progress.done + progress.failed if k < n) - result.closed_at
+                break
+            if time.monotonic() > deadline or any(p.poll() is not None for p in started):
+                print(f"recovery: {case.name} not drained ({progress.settled(n)} of {n} ran); logs in {log_dir}")
+                break
+        result.answers = [(at - result.closed_at, a, d) for at, a, d in downstream.requests() if at >= result.closed_at]
+        result.completed = [at - result.closed_at for k, at in progress.done if k < n]
+        result.failed = [at - result.closed_at for k, at in progress.failed if k < n and at >= result.closed_at]
+    store.close()
+    return result
+
+
+CASES = [
+    Case("C=150/s, fixed", "fixed", 150.0, 3000),
+    Case("C=150/s, adaptive", "adaptive", 150.0, 3000),
+    Case("no limit, fixed", "fixed", None, 3000),
+    Case("no limit, adaptive", "adaptive", None, 3000),
+]
+QUICK = [Case("C=60/s, fixed", "fixed", 60.0, 600), Case("C=60/s, adaptive", "adaptive", 60.0, 600)]
+
+
+def report(runs: list[Run]) -> str:
+    lines = [
+        "| case | drain after close | N / C | ratio | drain rate | 429s of release calls | failures | reopenings |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        s = r.summary()
+        bound = "—" if s["bound_s"] is None else f"{s['bound_s']:.1f} s"
+        ratio = "—" if s["drain_over_bound"] is None else f"{s['drain_over_bound']:.2f}x"
+        drain = "not drained" if s["drain_s"] is None else f"{s['drain_s']:.1f} s"
+        rate = "—" if s["drain_rate"] is None else f"{s['drain_rate']:.0f}/s"
+        lines.append(
+            f"| {s['case']} | {drain} | {bound} | {ratio} | {rate} | {s['refused_429']} of {s['release_calls']} "
+            f"({100 * s['refused_share']:.1f} %) | {s['task_failures']} | {s['reopenings']} |"
+        )
+    speed = next((r.worker_speed for r in runs if r.worker_speed), None)
+    if speed:
+        lines.append(f"\nthe workers' own speed (N tasks, breaker closed, nothing parked): {speed:.0f} tasks/s")
+    return "\n".join(lines)
+
+
+def plot(data: dict[str, Any], out: Path) -> None:
+    """The release rate and the downstream's answers per second, one column per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    runs = data["runs"]
+    figure = Figure(figsize=(4.2 * len(runs), 5.4), layout="constrained")
+    axes = figure.subplots(2, len(runs), sharex="col", squeeze=False)
+    for column, run_data in enumerate(runs):
+        top, bottom = axes[0][column], axes[1][column]
+        summary = run_data["summary"]
+        end = max([s["t"] for s in run_data["samples"]] + [1.0])
+        bins = int(end) + 1
+        ok = [0] * bins
+        refused = [0] * bins
+        for t, answer, _ in run_data["answers"]:
+            if 0 <= t < bins:
+                (ok if answer == "ok" else refused)[int(t)] += 1
+        ticks = [i + 0.5 for i in range(bins)]
+        top.bar(ticks, ok, width=0.9, color="#5b8db8", label="200")
+        top.bar(ticks, refused, width=0.9, bottom=ok, color="#c0392b", label="429")
+        if summary["capacity"]:
+            top.axhline(summary["capacity"], color="0.3", ls="--", lw=1, label="capacity C")
+        top.set_title(summary["case"], fontsize=10)
+        top.set_ylabel("downstream calls/s")
+        top.legend(loc="upper right", fontsize=7, frameon=False)
+        t = [s["t"] for s in run_data["samples"]]
+        bottom.plot(t, [s["parked"] + s["claimed"] for s in run_data["samples"]], color="0.3", label="parked")
+        bottom.set_ylabel("tasks parked")
+        bottom.set_xlabel("seconds after the breaker closed")
+        if summary["pace"] == "adaptive":
+            twin = bottom.twinx()
+            twin.plot(t, [s["rate"] or 0 for s in run_data["samples"]], color="#e67e22", label="adaptive rate")
+            twin.set_ylabel("release rate (tasks/s)", color="#e67e22")
+        if summary["drain_s"] is not None:
+            for ax in (top, bottom):
+                ax.axvline(summary["drain_s"], color="0.35", ls=":", lw=1)
+        if summary["bound_s"] is not None:
+            for ax in (top, bottom):
+                ax.axvline(summary["bound_s"], color="#27ae60", ls="--", lw=1)
+    figure.suptitle("Releasing a parked backlog: fixed pace against adaptive (dotted: drained; green: N / C)",
+                    fontsize=11)  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="N = 600, C = 60/s, the capacity runs only")
+    parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
+    parser.add_argument("--json", type=Path, default=None, help="write every series here")
+    parser.add_argument("--plot", type=Path, default=None, help="draw a --json file into docs/img/recovery.png")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "recovery.png")
+    options = parser.parse_args()
+    if options.plot is not None:
+        plot(json.loads(options.plot.read_text()), options.out)
+        print(f"wrote {options.out}")
+        return
+    sys.path.insert(0, str(BENCH))
+    from redis_meter import RedisServer
+
+    cases = QUICK if options.quick else CASES
+    if options.only:
+        cases = [case for case in cases if options.only in case.name]
+    began = time.monotonic()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp, RedisServer() as server:
+        redis_version = server.version()
+        for case in cases:
+            log_dir = Path(tmp) / case.name.replace("/", "").replace(" ", "").replace(",", "-")
+            log_dir.mkdir()
+            runs.append(run(case, server, log_dir))
+            print(f"{case.name}: {runs[-1].summary()}", flush=True)
+    meta = {
+        "python": platform.python_version(),
+        "celery": version("celery"),
+        "redis-server": redis_version,
+        "cpus": os.cpu_count(),
+        "workers": f"{WORKERS} x prefork -c {CONCURRENCY}",
+        "wall_s": round(time.monotonic() - began, 1),
+    }
+    print(f"Recovery at the downstream's pace ({', '.join(f'{k} {v}' for k, v in meta.items())})")
+    print(report(runs))
+    if options.json is not None:
+        data = {
+            "meta": meta,
+            "policy": POLICY,
+            "runs": [
+                {"case": asdict(r.case), "summary": r.summary(), "samples": r.samples, "answers": r.answers}
+                for r in runs
+            ],
+        }
+        options.json.write_text(json.dumps(data, indent=1))
+
+
+if __name__ == "__main__":
+    main()

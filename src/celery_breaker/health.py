@@ -1,0 +1,135 @@
+"""HealthCheck: a breaker's health-check probe (a sync or async callable), run in a helper thread under a timeout.
+
+A breaker with a health check runs it, instead of a real call, when it may half-open
+(``CircuitBreaker(probe=...)``): a failing probe is then a cheap request, not a payment
+or an e-mail. The check runs in a daemon thread of its own so that one that hangs cannot
+hang its caller: after ``timeout`` seconds it counts as failed and is left behind (a
+sync callable cannot be interrupted; an async one is cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from .core import State
+from .errors import ConfigurationError
+
+__all__ = ["DEFAULT_PROBE_TIMEOUT", "CheckResult", "HealthCheck", "HealthState", "ProbeTimeout", "check_timeout"]
+
+#: Seconds a health check may take before it counts as failed.
+DEFAULT_PROBE_TIMEOUT = 10.0
+
+
+class ProbeTimeout(TimeoutError):
+    """A health check that did not answer within its timeout (it counts as failed)."""
+
+
+class HealthState(NamedTuple):
+    """Where ``CircuitBreaker.check_health`` leaves a breaker, as this process sees it."""
+
+    state: State
+    open_for: float | None = None
+    """While OPEN: seconds until a probe (a check) may be admitted."""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """How one health check went."""
+
+    healthy: bool
+    error: BaseException | None = None
+    """What the check raised (a ``ProbeTimeout`` when it did not answer in time)."""
+
+    @property
+    def detail(self) -> str:
+        """A short reason for the logs: ``'returned False'``, ``'ConnectionError: refused'``."""
+        if self.healthy:
+            return "healthy"
+        if self.error is None:
+            return "returned False"
+        text = f"{type(self.error).__name__}: {self.error}"
+        return text if len(text) <= 200 else text[:197] + "..."
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """A health check: ``fn()`` (sync, or returning an awaitable) that raises or returns
+    ``False`` when the downstream is unhealthy, and returns anything else when it is healthy.
+
+    ``name`` says what it is in logs (the function's qualified name by default).
+    """
+
+    fn: Callable[[], object]
+    timeout: float = DEFAULT_PROBE_TIMEOUT
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise ConfigurationError(
+                f"probe must be a callable (sync or async, taking no arguments), got {self.fn!r}; "
+                "a dotted path or a task name is read from the Celery settings (breaker_probes) or the "
+                "breaker_probe task option"
+            )
+        object.__setattr__(self, "timeout", check_timeout("probe_timeout", self.timeout))
+        if not self.name:
+            object.__setattr__(self, "name", _describe(self.fn))
+
+    @classmethod
+    def coerce(cls, probe: HealthCheck | Callable[[], object] | None, timeout: float | None) -> HealthCheck | None:
+        """``probe`` as a ``HealthCheck`` (a callable is wrapped, with ``timeout`` when given)."""
+        if probe is None or isinstance(probe, HealthCheck):
+            if timeout is not None and probe is not None:
+                return HealthCheck(probe.fn, timeout, probe.name)
+            return probe
+        return cls(probe, DEFAULT_PROBE_TIMEOUT if timeout is None else timeout)
+
+    def run(self, timeout: float | None = None) -> CheckResult:
+        """Run the check in a helper thread; wait at most ``timeout`` seconds (default:
+        the check's own) for it. It never raises: a failure is a ``CheckResult``."""
+        limit = self.timeout if timeout is None else min(self.timeout, timeout)
+        outcome: list[CheckResult] = []
+
+        def target() -> None:
+            try:
+                value: Any = self.fn()
+                if inspect.isawaitable(value):
+                    value = asyncio.run(_bounded(value, limit))
+            except BaseException as exc:  # a probe's failure is data, whatever it raised
+                outcome.append(CheckResult(False, exc))
+            else:
+                outcome.append(CheckResult(value is not False))
+
+        thread = threading.Thread(target=target, name=f"celery-breaker probe {self.name}", daemon=True)
+        thread.start()
+        thread.join(limit)
+        if outcome:
+            return outcome[0]
+        return CheckResult(False, ProbeTimeout(f"health check {self.name} did not answer within {limit:g} s"))
+
+
+async def _bounded(awaitable: Awaitable[object], limit: float) -> object:
+    try:
+        return await asyncio.wait_for(awaitable, limit)
+    except asyncio.TimeoutError:
+        raise ProbeTimeout(f"did not answer within {limit:g} s") from None
+
+
+def check_timeout(where: str, value: Any) -> float:
+    """``value`` as a probe timeout (seconds > 0), or a ``ConfigurationError`` naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ConfigurationError(f"{where} must be a number of seconds > 0, got {value!r}")
+    return float(value)
+
+
+def _describe(fn: Callable[[], object]) -> str:
+    module = getattr(fn, "__module__", None)
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if name is None:
+        return repr(fn)
+    return f"{module}:{name}" if module else str(name)

@@ -1,0 +1,73 @@
+"""Health-check probes from settings and task options: a dotted path, a task name or a callable, made a ``HealthCheck``.
+
+A string names a task of the app when one has that name; otherwise it is imported as
+``package.module:function`` (or ``package.module.function``). A task's body is called
+in the process that checks (``task.run()``), without its breaker, its retries or a
+result backend: a health check that had to travel through the broker and back could
+wait behind the very backlog it is meant to release, and a worker blocking on another
+task's result is what Celery forbids inside tasks (docs/decisions.md, decision 44).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from ..breaker import CircuitBreaker
+from ..core import BreakerPolicy
+from ..errors import ConfigurationError
+from ..health import HealthCheck
+from .registry import registry_for
+
+__all__ = ["breaker_with_probe", "resolve_probe"]
+
+ProbeSpec = str | Callable[[], object] | HealthCheck
+
+
+def resolve_probe(app: Any, probe: ProbeSpec, *, where: str, timeout: float) -> HealthCheck:
+    """``probe`` (from ``where``: a setting or a task option) as a ``HealthCheck`` that
+    waits at most ``timeout`` seconds, or a ``ConfigurationError`` naming ``where``, the
+    value and the fix."""
+    if isinstance(probe, HealthCheck):
+        return probe
+    if callable(probe) and not isinstance(probe, str):
+        return HealthCheck(probe, timeout)
+    if not isinstance(probe, str) or not probe or probe.strip() != probe:
+        raise ConfigurationError(
+            f"{where} must be a callable, a dotted path 'package.module:function' or a task name, got {probe!r}"
+        )
+    task = app.tasks.get(probe)
+    if task is not None:
+        return HealthCheck(task.run, timeout, f"task {probe}")
+    return HealthCheck(_import(probe, where), timeout, probe)
+
+
+def _import(path: str, where: str) -> Callable[[], object]:
+    module_name, colon, attr = path.partition(":")
+    if not colon:
+        module_name, _, attr = path.rpartition(".")
+    fix = "write 'package.module:function', or the name of a task of this app"
+    if not module_name or not attr:
+        raise ConfigurationError(f"{where}={path!r} names no task of this app and is no dotted path; {fix}")
+    try:
+        found = importlib.import_module(module_name)
+        for part in attr.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as exc:
+        problem = f"{where}={path!r} names no task of this app and cannot be imported ({exc})"
+        raise ConfigurationError(f"{problem}; {fix}") from None
+    if not callable(found):
+        raise ConfigurationError(f"{where}={path!r} is {found!r}, not a callable; {fix}")
+    checked: Callable[[], object] = found
+    return checked
+
+
+def breaker_with_probe(
+    app: Any, name: str, key: str | None, policy: BreakerPolicy, probe: HealthCheck | None
+) -> CircuitBreaker:
+    """The app's breaker ``name``/``key`` (``registry_for(app).get``) with ``probe`` as its health check."""
+    breaker = registry_for(app).get(name, key, policy)
+    if breaker.probe != probe:
+        breaker.probe = probe
+    return breaker

@@ -1,0 +1,61 @@
+"""Tasks whose breakers have a health check (loaded by the session worker with ``tasks.py``)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from celery import shared_task
+
+from celery_breaker import BreakerTask
+
+from .tasks import DOWN, call_downstream, report
+
+#: How many times each breaker's health check ran.
+CHECKS: dict[str, int] = {}
+_LOCK = threading.Lock()
+
+
+def check(name: str) -> None:
+    """The downstream's health endpoint: counted, and failing while ``DOWN[name]`` is set."""
+    with _LOCK:
+        CHECKS[name] = CHECKS.get(name, 0) + 1
+    if DOWN.get(name, False):
+        raise ConnectionError(f"health check of {name}: down")
+
+
+def check_option() -> None:
+    check("t-probe-option")
+
+
+def check_setting() -> None:
+    """Named in ``breaker_probes`` by its dotted path (conftest)."""
+    check("t-probe-setting")
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-probe-option", breaker_probe=check_option)
+def probe_option_task(self: Any, n: int) -> dict[str, Any]:
+    with self.breaker:
+        value = call_downstream("t-probe-option")
+    return report(self, (n, value))
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-probe-setting")
+def probe_setting_task(self: Any, n: int) -> dict[str, Any]:
+    with self.breaker:
+        value = call_downstream("t-probe-setting")
+    return report(self, (n, value))
+
+
+@shared_task(name="tests.celery.probe_tasks.health")
+def health() -> str:
+    """A plain task used as a health check by name (``breaker_probes``)."""
+    check("t-probe-task")
+    return "healthy"
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-probe-task")
+def probe_by_task_task(self: Any) -> dict[str, Any]:
+    with self.breaker:
+        value = call_downstream("t-probe-task")
+    return report(self, value)

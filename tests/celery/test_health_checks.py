@@ -1,0 +1,143 @@
+"""Health-check probes through a real (in-process) worker: during an outage only checks reach the downstream.
+
+The breakers here trip on one failure and half-open after 0.3 s (``support.DEFAULT_POLICY``);
+their deferred tasks come back with a countdown (memory broker, memory store), each run
+that wins the half-open probe slot runs the health check instead of its body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from celery_breaker import BreakerTask, CircuitBreaker, ConfigurationError, State
+from celery_breaker.core import Transition
+from celery_breaker.integration.inventory import check_app
+from celery_breaker.integration.settings import build_settings
+from celery_breaker.integration.task_options import task_breaker_config
+
+from . import probe_tasks, tasks
+from .probe_tasks import CHECKS
+from .support import TIMEOUT, wait_for
+from .test_settings import throwaway_app
+
+
+def get(result: Any) -> Any:
+    return result.get(timeout=TIMEOUT, interval=0.02)
+
+
+def outage_then_recovery(task: Any, name: str, operate: Any, count: int = 5) -> list[Transition]:
+    """Trip ``name`` with one failing run, defer ``count`` more while it is down, and let it
+    recover: only health checks reach the downstream meanwhile, and every task then runs
+    once, none failed and no retry spent. Returns the transitions the worker made."""
+    breaker: CircuitBreaker = operate(task.breaker)
+    seen: list[Transition] = []
+    breaker.add_listener(seen.append)
+    tasks.DOWN[name] = True
+    tasks.CALLS[name] = 0
+    CHECKS[name] = 0
+    try:
+        first = task.delay(0)
+        wait_for(lambda: breaker.state is not State.CLOSED, "the first run to trip the breaker")
+        assert tasks.CALLS[name] == 1
+        results = [first] + [task.delay(n) for n in range(1, count + 1)]
+        wait_for(lambda: CHECKS[name] >= 3, "three failing health checks")
+        assert tasks.CALLS[name] == 1  # no real task reached the downstream after the trip
+        assert all(result.state in ("PENDING", "RETRY") for result in results)
+        assert not any(t.target is State.CLOSED for t in seen)
+    finally:
+        tasks.DOWN[name] = False
+    values = [get(result) for result in results]
+    assert [value["value"][0] for value in values] == list(range(count + 1))
+    assert all(value["retries"] == 0 for value in values)  # deferred, never retried
+    assert all(result.state == "SUCCESS" for result in results)
+    assert tasks.CALLS[name] == 1 + count + 1  # the trip, then every task exactly once
+    closed = [t for t in seen if t.target is State.CLOSED]
+    assert closed
+    assert closed[0].reason == "health check succeeded"
+    assert [t.reason for t in seen if t.target is State.OPEN][1:] == ["health check failed"] * (len(seen) // 2 - 1)
+    return seen
+
+
+def test_a_task_option_probe_decides_recovery_and_deferred_tasks_run_once(app: Any, operate: Any) -> None:
+    outage_then_recovery(probe_tasks.probe_option_task, "t-probe-option", operate)
+
+
+def test_a_probe_named_in_settings_by_dotted_path(app: Any, operate: Any) -> None:
+    outage_then_recovery(probe_tasks.probe_setting_task, "t-probe-setting", operate, count=2)
+
+
+def test_a_probe_named_in_settings_by_task_name_runs_its_body_in_process(app: Any, operate: Any) -> None:
+    breaker = operate(probe_tasks.probe_by_task_task.breaker)
+    assert breaker.probe is not None
+    assert breaker.probe.name == "task tests.celery.probe_tasks.health"
+    tasks.DOWN["t-probe-task"] = True
+    CHECKS["t-probe-task"] = 0
+    try:
+        result = probe_tasks.probe_by_task_task.delay()
+        wait_for(lambda: CHECKS["t-probe-task"] >= 1, "a health check by the task's body")
+        assert result.state in ("PENDING", "RETRY")
+    finally:
+        tasks.DOWN["t-probe-task"] = False
+    assert get(result)["retries"] == 0
+
+
+# -- configuration -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", [42, "", " padded "])
+def test_a_probe_setting_of_the_wrong_shape_names_the_setting_and_the_fix(value: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"breaker_probes\['crm'\] must be a dotted path"):
+        build_settings(throwaway_app("probe-shape", breaker_probes={"crm": value}).conf)
+
+
+def test_a_probe_timeout_must_be_seconds() -> None:
+    with pytest.raises(ConfigurationError, match="breaker_probe_timeout must be a number of seconds > 0"):
+        build_settings(throwaway_app("probe-timeout", breaker_probe_timeout=0).conf)
+
+
+def test_a_probe_that_names_nothing_stops_the_worker_at_start() -> None:
+    app = throwaway_app("probe-nothing", breaker_probes={"crm*": "no_such_module:check"})
+
+    @app.task(base=BreakerTask, breaker="crm-eu", shared=False)
+    def job() -> None:
+        """A task whose breaker's probe cannot be found."""
+
+    with pytest.raises(ConfigurationError) as info:
+        check_app(app)
+    text = str(info.value)
+    assert "breaker_probes['crm*']='no_such_module:check' names no task of this app and cannot be imported" in text
+    assert "write 'package.module:function', or the name of a task of this app" in text
+
+
+def test_a_task_option_probe_wins_over_the_setting_and_takes_its_timeout() -> None:
+    app = throwaway_app(
+        "probe-option", breaker_probes={"crm": "tests.celery.probe_tasks:check_setting"}, breaker_probe_timeout=3
+    )
+
+    @app.task(base=BreakerTask, breaker="crm", breaker_probe=probe_tasks.check_option, shared=False)
+    def job() -> None:
+        """A task with its own probe."""
+
+    @app.task(base=BreakerTask, breaker="crm", breaker_probe_timeout=1.5, shared=False)
+    def other() -> None:
+        """A task with the setting's probe and its own timeout."""
+
+    own = task_breaker_config(job).probe
+    assert own is not None
+    assert (own.fn, own.timeout) == (probe_tasks.check_option, 3.0)
+    setting = task_breaker_config(other).probe
+    assert setting is not None
+    assert (setting.fn, setting.timeout) == (probe_tasks.check_setting, 1.5)
+
+
+def test_a_task_option_probe_of_the_wrong_type_is_refused() -> None:
+    app = throwaway_app("probe-bad-option")
+
+    @app.task(base=BreakerTask, breaker="crm", breaker_probe=42, shared=False)
+    def job() -> None:
+        """A task with a probe that cannot be one."""
+
+    with pytest.raises(ConfigurationError, match="breaker_probe must be a callable or a dotted path or a task name"):
+        check_app(app)

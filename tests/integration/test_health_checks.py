@@ -1,0 +1,63 @@
+"""Health-check probes with a real ``celery worker -P prefork``, Redis broker and store, tasks parked.
+
+During the outage only health checks reach the downstream after the trip; once it is
+back, the checks close the breaker (nobody calls it: every task is parked, the worker's
+releaser runs the checks) and every parked task runs once, none failed, no retry spent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from celery_breaker import CircuitBreaker, State
+from tests.integration import probe_proj
+from tests.integration.workers import WorkerProcess, wait_for
+
+from ..storage.conftest import unique_prefix
+
+
+@pytest.fixture(scope="module")
+def broker(redis_url: str) -> Iterator[str]:
+    url = f"{redis_url}/7"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    probe_proj.app.conf.update(broker_url=url, result_backend=url)
+    yield url
+    client.flushdb()
+
+
+def test_only_health_checks_reach_the_downstream_and_they_alone_close_the_breaker(broker: str) -> None:
+    prefix = unique_prefix()
+    store_url = f"{broker}?key_prefix={prefix}"
+    keys = f"probe-{prefix}"
+    client = redis.Redis.from_url(broker)
+    client.set(f"{keys}:down", 1)
+    extra = json.dumps({"breaker_storage_url": store_url})
+    worker = WorkerProcess(broker, app="tests.integration.probe_proj", extra_conf=extra, name="probe",
+                           env={"PROBE_KEYS": keys})  # fmt: skip
+    worker.wait_ready()
+    breaker = CircuitBreaker("partner", probe_proj.POLICY, storage=store_url)
+    try:
+        first = probe_proj.pay.delay(0)
+        wait_for(lambda: breaker.state is not State.CLOSED, 30, "the first task to trip the breaker")
+        results = [first] + [probe_proj.pay.delay(n) for n in range(1, 21)]
+        wait_for(lambda: int(client.get(f"{keys}:checks") or 0) >= 3, 60, "three failing health checks")
+        assert int(client.get(f"{keys}:calls") or 0) == 1  # only the trip reached the downstream
+        assert all(result.state in ("PENDING", "RETRY") for result in results)
+        client.delete(f"{keys}:down")
+        values = [result.get(timeout=60) for result in results]
+    finally:
+        worker.stop()
+    assert sorted(value["n"] for value in values) == list(range(21))
+    assert all(value["retries"] == 0 for value in values)  # deferred, never retried
+    assert all(result.state == "SUCCESS" for result in results)
+    assert int(client.get(f"{keys}:calls") or 0) == 1 + 21  # the trip, then every task once
+    log = worker.log()
+    assert "breaker partner half_open -> open (health check failed" in log
+    assert "breaker partner half_open -> closed (health check succeeded" in log
+    # Every task was parked, so the worker's releaser (in its main process) ran the checks.
+    assert "MainProcess] breaker partner: health check tests.integration.probe_proj:check failed" in log

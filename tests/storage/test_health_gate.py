@@ -1,0 +1,132 @@
+"""The releaser and health checks (real Redis): a parked breaker with a probe closes on checks alone.
+
+With every task parked nobody calls the breaker, so the worker's releaser runs the
+health check when the open time is up, and publishes no parked task as a probe: the
+parked tasks go only once the checks have closed the breaker.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_breaker import CircuitBreaker, State
+from celery_breaker.core import Transition
+from celery_breaker.integration.deferral.parking import encode_message
+from celery_breaker.integration.deferral.release import Releaser
+from celery_breaker.integration.registry import registry_for
+from celery_breaker.storage import resolve_store
+
+from ..celery.support import wait_for
+from .conftest import unique_prefix
+
+POLICY = {"failure_threshold": 1, "reset_timeout": 0.2, "half_open_max_calls": 1, "success_threshold": 1}
+#: The downstream's health, read by ``check`` (a dotted path in ``breaker_probes``).
+HEALTH = {"up": False, "checks": 0}
+_APPS = itertools.count()
+
+
+def check() -> None:
+    HEALTH["checks"] += 1
+    if not HEALTH["up"]:
+        raise ConnectionError("health endpoint down")
+
+
+@pytest.fixture
+def app(redis_url: str) -> Any:
+    name = f"gate-{next(_APPS)}"
+    app = Celery(name, set_as_current=False, broker="memory://")
+    app.conf.update(
+        task_default_queue=f"{name}-queue",
+        breaker_storage_url=f"{redis_url}?key_prefix={unique_prefix()}",
+        breaker_default_policy=POLICY,
+        breaker_probes={"svc": "tests.storage.test_health_gate:check"},
+    )
+
+    @app.task(name="gate.job", shared=False)
+    def job(n: int) -> int:
+        return n
+
+    HEALTH.update(up=False, checks=0)
+    return app
+
+
+def park(app: Any, breaker: CircuitBreaker, count: int) -> None:
+    parking = breaker.store.parking
+    assert parking is not None
+    for n in range(count):
+        payload = encode_message(dict(app.signature("gate.job", args=(n,))), "json")
+        parking.park("svc", None, f"task-{n}:1", float(n), payload, None)
+
+
+def parked(breaker: CircuitBreaker) -> int:
+    parking = breaker.store.parking
+    assert parking is not None
+    return parking.count(parking.tag("svc", None))[0]
+
+
+def test_a_parked_breaker_with_a_probe_closes_on_checks_alone(app: Any) -> None:
+    url = app.conf.breaker_storage_url
+    breaker = CircuitBreaker("svc", POLICY, storage=url)
+    seen: list[Transition] = []
+    registry_for(app).add_listener(seen.append)
+    with pytest.raises(ConnectionError):
+        breaker.call(check)  # the trip: one real failure
+    assert breaker.state is State.OPEN
+    park(app, breaker, 5)
+    HEALTH["checks"] = 0
+    parking = resolve_store(url).parking
+    assert parking is not None
+    releaser = Releaser(app, parking, rate=1000.0, ramp=0.0)
+
+    # While the downstream is down, the releaser's checks fail and reopen the breaker;
+    # not one parked task is published (without a probe, one would go as each probe).
+    wait_for(lambda: releaser.release_once() == 0 and HEALTH["checks"] >= 3, "three failing health checks")
+    assert releaser.released == 0
+    assert parked(breaker) == 5
+    reasons = [t.reason for t in seen]
+    assert "health check failed" in reasons
+    assert State.CLOSED not in [t.target for t in seen]
+
+    HEALTH["up"] = True
+    wait_for(lambda: (releaser.release_once(), releaser.released)[1] == 5, "the parked tasks to be released")
+    assert parked(breaker) == 0
+    assert breaker.snapshot().state is State.CLOSED
+    assert [t.reason for t in seen if t.target is State.CLOSED] == ["health check succeeded"]
+
+
+def test_a_parked_breaker_without_a_probe_still_sends_real_probes(app: Any) -> None:
+    app.conf.breaker_probes = {}
+    url = app.conf.breaker_storage_url
+    breaker = CircuitBreaker("svc", POLICY, storage=url)
+    with pytest.raises(ConnectionError):
+        breaker.call(check)
+    park(app, breaker, 3)
+    parking = resolve_store(url).parking
+    assert parking is not None
+    releaser = Releaser(app, parking, rate=1000.0, ramp=0.0)
+    wait_for(lambda: releaser.release_once() > 0, "the probe to be released")
+    assert releaser.released == 1  # half_open_max_calls real tasks go as the probes
+    assert HEALTH["checks"] == 1  # only the trip called it
+
+
+def test_entries_past_their_deadline_still_go_while_the_breaker_stays_open(app: Any) -> None:
+    policy = {**POLICY, "reset_timeout": 30}
+    app.conf.breaker_default_policy = policy
+    url = app.conf.breaker_storage_url
+    breaker = CircuitBreaker("svc", policy, storage=url)
+    with pytest.raises(ConnectionError):
+        breaker.call(check)
+    parking = resolve_store(url).parking
+    assert parking is not None
+    expired = encode_message(dict(app.signature("gate.job", args=(-1,))), "json")
+    parking.park("svc", None, "expired:1", -1.0, expired, time.time() - 1)
+    park(app, breaker, 2)
+    releaser = Releaser(app, parking, rate=1000.0, ramp=0.0)
+    assert releaser.release_once() == 1  # the expired entry, so Celery can revoke it
+    assert parked(breaker) == 2
+    assert HEALTH["checks"] == 1  # the trip's: the breaker is not due for a check

@@ -1,0 +1,237 @@
+"""The adaptive release in Redis (storage/lua/pacing.lua, release.lua) against a real redis-server.
+
+``release.lua`` keeps core/pacing.py's law step for step: the contract test feeds both the
+same clock readings and breaker counts and compares every release and the stored pace.
+Stores run on the ``time=client`` seam, so the pace moves only when the test says.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import redis
+
+from celery_breaker import CircuitBreaker, State
+from celery_breaker.core.pacing import Outcomes, Pace, PacingLaw, advance, allowed, took
+from celery_breaker.storage.redis import RedisStore
+from celery_breaker.testing import FakeClock
+
+from ..unit.support import fail, ok, state_of
+from .conftest import unique_prefix
+
+POLICY = {"failure_threshold": 1, "reset_timeout": 10.0, "half_open_max_calls": 1, "success_threshold": 1}
+#: Round numbers (tests/unit/test_pacing.py): 5/s, judged every second, doubling, cut to 70 %.
+LAW = PacingLaw(
+    start=5.0,
+    judge_every=1.0,
+    slow_start=2.0,
+    step=0.1,
+    back_off=0.7,
+    bad_share=0.05,
+    floor=1.0,
+    least_bad=1,
+    in_flight_s=1000.0,
+)
+
+
+def new_store(redis_url: str, prefix: str) -> RedisStore:
+    return RedisStore.from_url(f"{redis_url}?time=client&key_prefix={prefix}")
+
+
+@pytest.fixture
+def store(redis_url: str) -> RedisStore:
+    return new_store(redis_url, unique_prefix())
+
+
+def park(store: RedisStore, count: int) -> str:
+    for i in range(count):
+        store.parking.park("svc", None, f"task-{i}:1", 100.0 + i, f"payload {i}", None)
+    return store.parking.tag("svc", None)
+
+
+def release(store: RedisStore, now: float, *, law: PacingLaw = LAW, most: int = 100_000) -> int:
+    tag = store.parking.tag("svc", None)
+    return len(store.parking.release(tag, most=most, pace=0.0, ramp=0.0, lease=30.0, now=now, law=law))
+
+
+def stored(store: RedisStore) -> dict[str, str]:
+    return store.parking.pace(store.parking.tag("svc", None))
+
+
+def counts(client: redis.Redis, state_key: str) -> Outcomes:
+    found = client.hmget(state_key, "gen", "ok", "ko", "sl")
+    generation, successes, failures, slow = (int(value or 0) for value in found)
+    return Outcomes(generation=generation, successes=successes, failures=failures, slow=slow)
+
+
+def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -> None:
+    """Random clock steps and breaker counts (successes, failures, slow calls, new
+    generations), the same for both: the same releases, and the same pace stored."""
+    clock = FakeClock()
+    tag = park(store, 20_000)
+    CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)  # a CLOSED breaker's state hash
+    client = redis.Redis.from_url(redis_url)
+    state_key = tag + ":s"
+    law = PacingLaw(ceiling=400.0)  # (the defaults)
+    rng = random.Random(16)
+    pace: Pace | None = None
+    for step in range(400):
+        clock.advance(rng.choice((0.05, 0.2, 0.25, 0.5, 1.0, 1.7)))
+        kind = rng.random()
+        if kind < 0.03:
+            client.hincrby(state_key, "gen", 2)  # reopened and closed again
+        elif kind < 0.15:
+            client.hincrby(state_key, "ko", rng.randint(1, 10))
+        elif kind < 0.25:
+            client.hincrby(state_key, "sl", rng.randint(1, 10))
+        client.hincrby(state_key, "ok", rng.randint(0, 60))
+        outcomes = counts(client, state_key)
+        pace = advance(law, pace, outcomes, clock.monotonic())
+        expected = allowed(pace)
+        pace = took(pace, expected)
+        assert release(store, clock.monotonic(), law=law) == expected, f"step {step}"
+        found = stored(store)
+        assert float(found["rate"]) == pace.rate, f"step {step}"
+        assert (float(found["thr"]) if found["thr"] else None) == pace.threshold, f"step {step}"
+        assert float(found["a_tokens"]) == pytest.approx(pace.tokens, abs=1e-9), f"step {step}"
+        assert int(found["used"]) == pace.used
+        assert int(found["infl"]) == pace.in_flight
+        assert (float(found["cut"]) if found["cut"] else None) == pace.cut_at, f"step {step}"
+    assert pace is not None
+    assert pace.threshold is not None
+
+
+def test_two_workers_share_one_pace(store: RedisStore, redis_url: str) -> None:
+    """Two store instances (two workers) releasing the same breaker: together they release
+    what one pace allows, not twice as much."""
+    clock = FakeClock()
+    park(store, 5_000)
+    CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)
+    store.flush()
+    other = new_store(redis_url, store.key_prefix)
+    released = {"one": 0, "other": 0}
+    release(store, clock.monotonic())  # the pace begins
+    for i in range(8):  # 2 s; the two look every 0.25 s, in turn
+        clock.advance(0.25)
+        released["one" if i % 2 else "other"] += release(store if i % 2 else other, clock.monotonic())
+    assert released["one"] > 0
+    assert released["other"] > 0
+    # 5/s for 2 s (no success came back: no growth)
+    assert released["one"] + released["other"] == 10
+
+
+def test_released_tasks_that_succeed_grow_the_pace_for_every_worker(store: RedisStore, redis_url: str) -> None:
+    clock = FakeClock()
+    park(store, 5_000)
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    breaker.call(ok)
+    other = new_store(redis_url, store.key_prefix)
+    release(store, clock.monotonic())
+    for i in range(16):  # 4 s in 0.25 s ticks, the two workers in turn
+        clock.advance(0.25)
+        for _ in range(release(store if i % 2 else other, clock.monotonic())):
+            breaker.call(ok)
+        store.flush()  # (a worker sends its successes every second)
+    assert float(stored(store)["rate"]) == 80.0  # 5, 10, 20, 40, 80
+
+
+def test_slow_calls_counted_by_the_breaker_cut_the_pace(store: RedisStore) -> None:
+    clock = FakeClock()
+    park(store, 5_000)
+    policy = dict(POLICY, slow_call_duration=1.0, slow_call_rate_threshold=1.0, minimum_calls=1000)
+    breaker = CircuitBreaker("svc", policy, storage=store, clock=clock)
+
+    def slow() -> None:
+        clock.advance(1.5)
+
+    breaker.call(ok)
+    release(store, clock.monotonic())
+    clock.advance(1.0)
+    assert release(store, clock.monotonic()) == 5
+    for _ in range(5):
+        breaker.call(ok)
+    store.flush()
+    clock.advance(1.0)
+    release(store, clock.monotonic())
+    assert float(stored(store)["rate"]) == 10.0
+    for _ in range(3):
+        breaker.call(slow)  # (the clock moves 4.5 s)
+    assert breaker.snapshot().state is State.CLOSED
+    release(store, clock.monotonic())
+    assert float(stored(store)["rate"]) == 7.0  # 10 * 0.7
+    assert float(stored(store)["thr"]) == 7.0
+
+
+def test_a_reopened_breaker_stops_the_release_at_once_and_restarts_it_lower(store: RedisStore) -> None:
+    clock = FakeClock()
+    park(store, 5_000)
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    breaker.call(ok)
+    release(store, clock.monotonic())
+    for _ in range(12):  # 3 s: 5, 10, 20, 40
+        clock.advance(0.25)
+        for _ in range(release(store, clock.monotonic())):
+            breaker.call(ok)
+        store.flush()
+    assert float(stored(store)["rate"]) == 40.0
+    fail(breaker)
+    assert state_of(breaker) is State.OPEN
+    clock.advance(1.0)
+    assert release(store, clock.monotonic()) == 0  # nothing while open
+    clock.advance(POLICY["reset_timeout"])
+    assert release(store, clock.monotonic()) == 1  # the probe
+    breaker.call(ok)
+    assert state_of(breaker) is State.CLOSED
+    assert release(store, clock.monotonic()) == 0  # the pace begins again
+    assert (float(stored(store)["rate"]), float(stored(store)["thr"])) == (5.0, 28.0)
+
+
+def test_an_unreadable_pace_restarts_with_one_warning(
+    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    tag = park(store, 100)
+    CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)
+    release(store, clock.monotonic())
+    clock.advance(1.0)
+    assert release(store, clock.monotonic()) == 5
+    client = redis.Redis.from_url(redis_url)
+    for field, bad in (("rate", "inf"), ("thr", "-3"), ("jat", "1e300"), ("used", "1.5"), ("a_tokens", "nan")):
+        client.hset(tag + ":p", field, bad)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+            assert release(store, clock.monotonic()) == 0  # begun again: nothing held
+        [record] = caplog.records
+        assert f"{field}='{bad}'" in record.getMessage()
+        assert "(the pace restarts)" in record.getMessage()
+        assert float(stored(store)["rate"]) == 5.0
+        assert stored(store)["thr"] == ""
+        clock.advance(1.0)
+        assert release(store, clock.monotonic()) == 5
+
+
+def test_unreadable_counts_in_the_breaker_state_reset_it(
+    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    tag = park(store, 100)
+    CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)
+    redis.Redis.from_url(redis_url).hset(tag + ":s", "sl", "-1")
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        release(store, clock.monotonic())
+    assert "sl='-1'" in caplog.text
+    assert "the breaker was reset" in caplog.text
+
+
+def test_the_fixed_pace_ignores_the_adaptive_fields_and_the_other_way_round(store: RedisStore) -> None:
+    """Workers of both kinds on one breaker (a rolling upgrade) each keep their own pace."""
+    clock = FakeClock()
+    tag = park(store, 1_000)
+    CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)
+    release(store, clock.monotonic())
+    store.parking.release(tag, most=100, pace=20.0, ramp=0.0, lease=30.0, now=clock.monotonic())
+    clock.advance(1.0)
+    assert release(store, clock.monotonic()) == 5
+    assert len(store.parking.release(tag, most=100, pace=20.0, ramp=0.0, lease=30.0, now=clock.monotonic())) == 20

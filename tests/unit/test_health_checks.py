@@ -1,0 +1,195 @@
+"""Health checks on a memory store with a fake clock: the ``HealthCheck`` runner, the breaker's use of it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from typing import Any
+
+import pytest
+
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
+from celery_breaker.core import BreakerMachine, Outcome, Probe
+from celery_breaker.health import DEFAULT_PROBE_TIMEOUT, CheckResult, HealthCheck, ProbeTimeout
+from celery_breaker.testing import FakeClock, fresh_store
+
+from .support import fail, state_of
+
+
+def down() -> None:
+    raise ConnectionError("refused")
+
+
+# -- the runner ------------------------------------------------------------------
+
+
+def test_returning_normally_is_healthy_and_false_or_raising_is_not() -> None:
+    assert HealthCheck(lambda: None).run() == CheckResult(True)
+    assert HealthCheck(lambda: {"status": "ok"}).run().healthy
+    assert HealthCheck(lambda: 0).run().healthy  # only False itself says unhealthy
+    assert HealthCheck(lambda: False).run() == CheckResult(False)
+    assert HealthCheck(lambda: False).run().detail == "returned False"
+    failed = HealthCheck(down).run()
+    assert not failed.healthy
+    assert isinstance(failed.error, ConnectionError)
+    assert failed.detail == "ConnectionError: refused"
+
+
+def test_an_async_check_runs_on_its_own_loop() -> None:
+    async def check() -> bool:
+        await asyncio.sleep(0)
+        return False
+
+    assert HealthCheck(check).run() == CheckResult(False)
+
+
+def test_a_check_that_hangs_is_left_behind_as_a_timeout() -> None:
+    release = threading.Event()
+    try:
+        result = HealthCheck(release.wait, timeout=0.02, name="hangs").run()
+    finally:
+        release.set()
+    assert not result.healthy
+    assert isinstance(result.error, ProbeTimeout)
+    assert "health check hangs did not answer within 0.02 s" in result.detail
+
+
+def test_an_async_check_that_hangs_is_cancelled_as_a_timeout() -> None:
+    async def check() -> None:
+        await asyncio.Event().wait()
+
+    result = HealthCheck(check, timeout=0.02).run()
+    assert isinstance(result.error, ProbeTimeout)
+
+
+def test_a_shorter_limit_wins_over_the_checks_own_timeout() -> None:
+    release = threading.Event()
+    try:
+        result = HealthCheck(release.wait, timeout=60).run(0.02)
+    finally:
+        release.set()
+    assert isinstance(result.error, ProbeTimeout)
+
+
+def test_even_a_base_exception_is_only_an_unhealthy_verdict() -> None:
+    def check() -> None:
+        raise KeyboardInterrupt
+
+    assert not HealthCheck(check).run().healthy
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("inf"), "5", True])
+def test_a_bad_timeout_names_probe_timeout(timeout: Any) -> None:
+    with pytest.raises(ConfigurationError, match="probe_timeout must be a number of seconds > 0"):
+        HealthCheck(lambda: None, timeout)
+
+
+def test_a_probe_that_is_not_callable_says_where_strings_belong() -> None:
+    with pytest.raises(ConfigurationError, match=r"probe must be a callable.*breaker_probes"):
+        CircuitBreaker("svc", probe="myapp.health:check", storage=fresh_store())  # type: ignore[arg-type]
+
+
+def test_coerce_wraps_a_callable_and_keeps_a_health_check() -> None:
+    check = HealthCheck(lambda: None, 2.0, "mine")
+    assert HealthCheck.coerce(check, None) is check
+    assert HealthCheck.coerce(check, 3.0) == HealthCheck(check.fn, 3.0, "mine")
+    assert HealthCheck.coerce(None, 3.0) is None
+    wrapped = HealthCheck.coerce(down, None)
+    assert wrapped is not None
+    assert wrapped.timeout == DEFAULT_PROBE_TIMEOUT
+    assert wrapped.name == f"{__name__}:down"
+
+
+# -- the breaker -------------------------------------------------------------------
+
+
+def breaker_with(probe: Any, clock: FakeClock, **policy: Any) -> CircuitBreaker:
+    fields: dict[str, Any] = {"failure_threshold": 1, "reset_timeout": 10, **policy}
+    return CircuitBreaker("svc", BreakerPolicy(**fields), storage=fresh_store(), clock=clock, probe=probe)
+
+
+def test_a_task_run_that_wins_the_probe_slot_runs_the_check_and_is_rejected(clock: FakeClock) -> None:
+    breaker = breaker_with(down, clock)
+    fail(breaker)
+    clock.advance(10)
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.begin_run(lambda exc: exc)
+    assert info.value.state is State.OPEN
+    snap = breaker.snapshot()
+    assert (snap.state, snap.trips, snap.rejections) == (State.OPEN, 2, 1)
+
+
+def test_a_task_run_admitted_after_the_check_closed_the_breaker(clock: FakeClock) -> None:
+    breaker = breaker_with(lambda: None, clock, success_threshold=1)
+    fail(breaker)
+    clock.advance(10)
+    with breaker.begin_run(lambda exc: exc) as run:
+        pass
+    run.settle(None)
+    assert state_of(breaker) is State.CLOSED
+    assert breaker.snapshot().successes == 2  # the check, and the run
+
+
+def test_a_check_slower_than_half_open_max_wait_is_cut_at_it(clock: FakeClock) -> None:
+    release = threading.Event()
+    breaker = breaker_with(release.wait, clock, half_open_max_wait=0.02)
+    assert breaker.probe is not None
+    assert breaker.probe.timeout == DEFAULT_PROBE_TIMEOUT
+    fail(breaker)
+    clock.advance(10)
+    try:
+        with pytest.raises(CircuitOpenError):
+            breaker.call(lambda: "real")
+    finally:
+        release.set()
+    assert state_of(breaker) is State.OPEN
+
+
+def test_a_probe_can_be_given_or_removed_later(clock: FakeClock) -> None:
+    breaker = breaker_with(None, clock, success_threshold=1)
+    breaker.probe = HealthCheck(down)
+    fail(breaker)
+    clock.advance(10)
+    with pytest.raises(CircuitOpenError):
+        breaker.call(lambda: "real")
+    breaker.probe = None
+    clock.advance(20)
+    assert breaker.call(lambda: "real") == "real"  # a real probe again
+
+
+def test_a_failed_check_is_logged_with_what_it_raised(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    breaker = breaker_with(down, clock)
+    fail(breaker)
+    clock.advance(10)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"), pytest.raises(CircuitOpenError):
+        breaker.call(lambda: "real")
+    assert f"breaker svc: health check {__name__}:down failed (ConnectionError: refused)" in caplog.text
+
+
+# -- the machine's reasons ------------------------------------------------------------
+
+
+def half_open_machine(clock: FakeClock, **policy: Any) -> BreakerMachine:
+    machine = BreakerMachine("svc", None, BreakerPolicy(failure_threshold=1, **policy), clock.monotonic())
+    machine.record(0, Outcome.FAILURE, 0.1, machine.policy, clock.monotonic())
+    clock.advance(30)
+    return machine
+
+
+@pytest.mark.parametrize(
+    ("check", "threshold", "reason"),
+    [
+        (True, 1, "health check succeeded"),
+        (True, 2, "2 health checks succeeded"),
+        (False, 1, "1 probes succeeded"),
+    ],
+)
+def test_the_closing_reason_says_what_closed_it(clock: FakeClock, check: bool, threshold: int, reason: str) -> None:
+    machine = half_open_machine(clock, success_threshold=threshold)
+    for _ in range(threshold):
+        ticket = machine.admit(machine.policy, clock.monotonic())
+        assert isinstance(ticket, Probe)
+        machine.record(ticket._replace(check=check), Outcome.SUCCESS, 0.1, machine.policy, clock.monotonic())
+    assert machine.state is State.CLOSED
+    assert machine.take_moves()[-1].reason == reason

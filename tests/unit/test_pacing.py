@@ -1,0 +1,224 @@
+"""The adaptive release's law (core/pacing.py) on a fake clock: grow while tasks succeed, cut back on bad news."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from celery_breaker.core.pacing import AdaptivePacer, Outcomes, Pace, PacingLaw, advance, allowed, begin, took
+from celery_breaker.errors import ConfigurationError
+from celery_breaker.testing import FakeClock
+
+#: A law with round numbers (the defaults are tuned by bench/recovery.py): 5/s at first,
+#: judged every second, doubling, cut to 70 %, a tenth more per second above the threshold.
+LAW = PacingLaw(
+    start=5.0,
+    judge_every=1.0,
+    slow_start=2.0,
+    step=0.1,
+    back_off=0.7,
+    bad_share=0.05,
+    floor=1.0,
+    least_bad=1,
+    in_flight_s=1000.0,
+)
+
+
+class Downstream:
+    """What the breaker counts: every released task succeeds, fails or is slow, as told."""
+
+    def __init__(self) -> None:
+        self.generation = 1
+        self.successes = self.failures = self.slow = 0
+
+    def outcomes(self) -> Outcomes:
+        return Outcomes(generation=self.generation, successes=self.successes, failures=self.failures, slow=self.slow)
+
+
+def run(pacer: AdaptivePacer, clock: FakeClock, downstream: Downstream, seconds: float, *, answer: str = "ok") -> int:
+    """Release for ``seconds`` in 0.25 s ticks (a big backlog; exact in binary, so the rate
+    is judged on whole seconds); every released task answers at once."""
+    released = 0
+    for _ in range(round(seconds * 4)):
+        clock.advance(0.25)
+        count = pacer.release(downstream.outcomes(), waiting=10_000)
+        released += count
+        if answer == "ok":
+            downstream.successes += count
+        elif answer == "slow":
+            downstream.successes += count
+            downstream.slow += count
+        else:
+            downstream.failures += count
+    return released
+
+
+def test_the_pace_starts_at_the_start_rate_with_nothing_held() -> None:
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(LAW, clock)
+    assert pacer.release(downstream.outcomes(), waiting=100) == 0  # the first look only starts the pace
+    assert pacer.rate == 5.0
+    clock.advance(0.5)
+    assert pacer.release(downstream.outcomes(), waiting=100) == 2  # 2.5 tokens
+
+
+def test_the_rate_doubles_every_second_while_released_tasks_succeed() -> None:
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(LAW, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    rates = []
+    for _ in range(5):
+        run(pacer, clock, downstream, 1.0)
+        rates.append(pacer.rate)
+    assert rates == [10.0, 20.0, 40.0, 80.0, 160.0]
+
+
+def test_failures_cut_the_rate_and_set_the_threshold_growth_is_then_gentler() -> None:
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(LAW, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    run(pacer, clock, downstream, 4.0)
+    assert pacer.rate == 80.0
+    run(pacer, clock, downstream, 0.25, answer="fail")
+    run(pacer, clock, downstream, 0.25)  # cut at the next look, not at the next judgement
+    assert pacer.rate == pytest.approx(56.0)  # 80 * 0.7
+    assert pacer.pace is not None
+    assert pacer.pace.threshold == pytest.approx(56.0)
+    run(pacer, clock, downstream, 3.0)  # (two seconds settling, then a whole one)
+    assert pacer.rate == pytest.approx(56.0 * 1.1)  # a tenth more per second
+    run(pacer, clock, downstream, 1.0)
+    assert pacer.rate == pytest.approx(56.0 * 1.1 * 1.1)
+
+
+def test_bad_news_that_goes_on_after_a_cut_cuts_again_but_not_at_once() -> None:
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(LAW, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    run(pacer, clock, downstream, 4.0)
+    run(pacer, clock, downstream, 2.25, answer="fail")
+    assert pacer.rate == pytest.approx(56.0)  # the tasks released before the cut fail too: settling
+    run(pacer, clock, downstream, 0.5, answer="fail")
+    assert pacer.rate == pytest.approx(39.2)
+
+
+def test_slow_calls_are_bad_news_like_failures() -> None:
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(LAW, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    run(pacer, clock, downstream, 3.0)
+    assert pacer.rate == 40.0
+    run(pacer, clock, downstream, 0.25, answer="slow")
+    run(pacer, clock, downstream, 0.25)
+    assert pacer.rate == pytest.approx(28.0)
+
+
+def test_a_few_failures_below_the_bad_share_do_not_cut() -> None:
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(LAW, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    run(pacer, clock, downstream, 4.0)  # 80/s
+    released = run(pacer, clock, downstream, 0.75)
+    downstream.failures += 1  # 1 in ~80: under 5 %
+    run(pacer, clock, downstream, 0.25)
+    assert released > 20
+    assert pacer.rate == 160.0
+
+
+def test_no_growth_without_successes_back_or_without_using_the_pace() -> None:
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(LAW, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    for _ in range(30):  # released, but no outcome came back (the tasks are still running)
+        clock.advance(0.1)
+        pacer.release(downstream.outcomes(), waiting=10_000)
+    assert pacer.rate == 5.0
+    pacer = AdaptivePacer(LAW, clock)
+    for _ in range(30):  # successes (other traffic), but a backlog too small to use the pace
+        clock.advance(0.1)
+        downstream.successes += 10
+        pacer.release(downstream.outcomes(), waiting=0)
+    assert pacer.rate == 5.0
+
+
+def test_the_ceiling_and_the_floor_bound_the_rate() -> None:
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(replace(LAW, ceiling=30.0), clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    run(pacer, clock, downstream, 6.0)
+    assert pacer.rate == 30.0
+    run(pacer, clock, downstream, 20.0, answer="fail")
+    assert pacer.rate == 1.0
+
+
+def test_a_new_generation_restarts_the_pace_below_the_rate_it_had_reached() -> None:
+    """The breaker reopened (the release script then releases nothing) and closed again."""
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(LAW, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    run(pacer, clock, downstream, 5.0)
+    assert pacer.rate == 160.0
+    downstream.generation += 3  # open, half-open, closed
+    clock.advance(30)
+    assert pacer.release(downstream.outcomes(), waiting=10_000) == 0  # nothing held across the outage
+    assert pacer.rate == 5.0
+    assert pacer.pace is not None
+    assert pacer.pace.threshold == pytest.approx(112.0)
+    run(pacer, clock, downstream, 5.0)
+    assert pacer.rate == pytest.approx(112.0)  # 10, 20, 40, 80, then the threshold
+
+
+def test_counts_that_went_back_are_a_new_baseline() -> None:
+    """A breaker whose state expired starts counting from 0 under the same generation."""
+    clock = FakeClock()
+    law = LAW
+    pace = begin(law, Outcomes(generation=0, successes=500, failures=50, slow=0), clock.monotonic())
+    clock.advance(1.0)
+    pace = advance(law, pace, Outcomes(generation=0, successes=3, failures=0, slow=0), clock.monotonic())
+    assert pace.rate == 5.0
+    assert pace.seen.successes == 3
+
+
+def test_at_most_one_seconds_worth_is_held() -> None:
+    clock = FakeClock()
+    law = LAW
+    outcomes = Outcomes(generation=0, successes=0, failures=0, slow=0)
+    pace = begin(law, outcomes, clock.monotonic())
+    pace = advance(law, pace, outcomes, clock.advance(0.5))
+    pace = advance(law, pace, outcomes, clock.advance(0.4))
+    assert allowed(pace) == 4
+    pace = took(pace, 4)
+    assert pace.tokens == pytest.approx(0.5)
+    assert pace.used == 4
+    pace = advance(law, pace, outcomes, clock.advance(60.0))  # a minute without a look
+    assert allowed(pace) == 5
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"start": 0}, {"ceiling": -1.0}, {"back_off": 1.0}, {"bad_share": 1.0}, {"floor": 20.0},
+     {"judge_every": float("nan")}, {"slow_start": 0.5}, {"least_bad": 0}, {"in_flight_s": 0.0}],
+)  # fmt: skip
+def test_a_bad_law_names_its_field(changes: dict[str, Any]) -> None:
+    (field,) = changes
+    with pytest.raises(ConfigurationError, match=f"PacingLaw.{field}"):
+        PacingLaw(**changes)
+
+
+def test_after_a_cut_bad_news_while_many_released_tasks_await_their_outcome_cuts_nothing() -> None:
+    """The tasks released before the cut are still queued in the broker: their slow calls
+    are old news, however long they take to come back."""
+    law = replace(LAW, in_flight_s=1.5)
+    seen = Outcomes(generation=1, successes=1000, failures=0, slow=0)
+    news = Outcomes(generation=1, successes=1040, failures=0, slow=40)
+    pace = Pace(generation=1, rate=50.0, threshold=50.0, tokens=0.0, at=10.0, judged_at=10.0, seen=seen, used=40,
+                in_flight=200, cut_at=5.0)  # fmt: skip
+    assert advance(law, pace, news, 11.0).rate == 50.0  # 200 + 40 - 40 in flight: more than 75
+    assert advance(law, replace(pace, in_flight=0), news, 11.0).rate == 35.0
+    assert advance(law, replace(pace, cut_at=None), news, 11.0).rate == 35.0  # (the first cut always goes)
+
+
+def test_the_law_text_is_what_release_lua_reads() -> None:
+    assert LAW.text() == "5.0;;1.0;2.0;0.1;0.7;0.05;1.0;1.0;1000.0"
+    assert replace(LAW, ceiling=150).text() == "5.0;150.0;1.0;2.0;0.1;0.7;0.05;1.0;1.0;1000.0"
