@@ -54,7 +54,7 @@ _CHECK = textwrap.dedent(
         "max_defer_age": config.max_defer_age,
         "max_deferrals": config.max_deferrals,
         "spread": config.defer_spread,
-        "release": [settings.release_rate, settings.release_ramp],
+        "release": [settings.release_pace, settings.release_rate],
         "durations": [policy.reset_timeout, policy.max_reset_timeout, policy.backoff_multiplier],
         "rules": [policy.failure_threshold, policy.window, policy.failure_rate_threshold, policy.minimum_calls],
         "probes": [policy.half_open_max_calls, policy.success_threshold],
@@ -87,7 +87,7 @@ def test_the_worked_payment_configuration_validates_and_means_what_the_guide_say
     assert seen["max_defer_age"] == 6 * 3600
     assert seen["max_deferrals"] is None
     assert seen["spread"] is None  # None: the policy's reset_timeout
-    assert seen["release"] == [20.0, 60.0]
+    assert seen["release"] == ["adaptive", 20.0]  # the adaptive pace (the default), at most 20/s
     assert seen["durations"] == [15.0, 120.0, 2.0]  # 15, 30, 60, 120 s while probes fail
     assert seen["rules"] == [20, 30.0, 0.5, 10]
     assert seen["probes"] == [2, 2]
