@@ -407,6 +407,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="N = 600, C = 60/s, the capacity runs only")
     parser.add_argument("--only", default=None, help="run only the cases whose name contains this")
+    parser.add_argument(
+        "--capacity",
+        type=float,
+        default=None,
+        help="run fixed and adaptive against a downstream of this capacity C (tasks/s) only",
+    )
+    parser.add_argument("--tasks", type=int, default=3000, help="with --capacity: N, the tasks parked")
     parser.add_argument("--json", type=Path, default=None, help="write every series here")
     parser.add_argument("--plot", type=Path, default=None, help="draw a --json file into docs/img/recovery.png")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "recovery.png")
@@ -419,6 +426,11 @@ def main() -> None:
     from redis_meter import RedisServer
 
     cases = QUICK if options.quick else CASES
+    if options.capacity is not None:
+        if options.capacity <= 0 or options.tasks <= 0:
+            parser.error("--capacity and --tasks must be > 0")
+        c, n = options.capacity, options.tasks
+        cases = [Case(f"C={c:g}/s, {pace}", pace, c, n) for pace in ("fixed", "adaptive")]
     if options.only:
         cases = [case for case in cases if options.only in case.name]
     began = time.monotonic()

@@ -152,8 +152,10 @@ def test_ctrl_c_at_a_terminal_ends_the_watch_cleanly(broker: str, prefix: str) -
 def _read_until(fd: int, seen: bytes, done: Callable[[bytes], bool], timeout: float = 30.0) -> bytes:
     """Read a pseudo-terminal until ``done(everything read)`` or ``timeout`` (polling a process's output)."""
     deadline = time.monotonic() + timeout
+    poller = select.poll()  # (not select: a long session may hold descriptors past FD_SETSIZE)
+    poller.register(fd, select.POLLIN | select.POLLHUP)
     while not done(seen) and time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 0.1)
+        ready = poller.poll(100)
         if ready:
             try:
                 seen += os.read(fd, 65536)

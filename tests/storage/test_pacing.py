@@ -178,6 +178,9 @@ def test_a_reopened_breaker_stops_the_release_at_once_and_restarts_it_lower(stor
     assert float(stored(store)["rate"]) == 40.0
     fail(breaker)
     assert state_of(breaker) is State.OPEN
+    # Hear the trip's own message now: heard after the fake clock moved on, its open
+    # period would count from then.
+    assert store.sync()
     clock.advance(1.0)
     assert release(store, clock.monotonic()) == 0  # nothing while open
     clock.advance(POLICY["reset_timeout"])

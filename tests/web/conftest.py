@@ -130,12 +130,15 @@ class WebProcess:
         """Read stdout until the command prints where it serves (polling a starting process)."""
         assert self.process.stdout is not None
         fd = self.process.stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = re.search(r" at (http://\S+) \(Ctrl-C to quit\)", self.stdout)
             if found:
                 return found.group(1)
-            ready, _, _ = select.select([fd], [], [], 0.1)
+            # (poll, not select: a long test session may hold descriptors past FD_SETSIZE)
+            ready = poller.poll(100)
             chunk = os.read(fd, 65536) if ready else b""
             if ready and not chunk:
                 break  # the process closed stdout: it exited
