@@ -83,7 +83,7 @@ NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict --site-dir "$DIST/site" 
 echo "== the declared lower bounds: Celery 5.5, kombu 5.5, redis-py 5.1 (scripts/minimum-versions.txt)"
 python3 -m venv "$DIST/oldest"
 "$DIST/oldest/bin/python" -m pip install -q --disable-pip-version-check -c scripts/minimum-versions.txt \
-    -e '.[redis,prometheus]' pytest > "$DIST/oldest.log" 2>&1 || { cat "$DIST/oldest.log"; exit 1; }
+    -e '.[redis,prometheus]' pytest hypothesis > "$DIST/oldest.log" 2>&1 || { cat "$DIST/oldest.log"; exit 1; }
 "$DIST/oldest/bin/python" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(celery|kombu|redis) '
 # (redis-py 5.1 prints "Exception ignored in Redis.__del__" at interpreter exit: the log
 # is shown only when a test fails.)
