@@ -18,22 +18,11 @@ from celery_breaker.core.pacing import Outcomes, Pace, PacingLaw, advance, allow
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
+from ..unit.support import ROUND_LAW as LAW
 from ..unit.support import fail, ok, state_of
 from .conftest import unique_prefix
 
 POLICY = {"failure_threshold": 1, "reset_timeout": 10.0, "half_open_max_calls": 1, "success_threshold": 1}
-#: Round numbers (tests/unit/test_pacing.py): 5/s, judged every second, doubling, cut to 70 %.
-LAW = PacingLaw(
-    start=5.0,
-    judge_every=1.0,
-    slow_start=2.0,
-    step=0.1,
-    back_off=0.7,
-    bad_share=0.05,
-    floor=1.0,
-    least_bad=1,
-    in_flight_s=1000.0,
-)
 
 
 def new_store(redis_url: str, prefix: str) -> RedisStore:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, State
+from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.testing import FakeClock, fresh_store
 
 
@@ -49,3 +50,20 @@ class HeldCall:
     def fail(self, exc: BaseException | None = None) -> None:
         err = exc if exc is not None else ConnectionError("late")
         self._context.run(self._breaker.__exit__, type(err), err, None)
+
+
+#: The adaptive release's law with round numbers (the defaults are tuned by
+#: bench/recovery.py): 5/s at first, judged every second, doubling, cut to 70 %, a tenth
+#: more per second above the threshold. The unit tests of the law and the Python-vs-Lua
+#: contract against Redis (tests/storage/test_pacing.py) share it.
+ROUND_LAW = PacingLaw(
+    start=5.0,
+    judge_every=1.0,
+    slow_start=2.0,
+    step=0.1,
+    back_off=0.7,
+    bad_share=0.05,
+    floor=1.0,
+    least_bad=1,
+    in_flight_s=1000.0,
+)

@@ -11,19 +11,7 @@ from celery_breaker.core.pacing import AdaptivePacer, Outcomes, Pace, PacingLaw,
 from celery_breaker.errors import ConfigurationError
 from celery_breaker.testing import FakeClock
 
-#: A law with round numbers (the defaults are tuned by bench/recovery.py): 5/s at first,
-#: judged every second, doubling, cut to 70 %, a tenth more per second above the threshold.
-LAW = PacingLaw(
-    start=5.0,
-    judge_every=1.0,
-    slow_start=2.0,
-    step=0.1,
-    back_off=0.7,
-    bad_share=0.05,
-    floor=1.0,
-    least_bad=1,
-    in_flight_s=1000.0,
-)
+from .support import ROUND_LAW as LAW
 
 
 class Downstream:
