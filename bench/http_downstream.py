@@ -168,7 +168,8 @@ class LimitedDownstream:
             else:
                 self._window.append(now)
                 load = 0.0 if self.capacity is None else len(self._window) / self.capacity
-                queueing = max(0.0, (load - self.slow_from) / (1.0 - self.slow_from))
+                zone = 1.0 - self.slow_from  # (none: it answers 429 without slowing first)
+                queueing = max(0.0, (load - self.slow_from) / zone) if zone > 0 else 0.0
                 answer, delay = "ok", self.BASE_S + self.SLOW_S * min(1.0, queueing)
             self._log.append((time.time(), answer, delay))
         return answer, delay

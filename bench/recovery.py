@@ -6,8 +6,9 @@ their Celery app, configured from the environment), and an HTTP downstream in th
 process (``http_downstream.LimitedDownstream``): capacity C requests per second, slower
 from 85 % of it (up to +400 ms at C), ``429`` with ``Retry-After: 1`` above it. The task
 GETs it under a ``BreakerTask`` breaker whose policy counts a call of 100 ms or more as slow;
-a 429 is raised as urllib's ``HTTPError``, so its Retry-After reopens the breaker at once,
-as it would in production.
+a 429 is raised as urllib's ``HTTPError``, as it would be in production: met by a released
+task it is a refusal (the task is parked again, the pace is cut and waits the Retry-After;
+decision 47), met by any other task its Retry-After reopens the breaker.
 
 Each run, with ``breaker_release_pace`` fixed (50/s reached after 30 s, the defaults of
 0.1.0) or adaptive:
@@ -107,7 +108,7 @@ class DownstreamError(Exception):
 
 
 def call_downstream(url: str, n: int) -> None:
-    """One GET under the task's breaker; a 429 propagates as urllib's HTTPError (its Retry-After counts)."""
+    """One GET under the task's breaker; a 429 propagates as urllib's HTTPError (a refusal, or a Retry-After)."""
     try:
         with urllib.request.urlopen(f"{url}/call?n={n}", timeout=TIMEOUT_S) as response:
             response.read()
@@ -145,6 +146,7 @@ class Case:
     pace: str  # breaker_release_pace
     capacity: float | None  # the downstream's C (None: no limit)
     tasks: int  # N, parked by the outage
+    slow_from: float = 0.85  # the share of C from which the downstream slows (1: it answers 429 without warning)
 
 
 @dataclass
@@ -273,7 +275,7 @@ def run(case: Case, server: Any, log_dir: Path) -> Run:
             for n in numbers:
                 sender.send_task(TASK, args=(url, n), producer=producer)
 
-    with LimitedDownstream(case.capacity) as downstream, workers(env, log_dir) as started:
+    with LimitedDownstream(case.capacity, slow_from=case.slow_from) as downstream, workers(env, log_dir) as started:
         wait_for(lambda: int(broker.get(f"{ns}:ready") or 0) >= WORKERS, 90, "the workers", started, log_dir)
         n = case.tasks
         base = 10 * n  # the numbers of the tasks that are not the backlog
@@ -414,6 +416,12 @@ def main() -> None:
         help="run fixed and adaptive against a downstream of this capacity C (tasks/s) only",
     )
     parser.add_argument("--tasks", type=int, default=3000, help="with --capacity: N, the tasks parked")
+    parser.add_argument(
+        "--slow-from",
+        type=float,
+        default=0.85,
+        help="with --capacity: the share of C from which the downstream slows down (1: none, only 429s)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every series here")
     parser.add_argument("--plot", type=Path, default=None, help="draw a --json file into docs/img/recovery.png")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "recovery.png")
@@ -427,10 +435,11 @@ def main() -> None:
 
     cases = QUICK if options.quick else CASES
     if options.capacity is not None:
-        if options.capacity <= 0 or options.tasks <= 0:
-            parser.error("--capacity and --tasks must be > 0")
-        c, n = options.capacity, options.tasks
-        cases = [Case(f"C={c:g}/s, {pace}", pace, c, n) for pace in ("fixed", "adaptive")]
+        if options.capacity <= 0 or options.tasks <= 0 or not 0 < options.slow_from <= 1:
+            parser.error("--capacity and --tasks must be > 0, --slow-from in (0, 1]")
+        c, n, slow = options.capacity, options.tasks, options.slow_from
+        zone = "" if slow == 0.85 else (", no slow zone" if slow == 1 else f", slow from {slow:g} C")
+        cases = [Case(f"C={c:g}/s{zone}, {pace}", pace, c, n, slow) for pace in ("fixed", "adaptive")]
     if options.only:
         cases = [case for case in cases if options.only in case.name]
     began = time.monotonic()

@@ -39,6 +39,7 @@ def test_public_names_are_exactly_the_promised_ones_sorted() -> None:
         "ConfigurationError",
         "RetryAfter",
         "State",
+        "TooManyRequests",
         "downstream_error",
         "install",
     }

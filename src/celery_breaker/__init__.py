@@ -15,7 +15,7 @@ from .integration import plugin as _plugin  # noqa: F401  (connects the worker_i
 if TYPE_CHECKING:
     from .breaker import CircuitBreaker
     from .core import BreakerPolicy, State, downstream_error
-    from .errors import CircuitBreakerError, CircuitOpenError, ConfigurationError, RetryAfter
+    from .errors import CircuitBreakerError, CircuitOpenError, ConfigurationError, RetryAfter, TooManyRequests
     from .integration.install import install
     from .integration.task import BreakerTask
 
@@ -30,6 +30,7 @@ __all__ = [
     "ConfigurationError",
     "RetryAfter",
     "State",
+    "TooManyRequests",
     "downstream_error",
     "install",
 ]
@@ -43,6 +44,7 @@ _HOMES = {
     "ConfigurationError": ".errors",
     "RetryAfter": ".errors",
     "State": ".core",
+    "TooManyRequests": ".errors",
     "downstream_error": ".core",
     "install": ".integration.install",
 }

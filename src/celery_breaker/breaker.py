@@ -12,7 +12,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
-from .core.retry_after import retry_after_of
+from .core.retry_after import refusal_of, retry_after_of
 from .errors import CircuitOpenError
 from .health import HealthCheck, HealthState
 from .labels import breaker_label
@@ -58,10 +58,15 @@ class RunAdmission:
     name and key; ``self.breaker`` or any other object) uses this ticket instead of
     acquiring another: a half-open breaker spends one probe slot per run, and a run is
     never rejected by the admission it already holds. ``recorded`` is what the run last
-    recorded on that breaker.
+    recorded on that breaker. ``returning``: the run is a task its breaker deferred and now
+    lets run again (``BreakerTask`` sets it); a 429 it meets on its own breaker is then a
+    refusal (``refused_for``: the seconds it asked for; see ``BreakerMachine.record``).
     """
 
-    __slots__ = ("breaker", "cell", "ticket", "start", "claimed", "recorded", "translate", "counts_itself", "_token")
+    __slots__ = (
+        "breaker", "cell", "ticket", "start", "claimed", "recorded", "translate", "counts_itself", "_token",
+        "returning", "refused_for",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -82,6 +87,8 @@ class RunAdmission:
         self.translate = translate
         self.counts_itself = counts_itself
         """False: a run that made no guarded call records nothing (``breaker_scope="calls"``)."""
+        self.returning = False
+        self.refused_for: float | None = None
 
     def covers(self, breaker: CircuitBreaker) -> bool:
         """True if ``breaker`` is the run's own breaker (same store, name and key)."""
@@ -604,9 +611,16 @@ class CircuitBreaker:
         if outcome is SUCCESS:
             moves = cell.record_success(ticket, end - start, self.policy, end)
         elif outcome is FAILURE and exc is not None:
-            # Only failures pay for this: a Retry-After opens the breaker for that long.
-            open_for = retry_after_of(exc, self._clock.time())
-            moves = cell.finish(ticket, outcome, end - start, self.policy, end, open_for=open_for)
+            # Only failures pay for this: a Retry-After opens the breaker for that long;
+            # a 429 met by a task let run again after a deferral is a refusal (see RunAdmission).
+            refused_for = None
+            if run is not None and run.returning and run.covers(self):
+                refused_for = run.refused_for = refusal_of(exc, self._clock.time())
+            if refused_for is not None:
+                moves = cell.finish(ticket, outcome, end - start, self.policy, end, open_for=refused_for, refused=True)
+            else:
+                open_for = retry_after_of(exc, self._clock.time())
+                moves = cell.finish(ticket, outcome, end - start, self.policy, end, open_for=open_for)
         else:
             moves = cell.finish(ticket, outcome, end - start, self.policy, end)
         if run is not None and run.covers(self):

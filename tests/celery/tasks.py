@@ -7,7 +7,9 @@ get them too: their options must be valid against the default settings as well.
 
 from __future__ import annotations
 
+import email.message
 import threading
+import urllib.error
 from typing import Any
 
 from celery import shared_task
@@ -108,6 +110,34 @@ def retry_after_task(self: Any) -> dict[str, Any]:
     if first:
         raise RetryAfter(2.0, "partner rate limit")
     return report(self, "t-retry-after ok")
+
+
+def _refuse_once(name: str) -> None:
+    """The downstream answers 429 (urllib's HTTPError, ``Retry-After: 0.5``) on its first call."""
+    with _LOCK:
+        CALLS[name] = CALLS.get(name, 0) + 1
+        first = CALLS[name] == 1
+    if first:
+        headers = email.message.Message()
+        headers["Retry-After"] = "0.5"
+        raise urllib.error.HTTPError("http://partner.test/", 429, "Too Many Requests", headers, None)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-refused")  # failure_threshold 1 in breaker_policies
+def refused_task(self: Any) -> dict[str, Any]:
+    """Refused (429) on its first call, then works."""
+    _refuse_once("t-refused")
+    return report(self, "t-refused ok")
+
+
+@shared_task(
+    base=BreakerTask, bind=True, breaker="t-refused-autoretry", autoretry_for=(Exception,), max_retries=0
+)  # failure_threshold 1 in breaker_policies
+def refused_autoretry_task(self: Any) -> dict[str, Any]:
+    """The same, under autoretry_for: the refusal must not spend the (zero) retries."""
+    with self.breaker:
+        _refuse_once("t-refused-autoretry")
+    return report(self, "t-refused-autoretry ok")
 
 
 @shared_task(base=BreakerTask, bind=True, breaker="t-stays-closed")  # failure_threshold 2 in breaker_policies

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -243,6 +244,41 @@ def test_a_retry_after_opens_the_breaker_that_long_and_the_task_waits_for_it(
     value = get(result)
     assert value["value"] == "t-retry-after ok"
     assert (value["retries"], value["deferrals"]) == (0, 1)
+
+
+@pytest.mark.parametrize("task_name", ["refused_task", "refused_autoretry_task"])
+def test_a_task_back_from_a_deferral_that_the_downstream_refuses_is_deferred_again(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch, task_name: str
+) -> None:
+    """A 429 met by a task its breaker deferred before: the release was too fast for the
+    downstream. The breaker stays CLOSED (failure_threshold 1 and a Retry-After would
+    otherwise open it), the task waits the 0.5 s asked for, no retry is spent."""
+    task = getattr(tasks, task_name)
+    breaker = operate(task.breaker)
+    monkeypatch.setitem(tasks.CALLS, breaker.name, 0)
+
+    result = task.apply_async(headers={DEFERRALS_HEADER: 1, SINCE_HEADER: time.time() - 5})
+    wait_for(lambda: result.state == "RETRY", "the refused task to be deferred again")
+    text = deferral_text(result)
+    assert text.startswith(f"breaker '{breaker.name}' closed, deferred ")
+    assert text.endswith("(deferral 2): the downstream refused it")
+    assert 0.5 <= float(text.split("deferred ")[1].split(" s")[0]) <= 0.5 + DEFER_SPREAD + 0.05
+    value = get(result)
+    assert (value["retries"], value["deferrals"]) == (0, 2)
+    snapshot = breaker.snapshot()
+    assert (snapshot.state, snapshot.trips, snapshot.failures) == (State.CLOSED, 0, 1)
+
+
+def test_a_429_met_by_a_task_never_deferred_opens_the_breaker_and_defers_it(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    breaker = operate(tasks.refused_task.breaker)
+    monkeypatch.setitem(tasks.CALLS, breaker.name, 0)
+    result = tasks.refused_task.delay()
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    assert deferred_match(result)["state"] == "open"
+    assert breaker.snapshot().trips == 1
+    assert get(result)["deferrals"] == 1
 
 
 def test_failure_while_the_breaker_stays_closed_fails_the_task_normally(

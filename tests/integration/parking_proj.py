@@ -8,7 +8,7 @@ from typing import Any
 
 from celery import Celery
 
-from celery_breaker import BreakerTask
+from celery_breaker import BreakerTask, TooManyRequests
 
 BROKER = os.environ.get("PROJ_BROKER", "redis://127.0.0.1:6379/0")
 POLICY = {"failure_threshold": 1, "reset_timeout": 1.0, "half_open_max_calls": 1, "success_threshold": 1}
@@ -30,4 +30,14 @@ app.conf.update(json.loads(os.environ.get("PROJ_EXTRA_CONF", "{}")))
 
 @app.task(base=BreakerTask, bind=True, breaker="partner", max_retries=0, acks_late=True)
 def job(self: Any, n: int) -> dict[str, Any]:
+    return {"n": n, "retries": self.request.retries, "headers": dict(self.request.headers or {})}
+
+
+@app.task(base=BreakerTask, bind=True, breaker="partner", max_retries=0, acks_late=True)
+def refused_once(self: Any, n: int) -> dict[str, Any]:
+    """Refused (429) the first time it runs after the test marked it (``refuse:<n>`` in the broker's Redis)."""
+    import redis
+
+    if redis.Redis.from_url(self.app.conf.broker_url).delete(f"refuse:{n}"):
+        raise TooManyRequests(0.5)
     return {"n": n, "retries": self.request.retries, "headers": dict(self.request.headers or {})}

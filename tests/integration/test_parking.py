@@ -72,6 +72,38 @@ def test_deferred_tasks_are_parked_then_run_in_order_when_the_breaker_closes(bro
     assert "parking deferred tasks in" in worker.log()
 
 
+def test_released_tasks_the_downstream_refuses_are_parked_again_and_the_breaker_stays_closed(
+    broker: str, store_url: str
+) -> None:
+    """A 429 met by a released task: no trip, no failure, no retry spent; the task waits
+    in the parking again (the adaptive pace cuts and waits) and runs once."""
+    breaker = CircuitBreaker("partner", parking_proj.POLICY, storage=store_url)
+    breaker.force_open()
+    worker = start_worker(broker, store_url, breaker_release_pace="adaptive")
+    client = redis.Redis.from_url(broker)
+    try:
+        results = [parking_proj.refused_once.delay(n) for n in range(20)]
+        wait_for(lambda: parked(store_url) == 20, 60, "20 parked tasks")
+        refused = (2, 5, 11, 17)
+        client.mset({f"refuse:{n}": 1 for n in refused})
+        breaker.close()
+        values = [r.get(timeout=60) for r in results]
+        snapshot = breaker.snapshot()
+    finally:
+        worker.stop()
+    assert [v["n"] for v in values] == list(range(20))
+    assert all(v["retries"] == 0 for v in values)  # no retry spent
+    assert [n for n, v in enumerate(values) if v["headers"]["x-breaker-deferrals"] == 2] == list(refused)
+    assert not client.exists(*(f"refuse:{n}" for n in refused))  # each refused once
+    assert snapshot.state.value == "closed"
+    assert snapshot.trips == 0  # a refusal opens nothing (force_open is no trip)
+    assert snapshot.failures == len(refused)
+    # A returning task's success is sent before the task returns (the release grows on it),
+    # not with the process's next flush: every one is in the store by the time its result is.
+    assert snapshot.successes == 20
+    assert parked(store_url) == 0
+
+
 def test_an_expiring_parked_task_is_released_at_its_expiry_and_revoked(broker: str, store_url: str) -> None:
     CircuitBreaker("partner", parking_proj.POLICY, storage=store_url).force_open()
     worker = start_worker(broker, store_url)

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, RetryAfter, State
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, RetryAfter, State, TooManyRequests
 from celery_breaker.core import BreakerSnapshot, Transition
 from celery_breaker.storage import Store
 from celery_breaker.storage.redis import RedisStore
@@ -378,6 +378,54 @@ def test_a_stale_retry_after_moves_nothing(store: Store, clock: FakeClock) -> No
     breaker.close()
     late.fail(RetryAfter(60))
     assert state_of(breaker) is State.CLOSED
+
+
+# -- refusals: a 429 met by a task let run again after a deferral -------------------
+
+
+def returning_call(breaker: CircuitBreaker, exc: BaseException) -> None:
+    """``exc`` raised by a run that is a task back from a deferral (as BreakerTask runs it)."""
+    run = breaker.begin_run(lambda e: e)
+    run.returning = True
+    with run:
+        with pytest.raises(type(exc)):
+            breaker.call(raise_, exc)
+        run.settle(None)
+
+
+def test_a_refusal_of_a_returning_task_opens_nothing_and_no_rule_sees_it(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, failure_threshold=2, reset_timeout=30)
+    seen = recorder(breaker)
+    for _ in range(5):
+        returning_call(breaker, TooManyRequests(2))
+    assert state_of(breaker) is State.CLOSED
+    assert seen == []
+    assert breaker.snapshot().failures == 5  # counted, as failed calls
+    fail(breaker)  # the consecutive-failures run did not grow: one more is not a trip
+    assert state_of(breaker) is State.CLOSED
+
+
+def test_a_429_met_by_a_task_that_was_never_deferred_opens_the_breaker(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, failure_threshold=5, reset_timeout=30)
+    with pytest.raises(TooManyRequests):
+        breaker.call(raise_, TooManyRequests(7))
+    assert state_of(breaker) is State.OPEN
+    assert rejected(breaker).retry_after == pytest.approx(7)
+
+
+def test_a_probe_refused_reopens_as_a_retry_after_does(store: Store, clock: FakeClock) -> None:
+    breaker = half_open(store, clock, reset_timeout=30, half_open_max_calls=1)
+    seen = recorder(breaker)
+    returning_call(breaker, TooManyRequests(5))
+    assert seen[-1].reason == "probe failed, retry-after 5 s"
+    assert rejected(breaker).retry_after == pytest.approx(5)
+
+
+def test_a_retry_after_that_is_not_a_refusal_still_opens_for_a_returning_task(store: Store, clock: FakeClock) -> None:
+    breaker = make(store, clock, failure_threshold=5)
+    returning_call(breaker, RetryAfter(9))  # (a 503's Retry-After says "down", not "too fast")
+    assert state_of(breaker) is State.OPEN
+    assert rejected(breaker).retry_after == pytest.approx(9)
 
 
 # -- rate rules --------------------------------------------------------------------

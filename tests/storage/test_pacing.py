@@ -13,7 +13,7 @@ import random
 import pytest
 import redis
 
-from celery_breaker import CircuitBreaker, State
+from celery_breaker import CircuitBreaker, State, TooManyRequests
 from celery_breaker.core.pacing import Outcomes, Pace, PacingLaw, advance, allowed, took
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
@@ -50,14 +50,17 @@ def stored(store: RedisStore) -> dict[str, str]:
 
 
 def counts(client: redis.Redis, state_key: str) -> Outcomes:
-    found = client.hmget(state_key, "gen", "ok", "ko", "sl")
-    generation, successes, failures, slow = (int(value or 0) for value in found)
-    return Outcomes(generation=generation, successes=successes, failures=failures, slow=slow)
+    found = client.hmget(state_key, "gen", "ok", "ko", "sl", "rf")
+    generation, successes, failures, slow, refused = (int(value or 0) for value in found)
+    held = client.hget(state_key, "rh")
+    return Outcomes(generation=generation, successes=successes, failures=failures, slow=slow, refused=refused,
+                    held_until=float(held) if held else None)  # fmt: skip
 
 
 def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -> None:
-    """Random clock steps and breaker counts (successes, failures, slow calls, new
-    generations), the same for both: the same releases, and the same pace stored."""
+    """Random clock steps and breaker counts (successes, failures, slow calls, refusals
+    and their waits, new generations), the same for both: the same releases, and the
+    same pace stored."""
     clock = FakeClock()
     tag = park(store, 20_000)
     CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)  # a CLOSED breaker's state hash
@@ -75,6 +78,10 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
             client.hincrby(state_key, "ko", rng.randint(1, 10))
         elif kind < 0.25:
             client.hincrby(state_key, "sl", rng.randint(1, 10))
+        elif kind < 0.32:
+            client.hincrby(state_key, "rf", 1)
+            client.hincrby(state_key, "ko", 1)
+            client.hset(state_key, "rh", repr(clock.monotonic() + rng.choice((0.1, 0.5, 1.0, 2.0))))
         client.hincrby(state_key, "ok", rng.randint(0, 60))
         outcomes = counts(client, state_key)
         pace = advance(law, pace, outcomes, clock.monotonic())
@@ -190,7 +197,14 @@ def test_an_unreadable_pace_restarts_with_one_warning(
     clock.advance(1.0)
     assert release(store, clock.monotonic()) == 5
     client = redis.Redis.from_url(redis_url)
-    for field, bad in (("rate", "inf"), ("thr", "-3"), ("jat", "1e300"), ("used", "1.5"), ("a_tokens", "nan")):
+    for field, bad in (
+        ("rate", "inf"),
+        ("thr", "-3"),
+        ("jat", "1e300"),
+        ("used", "1.5"),
+        ("a_tokens", "nan"),
+        ("srf", "-2"),
+    ):
         client.hset(tag + ":p", field, bad)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="celery_breaker"):
@@ -202,6 +216,35 @@ def test_an_unreadable_pace_restarts_with_one_warning(
         assert stored(store)["thr"] == ""
         clock.advance(1.0)
         assert release(store, clock.monotonic()) == 5
+
+
+def test_a_refusal_recorded_by_a_returning_task_cuts_the_pace_and_holds_it(store: RedisStore) -> None:
+    """record.lua counts the refusal and its wait; release.lua cuts at once and releases
+    nothing until the wait is over; the breaker stays CLOSED throughout."""
+    clock = FakeClock()
+    park(store, 5_000)
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    breaker.call(ok)
+    release(store, clock.monotonic())
+    for _ in range(12):  # 3 s: 5, 10, 20, 40
+        clock.advance(0.25)
+        for _ in range(release(store, clock.monotonic())):
+            breaker.call(ok)
+        store.flush()
+    assert float(stored(store)["rate"]) == 40.0
+    run = breaker.begin_run(lambda e: e)
+    run.returning = True
+    with run:
+        run.settle(TooManyRequests(1.5))
+    assert run.refused_for == 1.5
+    assert state_of(breaker) is State.CLOSED
+    held = []
+    for _ in range(7):
+        clock.advance(0.25)
+        held.append(release(store, clock.monotonic()))
+    assert held == [0] * 5 + [7, 7]  # nothing for 1.5 s, then 28/s from empty
+    assert (float(stored(store)["rate"]), float(stored(store)["thr"])) == (28.0, 28.0)
+    assert state_of(breaker) is State.CLOSED
 
 
 def test_unreadable_counts_in_the_breaker_state_reset_it(

@@ -102,7 +102,7 @@ def test_slow_calls_are_bad_news_like_failures() -> None:
     assert pacer.rate == pytest.approx(28.0)
 
 
-def test_a_few_failures_below_the_bad_share_do_not_cut() -> None:
+def test_a_few_failures_below_the_bad_share_do_not_cut_but_end_the_doubling() -> None:
     clock, downstream = FakeClock(), Downstream()
     pacer = AdaptivePacer(LAW, clock)
     pacer.release(downstream.outcomes(), waiting=0)
@@ -111,7 +111,67 @@ def test_a_few_failures_below_the_bad_share_do_not_cut() -> None:
     downstream.failures += 1  # 1 in ~80: under 5 %
     run(pacer, clock, downstream, 0.25)
     assert released > 20
-    assert pacer.rate == 160.0
+    # Not cut, but the downstream's slow zone may be near: from here it grows by a tenth.
+    assert pacer.rate == pytest.approx(88.0)
+    assert pacer.pace is not None
+    assert pacer.pace.threshold == 80.0
+    run(pacer, clock, downstream, 1.0)
+    assert pacer.rate == pytest.approx(96.8)
+
+
+class Refusing(Downstream):
+    """A downstream that refuses (429) some released tasks, asking the release to wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = 0
+        self.held_until: float | None = None
+
+    def outcomes(self) -> Outcomes:
+        return Outcomes(generation=self.generation, successes=self.successes, failures=self.failures, slow=self.slow,
+                        refused=self.refused, held_until=self.held_until)  # fmt: skip
+
+    def refuse(self, now: float, wait: float) -> None:
+        self.failures += 1  # (a refusal is counted as a failure too)
+        self.refused += 1
+        self.held_until = max(self.held_until or now, now + wait)
+
+
+def test_one_refusal_cuts_at_once_and_the_release_waits_as_long_as_asked() -> None:
+    clock, downstream = FakeClock(), Refusing()
+    pacer = AdaptivePacer(LAW, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    run(pacer, clock, downstream, 4.0)
+    assert pacer.rate == 80.0
+    downstream.refuse(clock.monotonic(), 1.5)  # one refusal: below least_bad's share, still bad news
+    held = [run(pacer, clock, downstream, 0.25) for _ in range(6)]
+    assert pacer.rate == pytest.approx(56.0)
+    assert held == [0] * 5 + [14]  # nothing for 1.5 s, then the cut rate from empty
+    assert pacer.pace is not None
+    assert pacer.pace.threshold == pytest.approx(56.0)
+
+
+def test_refusals_heard_while_the_pace_settles_cut_once_but_each_wait_holds() -> None:
+    clock, downstream = FakeClock(), Refusing()
+    pacer = AdaptivePacer(LAW, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    run(pacer, clock, downstream, 4.0)
+    downstream.refuse(clock.monotonic(), 0.25)
+    run(pacer, clock, downstream, 0.5)
+    assert pacer.rate == pytest.approx(56.0)
+    downstream.refuse(clock.monotonic(), 1.0)  # news of the rate before the cut: no second cut
+    assert run(pacer, clock, downstream, 0.75) == 0
+    assert pacer.rate == pytest.approx(56.0)
+    assert run(pacer, clock, downstream, 0.5) > 0
+
+
+def test_a_refusal_counted_under_an_earlier_generation_starts_no_cut() -> None:
+    clock, downstream = FakeClock(), Refusing()
+    downstream.refused, downstream.failures = 7, 7  # refusals before this pace began
+    pacer = AdaptivePacer(LAW, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    run(pacer, clock, downstream, 2.0)
+    assert pacer.rate == 20.0
 
 
 def test_no_growth_without_successes_back_or_without_using_the_pace() -> None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import email.message
 import pickle
+import urllib.error
 from email.utils import formatdate
 from typing import Any
 
 import pytest
 
-from celery_breaker import CircuitBreakerError, CircuitOpenError, RetryAfter, State
-from celery_breaker.core.retry_after import parse_retry_after, retry_after_of
+from celery_breaker import CircuitBreakerError, CircuitOpenError, RetryAfter, State, TooManyRequests
+from celery_breaker.core.retry_after import REFUSAL_WAIT, parse_retry_after, refusal_of, retry_after_of
 from celery_breaker.testing import FakeClock
 
 from .support import HeldCall, fail, make, ok, state_of
@@ -243,3 +245,52 @@ def test_urllib_http_errors_carry_their_retry_after() -> None:
     assert retry_after_of(error, now=0.0) == 7.0
     plain = urllib.error.HTTPError("http://api.test/x", 500, "Oops", headers, io.BytesIO(b""))
     assert retry_after_of(plain, now=0.0) is None  # only 429 and 503 speak for the downstream
+
+
+# -- refusals: what a returning task's 429 is -----------------------------------------
+
+
+def urllib_error(code: int, **headers: str) -> urllib.error.HTTPError:
+    message = email.message.Message()
+    for name, value in headers.items():
+        message[name.replace("_", "-")] = value
+    return urllib.error.HTTPError("http://partner.test/", code, "refused", message, None)
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (HTTPError(429, Retry_After="30"), 30.0),
+        (HTTPError(429), REFUSAL_WAIT),  # no Retry-After: refused all the same
+        (HTTPError(429, Retry_After="garbage"), REFUSAL_WAIT),
+        (urllib_error(429, Retry_After="2"), 2.0),
+        (urllib_error(429), REFUSAL_WAIT),
+        (TooManyRequests(4), 4.0),
+        (TooManyRequests(0), REFUSAL_WAIT),
+        (HTTPError(503, Retry_After="30"), None),  # unavailable, not busy
+        (urllib_error(503, Retry_After="30"), None),
+        (RetryAfter(30), None),
+        (HTTPError(500), None),
+        (ConnectionError("down"), None),
+    ],
+)
+def test_refusal_of_tells_a_429_from_an_outage(exc: BaseException, expected: float | None) -> None:
+    assert refusal_of(exc, NOW) == expected
+
+
+def test_too_many_requests_is_a_retry_after_and_survives_pickling() -> None:
+    exc = pickle.loads(pickle.dumps(TooManyRequests(3, "partner quota")))
+    assert isinstance(exc, RetryAfter)
+    assert (exc.seconds, str(exc)) == (3, "partner quota")
+    assert retry_after_of(exc, NOW) == 3.0  # outside a release it opens the breaker as a RetryAfter
+
+
+def test_a_refusal_check_that_raises_gives_none() -> None:
+    class Broken:
+        @property
+        def status_code(self) -> Any:
+            raise RuntimeError("boom")
+
+    exc = ConnectionError("x")
+    exc.response = Broken()  # type: ignore[attr-defined]
+    assert refusal_of(exc, NOW) is None

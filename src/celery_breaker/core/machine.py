@@ -160,11 +160,17 @@ class BreakerMachine:
         policy: BreakerPolicy,
         now: float,
         open_for: float | None = None,
+        refused: bool = False,
     ) -> None:
         """Count one finished call and apply any transition the policy calls for.
 
         ``open_for``: a failure's Retry-After; it opens a CLOSED breaker (or reopens a
         HALF_OPEN one, as a failed probe) at once for that long, capped by ``max_reset_timeout``.
+        ``refused``: the failure is the downstream refusing a task the breaker let run again
+        after a deferral (a 429: ``core.retry_after.refusal_of``). In CLOSED it is counted
+        as a failure and nothing more: no rule sees it and it opens nothing (the release
+        was too fast for the downstream, which was not down; the store's release slows
+        down instead). In any other state it is the failure it is.
         """
         self.last_used = now
         is_probe = type(ticket) is Probe
@@ -188,6 +194,8 @@ class BreakerMachine:
         slow = slow_limit is not None and duration >= slow_limit
         state = self.state
         if state is CLOSED:
+            if refused and failed:
+                return
             self._record_closed(failed, slow, now, open_for if failed else None)
         elif state is HALF_OPEN and is_probe:  # (only probes speak in HALF_OPEN)
             self.leases.pop(ticket.lease, None)  # type: ignore[union-attr]

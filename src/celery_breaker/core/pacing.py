@@ -8,7 +8,8 @@ A pace is a token bucket (``rate`` tasks per second, at most one second's worth 
 whose rate is judged every ``judge_every`` seconds against what the breaker counted
 since the last judgement (its ``Outcomes``):
 
-* bad news -- at least ``least_bad`` failures and slow successes (the policy's
+* bad news -- a refusal (a released task met a 429: ``BreakerMachine.record``'s
+  ``refused``), or at least ``least_bad`` failures and slow successes (the policy's
   ``slow_call_duration``), and above ``bad_share`` of the outcomes, or of a judgement's worth of tasks at the current
   rate if more -- cuts the rate at once (not at the next judgement: a downstream near
   its capacity answers 429 a moment later, which reopens the breaker) to ``back_off``
@@ -18,12 +19,16 @@ since the last judgement (its ``Outcomes``):
   the broker, running in the workers), and judge nothing;
 * otherwise, every ``judge_every`` seconds (or once outcomes came back, if later), when
   successes came back and the release
-  used at least half of what the rate allowed, the rate doubles (``slow_start``) while
-  below the threshold (there is none at first), and by ``1 + step`` at or above it;
+  used at least half of what the rate allowed, the rate grows by ``slow_start`` while
+  below the threshold (there is none at first), and by ``1 + step`` at or above it; the
+  first failures or slow calls too few to be bad news put the threshold at the rate
+  (the downstream's slow zone is near: it is approached by small steps from there);
+* after a refusal nothing is released until the time the downstream asked for (its
+  Retry-After: the breaker's ``held_until``);
 * a breaker that reopens releases nothing (the release script sees it OPEN); when it
   closes again (a new generation) the pace starts again from ``start``, with the
-  threshold at ``back_off`` of the rate it had reached (a Retry-After trips the
-  breaker, so a 429 is bad news of this kind).
+  threshold at ``back_off`` of the rate it had reached (a Retry-After met by a task
+  that was not released trips the breaker: this kind of bad news).
 
 The rate stays within ``[floor, ceiling]`` (``breaker_release_rate`` when set). The
 O(1) state is a ``Pace``; nothing here reads a clock: every step is given ``now``.
@@ -129,12 +134,18 @@ class PacingLaw:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Outcomes:
-    """What a breaker has counted so far (its state hash's ``gen``, ``ok``, ``ko``, ``sl``)."""
+    """What a breaker has counted so far (its state hash's ``gen``, ``ok``, ``ko``, ``sl``,
+    ``rf``, ``rh``)."""
 
     generation: int
     successes: int
     failures: int
+    """Refusals included."""
     slow: int
+    refused: int = 0
+    """Released tasks the downstream refused (429), counted among the failures too."""
+    held_until: float | None = None
+    """Until when the last refusal asked the release to wait (``None``: never asked)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,12 +187,16 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
     news, grown every ``judge_every`` seconds on good news."""
     if pace is None or pace.generation != outcomes.generation:
         return begin(law, outcomes, now, pace)
-    pace = replace(pace, tokens=min(pace.rate, pace.tokens + pace.rate * max(0.0, now - pace.at)), at=max(pace.at, now))
+    tokens = min(pace.rate, pace.tokens + pace.rate * max(0.0, now - pace.at))
+    if outcomes.held_until is not None and now < outcomes.held_until:
+        tokens = 0.0  # a refusal asked the release to wait: nothing goes, nothing saves up
+    pace = replace(pace, tokens=tokens, at=max(pace.at, now))
     seen = pace.seen
     successes = outcomes.successes - seen.successes
     failures = outcomes.failures - seen.failures
     slow = outcomes.slow - seen.slow
-    if successes < 0 or failures < 0 or slow < 0:  # the breaker started again: a new baseline
+    refused = outcomes.refused - seen.refused
+    if successes < 0 or failures < 0 or slow < 0 or refused < 0:  # the breaker started again: a new baseline
         return replace(pace, judged_at=now, seen=outcomes, used=0)
     in_flight = max(0, pace.in_flight + pace.used - successes - failures)
     crowded = in_flight > law.in_flight_s * pace.rate
@@ -192,12 +207,16 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
     if settling:
         # News of tasks released before the last cut (still in flight): judges nothing.
         return replace(pace, judged_at=now, seen=outcomes, used=0, in_flight=in_flight)
-    if bad >= law.least_bad and bad > law.bad_share * max(successes + failures, pace.rate * law.judge_every):
+    if refused > 0 or (
+        bad >= law.least_bad and bad > law.bad_share * max(successes + failures, pace.rate * law.judge_every)
+    ):
         rate = law.bound(rate * law.back_off)
         threshold, cut_at = rate, now
     elif since < law.judge_every or successes + failures == 0:
         return pace  # (no news yet: the judgement waits for some)
     elif successes > 0 and pace.used >= 0.5 * pace.rate * since and not crowded:
+        if bad > 0 and (threshold is None or threshold > rate):
+            threshold = rate  # the first bad outcomes: the slow zone is near
         if threshold is None or rate < threshold:
             grown = rate * law.slow_start
             rate = grown if threshold is None else min(grown, threshold)

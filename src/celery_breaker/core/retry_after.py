@@ -8,13 +8,15 @@ from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-from ..errors import RetryAfter
+from ..errors import RetryAfter, TooManyRequests
 
-__all__ = ["RETRY_AFTER_STATUSES", "parse_retry_after", "retry_after_of"]
+__all__ = ["REFUSAL_WAIT", "RETRY_AFTER_STATUSES", "parse_retry_after", "refusal_of", "retry_after_of"]
 
 #: Responses whose Retry-After means "the service is unavailable for this long" (RFC 9110
 #: 10.2.3); on a redirect it means something else.
 RETRY_AFTER_STATUSES = frozenset((429, 503))
+#: Seconds a release waits after a refusal that named no Retry-After.
+REFUSAL_WAIT = 1.0
 
 
 def retry_after_of(exc: BaseException, now: float | None = None) -> float | None:
@@ -43,6 +45,31 @@ def retry_after_of(exc: BaseException, now: float | None = None) -> float | None
         if value is None:
             value = headers.get("retry-after")  # a plain dict is case-sensitive
         return parse_retry_after(value, time.time() if now is None else now)
+    except Exception:  # a response object we do not understand must not break recording
+        return None
+
+
+def refusal_of(exc: BaseException, now: float | None = None) -> float | None:
+    """Seconds to wait if ``exc`` is the downstream refusing calls this fast, else ``None``.
+
+    A refusal is a ``TooManyRequests``, or an HTTP 429 response error of the kinds
+    ``retry_after_of`` reads; it waits its Retry-After, or ``REFUSAL_WAIT`` when it names
+    none (or an unreadable one). A 503, even with a Retry-After, is no refusal: the
+    downstream is unavailable, not busy. Never raises.
+    """
+    try:
+        if isinstance(exc, TooManyRequests):
+            return _positive(exc.seconds) or REFUSAL_WAIT
+        if isinstance(exc, RetryAfter):
+            return None
+        response = getattr(exc, "response", None)
+        if response is not None:
+            status = getattr(response, "status_code", None)
+        else:
+            status = getattr(exc, "code", None) if hasattr(exc, "headers") else None
+        if status != 429 or isinstance(status, bool):
+            return None
+        return retry_after_of(exc, now) or REFUSAL_WAIT
     except Exception:  # a response object we do not understand must not break recording
         return None
 

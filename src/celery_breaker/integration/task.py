@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import sys
@@ -16,9 +17,10 @@ from celery.exceptions import Ignore, Reject, Retry
 
 from ..breaker import CircuitBreaker, RunAdmission, current_run
 from ..core import State
-from ..errors import CircuitOpenError, ConfigurationError
+from ..errors import CircuitOpenError, ConfigurationError, StorageError
 from ..names import check_name
 from .deferral.defer import defer
+from .deferral.plan import DEFERRALS_HEADER
 from .probes import breaker_with_probe
 from .task_options import TaskBreakerConfig, forget_task_breaker_config, task_breaker_config
 
@@ -171,6 +173,9 @@ class BreakerTask(Task):  # type: ignore[misc]
         except CircuitOpenError as rejected:
             return self._on_rejected(breaker, rejected, args, kwargs)
         setattr(request, _RUN_ATTR, run)
+        headers = request.headers
+        if headers and DEFERRALS_HEADER in headers:
+            run.returning = True  # deferred before: a 429 now is a refusal, not a trip
         with run:  # (current until every handler below has run: they settle the run)
             try:
                 result = self.run(*args, **kwargs)
@@ -193,9 +198,15 @@ class BreakerTask(Task):  # type: ignore[misc]
                     # task too waits for recovery instead of failing. (Eager and direct
                     # calls cannot wait: they keep their real error.)
                     return self._on_rejected(breaker, _rejection_now(breaker), args, kwargs)
+                if run.refused_for is not None and (self._can_defer() or self.breaker_fallback is not None):
+                    # The downstream refused this task, let run again after a deferral
+                    # (a 429): the release was too fast for it. Deferred again, no retry spent.
+                    return self._on_rejected(breaker, _refusal(breaker, run.refused_for), args, kwargs)
                 raise
             else:
                 run.settle(None)
+                if run.returning:
+                    _send_outcome(breaker)
                 return result
             finally:
                 setattr(request, _RUN_ATTR, None)
@@ -220,6 +231,8 @@ class BreakerTask(Task):  # type: ignore[misc]
             if run.failed_while_open() and self._can_defer():
                 # It failed and the breaker is open now: defer instead of retrying.
                 raise _rejection_now(run.breaker) from exc
+            if run.refused_for is not None and self._can_defer():
+                raise _refusal(run.breaker, run.refused_for) from exc  # (see _run_guarded)
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     # -- rejection: fallback, error or deferral -------------------------------
@@ -279,6 +292,22 @@ def _rejection_now(breaker: CircuitBreaker) -> CircuitOpenError:
     if snapshot.state is State.HALF_OPEN and not retry_after:
         retry_after = breaker.policy.reset_timeout  # probes are out: wait for their verdict
     return CircuitOpenError.rejected(breaker.name, breaker.key, snapshot.state, retry_after)
+
+
+def _send_outcome(breaker: CircuitBreaker) -> None:
+    """Send this process's counts to the store now, not with the next second's flush: the
+    success of a task back from a deferral is what the adaptive release grows on, and
+    news a second late held its growth to one step a second (``core/pacing.py``)."""
+    store = breaker.store
+    if not store.down:
+        with contextlib.suppress(StorageError):  # (the store reports its outage itself)
+            store.flush()
+
+
+def _refusal(breaker: CircuitBreaker, seconds: float) -> CircuitOpenError:
+    """The rejection of a task the downstream refused (429) while its breaker stayed
+    CLOSED: deferred again for the ``seconds`` the downstream asked for."""
+    return CircuitOpenError.rejected(breaker.name, breaker.key, State.CLOSED, seconds)
 
 
 # -- class preparation -------------------------------------------------------

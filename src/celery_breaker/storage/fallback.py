@@ -288,8 +288,11 @@ class FallbackCell:
         now: float,
         *,
         open_for: float | None = None,
+        refused: bool = False,
     ) -> Moves:
-        moves: Moves = self._run("finish", now, ticket, outcome, duration, policy, now, open_for=open_for)
+        moves: Moves = self._run(
+            "finish", now, ticket, outcome, duration, policy, now, open_for=open_for, refused=refused
+        )
         return moves
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:

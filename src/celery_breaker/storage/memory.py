@@ -60,9 +60,10 @@ class MemoryCell(BreakerMachine):
         now: float,
         *,
         open_for: float | None = None,
+        refused: bool = False,
     ) -> Moves:
         with self.lock:
-            self.record(ticket, outcome, duration, policy, now, open_for)
+            self.record(ticket, outcome, duration, policy, now, open_for, refused)
             return self.take_moves()
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:

@@ -463,10 +463,10 @@ if check >= 1 then
 end
 
 -- Counters and generations must be whole (WHOLE_FIELDS); the trip streak, the run of
--- consecutive failures and the slow calls counted (the adaptive release's feedback,
--- release.lua) may be absent from a hash an earlier release wrote (read as 0).
+-- consecutive failures, the slow calls and the refusals counted (the adaptive release's
+-- feedback, release.lua) may be absent from a hash an earlier release wrote (read as 0).
 local WHOLE_FIELDS = { 'gen', 'hos', 'nl', 'ok', 'ko', 'rj', 'df', 'tr', 'wn', 'wl', 'wc', 'wf', 'ws' }
-local LATER_WHOLE_FIELDS = { 'stk', 'run', 'sl' }
+local LATER_WHOLE_FIELDS = { 'stk', 'run', 'sl', 'rf' }
 -- Times of what has happened ('' for never): within TIME_SPAN of now.
 local PAST_FIELDS = { 'oa', 'ls', 'lf' }
 
@@ -475,7 +475,7 @@ local function fresh(policy_text)
   -- wiped): generations restart with it, so local views compare generations only within one.
   local s = { st = CLOSED, pol = policy_text, nm = want_nm, ky = want_ky, inc = fmt(now) }
   for _, name in ipairs(WHOLE_FIELDS) do s[name] = 0 end
-  s.stk, s.run, s.sl = 0, 0, 0
+  s.stk, s.run, s.sl, s.rf = 0, 0, 0, 0
   return s
 end
 
@@ -516,6 +516,11 @@ local function load()
   if (raw.ou or '') ~= '' then
     s.ou = read_time(raw.ou, now, policy.longest_open)
     if s.ou == nil then return bad('ou') end
+  end
+  -- The release waits until rh after a refusal (record.lua): as far ahead as open_until may be.
+  if (raw.rh or '') ~= '' then
+    s.rh = read_time(raw.rh, now, policy.longest_open)
+    if s.rh == nil then return bad('rh') end
   end
   if (raw.od or '') ~= '' then
     s.od = read_number(raw.od)
@@ -657,7 +662,7 @@ local function save()
     'gen', S.gen, 'hos', S.hos, 'nl', S.nl, 'ok', S.ok, 'ko', S.ko, 'rj', S.rj, 'df', S.df,
     'tr', S.tr, 'wn', S.wn, 'wl', S.wl, 'wc', S.wc, 'wf', S.wf, 'ws', S.ws,
     'oa', fmt(S.oa), 'ou', fmt(S.ou), 'ls', fmt(S.ls), 'lf', fmt(S.lf), 'stk', S.stk, 'od', fmt(S.od),
-    'run', S.run, 'sl', S.sl)
+    'run', S.run, 'sl', S.sl, 'rf', S.rf, 'rh', fmt(S.rh))
   local pttl = redis.call('PTTL', K_STATE)
   if S.st == FORCED_OPEN or S.st == DISABLED then
     -- Set by an operator and left only by an operator (DESIGN.md): its keys never expire

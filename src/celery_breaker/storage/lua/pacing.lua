@@ -6,8 +6,9 @@
 -- The pace lives in the pacing hash (K_PACE) beside the fixed ramp's fields (gen, since,
 -- tokens, at: workers of both kinds, during a rolling upgrade, keep a pace each): 'a_gen'
 -- the breaker generation it began under, 'rate', 'thr' the threshold ('' none),
--- 'a_tokens', 'a_at' when they were refilled, 'jat' when the rate was last judged, 'sok', 'sko', 'ssl'
--- the breaker's successes, failures and slow calls then, 'used' entries released since,
+-- 'a_tokens', 'a_at' when they were refilled, 'jat' when the rate was last judged, 'sok', 'sko', 'ssl',
+-- 'srf' the breaker's successes, failures, slow calls and refusals then ('srf' is absent from
+-- paces older than it: read as the breaker's count now), 'used' entries released since,
 -- 'infl' tasks released without an outcome as of the last judgement, 'cut' when the rate
 -- was last cut ('' never).
 -- Unreadable fields restart the pace (begin, without a threshold), with a warning.
@@ -46,12 +47,17 @@ end
 -- The stored adaptive pace; nil when there is none (or only a fixed ramp's) or it is unreadable.
 local function read_pace()
   local p = redis.call('HMGET', K_PACE, 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used',
-    'cut', 'infl')
+    'cut', 'infl', 'srf')
   if not p[2] then return nil end
   local pace = { gen = read_whole(p[1]), rate = read_number(p[2]), thr = nil, tokens = read_number(p[4]),
     at = read_time(p[5], now, 0), jat = read_time(p[6], now, 0), sok = read_whole(p[7]), sko = read_whole(p[8]),
-    ssl = read_whole(p[9]), used = read_whole(p[10]), infl = read_whole(p[12] or '0') }
-  local good = pace.gen ~= nil and pace.rate ~= nil and pace.rate > 0 and pace.tokens ~= nil and pace.tokens >= 0
+    ssl = read_whole(p[9]), used = read_whole(p[10]), infl = read_whole(p[12] or '0'), srf = nil }
+  local good = true
+  if p[13] then
+    pace.srf = read_whole(p[13])
+    good = pace.srf ~= nil
+  end
+  good = good and pace.gen ~= nil and pace.rate ~= nil and pace.rate > 0 and pace.tokens ~= nil and pace.tokens >= 0
     and pace.at ~= nil and pace.jat ~= nil and pace.sok ~= nil and pace.sko ~= nil and pace.ssl ~= nil
     and pace.used ~= nil and pace.infl ~= nil
   if (p[3] or '') ~= '' then
@@ -65,7 +71,7 @@ local function read_pace()
   if not good then
     local shown = {}
     for i, name in ipairs({ 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used', 'cut',
-      'infl' }) do
+      'infl', 'srf' }) do
       shown[#shown + 1] = name .. '=' .. show(p[i])
     end
     repaired('unreadable adaptive pace ' .. table.concat(shown, ' ') .. ' in ' .. K_PACE .. ' (the pace restarts)')
@@ -80,19 +86,25 @@ local function begin_pace(law, outcomes, before)
   local thr = nil
   if before ~= nil then thr = bound(law, before.rate * law.back_off) end
   return { gen = outcomes.gen, rate = bound(law, math.min(law.start, thr or law.start)), thr = thr, tokens = 0,
-    at = now, jat = now, sok = outcomes.ok, sko = outcomes.ko, ssl = outcomes.sl, used = 0, infl = 0 }
+    at = now, jat = now, sok = outcomes.ok, sko = outcomes.ko, ssl = outcomes.sl, srf = outcomes.rf, used = 0,
+    infl = 0 }
 end
 
 -- pacing.advance: tokens refilled, and the rate judged against the breaker's counts
--- since the last judgement ({ gen, ok, ko, sl }): cut at once on bad news, grown every
--- judge_every seconds on good news.
+-- since the last judgement ({ gen, ok, ko, sl, rf, rh }): cut at once on bad news, grown every
+-- judge_every seconds on good news; nothing goes while a refusal's wait (rh) lasts.
 local function advance_pace(law, pace, outcomes)
   if pace == nil or pace.gen ~= outcomes.gen then return begin_pace(law, outcomes, pace) end
   pace.tokens = math.min(pace.rate, pace.tokens + pace.rate * math.max(0, now - pace.at))
+  if outcomes.rh ~= nil and now < outcomes.rh then
+    pace.tokens = 0 -- a refusal asked the release to wait: nothing goes, nothing saves up
+  end
   pace.at = math.max(pace.at, now)
-  local ok, ko, sl = outcomes.ok - pace.sok, outcomes.ko - pace.sko, outcomes.sl - pace.ssl
-  if ok < 0 or ko < 0 or sl < 0 then -- the breaker started again: a new baseline
-    pace.jat, pace.sok, pace.sko, pace.ssl, pace.used = now, outcomes.ok, outcomes.ko, outcomes.sl, 0
+  if pace.srf == nil then pace.srf = outcomes.rf end
+  local ok, ko, sl, rf = outcomes.ok - pace.sok, outcomes.ko - pace.sko, outcomes.sl - pace.ssl, outcomes.rf - pace.srf
+  if ok < 0 or ko < 0 or sl < 0 or rf < 0 then -- the breaker started again: a new baseline
+    pace.jat, pace.sok, pace.sko, pace.ssl, pace.srf, pace.used = now, outcomes.ok, outcomes.ko, outcomes.sl,
+      outcomes.rf, 0
     return pace
   end
   local infl = math.max(0, pace.infl + pace.used - ok - ko)
@@ -103,17 +115,19 @@ local function advance_pace(law, pace, outcomes)
   local rate, thr = pace.rate, pace.thr
   if settling then
     -- news of tasks released before the last cut (still in flight): judges nothing
-    pace.jat, pace.sok, pace.sko, pace.ssl, pace.used = now, outcomes.ok, outcomes.ko, outcomes.sl, 0
+    pace.jat, pace.sok, pace.sko, pace.ssl, pace.srf, pace.used = now, outcomes.ok, outcomes.ko, outcomes.sl,
+      outcomes.rf, 0
     pace.infl = infl
     return pace
   end
-  if bad >= law.least_bad and bad > law.bad_share * math.max(ok + ko, pace.rate * law.judge_every) then
+  if rf > 0 or (bad >= law.least_bad and bad > law.bad_share * math.max(ok + ko, pace.rate * law.judge_every)) then
     rate = bound(law, rate * law.back_off)
     thr = rate
     pace.cut = now
   elseif since < law.judge_every or ok + ko == 0 then
     return pace -- (no news yet: the judgement waits for some)
   elseif ok > 0 and pace.used >= 0.5 * pace.rate * since and not crowded then
+    if bad > 0 and (thr == nil or thr > rate) then thr = rate end -- the first bad outcomes: the slow zone is near
     if thr == nil or rate < thr then
       rate = rate * law.slow_start
       if thr ~= nil then rate = math.min(rate, thr) end
@@ -123,7 +137,8 @@ local function advance_pace(law, pace, outcomes)
     rate = bound(law, rate)
   end
   pace.rate, pace.thr, pace.tokens, pace.jat = rate, thr, math.min(rate, pace.tokens), now
-  pace.sok, pace.sko, pace.ssl, pace.used, pace.infl = outcomes.ok, outcomes.ko, outcomes.sl, 0, infl
+  pace.sok, pace.sko, pace.ssl, pace.srf, pace.used, pace.infl = outcomes.ok, outcomes.ko, outcomes.sl, outcomes.rf,
+    0, infl
   return pace
 end
 
@@ -137,5 +152,5 @@ end
 local function write_pace(pace)
   redis.call('HSET', K_PACE, 'a_gen', fmt(pace.gen), 'rate', fmt(pace.rate), 'thr', fmt(pace.thr), 'a_tokens',
     fmt(pace.tokens), 'a_at', fmt(pace.at), 'jat', fmt(pace.jat), 'sok', fmt(pace.sok), 'sko', fmt(pace.sko), 'ssl',
-    fmt(pace.ssl), 'used', fmt(pace.used), 'cut', fmt(pace.cut), 'infl', fmt(pace.infl))
+    fmt(pace.ssl), 'used', fmt(pace.used), 'cut', fmt(pace.cut), 'infl', fmt(pace.infl), 'srf', fmt(pace.srf))
 end

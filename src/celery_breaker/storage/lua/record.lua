@@ -4,7 +4,9 @@
 -- ARGV[12] a failure's Retry-After in seconds ('' for none: it opens the breaker at once),
 -- ARGV[13] a uniform draw in [0, 1) for the open duration's jitter,
 -- ARGV[14] '1' when the probe lease was spent on the breaker's health check ('' otherwise:
--- the transition it causes says which it was; see BreakerMachine._record_probe).
+-- the transition it causes says which it was; see BreakerMachine._record_probe),
+-- ARGV[15] '1' when the failure is the downstream refusing (429) a task let run again after
+-- a deferral (BreakerMachine.record's refused; ARGV[12] then says how long it asked for).
 
 local generation, lease = tonumber(ARGV[8]), tonumber(ARGV[9])
 local outcome, duration = tonumber(ARGV[10]), tonumber(ARGV[11])
@@ -13,6 +15,7 @@ if open_for ~= nil and not (open_for > 0 and open_for < math.huge) then open_for
 local is_probe = lease >= 0
 local kind = ARGV[14] == '1' and 'health check' or 'probe'
 local current = generation == S.gen
+local refused = ARGV[15] == '1'
 
 -- A CLOSED breaker's outcome goes through every trip rule (RULES, common.lua).
 local function record_closed(failed, slow, hint)
@@ -43,7 +46,12 @@ if not current then return reply('ok') end
 local slow = P.slow_duration ~= nil and duration >= P.slow_duration
 if slow and not failed then S.sl = S.sl + 1 end -- (slow successes: the adaptive release reads them, release.lua)
 if not failed then open_for = nil end
-if S.st == CLOSED then
+if S.st == CLOSED and failed and refused then
+  -- The release went faster than the downstream takes: no rule sees it, nothing opens;
+  -- the release counts the refusal (rf) and waits as long as it was asked (rh).
+  S.rf = S.rf + 1
+  S.rh = math.max(S.rh or now, now + math.min(open_for or 1, P.longest_open))
+elseif S.st == CLOSED then
   record_closed(failed, slow, open_for)
 elseif S.st == HALF_OPEN and is_probe then -- only probes speak in HALF_OPEN
   redis.call('HDEL', K_LEASES, lease)

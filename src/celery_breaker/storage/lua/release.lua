@@ -70,11 +70,14 @@ end
 
 -- The breaker's state, as the breaker scripts would read it (common.lua load).
 local STATES = { closed = true, open = true, half_open = true, forced_open = true, disabled = true }
-local state = redis.call('HMGET', K_STATE, 'st', 'ou', 'tr', 'pol', 'gen', 'hos', 'ok', 'ko', 'sl')
+local state = redis.call('HMGET', K_STATE, 'st', 'ou', 'tr', 'pol', 'gen', 'hos', 'ok', 'ko', 'sl', 'rf', 'rh')
 local st, trips, policy, gen = state[1], state[3] or '0', state[4] or '', state[5] or '0'
 local ou, hos, limits = nil, 0, nil
--- What the breaker counted (the adaptive pace's feedback; 'sl' is absent from hashes older than it)
-local counts = { read_whole(state[7] or '0'), read_whole(state[8] or '0'), read_whole(state[9] or '0') }
+-- What the breaker counted (the adaptive pace's feedback; 'sl' and 'rf' are absent from hashes
+-- older than them), and until when a refusal asked the release to wait ('rh', if ever)
+local counts = { read_whole(state[7] or '0'), read_whole(state[8] or '0'), read_whole(state[9] or '0'),
+  read_whole(state[10] or '0') }
+local held_until = nil
 if st then
   local why = nil
   limits = policy_limits(policy)
@@ -86,9 +89,12 @@ if st then
     why = 'tr=' .. show(trips)
   elseif read_whole(gen) == nil then
     why = 'gen=' .. show(gen)
-  elseif counts[1] == nil or counts[2] == nil or counts[3] == nil then
-    why = 'ok=' .. show(state[7]) .. ' ko=' .. show(state[8]) .. ' sl=' .. show(state[9])
+  elseif counts[1] == nil or counts[2] == nil or counts[3] == nil or counts[4] == nil then
+    why = 'ok=' .. show(state[7]) .. ' ko=' .. show(state[8]) .. ' sl=' .. show(state[9]) .. ' rf=' .. show(state[10])
+  elseif (state[11] or '') ~= '' and read_time(state[11], now, limits.longest_open) == nil then
+    why = 'rh=' .. show(state[11])
   else
+    if (state[11] or '') ~= '' then held_until = read_time(state[11], now, limits.longest_open) end
     hos = read_whole(state[6] or '0')
     if hos == nil or (st == 'half_open' and hos >= limits.probes_to_close) then why = 'hos=' .. show(state[6]) end
     if st == 'open' then
@@ -103,12 +109,13 @@ if st then
     gen = '0'
   end
 end
-if not st then counts = { 0, 0, 0 } end
+if not st then counts, held_until = { 0, 0, 0, 0 }, nil end
 
 local allowed = 0
 local adaptive = nil -- the adaptive pace, written back once the entries are claimed
 if law ~= nil and (not st or st == 'closed' or st == 'disabled') then
-  adaptive = advance_pace(law, read_pace(), { gen = read_whole(gen), ok = counts[1], ko = counts[2], sl = counts[3] })
+  adaptive = advance_pace(law, read_pace(), { gen = read_whole(gen), ok = counts[1], ko = counts[2], sl = counts[3],
+    rf = counts[4], rh = held_until })
   allowed = math.floor(adaptive.tokens)
 elseif not st or st == 'closed' or st == 'disabled' then
   -- A paced ramp, restarted whenever the breaker (re)closes: a tenth of the pace at

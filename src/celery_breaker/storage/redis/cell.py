@@ -312,6 +312,7 @@ class RedisCell:
         now: float,
         *,
         open_for: float | None = None,
+        refused: bool = False,
     ) -> Moves:
         if isinstance(ticket, Probe):
             generation, lease, check = ticket.generation, ticket.lease, "1" if ticket.check else ""
@@ -321,7 +322,7 @@ class RedisCell:
         # The jitter's draw comes from here: a script's math.random repeats itself.
         return self._call(
             "record", now, str(generation), str(lease), str(int(outcome)), repr(float(duration)), hint,
-            repr(random.random()), check,
+            repr(random.random()), check, "1" if refused else "",
         )[1]  # fmt: skip
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
