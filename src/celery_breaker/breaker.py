@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from types import TracebackType
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
@@ -93,6 +94,8 @@ class RunAdmission:
     def covers(self, breaker: CircuitBreaker) -> bool:
         """True if ``breaker`` is the run's own breaker (same store, name and key)."""
         own = self.breaker
+        if breaker is own:  # (a task body's ``self.breaker`` is the run's own object)
+            return True
         return breaker.store is own.store and breaker.name == own.name and breaker.key == own.key
 
     def settle(self, exc: BaseException | None, *, neutral: bool = False) -> Outcome | None:
@@ -140,6 +143,28 @@ def current_run() -> RunAdmission | None:
     return _RUN.get()
 
 
+class _NoLoop:
+    """The loop of a future made done at once: with no callback to schedule, a future
+    only asks its loop ``get_debug()`` (when made), so it needs no real loop."""
+
+    __slots__ = ()
+
+    def get_debug(self) -> bool:
+        return False
+
+
+def _done(value: R) -> asyncio.Future[R]:
+    """A future already holding ``value``: awaiting it (from any loop, asyncio or not,
+    or none) gives ``value`` at once, without suspending."""
+    future: asyncio.Future[R] = asyncio.Future(loop=_NoLoop())  # type: ignore[arg-type]
+    future.set_result(value)
+    return future
+
+
+#: What ``await breaker.__aexit__(...)`` gives: ``None``, so the body's exception propagates.
+_EXITED: asyncio.Future[None] = _done(None)
+
+
 class CircuitBreaker:
     """A named breaker in a store; the same name on the same store is the same breaker.
 
@@ -167,7 +192,7 @@ class CircuitBreaker:
 
     __slots__ = (
         "name", "key", "policy", "store", "probe", "_clock", "_now", "_cell", "_listeners", "__weakref__",
-        "_slot", "_stacked",
+        "_slot", "_stacked", "_entered",
     )  # fmt: skip
 
     def __init__(
@@ -194,6 +219,7 @@ class CircuitBreaker:
         # The first open ``with`` block's (cell, ticket, start), under key 0 (see __enter__).
         self._slot: dict[int, tuple[Cell, Ticket, float]] = {}
         self._stacked = False
+        self._entered: asyncio.Future[CircuitBreaker] | None = None  # (see __aenter__)
         self._cell = self.store.cell(name, key, self.policy, self._clock)
         existing = self._cell.policy
         if existing is not self.policy and existing != self.policy:
@@ -248,7 +274,13 @@ class CircuitBreaker:
         except BaseException as exc:
             self._finish(cell, ticket, exc, start)
             raise
-        self._finish(cell, ticket, None, start)
+        end = self._now()  # _finish's success path, without classifying
+        moves = cell.record_success(ticket, end - start, self.policy, end)
+        run = _RUN.get()
+        if run is not None and run.covers(self):
+            run.recorded = SUCCESS
+        if moves:
+            self._announce(moves)
         return result
 
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -339,9 +371,13 @@ class CircuitBreaker:
 
     def __enter__(self) -> CircuitBreaker:
         cell = self._cell
-        if cell.passing and _RUN.get() is None:
+        run = _RUN.get()
+        if cell.passing and run is None:
             start = self._now()
             ticket: Ticket = cell.generation
+        elif run is not None and not run.claimed and run.covers(self):
+            run.claimed = True  # (as _admit: the run's ticket serves this block; timed from now)
+            cell, ticket, start = run.cell, run.ticket, self._now()
         else:
             cell, ticket, start = self._admit()
         if not self._stacked:
@@ -372,26 +408,36 @@ class CircuitBreaker:
         else:
             self._finish(cell, ticket, exc, start)
 
-    async def __aenter__(self) -> CircuitBreaker:
+    # ``async with`` admits and records synchronously (nothing in it awaits), so its
+    # methods are plain functions returning an awaitable finished in advance: a done
+    # future, whose ``await`` is one C call that neither suspends nor makes a frame,
+    # where ``async def`` methods made and ran a coroutine each (docs/decisions.md, 47).
+
+    def _aenter(self) -> Awaitable[CircuitBreaker]:
+        entered = self._entered or self._make_entered()
         cell = self._cell
-        if cell.passing and _RUN.get() is None:
+        run = _RUN.get()
+        if cell.passing and run is None:
             start = self._now()
             ticket: Ticket = cell.generation
+        elif run is not None and not run.claimed and run.covers(self):
+            run.claimed = True  # (as _admit: the run's ticket serves this block; timed from now)
+            cell, ticket, start = run.cell, run.ticket, self._now()
         else:
             cell, ticket, start = self._admit()
         if not self._stacked:
             held = (cell, ticket, start)
             if self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
-                return self
+                return entered
         self._push(cell, ticket, start)
-        return self
+        return entered
 
-    async def __aexit__(
+    def _aexit(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    ) -> Awaitable[None]:
         if self._stacked:
             self._exit_block(exc)
-            return
+            return _EXITED
         held = self._slot.pop(0, None)
         if held is None:
             raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
@@ -406,6 +452,27 @@ class CircuitBreaker:
                 self._announce(moves)
         else:
             self._finish(cell, ticket, exc, start)
+        return _EXITED  # (awaits to None: the body's exception propagates)
+
+    if TYPE_CHECKING:
+        # Typed as the ``async def`` methods they were, so a breaker still matches
+        # ``contextlib.AbstractAsyncContextManager`` (``AsyncExitStack``, ...).
+        async def __aenter__(self) -> CircuitBreaker: ...
+
+        async def __aexit__(
+            self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        ) -> None: ...
+
+    else:
+        __aenter__ = _aenter
+        __aexit__ = _aexit
+
+    def _make_entered(self) -> asyncio.Future[CircuitBreaker]:
+        """What ``await breaker.__aenter__()`` gives (the breaker), made on first use: the
+        future refers to the breaker, so a breaker never used with ``async with`` has no
+        reference cycle."""
+        self._entered = _done(self)
+        return self._entered
 
     def _push(self, cell: Cell, ticket: Ticket, start: float) -> None:
         """Open a block on this context's stack (the slot is taken, or was once)."""
@@ -451,9 +518,14 @@ class CircuitBreaker:
         """
         cell = self._cell
         if cell.passing and _RUN.get() is None:
-            return RunAdmission(self, cell, cell.generation, self._now(), translate, counts_itself=counts_itself)
-        cell, ticket, start = self._admit()
-        return RunAdmission(self, cell, ticket, start, translate, counts_itself=counts_itself)
+            run = RunAdmission(self, cell, cell.generation, self._now(), translate)
+        else:
+            cell, ticket, start = self._admit()
+            run = RunAdmission(self, cell, ticket, start, translate)
+        # (Set apart: a keyword argument makes the class call build a dict, ~140 ns.)
+        if not counts_itself:
+            run.counts_itself = False
+        return run
 
     # -- steps shared by every way of guarding -------------------------------
 

@@ -188,7 +188,7 @@ class TooManyRequests(RetryAfter):
     breaker deferred and now let run again (parked and released, or back from a countdown)
     that meets it while the breaker is CLOSED neither counts toward the trip rules nor
     opens the breaker: the task is deferred again, and the adaptive release slows down and
-    waits ``seconds`` (decision 47): the release went faster than the downstream takes.
+    waits ``seconds`` (decision 48): the release went faster than the downstream takes.
 
     Args:
         seconds: how long the downstream asked to be left alone (> 0).

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 
 import pytest
 
 from celery_breaker import CircuitBreaker, CircuitOpenError, State
+from celery_breaker.core import Outcome
 from celery_breaker.testing import FakeClock, fresh_store
 
 from .support import make
@@ -74,6 +76,92 @@ def test_async_with_records_success_and_failure(clock: FakeClock) -> None:
     asyncio.run(scenario())
     snap = breaker.snapshot()
     assert (snap.successes, snap.failures, snap.rejections) == (1, 1, 1)
+
+
+def test_async_with_never_suspends_and_binds_each_blocks_breaker(clock: FakeClock) -> None:
+    """A coroutine driven by hand (no event loop: any runner, trio's too) ends at its
+    first step: entering and leaving a block awaits nothing."""
+    outer = make(clock, name="outer")
+    inner = CircuitBreaker("inner", storage=outer.store, clock=clock)
+
+    async def scenario() -> list[CircuitBreaker]:
+        seen = []
+        for _ in range(3):  # (what the blocks await is made once per breaker, then reused)
+            async with outer as a, inner as b:
+                seen += [a, b]
+            async with outer as a, outer as nested:  # nested on one object: the stack
+                seen += [a, nested]
+        return seen
+
+    coroutine = scenario()
+    with pytest.raises(StopIteration) as done:
+        coroutine.send(None)
+    assert done.value.value == [outer, inner, outer, outer] * 3
+    assert (outer.snapshot().successes, inner.snapshot().successes) == (9, 3)
+    assert not outer._slot
+    assert not inner._slot
+
+
+def test_an_async_block_never_swallows_its_exception(clock: FakeClock) -> None:
+    breaker = make(clock, failure_threshold=5)
+
+    async def in_an_exit_stack() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            assert await stack.enter_async_context(breaker) is breaker
+            raise ConnectionError("down")
+
+    async def by_hand() -> None:
+        assert await breaker.__aenter__() is breaker
+        await breaker.__aexit__(ConnectionError, ConnectionError("down"), None)
+
+    with pytest.raises(ConnectionError):
+        asyncio.run(in_an_exit_stack())
+    asyncio.run(by_hand())
+    snap = breaker.snapshot()
+    assert (snap.successes, snap.failures) == (0, 2)
+    assert not breaker._slot
+
+
+def test_a_cancelled_async_block_counts_neither_way_and_frees_the_slot(clock: FakeClock) -> None:
+    breaker = make(clock, failure_threshold=1)
+
+    async def scenario() -> None:
+        entered = asyncio.Event()
+
+        async def guarded() -> None:
+            async with breaker:
+                entered.set()
+                await asyncio.Event().wait()  # until cancelled
+
+        task = asyncio.create_task(guarded())
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with breaker:  # the cancelled block let go of the slot: this one takes it
+            assert breaker._slot
+            assert not breaker._stacked
+
+    asyncio.run(scenario())
+    snap = breaker.snapshot()
+    assert (snap.state, snap.successes, snap.failures) == (State.CLOSED, 1, 0)
+    assert not breaker._slot
+
+
+def test_an_async_block_inside_a_run_uses_the_runs_ticket(clock: FakeClock) -> None:
+    breaker = make(clock)
+
+    async def body() -> None:
+        async with breaker as entered:
+            assert entered is breaker
+
+    run = breaker.begin_run(lambda exc: exc)
+    with run:
+        asyncio.run(body())  # (its task copies this context: the run is current there)
+        assert run.claimed
+        assert run.recorded is Outcome.SUCCESS
+        assert run.settle(None) is Outcome.SUCCESS  # recorded by the block, not again
+    assert breaker.snapshot().successes == 1
 
 
 def test_decorated_coroutine_function_stays_a_coroutine_function(clock: FakeClock) -> None:
