@@ -69,6 +69,7 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     law = PacingLaw(ceiling=400.0)  # (the defaults)
     rng = random.Random(16)
     pace: Pace | None = None
+    limited = False
     for step in range(400):
         clock.advance(rng.choice((0.05, 0.2, 0.25, 0.5, 1.0, 1.7)))
         kind = rng.random()
@@ -95,8 +96,11 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
         assert int(found["used"]) == pace.used
         assert int(found["infl"]) == pace.in_flight
         assert (float(found["cut"]) if found["cut"] else None) == pace.cut_at, f"step {step}"
+        assert (float(found["lim"]) if found["lim"] else None) == pace.limit, f"step {step}"
+        limited = limited or pace.limit is not None
     assert pace is not None
     assert pace.threshold is not None
+    assert limited  # (a refusal's limit was set, and compared, along the way)
 
 
 def test_two_workers_share_one_pace(store: RedisStore, redis_url: str) -> None:
@@ -160,18 +164,24 @@ def test_slow_calls_counted_by_the_breaker_cut_the_pace(store: RedisStore) -> No
     assert float(stored(store)["thr"]) == 7.0
 
 
-def test_a_reopened_breaker_stops_the_release_at_once_and_restarts_it_lower(store: RedisStore) -> None:
-    clock = FakeClock()
+def grown_to_40(store: RedisStore, clock: FakeClock) -> CircuitBreaker:
+    """5,000 parked tasks, released for 3 s while each succeeds: the pace at 40/s (5, 10, 20, 40)."""
     park(store, 5_000)
     breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
     breaker.call(ok)
     release(store, clock.monotonic())
-    for _ in range(12):  # 3 s: 5, 10, 20, 40
+    for _ in range(12):
         clock.advance(0.25)
         for _ in range(release(store, clock.monotonic())):
             breaker.call(ok)
         store.flush()
     assert float(stored(store)["rate"]) == 40.0
+    return breaker
+
+
+def test_a_reopened_breaker_stops_the_release_at_once_and_restarts_it_lower(store: RedisStore) -> None:
+    clock = FakeClock()
+    breaker = grown_to_40(store, clock)
     fail(breaker)
     assert state_of(breaker) is State.OPEN
     # Hear the trip's own message now: heard after the fake clock moved on, its open
@@ -204,6 +214,7 @@ def test_an_unreadable_pace_restarts_with_one_warning(
         ("used", "1.5"),
         ("a_tokens", "nan"),
         ("srf", "-2"),
+        ("lim", "0"),
     ):
         client.hset(tag + ":p", field, bad)
         caplog.clear()
@@ -222,16 +233,7 @@ def test_a_refusal_recorded_by_a_returning_task_cuts_the_pace_and_holds_it(store
     """record.lua counts the refusal and its wait; release.lua cuts at once and releases
     nothing until the wait is over; the breaker stays CLOSED throughout."""
     clock = FakeClock()
-    park(store, 5_000)
-    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
-    breaker.call(ok)
-    release(store, clock.monotonic())
-    for _ in range(12):  # 3 s: 5, 10, 20, 40
-        clock.advance(0.25)
-        for _ in range(release(store, clock.monotonic())):
-            breaker.call(ok)
-        store.flush()
-    assert float(stored(store)["rate"]) == 40.0
+    breaker = grown_to_40(store, clock)
     run = breaker.begin_run(lambda e: e)
     run.returning = True
     with run:

@@ -165,6 +165,31 @@ def test_refusals_heard_while_the_pace_settles_cut_once_but_each_wait_holds() ->
     assert run(pacer, clock, downstream, 0.5) > 0
 
 
+def test_after_a_refusal_growth_stops_short_of_the_rate_refused_and_probes_above_it_slowly() -> None:
+    """A rate limiter that answers 429 with no slowdown first: the pace is refused at 80/s,
+    cut to 56/s, grows back to 76/s (95 % of 80) and no further at once, then creeps up by
+    half a percent of the limit per judgement, so the next refusal is far off."""
+    clock, downstream = FakeClock(), Refusing()
+    pacer = AdaptivePacer(LAW, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    run(pacer, clock, downstream, 4.0)
+    assert pacer.rate == 80.0
+    downstream.refuse(clock.monotonic(), 0.25)
+    run(pacer, clock, downstream, 0.5)
+    assert pacer.pace is not None
+    assert pacer.rate == pytest.approx(56.0)
+    assert pacer.pace.limit == 80.0
+    rates = []
+    for _ in range(8):
+        run(pacer, clock, downstream, 1.0)
+        rates.append(round(pacer.rate, 2))
+    # (1 s settling, then x1.1 a second up to 76, then the limit creeps: 80 * 1.005 ** k * 0.95)
+    # (2 s settling after the cut, x1.1 a second up to 76, then the limit creeps by half a
+    # percent a judgement: 80 * 1.005 ** k, the rate at 95 % of it)
+    assert rates == [56.0, 56.0, 61.6, 67.76, 74.54, 76.0, 76.38, 76.76]
+    assert pacer.pace.limit == pytest.approx(80.0 * 1.005**2)
+
+
 def test_a_refusal_counted_under_an_earlier_generation_starts_no_cut() -> None:
     clock, downstream = FakeClock(), Refusing()
     downstream.refused, downstream.failures = 7, 7  # refusals before this pace began
@@ -268,5 +293,5 @@ def test_after_a_cut_bad_news_while_many_released_tasks_await_their_outcome_cuts
 
 
 def test_the_law_text_is_what_release_lua_reads() -> None:
-    assert LAW.text() == "5.0;;1.0;2.0;0.1;0.7;0.05;1.0;1.0;1000.0"
-    assert replace(LAW, ceiling=150).text() == "5.0;150.0;1.0;2.0;0.1;0.7;0.05;1.0;1.0;1000.0"
+    assert LAW.text() == "5.0;;1.0;2.0;0.1;0.7;0.05;1.0;1.0;1000.0;0.95;0.005"
+    assert replace(LAW, ceiling=150).text() == "5.0;150.0;1.0;2.0;0.1;0.7;0.05;1.0;1.0;1000.0;0.95;0.005"

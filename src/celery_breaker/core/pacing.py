@@ -24,7 +24,10 @@ since the last judgement (its ``Outcomes``):
   first failures or slow calls too few to be bad news put the threshold at the rate
   (the downstream's slow zone is near: it is approached by small steps from there);
 * after a refusal nothing is released until the time the downstream asked for (its
-  Retry-After: the breaker's ``held_until``);
+  Retry-After: the breaker's ``held_until``), and the rate it was refused at becomes a
+  ``limit``: growth stops at ``near`` of it, and from there the limit creeps up by
+  ``creep`` per judgement (a rate limiter that answers 429 with no slowdown first is
+  met again only as its limit is probed, not every few seconds);
 * a breaker that reopens releases nothing (the release script sees it OPEN); when it
   closes again (a new generation) the pace starts again from ``start``, with the
   threshold at ``back_off`` of the rate it had reached (a Retry-After met by a task
@@ -45,10 +48,12 @@ from ..errors import ConfigurationError
 __all__ = [
     "BACK_OFF",
     "BAD_SHARE",
+    "CREEP",
     "FLOOR",
     "IN_FLIGHT_S",
     "JUDGE_EVERY",
     "LEAST_BAD",
+    "NEAR",
     "SLOW_START",
     "START_RATE",
     "STEP",
@@ -84,6 +89,10 @@ LEAST_BAD = 3
 #: (queued in the broker, running, or their successes not yet sent: workers send them
 #: every second); with more in flight the rate does not grow, nor is it cut again.
 IN_FLIGHT_S = 1.5
+#: After a refusal, growth stops at this share of the rate refused (its ``limit``) ...
+NEAR = 0.95
+#: ... which creeps up by this share of itself per judgement while the rate is there (1 %/s).
+CREEP = 0.005
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +110,8 @@ class PacingLaw:
     floor: float = FLOOR
     least_bad: int = LEAST_BAD
     in_flight_s: float = IN_FLIGHT_S
+    near: float = NEAR
+    creep: float = CREEP
 
     def __post_init__(self) -> None:
         checks = {
@@ -114,6 +125,8 @@ class PacingLaw:
             "floor": 0 < self.floor <= self.start,
             "least_bad": self.least_bad >= 1 and self.least_bad == int(self.least_bad),
             "in_flight_s": self.in_flight_s > 0,
+            "near": 0 < self.near <= 1,
+            "creep": self.creep >= 0,
         }
         for name, good in checks.items():
             value = getattr(self, name)
@@ -128,7 +141,7 @@ class PacingLaw:
     def text(self) -> str:
         """The law as ``release.lua`` reads it: its fields in order, ``;``-separated (no ceiling: empty)."""
         fields = (self.start, self.ceiling, self.judge_every, self.slow_start, self.step, self.back_off,
-                  self.bad_share, self.floor, self.least_bad, self.in_flight_s)  # fmt: skip
+                  self.bad_share, self.floor, self.least_bad, self.in_flight_s, self.near, self.creep)  # fmt: skip
         return ";".join("" if value is None else repr(float(value)) for value in fields)
 
 
@@ -171,6 +184,9 @@ class Pace:
     cut_at: float | None = None
     """When the rate was last cut: for ``2 * judge_every`` after, outcomes are news of
     the rate before (in flight), and judge nothing."""
+    limit: float | None = None
+    """The rate the downstream last refused at (``None``: no refusal in this pace);
+    growth stops at ``law.near`` of it, which creeps up by ``law.creep`` per judgement."""
 
 
 def begin(law: PacingLaw, outcomes: Outcomes, now: float, before: Pace | None = None) -> Pace:
@@ -203,13 +219,15 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
     settling = pace.cut_at is not None and (now - pace.cut_at < 2 * law.judge_every or crowded)
     since = now - pace.judged_at
     bad = failures + slow
-    rate, threshold, cut_at = pace.rate, pace.threshold, pace.cut_at
+    rate, threshold, cut_at, limit = pace.rate, pace.threshold, pace.cut_at, pace.limit
     if settling:
         # News of tasks released before the last cut (still in flight): judges nothing.
         return replace(pace, judged_at=now, seen=outcomes, used=0, in_flight=in_flight)
     if refused > 0 or (
         bad >= law.least_bad and bad > law.bad_share * max(successes + failures, pace.rate * law.judge_every)
     ):
+        if refused > 0:
+            limit = rate  # (the rate it was refused at)
         rate = law.bound(rate * law.back_off)
         threshold, cut_at = rate, now
     elif since < law.judge_every or successes + failures == 0:
@@ -219,12 +237,17 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
             threshold = rate  # the first bad outcomes: the slow zone is near
         if threshold is None or rate < threshold:
             grown = rate * law.slow_start
-            rate = grown if threshold is None else min(grown, threshold)
+            if threshold is not None:
+                grown = min(grown, threshold)
         else:
-            rate = rate * (1 + law.step)
-        rate = law.bound(rate)
+            grown = rate * (1 + law.step)
+        if limit is not None:
+            if rate >= limit * law.near:
+                limit = limit * (1 + law.creep)  # at the limit: probe above it, slowly
+            grown = max(rate, min(grown, limit * law.near))
+        rate = law.bound(grown)
     return replace(pace, rate=rate, threshold=threshold, tokens=min(rate, pace.tokens), judged_at=now,
-                   seen=outcomes, used=0, in_flight=in_flight, cut_at=cut_at)  # fmt: skip
+                   seen=outcomes, used=0, in_flight=in_flight, cut_at=cut_at, limit=limit)  # fmt: skip
 
 
 def allowed(pace: Pace) -> int:

@@ -82,7 +82,9 @@ SETTING_DOCS: dict[str, Doc] = {
         accepts='`"adaptive"` or `"fixed"`',
         meaning="how parked tasks are released once their breaker has closed, decided in Redis for all workers: "
         '`"adaptive"` starts at 10 per second and grows (by a quarter every half second) while the released tasks '
-        "succeed, is cut to 80 % at once on failures or slow calls (the policy's `slow_call_duration`), and stops "
+        "succeed, is cut to 80 % at once on failures or slow calls (the policy's `slow_call_duration`) or on a "
+        "released task's 429 (then it waits for the Retry-After, and grows back only to 95 % of the rate refused), "
+        "and stops "
         'while the breaker is open ([recovery](performance.md#recovery)); `"fixed"` goes at '
         "`breaker_release_rate` after `breaker_release_ramp`. No effect on the memory store, which has no parking",
     ),

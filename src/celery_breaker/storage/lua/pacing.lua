@@ -2,7 +2,7 @@
 -- core/pacing.py's begin/advance/took, step for step, on the script's clock.
 --
 -- The law (ARGV[7] of release, PacingLaw.text): 'start;ceiling;judge_every;slow_start;
--- step;back_off;bad_share;floor;least_bad;in_flight_s', the ceiling '' for none.
+-- step;back_off;bad_share;floor;least_bad;in_flight_s;near;creep', the ceiling '' for none.
 -- The pace lives in the pacing hash (K_PACE) beside the fixed ramp's fields (gen, since,
 -- tokens, at: workers of both kinds, during a rolling upgrade, keep a pace each): 'a_gen'
 -- the breaker generation it began under, 'rate', 'thr' the threshold ('' none),
@@ -10,11 +10,11 @@
 -- 'srf' the breaker's successes, failures, slow calls and refusals then ('srf' is absent from
 -- paces older than it: read as the breaker's count now), 'used' entries released since,
 -- 'infl' tasks released without an outcome as of the last judgement, 'cut' when the rate
--- was last cut ('' never).
+-- was last cut ('' never), 'lim' the rate the downstream last refused at ('' none).
 -- Unreadable fields restart the pace (begin, without a threshold), with a warning.
 
 local LAW_FIELDS = { 'start', 'ceiling', 'judge_every', 'slow_start', 'step', 'back_off', 'bad_share', 'floor',
-  'least_bad', 'in_flight_s' }
+  'least_bad', 'in_flight_s', 'near', 'creep' }
 
 -- The law from its text; nil when unreadable (PacingLaw.__post_init__'s bounds).
 local function read_law(text)
@@ -31,7 +31,8 @@ local function read_law(text)
   if not (law.start > 0 and (law.ceiling == nil or law.ceiling > 0) and law.judge_every > 0 and law.slow_start >= 1
       and law.step >= 0 and law.back_off > 0 and law.back_off < 1 and law.bad_share >= 0 and law.bad_share < 1
       and law.floor > 0 and law.floor <= law.start and law.least_bad >= 1
-      and law.least_bad == math.floor(law.least_bad) and law.in_flight_s > 0) then
+      and law.least_bad == math.floor(law.least_bad) and law.in_flight_s > 0 and law.near > 0 and law.near <= 1
+      and law.creep >= 0) then
     return nil
   end
   return law
@@ -47,7 +48,7 @@ end
 -- The stored adaptive pace; nil when there is none (or only a fixed ramp's) or it is unreadable.
 local function read_pace()
   local p = redis.call('HMGET', K_PACE, 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used',
-    'cut', 'infl', 'srf')
+    'cut', 'infl', 'srf', 'lim')
   if not p[2] then return nil end
   local pace = { gen = read_whole(p[1]), rate = read_number(p[2]), thr = nil, tokens = read_number(p[4]),
     at = read_time(p[5], now, 0), jat = read_time(p[6], now, 0), sok = read_whole(p[7]), sko = read_whole(p[8]),
@@ -68,10 +69,14 @@ local function read_pace()
     pace.cut = read_time(p[11], now, 0)
     good = good and pace.cut ~= nil
   end
+  if (p[14] or '') ~= '' then
+    pace.lim = read_number(p[14])
+    good = good and pace.lim ~= nil and pace.lim > 0
+  end
   if not good then
     local shown = {}
     for i, name in ipairs({ 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used', 'cut',
-      'infl', 'srf' }) do
+      'infl', 'srf', 'lim' }) do
       shown[#shown + 1] = name .. '=' .. show(p[i])
     end
     repaired('unreadable adaptive pace ' .. table.concat(shown, ' ') .. ' in ' .. K_PACE .. ' (the pace restarts)')
@@ -112,7 +117,7 @@ local function advance_pace(law, pace, outcomes)
   local settling = pace.cut ~= nil and (now - pace.cut < 2 * law.judge_every or crowded)
   local since = now - pace.jat
   local bad = ko + sl
-  local rate, thr = pace.rate, pace.thr
+  local rate, thr, lim = pace.rate, pace.thr, pace.lim
   if settling then
     -- news of tasks released before the last cut (still in flight): judges nothing
     pace.jat, pace.sok, pace.sko, pace.ssl, pace.srf, pace.used = now, outcomes.ok, outcomes.ko, outcomes.sl,
@@ -121,6 +126,7 @@ local function advance_pace(law, pace, outcomes)
     return pace
   end
   if rf > 0 or (bad >= law.least_bad and bad > law.bad_share * math.max(ok + ko, pace.rate * law.judge_every)) then
+    if rf > 0 then lim = rate end -- (the rate it was refused at)
     rate = bound(law, rate * law.back_off)
     thr = rate
     pace.cut = now
@@ -128,15 +134,20 @@ local function advance_pace(law, pace, outcomes)
     return pace -- (no news yet: the judgement waits for some)
   elseif ok > 0 and pace.used >= 0.5 * pace.rate * since and not crowded then
     if bad > 0 and (thr == nil or thr > rate) then thr = rate end -- the first bad outcomes: the slow zone is near
+    local grown
     if thr == nil or rate < thr then
-      rate = rate * law.slow_start
-      if thr ~= nil then rate = math.min(rate, thr) end
+      grown = rate * law.slow_start
+      if thr ~= nil then grown = math.min(grown, thr) end
     else
-      rate = rate * (1 + law.step)
+      grown = rate * (1 + law.step)
     end
-    rate = bound(law, rate)
+    if lim ~= nil then
+      if rate >= lim * law.near then lim = lim * (1 + law.creep) end -- at the limit: probe above it, slowly
+      grown = math.max(rate, math.min(grown, lim * law.near))
+    end
+    rate = bound(law, grown)
   end
-  pace.rate, pace.thr, pace.tokens, pace.jat = rate, thr, math.min(rate, pace.tokens), now
+  pace.rate, pace.thr, pace.tokens, pace.jat, pace.lim = rate, thr, math.min(rate, pace.tokens), now, lim
   pace.sok, pace.sko, pace.ssl, pace.srf, pace.used, pace.infl = outcomes.ok, outcomes.ko, outcomes.sl, outcomes.rf,
     0, infl
   return pace
@@ -152,5 +163,6 @@ end
 local function write_pace(pace)
   redis.call('HSET', K_PACE, 'a_gen', fmt(pace.gen), 'rate', fmt(pace.rate), 'thr', fmt(pace.thr), 'a_tokens',
     fmt(pace.tokens), 'a_at', fmt(pace.at), 'jat', fmt(pace.jat), 'sok', fmt(pace.sok), 'sko', fmt(pace.sko), 'ssl',
-    fmt(pace.ssl), 'used', fmt(pace.used), 'cut', fmt(pace.cut), 'infl', fmt(pace.infl), 'srf', fmt(pace.srf))
+    fmt(pace.ssl), 'used', fmt(pace.used), 'cut', fmt(pace.cut), 'infl', fmt(pace.infl), 'srf', fmt(pace.srf), 'lim',
+    fmt(pace.lim))
 end
