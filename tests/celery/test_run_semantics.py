@@ -8,6 +8,7 @@ import pytest
 from celery import Celery
 
 from celery_breaker import BreakerTask, CircuitBreaker, ConfigurationError, State
+from celery_breaker.breaker import current_run
 from celery_breaker.integration.inventory import check_app
 from celery_breaker.testing import FakeClock, use_clock
 
@@ -144,3 +145,38 @@ def test_a_bad_breaker_scope_is_a_configuration_error() -> None:
     app.finalize()
     with pytest.raises(ConfigurationError, match=r"breaker_scope must be 'run' or 'calls', got 'block'"):
         check_app(app)
+
+
+def test_the_task_run_is_current_in_the_body_and_its_handlers_and_left_after_every_ending() -> None:
+    app = throwaway_app("run-current", breaker_default_policy={"failure_threshold": 1})
+    seen: list[object] = []
+
+    def fallback(fail: bool) -> str:
+        seen.append(current_run())  # the failed run's handlers run while it is current
+        return "fallback"
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="rc.job", breaker_fallback=fallback)
+    def job(self: Any, fail: bool) -> str:
+        run = current_run()
+        seen.append(run)
+        assert run is not None
+        assert self.breaker is run.breaker
+        if fail:
+            with self.breaker:
+                raise ConnectionError("down")  # trips the breaker: the run falls back
+        return "ok"
+
+    app.finalize()
+    task = app.tasks["rc.job"]
+    assert task(False) == "ok"  # called in process
+    assert current_run() is None
+    assert task.apply(args=(False,)).get() == "ok"  # eager
+    assert current_run() is None
+    assert task(True) == "fallback"
+    assert current_run() is None
+    assert seen[-1] is seen[-2]  # the fallback saw the body's run
+    assert task.breaker.state is State.OPEN
+    assert task(False) == "fallback"  # rejected at admission: no run was made current
+    assert seen[-1] is None
+    assert current_run() is None
+    assert len(seen) == 5

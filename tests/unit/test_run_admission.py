@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from celery_breaker import CircuitBreaker, CircuitOpenError, State
-from celery_breaker.breaker import _RUN, RunAdmission
+from celery_breaker.breaker import _RUN, RunAdmission, current_run
 from celery_breaker.core import Outcome, Probe
 from celery_breaker.testing import FakeClock, fresh_store
 
@@ -130,3 +130,65 @@ def test_an_ordinary_ticket_in_half_open_is_not_a_probe(clock: FakeClock) -> Non
     # carries an int ticket of this generation: its success must not close the breaker.
     cell.record_success(cell.generation, 0.0, breaker.policy, clock.monotonic())
     assert state_of(breaker) is State.HALF_OPEN
+
+
+# -- enter_run: admitted and current in one call (what BreakerTask does) ------------
+
+
+def fields(run: RunAdmission) -> dict[str, object]:
+    return {name: getattr(run, name) for name in RunAdmission.__slots__ if name != "_token"}
+
+
+def test_enter_run_admits_like_begin_run_and_is_current_until_it_leaves(clock: FakeClock) -> None:
+    breaker = make(clock)
+    begun = breaker.begin_run(keep, counts_itself=False)
+    run = breaker.enter_run(keep, counts_itself=False)
+    try:
+        assert isinstance(run, RunAdmission)
+        assert current_run() is run
+        assert fields(run) == fields(begun)  # every field as RunAdmission.__init__ sets it
+        assert (run.claimed, run.recorded, run.returning, run.refused_for) == (False, None, False, None)
+        assert run.settle(None) is Outcome.IGNORED  # counts_itself=False: a run alone is neutral
+    finally:
+        run.leave()
+    assert current_run() is None
+    assert breaker.snapshot().successes == 0
+
+
+def test_a_run_entered_inside_another_claims_its_ticket_and_gives_it_back(clock: FakeClock) -> None:
+    breaker = make(clock)
+    with running(breaker) as outer:
+        inner = breaker.enter_run(keep)
+        try:
+            assert current_run() is inner
+            assert outer.claimed  # the outer run's ticket serves the inner run, as in _admit
+            assert inner.settle(None) is Outcome.SUCCESS
+            assert outer.recorded is None  # the inner run was current: it recorded on itself
+        finally:
+            inner.leave()
+        assert current_run() is outer
+    assert current_run() is None
+    assert breaker.snapshot().successes == 1
+
+
+def test_a_rejected_enter_run_leaves_no_run_current(clock: FakeClock) -> None:
+    breaker = make(clock, failure_threshold=1, reset_timeout=10)
+    with pytest.raises(ConnectionError):
+        breaker.call(down)
+    with pytest.raises(CircuitOpenError):
+        breaker.enter_run(keep)
+    assert current_run() is None
+
+
+def test_an_entered_run_records_what_the_calls_inside_it_recorded(clock: FakeClock) -> None:
+    breaker = make(clock, failure_threshold=2)
+    run = breaker.enter_run(keep)
+    try:
+        with pytest.raises(ConnectionError):
+            breaker.call(down)  # uses the run's ticket
+        assert run.claimed
+        assert recorded(run) is Outcome.FAILURE
+        assert run.settle(ConnectionError("down")) is Outcome.FAILURE  # nothing recorded twice
+    finally:
+        run.leave()
+    assert breaker.snapshot().failures == 1

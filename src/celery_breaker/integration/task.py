@@ -169,14 +169,17 @@ class BreakerTask(Task):  # type: ignore[misc]
         config = task_breaker_config(self)
         breaker = self._breaker_for(config, args, kwargs)
         try:
-            run = breaker.begin_run(_translate, counts_itself=config.counts_runs)
+            # Admitted and current at once (``enter_run``: one call, no ``with`` block);
+            # current until every handler below has run (they settle the run), left in
+            # the outer ``finally``.
+            run = breaker.enter_run(_translate, counts_itself=config.counts_runs)
         except CircuitOpenError as rejected:
             return self._on_rejected(breaker, rejected, args, kwargs)
-        setattr(request, _RUN_ATTR, run)
-        headers = request.headers
-        if headers and DEFERRALS_HEADER in headers:
-            run.returning = True  # deferred before: a 429 now is a refusal, not a trip
-        with run:  # (current until every handler below has run: they settle the run)
+        try:
+            setattr(request, _RUN_ATTR, run)
+            headers = request.headers
+            if headers and DEFERRALS_HEADER in headers:
+                run.returning = True  # deferred before: a 429 now is a refusal, not a trip
             try:
                 result = self.run(*args, **kwargs)
             except Retry as retry:
@@ -210,6 +213,8 @@ class BreakerTask(Task):  # type: ignore[misc]
                 return result
             finally:
                 setattr(request, _RUN_ATTR, None)
+        finally:
+            run.leave()
 
     def retry(
         self,
