@@ -59,14 +59,14 @@ class RunAdmission:
     name and key; ``self.breaker`` or any other object) uses this ticket instead of
     acquiring another: a half-open breaker spends one probe slot per run, and a run is
     never rejected by the admission it already holds. ``recorded`` is what the run last
-    recorded on that breaker. ``returning``: the run is a task its breaker deferred and now
-    lets run again (``BreakerTask`` sets it); a 429 it meets on its own breaker is then a
+    recorded on that breaker. ``released``: the run is a task released from its breaker's
+    parking (``BreakerTask`` sets it); a 429 it meets on its own breaker is then a
     refusal (``refused_for``: the seconds it asked for; see ``BreakerMachine.record``).
     """
 
     __slots__ = (
         "breaker", "cell", "ticket", "start", "claimed", "recorded", "translate", "counts_itself", "_token",
-        "returning", "refused_for",
+        "released", "refused_for",
     )  # fmt: skip
 
     def __init__(
@@ -88,7 +88,7 @@ class RunAdmission:
         self.translate = translate
         self.counts_itself = counts_itself
         """False: a run that made no guarded call records nothing (``breaker_scope="calls"``)."""
-        self.returning = False
+        self.released = False
         self.refused_for: float | None = None
 
     def covers(self, breaker: CircuitBreaker) -> bool:
@@ -562,7 +562,7 @@ class CircuitBreaker:
         run.start = start
         run.translate = translate
         run.counts_itself = counts_itself
-        run.claimed = run.returning = False
+        run.claimed = run.released = False
         run.recorded = run.refused_for = None
         run._token = _RUN.set(run)
         return run
@@ -724,9 +724,9 @@ class CircuitBreaker:
             moves = cell.record_success(ticket, end - start, self.policy, end)
         elif outcome is FAILURE and exc is not None:
             # Only failures pay for this: a Retry-After opens the breaker for that long;
-            # a 429 met by a task let run again after a deferral is a refusal (see RunAdmission).
+            # a 429 met by a task released from the parking is a refusal (see RunAdmission).
             refused_for = None
-            if run is not None and run.returning and run.covers(self):
+            if run is not None and run.released and run.covers(self):
                 refused_for = run.refused_for = refusal_of(exc, self._clock.time())
             if refused_for is not None:
                 moves = cell.finish(ticket, outcome, end - start, self.policy, end, open_for=refused_for, refused=True)

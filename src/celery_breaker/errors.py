@@ -184,11 +184,11 @@ class TooManyRequests(RetryAfter):
     """Raise it from a guarded call to say "the downstream refuses calls this fast" (what an
     HTTP ``429 Too Many Requests`` says; a 429 response error counts the same way).
 
-    Outside a release it is a ``RetryAfter``: the breaker opens for ``seconds``. A task the
-    breaker deferred and now let run again (parked and released, or back from a countdown)
-    that meets it while the breaker is CLOSED neither counts toward the trip rules nor
-    opens the breaker: the task is deferred again, and the adaptive release slows down and
-    waits ``seconds`` (decision 48): the release went faster than the downstream takes.
+    Outside a release it is a ``RetryAfter``: the breaker opens for ``seconds``. A task
+    released from the parking that meets it while the breaker is CLOSED neither counts
+    toward the trip rules nor opens the breaker: the task is parked again, and the
+    adaptive release slows down and waits ``seconds`` (decision 48): the release went
+    faster than the downstream takes.
 
     Args:
         seconds: how long the downstream asked to be left alone (> 0).

@@ -33,8 +33,8 @@ def celery_config() -> Mapping[str, Any]:
             "t-guard-once": {"failure_threshold": 5},
             "t-expires": {"reset_timeout": 60},
             "t-retry-after": {"failure_threshold": 5},
-            "t-refused": {"failure_threshold": 1},
-            "t-refused-autoretry": {"failure_threshold": 1},
+            "t-refused": {"failure_threshold": 5},
+            "t-refused-autoretry": {"failure_threshold": 5},
         },
         "breaker_routes": {"tests.celery.tasks.routed_*": "t-routed"},
         "breaker_probes": {

@@ -123,7 +123,7 @@ def _refuse_once(name: str) -> None:
         raise urllib.error.HTTPError("http://partner.test/", 429, "Too Many Requests", headers, None)
 
 
-@shared_task(base=BreakerTask, bind=True, breaker="t-refused")  # failure_threshold 1 in breaker_policies
+@shared_task(base=BreakerTask, bind=True, breaker="t-refused")  # failure_threshold 5 in breaker_policies
 def refused_task(self: Any) -> dict[str, Any]:
     """Refused (429) on its first call, then works."""
     _refuse_once("t-refused")
@@ -132,7 +132,7 @@ def refused_task(self: Any) -> dict[str, Any]:
 
 @shared_task(
     base=BreakerTask, bind=True, breaker="t-refused-autoretry", autoretry_for=(Exception,), max_retries=0
-)  # failure_threshold 1 in breaker_policies
+)  # failure_threshold 5 in breaker_policies
 def refused_autoretry_task(self: Any) -> dict[str, Any]:
     """The same, under autoretry_for: the refusal must not spend the (zero) retries."""
     with self.breaker:

@@ -16,7 +16,7 @@ from kombu.exceptions import OperationalError
 
 from celery_breaker import CircuitBreaker, CircuitOpenError, State
 from celery_breaker.integration.deferral import countdown
-from celery_breaker.integration.deferral.plan import DEFERRALS_HEADER, MINIMUM_DELAY, SINCE_HEADER
+from celery_breaker.integration.deferral.plan import DEFERRALS_HEADER, MINIMUM_DELAY, PARKED_HEADER, SINCE_HEADER
 
 from . import tasks
 from .support import DEFER_SPREAD, DEFERRED, TIMEOUT, deferral_text, wait_for
@@ -247,17 +247,19 @@ def test_a_retry_after_opens_the_breaker_that_long_and_the_task_waits_for_it(
 
 
 @pytest.mark.parametrize("task_name", ["refused_task", "refused_autoretry_task"])
-def test_a_task_back_from_a_deferral_that_the_downstream_refuses_is_deferred_again(
+def test_a_task_released_from_the_parking_that_the_downstream_refuses_is_deferred_again(
     app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch, task_name: str
 ) -> None:
-    """A 429 met by a task its breaker deferred before: the release was too fast for the
-    downstream. The breaker stays CLOSED (failure_threshold 1 and a Retry-After would
-    otherwise open it), the task waits the 0.5 s asked for, no retry is spent."""
+    """A 429 met by a task released from the parking (its message says so): the release
+    was too fast for the downstream. The breaker stays CLOSED (failure_threshold 5; the
+    Retry-After would open it otherwise), the task waits the 0.5 s asked for (a countdown
+    here: the memory store parks nothing), no retry is spent."""
     task = getattr(tasks, task_name)
     breaker = operate(task.breaker)
     monkeypatch.setitem(tasks.CALLS, breaker.name, 0)
 
-    result = task.apply_async(headers={DEFERRALS_HEADER: 1, SINCE_HEADER: time.time() - 5})
+    headers = {DEFERRALS_HEADER: 1, SINCE_HEADER: time.time() - 5, PARKED_HEADER: 1}
+    result = task.apply_async(headers=headers)
     wait_for(lambda: result.state == "RETRY", "the refused task to be deferred again")
     text = deferral_text(result)
     assert text.startswith(f"breaker '{breaker.name}' closed, deferred ")
@@ -269,16 +271,23 @@ def test_a_task_back_from_a_deferral_that_the_downstream_refuses_is_deferred_aga
     assert (snapshot.state, snapshot.trips, snapshot.failures) == (State.CLOSED, 0, 1)
 
 
-def test_a_429_met_by_a_task_never_deferred_opens_the_breaker_and_defers_it(
-    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {DEFERRALS_HEADER: 1, SINCE_HEADER: 1.0}],
+    ids=["never deferred", "back from a countdown"],
+)
+def test_a_429_met_by_a_task_that_was_not_parked_opens_the_breaker_and_defers_it(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch, headers: dict[str, Any]
 ) -> None:
+    """No pace to slow: the Retry-After opens the breaker (failure_threshold 5 would not),
+    which holds every task for it."""
     breaker = operate(tasks.refused_task.breaker)
     monkeypatch.setitem(tasks.CALLS, breaker.name, 0)
-    result = tasks.refused_task.delay()
+    result = tasks.refused_task.apply_async(headers={**headers, SINCE_HEADER: time.time() - 5} if headers else None)
     wait_for(lambda: result.state == "RETRY", "the task to be deferred")
     assert deferred_match(result)["state"] == "open"
     assert breaker.snapshot().trips == 1
-    assert get(result)["deferrals"] == 1
+    assert get(result)["retries"] == 0
 
 
 def test_failure_while_the_breaker_stays_closed_fails_the_task_normally(

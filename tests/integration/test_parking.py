@@ -98,7 +98,7 @@ def test_released_tasks_the_downstream_refuses_are_parked_again_and_the_breaker_
     assert snapshot.state.value == "closed"
     assert snapshot.trips == 0  # a refusal opens nothing (force_open is no trip)
     assert snapshot.failures == len(refused)
-    # A returning task's success is sent before the task returns (the release grows on it),
+    # A released task's success is sent before the task returns (the release grows on it),
     # not with the process's next flush: every one is in the store by the time its result is.
     assert snapshot.successes == 20
     assert parked(store_url) == 0

@@ -380,24 +380,24 @@ def test_a_stale_retry_after_moves_nothing(store: Store, clock: FakeClock) -> No
     assert state_of(breaker) is State.CLOSED
 
 
-# -- refusals: a 429 met by a task let run again after a deferral -------------------
+# -- refusals: a 429 met by a task released from the parking -----------------------
 
 
-def returning_call(breaker: CircuitBreaker, exc: BaseException) -> None:
-    """``exc`` raised by a run that is a task back from a deferral (as BreakerTask runs it)."""
+def released_call(breaker: CircuitBreaker, exc: BaseException) -> None:
+    """``exc`` raised by a run that is a task released from the parking (as BreakerTask runs it)."""
     run = breaker.begin_run(lambda e: e)
-    run.returning = True
+    run.released = True
     with run:
         with pytest.raises(type(exc)):
             breaker.call(raise_, exc)
         run.settle(None)
 
 
-def test_a_refusal_of_a_returning_task_opens_nothing_and_no_rule_sees_it(store: Store, clock: FakeClock) -> None:
+def test_a_refusal_of_a_released_task_opens_nothing_and_no_rule_sees_it(store: Store, clock: FakeClock) -> None:
     breaker = make(store, clock, failure_threshold=2, reset_timeout=30)
     seen = recorder(breaker)
     for _ in range(5):
-        returning_call(breaker, TooManyRequests(2))
+        released_call(breaker, TooManyRequests(2))
     assert state_of(breaker) is State.CLOSED
     assert seen == []
     assert breaker.snapshot().failures == 5  # counted, as failed calls
@@ -416,14 +416,14 @@ def test_a_429_met_by_a_task_that_was_never_deferred_opens_the_breaker(store: St
 def test_a_probe_refused_reopens_as_a_retry_after_does(store: Store, clock: FakeClock) -> None:
     breaker = half_open(store, clock, reset_timeout=30, half_open_max_calls=1)
     seen = recorder(breaker)
-    returning_call(breaker, TooManyRequests(5))
+    released_call(breaker, TooManyRequests(5))
     assert seen[-1].reason == "probe failed, retry-after 5 s"
     assert rejected(breaker).retry_after == pytest.approx(5)
 
 
-def test_a_retry_after_that_is_not_a_refusal_still_opens_for_a_returning_task(store: Store, clock: FakeClock) -> None:
+def test_a_retry_after_that_is_not_a_refusal_still_opens_for_a_released_task(store: Store, clock: FakeClock) -> None:
     breaker = make(store, clock, failure_threshold=5)
-    returning_call(breaker, RetryAfter(9))  # (a 503's Retry-After says "down", not "too fast")
+    released_call(breaker, RetryAfter(9))  # (a 503's Retry-After says "down", not "too fast")
     assert state_of(breaker) is State.OPEN
     assert rejected(breaker).retry_after == pytest.approx(9)
 

@@ -229,13 +229,13 @@ def test_an_unreadable_pace_restarts_with_one_warning(
         assert release(store, clock.monotonic()) == 5
 
 
-def test_a_refusal_recorded_by_a_returning_task_cuts_the_pace_and_holds_it(store: RedisStore) -> None:
+def test_a_refusal_recorded_by_a_released_task_cuts_the_pace_and_holds_it(store: RedisStore) -> None:
     """record.lua counts the refusal and its wait; release.lua cuts at once and releases
     nothing until the wait is over; the breaker stays CLOSED throughout."""
     clock = FakeClock()
     breaker = grown_to_40(store, clock)
     run = breaker.begin_run(lambda e: e)
-    run.returning = True
+    run.released = True
     with run:
         run.settle(TooManyRequests(1.5))
     assert run.refused_for == 1.5

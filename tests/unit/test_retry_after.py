@@ -247,7 +247,7 @@ def test_urllib_http_errors_carry_their_retry_after() -> None:
     assert retry_after_of(plain, now=0.0) is None  # only 429 and 503 speak for the downstream
 
 
-# -- refusals: what a returning task's 429 is -----------------------------------------
+# -- refusals: what a released task's 429 is ------------------------------------------
 
 
 def urllib_error(code: int, **headers: str) -> urllib.error.HTTPError:

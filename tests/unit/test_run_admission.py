@@ -147,7 +147,7 @@ def test_enter_run_admits_like_begin_run_and_is_current_until_it_leaves(clock: F
         assert isinstance(run, RunAdmission)
         assert current_run() is run
         assert fields(run) == fields(begun)  # every field as RunAdmission.__init__ sets it
-        assert (run.claimed, run.recorded, run.returning, run.refused_for) == (False, None, False, None)
+        assert (run.claimed, run.recorded, run.released, run.refused_for) == (False, None, False, None)
         assert run.settle(None) is Outcome.IGNORED  # counts_itself=False: a run alone is neutral
     finally:
         run.leave()

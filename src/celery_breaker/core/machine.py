@@ -166,8 +166,8 @@ class BreakerMachine:
 
         ``open_for``: a failure's Retry-After; it opens a CLOSED breaker (or reopens a
         HALF_OPEN one, as a failed probe) at once for that long, capped by ``max_reset_timeout``.
-        ``refused``: the failure is the downstream refusing a task the breaker let run again
-        after a deferral (a 429: ``core.retry_after.refusal_of``). In CLOSED it is counted
+        ``refused``: the failure is the downstream refusing a task released from the
+        parking (a 429: ``core.retry_after.refusal_of``). In CLOSED it is counted
         as a failure and nothing more: no rule sees it and it opens nothing (the release
         was too fast for the downstream, which was not down; the store's release slows
         down instead). In any other state it is the failure it is.

@@ -20,7 +20,7 @@ from ..core import State
 from ..errors import CircuitOpenError, ConfigurationError, StorageError
 from ..names import check_name
 from .deferral.defer import defer
-from .deferral.plan import DEFERRALS_HEADER
+from .deferral.plan import PARKED_HEADER
 from .probes import breaker_with_probe
 from .task_options import TaskBreakerConfig, forget_task_breaker_config, task_breaker_config
 
@@ -178,8 +178,8 @@ class BreakerTask(Task):  # type: ignore[misc]
         try:
             setattr(request, _RUN_ATTR, run)
             headers = request.headers
-            if headers and DEFERRALS_HEADER in headers:
-                run.returning = True  # deferred before: a 429 now is a refusal, not a trip
+            if headers and PARKED_HEADER in headers:
+                run.released = True  # released from the parking: a 429 now slows the release, opens nothing
             try:
                 result = self.run(*args, **kwargs)
             except Retry as retry:
@@ -202,13 +202,13 @@ class BreakerTask(Task):  # type: ignore[misc]
                     # calls cannot wait: they keep their real error.)
                     return self._on_rejected(breaker, _rejection_now(breaker), args, kwargs)
                 if run.refused_for is not None and (self._can_defer() or self.breaker_fallback is not None):
-                    # The downstream refused this task, let run again after a deferral
-                    # (a 429): the release was too fast for it. Deferred again, no retry spent.
+                    # The downstream refused this task, released from the parking (a
+                    # 429): the release was too fast for it. Parked again, no retry spent.
                     return self._on_rejected(breaker, _refusal(breaker, run.refused_for), args, kwargs)
                 raise
             else:
                 run.settle(None)
-                if run.returning:
+                if run.released:
                     _send_outcome(breaker)
                 return result
             finally:
@@ -301,7 +301,7 @@ def _rejection_now(breaker: CircuitBreaker) -> CircuitOpenError:
 
 def _send_outcome(breaker: CircuitBreaker) -> None:
     """Send this process's counts to the store now, not with the next second's flush: the
-    success of a task back from a deferral is what the adaptive release grows on, and
+    success of a task released from the parking is what the adaptive release grows on, and
     news a second late held its growth to one step a second (``core/pacing.py``)."""
     store = breaker.store
     if not store.down:

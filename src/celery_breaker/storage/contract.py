@@ -90,7 +90,7 @@ class Cell(Protocol):
         """Record a call's outcome and apply any transition it causes. ``open_for`` (a
         failure's Retry-After, seconds) opens a CLOSED or HALF_OPEN breaker at once for
         that long, capped by the policy's ``max_reset_timeout``. ``refused``: the failure
-        is the downstream refusing (429) a task let run again after a deferral; a CLOSED
+        is the downstream refusing (429) a task released from the parking; a CLOSED
         breaker counts it as a failure and nothing more, and the store's adaptive release
         slows down and waits ``open_for`` (``BreakerMachine.record``)."""
         ...

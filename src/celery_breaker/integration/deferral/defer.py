@@ -19,6 +19,7 @@ from ..task_options import task_breaker_config
 from . import expiry  # noqa: F401  (connects the handler that keeps expired deferrals for the worker to revoke)
 from .plan import (
     DEFERRALS_HEADER,
+    PARKED_HEADER,
     SINCE_HEADER,
     hard_time_limit,
     plan_deferral,
@@ -74,7 +75,9 @@ def defer(
             plan.give_up, name=breaker.name, key=breaker.key, state=rejected.state,
             retry_after=rejected.retry_after, final=True,
         ) from rejected  # fmt: skip
-    headers = {k: v for k, v in (request.headers or {}).items() if k not in DEAD_LETTER_HEADERS}
+    headers = {
+        k: v for k, v in (request.headers or {}).items() if k not in DEAD_LETTER_HEADERS and k != PARKED_HEADER
+    }  # (the parking sets PARKED_HEADER on what it parks; nothing else carries it)
     headers[DEFERRALS_HEADER] = plan.count
     headers[SINCE_HEADER] = plan.since
     deferral = Deferral(

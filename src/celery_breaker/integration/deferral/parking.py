@@ -19,7 +19,7 @@ from typing import Any
 from kombu.serialization import dumps, loads
 
 from ...errors import StorageError
-from .plan import park_deadline
+from .plan import PARKED_HEADER, park_deadline
 from .strategy import Deferral
 
 __all__ = ["ParkInStore", "decode_message", "encode_message"]
@@ -75,7 +75,8 @@ class ParkInStore:
             return None
         task = deferral.task
         request = task.request
-        signature = task.signature_from_request(request, deferral.args, deferral.kwargs, headers=deferral.headers)
+        headers = {**deferral.headers, PARKED_HEADER: 1}  # (released, it is paced: see PARKED_HEADER)
+        signature = task.signature_from_request(request, deferral.args, deferral.kwargs, headers=headers)
         body = dict(signature)
         body["options"] = {k: v for k, v in body.get("options", {}).items() if k not in ("countdown", "eta")}
         try:

@@ -14,6 +14,7 @@ from celery.utils.time import maybe_iso8601, maybe_make_aware
 __all__ = [
     "DEFERRALS_HEADER",
     "HEADERS",
+    "PARKED_HEADER",
     "SINCE_HEADER",
     "DeferralHeaders",
     "DeferralPlan",
@@ -30,7 +31,10 @@ logger = logging.getLogger("celery_breaker")
 DEFERRALS_HEADER = "x-breaker-deferrals"
 #: Epoch seconds of the task's first deferral, for ``breaker_max_defer_age``.
 SINCE_HEADER = "x-breaker-deferred-since"
-HEADERS = (DEFERRALS_HEADER, SINCE_HEADER)
+#: Set on a parked task's message: released, it is paced (a 429 it meets slows the release;
+#: BreakerTask._run_guarded). A deferral by any other way drops it.
+PARKED_HEADER = "x-breaker-parked"
+HEADERS = (DEFERRALS_HEADER, SINCE_HEADER, PARKED_HEADER)
 
 #: How long after its ``expires`` a deferred task arrives, so the worker revokes it as expired.
 EXPIRY_OVERSHOOT = 1.0

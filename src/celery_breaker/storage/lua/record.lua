@@ -5,8 +5,8 @@
 -- ARGV[13] a uniform draw in [0, 1) for the open duration's jitter,
 -- ARGV[14] '1' when the probe lease was spent on the breaker's health check ('' otherwise:
 -- the transition it causes says which it was; see BreakerMachine._record_probe),
--- ARGV[15] '1' when the failure is the downstream refusing (429) a task let run again after
--- a deferral (BreakerMachine.record's refused; ARGV[12] then says how long it asked for).
+-- ARGV[15] '1' when the failure is the downstream refusing (429) a task released from the
+-- parking (BreakerMachine.record's refused; ARGV[12] then says how long it asked for).
 
 local generation, lease = tonumber(ARGV[8]), tonumber(ARGV[9])
 local outcome, duration = tonumber(ARGV[10]), tonumber(ARGV[11])
