@@ -33,9 +33,7 @@ def retry_after_of(exc: BaseException, now: float | None = None) -> float | None
     try:
         if isinstance(exc, RetryAfter):
             return _positive(exc.seconds)
-        response = getattr(exc, "response", None)
-        if response is None and isinstance(getattr(exc, "code", None), int) and hasattr(exc, "headers"):
-            response = _UrllibResponse(exc)  # urllib.error.HTTPError: .code and .headers on itself
+        response = _response_of(exc)
         if response is None or getattr(response, "status_code", None) not in RETRY_AFTER_STATUSES:
             return None
         headers = getattr(response, "headers", None)
@@ -62,12 +60,8 @@ def refusal_of(exc: BaseException, now: float | None = None) -> float | None:
             return _positive(exc.seconds) or REFUSAL_WAIT
         if isinstance(exc, RetryAfter):
             return None
-        response = getattr(exc, "response", None)
-        if response is not None:
-            status = getattr(response, "status_code", None)
-        else:
-            status = getattr(exc, "code", None) if hasattr(exc, "headers") else None
-        if status != 429 or isinstance(status, bool):
+        response = _response_of(exc)
+        if response is None or getattr(response, "status_code", None) != 429:
             return None
         return retry_after_of(exc, now) or REFUSAL_WAIT
     except Exception:  # a response object we do not understand must not break recording
@@ -102,6 +96,15 @@ def _positive(seconds: Any) -> float | None:
         return None
     seconds = float(seconds)
     return seconds if seconds > 0 and math.isfinite(seconds) else None
+
+
+def _response_of(exc: BaseException) -> Any:
+    """The HTTP response ``exc`` carries (``status_code``, ``headers``), or ``None``:
+    ``exc.response`` (requests, httpx), or urllib's ``HTTPError`` seen as one."""
+    response = getattr(exc, "response", None)
+    if response is None and isinstance(getattr(exc, "code", None), int) and hasattr(exc, "headers"):
+        response = _UrllibResponse(exc)  # urllib.error.HTTPError: .code and .headers on itself
+    return response
 
 
 class _UrllibResponse:

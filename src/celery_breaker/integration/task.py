@@ -29,6 +29,8 @@ __all__ = ["BreakerTask"]
 logger = logging.getLogger("celery_breaker")
 
 _RUN_ATTR = "_celery_breaker_run"  # the request attribute naming the task's own run admission
+#: Why a task the downstream refused was deferred (the deferral's reason ends with it).
+_REFUSED = "the downstream refused it"
 
 
 def _translate(exc: BaseException) -> BaseException | None:
@@ -196,15 +198,11 @@ class BreakerTask(Task):  # type: ignore[misc]
                 return self._on_rejected(breaker, rejected, args, kwargs)
             except BaseException:
                 run.settle(sys.exc_info()[1])
-                if run.failed_while_open() and (self._can_defer() or self.breaker_fallback is not None):
-                    # This run's downstream call failed and the breaker is open now: the
-                    # task too waits for recovery instead of failing. (Eager and direct
-                    # calls cannot wait: they keep their real error.)
-                    return self._on_rejected(breaker, _rejection_now(breaker), args, kwargs)
-                if run.refused_for is not None and (self._can_defer() or self.breaker_fallback is not None):
-                    # The downstream refused this task, released from the parking (a
-                    # 429): the release was too fast for it. Parked again, no retry spent.
-                    return self._on_rejected(breaker, _refusal(breaker, run.refused_for), args, kwargs)
+                # (Eager and direct calls cannot wait: they keep their real error.)
+                if self._can_defer() or self.breaker_fallback is not None:
+                    rejection = _waits_instead(run)
+                    if rejection is not None:
+                        return self._on_rejected(breaker, rejection, args, kwargs)
                 raise
             else:
                 run.settle(None)
@@ -233,11 +231,10 @@ class BreakerTask(Task):  # type: ignore[misc]
             raise exc  # the run's handler defers (or falls back); never a retry
         if run is not None and isinstance(exc, BaseException):
             run.settle(exc)
-            if run.failed_while_open() and self._can_defer():
-                # It failed and the breaker is open now: defer instead of retrying.
-                raise _rejection_now(run.breaker) from exc
-            if run.refused_for is not None and self._can_defer():
-                raise _refusal(run.breaker, run.refused_for) from exc  # (see _run_guarded)
+            if self._can_defer():
+                rejection = _waits_instead(run)  # defer instead of retrying
+                if rejection is not None:
+                    raise rejection from exc
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     # -- rejection: fallback, error or deferral -------------------------------
@@ -299,6 +296,18 @@ def _rejection_now(breaker: CircuitBreaker) -> CircuitOpenError:
     return CircuitOpenError.rejected(breaker.name, breaker.key, snapshot.state, retry_after)
 
 
+def _waits_instead(run: RunAdmission) -> CircuitOpenError | None:
+    """Whether a run that just failed waits (is deferred) instead of failing, and its
+    rejection if so: its downstream call failed and the breaker is open now (the task
+    too waits for recovery), or the downstream refused a task released from the parking
+    (a 429: the release was too fast for it; parked again, no retry spent)."""
+    if run.failed_while_open():
+        return _rejection_now(run.breaker)
+    if run.refused_for is not None:
+        return _refusal(run.breaker, run.refused_for)
+    return None
+
+
 def _send_outcome(breaker: CircuitBreaker) -> None:
     """Send this process's counts to the store now, not with the next second's flush: the
     success of a task released from the parking is what the adaptive release grows on, and
@@ -312,7 +321,9 @@ def _send_outcome(breaker: CircuitBreaker) -> None:
 def _refusal(breaker: CircuitBreaker, seconds: float) -> CircuitOpenError:
     """The rejection of a task the downstream refused (429) while its breaker stayed
     CLOSED: deferred again for the ``seconds`` the downstream asked for."""
-    return CircuitOpenError.rejected(breaker.name, breaker.key, State.CLOSED, seconds)
+    rejection = CircuitOpenError.rejected(breaker.name, breaker.key, State.CLOSED, seconds)
+    rejection.detail = _REFUSED
+    return rejection
 
 
 # -- class preparation -------------------------------------------------------

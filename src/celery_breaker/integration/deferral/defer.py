@@ -9,7 +9,6 @@ from typing import Any
 from celery.exceptions import Retry
 
 from ...breaker import CircuitBreaker
-from ...core import State
 from ...errors import CircuitOpenError
 from ...labels import breaker_label
 from .. import events
@@ -129,8 +128,8 @@ def _announce(deferral: Deferral, strategy: DeferralStrategy, delay: float) -> R
             f"breaker {label!r} {state}, task expires first: requeued to arrive after "
             f"its expiry in {delay:.1f} s (deferral {plan.count})"
         )
-    elif rejected.state is State.CLOSED:  # (the downstream refused it: see BreakerTask._run_guarded)
-        text = f"breaker {label!r} closed, deferred {delay:.1f} s (deferral {plan.count}): the downstream refused it"
+    elif rejected.detail:  # (why, beyond the state: "the downstream refused it", task.py _refusal)
+        text = f"breaker {label!r} {state}, deferred {delay:.1f} s (deferral {plan.count}): {rejected.detail}"
     else:  # (parked or not: the delay is when the breaker may admit it)
         text = f"breaker {label!r} {state}, deferred {delay:.1f} s (deferral {plan.count})"
     logger.debug("task %s[%s]: %s (%s)", task.name, request.id, text, strategy.name)
