@@ -47,7 +47,7 @@ app.conf.update(
     breaker_defer_spread=0.5,
     # Deferred tasks are parked in Redis (the default with a Redis store); once the
     # breaker closes they are released at the adaptive pace (the default): 10 tasks/s,
-    # growing by a quarter every 0.5 s while they succeed, so the ~50 parked here drain
+    # growing by 40 % every 0.5 s while they succeed, so the ~50 parked here drain
     # in a few seconds. breaker_release_pace="fixed" would go at breaker_release_rate
     # (default 50/s), reached after breaker_release_ramp (default 30 s).
 )

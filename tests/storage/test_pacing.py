@@ -69,7 +69,7 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     law = PacingLaw(ceiling=400.0)  # (the defaults)
     rng = random.Random(16)
     pace: Pace | None = None
-    limited = False
+    limited = owing = eased = False
     for step in range(400):
         clock.advance(rng.choice((0.05, 0.2, 0.25, 0.5, 1.0, 1.7)))
         kind = rng.random()
@@ -83,8 +83,10 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
             client.hincrby(state_key, "rf", 1)
             client.hincrby(state_key, "ko", 1)
             client.hset(state_key, "rh", repr(clock.monotonic() + rng.choice((0.1, 0.5, 1.0, 2.0))))
-        client.hincrby(state_key, "ok", rng.randint(0, 60))
+        # (outcomes lag the releases at times: tasks in flight, owed after a cut)
+        client.hincrby(state_key, "ok", rng.randint(0, 60) if rng.random() < 0.6 else rng.randint(0, 3))
         outcomes = counts(client, state_key)
+        before = pace
         pace = advance(law, pace, outcomes, clock.monotonic())
         expected = allowed(pace)
         pace = took(pace, expected)
@@ -97,10 +99,20 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
         assert int(found["infl"]) == pace.in_flight
         assert (float(found["cut"]) if found["cut"] else None) == pace.cut_at, f"step {step}"
         assert (float(found["lim"]) if found["lim"] else None) == pace.limit, f"step {step}"
+        assert int(found["owe"]) == pace.owed, f"step {step}"
+        assert (float(found["sut"]) if found["sut"] else None) == pace.settle_until, f"step {step}"
+        assert (float(found["csh"]) if found["csh"] else None) == pace.cut_share, f"step {step}"
+        eased = eased or (
+            before is not None and before.cut_share is not None and pace.cut_at == before.cut_at
+            and pace.cut_share is not None and pace.cut_share < before.cut_share
+        )  # fmt: skip
         limited = limited or pace.limit is not None
+        owing = owing or pace.owed > 0
     assert pace is not None
     assert pace.threshold is not None
     assert limited  # (a refusal's limit was set, and compared, along the way)
+    assert owing  # (and a cut owed outcomes of tasks in flight)
+    assert eased  # (and bad news better than the cut's was judged)
 
 
 def test_two_workers_share_one_pace(store: RedisStore, redis_url: str) -> None:
@@ -215,6 +227,9 @@ def test_an_unreadable_pace_restarts_with_one_warning(
         ("a_tokens", "nan"),
         ("srf", "-2"),
         ("lim", "0"),
+        ("owe", "-1"),
+        ("sut", "1e300"),
+        ("csh", "nan"),
     ):
         client.hset(tag + ":p", field, bad)
         caplog.clear()
@@ -272,3 +287,25 @@ def test_the_fixed_pace_ignores_the_adaptive_fields_and_the_other_way_round(stor
     clock.advance(1.0)
     assert release(store, clock.monotonic()) == 5
     assert len(store.parking.release(tag, most=100, pace=20.0, ramp=0.0, lease=30.0, now=clock.monotonic())) == 20
+
+
+def test_a_pace_stored_before_owed_outcomes_reads_as_owing_nothing(
+    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pace written by a release.lua older than ``owe``, ``sut`` and ``csh`` (a rolling
+    upgrade) goes on where it was, with no warning; a ``csh`` an older writer left behind
+    with no cut is dropped."""
+    clock = FakeClock()
+    tag = park(store, 100)
+    CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)
+    release(store, clock.monotonic())
+    clock.advance(1.0)
+    assert release(store, clock.monotonic()) == 5
+    client = redis.Redis.from_url(redis_url)
+    client.hdel(tag + ":p", "owe", "sut")
+    client.hset(tag + ":p", "csh", "0.9")
+    clock.advance(1.0)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert release(store, clock.monotonic()) == 5  # (no success back: no growth, no restart)
+    assert caplog.records == []
+    assert (stored(store)["owe"], stored(store)["sut"], stored(store)["csh"]) == ("0", "", "")

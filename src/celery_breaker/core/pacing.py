@@ -2,7 +2,7 @@
 
 The control law, once, in plain Python; ``storage/lua/release.lua`` keeps the same law,
 step for step, on Redis's clock, so every worker releases at one shared pace
-(``tests/storage/test_pacing_contract.py`` proves the two agree).
+(``tests/storage/test_pacing.py`` proves the two agree).
 
 A pace is a token bucket (``rate`` tasks per second, at most one second's worth held)
 whose rate is judged every ``judge_every`` seconds against what the breaker counted
@@ -10,19 +10,29 @@ since the last judgement (its ``Outcomes``):
 
 * bad news -- a refusal (a released task met a 429: ``BreakerMachine.record``'s
   ``refused``), or at least ``least_bad`` failures and slow successes (the policy's
-  ``slow_call_duration``), and above ``bad_share`` of the outcomes, or of a judgement's worth of tasks at the current
-  rate if more -- cuts the rate at once (not at the next judgement: a downstream near
-  its capacity answers 429 a moment later, which reopens the breaker) to ``back_off``
-  of itself, and the cut rate becomes the ``threshold``; the outcomes of the next
-  ``2 * judge_every`` seconds, and while more than ``in_flight_s`` seconds' worth of
-  released tasks await their outcome, are of tasks released before the cut (queued in
-  the broker, running in the workers), and judge nothing;
+  ``slow_call_duration``) above ``bad_share`` of the outcomes (or of a judgement's
+  worth of tasks at the current rate, if more) -- cuts the rate at once (not at the
+  next judgement: a downstream near its capacity answers 429 a moment later, which
+  reopens the breaker) to ``back_off`` of itself, and the cut rate becomes the
+  ``threshold``;
+* after a cut, outcomes judge nothing for ``SETTLE_LEAST`` judgements (the downstream
+  works off what came before the cut: its queue, its rate window), nor while the tasks
+  released before the cut and awaiting their outcome then (queued in the broker,
+  running in the workers: ``owed``) are still coming back, beyond those judgements for
+  at most twice the time they take at the cut rate, and never more than ``SETTLE_MOST``
+  judgements (an estimate that never drains, tasks lost or never parked, stops holding
+  judgement then); a refusal among that news caps the ``limit`` (below) at the rate
+  before the cut. Bad news after that cuts again only if it is no better than the news
+  that made the cut (``cut_share``; judged over a whole judgement; a refusal always
+  cuts): better bad news shows the cut working, holds the rate, and becomes the share
+  to beat. One overshoot is one cut, not a cut for every judgement its queue takes to
+  drain;
 * otherwise, every ``judge_every`` seconds (or once outcomes came back, if later), when
-  successes came back and the release
-  used at least half of what the rate allowed, the rate grows by ``slow_start`` while
-  below the threshold (there is none at first), and by ``1 + step`` at or above it; the
-  first failures or slow calls too few to be bad news put the threshold at the rate
-  (the downstream's slow zone is near: it is approached by small steps from there);
+  successes came back and the release used at least half of what the rate allowed, the
+  rate grows by ``slow_start`` while below the threshold (there is none at first), and
+  by ``1 + step`` at or above it; the first failures or slow calls too few to be bad
+  news put the threshold at the rate (the downstream's slow zone is near: it is
+  approached by small steps from there);
 * after a refusal nothing is released until the time the downstream asked for (its
   Retry-After: the breaker's ``held_until``), and the rate it was refused at becomes a
   ``limit``: growth stops at ``near`` of it, and from there the limit creeps up by
@@ -54,6 +64,8 @@ __all__ = [
     "JUDGE_EVERY",
     "LEAST_BAD",
     "NEAR",
+    "SETTLE_LEAST",
+    "SETTLE_MOST",
     "SLOW_START",
     "START_RATE",
     "STEP",
@@ -71,10 +83,12 @@ __all__ = [
 START_RATE = 10.0
 #: Seconds between two judgements of the rate.
 JUDGE_EVERY = 0.5
-#: The rate's factor per judgement while below the threshold: small enough that one step
-#: from below a downstream's slow zone (from ~80 % of its capacity) cannot jump past
-#: its capacity (x 1.56 per second).
-SLOW_START = 1.25
+#: The rate's factor per judgement while below the threshold: about doubling a second
+#: (x 1.96), as TCP's slow start doubles per round trip. A step past a downstream's
+#: capacity is cut at the next look that brings bad news, and the surplus it sent is
+#: owed (below), not cut for again; x 1.25 (x 1.56 a second) took 2.5 s longer to reach
+#: 100/s (docs/decisions.md, 50).
+SLOW_START = 1.4
 #: Above the threshold, the rate grows by this share of itself per judgement (21 % a second).
 STEP = 0.1
 #: The rate's factor on bad news (and the threshold's, after a reopen).
@@ -86,9 +100,18 @@ FLOOR = 1.0
 #: Fewer bad outcomes than this are no news (one slow run on a busy host cuts nothing).
 LEAST_BAD = 3
 #: Seconds' worth of released tasks (at the current rate) that may await their outcome
-#: (queued in the broker, running, or their successes not yet sent: workers send them
-#: every second); with more in flight the rate does not grow, nor is it cut again.
+#: (queued in the broker, running, or their successes not yet sent); with more in flight
+#: the rate does not grow.
 IN_FLIGHT_S = 1.5
+#: After a cut, outcomes judge nothing for this many ``judge_every``: news of tasks released
+#: before it, and of the downstream working off what they left (its queue, its rate window).
+#: With 2, a downstream that counts requests per second was still slow a second after the
+#: cut, and cut again: two cuts per overshoot (docs/decisions.md, 50).
+SETTLE_LEAST = 4
+#: After a cut, outcomes owed by tasks released before it hold judgement at most this many
+#: ``judge_every`` beyond ``SETTLE_LEAST``: an estimate of tasks in flight that never
+#: drains (tasks lost, or never parked) cannot freeze the rate for longer.
+SETTLE_MOST = 20
 #: After a refusal, growth stops at this share of the rate refused (its ``limit``) ...
 NEAR = 0.95
 #: ... which creeps up by this share of itself per judgement while the rate is there (1 %/s).
@@ -117,7 +140,8 @@ class PacingLaw:
         checks = {
             "start": self.start > 0,
             "ceiling": self.ceiling is None or self.ceiling > 0,
-            "judge_every": self.judge_every > 0,
+            # (at most 10 s: a settling's end, stored in Redis, stays within 300 s of now)
+            "judge_every": 0 < self.judge_every <= 10,
             "slow_start": self.slow_start >= 1,
             "step": self.step >= 0,
             "back_off": 0 < self.back_off < 1,
@@ -182,8 +206,20 @@ class Pace:
     """Tasks released without an outcome yet, as of the last judgement (an estimate: the
     breaker's outcomes include those of tasks that were never parked)."""
     cut_at: float | None = None
-    """When the rate was last cut: for ``2 * judge_every`` after, outcomes are news of
-    the rate before (in flight), and judge nothing."""
+    """When the rate was last cut: for ``SETTLE_LEAST`` judgements after, outcomes are
+    news of the rate before (in flight, or of a downstream still working it off), and
+    judge nothing."""
+    owed: int = 0
+    """Outcomes still owed by tasks released before the last cut: until they came back
+    (or ``settle_until``), outcomes are news of the rate before, and judge nothing."""
+    settle_until: float | None = None
+    """The latest time the owed outcomes hold judgement: ``SETTLE_LEAST`` judgements after
+    the cut, plus twice the time the owed tasks take at the cut rate (at most
+    ``SETTLE_MOST`` judgements)."""
+    cut_share: float | None = None
+    """The bad share of the news that made the last cut, or of later bad news that was
+    better (``None`` once news without bad news came): bad news better than it cuts
+    nothing, and becomes the share to beat."""
     limit: float | None = None
     """The rate the downstream last refused at (``None``: no refusal in this pace);
     growth stops at ``law.near`` of it, which creeps up by ``law.creep`` per judgement."""
@@ -214,40 +250,64 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
     refused = outcomes.refused - seen.refused
     if successes < 0 or failures < 0 or slow < 0 or refused < 0:  # the breaker started again: a new baseline
         return replace(pace, judged_at=now, seen=outcomes, used=0)
-    in_flight = max(0, pace.in_flight + pace.used - successes - failures)
-    crowded = in_flight > law.in_flight_s * pace.rate
-    settling = pace.cut_at is not None and (now - pace.cut_at < 2 * law.judge_every or crowded)
+    came_back = successes + failures
+    in_flight = max(0, pace.in_flight + pace.used - came_back)
+    owed = max(0, pace.owed - came_back)
+    settling = pace.cut_at is not None and (
+        now - pace.cut_at < SETTLE_LEAST * law.judge_every
+        or (pace.owed > 0 and pace.settle_until is not None and now < pace.settle_until)
+    )
     since = now - pace.judged_at
     bad = failures + slow
     rate, threshold, cut_at, limit = pace.rate, pace.threshold, pace.cut_at, pace.limit
+    settle_until = pace.settle_until
     if settling:
-        # News of tasks released before the last cut (still in flight): judges nothing.
-        return replace(pace, judged_at=now, seen=outcomes, used=0, in_flight=in_flight)
-    if refused > 0 or (
-        bad >= law.least_bad and bad > law.bad_share * max(successes + failures, pace.rate * law.judge_every)
-    ):
+        # News of tasks released before the last cut (still in flight): judges nothing,
+        # but a refusal among it says where the downstream's limit was: at most the rate
+        # those tasks were released at, the rate before the cut.
+        if refused > 0:
+            before = rate / law.back_off
+            limit = before if limit is None else min(limit, before)
+        return replace(pace, judged_at=now, seen=outcomes, used=0, in_flight=in_flight, owed=owed, limit=limit)
+    share = bad / max(came_back, pace.rate * law.judge_every)
+    cut_share = pace.cut_share
+    if refused > 0 or (bad >= law.least_bad and share > law.bad_share):
+        if refused == 0 and cut_share is not None and share < cut_share:
+            # Bad, but less so than the news that made the last cut: the cut is taking
+            # effect (the downstream still works off what came before it). Judged over a
+            # whole judgement (a shorter look's share is not comparable), and neither cut
+            # again nor grown; the next bad news must be better still.
+            if since < law.judge_every:
+                return pace
+            return replace(pace, judged_at=now, seen=outcomes, used=0, in_flight=in_flight, owed=owed,
+                           cut_share=share)  # fmt: skip
         if refused > 0:
             limit = rate  # (the rate it was refused at)
         rate = law.bound(rate * law.back_off)
-        threshold, cut_at = rate, now
-    elif since < law.judge_every or successes + failures == 0:
+        threshold, cut_at, owed, cut_share = rate, now, in_flight, share
+        settle_until = now + law.judge_every * SETTLE_LEAST + min(2 * owed / rate, law.judge_every * SETTLE_MOST)
+    elif since < law.judge_every or came_back == 0:
         return pace  # (no news yet: the judgement waits for some)
-    elif successes > 0 and pace.used >= 0.5 * pace.rate * since and not crowded:
-        if bad > 0 and (threshold is None or threshold > rate):
-            threshold = rate  # the first bad outcomes: the slow zone is near
-        if threshold is None or rate < threshold:
-            grown = rate * law.slow_start
-            if threshold is not None:
-                grown = min(grown, threshold)
-        else:
-            grown = rate * (1 + law.step)
-        if limit is not None:
-            if rate >= limit * law.near:
-                limit = limit * (1 + law.creep)  # at the limit: probe above it, slowly
-            grown = max(rate, min(grown, limit * law.near))
-        rate = law.bound(grown)
+    else:
+        cut_share = None  # (news without bad news: the next bad news cuts)
+        crowded = in_flight > law.in_flight_s * pace.rate
+        if successes > 0 and pace.used >= 0.5 * pace.rate * since and not crowded:
+            if bad > 0 and (threshold is None or threshold > rate):
+                threshold = rate  # the first bad outcomes: the slow zone is near
+            if threshold is None or rate < threshold:
+                grown = rate * law.slow_start
+                if threshold is not None:
+                    grown = min(grown, threshold)
+            else:
+                grown = rate * (1 + law.step)
+            if limit is not None:
+                if rate >= limit * law.near:
+                    limit = limit * (1 + law.creep)  # at the limit: probe above it, slowly
+                grown = max(rate, min(grown, limit * law.near))
+            rate = law.bound(grown)
     return replace(pace, rate=rate, threshold=threshold, tokens=min(rate, pace.tokens), judged_at=now,
-                   seen=outcomes, used=0, in_flight=in_flight, cut_at=cut_at, limit=limit)  # fmt: skip
+                   seen=outcomes, used=0, in_flight=in_flight, cut_at=cut_at, limit=limit, owed=owed,
+                   settle_until=settle_until, cut_share=cut_share)  # fmt: skip
 
 
 def allowed(pace: Pace) -> int:

@@ -81,7 +81,7 @@ SETTING_DOCS: dict[str, Doc] = {
     "breaker_release_pace": Doc(
         accepts='`"adaptive"` or `"fixed"`',
         meaning="how parked tasks are released once their breaker has closed, decided in Redis for all workers: "
-        '`"adaptive"` starts at 10 per second and grows (by a quarter every half second) while the released tasks '
+        '`"adaptive"` starts at 10 per second and grows (by 40 % every half second) while the released tasks '
         "succeed, is cut to 80 % at once on failures or slow calls (the policy's `slow_call_duration`) or on a "
         "released task's 429 (then it waits for the Retry-After, and grows back only to 95 % of the rate refused), "
         "and stops "

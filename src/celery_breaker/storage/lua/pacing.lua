@@ -10,8 +10,17 @@
 -- 'srf' the breaker's successes, failures, slow calls and refusals then ('srf' is absent from
 -- paces older than it: read as the breaker's count now), 'used' entries released since,
 -- 'infl' tasks released without an outcome as of the last judgement, 'cut' when the rate
--- was last cut ('' never), 'lim' the rate the downstream last refused at ('' none).
+-- was last cut ('' never), 'lim' the rate the downstream last refused at ('' none), 'owe'
+-- outcomes still owed by tasks released before the cut and 'sut' until when they may hold
+-- judgement ('' none; both absent from paces older than them: nothing owed), 'csh' the bad
+-- share of the news that made the last cut or of better bad news since ('' none).
 -- Unreadable fields restart the pace (begin, without a threshold), with a warning.
+
+-- pacing.SETTLE_LEAST: judgements in which outcomes judge nothing after a cut.
+local SETTLE_LEAST = 4
+-- pacing.SETTLE_MOST: judgements the outcomes owed since a cut may hold judgement, at most,
+-- beyond SETTLE_LEAST (judge_every <= 10 s: 'sut' stays within CLOCK_SLACK of now).
+local SETTLE_MOST = 20
 
 local LAW_FIELDS = { 'start', 'ceiling', 'judge_every', 'slow_start', 'step', 'back_off', 'bad_share', 'floor',
   'least_bad', 'in_flight_s', 'near', 'creep' }
@@ -28,7 +37,8 @@ local function read_law(text)
       if law[name] == nil then return nil end
     end
   end
-  if not (law.start > 0 and (law.ceiling == nil or law.ceiling > 0) and law.judge_every > 0 and law.slow_start >= 1
+  if not (law.start > 0 and (law.ceiling == nil or law.ceiling > 0) and law.judge_every > 0 and law.judge_every <= 10
+      and law.slow_start >= 1
       and law.step >= 0 and law.back_off > 0 and law.back_off < 1 and law.bad_share >= 0 and law.bad_share < 1
       and law.floor > 0 and law.floor <= law.start and law.least_bad >= 1
       and law.least_bad == math.floor(law.least_bad) and law.in_flight_s > 0 and law.near > 0 and law.near <= 1
@@ -48,11 +58,12 @@ end
 -- The stored adaptive pace; nil when there is none (or only a fixed ramp's) or it is unreadable.
 local function read_pace()
   local p = redis.call('HMGET', K_PACE, 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used',
-    'cut', 'infl', 'srf', 'lim')
+    'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh')
   if not p[2] then return nil end
   local pace = { gen = read_whole(p[1]), rate = read_number(p[2]), thr = nil, tokens = read_number(p[4]),
     at = read_time(p[5], now, 0), jat = read_time(p[6], now, 0), sok = read_whole(p[7]), sko = read_whole(p[8]),
-    ssl = read_whole(p[9]), used = read_whole(p[10]), infl = read_whole(p[12] or '0'), srf = nil }
+    ssl = read_whole(p[9]), used = read_whole(p[10]), infl = read_whole(p[12] or '0'), srf = nil,
+    owe = read_whole(p[15] or '0') }
   local good = true
   if p[13] then
     pace.srf = read_whole(p[13])
@@ -60,7 +71,7 @@ local function read_pace()
   end
   good = good and pace.gen ~= nil and pace.rate ~= nil and pace.rate > 0 and pace.tokens ~= nil and pace.tokens >= 0
     and pace.at ~= nil and pace.jat ~= nil and pace.sok ~= nil and pace.sko ~= nil and pace.ssl ~= nil
-    and pace.used ~= nil and pace.infl ~= nil
+    and pace.used ~= nil and pace.infl ~= nil and pace.owe ~= nil
   if (p[3] or '') ~= '' then
     pace.thr = read_number(p[3])
     good = good and pace.thr ~= nil and pace.thr > 0
@@ -73,10 +84,19 @@ local function read_pace()
     pace.lim = read_number(p[14])
     good = good and pace.lim ~= nil and pace.lim > 0
   end
+  if (p[16] or '') ~= '' then
+    pace.sut = read_time(p[16], now, 0)
+    good = good and pace.sut ~= nil
+  end
+  if (p[17] or '') ~= '' then
+    pace.csh = read_number(p[17])
+    good = good and pace.csh ~= nil and pace.csh >= 0
+    if pace.cut == nil then pace.csh = nil end -- (left behind by an older writer's pace)
+  end
   if not good then
     local shown = {}
     for i, name in ipairs({ 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used', 'cut',
-      'infl', 'srf', 'lim' }) do
+      'infl', 'srf', 'lim', 'owe', 'sut', 'csh' }) do
       shown[#shown + 1] = name .. '=' .. show(p[i])
     end
     repaired('unreadable adaptive pace ' .. table.concat(shown, ' ') .. ' in ' .. K_PACE .. ' (the pace restarts)')
@@ -92,7 +112,7 @@ local function begin_pace(law, outcomes, before)
   if before ~= nil then thr = bound(law, before.rate * law.back_off) end
   return { gen = outcomes.gen, rate = bound(law, math.min(law.start, thr or law.start)), thr = thr, tokens = 0,
     at = now, jat = now, sok = outcomes.ok, sko = outcomes.ko, ssl = outcomes.sl, srf = outcomes.rf, used = 0,
-    infl = 0 }
+    infl = 0, owe = 0 }
 end
 
 -- pacing.advance: tokens refilled, and the rate judged against the breaker's counts
@@ -112,44 +132,69 @@ local function advance_pace(law, pace, outcomes)
       outcomes.rf, 0
     return pace
   end
-  local infl = math.max(0, pace.infl + pace.used - ok - ko)
-  local crowded = infl > law.in_flight_s * pace.rate
-  local settling = pace.cut ~= nil and (now - pace.cut < 2 * law.judge_every or crowded)
+  local came_back = ok + ko
+  local infl = math.max(0, pace.infl + pace.used - came_back)
+  local owe = math.max(0, pace.owe - came_back)
+  local settling = pace.cut ~= nil and (now - pace.cut < SETTLE_LEAST * law.judge_every
+    or (pace.owe > 0 and pace.sut ~= nil and now < pace.sut))
   local since = now - pace.jat
   local bad = ko + sl
   local rate, thr, lim = pace.rate, pace.thr, pace.lim
   if settling then
-    -- news of tasks released before the last cut (still in flight): judges nothing
+    -- news of tasks released before the last cut (still in flight): judges nothing, but a
+    -- refusal among it caps the limit at the rate before the cut
+    if rf > 0 then
+      local before = rate / law.back_off
+      if lim == nil or before < lim then lim = before end
+    end
     pace.jat, pace.sok, pace.sko, pace.ssl, pace.srf, pace.used = now, outcomes.ok, outcomes.ko, outcomes.sl,
       outcomes.rf, 0
-    pace.infl = infl
+    pace.infl, pace.owe, pace.lim = infl, owe, lim
     return pace
   end
-  if rf > 0 or (bad >= law.least_bad and bad > law.bad_share * math.max(ok + ko, pace.rate * law.judge_every)) then
+  local share = bad / math.max(came_back, pace.rate * law.judge_every)
+  if rf > 0 or (bad >= law.least_bad and share > law.bad_share) then
+    if rf == 0 and pace.csh ~= nil and share < pace.csh then
+      -- bad, but less so than the news that made the last cut: the cut is taking effect
+      -- (judged over a whole judgement only)
+      if since < law.judge_every then return pace end
+      pace.jat, pace.sok, pace.sko, pace.ssl, pace.srf, pace.used = now, outcomes.ok, outcomes.ko, outcomes.sl,
+        outcomes.rf, 0
+      pace.infl, pace.owe, pace.csh = infl, owe, share
+      return pace
+    end
     if rf > 0 then lim = rate end -- (the rate it was refused at)
     rate = bound(law, rate * law.back_off)
     thr = rate
     pace.cut = now
-  elseif since < law.judge_every or ok + ko == 0 then
+    owe = infl
+    pace.sut = now + law.judge_every * SETTLE_LEAST + math.min(2 * owe / rate, law.judge_every * SETTLE_MOST)
+    pace.csh = share
+  elseif since < law.judge_every or came_back == 0 then
     return pace -- (no news yet: the judgement waits for some)
-  elseif ok > 0 and pace.used >= 0.5 * pace.rate * since and not crowded then
-    if bad > 0 and (thr == nil or thr > rate) then thr = rate end -- the first bad outcomes: the slow zone is near
-    local grown
-    if thr == nil or rate < thr then
-      grown = rate * law.slow_start
-      if thr ~= nil then grown = math.min(grown, thr) end
-    else
-      grown = rate * (1 + law.step)
+  else
+    pace.csh = nil -- (news without bad news: the next bad news cuts)
+    local crowded = infl > law.in_flight_s * pace.rate -- (too many in flight: no growth)
+    if ok > 0 and pace.used >= 0.5 * pace.rate * since and not crowded then
+      if bad > 0 and (thr == nil or thr > rate) then thr = rate end -- the first bad outcomes: the slow zone is near
+      local grown
+      if thr == nil or rate < thr then
+        grown = rate * law.slow_start
+        if thr ~= nil then grown = math.min(grown, thr) end
+      else
+        grown = rate * (1 + law.step)
+      end
+      if lim ~= nil then
+        if rate >= lim * law.near then lim = lim * (1 + law.creep) end -- at the limit: probe above it, slowly
+        grown = math.max(rate, math.min(grown, lim * law.near))
+      end
+      rate = bound(law, grown)
     end
-    if lim ~= nil then
-      if rate >= lim * law.near then lim = lim * (1 + law.creep) end -- at the limit: probe above it, slowly
-      grown = math.max(rate, math.min(grown, lim * law.near))
-    end
-    rate = bound(law, grown)
   end
   pace.rate, pace.thr, pace.tokens, pace.jat, pace.lim = rate, thr, math.min(rate, pace.tokens), now, lim
   pace.sok, pace.sko, pace.ssl, pace.srf, pace.used, pace.infl = outcomes.ok, outcomes.ko, outcomes.sl, outcomes.rf,
     0, infl
+  pace.owe = owe
   return pace
 end
 
@@ -164,5 +209,5 @@ local function write_pace(pace)
   redis.call('HSET', K_PACE, 'a_gen', fmt(pace.gen), 'rate', fmt(pace.rate), 'thr', fmt(pace.thr), 'a_tokens',
     fmt(pace.tokens), 'a_at', fmt(pace.at), 'jat', fmt(pace.jat), 'sok', fmt(pace.sok), 'sko', fmt(pace.sko), 'ssl',
     fmt(pace.ssl), 'used', fmt(pace.used), 'cut', fmt(pace.cut), 'infl', fmt(pace.infl), 'srf', fmt(pace.srf), 'lim',
-    fmt(pace.lim))
+    fmt(pace.lim), 'owe', fmt(pace.owe), 'sut', fmt(pace.sut), 'csh', fmt(pace.csh))
 end

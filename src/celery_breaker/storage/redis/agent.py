@@ -101,7 +101,7 @@ class Agent(threading.Thread):
                 store.agent_stopped(self)
 
     def _subscribe(self, store: RedisStore) -> Any:
-        pubsub = store.client().pubsub()  # type: ignore[no-untyped-call]
+        pubsub = store.client().pubsub()  # type: ignore[no-untyped-call,unused-ignore]
         pubsub.subscribe(store.channel)
         deadline = time.monotonic() + max(store.socket_timeout, 1.0)
         while time.monotonic() < deadline:

@@ -167,8 +167,8 @@ def make_client(
         # Sentinel's own connections only ask where the master is; the master's get the
         # URL's credentials, db and options. Neither connects before the first command.
         sentinel_kwargs = {**timeouts, "retry": _retry(), **endpoint.sentinel_options}
-        sentinel = Sentinel(list(endpoint.nodes), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
-        return sentinel.master_for(endpoint.service, retry=_retry(), **timeouts, **endpoint.options)  # type: ignore[no-untyped-call]
+        sentinel = Sentinel(list(endpoint.nodes), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call,unused-ignore]
+        return sentinel.master_for(endpoint.service, retry=_retry(), **timeouts, **endpoint.options)  # type: ignore[no-untyped-call,unused-ignore]
     if endpoint.topology == "cluster":
         try:
             # A cluster-level retry: redis-py retries a timeout too, and reads the slot
