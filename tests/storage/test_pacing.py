@@ -209,15 +209,22 @@ def test_a_reopened_breaker_stops_the_release_at_once_and_restarts_it_lower(stor
     assert (float(stored(store)["rate"]), float(stored(store)["thr"])) == (5.0, 28.0)
 
 
-def test_an_unreadable_pace_restarts_with_one_warning(
-    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    clock = FakeClock()
+def paced(store: RedisStore, clock: FakeClock) -> str:
+    """100 parked tasks behind a closed breaker, and a pace begun a second ago that has
+    released 5 of them (5/s, nothing back yet); returns the breaker's tag."""
     tag = park(store, 100)
     CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)
     release(store, clock.monotonic())
     clock.advance(1.0)
     assert release(store, clock.monotonic()) == 5
+    return tag
+
+
+def test_an_unreadable_pace_restarts_with_one_warning(
+    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    tag = paced(store, clock)
     client = redis.Redis.from_url(redis_url)
     for field, bad in (
         ("rate", "inf"),
@@ -296,11 +303,7 @@ def test_a_pace_stored_before_owed_outcomes_reads_as_owing_nothing(
     upgrade) goes on where it was, with no warning; a ``csh`` an older writer left behind
     with no cut is dropped."""
     clock = FakeClock()
-    tag = park(store, 100)
-    CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)
-    release(store, clock.monotonic())
-    clock.advance(1.0)
-    assert release(store, clock.monotonic()) == 5
+    tag = paced(store, clock)
     client = redis.Redis.from_url(redis_url)
     client.hdel(tag + ":p", "owe", "sut")
     client.hset(tag + ":p", "csh", "0.9")
