@@ -115,6 +115,13 @@ local function begin_pace(law, outcomes, before)
     infl = 0, owe = 0 }
 end
 
+-- The breaker's counts judged (pacing.advance's seen=outcomes, used=0, judged_at=now): the
+-- next judgement counts from them.
+local function judged(pace, outcomes)
+  pace.jat, pace.sok, pace.sko, pace.ssl, pace.srf, pace.used = now, outcomes.ok, outcomes.ko, outcomes.sl,
+    outcomes.rf, 0
+end
+
 -- pacing.advance: tokens refilled, and the rate judged against the breaker's counts
 -- since the last judgement ({ gen, ok, ko, sl, rf, rh }): cut at once on bad news, grown every
 -- judge_every seconds on good news; nothing goes while a refusal's wait (rh) lasts.
@@ -128,8 +135,7 @@ local function advance_pace(law, pace, outcomes)
   if pace.srf == nil then pace.srf = outcomes.rf end
   local ok, ko, sl, rf = outcomes.ok - pace.sok, outcomes.ko - pace.sko, outcomes.sl - pace.ssl, outcomes.rf - pace.srf
   if ok < 0 or ko < 0 or sl < 0 or rf < 0 then -- the breaker started again: a new baseline
-    pace.jat, pace.sok, pace.sko, pace.ssl, pace.srf, pace.used = now, outcomes.ok, outcomes.ko, outcomes.sl,
-      outcomes.rf, 0
+    judged(pace, outcomes)
     return pace
   end
   local came_back = ok + ko
@@ -147,8 +153,7 @@ local function advance_pace(law, pace, outcomes)
       local before = rate / law.back_off
       if lim == nil or before < lim then lim = before end
     end
-    pace.jat, pace.sok, pace.sko, pace.ssl, pace.srf, pace.used = now, outcomes.ok, outcomes.ko, outcomes.sl,
-      outcomes.rf, 0
+    judged(pace, outcomes)
     pace.infl, pace.owe, pace.lim = infl, owe, lim
     return pace
   end
@@ -158,8 +163,7 @@ local function advance_pace(law, pace, outcomes)
       -- bad, but less so than the news that made the last cut: the cut is taking effect
       -- (judged over a whole judgement only)
       if since < law.judge_every then return pace end
-      pace.jat, pace.sok, pace.sko, pace.ssl, pace.srf, pace.used = now, outcomes.ok, outcomes.ko, outcomes.sl,
-        outcomes.rf, 0
+      judged(pace, outcomes)
       pace.infl, pace.owe, pace.csh = infl, owe, share
       return pace
     end
@@ -191,10 +195,9 @@ local function advance_pace(law, pace, outcomes)
       rate = bound(law, grown)
     end
   end
-  pace.rate, pace.thr, pace.tokens, pace.jat, pace.lim = rate, thr, math.min(rate, pace.tokens), now, lim
-  pace.sok, pace.sko, pace.ssl, pace.srf, pace.used, pace.infl = outcomes.ok, outcomes.ko, outcomes.sl, outcomes.rf,
-    0, infl
-  pace.owe = owe
+  judged(pace, outcomes)
+  pace.rate, pace.thr, pace.tokens, pace.lim = rate, thr, math.min(rate, pace.tokens), lim
+  pace.infl, pace.owe = infl, owe
   return pace
 end
 
