@@ -13,8 +13,9 @@ from celery_breaker import State
 from celery_breaker.core import BreakerSnapshot
 from celery_breaker.errors import StorageError
 from celery_breaker.monitoring import BreakerStatus
-from celery_breaker.ops.console import duration, open_until_text, status_text, summary
+from celery_breaker.ops.console import duration, open_until_text, release_text, status_text, summary
 from celery_breaker.ops.watch import Watch, fit, run_watch, watch_frame
+from celery_breaker.storage import ReleasePace
 from celery_breaker.testing import FakeClock
 
 
@@ -58,9 +59,9 @@ def test_status_table_aligns_columns_and_drops_the_key_column_when_no_breaker_ha
     ]
     lines = status_text(rows, now=1_700_000_000.0).splitlines()
     assert lines[0].split() == ["NAME", "STATE", "FAIL%", "CALLS", "FAILS", "OPEN", "UNTIL", "TRIPS", "DEFERRED",
-                                "PARKED"]  # fmt: skip
-    assert lines[1].split() == ["billing", "closed", "30%", "10", "3", "-", "0", "0", "0"]
-    assert lines[2].split() == ["partner-api", "open", "-", "0", "0", "in", "9.0", "s", "2", "7", "4"]
+                                "PARKED", "RELEASE"]  # fmt: skip
+    assert lines[1].split() == ["billing", "closed", "30%", "10", "3", "-", "0", "0", "0", "-"]
+    assert lines[2].split() == ["partner-api", "open", "-", "0", "0", "in", "9.0", "s", "2", "7", "4", "-"]
     assert lines[-1] == "2 breakers: 1 open, 1 closed"
     assert len({len(line) for line in lines[:3]}) <= 2  # numbers right-aligned under their titles
     assert "\x1b[" not in "\n".join(lines)
@@ -70,6 +71,21 @@ def test_status_table_aligns_columns_and_drops_the_key_column_when_no_breaker_ha
     assert "OPEN UNTIL (TIME)" in keyed
     assert "REJECTED" in keyed
     assert "GEN" in keyed
+
+
+def test_the_release_column_shows_the_pace_its_wait_and_its_limit() -> None:
+    assert release_text(None) == "-"
+    assert release_text(ReleasePace(3, 146.4, None, None)) == "146/s"
+    assert release_text(ReleasePace(3, 5.55, None, None)) == "5.5/s"
+    assert release_text(ReleasePace(3, 9.96, None, None)) == "10/s"
+    assert release_text(ReleasePace(3, 28.0, 40.0, 1.25)) == "held 1.2 s, then 28/s (limit 40/s)"
+    assert release_text(ReleasePace(3, 38.0, 40.0, None)) == "38/s (limit 40/s)"
+    releasing = BreakerStatus(snap("partner-api"), 120, 8, ReleasePace(0, 28.0, 40.0, 1.25))
+    lines = status_text([releasing], now=0.0).splitlines()
+    assert lines[1].endswith("120  held 1.2 s, then 28/s (limit 40/s)")
+    wide = status_text([releasing], now=0.0, wide=True).splitlines()
+    assert wide[0].split()[-5:] == ["REJECTED", "CLAIMED", "STREAK", "GEN", "RELEASE"]  # (last: it has spaces)
+    assert wide[1].endswith("0  held 1.2 s, then 28/s (limit 40/s)")
 
 
 def test_colour_marks_states_only_when_asked() -> None:
@@ -108,6 +124,13 @@ def test_watch_computes_rates_since_the_last_refresh_and_logs_transitions() -> N
     assert "REJ/S" in frame
     line = next(text for text in frame.splitlines() if text.startswith("partner-api"))
     assert line.split()[:4] == ["partner-api", "open", "1.5", "s"]  # in its state for 1.5 s
+    assert line.endswith("  -")  # open: no release
+
+    closed = changed(tripped, state=State.CLOSED, generation=6, retry_after=0.0)
+    releasing = BreakerStatus(closed, 40, 4, ReleasePace(6, 84.0, None, None))
+    frame = watch_frame(watch.observe([releasing]), watch, store="redis://h/0", interval=1.0)
+    line = next(text for text in frame.splitlines() if text.startswith("partner-api"))
+    assert line.endswith("  40  84/s")  # parked, then the pace they are released at
 
 
 def test_watch_names_resets_bursts_of_transitions_new_and_gone_breakers() -> None:

@@ -43,15 +43,15 @@ def test_the_table_shows_every_breaker_sorted_with_its_numbers(store_url: str) -
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["NAME", "KEY", "STATE", "FAIL%", "CALLS", "FAILS", "OPEN", "UNTIL", "TRIPS",
-                                "DEFERRED", "PARKED"]  # fmt: skip
+                                "DEFERRED", "PARKED", "RELEASE"]  # fmt: skip
     assert [line.split()[0] for line in lines[1:4]] == ["billing", "crm", "partner-api"]
-    assert lines[2].split() == ["crm", "tenant-7", "closed", "0%", "4", "0", "-", "0", "0", "0"]
+    assert lines[2].split() == ["crm", "tenant-7", "closed", "0%", "4", "0", "-", "0", "0", "0", "-"]
     partner = lines[3].split()
     assert partner[:6] == ["partner-api", "-", "open", "-", "0", "0"]  # a trip starts the windows afresh
     assert partner[6] == "in"
     assert 25 < float(partner[7]) <= 30
     assert partner[8] == "s"
-    assert partner[9:] == ["1", "3", "2"]  # trips, deferred, parked
+    assert partner[9:] == ["1", "3", "2", "-"]  # trips, deferred, parked; no release while open
     assert lines[-1] == "3 breakers: 1 open, 2 closed"
     assert "\x1b[" not in result.stdout  # not a terminal: no colour
     assert result.stderr == ""

@@ -191,7 +191,7 @@ def test_an_operator_holds_a_running_cluster_back_and_lets_it_go(broker: str, pr
 
         wait_for(held_back, 30, "the worker to defer and park all 3 tasks")
         status = celery(broker, prefix, "breaker", "status")
-        assert status.stdout.splitlines()[1].split()[-3:] == ["0", "3", "3"]  # trips, deferred, parked
+        assert status.stdout.splitlines()[1].split()[-4:] == ["0", "3", "3", "-"]  # trips, deferred, parked, release
         assert redis.Redis.from_url(broker).get(proj.CALLS_KEY) is None  # the downstream saw nothing
 
         closed = celery(broker, prefix, "breaker", "close", "partner-api")

@@ -78,13 +78,13 @@ def test_watch_shows_rates_time_in_state_and_the_transitions_between_refreshes(
 
     second = line_of(shown[1], "partner-api")
     assert second[1] == "open"
-    assert second[-6:-2] == ["1", "3.0", "0.0", "0.0"]  # trips; 6 calls in 2 s; no deferrals or rejections yet
+    assert second[-7:-3] == ["1", "3.0", "0.0", "0.0"]  # trips; 6 calls in 2 s; no deferrals or rejections yet
     assert "Recent changes (newest last)" in shown[1]
     assert "partner-api  closed -> open  (trip; open for 30.0 s)" in shown[1]
     assert "2 breakers: 1 open, 1 closed" in shown[1]
 
     third = line_of(shown[2], "partner-api")
-    assert third[-5:] == ["0.0", "2.0", "1.0", "4", "0"]  # calls/s, 4 deferrals and 2 rejections in 2 s
+    assert third[-6:] == ["0.0", "2.0", "1.0", "4", "0", "-"]  # calls/s, 4 deferrals and 2 rejections in 2 s
     assert line_of(shown[2], "billing")[2:4] == [">=", "4.0"]  # closed since before the watch began
     assert "\x1b[" not in result.stdout  # not a terminal: frames follow each other, no escape codes
 

@@ -7,6 +7,7 @@ them); the worker's releaser publishes them again, oldest first, when it closes.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import pytest
 import redis
 
 from celery_breaker import CircuitBreaker
+from celery_breaker.monitoring import ReleasePace, collect_metrics
 from tests.integration import parking_proj
 from tests.integration.workers import WorkerProcess, wait_for
 
@@ -86,8 +88,21 @@ def test_released_tasks_the_downstream_refuses_are_parked_again_and_the_breaker_
         wait_for(lambda: parked(store_url) == 20, 60, "20 parked tasks")
         refused = (2, 5, 11, 17)
         client.mset({f"refuse:{n}": 1 for n in refused})
+        paces: list[ReleasePace] = []
+        watching = threading.Event()
+
+        def watch() -> None:  # the release, as an operator sees it (`celery breaker status`)
+            while not watching.wait(0.02):
+                paces.extend(row.release for row in collect_metrics(store_url) if row.release is not None)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
         breaker.close()
-        values = [r.get(timeout=60) for r in results]
+        try:
+            values = [r.get(timeout=60) for r in results]
+        finally:
+            watching.set()
+            watcher.join(10)
         snapshot = breaker.snapshot()
     finally:
         worker.stop()
@@ -102,6 +117,12 @@ def test_released_tasks_the_downstream_refuses_are_parked_again_and_the_breaker_
     # not with the process's next flush: every one is in the store by the time its result is.
     assert snapshot.successes == 20
     assert parked(store_url) == 0
+    # The pace was seen while it released: from 10/s (x1.4 a judgement while tasks
+    # succeed), and once refused, with a limit and the wait the refusal asked for (0.5 s).
+    assert paces, "no release pace seen while the parked tasks were released"
+    assert paces[0].rate < 20.0
+    assert any(pace.limit is not None for pace in paces)
+    assert any(pace.held_for is not None and 0 < pace.held_for <= 0.5 for pace in paces)
 
 
 def test_an_expiring_parked_task_is_released_at_its_expiry_and_revoked(broker: str, store_url: str) -> None:

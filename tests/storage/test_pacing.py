@@ -15,6 +15,7 @@ import redis
 
 from celery_breaker import CircuitBreaker, State, TooManyRequests
 from celery_breaker.core.pacing import Outcomes, Pace, PacingLaw, advance, allowed, took
+from celery_breaker.monitoring import BreakerStatus, ReleasePace, collect_metrics
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
@@ -312,3 +313,93 @@ def test_a_pace_stored_before_owed_outcomes_reads_as_owing_nothing(
         assert release(store, clock.monotonic()) == 5  # (no success back: no growth, no restart)
     assert caplog.records == []
     assert (stored(store)["owe"], stored(store)["sut"], stored(store)["csh"]) == ("0", "", "")
+
+
+# -- the pace as people see it (pace.lua, collect_metrics) ---------------------------------
+
+
+def release_row(store: RedisStore, clock: FakeClock) -> BreakerStatus:
+    [row] = collect_metrics(store, clock=clock)
+    return row
+
+
+def test_the_status_shows_the_pace_while_it_releases(store: RedisStore) -> None:
+    clock = FakeClock()
+    breaker = grown_to_40(store, clock)
+    row = release_row(store, clock)
+    assert row.release == ReleasePace(row.snapshot.generation, 40.0, None, None)
+    assert {k: v for k, v in row.as_dict().items() if k.startswith("release_")} == {
+        "release_rate": 40.0, "release_limit": None, "release_held_for": None,
+    }  # fmt: skip
+    run = breaker.begin_run(lambda e: e)
+    run.released = True
+    with run:
+        run.settle(TooManyRequests(1.5))
+    clock.advance(0.25)
+    assert release(store, clock.monotonic()) == 0
+    release_now = release_row(store, clock).release
+    assert release_now is not None
+    assert (release_now.rate, release_now.limit) == (28.0, 40.0)  # cut, its limit the rate refused
+    assert release_now.held_for == pytest.approx(1.25)  # of the 1.5 s asked for
+    clock.advance(1.5)
+    release(store, clock.monotonic())
+    assert release_row(store, clock).release == ReleasePace(row.snapshot.generation, 28.0, 40.0, None)
+    clock.advance(5.5)  # no release for longer than pace.lua's IDLE: no worker releases at it
+    assert release_row(store, clock).release is None
+    release(store, clock.monotonic())
+    assert release_row(store, clock).release is not None
+
+
+def test_the_status_shows_no_pace_without_a_release_under_way(store: RedisStore) -> None:
+    """Before the first release, while the breaker is open (the pace then is of an earlier
+    generation, and over), and once nothing is parked."""
+    clock = FakeClock()
+    tag = park(store, 3)
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    breaker.call(ok)
+    assert release_row(store, clock).release is None  # parked, never released
+    release(store, clock.monotonic())
+    assert release_row(store, clock).release is not None
+    fail(breaker)
+    assert store.sync()
+    assert release_row(store, clock).snapshot.state is State.OPEN
+    assert release_row(store, clock).release is None
+    assert store.parking.release_paces([tag], clock.monotonic()) == {}  # (pace.lua: another generation)
+    clock.advance(POLICY["reset_timeout"])
+    breaker.call(ok)  # the probe closes it: a new generation, no pace begun under it yet
+    assert state_of(breaker) is State.CLOSED
+    assert release_row(store, clock).release is None
+    clock.advance(1.0)
+    assert release(store, clock.monotonic()) == 0  # begun again
+    clock.advance(1.0)
+    assert release(store, clock.monotonic()) == 3
+    assert release_row(store, clock).parked == 0
+    store.parking.done(tag, [f"task-{i}:1" for i in range(3)])
+    assert release_row(store, clock).release is None  # nothing left to release
+
+
+def test_an_unreadable_pace_is_shown_as_none_and_fails_nothing(
+    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = FakeClock()
+    tag = paced(store, clock)
+    client = redis.Redis.from_url(redis_url)
+    for field, bad in (("rate", "inf"), ("rate", "-1"), ("a_gen", "x"), ("a_at", "1e300")):
+        client.hset(tag + ":p", field, bad)
+        assert release_row(store, clock).release is None
+        release(store, clock.monotonic())  # (repaired: the pace restarts)
+        assert release_row(store, clock).release is not None
+    client.hset(tag + ":p", "lim", "nan")
+    assert release_row(store, clock).release == ReleasePace(
+        release_row(store, clock).snapshot.generation, 5.0, None, None
+    )
+    client.hset(tag + ":s", "rh", "1e300")  # (the listing resets such a breaker; pace.lua only reads)
+    assert store.parking.release_paces([tag], clock.monotonic()) == {tag: ReleasePace(0, 5.0, None, None)}
+    client.hdel(tag + ":s", "rh")
+    client.delete(tag + ":p")
+    client.set(tag + ":p", "not a hash")
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        row = release_row(store, clock)
+    assert row.release is None
+    assert row.parked > 0
+    assert "left svc's release pace out" in caplog.text

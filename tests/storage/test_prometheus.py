@@ -19,7 +19,8 @@ from celery import Celery
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from celery_breaker import CircuitBreaker, ConfigurationError, State
+from celery_breaker import CircuitBreaker, ConfigurationError, State, TooManyRequests
+from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.monitoring.flower import register_breakers, store_url
 from celery_breaker.monitoring.prometheus import BreakerCollector, register, start_metrics_server, unregister
 from celery_breaker.storage.redis import RedisStore
@@ -120,6 +121,33 @@ def test_a_scrape_exposes_every_breaker_of_the_store(url: str) -> None:
     assert (crm_("celery_breaker_probes_in_flight"), acme("celery_breaker_probes_in_flight")) == (0.0, 0.0)
     assert series(samples, "celery_breaker_store_up") == 1.0
     assert all(name.startswith("celery_breaker_") for name in names(samples))
+
+
+def test_the_release_pace_is_sampled_while_parked_tasks_are_released(url: str) -> None:
+    store = RedisStore.from_url(url)
+    clock = FakeClock()
+    partner = CircuitBreaker("partner", POLICY, storage=store, clock=clock)
+    partner.call(ok)
+    tag = store.parking.tag("partner", None)
+    for n in range(50):
+        store.parking.park("partner", None, f"task-{n}:1", float(n), "payload", None)
+    registry = CollectorRegistry()
+    registry.register(BreakerCollector(store, clock=clock))
+
+    def pace(name: str) -> float | None:
+        return series(scrape(registry), f"celery_breaker_release_{name}", breaker="partner", key="")
+
+    assert (pace("rate_per_second"), pace("limit_per_second"), pace("held_seconds")) == (None, None, None)
+    store.parking.release(tag, most=100, pace=0.0, ramp=0.0, lease=30.0, now=clock.monotonic(), law=PacingLaw())
+    assert (pace("rate_per_second"), pace("limit_per_second"), pace("held_seconds")) == (10.0, None, None)
+    run = partner.begin_run(lambda e: e)
+    run.released = True
+    with run:
+        run.settle(TooManyRequests(2.0))  # a released task refused: the release cuts and waits 2 s
+    clock.advance(0.5)
+    store.parking.release(tag, most=100, pace=0.0, ramp=0.0, lease=30.0, now=clock.monotonic(), law=PacingLaw())
+    assert (pace("rate_per_second"), pace("limit_per_second")) == (8.0, 10.0)
+    assert pace("held_seconds") == pytest.approx(1.5)
 
 
 def test_the_state_follows_the_breaker_between_scrapes(url: str) -> None:

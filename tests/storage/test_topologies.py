@@ -19,7 +19,9 @@ from redis.sentinel import SentinelConnectionPool
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
 from celery_breaker.clock import SYSTEM_CLOCK
+from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.errors import StorageError
+from celery_breaker.monitoring import collect_metrics
 from celery_breaker.storage import FallbackStore, Store, store_from_url
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.storage.redis.client import check_url, describe
@@ -219,6 +221,19 @@ def test_another_store_sees_a_trip_and_lists_breakers_from_every_node(cluster_ur
             CircuitBreaker(name, TRIP_AT_TWO, storage=elsewhere, on_storage_error="deny").call(ok)
     listed = {snap.name: snap.state for snap in RedisStore.from_url(cluster_url).snapshots(SYSTEM_CLOCK)}
     assert listed == dict.fromkeys(nodes.values(), State.OPEN)
+
+
+def test_the_status_reads_release_paces_from_every_node(cluster_url: str) -> None:
+    """Breakers on every primary with tasks parked and released at the adaptive pace: one
+    listing shows each pace (pace.lua's two keys share the breaker's slot)."""
+    store = RedisStore.from_url(cluster_url)
+    names = list(names_on_every_node(store).values())
+    for name in names:
+        CircuitBreaker(name, TRIP_AT_TWO, storage=store, on_storage_error="deny").call(ok)
+        store.parking.park(name, None, "task-1:1", 1.0, "payload", None)
+        store.parking.release(store.parking.tag(name, None), most=10, pace=0.0, ramp=0.0, lease=30.0, law=PacingLaw())
+    rows = collect_metrics(RedisStore.from_url(cluster_url))
+    assert {row.snapshot.name: row.release and row.release.rate for row in rows} == dict.fromkeys(names, 10.0)
 
 
 def test_keys_of_one_breaker_share_one_slot(cluster_url: str) -> None:

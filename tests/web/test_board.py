@@ -21,6 +21,7 @@ from celery_breaker.ops.web import (
     loopback_hosts,
     same_origin,
 )
+from celery_breaker.storage import ReleasePace
 from celery_breaker.testing import FakeClock
 
 
@@ -38,6 +39,7 @@ def status(
     claimed: int = 0,
     opened_at: float | None = None,
     retry_after: float | None = None,
+    release: ReleasePace | None = None,
 ) -> BreakerStatus:
     snapshot = BreakerSnapshot(
         name=name,
@@ -59,7 +61,7 @@ def status(
         window_slow_calls=0,
         probes_in_flight=0,
     )
-    return BreakerStatus(snapshot, parked, claimed)
+    return BreakerStatus(snapshot, parked, claimed, release)
 
 
 def scripted(*readings: list[BreakerStatus] | Exception) -> Callable[[], list[BreakerStatus]]:
@@ -96,7 +98,16 @@ def test_rates_come_from_the_change_between_two_readings_and_the_backlog_drains_
             ],
             [
                 status("crm", key="t-3", successes=40),
-                status("partner-api", generation=2, trips=1, rejections=8, deferrals=8, parked=2, claimed=2),
+                status(
+                    "partner-api",
+                    generation=2,
+                    trips=1,
+                    rejections=8,
+                    deferrals=8,
+                    parked=2,
+                    claimed=2,
+                    release=ReleasePace(2, 28.0, 40.0, 1.25),
+                ),
             ],
         ),
         store="redis://127.0.0.1/0",
@@ -129,6 +140,7 @@ def test_rates_come_from_the_change_between_two_readings_and_the_backlog_drains_
     partner = board.view()["breakers"][1]
     # 8 parked, then 2 parked and 2 claimed: 4 left the parking in 1 s, of a peak of 8.
     assert (partner["released_per_s"], partner["backlog_peak"], partner["claimed"]) == (4.0, 8, 2)
+    assert partner["release"] == "held 1.2 s, then 28/s (limit 40/s)"  # the pace, as the CLI shows it
     assert [c["target"] for c in board.view()["changes"]] == ["open", "closed"]
 
 

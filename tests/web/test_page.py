@@ -20,6 +20,7 @@ from selenium.webdriver.support import expected_conditions
 from selenium.webdriver.support.ui import WebDriverWait
 
 from celery_breaker import CircuitOpenError, State
+from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.storage import Parking, describe_url, flush_stores, resolve_store
 from tests.servers import RedisServer
 
@@ -235,14 +236,15 @@ def test_actions_need_the_opt_in_and_the_token_and_refuse_other_origins(
 
         tag = traffic.parking.tag("partner-api", None)
 
-        def releasing() -> bool:  # a releaser publishing the parked tasks again, 4 at a time
-            claimed = traffic.parking.release(tag, most=4, pace=1000.0, ramp=0.0, lease=30.0)
+        def releasing() -> bool:  # a releaser publishing the parked tasks again, at the adaptive pace
+            claimed = traffic.parking.release(tag, most=4, pace=0.0, ramp=0.0, lease=30.0, law=PacingLaw())
             traffic.parking.done(tag, [entry for entry, _ in claimed])
             released: str = rows(browser)["partner-api"]["released"]
-            return released.endswith("/20")
+            return "/20" in released
 
         until(browser, releasing, "the release progress")
-        assert re.fullmatch(r"\d+\.\d/s\d+/20", rows(browser)["partner-api"]["released"])  # a rate, then progress
+        # A rate, the progress, and the pace under them (10/s: nothing came back to grow it).
+        assert re.fullmatch(r"\d+\.\d/s\d+/20pace 10/s", rows(browser)["partner-api"]["released"])
         screenshot(browser, screenshots / "web-actions.png")
 
         # A move that lets calls through to a failing downstream asks again, with the warning the CLI gives.

@@ -5,6 +5,7 @@ exports to Prometheus (``celery_breaker.monitoring.prometheus``) and Flower
 Public: the names below, ``prometheus`` and ``flower``. ``status`` and ``history`` hold them.
 """
 
+from ..storage import ReleasePace
 from .history import DEFAULT_METRICS_TTL, METRICS_TASK_NAME, install_metrics_task, metrics_history, record_metrics
 from .status import BreakerStatus, app_store, collect_metrics, store_of
 from .transitions import add_transition_listener
@@ -13,6 +14,7 @@ __all__ = [
     "DEFAULT_METRICS_TTL",
     "METRICS_TASK_NAME",
     "BreakerStatus",
+    "ReleasePace",
     "add_transition_listener",
     "app_store",
     "collect_metrics",

@@ -80,6 +80,21 @@ _GAUGES: tuple[tuple[str, str, Callable[[BreakerStatus], float | None]], ...] = 
     ),
     ("parked_tasks", "Deferred tasks parked in the store, waiting for the breaker", lambda row: row.parked),
     ("claimed_tasks", "Parked tasks claimed by a releaser and being published again", lambda row: row.claimed),
+    (
+        "release_rate_per_second",
+        "While parked tasks are released: the adaptive release's pace (tasks per second)",
+        lambda row: None if row.release is None else row.release.rate,
+    ),
+    (
+        "release_limit_per_second",
+        "While parked tasks are released: the pace's limit, from the rate the downstream last refused (429)",
+        lambda row: None if row.release is None else row.release.limit,
+    ),
+    (
+        "release_held_seconds",
+        "While parked tasks are released: seconds the release still waits after a refusal (Retry-After)",
+        lambda row: None if row.release is None else row.release.held_for,
+    ),
     ("window_calls", "Calls counted in the breaker's current window", lambda row: row.snapshot.window_calls),
     ("window_failures", "Failures counted in the breaker's current window", lambda row: row.snapshot.window_failures),
     (

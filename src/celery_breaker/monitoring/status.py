@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..clock import SYSTEM_CLOCK, Clock
-from ..core import BreakerSnapshot
+from ..core import BreakerSnapshot, State
 from ..integration.settings import get_settings
-from ..storage import Store, resolve_store
+from ..storage import ReleasePace, Store, resolve_store
 
 __all__ = ["BreakerStatus", "app_store", "collect_metrics", "is_app", "store_of"]
 
@@ -26,10 +26,22 @@ class BreakerStatus:
     """Deferred tasks waiting in the breaker's parking."""
     claimed: int = 0
     """Parked tasks a releaser has claimed and is publishing again."""
+    release: ReleasePace | None = None
+    """The adaptive release's pace while it releases this breaker's parked tasks (the
+    breaker admits calls, tasks are parked, and the pace began since it last closed);
+    ``None`` otherwise, and under ``breaker_release_pace="fixed"``."""
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: the snapshot's fields (``BreakerSnapshot.as_dict``), ``parked`` and ``claimed``."""
-        return {**self.snapshot.as_dict(), "parked": self.parked, "claimed": self.claimed}
+        """JSON-ready: the snapshot's fields (``BreakerSnapshot.as_dict``), ``parked``,
+        ``claimed``, and the release's ``release_rate``, ``release_limit`` and
+        ``release_held_for`` (each ``None`` without a release under way)."""
+        release = self.release
+        return {
+            **self.snapshot.as_dict(), "parked": self.parked, "claimed": self.claimed,
+            "release_rate": None if release is None else release.rate,
+            "release_limit": None if release is None else release.limit,
+            "release_held_for": None if release is None else release.held_for,
+        }  # fmt: skip
 
 
 def app_store(app: Any) -> Store:
@@ -54,15 +66,26 @@ def collect_metrics(source: Any, *, clock: Clock | None = None) -> list[BreakerS
     ``memory://`` store holds only this process's breakers; a Redis store holds every
     process's. Raises ``StorageError`` when the store cannot be read.
     """
+    clock = clock or SYSTEM_CLOCK
     store = store_of(source)
-    snapshots = store.snapshots(clock or SYSTEM_CLOCK)
+    snapshots = store.snapshots(clock)
     parking = store.parking
-    counts: dict[str, tuple[int, int]] = {}
-    if parking is not None:
-        for tag in parking.tags():
-            counts[tag] = parking.count(tag)
-    rows = []
-    for snapshot in snapshots:
-        parked, claimed = counts.get(parking.tag(snapshot.name, snapshot.key), (0, 0)) if parking else (0, 0)
-        rows.append(BreakerStatus(snapshot, parked, claimed))
+    if parking is None:
+        rows = [BreakerStatus(snapshot) for snapshot in snapshots]
+    else:
+        counts = {tag: parking.count(tag) for tag in parking.tags()}
+        tags = [parking.tag(snapshot.name, snapshot.key) for snapshot in snapshots]
+        releasing = [tag for tag, snapshot in zip(tags, snapshots, strict=True)
+                     if snapshot.state in _RELEASING and any(counts.get(tag, (0, 0)))]  # fmt: skip
+        paces = parking.release_paces(releasing, clock.monotonic())
+        rows = []
+        for tag, snapshot in zip(tags, snapshots, strict=True):
+            release = paces.get(tag)
+            if release is not None and release.generation != snapshot.generation:
+                release = None  # (the breaker moved on between the two reads)
+            rows.append(BreakerStatus(snapshot, *counts.get(tag, (0, 0)), release))
     return sorted(rows, key=lambda row: (row.snapshot.name, row.snapshot.key or ""))
+
+
+#: States in which parked tasks are released at the pace (HALF_OPEN releases probes only).
+_RELEASING = (State.CLOSED, State.DISABLED)

@@ -16,7 +16,7 @@ from typing import Any
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import StorageError
 from ..monitoring.status import BreakerStatus
-from .console import STATE_STYLES, clock_time, duration, failure_rate_text, open_until_text
+from .console import STATE_STYLES, clock_time, duration, failure_rate_text, open_until_text, release_text
 from .watch import Change, Watch, WatchRow
 
 __all__ = ["HISTORY", "Board"]
@@ -136,6 +136,7 @@ class Board:
             "rejections_per_s": rates.rejections if rates else None,
             "deferrals_per_s": rates.deferrals if rates else None,
             "parked": status.parked, "claimed": status.claimed, "released_per_s": released, "backlog_peak": peak,
+            "release": None if status.release is None else release_text(status.release),
             "trips": snapshot.trips, "deferrals": snapshot.deferrals, "rejections": snapshot.rejections,
         }  # fmt: skip
 

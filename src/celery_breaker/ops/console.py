@@ -18,6 +18,7 @@ from ..core import BreakerSnapshot, State
 
 if TYPE_CHECKING:
     from ..monitoring.status import BreakerStatus
+    from ..storage import ReleasePace
 
 __all__ = [
     "ALERT",
@@ -31,6 +32,8 @@ __all__ = [
     "duration",
     "failure_rate_text",
     "open_until_text",
+    "per_second",
+    "release_text",
     "render_table",
     "state_cell",
     "status_text",
@@ -122,6 +125,25 @@ def failure_rate_text(snapshot: BreakerSnapshot) -> str:
     return "-" if rate is None else f"{rate:.0%}"
 
 
+def per_second(rate: float) -> str:
+    """``4.5/s``, ``146/s``: a rate to the precision a person reads it."""
+    return f"{rate:.1f}/s" if round(rate, 1) < 10 else f"{rate:.0f}/s"
+
+
+def release_text(release: ReleasePace | None) -> str:
+    """The adaptive release's pace: ``40/s``; ``held 1.2 s, then 28/s`` while it waits out a
+    refusal's Retry-After (nothing goes meanwhile); ``(limit 40/s)`` after it once the
+    downstream refused a rate; ``-`` for none."""
+    if release is None:
+        return "-"
+    text = per_second(release.rate)
+    if release.held_for is not None:
+        text = f"held {duration(release.held_for)}, then {text}"
+    if release.limit is not None:
+        text += f" (limit {per_second(release.limit)})"
+    return text
+
+
 def state_cell(state: State) -> Cell:
     """A state as a table cell, in its colour."""
     return state.value, STATE_STYLES[state]
@@ -159,6 +181,7 @@ def status_text(rows: Sequence[BreakerStatus], *, now: float, wide: bool = False
     columns += [Column("TRIPS", True), Column("DEFERRED", True), Column("PARKED", True)]
     if wide:
         columns += [Column("REJECTED", True), Column("CLAIMED", True), Column("STREAK", True), Column("GEN", True)]
+    columns.append(Column("RELEASE"))  # (last: its text has spaces)
     table: list[list[Cell]] = []
     for row in rows:
         snapshot = row.snapshot
@@ -183,6 +206,7 @@ def status_text(rows: Sequence[BreakerStatus], *, now: float, wide: bool = False
         if wide:
             cells += [count_cell(snapshot.rejections), count_cell(row.claimed), count_cell(snapshot.streak),
                       count_cell(snapshot.generation)]  # fmt: skip
+        cells.append((release_text(row.release), None))
         table.append(cells)
     lines = render_table(columns, table, color=color)
     return "\n".join([*lines, "", summary([row.snapshot for row in rows], color=color)])

@@ -28,6 +28,7 @@ from .console import (
     duration,
     failure_rate_text,
     open_until_text,
+    release_text,
     render_table,
     state_cell,
     summary,
@@ -207,7 +208,7 @@ def watch_frame(
     columns = [Column("NAME"), *([Column("KEY")] if keyed else []), Column("STATE"), Column("FOR", True),
                Column("FAIL%", True), Column("CALLS", True), Column("OPEN UNTIL"), Column("TRIPS", True),
                Column("CALLS/S", True), Column("DEFER/S", True), Column("REJ/S", True),
-               Column("DEFERRED", True), Column("PARKED", True)]  # fmt: skip
+               Column("DEFERRED", True), Column("PARKED", True), Column("RELEASE")]  # fmt: skip
     table: list[list[Cell]] = []
     for row in rows:
         snapshot, rates = row.status.snapshot, row.rates
@@ -227,6 +228,7 @@ def watch_frame(
             _rate_cell(rates.rejections if rates else None),
             count_cell(snapshot.deferrals),
             (str(parked), ALERT if parked else None),
+            (release_text(row.status.release), None if row.status.release is not None else DIM),
         ]
         table.append(cells)
     lines += render_table(columns, table, color=color) if rows else ["(no breakers yet)"]

@@ -9,13 +9,14 @@ transitions it made, for the caller to announce.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
 from ..core.pacing import PacingLaw
 
-__all__ = ["NO_MOVES", "Cell", "History", "Moves", "Parking", "Store"]
+__all__ = ["NO_MOVES", "Cell", "History", "Moves", "Parking", "ReleasePace", "Store"]
 
 #: The transitions one operation made, oldest first (usually none).
 Moves = tuple[Transition, ...]
@@ -116,6 +117,23 @@ class Cell(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ReleasePace:
+    """Where one breaker's adaptive release stands (``core/pacing.py``), as people see it."""
+
+    generation: int
+    """The breaker generation the pace began under (another one: the pace is over)."""
+    rate: float
+    """Tasks per second the release lets go, as last judged."""
+    limit: float | None
+    """The pace's limit after the downstream refused a rate (429): that rate, raised by
+    ~1 %/s while the pace holds just below it (growth stops at 95 % of it); ``None``: no
+    refusal in this pace."""
+    held_for: float | None
+    """Seconds the release still sends nothing, waiting out a refusal's Retry-After;
+    ``None``: not waiting."""
+
+
 class Parking(Protocol):
     """Where a store keeps deferred tasks until their breaker lets them run (see
     ``integration/deferral``). Entries are grouped per breaker under a *tag*; every
@@ -175,6 +193,11 @@ class Parking(Protocol):
 
     def forget(self, tag: str) -> None:
         """Drop ``tag`` from the index of parked breakers if it holds nothing."""
+        ...
+
+    def release_paces(self, tags: list[str], now: float | None = None) -> dict[str, ReleasePace]:
+        """The adaptive release's pace under way for each of ``tags`` that has one (begun
+        under its breaker's generation now and in use); ``now`` as in ``release``."""
         ...
 
 

@@ -22,7 +22,7 @@ from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket
 from ..core.pacing import PacingLaw
 from ..errors import ConfigurationError, StorageError
-from .contract import Cell, History, Moves, Parking, Store
+from .contract import Cell, History, Moves, Parking, ReleasePace, Store
 from .memory import MemoryCell
 from .urls import describe_url
 
@@ -387,6 +387,10 @@ class _ReportingParking:
 
     def forget(self, tag: str) -> None:
         self._reporting("forget", tag)
+
+    def release_paces(self, tags: list[str], now: float | None = None) -> dict[str, ReleasePace]:
+        found: dict[str, ReleasePace] = self._reporting("release_paces", tags, now)
+        return found
 
 
 _FALLBACKS: dict[tuple[int, str], FallbackStore] = {}

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ...core.pacing import PacingLaw
 from ...errors import StorageError
 from ...labels import breaker_label
+from ..contract import ReleasePace
 from .client import CLIENT_ERRORS
 from .damage import CHECK_TYPES, classify, text
 from .keys import breaker_of, breaker_tag, glob_escape
@@ -112,6 +113,30 @@ class RedisParking:
         the fixed ramp's. For operators and tests; nothing decides on it."""
         (found,) = self._commands(tag, "reading the release pace", lambda pipe: (pipe.hgetall(tag + ":p"),))
         return {text(field): text(value) for field, value in found.items()}
+
+    def release_paces(self, tags: list[str], now: float | None = None) -> dict[str, ReleasePace]:
+        """The adaptive pace under way for each of ``tags`` (``pace.lua``, read only: one
+        round trip, a Cluster's split per node): begun under its breaker's generation now
+        and used by a release within the last few seconds. A breaker without one is left
+        out, and so is one whose keys hold another type, with a WARNING (``release``
+        repairs them). Raises ``StorageError`` only when Redis cannot be reached or fails.
+        ``now`` is for stores on the ``time=client`` test seam, as in ``release``."""
+        if not tags:
+            return {}
+        now_arg = _opt(now) if self.store.client_time else ""
+        replies = self.store.run_many("pace", [([tag + ":p", tag + ":s"], [now_arg]) for tag in tags])
+        found: dict[str, ReleasePace] = {}
+        for tag, reply in zip(tags, replies, strict=True):
+            if isinstance(reply, StorageError):
+                logger.warning("redis store %s: left %s's release pace out: %s", self.store.label, self.label(tag),
+                               reply.__cause__ or reply)  # fmt: skip
+            elif len(reply) == 4:  # (else: no pace under way)
+                generation, rate, limit, held = (text(value) for value in reply)
+                found[tag] = ReleasePace(
+                    generation=int(generation), rate=float(rate), limit=float(limit) if limit else None,
+                    held_for=float(held) if held else None,
+                )  # fmt: skip
+        return found
 
     def done(self, tag: str, entries: list[str]) -> None:
         """Forget entries that were published again."""

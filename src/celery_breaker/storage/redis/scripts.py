@@ -4,9 +4,9 @@ Every script starts with ``checks.lua`` (the bounds every value read from Redis 
 to). A breaker script goes on with the shared prelude ``common.lua`` (load, validate,
 rules, save) and its operation (``acquire.lua``, ``record.lua``, ...); a parking script
 with ``parked.lua`` (its keys, their types repaired) and its own (``release.lua`` after
-``pacing.lua``, the adaptive release's law); ``history.lua`` and
-``forget.lua`` follow ``checks.lua`` alone. redis-py's ``Script`` runs each by EVALSHA and loads it again after
-a ``SCRIPT FLUSH`` or on a new server.
+``pacing.lua``, the adaptive release's law); ``history.lua``, ``forget.lua``,
+``pace.lua`` and ``retype.lua`` follow ``checks.lua`` alone. redis-py's ``Script`` runs
+each by EVALSHA and loads it again after a ``SCRIPT FLUSH`` or on a new server.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ BREAKER_SCRIPTS = ("acquire", "record", "operate", "snapshot")
 #: Scripts that operate on one breaker's parked entries: ``parked.lua`` + the script.
 PARKING_SCRIPTS = ("park", "release", "purge", "tidy")
 #: Scripts that stand alone (after ``checks.lua``).
-STANDALONE_SCRIPTS = ("forget", "history", "retype")
+STANDALONE_SCRIPTS = ("forget", "history", "pace", "retype")
 
 
 def _read(name: str) -> str:
