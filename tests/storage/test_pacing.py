@@ -350,9 +350,12 @@ def test_the_status_shows_the_pace_while_it_releases(store: RedisStore) -> None:
     assert release_row(store, clock).release is not None
 
 
-def test_the_status_shows_no_pace_without_a_release_under_way(store: RedisStore) -> None:
+def test_the_status_shows_no_pace_without_a_release_under_way(
+    store: RedisStore, caplog: pytest.LogCaptureFixture
+) -> None:
     """Before the first release, while the breaker is open (the pace then is of an earlier
-    generation, and over), and once nothing is parked."""
+    generation, and over), and once nothing is parked; none of it is worth a warning."""
+    caplog.set_level(logging.WARNING, logger="celery_breaker")
     clock = FakeClock()
     tag = park(store, 3)
     breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
@@ -376,6 +379,7 @@ def test_the_status_shows_no_pace_without_a_release_under_way(store: RedisStore)
     assert release_row(store, clock).parked == 0
     store.parking.done(tag, [f"task-{i}:1" for i in range(3)])
     assert release_row(store, clock).release is None  # nothing left to release
+    assert [r.getMessage() for r in caplog.records if "pace" in r.getMessage()] == []  # (the trip warns)
 
 
 def test_an_unreadable_pace_is_shown_as_none_and_fails_nothing(

@@ -73,7 +73,7 @@ def collect_metrics(source: Any, *, clock: Clock | None = None) -> list[BreakerS
     if parking is None:
         rows = [BreakerStatus(snapshot) for snapshot in snapshots]
     else:
-        counts = {tag: parking.count(tag) for tag in parking.tags()}
+        counts = parking.counts(parking.tags())  # (one round trip, however many)
         tags = [parking.tag(snapshot.name, snapshot.key) for snapshot in snapshots]
         releasing = [tag for tag, snapshot in zip(tags, snapshots, strict=True)
                      if snapshot.state in _RELEASING and any(counts.get(tag, (0, 0)))]  # fmt: skip

@@ -2,9 +2,10 @@
 -- read only, nothing repaired (release.lua repairs what it reads, and restarts a pace it
 -- cannot read).
 -- KEYS: 1 the pacing hash, 2 the breaker's state hash. ARGV: 1 the caller's clock or '' (Redis TIME).
--- Reply: {} unless a pace is under way (begun under the breaker's generation now, and used by
--- a release within IDLE seconds), else { its generation, its rate (tasks per second), its
--- limit ('' none), the seconds the release still waits after a refusal ('' none) }.
+-- Reply: { '' } unless a pace is under way (begun under the breaker's generation now, and used
+-- by a release within IDLE seconds), else { its generation, its rate (tasks per second), its
+-- limit ('' none), the seconds the release still waits after a refusal ('' none) }. (Never
+-- empty: an empty reply is a failed script to store.py.)
 
 -- A pace no release has used for this long is not under way: no worker releases at it now
 -- (releasers look every 0.2 s; under breaker_release_pace="fixed" none uses it).
@@ -15,7 +16,7 @@ local s = redis.call('HMGET', KEYS[2], 'gen', 'rh')
 local pace_gen, rate, used_at = read_whole(p[1]), read_number(p[2]), read_time(p[4], now, 0)
 if pace_gen == nil or rate == nil or rate <= 0 or used_at == nil or now - used_at > IDLE
     or pace_gen ~= read_whole(s[1] or '0') then
-  return {}
+  return { '' }
 end
 local limit = read_number(p[3])
 if limit ~= nil and limit <= 0 then limit = nil end

@@ -130,7 +130,7 @@ class RedisParking:
             if isinstance(reply, StorageError):
                 logger.warning("redis store %s: left %s's release pace out: %s", self.store.label, self.label(tag),
                                reply.__cause__ or reply)  # fmt: skip
-            elif len(reply) == 4:  # (else: no pace under way)
+            elif len(reply) == 4:  # (else { '' }: no pace under way)
                 generation, rate, limit, held = (text(value) for value in reply)
                 found[tag] = ReleasePace(
                     generation=int(generation), rate=float(rate), limit=float(limit) if limit else None,
