@@ -116,7 +116,7 @@ class RedisParking:
 
     def release_paces(self, tags: list[str], now: float | None = None) -> dict[str, ReleasePace]:
         """The adaptive pace under way for each of ``tags`` (``pace.lua``, read only: one
-        round trip, a Cluster's split per node): begun under its breaker's generation now
+        pipelined round trip, one by one on a Cluster): begun under its breaker's generation now
         and used by a release within the last few seconds. A breaker without one is left
         out, and so is one whose keys hold another type, with a WARNING (``release``
         repairs them). Raises ``StorageError`` only when Redis cannot be reached or fails.
