@@ -155,6 +155,29 @@ def test_parked_tasks_survive_a_worker_restart(broker: str, store_url: str) -> N
     assert sorted(v["n"] for v in values) == list(range(10))
 
 
+def test_parked_tasks_are_released_after_their_index_is_deleted(broker: str, store_url: str) -> None:
+    """The set naming the breakers with parked tasks deleted while they wait (``DEL``,
+    or an ``allkeys-*`` eviction): the releaser rebuilds it from the entries."""
+    breaker = CircuitBreaker("partner", parking_proj.POLICY, storage=store_url)
+    breaker.force_open()
+    parking = breaker.store.primary.parking  # type: ignore[attr-defined]
+    client = redis.Redis.from_url(broker)
+    worker = start_worker(broker, store_url)
+    try:
+        results = [parking_proj.job.delay(n) for n in range(10)]
+        wait_for(lambda: parked(store_url) == 10, 60, "10 parked tasks")
+        assert parking.tags() == [parking.tag("partner", None)]  # (the index is whole)
+        client.delete(parking.index)
+        breaker.close()
+        values = [r.get(timeout=60) for r in results]
+    finally:
+        worker.stop()
+        client.close()
+    assert sorted(v["n"] for v in values) == list(range(10))
+    assert parked(store_url) == 0
+    assert "did not name 1 breaker(s) with parked tasks (partner)" in worker.log()
+
+
 def test_breaker_park_false_defers_with_a_countdown(broker: str, store_url: str) -> None:
     breaker = CircuitBreaker("partner", parking_proj.POLICY, storage=store_url)
     breaker.force_open()

@@ -17,6 +17,7 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 import redis
+from hypothesis import example as hypothesis_example
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -315,7 +316,7 @@ PARKING_CORRUPTIONS = st.one_of(
     st.tuples(st.just("deadline"), st.sampled_from(["v:1", "ghost"]), SCORES),
     st.tuples(st.just("pacing"), st.sampled_from(["gen", "since", "tokens", "at", "probe_trip", "probe_at"]), VALUES),
     st.tuples(st.just("type"), st.sampled_from([":q", ":m", ":c", ":d", ":p"]), KINDS),
-    st.tuples(st.just("index"), st.just(""), st.one_of(KINDS, st.binary(max_size=12))),
+    st.tuples(st.just("index"), st.just(""), st.one_of(KINDS, st.just("none"), st.binary(max_size=12))),
     st.tuples(st.just("marker"), st.just(""), st.one_of(KINDS, st.binary(max_size=12))),
 )
 PARKING_OPERATIONS = ("park", "release", "count", "counts", "tags", "epoch", "done", "forget", "fail", "call")
@@ -343,7 +344,9 @@ def _corrupt_parking(client: redis.Redis, store: RedisStore, what: str, where: s
             replace(client, tag + where, value)
     else:
         key = store.parking.index if what == "index" else store.parking.marker
-        if not isinstance(value, bytes):
+        if value == "none":
+            client.delete(key)  # (deleted, or evicted, with the entries left parked)
+        elif not isinstance(value, bytes):
             if kind_of(client, key) != value:
                 replace(client, key, value)
         elif what == "index" and kind_of(client, key) in ("set", "none"):
@@ -357,6 +360,7 @@ def _corrupt_parking(client: redis.Redis, store: RedisStore, what: str, where: s
     corruptions=st.lists(PARKING_CORRUPTIONS, min_size=1, max_size=3),
     operations=st.lists(st.sampled_from(PARKING_OPERATIONS), min_size=1, max_size=6),
 )
+@hypothesis_example(corruptions=[("index", "", "none")], operations=["park"])  # deleted, then a park
 def test_parked_tasks_survive_whatever_their_keys_hold(
     redis_url: str, corruptions: list[tuple[str, str, Any]], operations: list[str]
 ) -> None:

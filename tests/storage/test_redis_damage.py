@@ -16,7 +16,7 @@ from celery_breaker import CircuitBreaker, State
 from celery_breaker.errors import StorageError
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.storage.redis.damage import CHECK_TYPES, RESET, classify, repair_for
-from celery_breaker.storage.redis.parking import PARKING_SUFFIXES
+from celery_breaker.storage.redis.parking import PARKING_SUFFIXES, WHOLE
 from celery_breaker.testing import FakeClock
 
 from ..unit.support import fail, ok, state_of
@@ -402,7 +402,7 @@ def test_index_members_that_name_no_breaker_are_dropped(
         assert [parking.label(tag) for tag in parking.tags()] == ["a"]
     assert "dropped 4 member(s)" in caplog.text
     assert "rebuilt it from the parked entries" in caplog.text
-    assert server.scard(parking.index) == 1
+    assert server.smembers(parking.index) == {parking.tag("a", None).encode(), WHOLE}
     with pytest.raises(StorageError, match="no breaker of this store"):
         parking.release("foo", most=1, pace=1.0, ramp=0.0, lease=1.0)
 
@@ -511,3 +511,54 @@ def test_a_foreign_history_is_reported_when_read_and_replaced_when_written(
     server.zadd(history.key("crm", "t/1"), {b"\xff\xfe": 1000.0})
     history.append("crm", "t/1", '{"state":"open"}', ttl=60.0, now=1001.0)
     assert len(history.read("crm", "t/1")) == 3  # the entry from the far future is gone; bytes read as text
+
+
+def scans(server: redis.Redis) -> int:
+    """How many SCAN commands the server has run (``INFO commandstats``)."""
+    return int(server.info("commandstats").get("cmdstat_scan", {}).get("calls", 0))
+
+
+@pytest.mark.parametrize("topology", ["redis", "cluster"])
+def test_a_deleted_index_is_rebuilt_from_the_parked_entries(
+    request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture, topology: str
+) -> None:
+    """An index deleted (``DEL``, an ``allkeys-*`` eviction) while entries stay parked:
+    the next listing finds them all, not only those parked since."""
+    url = request.getfixturevalue("redis_url" if topology == "redis" else "redis_cluster_url")
+    store = RedisStore.from_url(f"{url}?time=client&key_prefix={unique_prefix()}")
+    parking = store.parking
+    parking.park("a", None, "a:1", 1.0, "a", None)
+    parking.park("b", "k", "b:1", 1.0, "b", None)
+    assert [parking.label(tag) for tag in parking.tags()] == ["a", "b[k]"]
+    store.client().delete(parking.index)
+    parking.park("c", None, "c:1", 1.0, "c", None)  # (the index now names c alone)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert [parking.label(tag) for tag in parking.tags()] == ["a", "b[k]", "c"]
+    (warning,) = warnings_naming(caplog, "rebuilt it from the parked entries")
+    assert "did not name 2 breaker(s) with parked tasks (a, b[k])" in warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        for _ in range(3):  # (found again by every later listing, with nothing logged)
+            assert [parking.label(tag) for tag in parking.tags()] == ["a", "b[k]", "c"]
+    assert caplog.text == ""
+    store.close(timeout=0)
+
+
+def test_an_index_with_nothing_missing_is_not_rebuilt_twice(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that has an index, or nothing parked at all: listings do not SCAN Redis
+    (once, to learn that the index is whole), and nothing is logged."""
+    parking = store.parking
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert parking.tags() == []
+        before = scans(server)
+        assert parking.tags() == []
+        parking.park("a", None, "a:1", 1.0, "a", None)
+        parking.forget(parking.tag("b", None))
+        assert [parking.label(tag) for tag in parking.tags()] == ["a"]
+        assert scans(server) == before
+    assert caplog.text == ""
+    server.delete(parking.index)  # (and the SCANs are counted: a deleted index is rebuilt)
+    assert [parking.label(tag) for tag in parking.tags()] == ["a"]
+    assert scans(server) > before

@@ -42,6 +42,11 @@ PARKING_SUFFIXES = (":q", ":m", ":c", ":d", ":p")
 #: Entries one purge script call discards: bounded, so Redis is never blocked for long.
 PURGE_CHUNK = 1000
 
+#: A member of the index that names no breaker, added when the index is built from the
+#: parked entries and never removed: an index without it was deleted or evicted (or
+#: predates it), and may miss breakers whose tasks are still parked.
+WHOLE = b"~whole"
+
 
 class RedisParking:
     """The parked tasks of every breaker in one Redis store (this process's view).
@@ -183,16 +188,30 @@ class RedisParking:
         """Hash tags of breakers that may hold parked entries. Members of the index that
         name no breaker of this store are dropped from it, with a WARNING, and since a
         foreign writer may have dropped ours too, the index is rebuilt from the parked
-        entries (a SCAN)."""
+        entries (a SCAN). So is an index that lost its ``WHOLE`` member: deleted or
+        evicted while entries stayed parked, it would name only breakers parked since,
+        and leave the others' tasks parked for good (a WARNING names those it missed)."""
         doing = "listing parked breakers"
         (members,) = self._own_keys(doing, lambda pipe: (pipe.smembers(self.index),))
         tags, strays = set(), []
         for member in members:
             tag = text(member)
+            if member == WHOLE:
+                continue
             if breaker_of(tag, self.store.quoted_prefix) is None:
                 strays.append(member)
             else:
                 tags.add(tag)
+        rebuilt: set[str] | None = None
+        if WHOLE not in members:
+            rebuilt = self._rebuild_index(doing)
+            missed = sorted(rebuilt - tags)
+            if missed:
+                logger.warning(
+                    "redis store %s: %s did not name %d breaker(s) with parked tasks (%s): it was deleted or "
+                    "evicted; rebuilt it from the parked entries (run Redis with maxmemory-policy noeviction)",
+                    self.store.label, self.index, len(missed), ", ".join(self.label(tag) for tag in missed[:5]),
+                )  # fmt: skip
         if strays:
             logger.warning(
                 "redis store %s: dropped %d member(s) of %s that name no breaker of this store (%s); rebuilt it "
@@ -200,8 +219,9 @@ class RedisParking:
                 self.store.label, len(strays), self.index, ", ".join(repr(text(s))[:80] for s in strays[:5]),
             )  # fmt: skip
             self._own_keys("updating the parked index", lambda pipe: (pipe.srem(self.index, *strays),))
-            tags |= self._rebuild_index(doing)
-        return sorted(tags)
+            if rebuilt is None:
+                rebuilt = self._rebuild_index(doing)
+        return sorted(tags if rebuilt is None else tags | rebuilt)
 
     def counts(self, tags: list[str]) -> dict[str, tuple[int, int]]:
         """``count`` for many breakers, in one round trip (a Cluster splits it per node).
@@ -338,7 +358,8 @@ class RedisParking:
         return bool(found)
 
     def _rebuild_index(self, doing: str) -> set[str]:
-        """Every breaker with queued or claimed entries back in the index (a SCAN); returns their tags."""
+        """Every breaker with queued or claimed entries back in the index (a SCAN), which
+        is then whole (``WHOLE``); returns their tags."""
         stem = "{" + glob_escape(self.store.quoted_prefix) + ":*}"
         tags: set[str] = set()
         try:
@@ -348,8 +369,7 @@ class RedisParking:
                     tag = text(key)[: -len(suffix)]
                     if breaker_of(tag, self.store.quoted_prefix) is not None:
                         tags.add(tag)
-            if tags:
-                client.sadd(self.index, *tags)
+            client.sadd(self.index, *tags, WHOLE)
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.store.label}: {doing} failed: {exc}") from exc
         return tags
