@@ -62,6 +62,7 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from time import perf_counter_ns, thread_time_ns
@@ -98,6 +99,39 @@ class _Reference(Exception):
 
 def raise_fresh() -> None:
     raise _Reference
+
+
+class NoopBlock:
+    """A context manager whose ``__enter__`` and ``__exit__`` do nothing: what the
+    ``with`` statement itself costs, the floor of any ``with``-form guard."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> NoopBlock:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+_FLOOR_VAR: ContextVar[object] = ContextVar("bench_floor", default=None)
+
+
+def contextvar_loop() -> Runner:
+    """``token = var.set(x); noop(); var.reset(token)`` n times: the floor of making a run
+    current for its body (any guard that a nested call must find, per thread and per
+    asyncio task)."""
+
+    def run(n: int) -> int:
+        set_, reset, f, value = _FLOOR_VAR.set, _FLOOR_VAR.reset, noop, object()
+        start = now_ns()
+        for _ in range(n):
+            token = set_(value)
+            f()
+            reset(token)
+        return now_ns() - start
+
+    return run
 
 
 def sleep10() -> None:
@@ -195,7 +229,7 @@ def reject_call_loop(
     return run
 
 
-def with_loop(breaker: CircuitBreaker) -> Runner:
+def with_loop(breaker: contextlib.AbstractContextManager[Any]) -> Runner:
     """``with breaker: noop()`` n times."""
 
     def run(n: int) -> int:
@@ -489,6 +523,8 @@ def build_variants() -> Setup:
             reject_loop(fab_open, circuitbreaker.CircuitBreakerError),
         ),
         Variant("ref_raise", "reference: raise + catch, no breaker", "ref", reject_loop(raise_fresh, _Reference)),
+        Variant("ref_with", "reference: with on a do-nothing block", "ref", with_loop(NoopBlock())),
+        Variant("ref_contextvar", "reference: ContextVar set + reset", "ref", contextvar_loop()),
     ]
     return Setup(variants, checks)
 
@@ -648,6 +684,16 @@ def goals(variants: list[Variant]) -> dict[str, Any]:
     for key in ("cb_forced_open", "cb_tripped_open"):
         med = by_key[key].median
         result[key] = {"median_ns": med, "under_1us": med < 1_000.0}
+    # What CPython charges before a guard does any work of its own: a `with` statement
+    # (two special-method calls from C, where `call` is one Python call) and a context
+    # variable's set + reset (what makes a run current for its body).
+    with_floor = by_key["ref_with"].median - bare.median
+    result["floors"] = {
+        "with_statement_ns": with_floor,
+        "with_statement_vs_call": with_floor / call_over,
+        "contextvar_set_reset_ns": by_key["ref_contextvar"].median - bare.median,
+        "with_minus_floor_vs_call": (by_key["cb_with"].median - bare.median - with_floor) / call_over,
+    }
     return result
 
 
@@ -722,6 +768,14 @@ def print_report(res: Results) -> None:
         r = g[key]
         verdict = "MET" if r["under_1us"] else "NOT MET"
         print(f"  open reject under 1 us, {label:<13} {_ns(r['median_ns']):>6} ns  {verdict}")
+    f = g["floors"]
+    print(
+        f"\nFloors on this interpreter: a `with` on a do-nothing block costs {_ns(f['with_statement_ns'])} ns "
+        f"over a bare call (x{f['with_statement_vs_call']:.2f} b.call's\nwhole overhead), paid by every `with` "
+        f"form on top of the admission and recording b.call does; `with b:` less\nthat floor is "
+        f"x{f['with_minus_floor_vs_call']:.2f} b.call's. A context variable's set + reset costs "
+        f"{_ns(f['contextvar_set_reset_ns'])} ns (a run admission makes one)."
+    )
 
     if res.threads is not None:
         threads = res.threads
