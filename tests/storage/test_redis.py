@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import socket
@@ -494,3 +495,23 @@ def test_a_delete_reaches_every_process_and_removes_every_key_of_the_breaker(red
     finally:
         here.close()
         there.close()
+
+
+def test_counts_of_a_breaker_object_dropped_before_the_flush_are_sent(redis_url: str) -> None:
+    """Successes and local rejections are counted in the process and sent by the flusher
+    (every second): a breaker object made for one call and dropped at once (the cell
+    with it) still has them sent, by the next flush."""
+    url = f"{redis_url}?key_prefix={unique_prefix()}"
+    store = RedisStore.from_url(url)
+    for _ in range(5):
+        CircuitBreaker("temp", storage=store).call(ok)  # (made, used and dropped)
+    held = CircuitBreaker("held", storage=store)
+    held.force_open()
+    del held
+    for _ in range(3):
+        with pytest.raises(CircuitOpenError):
+            CircuitBreaker("held", storage=store).call(ok)  # (rejected from the local view)
+    gc.collect()
+    store.flush()
+    seen = {s.name: s for s in RedisStore.from_url(url).snapshots(SYSTEM_CLOCK)}
+    assert (seen["temp"].successes, seen["held"].rejections) == (5, 3)

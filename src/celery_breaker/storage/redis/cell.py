@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import os
 import random
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from ...clock import Clock
 from ...core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
@@ -21,7 +23,7 @@ from .replies import Reply, decode_reply, decode_snapshot, opt_float, policy_fro
 if TYPE_CHECKING:
     from .store import RedisStore
 
-__all__ = ["VIEW_TTL", "RedisCell"]
+__all__ = ["VIEW_TTL", "Orphan", "RedisCell"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -31,6 +33,16 @@ _PASSING = (State.CLOSED, State.DISABLED)
 #: again while this process hears no transitions (its subscription is down), so an
 #: operator's close or reset in another process still reaches it.
 VIEW_TTL = 1.0
+
+
+class Orphan(NamedTuple):
+    """What a cell dropped with its last breaker object had counted and not sent."""
+
+    name: str
+    key: str | None
+    policy: BreakerPolicy
+    clock: Clock
+    counts: tuple[int, int, int, int]
 
 
 class RedisCell:
@@ -125,6 +137,11 @@ class RedisCell:
             self._ok_flushed += successes
             text = f"{rejections};{deferrals};{self._ok_gen};{successes};{stale}"
         return text, (rejections, deferrals, successes, stale)
+
+    def adopt(self, counts: tuple[int, int, int, int]) -> None:
+        """Send ``counts`` (another cell's, as ``_take_pending`` took them) with this
+        cell's own; its successes count as stale (their generation is not checked)."""
+        self._give_back(counts)
 
     def _give_back(self, counts: tuple[int, int, int, int]) -> None:
         rejections, deferrals, successes, stale = counts
@@ -354,6 +371,15 @@ class RedisCell:
         """Send what was counted locally (the store's flusher calls this)."""
         with self._sending:
             self._call("operate", self._clock.monotonic(), "view")
+
+    def __del__(self) -> None:
+        # The last breaker object using this cell is gone, with counts not yet sent
+        # (successes, rejections, deferrals: the flusher sends them every second). Hand
+        # them to the store, whose next flush sends them through the breaker's cell then.
+        with contextlib.suppress(Exception):  # (at interpreter exit, what it refers to may be gone)
+            store = self._store
+            if store._pid == os.getpid() and self.pending:
+                store.orphans.append(Orphan(self.name, self.key, self.policy, self._clock, self._take_pending()[1]))
 
     def wait_sent(self) -> None:
         """Return once a flush in flight on another thread (its counts taken, not yet in

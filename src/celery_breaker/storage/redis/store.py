@@ -22,7 +22,7 @@ from ...labels import breaker_label
 from ..registry import remember
 from ..urls import describe_url
 from .agent import Agent
-from .cell import RedisCell
+from .cell import Orphan, RedisCell
 from .client import (
     CLIENT_ERRORS,
     DEFAULT_SOCKET_CONNECT_TIMEOUT,
@@ -137,6 +137,9 @@ class RedisStore:
         self._client: redis.Redis | None = None
         self._scripts: Scripts | None = None
         self._cells: weakref.WeakValueDictionary[tuple[str, str | None], RedisCell] = weakref.WeakValueDictionary()
+        #: What cells no breaker object uses any more had counted and not sent
+        #: (``RedisCell.__del__``): the next flush sends it.
+        self.orphans: list[Orphan] = []
         _STORES.add(self)
         remember(self)
 
@@ -403,6 +406,16 @@ class RedisStore:
                 cell.flush()
             else:
                 cell.wait_sent()
+        orphans = self.orphans
+        while orphans:
+            orphan = orphans.pop()
+            try:
+                cell = self.cell(orphan.name, orphan.key, orphan.policy, orphan.clock)
+            except BaseException:
+                orphans.append(orphan)  # (sent by a later flush)
+                raise
+            cell.adopt(orphan.counts)
+            cell.flush()  # (failing, it keeps them, and hands them on if it is dropped)
 
     def close(self, timeout: float = 2.0) -> None:
         """Send what this process counted, stop following transitions and close this
