@@ -35,6 +35,36 @@ def test_every_breaker_of_a_redis_store_with_its_parked_tasks(redis_url: str) ->
     assert rows[1].snapshot.trips == 1
 
 
+def test_a_breaker_with_parked_tasks_but_no_state_is_listed_as_a_new_one(redis_url: str) -> None:
+    """Its state gone (idle TTL, an operator's or a listing's reset) while tasks stay
+    parked behind it: listed closed, generation 0, with its parked tasks, until it is
+    used again; a breaker whose parking is empty is not."""
+    url = f"{redis_url}?key_prefix={unique_prefix()}"
+    store = RedisStore.from_url(url)
+    client = store.client()
+    tenant = CircuitBreaker("crm", POLICY, storage=store, key="tenant 7")
+    fail(tenant)
+    for n in range(2):
+        store.parking.park("crm", "tenant 7", f"task-{n}:1", float(n), "payload", None)
+    store.parking.park("drained", None, "d:1", 1.0, "payload", None)
+    store.parking.purge(store.parking.tag("drained", None))  # (still indexed, nothing parked)
+    client.delete(*store.keys_for("crm", "tenant 7"))
+
+    rows = collect_metrics(url)
+    assert [(r.snapshot.name, r.snapshot.key, r.snapshot.state, r.snapshot.generation, r.parked) for r in rows] == [
+        ("crm", "tenant 7", State.CLOSED, 0, 2),
+    ]
+    # (what a breaker of that name shows when it is new)
+    assert rows[0].snapshot == CircuitBreaker("crm", POLICY, storage=fresh_store(), key="tenant 7").snapshot()
+    # Used again (by another process: this one's view still holds it open), it is listed
+    # from its state, once.
+    other = RedisStore.from_url(url)
+    CircuitBreaker("crm", POLICY, storage=other, key="tenant 7").call(ok)
+    other.flush()  # (its successes reach Redis in batches)
+    rows = collect_metrics(url)
+    assert [(r.snapshot.key, r.snapshot.successes, r.parked) for r in rows] == [("tenant 7", 1, 2)]
+
+
 def test_a_memory_store_and_an_app(redis_url: str) -> None:
     store = fresh_store()
     CircuitBreaker("local", POLICY, storage=store).call(ok)

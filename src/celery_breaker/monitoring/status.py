@@ -68,13 +68,22 @@ def collect_metrics(source: Any, *, clock: Clock | None = None) -> list[BreakerS
     """
     clock = clock or SYSTEM_CLOCK
     store = store_of(source)
-    snapshots = store.snapshots(clock)
+    snapshots = list(store.snapshots(clock))
     parking = store.parking
     if parking is None:
         rows = [BreakerStatus(snapshot) for snapshot in snapshots]
     else:
         counts = parking.counts(parking.tags())  # (one round trip, however many)
         tags = [parking.tag(snapshot.name, snapshot.key) for snapshot in snapshots]
+        # Tasks parked behind a breaker whose state the store no longer holds (its idle
+        # TTL ran out, an operator or a listing reset it): they are released as a new,
+        # closed breaker's would be, so the breaker is listed as one, not left out.
+        listed = set(tags)
+        for tag, held in counts.items():
+            found = None if tag in listed or not any(held) else parking.breaker(tag)
+            if found is not None:
+                snapshots.append(_new_breaker(*found))
+                tags.append(tag)
         releasing = [tag for tag, snapshot in zip(tags, snapshots, strict=True)
                      if snapshot.state in _RELEASING and any(counts.get(tag, (0, 0)))]  # fmt: skip
         paces = parking.release_paces(releasing, clock.monotonic())
@@ -89,3 +98,13 @@ def collect_metrics(source: Any, *, clock: Clock | None = None) -> list[BreakerS
 
 #: States in which parked tasks are released at the pace (HALF_OPEN releases probes only).
 _RELEASING = (State.CLOSED, State.DISABLED)
+
+
+def _new_breaker(name: str, key: str | None) -> BreakerSnapshot:
+    """The snapshot of a breaker the store holds no state for: closed, generation 0,
+    nothing counted (what the store's scripts take it for)."""
+    return BreakerSnapshot(
+        name=name, key=key, state=State.CLOSED, generation=0, failures=0, successes=0, rejections=0,
+        deferrals=0, trips=0, last_failure=None, last_success=None, opened_at=None, open_until=None,
+        retry_after=0.0, window_calls=0, window_failures=0, window_slow_calls=0, probes_in_flight=0,
+    )  # fmt: skip

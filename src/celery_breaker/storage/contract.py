@@ -147,6 +147,10 @@ class Parking(Protocol):
         """The breaker a tag belongs to, as people write it (``crm[tenant-7]``)."""
         ...
 
+    def breaker(self, tag: str) -> tuple[str, str | None] | None:
+        """The ``(name, key)`` of the breaker a tag belongs to (``None``: no breaker of this store)."""
+        ...
+
     def park(self, name: str, key: str | None, entry: str, order: float, payload: str, deadline: float | None) -> int:
         """Keep ``payload`` (a task message) until released; return how many are parked."""
         ...

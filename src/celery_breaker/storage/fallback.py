@@ -342,6 +342,9 @@ class _ReportingParking:
     def label(self, tag: str) -> str:
         return self._parking.label(tag)
 
+    def breaker(self, tag: str) -> tuple[str, str | None] | None:
+        return self._parking.breaker(tag)
+
     def park(self, name: str, key: str | None, entry: str, order: float, payload: str, deadline: float | None) -> int:
         count: int = self._reporting("park", name, key, entry, order, payload, deadline)
         return count

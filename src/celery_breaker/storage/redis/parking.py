@@ -70,6 +70,10 @@ class RedisParking:
         found = breaker_of(tag, self.store.quoted_prefix)
         return tag if found is None else breaker_label(*found)
 
+    def breaker(self, tag: str) -> tuple[str, str | None] | None:
+        """The ``(name, key)`` of the breaker a tag belongs to (``None``: no breaker of this store)."""
+        return breaker_of(tag, self.store.quoted_prefix)
+
     def tag(self, name: str, key: str | None) -> str:
         """The hash-tagged key stem of a breaker, ``{prefix:name[:key]}``, that its parking keys share."""
         return breaker_tag(self.store.quoted_prefix, name, key)
