@@ -78,7 +78,7 @@ def main() -> None:
                 for result in results:
                     info = web.json(f"/api/task/info/{result.id}")
                     if info.get("state") == "RETRY" and "CircuitOpenError" in (info.get("exception") or ""):
-                        return result.id
+                        return str(result.id)
                 return None
 
             wait_for(lambda: deferred_id() is not None, 30, "a deferred task in flower")
