@@ -12,7 +12,7 @@ import pytest
 import redis
 from redis.exceptions import ResponseError
 
-from celery_breaker import CircuitBreaker, State
+from celery_breaker import CircuitBreaker, CircuitOpenError, State
 from celery_breaker.errors import StorageError
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.storage.redis.damage import CHECK_TYPES, RESET, classify, repair_for
@@ -20,7 +20,7 @@ from celery_breaker.storage.redis.parking import PARKING_SUFFIXES, WHOLE
 from celery_breaker.testing import FakeClock
 
 from ..unit.support import fail, ok, state_of
-from .conftest import replace, unique_prefix
+from .conftest import following, replace, unique_prefix
 
 POLICY = {"failure_threshold": 2, "reset_timeout": 5.0, "half_open_max_calls": 2, "success_threshold": 1}
 
@@ -104,6 +104,28 @@ def test_parked_tasks_of_a_breaker_open_for_ever_are_released(
     clock.advance(5.0)
     assert breaker.call(ok) == "ok"
     assert state_of(breaker) is State.CLOSED
+
+
+def test_a_reset_made_by_a_release_is_heard_by_every_process(redis_url: str, server: redis.Redis) -> None:
+    """A release that resets an unreadable state tells every process, as a deletion is
+    told: a view still holding the breaker OPEN stops rejecting at once."""
+    url = f"{redis_url}?key_prefix={unique_prefix()}"
+    here = RedisStore.from_url(url)
+    breaker = CircuitBreaker("svc", {"failure_threshold": 1, "reset_timeout": 600.0}, storage=here)
+    following(here)
+    fail(breaker)
+    with pytest.raises(CircuitOpenError):
+        breaker.call(ok)  # (rejected by this process's view: OPEN for 600 s)
+    server.hset(state_key(here), "gen", "x")  # (unreadable: the release resets the breaker)
+    there = RedisStore.from_url(url)
+    there.parking.park("svc", None, "t1:1", 1.0, "one", None)
+    there.parking.release(there.parking.tag("svc", None), most=10, pace=100.0, ramp=0.0, lease=30.0)
+    assert not server.exists(state_key(here))
+    assert here.sync()  # (heard everything published until now)
+    assert breaker.call(ok) == "ok"
+    assert state_of(breaker) is State.CLOSED
+    here.close(timeout=0)
+    there.close(timeout=0)
 
 
 def test_a_nan_half_open_slot_count_is_reset(

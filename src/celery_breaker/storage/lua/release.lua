@@ -5,7 +5,7 @@
 --       tenth of the pace to all of it), 6 lease seconds, 7 '' for that fixed pace, or the
 --       adaptive law (core/pacing.py PacingLaw.text: start;ceiling;judge_every;slow_start;
 --       step;back_off;bad_share;floor;least_bad;in_flight_s, the ceiling '' for none; 4 and
---       5 are then unused)
+--       5 are then unused), 8 the transitions channel ('' none: a reset is not published)
 -- Returns { repairs, entry, payload, entry, payload, ... }.
 --
 -- What the breaker lets run (read from its state hash):
@@ -105,6 +105,11 @@ if st then
   if why ~= nil then
     redis.call('DEL', K_STATE)
     repaired('unreadable ' .. why .. ' in ' .. K_STATE .. ' (the breaker was reset)')
+    -- Told as forget.lua tells a deletion, so a process whose view still holds the breaker
+    -- OPEN stops rejecting at once, rather than when that view's open period ends.
+    if (ARGV[8] or '') ~= '' then
+      redis.call('PUBLISH', ARGV[8], table.concat({ K_STATE, '0', '0', 'closed', '' }, '\n'))
+    end
     st = nil
     gen = '0'
   end

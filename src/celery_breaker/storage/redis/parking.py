@@ -108,10 +108,11 @@ class RedisParking:
         Raises ``StorageError`` only for this tag: Redis failing (or ``tag`` naming no
         breaker of this store). A key of another type is replaced, unreadable values are
         repaired, an unreadable breaker state is reset (its entries then go at the
-        closed breaker's pace), each with a WARNING; the next call works."""
+        closed breaker's pace, and every process hears of the reset), each with a
+        WARNING; the next call works."""
         reply = self._script(
             "release", self._checked_tag(tag),
-            [most, repr(pace), repr(ramp), repr(lease), "" if law is None else law.text()],
+            [most, repr(pace), repr(ramp), repr(lease), "" if law is None else law.text(), self.store.channel],
             doing=f"releasing {tag}", state=True, now=now,
         )  # fmt: skip
         return [(text(reply[i]), text(reply[i + 1])) for i in range(0, len(reply) - 1, 2)]
