@@ -511,7 +511,14 @@ def test_counts_of_a_breaker_object_dropped_before_the_flush_are_sent(redis_url:
     for _ in range(3):
         with pytest.raises(CircuitOpenError):
             CircuitBreaker("held", storage=store).call(ok)  # (rejected from the local view)
+    late = CircuitBreaker("late", storage=store)
+    late.force_open()
+    store.close(timeout=0)  # (closed: counted from now on, sent once it connects again)
+    for _ in range(2):
+        with pytest.raises(CircuitOpenError):
+            late.call(ok)
+    del late
     gc.collect()
     store.flush()
     seen = {s.name: s for s in RedisStore.from_url(url).snapshots(SYSTEM_CLOCK)}
-    assert (seen["temp"].successes, seen["held"].rejections) == (5, 3)
+    assert (seen["temp"].successes, seen["held"].rejections, seen["late"].rejections) == (5, 3, 2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import gc
 import importlib
 import multiprocessing
 import random
@@ -85,3 +86,35 @@ def test_a_trip_reaches_every_other_process_within_milliseconds(redis_url: str) 
         sys.path.remove(str(bench))
     print(f"trip propagation: p50 {result['p50_ms']:.2f} ms, p99 {result['p99_ms']:.2f} ms over {result['samples']}")
     assert (result["samples"], result["missed"]) == (8 * 20, 0)
+
+
+def _child_calls(stores: list[RedisStore]) -> None:
+    """A forked child that uses the stores it inherited: connects, and flushes."""
+    for store in stores:
+        CircuitBreaker("other", POLICY, storage=store).call(lambda: None)
+        store.flush()
+
+
+def test_counts_are_sent_once_across_a_fork(redis_url: str) -> None:
+    """What the parent counted is the parent's to send, a forked child that connects and
+    flushes sends none of it: counts of breaker objects dropped before the fork (waiting
+    for the next flush), and counts made after the store was closed."""
+    dropped_url, closed_url = (f"{redis_url}?key_prefix={unique_prefix()}" for _ in range(2))
+    dropped, closed = RedisStore.from_url(dropped_url), RedisStore.from_url(closed_url)
+    for _ in range(5):
+        CircuitBreaker("svc", POLICY, storage=dropped).call(lambda: None)  # (made, used and dropped)
+    gc.collect()
+    kept = CircuitBreaker("svc", POLICY, storage=closed)
+    kept.call(lambda: None)
+    closed.close(timeout=0)  # (sends that one)
+    kept.call(lambda: None)  # (counted after the close)
+    child = multiprocessing.get_context("fork").Process(target=_child_calls, args=([dropped, closed],))
+    child.start()
+    child.join(timeout=15)
+    assert child.exitcode == 0
+    kept.call(lambda: None)  # (connects the parent again)
+    dropped.flush()
+    closed.flush()
+    for url, successes in ((dropped_url, 5), (closed_url, 3)):
+        seen = {s.name: s.successes for s in RedisStore.from_url(url).snapshots(SYSTEM_CLOCK)}
+        assert seen == {"svc": successes, "other": 1}

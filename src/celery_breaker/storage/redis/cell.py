@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import os
 import random
 import threading
 import time
@@ -377,9 +376,9 @@ class RedisCell:
         # (successes, rejections, deferrals: the flusher sends them every second). Hand
         # them to the store, whose next flush sends them through the breaker's cell then.
         with contextlib.suppress(Exception):  # (at interpreter exit, what it refers to may be gone)
-            store = self._store
-            if store._pid == os.getpid() and self.pending:
-                store.orphans.append(Orphan(self.name, self.key, self.policy, self._clock, self._take_pending()[1]))
+            if self.pending:  # (a fork leaves none: the parent sends what it counted)
+                counts = self._take_pending()[1]
+                self._store.orphans.append(Orphan(self.name, self.key, self.policy, self._clock, counts))
 
     def wait_sent(self) -> None:
         """Return once a flush in flight on another thread (its counts taken, not yet in

@@ -200,9 +200,6 @@ class RedisStore:
             socket_timeout=socket_timeout,
             socket_connect_timeout=connect_timeout,
         )
-        if self._pid != -1:
-            for cell in list(self._cells.values()):
-                cell.forget_pending()  # the parent flushes its own rejections
         self._client = client
         self._scripts = Scripts(client)
         self._pid = os.getpid()
@@ -397,10 +394,7 @@ class RedisStore:
     def flush(self, *, everything: bool = False) -> None:
         """Send what each cell counted locally (``everything``: read every cell again).
         Counts another thread's flush has taken are in Redis when this returns too.
-        A process that has not connected yet sends nothing: what its cells hold was
-        counted before a fork, by the parent, which sends it."""
-        if self._pid != os.getpid():
-            return
+        (A forked child's cells hold none of its parent's counts: forgotten at the fork.)"""
         for cell in list(self._cells.values()):
             if everything or cell.pending:
                 cell.flush()
@@ -429,7 +423,7 @@ class RedisStore:
         with self._lock:
             agent, self._agent = self._agent, None
             client, self._client = self._client, None
-            self._pid = -1  # not a fork: nothing counted since is forgotten on reconnecting
+            self._pid = -1  # (the next call connects again)
         if agent is not None and agent.pid == os.getpid():
             agent.stop()
             if agent is not threading.current_thread():
@@ -501,10 +495,12 @@ def _reinit_locks_after_fork() -> None:
         store.settled = False
         store.epoch += 1
         store._agent = None
+        store.orphans = []  # (the parent sends them)
         for cell in list(store._cells.values()):
             cell._lock = threading.Lock()
             cell._sending = threading.Lock()
             cell.passing = False
+            cell.forget_pending()  # what it counted so far is the parent's to send
 
 
 if hasattr(os, "register_at_fork"):
