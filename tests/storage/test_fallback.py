@@ -86,3 +86,23 @@ def test_a_store_outage_falls_back_and_the_breaker_rejoins_when_redis_returns(re
     with pytest.raises(CircuitOpenError):
         breaker.call(ok)
     assert state_of(breaker) is State.FORCED_OPEN  # rejoined the shared state
+
+
+def test_each_outage_starts_with_a_fresh_stand_in(restartable_redis: RedisServer) -> None:
+    """The stand-in of one outage is dropped when the breaker rejoins Redis: the next
+    outage starts CLOSED, not where the last one left off (OPEN, its windows full)."""
+    restartable_redis.start()
+    clock = FakeClock()
+    url = f"{restartable_redis.url}?time=client&key_prefix=fresh-stand-in"
+    breaker = CircuitBreaker("svc", {"failure_threshold": 2, "reset_timeout": 30.0}, storage=url, clock=clock)
+    assert breaker.call(ok) == "ok"
+    restartable_redis.stop()
+    fail(breaker, 2)
+    assert state_of(breaker) is State.OPEN  # (the stand-in of the first outage tripped)
+    restartable_redis.start()
+    clock.advance(6)  # (past the retry interval)
+    assert breaker.call(ok) == "ok"  # rejoined: the shared breaker is CLOSED
+    restartable_redis.stop()
+    fail(breaker)  # (the second outage: on a stand-in again)
+    assert breaker.call(ok) == "ok"
+    assert state_of(breaker) is State.CLOSED

@@ -188,6 +188,7 @@ class FallbackCell:
             self._degrade(exc, now)
             return False
         self._active = self._primary
+        self._local = None  # (the next outage starts with a fresh stand-in, as documented)
         self._store.store_answered()
         return True
 
