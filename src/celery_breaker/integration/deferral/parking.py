@@ -16,13 +16,14 @@ import logging
 from collections.abc import Collection
 from typing import Any
 
+from kombu.exceptions import SerializerNotInstalled
 from kombu.serialization import dumps, loads
 
 from ...errors import StorageError
 from .plan import PARKED_HEADER, park_deadline
 from .strategy import Deferral
 
-__all__ = ["ParkInStore", "decode_message", "encode_message"]
+__all__ = ["NotAcceptedHere", "ParkInStore", "decode_message", "encode_message"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -37,8 +38,14 @@ def encode_message(signature: dict[str, Any], serializer: str) -> str:
     return json.dumps({"v": 1, "ct": content_type, "ce": encoding, "b64": wrapped, "body": text})
 
 
+class NotAcceptedHere(ValueError):
+    """A parked message in a content type this app does not accept (``accept_content``)
+    or has no serializer for: readable by a worker that does, so it must not be dropped."""
+
+
 def decode_message(payload: str, accept: Collection[str] | None) -> dict[str, Any]:
-    """The signature dict ``encode_message`` stored; raises ValueError when unreadable.
+    """The signature dict ``encode_message`` stored; raises ValueError when unreadable,
+    ``NotAcceptedHere`` when only this app cannot read it.
 
     ``accept``: the content types the app accepts (``accept_content`` as content types,
     ``kombu.serialization.prepare_accept_content``), so a pickle, msgpack or yaml task
@@ -50,6 +57,8 @@ def decode_message(payload: str, accept: Collection[str] | None) -> dict[str, An
         if outer.get("b64"):
             body = base64.b64decode(body)
         found = loads(body, outer["ct"], outer["ce"], accept=accept)  # type: ignore[no-untyped-call]
+    except SerializerNotInstalled as exc:  # (ContentDisallowed too)
+        raise NotAcceptedHere(f"parked message in {outer.get('ct')!r}, which this app does not accept: {exc}") from exc
     except Exception as exc:  # any decoding failure: the caller reports the entry
         raise ValueError(f"unreadable parked message: {exc!r}") from exc
     if not isinstance(found, dict) or "task" not in found:

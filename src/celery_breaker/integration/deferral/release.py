@@ -31,7 +31,7 @@ from ...core.pacing import PacingLaw
 from ...errors import StorageError
 from ...storage import Parking
 from .health_gate import HealthGate
-from .parking import decode_message
+from .parking import NotAcceptedHere, decode_message
 
 __all__ = ["LEASE", "MOST_PER_TICK", "TAG_COMPLAINT_EVERY", "TICK", "WATCH_EVERY", "Releaser"]
 
@@ -85,6 +85,7 @@ class Releaser(threading.Thread):
         self._known: dict[str, int] = {}
         self._counted_at: float | None = None
         self._tag_failures: dict[str, float] = {}  # tag -> when it was last reported
+        self._refusals: dict[str, float] = {}  # tag -> when a message not accepted here was last reported
         #: Breakers with a health check release nothing (no real task is a probe) until it closes them.
         self.health_gate = HealthGate(app)
 
@@ -148,6 +149,17 @@ class Releaser(threading.Thread):
             self.parking.forget(tag)
         return len(done)
 
+    def _not_accepted(self, tag: str, entry: str, exc: NotAcceptedHere) -> None:
+        now = time.monotonic()
+        last = self._refusals.get(tag)
+        if last is None or now - last >= TAG_COMPLAINT_EVERY:
+            self._refusals[tag] = now
+            logger.warning(
+                "celery-breaker releaser: left %s of %s parked: %s. A worker whose accept_content takes it "
+                "releases it; a worker of another app sharing this store's key_prefix should use its own",
+                entry, self.parking.label(tag), exc,
+            )  # fmt: skip
+
     def _tag_failed(self, tag: str, exc: StorageError) -> None:
         now = time.monotonic()
         last = self._tag_failures.get(tag)
@@ -191,6 +203,11 @@ class Releaser(threading.Thread):
     def _publish(self, tag: str, entry: str, payload: str) -> bool:
         try:
             signature = decode_message(payload, self.accept)
+        except NotAcceptedHere as exc:
+            # Another app or worker on this store parked it, in a serializer this one does
+            # not accept: left claimed, its lease puts it back for a worker that does.
+            self._not_accepted(tag, entry, exc)
+            return False
         except ValueError as exc:
             # Never publishable: dropping it is the only way forward; say so loudly.
             logger.error("celery-breaker releaser: dropped parked entry %s of %s: %s", entry, tag, exc)

@@ -1,0 +1,79 @@
+"""A releaser leaves parked what its app does not accept (real Redis, in-memory brokers).
+
+Two apps share one store and key prefix: one parks a pickle task, the other accepts only
+JSON. The second's releaser must not drop the first's task: it stays parked (its claim's
+lease puts it back) until a releaser that accepts pickle publishes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_breaker.integration.deferral import release
+from celery_breaker.integration.deferral.parking import NotAcceptedHere, decode_message, encode_message
+from celery_breaker.integration.deferral.release import Releaser
+from celery_breaker.storage.redis import RedisStore
+
+from .conftest import unique_prefix
+
+
+def app_accepting(name: str, *content: str) -> Celery:
+    app = Celery(name, set_as_current=False, broker="memory://")
+    app.conf.update(accept_content=list(content), task_default_queue=f"{name}-queue")
+    return app
+
+
+def test_a_task_this_app_does_not_accept_is_left_parked_for_one_that_does(
+    redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(release, "LEASE", 0.5)  # (seconds a claim holds an entry: shortened)
+    store = RedisStore.from_url(f"{redis_url}?key_prefix={unique_prefix()}")
+    parking = store.parking
+    body: dict[str, Any] = {
+        "task": "a.charge",
+        "args": [1],
+        "kwargs": {},
+        "options": {},
+        "subtask_type": None,
+        "immutable": False,
+    }
+    parking.park("svc", None, "t-1:1", 1.0, encode_message(body, "pickle"), None)
+    tag = parking.tag("svc", None)
+
+    json_only = Releaser(app_accepting("json-only", "json"), parking, rate=1000.0, ramp=0.0)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and caplog.text.count("left t-1:1") < 1:
+            json_only.release_once()
+            time.sleep(0.05)
+        for _ in range(20):  # (claimed again as each lease runs out)
+            json_only.release_once()
+            time.sleep(0.05)
+    assert json_only.released == 0
+    assert sum(parking.count(tag)) == 1  # (parked or claimed: not dropped)
+    assert "left t-1:1 of svc parked" in caplog.text
+    assert "application/x-python-serialize" in caplog.text
+    assert "dropped" not in caplog.text
+    assert caplog.text.count("left t-1:1") == 1  # (once a minute, not at every claim)
+
+    with_pickle = Releaser(app_accepting("with-pickle", "json", "pickle"), parking, rate=1000.0, ramp=0.0)
+    deadline = time.monotonic() + 10
+    while with_pickle.released == 0 and time.monotonic() < deadline:
+        with_pickle.release_once()
+        time.sleep(0.05)
+    assert with_pickle.released == 1
+    assert parking.count(tag) == (0, 0)
+
+
+def test_an_unreadable_message_is_told_apart_from_one_not_accepted() -> None:
+    pickled = encode_message({"task": "a.charge"}, "pickle")
+    with pytest.raises(NotAcceptedHere, match="application/x-python-serialize"):
+        decode_message(pickled, {"application/json"})
+    with pytest.raises(ValueError, match="unreadable parked message") as caught:
+        decode_message('{"v": 1, "ct": "application/json", "ce": "utf-8", "b64": false, "body": "{"}', None)
+    assert not isinstance(caught.value, NotAcceptedHere)
