@@ -584,3 +584,36 @@ def test_an_index_with_nothing_missing_is_not_rebuilt_twice(
     server.delete(parking.index)  # (and the SCANs are counted: a deleted index is rebuilt)
     assert [parking.label(tag) for tag in parking.tags()] == ["a"]
     assert scans(server) > before
+
+
+def test_an_entry_parked_by_a_park_that_failed_after_writing_it_is_released(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entry is written, then the connection drops before the park's last round trip
+    (the index): the park raises (the task goes by countdown instead), and the entry it
+    wrote must still be found, released and published (a duplicate, never a stranded one)."""
+    parking = store.parking
+    tag = parking.tag("svc", None)
+    parking.park("svc", None, "t0:1", 1.0, "earlier", None)
+    parking.purge(tag)
+    parking.forget(tag)  # (drained: the releaser dropped it from the index)
+    assert parking.tags() == []
+    own_keys, script = parking._own_keys, parking._script
+    written: list[str] = []
+
+    def writing(name: str, *args: Any, **kwargs: Any) -> list[Any]:
+        written.append(name)
+        return script(name, *args, **kwargs)
+
+    def failing_after_the_entry(doing: str, queue: Any) -> list[Any]:
+        if written:  # (the first round trip after the park script)
+            raise StorageError("redis store: parking t1:1 failed: Connection reset by peer")
+        return own_keys(doing, queue)
+
+    monkeypatch.setattr(parking, "_script", writing)
+    monkeypatch.setattr(parking, "_own_keys", failing_after_the_entry)
+    with pytest.raises(StorageError):
+        parking.park("svc", None, "t1:1", 2.0, "payload", None)
+    monkeypatch.undo()
+    assert parking.count(tag) == (1, 0)
+    assert parking.tags() == [tag]

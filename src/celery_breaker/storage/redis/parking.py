@@ -84,8 +84,16 @@ class RedisParking:
         """Keep ``payload`` (a task message) until released; return how many are parked."""
         tag = self.tag(name, key)
         doing = f"parking {entry}"
+
+        def indexed(pipe: Any) -> tuple[Any, ...]:
+            return pipe.sadd(self.index, tag), pipe.hsetnx(self.marker, "epoch", self._epoch)
+
+        # Indexed before the entry is written (a park whose second round trip failed left
+        # an entry no releaser looked for), and again after it (a releaser's ``forget``
+        # may have dropped the tag in between, finding nothing parked yet).
+        self._own_keys(doing, indexed)
         (count,) = self._script("park", tag, [entry, repr(order), payload, _opt(deadline)], doing=doing)
-        self._own_keys(doing, lambda pipe: (pipe.sadd(self.index, tag), pipe.hsetnx(self.marker, "epoch", self._epoch)))
+        self._own_keys(doing, indexed)
         return int(count)
 
     def release(
