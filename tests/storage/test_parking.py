@@ -6,10 +6,13 @@ clock's reading, so open periods and the release ramp move only when the test sa
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import redis
 
 from celery_breaker import CircuitBreaker, State
+from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
@@ -227,3 +230,21 @@ def test_purge_discards_in_bounded_chunks_oldest_first(store: RedisStore, monkey
     assert store.parking.count(tag) == (0, 0)
     assert not store.client().exists(tag + ":q", tag + ":m", tag + ":d")
     assert store.parking.purge(tag) == 0  # nothing left: nothing to do
+
+
+@pytest.mark.parametrize("pace_kind", ["fixed", "adaptive"])
+def test_a_pace_below_one_task_a_second_still_releases(store: RedisStore, pace_kind: str) -> None:
+    """``breaker_release_rate=0.5``: one task every two seconds. (The allowance was capped
+    at one second's worth, 0.5 of a task: nothing ever went.)"""
+    clock = FakeClock()
+    entries = park_many(store, 3)
+    tag = store.parking.tag("svc", None)
+    law = PacingLaw(ceiling=0.5) if pace_kind == "adaptive" else None
+    went: list[tuple[int, str]] = []
+    for second in range(13):
+        claimed = store.parking.release(tag, most=100, pace=0.5, ramp=0.0, lease=30.0, now=clock.monotonic(), law=law)
+        went += [(second, entry) for entry, _ in claimed]
+        clock.advance(1.0)
+    assert [entry for _, entry in went] == entries
+    seconds = [second for second, _ in went]
+    assert all(later - earlier >= 2 for earlier, later in itertools.pairwise(seconds))  # (never faster than 0.5/s)

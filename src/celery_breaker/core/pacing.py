@@ -239,7 +239,8 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
     news, grown every ``judge_every`` seconds on good news."""
     if pace is None or pace.generation != outcomes.generation:
         return begin(law, outcomes, now, pace)
-    tokens = min(pace.rate, pace.tokens + pace.rate * max(0.0, now - pace.at))
+    # At most one second's worth saved up, and at least one task's (below 1/s, else none goes).
+    tokens = min(max(pace.rate, 1.0), pace.tokens + pace.rate * max(0.0, now - pace.at))
     if outcomes.held_until is not None and now < outcomes.held_until:
         tokens = 0.0  # a refusal asked the release to wait: nothing goes, nothing saves up
     pace = replace(pace, tokens=tokens, at=max(pace.at, now))
@@ -305,7 +306,7 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
                     limit = limit * (1 + law.creep)  # at the limit: probe above it, slowly
                 grown = max(rate, min(grown, limit * law.near))
             rate = law.bound(grown)
-    return replace(pace, rate=rate, threshold=threshold, tokens=min(rate, pace.tokens), judged_at=now,
+    return replace(pace, rate=rate, threshold=threshold, tokens=min(max(rate, 1.0), pace.tokens), judged_at=now,
                    seen=outcomes, used=0, in_flight=in_flight, cut_at=cut_at, limit=limit, owed=owed,
                    settle_until=settle_until, cut_share=cut_share)  # fmt: skip
 

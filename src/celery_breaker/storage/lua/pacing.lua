@@ -127,7 +127,7 @@ end
 -- judge_every seconds on good news; nothing goes while a refusal's wait (rh) lasts.
 local function advance_pace(law, pace, outcomes)
   if pace == nil or pace.gen ~= outcomes.gen then return begin_pace(law, outcomes, pace) end
-  pace.tokens = math.min(pace.rate, pace.tokens + pace.rate * math.max(0, now - pace.at))
+  pace.tokens = math.min(math.max(pace.rate, 1), pace.tokens + pace.rate * math.max(0, now - pace.at))
   if outcomes.rh ~= nil and now < outcomes.rh then
     pace.tokens = 0 -- a refusal asked the release to wait: nothing goes, nothing saves up
   end
@@ -196,7 +196,7 @@ local function advance_pace(law, pace, outcomes)
     end
   end
   judged(pace, outcomes)
-  pace.rate, pace.thr, pace.tokens, pace.lim = rate, thr, math.min(rate, pace.tokens), lim
+  pace.rate, pace.thr, pace.tokens, pace.lim = rate, thr, math.min(math.max(rate, 1), pace.tokens), lim
   pace.infl, pace.owe = infl, owe
   return pace
 end

@@ -124,7 +124,8 @@ if law ~= nil and (not st or st == 'closed' or st == 'disabled') then
   allowed = math.floor(adaptive.tokens)
 elseif not st or st == 'closed' or st == 'disabled' then
   -- A paced ramp, restarted whenever the breaker (re)closes: a tenth of the pace at
-  -- first, all of it after `ramp` seconds; at most one second's worth at once.
+  -- first, all of it after `ramp` seconds; at most one second's worth at once (and at
+  -- least one task's, or a pace below 1/s would never let one go).
   local p = redis.call('HMGET', K_PACE, 'gen', 'since', 'tokens', 'at')
   local since, tokens, at = read_time(p[2], now, 0), read_number(p[3]), read_time(p[4], now, 0)
   if p[1] and (since == nil or at == nil or tokens == nil or tokens < 0 or read_whole(p[1]) == nil) then
@@ -138,7 +139,7 @@ elseif not st or st == 'closed' or st == 'disabled' then
   local share = 1
   if ramp > 0 then share = math.min(1, 0.1 + 0.9 * math.max(0, now - since) / ramp) end
   local rate = pace * share
-  tokens = math.min(rate, tokens + rate * math.max(0, now - at))
+  tokens = math.min(math.max(rate, 1), tokens + rate * math.max(0, now - at))
   allowed = math.floor(tokens)
   redis.call('HSET', K_PACE, 'gen', gen, 'since', fmt(since), 'tokens', fmt(tokens - allowed), 'at', fmt(now))
 elseif (st == 'open' and now >= ou) or st == 'half_open' then
