@@ -248,3 +248,39 @@ def test_a_pace_below_one_task_a_second_still_releases(store: RedisStore, pace_k
     assert [entry for _, entry in went] == entries
     seconds = [second for second, _ in went]
     assert all(later - earlier >= 2 for earlier, later in itertools.pairwise(seconds))  # (never faster than 0.5/s)
+
+
+def test_probes_that_never_ran_go_again_after_a_lease(store: RedisStore) -> None:
+    """The probes released were published, then revoked or lost: nobody called the
+    breaker, which stayed OPEN with its time up. The next probes go a lease later,
+    rather than the backlog waiting for the breaker state's idle TTL (a day)."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    fail(breaker)
+    entries = park_many(store, 6)
+    clock.advance(10.0)
+    probes = release(store, clock)
+    assert probes == entries[:2]
+    store.parking.done(store.parking.tag("svc", None), probes)  # (published, and never ran)
+    clock.advance(29.0)
+    assert release(store, clock) == []  # (within the lease: they may still be on their way)
+    clock.advance(2.0)
+    assert release(store, clock) == entries[2:4]
+    assert breaker.snapshot().state is State.OPEN  # (the release moves no breaker)
+
+
+def test_a_half_open_breaker_short_of_successes_gets_more_probes(store: RedisStore) -> None:
+    """One probe came back (a success), the other never ran: HALF_OPEN, one success short
+    of closing, and nobody else calls it. More probes go a lease later; and however few
+    entries a tick may release (``most``), a probe batch is never cut below what closing takes."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", {**POLICY, "success_threshold": 2}, storage=store, clock=clock)
+    fail(breaker)
+    entries = park_many(store, 6)
+    clock.advance(10.0)
+    assert release(store, clock, most=1) == entries[:2]  # (both probes, though most=1)
+    store.parking.done(store.parking.tag("svc", None), entries[:2])
+    breaker.call(ok)  # the first probe ran and succeeded: HALF_OPEN, short of closing
+    assert breaker.snapshot().state is State.HALF_OPEN
+    clock.advance(31.0)
+    assert release(store, clock, most=1) == entries[2:4]

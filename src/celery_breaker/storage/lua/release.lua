@@ -117,6 +117,7 @@ end
 if not st then counts, held_until = { 0, 0, 0, 0 }, nil end
 
 local allowed = 0
+local probing = false -- (releasing this open period's probes)
 local adaptive = nil -- the adaptive pace, written back once the entries are claimed
 if law ~= nil and (not st or st == 'closed' or st == 'disabled') then
   adaptive = advance_pace(law, read_pace(), { gen = read_whole(gen), ok = counts[1], ko = counts[2], sl = counts[3],
@@ -143,8 +144,11 @@ elseif not st or st == 'closed' or st == 'disabled' then
   allowed = math.floor(tokens)
   redis.call('HSET', K_PACE, 'gen', gen, 'since', fmt(since), 'tokens', fmt(tokens - allowed), 'at', fmt(now))
 elseif (st == 'open' and now >= ou) or st == 'half_open' then
-  -- The probes of this open period (counted by trips), once; again if none reported
-  -- within a lease (their tasks were lost or rejected).
+  -- The probes of this open period (counted by trips), once; again when they have not
+  -- closed or reopened the breaker within a lease: still OPEN (none ran: revoked,
+  -- expired, dropped) or still HALF_OPEN (too few came back to close it). Probes are
+  -- never held back by `most`: fewer than the breaker needs to close could never close it.
+  probing = true
   local p = redis.call('HMGET', K_PACE, 'probe_trip', 'probe_at')
   local probe_at = 0
   if p[1] or p[2] then
@@ -155,12 +159,12 @@ elseif (st == 'open' and now >= ou) or st == 'half_open' then
       p[1], probe_at = false, 0
     end
   end
-  if p[1] ~= trips or (st == 'half_open' and hos == 0 and now - probe_at > lease) then
+  if p[1] ~= trips or now - probe_at > lease then
     allowed = limits.max_calls
     redis.call('HSET', K_PACE, 'probe_trip', trips, 'probe_at', fmt(now))
   end
 end
-allowed = math.min(allowed, most - (#out - 1) / 2)
+allowed = math.min(allowed, (probing and math.max(most, limits.max_calls) or most) - (#out - 1) / 2)
 local taken = 0
 if allowed > 0 then
   for _, entry in ipairs(redis.call('ZRANGE', K_QUEUE, 0, allowed - 1)) do
