@@ -77,3 +77,33 @@ def test_an_unreadable_message_is_told_apart_from_one_not_accepted() -> None:
     with pytest.raises(ValueError, match="unreadable parked message") as caught:
         decode_message('{"v": 1, "ct": "application/json", "ce": "utf-8", "b64": false, "body": "{"}', None)
     assert not isinstance(caught.value, NotAcceptedHere)
+
+
+def test_one_breaker_failing_in_any_way_stops_no_other_release(
+    redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not only a storage error: whatever one breaker's release raises (here its health
+    gate), the releaser reports it and releases the other breakers' tasks."""
+    store = RedisStore.from_url(f"{redis_url}?key_prefix={unique_prefix()}")
+    parking = store.parking
+    app = app_accepting("isolated", "json")
+    for name in ("a", "b", "c"):
+        body = dict(app.signature(f"{name}.job", args=(1,)))
+        parking.park(name, None, f"{name}-1:1", 1.0, encode_message(body, "json"), None)
+    releaser = Releaser(app, parking, rate=1000.0, ramp=0.0)
+    holds = releaser.health_gate.holds
+
+    def broken_for_a(label: str) -> bool:
+        if label == "a":
+            raise RuntimeError("a probe setting this worker cannot resolve")
+        return holds(label)
+
+    monkeypatch.setattr(releaser.health_gate, "holds", broken_for_a)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        deadline = time.monotonic() + 10
+        while releaser.released < 2 and time.monotonic() < deadline:
+            releaser.release_once()
+            time.sleep(0.05)
+    assert releaser.released == 2
+    assert parking.count(parking.tag("a", None)) == (1, 0)
+    assert "cannot release the tasks parked behind a" in caplog.text

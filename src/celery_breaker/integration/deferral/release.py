@@ -118,9 +118,10 @@ class Releaser(threading.Thread):
     def release_once(self) -> int:
         """One pass over every breaker with parked tasks; return how many were published.
 
-        One breaker whose parking cannot be read (a key the store could not repair, say)
-        is reported (``TAG_COMPLAINT_EVERY``) and skipped: the others are released as
-        usual. A store that cannot even list them raises ``StorageError``."""
+        One breaker whose parking cannot be read (a key the store could not repair, say),
+        or that fails in any other way, is reported (``TAG_COMPLAINT_EVERY``) and
+        skipped: the others are released as usual. A store that cannot even list them
+        raises ``StorageError``."""
         published = 0
         most = MOST_PER_TICK if self.rate is None else max(1, min(MOST_PER_TICK, int(self.rate * self.tick * 4) + 1))
         for tag in self.parking.tags():
@@ -128,7 +129,7 @@ class Releaser(threading.Thread):
                 break
             try:
                 published += self._release_tag(tag, most)
-            except StorageError as exc:
+            except Exception as exc:  # (one breaker's trouble, whatever it is, stops no other's)
                 self._tag_failed(tag, exc)
             else:
                 self._tag_failures.pop(tag, None)
@@ -160,7 +161,7 @@ class Releaser(threading.Thread):
                 entry, self.parking.label(tag), exc,
             )  # fmt: skip
 
-    def _tag_failed(self, tag: str, exc: StorageError) -> None:
+    def _tag_failed(self, tag: str, exc: Exception) -> None:
         now = time.monotonic()
         last = self._tag_failures.get(tag)
         if last is None or now - last >= TAG_COMPLAINT_EVERY:
