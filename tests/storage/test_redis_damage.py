@@ -424,7 +424,7 @@ def test_index_members_that_name_no_breaker_are_dropped(
         assert [parking.label(tag) for tag in parking.tags()] == ["a"]
     assert "dropped 4 member(s)" in caplog.text
     assert "rebuilt it from the parked entries" in caplog.text
-    assert server.smembers(parking.index) == {parking.tag("a", None).encode(), WHOLE}
+    assert set(server.smembers(parking.index)) == {parking.tag("a", None).encode(), WHOLE}  # (a list on redis-py 5)
     with pytest.raises(StorageError, match="no breaker of this store"):
         parking.release("foo", most=1, pace=1.0, ramp=0.0, lease=1.0)
 
