@@ -41,3 +41,13 @@ def refused_once(self: Any, n: int) -> dict[str, Any]:
     if redis.Redis.from_url(self.app.conf.broker_url).delete(f"refuse:{n}"):
         raise TooManyRequests(0.5)
     return {"n": n, "retries": self.request.retries, "headers": dict(self.request.headers or {})}
+
+
+@app.task(base=BreakerTask, bind=True, breaker="partner", max_retries=0, acks_late=True)
+def through_dependency(self: Any, n: int) -> dict[str, Any]:
+    """Admitted by its own breaker ("partner"); calls a dependency behind breaker "dependency"
+    (same store) inside its body."""
+    from celery_breaker import CircuitBreaker
+
+    with CircuitBreaker("dependency", storage=self.app.conf.breaker_storage_url):
+        return {"n": n, "deferrals": int((self.request.headers or {}).get("x-breaker-deferrals", 0))}

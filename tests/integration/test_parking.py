@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -176,6 +177,28 @@ def test_parked_tasks_are_released_after_their_index_is_deleted(broker: str, sto
     assert sorted(v["n"] for v in values) == list(range(10))
     assert parked(store_url) == 0
     assert "did not name 1 breaker(s) with parked tasks (partner)" in worker.log()
+
+
+def test_a_task_rejected_by_a_nested_breaker_waits_for_that_breaker(broker: str, store_url: str) -> None:
+    """Its own breaker is CLOSED: parked behind it, the task was released at once, rejected
+    again, and spent its 10 deferrals in well under a second (FAILURE). It is deferred by a
+    countdown instead, timed by the breaker that rejected it, and runs once that one closes."""
+    dependency = CircuitBreaker("dependency", storage=store_url)
+    dependency.force_open()
+    worker = start_worker(broker, store_url, breaker_max_deferrals=10)
+    try:
+        result = parking_proj.through_dependency.delay(1)
+        wait_for(lambda: result.state == "RETRY", 30, "the task deferred")
+        time.sleep(3.0)  # (what a loop would do meanwhile: be released, rejected, deferred again)
+        assert result.state == "RETRY"
+        assert "breaker 'dependency' forced_open" in str(result.info)
+        dependency.close()
+        value = result.get(timeout=60)
+    finally:
+        worker.stop()
+    assert value["n"] == 1
+    assert 1 <= value["deferrals"] < 10
+    assert parked(store_url) == 0
 
 
 def test_breaker_park_false_defers_with_a_countdown(broker: str, store_url: str) -> None:

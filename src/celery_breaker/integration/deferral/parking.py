@@ -76,7 +76,13 @@ class ParkInStore:
         plan = deferral.plan
         if plan.expires_first:
             return None  # it must arrive just after its expiry, to be revoked: a countdown does that
-        store = deferral.breaker.store
+        rejected, breaker = deferral.rejected, deferral.breaker
+        if rejected.name and (rejected.name, rejected.key) != (breaker.name, breaker.key):
+            # Rejected by a breaker nested in the body: parked behind the task's own breaker
+            # (closed), it would be released at once, rejected again and parked again, its
+            # deferrals spent in a second. A countdown waits for the breaker that rejected it.
+            return None
+        store = breaker.store
         parking = store.parking
         if parking is None or store.down:
             # No parking here, or the shared store is down (its outage is logged once per
@@ -94,7 +100,6 @@ class ParkInStore:
             logger.warning("task %s[%s]: cannot park it (%r); deferring it another way", task.name, request.id, exc)
             return None
         deadline = park_deadline(deferral.expires_in, plan.since, deferral.max_defer_age, deferral.now)
-        breaker = deferral.breaker
         try:
             parking.park(breaker.name, breaker.key, f"{request.id}:{plan.count}", plan.since, payload, deadline)
         except StorageError:
