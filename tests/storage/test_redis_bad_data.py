@@ -315,7 +315,7 @@ PARKING_CORRUPTIONS = st.one_of(
     st.tuples(st.just("claim"), st.sampled_from(["v:1", "ghost"]), SCORES),
     st.tuples(st.just("deadline"), st.sampled_from(["v:1", "ghost"]), SCORES),
     st.tuples(st.just("pacing"), st.sampled_from(["gen", "since", "tokens", "at", "probe_trip", "probe_at"]), VALUES),
-    st.tuples(st.just("type"), st.sampled_from([":q", ":m", ":c", ":d", ":p"]), KINDS),
+    st.tuples(st.just("type"), st.sampled_from([":q", ":m", ":c", ":d", ":p"]), st.one_of(KINDS, st.just("none"))),
     st.tuples(st.just("index"), st.just(""), st.one_of(KINDS, st.just("none"), st.binary(max_size=12))),
     st.tuples(st.just("marker"), st.just(""), st.one_of(KINDS, st.binary(max_size=12))),
 )
@@ -340,7 +340,9 @@ def _corrupt_parking(client: redis.Redis, store: RedisStore, what: str, where: s
     elif what == "pacing":
         client.hset(tag + ":p", where, value)
     elif what == "type":
-        if kind_of(client, tag + where) != value:
+        if value == "none":
+            client.delete(tag + where)  # (deleted, or evicted)
+        elif kind_of(client, tag + where) != value:
             replace(client, tag + where, value)
     else:
         key = store.parking.index if what == "index" else store.parking.marker

@@ -617,3 +617,34 @@ def test_an_entry_parked_by_a_park_that_failed_after_writing_it_is_released(
     monkeypatch.undo()
     assert parking.count(tag) == (1, 0)
     assert parking.tags() == [tag]
+
+
+@pytest.mark.parametrize("lost", [":q", ":c", ":q and the index"])
+def test_messages_whose_queue_or_claims_vanished_are_released(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture, lost: str
+) -> None:
+    """The queue (or the claims) deleted or evicted while the messages hash survived: the
+    messages are queued again by the next script, and released; none waits for ever."""
+    clock = FakeClock()
+    parking = store.parking
+    tag = parking.tag("svc", None)
+    for n in range(3):
+        parking.park("svc", None, f"t{n}:1", 100.0 + n, f"payload {n}", None)
+    release = parking.release
+    if lost == ":c":
+        clock.advance(1.0)
+        release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())  # (the ramp starts)
+        clock.advance(1.0)
+        assert len(release(tag, most=2, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())) == 2
+    server.delete(tag + lost[:2])
+    if lost.endswith("index"):
+        parking.forget(tag)  # (finds the queue gone: must not drop the breaker from the index)
+        server.delete(parking.index)
+    assert tag in parking.tags()
+    went: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        for _ in range(3):
+            clock.advance(1.0)
+            went += [e for e, _ in release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())]
+    assert sorted(went) == ["t0:1", "t1:1", "t2:1"]  # (t0 and t1 again, after their claims were lost)
+    assert "neither queued nor claimed (queued again)" in caplog.text

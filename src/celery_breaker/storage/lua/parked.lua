@@ -69,6 +69,18 @@ if ARGV[1] == '1' then
   if orphans then requeue_orphans() end
 end
 
+-- Every message is queued or claimed: more messages than both hold means the queue or the
+-- claims lost entries (deleted, or evicted under an allkeys-* maxmemory policy), whose
+-- messages would wait for ever. Three O(1) reads per script; the repair only then.
+if redis.call('HLEN', K_MSGS) > redis.call('ZCARD', K_QUEUE) + redis.call('ZCARD', K_CLAIMS) then
+  local before = redis.call('ZCARD', K_QUEUE)
+  requeue_orphans()
+  local found = redis.call('ZCARD', K_QUEUE) - before
+  if found > 0 then
+    repaired(found .. ' message(s) in ' .. K_MSGS .. ' neither queued nor claimed (queued again)')
+  end
+end
+
 -- Deadlines no caller could have set (beyond TIME_SPAN of now, or infinite): dropped, the
 -- entry stays parked; a deadline of an entry without a message: dropped.
 local function drop_bad_deadlines()

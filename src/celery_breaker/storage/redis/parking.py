@@ -186,11 +186,12 @@ class RedisParking:
     def forget(self, tag: str) -> None:
         """Drop ``tag`` from the index if it holds nothing (re-adding it if an entry arrived meanwhile)."""
         client = self.store.client()
+        held = (tag + ":q", tag + ":c", tag + ":m")  # (messages alone: the next release queues them again)
         try:
-            if client.exists(tag + ":q", tag + ":c"):
+            if client.exists(*held):
                 return
             self._own_keys("updating the parked index", lambda pipe: (pipe.srem(self.index, tag),))
-            if client.exists(tag + ":q", tag + ":c"):  # parked between the check and the SREM
+            if client.exists(*held):  # parked between the check and the SREM
                 self._own_keys("updating the parked index", lambda pipe: (pipe.sadd(self.index, tag),))
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.store.label}: updating the parked index failed: {exc}") from exc
@@ -371,13 +372,13 @@ class RedisParking:
         return bool(found)
 
     def _rebuild_index(self, doing: str) -> set[str]:
-        """Every breaker with queued or claimed entries back in the index (a SCAN), which
-        is then whole (``WHOLE``); returns their tags."""
+        """Every breaker with queued, claimed or only stored entries back in the index (a
+        SCAN), which is then whole (``WHOLE``); returns their tags."""
         stem = "{" + glob_escape(self.store.quoted_prefix) + ":*}"
         tags: set[str] = set()
         try:
             client = self.store.client()
-            for suffix in (":q", ":c"):
+            for suffix in (":q", ":c", ":m"):
                 for key in client.scan_iter(match=stem + suffix, count=500):
                     tag = text(key)[: -len(suffix)]
                     if breaker_of(tag, self.store.quoted_prefix) is not None:
