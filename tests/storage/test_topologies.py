@@ -153,6 +153,13 @@ def test_url_errors_do_not_show_passwords() -> None:
          "redis+cluster://app:***@h1:7000,h2:7001?password=***&client_name=c"),
         ("redis+cluster://h1:7000,h2:7001", "redis+cluster://h1:7000,h2:7001"),
         ("rediss://secret@cache:6380/1", "rediss://***@cache:6380/1"),
+        # A password with an unencoded "/", "?" or "#": its "@" comes after where the host
+        # part would otherwise end.
+        ("redis://:se/cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("redis://app:se?cret@h/0", "redis://app:***@h/0"),
+        ("redis://app:se#cret@h/0?password=x", "redis://app:***@h/0?password=***"),
+        ("redis+unix://:pw@/run/redis.sock?db=1", "redis+unix://:***@/run/redis.sock?db=1"),
+        (":s3cret@127.0.0.1:6379/0", "***@127.0.0.1:6379/0"),  # (no scheme)
     ],
 )  # fmt: skip
 def test_describe_masks_every_password(url: str, shown: str) -> None:
@@ -480,3 +487,20 @@ def test_the_hot_path_hears_trips_on_every_topology(topology: str, request: pyte
     with pytest.raises(CircuitOpenError):
         there.call(ok)
     assert trips.count == 0  # the trip was heard, the rejection made locally
+
+
+@pytest.mark.parametrize("url", [":s3cret@127.0.0.1:6379/0", "localhost:6379?password=s3cret"])
+def test_a_url_flower_cannot_use_is_refused_without_its_password(url: str) -> None:
+    from celery_breaker.monitoring.flower import register_breakers
+
+    with pytest.raises(ConfigurationError, match="expected a Redis store or broker URL") as info:
+        register_breakers(url)
+    assert "s3cret" not in str(info.value)
+
+
+def test_a_malformed_url_is_a_configuration_error_naming_the_setting() -> None:
+    from celery_breaker.storage import store_from_url
+
+    with pytest.raises(ConfigurationError, match=r"breaker_storage_url .* is no valid URL") as info:
+        store_from_url("redis://:s3cret@[::1/0")
+    assert "s3cret" not in str(info.value)

@@ -40,7 +40,8 @@ def store_url(url: str, *, key_prefix: str | None = None, transport_options: Map
     process sees) raises ConfigurationError: Flower runs in a process of its own.
     """
     if not isinstance(url, str) or "://" not in url:
-        raise ConfigurationError(f"register_breakers: expected a Redis store or broker URL, got {url!r}")
+        got = repr(describe_url(url)) if isinstance(url, str) else f"a {type(url).__name__}"
+        raise ConfigurationError(f"register_breakers: expected a Redis store or broker URL, got {got}")
     conf = {"broker_url": url, "broker_transport_options": dict(transport_options or {})}
     found = store_url_from_broker(conf) or url
     check_storage_url(found)

@@ -66,7 +66,13 @@ def remember(store: Store) -> None:
 
 
 def _scheme(url: str) -> str:
-    return urlsplit(url).scheme.lower()
+    try:
+        return urlsplit(url).scheme.lower()
+    except ValueError as exc:  # (an unclosed "[" of an IPv6 host, say)
+        raise ConfigurationError(
+            f"breaker_storage_url {describe_url(url)!r} is no valid URL ({exc}); write it as "
+            f"redis://[:password@]host[:port][/db], percent-encoding a password's special characters"
+        ) from None
 
 
 def check_storage_url(url: str) -> None:

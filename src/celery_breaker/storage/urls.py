@@ -21,14 +21,27 @@ def describe_url(url: str) -> str:
     if not sep:
         _, at, tail = url.rpartition("@")
         return _SECRET_OPTIONS.sub(r"\g<name>***", f"***@{tail}" if at else url)
-    end = len(rest)
+    # The user info ends at the last "@" before the query; a password with an unencoded
+    # "/", "?" or "#" puts its "@" further on: then the last "@" of all (masking too much,
+    # if a query value holds one, rather than too little).
+    before_query = re.split(r"[?#]", rest, maxsplit=1)[0]
+    cut = before_query.rfind("@")
+    if cut == -1:
+        cut = rest.rfind("@")
+    if cut == -1:
+        credentials, after = "", rest
+    else:
+        credentials, after = rest[:cut], rest[cut + 1 :]
+    end = len(after)
     for mark in "/?#":
-        found = rest.find(mark)
+        found = after.find(mark)
         if found != -1:
             end = min(end, found)
-    netloc, tail = rest[:end], rest[end:]
-    credentials, at, hosts = netloc.rpartition("@")
-    if at:
-        user = credentials.partition(":")[0]
-        netloc = f"{user}:***@{hosts}" if ":" in credentials else f"***@{hosts}"
+    hosts, tail = after[:end], after[end:]
+    netloc = hosts
+    if cut != -1:
+        user, colon, _ = credentials.partition(":")
+        if any(mark in user for mark in "/?#"):
+            user, colon = "", ":"
+        netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
     return f"{scheme}://{netloc}" + _SECRET_OPTIONS.sub(r"\g<name>***", tail)
