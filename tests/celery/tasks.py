@@ -259,3 +259,18 @@ def unpublishable_late_task(self: Any) -> dict[str, Any]:
 @shared_task(bind=True)  # put under breaker "t-routed" by breaker_routes alone
 def routed_plain_task(self: Any, x: int) -> dict[str, Any]:
     return report(self, x + 1)
+
+
+#: Runs of ``retried_after_an_outage_task`` that should end in a Celery retry (a reason of its own).
+RETRY_ONCE: set[str] = set()
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-retry-budget", breaker_max_deferrals=1, max_retries=1)
+def retried_after_an_outage_task(self: Any) -> dict[str, Any]:
+    """Deferred in one outage, then retried by Celery for a reason of its own."""
+    with _LOCK:
+        CALLS["t-retry-budget"] = CALLS.get("t-retry-budget", 0) + 1
+    if self.request.id in RETRY_ONCE:
+        RETRY_ONCE.discard(self.request.id)
+        raise self.retry(exc=ValueError("a reason of its own"), countdown=0.5)
+    return report(self)

@@ -450,3 +450,23 @@ def test_malformed_deferral_headers_restart_the_count_and_log_a_warning(
     assert value["retries"] == 0
     assert value["deferrals"] == breaker.snapshot().deferrals >= 1
     assert isinstance(value["value"], float)  # the deferral age restarted from a valid time
+
+
+def test_a_celery_retry_starts_a_fresh_deferral_budget(app: Any, operate: Operate) -> None:
+    """Deferred once in one outage (its whole budget), then run and retried by Celery for
+    a reason of its own: the retry is a new attempt. Meeting a second outage, it is
+    deferred again, rather than failing at once on the first outage's count (or age)."""
+    breaker = operate(tasks.retried_after_an_outage_task.breaker)
+    breaker.force_open()
+    result = tasks.retried_after_an_outage_task.delay()
+    tasks.RETRY_ONCE.add(result.id)
+    wait_for(lambda: breaker.snapshot().deferrals == 1, "the first deferral")
+    breaker.close()
+    wait_for(lambda: tasks.CALLS.get("t-retry-budget", 0) == 1, "the run that retries")
+    breaker.force_open()  # (the second outage, before the retry arrives)
+    wait_for(lambda: breaker.snapshot().deferrals == 2 or result.state == "FAILURE", "the retry to meet it")
+    assert result.state != "FAILURE", result.info
+    breaker.close()
+    value = get(result)
+    assert value["retries"] == 1  # (Celery's own retry, spent on its own reason)
+    assert value["deferrals"] == 1  # (the second outage's count, not 2)

@@ -19,7 +19,9 @@ from ..breaker import CircuitBreaker, RunAdmission, current_run
 from ..core import State
 from ..errors import CircuitOpenError, ConfigurationError, StorageError
 from ..names import check_name
+from .broker import DEAD_LETTER_HEADERS
 from .deferral.defer import defer
+from .deferral.plan import HEADERS as DEFERRAL_HEADERS
 from .deferral.plan import PARKED_HEADER
 from .probes import breaker_with_probe
 from .task_options import TaskBreakerConfig, forget_task_breaker_config, task_breaker_config
@@ -235,6 +237,14 @@ class BreakerTask(Task):  # type: ignore[misc]
                 rejection = _waits_instead(run)  # defer instead of retrying
                 if rejection is not None:
                     raise rejection from exc
+        if "headers" not in options:
+            # A retry is a new attempt: it starts a fresh deferral budget (count and age) and
+            # is no parked task's release; Celery would copy these headers into it.
+            headers = self.request.headers
+            if headers and any(name in headers for name in DEFERRAL_HEADERS):
+                options["headers"] = {
+                    k: v for k, v in headers.items() if k not in DEFERRAL_HEADERS and k not in DEAD_LETTER_HEADERS
+                }
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     # -- rejection: fallback, error or deferral -------------------------------
