@@ -70,6 +70,12 @@ BAD_VALUES: list[tuple[str, Any, tuple[str, ...]]] = [
     ("breaker_defer_spread", "wide", ("got 'wide'",)),
     ("breaker_on_storage_error", "explode", ("got 'explode'",)),
     ("breaker_send_events", "yes", ("got 'yes'",)),
+    # A whole number too large for a float (was a bare OverflowError, naming nothing).
+    ("breaker_max_defer_age", 10**400, ("got 10000",)),
+    ("breaker_defer_spread", 10**400, ("got 10000",)),
+    ("breaker_consumer_timeout", 10**400, ("got 10000",)),
+    ("breaker_release_rate", 10**400, ("got 10000",)),
+    ("breaker_release_ramp", 10**400, ("got 10000",)),
 ]
 
 

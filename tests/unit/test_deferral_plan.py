@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any
@@ -269,7 +270,19 @@ def test_an_unreadable_expires_is_ignored_with_one_warning(caplog: pytest.LogCap
 
 @pytest.mark.parametrize(
     ("timelimit", "expected"),
-    [(None, None), ((None, None), None), ((30, 25), 30.0), (("12.5", None), 12.5), (("soon", None), None), ((), None)],
+    [
+        (None, None),
+        ((None, None), None),
+        ((30, 25), 30.0),
+        (("12.5", None), 12.5),
+        (("soon", None), None),
+        ((), None),
+        # a header no Celery wrote: none of these may stop a deferral
+        ((10**400, None), None),
+        ((math.nan, None), None),
+        ((-5, None), None),
+        ({"a": 1}, None),
+    ],
 )
 def test_hard_time_limit_reads_the_requests_first_limit(timelimit: Any, expected: float | None) -> None:
     request = SimpleNamespace(timelimit=timelimit)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import logging
-import math
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -292,12 +291,13 @@ def _one_of(key: str, value: Any, choices: tuple[Any, ...], shown: str) -> Any:
 def _release_rate(value: Any) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+    found = values.positive_finite(value)
+    if found is None:
         raise ConfigurationError(
             f"breaker_release_rate must be a number of tasks per second > 0, or None (the adaptive pace without "
-            f"a ceiling; {FIXED_RELEASE_RATE:g} under the fixed pace), got {value!r}"
+            f"a ceiling; {FIXED_RELEASE_RATE:g} under the fixed pace), got {value!r:.100}"
         )
-    return float(value)
+    return found
 
 
 def _release_pace(key: str, value: Any) -> str:

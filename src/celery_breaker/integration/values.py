@@ -14,23 +14,36 @@ from ..errors import ConfigurationError
 __all__ = ["bind_address", "duration", "mapping", "port", "seconds", "seconds_or_zero", "whole"]
 
 
+def positive_finite(value: Any) -> float | None:
+    """``value`` as a float if it is a number > 0 and finite once a float (not a bool);
+    else ``None`` (a whole number too large for a float, 10**400, included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        found = float(value)
+    except OverflowError:
+        return None
+    return found if found > 0 and math.isfinite(found) else None
+
+
 def seconds(key: str, value: Any) -> float | None:
     """Seconds > 0 (a number or a ``timedelta``), or ``None``."""
     if value is None:
         return None
     if isinstance(value, timedelta):
         value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ConfigurationError(f"{key} must be a number of seconds > 0 (or None), got {value!r}")
-    return float(value)
+    found = positive_finite(value)
+    if found is None:
+        raise ConfigurationError(f"{key} must be a number of seconds > 0 (or None), got {value!r:.100}")
+    return found
 
 
 def duration(key: str, value: Any) -> float:
     """Seconds > 0 (a number or a ``timedelta``); ``None`` is refused."""
-    found = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(found, bool) or not isinstance(found, (int, float)) or not (0 < found < math.inf):
-        raise ConfigurationError(f"{key} must be a number of seconds > 0 (or a timedelta), got {value!r}")
-    return float(found)
+    found = positive_finite(value.total_seconds() if isinstance(value, timedelta) else value)
+    if found is None:
+        raise ConfigurationError(f"{key} must be a number of seconds > 0 (or a timedelta), got {value!r:.100}")
+    return found
 
 
 def whole(key: str, value: Any) -> int | None:

@@ -181,9 +181,10 @@ def hard_time_limit(request: Any) -> float | None:
     """A request's hard time limit in seconds (``None`` when it has none)."""
     limits = getattr(request, "timelimit", None) or (None, None)
     try:
-        return float(limits[0]) if limits[0] else None
-    except (TypeError, ValueError, IndexError):
+        found = float(limits[0]) if limits[0] else None
+    except (TypeError, ValueError, IndexError, KeyError, OverflowError):  # (a header no Celery wrote)
         return None
+    return found if found is not None and found > 0 and math.isfinite(found) else None
 
 
 def park_deadline(expires_in: float | None, since: float, max_defer_age: float | None, now: float) -> float | None:
