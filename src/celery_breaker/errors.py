@@ -62,6 +62,10 @@ class ParkedTasksError(CircuitBreakerError, RuntimeError):
     how to go on (purge them, or let them be released first)."""
 
 
+#: ``BaseException.args`` itself (``CircuitOpenError.args`` reads it first).
+_ARGS: Any = BaseException.__dict__["args"]
+
+
 class CircuitOpenError(CircuitBreakerError):
     """A call was rejected because its breaker does not admit calls right now.
 
@@ -137,9 +141,23 @@ class CircuitOpenError(CircuitBreakerError):
         """``'crm'`` or ``'crm[tenant-7]'``: the breaker as people read it."""
         return breaker_label(self.name, self.key)
 
+    # A rejection made on the hot path has no args (its text is formatted when read), but
+    # Celery's result backends (JSON) rebuild an exception from its args: they read the
+    # text instead, so a failed task's result names the breaker, not "breaker '' open".
+    @property
+    def args(self) -> tuple[Any, ...]:
+        """The arguments it was made with; for a rejection made without any, its text."""
+        given: tuple[Any, ...] = _ARGS.__get__(self)
+        return given or (str(self),)
+
+    @args.setter
+    def args(self, value: tuple[Any, ...]) -> None:
+        _ARGS.__set__(self, value)
+
     def __str__(self) -> str:
-        if self.args:
-            return str(self.args[0])
+        given = _ARGS.__get__(self)
+        if given:
+            return str(given[0])
         state = getattr(self.state, "value", self.state) or "open"
         text = f"breaker {self.label!r} {state}"
         if self.retry_after is not None and not self.detail:

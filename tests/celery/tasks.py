@@ -274,3 +274,21 @@ def retried_after_an_outage_task(self: Any) -> dict[str, Any]:
         RETRY_ONCE.discard(self.request.id)
         raise self.retry(exc=ValueError("a reason of its own"), countdown=0.5)
     return report(self)
+
+
+def secondary_quote(symbol: str) -> dict[str, Any]:
+    """A fallback that calls a secondary provider, behind a breaker of its own."""
+    with CircuitBreaker("t-fallback-secondary", storage=STORE_URL):
+        return {"fallback": "secondary", "symbol": symbol}
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-fallback-primary", breaker_fallback=secondary_quote)
+def fallback_secondary_task(self: Any, symbol: str) -> dict[str, Any]:
+    return {"fallback": None, "symbol": symbol}
+
+
+@shared_task(bind=True)
+def plain_guarded_task(self: Any) -> str:
+    """A plain Celery task (no BreakerTask) guarding its call: a rejection fails it."""
+    with CircuitBreaker("t-plain-guarded", storage=STORE_URL):
+        return "ok"

@@ -204,3 +204,28 @@ def test_breaker_routes_put_a_plain_task_under_a_breaker(app: Any, operate: Oper
     assert value["value"] == 2
     assert value["retries"] == 0
     assert value["deferrals"] == breaker.snapshot().deferrals >= 1
+
+
+def test_a_fallback_whose_own_breaker_is_open_defers_the_task(app: Any, operate: Operate) -> None:
+    """The primary is down and the fallback's secondary provider too: the fallback's
+    CircuitOpenError defers the task (as if it had no fallback) rather than failing it."""
+    primary = operate(tasks.fallback_secondary_task.breaker)
+    secondary = operate(CircuitBreaker("t-fallback-secondary", storage=tasks.STORE_URL))
+    primary.force_open()
+    secondary.force_open()
+    result = tasks.fallback_secondary_task.delay("ACME")
+    wait_for(lambda: primary.snapshot().deferrals >= 1 or result.state == "FAILURE", "the task deferred")
+    assert result.state != "FAILURE", result.info
+    primary.close()
+    assert get(result) == {"fallback": None, "symbol": "ACME"}
+
+
+def test_a_rejection_that_fails_a_task_keeps_its_text_in_the_result_backend(app: Any, operate: Operate) -> None:
+    """A result backend rebuilds an exception from its args (JSON): a rejection made on
+    the hot path (no args, its text formatted when read) came back as "breaker '' open"."""
+    breaker = operate(CircuitBreaker("t-plain-guarded", storage=tasks.STORE_URL))
+    breaker.force_open()
+    result = tasks.plain_guarded_task.delay()
+    with pytest.raises(CircuitOpenError) as info:
+        result.get(timeout=TIMEOUT)
+    assert str(info.value) == "breaker 't-plain-guarded' forced_open"

@@ -267,7 +267,13 @@ class BreakerTask(Task):  # type: ignore[misc]
         if fallback is not None:
             if isinstance(fallback, str):
                 fallback = getattr(self, fallback)
-            return fallback(*args, **kwargs)
+            try:
+                return fallback(*args, **kwargs)
+            except CircuitOpenError as also:
+                # The fallback's own breaker is open too (a secondary provider): the task
+                # waits for its breaker, as it would without a fallback.
+                if also.final or not self._can_defer():
+                    raise
         if not self._can_defer():
             raise rejected  # nothing to requeue; Celery's eager retry would recurse
         return _Deferred(defer(self, breaker, rejected, args, kwargs))
