@@ -51,3 +51,9 @@ def through_dependency(self: Any, n: int) -> dict[str, Any]:
 
     with CircuitBreaker("dependency", storage=self.app.conf.breaker_storage_url):
         return {"n": n, "deferrals": int((self.request.headers or {}).get("x-breaker-deferrals", 0))}
+
+
+@app.task(base=BreakerTask, bind=True, breaker="partner", max_retries=0, acks_late=False)
+def count_of(self: Any, items: Any) -> dict[str, Any]:
+    """Sent with ``serializer="pickle"`` (a set, which JSON cannot carry)."""
+    return {"count": len(items), "retries": self.request.retries}

@@ -38,9 +38,9 @@ def store_url(broker: str) -> str:
     return f"{broker}?key_prefix={unique_prefix()}"
 
 
-def start_worker(broker: str, store_url: str, **conf: Any) -> WorkerProcess:
+def start_worker(broker: str, store_url: str, env: dict[str, str] | None = None, **conf: Any) -> WorkerProcess:
     extra = json.dumps({"breaker_storage_url": store_url, **conf})
-    worker = WorkerProcess(broker, app="tests.integration.parking_proj", extra_conf=extra, name="park")
+    worker = WorkerProcess(broker, app="tests.integration.parking_proj", extra_conf=extra, name="park", env=env)
     worker.wait_ready()
     return worker
 
@@ -199,6 +199,29 @@ def test_a_task_rejected_by_a_nested_breaker_waits_for_that_breaker(broker: str,
     assert value["n"] == 1
     assert 1 <= value["deferrals"] < 10
     assert parked(store_url) == 0
+
+
+@pytest.mark.parametrize("park", [True, False])
+def test_a_task_sent_with_a_serializer_of_its_own_is_deferred_in_it(broker: str, store_url: str, park: bool) -> None:
+    """Sent with apply_async(serializer="pickle") (a set: JSON cannot carry it) to a task
+    whose default is JSON: parked, or published again with a countdown, it is deferred in a
+    serializer the app accepts that encodes it, and runs once; it was FAILURE ("could not
+    be deferred")."""
+    breaker = CircuitBreaker("partner", parking_proj.POLICY, storage=store_url)
+    breaker.force_open()
+    # (tests run as root here; Celery refuses pickle to root workers unless told)
+    root = {"C_FORCE_ROOT": "1"}
+    worker = start_worker(broker, store_url, root, accept_content=["json", "pickle"], breaker_park=park)
+    try:
+        result = parking_proj.count_of.apply_async(args=({1, 2, 3},), serializer="pickle")
+        wait_for(lambda: result.state in ("RETRY", "FAILURE"), 30, "the task deferred")
+        assert result.state == "RETRY", result.info
+        assert parked(store_url) == (1 if park else 0)
+        breaker.close()
+        value = result.get(timeout=60)
+    finally:
+        worker.stop()
+    assert value == {"count": 3, "retries": 0}
 
 
 def test_breaker_park_false_defers_with_a_countdown(broker: str, store_url: str) -> None:

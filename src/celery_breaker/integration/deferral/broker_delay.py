@@ -30,7 +30,7 @@ from kombu.transport.native_delayed_delivery import (
     declare_native_delayed_delivery_exchanges_and_queues,
 )
 
-from .strategy import Deferral
+from .strategy import Deferral, publish
 
 __all__ = ["DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "BrokerDelay", "destination_routing_key", "ensure_topology"]
 
@@ -110,7 +110,9 @@ class BrokerDelay:
         # No countdown or eta: the broker holds it for exactly that long, and a worker
         # must not hold it again. The explicit exchange and key replace the delivery's own.
         signature.options.pop("queue", None)
-        signature.apply_async(
+        publish(
+            task,
+            signature,
             exchange=Exchange(DELAY_EXCHANGE, type="topic"),  # type: ignore[no-untyped-call]
             routing_key=calculate_routing_key(seconds, destination),
         )

@@ -16,7 +16,7 @@ import time
 from celery.exceptions import Reject
 
 from ...errors import CircuitOpenError
-from .strategy import Deferral
+from .strategy import Deferral, publish
 
 __all__ = ["REQUEUE_PAUSE", "CountdownRepublish"]
 
@@ -51,7 +51,7 @@ class CountdownRepublish:
             request, deferral.args, deferral.kwargs, countdown=delay, headers=deferral.headers
         )
         try:
-            signature.apply_async()
+            publish(task, signature)
         except Exception as exc:
             if task.acks_late:
                 # Not acknowledged: the broker gives the message back, nothing is lost.

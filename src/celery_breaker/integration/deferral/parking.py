@@ -17,13 +17,13 @@ from collections.abc import Collection
 from typing import Any
 
 from kombu.exceptions import SerializerNotInstalled
-from kombu.serialization import dumps, loads
+from kombu.serialization import dumps, loads, registry
 
 from ...errors import StorageError
 from .plan import PARKED_HEADER, park_deadline
-from .strategy import Deferral
+from .strategy import Deferral, serializers_of
 
-__all__ = ["NotAcceptedHere", "ParkInStore", "decode_message", "encode_message"]
+__all__ = ["NotAcceptedHere", "ParkInStore", "decode_message", "encode_message", "parked_serializer"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -36,6 +36,17 @@ def encode_message(signature: dict[str, Any], serializer: str) -> str:
     else:
         text, wrapped = body, False
     return json.dumps({"v": 1, "ct": content_type, "ce": encoding, "b64": wrapped, "body": text})
+
+
+def parked_serializer(payload: str) -> str | None:
+    """The serializer a parked message was stored in (``None`` if it cannot tell): the one
+    to publish it in again, since its arguments may take no other."""
+    try:
+        content_type = json.loads(payload)["ct"]
+    except (ValueError, LookupError, TypeError):
+        return None
+    name = registry.type_to_name.get(content_type)
+    return name if isinstance(name, str) else None
 
 
 class NotAcceptedHere(ValueError):
@@ -94,10 +105,15 @@ class ParkInStore:
         signature = task.signature_from_request(request, deferral.args, deferral.kwargs, headers=headers)
         body = dict(signature)
         body["options"] = {k: v for k, v in body.get("options", {}).items() if k not in ("countdown", "eta")}
-        try:
-            payload = encode_message(body, task.serializer or task.app.conf.task_serializer)
-        except Exception as exc:
-            logger.warning("task %s[%s]: cannot park it (%r); deferring it another way", task.name, request.id, exc)
+        payload, failure = None, None
+        for serializer in serializers_of(task):  # (its own first: see serializers_of)
+            try:
+                payload = encode_message(body, serializer)
+                break
+            except Exception as exc:
+                failure = exc
+        if payload is None:
+            logger.warning("task %s[%s]: cannot park it (%r); deferring it another way", task.name, request.id, failure)
             return None
         deadline = park_deadline(deferral.expires_in, plan.since, deferral.max_defer_age, deferral.now)
         try:

@@ -31,7 +31,7 @@ from ...core.pacing import PacingLaw
 from ...errors import StorageError
 from ...storage import Parking
 from .health_gate import HealthGate
-from .parking import NotAcceptedHere, decode_message
+from .parking import NotAcceptedHere, decode_message, parked_serializer
 
 __all__ = ["LEASE", "MOST_PER_TICK", "TAG_COMPLAINT_EVERY", "TICK", "WATCH_EVERY", "Releaser"]
 
@@ -213,8 +213,9 @@ class Releaser(threading.Thread):
             # Never publishable: dropping it is the only way forward; say so loudly.
             logger.error("celery-breaker releaser: dropped parked entry %s of %s: %s", entry, tag, exc)
             return True
+        serializer = parked_serializer(payload)  # (the one it was parked in: its arguments may take no other)
         try:
-            self.app.signature(signature).apply_async()
+            self.app.signature(signature).apply_async(**({"serializer": serializer} if serializer else {}))
         except Exception as exc:
             # Left claimed: the lease runs out and it is released again.
             logger.warning("celery-breaker releaser: could not publish %s (%r); it stays parked", entry, exc)

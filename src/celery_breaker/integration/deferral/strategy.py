@@ -13,11 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kombu.exceptions import EncodeError
+from kombu.serialization import registry
+
 from ...breaker import CircuitBreaker
 from ...errors import CircuitOpenError
 from .plan import DeferralPlan
 
-__all__ = ["Deferral", "DeferralStrategy"]
+__all__ = ["Deferral", "DeferralStrategy", "publish", "serializers_of"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,3 +63,35 @@ class DeferralStrategy(Protocol):
         next strategy too; the last one, which takes every run, raises instead
         (``Reject`` to requeue it, or a final error): nothing is dropped silently."""
         ...
+
+
+def serializers_of(task: Any) -> list[str]:
+    """The serializers a deferral may publish ``task`` in: its own (``task.serializer`` or
+    ``task_serializer``), then every other the app accepts, in ``accept_content`` order.
+    A task sent with a serializer of its own (``apply_async(serializer="pickle")``)
+    arrives in it, but nothing in its request says which: published again in the task's
+    default, arguments that only that serializer takes (a set, a datetime in pickle)
+    would not encode, and the task could not be deferred."""
+    own = task.serializer or task.app.conf.task_serializer
+    found = [own]
+    for item in task.app.conf.accept_content or ():
+        name = registry.type_to_name.get(item, item)
+        if name not in found and name in registry.name_to_type:
+            found.append(name)
+    return found
+
+
+def publish(task: Any, signature: Any, **options: Any) -> None:
+    """``signature.apply_async(**options)`` in the task's serializer, or else in the first
+    other one the app accepts that encodes it (``serializers_of``); raises the first
+    failure if none does."""
+    first: EncodeError | None = None
+    for name in serializers_of(task):
+        try:
+            signature.apply_async(serializer=name, **options)
+        except EncodeError as exc:
+            first = first or exc
+            continue
+        return
+    assert first is not None
+    raise first
