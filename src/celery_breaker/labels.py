@@ -8,7 +8,7 @@ it names, whatever its key holds (brackets included), because a name holds no br
 
 from __future__ import annotations
 
-__all__ = ["LABEL_MARKS", "breaker_label", "split_label"]
+__all__ = ["LABEL_MARKS", "breaker_label", "split_label", "visible"]
 
 #: The characters that set a key apart in a label; a breaker name never holds them.
 LABEL_MARKS = "[]"
@@ -28,3 +28,15 @@ def split_label(label: str) -> tuple[str, str | None]:
     if bracket and name and rest.endswith("]"):
         return name, rest[:-1]
     return label, None
+
+
+def visible(text: str) -> str:
+    """``text`` safe to print to a terminal or a log line: each character that is not
+    printable (an escape, a newline, a bell) written as its escape (``\\x1b``), and an
+    empty text as ``""``. A breaker's name is checked (``names.check_name``), but its key
+    may come from a task's arguments (``breaker_key``) and hold anything."""
+    if not text:
+        return '""'
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)

@@ -13,7 +13,7 @@ from celery_breaker import State
 from celery_breaker.core import BreakerSnapshot
 from celery_breaker.errors import StorageError
 from celery_breaker.monitoring import BreakerStatus
-from celery_breaker.ops.console import duration, open_until_text, release_text, status_text, summary
+from celery_breaker.ops.console import clock_time, duration, open_until_text, release_text, status_text, summary
 from celery_breaker.ops.watch import Watch, fit, run_watch, watch_frame
 from celery_breaker.storage import ReleasePace
 from celery_breaker.testing import FakeClock
@@ -204,3 +204,29 @@ def test_fit_cuts_a_frame_to_the_terminal_without_breaking_colours() -> None:
     assert fitted[0] == "title"
     assert fitted[2] == "... 2 more lines: enlarge the terminal or give a PATTERN"
     assert fit("short\nframe", 80, 24) == "short\nframe"
+
+
+def test_a_key_from_a_tasks_arguments_cannot_drive_the_terminal() -> None:
+    """Names are checked, but a per-key breaker's key may come from a task's arguments
+    (``breaker_key``): an escape sequence in it is shown as text, and an empty key as
+    ``""``, in ``status`` and ``watch`` alike."""
+    rows = [row(snap("crm", "t\x1b]0;owned\x07")), row(snap("crm", ""))]
+    table = status_text(rows, now=0.0)
+    assert "\x1b" not in table
+    assert "\x07" not in table
+    assert "t\\x1b]0;owned\\x07" in table
+    assert '""' in table.splitlines()[2].split()
+    watch = Watch(FakeClock())
+    watch.observe(rows[:1])
+    frame = watch_frame(watch.observe(rows), watch, store="redis://h/0", interval=1.0)
+    assert "\x1b" not in frame
+    assert "t\\x1b]0;owned\\x07" in frame
+    assert "crm[]" in frame  # (the new breaker's line: its label, brackets and all)
+
+
+def test_a_time_the_platform_cannot_show_reads_as_a_dash() -> None:
+    """A policy's open period of 1e300 s made ``status --wide`` stop with OverflowError."""
+    assert clock_time(1e300) == "-"
+    assert clock_time(1e300, now=0.0) == "-"
+    far = status_text([row(snap(state=State.OPEN, retry_after=1e300, open_until=1e300))], now=0.0, wide=True)
+    assert "OPEN UNTIL (TIME)" in far

@@ -174,3 +174,13 @@ def test_help_lists_every_command() -> None:
     assert result.exit_code == 0
     for command in ("status", "open", "close", "reset", "disable", "watch"):
         assert f"  {command} " in result.stdout
+
+
+def test_the_caution_check_of_an_unknown_breaker_gives_the_callers_hint(store_url: str) -> None:
+    """The web page asks ``assess`` before a close: its refusal of a breaker that left the
+    store must say what helps on a page, not the CLI's ``--create``."""
+    from celery_breaker.errors import UnknownBreakerError
+    from celery_breaker.ops.operator import assess
+
+    with pytest.raises(UnknownBreakerError, match=r"; reload the page$"):
+        assess(cliproj.app, "close", "partnr-api", create_hint="reload the page")

@@ -425,3 +425,17 @@ def test_without_prometheus_client_the_error_names_the_extra(monkeypatch: pytest
     monkeypatch.delitem(sys.modules, "celery_breaker.monitoring.prometheus")
     with pytest.raises(ImportError, match=re.escape("pip install 'celery-breaker[prometheus]'")):
         importlib.import_module("celery_breaker.monitoring.prometheus")
+
+
+def test_a_breaker_without_a_key_and_one_with_an_empty_key_are_two_series(url: str) -> None:
+    """``crm`` and ``crm`` with key ``""`` (a task's ``breaker_key`` may answer it) were
+    both ``key=""``: the same series twice, which Prometheus refuses."""
+    store = RedisStore.from_url(url)
+    clock = FakeClock()
+    fail(CircuitBreaker("crm", POLICY, storage=store, clock=clock))
+    CircuitBreaker("crm", POLICY, storage=store, clock=clock, key="").call(ok)
+    registry = CollectorRegistry()
+    registry.register(BreakerCollector(url, clock=clock))
+    samples = scrape(registry)
+    assert series(samples, "celery_breaker_state", breaker="crm", key="", state="open") == 1.0
+    assert series(samples, "celery_breaker_state", breaker="crm", key='""', state="closed") == 1.0

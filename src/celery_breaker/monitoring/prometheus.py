@@ -30,6 +30,7 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..core import State
 from ..errors import ConfigurationError
 from ..integration.settings import get_settings
+from ..labels import visible
 from ..storage import Store, describe_url
 from .status import BreakerStatus, collect_metrics, store_of
 
@@ -135,7 +136,9 @@ class BreakerCollector(Collector):
         families = self._families()
         rows = self._read()
         for row in rows or ():
-            labels = [row.snapshot.name, row.snapshot.key or ""]
+            # (no key: ""; an empty key: '""', so the two are two series, not one twice)
+            key = row.snapshot.key
+            labels = [row.snapshot.name, "" if key is None else visible(key)]
             for state in State:
                 families["state"].add_metric([*labels, state.value], 1.0 if row.snapshot.state is state else 0.0)
             for name, _, value in _COUNTERS:

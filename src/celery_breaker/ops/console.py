@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..core import BreakerSnapshot, State
+from ..labels import visible
 
 if TYPE_CHECKING:
     from ..monitoring.status import BreakerStatus
@@ -99,8 +100,12 @@ def duration(seconds: float) -> str:
 
 
 def clock_time(epoch: float, now: float | None = None) -> str:
-    """``14:03:05`` (local time), with the date when it is not today's."""
-    moment = time.localtime(epoch)
+    """``14:03:05`` (local time), with the date when it is not today's; ``-`` for a time
+    the platform cannot show (a policy's open period of 1e300 s, say)."""
+    try:
+        moment = time.localtime(epoch)
+    except (OverflowError, ValueError, OSError):
+        return "-"
     if now is not None and time.localtime(now)[:3] != moment[:3]:
         return time.strftime("%Y-%m-%d %H:%M:%S", moment)
     return time.strftime("%H:%M:%S", moment)
@@ -185,9 +190,9 @@ def status_text(rows: Sequence[BreakerStatus], *, now: float, wide: bool = False
     table: list[list[Cell]] = []
     for row in rows:
         snapshot = row.snapshot
-        cells: list[Cell] = [(snapshot.name, None)]
+        cells: list[Cell] = [(visible(snapshot.name), None)]
         if keyed:
-            cells.append((snapshot.key if snapshot.key is not None else "-", None))
+            cells.append((visible(snapshot.key) if snapshot.key is not None else "-", None))
         cells += [
             state_cell(snapshot.state),
             (failure_rate_text(snapshot), None),

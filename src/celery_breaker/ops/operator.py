@@ -17,7 +17,7 @@ from ..core import BreakerPolicy, BreakerSnapshot, State, Transition
 from ..errors import ConfigurationError, ParkedTasksError, UnknownBreakerError
 from ..integration.inventory import app_breakers, policy_named
 from ..integration.settings import get_settings
-from ..labels import breaker_label, split_label
+from ..labels import breaker_label, split_label, visible
 from ..names import check_key, check_name
 from ..storage import Cell, Store, describe_url, resolve_store
 from .actions import ACTIONS, DELETE, Action
@@ -117,7 +117,7 @@ def shared_store(app: Any) -> Store:
 
 
 def _listing(names: list[str]) -> str:
-    shown = ", ".join(names[:MAX_LISTED])
+    shown = ", ".join(visible(name) for name in names[:MAX_LISTED])
     hidden = len(names) - MAX_LISTED
     return shown + (f" and {hidden} more" if hidden > 0 else "")
 
@@ -261,15 +261,17 @@ def assess(
     create: bool = False,
     store: Store | None = None,
     clock: Clock | None = None,
+    create_hint: str = _CREATE_HINT,
 ) -> str | None:
     """``caution`` for ``action`` on breaker ``name``/``key`` as it is now, changing
-    nothing: what the CLI asks about before it acts. Raises as ``operate``."""
+    nothing: what the CLI asks about before it acts. Raises as ``operate`` (``create_hint``:
+    what an unknown breaker's error suggests, as there)."""
     if _action(action) is None:
         raise ValueError(f"unknown action {action!r}; one of {', '.join([*ACTIONS, DELETE.name])}")
     _check_name(name, key)
     store = store if store is not None else shared_store(app)
     clock = clock or SYSTEM_CLOCK
-    cell, exists, _ = _cell(app, name, key, store, clock, create=create, hint=_CREATE_HINT)
+    cell, exists, _ = _cell(app, name, key, store, clock, create=create, hint=create_hint)
     if not exists:
         return None
     return caution(action, cell.snapshot(clock.monotonic()), cell.policy, clock.time())

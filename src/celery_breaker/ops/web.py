@@ -34,7 +34,7 @@ from typing import Any, cast
 import click
 
 from ..errors import BreakerKeyError, ConfigurationError, ParkedTasksError, StorageError, UnknownBreakerError
-from ..labels import breaker_label
+from ..labels import breaker_label, visible
 from ..monitoring.status import collect_metrics
 from ..storage import describe_url
 from .actions import ACTIONS, DELETE
@@ -261,12 +261,12 @@ def _perform(site: Site, asked: Asked, *, client: str) -> tuple[int, dict[str, A
     unless ``purge``: the answer is then 409, with the ``warning`` or ``parked`` the page
     asks the user about before it sends the request again, as the CLI asks.
     """
-    label = breaker_label(asked.name, asked.key)
+    label = visible(breaker_label(asked.name, asked.key))  # (as asked: logged, so made printable)
     try:
         if asked.action == DELETE.name:
             return _delete(site, asked, label, client)
         if ACTIONS[asked.action].cautious and not asked.confirmed:
-            warning = assess(site.app, asked.action, asked.name, asked.key)
+            warning = assess(site.app, asked.action, asked.name, asked.key, create_hint=_GONE)
             if warning is not None:
                 return 409, {"warning": warning, "error": f"{warning}: confirm to {asked.action} it anyway"}
         move = operate(site.app, asked.action, asked.name, asked.key, create_hint=_GONE)
