@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, cast
 
 import pytest
@@ -78,6 +79,14 @@ def test_snapshots_are_stored_per_breaker_and_read_back_in_time_order(url: str) 
     assert metrics_history(url, "nobody") == []
     assert [r["at"] for r in metrics_history(url, "crm", since=start + 60)] == [start + 60, start + 120]
     assert [r["at"] for r in metrics_history(url, "crm", since=start + 1, until=start + 119)] == [start + 60]
+    # An aware datetime reads as its epoch seconds; anything else is refused by name, not
+    # reported as the store failing ("min or max is not a float").
+    aware = datetime.fromtimestamp(start + 60, tz=timezone.utc)
+    assert [r["at"] for r in metrics_history(url, "crm", since=aware)] == [start + 60, start + 120]
+    for argument, value in [("since", datetime(2026, 1, 1)), ("until", "yesterday"), ("since", True),
+                            ("until", math.nan), ("since", 10**400)]:  # fmt: skip
+        with pytest.raises(ValueError, match=f"metrics_history: {argument}"):
+            metrics_history(url, "crm", **cast(dict[str, Any], {argument: value}))
 
 
 def test_entries_older_than_the_ttl_are_dropped_and_the_key_expires(url: str, redis_url: str) -> None:

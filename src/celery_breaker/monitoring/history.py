@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import timedelta
+import math
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import Task
@@ -82,15 +83,22 @@ def record_metrics(source: Any, *, ttl: float | timedelta | None = None, clock: 
 
 
 def metrics_history(
-    source: Any, name: str, key: str | None = None, *, since: float | None = None, until: float | None = None
+    source: Any,
+    name: str,
+    key: str | None = None,
+    *,
+    since: float | datetime | None = None,
+    until: float | datetime | None = None,
 ) -> list[dict[str, Any]]:
     """The snapshots ``record_metrics`` stored for breaker ``name`` (and ``key``), oldest
     first, each a dict: ``at`` (epoch seconds), ``v``, and the fields of
-    ``BreakerStatus.as_dict()``. ``since``/``until`` (epoch seconds, inclusive) narrow it.
+    ``BreakerStatus.as_dict()``. ``since``/``until`` (epoch seconds, or aware ``datetime``s;
+    inclusive) narrow it.
 
     Entries that are not readable JSON objects are skipped with a warning. An unknown
     breaker has no history: ``[]``. ``source`` as for ``record_metrics``.
     """
+    since, until = _moment("since", since), _moment("until", until)
     history = _history_of(store_of(source))
     records = []
     unreadable = 0
@@ -131,3 +139,26 @@ def install_metrics_task(app: Any, *, interval: float | timedelta | None = None)
         seconds = values.duration("install_metrics_task: interval", interval)
         app.add_periodic_task(seconds, task.s(), name=METRICS_TASK_NAME, expires=seconds)
     return task
+
+
+def _moment(argument: str, value: Any) -> float | None:
+    """``since``/``until`` as epoch seconds: a finite number, an aware ``datetime``, or ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise ValueError(
+                f"metrics_history: {argument}={value!r} has no time zone; give an aware datetime "
+                f"(datetime.now(timezone.utc)) or epoch seconds (time.time())"
+            )
+        return value.timestamp()
+    try:
+        found = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    except OverflowError:
+        found = math.inf
+    if not math.isfinite(found):
+        raise ValueError(
+            f"metrics_history: {argument} must be epoch seconds (a number, as time.time() gives) or an aware "
+            f"datetime, got {value!r:.100}"
+        )
+    return found
