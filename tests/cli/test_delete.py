@@ -114,3 +114,13 @@ def test_a_breaker_with_only_parked_tasks_left_can_be_deleted_with_them(store_ur
     assert done.stdout.startswith("old-task: deleted (only parked tasks were left of it)")
     assert "discarded 2 parked task(s)" in done.stdout
     assert parked(store, "old-task") == (0, 0)
+
+
+def test_a_breaker_the_app_names_but_never_stored_is_not_reported_deleted(store_url: str) -> None:
+    """``partner-api`` is a breaker of the app's tasks, but nothing of it is in the store:
+    there is nothing to delete, and the command says so (it said "deleted")."""
+    done = run("delete", "partner-api")
+    assert done.exit_code == 0, done.output
+    assert done.stdout.startswith("partner-api: nothing to delete (the app names it, but ")
+    as_json = run("delete", "partner-api", "--json")
+    assert json.loads(as_json.stdout)["deleted"] is False

@@ -335,12 +335,16 @@ def delete(ctx: click.Context, name: str, key: str | None, discard: bool, yes: b
         import json
 
         before = done.before.as_dict() if done.before is not None else None
-        click.echo(json.dumps({"breaker": done.label, "deleted": True, "before": before, "discarded": done.discarded,
+        click.echo(json.dumps({"breaker": done.label, "deleted": done.existed, "before": before,
+                               "discarded": done.discarded,
                                "claimed": done.claimed, "in_app": done.in_app, "warning": done.warning,
                                "store": done.store}, indent=2))  # fmt: skip
         return
-    was = f"was {done.before.state.value}" if done.before is not None else "only parked tasks were left of it"
-    text = f"{done.label}: deleted ({was}) from {done.store}"
+    if not done.existed:
+        text = f"{done.label}: nothing to delete (the app names it, but {done.store} holds nothing of it)"
+    else:
+        was = f"was {done.before.state.value}" if done.before is not None else "only parked tasks were left of it"
+        text = f"{done.label}: deleted ({was}) from {done.store}"
     text += f"; discarded {done.discarded} parked task(s)" if done.discarded else ""
     text += f"; {done.claimed} task(s) being published run" if done.claimed else ""
     click.echo(text + ".")

@@ -99,6 +99,9 @@ class Deletion:
     in_app: bool
     """The app's tasks use this breaker: their next call creates it afresh (closed, the app's policy)."""
     warning: str | None = None
+    existed: bool = True
+    """Anything of it was there to delete (its state, or tasks parked or claimed); False for a
+    breaker the app names that was never stored: nothing was deleted."""
     """Why deleting it was risky (``caution``): its downstream was failing."""
 
 
@@ -410,8 +413,9 @@ def delete(
     elif parking is not None:
         discarded = parking.purge(tag) if parked else 0
         _, claimed = parking.count(tag)
+    existed = (name, key) in in_store or bool(parked or claimed)
     if not dry_run:
-        store.delete(name, key)
+        existed = store.delete(name, key) or existed
         if parking is not None and tag in parked_tags:
             parking.forget(tag)  # (it stays in the index while anything is parked or claimed)
     return Deletion(
@@ -422,4 +426,5 @@ def delete(
         store=describe_url(store.url),
         in_app=name in named,
         warning=warning,
+        existed=existed,
     )

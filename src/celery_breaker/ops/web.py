@@ -303,6 +303,8 @@ def _delete(site: Site, asked: Asked, label: str, client: str) -> tuple[int, dic
     site.board.wake()
     was = f"was {gone.before.state.value}" if gone.before is not None else "only parked tasks were left of it"
     message = f"{gone.label}: deleted ({was})" + (f"; discarded {gone.discarded} parked task(s)" * bool(gone.discarded))
+    if not gone.existed:
+        message = f"{gone.label}: nothing to delete (the store holds nothing of it)"
     return 200, {"ok": True, "label": label, "state": None, "message": message + ".", "warning": gone.warning}
 
 
