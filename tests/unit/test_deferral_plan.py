@@ -109,6 +109,15 @@ def test_deferral_age_budget_gives_up_with_a_clear_reason() -> None:
     assert plan(past=DeferralHeaders(2, NOW - 599), max_defer_age=600.0).give_up is None
 
 
+def test_a_deferral_comes_back_when_its_age_budget_runs_out_at_the_latest() -> None:
+    """Deferred at 595 s of a 600 s budget, with 10 s until the next probe: back in 5 s
+    (to run, or to fail on time), not 10 s, 5 s past its budget."""
+    assert plan(past=DeferralHeaders(2, NOW - 595), max_defer_age=600.0).delay == pytest.approx(5.0)
+    assert plan(past=DeferralHeaders(2, NOW - 100), max_defer_age=600.0).delay == pytest.approx(10.0)
+    # (never sooner than the least delay)
+    assert plan(past=DeferralHeaders(2, NOW - 599.99), max_defer_age=600.0).delay == MINIMUM_DELAY
+
+
 def test_later_deferrals_keep_the_first_deferral_time() -> None:
     result = plan(past=DeferralHeaders(4, NOW - 50))
     assert result.count == 5

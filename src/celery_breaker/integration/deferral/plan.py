@@ -159,6 +159,10 @@ def plan_deferral(
     if expires_in is not None:
         # The spread must not push it past its expiry: arrive a little before it.
         delay = min(delay, max(earliest, expires_in - EXPIRY_MARGIN))
+    if max_defer_age is not None:
+        # Back when its budget by age runs out, at the latest: run then, or fail then, not
+        # a whole delay later.
+        delay = min(delay, max_defer_age - age)
     if cap is not None:
         delay = min(delay, cap)
     return DeferralPlan(max(delay, MINIMUM_DELAY), past.count + 1, since)
