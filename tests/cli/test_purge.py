@@ -46,7 +46,7 @@ def test_purge_asks_first_and_a_no_discards_nothing(store_url: str) -> None:
     store = park(store_url, "partner-api", 3)
     refused = answered("n\n", "partner-api")
     assert refused.exit_code == 1
-    assert "Discard the tasks parked behind partner-api? They will never run." in refused.output
+    assert "Discard the 3 tasks parked behind partner-api? They will never run." in refused.output
     assert parked(store, "partner-api") == (3, 0)
 
     agreed = answered("y\n", "partner-api")
@@ -92,3 +92,8 @@ def test_an_unknown_breaker_is_refused_and_nothing_is_discarded(store_url: str) 
     assert "did you mean 'partner-api'?" in result.output
     assert "nothing was purged" in result.output
     assert parked(store, "partner-api") == (2, 0)
+    # Without --force: refused before the question (a "yes" would have been for nothing).
+    asked = answered("y\n", "partner-apj")
+    assert asked.exit_code == EXIT_USAGE
+    assert "Discard" not in asked.output
+    assert "no breaker named 'partner-apj'" in asked.output

@@ -373,8 +373,10 @@ def purge(ctx: click.Context, name: str, key: str | None, force: bool, as_json: 
     app = _app(ctx)
     app.loader.import_default_modules()  # the app's tasks name its breakers
     if not force:
-        label = breaker_label(name, key)
-        click.confirm(f"Discard the tasks parked behind {label}? They will never run.", abort=True)
+        plan = purge_parked(app, name, key, dry_run=True)  # (a name it would refuse is refused before asking)
+        if plan.parked:
+            tasks = "the task" if plan.parked == 1 else f"the {plan.parked} tasks"
+            click.confirm(f"Discard {tasks} parked behind {plan.label}? They will never run.", abort=True)
     done = purge_parked(app, name, key)
     if as_json:
         import json

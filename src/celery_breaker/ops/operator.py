@@ -326,14 +326,15 @@ def operate(
     )
 
 
-def purge(app: Any, name: str, key: str | None = None, *, store: Store | None = None) -> Purge:
+def purge(app: Any, name: str, key: str | None = None, *, store: Store | None = None, dry_run: bool = False) -> Purge:
     """Discard the tasks parked behind breaker ``name``/``key``, as many as were parked
     when the call began, oldest first; tasks being published by a releaser are left.
 
     Like ``celery purge``, the discarded tasks never run and their results stay
     PENDING. The breaker's state is not touched. ``name`` may be a label
     (``crm[tenant-7]``); it must be a breaker the store or the app knows, or have tasks
-    parked (parked tasks outlive their breaker's state). Raises
+    parked (parked tasks outlive their breaker's state). ``dry_run``: discard nothing and
+    check the same (``discarded`` 0, ``parked`` what would go: what the CLI asks about). Raises
     ``UnknownBreakerError``, ``BreakerKeyError``, ``ConfigurationError`` (a memory
     store, a store without parking) or ``StorageError``.
     """
@@ -347,7 +348,7 @@ def purge(app: Any, name: str, key: str | None = None, *, store: Store | None = 
     name, key, _, _ = _target(app, name, key, store, SYSTEM_CLOCK, create=False, hint="nothing was purged",
                               also_known=lambda name, key: parking.tag(name, key) in parked_tags)  # fmt: skip
     tag = parking.tag(name, key)
-    discarded = parking.purge(tag)
+    discarded = 0 if dry_run else parking.purge(tag)
     parked, claimed = parking.count(tag)
     return Purge(
         label=breaker_label(name, key),
