@@ -150,11 +150,18 @@ class Releaser(threading.Thread):
             self.parking.forget(tag)
         return len(done)
 
-    def _not_accepted(self, tag: str, entry: str, exc: NotAcceptedHere) -> None:
+    @staticmethod
+    def _due(last_told: dict[str, float], tag: str) -> bool:
+        """Whether a complaint about ``tag`` is due (once per ``TAG_COMPLAINT_EVERY``); if so, noted as made."""
         now = time.monotonic()
-        last = self._refusals.get(tag)
-        if last is None or now - last >= TAG_COMPLAINT_EVERY:
-            self._refusals[tag] = now
+        last = last_told.get(tag)
+        if last is not None and now - last < TAG_COMPLAINT_EVERY:
+            return False
+        last_told[tag] = now
+        return True
+
+    def _not_accepted(self, tag: str, entry: str, exc: NotAcceptedHere) -> None:
+        if self._due(self._refusals, tag):
             logger.warning(
                 "celery-breaker releaser: left %s of %s parked: %s. A worker whose accept_content takes it "
                 "releases it; a worker of another app sharing this store's key_prefix should use its own",
@@ -162,10 +169,7 @@ class Releaser(threading.Thread):
             )  # fmt: skip
 
     def _tag_failed(self, tag: str, exc: Exception) -> None:
-        now = time.monotonic()
-        last = self._tag_failures.get(tag)
-        if last is None or now - last >= TAG_COMPLAINT_EVERY:
-            self._tag_failures[tag] = now
+        if self._due(self._tag_failures, tag):
             logger.warning(
                 "celery-breaker releaser: cannot release the tasks parked behind %s (%s); the other breakers' "
                 "are released as usual, and it is tried again every tick",
