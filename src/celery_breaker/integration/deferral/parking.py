@@ -21,9 +21,9 @@ from kombu.serialization import dumps, loads, registry
 
 from ...errors import StorageError
 from .plan import PARKED_HEADER, park_deadline
-from .strategy import Deferral, serializers_of
+from .strategy import Deferral, in_a_serializer
 
-__all__ = ["NotAcceptedHere", "ParkInStore", "decode_message", "encode_message", "parked_serializer"]
+__all__ = ["NotAcceptedHere", "ParkInStore", "decode_message", "encode_message", "read_parked"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -36,17 +36,6 @@ def encode_message(signature: dict[str, Any], serializer: str) -> str:
     else:
         text, wrapped = body, False
     return json.dumps({"v": 1, "ct": content_type, "ce": encoding, "b64": wrapped, "body": text})
-
-
-def parked_serializer(payload: str) -> str | None:
-    """The serializer a parked message was stored in (``None`` if it cannot tell): the one
-    to publish it in again, since its arguments may take no other."""
-    try:
-        content_type = json.loads(payload)["ct"]
-    except (ValueError, LookupError, TypeError):
-        return None
-    name = registry.type_to_name.get(content_type)
-    return name if isinstance(name, str) else None
 
 
 class NotAcceptedHere(ValueError):
@@ -62,6 +51,13 @@ def decode_message(payload: str, accept: Collection[str] | None) -> dict[str, An
     ``kombu.serialization.prepare_accept_content``), so a pickle, msgpack or yaml task
     the app accepts is read, and nothing else is: kombu refuses those by default.
     """
+    return read_parked(payload, accept)[0]
+
+
+def read_parked(payload: str, accept: Collection[str] | None) -> tuple[dict[str, Any], str | None]:
+    """``decode_message``, and the serializer the message was stored in (``None`` if kombu
+    names none for its content type): the one to publish it in again, since its
+    arguments may take no other."""
     try:
         outer = json.loads(payload)
         body: str | bytes = outer["body"]
@@ -74,7 +70,8 @@ def decode_message(payload: str, accept: Collection[str] | None) -> dict[str, An
         raise ValueError(f"unreadable parked message: {exc!r}") from exc
     if not isinstance(found, dict) or "task" not in found:
         raise ValueError(f"unreadable parked message: {found!r:.200}")
-    return found
+    serializer = registry.type_to_name.get(outer["ct"])
+    return found, serializer if isinstance(serializer, str) else None
 
 
 class ParkInStore:
@@ -105,15 +102,10 @@ class ParkInStore:
         signature = task.signature_from_request(request, deferral.args, deferral.kwargs, headers=headers)
         body = dict(signature)
         body["options"] = {k: v for k, v in body.get("options", {}).items() if k not in ("countdown", "eta")}
-        payload, failure = None, None
-        for serializer in serializers_of(task):  # (its own first: see serializers_of)
-            try:
-                payload = encode_message(body, serializer)
-                break
-            except Exception as exc:
-                failure = exc
-        if payload is None:
-            logger.warning("task %s[%s]: cannot park it (%r); deferring it another way", task.name, request.id, failure)
+        try:
+            payload = in_a_serializer(task, lambda serializer: encode_message(body, serializer))
+        except Exception as exc:
+            logger.warning("task %s[%s]: cannot park it (%r); deferring it another way", task.name, request.id, exc)
             return None
         deadline = park_deadline(deferral.expires_in, plan.since, deferral.max_defer_age, deferral.now)
         try:

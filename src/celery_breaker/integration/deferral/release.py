@@ -31,7 +31,7 @@ from ...core.pacing import PacingLaw
 from ...errors import StorageError
 from ...storage import Parking
 from .health_gate import HealthGate
-from .parking import NotAcceptedHere, decode_message, parked_serializer
+from .parking import NotAcceptedHere, read_parked
 
 __all__ = ["LEASE", "MOST_PER_TICK", "TAG_COMPLAINT_EVERY", "TICK", "WATCH_EVERY", "Releaser"]
 
@@ -207,7 +207,7 @@ class Releaser(threading.Thread):
 
     def _publish(self, tag: str, entry: str, payload: str) -> bool:
         try:
-            signature = decode_message(payload, self.accept)
+            signature, serializer = read_parked(payload, self.accept)
         except NotAcceptedHere as exc:
             # Another app or worker on this store parked it, in a serializer this one does
             # not accept: left claimed, its lease puts it back for a worker that does.
@@ -217,8 +217,8 @@ class Releaser(threading.Thread):
             # Never publishable: dropping it is the only way forward; say so loudly.
             logger.error("celery-breaker releaser: dropped parked entry %s of %s: %s", entry, tag, exc)
             return True
-        serializer = parked_serializer(payload)  # (the one it was parked in: its arguments may take no other)
         try:
+            # (in the serializer it was parked in: its arguments may take no other)
             self.app.signature(signature).apply_async(**({"serializer": serializer} if serializer else {}))
         except Exception as exc:
             # Left claimed: the lease runs out and it is released again.

@@ -10,8 +10,9 @@ is one module here that implements ``DeferralStrategy`` plus one line in ``selec
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from kombu.exceptions import EncodeError
 from kombu.serialization import registry
@@ -20,7 +21,9 @@ from ...breaker import CircuitBreaker
 from ...errors import CircuitOpenError
 from .plan import DeferralPlan
 
-__all__ = ["Deferral", "DeferralStrategy", "publish", "serializers_of"]
+__all__ = ["Deferral", "DeferralStrategy", "in_a_serializer", "publish", "serializers_of"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,17 +84,20 @@ def serializers_of(task: Any) -> list[str]:
     return found
 
 
-def publish(task: Any, signature: Any, **options: Any) -> None:
-    """``signature.apply_async(**options)`` in the task's serializer, or else in the first
-    other one the app accepts that encodes it (``serializers_of``); raises the first
-    failure if none does."""
+def in_a_serializer(task: Any, attempt: Callable[[str], T]) -> T:
+    """``attempt(serializer)`` in the task's serializer, or else in the first other one the
+    app accepts that encodes (``serializers_of``); raises the first ``EncodeError`` if
+    none does."""
     first: EncodeError | None = None
     for name in serializers_of(task):
         try:
-            signature.apply_async(serializer=name, **options)
+            return attempt(name)
         except EncodeError as exc:
             first = first or exc
-            continue
-        return
     assert first is not None
     raise first
+
+
+def publish(task: Any, signature: Any, **options: Any) -> None:
+    """``signature.apply_async(**options)`` in a serializer that encodes it (``in_a_serializer``)."""
+    in_a_serializer(task, lambda name: signature.apply_async(serializer=name, **options))
