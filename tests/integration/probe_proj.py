@@ -2,7 +2,8 @@
 
 The downstream is down while the key ``<PROBE_KEYS>:down`` exists; real calls and health
 checks are counted in ``<PROBE_KEYS>:calls`` and ``<PROBE_KEYS>:checks``, so the test (another
-process) sees what reached the downstream.
+process) sees what reached the downstream. Those keys and the results live in the Redis at
+``PROJ_COUNTER`` (default: the broker, which may be RabbitMQ).
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from celery import Celery
 from celery_breaker import BreakerTask
 
 BROKER = os.environ.get("PROJ_BROKER", "redis://127.0.0.1:6379/0")
+COUNTER = os.environ.get("PROJ_COUNTER", BROKER)
 KEYS = os.environ.get("PROBE_KEYS", "probe")
 POLICY = {"failure_threshold": 1, "reset_timeout": 0.5, "half_open_max_calls": 1, "success_threshold": 1}
 
-app = Celery("probe_proj", broker=BROKER, backend=BROKER)
+app = Celery("probe_proj", broker=BROKER, backend=COUNTER)
 app.conf.update(
     task_acks_late=True,
     worker_prefetch_multiplier=1,
@@ -40,9 +42,9 @@ _CLIENTS: dict[str, redis.Redis] = {}
 
 def client() -> redis.Redis:
     """One client per process (made in the pool process that first needs it)."""
-    if BROKER not in _CLIENTS:
-        _CLIENTS[BROKER] = redis.Redis.from_url(BROKER)
-    return _CLIENTS[BROKER]
+    if COUNTER not in _CLIENTS:
+        _CLIENTS[COUNTER] = redis.Redis.from_url(COUNTER)
+    return _CLIENTS[COUNTER]
 
 
 def check() -> None:

@@ -22,6 +22,8 @@ from tests.integration.workers import WorkerProcess, wait_for
 
 from ..storage.conftest import unique_prefix
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def broker(redis_url: str) -> Iterator[str]:
