@@ -35,6 +35,7 @@ def celery_config() -> Mapping[str, Any]:
             "t-retry-after": {"failure_threshold": 5},
             "t-refused": {"failure_threshold": 5},
             "t-refused-autoretry": {"failure_threshold": 5},
+            "t-retry-inside-closed": {"failure_threshold": 5},
         },
         "breaker_routes": {"tests.celery.tasks.routed_*": "t-routed"},
         "breaker_probes": {

@@ -94,6 +94,27 @@ def own_retry_task(self: Any) -> dict[str, Any]:
     return report(self, value)
 
 
+def _retry_inside_block(task: Any, name: str, max_retries: int) -> dict[str, Any]:
+    """The user's own ``raise self.retry(exc=exc)`` inside the guarded block: the failure it
+    retries on is recorded only when the ``Retry`` leaves the block."""
+    with task.breaker:
+        try:
+            value = call_downstream(name)
+        except ConnectionError as exc:
+            raise task.retry(exc=exc, countdown=0.1, max_retries=max_retries) from exc
+    return report(task, value)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-retry-inside")
+def retry_inside_block_task(self: Any, max_retries: int = 5) -> dict[str, Any]:
+    return _retry_inside_block(self, "t-retry-inside", max_retries)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-retry-inside-closed")  # failure_threshold 5
+def retry_inside_closed_block_task(self: Any, max_retries: int = 5) -> dict[str, Any]:
+    return _retry_inside_block(self, "t-retry-inside-closed", max_retries)
+
+
 @shared_task(base=BreakerTask, bind=True, breaker="t-trip")
 def trip_task(self: Any) -> dict[str, Any]:
     with self.breaker:

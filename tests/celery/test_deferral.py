@@ -200,6 +200,59 @@ def test_autoretry_for_exception_defers_when_the_failure_trips_the_breaker(
     assert value["deferrals"] >= 1
 
 
+def test_self_retry_inside_the_guarded_block_defers_when_its_failure_trips_the_breaker(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Celery publishes a retry before raising it: had it been sent from inside the block,
+    # the failure that tripped the breaker (recorded when the Retry left the block) would
+    # have spent a retry, and the retry would have waited for recovery with retries 1.
+    breaker = operate(tasks.retry_inside_block_task.breaker)
+    monkeypatch.setitem(tasks.CALLS, "t-retry-inside", 0)
+    monkeypatch.setitem(tasks.DOWN, "t-retry-inside", True)
+
+    result = tasks.retry_inside_block_task.delay()
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    assert deferred_match(result)["label"] == "t-retry-inside"
+    assert breaker.snapshot().trips == 1
+
+    monkeypatch.setitem(tasks.DOWN, "t-retry-inside", False)
+    value = get(result)
+    assert value["retries"] == 0  # deferred, not retried
+    assert value["deferrals"] >= 1
+    assert tasks.CALLS["t-retry-inside"] == 2  # the failure, then the run after recovery
+
+
+def test_self_retry_inside_the_guarded_block_still_retries_while_the_breaker_stays_closed(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    breaker = operate(tasks.retry_inside_closed_block_task.breaker)
+    monkeypatch.setitem(tasks.CALLS, "t-retry-inside-closed", 0)
+    monkeypatch.setitem(tasks.DOWN, "t-retry-inside-closed", True)
+
+    result = tasks.retry_inside_closed_block_task.delay()
+    wait_for(lambda: tasks.CALLS["t-retry-inside-closed"] >= 2, "the task to be retried")
+    monkeypatch.setitem(tasks.DOWN, "t-retry-inside-closed", False)
+    value = get(result)
+    assert value["retries"] >= 1  # a failure that leaves the breaker closed is Celery's retry
+    assert value["deferrals"] is None
+    assert breaker.snapshot().trips == 0
+
+
+def test_self_retry_inside_the_guarded_block_out_of_retries_fails_with_the_error(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    breaker = operate(tasks.retry_inside_closed_block_task.breaker)
+    monkeypatch.setitem(tasks.CALLS, "t-retry-inside-closed", 0)
+    monkeypatch.setitem(tasks.DOWN, "t-retry-inside-closed", True)
+
+    result = tasks.retry_inside_closed_block_task.delay(max_retries=0)
+    with pytest.raises(ConnectionError, match="t-retry-inside-closed is down"):
+        result.get(timeout=10)
+    assert result.state == "FAILURE"
+    assert tasks.CALLS["t-retry-inside-closed"] == 1
+    assert breaker.snapshot().failures == 1  # recorded once, by the block
+
+
 # -- 4. a failure that trips the breaker defers; one that does not, fails -------
 
 

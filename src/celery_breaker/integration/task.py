@@ -189,6 +189,14 @@ class BreakerTask(Task):  # type: ignore[misc]
             except Retry as retry:
                 # self.retry() / autoretry_for: count the cause, then let Celery retry.
                 run.settle(retry)
+                if type(retry) is _PendingRetry:
+                    # A self.retry() from inside a guarded block, which has now recorded
+                    # its failure: wait if that opened the breaker, else retry now.
+                    rejection = _waits_instead(run)
+                    if rejection is not None:
+                        return self._on_rejected(breaker, rejection, args, kwargs)
+                    sent = Task.retry(self, *retry.call, **retry.options)
+                    raise sent from None  # (not reached: with throw=True Celery raises what it sent)
                 raise
             except (Ignore, Reject):
                 run.settle(None, neutral=True)
@@ -227,16 +235,24 @@ class BreakerTask(Task):  # type: ignore[misc]
         max_retries: Any = None,
         **options: Any,
     ) -> Any:
-        """Celery's retry, except that an open breaker defers instead of spending a retry."""
+        """Celery's retry, except that an open breaker defers instead of spending a retry.
+
+        Inside a guarded block (``with self.breaker:``) the failure is recorded only when
+        the ``Retry`` leaves the block, after Celery would have sent the retry: so the
+        retry is sent by the run's handler, once the failure is recorded and only if it
+        did not open the breaker (``_PendingRetry``)."""
         run = _running(self)
         if isinstance(exc, CircuitOpenError) and run is not None:
             raise exc  # the run's handler defers (or falls back); never a retry
+        postpone = False
         if run is not None and isinstance(exc, BaseException):
             run.settle(exc)
             if self._can_defer():
                 rejection = _waits_instead(run)  # defer instead of retrying
                 if rejection is not None:
                     raise rejection from exc
+                # A guarded call took the run's ticket: it may still be open around us.
+                postpone = throw and run.claimed
         if "headers" not in options:
             # A retry is a new attempt: it starts a fresh deferral budget (count and age) and
             # is no parked task's release; Celery would copy these headers into it.
@@ -245,6 +261,8 @@ class BreakerTask(Task):  # type: ignore[misc]
                 options["headers"] = {
                     k: v for k, v in headers.items() if k not in DEFERRAL_HEADERS and k not in DEAD_LETTER_HEADERS
                 }
+        if postpone:
+            raise _PendingRetry(exc, (args, kwargs, exc, throw, eta, countdown, max_retries), options)
         return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
 
     # -- rejection: fallback, error or deferral -------------------------------
@@ -277,6 +295,18 @@ class BreakerTask(Task):  # type: ignore[misc]
         if not self._can_defer():
             raise rejected  # nothing to requeue; Celery's eager retry would recurse
         return _Deferred(defer(self, breaker, rejected, args, kwargs))
+
+
+class _PendingRetry(Retry):  # type: ignore[misc]
+    """``BreakerTask.retry`` raised inside a run whose guarded call may still be open: the
+    retry Celery would have sent, sent by the run's handler once the call has recorded
+    its failure, unless that failure opened the breaker (the task is deferred then). A
+    ``Retry`` whose ``exc`` is the cause, so the block that it leaves records the failure."""
+
+    def __init__(self, exc: BaseException, call: tuple[Any, ...], options: dict[str, Any]) -> None:
+        super().__init__(None, exc)
+        self.call = call
+        self.options = options
 
 
 @dataclass(frozen=True, slots=True)
