@@ -42,6 +42,13 @@ SCREENSHOTS_ENV = "CELERY_BREAKER_WEB_SCREENSHOTS"
 @pytest.fixture(scope="session")
 def browser() -> Iterator[WebDriver]:
     """One headless Chromium for the session, 1280 px wide."""
+    with chromium() as driver:
+        yield driver
+
+
+@contextlib.contextmanager
+def chromium(*arguments: str) -> Iterator[WebDriver]:
+    """A headless Chromium, 1280 px wide, with these command-line ``arguments`` too."""
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.access(path, os.X_OK)]
     if missing:
         pytest.fail(f"{', '.join(missing)} missing: apt-get install chromium chromium-driver (./scripts/test.sh does)")
@@ -58,6 +65,7 @@ def browser() -> Iterator[WebDriver]:
         "--disable-component-update",
         "--disable-sync",
         "--lang=en-US",
+        *arguments,
     ):
         options.add_argument(argument)
     if os.geteuid() == 0:
@@ -134,7 +142,7 @@ class WebProcess:
         poller.register(fd, select.POLLIN | select.POLLHUP)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            found = re.search(r" at (http://\S+) \(Ctrl-C to quit\)", self.stdout)
+            found = re.search(r" at (https?://\S+) \(Ctrl-C to quit\)", self.stdout)
             if found:
                 return found.group(1)
             # (poll, not select: a long test session may hold descriptors past FD_SETSIZE)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import re
+import ssl
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -20,9 +23,11 @@ from celery_breaker.ops.web import (
     loopback,
     loopback_hosts,
     same_origin,
+    tls_context,
 )
 from celery_breaker.storage import ReleasePace
 from celery_breaker.testing import FakeClock
+from tests.tls import Certificates
 
 
 def status(
@@ -236,3 +241,27 @@ def test_the_token_comes_from_a_file_or_the_environment_and_is_long_enough(tmp_p
         load_token(None, {TOKEN_ENV: "short"})
     with pytest.raises(ConfigurationError, match="cannot read the token in --token-file"):
         load_token(str(tmp_path / "missing"), {})
+
+
+def test_the_https_certificate_and_key_are_checked_by_name_and_no_passphrase_is_asked(
+    tls_certificates: Certificates, tmp_path: Path
+) -> None:
+    certs = tls_certificates
+    assert tls_context(str(certs.server_cert), str(certs.server_key)).minimum_version is ssl.TLSVersion.TLSv1_2
+    both = tmp_path / "both.pem"
+    both.write_text(certs.server_cert.read_text() + certs.server_key.read_text())
+    tls_context(str(both), None)  # the key in the certificate's file
+    missing = tmp_path / "missing.pem"
+    with pytest.raises(ConfigurationError, match=re.escape(f"cannot read --certfile {missing}: No such file")):
+        tls_context(str(missing), None)
+    with pytest.raises(ConfigurationError, match=r"not a PEM certificate and its matching private key .*KEY_VALUES"):
+        tls_context(str(certs.server_cert), str(certs.client_key))  # another certificate's key
+    with pytest.raises(ConfigurationError, match="not a PEM certificate"):
+        tls_context(str(certs.server_cert), None)  # no key at all
+    locked = tmp_path / "locked.key"
+    subprocess.run(["openssl", "pkey", "-in", str(certs.server_key), "-aes256", "-passout", "pass:s3cret-phrase",
+                    "-out", str(locked)], check=True, capture_output=True)  # fmt: skip
+    encrypted = re.escape(f"--keyfile {locked}: the private key is encrypted")
+    with pytest.raises(ConfigurationError, match=encrypted) as raised:
+        tls_context(str(certs.server_cert), str(locked))
+    assert "s3cret-phrase" not in str(raised.value)

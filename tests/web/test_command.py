@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from celery_breaker.integration.settings import reload_settings
 from celery_breaker.ops.cli import EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_USAGE
 from celery_breaker.ops.web import TOKEN_ENV
 from tests.servers import free_port
+from tests.tls import Certificates
 
 from . import webproj
 from .conftest import WebProcess
@@ -93,6 +97,29 @@ def test_actions_need_a_long_enough_token_from_a_file_or_the_environment(tmp_pat
     assert "--token-file is the token of --allow-actions, which was not given" in alone.output
 
 
+def test_https_needs_a_usable_certificate_and_key_named_by_their_options(tmp_path: Path) -> None:
+    alone = run("--keyfile", str(tmp_path / "server.key"))
+    assert alone.exit_code == EXIT_USAGE
+    assert "--keyfile is the key of --certfile, which was not given" in alone.output
+    path = tmp_path / "server.pem"
+    missing = run("--certfile", str(path))
+    assert missing.exit_code == EXIT_CONFIG
+    assert one_line_error(missing) == f"Error: cannot read --certfile {path}: No such file or directory"
+
+
+@pytest.mark.slow
+def test_https_serves_with_the_certificate_it_is_given(redis_url: str, tls_certificates: Certificates) -> None:
+    certs = tls_certificates
+    args = ("--certfile", str(certs.server_cert), "--keyfile", str(certs.server_key))
+    with WebProcess(f"{redis_url}/0?key_prefix=web-https", *args) as served:
+        assert served.url.startswith("https://127.0.0.1:")
+        trusting = ssl.create_default_context(cafile=str(certs.ca))
+        with urllib.request.urlopen(served.url + "api/breakers", context=trusting, timeout=10) as response:
+            assert response.status == 200
+            assert json.loads(response.read())["breakers"] == []
+    assert served.stdout.endswith(f"Stopped serving {served.url}\n")
+
+
 def test_a_busy_port_is_one_line(redis_url: str, use_store: None) -> None:
     store(f"{redis_url}/0?key_prefix=web-busy")
     with socket.socket() as taken:
@@ -115,6 +142,8 @@ def test_help_lists_the_options_and_every_other_celery_call_does_not_load_the_se
         "--allow-remote",
         "--allow-actions",
         "--token-file",
+        "--certfile",
+        "--keyfile",
     ):
         assert option in result.output
     listed = CliRunner().invoke(celery_main, ["breaker", "--help"], catch_exceptions=False)

@@ -6,8 +6,11 @@ nothing sleeps for a fixed time.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import re
+import subprocess
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +26,9 @@ from celery_breaker import CircuitOpenError, State
 from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.storage import Parking, describe_url, flush_stores, resolve_store
 from tests.servers import RedisServer
+from tests.tls import Certificates
 
-from .conftest import WebProcess, breaker, request
+from .conftest import WebProcess, breaker, chromium, request
 
 pytestmark = pytest.mark.slow
 
@@ -300,6 +304,46 @@ def test_actions_need_the_opt_in_and_the_token_and_refuse_other_origins(
     assert "breaker crm[tenant-3] reset: a fresh closed breaker, counters zeroed, asked from 127.0.0.1; beware: " in log
     assert "breaker stray-api deleted with 2 parked task(s), asked from 127.0.0.1" in log
     assert token not in log + web.stdout
+
+
+def _spki_sha256(certificate: Path) -> str:
+    """The base64 SHA-256 of a certificate's public key: what Chromium's
+    ``--ignore-certificate-errors-spki-list`` trusts (that key only, not any certificate)."""
+    public = subprocess.run(["openssl", "x509", "-pubkey", "-noout", "-in", str(certificate)],
+                            check=True, capture_output=True).stdout  # fmt: skip
+    der = subprocess.run(["openssl", "pkey", "-pubin", "-outform", "der"], input=public, check=True,
+                         capture_output=True).stdout  # fmt: skip
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+def test_over_https_the_page_shows_the_breakers_and_its_actions_work(
+    store_url: str, tmp_path: Path, tls_certificates: Certificates
+) -> None:
+    certs = tls_certificates
+    token = "s3cr3t-" + uuid.uuid4().hex
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    traffic = Traffic(store_url, ("partner-api", None))
+    traffic.tick()
+    tls = ("--certfile", str(certs.server_cert), "--keyfile", str(certs.server_key))
+    trusted = f"--ignore-certificate-errors-spki-list={_spki_sha256(certs.server_cert)}"
+    with (
+        WebProcess(store_url, "--interval", INTERVAL, "--allow-actions", "--token-file", str(token_file), *tls) as web,
+        chromium(trusted) as browser,
+    ):
+        assert web.url.startswith("https://127.0.0.1:")
+        browser.get(web.url)
+        until(browser, lambda: rows(browser).get("partner-api", {}).get("state") == "closed", "the breaker, polled")
+        assert browser.execute_script("return window.isSecureContext && location.protocol") == "https:"
+        browser.find_element(By.ID, "token").send_keys(token)
+        browser.find_element(By.CSS_SELECTOR, 'tr[data-label="partner-api"] button[data-action="open"]').click()
+        WebDriverWait(browser, 5).until(expected_conditions.alert_is_present()).accept()
+        # The page's POST carries its https:// Origin, which the server takes as its own.
+        until(browser, lambda: rows(browser)["partner-api"]["state"] == "forced_open", "the action, done")
+        assert breaker(store_url, "partner-api").state is State.FORCED_OPEN
+    assert web.process.returncode == 0
+    assert "breaker partner-api forced open" in web.stderr()
+    assert token not in web.stderr() + web.stdout
 
 
 def test_a_store_outage_shows_on_the_page_which_keeps_polling_and_ctrl_c_ends_it_cleanly(browser: WebDriver) -> None:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import http.client
 import logging
 import re
+import socket
+import ssl
 import threading
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from importlib import resources
@@ -12,7 +16,8 @@ from importlib import resources
 import pytest
 
 from celery_breaker.ops.board import Board
-from celery_breaker.ops.web import Site, WebServer, loopback_hosts
+from celery_breaker.ops.web import Site, WebServer, loopback_hosts, tls_context
+from tests.tls import Certificates
 
 from .conftest import request
 from .test_board import status
@@ -27,16 +32,16 @@ def serve() -> Iterator[Serve]:
     """``serve(token=...)``: a server on a free loopback port, in a thread; its base URL."""
     servers: list[tuple[WebServer, threading.Thread]] = []
 
-    def start(*, token: str | None = None) -> str:
+    def start(*, token: str | None = None, tls: ssl.SSLContext | None = None) -> str:
         board = Board(lambda: [status("crm", key="tenant-3"), status("partner-api")], store="redis://h/0", interval=1.0)
         board.refresh()
         template = resources.files("celery_breaker.ops").joinpath("web_page.html").read_text(encoding="utf-8")
-        server = WebServer(("127.0.0.1", 0))
+        server = WebServer(("127.0.0.1", 0), tls)
         server.site = Site(board, None, token, loopback_hosts("127.0.0.1", server.server_port), template)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
         thread.start()
         servers.append((server, thread))
-        return f"http://127.0.0.1:{server.server_port}/"
+        return f"{server.scheme}://127.0.0.1:{server.server_port}/"
 
     yield start
     for server, thread in servers:
@@ -121,3 +126,29 @@ def test_every_action_request_needs_the_same_origin_the_token_and_a_json_body(
     assert "wrong or missing token" in caplog.text
     assert TOKEN not in caplog.text
     assert "wrong" * 8 not in caplog.text  # not even a wrong token is logged
+
+
+def test_https_serves_the_page_and_a_client_that_never_completes_a_handshake_holds_up_no_one(
+    serve: Serve, tls_certificates: Certificates, capsys: pytest.CaptureFixture[str]
+) -> None:
+    certs = tls_certificates
+    url = serve(tls=tls_context(str(certs.server_cert), str(certs.server_key)))
+    assert url.startswith("https://127.0.0.1:")
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    trusting = ssl.create_default_context(cafile=str(certs.ca))
+    # Connected, silent: its handshake waits in its own thread, not in the accept loop.
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        with urllib.request.urlopen(url + "api/breakers", context=trusting, timeout=5) as response:
+            assert response.status == 200
+            assert b'"crm[tenant-3]"' in response.read()
+        # Plain HTTP to the HTTPS port gets no answer, and costs the server nothing.
+        with pytest.raises((http.client.HTTPException, ConnectionError)):
+            urllib.request.urlopen(url.replace("https://", "http://"), timeout=5)
+        with urllib.request.urlopen(url, context=trusting, timeout=5) as response:
+            assert response.status == 200
+            assert response.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    # A client that does not trust the certificate's CA refuses it.
+    doubting = ssl.create_default_context(cafile=str(certs.other_ca))
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        urllib.request.urlopen(url, context=doubting, timeout=5)
+    assert "Traceback" not in capsys.readouterr().err  # failed handshakes are no server errors

@@ -9,7 +9,9 @@ With ``--allow-actions`` and a token, ``POST api/actions`` applies ``operator.op
 ``ops/cli.py`` loads this module only when the command runs (it passes the command the
 app as its ``obj``): the store, the monitoring and the server are no cost to other
 ``celery`` calls. Security: loopback unless ``--allow-remote``; actions need the opt-in,
-the token (compared in constant time) and a same-origin request; see ``docs/web.md``.
+the token (compared in constant time) and a same-origin request; HTTPS with
+``--certfile`` (the handshake made in the request's own thread, so a client that never
+finishes one holds up no other); see ``docs/web.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import sys
 import threading
 from collections.abc import Mapping
@@ -42,7 +45,9 @@ from .board import HISTORY, Board
 from .console import STATE_STYLES
 from .operator import assess, delete, operate, shared_store
 
-__all__ = ["TOKEN_ENV", "Site", "WebServer", "host_allowed", "load_token", "loopback", "same_origin", "web"]
+__all__ = [
+    "TOKEN_ENV", "Site", "WebServer", "host_allowed", "load_token", "loopback", "same_origin", "tls_context", "web",
+]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
 
@@ -132,16 +137,70 @@ class Site:
     template: str
 
 
+#: Seconds a client has to complete the TLS handshake.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+def tls_context(certfile: str, keyfile: str | None) -> ssl.SSLContext:
+    """The server side of HTTPS: the certificate (chain) in ``certfile`` and its private key
+    (in ``keyfile``, else in ``certfile`` too), TLS 1.2 at least; ``ConfigurationError``
+    naming the option and the fix when they cannot be used (never asks for a passphrase)."""
+    where = f"--certfile {certfile}" + (f" / --keyfile {keyfile}" if keyfile is not None else "")
+
+    def no_passphrase() -> str:
+        raise ConfigurationError(
+            f"{where}: the private key is encrypted; give an unencrypted key file (openssl pkey -in KEY -out "
+            "PLAIN.key), readable by this user only"
+        )
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile, keyfile, password=no_passphrase)
+    except ssl.SSLError as exc:
+        raise ConfigurationError(
+            f"{where}: not a PEM certificate and its matching private key ({exc.reason or exc}); give the "
+            "certificate in --certfile and its key in --keyfile (or both in --certfile)"
+        ) from None
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read {where}: {exc.strerror or exc}") from None
+    return context
+
+
 class WebServer(ThreadingHTTPServer):
-    """The HTTP server of one ``Site`` (set once bound: the allowed hosts name its port), on IPv4 or IPv6."""
+    """The HTTP server of one ``Site`` (set once bound: the allowed hosts name its port), on
+    IPv4 or IPv6; HTTPS with a ``tls`` context."""
 
     daemon_threads = True
     site: Site
 
-    def __init__(self, address: tuple[str, int]) -> None:
+    def __init__(self, address: tuple[str, int], tls: ssl.SSLContext | None = None) -> None:
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
+        self.tls = tls
         super().__init__(address, _Handler)
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.tls is None else "https"
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        if self.tls is None:
+            super().finish_request(request, client_address)
+            return
+        # Here, in the request's own thread (not in accept()): a client that connects and
+        # never completes the handshake waits alone, for HANDSHAKE_TIMEOUT at most.
+        request.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            secured = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as exc:  # plain HTTP to this port, a scanner, a timeout
+            logger.debug("celery-breaker web: TLS handshake with %s failed: %s", client_address[0], exc)
+            return
+        try:
+            secured.settimeout(None)
+            super().finish_request(secured, client_address)
+        finally:
+            secured.close()
 
 
 def _page(site: Site, nonce: str) -> bytes:
@@ -332,9 +391,12 @@ def _log_done(label: str, done: str, client: str, warning: str | None) -> None:
               help=f"Show buttons for the actions; each needs the token (--token-file or {TOKEN_ENV}).")  # fmt: skip
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
               help=f"A file holding the action token (default: the environment variable {TOKEN_ENV}).")  # fmt: skip
+@click.option("--certfile", default=None,
+              help="Serve HTTPS with this PEM certificate (chain); its key in --keyfile, or here too.")  # fmt: skip
+@click.option("--keyfile", default=None, help="The private key (PEM, unencrypted) of --certfile.")
 @click.pass_obj
 def web(app: Any, address: str, port: int, interval: float, history: int, allow_remote: bool,
-        allow_actions: bool, token_file: str | None) -> None:  # fmt: skip
+        allow_actions: bool, token_file: str | None, certfile: str | None, keyfile: str | None) -> None:  # fmt: skip
     """Serve a live page of the breakers: states, time to half-open, failure rates,
     rejections and deferrals per second, parked tasks and their release, trips and the
     recent changes. Ctrl-C quits.
@@ -347,24 +409,30 @@ def web(app: Any, address: str, port: int, interval: float, history: int, allow_
                                "breaker: pass --allow-remote to listen there anyway")  # fmt: skip
     if token_file is not None and not allow_actions:
         raise click.UsageError("--token-file is the token of --allow-actions, which was not given")
+    if keyfile is not None and certfile is None:
+        raise click.UsageError("--keyfile is the key of --certfile, which was not given")
     token = load_token(token_file, os.environ) if allow_actions else None
+    tls = None if certfile is None else tls_context(certfile, keyfile)
     app.loader.import_default_modules()  # the app's tasks name its breakers (for the actions)
     store = shared_store(app)
     where = describe_url(store.url)
     board = Board(lambda: collect_metrics(store), store=where, interval=interval, history=history)
     board.refresh(raising=True)  # a store that cannot be reached now: exit 69, as `watch`
     try:
-        server = WebServer((address, port))
+        server = WebServer((address, port), tls)
     except OSError as exc:
         raise click.ClickException(f"cannot listen on {address} port {port}: {exc.strerror or exc}") from None
     bound = server.server_port  # (--port 0: the one the system chose)
     template = resources.files(__package__).joinpath("web_page.html").read_text(encoding="utf-8")
     server.site = Site(board, app, token, None if allow_remote else loopback_hosts(address, bound), template)
     shown = socket.getfqdn() if address in ("0.0.0.0", "::") else (f"[{address}]" if ":" in address else address)
-    url = f"http://{shown}:{bound}/"
+    url = f"{server.scheme}://{shown}:{bound}/"
     if not loopback(address):
         click.echo(f"Warning: listening on {address} port {bound}: anyone who reaches it sees every breaker"
                    + (" (actions need the token)." if token else "."), err=True)  # fmt: skip
+        if token and tls is None:
+            click.echo("Warning: without --certfile the token crosses the network in the clear: serve HTTPS "
+                       "(--certfile), or keep the default address behind a TLS proxy.", err=True)  # fmt: skip
     if token:
         click.echo(f"Actions are on ({', '.join(NAMES)}): each needs the token, and is logged.")
     _serve(server, url, f"Serving the breakers of {where} at {url} (Ctrl-C to quit)")
