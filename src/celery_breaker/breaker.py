@@ -6,7 +6,7 @@ import asyncio
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from contextvars import ContextVar
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
@@ -15,7 +15,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
 from .core.retry_after import refusal_of, retry_after_of
 from .errors import CircuitOpenError
-from .health import HealthCheck, HealthState
+from .health import CheckResult, HealthCheck, HealthState
 from .labels import breaker_label
 from .names import check_name
 from .storage import Cell, Moves, Store, describe_url, resolve_store, with_fallback
@@ -303,7 +303,9 @@ class CircuitBreaker:
             start = self._now()
             ticket: Ticket = cell.generation
         else:
-            cell, ticket, start = self._admit()
+            cell, ticket, start = self._admit(check=False)
+            if self.probe is not None and type(ticket) is Probe:
+                cell, ticket = await self._acheck_instead(cell, ticket)
         try:
             result = await fn(*args, **kwargs)
         except BaseException as exc:
@@ -437,13 +439,26 @@ class CircuitBreaker:
             run.claimed = True  # (as _admit: the run's ticket serves this block; timed from now)
             cell, ticket, start = run.cell, run.ticket, self._now()
         else:
-            cell, ticket, start = self._admit()
+            cell, ticket, start = self._admit(check=False)
+            if self.probe is not None and type(ticket) is Probe:
+                return self._aenter_checked(cell, ticket, start)  # (a coroutine: the check is awaited)
         if not self._stacked:
             held = (cell, ticket, start)
             if self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
                 return entered
         self._push(cell, ticket, start)
         return entered
+
+    async def _aenter_checked(self, cell: Cell, ticket: Probe, start: float) -> CircuitBreaker:
+        """``async with``'s entry when it won a probe slot of a breaker with a health check:
+        the check is awaited (``_acheck_instead``), then the block opens as any other."""
+        cell, admitted = await self._acheck_instead(cell, ticket)
+        if not self._stacked:
+            held = (cell, admitted, start)
+            if self._slot.setdefault(0, held) is held:
+                return self
+        self._push(cell, admitted, start)
+        return self
 
     def _aexit(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -573,8 +588,10 @@ class CircuitBreaker:
         self._cell = self.store.cell(self.name, self.key, self.policy, self._clock)
         return self._cell
 
-    def _admit(self) -> tuple[Cell, Ticket, float]:
-        """Acquire a ticket (or raise ``CircuitOpenError``)."""
+    def _admit(self, *, check: bool = True) -> tuple[Cell, Ticket, float]:
+        """Acquire a ticket (or raise ``CircuitOpenError``); ``check=False``: a probe slot
+        won by a breaker with a health check is returned for the caller to check
+        (``_acheck_instead``: the async callers)."""
         run = _RUN.get()
         if run is not None and not run.claimed and run.covers(self):
             run.claimed = True  # the run's ticket serves this call; timed from now
@@ -583,10 +600,10 @@ class CircuitBreaker:
         start = self._now()
         if cell.passing:
             return cell, cell.generation, start
-        cell, ticket = self._acquire(cell, start)
+        cell, ticket = self._acquire(cell, start, check=check)
         return cell, ticket, start
 
-    def _acquire(self, cell: Cell, now: float) -> tuple[Cell, Ticket]:
+    def _acquire(self, cell: Cell, now: float, *, check: bool = True) -> tuple[Cell, Ticket]:
         """The path for a breaker that is not simply passing calls."""
         if cell.evicted:
             cell = self._refresh()
@@ -604,7 +621,7 @@ class CircuitBreaker:
         ticket, moves = cell.acquire(self.policy, now)
         if moves:
             self._announce(moves)
-        if self.probe is not None and type(ticket) is Probe:
+        if check and self.probe is not None and type(ticket) is Probe:
             return self._check_instead(cell, ticket)
         return cell, ticket
 
@@ -613,9 +630,27 @@ class CircuitBreaker:
     def _check_instead(self, cell: Cell, ticket: Probe) -> tuple[Cell, Ticket]:
         """This call won a probe slot: run the health check in its place, then admit the
         call only if the checks closed the breaker, else reject it (``CircuitOpenError``)."""
-        admitted = self._run_checks(cell, ticket)
+        return cell, self._admitted_after(cell, self._run_checks(cell, ticket))
+
+    async def _acheck_instead(self, cell: Cell, ticket: Probe) -> tuple[Cell, Ticket]:
+        """``_check_instead`` for a caller on an event loop, which the check never blocks
+        (``HealthCheck.arun``)."""
+        probe = self.probe
+        assert probe is not None
+        checks = self._checks(cell, ticket, probe.name)
+        try:
+            limit = next(checks)
+            while True:
+                limit = checks.send(await probe.arun(limit))
+        except StopIteration as done:
+            admitted: Ticket = done.value
+        return cell, self._admitted_after(cell, admitted)
+
+    def _admitted_after(self, cell: Cell, admitted: Ticket) -> Ticket:
+        """The ticket the checks left: an ordinary one admits the call; a probe ticket
+        (they did not close the breaker) rejects it."""
         if type(admitted) is not Probe:
-            return cell, admitted
+            return admitted
         now = self._now()
         state = cell.state
         open_until = cell.open_until
@@ -628,9 +663,25 @@ class CircuitBreaker:
     def _run_checks(self, cell: Cell, ticket: Probe) -> Ticket:
         """Run the health check on each probe slot this caller wins, until the breaker
         closes (return its ordinary ticket) or not (return the last probe ticket): at most
-        ``probes_to_close`` checks, back to back."""
+        ``probes_to_close`` checks, back to back (``_checks``, each run here)."""
+        probe = self.probe
+        assert probe is not None
+        checks = self._checks(cell, ticket, probe.name)
+        try:
+            limit = next(checks)
+            while True:
+                limit = checks.send(probe.run(limit))
+        except StopIteration as done:
+            admitted: Ticket = done.value
+        return admitted
+
+    def _checks(self, cell: Cell, ticket: Probe, name: str) -> Generator[float, CheckResult, Ticket]:
+        """The checks of ``_run_checks``, for a sync or an async driver: yields the time
+        limit of each check to run, is sent its result, and returns what they left."""
         for _ in range(self.policy.probes_to_close):
-            self._check(cell, ticket)
+            start = self._now()
+            result = yield self.policy.half_open_max_wait  # (a lease lasts no longer)
+            self._record_check(cell, ticket, start, result, name)
             if cell.state in _ADMITTING:
                 return cell.generation
             if cell.state is not HALF_OPEN:
@@ -646,12 +697,8 @@ class CircuitBreaker:
             ticket = next_ticket
         return ticket
 
-    def _check(self, cell: Cell, ticket: Probe) -> bool:
-        """Run the health check once under ``ticket``'s lease and record its verdict."""
-        probe = self.probe
-        assert probe is not None
-        start = self._now()
-        result = probe.run(self.policy.half_open_max_wait)  # (a lease lasts no longer)
+    def _record_check(self, cell: Cell, ticket: Probe, start: float, result: CheckResult, name: str) -> None:
+        """Record the verdict of the check ``name`` run under ``ticket``'s lease since ``start``."""
         end = self._now()
         open_for = None
         if result.error is not None:
@@ -663,12 +710,11 @@ class CircuitBreaker:
             # half-open period (their verdict came too late to count) at DEBUG.
             logger.log(
                 logging.WARNING if moves else logging.DEBUG,
-                "breaker %s: health check %s failed (%s)", self.label, probe.name, result.detail,
+                "breaker %s: health check %s failed (%s)", self.label, name, result.detail,
                 extra={"breaker": self.name, "breaker_key": self.key},
             )  # fmt: skip
         if moves:
             self._announce(moves)
-        return result.healthy
 
     def check_health(self) -> HealthState:
         """Run the health check now if the breaker may admit a probe (its open time is up,

@@ -4,7 +4,10 @@ A breaker with a health check runs it, instead of a real call, when it may half-
 (``CircuitBreaker(probe=...)``): a failing probe is then a cheap request, not a payment
 or an e-mail. The check runs in a daemon thread of its own so that one that hangs cannot
 hang its caller: after ``timeout`` seconds it counts as failed and is left behind (a
-sync callable cannot be interrupted; an async one is cancelled).
+sync callable cannot be interrupted; an async one is cancelled). A caller on an event
+loop (``async with``, ``acall``, an async decorator) uses ``arun``, which never blocks
+that loop: a coroutine function is awaited on the caller's own loop (what it awaits, a
+client session say, may belong to that loop), anything else runs in the helper thread.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import math
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from .core import State
 from .errors import ConfigurationError
@@ -111,6 +114,27 @@ class HealthCheck:
         if outcome:
             return outcome[0]
         return CheckResult(False, ProbeTimeout(f"health check {self.name} did not answer within {limit:g} s"))
+
+    async def arun(self, timeout: float | None = None) -> CheckResult:
+        """``run()`` for a caller on an event loop, which it never blocks: a coroutine
+        function is awaited on this loop, cancelled after the timeout; anything else runs
+        in the helper thread, waited for in another. Only an ``Exception`` is a verdict:
+        a cancellation of the caller (or a ``KeyboardInterrupt``) goes through."""
+        limit = self.timeout if timeout is None else min(self.timeout, timeout)
+        if not _is_coroutine_function(self.fn):
+            return await asyncio.to_thread(self.run, limit)
+        try:
+            value = await _bounded(cast("Awaitable[object]", self.fn()), limit)
+        except ProbeTimeout:
+            return CheckResult(False, ProbeTimeout(f"health check {self.name} did not answer within {limit:g} s"))
+        except Exception as exc:  # a probe's failure is data
+            return CheckResult(False, exc)
+        return CheckResult(value is not False)
+
+
+def _is_coroutine_function(fn: Callable[[], object]) -> bool:
+    """``fn`` is (or its ``__call__`` is) an ``async def``: calling it only makes a coroutine."""
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
 async def _bounded(awaitable: Awaitable[object], limit: float) -> object:

@@ -193,3 +193,85 @@ def test_the_closing_reason_says_what_closed_it(clock: FakeClock, check: bool, t
         machine.record(ticket._replace(check=check), Outcome.SUCCESS, 0.1, machine.policy, clock.monotonic())
     assert machine.state is State.CLOSED
     assert machine.take_moves()[-1].reason == reason
+
+
+# -- async callers: the check never blocks their event loop ---------------------------
+
+
+async def _guarded(breaker: CircuitBreaker, form: str) -> str:
+    if form == "async with":
+        async with breaker:
+            return "real"
+    if form == "acall":
+
+        async def real() -> str:
+            return "real"
+
+        return await breaker.acall(real)
+
+    @breaker
+    async def decorated() -> str:
+        return "real"
+
+    return await decorated()
+
+
+@pytest.mark.parametrize("form", ["async with", "acall", "decorator"])
+def test_a_sync_check_runs_off_the_event_loop_of_an_async_caller(clock: FakeClock, form: str) -> None:
+    # The check waits for the loop to do something else: on the loop's own thread it would
+    # wait its whole timeout (2 s) and fail, and the call would be rejected.
+    ticked = threading.Event()
+    breaker = breaker_with(lambda: ticked.wait(2) or False, clock, success_threshold=1)
+    fail(breaker)
+    clock.advance(10)
+
+    async def main() -> str:
+        async def tick() -> None:
+            ticked.set()
+
+        ticker = asyncio.ensure_future(tick())
+        try:
+            return await _guarded(breaker, form)
+        finally:
+            await ticker
+
+    assert asyncio.run(main()) == "real"  # the check saw the tick, closed the breaker, the call ran
+    assert state_of(breaker) is State.CLOSED
+
+
+@pytest.mark.parametrize("form", ["async with", "acall", "decorator"])
+def test_an_async_check_runs_on_the_callers_own_event_loop(clock: FakeClock, form: str) -> None:
+    # What the check awaits belongs to the caller's loop (a client session, an Event): on
+    # a loop of its own in another thread it could not await it.
+    async def main() -> str:
+        ready = asyncio.Event()
+        loop = asyncio.get_running_loop()
+
+        async def check() -> bool:
+            assert asyncio.get_running_loop() is loop
+            await ready.wait()
+            return True
+
+        breaker = breaker_with(check, clock, success_threshold=1)
+        fail(breaker)
+        clock.advance(10)
+        loop.call_soon(ready.set)
+        return await _guarded(breaker, form)
+
+    assert asyncio.run(main()) == "real"
+
+
+def test_an_async_check_that_hangs_times_out_on_the_callers_loop(clock: FakeClock) -> None:
+    async def main() -> None:
+        async def check() -> None:
+            await asyncio.Event().wait()
+
+        breaker = breaker_with(HealthCheck(check, timeout=0.02), clock)
+        fail(breaker)
+        clock.advance(10)
+        with pytest.raises(CircuitOpenError):
+            async with breaker:
+                pass
+        assert state_of(breaker) is State.OPEN
+
+    asyncio.run(main())

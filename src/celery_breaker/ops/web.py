@@ -182,6 +182,7 @@ class WebServer(ThreadingHTTPServer):
 
     @property
     def scheme(self) -> str:
+        """``https`` with a TLS context, else ``http``: what the server's URLs start with."""
         return "http" if self.tls is None else "https"
 
     def finish_request(self, request: Any, client_address: Any) -> None:
