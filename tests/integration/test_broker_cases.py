@@ -11,6 +11,9 @@ from __future__ import annotations
 import contextlib
 import gc
 import re
+import socket
+import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,6 +24,7 @@ from celery.result import AsyncResult
 
 from celery_breaker import CircuitBreaker
 from celery_breaker.storage import close_stores
+from tests.integration import routes_proj
 from tests.integration.backlog_proj import (
     BREAKER,
     EARLY_ACK_TASK,
@@ -40,7 +44,7 @@ from tests.integration.backlog_proj import (
 )
 from tests.integration.deployments import CONSUMER_TIMEOUT_S, Deployment, deploy
 from tests.integration.downstream import Downstream
-from tests.integration.workers import wait_for
+from tests.integration.workers import WorkerProcess, wait_for
 from tests.rabbitmq import RabbitMQServer
 from tests.servers import RedisServer
 
@@ -302,3 +306,68 @@ def test_chains_groups_chords_and_links_come_through_an_outage(
         assert len(runs) == 10
     finally:
         app.close()
+
+
+# -- broker-delay brings each run back to its own queue ---------------------------------
+
+
+def test_broker_delay_brings_every_run_back_to_its_own_queue_once_however_it_was_routed(
+    rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    # Routes Celery allows that a delayed run's key must survive: the default exchange to a
+    # direct queue whose key is not its name, the queue's exchange and key, a queue with two
+    # bindings, two queues whose names end alike (high-NS, emails.high-NS), a queue added at
+    # run time (add_consumer), and an exchange the worker's app does not declare (countdown).
+    ns = f"r{uuid.uuid4().hex[:8]}"
+    counter = f"{redis_server.url}/2"
+    store = f"{redis_server.url}/1?key_prefix={ns}"
+    env = {"ROUTES_NS": ns, "ROUTES_COUNTER": counter, "ROUTES_STORE": store}
+    consumed = f"{ns}-work,{ns}-media,high-{ns},emails.high-{ns}"
+    publisher = routes_proj.make_app(rabbitmq.url, ns)
+    count = redis.Redis.from_url(counter, decode_responses=True)
+    routes: dict[str, dict[str, Any]] = {
+        "default queue": {},
+        "exchange and key": {"exchange": f"{ns}-tasks", "routing_key": f"{ns}.work.rk"},
+        "one of two bindings": {"exchange": f"{ns}-media", "routing_key": f"{ns}.media.video"},
+        "name ending another's": {"queue": f"emails.high-{ns}"},
+        "the other one": {"queue": f"high-{ns}"},
+        "added at run time": {"queue": f"{ns}-extra"},
+        "unknown exchange": {"exchange": f"{ns}-foreign", "routing_key": "fw"},
+    }
+    with publisher.connection_for_write() as connection:  # a route the workers' app knows nothing of
+        channel = connection.default_channel
+        channel.exchange_declare(f"{ns}-foreign", "direct", durable=True)
+        for queue in routes_proj.queues(ns):
+            queue.bind(channel).declare()
+        channel.queue_bind(queue=f"{ns}-work", exchange=f"{ns}-foreign", routing_key="fw")
+    with WorkerProcess(rabbitmq.url, app="tests.integration.routes_proj", queues=consumed, name=ns, env=env) as worker:
+        worker.wait_ready()
+        replies = publisher.control.add_consumer(
+            f"{ns}-extra", reply=True, destination=[f"{ns}@{socket.gethostname()}"]
+        )
+        assert [next(iter(reply.values())) for reply in replies] == [{"ok": f"add consumer {ns}-extra"}]
+        count.set(f"{ns}:down", 1)
+        publisher.send_task(routes_proj.TASK, args=[ns, 0])  # trips the breaker
+        wait_for(lambda: count.hget(f"{ns}:calls", "0") is not None, 30, "the trip")
+        sent: dict[int, str] = {}
+        for route, options in routes.items():
+            for _ in range(3):
+                n = len(sent) + 1
+                publisher.send_task(routes_proj.TASK, args=[ns, n], **options)
+                sent[n] = route
+        count.delete(f"{ns}:down")
+        every = [0, *sent]
+        wait_for(lambda: len(count.hgetall(f"{ns}:runs")) == len(every), 60, "every run (none lost)")
+        # A copy would have been delayed along with the run: give copies a delay's length.
+        time.sleep(3)  # (observing that nothing more arrives)
+        runs = count.hgetall(f"{ns}:runs")
+        calls = count.hgetall(f"{ns}:calls")
+        log = worker.log()
+    twice = {route for n, route in sent.items() if runs.get(str(n)) != "1"}
+    assert twice == set(), f"runs per task: {runs}"
+    assert runs.get("0") == "1"
+    # Sent while the breaker was open: each waited (deferred), and reached the downstream once.
+    assert {n: calls.get(str(n)) for n in sent} == dict.fromkeys(sent, "1")
+    assert log.count("deferred") >= len(sent)
+    assert "is deferred by countdown, not broker-delay" in log  # the unknown exchange, named once
+    assert f"exchange '{ns}-foreign' with routing key 'fw'" in log

@@ -119,3 +119,7 @@ def test_health_checks_alone_close_the_breaker_on_rabbitmq(
     assert "breaker partner half_open -> open (health check failed" in log
     assert "breaker partner half_open -> closed (health check succeeded" in log
     assert "ForkPoolWorker-1] breaker partner: health check tests.integration.probe_proj:check failed" in log
+    assert "parking deferred tasks in" not in log  # (nothing is: they wait in RabbitMQ)
+    if store == "redis":
+        assert "releasing any tasks parked in" in log
+        assert "(this worker defers in the broker)" in log

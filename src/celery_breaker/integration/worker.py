@@ -121,10 +121,16 @@ class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
         else:
             ceiling = "no ceiling" if law.ceiling is None else f"at most {law.ceiling:g} per second"
             pace = f"at an adaptive pace from {law.start:g} per second per breaker ({ceiling})"
-        logger.info(
-            "celery-breaker: parking deferred tasks in %s; releasing them %s",
-            describe_url(settings.storage_url), pace,
-        )  # fmt: skip
+        if any(isinstance(strategy, ParkInStore) for strategy in deferral_strategies(worker.app)):
+            logger.info(
+                "celery-breaker: parking deferred tasks in %s; releasing them %s",
+                describe_url(settings.storage_url), pace,
+            )  # fmt: skip
+        else:  # (RabbitMQ, breaker_park="auto": tasks wait in the broker; other workers may park)
+            logger.info(
+                "celery-breaker: releasing any tasks parked in %s %s (this worker defers in the broker)",
+                describe_url(settings.storage_url), pace,
+            )  # fmt: skip
         return Releaser(worker.app, parking, rate=settings.release_rate, ramp=settings.release_ramp, law=law)
 
 

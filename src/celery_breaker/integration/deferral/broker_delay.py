@@ -3,11 +3,21 @@
 Celery delays quorum-queue countdowns this way ("native delayed delivery"): 28 exchanges
 and queues ``celery_delayed_0`` .. ``celery_delayed_27``, queue *n* holding messages for
 2**n seconds, route a message whose routing key spells its delay in binary, then hand it
-to the topic exchange ``celery_delayed_delivery``, which the work queues are bound to.
-The same topology serves every RabbitMQ deployment here, classic queues and direct
-exchanges included: ``ensure_topology`` declares it when a worker starts (with Celery's
-queue type for it, ``broker_native_delayed_delivery_queue_type``) and binds every queue
-the app declares.
+to the topic exchange ``celery_delayed_delivery``. The same topology serves every
+RabbitMQ deployment here, classic queues and direct exchanges included
+(``broker_native_delayed_delivery_queue_type`` says its queue type).
+
+A deferred run goes back to **the queue it was delivered from, and to no other**. Celery
+binds queues to ``celery_delayed_delivery`` by their routing key (``#.<key>``), which
+loses a message whose delivery key the pattern does not name (a direct queue reached
+through the default exchange by its name, a queue with several ``bindings``) and copies
+it into every queue whose key ends the same way (``high`` and ``emails.high``): copies
+that double with each deferral. Here each queue is bound by a key of its own instead,
+``*.`` x 28 then ``celery-breaker.<digest of the queue's name>``, which matches that
+queue's delayed messages only. The queue is found from the delivery: the queue named by
+the key for the default exchange, else the one queue of the app bound to that exchange
+with a matching key. When that is not exactly one queue the run is not taken here (the
+next strategy, a countdown, republishes it as Celery's retry would).
 
 So a deferred run survives what a queued task survives, no worker holds it (RabbitMQ's
 ``consumer_timeout`` cannot strike), and it comes back by itself when its delay is up.
@@ -16,23 +26,28 @@ Delays are whole seconds, at least one.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import re
 import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from kombu.entity import Exchange
 from kombu.transport.native_delayed_delivery import (
-    bind_queue_to_native_delayed_delivery_exchange,
     calculate_routing_key,
     declare_native_delayed_delivery_exchanges_and_queues,
 )
 
 from .strategy import Deferral, publish
 
-__all__ = ["DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "BrokerDelay", "destination_routing_key", "ensure_topology"]
+__all__ = [
+    "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "BrokerDelay", "destination_queue", "ensure_topology", "queue_binding",
+    "queue_token", "topic_matches",
+]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
 
@@ -43,69 +58,161 @@ DELIVERY_EXCHANGE = "celery_delayed_delivery"
 LONGEST_DELAY = 2**28 - 1
 #: A delayed message's routing key: 28 binary digits, then the destination's own key.
 _DELAY_PREFIX = re.compile(r"^(?:[01]\.){28}")
+#: The word before a queue's digest in the key of a run deferred to that queue.
+TOKEN_WORD = "celery-breaker"
+#: Seconds between two warnings that a run could not be routed back by broker-delay.
+_WARN_EVERY = 60.0
 
 
-def destination_routing_key(delivery_info: dict[str, Any] | None, default: str) -> str:
-    """The routing key that brings a message back to the queue it came from: the queue's
-    name for the default exchange, the key it was delivered with (less any delay prefix)
-    otherwise; ``default`` when the delivery says nothing."""
+def queue_token(queue: str) -> str:
+    """The last two words of the key that brings a delayed run back to ``queue``:
+    ``celery-breaker.<digest>`` (any queue name, even one with dots or wildcards, in a key
+    of fixed length)."""
+    return f"{TOKEN_WORD}.{hashlib.blake2s(queue.encode(), digest_size=16).hexdigest()}"
+
+
+def queue_binding(queue: str) -> str:
+    """The pattern ``queue`` is bound to ``celery_delayed_delivery`` with: 28 one-word
+    wildcards (the delay's digits) and its token, so it matches that queue's runs only."""
+    return "*." * 28 + queue_token(queue)
+
+
+def topic_matches(pattern: str, key: str) -> bool:
+    """Whether a topic exchange routes ``key`` through a binding of ``pattern`` (``*``: one
+    word, ``#``: zero or more words, words separated by dots)."""
+    words, parts = key.split("."), pattern.split(".")
+
+    def match(i: int, j: int) -> bool:
+        if i == len(parts):
+            return j == len(words)
+        if parts[i] == "#":
+            return any(match(i + 1, k) for k in range(j, len(words) + 1))
+        return j < len(words) and parts[i] in ("*", words[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+def _routes(queue: Any) -> Iterator[tuple[Any, str]]:
+    """The (exchange, routing key) pairs that bind ``queue``: its own, and its ``bindings``."""
+    if queue.exchange is not None and queue.exchange.name:
+        yield queue.exchange, queue.routing_key or ""
+    for bound in queue.bindings or ():
+        exchange = bound.exchange
+        if exchange is not None and getattr(exchange, "name", None):
+            yield exchange, bound.routing_key or ""
+
+
+def _reaches(exchange: Any, pattern: str, key: str) -> bool | None:
+    """Whether a binding (``exchange``, ``pattern``) takes a message published with ``key``
+    (``None``: cannot tell, a headers exchange)."""
+    kind = exchange.type
+    if kind == "direct":
+        return pattern == key
+    if kind == "topic":
+        return topic_matches(pattern, key)
+    if kind == "fanout":
+        return True
+    return None
+
+
+def destination_queue(app: Any, delivery_info: dict[str, Any] | None) -> str | None:
+    """The queue a delivery came from, as far as the app's queues tell (``None``: not
+    exactly one). The default exchange routes to the queue named by the key; a named
+    exchange to the app's queues bound to it with a matching key; a run delayed here
+    before comes back through ``celery_delayed_delivery`` with its queue's token (an
+    earlier release's key: the queue named by it, else the one queue with that key)."""
+    info = delivery_info or {}
+    exchange, key = info.get("exchange") or "", info.get("routing_key")
+    if not isinstance(key, str) or not key or not isinstance(exchange, str):
+        return None
+    queues = app.amqp.queues
+    if exchange == DELIVERY_EXCHANGE:
+        tail = _DELAY_PREFIX.sub("", key)
+        if tail.startswith(TOKEN_WORD + "."):
+            return next((name for name in queues if queue_token(name) == tail), None)
+        if tail in queues:  # (a run delayed by an earlier release, keyed by its queue's key)
+            return str(tail)
+        keyed = [name for name, queue in queues.items() if (queue.routing_key or name) == tail]
+        return keyed[0] if len(keyed) == 1 else None
+    if not exchange:
+        return key  # (the default exchange: the queue of that name, declared by the app or not)
+    found: list[str] = []
+    for name, queue in queues.items():
+        verdicts = [_reaches(bound, pattern, key) for bound, pattern in _routes(queue) if bound.name == exchange]
+        if None in verdicts:
+            return None  # a headers exchange: which queue it was cannot be told
+        if any(verdicts):
+            found.append(name)
+    return found[0] if len(found) == 1 else None
+
+
+def _token_of(delivery_info: dict[str, Any] | None) -> str | None:
+    """The queue token of a run that came back from a delay of ours, else ``None``."""
     info = delivery_info or {}
     key = info.get("routing_key")
-    if not isinstance(key, str) or not key:
-        return default
-    return _DELAY_PREFIX.sub("", key)
+    if info.get("exchange") != DELIVERY_EXCHANGE or not isinstance(key, str):
+        return None
+    tail = _DELAY_PREFIX.sub("", key)
+    return tail if re.fullmatch(re.escape(TOKEN_WORD) + r"\.[0-9a-f]{32}", tail) else None
 
 
 def ensure_topology(connection: Any, app: Any) -> None:
-    """Declare the delay exchanges and queues (as Celery does for quorum queues) and bind
-    every queue of ``app`` to ``celery_delayed_delivery``: through its exchange when that
-    routes by pattern (kombu's own binding), directly for a direct exchange, whose
-    routing would not match a delayed message's key. Idempotent; raises what the broker
-    answers (a queue already declared with other arguments, say)."""
+    """Declare the delay exchanges and queues (as Celery does for quorum queues), declare
+    every queue of ``app`` and bind it to ``celery_delayed_delivery`` by its own token
+    (``queue_binding``). Idempotent; raises what the broker answers (a queue already
+    declared with other arguments, say)."""
     declare_native_delayed_delivery_exchanges_and_queues(connection, app.conf.broker_native_delayed_delivery_queue_type)
+    channel = connection.default_channel
     for queue in app.amqp.queues.values():
-        exchange = queue.exchange
-        if exchange is not None and exchange.type != "direct" and exchange.name:
-            bind_queue_to_native_delayed_delivery_exchange(connection, queue)
-            continue
-        routing_key = queue.routing_key or queue.name
-        bound = queue.bind(connection.default_channel)
+        bound = queue.bind(channel)
         bound.declare()
-        pattern = routing_key if routing_key.startswith("#") else f"#.{routing_key}"
-        bound.bind_to(exchange=DELIVERY_EXCHANGE, routing_key=pattern)
+        channel.queue_bind(queue=queue.name, exchange=DELIVERY_EXCHANGE, routing_key=queue_binding(queue.name))
 
 
 class BrokerDelay:
-    """Publish the run into RabbitMQ's delay topology, to come back after the planned delay
-    (rounded up to whole seconds, at least one). Each process makes sure of the topology
-    once (``ensure_topology``) before its first delivery; if that fails, the run goes to
-    the next strategy and the next delivery tries again."""
+    """Publish the run into RabbitMQ's delay topology, to come back to the queue it was
+    delivered from after the planned delay (rounded up to whole seconds, at least one).
+    Each process makes sure of the topology once (``ensure_topology``) before its first
+    delivery, and binds a queue the app does not declare (one added with
+    ``add_consumer``) on its first run there; if either fails, or the queue cannot be
+    told (``destination_queue``), the run goes to the next strategy."""
 
     name = "broker-delay"
     parks = True
 
     def __init__(self) -> None:
         self._ready_in: int | None = None  # the process that has made sure of the topology
+        self._bound: set[str] = set()  # queues bound by their token, in that process
+        self._warned_at = -math.inf
         self._lock = threading.Lock()
 
-    def _ensure(self, app: Any) -> None:
-        if self._ready_in == os.getpid():
-            return
+    def _ensure(self, app: Any, queue: str) -> None:
         with self._lock:
             if self._ready_in != os.getpid():
                 with app.connection_for_write() as connection:
                     ensure_topology(connection, app)
+                self._bound = set(app.amqp.queues)
                 self._ready_in = os.getpid()
+            if queue not in self._bound:
+                # (not declared: binding a queue that does not exist fails, which is the answer)
+                with app.connection_for_write() as connection:
+                    connection.default_channel.queue_bind(
+                        queue=queue, exchange=DELIVERY_EXCHANGE, routing_key=queue_binding(queue)
+                    )
+                self._bound.add(queue)
 
     def deliver(self, deferral: Deferral) -> float | None:
-        seconds = min(LONGEST_DELAY, max(1, math.ceil(deferral.plan.delay)))
         task = deferral.task
         request = task.request
-        self._ensure(task.app)
-        conf = task.app.conf
-        destination = destination_routing_key(
-            request.delivery_info, conf.task_default_routing_key or conf.task_default_queue or "celery"
-        )
+        token = _token_of(request.delivery_info)
+        if token is None:  # (else it came back from a delay of ours: its queue is bound by that token)
+            queue = destination_queue(task.app, request.delivery_info)
+            if queue is None:
+                self._cannot_tell(request.delivery_info)
+                return None
+            self._ensure(task.app, queue)
+            token = queue_token(queue)
+        seconds = min(LONGEST_DELAY, max(1, math.ceil(deferral.plan.delay)))
         signature = task.signature_from_request(request, deferral.args, deferral.kwargs, headers=deferral.headers)
         # No countdown or eta: the broker holds it for exactly that long, and a worker
         # must not hold it again. The explicit exchange and key replace the delivery's own.
@@ -114,6 +221,19 @@ class BrokerDelay:
             task,
             signature,
             exchange=Exchange(DELAY_EXCHANGE, type="topic"),  # type: ignore[no-untyped-call]
-            routing_key=calculate_routing_key(seconds, destination),
+            routing_key=calculate_routing_key(seconds, token),
         )
         return float(seconds)
+
+    def _cannot_tell(self, delivery_info: Any) -> None:
+        now = time.monotonic()
+        if now - self._warned_at < _WARN_EVERY:
+            return
+        self._warned_at = now
+        info = delivery_info or {}
+        logger.warning(
+            "celery-breaker: a run delivered through exchange %r with routing key %r is deferred by countdown, "
+            "not broker-delay: not exactly one queue of the app is bound there, so the queue it came from cannot "
+            "be told (declare the queue in task_queues, with its exchange and routing key or bindings)",
+            info.get("exchange"), info.get("routing_key"),
+        )  # fmt: skip

@@ -1,0 +1,129 @@
+"""broker-delay's routes back: which queue a delivery came from, and the key that reaches that queue alone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from celery import Celery
+from kombu import entity
+
+from celery_breaker.integration.deferral.broker_delay import (
+    DELIVERY_EXCHANGE,
+    _token_of,
+    destination_queue,
+    queue_binding,
+    queue_token,
+    topic_matches,
+)
+
+
+def Exchange(name: str, type: str) -> Any:  # (kombu's constructors, typed for this file)
+    return entity.Exchange(name, type=type)  # type: ignore[no-untyped-call]
+
+
+def Queue(name: str, exchange: Any = None, routing_key: str | None = None) -> Any:
+    if isinstance(exchange, list):
+        return entity.Queue(name, bindings=exchange)  # type: ignore[no-untyped-call]
+    return entity.Queue(name, exchange, routing_key=routing_key)  # type: ignore[no-untyped-call]
+
+
+def binding(exchange: Any, routing_key: str) -> Any:
+    return entity.binding(exchange, routing_key=routing_key)  # type: ignore[no-untyped-call]
+
+
+def app_with(*queues: Any, default: str = "celery") -> Celery:
+    app = Celery("routes", set_as_current=False)
+    app.conf.update(task_queues=list(queues) or None, task_default_queue=default)
+    return app
+
+
+def delivered(exchange: str, key: str) -> dict[str, Any]:
+    return {"exchange": exchange, "routing_key": key, "priority": None, "redelivered": False}
+
+
+def delayed(key: str) -> str:
+    return "0." * 27 + "1." + key
+
+
+@pytest.mark.parametrize(
+    ("pattern", "key", "routes"),
+    [
+        ("a.b", "a.b", True),
+        ("a.*", "a.b", True),
+        ("a.*", "a.b.c", False),
+        ("a.#", "a", True),
+        ("a.#", "a.b.c", True),
+        ("#", "", True),
+        ("#.high", "emails.high", True),
+        ("*.high", "high", False),
+        ("*.*.c", "a.b.c", True),
+        ("a.#.c", "a.c", True),
+        ("a.#.c", "a.x.y.c", True),
+        ("a.#.c", "a.x.y.d", False),
+    ],
+)
+def test_topic_patterns_route_as_rabbitmq_routes_them(pattern: str, key: str, routes: bool) -> None:
+    assert topic_matches(pattern, key) is routes
+
+
+def test_a_queue_is_bound_by_a_key_only_its_own_delayed_runs_carry() -> None:
+    names = ["high", "emails.high", "a*#.b", "x" * 255]
+    for name in names:
+        key = delayed(queue_token(name))
+        assert len(key) <= 255  # (AMQP's limit on a routing key, whatever the queue's name)
+        assert [other for other in names if topic_matches(queue_binding(other), key)] == [name]
+        assert _token_of(delivered(DELIVERY_EXCHANGE, key)) == queue_token(name)
+    # Celery's own binding of "high" (#.high) takes none of them.
+    assert not any(topic_matches("#.high", delayed(queue_token(name))) for name in names)
+
+
+def test_the_default_exchange_names_the_queue_even_one_the_app_does_not_declare() -> None:
+    work = Queue("work", Exchange("tasks", type="direct"), routing_key="work.rk")
+    app = app_with(work, default="work")
+    assert destination_queue(app, delivered("", "work")) == "work"  # Celery sends a direct queue's tasks so
+    assert destination_queue(app, delivered("", "added-by-add-consumer")) == "added-by-add-consumer"
+    assert destination_queue(app, delivered("tasks", "work.rk")) == "work"
+    assert destination_queue(app, delivered("tasks", "other")) is None  # no queue of the app takes that key
+    assert destination_queue(app, delivered("foreign", "work.rk")) is None  # an exchange the app does not know
+    assert destination_queue(app, None) is None
+
+
+def test_a_queue_with_several_bindings_is_found_by_any_of_them() -> None:
+    media = Exchange("media", type="direct")
+    app = app_with(
+        Queue("media", [binding(media, routing_key="media.video"), binding(media, routing_key="media.image")])
+    )
+    assert destination_queue(app, delivered("media", "media.video")) == "media"
+    assert destination_queue(app, delivered("media", "media.image")) == "media"
+    assert destination_queue(app, delivered("media", "media.audio")) is None
+
+
+def test_topic_and_fanout_exchanges_and_ambiguous_routes() -> None:
+    events = Exchange("events", type="topic")
+    broadcast = Exchange("broadcast", type="fanout")
+    both = Exchange("both", type="direct")
+    app = app_with(
+        Queue("orders", events, routing_key="orders.#"),
+        Queue("audit", broadcast),
+        Queue("first", both, routing_key="same"),
+        Queue("second", both, routing_key="same"),
+        Queue("headers", Exchange("hdr", type="headers")),
+    )
+    assert destination_queue(app, delivered("events", "orders.eu.paid")) == "orders"
+    assert destination_queue(app, delivered("events", "refunds.eu")) is None
+    assert destination_queue(app, delivered("broadcast", "anything")) == "audit"
+    assert destination_queue(app, delivered("both", "same")) is None  # two queues: which one it was is unknown
+    assert destination_queue(app, delivered("hdr", "x")) is None  # a headers exchange does not route by key
+
+
+def test_a_run_delayed_before_comes_back_to_its_queue() -> None:
+    work = Queue("work", Exchange("tasks", type="direct"), routing_key="work.rk")
+    app = app_with(work, Queue("celery"))
+    assert destination_queue(app, delivered(DELIVERY_EXCHANGE, delayed(queue_token("work")))) == "work"
+    # An earlier release keyed a delayed run by its queue's routing key (or name).
+    assert destination_queue(app, delivered(DELIVERY_EXCHANGE, delayed("work.rk"))) == "work"
+    assert destination_queue(app, delivered(DELIVERY_EXCHANGE, delayed("celery"))) == "celery"
+    assert destination_queue(app, delivered(DELIVERY_EXCHANGE, delayed("unknown"))) is None
+    assert _token_of(delivered(DELIVERY_EXCHANGE, delayed("work.rk"))) is None
+    assert _token_of(delivered("", delayed(queue_token("work")))) is None  # not through the delay: not ours
