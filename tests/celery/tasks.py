@@ -10,9 +10,9 @@ from __future__ import annotations
 import email.message
 import threading
 import urllib.error
-from typing import Any
+from typing import Any, ClassVar
 
-from celery import shared_task
+from celery import Task, shared_task
 
 from celery_breaker import BreakerTask, CircuitBreaker, CircuitOpenError, RetryAfter
 from celery_breaker.integration.deferral.plan import DEFERRALS_HEADER
@@ -113,6 +113,64 @@ def retry_inside_block_task(self: Any, max_retries: int = 5) -> dict[str, Any]:
 @shared_task(base=BreakerTask, bind=True, breaker="t-retry-inside-closed")  # failure_threshold 5
 def retry_inside_closed_block_task(self: Any, max_retries: int = 5) -> dict[str, Any]:
     return _retry_inside_block(self, "t-retry-inside-closed", max_retries)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-bare-retry-inside", max_retries=5)
+def bare_retry_inside_block_task(self: Any) -> dict[str, Any]:
+    """A bare ``raise self.retry(countdown=...)`` (no ``exc``) inside the guarded block."""
+    with self.breaker:
+        try:
+            value = call_downstream("t-bare-retry-inside")
+        except ConnectionError:
+            raise self.retry(countdown=0.1) from None
+    return report(self, value)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-bare-retry-after", max_retries=5)
+def bare_retry_after_block_task(self: Any) -> dict[str, Any]:
+    """A bare ``self.retry()`` after the guarded block failed (and tripped the breaker)."""
+    try:
+        with self.breaker:
+            value = call_downstream("t-bare-retry-after")
+    except ConnectionError:
+        raise self.retry(countdown=0.1) from None
+    return report(self, value)
+
+
+class JitterRetry(Task):  # type: ignore[misc]
+    """A retry of its own: the MRO's next ``retry`` after ``BreakerTask``'s."""
+
+    retried_through: ClassVar[list[str]] = []
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        JitterRetry.retried_through.append(self.request.id)
+        return super().retry(*args, **kwargs)
+
+
+class AuditedTask(BreakerTask, JitterRetry):
+    """``BreakerTask`` first in the MRO, a class with its own ``retry`` after it."""
+
+
+@shared_task(base=AuditedTask, bind=True, breaker="t-retry-inside-closed")  # failure_threshold 5
+def retry_through_the_mro_task(self: Any) -> dict[str, Any]:
+    return _retry_inside_block(self, "t-retry-inside-closed", 5)
+
+
+class RetryingFallbackTask(BreakerTask):
+    def no_cached_quote(self, symbol: str) -> dict[str, Any]:
+        """A fallback that asks for a Celery retry (nothing cached to answer with)."""
+        if DOWN.get("t-fallback-retry-cache", True):
+            raise self.retry(exc=LookupError(f"no cached quote for {symbol}"), countdown=0.1)
+        return {"fallback": "cached", "retries": self.request.retries}
+
+
+@shared_task(
+    base=RetryingFallbackTask, bind=True, breaker="t-fallback-retry", breaker_fallback="no_cached_quote", max_retries=5
+)
+def fallback_retry_task(self: Any, symbol: str) -> dict[str, Any]:
+    with CircuitBreaker("t-fallback-retry-dep", storage=STORE_URL):  # the partner API's own breaker
+        value = call_downstream("t-fallback-retry")
+    return report(self, value)
 
 
 @shared_task(base=BreakerTask, bind=True, breaker="t-trip")

@@ -249,8 +249,64 @@ def test_self_retry_inside_the_guarded_block_out_of_retries_fails_with_the_error
     with pytest.raises(ConnectionError, match="t-retry-inside-closed is down"):
         result.get(timeout=10)
     assert result.state == "FAILURE"
+    assert "_PendingRetry" not in (result.traceback or "")  # the error, as Celery raises it
     assert tasks.CALLS["t-retry-inside-closed"] == 1
     assert breaker.snapshot().failures == 1  # recorded once, by the block
+
+
+@pytest.mark.parametrize("task", ["bare_retry_inside_block_task", "bare_retry_after_block_task"])
+def test_a_bare_self_retry_counts_the_error_being_handled_and_defers_once_it_trips_the_breaker(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch, task: str
+) -> None:
+    # self.retry() without exc, in the except clause: the error it handles is the retry's
+    # cause. Inside the block it was not counted at all (a Retry without exc is neutral),
+    # so the breaker never tripped; after the block, the trip spent a retry.
+    guarded = getattr(tasks, task)
+    name = guarded.breaker.name
+    breaker = operate(guarded.breaker)
+    monkeypatch.setitem(tasks.CALLS, name, 0)
+    monkeypatch.setitem(tasks.DOWN, name, True)
+
+    result = guarded.delay()
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    assert deferred_match(result)["label"] == name
+    assert breaker.snapshot().trips == 1
+
+    monkeypatch.setitem(tasks.DOWN, name, False)
+    value = get(result)
+    assert value["retries"] == 0
+    assert tasks.CALLS[name] == 2
+
+
+def test_a_held_back_retry_goes_through_every_retry_in_the_mro(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    operate(tasks.retry_through_the_mro_task.breaker)
+    monkeypatch.setitem(tasks.CALLS, "t-retry-inside-closed", 0)
+    monkeypatch.setitem(tasks.DOWN, "t-retry-inside-closed", True)
+    tasks.JitterRetry.retried_through.clear()
+
+    result = tasks.retry_through_the_mro_task.delay()
+    wait_for(lambda: tasks.CALLS["t-retry-inside-closed"] >= 2, "the task to be retried")
+    monkeypatch.setitem(tasks.DOWN, "t-retry-inside-closed", False)
+    value = get(result)
+    assert value["retries"] >= 1
+    assert result.id in tasks.JitterRetry.retried_through  # the next class's retry sent it
+
+
+def test_a_fallback_that_asks_for_a_retry_is_retried_not_lost(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fallback runs after the body, outside the block: a retry it holds back is sent
+    # by the task, not left as a RETRY nobody republished.
+    dependency = operate(CircuitBreaker("t-fallback-retry-dep", storage=tasks.STORE_URL))
+    dependency.force_open()
+    monkeypatch.setitem(tasks.DOWN, "t-fallback-retry-cache", True)
+
+    result = tasks.fallback_retry_task.delay("ACME")
+    wait_for(lambda: result.state == "RETRY", "the fallback's retry")
+    monkeypatch.setitem(tasks.DOWN, "t-fallback-retry-cache", False)
+    assert get(result) == {"fallback": "cached", "retries": 1}
 
 
 # -- 4. a failure that trips the breaker defers; one that does not, fails -------

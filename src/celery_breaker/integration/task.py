@@ -35,11 +35,16 @@ _RUN_ATTR = "_celery_breaker_run"  # the request attribute naming the task's own
 _REFUSED = "the downstream refused it"
 
 
+#: Where ``BreakerTask.retry`` notes a retry's cause on a ``Retry`` Celery made without one
+#: (``self.retry()`` in an ``except`` clause): the exception being handled then.
+_CAUSE_ATTR = "_celery_breaker_cause"
+
+
 def _translate(exc: BaseException) -> BaseException | None:
     """What a Celery control-flow exception raised inside a run says about the downstream:
     a ``Retry`` counts as its cause (neutral without one); ``Ignore``/``Reject`` are neutral."""
     if isinstance(exc, Retry):
-        cause = exc.exc
+        cause = exc.exc if isinstance(exc.exc, BaseException) else getattr(exc, _CAUSE_ATTR, None)
         return cause if isinstance(cause, BaseException) else None
     if isinstance(exc, (Ignore, Reject)):
         return None
@@ -129,17 +134,30 @@ class BreakerTask(Task):  # type: ignore[misc]
             self.push_request(args=args, kwargs=kwargs)
             try:
                 outcome = self._run_guarded(args, kwargs, self.request)
+            except _PendingRetry as pending:  # (direct calls cannot defer: held back only by a fallback)
+                outcome = pending
             finally:
                 self.pop_request()
                 _task_stack.pop()
         else:
-            outcome = self._run_guarded(args, kwargs, request)
+            try:
+                outcome = self._run_guarded(args, kwargs, request)
+            except _PendingRetry as pending:  # (from a fallback: its retry is sent now)
+                outcome = pending
         if type(outcome) is _Deferred:
             # Raised here, outside any handler: the traceback Celery copies for the
             # RETRY (billiard copies every frame's co_positions, ~0.1 ms per frame) is
             # its tracer and this frame only, and the Retry has no __context__.
             raise outcome.retry
+        if type(outcome) is _PendingRetry:
+            self._send_retry(outcome)  # (raises; outside any handler, as above)
         return outcome
+
+    def _send_retry(self, pending: _PendingRetry) -> None:
+        """Send the retry ``BreakerTask.retry`` held back: Celery's (or the next class's in
+        the MRO), which raises the ``Retry`` it sent, or the error once out of retries."""
+        sent = super().retry(*pending.call, **pending.options)
+        raise sent  # (not reached: held back only with throw=True, so the call above raises)
 
     def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         """After a deferral, let go of its frames (subclasses overriding this must call it).
@@ -191,12 +209,12 @@ class BreakerTask(Task):  # type: ignore[misc]
                 run.settle(retry)
                 if type(retry) is _PendingRetry:
                     # A self.retry() from inside a guarded block, which has now recorded
-                    # its failure: wait if that opened the breaker, else retry now.
+                    # its failure: wait if that opened the breaker, else retry (__call__
+                    # sends it, outside this handler: its error is not chained to this one).
                     rejection = _waits_instead(run)
                     if rejection is not None:
                         return self._on_rejected(breaker, rejection, args, kwargs)
-                    sent = Task.retry(self, *retry.call, **retry.options)
-                    raise sent from None  # (not reached: with throw=True Celery raises what it sent)
+                    return retry
                 raise
             except (Ignore, Reject):
                 run.settle(None, neutral=True)
@@ -237,22 +255,27 @@ class BreakerTask(Task):  # type: ignore[misc]
     ) -> Any:
         """Celery's retry, except that an open breaker defers instead of spending a retry.
 
-        Inside a guarded block (``with self.breaker:``) the failure is recorded only when
-        the ``Retry`` leaves the block, after Celery would have sent the retry: so the
-        retry is sent by the run's handler, once the failure is recorded and only if it
-        did not open the breaker (``_PendingRetry``)."""
+        The retry's cause is ``exc``, or without one the exception being handled (a bare
+        ``self.retry()`` in an ``except`` clause): it is what the run and any guarded
+        block it leaves record. Inside a guarded block (``with self.breaker:``) the
+        failure is recorded only when the ``Retry`` leaves the block, after Celery would
+        have sent the retry: so with ``throw=True`` the retry is held back
+        (``_PendingRetry``) and sent once the failure is recorded, only if it did not open
+        the breaker. With ``throw=False`` it is sent at once, as Celery does."""
         run = _running(self)
-        if isinstance(exc, CircuitOpenError) and run is not None:
-            raise exc  # the run's handler defers (or falls back); never a retry
+        cause = exc if exc is not None or run is None else sys.exc_info()[1]
+        if isinstance(cause, CircuitOpenError) and run is not None:
+            raise cause  # the run's handler defers (or falls back); never a retry
         postpone = False
-        if run is not None and isinstance(exc, BaseException):
-            run.settle(exc)
+        if run is not None:
+            if isinstance(cause, BaseException):
+                run.settle(cause)
             if self._can_defer():
                 rejection = _waits_instead(run)  # defer instead of retrying
                 if rejection is not None:
-                    raise rejection from exc
+                    raise rejection from cause
                 # A guarded call took the run's ticket: it may still be open around us.
-                postpone = throw and run.claimed
+                postpone = throw and run.claimed and isinstance(cause, BaseException)
         if "headers" not in options:
             # A retry is a new attempt: it starts a fresh deferral budget (count and age) and
             # is no parked task's release; Celery would copy these headers into it.
@@ -261,9 +284,14 @@ class BreakerTask(Task):  # type: ignore[misc]
                 options["headers"] = {
                     k: v for k, v in headers.items() if k not in DEFERRAL_HEADERS and k not in DEAD_LETTER_HEADERS
                 }
-        if postpone:
-            raise _PendingRetry(exc, (args, kwargs, exc, throw, eta, countdown, max_retries), options)
-        return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        if postpone and isinstance(cause, BaseException):
+            raise _PendingRetry(cause, (args, kwargs, exc, throw, eta, countdown, max_retries), options)
+        try:
+            return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
+        except Retry as sent:
+            if exc is None and isinstance(cause, BaseException):
+                setattr(sent, _CAUSE_ATTR, cause)  # (what a block it leaves records)
+            raise
 
     # -- rejection: fallback, error or deferral -------------------------------
 
@@ -303,8 +331,8 @@ class _PendingRetry(Retry):  # type: ignore[misc]
     its failure, unless that failure opened the breaker (the task is deferred then). A
     ``Retry`` whose ``exc`` is the cause, so the block that it leaves records the failure."""
 
-    def __init__(self, exc: BaseException, call: tuple[Any, ...], options: dict[str, Any]) -> None:
-        super().__init__(None, exc)
+    def __init__(self, cause: BaseException, call: tuple[Any, ...], options: dict[str, Any]) -> None:
+        super().__init__(None, cause)
         self.call = call
         self.options = options
 
