@@ -641,7 +641,12 @@ class CircuitBreaker:
         try:
             limit = next(checks)
             while True:
-                limit = checks.send(await probe.arun(limit))
+                try:
+                    result = await probe.arun(limit)
+                except BaseException as exc:  # the caller was cancelled: its probe slot is freed
+                    checks.throw(exc)
+                    raise  # (not reached: _checks raises it again)
+                limit = checks.send(result)
         except StopIteration as done:
             admitted: Ticket = done.value
         return cell, self._admitted_after(cell, admitted)
@@ -670,7 +675,12 @@ class CircuitBreaker:
         try:
             limit = next(checks)
             while True:
-                limit = checks.send(probe.run(limit))
+                try:
+                    result = probe.run(limit)
+                except BaseException as exc:  # (a KeyboardInterrupt while waiting: the slot is freed)
+                    checks.throw(exc)
+                    raise  # (not reached: _checks raises it again)
+                limit = checks.send(result)
         except StopIteration as done:
             admitted: Ticket = done.value
         return admitted
@@ -680,7 +690,16 @@ class CircuitBreaker:
         limit of each check to run, is sent its result, and returns what they left."""
         for _ in range(self.policy.probes_to_close):
             start = self._now()
-            result = yield self.policy.half_open_max_wait  # (a lease lasts no longer)
+            try:
+                result = yield self.policy.half_open_max_wait  # (a lease lasts no longer)
+            except BaseException:
+                # The check never gave a verdict (its caller was cancelled): a neutral
+                # outcome frees the probe slot now, not when its lease runs out.
+                end = self._now()
+                moves = cell.finish(ticket._replace(check=True), IGNORED, end - start, self.policy, end)
+                if moves:
+                    self._announce(moves)
+                raise
             self._record_check(cell, ticket, start, result, name)
             if cell.state in _ADMITTING:
                 return cell.generation

@@ -129,7 +129,18 @@ class HealthCheck:
             return CheckResult(False, ProbeTimeout(f"health check {self.name} did not answer within {limit:g} s"))
         except Exception as exc:  # a probe's failure is data
             return CheckResult(False, exc)
+        except asyncio.CancelledError as exc:
+            if _cancelling():
+                raise  # the caller is being cancelled: no verdict
+            return CheckResult(False, exc)  # the check cancelled itself (what it awaited was cancelled)
         return CheckResult(value is not False)
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (Python 3.10, which cannot tell: yes)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    return cancelling is None or bool(cancelling())
 
 
 def _is_coroutine_function(fn: Callable[[], object]) -> bool:

@@ -275,3 +275,48 @@ def test_an_async_check_that_hangs_times_out_on_the_callers_loop(clock: FakeCloc
         assert state_of(breaker) is State.OPEN
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("form", ["async with", "acall", "decorator"])
+def test_a_caller_cancelled_during_its_check_frees_the_probe_slot_at_once(clock: FakeClock, form: str) -> None:
+    # asyncio.wait_for / asyncio.timeout around a call cancel it mid-check: without a
+    # verdict the slot was held until its lease ran out (half_open_max_wait, 60 s).
+    async def main() -> str:
+        hang = True
+        started = asyncio.Event()
+
+        async def check() -> bool:
+            if hang:
+                started.set()
+                await asyncio.Event().wait()
+            return True
+
+        breaker = breaker_with(check, clock, success_threshold=1, half_open_max_calls=1)
+        fail(breaker)
+        clock.advance(10)
+        caller = asyncio.ensure_future(_guarded(breaker, form))
+        await started.wait()
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert breaker.snapshot().state is State.HALF_OPEN
+        hang = False
+        return await _guarded(breaker, form)  # the slot is free: this call checks, closes, runs
+
+    assert asyncio.run(main()) == "real"
+
+
+def test_a_check_that_cancels_itself_is_a_failed_check_not_a_cancelled_caller(clock: FakeClock) -> None:
+    async def check() -> None:
+        raise asyncio.CancelledError
+
+    async def main() -> None:
+        breaker = breaker_with(check, clock)
+        fail(breaker)
+        clock.advance(10)
+        with pytest.raises(CircuitOpenError):
+            async with breaker:
+                pass
+        assert state_of(breaker) is State.OPEN  # the check failed: reopened, not left half-open
+
+    asyncio.run(main())
