@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import os
 import re
 import socket
 import ssl
@@ -147,6 +148,11 @@ def test_https_serves_the_page_and_a_client_that_never_completes_a_handshake_hol
         with urllib.request.urlopen(url, context=trusting, timeout=5) as response:
             assert response.status == 200
             assert response.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    # A client that completes the handshake, then sends bytes that are no TLS record.
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    with trusting.wrap_socket(raw, server_hostname="127.0.0.1") as secured:
+        os.write(secured.fileno(), b"GARBAGE GARBAGE\r\n\r\n")
+        assert secured.recv(100) == b""  # the server closed it
     # A client that does not trust the certificate's CA refuses it.
     doubting = ssl.create_default_context(cafile=str(certs.other_ca))
     with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):

@@ -200,6 +200,8 @@ class WebServer(ThreadingHTTPServer):
         try:
             secured.settimeout(None)
             super().finish_request(secured, client_address)
+        except (ssl.SSLError, ConnectionError) as exc:  # bytes that are no TLS record, a reset
+            logger.debug("celery-breaker web: TLS connection from %s failed: %s", client_address[0], exc)
         finally:
             secured.close()
 
