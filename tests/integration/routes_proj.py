@@ -26,11 +26,13 @@ TASK = "routes.work"
 
 def queues(ns: str) -> list[Any]:
     """The declared queues: a direct queue whose routing key is not its name, one with two
-    bindings, and two whose names and keys end alike (``high-<ns>``, ``emails.high-<ns>``)."""
+    bindings, two whose names and keys end alike (``high-<ns>``, ``emails.high-<ns>``), and
+    two that a topic exchange both routes ``user.created`` to (one task, a copy in each)."""
     tasks = entity.Exchange(f"{ns}-tasks", type="direct")  # type: ignore[no-untyped-call]
     media = entity.Exchange(f"{ns}-media", type="direct")  # type: ignore[no-untyped-call]
     high = entity.Exchange(f"{ns}-high", type="direct")  # type: ignore[no-untyped-call]
     emails = entity.Exchange(f"{ns}-emails", type="direct")  # type: ignore[no-untyped-call]
+    events = entity.Exchange(f"{ns}-events", type="topic")  # type: ignore[no-untyped-call]
     media_keys = [f"{ns}.media.video", f"{ns}.media.image"]
     bindings = [entity.binding(media, routing_key=key) for key in media_keys]  # type: ignore[no-untyped-call]
     return [
@@ -38,6 +40,8 @@ def queues(ns: str) -> list[Any]:
         entity.Queue(f"{ns}-media", bindings=bindings),  # type: ignore[no-untyped-call]
         entity.Queue(f"high-{ns}", high, routing_key=f"high-{ns}"),  # type: ignore[no-untyped-call]
         entity.Queue(f"emails.high-{ns}", emails, routing_key=f"emails.high-{ns}"),  # type: ignore[no-untyped-call]
+        entity.Queue(f"{ns}-audit", events, routing_key="user.*"),  # type: ignore[no-untyped-call]
+        entity.Queue(f"{ns}-mail", events, routing_key="user.created"),  # type: ignore[no-untyped-call]
     ]
 
 

@@ -10,8 +10,10 @@ from kombu import entity
 
 from celery_breaker.integration.deferral.broker_delay import (
     DELIVERY_EXCHANGE,
+    QUEUE_KEY,
     _token_of,
     destination_queue,
+    note_delivery_queue,
     queue_binding,
     queue_token,
     topic_matches,
@@ -127,3 +129,31 @@ def test_a_run_delayed_before_comes_back_to_its_queue() -> None:
     assert destination_queue(app, delivered(DELIVERY_EXCHANGE, delayed("unknown"))) is None
     assert _token_of(delivered(DELIVERY_EXCHANGE, delayed("work.rk"))) is None
     assert _token_of(delivered("", delayed(queue_token("work")))) is None  # not through the delay: not ours
+
+
+def test_the_queue_told_by_the_consumer_tag_wins_over_what_the_routes_suggest() -> None:
+    class Message:
+        delivery_info = {"consumer_tag": "None2", "exchange": "events", "routing_key": "user.created"}
+
+    class Request:
+        message = Message()
+        delivery_info: dict[str, Any] = {"exchange": "events", "routing_key": "user.created"}
+
+    class TaskConsumer:
+        _active_tags = {"audit": "None1", "mail": "None2"}
+
+    class Consumer:
+        task_consumer = TaskConsumer()
+
+    request = Request()
+    note_delivery_queue(sender=Consumer(), request=request)
+    assert request.delivery_info[QUEUE_KEY] == "mail"
+    events = Exchange("events", type="topic")
+    app = app_with(Queue("audit", events, routing_key="user.*"), Queue("mail", events, routing_key="user.created"))
+    assert destination_queue(app, {"exchange": "events", "routing_key": "user.created"}) is None  # two queues
+    assert destination_queue(app, request.delivery_info) == "mail"
+    # Nothing to tell it by (another transport, a consumer without tags): nothing noted.
+    bare = Request()
+    bare.delivery_info = {}
+    note_delivery_queue(sender=object(), request=bare)
+    assert bare.delivery_info == {}

@@ -12,12 +12,13 @@ from typing import Any
 
 from celery import bootsteps
 from celery.apps.worker import Worker as CliWorker
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import task_received, worker_process_init, worker_process_shutdown
 
 from ..errors import ConfigurationError
 from ..storage import describe_url, flush_stores, resolve_store
 from . import events
 from .broker import REDIS, broker_kind, broker_url
+from .deferral.broker_delay import note_delivery_queue
 from .deferral.parking import ParkInStore
 from .deferral.release import Releaser
 from .deferral.selection import deferral_strategies
@@ -132,6 +133,10 @@ class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 describe_url(settings.storage_url), pace,
             )  # fmt: skip
         return Releaser(worker.app, parking, rate=settings.release_rate, ramp=settings.release_ramp, law=law)
+
+
+# Each received task's queue, noted where the consumer is (RabbitMQ's broker-delay needs it).
+task_received.connect(note_delivery_queue, weak=False)
 
 
 @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]

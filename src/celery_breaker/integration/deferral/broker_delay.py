@@ -14,10 +14,12 @@ through the default exchange by its name, a queue with several ``bindings``) and
 it into every queue whose key ends the same way (``high`` and ``emails.high``): copies
 that double with each deferral. Here each queue is bound by a key of its own instead,
 ``*.`` x 28 then ``celery-breaker.<digest of the queue's name>``, which matches that
-queue's delayed messages only. The queue is found from the delivery: the queue named by
-the key for the default exchange, else the one queue of the app bound to that exchange
-with a matching key. When that is not exactly one queue the run is not taken here (the
-next strategy, a countdown, republishes it as Celery's retry would).
+queue's delayed messages only. The worker's main process notes which queue each task
+came from (``note_delivery_queue``: the delivery's consumer tag); without that note the
+queue is inferred: the queue named by the key for the default exchange, else the one
+queue of the app bound to that exchange with a matching key. When neither tells exactly
+one queue the run is not taken here (the next strategy, a countdown, republishes it as
+Celery's retry would).
 
 So a deferred run survives what a queued task survives, no worker holds it (RabbitMQ's
 ``consumer_timeout`` cannot strike), and it comes back by itself when its delay is up.
@@ -45,8 +47,8 @@ from kombu.transport.native_delayed_delivery import (
 from .strategy import Deferral, publish
 
 __all__ = [
-    "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "BrokerDelay", "destination_queue", "ensure_topology", "queue_binding",
-    "queue_token", "topic_matches",
+    "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "QUEUE_KEY", "BrokerDelay", "destination_queue", "ensure_topology",
+    "note_delivery_queue", "queue_binding", "queue_token", "topic_matches",
 ]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
@@ -62,6 +64,25 @@ _DELAY_PREFIX = re.compile(r"^(?:[01]\.){28}")
 TOKEN_WORD = "celery-breaker"
 #: Seconds between two warnings that a run could not be routed back by broker-delay.
 _WARN_EVERY = 60.0
+#: The key of a request's ``delivery_info`` under which the worker notes the queue a task
+#: was delivered from (``note_delivery_queue``); it travels with the request to the pool.
+QUEUE_KEY = "celery_breaker_queue"
+
+
+def note_delivery_queue(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """``task_received`` (the worker's main process, where the consumer is): note in the
+    request's ``delivery_info`` the queue its message came from, told by the delivery's
+    consumer tag. Celery keeps only the exchange and the key, which may lead to several
+    queues (a topic or fanout exchange) or to none the app declares."""
+    info = getattr(getattr(request, "message", None), "delivery_info", None)
+    tag = info.get("consumer_tag") if isinstance(info, dict) else None
+    tags = getattr(getattr(sender, "task_consumer", None), "_active_tags", None)  # (kombu: queue -> tag)
+    if tag is None or not isinstance(tags, dict):
+        return
+    for queue, active in tags.items():
+        if active == tag:
+            request.delivery_info[QUEUE_KEY] = queue
+            return
 
 
 def queue_token(queue: str) -> str:
@@ -116,12 +137,16 @@ def _reaches(exchange: Any, pattern: str, key: str) -> bool | None:
 
 
 def destination_queue(app: Any, delivery_info: dict[str, Any] | None) -> str | None:
-    """The queue a delivery came from, as far as the app's queues tell (``None``: not
-    exactly one). The default exchange routes to the queue named by the key; a named
+    """The queue a delivery came from (``None``: it cannot be told): the one the worker
+    noted from the consumer tag, else as far as the app's queues tell (exactly one). The
+    default exchange routes to the queue named by the key; a named
     exchange to the app's queues bound to it with a matching key; a run delayed here
     before comes back through ``celery_delayed_delivery`` with its queue's token (an
     earlier release's key: the queue named by it, else the one queue with that key)."""
     info = delivery_info or {}
+    noted = info.get(QUEUE_KEY)
+    if isinstance(noted, str) and noted:
+        return noted  # (the worker told it from the consumer tag: note_delivery_queue)
     exchange, key = info.get("exchange") or "", info.get("routing_key")
     if not isinstance(key, str) or not key or not isinstance(exchange, str):
         return None
