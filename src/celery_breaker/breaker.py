@@ -142,6 +142,10 @@ class RunAdmission:
 
 _RUN: ContextVar[RunAdmission | None] = ContextVar("celery_breaker_run", default=None)
 
+#: Seconds a health check run for ``enter_run(check_within=...)`` may take at most (a
+#: task's own time limit): set only around that admission.
+_CHECK_WITHIN: ContextVar[float | None] = ContextVar("celery_breaker_check_within", default=None)
+
 
 class _EnteredRun(RunAdmission):
     """The admissions ``enter_run`` makes: a ``RunAdmission`` made without ``__init__``
@@ -556,17 +560,26 @@ class CircuitBreaker:
             run.counts_itself = False
         return run
 
-    def enter_run(self, translate: ExceptionTranslator, *, counts_itself: bool = True) -> RunAdmission:
+    def enter_run(
+        self, translate: ExceptionTranslator, *, counts_itself: bool = True, check_within: float | None = None
+    ) -> RunAdmission:
         """``begin_run``, and the run is current at once, as inside ``with run:``, until
         ``run.leave()`` (call it in a ``finally``). What ``BreakerTask`` does around every
         task body: one call where ``begin_run`` and ``with run:`` make three (~300 ns
-        less, docs/decisions.md, 49)."""
+        less, docs/decisions.md, 49). ``check_within``: the most seconds a health check
+        run for this admission may take (a task's time limit leaves it no more)."""
         cell = self._cell
         if cell.passing and _RUN.get() is None:
             ticket: Ticket = cell.generation
             start = self._now()
-        else:
+        elif check_within is None:
             cell, ticket, start = self._admit()
+        else:
+            bound = _CHECK_WITHIN.set(check_within)
+            try:
+                cell, ticket, start = self._admit()
+            finally:
+                _CHECK_WITHIN.reset(bound)
         # A bare call of a subclass without an ``__init__`` of its own, the fields stored
         # here as ``RunAdmission.__init__`` stores them: no ``__init__`` frame, no
         # arguments passed (``object.__new__(RunAdmission)`` costs more).
@@ -688,10 +701,14 @@ class CircuitBreaker:
     def _checks(self, cell: Cell, ticket: Probe, name: str) -> Generator[float, CheckResult, Ticket]:
         """The checks of ``_run_checks``, for a sync or an async driver: yields the time
         limit of each check to run, is sent its result, and returns what they left."""
+        limit = self.policy.half_open_max_wait  # (a lease lasts no longer)
+        within = _CHECK_WITHIN.get()
+        if within is not None:
+            limit = min(limit, within)
         for _ in range(self.policy.probes_to_close):
             start = self._now()
             try:
-                result = yield self.policy.half_open_max_wait  # (a lease lasts no longer)
+                result = yield limit
             except BaseException:
                 # The check never gave a verdict (its caller was cancelled): a neutral
                 # outcome frees the probe slot now, not when its lease runs out.

@@ -6,8 +6,10 @@ import threading
 from typing import Any
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 
 from celery_breaker import BreakerTask
+from celery_breaker.health import HealthCheck
 
 from .tasks import DOWN, call_downstream, report
 
@@ -58,4 +60,29 @@ def health() -> str:
 def probe_by_task_task(self: Any) -> dict[str, Any]:
     with self.breaker:
         value = call_downstream("t-probe-task")
+    return report(self, value)
+
+
+class InterruptedCheck(HealthCheck):
+    """A health check the task's soft time limit interrupts (as billiard's signal does
+    while the task waits for the check's thread): ``run`` raises in the caller."""
+
+    def run(self, timeout: float | None = None) -> Any:
+        with _LOCK:
+            CHECKS["t-probe-soft-limit"] = CHECKS.get("t-probe-soft-limit", 0) + 1
+        if DOWN.get("t-probe-soft-limit-check", True):
+            raise SoftTimeLimitExceeded()
+        return super().run(timeout)
+
+
+@shared_task(
+    base=BreakerTask,
+    bind=True,
+    breaker="t-probe-soft-limit",
+    breaker_probe=InterruptedCheck(lambda: None),
+    max_retries=0,
+)
+def probe_soft_limit_task(self: Any) -> dict[str, Any]:
+    with self.breaker:
+        value = call_downstream("t-probe-soft-limit")
     return report(self, value)

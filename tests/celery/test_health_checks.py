@@ -7,6 +7,7 @@ that wins the half-open probe slot runs the health check instead of its body.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
@@ -139,5 +140,46 @@ def test_a_task_option_probe_of_the_wrong_type_is_refused() -> None:
     def job() -> None:
         """A task with a probe that cannot be one."""
 
-    with pytest.raises(ConfigurationError, match="breaker_probe must be a callable or a dotted path or a task name"):
+    with pytest.raises(ConfigurationError, match="breaker_probe must be a callable, a HealthCheck, a dotted path or"):
         check_app(app)
+
+
+def test_a_soft_time_limit_during_the_check_defers_the_task_it_is_not_lost(app: Any, operate: Any) -> None:
+    # The winner of a probe slot runs the check inside its own admission: the task's soft
+    # time limit can fire there. It failed, never having run (with acks_late: gone).
+    breaker = operate(probe_tasks.probe_soft_limit_task.breaker)
+    tasks.DOWN["t-probe-soft-limit"] = True
+    tasks.DOWN["t-probe-soft-limit-check"] = True
+    CHECKS["t-probe-soft-limit"] = 0
+    try:
+        with contextlib.suppress(ConnectionError):
+            breaker.call(tasks.call_downstream, "t-probe-soft-limit")  # trips the breaker
+        assert breaker.state is State.OPEN
+        result = probe_tasks.probe_soft_limit_task.delay()
+        wait_for(lambda: CHECKS["t-probe-soft-limit"] >= 1, "a check cut by the soft time limit")
+        wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+        assert breaker.snapshot().probes_in_flight == 0  # no verdict: the slot is free
+    finally:
+        tasks.DOWN["t-probe-soft-limit"] = False
+        tasks.DOWN["t-probe-soft-limit-check"] = False
+    assert get(result)["retries"] == 0
+
+
+def test_a_check_run_at_a_tasks_admission_ends_before_its_hard_time_limit(app: Any) -> None:
+    from celery_breaker.integration.task import CHECK_SHARE_OF_TIME_LIMIT, _check_within
+
+    task = probe_tasks.probe_option_task
+
+    class Request:
+        timelimit: Any = (None, None)
+
+    request = Request()
+    assert _check_within(task, request) is None  # no limit anywhere
+    request.timelimit = (30, 20)
+    assert _check_within(task, request) == 30 * CHECK_SHARE_OF_TIME_LIMIT  # the message's hard limit
+    request.timelimit = (None, None)
+    app.conf.task_time_limit = 50
+    try:
+        assert _check_within(task, request) == 50 * CHECK_SHARE_OF_TIME_LIMIT  # the worker's default
+    finally:
+        app.conf.task_time_limit = None

@@ -320,3 +320,21 @@ def test_a_check_that_cancels_itself_is_a_failed_check_not_a_cancelled_caller(cl
         assert state_of(breaker) is State.OPEN  # the check failed: reopened, not left half-open
 
     asyncio.run(main())
+
+
+def test_a_check_for_an_admission_with_little_time_left_is_cut_to_that_time(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A task's hard time limit would kill its process during a longer check: the check
+    # gets what the limit leaves (check_within), times out, and the run is rejected.
+    release = threading.Event()
+    breaker = breaker_with(release.wait, clock)  # the check's own timeout: 10 s
+    fail(breaker)
+    clock.advance(10)
+    try:
+        with caplog.at_level(logging.WARNING, logger="celery_breaker"), pytest.raises(CircuitOpenError):
+            breaker.enter_run(lambda exc: exc, check_within=0.02)
+    finally:
+        release.set()
+    assert state_of(breaker) is State.OPEN
+    assert "did not answer within 0.02 s" in caplog.text

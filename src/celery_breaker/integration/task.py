@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import sys
 import traceback
 import types
@@ -13,16 +14,17 @@ from typing import Any, ClassVar
 
 from celery import Task
 from celery.app.task import _task_stack
-from celery.exceptions import Ignore, Reject, Retry
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
 
 from ..breaker import CircuitBreaker, RunAdmission, current_run
 from ..core import State
 from ..errors import CircuitOpenError, ConfigurationError, StorageError
+from ..health import HealthCheck
 from ..names import check_name
 from .broker import DEAD_LETTER_HEADERS
 from .deferral.defer import defer
 from .deferral.plan import HEADERS as DEFERRAL_HEADERS
-from .deferral.plan import PARKED_HEADER
+from .deferral.plan import PARKED_HEADER, hard_time_limit
 from .probes import breaker_with_probe
 from .task_options import TaskBreakerConfig, forget_task_breaker_config, task_breaker_config
 
@@ -91,7 +93,7 @@ class BreakerTask(Task):  # type: ignore[misc]
     * ``breaker_scope``: ``"run"`` (default) — a run that made no guarded call
       (``with self.breaker:``) counts as one call; ``"calls"`` — only guarded calls
       count, so a run served from a cache says nothing about the downstream.
-    * ``breaker_probe``: a health check (a callable, a dotted path or a task name) run
+    * ``breaker_probe``: a health check (a callable, a ``HealthCheck``, a dotted path or a task name) run
       instead of the task when the breaker may half-open; ``breaker_probe_timeout``.
     * ``breaker_max_deferrals``, ``breaker_max_defer_age``, ``breaker_defer_spread``.
     """
@@ -194,9 +196,20 @@ class BreakerTask(Task):  # type: ignore[misc]
             # Admitted and current at once (``enter_run``: one call, no ``with`` block);
             # current until every handler below has run (they settle the run), left in
             # the outer ``finally``.
-            run = breaker.enter_run(_translate, counts_itself=config.counts_runs)
+            if breaker.probe is None:
+                run = breaker.enter_run(_translate, counts_itself=config.counts_runs)
+            else:  # (a health check this run may have to run must end before the task's hard limit)
+                within = _check_within(self, request)
+                run = breaker.enter_run(_translate, counts_itself=config.counts_runs, check_within=within)
         except CircuitOpenError as rejected:
             return self._on_rejected(breaker, rejected, args, kwargs)
+        except SoftTimeLimitExceeded:
+            # The task's soft time limit fired during the health check it ran for its
+            # breaker (the check gave no verdict; its slot is free): it waits, as a
+            # rejected run does, rather than fail without having run.
+            if not self._can_defer():
+                raise
+            return self._on_rejected(breaker, _rejection_now(breaker), args, kwargs)
         try:
             setattr(request, _RUN_ATTR, run)
             headers = request.headers
@@ -344,6 +357,23 @@ class _Deferred:
     retry: Retry
 
 
+#: Share of a task's hard time limit a health check run at its admission may take.
+CHECK_SHARE_OF_TIME_LIMIT = 0.8
+
+
+def _check_within(task: BreakerTask, request: Any) -> float | None:
+    """The most a health check run at this task's admission may take: a share of its hard
+    time limit (the message's, else the task's, else ``task_time_limit``), so the check
+    ends, and the run is rejected and deferred, before the pool kills the process."""
+    limit = hard_time_limit(request)
+    if limit is None:
+        for value in (getattr(task, "time_limit", None), task.app.conf.task_time_limit):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf:
+                limit = float(value)
+                break
+    return None if limit is None else limit * CHECK_SHARE_OF_TIME_LIMIT
+
+
 def _drop_frames(exc: BaseException) -> None:
     """Clear the tracebacks of ``exc``, its cause, context and a ``Retry``'s ``exc``:
     finished frames drop their locals (running ones are left alone) and no exception
@@ -423,8 +453,17 @@ def _prepare(cls: type[BreakerTask]) -> None:
         if isinstance(value, types.FunctionType) and owner is not None and vars(owner).get("_decorated"):
             # Given to @app.task(...): a plain function, not a method of the task.
             setattr(owner, option, staticmethod(value))
-        elif value is not None and not isinstance(value, (str, staticmethod, classmethod)) and not callable(value):
-            accepted = "a dotted path or a task name" if option == "breaker_probe" else "a method name"
-            raise ConfigurationError(f"task {cls.name!r}: {option} must be a callable or {accepted}, got {value!r}")
+        elif (
+            value is not None
+            and not isinstance(value, (str, staticmethod, classmethod))
+            and not callable(value)
+            and not (option == "breaker_probe" and isinstance(value, HealthCheck))
+        ):
+            accepted = (
+                "a callable, a HealthCheck, a dotted path or a task name"
+                if option == "breaker_probe"
+                else "a callable or a method name"
+            )
+            raise ConfigurationError(f"task {cls.name!r}: {option} must be {accepted}, got {value!r}")
 
     forget_task_breaker_config(cls)  # options changed: resolve them again
