@@ -7,11 +7,11 @@ takes ``now``) and takes no locks: the store that owns it makes each call atomic
 from __future__ import annotations
 
 import itertools
-import random
 from collections.abc import Callable
 from typing import NoReturn
 
 from ..errors import CircuitOpenError
+from .chance import CHANCE
 from .counters import tally
 from .policy import BreakerPolicy, Outcome
 from .rules import TripRule, rules_for
@@ -60,7 +60,7 @@ class BreakerMachine:
         self.open_until: float | None = None
         self.streak = 0  # consecutive trips: a failed probe adds one, closing ends it
         self.open_duration: float | None = None  # of the current or latest open period
-        self.draw = random.random  # the jitter's random source (tests may replace it)
+        self.draw = CHANCE.random  # the jitter's random source (tests may replace it)
         self.leases: dict[int, float] = {}
         self.next_lease = 0
         self.half_open_successes = 0

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from celery.utils.time import maybe_iso8601, maybe_make_aware
+
+from ...core.chance import CHANCE
 
 __all__ = [
     "DEFERRALS_HEADER",
@@ -126,7 +127,7 @@ def plan_deferral(
     max_defer_age: float | None,
     expires_in: float | None,
     cap: float | None,
-    uniform: Callable[[float, float], float] = random.uniform,
+    uniform: Callable[[float, float], float] = CHANCE.uniform,
 ) -> DeferralPlan:
     """Plan the next deferral of a task whose breaker said ``retry_after``.
 

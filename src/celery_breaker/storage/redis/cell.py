@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import random
 import threading
 import time
 from typing import TYPE_CHECKING, NamedTuple
 
 from ...clock import Clock
 from ...core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
+from ...core.chance import CHANCE
 from ...core.counters import tally
 from ...errors import CircuitOpenError, ConfigurationError, StorageError
 from ...labels import breaker_label
@@ -338,7 +338,7 @@ class RedisCell:
         # The jitter's draw comes from here: a script's math.random repeats itself.
         return self._call(
             "record", now, str(generation), str(lease), str(int(outcome)), repr(float(duration)), hint,
-            repr(random.random()), check, "1" if refused else "",
+            repr(CHANCE.random()), check, "1" if refused else "",
         )[1]  # fmt: skip
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
