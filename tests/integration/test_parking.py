@@ -138,6 +138,7 @@ def test_an_expiring_parked_task_is_released_at_its_expiry_and_revoked(broker: s
     finally:
         worker.stop()
     assert parked(store_url) == 0
+    assert "has an expiration date in the past" not in worker.log()  # (released at its expiry on purpose)
 
 
 def test_parked_tasks_survive_a_worker_restart(broker: str, store_url: str) -> None:

@@ -37,6 +37,22 @@ __all__ = ["LEASE", "MOST_PER_TICK", "TAG_COMPLAINT_EVERY", "TICK", "WATCH_EVERY
 
 logger = logging.getLogger("celery_breaker")
 
+#: Set while this thread publishes a parked task again (``Releaser._publish``).
+_RELEASING = threading.local()
+
+
+class _ExpiredOnPurpose(logging.Filter):
+    """Drops Celery's WARNING that a task "has an expiration date in the past" when the
+    releaser publishes it: a parked task is released at its expiry on purpose, so that
+    the worker revokes it as Celery does any expired task (``task_revoked``, REVOKED)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(_RELEASING, "on", False) and "has an expiration date in the past" in str(record.msg))
+
+
+_EXPIRED_ON_PURPOSE = _ExpiredOnPurpose()
+logging.getLogger("celery.app.base").addFilter(_EXPIRED_ON_PURPOSE)  # (once: addFilter keeps one of each)
+
 #: Seconds between two looks at the parked tasks.
 TICK = 0.2
 #: Seconds a claimed entry may take to be published before it is released again.
@@ -217,6 +233,7 @@ class Releaser(threading.Thread):
             # Never publishable: dropping it is the only way forward; say so loudly.
             logger.error("celery-breaker releaser: dropped parked entry %s of %s: %s", entry, tag, exc)
             return True
+        _RELEASING.on = True
         try:
             # (in the serializer it was parked in: its arguments may take no other)
             self.app.signature(signature).apply_async(**({"serializer": serializer} if serializer else {}))
@@ -224,4 +241,6 @@ class Releaser(threading.Thread):
             # Left claimed: the lease runs out and it is released again.
             logger.warning("celery-breaker releaser: could not publish %s (%r); it stays parked", entry, exc)
             return False
+        finally:
+            _RELEASING.on = False
         return True
