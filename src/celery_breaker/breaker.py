@@ -6,6 +6,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Generator
 from contextvars import ContextVar
 from types import TracebackType
@@ -142,9 +143,11 @@ class RunAdmission:
 
 _RUN: ContextVar[RunAdmission | None] = ContextVar("celery_breaker_run", default=None)
 
-#: Seconds a health check run for ``enter_run(check_within=...)`` may take at most (a
-#: task's own time limit): set only around that admission.
+#: Seconds the health checks run for ``enter_run(check_within=...)`` may take at most, all
+#: together (a task's own time limit): set only around that admission.
 _CHECK_WITHIN: ContextVar[float | None] = ContextVar("celery_breaker_check_within", default=None)
+#: Below this many seconds left of ``check_within``, no further check is started.
+_LEAST_CHECK_TIME = 0.05
 
 
 class _EnteredRun(RunAdmission):
@@ -701,11 +704,13 @@ class CircuitBreaker:
     def _checks(self, cell: Cell, ticket: Probe, name: str) -> Generator[float, CheckResult, Ticket]:
         """The checks of ``_run_checks``, for a sync or an async driver: yields the time
         limit of each check to run, is sent its result, and returns what they left."""
-        limit = self.policy.half_open_max_wait  # (a lease lasts no longer)
+        longest = self.policy.half_open_max_wait  # (a lease lasts no longer)
         within = _CHECK_WITHIN.get()
-        if within is not None:
-            limit = min(limit, within)
+        # ``check_within`` bounds all the checks together, in real time (what a task's
+        # time limit counts), not each of them.
+        deadline = None if within is None else time.monotonic() + within
         for _ in range(self.policy.probes_to_close):
+            limit = longest if deadline is None else min(longest, deadline - time.monotonic())
             start = self._now()
             try:
                 result = yield limit
@@ -722,6 +727,8 @@ class CircuitBreaker:
                 return cell.generation
             if cell.state is not HALF_OPEN:
                 break
+            if deadline is not None and deadline - time.monotonic() < _LEAST_CHECK_TIME:
+                break  # no time left for another check: no slot is taken for one
             try:
                 next_ticket, moves = cell.acquire(self.policy, self._now())
             except CircuitOpenError:

@@ -137,6 +137,12 @@ def bare_retry_after_block_task(self: Any) -> dict[str, Any]:
     return report(self, value)
 
 
+@shared_task(base=BreakerTask, bind=True, breaker="t-bare-retry-direct", max_retries=5)
+def bare_retry_poll_task(self: Any) -> None:
+    """Polls: asks for a bare retry in its normal flow (no exception of its own)."""
+    raise self.retry(countdown=5)
+
+
 class JitterRetry(Task):  # type: ignore[misc]
     """A retry of its own: the MRO's next ``retry`` after ``BreakerTask``'s."""
 

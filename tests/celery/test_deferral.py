@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from celery.canvas import Signature
+from celery.exceptions import Retry
 from celery.signals import task_retry
 from kombu.exceptions import OperationalError
 
@@ -276,6 +277,20 @@ def test_a_bare_self_retry_counts_the_error_being_handled_and_defers_once_it_tri
     value = get(result)
     assert value["retries"] == 0
     assert tasks.CALLS[name] == 2
+
+
+def test_a_bare_self_retry_in_a_direct_call_does_not_count_its_callers_exception(operate: Operate) -> None:
+    # Called directly from the caller's own except clause: the exception being handled
+    # there is not the task's, and must not count against its breaker.
+    breaker = operate(tasks.bare_retry_poll_task.breaker)
+    for _ in range(3):
+        try:
+            raise ConnectionError("another downstream is down")
+        except ConnectionError:
+            with pytest.raises(Retry):
+                tasks.bare_retry_poll_task()
+    snap = breaker.snapshot()
+    assert (snap.state, snap.failures) == (State.CLOSED, 0)
 
 
 def test_a_held_back_retry_goes_through_every_retry_in_the_mro(

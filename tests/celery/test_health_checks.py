@@ -166,7 +166,7 @@ def test_a_soft_time_limit_during_the_check_defers_the_task_it_is_not_lost(app: 
 
 
 def test_a_check_run_at_a_tasks_admission_ends_before_its_hard_time_limit(app: Any) -> None:
-    from celery_breaker.integration.task import CHECK_SHARE_OF_TIME_LIMIT, _check_within
+    from celery_breaker.integration.task import CHECK_SHARE_OF_TIME_LIMIT, WORKER_TIME_LIMIT_ATTR, _check_within
 
     task = probe_tasks.probe_option_task
 
@@ -180,6 +180,9 @@ def test_a_check_run_at_a_tasks_admission_ends_before_its_hard_time_limit(app: A
     request.timelimit = (None, None)
     app.conf.task_time_limit = 50
     try:
-        assert _check_within(task, request) == 50 * CHECK_SHARE_OF_TIME_LIMIT  # the worker's default
+        assert _check_within(task, request) == 50 * CHECK_SHARE_OF_TIME_LIMIT  # the setting
+        setattr(app, WORKER_TIME_LIMIT_ATTR, 40)  # celery worker --time-limit 40 (BreakerStep notes it)
+        assert _check_within(task, request) == 40 * CHECK_SHARE_OF_TIME_LIMIT
     finally:
         app.conf.task_time_limit = None
+        setattr(app, WORKER_TIME_LIMIT_ATTR, None)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import threading
+import types
 from typing import Any
 
 import pytest
 
+import celery_breaker.breaker as breaker_module
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
 from celery_breaker.core import BreakerMachine, Outcome, Probe
 from celery_breaker.health import DEFAULT_PROBE_TIMEOUT, CheckResult, HealthCheck, ProbeTimeout
@@ -337,4 +340,40 @@ def test_a_check_for_an_admission_with_little_time_left_is_cut_to_that_time(
     finally:
         release.set()
     assert state_of(breaker) is State.OPEN
-    assert "did not answer within 0.02 s" in caplog.text
+    assert re.search(r"did not answer within 0\.0[12]\d* s", caplog.text)  # (0.02 less the time to start it)
+
+
+class _TimedCheck(HealthCheck):
+    """A healthy check that takes ``took`` seconds of the (patched) real clock, and notes
+    the time limit each run was given."""
+
+    def run(self, timeout: float | None = None) -> CheckResult:
+        LIMITS.append(timeout)
+        NOW[0] += 0.15
+        return CheckResult(True)
+
+
+LIMITS: list[float | None] = []
+NOW = [1000.0]
+
+
+@pytest.mark.parametrize(("within", "limits"), [(0.4, [0.4, 0.25, 0.1]), (0.3, [0.3, 0.15])])
+def test_check_within_bounds_all_the_checks_of_an_admission_together(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch, within: float, limits: list[float]
+) -> None:
+    # Three checks of 0.15 s each close this breaker; a task's time limit that leaves 0.3 s
+    # must not give each check 0.3 s (its process would be killed during the third).
+    monkeypatch.setattr(breaker_module, "time", types.SimpleNamespace(monotonic=lambda: NOW[0]))
+    LIMITS.clear()
+    breaker = breaker_with(_TimedCheck(lambda: None), clock, success_threshold=3, half_open_max_calls=3)
+    fail(breaker)
+    clock.advance(10)
+    if len(limits) == 3:
+        breaker.enter_run(lambda exc: exc, check_within=within).leave()  # closed by the checks: admitted
+        assert state_of(breaker) is State.CLOSED
+    else:
+        with pytest.raises(CircuitOpenError):  # no time for the third: rejected, no slot left taken
+            breaker.enter_run(lambda exc: exc, check_within=within)
+        snap = breaker.snapshot()
+        assert (snap.state, snap.probes_in_flight) == (State.HALF_OPEN, 0)
+    assert pytest.approx(limits) == LIMITS

@@ -276,7 +276,9 @@ class BreakerTask(Task):  # type: ignore[misc]
         (``_PendingRetry``) and sent once the failure is recorded, only if it did not open
         the breaker. With ``throw=False`` it is sent at once, as Celery does."""
         run = _running(self)
-        cause = exc if exc is not None or run is None else sys.exc_info()[1]
+        # (A bare retry's cause is the exception its body handles: only in a worker's run,
+        # where no frame outside the body handles one; a direct call may be made in one.)
+        cause = exc if exc is not None or run is None or not self._can_defer() else sys.exc_info()[1]
         if isinstance(cause, CircuitOpenError) and run is not None:
             raise cause  # the run's handler defers (or falls back); never a retry
         postpone = False
@@ -361,13 +363,21 @@ class _Deferred:
 CHECK_SHARE_OF_TIME_LIMIT = 0.8
 
 
+#: Where the worker notes its own hard time limit on the app (``BreakerStep``):
+#: ``--time-limit`` lives on the worker, not in ``app.conf``.
+WORKER_TIME_LIMIT_ATTR = "_celery_breaker_worker_time_limit"
+
+
 def _check_within(task: BreakerTask, request: Any) -> float | None:
-    """The most a health check run at this task's admission may take: a share of its hard
-    time limit (the message's, else the task's, else ``task_time_limit``), so the check
-    ends, and the run is rejected and deferred, before the pool kills the process."""
+    """The most the health checks run at this task's admission may take: a share of its
+    hard time limit (the message's, else the task's, else the worker's ``--time-limit``,
+    else ``task_time_limit``), so the checks end, and the run is rejected and deferred,
+    before the pool kills the process."""
     limit = hard_time_limit(request)
     if limit is None:
-        for value in (getattr(task, "time_limit", None), task.app.conf.task_time_limit):
+        app = task.app
+        worker_limit = getattr(app, WORKER_TIME_LIMIT_ATTR, None)
+        for value in (getattr(task, "time_limit", None), worker_limit, app.conf.task_time_limit):
             if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf:
                 limit = float(value)
                 break

@@ -26,6 +26,7 @@ from .inventory import check_app
 from .registry import registry_for
 from .routes import apply_routes
 from .settings import get_settings, reload_settings
+from .task import WORKER_TIME_LIMIT_ATTR
 
 __all__ = ["EXIT_CONFIG", "BreakerStep", "ReleaserStep"]
 
@@ -67,6 +68,9 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
 
     def _check(self, worker: Any) -> None:
         app = worker.app
+        # The worker's own hard time limit (--time-limit, which Celery keeps on the worker,
+        # not in app.conf), for tasks that run a health check at their admission.
+        setattr(app, WORKER_TIME_LIMIT_ATTR, getattr(worker, "time_limit", None))
         settings = reload_settings(app)  # the worker's final config, not an import-time read
         resolve_store(settings.storage_url)  # a store URL with bad options fails here, not on a task
         routed = apply_routes(app)
