@@ -16,7 +16,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
 from .core.retry_after import refusal_of, retry_after_of
 from .errors import CircuitOpenError
-from .health import CheckResult, HealthCheck, HealthState
+from .health import CheckResult, HealthCheck, HealthState, ProbeTimeout
 from .labels import breaker_label
 from .names import check_name
 from .storage import Cell, Moves, Store, describe_url, resolve_store, with_fallback
@@ -653,7 +653,7 @@ class CircuitBreaker:
         (``HealthCheck.arun``)."""
         probe = self.probe
         assert probe is not None
-        checks = self._checks(cell, ticket, probe.name)
+        checks = self._checks(cell, ticket, probe)
         try:
             limit = next(checks)
             while True:
@@ -687,7 +687,7 @@ class CircuitBreaker:
         ``probes_to_close`` checks, back to back (``_checks``, each run here)."""
         probe = self.probe
         assert probe is not None
-        checks = self._checks(cell, ticket, probe.name)
+        checks = self._checks(cell, ticket, probe)
         try:
             limit = next(checks)
             while True:
@@ -701,7 +701,7 @@ class CircuitBreaker:
             admitted: Ticket = done.value
         return admitted
 
-    def _checks(self, cell: Cell, ticket: Probe, name: str) -> Generator[float, CheckResult, Ticket]:
+    def _checks(self, cell: Cell, ticket: Probe, probe: HealthCheck) -> Generator[float, CheckResult, Ticket]:
         """The checks of ``_run_checks``, for a sync or an async driver: yields the time
         limit of each check to run, is sent its result, and returns what they left."""
         longest = self.policy.half_open_max_wait  # (a lease lasts no longer)
@@ -722,7 +722,20 @@ class CircuitBreaker:
                 if moves:
                     self._announce(moves)
                 raise
-            self._record_check(cell, ticket, start, result, name)
+            if (
+                deadline is not None
+                and limit < min(longest, probe.timeout)
+                and not result.healthy
+                and isinstance(result.error, ProbeTimeout)
+            ):
+                # Cut short by the caller's own time budget, not by the check's timeout: no
+                # verdict on the downstream (the slot is freed), and this caller is rejected.
+                end = self._now()
+                moves = cell.finish(ticket._replace(check=True), IGNORED, end - start, self.policy, end)
+                if moves:
+                    self._announce(moves)
+                break
+            self._record_check(cell, ticket, start, result, probe.name)
             if cell.state in _ADMITTING:
                 return cell.generation
             if cell.state is not HALF_OPEN:

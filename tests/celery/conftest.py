@@ -36,6 +36,7 @@ def celery_config() -> Mapping[str, Any]:
             "t-refused": {"failure_threshold": 5},
             "t-refused-autoretry": {"failure_threshold": 5},
             "t-retry-inside-closed": {"failure_threshold": 5},
+            "t-bare-retry-eager": {"failure_threshold": 3},
         },
         "breaker_routes": {"tests.celery.tasks.routed_*": "t-routed"},
         "breaker_probes": {

@@ -143,6 +143,15 @@ def bare_retry_poll_task(self: Any) -> None:
     raise self.retry(countdown=5)
 
 
+@shared_task(base=BreakerTask, bind=True, breaker="t-bare-retry-eager", max_retries=3)  # failure_threshold 3
+def bare_retry_whole_run_task(self: Any) -> None:
+    """The whole run guarded (no block): a bare retry in the body's except clause."""
+    try:
+        call_downstream("t-bare-retry-eager")
+    except ConnectionError:
+        raise self.retry(countdown=0) from None
+
+
 class JitterRetry(Task):  # type: ignore[misc]
     """A retry of its own: the MRO's next ``retry`` after ``BreakerTask``'s."""
 

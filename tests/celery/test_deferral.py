@@ -293,6 +293,19 @@ def test_a_bare_self_retry_in_a_direct_call_does_not_count_its_callers_exception
     assert (snap.state, snap.failures) == (State.CLOSED, 0)
 
 
+def test_a_bare_self_retry_counts_what_its_body_handles_in_eager_mode_too(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    breaker = operate(tasks.bare_retry_whole_run_task.breaker)
+    monkeypatch.setitem(tasks.DOWN, "t-bare-retry-eager", True)
+    # Eager retries run at once, nested: each attempt's ConnectionError counts, and the
+    # third opens the breaker (counted as neutral, only the final MaxRetriesExceededError
+    # would have counted: the breaker stayed closed).
+    result = tasks.bare_retry_whole_run_task.apply()
+    assert result.state == "FAILURE"
+    assert breaker.snapshot().state is State.OPEN
+
+
 def test_a_held_back_retry_goes_through_every_retry_in_the_mro(
     app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -166,14 +166,21 @@ def test_a_soft_time_limit_during_the_check_defers_the_task_it_is_not_lost(app: 
 
 
 def test_a_check_run_at_a_tasks_admission_ends_before_its_hard_time_limit(app: Any) -> None:
-    from celery_breaker.integration.task import CHECK_SHARE_OF_TIME_LIMIT, WORKER_TIME_LIMIT_ATTR, _check_within
+    from celery_breaker.integration.task import (
+        CHECK_SHARE_OF_TIME_LIMIT,
+        TIME_LIMITS_ENFORCED_ATTR,
+        WORKER_TIME_LIMIT_ATTR,
+        _check_within,
+    )
 
     task = probe_tasks.probe_option_task
 
     class Request:
         timelimit: Any = (None, None)
+        is_eager = called_directly = False
 
     request = Request()
+    setattr(app, TIME_LIMITS_ENFORCED_ATTR, True)  # (a prefork worker; the session worker's pool has none)
     assert _check_within(task, request) is None  # no limit anywhere
     request.timelimit = (30, 20)
     assert _check_within(task, request) == 30 * CHECK_SHARE_OF_TIME_LIMIT  # the message's hard limit
@@ -183,6 +190,12 @@ def test_a_check_run_at_a_tasks_admission_ends_before_its_hard_time_limit(app: A
         assert _check_within(task, request) == 50 * CHECK_SHARE_OF_TIME_LIMIT  # the setting
         setattr(app, WORKER_TIME_LIMIT_ATTR, 40)  # celery worker --time-limit 40 (BreakerStep notes it)
         assert _check_within(task, request) == 40 * CHECK_SHARE_OF_TIME_LIMIT
+        request.is_eager = True  # nothing enforces a limit on an eager (or a direct) call
+        assert _check_within(task, request) is None
+        request.is_eager = False
+        setattr(app, TIME_LIMITS_ENFORCED_ATTR, False)  # a threads or solo pool: no limit is enforced
+        assert _check_within(task, request) is None
     finally:
         app.conf.task_time_limit = None
         setattr(app, WORKER_TIME_LIMIT_ATTR, None)
+        setattr(app, TIME_LIMITS_ENFORCED_ATTR, False)

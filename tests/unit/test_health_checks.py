@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import threading
 import types
 from typing import Any
@@ -329,7 +328,8 @@ def test_a_check_for_an_admission_with_little_time_left_is_cut_to_that_time(
     clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A task's hard time limit would kill its process during a longer check: the check
-    # gets what the limit leaves (check_within), times out, and the run is rejected.
+    # gets what the limit leaves (check_within) and the run is rejected. Cut short by the
+    # caller's budget, not by its own timeout, the check gives no verdict: the slot is freed.
     release = threading.Event()
     breaker = breaker_with(release.wait, clock)  # the check's own timeout: 10 s
     fail(breaker)
@@ -339,8 +339,9 @@ def test_a_check_for_an_admission_with_little_time_left_is_cut_to_that_time(
             breaker.enter_run(lambda exc: exc, check_within=0.02)
     finally:
         release.set()
-    assert state_of(breaker) is State.OPEN
-    assert re.search(r"did not answer within 0\.0[12]\d* s", caplog.text)  # (0.02 less the time to start it)
+    snap = breaker.snapshot()
+    assert (snap.state, snap.probes_in_flight, snap.failures) == (State.HALF_OPEN, 0, 1)  # (the trip's failure)
+    assert "health check" not in caplog.text  # no verdict logged
 
 
 class _TimedCheck(HealthCheck):

@@ -276,9 +276,11 @@ class BreakerTask(Task):  # type: ignore[misc]
         (``_PendingRetry``) and sent once the failure is recorded, only if it did not open
         the breaker. With ``throw=False`` it is sent at once, as Celery does."""
         run = _running(self)
-        # (A bare retry's cause is the exception its body handles: only in a worker's run,
-        # where no frame outside the body handles one; a direct call may be made in one.)
-        cause = exc if exc is not None or run is None or not self._can_defer() else sys.exc_info()[1]
+        cause = exc
+        if exc is None and run is not None:
+            handled = sys.exc_info()[1]
+            if handled is not None and _handled_in_this_run(handled):
+                cause = handled  # a bare retry in the body's except clause: what it handles
         if isinstance(cause, CircuitOpenError) and run is not None:
             raise cause  # the run's handler defers (or falls back); never a retry
         postpone = False
@@ -359,6 +361,24 @@ class _Deferred:
     retry: Retry
 
 
+def _handled_in_this_run(exc: BaseException) -> bool:
+    """Whether the frame handling ``exc`` (its traceback's first) is inside the current
+    task run, below ``BreakerTask.__call__``, not a caller's frame above it (a direct call
+    made in a caller's own ``except`` clause)."""
+    tb = exc.__traceback__
+    if tb is None:
+        return False
+    handler = tb.tb_frame
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame is handler:
+            return True
+        if frame.f_code is _CALL_CODE:
+            return False  # the run's entry reached first: handled outside the run
+        frame = frame.f_back
+    return False
+
+
 #: Share of a task's hard time limit a health check run at its admission may take.
 CHECK_SHARE_OF_TIME_LIMIT = 0.8
 
@@ -366,16 +386,22 @@ CHECK_SHARE_OF_TIME_LIMIT = 0.8
 #: Where the worker notes its own hard time limit on the app (``BreakerStep``):
 #: ``--time-limit`` lives on the worker, not in ``app.conf``.
 WORKER_TIME_LIMIT_ATTR = "_celery_breaker_worker_time_limit"
+#: Where the worker notes whether its pool enforces time limits (prefork, gevent and
+#: eventlet do; threads and solo do not).
+TIME_LIMITS_ENFORCED_ATTR = "_celery_breaker_time_limits_enforced"
 
 
 def _check_within(task: BreakerTask, request: Any) -> float | None:
     """The most the health checks run at this task's admission may take: a share of its
     hard time limit (the message's, else the task's, else the worker's ``--time-limit``,
     else ``task_time_limit``), so the checks end, and the run is rejected and deferred,
-    before the pool kills the process."""
+    before the pool kills the process. ``None`` where nothing enforces a limit: a pool
+    without time limits, an eager or a direct call."""
+    app = task.app
+    if not getattr(app, TIME_LIMITS_ENFORCED_ATTR, False) or request.is_eager or request.called_directly:
+        return None
     limit = hard_time_limit(request)
     if limit is None:
-        app = task.app
         worker_limit = getattr(app, WORKER_TIME_LIMIT_ATTR, None)
         for value in (getattr(task, "time_limit", None), worker_limit, app.conf.task_time_limit):
             if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf:
@@ -477,3 +503,6 @@ def _prepare(cls: type[BreakerTask]) -> None:
             raise ConfigurationError(f"task {cls.name!r}: {option} must be {accepted}, got {value!r}")
 
     forget_task_breaker_config(cls)  # options changed: resolve them again
+
+
+_CALL_CODE = BreakerTask.__call__.__code__

@@ -26,7 +26,7 @@ from .inventory import check_app
 from .registry import registry_for
 from .routes import apply_routes
 from .settings import get_settings, reload_settings
-from .task import WORKER_TIME_LIMIT_ATTR
+from .task import TIME_LIMITS_ENFORCED_ATTR, WORKER_TIME_LIMIT_ATTR
 
 __all__ = ["EXIT_CONFIG", "BreakerStep", "ReleaserStep"]
 
@@ -71,6 +71,7 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
         # The worker's own hard time limit (--time-limit, which Celery keeps on the worker,
         # not in app.conf), for tasks that run a health check at their admission.
         setattr(app, WORKER_TIME_LIMIT_ATTR, getattr(worker, "time_limit", None))
+        setattr(app, TIME_LIMITS_ENFORCED_ATTR, _pool_enforces_time_limits(worker))
         settings = reload_settings(app)  # the worker's final config, not an import-time read
         resolve_store(settings.storage_url)  # a store URL with bad options fails here, not on a task
         routed = apply_routes(app)
@@ -104,6 +105,14 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
                 "Unset breaker_park (deferred tasks then wait in the broker itself), or keep that Redis persistent",
                 describe_url(settings.storage_url), describe_url(broker_url(app.conf)),
             )  # fmt: skip
+
+
+def _pool_enforces_time_limits(worker: Any) -> bool:
+    """Whether the worker's pool stops a task at its time limit: prefork (and its async
+    pool), gevent and eventlet do; threads and solo do not."""
+    pool = getattr(worker, "pool_cls", None)
+    where = f"{getattr(pool, '__module__', '')}.{getattr(pool, '__name__', '')}" if pool is not None else ""
+    return any(kind in where for kind in ("prefork", "asynpool", "gevent", "eventlet"))
 
 
 class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
