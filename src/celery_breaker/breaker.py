@@ -715,12 +715,7 @@ class CircuitBreaker:
             try:
                 result = yield limit
             except BaseException:
-                # The check never gave a verdict (its caller was cancelled): a neutral
-                # outcome frees the probe slot now, not when its lease runs out.
-                end = self._now()
-                moves = cell.finish(ticket._replace(check=True), IGNORED, end - start, self.policy, end)
-                if moves:
-                    self._announce(moves)
+                self._no_verdict(cell, ticket, start)  # (its caller was cancelled)
                 raise
             if (
                 deadline is not None
@@ -729,11 +724,8 @@ class CircuitBreaker:
                 and isinstance(result.error, ProbeTimeout)
             ):
                 # Cut short by the caller's own time budget, not by the check's timeout: no
-                # verdict on the downstream (the slot is freed), and this caller is rejected.
-                end = self._now()
-                moves = cell.finish(ticket._replace(check=True), IGNORED, end - start, self.policy, end)
-                if moves:
-                    self._announce(moves)
+                # verdict on the downstream, and this caller is rejected.
+                self._no_verdict(cell, ticket, start)
                 break
             self._record_check(cell, ticket, start, result, probe.name)
             if cell.state in _ADMITTING:
@@ -752,6 +744,14 @@ class CircuitBreaker:
                 return next_ticket
             ticket = next_ticket
         return ticket
+
+    def _no_verdict(self, cell: Cell, ticket: Probe, start: float) -> None:
+        """A check under ``ticket``'s lease that gave no verdict: a neutral outcome frees
+        its probe slot now, not when the lease runs out."""
+        end = self._now()
+        moves = cell.finish(ticket._replace(check=True), IGNORED, end - start, self.policy, end)
+        if moves:
+            self._announce(moves)
 
     def _record_check(self, cell: Cell, ticket: Probe, start: float, result: CheckResult, name: str) -> None:
         """Record the verdict of the check ``name`` run under ``ticket``'s lease since ``start``."""
