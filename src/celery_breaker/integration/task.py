@@ -344,9 +344,10 @@ class BreakerTask(Task):  # type: ignore[misc]
 
 class _PendingRetry(Retry):  # type: ignore[misc]
     """``BreakerTask.retry`` raised inside a run whose guarded call may still be open: the
-    retry Celery would have sent, sent by the run's handler once the call has recorded
-    its failure, unless that failure opened the breaker (the task is deferred then). A
-    ``Retry`` whose ``exc`` is the cause, so the block that it leaves records the failure."""
+    retry Celery would have sent, sent by the task (``__call__``, ``_send_retry``) once the
+    body has unwound and the call has recorded its failure, unless that failure opened the
+    breaker (the task is deferred then). A ``Retry`` whose ``exc`` is the cause, so the
+    block that it leaves records the failure."""
 
     def __init__(self, cause: BaseException, call: tuple[Any, ...], options: dict[str, Any]) -> None:
         super().__init__(None, cause)
