@@ -188,6 +188,9 @@ def test_a_check_run_at_a_tasks_admission_ends_before_its_hard_time_limit(app: A
     app.conf.task_time_limit = 50
     try:
         assert _check_within(task, request) == 50 * CHECK_SHARE_OF_TIME_LIMIT  # the setting
+        app.conf.task_time_limit = 10**400  # no float holds it: no limit, not an OverflowError
+        assert _check_within(task, request) is None
+        app.conf.task_time_limit = 50
         setattr(app, WORKER_TIME_LIMIT_ATTR, 40)  # celery worker --time-limit 40 (BreakerStep notes it)
         assert _check_within(task, request) == 40 * CHECK_SHARE_OF_TIME_LIMIT
         request.is_eager = True  # nothing enforces a limit on an eager (or a direct) call

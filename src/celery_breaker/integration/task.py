@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import math
 import sys
 import traceback
 import types
@@ -27,6 +26,7 @@ from .deferral.plan import HEADERS as DEFERRAL_HEADERS
 from .deferral.plan import PARKED_HEADER, hard_time_limit
 from .probes import breaker_with_probe
 from .task_options import TaskBreakerConfig, forget_task_breaker_config, task_breaker_config
+from .values import positive_finite
 
 __all__ = ["BreakerTask"]
 
@@ -405,8 +405,8 @@ def _check_within(task: BreakerTask, request: Any) -> float | None:
     if limit is None:
         worker_limit = getattr(app, WORKER_TIME_LIMIT_ATTR, None)
         for value in (getattr(task, "time_limit", None), worker_limit, app.conf.task_time_limit):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf:
-                limit = float(value)
+            limit = positive_finite(value)
+            if limit is not None:
                 break
     return None if limit is None else limit * CHECK_SHARE_OF_TIME_LIMIT
 
