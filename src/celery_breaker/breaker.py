@@ -19,7 +19,7 @@ from .errors import CircuitOpenError
 from .health import CheckResult, HealthCheck, HealthState, ProbeTimeout
 from .labels import breaker_label
 from .names import check_name
-from .storage import Cell, Moves, Store, describe_url, resolve_store, with_fallback
+from .storage import NO_MOVES, Cell, Moves, Store, describe_url, resolve_store, with_fallback
 
 __all__ = ["CircuitBreaker", "ExceptionTranslator", "RunAdmission", "TransitionListener", "current_run"]
 
@@ -35,10 +35,15 @@ OPEN, FORCED_OPEN, HALF_OPEN = State.OPEN, State.FORCED_OPEN, State.HALF_OPEN
 _ADMITTING = (State.CLOSED, State.DISABLED)
 
 
-#: A guarded block in progress (``with breaker:``): ``[breaker, cell, ticket, start, outer]``,
+#: What an open ``with`` block holds: its cell, its ticket, when it started (``None``: not
+#: timed, as the cell's policy looks at no duration) and the run to tell its success (the
+#: run current at its start, if that run covers the breaker; else ``None``).
+_Held = tuple[Cell, Ticket, "float | None", "RunAdmission | None"]
+
+#: A guarded block on a context's stack (``with breaker:``): ``[breaker, held, outer]``,
 #: innermost first through ``outer``. A list, not an object, because a block is entered
 #: on the hot path: making one is a single allocation, and closing it is two stores
-#: (``breaker`` and ``cell`` set to ``None``) rather than setting the context variable
+#: (``breaker`` and ``held`` set to ``None``) rather than setting the context variable
 #: again. Closed blocks are skipped, and dropped when the next block is entered.
 _Block = list[Any]
 
@@ -75,7 +80,7 @@ class RunAdmission:
         breaker: CircuitBreaker,
         cell: Cell,
         ticket: Ticket,
-        start: float,
+        start: float | None,
         translate: ExceptionTranslator,
         *,
         counts_itself: bool = True,
@@ -106,9 +111,17 @@ class RunAdmission:
             self.claimed = True
             breaker = self.breaker
             if exc is None and not neutral and self.counts_itself:
-                # A run that returned: _finish's success path, without classifying.
+                # A run that returned: _finish's success path, without classifying (and
+                # a memory cell's quiet success counted here, as a ``with`` block does).
                 end = breaker._now()
-                moves = self.cell.record_success(self.ticket, end - self.start, breaker.policy, end)
+                cell, ticket, start = self.cell, self.ticket, self.start
+                if cell.quiet_success and ticket == cell.generation:
+                    quiet: Any = cell  # (a memory cell: see Cell.quiet_success)
+                    next(quiet.success_tally)
+                    quiet.last_success = quiet.last_used = end
+                    moves = NO_MOVES
+                else:
+                    moves = cell.record_success(ticket, 0.0 if start is None else end - start, breaker.policy, end)
                 run = _RUN.get()
                 if run is self or (run is not None and run.covers(breaker)):
                     run.recorded = SUCCESS
@@ -236,8 +249,8 @@ class CircuitBreaker:
         self._clock = clock or SYSTEM_CLOCK
         self._now = self._clock.monotonic
         self._listeners: list[TransitionListener] = []
-        # The first open ``with`` block's (cell, ticket, start), under key 0 (see __enter__).
-        self._slot: dict[int, tuple[Cell, Ticket, float]] = {}
+        # The first open ``with`` block's ``_Held``, under key 0 (see __enter__).
+        self._slot: dict[int, _Held] = {}
         self._stacked = False
         self._entered: asyncio.Future[CircuitBreaker] | None = None  # (see __aenter__)
         self._cell = self.store.cell(name, key, self.policy, self._clock)
@@ -256,12 +269,14 @@ class CircuitBreaker:
         if _RUN.get() is not None:
             return self._call_in_run(fn, *args, **kwargs)
         cell = self._cell
-        start = self._now()
+        start: float | None
         if cell.passing:
             # Should a trip land between these two reads, the ticket carries the OPEN
             # generation, whose outcomes move nothing: a stale read is harmless.
             ticket: Ticket = cell.generation
+            start = self._now() if cell.timed else None  # (see Cell.timed)
         else:
+            start = self._now()
             state = cell.state
             open_until = cell.open_until
             if not cell.evicted and (
@@ -280,7 +295,12 @@ class CircuitBreaker:
             self._finish(cell, ticket, exc, start)
             raise
         end = self._now()
-        moves = cell.record_success(ticket, end - start, self.policy, end)
+        if cell.quiet_success and ticket == cell.generation:
+            quiet: Any = cell  # (a memory cell: see Cell.quiet_success)
+            next(quiet.success_tally)
+            quiet.last_success = quiet.last_used = end
+            return result
+        moves = cell.record_success(ticket, 0.0 if start is None else end - start, self.policy, end)
         if moves:
             self._announce(moves)
         return result
@@ -306,8 +326,9 @@ class CircuitBreaker:
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """``await fn(*args, **kwargs)`` under the breaker."""
         cell = self._cell
+        start: float | None
         if cell.passing and _RUN.get() is None:
-            start = self._now()
+            start = self._now() if cell.timed else None  # (see Cell.timed)
             ticket: Ticket = cell.generation
         else:
             cell, ticket, start = self._admit(check=False)
@@ -342,7 +363,7 @@ class CircuitBreaker:
                 cell = breaker._cell
                 if not cell.passing or _RUN.get() is not None:
                     return await acall(fn, *args, **kwargs)
-                start = now()
+                start = now() if cell.timed else None
                 ticket = cell.generation
                 try:
                     result = await fn(*args, **kwargs)
@@ -350,7 +371,12 @@ class CircuitBreaker:
                     finish(cell, ticket, exc, start)
                     raise
                 end = now()
-                moves = cell.record_success(ticket, end - start, breaker.policy, end)
+                if cell.quiet_success and ticket == cell.generation:
+                    quiet: Any = cell  # (a memory cell: see Cell.quiet_success)
+                    next(quiet.success_tally)
+                    quiet.last_success = quiet.last_used = end
+                    return result
+                moves = cell.record_success(ticket, 0.0 if start is None else end - start, breaker.policy, end)
                 if moves:
                     breaker._announce(moves)
                 return result
@@ -364,7 +390,7 @@ class CircuitBreaker:
             cell = breaker._cell
             if not cell.passing or _RUN.get() is not None:
                 return call(fn, *args, **kwargs)
-            start = now()
+            start = now() if cell.timed else None
             ticket = cell.generation
             try:
                 result = fn(*args, **kwargs)
@@ -372,16 +398,21 @@ class CircuitBreaker:
                 finish(cell, ticket, exc, start)
                 raise
             end = now()
-            moves = cell.record_success(ticket, end - start, breaker.policy, end)
+            if cell.quiet_success and ticket == cell.generation:
+                quiet: Any = cell  # (a memory cell: see Cell.quiet_success)
+                next(quiet.success_tally)
+                quiet.last_success = quiet.last_used = end
+                return result
+            moves = cell.record_success(ticket, 0.0 if start is None else end - start, breaker.policy, end)
             if moves:
                 breaker._announce(moves)
             return result
 
         return guarded
 
-    # ``with`` and ``async with``: a block on a breaker object keeps its (cell, ticket,
-    # start) in the object's slot, with no context variable set, which is what makes a
-    # block about as cheap as call(). dict.setdefault and dict.pop are atomic, so one
+    # ``with`` and ``async with``: a block on a breaker object keeps what it holds (a
+    # ``_Held``) in the object's slot, with no context variable set, which is what makes
+    # a block about as cheap as call(). dict.setdefault and dict.pop are atomic, so one
     # block at a time holds the slot. Any other block (a second thread or task on the
     # same object, a nested block) goes on its context's stack, as every block did
     # before, and sets ``_stacked`` first: from then on this object's blocks all use the
@@ -389,24 +420,27 @@ class CircuitBreaker:
     # its own), and an exit looks at its context's stack before the slot. A block still
     # in the slot then finds nothing of its own on the stack (any stacked block of this
     # object came after it, in another context, or nested inside it and closed first).
-    # The async methods repeat the sync ones rather than call them (a frame each).
+    # On the closed path a block reads the clock once, at its end, unless the policy
+    # times calls, and a memory cell's quiet success is counted in the exit's own frame
+    # (Cell.quiet_success; docs/decisions.md, 56). The async methods repeat the sync ones
+    # rather than call them (a frame each).
 
     def __enter__(self) -> CircuitBreaker:
         cell = self._cell
         run = _RUN.get()
+        held: _Held
         if cell.passing and run is None:
-            start = self._now()
-            ticket: Ticket = cell.generation
+            held = (cell, cell.generation, self._now() if cell.timed else None, None)
         elif run is not None and not run.claimed and run.covers(self):
             run.claimed = True  # (as _admit: the run's ticket serves this block; timed from now)
-            cell, ticket, start = run.cell, run.ticket, self._now()
+            cell = run.cell
+            held = (cell, run.ticket, self._now() if cell.timed else None, run)
         else:
             cell, ticket, start = self._admit()
-        if not self._stacked:
-            held = (cell, ticket, start)
-            if self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
-                return self
-        self._push(cell, ticket, start)
+            held = (cell, ticket, start, run if run is not None and run.covers(self) else None)
+        if not self._stacked and self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
+            return self
+        self._push(held)
         return self
 
     def __exit__(
@@ -418,15 +452,19 @@ class CircuitBreaker:
         held = self._slot.pop(0, None)
         if held is None:
             raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
-        cell, ticket, start = held
+        cell, ticket, start, run = held
         if exc is None:  # _finish's success path, without classifying
             end = self._now()
-            moves = cell.record_success(ticket, end - start, self.policy, end)
-            run = _RUN.get()
-            if run is not None and run.covers(self):
+            if cell.quiet_success and ticket == cell.generation:
+                quiet: Any = cell  # (a memory cell: see Cell.quiet_success)
+                next(quiet.success_tally)
+                quiet.last_success = quiet.last_used = end
+            else:
+                moves = cell.record_success(ticket, 0.0 if start is None else end - start, self.policy, end)
+                if moves:
+                    self._announce(moves)
+            if run is not None:
                 run.recorded = SUCCESS
-            if moves:
-                self._announce(moves)
         else:
             self._finish(cell, ticket, exc, start)
 
@@ -439,32 +477,34 @@ class CircuitBreaker:
         entered = self._entered or self._make_entered()
         cell = self._cell
         run = _RUN.get()
+        held: _Held
         if cell.passing and run is None:
-            start = self._now()
-            ticket: Ticket = cell.generation
+            held = (cell, cell.generation, self._now() if cell.timed else None, None)
         elif run is not None and not run.claimed and run.covers(self):
             run.claimed = True  # (as _admit: the run's ticket serves this block; timed from now)
-            cell, ticket, start = run.cell, run.ticket, self._now()
+            cell = run.cell
+            held = (cell, run.ticket, self._now() if cell.timed else None, run)
         else:
             cell, ticket, start = self._admit(check=False)
+            covered = run if run is not None and run.covers(self) else None
             if self.probe is not None and type(ticket) is Probe:
-                return self._aenter_checked(cell, ticket, start)  # (a coroutine: the check is awaited)
-        if not self._stacked:
-            held = (cell, ticket, start)
-            if self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
-                return entered
-        self._push(cell, ticket, start)
+                return self._aenter_checked(cell, ticket, start, covered)  # (a coroutine: the check is awaited)
+            held = (cell, ticket, start, covered)
+        if not self._stacked and self._slot.setdefault(0, held) is held:  # (atomic: one block wins the slot)
+            return entered
+        self._push(held)
         return entered
 
-    async def _aenter_checked(self, cell: Cell, ticket: Probe, start: float) -> CircuitBreaker:
+    async def _aenter_checked(
+        self, cell: Cell, ticket: Probe, start: float, run: RunAdmission | None
+    ) -> CircuitBreaker:
         """``async with``'s entry when it won a probe slot of a breaker with a health check:
         the check is awaited (``_acheck_instead``), then the block opens as any other."""
         cell, admitted = await self._acheck_instead(cell, ticket)
-        if not self._stacked:
-            held = (cell, admitted, start)
-            if self._slot.setdefault(0, held) is held:
-                return self
-        self._push(cell, admitted, start)
+        held: _Held = (cell, admitted, start, run)
+        if not self._stacked and self._slot.setdefault(0, held) is held:
+            return self
+        self._push(held)
         return self
 
     def _aexit(
@@ -476,15 +516,19 @@ class CircuitBreaker:
         held = self._slot.pop(0, None)
         if held is None:
             raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
-        cell, ticket, start = held
+        cell, ticket, start, run = held
         if exc is None:  # _finish's success path, without classifying
             end = self._now()
-            moves = cell.record_success(ticket, end - start, self.policy, end)
-            run = _RUN.get()
-            if run is not None and run.covers(self):
+            if cell.quiet_success and ticket == cell.generation:
+                quiet: Any = cell  # (a memory cell: see Cell.quiet_success)
+                next(quiet.success_tally)
+                quiet.last_success = quiet.last_used = end
+            else:
+                moves = cell.record_success(ticket, 0.0 if start is None else end - start, self.policy, end)
+                if moves:
+                    self._announce(moves)
+            if run is not None:
                 run.recorded = SUCCESS
-            if moves:
-                self._announce(moves)
         else:
             self._finish(cell, ticket, exc, start)
         return _EXITED  # (awaits to None: the body's exception propagates)
@@ -509,13 +553,13 @@ class CircuitBreaker:
         self._entered = _done(self)
         return self._entered
 
-    def _push(self, cell: Cell, ticket: Ticket, start: float) -> None:
+    def _push(self, held: _Held) -> None:
         """Open a block on this context's stack (the slot is taken, or was once)."""
         self._stacked = True  # (before the block is visible: see above)
         outer = _ACTIVE.get()
         while outer is not None and outer[0] is None:
-            outer = outer[4]  # (closed blocks: dropped here, not when they closed)
-        _ACTIVE.set([self, cell, ticket, start, outer])
+            outer = outer[2]  # (closed blocks: dropped here, not when they closed)
+        _ACTIVE.set([self, held, outer])
 
     def _exit_block(self, exc: BaseException | None) -> None:
         """Close this breaker's innermost open block on this context's stack, else the
@@ -524,20 +568,19 @@ class CircuitBreaker:
         # exit them out of order, so find this breaker's innermost open block.
         block = _ACTIVE.get()
         while block is not None and block[0] is not self:
-            block = block[4]
+            block = block[2]
         if block is not None:
-            _, cell, ticket, start, _ = block
+            held: _Held | None = block[1]
             block[0] = block[1] = None  # closed: skipped from now on, and holds no cell
         else:
             held = self._slot.pop(0, None)
-            if held is None:
-                raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
-            cell, ticket, start = held
+        if held is None:
+            raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
+        cell, ticket, start, run = held
         if exc is None:  # _finish's success path, without classifying
             end = self._now()
-            moves = cell.record_success(ticket, end - start, self.policy, end)
-            run = _RUN.get()
-            if run is not None and run.covers(self):
+            moves = cell.record_success(ticket, 0.0 if start is None else end - start, self.policy, end)
+            if run is not None:
                 run.recorded = SUCCESS
             if moves:
                 self._announce(moves)
@@ -554,7 +597,7 @@ class CircuitBreaker:
         """
         cell = self._cell
         if cell.passing and _RUN.get() is None:
-            run = RunAdmission(self, cell, cell.generation, self._now(), translate)
+            run = RunAdmission(self, cell, cell.generation, self._now() if cell.timed else None, translate)
         else:
             cell, ticket, start = self._admit()
             run = RunAdmission(self, cell, ticket, start, translate)
@@ -572,9 +615,10 @@ class CircuitBreaker:
         less, docs/decisions.md, 49). ``check_within``: the most seconds a health check
         run for this admission may take (a task's time limit leaves it no more)."""
         cell = self._cell
+        start: float | None
         if cell.passing and _RUN.get() is None:
             ticket: Ticket = cell.generation
-            start = self._now()
+            start = self._now() if cell.timed else None  # (as a ``with`` block: see Cell.timed)
         elif check_within is None:
             cell, ticket, start = self._admit()
         else:
@@ -811,9 +855,15 @@ class CircuitBreaker:
         return HealthState(cell.state)
 
     def _finish(
-        self, cell: Cell, ticket: Ticket, exc: BaseException | None, start: float, outcome: Outcome | None = None
+        self,
+        cell: Cell,
+        ticket: Ticket,
+        exc: BaseException | None,
+        start: float | None,
+        outcome: Outcome | None = None,
     ) -> Outcome:
-        """Record how a call that started at ``start`` went; return how it counted."""
+        """Record how a call that started at ``start`` went (``None``: it was not timed, as
+        its cell looks at no duration; see ``Cell.timed``); return how it counted."""
         run = _RUN.get()
         if outcome is None:
             if exc is not None and run is not None:
@@ -822,8 +872,9 @@ class CircuitBreaker:
             else:
                 outcome = self.policy.classify(exc)
         end = self._now()
+        duration = 0.0 if start is None else end - start
         if outcome is SUCCESS:
-            moves = cell.record_success(ticket, end - start, self.policy, end)
+            moves = cell.record_success(ticket, duration, self.policy, end)
         elif outcome is FAILURE and exc is not None:
             # Only failures pay for this: a Retry-After opens the breaker for that long;
             # a 429 met by a task released from the parking is a refusal (see RunAdmission).
@@ -831,12 +882,12 @@ class CircuitBreaker:
             if run is not None and run.released and run.covers(self):
                 refused_for = run.refused_for = refusal_of(exc, self._clock.time())
             if refused_for is not None:
-                moves = cell.finish(ticket, outcome, end - start, self.policy, end, open_for=refused_for, refused=True)
+                moves = cell.finish(ticket, outcome, duration, self.policy, end, open_for=refused_for, refused=True)
             else:
                 open_for = retry_after_of(exc, self._clock.time())
-                moves = cell.finish(ticket, outcome, end - start, self.policy, end, open_for=open_for)
+                moves = cell.finish(ticket, outcome, duration, self.policy, end, open_for=open_for)
         else:
-            moves = cell.finish(ticket, outcome, end - start, self.policy, end)
+            moves = cell.finish(ticket, outcome, duration, self.policy, end)
         if run is not None and run.covers(self):
             run.recorded = outcome
         if outcome is FAILURE:

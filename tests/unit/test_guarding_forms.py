@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from collections.abc import Callable
 
 import pytest
 
-from celery_breaker import CircuitBreaker, CircuitOpenError, State
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, State
 from celery_breaker.breaker import _RUN, RunAdmission
 from celery_breaker.core import Outcome
-from celery_breaker.testing import FakeClock
+from celery_breaker.testing import FakeClock, fresh_store
 
 from .support import down, fail, make, ok, state_of
 
@@ -260,3 +261,118 @@ def test_a_block_exited_by_an_exit_stack_out_of_order(clock: FakeClock) -> None:
     a.__exit__(None, None, None)
     b.__exit__(None, None, None)
     assert (a.snapshot().successes, b.snapshot().successes) == (1, 1)
+
+
+class CountingClock(FakeClock):
+    """A FakeClock that counts its monotonic readings."""
+
+    __slots__ = ("reads",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads = 0
+
+    def monotonic(self) -> float:
+        self.reads += 1
+        return super().monotonic()
+
+
+def _with(breaker: CircuitBreaker, body: Callable[[], object]) -> None:
+    with breaker:
+        body()
+
+
+def _async_with(breaker: CircuitBreaker, body: Callable[[], object]) -> None:
+    async def block() -> None:
+        async with breaker:
+            body()
+
+    asyncio.run(block())
+
+
+def _decorated(breaker: CircuitBreaker, body: Callable[[], object]) -> None:
+    breaker(body)()
+
+
+def _decorated_async(breaker: CircuitBreaker, body: Callable[[], object]) -> None:
+    async def coroutine_body() -> None:
+        body()
+
+    async def main() -> None:
+        await breaker(coroutine_body)()
+
+    asyncio.run(main())
+
+
+def _run(breaker: CircuitBreaker, body: Callable[[], object]) -> None:
+    run = breaker.enter_run(keep)
+    try:
+        body()
+        run.settle(None)
+    finally:
+        run.leave()
+
+
+def _acall(breaker: CircuitBreaker, body: Callable[[], object]) -> None:
+    async def coroutine_body() -> None:
+        body()
+
+    async def main() -> None:
+        await breaker.acall(coroutine_body)
+
+    asyncio.run(main())
+
+
+FORMS: dict[str, Callable[[CircuitBreaker, Callable[[], object]], object]] = {
+    "call": lambda breaker, body: breaker.call(body),
+    "acall": _acall,
+    "with": _with,
+    "async with": _async_with,
+    "decorator": _decorated,
+    "async decorator": _decorated_async,
+    "run admission": _run,
+}
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_an_untimed_policy_reads_the_clock_once_per_closed_success(form: str) -> None:
+    # No rule looks at durations (no slow_call_duration): a closed success reads the
+    # clock once, at its end; with a slow-call rule, once more at its start.
+    for policy, reads in (({}, 1), (SLOW, 2)):
+        clock = CountingClock()
+        breaker = CircuitBreaker("svc", policy, storage=fresh_store(), clock=clock)
+        before = clock.reads
+        FORMS[form](breaker, ok)
+        assert (clock.reads - before, breaker.snapshot().successes) == (reads, 1), policy
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_form_stamps_a_success_with_its_end(clock: FakeClock, form: str) -> None:
+    breaker = make(clock)
+    FORMS[form](breaker, lambda: clock.advance(7))
+    snapshot = breaker.snapshot()
+    assert (snapshot.successes, snapshot.last_success) == (1, clock.time())
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_every_form_times_its_calls_under_a_slow_call_rule(clock: FakeClock, form: str) -> None:
+    breaker = CircuitBreaker("svc", SLOW, storage=fresh_store(), clock=clock)
+    FORMS[form](breaker, lambda: clock.advance(1))  # fast
+    assert (slow_calls(breaker), state_of(breaker)) == (0, State.CLOSED)
+    FORMS[form](breaker, lambda: clock.advance(6))  # slow: half the window, which trips
+    assert state_of(breaker) is State.OPEN
+
+
+@pytest.mark.parametrize("form", ["with", "run admission"])
+def test_an_untimed_call_spanning_a_reset_to_a_slow_call_rule_is_not_slow(clock: FakeClock, form: str) -> None:
+    # Begun under a policy that times nothing; the breaker is reset to a slow-call rule
+    # meanwhile (a CLOSED breaker's reset keeps its generation, so the call still counts).
+    # The call has no start to measure from: after a minute, it counts as fast.
+    breaker = make(clock)
+
+    def body() -> None:
+        breaker._cell.reset(BreakerPolicy.coerce(SLOW), clock.monotonic())
+        clock.advance(60)
+
+    FORMS[form](breaker, body)
+    assert (slow_calls(breaker), state_of(breaker), breaker.snapshot().successes) == (0, State.CLOSED, 1)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -192,3 +193,33 @@ def test_an_entered_run_records_what_the_calls_inside_it_recorded(clock: FakeClo
     finally:
         run.leave()
     assert breaker.snapshot().failures == 1
+
+
+def test_each_block_in_a_run_tells_it_what_it_recorded_and_other_breakers_do_not(clock: FakeClock) -> None:
+    breaker = make(clock, failure_threshold=5)
+    other = make(clock, name="other")
+
+    async def async_block(guard: CircuitBreaker, body: Callable[[], object]) -> None:
+        async with guard:
+            body()
+
+    run = breaker.enter_run(keep)
+    try:
+        with pytest.raises(ConnectionError), breaker:  # the run's own ticket
+            down()
+        assert recorded(run) is Outcome.FAILURE
+        with other:
+            ok()
+        asyncio.run(async_block(other, ok))
+        assert recorded(run) is Outcome.FAILURE  # another breaker's blocks are not the run's
+        with breaker:  # an ordinary ticket (the run's is spent), still the run's breaker
+            ok()
+        assert recorded(run) is Outcome.SUCCESS
+        with pytest.raises(ConnectionError):
+            asyncio.run(async_block(breaker, down))
+        assert recorded(run) is Outcome.FAILURE
+        asyncio.run(async_block(breaker, ok))
+        assert recorded(run) is Outcome.SUCCESS
+    finally:
+        run.leave()
+    assert (breaker.snapshot().successes, breaker.snapshot().failures) == (2, 2)

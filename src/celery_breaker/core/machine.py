@@ -46,7 +46,7 @@ class BreakerMachine:
         "success_tally", "failures", "rejection_tally", "deferrals", "trips",
         "last_success", "last_failure", "last_used", "moves", "wall_offset", "passing", "quiet_success",
         "streak", "open_duration", "draw",
-        "unlocked_success",
+        "unlocked_success", "timed",
     )  # fmt: skip
 
     def __init__(self, name: str, key: str | None, policy: BreakerPolicy, now: float) -> None:
@@ -90,6 +90,7 @@ class BreakerMachine:
 
     def _use_policy(self, policy: BreakerPolicy) -> None:
         self.policy = policy
+        self.timed = policy.slow_call_duration is not None  # (else no duration is looked at)
         self.rules: tuple[TripRule, ...] = rules_for(policy)
         # The rule whose counts transitions and snapshots show (see rules_for).
         self.shown: TripRule = self.rules[-1]

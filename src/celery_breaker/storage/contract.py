@@ -57,6 +57,23 @@ class Cell(Protocol):
         """True when the holder must ask the store for the cell again (``Store.cell``)."""
         ...
 
+    @property
+    def timed(self) -> bool:
+        """True when the breaker's policy looks at how long calls take (a slow-call rule):
+        callers then time every call. False: no duration is ever looked at, and a caller
+        may skip the clock reading that starts one (passing ``0.0`` as its duration)."""
+        ...
+
+    @property
+    def quiet_success(self) -> bool:
+        """True while a success in the current generation moves nothing and needs no
+        lock (the memory store, CLOSED, no rule minding successes): a caller may then
+        record it in its own frame, as the memory cell's ``record_success`` would, by
+        ``next(cell.success_tally)`` and ``cell.last_success = cell.last_used = now``
+        (what ``with`` blocks do: docs/decisions.md, 56). A cell without those fields
+        keeps it False."""
+        ...
+
     def stale(self) -> None:
         """Forget the local view: the holder asks the store again (``evicted`` turns True)
         and ``Store.cell`` reads the breaker before the next call."""

@@ -166,6 +166,11 @@ class FallbackStore:
 class FallbackCell:
     """A cell that is the shared store's while it answers, and this process's while not."""
 
+    # Either cell may be active at the end of a call that began on the other: time
+    # every call, and record every success through record_success.
+    timed = True
+    quiet_success = False
+
     def __init__(self, store: FallbackStore, name: str, key: str | None, policy: BreakerPolicy, clock: Clock) -> None:
         self._store = store
         self._name = name

@@ -64,6 +64,11 @@ class RedisCell:
         "_df_flushed", "_incarnation", "_full_until", "_slow", "_seen", "_dropped", "_lock", "_sending", "__weakref__",
     )  # fmt: skip
 
+    # Every call is timed (its duration goes to Redis with a slow call), and every
+    # success goes through record_success, which batches it.
+    timed = True
+    quiet_success = False
+
     def __init__(self, store: RedisStore, name: str, key: str | None, policy: BreakerPolicy, clock: Clock) -> None:
         self.name = name
         self.key = key
