@@ -37,7 +37,9 @@ _ADMITTING = (State.CLOSED, State.DISABLED)
 
 #: What an open ``with`` block holds: its cell, its ticket, when it started (``None``: not
 #: timed, as the cell's policy looks at no duration) and the run to tell its success (the
-#: run current at its start, if that run covers the breaker; else ``None``).
+#: run current at its start, if that run covers the breaker; else ``None``). A failure is
+#: told by ``_finish`` to the run current at the block's end: the two differ only for
+#: blocks and runs that do not nest (entered and left by hand, out of order).
 _Held = tuple[Cell, Ticket, "float | None", "RunAdmission | None"]
 
 #: A guarded block on a context's stack (``with breaker:``): ``[breaker, held, outer]``,

@@ -365,13 +365,15 @@ def test_every_form_times_its_calls_under_a_slow_call_rule(clock: FakeClock, for
 
 @pytest.mark.parametrize("form", ["with", "run admission"])
 def test_an_untimed_call_spanning_a_reset_to_a_slow_call_rule_is_not_slow(clock: FakeClock, form: str) -> None:
-    # Begun under a policy that times nothing; the breaker is reset to a slow-call rule
-    # meanwhile (a CLOSED breaker's reset keeps its generation, so the call still counts).
-    # The call has no start to measure from: after a minute, it counts as fast.
+    # Begun under a policy that times nothing (no start reading); the breaker is reset to
+    # a slow-call rule meanwhile. A reset starts a new generation, so the call's ticket is
+    # stale: it is recorded (no start to measure from is no error) and trips nothing.
     breaker = make(clock)
+    generation = breaker._cell.generation
 
     def body() -> None:
         breaker._cell.reset(BreakerPolicy.coerce(SLOW), clock.monotonic())
+        assert breaker._cell.generation != generation
         clock.advance(60)
 
     FORMS[form](breaker, body)
