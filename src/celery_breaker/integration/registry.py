@@ -29,6 +29,9 @@ class BreakerRegistry:
         self._breakers: dict[tuple[str, str | None], CircuitBreaker] = {}
         self._listeners: list[TransitionListener] = []
         self._lock = threading.Lock()
+        self.version = 0
+        """Moves on whenever the registry makes a breaker or lets one go: a breaker it gave
+        out is still its breaker for that (name, key) while the version is unchanged."""
 
     def get(self, name: str, key: str | None, policy: BreakerPolicy) -> CircuitBreaker:
         """The breaker for ``(name, key)``, cached; a changed ``policy`` makes a new one that keeps the listeners."""
@@ -52,6 +55,7 @@ class BreakerRegistry:
                 for ident in list(self._breakers)[: MAX_CACHED_BREAKERS // 2]:
                     del self._breakers[ident]
             self._breakers[(name, key)] = breaker
+            self.version += 1
         return breaker
 
     def add_listener(self, listener: TransitionListener) -> None:
@@ -66,6 +70,7 @@ class BreakerRegistry:
         with self._lock:
             self.clock = clock
             self._breakers.clear()
+            self.version += 1
 
 
 def registry_for(app: Any) -> BreakerRegistry:

@@ -25,6 +25,7 @@ from .deferral.defer import defer
 from .deferral.plan import HEADERS as DEFERRAL_HEADERS
 from .deferral.plan import PARKED_HEADER, hard_time_limit
 from .probes import breaker_with_probe
+from .registry import BreakerRegistry, registry_for
 from .task_options import TaskBreakerConfig, forget_task_breaker_config, task_breaker_config
 from .values import positive_finite
 
@@ -111,6 +112,9 @@ class BreakerTask(Task):  # type: ignore[misc]
     breaker_probe_timeout: Any = None
     #: ``autoretry_for=(Exception,)`` must never spend a retry on an open breaker.
     dont_autoretry_for = (CircuitOpenError,)
+    #: The breaker of a task without ``breaker_key``, as ``_breaker_for`` last found it:
+    #: ``(config, registry, registry version, breaker)``.
+    _breaker_held: tuple[TaskBreakerConfig, BreakerRegistry, int, CircuitBreaker] | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         # Every task class is made by subclassing (``@app.task(base=...)``, ``task_cls``,
@@ -313,14 +317,27 @@ class BreakerTask(Task):  # type: ignore[misc]
     # -- rejection: fallback, error or deferral -------------------------------
 
     def _breaker_for(self, config: TaskBreakerConfig, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CircuitBreaker:
-        key = None
         key_fn = self.breaker_key
-        if key_fn is not None:
-            if isinstance(key_fn, str):
-                key_fn = getattr(self, key_fn)
-            key = key_fn(args, kwargs)
-            if key is not None and not isinstance(key, str):
-                key = str(key)
+        if key_fn is None:
+            # One breaker for every run: the one the registry last gave, while the task's
+            # options and the registry are as they were then (~0.4 µs a run less).
+            held = self._breaker_held
+            if held is not None and held[0] is config and held[1].version == held[2]:
+                breaker: CircuitBreaker = held[3]
+                probe = config.probe
+                if breaker.probe is not probe and breaker.probe != probe:  # (as breaker_with_probe)
+                    breaker.probe = probe
+                return breaker
+            registry = registry_for(self.app)
+            version = registry.version  # (read first: a breaker made meanwhile moves it on)
+            breaker = breaker_with_probe(self.app, config.name, None, config.policy, config.probe)
+            self._breaker_held = (config, registry, version, breaker)
+            return breaker
+        if isinstance(key_fn, str):
+            key_fn = getattr(self, key_fn)
+        key = key_fn(args, kwargs)
+        if key is not None and not isinstance(key, str):
+            key = str(key)
         return breaker_with_probe(self.app, config.name, key, config.policy, config.probe)
 
     def _on_rejected(

@@ -1,0 +1,81 @@
+"""A task finds its breaker once and keeps it while its options and the app's registry stay as they were."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from celery_breaker import BreakerTask, CircuitBreaker
+from celery_breaker.integration.task_options import forget_task_breaker_config, task_breaker_config
+from celery_breaker.testing import FakeClock, use_clock
+
+
+def throwaway_app(name: str) -> Any:
+    app = Celery(name, set_as_current=False, broker="memory://", backend="cache+memory://")
+    app.conf.update(breaker_storage_url=f"memory://celery-tests-{name}")
+    return app
+
+
+def test_a_task_keeps_its_breaker_until_the_registry_makes_another() -> None:
+    app = throwaway_app("lookup-registry")
+    seen: list[CircuitBreaker] = []
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="lr.job")
+    def job(self: Any) -> None:
+        seen.append(self.breaker)
+
+    app.finalize()
+    task = app.tasks["lr.job"]
+    task.apply().get()
+    task.apply().get()
+    assert seen[0] is seen[1]
+    clock = FakeClock()
+    use_clock(app, clock)  # the registry lets its breakers go: the next run meets a new one
+    task.apply().get()
+    assert seen[2] is not seen[1]
+    assert seen[2]._clock is clock
+
+
+def test_a_task_whose_options_changed_meets_a_breaker_with_the_new_policy() -> None:
+    app = throwaway_app("lookup-options")
+    thresholds: list[int | None] = []
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="lo.job", breaker_policy={"failure_threshold": 3})
+    def job(self: Any) -> None:
+        thresholds.append(self.breaker.policy.failure_threshold)
+
+    app.finalize()
+    task = app.tasks["lo.job"]
+    task.apply().get()
+    type(task).breaker_policy = {"failure_threshold": 7}
+    forget_task_breaker_config(type(task))
+    task.apply().get()
+    assert thresholds == [3, 7]
+
+
+def test_tasks_sharing_a_breaker_each_run_with_their_own_health_check() -> None:
+    app = throwaway_app("lookup-probes")
+    probes: list[tuple[str, object, object]] = []
+
+    def check_a() -> bool:
+        return True
+
+    def check_b() -> bool:
+        return True
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="lp.a", breaker="shared", breaker_probe=check_a)
+    def a(self: Any) -> None:
+        probes.append(("a", self.breaker.probe, task_breaker_config(self).probe))
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="lp.b", breaker="shared", breaker_probe=check_b)
+    def b(self: Any) -> None:
+        probes.append(("b", self.breaker.probe, task_breaker_config(self).probe))
+
+    app.finalize()
+    for name in ("lp.a", "lp.b", "lp.a", "lp.b"):
+        app.tasks[name].apply().get()
+    assert [name for name, _, _ in probes] == ["a", "b", "a", "b"]
+    for name, used, own in probes:
+        assert used is own, name  # each run's breaker carries the running task's check
+    assert probes[0][1] is not probes[1][1]
