@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Celery
+from celery import Celery, current_app
 
 from celery_breaker import BreakerTask, CircuitBreaker
 from celery_breaker.integration.task_options import forget_task_breaker_config, task_breaker_config
@@ -79,3 +79,32 @@ def test_tasks_sharing_a_breaker_each_run_with_their_own_health_check() -> None:
     for name, used, own in probes:
         assert used is own, name  # each run's breaker carries the running task's check
     assert probes[0][1] is not probes[1][1]
+
+
+def test_a_task_on_the_current_app_meets_the_breaker_of_the_app_current_now() -> None:
+    seen: list[CircuitBreaker] = []
+
+    class Job(BreakerTask):
+        name = "lookup-current.job"
+
+        def run(self) -> None:
+            seen.append(self.breaker)
+
+    before = current_app._get_current_object()
+    try:
+        job = Job()
+        first = Celery("lookup-current-1", broker="memory://", backend="cache+memory://")  # current
+        first.conf.breaker_storage_url = "memory://lookup-current-1"
+        assert job.app.main == "lookup-current-1"  # bound to the current_app proxy
+        job()
+        job()
+        second = Celery("lookup-current-2", broker="memory://", backend="cache+memory://")
+        second.conf.breaker_storage_url = "memory://lookup-current-2"
+        clock = FakeClock()
+        use_clock(second, clock)
+        job()
+        assert seen[-1].store.url == "memory://lookup-current-2"
+        assert seen[-1]._clock is clock
+        assert seen[-1] is job.breaker
+    finally:
+        before.set_current()
