@@ -32,7 +32,10 @@ Method
   decorated function and a decorated coroutine function, a run admission (exactly what
   BreakerTask does around a task's body: ``enter_run``, ``settle``, ``leave`` in a
   ``finally``), and BreakerTask itself, called in process (``task()``: Celery's request
-  set-up without a broker or a worker) beside a plain task called the same way. Async
+  set-up without a broker or a worker) beside a plain task called the same way, and
+  BreakerTask with a request pushed as a worker's tracer pushes one (what a worker calls)
+  beside a plain task's ``run`` (what a worker calls for a task without its own
+  ``__call__``). Async
   variants run inside one coroutine driven without an event loop (nothing suspends),
   against a bare loop in a coroutine of the same shape (``noop()``, or ``await anoop()``
   for the decorated coroutine function). Each form's overhead is compared with ``call``'s and
@@ -368,8 +371,23 @@ def _trip(fn: Callable[[], object], times: int) -> None:
             fn()
 
 
-def celery_tasks(breaker_name: str) -> tuple[Callable[[], object], Callable[[], object]]:
-    """A plain task and a BreakerTask (memory store), both doing nothing, on an app with no broker in use."""
+@dataclass
+class CeleryTasks:
+    """Tasks doing nothing on an app with no broker in use (memory store)."""
+
+    plain: Callable[[], object]
+    """A plain task, called in process (Celery sets up a request for the call)."""
+    guarded: Callable[[], object]
+    """A BreakerTask, called in process."""
+    plain_run: Callable[[], object]
+    """Another plain task's ``run``: what a worker's tracer calls for a task without its
+    own ``__call__``."""
+    guarded_in_worker: Callable[[], object]
+    """Another BreakerTask, with a request pushed as a worker's tracer pushes one: what a
+    worker calls for it."""
+
+
+def celery_tasks(breaker_name: str) -> CeleryTasks:
     from celery import Celery
 
     from celery_breaker import BreakerTask
@@ -385,7 +403,18 @@ def celery_tasks(breaker_name: str) -> tuple[Callable[[], object], Callable[[], 
     def guarded() -> None:
         return None
 
-    return plain, guarded
+    @app.task(name="bench.plain_in_worker", shared=False)  # type: ignore[untyped-decorator,unused-ignore]
+    def plain_in_worker() -> None:
+        return None
+
+    @app.task(name="bench.guarded_in_worker", base=BreakerTask, breaker=breaker_name, shared=False)  # type: ignore[untyped-decorator,unused-ignore]
+    def guarded_in_worker() -> None:
+        return None
+
+    in_worker = [app.tasks[task.name] for task in (plain_in_worker, guarded_in_worker)]
+    for task in in_worker:  # (this thread's request stack: the in-process rows use other tasks)
+        task.push_request(args=(), kwargs={}, called_directly=False)
+    return CeleryTasks(plain, guarded, in_worker[0].run, in_worker[1])
 
 
 def _all_counted(*breakers: CircuitBreaker) -> bool:
@@ -409,7 +438,7 @@ def build_variants() -> Setup:
     cb_async_decorated = CircuitBreaker(f"bench-async-decorator-{pid}")(anoop)
     cb_run = CircuitBreaker(f"bench-run-{pid}")
     cb_run_with = CircuitBreaker(f"bench-run-with-{pid}")
-    task_plain, task_guarded = celery_tasks(f"bench-task-{pid}")
+    tasks = celery_tasks(f"bench-task-{pid}")
     fab_async = circuitbreaker.CircuitBreaker(name=f"bench-async-{pid}")(anoop)
     cb_rate = CircuitBreaker(
         f"bench-rate-{pid}", {"failure_rate_threshold": 0.5, "minimum_calls": 20}
@@ -451,7 +480,8 @@ def build_variants() -> Setup:
         ),
         ("celery-breaker decorator passes", lambda: cb_decorated() is None),
         ("celery-breaker with-blocks pass", lambda: cb_with.state is State.CLOSED and not cb_with._slot),
-        ("BreakerTask runs", lambda: task_guarded() is None),
+        ("BreakerTask runs", lambda: tasks.guarded() is None),
+        ("BreakerTask runs with a request pushed", lambda: tasks.guarded_in_worker() is None),
         ("every guarded call counted", lambda: _all_counted(cb_with, cb_async_with, cb_run, cb_run_with)),
         ("pybreaker closed breaker is closed", lambda: pb_closed.current_state == pybreaker.STATE_CLOSED),
         ("pybreaker open breaker is open", lambda: pb_open.current_state == pybreaker.STATE_OPEN),
@@ -488,8 +518,16 @@ def build_variants() -> Setup:
         Variant(
             "cb_run_with", "celery-breaker closed: with b: in a run", "closed", run_with_loop(cb_run_with), "cb_run"
         ),
-        Variant("task_plain", "plain Celery task, called in process", "bare", plain_loop(task_plain)),
-        Variant("cb_task", "BreakerTask, called in process", "closed", plain_loop(task_guarded), "task_plain"),
+        Variant("task_plain", "plain Celery task, called in process", "bare", plain_loop(tasks.plain)),
+        Variant("cb_task", "BreakerTask, called in process", "closed", plain_loop(tasks.guarded), "task_plain"),
+        Variant("task_plain_run", "plain task's run (what a worker calls)", "bare", plain_loop(tasks.plain_run)),
+        Variant(
+            "cb_task_worker",
+            "BreakerTask, in a worker",
+            "closed",
+            plain_loop(tasks.guarded_in_worker),
+            "task_plain_run",
+        ),
         Variant(
             "cb_rate",
             "celery-breaker closed, failure-rate policy",
@@ -629,7 +667,7 @@ def environment() -> dict[str, Any]:
 #: closed overhead and below fabfuel's, in the same run.
 FORMS = (
     "cb_closed", "cb_with", "cb_async_with", "cb_decorator", "cb_async_decorator", "cb_run", "cb_run_with",
-    "cb_task", "cb_rate",
+    "cb_task", "cb_task_worker", "cb_rate",
 )  # fmt: skip
 WITHIN_CALL = 1.10
 
@@ -744,9 +782,10 @@ def print_report(res: Results) -> None:
         )
     print(
         "\noverhead = median - the median of the same call unguarded (a bare call; for the async\n"
-        "rows the same loop in a coroutine; for BreakerTask a plain task); 'vs call' = overhead /\n"
-        "b.call's; 'vs fabfuel' = overhead / fabfuel's on the same path (closed rows: fabfuel\n"
-        "closed; reject rows: fabfuel's open reject)."
+        "rows the same loop in a coroutine; for BreakerTask a plain task called the same way, or\n"
+        "in a worker a plain task's run); 'vs call' = overhead / b.call's; 'vs fabfuel' =\n"
+        "overhead / fabfuel's on the same path (closed rows: fabfuel closed; reject rows:\n"
+        "fabfuel's open reject)."
     )
 
     g = goals(variants)
