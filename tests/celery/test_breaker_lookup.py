@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from celery import Celery, current_app
 
 from celery_breaker import BreakerTask, CircuitBreaker
+from celery_breaker.integration import registry
+from celery_breaker.integration import task as task_module
 from celery_breaker.integration.task_options import forget_task_breaker_config, task_breaker_config
 from celery_breaker.testing import FakeClock, use_clock
 
@@ -48,10 +51,54 @@ def test_a_task_whose_options_changed_meets_a_breaker_with_the_new_policy() -> N
     app.finalize()
     task = app.tasks["lo.job"]
     task.apply().get()
+    task.apply().get()  # (the first run made the breaker: from the second on, it is kept)
     type(task).breaker_policy = {"failure_threshold": 7}
     forget_task_breaker_config(type(task))
     task.apply().get()
-    assert thresholds == [3, 7]
+    assert thresholds == [3, 3, 7]
+
+
+def test_a_task_given_a_key_after_its_first_runs_meets_the_keyed_breaker() -> None:
+    app = throwaway_app("lookup-key")
+    keys: list[str | None] = []
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="lk.job")
+    def job(self: Any, account: str) -> None:
+        keys.append(self.breaker.key)
+
+    app.finalize()
+    task = app.tasks["lk.job"]
+    task.apply(("a",)).get()
+    task.apply(("a",)).get()
+    type(task).breaker_key = staticmethod(lambda args, kwargs: args[0])
+    task.apply(("b",)).get()
+    assert keys == [None, None, "b"]
+
+
+def test_a_kept_breaker_is_not_asked_for_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    app = throwaway_app("lookup-kept")
+    asked: list[object] = []
+    ask = registry.registry_for
+
+    def counting(app: Any) -> Any:
+        asked.append(app)
+        return ask(app)
+
+    monkeypatch.setattr(task_module, "registry_for", counting)
+
+    @app.task(base=BreakerTask, shared=False, name="lkept.job")
+    def job() -> None:
+        return None
+
+    app.finalize()
+    task = app.tasks["lkept.job"]
+    for _ in range(5):
+        task.apply().get()
+    assert len(asked) == 2  # the first run made the breaker, the second kept it
+    forget_task_breaker_config(type(task))  # any task's options forgotten: asked again
+    task.apply().get()
+    task.apply().get()
+    assert len(asked) == 3
 
 
 def test_tasks_sharing_a_breaker_each_run_with_their_own_health_check() -> None:

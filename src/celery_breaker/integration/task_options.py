@@ -14,9 +14,13 @@ from . import values
 from .probes import resolve_probe
 from .settings import BreakerSettings, get_settings
 
-__all__ = ["TaskBreakerConfig", "forget_task_breaker_config", "task_breaker_config"]
+__all__ = ["OPTIONS_FORGOTTEN", "TaskBreakerConfig", "forget_task_breaker_config", "task_breaker_config"]
 
 _CONFIG = "_celery_breaker_config"  # the class attribute caching the resolved options
+
+#: How many times any task's options were forgotten (``OPTIONS_FORGOTTEN[0]``): what a
+#: task kept from its options since (its breaker: ``BreakerTask._breaker_held``) is stale.
+OPTIONS_FORGOTTEN = [0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,5 +100,6 @@ def _probe(cls: Any, where: str, name: str, settings: BreakerSettings) -> Health
 
 def forget_task_breaker_config(cls: type) -> None:
     """Drop the options cached on ``cls`` (its options changed: resolve them again)."""
+    OPTIONS_FORGOTTEN[0] += 1
     if _CONFIG in cls.__dict__:
         delattr(cls, _CONFIG)
