@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
+from collections.abc import Callable, Iterator
 
 import pytest
 import redis
@@ -59,6 +60,33 @@ def _store(request: pytest.FixtureRequest, options: str = "") -> Store:
         url = request.getfixturevalue("redis_url")
     # time=client: the scripts read the test's FakeClock instead of Redis TIME.
     return RedisStore.from_url(f"{url}?time=client&key_prefix={unique_prefix()}{options}")
+
+
+#: ``closing(store)``: the store, closed when the test ends (the ``closing`` fixture).
+Closing = Callable[[RedisStore], RedisStore]
+
+
+@pytest.fixture
+def closing() -> Iterator[Closing]:
+    """``closing(store)`` returns the store and closes it when the test ends: for a store
+    that cannot reach its server (stopped, silent, refusing its TLS handshake).
+
+    Such a store's agent thread keeps trying to subscribe until the store is closed or
+    garbage, and garbage may come only at a later collection, under a later test. On a
+    Cluster each try builds a new redis-py client, which shuffles its startup nodes with
+    the global ``random``, and Hypothesis then warns that a later test changed
+    ``random``'s state. (The thread once held the store while it waited to try again, so
+    such a store was never garbage: ``tests/storage/test_redis.py`` covers that.)
+    """
+    stores: list[RedisStore] = []
+
+    def close_at_the_end(store: RedisStore) -> RedisStore:
+        stores.append(store)
+        return store
+
+    yield close_at_the_end
+    for store in stores:
+        store.close()
 
 
 def breaker_keys(store: RedisStore, name: str, key: str | None = None) -> list[str]:

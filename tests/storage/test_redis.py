@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,8 +23,10 @@ from celery_breaker.errors import StorageError
 from celery_breaker.storage import store_from_url
 from celery_breaker.storage.fallback import FallbackCell
 from celery_breaker.storage.redis import DEFAULT_IDLE_TTL, RedisStore
+from celery_breaker.storage.redis import agent as agent_module
 from celery_breaker.testing import FakeClock
 
+from ..servers import free_port
 from ..unit.support import fail, ok, state_of
 from .conftest import following, unique_prefix
 
@@ -522,3 +525,57 @@ def test_counts_of_a_breaker_object_dropped_before_the_flush_are_sent(redis_url:
     store.flush()
     seen = {s.name: s for s in RedisStore.from_url(url).snapshots(SYSTEM_CLOCK)}
     assert (seen["temp"].successes, seen["held"].rejections, seen["late"].rejections) == (5, 3, 2)
+
+
+def _unreachable_store() -> RedisStore:
+    # Nothing listens on the port: each subscription attempt is refused at once.
+    return RedisStore.from_url(
+        f"redis://127.0.0.1:{free_port()}/0?socket_timeout=0.2&socket_connect_timeout=0.2&key_prefix={unique_prefix()}"
+    )
+
+
+def _counting_attempts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    attempts: list[int] = []
+    subscribe = agent_module.Agent._subscribe
+
+    def counted(agent: agent_module.Agent, store: RedisStore) -> Any:
+        attempts.append(1)
+        return subscribe(agent, store)
+
+    monkeypatch.setattr(agent_module.Agent, "_subscribe", counted)
+    return attempts
+
+
+def test_the_agent_of_an_unreachable_store_stops_once_the_store_is_garbage(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The agent held the store through its wait between attempts: a store whose Redis
+    # could not be reached was never garbage, and its thread retried for ever.
+    monkeypatch.setattr(agent_module, "IDLE_EXIT", 1e9)  # (only the store's going may stop it)
+    attempts = _counting_attempts(monkeypatch)
+    store = _unreachable_store()
+    store.ensure_agent()
+    agent = store._agent
+    assert agent is not None
+    _until(lambda: len(attempts) >= 2)  # failed, waited, tried again
+    gone = weakref.ref(store)
+    del store
+
+    def stopped() -> bool:
+        gc.collect()
+        return not agent.is_alive()
+
+    _until(stopped)
+    assert gone() is None
+
+
+def test_the_agent_of_an_unreachable_store_without_breakers_stops_by_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent_module, "IDLE_EXIT", 0.0)
+    attempts = _counting_attempts(monkeypatch)
+    store = _unreachable_store()
+    store.ensure_agent()
+    agent = store._agent
+    assert agent is not None
+    agent.join(timeout=10)
+    assert not agent.is_alive()
+    assert store._agent is None  # the store knows: its next cell starts another
+    assert len(attempts) >= 2  # (it stopped for having no cells, not at its first failure)
+    assert not store.live

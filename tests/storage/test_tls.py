@@ -34,7 +34,7 @@ from celery_breaker.storage.redis.client import CLIENT_ERRORS, check_url
 from ..servers import RedisCluster, RedisSentinel, RedisServer
 from ..tls import Certificates
 from ..unit.support import fail, ok, state_of
-from .conftest import unique_prefix
+from .conftest import Closing, unique_prefix
 from .test_redis_hot_path import wait_for
 
 TRIP_AT_TWO = {"failure_threshold": 2}
@@ -101,9 +101,10 @@ def test_the_tls_servers_take_no_plain_connections(redis_tls: RedisServer) -> No
 # -- certificates that do not do: store outages, never crashes --------------------------
 
 
-def failing_store(url: str) -> RedisStore:
-    """A store whose first use fails with StorageError, caused by a redis-py error (a TLS one)."""
-    store = RedisStore.from_url(url)  # configured without complaint: nothing connects yet
+def failing_store(url: str, closing: Closing) -> RedisStore:
+    """A store whose first use fails with StorageError, caused by a redis-py error (a TLS
+    one); closed when the test ends (its agent would retry for the rest of the session)."""
+    store = closing(RedisStore.from_url(url))  # configured without complaint: nothing connects yet
     with pytest.raises(StorageError) as info:
         store.cell("svc", None, BreakerPolicy(), SYSTEM_CLOCK)
     assert isinstance(info.value.__cause__, CLIENT_ERRORS)
@@ -112,9 +113,9 @@ def failing_store(url: str) -> RedisStore:
 
 @pytest.mark.parametrize("topology", TOPOLOGIES)
 def test_without_a_client_certificate_the_store_is_unreachable(
-    topology: str, tls_url: Callable[[str], str], tls_certificates: Certificates
+    topology: str, tls_url: Callable[[str], str], tls_certificates: Certificates, closing: Closing
 ) -> None:
-    store = failing_store(with_query(tls_url(topology), tls_certificates.query(client_certificate=False)))
+    store = failing_store(with_query(tls_url(topology), tls_certificates.query(client_certificate=False)), closing)
     breaker = CircuitBreaker("svc", TRIP_AT_TWO, storage=store, on_storage_error="allow")
     assert breaker.call(ok) == "ok"  # breaker_on_storage_error applies
     assert state_of(breaker) is State.DISABLED
@@ -122,17 +123,20 @@ def test_without_a_client_certificate_the_store_is_unreachable(
 
 @pytest.mark.parametrize("topology", TOPOLOGIES)
 def test_a_wrong_ca_is_a_storage_error(
-    topology: str, tls_url: Callable[[str], str], tls_certificates: Certificates
+    topology: str, tls_url: Callable[[str], str], tls_certificates: Certificates, closing: Closing
 ) -> None:
     url = with_query(tls_url(topology), tls_certificates.query(ca=tls_certificates.other_ca))
-    store = failing_store(url)
+    store = failing_store(url, closing)
     breaker = CircuitBreaker("svc", TRIP_AT_TWO, storage=store, on_storage_error="deny")
     with pytest.raises(CircuitOpenError):
         breaker.call(ok)
 
 
-def test_a_wrong_ca_names_the_certificate_check(redis_tls: RedisServer, tls_certificates: Certificates) -> None:
-    store = RedisStore.from_url(with_query(redis_tls.url, tls_certificates.query(ca=tls_certificates.other_ca)))
+def test_a_wrong_ca_names_the_certificate_check(
+    redis_tls: RedisServer, tls_certificates: Certificates, closing: Closing
+) -> None:
+    url = with_query(redis_tls.url, tls_certificates.query(ca=tls_certificates.other_ca))
+    store = closing(RedisStore.from_url(url))
     with pytest.raises(StorageError, match="CERTIFICATE_VERIFY_FAILED"):
         store.cell("svc", None, BreakerPolicy(), SYSTEM_CLOCK)
 

@@ -30,7 +30,7 @@ from celery_breaker.testing import FakeClock
 from .. import servers
 from ..servers import RedisSentinel
 from ..unit.support import fail, ok, state_of
-from .conftest import unique_prefix
+from .conftest import Closing, unique_prefix
 from .test_redis_hot_path import Trips, live_breaker
 
 TRIP_AT_TWO = {"failure_threshold": 2}
@@ -168,14 +168,16 @@ def test_describe_masks_every_password(url: str, shown: str) -> None:
 
 @pytest.mark.parametrize("topology", ["cluster", "sentinel"])
 @pytest.mark.parametrize("server", ["stopped", "silent"])
-def test_an_unreachable_cluster_or_sentinel_raises_storage_error_in_bounded_time(topology: str, server: str) -> None:
+def test_an_unreachable_cluster_or_sentinel_raises_storage_error_in_bounded_time(
+    topology: str, server: str, closing: Closing
+) -> None:
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)  # the kernel accepts connections; nobody ever answers
         port = silent.getsockname()[1] if server == "silent" else dead_port()
         nodes = f"127.0.0.1:{port},127.0.0.1:{dead_port()}"
         url = f"redis+{topology}://{nodes}" + ("/mymaster" if topology == "sentinel" else "") + "?socket_timeout=0.3"
-        store = RedisStore.from_url(url)
+        store = closing(RedisStore.from_url(url))  # (its agent would retry for the rest of the session)
         started = time.monotonic()
         with pytest.raises(StorageError):
             store.cell("svc", None, BreakerPolicy(), SYSTEM_CLOCK)  # the store itself; breakers fall back

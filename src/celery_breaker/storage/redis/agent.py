@@ -68,30 +68,43 @@ class Agent(threading.Thread):
 
     def run(self) -> None:
         failures = 0
+        empty_since: float | None = None  # (while failing: since when the store has had no cells)
         try:
             while not self._stop_event.is_set():
-                store = self._store()
+                store: RedisStore | None = self._store()
                 if store is None or self.pid != os.getpid():
                     return
                 pubsub = None
                 try:
                     pubsub = self._subscribe(store)
                     failures = 0
+                    empty_since = None
                     store.go_live()
                     store.flush(everything=True)  # views read from here on are followed
                     store.settled = True
-                    del store
+                    store = None  # (only the weak reference while listening)
                     if self._listen(pubsub):
                         return
                 except Exception as exc:  # the thread must outlive anything it meets
                     if not isinstance(exc, (redis.RedisError, OSError, StorageError, _Lost)):
                         logger.warning("redis store agent: unexpected %r; resubscribing", exc, exc_info=True)
                     failures += 1
-                    lost = self._store()
-                    if lost is not None:
-                        lost.go_dark(exc)
-                    del lost
+                    store = self._store()
+                    if store is not None:
+                        store.go_dark(exc)
+                        # A store that cannot be reached stops its agent too once it has
+                        # had no cells for IDLE_EXIT (a new cell starts another).
+                        now = time.monotonic()
+                        if store.cell_count():
+                            empty_since = None
+                        elif empty_since is None:
+                            empty_since = now
+                        elif now - empty_since > IDLE_EXIT:
+                            return
                 finally:
+                    # Not held through the wait: a store nobody else holds is garbage
+                    # while its agent waits to retry, and the agent then stops.
+                    store = None
                     if pubsub is not None:
                         self._close(pubsub)
                 self._stop_event.wait(_BACKOFF[min(failures, len(_BACKOFF)) - 1] if failures else 0.0)
