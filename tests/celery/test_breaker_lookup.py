@@ -8,7 +8,7 @@ import pytest
 from celery import Celery, current_app
 
 from celery_breaker import BreakerTask, CircuitBreaker
-from celery_breaker.integration import registry
+from celery_breaker.integration import registry, task_options
 from celery_breaker.integration import task as task_module
 from celery_breaker.integration.task_options import forget_task_breaker_config, task_breaker_config
 from celery_breaker.testing import FakeClock, use_clock
@@ -155,3 +155,31 @@ def test_a_task_on_the_current_app_meets_the_breaker_of_the_app_current_now() ->
         assert seen[-1] is job.breaker
     finally:
         before.set_current()
+
+
+def test_a_run_while_options_are_being_forgotten_keeps_nothing_stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run on another thread between forget_task_breaker_config's two steps (dropping the
+    # cached options, counting the change) must not keep the old options for good.
+    app = throwaway_app("lookup-race")
+    thresholds: list[int | None] = []
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="lrace.job", breaker_policy={"failure_threshold": 3})
+    def job(self: Any) -> None:
+        thresholds.append(self.breaker.policy.failure_threshold)
+
+    app.finalize()
+    task = app.tasks["lrace.job"]
+    task.apply().get()
+    task.apply().get()
+    type(task).breaker_policy = {"failure_threshold": 7}
+
+    def run_meanwhile(owner: object, attribute: str) -> None:
+        task.apply().get()  # (forced into the gap: a thread switch could land here)
+        delattr(owner, attribute)
+
+    monkeypatch.setattr(task_options, "delattr", run_meanwhile, raising=False)
+    forget_task_breaker_config(type(task))
+    monkeypatch.undo()
+    task.apply().get()
+    task.apply().get()
+    assert thresholds == [3, 3, 3, 7, 7]

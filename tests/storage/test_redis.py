@@ -26,7 +26,7 @@ from celery_breaker.storage.redis import DEFAULT_IDLE_TTL, RedisStore
 from celery_breaker.storage.redis import agent as agent_module
 from celery_breaker.testing import FakeClock
 
-from ..servers import free_port
+from ..servers import RedisServer, free_port
 from ..unit.support import fail, ok, state_of
 from .conftest import following, unique_prefix
 
@@ -579,3 +579,38 @@ def test_the_agent_of_an_unreachable_store_without_breakers_stops_by_itself(monk
     assert store._agent is None  # the store knows: its next cell starts another
     assert len(attempts) >= 2  # (it stopped for having no cells, not at its first failure)
     assert not store.live
+
+
+def test_counts_of_a_breaker_dropped_during_an_outage_are_sent_once_redis_is_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A store with no breakers left still holds their unsent counts (orphans): its agent
+    # must outlive the outage to send them, however long the outage.
+    monkeypatch.setattr(agent_module, "IDLE_EXIT", 0.0)
+    monkeypatch.setattr(agent_module, "FLUSH_INTERVAL", 1000.0)  # (the successes are still pending)
+    server = RedisServer().start()
+    try:
+        url = f"{server.url}/0?socket_timeout=0.2&socket_connect_timeout=0.2&key_prefix={unique_prefix()}"
+        store = RedisStore.from_url(url)
+        breaker = CircuitBreaker("svc", storage=store)
+        breaker.call(ok)  # made in Redis; counted here
+        following(store)
+        attempts = _counting_attempts(monkeypatch)
+        for _ in range(5):
+            breaker.call(ok)
+        server.stop()
+        del breaker
+        gc.collect()  # the breaker object goes: its counts are the store's to send
+        assert store.orphans
+        _until(lambda: len(attempts) >= 3)  # failing, with no cells, past IDLE_EXIT
+        server.start()
+        _until(lambda: not store.orphans)
+        agent = store._agent
+        assert agent is not None
+        assert agent.is_alive()
+        fresh = RedisStore.from_url(url)
+        assert {s.name: s.successes for s in fresh.snapshots(SYSTEM_CLOCK)}["svc"] == 6
+        fresh.close()
+        store.close()
+    finally:
+        server.close()

@@ -100,6 +100,8 @@ def _probe(cls: Any, where: str, name: str, settings: BreakerSettings) -> Health
 
 def forget_task_breaker_config(cls: type) -> None:
     """Drop the options cached on ``cls`` (its options changed: resolve them again)."""
-    OPTIONS_FORGOTTEN[0] += 1
     if _CONFIG in cls.__dict__:
         delattr(cls, _CONFIG)
+    # (after: a run between the two that kept a breaker with the old options must
+    # hold a count that is already stale)
+    OPTIONS_FORGOTTEN[0] += 1

@@ -93,9 +93,10 @@ class Agent(threading.Thread):
                     if store is not None:
                         store.go_dark(exc)
                         # A store that cannot be reached stops its agent too once it has
-                        # had no cells for IDLE_EXIT (a new cell starts another).
+                        # had no cells for IDLE_EXIT (a new cell starts another), unless it
+                        # holds counts of dropped breakers still to send.
                         now = time.monotonic()
-                        if store.cell_count():
+                        if store.cell_count() or store.orphans:
                             empty_since = None
                         elif empty_since is None:
                             empty_since = now
@@ -168,7 +169,7 @@ class Agent(threading.Thread):
                 next_flush = now + FLUSH_INTERVAL
                 with contextlib.suppress(StorageError):  # counts are kept and sent next time
                     store.flush()
-                if store.cell_count():
+                if store.cell_count() or store.orphans:  # (orphans: a flush that failed sends them later)
                     empty_since = None
                 elif empty_since is None:
                     empty_since = now
