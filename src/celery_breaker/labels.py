@@ -8,7 +8,9 @@ it names, whatever its key holds (brackets included), because a name holds no br
 
 from __future__ import annotations
 
-__all__ = ["LABEL_MARKS", "breaker_label", "split_label", "visible"]
+import re
+
+__all__ = ["LABEL_MARKS", "breaker_label", "read_visible", "split_label", "visible"]
 
 #: The characters that set a key apart in a label; a breaker name never holds them.
 LABEL_MARKS = "[]"
@@ -34,9 +36,32 @@ def visible(text: str) -> str:
     """``text`` safe to print to a terminal or a log line: each character that is not
     printable (an escape, a newline, a bell) written as its escape (``\\x1b``), and an
     empty text as ``""``. A breaker's name is checked (``names.check_name``), but its key
-    may come from a task's arguments (``breaker_key``) and hold anything."""
+    may come from a task's arguments (``breaker_key``) and hold anything. A backslash is
+    doubled, so no two texts look alike (``a\\nb`` is a newline, ``a\\\\nb`` a backslash)
+    and ``read_visible`` reads any of them back: what an operator copies from ``status``
+    names the key it shows."""
     if not text:
         return '""'
-    if text.isprintable():
+    if text.isprintable() and "\\" not in text:
         return text
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    return "".join(("\\\\" if char == "\\" else char) if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def read_visible(shown: str) -> str | None:
+    """The text ``visible`` shows as ``shown`` (``'a\\\\nb'`` -> ``'a\\nb'``), when that is
+    not ``shown`` itself; else ``None``."""
+    if "\\" not in shown or not shown.isprintable() or _SHOWN.fullmatch(shown) is None:
+        return None
+    text = _ESCAPE.sub(_unescape, shown)
+    return text if visible(text) == shown else None
+
+
+#: The escapes ``visible`` writes: a doubled backslash, and ``repr``'s of a character.
+_ESCAPE = re.compile(r"\\(\\|[nrt]|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")
+_SHOWN = re.compile(r"(?:[^\\]|" + _ESCAPE.pattern + ")*", re.DOTALL)
+_NAMED = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
+
+
+def _unescape(escape: re.Match[str]) -> str:
+    code = escape.group(1)
+    return _NAMED.get(code) or chr(int(code[1:], 16))

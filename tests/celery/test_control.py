@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from celery_breaker import CircuitBreaker, State
+from celery_breaker.labels import visible
 
 from . import tasks
 
@@ -70,3 +71,18 @@ def test_a_control_command_that_admits_calls_to_a_failing_downstream_warns(app: 
 
 def _down() -> None:
     raise ConnectionError("down")
+
+
+def test_a_key_a_task_made_with_control_characters_is_named_as_status_shows_it(app: Any, operate: Operate) -> None:
+    own = tasks.forced_task.breaker
+    key = "tenant\n7\x1b[2J"
+    keyed = operate(CircuitBreaker(own.name, own.policy, storage=own.store, key=key))
+    shown = visible(key)
+    answers = app.control.broadcast(
+        "breaker_open", arguments={"name": own.name, "key": shown}, reply=True, timeout=3, limit=1
+    )
+    (answer,) = answers[0].values()
+    assert answer.get("ok", "").startswith(f"breaker {own.name}[{shown}] forced open"), answer
+    assert keyed.state is State.FORCED_OPEN
+    assert own.state is State.CLOSED
+    assert CircuitBreaker(own.name, own.policy, storage=own.store, key=shown).state is State.CLOSED  # none made

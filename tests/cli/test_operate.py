@@ -7,6 +7,7 @@ import json
 import pytest
 
 from celery_breaker import CircuitOpenError, State
+from celery_breaker.labels import visible
 from celery_breaker.ops.cli import EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_USAGE
 from tests.servers import free_port
 
@@ -184,3 +185,48 @@ def test_the_caution_check_of_an_unknown_breaker_gives_the_callers_hint(store_ur
 
     with pytest.raises(UnknownBreakerError, match=r"; reload the page$"):
         assess(cliproj.app, "close", "partnr-api", create_hint="reload the page")
+
+
+@pytest.mark.parametrize("key", ["line\nbreak", "t\x1b]0;owned\x07", "C:\\tmp\n", "\u200bzero-width"])
+def test_a_key_a_task_made_with_control_characters_is_named_as_status_shows_it(store_url: str, key: str) -> None:
+    # breaker_key takes any text: such a breaker could be watched, never operated.
+    breaker(store_url, "crm", key=key, policy=cliproj.CRM_POLICY).call(lambda: None)
+    shown = visible(key)
+    status = run("status")
+    assert shown in status.stdout
+    assert key not in status.stdout
+
+    opened = run("open", "crm", "--key", shown)
+    assert opened.exit_code == 0, opened.output
+    assert opened.stdout.startswith(f"crm[{shown}]: forced_open (was closed)")
+    assert key not in opened.output  # (reported as shown, never raw to the terminal)
+    assert stored(store_url, "crm", key, cliproj.CRM_POLICY).state is State.FORCED_OPEN
+
+    closed = run("close", f"crm[{shown}]")  # the label as `status` shows it
+    assert closed.exit_code == 0, closed.output
+    assert stored(store_url, "crm", key, cliproj.CRM_POLICY).state is State.CLOSED
+    assert run("status", "--json").stdout.count('"name"') == 1  # nothing else was created
+
+
+def test_two_keys_that_differ_by_a_backslash_are_told_apart(store_url: str) -> None:
+    newline, backslash_n = "a\nb", "a\\nb"
+    for key in (newline, backslash_n):
+        breaker(store_url, "crm", key=key, policy=cliproj.CRM_POLICY).call(lambda: None)
+    assert (visible(newline), visible(backslash_n)) == ("a\\nb", "a\\\\nb")
+    assert run("open", "crm", "--key", visible(newline)).exit_code == 0
+    assert stored(store_url, "crm", newline, cliproj.CRM_POLICY).state is State.FORCED_OPEN
+    assert stored(store_url, "crm", backslash_n, cliproj.CRM_POLICY).state is State.CLOSED
+    assert run("disable", "crm", "--key", visible(backslash_n)).exit_code == 0
+    assert stored(store_url, "crm", backslash_n, cliproj.CRM_POLICY).state is State.DISABLED
+    assert stored(store_url, "crm", newline, cliproj.CRM_POLICY).state is State.FORCED_OPEN
+
+
+def test_a_shown_key_that_is_not_stored_is_not_created_with_control_characters(store_url: str) -> None:
+    breaker(store_url, "crm", key="tenant-7", policy=cliproj.CRM_POLICY).call(lambda: None)
+    result = run("open", "crm", "--key", "ten\nant", "--create")
+    assert result.exit_code == EXIT_USAGE
+    assert "control character" in result.stderr
+    assert "named as `status` shows it: ten\\nant" in result.stderr
+    created = run("open", "crm", "--key", "a\\nb", "--create")  # nothing shown so: taken as typed
+    assert created.exit_code == 0, created.output
+    assert stored(store_url, "crm", "a\\nb", cliproj.CRM_POLICY).state is State.FORCED_OPEN

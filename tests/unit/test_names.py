@@ -11,7 +11,7 @@ from celery_breaker import BreakerTask, CircuitBreaker, ConfigurationError
 from celery_breaker.errors import BreakerKeyError
 from celery_breaker.integration.inventory import check_app
 from celery_breaker.integration.settings import build_settings
-from celery_breaker.labels import LABEL_MARKS, breaker_label, split_label
+from celery_breaker.labels import LABEL_MARKS, breaker_label, read_visible, split_label, visible
 from celery_breaker.names import MAX_NAME_LENGTH, check_key, check_name
 from celery_breaker.testing import fresh_store
 
@@ -98,3 +98,34 @@ def test_the_rule_holds_for_tasks_settings_and_the_api_alike() -> None:
 def test_an_operators_key_must_be_printable_text(key: str) -> None:
     with pytest.raises(BreakerKeyError):
         check_key(key)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(min_size=1, max_size=60))
+def test_what_visible_shows_is_printable_and_reads_back_as_the_text(text: str) -> None:
+    # What `status` shows of a key is what an operator types to name it: any key, control
+    # characters and backslashes included, and no two keys look alike.
+    shown = visible(text)
+    assert shown.isprintable()
+    assert (read_visible(shown) or shown) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("a\nb", "a\\nb"),  # a newline
+        ("a\\nb", "a\\\\nb"),  # a backslash and an n: shown unlike the newline
+        ("t\x1b]0;owned\x07", "t\\x1b]0;owned\\x07"),
+        ("C:\\tmp", "C:\\\\tmp"),
+        ("tenant-7", "tenant-7"),
+    ],
+)
+def test_visible_escapes_control_characters_and_doubles_backslashes(text: str, shown: str) -> None:
+    assert visible(text) == shown
+    assert read_visible(shown) == (None if shown == text else text)
+
+
+@pytest.mark.parametrize("typed", ["plain", "a\\", "a\\x4", "a\\q", "a\\x41", "tab\there"])
+def test_a_text_visible_never_shows_reads_as_nothing(typed: str) -> None:
+    # (a lone or unknown escape, an escape of a printable character, a raw control character)
+    assert read_visible(typed) is None

@@ -265,3 +265,21 @@ def test_the_https_certificate_and_key_are_checked_by_name_and_no_passphrase_is_
     with pytest.raises(ConfigurationError, match=encrypted) as raised:
         tls_context(str(certs.server_cert), str(locked))
     assert "s3cret-phrase" not in str(raised.value)
+
+
+def test_a_key_with_control_characters_is_shown_as_status_shows_it() -> None:
+    # The page writes what it shows from these fields: a key from a task's arguments
+    # may hold a newline or an escape sequence. The label stays as stored (it names
+    # the breaker in an action).
+    clock = FakeClock()
+    key = "t\n3\x1b[2J"
+    readings = [[status("crm", key=key)], [status("crm", State.OPEN, key=key, trips=1, opened_at=0.0)]]
+    board = Board(lambda: readings.pop(0), store="redis://127.0.0.1/0", interval=1.0, clock=clock)
+    board.refresh()
+    clock.advance(1.0)
+    board.refresh()
+    [row] = board.view()["breakers"]
+    assert (row["label"], row["key"]) == ("crm[t\n3\x1b[2J]", key)
+    assert (row["shown"], row["key_shown"]) == ("crm[t\\n3\\x1b[2J]", "t\\n3\\x1b[2J")
+    [change] = board.view()["changes"]
+    assert change["label"] == "crm[t\\n3\\x1b[2J]"

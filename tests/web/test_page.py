@@ -374,3 +374,34 @@ def test_a_store_outage_shows_on_the_page_which_keeps_polling_and_ctrl_c_ends_it
             lambda: shown(browser, "offline").startswith("Cannot reach the celery breaker web server"),
             "the page to say its server is gone, and go on polling",
         )
+
+
+def test_an_action_on_a_key_a_task_made_with_control_characters(store_url: str, tmp_path: Path) -> None:
+    # The page sends a breaker's key as the store holds it: breaker_key takes any text,
+    # so a key with a newline or an escape sequence is acted on, and logged as shown.
+    token = "s3cr3t-" + uuid.uuid4().hex
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    key = "line\nbreak\x1b[2J"
+    breaker(store_url, "crm", key).call(lambda: None)
+    flush_stores()
+    with WebProcess(store_url, "--allow-actions", "--token-file", str(token_file)) as web:
+        headers = {"Origin": web.url.rstrip("/"), "Content-Type": "application/json", "X-Breaker-Token": token}
+        status, body = request(
+            web.url + "api/actions", method="POST", body={"action": "open", "name": "crm", "key": key}, headers=headers
+        )
+        assert status == 200, body
+        assert body["message"].startswith("crm[line\\nbreak\\x1b[2J]: forced_open (was closed)")
+        assert breaker(store_url, "crm", key).state is State.FORCED_OPEN
+        # A key not stored is still refused when it holds a control character.
+        status, body = request(
+            web.url + "api/actions",
+            method="POST",
+            body={"action": "open", "name": "crm", "key": "not\nstored"},
+            headers=headers,
+        )
+        assert status == 400, body
+        assert "control character" in body["error"]
+    log = web.stderr()
+    assert "breaker crm[line\\nbreak\\x1b[2J] forced open: every call rejected" in log
+    assert "\x1b" not in log

@@ -17,7 +17,7 @@ from ..core import BreakerPolicy, BreakerSnapshot, State, Transition
 from ..errors import ConfigurationError, ParkedTasksError, UnknownBreakerError
 from ..integration.inventory import app_breakers, policy_named
 from ..integration.settings import get_settings
-from ..labels import breaker_label, split_label, visible
+from ..labels import breaker_label, read_visible, split_label, visible
 from ..names import check_key, check_name
 from ..storage import Cell, Store, describe_url, resolve_store
 from .actions import ACTIONS, DELETE, Action
@@ -143,14 +143,15 @@ def _unknown(
 
 def _check_name(name: str, key: str | None) -> None:
     """Refuse a name or key that cannot name a breaker (the one rule, ``names``) before
-    anything is read; ``name`` may be a label (``crm[tenant-7]``) when no ``key`` is given."""
+    anything is read; ``name`` may be a label (``crm[tenant-7]``) when no ``key`` is given.
+    A key with control characters waits for the store (``_target``): a task may have made it."""
     if key is None:
         name, key = split_label(name) if isinstance(name, str) else (name, None)
     try:
         check_name(name, "breaker name")
     except ConfigurationError as exc:
         raise UnknownBreakerError(str(exc)) from None
-    check_key(key)
+    check_key(key, printable=False)
 
 
 def _target(
@@ -180,7 +181,17 @@ def _target(
 
     if key is None and not known(name, key):
         name, key = split_label(name)
-        check_key(key)
+        check_key(key, printable=False)
+    if key is not None:
+        # A key is named as `status` shows it (``a\\nb``: a newline; ``C:\\\\tmp``: one
+        # backslash), which is how a key a task made with control characters is named
+        # at all; else as it is. A key not found must be printable: one with a control
+        # character typed in is a quoting mistake, and is never created.
+        stored = read_visible(key)
+        if stored is not None and known(name, stored):
+            key = stored
+        elif not known(name, key):
+            check_key(key)
     if not create and not known(name, key):
         names = sorted(set(named) | {n for n, _ in in_store})
         raise _unknown(name, key, names, in_store, describe_url(store.url), hint)

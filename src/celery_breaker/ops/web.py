@@ -342,7 +342,7 @@ def _perform(site: Site, asked: Asked, *, client: str) -> tuple[int, dict[str, A
     _log_done(move.label, done, client, move.warning)
     site.board.wake()
     was = "created" if move.before is None else f"was {move.before.value}"
-    message = f"{move.label}: {move.after.state.value} ({was}): {ACTIONS[asked.action].after}."
+    message = f"{visible(move.label)}: {move.after.state.value} ({was}): {ACTIONS[asked.action].after}."
     return 200, {"ok": True, "label": move.label, "state": move.after.state.value, "message": message,
                  "warning": move.warning}  # fmt: skip
 
@@ -364,15 +364,16 @@ def _delete(site: Site, asked: Asked, label: str, client: str) -> tuple[int, dic
               gone.warning)  # fmt: skip
     site.board.wake()
     was = f"was {gone.before.state.value}" if gone.before is not None else "only parked tasks were left of it"
-    message = f"{gone.label}: deleted ({was})" + (f"; discarded {gone.discarded} parked task(s)" * bool(gone.discarded))
+    shown = visible(gone.label)
+    message = f"{shown}: deleted ({was})" + (f"; discarded {gone.discarded} parked task(s)" * bool(gone.discarded))
     if not gone.existed:
-        message = f"{gone.label}: nothing to delete (the store holds nothing of it)"
+        message = f"{shown}: nothing to delete (the store holds nothing of it)"
     return 200, {"ok": True, "label": label, "state": None, "message": message + ".", "warning": gone.warning}
 
 
 def _log_done(label: str, done: str, client: str, warning: str | None) -> None:
     beware = f"; beware: {warning}" if warning is not None else ""
-    logger.warning("celery-breaker web: breaker %s %s, asked from %s%s", label, done, client, beware)
+    logger.warning("celery-breaker web: breaker %s %s, asked from %s%s", visible(label), done, client, beware)
 
 
 # -- the command -------------------------------------------------------------------------
