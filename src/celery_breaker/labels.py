@@ -36,20 +36,34 @@ def visible(text: str) -> str:
     """``text`` safe to print to a terminal or a log line: each character that is not
     printable (an escape, a newline, a bell) written as its escape (``\\x1b``), and an
     empty text as ``""``. A breaker's name is checked (``names.check_name``), but its key
-    may come from a task's arguments (``breaker_key``) and hold anything. A backslash is
-    doubled, so no two texts look alike (``a\\nb`` is a newline, ``a\\\\nb`` a backslash)
-    and ``read_visible`` reads any of them back: what an operator copies from ``status``
-    names the key it shows."""
+    may come from a task's arguments (``breaker_key``) and hold anything. So that no two
+    texts look alike and ``read_visible`` reads any of them back (what an operator copies
+    from ``status`` names the key it shows), a backslash is doubled (``a\\nb`` is a
+    newline, ``a\\\\nb`` a backslash), a space that starts or ends the text is written
+    ``\\x20``, and a text of two quotes ``\\x22\\x22``."""
     if not text:
         return '""'
-    if text.isprintable() and "\\" not in text:
+    if text.isprintable() and "\\" not in text and text[0] != " " and text[-1] != " " and text != '""':
         return text
-    return "".join(("\\\\" if char == "\\" else char) if char.isprintable() else repr(char)[1:-1] for char in text)
+    if text == '""':
+        return "\\x22\\x22"
+    last = len(text) - 1
+    return "".join(_shown(char, at in (0, last)) for at, char in enumerate(text))
+
+
+def _shown(char: str, at_an_end: bool) -> str:
+    if char == "\\":
+        return "\\\\"
+    if not char.isprintable():
+        return repr(char)[1:-1]
+    return "\\x20" if at_an_end and char == " " else char
 
 
 def read_visible(shown: str) -> str | None:
-    """The text ``visible`` shows as ``shown`` (``'a\\\\nb'`` -> ``'a\\nb'``), when that is
-    not ``shown`` itself; else ``None``."""
+    """The text ``visible`` shows as ``shown`` (``'a\\\\nb'`` -> ``'a\\nb'``, ``'""'`` ->
+    ``''``), when that is not ``shown`` itself; else ``None``."""
+    if shown == '""':
+        return ""
     if "\\" not in shown or not shown.isprintable() or _SHOWN.fullmatch(shown) is None:
         return None
     text = _ESCAPE.sub(_unescape, shown)

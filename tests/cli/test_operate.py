@@ -9,10 +9,13 @@ import pytest
 from celery_breaker import CircuitOpenError, State
 from celery_breaker.labels import visible
 from celery_breaker.ops.cli import EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_USAGE
+from celery_breaker.ops.operator import operate
+from celery_breaker.storage.redis import RedisStore
 from tests.servers import free_port
 
 from . import cliproj
 from .conftest import breaker, run, stored, trip
+from .test_purge import park
 
 
 def test_open_close_disable_reset_move_the_stored_breaker(store_url: str) -> None:
@@ -230,3 +233,51 @@ def test_a_shown_key_that_is_not_stored_is_not_created_with_control_characters(s
     created = run("open", "crm", "--key", "a\\nb", "--create")  # nothing shown so: taken as typed
     assert created.exit_code == 0, created.output
     assert stored(store_url, "crm", "a\\nb", cliproj.CRM_POLICY).state is State.FORCED_OPEN
+
+
+def test_a_program_or_the_web_page_passing_a_stored_key_acts_on_that_key(store_url: str) -> None:
+    # Only a key typed by an operator is read as `status` shows it: the web page and a
+    # program pass the key as the store holds it, which a backslash-n key must not
+    # turn into its newline twin.
+    newline, backslash_n = "a\nb", "a\\nb"
+    for key in (newline, backslash_n):
+        breaker(store_url, "crm", key=key, policy=cliproj.CRM_POLICY).call(lambda: None)
+    move = operate(cliproj.app, "open", "crm", backslash_n, store=RedisStore.from_url(store_url))
+    assert move.after.key == backslash_n
+    assert stored(store_url, "crm", backslash_n, cliproj.CRM_POLICY).state is State.FORCED_OPEN
+    assert stored(store_url, "crm", newline, cliproj.CRM_POLICY).state is State.CLOSED
+
+
+def test_warnings_refusals_and_patterns_show_such_a_key_escaped(store_url: str) -> None:
+    key = "t\x1b[2J\n7"
+    shown = visible(key)
+    tripped = breaker(store_url, "crm", key=key, policy=cliproj.CRM_POLICY)
+    trip(tripped)  # a failure just now: closing it warns
+    closed = run("close", "crm", "--key", shown, "--yes")
+    assert closed.exit_code == 0, closed.output
+    assert closed.stderr.startswith(f"Warning: 1 calls through crm[{shown}] failed")
+    park(store_url, "crm", 2, key=key)
+    refused = run("delete", "crm", "--key", shown, "--yes")
+    assert refused.exit_code == 1, refused.output  # (refused for what it would do, not for bad input)
+    assert f"2 tasks are parked behind crm[{shown}]:" in refused.stderr
+    for output in (closed.output, refused.output):
+        assert "\n7" not in output
+        assert "\x1b" not in output
+    for pattern in (f"crm[{shown}]", "crm[t\\x1b*]"):  # a pattern matches a key as shown too
+        assert shown in run("status", pattern).stdout, pattern
+    breaker(store_url, "crm", key="C:\\tmp", policy=cliproj.CRM_POLICY).call(lambda: None)
+    assert "C:\\\\tmp" in run("status", "crm[C:\\\\tmp]").stdout  # as shown
+    assert "C:\\\\tmp" in run("status", "crm[C:\\tmp]").stdout  # as stored
+
+
+@pytest.mark.parametrize("key", ["", " x", "x "])
+def test_the_empty_key_and_keys_with_spaces_at_their_ends_are_named_as_shown(store_url: str, key: str) -> None:
+    breaker(store_url, "crm", key=key, policy=cliproj.CRM_POLICY).call(lambda: None)
+    shown = visible(key)
+    assert shown in {'""', "\\x20x", "x\\x20"}
+    assert f"crm[{shown}]" in run("status", "--wide").stdout or shown in run("status").stdout
+    for typed in (["open", "crm", "--key", shown], ["close", f"crm[{shown}]"]):
+        result = run(*typed)
+        assert result.exit_code == 0, result.output
+    assert stored(store_url, "crm", key, cliproj.CRM_POLICY).state is State.CLOSED
+    assert run("status", "--json").stdout.count('"name"') == 1  # nothing else was created

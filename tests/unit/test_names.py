@@ -101,13 +101,16 @@ def test_an_operators_key_must_be_printable_text(key: str) -> None:
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.text(min_size=1, max_size=60))
+@given(st.text(max_size=60) | st.from_regex(r"\A[ \\n\"x]{0,6}\Z"))
 def test_what_visible_shows_is_printable_and_reads_back_as_the_text(text: str) -> None:
     # What `status` shows of a key is what an operator types to name it: any key, control
-    # characters and backslashes included, and no two keys look alike.
+    # characters, backslashes, surrounding spaces and the empty key included, and no two
+    # keys look alike.
     shown = visible(text)
     assert shown.isprintable()
-    assert (read_visible(shown) or shown) == text
+    assert shown == shown.strip()
+    read = read_visible(shown)
+    assert (shown if read is None else read) == text
 
 
 @pytest.mark.parametrize(
@@ -118,6 +121,9 @@ def test_what_visible_shows_is_printable_and_reads_back_as_the_text(text: str) -
         ("t\x1b]0;owned\x07", "t\\x1b]0;owned\\x07"),
         ("C:\\tmp", "C:\\\\tmp"),
         ("tenant-7", "tenant-7"),
+        (" x ", "\\x20x\\x20"),  # spaces at its ends, which a terminal hides
+        ("", '""'),
+        ('""', "\\x22\\x22"),  # (not the empty key)
     ],
 )
 def test_visible_escapes_control_characters_and_doubles_backslashes(text: str, shown: str) -> None:

@@ -383,7 +383,9 @@ def test_an_action_on_a_key_a_task_made_with_control_characters(store_url: str, 
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
     key = "line\nbreak\x1b[2J"
-    breaker(store_url, "crm", key).call(lambda: None)
+    twin = "line\\nbreak\\x1b[2J"  # (backslashes: what the other key is shown as)
+    for made in (key, twin):
+        breaker(store_url, "crm", made).call(lambda: None)
     flush_stores()
     with WebProcess(store_url, "--allow-actions", "--token-file", str(token_file)) as web:
         headers = {"Origin": web.url.rstrip("/"), "Content-Type": "application/json", "X-Breaker-Token": token}
@@ -392,6 +394,14 @@ def test_an_action_on_a_key_a_task_made_with_control_characters(store_url: str, 
         )
         assert status == 200, body
         assert body["message"].startswith("crm[line\\nbreak\\x1b[2J]: forced_open (was closed)")
+        assert breaker(store_url, "crm", key).state is State.FORCED_OPEN
+        assert breaker(store_url, "crm", twin).state is State.CLOSED
+        status, body = request(  # the twin's row sends the twin's key: the twin is acted on
+            web.url + "api/actions", method="POST", body={"action": "disable", "name": "crm", "key": twin},
+            headers=headers,
+        )  # fmt: skip
+        assert status == 200, body
+        assert breaker(store_url, "crm", twin).state is State.DISABLED
         assert breaker(store_url, "crm", key).state is State.FORCED_OPEN
         # A key not stored is still refused when it holds a control character.
         status, body = request(

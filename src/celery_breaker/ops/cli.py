@@ -161,7 +161,8 @@ def _use_color(ctx: click.Context, flag: bool | None) -> bool:
 
 def _matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[BreakerStatus]:
     """Rows matching a glob (every row without globs): ``crm*`` matches names,
-    ``crm[tenant-*]`` a name and a key (so brackets are not a character class there)."""
+    ``crm[tenant-*]`` a name and a key (so brackets are not a character class there),
+    each as it is or as ``status`` shows it (``crm[tenant\\n*]``, ``crm[C:\\\\*]``)."""
     if not patterns:
         return list(rows)
     import fnmatch
@@ -169,9 +170,12 @@ def _matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[Br
     def matches(row: BreakerStatus, pattern: str) -> bool:
         name_glob, key_glob = split_label(pattern)
         snapshot = row.snapshot
-        if not fnmatch.fnmatchcase(snapshot.name, name_glob):
+        if not any(fnmatch.fnmatchcase(text, name_glob) for text in (snapshot.name, visible(snapshot.name))):
             return False
-        return key_glob is None or (snapshot.key is not None and fnmatch.fnmatchcase(snapshot.key, key_glob))
+        if key_glob is None:
+            return True
+        key = snapshot.key
+        return key is not None and any(fnmatch.fnmatchcase(text, key_glob) for text in (key, visible(key)))
 
     return [row for row in rows if any(matches(row, pattern) for pattern in patterns)]
 
@@ -286,11 +290,14 @@ def _operator_command(action: str, summary: str) -> click.Command:
         app = _app(ctx)
         app.loader.import_default_modules()  # the app's tasks name its breakers
         store = shared_store(app)
-        warning = assess(app, action, name, key, create=create, store=store) if cautious and not yes else None
+        warning = (
+            assess(app, action, name, key, create=create, store=store, as_shown=True) if cautious and not yes else None
+        )
         if warning is not None:
             click.echo(f"Warning: {warning}.", err=True)
-            click.confirm(f"{action.capitalize()} {breaker_label(name, key)} anyway?", abort=True, err=True)
-        _report_move(operate(app, action, name, key, create=create, store=store), as_json, warned=warning is not None)
+            click.confirm(f"{action.capitalize()} {visible(breaker_label(name, key))} anyway?", abort=True, err=True)
+        move = operate(app, action, name, key, create=create, store=store, as_shown=True)
+        _report_move(move, as_json, warned=warning is not None)
 
     if not cautious:  # (the option is for the actions that admit calls)
         command.params = [param for param in command.params if param.name != "yes"]
@@ -324,13 +331,13 @@ def delete(ctx: click.Context, name: str, key: str | None, discard: bool, yes: b
     app = _app(ctx)
     app.loader.import_default_modules()  # the app's tasks name its breakers
     store = shared_store(app)
-    plan = delete_breaker(app, name, key, purge=discard, dry_run=True, store=store)
+    plan = delete_breaker(app, name, key, purge=discard, dry_run=True, store=store, as_shown=True)
     if not yes and (plan.warning is not None or plan.discarded):
         if plan.warning is not None:
             click.echo(f"Warning: {plan.warning}.", err=True)
         tasks = f" and discard the {plan.discarded} task(s) parked behind it (they will never run)"
         click.confirm(f"Delete {visible(plan.label)}{tasks if plan.discarded else ''}?", abort=True, err=True)
-    done = delete_breaker(app, name, key, purge=discard, store=store)
+    done = delete_breaker(app, name, key, purge=discard, store=store, as_shown=True)
     if done.warning is not None and (yes or plan.warning is None):
         click.echo(f"Warning: {done.warning}.", err=True)
     if as_json:
@@ -376,11 +383,11 @@ def purge(ctx: click.Context, name: str, key: str | None, force: bool, as_json: 
     app = _app(ctx)
     app.loader.import_default_modules()  # the app's tasks name its breakers
     if not force:
-        plan = purge_parked(app, name, key, dry_run=True)  # (a name it would refuse is refused before asking)
+        plan = purge_parked(app, name, key, dry_run=True, as_shown=True)  # (one it would refuse: before asking)
         if plan.parked:
             tasks = "the task" if plan.parked == 1 else f"the {plan.parked} tasks"
             click.confirm(f"Discard {tasks} parked behind {visible(plan.label)}? They will never run.", abort=True)
-    done = purge_parked(app, name, key)
+    done = purge_parked(app, name, key, as_shown=True)
     if as_json:
         import json
 

@@ -67,7 +67,7 @@ def operate(app: Any, action: str, name: str, key: str | None = None) -> dict[st
         listing = ", ".join(sorted(known)) or "none"
         raise UnknownBreakerError(f"unknown breaker {name!r}; this worker knows: {listing}")
     # A known breaker's new key (a tenant to hold open before its first call) is created.
-    done = apply_action(app, action, name, key, store=store, create=True)
+    done = apply_action(app, action, name, key, store=store, create=True, as_shown=True)  # (typed by an operator)
     announce = TransitionEvents(app)  # (sends only where events are on)
     for transition in done.transitions:
         announce(transition)

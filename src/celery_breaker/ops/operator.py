@@ -163,6 +163,7 @@ def _target(
     *,
     create: bool,
     hint: str,
+    as_shown: bool,
     also_known: Callable[[str, str | None], bool] | None = None,
 ) -> tuple[str, str | None, dict[str, BreakerPolicy], set[tuple[str, str | None]]]:
     """The breaker an operator names: ``(name, key, the app's breakers, those in the store)``.
@@ -170,7 +171,9 @@ def _target(
     ``name`` may be a label (``crm[tenant-7]``) unless it is itself a known name. Known:
     in the store, named by the app (without a key), or ``also_known``. An unknown one
     raises ``UnknownBreakerError`` ending in ``hint``, unless ``create``. ``name`` and
-    ``key`` were checked (``_check_name``) before the store was opened.
+    ``key`` were checked (``_check_name``) before the store was opened. ``as_shown``: the
+    key was typed as ``status`` shows it (the CLI, ``celery control``), not passed as
+    the store holds it (the web page, a program).
     """
     named = app_breakers(app)
     in_store = {(snapshot.name, snapshot.key) for snapshot in store.snapshots(clock)}
@@ -183,11 +186,11 @@ def _target(
         name, key = split_label(name)
         check_key(key, printable=False)
     if key is not None:
-        # A key is named as `status` shows it (``a\\nb``: a newline; ``C:\\\\tmp``: one
+        # Typed, a key is read as `status` shows it (``a\\nb``: a newline; ``C:\\\\tmp``: one
         # backslash), which is how a key a task made with control characters is named
         # at all; else as it is. A key not found must be printable: one with a control
         # character typed in is a quoting mistake, and is never created.
-        stored = read_visible(key)
+        stored = read_visible(key) if as_shown else None
         if stored is not None and known(name, stored):
             key = stored
         elif not known(name, key):
@@ -226,15 +229,15 @@ def caution(action: str, before: BreakerSnapshot | None, policy: BreakerPolicy, 
     recent = failed is not None and now - failed <= policy.window
     if before.state in (State.OPEN, State.HALF_OPEN):
         since = f" {_ago(now - before.opened_at)}" if before.opened_at is not None else ""
-        why = f"{before.label} tripped{since}"
+        why = f"{visible(before.label)} tripped{since}"
         why += f" (its last failure {_ago(now - failed)})" if failed is not None else ""
         why += ": its downstream may still be failing"
     elif before.state is State.FORCED_OPEN and recent:
         assert failed is not None
-        why = f"a call through {before.label} failed {_ago(now - failed)}, before it was forced open"
+        why = f"a call through {visible(before.label)} failed {_ago(now - failed)}, before it was forced open"
     elif before.state is State.CLOSED and recent and before.window_failures > 0:
         assert failed is not None
-        counted, calls, label = before.window_failures, before.window_calls, before.label
+        counted, calls, label = before.window_failures, before.window_calls, visible(before.label)
         if calls >= counted:
             why = f"{counted} of the last {calls} calls through {label} failed"
         else:  # (a rule that minds only failures counts no calls: FailuresWithin)
@@ -257,10 +260,10 @@ def _action(name: str) -> Action | None:
 
 
 def _cell(
-    app: Any, name: str, key: str | None, store: Store, clock: Clock, *, create: bool, hint: str
+    app: Any, name: str, key: str | None, store: Store, clock: Clock, *, create: bool, hint: str, as_shown: bool
 ) -> tuple[Cell, bool, BreakerPolicy | None]:
     """The named breaker's cell in ``store``, whether it existed, and the app's policy for it (if the app names it)."""
-    name, key, named, in_store = _target(app, name, key, store, clock, create=create, hint=hint)
+    name, key, named, in_store = _target(app, name, key, store, clock, create=create, hint=hint, as_shown=as_shown)
     wanted = named.get(name) or policy_named(app, name)
     cell = store.cell(name, key, wanted or get_settings(app).policy_for(name), clock)
     return cell, (name, key) in in_store, wanted
@@ -276,16 +279,17 @@ def assess(
     store: Store | None = None,
     clock: Clock | None = None,
     create_hint: str = _CREATE_HINT,
+    as_shown: bool = False,
 ) -> str | None:
     """``caution`` for ``action`` on breaker ``name``/``key`` as it is now, changing
-    nothing: what the CLI asks about before it acts. Raises as ``operate`` (``create_hint``:
-    what an unknown breaker's error suggests, as there)."""
+    nothing: what the CLI asks about before it acts. Raises as ``operate`` (``create_hint``
+    and ``as_shown`` as there)."""
     if _action(action) is None:
         raise ValueError(f"unknown action {action!r}; one of {', '.join([*ACTIONS, DELETE.name])}")
     _check_name(name, key)
     store = store if store is not None else shared_store(app)
     clock = clock or SYSTEM_CLOCK
-    cell, exists, _ = _cell(app, name, key, store, clock, create=create, hint=create_hint)
+    cell, exists, _ = _cell(app, name, key, store, clock, create=create, hint=create_hint, as_shown=as_shown)
     if not exists:
         return None
     return caution(action, cell.snapshot(clock.monotonic()), cell.policy, clock.time())
@@ -301,11 +305,14 @@ def operate(
     store: Store | None = None,
     clock: Clock | None = None,
     create_hint: str = _CREATE_HINT,
+    as_shown: bool = False,
 ) -> Move:
     """Apply ``action`` (a key of ``ACTIONS``) to breaker ``name``/``key`` in the app's store.
 
     ``name`` may be a label as ``status`` shows it (``crm[tenant-7]``). The breaker must
     be in the store, or (without a key) be one the app names; ``create`` acts anyway.
+    ``key`` is the key as the store holds it; ``as_shown``: as ``status`` shows it,
+    typed by an operator (``tenant\\n7`` names a key with a newline, when there is one).
     A breaker the app names gets the app's policy when created or reset; any other keeps
     the policy stored with it. Raises ``UnknownBreakerError``, ``BreakerKeyError``,
     ``ConfigurationError`` (a memory store, bad settings) or ``StorageError``.
@@ -316,7 +323,7 @@ def operate(
     _check_name(name, key)
     store = store if store is not None else shared_store(app)
     clock = clock or SYSTEM_CLOCK
-    cell, exists, wanted = _cell(app, name, key, store, clock, create=create, hint=create_hint)
+    cell, exists, wanted = _cell(app, name, key, store, clock, create=create, hint=create_hint, as_shown=as_shown)
     stored = cell.policy
     found_as = cell.snapshot(clock.monotonic()) if exists else None
     before = found_as.state if found_as is not None else None
@@ -337,7 +344,15 @@ def operate(
     )
 
 
-def purge(app: Any, name: str, key: str | None = None, *, store: Store | None = None, dry_run: bool = False) -> Purge:
+def purge(
+    app: Any,
+    name: str,
+    key: str | None = None,
+    *,
+    store: Store | None = None,
+    dry_run: bool = False,
+    as_shown: bool = False,
+) -> Purge:
     """Discard the tasks parked behind breaker ``name``/``key``, as many as were parked
     when the call began, oldest first; tasks being published by a releaser are left.
 
@@ -347,7 +362,7 @@ def purge(app: Any, name: str, key: str | None = None, *, store: Store | None = 
     parked (parked tasks outlive their breaker's state). ``dry_run``: discard nothing and
     check the same (``discarded`` 0, ``parked`` what would go: what the CLI asks about). Raises
     ``UnknownBreakerError``, ``BreakerKeyError``, ``ConfigurationError`` (a memory
-    store, a store without parking) or ``StorageError``.
+    store, a store without parking) or ``StorageError``. ``as_shown`` as for ``operate``.
     """
     _check_name(name, key)
     store = store if store is not None else shared_store(app)
@@ -357,6 +372,7 @@ def purge(app: Any, name: str, key: str | None = None, *, store: Store | None = 
         raise ConfigurationError(f"the breaker store {label} parks no tasks: there is nothing to purge")
     parked_tags = set(parking.tags())
     name, key, _, _ = _target(app, name, key, store, SYSTEM_CLOCK, create=False, hint="nothing was purged",
+                              as_shown=as_shown,
                               also_known=lambda name, key: parking.tag(name, key) in parked_tags)  # fmt: skip
     tag = parking.tag(name, key)
     discarded = 0 if dry_run else parking.purge(tag)
@@ -379,6 +395,7 @@ def delete(
     dry_run: bool = False,
     store: Store | None = None,
     clock: Clock | None = None,
+    as_shown: bool = False,
 ) -> Deletion:
     """Delete breaker ``name``/``key`` from the app's store: its state, counters, stored
     policy and metrics history. It leaves ``status``, ``watch`` and the metrics; a call
@@ -390,7 +407,7 @@ def delete(
     (``crm[tenant-7]``); it must be known to the store or the app, or have tasks parked.
     ``dry_run``: change nothing, and say what it would do (what the CLI asks about).
     Raises ``UnknownBreakerError``, ``BreakerKeyError``, ``ParkedTasksError``,
-    ``ConfigurationError`` (a memory store) or ``StorageError``.
+    ``ConfigurationError`` (a memory store) or ``StorageError``. ``as_shown`` as for ``operate``.
     """
     _check_name(name, key)
     store = store if store is not None else shared_store(app)
@@ -402,14 +419,14 @@ def delete(
         return parking is not None and parking.tag(name, key) in parked_tags
 
     name, key, named, in_store = _target(app, name, key, store, clock, create=False, hint="nothing was deleted",
-                                         also_known=has_parked)  # fmt: skip
+                                         as_shown=as_shown, also_known=has_parked)  # fmt: skip
     label = breaker_label(name, key)
     tag = parking.tag(name, key) if parking is not None else ""
     parked, _ = parking.count(tag) if parking is not None else (0, 0)
     if parked and not purge:
         tasks = "1 task is" if parked == 1 else f"{parked} tasks are"
         raise ParkedTasksError(
-            f"{tasks} parked behind {label}: deleting it would leave them waiting for a breaker that is gone; "
+            f"{tasks} parked behind {visible(label)}: deleting it would leave them waiting for a breaker that is gone; "
             f"purge them with it (--purge: they never run), or close it and delete it once they have been released"
         )
     before, warning = None, None
