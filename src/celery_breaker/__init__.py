@@ -8,9 +8,14 @@ breaker, the task class and the worker wiring unless it uses them.
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
 
 from .integration import plugin as _plugin  # noqa: F401  (connects the worker_init hook: see integration/plugin.py)
+from .labels import PrintableLog as _PrintableLog
+
+# (a key from a task's arguments may hold a newline or an escape: no raw one in a log line)
+logging.getLogger("celery_breaker").addFilter(_PrintableLog())
 
 if TYPE_CHECKING:
     from .breaker import CircuitBreaker

@@ -8,9 +8,10 @@ it names, whatever its key holds (brackets included), because a name holds no br
 
 from __future__ import annotations
 
+import logging
 import re
 
-__all__ = ["LABEL_MARKS", "breaker_label", "read_visible", "split_label", "visible"]
+__all__ = ["LABEL_MARKS", "PrintableLog", "breaker_label", "read_visible", "split_label", "visible"]
 
 #: The characters that set a key apart in a label; a breaker name never holds them.
 LABEL_MARKS = "[]"
@@ -79,3 +80,19 @@ _NAMED = {"\\": "\\", "n": "\n", "r": "\r", "t": "\t"}
 def _unescape(escape: re.Match[str]) -> str:
     code = escape.group(1)
     return _NAMED.get(code) or chr(int(code[1:], 16))
+
+
+class PrintableLog(logging.Filter):
+    """On the ``celery_breaker`` logger (the package installs it): each text argument of
+    a record, and its message, that is not printable is written as ``visible`` shows it.
+    A key from a task's arguments reaches many log lines (a transition, a parked task);
+    with a newline or an escape sequence in it, a line could forge the next one or drive
+    the terminal that tails the log. Structured fields (``extra``) keep the key as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and any(type(arg) is str and not arg.isprintable() for arg in args):
+            record.args = tuple(visible(arg) if type(arg) is str and not arg.isprintable() else arg for arg in args)
+        if type(record.msg) is str and not record.msg.isprintable():
+            record.msg = visible(record.msg)
+        return True

@@ -53,18 +53,18 @@ def check_name(name: object, where: str = "breaker name") -> str:
     return name
 
 
-def check_key(key: str | None, *, printable: bool = True) -> None:
+def check_key(key: str | None) -> None:
     """Raise ``BreakerKeyError`` unless ``key`` (``None``: no key) is a key an operator
     can name: a non-empty string of printable characters without surrounding whitespace.
-    ``printable=False`` lets control characters through: a key a task made may hold them
-    (``breaker_key`` takes any text), and only the store can tell whether it did."""
+    (A task's ``breaker_key`` may make any text a key: operators name such a key as
+    ``status`` shows it, ``labels.visible``.)"""
     if key is None:
         return
     if not isinstance(key, str) or not key:
         raise BreakerKeyError(f"breaker key {key!r} is empty; a breaker without a key takes no key at all")
     if key != key.strip():
         raise BreakerKeyError(f"breaker key {key!r} starts or ends with whitespace; quote only the key itself")
-    bad = _unprintable(key) if printable else None
+    bad = _unprintable(key)
     if bad is not None:
         raise BreakerKeyError(
             f"breaker key {key!r} holds the control character {bad!r}; keys are printable text (a stored key "

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from celery_breaker import CircuitOpenError, State
+from celery_breaker.errors import BreakerKeyError
 from celery_breaker.labels import visible
 from celery_breaker.ops.cli import EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_USAGE
 from celery_breaker.ops.operator import operate
@@ -281,3 +282,35 @@ def test_the_empty_key_and_keys_with_spaces_at_their_ends_are_named_as_shown(sto
         assert result.exit_code == 0, result.output
     assert stored(store_url, "crm", key, cliproj.CRM_POLICY).state is State.CLOSED
     assert run("status", "--json").stdout.count('"name"') == 1  # nothing else was created
+
+
+def test_a_program_acts_on_a_stored_key_however_it_looks(store_url: str) -> None:
+    # The web page and the Python API pass a key as stored: empty, with spaces at its
+    # ends or a newline, it is acted on (only a key the store lacks must be nameable).
+    store = RedisStore.from_url(store_url)
+    for key in ("", " x", "tenant\n"):
+        breaker(store_url, "crm", key=key, policy=cliproj.CRM_POLICY).call(lambda: None)
+        move = operate(cliproj.app, "open", "crm", key, store=store)
+        assert move.after.key == key
+        assert stored(store_url, "crm", key, cliproj.CRM_POLICY).state is State.FORCED_OPEN
+    with pytest.raises(BreakerKeyError, match="starts or ends with whitespace"):
+        operate(cliproj.app, "open", "crm", " y", store=store, create=True)
+
+
+def test_a_key_typed_with_a_control_character_is_refused_even_when_stored(store_url: str) -> None:
+    breaker(store_url, "crm", key="a\nb", policy=cliproj.CRM_POLICY).call(lambda: None)
+    result = run("open", "crm", "--key", "a\nb")  # (a quoting mistake: status shows a\nb)
+    assert result.exit_code == EXIT_USAGE
+    assert "control character" in result.stderr
+    assert "named as `status` shows it: a\\nb" in result.stderr
+    assert stored(store_url, "crm", "a\nb", cliproj.CRM_POLICY).state is State.CLOSED
+
+
+def test_the_question_and_a_pattern_name_the_key_as_typed(store_url: str) -> None:
+    key = "tenant\n7"
+    trip(breaker(store_url, "crm", key=key, policy=cliproj.CRM_POLICY))
+    asked = run("close", "crm", "--key", visible(key))  # (no answer: it aborts)
+    assert "Warning: 1 calls through crm[tenant\\n7] failed" in asked.stderr
+    assert "Close crm[tenant\\n7] anyway?" in asked.stderr  # what the warning showed, not its twin
+    breaker(store_url, "crm", key="tenant[1]", policy=cliproj.CRM_POLICY).call(lambda: None)
+    assert "tenant[1]" in run("status", "crm[tenant[1]]").stdout  # (brackets in a key: no class)

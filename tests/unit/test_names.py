@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import pytest
 from celery import Celery
 from hypothesis import given, settings
@@ -135,3 +138,25 @@ def test_visible_escapes_control_characters_and_doubles_backslashes(text: str, s
 def test_a_text_visible_never_shows_reads_as_nothing(typed: str) -> None:
     # (a lone or unknown escape, an escape of a printable character, a raw control character)
     assert read_visible(typed) is None
+
+
+def test_no_log_line_carries_a_raw_control_character_from_a_key(caplog: pytest.LogCaptureFixture) -> None:
+    # A key from a task's arguments reaches the transition line, and any other line that
+    # names the breaker: a newline there could forge the next line, an escape drive the
+    # terminal tailing the log.
+    key = "t\x1b[2J\n7"
+    breaker = CircuitBreaker("crm", {"failure_threshold": 1}, storage=fresh_store(), key=key)
+    with caplog.at_level(logging.INFO, logger="celery_breaker"):
+        with contextlib.suppress(ConnectionError):
+            breaker.call(_down)
+        logging.getLogger("celery_breaker").warning("any line: %s", f"crm[{key}]")
+    lines = [record.getMessage() for record in caplog.records]
+    assert any(line.startswith("breaker crm[t\\x1b[2J\\n7] closed -> open") for line in lines), lines
+    assert "any line: crm[t\\x1b[2J\\n7]" in lines
+    assert all(line.isprintable() for line in lines)
+    transition = next(record for record in caplog.records if "closed -> open" in record.getMessage())
+    assert transition.__dict__["breaker_key"] == key  # (structured fields keep the key as it is)
+
+
+def _down() -> None:
+    raise ConnectionError("down")

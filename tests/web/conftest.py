@@ -128,7 +128,7 @@ class WebProcess:
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
-            env={**os.environ, **(env or {}), STORE_ENV: store, "PYTHONPATH": str(ROOT)},
+            env={**os.environ, **(env or {}), STORE_ENV: store, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"},
             start_new_session=True,
         )
         self.stdout = ""

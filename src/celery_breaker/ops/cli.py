@@ -175,7 +175,10 @@ def _matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[Br
         if key_glob is None:
             return True
         key = snapshot.key
-        return key is not None and any(fnmatch.fnmatchcase(text, key_glob) for text in (key, visible(key)))
+        # (``==``: a key holding brackets, ``crm[tenant[1]]``, which fnmatch reads as a class)
+        return key is not None and any(
+            text == key_glob or fnmatch.fnmatchcase(text, key_glob) for text in (key, visible(key))
+        )
 
     return [row for row in rows if any(matches(row, pattern) for pattern in patterns)]
 
@@ -295,7 +298,8 @@ def _operator_command(action: str, summary: str) -> click.Command:
         )
         if warning is not None:
             click.echo(f"Warning: {warning}.", err=True)
-            click.confirm(f"{action.capitalize()} {visible(breaker_label(name, key))} anyway?", abort=True, err=True)
+            # (as typed: printable, and what the warning showed of it)
+            click.confirm(f"{action.capitalize()} {breaker_label(name, key)} anyway?", abort=True, err=True)
         move = operate(app, action, name, key, create=create, store=store, as_shown=True)
         _report_move(move, as_json, warned=warning is not None)
 

@@ -82,7 +82,9 @@ def operate(app: Any, action: str, name: str, key: str | None = None) -> dict[st
 def _reply(state: Any, action: str, name: str | None, key: str | None) -> dict[str, Any]:
     if not name:
         return {"error": f"breaker_{action} needs a breaker name: celery control breaker_{action} NAME [KEY]"}
-    label = visible(breaker_label(name, key or None))  # (an empty KEY from the command line: no key)
+    label = breaker_label(name, key or None)  # (an empty KEY from the command line: no key)
+    if not label.isprintable():  # (typed: shown text is printable; anything else is escaped)
+        label = visible(label)
     try:
         snapshot = operate(state.consumer.app, action, name, key or None)
     except (LookupError, ValueError, ConfigurationError) as exc:

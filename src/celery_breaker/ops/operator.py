@@ -142,16 +142,17 @@ def _unknown(
 
 
 def _check_name(name: str, key: str | None) -> None:
-    """Refuse a name or key that cannot name a breaker (the one rule, ``names``) before
-    anything is read; ``name`` may be a label (``crm[tenant-7]``) when no ``key`` is given.
-    A key with control characters waits for the store (``_target``): a task may have made it."""
+    """Refuse a name that cannot name a breaker (the one rule, ``names``) before anything
+    is read; ``name`` may be a label (``crm[tenant-7]``) when no ``key`` is given. A key
+    waits for the store (``_target``): a task may have made any text a key."""
     if key is None:
         name, key = split_label(name) if isinstance(name, str) else (name, None)
     try:
         check_name(name, "breaker name")
     except ConfigurationError as exc:
         raise UnknownBreakerError(str(exc)) from None
-    check_key(key, printable=False)
+    if key is not None and not isinstance(key, str):  # (a program may pass anything)
+        check_key(key)  # type: ignore[unreachable]
 
 
 def _target(
@@ -184,12 +185,14 @@ def _target(
 
     if key is None and not known(name, key):
         name, key = split_label(name)
-        check_key(key, printable=False)
     if key is not None:
         # Typed, a key is read as `status` shows it (``a\\nb``: a newline; ``C:\\\\tmp``: one
         # backslash), which is how a key a task made with control characters is named
-        # at all; else as it is. A key not found must be printable: one with a control
-        # character typed in is a quoting mistake, and is never created.
+        # at all; else as it is. Typed with a control character, it is a quoting mistake
+        # (`status` never shows one). A key not found must be one an operator can name:
+        # it is never created otherwise.
+        if as_shown and not key.isprintable():
+            check_key(key)
         stored = read_visible(key) if as_shown else None
         if stored is not None and known(name, stored):
             key = stored
