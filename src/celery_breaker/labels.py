@@ -84,15 +84,15 @@ def _unescape(escape: re.Match[str]) -> str:
 
 class PrintableLog(logging.Filter):
     """On the ``celery_breaker`` logger (the package installs it): each text argument of
-    a record, and its message, that is not printable is written as ``visible`` shows it.
-    A key from a task's arguments reaches many log lines (a transition, a parked task);
-    with a newline or an escape sequence in it, a line could forge the next one or drive
-    the terminal that tails the log. Structured fields (``extra``) keep the key as it is."""
+    a record that is not printable is written as ``visible`` shows it. A key from a
+    task's arguments reaches many log lines (a transition, a parked task) as such an
+    argument; with a newline or an escape sequence in it, a line could forge the next one
+    or drive the terminal that tails the log. The message itself is ours and keeps its
+    line breaks (the worker's block of configuration problems); so do exceptions, whose
+    texts quote keys with ``repr``. Structured fields (``extra``) keep the key as it is."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if isinstance(args, tuple) and any(type(arg) is str and not arg.isprintable() for arg in args):
             record.args = tuple(visible(arg) if type(arg) is str and not arg.isprintable() else arg for arg in args)
-        if type(record.msg) is str and not record.msg.isprintable():
-            record.msg = visible(record.msg)
         return True

@@ -171,6 +171,7 @@ def test_three_mistakes_are_named_in_one_start_without_a_traceback(broker: str) 
     log = process.log()
     assert code == 78, log  # EX_CONFIG
     assert "3 problems in celery-breaker's settings" in log, log
+    assert "the worker cannot start (ConfigurationError):\n3 problems" in log  # (one block, a line each)
     assert "breaker_max_deferrals must be a whole number >= 0" in log
     assert "breaker_relase_rate: did you mean breaker_release_rate?" in log  # (the setting meant)
     assert "'failure_treshold': did you mean 'failure_threshold'?" in log

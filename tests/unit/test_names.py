@@ -150,10 +150,12 @@ def test_no_log_line_carries_a_raw_control_character_from_a_key(caplog: pytest.L
         with contextlib.suppress(ConnectionError):
             breaker.call(_down)
         logging.getLogger("celery_breaker").warning("any line: %s", f"crm[{key}]")
+        logging.getLogger("celery_breaker").warning("a block of our own:\n%s", ConfigurationError("one\ntwo"))
     lines = [record.getMessage() for record in caplog.records]
     assert any(line.startswith("breaker crm[t\\x1b[2J\\n7] closed -> open") for line in lines), lines
     assert "any line: crm[t\\x1b[2J\\n7]" in lines
-    assert all(line.isprintable() for line in lines)
+    assert lines[-1] == "a block of our own:\none\ntwo"  # (its own line breaks are kept)
+    assert all(line.isprintable() for line in lines[:-1])
     transition = next(record for record in caplog.records if "closed -> open" in record.getMessage())
     assert transition.__dict__["breaker_key"] == key  # (structured fields keep the key as it is)
 
