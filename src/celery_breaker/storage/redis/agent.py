@@ -48,6 +48,15 @@ IDLE_EXIT = 5.0
 _BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
 
 
+def _idle_since(store: RedisStore, since: float | None, now: float) -> float | None:
+    """Since when ``store`` has needed no agent (``since``: as last seen), or ``None``
+    while it needs one: it has cells, or counts of dropped breakers still to send (a
+    flush that failed sends them later)."""
+    if store.cell_count() or store.orphans:
+        return None
+    return now if since is None else since
+
+
 class _Lost(Exception):
     """The subscription stopped answering."""
 
@@ -93,14 +102,10 @@ class Agent(threading.Thread):
                     if store is not None:
                         store.go_dark(exc)
                         # A store that cannot be reached stops its agent too once it has
-                        # had no cells for IDLE_EXIT (a new cell starts another), unless it
-                        # holds counts of dropped breakers still to send.
+                        # needed none for IDLE_EXIT (a new cell starts another).
                         now = time.monotonic()
-                        if store.cell_count() or store.orphans:
-                            empty_since = None
-                        elif empty_since is None:
-                            empty_since = now
-                        elif now - empty_since > IDLE_EXIT:
+                        empty_since = _idle_since(store, empty_since, now)
+                        if empty_since is not None and now - empty_since > IDLE_EXIT:
                             return
                 finally:
                     # Not held through the wait: a store nobody else holds is garbage
@@ -169,11 +174,8 @@ class Agent(threading.Thread):
                 next_flush = now + FLUSH_INTERVAL
                 with contextlib.suppress(StorageError):  # counts are kept and sent next time
                     store.flush()
-                if store.cell_count() or store.orphans:  # (orphans: a flush that failed sends them later)
-                    empty_since = None
-                elif empty_since is None:
-                    empty_since = now
-                elif now - empty_since > IDLE_EXIT:
+                empty_since = _idle_since(store, empty_since, now)
+                if empty_since is not None and now - empty_since > IDLE_EXIT:
                     return True
             if now >= next_ping:
                 if now - answered > DEAD_AFTER:
