@@ -210,8 +210,17 @@ class _SentinelServer(RedisServer):
     ``plain_port`` (a deployment's plain Sentinels watching a TLS master).
     """
 
-    def __init__(self, service: str, master: tuple[str, int], *, workdir: str, tls: Certificates | None) -> None:
-        super().__init__(workdir=workdir, tls=tls)
+    def __init__(
+        self,
+        service: str,
+        master: tuple[str, int],
+        *,
+        workdir: str,
+        tls: Certificates | None,
+        password: str | None = None,
+        master_password: str | None = None,
+    ) -> None:
+        super().__init__(workdir=workdir, tls=tls, password=password)
         self.config = self.workdir / f"sentinel-{self.port}.conf"
         self.plain_port = free_port() if tls else self.port
         ports = f"port {self.port}\n"
@@ -224,6 +233,8 @@ class _SentinelServer(RedisServer):
             f"sentinel down-after-milliseconds {service} 1000\n"
             f"sentinel failover-timeout {service} 5000\n"
             f"sentinel parallel-syncs {service} 1\n"
+            + (f"requirepass {password}\n" if password else "")
+            + (f"sentinel auth-pass {service} {master_password}\n" if master_password else "")
         )
 
     def command(self) -> list[str]:
@@ -238,19 +249,37 @@ class RedisSentinel(Owned):
     takes about ten (see ``failover``).
     """
 
-    def __init__(self, sentinels: int = 1, service: str = "breakers", tls: Certificates | None = None) -> None:
+    def __init__(
+        self,
+        sentinels: int = 1,
+        service: str = "breakers",
+        tls: Certificates | None = None,
+        *,
+        password: str | None = None,
+        sentinel_password: str | None = None,
+    ) -> None:
+        """``password``: the master's and the replica's (``requirepass``, ``masterauth``);
+        ``sentinel_password``: the Sentinels' own."""
         self.service = service
         self.tls = tls
         self.workdir = Path(tempfile.mkdtemp(prefix="celery-breaker-sentinel-"))
         # No diskless-sync delay: a replica (and the demoted master) syncs at once, not after 5 s.
-        sync = ("--repl-diskless-sync-delay", "0")
-        master = RedisServer(*sync, workdir=str(self.workdir / "server-0"), tls=tls)
+        sync = ("--repl-diskless-sync-delay", "0", *(("--masterauth", password) if password else ()))
+        master = RedisServer(*sync, workdir=str(self.workdir / "server-0"), tls=tls, password=password)
         replica = RedisServer(
-            *sync, "--replicaof", *map(str, master.address), workdir=str(self.workdir / "server-1"), tls=tls
-        )
+            *sync, "--replicaof", *map(str, master.address), workdir=str(self.workdir / "server-1"), tls=tls,
+            password=password,
+        )  # fmt: skip
         self.servers = [master, replica]
         self.sentinels = [
-            _SentinelServer(service, self.servers[0].address, workdir=str(self.workdir / "sentinel"), tls=tls)
+            _SentinelServer(
+                service,
+                self.servers[0].address,
+                workdir=str(self.workdir / "sentinel"),
+                tls=tls,
+                password=sentinel_password,
+                master_password=password,
+            )
             for _ in range(sentinels)
         ]
 

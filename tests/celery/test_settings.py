@@ -374,6 +374,17 @@ def test_breaker_routes_apply_outside_workers_too() -> None:
             "redis+sentinel://:pw@s1:26379,s2:26380/mymaster",
         ),
         ("sentinel://s1:26379", {}, "memory://"),  # no master_name: cannot tell which master
+        (  # the Sentinels' own credentials, from the transport's sentinel_kwargs
+            "sentinel://:pw@s1:26379",
+            {
+                "broker_transport_options": {
+                    "master_name": "mymaster",
+                    "sentinel_kwargs": {"username": "watcher", "password": "p&w/d", "ssl": True},
+                },
+                "broker_use_ssl": True,
+            },
+            "rediss+sentinel://:pw@s1:26379/mymaster?sentinel_username=watcher&sentinel_password=p%26w%2Fd",
+        ),
         # The broker's TLS settings reach the store: the scheme, then the certificates.
         ("redis://cache:6380/0", {"broker_use_ssl": True}, "rediss://cache:6380/0"),
         (

@@ -13,6 +13,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import pytest
 import redis
+from celery import Celery
 from redis.cluster import RedisCluster
 from redis.commands.core import Script
 from redis.sentinel import SentinelConnectionPool
@@ -21,10 +22,12 @@ from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, Conf
 from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.errors import StorageError
+from celery_breaker.integration.settings import build_settings
 from celery_breaker.monitoring import collect_metrics
 from celery_breaker.storage import FallbackStore, Store, store_from_url
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.storage.redis.client import check_url, describe
+from celery_breaker.storage.urls import password_misread
 from celery_breaker.testing import FakeClock
 
 from .. import servers
@@ -141,6 +144,45 @@ def test_url_errors_do_not_show_passwords() -> None:
         RedisStore.from_url("redis+sentinel://:hunter2@h1/?sentinel_password=swordfish").client()
     assert "hunter2" not in str(info.value)
     assert "swordfish" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:Xk9pQ2/vR7+t@127.0.0.1:6379/0",  # (the parser took "Xk9pQ2" for the port)
+        "redis://:ab#cdef@h:1/0",
+        "redis://:ab?cdef@h/0",
+        "redis://:12/3456@h/0",  # (a port it can read, and no host)
+        "redis://us/er:secret@h/0",  # (the host "us", and a path holding the rest)
+        "redis://:p@ss/word@h/0",  # (an "@" before the "/", and one after)
+        "redis+sentinel://:pw/xyz1@h:26379/mymaster",
+        "redis+cluster://:pw/xyz1@h:7000",
+        "rediss://app:pw/xyz1@h:6380/0",
+    ],
+)
+def test_a_password_a_parser_misreads_is_refused_without_a_piece_of_it(url: str) -> None:
+    password = url.split("://")[1].rpartition("@")[0].partition(":")[2] or "us/er"
+    with pytest.raises(ConfigurationError) as info:
+        store_from_url(url)
+    message = str(info.value)
+    assert "percent-encode a password's '/', '?', '#' and '@'" in message
+    for piece in re.split(r"[/?#@]", password):  # (one letter is in any message)
+        assert len(piece) < 2 or piece not in message.replace("password", "")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h/0?key_prefix=a@b",  # (an "@" in a query value)
+        "redis://:pw@h/0?key_prefix=a@b",
+        "redis://u:p%2Fw@h:6379/0",
+        "redis+cluster://app:p@ss@h1:7000,h2:7001",  # (an "@" alone parses as meant)
+        "redis+unix://:pw@/run/redis.sock?db=1",
+        "redis://:pw@[::1]:6379/0",
+    ],
+)
+def test_urls_that_parse_as_meant_are_not_taken_for_misread_passwords(url: str) -> None:
+    assert not password_misread(url)
 
 
 @pytest.mark.parametrize(
@@ -506,3 +548,27 @@ def test_a_malformed_url_is_a_configuration_error_naming_the_setting() -> None:
     with pytest.raises(ConfigurationError, match=r"breaker_storage_url .* is no valid URL") as info:
         store_from_url("redis://:s3cret@[::1/0")
     assert "s3cret" not in str(info.value)
+
+
+def test_a_sentinel_broker_whose_sentinels_ask_a_password_keeps_its_breakers_in_its_master() -> None:
+    # kombu gives the URL's password to the master and sentinel_kwargs' to the Sentinels;
+    # the store derived from the broker must do the same, or it never finds the master.
+    with RedisSentinel(password="master-pw", sentinel_password="sentinel-pw") as deployment:
+        deployment.start()
+        sentinel = deployment.sentinels[0]
+        app = Celery("sentinel-auth", set_as_current=False, broker=f"sentinel://:master-pw@127.0.0.1:{sentinel.port}")
+        app.conf.broker_transport_options = {
+            "master_name": deployment.service,
+            "sentinel_kwargs": {"password": "sentinel-pw"},
+        }
+        url = build_settings(app.conf).storage_url
+        assert url.endswith("?sentinel_password=sentinel-pw")
+        store = RedisStore.from_url(url + "&socket_timeout=2")
+        try:
+            breaker = CircuitBreaker("sentinel-auth", storage=store)
+            breaker.force_open()
+            assert deployment.master().admin().hget(store.keys_for("sentinel-auth", None)[0], "st") is not None
+            with pytest.raises(CircuitOpenError):
+                breaker.call(lambda: None)
+        finally:
+            store.close()

@@ -135,7 +135,8 @@ def store_url_from_broker(conf: Any) -> str | None:
     ``broker_transport_options={"master_name": ...}`` becomes
     ``redis+sentinel://h1:26379,h2:26379/<master_name>``, or with ``broker_use_ssl``
     ``rediss+sentinel://...`` (TLS to the master; to the Sentinels only when the
-    transport's ``sentinel_kwargs`` say ``ssl``, as kombu does). Anything else: None.
+    transport's ``sentinel_kwargs`` say ``ssl``, as kombu does), with the Sentinels'
+    own ``username`` and ``password`` from those ``sentinel_kwargs``. Anything else: None.
     """
     url = broker_url(conf)
     first = url.split(";", maxsplit=1)[0].strip()
@@ -153,10 +154,18 @@ def store_url_from_broker(conf: Any) -> str | None:
         auth = hosts[0].netloc.rpartition("@")[0]
         netloc = ",".join(part.netloc.rpartition("@")[2] for part in hosts)
         store = f"redis+sentinel://{auth + '@' if auth else ''}{netloc}/{quote(master, safe='')}"
-        # kombu hands broker_use_ssl to the master's connections only; the Sentinels
-        # get TLS from the transport's own sentinel_kwargs, if at all.
-        sentinel_ssl = bool((transport_options.get("sentinel_kwargs") or {}).get("ssl"))
-        return _with_broker_ssl(store, use_ssl, sentinel_ssl=sentinel_ssl)
+        # kombu hands the URL's credentials and broker_use_ssl to the master's connections
+        # only; the Sentinels get theirs (TLS, a password) from the transport's own
+        # sentinel_kwargs, if at all.
+        sentinel_kwargs = transport_options.get("sentinel_kwargs") or {}
+        credentials = [
+            f"sentinel_{name}={quote(str(sentinel_kwargs[name]), safe='')}"
+            for name in ("username", "password")
+            if sentinel_kwargs.get(name) is not None
+        ]
+        if credentials:
+            store += "?" + "&".join(credentials)
+        return _with_broker_ssl(store, use_ssl, sentinel_ssl=bool(sentinel_kwargs.get("ssl")))
     return _with_broker_ssl(target + first[len(scheme) :], use_ssl)
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError, StorageError
 from .contract import Store
-from .urls import describe_url
+from .urls import describe_url, scrub_secrets
 
 __all__ = [
     "check_storage_url",
@@ -70,7 +70,7 @@ def _scheme(url: str) -> str:
         return urlsplit(url).scheme.lower()
     except ValueError as exc:  # (an unclosed "[" of an IPv6 host, say)
         raise ConfigurationError(
-            f"breaker_storage_url {describe_url(url)!r} is no valid URL ({exc}); write it as "
+            f"breaker_storage_url {describe_url(url)!r} is no valid URL ({scrub_secrets(str(exc), url)}); write it as "
             f"redis://[:password@]host[:port][/db], percent-encoding a password's special characters"
         ) from None
 
@@ -105,6 +105,7 @@ def store_from_url(url: str) -> Store:
             try:
                 found = _OPEN[url] = factory(url)
             except ConfigurationError as exc:
+                # (the store's own message: it shows no password, RedisStore.from_url)
                 raise ConfigurationError(f"breaker_storage_url {describe_url(url)!r}: {exc}") from None
         return found
 

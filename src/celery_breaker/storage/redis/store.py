@@ -20,7 +20,7 @@ from ...core import BreakerPolicy, BreakerSnapshot, State
 from ...errors import ConfigurationError, StorageError
 from ...labels import breaker_label
 from ..registry import remember
-from ..urls import describe_url
+from ..urls import ENCODE_PASSWORD, describe_url, password_misread, scrub_secrets
 from .agent import Agent
 from .cell import Orphan, RedisCell
 from .client import (
@@ -51,6 +51,20 @@ _OPTIONS = ("key_prefix", "idle_ttl", "socket_timeout", "socket_connect_timeout"
 PIPELINE_BATCH = 500
 _KEY_SUFFIXES = (":s", ":f", ":r", ":b", ":l")  # state, failure times, count ring, time buckets, leases
 _STORES: weakref.WeakSet[RedisStore] = weakref.WeakSet()
+
+
+def _url_problem(exc: BaseException, url: str) -> str:
+    """What is wrong with store URL ``url`` (``exc``'s text), with no password or piece of
+    one in it: a parser that misreads a password quotes the piece it took for a port."""
+    if password_misread(url):
+        return (
+            f"redis store URL {describe_url(url)!r}: its password holds an unencoded '/', '?' or '#', "
+            f"so the host cannot be read; {ENCODE_PASSWORD}"
+        )
+    problem = scrub_secrets(str(exc), url)
+    if not problem.startswith("redis store URL"):
+        problem = f"redis store URL {describe_url(url)!r}: {problem}"
+    return problem
 
 
 def _positive(url: str, option: str, text: str) -> float:
@@ -146,6 +160,15 @@ class RedisStore:
     @classmethod
     def from_url(cls, url: str) -> RedisStore:
         """Make a store from a Redis URL: ``redis``, ``rediss``, ``redis+unix``, ``+sentinel`` or ``+cluster``."""
+        try:
+            return cls._from_url(url)
+        except (ConfigurationError, ValueError) as exc:
+            raise ConfigurationError(_url_problem(exc, url)) from None
+
+    @classmethod
+    def _from_url(cls, url: str) -> RedisStore:
+        if password_misread(url):  # (refused before a parser reads a piece of it as the host)
+            raise ConfigurationError(ENCODE_PASSWORD)
         parts = urlsplit(url)
         scheme = SCHEMES.get(parts.scheme.lower())
         if scheme is None:
@@ -193,13 +216,18 @@ class RedisStore:
 
     def _connect(self) -> None:
         socket_timeout, connect_timeout = self._timeouts
-        client = make_client(
-            self.url,
-            self._parts,
-            self._passed,
-            socket_timeout=socket_timeout,
-            socket_connect_timeout=connect_timeout,
-        )
+        try:
+            client = make_client(
+                self.url,
+                self._parts,
+                self._passed,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+            )
+        except StorageError as exc:  # (a Cluster's slot map: redis-py's error may quote the URL)
+            raise StorageError(scrub_secrets(str(exc), self.url)) from exc.__cause__
+        except ConfigurationError as exc:
+            raise ConfigurationError(_url_problem(exc, self.url)) from None
         self._client = client
         self._scripts = Scripts(client)
         self._pid = os.getpid()
