@@ -76,6 +76,12 @@ BAD_VALUES: list[tuple[str, Any, tuple[str, ...]]] = [
     ("breaker_consumer_timeout", 10**400, ("got 10000",)),
     ("breaker_release_rate", 10**400, ("got 10000",)),
     ("breaker_release_ramp", 10**400, ("got 10000",)),
+    # Past the ceilings (1e300 s passed, then failed every record_metrics on Redis).
+    ("breaker_metrics_ttl", 1e300, ("at most 315360000", "got 1e+300")),
+    ("breaker_max_defer_age", 4e8, ("at most 315360000", "got 400000000.0")),
+    ("breaker_probe_timeout", 4e8, ("at most 315360000",)),
+    ("breaker_max_deferrals", 10**7, ("from 0 to 1,000,000", "got 10000000")),
+    ("breaker_release_rate", 1e7, ("at most 1,000,000", "got 10000000.0")),
 ]
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, RetryAfter, State, TooManyRequests
 from celery_breaker.core import BreakerSnapshot, Transition
+from celery_breaker.core.policy import LARGEST_COUNT, LONGEST_SECONDS
 from celery_breaker.storage import Store
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
@@ -357,6 +358,32 @@ def test_a_huge_retry_after_is_capped(store: Store, clock: FakeClock) -> None:
         breaker.call(raise_, RetryAfter(1e9))
     assert rejected(breaker).retry_after == pytest.approx(300)
     assert seen[-1].reason == "retry-after 1e+09 s (capped at 300 s)"
+
+
+@pytest.mark.parametrize("rule", ["failures", "rates"])
+def test_the_largest_policy_values_trip_open_and_close(store: Store, clock: FakeClock, rule: str) -> None:
+    # Every bound BreakerPolicy allows (LARGEST_COUNT, LONGEST_SECONDS) must be readable by
+    # every store: a value the Redis scripts could not parse took the whole store for down.
+    trips: dict[str, Any] = (
+        {"failure_threshold": LARGEST_COUNT, "window": LONGEST_SECONDS, "consecutive_failures": 1}
+        if rule == "failures"
+        else {"count_window": LARGEST_COUNT, "failure_rate_threshold": 1.0, "minimum_calls": 1}
+    )
+    breaker = make(
+        store, clock, reset_timeout=LONGEST_SECONDS, half_open_max_calls=LARGEST_COUNT,
+        success_threshold=1, half_open_max_wait=LONGEST_SECONDS, **trips,
+    )  # fmt: skip
+    breaker.call(ok)
+    if rule == "rates":
+        breaker = make(
+            store, clock, name="svc2", reset_timeout=LONGEST_SECONDS, half_open_max_calls=LARGEST_COUNT,
+            success_threshold=1, half_open_max_wait=LONGEST_SECONDS, **trips,
+        )  # fmt: skip
+    fail(breaker)
+    assert rejected(breaker).retry_after == pytest.approx(LONGEST_SECONDS)
+    clock.advance(LONGEST_SECONDS)
+    breaker.call(ok)
+    assert state_of(breaker) is State.CLOSED
 
 
 def test_a_probe_failing_with_a_retry_after_reopens_for_that_long(store: Store, clock: FakeClock) -> None:

@@ -45,8 +45,8 @@ def run_threads(count: int, target: Callable[[int], None]) -> None:
 @pytest.mark.parametrize(
     "policy",
     [
-        {"failure_threshold": 10**9},
-        {"failure_threshold": None, "failure_rate_threshold": 1.0, "minimum_calls": 10**9},
+        {"failure_threshold": 10**6},
+        {"failure_threshold": None, "failure_rate_threshold": 1.0, "minimum_calls": 10**6},
         {"failure_threshold": None, "failure_rate_threshold": 1.0, "minimum_calls": 10**5, "count_window": 10**5},
     ],
     ids=["threshold", "time-rate-window", "count-rate-window"],

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from celery_breaker import BreakerPolicy, ConfigurationError
+from celery_breaker import BreakerPolicy, CircuitBreaker, ConfigurationError
 from celery_breaker.core.policy import (
     DEFAULT_FAILURE_THRESHOLD,
     DEFAULT_HALF_OPEN_MAX_CALLS,
@@ -18,7 +18,10 @@ from celery_breaker.core.policy import (
     DEFAULT_RESET_TIMEOUT,
     DEFAULT_SUCCESS_THRESHOLD,
     DEFAULT_WINDOW,
+    LARGEST_COUNT,
+    LONGEST_SECONDS,
 )
+from celery_breaker.testing import FakeClock
 
 COUNTS = [
     "failure_threshold",
@@ -58,8 +61,42 @@ def test_bad_value_names_the_field_and_the_value(field: str, value: Any) -> None
 
 @pytest.mark.parametrize(("field", "value"), cases(COUNTS, [2.5, 3.0, -7]))
 def test_counts_must_be_whole_numbers(field: str, value: Any) -> None:
-    with pytest.raises(ConfigurationError, match=f"{field} must be a whole number >= 1"):
+    with pytest.raises(ConfigurationError, match=f"{field} must be a whole number from 1 to 1,000,000"):
         build(field, value)
+
+
+@pytest.mark.parametrize(("field", "value"), cases(COUNTS, [LARGEST_COUNT + 1, 10**20, 10**400]))
+def test_counts_have_a_ceiling(field: str, value: int) -> None:
+    # (10**20 passed, then made Redis's scripts refuse the policy, which took the whole store
+    # for down; 10**30 raised a bare OverflowError on every call.)
+    with pytest.raises(ConfigurationError, match=f"{field} must be a whole number from 1 to 1,000,000"):
+        build(field, value)
+
+
+@pytest.mark.parametrize(("field", "value"), cases([*SECONDS, "max_reset_timeout"], [LONGEST_SECONDS * 1.01, 1e308]))
+def test_durations_have_a_ceiling(field: str, value: float) -> None:
+    # (reset_timeout=1e308 made the longest open duration inf: every call on Redis failed.)
+    with pytest.raises(ConfigurationError, match=f"{field} must be at most 315360000 seconds"):
+        build(field, value)
+
+
+def test_the_largest_values_work_on_every_call() -> None:
+    policy = BreakerPolicy(
+        failure_threshold=LARGEST_COUNT,
+        window=LONGEST_SECONDS,
+        count_window=LARGEST_COUNT,
+        failure_rate_threshold=1.0,
+        minimum_calls=LARGEST_COUNT,
+        reset_timeout=LONGEST_SECONDS,
+        half_open_max_calls=LARGEST_COUNT,
+        success_threshold=LARGEST_COUNT,
+        half_open_max_wait=LONGEST_SECONDS,
+    )
+    assert policy.longest_open == 10 * LONGEST_SECONDS
+    breaker = CircuitBreaker("largest", policy, clock=FakeClock())
+    assert breaker.call(lambda: 1) == 1
+    breaker.force_open()
+    assert breaker.snapshot().open_until is None  # (forced: no end)
 
 
 @pytest.mark.parametrize(("field", "value"), cases(RATES, [1.5, 50, 100, -0.1]))

@@ -34,9 +34,16 @@ DEFAULT_BACKOFF_MULTIPLIER = 2.0
 #: ``max_reset_timeout`` when unset: this many times ``reset_timeout``.
 DEFAULT_MAX_RESET_FACTOR = 10.0
 DEFAULT_RESET_JITTER = 0.0
+#: The largest whole number a policy field takes: a window or a threshold beyond it would
+#: have a breaker keep millions of outcomes, and larger numbers stop being exact or
+#: finite somewhere on the way to Redis (a JSON number, a Lua double, a C size).
+LARGEST_COUNT = 1_000_000
+#: The longest duration a policy field takes (ten years): ten times it (the default
+#: ``max_reset_timeout``) must stay a finite, exact number of milliseconds.
+LONGEST_SECONDS = 10 * 365 * 86_400.0
 
 # What the configuration reference says a field accepts (shared wording).
-_SECONDS_DOC = "seconds > 0 (number or `timedelta`)"
+_SECONDS_DOC = "seconds > 0, at most ten years (number or `timedelta`)"
 _MATCHERS_DOC = "exception types, dotted paths to them, or predicates `exc -> bool`"
 
 
@@ -140,16 +147,20 @@ def _seconds(name: str, value: Any, *, optional: bool) -> float | None:
         kind = "a number of seconds > 0" + (" or None" if optional else "")
         raise ConfigurationError(f"BreakerPolicy.{name} must be {kind}, got {value!r}")
     if not (value > 0 and math.isfinite(value)):
-        raise ConfigurationError(f"BreakerPolicy.{name} must be a finite number > 0, got {value!r}")
+        raise ConfigurationError(f"BreakerPolicy.{name} must be a finite number > 0, got {value!r:.100}")
+    if value > LONGEST_SECONDS:
+        raise ConfigurationError(
+            f"BreakerPolicy.{name} must be at most {LONGEST_SECONDS:.0f} seconds (ten years), got {value!r:.100}"
+        )
     return float(value)
 
 
 def _count(name: str, value: Any, *, optional: bool) -> int | None:
     if value is None and optional:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        kind = "a whole number >= 1" + (" or None" if optional else "")
-        raise ConfigurationError(f"BreakerPolicy.{name} must be {kind}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LARGEST_COUNT:
+        kind = f"a whole number from 1 to {LARGEST_COUNT:,}" + (" or None" if optional else "")
+        raise ConfigurationError(f"BreakerPolicy.{name} must be {kind}, got {value!r:.100}")
     return value
 
 
@@ -219,7 +230,7 @@ class BreakerPolicy:
     failure_threshold: int | None = field(
         default=DEFAULT_FAILURE_THRESHOLD,
         metadata=doc(
-            accepts="whole number ≥ 1, or `None` (this rule off)",
+            accepts="whole number from 1 to 1,000,000, or `None` (this rule off)",
             meaning="failures within `window` that trip the breaker",
         ),
     )
@@ -230,7 +241,7 @@ class BreakerPolicy:
     consecutive_failures: int | None = field(
         default=None,
         metadata=doc(
-            accepts="whole number ≥ 1, or `None`",
+            accepts="whole number from 1 to 1,000,000, or `None`",
             meaning="failures in a row that trip the breaker (pybreaker's `fail_max`): any success "
             "ends the run, an ignored outcome leaves it as it is",
             default="this rule off",
@@ -247,7 +258,7 @@ class BreakerPolicy:
     minimum_calls: int | None = field(
         default=None,
         metadata=doc(
-            accepts="whole number ≥ 1, ≤ `count_window`",
+            accepts="whole number from 1 to 1,000,000, ≤ `count_window`",
             meaning="calls in the window before the rates are judged",
             default=f"{DEFAULT_MINIMUM_CALLS}, or `count_window` if smaller",
         ),
@@ -255,7 +266,7 @@ class BreakerPolicy:
     count_window: int | None = field(
         default=None,
         metadata=doc(
-            accepts="whole number ≥ 1",
+            accepts="whole number from 1 to 1,000,000",
             meaning="judge the rates over the last N calls instead of the last `window` seconds",
             default="judge over `window` seconds",
         ),
@@ -292,7 +303,7 @@ class BreakerPolicy:
     max_reset_timeout: float | None = field(
         default=None,
         metadata=doc(
-            accepts="seconds ≥ `reset_timeout` (number or `timedelta`)",
+            accepts="seconds ≥ `reset_timeout`, at most ten years (number or `timedelta`)",
             meaning="the longest open duration: caps the backoff, the jitter and a Retry-After",
             default=f"{DEFAULT_MAX_RESET_FACTOR:g} times `reset_timeout`",
         ),
@@ -308,14 +319,14 @@ class BreakerPolicy:
     half_open_max_calls: int = field(
         default=DEFAULT_HALF_OPEN_MAX_CALLS,
         metadata=doc(
-            accepts="whole number ≥ 1",
+            accepts="whole number from 1 to 1,000,000",
             meaning="probes (real calls, or the breaker's health checks) admitted per half-open period",
         ),
     )
     success_threshold: int | None = field(
         default=None,
         metadata=doc(
-            accepts="whole number ≥ 1, ≤ `half_open_max_calls`",
+            accepts="whole number from 1 to 1,000,000, ≤ `half_open_max_calls`",
             meaning="successful probes (or health checks) that close the breaker",
             default=f"{DEFAULT_SUCCESS_THRESHOLD}, or `half_open_max_calls` if fewer",
         ),

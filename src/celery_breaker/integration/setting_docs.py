@@ -13,7 +13,7 @@ from .settings import ON_STORAGE_ERROR_CHOICES
 
 __all__ = ["SETTING_DOCS", "TASK_OPTION_DOCS"]
 
-_SECONDS_DOC = "seconds > 0 (number or `timedelta`)"
+_SECONDS_DOC = "seconds > 0, at most ten years (number or `timedelta`)"
 
 #: What each setting means, for the configuration reference (docs/configuration.md is
 #: generated from this table and the defaults in ``settings.SETTINGS``; every setting must have a row).
@@ -47,7 +47,7 @@ SETTING_DOCS: dict[str, Doc] = {
         meaning="puts plain tasks (not subclassing `BreakerTask`) under a breaker; the first matching glob wins",
     ),
     "breaker_max_deferrals": Doc(
-        accepts="whole number ≥ 0, or `None`",
+        accepts="whole number from 0 to 1,000,000, or `None`",
         meaning="deferrals after which the task fails with `CircuitOpenError`",
         default="no limit",
     ),
@@ -57,7 +57,7 @@ SETTING_DOCS: dict[str, Doc] = {
         default="no limit",
     ),
     "breaker_defer_spread": Doc(
-        accepts="seconds ≥ 0, or `None`",
+        accepts="seconds ≥ 0, at most ten years, or `None`",
         meaning="a random extra delay of up to this long on each deferral, so a backlog does not return all at once",
         default="the policy's `reset_timeout`",
     ),
@@ -89,13 +89,13 @@ SETTING_DOCS: dict[str, Doc] = {
         "`breaker_release_rate` after `breaker_release_ramp`. No effect on the memory store, which has no parking",
     ),
     "breaker_release_rate": Doc(
-        accepts="tasks per second > 0, or `None`",
+        accepts="tasks per second > 0, at most 1,000,000, or `None`",
         meaning="parked tasks released per breaker per second once it has closed, across all workers: the "
         "adaptive pace's ceiling, or the fixed pace",
         default="no ceiling under the adaptive pace, 50 under the fixed pace",
     ),
     "breaker_release_ramp": Doc(
-        accepts="seconds ≥ 0",
+        accepts="seconds ≥ 0, at most ten years",
         meaning="the fixed pace starts at a tenth of `breaker_release_rate` and reaches it after this long (0: at "
         'once); unused by `"adaptive"`',
     ),

@@ -14,6 +14,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 from ..core import BreakerPolicy
 from ..core.pacing import PacingLaw
+from ..core.policy import LARGEST_COUNT
 from ..errors import ConfigurationError
 from ..health import DEFAULT_PROBE_TIMEOUT
 from ..names import check_name
@@ -292,9 +293,10 @@ def _release_rate(value: Any) -> float | None:
     if value is None:
         return None
     found = values.positive_finite(value)
-    if found is None:
+    if found is None or found > LARGEST_COUNT:
         raise ConfigurationError(
-            f"breaker_release_rate must be a number of tasks per second > 0, or None (the adaptive pace without "
+            f"breaker_release_rate must be a number of tasks per second > 0 and at most {LARGEST_COUNT:,}, "
+            f"or None (the adaptive pace without "
             f"a ceiling; {FIXED_RELEASE_RATE:g} under the fixed pace), got {value!r:.100}"
         )
     return found

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
+from ..core.policy import LARGEST_COUNT, LONGEST_SECONDS
 from ..errors import ConfigurationError
 
 __all__ = ["bind_address", "duration", "mapping", "port", "seconds", "seconds_or_zero", "whole"]
@@ -33,25 +34,33 @@ def seconds(key: str, value: Any) -> float | None:
     if isinstance(value, timedelta):
         value = value.total_seconds()
     found = positive_finite(value)
-    if found is None:
-        raise ConfigurationError(f"{key} must be a number of seconds > 0 (or None), got {value!r:.100}")
+    if found is None or found > LONGEST_SECONDS:
+        raise ConfigurationError(f"{key} must be a number of seconds > 0{_AT_MOST} (or None), got {value!r:.100}")
     return found
 
 
 def duration(key: str, value: Any) -> float:
     """Seconds > 0 (a number or a ``timedelta``); ``None`` is refused."""
     found = positive_finite(value.total_seconds() if isinstance(value, timedelta) else value)
-    if found is None:
-        raise ConfigurationError(f"{key} must be a number of seconds > 0 (or a timedelta), got {value!r:.100}")
+    if found is None or found > LONGEST_SECONDS:
+        raise ConfigurationError(
+            f"{key} must be a number of seconds > 0{_AT_MOST} (or a timedelta), got {value!r:.100}"
+        )
     return found
+
+
+#: The longest duration a setting takes, as its errors say.
+_AT_MOST = f", at most {LONGEST_SECONDS:.0f} (ten years)"
 
 
 def whole(key: str, value: Any) -> int | None:
     """A whole number >= 0, or ``None`` (no limit)."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigurationError(f"{key} must be a whole number >= 0 (or None for no limit), got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= LARGEST_COUNT:
+        raise ConfigurationError(
+            f"{key} must be a whole number from 0 to {LARGEST_COUNT:,} (or None for no limit), got {value!r:.100}"
+        )
     return value
 
 
