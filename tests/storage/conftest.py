@@ -102,12 +102,13 @@ def key_ttls(store: RedisStore, name: str, key: str | None = None) -> dict[str, 
     return {k: ttl for k, ttl in found.items() if ttl != -2}
 
 
-def expire_now(store: RedisStore, name: str, key: str | None = None) -> None:
+def expire_now(store: RedisStore, name: str, key: str | None = None, *, after: float | None = None) -> None:
     """What Redis does once a breaker's idle TTL has passed, without waiting for it:
-    every key of the breaker that has a TTL is gone."""
+    every key of the breaker that has a TTL is gone (``after``: only those whose TTL runs
+    out within that many seconds)."""
     client = store.client()
     for k, ttl in key_ttls(store, name, key).items():
-        if ttl >= 0:
+        if ttl >= 0 and (after is None or ttl <= after * 1000):
             client.delete(k)
 
 

@@ -553,7 +553,7 @@ def outlive_idle_ttl(store: Store, clock: FakeClock) -> None:
     clock.advance(2 * IDLE_TTL)
     if isinstance(store, RedisStore):
         store.flush()  # what this process counted is sent long before the TTL runs out
-        expire_now(store, "svc")
+        expire_now(store, "svc", after=2 * IDLE_TTL)
         return
     for _ in range(2 * IDLE_MAX_BREAKERS):
         CircuitBreaker(f"bystander-{next(_BYSTANDERS)}", storage=store, clock=clock)
@@ -628,11 +628,26 @@ def test_an_idle_closed_breaker_is_forgotten(idle_store: Store, clock: FakeClock
     assert (snap.state, snap.successes, passed) == (State.CLOSED, 0, True)
 
 
-def test_an_idle_open_breaker_keeps_its_idle_ttl(idle_store: Store, clock: FakeClock) -> None:
-    breaker = make(idle_store, clock, failure_threshold=1)
+def test_an_idle_open_breaker_stays_open_until_its_period_ends_then_is_forgotten(
+    idle_store: Store, clock: FakeClock
+) -> None:
+    # Idle while open (every task parked, none calling), a breaker whose open period is
+    # longer than the idle TTL came back CLOSED early, and its parked tasks were released.
+    breaker = make(idle_store, clock, failure_threshold=1, reset_timeout=10 * IDLE_TTL)
     fail(breaker)
-    assert state_of(breaker) is State.OPEN
-    assert_idle_ttl(idle_store)  # only an operator's states are kept: OPEN ends by itself
+    if isinstance(idle_store, RedisStore):
+        ttls = key_ttls(idle_store, "svc")
+        assert ttls
+        assert all(10 * IDLE_TTL * 1000 < ttl <= 11 * IDLE_TTL * 1000 for ttl in ttls.values()), ttls
+    outlive_idle_ttl(idle_store, clock)
+    snap, passed = read_afresh(idle_store, clock)
+    assert (snap.state, snap.failures, passed) == (State.OPEN, 1, False)
+    clock.advance(10 * IDLE_TTL)  # the open period is over: it may half-open, then is idle
+    outlive_idle_ttl(idle_store, clock)
+    if isinstance(idle_store, RedisStore):
+        expire_now(idle_store, "svc", after=14 * IDLE_TTL)  # (14 idle TTLs have passed since the trip)
+    snap, passed = read_afresh(idle_store, clock)
+    assert (snap.state, snap.failures, passed) == (State.CLOSED, 0, True)  # forgotten
 
 
 def test_reset_forgets_everything_and_adopts_the_callers_policy(store: Store, clock: FakeClock) -> None:

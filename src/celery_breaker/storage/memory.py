@@ -150,7 +150,8 @@ class MemoryStore:
     """Breakers of one process, in a dict bounded by ``max_breakers``.
 
     When a new breaker would exceed the bound, a sweep drops the least useful half:
-    first breakers idle for ``idle_ttl`` seconds, then those "at rest" (CLOSED with
+    first breakers idle for ``idle_ttl`` seconds (an OPEN one counts as used until its
+    open period ends), then those "at rest" (CLOSED with
     no failure in their window: forgetting them changes no decision), least recently
     used first, then others. Breakers an operator forced open or disabled are never
     dropped: an operator's state is left only by an operator, so they may take the
@@ -232,7 +233,12 @@ class MemoryStore:
         idle_before = now - self.idle_ttl
 
         def rank(cell: MemoryCell) -> tuple[bool, bool, float]:
-            return (cell.last_used > idle_before, not _at_rest(cell, now), cell.last_used)
+            # An OPEN breaker counts as used until its open period ends, as its Redis keys
+            # live the idle TTL past that end (common.lua save): idle while open is not idle.
+            used = cell.last_used
+            if cell.state is State.OPEN and cell.open_until is not None:
+                used = max(used, cell.open_until)
+            return (used > idle_before, not _at_rest(cell, now), used)
 
         # An operator's state is never forgotten: only the others are candidates.
         candidates = [(ident, cell) for ident, cell in cells.items() if cell.state not in _OPERATOR_STATES]

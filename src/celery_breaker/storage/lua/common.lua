@@ -671,10 +671,17 @@ local function save()
     if pttl ~= -1 then
       for _, key in ipairs(KEYS) do redis.call('PERSIST', key) end
     end
-  elseif pttl < ttl_ms - math.min(ttl_ms / 10, 60000) then
-    for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, ttl_ms) end
+    return
+  end
+  -- An OPEN breaker lives the idle TTL past the end of its open period: idle while it is
+  -- open (every task parked, none calling), it must not come back CLOSED early and
+  -- release its parked tasks (an idle_ttl shorter than the open duration).
+  local keep = ttl_ms
+  if S.st == OPEN and S.ou ~= nil and S.ou > now then keep = ttl_ms + math.ceil((S.ou - now) * 1000) end
+  if pttl < keep - math.min(keep / 10, 60000) then
+    for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, keep) end
   else
-    for key in pairs(touched) do redis.call('PEXPIRE', key, ttl_ms) end
+    for key in pairs(touched) do redis.call('PEXPIRE', key, keep) end
   end
 end
 
