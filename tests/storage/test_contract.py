@@ -386,6 +386,18 @@ def test_the_largest_policy_values_trip_open_and_close(store: Store, clock: Fake
     assert state_of(breaker) is State.CLOSED
 
 
+def test_a_time_window_puts_an_outcome_in_the_same_bucket_on_every_store(store: Store, clock: FakeClock) -> None:
+    # A width not exact in binary (1 s / 20 buckets = 0.05): at 1000.0, 1000.0 // 0.05 is
+    # 19999 but floor(1000.0 / 0.05) is 20000. Python floored one way and the Redis scripts
+    # the other, so these two failures tripped Redis and not memory.
+    clock.set(1000.0)
+    breaker = make(store, clock, failure_threshold=None, failure_rate_threshold=0.5, minimum_calls=2, window=1.0)
+    fail(breaker)
+    clock.set(1000.96)
+    fail(breaker)
+    assert state_of(breaker) is State.OPEN  # both in the window's last 20 buckets (20000, 20019)
+
+
 def test_a_probe_failing_with_a_retry_after_reopens_for_that_long(store: Store, clock: FakeClock) -> None:
     breaker = half_open(store, clock, reset_timeout=30, half_open_max_calls=1)
     seen = recorder(breaker)

@@ -12,7 +12,8 @@ from .counters import tally
 __all__ = ["TIME_BUCKETS", "CountWindow", "FailureTimes", "RateWindow", "TimeWindow"]
 
 #: A time window is this many equal buckets; an outcome leaves it between
-#: ``window`` and ``window * (1 + 1/TIME_BUCKETS)`` seconds after it was recorded.
+#: ``window * (1 - 1/TIME_BUCKETS)`` and ``window`` seconds after it was recorded (it
+#: counts while its bucket is one of the last TIME_BUCKETS, the current one included).
 TIME_BUCKETS = 20
 
 
@@ -179,7 +180,7 @@ class TimeWindow:
         self._folded = 0
 
     def add_success_unlocked(self, now: float) -> bool:
-        if now // self._width == self._fast_epoch:
+        if now / self._width // 1 == self._fast_epoch:  # (the epoch as _advance reads it)
             next(self._fast)
             return True
         return False
@@ -194,7 +195,10 @@ class TimeWindow:
             self._totals[0] += new
 
     def _advance(self, now: float) -> int:
-        epoch = int(now // self._width)
+        # The quotient rounded, then floored: what the Redis scripts compute (Lua's
+        # math.floor(now / width)). now // width floors the exact quotient, which for a
+        # width not exact in binary (0.05) puts some outcomes in the next bucket there.
+        epoch = int(now / self._width // 1)
         if epoch > self._head:
             if self._head >= 0:
                 self._fold()  # (into the head they were counted in, before it moves)
@@ -214,7 +218,7 @@ class TimeWindow:
         return epoch
 
     def add(self, now: float, failed: bool, slow: bool) -> None:
-        epoch = int(now // self._width)
+        epoch = int(now / self._width // 1)  # (as _advance)
         if epoch != self._head:
             self._advance(now)
             if epoch < self._head - TIME_BUCKETS + 1:
