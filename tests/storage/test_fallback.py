@@ -14,7 +14,7 @@ from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
 from ..servers import RedisServer
-from ..unit.support import down, fail, ok, state_of
+from ..unit.support import HeldCall, down, fail, ok, state_of
 
 
 def dead_store() -> RedisStore:
@@ -106,3 +106,72 @@ def test_each_outage_starts_with_a_fresh_stand_in(restartable_redis: RedisServer
     fail(breaker)  # (the second outage: on a stand-in again)
     assert breaker.call(ok) == "ok"
     assert state_of(breaker) is State.CLOSED
+
+
+def _leases(store: RedisStore, name: str) -> dict[bytes, bytes]:
+    client = store.client()
+    return cast(dict[bytes, bytes], client.hgetall(store.keys_for(name, None)[4]))
+
+
+@pytest.mark.parametrize("outcome", ["ignored", "success", "failure"])
+def test_a_probe_the_stand_in_admitted_is_never_judged_by_the_shared_breaker(
+    restartable_redis: RedisServer, outcome: str
+) -> None:
+    # The stand-in and the shared breaker both count generations and leases from 0: a probe
+    # the stand-in admitted, finished once the breaker had rejoined Redis, freed another
+    # process's lease (a third probe with half_open_max_calls=2), counted towards closing
+    # it, or reopened it.
+    restartable_redis.start()
+    clock = FakeClock()
+    url = f"{restartable_redis.url}?time=client&key_prefix=stand-in-ticket"
+    policy = {"failure_threshold": 1, "reset_timeout": 10, "half_open_max_calls": 2, "ignore_exceptions": (KeyError,)}
+    here = CircuitBreaker("crm", policy, storage=FallbackStore(RedisStore.from_url(url), "local"), clock=clock)
+    assert here.call(ok) == "ok"
+    restartable_redis.kill()
+    fail(here)  # on the stand-in: it trips
+    clock.advance(10)
+    probe = HeldCall(here)  # the stand-in's probe: generation 2, lease 0
+    restartable_redis.start()  # back, empty
+    there_store = RedisStore.from_url(url)
+    there = CircuitBreaker("crm", policy, storage=there_store, clock=clock)
+    fail(there)
+    clock.advance(10)
+    others = [HeldCall(there), HeldCall(there)]  # the shared HALF_OPEN breaker: generation 2, leases 0 and 1
+    held = _leases(there_store, "crm")
+    assert len(held) == 2
+    clock.advance(5)  # the stand-in's retry is due: the probe ends on the shared breaker
+    if outcome == "ignored":
+        probe.fail(KeyError("neutral"))
+    elif outcome == "success":
+        probe.succeed()
+    else:
+        probe.fail()
+    assert _leases(there_store, "crm") == held  # no lease freed
+    assert state_of(there) is State.HALF_OPEN  # neither reopened nor closed by it
+    with pytest.raises(CircuitOpenError):
+        there.call(ok)  # still two probes in flight: a third is refused
+    for other in others:
+        other.succeed()
+    assert state_of(there) is State.CLOSED
+    there_store.close()
+    here.store.close()
+
+
+def test_a_call_the_shared_breaker_admitted_is_never_judged_by_the_stand_in(restartable_redis: RedisServer) -> None:
+    # The other way round: admitted by Redis (generation 0), finished on the stand-in of an
+    # outage that began meanwhile (which also starts at generation 0): counted, judged by
+    # no rule of the stand-in.
+    restartable_redis.start()
+    clock = FakeClock()
+    url = f"{restartable_redis.url}?time=client&key_prefix=shared-ticket"
+    here = CircuitBreaker(
+        "crm", {"failure_threshold": 1}, storage=FallbackStore(RedisStore.from_url(url), "local"), clock=clock
+    )
+    assert here.call(ok) == "ok"
+    late = HeldCall(here)  # admitted by the shared breaker
+    restartable_redis.kill()
+    assert here.call(ok) == "ok"  # the stand-in takes over (fresh, CLOSED, generation 0)
+    late.fail()  # admitted under Redis's generation 0, failed: one failure would trip it
+    assert state_of(here) is State.CLOSED  # counted, not judged
+    assert here.snapshot().failures == 1
+    here.store.close()

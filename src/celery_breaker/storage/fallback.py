@@ -12,6 +12,7 @@ The outage is logged once per ``log_interval`` per store, not per call.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -19,7 +20,7 @@ import weakref
 from typing import Any
 
 from ..clock import Clock
-from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket
+from ..core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket
 from ..core.pacing import PacingLaw
 from ..errors import ConfigurationError, StorageError
 from .contract import Cell, History, Moves, Parking, ReleasePace, Store
@@ -163,8 +164,31 @@ class FallbackStore:
             logger.info("breaker store %s answers again: breakers rejoin the shared state", self.label)
 
 
+#: A stand-in's tickets carry its serial in the bits above these: the shared breaker and
+#: each stand-in count generations (and probe leases) from 0, so a ticket is judged only
+#: by the cell that issued it. Any other cell counts its outcome as stale (``_STALE``).
+_STAND_IN_SHIFT = 64
+_FIRST_STAND_IN_TICKET = 1 << _STAND_IN_SHIFT
+_STAND_INS = itertools.count(1)
+#: A generation no cell ever has: the outcome is counted, and judged by no rule.
+_STALE = -1
+
+
+def _regenerated(ticket: Ticket, generation: int) -> Ticket:
+    """``ticket`` with another generation (a probe keeps its lease and kind)."""
+    if type(ticket) is Probe:
+        return ticket._replace(generation=generation)
+    return generation
+
+
 class FallbackCell:
-    """A cell that is the shared store's while it answers, and this process's while not."""
+    """A cell that is the shared store's while it answers, and this process's while not.
+
+    A call admitted by one and finished on the other (the store went down, or came back,
+    meanwhile) is counted there as stale, never judged: the two count generations and
+    probe leases apart, and a stand-in's probe finished on the shared breaker took a
+    slot another process held (``_for``).
+    """
 
     # Either cell may be active at the end of a call that began on the other: time
     # every call, and record every success through record_success.
@@ -178,6 +202,7 @@ class FallbackCell:
         self._policy = policy
         self._clock = clock
         self._local: MemoryCell | None = None
+        self._base = 0  # (the generation offset of the stand-in's tickets: _STAND_IN_SHIFT)
         self._active: Cell
         self._primary: Cell | None = None
         now = clock.monotonic()
@@ -206,6 +231,7 @@ class FallbackCell:
             if mode != "local":
                 # (its transition is not announced: a move of this process's stand-in, not of the breaker)
                 local.force(State.DISABLED if mode == "allow" else State.FORCED_OPEN, self._policy, now)
+            self._base = next(_STAND_INS) << _STAND_IN_SHIFT
             self._local = local
         return self._local
 
@@ -227,11 +253,27 @@ class FallbackCell:
     def _due(self, now: float) -> bool:
         return self._active is self._local and self._store.may_try(now)
 
-    def _run(self, operation: str, now: float, *args: Any, **kwargs: Any) -> Any:
-        """Do ``operation`` on the shared cell if possible, else on the stand-in."""
+    def _target(self, now: float) -> Cell:
+        """The cell an operation starts on: the shared one if it answers (or a due retry
+        makes it answer), else the stand-in."""
         if self._due(now) and self._store.claim_try(now):
             self._try_primary(now)
-        active = self._active
+        return self._active
+
+    def _for(self, ticket: Ticket, cell: Cell) -> Ticket:
+        """``ticket`` as ``cell`` judges it: its own (a stand-in's without the offset
+        ``acquire`` gave it), or a stale one if another cell issued it."""
+        generation: int = ticket.generation if type(ticket) is Probe else ticket  # type: ignore[assignment]
+        if generation >= _FIRST_STAND_IN_TICKET:
+            base = self._base
+            if cell is self._local and base <= generation < base + _FIRST_STAND_IN_TICKET:
+                return _regenerated(ticket, generation - base)
+            return _regenerated(ticket, _STALE)
+        return ticket if cell is self._primary else _regenerated(ticket, _STALE)
+
+    def _run(self, operation: str, now: float, *args: Any, **kwargs: Any) -> Any:
+        """Do ``operation`` on the shared cell if possible, else on the stand-in."""
+        active = self._target(now)
         if active is self._primary:
             try:
                 return getattr(active, operation)(*args, **kwargs)
@@ -260,7 +302,11 @@ class FallbackCell:
 
     @property
     def generation(self) -> int:
-        return self._active.generation
+        # (a caller admitting with it as its ticket: a stand-in's carries the offset)
+        active = self._active
+        if active is self._primary:
+            return active.generation
+        return self._base + active.generation
 
     @property
     def evicted(self) -> bool:
@@ -282,8 +328,15 @@ class FallbackCell:
     # -- atomic operations ----------------------------------------------------
 
     def acquire(self, policy: BreakerPolicy, now: float) -> tuple[Ticket, Moves]:
-        admitted: tuple[Ticket, Moves] = self._run("acquire", now, policy, now)
-        return admitted
+        cell = self._target(now)
+        if cell is self._primary:
+            try:
+                return cell.acquire(policy, now)
+            except StorageError as exc:
+                self._degrade(exc, now)
+        ticket, moves = self._active.acquire(policy, now)
+        generation: int = ticket.generation if type(ticket) is Probe else ticket  # type: ignore[assignment]
+        return _regenerated(ticket, self._base + generation), moves
 
     def finish(
         self,
@@ -296,20 +349,34 @@ class FallbackCell:
         open_for: float | None = None,
         refused: bool = False,
     ) -> Moves:
-        moves: Moves = self._run(
-            "finish", now, ticket, outcome, duration, policy, now, open_for=open_for, refused=refused
+        cell = self._target(now)
+        if cell is self._primary:
+            try:
+                return cell.finish(
+                    self._for(ticket, cell), outcome, duration, policy, now, open_for=open_for, refused=refused
+                )
+            except StorageError as exc:
+                self._degrade(exc, now)
+        local = self._active
+        return local.finish(
+            self._for(ticket, local), outcome, duration, policy, now, open_for=open_for, refused=refused
         )
-        return moves
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
         active = self._active
-        if active is self._primary:  # the hot path, without the generic dispatch
-            try:
+        if active is self._primary and ticket.__class__ is int and ticket < _FIRST_STAND_IN_TICKET:
+            try:  # the hot path: the shared breaker's own ticket, without the generic dispatch
                 return active.record_success(ticket, duration, policy, now)
             except StorageError as exc:
                 self._degrade(exc, now)
-        moves: Moves = self._run("record_success", now, ticket, duration, policy, now)
-        return moves
+        cell = self._target(now)
+        if cell is self._primary:
+            try:
+                return cell.record_success(self._for(ticket, cell), duration, policy, now)
+            except StorageError as exc:
+                self._degrade(exc, now)
+        local = self._active
+        return local.record_success(self._for(ticket, local), duration, policy, now)
 
     def force(self, target: State, policy: BreakerPolicy, now: float) -> Moves:
         moves: Moves = self._run("force", now, target, policy, now)
