@@ -201,6 +201,35 @@ def test_a_django_spelt_typo_gets_a_django_spelt_suggestion() -> None:
     assert "CELERY_BREAKER_DEFAULT_POLCY: did you mean CELERY_BREAKER_DEFAULT_POLICY?" in str(info.value)
 
 
+def test_an_uppercase_setting_without_a_namespace_is_reported_not_ignored() -> None:
+    # Celery reads lowercase names (no namespace): BREAKER_DEFAULT_POLICY was ignored
+    # silently, its invalid value never checked, and a typo's hint recommended it.
+    app = throwaway_app("upper", BREAKER_DEFAULT_POLICY={"failure_threshold": 0}, BREAKER_DEFAULTPOLCY=1)
+    with pytest.raises(ConfigurationError) as info:
+        build_settings(app.conf)
+    message = str(info.value)
+    assert "BREAKER_DEFAULT_POLICY is not read (Celery reads this setting as breaker_default_policy)" in message
+    assert "BREAKER_DEFAULTPOLCY: did you mean breaker_default_policy?" in message
+
+
+class DjangoSettingsSpeltWithoutTheNamespace:
+    CELERY_BROKER_URL = "memory://"
+    BREAKER_PARK = False  # (Django's settings are uppercase: Celery reads CELERY_BREAKER_PARK)
+    celery_breaker_send_events = True
+    breaker_release_ramp = 3.0  # (read: a name Celery knows without the namespace)
+
+
+def test_a_django_setting_celery_does_not_read_is_reported() -> None:
+    app = Celery("django-unread", set_as_current=False)
+    app.config_from_object(DjangoSettingsSpeltWithoutTheNamespace, namespace="CELERY")
+    with pytest.raises(ConfigurationError) as info:
+        build_settings(app.conf)
+    message = str(info.value)
+    assert "BREAKER_PARK is not read (Celery reads this setting as CELERY_BREAKER_PARK)" in message
+    assert "celery_breaker_send_events is not read (Celery reads this setting as CELERY_BREAKER_SEND_EVENTS)" in message
+    assert "breaker_release_ramp" not in message
+
+
 class DjangoSettingsWithBadValue:
     CELERY_BROKER_URL = "memory://"
     CELERY_BREAKER_MAX_DEFERRALS = -2

@@ -23,7 +23,7 @@ import redis
 
 from celery_breaker import State
 from celery_breaker.monitoring import collect_metrics
-from celery_breaker.ops.cli import EXIT_UNAVAILABLE, EXIT_USAGE
+from celery_breaker.ops.cli import EXIT_UNAVAILABLE, EXIT_USAGE, SIGPIPE_EXIT
 from tests.integration import proj
 from tests.integration.workers import ROOT, WorkerProcess, wait_for
 from tests.servers import free_port
@@ -111,6 +111,29 @@ def test_bad_input_and_a_dead_store_are_one_line_each(broker: str, prefix: str) 
     for result in (unknown, empty_key, dead):
         assert "Traceback" not in result.stderr
         assert result.stdout == ""
+
+
+def test_a_watch_piped_into_a_reader_that_stops_early_ends_quietly(broker: str, prefix: str) -> None:
+    # `celery breaker watch | head -3`: the reader closes the pipe; the watch used to end
+    # with "unexpected BrokenPipeError" on stderr and exit code 1.
+    url = f"{broker}?key_prefix={prefix}"
+    trip(breaker(url, "partner-api"))
+    env = {**os.environ, "PROJ_BROKER": broker, "PROJ_EXTRA_CONF": json.dumps({"breaker_key_prefix": prefix}),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}  # fmt: skip
+    watch = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.integration.proj", "breaker", "watch", "--interval", "0.1"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert watch.stdout is not None
+    assert watch.stderr is not None
+    try:
+        first = watch.stdout.readline()  # (a reader that takes one line, then goes: head -1)
+        assert b"celery breaker watch" in first
+        watch.stdout.close()
+        code = watch.wait(timeout=60)
+    finally:
+        watch.kill()
+    assert (code, watch.stderr.read()) == (SIGPIPE_EXIT, b"")
 
 
 def test_ctrl_c_at_a_terminal_ends_the_watch_cleanly(broker: str, prefix: str) -> None:

@@ -179,8 +179,9 @@ def _strip_namespace(conf: Any, raw: str) -> str:
 def _respell(raw: str, key: str, setting: str) -> str:
     """``setting`` as the user writes settings: Django's ``CELERY_BREAKER_DEFAULT_POLICY``
     for ``CELERY_BREAKER_DEFAULT_POLCY``, Celery's ``breaker_default_policy`` otherwise."""
-    spelled = raw[: len(raw) - len(key)] + setting
-    return spelled.upper() if raw.isupper() else spelled
+    namespace = raw[: len(raw) - len(key)]
+    spelled = namespace + setting
+    return spelled.upper() if namespace and raw.isupper() else spelled  # (no namespace: Celery reads lowercase)
 
 
 def unknown_settings(conf: Any) -> list[str]:
@@ -214,11 +215,35 @@ def with_key_prefix(url: str, key_prefix: str) -> str:
     return f"{url}{'&' if parts.query else '?'}key_prefix={quote(key_prefix, safe='')}"
 
 
+def unread_settings(conf: Any) -> list[tuple[str, str]]:
+    """Our settings spelled so that Celery does not read them (``BREAKER_PARK`` without a
+    namespace, ``celery_breaker_park`` under Django's ``CELERY_``), each with the spelling
+    it reads."""
+    names = list(conf.keys())  # (first: a configuration read lazily sets its namespace here)
+    prefix = getattr(conf, "prefix", None) or ""
+    unread = []
+    for raw in names:
+        if not isinstance(raw, str):
+            continue
+        key = _strip_namespace(conf, raw)
+        if key in SETTINGS and conf.get(key, _UNSET) is not conf[raw]:
+            unread.append((raw, prefix + key.upper() if prefix else key))
+    return sorted(set(unread))
+
+
+_UNSET = object()
+
+
 def _unknown(conf: Any) -> list[str]:
-    """The problem of settings named like ours that we do not know, with a did-you-mean."""
+    """The problem of settings named like ours that we do not know, with a did-you-mean,
+    and of ours spelled so that Celery does not read them."""
+    problems = [
+        f"{raw} is not read (Celery reads this setting as {spelling}): rename it"
+        for raw, spelling in unread_settings(conf)
+    ]
     unknown = unknown_settings(conf)
     if not unknown:
-        return []
+        return problems
     hints = []
     for name in unknown:
         key = _strip_namespace(conf, name)
@@ -226,9 +251,10 @@ def _unknown(conf: Any) -> list[str]:
         if close:
             hints.append(f"{name}: did you mean {_respell(name, key, close[0])}?")
     return [
+        *problems,
         f"unknown celery-breaker setting(s): {', '.join(unknown)}"
         + (f" ({'; '.join(hints)})" if hints else "")
-        + f"; known settings: {', '.join(sorted(SETTINGS))}"
+        + f"; known settings: {', '.join(sorted(SETTINGS))}",
     ]
 
 

@@ -12,6 +12,7 @@ and an exit code (see ``docs/cli.md``).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shlex
@@ -40,6 +41,7 @@ __all__ = [
     "EXIT_CONFIG",
     "EXIT_UNAVAILABLE",
     "EXIT_USAGE",
+    "SIGPIPE_EXIT",
     "BadInputError",
     "BreakerCommandError",
     "NotConfiguredError",
@@ -53,6 +55,9 @@ __all__ = [
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
 EXIT_CONFIG = 78
+#: A reader that closed the pipe early (``| head``): what a shell reports for a command
+#: killed by SIGPIPE (128 + 13), with nothing written to stderr.
+SIGPIPE_EXIT = 141
 
 #: Set to ``1`` to see the traceback of an unexpected error instead of its one line.
 TRACEBACK_ENV = "CELERY_BREAKER_TRACEBACK"
@@ -100,6 +105,13 @@ def _reporting(command: Callable[P, R]) -> Callable[P, R]:
             return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:
+            # The reader went away (`celery breaker watch | head`): stop quietly, as a
+            # command killed by SIGPIPE does, and let nothing else write to the pipe.
+            with contextlib.suppress(OSError, ValueError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            raise click.exceptions.Exit(SIGPIPE_EXIT) from None
         except (UnknownBreakerError, BreakerKeyError) as exc:
             raise BadInputError(str(exc)) from None
         except ParkedTasksError as exc:
