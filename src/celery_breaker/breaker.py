@@ -18,7 +18,7 @@ from .core.retry_after import refusal_of, retry_after_of
 from .errors import CircuitOpenError
 from .health import CheckResult, HealthCheck, HealthState, ProbeTimeout
 from .labels import breaker_label
-from .names import check_name
+from .names import check_name, kept_key
 from .storage import NO_MOVES, Cell, Moves, Store, describe_url, resolve_store, with_fallback
 
 __all__ = ["CircuitBreaker", "ExceptionTranslator", "RunAdmission", "TransitionListener", "current_run"]
@@ -243,7 +243,7 @@ class CircuitBreaker:
         probe_timeout: float | None = None,
     ) -> None:
         self.name = check_name(name, "CircuitBreaker name")
-        self.key = key
+        self.key = key = kept_key(name, key)
         self.policy = BreakerPolicy.coerce(policy)
         self.probe = HealthCheck.coerce(probe, probe_timeout)
         """The health check run instead of a real call when the breaker may half-open (or ``None``)."""

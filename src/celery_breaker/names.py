@@ -8,15 +8,24 @@ keys with ``check_key``, so a name one of them accepts is accepted by all.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import unicodedata
 
 from .errors import BreakerKeyError, ConfigurationError
 from .labels import LABEL_MARKS, visible
 
-__all__ = ["MAX_NAME_LENGTH", "check_key", "check_name"]
+__all__ = ["MAX_KEY_LENGTH", "MAX_NAME_LENGTH", "check_key", "check_name", "kept_key"]
+
+logger = logging.getLogger("celery_breaker")
 
 #: The longest breaker name, in characters.
 MAX_NAME_LENGTH = 200
+#: The longest key a breaker keeps, in characters (``kept_key``).
+MAX_KEY_LENGTH = 200
+#: Hex digits of the digest that stands for the rest of a key too long to keep.
+_DIGEST_LENGTH = 16
+_WARNED: set[str] = set()
 
 #: Unicode categories no name or key may hold: control and format characters, line and
 #: paragraph separators (they would break log lines, tables and the CLI's arguments).
@@ -70,3 +79,36 @@ def check_key(key: str | None) -> None:
             f"breaker key {key!r} holds the control character {bad!r}; keys are printable text (a stored key "
             f"that holds one is named as `status` shows it: {visible(key)})"
         )
+
+
+def kept_key(name: str, key: str | None) -> str | None:
+    """``key`` as breaker ``name`` keeps it. A task's ``breaker_key`` may make any text a
+    key. A key longer than ``MAX_KEY_LENGTH`` would flood every table, log line and
+    metric that names it, and no command line could name it back. A key holding a lone
+    surrogate (bytes decoded with ``surrogateescape``) cannot be written to Redis at all.
+    Either is kept as its first characters (a surrogate written as its escape, ``\\udce9``),
+    ``~`` and a digest of the whole key, so distinct keys stay distinct breakers on every
+    store; a WARNING says so, once per breaker name and process."""
+    if key is None or (len(key) <= MAX_KEY_LENGTH and (key.isascii() or _encodable(key))):
+        return key
+    whole = key.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(whole).hexdigest()[:_DIGEST_LENGTH]
+    shown = key.encode("utf-8", "backslashreplace").decode("utf-8")
+    kept = f"{shown[: MAX_KEY_LENGTH - _DIGEST_LENGTH - 1]}~{digest}"
+    if name not in _WARNED:
+        _WARNED.add(name)
+        logger.warning(
+            "breaker %s: a key of %d characters%s is kept as %s (its first characters and a digest of the "
+            "whole); keys of at most %d characters of text are kept as they are (check the task's breaker_key)",
+            name, len(key), "" if _encodable(key) else " that is not text (a lone surrogate)",
+            visible(kept), MAX_KEY_LENGTH,
+        )  # fmt: skip
+    return kept
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

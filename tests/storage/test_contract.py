@@ -11,6 +11,7 @@ import pytest
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, RetryAfter, State, TooManyRequests
 from celery_breaker.core import BreakerSnapshot, Transition
 from celery_breaker.core.policy import LARGEST_COUNT, LONGEST_SECONDS
+from celery_breaker.names import MAX_KEY_LENGTH
 from celery_breaker.storage import Store
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
@@ -396,6 +397,33 @@ def test_a_time_window_puts_an_outcome_in_the_same_bucket_on_every_store(store: 
     clock.set(1000.96)
     fail(breaker)
     assert state_of(breaker) is State.OPEN  # both in the window's last 20 buckets (20000, 20019)
+
+
+@pytest.mark.parametrize(
+    ("key", "other"),
+    [
+        ("x" * 5_000_000, "x" * 4_999_999 + "y"),  # (the same first characters)
+        ("caf\udce9", "caf\udce8"),  # (bytes decoded with surrogateescape: no UTF-8 for Redis)
+        ("t" * MAX_KEY_LENGTH, "t" * (MAX_KEY_LENGTH - 1)),  # (kept as it is)
+    ],
+    ids=["huge", "lone-surrogate", "longest-kept"],
+)
+def test_any_key_a_task_makes_is_a_breaker_of_its_own_on_every_store(
+    store: Store, clock: FakeClock, key: str, other: str
+) -> None:
+    # A task's breaker_key may make any text a key: a 5,000,000-character key flooded
+    # `status` (90 MB) and the metrics, and no command line could name it; a lone
+    # surrogate failed every task on Redis with a bare UnicodeEncodeError.
+    breaker = CircuitBreaker("svc", BreakerPolicy(failure_threshold=1), storage=store, clock=clock, key=key)
+    assert breaker.key is not None
+    assert len(breaker.key) <= MAX_KEY_LENGTH
+    assert (breaker.key == key) is (len(key) <= MAX_KEY_LENGTH and key.isascii())
+    fail(breaker)
+    again = CircuitBreaker("svc", BreakerPolicy(failure_threshold=1), storage=store, clock=clock, key=key)
+    assert state_of(again) is State.OPEN  # the same key: the same breaker
+    elsewhere = CircuitBreaker("svc", BreakerPolicy(failure_threshold=1), storage=store, clock=clock, key=other)
+    assert elsewhere.call(ok) == "ok"  # another key: another breaker
+    assert {s.key for s in store.snapshots(clock)} >= {breaker.key, elsewhere.key}
 
 
 def test_a_probe_failing_with_a_retry_after_reopens_for_that_long(store: Store, clock: FakeClock) -> None:

@@ -15,7 +15,7 @@ from celery_breaker.errors import BreakerKeyError
 from celery_breaker.integration.inventory import check_app
 from celery_breaker.integration.settings import build_settings
 from celery_breaker.labels import LABEL_MARKS, breaker_label, read_visible, split_label, visible
-from celery_breaker.names import MAX_NAME_LENGTH, check_key, check_name
+from celery_breaker.names import MAX_KEY_LENGTH, MAX_NAME_LENGTH, check_key, check_name, kept_key
 from celery_breaker.testing import fresh_store
 
 
@@ -162,3 +162,22 @@ def test_no_log_line_carries_a_raw_control_character_from_a_key(caplog: pytest.L
 
 def _down() -> None:
     raise ConnectionError("down")
+
+
+def test_a_key_too_long_to_keep_is_kept_as_its_start_and_a_digest_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        first = kept_key("kept-key-test", "k" * 300)
+        second = kept_key("kept-key-test", "k" * 301)
+        assert kept_key("kept-key-test", "k" * 300) == first  # (stable: the same breaker every time)
+    assert first is not None
+    assert second is not None
+    assert len(first) == len(second) == MAX_KEY_LENGTH
+    assert first != second
+    assert first.startswith("k" * 183 + "~")
+    warnings = [r.getMessage() for r in caplog.records if "kept-key-test" in r.getMessage()]
+    assert len(warnings) == 1  # once per breaker name
+    assert "a key of 300 characters is kept as" in warnings[0]
+    assert kept_key("kept-key-test", "k" * MAX_KEY_LENGTH) == "k" * MAX_KEY_LENGTH
+    assert kept_key("kept-key-test", None) is None

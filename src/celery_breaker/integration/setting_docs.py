@@ -156,7 +156,9 @@ TASK_OPTION_DOCS: dict[str, Doc] = {
         accepts="a callable `(args, kwargs) -> str`, or the name of a task method; a name that is no method "
         "stops the worker at start",
         meaning="per-key breakers (one per tenant, host, ...); a method defined on a `BreakerTask` subclass is "
-        "called as a method (`self.breaker_key(args, kwargs)`)",
+        "called as a method (`self.breaker_key(args, kwargs)`). A key longer than 200 characters, or one "
+        "that is not text (a lone surrogate), is kept as its first characters, `~` and a digest of the whole, "
+        "with a WARNING",
         default="one breaker for every call",
     ),
     "breaker_policy": Doc(
