@@ -73,6 +73,60 @@ def test_a_fallback_method_name_that_does_not_exist_stops_the_worker_at_start() 
         check_app(app)
 
 
+@pytest.mark.parametrize(
+    ("annotations", "options", "named", "hint"),
+    [
+        ({}, {"breaker_polcy": {"failure_threshold": 1}}, "'breaker_polcy'", "did you mean breaker_policy?"),
+        ({"ot.job": {"breaker_polcy": {}}}, {}, "'breaker_polcy'", "did you mean breaker_policy?"),
+        ({"*": {"breakr": "crm"}}, {}, "'breakr'", "did you mean breaker?"),
+        ({}, {"breaker_extra": 1}, "'breaker_extra'", "the options are breaker, "),
+    ],
+    ids=["decorator", "annotation", "near-breaker", "unknown-breaker-name"],
+)
+def test_a_misspelt_task_option_is_refused_naming_the_option_it_is_close_to(
+    annotations: dict[str, Any], options: dict[str, Any], named: str, hint: str
+) -> None:
+    # Ignored silently before: the task ran with the default policy, while a typo in a
+    # breaker_* setting stops the worker.
+    app = throwaway_app("option-typo", task_annotations=annotations)
+
+    def checked() -> None:
+        @app.task(base=BreakerTask, bind=True, shared=False, name="ot.job", **options)
+        def job(self: Any) -> None:
+            return None
+
+        app.finalize()
+        check_app(app)
+
+    with pytest.raises(ConfigurationError) as info:
+        checked()
+    assert named in str(info.value)
+    assert hint in str(info.value)
+
+
+def test_task_options_and_celerys_own_pass_the_option_check() -> None:
+    app = throwaway_app("option-ok", task_annotations={"*": {"rate_limit": "10/s", "breaker_scope": "calls"}})
+
+    @app.task(
+        base=BreakerTask, bind=True, shared=False, name="ok.job", acks_late=True, autoretry_for=(KeyError,),
+        breaker="option-ok", breaker_policy={"failure_threshold": 2}, breaker_max_deferrals=3,
+    )  # fmt: skip
+    def job(self: Any) -> None:
+        return None
+
+    class Own(BreakerTask):
+        name = "ok.own"
+        breaker_key = "tenant"
+        tracker = "not an option, and not close to one"
+
+        def tenant(self, args: Any, kwargs: Any) -> str:
+            return "t"
+
+    app.register_task(Own())
+    app.finalize()
+    assert set(check_app(app)) >= {"option-ok", "ok.own"}
+
+
 def test_a_library_breaker_of_the_same_name_inside_the_task_uses_the_tasks_probe() -> None:
     clock = FakeClock()
     app = throwaway_app(

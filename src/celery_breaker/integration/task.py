@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import inspect
 import logging
 import sys
@@ -33,6 +34,7 @@ from .deferral.plan import HEADERS as DEFERRAL_HEADERS
 from .deferral.plan import PARKED_HEADER, hard_time_limit
 from .probes import breaker_with_probe
 from .registry import BreakerRegistry, registry_for
+from .setting_docs import TASK_OPTION_DOCS
 from .task_options import OPTIONS_FORGOTTEN, TaskBreakerConfig, forget_task_breaker_config, task_breaker_config
 from .values import positive_finite
 
@@ -537,6 +539,7 @@ def _prepare(cls: type[BreakerTask]) -> None:
     Functions given as ``breaker_key``/``breaker_fallback``/``breaker_probe`` would become methods of the
     task class: keep them plain.
     """
+    _check_option_names(cls)
     raw = inspect.getattr_static(cls, "breaker")
     if not isinstance(raw, _BreakerAttribute):
         if raw is not None:
@@ -563,6 +566,31 @@ def _prepare(cls: type[BreakerTask]) -> None:
             raise ConfigurationError(f"task {cls.name!r}: {option} must be {accepted}, got {value!r}")
 
     forget_task_breaker_config(cls)  # options changed: resolve them again
+
+
+#: What a task class may define under our names: the options, and the name ``breaker``'s
+#: value is moved to.
+_OPTION_NAMES = frozenset((*TASK_OPTION_DOCS, "breaker_name"))
+
+
+def _check_option_names(cls: type[BreakerTask]) -> None:
+    """Refuse an option misspelt in ``@app.task(...)``, ``task_annotations`` or the class:
+    it would be ignored silently (a typo in a setting stops the worker; one here must
+    too). Any ``breaker_*`` name that is no option is refused, and any other name close
+    to one (``breakr``), with the option it is close to."""
+    for klass in cls.__mro__:
+        if klass is BreakerTask:
+            break  # (its own names, and Celery's, are known)
+        for attr in vars(klass):
+            if attr.startswith("_") or attr in _OPTION_NAMES:
+                continue
+            near = difflib.get_close_matches(attr, _OPTION_NAMES, n=1, cutoff=0.6)
+            if attr.startswith("breaker_") or difflib.get_close_matches(attr, _OPTION_NAMES, n=1, cutoff=0.85):
+                hint = f"did you mean {near[0]}? " if near else ""
+                raise ConfigurationError(
+                    f"task {getattr(cls, 'name', cls.__qualname__)!r}: {attr!r} is no celery-breaker task option; "
+                    f"{hint}the options are {', '.join(sorted(TASK_OPTION_DOCS))}"
+                )
 
 
 _CALL_CODE = BreakerTask.__call__.__code__
