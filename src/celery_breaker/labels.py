@@ -22,6 +22,13 @@ def breaker_label(name: str, key: str | None) -> str:
     return name if key is None else f"{name}[{key}]"
 
 
+def shown_label(label: str) -> str:
+    """``label`` (``breaker_label``'s) as ``status`` shows its name and key: each part as
+    ``visible`` shows it, so ``crm[""]`` (the empty key), ``crm[\\x20a]``, ``we\\\\ird``."""
+    name, key = split_label(label)
+    return breaker_label(visible(name), None if key is None else visible(key))
+
+
 def split_label(label: str) -> tuple[str, str | None]:
     """The ``(name, key)`` a label names: ``'crm[tenant-7]'`` -> ``('crm', 'tenant-7')``,
     ``'crm[a[b]]'`` -> ``('crm', 'a[b]')``, ``'crm[]'`` -> ``('crm', '')``; a label without

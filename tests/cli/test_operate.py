@@ -280,6 +280,7 @@ def test_the_empty_key_and_keys_with_spaces_at_their_ends_are_named_as_shown(sto
     for typed in (["open", "crm", "--key", shown], ["close", f"crm[{shown}]"]):
         result = run(*typed)
         assert result.exit_code == 0, result.output
+        assert result.stdout.startswith(f"crm[{shown}]: ")  # (the result names it as status does: not crm[])
     assert stored(store_url, "crm", key, cliproj.CRM_POLICY).state is State.CLOSED
     assert run("status", "--json").stdout.count('"name"') == 1  # nothing else was created
 

@@ -14,7 +14,7 @@ from celery_breaker import BreakerTask, CircuitBreaker, ConfigurationError
 from celery_breaker.errors import BreakerKeyError
 from celery_breaker.integration.inventory import check_app
 from celery_breaker.integration.settings import build_settings
-from celery_breaker.labels import LABEL_MARKS, breaker_label, read_visible, split_label, visible
+from celery_breaker.labels import LABEL_MARKS, breaker_label, read_visible, shown_label, split_label, visible
 from celery_breaker.names import MAX_KEY_LENGTH, MAX_NAME_LENGTH, check_key, check_name, kept_key
 from celery_breaker.testing import fresh_store
 
@@ -181,3 +181,17 @@ def test_a_key_too_long_to_keep_is_kept_as_its_start_and_a_digest_with_one_warni
     assert "a key of 300 characters is kept as" in warnings[0]
     assert kept_key("kept-key-test", "k" * MAX_KEY_LENGTH) == "k" * MAX_KEY_LENGTH
     assert kept_key("kept-key-test", None) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "key", "shown"),
+    [
+        ("crm", None, "crm"),
+        ("crm", "tenant-7", "crm[tenant-7]"),
+        ("crm", "", 'crm[""]'),
+        ("crm", " sp ", "crm[\\x20sp\\x20]"),
+        ('we"ird\\name', "a\nb", 'we"ird\\\\name[a\\nb]'),
+    ],
+)
+def test_a_label_is_shown_with_its_name_and_key_as_status_shows_them(name: str, key: str | None, shown: str) -> None:
+    assert shown_label(breaker_label(name, key)) == shown

@@ -15,7 +15,7 @@ from typing import Any
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import StorageError
-from ..labels import visible
+from ..labels import shown_label, visible
 from ..monitoring.status import BreakerStatus
 from .console import STATE_STYLES, clock_time, duration, failure_rate_text, open_until_text, release_text
 from .watch import Change, Watch, WatchRow
@@ -42,7 +42,7 @@ class _Backlog:
 
 def _change(change: Change) -> dict[str, Any]:
     source, target = change.source, change.target
-    return {"at": clock_time(change.at), "label": visible(change.label), "reason": change.reason,
+    return {"at": clock_time(change.at), "label": shown_label(change.label), "reason": change.reason,
             "source": source.value if source else None, "target": target.value if target else None}  # fmt: skip
 
 
@@ -132,7 +132,7 @@ class Board:
         return {
             "label": snapshot.label, "name": snapshot.name, "key": snapshot.key, "state": snapshot.state.value,
             # (as status shows them: a key from a task's arguments may hold control characters)
-            "shown": visible(snapshot.label), "key_shown": None if snapshot.key is None else visible(snapshot.key),
+            "shown": shown_label(snapshot.label), "key_shown": None if snapshot.key is None else visible(snapshot.key),
             "in_state": in_state, "open_until": open_until_text(snapshot), "retry_after": snapshot.retry_after,
             "failure_rate": failure_rate_text(snapshot), "window_calls": snapshot.window_calls,
             "window_failures": snapshot.window_failures, "calls_per_s": rates.calls if rates else None,

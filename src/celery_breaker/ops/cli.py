@@ -28,7 +28,7 @@ from celery.bin.base import CeleryCommand
 # Every `celery` command imports this entry point: registering the remote-control
 # commands here lets `celery inspect breakers` / `celery control breaker_open` be sent.
 from ..errors import BreakerKeyError, ConfigurationError, ParkedTasksError, StorageError, UnknownBreakerError
-from ..labels import breaker_label, split_label, visible
+from ..labels import breaker_label, shown_label, split_label, visible
 from . import control  # noqa: F401
 from .actions import ACTIONS, DELETE
 
@@ -267,7 +267,7 @@ def _report_move(move: Move, as_json: bool, warned: bool) -> None:
     after = move.after.state.value
     was = "created" if move.before is None else f"was {move.before.value}"
     done = "reset: counters zeroed, " if move.action == "reset" else ""
-    click.echo(f"{visible(move.label)}: {after} ({was}) in {move.store}: {done}{ACTIONS[move.action].after}.")
+    click.echo(f"{shown_label(move.label)}: {after} ({was}) in {move.store}: {done}{ACTIONS[move.action].after}.")
     if move.policy_differs and move.action == "reset":
         click.echo("The stored policy differed from the app's settings: the breaker now keeps the app's.")
     elif move.policy_differs:
@@ -352,7 +352,7 @@ def delete(ctx: click.Context, name: str, key: str | None, discard: bool, yes: b
         if plan.warning is not None:
             click.echo(f"Warning: {plan.warning}.", err=True)
         tasks = f" and discard the {plan.discarded} task(s) parked behind it (they will never run)"
-        click.confirm(f"Delete {visible(plan.label)}{tasks if plan.discarded else ''}?", abort=True, err=True)
+        click.confirm(f"Delete {shown_label(plan.label)}{tasks if plan.discarded else ''}?", abort=True, err=True)
     done = delete_breaker(app, name, key, purge=discard, store=store, as_shown=True)
     if done.warning is not None and (yes or plan.warning is None):
         click.echo(f"Warning: {done.warning}.", err=True)
@@ -366,17 +366,17 @@ def delete(ctx: click.Context, name: str, key: str | None, discard: bool, yes: b
                                "store": done.store}, indent=2))  # fmt: skip
         return
     if not done.existed:
-        text = f"{visible(done.label)}: nothing to delete (the app names it, but {done.store} holds nothing of it)"
+        text = f"{shown_label(done.label)}: nothing to delete (the app names it, but {done.store} holds nothing of it)"
     else:
         was = f"was {done.before.state.value}" if done.before is not None else "only parked tasks were left of it"
-        text = f"{visible(done.label)}: deleted ({was}) from {done.store}"
+        text = f"{shown_label(done.label)}: deleted ({was}) from {done.store}"
     text += f"; discarded {done.discarded} parked task(s)" if done.discarded else ""
     text += f"; {done.claimed} task(s) being published run" if done.claimed else ""
     click.echo(text + ".")
     if done.in_app:
         name, key = split_label(done.label)
         which = "their next call" if key is None else f"their next call for key {key!r}"
-        shown = visible(done.label)
+        shown = shown_label(done.label)
         click.echo(f"The app's tasks use {name}: {which} creates {shown} afresh, closed, under the app's policy.")
 
 
@@ -402,7 +402,7 @@ def purge(ctx: click.Context, name: str, key: str | None, force: bool, as_json: 
         plan = purge_parked(app, name, key, dry_run=True, as_shown=True)  # (one it would refuse: before asking)
         if plan.parked:
             tasks = "the task" if plan.parked == 1 else f"the {plan.parked} tasks"
-            click.confirm(f"Discard {tasks} parked behind {visible(plan.label)}? They will never run.", abort=True)
+            click.confirm(f"Discard {tasks} parked behind {shown_label(plan.label)}? They will never run.", abort=True)
     done = purge_parked(app, name, key, as_shown=True)
     if as_json:
         import json
@@ -411,7 +411,7 @@ def purge(ctx: click.Context, name: str, key: str | None, force: bool, as_json: 
                                "claimed": done.claimed, "store": done.store}, indent=2))  # fmt: skip
         return
     noun = "task" if done.discarded == 1 else "tasks"
-    text = f"{visible(done.label)}: discarded {done.discarded} parked {noun} in {done.store}"
+    text = f"{shown_label(done.label)}: discarded {done.discarded} parked {noun} in {done.store}"
     left = [f"{done.parked} parked since"] if done.parked else []
     left += [f"{done.claimed} being published, which run"] if done.claimed else []
     click.echo(text + (f" ({'; '.join(left)})" if left else "") + ".")

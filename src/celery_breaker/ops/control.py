@@ -26,7 +26,7 @@ from celery import bootsteps, current_app
 from celery.worker.control import control_command, inspect_command
 
 from ..errors import BreakerKeyError, ConfigurationError, UnknownBreakerError
-from ..labels import breaker_label, visible
+from ..labels import breaker_label, shown_label, visible
 from ..names import check_key, check_name
 from .actions import ACTIONS
 
@@ -72,9 +72,9 @@ def operate(app: Any, action: str, name: str, key: str | None = None) -> dict[st
     for transition in done.transitions:
         announce(transition)
     if done.warning is None:
-        logger.warning("celery-breaker: breaker %s %s by remote control", visible(done.label), ACTIONS[action].done)
+        logger.warning("celery-breaker: breaker %s %s by remote control", shown_label(done.label), ACTIONS[action].done)
     else:
-        logger.warning("celery-breaker: breaker %s %s by remote control; beware: %s", visible(done.label),
+        logger.warning("celery-breaker: breaker %s %s by remote control; beware: %s", shown_label(done.label),
                        ACTIONS[action].done, done.warning)  # fmt: skip
     return {**done.after.as_dict(), "warning": done.warning}
 
@@ -92,7 +92,7 @@ def _reply(state: Any, action: str, name: str | None, key: str | None) -> dict[s
     except Exception as exc:  # a store outage, say: a reply, never a dead control thread
         logger.exception("celery-breaker: breaker_%s %s failed", action, label)
         return {"error": f"breaker_{action} {label}: {exc}"}
-    label = visible(breaker_label(snapshot["name"], snapshot["key"]))  # (the breaker it named, as status shows it)
+    label = shown_label(breaker_label(snapshot["name"], snapshot["key"]))  # (the breaker it named, as status shows it)
     text = f"breaker {label} {ACTIONS[action].done}; state {snapshot['state']}"
     if snapshot["warning"] is not None:  # (`celery control` prints only the "ok" text)
         text += f". WARNING: {snapshot['warning']}"

@@ -17,7 +17,7 @@ from ..core import BreakerPolicy, BreakerSnapshot, State, Transition
 from ..errors import ConfigurationError, ParkedTasksError, UnknownBreakerError
 from ..integration.inventory import app_breakers, policy_named
 from ..integration.settings import get_settings
-from ..labels import breaker_label, read_visible, split_label, visible
+from ..labels import breaker_label, read_visible, shown_label, split_label, visible
 from ..names import check_key, check_name
 from ..storage import Cell, Store, describe_url, resolve_store
 from .actions import ACTIONS, DELETE, Action
@@ -232,15 +232,15 @@ def caution(action: str, before: BreakerSnapshot | None, policy: BreakerPolicy, 
     recent = failed is not None and now - failed <= policy.window
     if before.state in (State.OPEN, State.HALF_OPEN):
         since = f" {_ago(now - before.opened_at)}" if before.opened_at is not None else ""
-        why = f"{visible(before.label)} tripped{since}"
+        why = f"{shown_label(before.label)} tripped{since}"
         why += f" (its last failure {_ago(now - failed)})" if failed is not None else ""
         why += ": its downstream may still be failing"
     elif before.state is State.FORCED_OPEN and recent:
         assert failed is not None
-        why = f"a call through {visible(before.label)} failed {_ago(now - failed)}, before it was forced open"
+        why = f"a call through {shown_label(before.label)} failed {_ago(now - failed)}, before it was forced open"
     elif before.state is State.CLOSED and recent and before.window_failures > 0:
         assert failed is not None
-        counted, calls, label = before.window_failures, before.window_calls, visible(before.label)
+        counted, calls, label = before.window_failures, before.window_calls, shown_label(before.label)
         if calls >= counted:
             why = f"{counted} of the last {calls} calls through {label} failed"
         else:  # (a rule that minds only failures counts no calls: FailuresWithin)
@@ -429,7 +429,8 @@ def delete(
     if parked and not purge:
         tasks = "1 task is" if parked == 1 else f"{parked} tasks are"
         raise ParkedTasksError(
-            f"{tasks} parked behind {visible(label)}: deleting it would leave them waiting for a breaker that is gone; "
+            f"{tasks} parked behind {shown_label(label)}: deleting it would leave them waiting for a breaker that is "
+            f"gone; "
             f"purge them with it (--purge: they never run), or close it and delete it once they have been released"
         )
     before, warning = None, None

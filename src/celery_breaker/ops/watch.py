@@ -17,7 +17,7 @@ import click
 
 from ..clock import Clock
 from ..core import TRANSITIONS, BreakerSnapshot, State
-from ..labels import visible
+from ..labels import shown_label, visible
 from .console import (
     ALERT,
     DIM,
@@ -185,7 +185,7 @@ def _change_line(change: Change, *, width: int, color: bool) -> str:
         return click.style(value.value, **STATE_STYLES[value]) if color else value.value
 
     moved = f"{state(change.source, '(new)')} -> {state(change.target, '(gone)')}"
-    return f"  {clock_time(change.at)}  {visible(change.label).ljust(width)}  {moved}  ({change.reason})"
+    return f"  {clock_time(change.at)}  {shown_label(change.label).ljust(width)}  {moved}  ({change.reason})"
 
 
 def watch_frame(
@@ -236,7 +236,7 @@ def watch_frame(
     lines.append("")
     heading = "Recent changes (newest last)" if watch.changes else f"No changes since {clock_time(watch.started)}"
     lines.append(click.style(heading, bold=True) if color else heading)
-    width = max((len(visible(change.label)) for change in watch.changes), default=0)
+    width = max((len(shown_label(change.label)) for change in watch.changes), default=0)
     lines += [_change_line(change, width=width, color=color) for change in watch.changes]
     return "\n".join(lines)
 

@@ -37,7 +37,7 @@ from typing import Any, cast
 import click
 
 from ..errors import BreakerKeyError, ConfigurationError, ParkedTasksError, StorageError, UnknownBreakerError
-from ..labels import breaker_label, visible
+from ..labels import breaker_label, shown_label, visible
 from ..monitoring.status import collect_metrics
 from ..storage import describe_url
 from .actions import ACTIONS, DELETE
@@ -323,7 +323,7 @@ def _perform(site: Site, asked: Asked, *, client: str) -> tuple[int, dict[str, A
     unless ``purge``: the answer is then 409, with the ``warning`` or ``parked`` the page
     asks the user about before it sends the request again, as the CLI asks.
     """
-    label = visible(breaker_label(asked.name, asked.key))  # (as asked: logged, so made printable)
+    label = shown_label(breaker_label(asked.name, asked.key))  # (as asked: logged, so made printable)
     try:
         if asked.action == DELETE.name:
             return _delete(site, asked, label, client)
@@ -342,7 +342,7 @@ def _perform(site: Site, asked: Asked, *, client: str) -> tuple[int, dict[str, A
     _log_done(move.label, done, client, move.warning)
     site.board.wake()
     was = "created" if move.before is None else f"was {move.before.value}"
-    message = f"{visible(move.label)}: {move.after.state.value} ({was}): {ACTIONS[asked.action].after}."
+    message = f"{shown_label(move.label)}: {move.after.state.value} ({was}): {ACTIONS[asked.action].after}."
     return 200, {"ok": True, "label": move.label, "state": move.after.state.value, "message": message,
                  "warning": move.warning}  # fmt: skip
 
@@ -364,7 +364,7 @@ def _delete(site: Site, asked: Asked, label: str, client: str) -> tuple[int, dic
               gone.warning)  # fmt: skip
     site.board.wake()
     was = f"was {gone.before.state.value}" if gone.before is not None else "only parked tasks were left of it"
-    shown = visible(gone.label)
+    shown = shown_label(gone.label)
     message = f"{shown}: deleted ({was})" + (f"; discarded {gone.discarded} parked task(s)" * bool(gone.discarded))
     if not gone.existed:
         message = f"{shown}: nothing to delete (the store holds nothing of it)"
