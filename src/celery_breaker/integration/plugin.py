@@ -6,8 +6,9 @@ A worker builds its blueprint from ``app.steps["worker"]`` right after it sends
 uses ``BreakerTask`` imports it itself) adds the steps by name, and the worker loads
 them: ``worker.BreakerStep`` (settings, routes, tasks checked before any task runs;
 events), ``worker.ReleaserStep`` (parked tasks), the remote-control commands
-(``ops.control``) and the metrics endpoint (``monitoring.endpoint``). Everything the
-plugin does in a worker starts in one of those steps.
+(``ops.control``) and the metrics endpoint (``monitoring.endpoint``), and one consumer
+step (``deferral.topology``: broker-delay's bindings, on every connection). Everything
+the plugin does in a worker starts in one of those steps.
 
 Outside workers, ``breaker_routes`` apply when an app finalizes (so eager and direct
 calls of a routed task are guarded too): the second hook below, Celery's
@@ -27,7 +28,7 @@ from celery.signals import worker_init
 
 from ..errors import ConfigurationError
 
-__all__ = ["WORKER_STEPS", "add_worker_steps", "apply_routes_when_finalized", "route_plain_tasks"]
+__all__ = ["CONSUMER_STEPS", "WORKER_STEPS", "add_worker_steps", "apply_routes_when_finalized", "route_plain_tasks"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -38,11 +39,14 @@ WORKER_STEPS = (
     "celery_breaker.ops.control:ControlStep",
     "celery_breaker.monitoring.endpoint:MetricsStep",
 )
+#: The consumer bootsteps, by name (started again on every connection restart).
+CONSUMER_STEPS = ("celery_breaker.integration.deferral.topology:DelayTopologyStep",)
 
 
 def add_worker_steps(app: Any) -> None:
     """Add celery-breaker's steps to the workers ``app`` will start (idempotent)."""
     app.steps["worker"].update(WORKER_STEPS)
+    app.steps["consumer"].update(CONSUMER_STEPS)
 
 
 @worker_init.connect(weak=False, dispatch_uid="celery_breaker.worker_init")  # type: ignore[untyped-decorator]

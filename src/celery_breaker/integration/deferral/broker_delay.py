@@ -35,10 +35,11 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from kombu.entity import Exchange
+from kombu.exceptions import EncodeError
 from kombu.transport.native_delayed_delivery import (
     calculate_routing_key,
     declare_native_delayed_delivery_exchanges_and_queues,
@@ -47,8 +48,8 @@ from kombu.transport.native_delayed_delivery import (
 from .strategy import Deferral, publish
 
 __all__ = [
-    "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "QUEUE_KEY", "BrokerDelay", "destination_queue", "ensure_topology",
-    "note_delivery_queue", "queue_binding", "queue_token", "topic_matches",
+    "CONFIRM_TIMEOUT", "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "QUEUE_KEY", "BrokerDelay", "destination_queue",
+    "ensure_topology", "note_delivery_queue", "queue_binding", "queue_token", "topic_matches",
 ]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
@@ -64,6 +65,8 @@ _DELAY_PREFIX = re.compile(r"^(?:[01]\.){28}")
 TOKEN_WORD = "celery-breaker"
 #: Seconds between two warnings that a run could not be routed back by broker-delay.
 _WARN_EVERY = 60.0
+#: Seconds a broker-delay publish waits for RabbitMQ's confirm before it counts as failed.
+CONFIRM_TIMEOUT = 10.0
 #: The key of a request's ``delivery_info`` under which the worker notes the queue a task
 #: was delivered from (``note_delivery_queue``); it travels with the request to the pool.
 QUEUE_KEY = "celery_breaker_queue"
@@ -171,6 +174,14 @@ def destination_queue(app: Any, delivery_info: dict[str, Any] | None) -> str | N
     return found[0] if len(found) == 1 else None
 
 
+def _discard(connection: Any) -> None:
+    """Close ``connection``, dead or alive, without raising."""
+    try:
+        connection.collect()
+    except Exception:  # (already broken: nothing more to release)
+        logger.debug("celery-breaker: closing a broker-delay connection failed", exc_info=True)
+
+
 def _token_of(delivery_info: dict[str, Any] | None) -> str | None:
     """The queue token of a run that came back from a delay of ours, else ``None``."""
     info = delivery_info or {}
@@ -181,10 +192,11 @@ def _token_of(delivery_info: dict[str, Any] | None) -> str | None:
     return tail if re.fullmatch(re.escape(TOKEN_WORD) + r"\.[0-9a-f]{32}", tail) else None
 
 
-def ensure_topology(connection: Any, app: Any) -> None:
+def ensure_topology(connection: Any, app: Any, consumed: Iterable[str] = ()) -> None:
     """Declare the delay exchanges and queues (as Celery does for quorum queues), declare
     every queue of ``app`` and bind it to ``celery_delayed_delivery`` by its own token
-    (``queue_binding``). Idempotent; raises what the broker answers (a queue already
+    (``queue_binding``); bind the ``consumed`` queues the app does not declare too (added
+    with ``add_consumer``). Idempotent; raises what the broker answers (a queue already
     declared with other arguments, say)."""
     declare_native_delayed_delivery_exchanges_and_queues(connection, app.conf.broker_native_delayed_delivery_queue_type)
     channel = connection.default_channel
@@ -192,62 +204,102 @@ def ensure_topology(connection: Any, app: Any) -> None:
         bound = queue.bind(channel)
         bound.declare()
         channel.queue_bind(queue=queue.name, exchange=DELIVERY_EXCHANGE, routing_key=queue_binding(queue.name))
+    for name in consumed:
+        if name not in app.amqp.queues:
+            channel.queue_bind(queue=name, exchange=DELIVERY_EXCHANGE, routing_key=queue_binding(name))
 
 
 class BrokerDelay:
     """Publish the run into RabbitMQ's delay topology, to come back to the queue it was
     delivered from after the planned delay (rounded up to whole seconds, at least one).
-    Each process makes sure of the topology once (``ensure_topology``) before its first
-    delivery, and binds a queue the app does not declare (one added with
-    ``add_consumer``) on its first run there; if either fails, or the queue cannot be
-    told (``destination_queue``), the run goes to the next strategy."""
+
+    Each process publishes over a connection of its own with publisher confirms: a
+    publish RabbitMQ does not take (an exchange missing, the connection gone) raises
+    instead of vanishing. Before the first publish on each new connection the topology
+    is declared again (``ensure_topology``), so a broker restarted without its
+    definitions, or one that dropped a transient queue's binding, has them back; a
+    queue the app does not declare (one added with ``add_consumer``) is bound on its
+    first run there. A publish that fails is tried once more over a new connection; if
+    that fails too, or the queue cannot be told (``destination_queue``), the run goes
+    to the next strategy."""
 
     name = "broker-delay"
     parks = True
 
     def __init__(self) -> None:
-        self._ready_in: int | None = None  # the process that has made sure of the topology
-        self._bound: set[str] = set()  # queues bound by their token, in that process
+        self._pid: int | None = None  # the process that owns ``_connection``
+        self._connection: Any = None  # that process's confirming connection, the topology declared on it
+        self._bound: set[str] = set()  # queues bound by their token over that connection
         self._warned_at = -math.inf
         self._lock = threading.Lock()
 
-    def _ensure(self, app: Any, queue: str) -> None:
-        with self._lock:
-            if self._ready_in != os.getpid():
-                with app.connection_for_write() as connection:
-                    ensure_topology(connection, app)
-                self._bound = set(app.amqp.queues)
-                self._ready_in = os.getpid()
-            if queue not in self._bound:
-                # (not declared: binding a queue that does not exist fails, which is the answer)
-                with app.connection_for_write() as connection:
-                    connection.default_channel.queue_bind(
-                        queue=queue, exchange=DELIVERY_EXCHANGE, routing_key=queue_binding(queue)
-                    )
-                self._bound.add(queue)
+    def _connected(self, app: Any) -> Any:
+        """This process's connection, opened (and the topology declared) if it has none."""
+        if self._pid != os.getpid():  # (forked: the parent's socket is not ours to use or close)
+            self._pid, self._connection, self._bound = os.getpid(), None, set()
+        if self._connection is None:
+            connection = app.connection_for_write(transport_options={"confirm_publish": True})
+            try:
+                ensure_topology(connection, app)
+            except BaseException:
+                _discard(connection)
+                raise
+            self._connection, self._bound = connection, set(app.amqp.queues)
+        return self._connection
+
+    def _drop(self) -> None:
+        connection, self._connection, self._bound = self._connection, None, set()
+        if connection is not None and self._pid == os.getpid():
+            _discard(connection)
+
+    def _publish(self, task: Any, signature: Any, queue: str | None, routing_key: str) -> None:
+        connection = self._connected(task.app)
+        if queue is not None and queue not in self._bound:
+            # (not declared: binding a queue that does not exist fails, which is the answer)
+            connection.default_channel.queue_bind(
+                queue=queue, exchange=DELIVERY_EXCHANGE, routing_key=queue_binding(queue)
+            )
+            self._bound.add(queue)
+        publish(
+            task,
+            signature,
+            producer=connection.Producer(),
+            exchange=Exchange(DELAY_EXCHANGE, type="topic"),  # type: ignore[no-untyped-call]
+            routing_key=routing_key,
+            declare=[],  # (the topology is declared on this connection; nothing else is published to)
+            retry=False,  # (a connection error comes here, to open a new one and declare the topology)
+            confirm_timeout=CONFIRM_TIMEOUT,
+        )
 
     def deliver(self, deferral: Deferral) -> float | None:
         task = deferral.task
         request = task.request
+        queue: str | None = None
         token = _token_of(request.delivery_info)
         if token is None:  # (else it came back from a delay of ours: its queue is bound by that token)
             queue = destination_queue(task.app, request.delivery_info)
             if queue is None:
                 self._cannot_tell(request.delivery_info)
                 return None
-            self._ensure(task.app, queue)
             token = queue_token(queue)
         seconds = min(LONGEST_DELAY, max(1, math.ceil(deferral.plan.delay)))
         signature = task.signature_from_request(request, deferral.args, deferral.kwargs, headers=deferral.headers)
         # No countdown or eta: the broker holds it for exactly that long, and a worker
         # must not hold it again. The explicit exchange and key replace the delivery's own.
         signature.options.pop("queue", None)
-        publish(
-            task,
-            signature,
-            exchange=Exchange(DELAY_EXCHANGE, type="topic"),  # type: ignore[no-untyped-call]
-            routing_key=calculate_routing_key(seconds, token),
-        )
+        routing_key = calculate_routing_key(seconds, token)
+        with self._lock:  # (one channel per process: publishes take turns)
+            try:
+                self._publish(task, signature, queue, routing_key)
+            except EncodeError:
+                raise
+            except Exception as exc:
+                # A broker restarted (empty, or without a transient queue's binding), an
+                # exchange deleted, a connection gone: once more over a new connection,
+                # with the topology declared again.
+                logger.info("celery-breaker: broker-delay publish failed (%r); declaring the delay topology again", exc)
+                self._drop()
+                self._publish(task, signature, queue, routing_key)
         return float(seconds)
 
     def _cannot_tell(self, delivery_info: Any) -> None:

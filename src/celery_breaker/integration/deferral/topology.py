@@ -1,0 +1,64 @@
+"""The worker's consumer step that declares broker-delay's topology and binds its queues each time it connects.
+
+broker-delay's runs wait in RabbitMQ's ``celery_delayed_*`` queues and come back through
+``celery_delayed_delivery``, bound to each queue by its token (``broker_delay.py``).
+A RabbitMQ restarted without its definitions (a node reset, a container without a
+volume) has none of that; a plain restart keeps the durable delay queues and their
+messages but deletes a transient (``durable=False``) queue with its bindings, and the
+queue kombu declares again on reconnecting is bound to nothing: each delayed run that
+comes due for it is dropped. The pool processes declare the topology on their own
+connections before they publish, but runs already waiting need the bindings back
+before they come due, whether or not anything is deferred again. So the worker's main
+process declares the topology and binds every queue it consumes (those added with
+``add_consumer`` too) whenever its consumer starts: a consumer step's ``start`` runs
+again on every connection restart, after the task consumer has declared its queues and
+before any message is handled.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import bootsteps
+
+from ..broker import AMQP, broker_kind
+from .broker_delay import BrokerDelay, ensure_topology
+from .selection import deferral_strategies
+
+__all__ = ["DelayTopologyStep"]
+
+logger = logging.getLogger("celery_breaker")
+
+
+class DelayTopologyStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """On every (re)start of the worker's consumer: declare the delay topology and bind each
+    consumed queue to ``celery_delayed_delivery`` by its token, when the worker defers by
+    broker-delay. A failure is a WARNING, not a stopped worker: the pool processes declare
+    the topology again before their next publish."""
+
+    label = "celery-breaker delay topology"
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def include_if(self, c: Any) -> bool:
+        """Only on RabbitMQ."""
+        return broker_kind(c.app.conf) == AMQP
+
+    def start(self, c: Any) -> None:
+        """Declare the topology and bind the consumed queues (broker-delay workers only)."""
+        app = c.app
+        if not any(isinstance(strategy, BrokerDelay) for strategy in deferral_strategies(app)):
+            return
+        consumer = getattr(c, "task_consumer", None)
+        consumed = [queue.name for queue in getattr(consumer, "queues", None) or ()]
+        try:
+            with app.connection_for_write() as connection:
+                ensure_topology(connection, app, consumed)
+        except Exception as exc:
+            logger.warning(
+                "celery-breaker: could not declare broker-delay's topology or bind queues %s to it (%r): runs "
+                "already delayed for them may not come back until a deferral declares it again",
+                ", ".join(consumed) or "(none)", exc,
+            )  # fmt: skip
+            return
+        logger.debug("celery-breaker: broker-delay topology declared; bound %s", ", ".join(consumed))
