@@ -4,7 +4,8 @@ broker-delay's runs wait in the ``celery_delayed_*`` queues and come back throug
 ``celery_delayed_delivery``, bound to each queue by its token. Each case below lost
 tasks silently before: the pool processes declared that topology once per process and
 published without confirms, so a publish to an exchange that no longer existed vanished;
-and a transient queue, deleted by a restart, came back bound to nothing.
+and a transient queue, deleted by a restart, came back bound to nothing. Countdowns on
+quorum queues, routed by Celery through the default queue's key, are here too.
 
 These tests restart their broker, so they have a RabbitMQ of their own (not the
 session's). Real prefork workers; a handful of tasks each.
@@ -13,6 +14,7 @@ session's). Real prefork workers; a handful of tasks each.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -24,7 +26,7 @@ import redis
 from celery_breaker import CircuitBreaker
 from celery_breaker.storage import close_stores
 from tests.integration.backlog_proj import BREAKER, TASK, deferred_key, executions_key
-from tests.integration.deployments import Deployment, deploy
+from tests.integration.deployments import APP, Deployment, deploy
 from tests.integration.downstream import Downstream
 from tests.integration.workers import WorkerProcess, wait_for
 from tests.rabbitmq import RabbitMQServer
@@ -159,5 +161,42 @@ def test_a_transient_queue_gets_its_delayed_tasks_back_after_a_restart(
                 assert time.monotonic() - deferred_at < DUE_AFTER_RESTART - 1, "reconnected after they came due"
             each_ran_once(cell, waiting, timeout=DUE_AFTER_RESTART + 10)
             assert f"deferred {DUE_AFTER_RESTART:.1f} s" in worker.log()
+    finally:
+        publisher.close()
+
+
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
+def test_a_countdown_deferral_comes_back_to_its_named_queue(
+    queue_type: str, own_rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """A task sent to a queue of its own on a topic exchange (``queue=``), deferred by
+    countdown. On quorum queues Celery delays a countdown in RabbitMQ by the routing key
+    of the message's queue, which it took to be ``task_default_queue``: the task went to
+    the default queue, which this worker does not consume (0 of 4 ran)."""
+    cell = deploy(f"rabbitmq-{queue_type}", "redis", "countdown", rabbitmq=own_rabbitmq, redis_server=redis_server,
+                  policy=POLICY, breaker_defer_spread=0)  # fmt: skip
+    arguments = {"x-queue-type": "quorum"} if queue_type == "quorum" else {}
+    named = f"named-{cell.ns}"
+    queues = {
+        cell.queue: {"exchange": cell.queue, "exchange_type": "topic", "routing_key": cell.queue,
+                     "queue_arguments": arguments},
+        named: {"exchange": f"ex-{cell.ns}", "exchange_type": "topic", "routing_key": f"named.{cell.ns}",
+                "queue_arguments": arguments},
+    }  # fmt: skip
+    cell.conf["task_queues"] = queues
+    publisher = cell.publisher(task_queues=queues)
+    try:
+        with publisher.connection_for_write() as connection:  # (both queues exist, as a deployment has them)
+            for queue in publisher.amqp.queues.values():
+                queue.bind(connection.default_channel).declare()
+        with Downstream() as downstream, WorkerProcess(
+            cell.broker_url, extra_conf=json.dumps(cell.conf), name=f"w-{cell.ns}", app=APP, env=cell.env,
+            queues=named,
+        ) as worker:  # fmt: skip
+            worker.wait_ready()
+            each_ran_once(cell, outage(cell, publisher, downstream.url, 4, queue=named))
+        left = {row["name"]: row["messages"] for row in own_rabbitmq.queues("name", "messages")}
+        assert left.get(cell.queue, 0) == 0  # nothing strayed into the default queue
+        assert "cannot be told" not in worker.log()
     finally:
         publisher.close()

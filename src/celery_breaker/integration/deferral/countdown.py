@@ -5,6 +5,17 @@ receives it holds it until it is due (an ETA message). This is the strategy ever
 has, so it comes last: it never passes a run on. If the broker refuses the publish, a
 late-acknowledged delivery is requeued (``Reject``); otherwise the task fails with a
 ``CircuitOpenError`` that says so.
+
+On RabbitMQ the copy goes back to the queue the run was delivered from
+(``destination_queue``), by that queue's name. Republished through the delivery's
+exchange and key, as Celery's own retry does, a topic or fanout exchange put a copy in
+every queue it routes the key to, again at each deferral; and on quorum queues Celery
+delays a countdown in the broker by the routing key of the message's queue, which, for
+a delivery through a named exchange, Celery takes to be ``task_default_queue``: the run
+came back to the default queue, which the worker may not consume. When the queue cannot
+be told (a consumer that notes no queue, a headers exchange) the copy goes as Celery's
+retry would, and on quorum queues a WARNING (once a minute) says it may reach the
+default queue.
 """
 
 from __future__ import annotations
@@ -12,10 +23,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import Any
 
 from celery.exceptions import Reject
 
 from ...errors import CircuitOpenError
+from ..broker import AMQP, broker_kind
+from .broker_delay import destination_queue
 from .strategy import Deferral, publish
 
 __all__ = ["REQUEUE_PAUSE", "CountdownRepublish"]
@@ -24,6 +38,8 @@ logger = logging.getLogger("celery_breaker")
 
 #: Seconds before requeueing a task whose deferral could not be published.
 REQUEUE_PAUSE = 1.0
+#: Seconds between two warnings that a quorum-queue countdown's queue could not be told.
+_WARN_EVERY = 60.0
 
 
 class CountdownRepublish:
@@ -40,6 +56,36 @@ class CountdownRepublish:
 
     def __init__(self, *, whole_seconds: bool = False) -> None:
         self.whole_seconds = whole_seconds
+        self._warned_at = -math.inf
+
+    def _route(self, task: Any) -> dict[str, Any]:
+        """On RabbitMQ, the options that send the copy to the queue the run came from, by
+        name: the queue, and a direct exchange type, for which Celery publishes through
+        the default exchange (Celery's native delay on quorum queues routes by that
+        queue's own exchange and key instead). ``{}`` elsewhere, or when it cannot be told."""
+        if broker_kind(task.app.conf) != AMQP:
+            return {}
+        info = task.request.delivery_info
+        queue = destination_queue(task.app, info)
+        if queue is not None:
+            return {"queue": queue, "exchange_type": "direct"}
+        if self.whole_seconds:
+            self._cannot_tell(info)
+        return {}
+
+    def _cannot_tell(self, delivery_info: Any) -> None:
+        now = time.monotonic()
+        if now - self._warned_at < _WARN_EVERY:
+            return
+        self._warned_at = now
+        info = delivery_info or {}
+        logger.warning(
+            "celery-breaker: a run delivered through exchange %r with routing key %r is deferred by countdown, "
+            "which Celery delays in RabbitMQ by task_default_queue's routing key on quorum queues: the queue it "
+            "came from cannot be told, so it may come back to task_default_queue (declare the queue in "
+            "task_queues, with its exchange and routing key or bindings)",
+            info.get("exchange"), info.get("routing_key"),
+        )  # fmt: skip
 
     def deliver(self, deferral: Deferral) -> float | None:
         task = deferral.task
@@ -48,7 +94,7 @@ class CountdownRepublish:
         if self.whole_seconds:
             delay = float(max(1, math.ceil(delay)))
         signature = task.signature_from_request(
-            request, deferral.args, deferral.kwargs, countdown=delay, headers=deferral.headers
+            request, deferral.args, deferral.kwargs, countdown=delay, headers=deferral.headers, **self._route(task)
         )
         try:
             publish(task, signature)
