@@ -179,10 +179,21 @@ def test_a_password_a_parser_misreads_is_refused_without_a_piece_of_it(url: str)
         "redis+cluster://app:p@ss@h1:7000,h2:7001",  # (an "@" alone parses as meant)
         "redis+unix://:pw@/run/redis.sock?db=1",
         "redis://:pw@[::1]:6379/0",
+        # An "@" in a unix socket's path, or in a query value (a found review: all refused).
+        "redis+unix:///run/redis@main/redis.sock?db=1",
+        "redis+unix:///var/run/redis/redis.sock?db=1&password=p@ss",
+        "redis+sentinel://h1:26379,h2:26379/mymaster?sentinel_password=p@ss",
+        "redis+cluster://n1:7000,n2:7001?password=p@ss",
+        "redis+cluster://n1:7000,n2:7001?username=svc@corp",
+        "rediss://host:6379/0?ssl_ca_certs=/etc/ssl/ca@x.pem",
+        "redis://user:pw@host/0?client_name=a@b/c",
     ],
 )
 def test_urls_that_parse_as_meant_are_not_taken_for_misread_passwords(url: str) -> None:
     assert not password_misread(url)
+    assert "p@ss" not in describe(url)
+    assert "***@ss" not in describe(url)  # (masked as a query password, not cut at its "@")
+    RedisStore.from_url(url)  # (accepted: it connects nowhere yet)
 
 
 @pytest.mark.parametrize(

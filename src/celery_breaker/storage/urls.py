@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote
 
 __all__ = ["ENCODE_PASSWORD", "describe_url", "password_misread", "scrub_secrets"]
 
@@ -25,7 +25,7 @@ def describe_url(url: str) -> str:
     if not sep:
         _, at, tail = url.rpartition("@")
         return _SECRET_OPTIONS.sub(r"\g<name>***", f"***@{tail}" if at else url)
-    credentials, after, cut = _user_info(rest)
+    credentials, after, cut = _user_info(scheme, rest)
     end = len(after)
     for mark in "/?#":
         found = after.find(mark)
@@ -41,19 +41,58 @@ def describe_url(url: str) -> str:
     return f"{scheme}://{netloc}" + _SECRET_OPTIONS.sub(r"\g<name>***", tail)
 
 
-def _user_info(rest: str) -> tuple[str, str, int]:
+def _user_info(scheme: str, rest: str) -> tuple[str, str, int]:
     """A URL's user info, what follows it, and where its "@" is (-1: no user info);
-    ``rest`` is what follows ``scheme://``."""
-    # The user info ends at the last "@" before the query; a password with an unencoded
-    # "/", "?" or "#" puts its "@" further on: then the last "@" of all (masking too much,
-    # if a query value holds one, rather than too little).
-    before_query = re.split(r"[?#]", rest, maxsplit=1)[0]
-    cut = before_query.rfind("@")
-    if cut == -1:
-        cut = rest.rfind("@")
+    ``rest`` is what follows ``scheme://``. Where a parser would find it, unless the URL
+    reads as a password holding an unencoded "/", "?" or "#" (``_misread``): then up to
+    the "@" such a password ends at, masking too much rather than too little."""
+    cut = _misread(scheme, rest)
+    if cut is None:
+        head = _HEAD_END.split(rest, maxsplit=1)[0]  # (what a parser reads as the user info and hosts)
+        cut = head.rfind("@")
     if cut == -1:
         return "", rest, -1
     return rest[:cut], rest[cut + 1 :], cut
+
+
+#: Where the part a URL parser reads as user info and hosts ends.
+_HEAD_END = re.compile(r"[/?#]")
+#: One ``host[:port]`` of a URL's host list: a name or an IPv6 address in brackets, and
+#: a port of digits.
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.%a-zA-Z]+\]|[^:\[\]@/?#,]+)(?::[0-9]+)?")
+
+
+def _hosts(text: str) -> bool:
+    """Whether ``text`` is a list of ``host[:port]`` (comma-separated: Sentinel, Cluster)."""
+    return all(_HOST.fullmatch(part) for part in text.split(","))
+
+
+def _misread(scheme: str, rest: str) -> int | None:
+    """Where the "@" that ends the user info is, when a password holds an unencoded "/",
+    "?" or "#" (a parser would end the host there, and read a piece of the password as the
+    host or the port); ``None`` when the URL parses as written. Told by its form: what a
+    parser takes for the hosts is none (``:piece``, ``host:piece``), or an "@" stands in
+    the path of a URL whose path is no file (``user/name:pw@host``, ``:p@ss/word@host``)."""
+    head = _HEAD_END.split(rest, maxsplit=1)[0]
+    unix = scheme.lower().endswith("unix")
+    path = rest[len(head) :]
+    path = _QUERY_START.split(path, maxsplit=1)[0] if path.startswith("/") else ""
+    hosts = head.rpartition("@")[2]
+    if unix:  # (no hosts: the path is a file's, and may hold an "@")
+        if head and "@" not in head and "@/" in rest:
+            return rest.find("@/")  # (":pw/rd@/run/redis.sock")
+        return None
+    if (hosts and _hosts(hosts)) and "@" not in path:
+        return None
+    if "@" not in rest[len(head) :]:
+        return None  # (no "@" beyond: a bad host, but no password in it)
+    for at in range(len(rest) - 1, -1, -1):  # (the last "@" followed by hosts)
+        if rest[at] == "@" and _hosts(_HEAD_END.split(rest[at + 1 :], maxsplit=1)[0] or "-"):
+            return at
+    return rest.rfind("@")
+
+
+_QUERY_START = re.compile(r"[?#]")
 
 
 #: What splits a password a URL parser misread (an unencoded "/", "?", "#" or "@" in it)
@@ -69,8 +108,8 @@ def scrub_secrets(text: str, url: str) -> str:
     parser read part of it as the host or the port, and its error quotes that part."""
     secrets: list[str] = []
     for one in url.split(";"):
-        _, sep, rest = one.partition("://")
-        credentials = _user_info(rest)[0] if sep else one.rpartition("@")[0]
+        scheme, sep, rest = one.partition("://")
+        credentials = _user_info(scheme, rest)[0] if sep else one.rpartition("@")[0]
         if credentials:
             user, colon, password = credentials.partition(":")
             misread = any(mark in user for mark in "/?#")
@@ -95,19 +134,7 @@ def password_misread(url: str) -> bool:
     it for the end of the host, then read a piece of the password as the host or the
     port, and their errors quote that piece (``ENCODE_PASSWORD`` is the fix)."""
     for one in url.split(";"):
-        _, sep, rest = one.partition("://")
-        if not sep or _user_info(rest)[2] == -1:
-            continue
-        try:
-            parts = urlsplit(one)
-            if "@" in parts.netloc:
-                # (the parser's user info ends at an earlier "@": the password holds one)
-                if parts.netloc.rpartition("@")[0] != _user_info(rest)[0]:
-                    return True
-                continue
-            parts.port  # noqa: B018 (raises on a port that is no number)
-        except ValueError:
-            return True
-        if not parts.hostname or "@" in parts.path:  # (a netloc of ":piece"; "user/name:pw@host")
+        scheme, sep, rest = one.partition("://")
+        if sep and _misread(scheme, rest) is not None:
             return True
     return False
