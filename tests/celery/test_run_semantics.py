@@ -78,10 +78,10 @@ def test_a_fallback_method_name_that_does_not_exist_stops_the_worker_at_start() 
     [
         ({}, {"breaker_polcy": {"failure_threshold": 1}}, "'breaker_polcy'", "did you mean breaker_policy?"),
         ({"ot.job": {"breaker_polcy": {}}}, {}, "'breaker_polcy'", "did you mean breaker_policy?"),
-        ({"*": {"breakr": "crm"}}, {}, "'breakr'", "did you mean breaker?"),
-        ({}, {"breaker_extra": 1}, "'breaker_extra'", "the options are breaker, "),
+        ({"*": {"breaker_scpoe": "calls"}}, {}, "'breaker_scpoe'", "did you mean breaker_scope?"),
+        ({}, {"breaker_fallbak": lambda: 1}, "'breaker_fallbak'", "did you mean breaker_fallback?"),
     ],
-    ids=["decorator", "annotation", "near-breaker", "unknown-breaker-name"],
+    ids=["decorator", "annotation", "annotation-for-all", "decorator-callable"],
 )
 def test_a_misspelt_task_option_is_refused_naming_the_option_it_is_close_to(
     annotations: dict[str, Any], options: dict[str, Any], named: str, hint: str
@@ -114,13 +114,20 @@ def test_task_options_and_celerys_own_pass_the_option_check() -> None:
     def job(self: Any) -> None:
         return None
 
-    class Own(BreakerTask):
+    class Mixin:
+        breakers = ("a", "b")  # (close to "breaker", but not breaker_*: the user's own)
+
+    class Own(Mixin, BreakerTask):
         name = "ok.own"
-        breaker_key = "tenant"
+        breaker_key = "breaker_tenant"  # (a method of its own, named like an option)
+        breaker_timeout_budget = 30  # (a helper of the user's, close to no option)
         tracker = "not an option, and not close to one"
 
-        def tenant(self, args: Any, kwargs: Any) -> str:
+        def breaker_tenant(self, args: Any, kwargs: Any) -> str:
             return "t"
+
+        def breaker_keys(self) -> list[str]:  # (a method: close to breaker_key, but no option value)
+            return []
 
     app.register_task(Own())
     app.finalize()

@@ -568,28 +568,36 @@ def _prepare(cls: type[BreakerTask]) -> None:
     forget_task_breaker_config(cls)  # options changed: resolve them again
 
 
-#: What a task class may define under our names: the options, and the name ``breaker``'s
-#: value is moved to.
-_OPTION_NAMES = frozenset((*TASK_OPTION_DOCS, "breaker_name"))
+#: The task options (``breaker_name`` is where ``breaker``'s value is kept: known, never
+#: suggested).
+_OPTION_NAMES = frozenset(TASK_OPTION_DOCS)
+#: Options whose value may name a method of the task.
+_METHOD_OPTIONS = ("breaker_key", "breaker_fallback", "breaker_probe")
 
 
 def _check_option_names(cls: type[BreakerTask]) -> None:
-    """Refuse an option misspelt in ``@app.task(...)``, ``task_annotations`` or the class:
-    it would be ignored silently (a typo in a setting stops the worker; one here must
-    too). Any ``breaker_*`` name that is no option is refused, and any other name close
-    to one (``breakr``), with the option it is close to."""
+    """Refuse an option misspelt in ``@app.task(...)``, ``task_annotations`` or the class
+    (``breaker_polcy``): it would be ignored silently, where a misspelt setting stops the
+    worker. Only a ``breaker_*`` name close to an option counts as one: a helper of the
+    user's own (``breaker_timeout_budget``), a method (one an option names, say) and a
+    name of ``BreakerTask`` or Celery's ``Task`` are left alone, except that every value
+    given to the decorator is an option (its class says ``_decorated``)."""
+    named = {value for option in _METHOD_OPTIONS if isinstance(value := getattr(cls, option, None), str)}
     for klass in cls.__mro__:
         if klass is BreakerTask:
             break  # (its own names, and Celery's, are known)
-        for attr in vars(klass):
-            if attr.startswith("_") or attr in _OPTION_NAMES:
+        decorated = bool(vars(klass).get("_decorated"))
+        for attr, value in vars(klass).items():
+            if not attr.startswith("breaker_") or attr in _OPTION_NAMES or attr == "breaker_name" or attr in named:
                 continue
-            near = difflib.get_close_matches(attr, _OPTION_NAMES, n=1, cutoff=0.6)
-            if attr.startswith("breaker_") or difflib.get_close_matches(attr, _OPTION_NAMES, n=1, cutoff=0.85):
-                hint = f"did you mean {near[0]}? " if near else ""
+            if not decorated and (callable(value) or isinstance(value, (staticmethod, classmethod, property))):
+                continue
+            near = difflib.get_close_matches(attr, _OPTION_NAMES, n=1, cutoff=0.85)
+            if near:
+                task = getattr(cls, "name", None) or cls.__qualname__
                 raise ConfigurationError(
-                    f"task {getattr(cls, 'name', cls.__qualname__)!r}: {attr!r} is no celery-breaker task option; "
-                    f"{hint}the options are {', '.join(sorted(TASK_OPTION_DOCS))}"
+                    f"task {task!r}: {attr!r} is no celery-breaker task option; did you mean {near[0]}? "
+                    f"The options are {', '.join(sorted(TASK_OPTION_DOCS))}"
                 )
 
 
