@@ -9,6 +9,7 @@ import pytest
 from celery_breaker import CircuitOpenError, State
 from celery_breaker.errors import BreakerKeyError
 from celery_breaker.labels import visible
+from celery_breaker.names import kept_key
 from celery_breaker.ops.cli import EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_USAGE
 from celery_breaker.ops.operator import operate
 from celery_breaker.storage.redis import RedisStore
@@ -315,3 +316,19 @@ def test_the_question_and_a_pattern_name_the_key_as_typed(store_url: str) -> Non
     assert "Close crm[tenant\\n7] anyway?" in asked.stderr  # what the warning showed, not its twin
     breaker(store_url, "crm", key="tenant[1]", policy=cliproj.CRM_POLICY).call(lambda: None)
     assert "tenant[1]" in run("status", "crm[tenant[1]]").stdout  # (brackets in a key: no class)
+
+
+def test_a_key_too_long_to_keep_is_operated_as_its_breaker_keeps_it(store_url: str) -> None:
+    # A breaker keeps a key over MAX_KEY_LENGTH as its start and a digest (kept_key): an
+    # operator's `open --create` with the task's real key made a breaker under the raw key,
+    # which no task ever meets, and `open` without it found nothing.
+    key = "tenant-" + "x" * 230
+    created = run("open", "crm", "--key", key, "--create")
+    assert created.exit_code == 0, created.output
+    task_side = breaker(store_url, "crm", key=key, policy=cliproj.CRM_POLICY)
+    assert task_side.key == kept_key("crm", key)
+    assert stored(store_url, "crm", task_side.key, cliproj.CRM_POLICY).state is State.FORCED_OPEN
+    closed = run("close", "crm", "--key", key)  # (the real key, as the task has it)
+    assert closed.exit_code == 0, closed.output
+    assert stored(store_url, "crm", task_side.key, cliproj.CRM_POLICY).state is State.CLOSED
+    assert run("status", "--json").stdout.count('"name"') == 1  # (nothing under the raw key)

@@ -18,7 +18,7 @@ from ..errors import ConfigurationError, ParkedTasksError, UnknownBreakerError
 from ..integration.inventory import app_breakers, policy_named
 from ..integration.settings import get_settings
 from ..labels import breaker_label, read_visible, shown_label, split_label, visible
-from ..names import check_key, check_name
+from ..names import check_key, check_name, kept_key
 from ..storage import Cell, Store, describe_url, resolve_store
 from .actions import ACTIONS, DELETE, Action
 
@@ -198,6 +198,9 @@ def _target(
             key = stored
         elif not known(name, key):
             check_key(key)
+            kept = kept_key(name, key)  # (a key too long to keep: the one its breaker keeps)
+            if kept != key and (create or known(name, kept)):
+                key = kept
     if not create and not known(name, key):
         names = sorted(set(named) | {n for n, _ in in_store})
         raise _unknown(name, key, names, in_store, describe_url(store.url), hint)
