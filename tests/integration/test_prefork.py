@@ -142,7 +142,7 @@ def test_malformed_deferral_headers_never_crash_the_worker(worker: WorkerProcess
     ("extra_conf", "expected"),
     [
         ({"breaker_max_deferals": 3}, "unknown celery-breaker setting(s): breaker_max_deferals"),
-        ({"breaker_max_deferrals": -1}, "breaker_max_deferrals must be a whole number >= 0"),
+        ({"breaker_max_deferrals": -1}, "breaker_max_deferrals must be a whole number from 0 to 1,000,000"),
         ({"breaker_default_policy": {"failure_threshold": 0}}, "BreakerPolicy.failure_threshold"),
         ({"breaker_on_storage_error": "panic"}, "breaker_on_storage_error must be one of local, allow, deny"),
     ],
@@ -172,7 +172,7 @@ def test_three_mistakes_are_named_in_one_start_without_a_traceback(broker: str) 
     assert code == 78, log  # EX_CONFIG
     assert "3 problems in celery-breaker's settings" in log, log
     assert "the worker cannot start (ConfigurationError):\n3 problems" in log  # (one block, a line each)
-    assert "breaker_max_deferrals must be a whole number >= 0" in log
+    assert "breaker_max_deferrals must be a whole number from 0 to 1,000,000" in log
     assert "breaker_relase_rate: did you mean breaker_release_rate?" in log  # (the setting meant)
     assert "'failure_treshold': did you mean 'failure_threshold'?" in log
     assert "Traceback" not in log

@@ -17,6 +17,7 @@ import contextlib
 import json
 import shutil
 import time
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -200,3 +201,65 @@ def test_a_countdown_deferral_comes_back_to_its_named_queue(
         assert "cannot be told" not in worker.log()
     finally:
         publisher.close()
+
+
+def test_a_deferral_rabbitmq_confirms_late_is_sent_once(
+    own_rabbitmq: RabbitMQServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Under a memory alarm RabbitMQ blocks publishers: the confirm does not come in time,
+    # but the message is on the wire and routed once the alarm clears. Taking the timeout
+    # for a failure published it again, then once more by countdown: three copies.
+    from celery import Celery
+    from kombu.connection import Connection
+
+    from celery_breaker.integration.deferral import broker_delay
+    from celery_breaker.integration.deferral.countdown import CountdownRepublish
+    from celery_breaker.integration.deferral.defer import _deliver
+    from celery_breaker.integration.deferral.plan import DeferralPlan
+
+    monkeypatch.setattr(broker_delay, "CONFIRM_TIMEOUT", 2.0)
+    app = Celery("confirm-late", broker=own_rabbitmq.url, set_as_current=False)
+    app.conf.task_default_queue = queue = f"confirm-late-{time.monotonic_ns()}"
+
+    @app.task(bind=True, name="confirm.late")
+    def job(self: Any, n: int) -> int:
+        return n
+
+    app.finalize()
+    with app.connection_for_write() as connection:
+        app.amqp.queues[queue].bind(connection.default_channel).declare()
+    strategies = (broker_delay.BrokerDelay(), CountdownRepublish(whole_seconds=True))
+
+    def defer(task_id: str) -> str:
+        job.push_request(id=task_id, args=(1,), kwargs={}, delivery_info={"exchange": "", "routing_key": queue})
+        try:
+            plan = DeferralPlan(delay=1.0, count=1, since=time.time())
+            deferral = types.SimpleNamespace(task=job, args=(1,), kwargs={}, headers={}, plan=plan)
+            strategy, _ = _deliver(deferral, strategies)  # type: ignore[arg-type]
+            return str(strategy.name)
+        finally:
+            job.pop_request()
+
+    assert defer("before") == "broker-delay"  # (the connection made, the topology declared)
+    own_rabbitmq.rabbitmqctl("set_vm_memory_high_watermark", "absolute", "1")
+    try:
+        assert defer("blocked") == "broker-delay"  # (counted as deferred, not sent again)
+    finally:
+        own_rabbitmq.rabbitmqctl("set_vm_memory_high_watermark", "0.4")
+    copies: dict[str, int] = {}
+    with Connection(own_rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+        simple = connection.SimpleQueue(queue)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and sum(copies.values()) < 3:
+            with contextlib.suppress(simple.Empty):
+                message = simple.get(timeout=1)
+                copies[message.headers["id"]] = copies.get(message.headers["id"], 0) + 1
+                message.ack()
+            if copies == {"before": 1, "blocked": 1}:
+                time.sleep(3)  # (long enough for a second copy, if one was sent, to come due)
+                with contextlib.suppress(simple.Empty):
+                    extra = simple.get(timeout=1)
+                    copies[extra.headers["id"]] += 1
+                break
+        simple.close()
+    assert copies == {"before": 1, "blocked": 1}

@@ -16,7 +16,7 @@ from celery_breaker.storage.redis.replies import decode_reply, decode_snapshot, 
 from celery_breaker.testing import FakeClock
 
 from ..unit.support import fail, ok, state_of
-from .conftest import unique_prefix
+from .conftest import following, unique_prefix
 from .test_redis_backoff import v1_text
 
 #: Every field with a value other than its default (classification aside: it cannot be stored).
@@ -201,6 +201,7 @@ def test_a_stored_rule_of_an_unknown_kind_resets_the_breaker_with_a_warning(
 def test_a_consecutive_failures_policy_is_adopted_from_redis(store: RedisStore) -> None:
     clock = FakeClock()
     first = CircuitBreaker("svc", {"failure_threshold": None, "consecutive_failures": 2}, storage=store, clock=clock)
+    following(store)  # (first hears transitions: else sync() has nothing to wait for, and its view is old)
     other = RedisStore.from_url(store.url)
     try:
         second = CircuitBreaker("svc", {"failure_threshold": 9}, storage=other, clock=clock)

@@ -174,6 +174,24 @@ def destination_queue(app: Any, delivery_info: dict[str, Any] | None) -> str | N
     return found[0] if len(found) == 1 else None
 
 
+class _Unconfirmed(Exception):
+    """A broker-delay message was written, and RabbitMQ did not confirm it in time: it may
+    route it yet (``BrokerDelay.deliver`` sends it no second time)."""
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """Whether ``exc`` is a socket timeout: Celery reraises one as kombu's
+    ``OperationalError``, the timeout its cause or context."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, TimeoutError):  # (socket.timeout is TimeoutError)
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _discard(connection: Any) -> None:
     """Close ``connection``, dead or alive, without raising."""
     try:
@@ -260,16 +278,21 @@ class BrokerDelay:
                 queue=queue, exchange=DELIVERY_EXCHANGE, routing_key=queue_binding(queue)
             )
             self._bound.add(queue)
-        publish(
-            task,
-            signature,
-            producer=connection.Producer(),
-            exchange=Exchange(DELAY_EXCHANGE, type="topic"),  # type: ignore[no-untyped-call]
-            routing_key=routing_key,
-            declare=[],  # (the topology is declared on this connection; nothing else is published to)
-            retry=False,  # (a connection error comes here, to open a new one and declare the topology)
-            confirm_timeout=CONFIRM_TIMEOUT,
-        )
+        try:
+            publish(
+                task,
+                signature,
+                producer=connection.Producer(),
+                exchange=Exchange(DELAY_EXCHANGE, type="topic"),  # type: ignore[no-untyped-call]
+                routing_key=routing_key,
+                declare=[],  # (the topology is declared on this connection; nothing else is published to)
+                retry=False,  # (a connection error comes here, to open a new one and declare the topology)
+                confirm_timeout=CONFIRM_TIMEOUT,
+            )
+        except Exception as exc:
+            if _timed_out(exc):  # (only here, once connected: the message went out)
+                raise _Unconfirmed(str(exc)) from exc
+            raise
 
     def deliver(self, deferral: Deferral) -> float | None:
         task = deferral.task
@@ -289,17 +312,35 @@ class BrokerDelay:
         signature.options.pop("queue", None)
         routing_key = calculate_routing_key(seconds, token)
         with self._lock:  # (one channel per process: publishes take turns)
-            try:
-                self._publish(task, signature, queue, routing_key)
-            except EncodeError:
-                raise
-            except Exception as exc:
-                # A broker restarted (empty, or without a transient queue's binding), an
-                # exchange deleted, a connection gone: once more over a new connection,
-                # with the topology declared again.
-                logger.info("celery-breaker: broker-delay publish failed (%r); declaring the delay topology again", exc)
-                self._drop()
-                self._publish(task, signature, queue, routing_key)
+            for attempt in (1, 2):
+                try:
+                    self._publish(task, signature, queue, routing_key)
+                except EncodeError:
+                    raise
+                except Exception as exc:
+                    self._drop()
+                    if isinstance(exc, _Unconfirmed):
+                        # Sent, and not confirmed in time: RabbitMQ blocks publishers (a
+                        # memory or disk alarm) and routes the message once it reads it.
+                        # Publishing again, here or by the next strategy, would run the
+                        # task twice: it counts as delivered, as a publish without
+                        # confirms did.
+                        logger.warning(
+                            "celery-breaker: task %s[%s]: RabbitMQ did not confirm its deferral within %g s (is it "
+                            "blocking publishers?); counted as deferred, not sent again",
+                            task.name, request.id, CONFIRM_TIMEOUT,
+                        )  # fmt: skip
+                        break
+                    if attempt == 2:
+                        raise
+                    # A broker restarted (empty, or without a transient queue's binding), an
+                    # exchange deleted, a connection gone: once more over a new connection,
+                    # with the topology declared again.
+                    logger.info(
+                        "celery-breaker: broker-delay publish failed (%r); declaring the delay topology again", exc
+                    )
+                else:
+                    break
         return float(seconds)
 
     def _cannot_tell(self, delivery_info: Any) -> None:
