@@ -213,6 +213,10 @@ def test_urls_that_parse_as_meant_are_not_taken_for_misread_passwords(url: str) 
         ("redis://app:se#cret@h/0?password=x", "redis://app:***@h/0?password=***"),
         ("redis+unix://:pw@/run/redis.sock?db=1", "redis+unix://:***@/run/redis.sock?db=1"),
         (":s3cret@127.0.0.1:6379/0", "***@127.0.0.1:6379/0"),  # (no scheme)
+        # A ";" in a password is the password's (RFC 3986 allows it unencoded): only a ";"
+        # that starts another URL separates a kombu list.
+        ("redis://:Sup3rS3cretHead;tail@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("redis://app:se;cr;et@h/0;redis://:two;pw@h2/0", "redis://app:***@h/0;redis://:***@h2/0"),
     ],
 )  # fmt: skip
 def test_describe_masks_every_password(url: str, shown: str) -> None:

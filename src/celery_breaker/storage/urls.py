@@ -19,8 +19,9 @@ def describe_url(url: str) -> str:
     ``ssl_password=``): the one rule for every URL celery-breaker shows, in logs, errors,
     reprs and the CLI. Each URL of a kombu list (``a://...;b://...``) is masked; text that
     is no URL loses whatever stands before an ``@``."""
-    if ";" in url:
-        return ";".join(describe_url(part) for part in url.split(";"))
+    urls = _each_url(url)
+    if len(urls) > 1:
+        return ";".join(describe_url(part) for part in urls)
     scheme, sep, rest = url.partition("://")
     if not sep:
         _, at, tail = url.rpartition("@")
@@ -39,6 +40,16 @@ def describe_url(url: str) -> str:
             user, colon = "", ":"
         netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
     return f"{scheme}://{netloc}" + _SECRET_OPTIONS.sub(r"\g<name>***", tail)
+
+
+#: Where a kombu list of URLs (``a://...;b://...``) goes on to its next URL: a ";" that
+#: starts one. A ";" anywhere else is a URL's own (a password may hold one, unencoded).
+_NEXT_URL = re.compile(r";(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
+
+
+def _each_url(text: str) -> list[str]:
+    """The URLs of a kombu list (one for a single URL)."""
+    return _NEXT_URL.split(text)
 
 
 def _user_info(scheme: str, rest: str) -> tuple[str, str, int]:
@@ -107,7 +118,7 @@ def scrub_secrets(text: str, url: str) -> str:
     ``url`` masked, and every piece of one: a password holding an unencoded "/" makes a
     parser read part of it as the host or the port, and its error quotes that part."""
     secrets: list[str] = []
-    for one in url.split(";"):
+    for one in _each_url(url):
         scheme, sep, rest = one.partition("://")
         credentials = _user_info(scheme, rest)[0] if sep else one.rpartition("@")[0]
         if credentials:
@@ -133,7 +144,7 @@ def password_misread(url: str) -> bool:
     """Whether a password of ``url`` holds an unencoded "/", "?" or "#": URL parsers take
     it for the end of the host, then read a piece of the password as the host or the
     port, and their errors quote that piece (``ENCODE_PASSWORD`` is the fix)."""
-    for one in url.split(";"):
+    for one in _each_url(url):
         scheme, sep, rest = one.partition("://")
         if sep and _misread(scheme, rest) is not None:
             return True
