@@ -284,3 +284,37 @@ def test_a_half_open_breaker_short_of_successes_gets_more_probes(store: RedisSto
     assert breaker.snapshot().state is State.HALF_OPEN
     clock.advance(31.0)
     assert release(store, clock, most=1) == entries[2:4]
+
+
+def test_a_parking_lost_in_a_restart_is_reported_even_if_this_process_parks_again_first(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The epoch that names a parking's life was made once per process and written back on
+    # every park: the first park after Redis restarted empty restored the lost parking's
+    # epoch, and no releaser that had read it reported the loss.
+    import logging
+    import time
+
+    from celery import Celery
+
+    from celery_breaker.integration.deferral.release import Releaser
+
+    from ..servers import RedisServer
+
+    with RedisServer() as server:
+        server.start()
+        store = RedisStore.from_url(f"{server.url}/0?key_prefix={unique_prefix()}")
+        parking = store.parking
+        assert parking is not None
+        releaser = Releaser(Celery("loss", broker="memory://", set_as_current=False), parking, rate=10.0, ramp=0.0)
+        for i in range(5):
+            parking.park("crm", None, f"e{i}", float(i), "{}", None)
+        assert releaser.watch_for_loss(time.monotonic()) == 0  # (counted: 5 parked)
+        server.kill()
+        server.start()  # (no persistence: the 5 are gone)
+        parking.park("crm", None, "after", 10.0, "{}", None)  # (this process parks first)
+        with caplog.at_level(logging.ERROR, logger="celery_breaker"):
+            assert releaser.watch_for_loss(time.monotonic()) == 5
+        assert "lost its parked tasks" in caplog.text
+        assert "crm: 5" in caplog.text
+        store.close()

@@ -63,7 +63,6 @@ class RedisParking:
         self.marker = f"{store.quoted_prefix}:parking"
         """A hash whose ``epoch`` names this parking's life: written with the first entry
         parked, gone when the store loses its data (restarted empty, flushed)."""
-        self._epoch = uuid.uuid4().hex
 
     def label(self, tag: str) -> str:
         """The breaker a tag belongs to, as people write it (``crm[tenant-7]``)."""
@@ -86,7 +85,10 @@ class RedisParking:
         doing = f"parking {entry}"
 
         def indexed(pipe: Any) -> tuple[Any, ...]:
-            return pipe.sadd(self.index, tag), pipe.hsetnx(self.marker, "epoch", self._epoch)
+            # A fresh epoch each time (HSETNX keeps the first): one kept by the process would
+            # write the lost parking's epoch back after Redis restarted empty, and every
+            # releaser that had read it would find nothing lost.
+            return pipe.sadd(self.index, tag), pipe.hsetnx(self.marker, "epoch", uuid.uuid4().hex)
 
         # Indexed before the entry is written (a park whose second round trip failed left
         # an entry no releaser looked for), and again after it (a releaser's ``forget``
