@@ -80,8 +80,11 @@ def test_a_fallback_method_name_that_does_not_exist_stops_the_worker_at_start() 
         ({"ot.job": {"breaker_polcy": {}}}, {}, "'breaker_polcy'", "did you mean breaker_policy?"),
         ({"*": {"breaker_scpoe": "calls"}}, {}, "'breaker_scpoe'", "did you mean breaker_scope?"),
         ({}, {"breaker_fallbak": lambda: 1}, "'breaker_fallbak'", "did you mean breaker_fallback?"),
+        ({}, {"breakr": "crm"}, "'breakr'", "did you mean breaker?"),  # (the task ran on a breaker of its own)
+        ({}, {"braeker": "crm"}, "'braeker'", "did you mean breaker?"),
+        ({"ot.job": {"brekaer_policy": {}}}, {}, "'brekaer_policy'", "did you mean breaker_policy?"),
     ],
-    ids=["decorator", "annotation", "annotation-for-all", "decorator-callable"],
+    ids=["decorator", "annotation", "annotation-for-all", "decorator-callable", "near-breaker", "swapped", "ann-swap"],
 )
 def test_a_misspelt_task_option_is_refused_naming_the_option_it_is_close_to(
     annotations: dict[str, Any], options: dict[str, Any], named: str, hint: str
@@ -104,6 +107,30 @@ def test_a_misspelt_task_option_is_refused_naming_the_option_it_is_close_to(
     assert hint in str(info.value)
 
 
+def test_the_option_check_leaves_celerys_task_class_unbound_so_annotations_apply() -> None:
+    # A first version asked hasattr(Task, "app"): Celery's class property then bound
+    # Celery's own Task class to the current app, every task class made later inherited
+    # "bound", and Celery annotated none of them (task_annotations silently ignored).
+    from celery import Task
+
+    first = throwaway_app("unbound-first")
+
+    @first.task(base=BreakerTask, bind=True, shared=False, name="ub.first", acks_late=True)
+    def one(self: Any) -> None:
+        return None
+
+    first.finalize()
+    assert Task.__bound__ is False
+    second = throwaway_app("unbound-second", task_annotations={"ub.second": {"rate_limit": "5/s"}})
+
+    @second.task(base=BreakerTask, bind=True, shared=False, name="ub.second")
+    def two(self: Any) -> None:
+        return None
+
+    second.finalize()
+    assert second.tasks["ub.second"].rate_limit == "5/s"
+
+
 def test_task_options_and_celerys_own_pass_the_option_check() -> None:
     app = throwaway_app("option-ok", task_annotations={"*": {"rate_limit": "10/s", "breaker_scope": "calls"}})
 
@@ -116,6 +143,7 @@ def test_task_options_and_celerys_own_pass_the_option_check() -> None:
 
     class Mixin:
         breakers = ("a", "b")  # (close to "breaker", but not breaker_*: the user's own)
+        breaker_probe_url = "http://partner/health"  # (an option's name and more: the user's own)
 
     class Own(Mixin, BreakerTask):
         name = "ok.own"

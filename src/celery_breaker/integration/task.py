@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import inspect
 import logging
 import sys
@@ -573,32 +572,61 @@ def _prepare(cls: type[BreakerTask]) -> None:
 _OPTION_NAMES = frozenset(TASK_OPTION_DOCS)
 #: Options whose value may name a method of the task.
 _METHOD_OPTIONS = ("breaker_key", "breaker_fallback", "breaker_probe")
+#: The names Celery's ``Task`` defines (read from the class dicts: ``hasattr(Task, "app")``
+#: would bind Celery's own ``Task`` class to the current app, and no task made after
+#: that would be annotated).
+_CELERY_NAMES = frozenset(name for klass in Task.__mro__ for name in vars(klass))
+#: A name this many edits or fewer from an option (and not one) is taken for a typo of it.
+_TYPO_EDITS = 2
 
 
 def _check_option_names(cls: type[BreakerTask]) -> None:
     """Refuse an option misspelt in ``@app.task(...)``, ``task_annotations`` or the class
-    (``breaker_polcy``): it would be ignored silently, where a misspelt setting stops the
-    worker. Only a ``breaker_*`` name close to an option counts as one: a helper of the
-    user's own (``breaker_timeout_budget``), a method (one an option names, say) and a
-    name of ``BreakerTask`` or Celery's ``Task`` are left alone, except that every value
-    given to the decorator is an option (its class says ``_decorated``)."""
+    (``breaker_polcy``, ``breakr``): it would be ignored silently, where a misspelt
+    setting stops the worker. A typo is a name at most ``_TYPO_EDITS`` edits from an
+    option. Given to the decorator (its class says ``_decorated``; annotations land
+    there too), any name but Celery's own task attributes counts; on a class of the
+    user's, only a ``breaker_*`` name that holds no method: a helper of its own
+    (``breaker_probe_url``) is further from every option, and a method an option names
+    (``breaker_key = "breaker_tenant"``) is left alone."""
     named = {value for option in _METHOD_OPTIONS if isinstance(value := getattr(cls, option, None), str)}
     for klass in cls.__mro__:
         if klass is BreakerTask:
             break  # (its own names, and Celery's, are known)
         decorated = bool(vars(klass).get("_decorated"))
         for attr, value in vars(klass).items():
-            if not attr.startswith("breaker_") or attr in _OPTION_NAMES or attr == "breaker_name" or attr in named:
+            if attr.startswith("_") or attr in _OPTION_NAMES or attr == "breaker_name" or attr in named:
                 continue
-            if not decorated and (callable(value) or isinstance(value, (staticmethod, classmethod, property))):
+            if decorated:
+                if attr in _CELERY_NAMES:
+                    continue  # (Celery's own option: acks_late, name, run...)
+            elif not attr.startswith("breaker_") or callable(value) or isinstance(value, (classmethod, property)):
                 continue
-            near = difflib.get_close_matches(attr, _OPTION_NAMES, n=1, cutoff=0.85)
-            if near:
+            near = min(_OPTION_NAMES, key=lambda option: (_edits(attr, option), option))
+            if _edits(attr, near) <= _TYPO_EDITS:
                 task = getattr(cls, "name", None) or cls.__qualname__
                 raise ConfigurationError(
-                    f"task {task!r}: {attr!r} is no celery-breaker task option; did you mean {near[0]}? "
+                    f"task {task!r}: {attr!r} is no celery-breaker task option; did you mean {near}? "
                     f"The options are {', '.join(sorted(TASK_OPTION_DOCS))}"
                 )
+
+
+def _edits(a: str, b: str) -> int:
+    """The edit distance of ``a`` and ``b`` (insertions, deletions, substitutions, and a
+    swap of two neighbours counting one)."""
+    if abs(len(a) - len(b)) > _TYPO_EDITS:
+        return _TYPO_EDITS + 1
+    before: list[int] = []
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        previous, row = row, [i]
+        for j, y in enumerate(b, 1):
+            cost = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (x != y))
+            if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
+                cost = min(cost, before[j - 2] + 1)
+            row.append(cost)
+        before = previous
+    return row[-1]
 
 
 _CALL_CODE = BreakerTask.__call__.__code__
