@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from kombu import entity
 from celery_breaker.integration.deferral.broker_delay import (
     DELIVERY_EXCHANGE,
     QUEUE_KEY,
+    UnroutedWarning,
     _token_of,
     destination_queue,
     note_delivery_queue,
@@ -157,3 +159,14 @@ def test_the_queue_told_by_the_consumer_tag_wins_over_what_the_routes_suggest() 
     bare.delivery_info = {}
     note_delivery_queue(sender=object(), request=bare)
     assert bare.delivery_info == {}
+
+
+def test_a_run_whose_queue_cannot_be_told_is_warned_about_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    warn = UnroutedWarning("so it goes by countdown")
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        warn({"exchange": "events", "routing_key": "a.b"})
+        warn({"exchange": "events", "routing_key": "a.b"})  # (within the minute: not again)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1
+    assert "through exchange 'events' with routing key 'a.b' is deferred by countdown, so it goes" in lines[0]
+    assert "declare the queue in task_queues" in lines[0]

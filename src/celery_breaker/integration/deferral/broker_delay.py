@@ -174,6 +174,27 @@ def destination_queue(app: Any, delivery_info: dict[str, Any] | None) -> str | N
     return found[0] if len(found) == 1 else None
 
 
+class UnroutedWarning:
+    """The WARNING, at most once a minute, that a run's queue cannot be told, so it is
+    deferred by countdown; ``why`` says what follows from that (a strategy's own words)."""
+
+    def __init__(self, why: str) -> None:
+        self._why = why
+        self._at = -math.inf
+
+    def __call__(self, delivery_info: Any) -> None:
+        now = time.monotonic()
+        if now - self._at < _WARN_EVERY:
+            return
+        self._at = now
+        info = delivery_info or {}
+        logger.warning(
+            "celery-breaker: a run delivered through exchange %r with routing key %r is deferred by countdown, %s "
+            "(declare the queue in task_queues, with its exchange and routing key or bindings)",
+            info.get("exchange"), info.get("routing_key"), self._why,
+        )  # fmt: skip
+
+
 class _Unconfirmed(Exception):
     """A broker-delay message was written, and RabbitMQ did not confirm it in time: it may
     route it yet (``BrokerDelay.deliver`` sends it no second time)."""
@@ -248,7 +269,10 @@ class BrokerDelay:
         self._pid: int | None = None  # the process that owns ``_connection``
         self._connection: Any = None  # that process's confirming connection, the topology declared on it
         self._bound: set[str] = set()  # queues bound by their token over that connection
-        self._warned_at = -math.inf
+        self._cannot_tell = UnroutedWarning(
+            "not broker-delay: not exactly one queue of the app is bound there, so the queue it came from cannot "
+            "be told"
+        )
         self._lock = threading.Lock()
 
     def _connected(self, app: Any) -> Any:
@@ -342,16 +366,3 @@ class BrokerDelay:
                 else:
                     break
         return float(seconds)
-
-    def _cannot_tell(self, delivery_info: Any) -> None:
-        now = time.monotonic()
-        if now - self._warned_at < _WARN_EVERY:
-            return
-        self._warned_at = now
-        info = delivery_info or {}
-        logger.warning(
-            "celery-breaker: a run delivered through exchange %r with routing key %r is deferred by countdown, "
-            "not broker-delay: not exactly one queue of the app is bound there, so the queue it came from cannot "
-            "be told (declare the queue in task_queues, with its exchange and routing key or bindings)",
-            info.get("exchange"), info.get("routing_key"),
-        )  # fmt: skip

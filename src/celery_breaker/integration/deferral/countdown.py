@@ -29,7 +29,7 @@ from celery.exceptions import Reject
 
 from ...errors import CircuitOpenError
 from ..broker import AMQP, broker_kind
-from .broker_delay import destination_queue
+from .broker_delay import UnroutedWarning, destination_queue
 from .strategy import Deferral, publish
 
 __all__ = ["REQUEUE_PAUSE", "CountdownRepublish"]
@@ -38,8 +38,6 @@ logger = logging.getLogger("celery_breaker")
 
 #: Seconds before requeueing a task whose deferral could not be published.
 REQUEUE_PAUSE = 1.0
-#: Seconds between two warnings that a quorum-queue countdown's queue could not be told.
-_WARN_EVERY = 60.0
 
 
 class CountdownRepublish:
@@ -56,7 +54,10 @@ class CountdownRepublish:
 
     def __init__(self, *, whole_seconds: bool = False) -> None:
         self.whole_seconds = whole_seconds
-        self._warned_at = -math.inf
+        self._cannot_tell = UnroutedWarning(
+            "which Celery delays in RabbitMQ by task_default_queue's routing key on quorum queues: the queue it "
+            "came from cannot be told, so it may come back to task_default_queue"
+        )
 
     def _route(self, task: Any) -> dict[str, Any]:
         """On RabbitMQ, the options that send the copy to the queue the run came from, by
@@ -72,20 +73,6 @@ class CountdownRepublish:
         if self.whole_seconds:
             self._cannot_tell(info)
         return {}
-
-    def _cannot_tell(self, delivery_info: Any) -> None:
-        now = time.monotonic()
-        if now - self._warned_at < _WARN_EVERY:
-            return
-        self._warned_at = now
-        info = delivery_info or {}
-        logger.warning(
-            "celery-breaker: a run delivered through exchange %r with routing key %r is deferred by countdown, "
-            "which Celery delays in RabbitMQ by task_default_queue's routing key on quorum queues: the queue it "
-            "came from cannot be told, so it may come back to task_default_queue (declare the queue in "
-            "task_queues, with its exchange and routing key or bindings)",
-            info.get("exchange"), info.get("routing_key"),
-        )  # fmt: skip
 
     def deliver(self, deferral: Deferral) -> float | None:
         task = deferral.task
