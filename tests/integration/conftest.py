@@ -1,4 +1,5 @@
-"""The ``partner_broker`` fixture: the one broker database of ``partner_proj``'s app.
+"""The ``partner_broker`` fixture: the one broker database of ``partner_proj``'s app; and
+``downstream``, ``proj``'s downstream for the modules that run its worker.
 
 The app builds its connection and producer pools, and its result backend, on first use
 and keeps them, so once a test module has published, pointing ``broker_url`` somewhere
@@ -11,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from tests.conftest import emptied
-from tests.integration import partner_proj
+from tests.integration import partner_proj, proj
 from tests.integration.deployments import CONSUMER_TIMEOUT_S
 from tests.rabbitmq import RabbitMQServer
 from tests.servers import RedisServer
@@ -49,3 +51,13 @@ def redis_server() -> Iterator[RedisServer]:
     with RedisServer() as started:
         started.start()
         yield started
+
+
+@pytest.fixture
+def downstream(broker: str) -> Iterator[redis.Redis]:
+    """``tests.integration.proj``'s downstream (in the module's ``broker``): up, its call
+    count at zero, and up again after the test."""
+    client = redis.Redis.from_url(broker)
+    client.delete(proj.DOWN_KEY, proj.CALLS_KEY)
+    yield client
+    client.delete(proj.DOWN_KEY)

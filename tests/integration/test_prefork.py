@@ -33,14 +33,6 @@ def worker(broker: str) -> Iterator[WorkerProcess]:
         yield process
 
 
-@pytest.fixture
-def downstream(broker: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(broker)
-    client.delete(proj.DOWN_KEY, proj.CALLS_KEY)
-    yield client
-    client.delete(proj.DOWN_KEY)
-
-
 def info_text(result: AsyncResult) -> str:
     return str(result.info)
 
