@@ -57,3 +57,10 @@ def through_dependency(self: Any, n: int) -> dict[str, Any]:
 def count_of(self: Any, items: Any) -> dict[str, Any]:
     """Sent with ``serializer="pickle"`` (a set, which JSON cannot carry)."""
     return {"count": len(items), "retries": self.request.retries}
+
+
+@app.task(base=BreakerTask, bind=True, breaker="partner", max_retries=0, acks_late=False)
+def shape_of(self: Any, mapping: Any, pair: Any) -> dict[str, Any]:
+    """Sent with ``serializer="pickle"``: arguments JSON encodes, but as others (its keys
+    as strings, the tuple as a list)."""
+    return {"keys": sorted(type(key).__name__ for key in mapping), "pair": type(pair).__name__}

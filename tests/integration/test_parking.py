@@ -206,10 +206,11 @@ def test_a_task_rejected_by_a_nested_breaker_waits_for_that_breaker(broker: str,
 
 @pytest.mark.parametrize("park", [True, False])
 def test_a_task_sent_with_a_serializer_of_its_own_is_deferred_in_it(broker: str, store_url: str, park: bool) -> None:
-    """Sent with apply_async(serializer="pickle") (a set: JSON cannot carry it) to a task
-    whose default is JSON: parked, or published again with a countdown, it is deferred in a
-    serializer the app accepts that encodes it, and runs once; it was FAILURE ("could not
-    be deferred")."""
+    """Sent with apply_async(serializer="pickle") to a task whose default is JSON: parked,
+    or published again with a countdown, it is deferred in pickle, and runs once with its
+    own arguments. With a set (JSON cannot carry it) it was FAILURE ("could not be
+    deferred"); with integer keys and a tuple (JSON encodes them, as strings and a list)
+    it ran with other arguments than it was sent with."""
     breaker = CircuitBreaker("partner", parking_proj.POLICY, storage=store_url)
     breaker.force_open()
     # (tests run as root here; Celery refuses pickle to root workers unless told)
@@ -217,14 +218,18 @@ def test_a_task_sent_with_a_serializer_of_its_own_is_deferred_in_it(broker: str,
     worker = start_worker(broker, store_url, root, accept_content=["json", "pickle"], breaker_park=park)
     try:
         result = parking_proj.count_of.apply_async(args=({1, 2, 3},), serializer="pickle")
-        wait_for(lambda: result.state in ("RETRY", "FAILURE"), 30, "the task deferred")
+        shape = parking_proj.shape_of.apply_async(args=({1: "one"}, (4, 5)), serializer="pickle")
+        wait_for(lambda: {result.state, shape.state} <= {"RETRY", "FAILURE"}, 30, "both tasks deferred")
         assert result.state == "RETRY", result.info
-        assert parked(store_url) == (1 if park else 0)
+        assert shape.state == "RETRY", shape.info
+        assert parked(store_url) == (2 if park else 0)
         breaker.close()
         value = result.get(timeout=60)
+        shaped = shape.get(timeout=60)
     finally:
         worker.stop()
     assert value == {"count": 3, "retries": 0}
+    assert shaped == {"keys": ["int"], "pair": "tuple"}
 
 
 def test_breaker_park_false_defers_with_a_countdown(broker: str, store_url: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import replace
 
 import pytest
 import redis
@@ -270,6 +271,69 @@ def test_a_refusal_recorded_by_a_released_task_cuts_the_pace_and_holds_it(store:
     assert held == [0] * 5 + [7, 7]  # nothing for 1.5 s, then 28/s from empty
     assert (float(stored(store)["rate"]), float(stored(store)["thr"])) == (28.0, 28.0)
     assert state_of(breaker) is State.CLOSED
+
+
+def test_a_refusal_on_a_disabled_breaker_holds_the_release_too(store: RedisStore) -> None:
+    """An operator's DISABLED breaker releases its backlog as a CLOSED one does: a refused
+    released task makes it wait as long as asked, rather than being released straight
+    back into the 429 several times a second."""
+    clock = FakeClock()
+    breaker = grown_to_40(store, clock)
+    breaker.disable()
+    run = breaker.begin_run(lambda e: e)
+    run.released = True
+    with run:
+        run.settle(TooManyRequests(1.5))
+    assert run.refused_for == 1.5
+    held = []
+    for _ in range(7):
+        clock.advance(0.25)
+        held.append(release(store, clock.monotonic()))
+    assert held[:5] == [0] * 5  # nothing for 1.5 s ...
+    assert min(held[5:]) > 0  # ... then the release goes on
+    assert state_of(breaker) is State.DISABLED
+
+
+@pytest.mark.parametrize("operator", [False, True])
+def test_the_fixed_pace_waits_for_a_refusal_too(store: RedisStore, operator: bool) -> None:
+    """``breaker_release_pace="fixed"``: a refusal's Retry-After holds the release (CLOSED
+    or DISABLED), then the pace goes on from empty."""
+    clock = FakeClock()
+    tag = park(store, 1_000)
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    breaker.call(ok)
+    if operator:
+        breaker.disable()
+
+    def fixed() -> int:
+        return len(store.parking.release(tag, most=1_000, pace=20.0, ramp=0.0, lease=30.0, now=clock.monotonic()))
+
+    fixed()  # (the pace starts empty)
+    clock.advance(0.5)
+    assert fixed() == 10
+    run = breaker.begin_run(lambda e: e)
+    run.released = True
+    with run:
+        run.settle(TooManyRequests(2.0))
+    held = []
+    for _ in range(5):
+        clock.advance(0.5)
+        held.append(fixed())
+    assert held == [0, 0, 0, 10, 10]  # held for 2 s (nothing saved up), then 20/s again
+
+
+def test_a_lower_ceiling_holds_a_stored_pace_at_once(store: RedisStore) -> None:
+    """release.lua as the law in Python: a pace grown to 40/s, then read by workers whose
+    ``breaker_release_rate`` is 10: 10/s from the next look, with no released task answering."""
+    clock = FakeClock()
+    grown_to_40(store, clock)
+    capped = replace(LAW, ceiling=10.0)
+    released = 0
+    for _ in range(8):  # 2 s
+        clock.advance(0.25)
+        released += release(store, clock.monotonic(), law=capped)
+    assert float(stored(store)["rate"]) == 10.0
+    assert released <= 10 * 2 + 10
 
 
 def test_unreadable_counts_in_the_breaker_state_reset_it(

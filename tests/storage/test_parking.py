@@ -318,3 +318,33 @@ def test_a_parking_lost_in_a_restart_is_reported_even_if_this_process_parks_agai
         assert "lost its parked tasks" in caplog.text
         assert "crm: 5" in caplog.text
         store.close()
+
+
+def test_an_entry_parked_again_while_claimed_keeps_its_new_message(store: RedisStore) -> None:
+    """Released, the task ran, was retried and parked again under the same entry before
+    the releaser finished its batch: the releaser's ``done`` forgets its claim only, and
+    the new message is released next (deleting it lost the task without a word)."""
+    clock = FakeClock()
+    CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    entries = park_many(store, 2)
+    tag = store.parking.tag("svc", None)
+    release(store, clock)  # the ramp starts
+    clock.advance(1.0)
+    claimed = release(store, clock)
+    assert claimed == entries
+    store.parking.park("svc", None, entries[0], 200.0, "the retry", None)
+    store.parking.done(tag, claimed)
+    assert store.parking.count(tag) == (1, 0)
+    clock.advance(1.0)
+    again = store.parking.release(tag, most=100, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())
+    assert again == [(entries[0], "the retry")]
+
+
+def test_a_retry_parks_as_another_entry_and_a_redelivery_as_the_same() -> None:
+    from celery_breaker.integration.deferral.parking import entry_id
+
+    first = entry_id("t-1", 0, 1)
+    assert entry_id("t-1", 0, 1) == first  # the same delivery again: parked once
+    assert entry_id("t-1", None, 1) == first  # (a request without retries: attempt 0)
+    assert entry_id("t-1", 1, 1) != first  # Celery's retry of it: its own entry
+    assert entry_id("t-1", 0, 2) != first

@@ -235,6 +235,25 @@ def test_the_ceiling_and_the_floor_bound_the_rate() -> None:
     assert pacer.rate == 1.0
 
 
+def test_a_lower_ceiling_holds_a_pace_grown_above_it_at_once() -> None:
+    """Workers restarted with a lower ``breaker_release_rate`` while a release is under way
+    (same generation): the stored rate is held to the new ceiling at the next look, even
+    while no released task answers (before, only a growth step or a cut bounded it, and
+    the release went on at the old rate)."""
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(LAW, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    run(pacer, clock, downstream, 5.0)
+    assert pacer.rate == 160.0
+    pacer.law = replace(LAW, ceiling=20.0)
+    released = 0
+    for _ in range(20):  # 5 s; nothing comes back (the tasks queue up downstream)
+        clock.advance(0.25)
+        released += pacer.release(downstream.outcomes(), waiting=10_000)
+    assert pacer.rate == 20.0
+    assert released <= 20 * 5 + 20  # at most the ceiling's pace, with one second saved up
+
+
 def test_a_new_generation_restarts_the_pace_below_the_rate_it_had_reached() -> None:
     """The breaker reopened (the release script then releases nothing) and closed again."""
     clock, downstream = FakeClock(), Downstream()

@@ -239,6 +239,11 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
     news, grown every ``judge_every`` seconds on good news."""
     if pace is None or pace.generation != outcomes.generation:
         return begin(law, outcomes, now, pace)
+    bounded = law.bound(pace.rate)
+    if bounded != pace.rate:
+        # A pace stored under another law (workers restarted with a lower
+        # ``breaker_release_rate``): held to this one at once, not at its next judgement.
+        pace = replace(pace, rate=bounded)
     # At most one second's worth saved up, and at least one task's (below 1/s, else none goes).
     tokens = min(max(pace.rate, 1.0), pace.tokens + pace.rate * max(0.0, now - pace.at))
     if outcomes.held_until is not None and now < outcomes.held_until:

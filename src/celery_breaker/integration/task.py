@@ -521,8 +521,10 @@ def _send_outcome(breaker: CircuitBreaker) -> None:
 
 def _refusal(breaker: CircuitBreaker, seconds: float) -> CircuitOpenError:
     """The rejection of a task the downstream refused (429) while its breaker stayed
-    CLOSED: deferred again for the ``seconds`` the downstream asked for."""
-    rejection = CircuitOpenError.rejected(breaker.name, breaker.key, State.CLOSED, seconds)
+    CLOSED (or an operator's DISABLED): deferred again for the ``seconds`` the
+    downstream asked for."""
+    state = State.DISABLED if breaker.state is State.DISABLED else State.CLOSED
+    rejection = CircuitOpenError.rejected(breaker.name, breaker.key, state, seconds)
     rejection.detail = _REFUSED
     return rejection
 

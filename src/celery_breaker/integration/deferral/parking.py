@@ -23,7 +23,7 @@ from ...errors import StorageError
 from .plan import PARKED_HEADER, park_deadline
 from .strategy import Deferral, in_a_serializer
 
-__all__ = ["NotAcceptedHere", "ParkInStore", "decode_message", "encode_message", "read_parked"]
+__all__ = ["NotAcceptedHere", "ParkInStore", "decode_message", "encode_message", "entry_id", "read_parked"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -74,6 +74,16 @@ def read_parked(payload: str, accept: Collection[str] | None) -> tuple[dict[str,
     return found, serializer if isinstance(serializer, str) else None
 
 
+def entry_id(task_id: str, retries: int | None, count: int) -> str:
+    """The parking entry of a task's ``count``-th deferral in its attempt ``retries``.
+
+    A message redelivered after a crash (same attempt, same deferral) is the same entry,
+    so it is parked once. A Celery retry of a released task starts its deferral count
+    afresh, so without the attempt its next deferral would reuse the entry a releaser
+    may still be publishing (and then forgetting)."""
+    return f"{task_id}:{retries or 0}:{count}"
+
+
 class ParkInStore:
     """Park the run in its breaker's store (``Store.parking``), in the order of its first deferral."""
 
@@ -108,8 +118,9 @@ class ParkInStore:
             logger.warning("task %s[%s]: cannot park it (%r); deferring it another way", task.name, request.id, exc)
             return None
         deadline = park_deadline(deferral.expires_in, plan.since, deferral.max_defer_age, deferral.now)
+        entry = entry_id(request.id, request.retries, plan.count)
         try:
-            parking.park(breaker.name, breaker.key, f"{request.id}:{plan.count}", plan.since, payload, deadline)
+            parking.park(breaker.name, breaker.key, entry, plan.since, payload, deadline)
         except StorageError:
             return None  # (the store reports its outage, once per interval)
         return plan.delay

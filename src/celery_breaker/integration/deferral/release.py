@@ -29,6 +29,7 @@ from kombu.serialization import prepare_accept_content
 
 from ...core.pacing import PacingLaw
 from ...errors import StorageError
+from ...labels import shown_label
 from ...storage import Parking
 from .health_gate import HealthGate
 from .parking import NotAcceptedHere, read_parked
@@ -181,7 +182,7 @@ class Releaser(threading.Thread):
             logger.warning(
                 "celery-breaker releaser: left %s of %s parked: %s. A worker whose accept_content takes it "
                 "releases it; a worker of another app sharing this store's key_prefix should use its own",
-                entry, self.parking.label(tag), exc,
+                entry, shown_label(self.parking.label(tag)), exc,
             )  # fmt: skip
 
     def _tag_failed(self, tag: str, exc: Exception) -> None:
@@ -189,7 +190,7 @@ class Releaser(threading.Thread):
             logger.warning(
                 "celery-breaker releaser: cannot release the tasks parked behind %s (%s); the other breakers' "
                 "are released as usual, and it is tried again every tick",
-                self.parking.label(tag), exc,
+                shown_label(self.parking.label(tag)), exc,
             )  # fmt: skip
 
     def watch_for_loss(self, now: float) -> int:
@@ -201,7 +202,9 @@ class Releaser(threading.Thread):
         if epoch != self._epoch and self._known:
             lost = sum(self._known.values())
             ago = now - (self._counted_at or now)
-            held = ", ".join(f"{self.parking.label(tag)}: {count}" for tag, count in sorted(self._known.items()))
+            held = ", ".join(
+                f"{shown_label(self.parking.label(tag))}: {count}" for tag, count in sorted(self._known.items())
+            )
             logger.error(
                 "celery-breaker releaser: the breaker store lost its parked tasks (restarted without its data, "
                 "or flushed): %d task(s) were parked %.0f s before (%s); they will not run. Keep parking in a store "
@@ -213,7 +216,7 @@ class Releaser(threading.Thread):
         counts = self.parking.counts(self.parking.tags())
         known = {tag: parked + claimed for tag, (parked, claimed) in counts.items() if parked + claimed}
         if known and not self._known:
-            held = ", ".join(f"{self.parking.label(tag)}: {count}" for tag, count in sorted(known.items()))
+            held = ", ".join(f"{shown_label(self.parking.label(tag))}: {count}" for tag, count in sorted(known.items()))
             logger.info("celery-breaker releaser: %d task(s) parked (%s)", sum(known.values()), held)
         elif self._known and not known and not lost:
             logger.info("celery-breaker releaser: no task parked any more")

@@ -21,7 +21,10 @@ from ...breaker import CircuitBreaker
 from ...errors import CircuitOpenError
 from .plan import DeferralPlan
 
-__all__ = ["Deferral", "DeferralStrategy", "in_a_serializer", "publish", "serializers_of"]
+__all__ = [
+    "CONTENT_TYPE_KEY", "Deferral", "DeferralStrategy", "in_a_serializer", "note_content_type", "publish",
+    "serializers_of",
+]  # fmt: skip
 
 T = TypeVar("T")
 
@@ -68,15 +71,41 @@ class DeferralStrategy(Protocol):
         ...
 
 
+#: Where the worker's main process notes, in a request's ``delivery_info``, the content
+#: type its message came in (``note_content_type``); it travels with the request to the pool.
+CONTENT_TYPE_KEY = "celery_breaker_content_type"
+
+
+def note_content_type(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """``task_received`` (the worker's main process): note the content type the task's
+    message came in, which Celery does not pass on to the task's ``request``."""
+    content_type = getattr(request, "content_type", None)
+    info = getattr(request, "delivery_info", None)
+    if isinstance(content_type, str) and isinstance(info, dict):
+        info[CONTENT_TYPE_KEY] = content_type
+
+
+def _arrived_in(task: Any) -> str | None:
+    """The serializer the running task's message came in (``note_content_type``), if known."""
+    info = getattr(task.request, "delivery_info", None)
+    content_type = info.get(CONTENT_TYPE_KEY) if isinstance(info, dict) else None
+    name = registry.type_to_name.get(content_type) if isinstance(content_type, str) else None
+    return name if isinstance(name, str) and name in registry.name_to_type else None
+
+
 def serializers_of(task: Any) -> list[str]:
-    """The serializers a deferral may publish ``task`` in: its own (``task.serializer`` or
-    ``task_serializer``), then every other the app accepts, in ``accept_content`` order.
-    A task sent with a serializer of its own (``apply_async(serializer="pickle")``)
-    arrives in it, but nothing in its request says which: published again in the task's
-    default, arguments that only that serializer takes (a set, a datetime in pickle)
-    would not encode, and the task could not be deferred."""
+    """The serializers a deferral may publish ``task`` in: the one its message came in,
+    then its own (``task.serializer`` or ``task_serializer``), then every other the app
+    accepts, in ``accept_content`` order.
+
+    A task sent with a serializer of its own (``apply_async(serializer="pickle")``) must
+    be published again in it: in the task's default, arguments that only it takes (a set)
+    would not encode, and arguments another takes differently would change (JSON turns a
+    tuple into a list and the integer keys of a dict into strings), so the body would run
+    with other arguments than it was sent with."""
     own = task.serializer or task.app.conf.task_serializer
-    found = [own]
+    came_in = _arrived_in(task)
+    found = [own] if came_in is None or came_in == own else [came_in, own]
     for item in task.app.conf.accept_content or ():
         name = registry.type_to_name.get(item, item)
         if name not in found and name in registry.name_to_type:

@@ -127,6 +127,9 @@ end
 -- judge_every seconds on good news; nothing goes while a refusal's wait (rh) lasts.
 local function advance_pace(law, pace, outcomes)
   if pace == nil or pace.gen ~= outcomes.gen then return begin_pace(law, outcomes, pace) end
+  -- A pace stored under another law (workers restarted with a lower ceiling): held to this
+  -- one at once, not at its next judgement.
+  pace.rate = bound(law, pace.rate)
   pace.tokens = math.min(math.max(pace.rate, 1), pace.tokens + pace.rate * math.max(0, now - pace.at))
   if outcomes.rh ~= nil and now < outcomes.rh then
     pace.tokens = 0 -- a refusal asked the release to wait: nothing goes, nothing saves up

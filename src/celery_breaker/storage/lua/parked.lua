@@ -1,4 +1,4 @@
--- celery-breaker: the prelude of every parking script (park, release, purge, tidy): one
+-- celery-breaker: the prelude of every parking script (park, release, done, purge, tidy): one
 -- breaker's parked entries, their keys checked (each script is checks.lua, this file and
 -- the script; storage/redis/parking.py runs them).
 --

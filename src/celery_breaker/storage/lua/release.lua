@@ -141,6 +141,8 @@ elseif not st or st == 'closed' or st == 'disabled' then
   if ramp > 0 then share = math.min(1, 0.1 + 0.9 * math.max(0, now - since) / ramp) end
   local rate = pace * share
   tokens = math.min(math.max(rate, 1), tokens + rate * math.max(0, now - at))
+  -- A refusal asked the release to wait (its Retry-After): nothing goes, nothing saves up.
+  if held_until ~= nil and now < held_until then tokens = 0 end
   allowed = math.floor(tokens)
   redis.call('HSET', K_PACE, 'gen', gen, 'since', fmt(since), 'tokens', fmt(tokens - allowed), 'at', fmt(now))
 elseif (st == 'open' and now >= ou) or st == 'half_open' then

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...core.pacing import PacingLaw
 from ...errors import StorageError
-from ...labels import breaker_label
+from ...labels import breaker_label, shown_label
 from ..contract import ReleasePace
 from .client import CLIENT_ERRORS
 from .damage import CHECK_TYPES, classify, text
@@ -148,8 +148,8 @@ class RedisParking:
         found: dict[str, ReleasePace] = {}
         for tag, reply in zip(tags, replies, strict=True):
             if isinstance(reply, StorageError):
-                logger.warning("redis store %s: left %s's release pace out: %s", self.store.label, self.label(tag),
-                               reply.__cause__ or reply)  # fmt: skip
+                logger.warning("redis store %s: left %s's release pace out: %s", self.store.label,
+                               shown_label(self.label(tag)), reply.__cause__ or reply)  # fmt: skip
             elif len(reply) == 4:  # (else { '' }: no pace under way)
                 generation, rate, limit, held = (text(value) for value in reply)
                 found[tag] = ReleasePace(
@@ -159,11 +159,11 @@ class RedisParking:
         return found
 
     def done(self, tag: str, entries: list[str]) -> None:
-        """Forget entries that were published again."""
+        """Forget entries that were published again; one parked again since it was
+        claimed keeps its new message (``done.lua``)."""
         if not entries:
             return
-        doing = "forgetting released entries"
-        self._commands(tag, doing, lambda pipe: (pipe.zrem(tag + ":c", *entries), pipe.hdel(tag + ":m", *entries)))
+        self._script("done", tag, entries, doing="forgetting released entries")
 
     def purge(self, tag: str) -> int:
         """Discard as many entries of breaker ``tag`` as were parked when the call began,
@@ -226,7 +226,8 @@ class RedisParking:
                 logger.warning(
                     "redis store %s: %s did not name %d breaker(s) with parked tasks (%s): it was deleted or "
                     "evicted; rebuilt it from the parked entries (run Redis with maxmemory-policy noeviction)",
-                    self.store.label, self.index, len(missed), ", ".join(self.label(tag) for tag in missed[:5]),
+                    self.store.label, self.index, len(missed),
+                    ", ".join(shown_label(self.label(tag)) for tag in missed[:5]),
                 )  # fmt: skip
         if strays:
             logger.warning(
@@ -265,7 +266,7 @@ class RedisParking:
                 if classify(exc.__cause__) == "store":
                     raise
                 logger.warning("redis store %s: left %s out of the parked counts: %s", self.store.label,
-                               self.label(tag), exc)  # fmt: skip
+                               shown_label(self.label(tag)), exc)  # fmt: skip
         return counted
 
     def epoch(self) -> str | None:
@@ -314,7 +315,7 @@ class RedisParking:
         if repairs:
             logger.warning(
                 "breaker %s: repaired what no script writes in Redis, while handling its parked tasks (%s)",
-                self.label(tag), repairs,
+                shown_label(self.label(tag)), repairs,
                 extra={"breaker_label": self.label(tag)},
             )  # fmt: skip
         return reply[1:]

@@ -22,7 +22,7 @@ __all__ = ["BREAKER_SCRIPTS", "PARKING_SCRIPTS", "SOURCES", "Scripts"]
 #: Scripts that operate on one breaker: ``common.lua`` + the operation.
 BREAKER_SCRIPTS = ("acquire", "record", "operate", "snapshot")
 #: Scripts that operate on one breaker's parked entries: ``parked.lua`` + the script.
-PARKING_SCRIPTS = ("park", "release", "purge", "tidy")
+PARKING_SCRIPTS = ("park", "release", "done", "purge", "tidy")
 #: Scripts that stand alone (after ``checks.lua``).
 STANDALONE_SCRIPTS = ("forget", "history", "pace", "retype")
 
