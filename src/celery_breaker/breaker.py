@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -17,7 +18,7 @@ from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket,
 from .core.retry_after import refusal_of, retry_after_of
 from .errors import CircuitOpenError
 from .health import CheckResult, HealthCheck, HealthState, ProbeTimeout
-from .labels import breaker_label
+from .labels import breaker_label, shown_label
 from .names import check_name, kept_key
 from .storage import NO_MOVES, Cell, Moves, Store, describe_url, resolve_store, with_fallback
 
@@ -222,7 +223,8 @@ class CircuitBreaker:
             breaker. It fails by raising or returning ``False``; its verdict counts as a
             probe's would. Every process using the breaker should give it the same probe.
         probe_timeout: seconds the health check may take before it counts as failed
-            (default 10; never more than the policy's ``half_open_max_wait``).
+            (default 10; never more than the ``half_open_max_wait`` of the policy the
+            breaker keeps, which sets the check's lease).
     """
 
     __slots__ = (
@@ -261,7 +263,7 @@ class CircuitBreaker:
             logger.warning(
                 "breaker %s already exists in %s with another policy; it keeps that one "
                 "(reset() adopts a new policy): existing %r, this one %r",
-                self.label, describe_url(self.store.url), existing, self.policy,
+                shown_label(self.label), describe_url(self.store.url), existing, self.policy,
             )  # fmt: skip
 
     # -- the guarded call ----------------------------------------------------
@@ -715,7 +717,9 @@ class CircuitBreaker:
 
     def _admitted_after(self, cell: Cell, admitted: Ticket) -> Ticket:
         """The ticket the checks left: an ordinary one admits the call; a probe ticket
-        (they did not close the breaker) rejects it."""
+        (they did not close the breaker) rejects it. Still HALF_OPEN, the checks ended
+        with this caller's slot freed (no verdict) or kept while no time was left for
+        another: a retry may find a slot now (a full breaker raised in ``_checks``)."""
         if type(admitted) is not Probe:
             return admitted
         now = self._now()
@@ -729,7 +733,8 @@ class CircuitBreaker:
 
     def _run_checks(self, cell: Cell, ticket: Probe) -> Ticket:
         """Run the health check on each probe slot this caller wins, until the breaker
-        closes (return its ordinary ticket) or not (return the last probe ticket): at most
+        closes (return its ordinary ticket) or not (return the last probe ticket, or raise
+        ``CircuitOpenError`` when no slot is left for the next check): at most
         ``probes_to_close`` checks, back to back (``_checks``, each run here)."""
         probe = self.probe
         assert probe is not None
@@ -749,13 +754,18 @@ class CircuitBreaker:
 
     def _checks(self, cell: Cell, ticket: Probe, probe: HealthCheck) -> Generator[float, CheckResult, Ticket]:
         """The checks of ``_run_checks``, for a sync or an async driver: yields the time
-        limit of each check to run, is sent its result, and returns what they left."""
-        longest = self.policy.half_open_max_wait  # (a lease lasts no longer)
+        limit of each check to run, is sent its result, and returns what they left; raises
+        the store's ``CircuitOpenError`` when the breaker stays half-open with no slot left
+        for another check."""
+        # The breaker's kept policy (the store's), not this object's: it sets the lease a
+        # check runs under, and how many successes close the breaker.
+        policy = cell.policy
+        longest = policy.half_open_max_wait  # (a lease lasts no longer)
         within = _CHECK_WITHIN.get()
         # ``check_within`` bounds all the checks together, in real time (what a task's
         # time limit counts), not each of them.
         deadline = None if within is None else time.monotonic() + within
-        for _ in range(self.policy.probes_to_close):
+        for _ in range(policy.probes_to_close):
             limit = longest if deadline is None else min(longest, deadline - time.monotonic())
             start = self._now()
             try:
@@ -780,10 +790,9 @@ class CircuitBreaker:
                 break
             if deadline is not None and deadline - time.monotonic() < _LEAST_CHECK_TIME:
                 break  # no time left for another check: no slot is taken for one
-            try:
-                next_ticket, moves = cell.acquire(self.policy, self._now())
-            except CircuitOpenError:
-                break  # every slot is taken: another caller's checks decide
+            # Every slot taken (another caller's checks decide) rejects this caller with
+            # what the store said: the seconds until a slot may free, the rejection counted.
+            next_ticket, moves = cell.acquire(self.policy, self._now())
             if moves:
                 self._announce(moves)
             if type(next_ticket) is not Probe:
@@ -807,16 +816,20 @@ class CircuitBreaker:
             open_for = retry_after_of(result.error, self._clock.time())
         outcome = SUCCESS if result.healthy else FAILURE
         moves = cell.finish(ticket._replace(check=True), outcome, end - start, self.policy, end, open_for=open_for)
-        if not result.healthy:
-            # At WARNING for the check that reopened the breaker; the others of its
-            # half-open period (their verdict came too late to count) at DEBUG.
-            logger.log(
-                logging.WARNING if moves else logging.DEBUG,
-                "breaker %s: health check %s failed (%s)", self.label, name, result.detail,
-                extra={"breaker": self.name, "breaker_key": self.key},
-            )  # fmt: skip
-        if moves:
-            self._announce(moves)
+        try:
+            if not result.healthy:
+                # At WARNING for the check that reopened the breaker; the others of its
+                # half-open period (their verdict came too late to count) at DEBUG.
+                logger.log(
+                    logging.WARNING if moves else logging.DEBUG,
+                    "breaker %s: health check %s failed (%s)", shown_label(self.label), name, result.detail,
+                    extra={"breaker": self.name, "breaker_key": self.key},
+                )  # fmt: skip
+        finally:
+            # The move is stored: it is announced whatever logging does (a filter of the
+            # user's may raise), or listeners, events and logs would never hear of it.
+            if moves:
+                self._announce(moves)
 
     def check_health(self) -> HealthState:
         """Run the health check now if the breaker may admit a probe (its open time is up,
@@ -840,7 +853,8 @@ class CircuitBreaker:
         if moves:
             self._announce(moves)
         if type(ticket) is Probe:
-            self._run_checks(cell, ticket)
+            with contextlib.suppress(CircuitOpenError):  # (no slot left for a next check: others decide)
+                self._run_checks(cell, ticket)
         return self._health_of(cell, self._now())
 
     @staticmethod
@@ -894,7 +908,7 @@ class CircuitBreaker:
             run.recorded = outcome
         if outcome is FAILURE:
             logger.debug(
-                "breaker %s: recorded failure %r", self.label, exc,
+                "breaker %s: recorded failure %r", shown_label(self.label), exc,
                 extra={"breaker": self.name, "breaker_key": self.key},
             )  # fmt: skip
         if moves:
@@ -909,7 +923,7 @@ class CircuitBreaker:
                 try:
                     listener(transition)
                 except Exception:  # a hook cannot change the breaker's decision
-                    logger.exception("breaker %s: transition listener %r raised", self.label, listener)
+                    logger.exception("breaker %s: transition listener %r raised", shown_label(self.label), listener)
 
     # -- observing and operating ----------------------------------------------
 
@@ -989,7 +1003,7 @@ def _log_transition(transition: Transition) -> None:
     logger.log(
         level,
         "breaker %s %s -> %s (%s; %d failures, %d calls in window%s)",
-        transition.label, transition.source.value, transition.target.value, transition.reason,
+        shown_label(transition.label), transition.source.value, transition.target.value, transition.reason,
         transition.failures, transition.calls, until,
         extra={
             "breaker": transition.name,

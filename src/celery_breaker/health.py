@@ -56,8 +56,17 @@ class CheckResult:
             return "healthy"
         if self.error is None:
             return "returned False"
-        text = f"{type(self.error).__name__}: {self.error}"
+        text = f"{type(self.error).__name__}: {_text_of(self.error)}"
         return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _text_of(error: BaseException) -> str:
+    """``str(error)``, or what the traceback module shows when that raises: the check's
+    error is the user's object, and rendering it must not fail the breaker's caller."""
+    try:
+        return str(error)
+    except Exception:
+        return "<exception str() failed>"
 
 
 @dataclass(frozen=True, slots=True)

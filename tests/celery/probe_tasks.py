@@ -63,6 +63,27 @@ def probe_by_task_task(self: Any) -> dict[str, Any]:
     return report(self, value)
 
 
+class Unprintable(ConnectionError):
+    """A health endpoint's error whose ``str()`` raises."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("cannot render me")
+
+
+def check_unprintable() -> None:
+    with _LOCK:
+        CHECKS["t-probe-unprintable"] = CHECKS.get("t-probe-unprintable", 0) + 1
+    if DOWN.get("t-probe-unprintable", False):
+        raise Unprintable()
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-probe-unprintable", breaker_probe=check_unprintable)
+def probe_unprintable_task(self: Any) -> dict[str, Any]:
+    with self.breaker:
+        value = call_downstream("t-probe-unprintable")
+    return report(self, value)
+
+
 class InterruptedCheck(HealthCheck):
     """A health check the task's soft time limit interrupts (as billiard's signal does
     while the task waits for the check's thread): ``run`` raises in the caller."""

@@ -165,6 +165,28 @@ def test_a_soft_time_limit_during_the_check_defers_the_task_it_is_not_lost(app: 
     assert get(result)["retries"] == 0
 
 
+def test_a_check_whose_error_cannot_be_shown_defers_the_task_it_does_not_fail_it(app: Any, operate: Any) -> None:
+    # The check's error was rendered for the log before the reopening was announced, and
+    # the RuntimeError its __str__ raised failed the task at its admission.
+    name = "t-probe-unprintable"
+    breaker = operate(probe_tasks.probe_unprintable_task.breaker)
+    tasks.DOWN[name] = True
+    CHECKS[name] = tasks.CALLS[name] = 0
+    try:
+        with contextlib.suppress(ConnectionError):
+            breaker.call(tasks.call_downstream, name)  # trips the breaker
+        assert breaker.state is State.OPEN
+        result = probe_tasks.probe_unprintable_task.delay()
+        wait_for(lambda: CHECKS[name] >= 1, "a failing health check")
+        wait_for(lambda: result.state != "PENDING", "the task to be deferred")
+        assert result.state == "RETRY"
+        assert tasks.CALLS[name] == 1  # only the trip reached the downstream
+    finally:
+        tasks.DOWN[name] = False
+    assert get(result)["retries"] == 0
+    assert tasks.CALLS[name] == 2
+
+
 def test_a_check_run_at_a_tasks_admission_ends_before_its_hard_time_limit(app: Any) -> None:
     from celery_breaker.integration.task import (
         CHECK_SHARE_OF_TIME_LIMIT,

@@ -19,6 +19,7 @@ from celery.contrib.testing.worker import TestWorkController, start_worker
 from celery_breaker import BreakerTask, CircuitOpenError, ConfigurationError, State, install
 from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.core.pacing import START_RATE
+from celery_breaker.health import HealthCheck
 from celery_breaker.integration.inventory import check_app
 from celery_breaker.integration.settings import build_settings, get_settings, reload_settings
 from celery_breaker.integration.task_options import task_breaker_config
@@ -272,9 +273,12 @@ def test_worker_with_an_unknown_breaker_setting_refuses_to_start() -> None:
         start_and_stop(app)
 
 
-def two_tasks_sharing_a_breaker(app: Any, prefix: str, thresholds: tuple[int, int]) -> None:
-    """Register ``{prefix}.a`` and ``{prefix}.b`` on breaker "shared" with these thresholds."""
-    for suffix, threshold in zip("ab", thresholds, strict=True):
+def two_tasks_sharing_a_breaker(
+    app: Any, prefix: str, thresholds: tuple[int, int], probes: tuple[Any, Any] = (None, None)
+) -> None:
+    """Register ``{prefix}.a`` and ``{prefix}.b`` on breaker "shared" with these thresholds
+    and these ``breaker_probe`` options (``None``: the option is not given)."""
+    for suffix, threshold, probe in zip("ab", thresholds, probes, strict=True):
 
         def job(self: Any) -> None:
             return None
@@ -286,7 +290,16 @@ def two_tasks_sharing_a_breaker(app: Any, prefix: str, thresholds: tuple[int, in
             name=f"{prefix}.{suffix}",
             breaker="shared",
             breaker_policy={"failure_threshold": threshold},
+            breaker_probe=probe,
         )(job)
+
+
+def crm_health() -> None:
+    """A health check two tasks of one breaker may both give."""
+
+
+def other_health() -> None:
+    """Another health check."""
 
 
 @pytest.mark.usefixtures("restore_worker_globals")
@@ -304,6 +317,42 @@ def test_tasks_sharing_a_breaker_with_the_same_policy_are_accepted() -> None:
     two_tasks_sharing_a_breaker(app, "agree", (2, 2))
     app.finalize()
     assert sorted(check_app(app)["shared"]) == ["agree.a", "agree.b"]
+
+
+@pytest.mark.parametrize(
+    ("probes", "shown"),
+    [
+        ((crm_health, other_health), f"{__name__}:crm_health within 10 s and {__name__}:other_health within 10 s"),
+        ((crm_health, None), f"{__name__}:crm_health within 10 s and none"),
+        ((None, crm_health), f"none and {__name__}:crm_health within 10 s"),
+        (
+            (crm_health, HealthCheck(crm_health, 5)),
+            f"{__name__}:crm_health within 10 s and {__name__}:crm_health within 5 s",
+        ),
+    ],
+    ids=["different", "only-the-first", "only-the-second", "other-timeout"],
+)
+@pytest.mark.usefixtures("restore_worker_globals")
+def test_worker_refuses_tasks_sharing_a_breaker_with_different_health_checks(
+    probes: tuple[Any, Any], shown: str
+) -> None:
+    # The tasks share one breaker object: each run set its own task's check on it, so a
+    # task without one reached the downstream as a real probe while it half-opened.
+    app = throwaway_app("probe-conflict-worker")
+    two_tasks_sharing_a_breaker(app, "probe-conflict", (2, 2), probes)
+    with pytest.raises(ConfigurationError, match="'shared'") as info:
+        start_and_stop(app)
+    message = str(info.value)
+    assert "'probe-conflict.a' and 'probe-conflict.b'" in message
+    assert f"different health checks ({shown})" in message
+    assert "set it once in breaker_probes['shared']" in message
+
+
+def test_tasks_sharing_a_breaker_with_the_same_health_check_are_accepted() -> None:
+    app = throwaway_app("probe-agree", breaker_probes={"shared": f"{__name__}:crm_health"})
+    two_tasks_sharing_a_breaker(app, "probe-agree", (2, 2), (crm_health, None))  # the setting gives b the same
+    app.finalize()
+    assert sorted(check_app(app)["shared"]) == ["probe-agree.a", "probe-agree.b"]
 
 
 @pytest.mark.parametrize("url", ["nosuch://somewhere", "memory://named?max_breakers=lots"])

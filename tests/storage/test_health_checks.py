@@ -13,7 +13,7 @@ from celery_breaker.core import Transition
 from celery_breaker.storage import Store
 from celery_breaker.testing import FakeClock
 
-from ..unit.support import down, fail, state_of
+from ..unit.support import HeldCall, down, fail, state_of
 
 
 class Downstream:
@@ -153,6 +153,31 @@ def test_a_check_holds_its_probe_slot_while_it_runs(store: Store, clock: FakeClo
     [rejection] = nested
     assert isinstance(rejection, CircuitOpenError)
     assert rejection.state is State.HALF_OPEN
+
+
+def test_a_caller_whose_check_succeeded_but_finds_no_slot_left_is_told_when_one_frees(
+    store: Store, clock: FakeClock
+) -> None:
+    """The caller's check succeeds, but another caller holds the second slot: rejected
+    with the store's own retry_after (a lease's end, at most one open period), counted
+    once. It said 0.0, so a task was deferred by the minimum, again and again."""
+    held: list[HeldCall] = []
+
+    def check() -> None:
+        held.append(HeldCall(other))  # another caller's probe takes the second slot meanwhile
+
+    breaker = tripped(store, clock, check, half_open_max_calls=2, success_threshold=2, half_open_max_wait=60)
+    other = CircuitBreaker("svc", breaker.policy, storage=store, clock=clock)
+    clock.advance(30)
+    rejections = breaker.snapshot().rejections
+    with pytest.raises(CircuitOpenError) as info:
+        breaker.call(lambda: "real")
+    assert info.value.state is State.HALF_OPEN
+    assert info.value.retry_after == pytest.approx(30)
+    assert info.value.retry_after == pytest.approx(breaker.snapshot().retry_after)
+    assert breaker.snapshot().rejections == rejections + 1
+    held[0].succeed()  # the other probe closes the breaker
+    assert state_of(breaker) is State.CLOSED
 
 
 def test_a_verdict_from_an_earlier_generation_moves_nothing(store: Store, clock: FakeClock) -> None:

@@ -148,6 +148,38 @@ def test_a_check_slower_than_half_open_max_wait_is_cut_at_it(clock: FakeClock) -
     assert state_of(breaker) is State.OPEN
 
 
+def healthy_noting_limits(limits: list[float | None]) -> HealthCheck:
+    """A healthy check that notes the time limit each run of it is given."""
+
+    class Noting(HealthCheck):
+        def run(self, timeout: float | None = None) -> CheckResult:
+            limits.append(timeout)
+            return CheckResult(True)
+
+    return Noting(lambda: None)
+
+
+def test_checks_are_bounded_and_counted_by_the_policy_the_breaker_keeps(clock: FakeClock) -> None:
+    # The breaker keeps its first policy; a caller made with another one ran the checks
+    # under its own half_open_max_wait (a check outliving its lease ran beside the next
+    # one) and its own success_threshold (it stopped one check short of closing).
+    store = fresh_store()
+    kept = BreakerPolicy(
+        failure_threshold=1, reset_timeout=10, half_open_max_calls=2, success_threshold=2, half_open_max_wait=0.5
+    )
+    first = CircuitBreaker("svc", kept, storage=store, clock=clock)
+    fail(first)
+    limits: list[float | None] = []
+    callers = BreakerPolicy(
+        failure_threshold=1, reset_timeout=10, half_open_max_calls=1, success_threshold=1, half_open_max_wait=60
+    )
+    caller = CircuitBreaker("svc", callers, storage=store, clock=clock, probe=healthy_noting_limits(limits))
+    clock.advance(10)
+    assert caller.call(lambda: "real") == "real"  # two checks closed the breaker
+    assert limits == [0.5, 0.5]
+    assert state_of(caller) is State.CLOSED
+
+
 def test_a_probe_can_be_given_or_removed_later(clock: FakeClock) -> None:
     breaker = breaker_with(None, clock, success_threshold=1)
     breaker.probe = HealthCheck(down)
@@ -167,6 +199,63 @@ def test_a_failed_check_is_logged_with_what_it_raised(clock: FakeClock, caplog: 
     with caplog.at_level(logging.WARNING, logger="celery_breaker"), pytest.raises(CircuitOpenError):
         breaker.call(lambda: "real")
     assert f"breaker svc: health check {__name__}:down failed (ConnectionError: refused)" in caplog.text
+
+
+class Unprintable(ConnectionError):
+    """An error of the user's whose ``str()`` raises (a lazy message, a broken ``__str__``)."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("cannot render me")
+
+
+def raise_unprintable() -> None:
+    raise Unprintable()
+
+
+def test_an_error_that_cannot_be_shown_is_named_by_its_type() -> None:
+    assert CheckResult(False, Unprintable()).detail == "Unprintable: <exception str() failed>"
+
+
+def test_a_check_whose_error_cannot_be_shown_reopens_the_breaker_and_says_so(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its detail was rendered after the move was stored and before it was announced: the
+    # caller got the RuntimeError, and nobody heard of the reopening.
+    breaker = breaker_with(raise_unprintable, clock)
+    seen: list[Any] = []
+    breaker.add_listener(seen.append)
+    fail(breaker)
+    clock.advance(10)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"), pytest.raises(CircuitOpenError) as info:
+        breaker.call(lambda: "real")
+    assert info.value.state is State.OPEN
+    assert [(t.source, t.target, t.reason) for t in seen][-1] == (State.HALF_OPEN, State.OPEN, "health check failed")
+    assert "failed (Unprintable: <exception str() failed>)" in caplog.text
+
+
+def test_a_reopening_is_announced_even_when_logging_the_check_fails(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refuse(record: logging.LogRecord) -> bool:
+        if "health check" in record.msg:
+            raise LookupError("a logging filter of the user's")
+        return True
+
+    breaker = breaker_with(down, clock)
+    seen: list[Any] = []
+    breaker.add_listener(seen.append)
+    fail(breaker)
+    clock.advance(10)
+    logger = logging.getLogger("celery_breaker")
+    # The log must reach the filter, whatever earlier tests (a worker's logging set-up) left.
+    monkeypatch.setattr(logger, "disabled", False)
+    logger.addFilter(refuse)
+    try:
+        with caplog.at_level(logging.WARNING, logger="celery_breaker"), pytest.raises(LookupError):
+            breaker.call(lambda: "real")
+    finally:
+        logger.removeFilter(refuse)
+    assert (seen[-1].source, seen[-1].target) == (State.HALF_OPEN, State.OPEN)
 
 
 # -- the machine's reasons ------------------------------------------------------------

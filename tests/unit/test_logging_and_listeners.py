@@ -101,6 +101,28 @@ def test_per_key_breakers_log_their_label(clock: FakeClock, logs: pytest.LogCapt
     assert vars(record)["breaker_key"] == "t7"
 
 
+def test_keys_are_logged_as_status_shows_them_so_no_two_look_alike(
+    clock: FakeClock, logs: pytest.LogCaptureFixture
+) -> None:
+    # The empty key, a space at an end, a newline and a backslash followed by an n: the
+    # log filter escaped only the unprintable, so the last two logged the same line.
+    shown = {"": 'crm[""]', "tenant-7 ": "crm[tenant-7\\x20]", "a\nb": "crm[a\\nb]", "a\\nb": "crm[a\\\\nb]"}
+    store = fresh_store()
+    for key, label in shown.items():
+        breaker = CircuitBreaker("crm", {"failure_threshold": 1}, storage=store, clock=clock, key=key)
+        breaker.add_listener(_broken)
+        fail(breaker)
+        trip, listener = (r for r in logs.records if r.levelno >= logging.WARNING)
+        assert trip.getMessage().startswith(f"breaker {label} closed -> open")
+        assert vars(trip)["breaker_key"] == key  # the structured field keeps the key as it is
+        assert listener.getMessage().startswith(f"breaker {label}: transition listener")
+        logs.clear()
+
+
+def _broken(transition: Transition) -> None:
+    raise RuntimeError("listener bug")
+
+
 # -- listeners -------------------------------------------------------------------------
 
 

@@ -16,11 +16,16 @@ class Probe(NamedTuple):
     """The ticket of a call admitted as a HALF_OPEN probe: a lease in one generation.
 
     ``check``: the lease was spent on the breaker's health check, not a real call (the
-    transition a check causes says so)."""
+    transition a check causes says so). ``incarnation``: the breaker that issued the
+    lease, where a store keeps breakers that outlive a process's cell (Redis: a breaker
+    deleted or expired and made afresh restarts its generations and leases, so both
+    numbers alone cannot tell its probes from the old one's); ``""`` where the cell
+    itself tells them (memory: an old ticket lands on the evicted cell)."""
 
     generation: int
     lease: int
     check: bool = False
+    incarnation: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,22 +5,27 @@ strict, every bad option and policy conflict is collected, and they stop the wor
 together) and the operators
 (``app_breakers``: lenient, a task whose options are invalid is skipped, so the other
 breakers can still be operated).
+
+Tasks sharing a breaker must agree on its policy and on its health check: the registry
+holds one breaker object per name, and a check given by only some of its tasks would let
+the others reach the downstream as real probes while it half-opens.
 """
 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
 from ..core import BreakerPolicy
+from ..health import HealthCheck
 from .problems import Problems
 from .settings import get_settings
 from .task import BreakerTask
 from .task_options import task_breaker_config
 
-__all__ = ["AppBreaker", "app_breakers", "check_app", "policy_named"]
+__all__ = ["AppBreaker", "app_breakers", "app_inventory", "check_app", "policy_named"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,25 +36,43 @@ class AppBreaker:
     policy: BreakerPolicy
     tasks: tuple[str, ...]
     """The ``BreakerTask``s guarded by it (routed plain tasks count once routes are applied)."""
+    per_key: bool = False
+    """Its tasks guard it per key (``breaker_key``), and no task or route without one: a
+    breaker of this name without a key is one no task consults (but for a run whose key
+    function answers ``None``)."""
 
 
 def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
     settings = get_settings(app)
     found: dict[str, AppBreaker] = {}
+    # The health check the first task of each breaker gives it (a strict walk compares them).
+    checks: dict[str, HealthCheck | None] = {}
     problems = Problems("tasks")
+    keyed: set[str] = set()  # the breakers a task guards per key (breaker_key)
+    keyless: set[str] = set()  # and those a task or a route guards without one
 
-    def add(name: str, policy: BreakerPolicy, task: str | None) -> None:
+    def add(name: str, policy: BreakerPolicy, task: str | None, probe: HealthCheck | None = None) -> None:
         seen = found.get(name)
         if seen is None:
             found[name] = AppBreaker(name, policy, (task,) if task else ())
+            if task:
+                checks[name] = probe
             return
         if strict and task and seen.tasks and seen.policy != policy:
             problems.add(
                 f"tasks {seen.tasks[0]!r} and {task!r} share breaker {name!r} but give it different "
                 f"policies; set the policy once in breaker_policies[{name!r}] instead of per task"
             )
+        if strict and task and seen.tasks and checks[name] != probe:
+            problems.add(
+                f"tasks {seen.tasks[0]!r} and {task!r} share breaker {name!r} but give it different health "
+                f"checks ({_shown(checks[name])} and {_shown(probe)}): a task without the check would reach "
+                f"the downstream as a real probe; set it once in breaker_probes[{name!r}] (and "
+                f"breaker_probe_timeout once) instead of breaker_probe per task"
+            )
         if task:
             found[name] = AppBreaker(name, seen.policy, (*seen.tasks, task))
+            checks.setdefault(name, probe)
 
     for task_name, task in sorted(app.tasks.items()):
         if isinstance(task, BreakerTask):
@@ -59,30 +82,45 @@ def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
             # or skipped for operators, who must still act on the other breakers.
             config = problems.check(partial(task_breaker_config, task), None)
             if config is not None:
-                add(config.name, config.policy, task_name)
+                add(config.name, config.policy, task_name, config.probe)
+                (keyless if task.breaker_key is None else keyed).add(config.name)
         elif not task_name.startswith("celery."):
             routed = settings.route_for(task_name)
             if routed is not None:  # a plain task the worker will route (True: its own name)
                 add(routed or task_name, settings.policy_for(routed or task_name), None)
+                keyless.add(routed or task_name)
     for pattern, _ in settings.policies:
         if not any(mark in pattern for mark in "*?["):
             add(pattern, settings.policy_for(pattern), None)
     if strict:
         problems.raise_any()
+    for name in keyed - keyless:
+        found[name] = replace(found[name], per_key=True)
     return found
+
+
+def _shown(probe: HealthCheck | None) -> str:
+    """A health check as a refusal names it: ``'none'``, or its name and timeout."""
+    return "none" if probe is None else f"{probe.name} within {probe.timeout:g} s"
 
 
 def check_app(app: Any) -> dict[str, list[str]]:
     """Resolve every BreakerTask's options; raise ConfigurationError on any bad one, or
-    when tasks sharing a breaker disagree on its policy. Returns breaker -> task names."""
+    when tasks sharing a breaker disagree on its policy or its health check (one giving
+    none counts). Returns breaker -> task names."""
     return {name: list(found.tasks) for name, found in _walk(app, strict=True).items() if found.tasks}
 
 
+def app_inventory(app: Any) -> dict[str, AppBreaker]:
+    """Every breaker the app names, as ``AppBreaker``: its tasks' breakers (``BreakerTask``
+    and ``breaker_routes``) and the exact names in ``breaker_policies``. A task whose
+    options are invalid is skipped."""
+    return _walk(app, strict=False)
+
+
 def app_breakers(app: Any) -> dict[str, BreakerPolicy]:
-    """Every breaker the app names, with the policy it gives it: its tasks' breakers
-    (``BreakerTask`` and ``breaker_routes``) and the exact names in ``breaker_policies``.
-    A task whose options are invalid is skipped."""
-    return {name: found.policy for name, found in _walk(app, strict=False).items()}
+    """Every breaker the app names (``app_inventory``), with the policy it gives it."""
+    return {name: found.policy for name, found in app_inventory(app).items()}
 
 
 def policy_named(app: Any, name: str) -> BreakerPolicy | None:

@@ -182,7 +182,9 @@ TASK_OPTION_DOCS: dict[str, Doc] = {
     ),
     "breaker_probe": Doc(
         accepts="a callable (sync or async), a dotted path `package.module:function`, or a task name",
-        meaning="this task's breaker's health check, as in `breaker_probes`",
+        meaning="this task's breaker's health check, as in `breaker_probes`. Tasks sharing a breaker must give "
+        "it the same check (and timeout), or all none: a conflict stops the worker at start (set it once in "
+        "`breaker_probes`).",
         default="`breaker_probes`",
     ),
     "breaker_probe_timeout": Doc(

@@ -6,7 +6,8 @@
 -- ARGV[14] '1' when the probe lease was spent on the breaker's health check ('' otherwise:
 -- the transition it causes says which it was; see BreakerMachine._record_probe),
 -- ARGV[15] '1' when the failure is the downstream refusing (429) a task released from the
--- parking (BreakerMachine.record's refused; ARGV[12] then says how long it asked for).
+-- parking (BreakerMachine.record's refused; ARGV[12] then says how long it asked for),
+-- ARGV[16] the incarnation whose acquire leased a probe ('' for an ordinary call).
 
 local generation, lease = tonumber(ARGV[8]), tonumber(ARGV[9])
 local outcome, duration = tonumber(ARGV[10]), tonumber(ARGV[11])
@@ -14,7 +15,12 @@ local open_for, draw = tonumber(ARGV[12] or ''), tonumber(ARGV[13] or '') or 0.5
 if open_for ~= nil and not (open_for > 0 and open_for < math.huge) then open_for = nil end
 local is_probe = lease >= 0
 local kind = ARGV[14] == '1' and 'health check' or 'probe'
-local current = generation == S.gen
+-- Generations and lease numbers restart with every incarnation (common.lua fresh()): a
+-- probe leased by a breaker since deleted or expired carries numbers the new one may have
+-- given its own probe, so it is current only in the incarnation that leased it (else it
+-- is counted, judges nothing and frees no lease, as a probe of an earlier generation).
+local leased_by = ARGV[16] or ''
+local current = generation == S.gen and (leased_by == S.inc or (leased_by == '' and not is_probe))
 local refused = ARGV[15] == '1'
 
 -- A CLOSED breaker's outcome goes through every trip rule (RULES, common.lua).
@@ -46,9 +52,10 @@ if not current then return reply('ok') end
 local slow = P.slow_duration ~= nil and duration >= P.slow_duration
 if slow and not failed then S.sl = S.sl + 1 end -- (slow successes: the adaptive release reads them, release.lua)
 if not failed then open_for = nil end
-if S.st == CLOSED and failed and refused then
+if (S.st == CLOSED or S.st == DISABLED) and failed and refused then
   -- The release went faster than the downstream takes: no rule sees it, nothing opens;
-  -- the release counts the refusal (rf) and waits as long as it was asked (rh).
+  -- the release counts the refusal (rf) and waits as long as it was asked (rh). DISABLED
+  -- releases too (an operator's breaker passes everything): its release waits alike.
   S.rf = S.rf + 1
   S.rh = math.max(S.rh or now, now + math.min(open_for or 1, P.longest_open))
 elseif S.st == CLOSED then

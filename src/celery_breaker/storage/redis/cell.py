@@ -13,8 +13,9 @@ from ...clock import Clock
 from ...core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
 from ...core.chance import CHANCE
 from ...core.counters import tally
+from ...core.policy import LONGEST_SECONDS
 from ...errors import CircuitOpenError, ConfigurationError, StorageError
-from ...labels import breaker_label
+from ...labels import breaker_label, shown_label
 from ..contract import NO_MOVES, Moves
 from .damage import CLOCK_SLACK, RESET, repair_for
 from .replies import Reply, decode_reply, decode_snapshot, opt_float, policy_from_text, policy_text
@@ -216,7 +217,7 @@ class RedisCell:
         if reply.warnings:
             found = f"{reply.warnings}: {failure}" if failure else reply.warnings
             logger.warning(
-                "breaker %s: reset unreadable state in Redis (%s)", self.label, found,
+                "breaker %s: reset unreadable state in Redis (%s)", shown_label(self.label), found,
                 extra={"breaker": self.name, "breaker_key": self.key},
             )  # fmt: skip
         if reply.policy:
@@ -264,13 +265,19 @@ class RedisCell:
                 self._ok_flushed = tally(self._ok_tally)
                 self._ok_gen = generation
             # Calls pass without asking only while this process hears every transition,
-            # and only on a view read since it started hearing them.
-            self.passing = passing and self._store.live and epoch == self._store.epoch
+            # and only on a view read since it started hearing them. A transition heard,
+            # not read: the next call asks once, for the policy it came with (a reset by
+            # another process may have changed the rules this process counts by, its
+            # slow-call limit included), which a message does not carry.
+            self.passing = passing and not heard and self._store.live and epoch == self._store.epoch
 
     def hear(self, incarnation: str, generation: int, state: State, remaining: float | None) -> None:
         """A transition another process published (or a probe slot freed). One that no
         script could have sent (an open period longer than the policy allows) is ignored."""
-        if remaining is not None and remaining > self.policy.longest_open + CLOCK_SLACK:
+        # (Bounded by what any policy allows, not this process's: another process may have
+        # reset the breaker to a policy with longer open periods, which this one learns
+        # only at its next script call.)
+        if remaining is not None and remaining > LONGEST_SECONDS + CLOCK_SLACK:
             return
         now = self._clock.monotonic()
         open_until = None if remaining is None else now + remaining
@@ -286,7 +293,9 @@ class RedisCell:
         try:
             self.policy = policy_from_text(text, self.policy)
         except (ConfigurationError, ValueError, LookupError, TypeError):
-            logger.warning("breaker %s: stored policy %r is unreadable here; Redis keeps using it", self.label, text)
+            logger.warning(
+                "breaker %s: stored policy %r is unreadable here; Redis keeps using it", shown_label(self.label), text
+            )
             return
         self._policy_text = text
         self._slow = self.policy.slow_call_duration
@@ -316,7 +325,8 @@ class RedisCell:
         except ValueError as exc:
             raise StorageError(f"redis store {self._store.label}: acquire answered {reply!r}") from exc
         if verdict == "probe":
-            return Probe(reply.generation, lease), moves
+            # The lease names its incarnation: record.lua judges it only in that one.
+            return Probe(reply.generation, lease, False, reply.incarnation), moves
         if verdict == "reject":
             state = reply.state
             if state is State.HALF_OPEN and retry_after is not None:
@@ -337,13 +347,17 @@ class RedisCell:
     ) -> Moves:
         if isinstance(ticket, Probe):
             generation, lease, check = ticket.generation, ticket.lease, "1" if ticket.check else ""
+            incarnation = ticket.incarnation
+            # Its slot is free again once recorded (whatever the outcome): this process
+            # must not keep refusing on "every slot taken" until its own message comes back.
+            self._full_until = 0.0
         else:
-            generation, lease, check = ticket, -1, ""
+            generation, lease, check, incarnation = ticket, -1, "", ""
         hint = "" if open_for is None else repr(float(open_for))
         # The jitter's draw comes from here: a script's math.random repeats itself.
         return self._call(
             "record", now, str(generation), str(lease), str(int(outcome)), repr(float(duration)), hint,
-            repr(CHANCE.random()), check, "1" if refused else "",
+            repr(CHANCE.random()), check, "1" if refused else "", incarnation,
         )[1]  # fmt: skip
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
