@@ -1,7 +1,7 @@
 """Deferred tasks through what RabbitMQ's definitions go through: a node reset, a plain restart, exchanges deleted.
 
-broker-delay's runs wait in the ``celery_delayed_*`` queues and come back through
-``celery_delayed_delivery``, bound to each queue by its token. Each case below lost
+broker-delay's runs wait in the ``celery_breaker_delayed_*`` queues and come back through
+``celery_breaker_delayed_delivery``, bound to each queue by its token. Each case below lost
 tasks silently before: the pool processes declared that topology once per process and
 published without confirms, so a publish to an exchange that no longer existed vanished;
 and a transient queue, deleted by a restart, came back bound to nothing. Countdowns on
@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import shutil
+import socket
+import threading
 import time
 import types
 from collections.abc import Iterator
@@ -23,8 +26,20 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
+from kombu.transport.native_delayed_delivery import (
+    bind_queue_to_native_delayed_delivery_exchange,
+    calculate_routing_key,
+    declare_native_delayed_delivery_exchanges_and_queues,
+)
 
 from celery_breaker import CircuitBreaker
+from celery_breaker.integration.deferral import broker_delay
+from celery_breaker.integration.deferral.countdown import CountdownRepublish
+from celery_breaker.integration.deferral.defer import _deliver
+from celery_breaker.integration.deferral.plan import DeferralPlan
 from celery_breaker.storage import close_stores
 from tests.integration.backlog_proj import BREAKER, TASK, deferred_key, executions_key
 from tests.integration.deployments import APP, Deployment, deploy
@@ -126,7 +141,7 @@ def test_delay_exchanges_deleted_under_a_live_worker_lose_no_task(
             each_ran_once(cell, outage(cell, publisher, downstream.url, 2))
             with publisher.connection_for_write() as connection:
                 channel = connection.channel()
-                for exchange in ("celery_delayed_27", "celery_delayed_delivery"):
+                for exchange in (broker_delay.DELAY_EXCHANGE, broker_delay.DELIVERY_EXCHANGE):
                     channel.exchange_delete(exchange)
             each_ran_once(cell, outage(cell, publisher, downstream.url, 4))
             assert reconnections(worker) == 1  # (the consumer did not restart: the pool processes found it)
@@ -138,7 +153,7 @@ def test_a_transient_queue_gets_its_delayed_tasks_back_after_a_restart(
     own_rabbitmq: RabbitMQServer, redis_server: RedisServer
 ) -> None:
     """A plain restart deletes a transient (``durable=False``) queue with its binding to
-    ``celery_delayed_delivery``; kombu declares the queue again, bound to nothing, and
+    the delivery exchange; kombu declares the queue again, bound to nothing, and
     the pool processes still took it for bound. Runs waiting in the (durable) delay
     queues through the restart were dropped when they came due: 0 of 3 ran."""
     # Celery's consumer tries again 0, 2, 6 and 12 s after it lost the broker: the runs
@@ -203,63 +218,207 @@ def test_a_countdown_deferral_comes_back_to_its_named_queue(
         publisher.close()
 
 
+def standalone(name: str, broker_url: str, **conf: Any) -> tuple[Celery, Any]:
+    """An app of its own (not in a worker) and its one task, ``name``, for deferring by hand."""
+    app = Celery(name, broker=broker_url, set_as_current=False)
+    app.conf.update(conf)
+
+    @app.task(bind=True, name=name)
+    def job(self: Any, n: int) -> int:
+        return n
+
+    app.finalize()
+    return app, job
+
+
+def deferred_by(job: Any, strategies: tuple[Any, ...], task_id: str, delivery_info: dict[str, Any]) -> str:
+    """Defer a run of ``job`` delivered as ``delivery_info`` by the first of ``strategies``
+    that takes it, by a second; return that strategy's name."""
+    job.push_request(id=task_id, args=(1,), kwargs={}, delivery_info=delivery_info)
+    try:
+        plan = DeferralPlan(delay=1.0, count=1, since=time.time())
+        deferral = types.SimpleNamespace(task=job, args=(1,), kwargs={}, headers={}, plan=plan)
+        strategy, _ = _deliver(deferral, strategies)  # type: ignore[arg-type]
+        return str(strategy.name)
+    finally:
+        job.pop_request()
+
+
+def copies_in(url: str, queue: str | Queue, expected: dict[str, int], settle: float = 3.0) -> dict[str, int]:
+    """The copies of each task id that reach ``queue`` (a name, or a ``Queue`` with the
+    arguments it was declared with), consumed: until ``expected`` have
+    come (or 20 s), then ``settle`` seconds more, long enough for a copy too many to come due."""
+    copies: dict[str, int] = {}
+    with Connection(url) as connection:  # type: ignore[no-untyped-call]
+        simple = connection.SimpleQueue(queue)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and copies != expected:
+            with contextlib.suppress(simple.Empty):
+                message = simple.get(timeout=1)
+                copies[message.headers["id"]] = copies.get(message.headers["id"], 0) + 1
+                message.ack()
+        deadline = time.monotonic() + settle
+        while time.monotonic() < deadline:
+            with contextlib.suppress(simple.Empty):
+                message = simple.get(timeout=max(0.1, deadline - time.monotonic()))
+                copies[message.headers["id"]] = copies.get(message.headers["id"], 0) + 1
+                message.ack()
+        simple.close()
+    return copies
+
+
 def test_a_deferral_rabbitmq_confirms_late_is_sent_once(
     own_rabbitmq: RabbitMQServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Under a memory alarm RabbitMQ blocks publishers: the confirm does not come in time,
     # but the message is on the wire and routed once the alarm clears. Taking the timeout
     # for a failure published it again, then once more by countdown: three copies.
-    from celery import Celery
-    from kombu.connection import Connection
-
-    from celery_breaker.integration.deferral import broker_delay
-    from celery_breaker.integration.deferral.countdown import CountdownRepublish
-    from celery_breaker.integration.deferral.defer import _deliver
-    from celery_breaker.integration.deferral.plan import DeferralPlan
-
     monkeypatch.setattr(broker_delay, "CONFIRM_TIMEOUT", 2.0)
-    app = Celery("confirm-late", broker=own_rabbitmq.url, set_as_current=False)
-    app.conf.task_default_queue = queue = f"confirm-late-{time.monotonic_ns()}"
-
-    @app.task(bind=True, name="confirm.late")
-    def job(self: Any, n: int) -> int:
-        return n
-
-    app.finalize()
+    queue = f"confirm-late-{time.monotonic_ns()}"
+    app, job = standalone("confirm.late", own_rabbitmq.url, task_default_queue=queue)
     with app.connection_for_write() as connection:
         app.amqp.queues[queue].bind(connection.default_channel).declare()
     strategies = (broker_delay.BrokerDelay(), CountdownRepublish(whole_seconds=True))
+    delivered = {"exchange": "", "routing_key": queue}
 
-    def defer(task_id: str) -> str:
-        job.push_request(id=task_id, args=(1,), kwargs={}, delivery_info={"exchange": "", "routing_key": queue})
-        try:
-            plan = DeferralPlan(delay=1.0, count=1, since=time.time())
-            deferral = types.SimpleNamespace(task=job, args=(1,), kwargs={}, headers={}, plan=plan)
-            strategy, _ = _deliver(deferral, strategies)  # type: ignore[arg-type]
-            return str(strategy.name)
-        finally:
-            job.pop_request()
-
-    assert defer("before") == "broker-delay"  # (the connection made, the topology declared)
+    assert deferred_by(job, strategies, "before", delivered) == "broker-delay"  # (connected, topology declared)
     own_rabbitmq.rabbitmqctl("set_vm_memory_high_watermark", "absolute", "1")
     try:
-        assert defer("blocked") == "broker-delay"  # (counted as deferred, not sent again)
+        assert deferred_by(job, strategies, "blocked", delivered) == "broker-delay"  # (counted, not sent again)
     finally:
         own_rabbitmq.rabbitmqctl("set_vm_memory_high_watermark", "0.4")
-    copies: dict[str, int] = {}
+    assert copies_in(own_rabbitmq.url, queue, {"before": 1, "blocked": 1}) == {"before": 1, "blocked": 1}
+
+
+class BlackHole:
+    """A TCP proxy in front of RabbitMQ that can make the connections through it go silent,
+    as a peer that vanished does (a crashed node, a partition, a firewall that dropped the
+    flow): what is written to them goes nowhere, and nothing comes back."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"amqp://guest:guest@127.0.0.1:{self.listener.getsockname()[1]}//"
+        self.silenced: set[socket.socket] = set()
+        self.sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                client, _ = self.listener.accept()
+                server = socket.create_connection(self.upstream)
+                self.sockets += [client, server]
+                threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+                threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if source not in self.silenced and target not in self.silenced:
+                    target.sendall(data)
+
+    def silence(self) -> None:
+        """Every connection open now goes silent; later ones pass."""
+        self.silenced.update(self.sockets)
+
+    def close(self) -> None:
+        self.listener.close()
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def test_a_deferral_into_a_dead_connection_is_taken_by_the_next_way(
+    own_rabbitmq: RabbitMQServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A confirm that never comes because the peer is gone was counted as delivered, as one
+    # under a memory alarm is: the delivery was acknowledged and the task lost. Only a
+    # connection RabbitMQ said it blocks counts so; this one goes by countdown.
+    monkeypatch.setattr(broker_delay, "CONFIRM_TIMEOUT", 2.0)
+    queue = f"dead-confirm-{time.monotonic_ns()}"
+    proxy = BlackHole(own_rabbitmq.address)
+    try:
+        app, job = standalone("dead.confirm", proxy.url, task_default_queue=queue)
+        with Connection(own_rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+            app.amqp.queues[queue].bind(connection.default_channel).declare()
+        strategies = (broker_delay.BrokerDelay(), CountdownRepublish(whole_seconds=True))
+        delivered = {"exchange": "", "routing_key": queue}
+
+        assert deferred_by(job, strategies, "before", delivered) == "broker-delay"  # (its connection made)
+        proxy.silence()
+        assert deferred_by(job, strategies, "dead", delivered) == "countdown"  # (over a new connection)
+        assert deferred_by(job, strategies, "after", delivered) == "broker-delay"  # (a new connection)
+        assert copies_in(own_rabbitmq.url, queue, {"before": 1, "dead": 1, "after": 1}) == {
+            "before": 1, "dead": 1, "after": 1,
+        }  # fmt: skip
+    finally:
+        proxy.close()
+
+
+def test_a_queue_that_cannot_be_bound_leaves_the_others_to_broker_delay(
+    own_rabbitmq: RabbitMQServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A no_declare queue absent from the broker (one another service owns) made every
+    # deferral go by countdown: the topology bound every queue of the app in one pass,
+    # and its 404 aborted it; the worker's topology step too, the queues after it unbound.
+    ns = time.monotonic_ns()
+    work, elsewhere, clash, added = (f"{name}-{ns}" for name in ("work", "elsewhere", "clash", "added"))
     with Connection(own_rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
-        simple = connection.SimpleQueue(queue)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and sum(copies.values()) < 3:
-            with contextlib.suppress(simple.Empty):
-                message = simple.get(timeout=1)
-                copies[message.headers["id"]] = copies.get(message.headers["id"], 0) + 1
-                message.ack()
-            if copies == {"before": 1, "blocked": 1}:
-                time.sleep(3)  # (long enough for a second copy, if one was sent, to come due)
-                with contextlib.suppress(simple.Empty):
-                    extra = simple.get(timeout=1)
-                    copies[extra.headers["id"]] += 1
-                break
-        simple.close()
-    assert copies == {"before": 1, "blocked": 1}
+        for name in (clash, added):  # (clash: declared by another app, without this one's arguments)
+            Queue(name).bind(connection.default_channel).declare()  # type: ignore[no-untyped-call]
+    queues = [
+        Queue(elsewhere, no_declare=True),  # type: ignore[no-untyped-call]
+        Queue(clash, queue_arguments={"x-max-length": 10}),  # type: ignore[no-untyped-call]
+        Queue(work),  # type: ignore[no-untyped-call]
+    ]
+    app, job = standalone("no.declare", own_rabbitmq.url, task_queues=queues, task_default_queue=work)
+    strategies = (broker_delay.BrokerDelay(), CountdownRepublish(whole_seconds=True))
+    with caplog.at_level(logging.DEBUG, logger="celery_breaker"):
+        with app.connection_for_write() as connection:  # (as the worker's topology step does)
+            assert broker_delay.ensure_topology(connection, app, consumed=[added]) == {work, added}
+        used = [deferred_by(job, strategies, f"t{n}", {"exchange": "", "routing_key": work}) for n in range(3)]
+    assert used == ["broker-delay"] * 3
+    assert copies_in(own_rabbitmq.url, work, {"t0": 1, "t1": 1, "t2": 1}, settle=0) == {"t0": 1, "t1": 1, "t2": 1}
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings  # (the clash, once for two connections; the absent queue is no fault)
+    assert repr(clash) in warnings[0]
+
+
+def test_a_catch_all_binding_of_celerys_delay_takes_no_copy_of_a_deferral(own_rabbitmq: RabbitMQServer) -> None:
+    # Celery binds each quorum queue's exchange to its shared celery_delayed_delivery by
+    # '#.<key>', and a key that starts with '#' as it is: a queue bound by '#' took a copy
+    # of every deferral broker-delay sent through that exchange, and the copies grew with
+    # each deferral (each task ran 2 to 7 times). broker-delay has a topology of its own.
+    ns = time.monotonic_ns()
+    work, audit = f"work-{ns}", f"audit-{ns}"
+    quorum = {"x-queue-type": "quorum"}
+    queues = [
+        Queue(work, Exchange(f"tasks-{ns}", type="topic"), routing_key="work", queue_arguments=quorum),  # type: ignore[no-untyped-call]
+        Queue(audit, Exchange(f"audit-{ns}", type="topic"), routing_key="#", queue_arguments=quorum),  # type: ignore[no-untyped-call]
+    ]  # fmt: skip
+    app, job = standalone("catch.all", own_rabbitmq.url, task_queues=queues, task_default_queue=work)
+    with Connection(own_rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+        # What Celery's worker does on quorum queues (its DelayedDelivery consumer step).
+        for queue in app.amqp.queues.values():
+            queue.bind(connection.default_channel).declare()
+        declare_native_delayed_delivery_exchanges_and_queues(connection, "quorum")
+        for queue in app.amqp.queues.values():
+            bind_queue_to_native_delayed_delivery_exchange(connection, queue)
+    strategies = (broker_delay.BrokerDelay(), CountdownRepublish(whole_seconds=True))
+    from_work = {"exchange": f"tasks-{ns}", "routing_key": "work", broker_delay.QUEUE_KEY: work}
+    assert deferred_by(job, strategies, "work", from_work) == "broker-delay"
+    # A copy the catch-all took before, delivered from audit with the key that brought it
+    # (work's): it goes back to audit, the queue it was delivered from.
+    key = calculate_routing_key(1, broker_delay.queue_token(work))
+    from_audit = {"exchange": "celery_delayed_delivery", "routing_key": key, broker_delay.QUEUE_KEY: audit}
+    assert deferred_by(job, strategies, "audit", from_audit) == "broker-delay"
+    # A run an earlier release left in Celery's delay queues still comes back to its queue
+    # (and, through the catch-all, to audit too, as it would have then).
+    with Connection(own_rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+        connection.Producer().publish({}, exchange="celery_delayed_27", routing_key=key, headers={"id": "earlier"})
+    declared = app.amqp.queues
+    assert copies_in(own_rabbitmq.url, declared[work], {"work": 1, "earlier": 1}) == {"work": 1, "earlier": 1}
+    assert copies_in(own_rabbitmq.url, declared[audit], {"audit": 1, "earlier": 1}, settle=0) == {
+        "audit": 1, "earlier": 1,
+    }  # fmt: skip

@@ -11,6 +11,7 @@ from kombu import entity
 
 from celery_breaker.integration.deferral.broker_delay import (
     DELIVERY_EXCHANGE,
+    LEGACY_DELIVERY_EXCHANGE,
     QUEUE_KEY,
     UnroutedWarning,
     _token_of,
@@ -130,6 +131,9 @@ def test_a_run_delayed_before_comes_back_to_its_queue() -> None:
     assert destination_queue(app, delivered(DELIVERY_EXCHANGE, delayed("celery"))) == "celery"
     assert destination_queue(app, delivered(DELIVERY_EXCHANGE, delayed("unknown"))) is None
     assert _token_of(delivered(DELIVERY_EXCHANGE, delayed("work.rk"))) is None
+    # An earlier release delayed runs through Celery's delivery exchange: they come back so.
+    assert destination_queue(app, delivered(LEGACY_DELIVERY_EXCHANGE, delayed(queue_token("work")))) == "work"
+    assert _token_of(delivered(LEGACY_DELIVERY_EXCHANGE, delayed(queue_token("work")))) == queue_token("work")
     assert _token_of(delivered("", delayed(queue_token("work")))) is None  # not through the delay: not ours
 
 

@@ -1,14 +1,18 @@
 """Deferral by RabbitMQ's own delayed delivery: the run waits in the broker, in durable queues, not in a worker.
 
-Celery delays quorum-queue countdowns this way ("native delayed delivery"): 28 exchanges
-and queues ``celery_delayed_0`` .. ``celery_delayed_27``, queue *n* holding messages for
-2**n seconds, route a message whose routing key spells its delay in binary, then hand it
-to the topic exchange ``celery_delayed_delivery``. The same topology serves every
-RabbitMQ deployment here, classic queues and direct exchanges included
-(``broker_native_delayed_delivery_queue_type`` says its queue type).
+The scheme is the one Celery delays quorum-queue countdowns with ("native delayed
+delivery"), in a topology of celery-breaker's own: 28 topic exchanges and queues
+``celery_breaker_delayed_0`` .. ``celery_breaker_delayed_27``, queue *n* holding messages
+for 2**n seconds, route a message whose routing key spells its delay in binary, then
+hand it to the topic exchange ``celery_breaker_delayed_delivery``. The same topology
+serves every RabbitMQ deployment here, classic queues and direct exchanges included
+(``broker_native_delayed_delivery_queue_type`` says its queue type). Celery's own
+``celery_delayed_delivery`` is not used: Celery binds each quorum queue's exchange to it
+by ``#.<key>``, and a key that already starts with ``#`` as it is, so a queue bound by
+``#`` would take a copy of every run delayed through it.
 
 A deferred run goes back to **the queue it was delivered from, and to no other**. Celery
-binds queues to ``celery_delayed_delivery`` by their routing key (``#.<key>``), which
+binds queues to its delivery exchange by their routing key (``#.<key>``), which
 loses a message whose delivery key the pattern does not name (a direct queue reached
 through the default exchange by its name, a queue with several ``bindings``) and copies
 it into every queue whose key ends the same way (``high`` and ``emails.high``): copies
@@ -28,6 +32,7 @@ Delays are whole seconds, at least one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -40,27 +45,29 @@ from typing import Any
 
 from kombu.entity import Exchange
 from kombu.exceptions import EncodeError
-from kombu.transport.native_delayed_delivery import (
-    calculate_routing_key,
-    declare_native_delayed_delivery_exchanges_and_queues,
-)
+from kombu.transport.native_delayed_delivery import calculate_routing_key
 
 from .strategy import Deferral, publish
 
 __all__ = [
-    "CONFIRM_TIMEOUT", "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "QUEUE_KEY", "BrokerDelay", "destination_queue",
-    "ensure_topology", "note_delivery_queue", "queue_binding", "queue_token", "topic_matches",
+    "CONFIRM_TIMEOUT", "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "LEGACY_DELIVERY_EXCHANGE", "QUEUE_KEY", "BrokerDelay",
+    "destination_queue", "ensure_topology", "level_name", "note_delivery_queue", "queue_binding", "queue_token",
+    "topic_matches",
 ]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
 
-#: Where a delayed message enters (the longest level) and where it leaves for its queue.
-DELAY_EXCHANGE = "celery_delayed_27"
-DELIVERY_EXCHANGE = "celery_delayed_delivery"
+#: The levels of the delay topology: one per binary digit of the delay in seconds.
+LEVELS = 28
 #: The longest delay the topology spells (28 bits of seconds, about 8.5 years).
-LONGEST_DELAY = 2**28 - 1
+LONGEST_DELAY = 2**LEVELS - 1
+#: Where a delayed message leaves for its queue.
+DELIVERY_EXCHANGE = "celery_breaker_delayed_delivery"
+#: Celery's shared delivery exchange, which runs deferred by an earlier release of
+#: celery-breaker come back through: queues stay bound to it by their token, when it exists.
+LEGACY_DELIVERY_EXCHANGE = "celery_delayed_delivery"
 #: A delayed message's routing key: 28 binary digits, then the destination's own key.
-_DELAY_PREFIX = re.compile(r"^(?:[01]\.){28}")
+_DELAY_PREFIX = re.compile(rf"^(?:[01]\.){{{LEVELS}}}")
 #: The word before a queue's digest in the key of a run deferred to that queue.
 TOKEN_WORD = "celery-breaker"
 #: Seconds between two warnings that a run could not be routed back by broker-delay.
@@ -70,6 +77,15 @@ CONFIRM_TIMEOUT = 10.0
 #: The key of a request's ``delivery_info`` under which the worker notes the queue a task
 #: was delivered from (``note_delivery_queue``); it travels with the request to the pool.
 QUEUE_KEY = "celery_breaker_queue"
+
+
+def level_name(level: int) -> str:
+    """The exchange and queue of the delay topology that holds messages for 2**level seconds."""
+    return f"celery_breaker_delayed_{level}"
+
+
+#: Where a delayed message enters: the longest level.
+DELAY_EXCHANGE = level_name(LEVELS - 1)
 
 
 def note_delivery_queue(sender: Any = None, request: Any = None, **_: Any) -> None:
@@ -96,9 +112,9 @@ def queue_token(queue: str) -> str:
 
 
 def queue_binding(queue: str) -> str:
-    """The pattern ``queue`` is bound to ``celery_delayed_delivery`` with: 28 one-word
+    """The pattern ``queue`` is bound to the delivery exchange with: 28 one-word
     wildcards (the delay's digits) and its token, so it matches that queue's runs only."""
-    return "*." * 28 + queue_token(queue)
+    return "*." * LEVELS + queue_token(queue)
 
 
 def topic_matches(pattern: str, key: str) -> bool:
@@ -144,8 +160,9 @@ def destination_queue(app: Any, delivery_info: dict[str, Any] | None) -> str | N
     noted from the consumer tag, else as far as the app's queues tell (exactly one). The
     default exchange routes to the queue named by the key; a named
     exchange to the app's queues bound to it with a matching key; a run delayed here
-    before comes back through ``celery_delayed_delivery`` with its queue's token (an
-    earlier release's key: the queue named by it, else the one queue with that key)."""
+    before comes back through a delivery exchange (``DELIVERY_EXCHANGE``, or Celery's,
+    ``LEGACY_DELIVERY_EXCHANGE``) with its queue's token (an earlier release's key: the
+    queue named by it, else the one queue with that key)."""
     info = delivery_info or {}
     noted = info.get(QUEUE_KEY)
     if isinstance(noted, str) and noted:
@@ -154,7 +171,7 @@ def destination_queue(app: Any, delivery_info: dict[str, Any] | None) -> str | N
     if not isinstance(key, str) or not key or not isinstance(exchange, str):
         return None
     queues = app.amqp.queues
-    if exchange == DELIVERY_EXCHANGE:
+    if exchange in (DELIVERY_EXCHANGE, LEGACY_DELIVERY_EXCHANGE):
         tail = _DELAY_PREFIX.sub("", key)
         if tail.startswith(TOKEN_WORD + "."):
             return next((name for name in queues if queue_token(name) == tail), None)
@@ -174,19 +191,26 @@ def destination_queue(app: Any, delivery_info: dict[str, Any] | None) -> str | N
     return found[0] if len(found) == 1 else None
 
 
+def _due(told: dict[str, float], what: str) -> bool:
+    """Whether a WARNING about ``what`` is due (at most one a minute each); if so, noted as made."""
+    now = time.monotonic()
+    if now - told.get(what, -math.inf) < _WARN_EVERY:
+        return False
+    told[what] = now
+    return True
+
+
 class UnroutedWarning:
     """The WARNING, at most once a minute, that a run's queue cannot be told, so it is
     deferred by countdown; ``why`` says what follows from that (a strategy's own words)."""
 
     def __init__(self, why: str) -> None:
         self._why = why
-        self._at = -math.inf
+        self._told: dict[str, float] = {}
 
     def __call__(self, delivery_info: Any) -> None:
-        now = time.monotonic()
-        if now - self._at < _WARN_EVERY:
+        if not _due(self._told, ""):
             return
-        self._at = now
         info = delivery_info or {}
         logger.warning(
             "celery-breaker: a run delivered through exchange %r with routing key %r is deferred by countdown, %s "
@@ -196,8 +220,40 @@ class UnroutedWarning:
 
 
 class _Unconfirmed(Exception):
-    """A broker-delay message was written, and RabbitMQ did not confirm it in time: it may
-    route it yet (``BrokerDelay.deliver`` sends it no second time)."""
+    """A broker-delay message was written to a connection RabbitMQ said it blocks
+    (``connection.blocked``: a memory or disk alarm), and not confirmed in time: RabbitMQ
+    routes it once the alarm clears (``BrokerDelay.deliver`` sends it no second time)."""
+
+
+class _ConfirmLost(Exception):
+    """A broker-delay message was written and not confirmed in time, and RabbitMQ never
+    said it blocks the connection: the peer is taken for gone (a crashed node, a
+    partition, a firewall that dropped the flow), the message with it."""
+
+
+class _Blocking:
+    """Whether RabbitMQ blocks a connection's publishers, as it says itself
+    (``connection.blocked`` and ``connection.unblocked``, which py-amqp hands to the
+    ``on_blocked`` and ``on_unblocked`` callbacks while it waits for a confirm)."""
+
+    def __init__(self) -> None:
+        self.now = False  # blocked at present
+        self.seen = False  # blocked at some time since the current publish began
+
+    def blocked(self, reason: str | None = None) -> None:
+        self.now = self.seen = True
+
+    def unblocked(self) -> None:
+        self.now = False
+
+    def publishing(self) -> None:
+        """A publish begins: only a block from here on (or one still on) explains its timeout."""
+        self.seen = self.now
+
+
+#: Seconds a connection retired under a block is kept open at most, waiting for RabbitMQ
+#: to unblock it and read what it holds.
+RETIRED_AT_MOST = 600.0
 
 
 def _timed_out(exc: BaseException) -> bool:
@@ -225,27 +281,120 @@ def _token_of(delivery_info: dict[str, Any] | None) -> str | None:
     """The queue token of a run that came back from a delay of ours, else ``None``."""
     info = delivery_info or {}
     key = info.get("routing_key")
-    if info.get("exchange") != DELIVERY_EXCHANGE or not isinstance(key, str):
+    if info.get("exchange") not in (DELIVERY_EXCHANGE, LEGACY_DELIVERY_EXCHANGE) or not isinstance(key, str):
         return None
     tail = _DELAY_PREFIX.sub("", key)
     return tail if re.fullmatch(re.escape(TOKEN_WORD) + r"\.[0-9a-f]{32}", tail) else None
 
 
-def ensure_topology(connection: Any, app: Any, consumed: Iterable[str] = ()) -> None:
-    """Declare the delay exchanges and queues (as Celery does for quorum queues), declare
-    every queue of ``app`` and bind it to ``celery_delayed_delivery`` by its own token
-    (``queue_binding``); bind the ``consumed`` queues the app does not declare too (added
-    with ``add_consumer``). Idempotent; raises what the broker answers (a queue already
-    declared with other arguments, say)."""
-    declare_native_delayed_delivery_exchanges_and_queues(connection, app.conf.broker_native_delayed_delivery_queue_type)
-    channel = connection.default_channel
-    for queue in app.amqp.queues.values():
-        bound = queue.bind(channel)
-        bound.declare()
-        channel.queue_bind(queue=queue.name, exchange=DELIVERY_EXCHANGE, routing_key=queue_binding(queue.name))
-    for name in consumed:
-        if name not in app.amqp.queues:
-            channel.queue_bind(queue=name, exchange=DELIVERY_EXCHANGE, routing_key=queue_binding(name))
+class _UnboundWarning:
+    """The WARNING, at most once a minute per queue, that a queue could not be declared or
+    bound to the delay topology (each new connection tries again: a pool process's
+    first deferral, every consumer start)."""
+
+    def __init__(self) -> None:
+        self._told: dict[str, float] = {}
+
+    def __call__(self, name: str, queue: Any, exc: BaseException) -> None:
+        if queue is not None and queue.no_declare and getattr(exc, "reply_code", None) == 404:
+            # (a queue the app leaves to others, absent: nothing comes from it to defer)
+            logger.debug("celery-breaker: queue %r (no_declare) does not exist; not bound to broker-delay", name)
+            return
+        if not _due(self._told, name):
+            return
+        logger.warning(
+            "celery-breaker: could not declare queue %r or bind it to broker-delay's delivery exchange (%r); its "
+            "deferred tasks go by countdown until it can be, the other queues are not affected",
+            name, exc,
+        )  # fmt: skip
+
+
+_unbound = _UnboundWarning()
+
+
+def _declare_levels(channel: Any, queue_type: str) -> None:
+    """Declare the delay topology: the delivery exchange, then each level *n* from the
+    shortest: a topic exchange, and a queue bound to it that holds what it takes for
+    2**n seconds, then dead-letters it into the level below (level 0: into the delivery
+    exchange). A message's routing key spells its delay in 28 binary digits, the longest
+    level's first: a level keeps a message whose digit is 1 and passes one whose digit is
+    0 straight to the level below. Idempotent; raises what the broker answers (a level
+    declared before with another queue type, say)."""
+    if queue_type not in ("classic", "quorum"):
+        raise ValueError(f"broker_native_delayed_delivery_queue_type must be 'classic' or 'quorum', not {queue_type!r}")
+    channel.exchange_declare(DELIVERY_EXCHANGE, "topic", durable=True, auto_delete=False)
+    for level in range(LEVELS):
+        name, below = level_name(level), level_name(level - 1) if level else DELIVERY_EXCHANGE
+        arguments: dict[str, Any] = {
+            "x-queue-type": queue_type,
+            "x-message-ttl": 2**level * 1000,
+            "x-dead-letter-exchange": below,
+            "x-overflow": "reject-publish",  # (a full queue refuses the publish: a nack, not a drop)
+        }
+        if queue_type == "quorum":
+            arguments["x-dead-letter-strategy"] = "at-least-once"  # (no message lost between two levels)
+        channel.exchange_declare(name, "topic", durable=True, auto_delete=False)
+        channel.queue_declare(name, durable=True, auto_delete=False, arguments=arguments)
+        earlier = "*." * (LEVELS - 1 - level)  # (the digits of the longer levels, read already)
+        channel.queue_bind(name, name, routing_key=earlier + "1.#")
+        channel.exchange_bind(destination=below, source=name, routing_key=earlier + "0.#")
+
+
+def _exists(connection: Any, exchange: str) -> bool:
+    """Whether ``exchange`` exists (asked on a channel of its own, which a 404 closes)."""
+    channel = connection.channel()
+    try:
+        channel.exchange_declare(exchange, "topic", passive=True)
+    except connection.channel_errors:
+        return False
+    with contextlib.suppress(Exception):
+        channel.close()
+    return True
+
+
+def ensure_topology(connection: Any, app: Any, consumed: Iterable[str] = ()) -> set[str]:
+    """Declare the delay topology (``_declare_levels``), declare every queue of ``app``
+    (not a ``no_declare`` one) and bind it to ``celery_breaker_delayed_delivery`` by its
+    own token (``queue_binding``); bind the ``consumed`` queues the app does not declare
+    too (added with ``add_consumer``). Each is bound to Celery's
+    ``celery_delayed_delivery`` by its token as well, when that exchange exists: runs an
+    earlier release deferred through Celery's delay queues come back that way. Return
+    the queues bound.
+
+    Each queue on its own: one that cannot be declared or bound (a ``no_declare`` queue
+    that does not exist, one declared elsewhere with other arguments) is left out, with
+    a WARNING, and the others are bound all the same; the queue a run is deferred to is
+    bound again before its publish (``BrokerDelay._publish``). Idempotent; raises what
+    the broker answers about the delay topology itself, and a connection error."""
+    channel = connection.channel()
+    try:
+        _declare_levels(channel, app.conf.broker_native_delayed_delivery_queue_type)
+    finally:
+        with contextlib.suppress(Exception):  # (the connection may be closing with it)
+            channel.close()
+    exchanges = [DELIVERY_EXCHANGE]
+    if _exists(connection, LEGACY_DELIVERY_EXCHANGE):  # (harmless: only an earlier release keyed runs so)
+        exchanges.append(LEGACY_DELIVERY_EXCHANGE)
+    queues: list[tuple[str, Any]] = [(queue.name, queue) for queue in app.amqp.queues.values()]
+    queues += [(name, None) for name in consumed if name not in app.amqp.queues]
+    bound: set[str] = set()
+    channel = connection.channel()
+    try:
+        for name, queue in queues:
+            try:
+                if queue is not None:
+                    queue.bind(channel).declare()  # (kombu declares nothing for a no_declare queue)
+                for exchange in exchanges:
+                    channel.queue_bind(queue=name, exchange=exchange, routing_key=queue_binding(name))
+            except connection.channel_errors as exc:
+                _unbound(name, queue, exc)
+                channel = connection.channel()  # (RabbitMQ closed that one with its answer)
+            else:
+                bound.add(name)
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+    return bound
 
 
 class BrokerDelay:
@@ -260,7 +409,12 @@ class BrokerDelay:
     queue the app does not declare (one added with ``add_consumer``) is bound on its
     first run there. A publish that fails is tried once more over a new connection; if
     that fails too, or the queue cannot be told (``destination_queue``), the run goes
-    to the next strategy."""
+    to the next strategy. A publish not confirmed in time counts as delivered on a
+    connection RabbitMQ said it blocks (``_Blocking``), and otherwise goes to the next
+    strategy at once (``_ConfirmLost``). A blocked connection is retired, not closed:
+    RabbitMQ has not read the message yet, and a connection closed under it (an RST
+    when unread frames are left) can take the message with it; it is closed once
+    RabbitMQ unblocks it, or after ``RETIRED_AT_MOST`` seconds."""
 
     name = "broker-delay"
     parks = True
@@ -269,6 +423,10 @@ class BrokerDelay:
         self._pid: int | None = None  # the process that owns ``_connection``
         self._connection: Any = None  # that process's confirming connection, the topology declared on it
         self._bound: set[str] = set()  # queues bound by their token over that connection
+        self._blocking = _Blocking()  # whether RabbitMQ blocks that connection
+        # Connections retired while RabbitMQ blocked them, with an unconfirmed publish in
+        # them: (connection, its blocking, when retired), closed once unblocked.
+        self._retired: list[tuple[Any, _Blocking, float]] = []
         self._cannot_tell = UnroutedWarning(
             "not broker-delay: not exactly one queue of the app is bound there, so the queue it came from cannot "
             "be told"
@@ -278,15 +436,19 @@ class BrokerDelay:
     def _connected(self, app: Any) -> Any:
         """This process's connection, opened (and the topology declared) if it has none."""
         if self._pid != os.getpid():  # (forked: the parent's socket is not ours to use or close)
-            self._pid, self._connection, self._bound = os.getpid(), None, set()
+            self._pid, self._connection, self._bound, self._retired = os.getpid(), None, set(), []
+        if self._retired:
+            self._close_retired()
         if self._connection is None:
-            connection = app.connection_for_write(transport_options={"confirm_publish": True})
+            blocking = _Blocking()
+            options = {"confirm_publish": True, "on_blocked": blocking.blocked, "on_unblocked": blocking.unblocked}
+            connection = app.connection_for_write(transport_options=options)
             try:
-                ensure_topology(connection, app)
+                bound = ensure_topology(connection, app)
             except BaseException:
                 _discard(connection)
                 raise
-            self._connection, self._bound = connection, set(app.amqp.queues)
+            self._connection, self._bound, self._blocking = connection, bound, blocking
         return self._connection
 
     def _drop(self) -> None:
@@ -294,14 +456,36 @@ class BrokerDelay:
         if connection is not None and self._pid == os.getpid():
             _discard(connection)
 
+    def _retire(self) -> None:
+        """Stop publishing on this connection (a late confirm would answer the next
+        publish), and leave it open until RabbitMQ has read what it holds."""
+        if self._connection is not None and self._pid == os.getpid():
+            self._retired.append((self._connection, self._blocking, time.monotonic()))
+        self._connection, self._bound = None, set()
+
+    def _close_retired(self) -> None:
+        """Close the retired connections RabbitMQ no longer blocks (its ``connection.unblocked``
+        read now, without waiting), or that were retired ``RETIRED_AT_MOST`` seconds ago."""
+        kept = []
+        for connection, blocking, since in self._retired:
+            with contextlib.suppress(Exception):  # (nothing to read, or the connection is gone)
+                connection.drain_events(timeout=0)
+            if blocking.now and time.monotonic() - since < RETIRED_AT_MOST:
+                kept.append((connection, blocking, since))
+            else:
+                _discard(connection)
+        self._retired = kept
+
     def _publish(self, task: Any, signature: Any, queue: str | None, routing_key: str) -> None:
         connection = self._connected(task.app)
         if queue is not None and queue not in self._bound:
-            # (not declared: binding a queue that does not exist fails, which is the answer)
+            # (not declared, or not bound with the others: binding a queue that does not
+            # exist fails, which is the answer for this run alone)
             connection.default_channel.queue_bind(
                 queue=queue, exchange=DELIVERY_EXCHANGE, routing_key=queue_binding(queue)
             )
             self._bound.add(queue)
+        self._blocking.publishing()
         try:
             publish(
                 task,
@@ -314,21 +498,30 @@ class BrokerDelay:
                 confirm_timeout=CONFIRM_TIMEOUT,
             )
         except Exception as exc:
-            if _timed_out(exc):  # (only here, once connected: the message went out)
+            if not _timed_out(exc):
+                raise
+            # Only here, once connected: the message went out. Whether it arrives depends on
+            # why no confirm came: a broker that blocks publishers routes it later, a dead
+            # peer never will (an unanswered write looks the same from this side).
+            if self._blocking.seen:
                 raise _Unconfirmed(str(exc)) from exc
-            raise
+            raise _ConfirmLost(
+                f"RabbitMQ did not confirm the deferral within {CONFIRM_TIMEOUT:g} s and did not say it blocks "
+                f"publishers: its connection is taken for dead ({exc!r})"
+            ) from exc
 
     def deliver(self, deferral: Deferral) -> float | None:
         task = deferral.task
         request = task.request
-        queue: str | None = None
-        token = _token_of(request.delivery_info)
-        if token is None:  # (else it came back from a delay of ours: its queue is bound by that token)
-            queue = destination_queue(task.app, request.delivery_info)
-            if queue is None:
-                self._cannot_tell(request.delivery_info)
-                return None
-            token = queue_token(queue)
+        # The queue it was delivered from first (the worker's note, else the routes): the
+        # key it came back with names the queue it was deferred to, and a copy that a
+        # catch-all binding put in another queue must go back to that other queue, not
+        # add a copy to the first one at each deferral.
+        queue = destination_queue(task.app, request.delivery_info)
+        token = queue_token(queue) if queue is not None else _token_of(request.delivery_info)
+        if token is None:
+            self._cannot_tell(request.delivery_info)
+            return None
         seconds = min(LONGEST_DELAY, max(1, math.ceil(deferral.plan.delay)))
         signature = task.signature_from_request(request, deferral.args, deferral.kwargs, headers=deferral.headers)
         # No countdown or eta: the broker holds it for exactly that long, and a worker
@@ -342,20 +535,25 @@ class BrokerDelay:
                 except EncodeError:
                     raise
                 except Exception as exc:
-                    self._drop()
                     if isinstance(exc, _Unconfirmed):
-                        # Sent, and not confirmed in time: RabbitMQ blocks publishers (a
-                        # memory or disk alarm) and routes the message once it reads it.
-                        # Publishing again, here or by the next strategy, would run the
-                        # task twice: it counts as delivered, as a publish without
-                        # confirms did.
+                        self._retire()
+                    else:
+                        self._drop()
+                    if isinstance(exc, _Unconfirmed):
+                        # Sent, and not confirmed in time, on a connection RabbitMQ said it
+                        # blocks (a memory or disk alarm): it routes the message once it
+                        # reads it. Publishing again, here or by the next strategy, would
+                        # run the task twice: it counts as delivered.
                         logger.warning(
-                            "celery-breaker: task %s[%s]: RabbitMQ did not confirm its deferral within %g s (is it "
-                            "blocking publishers?); counted as deferred, not sent again",
+                            "celery-breaker: task %s[%s]: RabbitMQ did not confirm its deferral within %g s, and "
+                            "blocks publishers (a memory or disk alarm); counted as deferred, not sent again",
                             task.name, request.id, CONFIRM_TIMEOUT,
                         )  # fmt: skip
                         break
-                    if attempt == 2:
+                    if attempt == 2 or isinstance(exc, _ConfirmLost):
+                        # (a lost confirm has had its time: the next strategy takes the run
+                        # now; if the message did reach RabbitMQ the task runs twice, which
+                        # is better than never)
                         raise
                     # A broker restarted (empty, or without a transient queue's binding), an
                     # exchange deleted, a connection gone: once more over a new connection,

@@ -1,7 +1,8 @@
 """The worker's consumer step that declares broker-delay's topology and binds its queues each time it connects.
 
-broker-delay's runs wait in RabbitMQ's ``celery_delayed_*`` queues and come back through
-``celery_delayed_delivery``, bound to each queue by its token (``broker_delay.py``).
+broker-delay's runs wait in RabbitMQ's ``celery_breaker_delayed_*`` queues and come back
+through ``celery_breaker_delayed_delivery``, bound to each queue by its token
+(``broker_delay.py``).
 A RabbitMQ restarted without its definitions (a node reset, a container without a
 volume) has none of that; a plain restart keeps the durable delay queues and their
 messages but deletes a transient (``durable=False``) queue with its bindings, and the
@@ -33,7 +34,7 @@ logger = logging.getLogger("celery_breaker")
 
 class DelayTopologyStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """On every (re)start of the worker's consumer: declare the delay topology and bind each
-    consumed queue to ``celery_delayed_delivery`` by its token, when the worker defers by
+    consumed queue to the delivery exchange by its token, when the worker defers by
     broker-delay. A failure is a WARNING, not a stopped worker: the pool processes declare
     the topology again before their next publish."""
 
@@ -53,7 +54,7 @@ class DelayTopologyStep(bootsteps.StartStopStep):  # type: ignore[misc]
         consumed = [queue.name for queue in getattr(consumer, "queues", None) or ()]
         try:
             with app.connection_for_write() as connection:
-                ensure_topology(connection, app, consumed)
+                bound = ensure_topology(connection, app, consumed)  # (a queue that fails is left out, warned)
         except Exception as exc:
             logger.warning(
                 "celery-breaker: could not declare broker-delay's topology or bind queues %s to it (%r): runs "
@@ -61,4 +62,4 @@ class DelayTopologyStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 ", ".join(consumed) or "(none)", exc,
             )  # fmt: skip
             return
-        logger.debug("celery-breaker: broker-delay topology declared; bound %s", ", ".join(consumed))
+        logger.debug("celery-breaker: broker-delay topology declared; bound %s", ", ".join(sorted(bound)))
