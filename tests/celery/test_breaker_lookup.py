@@ -102,6 +102,9 @@ def test_a_kept_breaker_is_not_asked_for_again(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_tasks_sharing_a_breaker_each_run_with_their_own_health_check() -> None:
+    # A worker refuses this app (check_app: one breaker, two checks); eager runs and
+    # direct calls check nothing, and the cached lookup must still not run a task with
+    # the other task's check.
     app = throwaway_app("lookup-probes")
     probes: list[tuple[str, object, object]] = []
 

@@ -6,10 +6,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 from celery_breaker import CircuitBreaker, State
+from celery_breaker.clock import SYSTEM_CLOCK
+from celery_breaker.integration.task_options import task_breaker_config
+from celery_breaker.integration.worker import unseen_breakers
 from celery_breaker.labels import visible
+from celery_breaker.ops.control import _reply as breaker_command
+from celery_breaker.storage import resolve_store
 
 from . import tasks
 
@@ -86,3 +92,38 @@ def test_a_key_a_task_made_with_control_characters_is_named_as_status_shows_it(a
     assert keyed.state is State.FORCED_OPEN
     assert own.state is State.CLOSED
     assert CircuitBreaker(own.name, own.policy, storage=own.store, key=shown).state is State.CLOSED  # none made
+
+
+def test_a_breaker_the_tasks_guard_only_per_key_is_not_opened_without_a_key(app: Any, operate: Operate) -> None:
+    # t-tenant's task has a breaker_key: a key-less t-tenant is a breaker no task
+    # consults. Opening it replied success while every tenant's task ran on.
+    policy = task_breaker_config(app.tasks[tasks.tenant_task.name]).policy
+    store = resolve_store(tasks.STORE_URL)
+    answers = app.control.broadcast("breaker_open", arguments={"name": "t-tenant"}, reply=True, timeout=3, limit=1)
+    (answer,) = answers[0].values()
+    assert answer["error"].startswith("the app's tasks guard 't-tenant' per key (breaker_key)"), answer
+    assert "name one of its keys as t-tenant[KEY]" in answer["error"]
+    assert answer["error"].endswith("give the key after the name: celery control breaker_open t-tenant KEY")
+    assert ("t-tenant", None) not in {(s.name, s.key) for s in store.snapshots(SYSTEM_CLOCK)}  # none made
+    keyed = operate(CircuitBreaker("t-tenant", policy, storage=store, key="A"))
+    answers = app.control.broadcast(
+        "breaker_open", arguments={"name": "t-tenant", "key": "A"}, reply=True, timeout=3, limit=1
+    )
+    (answer,) = answers[0].values()
+    assert answer["ok"].startswith("breaker t-tenant[A] forced open"), answer
+    assert keyed.state is State.FORCED_OPEN
+
+
+def test_a_memory_store_is_refused_only_where_a_prefork_pool_runs_the_tasks(app: Any) -> None:
+    # This session's worker is solo on memory://: its commands act where its tasks run
+    # (the tests above). Under prefork the children hold the breakers, each its own.
+    from celery.concurrency import prefork, solo, thread
+
+    for pool, refused in ((prefork.TaskPool, True), (solo.TaskPool, False), (thread.TaskPool, False)):
+        worker = SimpleNamespace(app=app, pool_cls=pool)
+        assert (unseen_breakers(worker, "breaker_open") is not None) is refused, pool
+    prefork_worker = SimpleNamespace(app=app, pool_cls=prefork.TaskPool)
+    state = SimpleNamespace(consumer=SimpleNamespace(app=app, controller=prefork_worker))
+    reply = breaker_command(state, "open", "t-forced", None)
+    assert reply["error"].startswith("breaker_storage_url is 'memory://celery-tests': a memory store holds only")
+    assert tasks.forced_task.breaker.state is State.CLOSED  # nothing was changed

@@ -53,6 +53,22 @@ def test_open_close_disable_reset_move_the_stored_breaker(store_url: str) -> Non
     assert (fresh.state, fresh.trips, fresh.failures) == (State.CLOSED, 0, 0)
 
 
+def test_an_action_that_finds_the_breaker_as_asked_changes_nothing_and_says_so(store_url: str) -> None:
+    breaker(store_url, "partner-api").call(lambda: None)
+    assert run("open", "partner-api").exit_code == 0
+    generation = stored(store_url, "partner-api").generation
+    again = run("open", "partner-api")
+    assert again.exit_code == 0, again.output
+    assert again.stdout.startswith("partner-api: already forced_open in redis://127.0.0.1:")
+    assert ", nothing changed: every call is rejected" in again.stdout
+    as_json = json.loads(run("open", "partner-api", "--json").stdout)
+    assert (as_json["before"], as_json["changed"], as_json["state"]) == ("forced_open", False, "forced_open")
+    assert stored(store_url, "partner-api").generation == generation  # no transition, no event
+    assert run("reset", "partner-api").stdout.startswith("partner-api: closed (was forced_open)")
+    fresh = run("reset", "partner-api")
+    assert fresh.stdout.startswith("partner-api: already closed, counters zero in redis://127.0.0.1:"), fresh.output
+
+
 def test_per_key_breakers_by_option_or_by_label(store_url: str) -> None:
     tenant = breaker(store_url, "crm", key="tenant-7", policy=cliproj.CRM_POLICY)
     tenant.call(lambda: None)
@@ -137,6 +153,30 @@ def test_an_unknown_key_of_a_known_breaker_lists_its_keys(store_url: str) -> Non
     assert "its keys there: tenant-7" in result.stderr
     assert run("disable", "crm", "--key", "tenant-8", "--create").exit_code == 0
     assert stored(store_url, "crm", "tenant-8", cliproj.CRM_POLICY).state is State.DISABLED
+
+
+def test_a_breaker_the_tasks_guard_only_per_key_is_not_acted_on_without_a_key(store_url: str) -> None:
+    # crm's task has a breaker_key: a key-less crm is a breaker no task consults, so
+    # opening it would report success while every tenant's task runs on.
+    breaker(store_url, "crm", key="tenant-7", policy=cliproj.CRM_POLICY).call(lambda: None)
+    for action in ("open", "close", "delete"):
+        refused = run(action, "crm", *(["--yes"] if action != "open" else []))
+        assert refused.exit_code == EXIT_USAGE, refused.output
+        assert refused.stdout == ""
+        error = refused.stderr.strip()
+        assert error.startswith("Error: the app's tasks guard 'crm' per key (breaker_key), so no task consults crm "
+                                "without a key; name one of its keys as crm[KEY] "
+                                "(`celery breaker status --json 'crm[*]'` lists them; its keys in "), error  # fmt: skip
+        assert ": tenant-7)" in error
+    assert [(r["name"], r["key"]) for r in json.loads(run("status", "--json", "crm*").stdout)] == [("crm", "tenant-7")]
+    assert "pass --create to act on it anyway" in run("open", "crm").stderr
+    created = run("open", "crm", "--create")  # asked for: made
+    assert created.exit_code == 0, created.output
+    assert stored(store_url, "crm", None, cliproj.CRM_POLICY).state is State.FORCED_OPEN
+    assert stored(store_url, "crm", "tenant-7", cliproj.CRM_POLICY).state is State.CLOSED
+    # Once in the store (made by --create, or by a run whose key function answered None),
+    # the key-less crm is a breaker like any other.
+    assert run("close", "crm").exit_code == 0
 
 
 @pytest.mark.parametrize(

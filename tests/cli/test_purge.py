@@ -55,6 +55,15 @@ def test_purge_asks_first_and_a_no_discards_nothing(store_url: str) -> None:
     assert parked(store, "partner-api") == (0, 0)
 
 
+def test_purge_json_asks_on_stderr_so_stdout_stays_json(store_url: str) -> None:
+    store = park(store_url, "partner-api", 3)
+    agreed = answered("y\n", "partner-api", "--json")
+    assert agreed.exit_code == 0, agreed.output
+    assert "Discard the 3 tasks parked behind partner-api?" in agreed.stderr
+    assert json.loads(agreed.stdout)["discarded"] == 3
+    assert parked(store, "partner-api") == (0, 0)
+
+
 def test_tasks_being_published_are_left_to_run(store_url: str) -> None:
     store = park(store_url, "partner-api", 3)
     tag = store.parking.tag("partner-api", None)

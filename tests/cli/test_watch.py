@@ -8,7 +8,7 @@ import pytest
 
 from celery_breaker import CircuitOpenError
 from celery_breaker.ops import cli
-from celery_breaker.ops.cli import EXIT_UNAVAILABLE
+from celery_breaker.ops.cli import EXIT_UNAVAILABLE, EXIT_USAGE
 from celery_breaker.storage import flush_stores
 from celery_breaker.testing import FakeClock
 from tests.servers import RedisServer
@@ -96,6 +96,18 @@ def test_once_and_colour(store_url: str, clock: FakeClock) -> None:
     assert len(frames(result.stdout)) == 1
     assert "\x1b[31m\x1b[1mopen\x1b[0m" in result.stdout
     assert "\x1b[H" not in result.stdout  # colour, but no cursor moves when stdout is not a terminal
+
+
+@pytest.mark.parametrize("interval", ["nan", "inf", "-inf", "1e9", "0.05"])
+def test_an_interval_that_is_not_a_sane_number_of_seconds_is_a_usage_error(
+    store_url: str, clock: FakeClock, interval: str
+) -> None:
+    """``nan`` passes click.FloatRange (it compares false with any bound): a watch that
+    never sleeps; ``inf`` made the wait raise OverflowError after the first frame."""
+    result = run("watch", "--interval", interval, "--once")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "Invalid value for '--interval' / '-i'" in result.stderr
+    assert not result.stdout  # refused before any frame
 
 
 def test_globs_narrow_the_view(store_url: str, clock: FakeClock) -> None:

@@ -176,10 +176,15 @@ def test_inspect_breakers_and_control_commands_act_on_the_shared_store(broker: s
         for rows in replies.values():
             assert [(row["name"], row["state"]) for row in rows] == [(BREAKER, "closed")]
 
+        generation = observer.snapshot().generation
         answers = control.broadcast("breaker_open", arguments={"name": BREAKER}, reply=True, timeout=5, limit=2)
-        assert len(answers) == 2
-        assert all("forced open" in a[node]["ok"] for a in answers for node in a)
+        # One broadcast, one move: the second worker finds it forced open and changes nothing.
+        assert sorted(a[node]["ok"].split(":")[0] for a in answers for node in a) == [
+            f"breaker {BREAKER} already forced_open",
+            f"breaker {BREAKER} forced open",
+        ], answers
         assert observer.snapshot().state is State.FORCED_OPEN
+        assert observer.snapshot().generation == generation + 1
 
         for command, state in (("breaker_disable", State.DISABLED), ("breaker_close", State.CLOSED)):
             answers = control.broadcast(command, arguments={"name": BREAKER}, reply=True, timeout=5, limit=2)
@@ -288,3 +293,25 @@ def test_the_celery_inspect_and_control_commands_as_an_operator_types_them(broke
             assert "Invalid value" in refused.stderr
             assert "Traceback" not in refused.stderr
         assert observer.snapshot().state is State.CLOSED
+
+
+def test_a_prefork_worker_on_a_memory_store_refuses_control_inspect_and_metrics(broker: str) -> None:
+    """Its pool children hold the breakers, each its own; its main process, where the
+    commands and the endpoint run, holds none a task uses. A success reply would be a lie
+    (the children's breakers stay closed), and an endpoint would export no breaker."""
+    port = free_port()
+    conf = {"breaker_storage_url": "memory://", "breaker_default_policy": POLICY, "breaker_metrics_port": port}
+    control = partner_proj.app.control
+    with workers(broker, conf, ["mp1"]) as (worker,):
+        answers = control.broadcast("breaker_open", arguments={"name": BREAKER}, reply=True, timeout=5, limit=1)
+        [error] = [a[node]["error"] for a in answers for node in a]
+        assert error.startswith("breaker_storage_url is 'memory://': a memory store holds only the breakers"), error
+        assert "-P solo, threads or gevent" in error
+        replies = control.inspect(timeout=5, limit=1)._request("breakers")
+        [listing] = replies.values()
+        assert "so inspect breakers would reach only the main process's" in listing["error"], listing
+        [line] = [line for line in worker.log().splitlines() if "serves no Prometheus metrics" in line]
+        assert "ERROR/MainProcess" in line, line
+        assert "serves no Prometheus metrics: breaker_storage_url is 'memory://'" in line
+        with pytest.raises(urllib.error.URLError):  # no endpoint rather than an empty one
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)

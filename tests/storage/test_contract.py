@@ -581,6 +581,40 @@ def test_disabled_admits_everything_and_never_trips(store: Store, clock: FakeClo
     assert state_of(breaker) is State.OPEN
 
 
+def test_an_operator_move_that_changes_nothing_is_none(store: Store, clock: FakeClock) -> None:
+    """``celery control breaker_open`` reaches every worker, and each acts on the shared
+    breaker: the first makes the move; the others find the breaker there already and
+    make no transition, no event and no generation of their own."""
+    workers = [make(store, clock, failure_threshold=5) for _ in range(3)]
+    seen = [recorder(worker) for worker in workers]
+    fail(workers[0], 2)  # closed, two failures in its window
+
+    def made() -> list[tuple[State, State]]:
+        return [(t.source, t.target) for heard in seen for t in heard]
+
+    for action, target in (("force_open", State.FORCED_OPEN), ("disable", State.DISABLED),
+                           ("close", State.CLOSED), ("reset", State.CLOSED)):  # fmt: skip
+        before = workers[0].snapshot().generation
+        for worker in workers:
+            getattr(worker, action)()
+        assert workers[0].snapshot().generation == before + 1, action
+        assert workers[0].state is target
+        assert len(made()) == 1, (action, made())
+        for heard in seen:
+            heard.clear()
+    fail(workers[1])  # a failure in the window: a close forgets it, so it is a move
+    workers[2].close()
+    assert made() == [(State.CLOSED, State.CLOSED)]
+    assert workers[0].snapshot().window_failures == 0
+    workers[0].reset()  # its lifetime counters are not zero: a move
+    assert made()[1:] == [(State.CLOSED, State.CLOSED)]
+    assert workers[0].snapshot().failures == 0
+    stricter = make(store, clock, failure_threshold=2)
+    before = stricter.snapshot().generation
+    stricter.reset()  # another policy to adopt: a move
+    assert stricter.snapshot().generation == before + 1
+
+
 # -- operator states and the idle TTL ---------------------------------------------------
 
 _BYSTANDERS = itertools.count()
@@ -793,3 +827,31 @@ def test_deleting_a_per_key_breaker_leaves_its_siblings(store: Store, clock: Fak
     assert store.delete("crm", "t1") is True
     assert {(s.name, s.key) for s in store.snapshots(clock)} == {("crm", "t2")}
     assert state_of(tenants["t2"]) is State.OPEN
+
+
+@pytest.mark.parametrize("outcome", ["success", "failure", "ignored"])
+def test_a_probe_of_a_deleted_breaker_never_judges_the_one_made_afresh(
+    store: Store, clock: FakeClock, outcome: str
+) -> None:
+    """Generations and probe leases restart with a breaker made afresh (on Redis, a new
+    incarnation): a probe the deleted breaker admitted is counted, but closes, reopens and
+    frees nothing of the new one, whose own probe holds the same numbers."""
+    policy = {"half_open_max_calls": 1, "success_threshold": 1, "ignore_exceptions": (KeyError,)}
+    old = half_open(store, clock, **policy)
+    late = HeldCall(old)  # the deleted breaker's probe: generation 2, lease 0
+    following(store)
+    assert store.delete("svc", None) is True
+    assert store.sync()
+    new = half_open(store, clock, **policy)
+    own = HeldCall(new)  # the new breaker's probe: generation 2, lease 0 again
+    assert state_of(new) is State.HALF_OPEN
+    if outcome == "success":
+        late.succeed()
+    else:
+        late.fail(KeyError("neutral") if outcome == "ignored" else None)
+    assert store.sync()
+    snap = new.snapshot()
+    assert (snap.state, snap.probes_in_flight) == (State.HALF_OPEN, 1)
+    assert rejected(new).state is State.HALF_OPEN  # the new probe's slot is still taken
+    own.succeed()
+    assert state_of(new) is State.CLOSED

@@ -206,11 +206,36 @@ def test_operator_moves_from_every_state(clock: FakeClock, source: State, operat
     put_in(source, breaker, clock)
     generation = breaker.snapshot().generation
     operate, target = OPERATIONS[operation]
+    made = len(seen)
     operate(breaker)
     assert breaker.state is target
+    if source is target:  # already there, and this fresh breaker holds nothing to forget
+        assert breaker.snapshot().generation == generation
+        assert len(seen) == made  # no transition: a move that changes nothing is none
+        return
     assert breaker.snapshot().generation == generation + 1
     assert moves(seen)[-1] == (source, target)
     assert seen[-1].reason == ("reset" if operation == "reset" else "operator")
+
+
+def test_a_close_or_reset_that_forgets_something_is_a_move_and_the_next_is_none(clock: FakeClock) -> None:
+    """``celery control`` sends one action to every worker: with a shared store the first
+    makes the move, and the others find nothing left to change."""
+    breaker, seen = make(clock)
+    fail(breaker, 2)  # closed, with two failures in its window
+    breaker.close()  # forgets them: a move, which fences the calls in flight
+    assert (moves(seen), breaker.snapshot().window_failures) == ([(State.CLOSED, State.CLOSED)], 0)
+    breaker.close()
+    assert len(seen) == 1
+    breaker.reset()  # lifetime counters to zero: a move
+    assert len(seen) == 2
+    assert breaker.snapshot().failures == 0
+    breaker.reset()
+    assert len(seen) == 2
+    breaker.force_open()
+    breaker.force_open()
+    assert moves(seen)[2:] == [(State.CLOSED, State.FORCED_OPEN)]
+    assert breaker.snapshot().generation == 3
 
 
 def test_forced_open_rejects_forever_until_an_operator_acts(clock: FakeClock) -> None:

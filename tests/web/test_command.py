@@ -72,6 +72,15 @@ def test_an_address_other_machines_reach_needs_allow_remote() -> None:
     assert "pass --allow-remote" in result.output
 
 
+@pytest.mark.parametrize("interval", ["nan", "inf", "1e9"])
+def test_an_interval_that_is_not_a_sane_number_of_seconds_is_a_usage_error(interval: str) -> None:
+    """``nan`` passed click.FloatRange: the reader never slept and the page's config
+    carried NaN (no JSON a browser reads); ``inf`` killed the reader thread."""
+    result = run("--interval", interval)
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "Invalid value for '--interval' / '-i'" in result.output
+
+
 def test_actions_need_a_long_enough_token_from_a_file_or_the_environment(tmp_path: Path) -> None:
     missing = run("--allow-actions", env={TOKEN_ENV: ""})
     assert missing.exit_code == EXIT_CONFIG

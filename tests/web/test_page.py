@@ -24,6 +24,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from celery_breaker import CircuitOpenError, State
 from celery_breaker.core.pacing import PacingLaw
+from celery_breaker.ops.web import TOKEN_ENV
 from celery_breaker.storage import Parking, describe_url, flush_stores, resolve_store
 from tests.servers import RedisServer
 from tests.tls import Certificates
@@ -415,3 +416,31 @@ def test_an_action_on_a_key_a_task_made_with_control_characters(store_url: str, 
     log = web.stderr()
     assert "breaker crm[line\\nbreak\\x1b[2J] forced open: every call rejected" in log
     assert "\x1b" not in log
+
+
+def test_a_key_with_dollar_patterns_is_named_right_in_tooltips_and_the_confirmation(
+    browser: WebDriver, store_url: str
+) -> None:
+    # breaker_key takes any text, and String.replace reads `$&`, `$'` and `$\`` in its
+    # replacement (the match, the text after it, the text before it).
+    key = "acme$'-eu$&$`"
+    breaker(store_url, "crm", key).call(lambda: None)
+    flush_stores()
+    label = f"crm[{key}]"
+    summary = f"Force {label} open: every call is rejected (tasks deferred) until an operator closes it."
+    with WebProcess(store_url, "--interval", INTERVAL, "--allow-actions", env={TOKEN_ENV: "t" * 32}) as web:
+        browser.get(web.url)
+        until(browser, lambda: label in rows(browser), "the keyed breaker's row")
+        button = browser.execute_script(
+            "return Array.from(document.querySelectorAll('#breakers tbody tr'))"
+            ".find(tr => tr.dataset.label === arguments[0]).querySelector('button[data-action=open]');",
+            label,
+        )
+        assert button.get_attribute("title") == summary
+        button.click()
+        asked = WebDriverWait(browser, 5).until(expected_conditions.alert_is_present())
+        try:
+            assert asked.text == f"open {label}?\n\n{summary}"
+        finally:
+            asked.dismiss()
+    assert breaker(store_url, "crm", key).state is State.CLOSED  # dismissed: nothing sent

@@ -13,9 +13,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from importlib import resources
+from types import SimpleNamespace
 
 import pytest
 
+from celery_breaker.errors import ParkedTasksError
+from celery_breaker.ops import web
 from celery_breaker.ops.board import Board
 from celery_breaker.ops.web import Site, WebServer, loopback_hosts, tls_context
 from tests.tls import Certificates
@@ -127,6 +130,30 @@ def test_every_action_request_needs_the_same_origin_the_token_and_a_json_body(
     assert "wrong or missing token" in caplog.text
     assert TOKEN not in caplog.text
     assert "wrong" * 8 not in caplog.text  # not even a wrong token is logged
+
+
+def test_a_task_parked_between_the_check_and_the_delete_is_a_409_that_asks(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delete checks for parked tasks (a dry run), then deletes: a worker can park a
+    task in between. The page gets the 409 that asks whether to discard them, as if the
+    check had seen it, never a 500."""
+    asked: list[bool] = []
+
+    def delete(app: object, name: str, key: str | None, *, purge: bool, dry_run: bool = False) -> object:
+        asked.append(dry_run)
+        if dry_run:
+            return SimpleNamespace(warning=None)  # nothing parked yet
+        raise ParkedTasksError(f"1 task is parked behind {name}: deleting it would leave it waiting")
+
+    monkeypatch.setattr(web, "delete", delete)
+    url = serve(token=TOKEN)
+    headers = {"Origin": url.rstrip("/"), "Content-Type": "application/json", "X-Breaker-Token": TOKEN}
+    code, answer = request(url + "api/actions", method="POST", body={"action": "delete", "name": "stray"},
+                           headers=headers)  # fmt: skip
+    assert asked == [True, False]
+    assert code == 409, answer
+    assert answer == {"parked": True, "error": "1 task is parked behind stray: deleting it would leave it waiting"}
 
 
 def test_https_serves_the_page_and_a_client_that_never_completes_a_handshake_holds_up_no_one(

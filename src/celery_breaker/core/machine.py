@@ -171,7 +171,8 @@ class BreakerMachine:
         parking (a 429: ``core.retry_after.refusal_of``). In CLOSED it is counted
         as a failure and nothing more: no rule sees it and it opens nothing (the release
         was too fast for the downstream, which was not down; the store's release slows
-        down instead). In any other state it is the failure it is.
+        down and waits instead, in DISABLED too, where nothing opens anyway). In any
+        other state it is the failure it is.
         """
         self.last_used = now
         is_probe = type(ticket) is Probe
@@ -247,12 +248,20 @@ class BreakerMachine:
     # -- operators -----------------------------------------------------------
 
     def operate(self, target: State, now: float) -> None:
-        """An operator moves the breaker to CLOSED, FORCED_OPEN or DISABLED."""
+        """An operator moves the breaker to CLOSED, FORCED_OPEN or DISABLED; a move that
+        would change nothing is none (no generation, no transition): the breaker is in
+        ``target`` already and, for CLOSED, its windows hold nothing to forget. So an
+        action every worker takes (``celery control``) makes one transition, not one each."""
+        if self.state is target and (target is not CLOSED or self.is_at_rest(now)):
+            return
         self._move(target, now, "operator")
 
     def renew(self, policy: BreakerPolicy, now: float) -> None:
         """Back to a fresh CLOSED breaker: state, windows and lifetime counters cleared,
-        under ``policy`` (the one way to change an existing breaker's policy)."""
+        under ``policy`` (the one way to change an existing breaker's policy). A breaker
+        that is such a one already is left as it is, as by ``operate``."""
+        if self.is_fresh(policy, now):
+            return
         self._use_policy(policy)
         self._move(CLOSED, now, "reset")
         self.success_tally = itertools.count()
@@ -327,6 +336,18 @@ class BreakerMachine:
         )
 
     # -- reading -------------------------------------------------------------
+
+    def is_fresh(self, policy: BreakerPolicy, now: float) -> bool:
+        """True when ``renew(policy, now)`` would change nothing: CLOSED under ``policy``,
+        its windows at rest, its counters zero and no time of a call or a trip kept."""
+        return (
+            self.is_at_rest(now)
+            and self.policy == policy
+            and self.failures == self.deferrals == self.trips == self.successes == self.rejections == 0
+            and self.last_success is None
+            and self.last_failure is None
+            and self.opened_at is None
+        )
 
     def is_at_rest(self, now: float) -> bool:
         """True when forgetting this breaker loses nothing that decides anything."""

@@ -12,23 +12,25 @@ from typing import Any
 
 from celery import bootsteps
 from celery.apps.worker import Worker as CliWorker
+from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.signals import task_received, worker_process_init, worker_process_shutdown
 
 from ..errors import ConfigurationError
-from ..storage import describe_url, flush_stores, resolve_store
+from ..storage import describe_url, flush_stores, is_shared_url, resolve_store
 from . import events
 from .broker import REDIS, broker_kind, broker_url
 from .deferral.broker_delay import note_delivery_queue
 from .deferral.parking import ParkInStore
 from .deferral.release import Releaser
 from .deferral.selection import deferral_strategies
+from .deferral.strategy import note_content_type
 from .inventory import check_app
 from .registry import registry_for
 from .routes import apply_routes
 from .settings import get_settings, reload_settings
 from .task import TIME_LIMITS_ENFORCED_ATTR, WORKER_TIME_LIMIT_ATTR
 
-__all__ = ["EXIT_CONFIG", "BreakerStep", "ReleaserStep"]
+__all__ = ["EXIT_CONFIG", "BreakerStep", "ReleaserStep", "unseen_breakers"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -115,6 +117,27 @@ def _pool_enforces_time_limits(worker: Any) -> bool:
     return any(kind in where for kind in ("prefork", "asynpool", "gevent", "eventlet"))
 
 
+def unseen_breakers(worker: Any, what: str) -> str | None:
+    """Why ``what``, run in the worker's main process (remote control, the metrics
+    endpoint), cannot see the breakers the worker's tasks use, or ``None`` when it can.
+
+    It cannot under a store of one process (``memory://``) with a prefork pool: each
+    child runs its tasks on breakers of its own, and the main process's are ones no task
+    uses. With solo, threads, gevent or eventlet the tasks run in the main process.
+    """
+    url = get_settings(worker.app).storage_url
+    pool = getattr(worker, "pool_cls", None)
+    if is_shared_url(url) or not (isinstance(pool, type) and issubclass(pool, PreforkPool)):
+        return None
+    return (
+        f"breaker_storage_url is {describe_url(url)!r}: a memory store holds only the breakers of the process "
+        f"that uses it, and this worker's prefork pool runs its tasks in child processes, each on breakers of "
+        f"its own, so {what} would reach only the main process's, which no task uses; set "
+        "breaker_storage_url to a redis:// URL to share them (a Redis broker's server is the default), or run the "
+        "worker with -P solo, threads or gevent (its tasks then run in the main process)"
+    )
+
+
 class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Runs the worker's releaser of parked tasks (``deferral.release``), started once
     the pool exists, so a prefork parent forks its children without the thread."""
@@ -148,8 +171,10 @@ class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
         return Releaser(worker.app, parking, rate=settings.release_rate, ramp=settings.release_ramp, law=law)
 
 
-# Each received task's queue, noted where the consumer is (RabbitMQ's broker-delay needs it).
+# Each received task's queue, noted where the consumer is (RabbitMQ's broker-delay needs it),
+# and the content type its message came in (a deferral publishes it again in that).
 task_received.connect(note_delivery_queue, weak=False)
+task_received.connect(note_content_type, weak=False)
 
 
 @worker_process_init.connect(weak=False)  # type: ignore[untyped-decorator]

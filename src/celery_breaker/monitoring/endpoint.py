@@ -7,14 +7,18 @@ dependency (``celery-breaker[prometheus]``): it is imported only when the port i
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import Any
 
 from celery import bootsteps
 
 from ..errors import ConfigurationError
 from ..integration.settings import get_settings
+from ..integration.worker import unseen_breakers
 
 __all__ = ["MetricsStep"]
+
+logger = logging.getLogger("celery_breaker")
 
 
 class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -27,6 +31,10 @@ class MetricsStep(bootsteps.StartStopStep):  # type: ignore[misc]
 
     def create(self, worker: Any) -> Any:
         if get_settings(worker.app).metrics_port is None:
+            return None
+        unseen = unseen_breakers(worker, "its metrics endpoint (breaker_metrics_port)")
+        if unseen is not None:  # an endpoint listing no breaker would say all is well: none at all
+            logger.error("celery-breaker: the worker serves no Prometheus metrics: %s", unseen)
             return None
         try:
             prometheus = importlib.import_module(".prometheus", __package__)

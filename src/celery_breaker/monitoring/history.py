@@ -17,7 +17,7 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import ConfigurationError
 from ..integration import values
 from ..integration.settings import SETTINGS, get_settings
-from ..labels import breaker_label
+from ..labels import breaker_label, shown_label
 from ..storage import History, Store, describe_url
 from .status import collect_metrics, is_app, store_of
 
@@ -112,7 +112,7 @@ def metrics_history(
         else:
             unreadable += 1
     if unreadable:
-        label = breaker_label(name, key)
+        label = shown_label(breaker_label(name, key))
         logger.warning("celery-breaker: skipped %d unreadable entries in the metrics history of %s", unreadable, label)
     return records
 

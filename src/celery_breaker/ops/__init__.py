@@ -3,8 +3,9 @@
 ``operate(app, "open", "crm")``, ``purge(app, "crm")`` and ``delete(app, "crm")`` act on an app's breakers in its
 shared store (``operator``; ``actions`` is the one table of actions); ``control`` registers the
 ``celery inspect``/``celery control`` commands; ``cli`` is the ``celery breaker`` command,
-drawn by ``console`` and ``watch``. The names below load on first use: every ``celery``
-command imports ``cli``, through this package.
+drawn by ``console`` and ``watch``, with the option types it shares with ``web`` in
+``options``. The names below load on first use: every ``celery`` command imports ``cli``,
+through this package.
 """
 
 from __future__ import annotations

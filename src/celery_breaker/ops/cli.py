@@ -31,6 +31,7 @@ from ..errors import BreakerKeyError, ConfigurationError, ParkedTasksError, Stor
 from ..labels import breaker_label, shown_label, split_label, visible
 from . import control  # noqa: F401
 from .actions import ACTIONS, DELETE
+from .options import REFRESH_INTERVAL
 
 if TYPE_CHECKING:
     from ..clock import Clock
@@ -261,10 +262,15 @@ def _report_move(move: Move, as_json: bool, warned: bool) -> None:
         import json
 
         before = move.before and move.before.value
-        click.echo(json.dumps({"action": move.action, "before": before, "warning": move.warning,
-                               **move.after.as_dict()}, indent=2))  # fmt: skip
+        click.echo(json.dumps({"action": move.action, "before": before, "changed": move.changed,
+                               "warning": move.warning, **move.after.as_dict()}, indent=2))  # fmt: skip
         return
     after = move.after.state.value
+    if not move.changed:
+        fresh = ", counters zero" if move.action == "reset" else ""
+        click.echo(f"{shown_label(move.label)}: already {after}{fresh} in {move.store}, nothing changed: "
+                   f"{ACTIONS[move.action].after}.")  # fmt: skip
+        return
     was = "created" if move.before is None else f"was {move.before.value}"
     done = "reset: counters zeroed, " if move.action == "reset" else ""
     click.echo(f"{shown_label(move.label)}: {after} ({was}) in {move.store}: {done}{ACTIONS[move.action].after}.")
@@ -402,7 +408,9 @@ def purge(ctx: click.Context, name: str, key: str | None, force: bool, as_json: 
         plan = purge_parked(app, name, key, dry_run=True, as_shown=True)  # (one it would refuse: before asking)
         if plan.parked:
             tasks = "the task" if plan.parked == 1 else f"the {plan.parked} tasks"
-            click.confirm(f"Discard {tasks} parked behind {shown_label(plan.label)}? They will never run.", abort=True)
+            click.confirm(
+                f"Discard {tasks} parked behind {shown_label(plan.label)}? They will never run.", abort=True, err=True
+            )  # (stdout carries only the report: --json stays JSON)
     done = purge_parked(app, name, key, as_shown=True)
     if as_json:
         import json
@@ -422,7 +430,7 @@ def purge(ctx: click.Context, name: str, key: str | None, force: bool, as_json: 
 @click.option(
     "--interval",
     "-i",
-    type=click.FloatRange(min=0.1),
+    type=REFRESH_INTERVAL,
     default=1.0,
     show_default=True,
     help="Seconds between refreshes.",

@@ -8,7 +8,9 @@ plugin's worker steps), and the ``celery breaker`` entry point imports it into e
 
 Every worker that receives a command answers for itself: with a Redis store they all
 act on the same shared breaker (the operation is idempotent), with ``memory://`` each
-on its own. Arguments are checked in the ``celery`` client before anything is sent,
+on its own, and only under a pool that runs tasks in the main process (solo, threads,
+gevent): a prefork worker's children hold breakers the main process cannot reach, so
+it replies with an error saying so. Arguments are checked in the ``celery`` client before anything is sent,
 so a malformed name or key is a usage error (exit 2); an unknown breaker is an
 ``error`` reply naming the breakers the worker knows.
 
@@ -55,7 +57,8 @@ def operate(app: Any, action: str, name: str, key: str | None = None) -> dict[st
     """Apply ``action`` (a key of ``ACTIONS``) to breaker ``name``/``key`` in this
     process's store (``ops.operator.operate``, which the CLI uses too), send the events of
     the transitions it made, and return the breaker's snapshot as a dict, with the
-    action's ``warning`` (``operator.caution``: its downstream was failing) or ``None``.
+    action's ``warning`` (``operator.caution``: its downstream was failing) or ``None``,
+    and ``changed`` (``Move.changed``: False when it was as asked already).
     Raises ``UnknownBreakerError`` / ``BreakerKeyError`` for bad input."""
     from ..integration.events import TransitionEvents
     from .operator import operate as apply_action
@@ -66,22 +69,38 @@ def operate(app: Any, action: str, name: str, key: str | None = None) -> dict[st
     if name not in known:
         listing = ", ".join(sorted(known)) or "none"
         raise UnknownBreakerError(f"unknown breaker {name!r}; this worker knows: {listing}")
-    # A known breaker's new key (a tenant to hold open before its first call) is created.
-    done = apply_action(app, action, name, key, store=store, create=True, as_shown=True)  # (typed by an operator)
+    # A known breaker's new key (a tenant to hold open before its first call) is created;
+    # a key-less one only when the app names it (not when its tasks guard it only per key).
+    hint = f"give the key after the name: celery control breaker_{action} {name} KEY"
+    done = apply_action(app, action, name, key, store=store, create=key is not None, create_hint=hint, as_shown=True)
     announce = TransitionEvents(app)  # (sends only where events are on)
     for transition in done.transitions:
         announce(transition)
-    if done.warning is None:
+    if not done.changed:  # (another worker the same broadcast reached made the move)
+        logger.info("celery-breaker: breaker %s already %s, asked by remote control: nothing changed",
+                    shown_label(done.label), done.after.state.value)  # fmt: skip
+    elif done.warning is None:
         logger.warning("celery-breaker: breaker %s %s by remote control", shown_label(done.label), ACTIONS[action].done)
     else:
         logger.warning("celery-breaker: breaker %s %s by remote control; beware: %s", shown_label(done.label),
                        ACTIONS[action].done, done.warning)  # fmt: skip
-    return {**done.after.as_dict(), "warning": done.warning}
+    return {**done.after.as_dict(), "warning": done.warning, "changed": done.changed}
+
+
+def _unseen(state: Any, what: str) -> str | None:
+    """Why this worker's main process cannot see its tasks' breakers (``unseen_breakers``), or None."""
+    from ..integration.worker import unseen_breakers
+
+    worker = getattr(state.consumer, "controller", None)
+    return None if worker is None else unseen_breakers(worker, what)
 
 
 def _reply(state: Any, action: str, name: str | None, key: str | None) -> dict[str, Any]:
     if not name:
         return {"error": f"breaker_{action} needs a breaker name: celery control breaker_{action} NAME [KEY]"}
+    unseen = _unseen(state, f"breaker_{action}")
+    if unseen is not None:  # a success here would change a breaker no task uses
+        return {"error": unseen}
     label = breaker_label(name, key or None)  # (an empty KEY from the command line: no key)
     if not label.isprintable():  # (typed: shown text is printable; anything else is escaped)
         label = visible(label)
@@ -94,6 +113,8 @@ def _reply(state: Any, action: str, name: str | None, key: str | None) -> dict[s
         return {"error": f"breaker_{action} {label}: {exc}"}
     label = shown_label(breaker_label(snapshot["name"], snapshot["key"]))  # (the breaker it named, as status shows it)
     text = f"breaker {label} {ACTIONS[action].done}; state {snapshot['state']}"
+    if not snapshot["changed"]:
+        text = f"breaker {label} already {snapshot['state']}: nothing changed"
     if snapshot["warning"] is not None:  # (`celery control` prints only the "ok" text)
         text += f". WARNING: {snapshot['warning']}"
     return {"ok": text}
@@ -136,6 +157,9 @@ def breakers(state: Any) -> Any:
     """Every breaker this worker's store holds (a Redis store: the whole cluster's), as dicts."""
     from ..monitoring.status import collect_metrics
 
+    unseen = _unseen(state, "inspect breakers")
+    if unseen is not None:  # (the main process's breakers: none a task uses)
+        return {"error": unseen}
     try:
         return [row.as_dict() for row in collect_metrics(state.consumer.app)]
     except Exception as exc:

@@ -15,7 +15,7 @@ from typing import Any
 from ..clock import SYSTEM_CLOCK, Clock
 from ..core import BreakerPolicy, BreakerSnapshot, State, Transition
 from ..errors import ConfigurationError, ParkedTasksError, UnknownBreakerError
-from ..integration.inventory import app_breakers, policy_named
+from ..integration.inventory import AppBreaker, app_inventory, policy_named
 from ..integration.settings import get_settings
 from ..labels import breaker_label, read_visible, shown_label, split_label, visible
 from ..names import check_key, check_name, kept_key
@@ -64,6 +64,13 @@ class Move:
     def label(self) -> str:
         """``'crm'`` or ``'crm[tenant-7]'``."""
         return self.after.label
+
+    @property
+    def changed(self) -> bool:
+        """It made a transition or created the breaker. False: the breaker was as asked
+        already (forced open, say, by another worker the same broadcast reached), and a
+        move that changes nothing is none."""
+        return bool(self.transitions) or self.before is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,21 +173,22 @@ def _target(
     hint: str,
     as_shown: bool,
     also_known: Callable[[str, str | None], bool] | None = None,
-) -> tuple[str, str | None, dict[str, BreakerPolicy], set[tuple[str, str | None]]]:
+) -> tuple[str, str | None, dict[str, AppBreaker], set[tuple[str, str | None]]]:
     """The breaker an operator names: ``(name, key, the app's breakers, those in the store)``.
 
     ``name`` may be a label (``crm[tenant-7]``) unless it is itself a known name. Known:
-    in the store, named by the app (without a key), or ``also_known``. An unknown one
-    raises ``UnknownBreakerError`` ending in ``hint``, unless ``create``. ``name`` and
+    in the store, named by the app (without a key, unless its tasks guard it only per
+    key), or ``also_known``. An unknown one raises ``UnknownBreakerError`` ending in
+    ``hint``, unless ``create``. ``name`` and
     ``key`` were checked (``_check_name``) before the store was opened. ``as_shown``: the
     key was typed as ``status`` shows it (the CLI, ``celery control``), not passed as
     the store holds it (the web page, a program).
     """
-    named = app_breakers(app)
+    named = app_inventory(app)
     in_store = {(snapshot.name, snapshot.key) for snapshot in store.snapshots(clock)}
 
     def known(name: str, key: str | None) -> bool:
-        in_app = key is None and name in named
+        in_app = key is None and name in named and not named[name].per_key
         return in_app or (name, key) in in_store or (also_known is not None and also_known(name, key))
 
     if key is None and not known(name, key):
@@ -202,9 +210,22 @@ def _target(
             if kept != key and (create or known(name, kept)):
                 key = kept
     if not create and not known(name, key):
+        if key is None and name in named and named[name].per_key:
+            raise _keyless(name, in_store, describe_url(store.url), hint)
         names = sorted(set(named) | {n for n, _ in in_store})
         raise _unknown(name, key, names, in_store, describe_url(store.url), hint)
     return name, key, named, in_store
+
+
+def _keyless(name: str, in_store: set[tuple[str, str | None]], store: str, hint: str) -> UnknownBreakerError:
+    # Acting on it would report success on a breaker no task consults: the tasks run on.
+    keys = sorted(k for n, k in in_store if n == name and k is not None)
+    where = f"its keys in {store}: {_listing(keys)}" if keys else f"{store} holds none of its keys yet"
+    return UnknownBreakerError(
+        f"the app's tasks guard {name!r} per key (breaker_key), so no task consults {name} without a key; "
+        f"name one of its keys as {name}[KEY] (`celery breaker status --json '{name}[*]'` lists them; "
+        f"{where}); {hint}"
+    )
 
 
 def _ago(seconds: float) -> str:
@@ -270,7 +291,8 @@ def _cell(
 ) -> tuple[Cell, bool, BreakerPolicy | None]:
     """The named breaker's cell in ``store``, whether it existed, and the app's policy for it (if the app names it)."""
     name, key, named, in_store = _target(app, name, key, store, clock, create=create, hint=hint, as_shown=as_shown)
-    wanted = named.get(name) or policy_named(app, name)
+    found = named.get(name)
+    wanted = found.policy if found is not None else policy_named(app, name)
     cell = store.cell(name, key, wanted or get_settings(app).policy_for(name), clock)
     return cell, (name, key) in in_store, wanted
 
@@ -438,7 +460,8 @@ def delete(
         )
     before, warning = None, None
     if (name, key) in in_store:
-        wanted = named.get(name) or policy_named(app, name) or get_settings(app).policy_for(name)
+        found = named.get(name)
+        wanted = found.policy if found is not None else policy_named(app, name) or get_settings(app).policy_for(name)
         cell = store.cell(name, key, wanted, clock)
         before = cell.snapshot(clock.monotonic())
         warning = caution(DELETE.name, before, cell.policy, clock.time())
@@ -460,7 +483,7 @@ def delete(
         discarded=discarded,
         claimed=claimed,
         store=describe_url(store.url),
-        in_app=name in named,
+        in_app=name in named and not (key is None and named[name].per_key),
         warning=warning,
         existed=existed,
     )

@@ -37,13 +37,14 @@ from typing import Any, cast
 import click
 
 from ..errors import BreakerKeyError, ConfigurationError, ParkedTasksError, StorageError, UnknownBreakerError
-from ..labels import breaker_label, shown_label, visible
+from ..labels import breaker_label, shown_label
 from ..monitoring.status import collect_metrics
 from ..storage import describe_url
 from .actions import ACTIONS, DELETE
 from .board import HISTORY, Board
 from .console import STATE_STYLES
 from .operator import assess, delete, operate, shared_store
+from .options import REFRESH_INTERVAL
 
 __all__ = [
     "TOKEN_ENV", "Site", "WebServer", "host_allowed", "load_token", "loopback", "same_origin", "tls_context", "web",
@@ -343,6 +344,8 @@ def _perform(site: Site, asked: Asked, *, client: str) -> tuple[int, dict[str, A
     site.board.wake()
     was = "created" if move.before is None else f"was {move.before.value}"
     message = f"{shown_label(move.label)}: {move.after.state.value} ({was}): {ACTIONS[asked.action].after}."
+    if not move.changed:
+        message = f"{shown_label(move.label)}: already {move.after.state.value}, nothing changed."
     return 200, {"ok": True, "label": move.label, "state": move.after.state.value, "message": message,
                  "warning": move.warning}  # fmt: skip
 
@@ -359,7 +362,10 @@ def _delete(site: Site, asked: Asked, label: str, client: str) -> tuple[int, dic
         raise UnknownBreakerError(f"{exc}; {_GONE}") from None
     if plan.warning is not None and not asked.confirmed:
         return 409, {"warning": plan.warning, "error": f"{plan.warning}: confirm to delete it anyway"}
-    gone = delete(site.app, asked.name, asked.key, purge=asked.purge)
+    try:
+        gone = delete(site.app, asked.name, asked.key, purge=asked.purge)
+    except ParkedTasksError as exc:  # a worker parked a task since the dry run: ask, as if it had seen it
+        return 409, {"parked": True, "error": str(exc)}
     _log_done(gone.label, "deleted" + (f" with {gone.discarded} parked task(s)" if gone.discarded else ""), client,
               gone.warning)  # fmt: skip
     site.board.wake()
@@ -373,7 +379,7 @@ def _delete(site: Site, asked: Asked, label: str, client: str) -> tuple[int, dic
 
 def _log_done(label: str, done: str, client: str, warning: str | None) -> None:
     beware = f"; beware: {warning}" if warning is not None else ""
-    logger.warning("celery-breaker web: breaker %s %s, asked from %s%s", visible(label), done, client, beware)
+    logger.warning("celery-breaker web: breaker %s %s, asked from %s%s", shown_label(label), done, client, beware)
 
 
 # -- the command -------------------------------------------------------------------------
@@ -384,7 +390,7 @@ def _log_done(label: str, done: str, client: str, warning: str | None) -> None:
               help="The address to listen on. Anything but loopback needs --allow-remote.")  # fmt: skip
 @click.option("--port", "-p", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
               help="The port to listen on (0: any free port; the URL printed says which).")  # fmt: skip
-@click.option("--interval", "-i", type=click.FloatRange(min=0.1), default=1.0, show_default=True,
+@click.option("--interval", "-i", type=REFRESH_INTERVAL, default=1.0, show_default=True,
               help="Seconds between readings of the store, and between the page's updates.")  # fmt: skip
 @click.option("--history", "-n", type=click.IntRange(min=1), default=HISTORY, show_default=True,
               help="How many recent changes the page lists.")  # fmt: skip

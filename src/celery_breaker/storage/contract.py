@@ -188,7 +188,8 @@ class Parking(Protocol):
         ...
 
     def done(self, tag: str, entries: list[str]) -> None:
-        """Forget claimed entries that were published again."""
+        """Forget claimed entries that were published again. An entry parked again
+        under the same id since it was claimed stays parked, with its new message."""
         ...
 
     def purge(self, tag: str) -> int:

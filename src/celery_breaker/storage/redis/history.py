@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from redis.exceptions import ResponseError
 
 from ...errors import StorageError
-from ...labels import breaker_label
+from ...labels import breaker_label, shown_label
 from .client import CLIENT_ERRORS
 from .damage import classify, finite, text
 
@@ -55,8 +55,8 @@ class RedisHistory:
         except (TypeError, ValueError) as exc:
             raise StorageError(f"redis store {self.store.label}: {doing}: history answered {reply!r}") from exc
         if foreign:
-            logger.warning("breaker %s: %s held a %s, not a history; replaced it", breaker_label(name, key),
-                           history_key, text(foreign))  # fmt: skip
+            logger.warning("breaker %s: %s held a %s, not a history; replaced it",
+                           shown_label(breaker_label(name, key)), history_key, text(foreign))  # fmt: skip
         return when
 
     def read(self, name: str, key: str | None, *, since: float | None = None, until: float | None = None) -> list[str]:
@@ -73,8 +73,10 @@ class RedisHistory:
                     raise
                 # A foreign value: no history, left for the next append to replace (its
                 # warning says so again then).
-                logger.warning("breaker %s: %s held a %s, not a history; none read (the next record replaces it)",
-                               breaker_label(name, key), history_key, text(client.type(history_key)))  # fmt: skip
+                logger.warning(
+                    "breaker %s: %s held a %s, not a history; none read (the next record replaces it)",
+                    shown_label(breaker_label(name, key)), history_key, text(client.type(history_key)),
+                )  # fmt: skip
                 return []
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.store.label}: reading metrics of {name!r} failed: {exc}") from exc

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ...clock import Clock
 from ...core import BreakerSnapshot
 from ...errors import StorageError
-from ...labels import breaker_label
+from ...labels import breaker_label, shown_label
 from .client import CLIENT_ERRORS
 from .damage import classify, repair_for, text
 from .keys import breaker_of, glob_escape
@@ -73,7 +73,7 @@ def _read(store: RedisStore, label: str, state_key: bytes, raw: list[Any], offse
         absent = decode_absent(raw)
         if absent is not None:
             if absent.warnings:
-                logger.warning("breaker %s: reset unreadable state in Redis (%s)", label, absent.warnings)
+                logger.warning("breaker %s: reset unreadable state in Redis (%s)", shown_label(label), absent.warnings)
             if absent.foreign:
                 logger.warning(
                     "redis store %s: left %s out of the listing: not a breaker of this store's (%s)",
@@ -84,7 +84,7 @@ def _read(store: RedisStore, label: str, state_key: bytes, raw: list[Any], offse
         if reply is None:
             return None
         if reply.warnings:
-            logger.warning("breaker %s: reset unreadable state in Redis (%s)", label, reply.warnings)
+            logger.warning("breaker %s: reset unreadable state in Redis (%s)", shown_label(label), reply.warnings)
         snapshot = decode_snapshot(reply, offset)
     except (ValueError, LookupError, TypeError) as exc:
         _left_out(store, label, StorageError(f"snapshot answered {raw!r}: {exc}"))
@@ -103,6 +103,6 @@ def _label(store: RedisStore, state_key: bytes, stem: int) -> str:
 
 def _left_out(store: RedisStore, label: str, exc: StorageError) -> None:
     logger.warning(
-        "redis store %s: left breaker %s out of the listing: %s", store.label, label, exc,
+        "redis store %s: left breaker %s out of the listing: %s", store.label, shown_label(label), exc,
         extra={"breaker_label": label},
     )  # fmt: skip
