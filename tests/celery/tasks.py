@@ -152,6 +152,38 @@ def bare_retry_whole_run_task(self: Any) -> None:
         raise self.retry(countdown=0) from None
 
 
+#: What the batch tasks below have done, per breaker: the items, in the order processed.
+PROCESSED: dict[str, list[str]] = {}
+
+
+def _process_the_rest(task: Any, name: str, items: list[str], guarded: bool) -> dict[str, Any]:
+    """Processes ``items`` one by one; when the downstream fails, asks Celery to retry
+    with the items left (``self.retry(args=...)``), so none is processed twice."""
+    for i, item in enumerate(items):
+        try:
+            if guarded:
+                with task.breaker:
+                    call_downstream(name)
+            else:
+                call_downstream(name)
+        except ConnectionError as exc:
+            raise task.retry(args=(items[i:],), exc=exc, countdown=0.1) from exc
+        PROCESSED.setdefault(name, []).append(item)
+    return report(task, list(items))
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-retry-rest", max_retries=5)
+def retry_the_rest_task(self: Any, items: list[str]) -> dict[str, Any]:
+    """The whole run guarded: its ``self.retry(args=...)`` trips the breaker."""
+    return _process_the_rest(self, "t-retry-rest", items, guarded=False)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-retry-rest-block", max_retries=5)
+def retry_the_rest_inside_block_task(self: Any, items: list[str]) -> dict[str, Any]:
+    """A guarded block: its ``self.retry(args=...)`` is held back until the block records it."""
+    return _process_the_rest(self, "t-retry-rest-block", items, guarded=True)
+
+
 class JitterRetry(Task):  # type: ignore[misc]
     """A retry of its own: the MRO's next ``retry`` after ``BreakerTask``'s."""
 

@@ -279,6 +279,43 @@ def test_a_bare_self_retry_counts_the_error_being_handled_and_defers_once_it_tri
     assert tasks.CALLS[name] == 2
 
 
+@pytest.mark.parametrize("task", ["retry_the_rest_task", "retry_the_rest_inside_block_task"])
+def test_a_retry_with_new_arguments_deferred_instead_keeps_them(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch, task: str
+) -> None:
+    # self.retry(args=...) asks for the next attempt to run with other arguments (here: the
+    # items not yet processed). Deferred instead, because its failure opened the breaker,
+    # the task used to be republished with the arguments of the run that failed, and
+    # processed the first items a second time after recovery.
+    batch = getattr(tasks, task)
+    name = batch.breaker.name
+    breaker = operate(batch.breaker)
+    monkeypatch.setitem(tasks.CALLS, name, 0)
+    monkeypatch.setitem(tasks.DOWN, name, False)
+    monkeypatch.setitem(tasks.PROCESSED, name, [])
+    calls = tasks.CALLS
+
+    def down_at_the_third_item(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setitem(tasks.DOWN, name, calls[name] >= 2)
+        return original(*args, **kwargs)
+
+    original = tasks.call_downstream
+    monkeypatch.setattr(tasks, "call_downstream", down_at_the_third_item)
+
+    result = batch.delay(["a", "b", "c", "d"])
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    assert deferred_match(result)["label"] == name  # deferred, not retried
+    assert breaker.snapshot().trips == 1
+
+    monkeypatch.setattr(tasks, "call_downstream", original)
+    monkeypatch.setitem(tasks.DOWN, name, False)
+    value = get(result)
+    assert value["value"] == ["c", "d"]  # the arguments the retry asked for
+    assert value["retries"] == 0  # and still no retry spent
+    assert value["deferrals"] >= 1
+    assert tasks.PROCESSED[name] == ["a", "b", "c", "d"]  # none twice
+
+
 def test_a_bare_self_retry_in_a_direct_call_does_not_count_its_callers_exception(operate: Operate) -> None:
     # Called directly from the caller's own except clause: the exception being handled
     # there is not the task's, and must not count against its breaker.

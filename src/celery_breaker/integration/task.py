@@ -51,6 +51,9 @@ _REFUSED = "the downstream refused it"
 #: Where ``BreakerTask.retry`` notes a retry's cause on a ``Retry`` Celery made without one
 #: (``self.retry()`` in an ``except`` clause): the exception being handled then.
 _CAUSE_ATTR = "_celery_breaker_cause"
+#: Where ``BreakerTask.retry`` notes, on the rejection it raises instead of retrying, the
+#: arguments the retry asked for (``self.retry(args=..., kwargs=...)``): the deferral takes them.
+_RETRY_CALL_ATTR = "_celery_breaker_retry_call"
 
 
 def _translate(exc: BaseException) -> BaseException | None:
@@ -276,7 +279,10 @@ class BreakerTask(Task):  # type: ignore[misc]
                     # sends it, outside this handler: its error is not chained to this one).
                     rejection = _waits_instead(run)
                     if rejection is not None:
-                        return self._on_rejected(breaker, rejection, args, kwargs)
+                        retry_args, retry_kwargs = retry.call[:2]
+                        return self._on_rejected(
+                            breaker, rejection, *_arguments(retry_args, retry_kwargs, args, kwargs)
+                        )
                     return retry
                 raise
             except (Ignore, Reject):
@@ -286,6 +292,10 @@ class BreakerTask(Task):  # type: ignore[misc]
                 run.settle(None, neutral=True)
                 if rejected.final:
                     raise
+                # (a self.retry(args=...) deferred instead: its arguments, as the retry would have run)
+                call = getattr(rejected, _RETRY_CALL_ATTR, None)
+                if call is not None:
+                    args, kwargs = _arguments(call[0], call[1], args, kwargs)
                 return self._on_rejected(breaker, rejected, args, kwargs)
             except BaseException:
                 run.settle(sys.exc_info()[1])
@@ -332,6 +342,7 @@ class BreakerTask(Task):  # type: ignore[misc]
             if handled is not None and _handled_in_this_run(handled):
                 cause = handled  # a bare retry in the body's except clause: what it handles
         if isinstance(cause, CircuitOpenError) and run is not None:
+            _note_retry_call(cause, args, kwargs)
             raise cause  # the run's handler defers (or falls back); never a retry
         postpone = False
         if run is not None:
@@ -340,6 +351,7 @@ class BreakerTask(Task):  # type: ignore[misc]
             if self._can_defer():
                 rejection = _waits_instead(run)  # defer instead of retrying
                 if rejection is not None:
+                    _note_retry_call(rejection, args, kwargs)  # (deferred with what the retry would run)
                     raise rejection from cause
                 # A guarded call took the run's ticket: it may still be open around us.
                 postpone = throw and run.claimed and isinstance(cause, BaseException)
@@ -413,6 +425,24 @@ class _PendingRetry(Retry):  # type: ignore[misc]
         super().__init__(None, cause)
         self.call = call
         self.options = options
+
+
+def _note_retry_call(rejection: CircuitOpenError, args: Any, kwargs: Any) -> None:
+    """Note on ``rejection`` (raised by ``BreakerTask.retry`` instead of a retry) the
+    arguments that retry asked for, if it asked for any: the run defers the task with
+    them, as Celery's retry would have sent it, not with the ones this run had."""
+    if args is not None or kwargs is not None:
+        setattr(rejection, _RETRY_CALL_ATTR, (args, kwargs))
+
+
+def _arguments(
+    retry_args: Any, retry_kwargs: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments a retry asked for (``None``: this run's, as ``Task.retry`` takes them)."""
+    return (
+        args if retry_args is None else tuple(retry_args),
+        kwargs if retry_kwargs is None else dict(retry_kwargs),
+    )
 
 
 @dataclass(frozen=True, slots=True)
