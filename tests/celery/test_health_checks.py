@@ -188,12 +188,8 @@ def test_a_check_whose_error_cannot_be_shown_defers_the_task_it_does_not_fail_it
 
 
 def test_a_check_run_at_a_tasks_admission_ends_before_its_hard_time_limit(app: Any) -> None:
-    from celery_breaker.integration.task import (
-        CHECK_SHARE_OF_TIME_LIMIT,
-        TIME_LIMITS_ENFORCED_ATTR,
-        WORKER_TIME_LIMIT_ATTR,
-        _check_within,
-    )
+    from celery_breaker.integration.deferral.plan import WORKER_TIME_LIMIT_ATTR
+    from celery_breaker.integration.task import CHECK_SHARE_OF_TIME_LIMIT, TIME_LIMITS_ENFORCED_ATTR, _check_within
 
     task = probe_tasks.probe_option_task
 

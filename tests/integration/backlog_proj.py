@@ -11,6 +11,7 @@ test's namespace ``ns`` (the task's first argument):
   on release, so a task is delivered 1 + deferrals times);
 * ``failures_key(ns)``: hash exception type -> tasks that failed; ``failed_ids_key(ns)``: their ids;
 * ``revoked_key(ns)``: set of task ids revoked as expired (``task_revoked`` with ``expired=True``);
+* ``finished_key(ns)``: hash task id -> runs of ``slow`` that came to their end;
 * with ``PROJ_RUN`` set, ``transitions_key(run)``: every breaker transition each process
   made, ``pid:source>target`` (with a memory store each process has its own breaker).
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -79,6 +81,10 @@ def failures_key(ns: str) -> str:
 
 def failed_ids_key(ns: str) -> str:
     return f"{ns}:failed-ids"
+
+
+def finished_key(ns: str) -> str:
+    return f"{ns}:finished"
 
 
 def revoked_key(ns: str) -> str:
@@ -155,6 +161,19 @@ def _note_transition(transition: Transition) -> None:
 
 
 add_transition_listener(app, _note_transition)
+
+
+#: A task whose run takes a while (a slow downstream), and whose time limit is the task's own.
+SLOW_TASK = "backlog.slow"
+
+
+@app.task(name=SLOW_TASK, base=BreakerTask, bind=True, breaker=BREAKER, acks_late=True, max_retries=0,
+          time_limit=5)  # fmt: skip
+def slow(self: Any, ns: str, seconds: float) -> None:
+    """Counts its run, takes ``seconds`` (a slow downstream's answer), then counts its end."""
+    counter().hincrby(executions_key(ns), self.request.id, 1)
+    time.sleep(seconds)
+    counter().hincrby(finished_key(ns), self.request.id, 1)
 
 
 # -- Celery's canvas under a breaker (results in the result backend) ---------------------

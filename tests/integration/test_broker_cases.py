@@ -28,6 +28,7 @@ from tests.integration import routes_proj
 from tests.integration.backlog_proj import (
     BREAKER,
     EARLY_ACK_TASK,
+    SLOW_TASK,
     TASK,
     add,
     deferral_counts_key,
@@ -35,6 +36,7 @@ from tests.integration.backlog_proj import (
     executions_key,
     failed_ids_key,
     failures_key,
+    finished_key,
     links_key,
     note,
     note_error,
@@ -109,6 +111,39 @@ def test_a_breaker_open_longer_than_the_consumer_timeout_never_stops_the_worker(
         assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
     finally:
         publisher.close()
+
+
+# -- Redis's visibility_timeout ----------------------------------------------------------
+
+
+def test_a_countdown_leaves_room_for_the_tasks_own_time_limit_within_the_visibility_timeout(
+    redis_server: RedisServer,
+) -> None:
+    """The countdown was capped below ``visibility_timeout`` by a margin of the message's
+    hard time limit only. A limit set on the task (``@app.task(time_limit=5)``, or
+    ``task_time_limit``, or ``--time-limit``) is not in the message: the margin was 10 %,
+    the task was held 5.4 s of the 6, then ran 3 s, and Redis gave the unacknowledged
+    message to the worker again while it ran: the task ran twice (the second copy is
+    in the queue, or running, when the first ends)."""
+    policy = {"failure_threshold": 1, "reset_timeout": 60.0}
+    options = {"visibility_timeout": 6, "unacked_restore_interval": 1, "unacked_restore_throttle": 1}
+    cell = deploy("redis", "redis", "countdown", redis_server=redis_server, policy=policy, breaker_defer_spread=0,
+                  broker_transport_options=options)  # fmt: skip
+    client = counts(cell)
+    broker = redis.Redis.from_url(cell.broker_url)
+    publisher = cell.publisher()
+    try:
+        with cell.worker(concurrency=1):
+            with held_open(cell, policy):
+                task_id = publisher.send_task(SLOW_TASK, args=(cell.ns, 3.0)).id
+                wait_for(lambda: bool(client.sismember(deferred_key(cell.ns), task_id)), 60, "the task deferred")
+            wait_for(lambda: client.hlen(finished_key(cell.ns)) >= 1, 60, "the task run after the close")
+            # Nothing left unacknowledged nor queued: Redis has nothing more to give again.
+            wait_for(lambda: broker.hlen("unacked") == 0 == broker.llen(cell.queue), 60, "the task acknowledged")
+        assert client.hgetall(executions_key(cell.ns)) == {task_id: "1"}
+    finally:
+        publisher.close()
+        broker.close()
 
 
 # -- quorum queues ----------------------------------------------------------------------

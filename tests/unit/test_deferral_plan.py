@@ -22,11 +22,13 @@ from celery_breaker.integration.deferral.plan import (
     MINIMUM_DELAY,
     MOST_DEFERRALS,
     SINCE_HEADER,
+    WORKER_TIME_LIMIT_ATTR,
     DeferralHeaders,
     hard_time_limit,
     park_deadline,
     plan_deferral,
     read_headers,
+    run_time_limit,
     seconds_until,
 )
 from celery_breaker.integration.settings import build_settings
@@ -182,6 +184,26 @@ def test_defer_cap_keeps_a_margin_for_the_task_runtime() -> None:
     assert settings.defer_cap(300.0) == 700.0  # the hard time limit is the margin
     assert settings.defer_cap(5000.0) == 1.0  # never zero or negative
     assert build_settings(Celery(broker="memory://").conf).defer_cap(None) is None
+
+
+def test_the_margin_is_the_runs_time_limit_wherever_it_is_set() -> None:
+    # Only a limit sent with the message reaches the request: the task's own, the worker's
+    # --time-limit and task_time_limit did not count, and a countdown held 90 % of the
+    # visibility timeout left a long run too little of it (redelivered: run twice).
+    app = Celery(broker="redis://localhost:6379/0")
+    app.conf.broker_transport_options = {"visibility_timeout": 1000}
+    cap = build_settings(app.conf).defer_cap
+    task = SimpleNamespace(app=app, time_limit=None)
+    none = SimpleNamespace(timelimit=(None, None))
+    assert run_time_limit(task, none) is None
+    app.conf.task_time_limit = 400
+    assert run_time_limit(task, none) == 400.0
+    setattr(app, WORKER_TIME_LIMIT_ATTR, 350)  # (the worker's --time-limit)
+    assert run_time_limit(task, none) == 350.0
+    task.time_limit = 300  # @app.task(time_limit=300)
+    assert run_time_limit(task, none) == 300.0
+    assert cap(run_time_limit(task, none)) == 700.0
+    assert run_time_limit(task, SimpleNamespace(timelimit=(200, 100))) == 200.0  # the message's first
 
 
 def test_the_spread_never_pushes_a_task_that_could_run_past_its_expiry() -> None:

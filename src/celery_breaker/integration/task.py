@@ -30,12 +30,11 @@ from ..names import check_name
 from .broker import DEAD_LETTER_HEADERS
 from .deferral.defer import defer
 from .deferral.plan import HEADERS as DEFERRAL_HEADERS
-from .deferral.plan import PARKED_HEADER, hard_time_limit
+from .deferral.plan import PARKED_HEADER, run_time_limit
 from .probes import breaker_with_probe
 from .registry import BreakerRegistry, registry_for
 from .setting_docs import TASK_OPTION_DOCS
 from .task_options import OPTIONS_FORGOTTEN, TaskBreakerConfig, forget_task_breaker_config, task_breaker_config
-from .values import positive_finite
 
 __all__ = ["BreakerTask"]
 
@@ -474,9 +473,6 @@ def _handled_in_this_run(exc: BaseException) -> bool:
 CHECK_SHARE_OF_TIME_LIMIT = 0.8
 
 
-#: Where the worker notes its own hard time limit on the app (``BreakerStep``):
-#: ``--time-limit`` lives on the worker, not in ``app.conf``.
-WORKER_TIME_LIMIT_ATTR = "_celery_breaker_worker_time_limit"
 #: Where the worker notes whether its pool enforces time limits (prefork, gevent and
 #: eventlet do; threads and solo do not).
 TIME_LIMITS_ENFORCED_ATTR = "_celery_breaker_time_limits_enforced"
@@ -491,13 +487,7 @@ def _check_within(task: BreakerTask, request: Any) -> float | None:
     app = task.app
     if not getattr(app, TIME_LIMITS_ENFORCED_ATTR, False) or request.is_eager or request.called_directly:
         return None
-    limit = hard_time_limit(request)
-    if limit is None:
-        worker_limit = getattr(app, WORKER_TIME_LIMIT_ATTR, None)
-        for value in (getattr(task, "time_limit", None), worker_limit, app.conf.task_time_limit):
-            limit = positive_finite(value)
-            if limit is not None:
-                break
+    limit = run_time_limit(task, request)
     return None if limit is None else limit * CHECK_SHARE_OF_TIME_LIMIT
 
 

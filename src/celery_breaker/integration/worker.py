@@ -21,6 +21,7 @@ from . import events
 from .broker import REDIS, broker_kind, broker_url
 from .deferral.broker_delay import note_delivery_queue
 from .deferral.parking import ParkInStore
+from .deferral.plan import WORKER_TIME_LIMIT_ATTR
 from .deferral.release import Releaser
 from .deferral.selection import deferral_strategies
 from .deferral.strategy import note_content_type
@@ -28,7 +29,7 @@ from .inventory import check_app
 from .registry import registry_for
 from .routes import apply_routes
 from .settings import get_settings, reload_settings
-from .task import TIME_LIMITS_ENFORCED_ATTR, WORKER_TIME_LIMIT_ATTR
+from .task import TIME_LIMITS_ENFORCED_ATTR
 
 __all__ = ["EXIT_CONFIG", "BreakerStep", "ReleaserStep", "unseen_breakers"]
 

@@ -20,9 +20,9 @@ from .plan import (
     DEFERRALS_HEADER,
     PARKED_HEADER,
     SINCE_HEADER,
-    hard_time_limit,
     plan_deferral,
     read_headers,
+    run_time_limit,
     seconds_until,
 )
 from .selection import deferral_strategies
@@ -66,7 +66,7 @@ def defer(
         max_deferrals=config.max_deferrals,
         max_defer_age=config.max_defer_age,
         expires_in=expires_in,
-        cap=settings.defer_cap(hard_time_limit(request)),
+        cap=settings.defer_cap(run_time_limit(task, request)),  # (the task's own limit too, not only the message's)
     )
     if plan.give_up is not None:
         logger.warning("task %s[%s]: %s", task.name, request.id, plan.give_up)

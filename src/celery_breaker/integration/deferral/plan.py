@@ -11,18 +11,21 @@ from typing import Any
 from celery.utils.time import maybe_iso8601, maybe_make_aware
 
 from ...core.chance import CHANCE
+from ..values import positive_finite
 
 __all__ = [
     "DEFERRALS_HEADER",
     "HEADERS",
     "PARKED_HEADER",
     "SINCE_HEADER",
+    "WORKER_TIME_LIMIT_ATTR",
     "DeferralHeaders",
     "DeferralPlan",
     "hard_time_limit",
     "park_deadline",
     "plan_deferral",
     "read_headers",
+    "run_time_limit",
     "seconds_until",
 ]
 
@@ -190,6 +193,27 @@ def hard_time_limit(request: Any) -> float | None:
     except (TypeError, ValueError, IndexError, KeyError, OverflowError):  # (a header no Celery wrote)
         return None
     return found if found is not None and found > 0 and math.isfinite(found) else None
+
+
+#: Where the worker notes its own hard time limit on the app (``BreakerStep``):
+#: ``--time-limit`` lives on the worker, not in ``app.conf``.
+WORKER_TIME_LIMIT_ATTR = "_celery_breaker_worker_time_limit"
+
+
+def run_time_limit(task: Any, request: Any) -> float | None:
+    """The hard time limit of ``task``'s run (seconds; ``None``: none): the message's, else
+    the task's (``@app.task(time_limit=...)``), else the worker's ``--time-limit``, else
+    ``task_time_limit``. The worker applies them in that order; only the message's
+    reaches ``request``."""
+    limit = hard_time_limit(request)
+    if limit is None:
+        app = task.app
+        worker_limit = getattr(app, WORKER_TIME_LIMIT_ATTR, None)
+        for value in (getattr(task, "time_limit", None), worker_limit, app.conf.task_time_limit):
+            limit = positive_finite(value)
+            if limit is not None:
+                break
+    return limit
 
 
 def park_deadline(expires_in: float | None, since: float, max_defer_age: float | None, now: float) -> float | None:
