@@ -184,6 +184,13 @@ def retry_the_rest_inside_block_task(self: Any, items: list[str]) -> dict[str, A
     return _process_the_rest(self, "t-retry-rest-block", items, guarded=True)
 
 
+@shared_task(base=BreakerTask, bind=True, breaker="t-reprs")
+def hidden_arguments_task(self: Any, card: str, token: str = "") -> dict[str, Any]:
+    """Reports how its arguments are shown (``argsrepr``, ``kwargsrepr``: events, logs, Flower)."""
+    request = self.request
+    return {**report(self), "argsrepr": request.argsrepr, "kwargsrepr": request.kwargsrepr}
+
+
 class JitterRetry(Task):  # type: ignore[misc]
     """A retry of its own: the MRO's next ``retry`` after ``BreakerTask``'s."""
 

@@ -316,6 +316,23 @@ def test_a_retry_with_new_arguments_deferred_instead_keeps_them(
     assert tasks.PROCESSED[name] == ["a", "b", "c", "d"]  # none twice
 
 
+def test_arguments_hidden_by_argsrepr_stay_hidden_after_a_deferral(app: Any, operate: Operate) -> None:
+    # apply_async(argsrepr=..., kwargsrepr=...) keeps secrets out of the worker's events and
+    # logs (Flower shows them). Celery's signature_from_request leaves both out, so the
+    # deferred copy was sent with reprs of the real arguments: the card number and the
+    # token showed in its task-received event.
+    breaker = operate(tasks.hidden_arguments_task.breaker)
+    breaker.force_open()
+    result = tasks.hidden_arguments_task.apply_async(
+        ("4111 1111 1111 1111",), {"token": "s3cr3t"}, argsrepr="('****',)", kwargsrepr="{'token': '***'}"
+    )
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    breaker.close()
+    value = get(result)
+    assert value["deferrals"] >= 1
+    assert (value["argsrepr"], value["kwargsrepr"]) == ("('****',)", "{'token': '***'}")
+
+
 def test_a_bare_self_retry_in_a_direct_call_does_not_count_its_callers_exception(operate: Operate) -> None:
     # Called directly from the caller's own except clause: the exception being handled
     # there is not the task's, and must not count against its breaker.

@@ -176,6 +176,22 @@ def slow(self: Any, ns: str, seconds: float) -> None:
     counter().hincrby(finished_key(ns), self.request.id, 1)
 
 
+#: A task whose arguments its sender hides (``argsrepr``, ``kwargsrepr``).
+HIDDEN_TASK = "backlog.hidden"
+
+
+def shown_key(ns: str) -> str:
+    return f"{ns}:shown"
+
+
+@app.task(name=HIDDEN_TASK, base=BreakerTask, bind=True, breaker=BREAKER, acks_late=True, max_retries=0)
+def hidden(self: Any, ns: str, card: str, token: str = "") -> None:
+    """Notes how the worker shows its arguments (its events, its logs, Flower), then counts its run."""
+    request = self.request
+    counter().rpush(shown_key(ns), f"{request.argsrepr} {request.kwargsrepr}")
+    counter().hincrby(executions_key(ns), request.id, 1)
+
+
 # -- Celery's canvas under a breaker (results in the result backend) ---------------------
 
 

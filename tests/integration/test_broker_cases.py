@@ -28,6 +28,7 @@ from tests.integration import routes_proj
 from tests.integration.backlog_proj import (
     BREAKER,
     EARLY_ACK_TASK,
+    HIDDEN_TASK,
     SLOW_TASK,
     TASK,
     add,
@@ -42,6 +43,7 @@ from tests.integration.backlog_proj import (
     note_error,
     refuse,
     revoked_key,
+    shown_key,
     total,
 )
 from tests.integration.deployments import CONSUMER_TIMEOUT_S, Deployment, deploy
@@ -254,6 +256,34 @@ def test_tasks_in_every_serializer_the_app_accepts_are_parked_and_run_once(
         assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
         assert "dropped parked entry" not in log
         assert "ContentDisallowed" not in log
+    finally:
+        publisher.close()
+
+
+# -- arguments hidden by argsrepr ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("broker", "mode"), [("redis", "park"), ("rabbitmq-classic", "park"), ("redis", "countdown")])
+def test_arguments_their_sender_hid_stay_hidden_through_every_deferral(
+    broker: str, mode: str, rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """``apply_async(argsrepr=..., kwargsrepr=...)`` keeps secrets out of a worker's events
+    and logs. The deferred copy (parked, delayed in RabbitMQ or by countdown) was sent
+    without them, so its run showed the real card number and token."""
+    policy = {"failure_threshold": 1, "reset_timeout": 1.0}
+    cell = deploy(broker, "redis", mode, rabbitmq=rabbitmq, redis_server=redis_server, policy=policy)
+    client = counts(cell)
+    publisher = cell.publisher()
+    try:
+        with cell.worker():
+            with held_open(cell, policy):
+                task_id = publisher.send_task(
+                    HIDDEN_TASK, args=(cell.ns, "4111 1111 1111 1111"), kwargs={"token": "s3cr3t"},
+                    argsrepr="('****',)", kwargsrepr="{'token': '***'}",
+                ).id  # fmt: skip
+                wait_for(lambda: bool(client.sismember(deferred_key(cell.ns), task_id)), 60, "the task deferred")
+            wait_for(lambda: client.hlen(executions_key(cell.ns)) >= 1, 60, "the task run after the close")
+        assert client.lrange(shown_key(cell.ns), 0, -1) == ["('****',) {'token': '***'}"]
     finally:
         publisher.close()
 

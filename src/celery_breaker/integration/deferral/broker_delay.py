@@ -523,7 +523,9 @@ class BrokerDelay:
             self._cannot_tell(request.delivery_info)
             return None
         seconds = min(LONGEST_DELAY, max(1, math.ceil(deferral.plan.delay)))
-        signature = task.signature_from_request(request, deferral.args, deferral.kwargs, headers=deferral.headers)
+        signature = task.signature_from_request(
+            request, deferral.args, deferral.kwargs, headers=deferral.headers, **deferral.options
+        )
         # No countdown or eta: the broker holds it for exactly that long, and a worker
         # must not hold it again. The explicit exchange and key replace the delivery's own.
         signature.options.pop("queue", None)

@@ -81,8 +81,9 @@ class CountdownRepublish:
         if self.whole_seconds:
             delay = float(max(1, math.ceil(delay)))
         signature = task.signature_from_request(
-            request, deferral.args, deferral.kwargs, countdown=delay, headers=deferral.headers, **self._route(task)
-        )
+            request, deferral.args, deferral.kwargs, countdown=delay, headers=deferral.headers,
+            **deferral.options, **self._route(task),
+        )  # fmt: skip
         try:
             publish(task, signature)
         except Exception as exc:

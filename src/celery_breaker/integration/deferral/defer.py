@@ -82,11 +82,37 @@ def defer(
     deferral = Deferral(
         task=task, breaker=breaker, rejected=rejected, state=state, args=args, kwargs=kwargs, headers=headers,
         plan=plan, expires_in=expires_in, max_defer_age=config.max_defer_age, now=now,
+        options=_reprs(request, args, kwargs),
     )  # fmt: skip
     strategy, delay = _deliver(deferral, deferral_strategies(task.app))
     if not rejected.name or (rejected.name, rejected.key) == (breaker.name, breaker.key):
         breaker.note_deferral()  # (a nested breaker's rejection is not this breaker's deferral)
     return _announce(deferral, strategy, delay)
+
+
+def _reprs(request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``argsrepr`` and ``kwargsrepr`` the task was sent with, for its deferral:
+    Celery's ``signature_from_request`` leaves them out, and the copy showed the real
+    arguments in the worker's events and logs (Flower) where the sender had hidden them
+    (``apply_async(argsrepr="('****',)")``). Only while the arguments are the ones they
+    stand for: a ``self.retry(args=...)`` deferred instead gets reprs of its own."""
+    found: dict[str, Any] = {}
+    for option, given, sent in (("argsrepr", args, request.args), ("kwargsrepr", kwargs, request.kwargs)):
+        text = getattr(request, option, None)
+        if isinstance(text, str) and _same(given, sent):
+            found[option] = text
+    return found
+
+
+def _same(given: Any, sent: Any) -> bool:
+    """Whether the arguments a deferral publishes are the ones the request came with (a
+    list or a tuple alike)."""
+    if isinstance(given, (list, tuple)) and isinstance(sent, (list, tuple)):
+        given, sent = tuple(given), tuple(sent)
+    try:
+        return bool(given == sent)
+    except Exception:  # (arguments whose == does not answer a bool: take them for new)
+        return False
 
 
 def _rejecting_label(breaker: CircuitBreaker, rejected: CircuitOpenError) -> str:

@@ -109,7 +109,9 @@ class ParkInStore:
         task = deferral.task
         request = task.request
         headers = {**deferral.headers, PARKED_HEADER: 1}  # (released, it is paced: see PARKED_HEADER)
-        signature = task.signature_from_request(request, deferral.args, deferral.kwargs, headers=headers)
+        signature = task.signature_from_request(
+            request, deferral.args, deferral.kwargs, headers=headers, **deferral.options
+        )
         body = dict(signature)
         body["options"] = {k: v for k, v in body.get("options", {}).items() if k not in ("countdown", "eta")}
         try:

@@ -11,7 +11,7 @@ is one module here that implements ``DeferralStrategy`` plus one line in ``selec
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from kombu.exceptions import EncodeError
@@ -52,6 +52,9 @@ class Deferral:
     """The task's ``breaker_max_defer_age``."""
     now: float
     """Epoch seconds when the deferral was planned."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Publishing options of the delivery that ``signature_from_request`` does not carry
+    (``argsrepr``, ``kwargsrepr``): every strategy passes them to it."""
 
 
 class DeferralStrategy(Protocol):
