@@ -12,7 +12,8 @@ import pytest
 import redis
 from redis.exceptions import ResponseError
 
-from celery_breaker import CircuitBreaker, CircuitOpenError, State
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, State
+from celery_breaker.core import Outcome
 from celery_breaker.errors import StorageError
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.storage.redis.damage import CHECK_TYPES, RESET, classify, repair_for
@@ -20,7 +21,7 @@ from celery_breaker.storage.redis.parking import PARKING_SUFFIXES, WHOLE
 from celery_breaker.testing import FakeClock
 
 from ..unit.support import fail, ok, state_of
-from .conftest import following, replace, unique_prefix
+from .conftest import Closing, following, replace, unique_prefix
 
 POLICY = {"failure_threshold": 2, "reset_timeout": 5.0, "half_open_max_calls": 2, "success_threshold": 1}
 
@@ -289,6 +290,9 @@ def test_a_script_failing_on_its_data_is_run_again_and_resets_the_breaker(
         ("celery-breaker: park needs a finite numeric order", "refused"),
         ("BUSY Redis is busy running a script.", "store"),
         ("MASTERDOWN Link with MASTER is down", "store"),
+        ("The user executing the script can't publish to the channel mentioned in the command script: 1", "store"),
+        ("The user executing the script can't run this command or subcommand script: 1, on @user_script:9.", "store"),
+        ("The user executing the script can't access at least one of the keys mentioned in the command", "store"),
     ],
 )
 def test_failures_are_told_apart(message: str, damage: str) -> None:
@@ -296,6 +300,32 @@ def test_failures_are_told_apart(message: str, damage: str) -> None:
     assert repair_for(ResponseError(message)) == {"types": CHECK_TYPES, "data": RESET}.get(damage, "")
     assert classify(redis.ConnectionError("gone")) == "store"
     assert classify(redis.exceptions.ReadOnlyError("READONLY")) == "store"
+
+
+def test_a_script_the_redis_user_may_not_run_resets_no_breaker(
+    redis_url: str, server: redis.Redis, store: RedisStore, closing: Closing
+) -> None:
+    """Redis 7 gives a user made by ``ACL SETUSER`` no channel unless told (``&*``): its
+    scripts fail on PUBLISH as a trip is announced. That is the user's doing, not the
+    breaker's data: the call falls back, and the breaker stored for every worker is not
+    reset (it was, by a run that asked for a reset and failed on PUBLISH again)."""
+    user = f"user-{unique_prefix()}"
+    server.acl_setuser(user, enabled=True, passwords=["+secret"], keys=["*"], commands=["+@all"])  # (no channel)
+    try:
+        clock = FakeClock()
+        fail(CircuitBreaker("svc", POLICY, storage=store, clock=clock))  # a worker allowed everything
+        incarnation = server.hget(state_key(store), "inc")
+        url = redis_url.replace("redis://", f"redis://{user}:secret@", 1)
+        denied = closing(RedisStore.from_url(f"{url}?time=client&key_prefix={store.key_prefix}"))
+        clock.advance(1.0)  # (a reset would stamp another incarnation)
+        policy = BreakerPolicy.coerce(POLICY)
+        cell = denied.cell("svc", None, policy, clock)  # (reading it publishes nothing)
+        with pytest.raises(StorageError, match="can't publish"):
+            cell.finish(cell.generation, Outcome.FAILURE, 0.0, policy, clock.monotonic())  # the second failure trips
+        assert server.hget(state_key(store), "inc") == incarnation  # not reset
+        assert int(server.hget(state_key(store), "ko") or 0) == 2  # both failures kept
+    finally:
+        server.acl_deluser(user)
 
 
 def test_a_transition_no_script_could_publish_is_ignored(store: RedisStore) -> None:

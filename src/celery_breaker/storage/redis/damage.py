@@ -47,6 +47,11 @@ Damage = Literal["types", "data", "refused", "store"]
 
 #: Error replies that say Redis (or a Cluster) cannot serve right now, whatever the data.
 _STORE_FAILING = ("Script killed", "non local key", "CROSSSLOT", "CLUSTERDOWN", "MASTERDOWN", "TRYAGAIN")
+#: A command inside a script that the connection's ACL user may not run, on a channel or
+#: key it may not use (Redis 7.0 words it so, without the NOPERM code a plain command gets):
+#: the user's doing, not the data's. Resetting the breaker would wipe it (a script's writes
+#: before the error stay) and fail again on the same command.
+_DENIED = ("The user executing the script can't", "no permissions")
 
 
 def classify(exc: BaseException | None) -> Damage:
@@ -57,8 +62,8 @@ def classify(exc: BaseException | None) -> Damage:
     - ``refused``: the breaker's keys are not at fault as far as we can tell: a script
       refused its caller's arguments (``celery-breaker: ...``) or answered nonsense (no
       Redis error at all);
-    - ``store``: Redis itself failing (no connection, read-only, out of memory, busy...),
-      whatever the data.
+    - ``store``: Redis itself failing (no connection, read-only, out of memory, busy,
+      a command the ACL user may not run...), whatever the data.
     """
     if exc is None or not isinstance(exc, CLIENT_ERRORS):
         return "refused"
@@ -69,6 +74,8 @@ def classify(exc: BaseException | None) -> Damage:
         return "types"
     if "celery-breaker:" in message:
         return "refused"
+    if any(mark in message for mark in _DENIED):
+        return "store"
     code = message.split(" ", 1)[0]
     if (code.isalpha() and code.isupper()) or any(mark in message for mark in _STORE_FAILING):
         return "store"  # another error code (BUSY, MASTERDOWN...): not the data's doing
