@@ -177,6 +177,33 @@ def test_the_index_forgets_a_breaker_only_when_it_holds_nothing(store: RedisStor
     assert not redis.Redis.from_url(redis_url).exists(tag + ":q", tag + ":m", tag + ":c")
 
 
+@pytest.mark.parametrize("pace_kind", ["fixed", "adaptive"])
+def test_a_breakers_release_pace_lives_the_idle_ttl_past_its_last_release(
+    store: RedisStore, redis_url: str, pace_kind: str
+) -> None:
+    """The pacing hash names no entry: once the breaker has released everything, it goes
+    with the breaker's own keys (it was kept for good, one per breaker and key that ever
+    parked a task: per-tenant breakers grew Redis without bound)."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    fail(breaker)
+    park_many(store, 1)
+    tag = store.parking.tag("svc", None)
+    law = PacingLaw() if pace_kind == "adaptive" else None
+    clock.advance(10.0)
+    assert store.parking.release(
+        tag, most=5, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic(), law=law
+    )  # a probe
+    assert breaker.call(ok) == "ok"  # the probe closes it
+    store.parking.done(tag, ["task-0:1"])
+    store.parking.release(tag, most=5, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic(), law=law)
+    store.parking.forget(tag)
+    assert store.parking.tags() == []
+    client = redis.Redis.from_url(redis_url)
+    assert client.exists(tag + ":p")
+    assert 0 < client.pttl(tag + ":p") <= store.idle_ttl * 1000
+
+
 def test_parked_entries_never_expire_and_outlive_their_breakers_state(store: RedisStore, redis_url: str) -> None:
     """Parked entries have no TTL (a TTL would drop tasks); the breaker's own keys do. Once
     those expire (a breaker nobody uses), its entries go at the paced ramp, as if closed."""

@@ -5,7 +5,9 @@
 --       tenth of the pace to all of it), 6 lease seconds, 7 '' for that fixed pace, or the
 --       adaptive law (core/pacing.py PacingLaw.text: start;ceiling;judge_every;slow_start;
 --       step;back_off;bad_share;floor;least_bad;in_flight_s, the ceiling '' for none; 4 and
---       5 are then unused), 8 the transitions channel ('' none: a reset is not published)
+--       5 are then unused), 8 the transitions channel ('' none: a reset is not published),
+--       9 the idle TTL in ms ('' none): the pacing hash lives that long past the last release
+--       (it names no entry; without it, every breaker that ever released kept one for good)
 -- Returns { repairs, entry, payload, entry, payload, ... }.
 --
 -- What the breaker lets run (read from its state hash):
@@ -175,5 +177,7 @@ if allowed > 0 then
   end
 end
 if adaptive ~= nil then write_pace(took_pace(adaptive, taken)) end
+local idle_ms = read_whole(ARGV[9] or '')
+if idle_ms ~= nil and idle_ms > 0 then redis.call('PEXPIRE', K_PACE, idle_ms) end -- (no key: nothing)
 out[1] = table.concat(repairs, '; ')
 return out
