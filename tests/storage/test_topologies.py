@@ -32,7 +32,7 @@ from celery_breaker.testing import FakeClock
 
 from .. import servers
 from ..servers import RedisSentinel
-from ..unit.support import fail, ok, state_of
+from ..unit.support import down, fail, ok, state_of
 from .conftest import Closing, unique_prefix
 from .test_redis_hot_path import Trips, live_breaker
 
@@ -546,6 +546,52 @@ def test_the_hot_path_hears_trips_on_every_topology(topology: str, request: pyte
     with pytest.raises(CircuitOpenError):
         there.call(ok)
     assert trips.count == 0  # the trip was heard, the rejection made locally
+
+
+@pytest.mark.parametrize("topology", ["redis", "cluster", "sentinel"])
+def test_with_max_connections_busy_threads_wait_for_a_connection_instead_of_an_outage(
+    topology: str, request: pytest.FixtureRequest
+) -> None:
+    """redis-py's default pool fails a call at once when ``max_connections`` are in use
+    ("Too many connections"): one busy moment was a store outage, every breaker of the
+    store on its stand-in for 5 s and their outcomes lost to the shared state."""
+    if topology == "cluster":
+        base: str = request.getfixturevalue("redis_cluster_url")
+    elif topology == "sentinel":
+        base = request.getfixturevalue("redis_sentinel").url
+    else:
+        base = request.getfixturevalue("redis_url")
+    # Three connections: the agent's subscription and two for eight threads' calls.
+    store = RedisStore.from_url(f"{base}{'&' if '?' in base else '?'}key_prefix={unique_prefix()}&max_connections=3")
+    policy = {"failure_threshold": 1000}
+    breakers = [CircuitBreaker(f"svc-{i}", policy, storage=store, on_storage_error="deny") for i in range(4)]
+
+    def failing(breaker: CircuitBreaker) -> None:
+        for _ in range(25):
+            with pytest.raises(ConnectionError):
+                breaker.call(down)
+
+    threads = [threading.Thread(target=failing, args=(breakers[i % 4],)) for i in range(8)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert not any(breaker.store.down for breaker in breakers)
+        assert {breaker.name: breaker.snapshot().failures for breaker in breakers} == {
+            f"svc-{i}": 50 for i in range(4)
+        }  # every failure reached Redis
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://127.0.0.1:1?max_connections=1", "redis+sentinel://h:26379/svc?max_connections=0",
+            "redis+cluster://h:7000?max_connections=1"],
+)  # fmt: skip
+def test_a_pool_the_subscription_would_fill_is_refused(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="max_connections must be at least 2"):
+        RedisStore.from_url(url)
 
 
 @pytest.mark.parametrize("url", [":s3cret@127.0.0.1:6379/0", "localhost:6379?password=s3cret"])

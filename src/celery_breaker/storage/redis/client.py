@@ -14,7 +14,7 @@ from redis.backoff import NoBackoff
 from redis.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisClusterException
 from redis.retry import Retry
-from redis.sentinel import Sentinel
+from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ...errors import ConfigurationError, StorageError
 from ..urls import describe_url as describe
@@ -119,6 +119,10 @@ def _retry() -> Retry:
     return Retry(NoBackoff(), 1, supported_errors=(redis.ConnectionError,))
 
 
+class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
+    """Sentinel's pool for the master, waiting for a free connection as ``BlockingConnectionPool`` does."""
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class _Endpoint:
     """Where a store URL points, parsed and checked; nothing connected."""
@@ -163,13 +167,22 @@ def make_client(
     """
     endpoint = _endpoint(url, parts, passed)
     timeouts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
+    # With max_connections, a call finding every connection in use waits for one, up to
+    # both timeouts (redis-py's default pool would fail it at once, "Too many
+    # connections", and one busy moment would be a store outage for every breaker).
+    bounded = any(name == "max_connections" for name, _ in passed)
+    waiting: dict[str, Any] = {"timeout": socket_timeout + socket_connect_timeout} if bounded else {}
     if endpoint.topology == "sentinel":
         # Sentinel's own connections only ask where the master is; the master's get the
         # URL's credentials, db and options. Neither connects before the first command.
         sentinel_kwargs = {**timeouts, "retry": _retry(), **endpoint.sentinel_options}
         sentinel = Sentinel(list(endpoint.nodes), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call,unused-ignore]
-        return sentinel.master_for(endpoint.service, retry=_retry(), **timeouts, **endpoint.options)  # type: ignore[no-untyped-call,unused-ignore]
+        if bounded:
+            waiting["connection_pool_class"] = _BlockingSentinelPool
+        return sentinel.master_for(endpoint.service, retry=_retry(), **timeouts, **waiting, **endpoint.options)  # type: ignore[no-untyped-call,unused-ignore]
     if endpoint.topology == "cluster":
+        if bounded:
+            waiting["connection_pool_class"] = redis.BlockingConnectionPool
         try:
             # A cluster-level retry: redis-py retries a timeout too, and reads the slot
             # map again after a connection error (node connections never retry).
@@ -177,18 +190,30 @@ def make_client(
                 startup_nodes=[ClusterNode(host, port) for host, port in endpoint.nodes],  # type: ignore[no-untyped-call]
                 retry=Retry(NoBackoff(), 1),
                 **timeouts,
+                **waiting,
                 **endpoint.options,
             )
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {describe(url)}: cannot read the cluster's slot map: {exc}") from exc
     try:
-        return redis.Redis.from_url(endpoint.target, retry=_retry(), **timeouts)
+        if not bounded:
+            return redis.Redis.from_url(endpoint.target, retry=_retry(), **timeouts)
+        pool = redis.BlockingConnectionPool.from_url(endpoint.target, retry=_retry(), **timeouts, **waiting)
+        client = redis.Redis(connection_pool=pool)
+        client.auto_close_connection_pool = True  # (as Redis.from_url: close() closes the pool)
+        return client
     except ValueError as exc:
         raise ConfigurationError(f"redis store URL {describe(url)!r}: {exc}") from None
 
 
 def _endpoint(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> _Endpoint:
     topology = SCHEMES[parts.scheme.lower()]
+    if any(name == "max_connections" and value.strip().isdigit() and int(value) < 2 for name, value in passed):
+        # The transitions subscription holds one for good: every call would wait for none.
+        raise ConfigurationError(
+            f"redis store URL {describe(url)!r}: max_connections must be at least 2 (one is the process's "
+            "subscription to the transitions channel); give it the threads that call breakers at once, plus one"
+        )
     if topology == "sentinel":
         return _sentinel_endpoint(url, parts, passed)
     if topology == "cluster":
