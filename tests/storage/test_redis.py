@@ -103,6 +103,10 @@ def test_bad_url_options_name_the_option(query: str, named: str) -> None:
         ("rediss://127.0.0.1:1/0?ssl_min_version=3", "is not a valid TLSVersion"),
         ("rediss://127.0.0.1:1/0?ssl_cert_reqs=sometimes", "Invalid SSL Certificate Requirements Flag: sometimes"),
         ("redis://127.0.0.1:1/0?db=first", "Invalid value for 'db'"),
+        # Decoded replies failed every script call as an outage and broke listings (TypeError).
+        ("redis://127.0.0.1:1/0?decode_responses=true", "decode_responses"),
+        ("redis+unix:///run/redis.sock?decode_responses=yes", "decode_responses"),
+        ("redis://127.0.0.1:1/0?decode_responses=false", "decode_responses"),  # (read as text: 'false' is true)
     ],
 )
 def test_a_misspelt_or_bad_redis_py_option_is_refused_when_configured_not_on_first_call(url: str, named: str) -> None:

@@ -225,6 +225,15 @@ def _endpoint(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> _E
         if parts.scheme.lower() in TLS_SCHEMES:
             options["ssl"] = True  # every node: the startup nodes and those the slot map names
         return _Endpoint(topology=topology, nodes=nodes, options=options)
+    if any(name == "decode_responses" for name, _ in passed):
+        # The store reads every reply (scripts', transitions, listings) as bytes: decoded,
+        # each call failed as a store outage and a listing raised TypeError. redis-py
+        # keeps the option's text from a URL, so even "false" turned decoding on.
+        raise ConfigurationError(
+            f"redis store URL {describe(url)!r}: decode_responses (whatever its value: redis-py reads a URL's as "
+            "text, and even 'false' turns decoding on) would hand the store text where it reads Redis's replies "
+            "as bytes; remove it"
+        )
     # Not urlunsplit: it drops the empty host of unix:///path, which redis-py requires.
     query = urlencode([(name, _CERT_REQS.get(value, value) if name == "ssl_cert_reqs" else value)
                        for name, value in passed])  # fmt: skip
