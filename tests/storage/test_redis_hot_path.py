@@ -7,6 +7,7 @@ itself to notice a lost subscription (polled with a deadline).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -278,6 +279,37 @@ def test_a_forked_child_asks_redis_until_its_own_agent_hears(url: str) -> None:
     os.close(read)
     assert status == 0
     assert answer == "01"  # not passing after fork; its own agent started in the child
+
+
+def test_a_subscription_redis_refuses_is_told_once(
+    redis_url: str, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An ACL user without SUBSCRIBE (or the channel, for SUBSCRIBE alone) runs every script:
+    calls work, each asking Redis, and nothing said why the fast path never came."""
+    user = f"user-{unique_prefix()}"
+    server.acl_setuser(
+        user, enabled=True, passwords=["+secret"], keys=["*"], channels=["*"], commands=["+@all", "-subscribe"]
+    )
+    store = RedisStore.from_url(
+        redis_url.replace("redis://", f"redis://{user}:secret@", 1) + f"?key_prefix={unique_prefix()}"
+    )
+
+    def refusals() -> int:
+        entries: list[dict[str, Any]] = server.acl_log()
+        return sum(int(entry["count"]) for entry in entries if entry["username"] == user)
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+            assert CircuitBreaker("svc", storage=store).call(ok) == "ok"
+            wait_for(lambda: refusals() >= 3)  # the agent tried three times
+        told = [r.getMessage() for r in caplog.records if "refused to subscribe" in r.getMessage()]
+        assert len(told) == 1
+        assert store.channel in told[0]
+        assert "no permissions to run the 'subscribe' command" in told[0]
+        assert not store.live
+    finally:
+        store.close()
+        server.acl_deluser(user)
 
 
 def test_foreign_messages_on_the_channel_are_ignored(url: str, server: redis.Redis) -> None:

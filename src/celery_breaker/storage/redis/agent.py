@@ -57,6 +57,13 @@ def _idle_since(store: RedisStore, since: float | None, now: float) -> float | N
     return now if since is None else since
 
 
+def _refused(exc: BaseException) -> bool:
+    """Whether Redis refused a command outright (an ACL denial, an unknown or renamed command)."""
+    return isinstance(exc, redis.exceptions.NoPermissionError) or (
+        isinstance(exc, redis.ResponseError) and "unknown command" in str(exc)
+    )
+
+
 class _Lost(Exception):
     """The subscription stopped answering."""
 
@@ -70,6 +77,7 @@ class Agent(threading.Thread):
         self._store = weakref.ref(store)
         self._stop_event = threading.Event()
         self._reconnects = 0
+        self._refusal_told = False
 
     def stop(self) -> None:
         """Ask the thread to stop; it closes its subscription and ends at its next wake-up."""
@@ -97,6 +105,18 @@ class Agent(threading.Thread):
                 except Exception as exc:  # the thread must outlive anything it meets
                     if not isinstance(exc, (redis.RedisError, OSError, StorageError, _Lost)):
                         logger.warning("redis store agent: unexpected %r; resubscribing", exc, exc_info=True)
+                    elif _refused(exc) and not self._refusal_told:
+                        # Redis answered, refusing the SUBSCRIBE (an ACL user without the
+                        # command or the channel, or a disabled command): calls still work,
+                        # each asking Redis, so nothing else would ever say why the fast
+                        # path never comes.
+                        self._refusal_told = True
+                        store = self._store()
+                        logger.warning(
+                            "redis store %s: Redis refused to subscribe to %s (%s); every breaker call asks Redis "
+                            "until it can (the store's user needs SUBSCRIBE and the channel)",
+                            store.label if store else "?", store.channel if store else "the transitions channel", exc,
+                        )  # fmt: skip
                     failures += 1
                     store = self._store()
                     if store is not None:
