@@ -24,6 +24,7 @@ from celery_breaker.storage.redis import RedisCell, RedisStore
 from celery_breaker.storage.redis import agent as agent_module
 from celery_breaker.testing import FakeClock
 
+from ..servers import RedisServer
 from ..unit.support import fail, ok, state_of
 from .conftest import unique_prefix
 
@@ -310,6 +311,40 @@ def test_a_subscription_redis_refuses_is_told_once(
     finally:
         store.close()
         server.acl_deluser(user)
+
+
+def test_a_redis_refusing_writes_is_not_a_channel_lost_ten_times_a_second(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Redis that answers SUBSCRIBE but refuses every write (full under noeviction,
+    read-only, short of min-replicas-to-write) failed the agent's reading of its views
+    after each subscription: it logged a lost channel, and tried again 0.1 s later, since
+    the subscription had reset its backoff (ten WARNINGs and INFOs a second per process)."""
+    with RedisServer() as server:
+        server.start()
+        store = RedisStore.from_url(f"{server.url}?key_prefix={unique_prefix()}")
+        tries: list[float] = []
+        go_live = store.go_live
+
+        def counted() -> None:
+            tries.append(time.monotonic())
+            go_live()
+
+        monkeypatch.setattr(store, "go_live", counted)
+        try:
+            assert CircuitBreaker("svc", storage=store).call(ok) == "ok"
+            wait_for(lambda: store.settled)
+            server.admin().config_set("maxmemory", "1")  # (noeviction: every write refused)
+            with caplog.at_level(logging.INFO, logger="celery_breaker"):
+                server.admin().client_kill_filter(_type="pubsub")
+                wait_for(lambda: len(tries) >= 5)
+            lost = [r for r in caplog.records if "lost the breaker transitions channel" in r.getMessage()]
+            assert len(lost) <= 1  # the connection killed, not each failed reading
+            assert store.losses <= 1
+            assert tries[4] - tries[1] >= 1.5  # backing off (0.25 + 0.5 + 1 s), not every 0.1 s
+            assert not store.settled
+        finally:
+            store.close()
 
 
 def test_foreign_messages_on_the_channel_are_ignored(url: str, server: redis.Redis) -> None:

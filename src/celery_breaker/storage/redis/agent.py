@@ -68,6 +68,10 @@ class _Lost(Exception):
     """The subscription stopped answering."""
 
 
+class _Unread(Exception):
+    """Subscribed, but the views could not be read again (the store failed the flush)."""
+
+
 class Agent(threading.Thread):
     """The background thread of one store in one process (see the module docstring)."""
 
@@ -94,16 +98,19 @@ class Agent(threading.Thread):
                 pubsub = None
                 try:
                     pubsub = self._subscribe(store)
-                    failures = 0
                     empty_since = None
                     store.go_live()
-                    store.flush(everything=True)  # views read from here on are followed
-                    store.settled = True
+                    try:
+                        store.flush(everything=True)  # views read from here on are followed
+                    except StorageError as exc:
+                        raise _Unread(exc) from exc
+                    store.settle()
+                    failures = 0  # (only now: a Redis refusing writes answers a SUBSCRIBE)
                     store = None  # (only the weak reference while listening)
                     if self._listen(pubsub):
                         return
                 except Exception as exc:  # the thread must outlive anything it meets
-                    if not isinstance(exc, (redis.RedisError, OSError, StorageError, _Lost)):
+                    if not isinstance(exc, (redis.RedisError, OSError, StorageError, _Lost, _Unread)):
                         logger.warning("redis store agent: unexpected %r; resubscribing", exc, exc_info=True)
                     elif _refused(exc) and not self._refusal_told:
                         # Redis answered, refusing the SUBSCRIBE (an ACL user without the
@@ -120,7 +127,13 @@ class Agent(threading.Thread):
                     failures += 1
                     store = self._store()
                     if store is not None:
-                        store.go_dark(exc)
+                        # Views that could not be read again (Redis refusing writes: full,
+                        # read-only, too few replicas) lose no channel: no WARNING (each call
+                        # meets the failure and breaker_on_storage_error says so), and the
+                        # next try waits longer each time.
+                        store.go_dark(None if isinstance(exc, _Unread) else exc)
+                        if isinstance(exc, _Unread):
+                            logger.debug("redis store %s: views not read again (%s); retrying", store.label, exc)
                         # A store that cannot be reached stops its agent too once it has
                         # needed none for IDLE_EXIT (a new cell starts another).
                         now = time.monotonic()

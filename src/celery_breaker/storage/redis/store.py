@@ -339,12 +339,17 @@ class RedisStore:
             self.epoch += 1
             self.live = True
             self.settled = False
-            if self._dark_since is not None:
-                logger.info(
-                    "redis store %s: hearing breaker transitions again after %.1f s",
-                    self.label, time.monotonic() - self._dark_since,
-                )  # fmt: skip
-                self._dark_since = None
+
+    def settle(self) -> None:
+        """The agent, subscribed, has read every view again (``settled``)."""
+        with self._lock:
+            self.settled = True
+            dark_since, self._dark_since = self._dark_since, None
+        if dark_since is not None:
+            logger.info(
+                "redis store %s: hearing breaker transitions again after %.1f s",
+                self.label, time.monotonic() - dark_since,
+            )  # fmt: skip
 
     def go_dark(self, exc: BaseException | None) -> None:
         """The agent lost its subscription: every cell asks Redis again until it is back."""
