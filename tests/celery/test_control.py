@@ -127,3 +127,32 @@ def test_a_memory_store_is_refused_only_where_a_prefork_pool_runs_the_tasks(app:
     reply = breaker_command(state, "open", "t-forced", None)
     assert reply["error"].startswith("breaker_storage_url is 'memory://celery-tests': a memory store holds only")
     assert tasks.forced_task.breaker.state is State.CLOSED  # nothing was changed
+
+
+def test_inspect_conf_report_and_the_settings_repr_mask_the_store_password(app: Any) -> None:
+    """Celery masks the settings it knows hold secrets (``...PASS...``, its broker and backend
+    URLs) in ``celery inspect conf`` and ``celery report``, and showed ``breaker_storage_url``
+    (and so its password) whole; so did ``repr`` of the validated settings."""
+    from celery import Celery
+
+    from celery_breaker.integration.settings import build_settings
+
+    url = "redis://:s3cret-pw@127.0.0.1:6379/5"
+    original = app.conf.breaker_storage_url
+    app.conf.breaker_storage_url = url  # (the worker read its settings at start: it keeps its own store)
+    try:
+        replies = app.control.inspect(timeout=3, limit=1).conf(with_defaults=False)
+        report = app.bugreport()
+    finally:
+        app.conf.breaker_storage_url = original
+    assert len(replies) == 1, replies
+    (conf,) = replies.values()
+    assert conf["breaker_storage_url"] == "redis://:***@127.0.0.1:6379/5"
+    assert "breaker_storage_url: 'redis://:***@127.0.0.1:6379/5'" in report
+    assert "s3cret-pw" not in report
+    django = Celery("django-style", set_as_current=False)
+    django.config_from_object({"CELERY_BREAKER_STORAGE_URL": url}, namespace="CELERY")
+    assert "s3cret-pw" not in django.conf.humanize()
+    shown = repr(build_settings(django.conf))
+    assert "storage_url='redis://:***@127.0.0.1:6379/5'" in shown
+    assert "s3cret-pw" not in shown

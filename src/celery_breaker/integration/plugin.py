@@ -13,8 +13,10 @@ the plugin does in a worker starts in one of those steps.
 Outside workers, ``breaker_routes`` apply when an app finalizes (so eager and direct
 calls of a routed task are guarded too): the second hook below, Celery's
 ``connect_on_app_finalize`` (what ``@shared_task`` uses), reaches every app. ``install(app)``
-(``install.py``) does both for one app ahead of time. This module stays light: every
-``celery`` command imports it, so the routes load only for an app that sets some.
+(``install.py``) does both for one app ahead of time. Importing it also has Celery mask
+the store URL's password where it shows the settings (``censor_store_urls``). This module
+stays light: every ``celery`` command imports it, so the routes load only for an app
+that sets some.
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ import logging
 from typing import Any
 
 from celery._state import connect_on_app_finalize
+from celery.app import utils as celery_app_utils
 from celery.signals import worker_init
 
 from ..errors import ConfigurationError
 
-__all__ = ["CONSUMER_STEPS", "WORKER_STEPS", "add_worker_steps", "apply_routes_when_finalized", "route_plain_tasks"]
+__all__ = [
+    "CONSUMER_STEPS", "WORKER_STEPS", "add_worker_steps", "apply_routes_when_finalized", "censor_store_urls",
+    "route_plain_tasks",
+]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
 
@@ -75,3 +81,31 @@ def route_plain_tasks(sender: Any = None, **_: Any) -> None:
 
 
 connect_on_app_finalize(apply_routes_when_finalized)
+
+
+def censor_store_urls() -> None:
+    """Have Celery mask the password of ``breaker_storage_url`` wherever it shows the
+    settings censored (``celery inspect conf``, ``celery report``): Celery masks only
+    settings named like a secret (``...PASS...``, ``...KEY...``) and its own broker and
+    backend URLs, and showed the store URL whole. Idempotent; a Celery without the hook
+    is left alone."""
+    original = getattr(celery_app_utils, "filter_hidden_settings", None)
+    if original is None or getattr(original, "_celery_breaker", False):
+        return
+
+    def filter_hidden_settings(conf: Any) -> Any:
+        censored = original(conf)
+        for key, value in censored.items():
+            if isinstance(key, str) and isinstance(value, str) and key.lower().endswith(_STORE_URL_SETTING):
+                censored[key] = importlib.import_module("..storage.urls", __package__).describe_url(value)
+        return censored
+
+    filter_hidden_settings._celery_breaker = True  # type: ignore[attr-defined]
+    filter_hidden_settings.__doc__ = original.__doc__
+    celery_app_utils.filter_hidden_settings = filter_hidden_settings
+
+
+#: The setting ``censor_store_urls`` masks (any namespace: Django's ``CELERY_BREAKER_STORAGE_URL``).
+_STORE_URL_SETTING = "breaker_storage_url"
+
+censor_store_urls()

@@ -7,7 +7,7 @@ import fnmatch
 import logging
 import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -113,6 +113,15 @@ class BreakerSettings:
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT
     """Seconds a health check may take before it counts as failed (``breaker_probe_timeout``)."""
     _policy_cache: dict[str, BreakerPolicy] = field(default_factory=dict, repr=False, compare=False)
+
+    def __repr__(self) -> str:
+        # Every field as a dataclass shows it, the store URL with its password masked.
+        shown = ", ".join(
+            f"{f.name}={describe_url(self.storage_url) if f.name == 'storage_url' else getattr(self, f.name)!r}"
+            for f in fields(self)
+            if f.repr
+        )
+        return f"{type(self).__name__}({shown})"
 
     def policy_for(self, name: str) -> BreakerPolicy:
         """The default policy, then every matching ``breaker_policies`` entry in order
