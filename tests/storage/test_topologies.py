@@ -149,6 +149,31 @@ def test_url_errors_do_not_show_passwords() -> None:
 @pytest.mark.parametrize(
     "url",
     [
+        "redis://127.0.0.1:6379/1?pasword=Zq8secretW",  # (a misspelt password)
+        "redis://127.0.0.1:6379/1?Password=Zq8secretW",
+        "redis://127.0.0.1:6379/1?db=1&token=Zq8secretW",
+        "rediss://127.0.0.1:6379/1?ssl_keyfile_password=Zq8secretW",
+        "redis+sentinel://h1:26379/mymaster?sentinel_pasword=Zq8secretW",
+        "redis+cluster://n1:7000,n2:7001?passwd=Zq8secretW",
+        "rediss://127.0.0.1:6379/1?ssl_ca_cert=/etc/ssl/ca.pem",  # (its value masked, not the message's "ssl")
+    ],
+)
+def test_an_unknown_option_is_named_without_its_value(url: str) -> None:
+    """A store refuses an option it does not know by name; the URL it quotes showed the
+    option's value, which is a secret as often as not (a misspelt password, a token)."""
+    option = url.rpartition("?")[2].rpartition("&")[2].partition("=")[0]
+    with pytest.raises(ConfigurationError) as info:
+        store_from_url(url)
+    message = str(info.value)
+    assert option in message
+    assert f"{option}=***" in message
+    assert "Zq8secretW" not in message
+    assert describe(url).endswith(f"{option}=***")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
         "redis://:Xk9pQ2/vR7+t@127.0.0.1:6379/0",  # (the parser took "Xk9pQ2" for the port)
         "redis://:ab#cdef@h:1/0",
         "redis://:ab?cdef@h/0",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from urllib.parse import unquote
 
-__all__ = ["ENCODE_PASSWORD", "describe_url", "password_misread", "scrub_secrets"]
+__all__ = ["ENCODE_PASSWORD", "SHOWN_OPTIONS", "describe_url", "password_misread", "scrub_secrets"]
 
 #: The fix for a password that a URL parser misreads.
 ENCODE_PASSWORD = "percent-encode a password's '/', '?', '#' and '@' (as %2F, %3F, %23 and %40)"
@@ -13,10 +13,41 @@ ENCODE_PASSWORD = "percent-encode a password's '/', '?', '#' and '@' (as %2F, %3
 
 _SECRET_OPTIONS = re.compile(r"(?P<name>(?:^|[?&])(?:sentinel_|ssl_)?password=)[^&#]*")
 
+#: Query options known to hold no secret: the stores' own and redis-py's connection
+#: options (a path to a key file is no secret; its password is). Any other option's value
+#: is masked where a URL is shown: ``password=``, and ``pasword=``, ``token=``,
+#: ``Password=``, which a store refuses as unknown, naming the option (not its value).
+SHOWN_OPTIONS = frozenset({
+    "key_prefix", "idle_ttl", "socket_timeout", "socket_connect_timeout", "time", "max_breakers",
+    "db", "username", "client_name", "protocol", "max_connections", "health_check_interval",
+    "socket_keepalive", "retry_on_timeout", "sentinel_username", "sentinel_ssl",
+    "ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname",
+    "ssl_min_version",
+})  # fmt: skip
+
+
+def _shown_option(pair: str) -> str:
+    """One ``name=value`` of a query, its value masked unless the option is in ``SHOWN_OPTIONS``."""
+    name, equals, _ = pair.partition("=")
+    if not equals:
+        return pair if not pair or unquote(pair) in SHOWN_OPTIONS else "***"  # (a bare value: no name to tell)
+    return pair if unquote(name) in SHOWN_OPTIONS else f"{name}=***"
+
+
+def _masked_query(text: str) -> str:
+    """``text`` (what follows a URL's hosts) with each query option's value masked unless it
+    is known to hold no secret (``SHOWN_OPTIONS``)."""
+    before, mark, rest = text.partition("?")
+    if not mark:
+        return _SECRET_OPTIONS.sub(r"\g<name>***", text)
+    query, hash_mark, fragment = rest.partition("#")
+    return f"{before}?{'&'.join(_shown_option(pair) for pair in query.split('&'))}{hash_mark}{fragment}"
+
 
 def describe_url(url: str) -> str:
     """``url`` with every password masked (user info, ``password=``, ``sentinel_password=``,
-    ``ssl_password=``): the one rule for every URL celery-breaker shows, in logs, errors,
+    ``ssl_password=``, and the value of any query option not known to hold no secret,
+    ``SHOWN_OPTIONS``): the one rule for every URL celery-breaker shows, in logs, errors,
     reprs and the CLI. Each URL of a kombu list (``a://...;b://...``) is masked; text that
     is no URL loses whatever stands before an ``@``."""
     urls = _each_url(url)
@@ -25,7 +56,7 @@ def describe_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         _, at, tail = url.rpartition("@")
-        return _SECRET_OPTIONS.sub(r"\g<name>***", f"***@{tail}" if at else url)
+        return _masked_query(f"***@{tail}" if at else url)
     credentials, after, cut = _user_info(scheme, rest)
     end = len(after)
     for mark in "/?#":
@@ -39,7 +70,7 @@ def describe_url(url: str) -> str:
         if any(mark in user for mark in "/?#"):
             user, colon = "", ":"
         netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
-    return f"{scheme}://{netloc}" + _SECRET_OPTIONS.sub(r"\g<name>***", tail)
+    return f"{scheme}://{netloc}" + _masked_query(tail)
 
 
 #: Where a kombu list of URLs (``a://...;b://...``) goes on to its next URL: a ";" that
