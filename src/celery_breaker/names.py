@@ -40,8 +40,9 @@ def check_name(name: object, where: str = "breaker name") -> str:
     """Return ``name`` if it can name a breaker, else raise ``ConfigurationError`` naming
     ``where`` (the setting, option or argument it came from), the value and the rule.
 
-    A name is a non-empty string of at most ``MAX_NAME_LENGTH`` printable characters,
-    without leading or trailing whitespace, and without ``[`` or ``]``: they set a key
+    A name is a non-empty string of at most ``MAX_NAME_LENGTH`` printable characters
+    (text: no lone surrogate, which no store can write), without leading or trailing
+    whitespace, and without ``[`` or ``]``: they set a key
     apart in a label (``crm[tenant-7]``), which must read back as the breaker it names.
     """
     if not isinstance(name, str) or not name:
@@ -53,6 +54,14 @@ def check_name(name: object, where: str = "breaker name") -> str:
     bad = _unprintable(name)
     if bad is not None:
         raise ConfigurationError(f"{where} {name!r} holds the control character {bad!r}; names are printable text")
+    surrogate = next((char for char in name if unicodedata.category(char) == "Cs"), None)
+    if surrogate is not None:
+        # (a byte that is not UTF-8, decoded with surrogateescape: a command-line argument
+        # in another encoding, say; no store could write it, nor a log line or a label show it)
+        raise ConfigurationError(
+            f"{where} {name!r} holds {surrogate!r}: a byte that is not UTF-8 (a lone surrogate), which no store "
+            "can keep; write the name in UTF-8"
+        )
     mark = next((char for char in name if char in LABEL_MARKS), None)
     if mark is not None:
         raise ConfigurationError(

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from celery_breaker import CircuitOpenError, State
+from celery_breaker import CircuitOpenError, ConfigurationError, State
 from celery_breaker.errors import BreakerKeyError
 from celery_breaker.labels import visible
 from celery_breaker.names import kept_key
@@ -192,6 +192,25 @@ def test_a_malformed_key_is_refused(store_url: str, key: str, says: str) -> None
         assert says in result.stderr
         assert "Traceback" not in result.output
     assert run("status", "--json").stdout.count('"name"') == 1  # nothing created
+
+
+def test_a_name_that_is_not_utf8_is_refused_as_bad_input(store_url: str) -> None:
+    """A byte that is not UTF-8 in an argument reaches Python as a lone surrogate. The name
+    passed the checks, and the store could not write it: `open --create` ended in
+    "unexpected UnicodeEncodeError" (exit 1), and a CircuitBreaker of that name in one."""
+    breaker(store_url, "partner-api").call(lambda: None)
+    for args in (["open", "--create", "partner\udcff"], ["open", "\udcff"], ["delete", "\udcff"],
+                 ["purge", "-f", "\udcff"], ["status", "--json"]):  # fmt: skip
+        result = run(*args)
+        if args[0] == "status":
+            assert [row["name"] for row in json.loads(result.stdout)] == ["partner-api"]  # nothing created
+            continue
+        assert result.exit_code == EXIT_USAGE, result.output
+        assert result.stderr.startswith("Error: breaker name ")
+        assert "not UTF-8" in result.stderr
+        assert "unexpected" not in result.stderr
+    with pytest.raises(ConfigurationError, match="not UTF-8"):
+        breaker(store_url, "partner\udcff")
 
 
 def test_a_memory_store_or_an_unreachable_one_is_refused() -> None:

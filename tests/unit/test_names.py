@@ -73,6 +73,7 @@ def test_the_ambiguous_labels_of_before_cannot_be_made() -> None:
         ("c\u2028rm", "control character"),
         ("x" * (MAX_NAME_LENGTH + 1), f"at most {MAX_NAME_LENGTH}"),
         ("crm]", "brackets"),
+        ("crm\udcff", "not UTF-8"),  # (a byte that is not UTF-8 in a command line, decoded with surrogateescape)
     ],
 )
 def test_a_bad_name_is_refused_naming_where_it_came_from(name: str, says: str) -> None:
