@@ -18,7 +18,7 @@ from click.testing import CliRunner, Result
 
 from celery_breaker.integration.settings import reload_settings
 from celery_breaker.ops.cli import EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_USAGE
-from celery_breaker.ops.web import TOKEN_ENV
+from celery_breaker.ops.web import TOKEN_ENV, load_token
 from tests.servers import free_port
 from tests.tls import Certificates
 
@@ -104,6 +104,27 @@ def test_actions_need_a_long_enough_token_from_a_file_or_the_environment(tmp_pat
     alone = run("--token-file", str(path))
     assert alone.exit_code == EXIT_USAGE
     assert "--token-file is the token of --allow-actions, which was not given" in alone.output
+
+
+@pytest.mark.parametrize(
+    ("token", "says"),
+    [("\u20acuro-token-that-is-long-enough", "'\u20ac' (character 1)"),
+     ("first-line-of-it\nsecond-line-too", "'\\n' (character 17)")],
+)  # fmt: skip
+def test_a_token_no_browser_can_send_is_refused_at_start(tmp_path: Path, token: str, says: str) -> None:
+    """The page sends the token in an X-Breaker-Token header: a browser refuses a header
+    value outside ISO-8859-1 or with a line break. Such a token started the server, and
+    every action then failed in the page with "cannot reach the server (Failed to execute
+    'fetch' on 'Window': ... String contains non ISO-8859-1 code point.)"."""
+    path = tmp_path / "token"
+    path.write_text(token + "\n", encoding="utf-8")
+    for result in (run("--allow-actions", "--token-file", str(path)), run("--allow-actions", env={TOKEN_ENV: token})):
+        assert result.exit_code == EXIT_CONFIG, result.output
+        line = one_line_error(result)
+        assert f"holds {says}: the page sends the token in an HTTP header, which a browser fills with printable" in line
+        assert token not in line
+    accented = "token-with-an-accent-\u00e9-in-it"  # (ISO-8859-1: a browser sends it, and it works)
+    assert load_token(None, {TOKEN_ENV: accented}) == accented
 
 
 def test_https_needs_a_usable_certificate_and_key_named_by_their_options(tmp_path: Path) -> None:

@@ -98,7 +98,8 @@ def same_origin(origin: str | None, host: str | None) -> bool:
 
 def load_token(path: str | None, environ: Mapping[str, str]) -> str:
     """The action token: the file at ``path``, else ``environ[TOKEN_ENV]``, stripped;
-    ``ConfigurationError`` when there is none, or it is shorter than ``MIN_TOKEN_LENGTH``."""
+    ``ConfigurationError`` when there is none, it is shorter than ``MIN_TOKEN_LENGTH``, or
+    it holds anything but printable Latin-1 text (which no browser could send in a header)."""
     make = "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
     if path is not None:
         where = f"--token-file {path}"
@@ -118,6 +119,14 @@ def load_token(path: str | None, environ: Mapping[str, str]) -> str:
     if len(token) < MIN_TOKEN_LENGTH:
         raise ConfigurationError(
             f"the token in {where} has {len(token)} characters; use at least {MIN_TOKEN_LENGTH}: {make}"
+        )
+    # The page sends it in an HTTP header, which a browser fills with ISO-8859-1 only and
+    # no line break: any other token would start a server no action could ever reach.
+    bad = next((char for char in token if not (char.isprintable() and ord(char) <= 0xFF)), None)
+    if bad is not None:
+        raise ConfigurationError(
+            f"the token in {where} holds {bad!r} (character {token.index(bad) + 1}): the page sends the token in "
+            f"an HTTP header, which a browser fills with printable ISO-8859-1 (Latin-1) text only; {make}"
         )
     return token
 
