@@ -126,6 +126,12 @@ def test_every_action_request_needs_the_same_origin_the_token_and_a_json_body(
         assert code == 400
         assert "one of open, close, reset, disable, delete" in error
         assert post(good, sent={"action": "delete", "name": "crm", "purge": "yes"})[0] == 400  # purge is a boolean
+        # A body nested deeper than the JSON parser goes: answered, not a dropped connection and a traceback.
+        assert post(good, raw=b"[" * 4000) == (400, "an action request is a flat JSON object; this body nests too deep")
+        assert post({**good, "Content-Length": "12 bytes"}, raw=b'{"a": "b"}') == (
+            400,
+            "an action request has a body of 1 to 4096 bytes, its Content-Length",
+        )
     assert "refused a cross-origin action request from 127.0.0.1 (Origin 'http://evil.example')" in caplog.text
     assert "wrong or missing token" in caplog.text
     assert TOKEN not in caplog.text

@@ -278,10 +278,16 @@ class _Handler(BaseHTTPRequestHandler):
     def _asked(self) -> Asked:
         if self.headers.get_content_type() != "application/json":
             raise ValueError("an action request is a JSON object (Content-Type: application/json)")
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
         if not 0 < length <= MAX_BODY:
-            raise ValueError(f"an action request has a body of 1 to {MAX_BODY} bytes")
-        body = json.loads(self.rfile.read(length))  # (a JSONDecodeError is a ValueError)
+            raise ValueError(f"an action request has a body of 1 to {MAX_BODY} bytes, its Content-Length")
+        try:
+            body = json.loads(self.rfile.read(length))  # (a JSONDecodeError is a ValueError)
+        except RecursionError:  # ("[[[[..." : deeper than the parser goes; no action nests at all)
+            raise ValueError("an action request is a flat JSON object; this body nests too deep") from None
         fields = ("action", "name", "key", "confirmed", "purge")
         action, name, key, confirmed, purge = (body.get(field) if isinstance(body, dict) else None for field in fields)
         if (action not in NAMES or not isinstance(name, str) or not (key is None or isinstance(key, str))
