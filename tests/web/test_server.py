@@ -191,3 +191,13 @@ def test_https_serves_the_page_and_a_client_that_never_completes_a_handshake_hol
     with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
         urllib.request.urlopen(url, context=doubting, timeout=5)
     assert "Traceback" not in capsys.readouterr().err  # failed handshakes are no server errors
+
+
+def test_the_sites_repr_holds_no_token() -> None:
+    """An error reporter that records a frame's locals (``_perform(site, ...)``, which logs
+    a failed action with ``logger.exception``) shows them by their repr: the dataclass's
+    showed the action token."""
+    board = Board(lambda: [status("crm")], store="redis://h/0", interval=1.0)
+    site = Site(board, None, TOKEN, loopback_hosts("127.0.0.1", 8787), "<html>")
+    assert TOKEN not in repr(site)
+    assert "<html>" not in repr(site)  # (nor the whole page)

@@ -28,7 +28,7 @@ import ssl
 import sys
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -140,11 +140,12 @@ class Site:
 
     board: Board
     app: Any
-    token: str | None
-    """``None``: actions are off, and their endpoint does not exist."""
+    token: str | None = field(repr=False)
+    """``None``: actions are off, and their endpoint does not exist. A secret: not in the
+    repr (an error reporter that records a frame's locals shows them by their repr)."""
     hosts: frozenset[str] | None
     """The ``Host`` headers answered; ``None``: any (``--allow-remote``)."""
-    template: str
+    template: str = field(repr=False)
 
 
 #: Seconds a client has to complete the TLS handshake.
