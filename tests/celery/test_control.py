@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 from celery_breaker import CircuitBreaker, State
 from celery_breaker.clock import SYSTEM_CLOCK
@@ -156,3 +156,32 @@ def test_inspect_conf_report_and_the_settings_repr_mask_the_store_password(app: 
     shown = repr(build_settings(django.conf))
     assert "storage_url='redis://:***@127.0.0.1:6379/5'" in shown
     assert "s3cret-pw" not in shown
+
+
+def test_a_broadcast_whose_arguments_no_client_checked_gets_an_error_naming_them(
+    app: Any, operate: Operate, caplog: Any
+) -> None:
+    """`celery control` checks the name and key before sending; a program's own broadcast
+    (``app.control.broadcast``) does not. A name that was no text got an
+    ``AttributeError("'int' object has no attribute 'isprintable'")`` reply and a traceback
+    in the worker's log; a key that was no text read as "empty", and a falsy one (``0``)
+    acted on the key-less breaker."""
+    breaker = operate(tasks.forced_task.breaker)
+
+    def answer(arguments: dict[str, Any]) -> dict[str, Any]:
+        answers = app.control.broadcast("breaker_open", arguments=arguments, reply=True, timeout=3, limit=1)
+        assert len(answers) == 1, answers
+        (found,) = answers[0].values()
+        return cast("dict[str, Any]", found)
+
+    with caplog.at_level(logging.ERROR):
+        for arguments, says in (
+            ({"name": 123}, "breaker_open: the breaker name must be a non-empty string, got 123"),
+            ({"name": ["t-forced"]}, "breaker_open: the breaker name must be a non-empty string, got ['t-forced']"),
+            ({"name": "x" * 300}, "breaker_open: the breaker name is at most 200 characters, got 300"),
+            ({"name": "t-forced", "key": 0}, "key of breaker 't-forced' must be text (or null for no key), got int 0"),
+            ({"name": "t-forced", "key": {"a": 1}}, "must be text (or null for no key), got dict {'a': 1}"),
+        ):  # fmt: skip
+            assert says in answer(arguments).get("error", ""), (arguments, answer(arguments))
+    assert breaker.state is State.CLOSED  # (key 0 opened the key-less breaker)
+    assert "pidbox command error" not in caplog.text

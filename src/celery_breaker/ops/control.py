@@ -95,9 +95,17 @@ def _unseen(state: Any, what: str) -> str | None:
     return None if worker is None else unseen_breakers(worker, what)
 
 
-def _reply(state: Any, action: str, name: str | None, key: str | None) -> dict[str, Any]:
-    if not name:
+def _reply(state: Any, action: str, name: Any, key: Any) -> dict[str, Any]:
+    if name is None or name == "":
         return {"error": f"breaker_{action} needs a breaker name: celery control breaker_{action} NAME [KEY]"}
+    # The `celery` client checked both; a program's broadcast (app.control.broadcast) did not.
+    try:
+        check_name(name, f"breaker_{action}: the breaker name")
+    except ConfigurationError as exc:
+        return {"error": str(exc)}
+    if key is not None and not isinstance(key, str):
+        return {"error": f"breaker_{action}: the key of breaker {name!r} must be text (or null for no key), "
+                         f"got {type(key).__name__} {key!r:.100}"}  # fmt: skip
     unseen = _unseen(state, f"breaker_{action}")
     if unseen is not None:  # a success here would change a breaker no task uses
         return {"error": unseen}
