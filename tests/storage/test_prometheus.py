@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -378,6 +379,38 @@ def test_the_worker_endpoint_serves_the_breakers_on_loopback(endpoint_app: Celer
     assert again is not server
     assert "celery_breaker_store_up 1.0" in get(again.url)
     again.stop()
+
+
+def test_idle_connections_are_closed_and_never_pile_up(endpoint_app: Celery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """prometheus_client's server started a thread per connection, without limit, and
+    waited for a request forever, in the worker's main process: a flood of connections
+    that send nothing took every file descriptor, accept() then failed in a loop at full
+    CPU, and the worker stopped ("Unrecoverable error: ... Too many open files"). Now a
+    silent connection is closed after the handler's timeout, and one beyond
+    ``Guarded.max_connections`` at once."""
+    from celery_breaker.monitoring import prometheus
+    from celery_breaker.monitoring.serving import QUIET_FOR, Guarded
+
+    assert (prometheus._QuietHandler.timeout, Guarded.max_connections) == (QUIET_FOR, 16)
+    monkeypatch.setattr(Guarded, "max_connections", 4)  # (fewer to hold: each connection costs the test time)
+    monkeypatch.setattr(prometheus._QuietHandler, "timeout", 0.5)
+    server = start_metrics_server(endpoint_app, CollectorRegistry())
+    assert server is not None
+    address = ("127.0.0.1", server.port)
+    with socket.create_connection(address, timeout=5) as silent:
+        started = time.monotonic()
+        assert silent.recv(1) == b""  # closed by the server: it sent nothing for the (shortened) timeout
+        assert time.monotonic() - started > 0.3
+    monkeypatch.setattr(prometheus._QuietHandler, "timeout", 30.0)
+    held = [socket.create_connection(address, timeout=5) for _ in range(4)]
+    try:
+        for _ in range(3):
+            with socket.create_connection(address, timeout=2) as extra:
+                assert extra.recv(1) == b""  # closed at once, not after the timeout
+    finally:
+        for connection in held:
+            connection.close()
+        server.stop()
 
 
 def test_no_endpoint_unless_a_port_is_set(url: str) -> None:

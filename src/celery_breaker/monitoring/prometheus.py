@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 try:
-    from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
+    from prometheus_client import REGISTRY, CollectorRegistry, make_wsgi_app
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+    from prometheus_client.exposition import ThreadingWSGIServer
     from prometheus_client.registry import Collector
 except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a test by hiding the package
     if exc.name is None or exc.name.partition(".")[0] != "prometheus_client":
@@ -32,6 +35,7 @@ from ..errors import ConfigurationError
 from ..integration.settings import get_settings
 from ..labels import visible
 from ..storage import Store, describe_url
+from .serving import QUIET_FOR, Guarded
 from .status import BreakerStatus, collect_metrics, store_of
 
 __all__ = [
@@ -301,7 +305,7 @@ def start_metrics_server(app: Any, registry: CollectorRegistry = REGISTRY) -> Me
             return running
         collector = register(app, registry)
         try:
-            httpd, thread = start_http_server(port, addr=address, registry=registry)
+            httpd, thread = _serve(address, port, registry)
         except OSError as exc:
             logger.error(
                 "celery-breaker: cannot serve Prometheus metrics on %s:%d (%s); the worker runs without its "
@@ -314,6 +318,32 @@ def start_metrics_server(app: Any, registry: CollectorRegistry = REGISTRY) -> Me
             _SERVERS[server.pid] = server
     logger.info("celery-breaker: Prometheus metrics of %s on %s", describe_url(collector.store.url), server.url)
     return server
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """Logs no request (a scrape every few seconds), and closes a connection silent for
+    ``QUIET_FOR`` seconds: a client that never sends its request holds nothing for long."""
+
+    timeout = QUIET_FOR
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Requests are not logged."""
+
+
+def _serve(address: str, port: int, registry: CollectorRegistry) -> tuple[WSGIServer, threading.Thread]:
+    """``prometheus_client.start_http_server``'s server and thread, guarded (``serving.Guarded``):
+    its own spawns a thread per connection without limit and waits for a request forever,
+    in the worker's main process, whose file descriptors a flood of idle connections then
+    exhausted (the worker stopped: "Too many open files")."""
+    family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(Guarded, ThreadingWSGIServer):
+        address_family = family
+
+    httpd = make_server(address, port, make_wsgi_app(registry), Server, handler_class=_QuietHandler)
+    thread = threading.Thread(target=httpd.serve_forever, name="celery-breaker metrics", daemon=True)
+    thread.start()
+    return httpd, thread
 
 
 def _close_inherited_servers() -> None:
