@@ -9,6 +9,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -18,6 +19,7 @@ from types import SimpleNamespace
 import pytest
 
 from celery_breaker.errors import ParkedTasksError
+from celery_breaker.monitoring.serving import QUIET_FOR
 from celery_breaker.ops import web
 from celery_breaker.ops.board import Board
 from celery_breaker.ops.web import Site, WebServer, loopback_hosts, tls_context
@@ -201,3 +203,30 @@ def test_the_sites_repr_holds_no_token() -> None:
     site = Site(board, None, TOKEN, loopback_hosts("127.0.0.1", 8787), "<html>")
     assert TOKEN not in repr(site)
     assert "<html>" not in repr(site)  # (nor the whole page)
+
+
+def test_idle_connections_are_closed_and_never_pile_up(serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server started a thread per connection, without limit, and waited for a
+    request forever: connections that sent nothing (128 under a 128-descriptor limit)
+    took every file descriptor, accept() then failed in a loop at full CPU, and the page
+    could not be reached while they stayed open. Now a silent connection is closed after
+    the handler's timeout, and one beyond ``max_connections`` at once."""
+    assert web._Handler.timeout == QUIET_FOR
+    assert WebServer.max_connections == 64
+    monkeypatch.setattr(WebServer, "max_connections", 4)  # (fewer to hold: each connection costs the test time)
+    url = serve()
+    address = ("127.0.0.1", int(url.rsplit(":", 1)[1].strip("/")))
+    monkeypatch.setattr(web._Handler, "timeout", 0.5)
+    with socket.create_connection(address, timeout=5) as silent:
+        started = time.monotonic()
+        assert silent.recv(1) == b""  # closed by the server: it sent nothing for the (shortened) timeout
+        assert time.monotonic() - started > 0.3
+    monkeypatch.setattr(web._Handler, "timeout", 30.0)
+    held = [socket.create_connection(address, timeout=5) for _ in range(WebServer.max_connections)]
+    try:
+        for _ in range(3):
+            with socket.create_connection(address, timeout=2) as extra:
+                assert extra.recv(1) == b""  # closed at once, not after the timeout
+    finally:
+        for connection in held:
+            connection.close()

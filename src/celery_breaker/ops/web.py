@@ -38,6 +38,7 @@ import click
 
 from ..errors import BreakerKeyError, ConfigurationError, ParkedTasksError, StorageError, UnknownBreakerError
 from ..labels import breaker_label, shown_label
+from ..monitoring.serving import QUIET_FOR, Guarded
 from ..monitoring.status import collect_metrics
 from ..storage import describe_url
 from .actions import ACTIONS, DELETE
@@ -178,11 +179,15 @@ def tls_context(certfile: str, keyfile: str | None) -> ssl.SSLContext:
     return context
 
 
-class WebServer(ThreadingHTTPServer):
+class WebServer(Guarded, ThreadingHTTPServer):
     """The HTTP server of one ``Site`` (set once bound: the allowed hosts name its port), on
-    IPv4 or IPv6; HTTPS with a ``tls`` context."""
+    IPv4 or IPv6; HTTPS with a ``tls`` context. At most ``max_connections`` at once, and a
+    connection silent for ``QUIET_FOR`` seconds is closed (``monitoring.serving``): clients
+    that connect and send nothing cannot take every file descriptor."""
 
     daemon_threads = True
+    #: A few open pages (a browser opens up to six connections to a host) and actions.
+    max_connections = 64
     site: Site
 
     def __init__(self, address: tuple[str, int], tls: ssl.SSLContext | None = None) -> None:
@@ -231,6 +236,7 @@ def _page(site: Site, nonce: str) -> bytes:
 
 class _Handler(BaseHTTPRequestHandler):
     server_version = "celery-breaker-web"
+    timeout = QUIET_FOR  # (each read or write: a client that sends nothing is let go)
 
     def version_string(self) -> str:
         return self.server_version  # (not the Python version)
