@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
 from .core.retry_after import refusal_of, retry_after_of
-from .errors import CircuitOpenError
+from .errors import CircuitOpenError, ConfigurationError
 from .health import CheckResult, HealthCheck, HealthState, ProbeTimeout
 from .labels import breaker_label, shown_label
 from .names import check_name, kept_key
@@ -245,6 +245,11 @@ class CircuitBreaker:
         probe_timeout: float | None = None,
     ) -> None:
         self.name = check_name(name, "CircuitBreaker name")
+        if key is not None and not isinstance(key, str):
+            raise ConfigurationError(
+                f"CircuitBreaker key of breaker {name!r} must be a str (or None: no key), got {type(key).__name__} "
+                f"{key!r:.100}; pass str(key), as a BreakerTask does with what its breaker_key returns"
+            )
         self.key = key = kept_key(name, key)
         self.policy = BreakerPolicy.coerce(policy)
         self.probe = HealthCheck.coerce(probe, probe_timeout)

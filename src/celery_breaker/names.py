@@ -78,7 +78,9 @@ def check_key(key: str | None) -> None:
     ``status`` shows it, ``labels.visible``.)"""
     if key is None:
         return
-    if not isinstance(key, str) or not key:
+    if not isinstance(key, str):
+        raise BreakerKeyError(f"breaker key {key!r:.100} is no text ({type(key).__name__}); a key is a str")
+    if not key:
         raise BreakerKeyError(f"breaker key {key!r} is empty; a breaker without a key takes no key at all")
     if key != key.strip():
         raise BreakerKeyError(f"breaker key {key!r} starts or ends with whitespace; quote only the key itself")

@@ -196,3 +196,19 @@ def test_a_key_too_long_to_keep_is_kept_as_its_start_and_a_digest_with_one_warni
 )
 def test_a_label_is_shown_with_its_name_and_key_as_status_shows_them(name: str, key: str | None, shown: str) -> None:
     assert shown_label(breaker_label(name, key)) == shown
+
+
+@pytest.mark.parametrize("key", [123, b"tenant-7", 1.5, ("a",)])
+def test_a_key_that_is_not_text_is_refused_naming_it(key: object) -> None:
+    """``CircuitBreaker(..., key=tenant_id)`` with an int raised ``TypeError: object of type
+    'int' has no len()``; a bytes key passed on the memory store and raised ``TypeError:
+    can only concatenate str (not "bytes") to str`` on Redis. Now one error, naming the key
+    and the fix, on every store."""
+    with pytest.raises(ConfigurationError) as info:
+        CircuitBreaker("crm", storage=fresh_store(), key=key)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert message.startswith("CircuitBreaker key of breaker 'crm' must be a str (or None: no key), got ")
+    assert repr(key) in message
+    assert "pass str(key)" in message
+    with pytest.raises(BreakerKeyError, match=r"is no text \("):
+        check_key(key)  # type: ignore[arg-type]
