@@ -49,6 +49,8 @@ BAD_VALUES: list[tuple[str, Any, tuple[str, ...]]] = [
     ("breaker_storage_url", "localhost:6379", ("got 'localhost:6379'",)),
     ("breaker_key_prefix", "", ("got ''",)),
     ("breaker_key_prefix", "{app}", ("got '{app}'",)),
+    # (a byte that is not UTF-8, as an environment variable gives it: was an UnicodeEncodeError)
+    ("breaker_key_prefix", "app\udcff", ("'app\\udcff' holds '\\udcff': a byte that is not UTF-8",)),
     ("breaker_default_policy", "fast", ("got 'fast'",)),
     ("breaker_default_policy", {"failure_threshold": -3}, ("failure_threshold", "got -3")),
     ("breaker_default_policy", {"failure_treshold": 3}, ("'failure_treshold'",)),

@@ -270,6 +270,12 @@ def _unknown(conf: Any) -> list[str]:
 def _key_prefix(value: Any) -> str:
     if not isinstance(value, str) or not value or any(c in value for c in "{}"):
         raise ConfigurationError(f"breaker_key_prefix must be a non-empty string without braces, got {value!r}")
+    surrogate = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
+    if surrogate is not None:  # (a byte that is not UTF-8, from an environment variable say: no key can hold it)
+        raise ConfigurationError(
+            f"breaker_key_prefix {value!r} holds {surrogate!r}: a byte that is not UTF-8 (a lone surrogate), which "
+            "no Redis key can hold; write the prefix in UTF-8"
+        )
     return value
 
 
