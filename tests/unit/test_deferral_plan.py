@@ -182,7 +182,12 @@ def test_defer_cap_keeps_a_margin_for_the_task_runtime() -> None:
     settings = build_settings(app.conf)
     assert settings.defer_cap(None) == 900.0  # 10 % margin
     assert settings.defer_cap(300.0) == 700.0  # the hard time limit is the margin
-    assert settings.defer_cap(5000.0) == 1.0  # never zero or negative
+    # A limit that leaves less than a tenth: a tenth, not a countdown of one second that
+    # would send the task round the broker every second of the outage.
+    assert settings.defer_cap(950.0) == 100.0
+    assert settings.defer_cap(5000.0) == 100.0
+    app.conf.broker_transport_options = {"visibility_timeout": 6}
+    assert build_settings(app.conf).defer_cap(5.0) == 1.0  # never under a second
     assert build_settings(Celery(broker="memory://").conf).defer_cap(None) is None
 
 

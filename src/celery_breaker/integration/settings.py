@@ -163,11 +163,18 @@ class BreakerSettings:
 
     def defer_cap(self, time_limit: float | None) -> float | None:
         """The longest countdown the broker tolerates for a task with ``time_limit``: a tenth
-        of ``hold_limit`` (or the time limit, if longer) short of it."""
+        of ``hold_limit`` (or the time limit, if longer) short of it.
+
+        A time limit that leaves less than a tenth of ``hold_limit`` (a ``task_time_limit``
+        of hours under Redis's one-hour ``visibility_timeout``) cannot be kept clear of
+        redelivery by any countdown: such a run can outlast the window undeferred too. The
+        countdown is then a tenth of ``hold_limit``, not one second, which would send each
+        deferred task round the broker every second for the whole outage (and spend a
+        ``breaker_max_deferrals`` budget in as many seconds)."""
         if self.hold_limit is None:
             return None
         margin = max(self.hold_limit * 0.1, time_limit or 0.0)
-        return max(1.0, self.hold_limit - margin)
+        return max(1.0, self.hold_limit - margin, self.hold_limit * 0.1)
 
 
 def _glob(pattern: str, name: str) -> bool:
