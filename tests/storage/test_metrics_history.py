@@ -14,6 +14,7 @@ import redis
 from celery import Celery
 
 from celery_breaker import BreakerTask, CircuitBreaker, ConfigurationError
+from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.monitoring import (
     DEFAULT_METRICS_TTL,
     METRICS_TASK_NAME,
@@ -196,7 +197,9 @@ def test_the_periodic_task_records_the_apps_breakers_and_is_scheduled(url: str) 
         "kwargs": {},
         "options": {"expires": 30.0},
     }
-    fail(CircuitBreaker("crm", POLICY, storage=url, clock=FakeClock()))
+    # (The system clock: under time=client, what the reader below goes by. A fake clock's
+    # times could read as far ahead of a machine booted minutes ago, and be reset.)
+    fail(CircuitBreaker("crm", POLICY, storage=url, clock=SYSTEM_CLOCK))
 
     registered = app.tasks[METRICS_TASK_NAME]  # (``task`` is Celery's lazy proxy for it)
     assert registered.name == task.name == METRICS_TASK_NAME

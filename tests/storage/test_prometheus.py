@@ -21,6 +21,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from celery_breaker import CircuitBreaker, ConfigurationError, State, TooManyRequests
+from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.monitoring.flower import register_breakers, store_url
 from celery_breaker.monitoring.prometheus import BreakerCollector, register, start_metrics_server, unregister
@@ -235,7 +236,9 @@ def test_register_is_idempotent_per_store_and_refuses_a_second_store(url: str, r
     assert register(url, registry) is collector
     assert register(collector.store, registry) is collector
     assert register(RedisStore.from_url(url), registry) is collector  # another object, the same store
-    fail(CircuitBreaker("crm", POLICY, storage=url, clock=FakeClock()))
+    # (The system clock: under time=client, what the reader below goes by. A fake clock's
+    # times could read as far ahead of a machine booted minutes ago, and be reset.)
+    fail(CircuitBreaker("crm", POLICY, storage=url, clock=SYSTEM_CLOCK))
     samples = scrape(registry)  # one collector: one sample per series
     assert series(samples, "celery_breaker_trips_total", breaker="crm", key="") == 1.0
 
@@ -357,7 +360,9 @@ def endpoint_app(url: str) -> Iterator[Celery]:
 
 
 def test_the_worker_endpoint_serves_the_breakers_on_loopback(endpoint_app: Celery, url: str) -> None:
-    fail(CircuitBreaker("crm", POLICY, storage=url, clock=FakeClock()))
+    # (The system clock: under time=client, what the reader below goes by. A fake clock's
+    # times could read as far ahead of a machine booted minutes ago, and be reset.)
+    fail(CircuitBreaker("crm", POLICY, storage=url, clock=SYSTEM_CLOCK))
     registry = CollectorRegistry()
     server = start_metrics_server(endpoint_app, registry)
     assert server is not None
