@@ -24,7 +24,10 @@ import redis
 
 from .tls import Certificates
 
-__all__ = ["Owned", "RedisCluster", "RedisSentinel", "RedisServer", "ServerError", "free_port", "poll"]
+__all__ = [
+    "Owned", "RedisCluster", "RedisSentinel", "RedisServer", "ServerError", "check_connection_guard", "free_port",
+    "poll",
+]  # fmt: skip
 
 #: Seconds a server gets to start, a cluster to agree, a failover to complete.
 START_TIMEOUT = 20.0
@@ -41,6 +44,27 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def check_connection_guard(address: tuple[str, int], most: int, quiet_for: Callable[[float], None]) -> None:
+    """Check a server of ours guarded as ``monitoring.serving.Guarded`` guards it: a
+    connection that sends nothing is closed after the handler's timeout (set through
+    ``quiet_for``: 0.5 s here), and with ``most`` connections held one more is closed at
+    once, not served (nor after the timeout: 30 s then)."""
+    quiet_for(0.5)
+    with socket.create_connection(address, timeout=5) as silent:
+        started = time.monotonic()
+        assert silent.recv(1) == b""  # closed by the server: it sent nothing for the (shortened) timeout
+        assert time.monotonic() - started > 0.3  # (a lower bound: not closed at once)
+    quiet_for(30.0)
+    held = [socket.create_connection(address, timeout=5) for _ in range(most)]
+    try:
+        for _ in range(3):
+            with socket.create_connection(address, timeout=2) as extra:
+                assert extra.recv(1) == b""  # closed at once, not after the timeout
+    finally:
+        for connection in held:
+            connection.close()
 
 
 def redis_server_binary() -> str:

@@ -9,7 +9,6 @@ import re
 import socket
 import ssl
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from celery_breaker.monitoring.serving import QUIET_FOR
 from celery_breaker.ops import web
 from celery_breaker.ops.board import Board
 from celery_breaker.ops.web import Site, WebServer, loopback_hosts, tls_context
+from tests.servers import check_connection_guard
 from tests.tls import Certificates
 
 from .conftest import request
@@ -216,17 +216,4 @@ def test_idle_connections_are_closed_and_never_pile_up(serve: Serve, monkeypatch
     monkeypatch.setattr(WebServer, "max_connections", 4)  # (fewer to hold: each connection costs the test time)
     url = serve()
     address = ("127.0.0.1", int(url.rsplit(":", 1)[1].strip("/")))
-    monkeypatch.setattr(web._Handler, "timeout", 0.5)
-    with socket.create_connection(address, timeout=5) as silent:
-        started = time.monotonic()
-        assert silent.recv(1) == b""  # closed by the server: it sent nothing for the (shortened) timeout
-        assert time.monotonic() - started > 0.3
-    monkeypatch.setattr(web._Handler, "timeout", 30.0)
-    held = [socket.create_connection(address, timeout=5) for _ in range(WebServer.max_connections)]
-    try:
-        for _ in range(3):
-            with socket.create_connection(address, timeout=2) as extra:
-                assert extra.recv(1) == b""  # closed at once, not after the timeout
-    finally:
-        for connection in held:
-            connection.close()
+    check_connection_guard(address, 4, lambda seconds: monkeypatch.setattr(web._Handler, "timeout", seconds))
