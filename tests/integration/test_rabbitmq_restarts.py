@@ -237,7 +237,7 @@ def deferred_by(job: Any, strategies: tuple[Any, ...], task_id: str, delivery_in
     job.push_request(id=task_id, args=(1,), kwargs={}, delivery_info=delivery_info)
     try:
         plan = DeferralPlan(delay=1.0, count=1, since=time.time())
-        deferral = types.SimpleNamespace(task=job, args=(1,), kwargs={}, headers={}, plan=plan)
+        deferral = types.SimpleNamespace(task=job, args=(1,), kwargs={}, headers={}, plan=plan, options={})
         strategy, _ = _deliver(deferral, strategies)  # type: ignore[arg-type]
         return str(strategy.name)
     finally:
