@@ -118,7 +118,8 @@ class WebProcess:
         # SIGINT handled as Python does by default, even if this test runner ignores it (a
         # background job does): an ignored signal would be inherited.
         start = (
-            "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "import faulthandler, runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "faulthandler.register(signal.SIGUSR1, all_threads=True); "  # (see interrupt: where a hang is)
             f"sys.argv = {argv!r}; runpy.run_module('celery', run_name='__main__')"
         )
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115  (the process's log, for its life: closed on exit)
@@ -168,8 +169,15 @@ class WebProcess:
         try:
             out, _ = self.process.communicate(timeout=20)
         except subprocess.TimeoutExpired:
+            # Still running 20 s after Ctrl-C: every thread's stack goes to its log (SIGUSR1),
+            # and the test that stopped it fails showing them.
+            os.kill(self.process.pid, signal.SIGUSR1)
+            time.sleep(1.0)  # (waiting for the dump: a process, not time, is waited for)
             self.process.kill()
             out, _ = self.process.communicate()
+            self.stdout += out.decode()
+            log = self.stderr()[-6000:]
+            raise AssertionError(f"celery breaker web did not exit on Ctrl-C; its log:\n{log}") from None
         self.stdout += out.decode()
         return self.process.returncode
 
