@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from typing import cast
 
@@ -175,3 +178,42 @@ def test_a_call_the_shared_breaker_admitted_is_never_judged_by_the_stand_in(rest
     assert state_of(here) is State.CLOSED  # counted, not judged
     assert here.snapshot().failures == 1
     here.store.close()
+
+
+def test_a_child_forked_while_a_breaker_is_being_made_makes_its_own(restartable_redis: RedisServer) -> None:
+    # A prefork worker's main process makes breakers in its releaser thread while it forks
+    # pool children. A new breaker's cell asks the shared store while holding the cell
+    # map's lock: a child forked then inherited the lock held, and its first new breaker
+    # on that store waited forever.
+    restartable_redis.start()
+    url = f"{restartable_redis.url}?key_prefix=forked-mid-make"
+    store = FallbackStore(RedisStore.from_url(url), "local")
+    assert CircuitBreaker("warm", storage=store).call(ok) == "ok"  # (connected; its agent runs)
+    restartable_redis.admin().client_pause(3000, all=True)  # the next round trip waits
+    try:
+        making = threading.Thread(target=CircuitBreaker, args=("tenant",), kwargs={"storage": store, "key": "parent"})
+        making.start()
+        deadline = time.monotonic() + 10
+        while not store._cells_lock.locked():  # (polling a thread that is getting there)
+            assert time.monotonic() < deadline, "the thread never started making its breaker"
+            time.sleep(0.01)
+        pid = os.fork()
+        if pid == 0:  # the child: its first breaker for a new key, then out
+            code = 1
+            try:
+                CircuitBreaker("tenant", storage=store, key="child")
+                code = 0
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 15
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)  # (polling the child, which talks to Redis)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        assert done[0] == pid, "the child deadlocked making its breaker"
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        restartable_redis.admin().client_unpause()
+    making.join(10)
+    store.close()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 import weakref
@@ -62,6 +63,7 @@ class FallbackStore:
         self._retry_at = float("-inf")  # while down: when the store may be tried again
         self._last_log = float("-inf")
         self._cells: weakref.WeakValueDictionary[tuple[str, str | None], FallbackCell] = weakref.WeakValueDictionary()
+        _STORES.add(self)
 
     def cell(self, name: str, key: str | None, policy: BreakerPolicy, clock: Clock) -> FallbackCell:
         # One cell per breaker, so its stand-in keeps its state across refreshes.
@@ -471,6 +473,7 @@ class _ReportingParking:
 
 _FALLBACKS: dict[tuple[int, str], FallbackStore] = {}
 _FALLBACKS_LOCK = threading.Lock()
+_STORES: weakref.WeakSet[FallbackStore] = weakref.WeakSet()
 
 
 def with_fallback(store: Store, mode: str) -> Store:
@@ -484,3 +487,18 @@ def with_fallback(store: Store, mode: str) -> Store:
         with _FALLBACKS_LOCK:
             found = _FALLBACKS[ident] = FallbackStore(store, mode)
     return found
+
+
+def _reinit_locks_after_fork() -> None:
+    # A lock held by another thread at fork time would stay held forever in the child:
+    # ``_cells_lock`` is held while a new breaker's cell first asks the shared store (a
+    # round trip, as long as the store's timeouts while it does not answer), and a
+    # prefork worker's main process makes cells in its releaser thread while it forks
+    # pool children. The child's first new breaker on that store then waited forever.
+    for store in list(_STORES):
+        store._lock = threading.Lock()
+        store._cells_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_locks_after_fork)
