@@ -13,7 +13,7 @@ from celery_breaker.storage import MemoryStore, resolve_store, store_from_url
 from celery_breaker.storage.memory import MemoryCell
 from celery_breaker.testing import FakeClock, fresh_store
 
-from .support import down, ok
+from .support import HeldCall, down, ok, state_of
 
 POLICY = BreakerPolicy(failure_threshold=1)
 
@@ -251,6 +251,68 @@ def test_breaker_failing_below_threshold_is_not_idle() -> None:
     for name in ("a", "b", "c", "d"):
         CircuitBreaker(name, storage=store, clock=clock)
     assert held(store, "failing")
+
+
+def sweep_away(store: MemoryStore, clock: FakeClock, key: str) -> MemoryCell:
+    """Fill the store with newer breakers until a sweep drops ``key``'s; return its old cell."""
+    cell = store.cell("tenant", key, POLICY, clock)
+    clock.advance(1)
+    for other in ("a", "b", "c", "d"):
+        keyed(store, clock, other).call(ok)
+    assert cell.evicted
+    assert not held(store, "tenant", key)
+    return cell
+
+
+@pytest.mark.parametrize("rate", [False, True])
+def test_a_failure_in_flight_when_a_sweep_drops_its_breaker_is_counted_by_the_breaker(rate: bool) -> None:
+    # Nothing counts calls in flight: a sweep may drop a breaker while one of its calls
+    # runs (at rest, used longest ago). Its failure landed on the dropped cell, which
+    # tripped (announcing a transition) while the breaker every caller uses stayed CLOSED
+    # with no failure: the failure was lost. On Redis, whose keys outlive the view, it counts.
+    clock = FakeClock()
+    store = fresh_store(max_breakers=4)
+    policy = BreakerPolicy(failure_rate_threshold=0.5, minimum_calls=1) if rate else POLICY
+    breaker = CircuitBreaker("tenant", policy, storage=store, clock=clock, key="busy")
+    heard: list[State] = []
+    breaker.add_listener(lambda transition: heard.append(transition.target))
+    late = HeldCall(breaker)  # admitted, still running
+    old = sweep_away(store, clock, "busy")
+    late.fail()
+    assert old.state is State.CLOSED  # the dropped cell judged nothing
+    assert state_of(breaker) is State.OPEN
+    assert heard == [State.OPEN]
+    assert breaker.snapshot().failures == 1
+    with pytest.raises(CircuitOpenError):
+        breaker.call(ok)
+
+
+def test_a_success_in_flight_when_a_sweep_drops_its_breaker_is_counted_by_the_breaker() -> None:
+    clock = FakeClock()
+    store = fresh_store(max_breakers=4)
+    breaker = keyed(store, clock, "busy")
+    late = HeldCall(breaker)
+    sweep_away(store, clock, "busy")
+    late.succeed()
+    assert breaker.snapshot().successes == 1
+    assert state_of(breaker) is State.CLOSED
+
+
+def test_a_call_in_flight_through_a_trip_after_a_sweep_judges_nothing() -> None:
+    # Admitted by the dropped cell; the breaker tripped meanwhile: stale, counted only.
+    clock = FakeClock()
+    store = fresh_store(max_breakers=4)
+    breaker = CircuitBreaker("tenant", {"failure_threshold": 2}, storage=store, clock=clock, key="busy")
+    late = HeldCall(breaker)
+    sweep_away(store, clock, "busy")
+    for _ in range(2):
+        with pytest.raises(ConnectionError):
+            breaker.call(down)
+    assert state_of(breaker) is State.OPEN
+    clock.advance(60)  # may half-open: a stale outcome must not close it
+    late.succeed()
+    assert state_of(breaker) is State.OPEN
+    assert breaker.snapshot().successes == 1
 
 
 # -- MemoryStore options and URLs -----------------------------------------------------------

@@ -23,18 +23,24 @@ _KEEP_AFTER_SWEEP = 0.5
 
 CLOSED, OPEN, FORCED_OPEN = State.CLOSED, State.OPEN, State.FORCED_OPEN
 _OPERATOR_STATES = (State.FORCED_OPEN, State.DISABLED)
+_PASSING = (State.CLOSED, State.DISABLED)
+#: A generation no cell ever has: an outcome with it is counted, and judged by no rule.
+_STALE = -1
 SUCCESS = Outcome.SUCCESS
 
 
 class MemoryCell(BreakerMachine):
     """A ``BreakerMachine`` behind its own lock. The lock guards state, never the user's call."""
 
-    __slots__ = ("lock", "evicted")
+    __slots__ = ("lock", "evicted", "home")
 
     def __init__(self, name: str, key: str | None, policy: BreakerPolicy, now: float) -> None:
         super().__init__(name, key, policy, now)
         self.lock = threading.Lock()
         self.evicted = False
+        #: The store whose sweep dropped this cell (``None`` while it is kept, or when it
+        #: was deleted or cleared): an outcome of a call it admitted goes there (``_onward``).
+        self.home: MemoryStore | None = None
 
     def stale(self) -> None:
         """Nothing to forget: the view is the breaker itself."""
@@ -63,8 +69,17 @@ class MemoryCell(BreakerMachine):
         refused: bool = False,
     ) -> Moves:
         with self.lock:
-            self.record(ticket, outcome, duration, policy, now, open_for, refused)
-            return self.take_moves()
+            home = self.home
+            if home is None or type(ticket) is not int or outcome is Outcome.IGNORED:
+                self.record(ticket, outcome, duration, policy, now, open_for, refused)
+                return self.take_moves()
+            current = self._passed(ticket)
+        live, ticket = _onward(home, self, current, now)
+        return live.finish(ticket, outcome, duration, policy, now, open_for=open_for, refused=refused)
+
+    def _passed(self, ticket: int) -> bool:
+        """Whether ``ticket`` was admitted by this cell's current CLOSED (or DISABLED) state."""
+        return ticket == self.generation and self.state in _PASSING
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
         if self.quiet_success and ticket == self.generation:
@@ -87,16 +102,22 @@ class MemoryCell(BreakerMachine):
                 self.last_success = self.last_used = now
                 return NO_MOVES
         with self.lock:
-            if self.state is CLOSED and ticket == self.generation:
-                slow_limit = self.policy.slow_call_duration
-                if slow_limit is None or duration < slow_limit:
-                    # A fast success trips no rule: count it in each, no trip to evaluate.
-                    next(self.success_tally)
-                    self.last_success = self.last_used = now
-                    self.observe_success(now)
-                    return NO_MOVES
-            self.record(ticket, SUCCESS, duration, policy, now)
-            return self.take_moves()
+            home = self.home
+            if home is not None and type(ticket) is int:
+                current = self._passed(ticket)
+            else:
+                if self.state is CLOSED and ticket == self.generation:
+                    slow_limit = self.policy.slow_call_duration
+                    if slow_limit is None or duration < slow_limit:
+                        # A fast success trips no rule: count it in each, no trip to evaluate.
+                        next(self.success_tally)
+                        self.last_success = self.last_used = now
+                        self.observe_success(now)
+                        return NO_MOVES
+                self.record(ticket, SUCCESS, duration, policy, now)
+                return self.take_moves()
+        live, ticket = _onward(home, self, current, now)
+        return live.record_success(ticket, duration, policy, now)
 
     def force(self, target: State, policy: BreakerPolicy, now: float) -> Moves:
         with self.lock:
@@ -128,7 +149,7 @@ def _at_rest(cell: MemoryCell, now: float) -> bool:
         cell.lock.release()
 
 
-def _evict(cell: MemoryCell) -> bool:
+def _evict(cell: MemoryCell, store: MemoryStore) -> bool:
     # Under the cell's lock, so an operator's move made since the ranking is seen and
     # kept; a cell busy right now is in use, and kept too.
     if not cell.lock.acquire(blocking=False):
@@ -138,9 +159,27 @@ def _evict(cell: MemoryCell) -> bool:
             return False
         cell.evicted = True
         cell.passing = False
+        # A call it admitted may still be running (nothing counts calls in flight, and
+        # the ranking sees only ended ones): its outcome goes to the breaker's live cell
+        # (``_onward``), through the locked paths, which look for ``home``.
+        cell.home = store
+        cell.quiet_success = False
+        cell.unlocked_success = None
         return True
     finally:
         cell.lock.release()
+
+
+def _onward(home: MemoryStore, cell: MemoryCell, current: bool, now: float) -> tuple[MemoryCell, int]:
+    """Where the outcome of a call ``cell`` admitted goes after a sweep dropped ``cell``:
+    the breaker's live cell (made again if need be), with a ticket of its current
+    generation if the call was admitted by ``cell``'s current CLOSED state and the live
+    one passes calls too (it counts there as a call that just ended, as on Redis, whose
+    keys outlive a process's view), else a stale one (counted, judged by no rule).
+    Before, it landed on the dropped cell: a failure then tripped nobody's breaker (a
+    transition was announced all the same), and was lost."""
+    live = home.revive(cell, now)
+    return live, live.generation if current and live.passing else _STALE
 
 
 _STORES: weakref.WeakSet[MemoryStore] = weakref.WeakSet()
@@ -158,7 +197,8 @@ class MemoryStore:
     store past ``max_breakers``. ``idle_ttl`` only ranks breakers during a sweep; it
     does not expire them on its own.
     A dropped cell is flagged ``evicted`` so any holder asks the store again instead of
-    keeping a private copy.
+    keeping a private copy; a call it admitted that ends after the sweep is recorded on
+    the breaker's live cell (``revive``), as it would be on Redis.
     """
 
     shared = False
@@ -220,12 +260,30 @@ class MemoryStore:
             found = self._cells.get(ident)
             if found is None:
                 now = clock.monotonic()
-                if len(self._cells) >= self._sweep_at:
-                    self._sweep(now)
-                found = MemoryCell(name, key, policy, now)
-                found.wall_offset = clock.time() - now
-                self._cells[ident] = found
+                found = self._make(ident, policy, now, clock.time() - now)
             return found
+
+    def revive(self, cell: MemoryCell, now: float) -> MemoryCell:
+        """The live cell of ``cell``'s breaker (``cell`` was dropped by a sweep), made
+        again with its policy if no call has made it since."""
+        ident = (cell.name, cell.key)
+        found = self._cells.get(ident)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._cells.get(ident)
+            if found is None:
+                found = self._make(ident, cell.policy, now, cell.wall_offset)
+            return found
+
+    def _make(self, ident: tuple[str, str | None], policy: BreakerPolicy, now: float, wall_offset: float) -> MemoryCell:
+        # (Under the store's lock.)
+        if len(self._cells) >= self._sweep_at:
+            self._sweep(now)
+        found = MemoryCell(ident[0], ident[1], policy, now)
+        found.wall_offset = wall_offset
+        self._cells[ident] = found
+        return found
 
     def _sweep(self, now: float) -> None:
         keep = int(self.max_breakers * _KEEP_AFTER_SWEEP)
@@ -244,7 +302,7 @@ class MemoryStore:
         candidates = [(ident, cell) for ident, cell in cells.items() if cell.state not in _OPERATOR_STATES]
         candidates.sort(key=lambda item: rank(item[1]))
         for ident, cell in candidates[: max(0, len(cells) - keep)]:
-            if _evict(cell):
+            if _evict(cell, self):
                 del cells[ident]
         self._sweep_at = max(self.max_breakers, len(cells) + self.max_breakers - keep)
 
