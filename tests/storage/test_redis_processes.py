@@ -118,3 +118,27 @@ def test_counts_are_sent_once_across_a_fork(redis_url: str) -> None:
     for url, successes in ((dropped_url, 5), (closed_url, 3)):
         seen = {s.name: s.successes for s in RedisStore.from_url(url).snapshots(SYSTEM_CLOCK)}
         assert seen == {"svc": successes, "other": 1}
+
+
+def _succeed_and_return(url: str) -> None:
+    """A ``multiprocessing`` child's whole work: successes, counted locally, then return."""
+    breaker = CircuitBreaker("svc", POLICY, storage=url)
+    for _ in range(50):
+        breaker.call(lambda: None)
+
+
+def test_a_multiprocessing_child_sends_its_counts_when_it_returns(redis_url: str) -> None:
+    # A child started by fork leaves through os._exit, which runs no atexit hook: the
+    # successes it counted in its last second (all of them, here) were never sent.
+    url = f"{redis_url}?key_prefix={unique_prefix()}"
+    children = [
+        multiprocessing.get_context("fork").Process(target=_succeed_and_return, args=(url,)),
+        multiprocessing.get_context("forkserver").Process(target=_succeed_and_return, args=(url,)),
+        multiprocessing.get_context("spawn").Process(target=_succeed_and_return, args=(url,)),
+    ]
+    for child in children:
+        child.start()
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    seen = {s.name: s.successes for s in RedisStore.from_url(url).snapshots(SYSTEM_CLOCK)}
+    assert seen == {"svc": 150}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import multiprocessing.util
 import threading
 import weakref
 from collections.abc import Callable
@@ -136,4 +137,14 @@ def close_stores() -> None:
         store.close()
 
 
+def _flush_at_process_exit(_: object = None) -> None:
+    """Have ``flush_stores`` run when a ``multiprocessing`` child ends: one started by
+    fork (or forkserver) leaves through ``os._exit``, which runs no ``atexit`` hook, only
+    the finalizers of ``multiprocessing.util`` (cleared at the fork, hence registered
+    again in each child)."""
+    multiprocessing.util.Finalize(None, flush_stores, exitpriority=0)
+
+
 atexit.register(flush_stores)
+_flush_at_process_exit()
+multiprocessing.util.register_after_fork(_flush_at_process_exit, _flush_at_process_exit)
