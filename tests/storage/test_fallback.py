@@ -205,15 +205,43 @@ def test_a_child_forked_while_a_breaker_is_being_made_makes_its_own(restartable_
                 code = 0
             finally:
                 os._exit(code)
-        deadline = time.monotonic() + 15
-        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)  # (polling the child, which talks to Redis)
-        if done[0] == 0:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-        assert done[0] == pid, "the child deadlocked making its breaker"
-        assert os.waitstatus_to_exitcode(done[1]) == 0
+        assert exit_code_within(pid, 15) == 0, "the child deadlocked making its breaker"
     finally:
         restartable_redis.admin().client_unpause()
     making.join(10)
+    store.close()
+
+
+def exit_code_within(pid: int, seconds: float) -> int | None:
+    """The exit code of child ``pid``, or ``None`` (and it is killed) if it has not ended
+    within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.05)  # (polling the child, which talks to Redis)
+    return os.waitstatus_to_exitcode(done[1])
+
+
+def test_a_child_forked_while_a_stand_in_is_busy_uses_it() -> None:
+    # While the store is down a breaker runs on its stand-in, a memory cell whose lock
+    # each step holds: a child forked while another thread was in one (a prefork
+    # worker's releaser, say) inherited the lock held, and hung on its next call there.
+    store = FallbackStore(dead_store(), "local")
+    breaker = CircuitBreaker("svc", {"failure_threshold": 5}, storage=store)
+    assert breaker.call(ok) == "ok"  # (on the stand-in)
+    stand_in = store._cells["svc", None]._local
+    assert stand_in is not None
+    with stand_in.lock:  # (as a thread recording a call's outcome holds it)
+        pid = os.fork()
+        if pid == 0:  # the child: a failure to record, then out
+            code = 1
+            try:
+                fail(breaker)
+                code = 0
+            finally:
+                os._exit(code)
+    assert exit_code_within(pid, 15) == 0, "the child hung on the stand-in's lock"
     store.close()

@@ -495,9 +495,15 @@ def _reinit_locks_after_fork() -> None:
     # round trip, as long as the store's timeouts while it does not answer), and a
     # prefork worker's main process makes cells in its releaser thread while it forks
     # pool children. The child's first new breaker on that store then waited forever.
+    # A stand-in's lock, held for each of its steps (the releaser's calls while the
+    # store is down), hung the child's next call on that breaker the same way.
     for store in list(_STORES):
         store._lock = threading.Lock()
         store._cells_lock = threading.Lock()
+        for cell in list(store._cells.values()):
+            local = cell._local
+            if local is not None:
+                local.lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
