@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -507,3 +508,39 @@ def test_a_reset_heard_from_another_process_brings_its_slow_call_limit(url: str)
     there_store.flush()
     assert state_of(there) is State.OPEN
     here_store.close()
+
+
+def test_a_flush_while_other_threads_make_breakers_never_fails(url: str) -> None:
+    # The agent's flush every second walked the store's weak map of cells while other
+    # threads added to it (a new per-key breaker each): "dictionary changed size during
+    # iteration", a WARNING with a traceback, and the store went dark (every call asking
+    # Redis until every view was read again). A short switch interval makes the threads
+    # take turns inside the walk often, as a long walk (tens of thousands of breakers) does.
+    store = RedisStore.from_url(url)
+    breakers = [CircuitBreaker("tenant", storage=store, key=f"first-{n}") for n in range(2000)]
+    made = threading.Event()
+    stop = threading.Event()
+
+    def make() -> None:
+        n = 0
+        while not stop.is_set():
+            breakers.append(CircuitBreaker("tenant", storage=store, key=str(n)))
+            n += 1
+            made.set()
+
+    interval = sys.getswitchinterval()
+    makers = [threading.Thread(target=make) for _ in range(2)]
+    sys.setswitchinterval(1e-6)
+    try:
+        for maker in makers:
+            maker.start()
+        made.wait(10)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            store.flush()
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        for maker in makers:
+            maker.join(10)
+        store.close()

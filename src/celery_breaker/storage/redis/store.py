@@ -329,6 +329,12 @@ class RedisStore:
             self._agent = Agent(self)
             self._agent.start()
 
+    def live_cells(self) -> list[RedisCell]:
+        """This process's cells, copied in one step: walking the weak map itself failed
+        ("dictionary changed size during iteration") when another thread made a cell meanwhile,
+        or dropped one while another looked one up."""
+        return [cell for ref in self._cells.valuerefs() if (cell := ref()) is not None]
+
     def cell_count(self) -> int:
         """How many breakers this process holds a cell for."""
         return len(self._cells)
@@ -358,7 +364,7 @@ class RedisStore:
             self.live = False
             self.settled = False
             self.epoch += 1
-            cells = list(self._cells.values())
+            cells = self.live_cells()
         for cell in cells:
             cell.go_dark()
         if was_live and exc is not None:
@@ -428,7 +434,7 @@ class RedisStore:
         """Send what each cell counted locally (``everything``: read every cell again).
         Counts another thread's flush has taken are in Redis when this returns too.
         (A forked child's cells hold none of its parent's counts: forgotten at the fork.)"""
-        for cell in list(self._cells.values()):
+        for cell in self.live_cells():
             if everything or cell.pending:
                 cell.flush()
             else:
