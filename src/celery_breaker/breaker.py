@@ -229,7 +229,7 @@ class CircuitBreaker:
 
     __slots__ = (
         "name", "key", "policy", "store", "probe", "_clock", "_now", "_cell", "_listeners", "__weakref__",
-        "_slot", "_stacked", "_entered",
+        "_slot", "_stacked", "_entered", "_open_blocks",
     )  # fmt: skip
 
     def __init__(
@@ -261,6 +261,10 @@ class CircuitBreaker:
         # The first open ``with`` block's ``_Held``, under key 0 (see __enter__).
         self._slot: dict[int, _Held] = {}
         self._stacked = False
+        # Every open block on a context's stack, by id: what an exit that cannot see its
+        # block (see _exit_block) closes instead. (A block entered and never left stays
+        # here, as its ticket stays unreported.)
+        self._open_blocks: dict[int, _Block] = {}
         self._entered: asyncio.Future[CircuitBreaker] | None = None  # (see __aenter__)
         self._cell = self.store.cell(name, key, self.policy, self._clock)
         existing = self._cell.policy
@@ -568,21 +572,35 @@ class CircuitBreaker:
         outer = _ACTIVE.get()
         while outer is not None and outer[0] is None:
             outer = outer[2]  # (closed blocks: dropped here, not when they closed)
-        _ACTIVE.set([self, held, outer])
+        block = [self, held, outer]
+        self._open_blocks[id(block)] = block
+        _ACTIVE.set(block)
 
     def _exit_block(self, exc: BaseException | None) -> None:
         """Close this breaker's innermost open block on this context's stack, else the
-        slot's block, and record how it went."""
+        slot's block, else a block entered in a context this exit does not see; and
+        record how it went."""
         # Blocks normally exit innermost first; an ExitStack or a suspended generator can
-        # exit them out of order, so find this breaker's innermost open block.
+        # exit them out of order, so find this breaker's innermost open block. A block is
+        # closed by whoever takes it out of _open_blocks (atomic: once).
+        held: _Held | None = None
         block = _ACTIVE.get()
-        while block is not None and block[0] is not self:
+        while block is not None:
+            if block[0] is self and self._open_blocks.pop(id(block), None) is not None:
+                held = block[1]
+                block[0] = block[1] = None  # closed: skipped from now on, and holds no cell
+                break
             block = block[2]
-        if block is not None:
-            held: _Held | None = block[1]
-            block[0] = block[1] = None  # closed: skipped from now on, and holds no cell
-        else:
+        if held is None:
             held = self._slot.pop(0, None)
+        if held is None:
+            # Entered in a context this exit does not see: a sync context manager whose
+            # enter and exit a framework runs in worker threads, each in a copy of the
+            # caller's context (asyncio.to_thread, anyio, Starlette's threadpool). Such a
+            # block was dropped from the slot by another, and its owner then raised here
+            # with its outcome lost: it closes an open block it cannot see instead (blocks
+            # that exit out of order may swap tickets, but each closes once).
+            held = self._take_unseen_block()
         if held is None:
             raise RuntimeError(f"breaker {self.label!r}: block exited without being entered")
         cell, ticket, start, run = held
@@ -595,6 +613,16 @@ class CircuitBreaker:
                 self._announce(moves)
         else:
             self._finish(cell, ticket, exc, start)
+
+    def _take_unseen_block(self) -> _Held | None:
+        """Close an open block of this breaker entered in another context (``None``: none)."""
+        try:
+            _, block = self._open_blocks.popitem()
+        except KeyError:
+            return None
+        held: _Held = block[1]
+        block[0] = block[1] = None
+        return held
 
     def begin_run(self, translate: ExceptionTranslator, *, counts_itself: bool = True) -> RunAdmission:
         """Admit a whole run (a task's) before its body starts, or raise ``CircuitOpenError``.

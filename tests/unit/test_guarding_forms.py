@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -159,6 +159,62 @@ def test_exiting_a_block_never_entered_is_an_error(clock: FakeClock) -> None:
         pass
     with pytest.raises(RuntimeError, match="without being entered"):
         breaker.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def guarded_client(breaker: CircuitBreaker) -> Iterator[str]:
+    """A sync context manager guarding a client while it is used (a web dependency, say)."""
+    with breaker:
+        yield "client"
+
+
+async def use_off_the_loop(breaker: CircuitBreaker, count: int, fails: bool = False) -> list[object]:
+    """``count`` concurrent users of ``guarded_client``, each entering and leaving it in
+    worker threads as frameworks run a sync context manager (Starlette's threadpool,
+    ``asyncio.to_thread``): each step runs in its own copy of the caller's context."""
+    entered = 0
+    all_in = asyncio.Event()
+
+    async def one() -> None:
+        nonlocal entered
+        manager = guarded_client(breaker)
+        await asyncio.to_thread(manager.__enter__)
+        entered += 1
+        if entered == count:
+            all_in.set()
+        await all_in.wait()  # (every block open before any closes)
+        if fails:
+            error = ConnectionError("down")
+            await asyncio.to_thread(manager.__exit__, ConnectionError, error, None)
+        else:
+            await asyncio.to_thread(manager.__exit__, None, None, None)
+
+    return await asyncio.gather(*(one() for _ in range(count)), return_exceptions=True)
+
+
+def test_blocks_entered_and_left_in_worker_threads_each_close(clock: FakeClock) -> None:
+    # Only the first took the slot; the others went on stacks of contexts their exits
+    # never see. Each such exit found the slot empty (or took another's) and raised
+    # "block exited without being entered", its outcome lost.
+    breaker = make(clock, failure_threshold=5)
+    assert asyncio.run(use_off_the_loop(breaker, 4)) == [None] * 4
+    assert breaker.snapshot().successes == 4
+    assert asyncio.run(use_off_the_loop(breaker, 5, fails=True)) == [None] * 5  # (each failure recorded)
+    assert state_of(breaker) is State.OPEN
+    assert breaker.snapshot().failures == 5
+    assert not breaker._slot
+    assert not breaker._open_blocks
+
+
+def test_probes_entered_and_left_in_worker_threads_free_their_slots(clock: FakeClock) -> None:
+    # Lost exits kept their probe leases: the breaker stayed half-open, refusing every
+    # call, until the leases ran out (half_open_max_wait).
+    breaker = make(clock, failure_threshold=1, half_open_max_calls=3, success_threshold=3)
+    fail(breaker)
+    clock.advance(60)
+    assert asyncio.run(use_off_the_loop(breaker, 3)) == [None] * 3
+    snapshot = breaker.snapshot()
+    assert (snapshot.state, snapshot.probes_in_flight) == (State.CLOSED, 0)
 
 
 def test_a_rejected_block_takes_no_slot(clock: FakeClock) -> None:
