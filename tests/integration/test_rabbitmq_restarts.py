@@ -422,3 +422,51 @@ def test_a_catch_all_binding_of_celerys_delay_takes_no_copy_of_a_deferral(own_ra
     assert copies_in(own_rabbitmq.url, declared[audit], {"audit": 1, "earlier": 1}, settle=0) == {
         "audit": 1, "earlier": 1,
     }  # fmt: skip
+
+
+def test_deferred_tasks_of_a_deleted_queue_never_hold_back_the_others(
+    own_rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """A queue gone when its deferred tasks come due (here an ``auto_delete`` queue whose
+    consumer was cancelled; an ``x-expires`` queue, one an operator deleted) routed them
+    nowhere. The quorum delay queues dead-letter at least once, so RabbitMQ kept retrying
+    them, and once 32 were pending the delay level stopped: the tasks of every other queue
+    that ended their delay there never came back (0 of 3 ran). They now wait in
+    ``celery_breaker_delayed_unroutable``, and the others come back on time."""
+    policy = {"failure_threshold": 1, "reset_timeout": 10.0}  # (8 s, then 2 s: the last level is level 1)
+    cell = deploy("rabbitmq-classic", "redis", "park", rabbitmq=own_rabbitmq, redis_server=redis_server,
+                  policy=policy, breaker_defer_spread=0, breaker_consumer_timeout=60)  # fmt: skip
+    doomed = f"temp-{cell.ns}"
+    queues = {
+        cell.queue: {"exchange": cell.queue, "routing_key": cell.queue},
+        doomed: {"exchange": doomed, "routing_key": doomed, "auto_delete": True},
+    }
+    cell.conf["task_queues"] = queues
+    publisher = cell.publisher(task_queues=queues)
+    client = redis.Redis.from_url(cell.counter_url, decode_responses=True)
+    try:
+        with Downstream() as downstream, cell.worker() as worker:
+            with held_open(cell, policy):
+                for n in range(40):
+                    publisher.send_task(TASK, args=(cell.ns, downstream.url, n), queue=doomed)
+                wait_for(lambda: client.scard(deferred_key(cell.ns)) >= 40, 30, "40 tasks of the doomed queue deferred")
+                waiting = [publisher.send_task(TASK, args=(cell.ns, downstream.url, 100 + n)).id for n in range(3)]
+                wait_for(lambda: client.scard(deferred_key(cell.ns)) >= 43, 30, "3 tasks of the other queue deferred")
+                replies = publisher.control.cancel_consumer(
+                    doomed, reply=True, destination=[f"w-{cell.ns}@{socket.gethostname()}"]
+                )
+                assert replies, "the worker did not answer cancel_consumer"
+                wait_for(lambda: doomed not in {row["name"] for row in own_rabbitmq.queues("name")}, 30,
+                         "the auto-delete queue deleted")  # fmt: skip
+            each_ran_once(cell, waiting, timeout=40)
+            assert worker.process.poll() is None, worker.log()
+
+        def kept() -> bool:  # (kept for an operator, not lost; RabbitMQ counts a quorum queue's messages every few s)
+            left = {row["name"]: row["messages"] for row in own_rabbitmq.queues("name", "messages")}
+            return bool(left.get(broker_delay.UNROUTABLE, 0) >= 40)
+
+        wait_for(kept, 30, "the doomed queue's 40 tasks kept in the unroutable queue")
+        with cell.worker(name="next") as following:  # (its start log says so)
+            assert "40 deferred task(s) came due for a queue that no longer existed" in following.log()
+    finally:
+        publisher.close()

@@ -50,9 +50,9 @@ from kombu.transport.native_delayed_delivery import calculate_routing_key
 from .strategy import Deferral, publish
 
 __all__ = [
-    "CONFIRM_TIMEOUT", "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "LEGACY_DELIVERY_EXCHANGE", "QUEUE_KEY", "BrokerDelay",
-    "destination_queue", "ensure_topology", "level_name", "note_delivery_queue", "queue_binding", "queue_token",
-    "topic_matches",
+    "CONFIRM_TIMEOUT", "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "LEGACY_DELIVERY_EXCHANGE", "QUEUE_KEY",
+    "ROUTING_EXCHANGE", "UNROUTABLE", "BrokerDelay", "destination_queue", "ensure_topology", "level_name",
+    "note_delivery_queue", "queue_binding", "queue_token", "topic_matches", "unroutable_count",
 ]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
@@ -61,8 +61,17 @@ logger = logging.getLogger("celery_breaker")
 LEVELS = 28
 #: The longest delay the topology spells (28 bits of seconds, about 8.5 years).
 LONGEST_DELAY = 2**LEVELS - 1
-#: Where a delayed message leaves for its queue.
+#: Where a delayed message leaves for its queue (the lowest level dead-letters into it).
 DELIVERY_EXCHANGE = "celery_breaker_delayed_delivery"
+#: Bound to ``DELIVERY_EXCHANGE`` by ``#``; each queue is bound here by its token. A due
+#: message no queue takes (its queue deleted: an ``auto_delete`` or ``x-expires`` queue,
+#: one an operator removed) goes to its alternate exchange, ``UNROUTABLE``. Without one,
+#: a quorum level's at-least-once dead-lettering kept retrying each such message, and 32
+#: of them (RabbitMQ's ``dead_letter_worker_consumer_prefetch``) stopped that level: no
+#: deferred task of any queue came back through it again.
+ROUTING_EXCHANGE = "celery_breaker_delayed_routing"
+#: The fanout exchange and the queue where due messages no queue takes wait, for an operator.
+UNROUTABLE = "celery_breaker_delayed_unroutable"
 #: Celery's shared delivery exchange, which runs deferred by an earlier release of
 #: celery-breaker come back through: queues stay bound to it by their token, when it exists.
 LEGACY_DELIVERY_EXCHANGE = "celery_delayed_delivery"
@@ -322,7 +331,16 @@ def _declare_levels(channel: Any, queue_type: str) -> None:
     declared before with another queue type, say)."""
     if queue_type not in ("classic", "quorum"):
         raise ValueError(f"broker_native_delayed_delivery_queue_type must be 'classic' or 'quorum', not {queue_type!r}")
+    # What no queue takes must be taken somewhere: a quorum level retries dead-lettering a
+    # message that routes nowhere, and 32 such messages stop the level (``ROUTING_EXCHANGE``).
+    channel.exchange_declare(UNROUTABLE, "fanout", durable=True, auto_delete=False)
+    channel.queue_declare(UNROUTABLE, durable=True, auto_delete=False, arguments={"x-queue-type": queue_type})
+    channel.queue_bind(UNROUTABLE, UNROUTABLE, routing_key="")
+    channel.exchange_declare(
+        ROUTING_EXCHANGE, "topic", durable=True, auto_delete=False, arguments={"alternate-exchange": UNROUTABLE}
+    )
     channel.exchange_declare(DELIVERY_EXCHANGE, "topic", durable=True, auto_delete=False)
+    channel.exchange_bind(destination=ROUTING_EXCHANGE, source=DELIVERY_EXCHANGE, routing_key="#")
     for level in range(LEVELS):
         name, below = level_name(level), level_name(level - 1) if level else DELIVERY_EXCHANGE
         arguments: dict[str, Any] = {
@@ -352,6 +370,18 @@ def _exists(connection: Any, exchange: str) -> bool:
     return True
 
 
+def unroutable_count(connection: Any) -> int:
+    """How many due runs wait in ``UNROUTABLE``, their queue gone when they came due (0: none, or no topology)."""
+    channel = connection.channel()
+    try:
+        found = channel.queue_declare(UNROUTABLE, passive=True)
+    except connection.channel_errors:
+        return 0
+    with contextlib.suppress(Exception):
+        channel.close()
+    return int(found.message_count)
+
+
 def ensure_topology(connection: Any, app: Any, consumed: Iterable[str] = ()) -> set[str]:
     """Declare the delay topology (``_declare_levels``), declare every queue of ``app``
     (not a ``no_declare`` one) and bind it to ``celery_breaker_delayed_delivery`` by its
@@ -372,7 +402,7 @@ def ensure_topology(connection: Any, app: Any, consumed: Iterable[str] = ()) -> 
     finally:
         with contextlib.suppress(Exception):  # (the connection may be closing with it)
             channel.close()
-    exchanges = [DELIVERY_EXCHANGE]
+    exchanges = [ROUTING_EXCHANGE]  # (queues an earlier release bound to DELIVERY_EXCHANGE get one copy still)
     if _exists(connection, LEGACY_DELIVERY_EXCHANGE):  # (harmless: only an earlier release keyed runs so)
         exchanges.append(LEGACY_DELIVERY_EXCHANGE)
     queues: list[tuple[str, Any]] = [(queue.name, queue) for queue in app.amqp.queues.values()]
@@ -482,7 +512,7 @@ class BrokerDelay:
             # (not declared, or not bound with the others: binding a queue that does not
             # exist fails, which is the answer for this run alone)
             connection.default_channel.queue_bind(
-                queue=queue, exchange=DELIVERY_EXCHANGE, routing_key=queue_binding(queue)
+                queue=queue, exchange=ROUTING_EXCHANGE, routing_key=queue_binding(queue)
             )
             self._bound.add(queue)
         self._blocking.publishing()

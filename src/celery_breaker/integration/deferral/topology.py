@@ -13,7 +13,8 @@ before they come due, whether or not anything is deferred again. So the worker's
 process declares the topology and binds every queue it consumes (those added with
 ``add_consumer`` too) whenever its consumer starts: a consumer step's ``start`` runs
 again on every connection restart, after the task consumer has declared its queues and
-before any message is handled.
+before any message is handled. It warns when deferred runs wait in
+``celery_breaker_delayed_unroutable``: they came due for a queue that no longer existed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 from celery import bootsteps
 
 from ..broker import AMQP, broker_kind
-from .broker_delay import BrokerDelay, ensure_topology
+from .broker_delay import UNROUTABLE, BrokerDelay, ensure_topology, unroutable_count
 from .selection import deferral_strategies
 
 __all__ = ["DelayTopologyStep"]
@@ -55,6 +56,7 @@ class DelayTopologyStep(bootsteps.StartStopStep):  # type: ignore[misc]
         try:
             with app.connection_for_write() as connection:
                 bound = ensure_topology(connection, app, consumed)  # (a queue that fails is left out, warned)
+                unroutable = unroutable_count(connection)
         except Exception as exc:
             logger.warning(
                 "celery-breaker: could not declare broker-delay's topology or bind queues %s to it (%r): runs "
@@ -63,3 +65,10 @@ class DelayTopologyStep(bootsteps.StartStopStep):  # type: ignore[misc]
             )  # fmt: skip
             return
         logger.debug("celery-breaker: broker-delay topology declared; bound %s", ", ".join(sorted(bound)))
+        if unroutable:
+            logger.warning(
+                "celery-breaker: %d deferred task(s) came due for a queue that no longer existed (deleted, auto-delete "
+                "or expired) and wait in RabbitMQ's queue %r; move them back to their queue (shovel, or the management "
+                "UI) or purge it",
+                unroutable, UNROUTABLE,
+            )  # fmt: skip
