@@ -176,6 +176,18 @@ def slow(self: Any, ns: str, seconds: float) -> None:
     counter().hincrby(finished_key(ns), self.request.id, 1)
 
 
+#: The same slow task without a time limit: nothing tells how long its run takes.
+UNBOUNDED_SLOW_TASK = "backlog.slow_unbounded"
+
+
+@app.task(name=UNBOUNDED_SLOW_TASK, base=BreakerTask, bind=True, breaker=BREAKER, acks_late=True, max_retries=0)
+def slow_unbounded(self: Any, ns: str, seconds: float) -> None:
+    """As ``slow``, without a time limit."""
+    counter().hincrby(executions_key(ns), self.request.id, 1)
+    time.sleep(seconds)
+    counter().hincrby(finished_key(ns), self.request.id, 1)
+
+
 #: A task whose arguments its sender hides (``argsrepr``, ``kwargsrepr``).
 HIDDEN_TASK = "backlog.hidden"
 

@@ -31,6 +31,7 @@ from tests.integration.backlog_proj import (
     HIDDEN_TASK,
     SLOW_TASK,
     TASK,
+    UNBOUNDED_SLOW_TASK,
     add,
     deferral_counts_key,
     deferred_key,
@@ -111,6 +112,37 @@ def test_a_breaker_open_longer_than_the_consumer_timeout_never_stops_the_worker(
             assert started.process.poll() is None, started.log()
         assert "Unrecoverable error" not in started.log()
         assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
+    finally:
+        publisher.close()
+
+
+def test_a_task_run_after_a_held_countdown_has_the_whole_consumer_timeout(
+    rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """A countdown deferral is held by the worker up to 0.9 x breaker_consumer_timeout,
+    and RabbitMQ's consumer_timeout counts from the delivery to the acknowledgement (after
+    the run, acks_late): a task without a time limit whose run takes half the window,
+    fine undeferred, was run in the held delivery once the breaker closed, and RabbitMQ
+    closed the channel: "Unrecoverable error: PreconditionFailed", the worker exited, and
+    the task ran again on the next. A held delivery is now sent again (no countdown)
+    before it runs, so the run has the whole window."""
+    policy = {"failure_threshold": 1, "reset_timeout": 60.0}  # (capped at 0.9 x CONSUMER_TIMEOUT_S)
+    cell = deploy("rabbitmq-classic", "redis", "countdown", rabbitmq=rabbitmq, redis_server=redis_server,
+                  policy=policy, breaker_defer_spread=0)  # fmt: skip
+    client = counts(cell)
+    publisher = cell.publisher()
+    run_for = CONSUMER_TIMEOUT_S / 2
+    try:
+        with cell.worker() as started:
+            with held_open(cell, policy):
+                ids = [publisher.send_task(UNBOUNDED_SLOW_TASK, args=(cell.ns, run_for)).id for _ in range(2)]
+                wait_for(lambda: client.scard(deferred_key(cell.ns)) >= len(ids), 30, "every task deferred")
+            wait_for(lambda: client.hlen(finished_key(cell.ns)) >= len(ids) or started.process.poll() is not None,
+                     60, "the tasks after the close")  # fmt: skip
+            time.sleep(CONSUMER_TIMEOUT_S / 2 + 2)  # (observing: RabbitMQ checks each channel every second)
+            assert started.process.poll() is None, started.log()
+        assert "Unrecoverable error" not in started.log()
+        assert client.hgetall(finished_key(cell.ns)) == dict.fromkeys(ids, "1")
     finally:
         publisher.close()
 

@@ -28,7 +28,7 @@ from ..errors import CircuitOpenError, ConfigurationError, StorageError
 from ..health import HealthCheck
 from ..names import check_name
 from .broker import DEAD_LETTER_HEADERS
-from .deferral.defer import defer
+from .deferral.defer import defer, refreshed
 from .deferral.plan import HEADERS as DEFERRAL_HEADERS
 from .deferral.plan import PARKED_HEADER, run_time_limit
 from .probes import breaker_with_probe
@@ -226,6 +226,12 @@ class BreakerTask(Task):  # type: ignore[misc]
     def _run_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any], request: Any) -> Any:
         if not self.is_guarded():
             return self.run(*args, **kwargs)
+        if request.eta is not None and self._can_defer():
+            # A countdown deferral the worker held: sent again if the run might not fit in
+            # what is left of the broker's window (``refreshed``), before it takes a ticket.
+            again = refreshed(self, args, kwargs)
+            if again is not None:
+                return _Deferred(again)
         held = self._breaker_held
         if (
             held is not None

@@ -32,12 +32,24 @@ from ..broker import AMQP, broker_kind
 from .broker_delay import UnroutedWarning, destination_queue
 from .strategy import Deferral, publish
 
-__all__ = ["REQUEUE_PAUSE", "CountdownRepublish"]
+__all__ = ["RECEIVED_KEY", "REQUEUE_PAUSE", "CountdownRepublish", "note_received"]
 
 logger = logging.getLogger("celery_breaker")
 
 #: Seconds before requeueing a task whose deferral could not be published.
 REQUEUE_PAUSE = 1.0
+#: The key of a request's ``delivery_info`` under which the worker notes when it received
+#: the task (``note_received``, epoch seconds); it travels with the request to the pool.
+RECEIVED_KEY = "celery_breaker_received"
+
+
+def note_received(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """``task_received`` (the worker's main process): note when the delivery came. The
+    broker's window (RabbitMQ's ``consumer_timeout``, a ``visibility_timeout``) runs from
+    then until the acknowledgement, which a countdown held by the worker delays."""
+    info = getattr(request, "delivery_info", None)
+    if isinstance(info, dict):
+        info[RECEIVED_KEY] = time.time()
 
 
 class CountdownRepublish:
@@ -59,7 +71,7 @@ class CountdownRepublish:
             "came from cannot be told, so it may come back to task_default_queue"
         )
 
-    def _route(self, task: Any) -> dict[str, Any]:
+    def route(self, task: Any) -> dict[str, Any]:
         """On RabbitMQ, the options that send the copy to the queue the run came from, by
         name: the queue, and a direct exchange type, for which Celery publishes through
         the default exchange (Celery's native delay on quorum queues routes by that
@@ -82,7 +94,7 @@ class CountdownRepublish:
             delay = float(max(1, math.ceil(delay)))
         signature = task.signature_from_request(
             request, deferral.args, deferral.kwargs, countdown=delay, headers=deferral.headers,
-            **deferral.options, **self._route(task),
+            **deferral.options, **self.route(task),
         )  # fmt: skip
         try:
             publish(task, signature)

@@ -16,6 +16,7 @@ from ..broker import DEAD_LETTER_HEADERS
 from ..settings import get_settings
 from ..task_options import task_breaker_config
 from . import expiry  # noqa: F401  (connects the handler that keeps expired deferrals for the worker to revoke)
+from .countdown import RECEIVED_KEY, CountdownRepublish
 from .plan import (
     DEFERRALS_HEADER,
     PARKED_HEADER,
@@ -26,11 +27,15 @@ from .plan import (
     seconds_until,
 )
 from .selection import deferral_strategies
-from .strategy import Deferral, DeferralStrategy
+from .strategy import Deferral, DeferralStrategy, publish
 
-__all__ = ["defer"]
+__all__ = ["REFRESH_AFTER", "defer", "refreshed"]
 
 logger = logging.getLogger("celery_breaker")
+
+#: A countdown deferral the worker held longer than this share of the broker's window
+#: (``hold_limit``) is sent again before it runs (``refreshed``).
+REFRESH_AFTER = 0.1
 
 
 def defer(
@@ -88,6 +93,47 @@ def defer(
     if not rejected.name or (rejected.name, rejected.key) == (breaker.name, breaker.key):
         breaker.note_deferral()  # (a nested breaker's rejection is not this breaker's deferral)
     return _announce(deferral, strategy, delay)
+
+
+def refreshed(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Retry | None:
+    """A ``Retry`` that ends this run after sending it again at once, when it is a countdown
+    deferral the worker held for more than ``REFRESH_AFTER`` of the broker's window; else
+    ``None`` (run it).
+
+    The window (RabbitMQ's ``consumer_timeout``, Redis's or SQS's ``visibility_timeout``)
+    runs from the delivery to its acknowledgement, which comes after the run
+    (``acks_late``). A countdown may hold the delivery for up to 90 % of it, so a run that
+    took more than what was left, fine undeferred, made RabbitMQ close the worker's
+    channel (``Unrecoverable error: PreconditionFailed``: the worker exited, the task ran
+    again elsewhere), or Redis give the task to another worker. Sent again without a
+    countdown, it runs in a fresh delivery, with the whole window. If that publish fails
+    it runs where it is."""
+    request = task.request
+    info = request.delivery_info
+    received = info.get(RECEIVED_KEY) if isinstance(info, dict) else None
+    headers = request.headers
+    if not isinstance(received, (int, float)) or not headers or DEFERRALS_HEADER not in headers:
+        return None  # (not received by a worker that notes it, or not one of our deferrals)
+    limit = get_settings(task.app).hold_limit
+    held = time.time() - received
+    if limit is None or held <= limit * REFRESH_AFTER:
+        return None
+    kept = {k: v for k, v in headers.items() if k not in DEAD_LETTER_HEADERS}
+    signature = task.signature_from_request(
+        request, args, kwargs, headers=kept, **_reprs(request, args, kwargs), **CountdownRepublish().route(task)
+    )
+    try:
+        publish(task, signature)
+    except Exception as exc:
+        logger.warning(
+            "task %s[%s]: held %.1f s of the broker's %g s window and could not be sent again (%r): run in the held "
+            "delivery",
+            task.name, request.id, held, limit, exc,
+        )  # fmt: skip
+        return None
+    text = f"held {held:.1f} s of the broker's {limit:g} s window by a countdown: sent again to run in a fresh delivery"
+    logger.debug("task %s[%s]: %s", task.name, request.id, text)
+    return Retry(message=text, when=0)
 
 
 def _reprs(request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
