@@ -147,6 +147,40 @@ def test_a_task_run_after_a_held_countdown_has_the_whole_consumer_timeout(
         publisher.close()
 
 
+def test_a_countdown_rabbitmq_refuses_is_never_counted_as_deferred(
+    rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """A RabbitMQ user who may write to the app's (topic) exchanges but not to the default
+    exchange, as Celery needs no more: a countdown copy goes back by its queue's name,
+    through the default exchange, and RabbitMQ refused it. Published without confirms the
+    refusal raised nothing (or only at the next publish): each delivery was acknowledged
+    as deferred, and every task lost (0 of 4 ran). With confirms the refusal raises: the
+    delivery is requeued (acks_late), and each task runs once after the outage."""
+    policy = {"failure_threshold": 1, "reset_timeout": 1.0}
+    cell = deploy("rabbitmq-classic", "redis", "countdown", rabbitmq=rabbitmq, redis_server=redis_server,
+                  policy=policy, breaker_defer_spread=0, task_default_exchange_type="topic")  # fmt: skip
+    user = f"u-{cell.ns}"
+    rabbitmq.rabbitmqctl("add_vhost", cell.ns)
+    rabbitmq.rabbitmqctl("add_user", user, "secret")
+    rabbitmq.rabbitmqctl("set_permissions", "-p", cell.ns, user, ".*", r"^(?!amq\.default$).*", ".*")
+    cell.broker_url = f"amqp://{user}:secret@127.0.0.1:{rabbitmq.port}/{cell.ns}"
+    client = counts(cell)
+    publisher = cell.publisher(task_default_exchange_type="topic")
+    try:
+        with Downstream() as downstream, cell.worker() as started:
+            with held_open(cell, policy):
+                ids = [publisher.send_task(TASK, args=(cell.ns, downstream.url, n)).id for n in range(4)]
+                time.sleep(4)  # (an outage: each task tries to defer, and is refused)
+            wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids), 30, "every task run (none lost)")
+            assert started.process.poll() is None, started.log()
+        assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
+        assert "ACCESS_REFUSED - access to exchange 'amq.default'" in started.log()
+    finally:
+        publisher.close()
+        rabbitmq.rabbitmqctl("delete_vhost", cell.ns)
+        rabbitmq.rabbitmqctl("delete_user", user)
+
+
 # -- Redis's visibility_timeout ----------------------------------------------------------
 
 

@@ -51,8 +51,8 @@ from .strategy import Deferral, publish
 
 __all__ = [
     "CONFIRM_TIMEOUT", "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "LEGACY_DELIVERY_EXCHANGE", "QUEUE_KEY",
-    "ROUTING_EXCHANGE", "UNROUTABLE", "BrokerDelay", "destination_queue", "ensure_topology", "level_name",
-    "note_delivery_queue", "queue_binding", "queue_token", "topic_matches", "unroutable_count",
+    "ROUTING_EXCHANGE", "UNROUTABLE", "BrokerDelay", "destination_queue", "discard", "ensure_topology", "level_name",
+    "note_delivery_queue", "queue_binding", "queue_token", "timed_out", "topic_matches", "unroutable_count",
 ]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
@@ -265,7 +265,7 @@ class _Blocking:
 RETIRED_AT_MOST = 600.0
 
 
-def _timed_out(exc: BaseException) -> bool:
+def timed_out(exc: BaseException) -> bool:
     """Whether ``exc`` is a socket timeout: Celery reraises one as kombu's
     ``OperationalError``, the timeout its cause or context."""
     seen: BaseException | None = exc
@@ -278,7 +278,7 @@ def _timed_out(exc: BaseException) -> bool:
     return False
 
 
-def _discard(connection: Any) -> None:
+def discard(connection: Any) -> None:
     """Close ``connection``, dead or alive, without raising."""
     try:
         connection.collect()
@@ -476,7 +476,7 @@ class BrokerDelay:
             try:
                 bound = ensure_topology(connection, app)
             except BaseException:
-                _discard(connection)
+                discard(connection)
                 raise
             self._connection, self._bound, self._blocking = connection, bound, blocking
         return self._connection
@@ -484,7 +484,7 @@ class BrokerDelay:
     def _drop(self) -> None:
         connection, self._connection, self._bound = self._connection, None, set()
         if connection is not None and self._pid == os.getpid():
-            _discard(connection)
+            discard(connection)
 
     def _retire(self) -> None:
         """Stop publishing on this connection (a late confirm would answer the next
@@ -503,7 +503,7 @@ class BrokerDelay:
             if blocking.now and time.monotonic() - since < RETIRED_AT_MOST:
                 kept.append((connection, blocking, since))
             else:
-                _discard(connection)
+                discard(connection)
         self._retired = kept
 
     def _publish(self, task: Any, signature: Any, queue: str | None, routing_key: str) -> None:
@@ -528,7 +528,7 @@ class BrokerDelay:
                 confirm_timeout=CONFIRM_TIMEOUT,
             )
         except Exception as exc:
-            if not _timed_out(exc):
+            if not timed_out(exc):
                 raise
             # Only here, once connected: the message went out. Whether it arrives depends on
             # why no confirm came: a broker that blocks publishers routes it later, a dead

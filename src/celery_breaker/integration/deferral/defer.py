@@ -27,7 +27,7 @@ from .plan import (
     seconds_until,
 )
 from .selection import deferral_strategies
-from .strategy import Deferral, DeferralStrategy, publish
+from .strategy import Deferral, DeferralStrategy
 
 __all__ = ["REFRESH_AFTER", "defer", "refreshed"]
 
@@ -119,11 +119,14 @@ def refreshed(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Retry
     if limit is None or held <= limit * REFRESH_AFTER:
         return None
     kept = {k: v for k, v in headers.items() if k not in DEAD_LETTER_HEADERS}
+    countdown = deferral_strategies(task.app)[-1]  # (the last: a countdown, whose copies RabbitMQ confirms)
+    if not isinstance(countdown, CountdownRepublish):
+        countdown = CountdownRepublish()
     signature = task.signature_from_request(
-        request, args, kwargs, headers=kept, **_reprs(request, args, kwargs), **CountdownRepublish().route(task)
+        request, args, kwargs, headers=kept, **_reprs(request, args, kwargs), **countdown.route(task)
     )
     try:
-        publish(task, signature)
+        countdown.send(task, signature)
     except Exception as exc:
         logger.warning(
             "task %s[%s]: held %.1f s of the broker's %g s window and could not be sent again (%r): run in the held "
