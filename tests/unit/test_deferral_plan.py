@@ -14,6 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from celery_breaker.integration.broker import redelivery_window
+from celery_breaker.integration.deferral.countdown import RECEIVED_KEY
+from celery_breaker.integration.deferral.defer import refreshed
 from celery_breaker.integration.deferral.plan import (
     CLOCK_SKEW,
     DEFERRALS_HEADER,
@@ -189,6 +191,22 @@ def test_defer_cap_keeps_a_margin_for_the_task_runtime() -> None:
     app.conf.broker_transport_options = {"visibility_timeout": 6}
     assert build_settings(app.conf).defer_cap(5.0) == 1.0  # never under a second
     assert build_settings(Celery(broker="memory://").conf).defer_cap(None) is None
+
+
+def test_a_held_countdown_is_sent_again_only_when_its_run_would_be_in_the_window() -> None:
+    # The window runs until the acknowledgement: after the run only for a task that acks
+    # late. One acknowledged as its run starts (Celery's default) runs where it is, as does
+    # one held briefly; neither is published again (nothing here could publish it).
+    app = Celery(broker="redis://localhost:6379/0", set_as_current=False)
+    app.conf.broker_transport_options = {"visibility_timeout": 1000}
+    now = datetime.now(timezone.utc).timestamp()
+
+    def held_for(seconds: float, *, acks_late: bool) -> Any:
+        request = SimpleNamespace(delivery_info={RECEIVED_KEY: now - seconds}, headers={DEFERRALS_HEADER: 1})
+        return SimpleNamespace(app=app, acks_late=acks_late, request=request)
+
+    assert refreshed(held_for(500.0, acks_late=False), (), {}) is None  # (acknowledged at its start)
+    assert refreshed(held_for(50.0, acks_late=True), (), {}) is None  # (a tenth of the window at most)
 
 
 def test_the_margin_is_the_runs_time_limit_wherever_it_is_set() -> None:

@@ -107,7 +107,10 @@ def refreshed(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Retry
     channel (``Unrecoverable error: PreconditionFailed``: the worker exited, the task ran
     again elsewhere), or Redis give the task to another worker. Sent again without a
     countdown, it runs in a fresh delivery, with the whole window. If that publish fails
-    it runs where it is."""
+    it runs where it is. A task acknowledged early (Celery's default) is acknowledged as
+    its run starts, outside the window: it runs where it is, and nothing is sent."""
+    if not task.acks_late:
+        return None
     request = task.request
     info = request.delivery_info
     received = info.get(RECEIVED_KEY) if isinstance(info, dict) else None
