@@ -256,24 +256,24 @@ class MemoryStore:
         found = self._cells.get(ident)
         if found is not None:
             return found
-        with self._lock:
-            found = self._cells.get(ident)
-            if found is None:
-                now = clock.monotonic()
-                found = self._make(ident, policy, now, clock.time() - now)
-            return found
+        now = clock.monotonic()
+        return self._found_or_made(ident, policy, now, clock.time() - now)
 
     def revive(self, cell: MemoryCell, now: float) -> MemoryCell:
         """The live cell of ``cell``'s breaker (``cell`` was dropped by a sweep), made
         again with its policy if no call has made it since."""
-        ident = (cell.name, cell.key)
+        return self._found_or_made((cell.name, cell.key), cell.policy, now, cell.wall_offset)
+
+    def _found_or_made(
+        self, ident: tuple[str, str | None], policy: BreakerPolicy, now: float, wall_offset: float
+    ) -> MemoryCell:
         found = self._cells.get(ident)
         if found is not None:
             return found
         with self._lock:
             found = self._cells.get(ident)
             if found is None:
-                found = self._make(ident, cell.policy, now, cell.wall_offset)
+                found = self._make(ident, policy, now, wall_offset)
             return found
 
     def _make(self, ident: tuple[str, str | None], policy: BreakerPolicy, now: float, wall_offset: float) -> MemoryCell:
