@@ -159,6 +159,28 @@ def test_watch_names_resets_bursts_of_transitions_new_and_gone_breakers() -> Non
     ]
 
 
+def test_a_breaker_deleted_and_tripped_again_within_one_refresh_is_a_change() -> None:
+    # Generations restart with each incarnation: `delete` then a fresh trip before the
+    # next refresh reads open, generation 1, as before. The view must not keep the old
+    # trip's age (FOR) and list nothing.
+    clock = FakeClock()
+    watch = Watch(clock)
+    first = snap("partner-api", state=State.OPEN, generation=1, trips=1, failures=1, rejections=40,
+                 opened_at=clock.time() - 10.0, retry_after=20.0)  # fmt: skip
+    watch.observe([row(first)])
+    clock.advance(1.0)
+    again = changed(first, rejections=0, opened_at=clock.time() - 0.3, retry_after=4.7)
+    [shown] = watch.observe([row(again)])
+    assert shown.since == clock.time() - 0.3  # opened 0.3 s ago, not 11 s ago
+    [change] = watch.changes
+    assert (change.label, change.source, change.target, change.reason) == (
+        "partner-api", State.OPEN, State.OPEN, "recreated",
+    )  # fmt: skip
+    clock.advance(1.0)
+    watch.observe([row(changed(again, rejections=3))])  # counting on: no change
+    assert len(watch.changes) == 1
+
+
 def test_run_watch_draws_each_refresh_and_survives_a_store_outage() -> None:
     clock = FakeClock()
     frames: list[str] = []

@@ -111,6 +111,20 @@ def _reason(old: BreakerSnapshot, new: BreakerSnapshot) -> str:
     return reason
 
 
+def _remade(old: BreakerSnapshot, new: BreakerSnapshot) -> bool:
+    """Whether the breaker was made afresh (deleted, or expired, and used again) at the
+    generation it had: generations restart with each incarnation, so ``delete`` and a trip
+    within one refresh leave ``open``, generation 1, as before. Its opening time or a
+    lifetime counter that went down tells it apart."""
+    return (
+        new.opened_at != old.opened_at
+        or new.trips < old.trips
+        or new.successes + new.failures < old.successes + old.failures
+        or new.deferrals < old.deferrals
+        or new.rejections < old.rejections
+    )
+
+
 class Watch:
     """Follows a store's breakers across refreshes: rates, time in state, recent changes.
 
@@ -152,7 +166,7 @@ class Watch:
                         rejections=_per_second(new.rejections, old.rejections, elapsed),
                     )
                 since = seen.since
-                if new.generation != old.generation or new.state is not old.state:
+                if new.generation != old.generation or new.state is not old.state or _remade(old, new):
                     self.changes.append(Change(wall, new.label, old.state, new.state, _reason(old, new)))
                     since = new.opened_at if new.state is State.OPEN and new.opened_at else wall
             seen_now[ident] = _Seen(new, mono, since)
