@@ -161,6 +161,36 @@ def test_events_stay_off_without_minus_e_or_breaker_send_events(broker: str, ns:
     assert not events.of("breaker-opened", "breaker-closed", "task-breaker-deferred")
 
 
+def test_breaker_events_follow_enable_events_as_flower_sends_it(broker: str, ns: str) -> None:
+    # Flower turns a worker's events on with `enable_events` (every few seconds) rather
+    # than -E: the transitions and deferrals happen in the pool's children, which the
+    # command never reaches, so they must hear it through the main process.
+    store_url = f"{broker.rsplit('/', 1)[0]}/7?key_prefix={ns}"
+    conf = {"breaker_storage_url": store_url, "breaker_default_policy": POLICY}
+    client = redis.Redis.from_url(broker)
+    observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
+    node = f"n1@{socket.gethostname()}"
+    with (
+        Events().running() as events,
+        WorkerProcess(broker, concurrency=2, extra_conf=json.dumps(conf), name="n1", app=APP, events=False) as worker,
+    ):
+        worker.wait_ready()
+        replies = partner_proj.app.control.enable_events(reply=True, destination=[node], timeout=10)
+        assert replies, "no reply to enable_events"
+        assert "ok" in replies[0][node], replies
+        client.set(down_key(ns), 1)
+        results = [call_partner.delay(ns, n) for n in range(4)]
+        wait_for(lambda: observer.snapshot().deferrals >= 2, 60, "deferrals")
+        wait_for(lambda: len(events.of("task-breaker-deferred")) >= 2, 30, "deferral events after enable_events")
+        client.delete(down_key(ns))
+        wait_for(lambda: all(r.state == "SUCCESS" for r in results), 60, "every task to succeed")
+        wait_for(lambda: events.of("breaker-closed") != [], 30, "the closing event")
+    assert events.of("task-retried")  # Celery's own task events, switched on by the same command
+    assert len(events.of("breaker-opened")) == observer.snapshot().trips
+    assert {event["hostname"] for event in events.of("breaker-opened", "task-breaker-deferred")} == {node}
+    observer.close()
+
+
 # -- remote control -----------------------------------------------------------------
 
 

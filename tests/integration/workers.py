@@ -36,7 +36,8 @@ class WorkerProcess:
 
     def __init__(self, broker: str, *, pool: str = "prefork", concurrency: int = 2,
                  extra_conf: str = "{}", name: str = "w1", app: str = "tests.integration.proj",
-                 queues: str | None = None, env: dict[str, str] | None = None) -> None:  # fmt: skip
+                 queues: str | None = None, env: dict[str, str] | None = None,
+                 events: bool = True) -> None:  # fmt: skip
         self.broker = broker
         self.name = name
         self.log_path = Path(tempfile.mkstemp(prefix=f"celery-{name}-", suffix=".log")[1])
@@ -45,7 +46,8 @@ class WorkerProcess:
         self._log = self.log_path.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", app, "worker", "-P", pool,
-             "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO", "-E", "--without-gossip",
+             "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO", *(["-E"] if events else []),
+             "--without-gossip",
              "--without-mingle", *(["-Q", queues] if queues else [])],
             cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip

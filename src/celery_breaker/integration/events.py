@@ -12,12 +12,15 @@ task or a breaker: a broker that cannot take an event costs a log line, once a m
 from __future__ import annotations
 
 import logging
+import mmap
 import time
 from typing import Any
 
 from ..core import State, Transition
 
-__all__ = ["DEFERRED_EVENT", "EVENT_TYPES", "configure", "enabled", "nodename", "send", "transition_event"]
+__all__ = [
+    "DEFERRED_EVENT", "EVENT_TYPES", "configure", "enabled", "nodename", "send", "switched", "transition_event",
+]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
 
@@ -32,20 +35,42 @@ EVENT_TYPES = {
 DEFERRED_EVENT = "task-breaker-deferred"
 _COMPLAIN_EVERY = 60.0
 
-_state: dict[str, Any] = {"enabled": False, "nodename": None, "complained": 0.0}
+# "shared": whether events are on, in a page the worker's main process maps before its
+# pool forks: ``celery control enable_events`` (what Flower sends every few seconds)
+# reaches only the main process, while transitions and deferrals happen in the children.
+_state: dict[str, Any] = {"enabled": False, "nodename": None, "complained": 0.0, "follows_remote": False,
+                          "shared": None}  # fmt: skip
 
 
-def configure(*, enabled: bool | None = None, nodename: str | None = None) -> None:
-    """Set (in a worker) whether events go out and the node name they carry."""
+def configure(*, enabled: bool | None = None, nodename: str | None = None, follows_remote: bool | None = None) -> None:
+    """Set (in a worker) whether events go out and the node name they carry;
+    ``follows_remote``: whether ``enable_events``/``disable_events`` switch them too (when
+    ``breaker_send_events`` is left unset: they follow the worker's task events)."""
+    if follows_remote is not None:
+        _state["follows_remote"] = follows_remote
     if enabled is not None:
         _state["enabled"] = enabled
+        shared = _state["shared"]
+        if shared is None:  # (anonymous and shared: every process forked later sees it)
+            shared = _state["shared"] = mmap.mmap(-1, 1)
+        shared[0] = int(enabled)
     if nodename:
         _state["nodename"] = nodename
 
 
+def switched(on: bool) -> None:
+    """Remote control turned the worker's task events on or off (``enable_events``,
+    ``disable_events``): breaker events follow, in every pool process, unless
+    ``breaker_send_events`` says otherwise."""
+    if _state["follows_remote"]:
+        configure(enabled=on)
+
+
 def enabled() -> bool:
-    """Whether this worker sends breaker events (``breaker_send_events``, else its ``-E``)."""
-    return bool(_state["enabled"])
+    """Whether this worker sends breaker events (``breaker_send_events``, else its task
+    events: ``-E``, or ``celery control enable_events`` since)."""
+    shared = _state["shared"]
+    return bool(shared[0] if shared is not None else _state["enabled"])
 
 
 def nodename() -> str | None:

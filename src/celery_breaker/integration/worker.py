@@ -86,6 +86,7 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
         events.configure(
             enabled=bool(explicit) if explicit is not None else bool(getattr(worker, "task_events", False)),
             nodename=getattr(worker, "hostname", None),
+            follows_remote=explicit is None,  # (then `celery control enable_events`, as Flower sends, too)
         )
         if not getattr(app, _EVENTS_LISTENING, False):
             setattr(app, _EVENTS_LISTENING, True)

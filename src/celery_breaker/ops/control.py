@@ -25,7 +25,7 @@ from typing import Any
 
 import click
 from celery import bootsteps, current_app
-from celery.worker.control import control_command, inspect_command
+from celery.worker.control import Panel, control_command, inspect_command
 
 from ..errors import BreakerKeyError, ConfigurationError, UnknownBreakerError
 from ..labels import breaker_label, shown_label, visible
@@ -186,3 +186,31 @@ def _register(action: str, help_text: str) -> None:
 
 for _action in ACTIONS.values():
     _register(_action.name, _action.summary.replace("NAME", "a breaker"))
+
+
+def _follow_event_switches() -> None:
+    """Have ``celery control enable_events``/``disable_events`` switch breaker events too.
+
+    Flower sends ``enable_events`` every few seconds to a worker started without ``-E``:
+    Celery then sends task events, and breaker events, which follow the worker's task
+    events when ``breaker_send_events`` is unset, must follow as well (``events.switched``)."""
+    for name, on in (("enable_events", True), ("disable_events", False)):
+        handler = Panel.data.get(name)
+        if handler is None or getattr(handler, "_celery_breaker_follows", False):
+            continue
+
+        def switch(state: Any, *args: Any, _handler: Any = handler, _on: bool = on, **kwargs: Any) -> Any:
+            reply = _handler(state, *args, **kwargs)
+            if isinstance(reply, dict) and "ok" in reply:  # (not "event dispatcher unavailable")
+                from ..integration import events
+
+                events.switched(_on)
+            return reply
+
+        switch.__name__ = switch.__qualname__ = name
+        switch.__doc__ = handler.__doc__
+        switch._celery_breaker_follows = True  # type: ignore[attr-defined]
+        Panel.data[name] = switch
+
+
+_follow_event_switches()
