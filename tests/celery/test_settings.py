@@ -444,6 +444,30 @@ def test_breaker_routes_apply_outside_workers_too() -> None:
         task.breaker.reset()
 
 
+def test_task_options_resolved_before_the_settings_are_read_again_follow_them() -> None:
+    """A worker reads the settings again at start (``reload_settings``), after a
+    ``celeryd_init`` handler or a test has changed ``app.conf``: a task whose options
+    were resolved before (its breaker touched, a direct or eager call) kept the old
+    policy and deferral budget, while the worker validated and logged the new ones."""
+    app = throwaway_app(
+        "reread",
+        breaker_storage_url="memory://celery-tests-reread",
+        breaker_default_policy={"failure_threshold": 1},
+    )
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="reread.job")
+    def job(self: Any) -> tuple[int | None, int | None]:
+        return self.breaker.policy.failure_threshold, task_breaker_config(self).max_deferrals
+
+    app.finalize()
+    assert job() == (1, None)  # resolved, and its breaker kept, against the first read
+    app.conf.update(breaker_default_policy={"failure_threshold": 7}, breaker_max_deferrals=3)
+    reload_settings(app)  # what the worker's step does at start
+    assert job() == (7, 3)
+    assert job.breaker.policy.failure_threshold == 7
+    assert task_breaker_config(job).max_deferrals == 3
+
+
 # -- where breakers are stored by default ---------------------------------------------
 
 

@@ -27,6 +27,7 @@ from .problems import Problems
 __all__ = [
     "FIXED_RELEASE_RATE",
     "ON_STORAGE_ERROR_CHOICES",
+    "OPTIONS_FORGOTTEN",
     "RELEASE_PACES",
     "SETTINGS",
     "BreakerSettings",
@@ -71,6 +72,12 @@ SETTINGS: dict[str, Any] = {
 
 _LOCK = threading.Lock()
 _ATTRIBUTE = "_celery_breaker_settings"
+
+#: How many times any task's resolved options were forgotten (``OPTIONS_FORGOTTEN[0]``):
+#: its options changed, or the settings they were resolved against were read again
+#: (``reload_settings``). What a task kept from its options since (its breaker:
+#: ``BreakerTask._breaker_held``) is stale.
+OPTIONS_FORGOTTEN = [0]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -462,8 +469,14 @@ def get_settings(app: Any) -> BreakerSettings:
 
 
 def reload_settings(app: Any) -> BreakerSettings:
-    """Forget the cached settings and read them again (after changing ``app.conf``)."""
+    """Forget the cached settings and read them again (after changing ``app.conf``).
+
+    Every task's options resolved against the old settings (``task_options``: the
+    policy, the deferral budget, ``breaker_routes``, the health check) are resolved
+    again on their next use, as is the breaker each task kept (``OPTIONS_FORGOTTEN``)."""
     with _LOCK:
         if hasattr(app, _ATTRIBUTE):
             delattr(app, _ATTRIBUTE)
-    return get_settings(app)
+    settings = get_settings(app)
+    OPTIONS_FORGOTTEN[0] += 1  # (after: a run between the two keeps a count already stale)
+    return settings

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..core import BreakerPolicy
@@ -12,15 +12,11 @@ from ..health import HealthCheck
 from ..names import check_name
 from . import values
 from .probes import resolve_probe
-from .settings import BreakerSettings, get_settings
+from .settings import OPTIONS_FORGOTTEN, BreakerSettings, get_settings
 
 __all__ = ["OPTIONS_FORGOTTEN", "TaskBreakerConfig", "forget_task_breaker_config", "task_breaker_config"]
 
 _CONFIG = "_celery_breaker_config"  # the class attribute caching the resolved options
-
-#: How many times any task's options were forgotten (``OPTIONS_FORGOTTEN[0]``): what a
-#: task kept from its options since (its breaker: ``BreakerTask._breaker_held``) is stale.
-OPTIONS_FORGOTTEN = [0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +32,9 @@ class TaskBreakerConfig:
     """``breaker_scope="run"``: a run that made no guarded call records its own outcome."""
     probe: HealthCheck | None = None
     """The breaker's health check (``breaker_probe``, else ``breaker_probes``), if any."""
+    settings: BreakerSettings | None = field(default=None, compare=False, repr=False)
+    """The app's settings these options were resolved against: once the settings are read
+    again (``reload_settings``, a worker's start), the options are resolved again."""
 
 
 def _scope(where: str, value: Any) -> str:
@@ -49,9 +48,9 @@ def task_breaker_config(task: Any) -> TaskBreakerConfig:
     # task.__class__, not type(task): @shared_task hands out a Proxy that forwards it.
     cls: Any = task if isinstance(task, type) else task.__class__
     found: TaskBreakerConfig | None = cls.__dict__.get(_CONFIG)
-    if found is not None:
-        return found
     settings = get_settings(cls.app)
+    if found is not None and found.settings is settings:
+        return found
     where = f"task {cls.name!r}"
     name = check_name(cls.breaker_name or cls.name, f"{where}: breaker name")
     base_policy = settings.policy_for(name)
@@ -78,6 +77,7 @@ def task_breaker_config(task: Any) -> TaskBreakerConfig:
         defer_spread=option("breaker_defer_spread", settings.defer_spread, values.seconds_or_zero),
         counts_runs=option("breaker_scope", "run", _scope) == "run",
         probe=_probe(cls, where, name, settings),
+        settings=settings,
     )
     setattr(cls, _CONFIG, config)
     return config
