@@ -418,6 +418,39 @@ def test_task_cls_leaves_celerys_own_tasks_unguarded() -> None:
     assert store.snapshots(SYSTEM_CLOCK) == []  # no breaker was made for it
 
 
+def test_task_cls_tasks_follow_breaker_routes() -> None:
+    """Under ``task_cls="celery_breaker:BreakerTask"`` every plain ``@app.task`` is a
+    BreakerTask, and ``breaker_routes`` skipped them all: two tasks routed to "smtp"
+    each got a breaker of their own name, without a word. The route now names the
+    breaker of a task made from the app's task class that names none itself."""
+    app = Celery("task-cls-routes", set_as_current=False, broker="memory://", task_cls="celery_breaker:BreakerTask")
+    app.conf.update(
+        breaker_storage_url="memory://celery-tests-task-cls-routes",
+        breaker_routes={"taskclsroutes.send_*": "smtp", "taskclsroutes.own": True},
+    )
+
+    def job() -> None:
+        return None
+
+    for name in ("send_a", "send_b", "own", "other"):
+        app.task(shared=False, name=f"taskclsroutes.{name}")(job)
+    app.task(shared=False, name="taskclsroutes.send_named", breaker="named")(job)
+    app.task(shared=False, name="taskclsroutes.send_base", base=BreakerTask)(job)
+    app.finalize()
+
+    names = {name: task_breaker_config(task).name for name, task in app.tasks.items() if name.startswith("taskcls")}
+    assert names == {
+        "taskclsroutes.send_a": "smtp",
+        "taskclsroutes.send_b": "smtp",
+        "taskclsroutes.own": "taskclsroutes.own",
+        "taskclsroutes.other": "taskclsroutes.other",
+        "taskclsroutes.send_named": "named",  # the task's own breaker= wins
+        "taskclsroutes.send_base": "taskclsroutes.send_base",  # base=BreakerTask: as documented
+    }
+    assert sorted(check_app(app)["smtp"]) == ["taskclsroutes.send_a", "taskclsroutes.send_b"]
+    assert app.tasks["taskclsroutes.send_a"].breaker.name == "smtp"
+
+
 def test_breaker_routes_apply_outside_workers_too() -> None:
     app = Celery("routes-eager", set_as_current=False, broker="memory://", backend="cache+memory://")
     app.conf.update(

@@ -44,7 +44,9 @@ SETTING_DOCS: dict[str, Doc] = {
     ),
     "breaker_routes": Doc(
         accepts="dict: task-name glob → breaker name, or `True` for the task's own name",
-        meaning="puts plain tasks (not subclassing `BreakerTask`) under a breaker; the first matching glob wins",
+        meaning="puts plain tasks (not subclassing `BreakerTask`) under a breaker, and names the breaker of "
+        'tasks that `task_cls="celery_breaker:BreakerTask"` makes BreakerTasks (unless they give `breaker=`); '
+        "the first matching glob wins",
     ),
     "breaker_max_deferrals": Doc(
         accepts="whole number from 0 to 1,000,000, or `None`",
@@ -150,7 +152,7 @@ TASK_OPTION_DOCS: dict[str, Doc] = {
         accepts="a non-empty string",
         meaning="the breaker's name. Inside the body, `self.breaker` is this call's `CircuitBreaker` "
         "(the name is kept in `breaker_name`).",
-        default="the task's name",
+        default="the task's name (under `task_cls`, the one `breaker_routes` names)",
     ),
     "breaker_key": Doc(
         accepts="a callable `(args, kwargs) -> str`, or the name of a task method; a name that is no method "

@@ -52,7 +52,7 @@ def task_breaker_config(task: Any) -> TaskBreakerConfig:
     if found is not None and found.settings is settings:
         return found
     where = f"task {cls.name!r}"
-    name = check_name(cls.breaker_name or cls.name, f"{where}: breaker name")
+    name = check_name(cls.breaker_name or _routed_name(cls, settings) or cls.name, f"{where}: breaker name")
     base_policy = settings.policy_for(name)
     policy = BreakerPolicy.coerce(cls.breaker_policy, base=base_policy, source=f"{where}: breaker_policy")
 
@@ -81,6 +81,19 @@ def task_breaker_config(task: Any) -> TaskBreakerConfig:
     )
     setattr(cls, _CONFIG, config)
     return config
+
+
+def _routed_name(cls: Any, settings: BreakerSettings) -> str | None:
+    """The breaker ``breaker_routes`` gives a task made from the app's own task class (a
+    plain ``@app.task``) that is a ``BreakerTask`` only because
+    ``task_cls="celery_breaker:BreakerTask"`` made that class one, and that names no
+    breaker itself; ``None`` for any other task (``base=BreakerTask``, a class of the
+    user's: their breaker is the one they name, else their own name)."""
+    if not settings.routes or cls.name.startswith(("celery.", "celery_breaker.")):
+        return None
+    if not issubclass(cls, cls.app.Task):
+        return None
+    return settings.route_for(cls.name) or None  # ("": True, the task's own name)
 
 
 def _probe(cls: Any, where: str, name: str, settings: BreakerSettings) -> HealthCheck | None:
