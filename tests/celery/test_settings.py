@@ -275,6 +275,40 @@ def test_worker_with_an_unknown_breaker_setting_refuses_to_start() -> None:
         start_and_stop(app)
 
 
+@pytest.mark.usefixtures("restore_worker_globals")
+def test_worker_refuses_breaker_options_on_a_plain_task() -> None:
+    """``@app.task(breaker="payments", autoretry_for=...)`` without ``base=BreakerTask``
+    started a worker without a word: no breaker guarded the task, and an outage spent
+    every retry on the downstream."""
+    app = throwaway_app("plain-options")
+
+    @app.task(bind=True, shared=False, name="plain_options.charge", breaker="payments", max_retries=3)
+    def charge(self: Any) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match=r"'plain_options.charge' is given breaker='payments'.*base=Breaker"):
+        start_and_stop(app)
+
+
+def test_breaker_options_a_plain_task_gets_from_annotations_or_routes_are_accepted() -> None:
+    app = throwaway_app(
+        "plain-options-ok",
+        task_annotations={"*": {"breaker_max_deferrals": 3}},  # reaches plain tasks too
+        breaker_routes={"plain_options_ok.routed": "routed"},
+    )
+
+    @app.task(shared=False, name="plain_options_ok.annotated")
+    def annotated() -> None:
+        return None
+
+    @app.task(shared=False, name="plain_options_ok.routed", breaker_max_deferrals=2)
+    def routed() -> None:
+        return None
+
+    app.finalize()
+    assert check_app(app)["routed"] == ["plain_options_ok.routed"]  # and no refusal
+
+
 def two_tasks_sharing_a_breaker(
     app: Any, prefix: str, thresholds: tuple[int, int], probes: tuple[Any, Any] = (None, None)
 ) -> None:

@@ -18,9 +18,12 @@ from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
 
+from celery.app.annotations import resolve_all
+
 from ..core import BreakerPolicy
 from ..health import HealthCheck
 from .problems import Problems
+from .setting_docs import TASK_OPTION_DOCS
 from .settings import get_settings
 from .task import BreakerTask
 from .task_options import task_breaker_config
@@ -89,6 +92,14 @@ def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
             if routed is not None:  # a plain task the worker will route (True: its own name)
                 add(routed or task_name, settings.policy_for(routed or task_name), None)
                 keyless.add(routed or task_name)
+            elif strict:
+                unguarded = _options_of_a_plain_task(app, task)
+                if unguarded:
+                    given = ", ".join(f"{option}={getattr(task, option)!r:.60}" for option in unguarded)
+                    problems.add(
+                        f"task {task_name!r} is given {given} but is a plain task, not a BreakerTask, so no "
+                        f"breaker guards it; give it base=BreakerTask (or name it in breaker_routes)"
+                    )
     for pattern, _ in settings.policies:
         if not any(mark in pattern for mark in "*?["):
             add(pattern, settings.policy_for(pattern), None)
@@ -97,6 +108,20 @@ def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
     for name in keyed - keyless:
         found[name] = replace(found[name], per_key=True)
     return found
+
+
+def _options_of_a_plain_task(app: Any, task: Any) -> list[str]:
+    """The breaker options given to ``@app.task(...)`` (or ``@shared_task``) of a plain
+    task, which no breaker reads: ``base=BreakerTask`` forgotten. Options set by
+    ``task_annotations`` are left out (an annotation for ``"*"`` reaches plain tasks too),
+    as is a class of the user's own (its ``breaker`` may be anything of its own)."""
+    own = vars(type(task))
+    if not own.get("_decorated"):
+        return []
+    annotated = {key for found in resolve_all(app.annotations, task) for key in found}
+    return sorted(
+        option for option in TASK_OPTION_DOCS if own.get(option) is not None and option not in annotated
+    )  # (None is every option's default: it asks for nothing)
 
 
 def _shown(probe: HealthCheck | None) -> str:
