@@ -485,6 +485,25 @@ def test_task_cls_tasks_follow_breaker_routes() -> None:
     assert app.tasks["taskclsroutes.send_a"].breaker.name == "smtp"
 
 
+class UnnamedSync(BreakerTask):
+    """A class-based task without a ``name``: ``app.register_task`` names the instance."""
+
+    def run(self, x: int) -> tuple[int, str]:
+        return x, self.breaker.name
+
+
+def test_a_registered_task_class_without_a_name_gets_a_breaker_of_its_generated_name() -> None:
+    """Celery names such a task's instance (``module.Class``) and leaves its class's
+    ``name`` at ``None``: the worker refused to start, with "task None: breaker name
+    must be a non-empty string, got None"."""
+    app = throwaway_app("unnamed", breaker_storage_url="memory://celery-tests-unnamed", breaker_routes={"x.*": True})
+    task = app.register_task(UnnamedSync())
+    app.finalize()
+    assert task.name == f"{__name__}.UnnamedSync"
+    assert check_app(app)[task.name] == [task.name]
+    assert task(1) == (1, task.name)
+
+
 def test_breaker_routes_apply_outside_workers_too() -> None:
     app = Celery("routes-eager", set_as_current=False, broker="memory://", backend="cache+memory://")
     app.conf.update(

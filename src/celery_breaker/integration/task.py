@@ -570,7 +570,7 @@ def _prepare(cls: type[BreakerTask]) -> None:
     raw = inspect.getattr_static(cls, "breaker")
     if not isinstance(raw, _BreakerAttribute):
         if raw is not None:
-            check_name(raw, f"task {cls.name!r}: the breaker option")
+            check_name(raw, f"task {cls.name or cls.__qualname__!r}: the breaker option")
         cls.breaker_name = raw
         cls.breaker = _BreakerAttribute()
     for option in ("breaker_key", "breaker_fallback", "breaker_probe"):
@@ -590,7 +590,9 @@ def _prepare(cls: type[BreakerTask]) -> None:
                 if option == "breaker_probe"
                 else "a callable or a method name"
             )
-            raise ConfigurationError(f"task {cls.name!r}: {option} must be {accepted}, got {value!r}")
+            raise ConfigurationError(
+                f"task {cls.name or cls.__qualname__!r}: {option} must be {accepted}, got {value!r}"
+            )
 
     forget_task_breaker_config(cls)  # options changed: resolve them again
 

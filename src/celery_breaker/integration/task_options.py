@@ -51,8 +51,11 @@ def task_breaker_config(task: Any) -> TaskBreakerConfig:
     settings = get_settings(cls.app)
     if found is not None and found.settings is settings:
         return found
-    where = f"task {cls.name!r}"
-    name = check_name(cls.breaker_name or _routed_name(cls, settings) or cls.name, f"{where}: breaker name")
+    # A task class without a name of its own, registered with app.register_task: Celery
+    # names the instance (after its module and class), not the class.
+    task_name = cls.name or (None if task is cls else getattr(task, "name", None))
+    where = f"task {task_name!r}"
+    name = check_name(cls.breaker_name or _routed_name(cls, task_name, settings) or task_name, f"{where}: breaker name")
     base_policy = settings.policy_for(name)
     policy = BreakerPolicy.coerce(cls.breaker_policy, base=base_policy, source=f"{where}: breaker_policy")
 
@@ -83,17 +86,17 @@ def task_breaker_config(task: Any) -> TaskBreakerConfig:
     return config
 
 
-def _routed_name(cls: Any, settings: BreakerSettings) -> str | None:
+def _routed_name(cls: Any, task_name: str | None, settings: BreakerSettings) -> str | None:
     """The breaker ``breaker_routes`` gives a task made from the app's own task class (a
     plain ``@app.task``) that is a ``BreakerTask`` only because
     ``task_cls="celery_breaker:BreakerTask"`` made that class one, and that names no
     breaker itself; ``None`` for any other task (``base=BreakerTask``, a class of the
     user's: their breaker is the one they name, else their own name)."""
-    if not settings.routes or cls.name.startswith(("celery.", "celery_breaker.")):
+    if not settings.routes or not task_name or task_name.startswith(("celery.", "celery_breaker.")):
         return None
     if not issubclass(cls, cls.app.Task):
         return None
-    return settings.route_for(cls.name) or None  # ("": True, the task's own name)
+    return settings.route_for(task_name) or None  # ("": True, the task's own name)
 
 
 def _probe(cls: Any, where: str, name: str, settings: BreakerSettings) -> HealthCheck | None:
