@@ -13,7 +13,7 @@ import ssl
 from typing import Any
 
 import pytest
-from celery import Celery
+from celery import Celery, Task
 from celery.contrib.testing.worker import TestWorkController, start_worker
 
 from celery_breaker import BreakerTask, CircuitOpenError, ConfigurationError, State, install
@@ -307,6 +307,53 @@ def test_breaker_options_a_plain_task_gets_from_annotations_or_routes_are_accept
 
     app.finalize()
     assert check_app(app)["routed"] == ["plain_options_ok.routed"]  # and no refusal
+
+
+class RunsTheBody(Task):  # type: ignore[misc]
+    """An app's task class whose ``__call__`` runs the body itself, as many projects' do."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run(*args, **kwargs)
+
+
+class ChainsTheCall(Task):  # type: ignore[misc]
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return super().__call__(*args, **kwargs)
+
+
+@pytest.mark.usefixtures("restore_worker_globals")
+def test_worker_refuses_a_routed_task_whose_task_class_never_reaches_the_breaker() -> None:
+    """``breaker_routes`` puts BreakerTask after the app's task class: one whose
+    ``__call__`` runs ``self.run`` itself never reached BreakerTask's, and the routed task
+    ran while its breaker was forced open, the worker logging it as guarded."""
+    app = Celery("bypass", set_as_current=False, broker="memory://", task_cls=RunsTheBody)
+    app.conf.update(task_default_queue="bypass-queue", breaker_routes={"bypass.*": "smtp"})
+
+    @app.task(shared=False, name="bypass.send")
+    def send() -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match=r"'bypass.send': .*RunsTheBody.__call__ does not call super"):
+        start_and_stop(app)
+
+
+def test_a_task_class_whose_call_chains_to_the_breaker_is_accepted() -> None:
+    app = Celery("chains", set_as_current=False, broker="memory://", task_cls=ChainsTheCall)
+    app.conf.update(breaker_routes={"chains.*": "smtp"}, breaker_storage_url="memory://celery-tests-chains")
+    install(app)
+
+    @app.task(shared=False, name="chains.send")
+    def send() -> None:
+        return None
+
+    app.finalize()
+    assert check_app(app)["smtp"] == ["chains.send"]
+    send.breaker.force_open()
+    try:
+        with pytest.raises(CircuitOpenError):
+            send()
+    finally:
+        send.breaker.reset()
 
 
 def two_tasks_sharing_a_breaker(

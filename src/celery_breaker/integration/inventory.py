@@ -81,6 +81,14 @@ def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
         if isinstance(task, BreakerTask):
             if not task.is_guarded():
                 continue
+            if strict:
+                bypass = _call_bypassing_the_breaker(type(task))
+                if bypass is not None:
+                    problems.add(
+                        f"task {task_name!r}: {bypass.__module__}.{bypass.__qualname__}.__call__ does not call "
+                        f"super().__call__(*args, **kwargs), so BreakerTask.__call__ never runs and no breaker "
+                        f"guards the task; call it there (it runs the task's body under the breaker)"
+                    )
             # A task whose options are invalid: noted (the worker refuses to start on it),
             # or skipped for operators, who must still act on the other breakers.
             config = problems.check(partial(task_breaker_config, task), None)
@@ -108,6 +116,27 @@ def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
     for name in keyed - keyless:
         found[name] = replace(found[name], per_key=True)
     return found
+
+
+def _call_bypassing_the_breaker(cls: type) -> type | None:
+    """The class whose ``__call__`` runs instead of ``BreakerTask.__call__`` without ever
+    reaching it (a task base written as ``return self.run(*args, **kwargs)``, or calling
+    ``Task.__call__`` by name), or ``None``. ``breaker_routes`` and ``task_cls`` put
+    ``BreakerTask`` after the app's own task class, so such a ``__call__`` there left
+    every routed task unguarded. A ``__call__`` that calls ``super()`` (with or without
+    arguments), or wraps another (``task_annotations``' ``"@__call__"``), is taken to
+    reach it."""
+    for klass in cls.__mro__:
+        if klass is BreakerTask:
+            return None
+        method = vars(klass).get("__call__")
+        if method is None or hasattr(method, "__wrapped__"):
+            continue
+        code = getattr(method, "__code__", None)
+        if code is None or "__class__" in code.co_freevars or "super" in code.co_names:
+            continue
+        return klass
+    return None
 
 
 def _options_of_a_plain_task(app: Any, task: Any) -> list[str]:
