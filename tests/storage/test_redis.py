@@ -508,33 +508,6 @@ def test_a_delete_reaches_every_process_and_removes_every_key_of_the_breaker(red
         there.close()
 
 
-def test_counts_not_yet_sent_when_a_breaker_is_deleted_do_not_make_it_again(redis_url: str) -> None:
-    """A worker rejecting through its own view counts locally and sends every second: an
-    operator's delete within that second must leave the breaker gone, not remade by the
-    flush with the deleted breaker's counts."""
-    url = f"{redis_url}?key_prefix={unique_prefix()}"
-    here, there = RedisStore.from_url(url), RedisStore.from_url(url)  # the operator's, a worker's
-    try:
-        tripped = CircuitBreaker("stray", BreakerPolicy(failure_threshold=1, reset_timeout=600.0), storage=there)
-        fail(tripped)
-        following(there)
-        assert there.sync()
-        for _ in range(5):
-            with pytest.raises(CircuitOpenError):
-                tripped.call(ok)  # (counted here, not yet sent)
-        assert here.delete("stray", None) is True
-        assert there.sync()  # heard
-        there.flush()
-        assert here.snapshots(SYSTEM_CLOCK) == []  # still gone
-        assert tripped.call(ok) == "ok"  # the next call makes it afresh, counters zeroed
-        there.flush()
-        (fresh,) = here.snapshots(SYSTEM_CLOCK)
-        assert (fresh.state, fresh.rejections, fresh.trips, fresh.successes) == (State.CLOSED, 0, 0, 1)
-    finally:
-        here.close()
-        there.close()
-
-
 def test_counts_of_a_breaker_object_dropped_before_the_flush_are_sent(redis_url: str) -> None:
     """Successes and local rejections are counted in the process and sent by the flusher
     (every second): a breaker object made for one call and dropped at once (the cell

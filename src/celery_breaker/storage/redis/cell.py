@@ -33,8 +33,6 @@ _PASSING = (State.CLOSED, State.DISABLED)
 #: again while this process hears no transitions (its subscription is down), so an
 #: operator's close or reset in another process still reaches it.
 VIEW_TTL = 1.0
-#: The incarnation a deletion is published under (forget.lua): no breaker has it.
-DELETED = "0"
 
 
 class Orphan(NamedTuple):
@@ -255,14 +253,6 @@ class RedisCell:
                 return  # older than what this process already knows
             if heard or incarnation != self._incarnation or generation != self.generation:
                 self._full_until = 0.0  # (a message in the same generation: a probe slot freed)
-            if heard and incarnation == DELETED and self._incarnation != DELETED:
-                # An operator deleted the breaker (forget.lua): what this process counted
-                # was the deleted breaker's. Sent now, it would make the breaker again, with
-                # the old counts, though no call came through it since.
-                self._rj_flushed = tally(self._rejections)
-                self._df_flushed = tally(self._df_tally)
-                self._ok_flushed = tally(self._ok_tally)
-                self._stale_ok = 0
             self._incarnation = incarnation
             self.generation = generation
             self.open_until = open_until
