@@ -26,7 +26,7 @@ from celery_breaker.integration.settings import build_settings
 from celery_breaker.monitoring import collect_metrics
 from celery_breaker.storage import FallbackStore, Store, store_from_url
 from celery_breaker.storage.redis import RedisStore
-from celery_breaker.storage.redis.client import CLUSTER_POOL_WAITS, check_url, describe
+from celery_breaker.storage.redis.client import CLUSTER_POOL_WAITS, SENTINEL_POOL_WAITS, check_url, describe
 from celery_breaker.storage.urls import password_misread
 from celery_breaker.testing import FakeClock
 
@@ -585,6 +585,8 @@ def test_with_max_connections_busy_threads_wait_for_a_connection_instead_of_an_o
             pytest.skip(f"redis-py {redis.__version__}: a Cluster keeps the default pool (CLUSTER_POOL_WAITS)")
         base: str = request.getfixturevalue("redis_cluster_url")
     elif topology == "sentinel":
+        if not SENTINEL_POOL_WAITS:
+            pytest.skip(f"redis-py {redis.__version__}: Sentinel keeps the default pool (SENTINEL_POOL_WAITS)")
         base = request.getfixturevalue("redis_sentinel").url
     else:
         base = request.getfixturevalue("redis_url")

@@ -25,6 +25,7 @@ __all__ = [
     "CLUSTER_POOL_WAITS",
     "DEFAULT_SOCKET_CONNECT_TIMEOUT",
     "DEFAULT_SOCKET_TIMEOUT",
+    "SENTINEL_POOL_WAITS",
     "check_url",
     "describe",
     "is_cluster",
@@ -133,6 +134,11 @@ def _release(version: str) -> tuple[int, ...]:
 #: 7.4, 8.0 and 8.1; there a Cluster keeps redis-py's default pool, which fails a call
 #: at once when every connection is in use (a store failure: ``breaker_on_storage_error``).
 CLUSTER_POOL_WAITS = _release(redis.__version__) >= (8, 2)
+#: The same behind Sentinel: before redis-py 7.0 ``BlockingConnectionPool.disconnect``
+#: takes no argument, and Sentinel's pool passes one when the master moves (``TypeError``,
+#: seen in the lower-bounds run on 5.1), and on 7.0 the waiting test still failed; it
+#: passes on 8.2, the version verified. Before it Sentinel keeps the default pool.
+SENTINEL_POOL_WAITS = _release(redis.__version__) >= (8, 2)
 
 
 class _BlockingSentinelPool(SentinelConnectionPool, redis.BlockingConnectionPool):
@@ -193,8 +199,10 @@ def make_client(
         # URL's credentials, db and options. Neither connects before the first command.
         sentinel_kwargs = {**timeouts, "retry": _retry(), **endpoint.sentinel_options}
         sentinel = Sentinel(list(endpoint.nodes), sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call,unused-ignore]
-        if bounded:
+        if bounded and SENTINEL_POOL_WAITS:
             waiting["connection_pool_class"] = _BlockingSentinelPool
+        else:
+            waiting = {}
         return sentinel.master_for(endpoint.service, retry=_retry(), **timeouts, **waiting, **endpoint.options)  # type: ignore[no-untyped-call,unused-ignore]
     if endpoint.topology == "cluster":
         if bounded and CLUSTER_POOL_WAITS:
