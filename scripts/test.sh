@@ -40,7 +40,8 @@ echo "== mypy --strict"
 # standard library too (3.11-only calls are what would break there).
 "$VENV/bin/mypy" --python-version 3.10 src
 echo "== pytest"
-"$VENV/bin/python" -m pytest "$@"
+# (the slowest tests named in the log: what to size down when the run grows)
+"$VENV/bin/python" -m pytest --durations=25 "$@"
 echo "== benchmark smoke runs (figures are not checked)"
 "$VENV/bin/python" bench/overhead.py --quick --no-threads > /dev/null
 "$VENV/bin/python" bench/redis_store.py --quick > /dev/null
