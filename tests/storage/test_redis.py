@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import re
 import socket
 import subprocess
@@ -85,14 +86,36 @@ def test_defaults(redis_url: str) -> None:
     [
         ("idle_ttl=0", "idle_ttl"),
         ("idle_ttl=soon", "idle_ttl"),
+        ("idle_ttl=1e15", "idle_ttl='1e15' must be a number of seconds > 0, at most 315360000"),
+        ("idle_ttl=inf", "idle_ttl"),
         ("socket_timeout=-1", "socket_timeout"),
         ("time=worker", "time"),
         ("key_prefix={x}", "key_prefix"),
     ],
 )
 def test_bad_url_options_name_the_option(query: str, named: str) -> None:
-    with pytest.raises(ConfigurationError, match=named):
+    with pytest.raises(ConfigurationError, match=re.escape(named)):
         store_from_url(f"redis://127.0.0.1:1?{query}")
+
+
+@pytest.mark.parametrize("idle_ttl", [0, -1, 1e15, math.inf, math.nan, True, "60"])
+def test_a_constructed_store_refuses_an_idle_ttl_redis_cannot_keep(idle_ttl: Any) -> None:
+    # (Redis refuses a key lifetime past its clock's range: every call would have failed.)
+    with pytest.raises(ConfigurationError, match="idle_ttl must be seconds > 0, at most 315360000"):
+        RedisStore("redis://127.0.0.1:1", idle_ttl=idle_ttl)
+
+
+def test_the_longest_idle_ttl_keeps_an_open_breaker(redis_url: str) -> None:
+    prefix = unique_prefix()
+    url = f"{redis_url}?key_prefix={prefix}&idle_ttl=315360000"
+    breaker = CircuitBreaker("ttl-max", {"failure_threshold": 1, "reset_timeout": 60}, storage=url)
+    with pytest.raises(ZeroDivisionError):
+        breaker.call(lambda: 1 / 0)
+    assert breaker.state is State.OPEN
+    client = redis.Redis.from_url(redis_url)
+    lifetimes = [client.pttl(key) for key in client.scan_iter(f"*{prefix}*")]
+    assert lifetimes
+    assert all(ms > 315_360_000_000 for ms in lifetimes)
 
 
 @pytest.mark.parametrize(

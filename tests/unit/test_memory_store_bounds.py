@@ -333,8 +333,9 @@ def test_from_url_reads_options() -> None:
         ("memory://?max_breakers=", "max_breakers='' is not a whole number"),
         ("memory://?max_breakers=0", "max_breakers must be a whole number >= 1, got 0"),
         ("memory://?max_breakers=-3", "max_breakers must be a whole number >= 1, got -3"),
-        ("memory://?idle_ttl=0", "idle_ttl must be seconds > 0, got 0.0"),
-        ("memory://?idle_ttl=-1", "idle_ttl must be seconds > 0, got -1.0"),
+        ("memory://?idle_ttl=0", "idle_ttl must be seconds > 0, at most 315360000 (ten years), got 0.0"),
+        ("memory://?idle_ttl=-1", "idle_ttl must be seconds > 0, at most 315360000 (ten years), got -1.0"),
+        ("memory://?idle_ttl=1e15", "at most 315360000 (ten years), got 1000000000000000.0"),
         ("memory://?idle_ttl=soon", "idle_ttl='soon' is not a number of seconds"),
     ],
 )

@@ -9,6 +9,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..clock import Clock
 from ..core import BreakerMachine, BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket
+from ..core.policy import LONGEST_SECONDS
 from ..errors import CircuitOpenError, ConfigurationError
 from .contract import NO_MOVES, History, Moves, Parking
 from .registry import register_scheme, remember
@@ -218,8 +219,11 @@ class MemoryStore:
     ) -> None:
         if isinstance(max_breakers, bool) or not isinstance(max_breakers, int) or max_breakers < 1:
             raise ConfigurationError(f"memory store: max_breakers must be a whole number >= 1, got {max_breakers!r}")
-        if isinstance(idle_ttl, bool) or not isinstance(idle_ttl, (int, float)) or not idle_ttl > 0:
-            raise ConfigurationError(f"memory store: idle_ttl must be seconds > 0, got {idle_ttl!r}")
+        if isinstance(idle_ttl, bool) or not isinstance(idle_ttl, (int, float)) or not 0 < idle_ttl <= LONGEST_SECONDS:
+            raise ConfigurationError(
+                f"memory store: idle_ttl must be seconds > 0, at most {LONGEST_SECONDS:.0f} (ten years), "
+                f"got {idle_ttl!r:.100}"
+            )
         self.url = url
         self.max_breakers = max_breakers
         self.idle_ttl = float(idle_ttl)

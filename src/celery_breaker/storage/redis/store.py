@@ -17,6 +17,7 @@ import redis
 
 from ...clock import Clock
 from ...core import BreakerPolicy, BreakerSnapshot, State
+from ...core.policy import LONGEST_SECONDS
 from ...errors import ConfigurationError, StorageError
 from ...labels import breaker_label
 from ..registry import remember
@@ -72,9 +73,10 @@ def _positive(url: str, option: str, text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (value > 0 and math.isfinite(value)):
+    if not (0 < value <= LONGEST_SECONDS):
         raise ConfigurationError(
-            f"redis store URL {describe_url(url)!r}: {option}={text!r} must be a number of seconds > 0"
+            f"redis store URL {describe_url(url)!r}: {option}={text!r} must be a number of seconds > 0, "
+            f"at most {LONGEST_SECONDS:.0f} (ten years)"
         )
     return value
 
@@ -117,6 +119,12 @@ class RedisStore:
             raise ConfigurationError(
                 f"redis store URL {describe_url(url)!r}: key_prefix={key_prefix!r} must be non-empty and "
                 "without braces (they delimit the Redis Cluster hash tag)"
+            )
+        if isinstance(idle_ttl, bool) or not isinstance(idle_ttl, (int, float)) or not 0 < idle_ttl <= LONGEST_SECONDS:
+            # (Redis refuses a key lifetime past its clock's range: every call would fail.)
+            raise ConfigurationError(
+                f"redis store {describe_url(url)!r}: idle_ttl must be seconds > 0, at most "
+                f"{LONGEST_SECONDS:.0f} (ten years), got {idle_ttl!r:.100}"
             )
         self.url = url
         self.label = describe_url(url)  # for messages: the password masked
