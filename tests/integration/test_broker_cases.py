@@ -181,6 +181,40 @@ def test_a_countdown_rabbitmq_refuses_is_never_counted_as_deferred(
         rabbitmq.rabbitmqctl("delete_user", user)
 
 
+def test_a_user_who_may_not_declare_the_delay_topology_defers_by_countdown_with_one_warning(
+    rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """A RabbitMQ user whose configure permission leaves out celery-breaker's delay topology
+    (a pattern written for the app's own queues): broker-delay cannot declare it, and each
+    run goes by countdown instead. Every deferral logged a WARNING of its own (hundreds a
+    minute in an outage); now one a minute, the others at DEBUG, and every task runs once."""
+    policy = {"failure_threshold": 1, "reset_timeout": 1.0}
+    cell = deploy("rabbitmq-classic", "redis", "park", rabbitmq=rabbitmq, redis_server=redis_server,
+                  policy=policy, breaker_defer_spread=0)  # fmt: skip
+    user = f"u-{cell.ns}"
+    rabbitmq.rabbitmqctl("add_vhost", cell.ns)
+    rabbitmq.rabbitmqctl("add_user", user, "secret")
+    rabbitmq.rabbitmqctl("set_permissions", "-p", cell.ns, user, "^(?!celery_breaker_).*", ".*", ".*")
+    cell.broker_url = f"amqp://{user}:secret@127.0.0.1:{rabbitmq.port}/{cell.ns}"
+    client = counts(cell)
+    publisher = cell.publisher()
+    try:
+        with Downstream() as downstream, cell.worker(concurrency=1) as started:
+            with held_open(cell, policy):
+                ids = [publisher.send_task(TASK, args=(cell.ns, downstream.url, n)).id for n in range(6)]
+                wait_for(lambda: started.log().count("(deferral 3)") >= len(ids), 60, "each task deferred 3 times")
+            wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids), 60, "every task run (none lost)")
+            log = started.log()
+        assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
+        assert "ACCESS_REFUSED" in log
+        assert log.count("could not defer it by broker-delay") == 1, log
+        assert log.count("declaring the delay topology again") == 1, log
+    finally:
+        publisher.close()
+        rabbitmq.rabbitmqctl("delete_vhost", cell.ns)
+        rabbitmq.rabbitmqctl("delete_user", user)
+
+
 # -- Redis's visibility_timeout ----------------------------------------------------------
 
 

@@ -48,6 +48,7 @@ from kombu.exceptions import EncodeError
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 
 from .strategy import Deferral, publish
+from .throttle import Throttle
 
 __all__ = [
     "CONFIRM_TIMEOUT", "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "LEGACY_DELIVERY_EXCHANGE", "QUEUE_KEY",
@@ -79,8 +80,6 @@ LEGACY_DELIVERY_EXCHANGE = "celery_delayed_delivery"
 _DELAY_PREFIX = re.compile(rf"^(?:[01]\.){{{LEVELS}}}")
 #: The word before a queue's digest in the key of a run deferred to that queue.
 TOKEN_WORD = "celery-breaker"
-#: Seconds between two warnings that a run could not be routed back by broker-delay.
-_WARN_EVERY = 60.0
 #: Seconds a broker-delay publish waits for RabbitMQ's confirm before it counts as failed.
 CONFIRM_TIMEOUT = 10.0
 #: The key of a request's ``delivery_info`` under which the worker notes the queue a task
@@ -200,13 +199,8 @@ def destination_queue(app: Any, delivery_info: dict[str, Any] | None) -> str | N
     return found[0] if len(found) == 1 else None
 
 
-def _due(told: dict[str, float], what: str) -> bool:
-    """Whether a WARNING about ``what`` is due (at most one a minute each); if so, noted as made."""
-    now = time.monotonic()
-    if now - told.get(what, -math.inf) < _WARN_EVERY:
-        return False
-    told[what] = now
-    return True
+#: When the last "declaring the delay topology again" was logged at INFO.
+_declaring_again = Throttle()
 
 
 class UnroutedWarning:
@@ -215,10 +209,10 @@ class UnroutedWarning:
 
     def __init__(self, why: str) -> None:
         self._why = why
-        self._told: dict[str, float] = {}
+        self._told = Throttle()
 
     def __call__(self, delivery_info: Any) -> None:
-        if not _due(self._told, ""):
+        if self._told.due("") is None:
             return
         info = delivery_info or {}
         logger.warning(
@@ -302,14 +296,14 @@ class _UnboundWarning:
     first deferral, every consumer start)."""
 
     def __init__(self) -> None:
-        self._told: dict[str, float] = {}
+        self._told = Throttle()
 
     def __call__(self, name: str, queue: Any, exc: BaseException) -> None:
         if queue is not None and queue.no_declare and getattr(exc, "reply_code", None) == 404:
             # (a queue the app leaves to others, absent: nothing comes from it to defer)
             logger.debug("celery-breaker: queue %r (no_declare) does not exist; not bound to broker-delay", name)
             return
-        if not _due(self._told, name):
+        if self._told.due(name) is None:
             return
         logger.warning(
             "celery-breaker: could not declare queue %r or bind it to broker-delay's delivery exchange (%r); its "
@@ -590,9 +584,12 @@ class BrokerDelay:
                     # A broker restarted (empty, or without a transient queue's binding), an
                     # exchange deleted, a connection gone: once more over a new connection,
                     # with the topology declared again.
-                    logger.info(
-                        "celery-breaker: broker-delay publish failed (%r); declaring the delay topology again", exc
-                    )
+                    # (INFO once a minute: a refusal every deferral meets, a permission
+                    # missing, would otherwise add a line to each)
+                    logger.log(
+                        logging.DEBUG if _declaring_again.due("") is None else logging.INFO,
+                        "celery-breaker: broker-delay publish failed (%r); declaring the delay topology again", exc,
+                    )  # fmt: skip
                 else:
                     break
         return float(seconds)

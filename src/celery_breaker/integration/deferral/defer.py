@@ -28,6 +28,7 @@ from .plan import (
 )
 from .selection import deferral_strategies
 from .strategy import Deferral, DeferralStrategy
+from .throttle import Throttle
 
 __all__ = ["REFRESH_AFTER", "defer", "refreshed"]
 
@@ -182,17 +183,33 @@ def _deliver(deferral: Deferral, strategies: tuple[DeferralStrategy, ...]) -> tu
         try:
             delay = strategy.deliver(deferral)
         except Exception as exc:
-            logger.warning(
-                "task %s[%s]: could not defer it by %s (%r); trying the next way",
-                task.name, task.request.id, strategy.name, exc,
-            )  # fmt: skip
+            _passed_on(task, strategy, exc)
             continue
         if delay is not None:
+            _passing_on.forget(strategy.name)
             return strategy, delay
     delay = last.deliver(deferral)
     if delay is None:
         raise RuntimeError(f"the last deferral strategy ({last.name}) refused a run: every run must be taken")
     return last, delay
+
+
+#: One WARNING a minute per strategy that fails to defer runs (a broker refusing its
+#: topology, a store that went away): in an outage every deferral meets the same refusal.
+_passing_on = Throttle()
+
+
+def _passed_on(task: Any, strategy: DeferralStrategy, exc: Exception) -> None:
+    """Log that ``strategy`` could not defer this run, which goes to the next one."""
+    quiet = _passing_on.due(strategy.name)
+    if quiet is None:
+        logger.debug("task %s[%s]: could not defer it by %s (%r)", task.name, task.request.id, strategy.name, exc)
+        return
+    logger.warning(
+        "task %s[%s]: could not defer it by %s (%r); trying the next way (logged at most once a minute per "
+        "way; %d more runs since the last time, at DEBUG)",
+        task.name, task.request.id, strategy.name, exc, quiet,
+    )  # fmt: skip
 
 
 def _announce(deferral: Deferral, strategy: DeferralStrategy, delay: float) -> Retry:

@@ -33,6 +33,7 @@ from ...labels import shown_label
 from ...storage import Parking
 from .health_gate import HealthGate
 from .parking import NotAcceptedHere, read_parked
+from .throttle import Throttle
 
 __all__ = ["LEASE", "MOST_PER_TICK", "TAG_COMPLAINT_EVERY", "TICK", "WATCH_EVERY", "Releaser"]
 
@@ -101,8 +102,8 @@ class Releaser(threading.Thread):
         self._epoch: str | None = None
         self._known: dict[str, int] = {}
         self._counted_at: float | None = None
-        self._tag_failures: dict[str, float] = {}  # tag -> when it was last reported
-        self._refusals: dict[str, float] = {}  # tag -> when a message not accepted here was last reported
+        self._tag_failures = Throttle(TAG_COMPLAINT_EVERY)  # by tag: when it was last reported
+        self._refusals = Throttle(TAG_COMPLAINT_EVERY)  # by tag: a message not accepted here
         #: Breakers with a health check release nothing (no real task is a probe) until it closes them.
         self.health_gate = HealthGate(app)
 
@@ -149,7 +150,7 @@ class Releaser(threading.Thread):
             except Exception as exc:  # (one breaker's trouble, whatever it is, stops no other's)
                 self._tag_failed(tag, exc)
             else:
-                self._tag_failures.pop(tag, None)
+                self._tag_failures.forget(tag)
         self.released += published
         return published
 
@@ -167,18 +168,8 @@ class Releaser(threading.Thread):
             self.parking.forget(tag)
         return len(done)
 
-    @staticmethod
-    def _due(last_told: dict[str, float], tag: str) -> bool:
-        """Whether a complaint about ``tag`` is due (once per ``TAG_COMPLAINT_EVERY``); if so, noted as made."""
-        now = time.monotonic()
-        last = last_told.get(tag)
-        if last is not None and now - last < TAG_COMPLAINT_EVERY:
-            return False
-        last_told[tag] = now
-        return True
-
     def _not_accepted(self, tag: str, entry: str, exc: NotAcceptedHere) -> None:
-        if self._due(self._refusals, tag):
+        if self._refusals.due(tag) is not None:
             logger.warning(
                 "celery-breaker releaser: left %s of %s parked: %s. A worker whose accept_content takes it "
                 "releases it; a worker of another app sharing this store's key_prefix should use its own",
@@ -186,7 +177,7 @@ class Releaser(threading.Thread):
             )  # fmt: skip
 
     def _tag_failed(self, tag: str, exc: Exception) -> None:
-        if self._due(self._tag_failures, tag):
+        if self._tag_failures.due(tag) is not None:
             logger.warning(
                 "celery-breaker releaser: cannot release the tasks parked behind %s (%s); the other breakers' "
                 "are released as usual, and it is tried again every tick",
