@@ -196,12 +196,32 @@ class DjangoSettingsWithCloseTypo:
     CELERY_BREAKER_DEFAULT_POLCY = {"failure_threshold": 3}
 
 
-def test_a_django_spelt_typo_gets_a_django_spelt_suggestion() -> None:
+class DjangoSettingsWithPluralTypo:
+    # ``CELERY_BREAKERS_STORAGE_URL`` did not start with ``breaker_``: it was ignored, and
+    # every worker kept its breakers in its own memory, shared with no other.
+    CELERY_BROKER_URL = "memory://"
+    CELERY_BREAKERS_STORAGE_URL = "redis://127.0.0.1:1/0"
+
+
+@pytest.mark.parametrize(
+    ("django", "hint"),
+    [
+        (DjangoSettingsWithCloseTypo, "CELERY_BREAKER_DEFAULT_POLCY: did you mean CELERY_BREAKER_DEFAULT_POLICY?"),
+        (DjangoSettingsWithPluralTypo, "CELERY_BREAKERS_STORAGE_URL: did you mean CELERY_BREAKER_STORAGE_URL?"),
+    ],
+)
+def test_a_django_spelt_typo_gets_a_django_spelt_suggestion(django: type, hint: str) -> None:
     app = Celery("django-close-typo", set_as_current=False)
-    app.config_from_object(DjangoSettingsWithCloseTypo, namespace="CELERY")
+    app.config_from_object(django, namespace="CELERY")
     with pytest.raises(ConfigurationError) as info:
         build_settings(app.conf)
-    assert "CELERY_BREAKER_DEFAULT_POLCY: did you mean CELERY_BREAKER_DEFAULT_POLICY?" in str(info.value)
+    assert hint in str(info.value)
+
+
+def test_a_plural_breakers_setting_is_reported_not_ignored() -> None:
+    app = throwaway_app("plural", breakers_default_policy={"failure_threshold": 2})
+    with pytest.raises(ConfigurationError, match="breakers_default_policy: did you mean breaker_default_policy"):
+        build_settings(app.conf)
 
 
 def test_an_uppercase_setting_without_a_namespace_is_reported_not_ignored() -> None:

@@ -208,13 +208,14 @@ def _respell(raw: str, key: str, setting: str) -> str:
 
 
 def unknown_settings(conf: Any) -> list[str]:
-    """Settings named like ours (``breaker_*``, any case, any namespace) that we do not know."""
+    """Settings named like ours (``breaker*``, any case, any namespace: ``breakers_``
+    and ``breaker-`` are typos too) that we do not know."""
     unknown = []
     for raw in list(conf.keys()):
         if not isinstance(raw, str):
             continue
         key = _strip_namespace(conf, raw)
-        if key.startswith("breaker_") and key not in SETTINGS:
+        if key.startswith("breaker") and key not in SETTINGS:
             unknown.append(raw)
     return sorted(set(unknown))
 
