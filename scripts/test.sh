@@ -31,6 +31,30 @@ fi
 echo "== installing celery-breaker with its dev extra"
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
 
+# What later steps install, made in the background while lint and tests run (downloads and
+# unpacking, mostly waiting): the wheel and sdist, a venv with the wheel and one with
+# the wheel's [redis] extra, then a venv at the declared lower bounds (one after the
+# other: both builds write the checkout's egg-info). The package step waits for them
+# and shows the log of the one that failed.
+DIST="$(mktemp -d)"
+trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIST"' EXIT
+(
+    # (&&: errexit does not apply inside a command followed by ||)
+    {
+        "$VENV/bin/python" -m build --outdir "$DIST" . &&
+        python3 -m venv "$DIST/venv" &&
+        "$DIST/venv/bin/python" -m pip install -q --disable-pip-version-check "$DIST"/*.whl &&
+        python3 -m venv "$DIST/redis-venv" &&
+        "$DIST/redis-venv/bin/python" -m pip install -q --disable-pip-version-check "$(ls "$DIST"/*.whl)[redis]"
+    } > "$DIST/package.log" 2>&1 || { echo "$DIST/package.log"; exit 1; }
+    {
+        python3 -m venv "$DIST/oldest" &&
+        "$DIST/oldest/bin/python" -m pip install -q --disable-pip-version-check -c scripts/minimum-versions.txt \
+            -e '.[redis,prometheus]' pytest hypothesis
+    } > "$DIST/oldest.log" 2>&1 || { echo "$DIST/oldest.log"; exit 1; }
+) > "$DIST/failed" &
+INSTALLS=$!
+
 echo "== ruff"
 "$VENV/bin/ruff" check .
 "$VENV/bin/ruff" format --check .
@@ -50,13 +74,8 @@ OUTAGE="$(mktemp -d)"
 "$VENV/bin/python" bench/plot_outage.py --out "$OUTAGE/outage.png" "$OUTAGE/outage.json" > /dev/null
 rm -rf "$OUTAGE"
 echo "== package: build the wheel and sdist, check them, run the quick start from the wheel"
-DIST="$(mktemp -d)"
-trap 'rm -rf "$DIST"' EXIT
-"$VENV/bin/python" -m build --outdir "$DIST" . > "$DIST/build.log" 2>&1 || { cat "$DIST/build.log"; exit 1; }
+wait "$INSTALLS" || { cat "$(cat "$DIST/failed")"; exit 1; }
 "$VENV/bin/twine" check --strict "$DIST"/*.whl "$DIST"/*.tar.gz
-python3 -m venv "$DIST/venv"
-"$DIST/venv/bin/python" -m pip install -q --disable-pip-version-check "$DIST"/*.whl > "$DIST/pip.log" 2>&1 \
-    || { cat "$DIST/pip.log"; exit 1; }
 # From outside the checkout, so the installed wheel (not src/) is what runs.
 (cd "$DIST" && "$DIST/venv/bin/python" "$OLDPWD/examples/quickstart.py" > "$DIST/demo.log") || { cat "$DIST/demo.log"; exit 1; }
 tail -n 4 "$DIST/demo.log"
@@ -70,9 +89,6 @@ MYPY="$(realpath "$VENV/bin/mypy")"
 (cd "$DIST" && "$DIST/venv/bin/python" consumer.py)
 # The documented install, `pip install "celery-breaker[redis]"`, from the wheel alone into a
 # fresh venv: a real worker on a Redis broker starts and runs a guarded task.
-python3 -m venv "$DIST/redis-venv"
-"$DIST/redis-venv/bin/python" -m pip install -q --disable-pip-version-check "$(ls "$DIST"/*.whl)[redis]" \
-    > "$DIST/redis-pip.log" 2>&1 || { cat "$DIST/redis-pip.log"; exit 1; }
 (cd "$DIST" && "$DIST/redis-venv/bin/python" "$OLDPWD/scripts/wheel_worker_smoke.py")
 echo "== the quick start followed command by command (docs/quickstart.md), in that venv"
 (cd "$DIST" && "$DIST/redis-venv/bin/python" "$OLDPWD/scripts/quickstart_path.py" > "$DIST/quickstart-path.log" 2>&1) \
@@ -82,9 +98,6 @@ echo "== docs: mkdocs build --strict"
 NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict --site-dir "$DIST/site" > "$DIST/mkdocs.log" 2>&1 \
     || { cat "$DIST/mkdocs.log"; exit 1; }
 echo "== the declared lower bounds: Celery 5.5, kombu 5.5, redis-py 5.1 (scripts/minimum-versions.txt)"
-python3 -m venv "$DIST/oldest"
-"$DIST/oldest/bin/python" -m pip install -q --disable-pip-version-check -c scripts/minimum-versions.txt \
-    -e '.[redis,prometheus]' pytest hypothesis > "$DIST/oldest.log" 2>&1 || { cat "$DIST/oldest.log"; exit 1; }
 "$DIST/oldest/bin/python" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(celery|kombu|redis) '
 # (redis-py 5.1 prints "Exception ignored in Redis.__del__" at interpreter exit: the log
 # is shown only when a test fails.)
