@@ -72,12 +72,16 @@ def make_certificates(directory: Path) -> Certificates:
     def run(*args: str) -> None:
         subprocess.run([binary, *args], cwd=directory, check=True, capture_output=True)
 
+    # (The extensions Python 3.13's default strict verification (VERIFY_X509_STRICT) wants:
+    # a CA's key usage; a certificate's authority key identifier.)
     for ca in ("ca", "other-ca"):
         run("req", "-x509", *_KEY, "-keyout", f"{ca}.key", "-out", f"{ca}.crt", "-days", _DAYS,
-            "-subj", f"/CN=celery-breaker test {ca}")  # fmt: skip
+            "-subj", f"/CN=celery-breaker test {ca}", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign")  # fmt: skip
+    signed = "basicConstraints=CA:FALSE\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid,issuer"
     extensions = {
-        "server": "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        "client": "basicConstraints=CA:FALSE",
+        "server": f"subjectAltName=IP:127.0.0.1,DNS:localhost\n{signed}",
+        "client": signed,
     }
     for name, extension in extensions.items():
         (directory / f"{name}.ext").write_text(extension + "\n")

@@ -129,7 +129,11 @@ def test_every_action_request_needs_the_same_origin_the_token_and_a_json_body(
         assert "one of open, close, reset, disable, delete" in error
         assert post(good, sent={"action": "delete", "name": "crm", "purge": "yes"})[0] == 400  # purge is a boolean
         # A body nested deeper than the JSON parser goes: answered, not a dropped connection and a traceback.
-        assert post(good, raw=b"[" * 4000) == (400, "an action request is a flat JSON object; this body nests too deep")
+        # (Too deep for the parser up to Python 3.12; 3.13's reads to the end and finds no value.)
+        assert post(good, raw=b"[" * 4000) in {
+            (400, "an action request is a flat JSON object; this body nests too deep"),
+            (400, "Expecting value: line 1 column 4001 (char 4000)"),
+        }
         assert post({**good, "Content-Length": "12 bytes"}, raw=b'{"a": "b"}') == (
             400,
             "an action request has a body of 1 to 4096 bytes, its Content-Length",
@@ -187,7 +191,11 @@ def test_https_serves_the_page_and_a_client_that_never_completes_a_handshake_hol
     raw = socket.create_connection(("127.0.0.1", port), timeout=5)
     with trusting.wrap_socket(raw, server_hostname="127.0.0.1") as secured:
         os.write(secured.fileno(), b"GARBAGE GARBAGE\r\n\r\n")
-        assert secured.recv(100) == b""  # the server closed it
+        try:
+            answered = secured.recv(100)
+        except ConnectionResetError:  # (Python 3.13: the close, as a reset)
+            answered = b""
+        assert answered == b""  # the server closed it
     # A client that does not trust the certificate's CA refuses it.
     doubting = ssl.create_default_context(cafile=str(certs.other_ca))
     with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
