@@ -471,3 +471,23 @@ def test_an_unreadable_pace_is_shown_as_none_and_fails_nothing(
     assert row.release is None
     assert row.parked > 0
     assert "left svc's release pace out" in caplog.text
+
+
+def test_a_redis_clock_that_steps_back_holds_nothing_back(store: RedisStore) -> None:
+    """Redis's clock steps back 100 s (a failover to a server whose clock is behind): the
+    pace's times move back with it. Kept ahead of the clock, they released nothing for
+    100 s (nor grew the pace); the fixed ramp never did."""
+    clock = FakeClock()
+    breaker = grown_to_40(store, clock)
+    now = clock.monotonic() - 100.0
+    assert release(store, now) == 0  # (the step itself lasted no time)
+    released = []
+    for _ in range(4):
+        now += 0.25
+        released.append(release(store, now))
+        for _ in range(released[-1]):
+            breaker.call(ok)  # (the breaker's clock is the workers': it did not step back)
+        store.flush()
+    assert released == [10, 10, 10, 10]  # 40/s at once
+    assert float(stored(store)["rate"]) == 80.0  # and grown a second later
+    assert float(stored(store)["a_at"]) == now

@@ -428,3 +428,24 @@ def test_owed_outcomes_hold_judgement_for_at_most_settle_most_judgements() -> No
     cut = advance(law, pace, replace(seen, successes=1020, slow=20), 10.5)
     assert cut.owed == 1_000_000 - 20
     assert cut.settle_until == pytest.approx(10.5 + (SETTLE_LEAST + SETTLE_MOST) * law.judge_every)
+
+
+def test_a_clock_that_steps_back_holds_nothing_back() -> None:
+    """Redis's clock steps back after a failover to a server whose clock is behind (the
+    law is given each reading: no monotonic clock here): the pace's times move back with
+    it. Kept ahead of the clock, they released nothing (and judged nothing) for as long
+    as the step: 100 s here."""
+    law, successes, now = LAW, 0, 1000.0
+    pace = begin(law, Outcomes(generation=0, successes=0, failures=0, slow=0), now)
+    released = []
+    for tick in range(13):  # 2 s in 0.25 s ticks, a look 100 s earlier, then 1 s more
+        now += 0.25 if tick != 8 else -100.0
+        pace = advance(law, pace, Outcomes(generation=0, successes=successes, failures=0, slow=0), now)
+        count = allowed(pace)
+        pace = took(pace, count)
+        successes += count
+        released.append(count)
+    assert released[:8] == [1, 1, 1, 2, 2, 3, 2, 3]  # 5/s, then 10/s
+    assert released[8:] == [0, 5, 5, 5, 5]  # 20/s at once after the step (it lasted no time)
+    assert pace.rate == 40.0  # and judged a second after it
+    assert pace.at == now

@@ -239,6 +239,8 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
     news, grown every ``judge_every`` seconds on good news."""
     if pace is None or pace.generation != outcomes.generation:
         return begin(law, outcomes, now, pace)
+    if now < pace.at:
+        pace = _stepped_back(pace, pace.at - now)
     bounded = law.bound(pace.rate)
     if bounded != pace.rate:
         # A pace stored under another law (workers restarted with a lower
@@ -314,6 +316,16 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
     return replace(pace, rate=rate, threshold=threshold, tokens=min(max(rate, 1.0), pace.tokens), judged_at=now,
                    seen=outcomes, used=0, in_flight=in_flight, cut_at=cut_at, limit=limit, owed=owed,
                    settle_until=settle_until, cut_share=cut_share)  # fmt: skip
+
+
+def _stepped_back(pace: Pace, back: float) -> Pace:
+    """``pace`` after its clock stepped back ``back`` seconds (Redis's clock, after a
+    failover to a server whose clock is behind): its times move back with it. Kept where
+    they were, they lay ahead of the clock, and nothing was released (no token refilled),
+    nor judged, until the clock had caught up with them."""
+    return replace(pace, at=pace.at - back, judged_at=pace.judged_at - back,
+                   cut_at=None if pace.cut_at is None else pace.cut_at - back,
+                   settle_until=None if pace.settle_until is None else pace.settle_until - back)  # fmt: skip
 
 
 def allowed(pace: Pace) -> int:

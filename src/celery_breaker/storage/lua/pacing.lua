@@ -127,6 +127,14 @@ end
 -- judge_every seconds on good news; nothing goes while a refusal's wait (rh) lasts.
 local function advance_pace(law, pace, outcomes)
   if pace == nil or pace.gen ~= outcomes.gen then return begin_pace(law, outcomes, pace) end
+  if now < pace.at then
+    -- pacing._stepped_back: the clock stepped back (a failover to a server whose clock is
+    -- behind); the pace's times move back with it, or nothing went until it caught up
+    local back = pace.at - now
+    pace.at, pace.jat = pace.at - back, pace.jat - back
+    if pace.cut ~= nil then pace.cut = pace.cut - back end
+    if pace.sut ~= nil then pace.sut = pace.sut - back end
+  end
   -- A pace stored under another law (workers restarted with a lower ceiling): held to this
   -- one at once, not at its next judgement.
   pace.rate = bound(law, pace.rate)
