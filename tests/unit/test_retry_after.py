@@ -53,6 +53,10 @@ class HTTPError(Exception):
         ("-5", None),
         ("1e999", None),
         ("soon", None),
+        ("120, 120", 120.0),  # two Retry-After headers, as requests and httpx join them
+        ("30,120", 120.0),  # (the longest wait asked for)
+        ("0, 45, soon", 45.0),
+        ("0, -1", None),
         ("", None),
         (None, None),
         (42, None),
@@ -64,6 +68,14 @@ def test_parse_retry_after(value: Any, expected: float | None) -> None:
 
 def test_requests_like_429_carries_its_retry_after() -> None:
     assert retry_after_of(HTTPError(429, Retry_After="30"), NOW) == 30.0
+
+
+def test_a_429_with_its_retry_after_sent_twice_waits_that_long() -> None:
+    """requests (urllib3) and httpx join repeated headers with commas: a 429 whose
+    Retry-After: 120 came twice read as unreadable, and its refusal waited 1 s."""
+    error = HTTPError(429, Retry_After="120, 120")
+    assert retry_after_of(error, now=NOW) == 120.0
+    assert refusal_of(error, now=NOW) == 120.0
 
 
 def test_httpx_like_503_with_lowercase_headers_carries_its_retry_after() -> None:

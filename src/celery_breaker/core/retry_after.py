@@ -69,7 +69,8 @@ def refusal_of(exc: BaseException, now: float | None = None) -> float | None:
 
 
 def parse_retry_after(value: Any, now: float) -> float | None:
-    """A ``Retry-After`` header value (delta-seconds or an HTTP-date) as seconds from ``now``."""
+    """A ``Retry-After`` header value (delta-seconds or an HTTP-date) as seconds from ``now``;
+    several headers' delta-seconds joined by commas give the longest."""
     if isinstance(value, bytes):
         value = value.decode("latin-1")
     if not isinstance(value, str):
@@ -78,10 +79,10 @@ def parse_retry_after(value: Any, now: float) -> float | None:
     if not text:
         return None
     if text[0].isdigit() or text[0] in "+-.":
-        try:
-            return _positive(float(text))
-        except ValueError:
-            return None
+        # Several Retry-After headers reach us as one value, joined by commas (requests and
+        # httpx do so: "120, 120"); the longest wait any of them asks for is the one kept.
+        waits = [wait for wait in map(_delta_seconds, text.split(",")) if wait is not None]
+        return max(waits, default=None)
     try:
         when = parsedate_to_datetime(text)
     except (TypeError, ValueError, IndexError):
@@ -89,6 +90,13 @@ def parse_retry_after(value: Any, now: float) -> float | None:
     if when.tzinfo is None:  # "-0000": an HTTP-date is always GMT
         when = when.replace(tzinfo=timezone.utc)
     return _positive(when.timestamp() - now)
+
+
+def _delta_seconds(text: str) -> float | None:
+    try:
+        return _positive(float(text))
+    except ValueError:
+        return None
 
 
 def _positive(seconds: Any) -> float | None:
