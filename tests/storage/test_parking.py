@@ -296,6 +296,23 @@ def test_probes_that_never_ran_go_again_after_a_lease(store: RedisStore) -> None
     assert breaker.snapshot().state is State.OPEN  # (the release moves no breaker)
 
 
+def test_entries_past_their_deadline_take_no_probes_place(store: RedisStore) -> None:
+    """As many entries past their deadline as a tick may release (``most``) fell due when
+    the open time was up: they went, and so did the probes. The probes were counted as
+    sent but none went: the breaker stayed OPEN a lease longer (30 s)."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    fail(breaker)
+    entries = park_many(store, 10)
+    due = clock.monotonic() + 10.0
+    expiring = [f"expiring-{i}:1" for i in range(5)]
+    for i, entry in enumerate(expiring):
+        store.parking.park("svc", None, entry, 50.0 + i, "x", due)
+    clock.advance(10.0)
+    assert release(store, clock, most=5) == expiring + entries[:2]  # the probes too
+    assert breaker.snapshot().state is State.OPEN
+
+
 def test_a_half_open_breaker_short_of_successes_gets_more_probes(store: RedisStore) -> None:
     """One probe came back (a success), the other never ran: HALF_OPEN, one success short
     of closing, and nobody else calls it. More probes go a lease later; and however few

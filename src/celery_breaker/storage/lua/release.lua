@@ -168,7 +168,9 @@ elseif (st == 'open' and now >= ou) or st == 'half_open' then
     redis.call('HSET', K_PACE, 'probe_trip', trips, 'probe_at', fmt(now))
   end
 end
-allowed = math.min(allowed, (probing and math.max(most, limits.max_calls) or most) - (#out - 1) / 2)
+-- Probes are held back neither by `most` nor by the entries past their deadline claimed above
+-- (this period's probe slot is taken now: probes not sent now would go only a lease later).
+if not probing then allowed = math.min(allowed, most - (#out - 1) / 2) end
 local taken = 0
 if allowed > 0 then
   for _, entry in ipairs(redis.call('ZRANGE', K_QUEUE, 0, allowed - 1)) do
