@@ -313,6 +313,28 @@ def test_entries_past_their_deadline_take_no_probes_place(store: RedisStore) -> 
     assert breaker.snapshot().state is State.OPEN
 
 
+def test_a_redis_clock_that_steps_back_keeps_the_fixed_pace(store: RedisStore) -> None:
+    """Redis's clock steps back 100 s (a failover to a server whose clock is behind): the
+    fixed pace goes on at 100/s. Its ramp's start stayed ahead of the clock, and the
+    pace fell to a tenth (10/s) for 100 s, then ramped up again for 30 s."""
+    clock = FakeClock()
+    CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)
+    park_many(store, 5_000)
+    tag = store.parking.tag("svc", None)
+
+    def released(now: float) -> int:
+        return len(store.parking.release(tag, most=1000, pace=100.0, ramp=30.0, lease=30.0, now=now))
+
+    now = clock.monotonic()
+    released(now)
+    now += 31.0
+    released(now)  # (the ramp is over)
+    assert released(now + 1.0) == 100
+    now = now + 1.0 - 100.0
+    assert released(now) == 0  # (the step itself lasted no time)
+    assert [released(now + s) for s in (1.0, 2.0, 3.0)] == [100, 100, 100]
+
+
 def test_a_half_open_breaker_short_of_successes_gets_more_probes(store: RedisStore) -> None:
     """One probe came back (a success), the other never ran: HALF_OPEN, one success short
     of closing, and nobody else calls it. More probes go a lease later; and however few

@@ -138,6 +138,10 @@ elseif not st or st == 'closed' or st == 'disabled' then
   end
   if p[1] ~= gen or since == nil or tokens == nil or at == nil then
     since, tokens, at = now, 0, now
+  elseif now < at then
+    -- The clock stepped back (a failover to a server whose clock is behind): the ramp's
+    -- start moves back with it, or the pace fell to a tenth until the clock caught up.
+    since = since - (at - now)
   end
   local share = 1
   if ramp > 0 then share = math.min(1, 0.1 + 0.9 * math.max(0, now - since) / ramp) end
