@@ -339,6 +339,26 @@ def test_a_transition_no_script_could_publish_is_ignored(store: RedisStore) -> N
     assert (cell._incarnation, cell.state) == (incarnation, State.CLOSED)
 
 
+def test_a_trip_heard_late_never_moves_the_end_of_its_open_period(store: RedisStore) -> None:
+    """The trip's own message, heard after the reply that told it: its remaining time was
+    turned into an end on hearing, later than the script counted it. With a fake clock
+    moved on meanwhile (1 test run in 3 in tests/storage/test_parking.py), the view kept
+    the breaker open 10 s past its end and rejected the probe; in production a listening
+    thread starved of the GIL delays probes by as long."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    fail(breaker, 2)  # (POLICY trips on the second failure)
+    cell = store._cells[("svc", None)]
+    assert cell.state is State.OPEN
+    end = cell.open_until
+    assert end is not None
+    published = end - clock.monotonic()  # (what the trip's message says: seconds left)
+    clock.advance(published)
+    store.hear(f"{state_key(store)}\n{cell._incarnation}\n{cell.generation}\nopen\n{published:g}".encode())
+    assert cell.open_until == end
+    assert breaker.call(ok) == "ok"  # the probe, at the period's end
+
+
 # -- parking -----------------------------------------------------------------------
 
 

@@ -251,6 +251,14 @@ class RedisCell:
         with self._lock:
             if incarnation == self._incarnation and generation < self.generation:
                 return  # older than what this process already knows
+            if (heard and incarnation == self._incarnation and generation == self.generation
+                    and open_until is not None and self.open_until is not None):  # fmt: skip
+                # The same open period (only a move sets its end, and every move is a new
+                # generation), heard after a reply had told it: the message's remaining time
+                # was converted on hearing, later than the script counted it, so it ends no
+                # later than first read (a thread starved of the GIL hears late; a fake
+                # clock moved meanwhile, by whole seconds).
+                open_until = min(open_until, self.open_until)
             if heard or incarnation != self._incarnation or generation != self.generation:
                 self._full_until = 0.0  # (a message in the same generation: a probe slot freed)
             self._incarnation = incarnation
