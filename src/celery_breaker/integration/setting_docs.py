@@ -78,7 +78,8 @@ SETTING_DOCS: dict[str, Doc] = {
     "breaker_park": Doc(
         accepts='`True`, `False` or `"auto"`; `True` needs a Redis store',
         meaning="park deferred tasks in the breaker's Redis instead of countdown messages held by workers "
-        '(`"auto"`: whenever the store is Redis; [parking](concepts.md#parking-long-outages-big-backlogs))',
+        '(`"auto"`: when the broker is Redis too; on RabbitMQ `"auto"` defers in RabbitMQ\'s own delayed '
+        "delivery instead, [brokers](brokers.md); [parking](concepts.md#parking-long-outages-big-backlogs))",
     ),
     "breaker_release_pace": Doc(
         accepts='`"adaptive"` or `"fixed"`',
