@@ -58,7 +58,8 @@ class BreakerKeyError(CircuitBreakerError, ValueError):
 
 class ParkedTasksError(CircuitBreakerError, RuntimeError):
     """An operator asked to delete a breaker that tasks are parked behind: deleting it
-    would leave them waiting for a breaker that is gone. The message says how many and
+    would release them at once (parked tasks whose breaker has no state are released as
+    a closed breaker's), to run against its downstream. The message says how many and
     how to go on (purge them, or let them be released first)."""
 
 

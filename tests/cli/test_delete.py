@@ -63,8 +63,9 @@ def test_parked_tasks_refuse_it_unless_purged_with_it(store_url: str) -> None:
     refused = run("delete", "partner-api")
     assert refused.exit_code == 1
     assert refused.stderr.strip() == (
-        "Error: 3 tasks are parked behind partner-api: deleting it would leave them waiting for a breaker that is "
-        "gone; purge them with it (--purge: they never run), or close it and delete it once they have been released"
+        "Error: 3 tasks are parked behind partner-api: deleting it would release them at once, to run against its "
+        "downstream; purge them with it (--purge: they never run), or close it and delete it once they have been "
+        "released"
     )
     assert parked(store, "partner-api") == (3, 0)
     assert "partner-api" in listed()

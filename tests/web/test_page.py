@@ -278,7 +278,7 @@ def test_actions_need_the_opt_in_and_the_token_and_refuse_other_origins(
         until(browser, lambda: "stray-api" in rows(browser), "the stray breaker")
         click("stray-api", "delete")
         asked = WebDriverWait(browser, 5).until(expected_conditions.alert_is_present())
-        assert asked.text.startswith("2 tasks are parked behind stray-api: deleting it would leave them waiting")
+        assert asked.text.startswith("2 tasks are parked behind stray-api: deleting it would release them")
         assert asked.text.endswith("Discard them (they will never run) and delete stray-api?")
         asked.accept()
         until(

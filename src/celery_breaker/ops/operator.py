@@ -454,8 +454,8 @@ def delete(
     if parked and not purge:
         tasks = "1 task is" if parked == 1 else f"{parked} tasks are"
         raise ParkedTasksError(
-            f"{tasks} parked behind {shown_label(label)}: deleting it would leave them waiting for a breaker that is "
-            f"gone; "
+            f"{tasks} parked behind {shown_label(label)}: deleting it would release them at once, to run against "
+            f"its downstream; "
             f"purge them with it (--purge: they never run), or close it and delete it once they have been released"
         )
     before, warning = None, None
