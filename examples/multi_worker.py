@@ -182,7 +182,9 @@ def wait_ready(app: Any, processes: list[subprocess.Popen[bytes]], logs: Path, t
             if process.poll() is not None:
                 log = (logs / f"{name}.log").read_text(errors="replace")
                 raise RuntimeError(f"worker {name} exited with {process.returncode}:\n{log}")
-        answered = sorted(node for reply in app.control.ping(timeout=0.5) for node in reply)
+        # (only ours: other workers on a shared $REDIS_URL answer the broadcast ping too)
+        replies = app.control.ping(timeout=0.5)
+        answered = sorted(node for reply in replies for node in reply if node.partition("@")[0] in WORKERS)
         if len(answered) == len(WORKERS):
             return answered
     raise RuntimeError(f"workers not ready after {timeout} s")
