@@ -157,11 +157,43 @@ def _is_coroutine_function(fn: Callable[[], object]) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
+#: Async checks cancelled at their time limit and not waited for, until they end: a task
+#: the loop refers to only weakly must be held, or it could be collected while pending.
+_ABANDONED: set[asyncio.Future[object]] = set()
+
+
 async def _bounded(awaitable: Awaitable[object], limit: float) -> object:
+    """What ``awaitable`` gives, or ``ProbeTimeout`` once ``limit`` seconds have passed.
+
+    It runs as a task of its own, waited for with ``asyncio.wait``, not ``wait_for``:
+    only this limit makes a ``ProbeTimeout`` (a ``TimeoutError`` the check raises is its
+    verdict, not ours), and at the limit the caller stops waiting at once. ``wait_for``
+    waits for the cancelled check to end, and takes what it then returns: a check whose
+    cleanup hangs held its caller (and the probe slot) past its timeout, and one that
+    answered after it counted as healthy. Such a check is left behind, cancelled, as a
+    sync check that hangs is left in its thread."""
+    task = asyncio.ensure_future(awaitable)
     try:
-        return await asyncio.wait_for(awaitable, limit)
-    except asyncio.TimeoutError:
-        raise ProbeTimeout(f"did not answer within {limit:g} s") from None
+        await asyncio.wait((task,), timeout=limit)
+    except BaseException:  # the caller is cancelled: so is its check
+        _abandon(task)
+        raise
+    if not task.done():
+        _abandon(task)
+        raise ProbeTimeout(f"did not answer within {limit:g} s")
+    return task.result()
+
+
+def _abandon(task: asyncio.Future[object]) -> None:
+    task.cancel()
+    _ABANDONED.add(task)
+    task.add_done_callback(_forget)
+
+
+def _forget(task: asyncio.Future[object]) -> None:
+    _ABANDONED.discard(task)
+    if not task.cancelled():
+        task.exception()  # (retrieved: asyncio logs none "never retrieved")
 
 
 def check_timeout(where: str, value: Any) -> float:

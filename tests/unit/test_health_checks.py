@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import types
@@ -63,6 +64,56 @@ def test_an_async_check_that_hangs_is_cancelled_as_a_timeout() -> None:
 
     result = HealthCheck(check, timeout=0.02).run()
     assert isinstance(result.error, ProbeTimeout)
+
+
+async def timed_out() -> None:
+    raise TimeoutError("connect to crm timed out")  # its client's own timeout: a verdict
+
+
+def test_a_timeout_error_an_async_check_raises_is_its_verdict_not_our_time_limit(clock: FakeClock) -> None:
+    # asyncio.wait_for made it "ProbeTimeout: did not answer within 10 s", and a task's
+    # admission (check_within) under the check's timeout took it for its own budget cut
+    # short: no verdict, the breaker left half-open for the next task to check again.
+    for result in (HealthCheck(timed_out).run(), asyncio.run(HealthCheck(timed_out).arun())):
+        assert type(result.error) is TimeoutError
+        assert result.detail == "TimeoutError: connect to crm timed out"
+    breaker = breaker_with(timed_out, clock)
+    fail(breaker)
+    clock.advance(10)
+    with pytest.raises(CircuitOpenError):
+        breaker.enter_run(lambda exc: exc, check_within=2.0)
+    assert state_of(breaker) is State.OPEN  # the failed check reopened it
+
+
+def test_an_async_check_is_not_waited_for_past_its_timeout_nor_healthy_after_it() -> None:
+    # asyncio.wait_for waited for the cancelled check to end (a cleanup that hangs held
+    # the caller, and its probe slot, for as long) and took what it then returned.
+    async def main() -> None:
+        release = asyncio.Event()
+
+        async def check() -> bool:
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                await release.wait()  # (say, closing a connection the downstream never answers)
+            return True
+
+        caller = asyncio.ensure_future(HealthCheck(check, timeout=0.02).arun())
+        done, _ = await asyncio.wait((caller,), timeout=5)
+        release.set()
+        result = await caller
+        assert caller in done
+        assert not result.healthy
+        assert isinstance(result.error, ProbeTimeout)
+
+    asyncio.run(main())
+
+    async def answers_late() -> bool:
+        with contextlib.suppress(asyncio.CancelledError):  # (it ignores its cancellation)
+            await asyncio.Event().wait()
+        return True
+
+    assert isinstance(HealthCheck(answers_late, timeout=0.02).run().error, ProbeTimeout)
 
 
 def test_a_shorter_limit_wins_over_the_checks_own_timeout() -> None:
