@@ -13,6 +13,7 @@ client session say, may belong to that loop), anything else runs in the helper t
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import math
 import threading
@@ -74,7 +75,8 @@ class HealthCheck:
     """A health check: ``fn()`` (sync, or returning an awaitable) that raises or returns
     ``False`` when the downstream is unhealthy, and returns anything else when it is healthy.
 
-    ``name`` says what it is in logs (the function's qualified name by default).
+    ``name`` says what it is in logs (by default the function's qualified name: a
+    ``partial``'s function, a callable object's class, never a repr showing arguments).
     """
 
     fn: Callable[[], object]
@@ -204,8 +206,15 @@ def check_timeout(where: str, value: Any) -> float:
 
 
 def _describe(fn: Callable[[], object]) -> str:
-    module = getattr(fn, "__module__", None)
+    """What a check is called in logs: its function's qualified name, never its ``repr``.
+    A ``partial``'s repr shows its arguments, and a callable object's its fields (a URL
+    with a password, a token): logged with every failed check, they leaked."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    if name is None:
-        return repr(fn)
-    return f"{module}:{name}" if module else str(name)
+    owner = fn
+    if not isinstance(name, str):  # a callable object: named by its class
+        owner = type(fn)
+        name = owner.__qualname__
+    module = getattr(owner, "__module__", None)
+    return f"{module}:{name}" if isinstance(module, str) and module else name

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import logging
 import threading
 import types
@@ -241,6 +243,44 @@ def test_a_probe_can_be_given_or_removed_later(clock: FakeClock) -> None:
     breaker.probe = None
     clock.advance(20)
     assert breaker.call(lambda: "real") == "real"  # a real probe again
+
+
+@dataclasses.dataclass
+class HttpCheck:
+    """A check made with its URL, a password in it: its repr shows the field."""
+
+    url: str
+
+    def __call__(self) -> None:
+        raise ConnectionError("refused")
+
+
+def ping(url: str) -> None:
+    raise ConnectionError("refused")
+
+
+@pytest.mark.parametrize(
+    ("probe", "name"),
+    [
+        (functools.partial(ping, "https://ops:s3cret@crm.example.com/health"), f"{__name__}:ping"),
+        (HttpCheck("https://ops:s3cret@crm.example.com/health"), f"{__name__}:HttpCheck"),
+    ],
+    ids=["partial", "callable object"],
+)
+def test_a_check_is_named_by_its_function_never_by_a_repr_that_shows_its_arguments(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture, probe: Any, name: str
+) -> None:
+    # Named by repr(), a partial or a callable object logged its URL, password included,
+    # with every failed check (and in a timeout's message, the thread's name).
+    breaker = breaker_with(probe, clock)
+    assert breaker.probe is not None
+    assert breaker.probe.name == name
+    fail(breaker)
+    clock.advance(10)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"), pytest.raises(CircuitOpenError):
+        breaker.call(lambda: "real")
+    assert f"health check {name} failed (ConnectionError: refused)" in caplog.text
+    assert "s3cret" not in caplog.text
 
 
 def test_a_failed_check_is_logged_with_what_it_raised(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
