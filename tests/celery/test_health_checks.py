@@ -14,6 +14,7 @@ import pytest
 
 from celery_breaker import BreakerTask, CircuitBreaker, ConfigurationError, State
 from celery_breaker.core import Transition
+from celery_breaker.health import CheckResult
 from celery_breaker.integration.inventory import check_app
 from celery_breaker.integration.settings import build_settings
 from celery_breaker.integration.task_options import task_breaker_config
@@ -131,6 +132,31 @@ def test_a_task_option_probe_wins_over_the_setting_and_takes_its_timeout() -> No
     setting = task_breaker_config(other).probe
     assert setting is not None
     assert (setting.fn, setting.timeout) == (probe_tasks.check_setting, 1.5)
+
+
+#: A task guarded by the breaker it checks, whose name is not its dotted path.
+PATH_APP = throwaway_app("probe-by-path", breaker_probes={"crm-path": f"{__name__}:ping_crm"})
+
+
+@PATH_APP.task(base=BreakerTask, breaker="crm-path", name="crm.ping", shared=False)
+def ping_crm() -> str:
+    """The downstream's health endpoint, reached as the breaker's other tasks reach it."""
+    return "pong"
+
+
+def test_a_task_named_by_its_dotted_path_is_checked_by_its_body_not_through_its_breaker() -> None:
+    # Imported, the task itself was the check: calling it went through its breaker, the
+    # very one it checks, which rejected it while open or half-open. Every check failed
+    # and the breaker never closed (its parked tasks were never released).
+    probe = task_breaker_config(ping_crm).probe
+    assert probe is not None
+    breaker = ping_crm.breaker
+    breaker.force_open()
+    try:
+        assert probe.run() == CheckResult(True)
+    finally:
+        breaker.reset()
+    assert probe.name == "task crm.ping"
 
 
 def test_a_task_option_probe_of_the_wrong_type_is_refused() -> None:

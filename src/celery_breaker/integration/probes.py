@@ -1,11 +1,12 @@
 """Health-check probes from settings and task options: a dotted path, a task name or a callable, made a ``HealthCheck``.
 
 A string names a task of the app when one has that name; otherwise it is imported as
-``package.module:function`` (or ``package.module.function``). A task's body is called
-in the process that checks (``task.run()``), without its breaker, its retries or a
-result backend: a health check that had to travel through the broker and back could
-wait behind the very backlog it is meant to release, and a worker blocking on another
-task's result is what Celery forbids inside tasks (docs/decisions.md, decision 44).
+``package.module:function`` (or ``package.module.function``), which may find a task too
+(one named otherwise than its path). A task's body is called in the process that checks
+(``task.run()``), without its breaker, its retries or a result backend: a health check
+that had to travel through the broker and back could wait behind the very backlog it is
+meant to release, and a worker blocking on another task's result is what Celery forbids
+inside tasks (docs/decisions.md, decision 44).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from typing import Any
+
+from celery import Task
 
 from ..breaker import CircuitBreaker
 from ..core import BreakerPolicy
@@ -40,7 +43,13 @@ def resolve_probe(app: Any, probe: ProbeSpec, *, where: str, timeout: float) -> 
     task = app.tasks.get(probe)
     if task is not None:
         return HealthCheck(task.run, timeout, f"task {probe}")
-    return HealthCheck(_import(probe, where), timeout, probe)
+    found = _import(probe, where)
+    if isinstance(found, Task):
+        # A task named by its dotted path, not its name: its body too, never the task
+        # itself, whose call would go through its breaker (the one it checks, when it is
+        # guarded by it: the check then always failed, rejected, and it never closed).
+        return HealthCheck(found.run, timeout, f"task {found.name}")
+    return HealthCheck(found, timeout, probe)
 
 
 def _import(path: str, where: str) -> Callable[[], object]:
