@@ -93,6 +93,12 @@ class HealthCheck:
         object.__setattr__(self, "timeout", check_timeout("probe_timeout", self.timeout))
         if not self.name:
             object.__setattr__(self, "name", _describe(self.fn))
+        if _is_generator_function(self.fn):
+            raise ConfigurationError(
+                f"probe {self.name} is a generator function (a yield in its body): calling it runs none of "
+                "that body, so it would pass every check unchecked; make it a function that returns, or "
+                "raises when the downstream is unhealthy"
+            )
 
     @classmethod
     def coerce(cls, probe: HealthCheck | Callable[[], object] | None, timeout: float | None) -> HealthCheck | None:
@@ -114,6 +120,9 @@ class HealthCheck:
                 value: Any = self.fn()
                 if inspect.isawaitable(value):
                     value = asyncio.run(_bounded(value, limit))
+                elif inspect.isgenerator(value) or inspect.isasyncgen(value):
+                    # (from a callable that returns one) healthy, it would pass with nothing checked
+                    raise TypeError(f"the check returned {value!r}, whose body does not run: nothing was checked")
             except BaseException as exc:  # a probe's failure is data, whatever it raised
                 outcome.append(CheckResult(False, exc))
             else:
@@ -152,6 +161,13 @@ def _cancelling() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return cancelling is None or bool(cancelling())
+
+
+def _is_generator_function(fn: Callable[[], object]) -> bool:
+    """``fn`` is (or its ``__call__`` is) a generator function, sync or async."""
+    return any(
+        inspect.isgeneratorfunction(each) or inspect.isasyncgenfunction(each) for each in (fn, type(fn).__call__)
+    )
 
 
 def _is_coroutine_function(fn: Callable[[], object]) -> bool:

@@ -145,6 +145,26 @@ def test_a_probe_that_is_not_callable_says_where_strings_belong() -> None:
         CircuitBreaker("svc", probe="myapp.health:check", storage=fresh_store())  # type: ignore[arg-type]
 
 
+async def checks_nothing() -> Any:
+    if DOWN:
+        raise ConnectionError("down")
+    yield  # (a yield left in it: an async generator function, whose call runs none of its body)
+
+
+DOWN = True
+
+
+def test_a_generator_function_is_refused_as_a_probe_it_would_pass_every_check(clock: FakeClock) -> None:
+    # Its call returned a generator, "anything else" than False: healthy, with nothing run.
+    # The breaker closed on it, and the real calls went to a downstream that was down.
+    with pytest.raises(ConfigurationError, match=r"probe .*:checks_nothing is a generator function"):
+        breaker_with(checks_nothing, clock)
+    result = HealthCheck(lambda: checks_nothing()).run()  # noqa: PLW0108 (returned by a plain callable)
+    assert not result.healthy
+    assert isinstance(result.error, TypeError)
+    assert "whose body does not run: nothing was checked" in result.detail
+
+
 def test_coerce_wraps_a_callable_and_keeps_a_health_check() -> None:
     check = HealthCheck(lambda: None, 2.0, "mine")
     assert HealthCheck.coerce(check, None) is check
