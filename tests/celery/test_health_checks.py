@@ -159,6 +159,33 @@ def test_a_task_named_by_its_dotted_path_is_checked_by_its_body_not_through_its_
     assert probe.name == "task crm.ping"
 
 
+def test_a_probe_defined_as_a_method_of_a_task_class_gets_self() -> None:
+    # As breaker_key and breaker_fallback methods are. Taken from the class, it was called
+    # without self: every check failed (TypeError) and the breaker never closed.
+    app = throwaway_app("probe-method")
+    seen: list[str] = []
+
+    class CrmTask(BreakerTask):
+        def breaker_probe(self) -> None:
+            seen.append(self.name)
+
+    @app.task(base=CrmTask, breaker="crm", shared=False, name="pm.sync")
+    def sync() -> None:
+        """A task checked by its class's method."""
+
+    @app.task(base=CrmTask, breaker="crm", shared=False, name="pm.push")
+    def push() -> None:
+        """Another, sharing the breaker and the method."""
+
+    app.finalize()
+    check_app(app)  # one check for their breaker, not two the worker refuses as different
+    probe = task_breaker_config(app.tasks["pm.sync"]).probe
+    assert probe is not None
+    assert probe.run() == CheckResult(True)
+    assert seen == ["pm.sync"]
+    assert probe.name.endswith("CrmTask.breaker_probe")
+
+
 def test_a_task_option_probe_of_the_wrong_type_is_refused() -> None:
     app = throwaway_app("probe-bad-option")
 

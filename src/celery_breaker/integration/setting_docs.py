@@ -185,8 +185,9 @@ TASK_OPTION_DOCS: dict[str, Doc] = {
     ),
     "breaker_probe": Doc(
         accepts="a callable (sync or async), a dotted path `package.module:function`, or a task name",
-        meaning="this task's breaker's health check, as in `breaker_probes`. Tasks sharing a breaker must give "
-        "it the same check (and timeout), or all none: a conflict stops the worker at start (set it once in "
+        meaning="this task's breaker's health check, as in `breaker_probes`; a method defined on a `BreakerTask` "
+        "subclass is called as a method (`self.breaker_probe()`). Tasks sharing a breaker must give it the same "
+        "check (and timeout), or all none: a conflict stops the worker at start (set it once in "
         "`breaker_probes`).",
         default="`breaker_probes`",
     ),

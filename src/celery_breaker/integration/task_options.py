@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,7 +82,7 @@ def task_breaker_config(task: Any) -> TaskBreakerConfig:
         max_defer_age=option("breaker_max_defer_age", settings.max_defer_age, values.seconds),
         defer_spread=option("breaker_defer_spread", settings.defer_spread, values.seconds_or_zero),
         counts_runs=option("breaker_scope", "run", _scope) == "run",
-        probe=_probe(cls, where, name, settings),
+        probe=_probe(cls, task, where, name, settings),
         settings=settings,
     )
     setattr(cls, _CONFIG, config)
@@ -99,19 +102,46 @@ def _routed_name(cls: Any, task_name: str | None, settings: BreakerSettings) -> 
     return settings.route_for(task_name) or None  # ("": True, the task's own name)
 
 
-def _probe(cls: Any, where: str, name: str, settings: BreakerSettings) -> HealthCheck | None:
+def _probe(cls: Any, task: Any, where: str, name: str, settings: BreakerSettings) -> HealthCheck | None:
     """The task's health check: its ``breaker_probe`` option, else the ``breaker_probes``
     entry of its breaker; resolved (imported, or found among the app's tasks) now."""
     timeout = settings.probe_timeout
     if cls.breaker_probe_timeout is not None:
         timeout = values.duration(f"{where}: breaker_probe_timeout", cls.breaker_probe_timeout)
-    if cls.breaker_probe is not None:
-        return resolve_probe(cls.app, cls.breaker_probe, where=f"{where}: breaker_probe", timeout=timeout)
+    probe = cls.breaker_probe
+    if probe is not None:
+        if task is not cls and isinstance(inspect.getattr_static(cls, "breaker_probe"), types.FunctionType):
+            # A method of the task class (a function given to @app.task is made static):
+            # called with self, as breaker_key's and breaker_fallback's are. Taken from
+            # the class, it failed every check (no self given), and the breaker never closed.
+            probe = _TaskMethod(probe, task)
+        return resolve_probe(cls.app, probe, where=f"{where}: breaker_probe", timeout=timeout)
     entry = settings.probe_for(name)
     if entry is None:
         return None
     pattern, probe = entry
     return resolve_probe(cls.app, probe, where=f"breaker_probes[{pattern!r}]", timeout=timeout)
+
+
+class _TaskMethod:
+    """A ``breaker_probe`` method of a task class, called with the task as ``self``, and
+    named as the method. Equal to another of the same function: tasks sharing a breaker
+    through a base class that defines the method give it the same check (one of them is
+    ``self`` for it), not checks the worker would refuse as different."""
+
+    def __init__(self, function: Callable[..., object], task: Any) -> None:
+        functools.update_wrapper(self, function)
+        self.function = function
+        self.task = task
+
+    def __call__(self) -> object:
+        return self.function(self.task)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _TaskMethod) and other.function is self.function
+
+    def __hash__(self) -> int:
+        return hash(self.function)
 
 
 def forget_task_breaker_config(cls: type) -> None:
