@@ -93,6 +93,12 @@ class HealthCheck:
         object.__setattr__(self, "timeout", check_timeout("probe_timeout", self.timeout))
         if not self.name:
             object.__setattr__(self, "name", _describe(self.fn))
+        unmet = _unmet_arguments(self.fn)
+        if unmet is not None:
+            raise ConfigurationError(
+                f"probe {self.name} cannot be called without arguments ({unmet}), so every check would fail; "
+                "give a function that takes none (functools.partial can fill them in)"
+            )
         if _is_generator_function(self.fn):
             raise ConfigurationError(
                 f"probe {self.name} is a generator function (a yield in its body): calling it runs none of "
@@ -161,6 +167,21 @@ def _cancelling() -> bool:
     task = asyncio.current_task()
     cancelling = getattr(task, "cancelling", None)
     return cancelling is None or bool(cancelling())
+
+
+def _unmet_arguments(fn: Callable[[], object]) -> str | None:
+    """Why ``fn()`` cannot be called (an argument it requires), or ``None``: it can, or
+    its signature cannot be read (some builtins). A wrapper is read as it is (its
+    ``*args, **kwargs``), not as the function it wraps."""
+    try:
+        signature = inspect.signature(fn, follow_wrapped=False)
+    except (TypeError, ValueError):
+        return None
+    try:
+        signature.bind()
+    except TypeError as exc:
+        return str(exc)
+    return None
 
 
 def _is_generator_function(fn: Callable[[], object]) -> bool:

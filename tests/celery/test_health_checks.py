@@ -186,6 +186,21 @@ def test_a_probe_defined_as_a_method_of_a_task_class_gets_self() -> None:
     assert probe.name.endswith("CrmTask.breaker_probe")
 
 
+def test_a_probe_that_needs_arguments_stops_the_worker_at_start() -> None:
+    # probe_tasks.check takes the breaker's name: the worker started, and every check then
+    # failed with a TypeError, so the breaker never closed and its tasks waited for good.
+    app = throwaway_app("probe-arguments", breaker_probes={"crm": "tests.celery.probe_tasks:check"})
+
+    @app.task(base=BreakerTask, breaker="crm", shared=False)
+    def job() -> None:
+        """A task whose breaker's probe needs an argument."""
+
+    with pytest.raises(ConfigurationError) as info:
+        check_app(app)
+    assert "probe tests.celery.probe_tasks:check cannot be called without arguments" in str(info.value)
+    assert "missing a required argument: 'name'" in str(info.value)
+
+
 def test_a_task_option_probe_of_the_wrong_type_is_refused() -> None:
     app = throwaway_app("probe-bad-option")
 
