@@ -18,7 +18,7 @@ import inspect
 import math
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, cast
 
 from .core import State
@@ -111,7 +111,7 @@ class HealthCheck:
         """``probe`` as a ``HealthCheck`` (a callable is wrapped, with ``timeout`` when given)."""
         if probe is None or isinstance(probe, HealthCheck):
             if timeout is not None and probe is not None:
-                return HealthCheck(probe.fn, timeout, probe.name)
+                return replace(probe, timeout=timeout)  # (a subclass stays one: its run too)
             return probe
         return cls(probe, DEFAULT_PROBE_TIMEOUT if timeout is None else timeout)
 

@@ -232,6 +232,20 @@ def healthy_noting_limits(limits: list[float | None]) -> HealthCheck:
     return Noting(lambda: None)
 
 
+def test_a_health_check_subclass_given_a_probe_timeout_stays_itself(clock: FakeClock) -> None:
+    # probe_timeout made a plain HealthCheck of it: its own run() was never called.
+    limits: list[float | None] = []
+    policy = BreakerPolicy(failure_threshold=1, reset_timeout=10, success_threshold=1)
+    probe = healthy_noting_limits(limits)
+    breaker = CircuitBreaker("svc", policy, storage=fresh_store(), clock=clock, probe=probe, probe_timeout=5)
+    assert breaker.probe is not None
+    assert (type(breaker.probe), breaker.probe.timeout) == (type(probe), 5.0)
+    fail(breaker)
+    clock.advance(10)
+    assert breaker.call(lambda: "real") == "real"
+    assert limits == [policy.half_open_max_wait]  # its run() ran the check
+
+
 def test_checks_are_bounded_and_counted_by_the_policy_the_breaker_keeps(clock: FakeClock) -> None:
     # The breaker keeps its first policy; a caller made with another one ran the checks
     # under its own half_open_max_wait (a check outliving its lease ran beside the next
