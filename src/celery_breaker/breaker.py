@@ -868,16 +868,21 @@ class CircuitBreaker:
         """Run the health check now if the breaker may admit a probe (its open time is up,
         or it is half-open with a free slot), and return where it leaves the breaker.
 
-        Nothing runs, and nothing is counted, while the breaker admits calls or is still
-        open: its state (and while OPEN, the seconds left) is returned as this process sees
-        it. This is how parked tasks' breakers close while nobody calls them (the worker's
-        releaser calls it)."""
+        Nothing runs, and nothing is counted, while the breaker admits calls, is still
+        open, or is half-open with every probe slot taken: its state (and while OPEN, the
+        seconds left) is returned as this process sees it. This is how parked tasks'
+        breakers close while nobody calls them (the worker's releaser calls it)."""
         if self.probe is None:
             raise ValueError(f"breaker {self.label!r} has no probe to check its health with")
         cell = self._cell if not self._cell.evicted else self._refresh()
         now = self._now()
         state = cell.state
         if state in _ADMITTING or state is FORCED_OPEN or not self._due(cell, now):
+            return self._health_of(cell, now)
+        if state is HALF_OPEN and cell.snapshot(now).retry_after:
+            # Every slot is taken (another caller's probe or check decides): asking for
+            # one would count a rejection, five a second from the worker's releaser, of
+            # calls nobody made.
             return self._health_of(cell, now)
         try:
             ticket, moves = cell.acquire(self.policy, now)

@@ -242,6 +242,26 @@ def test_check_health_runs_only_when_due_and_closes_on_checks_alone(store: Store
     assert downstream.checks == 3
 
 
+def test_check_health_counts_no_rejection_while_every_slot_is_taken(store: Store, clock: FakeClock) -> None:
+    # The worker's releaser asks every tick (0.2 s) while tasks are parked: each time a
+    # probe held the slot, it counted a rejection of a call nobody made.
+    downstream = Downstream()
+    breaker = tripped(store, clock, downstream.check, half_open_max_calls=1)
+    other = CircuitBreaker("svc", breaker.policy, storage=store, clock=clock)
+    clock.advance(30)
+    held = HeldCall(other)  # a real probe holds the one slot
+    rejections = breaker.snapshot().rejections
+    for _ in range(5):
+        assert breaker.check_health() == (State.HALF_OPEN, None)
+    assert breaker.snapshot().rejections == rejections
+    assert downstream.checks == 0
+    held.fail()  # its verdict: reopened
+    assert breaker.store.sync()
+    clock.advance(60)
+    downstream.healthy = True
+    assert breaker.check_health() == (State.CLOSED, None)  # due again: checked, closed
+
+
 def test_a_breaker_without_a_probe_is_probed_by_real_calls(store: Store, clock: FakeClock) -> None:
     breaker = tripped(store, clock, None, success_threshold=1)
     clock.advance(30)
