@@ -13,6 +13,7 @@ client session say, may belong to that loop), anything else runs in the helper t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import math
@@ -144,11 +145,12 @@ class HealthCheck:
     async def arun(self, timeout: float | None = None) -> CheckResult:
         """``run()`` for a caller on an event loop, which it never blocks: a coroutine
         function is awaited on this loop, cancelled after the timeout; anything else runs
-        in the helper thread, waited for in another. Only an ``Exception`` is a verdict:
-        a cancellation of the caller (or a ``KeyboardInterrupt``) goes through."""
+        in the helper thread, waited for in another (``_run_off_loop``). Only an
+        ``Exception`` is a verdict: a cancellation of the caller (or a
+        ``KeyboardInterrupt``) goes through."""
         limit = self.timeout if timeout is None else min(self.timeout, timeout)
         if not _is_coroutine_function(self.fn):
-            return await asyncio.to_thread(self.run, limit)
+            return await self._run_off_loop(limit)
         try:
             value = await _bounded(cast("Awaitable[object]", self.fn()), limit)
         except ProbeTimeout:
@@ -160,6 +162,34 @@ class HealthCheck:
                 raise  # the caller is being cancelled: no verdict
             return CheckResult(False, exc)  # the check cancelled itself (what it awaited was cancelled)
         return CheckResult(value is not False)
+
+    async def _run_off_loop(self, limit: float) -> CheckResult:
+        """``run(limit)`` in a thread of its own, awaited on the running loop. It ran in
+        ``asyncio.to_thread``, queued for the loop's default executor, whose few threads
+        a busy loop may all hold (``getaddrinfo`` during a DNS outage): a check with a
+        0.2 s timeout answered after 15 s, holding its caller and its probe slot."""
+        loop = asyncio.get_running_loop()
+        answered: asyncio.Future[CheckResult] = loop.create_future()
+
+        def wait_for_check() -> None:
+            try:
+                result: CheckResult | BaseException = self.run(limit)
+            except BaseException as exc:  # (a subclass's run): raised to the caller, as before
+                result = exc
+            with contextlib.suppress(RuntimeError):  # (the loop has closed: nobody waits)
+                loop.call_soon_threadsafe(_settle, answered, result)
+
+        threading.Thread(target=wait_for_check, name=f"celery-breaker probe {self.name} waiter", daemon=True).start()
+        return await answered
+
+
+def _settle(future: asyncio.Future[CheckResult], result: CheckResult | BaseException) -> None:
+    if future.done():
+        return  # (its caller was cancelled)
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def _cancelling() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -116,6 +117,24 @@ def test_an_async_check_is_not_waited_for_past_its_timeout_nor_healthy_after_it(
         return True
 
     assert isinstance(HealthCheck(answers_late, timeout=0.02).run().error, ProbeTimeout)
+
+
+def test_a_sync_check_of_an_async_caller_does_not_wait_for_the_loops_executor() -> None:
+    # It ran through asyncio.to_thread: queued behind whatever held the loop's default
+    # executor (getaddrinfo during a DNS outage), it answered long past its timeout.
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=1))
+        release = threading.Event()
+        busy = loop.run_in_executor(None, release.wait, 10)  # the executor's one thread, held
+        caller = asyncio.ensure_future(HealthCheck(lambda: None, timeout=1).arun())
+        done, _ = await asyncio.wait((caller,), timeout=2)
+        release.set()
+        await busy
+        assert caller in done
+        assert caller.result() == CheckResult(True)
+
+    asyncio.run(main())
 
 
 def test_a_shorter_limit_wins_over_the_checks_own_timeout() -> None:
