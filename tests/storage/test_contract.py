@@ -426,6 +426,26 @@ def test_any_key_a_task_makes_is_a_breaker_of_its_own_on_every_store(
     assert {s.key for s in store.snapshots(clock)} >= {breaker.key, elsewhere.key}
 
 
+def test_find_reads_one_breaker_as_the_listing_shows_it_and_creates_none(store: Store, clock: FakeClock) -> None:
+    # (What an operator's action looks up, instead of listing every breaker: seconds with
+    # 40,000 per-key breakers in Redis.)
+    tenant = CircuitBreaker("svc", BreakerPolicy(failure_threshold=1), storage=store, clock=clock, key="t:{1}*")
+    fail(tenant)
+    keyless = make(store, clock)
+    keyless.call(ok)
+    store.flush()
+    listed = {(s.name, s.key): s for s in store.snapshots(clock)}
+    for name, key in (("svc", "t:{1}*"), ("svc", None)):
+        found = store.find(name, key, clock)
+        assert found is not None
+        assert found == listed[(name, key)]
+    assert listed[("svc", None)].successes == 1
+    assert store.find("svc", "t:{1}", clock) is None  # (a key that looks like the other one)
+    assert store.find("svc", "t:*", clock) is None  # (no pattern)
+    assert store.find("other", None, clock) is None
+    assert {(s.name, s.key) for s in store.snapshots(clock)} == set(listed)  # nothing created
+
+
 def test_a_probe_failing_with_a_retry_after_reopens_for_that_long(store: Store, clock: FakeClock) -> None:
     breaker = half_open(store, clock, reset_timeout=30, half_open_max_calls=1)
     seen = recorder(breaker)

@@ -271,6 +271,11 @@ class Store(Protocol):
         """Every breaker the store currently holds."""
         ...
 
+    def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | None:
+        """Breaker ``name``/``key`` as ``snapshots`` would list it, or ``None`` when the
+        store does not hold it: one lookup, whatever the number of breakers, creating none."""
+        ...
+
     def delete(self, name: str, key: str | None) -> bool:
         """Delete breaker ``name``/``key`` (state, counters, stored policy and history, not
         its parked tasks): every process's next call through it creates it afresh, CLOSED.

@@ -85,6 +85,14 @@ class FallbackStore:
             self.store_failed(exc, clock.monotonic())
             return []
 
+    def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | None:
+        """The shared store's ``find``; ``None`` while it cannot be read, as ``snapshots`` lists none."""
+        try:
+            return self.primary.find(name, key, clock)
+        except StorageError as exc:
+            self.store_failed(exc, clock.monotonic())
+            return None
+
     def delete(self, name: str, key: str | None) -> bool:
         """Delete the breaker in the shared store (an operator's act: a ``StorageError``
         while it is down is raised, never covered by the fallback)."""

@@ -337,6 +337,11 @@ class MemoryStore:
             cells = list(self._cells.values())
         return [cell.snapshot(now) for cell in cells]
 
+    def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | None:
+        """Breaker ``name``/``key`` as ``snapshots`` would list it, or ``None``."""
+        cell = self._cells.get((name, key))
+        return None if cell is None else cell.snapshot(clock.monotonic())
+
     def clear(self) -> None:
         """Forget every breaker (for tests)."""
         with self._lock:

@@ -1,5 +1,5 @@
 """Listing every breaker of a Redis store (``RedisStore.snapshots``): one SCAN, then the
-snapshot script over what it found, pipelined.
+snapshot script over what it found, pipelined; or reading one (``RedisStore.find``) alike.
 
 One bad breaker never fails the listing. A breaker whose snapshot script fails on its
 data is run again on its own, checking its key types (after a WRONGTYPE) or resetting it
@@ -26,7 +26,7 @@ from .replies import decode_absent, decode_reply, decode_snapshot
 if TYPE_CHECKING:
     from .store import RedisStore
 
-__all__ = ["list_snapshots"]
+__all__ = ["list_snapshots", "read_snapshots"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -34,13 +34,21 @@ logger = logging.getLogger("celery_breaker")
 def list_snapshots(store: RedisStore, clock: Clock, suffixes: tuple[str, ...]) -> list[BreakerSnapshot]:
     """Every breaker under ``store``'s key prefix; ``suffixes`` are a breaker's key suffixes, state first."""
     pattern = "{" + glob_escape(store.quoted_prefix) + ":*}" + suffixes[0]
-    now = clock.monotonic()
-    offset = clock.time() - now if store.client_time else 0.0
     try:
         # (bytes: a key that is not UTF-8 is still read, and left out below)
         state_keys: list[bytes] = list(dict.fromkeys(store.client().scan_iter(match=pattern, count=500)))
     except CLIENT_ERRORS as exc:
         raise StorageError(f"redis store {store.label}: listing breakers failed: {exc}") from exc
+    return read_snapshots(store, clock, suffixes, state_keys)
+
+
+def read_snapshots(
+    store: RedisStore, clock: Clock, suffixes: tuple[str, ...], state_keys: list[bytes]
+) -> list[BreakerSnapshot]:
+    """The breakers whose state keys are ``state_keys``, as the listing reads them: one
+    that is absent, or left out, is not in the list."""
+    now = clock.monotonic()
+    offset = clock.time() - now if store.client_time else 0.0
     head = [repr(now) if store.client_time else "", store.ttl_ms]
     tail = ["", "", "", ""]  # no policy, name, key or channel: a listing creates no breaker
     stem = len(suffixes[0])

@@ -35,7 +35,7 @@ from .client import (
 from .damage import classify
 from .history import RedisHistory
 from .keys import breaker_tag, quote_part
-from .listing import list_snapshots
+from .listing import list_snapshots, read_snapshots
 from .parking import RedisParking
 from .replies import opt_float
 from .schemes import SCHEMES
@@ -485,6 +485,12 @@ class RedisStore:
         paths). A breaker that cannot be read is repaired or left out, with a WARNING
         (``listing.py``); ``StorageError`` only when the store cannot be read at all."""
         return list_snapshots(self, clock, _KEY_SUFFIXES)
+
+    def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | None:
+        """Breaker ``name``/``key`` as ``snapshots`` would list it, or ``None``: one script,
+        however many breakers the store holds (creating none)."""
+        found = read_snapshots(self, clock, _KEY_SUFFIXES, [self.keys_for(name, key)[0].encode()])
+        return found[0] if found else None
 
     def run_many(self, script: str, calls: Sequence[tuple[list[Any], list[Any]]]) -> list[list[Any] | StorageError]:
         """``run`` for many breakers, ``PIPELINE_BATCH`` scripts per round trip (one by one
