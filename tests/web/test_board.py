@@ -16,6 +16,7 @@ from celery_breaker.core import BreakerSnapshot, State
 from celery_breaker.errors import ConfigurationError, StorageError
 from celery_breaker.monitoring.status import BreakerStatus
 from celery_breaker.ops.board import Board
+from celery_breaker.ops.watch import PAUSE_PER_READ
 from celery_breaker.ops.web import (
     TOKEN_ENV,
     host_allowed,
@@ -283,3 +284,22 @@ def test_a_key_with_control_characters_is_shown_as_status_shows_it() -> None:
     assert (row["shown"], row["key_shown"]) == ("crm[t\\n3\\x1b[2J]", "t\\n3\\x1b[2J")
     [change] = board.view()["changes"]
     assert change["label"] == "crm[t\\n3\\x1b[2J]"
+
+
+def test_a_reading_that_takes_long_is_followed_by_a_pause_four_times_as_long() -> None:
+    # Read back to back, 40,000 per-key breakers in Redis (~6 s a reading) took half of
+    # the Redis server's time for as long as the page's command ran.
+    clock = FakeClock()
+    took = [0.1, 6.0, 0.2]
+
+    def slow() -> list[BreakerStatus]:
+        clock.advance(took.pop(0))
+        return [status("crm", key="t-1")]
+
+    board = Board(slow, store="redis://h/0", interval=1.0, clock=clock)
+    board.refresh()
+    assert board.pause == 1.0  # a quick reading: the interval
+    board.refresh()
+    assert board.pause == pytest.approx(PAUSE_PER_READ * 6.0)
+    board.refresh()
+    assert board.pause == 1.0

@@ -18,7 +18,7 @@ from ..errors import StorageError
 from ..labels import shown_label, visible
 from ..monitoring.status import BreakerStatus
 from .console import STATE_STYLES, clock_time, duration, failure_rate_text, open_until_text, release_text
-from .watch import Change, Watch, WatchRow
+from .watch import PAUSE_PER_READ, Change, Watch, WatchRow
 
 __all__ = ["HISTORY", "Board"]
 
@@ -47,7 +47,8 @@ def _change(change: Change) -> dict[str, Any]:
 
 
 class Board:
-    """What the page shows: the store read every ``interval`` seconds by one thread.
+    """What the page shows: the store read every ``interval`` seconds by one thread (less
+    often when a reading takes long: ``pause``).
 
     One reader whatever the number of open pages, so every page sees the same rates and
     the store is read once per interval. A reading that fails keeps the last view with
@@ -70,6 +71,9 @@ class Board:
         self._backlogs: dict[_Ident, _Backlog] = {}
         self._view: dict[str, Any] = {"store": store, "interval": interval, "error": None, "read_at": None,
                                       "breakers": [], "summary": [], "changes": []}  # fmt: skip
+        self.pause = interval
+        """Seconds ``run`` waits between two readings: ``interval``, or ``PAUSE_PER_READ``
+        times as long as the last reading took, if longer (a store of many breakers)."""
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = threading.Event()
@@ -82,6 +86,7 @@ class Board:
     def refresh(self, *, raising: bool = False) -> None:
         """Read the store once. A failure is kept for the page, or raised if ``raising``
         (the first reading: the command then exits as ``watch`` does)."""
+        started = self._clock.monotonic()
         try:
             observed = self._watch.observe(self._read())
         except Exception as exc:
@@ -89,6 +94,8 @@ class Board:
                 raise
             self._failed(exc)
             return
+        finally:
+            self.pause = max(self.interval, PAUSE_PER_READ * (self._clock.monotonic() - started))
         now = self._clock.time()
         rows = [self._row(row, now) for row in observed]
         self._backlogs = {ident: self._backlogs[ident] for ident in (self._ident(row) for row in observed)}
@@ -144,9 +151,9 @@ class Board:
         }  # fmt: skip
 
     def run(self) -> None:
-        """Read every ``interval`` seconds until ``stop()``; ``wake()`` reads at once."""
+        """Read every ``pause`` seconds until ``stop()``; ``wake()`` reads at once."""
         while not self._stopped.is_set():
-            self._wake.wait(self.interval)
+            self._wake.wait(self.pause)
             self._wake.clear()
             if not self._stopped.is_set():
                 self.refresh()
