@@ -414,3 +414,29 @@ def test_a_retry_parks_as_another_entry_and_a_redelivery_as_the_same() -> None:
     assert entry_id("t-1", None, 1) == first  # (a request without retries: attempt 0)
     assert entry_id("t-1", 1, 1) != first  # Celery's retry of it: its own entry
     assert entry_id("t-1", 0, 2) != first
+
+
+def test_a_log_line_about_parked_tasks_names_the_biggest_backlogs_only(
+    store: RedisStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An outage that tripped 20,000 per-key breakers, one task parked behind each, made the
+    # releaser's "task(s) parked" INFO line 388,936 characters long, in every worker.
+    import logging
+    import time
+
+    from celery import Celery
+
+    from celery_breaker.integration.deferral.release import NAMED_IN_LOG, Releaser
+
+    parking = store.parking
+    for i in range(NAMED_IN_LOG + 20):
+        parking.park("crm", f"t-{i}", f"e{i}", float(i), "{}", None)
+    for n in range(7):
+        parking.park("crm", "big", f"b{n}", float(100 + n), "{}", None)
+    releaser = Releaser(Celery("many", broker="memory://", set_as_current=False), parking, rate=10.0, ramp=0.0)
+    with caplog.at_level(logging.INFO, logger="celery_breaker"):
+        releaser.watch_for_loss(time.monotonic())
+    (line,) = [r.getMessage() for r in caplog.records if "task(s) parked" in r.getMessage()]
+    assert line.startswith(f"celery-breaker releaser: {NAMED_IN_LOG + 27} task(s) parked (crm[big]: 7, crm[t-0]: 1, ")
+    assert line.endswith(", and 21 more breakers)")
+    assert line.count(": 1") == NAMED_IN_LOG - 1

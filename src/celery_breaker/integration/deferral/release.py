@@ -15,7 +15,8 @@ is parked again, keeping its place.
 The releaser also watches for a store that lost its parked tasks (restarted without
 persistence, or flushed): every ``WATCH_EVERY`` seconds it counts them and reads the
 parking's epoch (``Parking.epoch``); an epoch that changed or vanished while tasks were
-parked is logged at ERROR, naming each breaker and how many it held at the last count.
+parked is logged at ERROR, naming the breakers that held the most at the last count, and
+how many.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .health_gate import HealthGate
 from .parking import NotAcceptedHere, read_parked
 from .throttle import Throttle
 
-__all__ = ["LEASE", "MOST_PER_TICK", "TAG_COMPLAINT_EVERY", "TICK", "WATCH_EVERY", "Releaser"]
+__all__ = ["LEASE", "MOST_PER_TICK", "NAMED_IN_LOG", "TAG_COMPLAINT_EVERY", "TICK", "WATCH_EVERY", "Releaser"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -65,6 +66,9 @@ MOST_PER_TICK = 500
 WATCH_EVERY = 1.0
 #: Seconds between two warnings about one breaker whose parked tasks cannot be released.
 TAG_COMPLAINT_EVERY = 60.0
+#: Breakers a log line about parked tasks names, those with the most first (an outage that
+#: tripped 20,000 per-key breakers made one INFO line of 390,000 characters).
+NAMED_IN_LOG = 10
 
 
 class Releaser(threading.Thread):
@@ -193,9 +197,7 @@ class Releaser(threading.Thread):
         if epoch != self._epoch and self._known:
             lost = sum(self._known.values())
             ago = now - (self._counted_at or now)
-            held = ", ".join(
-                f"{shown_label(self.parking.label(tag))}: {count}" for tag, count in sorted(self._known.items())
-            )
+            held = self._held(self._known)
             logger.error(
                 "celery-breaker releaser: the breaker store lost its parked tasks (restarted without its data, "
                 "or flushed): %d task(s) were parked %.0f s before (%s); they will not run. Keep parking in a store "
@@ -207,13 +209,20 @@ class Releaser(threading.Thread):
         counts = self.parking.counts(self.parking.tags())
         known = {tag: parked + claimed for tag, (parked, claimed) in counts.items() if parked + claimed}
         if known and not self._known:
-            held = ", ".join(f"{shown_label(self.parking.label(tag))}: {count}" for tag, count in sorted(known.items()))
-            logger.info("celery-breaker releaser: %d task(s) parked (%s)", sum(known.values()), held)
+            logger.info("celery-breaker releaser: %d task(s) parked (%s)", sum(known.values()), self._held(known))
         elif self._known and not known and not lost:
             logger.info("celery-breaker releaser: no task parked any more")
         self._known = known
         self._counted_at = now
         return lost
+
+    def _held(self, known: dict[str, int]) -> str:
+        """``crm[t-1]: 7, crm[t-2]: 3`` for a log line: at most ``NAMED_IN_LOG`` breakers,
+        those with the most tasks first, then how many more."""
+        labelled = sorted((-count, shown_label(self.parking.label(tag))) for tag, count in known.items())
+        held = ", ".join(f"{label}: {-count}" for count, label in labelled[:NAMED_IN_LOG])
+        more = len(labelled) - NAMED_IN_LOG
+        return held + (f", and {more} more breakers" if more > 0 else "")
 
     def _publish(self, tag: str, entry: str, payload: str) -> bool:
         try:
