@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import ssl
@@ -303,3 +304,25 @@ def test_a_reading_that_takes_long_is_followed_by_a_pause_four_times_as_long() -
     assert board.pause == pytest.approx(PAUSE_PER_READ * 6.0)
     board.refresh()
     assert board.pause == 1.0
+
+
+def test_a_view_is_encoded_once_and_a_new_reading_gets_a_new_etag(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (What lets the page's server answer "304 Not Modified", and every page share one encoding.)
+    board = Board(scripted([status("crm", key="t-1")], [status("crm", key="t-1", successes=5)]),
+                  store="redis://h/0", interval=1.0)  # fmt: skip
+    board.refresh()
+    encodings: list[object] = []
+    dumps = json.dumps
+
+    def counted(value: object) -> str:
+        encodings.append(value)
+        return dumps(value)
+
+    monkeypatch.setattr(json, "dumps", counted)
+    tag, body = board.encoded()
+    assert board.encoded() == (tag, body)
+    assert len(encodings) == 1
+    assert json.loads(body) == board.view()
+    board.refresh()
+    assert board.encoded()[0] != tag
+    assert len(encodings) == 2

@@ -82,6 +82,26 @@ def test_the_json_endpoint_serves_the_boards_view(serve: Serve) -> None:
     assert view["store"] == "redis://h/0"
 
 
+def test_a_view_the_page_has_already_is_not_sent_again(serve: Serve) -> None:
+    # Every open page fetched the whole view every --interval: with 40,000 breakers, 19 MB
+    # encoded anew (0.24 s) for each page each second, though it changes once per reading.
+    url = serve()
+    with urllib.request.urlopen(url + "api/breakers", timeout=5) as response:
+        tag, body = response.headers["ETag"], response.read()
+    assert tag.startswith('"')
+    assert len(body) > 100
+    host = url.split("//")[1].rstrip("/")
+    connection = http.client.HTTPConnection(host, timeout=5)
+    connection.request("GET", "/api/breakers", headers={"If-None-Match": tag})
+    again = connection.getresponse()
+    assert (again.status, again.read(), again.headers["ETag"]) == (304, b"", tag)
+    assert again.headers["Content-Length"] is None
+    connection.request("GET", "/api/breakers", headers={"If-None-Match": '"another"'})
+    other = connection.getresponse()
+    assert (other.status, other.read()) == (200, body)
+    connection.close()
+
+
 def test_without_allow_actions_there_is_no_action_endpoint(serve: Serve) -> None:
     url = serve()
     status_code, _ = request(

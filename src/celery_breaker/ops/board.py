@@ -7,6 +7,8 @@ backlog drains. ``web`` serves ``Board.view()`` as JSON.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -74,6 +76,7 @@ class Board:
         self.pause = interval
         """Seconds ``run`` waits between two readings: ``interval``, or ``PAUSE_PER_READ``
         times as long as the last reading took, if longer (a store of many breakers)."""
+        self._encoded: tuple[dict[str, Any], str, bytes] | None = None  # (view, its ETag, its JSON)
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopped = threading.Event()
@@ -82,6 +85,21 @@ class Board:
         """The latest view, JSON-ready (never changed once made: readers need no copy)."""
         with self._lock:
             return self._view
+
+    def encoded(self) -> tuple[str, bytes]:
+        """The latest view as JSON, and an ETag naming it: encoded once per view, however
+        many pages ask (40,000 breakers are 19 MB, ~0.2 s to encode), so an unchanged
+        view can be answered "304 Not Modified" without sending it again."""
+        with self._lock:
+            view, encoded = self._view, self._encoded
+        if encoded is not None and encoded[0] is view:
+            return encoded[1], encoded[2]
+        body = json.dumps(view).encode()
+        tag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        with self._lock:
+            if self._view is view:
+                self._encoded = (view, tag, body)
+        return tag, body
 
     def refresh(self, *, raising: bool = False) -> None:
         """Read the store once. A failure is kept for the page, or raised if ``raising``

@@ -255,7 +255,11 @@ class _Handler(BaseHTTPRequestHandler):
                    "img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")  # fmt: skip
             self._send(200, _page(self.site, nonce), "text/html; charset=utf-8", {"Content-Security-Policy": csp})
         elif path == "/api/breakers":
-            self._json(200, self.site.board.view())
+            tag, body = self.site.board.encoded()
+            if self.headers.get("If-None-Match") == tag:  # (the page has this view: nothing to send)
+                self._not_modified(tag)
+            else:
+                self._send(200, body, "application/json", {"ETag": tag})
         else:
             self._json(404, {"error": "not found"})
 
@@ -311,6 +315,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _json(self, status: int, body: Any) -> None:
         self._send(status, json.dumps(body).encode(), "application/json", {})
+
+    def _not_modified(self, tag: str) -> None:
+        """304: no body, so no Content-Length (it would have to be the view's)."""
+        self.send_response(304)
+        for name, value in {"ETag": tag, "Cache-Control": "no-store"}.items():
+            self.send_header(name, value)
+        self.end_headers()
 
     def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str]) -> None:
         self.send_response(status)
