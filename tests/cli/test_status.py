@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 
+import pytest
 from celery.bin.celery import celery as celery_main
 from click.testing import CliRunner
 
 from celery_breaker import CircuitOpenError
+from celery_breaker.clock import Clock
+from celery_breaker.core import BreakerSnapshot
 from celery_breaker.monitoring import collect_metrics
 from celery_breaker.ops.cli import EXIT_CONFIG, EXIT_UNAVAILABLE
 from celery_breaker.storage import flush_stores
@@ -129,3 +132,32 @@ def test_an_unreachable_store_is_one_line_naming_the_masked_url(redis_url: str) 
             assert len(result.stderr.strip().splitlines()) == 1
     finally:
         cliproj.use_store("memory://")
+
+
+def test_a_label_without_a_glob_is_looked_up_alone(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `status 'crm[tenant-7]'` listed every breaker in the store, then kept one: 6.3 s with
+    # 40,000 per-key breakers in Redis.
+    populate(store_url)
+    store = RedisStore.from_url(store_url)
+    store.parking.park("crm", "gone", "task-1:1", 1.0, "payload", None)  # (tasks parked, no state: listed too)
+    listings: list[RedisStore] = []
+    listing = RedisStore.snapshots
+
+    def counted(store: RedisStore, clock: Clock) -> list[BreakerSnapshot]:
+        listings.append(store)
+        return listing(store, clock)
+
+    monkeypatch.setattr(RedisStore, "snapshots", counted)
+    table = run("status", "crm[tenant-7]", "crm[gone]")
+    assert table.exit_code == 0, table.output
+    assert [line.split()[:3] for line in table.stdout.splitlines()[1:3]] == [
+        ["crm", "gone", "closed"], ["crm", "tenant-7", "closed"],
+    ]  # fmt: skip
+    rows = json.loads(run("status", "--json", "crm[gone]").stdout)
+    assert [(row["key"], row["parked"]) for row in rows] == [("gone", 1)]
+    assert listings == []
+    # A glob, a name alone, or a label not found: the store is listed, as before.
+    assert "crm[tenant-8]" in run("status", "crm[tenant-8]").stdout  # ("No breaker matches ... (N in ...)")
+    assert len(listings) == 1
+    assert run("status", "crm[tenant-*]").stdout.count("tenant-7") == 1
+    assert len(listings) == 2

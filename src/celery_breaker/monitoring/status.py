@@ -6,6 +6,7 @@ the ``celery breaker`` CLI and the Prometheus collector.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,21 +60,30 @@ def store_of(source: Any) -> Store:
     return app_store(source) if is_app(source) else resolve_store(source)
 
 
-def collect_metrics(source: Any, *, clock: Clock | None = None) -> list[BreakerStatus]:
+def collect_metrics(
+    source: Any, *, clock: Clock | None = None, only: Sequence[tuple[str, str | None]] | None = None
+) -> list[BreakerStatus]:
     """Every breaker ``source`` holds, sorted by name and key.
 
     ``source`` is a Celery app (its ``breaker_storage_url``), a store URL or a store. A
     ``memory://`` store holds only this process's breakers; a Redis store holds every
-    process's. Raises ``StorageError`` when the store cannot be read.
+    process's. ``only``: just these ``(name, key)`` breakers, each looked up alone
+    (``Store.find``) instead of listing the store. Raises ``StorageError`` when the
+    store cannot be read.
     """
     clock = clock or SYSTEM_CLOCK
     store = store_of(source)
-    snapshots = list(store.snapshots(clock))
+    wanted = None if only is None else list(dict.fromkeys(only))
+    if wanted is None:
+        snapshots = list(store.snapshots(clock))
+    else:
+        snapshots = [hit for ident in wanted if (hit := store.find(*ident, clock)) is not None]
     parking = store.parking
     if parking is None:
         rows = [BreakerStatus(snapshot) for snapshot in snapshots]
     else:
-        counts = parking.counts(parking.tags())  # (one round trip, however many)
+        # (one round trip, however many)
+        counts = parking.counts(parking.tags() if wanted is None else [parking.tag(*ident) for ident in wanted])
         tags = [parking.tag(snapshot.name, snapshot.key) for snapshot in snapshots]
         # Tasks parked behind a breaker whose state the store no longer holds (its idle
         # TTL ran out, an operator or a listing reset it): they are released as a new,
