@@ -51,6 +51,10 @@ class Guarded:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(self.max_connections)
+        # The connections holding a slot: each frees it once, whoever gets there first
+        # (its thread at its end, or ``process_request`` when starting it failed).
+        self._holding: set[int] = set()
+        self._holding_lock = threading.Lock()
         super().__init__(*args, **kwargs)
 
     def get_request(self) -> Any:
@@ -67,10 +71,16 @@ class Guarded:
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)  # type: ignore[attr-defined]  # (as many as it serves: closed at once)
             return
+        with self._holding_lock:
+            self._holding.add(id(request))
         try:
             super().process_request(request, client_address)  # type: ignore[misc]
         except BaseException:
-            self._slots.release()  # (no thread started: nothing will release it)
+            # No thread started, or one started as Ctrl-C landed in ``Thread.start``: freed
+            # here or by that thread, once. (Freed twice, the semaphore's ValueError replaced
+            # the KeyboardInterrupt, which socketserver then logged and served on: the
+            # command outlived Ctrl-C.)
+            self._free(request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -78,7 +88,15 @@ class Guarded:
         try:
             super().process_request_thread(request, client_address)  # type: ignore[misc]
         finally:
-            self._slots.release()
+            self._free(request)
+
+    def _free(self, request: Any) -> None:
+        """Free ``request``'s slot, unless it was freed already."""
+        with self._holding_lock:
+            if id(request) not in self._holding:
+                return
+            self._holding.discard(id(request))
+        self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that went quiet (the handler's timeout) or away is no error of ours."""
