@@ -13,6 +13,7 @@ from celery.bin.celery import celery as celery_main
 from click.testing import CliRunner, Result
 
 from celery_breaker import CircuitBreaker
+from celery_breaker.clock import Clock
 from celery_breaker.core import BreakerSnapshot
 from celery_breaker.storage import flush_stores
 from celery_breaker.storage.redis import RedisStore
@@ -30,6 +31,20 @@ def store_url(redis_url: str) -> Iterator[str]:
     cliproj.use_store(url)
     yield url
     cliproj.use_store("memory://")
+
+
+@pytest.fixture
+def listings(monkeypatch: pytest.MonkeyPatch) -> list[RedisStore]:
+    """Every Redis store listed whole (``RedisStore.snapshots``) from here on, in order."""
+    listed: list[RedisStore] = []
+    listing = RedisStore.snapshots
+
+    def counted(store: RedisStore, clock: Clock) -> list[BreakerSnapshot]:
+        listed.append(store)
+        return listing(store, clock)
+
+    monkeypatch.setattr(RedisStore, "snapshots", counted)
+    return listed
 
 
 def run(*args: str) -> Result:

@@ -7,8 +7,6 @@ import json
 import pytest
 
 from celery_breaker import CircuitOpenError, ConfigurationError, State
-from celery_breaker.clock import Clock
-from celery_breaker.core import BreakerSnapshot
 from celery_breaker.errors import BreakerKeyError
 from celery_breaker.labels import visible
 from celery_breaker.names import kept_key
@@ -396,20 +394,12 @@ def test_a_key_too_long_to_keep_is_operated_as_its_breaker_keeps_it(store_url: s
     assert run("status", "--json").stdout.count('"name"') == 1  # (nothing under the raw key)
 
 
-def test_acting_on_one_breaker_reads_that_breaker_alone(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_acting_on_one_breaker_reads_that_breaker_alone(store_url: str, listings: list[RedisStore]) -> None:
     # Each action listed every breaker in the store to find the one it named: with 40,000
     # per-key breakers in Redis, `open crm[tenant-7]` took 6 s, `close` 9 s, and a
     # `celery control breaker_open` kept the worker's main process busy for 20 s (no reply in time).
     for tenant in ("tenant-1", "tenant-2"):
         breaker(store_url, "crm", key=tenant, policy=cliproj.CRM_POLICY).call(lambda: None)
-    listings: list[RedisStore] = []
-    listing = RedisStore.snapshots
-
-    def counted(store: RedisStore, clock: Clock) -> list[BreakerSnapshot]:
-        listings.append(store)
-        return listing(store, clock)
-
-    monkeypatch.setattr(RedisStore, "snapshots", counted)
     for args in (("open", "crm[tenant-1]"), ("close", "crm[tenant-1]", "--yes"), ("reset", "partner-api"),
                  ("delete", "crm[tenant-2]", "--yes"), ("open", "crm", "--key", "tenant-3", "--create")):  # fmt: skip
         result = run(*args)
