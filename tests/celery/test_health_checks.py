@@ -161,7 +161,8 @@ def test_a_task_named_by_its_dotted_path_is_checked_by_its_body_not_through_its_
 
 def test_a_probe_defined_as_a_method_of_a_task_class_gets_self() -> None:
     # As breaker_key and breaker_fallback methods are. Taken from the class, it was called
-    # without self: every check failed (TypeError) and the breaker never closed.
+    # without self: every check failed (TypeError) and the breaker never closed. (Its own
+    # breaker name: a shared task of another test module may use "crm" in this app.)
     app = throwaway_app("probe-method")
     seen: list[str] = []
 
@@ -169,11 +170,11 @@ def test_a_probe_defined_as_a_method_of_a_task_class_gets_self() -> None:
         def breaker_probe(self) -> None:
             seen.append(self.name)
 
-    @app.task(base=CrmTask, breaker="crm", shared=False, name="pm.sync")
+    @app.task(base=CrmTask, breaker="crm-method", shared=False, name="pm.sync")
     def sync() -> None:
         """A task checked by its class's method."""
 
-    @app.task(base=CrmTask, breaker="crm", shared=False, name="pm.push")
+    @app.task(base=CrmTask, breaker="crm-method", shared=False, name="pm.push")
     def push() -> None:
         """Another, sharing the breaker and the method."""
 
