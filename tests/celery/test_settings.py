@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import ssl
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,9 +21,11 @@ from celery_breaker import BreakerTask, CircuitOpenError, ConfigurationError, St
 from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.core.pacing import START_RATE
 from celery_breaker.health import HealthCheck
+from celery_breaker.integration.deferral.release import Releaser
 from celery_breaker.integration.inventory import check_app
 from celery_breaker.integration.settings import build_settings, get_settings, reload_settings
 from celery_breaker.integration.task_options import task_breaker_config
+from celery_breaker.integration.worker import ReleaserStep
 from celery_breaker.storage import store_from_url
 
 
@@ -763,6 +766,15 @@ def test_breaker_park_true_needs_a_redis_store() -> None:
     app.conf.update(breaker_storage_url="memory://", breaker_park=True)
     with pytest.raises(ConfigurationError, match="breaker_park=True needs a Redis breaker_storage_url"):
         build_settings(app.conf)
+
+
+def test_a_worker_that_does_not_park_still_releases_what_others_parked() -> None:
+    # Tasks parked before a change to breaker_park=False, or by a worker beside this one,
+    # have no other way out of the store.
+    app = Celery("park-false", set_as_current=False, broker="memory://")
+    app.conf.update(breaker_storage_url="redis://127.0.0.1:1/0", breaker_park=False)
+    worker = SimpleNamespace(app=app)
+    assert isinstance(ReleaserStep(worker).create(worker), Releaser)
 
 
 @pytest.mark.parametrize(

@@ -149,9 +149,9 @@ class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
     requires = ("celery.worker.components:Pool",)
 
     def create(self, worker: Any) -> Releaser | None:
+        # Run even under breaker_park=False: tasks parked by workers that did park (before a
+        # change of settings, or beside this one) are released by no one else.
         settings = get_settings(worker.app)
-        if settings.park is False:
-            return None
         parking = resolve_store(settings.storage_url).parking
         if parking is None:
             return None
@@ -166,7 +166,7 @@ class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 "celery-breaker: parking deferred tasks in %s; releasing them %s",
                 describe_url(settings.storage_url), pace,
             )  # fmt: skip
-        else:  # (RabbitMQ, breaker_park="auto": tasks wait in the broker; other workers may park)
+        else:  # (breaker_park=False, or "auto" on RabbitMQ: tasks wait in the broker; other workers may park)
             logger.info(
                 "celery-breaker: releasing any tasks parked in %s %s (this worker defers in the broker)",
                 describe_url(settings.storage_url), pace,
