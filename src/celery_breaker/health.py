@@ -14,21 +14,56 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import inspect
 import math
 import threading
-from collections.abc import Awaitable, Callable
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, cast
 
 from .core import State
 from .errors import ConfigurationError
 
-__all__ = ["DEFAULT_PROBE_TIMEOUT", "CheckResult", "HealthCheck", "HealthState", "ProbeTimeout", "check_timeout"]
+__all__ = [
+    "DEFAULT_PROBE_TIMEOUT",
+    "CheckAbandoned",
+    "CheckResult",
+    "HealthCheck",
+    "HealthState",
+    "ProbeTimeout",
+    "abandon_checks_on",
+    "check_timeout",
+]
 
 #: Seconds a health check may take before it counts as failed.
 DEFAULT_PROBE_TIMEOUT = 10.0
+#: Seconds between two looks at the abandon event while a check runs (``abandon_checks_on``).
+_ABANDON_POLL = 0.1
+
+#: Set by ``abandon_checks_on`` in the thread that waits for checks (the worker's releaser).
+_ABANDON_ON: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "celery_breaker_abandon_checks_on", default=None
+)
+
+
+class CheckAbandoned(Exception):
+    """The caller stopped waiting for a health check (its worker is shutting down): no
+    verdict, and the check's probe slot is freed at once (``CircuitBreaker._no_verdict``)."""
+
+
+@contextlib.contextmanager
+def abandon_checks_on(event: threading.Event) -> Iterator[None]:
+    """In this block, a sync check still running when ``event`` is set raises
+    ``CheckAbandoned`` in its caller: a releaser that stops mid-check frees the check's
+    probe slot instead of holding it until ``half_open_max_wait`` after its worker left."""
+    token = _ABANDON_ON.set(event)
+    try:
+        yield
+    finally:
+        _ABANDON_ON.reset(token)
 
 
 class ProbeTimeout(TimeoutError):
@@ -137,7 +172,7 @@ class HealthCheck:
 
         thread = threading.Thread(target=target, name=f"celery-breaker probe {self.name}", daemon=True)
         thread.start()
-        thread.join(limit)
+        _wait_for(thread, limit)
         if outcome:
             return outcome[0]
         return CheckResult(False, ProbeTimeout(f"health check {self.name} did not answer within {limit:g} s"))
@@ -181,6 +216,20 @@ class HealthCheck:
 
         threading.Thread(target=wait_for_check, name=f"celery-breaker probe {self.name} waiter", daemon=True).start()
         return await answered
+
+
+def _wait_for(thread: threading.Thread, limit: float) -> None:
+    """Join ``thread`` for at most ``limit`` seconds; raise ``CheckAbandoned`` if the
+    caller's abandon event (``abandon_checks_on``) is set first."""
+    abandon = _ABANDON_ON.get()
+    if abandon is None:
+        thread.join(limit)
+        return
+    deadline = time.monotonic() + limit
+    while thread.is_alive() and (left := deadline - time.monotonic()) > 0:
+        if abandon.is_set():
+            raise CheckAbandoned("the releaser stopped while the health check ran")
+        thread.join(min(left, _ABANDON_POLL))
 
 
 def _settle(future: asyncio.Future[CheckResult], result: CheckResult | BaseException) -> None:

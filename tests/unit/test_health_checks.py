@@ -17,7 +17,14 @@ import pytest
 import celery_breaker.breaker as breaker_module
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
 from celery_breaker.core import BreakerMachine, Outcome, Probe
-from celery_breaker.health import DEFAULT_PROBE_TIMEOUT, CheckResult, HealthCheck, ProbeTimeout
+from celery_breaker.health import (
+    DEFAULT_PROBE_TIMEOUT,
+    CheckAbandoned,
+    CheckResult,
+    HealthCheck,
+    ProbeTimeout,
+    abandon_checks_on,
+)
 from celery_breaker.testing import FakeClock, fresh_store
 
 from .support import fail, state_of
@@ -539,6 +546,40 @@ def test_a_caller_cancelled_during_its_check_frees_the_probe_slot_at_once(clock:
         return await _guarded(breaker, form)  # the slot is free: this call checks, closes, runs
 
     assert asyncio.run(main()) == "real"
+
+
+def test_a_releaser_stopping_during_its_check_frees_the_probe_slot_at_once(clock: FakeClock) -> None:
+    # A worker's releaser runs the checks of breakers whose tasks are parked: stopped (warm
+    # shutdown) mid-check, it held the slot until half_open_max_wait after its worker left,
+    # and the next worker's releaser waited that long (50 s measured) to check again.
+    started, release, stop = threading.Event(), threading.Event(), threading.Event()
+    hang = True
+
+    def check() -> None:
+        if hang:
+            started.set()
+            release.wait()
+
+    breaker = breaker_with(check, clock, success_threshold=1, half_open_max_calls=1)
+    fail(breaker)
+    clock.advance(10)
+
+    def stop_once_started() -> None:
+        started.wait(5)
+        stop.set()
+
+    stopper = threading.Thread(target=stop_once_started)
+    stopper.start()
+    try:
+        with abandon_checks_on(stop), pytest.raises(CheckAbandoned):
+            breaker.check_health()
+    finally:
+        release.set()
+        stopper.join()
+    snap = breaker.snapshot()
+    assert (snap.state, snap.probes_in_flight) == (State.HALF_OPEN, 0)
+    hang = False
+    assert breaker.check_health().state is State.CLOSED  # the slot is free: the next check closes it
 
 
 def test_a_check_that_cancels_itself_is_a_failed_check_not_a_cancelled_caller(clock: FakeClock) -> None:

@@ -30,6 +30,7 @@ from kombu.serialization import prepare_accept_content
 
 from ...core.pacing import PacingLaw
 from ...errors import StorageError
+from ...health import CheckAbandoned, abandon_checks_on
 from ...labels import shown_label
 from ...storage import Parking
 from .health_gate import HealthGate
@@ -120,6 +121,10 @@ class Releaser(threading.Thread):
     terminate = stop  # (the worker's bootstep calls either)
 
     def run(self) -> None:
+        with abandon_checks_on(self._stop_event):  # (a check running at shutdown frees its probe slot)
+            self._loop()
+
+    def _loop(self) -> None:
         while not self._stop_event.wait(self.tick):
             try:
                 now = time.monotonic()
@@ -151,6 +156,8 @@ class Releaser(threading.Thread):
                 break
             try:
                 published += self._release_tag(tag, most)
+            except CheckAbandoned:
+                break  # (stopping: the check's slot is freed, nothing of this breaker was claimed)
             except Exception as exc:  # (one breaker's trouble, whatever it is, stops no other's)
                 self._tag_failed(tag, exc)
             else:
