@@ -191,6 +191,16 @@ def hidden_arguments_task(self: Any, card: str, token: str = "") -> dict[str, An
     return {**report(self), "argsrepr": request.argsrepr, "kwargsrepr": request.kwargsrepr}
 
 
+@shared_task(base=BreakerTask, bind=True, breaker="t-as-sent")
+def as_sent_task(self: Any) -> dict[str, Any]:
+    """Reports what its message said besides its arguments: its compression and its lineage."""
+    request = self.request
+    return {
+        **report(self), "compression": getattr(request, "compression", None), "parent_id": request.parent_id,
+        "root_id": request.root_id,
+    }  # fmt: skip
+
+
 class JitterRetry(Task):  # type: ignore[misc]
     """A retry of its own: the MRO's next ``retry`` after ``BreakerTask``'s."""
 

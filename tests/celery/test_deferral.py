@@ -333,6 +333,19 @@ def test_arguments_hidden_by_argsrepr_stay_hidden_after_a_deferral(app: Any, ope
     assert (value["argsrepr"], value["kwargsrepr"]) == ("('****',)", "{'token': '***'}")
 
 
+def test_a_deferred_task_keeps_the_compression_it_was_sent_with(app: Any, operate: Operate) -> None:
+    # Celery's signature_from_request leaves the compression out: the deferred copy of a
+    # task sent with compression="gzip" went out uncompressed, megabytes larger.
+    breaker = operate(tasks.as_sent_task.breaker)
+    breaker.force_open()
+    result = tasks.as_sent_task.apply_async(compression="gzip")
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    breaker.close()
+    value = get(result)
+    assert value["deferrals"] >= 1
+    assert value["compression"] == "application/x-gzip"
+
+
 def test_a_bare_self_retry_in_a_direct_call_does_not_count_its_callers_exception(operate: Operate) -> None:
     # Called directly from the caller's own except clause: the exception being handled
     # there is not the task's, and must not count against its breaker.

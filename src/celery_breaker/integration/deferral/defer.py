@@ -88,7 +88,7 @@ def defer(
     deferral = Deferral(
         task=task, breaker=breaker, rejected=rejected, state=state, args=args, kwargs=kwargs, headers=headers,
         plan=plan, expires_in=expires_in, max_defer_age=config.max_defer_age, now=now,
-        options=_reprs(request, args, kwargs),
+        options=_unsent_options(request, args, kwargs),
     )  # fmt: skip
     strategy, delay = _deliver(deferral, deferral_strategies(task.app))
     if not rejected.name or (rejected.name, rejected.key) == (breaker.name, breaker.key):
@@ -127,7 +127,7 @@ def refreshed(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Retry
     if not isinstance(countdown, CountdownRepublish):
         countdown = CountdownRepublish()
     signature = task.signature_from_request(
-        request, args, kwargs, headers=kept, **_reprs(request, args, kwargs), **countdown.route(task)
+        request, args, kwargs, headers=kept, **_unsent_options(request, args, kwargs), **countdown.route(task)
     )
     try:
         countdown.send(task, signature)
@@ -143,13 +143,22 @@ def refreshed(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Retry
     return Retry(message=text, when=0)
 
 
-def _reprs(request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The ``argsrepr`` and ``kwargsrepr`` the task was sent with, for its deferral:
-    Celery's ``signature_from_request`` leaves them out, and the copy showed the real
-    arguments in the worker's events and logs (Flower) where the sender had hidden them
+def _unsent_options(request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The options the task was sent with that Celery's ``signature_from_request`` leaves
+    out, for its deferral.
+
+    Its ``compression`` (``apply_async(compression="gzip")``): the copy went out in
+    ``task_compression`` (none by default), its arguments megabytes larger in the broker
+    and in the parking than the sender had made them.
+
+    Its ``argsrepr`` and ``kwargsrepr``: the copy showed the real arguments in the
+    worker's events and logs (Flower) where the sender had hidden them
     (``apply_async(argsrepr="('****',)")``). Only while the arguments are the ones they
     stand for: a ``self.retry(args=...)`` deferred instead gets reprs of its own."""
     found: dict[str, Any] = {}
+    compression = getattr(request, "compression", None)  # (its content type: kombu takes it as a name)
+    if isinstance(compression, str) and compression:
+        found["compression"] = compression
     for option, given, sent in (("argsrepr", args, request.args), ("kwargsrepr", kwargs, request.kwargs)):
         text = getattr(request, option, None)
         if isinstance(text, str) and _same(given, sent):

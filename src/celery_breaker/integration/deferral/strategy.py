@@ -54,7 +54,7 @@ class Deferral:
     """Epoch seconds when the deferral was planned."""
     options: dict[str, Any] = field(default_factory=dict)
     """Publishing options of the delivery that ``signature_from_request`` does not carry
-    (``argsrepr``, ``kwargsrepr``): every strategy passes them to it."""
+    (``compression``, ``argsrepr``, ``kwargsrepr``): every strategy passes them to it."""
 
 
 class DeferralStrategy(Protocol):
