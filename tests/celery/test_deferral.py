@@ -346,6 +346,18 @@ def test_a_deferred_task_keeps_the_compression_it_was_sent_with(app: Any, operat
     assert value["compression"] == "application/x-gzip"
 
 
+def test_a_deferred_task_sent_from_no_task_is_not_made_its_own_child(app: Any, operate: Operate) -> None:
+    # Published from the rejected run, the copy took that run's id for its missing
+    # parent_id (Celery's send_task): the task came back as its own child.
+    breaker = operate(tasks.as_sent_task.breaker)
+    breaker.force_open()
+    result = tasks.as_sent_task.apply_async()
+    wait_for(lambda: breaker.snapshot().deferrals >= 2, "two deferrals")
+    breaker.close()
+    value = get(result)
+    assert (value["parent_id"], value["root_id"]) == (None, result.id)
+
+
 def test_a_bare_self_retry_in_a_direct_call_does_not_count_its_callers_exception(operate: Operate) -> None:
     # Called directly from the caller's own except clause: the exception being handled
     # there is not the task's, and must not count against its breaker.

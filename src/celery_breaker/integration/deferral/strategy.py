@@ -10,7 +10,8 @@ is one module here that implements ``DeferralStrategy`` plus one line in ``selec
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -131,5 +132,27 @@ def in_a_serializer(task: Any, attempt: Callable[[str], T]) -> T:
 
 
 def publish(task: Any, signature: Any, **options: Any) -> None:
-    """``signature.apply_async(**options)`` in a serializer that encodes it (``in_a_serializer``)."""
-    in_a_serializer(task, lambda name: signature.apply_async(serializer=name, **options))
+    """``signature.apply_async(**options)`` in a serializer that encodes it
+    (``in_a_serializer``), from no parent task when the run had none (``_as_its_own_sender``)."""
+    with _as_its_own_sender(task, signature):
+        in_a_serializer(task, lambda name: signature.apply_async(serializer=name, **options))
+
+
+@contextlib.contextmanager
+def _as_its_own_sender(task: Any, signature: Any) -> Iterator[None]:
+    """While the copy of a run that has no parent task is published from that run: a
+    request of no task on top of it, the one Celery reads as the sender.
+
+    Celery fills in a message's missing ``parent_id`` with the id of the task running
+    where it is sent (``Celery.send_task``), so a task its caller sent from outside any
+    task came back from a countdown or broker-delay deferral as its own child
+    (``request.parent_id`` its own id), and the copy's result was added to the run's own
+    children. A parked run, published by the releaser thread, kept ``None``."""
+    if signature.options.get("parent_id") is not None:
+        yield  # (a child keeps the parent it names)
+        return
+    task.push_request(called_directly=False, id=None, root_id=None, delivery_info=task.request.delivery_info or {})
+    try:
+        yield
+    finally:
+        task.pop_request()
