@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import logging
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from celery import Celery
+from celery.signals import task_received
 from kombu import entity
 
+import celery_breaker.integration.worker  # noqa: F401  (connects the worker's task_received handlers)
 from celery_breaker.integration.deferral.broker_delay import (
+    DELAY_EXCHANGE,
     DELIVERY_EXCHANGE,
     LEGACY_DELIVERY_EXCHANGE,
     QUEUE_KEY,
@@ -174,3 +178,33 @@ def test_a_run_whose_queue_cannot_be_told_is_warned_about_once_a_minute(caplog: 
     assert len(lines) == 1
     assert "through exchange 'events' with routing key 'a.b' is deferred by countdown, so it goes" in lines[0]
     assert "declare the queue in task_queues" in lines[0]
+
+
+def test_a_run_back_from_broker_delay_sees_no_dead_lettering_headers_of_the_delay_levels() -> None:
+    # RabbitMQ writes x-death and x-first-death-* when a delay level dead-letters a run;
+    # the run saw them in self.request.headers beside its caller's (seen on a real
+    # RabbitMQ: a traceparent header, then x-death naming celery_breaker_delayed_0).
+    ours = {
+        "count": 1,
+        "reason": "expired",
+        "queue": "celery_breaker_delayed_0",
+        "exchange": "celery_breaker_delayed_27",
+    }
+    theirs = {"count": 1, "reason": "rejected", "queue": "orders", "exchange": ""}
+    sent = {"traceparent": "00-abc-def-01", "x-breaker-deferrals": 1}
+    request = SimpleNamespace(
+        request_dict={
+            **sent, "x-death": [ours, theirs], "x-first-death-exchange": DELAY_EXCHANGE,
+            "x-first-death-queue": "celery_breaker_delayed_0", "x-first-death-reason": "expired",
+            "x-last-death-exchange": "", "x-last-death-queue": "orders", "x-last-death-reason": "rejected",
+        },
+        delivery_info={},
+    )  # fmt: skip
+    task_received.send(sender=None, request=request)
+    assert request.request_dict == {
+        **sent, "x-death": [theirs], "x-last-death-exchange": "", "x-last-death-queue": "orders",
+        "x-last-death-reason": "rejected",
+    }  # fmt: skip
+    only_ours = SimpleNamespace(request_dict={**sent, "x-death": [ours]}, delivery_info={})
+    task_received.send(sender=None, request=only_ours)
+    assert only_ours.request_dict == sent

@@ -52,8 +52,9 @@ from .throttle import Throttle
 
 __all__ = [
     "CONFIRM_TIMEOUT", "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "LEGACY_DELIVERY_EXCHANGE", "QUEUE_KEY",
-    "ROUTING_EXCHANGE", "UNROUTABLE", "BrokerDelay", "destination_queue", "discard", "ensure_topology", "level_name",
-    "note_delivery_queue", "queue_binding", "queue_token", "timed_out", "topic_matches", "unroutable_count",
+    "ROUTING_EXCHANGE", "UNROUTABLE", "BrokerDelay", "destination_queue", "discard", "ensure_topology",
+    "forget_delay_deaths", "level_name", "note_delivery_queue", "queue_binding", "queue_token", "timed_out",
+    "topic_matches", "unroutable_count",
 ]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
@@ -110,6 +111,36 @@ def note_delivery_queue(sender: Any = None, request: Any = None, **_: Any) -> No
         if active == tag:
             request.delivery_info[QUEUE_KEY] = queue
             return
+
+
+#: A level of the delay topology, as RabbitMQ names it in the dead-lettering headers.
+_LEVEL_QUEUE = re.compile(r"celery_breaker_delayed_[0-9]+")
+
+
+def _a_level(queue: Any) -> bool:
+    return isinstance(queue, str) and _LEVEL_QUEUE.fullmatch(queue) is not None
+
+
+def forget_delay_deaths(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """``task_received`` (the worker's main process): take out of the run's headers what
+    RabbitMQ wrote when a level of the delay topology dead-lettered it (``x-death``
+    entries, ``x-first-death-*``, ``x-last-death-*``): a run that came back from
+    broker-delay saw them in ``self.request.headers``, beside what its caller sent.
+    Entries of other dead-lettering (the app's own) are kept."""
+    headers = getattr(request, "request_dict", None)  # (what the pool builds the run's request from)
+    if not isinstance(headers, dict):
+        return
+    deaths = headers.get("x-death")
+    if isinstance(deaths, list):
+        kept = [death for death in deaths if not (isinstance(death, dict) and _a_level(death.get("queue")))]
+        if kept:
+            headers["x-death"] = kept
+        else:
+            del headers["x-death"]
+    for which in ("first", "last"):
+        if _a_level(headers.get(f"x-{which}-death-queue")):
+            for part in ("exchange", "queue", "reason"):
+                headers.pop(f"x-{which}-death-{part}", None)
 
 
 def queue_token(queue: str) -> str:
