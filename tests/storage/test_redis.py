@@ -113,7 +113,9 @@ def test_the_longest_idle_ttl_keeps_an_open_breaker(redis_url: str) -> None:
         breaker.call(lambda: 1 / 0)
     assert breaker.state is State.OPEN
     client = redis.Redis.from_url(redis_url)
-    lifetimes = [client.pttl(key) for key in client.scan_iter(f"*{prefix}*")]
+    # (Its own keys only: ``{P:N}:s`` and the like. ``*P*`` also matched other tests'
+    # prefixes that start with this one, t123-1 in t123-12, and their shorter lifetimes.)
+    lifetimes = [client.pttl(key) for key in client.scan_iter(f"{{{prefix}:*")]
     assert lifetimes
     assert all(ms > 315_360_000_000 for ms in lifetimes)
 
