@@ -122,7 +122,9 @@ class LimitedDownstream:
     ``Retry-After: 1`` (and is not counted); below it, a 200 after ``BASE_S``, slower
     from ``slow_from`` of the capacity on, rising linearly to ``BASE_S + SLOW_S`` at the
     capacity (a service queueing as it saturates). ``capacity=None``: no limit, always
-    fast. ``requests()`` is every answer, in order: (epoch seconds, ``ok``/``429``/``503``, delay).
+    fast. ``refuse_for(seconds)``: every request gets ``429`` for that long (a burst of
+    refusals, e.g. another client's spike filling a shared limit). ``requests()`` is
+    every answer, in order: (epoch seconds, ``ok``/``429``/``503``, delay).
     """
 
     BASE_S = 0.003
@@ -133,6 +135,7 @@ class LimitedDownstream:
         self.slow_from = slow_from
         self._lock = threading.Lock()
         self._down = False
+        self._refusing_until = 0.0
         self._window: deque[float] = deque()
         self._log: list[tuple[float, str, float]] = []
         self._stopping = threading.Event()
@@ -151,6 +154,11 @@ class LimitedDownstream:
         with self._lock:
             self._down = down
 
+    def refuse_for(self, seconds: float) -> None:
+        """Answer every request ``429`` for the next ``seconds``."""
+        with self._lock:
+            self._refusing_until = time.monotonic() + seconds
+
     def requests(self) -> list[tuple[float, str, float]]:
         with self._lock:
             return list(self._log)
@@ -163,7 +171,7 @@ class LimitedDownstream:
                 self._window.popleft()
             if self._down:
                 answer, delay = "503", 0.0
-            elif self.capacity is not None and len(self._window) >= self.capacity:
+            elif now < self._refusing_until or (self.capacity is not None and len(self._window) >= self.capacity):
                 answer, delay = "429", 0.0
             else:
                 self._window.append(now)

@@ -27,6 +27,7 @@ breaker closed, nothing parked).
 
     python bench/recovery.py                 # N = 3000, C = 150/s: ~4 minutes
     python bench/recovery.py --quick         # N = 600, C = 60/s, capacity runs only: a CI smoke run
+    python bench/recovery.py --burst 0.5     # no limit, but every call refused for 0.5 s at the close
     python bench/recovery.py --json out.json # then: python bench/recovery.py --plot out.json
 """
 
@@ -147,6 +148,7 @@ class Case:
     capacity: float | None  # the downstream's C (None: no limit)
     tasks: int  # N, parked by the outage
     slow_from: float = 0.85  # the share of C from which the downstream slows (1: it answers 429 without warning)
+    burst: float = 0.0  # seconds after the breaker closed in which the downstream answers every call 429
 
 
 @dataclass
@@ -297,6 +299,8 @@ def run(case: Case, server: Any, log_dir: Path) -> Run:
         downstream.down(False)
 
         wait_for(lambda: state() == "closed", 120, "the breaker to close", started, log_dir)
+        if case.burst:
+            downstream.refuse_for(case.burst)
         result.closed_at = time.time()
         r = row()
         result.trips_at_close = r.snapshot.trips if r is not None else 0
@@ -422,6 +426,13 @@ def main() -> None:
         default=0.85,
         help="with --capacity: the share of C from which the downstream slows down (1: none, only 429s)",
     )
+    parser.add_argument(
+        "--burst",
+        type=float,
+        default=None,
+        help="run fixed and adaptive against a downstream (of --capacity, else with no limit) that answers every "
+        "call 429 for this many seconds once the breaker has closed: a moment's refusal, not its capacity",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every series here")
     parser.add_argument("--plot", type=Path, default=None, help="draw a --json file into docs/img/recovery.png")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "recovery.png")
@@ -440,6 +451,13 @@ def main() -> None:
         c, n, slow = options.capacity, options.tasks, options.slow_from
         zone = "" if slow == 0.85 else (", no slow zone" if slow == 1 else f", slow from {slow:g} C")
         cases = [Case(f"C={c:g}/s{zone}, {pace}", pace, c, n, slow) for pace in ("fixed", "adaptive")]
+    if options.burst is not None:
+        if not 0 < options.burst <= 60 or options.tasks <= 0:
+            parser.error("--burst must be in (0, 60] seconds, --tasks > 0")
+        c, b = options.capacity, options.burst
+        where = "no limit" if c is None else f"C={c:g}/s"
+        cases = [Case(f"{where}, 429s for {b:g} s, {pace}", pace, c, options.tasks, options.slow_from, b)
+                 for pace in ("fixed", "adaptive")]  # fmt: skip
     if options.only:
         cases = [case for case in cases if options.only in case.name]
     began = time.monotonic()

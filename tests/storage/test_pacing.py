@@ -62,7 +62,8 @@ def counts(client: redis.Redis, state_key: str) -> Outcomes:
 def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -> None:
     """Random clock steps and breaker counts (successes, failures, slow calls, refusals
     and their waits, new generations), the same for both: the same releases, and the
-    same pace stored."""
+    same pace stored. Then a refusal and a long run of successes: the limit it set creeps,
+    then is dropped (the plateau), in both alike."""
     clock = FakeClock()
     tag = park(store, 20_000)
     CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)  # a CLOSED breaker's state hash
@@ -71,8 +72,42 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     law = PacingLaw(ceiling=400.0)  # (the defaults)
     rng = random.Random(16)
     pace: Pace | None = None
-    limited = owing = eased = False
-    for step in range(400):
+    seen = {"thresholded": False, "limited": False, "owing": False, "eased": False, "plateau": False, "dropped": False}
+
+    def step(name: str) -> None:
+        nonlocal pace
+        outcomes = counts(client, state_key)
+        before = pace
+        pace = advance(law, pace, outcomes, clock.monotonic())
+        expected = allowed(pace)
+        pace = took(pace, expected)
+        assert release(store, clock.monotonic(), law=law) == expected, name
+        found = stored(store)
+        assert float(found["rate"]) == pace.rate, name
+        assert (float(found["thr"]) if found["thr"] else None) == pace.threshold, name
+        assert float(found["a_tokens"]) == pytest.approx(pace.tokens, abs=1e-9), name
+        assert int(found["used"]) == pace.used
+        assert int(found["infl"]) == pace.in_flight
+        assert (float(found["cut"]) if found["cut"] else None) == pace.cut_at, name
+        assert (float(found["lim"]) if found["lim"] else None) == pace.limit, name
+        assert int(found["owe"]) == pace.owed, name
+        assert (float(found["sut"]) if found["sut"] else None) == pace.settle_until, name
+        assert (float(found["csh"]) if found["csh"] else None) == pace.cut_share, name
+        assert int(found["alm"]) == pace.at_limit, name
+        seen["eased"] = seen["eased"] or (
+            before is not None and before.cut_share is not None and pace.cut_at == before.cut_at
+            and pace.cut_share is not None and pace.cut_share < before.cut_share
+        )  # fmt: skip
+        seen["thresholded"] = seen["thresholded"] or pace.threshold is not None
+        seen["limited"] = seen["limited"] or pace.limit is not None
+        seen["owing"] = seen["owing"] or pace.owed > 0
+        seen["plateau"] = seen["plateau"] or pace.at_limit > law.plateau
+        seen["dropped"] = seen["dropped"] or (
+            before is not None and before.generation == pace.generation and before.limit is not None
+            and pace.limit is None
+        )  # fmt: skip
+
+    for i in range(400):
         clock.advance(rng.choice((0.05, 0.2, 0.25, 0.5, 1.0, 1.7)))
         kind = rng.random()
         if kind < 0.03:
@@ -87,34 +122,17 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
             client.hset(state_key, "rh", repr(clock.monotonic() + rng.choice((0.1, 0.5, 1.0, 2.0))))
         # (outcomes lag the releases at times: tasks in flight, owed after a cut)
         client.hincrby(state_key, "ok", rng.randint(0, 60) if rng.random() < 0.6 else rng.randint(0, 3))
-        outcomes = counts(client, state_key)
-        before = pace
-        pace = advance(law, pace, outcomes, clock.monotonic())
-        expected = allowed(pace)
-        pace = took(pace, expected)
-        assert release(store, clock.monotonic(), law=law) == expected, f"step {step}"
-        found = stored(store)
-        assert float(found["rate"]) == pace.rate, f"step {step}"
-        assert (float(found["thr"]) if found["thr"] else None) == pace.threshold, f"step {step}"
-        assert float(found["a_tokens"]) == pytest.approx(pace.tokens, abs=1e-9), f"step {step}"
-        assert int(found["used"]) == pace.used
-        assert int(found["infl"]) == pace.in_flight
-        assert (float(found["cut"]) if found["cut"] else None) == pace.cut_at, f"step {step}"
-        assert (float(found["lim"]) if found["lim"] else None) == pace.limit, f"step {step}"
-        assert int(found["owe"]) == pace.owed, f"step {step}"
-        assert (float(found["sut"]) if found["sut"] else None) == pace.settle_until, f"step {step}"
-        assert (float(found["csh"]) if found["csh"] else None) == pace.cut_share, f"step {step}"
-        eased = eased or (
-            before is not None and before.cut_share is not None and pace.cut_at == before.cut_at
-            and pace.cut_share is not None and pace.cut_share < before.cut_share
-        )  # fmt: skip
-        limited = limited or pace.limit is not None
-        owing = owing or pace.owed > 0
-    assert pace is not None
-    assert pace.threshold is not None
-    assert limited  # (a refusal's limit was set, and compared, along the way)
-    assert owing  # (and a cut owed outcomes of tasks in flight)
-    assert eased  # (and bad news better than the cut's was judged)
+        step(f"step {i}")
+    client.hincrby(state_key, "rf", 1)
+    client.hincrby(state_key, "ko", 1)
+    for i in range(80):  # every task released comes back a success at once
+        clock.advance(0.5)
+        assert pace is not None
+        client.hincrby(state_key, "ok", pace.used + pace.in_flight)
+        step(f"success {i}")
+        if seen["dropped"]:
+            break
+    assert all(seen.values()), seen  # (each part of the law was met, and compared, along the way)
 
 
 def test_two_workers_share_one_pace(store: RedisStore, redis_url: str) -> None:
@@ -239,6 +257,7 @@ def test_an_unreadable_pace_restarts_with_one_warning(
         ("owe", "-1"),
         ("sut", "1e300"),
         ("csh", "nan"),
+        ("alm", "-1"),
     ):
         client.hset(tag + ":p", field, bad)
         caplog.clear()
@@ -361,22 +380,26 @@ def test_the_fixed_pace_ignores_the_adaptive_fields_and_the_other_way_round(stor
     assert len(store.parking.release(tag, most=100, pace=20.0, ramp=0.0, lease=30.0, now=clock.monotonic())) == 20
 
 
+@pytest.mark.parametrize("at_limit", [None, "7"])
 def test_a_pace_stored_before_owed_outcomes_reads_as_owing_nothing(
-    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture
+    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture, at_limit: str | None
 ) -> None:
-    """A pace written by a release.lua older than ``owe``, ``sut`` and ``csh`` (a rolling
-    upgrade) goes on where it was, with no warning; a ``csh`` an older writer left behind
-    with no cut is dropped."""
+    """A pace written by a release.lua older than ``owe``, ``sut``, ``csh`` and ``alm`` (a
+    rolling upgrade) goes on where it was, with no warning; a ``csh`` an older writer left
+    behind with no cut is dropped, and an ``alm`` with no limit."""
     clock = FakeClock()
     tag = paced(store, clock)
     client = redis.Redis.from_url(redis_url)
-    client.hdel(tag + ":p", "owe", "sut")
+    client.hdel(tag + ":p", "owe", "sut", "alm")
     client.hset(tag + ":p", "csh", "0.9")
+    if at_limit is not None:
+        client.hset(tag + ":p", "alm", at_limit)
     clock.advance(1.0)
     with caplog.at_level(logging.WARNING, logger="celery_breaker"):
         assert release(store, clock.monotonic()) == 5  # (no success back: no growth, no restart)
     assert caplog.records == []
-    assert (stored(store)["owe"], stored(store)["sut"], stored(store)["csh"]) == ("0", "", "")
+    found = stored(store)
+    assert (found["owe"], found["sut"], found["csh"], found["alm"]) == ("0", "", "", "0")
 
 
 # -- the pace as people see it (pace.lua, collect_metrics) ---------------------------------

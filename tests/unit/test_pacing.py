@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -200,6 +201,77 @@ def test_after_a_refusal_growth_stops_short_of_the_rate_refused_and_probes_above
     assert pacer.pace.limit == pytest.approx(80.0 * 1.005**2)
 
 
+def refused_at_80(law: PacingLaw = LAW) -> tuple[AdaptivePacer, FakeClock, Refusing]:
+    """A pace refused once at 80/s and back at its limit (76/s) ten seconds later."""
+    clock, downstream = FakeClock(), Refusing()
+    pacer = AdaptivePacer(law, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    run(pacer, clock, downstream, 4.0)
+    downstream.refuse(clock.monotonic(), 0.25)
+    run(pacer, clock, downstream, 0.5)
+    run(pacer, clock, downstream, 8.0)
+    assert pacer.pace is not None
+    assert (pacer.rate, pacer.pace.limit, pacer.pace.at_limit) == (76.0, 80.0, 0)
+    return pacer, clock, downstream
+
+
+def test_a_refusal_not_met_again_is_dropped_after_the_plateau_and_the_rate_doubles_again() -> None:
+    """A 429 that was a moment's (a burst at the downstream's restart, another client's
+    spike), not its capacity: after ``plateau`` judgements at the limit the creep doubles
+    every judgement, and once it would pass ``step`` the limit and its threshold are
+    dropped. Kept for good, the limit held the release near the rate refused, creeping
+    1 % a second: minutes for a backlog a healthy downstream takes in seconds."""
+    pacer, clock, downstream = refused_at_80()
+    assert pacer.pace is not None
+    limits = []
+    for _ in range(14):
+        run(pacer, clock, downstream, 1.0)
+        limits.append(pacer.pace.limit)
+    lifts = [1.005] * 10 + [1.01, 1.02, 1.04, 1.08]  # (creep 0.005, plateau 10, step 0.1)
+    expected, limit = [], 80.0
+    for lift in lifts:
+        limit *= lift
+        expected.append(pytest.approx(limit))
+    assert limits == expected
+    assert pacer.rate == pytest.approx(80.0 * 0.95 * math.prod(lifts))  # (95 % of the limit just lifted)
+    run(pacer, clock, downstream, 1.0)  # the next lift (1.16) would pass the step: dropped
+    assert (pacer.pace.limit, pacer.pace.threshold, pacer.pace.at_limit) == (None, None, 0)
+    before = pacer.rate
+    run(pacer, clock, downstream, 1.0)
+    assert pacer.rate == pytest.approx(before * 2.0)  # slow start again (ROUND_LAW: x2 a judgement)
+
+
+def test_a_rate_limiter_refusing_again_during_the_plateau_keeps_its_limit() -> None:
+    """A true rate limiter is met again while the limit still creeps slowly: the refusal
+    cuts, sets the limit at the rate refused and starts the plateau over."""
+    pacer, clock, downstream = refused_at_80()
+    assert pacer.pace is not None
+    run(pacer, clock, downstream, 6.0)
+    assert pacer.pace.at_limit == 6
+    refused_at = pacer.rate
+    downstream.refuse(clock.monotonic(), 0.25)
+    run(pacer, clock, downstream, 0.25)
+    assert (pacer.pace.limit, pacer.pace.at_limit) == (refused_at, 0)
+    assert pacer.rate == pytest.approx(refused_at * 0.7)
+
+
+def test_bad_news_at_the_limit_starts_its_plateau_over() -> None:
+    pacer, clock, downstream = refused_at_80()
+    assert pacer.pace is not None
+    run(pacer, clock, downstream, 6.0)
+    run(pacer, clock, downstream, 0.25, answer="slow")
+    run(pacer, clock, downstream, 0.25)
+    assert pacer.pace.at_limit == 0
+    assert pacer.pace.limit == pytest.approx(80.0 * 1.005**6)  # (a cut without a refusal keeps the limit)
+
+
+def test_without_creep_a_limit_is_never_dropped() -> None:
+    pacer, clock, downstream = refused_at_80(replace(LAW, creep=0.0))
+    run(pacer, clock, downstream, 60.0)
+    assert pacer.pace is not None
+    assert (pacer.rate, pacer.pace.limit) == (76.0, 80.0)
+
+
 def test_a_refusal_counted_under_an_earlier_generation_starts_no_cut() -> None:
     clock, downstream = FakeClock(), Refusing()
     downstream.refused, downstream.failures = 7, 7  # refusals before this pace began
@@ -300,7 +372,8 @@ def test_at_most_one_seconds_worth_is_held() -> None:
 @pytest.mark.parametrize(
     "changes",
     [{"start": 0}, {"ceiling": -1.0}, {"back_off": 1.0}, {"bad_share": 1.0}, {"floor": 20.0},
-     {"judge_every": float("nan")}, {"judge_every": 11.0}, {"slow_start": 0.5}, {"least_bad": 0}, {"in_flight_s": 0.0}],
+     {"judge_every": float("nan")}, {"judge_every": 11.0}, {"slow_start": 0.5}, {"least_bad": 0}, {"in_flight_s": 0.0},
+     {"plateau": -1}, {"plateau": 1.5}],
 )  # fmt: skip
 def test_a_bad_law_names_its_field(changes: dict[str, Any]) -> None:
     (field,) = changes
@@ -352,8 +425,8 @@ def test_a_cut_owes_what_is_in_flight_and_judges_again_once_it_came_back() -> No
 
 
 def test_the_law_text_is_what_release_lua_reads() -> None:
-    assert LAW.text() == "5.0;;1.0;2.0;0.1;0.7;0.05;1.0;1.0;1000.0;0.95;0.005"
-    assert replace(LAW, ceiling=150).text() == "5.0;150.0;1.0;2.0;0.1;0.7;0.05;1.0;1.0;1000.0;0.95;0.005"
+    assert LAW.text() == "5.0;;1.0;2.0;0.1;0.7;0.05;1.0;1.0;1000.0;0.95;0.005;10.0"
+    assert replace(LAW, ceiling=150).text() == "5.0;150.0;1.0;2.0;0.1;0.7;0.05;1.0;1.0;1000.0;0.95;0.005;10.0"
 
 
 def test_bad_news_better_than_the_cuts_holds_the_rate_worse_news_cuts_again() -> None:

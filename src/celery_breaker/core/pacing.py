@@ -37,7 +37,11 @@ since the last judgement (its ``Outcomes``):
   Retry-After: the breaker's ``held_until``), and the rate it was refused at becomes a
   ``limit``: growth stops at ``near`` of it, and from there the limit creeps up by
   ``creep`` per judgement (a rate limiter that answers 429 with no slowdown first is
-  met again only as its limit is probed, not every few seconds);
+  met again only as its limit is probed, not every few seconds); after ``plateau``
+  judgements there with no refusal the creep doubles every judgement, and once it would
+  grow the rate by more than ``step`` the limit is dropped, with the threshold: the
+  rate doubles again (a refusal not met again in all that time was a moment's, not the
+  downstream's capacity, and held the rest of the release near it);
 * a breaker that reopens releases nothing (the release script sees it OPEN); when it
   closes again (a new generation) the pace starts again from ``start``, with the
   threshold at ``back_off`` of the rate it had reached (a Retry-After met by a task
@@ -64,6 +68,7 @@ __all__ = [
     "JUDGE_EVERY",
     "LEAST_BAD",
     "NEAR",
+    "PLATEAU",
     "SETTLE_LEAST",
     "SETTLE_MOST",
     "SLOW_START",
@@ -114,8 +119,12 @@ SETTLE_LEAST = 4
 SETTLE_MOST = 20
 #: After a refusal, growth stops at this share of the rate refused (its ``limit``) ...
 NEAR = 0.95
-#: ... which creeps up by this share of itself per judgement while the rate is there (1 %/s).
+#: ... which creeps up by this share of itself per judgement while the rate is there (1 %/s),
 CREEP = 0.005
+#: ... for this many judgements (5 s); from then on the creep doubles every judgement, and
+#: once it would grow the rate faster than ``STEP`` the limit is dropped: a refusal that
+#: the downstream has not repeated in all that time was a moment's, not its capacity.
+PLATEAU = 10
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,6 +144,7 @@ class PacingLaw:
     in_flight_s: float = IN_FLIGHT_S
     near: float = NEAR
     creep: float = CREEP
+    plateau: int = PLATEAU
 
     def __post_init__(self) -> None:
         checks = {
@@ -151,6 +161,7 @@ class PacingLaw:
             "in_flight_s": self.in_flight_s > 0,
             "near": 0 < self.near <= 1,
             "creep": self.creep >= 0,
+            "plateau": self.plateau >= 0 and self.plateau == int(self.plateau),
         }
         for name, good in checks.items():
             value = getattr(self, name)
@@ -165,7 +176,8 @@ class PacingLaw:
     def text(self) -> str:
         """The law as ``release.lua`` reads it: its fields in order, ``;``-separated (no ceiling: empty)."""
         fields = (self.start, self.ceiling, self.judge_every, self.slow_start, self.step, self.back_off,
-                  self.bad_share, self.floor, self.least_bad, self.in_flight_s, self.near, self.creep)  # fmt: skip
+                  self.bad_share, self.floor, self.least_bad, self.in_flight_s, self.near, self.creep,
+                  self.plateau)  # fmt: skip
         return ";".join("" if value is None else repr(float(value)) for value in fields)
 
 
@@ -223,6 +235,10 @@ class Pace:
     limit: float | None = None
     """The rate the downstream last refused at (``None``: no refusal in this pace);
     growth stops at ``law.near`` of it, which creeps up by ``law.creep`` per judgement."""
+    at_limit: int = 0
+    """Judgements the rate has grown at its limit since the limit was set (or the rate last
+    cut): from ``law.plateau`` of them on the limit's creep doubles per judgement, and
+    once it would pass ``law.step`` the limit is dropped."""
 
 
 def begin(law: PacingLaw, outcomes: Outcomes, now: float, before: Pace | None = None) -> Pace:
@@ -267,16 +283,19 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
     )
     since = now - pace.judged_at
     bad = failures + slow
-    rate, threshold, cut_at, limit = pace.rate, pace.threshold, pace.cut_at, pace.limit
+    rate, threshold, cut_at, limit, at_limit = pace.rate, pace.threshold, pace.cut_at, pace.limit, pace.at_limit
     settle_until = pace.settle_until
     if settling:
         # News of tasks released before the last cut (still in flight): judges nothing,
         # but a refusal among it says where the downstream's limit was: at most the rate
         # those tasks were released at, the rate before the cut.
+        at_limit = pace.at_limit
         if refused > 0:
             before = rate / law.back_off
             limit = before if limit is None else min(limit, before)
-        return replace(pace, judged_at=now, seen=outcomes, used=0, in_flight=in_flight, owed=owed, limit=limit)
+            at_limit = 0
+        return replace(pace, judged_at=now, seen=outcomes, used=0, in_flight=in_flight, owed=owed, limit=limit,
+                       at_limit=at_limit)  # fmt: skip
     share = bad / max(came_back, pace.rate * law.judge_every)
     cut_share = pace.cut_share
     if refused > 0 or (bad >= law.least_bad and share > law.bad_share):
@@ -292,7 +311,7 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
         if refused > 0:
             limit = rate  # (the rate it was refused at)
         rate = law.bound(rate * law.back_off)
-        threshold, cut_at, owed, cut_share = rate, now, in_flight, share
+        threshold, cut_at, owed, cut_share, at_limit = rate, now, in_flight, share, 0
         settle_until = now + law.judge_every * SETTLE_LEAST + min(2 * owed / rate, law.judge_every * SETTLE_MOST)
     elif since < law.judge_every or came_back == 0:
         return pace  # (no news yet: the judgement waits for some)
@@ -308,14 +327,23 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
                     grown = min(grown, threshold)
             else:
                 grown = rate * (1 + law.step)
+            if limit is not None and rate >= limit * law.near:
+                # At the limit: probe above it, slowly at first (a rate limiter is met
+                # again only as its limit is probed), then faster (a refusal not repeated
+                # in all that time was a moment's, not the downstream's capacity).
+                lift = law.creep * 2 ** max(0, at_limit - law.plateau + 1)
+                if lift > law.step:
+                    # Dropped, and the threshold with it (set by the same news, or below
+                    # the rate reached since): growth doubles again from here.
+                    limit, threshold, at_limit = None, None, 0
+                else:
+                    limit, at_limit = limit * (1 + lift), at_limit + 1
             if limit is not None:
-                if rate >= limit * law.near:
-                    limit = limit * (1 + law.creep)  # at the limit: probe above it, slowly
                 grown = max(rate, min(grown, limit * law.near))
             rate = law.bound(grown)
     return replace(pace, rate=rate, threshold=threshold, tokens=min(max(rate, 1.0), pace.tokens), judged_at=now,
                    seen=outcomes, used=0, in_flight=in_flight, cut_at=cut_at, limit=limit, owed=owed,
-                   settle_until=settle_until, cut_share=cut_share)  # fmt: skip
+                   settle_until=settle_until, cut_share=cut_share, at_limit=at_limit)  # fmt: skip
 
 
 def _stepped_back(pace: Pace, back: float) -> Pace:

@@ -144,8 +144,9 @@ class ReleasePace:
     """Tasks per second the release lets go, as last judged."""
     limit: float | None
     """The pace's limit after the downstream refused a rate (429): that rate, raised by
-    ~1 %/s while the pace holds just below it (growth stops at 95 % of it); ``None``: no
-    refusal in this pace."""
+    ~1 %/s while the pace holds just below it (growth stops at 95 % of it), faster after
+    5 s there with no refusal; ``None``: no refusal in this pace, or it was dropped (no
+    429 came again)."""
     held_for: float | None
     """Seconds the release still sends nothing, waiting out a refusal's Retry-After;
     ``None``: not waiting."""

@@ -2,7 +2,7 @@
 -- core/pacing.py's begin/advance/took, step for step, on the script's clock.
 --
 -- The law (ARGV[7] of release, PacingLaw.text): 'start;ceiling;judge_every;slow_start;
--- step;back_off;bad_share;floor;least_bad;in_flight_s;near;creep', the ceiling '' for none.
+-- step;back_off;bad_share;floor;least_bad;in_flight_s;near;creep;plateau', the ceiling '' for none.
 -- The pace lives in the pacing hash (K_PACE) beside the fixed ramp's fields (gen, since,
 -- tokens, at: workers of both kinds, during a rolling upgrade, keep a pace each): 'a_gen'
 -- the breaker generation it began under, 'rate', 'thr' the threshold ('' none),
@@ -13,7 +13,9 @@
 -- was last cut ('' never), 'lim' the rate the downstream last refused at ('' none), 'owe'
 -- outcomes still owed by tasks released before the cut and 'sut' until when they may hold
 -- judgement ('' none; both absent from paces older than them: nothing owed), 'csh' the bad
--- share of the news that made the last cut or of better bad news since ('' none).
+-- share of the news that made the last cut or of better bad news since ('' none), 'alm' the
+-- judgements the rate has grown at its limit since the limit was set or the rate cut (absent
+-- from paces older than it, and ignored without a limit: 0).
 -- Unreadable fields restart the pace (begin, without a threshold), with a warning.
 
 -- pacing.SETTLE_LEAST: judgements in which outcomes judge nothing after a cut.
@@ -23,7 +25,7 @@ local SETTLE_LEAST = 4
 local SETTLE_MOST = 20
 
 local LAW_FIELDS = { 'start', 'ceiling', 'judge_every', 'slow_start', 'step', 'back_off', 'bad_share', 'floor',
-  'least_bad', 'in_flight_s', 'near', 'creep' }
+  'least_bad', 'in_flight_s', 'near', 'creep', 'plateau' }
 
 -- The law from its text; nil when unreadable (PacingLaw.__post_init__'s bounds).
 local function read_law(text)
@@ -42,7 +44,7 @@ local function read_law(text)
       and law.step >= 0 and law.back_off > 0 and law.back_off < 1 and law.bad_share >= 0 and law.bad_share < 1
       and law.floor > 0 and law.floor <= law.start and law.least_bad >= 1
       and law.least_bad == math.floor(law.least_bad) and law.in_flight_s > 0 and law.near > 0 and law.near <= 1
-      and law.creep >= 0) then
+      and law.creep >= 0 and law.plateau >= 0 and law.plateau == math.floor(law.plateau)) then
     return nil
   end
   return law
@@ -58,12 +60,12 @@ end
 -- The stored adaptive pace; nil when there is none (or only a fixed ramp's) or it is unreadable.
 local function read_pace()
   local p = redis.call('HMGET', K_PACE, 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used',
-    'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh')
+    'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm')
   if not p[2] then return nil end
   local pace = { gen = read_whole(p[1]), rate = read_number(p[2]), thr = nil, tokens = read_number(p[4]),
     at = read_time(p[5], now, 0), jat = read_time(p[6], now, 0), sok = read_whole(p[7]), sko = read_whole(p[8]),
     ssl = read_whole(p[9]), used = read_whole(p[10]), infl = read_whole(p[12] or '0'), srf = nil,
-    owe = read_whole(p[15] or '0') }
+    owe = read_whole(p[15] or '0'), alm = read_whole(p[18] or '0') }
   local good = true
   if p[13] then
     pace.srf = read_whole(p[13])
@@ -71,7 +73,7 @@ local function read_pace()
   end
   good = good and pace.gen ~= nil and pace.rate ~= nil and pace.rate > 0 and pace.tokens ~= nil and pace.tokens >= 0
     and pace.at ~= nil and pace.jat ~= nil and pace.sok ~= nil and pace.sko ~= nil and pace.ssl ~= nil
-    and pace.used ~= nil and pace.infl ~= nil and pace.owe ~= nil
+    and pace.used ~= nil and pace.infl ~= nil and pace.owe ~= nil and pace.alm ~= nil
   if (p[3] or '') ~= '' then
     pace.thr = read_number(p[3])
     good = good and pace.thr ~= nil and pace.thr > 0
@@ -93,10 +95,11 @@ local function read_pace()
     good = good and pace.csh ~= nil and pace.csh >= 0
     if pace.cut == nil then pace.csh = nil end -- (left behind by an older writer's pace)
   end
+  if pace.lim == nil then pace.alm = 0 end -- (likewise)
   if not good then
     local shown = {}
     for i, name in ipairs({ 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used', 'cut',
-      'infl', 'srf', 'lim', 'owe', 'sut', 'csh' }) do
+      'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm' }) do
       shown[#shown + 1] = name .. '=' .. show(p[i])
     end
     repaired('unreadable adaptive pace ' .. table.concat(shown, ' ') .. ' in ' .. K_PACE .. ' (the pace restarts)')
@@ -112,7 +115,7 @@ local function begin_pace(law, outcomes, before)
   if before ~= nil then thr = bound(law, before.rate * law.back_off) end
   return { gen = outcomes.gen, rate = bound(law, math.min(law.start, thr or law.start)), thr = thr, tokens = 0,
     at = now, jat = now, sok = outcomes.ok, sko = outcomes.ko, ssl = outcomes.sl, srf = outcomes.rf, used = 0,
-    infl = 0, owe = 0 }
+    infl = 0, owe = 0, alm = 0 }
 end
 
 -- The breaker's counts judged (pacing.advance's seen=outcomes, used=0, judged_at=now): the
@@ -163,6 +166,7 @@ local function advance_pace(law, pace, outcomes)
     if rf > 0 then
       local before = rate / law.back_off
       if lim == nil or before < lim then lim = before end
+      pace.alm = 0
     end
     judged(pace, outcomes)
     pace.infl, pace.owe, pace.lim = infl, owe, lim
@@ -185,6 +189,7 @@ local function advance_pace(law, pace, outcomes)
     owe = infl
     pace.sut = now + law.judge_every * SETTLE_LEAST + math.min(2 * owe / rate, law.judge_every * SETTLE_MOST)
     pace.csh = share
+    pace.alm = 0
   elseif since < law.judge_every or came_back == 0 then
     return pace -- (no news yet: the judgement waits for some)
   else
@@ -199,10 +204,17 @@ local function advance_pace(law, pace, outcomes)
       else
         grown = rate * (1 + law.step)
       end
-      if lim ~= nil then
-        if rate >= lim * law.near then lim = lim * (1 + law.creep) end -- at the limit: probe above it, slowly
-        grown = math.max(rate, math.min(grown, lim * law.near))
+      if lim ~= nil and rate >= lim * law.near then
+        -- at the limit: probe above it, slowly at first, then faster; dropped (and the
+        -- threshold with it) once the probe would pass the law's step
+        local lift = law.creep * 2 ^ math.max(0, pace.alm - law.plateau + 1)
+        if lift > law.step then
+          lim, thr, pace.alm = nil, nil, 0
+        else
+          lim, pace.alm = lim * (1 + lift), pace.alm + 1
+        end
       end
+      if lim ~= nil then grown = math.max(rate, math.min(grown, lim * law.near)) end
       rate = bound(law, grown)
     end
   end
@@ -223,5 +235,5 @@ local function write_pace(pace)
   redis.call('HSET', K_PACE, 'a_gen', fmt(pace.gen), 'rate', fmt(pace.rate), 'thr', fmt(pace.thr), 'a_tokens',
     fmt(pace.tokens), 'a_at', fmt(pace.at), 'jat', fmt(pace.jat), 'sok', fmt(pace.sok), 'sko', fmt(pace.sko), 'ssl',
     fmt(pace.ssl), 'used', fmt(pace.used), 'cut', fmt(pace.cut), 'infl', fmt(pace.infl), 'srf', fmt(pace.srf), 'lim',
-    fmt(pace.lim), 'owe', fmt(pace.owe), 'sut', fmt(pace.sut), 'csh', fmt(pace.csh))
+    fmt(pace.lim), 'owe', fmt(pace.owe), 'sut', fmt(pace.sut), 'csh', fmt(pace.csh), 'alm', fmt(pace.alm))
 end
