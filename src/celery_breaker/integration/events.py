@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import logging
 import mmap
-import time
 from typing import Any
 
 from ..core import State, Transition
+from .throttle import Throttle
 
 __all__ = [
     "DEFERRED_EVENT", "EVENT_TYPES", "configure", "enabled", "nodename", "send", "switched", "transition_event",
@@ -33,13 +33,13 @@ EVENT_TYPES = {
     State.DISABLED: "breaker-closed",
 }
 DEFERRED_EVENT = "task-breaker-deferred"
-_COMPLAIN_EVERY = 60.0
+#: One WARNING a minute per process about events that could not be sent.
+_unsent = Throttle()
 
 # "shared": whether events are on, in a page the worker's main process maps before its
 # pool forks: ``celery control enable_events`` (what Flower sends every few seconds)
 # reaches only the main process, while transitions and deferrals happen in the children.
-_state: dict[str, Any] = {"enabled": False, "nodename": None, "complained": 0.0, "follows_remote": False,
-                          "shared": None}  # fmt: skip
+_state: dict[str, Any] = {"enabled": False, "nodename": None, "follows_remote": False, "shared": None}
 
 
 def configure(*, enabled: bool | None = None, nodename: str | None = None, follows_remote: bool | None = None) -> None:
@@ -84,10 +84,12 @@ def send(app: Any, type_: str, **fields: Any) -> bool:
         with app.events.default_dispatcher(hostname=nodename()) as dispatcher:
             dispatcher.send(type_, **fields)
     except Exception as exc:
-        now = time.monotonic()
-        if now - _state["complained"] >= _COMPLAIN_EVERY:
-            _state["complained"] = now
-            logger.warning("celery-breaker: could not send the %s event (%r); events are skipped meanwhile", type_, exc)
+        quiet = _unsent.due("send")
+        if quiet is not None:
+            logger.warning(
+                "celery-breaker: could not send the %s event (%r); events are skipped meanwhile%s",
+                type_, exc, f" ({quiet} more could not be sent in the last minute)" if quiet else "",
+            )  # fmt: skip
         return False
     return True
 

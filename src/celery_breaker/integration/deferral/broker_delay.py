@@ -47,8 +47,8 @@ from kombu.entity import Exchange
 from kombu.exceptions import EncodeError
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 
+from ..throttle import Throttle
 from .strategy import Deferral, publish
-from .throttle import Throttle
 
 __all__ = [
     "CONFIRM_TIMEOUT", "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "LEGACY_DELIVERY_EXCHANGE", "QUEUE_KEY",

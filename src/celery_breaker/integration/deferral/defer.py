@@ -15,6 +15,7 @@ from .. import events
 from ..broker import DEAD_LETTER_HEADERS
 from ..settings import get_settings
 from ..task_options import task_breaker_config
+from ..throttle import Throttle
 from . import expiry  # noqa: F401  (connects the handler that keeps expired deferrals for the worker to revoke)
 from .countdown import RECEIVED_KEY, CountdownRepublish
 from .plan import (
@@ -28,7 +29,6 @@ from .plan import (
 )
 from .selection import deferral_strategies
 from .strategy import Deferral, DeferralStrategy
-from .throttle import Throttle
 
 __all__ = ["REFRESH_AFTER", "defer", "refreshed"]
 

@@ -33,9 +33,9 @@ from ...errors import StorageError
 from ...health import CheckAbandoned, abandon_checks_on
 from ...labels import shown_label
 from ...storage import Parking
+from ..throttle import Throttle
 from .health_gate import HealthGate
 from .parking import NotAcceptedHere, read_parked
-from .throttle import Throttle
 
 __all__ = ["LEASE", "MOST_PER_TICK", "NAMED_IN_LOG", "TAG_COMPLAINT_EVERY", "TICK", "WATCH_EVERY", "Releaser"]
 
