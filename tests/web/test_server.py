@@ -164,6 +164,24 @@ def test_every_action_request_needs_the_same_origin_the_token_and_a_json_body(
     assert "wrong" * 8 not in caplog.text  # not even a wrong token is logged
 
 
+@pytest.mark.parametrize("refused", ["too big", "no token", "no actions"])
+def test_a_refused_request_with_a_big_body_gets_its_answer_not_a_reset(serve: Serve, refused: str) -> None:
+    """A POST refused before its body is read (too big for an action, no token, no action
+    endpoint): the answer is sent, then up to ``DRAIN_AT_MOST`` of the body is read and
+    dropped. Closed with the body unread, the connection was reset under the client,
+    which saw a broken pipe or a reset instead of the 4xx that says what is wrong."""
+    url = serve(token=None if refused == "no actions" else TOKEN)
+    headers = {"Origin": url.rstrip("/"), "Content-Type": "application/json", "X-Breaker-Token": TOKEN}
+    if refused == "no token":
+        del headers["X-Breaker-Token"]
+    body = b'{"action": "open", "name": "' + b"x" * 3_000_000 + b'"}'
+    code, answer = request(url + "api/actions", method="POST", headers=headers, raw=body)
+    expected = {"too big": 400, "no token": 401, "no actions": 404}[refused]
+    assert code == expected, answer
+    if refused == "too big":
+        assert answer["error"] == "an action request has a body of 1 to 4096 bytes, its Content-Length"
+
+
 def test_a_task_parked_between_the_check_and_the_delete_is_a_409_that_asks(
     serve: Serve, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,6 +27,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -59,6 +60,11 @@ TOKEN_ENV = "CELERY_BREAKER_WEB_TOKEN"
 MIN_TOKEN_LENGTH = 16
 #: The largest action request read (a JSON object naming an action and a breaker).
 MAX_BODY = 4096
+#: A refused request's body, up to this many bytes, is read and dropped after the answer
+#: (for at most ``DRAIN_FOR`` seconds): closed with it unread, the connection is reset
+#: under a client still sending it, which then sees a broken pipe, not the answer.
+DRAIN_AT_MOST = 8 << 20
+DRAIN_FOR = 5.0
 #: The actions the page offers: every state move, and delete.
 NAMES = (*ACTIONS, DELETE.name)
 #: click's colour names (``console.STATE_STYLES``) as the page draws them: readable on white.
@@ -237,6 +243,7 @@ def _page(site: Site, nonce: str) -> bytes:
 class _Handler(BaseHTTPRequestHandler):
     server_version = "celery-breaker-web"
     timeout = QUIET_FOR  # (each read or write: a client that sends nothing is let go)
+    _unread = 0  # (bytes of this request's body not read yet, -1 when its length is unknown)
 
     def version_string(self) -> str:
         return self.server_version  # (not the Python version)
@@ -264,6 +271,31 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": "not found"})
 
     def do_POST(self) -> None:
+        self._unread = _content_length(self.headers.get("Content-Length"))
+        try:
+            self._post()
+        finally:
+            self._drop_unread()
+
+    def _drop_unread(self) -> None:
+        """Read and drop the body of a request answered without reading it (refused), so
+        the client that sends it reads the answer instead of a reset; a body bigger than
+        ``DRAIN_AT_MOST`` is not waited for."""
+        left = self._unread
+        if not 0 < left <= DRAIN_AT_MOST:
+            return
+        deadline = time.monotonic() + DRAIN_FOR
+        try:
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass  # (gone, or quiet for the handler's timeout: closed either way)
+        self._unread = 0
+
+    def _post(self) -> None:
         if not self._host_ok():
             return
         site, client = self.site, self.client_address[0]
@@ -289,12 +321,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _asked(self) -> Asked:
         if self.headers.get_content_type() != "application/json":
             raise ValueError("an action request is a JSON object (Content-Type: application/json)")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
+        length = self._unread
         if not 0 < length <= MAX_BODY:
             raise ValueError(f"an action request has a body of 1 to {MAX_BODY} bytes, its Content-Length")
+        self._unread = 0
         try:
             body = json.loads(self.rfile.read(length))  # (a JSONDecodeError is a ValueError)
         except RecursionError:  # ("[[[[..." : deeper than the parser goes; no action nests at all)
@@ -334,6 +364,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         """Requests are not logged: the page polls every interval. Actions are, by name."""
+
+
+def _content_length(header: str | None) -> int:
+    """A request's ``Content-Length``: 0 without one, -1 when it is no whole number."""
+    try:
+        return int(header or 0)
+    except ValueError:
+        return -1
 
 
 @dataclass(frozen=True, slots=True)
