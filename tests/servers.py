@@ -46,17 +46,41 @@ def free_port() -> int:
         return port
 
 
-def check_connection_guard(address: tuple[str, int], most: int, quiet_for: Callable[[float], None]) -> None:
+def check_connection_guard(
+    address: tuple[str, int],
+    most: int,
+    quiet_for: Callable[[float], None],
+    request_within: Callable[[float], None] | None = None,
+) -> None:
     """Check a server of ours guarded as ``monitoring.serving.Guarded`` guards it: a
     connection that sends nothing is closed after the handler's timeout (set through
     ``quiet_for``: 0.5 s here), and with ``most`` connections held one more is closed at
-    once, not served (nor after the timeout: 30 s then)."""
+    once, not served (nor after the timeout: 30 s then). With ``request_within`` (a
+    ``serving.Deadlined`` handler's), a client that trickles its request a byte every
+    0.05 s, each well within the timeout, is closed once the (shortened) deadline of
+    0.5 s has passed, not after the minute it would take to finish."""
     quiet_for(0.5)
     with socket.create_connection(address, timeout=5) as silent:
         started = time.monotonic()
         assert silent.recv(1) == b""  # closed by the server: it sent nothing for the (shortened) timeout
         assert time.monotonic() - started > 0.3  # (a lower bound: not closed at once)
     quiet_for(30.0)
+    if request_within is not None:
+        request_within(0.5)
+        with socket.create_connection(address, timeout=5) as trickling:
+            trickling.sendall(b"GET / HTTP/1.0\r\nX-Slow: ")
+            started = time.monotonic()
+            closed: OSError | None = None
+            for _ in range(1200):  # a minute's worth, if nothing stopped it
+                try:
+                    trickling.sendall(b"x")
+                except OSError as exc:  # the server's close: a reset or a broken pipe, as bytes keep coming
+                    closed = exc
+                    break
+                time.sleep(0.05)  # a slow client: the behaviour under test, not a wait for a result
+            assert closed is not None, "a client trickling its request was served for a minute"
+            assert 0.3 < time.monotonic() - started < 30  # (bounds: not at once, not at the end of the trickle)
+        request_within(30.0)
     held = [socket.create_connection(address, timeout=5) for _ in range(most)]
     try:
         for _ in range(3):

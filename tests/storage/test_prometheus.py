@@ -391,8 +391,8 @@ def test_idle_connections_are_closed_and_never_pile_up(endpoint_app: Celery, mon
     waited for a request forever, in the worker's main process: a flood of connections
     that send nothing took every file descriptor, accept() then failed in a loop at full
     CPU, and the worker stopped ("Unrecoverable error: ... Too many open files"). Now a
-    silent connection is closed after the handler's timeout, and one beyond
-    ``Guarded.max_connections`` at once."""
+    silent connection is closed after the handler's timeout, one that trickles its
+    request after ``REQUEST_WITHIN``, and one beyond ``Guarded.max_connections`` at once."""
     from celery_breaker.monitoring import prometheus
     from celery_breaker.monitoring.serving import QUIET_FOR, Guarded
 
@@ -402,7 +402,8 @@ def test_idle_connections_are_closed_and_never_pile_up(endpoint_app: Celery, mon
     assert server is not None
     try:
         quiet_for = partial(monkeypatch.setattr, prometheus._QuietHandler, "timeout")
-        check_connection_guard(("127.0.0.1", server.port), 4, quiet_for)
+        request_within = partial(monkeypatch.setattr, prometheus._QuietHandler, "request_within")
+        check_connection_guard(("127.0.0.1", server.port), 4, quiet_for, request_within)
     finally:
         server.stop()
 

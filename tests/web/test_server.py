@@ -18,7 +18,7 @@ from types import SimpleNamespace
 import pytest
 
 from celery_breaker.errors import ParkedTasksError
-from celery_breaker.monitoring.serving import QUIET_FOR
+from celery_breaker.monitoring.serving import QUIET_FOR, REQUEST_WITHIN
 from celery_breaker.ops import web
 from celery_breaker.ops.board import Board
 from celery_breaker.ops.web import Site, WebServer, loopback_hosts, tls_context
@@ -256,10 +256,16 @@ def test_idle_connections_are_closed_and_never_pile_up(serve: Serve, monkeypatch
     request forever: connections that sent nothing (128 under a 128-descriptor limit)
     took every file descriptor, accept() then failed in a loop at full CPU, and the page
     could not be reached while they stayed open. Now a silent connection is closed after
-    the handler's timeout, and one beyond ``max_connections`` at once."""
-    assert web._Handler.timeout == QUIET_FOR
+    the handler's timeout, one that trickles its request after ``REQUEST_WITHIN``, and one
+    beyond ``max_connections`` at once."""
+    assert (web._Handler.timeout, web._Handler.request_within) == (QUIET_FOR, REQUEST_WITHIN)
     assert WebServer.max_connections == 64
     monkeypatch.setattr(WebServer, "max_connections", 4)  # (fewer to hold: each connection costs the test time)
     url = serve()
     address = ("127.0.0.1", int(url.rsplit(":", 1)[1].strip("/")))
-    check_connection_guard(address, 4, lambda seconds: monkeypatch.setattr(web._Handler, "timeout", seconds))
+    check_connection_guard(
+        address,
+        4,
+        lambda seconds: monkeypatch.setattr(web._Handler, "timeout", seconds),
+        lambda seconds: monkeypatch.setattr(web._Handler, "request_within", seconds),
+    )

@@ -35,7 +35,7 @@ from ..errors import ConfigurationError
 from ..integration.settings import get_settings
 from ..labels import visible
 from ..storage import Store, describe_url
-from .serving import QUIET_FOR, Guarded
+from .serving import QUIET_FOR, Deadlined, Guarded
 from .status import BreakerStatus, collect_metrics, store_of
 
 __all__ = [
@@ -320,9 +320,10 @@ def start_metrics_server(app: Any, registry: CollectorRegistry = REGISTRY) -> Me
     return server
 
 
-class _QuietHandler(WSGIRequestHandler):
+class _QuietHandler(Deadlined, WSGIRequestHandler):
     """Logs no request (a scrape every few seconds), and closes a connection silent for
-    ``QUIET_FOR`` seconds: a client that never sends its request holds nothing for long."""
+    ``QUIET_FOR`` seconds, or whose request has not arrived ``REQUEST_WITHIN`` seconds
+    after it was accepted: a client that never sends its request holds nothing for long."""
 
     timeout = QUIET_FOR
 

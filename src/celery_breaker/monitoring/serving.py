@@ -11,6 +11,9 @@ broker connection could not be made again, and the worker stopped with
 
 * a connection silent for ``timeout`` seconds (each read or write) is closed (the
   handler's ``timeout``, ``QUIET_FOR``);
+* a connection that has not sent its whole request ``request_within`` seconds after it
+  was accepted is closed (``Deadlined``, ``REQUEST_WITHIN``): a client that trickles its
+  request a byte at a time, each within ``QUIET_FOR``, holds its slot no longer;
 * at most ``max_connections`` are served at once; one more is closed as soon as it is
   accepted, so the process never comes near its descriptor limit;
 * when ``accept()`` fails for want of descriptors anyway (other parts of the process
@@ -22,19 +25,23 @@ Only the standard library: ``prometheus`` and ``ops.web`` both use it.
 from __future__ import annotations
 
 import errno
+import io
 import logging
 import sys
 import threading
 import time
 from typing import Any
 
-__all__ = ["ACCEPT_PAUSE", "QUIET_FOR", "Guarded"]
+__all__ = ["ACCEPT_PAUSE", "QUIET_FOR", "REQUEST_WITHIN", "Deadlined", "Guarded"]
 
 logger = logging.getLogger("celery_breaker")
 
 #: Seconds a connection may stay silent (each read or write) before it is closed: a
 #: scrape or a page's request takes milliseconds.
 QUIET_FOR = 10.0
+#: Seconds a connection has to send its whole request (line, headers and body), from when
+#: it was accepted: a scrape or a page's request comes in one piece.
+REQUEST_WITHIN = 30.0
 #: Seconds the server waits after ``accept()`` failed for want of file descriptors.
 ACCEPT_PAUSE = 0.1
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
@@ -105,3 +112,45 @@ class Guarded:
             logger.debug("celery-breaker: connection from %s ended: %r", client_address[0], exc)
             return
         super().handle_error(request, client_address)  # type: ignore[misc]
+
+
+class Deadlined:
+    """A mix-in for a ``socketserver.StreamRequestHandler`` (before it in the bases): the
+    request must arrive within ``request_within`` seconds of the handler's start, and
+    each read within the handler's ``timeout``. A read past the deadline raises
+    ``TimeoutError``, which ``http.server`` and ``wsgiref`` take as a request that timed
+    out: the connection is closed. Answers are written with the handler's ``timeout``."""
+
+    request_within = REQUEST_WITHIN
+    connection: Any
+    rfile: Any
+
+    def setup(self) -> None:
+        super().setup()  # type: ignore[misc]
+        self.rfile.close()  # (the socket's own reader: replaced, not left holding the socket open)
+        quiet: float | None = getattr(self, "timeout", None)  # (the handler's)
+        raw = _ReadBy(self.connection, time.monotonic() + self.request_within, quiet)
+        self.rfile = io.BufferedReader(raw)
+
+
+class _ReadBy(io.RawIOBase):
+    """A socket's reads, each within ``quiet`` seconds and all by ``deadline`` (monotonic)."""
+
+    def __init__(self, sock: Any, deadline: float, quiet: float | None) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+        self._quiet = quiet
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self._sock.settimeout(left if self._quiet is None else min(self._quiet, left))
+        try:
+            return int(self._sock.recv_into(buffer))
+        finally:
+            self._sock.settimeout(self._quiet)  # (the answer is written with the handler's own)

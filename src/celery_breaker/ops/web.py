@@ -39,7 +39,7 @@ import click
 
 from ..errors import BreakerKeyError, ConfigurationError, ParkedTasksError, StorageError, UnknownBreakerError
 from ..labels import breaker_label, shown_label
-from ..monitoring.serving import QUIET_FOR, Guarded
+from ..monitoring.serving import QUIET_FOR, Deadlined, Guarded
 from ..monitoring.status import collect_metrics
 from ..storage import describe_url
 from .actions import ACTIONS, DELETE
@@ -240,7 +240,7 @@ def _page(site: Site, nonce: str) -> bytes:
     return text.replace("{{state_css}}", states).replace("{{nonce}}", nonce).encode()
 
 
-class _Handler(BaseHTTPRequestHandler):
+class _Handler(Deadlined, BaseHTTPRequestHandler):
     server_version = "celery-breaker-web"
     timeout = QUIET_FOR  # (each read or write: a client that sends nothing is let go)
     _unread = 0  # (bytes of this request's body not read yet, -1 when its length is unknown)
