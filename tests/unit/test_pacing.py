@@ -163,14 +163,21 @@ def test_one_refusal_cuts_at_once_and_the_release_waits_as_long_as_asked() -> No
     assert pacer.pace.threshold == pytest.approx(56.0)
 
 
-def test_refusals_heard_while_the_pace_settles_cut_once_but_each_wait_holds() -> None:
+def refused_at_80(law: PacingLaw = LAW) -> tuple[AdaptivePacer, FakeClock, Refusing]:
+    """A pace grown to 80/s, refused there once (a 0.25 s wait), and cut to 56/s."""
     clock, downstream = FakeClock(), Refusing()
-    pacer = AdaptivePacer(LAW, clock)
+    pacer = AdaptivePacer(law, clock)
     pacer.release(downstream.outcomes(), waiting=0)
     run(pacer, clock, downstream, 4.0)
+    assert pacer.rate == 80.0
     downstream.refuse(clock.monotonic(), 0.25)
     run(pacer, clock, downstream, 0.5)
     assert pacer.rate == pytest.approx(56.0)
+    return pacer, clock, downstream
+
+
+def test_refusals_heard_while_the_pace_settles_cut_once_but_each_wait_holds() -> None:
+    pacer, clock, downstream = refused_at_80()
     downstream.refuse(clock.monotonic(), 1.0)  # news of the rate before the cut: no second cut
     assert run(pacer, clock, downstream, 0.75) == 0
     assert pacer.rate == pytest.approx(56.0)
@@ -181,15 +188,8 @@ def test_after_a_refusal_growth_stops_short_of_the_rate_refused_and_probes_above
     """A rate limiter that answers 429 with no slowdown first: the pace is refused at 80/s,
     cut to 56/s, grows back to 76/s (95 % of 80) and no further at once, then creeps up by
     half a percent of the limit per judgement, so the next refusal is far off."""
-    clock, downstream = FakeClock(), Refusing()
-    pacer = AdaptivePacer(LAW, clock)
-    pacer.release(downstream.outcomes(), waiting=0)
-    run(pacer, clock, downstream, 4.0)
-    assert pacer.rate == 80.0
-    downstream.refuse(clock.monotonic(), 0.25)
-    run(pacer, clock, downstream, 0.5)
+    pacer, clock, downstream = refused_at_80()
     assert pacer.pace is not None
-    assert pacer.rate == pytest.approx(56.0)
     assert pacer.pace.limit == 80.0
     rates = []
     for _ in range(10):
@@ -201,14 +201,9 @@ def test_after_a_refusal_growth_stops_short_of_the_rate_refused_and_probes_above
     assert pacer.pace.limit == pytest.approx(80.0 * 1.005**2)
 
 
-def refused_at_80(law: PacingLaw = LAW) -> tuple[AdaptivePacer, FakeClock, Refusing]:
-    """A pace refused once at 80/s and back at its limit (76/s) ten seconds later."""
-    clock, downstream = FakeClock(), Refusing()
-    pacer = AdaptivePacer(law, clock)
-    pacer.release(downstream.outcomes(), waiting=0)
-    run(pacer, clock, downstream, 4.0)
-    downstream.refuse(clock.monotonic(), 0.25)
-    run(pacer, clock, downstream, 0.5)
+def at_the_limit(law: PacingLaw = LAW) -> tuple[AdaptivePacer, FakeClock, Refusing]:
+    """A pace refused once at 80/s and back at its limit (76/s) eight seconds later."""
+    pacer, clock, downstream = refused_at_80(law)
     run(pacer, clock, downstream, 8.0)
     assert pacer.pace is not None
     assert (pacer.rate, pacer.pace.limit, pacer.pace.at_limit) == (76.0, 80.0, 0)
@@ -221,7 +216,7 @@ def test_a_refusal_not_met_again_is_dropped_after_the_plateau_and_the_rate_doubl
     every judgement, and once it would pass ``step`` the limit and its threshold are
     dropped. Kept for good, the limit held the release near the rate refused, creeping
     1 % a second: minutes for a backlog a healthy downstream takes in seconds."""
-    pacer, clock, downstream = refused_at_80()
+    pacer, clock, downstream = at_the_limit()
     assert pacer.pace is not None
     limits = []
     for _ in range(14):
@@ -244,7 +239,7 @@ def test_a_refusal_not_met_again_is_dropped_after_the_plateau_and_the_rate_doubl
 def test_a_rate_limiter_refusing_again_during_the_plateau_keeps_its_limit() -> None:
     """A true rate limiter is met again while the limit still creeps slowly: the refusal
     cuts, sets the limit at the rate refused and starts the plateau over."""
-    pacer, clock, downstream = refused_at_80()
+    pacer, clock, downstream = at_the_limit()
     assert pacer.pace is not None
     run(pacer, clock, downstream, 6.0)
     assert pacer.pace.at_limit == 6
@@ -256,7 +251,7 @@ def test_a_rate_limiter_refusing_again_during_the_plateau_keeps_its_limit() -> N
 
 
 def test_bad_news_at_the_limit_starts_its_plateau_over() -> None:
-    pacer, clock, downstream = refused_at_80()
+    pacer, clock, downstream = at_the_limit()
     assert pacer.pace is not None
     run(pacer, clock, downstream, 6.0)
     run(pacer, clock, downstream, 0.25, answer="slow")
@@ -266,7 +261,7 @@ def test_bad_news_at_the_limit_starts_its_plateau_over() -> None:
 
 
 def test_without_creep_a_limit_is_never_dropped() -> None:
-    pacer, clock, downstream = refused_at_80(replace(LAW, creep=0.0))
+    pacer, clock, downstream = at_the_limit(replace(LAW, creep=0.0))
     run(pacer, clock, downstream, 60.0)
     assert pacer.pace is not None
     assert (pacer.rate, pacer.pace.limit) == (76.0, 80.0)
