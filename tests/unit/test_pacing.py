@@ -75,6 +75,29 @@ def test_the_rate_doubles_every_second_while_released_tasks_succeed() -> None:
     assert rates == [10.0, 20.0, 40.0, 80.0, 160.0]
 
 
+def test_judgements_keep_their_own_cadence_when_looks_come_between() -> None:
+    """The releasers look every few tenths of a second, not on the judgement's beat: each
+    judgement is due ``judge_every`` after the previous one was due, not after the look
+    that made it. Timed from the look, every step of the ramp came a look late (a
+    judgement every ~0.62 s, not 0.5 s, in a real run: x1.72 a second, not x1.96)."""
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(LAW, clock)
+    pacer.release(downstream.outcomes(), waiting=0)
+    start = clock.monotonic()
+    rates = []
+    for _ in range(16):  # looks 0.375 s apart, for 6 s; judgements due every 1 s
+        clock.advance(0.375)
+        downstream.successes += pacer.release(downstream.outcomes(), waiting=10_000)
+        rates.append(pacer.rate)
+    # judged at 1.125, 2.25, 3.0, 4.125, 5.25 and 6.0 s: six doublings (five, a look late each time)
+    assert pacer.rate == 5.0 * 2**6
+    assert rates.count(10.0) == 3  # (1.125 to 1.875 s)
+    clock.advance(0.375)
+    pacer.release(downstream.outcomes(), waiting=0)
+    assert pacer.pace is not None
+    assert pacer.pace.judged_at == start + 6.0  # (the last judgement's due time, not the look after it)
+
+
 def test_failures_cut_the_rate_and_set_the_threshold_growth_is_then_gentler() -> None:
     clock, downstream = FakeClock(), Downstream()
     pacer = AdaptivePacer(LAW, clock)

@@ -27,7 +27,8 @@ since the last judgement (its ``Outcomes``):
   cuts): better bad news shows the cut working, holds the rate, and becomes the share
   to beat. One overshoot is one cut, not a cut for every judgement its queue takes to
   drain;
-* otherwise, every ``judge_every`` seconds (or once outcomes came back, if later), when
+* otherwise, every ``judge_every`` seconds (each due ``judge_every`` after the last was
+  due, not after the look that made it; or once outcomes came back, if later), when
   successes came back and the release used at least half of what the rate allowed, the
   rate grows by ``slow_start`` while below the threshold (there is none at first), and
   by ``1 + step`` at or above it; the first failures or slow calls too few to be bad
@@ -313,9 +314,15 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
         rate = law.bound(rate * law.back_off)
         threshold, cut_at, owed, cut_share, at_limit = rate, now, in_flight, share, 0
         settle_until = now + law.judge_every * SETTLE_LEAST + min(2 * owed / rate, law.judge_every * SETTLE_MOST)
+        judged_at = now
     elif since < law.judge_every or came_back == 0:
         return pace  # (no news yet: the judgement waits for some)
     else:
+        # On the judgements' own cadence: the next is due ``judge_every`` after this one
+        # was, not after the look that made it (looks come a tick apart, and a judgement
+        # made at 0.6 s slowed every step of the ramp by a fifth); after a long pause, a
+        # new cadence from now.
+        judged_at = pace.judged_at + law.judge_every if since < 2 * law.judge_every else now
         cut_share = None  # (news without bad news: the next bad news cuts)
         crowded = in_flight > law.in_flight_s * pace.rate
         if successes > 0 and pace.used >= 0.5 * pace.rate * since and not crowded:
@@ -341,7 +348,7 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
             if limit is not None:
                 grown = max(rate, min(grown, limit * law.near))
             rate = law.bound(grown)
-    return replace(pace, rate=rate, threshold=threshold, tokens=min(max(rate, 1.0), pace.tokens), judged_at=now,
+    return replace(pace, rate=rate, threshold=threshold, tokens=min(max(rate, 1.0), pace.tokens), judged_at=judged_at,
                    seen=outcomes, used=0, in_flight=in_flight, cut_at=cut_at, limit=limit, owed=owed,
                    settle_until=settle_until, cut_share=cut_share, at_limit=at_limit)  # fmt: skip
 

@@ -160,6 +160,7 @@ local function advance_pace(law, pace, outcomes)
   local since = now - pace.jat
   local bad = ko + sl
   local rate, thr, lim = pace.rate, pace.thr, pace.lim
+  local jat
   if settling then
     -- news of tasks released before the last cut (still in flight): judges nothing, but a
     -- refusal among it caps the limit at the rate before the cut
@@ -190,9 +191,12 @@ local function advance_pace(law, pace, outcomes)
     pace.sut = now + law.judge_every * SETTLE_LEAST + math.min(2 * owe / rate, law.judge_every * SETTLE_MOST)
     pace.csh = share
     pace.alm = 0
+    jat = now
   elseif since < law.judge_every or came_back == 0 then
     return pace -- (no news yet: the judgement waits for some)
   else
+    -- on the judgements' own cadence (after a long pause, a new one from now)
+    if since < 2 * law.judge_every then jat = pace.jat + law.judge_every else jat = now end
     pace.csh = nil -- (news without bad news: the next bad news cuts)
     local crowded = infl > law.in_flight_s * pace.rate -- (too many in flight: no growth)
     if ok > 0 and pace.used >= 0.5 * pace.rate * since and not crowded then
@@ -219,6 +223,7 @@ local function advance_pace(law, pace, outcomes)
     end
   end
   judged(pace, outcomes)
+  pace.jat = jat
   pace.rate, pace.thr, pace.tokens, pace.lim = rate, thr, math.min(math.max(rate, 1), pace.tokens), lim
   pace.infl, pace.owe = infl, owe
   return pace
