@@ -126,6 +126,7 @@ class Deadlined:
     rfile: Any
 
     def setup(self) -> None:
+        """The handler's streams, its request read through ``_ReadBy`` (bounded in all)."""
         super().setup()  # type: ignore[misc]
         self.rfile.close()  # (the socket's own reader: replaced, not left holding the socket open)
         quiet: float | None = getattr(self, "timeout", None)  # (the handler's)
