@@ -105,6 +105,43 @@ def _retry_inside_block(task: Any, name: str, max_retries: int) -> dict[str, Any
     return report(task, value)
 
 
+#: What a ``self.retry(...)`` asks its next run to be sent with, besides its countdown.
+RETRY_ASKS: dict[str, Any] = {"priority": 7, "time_limit": 40, "soft_time_limit": 30, "headers": {"trace": "retry"}}
+
+
+def sent_with(task: Any, value: Any) -> dict[str, Any]:
+    """``report``, and what the run was sent with: its priority, time limits and a header."""
+    request = task.request
+    return {
+        **report(task, value),
+        "priority": (request.delivery_info or {}).get("priority"),
+        "timelimit": list(request.timelimit or (None, None)),
+        "trace": (request.headers or {}).get("trace"),
+    }
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-retry-asks", max_retries=5)
+def retry_asks_task(self: Any) -> dict[str, Any]:
+    """A ``self.retry(...)`` with options inside the guarded block (held back until it leaves it)."""
+    with self.breaker:
+        try:
+            value = call_downstream("t-retry-asks")
+        except ConnectionError as exc:
+            raise self.retry(exc=exc, countdown=0.1, **RETRY_ASKS) from exc
+    return sent_with(self, value)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-retry-asks-nested", max_retries=5)
+def retry_asks_nested_task(self: Any) -> dict[str, Any]:
+    """A ``self.retry(...)`` with options for a nested breaker's rejection."""
+    try:
+        with CircuitBreaker("t-retry-asks-nested-dep", storage=STORE_URL):
+            value = call_downstream("t-retry-asks-nested")
+    except CircuitOpenError as exc:
+        raise self.retry(exc=exc, countdown=0.1, **RETRY_ASKS) from exc
+    return sent_with(self, value)
+
+
 @shared_task(base=BreakerTask, bind=True, breaker="t-retry-inside")
 def retry_inside_block_task(self: Any, max_retries: int = 5) -> dict[str, Any]:
     return _retry_inside_block(self, "t-retry-inside", max_retries)

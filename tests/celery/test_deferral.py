@@ -316,6 +316,45 @@ def test_a_retry_with_new_arguments_deferred_instead_keeps_them(
     assert tasks.PROCESSED[name] == ["a", "b", "c", "d"]  # none twice
 
 
+def test_a_retry_deferred_instead_comes_back_with_the_options_it_asked_for(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # self.retry(priority=..., time_limit=..., headers=...) held back inside the guarded
+    # block, whose failure then tripped the breaker: deferred instead, the run came back
+    # with the priority, limits and headers it had been sent with, not the retry's.
+    breaker = operate(tasks.retry_asks_task.breaker)
+    monkeypatch.setitem(tasks.CALLS, "t-retry-asks", 0)
+    monkeypatch.setitem(tasks.DOWN, "t-retry-asks", True)
+
+    result = tasks.retry_asks_task.apply_async(priority=2)
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    assert deferred_match(result)["label"] == "t-retry-asks"
+    assert breaker.snapshot().trips == 1
+
+    monkeypatch.setitem(tasks.DOWN, "t-retry-asks", False)
+    value = get(result)
+    assert value["retries"] == 0  # deferred, not retried
+    assert value["deferrals"] == 1
+    assert (value["priority"], value["timelimit"], value["trace"]) == (7, [40, 30], "retry")
+
+
+def test_a_retry_for_a_nested_breaker_deferred_instead_comes_back_with_the_options_it_asked_for(
+    app: Any, operate: Operate
+) -> None:
+    dependency = operate(CircuitBreaker("t-retry-asks-nested-dep", storage=tasks.STORE_URL))
+    dependency.force_open()
+
+    result = tasks.retry_asks_nested_task.apply_async(priority=2)
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    assert deferred_match(result)["label"] == "t-retry-asks-nested-dep"
+
+    dependency.close()
+    value = get(result)
+    assert value["retries"] == 0
+    assert value["deferrals"] >= 1
+    assert (value["priority"], value["timelimit"], value["trace"]) == (7, [40, 30], "retry")
+
+
 def test_arguments_hidden_by_argsrepr_stay_hidden_after_a_deferral(app: Any, operate: Operate) -> None:
     # apply_async(argsrepr=..., kwargsrepr=...) keeps secrets out of the worker's events and
     # logs (Flower shows them). Celery's signature_from_request leaves both out, so the

@@ -32,6 +32,7 @@ from celery.signals import task_failure, task_retry, task_revoked
 
 from celery_breaker import BreakerTask, CircuitOpenError
 from celery_breaker.core import Transition
+from celery_breaker.integration.deferral.broker_delay import QUEUE_KEY
 from celery_breaker.monitoring import add_transition_listener
 
 BROKER = os.environ.get("PROJ_BROKER", "redis://127.0.0.1:6379/0")
@@ -241,6 +242,40 @@ def note(result: Any, tag: str, ns: str) -> None:
 def note_error(request: Any, exc: Any, traceback: Any, tag: str, ns: str) -> None:
     """A ``link_error`` errback: records that it ran, and for what error."""
     counter().rpush(links_key(ns), f"{tag}:{type(exc).__name__}")
+
+
+# -- a retry its failure turns into a deferral (tests/integration/test_broker_cases.py) ----------
+
+#: A task whose first run fails and asks for a retry elsewhere: another queue, a priority, time limits.
+RETRY_ELSEWHERE_TASK = "backlog.retry_elsewhere"
+
+
+def seen_key(ns: str) -> str:
+    return f"{ns}:seen"
+
+
+@app.task(name=RETRY_ELSEWHERE_TASK, base=BreakerTask, bind=True, breaker=BREAKER, acks_late=True, max_retries=3)
+def retry_elsewhere(self: Any, ns: str, queue: str) -> None:
+    """Notes where each run came from and what it was sent with; the first run fails
+    (which trips a breaker of ``failure_threshold`` 1) and asks to be retried on ``queue``."""
+    request = self.request
+    info = request.delivery_info or {}
+    counter().rpush(
+        seen_key(ns),
+        json.dumps(
+            {
+                "queue": info.get(QUEUE_KEY) or info.get("routing_key"),
+                "priority": info.get("priority"),
+                "timelimit": list(request.timelimit or (None, None)),
+                "retries": request.retries,
+            }
+        ),
+    )
+    if counter().hsetnx(f"{ns}:failed-once", request.id, 1):
+        raise self.retry(
+            exc=DownstreamError("down"), queue=queue, priority=7, time_limit=40, soft_time_limit=30, countdown=0
+        )
+    counter().hincrby(executions_key(ns), request.id, 1)
 
 
 # -- one breaker per tenant (tests/integration/test_corruption.py) --------------------------

@@ -60,11 +60,12 @@ class Deployment:
         return app
 
     @contextlib.contextmanager
-    def worker(self, *, concurrency: int = 2, name: str = "w") -> Iterator[WorkerProcess]:
-        """A started ``celery worker`` (prefork) of this deployment, stopped on leaving."""
+    def worker(self, *, concurrency: int = 2, name: str = "w", queues: str | None = None) -> Iterator[WorkerProcess]:
+        """A started ``celery worker`` (prefork) of this deployment, stopped on leaving;
+        ``queues``: the queues it consumes (``-Q``; default: the deployment's own)."""
         with WorkerProcess(
             self.broker_url, concurrency=concurrency, extra_conf=json.dumps(self.conf), name=f"{name}-{self.ns}",
-            app=APP, env=self.env,
+            app=APP, env=self.env, queues=queues,
         ) as started:  # fmt: skip
             started.wait_ready()
             yield started

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import re
 import socket
 import time
@@ -29,6 +30,7 @@ from tests.integration.backlog_proj import (
     BREAKER,
     EARLY_ACK_TASK,
     HIDDEN_TASK,
+    RETRY_ELSEWHERE_TASK,
     SLOW_TASK,
     TASK,
     UNBOUNDED_SLOW_TASK,
@@ -44,6 +46,7 @@ from tests.integration.backlog_proj import (
     note_error,
     refuse,
     revoked_key,
+    seen_key,
     shown_key,
     total,
 )
@@ -471,6 +474,43 @@ def test_chains_groups_chords_and_links_come_through_an_outage(
         assert len(runs) == 10
     finally:
         app.close()
+
+
+# -- a retry turned into a deferral goes where the retry asked ---------------------------
+
+
+@pytest.mark.parametrize(
+    ("broker", "mode"), [("redis", "park"), ("rabbitmq-classic", "park"), ("rabbitmq-classic", "countdown")]
+)
+def test_a_retry_deferred_instead_comes_back_where_and_as_the_retry_asked(
+    broker: str, mode: str, rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    # self.retry(queue=..., priority=..., time_limit=...) whose failure trips the breaker is
+    # deferred instead (no retry spent). The deferral dropped the retry's options: the run
+    # came back to the queue it had been sent to, with its first priority and no time
+    # limits, where Celery's retry sends it to the queue asked for, with them. Parked
+    # (Redis), delayed in RabbitMQ (broker-delay) or by countdown, it now comes back as the
+    # retry would have.
+    policy = {"failure_threshold": 1, "reset_timeout": 1.0}
+    cell = deploy(broker, "redis", mode, rabbitmq=rabbitmq, redis_server=redis_server, policy=policy,
+                  breaker_defer_spread=0)  # fmt: skip
+    client = counts(cell)
+    elsewhere = f"{cell.queue}-elsewhere"
+    publisher = cell.publisher()
+    try:
+        with cell.worker(queues=f"{cell.queue},{elsewhere}") as started:
+            task_id = publisher.send_task(RETRY_ELSEWHERE_TASK, args=(cell.ns, elsewhere), priority=2).id
+            wait_for(lambda: client.hlen(executions_key(cell.ns)) >= 1, 60, "the run after the deferral")
+            log = started.log()
+        seen = [json.loads(entry) for entry in client.lrange(seen_key(cell.ns), 0, -1)]
+    finally:
+        publisher.close()
+    assert client.hget(deferral_counts_key(cell.ns), task_id) == "1", log  # deferred, not retried
+    assert seen == [
+        {"queue": cell.queue, "priority": 2, "timelimit": [None, None], "retries": 0},
+        {"queue": elsewhere, "priority": 7, "timelimit": [40, 30], "retries": 0},
+    ], log
+    assert client.hgetall(executions_key(cell.ns)) == {task_id: "1"}
 
 
 # -- broker-delay brings each run back to its own queue ---------------------------------

@@ -19,6 +19,7 @@ from celery_breaker.integration.deferral.broker_delay import (
     QUEUE_KEY,
     UnroutedWarning,
     _token_of,
+    asked_queue,
     destination_queue,
     note_delivery_queue,
     queue_binding,
@@ -96,6 +97,22 @@ def test_the_default_exchange_names_the_queue_even_one_the_app_does_not_declare(
     assert destination_queue(app, delivered("tasks", "other")) is None  # no queue of the app takes that key
     assert destination_queue(app, delivered("foreign", "work.rk")) is None  # an exchange the app does not know
     assert destination_queue(app, None) is None
+
+
+def test_a_retry_deferred_instead_goes_to_the_queue_its_options_name() -> None:
+    # self.retry(queue=...), or (exchange=..., routing_key=...) as Celery routes them: what
+    # is missing comes from the default queue. Not exactly one queue: None (a countdown).
+    work = Queue("work", Exchange("tasks", type="direct"), routing_key="work.rk")
+    slow = Queue("slow", Exchange("tasks", type="direct"), routing_key="slow.rk")
+    app = app_with(work, slow, default="work")
+    assert asked_queue(app, {"queue": "slow"}) == "slow"
+    assert asked_queue(app, {"queue": slow}) == "slow"  # (a kombu Queue)
+    assert asked_queue(app, {"queue": "not-declared"}) == "not-declared"  # (Celery creates it)
+    assert asked_queue(app, {"routing_key": "slow.rk"}) == "slow"  # through the default queue's exchange
+    assert asked_queue(app, {"exchange": Exchange("tasks", type="direct"), "routing_key": "slow.rk"}) == "slow"
+    assert asked_queue(app, {"exchange": "", "routing_key": "slow"}) == "slow"  # the default exchange
+    assert asked_queue(app, {"exchange": "tasks"}) == "work"  # with the default queue's key
+    assert asked_queue(app, {"exchange": "tasks", "routing_key": "nowhere"}) is None
 
 
 def test_a_queue_with_several_bindings_is_found_by_any_of_them() -> None:

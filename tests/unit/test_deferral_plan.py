@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from celery_breaker.integration.broker import redelivery_window
 from celery_breaker.integration.deferral.countdown import RECEIVED_KEY
-from celery_breaker.integration.deferral.defer import refreshed
+from celery_breaker.integration.deferral.defer import _retry_options, refreshed
 from celery_breaker.integration.deferral.plan import (
     CLOCK_SKEW,
     DEFERRALS_HEADER,
@@ -351,3 +351,19 @@ def test_a_parked_task_is_due_at_its_expiry_or_its_age_budget_whichever_is_first
     assert park_deadline(None, since, 300.0, NOW) == since + 300
     assert park_deadline(60.0, since, 300.0, NOW) == NOW + 60 + EXPIRY_OVERSHOOT
     assert park_deadline(600.0, since, 300.0, NOW) == since + 300
+
+
+def test_a_retry_replaced_by_a_deferral_lends_it_its_options_but_not_its_timing() -> None:
+    # An expires in seconds counts from the retry, not from when the parking publishes the
+    # run: it becomes a time. The deferral plans its own delay and keeps the task's id and
+    # retry count.
+    now = 1_800_000_000.0
+    asked = {"queue": "slow", "priority": 7, "time_limit": 40, "expires": 60, "countdown": 5, "eta": None,
+             "retries": 3, "task_id": "other", "headers": {"trace": "t"}, "link": None}  # fmt: skip
+    found = _retry_options(asked, now)
+    assert found == {
+        "queue": "slow", "priority": 7, "time_limit": 40, "headers": {"trace": "t"},
+        "expires": datetime.fromtimestamp(now + 60, tz=timezone.utc),
+    }  # fmt: skip
+    when = datetime.fromtimestamp(now + 5, tz=timezone.utc)
+    assert _retry_options({"expires": when}, now) == {"expires": when}  # (a time stays that time)

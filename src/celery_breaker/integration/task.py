@@ -51,7 +51,8 @@ _REFUSED = "the downstream refused it"
 #: (``self.retry()`` in an ``except`` clause): the exception being handled then.
 _CAUSE_ATTR = "_celery_breaker_cause"
 #: Where ``BreakerTask.retry`` notes, on the rejection it raises instead of retrying, the
-#: arguments the retry asked for (``self.retry(args=..., kwargs=...)``): the deferral takes them.
+#: arguments and the options the retry asked for (``self.retry(args=..., queue=...)``): the
+#: deferral takes them.
 _RETRY_CALL_ATTR = "_celery_breaker_retry_call"
 
 
@@ -286,7 +287,7 @@ class BreakerTask(Task):  # type: ignore[misc]
                     if rejection is not None:
                         retry_args, retry_kwargs = retry.call[:2]
                         return self._on_rejected(
-                            breaker, rejection, *_arguments(retry_args, retry_kwargs, args, kwargs)
+                            breaker, rejection, *_arguments(retry_args, retry_kwargs, args, kwargs), retry.asked
                         )
                     return retry
                 raise
@@ -297,11 +298,14 @@ class BreakerTask(Task):  # type: ignore[misc]
                 run.settle(None, neutral=True)
                 if rejected.final:
                     raise
-                # (a self.retry(args=...) deferred instead: its arguments, as the retry would have run)
+                # (a self.retry(args=..., queue=...) deferred instead: its arguments and options,
+                # as the retry would have run)
                 call = getattr(rejected, _RETRY_CALL_ATTR, None)
+                asked: dict[str, Any] = {}
                 if call is not None:
                     args, kwargs = _arguments(call[0], call[1], args, kwargs)
-                return self._on_rejected(breaker, rejected, args, kwargs)
+                    asked = call[2]
+                return self._on_rejected(breaker, rejected, args, kwargs, asked)
             except BaseException:
                 run.settle(sys.exc_info()[1])
                 # (Eager and direct calls cannot wait: they keep their real error.)
@@ -341,13 +345,14 @@ class BreakerTask(Task):  # type: ignore[misc]
         (``_PendingRetry``) and sent once the failure is recorded, only if it did not open
         the breaker. With ``throw=False`` it is sent at once, as Celery does."""
         run = _running(self)
+        asked = dict(options)  # (what the caller asked the retry to be sent with; headers are added below)
         cause = exc
         if exc is None and run is not None:
             handled = sys.exc_info()[1]
             if handled is not None and _handled_in_this_run(handled):
                 cause = handled  # a bare retry in the body's except clause: what it handles
         if isinstance(cause, CircuitOpenError) and run is not None:
-            _note_retry_call(cause, args, kwargs)
+            _note_retry_call(cause, args, kwargs, asked)
             raise cause  # the run's handler defers (or falls back); never a retry
         postpone = False
         if run is not None:
@@ -356,7 +361,7 @@ class BreakerTask(Task):  # type: ignore[misc]
             if self._can_defer():
                 rejection = _waits_instead(run)  # defer instead of retrying
                 if rejection is not None:
-                    _note_retry_call(rejection, args, kwargs)  # (deferred with what the retry would run)
+                    _note_retry_call(rejection, args, kwargs, asked)  # (deferred as the retry would run)
                     raise rejection from cause
                 # A guarded call took the run's ticket: it may still be open around us.
                 postpone = throw and run.claimed and isinstance(cause, BaseException)
@@ -369,7 +374,7 @@ class BreakerTask(Task):  # type: ignore[misc]
                     k: v for k, v in headers.items() if k not in DEFERRAL_HEADERS and k not in DEAD_LETTER_HEADERS
                 }
         if postpone and isinstance(cause, BaseException):
-            raise _PendingRetry(cause, (args, kwargs, exc, throw, eta, countdown, max_retries), options)
+            raise _PendingRetry(cause, (args, kwargs, exc, throw, eta, countdown, max_retries), options, asked)
         try:
             return super().retry(args, kwargs, exc, throw, eta, countdown, max_retries, **options)
         except Retry as sent:
@@ -401,8 +406,15 @@ class BreakerTask(Task):  # type: ignore[misc]
         return breaker_with_probe(self.app, config.name, key, config.policy, config.probe)
 
     def _on_rejected(
-        self, breaker: CircuitBreaker, rejected: CircuitOpenError, args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        breaker: CircuitBreaker,
+        rejected: CircuitOpenError,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        asked: dict[str, Any] | None = None,
     ) -> Any:
+        """The run's answer to a rejection: its fallback's result, else its deferral, with
+        the options a retry it replaces ``asked`` for (``self.retry(queue=...)``)."""
         fallback = self.breaker_fallback
         if fallback is not None:
             if isinstance(fallback, str):
@@ -416,7 +428,7 @@ class BreakerTask(Task):  # type: ignore[misc]
                     raise
         if not self._can_defer():
             raise rejected  # nothing to requeue; Celery's eager retry would recurse
-        return _Deferred(defer(self, breaker, rejected, args, kwargs))
+        return _Deferred(defer(self, breaker, rejected, args, kwargs, asked=asked))
 
 
 class _PendingRetry(Retry):  # type: ignore[misc]
@@ -424,20 +436,25 @@ class _PendingRetry(Retry):  # type: ignore[misc]
     retry Celery would have sent, sent by the task (``__call__``, ``_send_retry``) once the
     body has unwound and the call has recorded its failure, unless that failure opened the
     breaker (the task is deferred then). A ``Retry`` whose ``exc`` is the cause, so the
-    block that it leaves records the failure."""
+    block that it leaves records the failure. ``options``: what the retry is sent with;
+    ``asked``: the options its caller gave (the deferral takes those)."""
 
-    def __init__(self, cause: BaseException, call: tuple[Any, ...], options: dict[str, Any]) -> None:
+    def __init__(
+        self, cause: BaseException, call: tuple[Any, ...], options: dict[str, Any], asked: dict[str, Any]
+    ) -> None:
         super().__init__(None, cause)
         self.call = call
         self.options = options
+        self.asked = asked
 
 
-def _note_retry_call(rejection: CircuitOpenError, args: Any, kwargs: Any) -> None:
+def _note_retry_call(rejection: CircuitOpenError, args: Any, kwargs: Any, asked: dict[str, Any]) -> None:
     """Note on ``rejection`` (raised by ``BreakerTask.retry`` instead of a retry) the
-    arguments that retry asked for, if it asked for any: the run defers the task with
-    them, as Celery's retry would have sent it, not with the ones this run had."""
-    if args is not None or kwargs is not None:
-        setattr(rejection, _RETRY_CALL_ATTR, (args, kwargs))
+    arguments and options that retry asked for, if it asked for any: the run defers the
+    task with them (``self.retry(queue="slow", priority=9)``), as Celery's retry would
+    have sent it, not with the ones this run had."""
+    if args is not None or kwargs is not None or asked:
+        setattr(rejection, _RETRY_CALL_ATTR, (args, kwargs, asked))
 
 
 def _arguments(

@@ -23,7 +23,8 @@ came from (``note_delivery_queue``: the delivery's consumer tag); without that n
 queue is inferred: the queue named by the key for the default exchange, else the one
 queue of the app bound to that exchange with a matching key. When neither tells exactly
 one queue the run is not taken here (the next strategy, a countdown, republishes it as
-Celery's retry would).
+Celery's retry would). A run deferred instead of a ``self.retry(queue=...)`` goes to
+the queue the retry asked for (``asked_queue``).
 
 So a deferred run survives what a queued task survives, no worker holds it (RabbitMQ's
 ``consumer_timeout`` cannot strike), and it comes back by itself when its delay is up.
@@ -48,11 +49,11 @@ from kombu.exceptions import EncodeError
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 
 from ..throttle import Throttle
-from .strategy import Deferral, publish
+from .strategy import DESTINATION_OPTIONS, Deferral, names_destination, publish
 
 __all__ = [
     "CONFIRM_TIMEOUT", "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "LEGACY_DELIVERY_EXCHANGE", "QUEUE_KEY",
-    "ROUTING_EXCHANGE", "UNROUTABLE", "BrokerDelay", "destination_queue", "discard", "ensure_topology",
+    "ROUTING_EXCHANGE", "UNROUTABLE", "BrokerDelay", "asked_queue", "destination_queue", "discard", "ensure_topology",
     "forget_delay_deaths", "level_name", "note_delivery_queue", "queue_binding", "queue_token", "timed_out",
     "topic_matches", "unroutable_count",
 ]  # fmt: skip
@@ -228,6 +229,23 @@ def destination_queue(app: Any, delivery_info: dict[str, Any] | None) -> str | N
         if any(verdicts):
             found.append(name)
     return found[0] if len(found) == 1 else None
+
+
+def asked_queue(app: Any, options: dict[str, Any]) -> str | None:
+    """The queue ``options`` (a ``self.retry(queue=..., exchange=..., routing_key=...)``'s)
+    send a message to, as the app routes them (``None``: not exactly one queue)."""
+    queue = options.get("queue")
+    if queue is not None:
+        name = getattr(queue, "name", queue)  # (a kombu Queue, or its name)
+        return name if isinstance(name, str) and name else None
+    exchange = options.get("exchange")
+    exchange = getattr(exchange, "name", exchange)  # (a kombu Exchange, or its name)
+    key = options.get("routing_key")
+    if exchange is None or key is None:  # (Celery takes what is missing from the default queue)
+        default = app.amqp.default_queue
+        exchange = default.exchange.name if exchange is None and default.exchange is not None else exchange
+        key = default.routing_key if key is None else key
+    return destination_queue(app, {"exchange": exchange or "", "routing_key": key})
 
 
 #: When the last "declaring the delay topology again" was logged at INFO.
@@ -571,9 +589,17 @@ class BrokerDelay:
         # The queue it was delivered from first (the worker's note, else the routes): the
         # key it came back with names the queue it was deferred to, and a copy that a
         # catch-all binding put in another queue must go back to that other queue, not
-        # add a copy to the first one at each deferral.
-        queue = destination_queue(task.app, request.delivery_info)
-        token = queue_token(queue) if queue is not None else _token_of(request.delivery_info)
+        # add a copy to the first one at each deferral. A retry it replaces may have asked
+        # for another destination: that one then.
+        queue: str | None
+        if names_destination(deferral.options):
+            queue = asked_queue(task.app, deferral.options)
+            if queue is None:
+                return None  # (a countdown sends it there, as Celery's retry would)
+            token: str | None = queue_token(queue)
+        else:
+            queue = destination_queue(task.app, request.delivery_info)
+            token = queue_token(queue) if queue is not None else _token_of(request.delivery_info)
         if token is None:
             self._cannot_tell(request.delivery_info)
             return None
@@ -583,7 +609,8 @@ class BrokerDelay:
         )
         # No countdown or eta: the broker holds it for exactly that long, and a worker
         # must not hold it again. The explicit exchange and key replace the delivery's own.
-        signature.options.pop("queue", None)
+        for option in DESTINATION_OPTIONS:
+            signature.options.pop(option, None)
         routing_key = calculate_routing_key(seconds, token)
         with self._lock:  # (one channel per process: publishes take turns)
             for attempt in (1, 2):

@@ -7,7 +7,8 @@ late-acknowledged delivery is requeued (``Reject``); otherwise the task fails wi
 ``CircuitOpenError`` that says so.
 
 On RabbitMQ the copy goes back to the queue the run was delivered from
-(``destination_queue``), by that queue's name. Republished through the delivery's
+(``destination_queue``), by that queue's name (a run deferred instead of a
+``self.retry(queue=...)`` goes where the retry asked, as Celery's retry sends it). Republished through the delivery's
 exchange and key, as Celery's own retry does, a topic or fanout exchange put a copy in
 every queue it routes the key to, again at each deferral; and on quorum queues Celery
 delays a countdown in the broker by the routing key of the message's queue, which, for
@@ -33,7 +34,7 @@ from kombu.exceptions import EncodeError
 from ...errors import CircuitOpenError
 from ..broker import AMQP, broker_kind
 from .broker_delay import CONFIRM_TIMEOUT, UnroutedWarning, destination_queue, discard, timed_out
-from .strategy import Deferral, publish
+from .strategy import Deferral, names_destination, publish
 
 __all__ = ["RECEIVED_KEY", "REQUEUE_PAUSE", "CountdownRepublish", "note_received"]
 
@@ -139,9 +140,11 @@ class CountdownRepublish:
         delay = deferral.plan.delay
         if self.whole_seconds:
             delay = float(max(1, math.ceil(delay)))
+        # (a destination the retry it replaces asked for goes as Celery's retry sends it)
+        route = {} if names_destination(deferral.options) else self.route(task)
         signature = task.signature_from_request(
             request, deferral.args, deferral.kwargs, countdown=delay, headers=deferral.headers,
-            **deferral.options, **self.route(task),
+            **deferral.options, **route,
         )  # fmt: skip
         try:
             self.send(task, signature)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
+from datetime import datetime, timezone
 from typing import Any
 
 from celery.exceptions import Retry
@@ -45,14 +47,19 @@ def defer(
     rejected: CircuitOpenError,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
+    *,
+    asked: Mapping[str, Any] | None = None,
 ) -> Retry:
     """Deliver this run (a ``BreakerTask``'s) again by the first strategy that takes it;
     return the ``Retry`` that ends the run. Raises a final ``CircuitOpenError`` when the
-    task's deferral budget is spent."""
+    task's deferral budget is spent. ``asked``: the options of the ``self.retry(...)``
+    this deferral replaces (``queue``, ``priority``, ``time_limit``...): the run comes
+    back with them, as the retry would have."""
     request = task.request
     config = task_breaker_config(task)
     settings = get_settings(task.app)
     now = time.time()
+    retry_options = _retry_options(asked or {}, now)
     past = read_headers(request.headers, now=now)
     for problem in past.problems:
         logger.warning("task %s[%s]: %s", task.name, request.id, problem)
@@ -61,7 +68,7 @@ def defer(
         retry_after = breaker.policy.reset_timeout
     spread = config.defer_spread if config.defer_spread is not None else breaker.policy.reset_timeout
     state = getattr(rejected.state, "value", rejected.state) or "open"
-    expires_in = seconds_until(request.expires, now)
+    expires_in = seconds_until(retry_options.get("expires", request.expires), now)
     plan = plan_deferral(
         label=_rejecting_label(breaker, rejected),
         state=state,
@@ -80,15 +87,16 @@ def defer(
             plan.give_up, name=breaker.name, key=breaker.key, state=rejected.state,
             retry_after=rejected.retry_after, final=True,
         ) from rejected  # fmt: skip
+    sent = retry_options.pop("headers", request.headers)  # (a retry's own headers replace the request's, as in Celery)
     headers = {
-        k: v for k, v in (request.headers or {}).items() if k not in DEAD_LETTER_HEADERS and k != PARKED_HEADER
+        k: v for k, v in (sent or {}).items() if k not in DEAD_LETTER_HEADERS and k != PARKED_HEADER
     }  # (the parking sets PARKED_HEADER on what it parks; nothing else carries it)
     headers[DEFERRALS_HEADER] = plan.count
     headers[SINCE_HEADER] = plan.since
     deferral = Deferral(
         task=task, breaker=breaker, rejected=rejected, state=state, args=args, kwargs=kwargs, headers=headers,
         plan=plan, expires_in=expires_in, max_defer_age=config.max_defer_age, now=now,
-        options=_unsent_options(request, args, kwargs),
+        options={**_unsent_options(request, args, kwargs), **retry_options},
     )  # fmt: skip
     strategy, delay = _deliver(deferral, deferral_strategies(task.app))
     if not rejected.name or (rejected.name, rejected.key) == (breaker.name, breaker.key):
@@ -163,6 +171,24 @@ def _unsent_options(request: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
         text = getattr(request, option, None)
         if isinstance(text, str) and _same(given, sent):
             found[option] = text
+    return found
+
+
+#: Options of a ``self.retry(...)`` a deferral does not take: the deferral plans its own
+#: time, and keeps the task's id and its retry count (no retry is spent).
+_NOT_TAKEN_FROM_RETRY = frozenset({"countdown", "eta", "retries", "task_id"})
+
+
+def _retry_options(asked: Mapping[str, Any], now: float) -> dict[str, Any]:
+    """The options of the ``self.retry(...)`` a deferral replaces that the deferral is
+    published with: where to (``queue``, ``exchange``, ``routing_key``), ``priority``,
+    time limits, ``expires``, ``headers``... as Celery's retry would have sent it. Its
+    ``countdown`` and ``eta`` are not: the run waits for its breaker instead. An
+    ``expires`` in seconds becomes a time (from now), since the parking publishes it later."""
+    found = {k: v for k, v in asked.items() if k not in _NOT_TAKEN_FROM_RETRY and v is not None}
+    expires = found.get("expires")
+    if isinstance(expires, (int, float)) and not isinstance(expires, bool):
+        found["expires"] = datetime.fromtimestamp(now + expires, tz=timezone.utc)
     return found
 
 

@@ -11,7 +11,7 @@ is one module here that implements ``DeferralStrategy`` plus one line in ``selec
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -23,8 +23,8 @@ from ...errors import CircuitOpenError
 from .plan import DeferralPlan
 
 __all__ = [
-    "CONTENT_TYPE_KEY", "Deferral", "DeferralStrategy", "in_a_serializer", "note_content_type", "publish",
-    "serializers_of",
+    "CONTENT_TYPE_KEY", "DESTINATION_OPTIONS", "Deferral", "DeferralStrategy", "in_a_serializer",
+    "names_destination", "note_content_type", "publish", "serializers_of",
 ]  # fmt: skip
 
 T = TypeVar("T")
@@ -55,7 +55,20 @@ class Deferral:
     """Epoch seconds when the deferral was planned."""
     options: dict[str, Any] = field(default_factory=dict)
     """Publishing options of the delivery that ``signature_from_request`` does not carry
-    (``compression``, ``argsrepr``, ``kwargsrepr``): every strategy passes them to it."""
+    (``compression``, ``argsrepr``, ``kwargsrepr``), and those of the ``self.retry(...)``
+    the deferral replaces (``queue``, ``priority``, ``time_limit``...): every strategy
+    passes them to it. A destination among them (``names_destination``) is where the
+    run goes back to, instead of the queue it was delivered from."""
+
+
+#: The options that say where a message goes.
+DESTINATION_OPTIONS = ("queue", "exchange", "routing_key")
+
+
+def names_destination(options: Mapping[str, Any]) -> bool:
+    """Whether ``options`` (a ``Deferral``'s) say where the run goes: a ``self.retry(queue=...)``
+    (or ``exchange``, ``routing_key``) it replaces asked for another destination."""
+    return any(options.get(name) is not None for name in DESTINATION_OPTIONS)
 
 
 class DeferralStrategy(Protocol):
