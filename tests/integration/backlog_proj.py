@@ -278,6 +278,22 @@ def retry_elsewhere(self: Any, ns: str, queue: str) -> None:
     counter().hincrby(executions_key(ns), request.id, 1)
 
 
+#: A task that retries itself once to the queue it was delivered from, as its request names it.
+RETRY_TO_ITS_QUEUE_TASK = "backlog.retry_to_its_queue"
+
+
+@app.task(name=RETRY_TO_ITS_QUEUE_TASK, base=BreakerTask, bind=True, breaker=BREAKER, acks_late=True, max_retries=1)
+def retry_to_its_queue(self: Any, ns: str) -> None:
+    """Notes the delivery's routing key; its first run retries to the queue that key names
+    (``self.retry(queue=self.request.delivery_info["routing_key"])``), the second counts itself."""
+    request = self.request
+    key = (request.delivery_info or {}).get("routing_key")
+    counter().rpush(seen_key(ns), f"{key} {request.retries}")
+    if not request.retries:
+        raise self.retry(queue=key, countdown=0.1)
+    counter().hincrby(executions_key(ns), request.id, 1)
+
+
 # -- one breaker per tenant (tests/integration/test_corruption.py) --------------------------
 
 #: The per-key task's breaker: one per tenant, its key the task's fourth argument.

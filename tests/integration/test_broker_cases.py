@@ -31,6 +31,7 @@ from tests.integration.backlog_proj import (
     EARLY_ACK_TASK,
     HIDDEN_TASK,
     RETRY_ELSEWHERE_TASK,
+    RETRY_TO_ITS_QUEUE_TASK,
     SLOW_TASK,
     TASK,
     UNBOUNDED_SLOW_TASK,
@@ -514,6 +515,32 @@ def test_a_retry_deferred_instead_comes_back_where_and_as_the_retry_asked(
 
 
 # -- broker-delay brings each run back to its own queue ---------------------------------
+
+
+def test_a_run_back_from_broker_delay_names_its_queue_in_its_delivery(
+    rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    # A run back from a broker-delay deferral saw the delay's exchange and key in
+    # self.request.delivery_info (celery_breaker_delayed_delivery, 0.0.(...).1.celery-breaker.<digest>).
+    # A task retrying itself to the queue it came from, by that key, was sent to a new queue
+    # of that name, which Celery declared and no worker consumes: it never ran again.
+    policy = {"failure_threshold": 1, "reset_timeout": 1.0}
+    cell = deploy("rabbitmq-classic", "redis", "park", rabbitmq=rabbitmq, redis_server=redis_server, policy=policy,
+                  breaker_defer_spread=0)  # fmt: skip
+    client = counts(cell)
+    publisher = cell.publisher()
+    try:
+        with cell.worker() as started:
+            with held_open(cell, policy):
+                task_id = publisher.send_task(RETRY_TO_ITS_QUEUE_TASK, args=(cell.ns,)).id
+                wait_for(lambda: client.hget(deferral_counts_key(cell.ns), task_id) == "1", 30, "the deferral")
+            wait_for(lambda: client.hlen(executions_key(cell.ns)) >= 1, 30, "the run retried to its queue")
+            log = started.log()
+    finally:
+        publisher.close()
+    assert "by broker-delay" in log
+    assert client.lrange(seen_key(cell.ns), 0, -1) == [f"{cell.queue} 0", f"{cell.queue} 1"]
+    assert client.hgetall(executions_key(cell.ns)) == {task_id: "1"}
 
 
 def test_broker_delay_brings_every_run_back_to_its_own_queue_once_however_it_was_routed(

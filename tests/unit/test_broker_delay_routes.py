@@ -24,6 +24,7 @@ from celery_breaker.integration.deferral.broker_delay import (
     note_delivery_queue,
     queue_binding,
     queue_token,
+    show_queue_delivery,
     topic_matches,
 )
 
@@ -184,6 +185,32 @@ def test_the_queue_told_by_the_consumer_tag_wins_over_what_the_routes_suggest() 
     bare.delivery_info = {}
     note_delivery_queue(sender=object(), request=bare)
     assert bare.delivery_info == {}
+
+
+def test_a_run_back_from_broker_delay_shows_a_delivery_to_its_queue() -> None:
+    # self.request.delivery_info showed the delay's exchange and key, which name no queue:
+    # a task retrying itself to its routing key went to a queue no worker consumes.
+    work = Queue("work", Exchange("tasks", type="direct"), routing_key="work.rk")
+    consumer = SimpleNamespace(app=app_with(work, default="work"))
+
+    def received(info: dict[str, Any]) -> dict[str, Any]:
+        request = SimpleNamespace(delivery_info=dict(info))
+        show_queue_delivery(sender=consumer, request=request)
+        shown: dict[str, Any] = request.delivery_info
+        return shown
+
+    back = delivered(DELIVERY_EXCHANGE, delayed(queue_token("work")))
+    assert received({**back, QUEUE_KEY: "mail"}) == {  # the queue the consumer tag told
+        **back, QUEUE_KEY: "mail", "exchange": "", "routing_key": "mail",
+    }  # fmt: skip
+    assert received(back) == {**back, "exchange": "", "routing_key": "work"}  # told by its token
+    # Left as they are: a token of no queue the app knows, Celery's own delayed countdown,
+    # a delivery of no delay.
+    unknown = delivered(DELIVERY_EXCHANGE, delayed(queue_token("gone")))
+    assert received(unknown) == unknown
+    celerys = delivered(LEGACY_DELIVERY_EXCHANGE, delayed("work.rk"))
+    assert received(celerys) == celerys
+    assert received(delivered("tasks", "work.rk")) == delivered("tasks", "work.rk")
 
 
 def test_a_run_whose_queue_cannot_be_told_is_warned_about_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:

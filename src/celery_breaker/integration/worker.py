@@ -19,7 +19,7 @@ from ..errors import ConfigurationError
 from ..storage import describe_url, flush_stores, is_shared_url, resolve_store
 from . import events
 from .broker import REDIS, broker_kind, broker_url
-from .deferral.broker_delay import forget_delay_deaths, note_delivery_queue
+from .deferral.broker_delay import forget_delay_deaths, note_delivery_queue, show_queue_delivery
 from .deferral.countdown import note_received
 from .deferral.parking import ParkInStore
 from .deferral.plan import WORKER_TIME_LIMIT_ATTR
@@ -177,6 +177,7 @@ class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
 # Each received task's queue, noted where the consumer is (RabbitMQ's broker-delay needs it),
 # and the content type its message came in (a deferral publishes it again in that).
 task_received.connect(note_delivery_queue, weak=False)
+task_received.connect(show_queue_delivery, weak=False)  # (after it: a run back from broker-delay shows its queue)
 task_received.connect(note_content_type, weak=False)
 task_received.connect(note_received, weak=False)  # (when: a countdown held too long is sent again before its run)
 task_received.connect(forget_delay_deaths, weak=False)  # (the run sees the headers its caller sent)

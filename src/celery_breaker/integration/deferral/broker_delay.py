@@ -54,7 +54,8 @@ from .strategy import DESTINATION_OPTIONS, Deferral, names_destination, publish
 __all__ = [
     "CONFIRM_TIMEOUT", "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "LEGACY_DELIVERY_EXCHANGE", "QUEUE_KEY",
     "ROUTING_EXCHANGE", "UNROUTABLE", "BrokerDelay", "asked_queue", "destination_queue", "discard", "ensure_topology",
-    "forget_delay_deaths", "level_name", "note_delivery_queue", "queue_binding", "queue_token", "timed_out",
+    "forget_delay_deaths", "level_name", "note_delivery_queue", "queue_binding", "queue_token",
+    "show_queue_delivery", "timed_out",
     "topic_matches", "unroutable_count",
 ]  # fmt: skip
 
@@ -112,6 +113,27 @@ def note_delivery_queue(sender: Any = None, request: Any = None, **_: Any) -> No
         if active == tag:
             request.delivery_info[QUEUE_KEY] = queue
             return
+
+
+def show_queue_delivery(sender: Any = None, request: Any = None, **_: Any) -> None:
+    """``task_received`` (the worker's main process, after ``note_delivery_queue``): a run
+    back from a broker-delay deferral shows the delivery of a message sent straight to
+    its queue (``delivery_info`` exchange ``""``, routing key the queue's name), as the
+    countdown and the parking bring it back, not the delay's exchange and key
+    (``celery_breaker_delayed_delivery``, ``0.0.(...).1.celery-breaker.<digest>``),
+    which no queue is named by: a run that retried itself to the queue it came from
+    (``self.retry(queue=self.request.delivery_info["routing_key"])``) sent it to a queue
+    of that name, which Celery declared and no worker consumes. Left as it is when the
+    queue cannot be told."""
+    info = getattr(request, "delivery_info", None)
+    if not isinstance(info, dict) or _token_of(info) is None:
+        return  # (not back from a delay of ours)
+    queue = info.get(QUEUE_KEY)
+    if not isinstance(queue, str) or not queue:
+        app = getattr(sender, "app", None)
+        queue = destination_queue(app, info) if app is not None else None
+    if queue is not None:
+        info["exchange"], info["routing_key"] = "", queue
 
 
 #: A level of the delay topology, as RabbitMQ names it in the dead-lettering headers.
