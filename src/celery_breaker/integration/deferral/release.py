@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Any
 
+from amqp.exceptions import MessageNacked  # type: ignore[import-untyped]
+from kombu.exceptions import EncodeError
 from kombu.serialization import prepare_accept_content
 
 from ...core.pacing import PacingLaw
@@ -33,7 +35,9 @@ from ...errors import StorageError
 from ...health import CheckAbandoned, abandon_checks_on
 from ...labels import shown_label
 from ...storage import Parking
+from ..broker import AMQP, broker_kind
 from ..throttle import Throttle
+from .broker_delay import CONFIRM_TIMEOUT, RETIRED_AT_MOST, discard, timed_out
 from .health_gate import HealthGate
 from .parking import NotAcceptedHere, read_parked
 
@@ -111,6 +115,16 @@ class Releaser(threading.Thread):
         self._refusals = Throttle(TAG_COMPLAINT_EVERY)  # by tag: a message not accepted here
         #: Breakers with a health check release nothing (no real task is a probe) until it closes them.
         self.health_gate = HealthGate(app)
+        #: On RabbitMQ, parked tasks are published with publisher confirms, over a
+        #: connection of the releaser's own (``_publish_confirmed``).
+        self._confirms = broker_kind(app.conf) == AMQP
+        self._connection: Any = None
+        #: Connections a confirm did not come on in time, and when: left open for RabbitMQ to
+        #: read what they hold, closed after ``RETIRED_AT_MOST`` seconds.
+        self._unconfirmed: list[tuple[Any, float]] = []
+        self._nacks = Throttle(TAG_COMPLAINT_EVERY)  # RabbitMQ's refusals: one WARNING a minute
+        #: Set when RabbitMQ did not confirm a publish in time: the rest of the tick's claim waits.
+        self._stalled = False
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the releaser to stop and wait up to ``timeout`` seconds for it."""
@@ -121,8 +135,16 @@ class Releaser(threading.Thread):
     terminate = stop  # (the worker's bootstep calls either)
 
     def run(self) -> None:
-        with abandon_checks_on(self._stop_event):  # (a check running at shutdown frees its probe slot)
-            self._loop()
+        try:
+            with abandon_checks_on(self._stop_event):  # (a check running at shutdown frees its probe slot)
+                self._loop()
+        finally:
+            if self._connection is not None:  # (RabbitMQ's confirming connection: closed with the thread)
+                discard(self._connection)
+                self._connection = None
+            for connection, _since in self._unconfirmed:
+                discard(connection)
+            self._unconfirmed = []
 
     def _loop(self) -> None:
         while not self._stop_event.wait(self.tick):
@@ -171,7 +193,10 @@ class Releaser(threading.Thread):
         pace = 0.0 if self.rate is None else self.rate
         claimed = self.parking.release(tag, most=most, pace=pace, ramp=self.ramp, lease=LEASE, law=self.law)
         done = []
+        self._stalled = False
         for entry, payload in claimed:
+            if self._stalled:
+                break  # (RabbitMQ takes no publish now: the rest stay claimed, released again after the lease)
             if self._publish(tag, entry, payload):
                 done.append(entry)
         self.parking.done(tag, done)
@@ -246,7 +271,10 @@ class Releaser(threading.Thread):
         _RELEASING.on = True
         try:
             # (in the serializer it was parked in: its arguments may take no other)
-            self.app.signature(signature).apply_async(**({"serializer": serializer} if serializer else {}))
+            options = {"serializer": serializer} if serializer else {}
+            if self._confirms:
+                return self._publish_confirmed(entry, self.app.signature(signature), options)
+            self.app.signature(signature).apply_async(**options)
         except Exception as exc:
             # Left claimed: the lease runs out and it is released again.
             logger.warning("celery-breaker releaser: could not publish %s (%r); it stays parked", entry, exc)
@@ -254,3 +282,78 @@ class Releaser(threading.Thread):
         finally:
             _RELEASING.on = False
         return True
+
+    def _publish_confirmed(self, entry: str, signature: Any, options: dict[str, Any]) -> bool:
+        """Publish a parked task on RabbitMQ with publisher confirms; whether RabbitMQ took it.
+
+        Published as Celery publishes, without confirms, a message RabbitMQ refused (a full
+        queue whose ``x-overflow`` is ``reject-publish``, a user who may not write to the
+        exchange) raised nothing: the entry was forgotten and the task lost. Now a refusal
+        leaves it claimed (released again after the lease). A confirm that does not come
+        within ``CONFIRM_TIMEOUT`` (RabbitMQ blocks publishers under a memory or disk
+        alarm, or the peer is gone) leaves it claimed too, and the rest of this tick's
+        claim waits: it may run twice (the copy is routed when the alarm clears), never
+        not at all. Any other failure is tried once more over a new connection (a broker
+        restarted since)."""
+        if self._unconfirmed:
+            self._close_unconfirmed(time.monotonic())
+        for attempt in (1, 2):
+            if self._connection is None:
+                self._connection = self.app.connection_for_write(transport_options={"confirm_publish": True})
+            connection = self._connection
+            try:
+                signature.apply_async(
+                    producer=connection.Producer(), retry=False, confirm_timeout=CONFIRM_TIMEOUT, **options
+                )
+            except EncodeError:
+                raise  # (the message, not the connection)
+            except Exception as exc:
+                if _nacked(exc):
+                    quiet = self._nacks.due("")
+                    logger.log(
+                        logging.DEBUG if quiet is None else logging.WARNING,
+                        "celery-breaker releaser: RabbitMQ refused %s (a full queue that rejects publishes?); it "
+                        "stays parked, and is released again after its lease (logged at most once a minute; %d "
+                        "more refused since the last time, at DEBUG)",
+                        entry, quiet or 0,
+                    )  # fmt: skip
+                    return False
+                self._connection = None
+                if timed_out(exc):
+                    # (left open: a late confirm must answer no later publish)
+                    self._unconfirmed.append((connection, time.monotonic()))
+                    self._stalled = True
+                    logger.warning(
+                        "celery-breaker releaser: RabbitMQ did not confirm %s within %g s; it stays parked, and is "
+                        "released again after its lease (it may run twice)",
+                        entry, CONFIRM_TIMEOUT,
+                    )  # fmt: skip
+                    return False
+                discard(connection)
+                if attempt == 2:
+                    raise
+            else:
+                return True
+        return False  # (not reached: the second attempt returns or raises)
+
+    def _close_unconfirmed(self, now: float) -> None:
+        """Close the connections left open ``RETIRED_AT_MOST`` seconds ago or more."""
+        kept = []
+        for connection, since in self._unconfirmed:
+            if now - since >= RETIRED_AT_MOST:
+                discard(connection)
+            else:
+                kept.append((connection, since))
+        self._unconfirmed = kept
+
+
+def _nacked(exc: BaseException) -> bool:
+    """Whether ``exc`` is RabbitMQ's negative confirm (``basic.nack``), perhaps wrapped."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, MessageNacked):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

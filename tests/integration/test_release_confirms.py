@@ -1,0 +1,83 @@
+"""A parked task released to RabbitMQ is forgotten only once RabbitMQ took it (real RabbitMQ and Redis).
+
+The releaser published a parked task (``breaker_park=True`` on RabbitMQ, or a Redis
+store another worker parks in) as Celery publishes any task: without publisher
+confirms. A publish RabbitMQ refuses, here a full queue whose ``x-overflow`` is
+``reject-publish``, raised nothing; the entry was forgotten and the task was gone.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from celery import Celery
+from kombu.connection import Connection
+from kombu.entity import Queue
+
+from celery_breaker.integration.deferral import release
+from celery_breaker.integration.deferral.parking import encode_message
+from celery_breaker.integration.deferral.release import Releaser
+from celery_breaker.storage import close_stores
+from celery_breaker.storage.redis import RedisStore
+from tests.rabbitmq import RabbitMQServer
+from tests.servers import RedisServer
+
+pytestmark = pytest.mark.slow
+
+
+def _messages(url: str, queue: Queue) -> list[str]:
+    """The task ids waiting in ``queue`` (taken off it)."""
+    found = []
+    with Connection(url) as connection:  # type: ignore[no-untyped-call]
+        bound = connection.SimpleQueue(queue, no_ack=True)
+        try:
+            while True:
+                try:
+                    message = bound.get(timeout=0.5)
+                except bound.Empty:
+                    break
+                found.append(message.headers["id"])
+        finally:
+            bound.close()
+    return found
+
+
+def test_a_parked_task_rabbitmq_refuses_stays_parked_until_it_takes_it(
+    rabbitmq: RabbitMQServer, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(release, "LEASE", 0.2)  # (seconds a claim holds an entry: shortened)
+    ns = uuid.uuid4().hex[:8]
+    arguments = {"x-max-length": 1, "x-overflow": "reject-publish"}
+    queue = Queue(f"full-{ns}", queue_arguments=arguments)  # type: ignore[no-untyped-call]
+    app = Celery(f"release-{ns}", broker=rabbitmq.url, set_as_current=False)
+    app.conf.update(task_queues=[queue], task_default_queue=queue.name, broker_connection_retry_on_startup=True)
+    store = RedisStore.from_url(f"{redis_server.url}/1?key_prefix={ns}")
+    parking = store.parking
+    assert parking is not None
+    try:
+        filler = app.send_task("proj.filler").id  # (the queue is full: RabbitMQ refuses the next message)
+        parked = app.signature("proj.charge", args=(1,)).freeze().id
+        body = dict(app.signature("proj.charge", args=(1,), task_id=parked, queue=queue.name))
+        parking.park("crm", None, f"{parked}:0:1", 1.0, encode_message(body, "json"), None)
+        tag = parking.tag("crm", None)
+        releaser = Releaser(app, parking, rate=1000.0, ramp=0.0)
+
+        for _ in range(50):  # (until the releaser has claimed it and tried to publish it)
+            releaser.release_once()
+            if parking.count(tag) != (1, 0) or releaser.released:
+                break
+        assert releaser.released == 0  # (refused: not counted as released)
+        assert sum(parking.count(tag)) == 1  # (still parked or claimed: not forgotten)
+        assert _messages(rabbitmq.url, queue) == [filler]  # (the queue is free again)
+
+        for _ in range(50):  # (claimed again once its lease has run out)
+            if releaser.release_once():
+                break
+        assert releaser.released == 1
+        assert parking.count(tag) == (0, 0)
+        assert _messages(rabbitmq.url, queue) == [parked]  # (once)
+    finally:
+        close_stores()
+        with Connection(rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+            queue.bind(connection.default_channel).delete()  # type: ignore[no-untyped-call]
