@@ -125,6 +125,9 @@ class Releaser(threading.Thread):
         self._nacks = Throttle(TAG_COMPLAINT_EVERY)  # RabbitMQ's refusals: one WARNING a minute
         #: Set when RabbitMQ did not confirm a publish in time: the rest of the tick's claim waits.
         self._stalled = False
+        #: By tag: entries published whose ``done`` the store did not take (it failed
+        #: meanwhile), forgotten before that breaker's next claim (``_release_tag``).
+        self._undone: dict[str, list[str]] = {}
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the releaser to stop and wait up to ``timeout`` seconds for it."""
@@ -173,7 +176,9 @@ class Releaser(threading.Thread):
         raises ``StorageError``."""
         published = 0
         most = MOST_PER_TICK if self.rate is None else max(1, min(MOST_PER_TICK, int(self.rate * self.tick * 4) + 1))
-        for tag in self.parking.tags():
+        tags = self.parking.tags()
+        tags += [tag for tag in self._undone if tag not in tags]  # (their published entries are still claimed)
+        for tag in tags:
             if self._stop_event.is_set():
                 break
             try:
@@ -188,6 +193,14 @@ class Releaser(threading.Thread):
         return published
 
     def _release_tag(self, tag: str, most: int) -> int:
+        undone = self._undone.get(tag)
+        if undone:
+            # Published by an earlier tick whose ``done`` failed (the store went away just
+            # then): forgotten first, before their lease runs out and a claim takes them
+            # again, which published each a second time. Until the store takes it, this
+            # breaker claims nothing more.
+            self.parking.done(tag, undone)
+            del self._undone[tag]
         if self.health_gate.holds(self.parking.label(tag)):
             return 0
         pace = 0.0 if self.rate is None else self.rate
@@ -199,7 +212,12 @@ class Releaser(threading.Thread):
                 break  # (RabbitMQ takes no publish now: the rest stay claimed, released again after the lease)
             if self._publish(tag, entry, payload):
                 done.append(entry)
-        self.parking.done(tag, done)
+        try:
+            self.parking.done(tag, done)
+        except Exception:
+            if done:
+                self._undone[tag] = done  # (published: forgotten at the next tick, not published again)
+            raise
         if not claimed:
             self.parking.forget(tag)
         return len(done)
