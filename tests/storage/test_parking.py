@@ -7,12 +7,14 @@ clock's reading, so open periods and the release ramp move only when the test sa
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 import redis
 
 from celery_breaker import CircuitBreaker, State
 from celery_breaker.core.pacing import PacingLaw
+from celery_breaker.errors import StorageError
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
@@ -49,6 +51,28 @@ def test_a_parked_entry_is_kept_once_with_its_payload(store: RedisStore) -> None
     tag = store.parking.tag("svc", None)
     assert store.parking.tags() == [tag]
     assert store.parking.count(tag) == (1, 0)
+
+
+def test_a_park_whose_reply_is_lost_is_parked_once_and_reported_parked(
+    store: RedisStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Redis parked the entry, and its reply did not come within the socket timeout: the
+    park raised, and the deferral published the task by countdown as well (it ran twice).
+    Now it is asked again, and an entry is kept once."""
+    real_eval = store.eval
+    lost: list[str] = []
+
+    def reply_lost_once(script: str, keys: Any, args: Any, *, doing: str) -> Any:
+        reply = real_eval(script, keys, args, doing=doing)
+        if script == "park" and not lost:
+            lost.append(script)
+            raise StorageError(f"redis store: {doing} failed: Timeout reading from socket") from redis.TimeoutError()
+        return reply
+
+    monkeypatch.setattr(store, "eval", reply_lost_once)
+    assert store.parking.park("svc", None, "t1:0:1", 5.0, "body", None) == 1
+    assert lost
+    assert store.parking.count(store.parking.tag("svc", None)) == (1, 0)
 
 
 def test_nothing_is_released_while_the_breaker_is_open(store: RedisStore) -> None:

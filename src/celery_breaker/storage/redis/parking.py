@@ -21,6 +21,8 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import redis
+
 from ...core.pacing import PacingLaw
 from ...errors import StorageError
 from ...labels import breaker_label, shown_label
@@ -94,8 +96,23 @@ class RedisParking:
         # an entry no releaser looked for), and again after it (a releaser's ``forget``
         # may have dropped the tag in between, finding nothing parked yet).
         self._own_keys(doing, indexed)
-        (count,) = self._script("park", tag, [entry, repr(order), payload, _opt(deadline)], doing=doing)
-        self._own_keys(doing, indexed)
+        arguments = [entry, repr(order), payload, _opt(deadline)]
+        try:
+            (count,) = self._script("park", tag, arguments, doing=doing)
+        except StorageError as exc:
+            if not isinstance(exc.__cause__, redis.TimeoutError):
+                raise
+            # The reply did not come in time: Redis may have parked it all the same. Asked
+            # again (an entry is kept once), so that a park that took is not reported failed:
+            # the caller would defer the task another way too, and it would run twice.
+            (count,) = self._script("park", tag, arguments, doing=doing)
+        # From here the entry is parked: raising would have the caller defer it another
+        # way as well (a second copy). The index was written before it, and ``forget``
+        # puts back a tag it dropped while the entry arrived; this is one more guard.
+        try:
+            self._own_keys(doing, indexed)
+        except StorageError as exc:
+            logger.warning("redis store %s: parked %s, then %s", self.store.label, entry, exc)
         return int(count)
 
     def release(
