@@ -290,6 +290,35 @@ def test_a_deferral_rabbitmq_confirms_late_is_sent_once(
     assert copies_in(own_rabbitmq.url, queue, {"before": 1, "blocked": 1}) == {"before": 1, "blocked": 1}
 
 
+def test_a_run_for_a_length_limited_queue_is_not_left_to_classic_delay_queues(
+    own_rabbitmq: RabbitMQServer,
+) -> None:
+    """Classic delay queues dead-letter at most once: a run that came due while its queue
+    was full (``x-max-length`` with ``x-overflow: reject-publish``) was dropped by
+    RabbitMQ, and the task never ran. Such a queue's runs now go by countdown, whose
+    copy RabbitMQ confirms (or refuses) when it is published."""
+    vhost = f"classic-{time.monotonic_ns()}"
+    own_rabbitmq.rabbitmqctl("add_vhost", vhost)
+    own_rabbitmq.rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    url = f"amqp://guest:guest@127.0.0.1:{own_rabbitmq.port}/{vhost}"
+    limited = Queue("limited", queue_arguments={"x-max-length": 1, "x-overflow": "reject-publish"})  # type: ignore[no-untyped-call]
+    app, job = standalone(
+        "classic.limited", url, task_queues=[limited], task_default_queue=limited.name,
+        broker_native_delayed_delivery_queue_type="classic",
+    )  # fmt: skip
+    try:
+        with app.connection_for_write() as connection:
+            limited.bind(connection.default_channel).declare()  # type: ignore[no-untyped-call]
+        strategies = (broker_delay.BrokerDelay(), CountdownRepublish(whole_seconds=True))
+        way = deferred_by(job, strategies, "deferred", {"exchange": "", "routing_key": limited.name})
+        app.send_task("classic.filler", task_id="filler")  # (a burst fills the queue while the run waits)
+        time.sleep(3)  # (the run comes due, by broker-delay, while the queue is full)
+        assert copies_in(url, limited, {"deferred": 1}) == {"deferred": 1}  # (before: {"filler": 1}, lost)
+        assert way == "countdown"
+    finally:
+        own_rabbitmq.rabbitmqctl("delete_vhost", vhost)
+
+
 class BlackHole:
     """A TCP proxy in front of RabbitMQ that can make the connections through it go silent,
     as a peer that vanished does (a crashed node, a partition, a firewall that dropped the

@@ -293,6 +293,45 @@ class UnroutedWarning:
         )  # fmt: skip
 
 
+def drops_when_full(app: Any, queue: str) -> bool:
+    """Whether a run delayed for ``queue`` may be dropped when it comes due: the delay
+    levels are classic queues (``broker_native_delayed_delivery_queue_type="classic"``),
+    whose dead-lettering is at most once, and the app declares ``queue`` with a length
+    limit (``x-max-length``, ``x-max-length-bytes``). A full queue with ``x-overflow:
+    reject-publish`` refuses the due run and RabbitMQ drops it: nothing says so, and the
+    task never runs. Quorum levels dead-letter at least once, retrying until the queue
+    takes it. Not for a quorum queue: Celery delays its countdowns in delay queues of
+    that same type, so a countdown would meet the same drop."""
+    if app.conf.broker_native_delayed_delivery_queue_type != "classic":
+        return False
+    declared = app.amqp.queues.get(queue)
+    arguments = (declared.queue_arguments or {}) if declared is not None else {}
+    if arguments.get("x-queue-type") == "quorum":
+        return False
+    return any(limit in arguments for limit in ("x-max-length", "x-max-length-bytes"))
+
+
+class _MayDropWarning:
+    """The WARNING, at most once a minute per queue, that a run is deferred by countdown
+    because broker-delay could drop it (``drops_when_full``)."""
+
+    def __init__(self) -> None:
+        self._told = Throttle()
+
+    def __call__(self, queue: str) -> None:
+        if self._told.due(queue) is None:
+            return
+        logger.warning(
+            "celery-breaker: runs of queue %r are deferred by countdown, not broker-delay: it has a length limit, "
+            "and the classic delay queues (broker_native_delayed_delivery_queue_type) would drop a run that comes "
+            "due while it is full; quorum delay queues (the default) do not",
+            queue,
+        )
+
+
+_may_drop = _MayDropWarning()
+
+
 class _Unconfirmed(Exception):
     """A broker-delay message was written to a connection RabbitMQ said it blocks
     (``connection.blocked``: a memory or disk alarm), and not confirmed in time: RabbitMQ
@@ -622,6 +661,9 @@ class BrokerDelay:
         else:
             queue = destination_queue(task.app, request.delivery_info)
             token = queue_token(queue) if queue is not None else _token_of(request.delivery_info)
+        if queue is not None and drops_when_full(task.app, queue):
+            _may_drop(queue)
+            return None
         if token is None:
             self._cannot_tell(request.delivery_info)
             return None
