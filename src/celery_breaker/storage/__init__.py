@@ -8,7 +8,7 @@ Internal: the public names are ``celery_breaker``'s own.
 """
 
 from . import redis as _redis  # noqa: F401  (registers the Redis schemes)
-from .contract import NO_MOVES, Cell, History, Moves, Parking, ReleasePace, Store
+from .contract import NO_MOVES, Cell, EvictionCheck, History, Moves, Parking, ReleasePace, Store
 from .fallback import FallbackStore, with_fallback
 from .memory import MemoryStore
 from .registry import (
@@ -25,6 +25,7 @@ from .urls import describe_url
 __all__ = [
     "NO_MOVES",
     "Cell",
+    "EvictionCheck",
     "FallbackStore",
     "History",
     "MemoryStore",

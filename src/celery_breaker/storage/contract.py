@@ -16,7 +16,7 @@ from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
 from ..core.pacing import PacingLaw
 
-__all__ = ["NO_MOVES", "Cell", "History", "Moves", "Parking", "ReleasePace", "Store"]
+__all__ = ["NO_MOVES", "Cell", "EvictionCheck", "History", "Moves", "Parking", "ReleasePace", "Store"]
 
 #: The transitions one operation made, oldest first (usually none).
 Moves = tuple[Transition, ...]
@@ -152,6 +152,17 @@ class ReleasePace:
     ``None``: not waiting."""
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvictionCheck:
+    """Whether a store may drop what it holds when it is full (``Parking.eviction``)."""
+
+    risk: str | None = None
+    """A sentence naming the servers, the policy, what it may drop and what that does;
+    ``None``: nothing is dropped (or the store could not say: ``unknown``)."""
+    unknown: str | None = None
+    """Why the store could not say (the server refused to tell); ``None``: it could."""
+
+
 class Parking(Protocol):
     """Where a store keeps deferred tasks until their breaker lets them run (see
     ``integration/deferral``). Entries are grouped per breaker under a *tag*; every
@@ -216,6 +227,11 @@ class Parking(Protocol):
 
     def forget(self, tag: str) -> None:
         """Drop ``tag`` from the index of parked breakers if it holds nothing."""
+        ...
+
+    def eviction(self) -> EvictionCheck:
+        """Whether the store may evict parked tasks or breakers' state when it is full
+        (read once when a worker starts). A store that refuses to say answers ``unknown``."""
         ...
 
     def release_paces(self, tags: list[str], now: float | None = None) -> dict[str, ReleasePace]:

@@ -24,7 +24,7 @@ from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket
 from ..core.pacing import PacingLaw
 from ..errors import ConfigurationError, StorageError
-from .contract import Cell, History, Moves, Parking, ReleasePace, Store
+from .contract import Cell, EvictionCheck, History, Moves, Parking, ReleasePace, Store
 from .memory import MemoryCell
 from .urls import describe_url
 
@@ -473,6 +473,10 @@ class _ReportingParking:
 
     def forget(self, tag: str) -> None:
         self._reporting("forget", tag)
+
+    def eviction(self) -> EvictionCheck:
+        found: EvictionCheck = self._reporting("eviction")
+        return found
 
     def release_paces(self, tags: list[str], now: float | None = None) -> dict[str, ReleasePace]:
         found: dict[str, ReleasePace] = self._reporting("release_paces", tags, now)

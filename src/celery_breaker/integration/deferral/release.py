@@ -109,6 +109,7 @@ class Releaser(threading.Thread):
         # What the last count saw: the parking's epoch, each breaker's parked and claimed
         # tasks, and when (monotonic seconds).
         self._epoch: str | None = None
+        self._eviction_checked = False
         self._known: dict[str, int] = {}
         self._counted_at: float | None = None
         self._tag_failures = Throttle(TAG_COMPLAINT_EVERY)  # by tag: when it was last reported
@@ -152,6 +153,8 @@ class Releaser(threading.Thread):
     def _loop(self) -> None:
         while not self._stop_event.wait(self.tick):
             try:
+                if not self._eviction_checked:
+                    self.check_eviction()
                 now = time.monotonic()
                 if self._counted_at is None or now - self._counted_at >= WATCH_EVERY:
                     self.watch_for_loss(now)
@@ -236,6 +239,26 @@ class Releaser(threading.Thread):
                 "celery-breaker releaser: cannot release the tasks parked behind %s (%s); the other breakers' "
                 "are released as usual, and it is tried again every tick",
                 shown_label(self.parking.label(tag)), exc,
+            )  # fmt: skip
+
+    def check_eviction(self) -> None:
+        """Say once, at a WARNING, when the store may evict parked tasks or breakers'
+        state when full (``maxmemory-policy``), or at INFO that it would not say. Raises
+        ``StorageError`` while the store cannot be reached (the loop tries again)."""
+        found = self.parking.eviction()
+        self._eviction_checked = True
+        if found.risk is not None:
+            logger.warning(
+                "celery-breaker: %s. Set maxmemory-policy noeviction on it (a full Redis "
+                "then refuses writes: tasks are deferred in the broker instead, nothing is lost), or give it "
+                "memory enough never to fill",
+                found.risk,
+            )  # fmt: skip
+        elif found.unknown is not None:
+            logger.info(
+                "celery-breaker: could not read the maxmemory-policy of the breaker store (%s); unless it is "
+                "noeviction, a full Redis may evict parked tasks",
+                found.unknown,
             )  # fmt: skip
 
     def watch_for_loss(self, now: float) -> int:

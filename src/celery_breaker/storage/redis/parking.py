@@ -26,9 +26,10 @@ import redis
 from ...core.pacing import PacingLaw
 from ...errors import StorageError
 from ...labels import breaker_label, shown_label
-from ..contract import ReleasePace
+from ..contract import EvictionCheck, ReleasePace
 from .client import CLIENT_ERRORS
 from .damage import CHECK_TYPES, classify, text
+from .eviction import check_eviction
 from .keys import breaker_of, breaker_tag, glob_escape
 
 if TYPE_CHECKING:
@@ -294,6 +295,15 @@ class RedisParking:
         another, or none, knows the store lost them."""
         (found,) = self._own_keys("reading the parking's epoch", lambda pipe: (pipe.hget(self.marker, "epoch"),))
         return None if found is None else text(found)
+
+    def eviction(self) -> EvictionCheck:
+        """Whether a full Redis may evict parked tasks or breakers' state (``eviction.py``);
+        ``unknown`` when it refuses ``CONFIG GET``. Raises ``StorageError`` only when the
+        store cannot be reached."""
+        try:
+            return check_eviction(self.store.client(), self.store.label)
+        except CLIENT_ERRORS as exc:
+            raise StorageError(f"redis store {self.store.label}: reading maxmemory-policy failed: {exc}") from exc
 
     # -- reading and repairing ------------------------------------------------------
 
