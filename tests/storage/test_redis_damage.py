@@ -387,11 +387,14 @@ def test_a_parking_key_of_another_type_is_repaired_by_a_release_and_loses_no_tas
         first = release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())
         clock.advance(1.0)
         second = release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())
-    (warning,) = warnings_naming(caplog, "breaker svc: repaired what no script writes in Redis, while handling")
-    assert f"{tag}{suffix} held a {kind}, expected a {wanted}" in warning
+    warnings = warnings_naming(caplog, "breaker svc: repaired what no script writes in Redis, while handling")
+    assert f"{tag}{suffix} held a {kind}, expected a {wanted}" in warnings[0]
     released = [entry for entry, _ in first + second]
-    # Every entry whose message survived goes; only a replaced messages hash loses them.
+    # Every entry whose message survived goes; only a replaced messages hash loses them,
+    # and that is said (once) when the release meets them.
     assert released == ([] if suffix == ":m" else ["t0:1", "t1:1", "t2:1"])
+    lost = [line for line in warnings if "3 parked task(s) lost, e.g. 't0:1'" in line]
+    assert (len(warnings), len(lost)) == ((2, 1) if suffix == ":m" else (1, 0))
     assert store.parking.count(store.parking.tag("other", None)) == (1, 0)
 
 
@@ -697,3 +700,37 @@ def test_messages_whose_queue_or_claims_vanished_are_released(
             went += [e for e, _ in release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())]
     assert sorted(went) == ["t0:1", "t1:1", "t2:1"]  # (t0 and t1 again, after their claims were lost)
     assert "neither queued nor claimed (queued again)" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["queued", "claimed"])
+def test_tasks_whose_messages_vanished_are_reported_lost_with_their_breaker(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture, where: str
+) -> None:
+    """The messages hash deleted or evicted (allkeys-lru evicts it alone: 6 of 50 breakers
+    in one run) while the queue, or the claims, survived: counted as parked, the entries
+    were dropped by the next release without a word, and the tasks never ran."""
+    clock = FakeClock()
+    parking = store.parking
+    tag = parking.tag("svc", None)
+    for n in range(3):
+        parking.park("svc", None, f"t{n}:1", 100.0 + n, f"payload {n}", None)
+    parking.park("svc", None, "t3:1", 103.0, "payload 3", None)
+    release = parking.release
+    if where == "claimed":
+        clock.advance(1.0)
+        release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())  # (the ramp starts)
+        clock.advance(1.0)
+        assert len(release(tag, most=3, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())) == 3
+        clock.advance(31.0)  # (their leases run out: the releaser died)
+    server.hdel(tag + ":m", "t0:1", "t1:1", "t2:1")  # (t3's message stays)
+    went: list[str] = []
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        for _ in range(3):
+            clock.advance(1.0)
+            went += [e for e, _ in release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())]
+    assert went == ["t3:1"]
+    assert parking.count(tag) == (0, 1)
+    lost = [line for line in warnings_naming(caplog, "svc") if "parked task(s) lost" in line]
+    assert len(lost) == 1
+    assert "3 parked task(s) lost, e.g. 't0:1'" in lost[0]
+    assert f"without their message in {tag}:m" in lost[0]

@@ -24,12 +24,28 @@ local function message_order(message)
   return read_time(string.match(message, '^([^\n]*)\n'), now)
 end
 
+-- A queued or claimed entry whose message is gone (the messages hash deleted or evicted
+-- under an allkeys-* maxmemory policy): the task is lost. Dropped, and said once per
+-- script with how many and the first one, so the loss is never silent.
+local lost, lost_at, lost_first = 0, nil, nil
+local function lost_message(entry)
+  lost = lost + 1
+  if lost_at == nil then
+    lost_at = #repairs + 1
+    lost_first = entry
+  end
+  repairs[lost_at] = lost .. ' parked task(s) lost, e.g. ' .. show(lost_first) .. ': parked in ' .. K_QUEUE
+    .. ' or ' .. K_CLAIMS .. ' without their message in ' .. K_MSGS
+    .. ' (deleted, or evicted: run Redis with maxmemory-policy noeviction); dropped'
+end
+
 -- Put an entry back in the queue at its own order (now if its message holds none); an
--- entry without a message is gone.
+-- entry without a message is gone (lost_message).
 local function requeue(entry)
   local message = redis.call('HGET', K_MSGS, entry)
   if not message then
     redis.call('ZREM', K_QUEUE, entry)
+    lost_message(entry)
     return
   end
   local order = message_order(message)

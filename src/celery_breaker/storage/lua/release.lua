@@ -62,6 +62,8 @@ local function claim(entry)
     redis.call('ZADD', K_CLAIMS, fmt(now + lease), entry)
     out[#out + 1] = entry
     out[#out + 1] = string.sub(message, (string.find(message, '\n', 1, true) or 0) + 1)
+  else
+    lost_message(entry)
   end
 end
 
