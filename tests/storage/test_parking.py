@@ -7,17 +7,22 @@ clock's reading, so open periods and the release ramp move only when the test sa
 from __future__ import annotations
 
 import itertools
+import logging
 from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
 from celery_breaker import CircuitBreaker, State
 from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.errors import StorageError
+from celery_breaker.integration.deferral.release import Releaser
 from celery_breaker.storage.redis import RedisStore
+from celery_breaker.storage.redis.parking import LIFE_SUFFIX, PARKING_SUFFIXES
 from celery_breaker.testing import FakeClock
 
+from ..servers import RedisCluster, poll
 from ..unit.support import fail, ok
 from .conftest import expire_now, key_ttls, unique_prefix
 
@@ -464,3 +469,96 @@ def test_a_log_line_about_parked_tasks_names_the_biggest_backlogs_only(
     assert line.startswith(f"celery-breaker releaser: {NAMED_IN_LOG + 27} task(s) parked (crm[big]: 7, crm[t-0]: 1, ")
     assert line.endswith(", and 21 more breakers)")
     assert line.count(": 1") == NAMED_IN_LOG - 1
+
+
+def loss_watcher(store: RedisStore) -> Releaser:
+    """A releaser of ``store``'s parking whose loss watch the test runs by hand."""
+    return Releaser(Celery("loss", broker="memory://", set_as_current=False), store.parking, rate=10.0, ramp=0.0)
+
+
+def test_one_breakers_lost_parking_is_reported_naming_it_and_a_drained_one_is_not(
+    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One breaker's parking keys gone (deleted, evicted, a Cluster node restarted empty),
+    the parking's epoch untouched: its tasks went without a word. Another breaker drained
+    by its releases in the same second is no loss."""
+    clock = FakeClock()
+    parking = store.parking
+    CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    park_many(store, 3, name="svc")
+    park_many(store, 4, name="gone")
+    park_many(store, 2, name="kept")
+    watcher = loss_watcher(store)
+    assert watcher.watch_for_loss(0.0) == 0  # (counted: 9 parked)
+    server = redis.Redis.from_url(redis_url)
+    gone = parking.tag("gone", None)
+    server.delete(*(gone + suffix for suffix in (*PARKING_SUFFIXES, LIFE_SUFFIX)))
+    release(store, clock)  # (svc's pace starts)
+    clock.advance(1.0)
+    drained = release(store, clock)
+    parking.done(parking.tag("svc", None), drained)
+    assert release(store, clock) == []
+    parking.forget(parking.tag("svc", None))  # (what the releaser does next)
+    with caplog.at_level(logging.INFO, logger="celery_breaker"):
+        assert watcher.watch_for_loss(1.0) == 4
+        assert watcher.watch_for_loss(2.0) == 0  # (once)
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1
+    assert "lost the tasks parked behind 1 breaker(s)" in errors[0]
+    assert "4 task(s) were parked" in errors[0]
+    assert "(gone: 4)" in errors[0]
+    assert 0 < server.pttl(parking.tag("svc", None) + LIFE_SUFFIX) <= 86_400_000  # (forgotten: the idle TTL)
+    park_many(store, 1, name="svc")
+    assert server.pttl(parking.tag("svc", None) + LIFE_SUFFIX) == -1  # (parked again: kept for good)
+
+
+def test_a_breaker_parked_again_after_its_loss_is_still_reported(store: RedisStore, redis_url: str) -> None:
+    parking = store.parking
+    park_many(store, 5, name="crm")
+    watcher = loss_watcher(store)
+    watcher.watch_for_loss(0.0)
+    tag = parking.tag("crm", None)
+    redis.Redis.from_url(redis_url).delete(*(tag + suffix for suffix in (*PARKING_SUFFIXES, LIFE_SUFFIX)))
+    park_many(store, 1, name="crm", start=500.0)  # (before the next count: 1 parked, as if nothing went)
+    assert watcher.watch_for_loss(1.0) == 5
+
+
+@pytest.mark.slow
+def test_a_cluster_node_restarted_empty_is_reported_with_the_breakers_it_held(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The parking's epoch lives on one node: a primary restarted without its data took the
+    tasks parked behind its breakers with it, and no releaser said so (20 of 60 in a run)."""
+    with RedisCluster() as cluster:
+        cluster.start()
+        store = RedisStore.from_url(f"{cluster.url}?key_prefix={unique_prefix()}")
+        try:
+            parking = store.parking
+            for n in range(12):
+                park_many(store, 2, name=f"crm{n}")
+            watcher = loss_watcher(store)
+            assert watcher.watch_for_loss(0.0) == 0
+            client: Any = store.client()
+            marker = client.get_node_from_key(parking.marker).port
+            victim = next(node for node in cluster.nodes if node.port != marker)
+            held = sorted(tag for tag in parking.tags() if client.get_node_from_key(tag + ":q").port == victim.port)
+            assert held  # (12 breakers spread over 3 primaries)
+            victim.kill()
+            victim.start()  # (no persistence: its slots come back empty)
+            poll(lambda: victim.admin().cluster("INFO")["cluster_state"] == "ok", "the node back in the cluster")
+            with caplog.at_level(logging.ERROR, logger="celery_breaker"):
+                poll(lambda: _watched(watcher), "a loss watch that reaches every node")
+        finally:
+            store.close()
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert f"lost the tasks parked behind {len(held)} breaker(s)" in error
+    assert f"{2 * len(held)} task(s) were parked" in error
+    assert all(f"{parking.label(tag)}: 2" in error for tag in held)
+
+
+def _watched(watcher: Releaser) -> bool:
+    try:
+        watcher.watch_for_loss(1.0)
+    except StorageError:
+        return False  # (the client has not found the node back yet)
+    return True

@@ -229,6 +229,12 @@ class Parking(Protocol):
         """Drop ``tag`` from the index of parked breakers if it holds nothing."""
         ...
 
+    def lives(self, tags: list[str]) -> dict[str, str | None]:
+        """What names each breaker's parking life: it changes (or vanishes) when the store
+        loses that breaker's parked entries; ``None`` while it has none. A breaker whose
+        life cannot be read is left out."""
+        ...
+
     def eviction(self) -> EvictionCheck:
         """Whether the store may evict parked tasks or breakers' state when it is full
         (read once when a worker starts). A store that refuses to say answers ``unknown``."""

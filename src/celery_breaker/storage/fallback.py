@@ -474,6 +474,10 @@ class _ReportingParking:
     def forget(self, tag: str) -> None:
         self._reporting("forget", tag)
 
+    def lives(self, tags: list[str]) -> dict[str, str | None]:
+        found: dict[str, str | None] = self._reporting("lives", tags)
+        return found
+
     def eviction(self) -> EvictionCheck:
         found: EvictionCheck = self._reporting("eviction")
         return found

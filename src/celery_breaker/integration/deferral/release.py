@@ -111,6 +111,7 @@ class Releaser(threading.Thread):
         self._epoch: str | None = None
         self._eviction_checked = False
         self._known: dict[str, int] = {}
+        self._lives: dict[str, str | None] = {}  # by tag with tasks parked: its parking's life
         self._counted_at: float | None = None
         self._tag_failures = Throttle(TAG_COMPLAINT_EVERY)  # by tag: when it was last reported
         self._refusals = Throttle(TAG_COMPLAINT_EVERY)  # by tag: a message not accepted here
@@ -262,9 +263,10 @@ class Releaser(threading.Thread):
             )  # fmt: skip
 
     def watch_for_loss(self, now: float) -> int:
-        """Count the parked tasks and check the parking's epoch; if the store lost tasks
-        since the last count (its epoch changed or vanished while some were parked), log
-        it at ERROR. Returns how many tasks the last count knew of and the store lost (0: none)."""
+        """Count the parked tasks and check the parking's epoch and each breaker's life; if
+        the store lost tasks since the last count (the epoch, or the life of a breaker
+        holding some, changed or vanished), log it at ERROR. Returns how many tasks the
+        last count knew of and the store lost (0: none)."""
         epoch = self.parking.epoch()
         lost = 0
         if epoch != self._epoch and self._known:
@@ -281,12 +283,39 @@ class Releaser(threading.Thread):
         self._epoch = epoch
         counts = self.parking.counts(self.parking.tags())
         known = {tag: parked + claimed for tag, (parked, claimed) in counts.items() if parked + claimed}
+        # (the breakers known before too: a node restarted empty may have taken the index's
+        # members with their entries)
+        lives = self.parking.lives(sorted(set(known) | set(self._known)))
+        if not lost:
+            lost = self._lost_breakers(now, lives)
+        self._lives = {tag: lives.get(tag) for tag in known}
         if known and not self._known:
             logger.info("celery-breaker releaser: %d task(s) parked (%s)", sum(known.values()), self._held(known))
         elif self._known and not known and not lost:
             logger.info("celery-breaker releaser: no task parked any more")
         self._known = known
         self._counted_at = now
+        return lost
+
+    def _lost_breakers(self, now: float, lives: dict[str, str | None]) -> int:
+        """Log at ERROR the breakers whose parking's life changed or vanished since the last
+        count, while it knew of tasks parked behind them (the parking's epoch did not move:
+        a Cluster node restarted empty, their keys deleted or evicted); return how many tasks."""
+        gone = {
+            tag: count
+            for tag, count in self._known.items()
+            if self._lives.get(tag) is not None and tag in lives and lives[tag] != self._lives[tag]
+        }
+        lost = sum(gone.values())
+        if lost:
+            logger.error(
+                "celery-breaker releaser: the breaker store lost the tasks parked behind %d breaker(s) (their keys "
+                "went: a Cluster node restarted without its data, a failover that lost writes, or deleted or evicted "
+                "keys): %d task(s) were parked %.0f s before (%s); they will not run. Keep parking in a store at "
+                "least as durable as the broker (docs/brokers.md)",
+                len(gone), lost, now - (self._counted_at or now), self._held(gone),
+                extra={"breaker_parked_lost": lost},
+            )  # fmt: skip
         return lost
 
     def _held(self, known: dict[str, int]) -> str:

@@ -35,12 +35,19 @@ from .keys import breaker_of, breaker_tag, glob_escape
 if TYPE_CHECKING:
     from .store import RedisStore
 
-__all__ = ["PARKING_SUFFIXES", "PURGE_CHUNK", "RedisParking"]
+__all__ = ["LIFE_SUFFIX", "PARKING_SUFFIXES", "PURGE_CHUNK", "RedisParking"]
 
 logger = logging.getLogger("celery_breaker")
 
 #: queue (zset), messages (hash), claims (zset), deadlines (zset), pacing (hash)
 PARKING_SUFFIXES = (":q", ":m", ":c", ":d", ":p")
+
+#: One breaker's parking life (a string, next to its entries, in their slot): written with
+#: its first entry, kept while entries are parked, given the idle TTL once it holds none.
+#: A releaser that saw one life with entries parked and then sees another, or none, knows
+#: the breaker's entries were lost with it (a Cluster node restarted empty, say, which the
+#: parking's own epoch, on another node, cannot tell).
+LIFE_SUFFIX = ":e"
 
 #: Entries one purge script call discards: bounded, so Redis is never blocked for long.
 PURGE_CHUNK = 1000
@@ -90,8 +97,13 @@ class RedisParking:
         def indexed(pipe: Any) -> tuple[Any, ...]:
             # A fresh epoch each time (HSETNX keeps the first): one kept by the process would
             # write the lost parking's epoch back after Redis restarted empty, and every
-            # releaser that had read it would find nothing lost.
-            return pipe.sadd(self.index, tag), pipe.hsetnx(self.marker, "epoch", uuid.uuid4().hex)
+            # releaser that had read it would find nothing lost. The same for the breaker's
+            # life, which must not expire while it holds entries (``forget`` let it).
+            life = tag + LIFE_SUFFIX
+            return (
+                pipe.sadd(self.index, tag), pipe.hsetnx(self.marker, "epoch", uuid.uuid4().hex),
+                pipe.set(life, uuid.uuid4().hex, nx=True), pipe.persist(life),
+            )  # fmt: skip
 
         # Indexed before the entry is written (a park whose second round trip failed left
         # an entry no releaser looked for), and again after it (a releaser's ``forget``
@@ -206,15 +218,21 @@ class RedisParking:
         return int(parked), int(claimed)
 
     def forget(self, tag: str) -> None:
-        """Drop ``tag`` from the index if it holds nothing (re-adding it if an entry arrived meanwhile)."""
+        """Drop ``tag`` from the index if it holds nothing (re-adding it if an entry arrived
+        meanwhile); its life (``LIFE_SUFFIX``) then lives the idle TTL."""
         client = self.store.client()
         held = (tag + ":q", tag + ":c", tag + ":m")  # (messages alone: the next release queues them again)
+        life, idle_ms = tag + LIFE_SUFFIX, int(self.store.ttl_ms)
         try:
             if client.exists(*held):
                 return
-            self._own_keys("updating the parked index", lambda pipe: (pipe.srem(self.index, tag),))
+            self._own_keys(
+                "updating the parked index", lambda pipe: (pipe.srem(self.index, tag), pipe.pexpire(life, idle_ms))
+            )
             if client.exists(*held):  # parked between the check and the SREM
-                self._own_keys("updating the parked index", lambda pipe: (pipe.sadd(self.index, tag),))
+                self._own_keys(
+                    "updating the parked index", lambda pipe: (pipe.sadd(self.index, tag), pipe.persist(life))
+                )
         except CLIENT_ERRORS as exc:
             raise StorageError(f"redis store {self.store.label}: updating the parked index failed: {exc}") from exc
 
@@ -244,8 +262,9 @@ class RedisParking:
             missed = sorted(rebuilt - tags)
             if missed:
                 logger.warning(
-                    "redis store %s: %s did not name %d breaker(s) with parked tasks (%s): it was deleted or "
-                    "evicted; rebuilt it from the parked entries (run Redis with maxmemory-policy noeviction)",
+                    "redis store %s: %s did not name %d breaker(s) with parked tasks (%s): it was deleted, evicted "
+                    "or lost with its server's data; rebuilt it from the parked entries (run Redis with "
+                    "maxmemory-policy noeviction)",
                     self.store.label, self.index, len(missed),
                     ", ".join(shown_label(self.label(tag)) for tag in missed[:5]),
                 )  # fmt: skip
@@ -288,6 +307,26 @@ class RedisParking:
                 logger.warning("redis store %s: left %s out of the parked counts: %s", self.store.label,
                                shown_label(self.label(tag)), exc)  # fmt: skip
         return counted
+
+    def lives(self, tags: list[str]) -> dict[str, str | None]:
+        """Each breaker's parking life (``LIFE_SUFFIX``; ``None``: it has none), in one
+        round trip (a Cluster splits it per node). A breaker whose life cannot be read (a
+        key of another type) is left out. Raises ``StorageError`` only when Redis cannot
+        be reached or fails."""
+        if not tags:
+            return {}
+        try:
+            pipe = self.store.client().pipeline(transaction=False)
+            for tag in tags:
+                pipe.get(tag + LIFE_SUFFIX)
+            found = pipe.execute(raise_on_error=False)
+        except CLIENT_ERRORS as exc:
+            raise StorageError(f"redis store {self.store.label}: reading parked breakers' lives failed: {exc}") from exc
+        return {
+            tag: None if life is None else text(life)
+            for tag, life in zip(tags, found, strict=True)
+            if not isinstance(life, Exception)
+        }
 
     def epoch(self) -> str | None:
         """The current life of this parking (``None``: nothing was parked since the store
