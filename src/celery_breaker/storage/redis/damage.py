@@ -23,7 +23,9 @@ __all__ = [
     "RESET",
     "TIME_SPAN",
     "Damage",
+    "advice",
     "classify",
+    "failure",
     "finite",
     "repair_for",
     "text",
@@ -80,6 +82,50 @@ def classify(exc: BaseException | None) -> Damage:
     if (code.isalpha() and code.isupper()) or any(mark in message for mark in _STORE_FAILING):
         return "store"  # another error code (BUSY, MASTERDOWN...): not the data's doing
     return "data"
+
+
+#: Redis refusing every call for a reason its operator must fix, and the fix: matched on the
+#: error's class and text (redis-py drops the code, READONLY or OOM, from its own classes'
+#: text; inside a script Redis words some errors without a code).
+_FIXES = (
+    (
+        ("ReadOnlyError", "read only replica", "MasterDownError", "Link with MASTER is down"),
+        "the store URL names a replica, which takes no writes: point breaker_storage_url at the master, or at "
+        "its Sentinels (redis+sentinel://host:26379/service_name) to follow failovers",
+    ),
+    (
+        ("OutOfMemoryError", "used memory > 'maxmemory'"),
+        "Redis is full (maxmemory): give it more memory or free some; until then breakers fall back and "
+        "deferred tasks wait in the broker",
+    ),
+    (
+        ("NOREPLICAS", "Not enough good replicas"),
+        "the master refuses writes until min-replicas-to-write replicas are connected: bring a replica back",
+    ),
+    (
+        ("NoPermissionError", *_DENIED),
+        "the store URL's ACL user may not run a command, or use a key or channel, that breakers need: grant it "
+        "+@read +@write +@scripting +publish +subscribe +ping on its keys (~*, or those of the key prefix) and "
+        "&* (or the prefix's transitions channel)",
+    ),
+)
+
+
+def advice(exc: BaseException | None) -> str:
+    """What the operator must do when Redis refuses every call for a reason of its own
+    (a read-only replica, out of memory, too few replicas, an ACL): ``''`` for anything
+    else (an outage, the data's doing)."""
+    if exc is None:
+        return ""
+    message = f"{type(exc).__name__} {exc}"
+    return next((fix for marks, fix in _FIXES if any(mark in message for mark in marks)), "")
+
+
+def failure(label: str, doing: str, exc: BaseException) -> str:
+    """The text of the ``StorageError`` a failed command becomes: the store, what was being
+    done, Redis's error and, when Redis refuses for a reason of its own, the fix."""
+    fix = advice(exc)
+    return f"redis store {label}: {doing} failed: {exc}" + (f" ({fix})" if fix else "")
 
 
 def repair_for(exc: BaseException | None) -> str:

@@ -16,7 +16,7 @@ from redis.exceptions import ResponseError
 from ...errors import StorageError
 from ...labels import breaker_label, shown_label
 from .client import CLIENT_ERRORS
-from .damage import classify, finite, text
+from .damage import classify, failure, finite, text
 
 if TYPE_CHECKING:
     from .store import RedisStore
@@ -79,5 +79,5 @@ class RedisHistory:
                 )  # fmt: skip
                 return []
         except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: reading metrics of {name!r} failed: {exc}") from exc
+            raise StorageError(failure(self.store.label, f"reading metrics of {name!r}", exc)) from exc
         return [text(entry) for entry in entries]  # (each a JSON object, read by monitoring.history)

@@ -19,7 +19,7 @@ from ...core import BreakerSnapshot
 from ...errors import StorageError
 from ...labels import breaker_label, shown_label
 from .client import CLIENT_ERRORS
-from .damage import classify, repair_for, text
+from .damage import classify, failure, repair_for, text
 from .keys import breaker_of, glob_escape
 from .replies import decode_absent, decode_reply, decode_snapshot
 
@@ -38,7 +38,7 @@ def list_snapshots(store: RedisStore, clock: Clock, suffixes: tuple[str, ...]) -
         # (bytes: a key that is not UTF-8 is still read, and left out below)
         state_keys: list[bytes] = list(dict.fromkeys(store.client().scan_iter(match=pattern, count=500)))
     except CLIENT_ERRORS as exc:
-        raise StorageError(f"redis store {store.label}: listing breakers failed: {exc}") from exc
+        raise StorageError(failure(store.label, "listing breakers", exc)) from exc
     return read_snapshots(store, clock, suffixes, state_keys)
 
 

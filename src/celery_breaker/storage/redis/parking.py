@@ -28,7 +28,7 @@ from ...errors import StorageError
 from ...labels import breaker_label, shown_label
 from ..contract import EvictionCheck, ReleasePace
 from .client import CLIENT_ERRORS
-from .damage import CHECK_TYPES, classify, text
+from .damage import CHECK_TYPES, classify, failure, text
 from .eviction import check_eviction
 from .keys import breaker_of, breaker_tag, glob_escape
 
@@ -234,7 +234,7 @@ class RedisParking:
                     "updating the parked index", lambda pipe: (pipe.sadd(self.index, tag), pipe.persist(life))
                 )
         except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: updating the parked index failed: {exc}") from exc
+            raise StorageError(failure(self.store.label, "updating the parked index", exc)) from exc
 
     # -- every breaker ------------------------------------------------------------
 
@@ -292,7 +292,7 @@ class RedisParking:
                 pipe.zcard(tag + ":c")
             found = pipe.execute(raise_on_error=False)
         except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: counting parked entries failed: {exc}") from exc
+            raise StorageError(failure(self.store.label, "counting parked entries", exc)) from exc
         counted: dict[str, tuple[int, int]] = {}
         for i, tag in enumerate(tags):
             parked, claimed = found[2 * i], found[2 * i + 1]
@@ -321,7 +321,7 @@ class RedisParking:
                 pipe.get(tag + LIFE_SUFFIX)
             found = pipe.execute(raise_on_error=False)
         except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: reading parked breakers' lives failed: {exc}") from exc
+            raise StorageError(failure(self.store.label, "reading parked breakers' lives", exc)) from exc
         return {
             tag: None if life is None else text(life)
             for tag, life in zip(tags, found, strict=True)
@@ -342,7 +342,7 @@ class RedisParking:
         try:
             return check_eviction(self.store.client(), self.store.label)
         except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: reading maxmemory-policy failed: {exc}") from exc
+            raise StorageError(failure(self.store.label, "reading maxmemory-policy", exc)) from exc
 
     # -- reading and repairing ------------------------------------------------------
 
@@ -399,7 +399,7 @@ class RedisParking:
             if attempt == 1 and classify(failed) == "types":
                 self._script("tidy", tag, [], doing=doing, check=CHECK_TYPES)
                 continue
-            error = StorageError(f"redis store {self.store.label}: {doing} of {self.label(tag)} failed: {failed}")
+            error = StorageError(failure(self.store.label, f"{doing} of {self.label(tag)}", failed))
             raise error from failed
         raise AssertionError("unreachable")
 
@@ -416,7 +416,7 @@ class RedisParking:
                 if self._replace(self.index, "set"):
                     self._rebuild_index(doing)
                 continue
-            raise StorageError(f"redis store {self.store.label}: {doing} failed: {failed}") from failed
+            raise StorageError(failure(self.store.label, doing, failed)) from failed
         raise AssertionError("unreachable")
 
     def _pipeline(self, doing: str, queue: Callable[[Any], tuple[Any, ...]]) -> list[Any]:
@@ -425,7 +425,7 @@ class RedisParking:
             queue(pipe)
             replies: list[Any] = pipe.execute(raise_on_error=False)
         except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: {doing} failed: {exc}") from exc
+            raise StorageError(failure(self.store.label, doing, exc)) from exc
         return replies
 
     def _replace(self, key: str, kind: str) -> bool:
@@ -456,7 +456,7 @@ class RedisParking:
                         tags.add(tag)
             client.sadd(self.index, *tags, WHOLE)
         except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.store.label}: {doing} failed: {exc}") from exc
+            raise StorageError(failure(self.store.label, f"{doing}", exc)) from exc
         return tags
 
 

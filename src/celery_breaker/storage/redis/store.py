@@ -32,7 +32,7 @@ from .client import (
     is_cluster,
     make_client,
 )
-from .damage import classify
+from .damage import classify, failure
 from .history import RedisHistory
 from .keys import breaker_tag, quote_part
 from .listing import list_snapshots, read_snapshots
@@ -257,7 +257,7 @@ class RedisStore:
         try:
             return self.scripts()(script, keys, args)
         except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.label}: {doing} failed: {exc}") from exc
+            raise StorageError(failure(self.label, doing, exc)) from exc
 
     def run(self, script: str, keys: list[Any], args: list[Any]) -> list[Any]:
         """Run one breaker script (``keys``: text or bytes); any Redis failure becomes ``StorageError``."""
@@ -429,7 +429,7 @@ class RedisStore:
                     options = {} if node is None else {"target_nodes": node}
                     client.execute_command("PUBLISH", self.channel, f"sync\n{token}", **options)
             except CLIENT_ERRORS as exc:
-                raise StorageError(f"redis store {self.label}: sync failed: {exc}") from exc
+                raise StorageError(failure(self.label, "sync", exc)) from exc
             for barrier in barriers:
                 if not barrier.wait(max(0.0, deadline - time.monotonic())) and self.live:
                     return False
@@ -509,11 +509,11 @@ class RedisStore:
                     scripts(script, keys, args, client=pipe)
                 replies += pipe.execute(raise_on_error=False)
         except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {self.label}: {script} failed: {exc}") from exc
+            raise StorageError(failure(self.label, script, exc)) from exc
         found: list[list[Any] | StorageError] = []
         for reply in replies:
             if isinstance(reply, Exception):
-                error = StorageError(f"redis store {self.label}: {script} failed: {reply}")
+                error = StorageError(failure(self.label, script, reply))
                 error.__cause__ = reply
                 if classify(reply) == "store":
                     raise error

@@ -1,0 +1,110 @@
+"""A Redis that answers but refuses the store's calls for a reason of its own says what to fix.
+
+A read-only replica given as the store URL, a Redis full under ``noeviction``, an ACL
+user without ``EVALSHA`` or without the transitions channel: each made every breaker
+fall back with a WARNING calling the store "unreachable" and quoting Redis's error,
+which named neither the setting nor the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+
+import pytest
+import redis
+
+from celery_breaker import CircuitBreaker
+from celery_breaker.errors import StorageError
+from celery_breaker.storage import close_stores
+from celery_breaker.storage.redis import RedisStore
+from celery_breaker.storage.redis.damage import advice
+
+from ..servers import RedisServer
+from .conftest import unique_prefix
+
+
+def as_replica(server: RedisServer, master: RedisServer) -> str:
+    server.admin().replicaof(*master.address)
+    return server.url
+
+
+def full(server: RedisServer, master: RedisServer) -> str:
+    server.admin().config_set("maxmemory", "1")  # (noeviction, the default: every write refused)
+    return server.url
+
+
+def short_of_replicas(server: RedisServer, master: RedisServer) -> str:
+    server.admin().config_set("min-replicas-to-write", "1")  # (it has none)
+    return server.url
+
+
+def user_without(*commands: str, channels: tuple[str, ...] = ("*",)) -> Callable[[RedisServer, RedisServer], str]:
+    def made(server: RedisServer, master: RedisServer) -> str:
+        server.admin().acl_setuser(
+            "app", enabled=True, passwords=["+pw"], keys=["*"], channels=list(channels),
+            commands=["+@all", *(f"-{command}" for command in commands)],
+        )  # fmt: skip
+        return server.url.replace("redis://", "redis://app:pw@", 1)
+
+    return made
+
+
+@pytest.fixture
+def servers() -> Iterator[tuple[RedisServer, RedisServer]]:
+    with RedisServer() as server, RedisServer() as master:
+        server.start()
+        master.start()
+        yield server, master
+    close_stores()
+
+
+ACL_FIX = "the store URL's ACL user may not run a command, or use a key or channel"
+
+
+@pytest.mark.parametrize(
+    ("refusal", "fix", "parks"),
+    [
+        (
+            as_replica,
+            "the store URL names a replica, which takes no writes: point breaker_storage_url at the master",
+            False,
+        ),
+        (full, "Redis is full (maxmemory): give it more memory or free some", False),
+        (short_of_replicas, "until min-replicas-to-write replicas are connected: bring a replica back", False),
+        (user_without("evalsha"), ACL_FIX, False),
+        (user_without(channels=()), ACL_FIX, True),  # (parking publishes nothing)
+    ],
+    ids=["replica", "full", "no-replicas", "no-evalsha", "no-channel"],
+)
+def test_a_refusing_redis_names_the_fix_in_the_outage_warning_and_the_park_error(
+    servers: tuple[RedisServer, RedisServer],
+    caplog: pytest.LogCaptureFixture,
+    refusal: Callable[[RedisServer, RedisServer], str],
+    fix: str,
+    parks: bool,
+) -> None:
+    url = f"{refusal(*servers)}?key_prefix={unique_prefix()}"
+    breaker = CircuitBreaker("svc", {"failure_threshold": 1}, storage=url)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"), pytest.raises(ZeroDivisionError):
+        breaker.call(lambda: 1 / 0)  # (a failure: a write, and a trip to publish)
+    outage = [r.getMessage() for r in caplog.records if "breakers follow breaker_on_storage_error" in r.getMessage()]
+    assert len(outage) == 1
+    assert fix in outage[0]
+    store = RedisStore.from_url(url)
+    try:
+        if parks:
+            assert store.parking.park("svc", None, "e1", 1.0, "{}", None) == 1
+            return
+        with pytest.raises(StorageError, match="parking e1 failed") as parked:
+            store.parking.park("svc", None, "e1", 1.0, "{}", None)
+    finally:
+        store.close()
+    assert fix in str(parked.value)
+
+
+def test_an_outage_or_a_data_error_gets_no_fix() -> None:
+    assert advice(redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")) == ""
+    assert advice(redis.TimeoutError("Timeout reading from socket")) == ""
+    assert advice(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")) == ""
+    assert advice(None) == ""
