@@ -268,26 +268,13 @@ class Releaser(threading.Thread):
         holding some, changed or vanished), log it at ERROR. Returns how many tasks the
         last count knew of and the store lost (0: none)."""
         epoch = self.parking.epoch()
-        lost = 0
-        if epoch != self._epoch and self._known:
-            lost = sum(self._known.values())
-            ago = now - (self._counted_at or now)
-            held = self._held(self._known)
-            logger.error(
-                "celery-breaker releaser: the breaker store lost its parked tasks (restarted without its data, "
-                "or flushed): %d task(s) were parked %.0f s before (%s); they will not run. Keep parking in a store "
-                "at least as durable as the broker (docs/brokers.md)",
-                lost, ago, held,
-                extra={"breaker_parked_lost": lost},
-            )  # fmt: skip
-        self._epoch = epoch
         counts = self.parking.counts(self.parking.tags())
         known = {tag: parked + claimed for tag, (parked, claimed) in counts.items() if parked + claimed}
         # (the breakers known before too: a node restarted empty may have taken the index's
         # members with their entries)
         lives = self.parking.lives(sorted(set(known) | set(self._known)))
-        if not lost:
-            lost = self._lost_breakers(now, lives)
+        lost = self._report_loss(now, known, lives, whole=epoch != self._epoch)
+        self._epoch = epoch
         self._lives = {tag: lives.get(tag) for tag in known}
         if known and not self._known:
             logger.info("celery-breaker releaser: %d task(s) parked (%s)", sum(known.values()), self._held(known))
@@ -297,23 +284,48 @@ class Releaser(threading.Thread):
         self._counted_at = now
         return lost
 
-    def _lost_breakers(self, now: float, lives: dict[str, str | None]) -> int:
-        """Log at ERROR the breakers whose parking's life changed or vanished since the last
-        count, while it knew of tasks parked behind them (the parking's epoch did not move:
-        a Cluster node restarted empty, their keys deleted or evicted); return how many tasks."""
+    def _report_loss(self, now: float, known: dict[str, int], lives: dict[str, str | None], *, whole: bool) -> int:
+        """Log at ERROR the tasks of the last count that the store lost; return how many.
+
+        ``whole``: the parking's epoch moved (the store, or on a Cluster the marker's node,
+        lost its data): every breaker is lost but one whose life is known and unchanged
+        (it lived on another node). Otherwise only a breaker whose life changed or
+        vanished is (a Cluster node restarted empty, its keys deleted or evicted); one
+        whose life was not known (parked by an older release) is not judged, and a life
+        gone alone, its breaker's tasks still counted (evicted), is no loss."""
+
+        def lost_for(tag: str) -> bool | None:  # (None: cannot tell)
+            remembered = self._lives.get(tag)
+            if remembered is None or tag not in lives:
+                return None
+            if lives[tag] is None:
+                return tag not in known
+            return lives[tag] != remembered
+
         gone = {
             tag: count
             for tag, count in self._known.items()
-            if self._lives.get(tag) is not None and tag in lives and lives[tag] != self._lives[tag]
+            if (lost_for(tag) is not False if whole else lost_for(tag) is True)
         }
         lost = sum(gone.values())
-        if lost:
+        if not lost:
+            return 0
+        ago, held = now - (self._counted_at or now), self._held(gone)
+        if len(gone) == len(self._known) and whole:
+            logger.error(
+                "celery-breaker releaser: the breaker store lost its parked tasks (restarted without its data, "
+                "or flushed): %d task(s) were parked %.0f s before (%s); they will not run. Keep parking in a store "
+                "at least as durable as the broker (docs/brokers.md)",
+                lost, ago, held,
+                extra={"breaker_parked_lost": lost},
+            )  # fmt: skip
+        else:
             logger.error(
                 "celery-breaker releaser: the breaker store lost the tasks parked behind %d breaker(s) (their keys "
                 "went: a Cluster node restarted without its data, a failover that lost writes, or deleted or evicted "
-                "keys): %d task(s) were parked %.0f s before (%s); they will not run. Keep parking in a store at "
-                "least as durable as the broker (docs/brokers.md)",
-                len(gone), lost, now - (self._counted_at or now), self._held(gone),
+                "keys): %d task(s) were parked %.0f s before (%s); they will not run; the other breakers' are kept. "
+                "Keep parking in a store at least as durable as the broker (docs/brokers.md)",
+                len(gone), lost, ago, held,
                 extra={"breaker_parked_lost": lost},
             )  # fmt: skip
         return lost
