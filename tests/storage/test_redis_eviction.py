@@ -17,7 +17,7 @@ from celery import Celery
 from celery_breaker.integration.deferral.release import Releaser
 from celery_breaker.storage.redis import RedisStore
 
-from ..servers import RedisServer, poll
+from ..servers import RedisSentinel, RedisServer, poll
 from .conftest import unique_prefix
 
 #: What the Cluster test sets on one primary (and puts back).
@@ -154,3 +154,38 @@ def test_each_evicting_primary_of_a_cluster_is_named(redis_cluster_url: str, cap
     assert len(warnings) == 1
     assert f"maxmemory-policy allkeys-lru (on {primary.name})" in warnings[0]
     assert "parked tasks" in warnings[0]
+
+
+def test_a_sentinel_master_that_takes_writes_no_replica_took_is_named(
+    redis_sentinel: RedisSentinel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``SENTINEL FAILOVER`` while tasks were parked: the old master took parks for about a
+    second after its replica was promoted, and 245 of 869 parks that had succeeded were
+    gone. With ``min-replicas-to-write 1`` (and ``min-replicas-max-lag 1``) none was: the
+    old master refused them, and they went by countdown. Nothing said so."""
+    checker, store = releaser(redis_sentinel.url)
+    master = redis_sentinel.master().admin()
+    try:
+        with caplog.at_level(logging.INFO, logger="celery_breaker"):
+            checker.check_eviction()  # (stock settings: min-replicas-to-write 0)
+            told_before = [r.getMessage() for r in caplog.records if "min-replicas-to-write" in r.getMessage()]
+            master.config_set("min-replicas-to-write", "1")
+            caplog.clear()
+            checker.check_eviction()
+    finally:
+        master.config_set("min-replicas-to-write", "0")
+        store.close()
+    assert len(told_before) == 1
+    assert f"redis store {store.label} is a Sentinel master with min-replicas-to-write 0" in told_before[0]
+    assert "Set min-replicas-to-write 1 and min-replicas-max-lag 1" in told_before[0]
+    assert not [r for r in caplog.records if "min-replicas-to-write" in r.getMessage()]
+
+
+def test_a_plain_redis_has_no_failover_to_name(server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
+    checker, store = releaser(server.url)
+    try:
+        with caplog.at_level(logging.INFO, logger="celery_breaker"):
+            checker.check_eviction()
+    finally:
+        store.close()
+    assert "min-replicas-to-write" not in caplog.text

@@ -161,6 +161,9 @@ class EvictionCheck:
     ``None``: nothing is dropped (or the store could not say: ``unknown``)."""
     unknown: str | None = None
     """Why the store could not say (the server refused to tell); ``None``: it could."""
+    failover: str | None = None
+    """A sentence saying that a failover may drop what was written last, and the fix;
+    ``None``: the store has no failover, or its master refuses writes no replica took."""
 
 
 class Parking(Protocol):

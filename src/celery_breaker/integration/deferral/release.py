@@ -244,7 +244,8 @@ class Releaser(threading.Thread):
 
     def check_eviction(self) -> None:
         """Say once, at a WARNING, when the store may evict parked tasks or breakers'
-        state when full (``maxmemory-policy``), or at INFO that it would not say. Raises
+        state when full (``maxmemory-policy``), or lose parked tasks in a Sentinel
+        failover (``min-replicas-to-write 0``), or at INFO that it would not say. Raises
         ``StorageError`` while the store cannot be reached (the loop tries again)."""
         found = self.parking.eviction()
         self._eviction_checked = True
@@ -255,7 +256,9 @@ class Releaser(threading.Thread):
                 "memory enough never to fill",
                 found.risk,
             )  # fmt: skip
-        elif found.unknown is not None:
+        if found.failover is not None:
+            logger.warning("celery-breaker: %s", found.failover)
+        if found.risk is None and found.unknown is not None:
             logger.info(
                 "celery-breaker: could not read the maxmemory-policy of the breaker store (%s); unless it is "
                 "noeviction, a full Redis may evict parked tasks",
