@@ -30,6 +30,18 @@ def releaser(url: str) -> tuple[Releaser, RedisStore]:
     return Releaser(app, store.parking, rate=10.0, ramp=0.0, tick=0.01), store
 
 
+def checked(url: str, caplog: pytest.LogCaptureFixture) -> str:
+    """One releaser's start-up check of the store at ``url``, its lines in ``caplog`` (from
+    INFO); the store's label."""
+    checker, store = releaser(url)
+    try:
+        with caplog.at_level(logging.INFO, logger="celery_breaker"):
+            checker.check_eviction()
+    finally:
+        store.close()
+    return store.label
+
+
 def told(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
     """The releaser's lines about the store's policy (not those about an outage) at ``level``."""
     marks = ("has maxmemory-policy", "could not read the maxmemory-policy")
@@ -58,18 +70,13 @@ def test_a_store_that_may_evict_is_named_once_at_a_warning(
 ) -> None:
     server.admin().config_set("maxmemory", maxmemory)
     server.admin().config_set("maxmemory-policy", policy)
-    checker, store = releaser(server.url)
-    try:
-        with caplog.at_level(logging.INFO, logger="celery_breaker"):
-            checker.check_eviction()
-    finally:
-        store.close()
+    label = checked(server.url, caplog)
     warnings = told(caplog, logging.WARNING)
     if named is None:
         assert warnings == []
         return
     assert len(warnings) == 1
-    assert f"redis store {store.label} has maxmemory-policy {policy}" in warnings[0]
+    assert f"redis store {label} has maxmemory-policy {policy}" in warnings[0]
     assert named in warnings[0]
     assert "Set maxmemory-policy noeviction" in warnings[0]
     assert ("parked tasks" in warnings[0].split("Set ")[0]) == policy.startswith("allkeys")
@@ -182,10 +189,5 @@ def test_a_sentinel_master_that_takes_writes_no_replica_took_is_named(
 
 
 def test_a_plain_redis_has_no_failover_to_name(server: RedisServer, caplog: pytest.LogCaptureFixture) -> None:
-    checker, store = releaser(server.url)
-    try:
-        with caplog.at_level(logging.INFO, logger="celery_breaker"):
-            checker.check_eviction()
-    finally:
-        store.close()
+    checked(server.url, caplog)
     assert "min-replicas-to-write" not in caplog.text
