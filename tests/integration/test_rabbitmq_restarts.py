@@ -36,7 +36,7 @@ from kombu.transport.native_delayed_delivery import (
 )
 
 from celery_breaker import CircuitBreaker
-from celery_breaker.integration.deferral import broker_delay
+from celery_breaker.integration.deferral import broker_delay, confirms
 from celery_breaker.integration.deferral.countdown import CountdownRepublish
 from celery_breaker.integration.deferral.defer import _deliver
 from celery_breaker.integration.deferral.plan import DeferralPlan
@@ -273,7 +273,7 @@ def test_a_deferral_rabbitmq_confirms_late_is_sent_once(
     # Under a memory alarm RabbitMQ blocks publishers: the confirm does not come in time,
     # but the message is on the wire and routed once the alarm clears. Taking the timeout
     # for a failure published it again, then once more by countdown: three copies.
-    monkeypatch.setattr(broker_delay, "CONFIRM_TIMEOUT", 2.0)
+    monkeypatch.setattr(confirms, "CONFIRM_TIMEOUT", 2.0)
     queue = f"confirm-late-{time.monotonic_ns()}"
     app, job = standalone("confirm.late", own_rabbitmq.url, task_default_queue=queue)
     with app.connection_for_write() as connection:
@@ -364,7 +364,7 @@ def test_a_deferral_into_a_dead_connection_is_taken_by_the_next_way(
     # A confirm that never comes because the peer is gone was counted as delivered, as one
     # under a memory alarm is: the delivery was acknowledged and the task lost. Only a
     # connection RabbitMQ said it blocks counts so; this one goes by countdown.
-    monkeypatch.setattr(broker_delay, "CONFIRM_TIMEOUT", 2.0)
+    monkeypatch.setattr(confirms, "CONFIRM_TIMEOUT", 2.0)
     queue = f"dead-confirm-{time.monotonic_ns()}"
     proxy = BlackHole(own_rabbitmq.address)
     try:

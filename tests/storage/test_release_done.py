@@ -42,9 +42,9 @@ def test_entries_published_when_the_store_failed_to_forget_them_are_not_publishe
     published: Counter[str] = Counter()
     publish = releaser._publish
 
-    def counted(tag: str, entry: str, payload: str) -> bool:
-        sent = publish(tag, entry, payload)
-        published[entry] += sent
+    def counted(tag: str, claimed: list[tuple[str, str]]) -> list[str]:
+        sent = publish(tag, claimed)
+        published.update(sent)
         return sent
 
     monkeypatch.setattr(releaser, "_publish", counted)

@@ -37,25 +37,24 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import re
-import threading
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from amqp.exceptions import MessageNacked  # type: ignore[import-untyped]
 from kombu.entity import Exchange
-from kombu.exceptions import EncodeError
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 
 from ..throttle import Throttle
+from . import confirms
+from .confirms import Confirm, ConfirmingPublisher, Send, timed_out
 from .strategy import DESTINATION_OPTIONS, Deferral, names_destination, publish
 
 __all__ = [
-    "CONFIRM_TIMEOUT", "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "LEGACY_DELIVERY_EXCHANGE", "QUEUE_KEY",
-    "ROUTING_EXCHANGE", "UNROUTABLE", "BrokerDelay", "asked_queue", "destination_queue", "discard", "ensure_topology",
+    "DELAY_EXCHANGE", "DELIVERY_EXCHANGE", "LEGACY_DELIVERY_EXCHANGE", "QUEUE_KEY",
+    "ROUTING_EXCHANGE", "UNROUTABLE", "BrokerDelay", "asked_queue", "destination_queue", "ensure_topology",
     "forget_delay_deaths", "level_name", "note_delivery_queue", "queue_binding", "queue_token",
-    "show_queue_delivery", "timed_out",
+    "show_queue_delivery",
     "topic_matches", "unroutable_count",
 ]  # fmt: skip
 
@@ -83,8 +82,6 @@ LEGACY_DELIVERY_EXCHANGE = "celery_delayed_delivery"
 _DELAY_PREFIX = re.compile(rf"^(?:[01]\.){{{LEVELS}}}")
 #: The word before a queue's digest in the key of a run deferred to that queue.
 TOKEN_WORD = "celery-breaker"
-#: Seconds a broker-delay publish waits for RabbitMQ's confirm before it counts as failed.
-CONFIRM_TIMEOUT = 10.0
 #: The key of a request's ``delivery_info`` under which the worker notes the queue a task
 #: was delivered from (``note_delivery_queue``); it travels with the request to the pool.
 QUEUE_KEY = "celery_breaker_queue"
@@ -274,6 +271,23 @@ def asked_queue(app: Any, options: dict[str, Any]) -> str | None:
 _declaring_again = Throttle()
 
 
+def _declare_again(exc: BaseException) -> None:
+    """A broker-delay publish failed (a broker restarted, empty or without a transient
+    queue's binding; an exchange deleted; a connection gone): it goes once more over a new
+    connection, with the topology declared again. At INFO once a minute (a refusal every
+    deferral meets, a permission missing, would otherwise add a line to each)."""
+    logger.log(
+        logging.DEBUG if _declaring_again.due("") is None else logging.INFO,
+        "celery-breaker: broker-delay publish failed (%r); declaring the delay topology again", exc,
+    )  # fmt: skip
+
+
+class _ConfirmLost(Exception):
+    """A broker-delay message was written and not confirmed in time, and RabbitMQ never
+    said it blocks the connection: the peer is taken for gone (a crashed node, a
+    partition, a firewall that dropped the flow), the message with it."""
+
+
 class UnroutedWarning:
     """The WARNING, at most once a minute, that a run's queue cannot be told, so it is
     deferred by countdown; ``why`` says what follows from that (a strategy's own words)."""
@@ -330,64 +344,6 @@ class _MayDropWarning:
 
 
 _may_drop = _MayDropWarning()
-
-
-class _Unconfirmed(Exception):
-    """A broker-delay message was written to a connection RabbitMQ said it blocks
-    (``connection.blocked``: a memory or disk alarm), and not confirmed in time: RabbitMQ
-    routes it once the alarm clears (``BrokerDelay.deliver`` sends it no second time)."""
-
-
-class _ConfirmLost(Exception):
-    """A broker-delay message was written and not confirmed in time, and RabbitMQ never
-    said it blocks the connection: the peer is taken for gone (a crashed node, a
-    partition, a firewall that dropped the flow), the message with it."""
-
-
-class _Blocking:
-    """Whether RabbitMQ blocks a connection's publishers, as it says itself
-    (``connection.blocked`` and ``connection.unblocked``, which py-amqp hands to the
-    ``on_blocked`` and ``on_unblocked`` callbacks while it waits for a confirm)."""
-
-    def __init__(self) -> None:
-        self.now = False  # blocked at present
-        self.seen = False  # blocked at some time since the current publish began
-
-    def blocked(self, reason: str | None = None) -> None:
-        self.now = self.seen = True
-
-    def unblocked(self) -> None:
-        self.now = False
-
-    def publishing(self) -> None:
-        """A publish begins: only a block from here on (or one still on) explains its timeout."""
-        self.seen = self.now
-
-
-#: Seconds a connection retired under a block is kept open at most, waiting for RabbitMQ
-#: to unblock it and read what it holds.
-RETIRED_AT_MOST = 600.0
-
-
-def timed_out(exc: BaseException) -> bool:
-    """Whether ``exc`` is a socket timeout: Celery reraises one as kombu's
-    ``OperationalError``, the timeout its cause or context."""
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None:
-            return False
-        if isinstance(seen, TimeoutError):  # (socket.timeout is TimeoutError)
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def discard(connection: Any) -> None:
-    """Close ``connection``, dead or alive, without raising."""
-    try:
-        connection.collect()
-    except Exception:  # (already broken: nothing more to release)
-        logger.debug("celery-breaker: closing a broker-delay connection failed", exc_info=True)
 
 
 def _token_of(delivery_info: dict[str, Any] | None) -> str | None:
@@ -554,95 +510,35 @@ class BrokerDelay:
     parks = True
 
     def __init__(self) -> None:
-        self._pid: int | None = None  # the process that owns ``_connection``
-        self._connection: Any = None  # that process's confirming connection, the topology declared on it
-        self._bound: set[str] = set()  # queues bound by their token over that connection
-        self._blocking = _Blocking()  # whether RabbitMQ blocks that connection
-        # Connections retired while RabbitMQ blocked them, with an unconfirmed publish in
-        # them: (connection, its blocking, when retired), closed once unblocked.
-        self._retired: list[tuple[Any, _Blocking, float]] = []
+        # Each process's confirming connection, the topology declared on it (``prepared``:
+        # the queues bound by their token over it).
+        self._publisher = ConfirmingPublisher(prepare=ensure_topology, on_failure=_declare_again)
         self._cannot_tell = UnroutedWarning(
             "not broker-delay: not exactly one queue of the app is bound there, so the queue it came from cannot "
             "be told"
         )
-        self._lock = threading.Lock()
 
-    def _connected(self, app: Any) -> Any:
-        """This process's connection, opened (and the topology declared) if it has none."""
-        if self._pid != os.getpid():  # (forked: the parent's socket is not ours to use or close)
-            self._pid, self._connection, self._bound, self._retired = os.getpid(), None, set(), []
-        if self._retired:
-            self._close_retired()
-        if self._connection is None:
-            blocking = _Blocking()
-            options = {"confirm_publish": True, "on_blocked": blocking.blocked, "on_unblocked": blocking.unblocked}
-            connection = app.connection_for_write(transport_options=options)
-            try:
-                bound = ensure_topology(connection, app)
-            except BaseException:
-                discard(connection)
-                raise
-            self._connection, self._bound, self._blocking = connection, bound, blocking
-        return self._connection
+    def _send(self, task: Any, signature: Any, queue: str | None, routing_key: str) -> Send:
+        """What publishes the run into the delay topology (with its queue bound first)."""
 
-    def _drop(self) -> None:
-        connection, self._connection, self._bound = self._connection, None, set()
-        if connection is not None and self._pid == os.getpid():
-            discard(connection)
-
-    def _retire(self) -> None:
-        """Stop publishing on this connection (a late confirm would answer the next
-        publish), and leave it open until RabbitMQ has read what it holds."""
-        if self._connection is not None and self._pid == os.getpid():
-            self._retired.append((self._connection, self._blocking, time.monotonic()))
-        self._connection, self._bound = None, set()
-
-    def _close_retired(self) -> None:
-        """Close the retired connections RabbitMQ no longer blocks (its ``connection.unblocked``
-        read now, without waiting), or that were retired ``RETIRED_AT_MOST`` seconds ago."""
-        kept = []
-        for connection, blocking, since in self._retired:
-            with contextlib.suppress(Exception):  # (nothing to read, or the connection is gone)
-                connection.drain_events(timeout=0)
-            if blocking.now and time.monotonic() - since < RETIRED_AT_MOST:
-                kept.append((connection, blocking, since))
-            else:
-                discard(connection)
-        self._retired = kept
-
-    def _publish(self, task: Any, signature: Any, queue: str | None, routing_key: str) -> None:
-        connection = self._connected(task.app)
-        if queue is not None and queue not in self._bound:
-            # (not declared, or not bound with the others: binding a queue that does not
-            # exist fails, which is the answer for this run alone)
-            connection.default_channel.queue_bind(
-                queue=queue, exchange=ROUTING_EXCHANGE, routing_key=queue_binding(queue)
-            )
-            self._bound.add(queue)
-        self._blocking.publishing()
-        try:
+        def send(producer: Any) -> None:
+            bound: set[str] = self._publisher.prepared
+            if queue is not None and queue not in bound:
+                # (not declared, or not bound with the others: binding a queue that does not
+                # exist fails, which is the answer for this run alone)
+                producer.channel.queue_bind(queue=queue, exchange=ROUTING_EXCHANGE, routing_key=queue_binding(queue))
+                bound.add(queue)
             publish(
                 task,
                 signature,
-                producer=connection.Producer(),
+                producer=producer,
                 exchange=Exchange(DELAY_EXCHANGE, type="topic"),  # type: ignore[no-untyped-call]
                 routing_key=routing_key,
                 declare=[],  # (the topology is declared on this connection; nothing else is published to)
-                retry=False,  # (a connection error comes here, to open a new one and declare the topology)
-                confirm_timeout=CONFIRM_TIMEOUT,
+                retry=False,  # (a connection error comes back here, to open a new one and declare the topology)
             )
-        except Exception as exc:
-            if not timed_out(exc):
-                raise
-            # Only here, once connected: the message went out. Whether it arrives depends on
-            # why no confirm came: a broker that blocks publishers routes it later, a dead
-            # peer never will (an unanswered write looks the same from this side).
-            if self._blocking.seen:
-                raise _Unconfirmed(str(exc)) from exc
-            raise _ConfirmLost(
-                f"RabbitMQ did not confirm the deferral within {CONFIRM_TIMEOUT:g} s and did not say it blocks "
-                f"publishers: its connection is taken for dead ({exc!r})"
-            ) from exc
+
+        return send
 
     def deliver(self, deferral: Deferral) -> float | None:
         task = deferral.task
@@ -676,42 +572,32 @@ class BrokerDelay:
         for option in DESTINATION_OPTIONS:
             signature.options.pop(option, None)
         routing_key = calculate_routing_key(seconds, token)
-        with self._lock:  # (one channel per process: publishes take turns)
-            for attempt in (1, 2):
-                try:
-                    self._publish(task, signature, queue, routing_key)
-                except EncodeError:
-                    raise
-                except Exception as exc:
-                    if isinstance(exc, _Unconfirmed):
-                        self._retire()
-                    else:
-                        self._drop()
-                    if isinstance(exc, _Unconfirmed):
-                        # Sent, and not confirmed in time, on a connection RabbitMQ said it
-                        # blocks (a memory or disk alarm): it routes the message once it
-                        # reads it. Publishing again, here or by the next strategy, would
-                        # run the task twice: it counts as delivered.
-                        logger.warning(
-                            "celery-breaker: task %s[%s]: RabbitMQ did not confirm its deferral within %g s, and "
-                            "blocks publishers (a memory or disk alarm); counted as deferred, not sent again",
-                            task.name, request.id, CONFIRM_TIMEOUT,
-                        )  # fmt: skip
-                        break
-                    if attempt == 2 or isinstance(exc, _ConfirmLost):
-                        # (a lost confirm has had its time: the next strategy takes the run
-                        # now; if the message did reach RabbitMQ the task runs twice, which
-                        # is better than never)
-                        raise
-                    # A broker restarted (empty, or without a transient queue's binding), an
-                    # exchange deleted, a connection gone: once more over a new connection,
-                    # with the topology declared again.
-                    # (INFO once a minute: a refusal every deferral meets, a permission
-                    # missing, would otherwise add a line to each)
-                    logger.log(
-                        logging.DEBUG if _declaring_again.due("") is None else logging.INFO,
-                        "celery-breaker: broker-delay publish failed (%r); declaring the delay topology again", exc,
-                    )  # fmt: skip
-                else:
-                    break
-        return float(seconds)
+        published = self._publisher.publish(task.app, [self._send(task, signature, queue, routing_key)])
+        result = published.results[0]
+        if result is Confirm.CONFIRMED:
+            return float(seconds)
+        error = published.errors.get(0) or published.error
+        if result is Confirm.UNCONFIRMED and error is not None and timed_out(error):
+            # Written, and not confirmed in time. Whether it arrives depends on why: a broker
+            # that blocks publishers routes it later, a dead peer never will (an unanswered
+            # write looks the same from this side).
+            if not published.blocked:
+                # (a lost confirm has had its time: the next strategy takes the run now; if
+                # the message did reach RabbitMQ the task runs twice, which is better than never)
+                raise _ConfirmLost(
+                    f"RabbitMQ did not confirm the deferral within {confirms.CONFIRM_TIMEOUT:g} s and did not say it "
+                    f"blocks publishers: its connection is taken for dead ({error!r})"
+                ) from error
+            # Sent, and not confirmed in time, on a connection RabbitMQ said it blocks (a
+            # memory or disk alarm): it routes the message once it reads it. Publishing
+            # again, here or by the next strategy, would run the task twice: it counts as
+            # delivered.
+            logger.warning(
+                "celery-breaker: task %s[%s]: RabbitMQ did not confirm its deferral within %g s, and blocks "
+                "publishers (a memory or disk alarm); counted as deferred, not sent again",
+                task.name, request.id, confirms.CONFIRM_TIMEOUT,
+            )  # fmt: skip
+            return float(seconds)
+        if result is Confirm.REFUSED:
+            raise MessageNacked("RabbitMQ refused the deferral (basic.nack)")
+        raise error or RuntimeError(f"broker-delay deferral {result.value}")

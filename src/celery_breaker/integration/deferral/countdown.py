@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import threading
 import time
 from typing import Any
 
+from amqp.exceptions import MessageNacked  # type: ignore[import-untyped]
 from celery.exceptions import Reject
-from kombu.exceptions import EncodeError
 
 from ...errors import CircuitOpenError
 from ..broker import AMQP, broker_kind
-from .broker_delay import CONFIRM_TIMEOUT, UnroutedWarning, destination_queue, discard, timed_out
+from . import confirms
+from .broker_delay import UnroutedWarning, destination_queue
+from .confirms import Confirm, ConfirmingPublisher, timed_out
 from .strategy import Deferral, names_destination, publish
 
 __all__ = ["RECEIVED_KEY", "REQUEUE_PAUSE", "CountdownRepublish", "note_received"]
@@ -70,10 +70,7 @@ class CountdownRepublish:
 
     def __init__(self, *, whole_seconds: bool = False) -> None:
         self.whole_seconds = whole_seconds
-        self._pid: int | None = None  # the process that owns ``_connection``
-        self._connection: Any = None  # that process's confirming connection (RabbitMQ)
-        self._unconfirmed: list[Any] = []  # connections a confirm did not come on in time: left open
-        self._lock = threading.Lock()
+        self._publisher = ConfirmingPublisher()  # (RabbitMQ: each process's own connection)
         self._cannot_tell = UnroutedWarning(
             "which Celery delays in RabbitMQ by task_default_queue's routing key on quorum queues: the queue it "
             "came from cannot be told, so it may come back to task_default_queue"
@@ -95,44 +92,32 @@ class CountdownRepublish:
         return {}
 
     def send(self, task: Any, signature: Any) -> None:
-        """Publish the copy; on RabbitMQ with publisher confirms, over a connection of this
-        process's own. Without them, a publish RabbitMQ refuses (no write permission on
-        the default exchange the copy goes through, a queue whose ``x-overflow`` is
-        ``reject-publish`` and full) raised nothing: the delivery was acknowledged as
-        deferred and the task lost. Now that raises. A confirm that does not come within
-        ``CONFIRM_TIMEOUT`` counts as sent (the copy is written, as every copy counted
-        before), and the connection is left open for RabbitMQ to read it. A failure is
-        tried once more over a new connection (a broker restarted since)."""
+        """Publish the copy; on RabbitMQ with publisher confirms (``ConfirmingPublisher``),
+        over a connection of this process's own. Without them, a publish RabbitMQ refuses
+        (no write permission on the default exchange the copy goes through, a queue whose
+        ``x-overflow`` is ``reject-publish`` and full) raised nothing: the delivery was
+        acknowledged as deferred and the task lost. Now that raises. A confirm that does
+        not come within ``CONFIRM_TIMEOUT`` counts as sent (the copy is written, as every
+        copy counted before). A failure is tried once more over a new connection (a
+        broker restarted since)."""
         if broker_kind(task.app.conf) != AMQP:
             publish(task, signature)
             return
-        with self._lock:
-            if self._pid != os.getpid():  # (forked: the parent's socket is not ours)
-                self._pid, self._connection, self._unconfirmed = os.getpid(), None, []
-            for attempt in (1, 2):
-                if self._connection is None:
-                    self._connection = task.app.connection_for_write(transport_options={"confirm_publish": True})
-                connection = self._connection
-                try:
-                    publish(
-                        task, signature, producer=connection.Producer(), retry=False, confirm_timeout=CONFIRM_TIMEOUT
-                    )
-                except EncodeError:
-                    raise  # (the copy, not the connection)
-                except Exception as exc:
-                    self._connection = None
-                    if timed_out(exc):
-                        self._unconfirmed.append(connection)  # (a late confirm must answer no later publish)
-                        logger.warning(
-                            "task %s[%s]: RabbitMQ did not confirm its countdown deferral within %g s; counted as sent",
-                            task.name, task.request.id, CONFIRM_TIMEOUT,
-                        )  # fmt: skip
-                        return
-                    discard(connection)
-                    if attempt == 2:
-                        raise
-                else:
-                    return
+        published = self._publisher.publish(
+            task.app, [lambda producer: publish(task, signature, producer=producer, retry=False)]
+        )
+        result = published.results[0]
+        if result is Confirm.CONFIRMED:
+            return
+        if result is Confirm.UNCONFIRMED and published.error is not None and timed_out(published.error):
+            logger.warning(
+                "task %s[%s]: RabbitMQ did not confirm its countdown deferral within %g s; counted as sent",
+                task.name, task.request.id, confirms.CONFIRM_TIMEOUT,
+            )  # fmt: skip
+            return
+        if result is Confirm.REFUSED:
+            raise MessageNacked("RabbitMQ refused the countdown deferral (basic.nack)")
+        raise published.errors.get(0) or published.error or RuntimeError(f"countdown deferral {result.value}")
 
     def deliver(self, deferral: Deferral) -> float | None:
         task = deferral.task

@@ -26,8 +26,6 @@ import threading
 import time
 from typing import Any
 
-from amqp.exceptions import MessageNacked  # type: ignore[import-untyped]
-from kombu.exceptions import EncodeError
 from kombu.serialization import prepare_accept_content
 
 from ...core.pacing import PacingLaw
@@ -37,7 +35,8 @@ from ...labels import shown_label
 from ...storage import Parking
 from ..broker import AMQP, broker_kind
 from ..throttle import Throttle
-from .broker_delay import CONFIRM_TIMEOUT, RETIRED_AT_MOST, discard, timed_out
+from . import confirms
+from .confirms import Confirm, ConfirmingPublisher, Send, timed_out
 from .health_gate import HealthGate
 from .parking import NotAcceptedHere, read_parked
 
@@ -119,14 +118,8 @@ class Releaser(threading.Thread):
         self.health_gate = HealthGate(app)
         #: On RabbitMQ, parked tasks are published with publisher confirms, over a
         #: connection of the releaser's own (``_publish_confirmed``).
-        self._confirms = broker_kind(app.conf) == AMQP
-        self._connection: Any = None
-        #: Connections a confirm did not come on in time, and when: left open for RabbitMQ to
-        #: read what they hold, closed after ``RETIRED_AT_MOST`` seconds.
-        self._unconfirmed: list[tuple[Any, float]] = []
+        self._publisher = ConfirmingPublisher() if broker_kind(app.conf) == AMQP else None
         self._nacks = Throttle(TAG_COMPLAINT_EVERY)  # RabbitMQ's refusals: one WARNING a minute
-        #: Set when RabbitMQ did not confirm a publish in time: the rest of the tick's claim waits.
-        self._stalled = False
         #: By tag: entries published whose ``done`` the store did not take (it failed
         #: meanwhile), forgotten before that breaker's next claim (``_release_tag``).
         self._undone: dict[str, list[str]] = {}
@@ -144,12 +137,8 @@ class Releaser(threading.Thread):
             with abandon_checks_on(self._stop_event):  # (a check running at shutdown frees its probe slot)
                 self._loop()
         finally:
-            if self._connection is not None:  # (RabbitMQ's confirming connection: closed with the thread)
-                discard(self._connection)
-                self._connection = None
-            for connection, _since in self._unconfirmed:
-                discard(connection)
-            self._unconfirmed = []
+            if self._publisher is not None:  # (RabbitMQ's confirming connections: closed with the thread)
+                self._publisher.close_all()
 
     def _loop(self) -> None:
         while not self._stop_event.wait(self.tick):
@@ -209,13 +198,7 @@ class Releaser(threading.Thread):
             return 0
         pace = 0.0 if self.rate is None else self.rate
         claimed = self.parking.release(tag, most=most, pace=pace, ramp=self.ramp, lease=LEASE, law=self.law)
-        done = []
-        self._stalled = False
-        for entry, payload in claimed:
-            if self._stalled:
-                break  # (RabbitMQ takes no publish now: the rest stay claimed, released again after the lease)
-            if self._publish(tag, entry, payload):
-                done.append(entry)
+        done = self._publish(tag, claimed)
         try:
             self.parking.done(tag, done)
         except Exception:
@@ -341,104 +324,103 @@ class Releaser(threading.Thread):
         more = len(labelled) - NAMED_IN_LOG
         return held + (f", and {more} more breakers" if more > 0 else "")
 
-    def _publish(self, tag: str, entry: str, payload: str) -> bool:
-        try:
-            signature, serializer = read_parked(payload, self.accept)
-        except NotAcceptedHere as exc:
-            # Another app or worker on this store parked it, in a serializer this one does
-            # not accept: left claimed, its lease puts it back for a worker that does.
-            self._not_accepted(tag, entry, exc)
-            return False
-        except ValueError as exc:
-            # Never publishable: dropping it is the only way forward; say so loudly.
-            logger.error("celery-breaker releaser: dropped parked entry %s of %s: %s", entry, tag, exc)
-            return True
+    def _publish(self, tag: str, claimed: list[tuple[str, str]]) -> list[str]:
+        """Publish the claimed entries again; return those to forget: published (on RabbitMQ:
+        confirmed), or never publishable. The others stay claimed, and are released again
+        after their lease."""
+        done: list[str] = []
+        ready: list[tuple[str, Any, dict[str, Any]]] = []  # (entry, signature, publish options)
+        for entry, payload in claimed:
+            try:
+                signature, serializer = read_parked(payload, self.accept)
+            except NotAcceptedHere as exc:
+                # Another app or worker on this store parked it, in a serializer this one does
+                # not accept: left claimed, its lease puts it back for a worker that does.
+                self._not_accepted(tag, entry, exc)
+                continue
+            except ValueError as exc:
+                # Never publishable: dropping it is the only way forward; say so loudly.
+                logger.error("celery-breaker releaser: dropped parked entry %s of %s: %s", entry, tag, exc)
+                done.append(entry)
+                continue
+            try:
+                made = self.app.signature(signature)
+            except Exception as exc:  # (left claimed, as a publish that failed: the others go on)
+                _not_published(entry, exc)
+                continue
+            # (in the serializer it was parked in: its arguments may take no other)
+            ready.append((entry, made, {"serializer": serializer} if serializer else {}))
         _RELEASING.on = True
         try:
-            # (in the serializer it was parked in: its arguments may take no other)
-            options = {"serializer": serializer} if serializer else {}
-            if self._confirms:
-                return self._publish_confirmed(entry, self.app.signature(signature), options)
-            self.app.signature(signature).apply_async(**options)
-        except Exception as exc:
-            # Left claimed: the lease runs out and it is released again.
-            logger.warning("celery-breaker releaser: could not publish %s (%r); it stays parked", entry, exc)
-            return False
+            if self._publisher is not None:
+                done += self._publish_confirmed(ready)
+                return done
+            for entry, signature, options in ready:
+                try:
+                    signature.apply_async(**options)
+                except Exception as exc:
+                    # Left claimed: the lease runs out and it is released again.
+                    _not_published(entry, exc)
+                else:
+                    done.append(entry)
         finally:
             _RELEASING.on = False
-        return True
+        return done
 
-    def _publish_confirmed(self, entry: str, signature: Any, options: dict[str, Any]) -> bool:
-        """Publish a parked task on RabbitMQ with publisher confirms; whether RabbitMQ took it.
+    def _publish_confirmed(self, ready: list[tuple[str, Any, dict[str, Any]]]) -> list[str]:
+        """Publish on RabbitMQ with publisher confirms (``ConfirmingPublisher``); return the
+        entries RabbitMQ took.
 
         Published as Celery publishes, without confirms, a message RabbitMQ refused (a full
         queue whose ``x-overflow`` is ``reject-publish``, a user who may not write to the
-        exchange) raised nothing: the entry was forgotten and the task lost. Now a refusal
+        exchange) raised nothing: the entry was forgotten and the task lost. A refusal now
         leaves it claimed (released again after the lease). A confirm that does not come
         within ``CONFIRM_TIMEOUT`` (RabbitMQ blocks publishers under a memory or disk
-        alarm, or the peer is gone) leaves it claimed too, and the rest of this tick's
-        claim waits: it may run twice (the copy is routed when the alarm clears), never
-        not at all. Any other failure is tried once more over a new connection (a broker
-        restarted since)."""
-        if self._unconfirmed:
-            self._close_unconfirmed(time.monotonic())
-        for attempt in (1, 2):
-            if self._connection is None:
-                self._connection = self.app.connection_for_write(transport_options={"confirm_publish": True})
-            connection = self._connection
-            try:
-                signature.apply_async(
-                    producer=connection.Producer(), retry=False, confirm_timeout=CONFIRM_TIMEOUT, **options
-                )
-            except EncodeError:
-                raise  # (the message, not the connection)
-            except Exception as exc:
-                if _nacked(exc):
-                    quiet = self._nacks.due("")
-                    logger.log(
-                        logging.DEBUG if quiet is None else logging.WARNING,
-                        "celery-breaker releaser: RabbitMQ refused %s (a full queue that rejects publishes?); it "
-                        "stays parked, and is released again after its lease (logged at most once a minute; %d "
-                        "more refused since the last time, at DEBUG)",
-                        entry, quiet or 0,
-                    )  # fmt: skip
-                    return False
-                self._connection = None
-                if timed_out(exc):
-                    # (left open: a late confirm must answer no later publish)
-                    self._unconfirmed.append((connection, time.monotonic()))
-                    self._stalled = True
-                    logger.warning(
-                        "celery-breaker releaser: RabbitMQ did not confirm %s within %g s; it stays parked, and is "
-                        "released again after its lease (it may run twice)",
-                        entry, CONFIRM_TIMEOUT,
-                    )  # fmt: skip
-                    return False
-                discard(connection)
-                if attempt == 2:
-                    raise
+        alarm, or the peer is gone) leaves the unconfirmed ones claimed, and the rest of
+        the claim waits: they may run twice (a copy is routed when the alarm clears),
+        never not at all."""
+
+        def send(signature: Any, options: dict[str, Any]) -> Send:
+            return lambda producer: signature.apply_async(producer=producer, retry=False, **options)
+
+        assert self._publisher is not None
+        published = self._publisher.publish(self.app, [send(signature, options) for _, signature, options in ready])
+        confirmed = []
+        refused = unconfirmed = 0
+        for (entry, _, _), result in zip(ready, published.results, strict=True):
+            if result is Confirm.CONFIRMED:
+                confirmed.append(entry)
+            elif result is Confirm.REFUSED:
+                refused += 1
+            elif result is Confirm.UNCONFIRMED:
+                unconfirmed += 1
+        for index, exc in published.errors.items():
+            _not_published(ready[index][0], exc)
+        if refused:
+            quiet = self._nacks.due("")
+            logger.log(
+                logging.DEBUG if quiet is None else logging.WARNING,
+                "celery-breaker releaser: RabbitMQ refused %d parked task(s) (a full queue that rejects publishes?); "
+                "they stay parked, and are released again after their lease (logged at most once a minute; %d "
+                "more refused since the last time, at DEBUG)",
+                refused, quiet or 0,
+            )  # fmt: skip
+        if published.error is not None:
+            if timed_out(published.error):
+                logger.warning(
+                    "celery-breaker releaser: RabbitMQ did not confirm %d released task(s) within %g s%s; they stay "
+                    "parked, and are released again after their lease (they may run twice)",
+                    unconfirmed, confirms.CONFIRM_TIMEOUT, " (it blocks publishers)" if published.blocked else "",
+                )  # fmt: skip
             else:
-                return True
-        return False  # (not reached: the second attempt returns or raises)
-
-    def _close_unconfirmed(self, now: float) -> None:
-        """Close the connections left open ``RETIRED_AT_MOST`` seconds ago or more."""
-        kept = []
-        for connection, since in self._unconfirmed:
-            if now - since >= RETIRED_AT_MOST:
-                discard(connection)
-            else:
-                kept.append((connection, since))
-        self._unconfirmed = kept
+                logger.warning(
+                    "celery-breaker releaser: could not publish to RabbitMQ (%r); %d task(s) stay parked, and are "
+                    "released again after their lease",
+                    published.error, len(ready) - len(confirmed),
+                )  # fmt: skip
+        return confirmed
 
 
-def _nacked(exc: BaseException) -> bool:
-    """Whether ``exc`` is RabbitMQ's negative confirm (``basic.nack``), perhaps wrapped."""
-    seen: BaseException | None = exc
-    for _ in range(5):
-        if seen is None:
-            return False
-        if isinstance(seen, MessageNacked):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+def _not_published(entry: str, exc: BaseException) -> None:
+    """Say that ``entry`` could not be published: left claimed, it is released again after its lease."""
+    logger.warning("celery-breaker releaser: could not publish %s (%r); it stays parked", entry, exc)
