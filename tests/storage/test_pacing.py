@@ -361,6 +361,7 @@ def test_unreadable_counts_in_the_breaker_state_reset_it(
     clock = FakeClock()
     tag = park(store, 100)
     CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)
+    store.flush(everything=True)  # (sent now: a flush by the agent would read the damaged state first)
     redis.Redis.from_url(redis_url).hset(tag + ":s", "sl", "-1")
     with caplog.at_level(logging.WARNING, logger="celery_breaker"):
         release(store, clock.monotonic())

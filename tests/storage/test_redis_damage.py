@@ -498,7 +498,8 @@ def test_one_tags_failure_leaves_the_others_released(
         return eval_(script, keys, args, doing=doing)
 
     monkeypatch.setattr(store, "eval", failing_for_b)
-    released, failed = [], []
+    released: list[tuple[str, str]] = []
+    failed: list[str] = []
     for _ in range(2):
         for tag in store.parking.tags():
             try:

@@ -16,7 +16,7 @@ from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
 from ..core.pacing import PacingLaw
 
-__all__ = ["NO_MOVES", "Cell", "EvictionCheck", "History", "Moves", "Parking", "ReleasePace", "Store"]
+__all__ = ["NO_MOVES", "Cell", "Claimed", "EvictionCheck", "History", "Moves", "Parking", "ReleasePace", "Store"]
 
 #: The transitions one operation made, oldest first (usually none).
 Moves = tuple[Transition, ...]
@@ -166,6 +166,16 @@ class EvictionCheck:
     ``None``: the store has no failover, or its master refuses writes no replica took."""
 
 
+class Claimed(list[tuple[str, str]]):
+    """What ``Parking.release`` claimed: ``(entry, payload)`` pairs, and ``quiet``, the
+    seconds in which nothing more can come due for that breaker unless someone moves it
+    (an OPEN breaker's time left; a FORCED_OPEN one has none of its own), bounded by the
+    next deadline or lease to run out: ``0.0`` when something may come due at any time,
+    ``None`` when nothing will by itself. A releaser need not ask again before then."""
+
+    quiet: float | None = 0.0
+
+
 class Parking(Protocol):
     """Where a store keeps deferred tasks until their breaker lets them run (see
     ``integration/deferral``). Entries are grouped per breaker under a *tag*; every
@@ -197,9 +207,10 @@ class Parking(Protocol):
         lease: float,
         now: float | None = None,
         law: PacingLaw | None = None,
-    ) -> list[tuple[str, str]]:
+    ) -> Claimed:
         """Claim, under a lease, the ``(entry, payload)`` pairs the breaker lets run now:
-        at the fixed ``pace`` (reached after ``ramp``), or at the adaptive pace of ``law``."""
+        at the fixed ``pace`` (reached after ``ramp``), or at the adaptive pace of ``law``;
+        and say how long nothing more can come due (``Claimed.quiet``)."""
         ...
 
     def done(self, tag: str, entries: list[str]) -> None:

@@ -24,7 +24,7 @@ from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket
 from ..core.pacing import PacingLaw
 from ..errors import ConfigurationError, StorageError
-from .contract import Cell, EvictionCheck, History, Moves, Parking, ReleasePace, Store
+from .contract import Cell, Claimed, EvictionCheck, History, Moves, Parking, ReleasePace, Store
 from .memory import MemoryCell
 from .urls import describe_url
 
@@ -442,8 +442,8 @@ class _ReportingParking:
         lease: float,
         now: float | None = None,
         law: PacingLaw | None = None,
-    ) -> list[tuple[str, str]]:
-        claimed: list[tuple[str, str]] = self._reporting(
+    ) -> Claimed:
+        claimed: Claimed = self._reporting(
             "release", tag, most=most, pace=pace, ramp=ramp, lease=lease, now=now, law=law
         )
         return claimed

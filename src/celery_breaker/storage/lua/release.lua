@@ -8,7 +8,10 @@
 --       5 are then unused), 8 the transitions channel ('' none: a reset is not published),
 --       9 the idle TTL in ms ('' none): the pacing hash lives that long past the last release
 --       (it names no entry; without it, every breaker that ever released kept one for good)
--- Returns { repairs, entry, payload, entry, payload, ... }.
+-- Returns { repairs, quiet, entry, payload, entry, payload, ... }; quiet: the seconds in
+--   which nothing can come due here unless someone moves the breaker (an OPEN breaker's time
+--   left, none for a FORCED_OPEN one, each bounded by the next deadline and the next lease
+--   to run out): '0' when something may, '' when nothing ever will by itself.
 --
 -- What the breaker lets run (read from its state hash):
 --   CLOSED, DISABLED, or no breaker state at all: entries at a paced ramp, oldest first,
@@ -53,7 +56,7 @@ end
 drop_bad_deadlines()
 fix_bad_orders()
 
-local out = { '' }
+local out = { '', '0' }
 local function claim(entry)
   local message = redis.call('HGET', K_MSGS, entry)
   redis.call('ZREM', K_QUEUE, entry)
@@ -176,7 +179,7 @@ elseif (st == 'open' and now >= ou) or st == 'half_open' then
 end
 -- Probes are held back neither by `most` nor by the entries past their deadline claimed above
 -- (this period's probe slot is taken now: probes not sent now would go only a lease later).
-if not probing then allowed = math.min(allowed, most - (#out - 1) / 2) end
+if not probing then allowed = math.min(allowed, most - (#out - 2) / 2) end
 local taken = 0
 if allowed > 0 then
   for _, entry in ipairs(redis.call('ZRANGE', K_QUEUE, 0, allowed - 1)) do
@@ -185,6 +188,17 @@ if allowed > 0 then
   end
 end
 if adaptive ~= nil then write_pace(took_pace(adaptive, taken)) end
+-- How long nothing comes due here (the reply's quiet): a releaser need not ask before then.
+if st == 'forced_open' or (st == 'open' and now < ou) then
+  local quiet = nil -- (forced open: no end of its own)
+  if st == 'open' then quiet = ou - now end
+  for _, key in ipairs({ K_DEADLINES, K_CLAIMS }) do
+    local first = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+    local at = tonumber(first[2] or '')
+    if at ~= nil and (quiet == nil or at - now < quiet) then quiet = math.max(0, at - now) end
+  end
+  out[2] = quiet == nil and '' or fmt(quiet)
+end
 local idle_ms = read_whole(ARGV[9] or '')
 if idle_ms ~= nil and idle_ms > 0 then redis.call('PEXPIRE', K_PACE, idle_ms) end -- (no key: nothing)
 out[1] = table.concat(repairs, '; ')

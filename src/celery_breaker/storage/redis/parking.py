@@ -26,7 +26,7 @@ import redis
 from ...core.pacing import PacingLaw
 from ...errors import StorageError
 from ...labels import breaker_label, shown_label
-from ..contract import EvictionCheck, ReleasePace
+from ..contract import Claimed, EvictionCheck, ReleasePace
 from .client import CLIENT_ERRORS
 from .damage import CHECK_TYPES, classify, failure, text
 from .eviction import check_eviction
@@ -138,7 +138,7 @@ class RedisParking:
         lease: float,
         now: float | None = None,
         law: PacingLaw | None = None,
-    ) -> list[tuple[str, str]]:
+    ) -> Claimed:
         """Claim what the breaker of ``tag`` lets run now (see release.lua): once it has
         closed, at the fixed ``pace`` reached after ``ramp``, or with ``law`` at the
         adaptive pace (``core/pacing.py``, shared by every caller; ``pace`` and ``ramp``
@@ -157,7 +157,10 @@ class RedisParking:
              self.store.ttl_ms],
             doing=f"releasing {tag}", state=True, now=now,
         )  # fmt: skip
-        return [(text(reply[i]), text(reply[i + 1])) for i in range(0, len(reply) - 1, 2)]
+        claimed = Claimed((text(reply[i]), text(reply[i + 1])) for i in range(1, len(reply) - 1, 2))
+        quiet = text(reply[0]) if reply else "0"
+        claimed.quiet = None if quiet == "" else max(0.0, float(quiet))
+        return claimed
 
     def pace(self, tag: str) -> dict[str, str]:
         """The pacing hash of breaker ``tag`` as stored (field -> value): the adaptive
