@@ -33,7 +33,7 @@ from kombu.connection import Connection
 
 from .servers import Owned, ServerError, free_port, poll
 
-__all__ = ["RabbitMQServer", "rabbitmq_scripts_dir"]
+__all__ = ["RabbitMQServer", "rabbitmq_scripts_dir", "taken_off"]
 
 #: Seconds a node gets to start (about 5 s on 2 cores) and to stop.
 START_TIMEOUT = 60.0
@@ -263,3 +263,20 @@ def _kill_group(process: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):  # none of the group is left
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+
+
+def taken_off(url: str, queue: Any) -> list[Any]:
+    """The messages waiting in ``queue`` (a kombu ``Queue``) on the broker at ``url``, in
+    order, taken off it: read until none comes for 0.5 s."""
+    found = []
+    with Connection(url) as connection:  # type: ignore[no-untyped-call]
+        bound = connection.SimpleQueue(queue, no_ack=True)
+        try:
+            while True:
+                try:
+                    found.append(bound.get(timeout=0.5))
+                except bound.Empty:
+                    break
+        finally:
+            bound.close()
+    return found

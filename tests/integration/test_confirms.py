@@ -17,7 +17,7 @@ from celery import Celery
 from kombu.entity import Queue
 
 from celery_breaker.integration.deferral.confirms import Confirm, ConfirmingPublisher, Send
-from tests.rabbitmq import RabbitMQServer
+from tests.rabbitmq import RabbitMQServer, taken_off
 
 
 @pytest.fixture
@@ -36,19 +36,9 @@ def _queue(app: Celery, **arguments: Any) -> Queue:
 
 
 def _ids(app: Celery, queue: Queue) -> list[int]:
-    """The numbers (the tasks' argument) waiting in ``queue``, in order, taken off it."""
-    found = []
-    with app.connection_for_read() as connection:
-        bound = connection.SimpleQueue(queue, no_ack=True)
-        try:
-            while True:
-                try:
-                    message = bound.get(timeout=0.5)
-                except bound.Empty:
-                    break
-                found.append(message.decode()[0][0])
-        finally:
-            bound.close()
+    """The numbers (the tasks' argument) waiting in ``queue``, in order, taken off it; then it is deleted."""
+    found = [message.decode()[0][0] for message in taken_off(app.conf.broker_url, queue)]
+    with app.connection_for_write() as connection:
         queue.bind(connection.default_channel).delete()  # type: ignore[no-untyped-call]
     return found
 

@@ -20,7 +20,7 @@ from celery_breaker.integration.deferral.parking import encode_message
 from celery_breaker.integration.deferral.release import Releaser
 from celery_breaker.storage import close_stores
 from celery_breaker.storage.redis import RedisStore
-from tests.rabbitmq import RabbitMQServer
+from tests.rabbitmq import RabbitMQServer, taken_off
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -28,19 +28,7 @@ pytestmark = pytest.mark.slow
 
 def _messages(url: str, queue: Queue) -> list[str]:
     """The task ids waiting in ``queue`` (taken off it)."""
-    found = []
-    with Connection(url) as connection:  # type: ignore[no-untyped-call]
-        bound = connection.SimpleQueue(queue, no_ack=True)
-        try:
-            while True:
-                try:
-                    message = bound.get(timeout=0.5)
-                except bound.Empty:
-                    break
-                found.append(message.headers["id"])
-        finally:
-            bound.close()
-    return found
+    return [message.headers["id"] for message in taken_off(url, queue)]
 
 
 def test_a_parked_task_rabbitmq_refuses_stays_parked_until_it_takes_it(
