@@ -1,10 +1,12 @@
 """Recovery at the downstream's pace: a parked backlog released at the fixed pace and at the adaptive one.
 
-Real parts only: a redis-server on a free loopback port (broker db 0, breaker store db 1),
-two ``celery -A recovery worker -P prefork -c 6`` processes per run (this module is also
-their Celery app, configured from the environment), and an HTTP downstream in this
-process (``http_downstream.LimitedDownstream``): capacity C requests per second, slower
-from 85 % of it (up to +400 ms at C), ``429`` with ``Retry-After: 1`` above it. The task
+Real parts only: a redis-server on a free loopback port (broker db 0, breaker store db 1,
+the tasks' own records db 2; ``--broker rabbitmq``: a rabbitmq-server started here is the
+broker instead, with ``breaker_park`` on), two ``celery -A recovery worker -P prefork
+-c 6`` processes per run (this module is also their Celery app, configured from the
+environment), and an HTTP downstream in this process
+(``http_downstream.LimitedDownstream``): capacity C requests per second, slower from 85 %
+of it (up to +400 ms at C), ``429`` with ``Retry-After: 1`` above it. The task
 GETs it under a ``BreakerTask`` breaker whose policy counts a call of 100 ms or more as slow;
 a 429 is raised as urllib's ``HTTPError``, as it would be in production: met by a released
 task it is a refusal (the task is parked again, the pace is cut and waits the Retry-After;
@@ -28,6 +30,7 @@ breaker closed, nothing parked).
     python bench/recovery.py                 # N = 3000, C = 150/s: ~4 minutes
     python bench/recovery.py --quick         # N = 600, C = 60/s, capacity runs only: a CI smoke run
     python bench/recovery.py --burst 0.5     # no limit, but every call refused for 0.5 s at the close
+    python bench/recovery.py --capacity 150 --broker rabbitmq  # the same on RabbitMQ (confirmed publishes)
     python bench/recovery.py --json out.json # then: python bench/recovery.py --plot out.json
 """
 
@@ -98,10 +101,14 @@ app.conf.update(json.loads(os.environ.get("BENCH_EXTRA_CONF", "{}")))
 NS = os.environ.get("BENCH_NS", "bench-recovery")
 
 
+#: Where the tasks record what ran (a Redis of the bench's own, whatever the broker).
+COUNTER_URL = os.environ.get("BENCH_COUNTER_URL", "redis://127.0.0.1:6379/2")
+
+
 @functools.cache
 def counter() -> redis.Redis:
     """One client per worker process, made on first use (after the fork)."""
-    return redis.Redis.from_url(app.conf.broker_url, socket_timeout=5, socket_connect_timeout=5)
+    return redis.Redis.from_url(COUNTER_URL, socket_timeout=5, socket_connect_timeout=5)
 
 
 class DownstreamError(Exception):
@@ -128,7 +135,7 @@ def _count_failure(sender: Any = None, args: Any = None, **kwargs: Any) -> None:
 
 
 def _announce_ready(sender: Any = None, **kwargs: Any) -> None:
-    redis.Redis.from_url(app.conf.broker_url).incr(f"{NS}:ready")
+    redis.Redis.from_url(COUNTER_URL).incr(f"{NS}:ready")
 
 
 task_failure.connect(_count_failure, weak=False)
@@ -246,8 +253,9 @@ def wait_for(predicate: Any, seconds: float, what: str, started: list[subprocess
         time.sleep(SAMPLE_S)  # polling real processes
 
 
-def run(case: Case, server: Any, log_dir: Path) -> Run:
-    """One case, end to end (its own workers, key prefix and breaker)."""
+def run(case: Case, server: Any, log_dir: Path, broker_url: str | None = None) -> Run:
+    """One case, end to end (its own workers, key prefix and breaker); ``broker_url``:
+    another broker than the Redis server's db 0 (RabbitMQ: ``--broker rabbitmq``)."""
     from http_downstream import LimitedDownstream
 
     from celery_breaker.monitoring import collect_metrics
@@ -255,11 +263,14 @@ def run(case: Case, server: Any, log_dir: Path) -> Run:
 
     ns = f"bench-recovery-{uuid.uuid4().hex[:6]}"
     store_url = f"{server.url(1)}?key_prefix={ns}"
-    extra = {"breaker_release_pace": case.pace}
-    env = {"BENCH_BROKER": server.url(0), "BENCH_BREAKER_URL": store_url, "BENCH_NS": ns,
-           "BENCH_EXTRA_CONF": json.dumps(extra)}  # fmt: skip
-    sender = Celery("bench_recovery_sender", broker=server.url(0))
-    broker = redis.Redis.from_url(server.url(0))
+    extra: dict[str, Any] = {"breaker_release_pace": case.pace}
+    if broker_url is not None:  # (RabbitMQ: tasks park in the store, as they do by default on Redis)
+        extra["breaker_park"] = True
+    broker_url = broker_url or server.url(0)
+    env = {"BENCH_BROKER": broker_url, "BENCH_BREAKER_URL": store_url, "BENCH_NS": ns,
+           "BENCH_COUNTER_URL": server.url(2), "BENCH_EXTRA_CONF": json.dumps(extra)}  # fmt: skip
+    sender = Celery("bench_recovery_sender", broker=broker_url)
+    broker = redis.Redis.from_url(server.url(2))
     store = RedisStore.from_url(store_url)
     tag = store.parking.tag(BREAKER, None)
     progress = Progress(broker, ns)
@@ -433,6 +444,12 @@ def main() -> None:
         help="run fixed and adaptive against a downstream (of --capacity, else with no limit) that answers every "
         "call 429 for this many seconds once the breaker has closed: a moment's refusal, not its capacity",
     )
+    parser.add_argument(
+        "--broker",
+        choices=("redis", "rabbitmq"),
+        default="redis",
+        help="the workers' broker: the bench's redis-server, or a rabbitmq-server started here (parking on)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write every series here")
     parser.add_argument("--plot", type=Path, default=None, help="draw a --json file into docs/img/recovery.png")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "recovery.png")
@@ -462,17 +479,28 @@ def main() -> None:
         cases = [case for case in cases if options.only in case.name]
     began = time.monotonic()
     runs = []
-    with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp, RedisServer() as server:
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-recovery-"))
+        server = stack.enter_context(RedisServer())
         redis_version = server.version()
+        broker_url = None
+        if options.broker == "rabbitmq":
+            sys.path.insert(0, str(ROOT))
+            from tests.rabbitmq import RabbitMQServer
+
+            rabbitmq = RabbitMQServer().start()
+            stack.callback(rabbitmq.stop)
+            broker_url = rabbitmq.url
         for case in cases:
             log_dir = Path(tmp) / case.name.replace("/", "").replace(" ", "").replace(",", "-")
             log_dir.mkdir()
-            runs.append(run(case, server, log_dir))
+            runs.append(run(case, server, log_dir, broker_url))
             print(f"{case.name}: {runs[-1].summary()}", flush=True)
     meta = {
         "python": platform.python_version(),
         "celery": version("celery"),
         "redis-server": redis_version,
+        "broker": options.broker,
         "cpus": os.cpu_count(),
         "workers": f"{WORKERS} x prefork -c {CONCURRENCY}",
         "wall_s": round(time.monotonic() - began, 1),
