@@ -65,9 +65,15 @@ def test_a_batch_of_several_windows_is_confirmed_message_by_message(app: Celery)
     assert _ids(app, queue) == list(range(30))
 
 
-def test_each_message_a_full_queue_refuses_is_told_refused_and_the_others_confirmed(app: Celery) -> None:
+@pytest.mark.parametrize("apps_own_confirms", [False, True])
+def test_each_message_a_full_queue_refuses_is_told_refused_and_the_others_confirmed(
+    app: Celery, apps_own_confirms: bool
+) -> None:
     # Five fit; RabbitMQ nacks every message after them (x-overflow reject-publish), some
-    # windows straddling the limit: each message must get its own answer.
+    # windows straddling the limit: each message must get its own answer. Also when the
+    # app asks py-amqp for confirms of its own publishes (confirm_publish), which would
+    # wait after each message and raise a nack: not on the publisher's connection.
+    app.conf.broker_transport_options = {"confirm_publish": apps_own_confirms}
     queue = _queue(app, **{"x-max-length": 5, "x-overflow": "reject-publish"})
     publisher = ConfirmingPublisher(window=3)
     try:

@@ -306,7 +306,9 @@ class ConfirmingPublisher:
             self._close_retired()
         if self._link is None:
             blocking = Blocking()
-            options = {"on_blocked": blocking.blocked, "on_unblocked": blocking.unblocked}
+            # (confirms are read here, a window at a time: py-amqp's own confirm_publish, set
+            # in broker_transport_options for the app's publishes, would wait after each)
+            options = {"confirm_publish": False, "on_blocked": blocking.blocked, "on_unblocked": blocking.unblocked}
             link = _Link(app.connection_for_write(transport_options=options), blocking)
             try:
                 link.open()
