@@ -24,7 +24,7 @@ from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
 from ..unit.support import fail
-from .conftest import unique_prefix
+from .conftest import following, unique_prefix
 
 POLICY = {"failure_threshold": 1, "reset_timeout": 30.0, "half_open_max_calls": 1, "success_threshold": 1}
 
@@ -134,3 +134,50 @@ def test_the_releaser_asks_a_quiet_breaker_again_only_when_it_may_have_tasks_due
     ticks(QUIET_AT_MOST + 1.0)
     assert releaser.released == 2  # (the forced breaker's task, once closed)
     assert asked[tags["open"]] == 3
+
+
+def test_a_listening_releaser_asks_a_quiet_breaker_at_once_when_it_hears_it_move(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # While the releaser hears the store's transitions, a quiet breaker may wait up to
+    # QUIET_HEARD_AT_MOST: a close by hand (here from another store object, as another
+    # process's operator) wakes it at the next tick. Should the store stop hearing, the
+    # long waits no longer hold.
+    url = f"{redis_url}?key_prefix={unique_prefix()}"
+    store = RedisStore.from_url(url)
+    clock = FakeClock()
+    monkeypatch.setattr(release, "time", SimpleNamespace(monotonic=clock.monotonic))
+    app = Celery("heard", broker="memory://", set_as_current=False)
+    body = dict(app.signature("a.charge", args=(1,)))
+    for key in ("forced", "other"):
+        CircuitBreaker("svc", POLICY, storage=store, key=key).force_open()
+        store.parking.park("svc", key, f"t-{key}:1", 1.0, encode_message(body, "json"), None)
+    forced, other = store.parking.tag("svc", "forced"), store.parking.tag("svc", "other")
+    asked = _counting(store, monkeypatch)
+    releaser = Releaser(app, store.parking, rate=1000.0, ramp=0.0)
+    operator = RedisStore.from_url(url)
+    try:
+        releaser.listen()
+        following(store)  # (its agent subscribed: transitions are heard)
+        assert store.parking.hearing() is not None
+
+        def ticks(seconds: float) -> None:
+            for _ in range(round(seconds / 0.2)):
+                releaser.release_once()
+                clock.advance(0.2)
+
+        ticks(QUIET_AT_MOST + 1.0)
+        assert (asked[forced], asked[other]) == (1, 1)  # (heard: the long wait)
+
+        CircuitBreaker("svc", POLICY, storage=operator, key="forced").close()
+        assert store.sync()  # (every transition published so far heard here)
+        ticks(1.0)
+        assert releaser.released == 1  # (the breaker closed by hand, at once)
+        assert asked[other] == 1
+
+        store.go_dark(None)  # (the subscription lost: transitions may be missed)
+        ticks(0.2)
+        assert asked[other] == 2
+    finally:
+        operator.close()
+        store.close()

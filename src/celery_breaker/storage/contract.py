@@ -9,6 +9,7 @@ transitions it made, for the caller to announce.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -247,6 +248,17 @@ class Parking(Protocol):
         """What names each breaker's parking life: it changes (or vanishes) when the store
         loses that breaker's parked entries; ``None`` while it has none. A breaker whose
         life cannot be read is left out."""
+        ...
+
+    def watch(self, watcher: Callable[[str], object]) -> Callable[[], None] | None:
+        """Tell ``watcher`` the tag of each breaker whose transition this process hears from
+        now on (quick, never raising: it runs in the store's own thread); return what stops
+        it, or ``None`` when the store tells no transitions."""
+        ...
+
+    def hearing(self) -> int | None:
+        """While this process hears every transition, a number that changes whenever it
+        stopped hearing them for a while (some were missed); ``None`` while it does not."""
         ...
 
     def eviction(self) -> EvictionCheck:

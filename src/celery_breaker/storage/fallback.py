@@ -18,6 +18,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from ..clock import Clock
@@ -481,6 +482,12 @@ class _ReportingParking:
     def eviction(self) -> EvictionCheck:
         found: EvictionCheck = self._reporting("eviction")
         return found
+
+    def watch(self, watcher: Callable[[str], object]) -> Callable[[], None] | None:
+        return self._parking.watch(watcher)
+
+    def hearing(self) -> int | None:
+        return self._parking.hearing()
 
     def release_paces(self, tags: list[str], now: float | None = None) -> dict[str, ReleasePace]:
         found: dict[str, ReleasePace] = self._reporting("release_paces", tags, now)

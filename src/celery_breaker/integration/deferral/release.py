@@ -21,9 +21,11 @@ how many.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kombu.serialization import prepare_accept_content
@@ -41,7 +43,8 @@ from .health_gate import HealthGate
 from .parking import NotAcceptedHere, read_parked
 
 __all__ = [
-    "LEASE", "MOST_PER_TICK", "NAMED_IN_LOG", "QUIET_AT_MOST", "TAG_COMPLAINT_EVERY", "TICK", "WATCH_EVERY", "Releaser",
+    "LEASE", "MOST_PER_TICK", "NAMED_IN_LOG", "QUIET_AT_MOST", "QUIET_HEARD_AT_MOST", "TAG_COMPLAINT_EVERY", "TICK",
+    "WATCH_EVERY", "Releaser",
 ]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
@@ -71,6 +74,9 @@ MOST_PER_TICK = 500
 #: Most seconds a breaker whose tasks cannot come due (OPEN, FORCED_OPEN: ``Claimed.quiet``)
 #: goes unasked: an operator who closes or resets it sees its tasks released within this.
 QUIET_AT_MOST = 5.0
+#: The same while this process hears the store's transitions (``Releaser.listen``): a
+#: transition of a quiet breaker (a close by hand, a reset, a delete) wakes it at once.
+QUIET_HEARD_AT_MOST = 60.0
 #: Seconds between two counts of the parked tasks (to notice, and report, a store that lost them).
 WATCH_EVERY = 1.0
 #: Seconds between two warnings about one breaker whose parked tasks cannot be released.
@@ -128,11 +134,17 @@ class Releaser(threading.Thread):
         #: By tag: entries published whose ``done`` the store did not take (it failed
         #: meanwhile), forgotten before that breaker's next claim (``_release_tag``).
         self._undone: dict[str, list[str]] = {}
-        #: By tag: the monotonic time before which its breaker is not asked again: nothing of
-        #: it can come due before then (``Claimed.quiet``; at most ``QUIET_AT_MOST`` ahead).
+        #: By tag: the monotonic time before which its breaker is not asked again (nothing of
+        #: it can come due before then: ``Claimed.quiet``, at most ``QUIET_AT_MOST`` ahead),
+        #: and the store's hearing epoch it counts on (``QUIET_HEARD_AT_MOST`` ahead: honoured
+        #: only while transitions are heard in that epoch; ``None``: the short wait, always).
         #: 2,000 per-key breakers held OPEN were asked every tick, 1.1 s a pass and ~0.4 s
         #: of Redis CPU per pass, per worker.
-        self._quiet_until: dict[str, float] = {}
+        self._quiet_until: dict[str, tuple[float, int | None]] = {}
+        #: Tags whose breaker moved, as heard from the store (``listen``): quiet no more.
+        self._woken: collections.deque[str] = collections.deque()
+        self._listening = False
+        self._unlisten: Callable[[], None] | None = None
 
     def stop(self, timeout: float = 5.0) -> None:
         """Ask the releaser to stop and wait up to ``timeout`` seconds for it."""
@@ -142,11 +154,23 @@ class Releaser(threading.Thread):
 
     terminate = stop  # (the worker's bootstep calls either)
 
+    def listen(self) -> None:
+        """Hear the store's transitions (``Parking.watch``): a quiet breaker that moves (a
+        close by hand, a reset, a delete) is asked again at the next tick, and quiet ones
+        may then wait up to ``QUIET_HEARD_AT_MOST``. ``run`` starts with it."""
+        if not self._listening:
+            self._unlisten = self.parking.watch(self._woken.append)
+            self._listening = self._unlisten is not None
+
     def run(self) -> None:
+        self.listen()
         try:
             with abandon_checks_on(self._stop_event):  # (a check running at shutdown frees its probe slot)
                 self._loop()
         finally:
+            if self._unlisten is not None:  # (the store's agent need not run for this thread any more)
+                self._unlisten()
+                self._unlisten, self._listening = None, False
             if self._publisher is not None:  # (RabbitMQ's confirming connections: closed with the thread)
                 self._publisher.close_all()
 
@@ -182,13 +206,16 @@ class Releaser(threading.Thread):
         tags = self.parking.tags()
         tags += [tag for tag in self._undone if tag not in tags]  # (their published entries are still claimed)
         now = time.monotonic()
+        woken = set()
+        while self._woken:
+            woken.add(self._woken.popleft())
+        hearing = self.parking.hearing() if self._listening else None
         quiet_until, self._quiet_until = self._quiet_until, {}
         for tag in tags:
             if self._stop_event.is_set():
                 break
-            until = quiet_until.get(tag)
-            if until is not None and now < until and tag not in self._undone:
-                self._quiet_until[tag] = until  # (nothing of it can come due yet: not asked)
+            if self._still_quiet(tag, quiet_until.get(tag), now, hearing, woken):
+                self._quiet_until[tag] = quiet_until[tag]  # (nothing of it can come due yet: not asked)
                 continue
             try:
                 published += self._release_tag(tag, most)
@@ -200,6 +227,15 @@ class Releaser(threading.Thread):
                 self._tag_failures.forget(tag)
         self.released += published
         return published
+
+    def _still_quiet(
+        self, tag: str, quiet: tuple[float, int | None] | None, now: float, hearing: int | None, woken: set[str]
+    ) -> bool:
+        """Whether ``tag``'s breaker need not be asked now: its quiet runs on, counted on a
+        hearing epoch that still holds (if any), and nothing woke it."""
+        if quiet is None or now >= quiet[0] or tag in woken or tag in self._undone:
+            return False
+        return quiet[1] is None or quiet[1] == hearing
 
     def _release_tag(self, tag: str, most: int) -> int:
         undone = self._undone.get(tag)
@@ -216,7 +252,9 @@ class Releaser(threading.Thread):
         claimed = self.parking.release(tag, most=most, pace=pace, ramp=self.ramp, lease=LEASE, law=self.law)
         quiet = getattr(claimed, "quiet", 0.0)  # (a store of an older contract: always asked)
         if quiet is None or quiet > 0:
-            self._quiet_until[tag] = time.monotonic() + (QUIET_AT_MOST if quiet is None else min(quiet, QUIET_AT_MOST))
+            hearing = self.parking.hearing() if self._listening else None
+            longest = QUIET_AT_MOST if hearing is None else QUIET_HEARD_AT_MOST
+            self._quiet_until[tag] = (time.monotonic() + (longest if quiet is None else min(quiet, longest)), hearing)
         done = self._publish(tag, claimed)
         try:
             self.parking.done(tag, done)

@@ -51,8 +51,8 @@ _BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0)
 def _idle_since(store: RedisStore, since: float | None, now: float) -> float | None:
     """Since when ``store`` has needed no agent (``since``: as last seen), or ``None``
     while it needs one: it has cells, or counts of dropped breakers still to send (a
-    flush that failed sends them later)."""
-    if store.cell_count() or store.orphans:
+    flush that failed sends them later), or something watches its transitions."""
+    if store.cell_count() or store.orphans or store.watched:
         return None
     return now if since is None else since
 

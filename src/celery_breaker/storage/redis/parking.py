@@ -162,6 +162,25 @@ class RedisParking:
         claimed.quiet = None if quiet == "" else max(0.0, float(quiet))
         return claimed
 
+    def watch(self, watcher: Callable[[str], object]) -> Callable[[], None] | None:
+        """Tell ``watcher`` the tag of each breaker whose transition this process hears
+        (the store's transitions channel: a breaker's state hash is its tag + ``:s``);
+        return what stops it."""
+
+        def tell(state_key: str) -> None:
+            if state_key.endswith(":s"):
+                watcher(state_key[:-2])
+
+        store = self.store
+        store.watch(tell)
+        return lambda: store.unwatch(tell)
+
+    def hearing(self) -> int | None:
+        """The store's ``epoch`` while this process hears every transition, else ``None``."""
+        store = self.store
+        epoch = store.epoch
+        return epoch if store.live and store.settled else None
+
     def pace(self, tag: str) -> dict[str, str]:
         """The pacing hash of breaker ``tag`` as stored (field -> value): the adaptive
         release's ``rate``, ``thr``eshold and the rest (``storage/lua/pacing.lua``), or

@@ -9,7 +9,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -151,6 +151,8 @@ class RedisStore:
         self.losses = 0
         self._by_state_key: weakref.WeakValueDictionary[str, RedisCell] = weakref.WeakValueDictionary()
         self._barriers: dict[str, threading.Event] = {}
+        #: Told the state key of every transition heard (``watch``): the releaser's wake-ups.
+        self._watchers: list[Callable[[str], object]] = []
         self._parking: RedisParking | None = None
         self._history: RedisHistory | None = None
         self.ttl_ms = str(max(1, int(idle_ttl * 1000)))
@@ -347,6 +349,25 @@ class RedisStore:
         """How many breakers this process holds a cell for."""
         return len(self._cells)
 
+    def watch(self, watcher: Callable[[str], object]) -> None:
+        """Tell ``watcher`` the state key of every transition this process hears from now
+        on (in the agent's thread: it must be quick and must not raise), and keep the agent
+        running for it. Whether it hears them at a given moment: ``live`` and ``settled``,
+        both set again (``epoch`` bumped) after a loss, during which some were missed."""
+        with self._lock:
+            self._watchers = [*self._watchers, watcher]
+        self.ensure_agent()
+
+    def unwatch(self, watcher: Callable[[str], object]) -> None:
+        """Stop telling ``watcher`` of transitions."""
+        with self._lock:
+            self._watchers = [found for found in self._watchers if found is not watcher]
+
+    @property
+    def watched(self) -> bool:
+        """Whether anything watches the transitions (the agent then keeps running)."""
+        return bool(self._watchers)
+
     def go_live(self) -> None:
         """The agent is subscribed: views read from now on are kept fresh."""
         with self._lock:
@@ -406,6 +427,12 @@ class RedisStore:
                 cell.hear(incarnation, int(generation), State(state), opt_float(remaining))
         except (AttributeError, UnicodeDecodeError, ValueError):
             logger.debug("redis store %s: ignored a foreign message on %s: %r", self.label, self.channel, data)
+            return
+        for watcher in self._watchers:
+            try:
+                watcher(state_key)
+            except Exception:  # (one watcher's mistake stops neither the others nor the agent)
+                logger.exception("redis store %s: a transitions watcher failed", self.label)
 
     def sync(self, timeout: float = 5.0) -> bool:
         """Wait until this process has heard every transition published before the call
