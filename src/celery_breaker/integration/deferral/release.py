@@ -249,10 +249,14 @@ class Releaser(threading.Thread):
         if self.health_gate.holds(self.parking.label(tag)):
             return 0
         pace = 0.0 if self.rate is None else self.rate
+        # (heard throughout the call, in one epoch: no transition of it can have been missed)
+        heard = self.parking.hearing() if self._listening else None
         claimed = self.parking.release(tag, most=most, pace=pace, ramp=self.ramp, lease=LEASE, law=self.law)
         quiet = getattr(claimed, "quiet", 0.0)  # (a store of an older contract: always asked)
         if quiet is None or quiet > 0:
-            hearing = self.parking.hearing() if self._listening else None
+            hearing = self.parking.hearing() if heard is not None else None
+            if hearing != heard:
+                hearing = None
             longest = QUIET_AT_MOST if hearing is None else QUIET_HEARD_AT_MOST
             self._quiet_until[tag] = (time.monotonic() + (longest if quiet is None else min(quiet, longest)), hearing)
         done = self._publish(tag, claimed)
