@@ -41,13 +41,12 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from amqp.exceptions import MessageNacked  # type: ignore[import-untyped]
 from kombu.entity import Exchange
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 
 from ..throttle import Throttle
 from . import confirms
-from .confirms import Confirm, ConfirmingPublisher, Send, timed_out
+from .confirms import Confirm, ConfirmingPublisher, Send
 from .strategy import DESTINATION_OPTIONS, Deferral, names_destination, publish
 
 __all__ = [
@@ -576,8 +575,7 @@ class BrokerDelay:
         result = published.results[0]
         if result is Confirm.CONFIRMED:
             return float(seconds)
-        error = published.errors.get(0) or published.error
-        if result is Confirm.UNCONFIRMED and error is not None and timed_out(error):
+        if result is Confirm.UNCONFIRMED and published.stopped_by_timeout:
             # Written, and not confirmed in time. Whether it arrives depends on why: a broker
             # that blocks publishers routes it later, a dead peer never will (an unanswered
             # write looks the same from this side).
@@ -586,8 +584,8 @@ class BrokerDelay:
                 # the message did reach RabbitMQ the task runs twice, which is better than never)
                 raise _ConfirmLost(
                     f"RabbitMQ did not confirm the deferral within {confirms.CONFIRM_TIMEOUT:g} s and did not say it "
-                    f"blocks publishers: its connection is taken for dead ({error!r})"
-                ) from error
+                    f"blocks publishers: its connection is taken for dead ({published.error!r})"
+                ) from published.error
             # Sent, and not confirmed in time, on a connection RabbitMQ said it blocks (a
             # memory or disk alarm): it routes the message once it reads it. Publishing
             # again, here or by the next strategy, would run the task twice: it counts as
@@ -598,6 +596,4 @@ class BrokerDelay:
                 task.name, request.id, confirms.CONFIRM_TIMEOUT,
             )  # fmt: skip
             return float(seconds)
-        if result is Confirm.REFUSED:
-            raise MessageNacked("RabbitMQ refused the deferral (basic.nack)")
-        raise error or RuntimeError(f"broker-delay deferral {result.value}")
+        raise published.failure(0)

@@ -95,6 +95,21 @@ class Published:
         #: Whether RabbitMQ said it blocks publishers while messages waited for confirms.
         self.blocked = False
 
+    @property
+    def stopped_by_timeout(self) -> bool:
+        """Whether the batch stopped because a confirm did not come in time: its
+        ``UNCONFIRMED`` messages are written, and may yet be routed (``blocked``)."""
+        return self.error is not None and timed_out(self.error)
+
+    def failure(self, index: int) -> BaseException:
+        """Why message ``index`` did not go: RabbitMQ's refusal, its encoding error, or what
+        stopped the batch."""
+        result = self.results[index]
+        if result is Confirm.REFUSED:
+            refused: BaseException = MessageNacked("RabbitMQ refused the message (basic.nack)")
+            return refused
+        return self.errors.get(index) or self.error or RuntimeError(f"the message was {result.value}")
+
 
 def timed_out(exc: BaseException) -> bool:
     """Whether ``exc`` is a socket timeout: Celery reraises one as kombu's

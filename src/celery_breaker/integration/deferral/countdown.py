@@ -26,14 +26,13 @@ import math
 import time
 from typing import Any
 
-from amqp.exceptions import MessageNacked  # type: ignore[import-untyped]
 from celery.exceptions import Reject
 
 from ...errors import CircuitOpenError
 from ..broker import AMQP, broker_kind
 from . import confirms
 from .broker_delay import UnroutedWarning, destination_queue
-from .confirms import Confirm, ConfirmingPublisher, timed_out
+from .confirms import Confirm, ConfirmingPublisher
 from .strategy import Deferral, names_destination, publish
 
 __all__ = ["RECEIVED_KEY", "REQUEUE_PAUSE", "CountdownRepublish", "note_received"]
@@ -109,15 +108,13 @@ class CountdownRepublish:
         result = published.results[0]
         if result is Confirm.CONFIRMED:
             return
-        if result is Confirm.UNCONFIRMED and published.error is not None and timed_out(published.error):
+        if result is Confirm.UNCONFIRMED and published.stopped_by_timeout:
             logger.warning(
                 "task %s[%s]: RabbitMQ did not confirm its countdown deferral within %g s; counted as sent",
                 task.name, task.request.id, confirms.CONFIRM_TIMEOUT,
             )  # fmt: skip
             return
-        if result is Confirm.REFUSED:
-            raise MessageNacked("RabbitMQ refused the countdown deferral (basic.nack)")
-        raise published.errors.get(0) or published.error or RuntimeError(f"countdown deferral {result.value}")
+        raise published.failure(0)
 
     def deliver(self, deferral: Deferral) -> float | None:
         task = deferral.task

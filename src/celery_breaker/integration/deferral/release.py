@@ -38,7 +38,7 @@ from ...storage import Parking
 from ..broker import AMQP, broker_kind
 from ..throttle import Throttle
 from . import confirms
-from .confirms import Confirm, ConfirmingPublisher, Send, timed_out
+from .confirms import Confirm, ConfirmingPublisher, Send
 from .health_gate import HealthGate
 from .parking import NotAcceptedHere, read_parked
 
@@ -467,7 +467,7 @@ class Releaser(threading.Thread):
                 refused, quiet or 0,
             )  # fmt: skip
         if published.error is not None:
-            if timed_out(published.error):
+            if published.stopped_by_timeout:
                 logger.warning(
                     "celery-breaker releaser: RabbitMQ did not confirm %d released task(s) within %g s%s; they stay "
                     "parked, and are released again after their lease (they may run twice)",
