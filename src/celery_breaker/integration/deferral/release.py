@@ -143,7 +143,7 @@ class Releaser(threading.Thread):
         self._quiet_until: dict[str, tuple[float, int | None]] = {}
         #: Tags whose breaker moved, as heard from the store (``listen``): quiet no more.
         self._woken: collections.deque[str] = collections.deque()
-        self._listening = False
+        #: What stops hearing the store's transitions (``listen``); ``None``: not hearing them.
         self._unlisten: Callable[[], None] | None = None
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -158,9 +158,8 @@ class Releaser(threading.Thread):
         """Hear the store's transitions (``Parking.watch``): a quiet breaker that moves (a
         close by hand, a reset, a delete) is asked again at the next tick, and quiet ones
         may then wait up to ``QUIET_HEARD_AT_MOST``. ``run`` starts with it."""
-        if not self._listening:
+        if self._unlisten is None:
             self._unlisten = self.parking.watch(self._woken.append)
-            self._listening = self._unlisten is not None
 
     def run(self) -> None:
         self.listen()
@@ -170,7 +169,7 @@ class Releaser(threading.Thread):
         finally:
             if self._unlisten is not None:  # (the store's agent need not run for this thread any more)
                 self._unlisten()
-                self._unlisten, self._listening = None, False
+                self._unlisten = None
             if self._publisher is not None:  # (RabbitMQ's confirming connections: closed with the thread)
                 self._publisher.close_all()
 
@@ -209,7 +208,7 @@ class Releaser(threading.Thread):
         woken = set()
         while self._woken:
             woken.add(self._woken.popleft())
-        hearing = self.parking.hearing() if self._listening else None
+        hearing = self.parking.hearing() if self._unlisten is not None else None
         quiet_until, self._quiet_until = self._quiet_until, {}
         for tag in tags:
             if self._stop_event.is_set():
@@ -250,9 +249,9 @@ class Releaser(threading.Thread):
             return 0
         pace = 0.0 if self.rate is None else self.rate
         # (heard throughout the call, in one epoch: no transition of it can have been missed)
-        heard = self.parking.hearing() if self._listening else None
+        heard = self.parking.hearing() if self._unlisten is not None else None
         claimed = self.parking.release(tag, most=most, pace=pace, ramp=self.ramp, lease=LEASE, law=self.law)
-        quiet = getattr(claimed, "quiet", 0.0)  # (a store of an older contract: always asked)
+        quiet = claimed.quiet
         if quiet is None or quiet > 0:
             hearing = self.parking.hearing() if heard is not None else None
             if hearing != heard:
