@@ -227,6 +227,11 @@ class Parking(Protocol):
         """Tags of breakers that may hold parked entries."""
         ...
 
+    def index_size(self) -> int:
+        """How many breakers the index behind ``tags`` names, cheaply (listing them may not
+        be): a change says the list changed; the same size may hide one added and one dropped."""
+        ...
+
     def count(self, tag: str) -> tuple[int, int]:
         """``(parked, claimed and not yet published)`` entries of one breaker."""
         ...
@@ -248,6 +253,17 @@ class Parking(Protocol):
         """What names each breaker's parking life: it changes (or vanishes) when the store
         loses that breaker's parked entries; ``None`` while it has none. A breaker whose
         life cannot be read is left out."""
+        ...
+
+    def lookout(self, holder: str, lease: float, *, take_free: bool = True) -> bool | None:
+        """Take or keep, for ``lease`` seconds, the turn to watch this parking for lost
+        tasks (``epoch``, ``counts``, ``lives``): True when ``holder`` has it, False when
+        another has it, ``None`` when nobody has it and ``take_free`` is false (only its
+        holder keeps it). Of all the processes sharing the store, one has it at a time."""
+        ...
+
+    def stand_down(self, holder: str) -> None:
+        """Give up the lookout if ``holder`` has it."""
         ...
 
     def watch(self, watcher: Callable[[str], object]) -> Callable[[], None] | None:

@@ -460,6 +460,10 @@ class _ReportingParking:
         tags: list[str] = self._reporting("tags")
         return tags
 
+    def index_size(self) -> int:
+        size: int = self._reporting("index_size")
+        return size
+
     def count(self, tag: str) -> tuple[int, int]:
         counts: tuple[int, int] = self._reporting("count", tag)
         return counts
@@ -482,6 +486,13 @@ class _ReportingParking:
     def eviction(self) -> EvictionCheck:
         found: EvictionCheck = self._reporting("eviction")
         return found
+
+    def lookout(self, holder: str, lease: float, *, take_free: bool = True) -> bool | None:
+        held: bool | None = self._reporting("lookout", holder, lease, take_free=take_free)
+        return held
+
+    def stand_down(self, holder: str) -> None:
+        self._reporting("stand_down", holder)
 
     def watch(self, watcher: Callable[[str], object]) -> Callable[[], None] | None:
         return self._parking.watch(watcher)

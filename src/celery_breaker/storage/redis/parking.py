@@ -73,6 +73,8 @@ class RedisParking:
         self.marker = f"{store.quoted_prefix}:parking"
         """A hash whose ``epoch`` names this parking's life: written with the first entry
         parked, gone when the store loses its data (restarted empty, flushed)."""
+        self.lookout_key = f"{store.quoted_prefix}:parking:lookout"
+        """Which releaser watches this parking for lost tasks now (``lookout``)."""
 
     def label(self, tag: str) -> str:
         """The breaker a tag belongs to, as people write it (``crm[tenant-7]``)."""
@@ -301,6 +303,12 @@ class RedisParking:
                 rebuilt = self._rebuild_index(doing)
         return sorted(tags if rebuilt is None else tags | rebuilt)
 
+    def index_size(self) -> int:
+        """How many members the index has (one ``SCARD``): what ``tags`` lists changed,
+        at least, when this did."""
+        (found,) = self._own_keys("sizing the parked index", lambda pipe: (pipe.scard(self.index),))
+        return int(found)
+
     def counts(self, tags: list[str]) -> dict[str, tuple[int, int]]:
         """``count`` for many breakers, in one round trip (a Cluster splits it per node).
         A breaker whose keys hold another type is repaired (``count``); one that still
@@ -356,6 +364,23 @@ class RedisParking:
         another, or none, knows the store lost them."""
         (found,) = self._own_keys("reading the parking's epoch", lambda pipe: (pipe.hget(self.marker, "epoch"),))
         return None if found is None else text(found)
+
+    def lookout(self, holder: str, lease: float, *, take_free: bool = True) -> bool | None:
+        """Take or keep the turn to watch this parking for lost tasks, for ``lease``
+        seconds (``lookout.lua``): True when ``holder`` has it, False when another has
+        it, ``None`` when nobody has it and ``take_free`` is false. One releaser of all
+        the workers sharing the store counts the parked tasks at a time."""
+        if not lease > 0:
+            raise ValueError(f"lookout lease must be a positive number of seconds, got {lease!r}")
+        found = self.store.eval(
+            "lookout", [self.lookout_key], [holder, max(1, round(lease * 1000)), "1" if take_free else "0"],
+            doing="taking the lookout",
+        )  # fmt: skip
+        return None if int(found) < 0 else bool(int(found))
+
+    def stand_down(self, holder: str) -> None:
+        """Give up the lookout if ``holder`` has it (another releaser takes it at once)."""
+        self.store.eval("lookout", [self.lookout_key], [holder, 0, "0"], doing="giving up the lookout")
 
     def eviction(self) -> EvictionCheck:
         """Whether a full Redis may evict parked tasks or breakers' state (``eviction.py``);

@@ -5,7 +5,7 @@ to). A breaker script goes on with the shared prelude ``common.lua`` (load, vali
 rules, save) and its operation (``acquire.lua``, ``record.lua``, ...); a parking script
 with ``parked.lua`` (its keys, their types repaired) and its own (``release.lua`` after
 ``pacing.lua``, the adaptive release's law); ``history.lua``, ``forget.lua``,
-``pace.lua`` and ``retype.lua`` follow ``checks.lua`` alone. redis-py's ``Script`` runs
+``lookout.lua``, ``pace.lua`` and ``retype.lua`` follow ``checks.lua`` alone. redis-py's ``Script`` runs
 each by EVALSHA and loads it again after a ``SCRIPT FLUSH`` or on a new server.
 """
 
@@ -24,7 +24,7 @@ BREAKER_SCRIPTS = ("acquire", "record", "operate", "snapshot")
 #: Scripts that operate on one breaker's parked entries: ``parked.lua`` + the script.
 PARKING_SCRIPTS = ("park", "release", "done", "purge", "tidy")
 #: Scripts that stand alone (after ``checks.lua``).
-STANDALONE_SCRIPTS = ("forget", "history", "pace", "retype")
+STANDALONE_SCRIPTS = ("forget", "history", "lookout", "pace", "retype")
 
 
 def _read(name: str) -> str:
