@@ -285,9 +285,12 @@ def test_a_deferral_rabbitmq_confirms_late_is_sent_once(
     own_rabbitmq.rabbitmqctl("set_vm_memory_high_watermark", "absolute", "1")
     try:
         assert deferred_by(job, strategies, "blocked", delivered) == "broker-delay"  # (counted, not sent again)
+        # A countdown on its own connection, under the same alarm: counted too.
+        assert deferred_by(job, strategies[1:], "countdown", delivered) == "countdown"
     finally:
         own_rabbitmq.rabbitmqctl("set_vm_memory_high_watermark", "0.4")
-    assert copies_in(own_rabbitmq.url, queue, {"before": 1, "blocked": 1}) == {"before": 1, "blocked": 1}
+    expected = {"before": 1, "blocked": 1, "countdown": 1}
+    assert copies_in(own_rabbitmq.url, queue, expected) == expected
 
 
 def test_a_run_for_a_length_limited_queue_is_not_left_to_classic_delay_queues(
@@ -381,6 +384,29 @@ def test_a_deferral_into_a_dead_connection_is_taken_by_the_next_way(
         assert copies_in(own_rabbitmq.url, queue, {"before": 1, "dead": 1, "after": 1}) == {
             "before": 1, "dead": 1, "after": 1,
         }  # fmt: skip
+    finally:
+        proxy.close()
+
+
+def test_a_countdown_into_a_dead_connection_is_sent_again_over_a_new_one(
+    own_rabbitmq: RabbitMQServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The countdown counted a confirm that did not come in time as sent, whatever the
+    # reason: a peer gone silent took the copy with it, the delivery was acknowledged as
+    # deferred, and the task was lost. Only a connection RabbitMQ said it blocks counts so.
+    monkeypatch.setattr(confirms, "CONFIRM_TIMEOUT", 2.0)
+    queue = f"dead-countdown-{time.monotonic_ns()}"
+    proxy = BlackHole(own_rabbitmq.address)
+    try:
+        app, job = standalone("dead.countdown", proxy.url, task_default_queue=queue)
+        with Connection(own_rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+            app.amqp.queues[queue].bind(connection.default_channel).declare()
+        countdown = (CountdownRepublish(whole_seconds=True),)
+        delivered = {"exchange": "", "routing_key": queue}
+        assert deferred_by(job, countdown, "before", delivered) == "countdown"  # (its connection made)
+        proxy.silence()
+        assert deferred_by(job, countdown, "dead", delivered) == "countdown"  # (again, over a new connection)
+        assert copies_in(own_rabbitmq.url, queue, {"before": 1, "dead": 1}) == {"before": 1, "dead": 1}
     finally:
         proxy.close()
 

@@ -95,26 +95,46 @@ class CountdownRepublish:
         over a connection of this process's own. Without them, a publish RabbitMQ refuses
         (no write permission on the default exchange the copy goes through, a queue whose
         ``x-overflow`` is ``reject-publish`` and full) raised nothing: the delivery was
-        acknowledged as deferred and the task lost. Now that raises. A confirm that does
-        not come within ``CONFIRM_TIMEOUT`` counts as sent (the copy is written, as every
-        copy counted before). A failure is tried once more over a new connection (a
-        broker restarted since)."""
+        acknowledged as deferred and the task lost. Now that raises. A failure is tried
+        once more over a new connection (a broker restarted since). A confirm that does
+        not come within ``CONFIRM_TIMEOUT`` counts as sent on a connection RabbitMQ said it
+        blocks (a memory or disk alarm: it routes the copy once the alarm clears); on any
+        other (a peer gone silent, which may have taken the copy with it) the copy is
+        published again over a new connection, and may then run twice, never not at all."""
         if broker_kind(task.app.conf) != AMQP:
             publish(task, signature)
             return
-        published = self._publisher.publish(
-            task.app, [lambda producer: publish(task, signature, producer=producer, retry=False)]
-        )
+        sends = [lambda producer: publish(task, signature, producer=producer, retry=False)]
+        published = self._publisher.publish(task.app, sends)
+        if self._unconfirmed(published) and not published.blocked:
+            # Written, not confirmed in time, and RabbitMQ did not say it blocks: a dead peer
+            # looks the same from this side, and it took the copy with it. Counted as sent,
+            # the delivery was acknowledged and the task lost; once more over a new
+            # connection instead (the connection that timed out is retired).
+            logger.warning(
+                "task %s[%s]: RabbitMQ did not confirm its countdown deferral within %g s and did not say it blocks "
+                "publishers: sent again over a new connection (it may run twice, never not at all)",
+                task.name, task.request.id, confirms.CONFIRM_TIMEOUT,
+            )  # fmt: skip
+            published = self._publisher.publish(task.app, sends)
         result = published.results[0]
         if result is Confirm.CONFIRMED:
             return
-        if result is Confirm.UNCONFIRMED and published.stopped_by_timeout:
+        if self._unconfirmed(published) and published.blocked:
+            # Under a memory or disk alarm: RabbitMQ routes it once it reads it, and
+            # publishing it again would run the task twice.
             logger.warning(
-                "task %s[%s]: RabbitMQ did not confirm its countdown deferral within %g s; counted as sent",
+                "task %s[%s]: RabbitMQ did not confirm its countdown deferral within %g s, and blocks publishers (a "
+                "memory or disk alarm); counted as sent, not sent again",
                 task.name, task.request.id, confirms.CONFIRM_TIMEOUT,
             )  # fmt: skip
             return
         raise published.failure(0)
+
+    @staticmethod
+    def _unconfirmed(published: confirms.Published) -> bool:
+        """Written, and its confirm did not come in time."""
+        return published.results[0] is Confirm.UNCONFIRMED and published.stopped_by_timeout
 
     def deliver(self, deferral: Deferral) -> float | None:
         task = deferral.task
