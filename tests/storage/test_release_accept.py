@@ -7,6 +7,7 @@ lease puts it back) until a releaser that accepts pickle publishes it.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from celery_breaker.integration.deferral import parking as parking_module
 from celery_breaker.integration.deferral import release
 from celery_breaker.integration.deferral.parking import NotAcceptedHere, decode_message, encode_message
 from celery_breaker.integration.deferral.release import Releaser
@@ -107,3 +109,68 @@ def test_one_breaker_failing_in_any_way_stops_no_other_release(
     assert releaser.released == 2
     assert parking.count(parking.tag("a", None)) == (1, 0)
     assert "cannot release the tasks parked behind a" in caplog.text
+
+
+LARGE = {"items": [{"sku": f"SKU-{i}", "qty": i % 5, "name": f"Widget {i}", "price": 9.99} for i in range(100)]}
+
+
+@pytest.mark.parametrize("serializer", ["json", "pickle", "msgpack", "yaml"])
+def test_a_large_message_is_parked_compressed_and_read_back_whole(serializer: str) -> None:
+    if serializer in ("msgpack", "yaml"):
+        pytest.importorskip(serializer)
+    body: dict[str, Any] = {
+        "task": "a.sync",
+        "args": [LARGE],
+        "kwargs": {},
+        "options": {},
+        "subtask_type": None,
+        "immutable": False,
+    }
+    small = {**body, "args": [1]}
+    accept = {"application/json", "application/x-python-serialize", "application/x-msgpack", "application/x-yaml"}
+    stored = encode_message(body, serializer)
+    assert json.loads(stored)["z"] == "zlib"
+    assert len(stored) < len(json.dumps(LARGE)) / 3  # (a 7.4 KB argument: ~0.9 KB parked)
+    assert decode_message(stored, accept) == body
+    assert "z" not in json.loads(encode_message(small, serializer))  # (too small to pay)
+    assert decode_message(encode_message(small, serializer), accept) == small
+
+
+def test_a_damaged_compressed_message_is_unreadable_not_a_worker_out_of_memory(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stored = json.loads(encode_message({"task": "a.sync", "args": [LARGE]}, "json"))
+    monkeypatch.setattr(parking_module, "LARGEST_BODY", 1024)  # (it inflates to ~7 KB)
+    with pytest.raises(ValueError, match="larger than 1024 bytes"):
+        decode_message(json.dumps(stored), None)
+    monkeypatch.undo()
+    for damaged, why in (
+        ({**stored, "body": stored["body"][:-40]}, "truncated"),
+        ({**stored, "body": "not base64!"}, "unreadable parked message"),
+        ({**stored, "z": "lz4"}, "unknown compression 'lz4'"),
+    ):
+        with pytest.raises(ValueError, match=why) as caught:
+            decode_message(json.dumps(damaged), None)
+        assert not isinstance(caught.value, NotAcceptedHere)
+
+
+def test_a_message_of_a_newer_format_is_left_parked_for_a_newer_worker(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A format change in a later release must not make this release's releasers drop what
+    # the newer workers park during a rolling upgrade: an unreadable entry is dropped.
+    store = RedisStore.from_url(f"{redis_url}?key_prefix={unique_prefix()}")
+    parking = store.parking
+    newer = json.dumps({"v": 3, "codec": "zstd", "body": "KLUv/QBYAQ=="})
+    parking.park("svc", None, "t-1:1", 1.0, newer, None)
+    releaser = Releaser(app_accepting("older", "json"), parking, rate=1000.0, ramp=0.0)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "left t-1:1" not in caplog.text:
+            releaser.release_once()
+            time.sleep(0.05)
+    assert "left t-1:1 of svc parked: parked message in format 3" in caplog.text
+    assert "Upgrade this worker" in caplog.text
+    assert "dropped" not in caplog.text
+    assert sum(parking.count(parking.tag("svc", None))) == 1
+    store.close()
