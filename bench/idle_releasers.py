@@ -95,9 +95,9 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=2_000, help="per-key breakers, each with a task parked (2,000)")
     parser.add_argument("--workers", default="1,4,8", help="fleet sizes to run, comma-separated (1,4,8)")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds measured per fleet size (10)")
-    parser.add_argument("--quick", action="store_true", help="200 keys, fleets of 1 and 2, 3 s each: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="200 keys, fleets of 1 and 2, 2 s each: a smoke run")
     options = parser.parse_args()
-    keys, seconds = (200, 3.0) if options.quick else (options.keys, options.seconds)
+    keys, seconds = (200, 2.0) if options.quick else (options.keys, options.seconds)
     fleets = [1, 2] if options.quick else [int(w) for w in options.workers.split(",")]
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     with RedisServer() as server:

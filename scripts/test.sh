@@ -75,6 +75,7 @@ echo "== benchmark smoke runs, beside ruff and mypy (figures are not checked; mo
         "$VENV/bin/python" bench/overhead.py --quick --no-threads &&
         "$VENV/bin/python" bench/redis_store.py --quick &&
         "$VENV/bin/python" bench/many_keys.py --quick &&
+        "$VENV/bin/python" bench/idle_releasers.py --quick &&
         "$VENV/bin/python" bench/outage_timeline.py --quick --json "$DIST/outage.json" &&
         "$VENV/bin/python" bench/plot_outage.py --out "$DIST/outage.png" "$DIST/outage.json"
     } > "$DIST/bench.log" 2>&1

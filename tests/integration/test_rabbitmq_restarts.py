@@ -361,52 +361,41 @@ class BlackHole:
                 sock.close()
 
 
-def test_a_deferral_into_a_dead_connection_is_taken_by_the_next_way(
-    own_rabbitmq: RabbitMQServer, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("ways", "taken_by"),
+    [
+        # broker-delay drops the connection, and the task goes by countdown.
+        ("broker-delay, countdown", ["broker-delay", "countdown", "broker-delay"]),
+        # The countdown, last of the ways, publishes its copy again over a new connection.
+        ("countdown", ["countdown", "countdown", "countdown"]),
+    ],
+)
+def test_a_deferral_into_a_dead_connection_is_not_lost(
+    own_rabbitmq: RabbitMQServer, monkeypatch: pytest.MonkeyPatch, ways: str, taken_by: list[str]
 ) -> None:
-    # A confirm that never comes because the peer is gone was counted as delivered, as one
-    # under a memory alarm is: the delivery was acknowledged and the task lost. Only a
-    # connection RabbitMQ said it blocks counts so; this one goes by countdown.
+    # A confirm that never comes because the peer is gone was counted as delivered (by
+    # broker-delay, then by the countdown), as one under a memory alarm is: the delivery
+    # was acknowledged and the task lost. Only a connection RabbitMQ said it blocks counts so.
     monkeypatch.setattr(confirms, "CONFIRM_TIMEOUT", 2.0)
     queue = f"dead-confirm-{time.monotonic_ns()}"
     proxy = BlackHole(own_rabbitmq.address)
     try:
-        app, job = standalone("dead.confirm", proxy.url, task_default_queue=queue)
+        name = "dead." + ways.replace(", ", "-")  # (a task name of its own per case)
+        app, job = standalone(name, proxy.url, task_default_queue=queue)
         with Connection(own_rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
             app.amqp.queues[queue].bind(connection.default_channel).declare()
-        strategies = (broker_delay.BrokerDelay(), CountdownRepublish(whole_seconds=True))
+        every = {"broker-delay": broker_delay.BrokerDelay(), "countdown": CountdownRepublish(whole_seconds=True)}
+        strategies = tuple(every[name] for name in ways.split(", "))
         delivered = {"exchange": "", "routing_key": queue}
 
-        assert deferred_by(job, strategies, "before", delivered) == "broker-delay"  # (its connection made)
+        used = [deferred_by(job, strategies, "before", delivered)]  # (its connection made)
         proxy.silence()
-        assert deferred_by(job, strategies, "dead", delivered) == "countdown"  # (over a new connection)
-        assert deferred_by(job, strategies, "after", delivered) == "broker-delay"  # (a new connection)
+        used.append(deferred_by(job, strategies, "dead", delivered))  # (over a new connection)
+        used.append(deferred_by(job, strategies, "after", delivered))  # (a new connection)
+        assert used == taken_by
         assert copies_in(own_rabbitmq.url, queue, {"before": 1, "dead": 1, "after": 1}) == {
             "before": 1, "dead": 1, "after": 1,
         }  # fmt: skip
-    finally:
-        proxy.close()
-
-
-def test_a_countdown_into_a_dead_connection_is_sent_again_over_a_new_one(
-    own_rabbitmq: RabbitMQServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The countdown counted a confirm that did not come in time as sent, whatever the
-    # reason: a peer gone silent took the copy with it, the delivery was acknowledged as
-    # deferred, and the task was lost. Only a connection RabbitMQ said it blocks counts so.
-    monkeypatch.setattr(confirms, "CONFIRM_TIMEOUT", 2.0)
-    queue = f"dead-countdown-{time.monotonic_ns()}"
-    proxy = BlackHole(own_rabbitmq.address)
-    try:
-        app, job = standalone("dead.countdown", proxy.url, task_default_queue=queue)
-        with Connection(own_rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
-            app.amqp.queues[queue].bind(connection.default_channel).declare()
-        countdown = (CountdownRepublish(whole_seconds=True),)
-        delivered = {"exchange": "", "routing_key": queue}
-        assert deferred_by(job, countdown, "before", delivered) == "countdown"  # (its connection made)
-        proxy.silence()
-        assert deferred_by(job, countdown, "dead", delivered) == "countdown"  # (again, over a new connection)
-        assert copies_in(own_rabbitmq.url, queue, {"before": 1, "dead": 1}) == {"before": 1, "dead": 1}
     finally:
         proxy.close()
 
