@@ -174,3 +174,26 @@ def test_a_message_of_a_newer_format_is_left_parked_for_a_newer_worker(
     assert "dropped" not in caplog.text
     assert sum(parking.count(parking.tag("svc", None))) == 1
     store.close()
+
+
+def test_a_compressed_message_is_released_as_it_was_sent(redis_url: str) -> None:
+    store = RedisStore.from_url(f"{redis_url}?key_prefix={unique_prefix()}")
+    app = app_accepting("compressed", "json")
+    body = dict(app.signature("a.sync", args=(LARGE,), kwargs={"n": 7}))
+    payload = encode_message(body, "json")
+    assert json.loads(payload)["z"] == "zlib"
+    store.parking.park("svc", None, "t-1:1", 1.0, payload, None)
+    releaser = Releaser(app, store.parking, rate=1000.0, ramp=0.0)
+    deadline = time.monotonic() + 10
+    while releaser.released == 0 and time.monotonic() < deadline:
+        releaser.release_once()
+        time.sleep(0.05)
+    assert releaser.released == 1
+    with app.connection_for_read() as connection:
+        queue = connection.SimpleQueue(app.conf.task_default_queue)
+        message = queue.get(timeout=5)
+        args, kwargs, _ = message.decode()
+        queue.close()
+    assert message.headers["task"] == "a.sync"
+    assert (args, kwargs) == ([LARGE], {"n": 7})
+    store.close()
