@@ -20,10 +20,10 @@ how many. Of all the workers sharing the store, one releaser at a time does (it 
 the store's lookout, ``Parking.lookout``): with 2,000 breakers holding parked tasks, a
 count costs Redis ~5 ms of CPU, and every worker counting every second made that cost
 grow with the workers (1.0 % of a Redis core for one worker, 8.7 % for 16:
-``bench/idle_releasers.py``). The others only ask for the
-lookout; once it has been free for ``LOOKOUT_GRACE`` seconds one takes it. Its last
-holder takes it back at once: a store restarted empty also lost the lookout, and only
-that holder remembers the count before, which tells what was lost.
+``bench/idle_releasers.py``). The others only ask for the lookout; once it has been
+free for ``LOOKOUT_GRACE`` seconds one takes it. Its last holder takes it back at once:
+a store restarted empty also lost the lookout, and only that holder remembers the count
+before, which tells what was lost.
 """
 
 from __future__ import annotations
