@@ -96,8 +96,9 @@ WATCH_EVERY = 1.0
 #: holder renews it: how long a worker that died with it leaves the parking unwatched.
 LOOKOUT_LEASE = 10.0
 #: Seconds a releaser that saw another hold the lookout waits, once it finds it free, before
-#: taking it (its last holder, which renews it every ``WATCH_EVERY``, takes it back first).
-LOOKOUT_GRACE = 3.0
+#: taking it: its last holder, which asks every ``WATCH_EVERY`` unless a pass of its loop
+#: takes longer (a health check, a RabbitMQ confirm: up to 10 s each), takes it back first.
+LOOKOUT_GRACE = 10.0
 #: Seconds between two warnings about one breaker whose parked tasks cannot be released.
 TAG_COMPLAINT_EVERY = 60.0
 #: Breakers a log line about parked tasks names, those with the most first (an outage that
