@@ -32,6 +32,26 @@ def test_the_in_process_worker_answers_inspect_breakers(app: Any, operate: Opera
     assert states[("t-forced", None)] == "forced_open"
 
 
+def test_inspect_breakers_lists_only_the_breakers_its_patterns_match(app: Any, operate: Operate) -> None:
+    # Every worker listed every breaker in its reply: with 40,000 per-key breakers, 20.7 MB
+    # each. ``celery inspect breakers PATTERN...`` selects them as ``breaker status`` does.
+    forced = operate(tasks.forced_task.breaker)
+    forced.force_open()
+    operate(CircuitBreaker("other-breaker", storage=forced.store)).call(lambda: None)  # (stored: it was used)
+    inspect = app.control.inspect(timeout=3, limit=1)
+
+    def listed(*patterns: str) -> list[tuple[str, str | None]]:
+        (rows,) = inspect._request("breakers", patterns=list(patterns)).values()
+        return [(row["name"], row["key"]) for row in rows]
+
+    assert listed("t-forced") == [("t-forced", None)]
+    assert ("t-forced", None) in listed("t-forc*")
+    assert all(name.startswith("t-forc") for name, _ in listed("t-forc*"))
+    assert ("other-breaker", None) not in listed("t-forc*")
+    assert listed("no-such-breaker*") == []
+    assert {("t-forced", None), ("other-breaker", None)} <= set(listed())  # (no pattern: every one)
+
+
 def test_the_in_process_worker_obeys_breaker_control_commands(app: Any, operate: Operate) -> None:
     breaker = operate(tasks.forced_task.breaker)
     for command, state in (("breaker_open", State.FORCED_OPEN), ("breaker_disable", State.DISABLED),

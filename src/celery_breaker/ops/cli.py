@@ -49,6 +49,7 @@ __all__ = [
     "NotConfiguredError",
     "StoreUnavailableError",
     "breaker",
+    "breakers_matching",
 ]
 
 #: Exit codes: a bad argument (as click's own usage errors), the store cannot be
@@ -217,6 +218,17 @@ def _looked_up(store: Store, patterns: Sequence[str]) -> list[BreakerStatus] | N
     return rows if found >= set(wanted) else None
 
 
+def breakers_matching(store: Store, patterns: Sequence[str]) -> tuple[list[BreakerStatus], list[BreakerStatus]]:
+    """The rows of the breakers ``patterns`` match (every breaker without any: ``status``'s
+    selection), and the rows they were picked from: those looked up one by one when each
+    pattern names one breaker exactly, else every breaker in the store."""
+    from ..monitoring.status import collect_metrics
+
+    found = _looked_up(store, patterns)
+    everything = collect_metrics(store) if found is None else found
+    return _matching(everything, patterns), everything
+
+
 _COLOR_OPTION = click.option(
     "--color/--no-color",
     default=None,
@@ -253,15 +265,12 @@ def status(ctx: click.Context, patterns: tuple[str, ...], as_json: bool, wide: b
     """
     import json
 
-    from ..monitoring.status import collect_metrics
     from ..storage import describe_url
     from .operator import shared_store
 
     app = _app(ctx)
     store = shared_store(app)
-    found = _looked_up(store, patterns)
-    everything = collect_metrics(store) if found is None else found
-    rows = _matching(everything, patterns)
+    rows, everything = breakers_matching(store, patterns)
     if as_json:
         click.echo(json.dumps([row.as_dict() for row in rows], indent=2))
         return
@@ -477,7 +486,6 @@ def watch(
     PATTERN: only breakers matching a glob, as for `status`.
     """
     from ..clock import SYSTEM_CLOCK
-    from ..monitoring.status import collect_metrics
     from ..storage import describe_url
     from .operator import shared_store
     from .watch import Watch, fit, run_watch
@@ -487,8 +495,7 @@ def watch(
     use_color = _use_color(ctx, color)
 
     def fetch() -> list[BreakerStatus]:
-        found = _looked_up(store, patterns)
-        return _matching(collect_metrics(store) if found is None else found, patterns)
+        return breakers_matching(store, patterns)[0]
 
     drawn = False
 

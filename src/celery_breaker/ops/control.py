@@ -172,16 +172,26 @@ _ARGS = [("name", _typed_name), ("key", _typed_key)]
 _SIGNATURE = "<breaker name> [key]"
 
 
-@inspect_command(name="breakers", help="State of every breaker in the shared store.")  # type: ignore[untyped-decorator]
-def breakers(state: Any) -> Any:
-    """Every breaker this worker's store holds (a Redis store: the whole cluster's), as dicts."""
-    from ..monitoring.status import collect_metrics
+@inspect_command(  # type: ignore[untyped-decorator]
+    name="breakers",
+    variadic="patterns",
+    signature="[PATTERN]...",
+    help="State of the breakers in the shared store: every one, or those a pattern matches (crm*, crm[tenant-7]).",
+)
+def breakers(state: Any, patterns: list[str] | None = None, **_: Any) -> Any:
+    """The breakers this worker's store holds (a Redis store: the whole cluster's), as
+    dicts: every one, or those ``patterns`` match, as ``celery breaker status`` selects
+    them (a pattern that names one breaker exactly is looked up alone: with 40,000
+    per-key breakers, every worker's reply listed them all, 20.7 MB)."""
+    from ..monitoring.status import store_of
+    from .cli import breakers_matching
 
     unseen = _unseen(state, "inspect breakers")
     if unseen is not None:  # (the main process's breakers: none a task uses)
         return {"error": unseen}
     try:
-        return [row.as_dict() for row in collect_metrics(state.consumer.app)]
+        wanted = [str(pattern) for pattern in patterns or ()]
+        return [row.as_dict() for row in breakers_matching(store_of(state.consumer.app), wanted)[0]]
     except Exception as exc:
         logger.exception("celery-breaker: inspect breakers failed")
         return {"error": f"inspect breakers: {exc}"}
