@@ -259,11 +259,13 @@ class Parking(Protocol):
         """Take or keep, for ``lease`` seconds, the turn to watch this parking for lost
         tasks (``epoch``, ``counts``, ``lives``): True when ``holder`` has it, False when
         another has it, ``None`` when nobody has it and ``take_free`` is false (only its
-        holder keeps it). Of all the processes sharing the store, one has it at a time."""
+        holder keeps it, or takes one given up: ``stand_down``). Of all the processes
+        sharing the store, one has it at a time."""
         ...
 
-    def stand_down(self, holder: str) -> None:
-        """Give up the lookout if ``holder`` has it."""
+    def stand_down(self, holder: str, lease: float) -> None:
+        """Give up the lookout if ``holder`` has it, so that the next process to ask takes
+        it at once, even with ``take_free`` false (for ``lease`` seconds)."""
         ...
 
     def watch(self, watcher: Callable[[str], object]) -> Callable[[], None] | None:

@@ -491,8 +491,8 @@ class _ReportingParking:
         held: bool | None = self._reporting("lookout", holder, lease, take_free=take_free)
         return held
 
-    def stand_down(self, holder: str) -> None:
-        self._reporting("stand_down", holder)
+    def stand_down(self, holder: str, lease: float) -> None:
+        self._reporting("stand_down", holder, lease)
 
     def watch(self, watcher: Callable[[str], object]) -> Callable[[], None] | None:
         return self._parking.watch(watcher)

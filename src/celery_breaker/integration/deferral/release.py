@@ -23,7 +23,8 @@ grow with the workers (1.0 % of a Redis core for one worker, 8.7 % for 16:
 ``bench/idle_releasers.py``). The others only ask for the lookout; once it has been
 free for ``LOOKOUT_GRACE`` seconds one takes it. Its last holder takes it back at once:
 a store restarted empty also lost the lookout, and only that holder remembers the count
-before, which tells what was lost.
+before, which tells what was lost. A releaser that stops gives it up, and the next to ask
+takes it at once.
 """
 
 from __future__ import annotations
@@ -197,9 +198,9 @@ class Releaser(threading.Thread):
             if self._unlisten is not None:  # (the store's agent need not run for this thread any more)
                 self._unlisten()
                 self._unlisten = None
-            if self._had_lookout:  # (another releaser takes it after the grace, not a lease later)
+            if self._had_lookout:  # (given up, another releaser takes it at once, not a lease and a grace later)
                 try:
-                    self.parking.stand_down(self._lookout_id)
+                    self.parking.stand_down(self._lookout_id, LOOKOUT_LEASE)
                 except Exception as exc:  # (a store gone at shutdown: the lease runs out instead)
                     logger.debug("celery-breaker releaser: could not give up the lookout: %s", exc)
             if self._publisher is not None:  # (RabbitMQ's confirming connections: closed with the thread)
@@ -357,8 +358,9 @@ class Releaser(threading.Thread):
 
     def keep_lookout(self, now: float) -> int:
         """Count the parked tasks (``watch_for_loss``) if this releaser holds the store's
-        lookout, taking it if it is free (at once when this releaser held it last or saw
-        nobody hold it, else after ``LOOKOUT_GRACE``); otherwise forget its own last
+        lookout, taking it if it is free (at once when this releaser held it last, saw
+        nobody hold it, or its holder gave it up; else after ``LOOKOUT_GRACE``); otherwise
+        forget its own last
         count, so that a turn taken later starts from a count of its own, never from a
         stale one. Returns what ``watch_for_loss`` does (0 without the lookout)."""
         take_free = self._had_lookout or not self._saw_holder

@@ -373,14 +373,19 @@ class RedisParking:
         if not lease > 0:
             raise ValueError(f"lookout lease must be a positive number of seconds, got {lease!r}")
         found = self.store.eval(
-            "lookout", [self.lookout_key], [holder, max(1, round(lease * 1000)), "1" if take_free else "0"],
+            "lookout", [self.lookout_key], [holder, max(1, round(lease * 1000)), "take" if take_free else "keep"],
             doing="taking the lookout",
         )  # fmt: skip
         return None if int(found) < 0 else bool(int(found))
 
-    def stand_down(self, holder: str) -> None:
-        """Give up the lookout if ``holder`` has it (another releaser takes it at once)."""
-        self.store.eval("lookout", [self.lookout_key], [holder, 0, "0"], doing="giving up the lookout")
+    def stand_down(self, holder: str, lease: float) -> None:
+        """Give up the lookout if ``holder`` has it: marked given up for ``lease`` seconds,
+        in which the next releaser to ask takes it at once (``lookout.lua``)."""
+        if not lease > 0:
+            raise ValueError(f"lookout lease must be a positive number of seconds, got {lease!r}")
+        self.store.eval(
+            "lookout", [self.lookout_key], [holder, max(1, round(lease * 1000)), "give"], doing="giving up the lookout"
+        )
 
     def eviction(self) -> EvictionCheck:
         """Whether a full Redis may evict parked tasks or breakers' state (``eviction.py``);
