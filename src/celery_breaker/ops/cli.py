@@ -19,7 +19,7 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import click
@@ -36,7 +36,6 @@ from .options import REFRESH_INTERVAL
 if TYPE_CHECKING:
     from ..clock import Clock
     from ..monitoring.status import BreakerStatus
-    from ..storage import Store
     from .operator import Move
 
 __all__ = [
@@ -49,7 +48,6 @@ __all__ = [
     "NotConfiguredError",
     "StoreUnavailableError",
     "breaker",
-    "breakers_matching",
 ]
 
 #: Exit codes: a bad argument (as click's own usage errors), the store cannot be
@@ -174,61 +172,6 @@ def _use_color(ctx: click.Context, flag: bool | None) -> bool:
     return sys.stdout.isatty()
 
 
-def _matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[BreakerStatus]:
-    """Rows matching a glob (every row without globs): ``crm*`` matches names,
-    ``crm[tenant-*]`` a name and a key (so brackets are not a character class there),
-    each as it is or as ``status`` shows it (``crm[tenant\\n*]``, ``crm[C:\\\\*]``)."""
-    if not patterns:
-        return list(rows)
-    import fnmatch
-
-    def matches(row: BreakerStatus, pattern: str) -> bool:
-        name_glob, key_glob = split_label(pattern)
-        snapshot = row.snapshot
-        if not any(fnmatch.fnmatchcase(text, name_glob) for text in (snapshot.name, visible(snapshot.name))):
-            return False
-        if key_glob is None:
-            return True
-        key = snapshot.key
-        # (``==``: a key holding brackets, ``crm[tenant[1]]``, which fnmatch reads as a class)
-        return key is not None and any(
-            text == key_glob or fnmatch.fnmatchcase(text, key_glob) for text in (key, visible(key))
-        )
-
-    return [row for row in rows if any(matches(row, pattern) for pattern in patterns)]
-
-
-def _looked_up(store: Store, patterns: Sequence[str]) -> list[BreakerStatus] | None:
-    """The rows of ``patterns`` when each names one breaker exactly (``crm[tenant-7]``: no
-    glob, no escape) and is found, each looked up alone (``collect_metrics(only=...)``);
-    else ``None``, and the caller lists the store: with 40,000 per-key breakers in Redis,
-    ``status 'crm[tenant-7]'`` took 6 s listing them all."""
-    wanted: list[tuple[str, str | None]] = []
-    for pattern in patterns:
-        name, key = split_label(pattern)
-        if key is None or any(mark in text for text in (name, key) for mark in "*?[]\\") or key == '""':
-            return None
-        wanted.append((name, key))
-    if not wanted:
-        return None
-    from ..monitoring.status import collect_metrics
-
-    rows = collect_metrics(store, only=wanted)
-    found = {(row.snapshot.name, row.snapshot.key) for row in rows}
-    return rows if found >= set(wanted) else None
-
-
-def breakers_matching(store: Store, patterns: Sequence[str]) -> tuple[list[BreakerStatus], list[BreakerStatus]]:
-    """The rows of the breakers ``patterns`` match (every breaker without any: ``status``'s
-    selection), and the rows they were picked from: those looked up one by one when each
-    pattern names one breaker exactly, else every breaker in the store."""
-    from ..monitoring.status import collect_metrics
-
-    found = _looked_up(store, patterns)
-    everything = collect_metrics(store) if found is None else found
-    return _matching(everything, patterns), everything
-
-
 _COLOR_OPTION = click.option(
     "--color/--no-color",
     default=None,
@@ -267,6 +210,7 @@ def status(ctx: click.Context, patterns: tuple[str, ...], as_json: bool, wide: b
 
     from ..storage import describe_url
     from .operator import shared_store
+    from .selection import breakers_matching
 
     app = _app(ctx)
     store = shared_store(app)
@@ -488,6 +432,7 @@ def watch(
     from ..clock import SYSTEM_CLOCK
     from ..storage import describe_url
     from .operator import shared_store
+    from .selection import breakers_matching
     from .watch import Watch, fit, run_watch
 
     store = shared_store(_app(ctx))

@@ -184,7 +184,7 @@ def breakers(state: Any, patterns: list[str] | None = None, **_: Any) -> Any:
     them (a pattern that names one breaker exactly is looked up alone: with 40,000
     per-key breakers, every worker's reply listed them all, 20.7 MB)."""
     from ..monitoring.status import store_of
-    from .cli import breakers_matching
+    from .selection import breakers_matching
 
     unseen = _unseen(state, "inspect breakers")
     if unseen is not None:  # (the main process's breakers: none a task uses)
