@@ -9,6 +9,8 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
+from celery.bin.control import _compile_arguments
+
 from celery_breaker import CircuitBreaker, State
 from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.integration.task_options import task_breaker_config
@@ -50,6 +52,8 @@ def test_inspect_breakers_lists_only_the_breakers_its_patterns_match(app: Any, o
     assert ("other-breaker", None) not in listed("t-forc*")
     assert listed("no-such-breaker*") == []
     assert {("t-forced", None), ("other-breaker", None)} <= set(listed())  # (no pattern: every one)
+    # What the `celery inspect breakers 'crm*' 'x'` client sends (it dropped the arguments).
+    assert _compile_arguments("breakers", ["crm*", "x"]) == {"patterns": ["crm*", "x"]}
 
 
 def test_the_in_process_worker_obeys_breaker_control_commands(app: Any, operate: Operate) -> None:
