@@ -360,9 +360,9 @@ class Releaser(threading.Thread):
         """Count the parked tasks (``watch_for_loss``) if this releaser holds the store's
         lookout, taking it if it is free (at once when this releaser held it last, saw
         nobody hold it, or its holder gave it up; else after ``LOOKOUT_GRACE``); otherwise
-        forget its own last
-        count, so that a turn taken later starts from a count of its own, never from a
-        stale one. Returns what ``watch_for_loss`` does (0 without the lookout)."""
+        forget its own last count, so that a turn taken later starts from a count of its
+        own, never from a stale one. Returns what ``watch_for_loss`` does (0 without the
+        lookout)."""
         take_free = self._had_lookout or not self._saw_holder
         if not take_free and self._free_since is not None and now - self._free_since >= LOOKOUT_GRACE:
             take_free = True

@@ -304,8 +304,8 @@ class RedisParking:
         return sorted(tags if rebuilt is None else tags | rebuilt)
 
     def index_size(self) -> int:
-        """How many members the index has (one ``SCARD``): what ``tags`` lists changed,
-        at least, when this did."""
+        """How many members the index has (one ``SCARD``): a change says what ``tags``
+        lists changed; the same size may hide one breaker added and another dropped."""
         (found,) = self._own_keys("sizing the parked index", lambda pipe: (pipe.scard(self.index),))
         return int(found)
 
@@ -370,22 +370,18 @@ class RedisParking:
         seconds (``lookout.lua``): True when ``holder`` has it, False when another has
         it, ``None`` when nobody has it and ``take_free`` is false. One releaser of all
         the workers sharing the store counts the parked tasks at a time."""
-        if not lease > 0:
-            raise ValueError(f"lookout lease must be a positive number of seconds, got {lease!r}")
-        found = self.store.eval(
-            "lookout", [self.lookout_key], [holder, max(1, round(lease * 1000)), "take" if take_free else "keep"],
-            doing="taking the lookout",
-        )  # fmt: skip
-        return None if int(found) < 0 else bool(int(found))
+        found = int(self._lookout(holder, lease, "take" if take_free else "keep", "taking the lookout"))
+        return None if found < 0 else bool(found)
 
     def stand_down(self, holder: str, lease: float) -> None:
         """Give up the lookout if ``holder`` has it: marked given up for ``lease`` seconds,
         in which the next releaser to ask takes it at once (``lookout.lua``)."""
+        self._lookout(holder, lease, "give", "giving up the lookout")
+
+    def _lookout(self, holder: str, lease: float, mode: str, doing: str) -> Any:
         if not lease > 0:
             raise ValueError(f"lookout lease must be a positive number of seconds, got {lease!r}")
-        self.store.eval(
-            "lookout", [self.lookout_key], [holder, max(1, round(lease * 1000)), "give"], doing="giving up the lookout"
-        )
+        return self.store.eval("lookout", [self.lookout_key], [holder, max(1, round(lease * 1000)), mode], doing=doing)
 
     def eviction(self) -> EvictionCheck:
         """Whether a full Redis may evict parked tasks or breakers' state (``eviction.py``);
