@@ -17,7 +17,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
 from .core.retry_after import refusal_of, retry_after_of
 from .errors import CircuitOpenError, ConfigurationError
-from .health import CheckResult, HealthCheck, HealthState, ProbeTimeout
+from .health import CheckResult, HealthCheck, HealthState, PendingCheck, ProbeTimeout
 from .labels import breaker_label, shown_label
 from .names import check_name, kept_key
 from .storage import NO_MOVES, Cell, Moves, Store, describe_url, resolve_store, with_fallback
@@ -764,14 +764,14 @@ class CircuitBreaker:
         cell.note_rejection(now)
         raise CircuitOpenError.rejected(self.name, self.key, state, retry_after)
 
-    def _run_checks(self, cell: Cell, ticket: Probe) -> Ticket:
+    def _run_checks(self, cell: Cell, ticket: Probe, *, counted: bool = True) -> Ticket:
         """Run the health check on each probe slot this caller wins, until the breaker
         closes (return its ordinary ticket) or not (return the last probe ticket, or raise
         ``CircuitOpenError`` when no slot is left for the next check): at most
         ``probes_to_close`` checks, back to back (``_checks``, each run here)."""
         probe = self.probe
         assert probe is not None
-        checks = self._checks(cell, ticket, probe)
+        checks = self._checks(cell, ticket, probe, counted=counted)
         try:
             limit = next(checks)
             while True:
@@ -785,11 +785,14 @@ class CircuitBreaker:
             admitted: Ticket = done.value
         return admitted
 
-    def _checks(self, cell: Cell, ticket: Probe, probe: HealthCheck) -> Generator[float, CheckResult, Ticket]:
+    def _checks(
+        self, cell: Cell, ticket: Probe, probe: HealthCheck, *, counted: bool = True
+    ) -> Generator[float, CheckResult, Ticket]:
         """The checks of ``_run_checks``, for a sync or an async driver: yields the time
         limit of each check to run, is sent its result, and returns what they left; raises
         the store's ``CircuitOpenError`` when the breaker stays half-open with no slot left
-        for another check."""
+        for another check, or this caller's time ran out while a check goes on without it
+        (a rejection ``counted`` unless nobody called: ``check_health``)."""
         # The breaker's kept policy (the store's), not this object's: it sets the lease a
         # check runs under, and how many successes close the breaker.
         policy = cell.policy
@@ -812,10 +815,16 @@ class CircuitBreaker:
                 and not result.healthy
                 and isinstance(result.error, ProbeTimeout)
             ):
-                # Cut short by the caller's own time budget, not by the check's timeout: no
-                # verdict on the downstream, and this caller is rejected.
-                self._no_verdict(cell, ticket, start)
-                break
+                # Cut short by the caller's own time budget, not by the check's timeout: this
+                # caller is rejected, and the check goes on without it, in its slot, its
+                # verdict counted when it comes (a run's time limit shorter than the check
+                # freed the slot each time and never closed the breaker). A check that
+                # cannot go on (a subclass's ``run``) gives no verdict: its slot is freed.
+                if result.pending is None:
+                    self._no_verdict(cell, ticket, start)
+                    break
+                result.pending.then(functools.partial(self._late_verdict, cell, ticket, start, probe.name))
+                raise self._handed_on(cell, result.pending, counted)
             self._record_check(cell, ticket, start, result, probe.name)
             if cell.state in _ADMITTING:
                 return cell.generation
@@ -832,6 +841,30 @@ class CircuitBreaker:
                 return next_ticket
             ticket = next_ticket
         return ticket
+
+    def _handed_on(self, cell: Cell, pending: PendingCheck, counted: bool) -> CircuitOpenError:
+        """The rejection of a caller whose check goes on without it: retry once the check
+        has had all its time, or after an open period if that is sooner (the check may
+        answer long before its timeout; a retry meanwhile is rejected, its slot taken)."""
+        if counted:
+            cell.note_rejection(self._now())
+        retry_after = min(pending.left(), cell.policy.reset_timeout)
+        return CircuitOpenError.rejected(self.name, self.key, cell.state, retry_after)
+
+    def _late_verdict(self, cell: Cell, ticket: Probe, start: float, name: str, result: CheckResult | None) -> None:
+        """Record the verdict of a check its caller stopped waiting for (``PendingCheck``,
+        in the check's verdict thread): ``None`` is no verdict (it was abandoned)."""
+        try:
+            if result is None:
+                self._no_verdict(cell, ticket, start)
+            else:
+                self._record_check(cell, ticket, start, result, name)
+        except Exception as exc:  # (a thread of its own: nobody else would hear of it)
+            logger.warning(
+                "breaker %s: the verdict of health check %s was not recorded (%s); its probe slot is "
+                "freed when its lease runs out", shown_label(self.label), name, exc,
+                extra={"breaker": self.name, "breaker_key": self.key},
+            )  # fmt: skip
 
     def _no_verdict(self, cell: Cell, ticket: Probe, start: float) -> None:
         """A check under ``ticket``'s lease that gave no verdict: a neutral outcome frees
@@ -864,14 +897,19 @@ class CircuitBreaker:
             if moves:
                 self._announce(moves)
 
-    def check_health(self) -> HealthState:
+    def check_health(self, *, wait: float | None = None) -> HealthState:
         """Run the health check now if the breaker may admit a probe (its open time is up,
         or it is half-open with a free slot), and return where it leaves the breaker.
 
         Nothing runs, and nothing is counted, while the breaker admits calls, is still
         open, or is half-open with every probe slot taken: its state (and while OPEN, the
         seconds left) is returned as this process sees it. This is how parked tasks'
-        breakers close while nobody calls them (the worker's releaser calls it)."""
+        breakers close while nobody calls them (the worker's releaser calls it).
+
+        ``wait``: the most seconds to wait for the checks. A check still running then goes
+        on without this caller, holding its probe slot, and its verdict is recorded when it
+        comes (the breaker stays half-open meanwhile). The worker's releaser waits a
+        moment only, so a check that hangs holds up no other breaker's tasks."""
         if self.probe is None:
             raise ValueError(f"breaker {self.label!r} has no probe to check its health with")
         cell = self._cell if not self._cell.evicted else self._refresh()
@@ -891,8 +929,14 @@ class CircuitBreaker:
         if moves:
             self._announce(moves)
         if type(ticket) is Probe:
-            with contextlib.suppress(CircuitOpenError):  # (no slot left for a next check: others decide)
-                self._run_checks(cell, ticket)
+            bound = None if wait is None else _CHECK_WITHIN.set(wait)
+            try:
+                # (no slot left for a next check, or the check goes on without this caller)
+                with contextlib.suppress(CircuitOpenError):
+                    self._run_checks(cell, ticket, counted=False)
+            finally:
+                if bound is not None:
+                    _CHECK_WITHIN.reset(bound)
         return self._health_of(cell, self._now())
 
     @staticmethod

@@ -21,7 +21,7 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, cast
 
 from .core import State
@@ -33,8 +33,10 @@ __all__ = [
     "CheckResult",
     "HealthCheck",
     "HealthState",
+    "PendingCheck",
     "ProbeTimeout",
     "abandon_checks_on",
+    "abandon_pending_checks",
     "check_timeout",
 ]
 
@@ -85,6 +87,9 @@ class CheckResult:
     healthy: bool
     error: BaseException | None = None
     """What the check raised (a ``ProbeTimeout`` when it did not answer in time)."""
+    pending: PendingCheck | None = field(default=None, compare=False, repr=False)
+    """The check itself, still running, when its caller stopped waiting before the check's
+    own timeout (``run(timeout)`` with less): ``PendingCheck.then`` hears its verdict."""
 
     @property
     def detail(self) -> str:
@@ -161,7 +166,7 @@ class HealthCheck:
             try:
                 value: Any = self.fn()
                 if inspect.isawaitable(value):
-                    value = asyncio.run(_bounded(value, limit))
+                    value = asyncio.run(_bounded(value, self.timeout))  # (its own timeout: it may outlive the wait)
                 elif inspect.isgenerator(value) or inspect.isasyncgen(value):
                     # (from a callable that returns one) healthy, it would pass with nothing checked
                     raise TypeError(f"the check returned {value!r}, whose body does not run: nothing was checked")
@@ -171,11 +176,15 @@ class HealthCheck:
                 outcome.append(CheckResult(value is not False))
 
         thread = threading.Thread(target=target, name=f"celery-breaker probe {self.name}", daemon=True)
+        started = time.monotonic()
         thread.start()
         _wait_for(thread, limit)
         if outcome:
             return outcome[0]
-        return CheckResult(False, ProbeTimeout(f"health check {self.name} did not answer within {limit:g} s"))
+        timed_out = ProbeTimeout(f"health check {self.name} did not answer within {limit:g} s")
+        if limit < self.timeout:  # (the caller's wait is over, not the check's time)
+            return CheckResult(False, timed_out, PendingCheck(self, thread, outcome, started + self.timeout))
+        return CheckResult(False, timed_out)
 
     async def arun(self, timeout: float | None = None) -> CheckResult:
         """``run()`` for a caller on an event loop, which it never blocks: a coroutine
@@ -216,6 +225,79 @@ class HealthCheck:
 
         threading.Thread(target=wait_for_check, name=f"celery-breaker probe {self.name} waiter", daemon=True).start()
         return await answered
+
+
+class PendingCheck:
+    """A health check still running when its caller stopped waiting: the caller's time was
+    up (a task's time limit) before the check's own timeout. ``then`` hands on its verdict
+    when it comes, so a check that takes longer than its callers can wait still counts
+    (each caller used to free its probe slot, and the next began another check, cut short
+    again: such a breaker never closed)."""
+
+    __slots__ = ("_check", "_thread", "_outcome", "_deadline", "_lock", "_settle", "_abandon_on")
+
+    def __init__(
+        self, check: HealthCheck, thread: threading.Thread, outcome: list[CheckResult], deadline: float
+    ) -> None:
+        self._check = check
+        self._thread = thread
+        self._outcome = outcome
+        self._deadline = deadline  # (monotonic: when the check's own timeout is up)
+        self._lock = threading.Lock()
+        self._settle: Callable[[CheckResult | None], object] | None = None
+        self._abandon_on: threading.Event | None = None
+
+    def left(self) -> float:
+        """Seconds until the check's own timeout is up (0: it is)."""
+        return max(0.0, self._deadline - time.monotonic())
+
+    def then(self, settle: Callable[[CheckResult | None], object]) -> None:
+        """Call ``settle`` once, from a thread of its own, with the check's result when it
+        ends (a ``ProbeTimeout`` failure once its own timeout is up), or with ``None`` if
+        it is abandoned first (``abandon_pending_checks``: its process is stopping).
+        ``settle`` must not raise."""
+        with self._lock:
+            self._settle = settle
+            self._abandon_on = _ABANDON_ON.get()
+        with _PENDING_LOCK:
+            _PENDING.add(self)
+        name = f"celery-breaker probe {self._check.name} verdict"
+        threading.Thread(target=self._wait, name=name, daemon=True).start()
+
+    def _wait(self) -> None:
+        self._thread.join(self.left())
+        if self._outcome:
+            result = self._outcome[0]
+        else:
+            check = self._check
+            late = ProbeTimeout(f"health check {check.name} did not answer within {check.timeout:g} s")
+            result = CheckResult(False, late)
+        self._finish(result)
+
+    def _finish(self, result: CheckResult | None) -> None:
+        with self._lock:
+            settle, self._settle = self._settle, None
+        with _PENDING_LOCK:
+            _PENDING.discard(self)
+        if settle is not None:
+            settle(result)
+
+
+#: Checks handed on (``PendingCheck.then``) whose verdict has not come yet.
+_PENDING: set[PendingCheck] = set()
+_PENDING_LOCK = threading.Lock()
+
+
+def abandon_pending_checks(event: threading.Event | None = None) -> int:
+    """Give up on the checks still running after their callers stopped waiting: those
+    handed on under ``abandon_checks_on(event)``, or every one of this process without
+    ``event``. Each is settled now with no verdict, which frees its probe slot at once (a
+    process that stops would otherwise hold it until its lease ran out). Returns how many."""
+    with _PENDING_LOCK:
+        found = [pending for pending in _PENDING if event is None or pending._abandon_on is event]
+    for pending in found:
+        pending._finish(None)
+    return len(found)
 
 
 def _wait_for(thread: threading.Thread, limit: float) -> None:

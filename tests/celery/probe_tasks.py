@@ -107,3 +107,30 @@ def probe_soft_limit_task(self: Any) -> dict[str, Any]:
     with self.breaker:
         value = call_downstream("t-probe-soft-limit")
     return report(self, value)
+
+
+#: Set when the slow health check (``check_slowly``) may answer, healthy.
+SLOW_CHECK_ANSWERS = threading.Event()
+
+
+def check_slowly() -> None:
+    """A health check that takes longer than its task's soft time limit: it answers only
+    once ``SLOW_CHECK_ANSWERS`` is set."""
+    with _LOCK:
+        CHECKS["t-probe-slow"] = CHECKS.get("t-probe-slow", 0) + 1
+    SLOW_CHECK_ANSWERS.wait(30)
+
+
+@shared_task(
+    base=BreakerTask,
+    bind=True,
+    breaker="t-probe-slow",
+    breaker_probe=check_slowly,
+    breaker_probe_timeout=30,
+    soft_time_limit=0.5,
+    max_retries=0,
+)
+def probe_slow_check_task(self: Any) -> dict[str, Any]:
+    with self.breaker:
+        value = call_downstream("t-probe-slow")
+    return report(self, value)

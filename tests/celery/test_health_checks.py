@@ -234,6 +234,37 @@ def test_a_soft_time_limit_during_the_check_defers_the_task_it_is_not_lost(app: 
     assert get(result)["retries"] == 0
 
 
+def test_a_check_slower_than_the_tasks_soft_time_limit_still_closes_the_breaker(app: Any, operate: Any) -> None:
+    # The run stops waiting for the check before its soft time limit (0.5 s) and is
+    # deferred; the check goes on in its slot, and the runs that come back meanwhile
+    # start no other. Each run's check used to be cut short and its slot freed: the next
+    # run began another, and the breaker never closed.
+    from celery_breaker.integration.task import TIME_LIMITS_ENFORCED_ATTR
+
+    name = "t-probe-slow"
+    task = probe_tasks.probe_slow_check_task
+    breaker = operate(task.breaker)
+    probe_tasks.SLOW_CHECK_ANSWERS.clear()
+    tasks.DOWN[name] = True
+    CHECKS[name] = tasks.CALLS[name] = 0
+    setattr(app, TIME_LIMITS_ENFORCED_ATTR, True)  # (as a prefork worker; this pool enforces none)
+    try:
+        with contextlib.suppress(ConnectionError):
+            breaker.call(tasks.call_downstream, name)  # trips the breaker
+        tasks.DOWN[name] = False  # (recovered; its health check is slow to say so)
+        result = task.delay()
+        wait_for(lambda: CHECKS[name] == 1 and result.state == "RETRY", "the run to stop waiting for the check")
+        rejected = breaker.snapshot().rejections
+        wait_for(lambda: breaker.snapshot().rejections >= rejected + 2, "the task to come back, twice")
+        assert CHECKS[name] == 1  # they waited for the one check under way
+        assert tasks.CALLS[name] == 1  # (the trip)
+    finally:
+        probe_tasks.SLOW_CHECK_ANSWERS.set()
+        setattr(app, TIME_LIMITS_ENFORCED_ATTR, False)
+    value = get(result)
+    assert (value["retries"], CHECKS[name], tasks.CALLS[name]) == (0, 1, 2)  # closed by that check alone
+
+
 def test_a_check_whose_error_cannot_be_shown_defers_the_task_it_does_not_fail_it(app: Any, operate: Any) -> None:
     # The check's error was rendered for the log before the reopening was announced, and
     # the RuntimeError its __str__ raised failed the task at its admission.
@@ -256,8 +287,8 @@ def test_a_check_whose_error_cannot_be_shown_defers_the_task_it_does_not_fail_it
     assert tasks.CALLS[name] == 2
 
 
-def test_a_check_run_at_a_tasks_admission_ends_before_its_hard_time_limit(app: Any) -> None:
-    from celery_breaker.integration.deferral.plan import WORKER_TIME_LIMIT_ATTR
+def test_a_check_run_at_a_tasks_admission_is_waited_for_within_its_time_limits(app: Any) -> None:
+    from celery_breaker.integration.deferral.plan import WORKER_SOFT_TIME_LIMIT_ATTR, WORKER_TIME_LIMIT_ATTR
     from celery_breaker.integration.task import CHECK_SHARE_OF_TIME_LIMIT, TIME_LIMITS_ENFORCED_ATTR, _check_within
 
     task = probe_tasks.probe_option_task
@@ -269,8 +300,10 @@ def test_a_check_run_at_a_tasks_admission_ends_before_its_hard_time_limit(app: A
     request = Request()
     setattr(app, TIME_LIMITS_ENFORCED_ATTR, True)  # (a prefork worker; the session worker's pool has none)
     assert _check_within(task, request) is None  # no limit anywhere
-    request.timelimit = (30, 20)
+    request.timelimit = (30, None)
     assert _check_within(task, request) == 30 * CHECK_SHARE_OF_TIME_LIMIT  # the message's hard limit
+    request.timelimit = (30, 20)
+    assert _check_within(task, request) == 20 * CHECK_SHARE_OF_TIME_LIMIT  # its soft limit, sooner
     request.timelimit = (None, None)
     app.conf.task_time_limit = 50
     try:
@@ -280,12 +313,17 @@ def test_a_check_run_at_a_tasks_admission_ends_before_its_hard_time_limit(app: A
         app.conf.task_time_limit = 50
         setattr(app, WORKER_TIME_LIMIT_ATTR, 40)  # celery worker --time-limit 40 (BreakerStep notes it)
         assert _check_within(task, request) == 40 * CHECK_SHARE_OF_TIME_LIMIT
+        app.conf.task_soft_time_limit = 45  # (later than the hard limit: the hard one counts)
+        assert _check_within(task, request) == 40 * CHECK_SHARE_OF_TIME_LIMIT
+        setattr(app, WORKER_SOFT_TIME_LIMIT_ATTR, 5)  # --soft-time-limit 5
+        assert _check_within(task, request) == 5 * CHECK_SHARE_OF_TIME_LIMIT
         request.is_eager = True  # nothing enforces a limit on an eager (or a direct) call
         assert _check_within(task, request) is None
         request.is_eager = False
         setattr(app, TIME_LIMITS_ENFORCED_ATTR, False)  # a threads or solo pool: no limit is enforced
         assert _check_within(task, request) is None
     finally:
-        app.conf.task_time_limit = None
+        app.conf.task_time_limit = app.conf.task_soft_time_limit = None
         setattr(app, WORKER_TIME_LIMIT_ATTR, None)
+        setattr(app, WORKER_SOFT_TIME_LIMIT_ATTR, None)
         setattr(app, TIME_LIMITS_ENFORCED_ATTR, False)

@@ -8,6 +8,7 @@ stopping would also stop the session worker, through Celery's global ``should_te
 
 from __future__ import annotations
 
+import logging
 import math
 import ssl
 from types import SimpleNamespace
@@ -21,11 +22,12 @@ from celery_breaker import BreakerTask, CircuitOpenError, ConfigurationError, St
 from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.core.pacing import START_RATE
 from celery_breaker.health import HealthCheck
+from celery_breaker.integration import events
 from celery_breaker.integration.deferral.release import Releaser
-from celery_breaker.integration.inventory import check_app
+from celery_breaker.integration.inventory import check_app, near_misses
 from celery_breaker.integration.settings import build_settings, get_settings, reload_settings
 from celery_breaker.integration.task_options import task_breaker_config
-from celery_breaker.integration.worker import ReleaserStep
+from celery_breaker.integration.worker import BreakerStep, ReleaserStep
 from celery_breaker.storage import store_from_url
 
 
@@ -830,3 +832,32 @@ def test_a_bad_release_pace_names_the_setting_the_choices_and_a_close_one(value:
     assert "or 'fixed'" in message
     assert f"got {value!r}" in message
     assert hint in message
+
+
+def test_a_setting_entry_one_typo_from_a_tasks_breaker_is_warned_of_at_start(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # breaker_probes={"partnr": ...} gave breaker "partner" no health check, silently: its
+    # real (non-idempotent) tasks went as its probes. Not an error (a breaker used outside
+    # tasks may have that name), but the worker says so when it starts.
+    app = throwaway_app(
+        "near-misses",
+        breaker_probes={"partnr": "tests.celery.probe_tasks:check_setting", "partner-*": "os:getpid"},
+        breaker_policies={"partner": {"failure_threshold": 2}, "ledgr": {"failure_threshold": 3}, "unrelated": {}},
+    )
+
+    @app.task(base=BreakerTask, breaker="partner", name="near.pay", shared=False)
+    def pay() -> None: ...
+
+    @app.task(base=BreakerTask, breaker="ledger", name="near.book", shared=False)
+    def book() -> None: ...
+
+    slips = near_misses(app, check_app(app))
+    assert len(slips) == 2  # not the exact name, the glob or the name close to no breaker
+    assert "breaker_policies['ledgr'] names no breaker of this app's tasks; did you mean 'ledger'" in slips[0]
+    assert "breaker_probes['partnr']" in slips[1]
+    assert "'partner' (the breaker of task 'near.pay')? As it is, breaker 'partner' goes without" in slips[1]
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        # (what a starting worker runs first; its events left as the session worker's)
+        BreakerStep(SimpleNamespace(app=app, task_events=events.enabled()))
+    assert "did you mean 'partner'" in caplog.text

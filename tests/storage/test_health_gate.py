@@ -8,6 +8,7 @@ parked tasks go only once the checks have closed the breaker.
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from typing import Any
 
@@ -130,3 +131,73 @@ def test_entries_past_their_deadline_still_go_while_the_breaker_stays_open(app: 
     assert releaser.release_once() == 1  # the expired entry, so Celery can revoke it
     assert parked(breaker) == 2
     assert HEALTH["checks"] == 1  # the trip's: the breaker is not due for a check
+
+
+#: Set when ``hanging_check`` may answer, healthy.
+ANSWER = threading.Event()
+
+
+def hanging_check() -> None:
+    HEALTH["checks"] += 1
+    ANSWER.wait(30)
+
+
+def test_a_check_that_hangs_holds_up_no_other_breakers_tasks(app: Any) -> None:
+    # The releaser waited for each breaker's check to end before it looked at the next
+    # breaker: one hanging check held every other breaker's parked tasks for its timeout.
+    app.conf.breaker_probes = {"svc": "tests.storage.test_health_gate:hanging_check"}
+    app.conf.breaker_probe_timeout = 30
+    url = app.conf.breaker_storage_url
+    ANSWER.clear()
+    breaker = CircuitBreaker("svc", POLICY, storage=url)
+    with pytest.raises(ConnectionError):
+        breaker.call(check)  # the trip
+    park(app, breaker, 2)
+    other = CircuitBreaker("other", POLICY, storage=url)
+    parking = other.store.parking
+    assert parking is not None
+    for n in range(3):
+        payload = encode_message(dict(app.signature("gate.job", args=(n,))), "json")
+        parking.park("other", None, f"other-{n}:1", float(n), payload, None)
+    releaser = Releaser(app, parking, rate=1000.0, ramp=0.0)
+    time.sleep(POLICY["reset_timeout"])  # (svc's open time runs out: its check is due)
+    HEALTH["checks"] = 0
+    try:
+        wait_for(lambda: (releaser.release_once(), releaser.released)[1] == 3, "other's tasks to be released")
+        assert HEALTH["checks"] == 1  # they went while svc's check hangs, and no other check began
+        snap = breaker.snapshot()
+        assert (snap.state, snap.probes_in_flight) == (State.HALF_OPEN, 1)  # the check goes on in its slot
+        assert parked(breaker) == 2
+    finally:
+        ANSWER.set()
+    wait_for(lambda: breaker.snapshot().state is State.CLOSED, "the check's verdict to close svc")
+    wait_for(lambda: (releaser.release_once(), releaser.released)[1] == 5, "svc's tasks to be released")
+
+
+def test_a_releaser_that_stops_frees_the_slot_of_a_check_it_left_going(app: Any) -> None:
+    app.conf.breaker_probes = {"svc": "tests.storage.test_health_gate:hanging_check"}
+    app.conf.breaker_probe_timeout = 30
+    url = app.conf.breaker_storage_url
+    ANSWER.clear()
+    breaker = CircuitBreaker("svc", POLICY, storage=url)
+    with pytest.raises(ConnectionError):
+        breaker.call(check)
+    park(app, breaker, 1)
+    parking = resolve_store(url).parking
+    assert parking is not None
+    releaser = Releaser(app, parking, rate=1000.0, ramp=0.0)
+    releaser.tick = 0.05
+    try:
+        before = set(threading.enumerate())
+        releaser.start()
+        wait_for(
+            lambda: any(thread.name.endswith(" verdict") for thread in set(threading.enumerate()) - before),
+            "the releaser to leave its check going",
+        )
+        assert breaker.snapshot().probes_in_flight == 1
+        releaser.stop()
+        assert not releaser.is_alive()
+        snap = breaker.snapshot()
+        assert (snap.state, snap.probes_in_flight) == (State.HALF_OPEN, 0)  # freed: the next worker checks at once
+    finally:
+        ANSWER.set()

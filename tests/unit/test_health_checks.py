@@ -16,7 +16,7 @@ import pytest
 
 import celery_breaker.breaker as breaker_module
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
-from celery_breaker.core import BreakerMachine, Outcome, Probe
+from celery_breaker.core import BreakerMachine, Outcome, Probe, Transition
 from celery_breaker.health import (
     DEFAULT_PROBE_TIMEOUT,
     CheckAbandoned,
@@ -24,6 +24,7 @@ from celery_breaker.health import (
     HealthCheck,
     ProbeTimeout,
     abandon_checks_on,
+    abandon_pending_checks,
 )
 from celery_breaker.testing import FakeClock, fresh_store
 
@@ -598,24 +599,119 @@ def test_a_check_that_cancels_itself_is_a_failed_check_not_a_cancelled_caller(cl
     asyncio.run(main())
 
 
-def test_a_check_for_an_admission_with_little_time_left_is_cut_to_that_time(
+def closes(breaker: CircuitBreaker) -> threading.Event:
+    """Set when ``breaker`` next closes (a listener: a verdict recorded in another thread)."""
+    closed = threading.Event()
+
+    def hear(transition: Transition) -> None:
+        if transition.target is State.CLOSED:
+            closed.set()
+
+    breaker.add_listener(hear)
+    return closed
+
+
+@pytest.mark.parametrize("healthy", [True, False])
+def test_a_check_longer_than_its_callers_time_goes_on_and_its_verdict_counts(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture, healthy: bool
+) -> None:
+    # A task's time limit would stop its process during a longer check: the run stops
+    # waiting when its time is up (check_within) and is rejected. The check goes on in its
+    # slot, and its verdict counts. It used to give none and free the slot: the next run
+    # began another check, cut short again, and a check slower than the runs' time limit
+    # never closed the breaker (nor reopened it).
+    release, calls = threading.Event(), []
+
+    def check() -> None:
+        calls.append(1)
+        release.wait(5)
+        if not healthy:
+            raise ConnectionError("refused")
+
+    # (the check's own timeout: 10 s; reset_timeout 10; one probe slot)
+    breaker = breaker_with(check, clock, half_open_max_calls=1, success_threshold=1)
+    closed, reopened = closes(breaker), threading.Event()
+
+    def hear(transition: Transition) -> None:
+        if transition.reason == "health check failed":
+            reopened.set()
+
+    breaker.add_listener(hear)
+    fail(breaker)
+    clock.advance(10)
+    caplog.set_level(logging.WARNING, logger="celery_breaker")
+    try:
+        with pytest.raises(CircuitOpenError) as info:
+            breaker.enter_run(lambda exc: exc, check_within=0.02)
+        assert info.value.retry_after is not None
+        assert 9 < info.value.retry_after <= 10  # the check's time left
+        snap = breaker.snapshot()
+        assert (snap.state, snap.probes_in_flight, snap.rejections) == (State.HALF_OPEN, 1, 1)  # its slot: still taken
+        with pytest.raises(CircuitOpenError):
+            breaker.enter_run(lambda exc: exc, check_within=0.02)  # the next run starts no other check
+        assert calls == [1]
+    finally:
+        release.set()
+    assert (closed if healthy else reopened).wait(5), "the check's verdict was not recorded"
+    assert state_of(breaker) is (State.CLOSED if healthy else State.OPEN)
+    assert calls == [1]
+    assert ("health check" in caplog.text) is not healthy  # a failed check is logged, as any
+
+
+def test_a_check_going_on_when_its_process_stops_frees_its_slot_with_no_verdict(clock: FakeClock) -> None:
+    release = threading.Event()
+    breaker = breaker_with(functools.partial(release.wait, 5), clock)
+    fail(breaker)
+    clock.advance(10)
+    with pytest.raises(CircuitOpenError):
+        breaker.enter_run(lambda exc: exc, check_within=0.02)
+    assert breaker.snapshot().probes_in_flight == 1
+    assert abandon_pending_checks() == 1  # (the worker's child process stops)
+    snap = breaker.snapshot()
+    assert (snap.state, snap.probes_in_flight, snap.failures) == (State.HALF_OPEN, 0, 1)  # (the trip's failure)
+    release.set()  # the check ends healthy afterwards: nothing more is recorded
+    for thread in threading.enumerate():
+        if thread.name.endswith(" verdict"):
+            thread.join(5)
+    assert breaker.snapshot().state is State.HALF_OPEN
+    assert abandon_pending_checks() == 0
+
+
+def test_a_check_that_cannot_go_on_without_its_caller_gives_no_verdict(
     clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A task's hard time limit would kill its process during a longer check: the check
-    # gets what the limit leaves (check_within) and the run is rejected. Cut short by the
-    # caller's budget, not by its own timeout, the check gives no verdict: the slot is freed.
+    # A HealthCheck subclass's own run() returns no pending check: cut short by the
+    # caller's time, it says nothing of the downstream, and its slot is freed.
+    class Slow(HealthCheck):
+        def run(self, timeout: float | None = None) -> CheckResult:
+            return CheckResult(False, ProbeTimeout(f"did not answer within {timeout:g} s"))
+
+    breaker = breaker_with(Slow(lambda: None), clock)
+    fail(breaker)
+    clock.advance(10)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"), pytest.raises(CircuitOpenError):
+        breaker.enter_run(lambda exc: exc, check_within=0.02)
+    snap = breaker.snapshot()
+    assert (snap.state, snap.probes_in_flight, snap.failures) == (State.HALF_OPEN, 0, 1)
+    assert "health check" not in caplog.text  # no verdict logged
+
+
+def test_check_health_waits_only_as_long_as_it_is_told(clock: FakeClock) -> None:
+    # The worker's releaser waits a moment for a check, then goes on to other breakers;
+    # the check's verdict counts when it comes, and no rejection is counted meanwhile.
     release = threading.Event()
-    breaker = breaker_with(release.wait, clock)  # the check's own timeout: 10 s
+    breaker = breaker_with(functools.partial(release.wait, 5), clock, half_open_max_calls=1, success_threshold=1)
+    closed = closes(breaker)
     fail(breaker)
     clock.advance(10)
     try:
-        with caplog.at_level(logging.WARNING, logger="celery_breaker"), pytest.raises(CircuitOpenError):
-            breaker.enter_run(lambda exc: exc, check_within=0.02)
+        assert breaker.check_health(wait=0.02) == (State.HALF_OPEN, None)
+        snap = breaker.snapshot()
+        assert (snap.probes_in_flight, snap.rejections) == (1, 0)
+        assert breaker.check_health(wait=0.02) == (State.HALF_OPEN, None)  # its slot is taken: nothing runs
     finally:
         release.set()
-    snap = breaker.snapshot()
-    assert (snap.state, snap.probes_in_flight, snap.failures) == (State.HALF_OPEN, 0, 1)  # (the trip's failure)
-    assert "health check" not in caplog.text  # no verdict logged
+    assert closed.wait(5)
 
 
 class _TimedCheck(HealthCheck):

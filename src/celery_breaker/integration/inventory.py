@@ -13,7 +13,9 @@ the others reach the downstream as real probes while it half-opens.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any
@@ -28,7 +30,7 @@ from .settings import get_settings
 from .task import BreakerTask
 from .task_options import task_breaker_config
 
-__all__ = ["AppBreaker", "app_breakers", "app_inventory", "check_app", "policy_named"]
+__all__ = ["AppBreaker", "app_breakers", "app_inventory", "check_app", "near_misses", "policy_named"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +165,37 @@ def check_app(app: Any) -> dict[str, list[str]]:
     when tasks sharing a breaker disagree on its policy or its health check (one giving
     none counts). Returns breaker -> task names."""
     return {name: list(found.tasks) for name, found in _walk(app, strict=True).items() if found.tasks}
+
+
+def near_misses(app: Any, breakers: Mapping[str, Sequence[str]]) -> list[str]:
+    """What to warn of in ``breaker_policies`` and ``breaker_probes``: an exact name that
+    no task's breaker has (``breakers``: ``check_app``'s) but that is close to one's, a
+    likely typo (``"partnr"`` for ``"partner"``). That breaker silently goes without the
+    entry (a health check meant to spare a payment API, and its tasks are its probes). Not
+    an error: a breaker used outside tasks (``CircuitBreaker("partnr")``) may have the name."""
+    settings = get_settings(app)
+    named = set(breakers)  # (and the breakers of plain tasks breaker_routes guards)
+    for task_name in list(app.tasks):
+        routed = settings.route_for(task_name)
+        if routed is not None:
+            named.add(routed or task_name)
+    found: list[str] = []
+    for setting, entries, missing in (
+        ("breaker_policies", settings.policies, "that policy"),
+        ("breaker_probes", settings.probes, "that health check (its tasks are its probes)"),
+    ):
+        for pattern, _ in entries:
+            if pattern in named or any(mark in pattern for mark in "*?["):
+                continue
+            close = difflib.get_close_matches(pattern, list(breakers), n=1, cutoff=0.8)
+            if close:
+                near = close[0]
+                found.append(
+                    f"{setting}[{pattern!r}] names no breaker of this app's tasks; did you mean {near!r} (the "
+                    f"breaker of task {breakers[near][0]!r})? As it is, breaker {near!r} goes without {missing}. "
+                    f"Ignore this if {pattern!r} is a breaker used outside tasks"
+                )
+    return found
 
 
 def app_inventory(app: Any) -> dict[str, AppBreaker]:

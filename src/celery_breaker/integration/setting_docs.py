@@ -40,7 +40,8 @@ SETTING_DOCS: dict[str, Doc] = {
     "breaker_policies": Doc(
         accepts="dict: breaker name or glob → dict of policy fields, or a `BreakerPolicy`; "
         "each entry is validated at start",
-        meaning="overrides over the default policy; matching globs apply in order, then the exact name",
+        meaning="overrides over the default policy; matching globs apply in order, then the exact name. A name "
+        "one typo from a task's breaker is warned of at start",
     ),
     "breaker_routes": Doc(
         accepts="dict: task-name glob → breaker name, or `True` for the task's own name",
@@ -134,7 +135,7 @@ SETTING_DOCS: dict[str, Doc] = {
         "stay deferred or parked until the checks close it. A check fails by raising or returning `False`. A task "
         "named here has its body called in the worker's process, without its breaker "
         "([health-check probes](concepts.md#health-check-probes)); the exact name wins over globs, then the first "
-        "matching glob",
+        "matching glob. A name one typo from a task's breaker (`partnr` for `partner`) is warned of at start",
         default="none (real tasks are the probes)",
     ),
     "breaker_probe_timeout": Doc(

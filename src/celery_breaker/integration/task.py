@@ -30,7 +30,7 @@ from ..names import check_name
 from .broker import DEAD_LETTER_HEADERS
 from .deferral.defer import defer, refreshed
 from .deferral.plan import HEADERS as DEFERRAL_HEADERS
-from .deferral.plan import PARKED_HEADER, run_time_limit
+from .deferral.plan import PARKED_HEADER, run_soft_time_limit, run_time_limit
 from .probes import breaker_with_probe
 from .registry import BreakerRegistry, registry_for
 from .setting_docs import TASK_OPTION_DOCS
@@ -502,16 +502,18 @@ TIME_LIMITS_ENFORCED_ATTR = "_celery_breaker_time_limits_enforced"
 
 
 def _check_within(task: BreakerTask, request: Any) -> float | None:
-    """The most the health checks run at this task's admission may take: a share of its
-    hard time limit (the message's, else the task's, else the worker's ``--time-limit``,
-    else ``task_time_limit``), so the checks end, and the run is rejected and deferred,
-    before the pool kills the process. ``None`` where nothing enforces a limit: a pool
-    without time limits, an eager or a direct call."""
+    """How long the run may wait for the health checks at its admission: a share of its
+    time limit, the lower of the hard one (the message's, else the task's, else the
+    worker's ``--time-limit``, else ``task_time_limit``) and the soft one (found alike),
+    so the run stops waiting, and is rejected and deferred, before the pool interrupts or
+    kills it. A check still running then goes on without it, and counts when it ends.
+    ``None`` where nothing enforces a limit: a pool without time limits, an eager or a
+    direct call."""
     app = task.app
     if not getattr(app, TIME_LIMITS_ENFORCED_ATTR, False) or request.is_eager or request.called_directly:
         return None
-    limit = run_time_limit(task, request)
-    return None if limit is None else limit * CHECK_SHARE_OF_TIME_LIMIT
+    limits = [limit for limit in (run_time_limit(task, request), run_soft_time_limit(task, request)) if limit]
+    return min(limits) * CHECK_SHARE_OF_TIME_LIMIT if limits else None
 
 
 def _drop_frames(exc: BaseException) -> None:

@@ -13,20 +13,21 @@ from typing import Any
 from celery import bootsteps
 from celery.apps.worker import Worker as CliWorker
 from celery.concurrency.prefork import TaskPool as PreforkPool
-from celery.signals import task_received, worker_process_init, worker_process_shutdown
+from celery.signals import task_received, worker_process_init, worker_process_shutdown, worker_shutdown
 
 from ..errors import ConfigurationError
+from ..health import abandon_pending_checks
 from ..storage import describe_url, flush_stores, is_shared_url, resolve_store
 from . import events
 from .broker import REDIS, broker_kind, broker_url
 from .deferral.broker_delay import forget_delay_deaths, note_delivery_queue, show_queue_delivery
 from .deferral.countdown import note_received
 from .deferral.parking import ParkInStore
-from .deferral.plan import WORKER_TIME_LIMIT_ATTR
+from .deferral.plan import WORKER_SOFT_TIME_LIMIT_ATTR, WORKER_TIME_LIMIT_ATTR
 from .deferral.release import Releaser
 from .deferral.selection import deferral_strategies
 from .deferral.strategy import note_content_type
-from .inventory import check_app
+from .inventory import check_app, near_misses
 from .registry import registry_for
 from .routes import apply_routes
 from .settings import get_settings, reload_settings
@@ -72,14 +73,17 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
 
     def _check(self, worker: Any) -> None:
         app = worker.app
-        # The worker's own hard time limit (--time-limit, which Celery keeps on the worker,
+        # The worker's own time limits (--time-limit, --soft-time-limit, which Celery keeps on the worker,
         # not in app.conf), for tasks that run a health check at their admission.
         setattr(app, WORKER_TIME_LIMIT_ATTR, getattr(worker, "time_limit", None))
+        setattr(app, WORKER_SOFT_TIME_LIMIT_ATTR, getattr(worker, "soft_time_limit", None))
         setattr(app, TIME_LIMITS_ENFORCED_ATTR, _pool_enforces_time_limits(worker))
         settings = reload_settings(app)  # the worker's final config, not an import-time read
         resolve_store(settings.storage_url)  # a store URL with bad options fails here, not on a task
         routed = apply_routes(app)
         breakers = check_app(app)
+        for slip in near_misses(app, breakers):
+            logger.warning("celery-breaker: %s", slip)
         # Events: breaker_send_events when set, else the worker's own -E (which Celery
         # does not write back into worker_send_task_events).
         explicit = app.conf.get("breaker_send_events", None)
@@ -190,7 +194,16 @@ def _on_worker_process_init(sender: Any = None, **_: Any) -> None:
         events.configure(nodename=sender)
 
 
+@worker_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
+def _on_worker_shutdown(**_: Any) -> None:
+    # Solo, threads, gevent, eventlet: the tasks ran in this process; the slots of the health
+    # checks they stopped waiting for are freed now, not when their leases run out.
+    abandon_pending_checks()
+
+
 @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
 def _on_worker_process_shutdown(**_: Any) -> None:
-    # A prefork child leaves through os._exit (no atexit): send what it counted first.
+    # A prefork child leaves through os._exit (no atexit): send what it counted first, and
+    # free the probe slots of health checks its runs stopped waiting for.
+    abandon_pending_checks()
     flush_stores()

@@ -3,7 +3,8 @@
 A breaker without a health check is probed by real tasks: the releaser publishes
 ``half_open_max_calls`` parked tasks when it may half-open (``release.lua``). One with a
 health check must not be: nobody else calls it while every task is parked, so the
-releaser runs the check itself when the breaker's open time is up, and releases no task
+releaser runs the check itself when the breaker's open time is up (waiting for it a moment
+only: a slow check goes on without it, so it holds up no other breaker), and releases no task
 as a probe: it lets ``release.lua`` run only while the breaker admits calls or an operator
 holds it open, or while it stays open for longer than ``MARGIN`` (then that script
 releases nothing but the entries past their deadline, which go whatever the breaker says).
@@ -22,12 +23,17 @@ from ..settings import get_settings
 from ..task import BreakerTask
 from ..task_options import task_breaker_config
 
-__all__ = ["MARGIN", "HealthGate"]
+__all__ = ["CHECK_WAIT", "MARGIN", "HealthGate"]
 
 #: Seconds of open time left below which a breaker with a health check releases nothing at
 #: all: the script decides on Redis's clock, which may run a little ahead of this view, and
 #: hands out the probes once it sees the open time up.
 MARGIN = 1.0
+#: Seconds the releaser waits for a breaker's health check: a check still running then goes
+#: on without it (``CircuitBreaker.check_health(wait=...)``), and the releaser goes on to the
+#: other breakers. It waited for each check to end: one that hung held up every other
+#: breaker's tasks for its whole timeout.
+CHECK_WAIT = 0.25
 #: What ``release.lua`` releases no probe for: calls pass, or an operator holds it open.
 _NO_PROBES = (State.CLOSED, State.DISABLED, State.FORCED_OPEN)
 
@@ -50,7 +56,7 @@ class HealthGate:
         if found is None:
             return False
         policy, probe = found
-        health = breaker_with_probe(self.app, name, key, policy, probe).check_health()
+        health = breaker_with_probe(self.app, name, key, policy, probe).check_health(wait=CHECK_WAIT)
         if health.state in _NO_PROBES:
             return False
         return not (health.state is State.OPEN and health.open_for is not None and health.open_for > MARGIN)

@@ -18,6 +18,7 @@ __all__ = [
     "HEADERS",
     "PARKED_HEADER",
     "SINCE_HEADER",
+    "WORKER_SOFT_TIME_LIMIT_ATTR",
     "WORKER_TIME_LIMIT_ATTR",
     "DeferralHeaders",
     "DeferralPlan",
@@ -25,6 +26,7 @@ __all__ = [
     "park_deadline",
     "plan_deferral",
     "read_headers",
+    "run_soft_time_limit",
     "run_time_limit",
     "seconds_until",
 ]
@@ -187,9 +189,14 @@ def seconds_until(expires: Any, now: float) -> float | None:
 
 def hard_time_limit(request: Any) -> float | None:
     """A request's hard time limit in seconds (``None`` when it has none)."""
-    limits = getattr(request, "timelimit", None) or (None, None)
+    return _request_time_limit(request, 0)
+
+
+def _request_time_limit(request: Any, which: int) -> float | None:
+    """A request's hard (0) or soft (1) time limit in seconds (``None`` when it has none)."""
+    limits: Any = getattr(request, "timelimit", None) or (None, None)
     try:
-        found = float(limits[0]) if limits[0] else None
+        found = float(limits[which]) if limits[which] else None
     except (TypeError, ValueError, IndexError, KeyError, OverflowError):  # (a header no Celery wrote)
         return None
     return found if found is not None and found > 0 and math.isfinite(found) else None
@@ -198,6 +205,8 @@ def hard_time_limit(request: Any) -> float | None:
 #: Where the worker notes its own hard time limit on the app (``BreakerStep``):
 #: ``--time-limit`` lives on the worker, not in ``app.conf``.
 WORKER_TIME_LIMIT_ATTR = "_celery_breaker_worker_time_limit"
+#: ... and its own soft time limit (``--soft-time-limit``).
+WORKER_SOFT_TIME_LIMIT_ATTR = "_celery_breaker_worker_soft_time_limit"
 
 
 def run_time_limit(task: Any, request: Any) -> float | None:
@@ -210,6 +219,21 @@ def run_time_limit(task: Any, request: Any) -> float | None:
         app = task.app
         worker_limit = getattr(app, WORKER_TIME_LIMIT_ATTR, None)
         for value in (getattr(task, "time_limit", None), worker_limit, app.conf.task_time_limit):
+            limit = positive_finite(value)
+            if limit is not None:
+                break
+    return limit
+
+
+def run_soft_time_limit(task: Any, request: Any) -> float | None:
+    """The soft time limit of ``task``'s run (seconds; ``None``: none), found in the order
+    ``run_time_limit`` finds the hard one: the message's, the task's, the worker's
+    ``--soft-time-limit``, ``task_soft_time_limit``."""
+    limit = _request_time_limit(request, 1)
+    if limit is None:
+        app = task.app
+        worker_limit = getattr(app, WORKER_SOFT_TIME_LIMIT_ATTR, None)
+        for value in (getattr(task, "soft_time_limit", None), worker_limit, app.conf.task_soft_time_limit):
             limit = positive_finite(value)
             if limit is not None:
                 break

@@ -43,7 +43,7 @@ from kombu.serialization import prepare_accept_content
 
 from ...core.pacing import PacingLaw
 from ...errors import StorageError
-from ...health import CheckAbandoned, abandon_checks_on
+from ...health import CheckAbandoned, abandon_checks_on, abandon_pending_checks
 from ...labels import shown_label
 from ...storage import Parking
 from ..broker import AMQP, broker_kind
@@ -195,6 +195,9 @@ class Releaser(threading.Thread):
             with abandon_checks_on(self._stop_event):  # (a check running at shutdown frees its probe slot)
                 self._loop()
         finally:
+            # Checks this releaser stopped waiting for (``HealthGate``) give no verdict: their
+            # probe slots are freed now, not when their leases run out after the worker left.
+            abandon_pending_checks(self._stop_event)
             if self._unlisten is not None:  # (the store's agent need not run for this thread any more)
                 self._unlisten()
                 self._unlisten = None
