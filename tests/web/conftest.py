@@ -166,18 +166,27 @@ class WebProcess:
         """Ctrl-C; return the exit code."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGINT)
+        return self._exit_code("Ctrl-C")
+
+    def terminate(self) -> int:
+        """SIGTERM (systemctl stop, docker stop); return the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self._exit_code("SIGTERM")
+
+    def _exit_code(self, sent: str) -> int:
         try:
             out, _ = self.process.communicate(timeout=20)
         except subprocess.TimeoutExpired:
-            # Still running 20 s after Ctrl-C: every thread's stack goes to its log (SIGUSR1),
-            # and the test that stopped it fails showing them.
+            # Still running 20 s after it was told to stop: every thread's stack goes to its
+            # log (SIGUSR1), and the test that stopped it fails showing them.
             os.kill(self.process.pid, signal.SIGUSR1)
             time.sleep(1.0)  # (waiting for the dump: a process, not time, is waited for)
             self.process.kill()
             out, _ = self.process.communicate()
             self.stdout += out.decode()
             log = self.stderr()[-6000:]
-            raise AssertionError(f"celery breaker web did not exit on Ctrl-C; its log:\n{log}") from None
+            raise AssertionError(f"celery breaker web did not exit on {sent}; its log:\n{log}") from None
         self.stdout += out.decode()
         return self.process.returncode
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import ssl
 import subprocess
@@ -191,8 +190,7 @@ def test_ctrl_c_as_soon_as_it_serves_and_sigterm_end_it_with_exit_0(redis_url: s
         assert at_once.interrupt() == 0  # right after the URL is printed
     assert at_once.stdout.endswith(f"Stopped serving {at_once.url}\n")
     with WebProcess(store_url) as terminated:
-        terminated.process.send_signal(signal.SIGTERM)  # systemctl stop, docker stop
-        assert terminated.process.wait(timeout=20) == 0
+        assert terminated.terminate() == 0  # systemctl stop, docker stop
     assert terminated.stdout.endswith(f"Stopped serving {terminated.url}\n")
     for web in (at_once, terminated):
         assert "Traceback" not in web.stderr()

@@ -519,13 +519,19 @@ def web(app: Any, address: str, port: int, interval: float, history: int, allow_
     _serve(server, url, f"Serving the breakers of {where} at {url} (Ctrl-C to quit)")
 
 
-def _interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM (systemd, docker stop) ends the server as Ctrl-C does
+#: The signals that stop the server: Ctrl-C, and SIGTERM (systemd, docker stop).
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _serve(server: WebServer, url: str, ready: str) -> None:
     """Print ``ready``, then read the store and answer requests until Ctrl-C (or SIGTERM);
-    then stop both. From the moment ``ready`` is printed, Ctrl-C is a clean exit 0."""
+    then stop both. From the moment ``ready`` is printed, Ctrl-C is a clean exit 0.
+
+    A stop signal asks the server to shut down (from a thread of its own: ``shutdown``
+    waits for ``serve_forever``, which runs in this thread). It raised
+    ``KeyboardInterrupt`` here instead, and a signal that came while a finalizer ran (a
+    connection pool collected) was swallowed with it ("Exception ignored in ... __del__"):
+    the server went on serving after SIGTERM (three runs of the test suite in a row)."""
     handler = None
     if not logger.hasHandlers():  # a CLI process has no logging set up: the actions' log goes to stderr
         handler = logging.StreamHandler(sys.stderr)
@@ -533,15 +539,24 @@ def _serve(server: WebServer, url: str, ready: str) -> None:
         logger.addHandler(handler)
     board = server.site.board
     reader = threading.Thread(target=board.run, name="celery-breaker-web", daemon=True)
-    previous = signal.signal(signal.SIGTERM, _interrupt)
+    stopping = threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        if not stopping.is_set():
+            stopping.set()
+            threading.Thread(target=server.shutdown, name="celery-breaker-web-stop", daemon=True).start()
+
+    previous = {signum: signal.signal(signum, stop) for signum in _STOP_SIGNALS}
     try:
         reader.start()
         click.echo(ready)  # the last line before serving: scripts and tests wait for it
         server.serve_forever(poll_interval=0.2)
-    except KeyboardInterrupt:  # Ctrl-C is how the server ends: no traceback, exit 0
+        click.echo(f"Stopped serving {url}")  # (no traceback, exit 0)
+    except KeyboardInterrupt:  # (a Ctrl-C before the handler was set, or from Python itself)
         click.echo(f"Stopped serving {url}")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, before in previous.items():
+            signal.signal(signum, before)
         board.stop()
         server.server_close()
         if reader.is_alive():
