@@ -63,7 +63,8 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     """Random clock steps and breaker counts (successes, failures, slow calls, refusals
     and their waits, new generations), the same for both: the same releases, and the
     same pace stored. Then a refusal and a long run of successes: the limit it set creeps,
-    then is dropped (the plateau), in both alike."""
+    then is dropped (the plateau), in both alike. Then a cut whose tasks do not come back:
+    nothing more goes while it settles, in both alike."""
     clock = FakeClock()
     tag = park(store, 20_000)
     CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)  # a CLOSED breaker's state hash
@@ -72,7 +73,10 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     law = PacingLaw(ceiling=400.0)  # (the defaults)
     rng = random.Random(16)
     pace: Pace | None = None
-    seen = {"thresholded": False, "limited": False, "owing": False, "eased": False, "plateau": False, "dropped": False}
+    seen = {
+        "thresholded": False, "limited": False, "owing": False, "eased": False, "plateau": False, "dropped": False,
+        "crowded": False,
+    }  # fmt: skip
 
     def step(name: str) -> None:
         nonlocal pace
@@ -101,6 +105,10 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
         seen["thresholded"] = seen["thresholded"] or pace.threshold is not None
         seen["limited"] = seen["limited"] or pace.limit is not None
         seen["owing"] = seen["owing"] or pace.owed > 0
+        seen["crowded"] = seen["crowded"] or (  # (settling with too much in flight: nothing went)
+            pace.cut_at is not None and pace.in_flight > law.in_flight_s * pace.rate and expected == 0
+            and pace.tokens == 0
+        )  # fmt: skip
         seen["plateau"] = seen["plateau"] or pace.at_limit > law.plateau
         seen["dropped"] = seen["dropped"] or (
             before is not None and before.generation == pace.generation and before.limit is not None
@@ -131,6 +139,12 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
         client.hincrby(state_key, "ok", pace.used + pace.in_flight)
         step(f"success {i}")
         if seen["dropped"]:
+            break
+    client.hincrby(state_key, "ko", 500)  # bad news: a cut, then nothing comes back while it settles
+    for i in range(16):
+        clock.advance(0.25)
+        step(f"lagging {i}")
+        if seen["crowded"]:
             break
     assert all(seen.values()), seen  # (each part of the law was met, and compared, along the way)
 

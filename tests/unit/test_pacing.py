@@ -540,3 +540,31 @@ def test_a_clock_that_steps_back_holds_nothing_back() -> None:
     assert released[8:] == [0, 5, 5, 5, 5]  # 20/s at once after the step (it lasted no time)
     assert pace.rate == 40.0  # and judged a second after it
     assert pace.at == now
+
+
+def test_while_a_cut_settles_nothing_goes_beyond_what_comes_back() -> None:
+    # A downstream that slows to 50 a second (every call slow) while 289 a second are
+    # released: the pace is cut, and its settling held judgement for up to 12 s while the
+    # release went on at the cut rate. The whole backlog went to the broker (904 tasks
+    # queued there at the worst), ahead of every other task of its queue. Now, while the
+    # cut settles, nothing goes while more is in flight than in_flight_s at the cut rate.
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(PacingLaw(), clock)  # (the defaults)
+    backlog, queued, done, worst = 1500, 0.0, 0.0, 0.0
+    for tick in range(200):  # 40 s in 0.2 s ticks; slow from 5 s to 20 s
+        clock.advance(0.2)
+        count = pacer.release(downstream.outcomes(), waiting=backlog)
+        backlog -= count
+        queued += count
+        slow = 5 <= tick * 0.2 < 20
+        finished = min(queued, (50 if slow else 400) * 0.2)
+        queued -= finished
+        done += finished
+        new = int(done) - downstream.successes
+        downstream.successes += new
+        if slow:
+            downstream.slow += new
+        worst = max(worst, queued)
+    assert worst < 450  # (904 before: the whole backlog)
+    assert backlog == 0
+    assert queued < 1  # and it drained, 22 s in (21 s before)

@@ -22,7 +22,11 @@ since the last judgement (its ``Outcomes``):
   at most twice the time they take at the cut rate, and never more than ``SETTLE_MOST``
   judgements (an estimate that never drains, tasks lost or never parked, stops holding
   judgement then); a refusal among that news caps the ``limit`` (below) at the rate
-  before the cut. Bad news after that cuts again only if it is no better than the news
+  before the cut. Meanwhile nothing is released while more tasks await their outcome
+  than ``in_flight_s`` worth at the cut rate: a downstream that slowed below the cut
+  rate (every call slow, 50 a second against 185 released) had the whole backlog
+  queued in the broker before the settling ended; now the release follows what comes
+  back, and the backlog stays parked. Bad news after that cuts again only if it is no better than the news
   that made the cut (``cut_share``; judged over a whole judgement; a refusal always
   cuts): better bad news shows the cut working, holds the rate, and becomes the share
   to beat. One overshoot is one cut, not a cut for every judgement its queue takes to
@@ -295,8 +299,12 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
             before = rate / law.back_off
             limit = before if limit is None else min(limit, before)
             at_limit = 0
-        return replace(pace, judged_at=now, seen=outcomes, used=0, in_flight=in_flight, owed=owed, limit=limit,
-                       at_limit=at_limit)  # fmt: skip
+        # And while more is in flight than ``in_flight_s`` at this rate, nothing more goes:
+        # a downstream that got slower than the cut works off what it has, and the backlog
+        # stays parked, not queued in the broker ahead of other tasks.
+        tokens = 0.0 if in_flight > law.in_flight_s * rate else pace.tokens
+        return replace(pace, tokens=tokens, judged_at=now, seen=outcomes, used=0, in_flight=in_flight, owed=owed,
+                       limit=limit, at_limit=at_limit)  # fmt: skip
     share = bad / max(came_back, pace.rate * law.judge_every)
     cut_share = pace.cut_share
     if refused > 0 or (bad >= law.least_bad and share > law.bad_share):

@@ -88,7 +88,7 @@ SETTING_DOCS: dict[str, Doc] = {
         '`"adaptive"` starts at 10 per second and grows (by 40 % every half second) while the released tasks '
         "succeed, is cut to 80 % at once on failures or slow calls (the policy's `slow_call_duration`) or on a "
         "released task's 429 (then it waits for the Retry-After, and grows back only to 95 % of the rate refused), "
-        "and stops "
+        "releases nothing after a cut while more than 1.5 s worth of tasks await their outcome, and stops "
         'while the breaker is open ([recovery](performance.md#recovery)); `"fixed"` goes at '
         "`breaker_release_rate` after `breaker_release_ramp`. No effect on the memory store, which has no parking",
     ),

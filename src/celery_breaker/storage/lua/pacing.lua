@@ -171,6 +171,8 @@ local function advance_pace(law, pace, outcomes)
     end
     judged(pace, outcomes)
     pace.infl, pace.owe, pace.lim = infl, owe, lim
+    -- and while more is in flight than in_flight_s at this rate, nothing more goes
+    if infl > law.in_flight_s * rate then pace.tokens = 0 end
     return pace
   end
   local share = bad / math.max(came_back, pace.rate * law.judge_every)
