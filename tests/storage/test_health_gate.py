@@ -142,18 +142,24 @@ def hanging_check() -> None:
     ANSWER.wait(30)
 
 
+def tripped_with_a_hanging_check(app: Any, parked: int) -> CircuitBreaker:
+    """Breaker ``svc``, whose health check hangs until ``ANSWER`` is set, tripped with
+    ``parked`` tasks parked."""
+    app.conf.breaker_probes = {"svc": "tests.storage.test_health_gate:hanging_check"}
+    app.conf.breaker_probe_timeout = 30
+    ANSWER.clear()
+    breaker = CircuitBreaker("svc", POLICY, storage=app.conf.breaker_storage_url)
+    with pytest.raises(ConnectionError):
+        breaker.call(check)  # the trip
+    park(app, breaker, parked)
+    return breaker
+
+
 def test_a_check_that_hangs_holds_up_no_other_breakers_tasks(app: Any) -> None:
     # The releaser waited for each breaker's check to end before it looked at the next
     # breaker: one hanging check held every other breaker's parked tasks for its timeout.
-    app.conf.breaker_probes = {"svc": "tests.storage.test_health_gate:hanging_check"}
-    app.conf.breaker_probe_timeout = 30
-    url = app.conf.breaker_storage_url
-    ANSWER.clear()
-    breaker = CircuitBreaker("svc", POLICY, storage=url)
-    with pytest.raises(ConnectionError):
-        breaker.call(check)  # the trip
-    park(app, breaker, 2)
-    other = CircuitBreaker("other", POLICY, storage=url)
+    breaker = tripped_with_a_hanging_check(app, 2)
+    other = CircuitBreaker("other", POLICY, storage=app.conf.breaker_storage_url)
     parking = other.store.parking
     assert parking is not None
     for n in range(3):
@@ -175,15 +181,8 @@ def test_a_check_that_hangs_holds_up_no_other_breakers_tasks(app: Any) -> None:
 
 
 def test_a_releaser_that_stops_frees_the_slot_of_a_check_it_left_going(app: Any) -> None:
-    app.conf.breaker_probes = {"svc": "tests.storage.test_health_gate:hanging_check"}
-    app.conf.breaker_probe_timeout = 30
-    url = app.conf.breaker_storage_url
-    ANSWER.clear()
-    breaker = CircuitBreaker("svc", POLICY, storage=url)
-    with pytest.raises(ConnectionError):
-        breaker.call(check)
-    park(app, breaker, 1)
-    parking = resolve_store(url).parking
+    breaker = tripped_with_a_hanging_check(app, 1)
+    parking = breaker.store.parking
     assert parking is not None
     releaser = Releaser(app, parking, rate=1000.0, ramp=0.0)
     releaser.tick = 0.05

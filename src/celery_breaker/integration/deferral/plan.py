@@ -214,26 +214,30 @@ def run_time_limit(task: Any, request: Any) -> float | None:
     the task's (``@app.task(time_limit=...)``), else the worker's ``--time-limit``, else
     ``task_time_limit``. The worker applies them in that order; only the message's
     reaches ``request``."""
-    limit = hard_time_limit(request)
-    if limit is None:
-        app = task.app
-        worker_limit = getattr(app, WORKER_TIME_LIMIT_ATTR, None)
-        for value in (getattr(task, "time_limit", None), worker_limit, app.conf.task_time_limit):
-            limit = positive_finite(value)
-            if limit is not None:
-                break
-    return limit
+    return _run_limit(task, request, 0)
 
 
 def run_soft_time_limit(task: Any, request: Any) -> float | None:
     """The soft time limit of ``task``'s run (seconds; ``None``: none), found in the order
     ``run_time_limit`` finds the hard one: the message's, the task's, the worker's
     ``--soft-time-limit``, ``task_soft_time_limit``."""
-    limit = _request_time_limit(request, 1)
+    return _run_limit(task, request, 1)
+
+
+#: Where each limit is found after the message's, hard (0) and soft (1): the task's option,
+#: the worker's (noted on the app), the setting.
+_LIMIT_SOURCES = (
+    ("time_limit", WORKER_TIME_LIMIT_ATTR, "task_time_limit"),
+    ("soft_time_limit", WORKER_SOFT_TIME_LIMIT_ATTR, "task_soft_time_limit"),
+)
+
+
+def _run_limit(task: Any, request: Any, which: int) -> float | None:
+    limit = _request_time_limit(request, which)
     if limit is None:
+        option, on_worker, setting = _LIMIT_SOURCES[which]
         app = task.app
-        worker_limit = getattr(app, WORKER_SOFT_TIME_LIMIT_ATTR, None)
-        for value in (getattr(task, "soft_time_limit", None), worker_limit, app.conf.task_soft_time_limit):
+        for value in (getattr(task, option, None), getattr(app, on_worker, None), app.conf.get(setting)):
             limit = positive_finite(value)
             if limit is not None:
                 break
