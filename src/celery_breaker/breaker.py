@@ -823,7 +823,10 @@ class CircuitBreaker:
                 if result.pending is None:
                     self._no_verdict(cell, ticket, start)
                     break
-                result.pending.then(functools.partial(self._late_verdict, cell, ticket, start, probe.name))
+                # (no longer than the slot's lease: a verdict after it would count for a slot
+                # another check holds by then)
+                late = functools.partial(self._late_verdict, cell, ticket, start, probe.name)
+                result.pending.then(late, within=min(longest, probe.timeout) - limit)
                 raise self._handed_on(cell, result.pending, counted)
             self._record_check(cell, ticket, start, result, probe.name)
             if cell.state in _ADMITTING:

@@ -183,7 +183,7 @@ class HealthCheck:
             return outcome[0]
         timed_out = ProbeTimeout(f"health check {self.name} did not answer within {limit:g} s")
         if limit < self.timeout:  # (the caller's wait is over, not the check's time)
-            return CheckResult(False, timed_out, PendingCheck(self, thread, outcome, started + self.timeout))
+            return CheckResult(False, timed_out, PendingCheck(self, thread, outcome, started))
         return CheckResult(False, timed_out)
 
     async def arun(self, timeout: float | None = None) -> CheckResult:
@@ -234,29 +234,33 @@ class PendingCheck:
     (each caller used to free its probe slot, and the next began another check, cut short
     again: such a breaker never closed)."""
 
-    __slots__ = ("_check", "_thread", "_outcome", "_deadline", "_lock", "_settle", "_abandon_on")
+    __slots__ = ("_check", "_thread", "_outcome", "_started", "_deadline", "_lock", "_settle", "_abandon_on")
 
     def __init__(
-        self, check: HealthCheck, thread: threading.Thread, outcome: list[CheckResult], deadline: float
+        self, check: HealthCheck, thread: threading.Thread, outcome: list[CheckResult], started: float
     ) -> None:
         self._check = check
         self._thread = thread
         self._outcome = outcome
-        self._deadline = deadline  # (monotonic: when the check's own timeout is up)
+        self._started = started  # (monotonic)
+        self._deadline = started + check.timeout  # (its own timeout; ``then`` may bring it closer)
         self._lock = threading.Lock()
         self._settle: Callable[[CheckResult | None], object] | None = None
         self._abandon_on: threading.Event | None = None
 
     def left(self) -> float:
-        """Seconds until the check's own timeout is up (0: it is)."""
+        """Seconds until the check's time is up (0: it is)."""
         return max(0.0, self._deadline - time.monotonic())
 
-    def then(self, settle: Callable[[CheckResult | None], object]) -> None:
+    def then(self, settle: Callable[[CheckResult | None], object], *, within: float | None = None) -> None:
         """Call ``settle`` once, from a thread of its own, with the check's result when it
-        ends (a ``ProbeTimeout`` failure once its own timeout is up), or with ``None`` if
-        it is abandoned first (``abandon_pending_checks``: its process is stopping).
+        ends (a ``ProbeTimeout`` failure once its time is up: its own timeout, or
+        ``within`` seconds from now if sooner, the probe lease it holds), or with ``None``
+        if it is abandoned first (``abandon_pending_checks``: its process is stopping).
         ``settle`` must not raise."""
         with self._lock:
+            if within is not None:
+                self._deadline = min(self._deadline, time.monotonic() + max(0.0, within))
             self._settle = settle
             self._abandon_on = _ABANDON_ON.get()
         with _PENDING_LOCK:
@@ -269,8 +273,8 @@ class PendingCheck:
         if self._outcome:
             result = self._outcome[0]
         else:
-            check = self._check
-            late = ProbeTimeout(f"health check {check.name} did not answer within {check.timeout:g} s")
+            took = self._deadline - self._started
+            late = ProbeTimeout(f"health check {self._check.name} did not answer within {took:.3g} s")
             result = CheckResult(False, late)
         self._finish(result)
 

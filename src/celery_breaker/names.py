@@ -15,7 +15,7 @@ import unicodedata
 from .errors import BreakerKeyError, ConfigurationError
 from .labels import LABEL_MARKS, visible
 
-__all__ = ["MAX_KEY_LENGTH", "MAX_NAME_LENGTH", "check_key", "check_name", "kept_key"]
+__all__ = ["MAX_KEY_LENGTH", "MAX_NAME_LENGTH", "check_key", "check_name", "edit_distance", "kept_key"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -123,3 +123,22 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def edit_distance(a: str, b: str, most: int) -> int:
+    """The edit distance of ``a`` and ``b`` (insertions, deletions, substitutions, and a
+    swap of two neighbours counting one), or ``most + 1`` for any distance above ``most``
+    (what a typo check needs: it stops early on lengths that differ by more)."""
+    if abs(len(a) - len(b)) > most:
+        return most + 1
+    before: list[int] = []
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        previous, row = row, [i]
+        for j, y in enumerate(b, 1):
+            cost = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (x != y))
+            if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
+                cost = min(cost, before[j - 2] + 1)
+            row.append(cost)
+        before = previous
+    return min(row[-1], most + 1)

@@ -239,7 +239,7 @@ def test_a_check_slower_than_the_tasks_soft_time_limit_still_closes_the_breaker(
     # deferred; the check goes on in its slot, and the runs that come back meanwhile
     # start no other. Each run's check used to be cut short and its slot freed: the next
     # run began another, and the breaker never closed.
-    from celery_breaker.integration.task import TIME_LIMITS_ENFORCED_ATTR
+    from celery_breaker.integration.task import SOFT_TIME_LIMITS_ENFORCED_ATTR, TIME_LIMITS_ENFORCED_ATTR
 
     name = "t-probe-slow"
     task = probe_tasks.probe_slow_check_task
@@ -248,6 +248,7 @@ def test_a_check_slower_than_the_tasks_soft_time_limit_still_closes_the_breaker(
     tasks.DOWN[name] = True
     CHECKS[name] = tasks.CALLS[name] = 0
     setattr(app, TIME_LIMITS_ENFORCED_ATTR, True)  # (as a prefork worker; this pool enforces none)
+    setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, True)
     try:
         with contextlib.suppress(ConnectionError):
             breaker.call(tasks.call_downstream, name)  # trips the breaker
@@ -261,6 +262,7 @@ def test_a_check_slower_than_the_tasks_soft_time_limit_still_closes_the_breaker(
     finally:
         probe_tasks.SLOW_CHECK_ANSWERS.set()
         setattr(app, TIME_LIMITS_ENFORCED_ATTR, False)
+        setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, False)
     value = get(result)
     assert (value["retries"], CHECKS[name], tasks.CALLS[name]) == (0, 1, 2)  # closed by that check alone
 
@@ -289,7 +291,12 @@ def test_a_check_whose_error_cannot_be_shown_defers_the_task_it_does_not_fail_it
 
 def test_a_check_run_at_a_tasks_admission_is_waited_for_within_its_time_limits(app: Any) -> None:
     from celery_breaker.integration.deferral.plan import WORKER_SOFT_TIME_LIMIT_ATTR, WORKER_TIME_LIMIT_ATTR
-    from celery_breaker.integration.task import CHECK_SHARE_OF_TIME_LIMIT, TIME_LIMITS_ENFORCED_ATTR, _check_within
+    from celery_breaker.integration.task import (
+        CHECK_SHARE_OF_TIME_LIMIT,
+        SOFT_TIME_LIMITS_ENFORCED_ATTR,
+        TIME_LIMITS_ENFORCED_ATTR,
+        _check_within,
+    )
 
     task = probe_tasks.probe_option_task
 
@@ -299,6 +306,7 @@ def test_a_check_run_at_a_tasks_admission_is_waited_for_within_its_time_limits(a
 
     request = Request()
     setattr(app, TIME_LIMITS_ENFORCED_ATTR, True)  # (a prefork worker; the session worker's pool has none)
+    setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, True)
     assert _check_within(task, request) is None  # no limit anywhere
     request.timelimit = (30, None)
     assert _check_within(task, request) == 30 * CHECK_SHARE_OF_TIME_LIMIT  # the message's hard limit
@@ -317,6 +325,9 @@ def test_a_check_run_at_a_tasks_admission_is_waited_for_within_its_time_limits(a
         assert _check_within(task, request) == 40 * CHECK_SHARE_OF_TIME_LIMIT
         setattr(app, WORKER_SOFT_TIME_LIMIT_ATTR, 5)  # --soft-time-limit 5
         assert _check_within(task, request) == 5 * CHECK_SHARE_OF_TIME_LIMIT
+        setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, False)  # gevent, eventlet: only the hard limit is enforced
+        assert _check_within(task, request) == 40 * CHECK_SHARE_OF_TIME_LIMIT
+        setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, True)
         request.is_eager = True  # nothing enforces a limit on an eager (or a direct) call
         assert _check_within(task, request) is None
         request.is_eager = False
@@ -327,3 +338,25 @@ def test_a_check_run_at_a_tasks_admission_is_waited_for_within_its_time_limits(a
         setattr(app, WORKER_TIME_LIMIT_ATTR, None)
         setattr(app, WORKER_SOFT_TIME_LIMIT_ATTR, None)
         setattr(app, TIME_LIMITS_ENFORCED_ATTR, False)
+        setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, False)
+
+
+@pytest.mark.parametrize(
+    ("module", "hard", "soft"),
+    [
+        ("celery.concurrency.prefork", True, True),
+        ("celery.concurrency.asynpool", True, True),
+        ("celery.concurrency.gevent", True, False),  # (its on_apply drops the soft limit)
+        ("celery.concurrency.eventlet", True, False),
+        ("celery.concurrency.thread", False, False),
+        ("celery.concurrency.solo", False, False),
+    ],
+)
+def test_which_pools_enforce_which_time_limits(module: str, hard: bool, soft: bool) -> None:
+    from types import SimpleNamespace
+
+    from celery_breaker.integration.worker import _pool_enforces_time_limits
+
+    pool = type("TaskPool", (), {"__module__": module})
+    worker = SimpleNamespace(pool_cls=pool)
+    assert (_pool_enforces_time_limits(worker), _pool_enforces_time_limits(worker, soft=True)) == (hard, soft)

@@ -842,21 +842,40 @@ def test_a_setting_entry_one_typo_from_a_tasks_breaker_is_warned_of_at_start(
     # tasks may have that name), but the worker says so when it starts.
     app = throwaway_app(
         "near-misses",
-        breaker_probes={"partnr": "tests.celery.probe_tasks:check_setting", "partner-*": "os:getpid"},
-        breaker_policies={"partner": {"failure_threshold": 2}, "ledgr": {"failure_threshold": 3}, "unrelated": {}},
+        breaker_probes={
+            "partnr": "tests.celery.probe_tasks:check_setting",  # a typo: warned of
+            "mial": "os:getpid",  # one swap in a short name: warned of
+            "ledgr": "os:getpid",  # "ledger" gives its own probe (a task option): not warned of
+        },
+        breaker_policies={
+            "parnter": {"failure_threshold": 2},  # "partner" has no policy entry: warned of
+            "tenant-2": {},  # a sibling of "tenant-1" (digits): not a typo
+            "crm-us": {},  # "crm-eu" has its own entry
+            "crm-eu": {},
+            "shipment": {},  # two edits from "shipping", a name of 8: too far
+            "mail*": {},
+        },
     )
 
-    @app.task(base=BreakerTask, breaker="partner", name="near.pay", shared=False)
-    def pay() -> None: ...
+    for name, breaker, own_probe in [
+        ("near.pay", "partner", None),
+        ("near.mail", "mail", None),
+        ("near.book", "ledger", "os:getpid"),
+        ("near.tenant", "tenant-1", None),
+        ("near.crm", "crm-eu", None),
+        ("near.ship", "shipping", None),
+    ]:
 
-    @app.task(base=BreakerTask, breaker="ledger", name="near.book", shared=False)
-    def book() -> None: ...
+        def body() -> None: ...
+
+        app.task(base=BreakerTask, breaker=breaker, breaker_probe=own_probe, name=name, shared=False)(body)
 
     slips = near_misses(app, check_app(app))
-    assert len(slips) == 2  # not the exact name, the glob or the name close to no breaker
-    assert "breaker_policies['ledgr'] names no breaker of this app's tasks; did you mean 'ledger'" in slips[0]
-    assert "breaker_probes['partnr']" in slips[1]
+    assert len(slips) == 3, slips
+    assert slips[0].startswith("breaker_policies['parnter'] names no breaker of this app's tasks; did you mean")
+    assert slips[1].startswith("breaker_probes['partnr']")
     assert "'partner' (the breaker of task 'near.pay')? As it is, breaker 'partner' goes without" in slips[1]
+    assert slips[2].startswith("breaker_probes['mial'] names no breaker of this app's tasks; did you mean 'mail'")
     with caplog.at_level(logging.WARNING, logger="celery_breaker"):
         # (what a starting worker runs first; its events left as the session worker's)
         BreakerStep(SimpleNamespace(app=app, task_events=events.enabled()))

@@ -748,3 +748,36 @@ def test_check_within_bounds_all_the_checks_of_an_admission_together(
         snap = breaker.snapshot()
         assert (snap.state, snap.probes_in_flight) == (State.HALF_OPEN, 0)
     assert pytest.approx(limits) == LIMITS
+
+
+def test_a_check_going_on_gets_no_longer_than_its_probe_lease(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The check's own timeout (10 s) is longer than the lease of its slot (half_open_max_wait
+    # 0.5 s): going on past the lease, it held a slot another check could have taken by
+    # then, and its late verdict would have counted for that slot. It fails at the lease.
+    release = threading.Event()
+    breaker = breaker_with(
+        functools.partial(release.wait, 10), clock, half_open_max_calls=1, success_threshold=1, half_open_max_wait=0.5
+    )
+    reopened = threading.Event()
+
+    def hear(transition: Transition) -> None:
+        if transition.reason == "health check failed":
+            reopened.set()
+
+    breaker.add_listener(hear)
+    caplog.set_level(logging.WARNING, logger="celery_breaker")
+    fail(breaker)
+    clock.advance(10)
+    try:
+        with pytest.raises(CircuitOpenError) as info:
+            breaker.enter_run(lambda exc: exc, check_within=0.02)
+        assert info.value.retry_after is not None
+        assert info.value.retry_after <= 0.5
+        assert reopened.wait(5), "no verdict at the lease's end"
+        assert state_of(breaker) is State.OPEN
+        assert "health check" in caplog.text
+        assert "did not answer within" in caplog.text  # (its lease, not its own 10 s: reopened within 5 s)
+    finally:
+        release.set()

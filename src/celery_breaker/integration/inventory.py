@@ -13,8 +13,8 @@ the others reach the downstream as real probes while it half-opens.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import partial
@@ -24,6 +24,7 @@ from celery.app.annotations import resolve_all
 
 from ..core import BreakerPolicy
 from ..health import HealthCheck
+from ..names import edit_distance
 from .problems import Problems
 from .setting_docs import TASK_OPTION_DOCS
 from .settings import get_settings
@@ -169,10 +170,13 @@ def check_app(app: Any) -> dict[str, list[str]]:
 
 def near_misses(app: Any, breakers: Mapping[str, Sequence[str]]) -> list[str]:
     """What to warn of in ``breaker_policies`` and ``breaker_probes``: an exact name that
-    no task's breaker has (``breakers``: ``check_app``'s) but that is close to one's, a
-    likely typo (``"partnr"`` for ``"partner"``). That breaker silently goes without the
-    entry (a health check meant to spare a payment API, and its tasks are its probes). Not
-    an error: a breaker used outside tasks (``CircuitBreaker("partnr")``) may have the name."""
+    no task's breaker has but that is one typo from one's (``breakers``: ``check_app``'s;
+    ``"partnr"`` for ``"partner"``: one edit, two for names longer than 8 characters),
+    while that breaker gets no such entry otherwise (none of its own, no glob, no task
+    option). It silently went without it (a health check meant to spare a payment API:
+    its real tasks were its probes). Names that differ only in digits (``tenant-1``,
+    ``tenant-2``) are siblings, not typos. Not an error: a breaker used outside tasks
+    (``CircuitBreaker("partnr")``) may have the name."""
     settings = get_settings(app)
     named = set(breakers)  # (and the breakers of plain tasks breaker_routes guards)
     for task_name in list(app.tasks):
@@ -180,22 +184,46 @@ def near_misses(app: Any, breakers: Mapping[str, Sequence[str]]) -> list[str]:
         if routed is not None:
             named.add(routed or task_name)
     found: list[str] = []
-    for setting, entries, missing in (
-        ("breaker_policies", settings.policies, "that policy"),
-        ("breaker_probes", settings.probes, "that health check (its tasks are its probes)"),
+    for setting, entries, option, missing in (
+        ("breaker_policies", settings.policies, "breaker_policy", "that policy"),
+        ("breaker_probes", settings.probes, "breaker_probe", "that health check (its tasks are its probes)"),
     ):
-        for pattern, _ in entries:
-            if pattern in named or any(mark in pattern for mark in "*?["):
+        patterns = [pattern for pattern, _ in entries]
+        for pattern in patterns:
+            if pattern in named or _is_glob(pattern):
                 continue
-            close = difflib.get_close_matches(pattern, list(breakers), n=1, cutoff=0.8)
-            if close:
-                near = close[0]
+            most = 1 if len(pattern) <= 8 else 2
+            near = [
+                (distance, name)
+                for name in breakers
+                if (distance := edit_distance(pattern, name, most)) <= most
+                and _DIGITS.sub("", pattern) != _DIGITS.sub("", name)
+                and not _covered(app, breakers[name], name, patterns, option)
+            ]
+            if near:
+                _, name = min(near)
                 found.append(
-                    f"{setting}[{pattern!r}] names no breaker of this app's tasks; did you mean {near!r} (the "
-                    f"breaker of task {breakers[near][0]!r})? As it is, breaker {near!r} goes without {missing}. "
+                    f"{setting}[{pattern!r}] names no breaker of this app's tasks; did you mean {name!r} (the "
+                    f"breaker of task {breakers[name][0]!r})? As it is, breaker {name!r} goes without {missing}. "
                     f"Ignore this if {pattern!r} is a breaker used outside tasks"
                 )
     return found
+
+
+#: Digits, which set sibling breakers apart (``tenant-1``, ``tenant-2``): no typo.
+_DIGITS = re.compile(r"\d")
+
+
+def _covered(app: Any, tasks: Sequence[str], name: str, patterns: Sequence[str], option: str) -> bool:
+    """Whether breaker ``name`` gets an entry of the setting (``patterns``: its own, or a
+    glob's) or its tasks give the ``option`` themselves."""
+    if any(pattern == name or (_is_glob(pattern) and fnmatch.fnmatchcase(name, pattern)) for pattern in patterns):
+        return True
+    return any(getattr(app.tasks.get(task), option, None) is not None for task in tasks)
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(mark in pattern for mark in "*?[")
 
 
 def app_inventory(app: Any) -> dict[str, AppBreaker]:

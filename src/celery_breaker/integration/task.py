@@ -26,7 +26,7 @@ from ..breaker import CircuitBreaker, RunAdmission, current_run
 from ..core import State
 from ..errors import CircuitOpenError, ConfigurationError, StorageError
 from ..health import HealthCheck
-from ..names import check_name
+from ..names import check_name, edit_distance
 from .broker import DEAD_LETTER_HEADERS
 from .deferral.defer import defer, refreshed
 from .deferral.plan import HEADERS as DEFERRAL_HEADERS
@@ -497,23 +497,28 @@ CHECK_SHARE_OF_TIME_LIMIT = 0.8
 
 
 #: Where the worker notes whether its pool enforces time limits (prefork, gevent and
-#: eventlet do; threads and solo do not).
+#: eventlet do; threads and solo do not) ...
 TIME_LIMITS_ENFORCED_ATTR = "_celery_breaker_time_limits_enforced"
+#: ... and soft ones (prefork only: gevent and eventlet drop them).
+SOFT_TIME_LIMITS_ENFORCED_ATTR = "_celery_breaker_soft_time_limits_enforced"
 
 
 def _check_within(task: BreakerTask, request: Any) -> float | None:
     """How long the run may wait for the health checks at its admission: a share of its
     time limit, the lower of the hard one (the message's, else the task's, else the
-    worker's ``--time-limit``, else ``task_time_limit``) and the soft one (found alike),
-    so the run stops waiting, and is rejected and deferred, before the pool interrupts or
-    kills it. A check still running then goes on without it, and counts when it ends.
-    ``None`` where nothing enforces a limit: a pool without time limits, an eager or a
-    direct call."""
+    worker's ``--time-limit``, else ``task_time_limit``) and the soft one (found alike;
+    counted on prefork, the only pool that enforces it), so the run stops waiting, and is
+    rejected and deferred, before the pool interrupts or kills it. A check still running
+    then goes on without it, and counts when it ends. ``None`` where nothing enforces a
+    limit: a pool without time limits, an eager or a direct call."""
     app = task.app
     if not getattr(app, TIME_LIMITS_ENFORCED_ATTR, False) or request.is_eager or request.called_directly:
         return None
-    limits = [limit for limit in (run_time_limit(task, request), run_soft_time_limit(task, request)) if limit]
-    return min(limits) * CHECK_SHARE_OF_TIME_LIMIT if limits else None
+    limits = [run_time_limit(task, request)]
+    if getattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, False):
+        limits.append(run_soft_time_limit(task, request))
+    found = [limit for limit in limits if limit is not None]
+    return min(found) * CHECK_SHARE_OF_TIME_LIMIT if found else None
 
 
 def _drop_frames(exc: BaseException) -> None:
@@ -651,31 +656,13 @@ def _check_option_names(cls: type[BreakerTask]) -> None:
                     continue  # (Celery's own option: acks_late, name, run...)
             elif not attr.startswith("breaker_") or callable(value) or isinstance(value, (classmethod, property)):
                 continue
-            near = min(_OPTION_NAMES, key=lambda option: (_edits(attr, option), option))
-            if _edits(attr, near) <= _TYPO_EDITS:
+            near = min(_OPTION_NAMES, key=lambda option: (edit_distance(attr, option, _TYPO_EDITS), option))
+            if edit_distance(attr, near, _TYPO_EDITS) <= _TYPO_EDITS:
                 task = getattr(cls, "name", None) or cls.__qualname__
                 raise ConfigurationError(
                     f"task {task!r}: {attr!r} is no celery-breaker task option; did you mean {near}? "
                     f"The options are {', '.join(sorted(TASK_OPTION_DOCS))}"
                 )
-
-
-def _edits(a: str, b: str) -> int:
-    """The edit distance of ``a`` and ``b`` (insertions, deletions, substitutions, and a
-    swap of two neighbours counting one)."""
-    if abs(len(a) - len(b)) > _TYPO_EDITS:
-        return _TYPO_EDITS + 1
-    before: list[int] = []
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        previous, row = row, [i]
-        for j, y in enumerate(b, 1):
-            cost = min(previous[j] + 1, row[j - 1] + 1, previous[j - 1] + (x != y))
-            if i > 1 and j > 1 and x == b[j - 2] and a[i - 2] == y:
-                cost = min(cost, before[j - 2] + 1)
-            row.append(cost)
-        before = previous
-    return row[-1]
 
 
 _CALL_CODE = BreakerTask.__call__.__code__

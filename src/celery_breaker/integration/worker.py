@@ -31,7 +31,7 @@ from .inventory import check_app, near_misses
 from .registry import registry_for
 from .routes import apply_routes
 from .settings import get_settings, reload_settings
-from .task import TIME_LIMITS_ENFORCED_ATTR
+from .task import SOFT_TIME_LIMITS_ENFORCED_ATTR, TIME_LIMITS_ENFORCED_ATTR
 
 __all__ = ["EXIT_CONFIG", "BreakerStep", "ReleaserStep", "unseen_breakers"]
 
@@ -78,6 +78,7 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
         setattr(app, WORKER_TIME_LIMIT_ATTR, getattr(worker, "time_limit", None))
         setattr(app, WORKER_SOFT_TIME_LIMIT_ATTR, getattr(worker, "soft_time_limit", None))
         setattr(app, TIME_LIMITS_ENFORCED_ATTR, _pool_enforces_time_limits(worker))
+        setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, _pool_enforces_time_limits(worker, soft=True))
         settings = reload_settings(app)  # the worker's final config, not an import-time read
         resolve_store(settings.storage_url)  # a store URL with bad options fails here, not on a task
         routed = apply_routes(app)
@@ -116,12 +117,14 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
             )  # fmt: skip
 
 
-def _pool_enforces_time_limits(worker: Any) -> bool:
-    """Whether the worker's pool stops a task at its time limit: prefork (and its async
-    pool), gevent and eventlet do; threads and solo do not."""
+def _pool_enforces_time_limits(worker: Any, *, soft: bool = False) -> bool:
+    """Whether the worker's pool stops a task at its (``soft``) time limit: prefork (and
+    its async pool), gevent and eventlet do at the hard one, only prefork at the soft one
+    (gevent's and eventlet's ``on_apply`` drop it); threads and solo at neither."""
     pool = getattr(worker, "pool_cls", None)
     where = f"{getattr(pool, '__module__', '')}.{getattr(pool, '__name__', '')}" if pool is not None else ""
-    return any(kind in where for kind in ("prefork", "asynpool", "gevent", "eventlet"))
+    kinds = ("prefork", "asynpool") if soft else ("prefork", "asynpool", "gevent", "eventlet")
+    return any(kind in where for kind in kinds)
 
 
 def unseen_breakers(worker: Any, what: str) -> str | None:
