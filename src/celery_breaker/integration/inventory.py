@@ -13,7 +13,6 @@ the others reach the downstream as real probes while it half-opens.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -27,7 +26,7 @@ from ..health import HealthCheck
 from ..names import edit_distance
 from .problems import Problems
 from .setting_docs import TASK_OPTION_DOCS
-from .settings import get_settings
+from .settings import entry_matches, get_settings
 from .task import BreakerTask
 from .task_options import task_breaker_config
 
@@ -112,7 +111,7 @@ def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
                         f"breaker guards it; give it base=BreakerTask (or name it in breaker_routes)"
                     )
     for pattern, _ in settings.policies:
-        if not any(mark in pattern for mark in "*?["):
+        if not _is_glob(pattern):
             add(pattern, settings.policy_for(pattern), None)
     if strict:
         problems.raise_any()
@@ -217,7 +216,7 @@ _DIGITS = re.compile(r"\d")
 def _covered(app: Any, tasks: Sequence[str], name: str, patterns: Sequence[str], option: str) -> bool:
     """Whether breaker ``name`` gets an entry of the setting (``patterns``: its own, or a
     glob's) or its tasks give the ``option`` themselves."""
-    if any(pattern == name or (_is_glob(pattern) and fnmatch.fnmatchcase(name, pattern)) for pattern in patterns):
+    if any(entry_matches(pattern, name) for pattern in patterns):
         return True
     return any(getattr(app.tasks.get(task), option, None) is not None for task in tasks)
 
@@ -244,6 +243,6 @@ def policy_named(app: Any, name: str) -> BreakerPolicy | None:
     if found is not None:
         return found
     settings = get_settings(app)
-    if any(pattern == name or fnmatch.fnmatchcase(name, pattern) for pattern, _ in settings.policies):
+    if any(entry_matches(pattern, name) for pattern, _ in settings.policies):
         return settings.policy_for(name)
     return None

@@ -31,6 +31,7 @@ __all__ = [
     "RELEASE_PACES",
     "SETTINGS",
     "BreakerSettings",
+    "entry_matches",
     "get_settings",
     "reload_settings",
     "with_key_prefix",
@@ -137,7 +138,9 @@ class BreakerSettings:
         if found is not None:
             return found
         policy = self.default_policy
-        matches = [(pattern, value) for pattern, value in self.policies if pattern != name and _glob(pattern, name)]
+        matches = [
+            (pattern, value) for pattern, value in self.policies if pattern != name and entry_matches(pattern, name)
+        ]
         matches += [(pattern, value) for pattern, value in self.policies if pattern == name]
         for pattern, value in matches:
             policy = BreakerPolicy.coerce(value, base=policy, source=f"breaker_policies[{pattern!r}]")
@@ -151,7 +154,7 @@ class BreakerSettings:
             if pattern == name:
                 return pattern, probe
         for pattern, probe in self.probes:
-            if _glob(pattern, name):
+            if entry_matches(pattern, name):
                 return pattern, probe
         return None
 
@@ -164,7 +167,7 @@ class BreakerSettings:
     def route_for(self, task_name: str) -> str | None:
         """The breaker a plain task is put under by ``breaker_routes``, if any."""
         for pattern, breaker in self.routes:
-            if _glob(pattern, task_name):
+            if entry_matches(pattern, task_name):
                 return breaker
         return None
 
@@ -184,7 +187,8 @@ class BreakerSettings:
         return max(1.0, self.hold_limit - margin, self.hold_limit * 0.1)
 
 
-def _glob(pattern: str, name: str) -> bool:
+def entry_matches(pattern: str, name: str) -> bool:
+    """Whether a settings entry (a breaker or task name, or a glob) applies to ``name``."""
     return pattern == name or fnmatch.fnmatchcase(name, pattern)
 
 

@@ -656,8 +656,8 @@ def _check_option_names(cls: type[BreakerTask]) -> None:
                     continue  # (Celery's own option: acks_late, name, run...)
             elif not attr.startswith("breaker_") or callable(value) or isinstance(value, (classmethod, property)):
                 continue
-            near = min(_OPTION_NAMES, key=lambda option: (edit_distance(attr, option, _TYPO_EDITS), option))
-            if edit_distance(attr, near, _TYPO_EDITS) <= _TYPO_EDITS:
+            distance, near = min((edit_distance(attr, option, _TYPO_EDITS), option) for option in _OPTION_NAMES)
+            if distance <= _TYPO_EDITS:
                 task = getattr(cls, "name", None) or cls.__qualname__
                 raise ConfigurationError(
                     f"task {task!r}: {attr!r} is no celery-breaker task option; did you mean {near}? "
