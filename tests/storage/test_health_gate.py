@@ -17,6 +17,7 @@ from celery import Celery
 
 from celery_breaker import CircuitBreaker, State
 from celery_breaker.core import Transition
+from celery_breaker.integration.deferral.health_gate import CHECK_WAIT
 from celery_breaker.integration.deferral.parking import encode_message
 from celery_breaker.integration.deferral.release import Releaser
 from celery_breaker.integration.registry import registry_for
@@ -61,13 +62,13 @@ def park(app: Any, breaker: CircuitBreaker, count: int) -> None:
     assert parking is not None
     for n in range(count):
         payload = encode_message(dict(app.signature("gate.job", args=(n,))), "json")
-        parking.park("svc", None, f"task-{n}:1", float(n), payload, None)
+        parking.park(breaker.name, None, f"{breaker.name}-{n}:1", float(n), payload, None)
 
 
 def parked(breaker: CircuitBreaker) -> int:
     parking = breaker.store.parking
     assert parking is not None
-    return parking.count(parking.tag("svc", None))[0]
+    return parking.count(parking.tag(breaker.name, None))[0]
 
 
 def test_a_parked_breaker_with_a_probe_closes_on_checks_alone(app: Any) -> None:
@@ -178,6 +179,44 @@ def test_a_check_that_hangs_holds_up_no_other_breakers_tasks(app: Any) -> None:
         ANSWER.set()
     wait_for(lambda: breaker.snapshot().state is State.CLOSED, "the check's verdict to close svc")
     wait_for(lambda: (releaser.release_once(), releaser.released)[1] == 5, "svc's tasks to be released")
+
+
+def test_one_pass_waits_for_all_its_hanging_checks_together_not_for_each(app: Any, monkeypatch: Any) -> None:
+    # The releaser waited CHECK_WAIT for each due check: 100 per-key breakers whose checks
+    # hung made one pass over the breakers last 25 s, and held every other breaker's
+    # tasks that long.
+    app.conf.breaker_probes = {"svc-*": "tests.storage.test_health_gate:hanging_check"}
+    app.conf.breaker_probe_timeout = 30
+    ANSWER.clear()
+    breakers = [CircuitBreaker(f"svc-{n}", POLICY, storage=app.conf.breaker_storage_url) for n in range(6)]
+    for breaker in breakers:
+        with pytest.raises(ConnectionError):
+            breaker.call(check)  # the trip
+        park(app, breaker, 1)
+    waits: list[float | None] = []
+    check_health = CircuitBreaker.check_health
+
+    def recorded(self: CircuitBreaker, *, wait: float | None = None) -> Any:
+        waits.append(wait)
+        return check_health(self, wait=wait)
+
+    monkeypatch.setattr(CircuitBreaker, "check_health", recorded)
+    parking = breakers[0].store.parking
+    assert parking is not None
+    releaser = Releaser(app, parking, rate=1000.0, ramp=0.0)
+    time.sleep(POLICY["reset_timeout"])  # (their open time runs out: every check is due)
+    HEALTH["checks"] = 0
+    try:
+        assert releaser.release_once() == 0
+        assert HEALTH["checks"] == 6  # every check began in the one pass...
+        assert waits == [CHECK_WAIT] + [0.0] * 5  # ...the first waited for, the others left going at once
+        assert all(b.snapshot().probes_in_flight == 1 for b in breakers)  # each in its slot
+        releaser.release_once()  # the next pass starts no other check: every slot is taken
+        assert HEALTH["checks"] == 6
+    finally:
+        ANSWER.set()
+    wait_for(lambda: all(b.snapshot().state is State.CLOSED for b in breakers), "the checks' verdicts")
+    wait_for(lambda: (releaser.release_once(), releaser.released)[1] == 6, "every breaker's task to be released")
 
 
 def test_a_releaser_that_stops_frees_the_slot_of_a_check_it_left_going(app: Any) -> None:

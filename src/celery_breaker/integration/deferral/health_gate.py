@@ -3,8 +3,9 @@
 A breaker without a health check is probed by real tasks: the releaser publishes
 ``half_open_max_calls`` parked tasks when it may half-open (``release.lua``). One with a
 health check must not be: nobody else calls it while every task is parked, so the
-releaser runs the check itself when the breaker's open time is up (waiting for it a moment
-only: a slow check goes on without it, so it holds up no other breaker), and releases no task
+releaser runs the check itself when the breaker's open time is up (waiting a moment only,
+for all the checks of a pass together: a slow check goes on without it, so it holds up no
+other breaker), and releases no task
 as a probe: it lets ``release.lua`` run only while the breaker admits calls or an operator
 holds it open, or while it stays open for longer than ``MARGIN`` (then that script
 releases nothing but the entries past their deadline, which go whatever the breaker says).
@@ -12,6 +13,7 @@ releases nothing but the entries past their deadline, which go whatever the brea
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from ...core import BreakerPolicy, State
@@ -29,10 +31,12 @@ __all__ = ["CHECK_WAIT", "MARGIN", "HealthGate"]
 #: all: the script decides on Redis's clock, which may run a little ahead of this view, and
 #: hands out the probes once it sees the open time up.
 MARGIN = 1.0
-#: Seconds the releaser waits for a breaker's health check: a check still running then goes
-#: on without it (``CircuitBreaker.check_health(wait=...)``), and the releaser goes on to the
-#: other breakers. It waited for each check to end: one that hung held up every other
-#: breaker's tasks for its whole timeout.
+#: Seconds the releaser waits for health checks in one pass over the breakers, all checks
+#: together: a check still running then goes on without it
+#: (``CircuitBreaker.check_health(wait=...)``), and the releaser goes on to the other
+#: breakers. It waited for each check to end: one that hung held up every other breaker's
+#: tasks for its whole timeout; then for each check up to this long: 100 per-key breakers
+#: whose checks hung made one pass last 25 s.
 CHECK_WAIT = 0.25
 #: What ``release.lua`` releases no probe for: calls pass, or an operator holds it open.
 _NO_PROBES = (State.CLOSED, State.DISABLED, State.FORCED_OPEN)
@@ -44,6 +48,13 @@ class HealthGate:
     def __init__(self, app: Any) -> None:
         self.app = app
         self._checks: dict[str, tuple[BreakerPolicy, HealthCheck] | None] | None = None
+        #: Seconds this pass may still wait for checks (``begin_pass``): once spent, a due
+        #: check is started and left going at once, its verdict recorded when it comes.
+        self._spare = CHECK_WAIT
+
+    def begin_pass(self) -> None:
+        """A new pass over the breakers: its checks may be waited for ``CHECK_WAIT`` seconds in all."""
+        self._spare = CHECK_WAIT
 
     def holds(self, label: str) -> bool:
         """True when breaker ``label`` (``crm`` or ``crm[tenant-7]``) has a health check
@@ -56,7 +67,12 @@ class HealthGate:
         if found is None:
             return False
         policy, probe = found
-        health = breaker_with_probe(self.app, name, key, policy, probe).check_health(wait=CHECK_WAIT)
+        breaker = breaker_with_probe(self.app, name, key, policy, probe)
+        started = time.monotonic()
+        try:
+            health = breaker.check_health(wait=self._spare)
+        finally:
+            self._spare = max(0.0, self._spare - (time.monotonic() - started))
         if health.state in _NO_PROBES:
             return False
         return not (health.state is State.OPEN and health.open_for is not None and health.open_for > MARGIN)

@@ -246,6 +246,7 @@ class Releaser(threading.Thread):
             woken.add(self._woken.popleft())
         hearing = self.parking.hearing() if self._unlisten is not None else None
         quiet_until, self._quiet_until = self._quiet_until, {}
+        self.health_gate.begin_pass()
         for tag in tags:
             if self._stop_event.is_set():
                 break
