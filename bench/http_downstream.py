@@ -122,17 +122,22 @@ class LimitedDownstream:
     ``Retry-After: 1`` (and is not counted); below it, a 200 after ``BASE_S``, slower
     from ``slow_from`` of the capacity on, rising linearly to ``BASE_S + SLOW_S`` at the
     capacity (a service queueing as it saturates). ``capacity=None``: no limit, always
-    fast. ``refuse_for(seconds)``: every request gets ``429`` for that long (a burst of
+    fast. ``usual_slow``: this share of the requests answered takes ``USUAL_S`` more,
+    whatever the load (a slow path of the downstream's own: every 1/share-th request,
+    evenly). ``refuse_for(seconds)``: every request gets ``429`` for that long (a burst of
     refusals, e.g. another client's spike filling a shared limit). ``requests()`` is
     every answer, in order: (epoch seconds, ``ok``/``429``/``503``, delay).
     """
 
     BASE_S = 0.003
     SLOW_S = 0.4
+    USUAL_S = 0.15
 
-    def __init__(self, capacity: float | None, *, slow_from: float = 0.85) -> None:
+    def __init__(self, capacity: float | None, *, slow_from: float = 0.85, usual_slow: float = 0.0) -> None:
         self.capacity = capacity
         self.slow_from = slow_from
+        self.usual_slow = usual_slow
+        self._usual_owed = 0.0  # (the share accumulated: a request is slow each time it passes 1)
         self._lock = threading.Lock()
         self._down = False
         self._refusing_until = 0.0
@@ -179,6 +184,10 @@ class LimitedDownstream:
                 zone = 1.0 - self.slow_from  # (none: it answers 429 without slowing first)
                 queueing = max(0.0, (load - self.slow_from) / zone) if zone > 0 else 0.0
                 answer, delay = "ok", self.BASE_S + self.SLOW_S * min(1.0, queueing)
+                self._usual_owed += self.usual_slow
+                if self._usual_owed >= 1.0:
+                    self._usual_owed -= 1.0
+                    delay += self.USUAL_S
             self._log.append((time.time(), answer, delay))
         return answer, delay
 

@@ -156,6 +156,7 @@ class Case:
     tasks: int  # N, parked by the outage
     slow_from: float = 0.85  # the share of C from which the downstream slows (1: it answers 429 without warning)
     burst: float = 0.0  # seconds after the breaker closed in which the downstream answers every call 429
+    usual_slow: float = 0.0  # the share of calls slow (150 ms) whatever the load
 
 
 @dataclass
@@ -288,11 +289,12 @@ def run(case: Case, server: Any, log_dir: Path, broker_url: str | None = None) -
             for n in numbers:
                 sender.send_task(TASK, args=(url, n), producer=producer)
 
-    with LimitedDownstream(case.capacity, slow_from=case.slow_from) as downstream, workers(env, log_dir) as started:
+    downstream_of_case = LimitedDownstream(case.capacity, slow_from=case.slow_from, usual_slow=case.usual_slow)
+    with downstream_of_case as downstream, workers(env, log_dir) as started:
         wait_for(lambda: int(broker.get(f"{ns}:ready") or 0) >= WORKERS, 90, "the workers", started, log_dir)
         n = case.tasks
         base = 10 * n  # the numbers of the tasks that are not the backlog
-        if case.capacity is None and case.pace == "adaptive":  # the workers' own speed, nothing parked
+        if case.capacity is None and case.pace == "adaptive" and not case.usual_slow:  # the workers' own speed
             began = time.monotonic()
             publish(downstream.url, range(2 * base, 2 * base + n))
 
@@ -445,6 +447,13 @@ def main() -> None:
         "call 429 for this many seconds once the breaker has closed: a moment's refusal, not its capacity",
     )
     parser.add_argument(
+        "--usual-slow",
+        type=float,
+        default=None,
+        help="run fixed and adaptive against a downstream (of --capacity, else with no limit) whose calls are slow "
+        "(150 ms, over the policy's 100 ms) at this share whatever the load: slowness the release does not cause",
+    )
+    parser.add_argument(
         "--broker",
         choices=("redis", "rabbitmq"),
         default="redis",
@@ -475,6 +484,13 @@ def main() -> None:
         where = "no limit" if c is None else f"C={c:g}/s"
         cases = [Case(f"{where}, 429s for {b:g} s, {pace}", pace, c, options.tasks, options.slow_from, b)
                  for pace in ("fixed", "adaptive")]  # fmt: skip
+    if options.usual_slow is not None:
+        if not 0 < options.usual_slow < 1 or options.tasks <= 0:
+            parser.error("--usual-slow must be in (0, 1), --tasks > 0")
+        c, share = options.capacity, options.usual_slow
+        where = "no limit" if c is None else f"C={c:g}/s"
+        cases = [Case(f"{where}, {share:.0%} of calls slow, {pace}", pace, c, options.tasks, options.slow_from,
+                      usual_slow=share) for pace in ("fixed", "adaptive")]  # fmt: skip
     if options.only:
         cases = [case for case in cases if options.only in case.name]
     began = time.monotonic()

@@ -64,7 +64,8 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     and their waits, new generations), the same for both: the same releases, and the
     same pace stored. Then a refusal and a long run of successes: the limit it set creeps,
     then is dropped (the plateau), in both alike. Then a cut whose tasks do not come back:
-    nothing more goes while it settles, in both alike."""
+    nothing more goes while it settles, in both alike. Then a downstream slow at 10 %
+    whatever the load: the pace grows through what was bad news, in both alike."""
     clock = FakeClock()
     tag = park(store, 20_000)
     CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)  # a CLOSED breaker's state hash
@@ -75,7 +76,7 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     pace: Pace | None = None
     seen = {
         "thresholded": False, "limited": False, "owing": False, "eased": False, "plateau": False, "dropped": False,
-        "crowded": False,
+        "crowded": False, "usual": False, "tolerated": False,
     }  # fmt: skip
 
     def step(name: str) -> None:
@@ -98,6 +99,8 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
         assert (float(found["sut"]) if found["sut"] else None) == pace.settle_until, name
         assert (float(found["csh"]) if found["csh"] else None) == pace.cut_share, name
         assert int(found["alm"]) == pace.at_limit, name
+        assert (int(found["ubd"]), int(found["usn"])) == (pace.usual_bad, pace.usual_seen), name
+        seen["usual"] = seen["usual"] or pace.usual > 0
         seen["eased"] = seen["eased"] or (
             before is not None and before.cut_share is not None and pace.cut_at == before.cut_at
             and pace.cut_share is not None and pace.cut_share < before.cut_share
@@ -114,6 +117,10 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
             before is not None and before.generation == pace.generation and before.limit is not None
             and pace.limit is None
         )  # fmt: skip
+
+    def forget() -> None:  # (a function: the pace is begun again by the next step)
+        nonlocal pace
+        pace = None
 
     for i in range(400):
         clock.advance(rng.choice((0.05, 0.2, 0.25, 0.5, 1.0, 1.7)))
@@ -146,6 +153,22 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
         step(f"lagging {i}")
         if seen["crowded"]:
             break
+    # A new pace (from the start rate: the last one was cut to its floor), whose downstream
+    # is slow at 10 % whatever the load.
+    client.delete(tag + ":p")
+    forget()
+    returned = 0
+    for i in range(40):
+        clock.advance(0.5)
+        back = 0 if pace is None else pace.used + pace.in_flight
+        slow = (returned + back) // 10 - returned // 10
+        returned += back
+        client.hincrby(state_key, "ok", back)
+        client.hincrby(state_key, "sl", slow)
+        rate = None if pace is None else pace.rate
+        step(f"usually slow {i}")
+        grown = pace is not None and rate is not None and pace.rate > rate
+        seen["tolerated"] = seen["tolerated"] or (slow >= law.least_bad and grown)
     assert all(seen.values()), seen  # (each part of the law was met, and compared, along the way)
 
 
@@ -262,6 +285,8 @@ def test_an_unreadable_pace_restarts_with_one_warning(
     client = redis.Redis.from_url(redis_url)
     for field, bad in (
         ("rate", "inf"),
+        ("rate", "1e300"),  # (finite, but no release writes a rate above RATE_MOST: the backlog went at once)
+        ("a_tokens", "1e300"),  # (more than a second's worth)
         ("thr", "-3"),
         ("jat", "1e300"),
         ("used", "1.5"),
@@ -272,6 +297,8 @@ def test_an_unreadable_pace_restarts_with_one_warning(
         ("sut", "1e300"),
         ("csh", "nan"),
         ("alm", "-1"),
+        ("ubd", "-1"),
+        ("usn", "2.5"),
     ):
         client.hset(tag + ":p", field, bad)
         caplog.clear()
@@ -399,13 +426,13 @@ def test_the_fixed_pace_ignores_the_adaptive_fields_and_the_other_way_round(stor
 def test_a_pace_stored_before_owed_outcomes_reads_as_owing_nothing(
     store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture, at_limit: str | None
 ) -> None:
-    """A pace written by a release.lua older than ``owe``, ``sut``, ``csh`` and ``alm`` (a
-    rolling upgrade) goes on where it was, with no warning; a ``csh`` an older writer left
-    behind with no cut is dropped, and an ``alm`` with no limit."""
+    """A pace written by a release.lua older than ``owe``, ``sut``, ``csh``, ``alm``, ``ubd``
+    and ``usn`` (a rolling upgrade) goes on where it was, with no warning; a ``csh`` an
+    older writer left behind with no cut is dropped, and an ``alm`` with no limit."""
     clock = FakeClock()
     tag = paced(store, clock)
     client = redis.Redis.from_url(redis_url)
-    client.hdel(tag + ":p", "owe", "sut", "alm")
+    client.hdel(tag + ":p", "owe", "sut", "alm", "ubd", "usn")
     client.hset(tag + ":p", "csh", "0.9")
     if at_limit is not None:
         client.hset(tag + ":p", "alm", at_limit)
@@ -415,6 +442,7 @@ def test_a_pace_stored_before_owed_outcomes_reads_as_owing_nothing(
     assert caplog.records == []
     found = stored(store)
     assert (found["owe"], found["sut"], found["csh"], found["alm"]) == ("0", "", "", "0")
+    assert (found["ubd"], found["usn"]) == ("0", "0")
 
 
 # -- the pace as people see it (pace.lua, collect_metrics) ---------------------------------

@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 
 from celery_breaker.core.pacing import (
+    RATE_MOST,
     SETTLE_LEAST,
     SETTLE_MOST,
+    USUAL_LEAST,
     AdaptivePacer,
     Outcomes,
     Pace,
@@ -18,6 +20,7 @@ from celery_breaker.core.pacing import (
     advance,
     allowed,
     begin,
+    beyond_usual,
     took,
 )
 from celery_breaker.errors import ConfigurationError
@@ -323,6 +326,7 @@ def test_the_ceiling_and_the_floor_bound_the_rate() -> None:
     assert pacer.rate == 30.0
     run(pacer, clock, downstream, 45.0, answer="fail")  # (a cut every 4 s: 30 * 0.7 ** 10 < 1)
     assert pacer.rate == 1.0
+    assert PacingLaw().bound(1e300) == RATE_MOST  # (no ceiling: a million a second, at most)
 
 
 def test_a_lower_ceiling_holds_a_pace_grown_above_it_at_once() -> None:
@@ -389,7 +393,7 @@ def test_at_most_one_seconds_worth_is_held() -> None:
 
 @pytest.mark.parametrize(
     "changes",
-    [{"start": 0}, {"ceiling": -1.0}, {"back_off": 1.0}, {"bad_share": 1.0}, {"floor": 20.0},
+    [{"start": 0}, {"ceiling": -1.0}, {"ceiling": 2e6}, {"back_off": 1.0}, {"bad_share": 1.0}, {"floor": 20.0},
      {"judge_every": float("nan")}, {"judge_every": 11.0}, {"slow_start": 0.5}, {"least_bad": 0}, {"in_flight_s": 0.0},
      {"plateau": -1}, {"plateau": 1.5}],
 )  # fmt: skip
@@ -568,3 +572,76 @@ def test_while_a_cut_settles_nothing_goes_beyond_what_comes_back() -> None:
     assert worst < 450  # (904 before: the whole backlog)
     assert backlog == 0
     assert queued < 1  # and it drained, 22 s in (21 s before)
+
+
+def drain(pacer: AdaptivePacer, clock: FakeClock, downstream: Downstream, backlog: int, slow_share: Any) -> float:
+    """Seconds until ``backlog`` tasks have gone through workers that run 600 a second,
+    against a downstream with no limit whose calls are slow at ``slow_share(rate)``
+    (evenly: every 1/share-th call), in 0.2 s ticks."""
+    queued, done, owed_slow = 0.0, 0.0, 0.0
+    for tick in range(1, 3001):
+        clock.advance(0.2)
+        count = pacer.release(downstream.outcomes(), waiting=backlog)
+        backlog -= count
+        queued += count
+        finished = min(queued, 600 * 0.2)
+        queued -= finished
+        done += finished
+        new = int(done) - downstream.successes
+        downstream.successes += new
+        owed_slow += new * slow_share(pacer.rate)
+        downstream.slow += int(owed_slow)
+        owed_slow -= int(owed_slow)
+        if backlog == 0 and queued < 1:
+            return tick * 0.2
+    return math.inf
+
+
+@pytest.mark.parametrize("share", [0.08, 0.15])
+def test_a_downstream_slow_at_a_steady_share_whatever_the_load_is_not_held_back(share: float) -> None:
+    # Slowness the release does not cause: 8 % of the calls slow at any rate. Every
+    # judgement's few slow calls were bad news, the pace was cut again and again, and held
+    # near least_bad / (judge_every * share): 3,000 tasks took 62 s (113 s at 15 %),
+    # where a downstream without slow calls takes 10 s.
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(PacingLaw(), clock)  # (the defaults)
+    assert drain(pacer, clock, downstream, 3000, lambda rate: share) < 25
+    assert pacer.pace is not None
+    assert pacer.pace.usual == pytest.approx(share, abs=0.02)  # learnt from the first judgements
+
+
+def test_slowness_beyond_the_usual_share_still_cuts_the_pace() -> None:
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(PacingLaw(), clock)
+    # 8 % slow at any rate, then 40 % once the release passes 150 a second.
+    drain(pacer, clock, downstream, 3000, lambda rate: 0.08 if rate < 150 else 0.4)
+    assert pacer.pace is not None
+    assert pacer.pace.cut_at is not None
+    assert pacer.pace.threshold is not None
+    assert pacer.pace.threshold < 150
+
+
+def test_the_usual_share_is_learnt_at_the_start_and_then_kept() -> None:
+    # Learnt all along, a downstream that slows as the load grows (the share of slow calls
+    # in proportion to the rate) had its slowness taken for its usual one, step by step:
+    # the pace ended where most calls were slow. The share the first judgements show
+    # (at the lowest rates of the pace) is kept for the rest of it.
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(PacingLaw(), clock)
+    drain(pacer, clock, downstream, 30_000, lambda rate: min(1.0, rate / 300))
+    assert pacer.pace is not None
+    assert USUAL_LEAST <= pacer.pace.usual_seen < 2 * USUAL_LEAST
+    assert pacer.pace.usual < 0.15
+    assert pacer.rate < 120  # (where 40 % of the calls are slow; learnt all along, it passed 240)
+
+
+def test_without_a_usual_share_every_bad_outcome_counts() -> None:
+    pace = begin(PacingLaw(), Outcomes(generation=1, successes=0, failures=0, slow=0), 0.0)
+    assert beyond_usual(pace, 3, 100) == 3.0
+    pace = replace(pace, usual_bad=4, usual_seen=USUAL_LEAST - 1)  # (too few outcomes yet)
+    assert pace.usual == 0.0
+    assert beyond_usual(pace, 3, 100) == 3.0
+    pace = replace(pace, usual_bad=5, usual_seen=USUAL_LEAST)  # 10 %
+    assert pace.usual == pytest.approx(0.1)
+    assert beyond_usual(pace, 10, 100) == 0.0  # 10 expected, and chance: 2 * sqrt(10)
+    assert beyond_usual(pace, 20, 100) == pytest.approx(20 - 10 - 2 * math.sqrt(10))

@@ -52,6 +52,17 @@ since the last judgement (its ``Outcomes``):
   threshold at ``back_off`` of the rate it had reached (a Retry-After met by a task
   that was not released trips the breaker: this kind of bad news).
 
+Failures and slow successes are judged beyond the downstream's **usual share** of them:
+the share the pace's first judgements of good news showed (``USUAL_LEAST`` outcomes, at
+its lowest rates, where the release is not what slows the downstream), then kept for the
+rest of the pace. Bad outcomes up to what that share predicts, and chance above it
+(``USUAL_NOISE`` standard deviations), are no news (``beyond_usual``). A downstream whose
+calls are slow or fail at a steady 8 % whatever the load had its pace cut again and
+again, and held near ``least_bad / (judge_every * 8 %)`` tasks a second; a downstream
+without such a share has none (0), and every bad outcome counts, as before. The share is
+not learnt all along: one that slows gradually as the load grows would have had its
+slowness taken for its usual one, step by step, until most calls were slow.
+
 The rate stays within ``[floor, ceiling]`` (``breaker_release_rate`` when set). The
 O(1) state is a ``Pace``; nothing here reads a clock: every step is given ``now``.
 """
@@ -74,11 +85,14 @@ __all__ = [
     "LEAST_BAD",
     "NEAR",
     "PLATEAU",
+    "RATE_MOST",
     "SETTLE_LEAST",
     "SETTLE_MOST",
     "SLOW_START",
     "START_RATE",
     "STEP",
+    "USUAL_LEAST",
+    "USUAL_NOISE",
     "AdaptivePacer",
     "Outcomes",
     "Pace",
@@ -86,6 +100,7 @@ __all__ = [
     "advance",
     "allowed",
     "begin",
+    "beyond_usual",
     "took",
 ]
 
@@ -107,6 +122,9 @@ BACK_OFF = 0.8
 BAD_SHARE = 0.05
 #: The lowest rate, in tasks per second, however bad the news.
 FLOOR = 1.0
+#: The highest rate, in tasks per second, with no ceiling (``breaker_release_rate``'s
+#: largest): a stored pace above it is none a release wrote, and begins again.
+RATE_MOST = 1_000_000.0
 #: Fewer bad outcomes than this are no news (one slow run on a busy host cuts nothing).
 LEAST_BAD = 3
 #: Seconds' worth of released tasks (at the current rate) that may await their outcome
@@ -130,6 +148,12 @@ CREEP = 0.005
 #: once it would grow the rate faster than ``STEP`` the limit is dropped: a refusal that
 #: the downstream has not repeated in all that time was a moment's, not its capacity.
 PLATEAU = 10
+#: Outcomes of good news a pace must have seen before their bad share counts as the
+#: downstream's usual one (``Pace.usual``): bad outcomes up to what it predicts are no news.
+USUAL_LEAST = 50
+#: Bad outcomes within this many standard deviations (Poisson: ``sqrt``) above the usual
+#: share's prediction are chance, not news.
+USUAL_NOISE = 2.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -154,7 +178,7 @@ class PacingLaw:
     def __post_init__(self) -> None:
         checks = {
             "start": self.start > 0,
-            "ceiling": self.ceiling is None or self.ceiling > 0,
+            "ceiling": self.ceiling is None or 0 < self.ceiling <= RATE_MOST,
             # (at most 10 s: a settling's end, stored in Redis, stays within 300 s of now)
             "judge_every": 0 < self.judge_every <= 10,
             "slow_start": self.slow_start >= 1,
@@ -174,9 +198,8 @@ class PacingLaw:
                 raise ConfigurationError(f"PacingLaw.{name}: {value!r} is out of bounds (see core/pacing.py)")
 
     def bound(self, rate: float) -> float:
-        """``rate`` within ``[floor, ceiling]``."""
-        rate = max(self.floor, rate)
-        return rate if self.ceiling is None else min(self.ceiling, rate)
+        """``rate`` within ``[floor, ceiling]`` (no ceiling: ``RATE_MOST``)."""
+        return min(RATE_MOST if self.ceiling is None else self.ceiling, max(self.floor, rate))
 
     def text(self) -> str:
         """The law as ``release.lua`` reads it: its fields in order, ``;``-separated (no ceiling: empty)."""
@@ -244,6 +267,26 @@ class Pace:
     """Judgements the rate has grown at its limit since the limit was set (or the rate last
     cut): from ``law.plateau`` of them on the limit's creep doubles per judgement, and
     once it would pass ``law.step`` the limit is dropped."""
+    usual_bad: int = 0
+    """Bad outcomes (failures, slow calls) in the judgements of good news of this pace."""
+    usual_seen: int = 0
+    """All outcomes in those judgements: ``usual_bad / usual_seen`` is the downstream's
+    usual bad share, once ``USUAL_LEAST`` outcomes are in."""
+
+    @property
+    def usual(self) -> float:
+        """The bad share the downstream shows when the release is not too fast for it
+        (0 until ``USUAL_LEAST`` outcomes of good news are in)."""
+        return self.usual_bad / self.usual_seen if self.usual_seen >= USUAL_LEAST else 0.0
+
+
+def beyond_usual(pace: Pace, bad: int, came_back: int) -> float:
+    """How many of ``bad`` outcomes (among ``came_back``) are more than the downstream's
+    usual share predicts, chance allowed (``USUAL_NOISE``); all of them while it has none."""
+    expected = pace.usual * came_back
+    if expected <= 0:
+        return float(bad)
+    return max(0.0, bad - expected - USUAL_NOISE * math.sqrt(expected))
 
 
 def begin(law: PacingLaw, outcomes: Outcomes, now: float, before: Pace | None = None) -> Pace:
@@ -305,9 +348,14 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
         tokens = 0.0 if in_flight > law.in_flight_s * rate else pace.tokens
         return replace(pace, tokens=tokens, judged_at=now, seen=outcomes, used=0, in_flight=in_flight, owed=owed,
                        limit=limit, at_limit=at_limit)  # fmt: skip
-    share = bad / max(came_back, pace.rate * law.judge_every)
+    # Only bad outcomes beyond the downstream's usual share are news of the release's pace:
+    # a downstream whose calls are slow at a steady 8 % whatever the load had the pace cut
+    # again and again, and held near least_bad / (judge_every * 8 %) tasks a second.
+    excess = beyond_usual(pace, bad, came_back)
+    share = excess / max(came_back, pace.rate * law.judge_every)
     cut_share = pace.cut_share
-    if refused > 0 or (bad >= law.least_bad and share > law.bad_share):
+    usual_bad, usual_seen = pace.usual_bad, pace.usual_seen
+    if refused > 0 or (excess >= law.least_bad and share > law.bad_share):
         if refused == 0 and cut_share is not None and share < cut_share:
             # Bad, but less so than the news that made the last cut: the cut is taking
             # effect (the downstream still works off what came before it). Judged over a
@@ -332,9 +380,11 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
         # new cadence from now.
         judged_at = pace.judged_at + law.judge_every if since < 2 * law.judge_every else now
         cut_share = None  # (news without bad news: the next bad news cuts)
+        if usual_seen < USUAL_LEAST:
+            usual_bad, usual_seen = usual_bad + bad, usual_seen + came_back
         crowded = in_flight > law.in_flight_s * pace.rate
         if successes > 0 and pace.used >= 0.5 * pace.rate * since and not crowded:
-            if bad > 0 and (threshold is None or threshold > rate):
+            if excess > 0 and (threshold is None or threshold > rate):
                 threshold = rate  # the first bad outcomes: the slow zone is near
             if threshold is None or rate < threshold:
                 grown = rate * law.slow_start
@@ -358,7 +408,8 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
             rate = law.bound(grown)
     return replace(pace, rate=rate, threshold=threshold, tokens=min(max(rate, 1.0), pace.tokens), judged_at=judged_at,
                    seen=outcomes, used=0, in_flight=in_flight, cut_at=cut_at, limit=limit, owed=owed,
-                   settle_until=settle_until, cut_share=cut_share, at_limit=at_limit)  # fmt: skip
+                   settle_until=settle_until, cut_share=cut_share, at_limit=at_limit, usual_bad=usual_bad,
+                   usual_seen=usual_seen)  # fmt: skip
 
 
 def _stepped_back(pace: Pace, back: float) -> Pace:

@@ -15,7 +15,9 @@
 -- judgement ('' none; both absent from paces older than them: nothing owed), 'csh' the bad
 -- share of the news that made the last cut or of better bad news since ('' none), 'alm' the
 -- judgements the rate has grown at its limit since the limit was set or the rate cut (absent
--- from paces older than it, and ignored without a limit: 0).
+-- from paces older than it, and ignored without a limit: 0), 'ubd' and 'usn' the bad and all
+-- outcomes of the pace's first judgements of good news, until USUAL_LEAST were in (its usual
+-- bad share; both absent from paces older than them: 0, none yet).
 -- Unreadable fields restart the pace (begin, without a threshold), with a warning.
 
 -- pacing.SETTLE_LEAST: judgements in which outcomes judge nothing after a cut.
@@ -23,6 +25,12 @@ local SETTLE_LEAST = 4
 -- pacing.SETTLE_MOST: judgements the outcomes owed since a cut may hold judgement, at most,
 -- beyond SETTLE_LEAST (judge_every <= 10 s: 'sut' stays within CLOCK_SLACK of now).
 local SETTLE_MOST = 20
+-- pacing.RATE_MOST: the highest rate with no ceiling; a stored pace above it restarts.
+local RATE_MOST = 1000000
+-- pacing.USUAL_LEAST: outcomes of good news before their bad share is the usual one.
+local USUAL_LEAST = 50
+-- pacing.USUAL_NOISE: standard deviations above the usual share's prediction that are chance.
+local USUAL_NOISE = 2.0
 
 local LAW_FIELDS = { 'start', 'ceiling', 'judge_every', 'slow_start', 'step', 'back_off', 'bad_share', 'floor',
   'least_bad', 'in_flight_s', 'near', 'creep', 'plateau' }
@@ -39,7 +47,7 @@ local function read_law(text)
       if law[name] == nil then return nil end
     end
   end
-  if not (law.start > 0 and (law.ceiling == nil or law.ceiling > 0) and law.judge_every > 0 and law.judge_every <= 10
+  if not (law.start > 0 and (law.ceiling == nil or (law.ceiling > 0 and law.ceiling <= RATE_MOST)) and law.judge_every > 0 and law.judge_every <= 10
       and law.slow_start >= 1
       and law.step >= 0 and law.back_off > 0 and law.back_off < 1 and law.bad_share >= 0 and law.bad_share < 1
       and law.floor > 0 and law.floor <= law.start and law.least_bad >= 1
@@ -50,30 +58,32 @@ local function read_law(text)
   return law
 end
 
--- PacingLaw.bound: rate within [floor, ceiling].
+-- PacingLaw.bound: rate within [floor, ceiling] (no ceiling: RATE_MOST).
 local function bound(law, rate)
-  rate = math.max(law.floor, rate)
-  if law.ceiling ~= nil then rate = math.min(law.ceiling, rate) end
-  return rate
+  return math.min(law.ceiling or RATE_MOST, math.max(law.floor, rate))
 end
 
 -- The stored adaptive pace; nil when there is none (or only a fixed ramp's) or it is unreadable.
 local function read_pace()
   local p = redis.call('HMGET', K_PACE, 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used',
-    'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm')
+    'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn')
   if not p[2] then return nil end
   local pace = { gen = read_whole(p[1]), rate = read_number(p[2]), thr = nil, tokens = read_number(p[4]),
     at = read_time(p[5], now, 0), jat = read_time(p[6], now, 0), sok = read_whole(p[7]), sko = read_whole(p[8]),
     ssl = read_whole(p[9]), used = read_whole(p[10]), infl = read_whole(p[12] or '0'), srf = nil,
-    owe = read_whole(p[15] or '0'), alm = read_whole(p[18] or '0') }
+    owe = read_whole(p[15] or '0'), alm = read_whole(p[18] or '0'), ubd = read_whole(p[19] or '0'),
+    usn = read_whole(p[20] or '0') }
   local good = true
   if p[13] then
     pace.srf = read_whole(p[13])
     good = pace.srf ~= nil
   end
-  good = good and pace.gen ~= nil and pace.rate ~= nil and pace.rate > 0 and pace.tokens ~= nil and pace.tokens >= 0
+  -- (a rate above RATE_MOST, or more tokens than one second's worth, no release wrote)
+  good = good and pace.gen ~= nil and pace.rate ~= nil and pace.rate > 0 and pace.rate <= RATE_MOST
+    and pace.tokens ~= nil and pace.tokens >= 0 and pace.tokens <= math.max(pace.rate, 1)
     and pace.at ~= nil and pace.jat ~= nil and pace.sok ~= nil and pace.sko ~= nil and pace.ssl ~= nil
-    and pace.used ~= nil and pace.infl ~= nil and pace.owe ~= nil and pace.alm ~= nil
+    and pace.used ~= nil and pace.infl ~= nil and pace.owe ~= nil and pace.alm ~= nil and pace.ubd ~= nil
+    and pace.usn ~= nil and pace.ubd <= pace.usn
   if (p[3] or '') ~= '' then
     pace.thr = read_number(p[3])
     good = good and pace.thr ~= nil and pace.thr > 0
@@ -99,7 +109,7 @@ local function read_pace()
   if not good then
     local shown = {}
     for i, name in ipairs({ 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used', 'cut',
-      'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm' }) do
+      'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn' }) do
       shown[#shown + 1] = name .. '=' .. show(p[i])
     end
     repaired('unreadable adaptive pace ' .. table.concat(shown, ' ') .. ' in ' .. K_PACE .. ' (the pace restarts)')
@@ -115,7 +125,17 @@ local function begin_pace(law, outcomes, before)
   if before ~= nil then thr = bound(law, before.rate * law.back_off) end
   return { gen = outcomes.gen, rate = bound(law, math.min(law.start, thr or law.start)), thr = thr, tokens = 0,
     at = now, jat = now, sok = outcomes.ok, sko = outcomes.ko, ssl = outcomes.sl, srf = outcomes.rf, used = 0,
-    infl = 0, owe = 0, alm = 0 }
+    infl = 0, owe = 0, alm = 0, ubd = 0, usn = 0 }
+end
+
+-- pacing.beyond_usual: the bad outcomes (of came_back) beyond what the usual share predicts,
+-- chance allowed; all of them while there is none.
+local function beyond_usual(pace, bad, came_back)
+  local usual = 0
+  if pace.usn >= USUAL_LEAST then usual = pace.ubd / pace.usn end
+  local expected = usual * came_back
+  if expected <= 0 then return bad end
+  return math.max(0, bad - expected - USUAL_NOISE * math.sqrt(expected))
 end
 
 -- The breaker's counts judged (pacing.advance's seen=outcomes, used=0, judged_at=now): the
@@ -175,8 +195,10 @@ local function advance_pace(law, pace, outcomes)
     if infl > law.in_flight_s * rate then pace.tokens = 0 end
     return pace
   end
-  local share = bad / math.max(came_back, pace.rate * law.judge_every)
-  if rf > 0 or (bad >= law.least_bad and share > law.bad_share) then
+  -- only bad outcomes beyond the downstream's usual share are news of the release's pace
+  local excess = beyond_usual(pace, bad, came_back)
+  local share = excess / math.max(came_back, pace.rate * law.judge_every)
+  if rf > 0 or (excess >= law.least_bad and share > law.bad_share) then
     if rf == 0 and pace.csh ~= nil and share < pace.csh then
       -- bad, but less so than the news that made the last cut: the cut is taking effect
       -- (judged over a whole judgement only)
@@ -200,9 +222,10 @@ local function advance_pace(law, pace, outcomes)
     -- on the judgements' own cadence (after a long pause, a new one from now)
     if since < 2 * law.judge_every then jat = pace.jat + law.judge_every else jat = now end
     pace.csh = nil -- (news without bad news: the next bad news cuts)
+    if pace.usn < USUAL_LEAST then pace.ubd, pace.usn = pace.ubd + bad, pace.usn + came_back end
     local crowded = infl > law.in_flight_s * pace.rate -- (too many in flight: no growth)
     if ok > 0 and pace.used >= 0.5 * pace.rate * since and not crowded then
-      if bad > 0 and (thr == nil or thr > rate) then thr = rate end -- the first bad outcomes: the slow zone is near
+      if excess > 0 and (thr == nil or thr > rate) then thr = rate end -- the first bad outcomes: the slow zone is near
       local grown
       if thr == nil or rate < thr then
         grown = rate * law.slow_start
@@ -242,5 +265,6 @@ local function write_pace(pace)
   redis.call('HSET', K_PACE, 'a_gen', fmt(pace.gen), 'rate', fmt(pace.rate), 'thr', fmt(pace.thr), 'a_tokens',
     fmt(pace.tokens), 'a_at', fmt(pace.at), 'jat', fmt(pace.jat), 'sok', fmt(pace.sok), 'sko', fmt(pace.sko), 'ssl',
     fmt(pace.ssl), 'used', fmt(pace.used), 'cut', fmt(pace.cut), 'infl', fmt(pace.infl), 'srf', fmt(pace.srf), 'lim',
-    fmt(pace.lim), 'owe', fmt(pace.owe), 'sut', fmt(pace.sut), 'csh', fmt(pace.csh), 'alm', fmt(pace.alm))
+    fmt(pace.lim), 'owe', fmt(pace.owe), 'sut', fmt(pace.sut), 'csh', fmt(pace.csh), 'alm', fmt(pace.alm), 'ubd',
+    fmt(pace.ubd), 'usn', fmt(pace.usn))
 end
