@@ -11,11 +11,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import unicodedata
+from typing import overload
 
 from .errors import BreakerKeyError, ConfigurationError
 from .labels import LABEL_MARKS, visible
 
-__all__ = ["MAX_KEY_LENGTH", "MAX_NAME_LENGTH", "check_key", "check_name", "edit_distance", "kept_key"]
+__all__ = [
+    "MAX_KEY_LENGTH", "MAX_NAME_LENGTH", "check_key", "check_name", "edit_distance", "encodable", "kept_key",
+]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
 
@@ -92,6 +95,12 @@ def check_key(key: str | None) -> None:
         )
 
 
+@overload
+def kept_key(name: str, key: str) -> str: ...
+@overload
+def kept_key(name: str, key: None) -> None: ...
+@overload
+def kept_key(name: str, key: str | None) -> str | None: ...
 def kept_key(name: str, key: str | None) -> str | None:
     """``key`` as breaker ``name`` keeps it. A task's ``breaker_key`` may make any text a
     key. A key longer than ``MAX_KEY_LENGTH`` would flood every table, log line and
@@ -100,7 +109,7 @@ def kept_key(name: str, key: str | None) -> str | None:
     Either is kept as its first characters (a surrogate written as its escape, ``\\udce9``),
     ``~`` and a digest of the whole key, so distinct keys stay distinct breakers on every
     store; a WARNING says so, once per breaker name and process."""
-    if key is None or (len(key) <= MAX_KEY_LENGTH and (key.isascii() or _encodable(key))):
+    if key is None or (len(key) <= MAX_KEY_LENGTH and (key.isascii() or encodable(key))):
         return key
     whole = key.encode("utf-8", "surrogatepass")
     digest = hashlib.sha256(whole).hexdigest()[:_DIGEST_LENGTH]
@@ -111,13 +120,14 @@ def kept_key(name: str, key: str | None) -> str | None:
         logger.warning(
             "breaker %s: a key of %d characters%s is kept as %s (its first characters and a digest of the "
             "whole); keys of at most %d characters of text are kept as they are (check the task's breaker_key)",
-            name, len(key), "" if _encodable(key) else " that is not text (a lone surrogate)",
+            name, len(key), "" if encodable(key) else " that is not text (a lone surrogate)",
             visible(kept), MAX_KEY_LENGTH,
         )  # fmt: skip
     return kept
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8 (it holds no lone surrogate)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

@@ -8,6 +8,7 @@ that wins the half-open probe slot runs the health check instead of its body.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any
 
 import pytest
@@ -360,3 +361,28 @@ def test_which_pools_enforce_which_time_limits(module: str, hard: bool, soft: bo
     pool = type("TaskPool", (), {"__module__": module})
     worker = SimpleNamespace(pool_cls=pool)
     assert (_pool_enforces_time_limits(worker), _pool_enforces_time_limits(worker, soft=True)) == (hard, soft)
+
+
+@pytest.mark.parametrize(
+    ("source", "error"), [("1 / 0\n", "ZeroDivisionError: division by zero"), ("def (:\n", "SyntaxError")]
+)
+def test_a_probe_module_that_fails_as_it_is_imported_names_the_setting_and_the_fix(
+    source: str, error: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only ImportError and AttributeError were caught: a module that raised anything else
+    # as it was imported stopped the worker with a bare traceback naming no setting.
+    (tmp_path / "failing_probe_module.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "failing_probe_module", raising=False)
+    app = throwaway_app("probe-failing", breaker_probes={"crm": "failing_probe_module:check"})
+
+    @app.task(base=BreakerTask, breaker="crm", shared=False)
+    def job() -> None:
+        """A task whose breaker's probe module fails as it is imported."""
+
+    with pytest.raises(ConfigurationError) as info:
+        check_app(app)
+    text = str(info.value)
+    assert "breaker_probes['crm']='failing_probe_module:check': importing 'failing_probe_module' failed" in text
+    assert error in text
+    assert "fix that module, or name another check" in text

@@ -74,7 +74,8 @@ BAD_VALUES: list[tuple[str, Any, tuple[str, ...]]] = [
     ("breaker_max_defer_age", -5, ("got -5",)),
     ("breaker_max_defer_age", "1h", ("got '1h'",)),
     ("breaker_max_defer_age", math.inf, ("got inf",)),
-    ("breaker_defer_spread", -0.5, ("got -0.5",)),
+    ("breaker_defer_spread", -0.5, ("seconds >= 0", "got -0.5")),  # (0 is allowed: it said "> 0")
+    ("breaker_release_ramp", -1, ("seconds >= 0", "got -1")),
     ("breaker_defer_spread", "wide", ("got 'wide'",)),
     ("breaker_on_storage_error", "explode", ("got 'explode'",)),
     ("breaker_send_events", "yes", ("got 'yes'",)),

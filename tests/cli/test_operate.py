@@ -394,6 +394,31 @@ def test_a_key_too_long_to_keep_is_operated_as_its_breaker_keeps_it(store_url: s
     assert run("status", "--json").stdout.count('"name"') == 1  # (nothing under the raw key)
 
 
+def test_a_key_that_is_not_utf8_is_operated_as_its_breaker_keeps_it(store_url: str) -> None:
+    # A byte that is not UTF-8 in --key reaches Python as a lone surrogate, which a breaker
+    # keeps as kept_key writes it. Every command ended in "unexpected UnicodeEncodeError"
+    # (exit 1), and `reset --create` left a breaker the store's agent could not flush.
+    key = "tenant-\udcff"
+    task_side = breaker(store_url, "crm", key=key, policy=cliproj.CRM_POLICY)
+    task_side.call(lambda: None)
+    assert task_side.key == kept_key("crm", key) != key
+    opened = run("open", "crm", "--key", key)
+    assert opened.exit_code == 0, opened.output
+    assert stored(store_url, "crm", task_side.key, cliproj.CRM_POLICY).state is State.FORCED_OPEN
+    shown = run("status", "--json", f"crm[{key}]")
+    assert shown.exit_code == 0, shown.output
+    assert [(row["key"], row["state"]) for row in json.loads(shown.stdout)] == [(task_side.key, "forced_open")]
+    for args in (["close", "crm", "--key", key, "--yes"], ["purge", "-f", "crm", "--key", key],
+                 ["delete", "crm", "--key", key, "--yes"]):  # fmt: skip
+        result = run(*args)
+        assert result.exit_code == 0, result.output
+        assert "unexpected" not in result.output
+    assert run("status", "--json").stdout.count('"name"') == 0  # deleted; nothing under the raw key
+    assert run("open", "crm", "--key", "other-\udcff").exit_code == EXIT_USAGE  # not there: unknown, no crash
+    assert run("open", "crm", "--key", "other-\udcff", "--create").exit_code == 0
+    assert [row["key"] for row in json.loads(run("status", "--json").stdout)] == [kept_key("crm", "other-\udcff")]
+
+
 def test_acting_on_one_breaker_reads_that_breaker_alone(store_url: str, listings: list[RedisStore]) -> None:
     # Each action listed every breaker in the store to find the one it named: with 40,000
     # per-key breakers in Redis, `open crm[tenant-7]` took 6 s, `close` 9 s, and a

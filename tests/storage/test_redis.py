@@ -135,6 +135,9 @@ def test_the_longest_idle_ttl_keeps_an_open_breaker(redis_url: str) -> None:
         ("redis://127.0.0.1:1/0?decode_responses=true", "decode_responses"),
         ("redis+unix:///run/redis.sock?decode_responses=yes", "decode_responses"),
         ("redis://127.0.0.1:1/0?decode_responses=false", "decode_responses"),  # (read as text: 'false' is true)
+        # redis-py reads a path that is no number as db 0: another application's breakers.
+        ("redis://:s3cret@127.0.0.1:1/abc", "database 'abc' is not a number"),
+        ("rediss://127.0.0.1:1/0x1", "database '0x1' is not a number"),
     ],
 )
 def test_a_misspelt_or_bad_redis_py_option_is_refused_when_configured_not_on_first_call(url: str, named: str) -> None:

@@ -640,6 +640,17 @@ def test_a_malformed_url_is_a_configuration_error_naming_the_setting() -> None:
     assert "s3cret" not in str(info.value)
 
 
+def test_a_malformed_broker_url_is_a_configuration_error_not_a_value_error() -> None:
+    # The broker's scheme was read with urlsplit, which raised ValueError on the rest of a
+    # malformed URL: `celery breaker status` said "unexpected ValueError: Invalid IPv6 URL".
+    from celery_breaker.integration.settings import build_settings
+
+    app = Celery("malformed-broker", set_as_current=False, broker="redis://:s3cret@[::1:6379/0")
+    with pytest.raises(ConfigurationError, match=r"is no valid URL \(Invalid IPv6 URL\)") as info:
+        build_settings(app.conf)
+    assert "s3cret" not in str(info.value)
+
+
 def test_a_sentinel_broker_whose_sentinels_ask_a_password_keeps_its_breakers_in_its_master() -> None:
     # kombu gives the URL's password to the master and sentinel_kwargs' to the Sentinels;
     # the store derived from the broker must do the same, or it never finds the master.

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import socket
 import ssl
+import sys
 from typing import Any
 
 import pytest
@@ -284,3 +285,14 @@ def probe_then_raise(exc: BaseException) -> State:
 )
 def test_interrupted_probe_is_neutral_not_a_success(exc: BaseException) -> None:
     assert probe_then_raise(exc) is State.HALF_OPEN
+
+
+def test_a_module_that_fails_as_it_is_imported_is_a_configuration_error(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "failing_errors_module.py").write_text("raise RuntimeError('broken at import')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "failing_errors_module", raising=False)
+    with pytest.raises(ConfigurationError, match="record_exceptions") as info:
+        BreakerPolicy.from_mapping({"record_exceptions": ["failing_errors_module.Error"]})
+    assert "importing 'failing_errors_module' failed (RuntimeError: broken at import)" in str(info.value)

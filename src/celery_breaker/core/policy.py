@@ -133,6 +133,11 @@ def _import_exception(field_name: str, path: str) -> type[BaseException]:
             f"BreakerPolicy.{field_name}: cannot import {path!r} ({exc}); "
             f"write a dotted path such as 'requests.exceptions.ConnectionError'"
         ) from None
+    except Exception as exc:  # (the module itself fails as it is imported: a SyntaxError, its own code)
+        raise ConfigurationError(
+            f"BreakerPolicy.{field_name}: cannot import {path!r}: importing {module_name!r} failed "
+            f"({type(exc).__name__}: {exc}); fix that module, or name another exception type"
+        ) from exc
     if not (isinstance(found, type) and issubclass(found, BaseException)):
         raise ConfigurationError(f"BreakerPolicy.{field_name}: {path!r} is not an exception type")
     return found

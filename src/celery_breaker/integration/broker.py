@@ -78,7 +78,9 @@ def broker_url(conf: Any) -> str:
 def broker_scheme(conf: Any) -> str:
     """The scheme of the (first) broker URL, lowercase: ``redis``, ``amqp``, ``sqs``, ..."""
     first = broker_url(conf).split(";", maxsplit=1)[0].strip()
-    return urlsplit(first).scheme.lower() if "://" in first else ""
+    # (the scheme alone: ``urlsplit`` raised ValueError on the rest of a malformed URL,
+    # ``redis://[::1:6379``, before Celery or the store could say what was wrong with it)
+    return first.partition("://")[0].lower() if "://" in first else ""
 
 
 def broker_kind(conf: Any) -> str:

@@ -66,6 +66,9 @@ def _import(path: str, where: str) -> Callable[[], object]:
     except (ImportError, AttributeError) as exc:
         problem = f"{where}={path!r} names no task of this app and cannot be imported ({exc})"
         raise ConfigurationError(f"{problem}; {fix}") from None
+    except Exception as exc:  # (the module itself fails as it is imported: a SyntaxError, its own code)
+        problem = f"{where}={path!r}: importing {module_name!r} failed ({type(exc).__name__}: {exc})"
+        raise ConfigurationError(f"{problem}; fix that module, or name another check") from exc
     if not callable(found):
         raise ConfigurationError(f"{where}={path!r} is {found!r}, not a callable; {fix}")
     checked: Callable[[], object] = found

@@ -110,4 +110,9 @@ def seconds_or_zero(key: str, value: Any) -> float | None:
     """Seconds >= 0, or ``None``."""
     if value == 0 and not isinstance(value, bool):
         return 0.0
-    return seconds(key, value)
+    try:
+        return seconds(key, value)
+    except ConfigurationError:  # (its words: 0 is allowed here)
+        raise ConfigurationError(
+            f"{key} must be a number of seconds >= 0{_AT_MOST} (or None), got {value!r:.100}"
+        ) from None

@@ -18,7 +18,7 @@ from ..errors import ConfigurationError, ParkedTasksError, UnknownBreakerError
 from ..integration.inventory import AppBreaker, app_inventory, policy_named
 from ..integration.settings import get_settings
 from ..labels import breaker_label, read_visible, shown_label, split_label, visible
-from ..names import check_key, check_name, kept_key
+from ..names import check_key, check_name, encodable, kept_key
 from ..storage import Cell, Store, describe_url, resolve_store
 from .actions import ACTIONS, DELETE, Action
 
@@ -227,6 +227,10 @@ def _target(
         # it is never created otherwise.
         if as_shown and not key.isprintable():
             check_key(key)
+        if not encodable(key):
+            # A byte that is not UTF-8 (typed in another encoding): the breaker a task made
+            # of the same key keeps it as ``kept_key`` writes it, and so does this command.
+            key = kept_key(name, key)
         stored = read_visible(key) if as_shown else None
         if stored is not None and known(name, stored):
             key = stored

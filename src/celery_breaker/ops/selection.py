@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from ..labels import split_label, visible
 from ..monitoring.status import BreakerStatus, collect_metrics
+from ..names import kept_key
 
 if TYPE_CHECKING:
     from ..storage import Store
@@ -32,9 +33,12 @@ def matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[Bre
         if key_glob is None:
             return True
         key = snapshot.key
-        # (``==``: a key holding brackets, ``crm[tenant[1]]``, which fnmatch reads as a class)
-        return key is not None and any(
-            text == key_glob or fnmatch.fnmatchcase(text, key_glob) for text in (key, visible(key))
+        # (``==``: a key holding brackets, ``crm[tenant[1]]``, which fnmatch reads as a class;
+        # and the key typed as a task gave it, which its breaker keeps otherwise when it is
+        # too long or not UTF-8: ``kept_key``)
+        return key is not None and (
+            any(text == key_glob or fnmatch.fnmatchcase(text, key_glob) for text in (key, visible(key)))
+            or key == kept_key(snapshot.name, key_glob)
         )
 
     return [row for row in rows if any(matches(row, pattern) for pattern in patterns)]
@@ -50,7 +54,7 @@ def looked_up(store: Store, patterns: Sequence[str]) -> list[BreakerStatus] | No
         name, key = split_label(pattern)
         if key is None or any(mark in text for text in (name, key) for mark in "*?[]\\") or key == '""':
             return None
-        wanted.append((name, key))
+        wanted.append((name, kept_key(name, key)))  # (as its breaker keeps it: a key too long, or not UTF-8)
     if not wanted:
         return None
     rows = collect_metrics(store, only=wanted)

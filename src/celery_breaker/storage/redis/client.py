@@ -260,6 +260,14 @@ def _endpoint(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> _E
             "text, and even 'false' turns decoding on) would hand the store text where it reads Redis's replies "
             "as bytes; remove it"
         )
+    database = unquote(parts.path).strip("/")
+    if topology != "unix" and database and not database.isdigit():
+        # redis-py reads a path that is no number as no database at all: db 0, another
+        # application's breakers, say, with no word of it.
+        raise ConfigurationError(
+            f"redis store URL {describe(url)!r}: database {database!r} is not a number; write "
+            f"{parts.scheme}://[[user]:password@]host[:port][/db], the db a number (0 by default)"
+        )
     # Not urlunsplit: it drops the empty host of unix:///path, which redis-py requires.
     query = urlencode([(name, _CERT_REQS.get(value, value) if name == "ssl_cert_reqs" else value)
                        for name, value in passed])  # fmt: skip

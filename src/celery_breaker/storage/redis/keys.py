@@ -17,8 +17,12 @@ __all__ = ["breaker_of", "breaker_tag", "glob_escape", "quote_part"]
 
 
 def quote_part(text: str) -> str:
-    """A prefix, name or key as it stands in a Redis key or channel."""
-    return quote(text, safe="")
+    """A prefix, name or key as it stands in a Redis key or channel. Text holding a lone
+    surrogate (a byte that is not UTF-8, typed by an operator) is quoted as its bytes
+    (``surrogatepass``): no breaker is stored under it (a breaker keeps such a key as
+    ``names.kept_key`` writes it), so it is found nowhere, where it raised
+    ``UnicodeEncodeError``."""
+    return quote(text.encode("utf-8", "surrogatepass"), safe="")
 
 
 def breaker_tag(quoted_prefix: str, name: str, key: str | None) -> str:
