@@ -83,8 +83,22 @@ def test_a_fallback_method_name_that_does_not_exist_stops_the_worker_at_start() 
         ({}, {"breakr": "crm"}, "'breakr'", "did you mean breaker?"),  # (the task ran on a breaker of its own)
         ({}, {"braeker": "crm"}, "'braeker'", "did you mean breaker?"),
         ({"ot.job": {"brekaer_policy": {}}}, {}, "'brekaer_policy'", "did you mean breaker_policy?"),
+        # An option without its prefix: the breaker had no health check, and its real tasks
+        # went as its probes (an acceptance tester's `probe=`, the name CircuitBreaker takes).
+        ({}, {"probe": "tests.celery.probe_tasks:check_option"}, "'probe'", "did you mean breaker_probe?"),
+        ({"ot.job": {"max_deferrals": 3}}, {}, "'max_deferrals'", "did you mean breaker_max_deferrals?"),
     ],
-    ids=["decorator", "annotation", "annotation-for-all", "decorator-callable", "near-breaker", "swapped", "ann-swap"],
+    ids=[
+        "decorator",
+        "annotation",
+        "annotation-for-all",
+        "decorator-callable",
+        "near-breaker",
+        "swapped",
+        "ann-swap",
+        "unprefixed",
+        "ann-unprefixed",
+    ],
 )
 def test_a_misspelt_task_option_is_refused_naming_the_option_it_is_close_to(
     annotations: dict[str, Any], options: dict[str, Any], named: str, hint: str

@@ -638,7 +638,8 @@ def _check_option_names(cls: type[BreakerTask]) -> None:
     """Refuse an option misspelt in ``@app.task(...)``, ``task_annotations`` or the class
     (``breaker_polcy``, ``breakr``): it would be ignored silently, where a misspelt
     setting stops the worker. A typo is a name at most ``_TYPO_EDITS`` edits from an
-    option. Given to the decorator (its class says ``_decorated``; annotations land
+    option, or, given to the decorator, an option without its ``breaker_`` prefix
+    (``probe=``). Given to the decorator (its class says ``_decorated``; annotations land
     there too), any name but Celery's own task attributes counts; on a class of the
     user's, only a ``breaker_*`` name that holds no method: a helper of its own
     (``breaker_probe_url``) is further from every option, and a method an option names
@@ -657,6 +658,10 @@ def _check_option_names(cls: type[BreakerTask]) -> None:
             elif not attr.startswith("breaker_") or callable(value) or isinstance(value, (classmethod, property)):
                 continue
             distance, near = min((edit_distance(attr, option, _TYPO_EDITS), option) for option in _OPTION_NAMES)
+            if decorated and f"breaker_{attr}" in _OPTION_NAMES:
+                # (an option without its prefix, ``probe=`` for ``breaker_probe=``: ignored
+                # silently, the breaker had no health check and its real tasks went as probes)
+                distance, near = 0, f"breaker_{attr}"
             if distance <= _TYPO_EDITS:
                 task = getattr(cls, "name", None) or cls.__qualname__
                 raise ConfigurationError(

@@ -88,7 +88,17 @@ end
 -- Every message is queued or claimed: more messages than both hold means the queue or the
 -- claims lost entries (deleted, or evicted under an allkeys-* maxmemory policy), whose
 -- messages would wait for ever. Three O(1) reads per script; the repair only then.
-if redis.call('HLEN', K_MSGS) > redis.call('ZCARD', K_QUEUE) + redis.call('ZCARD', K_CLAIMS) then
+local messages = redis.call('HLEN', K_MSGS)
+if messages == 0 and redis.call('ZCARD', K_QUEUE) > 0 then
+  -- The messages hash gone as a whole (deleted, or evicted) under queued entries: every one
+  -- of them is lost. Dropped at once and said once, with the total; found a claim at a time,
+  -- the loss was reported once per release tick, thousands of times for a big backlog.
+  -- (Claimed entries are left: their messages went with their claims, to be published.)
+  local first = redis.call('ZRANGE', K_QUEUE, 0, 0)[1]
+  lost, lost_at, lost_first = redis.call('ZCARD', K_QUEUE) - 1, nil, first
+  redis.call('DEL', K_QUEUE, K_DEADLINES)
+  lost_message(first)
+elseif messages > redis.call('ZCARD', K_QUEUE) + redis.call('ZCARD', K_CLAIMS) then
   local before = redis.call('ZCARD', K_QUEUE)
   requeue_orphans()
   local found = redis.call('ZCARD', K_QUEUE) - before
