@@ -17,7 +17,7 @@ from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
 from .core.retry_after import refusal_of, retry_after_of
 from .errors import CircuitOpenError, ConfigurationError
-from .health import CheckResult, HealthCheck, HealthState, PendingCheck, ProbeTimeout
+from .health import CheckResult, HealthCheck, HealthState, PendingCheck, ProbeTimeout, checking, checking_now
 from .labels import breaker_label, shown_label
 from .names import check_name, kept_key
 from .storage import NO_MOVES, Cell, Moves, Store, describe_url, resolve_store, with_fallback
@@ -162,6 +162,9 @@ _RUN: ContextVar[RunAdmission | None] = ContextVar("celery_breaker_run", default
 #: Seconds the health checks run for ``enter_run(check_within=...)`` may take at most, all
 #: together (a task's own time limit): set only around that admission.
 _CHECK_WITHIN: ContextVar[float | None] = ContextVar("celery_breaker_check_within", default=None)
+#: The ticket of a call a health check makes through its own breaker: a generation no
+#: cell has, so its outcome is counted and judged by no rule.
+_UNJUDGED = -1
 #: Below this many seconds left of ``check_within``, no further check is started.
 _LEAST_CHECK_TIME = 0.05
 
@@ -715,6 +718,14 @@ class CircuitBreaker:
             raise CircuitOpenError.rejected(
                 self.name, self.key, state, None if open_until is None else open_until - now
             )
+        checked = checking_now()
+        if checked is not None and checked == (self.store, self.name, self.key):
+            # A guarded call this breaker's own health check makes (a client library's
+            # breaker of the same name, as a task run's calls share its admission): served
+            # by the check's probe slot, and judged by no rule (the check's verdict is what
+            # counts). It was rejected by the very slot the check held: the check failed,
+            # and such a breaker never closed. (Not while the breaker is open again.)
+            return cell, _UNJUDGED
         ticket, moves = cell.acquire(self.policy, now)
         if moves:
             self._announce(moves)
@@ -739,7 +750,8 @@ class CircuitBreaker:
             limit = next(checks)
             while True:
                 try:
-                    result = await probe.arun(limit)
+                    with checking((self.store, self.name, self.key)):
+                        result = await probe.arun(limit)
                 except BaseException as exc:  # the caller was cancelled: its probe slot is freed
                     checks.throw(exc)
                     raise  # (not reached: _checks raises it again)
@@ -776,7 +788,8 @@ class CircuitBreaker:
             limit = next(checks)
             while True:
                 try:
-                    result = probe.run(limit)
+                    with checking((self.store, self.name, self.key)):  # (its own calls on this breaker pass)
+                        result = probe.run(limit)
                 except BaseException as exc:  # (a KeyboardInterrupt while waiting: the slot is freed)
                     checks.throw(exc)
                     raise  # (not reached: _checks raises it again)

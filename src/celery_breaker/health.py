@@ -38,6 +38,8 @@ __all__ = [
     "abandon_checks_on",
     "abandon_pending_checks",
     "check_timeout",
+    "checking",
+    "checking_now",
 ]
 
 #: Seconds a health check may take before it counts as failed.
@@ -49,6 +51,28 @@ _ABANDON_POLL = 0.1
 _ABANDON_ON: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
     "celery_breaker_abandon_checks_on", default=None
 )
+
+
+#: The breaker whose health check runs in this context (``checking``): the check's own
+#: guarded calls on that breaker pass, served by its probe slot. Carried into the threads
+#: a check runs in, which start with a context of their own.
+_CHECKING: contextvars.ContextVar[object | None] = contextvars.ContextVar("celery_breaker_checking", default=None)
+
+
+@contextlib.contextmanager
+def checking(breaker: object) -> Iterator[None]:
+    """In this block (and in the threads of the checks run in it), ``breaker``'s health
+    check is running (``checking_now``)."""
+    token = _CHECKING.set(breaker)
+    try:
+        yield
+    finally:
+        _CHECKING.reset(token)
+
+
+def checking_now() -> object | None:
+    """The breaker (as ``checking`` was given it) whose health check runs in this context."""
+    return _CHECKING.get()
 
 
 class CheckAbandoned(Exception):
@@ -161,8 +185,10 @@ class HealthCheck:
         the check's own) for it. It never raises: a failure is a ``CheckResult``."""
         limit = self.timeout if timeout is None else min(self.timeout, timeout)
         outcome: list[CheckResult] = []
+        breaker = _CHECKING.get()
 
         def target() -> None:
+            _CHECKING.set(breaker)  # (this thread's own context: the check's calls on it pass)
             try:
                 value: Any = self.fn()
                 if inspect.isawaitable(value):
@@ -214,8 +240,10 @@ class HealthCheck:
         0.2 s timeout answered after 15 s, holding its caller and its probe slot."""
         loop = asyncio.get_running_loop()
         answered: asyncio.Future[CheckResult] = loop.create_future()
+        breaker = _CHECKING.get()
 
         def wait_for_check() -> None:
+            _CHECKING.set(breaker)
             try:
                 result: CheckResult | BaseException = self.run(limit)
             except BaseException as exc:  # (a subclass's run): raised to the caller, as before

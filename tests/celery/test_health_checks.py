@@ -13,10 +13,11 @@ from typing import Any
 
 import pytest
 
-from celery_breaker import BreakerTask, CircuitBreaker, ConfigurationError, State
+from celery_breaker import BreakerPolicy, BreakerTask, CircuitBreaker, ConfigurationError, State
 from celery_breaker.core import Transition
 from celery_breaker.health import CheckResult
 from celery_breaker.integration.inventory import check_app
+from celery_breaker.integration.probes import breaker_with_probe, resolve_probe
 from celery_breaker.integration.settings import build_settings
 from celery_breaker.integration.task_options import task_breaker_config
 
@@ -386,3 +387,33 @@ def test_a_probe_module_that_fails_as_it_is_imported_names_the_setting_and_the_f
     assert "breaker_probes['crm']='failing_probe_module:check': importing 'failing_probe_module' failed" in text
     assert error in text
     assert "fix that module, or name another check" in text
+
+
+@pytest.mark.parametrize("given", ["the decorator's proxy", "the registered task"])
+def test_a_probe_given_as_a_task_object_runs_its_body_not_through_its_breaker(given: str) -> None:
+    # Called as a callable, the task went through its own breaker (a BreakerTask on the
+    # breaker it checks, or a plain task breaker_routes puts under it), whose half-open
+    # slot the check itself held: every check was rejected, and the breaker never closed.
+    policy = {"failure_threshold": 1, "reset_timeout": 0.05, "half_open_max_calls": 1, "success_threshold": 1}
+    app = throwaway_app("probe-object", breaker_default_policy=policy)
+    pings: list[int] = []
+
+    @app.task(base=BreakerTask, breaker="payments", shared=False, name="po.ping")
+    def ping() -> None:
+        pings.append(1)
+
+    app.finalize()
+    probe = resolve_probe(
+        app, ping if given == "the decorator's proxy" else app.tasks["po.ping"], where="breaker_probes['payments']",
+        timeout=5,
+    )  # fmt: skip
+    assert probe.name == "task po.ping"
+    breaker = breaker_with_probe(app, "payments", None, BreakerPolicy.coerce(policy), probe)
+
+    def down() -> None:
+        raise ConnectionError("down")
+
+    with pytest.raises(ConnectionError):
+        breaker.call(down)  # the trip
+    wait_for(lambda: breaker.check_health().state is State.CLOSED, "the check to close the breaker")
+    assert pings == [1]  # the body ran once, as the check

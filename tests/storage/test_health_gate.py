@@ -239,3 +239,18 @@ def test_a_releaser_that_stops_frees_the_slot_of_a_check_it_left_going(app: Any)
         assert (snap.state, snap.probes_in_flight) == (State.HALF_OPEN, 0)  # freed: the next worker checks at once
     finally:
         ANSWER.set()
+
+
+def test_a_checks_own_guarded_call_on_its_breaker_passes_on_redis(app: Any) -> None:
+    # (the memory store's case: tests/unit/test_health_checks.py) A client library's breaker
+    # of the same name, in the check: rejected by the slot the check held, it never closed.
+    url = app.conf.breaker_storage_url
+    client = CircuitBreaker("svc", POLICY, storage=url)
+    breaker = CircuitBreaker("svc", POLICY, storage=url, probe=lambda: client.call(check))
+    with pytest.raises(ConnectionError):
+        breaker.call(check)  # the trip
+    HEALTH["up"] = True
+    wait_for(lambda: breaker.check_health().state is State.CLOSED, "the check to close the breaker")
+    snap = breaker.snapshot()
+    assert snap.trips == 1  # closed by the first check its open time allowed
+    assert HEALTH["checks"] == 2  # the trip's call, then the check's call through the library's breaker

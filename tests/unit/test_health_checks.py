@@ -781,3 +781,57 @@ def test_a_check_going_on_gets_no_longer_than_its_probe_lease(
         assert "did not answer within" in caplog.text  # (its lease, not its own 10 s: reopened within 5 s)
     finally:
         release.set()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async", "async, awaited by an async caller"])
+def test_a_checks_own_guarded_call_on_its_breaker_passes(clock: FakeClock, kind: str) -> None:
+    # A client library that guards its calls with a breaker of the same name (as a task's
+    # calls share its run's admission): the check's call met the half-open breaker whose
+    # only slot the check itself held, was rejected, and the breaker never closed.
+    store = fresh_store()
+    policy = BreakerPolicy(failure_threshold=1, reset_timeout=10, half_open_max_calls=1, success_threshold=1)
+    client = CircuitBreaker("partner", policy, storage=store, clock=clock)  # (the library's own object)
+    calls: list[str] = []
+
+    def ping() -> str:
+        calls.append("ping")
+        return "pong"
+
+    def check() -> None:
+        client.call(ping)
+
+    async def acheck() -> None:
+        async with client:
+            ping()
+
+    probe = check if kind == "sync" else acheck
+    breaker = CircuitBreaker("partner", policy, storage=store, clock=clock, probe=probe)
+    fail(breaker)
+    clock.advance(10)
+    if kind == "async, awaited by an async caller":
+
+        async def aping() -> str:
+            return ping()
+
+        async def caller() -> None:
+            await breaker.acall(aping)
+
+        asyncio.run(caller())
+        assert calls == ["ping", "ping"]  # the check's, then the caller's own
+    else:
+        assert breaker.check_health().state is State.CLOSED
+        assert calls == ["ping"]
+    assert state_of(breaker) is State.CLOSED
+    assert client.call(ping) == "pong"  # and the library's own calls pass again
+
+
+def test_a_check_of_another_breaker_has_no_pass_on_this_one(clock: FakeClock) -> None:
+    store = fresh_store()
+    policy = BreakerPolicy(failure_threshold=1, reset_timeout=10, half_open_max_calls=1, success_threshold=1)
+    other = CircuitBreaker("other", policy, storage=store, clock=clock)
+    breaker = CircuitBreaker("partner", policy, storage=store, clock=clock, probe=lambda: other.call(int))
+    fail(breaker)
+    clock.advance(5)
+    fail(other)  # open for 5 s more when partner's check runs: its call there is rejected as any is
+    clock.advance(5)
+    assert breaker.check_health().state is State.OPEN  # its check met other's open breaker

@@ -2,7 +2,7 @@
 
 A string names a task of the app when one has that name; otherwise it is imported as
 ``package.module:function`` (or ``package.module.function``), which may find a task too
-(one named otherwise than its path). A task's body is called in the process that checks
+(one named otherwise than its path); a task object may be given too. A task's body is called in the process that checks
 (``task.run()``), without its breaker, its retries or a result backend: a health check
 that had to travel through the broker and back could wait behind the very backlog it is
 meant to release, and a worker blocking on another task's result is what Celery forbids
@@ -34,6 +34,10 @@ def resolve_probe(app: Any, probe: ProbeSpec, *, where: str, timeout: float) -> 
     value and the fix."""
     if isinstance(probe, HealthCheck):
         return probe
+    if isinstance(probe, Task):  # (a task, or the proxy ``@app.task`` returns: evaluated here)
+        # Its body, as for a task named: called, the task went through its own breaker,
+        # whose half-open slot the check held, and was rejected: it never closed.
+        return HealthCheck(probe.run, timeout, f"task {probe.name}")
     if callable(probe) and not isinstance(probe, str):
         return HealthCheck(probe, timeout)
     if not isinstance(probe, str) or not probe or probe.strip() != probe:
