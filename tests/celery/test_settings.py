@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import ssl
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -122,6 +123,7 @@ def test_valid_settings_resolve_to_the_users_values() -> None:
         breaker_max_deferrals=0,
         breaker_max_defer_age=90,
         breaker_defer_spread=0,
+        breaker_release_ramp=timedelta(0),  # (refused, as "seconds >= 0": 0 was, its timedelta was not)
         breaker_default_policy={"failure_threshold": 4},
         breaker_policies={"crm*": {"reset_timeout": 5}, "crm": {"failure_threshold": 2}},
         breaker_routes={"proj.*": True},
@@ -130,6 +132,7 @@ def test_valid_settings_resolve_to_the_users_values() -> None:
     assert settings.max_deferrals == 0
     assert settings.max_defer_age == 90.0
     assert settings.defer_spread == 0.0
+    assert settings.release_ramp == 0.0
     assert settings.policy_for("crm").failure_threshold == 2
     assert settings.policy_for("crm").reset_timeout == 5.0  # the glob, then the exact name
     assert settings.policy_for("crm-eu").failure_threshold == 4

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -417,6 +418,16 @@ def test_a_key_that_is_not_utf8_is_operated_as_its_breaker_keeps_it(store_url: s
     assert run("open", "crm", "--key", "other-\udcff").exit_code == EXIT_USAGE  # not there: unknown, no crash
     assert run("open", "crm", "--key", "other-\udcff", "--create").exit_code == 0
     assert [row["key"] for row in json.loads(run("status", "--json").stdout)] == [kept_key("crm", "other-\udcff")]
+
+
+def test_a_long_key_pattern_is_no_key_to_keep(store_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    # A pattern's key was passed through kept_key like a key: a WARNING said a "key of 301
+    # characters" was kept as a digest, of a glob nobody's breaker has.
+    breaker(store_url, "crm", key="tenant-7", policy=cliproj.CRM_POLICY).call(lambda: None)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        result = run("status", "--json", f"crm[{'x' * 300}*]")
+    assert result.exit_code == 0, result.output
+    assert "is kept as" not in caplog.text + result.output
 
 
 def test_acting_on_one_breaker_reads_that_breaker_alone(store_url: str, listings: list[RedisStore]) -> None:

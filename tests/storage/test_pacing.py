@@ -445,6 +445,26 @@ def test_a_pace_stored_before_owed_outcomes_reads_as_owing_nothing(
     assert (found["ubd"], found["usn"]) == ("0", "0")
 
 
+def test_a_usual_share_learnt_under_another_generation_is_not_this_paces(store: RedisStore, redis_url: str) -> None:
+    """A release.lua older than ``ubd``/``usn`` that begins a new pace leaves the last
+    pace's usual share in the hash: read under another generation (``ugen``), it is none."""
+    clock = FakeClock()
+    tag = paced(store, clock)
+    client = redis.Redis.from_url(redis_url)
+    generation = stored(store)["a_gen"]
+    for ugen, kept in ((generation, ("3", "60")), (str(int(generation) + 2), ("0", "0")), (None, ("0", "0"))):
+        client.hset(tag + ":p", mapping={"ubd": "3", "usn": "60"})
+        if ugen is None:
+            client.hdel(tag + ":p", "ugen")
+        else:
+            client.hset(tag + ":p", "ugen", ugen)
+        clock.advance(0.2)
+        release(store, clock.monotonic())
+        found = stored(store)
+        assert (found["ubd"], found["usn"]) == kept, ugen
+        assert found["ugen"] == generation
+
+
 # -- the pace as people see it (pace.lua, collect_metrics) ---------------------------------
 
 

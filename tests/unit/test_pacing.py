@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import replace
 from typing import Any
@@ -645,3 +646,44 @@ def test_without_a_usual_share_every_bad_outcome_counts() -> None:
     assert pace.usual == pytest.approx(0.1)
     assert beyond_usual(pace, 10, 100) == 0.0  # 10 expected, and chance: 2 * sqrt(10)
     assert beyond_usual(pace, 20, 100) == pytest.approx(20 - 10 - 2 * math.sqrt(10))
+
+
+def test_a_few_outcomes_all_bad_are_news_whatever_the_usual_share() -> None:
+    # With the usual share's allowance taken off before least_bad was applied, a judgement
+    # of 3 outcomes, all slow, was no news once any share was learnt (2 % here): a slow
+    # downstream at low rates was never cut.
+    law = PacingLaw()
+    pace = replace(begin(law, Outcomes(generation=1, successes=0, failures=0, slow=0), 0.0), rate=6.0, usual_bad=1,
+                   usual_seen=USUAL_LEAST, used=3)  # fmt: skip
+    pace = advance(law, pace, Outcomes(generation=1, successes=3, failures=0, slow=3), 0.5)
+    assert pace.rate == pytest.approx(6.0 * law.back_off)
+    assert pace.cut_at == 0.5
+
+
+def test_a_downstream_strained_at_the_start_rate_teaches_no_usual_share() -> None:
+    # A downstream still recovering, slower than the start rate (5 calls a second, FIFO,
+    # a call slow once it waited 0.1 s): its first judgements bring only a bad outcome or
+    # two each, too few to be news, and were learnt as its usual share (39 %), which then
+    # hid the strain: the pace grew to 14/s and 724 tasks queued. Judgements more than
+    # USUAL_MOST bad teach nothing now.
+    clock, downstream = FakeClock(), Downstream()
+    pacer = AdaptivePacer(PacingLaw(), clock)
+    queue: collections.deque[float] = collections.deque()
+    credit, backlog, longest = 0.0, 20_000, 0
+    for tick in range(1, 2401):  # 120 s in 0.05 s ticks
+        now = tick * 0.05
+        clock.advance(0.05)
+        count = pacer.release(downstream.outcomes(), waiting=backlog)
+        backlog -= count
+        queue.extend([now] * count)
+        credit += 5 * 0.05
+        while queue and credit >= 1:
+            credit -= 1
+            downstream.successes += 1
+            if now - queue.popleft() + 0.02 >= 0.1:
+                downstream.slow += 1
+        credit = credit if queue else min(credit, 1.0)
+        longest = max(longest, len(queue)) if tick > 1200 else longest
+    assert pacer.pace is not None
+    assert pacer.pace.usual == 0.0
+    assert longest < 20  # (724 at the end, and growing)

@@ -54,9 +54,11 @@ since the last judgement (its ``Outcomes``):
 
 Failures and slow successes are judged beyond the downstream's **usual share** of them:
 the share the pace's first judgements of good news showed (``USUAL_LEAST`` outcomes, at
-its lowest rates, where the release is not what slows the downstream), then kept for the
+its lowest rates, where the release is not what slows the downstream; a judgement with
+more than ``USUAL_MOST`` of them bad teaches nothing: that is strain), then kept for the
 rest of the pace. Bad outcomes up to what that share predicts, and chance above it
-(``USUAL_NOISE`` standard deviations), are no news (``beyond_usual``). A downstream whose
+(``USUAL_NOISE`` standard deviations), are no news (``beyond_usual``), though
+``least_bad`` still counts them all (a judgement of 3 outcomes, all slow, is news). A downstream whose
 calls are slow or fail at a steady 8 % whatever the load had its pace cut again and
 again, and held near ``least_bad / (judge_every * 8 %)`` tasks a second; a downstream
 without such a share has none (0), and every bad outcome counts, as before. The share is
@@ -92,6 +94,7 @@ __all__ = [
     "START_RATE",
     "STEP",
     "USUAL_LEAST",
+    "USUAL_MOST",
     "USUAL_NOISE",
     "AdaptivePacer",
     "Outcomes",
@@ -154,6 +157,9 @@ USUAL_LEAST = 50
 #: Bad outcomes within this many standard deviations (Poisson: ``sqrt``) above the usual
 #: share's prediction are chance, not news.
 USUAL_NOISE = 2.0
+#: A judgement whose bad share is above this teaches the usual share nothing: that much is
+#: strain (the start rate too fast for a downstream still recovering), not its usual self.
+USUAL_MOST = 0.25
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -355,7 +361,9 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
     share = excess / max(came_back, pace.rate * law.judge_every)
     cut_share = pace.cut_share
     usual_bad, usual_seen = pace.usual_bad, pace.usual_seen
-    if refused > 0 or (excess >= law.least_bad and share > law.bad_share):
+    # (``least_bad`` counts every bad outcome: with the usual share's allowance taken off
+    # first, a judgement of 3 outcomes, all slow, was no news once any share was learnt)
+    if refused > 0 or (bad >= law.least_bad and share > law.bad_share):
         if refused == 0 and cut_share is not None and share < cut_share:
             # Bad, but less so than the news that made the last cut: the cut is taking
             # effect (the downstream still works off what came before it). Judged over a
@@ -380,7 +388,7 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
         # new cadence from now.
         judged_at = pace.judged_at + law.judge_every if since < 2 * law.judge_every else now
         cut_share = None  # (news without bad news: the next bad news cuts)
-        if usual_seen < USUAL_LEAST:
+        if usual_seen < USUAL_LEAST and bad <= USUAL_MOST * came_back:
             usual_bad, usual_seen = usual_bad + bad, usual_seen + came_back
         crowded = in_flight > law.in_flight_s * pace.rate
         if successes > 0 and pace.used >= 0.5 * pace.rate * since and not crowded:

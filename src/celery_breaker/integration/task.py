@@ -8,6 +8,7 @@ import logging
 import sys
 import traceback
 import types
+import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -632,15 +633,18 @@ _METHOD_OPTIONS = ("breaker_key", "breaker_fallback", "breaker_probe")
 _CELERY_NAMES = frozenset(name for klass in Task.__mro__ for name in vars(klass))
 #: A name this many edits or fewer from an option (and not one) is taken for a typo of it.
 _TYPO_EDITS = 2
+#: By task class: the options without their prefix already warned of (``_check_option_names``).
+_WARNED_UNPREFIXED: weakref.WeakKeyDictionary[type, set[str]] = weakref.WeakKeyDictionary()
 
 
 def _check_option_names(cls: type[BreakerTask]) -> None:
     """Refuse an option misspelt in ``@app.task(...)``, ``task_annotations`` or the class
     (``breaker_polcy``, ``breakr``): it would be ignored silently, where a misspelt
     setting stops the worker. A typo is a name at most ``_TYPO_EDITS`` edits from an
-    option, or, given to the decorator, an option without its ``breaker_`` prefix
-    (``probe=``). Given to the decorator (its class says ``_decorated``; annotations land
-    there too), any name but Celery's own task attributes counts; on a class of the
+    option; an option given to the decorator without its ``breaker_`` prefix (``probe=``)
+    is warned of (an app may have such an attribute of its own). Given to the decorator
+    (its class says ``_decorated``; annotations land there too), any name but Celery's
+    own task attributes counts; on a class of the
     user's, only a ``breaker_*`` name that holds no method: a helper of its own
     (``breaker_probe_url``) is further from every option, and a method an option names
     (``breaker_key = "breaker_tenant"``) is left alone."""
@@ -657,11 +661,19 @@ def _check_option_names(cls: type[BreakerTask]) -> None:
                     continue  # (Celery's own option: acks_late, name, run...)
             elif not attr.startswith("breaker_") or callable(value) or isinstance(value, (classmethod, property)):
                 continue
-            distance, near = min((edit_distance(attr, option, _TYPO_EDITS), option) for option in _OPTION_NAMES)
             if decorated and f"breaker_{attr}" in _OPTION_NAMES:
-                # (an option without its prefix, ``probe=`` for ``breaker_probe=``: ignored
-                # silently, the breaker had no health check and its real tasks went as probes)
-                distance, near = 0, f"breaker_{attr}"
+                # An option without its prefix (``probe=`` for ``breaker_probe=``: the breaker
+                # had no health check, and its real tasks went as probes). A word an app may
+                # use for an attribute of its own, so said, not refused.
+                warned = _WARNED_UNPREFIXED.setdefault(cls, set())
+                if attr not in warned:  # (once: the check runs at each binding of the class)
+                    warned.add(attr)
+                    logger.warning(
+                        "task %r: %r is no celery-breaker task option and changes nothing here; did you mean "
+                        "breaker_%s?", getattr(cls, "name", None) or cls.__qualname__, attr, attr,
+                    )  # fmt: skip
+                continue
+            distance, near = min((edit_distance(attr, option, _TYPO_EDITS), option) for option in _OPTION_NAMES)
             if distance <= _TYPO_EDITS:
                 task = getattr(cls, "name", None) or cls.__qualname__
                 raise ConfigurationError(

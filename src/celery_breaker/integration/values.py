@@ -107,8 +107,8 @@ def bind_address(key: str, value: Any) -> str:
 
 
 def seconds_or_zero(key: str, value: Any) -> float | None:
-    """Seconds >= 0, or ``None``."""
-    if value == 0 and not isinstance(value, bool):
+    """Seconds >= 0 (a number or a ``timedelta``), or ``None``."""
+    if (value == 0 and not isinstance(value, bool)) or value == timedelta(0):
         return 0.0
     try:
         return seconds(key, value)

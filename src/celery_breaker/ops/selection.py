@@ -5,6 +5,7 @@ inspect breakers``) select them: ``crm*`` (names), ``crm[tenant-*]`` (a name and
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -16,6 +17,9 @@ if TYPE_CHECKING:
     from ..storage import Store
 
 __all__ = ["breakers_matching", "looked_up", "matching"]
+
+#: What makes a pattern a glob (``fnmatch``'s marks).
+_GLOB = re.compile(r"[*?\[]")
 
 
 def matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[BreakerStatus]:
@@ -38,7 +42,7 @@ def matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[Bre
         # too long or not UTF-8: ``kept_key``)
         return key is not None and (
             any(text == key_glob or fnmatch.fnmatchcase(text, key_glob) for text in (key, visible(key)))
-            or key == kept_key(snapshot.name, key_glob)
+            or (not _GLOB.search(key_glob) and key == kept_key(snapshot.name, key_glob))
         )
 
     return [row for row in rows if any(matches(row, pattern) for pattern in patterns)]

@@ -17,7 +17,8 @@
 -- judgements the rate has grown at its limit since the limit was set or the rate cut (absent
 -- from paces older than it, and ignored without a limit: 0), 'ubd' and 'usn' the bad and all
 -- outcomes of the pace's first judgements of good news, until USUAL_LEAST were in (its usual
--- bad share; both absent from paces older than them: 0, none yet).
+-- bad share; both absent from paces older than them: 0, none yet), 'ugen' the generation they
+-- were learnt under (another: an older writer began this pace, and they are the last one's).
 -- Unreadable fields restart the pace (begin, without a threshold), with a warning.
 
 -- pacing.SETTLE_LEAST: judgements in which outcomes judge nothing after a cut.
@@ -31,6 +32,8 @@ local RATE_MOST = 1000000
 local USUAL_LEAST = 50
 -- pacing.USUAL_NOISE: standard deviations above the usual share's prediction that are chance.
 local USUAL_NOISE = 2.0
+-- pacing.USUAL_MOST: a judgement with a bad share above it teaches the usual share nothing.
+local USUAL_MOST = 0.25
 
 local LAW_FIELDS = { 'start', 'ceiling', 'judge_every', 'slow_start', 'step', 'back_off', 'bad_share', 'floor',
   'least_bad', 'in_flight_s', 'near', 'creep', 'plateau' }
@@ -66,7 +69,7 @@ end
 -- The stored adaptive pace; nil when there is none (or only a fixed ramp's) or it is unreadable.
 local function read_pace()
   local p = redis.call('HMGET', K_PACE, 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used',
-    'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn')
+    'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen')
   if not p[2] then return nil end
   local pace = { gen = read_whole(p[1]), rate = read_number(p[2]), thr = nil, tokens = read_number(p[4]),
     at = read_time(p[5], now, 0), jat = read_time(p[6], now, 0), sok = read_whole(p[7]), sko = read_whole(p[8]),
@@ -106,6 +109,8 @@ local function read_pace()
     if pace.cut == nil then pace.csh = nil end -- (left behind by an older writer's pace)
   end
   if pace.lim == nil then pace.alm = 0 end -- (likewise)
+  -- (likewise: an older writer that began this pace left the last pace's usual share)
+  if read_whole(p[21] or '') ~= pace.gen then pace.ubd, pace.usn = 0, 0 end
   if not good then
     local shown = {}
     for i, name in ipairs({ 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used', 'cut',
@@ -198,7 +203,7 @@ local function advance_pace(law, pace, outcomes)
   -- only bad outcomes beyond the downstream's usual share are news of the release's pace
   local excess = beyond_usual(pace, bad, came_back)
   local share = excess / math.max(came_back, pace.rate * law.judge_every)
-  if rf > 0 or (excess >= law.least_bad and share > law.bad_share) then
+  if rf > 0 or (bad >= law.least_bad and share > law.bad_share) then
     if rf == 0 and pace.csh ~= nil and share < pace.csh then
       -- bad, but less so than the news that made the last cut: the cut is taking effect
       -- (judged over a whole judgement only)
@@ -222,7 +227,9 @@ local function advance_pace(law, pace, outcomes)
     -- on the judgements' own cadence (after a long pause, a new one from now)
     if since < 2 * law.judge_every then jat = pace.jat + law.judge_every else jat = now end
     pace.csh = nil -- (news without bad news: the next bad news cuts)
-    if pace.usn < USUAL_LEAST then pace.ubd, pace.usn = pace.ubd + bad, pace.usn + came_back end
+    if pace.usn < USUAL_LEAST and bad <= USUAL_MOST * came_back then
+      pace.ubd, pace.usn = pace.ubd + bad, pace.usn + came_back
+    end
     local crowded = infl > law.in_flight_s * pace.rate -- (too many in flight: no growth)
     if ok > 0 and pace.used >= 0.5 * pace.rate * since and not crowded then
       if excess > 0 and (thr == nil or thr > rate) then thr = rate end -- the first bad outcomes: the slow zone is near
@@ -266,5 +273,5 @@ local function write_pace(pace)
     fmt(pace.tokens), 'a_at', fmt(pace.at), 'jat', fmt(pace.jat), 'sok', fmt(pace.sok), 'sko', fmt(pace.sko), 'ssl',
     fmt(pace.ssl), 'used', fmt(pace.used), 'cut', fmt(pace.cut), 'infl', fmt(pace.infl), 'srf', fmt(pace.srf), 'lim',
     fmt(pace.lim), 'owe', fmt(pace.owe), 'sut', fmt(pace.sut), 'csh', fmt(pace.csh), 'alm', fmt(pace.alm), 'ubd',
-    fmt(pace.ubd), 'usn', fmt(pace.usn))
+    fmt(pace.ubd), 'usn', fmt(pace.usn), 'ugen', fmt(pace.gen))
 end
