@@ -101,16 +101,21 @@ def test_a_probe_timeout_must_be_seconds() -> None:
         build_settings(throwaway_app("probe-timeout", breaker_probe_timeout=0).conf)
 
 
-def test_a_probe_that_names_nothing_stops_the_worker_at_start() -> None:
-    app = throwaway_app("probe-nothing", breaker_probes={"crm*": "no_such_module:check"})
+def start_refused(probes: dict[str, str], breaker: str) -> str:
+    """The error a worker's start check gives for a task of ``breaker`` under ``breaker_probes=probes``."""
+    app = throwaway_app("probe-refused", breaker_probes=probes)
 
-    @app.task(base=BreakerTask, breaker="crm-eu", shared=False)
+    @app.task(base=BreakerTask, breaker=breaker, shared=False)
     def job() -> None:
-        """A task whose breaker's probe cannot be found."""
+        """A task whose breaker's probe cannot be used."""
 
     with pytest.raises(ConfigurationError) as info:
         check_app(app)
-    text = str(info.value)
+    return str(info.value)
+
+
+def test_a_probe_that_names_nothing_stops_the_worker_at_start() -> None:
+    text = start_refused({"crm*": "no_such_module:check"}, "crm-eu")
     assert "breaker_probes['crm*']='no_such_module:check' names no task of this app and cannot be imported" in text
     assert "write 'package.module:function', or the name of a task of this app" in text
 
@@ -375,15 +380,7 @@ def test_a_probe_module_that_fails_as_it_is_imported_names_the_setting_and_the_f
     (tmp_path / "failing_probe_module.py").write_text(source)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "failing_probe_module", raising=False)
-    app = throwaway_app("probe-failing", breaker_probes={"crm": "failing_probe_module:check"})
-
-    @app.task(base=BreakerTask, breaker="crm", shared=False)
-    def job() -> None:
-        """A task whose breaker's probe module fails as it is imported."""
-
-    with pytest.raises(ConfigurationError) as info:
-        check_app(app)
-    text = str(info.value)
+    text = start_refused({"crm": "failing_probe_module:check"}, "crm")
     assert "breaker_probes['crm']='failing_probe_module:check': importing 'failing_probe_module' failed" in text
     assert error in text
     assert "fix that module, or name another check" in text
