@@ -17,7 +17,17 @@ from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
 from .core.retry_after import refusal_of, retry_after_of
 from .errors import CircuitOpenError, ConfigurationError
-from .health import CheckResult, HealthCheck, HealthState, PendingCheck, ProbeTimeout, checking, checking_now
+from .health import (
+    Checked,
+    CheckResult,
+    HealthCheck,
+    HealthState,
+    PendingCheck,
+    ProbeFunction,
+    ProbeTimeout,
+    checking,
+    checking_now,
+)
 from .labels import breaker_label, shown_label
 from .names import check_name, kept_key
 from .storage import NO_MOVES, Cell, Moves, Store, describe_url, resolve_store, with_fallback
@@ -220,8 +230,8 @@ class CircuitBreaker:
         on_storage_error: while a shared store cannot be reached, ``"local"`` (a breaker
             of this process stands in), ``"allow"`` (every call passes) or ``"deny"``
             (every call is rejected); the shared state is rejoined when it answers.
-        probe: a health check (a callable taking no arguments, sync or async, or a
-            ``HealthCheck``): when the breaker may half-open, the call that wins a probe
+        probe: a health check (a callable taking no arguments, or one: the breaker's key;
+            sync or async; or a ``HealthCheck``): when the breaker may half-open, the call that wins a probe
             slot runs it instead of itself, and is rejected unless the check closed the
             breaker. It fails by raising or returning ``False``; its verdict counts as a
             probe's would. Every process using the breaker should give it the same probe.
@@ -244,7 +254,7 @@ class CircuitBreaker:
         clock: Clock | None = None,
         key: str | None = None,
         on_storage_error: str = "local",
-        probe: HealthCheck | Callable[[], object] | None = None,
+        probe: HealthCheck | ProbeFunction | None = None,
         probe_timeout: float | None = None,
     ) -> None:
         self.name = check_name(name, "CircuitBreaker name")
@@ -719,7 +729,12 @@ class CircuitBreaker:
                 self.name, self.key, state, None if open_until is None else open_until - now
             )
         checked = checking_now()
-        if checked is not None and checked == (self.store, self.name, self.key):
+        if (
+            checked is not None
+            and checked.store is self.store
+            and checked.name == self.name
+            and checked.key == self.key
+        ):
             # A guarded call this breaker's own health check makes (a client library's
             # breaker of the same name, as a task run's calls share its admission): served
             # by the check's probe slot, and judged by no rule (the check's verdict is what
@@ -750,7 +765,7 @@ class CircuitBreaker:
             limit = next(checks)
             while True:
                 try:
-                    with checking((self.store, self.name, self.key)):
+                    with checking(Checked(self.store, self.name, self.key)):
                         result = await probe.arun(limit)
                 except BaseException as exc:  # the caller was cancelled: its probe slot is freed
                     checks.throw(exc)
@@ -788,7 +803,7 @@ class CircuitBreaker:
             limit = next(checks)
             while True:
                 try:
-                    with checking((self.store, self.name, self.key)):  # (its own calls on this breaker pass)
+                    with checking(Checked(self.store, self.name, self.key)):  # (its own calls on this breaker pass)
                         result = probe.run(limit)
                 except BaseException as exc:  # (a KeyboardInterrupt while waiting: the slot is freed)
                     checks.throw(exc)

@@ -34,6 +34,7 @@ __all__ = [
     "HealthCheck",
     "HealthState",
     "PendingCheck",
+    "ProbeFunction",
     "ProbeTimeout",
     "abandon_checks_on",
     "abandon_pending_checks",
@@ -53,14 +54,27 @@ _ABANDON_ON: contextvars.ContextVar[threading.Event | None] = contextvars.Contex
 )
 
 
+#: A health check's function: taking nothing, or the key of the breaker it checks.
+ProbeFunction = Callable[[], object] | Callable[[str | None], object]
+
+
+class Checked(NamedTuple):
+    """The breaker whose health check runs (``checking``): its store, name and key."""
+
+    store: object
+    name: str
+    key: str | None
+
+
 #: The breaker whose health check runs in this context (``checking``): the check's own
-#: guarded calls on that breaker pass, served by its probe slot. Carried into the threads
-#: a check runs in, which start with a context of their own.
-_CHECKING: contextvars.ContextVar[object | None] = contextvars.ContextVar("celery_breaker_checking", default=None)
+#: guarded calls on that breaker pass, served by its probe slot, and a check that takes an
+#: argument is given its key. Carried into the threads a check runs in, which start with
+#: a context of their own.
+_CHECKING: contextvars.ContextVar[Checked | None] = contextvars.ContextVar("celery_breaker_checking", default=None)
 
 
 @contextlib.contextmanager
-def checking(breaker: object) -> Iterator[None]:
+def checking(breaker: Checked) -> Iterator[None]:
     """In this block (and in the threads of the checks run in it), ``breaker``'s health
     check is running (``checking_now``)."""
     token = _CHECKING.set(breaker)
@@ -70,8 +84,8 @@ def checking(breaker: object) -> Iterator[None]:
         _CHECKING.reset(token)
 
 
-def checking_now() -> object | None:
-    """The breaker (as ``checking`` was given it) whose health check runs in this context."""
+def checking_now() -> Checked | None:
+    """The breaker whose health check runs in this context (``checking``), if any."""
     return _CHECKING.get()
 
 
@@ -139,19 +153,25 @@ def _text_of(error: BaseException) -> str:
 class HealthCheck:
     """A health check: ``fn()`` (sync, or returning an awaitable) that raises or returns
     ``False`` when the downstream is unhealthy, and returns anything else when it is healthy.
+    A ``fn`` that requires one argument is given the key of the breaker it checks
+    (``None`` for a breaker without keys, or run outside a breaker): a per-key breaker's
+    check can ask after that key's own downstream (``takes_key``).
 
     ``name`` says what it is in logs (by default the function's qualified name: a
     ``partial``'s function, a callable object's class, never a repr showing arguments).
     """
 
-    fn: Callable[[], object]
+    fn: Callable[..., object]
     timeout: float = DEFAULT_PROBE_TIMEOUT
     name: str = ""
+    takes_key: bool = field(default=False, init=False, compare=False)
+    """Whether ``fn`` is called with the key (it cannot be called without an argument)."""
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
             raise ConfigurationError(
-                f"probe must be a callable (sync or async, taking no arguments), got {self.fn!r}; "
+                f"probe must be a callable (sync or async, taking no arguments or the breaker's key), got "
+                f"{self.fn!r}; "
                 "a dotted path or a task name is read from the Celery settings (breaker_probes) or the "
                 "breaker_probe task option"
             )
@@ -160,10 +180,14 @@ class HealthCheck:
             object.__setattr__(self, "name", _describe(self.fn))
         unmet = _unmet_arguments(self.fn)
         if unmet is not None:
-            raise ConfigurationError(
-                f"probe {self.name} cannot be called without arguments ({unmet}), so every check would fail; "
-                "give a function that takes none (functools.partial can fill them in)"
-            )
+            if _unmet_arguments(self.fn, None) is None:
+                object.__setattr__(self, "takes_key", True)  # (one argument: the breaker's key)
+            else:
+                raise ConfigurationError(
+                    f"probe {self.name} cannot be called without arguments, nor with the breaker's key alone "
+                    f"({unmet}), so every check would fail; give a function that takes none, or one: the key "
+                    "(functools.partial can fill in the others)"
+                )
         if _is_generator_function(self.fn):
             raise ConfigurationError(
                 f"probe {self.name} is a generator function (a yield in its body): calling it runs none of "
@@ -172,7 +196,7 @@ class HealthCheck:
             )
 
     @classmethod
-    def coerce(cls, probe: HealthCheck | Callable[[], object] | None, timeout: float | None) -> HealthCheck | None:
+    def coerce(cls, probe: HealthCheck | ProbeFunction | None, timeout: float | None) -> HealthCheck | None:
         """``probe`` as a ``HealthCheck`` (a callable is wrapped, with ``timeout`` when given)."""
         if probe is None or isinstance(probe, HealthCheck):
             if timeout is not None and probe is not None:
@@ -190,7 +214,7 @@ class HealthCheck:
         def target() -> None:
             _CHECKING.set(breaker)  # (this thread's own context: the check's calls on it pass)
             try:
-                value: Any = self.fn()
+                value: Any = self.fn(None if breaker is None else breaker.key) if self.takes_key else self.fn()
                 if inspect.isawaitable(value):
                     value = asyncio.run(_bounded(value, self.timeout))  # (its own timeout: it may outlive the wait)
                 elif inspect.isgenerator(value) or inspect.isasyncgen(value):
@@ -222,7 +246,9 @@ class HealthCheck:
         if not _is_coroutine_function(self.fn):
             return await self._run_off_loop(limit)
         try:
-            value = await _bounded(cast("Awaitable[object]", self.fn()), limit)
+            checked = _CHECKING.get()
+            called = self.fn(None if checked is None else checked.key) if self.takes_key else self.fn()
+            value = await _bounded(cast("Awaitable[object]", called), limit)
         except ProbeTimeout:
             return CheckResult(False, ProbeTimeout(f"health check {self.name} did not answer within {limit:g} s"))
         except Exception as exc:  # a probe's failure is data
@@ -362,29 +388,29 @@ def _cancelling() -> bool:
     return cancelling is None or bool(cancelling())
 
 
-def _unmet_arguments(fn: Callable[[], object]) -> str | None:
-    """Why ``fn()`` cannot be called (an argument it requires), or ``None``: it can, or
-    its signature cannot be read (some builtins). A wrapper is read as it is (its
-    ``*args, **kwargs``), not as the function it wraps."""
+def _unmet_arguments(fn: Callable[..., object], *args: object) -> str | None:
+    """Why ``fn(*args)`` cannot be called (an argument it requires, or one too many), or
+    ``None``: it can, or its signature cannot be read (some builtins). A wrapper is read
+    as it is (its ``*args, **kwargs``), not as the function it wraps."""
     try:
         signature = inspect.signature(fn, follow_wrapped=False)
     except (TypeError, ValueError):
         return None
     try:
-        signature.bind()
+        signature.bind(*args)
     except TypeError as exc:
         return str(exc)
     return None
 
 
-def _is_generator_function(fn: Callable[[], object]) -> bool:
+def _is_generator_function(fn: Callable[..., object]) -> bool:
     """``fn`` is (or its ``__call__`` is) a generator function, sync or async."""
     return any(
         inspect.isgeneratorfunction(each) or inspect.isasyncgenfunction(each) for each in (fn, type(fn).__call__)
     )
 
 
-def _is_coroutine_function(fn: Callable[[], object]) -> bool:
+def _is_coroutine_function(fn: Callable[..., object]) -> bool:
     """``fn`` is (or its ``__call__`` is) an ``async def``: calling it only makes a coroutine."""
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
@@ -435,7 +461,7 @@ def check_timeout(where: str, value: Any) -> float:
     return float(value)
 
 
-def _describe(fn: Callable[[], object]) -> str:
+def _describe(fn: Callable[..., object]) -> str:
     """What a check is called in logs: its function's qualified name, never its ``repr``.
     A ``partial``'s repr shows its arguments, and a callable object's its fields (a URL
     with a password, a token): logged with every failed check, they leaked."""

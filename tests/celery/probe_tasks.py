@@ -26,6 +26,11 @@ def check(name: str) -> None:
         raise ConnectionError(f"health check of {name}: down")
 
 
+def check_two(name: str, key: str | None) -> None:
+    """A check that needs two arguments: refused (it may take one, the breaker's key)."""
+    check(f"{name}[{key}]")
+
+
 def check_option() -> None:
     check("t-probe-option")
 

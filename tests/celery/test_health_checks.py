@@ -15,7 +15,7 @@ import pytest
 
 from celery_breaker import BreakerPolicy, BreakerTask, CircuitBreaker, ConfigurationError, State
 from celery_breaker.core import Transition
-from celery_breaker.health import CheckResult
+from celery_breaker.health import Checked, CheckResult, checking
 from celery_breaker.integration.inventory import check_app
 from celery_breaker.integration.probes import breaker_with_probe, resolve_probe
 from celery_breaker.integration.settings import build_settings
@@ -194,19 +194,35 @@ def test_a_probe_defined_as_a_method_of_a_task_class_gets_self() -> None:
     assert probe.name.endswith("CrmTask.breaker_probe")
 
 
+def test_a_probe_method_that_takes_the_key_is_given_it() -> None:
+    app = throwaway_app("probe-method-key")
+    seen: list[tuple[str, str | None]] = []
+
+    class TenantTask(BreakerTask):
+        def breaker_probe(self, key: str | None) -> None:
+            seen.append((self.name, key))
+
+    @app.task(base=TenantTask, breaker="tenant-method", breaker_key=lambda tenant: tenant, shared=False, name="pk.job")
+    def job(tenant: str) -> None:
+        """A per-key task checked by its class's method, per key."""
+
+    app.finalize()
+    check_app(app)
+    probe = task_breaker_config(app.tasks["pk.job"]).probe
+    assert probe is not None
+    assert probe.takes_key
+    with checking(Checked(None, "tenant-method", "t-7")):
+        assert probe.run() == CheckResult(True)
+    assert seen == [("pk.job", "t-7")]
+
+
 def test_a_probe_that_needs_arguments_stops_the_worker_at_start() -> None:
-    # probe_tasks.check takes the breaker's name: the worker started, and every check then
-    # failed with a TypeError, so the breaker never closed and its tasks waited for good.
-    app = throwaway_app("probe-arguments", breaker_probes={"crm": "tests.celery.probe_tasks:check"})
-
-    @app.task(base=BreakerTask, breaker="crm", shared=False)
-    def job() -> None:
-        """A task whose breaker's probe needs an argument."""
-
-    with pytest.raises(ConfigurationError) as info:
-        check_app(app)
-    assert "probe tests.celery.probe_tasks:check cannot be called without arguments" in str(info.value)
-    assert "missing a required argument: 'name'" in str(info.value)
+    # probe_tasks.check_two needs two: the worker started, and every check then failed with
+    # a TypeError, so the breaker never closed and its tasks waited for good. (One it may
+    # take: the key of the breaker it checks.)
+    text = start_refused({"crm": "tests.celery.probe_tasks:check_two"}, "crm")
+    assert "probe tests.celery.probe_tasks:check_two cannot be called without arguments, nor with the breaker" in text
+    assert "missing a required argument: 'name'" in text
 
 
 def test_a_task_option_probe_of_the_wrong_type_is_refused() -> None:
@@ -241,11 +257,16 @@ def test_a_soft_time_limit_during_the_check_defers_the_task_it_is_not_lost(app: 
     assert get(result)["retries"] == 0
 
 
-def test_a_check_slower_than_the_tasks_soft_time_limit_still_closes_the_breaker(app: Any, operate: Any) -> None:
+@pytest.mark.parametrize("limited", [True, False], ids=["soft time limit", "no time limit"])
+def test_a_check_slower_than_the_tasks_soft_time_limit_still_closes_the_breaker(
+    app: Any, operate: Any, limited: bool
+) -> None:
     # The run stops waiting for the check before its soft time limit (0.5 s) and is
     # deferred; the check goes on in its slot, and the runs that come back meanwhile
     # start no other. Each run's check used to be cut short and its slot freed: the next
-    # run began another, and the breaker never closed.
+    # run began another, and the breaker never closed. Where no time limit is enforced
+    # (this worker's pool), the run waits ADMISSION_CHECK_WAIT (1 s): it waited for the
+    # check's whole timeout (30 s here), holding its pool process meanwhile.
     from celery_breaker.integration.task import SOFT_TIME_LIMITS_ENFORCED_ATTR, TIME_LIMITS_ENFORCED_ATTR
 
     name = "t-probe-slow"
@@ -254,8 +275,8 @@ def test_a_check_slower_than_the_tasks_soft_time_limit_still_closes_the_breaker(
     probe_tasks.SLOW_CHECK_ANSWERS.clear()
     tasks.DOWN[name] = True
     CHECKS[name] = tasks.CALLS[name] = 0
-    setattr(app, TIME_LIMITS_ENFORCED_ATTR, True)  # (as a prefork worker; this pool enforces none)
-    setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, True)
+    setattr(app, TIME_LIMITS_ENFORCED_ATTR, limited)  # (as a prefork worker; this pool enforces none)
+    setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, limited)
     try:
         with contextlib.suppress(ConnectionError):
             breaker.call(tasks.call_downstream, name)  # trips the breaker
@@ -297,8 +318,10 @@ def test_a_check_whose_error_cannot_be_shown_defers_the_task_it_does_not_fail_it
 
 
 def test_a_check_run_at_a_tasks_admission_is_waited_for_within_its_time_limits(app: Any) -> None:
+    # (ADMISSION_CHECK_WAIT, 1 s, bounds it too: the limits here are below 1 / 0.8 s.)
     from celery_breaker.integration.deferral.plan import WORKER_SOFT_TIME_LIMIT_ATTR, WORKER_TIME_LIMIT_ATTR
     from celery_breaker.integration.task import (
+        ADMISSION_CHECK_WAIT,
         CHECK_SHARE_OF_TIME_LIMIT,
         SOFT_TIME_LIMITS_ENFORCED_ATTR,
         TIME_LIMITS_ENFORCED_ATTR,
@@ -306,6 +329,7 @@ def test_a_check_run_at_a_tasks_admission_is_waited_for_within_its_time_limits(a
     )
 
     task = probe_tasks.probe_option_task
+    share = CHECK_SHARE_OF_TIME_LIMIT
 
     class Request:
         timelimit: Any = (None, None)
@@ -314,32 +338,34 @@ def test_a_check_run_at_a_tasks_admission_is_waited_for_within_its_time_limits(a
     request = Request()
     setattr(app, TIME_LIMITS_ENFORCED_ATTR, True)  # (a prefork worker; the session worker's pool has none)
     setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, True)
-    assert _check_within(task, request) is None  # no limit anywhere
+    assert _check_within(task, request) == ADMISSION_CHECK_WAIT  # no limit anywhere
+    request.timelimit = (1.2, None)
+    assert _check_within(task, request) == 1.2 * share  # the message's hard limit
+    request.timelimit = (1.2, 0.6)
+    assert _check_within(task, request) == 0.6 * share  # its soft limit, sooner
     request.timelimit = (30, None)
-    assert _check_within(task, request) == 30 * CHECK_SHARE_OF_TIME_LIMIT  # the message's hard limit
-    request.timelimit = (30, 20)
-    assert _check_within(task, request) == 20 * CHECK_SHARE_OF_TIME_LIMIT  # its soft limit, sooner
+    assert _check_within(task, request) == ADMISSION_CHECK_WAIT  # (a limit far off: the admission's own)
     request.timelimit = (None, None)
-    app.conf.task_time_limit = 50
+    app.conf.task_time_limit = 1.1
     try:
-        assert _check_within(task, request) == 50 * CHECK_SHARE_OF_TIME_LIMIT  # the setting
+        assert _check_within(task, request) == 1.1 * share  # the setting
         app.conf.task_time_limit = 10**400  # no float holds it: no limit, not an OverflowError
-        assert _check_within(task, request) is None
-        app.conf.task_time_limit = 50
-        setattr(app, WORKER_TIME_LIMIT_ATTR, 40)  # celery worker --time-limit 40 (BreakerStep notes it)
-        assert _check_within(task, request) == 40 * CHECK_SHARE_OF_TIME_LIMIT
-        app.conf.task_soft_time_limit = 45  # (later than the hard limit: the hard one counts)
-        assert _check_within(task, request) == 40 * CHECK_SHARE_OF_TIME_LIMIT
-        setattr(app, WORKER_SOFT_TIME_LIMIT_ATTR, 5)  # --soft-time-limit 5
-        assert _check_within(task, request) == 5 * CHECK_SHARE_OF_TIME_LIMIT
+        assert _check_within(task, request) == ADMISSION_CHECK_WAIT
+        app.conf.task_time_limit = 1.1
+        setattr(app, WORKER_TIME_LIMIT_ATTR, 1.0)  # celery worker --time-limit 1 (BreakerStep notes it)
+        assert _check_within(task, request) == 1.0 * share
+        app.conf.task_soft_time_limit = 1.05  # (later than the hard limit: the hard one counts)
+        assert _check_within(task, request) == 1.0 * share
+        setattr(app, WORKER_SOFT_TIME_LIMIT_ATTR, 0.5)  # --soft-time-limit 0.5
+        assert _check_within(task, request) == 0.5 * share
         setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, False)  # gevent, eventlet: only the hard limit is enforced
-        assert _check_within(task, request) == 40 * CHECK_SHARE_OF_TIME_LIMIT
+        assert _check_within(task, request) == 1.0 * share
         setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, True)
         request.is_eager = True  # nothing enforces a limit on an eager (or a direct) call
         assert _check_within(task, request) is None
         request.is_eager = False
         setattr(app, TIME_LIMITS_ENFORCED_ATTR, False)  # a threads or solo pool: no limit is enforced
-        assert _check_within(task, request) is None
+        assert _check_within(task, request) == ADMISSION_CHECK_WAIT  # (it held a thread the check's timeout)
     finally:
         app.conf.task_time_limit = app.conf.task_soft_time_limit = None
         setattr(app, WORKER_TIME_LIMIT_ATTR, None)

@@ -254,3 +254,41 @@ def test_a_checks_own_guarded_call_on_its_breaker_passes_on_redis(app: Any) -> N
     snap = breaker.snapshot()
     assert snap.trips == 1  # closed by the first check its open time allowed
     assert HEALTH["checks"] == 2  # the trip's call, then the check's call through the library's breaker
+
+
+#: The tenants whose downstream is down, for ``tenant_check``.
+TENANTS_DOWN: set[str] = set()
+
+
+def tenant_check(key: str | None) -> None:
+    """A per-key breaker's check: each tenant's own health endpoint."""
+    HEALTH["checks"] += 1
+    if key in TENANTS_DOWN:
+        raise ConnectionError(f"{key} down")
+
+
+def test_per_key_breakers_with_a_check_that_takes_the_key_close_each_on_its_own(app: Any) -> None:
+    # One check for every key of a name could not tell the tenants apart: the check of a
+    # tenant still down passed whenever the shared endpoint answered, its breaker closed,
+    # and its parked tasks met the downstream (an acceptance test: 248 real calls to down
+    # tenants after their trip, 98 retries spent, a task failed).
+    app.conf.breaker_probes = {"svc": "tests.storage.test_health_gate:tenant_check"}
+    url = app.conf.breaker_storage_url
+    TENANTS_DOWN.clear()
+    TENANTS_DOWN.add("tenant-1")
+    breakers = {key: CircuitBreaker("svc", POLICY, storage=url, key=key) for key in ("tenant-1", "tenant-2")}
+    parking = breakers["tenant-1"].store.parking
+    assert parking is not None
+    for key, breaker in breakers.items():
+        with pytest.raises(ConnectionError):
+            breaker.call(check)  # the trip
+        for n in range(2):
+            payload = encode_message(dict(app.signature("gate.job", args=(n,))), "json")
+            parking.park("svc", key, f"{key}-{n}:1", float(n), payload, None)
+    releaser = Releaser(app, parking, rate=1000.0, ramp=0.0)
+    wait_for(lambda: (releaser.release_once(), releaser.released)[1] == 2, "tenant-2's tasks to be released")
+    assert breakers["tenant-2"].snapshot().state is State.CLOSED
+    assert breakers["tenant-1"].snapshot().state is not State.CLOSED
+    assert parking.count(parking.tag("svc", "tenant-1"))[0] == 2  # still down: nothing of it went
+    TENANTS_DOWN.clear()
+    wait_for(lambda: (releaser.release_once(), releaser.released)[1] == 4, "tenant-1's tasks, once it answers")

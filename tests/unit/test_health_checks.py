@@ -835,3 +835,54 @@ def test_a_check_of_another_breaker_has_no_pass_on_this_one(clock: FakeClock) ->
     fail(other)  # open for 5 s more when partner's check runs: its call there is rejected as any is
     clock.advance(5)
     assert breaker.check_health().state is State.OPEN  # its check met other's open breaker
+
+
+def test_a_check_that_takes_an_argument_is_given_the_key_of_the_breaker_it_checks(clock: FakeClock) -> None:
+    # A check could not tell the per-key breakers of one name apart: one that answered for
+    # any tenant closed every tenant's breaker, and a tenant still down then met real tasks.
+    store = fresh_store()
+    seen: list[str | None] = []
+
+    def tenant_health(key: str | None) -> None:
+        seen.append(key)
+        if key == "tenant-1":
+            raise ConnectionError("tenant-1 down")
+
+    async def atenant_health(key: str | None) -> None:
+        tenant_health(key)
+
+    policy = BreakerPolicy(failure_threshold=1, reset_timeout=10, success_threshold=1)
+    breakers = {
+        key: CircuitBreaker("svc", policy, storage=store, clock=clock, key=key, probe=check)
+        for key, check in (("tenant-1", tenant_health), ("tenant-2", tenant_health), ("tenant-3", atenant_health))
+    }  # fmt: skip
+    for breaker in breakers.values():
+        fail(breaker)
+    clock.advance(10)
+    assert breakers["tenant-1"].check_health().state is State.OPEN
+    assert breakers["tenant-2"].check_health().state is State.CLOSED
+
+    async def caller() -> None:  # (an async check, awaited on the caller's loop)
+        async with breakers["tenant-3"]:
+            pass
+
+    asyncio.run(caller())
+    assert state_of(breakers["tenant-3"]) is State.CLOSED
+    assert seen == ["tenant-1", "tenant-2", "tenant-3"]
+    assert HealthCheck(tenant_health).takes_key
+    assert HealthCheck(tenant_health).run().healthy  # (run outside any breaker: no key)
+    assert seen[-1] is None
+    keyless = CircuitBreaker("other", policy, storage=store, clock=clock, probe=tenant_health)
+    fail(keyless)
+    clock.advance(10)
+    assert keyless.check_health().state is State.CLOSED
+    assert seen[-1] is None
+
+
+def test_a_check_that_needs_more_than_the_key_is_refused() -> None:
+    def check(key: str, region: str) -> None:
+        """Two arguments: every check would fail."""
+
+    with pytest.raises(ConfigurationError, match="cannot be called without arguments, nor with the breaker's key"):
+        HealthCheck(check)
+    assert HealthCheck(functools.partial(check, region="eu")).takes_key  # (partial fills in the rest)

@@ -12,7 +12,6 @@ inside tasks (docs/decisions.md, decision 44).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 from typing import Any
 
 from celery import Task
@@ -20,12 +19,12 @@ from celery import Task
 from ..breaker import CircuitBreaker
 from ..core import BreakerPolicy
 from ..errors import ConfigurationError
-from ..health import HealthCheck
+from ..health import HealthCheck, ProbeFunction
 from .registry import registry_for
 
 __all__ = ["breaker_with_probe", "resolve_probe"]
 
-ProbeSpec = str | Callable[[], object] | HealthCheck
+ProbeSpec = str | ProbeFunction | HealthCheck
 
 
 def resolve_probe(app: Any, probe: ProbeSpec, *, where: str, timeout: float) -> HealthCheck:
@@ -56,7 +55,7 @@ def resolve_probe(app: Any, probe: ProbeSpec, *, where: str, timeout: float) -> 
     return HealthCheck(found, timeout, probe)
 
 
-def _import(path: str, where: str) -> Callable[[], object]:
+def _import(path: str, where: str) -> ProbeFunction:
     module_name, colon, attr = path.partition(":")
     if not colon:
         module_name, _, attr = path.rpartition(".")
@@ -75,7 +74,7 @@ def _import(path: str, where: str) -> Callable[[], object]:
         raise ConfigurationError(f"{problem}; fix that module, or name another check") from exc
     if not callable(found):
         raise ConfigurationError(f"{where}={path!r} is {found!r}, not a callable; {fix}")
-    checked: Callable[[], object] = found
+    checked: ProbeFunction = found
     return checked
 
 

@@ -130,9 +130,11 @@ SETTING_DOCS: dict[str, Doc] = {
     "breaker_probes": Doc(
         accepts="dict: breaker name or glob → a dotted path to a function (`package.module:function`), the "
         "name of a task of the app, or a callable; each is resolved at worker start, and one that names no task "
-        "and imports nothing, or that cannot be called without arguments, stops the worker",
+        "and imports nothing, or that cannot be called without arguments nor with the breaker's key alone, stops "
+        "the worker",
         meaning="a health check per breaker, run instead of a real task when the breaker may half-open; real tasks "
-        "stay deferred or parked until the checks close it. A check fails by raising or returning `False`. A task "
+        "stay deferred or parked until the checks close it. A check fails by raising or returning `False`; one that "
+        "requires an argument is given the key of the per-key breaker it checks. A task "
         "named here has its body called in the worker's process, without its breaker "
         "([health-check probes](concepts.md#health-check-probes)); the exact name wins over globs, then the first "
         "matching glob. A name one typo from a task's breaker (`partnr` for `partner`) is warned of at start",

@@ -16,7 +16,7 @@ from ..core import BreakerPolicy
 from ..core.pacing import PacingLaw
 from ..core.policy import LARGEST_COUNT
 from ..errors import ConfigurationError
-from ..health import DEFAULT_PROBE_TIMEOUT
+from ..health import DEFAULT_PROBE_TIMEOUT, ProbeFunction
 from ..names import check_name
 from ..storage import check_storage_url, describe_url, is_shared_url
 from ..storage.fallback import MODES as ON_STORAGE_ERROR_CHOICES
@@ -116,7 +116,7 @@ class BreakerSettings:
     """The address that endpoint binds (this host only unless set otherwise)."""
     metrics_ttl: float
     """Seconds stored metrics snapshots (``record_metrics``) are kept."""
-    probes: tuple[tuple[str, str | Callable[[], object]], ...] = ()
+    probes: tuple[tuple[str, str | ProbeFunction], ...] = ()
     """``breaker_probes``: breaker name or glob -> a health check (dotted path, task name or callable)."""
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT
     """Seconds a health check may take before it counts as failed (``breaker_probe_timeout``)."""
@@ -147,7 +147,7 @@ class BreakerSettings:
         self._policy_cache[name] = policy
         return policy
 
-    def probe_for(self, name: str) -> tuple[str, str | Callable[[], object]] | None:
+    def probe_for(self, name: str) -> tuple[str, str | ProbeFunction] | None:
         """The ``breaker_probes`` entry of breaker ``name``, as ``(pattern, probe)``: its
         exact name, else the first matching glob; ``None`` when no entry matches."""
         for pattern, probe in self.probes:
@@ -327,7 +327,7 @@ def _route(pattern: str, breaker: Any) -> tuple[str, str]:
     return pattern, check_name(breaker, f"breaker_routes[{pattern!r}]")
 
 
-def _probe_entry(pattern: str, probe: Any) -> tuple[str, str | Callable[[], object]]:
+def _probe_entry(pattern: str, probe: Any) -> tuple[str, str | ProbeFunction]:
     # The shape only: whether a string names a task or an importable callable is known
     # once the app's tasks are (``probes.resolve_probe``, at worker start).
     check_name(pattern, f"breaker_probes key {pattern!r}")

@@ -495,6 +495,12 @@ def _handled_in_this_run(exc: BaseException) -> bool:
 
 #: Share of a task's hard time limit a health check run at its admission may take.
 CHECK_SHARE_OF_TIME_LIMIT = 0.8
+#: Seconds a task run waits at most for the health checks it runs at its admission; a check
+#: still running then goes on without it, in its probe slot, and the run is deferred. A
+#: check that hung held its pool process for the check's whole timeout (10 s by default):
+#: with many per-key breakers coming due, it stalled every tenant's tasks on that worker
+#: (an acceptance test: no task ran for 7 s, healthy tenants' latency 8.5 s at the worst).
+ADMISSION_CHECK_WAIT = 1.0
 
 
 #: Where the worker notes whether its pool enforces time limits (prefork, gevent and
@@ -505,21 +511,23 @@ SOFT_TIME_LIMITS_ENFORCED_ATTR = "_celery_breaker_soft_time_limits_enforced"
 
 
 def _check_within(task: BreakerTask, request: Any) -> float | None:
-    """How long the run may wait for the health checks at its admission: a share of its
-    time limit, the lower of the hard one (the message's, else the task's, else the
-    worker's ``--time-limit``, else ``task_time_limit``) and the soft one (found alike;
-    counted on prefork, the only pool that enforces it), so the run stops waiting, and is
-    rejected and deferred, before the pool interrupts or kills it. A check still running
-    then goes on without it, and counts when it ends. ``None`` where nothing enforces a
-    limit: a pool without time limits, an eager or a direct call."""
-    app = task.app
-    if not getattr(app, TIME_LIMITS_ENFORCED_ATTR, False) or request.is_eager or request.called_directly:
+    """How long the run may wait for the health checks at its admission: at most
+    ``ADMISSION_CHECK_WAIT``, and a share of its time limit, the lower of the hard one
+    (the message's, else the task's, else the worker's ``--time-limit``, else
+    ``task_time_limit``) and the soft one (found alike; counted on prefork, the only pool
+    that enforces it), so the run stops waiting, and is rejected and deferred, before the
+    pool interrupts or kills it. A check still running then goes on without it, and
+    counts when it ends. ``None`` (the check's own timeout) for an eager or a direct call."""
+    if request.is_eager or request.called_directly:
         return None
+    app = task.app
+    if not getattr(app, TIME_LIMITS_ENFORCED_ATTR, False):
+        return ADMISSION_CHECK_WAIT
     limits = [run_time_limit(task, request)]
     if getattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, False):
         limits.append(run_soft_time_limit(task, request))
-    found = [limit for limit in limits if limit is not None]
-    return min(found) * CHECK_SHARE_OF_TIME_LIMIT if found else None
+    found = [limit * CHECK_SHARE_OF_TIME_LIMIT for limit in limits if limit is not None]
+    return min([ADMISSION_CHECK_WAIT, *found])
 
 
 def _drop_frames(exc: BaseException) -> None:

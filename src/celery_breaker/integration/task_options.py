@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import types
@@ -133,9 +134,13 @@ class _TaskMethod:
         functools.update_wrapper(self, function)
         self.function = function
         self.task = task
+        # What is left to give once ``self`` is: nothing, or the breaker's key (``HealthCheck``).
+        with contextlib.suppress(TypeError, ValueError):
+            signature = inspect.signature(function)
+            self.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
 
-    def __call__(self) -> object:
-        return self.function(self.task)
+    def __call__(self, *key: object) -> object:
+        return self.function(self.task, *key)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _TaskMethod) and other.function is self.function
