@@ -39,8 +39,6 @@ __all__ = [
     "abandon_checks_on",
     "abandon_pending_checks",
     "check_timeout",
-    "checking",
-    "checking_now",
 ]
 
 #: Seconds a health check may take before it counts as failed.

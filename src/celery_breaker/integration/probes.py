@@ -2,11 +2,11 @@
 
 A string names a task of the app when one has that name; otherwise it is imported as
 ``package.module:function`` (or ``package.module.function``), which may find a task too
-(one named otherwise than its path); a task object may be given too. A task's body is called in the process that checks
-(``task.run()``), without its breaker, its retries or a result backend: a health check
-that had to travel through the broker and back could wait behind the very backlog it is
-meant to release, and a worker blocking on another task's result is what Celery forbids
-inside tasks (docs/decisions.md, decision 44).
+(one named otherwise than its path); a task object may be given too. A task's body is
+called in the process that checks (``task.run()``), without its breaker, its retries or
+a result backend: a health check that had to travel through the broker and back could
+wait behind the very backlog it is meant to release, and a worker blocking on another
+task's result is what Celery forbids inside tasks (docs/decisions.md, decision 44).
 """
 
 from __future__ import annotations
