@@ -20,6 +20,7 @@ from .errors import CircuitOpenError, ConfigurationError
 from .health import (
     Checked,
     CheckResult,
+    CheckRun,
     HealthCheck,
     HealthState,
     PendingCheck,
@@ -175,6 +176,14 @@ _CHECK_WITHIN: ContextVar[float | None] = ContextVar("celery_breaker_check_withi
 #: The ticket of a call a health check makes through its own breaker: a generation no
 #: cell has, so its outcome is counted and judged by no rule.
 _UNJUDGED = -1
+
+
+def _primary(store: object) -> object:
+    """The shared store a store stands for (``FallbackStore.primary``; else itself): two
+    breakers of one store differ in ``breaker_on_storage_error`` only by their wrappers."""
+    return getattr(store, "primary", store)
+
+
 #: Below this many seconds left of ``check_within``, no further check is started.
 _LEAST_CHECK_TIME = 0.05
 
@@ -731,15 +740,18 @@ class CircuitBreaker:
         checked = checking_now()
         if (
             checked is not None
-            and checked.store is self.store
+            and not checked.run.over
             and checked.name == self.name
             and checked.key == self.key
+            and _primary(checked.store) is _primary(self.store)
         ):
-            # A guarded call this breaker's own health check makes (a client library's
-            # breaker of the same name, as a task run's calls share its admission): served
-            # by the check's probe slot, and judged by no rule (the check's verdict is what
-            # counts). It was rejected by the very slot the check held: the check failed,
-            # and such a breaker never closed. (Not while the breaker is open again.)
+            # A guarded call this breaker's own health check makes while it runs (a client
+            # library's breaker of the same name, as a task run's calls share its
+            # admission): served by the check's probe slot, and judged by no rule (the
+            # check's verdict is what counts). It was rejected by the very slot the check
+            # held: the check failed, and such a breaker never closed. (Not while the
+            # breaker is open again, nor once the check is over: what it left behind, a
+            # thread or a task, keeps its context, and is a caller like any other.)
             return cell, _UNJUDGED
         ticket, moves = cell.acquire(self.policy, now)
         if moves:
@@ -765,7 +777,7 @@ class CircuitBreaker:
             limit = next(checks)
             while True:
                 try:
-                    with checking(Checked(self.store, self.name, self.key)):
+                    with checking(Checked(self.store, self.name, self.key, CheckRun())):
                         result = await probe.arun(limit)
                 except BaseException as exc:  # the caller was cancelled: its probe slot is freed
                     checks.throw(exc)
@@ -803,7 +815,8 @@ class CircuitBreaker:
             limit = next(checks)
             while True:
                 try:
-                    with checking(Checked(self.store, self.name, self.key)):  # (its own calls on this breaker pass)
+                    # (its own calls on this breaker pass while it runs)
+                    with checking(Checked(self.store, self.name, self.key, CheckRun())):
                         result = probe.run(limit)
                 except BaseException as exc:  # (a KeyboardInterrupt while waiting: the slot is freed)
                     checks.throw(exc)

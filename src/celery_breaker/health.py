@@ -56,12 +56,28 @@ _ABANDON_ON: contextvars.ContextVar[threading.Event | None] = contextvars.Contex
 ProbeFunction = Callable[[], object] | Callable[[str | None], object]
 
 
+class CheckRun:
+    """One run of a health check: ``over`` once it ended (returned, or given up for good).
+    Work the check leaves behind (a thread it started, a task on the caller's loop, its own
+    thread after its timeout) keeps the check's context, but its calls no longer pass."""
+
+    __slots__ = ("over",)
+
+    def __init__(self) -> None:
+        self.over = False
+
+    def end(self) -> None:
+        self.over = True
+
+
 class Checked(NamedTuple):
-    """The breaker whose health check runs (``checking``): its store, name and key."""
+    """The breaker whose health check runs (``checking``): its store, name and key, and
+    the run of the check (``CheckRun``)."""
 
     store: object
     name: str
     key: str | None
+    run: CheckRun
 
 
 #: The breaker whose health check runs in this context (``checking``): the check's own
@@ -186,6 +202,8 @@ class HealthCheck:
                     f"({unmet}), so every check would fail; give a function that takes none, or one: the key "
                     "(functools.partial can fill in the others)"
                 )
+        elif _wraps_a_key_check(self.fn):
+            object.__setattr__(self, "takes_key", True)
         if _is_generator_function(self.fn):
             raise ConfigurationError(
                 f"probe {self.name} is a generator function (a yield in its body): calling it runs none of "
@@ -212,7 +230,7 @@ class HealthCheck:
         def target() -> None:
             _CHECKING.set(breaker)  # (this thread's own context: the check's calls on it pass)
             try:
-                value: Any = self.fn(None if breaker is None else breaker.key) if self.takes_key else self.fn()
+                value: Any = self._called(breaker)
                 if inspect.isawaitable(value):
                     value = asyncio.run(_bounded(value, self.timeout))  # (its own timeout: it may outlive the wait)
                 elif inspect.isgenerator(value) or inspect.isasyncgen(value):
@@ -222,6 +240,9 @@ class HealthCheck:
                 outcome.append(CheckResult(False, exc))
             else:
                 outcome.append(CheckResult(value is not False))
+            finally:
+                if breaker is not None:
+                    breaker.run.end()  # (what it left behind no longer passes)
 
         thread = threading.Thread(target=target, name=f"celery-breaker probe {self.name}", daemon=True)
         started = time.monotonic()
@@ -231,7 +252,9 @@ class HealthCheck:
             return outcome[0]
         timed_out = ProbeTimeout(f"health check {self.name} did not answer within {limit:g} s")
         if limit < self.timeout:  # (the caller's wait is over, not the check's time)
-            return CheckResult(False, timed_out, PendingCheck(self, thread, outcome, started))
+            return CheckResult(False, timed_out, PendingCheck(self, thread, outcome, started, breaker))
+        if breaker is not None:
+            breaker.run.end()  # (given up for good: if it wakes, its calls must not pass)
         return CheckResult(False, timed_out)
 
     async def arun(self, timeout: float | None = None) -> CheckResult:
@@ -243,10 +266,9 @@ class HealthCheck:
         limit = self.timeout if timeout is None else min(self.timeout, timeout)
         if not _is_coroutine_function(self.fn):
             return await self._run_off_loop(limit)
+        checked = _CHECKING.get()
         try:
-            checked = _CHECKING.get()
-            called = self.fn(None if checked is None else checked.key) if self.takes_key else self.fn()
-            value = await _bounded(cast("Awaitable[object]", called), limit)
+            value = await _bounded(cast("Awaitable[object]", self._called(checked)), limit)
         except ProbeTimeout:
             return CheckResult(False, ProbeTimeout(f"health check {self.name} did not answer within {limit:g} s"))
         except Exception as exc:  # a probe's failure is data
@@ -255,7 +277,16 @@ class HealthCheck:
             if _cancelling():
                 raise  # the caller is being cancelled: no verdict
             return CheckResult(False, exc)  # the check cancelled itself (what it awaited was cancelled)
+        finally:
+            if checked is not None:
+                checked.run.end()  # (tasks it started on this loop no longer pass)
         return CheckResult(value is not False)
+
+    def _called(self, checked: Checked | None) -> Any:
+        """``fn()``, or ``fn(key)`` with the key of the breaker it checks (``takes_key``)."""
+        if self.takes_key:
+            return self.fn(None if checked is None else checked.key)
+        return self.fn()
 
     async def _run_off_loop(self, limit: float) -> CheckResult:
         """``run(limit)`` in a thread of its own, awaited on the running loop. It ran in
@@ -286,11 +317,19 @@ class PendingCheck:
     (each caller used to free its probe slot, and the next began another check, cut short
     again: such a breaker never closed)."""
 
-    __slots__ = ("_check", "_thread", "_outcome", "_started", "_deadline", "_lock", "_settle", "_abandon_on")
+    __slots__ = (
+        "_check", "_thread", "_outcome", "_started", "_deadline", "_lock", "_settle", "_abandon_on", "_checked",
+    )  # fmt: skip
 
     def __init__(
-        self, check: HealthCheck, thread: threading.Thread, outcome: list[CheckResult], started: float
+        self,
+        check: HealthCheck,
+        thread: threading.Thread,
+        outcome: list[CheckResult],
+        started: float,
+        checked: Checked | None = None,
     ) -> None:
+        self._checked = checked  # (its run ends with its verdict: its calls pass until then)
         self._check = check
         self._thread = thread
         self._outcome = outcome
@@ -331,6 +370,8 @@ class PendingCheck:
         self._finish(result)
 
     def _finish(self, result: CheckResult | None) -> None:
+        if self._checked is not None:
+            self._checked.run.end()
         with self._lock:
             settle, self._settle = self._settle, None
         with _PENDING_LOCK:
@@ -399,6 +440,28 @@ def _unmet_arguments(fn: Callable[..., object], *args: object) -> str | None:
     except TypeError as exc:
         return str(exc)
     return None
+
+
+def _wraps_a_key_check(fn: Callable[..., object]) -> bool:
+    """Whether ``fn`` is a decorator's wrapper (``functools.wraps``: ``*args`` of its own)
+    around a function whose one required argument is named ``key``: a per-key check under
+    a logging or retrying decorator, called without it, failed every check. (A wrapper
+    around another one-argument function may fill that argument in itself: left alone.)"""
+    inner = inspect.unwrap(fn)
+    if inner is fn:
+        return False
+    try:
+        own = inspect.signature(fn, follow_wrapped=False)
+        wrapped = inspect.signature(inner)
+    except (TypeError, ValueError):
+        return False
+    if not any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in own.parameters.values()):
+        return False
+    required = [
+        p for p in wrapped.parameters.values()
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]  # fmt: skip
+    return [p.name for p in required] == ["key"] and _unmet_arguments(inner, None) is None
 
 
 def _is_generator_function(fn: Callable[..., object]) -> bool:

@@ -15,7 +15,7 @@ import pytest
 
 from celery_breaker import BreakerPolicy, BreakerTask, CircuitBreaker, ConfigurationError, State
 from celery_breaker.core import Transition
-from celery_breaker.health import Checked, CheckResult, checking
+from celery_breaker.health import Checked, CheckResult, CheckRun, checking
 from celery_breaker.integration.inventory import check_app
 from celery_breaker.integration.probes import breaker_with_probe, resolve_probe
 from celery_breaker.integration.settings import build_settings
@@ -211,7 +211,7 @@ def test_a_probe_method_that_takes_the_key_is_given_it() -> None:
     probe = task_breaker_config(app.tasks["pk.job"]).probe
     assert probe is not None
     assert probe.takes_key
-    with checking(Checked(None, "tenant-method", "t-7")):
+    with checking(Checked(None, "tenant-method", "t-7", CheckRun())):
         assert probe.run() == CheckResult(True)
     assert seen == [("pk.job", "t-7")]
 
@@ -339,6 +339,7 @@ def test_a_check_run_at_a_tasks_admission_is_waited_for_within_its_time_limits(a
     setattr(app, TIME_LIMITS_ENFORCED_ATTR, True)  # (a prefork worker; the session worker's pool has none)
     setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, True)
     assert _check_within(task, request) == ADMISSION_CHECK_WAIT  # no limit anywhere
+    assert _check_within(task, request, 2) == 2 * ADMISSION_CHECK_WAIT  # (a second each check closing needs)
     request.timelimit = (1.2, None)
     assert _check_within(task, request) == 1.2 * share  # the message's hard limit
     request.timelimit = (1.2, 0.6)

@@ -241,11 +241,14 @@ def test_a_releaser_that_stops_frees_the_slot_of_a_check_it_left_going(app: Any)
         ANSWER.set()
 
 
-def test_a_checks_own_guarded_call_on_its_breaker_passes_on_redis(app: Any) -> None:
+@pytest.mark.parametrize("mode", ["local", "deny"])
+def test_a_checks_own_guarded_call_on_its_breaker_passes_on_redis(app: Any, mode: str) -> None:
     # (the memory store's case: tests/unit/test_health_checks.py) A client library's breaker
     # of the same name, in the check: rejected by the slot the check held, it never closed.
+    # Its own breaker_on_storage_error ("deny") wraps the same store in another object: it
+    # was rejected still.
     url = app.conf.breaker_storage_url
-    client = CircuitBreaker("svc", POLICY, storage=url)
+    client = CircuitBreaker("svc", POLICY, storage=url, on_storage_error=mode)
     breaker = CircuitBreaker("svc", POLICY, storage=url, probe=lambda: client.call(check))
     with pytest.raises(ConnectionError):
         breaker.call(check)  # the trip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
@@ -28,7 +29,7 @@ from celery_breaker.health import (
 )
 from celery_breaker.testing import FakeClock, fresh_store
 
-from .support import fail, state_of
+from .support import HeldCall, fail, state_of
 
 
 def down() -> None:
@@ -886,3 +887,130 @@ def test_a_check_that_needs_more_than_the_key_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="cannot be called without arguments, nor with the breaker's key"):
         HealthCheck(check)
     assert HealthCheck(functools.partial(check, region="eu")).takes_key  # (partial fills in the rest)
+
+
+def half_open_with_its_slot_held(breaker: CircuitBreaker, clock: FakeClock) -> HeldCall:
+    """``breaker`` tripped, its open time up, and its one probe slot held by a caller of its own context."""
+    fail(breaker)
+    clock.advance(10)
+    return contextvars.Context().run(HeldCall, breaker)
+
+
+def test_a_checks_pass_is_for_its_own_breaker_only(clock: FakeClock) -> None:
+    # Nothing tested the comparison itself: every other breaker met in a check was still
+    # open, rejected before it. The same name with another key, and the same key in
+    # another store, each half-open with its slot held by another caller: rejected.
+    store = fresh_store()
+    policy = BreakerPolicy(failure_threshold=1, reset_timeout=10, half_open_max_calls=1, success_threshold=1)
+    other_key = CircuitBreaker("svc", policy, storage=store, clock=clock, key="k2")
+    other_store = CircuitBreaker("svc", policy, storage=fresh_store(), clock=clock, key="k1")
+    met: dict[str, str] = {}
+
+    def check(key: str | None) -> None:
+        for label, other in (("other key", other_key), ("other store", other_store)):
+            try:
+                other.call(int)
+                met[label] = "passed"
+            except CircuitOpenError:
+                met[label] = "rejected"
+
+    breaker = CircuitBreaker("svc", policy, storage=store, clock=clock, key="k1", probe=check)
+    fail(breaker)
+    held = [half_open_with_its_slot_held(other_key, clock), half_open_with_its_slot_held(other_store, clock)]
+    assert breaker.check_health().state is State.CLOSED
+    assert met == {"other key": "rejected", "other store": "rejected"}
+    for call in held:
+        call.succeed()
+
+
+def leaky_breaker(clock: FakeClock, probe: Any) -> tuple[CircuitBreaker, CircuitBreaker]:
+    """Breaker ``svc`` with ``probe``, and a probe-less object of it (another caller's)."""
+    store = fresh_store()
+    policy = BreakerPolicy(failure_threshold=1, reset_timeout=10, half_open_max_calls=1, success_threshold=1)
+    breaker = CircuitBreaker("svc", policy, storage=store, clock=clock, probe=probe, probe_timeout=0.05)
+    return breaker, CircuitBreaker("svc", policy, storage=store, clock=clock)
+
+
+def attempted(breaker: CircuitBreaker, met: list[str]) -> None:
+    try:
+        breaker.call(int)
+        met.append("passed")
+    except CircuitOpenError:
+        met.append("rejected")
+
+
+def test_a_checks_own_thread_gets_no_pass_once_the_check_timed_out(clock: FakeClock) -> None:
+    # The check's context stayed with its thread after its timeout: woken in a later
+    # half-open period, its call on the breaker passed without a probe slot.
+    wake, woke = threading.Event(), threading.Event()
+    met: list[str] = []
+
+    def hangs() -> None:
+        wake.wait(30)
+        attempted(breaker, met)
+        woke.set()
+
+    breaker, other = leaky_breaker(clock, hangs)
+    fail(breaker)
+    clock.advance(10)
+    assert breaker.check_health().state is State.OPEN  # (timed out: open again, for 20 s)
+    clock.advance(20)
+    held = contextvars.Context().run(HeldCall, other)  # another caller's probe holds the slot
+    wake.set()
+    assert woke.wait(10)
+    held.succeed()
+    assert met == ["rejected"]
+
+
+def test_a_task_an_async_check_left_on_the_loop_gets_no_pass(clock: FakeClock) -> None:
+    # A task the check started on the caller's loop kept its context: its calls on the
+    # breaker passed, after the check, without a probe slot.
+    met: list[str] = []
+    left: list[asyncio.Task[None]] = []
+    go = asyncio.Event()
+
+    async def starts_a_sender() -> None:
+        async def sender() -> None:
+            await go.wait()
+            attempted(breaker, met)
+
+        left.append(asyncio.get_running_loop().create_task(sender()))
+
+    breaker, other = leaky_breaker(clock, starts_a_sender)
+    fail(breaker)
+    clock.advance(10)
+
+    async def caller() -> None:
+        async with breaker:  # wins the slot, runs the check, which closes the breaker
+            pass
+        fail(breaker)  # open again
+        clock.advance(20)
+        held = HeldCall(other)  # (a context of its own: HeldCall copies this one, which is not the check's)
+        go.set()
+        await asyncio.gather(*left)
+        held.succeed()
+
+    asyncio.run(caller())
+    assert met == ["rejected"]
+
+
+def test_a_per_key_check_under_a_decorator_is_given_its_key() -> None:
+    # Read through its wrapper (*args, **kwargs), a check taking the key was called with
+    # none: every check failed, and nothing said so at start.
+    def logged(fn: Any) -> Any:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    @logged
+    def tenant_health(key: str | None) -> str | None:
+        return key
+
+    @logged
+    def with_session(session: object) -> None:
+        """A wrapper that may fill its argument in itself: left alone."""
+
+    assert HealthCheck(tenant_health).takes_key
+    assert not HealthCheck(with_session).takes_key

@@ -259,7 +259,7 @@ class BreakerTask(Task):  # type: ignore[misc]
             if breaker.probe is None:
                 run = breaker.enter_run(_translate, counts_itself=config.counts_runs)
             else:  # (a health check this run may have to run must end before the task's hard limit)
-                within = _check_within(self, request)
+                within = _check_within(self, request, breaker.policy.probes_to_close)
                 run = breaker.enter_run(_translate, counts_itself=config.counts_runs, check_within=within)
         except CircuitOpenError as rejected:
             return self._on_rejected(breaker, rejected, args, kwargs)
@@ -495,8 +495,9 @@ def _handled_in_this_run(exc: BaseException) -> bool:
 
 #: Share of a task's hard time limit a health check run at its admission may take.
 CHECK_SHARE_OF_TIME_LIMIT = 0.8
-#: Seconds a task run waits at most for the health checks it runs at its admission; a check
-#: still running then goes on without it, in its probe slot, and the run is deferred. A
+#: Seconds a task run waits at most for each health check it needs at its admission (the
+#: policy's ``probes_to_close``); a check still running then goes on without it, in its
+#: probe slot, and the run is deferred. A
 #: check that hung held its pool process for the check's whole timeout (10 s by default):
 #: with many per-key breakers coming due, it stalled every tenant's tasks on that worker
 #: (an acceptance test: no task ran for 7 s, healthy tenants' latency 8.5 s at the worst).
@@ -510,9 +511,10 @@ TIME_LIMITS_ENFORCED_ATTR = "_celery_breaker_time_limits_enforced"
 SOFT_TIME_LIMITS_ENFORCED_ATTR = "_celery_breaker_soft_time_limits_enforced"
 
 
-def _check_within(task: BreakerTask, request: Any) -> float | None:
-    """How long the run may wait for the health checks at its admission: at most
-    ``ADMISSION_CHECK_WAIT``, and a share of its time limit, the lower of the hard one
+def _check_within(task: BreakerTask, request: Any, checks: int = 1) -> float | None:
+    """How long the run may wait for the health checks at its admission (``checks`` of
+    them close the breaker: the policy's ``probes_to_close``): at most
+    ``ADMISSION_CHECK_WAIT`` for each, and a share of its time limit, the lower of the hard one
     (the message's, else the task's, else the worker's ``--time-limit``, else
     ``task_time_limit``) and the soft one (found alike; counted on prefork, the only pool
     that enforces it), so the run stops waiting, and is rejected and deferred, before the
@@ -521,13 +523,16 @@ def _check_within(task: BreakerTask, request: Any) -> float | None:
     if request.is_eager or request.called_directly:
         return None
     app = task.app
+    # (for each check: with the default policy's two, a 0.6 s check ran out of time at the
+    # second, and the task was deferred for the 9.4 s the check had left, not 1.2 s)
+    most = ADMISSION_CHECK_WAIT * max(1, checks)
     if not getattr(app, TIME_LIMITS_ENFORCED_ATTR, False):
-        return ADMISSION_CHECK_WAIT
+        return most
     limits = [run_time_limit(task, request)]
     if getattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, False):
         limits.append(run_soft_time_limit(task, request))
     found = [limit * CHECK_SHARE_OF_TIME_LIMIT for limit in limits if limit is not None]
-    return min([ADMISSION_CHECK_WAIT, *found])
+    return min([most, *found])
 
 
 def _drop_frames(exc: BaseException) -> None:
