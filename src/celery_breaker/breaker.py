@@ -173,6 +173,8 @@ _RUN: ContextVar[RunAdmission | None] = ContextVar("celery_breaker_run", default
 #: Seconds the health checks run for ``enter_run(check_within=...)`` may take at most, all
 #: together (a task's own time limit): set only around that admission.
 _CHECK_WITHIN: ContextVar[float | None] = ContextVar("celery_breaker_check_within", default=None)
+#: Below this many seconds left of ``check_within``, no further check is started.
+_LEAST_CHECK_TIME = 0.05
 #: The ticket of a call a health check makes through its own breaker: a generation no
 #: cell has, so its outcome is counted and judged by no rule.
 _UNJUDGED = -1
@@ -182,10 +184,6 @@ def _primary(store: object) -> object:
     """The shared store a store stands for (``FallbackStore.primary``; else itself): two
     breakers of one store differ in ``breaker_on_storage_error`` only by their wrappers."""
     return getattr(store, "primary", store)
-
-
-#: Below this many seconds left of ``check_within``, no further check is started.
-_LEAST_CHECK_TIME = 0.05
 
 
 class _EnteredRun(RunAdmission):
@@ -240,9 +238,9 @@ class CircuitBreaker:
             of this process stands in), ``"allow"`` (every call passes) or ``"deny"``
             (every call is rejected); the shared state is rejoined when it answers.
         probe: a health check (a callable taking no arguments, or one: the breaker's key;
-            sync or async; or a ``HealthCheck``): when the breaker may half-open, the call that wins a probe
-            slot runs it instead of itself, and is rejected unless the check closed the
-            breaker. It fails by raising or returning ``False``; its verdict counts as a
+            sync or async; or a ``HealthCheck``): when the breaker may half-open, the call
+            that wins a probe slot runs it instead of itself, and is rejected unless the
+            check closed the breaker. It fails by raising or returning ``False``; its verdict counts as a
             probe's would. Every process using the breaker should give it the same probe.
         probe_timeout: seconds the health check may take before it counts as failed
             (default 10; never more than the ``half_open_max_wait`` of the policy the

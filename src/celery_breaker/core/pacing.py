@@ -58,12 +58,13 @@ its lowest rates, where the release is not what slows the downstream; a judgemen
 more than ``USUAL_MOST`` of them bad teaches nothing: that is strain), then kept for the
 rest of the pace. Bad outcomes up to what that share predicts, and chance above it
 (``USUAL_NOISE`` standard deviations), are no news (``beyond_usual``), though
-``least_bad`` still counts them all (a judgement of 3 outcomes, all slow, is news). A downstream whose
-calls are slow or fail at a steady 8 % whatever the load had its pace cut again and
-again, and held near ``least_bad / (judge_every * 8 %)`` tasks a second; a downstream
-without such a share has none (0), and every bad outcome counts, as before. The share is
-not learnt all along: one that slows gradually as the load grows would have had its
-slowness taken for its usual one, step by step, until most calls were slow.
+``least_bad`` still counts them all (a judgement of 3 outcomes, all slow, is news). A
+downstream whose calls are slow or fail at a steady 8 % whatever the load had its pace
+cut again and again, and held near ``least_bad / (judge_every * 8 %)`` tasks a second;
+a downstream without such a share has none (0), and every bad outcome counts, as
+before. The share is not learnt all along: one that slows gradually as the load grows
+would have had its slowness taken for its usual one, step by step, until most calls
+were slow.
 
 The rate stays within ``[floor, ceiling]`` (``breaker_release_rate`` when set). The
 O(1) state is a ``Pace``; nothing here reads a clock: every step is given ``now``.
