@@ -17,7 +17,8 @@ from .errors import BreakerKeyError, ConfigurationError
 from .labels import LABEL_MARKS, visible
 
 __all__ = [
-    "MAX_KEY_LENGTH", "MAX_NAME_LENGTH", "check_key", "check_name", "edit_distance", "encodable", "kept_key",
+    "MAX_KEY_LENGTH", "MAX_NAME_LENGTH", "check_key", "check_name", "edit_distance", "encodable", "kept_form",
+    "kept_key",
 ]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
@@ -109,12 +110,11 @@ def kept_key(name: str, key: str | None) -> str | None:
     Either is kept as its first characters (a surrogate written as its escape, ``\\udce9``),
     ``~`` and a digest of the whole key, so distinct keys stay distinct breakers on every
     store; a WARNING says so, once per breaker name and process."""
-    if key is None or (len(key) <= MAX_KEY_LENGTH and (key.isascii() or encodable(key))):
+    if key is None:
+        return None
+    kept = kept_form(key)
+    if kept is key:
         return key
-    whole = key.encode("utf-8", "surrogatepass")
-    digest = hashlib.sha256(whole).hexdigest()[:_DIGEST_LENGTH]
-    shown = key.encode("utf-8", "backslashreplace").decode("utf-8")
-    kept = f"{shown[: MAX_KEY_LENGTH - _DIGEST_LENGTH - 1]}~{digest}"
     if name not in _WARNED:
         _WARNED.add(name)
         logger.warning(
@@ -124,6 +124,21 @@ def kept_key(name: str, key: str | None) -> str | None:
             visible(kept), MAX_KEY_LENGTH,
         )  # fmt: skip
     return kept
+
+
+@overload
+def kept_form(key: str) -> str: ...
+@overload
+def kept_form(key: None) -> None: ...
+def kept_form(key: str | None) -> str | None:
+    """``kept_key`` without its WARNING: the form a key is kept in (``key`` itself, the
+    same object, when it is kept as it is)."""
+    if key is None or (len(key) <= MAX_KEY_LENGTH and (key.isascii() or encodable(key))):
+        return key
+    whole = key.encode("utf-8", "surrogatepass")
+    digest = hashlib.sha256(whole).hexdigest()[:_DIGEST_LENGTH]
+    shown = key.encode("utf-8", "backslashreplace").decode("utf-8")
+    return f"{shown[: MAX_KEY_LENGTH - _DIGEST_LENGTH - 1]}~{digest}"
 
 
 def encodable(text: str) -> bool:

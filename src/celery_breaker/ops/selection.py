@@ -5,13 +5,12 @@ inspect breakers``) select them: ``crm*`` (names), ``crm[tenant-*]`` (a name and
 from __future__ import annotations
 
 import fnmatch
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..labels import split_label, visible
 from ..monitoring.status import BreakerStatus, collect_metrics
-from ..names import kept_key
+from ..names import kept_form, kept_key
 
 if TYPE_CHECKING:
     from ..storage import Store
@@ -19,7 +18,12 @@ if TYPE_CHECKING:
 __all__ = ["breakers_matching", "looked_up", "matching"]
 
 #: What makes a pattern a glob (``fnmatch``'s marks).
-_GLOB = re.compile(r"[*?\[]")
+_GLOB_MARKS = "*?["
+
+
+def is_glob(text: str) -> bool:
+    """Whether ``fnmatch`` reads ``text`` as a glob rather than as itself."""
+    return any(mark in text for mark in _GLOB_MARKS)
 
 
 def matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[BreakerStatus]:
@@ -28,24 +32,27 @@ def matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[Bre
     each as it is or as ``status`` shows it (``crm[tenant\\n*]``, ``crm[C:\\\\*]``)."""
     if not patterns:
         return list(rows)
+    # Each pattern split once: its name glob, its key glob, and the key as a task typing
+    # it would have made its breaker keep it (too long or not UTF-8: ``kept_form``), for a
+    # key that is not a glob.
+    parsed = [
+        (name_glob, key_glob, None if key_glob is None or is_glob(key_glob) else kept_form(key_glob))
+        for name_glob, key_glob in map(split_label, patterns)
+    ]
 
-    def matches(row: BreakerStatus, pattern: str) -> bool:
-        name_glob, key_glob = split_label(pattern)
+    def matches(row: BreakerStatus, name_glob: str, key_glob: str | None, kept: str | None) -> bool:
         snapshot = row.snapshot
         if not any(fnmatch.fnmatchcase(text, name_glob) for text in (snapshot.name, visible(snapshot.name))):
             return False
         if key_glob is None:
             return True
         key = snapshot.key
-        # (``==``: a key holding brackets, ``crm[tenant[1]]``, which fnmatch reads as a class;
-        # and the key typed as a task gave it, which its breaker keeps otherwise when it is
-        # too long or not UTF-8: ``kept_key``)
+        # (``==``: a key holding brackets, ``crm[tenant[1]]``, which fnmatch reads as a class)
         return key is not None and (
-            any(text == key_glob or fnmatch.fnmatchcase(text, key_glob) for text in (key, visible(key)))
-            or (not _GLOB.search(key_glob) and key == kept_key(snapshot.name, key_glob))
+            key == kept or any(text == key_glob or fnmatch.fnmatchcase(text, key_glob) for text in (key, visible(key)))
         )
 
-    return [row for row in rows if any(matches(row, pattern) for pattern in patterns)]
+    return [row for row in rows if any(matches(row, *pattern) for pattern in parsed)]
 
 
 def looked_up(store: Store, patterns: Sequence[str]) -> list[BreakerStatus] | None:
@@ -56,7 +63,7 @@ def looked_up(store: Store, patterns: Sequence[str]) -> list[BreakerStatus] | No
     wanted: list[tuple[str, str | None]] = []
     for pattern in patterns:
         name, key = split_label(pattern)
-        if key is None or any(mark in text for text in (name, key) for mark in "*?[]\\") or key == '""':
+        if key is None or any(is_glob(text) or "]" in text or "\\" in text for text in (name, key)) or key == '""':
             return None
         wanted.append((name, kept_key(name, key)))  # (as its breaker keeps it: a key too long, or not UTF-8)
     if not wanted:
