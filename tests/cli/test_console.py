@@ -80,6 +80,9 @@ def test_the_release_column_shows_the_pace_its_wait_and_its_limit() -> None:
     assert release_text(ReleasePace(3, 9.96, None, None)) == "10/s"
     assert release_text(ReleasePace(3, 28.0, 40.0, 1.25)) == "held 1.2 s, then 28/s (limit 40/s)"
     assert release_text(ReleasePace(3, 38.0, 40.0, None)) == "38/s (limit 40/s)"
+    assert release_text(ReleasePace(3, 38.0, 40.0, None, 0.08)) == "38/s (limit 40/s; 8% usually bad)"
+    assert release_text(ReleasePace(3, 90.0, None, None, 0.004)) == "90/s (<1% usually bad)"
+    assert release_text(ReleasePace(3, 90.0, None, None, 0.0)) == "90/s"  # (nothing usual to tell)
     releasing = BreakerStatus(snap("partner-api"), 120, 8, ReleasePace(0, 28.0, 40.0, 1.25))
     lines = status_text([releasing], now=0.0).splitlines()
     assert lines[1].endswith("120  held 1.2 s, then 28/s (limit 40/s)")

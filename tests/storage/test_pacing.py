@@ -479,7 +479,7 @@ def test_the_status_shows_the_pace_while_it_releases(store: RedisStore) -> None:
     row = release_row(store, clock)
     assert row.release == ReleasePace(row.snapshot.generation, 40.0, None, None)
     assert {k: v for k, v in row.as_dict().items() if k.startswith("release_")} == {
-        "release_rate": 40.0, "release_limit": None, "release_held_for": None,
+        "release_rate": 40.0, "release_limit": None, "release_held_for": None, "release_usual_bad_share": None,
     }  # fmt: skip
     run = breaker.begin_run(lambda e: e)
     run.released = True
@@ -498,6 +498,28 @@ def test_the_status_shows_the_pace_while_it_releases(store: RedisStore) -> None:
     assert release_row(store, clock).release is None
     release(store, clock.monotonic())
     assert release_row(store, clock).release is not None
+
+
+def test_the_status_shows_the_usual_share_once_learnt_under_this_pace(store: RedisStore, redis_url: str) -> None:
+    """``usual_bad_share``: ``ubd / usn`` once ``USUAL_LEAST`` outcomes are in, and only
+    when learnt under the pace's own generation (as ``pacing.lua`` reads it)."""
+    clock = FakeClock()
+    grown_to_40(store, clock)
+    tag = store.parking.tag("svc", None)
+    client = redis.Redis.from_url(redis_url)
+    generation = stored(store)["a_gen"]
+    for ubd, usn, ugen, shown in (
+        (4, 50, generation, 0.08),
+        (0, 60, generation, 0.0),
+        (4, 49, generation, None),
+        (4, 50, str(int(generation) + 2), None),
+        (51, 50, generation, None),
+    ):
+        client.hset(tag + ":p", mapping={"ubd": ubd, "usn": usn, "ugen": ugen})
+        release = release_row(store, clock).release
+        assert release is not None
+        assert release.usual_bad_share == (None if shown is None else pytest.approx(shown)), (ubd, usn, ugen)
+    assert release_row(store, clock).as_dict()["release_usual_bad_share"] is None
 
 
 def test_the_status_shows_no_pace_without_a_release_under_way(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 from celery import Celery
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,7 +25,15 @@ from celery_breaker import CircuitBreaker, ConfigurationError, State, TooManyReq
 from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.monitoring.flower import register_breakers, store_url
-from celery_breaker.monitoring.prometheus import BreakerCollector, register, start_metrics_server, unregister
+from celery_breaker.monitoring.prometheus import (
+    _COUNTERS,
+    _GAUGES,
+    PREFIX,
+    BreakerCollector,
+    register,
+    start_metrics_server,
+    unregister,
+)
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock, fresh_store
 
@@ -150,6 +159,18 @@ def test_the_release_pace_is_sampled_while_parked_tasks_are_released(url: str) -
     store.parking.release(tag, most=100, pace=0.0, ramp=0.0, lease=30.0, now=clock.monotonic(), law=PacingLaw())
     assert (pace("rate_per_second"), pace("limit_per_second")) == (8.0, 10.0)
     assert pace("held_seconds") == pytest.approx(1.5)
+    assert pace("usual_bad_share") is None  # (not learnt: fewer than USUAL_LEAST outcomes)
+    paced = store.parking.pace(tag)
+    redis.Redis.from_url(url.partition("?")[0]).hset(tag + ":p", mapping={"ubd": 6, "usn": 60, "ugen": paced["a_gen"]})
+    assert pace("usual_bad_share") == pytest.approx(0.1)
+
+
+def test_every_metric_exposed_is_documented() -> None:
+    """Each family the collector makes has its row in docs/metrics.md's table."""
+    documented = set(re.findall(r"^\| `(celery_breaker_[a-z_]+)` \|", DOCS.read_text(), re.MULTILINE))
+    made = {f"{PREFIX}_{name}_total" for name, _, _ in _COUNTERS} | {f"{PREFIX}_{name}" for name, _, _ in _GAUGES}
+    made |= {f"{PREFIX}_state", f"{PREFIX}_store_up"}
+    assert made == documented
 
 
 def test_the_state_follows_the_breaker_between_scrapes(url: str) -> None:

@@ -100,6 +100,12 @@ _GAUGES: tuple[tuple[str, str, Callable[[BreakerStatus], float | None]], ...] = 
         "While parked tasks are released: seconds the release still waits after a refusal (Retry-After)",
         lambda row: None if row.release is None else row.release.held_for,
     ),
+    (
+        "release_usual_bad_share",
+        "While parked tasks are released: the share of failed or slow calls the pace learnt as "
+        "the downstream's usual, which does not cut it (0 to 1)",
+        lambda row: None if row.release is None else row.release.usual_bad_share,
+    ),
     ("window_calls", "Calls counted in the breaker's current window", lambda row: row.snapshot.window_calls),
     ("window_failures", "Failures counted in the breaker's current window", lambda row: row.snapshot.window_failures),
     (

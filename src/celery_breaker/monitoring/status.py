@@ -34,14 +34,16 @@ class BreakerStatus:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready: the snapshot's fields (``BreakerSnapshot.as_dict``), ``parked``,
-        ``claimed``, and the release's ``release_rate``, ``release_limit`` and
-        ``release_held_for`` (each ``None`` without a release under way)."""
+        ``claimed``, and the release's ``release_rate``, ``release_limit``,
+        ``release_held_for`` and ``release_usual_bad_share`` (each ``None`` without a
+        release under way)."""
         release = self.release
         return {
             **self.snapshot.as_dict(), "parked": self.parked, "claimed": self.claimed,
             "release_rate": None if release is None else release.rate,
             "release_limit": None if release is None else release.limit,
             "release_held_for": None if release is None else release.held_for,
+            "release_usual_bad_share": None if release is None else release.usual_bad_share,
         }  # fmt: skip
 
 

@@ -138,15 +138,20 @@ def per_second(rate: float) -> str:
 def release_text(release: ReleasePace | None) -> str:
     """The adaptive release's pace: ``40/s``; ``held 1.2 s, then 28/s`` while it waits out a
     refusal's Retry-After (nothing goes meanwhile); ``(limit 40/s)`` after it once the
-    downstream refused a rate; ``-`` for none."""
+    downstream refused a rate; ``(8% usually bad)`` once the pace learnt that share of
+    failed or slow calls as the downstream's usual (none shown for 0); ``-`` for none."""
     if release is None:
         return "-"
     text = per_second(release.rate)
     if release.held_for is not None:
         text = f"held {duration(release.held_for)}, then {text}"
+    notes = []
     if release.limit is not None:
-        text += f" (limit {per_second(release.limit)})"
-    return text
+        notes.append(f"limit {per_second(release.limit)}")
+    usual = release.usual_bad_share
+    if usual is not None and usual > 0:
+        notes.append(f"{usual:.0%} usually bad" if usual >= 0.01 else "<1% usually bad")
+    return f"{text} ({'; '.join(notes)})" if notes else text
 
 
 def state_cell(state: State) -> Cell:

@@ -151,6 +151,11 @@ class ReleasePace:
     held_for: float | None
     """Seconds the release still sends nothing, waiting out a refusal's Retry-After;
     ``None``: not waiting."""
+    usual_bad_share: float | None = None
+    """The share of failed or slow calls (0 to 1) the pace learnt as the downstream's
+    usual from its first judgements of good news: bad outcomes up to it (chance allowed)
+    do not cut the pace. ``None``: not learnt yet (``core/pacing.py``'s ``USUAL_LEAST``
+    outcomes)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -206,11 +206,11 @@ class RedisParking:
             if isinstance(reply, StorageError):
                 logger.warning("redis store %s: left %s's release pace out: %s", self.store.label,
                                shown_label(self.label(tag)), reply.__cause__ or reply)  # fmt: skip
-            elif len(reply) == 4:  # (else { '' }: no pace under way)
-                generation, rate, limit, held = (text(value) for value in reply)
+            elif len(reply) == 5:  # (else { '' }: no pace under way)
+                generation, rate, limit, held, usual = (text(value) for value in reply)
                 found[tag] = ReleasePace(
                     generation=int(generation), rate=float(rate), limit=float(limit) if limit else None,
-                    held_for=float(held) if held else None,
+                    held_for=float(held) if held else None, usual_bad_share=float(usual) if usual else None,
                 )  # fmt: skip
         return found
 
