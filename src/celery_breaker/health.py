@@ -169,7 +169,8 @@ class HealthCheck:
     ``False`` when the downstream is unhealthy, and returns anything else when it is healthy.
     A ``fn`` that requires one argument is given the key of the breaker it checks
     (``None`` for a breaker without keys, or run outside a breaker): a per-key breaker's
-    check can ask after that key's own downstream (``takes_key``).
+    check can ask after that key's own downstream (``takes_key``). So is one whose
+    optional argument is named ``key`` (``def check(key=None)``), by that name.
 
     ``name`` says what it is in logs (by default the function's qualified name: a
     ``partial``'s function, a callable object's class, never a repr showing arguments).
@@ -179,7 +180,10 @@ class HealthCheck:
     timeout: float = DEFAULT_PROBE_TIMEOUT
     name: str = ""
     takes_key: bool = field(default=False, init=False, compare=False)
-    """Whether ``fn`` is called with the key (it cannot be called without an argument)."""
+    """Whether ``fn`` is called with the key (it cannot be called without an argument,
+    or its optional argument is named ``key``)."""
+    key_by_name: bool = field(default=False, init=False, compare=False)
+    """Whether the key is passed as ``key=`` (an optional argument of that name)."""
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
@@ -204,6 +208,9 @@ class HealthCheck:
                 )
         elif _wraps_a_key_check(self.fn):
             object.__setattr__(self, "takes_key", True)
+        elif _has_an_optional_key(self.fn):
+            object.__setattr__(self, "takes_key", True)
+            object.__setattr__(self, "key_by_name", True)
         if _is_generator_function(self.fn):
             raise ConfigurationError(
                 f"probe {self.name} is a generator function (a yield in its body): calling it runs none of "
@@ -285,7 +292,8 @@ class HealthCheck:
     def _called(self, checked: Checked | None) -> Any:
         """``fn()``, or ``fn(key)`` with the key of the breaker it checks (``takes_key``)."""
         if self.takes_key:
-            return self.fn(None if checked is None else checked.key)
+            key = None if checked is None else checked.key
+            return self.fn(key=key) if self.key_by_name else self.fn(key)
         return self.fn()
 
     async def _run_off_loop(self, limit: float) -> CheckResult:
@@ -462,6 +470,22 @@ def _wraps_a_key_check(fn: Callable[..., object]) -> bool:
         if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
     ]  # fmt: skip
     return [p.name for p in required] == ["key"] and _unmet_arguments(inner, None) is None
+
+
+def _has_an_optional_key(fn: Callable[..., object]) -> bool:
+    """Whether ``fn``, callable without arguments, has an optional argument named ``key``
+    (``def tenant_health(key=None)``): called with none, a per-key breaker's check could
+    not tell its keys apart, though it was written to. (Any other optional argument, a
+    ``timeout=5``, is the check's own.)"""
+    try:
+        found = inspect.signature(fn).parameters.get("key")
+    except (TypeError, ValueError):
+        return False
+    return (
+        found is not None
+        and found.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        and found.default is not inspect.Parameter.empty
+    )
 
 
 def _is_generator_function(fn: Callable[..., object]) -> bool:

@@ -11,6 +11,7 @@ import functools
 import logging
 import threading
 import types
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -878,6 +879,47 @@ def test_a_check_that_takes_an_argument_is_given_the_key_of_the_breaker_it_check
     clock.advance(10)
     assert keyless.check_health().state is State.CLOSED
     assert seen[-1] is None
+
+
+def test_a_check_whose_optional_argument_is_named_key_is_given_it_by_name(clock: FakeClock) -> None:
+    # ``def tenant_health(key=None)`` was called with no argument, so a per-key breaker's
+    # check could not tell its keys apart, though it was written to.
+    store = fresh_store()
+    seen: list[tuple[str, str | None]] = []
+
+    def positional(key: str | None = None) -> None:
+        seen.append(("positional", key))
+
+    def after_another(timeout: float = 2.0, key: str | None = None) -> None:
+        seen.append(("after_another", key))
+        assert timeout == 2.0  # (the key went to ``key``, not to the first argument)
+
+    def keyword_only(*, key: str | None = None) -> None:
+        seen.append(("keyword_only", key))
+
+    async def asynchronous(key: str | None = None) -> None:
+        seen.append(("asynchronous", key))
+
+    def other_option(timeout: float = 2.0) -> None:
+        seen.append(("other_option", None))
+        assert timeout == 2.0  # an optional argument not named key is the check's own
+
+    policy = BreakerPolicy(failure_threshold=1, reset_timeout=10, success_threshold=1)
+    checks: tuple[Callable[..., object], ...] = (positional, after_another, keyword_only, asynchronous, other_option)
+    breakers = [
+        CircuitBreaker("svc", policy, storage=store, clock=clock, key=f"tenant-{n}", probe=check)
+        for n, check in enumerate(checks)
+    ]
+    for breaker in breakers:
+        fail(breaker)
+    clock.advance(10)
+    for breaker in breakers:
+        assert breaker.check_health().state is State.CLOSED
+    assert seen == [
+        ("positional", "tenant-0"), ("after_another", "tenant-1"), ("keyword_only", "tenant-2"),
+        ("asynchronous", "tenant-3"), ("other_option", None),
+    ]  # fmt: skip
+    assert [HealthCheck(check).takes_key for check in checks] == [True, True, True, True, False]
 
 
 def test_a_check_that_needs_more_than_the_key_is_refused() -> None:
