@@ -43,6 +43,9 @@ __all__ = [
 
 #: Seconds a health check may take before it counts as failed.
 DEFAULT_PROBE_TIMEOUT = 10.0
+#: The shortest timeout a check may have: below it no check answers (a thread starts, a
+#: connection opens), so every check would fail and no breaker would close.
+LEAST_PROBE_TIMEOUT = 0.01
 #: Seconds between two looks at the abandon event while a check runs (``abandon_checks_on``).
 _ABANDON_POLL = 0.1
 
@@ -540,9 +543,16 @@ def _forget(task: asyncio.Future[object]) -> None:
 
 
 def check_timeout(where: str, value: Any) -> float:
-    """``value`` as a probe timeout (seconds > 0), or a ``ConfigurationError`` naming ``where``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-        raise ConfigurationError(f"{where} must be a number of seconds > 0, got {value!r}")
+    """``value`` as a probe timeout (seconds, at least ``LEAST_PROBE_TIMEOUT``), or a
+    ``ConfigurationError`` naming ``where``."""
+    if (
+        isinstance(value, bool) or not isinstance(value, (int, float))
+        or not (value >= LEAST_PROBE_TIMEOUT and math.isfinite(value))
+    ):  # fmt: skip
+        raise ConfigurationError(
+            f"{where} must be a number of seconds of at least {LEAST_PROBE_TIMEOUT:g} (no check answers sooner, "
+            f"so every one would fail), got {value!r:.100}"
+        )
     return float(value)
 
 

@@ -141,6 +141,19 @@ def test_a_task_option_probe_wins_over_the_setting_and_takes_its_timeout() -> No
     assert (setting.fn, setting.timeout) == (probe_tasks.check_setting, 1.5)
 
 
+def test_a_task_option_probe_timeout_too_short_for_any_check_names_the_task() -> None:
+    app = throwaway_app("probe-option-short", breaker_probes={"crm": "tests.celery.probe_tasks:check_setting"})
+
+    @app.task(base=BreakerTask, breaker="crm", breaker_probe_timeout=0.001, shared=False)
+    def job() -> None:
+        """A check of 1 ms: none would answer, and the breaker would never close."""
+
+    with pytest.raises(
+        ConfigurationError, match=r"job.*breaker_probe_timeout must be a number of seconds of at least 0\.01"
+    ):
+        task_breaker_config(job)
+
+
 #: A task guarded by the breaker it checks, whose name is not its dotted path.
 PATH_APP = throwaway_app("probe-by-path", breaker_probes={"crm-path": f"{__name__}:ping_crm"})
 

@@ -91,7 +91,10 @@ BAD_VALUES: list[tuple[str, Any, tuple[str, ...]]] = [
     ("breaker_max_defer_age", 4e8, ("at most 315360000", "got 400000000.0")),
     ("breaker_probe_timeout", 4e8, ("at most 315360000",)),
     ("breaker_max_deferrals", 10**7, ("from 0 to 1,000,000", "got 10000000")),
-    ("breaker_release_rate", 1e7, ("at most 1,000,000", "got 10000000.0")),
+    ("breaker_release_rate", 1e7, ("to 1,000,000", "got 10000000.0")),
+    # Below the floors (accepted, they stopped the release, or failed every check, silently).
+    ("breaker_release_rate", 1e-300, ("from 1/3600 (one an hour)", "got 1e-300", "celery breaker open")),
+    ("breaker_probe_timeout", 1e-300, ("at least 0.01", "got 1e-300")),
 ]
 
 

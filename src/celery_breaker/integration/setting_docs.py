@@ -93,7 +93,7 @@ SETTING_DOCS: dict[str, Doc] = {
         "`breaker_release_rate` after `breaker_release_ramp`. No effect on the memory store, which has no parking",
     ),
     "breaker_release_rate": Doc(
-        accepts="tasks per second > 0, at most 1,000,000, or `None`",
+        accepts="tasks per second from 1/3600 (one an hour) to 1,000,000, or `None`",
         meaning="parked tasks released per breaker per second once it has closed, across all workers: the "
         "adaptive pace's ceiling, or the fixed pace",
         default="no ceiling under the adaptive pace, 50 under the fixed pace",
@@ -142,7 +142,7 @@ SETTING_DOCS: dict[str, Doc] = {
         default="none (real tasks are the probes)",
     ),
     "breaker_probe_timeout": Doc(
-        accepts=_SECONDS_DOC,
+        accepts=_SECONDS_DOC.replace("> 0", "of at least 0.01"),
         meaning="how long a health check may take before it counts as failed (never longer than the policy's "
         "`half_open_max_wait`); a check that hangs is left in its own thread",
         default="10 seconds",

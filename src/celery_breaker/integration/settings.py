@@ -16,7 +16,7 @@ from ..core import BreakerPolicy
 from ..core.pacing import PacingLaw
 from ..core.policy import LARGEST_COUNT
 from ..errors import ConfigurationError
-from ..health import DEFAULT_PROBE_TIMEOUT, ProbeFunction
+from ..health import DEFAULT_PROBE_TIMEOUT, ProbeFunction, check_timeout
 from ..names import check_name
 from ..storage import check_storage_url, describe_url, is_shared_url
 from ..storage.fallback import MODES as ON_STORAGE_ERROR_CHOICES
@@ -45,6 +45,9 @@ T = TypeVar("T")
 RELEASE_PACES = ("adaptive", "fixed")
 #: ``breaker_release_rate`` under ``breaker_release_pace="fixed"`` when it is not set.
 FIXED_RELEASE_RATE = 50.0
+#: The lowest ``breaker_release_rate``: one task an hour. Below it a rate is a slip (a
+#: ``1e-300`` released nothing, silently, as long as the backlog waited).
+LEAST_RELEASE_RATE = 1 / 3600
 
 #: Every setting celery-breaker reads, with its default. Anything else named
 #: ``breaker_*`` is a typo and fails at worker start.
@@ -353,13 +356,19 @@ def _release_rate(value: Any) -> float | None:
     if value is None:
         return None
     found = values.positive_finite(value)
-    if found is None or found > LARGEST_COUNT:
+    if found is None or not LEAST_RELEASE_RATE <= found <= LARGEST_COUNT:
         raise ConfigurationError(
-            f"breaker_release_rate must be a number of tasks per second > 0 and at most {LARGEST_COUNT:,}, "
-            f"or None (the adaptive pace without "
-            f"a ceiling; {FIXED_RELEASE_RATE:g} under the fixed pace), got {value!r:.100}"
+            f"breaker_release_rate must be a number of tasks per second from 1/3600 (one an hour) to "
+            f"{LARGEST_COUNT:,}, or None (the adaptive pace without a ceiling; {FIXED_RELEASE_RATE:g} under the "
+            f"fixed pace), got {value!r:.100}; to release nothing for a while, hold the breaker open "
+            "(celery breaker open)"
         )
     return found
+
+
+def _probe_timeout(key: str, value: Any) -> float:
+    """Seconds (or a ``timedelta``), at least ``LEAST_PROBE_TIMEOUT``."""
+    return check_timeout(key, values.duration(key, value))
 
 
 def _release_pace(key: str, value: Any) -> str:
@@ -454,7 +463,7 @@ def build_settings(conf: Any) -> BreakerSettings:
         metrics_address=get("breaker_metrics_address", values.bind_address, "127.0.0.1"),
         metrics_ttl=get("breaker_metrics_ttl", values.duration, 86_400.0),
         probes=tuple(probes),
-        probe_timeout=get("breaker_probe_timeout", values.duration, DEFAULT_PROBE_TIMEOUT),
+        probe_timeout=get("breaker_probe_timeout", _probe_timeout, DEFAULT_PROBE_TIMEOUT),
     )
     problems.raise_any()
     return settings

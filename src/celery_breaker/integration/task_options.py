@@ -12,7 +12,7 @@ from typing import Any
 
 from ..core import BreakerPolicy
 from ..errors import ConfigurationError
-from ..health import HealthCheck
+from ..health import HealthCheck, check_timeout
 from ..names import check_name
 from . import values
 from .probes import resolve_probe
@@ -108,7 +108,8 @@ def _probe(cls: Any, task: Any, where: str, name: str, settings: BreakerSettings
     entry of its breaker; resolved (imported, or found among the app's tasks) now."""
     timeout = settings.probe_timeout
     if cls.breaker_probe_timeout is not None:
-        timeout = values.duration(f"{where}: breaker_probe_timeout", cls.breaker_probe_timeout)
+        option = f"{where}: breaker_probe_timeout"
+        timeout = check_timeout(option, values.duration(option, cls.breaker_probe_timeout))
     probe = cls.breaker_probe
     if probe is not None:
         if task is not cls and isinstance(inspect.getattr_static(cls, "breaker_probe"), types.FunctionType):
