@@ -175,6 +175,20 @@ _RUN: ContextVar[RunAdmission | None] = ContextVar("celery_breaker_run", default
 _CHECK_WITHIN: ContextVar[float | None] = ContextVar("celery_breaker_check_within", default=None)
 #: Below this many seconds left of ``check_within``, no further check is started.
 _LEAST_CHECK_TIME = 0.05
+#: How long the health checks of a call made inside a run may take, all together, given
+#: the run and how many checks close the breaker (``None``: each its own timeout). The
+#: Celery integration sets it (``bound_checks_in_runs``): a task body's guarded call that
+#: runs a check then waits no longer than the task's admission would have, and is
+#: rejected (the task deferred) while the check goes on in its slot.
+_RUN_CHECK_WITHIN: list[Callable[[RunAdmission, int], float | None]] = []
+
+
+def bound_checks_in_runs(within: Callable[[RunAdmission, int], float | None]) -> None:
+    """Bound the health checks of the calls made inside runs by ``within(run, checks)``
+    seconds (``None``: unbounded), in place of any bound set before."""
+    _RUN_CHECK_WITHIN[:] = [within]
+
+
 #: The ticket of a call a health check makes through its own breaker: a generation no
 #: cell has, so its outcome is counted and judged by no rule.
 _UNJUDGED = -1
@@ -837,6 +851,10 @@ class CircuitBreaker:
         policy = cell.policy
         longest = policy.half_open_max_wait  # (a lease lasts no longer)
         within = _CHECK_WITHIN.get()
+        if within is None and _RUN_CHECK_WITHIN:
+            run = _RUN.get()
+            if run is not None:  # (a call inside a run: a task's body)
+                within = _RUN_CHECK_WITHIN[0](run, policy.probes_to_close)
         # ``check_within`` bounds all the checks together, in real time (what a task's
         # time limit counts), not each of them.
         deadline = None if within is None else time.monotonic() + within

@@ -8,10 +8,11 @@ from typing import Any
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
-from celery_breaker import BreakerTask
+from celery_breaker import BreakerTask, CircuitBreaker
 from celery_breaker.health import HealthCheck
 
-from .tasks import DOWN, call_downstream, report
+from .support import DEFAULT_POLICY
+from .tasks import DOWN, STORE_URL, call_downstream, report
 
 #: How many times each breaker's health check ran.
 CHECKS: dict[str, int] = {}
@@ -138,4 +139,28 @@ def check_slowly() -> None:
 def probe_slow_check_task(self: Any) -> dict[str, Any]:
     with self.breaker:
         value = call_downstream("t-probe-slow")
+    return report(self, value)
+
+
+#: Set when the client library's slow health check (``check_client_slowly``) may answer, healthy.
+CLIENT_CHECK_ANSWERS = threading.Event()
+
+
+def check_client_slowly() -> None:
+    """A client library's own health check, slow to answer: only once ``CLIENT_CHECK_ANSWERS`` is set."""
+    with _LOCK:
+        CHECKS["t-body-client"] = CHECKS.get("t-body-client", 0) + 1
+    CLIENT_CHECK_ANSWERS.wait(30)
+
+
+#: A client library's breaker, with a health check of its own, called inside a task's
+#: body (not the task's breaker: no admission of the task runs its check).
+BODY_CLIENT = CircuitBreaker(
+    "t-body-client", DEFAULT_POLICY, storage=STORE_URL, probe=HealthCheck(check_client_slowly, timeout=30)
+)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-body-task", max_retries=0)
+def body_client_task(self: Any) -> dict[str, Any]:
+    value = BODY_CLIENT.call(call_downstream, "t-body-client")
     return report(self, value)

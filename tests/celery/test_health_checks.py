@@ -308,6 +308,34 @@ def test_a_check_slower_than_the_tasks_soft_time_limit_still_closes_the_breaker(
     assert (value["retries"], CHECKS[name], tasks.CALLS[name]) == (0, 1, 2)  # closed by that check alone
 
 
+def test_a_check_run_by_a_call_in_a_tasks_body_is_waited_for_as_at_its_admission(app: Any, operate: Any) -> None:
+    # A client library's breaker with a check of its own, called in the body: the run
+    # waited for its check's whole timeout (30 s here), holding its pool process, where
+    # the task's own breaker would have waited ADMISSION_CHECK_WAIT (1 s). Now the call
+    # is rejected after that second, the task deferred, and the check goes on in its slot.
+    name = "t-body-client"
+    client = operate(probe_tasks.BODY_CLIENT)
+    probe_tasks.CLIENT_CHECK_ANSWERS.clear()
+    tasks.DOWN[name] = True
+    CHECKS[name] = tasks.CALLS[name] = 0
+    try:
+        with contextlib.suppress(ConnectionError):
+            client.call(tasks.call_downstream, name)  # trips the client's breaker
+        tasks.DOWN[name] = False  # (recovered; its health check is slow to say so)
+        result = probe_tasks.body_client_task.delay()
+        wait_for(lambda: CHECKS[name] == 1, "the body's call to start the client's check")
+        rejected = client.snapshot().rejections  # (the task may have met the client open before)
+        wait_for(lambda: client.snapshot().rejections > rejected, "the body to stop waiting for the check")
+        wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+        assert client.snapshot().probes_in_flight == 1  # the check goes on in its slot
+        assert tasks.CALLS[name] == 1  # (the trip)
+    finally:
+        probe_tasks.CLIENT_CHECK_ANSWERS.set()
+    value = get(result)
+    assert (value["retries"], CHECKS[name], tasks.CALLS[name]) == (0, 1, 2)  # closed by that check alone
+    assert client.state is State.CLOSED
+
+
 def test_a_check_whose_error_cannot_be_shown_defers_the_task_it_does_not_fail_it(app: Any, operate: Any) -> None:
     # The check's error was rendered for the log before the reopening was announced, and
     # the RuntimeError its __str__ raised failed the task at its admission.

@@ -23,7 +23,7 @@ try:  # (Celery's own request stack, read directly by _request_of)
 except ImportError:  # pragma: no cover (a Celery without them: the request property)
     _CeleryLocal = _CeleryLocalStack = None
 
-from ..breaker import CircuitBreaker, RunAdmission, current_run
+from ..breaker import CircuitBreaker, RunAdmission, bound_checks_in_runs, current_run
 from ..core import State
 from ..errors import CircuitOpenError, ConfigurationError, StorageError
 from ..health import HealthCheck
@@ -533,6 +533,26 @@ def _check_within(task: BreakerTask, request: Any, checks: int = 1) -> float | N
         limits.append(run_soft_time_limit(task, request))
     found = [limit * CHECK_SHARE_OF_TIME_LIMIT for limit in limits if limit is not None]
     return min([most, *found])
+
+
+def _body_check_within(run: RunAdmission, checks: int) -> float | None:
+    """How long a health check run by a guarded call in a task's body may take
+    (``breaker.bound_checks_in_runs``): as long as the task's admission would wait
+    (``_check_within``), so a client library's breaker with a check of its own, called in
+    the body, holds the pool process no longer than the task's own breaker would (it
+    held it for the check's whole timeout); then the call is rejected and the task
+    deferred while the check goes on in its slot. A run that is no task's (``begin_run``
+    in a program) is not bounded here."""
+    task = _task_stack.top
+    if not isinstance(task, BreakerTask):
+        return None
+    request = _request_of(task)
+    if getattr(request, _RUN_ATTR, None) is not run:
+        return None
+    return _check_within(task, request, checks)
+
+
+bound_checks_in_runs(_body_check_within)
 
 
 def _drop_frames(exc: BaseException) -> None:
