@@ -533,7 +533,9 @@ def test_a_run_back_from_broker_delay_names_its_queue_in_its_delivery(
     # self.request.delivery_info (celery_breaker_delayed_delivery, 0.0.(...).1.celery-breaker.<digest>).
     # A task retrying itself to the queue it came from, by that key, was sent to a new queue
     # of that name, which Celery declared and no worker consumes: it never ran again.
-    policy = {"failure_threshold": 1, "reset_timeout": 1.0}
+    # The delay is 2 s: a run back from an even delay shows the level it left last
+    # (celery_breaker_delayed_0), not the delivery exchange; only odd delays were told.
+    policy = {"failure_threshold": 1, "reset_timeout": 2.0}
     cell = deploy("rabbitmq-classic", "redis", "park", rabbitmq=rabbitmq, redis_server=redis_server, policy=policy,
                   breaker_defer_spread=0)  # fmt: skip
     client = counts(cell)

@@ -10,6 +10,7 @@ import pytest
 from celery import Celery
 from celery.signals import task_received
 from kombu import entity
+from kombu.transport.native_delayed_delivery import calculate_routing_key
 
 import celery_breaker.integration.worker  # noqa: F401  (connects the worker's task_received handlers)
 from celery_breaker.integration.deferral.broker_delay import (
@@ -21,6 +22,7 @@ from celery_breaker.integration.deferral.broker_delay import (
     _token_of,
     asked_queue,
     destination_queue,
+    level_name,
     note_delivery_queue,
     queue_binding,
     queue_token,
@@ -211,6 +213,33 @@ def test_a_run_back_from_broker_delay_shows_a_delivery_to_its_queue() -> None:
     celerys = delivered(LEGACY_DELIVERY_EXCHANGE, delayed("work.rk"))
     assert received(celerys) == celerys
     assert received(delivered("tasks", "work.rk")) == delivered("tasks", "work.rk")
+
+
+@pytest.mark.parametrize("seconds", [1, 2, 4, 6, 12, 2**27])
+def test_a_run_back_from_any_delay_shows_a_delivery_to_its_queue(seconds: int) -> None:
+    # A run shows the exchange it was last dead-lettered into: the delivery exchange only
+    # after an odd delay; after 2 s, the level below level 1 (celery_breaker_delayed_0),
+    # after 4 s _1. Only odd delays were recognised: the even ones kept the delay's
+    # exchange and key, and a task retrying itself by that key went to no worker's queue.
+    work = Queue("work", Exchange("tasks", type="direct"), routing_key="work.rk")
+    app = app_with(work, default="work")
+    lowest = (seconds & -seconds).bit_length() - 1  # (the lowest level that held it)
+    exchange = DELIVERY_EXCHANGE if lowest == 0 else level_name(lowest - 1)
+    key = calculate_routing_key(seconds, queue_token("work"))
+    request = SimpleNamespace(delivery_info=delivered(exchange, key))
+    assert _token_of(request.delivery_info) == queue_token("work")
+    assert destination_queue(app, request.delivery_info) == "work"
+    show_queue_delivery(sender=SimpleNamespace(app=app), request=request)
+    assert (request.delivery_info["exchange"], request.delivery_info["routing_key"]) == ("", "work")
+    # (Celery's own levels, which runs an earlier release deferred come back through)
+    assert _token_of(delivered(f"celery_delayed_{lowest}", key)) == queue_token("work")
+
+
+@pytest.mark.parametrize(
+    "exchange", ["celery_breaker_delayed_routing", "celery_breaker_delayed_unroutable", "celery_breaker_delayed_x", ""]
+)
+def test_no_other_exchange_reads_as_back_from_a_delay(exchange: str) -> None:
+    assert _token_of(delivered(exchange, calculate_routing_key(2, queue_token("work")))) is None
 
 
 def test_a_run_whose_queue_cannot_be_told_is_warned_about_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:

@@ -93,6 +93,18 @@ def level_name(level: int) -> str:
 
 #: Where a delayed message enters: the longest level.
 DELAY_EXCHANGE = level_name(LEVELS - 1)
+#: The exchange a run back from a delay shows in its ``delivery_info``: the one it was
+#: dead-lettered into last. That is the delivery exchange only for an odd delay; any
+#: other leaves from the lowest level that held it into the level below, and passes on
+#: through exchange bindings, which keep that exchange (2 s comes back through
+#: ``celery_breaker_delayed_0``, 4 s through ``_1``). Celery's own levels alike.
+_BACK_FROM_A_DELAY = re.compile(r"celery(?:_breaker)?_delayed_(?:delivery|[0-9]+)")
+
+
+def back_from_a_delay(exchange: object) -> bool:
+    """Whether a delivery through ``exchange`` came back from a delay (ours, or Celery's
+    for runs an earlier release deferred through its topology)."""
+    return isinstance(exchange, str) and _BACK_FROM_A_DELAY.fullmatch(exchange) is not None
 
 
 def note_delivery_queue(sender: Any = None, request: Any = None, **_: Any) -> None:
@@ -229,7 +241,7 @@ def destination_queue(app: Any, delivery_info: dict[str, Any] | None) -> str | N
     if not isinstance(key, str) or not key or not isinstance(exchange, str):
         return None
     queues = app.amqp.queues
-    if exchange in (DELIVERY_EXCHANGE, LEGACY_DELIVERY_EXCHANGE):
+    if back_from_a_delay(exchange):
         tail = _DELAY_PREFIX.sub("", key)
         if tail.startswith(TOKEN_WORD + "."):
             return next((name for name in queues if queue_token(name) == tail), None)
@@ -349,7 +361,7 @@ def _token_of(delivery_info: dict[str, Any] | None) -> str | None:
     """The queue token of a run that came back from a delay of ours, else ``None``."""
     info = delivery_info or {}
     key = info.get("routing_key")
-    if info.get("exchange") not in (DELIVERY_EXCHANGE, LEGACY_DELIVERY_EXCHANGE) or not isinstance(key, str):
+    if not back_from_a_delay(info.get("exchange")) or not isinstance(key, str):
         return None
     tail = _DELAY_PREFIX.sub("", key)
     return tail if re.fullmatch(re.escape(TOKEN_WORD) + r"\.[0-9a-f]{32}", tail) else None
