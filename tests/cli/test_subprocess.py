@@ -136,6 +136,34 @@ def test_a_watch_piped_into_a_reader_that_stops_early_ends_quietly(broker: str, 
     assert (code, watch.stderr.read()) == (SIGPIPE_EXIT, b"")
 
 
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["PYTHONUNBUFFERED", "buffered"])
+def test_a_status_bigger_than_the_pipe_piped_into_a_reader_that_stops_early_ends_quietly(
+    broker: str, prefix: str, unbuffered: str
+) -> None:
+    # `celery breaker status --json | head -1` with more than a pipe's worth of rows:
+    # under PYTHONUNBUFFERED (stdout's raw file) the write the reader cut short lost the
+    # rest with no error, and the command exited 0 where the docs say 141.
+    url = f"{broker}?key_prefix={prefix}"
+    for n in range(150):  # (about 100 KB of JSON: more than a pipe holds)
+        breaker(url, "partner-api", key=f"tenant-{n}").call(lambda: None)
+    env = {**os.environ, "PROJ_BROKER": broker, "PROJ_EXTRA_CONF": json.dumps({"breaker_key_prefix": prefix}),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "PYTHONUNBUFFERED": unbuffered}  # fmt: skip
+    status = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tests.integration.proj", "breaker", "status", "--json"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert status.stdout is not None
+    assert status.stderr is not None
+    try:
+        assert status.stdout.readline() == b"[\n"  # (a reader that takes one line, then goes: head -1)
+        status.stdout.close()
+        code = status.wait(timeout=60)
+    finally:
+        status.kill()
+    assert (code, status.stderr.read()) == (SIGPIPE_EXIT, b"")
+
+
 def test_ctrl_c_at_a_terminal_ends_the_watch_cleanly(broker: str, prefix: str) -> None:
     """On a real pseudo-terminal: redrawn in place, the cursor hidden, then restored on ^C."""
     breaker(f"{broker}?key_prefix={prefix}", "partner-api").call(lambda: None)

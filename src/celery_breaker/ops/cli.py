@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import os
 import shlex
 import shutil
@@ -187,6 +188,29 @@ def breaker() -> None:
     Reads and changes the breakers in the app's shared store (breaker_storage_url,
     by default the Redis broker's server): no worker needs to be running.
     """
+    _whole_writes()
+
+
+#: The stdout ``_whole_writes`` replaced: kept, so that collecting it never closes the
+#: file both write to.
+_REPLACED: list[Any] = []
+
+
+def _whole_writes() -> None:
+    """Make stdout write all it is given, or raise ``BrokenPipeError``. Under
+    ``PYTHONUNBUFFERED`` (usual in containers) its binary layer is the raw file, and a
+    write the pipe's reader cut short (``status | head``) lost the rest with no error:
+    the command exited 0, not ``SIGPIPE_EXIT``. A buffered layer writes until all is
+    written, or raises."""
+    stream = sys.stdout
+    raw = getattr(stream, "buffer", None)
+    if type(stream) is not io.TextIOWrapper or not isinstance(raw, io.RawIOBase):
+        return  # (buffered already, or not a file: a test runner's capture)
+    stream.flush()
+    _REPLACED.append(stream)
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(raw), encoding=stream.encoding, errors=stream.errors, line_buffering=True
+    )
 
 
 @breaker.command(cls=CeleryCommand)
