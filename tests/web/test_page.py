@@ -444,3 +444,29 @@ def test_a_key_with_dollar_patterns_is_named_right_in_tooltips_and_the_confirmat
         finally:
             asked.dismiss()
     assert breaker(store_url, "crm", key).state is State.CLOSED  # dismissed: nothing sent
+
+
+def test_a_long_key_is_cut_on_its_row_and_keeps_the_columns_on_the_page(browser: WebDriver, store_url: str) -> None:
+    # A breaker_key may be any text up to 200 characters (longer ones are kept as their
+    # start and a digest): one such key widened the breaker column for every row, and at
+    # 120 characters the failure rate, the backlog and the actions were off the page.
+    key = "https://partner.example.com/v2/accounts/" + "a1b2c3d4" * 20  # (200 characters)
+    breaker(store_url, "crm", key).call(lambda: None)
+    breaker(store_url, "billing").call(lambda: None)
+    flush_stores()
+    label = f"crm[{key}]"
+    with WebProcess(store_url, "--interval", INTERVAL, "--allow-actions", env={TOKEN_ENV: "t" * 32}) as web:
+        browser.get(web.url)
+        until(browser, lambda: {label, "billing"} <= set(rows(browser)), "both rows")
+        placed = browser.execute_script(
+            "const width = document.querySelector('#breakers').closest('.scroll').getBoundingClientRect().right;"
+            "return Array.from(document.querySelectorAll('#breakers tbody tr')).map(tr => ({"
+            "  label: tr.dataset.label, width: width,"
+            "  right: Math.max(...Array.from(tr.querySelectorAll('td')).map(td => td.getBoundingClientRect().right)),"
+            "  title: tr.querySelector('td.breaker .who').title,"
+            "  cells: Array.from(tr.querySelectorAll('td')).map(td => td.classList[0] + ':' + Math.round(td.getBoundingClientRect().width))}));"
+        )
+    assert {row["label"] for row in placed} == {label, "billing"}
+    for row in placed:
+        assert row["right"] <= row["width"], " ".join(row["cells"])  # every column, the actions too, on the page
+    assert {row["label"]: row["title"] for row in placed} == {label: f"crm [{key}]", "billing": "billing"}
