@@ -446,6 +446,27 @@ def test_find_reads_one_breaker_as_the_listing_shows_it_and_creates_none(store: 
     assert {(s.name, s.key) for s in store.snapshots(clock)} == set(listed)  # nothing created
 
 
+def test_a_listing_picks_breakers_by_name_and_key_before_reading_them(store: Store, clock: FakeClock) -> None:
+    # (``inspect breakers 'partner*'`` read every breaker of the store for its one row.)
+    for key in ("t:{1}*", "tenant 2", None):
+        CircuitBreaker("svc", BreakerPolicy(), storage=store, clock=clock, key=key).call(ok)
+    make(store, clock, name="partner").call(ok)
+    store.flush()
+    asked: list[tuple[str, str | None]] = []
+
+    def partner_or_a_tenant(name: str, key: str | None) -> bool:
+        asked.append((name, key))
+        return name == "partner" or (key or "").startswith("t")
+
+    picked = store.snapshots(clock, partner_or_a_tenant)
+    assert sorted((s.name, s.key or "") for s in picked) == [("partner", ""), ("svc", "t:{1}*"), ("svc", "tenant 2")]
+    assert sorted(asked, key=str) == sorted(
+        [("svc", "t:{1}*"), ("svc", "tenant 2"), ("svc", None), ("partner", None)], key=str
+    )
+    listed = {(s.name, s.key): s for s in store.snapshots(clock)}
+    assert all(s == listed[(s.name, s.key)] for s in picked)  # (read as the whole listing reads them)
+
+
 def test_a_probe_failing_with_a_retry_after_reopens_for_that_long(store: Store, clock: FakeClock) -> None:
     breaker = half_open(store, clock, reset_timeout=30, half_open_max_calls=1)
     seen = recorder(breaker)

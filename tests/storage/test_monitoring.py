@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from celery import Celery
 
 from celery_breaker import CircuitBreaker, State
 from celery_breaker.monitoring import collect_metrics
+from celery_breaker.ops.selection import breakers_selected
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock, fresh_store
 
@@ -76,3 +80,34 @@ def test_a_memory_store_and_an_app(redis_url: str) -> None:
     assert collect_metrics(app) == []
     fail(CircuitBreaker("svc", POLICY, storage=url))
     assert [r.snapshot.state for r in collect_metrics(app)] == [State.OPEN]
+
+
+def test_a_glob_reads_only_the_breakers_it_picks(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # ``inspect breakers 'partner*'`` read every breaker of the store (10,000 in an
+    # acceptance test: 1.7-3.8 s in the worker's main process, past the command's 1 s
+    # timeout) for its one row.
+    url = f"{redis_url}?key_prefix={unique_prefix()}"
+    store = RedisStore.from_url(url)
+    for n in range(40):
+        CircuitBreaker("crm", POLICY, storage=store, key=f"tenant-{n}").call(ok)
+    fail(CircuitBreaker("partner-api", POLICY, storage=store))
+    store.parking.park("partner-api", None, "task-1:1", 1.0, "payload", None)
+    store.flush()
+    read: list[int] = []
+    run_many = store.run_many
+
+    def counted(script: str, calls: Any) -> Any:
+        if script == "snapshot":
+            read.append(len(calls))
+        return run_many(script, calls)
+
+    monkeypatch.setattr(store, "run_many", counted)
+    rows = breakers_selected(store, ["partner*"])
+    assert [(r.snapshot.name, r.snapshot.state, r.parked) for r in rows] == [("partner-api", State.OPEN, 1)]
+    assert sum(read) == 1
+    read.clear()
+    assert len(breakers_selected(store, ["crm[tenant-1*]"])) == 11  # tenant-1, tenant-10..19
+    assert sum(read) == 11
+    read.clear()
+    assert len(breakers_selected(store, [])) == 41  # (no pattern: every one)
+    assert sum(read) == 41

@@ -464,7 +464,8 @@ def test_a_long_key_is_cut_on_its_row_and_keeps_the_columns_on_the_page(browser:
             "  label: tr.dataset.label, width: width,"
             "  right: Math.max(...Array.from(tr.querySelectorAll('td')).map(td => td.getBoundingClientRect().right)),"
             "  title: tr.querySelector('td.breaker .who').title,"
-            "  cells: Array.from(tr.querySelectorAll('td')).map(td => td.classList[0] + ':' + Math.round(td.getBoundingClientRect().width))}));"
+            "  cells: Array.from(tr.querySelectorAll('td'))"
+            "    .map(td => td.classList[0] + ':' + Math.round(td.getBoundingClientRect().width))}));"
         )
     assert {row["label"] for row in placed} == {label, "billing"}
     for row in placed:

@@ -13,7 +13,7 @@ from typing import Any
 from ..clock import SYSTEM_CLOCK, Clock
 from ..core import BreakerSnapshot, State
 from ..integration.settings import get_settings
-from ..storage import ReleasePace, Store, resolve_store
+from ..storage import ReleasePace, Selected, Store, resolve_store
 
 __all__ = ["BreakerStatus", "app_store", "collect_metrics", "is_app", "store_of"]
 
@@ -63,21 +63,26 @@ def store_of(source: Any) -> Store:
 
 
 def collect_metrics(
-    source: Any, *, clock: Clock | None = None, only: Sequence[tuple[str, str | None]] | None = None
+    source: Any,
+    *,
+    clock: Clock | None = None,
+    only: Sequence[tuple[str, str | None]] | None = None,
+    where: Selected | None = None,
 ) -> list[BreakerStatus]:
     """Every breaker ``source`` holds, sorted by name and key.
 
     ``source`` is a Celery app (its ``breaker_storage_url``), a store URL or a store. A
     ``memory://`` store holds only this process's breakers; a Redis store holds every
     process's. ``only``: just these ``(name, key)`` breakers, each looked up alone
-    (``Store.find``) instead of listing the store. Raises ``StorageError`` when the
-    store cannot be read.
+    (``Store.find``) instead of listing the store. ``where``: only the breakers for
+    which ``where(name, key)`` is true, picked before any is read. Raises
+    ``StorageError`` when the store cannot be read.
     """
     clock = clock or SYSTEM_CLOCK
     store = store_of(source)
     wanted = None if only is None else list(dict.fromkeys(only))
     if wanted is None:
-        snapshots = list(store.snapshots(clock))
+        snapshots = list(store.snapshots(clock) if where is None else store.snapshots(clock, where))
     else:
         snapshots = [hit for ident in wanted if (hit := store.find(*ident, clock)) is not None]
     parking = store.parking
@@ -93,7 +98,7 @@ def collect_metrics(
         listed = set(tags)
         for tag, held in counts.items():
             found = None if tag in listed or not any(held) else parking.breaker(tag)
-            if found is not None:
+            if found is not None and (where is None or where(*found)):
                 snapshots.append(_new_breaker(*found))
                 tags.append(tag)
         releasing = [tag for tag, snapshot in zip(tags, snapshots, strict=True)

@@ -184,14 +184,14 @@ def breakers(state: Any, patterns: list[str] | None = None, **_: Any) -> Any:
     them (a pattern that names one breaker exactly is looked up alone: with 40,000
     per-key breakers, every worker's reply listed them all, 20.7 MB)."""
     from ..monitoring.status import store_of
-    from .selection import breakers_matching
+    from .selection import breakers_selected
 
     unseen = _unseen(state, "inspect breakers")
     if unseen is not None:  # (the main process's breakers: none a task uses)
         return {"error": unseen}
     try:
         wanted = [str(pattern) for pattern in patterns or ()]
-        return [row.as_dict() for row in breakers_matching(store_of(state.consumer.app), wanted)[0]]
+        return [row.as_dict() for row in breakers_selected(store_of(state.consumer.app), wanted)]
     except Exception as exc:
         logger.exception("celery-breaker: inspect breakers failed")
         return {"error": f"inspect breakers: {exc}"}

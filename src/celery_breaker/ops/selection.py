@@ -13,9 +13,9 @@ from ..monitoring.status import BreakerStatus, collect_metrics
 from ..names import kept_form, kept_key
 
 if TYPE_CHECKING:
-    from ..storage import Store
+    from ..storage import Selected, Store
 
-__all__ = ["breakers_matching", "looked_up", "matching"]
+__all__ = ["breakers_matching", "breakers_selected", "is_glob", "looked_up", "matching", "selected"]
 
 #: What makes a pattern a glob (``fnmatch``'s marks).
 _GLOB_MARKS = "*?["
@@ -26,33 +26,48 @@ def is_glob(text: str) -> bool:
     return any(mark in text for mark in _GLOB_MARKS)
 
 
+#: A pattern split once: its name glob, its key glob (``None``: any key) and, for a key
+#: that is not a glob, the key as a task typing it would have made its breaker keep it
+#: (too long or not UTF-8: ``kept_form``).
+_Parsed = tuple[str, str | None, str | None]
+
+
+def _parsed(patterns: Sequence[str]) -> list[_Parsed]:
+    return [
+        (name_glob, key_glob, None if key_glob is None or is_glob(key_glob) else kept_form(key_glob))
+        for name_glob, key_glob in map(split_label, patterns)
+    ]
+
+
+def _matches(name: str, key: str | None, pattern: _Parsed) -> bool:
+    name_glob, key_glob, kept = pattern
+    if not any(fnmatch.fnmatchcase(text, name_glob) for text in (name, visible(name))):
+        return False
+    if key_glob is None:
+        return True
+    # (``==``: a key holding brackets, ``crm[tenant[1]]``, which fnmatch reads as a class)
+    return key is not None and (
+        key == kept or any(text == key_glob or fnmatch.fnmatchcase(text, key_glob) for text in (key, visible(key)))
+    )
+
+
 def matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[BreakerStatus]:
     """Rows matching a glob (every row without globs): ``crm*`` matches names,
     ``crm[tenant-*]`` a name and a key (so brackets are not a character class there),
     each as it is or as ``status`` shows it (``crm[tenant\\n*]``, ``crm[C:\\\\*]``)."""
     if not patterns:
         return list(rows)
-    # Each pattern split once: its name glob, its key glob, and the key as a task typing
-    # it would have made its breaker keep it (too long or not UTF-8: ``kept_form``), for a
-    # key that is not a glob.
-    parsed = [
-        (name_glob, key_glob, None if key_glob is None or is_glob(key_glob) else kept_form(key_glob))
-        for name_glob, key_glob in map(split_label, patterns)
-    ]
+    parsed = _parsed(patterns)
+    return [row for row in rows if any(_matches(row.snapshot.name, row.snapshot.key, pattern) for pattern in parsed)]
 
-    def matches(row: BreakerStatus, name_glob: str, key_glob: str | None, kept: str | None) -> bool:
-        snapshot = row.snapshot
-        if not any(fnmatch.fnmatchcase(text, name_glob) for text in (snapshot.name, visible(snapshot.name))):
-            return False
-        if key_glob is None:
-            return True
-        key = snapshot.key
-        # (``==``: a key holding brackets, ``crm[tenant[1]]``, which fnmatch reads as a class)
-        return key is not None and (
-            key == kept or any(text == key_glob or fnmatch.fnmatchcase(text, key_glob) for text in (key, visible(key)))
-        )
 
-    return [row for row in rows if any(matches(row, *pattern) for pattern in parsed)]
+def selected(patterns: Sequence[str]) -> Selected | None:
+    """``matching`` as a test of a breaker's name and key, for a store to apply before it
+    reads any breaker (``Store.snapshots``'s ``where``); ``None`` for no patterns (every one)."""
+    if not patterns:
+        return None
+    parsed = _parsed(patterns)
+    return lambda name, key: any(_matches(name, key, pattern) for pattern in parsed)
 
 
 def looked_up(store: Store, patterns: Sequence[str]) -> list[BreakerStatus] | None:
@@ -71,6 +86,17 @@ def looked_up(store: Store, patterns: Sequence[str]) -> list[BreakerStatus] | No
     rows = collect_metrics(store, only=wanted)
     found = {(row.snapshot.name, row.snapshot.key) for row in rows}
     return rows if found >= set(wanted) else None
+
+
+def breakers_selected(store: Store, patterns: Sequence[str]) -> list[BreakerStatus]:
+    """The rows of the breakers ``patterns`` match (every breaker without any), reading
+    only those: looked up one by one when each pattern names one breaker exactly, else
+    picked by name and key before any is read (``inspect breakers 'partner*'`` read all
+    10,000 breakers of a store for its one row, past the command's 1 s timeout)."""
+    found = looked_up(store, patterns)
+    if found is None:
+        found = collect_metrics(store, where=selected(patterns))
+    return matching(found, patterns)
 
 
 def breakers_matching(store: Store, patterns: Sequence[str]) -> tuple[list[BreakerStatus], list[BreakerStatus]]:

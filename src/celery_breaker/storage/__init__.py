@@ -8,7 +8,7 @@ Internal: the public names are ``celery_breaker``'s own.
 """
 
 from . import redis as _redis  # noqa: F401  (registers the Redis schemes)
-from .contract import NO_MOVES, Cell, EvictionCheck, History, Moves, Parking, ReleasePace, Store
+from .contract import NO_MOVES, Cell, EvictionCheck, History, Moves, Parking, ReleasePace, Selected, Store
 from .fallback import FallbackStore, with_fallback
 from .memory import MemoryStore
 from .registry import (
@@ -32,6 +32,7 @@ __all__ = [
     "Moves",
     "Parking",
     "ReleasePace",
+    "Selected",
     "Store",
     "check_storage_url",
     "close_stores",

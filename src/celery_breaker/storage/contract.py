@@ -17,7 +17,21 @@ from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
 from ..core.pacing import PacingLaw
 
-__all__ = ["NO_MOVES", "Cell", "Claimed", "EvictionCheck", "History", "Moves", "Parking", "ReleasePace", "Store"]
+__all__ = [
+    "NO_MOVES",
+    "Cell",
+    "Claimed",
+    "EvictionCheck",
+    "History",
+    "Moves",
+    "Parking",
+    "ReleasePace",
+    "Selected",
+    "Store",
+]
+
+#: Which breakers a listing wants, by name and key (``Store.snapshots``'s ``where``).
+Selected = Callable[[str, str | None], bool]
 
 #: The transitions one operation made, oldest first (usually none).
 Moves = tuple[Transition, ...]
@@ -339,8 +353,10 @@ class Store(Protocol):
         """The cell of breaker ``name``/``key``, created CLOSED on first use."""
         ...
 
-    def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
-        """Every breaker the store currently holds."""
+    def snapshots(self, clock: Clock, where: Selected | None = None) -> list[BreakerSnapshot]:
+        """Every breaker the store currently holds; ``where``: only those whose
+        ``where(name, key)`` is true, told before any is read (a listing of 10,000
+        breakers for the one a glob picks read all 10,000)."""
         ...
 
     def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | None:

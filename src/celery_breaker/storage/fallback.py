@@ -25,7 +25,7 @@ from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket
 from ..core.pacing import PacingLaw
 from ..errors import ConfigurationError, StorageError
-from .contract import Cell, Claimed, EvictionCheck, History, Moves, Parking, ReleasePace, Store
+from .contract import Cell, Claimed, EvictionCheck, History, Moves, Parking, ReleasePace, Selected, Store
 from .memory import MemoryCell
 from .urls import describe_url
 
@@ -79,9 +79,9 @@ class FallbackStore:
         found.refresh(clock.monotonic())
         return found
 
-    def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
+    def snapshots(self, clock: Clock, where: Selected | None = None) -> list[BreakerSnapshot]:
         try:
-            return self.primary.snapshots(clock)
+            return self.primary.snapshots(clock, where)
         except StorageError as exc:
             self.store_failed(exc, clock.monotonic())
             return []

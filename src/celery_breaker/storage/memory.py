@@ -11,7 +11,7 @@ from ..clock import Clock
 from ..core import BreakerMachine, BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket
 from ..core.policy import LONGEST_SECONDS
 from ..errors import CircuitOpenError, ConfigurationError
-from .contract import NO_MOVES, History, Moves, Parking
+from .contract import NO_MOVES, History, Moves, Parking, Selected
 from .registry import register_scheme, remember
 
 __all__ = ["DEFAULT_IDLE_TTL", "DEFAULT_MAX_BREAKERS", "MemoryCell", "MemoryStore"]
@@ -331,11 +331,11 @@ class MemoryStore:
     def close(self) -> None:
         """Nothing to let go of."""
 
-    def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
+    def snapshots(self, clock: Clock, where: Selected | None = None) -> list[BreakerSnapshot]:
         now = clock.monotonic()
         with self._lock:
-            cells = list(self._cells.values())
-        return [cell.snapshot(now) for cell in cells]
+            cells = list(self._cells.items())
+        return [cell.snapshot(now) for ident, cell in cells if where is None or where(*ident)]
 
     def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | None:
         """Breaker ``name``/``key`` as ``snapshots`` would list it, or ``None``."""

@@ -24,6 +24,7 @@ from .keys import breaker_of, glob_escape
 from .replies import decode_absent, decode_reply, decode_snapshot
 
 if TYPE_CHECKING:
+    from ..contract import Selected
     from .store import RedisStore
 
 __all__ = ["list_snapshots", "read_snapshots"]
@@ -31,15 +32,27 @@ __all__ = ["list_snapshots", "read_snapshots"]
 logger = logging.getLogger("celery_breaker")
 
 
-def list_snapshots(store: RedisStore, clock: Clock, suffixes: tuple[str, ...]) -> list[BreakerSnapshot]:
-    """Every breaker under ``store``'s key prefix; ``suffixes`` are a breaker's key suffixes, state first."""
+def list_snapshots(
+    store: RedisStore, clock: Clock, suffixes: tuple[str, ...], where: Selected | None = None
+) -> list[BreakerSnapshot]:
+    """Every breaker under ``store``'s key prefix, or those ``where`` picks by name and
+    key (a key naming no breaker of the store: none); ``suffixes`` are a breaker's key
+    suffixes, state first."""
     pattern = "{" + glob_escape(store.quoted_prefix) + ":*}" + suffixes[0]
     try:
         # (bytes: a key that is not UTF-8 is still read, and left out below)
         state_keys: list[bytes] = list(dict.fromkeys(store.client().scan_iter(match=pattern, count=500)))
     except CLIENT_ERRORS as exc:
         raise StorageError(failure(store.label, "listing breakers", exc)) from exc
+    if where is not None:
+        stem = len(suffixes[0])
+        state_keys = [key for key in state_keys if _picked(store, key, stem, where)]
     return read_snapshots(store, clock, suffixes, state_keys)
+
+
+def _picked(store: RedisStore, state_key: bytes, stem: int, where: Selected) -> bool:
+    found = breaker_of(text(state_key)[:-stem], store.quoted_prefix)
+    return found is not None and where(*found)
 
 
 def read_snapshots(

@@ -20,6 +20,7 @@ from ...core import BreakerPolicy, BreakerSnapshot, State
 from ...core.policy import LONGEST_SECONDS
 from ...errors import ConfigurationError, StorageError
 from ...labels import breaker_label
+from ..contract import Selected
 from ..registry import remember
 from ..urls import ENCODE_PASSWORD, describe_url, password_misread, scrub_secrets
 from .agent import Agent
@@ -507,11 +508,12 @@ class RedisStore:
             with contextlib.suppress(*CLIENT_ERRORS, OSError):
                 client.close()
 
-    def snapshots(self, clock: Clock) -> list[BreakerSnapshot]:
+    def snapshots(self, clock: Clock, where: Selected | None = None) -> list[BreakerSnapshot]:
         """Every breaker under this store's key prefix (a SCAN: for operators, not hot
-        paths). A breaker that cannot be read is repaired or left out, with a WARNING
+        paths), or those ``where`` picks by name and key (told from the keys, before any
+        is read). A breaker that cannot be read is repaired or left out, with a WARNING
         (``listing.py``); ``StorageError`` only when the store cannot be read at all."""
-        return list_snapshots(self, clock, _KEY_SUFFIXES)
+        return list_snapshots(self, clock, _KEY_SUFFIXES, where)
 
     def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | None:
         """Breaker ``name``/``key`` as ``snapshots`` would list it, or ``None``: one script,
