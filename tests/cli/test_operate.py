@@ -15,7 +15,7 @@ from celery_breaker.ops.cli import EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_USAGE
 from celery_breaker.ops.control import operate as remote_operate
 from celery_breaker.ops.operator import operate
 from celery_breaker.storage.redis import RedisStore
-from tests.servers import free_port
+from tests.servers import RedisServer, free_port
 
 from . import cliproj
 from .conftest import breaker, run, stored, trip
@@ -234,6 +234,23 @@ def test_a_memory_store_or_an_unreachable_one_is_refused() -> None:
             assert "Traceback" not in result.output
     finally:
         cliproj.use_store("memory://")
+
+
+def test_a_store_that_wants_a_password_is_named_with_the_fix() -> None:
+    # A store URL without the password Redis asks for gave Redis's own words ("HELLO must
+    # be called with the client already authenticated"), naming no fix.
+    with RedisServer(password="s3cret-pw") as server:
+        server.start()
+        try:
+            for url in (f"redis://127.0.0.1:{server.port}/2", f"redis://:wrong-pw@127.0.0.1:{server.port}/2"):
+                cliproj.use_store(url)
+                result = run("status")
+                assert result.exit_code == EXIT_UNAVAILABLE, result.output
+                assert "Redis wants a password, or another one: give it in the store URL" in result.stderr, url
+                assert "wrong-pw" not in result.output
+                assert "s3cret-pw" not in result.output
+        finally:
+            cliproj.use_store("memory://")
 
 
 def test_help_lists_every_command() -> None:

@@ -106,6 +106,18 @@ def test_a_refusing_redis_names_the_fix_in_the_outage_warning_and_the_park_error
     assert fix in str(parked.value)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        redis.AuthenticationError("invalid username-password pair or user is disabled."),
+        redis.ResponseError("NOAUTH Authentication required."),
+        redis.AuthenticationError("HELLO must be called with the client already authenticated, otherwise ..."),
+    ],
+)
+def test_a_missing_or_wrong_password_gets_the_fix(error: Exception) -> None:
+    assert advice(error).startswith("Redis wants a password, or another one")
+
+
 def test_an_outage_or_a_data_error_gets_no_fix() -> None:
     assert advice(redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")) == ""
     assert advice(redis.TimeoutError("Timeout reading from socket")) == ""

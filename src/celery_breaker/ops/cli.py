@@ -135,9 +135,13 @@ def _reporting(command: Callable[P, R]) -> Callable[P, R]:
 def _unreachable(exc: Exception) -> str:
     from ..integration.settings import get_settings
     from ..storage import describe_url
+    from ..storage.redis.damage import advice
 
     cause = exc.__cause__
     reason = str(cause) if cause is not None else str(exc)
+    fix = advice(cause) if cause is not None else ""
+    if fix and fix not in reason:
+        reason += f" ({fix})"
     try:
         url = describe_url(get_settings(_app(click.get_current_context())).storage_url)
     except Exception:  # the settings were read before the store failed; this is only the message

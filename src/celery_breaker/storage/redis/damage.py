@@ -103,6 +103,19 @@ _FIXES = (
         "the master refuses writes until min-replicas-to-write replicas are connected: bring a replica back",
     ),
     (
+        (
+            "AuthenticationError",
+            "AuthenticationWrongNumberOfArgsError",
+            "NOAUTH",
+            "WRONGPASS",
+            "invalid username-password pair",
+            "must be called with the client already authenticated",
+        ),
+        "Redis wants a password, or another one: give it in the store URL (breaker_storage_url, or the broker "
+        "URL it is taken from), redis://:PASSWORD@host:6379/0, or redis://USER:PASSWORD@host:6379/0 for an ACL "
+        "user, with characters such as @ : / % in it percent-encoded",
+    ),
+    (
         ("NoPermissionError", *_DENIED),
         "the store URL's ACL user may not run a command, or use a key or channel, that breakers need: grant it "
         "+@read +@write +@scripting +publish +subscribe +ping on its keys (~*, or those of the key prefix) and "
