@@ -471,3 +471,30 @@ def test_a_long_key_is_cut_on_its_row_and_keeps_the_columns_on_the_page(browser:
     for row in placed:
         assert row["right"] <= row["width"], " ".join(row["cells"])  # every column, the actions too, on the page
     assert {row["label"]: row["title"] for row in placed} == {label: f"crm [{key}]", "billing": "billing"}
+
+
+def test_rows_follow_the_stores_order_as_breakers_come_and_go(browser: WebDriver, store_url: str) -> None:
+    # The rows are put in order walking the table once (a live collection indexed after
+    # each insertion made the first reading of 10,000 breakers take seconds): a breaker
+    # new in the middle, one gone from it, and the rest stay in the store's order.
+    for name in ("billing", "search"):
+        breaker(store_url, name).call(lambda: None)
+    flush_stores()
+
+    def order() -> list[str]:
+        return list(browser.execute_script("return Array.from(document.querySelectorAll('#breakers tbody tr'))"
+                                           ".map(tr => tr.dataset.label);"))  # fmt: skip
+
+    with WebProcess(store_url, "--interval", INTERVAL) as web:
+        browser.get(web.url)
+        until(browser, lambda: order() == ["billing", "search"], "the first two rows")
+        breaker(store_url, "crm", "tenant-7").call(lambda: None)
+        breaker(store_url, "crm", "tenant-3").call(lambda: None)
+        flush_stores()
+        until(
+            browser,
+            lambda: order() == ["billing", "crm[tenant-3]", "crm[tenant-7]", "search"],
+            "rows new in the middle",
+        )
+        resolve_store(store_url).delete("crm", "tenant-3")
+        until(browser, lambda: order() == ["billing", "crm[tenant-7]", "search"], "a row gone from the middle")
