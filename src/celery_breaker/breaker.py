@@ -175,6 +175,9 @@ _RUN: ContextVar[RunAdmission | None] = ContextVar("celery_breaker_run", default
 _CHECK_WITHIN: ContextVar[float | None] = ContextVar("celery_breaker_check_within", default=None)
 #: Below this many seconds left of ``check_within``, no further check is started.
 _LEAST_CHECK_TIME = 0.05
+#: Seconds past its timeout a health check's probe slot stays held (``_check_lease``):
+#: time for its verdict to reach the store.
+CHECK_LEASE_MARGIN = 5.0
 #: How long the health checks of a call made inside a run may take, all together, given
 #: the run and how many checks close the breaker (``None``: each its own timeout). The
 #: Celery integration sets it (``bound_checks_in_runs``): a task body's guarded call that
@@ -765,7 +768,7 @@ class CircuitBreaker:
             # breaker is open again, nor once the check is over: what it left behind, a
             # thread or a task, keeps its context, and is a caller like any other.)
             return cell, _UNJUDGED
-        ticket, moves = cell.acquire(self.policy, now)
+        ticket, moves = cell.acquire(self.policy, now, self._check_lease())
         if moves:
             self._announce(moves)
         if check and self.probe is not None and type(ticket) is Probe:
@@ -773,6 +776,15 @@ class CircuitBreaker:
         return cell, ticket
 
     # -- health checks ----------------------------------------------------------
+
+    def _check_lease(self) -> float | None:
+        """How long a probe slot this breaker wins is held at most: for a breaker with a
+        health check, the check's timeout and ``CHECK_LEASE_MARGIN`` (where shorter than
+        ``half_open_max_wait``), since a check gives its verdict within its timeout: the
+        slot of a check whose worker was killed held every other check off for
+        ``half_open_max_wait`` (60 s by default). ``None`` for a breaker without one."""
+        probe = self.probe
+        return None if probe is None else probe.timeout + CHECK_LEASE_MARGIN
 
     def _check_instead(self, cell: Cell, ticket: Probe) -> tuple[Cell, Ticket]:
         """This call won a probe slot: run the health check in its place, then admit the
@@ -894,7 +906,7 @@ class CircuitBreaker:
                 break  # no time left for another check: no slot is taken for one
             # Every slot taken (another caller's checks decide) rejects this caller with
             # what the store said: the seconds until a slot may free, the rejection counted.
-            next_ticket, moves = cell.acquire(self.policy, self._now())
+            next_ticket, moves = cell.acquire(self.policy, self._now(), self._check_lease())
             if moves:
                 self._announce(moves)
             if type(next_ticket) is not Probe:
@@ -983,7 +995,7 @@ class CircuitBreaker:
             # calls nobody made.
             return self._health_of(cell, now)
         try:
-            ticket, moves = cell.acquire(self.policy, now)
+            ticket, moves = cell.acquire(self.policy, now, self._check_lease())
         except CircuitOpenError:
             return self._health_of(cell, now)
         if moves:

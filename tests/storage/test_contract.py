@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, RetryAfter, State, TooManyRequests
-from celery_breaker.core import BreakerSnapshot, Transition
+from celery_breaker.core import BreakerSnapshot, Probe, Transition
 from celery_breaker.core.policy import LARGEST_COUNT, LONGEST_SECONDS
 from celery_breaker.names import MAX_KEY_LENGTH
 from celery_breaker.storage import Store
@@ -237,6 +237,32 @@ def test_a_hung_probe_frees_its_slot_after_half_open_max_wait(store: Store, cloc
     clock.advance(6)
     assert breaker.call(ok) == "ok"
     assert state_of(breaker) is State.CLOSED
+
+
+def test_a_probe_slot_won_for_a_shorter_lease_is_freed_after_it(store: Store, clock: FakeClock) -> None:
+    # A health check's slot is leased for its timeout and a margin (``lease_for``), not
+    # half_open_max_wait: the check of a worker killed mid-check held every other off 60 s.
+    breaker = half_open(store, clock, half_open_max_calls=1, success_threshold=1, half_open_max_wait=30)
+    cell = breaker._cell
+    ticket, _ = cell.acquire(breaker.policy, clock.monotonic(), 7.0)  # (never reports: its worker was killed)
+    assert isinstance(ticket, Probe)
+    clock.advance(5)
+    assert rejected(breaker).retry_after == pytest.approx(2)
+    clock.advance(2)
+    assert breaker.call(ok) == "ok"
+    assert state_of(breaker) is State.CLOSED
+    # A lease_for past half_open_max_wait (or none that makes sense) is held to it.
+    for asked in (90.0, 0.0, -1.0):
+        breaker.force_open()
+        breaker.reset()
+        fail(breaker)
+        clock.advance(breaker.policy.reset_timeout)
+        cell = breaker._cell
+        ticket, _ = cell.acquire(breaker.policy, clock.monotonic(), asked)
+        assert isinstance(ticket, Probe)
+        clock.advance(29)
+        assert rejected(breaker).retry_after == pytest.approx(1), asked
+        clock.advance(1)
 
 
 def test_an_ignored_outcome_frees_a_probe_slot(store: Store, clock: FakeClock) -> None:

@@ -1057,3 +1057,25 @@ def test_a_per_key_check_under_a_decorator_is_given_its_key() -> None:
 
     assert HealthCheck(tenant_health).takes_key
     assert not HealthCheck(with_session).takes_key
+
+
+def test_a_killed_workers_check_holds_its_slot_for_its_timeout_not_half_open_max_wait(clock: FakeClock) -> None:
+    # A check's slot was leased for half_open_max_wait (60 s here): a worker killed while
+    # its check ran held every other process's check off that long. A check answers
+    # within its timeout, so its slot is leased for that and CHECK_LEASE_MARGIN.
+    store = fresh_store()
+    policy = BreakerPolicy(
+        failure_threshold=1, reset_timeout=10, success_threshold=1, half_open_max_calls=1, half_open_max_wait=60
+    )
+    killed = CircuitBreaker("svc", policy, storage=store, clock=clock, probe=HealthCheck(lambda: None, timeout=2))
+    fail(killed)
+    clock.advance(10)
+    # What its check took as it began, before the worker died: the slot, as its breaker leases it.
+    ticket, _ = killed._cell.acquire(killed.policy, clock.monotonic(), killed._check_lease())
+    assert isinstance(ticket, Probe)
+    other = CircuitBreaker("svc", policy, storage=store, clock=clock, probe=lambda: None)
+    clock.advance(2 + breaker_module.CHECK_LEASE_MARGIN - 0.5)
+    assert other.check_health().state is State.HALF_OPEN  # the slot is still the dead check's
+    clock.advance(0.5)
+    assert other.check_health().state is State.CLOSED  # 7 s, not 60
+    assert CircuitBreaker("plain", policy, storage=store, clock=clock)._check_lease() is None

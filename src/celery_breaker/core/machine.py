@@ -116,8 +116,10 @@ class BreakerMachine:
 
     # -- admission -----------------------------------------------------------
 
-    def admit(self, policy: BreakerPolicy, now: float) -> Ticket:
-        """Admit a call (returning its ticket) or raise ``CircuitOpenError``."""
+    def admit(self, policy: BreakerPolicy, now: float, lease_for: float | None = None) -> Ticket:
+        """Admit a call (returning its ticket) or raise ``CircuitOpenError``. ``lease_for``:
+        seconds a probe's lease lasts if shorter than ``half_open_max_wait`` (a health
+        check's: its timeout and a margin)."""
         self.last_used = now
         state = self.state
         if state is CLOSED or state is DISABLED:
@@ -129,9 +131,9 @@ class BreakerMachine:
             self._move(HALF_OPEN, now)
         elif state is FORCED_OPEN:
             return self._reject(None)
-        return self._admit_probe(now)
+        return self._admit_probe(now, lease_for)
 
-    def _admit_probe(self, now: float) -> Ticket:
+    def _admit_probe(self, now: float, lease_for: float | None = None) -> Ticket:
         policy = self.policy
         leases = self.leases
         for lease, deadline in list(leases.items()):
@@ -140,7 +142,8 @@ class BreakerMachine:
         if len(leases) + self.half_open_successes < policy.half_open_max_calls:
             lease = self.next_lease
             self.next_lease = lease + 1
-            leases[lease] = now + policy.half_open_max_wait
+            longest = policy.half_open_max_wait
+            leases[lease] = now + (longest if lease_for is None or not 0 < lease_for < longest else lease_for)
             return Probe(self.generation, lease)
         # Every slot is taken: the next chance is when a lease expires, and probes
         # usually report sooner, so do not wait longer than one open period.

@@ -104,9 +104,11 @@ class Cell(Protocol):
         """Count a call the caller rejected from the view (the store learns it later)."""
         ...
 
-    def acquire(self, policy: BreakerPolicy, now: float) -> tuple[Ticket, Moves]:
+    def acquire(self, policy: BreakerPolicy, now: float, lease_for: float | None = None) -> tuple[Ticket, Moves]:
         """Admit a call (its ticket, and the transition admitting it made: an OPEN
-        breaker whose time is up half-opens) or raise ``CircuitOpenError``."""
+        breaker whose time is up half-opens) or raise ``CircuitOpenError``. ``lease_for``:
+        seconds a probe slot won is held at most, if shorter than the policy's
+        ``half_open_max_wait`` (a health check's: its timeout and a margin)."""
         ...
 
     def finish(

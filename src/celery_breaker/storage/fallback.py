@@ -338,14 +338,14 @@ class FallbackCell:
 
     # -- atomic operations ----------------------------------------------------
 
-    def acquire(self, policy: BreakerPolicy, now: float) -> tuple[Ticket, Moves]:
+    def acquire(self, policy: BreakerPolicy, now: float, lease_for: float | None = None) -> tuple[Ticket, Moves]:
         cell = self._target(now)
         if cell is self._primary:
             try:
-                return cell.acquire(policy, now)
+                return cell.acquire(policy, now, lease_for)
             except StorageError as exc:
                 self._degrade(exc, now)
-        ticket, moves = self._active.acquire(policy, now)
+        ticket, moves = self._active.acquire(policy, now, lease_for)
         generation: int = ticket.generation if type(ticket) is Probe else ticket  # type: ignore[assignment]
         return _regenerated(ticket, self._base + generation), moves
 

@@ -50,10 +50,10 @@ class MemoryCell(BreakerMachine):
         next(self.rejection_tally)
         self.last_used = now
 
-    def acquire(self, policy: BreakerPolicy, now: float) -> tuple[Ticket, Moves]:
+    def acquire(self, policy: BreakerPolicy, now: float, lease_for: float | None = None) -> tuple[Ticket, Moves]:
         with self.lock:
             try:
-                return self.admit(policy, now), self.take_moves()
+                return self.admit(policy, now, lease_for), self.take_moves()
             except CircuitOpenError:
                 self.moves.clear()  # (a rejection moves nothing)
                 raise

@@ -1,6 +1,8 @@
 -- acquire: admit a call (CLOSED, DISABLED), or a HALF_OPEN probe under its lease, or reject.
 -- Mirrors BreakerMachine.admit; an OPEN breaker whose time is up half-opens here, so the
 -- half-open move and the first probe are one atomic step. Rejections are counted here.
+-- ARGV[8]: seconds a probe's lease lasts if shorter than the policy's half_open_max_wait
+-- ('' none): a health check's, its timeout and a margin (BreakerMachine.admit's lease_for).
 
 local function reject(retry_after)
   S.rj = S.rj + 1
@@ -20,7 +22,10 @@ local function admit_probe()
   if live + S.hos < P.max_calls then
     local lease = S.nl
     S.nl = lease + 1
-    redis.call('HSET', K_LEASES, lease, fmt(now + P.max_wait))
+    local lease_for = P.max_wait
+    local asked = tonumber(ARGV[8] or '')
+    if asked ~= nil and asked > 0 and asked < lease_for then lease_for = asked end
+    redis.call('HSET', K_LEASES, lease, fmt(now + lease_for))
     touch(K_LEASES)
     return reply('probe', lease)
   end

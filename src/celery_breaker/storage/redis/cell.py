@@ -319,13 +319,13 @@ class RedisCell:
         next(self._rejections)  # sent with the next script call
         self.last_used = now
 
-    def acquire(self, policy: BreakerPolicy, now: float) -> tuple[Ticket, Moves]:
+    def acquire(self, policy: BreakerPolicy, now: float, lease_for: float | None = None) -> tuple[Ticket, Moves]:
         if self.state is State.HALF_OPEN and now < self._full_until:
             # Every probe slot was taken when last asked, and no slot has freed since
             # (that would have been published): reject without asking.
             next(self._rejections)
             raise CircuitOpenError.rejected(self.name, self.key, State.HALF_OPEN, self._full_until - now)
-        reply, moves = self._call("acquire", now)
+        reply, moves = self._call("acquire", now, "" if lease_for is None else repr(lease_for))
         verdict = reply.verdict
         try:
             lease = int(reply.value) if verdict == "probe" else -1
