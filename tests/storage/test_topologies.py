@@ -673,3 +673,30 @@ def test_a_sentinel_broker_whose_sentinels_ask_a_password_keeps_its_breakers_in_
                 breaker.call(lambda: None)
         finally:
             store.close()
+
+
+def test_a_script_missing_on_one_primary_is_sent_there_while_another_primary_is_down() -> None:
+    # redis-py loads a missing script with SCRIPT LOAD, which a Cluster client sends to
+    # every primary: with one primary down (cluster-require-full-coverage no, so the
+    # others serve their slots), a breaker on a healthy primary whose scripts were flushed
+    # failed every call, and fell back to a stand-in (a tripped breaker passed elsewhere).
+    with servers.RedisCluster() as cluster:
+        cluster.start()
+        for node in cluster.nodes:
+            node.admin().config_set("cluster-require-full-coverage", "no")
+        store = RedisStore.from_url(cluster.url)
+        names = names_on_every_node(store)
+        down_node, flushed = cluster.nodes[1], cluster.nodes[0]
+        name = names[flushed.port]
+        breaker = CircuitBreaker(name, TRIP_AT_TWO, storage=store, on_storage_error="deny")
+        assert breaker.call(ok) == "ok"
+        down_node.kill()
+        flushed.admin().script_flush()
+        fail(breaker, 2)  # its scripts go to its own primary alone, with EVAL
+        assert state_of(breaker) is State.OPEN
+        elsewhere = RedisStore.from_url(cluster.url)  # as another process would see it
+        found = elsewhere.find(name, None, SYSTEM_CLOCK)
+        assert found is not None
+        assert found.state is State.OPEN
+        elsewhere.close()
+        store.close()

@@ -6,7 +6,8 @@ rules, save) and its operation (``acquire.lua``, ``record.lua``, ...); a parking
 with ``parked.lua`` (its keys, their types repaired) and its own (``release.lua`` after
 ``pacing.lua``, the adaptive release's law); ``history.lua``, ``forget.lua``,
 ``lookout.lua``, ``pace.lua`` and ``retype.lua`` follow ``checks.lua`` alone. redis-py's ``Script`` runs
-each by EVALSHA and loads it again after a ``SCRIPT FLUSH`` or on a new server.
+each by EVALSHA and loads it again after a ``SCRIPT FLUSH`` or on a new server; on a
+Cluster a script the node lacks is sent with EVAL, to that node alone (``Scripts``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+from redis.cluster import ClusterPipeline, RedisCluster
 from redis.commands.core import Script
+from redis.exceptions import NoScriptError
 
 __all__ = ["BREAKER_SCRIPTS", "PARKING_SCRIPTS", "SOURCES", "Scripts"]
 
@@ -52,5 +55,18 @@ class Scripts:
         self._scripts = {name: Script(client, source) for name, source in SOURCES.items()}
 
     def __call__(self, name: str, keys: Sequence[str | bytes], args: Sequence[Any], client: Any = None) -> Any:
-        """Run script ``name`` (on ``client``, e.g. a pipeline, else this one's client)."""
-        return self._scripts[name](keys, args, client=client or self.client)
+        """Run script ``name`` (on ``client``, e.g. a pipeline, else this one's client).
+
+        On a Cluster, a node that lacks the script (restarted, failed over, SCRIPT FLUSH)
+        is sent it with EVAL, routed by the keys like the EVALSHA: redis-py's ``Script``
+        loads it with SCRIPT LOAD, which a Cluster client sends to every primary, so one
+        primary down failed the calls of breakers on the others (they fell back, and a
+        tripped breaker's calls passed in other processes)."""
+        script = self._scripts[name]
+        target = client or self.client
+        if isinstance(target, RedisCluster) and not isinstance(target, ClusterPipeline):
+            try:
+                return target.evalsha(script.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return target.eval(SOURCES[name], len(keys), *keys, *args)
+        return script(keys, args, client=target)
