@@ -700,3 +700,23 @@ def test_a_script_missing_on_one_primary_is_sent_there_while_another_primary_is_
         assert found.state is State.OPEN
         elsewhere.close()
         store.close()
+
+
+@pytest.mark.parametrize("scheme", ["redis+sentinel", "rediss+sentinel"])
+def test_sentinels_that_cannot_be_asked_are_named_by_address_not_by_a_client_repr(
+    scheme: str, closing: Closing
+) -> None:
+    # redis-py's MasterNotFoundError names each Sentinel by its client's repr, nesting its
+    # pool's and connection's settings (about 1.5 KB each over TLS): the cause came last.
+    ports = [dead_port(), dead_port()]
+    url = f"{scheme}://127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/mymaster?socket_timeout=0.3"
+    store = closing(RedisStore.from_url(url))
+    with pytest.raises(StorageError) as info:
+        store.cell("svc", None, BreakerPolicy(), SYSTEM_CLOCK)
+    text = str(info.value)
+    assert "redis.client.Redis(" not in text
+    assert "Connection(" not in text
+    for port in ports:
+        assert f"sentinel 127.0.0.1:{port} - network:ConnectionError: Error 111" in text
+    assert "No master found for 'mymaster'" in text
+    assert len(text) < 600, text

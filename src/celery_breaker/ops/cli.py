@@ -135,10 +135,10 @@ def _reporting(command: Callable[P, R]) -> Callable[P, R]:
 def _unreachable(exc: Exception) -> str:
     from ..integration.settings import get_settings
     from ..storage import describe_url
-    from ..storage.redis.damage import advice
+    from ..storage.redis.damage import advice, error_text
 
     cause = exc.__cause__
-    reason = str(cause) if cause is not None else str(exc)
+    reason = error_text(cause) if cause is not None else str(exc)
     fix = advice(cause) if cause is not None else ""
     if fix and fix not in reason:
         reason += f" ({fix})"

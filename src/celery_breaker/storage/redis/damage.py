@@ -10,6 +10,7 @@ once more, asking it to check the key types (after a WRONGTYPE) or to reset the 
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 import redis
@@ -138,7 +139,34 @@ def failure(label: str, doing: str, exc: BaseException) -> str:
     """The text of the ``StorageError`` a failed command becomes: the store, what was being
     done, Redis's error and, when Redis refuses for a reason of its own, the fix."""
     fix = advice(exc)
-    return f"redis store {label}: {doing} failed: {exc}" + (f" ({fix})" if fix else "")
+    return f"redis store {label}: {doing} failed: {error_text(exc)}" + (f" ({fix})" if fix else "")
+
+
+#: A client's repr in redis-py's ``MasterNotFoundError`` (one per Sentinel asked), which
+#: nests its pool's and connection's: ``<redis.client.Redis(<...Connection(host=h,port=p,...)>)>``.
+_CLIENT_REPR = "<redis.client.Redis("
+
+
+def error_text(exc: BaseException) -> str:
+    """``str(exc)``, with each Sentinel client redis-py names in a ``MasterNotFoundError``
+    shown as ``sentinel HOST:PORT``: its repr, with its pool's and connection's settings,
+    was some 1.5 KB a Sentinel, the cause (``CERTIFICATE_VERIFY_FAILED``) at its end."""
+    text = str(exc)
+    if _CLIENT_REPR not in text:
+        return text
+    shown, at = [], 0
+    while (start := text.find(_CLIENT_REPR, at)) != -1:
+        depth, end = 0, start
+        for end in range(start, len(text)):  # (to its closing '>', past the nested ones)
+            depth += {"<": 1, ">": -1}.get(text[end], 0)
+            if depth == 0:
+                break
+        inner = text[start : end + 1]
+        host, port = re.search(r"\bhost=([^,)>]*)", inner), re.search(r"\bport=(\d+)", inner)
+        where = f"{host.group(1)}:{port.group(1)}" if host and port else "?"
+        shown.append(text[at:start] + f"sentinel {where}")
+        at = end + 1
+    return "".join(shown) + text[at:]
 
 
 def repair_for(exc: BaseException | None) -> str:
