@@ -539,6 +539,34 @@ def test_a_life_gone_alone_while_its_tasks_stay_is_no_loss(
     assert caplog.text == ""
 
 
+@pytest.mark.parametrize("marker_too", [False, True], ids=["life", "life and marker"])
+def test_a_life_gone_alone_and_written_again_before_the_next_count_is_no_loss(
+    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture, marker_too: bool
+) -> None:
+    # An acceptance tester deleted a breaker's life (as an eviction would) with 49 tasks
+    # parked, and parked 5 more before the next count: the new life was taken for a new
+    # parking, and an ERROR said the 49 were lost (they all ran). With the parking's
+    # marker gone too, "the breaker store lost its parked tasks".
+    parking = store.parking
+    park_many(store, 3, name="crm")
+    watcher = loss_watcher(store)
+    watcher.watch_for_loss(0.0)
+    server = redis.Redis.from_url(redis_url)
+    server.delete(parking.tag("crm", None) + LIFE_SUFFIX)
+    if marker_too:
+        server.delete(parking.marker)
+    parking.park("crm", None, "new-task:1", 500.0, "payload", None)  # (a life again, over the 3 still parked)
+    with caplog.at_level(logging.ERROR, logger="celery_breaker"):
+        assert watcher.watch_for_loss(1.0) == 0
+        assert watcher.watch_for_loss(2.0) == 0
+    assert caplog.text == ""
+    # Lost afterwards with its entries, it is reported as before.
+    tag = parking.tag("crm", None)
+    server.delete(*(tag + suffix for suffix in (*PARKING_SUFFIXES, LIFE_SUFFIX)))
+    parking.park("crm", None, "newer-task:1", 900.0, "payload", None)
+    assert watcher.watch_for_loss(3.0) == 4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("victim_holds_the_marker", [False, True])
 def test_a_cluster_node_restarted_empty_is_reported_with_the_breakers_it_held(

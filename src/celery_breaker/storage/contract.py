@@ -18,6 +18,7 @@ from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Trans
 from ..core.pacing import PacingLaw
 
 __all__ = [
+    "KEPT_LIFE",
     "NO_MOVES",
     "Cell",
     "Claimed",
@@ -29,6 +30,9 @@ __all__ = [
     "Selected",
     "Store",
 ]
+
+#: The end of a parking life written while the breaker still held entries (``Parking.lives``).
+KEPT_LIFE = ":kept"
 
 #: Which breakers a listing wants, by name and key (``Store.snapshots``'s ``where``).
 Selected = Callable[[str, str | None], bool]
@@ -273,7 +277,8 @@ class Parking(Protocol):
     def lives(self, tags: list[str]) -> dict[str, str | None]:
         """What names each breaker's parking life: it changes (or vanishes) when the store
         loses that breaker's parked entries; ``None`` while it has none. A breaker whose
-        life cannot be read is left out."""
+        life cannot be read is left out. A life ending in ``KEPT_LIFE`` was written over
+        entries still parked: the one before went alone (deleted, evicted), not them."""
         ...
 
     def lookout(self, holder: str, lease: float, *, take_free: bool = True) -> bool | None:

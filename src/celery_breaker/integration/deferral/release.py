@@ -46,6 +46,7 @@ from ...errors import StorageError
 from ...health import CheckAbandoned, abandon_checks_on, abandon_pending_checks
 from ...labels import shown_label
 from ...storage import Parking
+from ...storage.contract import KEPT_LIFE
 from ..broker import AMQP, broker_kind
 from ..throttle import Throttle
 from . import confirms
@@ -414,15 +415,18 @@ class Releaser(threading.Thread):
         (it lived on another node). Otherwise only a breaker whose life changed or
         vanished is (a Cluster node restarted empty, its keys deleted or evicted); one
         whose life was not known (parked by an older release) is not judged, and a life
-        gone alone, its breaker's tasks still counted (evicted), is no loss."""
+        gone alone, its breaker's tasks still counted (evicted), is no loss; nor is one
+        written again over entries still parked (``KEPT_LIFE``: the next task parked
+        behind it found them there)."""
 
         def lost_for(tag: str) -> bool | None:  # (None: cannot tell)
             remembered = self._lives.get(tag)
             if remembered is None or tag not in lives:
                 return None
-            if lives[tag] is None:
+            life = lives[tag]
+            if life is None:
                 return tag not in known
-            return lives[tag] != remembered
+            return life != remembered and not life.endswith(KEPT_LIFE)
 
         gone = {
             tag: count

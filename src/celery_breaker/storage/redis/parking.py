@@ -26,7 +26,7 @@ import redis
 from ...core.pacing import PacingLaw
 from ...errors import StorageError
 from ...labels import breaker_label, shown_label
-from ..contract import Claimed, EvictionCheck, ReleasePace
+from ..contract import KEPT_LIFE, Claimed, EvictionCheck, ReleasePace
 from .client import CLIENT_ERRORS
 from .damage import CHECK_TYPES, classify, failure, text
 from .eviction import check_eviction
@@ -46,7 +46,9 @@ PARKING_SUFFIXES = (":q", ":m", ":c", ":d", ":p")
 #: its first entry, kept while entries are parked, given the idle TTL once it holds none.
 #: A releaser that saw one life with entries parked and then sees another, or none, knows
 #: the breaker's entries were lost with it (a Cluster node restarted empty, say, which the
-#: parking's own epoch, on another node, cannot tell).
+#: parking's own epoch, on another node, cannot tell). A life written while the breaker
+#: already held entries ends in ``KEPT_LIFE``: the old one went alone (deleted, evicted),
+#: its entries did not, and that is no loss.
 LIFE_SUFFIX = ":e"
 
 #: Entries one purge script call discards: bounded, so Redis is never blocked for long.
@@ -96,16 +98,23 @@ class RedisParking:
         tag = self.tag(name, key)
         doing = f"parking {entry}"
 
+        life = tag + LIFE_SUFFIX
+
         def indexed(pipe: Any) -> tuple[Any, ...]:
             # A fresh epoch each time (HSETNX keeps the first): one kept by the process would
             # write the lost parking's epoch back after Redis restarted empty, and every
-            # releaser that had read it would find nothing lost. The same for the breaker's
-            # life, which must not expire while it holds entries (``forget`` let it).
-            life = tag + LIFE_SUFFIX
+            # releaser that had read it would find nothing lost. The breaker's life must not
+            # expire while it holds entries (``forget`` let it).
             return (
-                pipe.sadd(self.index, tag), pipe.hsetnx(self.marker, "epoch", uuid.uuid4().hex),
-                pipe.set(life, uuid.uuid4().hex, nx=True), pipe.persist(life),
+                pipe.sadd(self.index, tag), pipe.hsetnx(self.marker, "epoch", uuid.uuid4().hex), pipe.persist(life),
             )  # fmt: skip
+
+        def lived(count: int) -> Callable[[Any], tuple[Any, ...]]:
+            # The breaker's life, written once the entry is (a fresh one each time, as the
+            # epoch), marked KEPT_LIFE when entries were parked before this one: a life that
+            # went alone (deleted, evicted) while they stayed was reported as their loss.
+            fresh = uuid.uuid4().hex + (KEPT_LIFE if count > 1 else "")
+            return lambda pipe: (*indexed(pipe), pipe.set(life, fresh, nx=True), pipe.persist(life))
 
         # Indexed before the entry is written (a park whose second round trip failed left
         # an entry no releaser looked for), and again after it (a releaser's ``forget``
@@ -125,7 +134,7 @@ class RedisParking:
         # way as well (a second copy). The index was written before it, and ``forget``
         # puts back a tag it dropped while the entry arrived; this is one more guard.
         try:
-            self._own_keys(doing, indexed)
+            self._own_keys(doing, lived(int(count)))
         except StorageError as exc:
             logger.warning("redis store %s: parked %s, then %s", self.store.label, entry, exc)
         return int(count)
