@@ -173,7 +173,8 @@ class HealthCheck:
     A ``fn`` that requires one argument is given the key of the breaker it checks
     (``None`` for a breaker without keys, or run outside a breaker): a per-key breaker's
     check can ask after that key's own downstream (``takes_key``). So is one whose
-    optional argument is named ``key`` (``def check(key=None)``), by that name.
+    optional argument is ``key=None`` (``def check(key=None)``), by that name, when the
+    breaker has a key.
 
     ``name`` says what it is in logs (by default the function's qualified name: a
     ``partial``'s function, a callable object's class, never a repr showing arguments).
@@ -296,7 +297,10 @@ class HealthCheck:
         """``fn()``, or ``fn(key)`` with the key of the breaker it checks (``takes_key``)."""
         if self.takes_key:
             key = None if checked is None else checked.key
-            return self.fn(key=key) if self.key_by_name else self.fn(key)
+            if not self.key_by_name:
+                return self.fn(key)
+            if key is not None:  # (else its own default, None, stands)
+                return self.fn(key=key)
         return self.fn()
 
     async def _run_off_loop(self, limit: float) -> CheckResult:
@@ -476,10 +480,14 @@ def _wraps_a_key_check(fn: Callable[..., object]) -> bool:
 
 
 def _has_an_optional_key(fn: Callable[..., object]) -> bool:
-    """Whether ``fn``, callable without arguments, has an optional argument named ``key``
+    """Whether ``fn``, callable without arguments, has an optional argument ``key=None``
     (``def tenant_health(key=None)``): called with none, a per-key breaker's check could
-    not tell its keys apart, though it was written to. (Any other optional argument, a
-    ``timeout=5``, is the check's own.)"""
+    not tell its keys apart, though it was written to. A ``key`` with a default of its
+    own (``def cache_alive(key="healthcheck")``, a cache key to probe) or one a
+    ``functools.partial`` fills in is the check's own, as is any other optional argument
+    (``timeout=5``)."""
+    if isinstance(fn, functools.partial) and "key" in fn.keywords:
+        return False
     try:
         found = inspect.signature(fn).parameters.get("key")
     except (TypeError, ValueError):
@@ -487,7 +495,7 @@ def _has_an_optional_key(fn: Callable[..., object]) -> bool:
     return (
         found is not None
         and found.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-        and found.default is not inspect.Parameter.empty
+        and found.default is None
     )
 
 

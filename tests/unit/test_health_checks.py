@@ -905,8 +905,14 @@ def test_a_check_whose_optional_argument_is_named_key_is_given_it_by_name(clock:
         seen.append(("other_option", None))
         assert timeout == 2.0  # an optional argument not named key is the check's own
 
+    def own_default(key: str = "healthcheck") -> None:
+        seen.append(("own_default", key))  # (a key of its own: a cache key it probes, say)
+
     policy = BreakerPolicy(failure_threshold=1, reset_timeout=10, success_threshold=1)
-    checks: tuple[Callable[..., object], ...] = (positional, after_another, keyword_only, asynchronous, other_option)
+    filled = functools.partial(after_another, key="filled-in")  # (a partial's key is its own)
+    checks: tuple[Callable[..., object], ...] = (
+        positional, after_another, keyword_only, asynchronous, other_option, own_default, filled,
+    )  # fmt: skip
     breakers = [
         CircuitBreaker("svc", policy, storage=store, clock=clock, key=f"tenant-{n}", probe=check)
         for n, check in enumerate(checks)
@@ -918,9 +924,18 @@ def test_a_check_whose_optional_argument_is_named_key_is_given_it_by_name(clock:
         assert breaker.check_health().state is State.CLOSED
     assert seen == [
         ("positional", "tenant-0"), ("after_another", "tenant-1"), ("keyword_only", "tenant-2"),
-        ("asynchronous", "tenant-3"), ("other_option", None),
+        ("asynchronous", "tenant-3"), ("other_option", None), ("own_default", "healthcheck"),
+        ("after_another", "filled-in"),
     ]  # fmt: skip
-    assert [HealthCheck(check).takes_key for check in checks] == [True, True, True, True, False]
+    assert [HealthCheck(check).takes_key for check in checks] == [True, True, True, True, False, False, False]
+    # Without a key (a breaker of none, or run outside one) its own default stands.
+    seen.clear()
+    assert HealthCheck(positional).run().healthy
+    keyless = CircuitBreaker("other", policy, storage=store, clock=clock, probe=after_another)
+    fail(keyless)
+    clock.advance(10)
+    assert keyless.check_health().state is State.CLOSED
+    assert seen == [("positional", None), ("after_another", None)]
 
 
 def test_a_check_that_needs_more_than_the_key_is_refused() -> None:

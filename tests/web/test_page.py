@@ -506,11 +506,10 @@ def test_a_store_of_more_breakers_than_rows_shows_the_urgent_ones_and_a_filter(
     # 10,000 breakers took the browser about 4 s to lay out, at every reading that changed
     # (an acceptance test): the page froze during an incident. It shows MAX_ROWS (1,000),
     # the breakers an operator needs first, and a filter finds any other.
-    store = resolve_store(store_url)
     for n in range(1_002):
-        breaker(store, "crm", f"tenant-{n:04}").call(lambda: None)
+        breaker(store_url, "crm", f"tenant-{n:04}").call(lambda: None)
     for n in range(3):  # (last in the store's order: shown only because they are open)
-        fail_until_open(breaker(store, "zz-partner", f"region-{n}"))
+        fail_until_open(breaker(store_url, "zz-partner", f"region-{n}"))
     flush_stores()
     with WebProcess(store_url, "--interval", INTERVAL) as web:
         browser.get(web.url)

@@ -134,7 +134,7 @@ SETTING_DOCS: dict[str, Doc] = {
         "the worker",
         meaning="a health check per breaker, run instead of a real task when the breaker may half-open; real tasks "
         "stay deferred or parked until the checks close it. A check fails by raising or returning `False`; one that "
-        "requires an argument, or has an optional one named `key`, is given the key of the per-key breaker it "
+        "requires an argument, or has an optional `key=None`, is given the key of the per-key breaker it "
         "checks. A task "
         "named here has its body called in the worker's process, without its breaker "
         "([health-check probes](concepts.md#health-check-probes)); the exact name wins over globs, then the first "
