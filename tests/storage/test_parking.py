@@ -19,7 +19,7 @@ from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.errors import StorageError
 from celery_breaker.integration.deferral.release import Releaser
 from celery_breaker.storage.redis import RedisStore
-from celery_breaker.storage.redis.parking import LIFE_SUFFIX, PARKING_SUFFIXES
+from celery_breaker.storage.redis.parking import LIFE_SUFFIX, PARKING_SUFFIXES, RedisParking
 from celery_breaker.testing import FakeClock
 
 from ..servers import RedisCluster, poll
@@ -565,6 +565,35 @@ def test_a_life_gone_alone_and_written_again_before_the_next_count_is_no_loss(
     server.delete(*(tag + suffix for suffix in (*PARKING_SUFFIXES, LIFE_SUFFIX)))
     parking.park("crm", None, "newer-task:1", 900.0, "payload", None)
     assert watcher.watch_for_loss(3.0) == 4
+
+
+def test_two_parks_racing_after_the_store_restarted_empty_still_report_the_loss(
+    store: RedisStore, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (A review of the KEPT_LIFE change: the life was written in a round trip after the
+    # entry, marked kept when that park's count was above 1. Two processes parking after
+    # the store restarted empty, A's life write held back behind B's whole park: B's life,
+    # "kept", hid the loss of the 3 tasks parked before. park.lua now writes it with the entry.)
+    other = RedisStore.from_url(store.url)  # (another process's store)
+    park_many(store, 3, name="crm")
+    watcher = loss_watcher(store)
+    watcher.watch_for_loss(0.0)
+    redis.Redis.from_url(redis_url).flushall()
+    real = RedisParking._own_keys
+    rounds: list[str] = []
+
+    def late_second_round(parking: RedisParking, doing: str, queue: Any) -> Any:
+        if parking is store.parking and "new-a" in doing:
+            rounds.append(doing)
+            if len(rounds) == 2:  # (A's round trip after its park script: B parks first)
+                other.parking.park("crm", None, "new-b:1", 201.0, "payload", None)
+        return real(parking, doing, queue)
+
+    monkeypatch.setattr(RedisParking, "_own_keys", late_second_round)
+    store.parking.park("crm", None, "new-a:1", 200.0, "payload", None)
+    assert len(rounds) == 2
+    assert watcher.watch_for_loss(1.0) == 3
+    other.close()
 
 
 @pytest.mark.slow

@@ -5,7 +5,8 @@
 -- KEYS (the breaker's hash tag, parking.py PARKING_SUFFIXES): 1 queue (zset: entry ->
 --   order), 2 messages (hash: entry -> 'order\npayload'), 3 claims (zset: entry -> lease
 --   deadline), 4 deadlines (zset: entry -> when it goes whatever the breaker says),
---   5 pacing (hash); release adds 6, the breaker's state hash.
+--   5 pacing (hash); release adds 6, the breaker's state hash, and park 6, its parking
+--   life (a string).
 -- ARGV: 1 '1' asks for the key types to be checked first (the caller sends it after a
 --   WRONGTYPE), 2 the caller's clock or '' (Redis TIME), then the script's own.
 -- Every reply starts with what was repaired ('' when nothing), for the caller to log.
@@ -72,7 +73,10 @@ end
 if ARGV[1] == '1' then
   local expected = { { K_QUEUE, 'zset' }, { K_MSGS, 'hash' }, { K_CLAIMS, 'zset' }, { K_DEADLINES, 'zset' },
     { K_PACE, 'hash' } }
-  if KEYS[6] ~= nil then expected[#expected + 1] = { KEYS[6], 'hash' } end
+  if KEYS[6] ~= nil then
+    -- (park's sixth key is the parking life, LIFE_SUFFIX ':e'; release's the state hash)
+    expected[#expected + 1] = { KEYS[6], string.sub(KEYS[6], -2) == ':e' and 'string' or 'hash' }
+  end
   local orphans = false
   for _, pair in ipairs(expected) do
     local found = redis.call('TYPE', pair[1]).ok

@@ -46,9 +46,9 @@ PARKING_SUFFIXES = (":q", ":m", ":c", ":d", ":p")
 #: its first entry, kept while entries are parked, given the idle TTL once it holds none.
 #: A releaser that saw one life with entries parked and then sees another, or none, knows
 #: the breaker's entries were lost with it (a Cluster node restarted empty, say, which the
-#: parking's own epoch, on another node, cannot tell). A life written while the breaker
-#: already held entries ends in ``KEPT_LIFE``: the old one went alone (deleted, evicted),
-#: its entries did not, and that is no loss.
+#: parking's own epoch, on another node, cannot tell). park.lua writes it with the entry, in
+#: one step; one written while the breaker already held entries ends in ``KEPT_LIFE``: the
+#: old one went alone (deleted, evicted), its entries did not, and that is no loss.
 LIFE_SUFFIX = ":e"
 
 #: Entries one purge script call discards: bounded, so Redis is never blocked for long.
@@ -109,32 +109,26 @@ class RedisParking:
                 pipe.sadd(self.index, tag), pipe.hsetnx(self.marker, "epoch", uuid.uuid4().hex), pipe.persist(life),
             )  # fmt: skip
 
-        def lived(count: int) -> Callable[[Any], tuple[Any, ...]]:
-            # The breaker's life, written once the entry is (a fresh one each time, as the
-            # epoch), marked KEPT_LIFE when entries were parked before this one: a life that
-            # went alone (deleted, evicted) while they stayed was reported as their loss.
-            fresh = uuid.uuid4().hex + (KEPT_LIFE if count > 1 else "")
-            return lambda pipe: (*indexed(pipe), pipe.set(life, fresh, nx=True), pipe.persist(life))
-
         # Indexed before the entry is written (a park whose second round trip failed left
         # an entry no releaser looked for), and again after it (a releaser's ``forget``
         # may have dropped the tag in between, finding nothing parked yet).
         self._own_keys(doing, indexed)
-        arguments = [entry, repr(order), payload, _opt(deadline)]
+        # (the breaker's life is written by park.lua, with the entry: see LIFE_SUFFIX)
+        arguments = [entry, repr(order), payload, _opt(deadline), uuid.uuid4().hex, KEPT_LIFE]
         try:
-            (count,) = self._script("park", tag, arguments, doing=doing)
+            (count,) = self._script("park", tag, arguments, doing=doing, life=True)
         except StorageError as exc:
             if not isinstance(exc.__cause__, redis.TimeoutError):
                 raise
             # The reply did not come in time: Redis may have parked it all the same. Asked
             # again (an entry is kept once), so that a park that took is not reported failed:
             # the caller would defer the task another way too, and it would run twice.
-            (count,) = self._script("park", tag, arguments, doing=doing)
+            (count,) = self._script("park", tag, arguments, doing=doing, life=True)
         # From here the entry is parked: raising would have the caller defer it another
         # way as well (a second copy). The index was written before it, and ``forget``
         # puts back a tag it dropped while the entry arrived; this is one more guard.
         try:
-            self._own_keys(doing, lived(int(count)))
+            self._own_keys(doing, indexed)
         except StorageError as exc:
             logger.warning("redis store %s: parked %s, then %s", self.store.label, entry, exc)
         return int(count)
@@ -416,6 +410,7 @@ class RedisParking:
         *,
         doing: str,
         state: bool = False,
+        life: bool = False,
         now: float | None = None,
         check: str = "",
     ) -> list[Any]:
@@ -424,6 +419,7 @@ class RedisParking:
         failure on the keys' data (a WRONGTYPE) it is run once more, checking them
         (``check``: at once)."""
         keys = [tag + suffix for suffix in PARKING_SUFFIXES] + ([tag + ":s"] if state else [])
+        keys += [tag + LIFE_SUFFIX] if life else []
         now_arg = _opt(now) if self.store.client_time else ""
         while True:
             try:
