@@ -189,6 +189,17 @@ def slow_unbounded(self: Any, ns: str, seconds: float) -> None:
     counter().hincrby(finished_key(ns), self.request.id, 1)
 
 
+#: A plain task (no breaker) that keeps a pool process busy for a while.
+PLAIN_SLOW_TASK = "backlog.plain_slow"
+
+
+@app.task(name=PLAIN_SLOW_TASK, acks_late=False)  # (acknowledged as it starts: its own run is outside the window)
+def plain_slow(ns: str, seconds: float) -> None:
+    """Takes ``seconds``, then counts its end."""
+    time.sleep(seconds)
+    counter().hincrby(finished_key(ns), "plain", 1)
+
+
 #: A task whose arguments its sender hides (``argsrepr``, ``kwargsrepr``).
 HIDDEN_TASK = "backlog.hidden"
 

@@ -30,6 +30,7 @@ from tests.integration.backlog_proj import (
     BREAKER,
     EARLY_ACK_TASK,
     HIDDEN_TASK,
+    PLAIN_SLOW_TASK,
     RETRY_ELSEWHERE_TASK,
     RETRY_TO_ITS_QUEUE_TASK,
     SLOW_TASK,
@@ -147,6 +148,38 @@ def test_a_task_run_after_a_held_countdown_has_the_whole_consumer_timeout(
             assert started.process.poll() is None, started.log()
         assert "Unrecoverable error" not in started.log()
         assert client.hgetall(finished_key(cell.ns)) == dict.fromkeys(ids, "1")
+    finally:
+        publisher.close()
+
+
+def test_held_countdowns_due_while_the_pool_is_busy_are_handed_back_not_held_past_the_window(
+    rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """Countdown deferrals held by the worker came due while its one pool process ran a
+    long task: they waited for it, unacknowledged, past RabbitMQ's consumer_timeout, and
+    RabbitMQ closed the channel ("Unrecoverable error", the worker exited; an acceptance
+    test stranded 7 of 18 tasks so). The main process now publishes each again to its
+    queue (confirmed) and acknowledges the held delivery: it waits in the queue."""
+    policy = {"failure_threshold": 1, "reset_timeout": 60.0}  # (held 0.9 x CONSUMER_TIMEOUT_S)
+    cell = deploy("rabbitmq-classic", "redis", "countdown", rabbitmq=rabbitmq, redis_server=redis_server,
+                  policy=policy, breaker_defer_spread=0)  # fmt: skip
+    client = counts(cell)
+    publisher = cell.publisher()
+    busy_for = CONSUMER_TIMEOUT_S + 2  # (longer than what the window leaves a held deferral)
+    try:
+        with Downstream() as downstream, cell.worker(concurrency=1) as started:
+            with held_open(cell, policy):
+                ids = [publisher.send_task(TASK, args=(cell.ns, downstream.url, n)).id for n in range(3)]
+                wait_for(lambda: client.hlen(deferral_counts_key(cell.ns)) >= len(ids), 30, "every task deferred")
+                publisher.send_task(PLAIN_SLOW_TASK, args=(cell.ns, busy_for))  # (the one process, taken)
+            wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids) or started.process.poll() is not None,
+                     60, "the tasks after the close")  # fmt: skip
+            assert started.process.poll() is None, started.log()
+            log = started.log()
+        assert "Unrecoverable error" not in log
+        assert "handed back to queue" in log
+        assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
+        assert client.hget(finished_key(cell.ns), "plain") == "1"
     finally:
         publisher.close()
 

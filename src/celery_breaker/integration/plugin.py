@@ -6,8 +6,9 @@ A worker builds its blueprint from ``app.steps["worker"]`` right after it sends
 uses ``BreakerTask`` imports it itself) adds the steps by name, and the worker loads
 them: ``worker.BreakerStep`` (settings, routes, tasks checked before any task runs;
 events), ``worker.ReleaserStep`` (parked tasks), the remote-control commands
-(``ops.control``) and the metrics endpoint (``monitoring.endpoint``), and one consumer
-step (``deferral.topology``: broker-delay's bindings, on every connection). Everything
+(``ops.control``) and the metrics endpoint (``monitoring.endpoint``), and two consumer
+steps (``deferral.topology``: broker-delay's bindings, on every connection;
+``deferral.handover``: a held countdown due while the pool is busy is handed back). Everything
 the plugin does in a worker starts in one of those steps.
 
 Outside workers, ``breaker_routes`` apply when an app finalizes (so eager and direct
@@ -46,7 +47,10 @@ WORKER_STEPS = (
     "celery_breaker.monitoring.endpoint:MetricsStep",
 )
 #: The consumer bootsteps, by name (started again on every connection restart).
-CONSUMER_STEPS = ("celery_breaker.integration.deferral.topology:DelayTopologyStep",)
+CONSUMER_STEPS = (
+    "celery_breaker.integration.deferral.topology:DelayTopologyStep",
+    "celery_breaker.integration.deferral.handover:HandOverStep",
+)
 
 
 def add_worker_steps(app: Any) -> None:
