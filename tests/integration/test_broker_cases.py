@@ -169,7 +169,12 @@ def test_held_countdowns_due_while_the_pool_is_busy_are_handed_back_not_held_pas
     try:
         with Downstream() as downstream, cell.worker(concurrency=1) as started:
             with held_open(cell, policy):
-                ids = [publisher.send_task(TASK, args=(cell.ns, downstream.url, n)).id for n in range(3)]
+                # (one compressed: kombu gives the held body decompressed, and a copy that kept
+                # its compression header could not be decoded, and was dropped)
+                ids = [
+                    publisher.send_task(TASK, args=(cell.ns, downstream.url, n), compression="zlib" if n else None).id
+                    for n in range(3)
+                ]
                 wait_for(lambda: client.hlen(deferral_counts_key(cell.ns)) >= len(ids), 30, "every task deferred")
                 publisher.send_task(PLAIN_SLOW_TASK, args=(cell.ns, busy_for))  # (the one process, taken)
             wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids) or started.process.poll() is not None,
@@ -177,7 +182,8 @@ def test_held_countdowns_due_while_the_pool_is_busy_are_handed_back_not_held_pas
             assert started.process.poll() is None, started.log()
             log = started.log()
         assert "Unrecoverable error" not in log
-        assert "handed back to queue" in log
+        assert log.count("handed back to queue") == len(ids)
+        assert "Can't decode message body" not in log
         assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
         assert client.hget(finished_key(cell.ns), "plain") == "1"
     finally:

@@ -234,10 +234,13 @@ class ConfirmingPublisher:
         prepare: Callable[[Any, Any], Any] | None = None,
         on_failure: Callable[[BaseException], object] | None = None,
         window: int = WINDOW,
+        confirm_timeout: float = CONFIRM_TIMEOUT,
     ) -> None:
         self.prepare = prepare
         self.on_failure = on_failure
         self.window = window
+        #: Seconds RabbitMQ has to confirm a window (``CONFIRM_TIMEOUT`` by default).
+        self.confirm_timeout = confirm_timeout
         self._lock = threading.Lock()
         self._pid: int | None = None  # the process that owns ``_link``
         self._link: _Link | None = None
@@ -302,7 +305,7 @@ class ConfirmingPublisher:
             link.written += 1
             link.waiting[link.written] = index
             published.results[index] = Confirm.UNCONFIRMED  # (until its confirm comes)
-        link.await_confirms(CONFIRM_TIMEOUT)
+        link.await_confirms(self.confirm_timeout)
         link.published = None
         return end
 

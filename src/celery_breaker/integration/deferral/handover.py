@@ -16,15 +16,24 @@ RabbitMQ that finds every pool process taken (as many requests reserved as proce
 published again, as it came (its body and headers, without its ETA), to the queue it was
 delivered from, with publisher confirms, and only once RabbitMQ confirmed the copy is the
 held delivery acknowledged: the task then waits in the queue, not in the worker, and
-its new delivery's window starts when a worker takes it. Anything that does not work out
-(the queue cannot be told, the publish is refused) leaves the task to run where it is, as
-before. What a busy pool holds up after that is any message's lot: a prefetched task
-waits for a process too (``worker_prefetch_multiplier``).
+its new delivery's window starts when a worker takes it. A task with a ``rate_limit``
+comes due through its bucket (``Consumer._limit_post_eta``), which is wrapped alike. The
+copy goes without the ``compression`` header (kombu gave the body decompressed); task
+protocol 1, which keeps the ETA in the body, is left as it was. The consumer's event loop
+waits ``CONFIRM_WAIT`` at most for the confirm; a copy written while RabbitMQ blocks
+publishers (a memory or disk alarm) is routed once the alarm clears, so it counts as
+handed back, and no hand-over is tried for ``BLOCKED_PAUSE``. Anything else that does not
+work out (the queue cannot be told, the publish is refused or unconfirmed) leaves the
+task to run where it is, as before (an unconfirmed copy may have been routed: it may run
+twice, never not at all). What a busy pool holds up after that is any message's lot: a
+prefetched task waits for a process too (``worker_prefetch_multiplier``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from typing import Any
 
 from celery import bootsteps
@@ -36,12 +45,21 @@ from .broker_delay import QUEUE_KEY
 from .confirms import Confirm, ConfirmingPublisher
 from .plan import DEFERRALS_HEADER
 
-__all__ = ["HandOverStep", "hand_on"]
+__all__ = ["CONFIRM_WAIT", "HandOverStep", "hand_on"]
 
 logger = logging.getLogger("celery_breaker")
 
+#: Seconds the consumer's event loop waits for RabbitMQ to confirm a copy: it serves
+#: nothing else meanwhile (the countdown's and the releaser's 10 s are theirs to wait).
+CONFIRM_WAIT = 2.0
+#: Seconds no hand-over is tried after RabbitMQ said it blocks publishers (a memory or
+#: disk alarm): each would hold the event loop ``CONFIRM_WAIT`` for nothing.
+BLOCKED_PAUSE = 60.0
+
 #: One per process (the worker's main process: where the consumer applies due ETA tasks).
-_PUBLISHER = ConfirmingPublisher()
+_PUBLISHER = ConfirmingPublisher(confirm_timeout=CONFIRM_WAIT)
+#: ``time.monotonic()`` before which no hand-over is tried (``BLOCKED_PAUSE``).
+_PAUSED_UNTIL = [0.0]
 
 
 class HandOverStep(bootsteps.Step):  # type: ignore[misc]
@@ -56,7 +74,7 @@ class HandOverStep(bootsteps.Step):  # type: ignore[misc]
         app = consumer.app
         if broker_kind(app.conf) != AMQP or get_settings(app).hold_limit is None:
             return
-        apply = consumer.apply_eta_task
+        apply, limited = consumer.apply_eta_task, consumer._limit_post_eta
 
         def apply_eta_task(request: Any) -> None:
             if _busy(consumer) and hand_on(app, request):
@@ -64,7 +82,15 @@ class HandOverStep(bootsteps.Step):  # type: ignore[misc]
                 return
             apply(request)
 
+        def limit_post_eta(request: Any, bucket: Any, tokens: Any) -> Any:
+            # (a task with a rate_limit: due, it goes to its bucket, then to the pool)
+            if _busy(consumer) and hand_on(app, request):
+                consumer.qos.decrement_eventually()
+                return None
+            return limited(request, bucket, tokens)
+
         consumer.apply_eta_task = apply_eta_task
+        consumer._limit_post_eta = limit_post_eta
 
 
 def _busy(consumer: Any) -> bool:
@@ -73,6 +99,20 @@ def _busy(consumer: Any) -> bool:
     pool = getattr(consumer, "pool", None)
     processes = getattr(pool, "num_processes", None) or getattr(pool, "limit", None)
     return isinstance(processes, int) and processes > 0 and len(worker_state.reserved_requests) >= processes
+
+
+def _forget(request: Any) -> None:
+    """Drop a handed-back request from the worker's state, as its run would have: it was
+    noted as scheduled when it came (``requests``, ``scheduled_requests``), and would have
+    stayed there, its body held, ``inspect query_task`` saying it is scheduled here."""
+    scheduled = getattr(worker_state, "scheduled_requests", None)
+    if scheduled is not None:
+        with contextlib.suppress(TypeError):  # (a WeakSet: a request that cannot be referred to weakly is not in it)
+            scheduled.discard(request)
+    known = getattr(worker_state, "requests", None)
+    task_id = getattr(request, "id", None)
+    if isinstance(known, dict) and known.get(task_id) is request:
+        known.pop(task_id, None)
 
 
 def hand_on(app: Any, request: Any) -> bool:
@@ -86,11 +126,16 @@ def hand_on(app: Any, request: Any) -> bool:
     queue = info.get(QUEUE_KEY) if isinstance(info, dict) else None
     if (
         message is None or not isinstance(headers, dict) or DEFERRALS_HEADER not in headers
+        or "task" not in headers  # (task protocol 1 keeps the ETA in the body: the copy would be held again)
         or not isinstance(queue, str) or not queue or getattr(request, "acknowledged", True)
+        or time.monotonic() < _PAUSED_UNTIL[0]
     ):  # fmt: skip
         return False
     properties = dict(getattr(message, "properties", None) or {})
-    copy = {**headers, "eta": None}
+    # kombu gave the body decompressed: the copy goes without its compression header (a
+    # worker would decompress plain text, fail to decode it, and drop the task).
+    copy = {key: value for key, value in headers.items() if key != "compression"}
+    copy["eta"] = None
 
     def send(producer: Any) -> object:
         return producer.publish(
@@ -101,13 +146,24 @@ def hand_on(app: Any, request: Any) -> bool:
         )  # fmt: skip
 
     failure: BaseException | None
+    name, task_id = getattr(request, "name", "?"), getattr(request, "id", "?")
     try:
         published = _PUBLISHER.publish(app, [send])
     except Exception as exc:  # (it runs where it is)
         failure = exc
     else:
-        failure = None if published.results[0] is Confirm.CONFIRMED else published.failure(0)
-    name, task_id = getattr(request, "name", "?"), getattr(request, "id", "?")
+        result = published.results[0]
+        failure = None if result is Confirm.CONFIRMED else published.failure(0)
+        if result is Confirm.UNCONFIRMED and published.stopped_by_timeout and published.blocked:
+            # Written under a memory or disk alarm: RabbitMQ routes it once the alarm clears
+            # (the connection is kept for that). Run here as well, it would run twice.
+            _PAUSED_UNTIL[0] = time.monotonic() + BLOCKED_PAUSE
+            logger.warning(
+                "task %s[%s]: handed back to queue %r while RabbitMQ blocks publishers (a memory or disk alarm): "
+                "it is routed once the alarm clears; no hand-over is tried for %g s",
+                name, task_id, queue, BLOCKED_PAUSE,
+            )  # fmt: skip
+            failure = None
     if failure is not None:
         logger.warning(
             "task %s[%s]: its held deferral came due with every pool process busy and could not be handed back to "
@@ -117,6 +173,7 @@ def hand_on(app: Any, request: Any) -> bool:
         )  # fmt: skip
         return False
     request.acknowledge()
+    _forget(request)
     logger.info(
         "task %s[%s]: its held deferral came due with every pool process busy: handed back to queue %r, to wait "
         "there rather than unacknowledged in this worker",
