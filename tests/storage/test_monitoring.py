@@ -111,3 +111,7 @@ def test_a_glob_reads_only_the_breakers_it_picks(redis_url: str, monkeypatch: py
     read.clear()
     assert len(breakers_selected(store, [])) == 41  # (no pattern: every one)
     assert sum(read) == 41
+    # Tasks parked behind a breaker with no state: listed by a pattern that picks it only.
+    store.parking.park("zz-orphan", None, "task-9:1", 9.0, "payload", None)
+    assert [r.snapshot.name for r in breakers_selected(store, ["partner*"])] == ["partner-api"]
+    assert [(r.snapshot.name, r.parked) for r in breakers_selected(store, ["zz*"])] == [("zz-orphan", 1)]

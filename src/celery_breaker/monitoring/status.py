@@ -89,8 +89,14 @@ def collect_metrics(
     if parking is None:
         rows = [BreakerStatus(snapshot) for snapshot in snapshots]
     else:
-        # (one round trip, however many)
-        counts = parking.counts(parking.tags() if wanted is None else [parking.tag(*ident) for ident in wanted])
+        # (one round trip, however many; with ``where``, only the tags of breakers it picks)
+        if wanted is not None:
+            counted = [parking.tag(*ident) for ident in wanted]
+        else:
+            counted = parking.tags()
+            if where is not None:
+                counted = [tag for tag in counted if (ident := parking.breaker(tag)) is not None and where(*ident)]
+        counts = parking.counts(counted)
         tags = [parking.tag(snapshot.name, snapshot.key) for snapshot in snapshots]
         # Tasks parked behind a breaker whose state the store no longer holds (its idle
         # TTL ran out, an operator or a listing reset it): they are released as a new,
@@ -98,7 +104,7 @@ def collect_metrics(
         listed = set(tags)
         for tag, held in counts.items():
             found = None if tag in listed or not any(held) else parking.breaker(tag)
-            if found is not None and (where is None or where(*found)):
+            if found is not None:
                 snapshots.append(_new_breaker(*found))
                 tags.append(tag)
         releasing = [tag for tag, snapshot in zip(tags, snapshots, strict=True)
