@@ -39,6 +39,7 @@ from typing import Any
 from celery import bootsteps
 from celery.worker import state as worker_state
 
+from ...errors import ConfigurationError
 from ..broker import AMQP, broker_kind
 from ..settings import get_settings
 from .broker_delay import QUEUE_KEY
@@ -72,8 +73,11 @@ class HandOverStep(bootsteps.Step):  # type: ignore[misc]
     def __init__(self, consumer: Any, **kwargs: Any) -> None:
         super().__init__(consumer, **kwargs)
         app = consumer.app
-        if broker_kind(app.conf) != AMQP or get_settings(app).hold_limit is None:
-            return
+        try:
+            if broker_kind(app.conf) != AMQP or get_settings(app).hold_limit is None:
+                return
+        except ConfigurationError:
+            return  # (the worker's own step reports it, and stops the worker)
         apply, limited = consumer.apply_eta_task, consumer._limit_post_eta
 
         def apply_eta_task(request: Any) -> None:
