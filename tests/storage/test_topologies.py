@@ -716,7 +716,7 @@ def test_sentinels_that_cannot_be_asked_are_named_by_address_not_by_a_client_rep
     text = str(info.value)
     assert "redis.client.Redis(" not in text
     assert "Connection(" not in text
-    for port in ports:
-        assert f"sentinel 127.0.0.1:{port} - network:ConnectionError: Error 111" in text
+    for port in ports:  # (redis-py 5.1 writes the cause as a repr, newer ones as "network:...: text")
+        assert re.search(rf"sentinel 127\.0\.0\.1:{port} - \S*ConnectionError\W+Error 111", text), text
     assert "No master found for 'mymaster'" in text
     assert len(text) < 600, text
