@@ -185,9 +185,10 @@ class HealthCheck:
     name: str = ""
     takes_key: bool = field(default=False, init=False, compare=False)
     """Whether ``fn`` is called with the key (it cannot be called without an argument,
-    or its optional argument is named ``key``)."""
+    or it has an optional ``key=None``)."""
     key_by_name: bool = field(default=False, init=False, compare=False)
-    """Whether the key is passed as ``key=`` (an optional argument of that name)."""
+    """Whether the key is passed as ``key=`` (an optional ``key=None``), and only when the
+    breaker has one."""
 
     def __post_init__(self) -> None:
         if not callable(self.fn):

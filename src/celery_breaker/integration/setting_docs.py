@@ -142,7 +142,7 @@ SETTING_DOCS: dict[str, Doc] = {
         default="none (real tasks are the probes)",
     ),
     "breaker_probe_timeout": Doc(
-        accepts=_SECONDS_DOC.replace("> 0", "of at least 0.01"),
+        accepts="seconds of at least 0.01, at most ten years (number or `timedelta`)",
         meaning="how long a health check may take before it counts as failed (never longer than the policy's "
         "`half_open_max_wait`); a check that hangs is left in its own thread",
         default="10 seconds",

@@ -140,7 +140,7 @@ def _unreachable(exc: Exception) -> str:
     cause = exc.__cause__
     reason = error_text(cause) if cause is not None else str(exc)
     fix = advice(cause) if cause is not None else ""
-    if fix and fix not in reason:
+    if fix:  # (Redis's own text, the cause's, never holds it)
         reason += f" ({fix})"
     try:
         url = describe_url(get_settings(_app(click.get_current_context())).storage_url)

@@ -92,11 +92,10 @@ def breakers_selected(store: Store, patterns: Sequence[str]) -> list[BreakerStat
     """The rows of the breakers ``patterns`` match (every breaker without any), reading
     only those: looked up one by one when each pattern names one breaker exactly, else
     picked by name and key before any is read (``inspect breakers 'partner*'`` read all
-    10,000 breakers of a store for its one row, past the command's 1 s timeout)."""
+    10,000 breakers of a store for its one row, past the command's 1 s timeout). Either
+    way the rows are ``matching``'s already: ``selected`` is its test."""
     found = looked_up(store, patterns)
-    if found is None:
-        found = collect_metrics(store, where=selected(patterns))
-    return matching(found, patterns)
+    return collect_metrics(store, where=selected(patterns)) if found is None else found
 
 
 def breakers_matching(store: Store, patterns: Sequence[str]) -> tuple[list[BreakerStatus], list[BreakerStatus]]:

@@ -4,8 +4,9 @@
 --       6 deadline (epoch seconds) or '', 7 a fresh parking life, 8 the end of one written
 --       over entries parked already (storage/contract.py KEPT_LIFE)
 -- KEYS[6]: the breaker's parking life (a string, parking.py LIFE_SUFFIX): written with the
--- entry when there is none, ending in ARGV[8] when entries were parked already, so the loss watch tells a life gone alone from one lost with its
--- entries; kept for good while entries are parked.
+-- entry when there is none, ending in ARGV[8] when entries were parked already, so the
+-- loss watch tells a life gone alone from one lost with its entries; kept for good while
+-- entries are parked.
 -- The same entry parked twice (a message redelivered after a crash) is parked once.
 -- Returns { repairs, entries parked }.
 local entry, order, payload, deadline = ARGV[3], read_number(ARGV[4]), ARGV[5], read_number(ARGV[6])
