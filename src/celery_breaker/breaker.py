@@ -86,8 +86,9 @@ class RunAdmission:
 
     __slots__ = (
         "breaker", "cell", "ticket", "start", "claimed", "recorded", "translate", "counts_itself", "_token",
-        "released", "refused_for",
+        "released", "refused_for", "outer", "_own",
     )  # fmt: skip
+    _own: CircuitBreaker  # (unset until ``own_breaker`` makes it)
 
     def __init__(
         self,
@@ -110,6 +111,25 @@ class RunAdmission:
         """False: a run that made no guarded call records nothing (``breaker_scope="calls"``)."""
         self.released = False
         self.refused_for: float | None = None
+        self.outer: RunAdmission | None = None
+        """The run current when this one was admitted, whose unclaimed ticket this run took
+        (a task calling another task of the same breaker directly): told what this run
+        records, as its own guarded call would have told it."""
+
+    def own_breaker(self) -> CircuitBreaker:
+        """This run's breaker object (``self.breaker`` in a task body), made on first use:
+        its guarded calls are the run's in any thread, greenlet or asyncio task the body
+        hands it to, as they are in the body itself (they use the run's ticket first, and
+        tell the run what they recorded). A thread or greenlet starts with a context of
+        its own, where the run is not current: through the breaker object the run is
+        found anyway (``_RunBreaker``)."""
+        try:
+            return self._own
+        except AttributeError:
+            pass
+        own: CircuitBreaker = _run_breaker(self.breaker, self)
+        self._own = self.breaker = own  # (``covers`` then knows it at once)
+        return own
 
     def covers(self, breaker: CircuitBreaker) -> bool:
         """True if ``breaker`` is the run's own breaker (same store, name and key)."""
@@ -144,6 +164,12 @@ class RunAdmission:
             else:
                 neutral = neutral or not self.counts_itself
                 breaker._finish(self.cell, self.ticket, exc, self.start, IGNORED if neutral else None)
+        outer = self.outer
+        if outer is not None and self.recorded is not None:
+            # (this run used the outer run's ticket: what it recorded, the outer did)
+            outer.recorded = self.recorded
+            if self.refused_for is not None:
+                outer.refused_for = self.refused_for
         return self.recorded
 
     def failed_while_open(self) -> bool:
@@ -670,11 +696,15 @@ class CircuitBreaker:
         ``enter_run`` does both steps at once (what ``BreakerTask`` uses).
         """
         cell = self._cell
-        if cell.passing and _RUN.get() is None:
+        outer = _RUN.get()
+        if cell.passing and outer is None:
             run = RunAdmission(self, cell, cell.generation, self._now() if cell.timed else None, translate)
         else:
+            free = outer is not None and not outer.claimed
             cell, ticket, start = self._admit()
             run = RunAdmission(self, cell, ticket, start, translate)
+            if free and outer is not None and outer.claimed:
+                run.outer = outer  # (it took the outer run's ticket)
         # (Set apart: a keyword argument makes the class call build a dict, ~140 ns.)
         if not counts_itself:
             run.counts_itself = False
@@ -690,17 +720,23 @@ class CircuitBreaker:
         run for this admission may take (a task's time limit leaves it no more)."""
         cell = self._cell
         start: float | None
-        if cell.passing and _RUN.get() is None:
+        outer = _RUN.get()
+        took: RunAdmission | None = None
+        if cell.passing and outer is None:
             ticket: Ticket = cell.generation
             start = self._now() if cell.timed else None  # (as a ``with`` block: see Cell.timed)
-        elif check_within is None:
-            cell, ticket, start = self._admit()
         else:
-            bound = _CHECK_WITHIN.set(check_within)
-            try:
+            free = outer is not None and not outer.claimed
+            if check_within is None:
                 cell, ticket, start = self._admit()
-            finally:
-                _CHECK_WITHIN.reset(bound)
+            else:
+                bound = _CHECK_WITHIN.set(check_within)
+                try:
+                    cell, ticket, start = self._admit()
+                finally:
+                    _CHECK_WITHIN.reset(bound)
+            if free and outer is not None and outer.claimed:
+                took = outer  # (it took the outer run's ticket: see RunAdmission.outer)
         # A bare call of a subclass without an ``__init__`` of its own, the fields stored
         # here as ``RunAdmission.__init__`` stores them: no ``__init__`` frame, no
         # arguments passed (``object.__new__(RunAdmission)`` costs more).
@@ -713,6 +749,7 @@ class CircuitBreaker:
         run.counts_itself = counts_itself
         run.claimed = run.released = False
         run.recorded = run.refused_for = None
+        run.outer = took
         run._token = _RUN.set(run)
         return run
 
@@ -1147,6 +1184,167 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"<CircuitBreaker {self.label!r} {self.state.value} on {describe_url(self.store.url)}>"
+
+
+#: The runs lent to this context by a run's own breaker for its open blocks (``with`` or
+#: ``async with`` on it in a thread, greenlet or task where the run was not current):
+#: ``(token, breaker, outer)``, innermost first, ``token`` being what resets ``_RUN``
+#: (``None`` for a block nested in a lent one, which leaves it lent).
+_LENT: ContextVar[tuple[Any, CircuitBreaker, Any] | None] = ContextVar("celery_breaker_lent", default=None)
+
+
+class _RunBreaker(CircuitBreaker):
+    """A run's own breaker object (``RunAdmission.own_breaker``; ``self.breaker`` in a
+    task body): the run's breaker, whose every guarded call makes the run current while
+    it is admitted and recorded, wherever it is made.
+
+    In the body's own context the run is current already, and each form is the
+    breaker's own. In a thread or greenlet the body starts (``pool.submit(breaker.call,
+    ...)``, ``threading.Thread``, ``gevent.spawn``), which starts with a context of its
+    own, the run is lent to that context for the call or block: its first guarded call
+    uses the run's ticket (so a half-open breaker spends one probe slot per run, and
+    the run is never rejected by the probe it holds), and what each records is the
+    run's, so the run does not count itself besides them (``breaker_scope``).
+    """
+
+    __slots__ = ("_run",)
+    _run: RunAdmission
+
+    def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        run = self._run
+        if _RUN.get() is run:
+            return CircuitBreaker.call(self, fn, *args, **kwargs)
+        token = _RUN.set(run)
+        try:
+            return CircuitBreaker.call(self, fn, *args, **kwargs)
+        finally:
+            _RUN.reset(token)
+
+    async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
+        run = self._run
+        if _RUN.get() is run:
+            return await CircuitBreaker.acall(self, fn, *args, **kwargs)
+        token = _RUN.set(run)
+        try:
+            return await CircuitBreaker.acall(self, fn, *args, **kwargs)
+        finally:
+            _RUN.reset(token)
+
+    def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
+        # (through call() and acall(), which lend the run where it is not current)
+        if inspect.iscoroutinefunction(fn):
+            acall = self.acall
+
+            @functools.wraps(fn)
+            async def guarded_async(*args: P.args, **kwargs: P.kwargs) -> Any:
+                return await acall(fn, *args, **kwargs)
+
+            return guarded_async
+
+        call = self.call
+
+        @functools.wraps(fn)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
+            return call(fn, *args, **kwargs)
+
+        return guarded
+
+    def _lend(self) -> None:
+        """Before a block opens: lend the run to this context if it is not current here
+        (or note a block nested in one lent here, which leaves it lent)."""
+        run = self._run
+        lent = _LENT.get()
+        if _RUN.get() is not run:
+            _LENT.set((_RUN.set(run), self, lent))
+        elif lent is not None and lent[1] is self:
+            _LENT.set((None, self, lent))
+
+    def _give_back(self) -> None:
+        """After a block closed (or failed to open): undo what ``_lend`` did for it."""
+        lent = _LENT.get()
+        if lent is not None and lent[1] is self:
+            _LENT.set(lent[2])
+            if lent[0] is not None:
+                _RUN.reset(lent[0])
+
+    # (A block in the body's own context, where the run is current and nothing is lent,
+    # is the breaker's own block at the cost of one more frame.)
+
+    def __enter__(self) -> CircuitBreaker:
+        if _LENT.get() is None and _RUN.get() is self._run:
+            return CircuitBreaker.__enter__(self)
+        self._lend()
+        try:
+            return CircuitBreaker.__enter__(self)
+        except BaseException:
+            self._give_back()
+            raise
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if _LENT.get() is None:
+            CircuitBreaker.__exit__(self, exc_type, exc, tb)
+            return
+        try:
+            CircuitBreaker.__exit__(self, exc_type, exc, tb)
+        finally:
+            self._give_back()
+
+    def _aenter(self) -> Awaitable[CircuitBreaker]:
+        if _LENT.get() is None and _RUN.get() is self._run:
+            return CircuitBreaker._aenter(self)
+        self._lend()
+        try:
+            entered = CircuitBreaker._aenter(self)
+        except BaseException:
+            self._give_back()
+            raise
+        if inspect.iscoroutine(entered):  # (a health check to await first: see _aenter_checked)
+            return self._checked_then_entered(entered)
+        return entered
+
+    async def _checked_then_entered(self, entering: Awaitable[CircuitBreaker]) -> CircuitBreaker:
+        try:
+            return await entering
+        except BaseException:
+            self._give_back()
+            raise
+
+    def _aexit(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> Awaitable[None]:
+        if _LENT.get() is None:
+            return CircuitBreaker._aexit(self, exc_type, exc, tb)
+        try:
+            return CircuitBreaker._aexit(self, exc_type, exc, tb)
+        finally:
+            self._give_back()
+
+    if not TYPE_CHECKING:
+        __aenter__ = _aenter
+        __aexit__ = _aexit
+
+
+def _run_breaker(breaker: CircuitBreaker, run: RunAdmission) -> _RunBreaker:
+    """``run``'s own breaker: ``breaker`` (the run's), made again without ``__init__``
+    (nothing is asked of the store), with blocks of its own and the run it lends."""
+    own: _RunBreaker = object.__new__(_RunBreaker)
+    own.name = breaker.name
+    own.key = breaker.key
+    own.policy = breaker.policy
+    own.store = breaker.store
+    own.probe = breaker.probe
+    own._clock = breaker._clock
+    own._now = breaker._now
+    own._cell = breaker._cell
+    own._listeners = breaker._listeners  # (the same list: its listeners hear this object's moves)
+    own._slot = {}
+    own._stacked = False
+    own._open_blocks = {}
+    own._entered = None
+    own._run = run
+    return own
 
 
 def _log_transition(transition: Transition) -> None:

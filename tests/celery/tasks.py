@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.message
 import threading
 import urllib.error
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
 from celery import Task, shared_task
@@ -279,6 +280,28 @@ def trip_task(self: Any) -> dict[str, Any]:
     with self.breaker:
         value = call_downstream("t-trip")
     return report(self, value)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-threaded")
+def threaded_calls_task(self: Any) -> dict[str, Any]:
+    """The downstream called from a thread the body starts, through the run's breaker
+    read in the body (docs/concepts.md): the call is the run's, as in the body."""
+    breaker = self.breaker
+    with ThreadPoolExecutor(1) as pool:
+        value = pool.submit(breaker.call, call_downstream, "t-threaded").result()
+    return report(self, value)
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-nested")
+def nested_inner_task(self: Any) -> str:
+    with self.breaker:
+        return call_downstream("t-nested")
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-nested")
+def nested_outer_task(self: Any) -> dict[str, Any]:
+    """Calls a task of the same breaker directly: the inner run takes the outer's ticket."""
+    return report(self, nested_inner_task())
 
 
 @shared_task(base=BreakerTask, bind=True, breaker="t-retry-after")  # failure_threshold 5 in breaker_policies

@@ -8,6 +8,7 @@ import pytest
 from celery import Celery, current_app
 
 from celery_breaker import BreakerTask, CircuitBreaker
+from celery_breaker.breaker import current_run
 from celery_breaker.integration import registry, task_options
 from celery_breaker.integration import task as task_module
 from celery_breaker.integration.task_options import forget_task_breaker_config, task_breaker_config
@@ -26,7 +27,9 @@ def test_a_task_keeps_its_breaker_until_the_registry_makes_another() -> None:
 
     @app.task(base=BreakerTask, bind=True, shared=False, name="lr.job")
     def job(self: Any) -> None:
-        seen.append(self.breaker)
+        run = current_run()  # (the breaker the run was admitted on; self.breaker is the run's own copy)
+        assert run is not None
+        seen.append(run.breaker)
 
     app.finalize()
     task = app.tasks["lr.job"]
@@ -138,7 +141,9 @@ def test_a_task_on_the_current_app_meets_the_breaker_of_the_app_current_now() ->
         name = "lookup-current.job"
 
         def run(self) -> None:
-            seen.append(self.breaker)
+            run = current_run()  # (the breaker the run was admitted on; self.breaker is the run's own copy)
+            assert run is not None
+            seen.append(run.breaker)
 
     before = current_app._get_current_object()
     try:

@@ -201,6 +201,53 @@ def test_autoretry_for_exception_defers_when_the_failure_trips_the_breaker(
     assert value["deferrals"] >= 1
 
 
+def test_a_call_made_in_a_thread_the_body_starts_is_the_runs_own_call(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The body hands self.breaker's call to a ThreadPoolExecutor thread, which starts with a
+    # context of its own. Its failure trips the breaker and the task waits; the run does not
+    # count itself besides its call; once the downstream is back, the half-open run's call
+    # in the thread uses the run's own probe (one slot, half_open_max_calls=1) and closes
+    # the breaker. Before, the run counted a second failure, and in half-open the thread's
+    # call was rejected by the probe its own run held: deferred again and again, never closed.
+    breaker = operate(tasks.threaded_calls_task.breaker)
+    monkeypatch.setitem(tasks.DOWN, "t-threaded", True)
+
+    result = tasks.threaded_calls_task.delay()
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    assert deferred_match(result)["label"] == "t-threaded"
+    snapshot = breaker.snapshot()
+    assert (snapshot.failures, snapshot.successes, snapshot.trips) == (1, 0, 1)  # its call, counted once
+
+    monkeypatch.setitem(tasks.DOWN, "t-threaded", False)
+    value = get(result)
+    assert value["retries"] == 0
+    assert breaker.state is State.CLOSED
+    snapshot = breaker.snapshot()
+    assert (snapshot.failures, snapshot.successes) == (1, 1)
+
+
+def test_a_task_called_directly_whose_failure_trips_the_shared_breaker_defers_its_caller(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The inner task (same breaker) takes the outer run's ticket; its guarded call fails and
+    # trips the breaker. A direct call cannot wait, so the inner raises; the outer, whose
+    # ticket recorded that failure, waits for the breaker. Before, the outer never heard of
+    # the failure and ended FAILURE with the breaker open.
+    breaker = operate(tasks.nested_outer_task.breaker)
+    monkeypatch.setitem(tasks.DOWN, "t-nested", True)
+
+    result = tasks.nested_outer_task.delay()
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    assert deferred_match(result)["label"] == "t-nested"
+    assert breaker.snapshot().failures == 1
+
+    monkeypatch.setitem(tasks.DOWN, "t-nested", False)
+    value = get(result)
+    assert value["value"] == "t-nested ok"
+    assert value["retries"] == 0
+
+
 def test_self_retry_inside_the_guarded_block_defers_when_its_failure_trips_the_breaker(
     app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
 ) -> None:

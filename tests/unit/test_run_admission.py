@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from celery_breaker import CircuitBreaker, CircuitOpenError, State
 from celery_breaker.breaker import _RUN, RunAdmission, current_run
+from celery_breaker.breaker import CircuitBreaker as _Breaker
 from celery_breaker.core import Outcome, Probe
 from celery_breaker.testing import FakeClock, fresh_store
 
@@ -137,7 +139,8 @@ def test_an_ordinary_ticket_in_half_open_is_not_a_probe(clock: FakeClock) -> Non
 
 
 def fields(run: RunAdmission) -> dict[str, object]:
-    return {name: getattr(run, name) for name in RunAdmission.__slots__ if name != "_token"}
+    # (``_own``: the run's own breaker, made on first use)
+    return {name: getattr(run, name) for name in RunAdmission.__slots__ if name not in ("_token", "_own")}
 
 
 def test_enter_run_admits_like_begin_run_and_is_current_until_it_leaves(clock: FakeClock) -> None:
@@ -164,7 +167,9 @@ def test_a_run_entered_inside_another_claims_its_ticket_and_gives_it_back(clock:
             assert current_run() is inner
             assert outer.claimed  # the outer run's ticket serves the inner run, as in _admit
             assert inner.settle(None) is Outcome.SUCCESS
-            assert outer.recorded is None  # the inner run was current: it recorded on itself
+            # (the inner run recorded on the outer's ticket: the outer is told, as it would
+            # be of its own guarded call's outcome)
+            assert outer.recorded is Outcome.SUCCESS
         finally:
             inner.leave()
         assert current_run() is outer
@@ -223,3 +228,210 @@ def test_each_block_in_a_run_tells_it_what_it_recorded_and_other_breakers_do_not
     finally:
         run.leave()
     assert (breaker.snapshot().successes, breaker.snapshot().failures) == (2, 2)
+
+
+# -- a run's own breaker: its calls are the run's in threads the body starts ----------
+
+
+def in_thread(fn: Callable[[], object]) -> object:
+    """Run ``fn`` in a new thread (which starts with a context of its own), and return
+    what it returned (or raise what it raised)."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn).result()
+
+
+def test_a_call_in_a_thread_through_the_runs_own_breaker_uses_the_runs_probe(clock: FakeClock) -> None:
+    breaker = half_open_with_one_probe(clock)
+    run = breaker.enter_run(keep)
+    try:
+        own = run.own_breaker()
+        assert own is run.own_breaker()  # made once a run
+        assert in_thread(lambda: own.call(ok)) == "ok"  # not rejected by the probe its run holds
+        assert run.claimed
+        assert recorded(run) is Outcome.SUCCESS
+        assert run.settle(None) is Outcome.SUCCESS  # nothing counted twice
+    finally:
+        run.leave()
+    assert state_of(breaker) is State.CLOSED
+    assert breaker.snapshot().successes == 1
+
+
+def test_the_base_breaker_in_a_thread_is_not_the_runs(clock: FakeClock) -> None:
+    # (what the fix is not: the breaker object of the registry stays a breaker of its own)
+    breaker = half_open_with_one_probe(clock)
+    run = breaker.enter_run(keep)
+    try:
+        with pytest.raises(CircuitOpenError):
+            in_thread(lambda: breaker.call(ok))
+    finally:
+        run.settle(None, neutral=True)
+        run.leave()
+
+
+def test_blocks_in_threads_through_the_runs_own_breaker_count_as_its_calls(clock: FakeClock) -> None:
+    breaker = make(clock, failure_threshold=10)
+    run = breaker.enter_run(keep)
+    own = run.own_breaker()
+
+    def block(fail: bool) -> None:
+        with own:
+            if fail:
+                raise ConnectionError("down")
+
+    def attempt(i: int) -> None:
+        with contextlib.suppress(ConnectionError):
+            block(i == 0)
+
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(attempt, range(4)))
+        assert run.claimed
+        run.settle(None)  # the run had guarded calls: it does not count itself
+    finally:
+        run.leave()
+    snapshot = breaker.snapshot()
+    assert (snapshot.successes, snapshot.failures) == (3, 1)
+
+
+def test_a_block_nested_in_a_lent_block_leaves_the_run_lent_until_the_outer_closes(clock: FakeClock) -> None:
+    breaker = make(clock, failure_threshold=10)
+    run = breaker.enter_run(keep)
+    own = run.own_breaker()
+    seen: list[object] = []
+
+    def nested() -> None:
+        with own:
+            with own:
+                seen.append(current_run())
+            seen.append(current_run())  # still lent: the outer block is open
+            raise ConnectionError("down")
+
+    try:
+        with pytest.raises(ConnectionError):
+            in_thread(nested)
+        assert recorded(run) is Outcome.FAILURE  # the outer block's failure reached the run
+    finally:
+        run.settle(None)
+        run.leave()
+    assert seen == [run, run]
+    assert breaker.snapshot().failures == 1
+
+
+def test_the_run_is_lent_only_for_the_call_and_given_back(clock: FakeClock) -> None:
+    breaker = make(clock)
+    run = breaker.enter_run(keep)
+    own = run.own_breaker()
+    try:
+
+        def call_then_look() -> object:
+            inside = own.call(current_run)
+            return inside, current_run()
+
+        assert in_thread(call_then_look) == (run, None)
+
+        def block_then_look() -> object:
+            with own:
+                inside = current_run()
+            return inside, current_run()
+
+        assert in_thread(block_then_look) == (run, None)
+    finally:
+        run.settle(None)
+        run.leave()
+
+
+@pytest.mark.parametrize("form", ["async with", "acall", "decorator"])
+def test_async_forms_in_a_thread_through_the_runs_own_breaker_use_the_runs_probe(clock: FakeClock, form: str) -> None:
+    breaker = half_open_with_one_probe(clock)
+    run = breaker.enter_run(keep)
+    own = run.own_breaker()
+
+    async def through_own() -> str:
+        if form == "async with":
+            async with own:
+                return "ok"
+        if form == "acall":
+            return await own.acall(_aok)
+        return await own(_aok)()
+
+    try:
+        assert in_thread(lambda: asyncio.run(through_own())) == "ok"
+        run.settle(None)
+    finally:
+        run.leave()
+    assert state_of(breaker) is State.CLOSED
+
+
+async def _aok() -> str:
+    return "ok"
+
+
+def test_a_sync_decorator_in_a_thread_through_the_runs_own_breaker_uses_the_runs_probe(clock: FakeClock) -> None:
+    breaker = half_open_with_one_probe(clock)
+    run = breaker.enter_run(keep)
+    guarded = run.own_breaker()(ok)
+    try:
+        assert in_thread(guarded) == "ok"
+        run.settle(None)
+    finally:
+        run.leave()
+    assert state_of(breaker) is State.CLOSED
+
+
+def test_the_runs_own_breaker_has_every_field_of_its_breaker(clock: FakeClock) -> None:
+    # (made without __init__: a field added to CircuitBreaker must be copied there too)
+    breaker = make(clock)
+    run = breaker.enter_run(keep)
+    try:
+        own = run.own_breaker()
+        for name in _Breaker.__slots__:
+            if name != "__weakref__":
+                assert hasattr(own, name), name
+        assert isinstance(own, CircuitBreaker)
+        assert (own.name, own.key, own.policy, own.store) == (breaker.name, breaker.key, breaker.policy, breaker.store)
+        assert run.covers(own)
+        assert run.covers(breaker)
+        assert "svc" in repr(own)
+    finally:
+        run.settle(None)
+        run.leave()
+
+
+def test_a_run_that_took_the_outer_runs_ticket_tells_it_what_it_recorded(clock: FakeClock) -> None:
+    # A task calling another task of the same breaker directly: the inner run uses the
+    # outer's ticket, so the outer learns what the inner recorded (here: a failure that
+    # left the breaker open, after which the outer task waits rather than fails).
+    breaker = make(clock, failure_threshold=1, reset_timeout=10)
+    outer = breaker.enter_run(keep)
+    try:
+        inner = breaker.enter_run(keep)
+        try:
+            assert inner.outer is outer
+            with pytest.raises(ConnectionError):
+                breaker.call(down)
+            inner.settle(ConnectionError("down"))
+        finally:
+            inner.leave()
+        assert recorded(outer) is Outcome.FAILURE
+        assert outer.failed_while_open()
+        outer.settle(ConnectionError("down"))
+    finally:
+        outer.leave()
+    assert breaker.snapshot().failures == 1
+
+
+def test_runs_of_other_breakers_do_not_take_the_outer_runs_ticket(clock: FakeClock) -> None:
+    breaker = make(clock)
+    other = make(clock, name="other")
+    outer = breaker.enter_run(keep)
+    try:
+        inner = other.enter_run(keep)
+        try:
+            assert inner.outer is None
+            inner.settle(None)
+        finally:
+            inner.leave()
+        assert recorded(outer) is None
+        outer.settle(None)
+    finally:
+        outer.leave()

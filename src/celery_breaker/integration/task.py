@@ -105,7 +105,7 @@ class _BreakerAttribute:
             return self
         run = _running(task)
         if run is not None:
-            return run.breaker
+            return run.own_breaker()
         config = task_breaker_config(task)
         return breaker_with_probe(task.app, config.name, None, config.policy, config.probe)
 
