@@ -400,7 +400,7 @@ def test_a_check_run_at_a_tasks_admission_is_waited_for_within_its_time_limits(a
         assert _check_within(task, request) == 1.0 * share
         setattr(app, WORKER_SOFT_TIME_LIMIT_ATTR, 0.5)  # --soft-time-limit 0.5
         assert _check_within(task, request) == 0.5 * share
-        setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, False)  # gevent, eventlet: only the hard limit is enforced
+        setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, False)  # gevent: only the hard limit is enforced
         assert _check_within(task, request) == 1.0 * share
         setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, True)
         request.is_eager = True  # nothing enforces a limit on an eager (or a direct) call
@@ -422,7 +422,7 @@ def test_a_check_run_at_a_tasks_admission_is_waited_for_within_its_time_limits(a
         ("celery.concurrency.prefork", True, True),
         ("celery.concurrency.asynpool", True, True),
         ("celery.concurrency.gevent", True, False),  # (its on_apply drops the soft limit)
-        ("celery.concurrency.eventlet", True, False),
+        ("celery.concurrency.eventlet", False, False),  # (its on_apply takes no timeout at all)
         ("celery.concurrency.thread", False, False),
         ("celery.concurrency.solo", False, False),
     ],

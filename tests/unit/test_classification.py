@@ -287,6 +287,31 @@ def test_interrupted_probe_is_neutral_not_a_success(exc: BaseException) -> None:
     assert probe_then_raise(exc) is State.HALF_OPEN
 
 
+def _green_timeout(module: str, *, subclass: bool = False) -> type[BaseException]:
+    """A stand-in for gevent's or eventlet's ``Timeout`` (a BaseException), as ``module`` defines it."""
+    timeout = type("Timeout", (BaseException,), {"__module__": module})
+    if subclass:
+        return type("TaskTimeout", (timeout,), {"__module__": "app.errors"})
+    return timeout
+
+
+@pytest.mark.parametrize(
+    ("module", "subclass"),
+    [("gevent.timeout", False), ("gevent", False), ("eventlet.timeout", False), ("gevent.timeout", True)],
+)
+def test_gevents_and_eventlets_timeout_is_a_failure_though_a_base_exception(module: str, subclass: bool) -> None:
+    # gevent raises its Timeout into a task at the task's hard time limit: a hung downstream
+    # then never opened a breaker on a gevent pool (an acceptance tester's five hung runs
+    # recorded no failure). It is a timeout like any other.
+    timeout = _green_timeout(module, subclass=subclass)
+    assert BreakerPolicy().classify(timeout()) is FAILURE
+    assert BreakerPolicy(ignore_exceptions=(timeout,)).classify(timeout()) is IGNORED  # (the user may say otherwise)
+
+
+def test_another_libraries_timeout_base_exception_stays_neutral() -> None:
+    assert BreakerPolicy().classify(_green_timeout("trio")()) is IGNORED
+
+
 def test_a_module_that_fails_as_it_is_imported_is_a_configuration_error(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

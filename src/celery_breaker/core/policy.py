@@ -500,6 +500,11 @@ class BreakerPolicy:
         if isinstance(exc, self._record_types) or _any_match(self._record_predicates, exc):
             return Outcome.FAILURE
         if not isinstance(exc, Exception):
+            if _green_timeout(type(exc)):
+                # gevent's and eventlet's Timeout: a call cut off by its time (the task's
+                # hard time limit under gevent, or a ``with Timeout(...)``) got no answer
+                # in time, as an Exception's timeout would.
+                return Outcome.FAILURE
             # Cancelled, interrupted or exiting (CancelledError, KeyboardInterrupt,
             # SystemExit): the downstream never answered, so it is no success.
             return Outcome.IGNORED
@@ -555,6 +560,15 @@ class BreakerPolicy:
         if isinstance(value, BreakerPolicy):
             return value
         return cls.from_mapping(value, base=base, source=source)
+
+
+#: Where gevent and eventlet define ``Timeout`` (a ``BaseException``; neither is imported).
+_GREEN_TIMEOUT_MODULES = frozenset({"gevent.timeout", "gevent", "eventlet.timeout", "eventlet"})
+
+
+def _green_timeout(kind: type[BaseException]) -> bool:
+    """Whether ``kind`` is (or derives from) gevent's or eventlet's ``Timeout``."""
+    return any(cls.__name__ == "Timeout" and cls.__module__ in _GREEN_TIMEOUT_MODULES for cls in kind.__mro__)
 
 
 def _any_match(predicates: tuple[Callable[[BaseException], bool], ...], exc: BaseException) -> bool:

@@ -504,10 +504,10 @@ CHECK_SHARE_OF_TIME_LIMIT = 0.8
 ADMISSION_CHECK_WAIT = 1.0
 
 
-#: Where the worker notes whether its pool enforces time limits (prefork, gevent and
-#: eventlet do; threads and solo do not) ...
+#: Where the worker notes whether its pool enforces time limits (prefork and gevent do;
+#: eventlet, threads and solo do not) ...
 TIME_LIMITS_ENFORCED_ATTR = "_celery_breaker_time_limits_enforced"
-#: ... and soft ones (prefork only: gevent and eventlet drop them).
+#: ... and soft ones (prefork only: gevent drops them).
 SOFT_TIME_LIMITS_ENFORCED_ATTR = "_celery_breaker_soft_time_limits_enforced"
 
 

@@ -119,11 +119,12 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
 
 def _pool_enforces_time_limits(worker: Any, *, soft: bool = False) -> bool:
     """Whether the worker's pool stops a task at its (``soft``) time limit: prefork (and
-    its async pool), gevent and eventlet do at the hard one, only prefork at the soft one
-    (gevent's and eventlet's ``on_apply`` drop it); threads and solo at neither."""
+    its async pool) and gevent do at the hard one, only prefork at the soft one (gevent's
+    ``on_apply`` drops it); eventlet (its ``on_apply`` takes no timeout), threads and
+    solo at neither."""
     pool = getattr(worker, "pool_cls", None)
     where = f"{getattr(pool, '__module__', '')}.{getattr(pool, '__name__', '')}" if pool is not None else ""
-    kinds = ("prefork", "asynpool") if soft else ("prefork", "asynpool", "gevent", "eventlet")
+    kinds = ("prefork", "asynpool") if soft else ("prefork", "asynpool", "gevent")
     return any(kind in where for kind in kinds)
 
 
