@@ -248,6 +248,65 @@ def test_a_task_called_directly_whose_failure_trips_the_shared_breaker_defers_it
     assert value["retries"] == 0
 
 
+def test_a_run_that_failed_and_left_its_breaker_open_is_deferred_to_the_back(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A run that failed and tripped (or reopened) its breaker is deferred as "failed", and
+    # parked at the back; one rejected at its admission keeps its place.
+    from celery_breaker.integration.deferral.defer import defer as real_defer
+
+    asked: list[bool] = []
+
+    def noting(*args: Any, failed: bool = False, **kwargs: Any) -> Any:
+        asked.append(failed)
+        return real_defer(*args, failed=failed, **kwargs)
+
+    monkeypatch.setattr("celery_breaker.integration.task.defer", noting)
+    breaker = operate(tasks.trip_task.breaker)
+    monkeypatch.setitem(tasks.DOWN, "t-trip", True)
+    result = tasks.trip_task.delay()
+    wait_for(lambda: len(asked) >= 1, "the failed run's deferral")
+    breaker.force_open()  # (its next run is turned away at its admission, not admitted as a probe)
+    wait_for(lambda: len(asked) >= 2, "the rejected run's deferral")
+    assert asked[:2] == [True, False]  # it failed and tripped it; then it was turned away
+    monkeypatch.setitem(tasks.DOWN, "t-trip", False)
+    breaker.close()
+    assert get(result)["retries"] == 0
+
+
+def test_the_parking_puts_a_failed_run_at_the_back_and_a_rejected_one_in_its_place(app: Any) -> None:
+    from celery_breaker.integration.deferral.parking import ParkInStore
+    from celery_breaker.integration.deferral.plan import DeferralPlan
+    from celery_breaker.integration.deferral.strategy import Deferral
+
+    class Parking:
+        def __init__(self) -> None:
+            self.orders: list[float] = []
+
+        def park(self, name: str, key: Any, entry: str, order: float, payload: str, deadline: Any) -> int:
+            self.orders.append(order)
+            return len(self.orders)
+
+    parking = Parking()
+    store = type("Store", (), {"parking": parking, "down": False})()
+    breaker = type("Breaker", (), {"name": "t-park-order", "key": None, "store": store})()
+    task = tasks.forced_task
+    first_deferral, now = 1_000.0, 2_000.0
+    plan = DeferralPlan(delay=1.0, count=3, since=first_deferral)
+    task.push_request(id="park-order", args=(1,), kwargs={}, headers={}, retries=0)
+    try:
+        for failed in (False, True):
+            deferral = Deferral(
+                task=task, breaker=breaker, rejected=CircuitOpenError("open", name="t-park-order"), state="open",
+                args=(1,), kwargs={}, headers={}, plan=plan, expires_in=None, max_defer_age=None, now=now,
+                failed=failed,
+            )  # fmt: skip
+            assert ParkInStore().deliver(deferral) == 1.0
+    finally:
+        task.pop_request()
+    assert parking.orders == [first_deferral, now]
+
+
 def test_self_retry_inside_the_guarded_block_defers_when_its_failure_trips_the_breaker(
     app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -55,6 +55,9 @@ _CAUSE_ATTR = "_celery_breaker_cause"
 #: arguments and the options the retry asked for (``self.retry(args=..., queue=...)``): the
 #: deferral takes them.
 _RETRY_CALL_ATTR = "_celery_breaker_retry_call"
+#: Where ``_waits_instead`` notes, on the rejection it makes, that the run itself failed
+#: and left its breaker open: its deferral goes to the back of the parking.
+_FAILED_ATTR = "_celery_breaker_failed_run"
 
 
 def _translate(exc: BaseException) -> BaseException | None:
@@ -429,7 +432,8 @@ class BreakerTask(Task):  # type: ignore[misc]
                     raise
         if not self._can_defer():
             raise rejected  # nothing to requeue; Celery's eager retry would recurse
-        return _Deferred(defer(self, breaker, rejected, args, kwargs, asked=asked))
+        failed = getattr(rejected, _FAILED_ATTR, False) is True
+        return _Deferred(defer(self, breaker, rejected, args, kwargs, asked=asked, failed=failed))
 
 
 class _PendingRetry(Retry):  # type: ignore[misc]
@@ -587,7 +591,9 @@ def _waits_instead(run: RunAdmission) -> CircuitOpenError | None:
     too waits for recovery), or the downstream refused a task released from the parking
     (a 429: the release was too fast for it; parked again, no retry spent)."""
     if run.failed_while_open():
-        return _rejection_now(run.breaker)
+        rejection = _rejection_now(run.breaker)
+        setattr(rejection, _FAILED_ATTR, True)  # (parked, it goes to the back: ParkInStore)
+        return rejection
     if run.refused_for is not None:
         return _refusal(run.breaker, run.refused_for)
     return None

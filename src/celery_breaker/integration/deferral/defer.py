@@ -49,12 +49,14 @@ def defer(
     kwargs: dict[str, Any],
     *,
     asked: Mapping[str, Any] | None = None,
+    failed: bool = False,
 ) -> Retry:
     """Deliver this run (a ``BreakerTask``'s) again by the first strategy that takes it;
     return the ``Retry`` that ends the run. Raises a final ``CircuitOpenError`` when the
     task's deferral budget is spent. ``asked``: the options of the ``self.retry(...)``
     this deferral replaces (``queue``, ``priority``, ``time_limit``...): the run comes
-    back with them, as the retry would have."""
+    back with them, as the retry would have. ``failed``: the run ran and failed, and
+    its breaker is open now (``Deferral.failed``)."""
     request = task.request
     config = task_breaker_config(task)
     settings = get_settings(task.app)
@@ -95,7 +97,7 @@ def defer(
     headers[SINCE_HEADER] = plan.since
     deferral = Deferral(
         task=task, breaker=breaker, rejected=rejected, state=state, args=args, kwargs=kwargs, headers=headers,
-        plan=plan, expires_in=expires_in, max_defer_age=config.max_defer_age, now=now,
+        plan=plan, expires_in=expires_in, max_defer_age=config.max_defer_age, now=now, failed=failed,
         options={**_unsent_options(request, args, kwargs), **retry_options},
     )  # fmt: skip
     strategy, delay = _deliver(deferral, deferral_strategies(task.app))

@@ -141,7 +141,15 @@ def entry_id(task_id: str, retries: int | None, count: int) -> str:
 
 
 class ParkInStore:
-    """Park the run in its breaker's store (``Store.parking``), in the order of its first deferral."""
+    """Park the run in its breaker's store (``Store.parking``), in the order of its first
+    deferral; a run that failed, its breaker open now, at the back.
+
+    The back, because the first parked are the first released, and so the probes of the
+    next half-open period: a task failing for a reason of its own (an input the
+    downstream always refuses, under ``autoretry_for``) failed as a probe, reopened the
+    breaker and was deferred (no retry spent) back to the head, to be the next probe, and
+    the next: the breaker never closed, and the whole backlog waited (an acceptance
+    tester's run: not closed after 120 s, the task deferred 40 times)."""
 
     name = "park"
     parks = True
@@ -178,7 +186,8 @@ class ParkInStore:
         deadline = park_deadline(deferral.expires_in, plan.since, deferral.max_defer_age, deferral.now)
         entry = entry_id(request.id, request.retries, plan.count)
         try:
-            parking.park(breaker.name, breaker.key, entry, plan.since, payload, deadline)
+            order = deferral.now if deferral.failed else plan.since
+            parking.park(breaker.name, breaker.key, entry, order, payload, deadline)
         except StorageError:
             return None  # (the store reports its outage, once per interval)
         return plan.delay

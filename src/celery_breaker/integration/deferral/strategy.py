@@ -53,6 +53,9 @@ class Deferral:
     """The task's ``breaker_max_defer_age``."""
     now: float
     """Epoch seconds when the deferral was planned."""
+    failed: bool = False
+    """The run ran and failed, and its breaker is open now (it tripped it, or failed as a
+    probe): parked, it goes to the back (``now``), not to its first deferral's place."""
     options: dict[str, Any] = field(default_factory=dict)
     """Publishing options of the delivery that ``signature_from_request`` does not carry
     (``compression``, ``argsrepr``, ``kwargsrepr``), and those of the ``self.retry(...)``
