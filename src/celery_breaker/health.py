@@ -238,6 +238,23 @@ class HealthCheck:
         limit = self.timeout if timeout is None else min(self.timeout, timeout)
         outcome: list[CheckResult] = []
         breaker = _CHECKING.get()
+        hung_as = _hung_key(self, breaker)
+        still = _still_hung(hung_as)
+        if still is not None:
+            # The last check of this breaker, given up on, still runs: none is started beside
+            # it (each half-open period of an outage against a downstream that never answers
+            # left one more thread calling it: an acceptance tester's 100 per-key breakers
+            # had 904 checks hanging on it at once). This one fails at once, calling nothing.
+            if breaker is not None:
+                breaker.run.end()
+            return CheckResult(
+                False,
+                ProbeTimeout(
+                    f"health check {self.name}: the one given up on {still:.0f} s ago is still running, so no other "
+                    "is started beside it; give the check a timeout of its own (its client's) shorter than "
+                    "breaker_probe_timeout"
+                ),
+            )
 
         def target() -> None:
             _CHECKING.set(breaker)  # (this thread's own context: the check's calls on it pass)
@@ -255,6 +272,7 @@ class HealthCheck:
             finally:
                 if breaker is not None:
                     breaker.run.end()  # (what it left behind no longer passes)
+                _returned(hung_as)
 
         thread = threading.Thread(target=target, name=f"celery-breaker probe {self.name}", daemon=True)
         started = time.monotonic()
@@ -267,6 +285,7 @@ class HealthCheck:
             return CheckResult(False, timed_out, PendingCheck(self, thread, outcome, started, breaker))
         if breaker is not None:
             breaker.run.end()  # (given up for good: if it wakes, its calls must not pass)
+        _given_up(hung_as, thread)
         return CheckResult(False, timed_out)
 
     async def arun(self, timeout: float | None = None) -> CheckResult:
@@ -383,6 +402,7 @@ class PendingCheck:
             took = self._deadline - self._started
             late = ProbeTimeout(f"health check {self._check.name} did not answer within {took:.3g} s")
             result = CheckResult(False, late)
+            _given_up(_hung_key(self._check, self._checked), self._thread)
         self._finish(result)
 
     def _finish(self, result: CheckResult | None) -> None:
@@ -394,6 +414,45 @@ class PendingCheck:
             _PENDING.discard(self)
         if settle is not None:
             settle(result)
+
+
+#: The check threads given up on that still run, by what they check (``_hung_key``), with
+#: when they were given up on (monotonic): a breaker's next check is not started beside one.
+_HUNG: dict[object, tuple[threading.Thread, float]] = {}
+_HUNG_LOCK = threading.Lock()
+
+
+def _hung_key(check: HealthCheck, checked: Checked | None) -> object:
+    """What a check checks: its breaker (the store it stands for, name and key), else the check."""
+    if checked is None:
+        return ("check", id(check))
+    return (id(getattr(checked.store, "primary", checked.store)), checked.name, checked.key)
+
+
+def _given_up(key: object, thread: threading.Thread) -> None:
+    with _HUNG_LOCK:
+        if thread.is_alive():
+            _HUNG[key] = (thread, time.monotonic())
+
+
+def _returned(key: object) -> None:
+    """A check thread ends: if it was the one given up on for ``key``, forget it."""
+    with _HUNG_LOCK:
+        found = _HUNG.get(key)
+        if found is not None and found[0] is threading.current_thread():
+            del _HUNG[key]
+
+
+def _still_hung(key: object) -> float | None:
+    """Seconds since the check given up on for ``key`` was, if it still runs; else ``None``."""
+    with _HUNG_LOCK:
+        found = _HUNG.get(key)
+        if found is None:
+            return None
+        if not found[0].is_alive():
+            del _HUNG[key]
+            return None
+        return time.monotonic() - found[1]
 
 
 #: Checks handed on (``PendingCheck.then``) whose verdict has not come yet.

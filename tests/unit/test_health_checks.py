@@ -251,6 +251,67 @@ def test_a_check_slower_than_half_open_max_wait_is_cut_at_it(clock: FakeClock) -
     assert state_of(breaker) is State.OPEN
 
 
+def test_no_check_starts_beside_one_given_up_on_that_still_runs(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A check with no timeout of its own, against a downstream that never answers, was left
+    # behind each half-open period, and the next started beside it: an acceptance tester's
+    # 100 per-key breakers had 904 checks hanging on the downstream at once, and the
+    # worker 1,001 threads. The next check now fails at once, calling nothing, until the
+    # one left behind returns.
+    release = threading.Event()
+    calls: list[int] = []
+
+    def hangs() -> None:
+        calls.append(1)
+        release.wait()
+
+    breaker = breaker_with(HealthCheck(hangs, timeout=0.02, name="hangs"), clock, backoff_multiplier=1)
+    fail(breaker)
+    caplog.set_level(logging.WARNING, logger="celery_breaker")
+    try:
+        for _ in range(3):
+            clock.advance(10)
+            with pytest.raises(CircuitOpenError):
+                breaker.call(lambda: "real")
+            assert state_of(breaker) is State.OPEN
+        assert len(calls) == 1  # the first check only: the others were not started beside it
+        assert "is still running, so no other is started beside it" in caplog.text
+    finally:
+        release.set()
+    for thread in threading.enumerate():
+        if thread.name == "celery-breaker probe hangs":
+            thread.join(10)
+    clock.advance(10)
+    assert breaker.call(lambda: "real") == "real"  # returned: the next half-open period checks again
+    assert len(calls) > 1
+    assert state_of(breaker) is State.CLOSED
+
+
+def test_checks_of_other_breakers_start_beside_one_left_behind(clock: FakeClock) -> None:
+    release = threading.Event()
+    calls: list[str | None] = []
+
+    def hangs(key: str | None) -> None:
+        calls.append(key)
+        release.wait()
+
+    check = HealthCheck(hangs, timeout=0.02, name="per-key")
+    store = fresh_store()
+    policy = BreakerPolicy(failure_threshold=1, reset_timeout=10)
+    tenants = [CircuitBreaker("svc", policy, storage=store, clock=clock, probe=check, key=k) for k in ("a", "b")]
+    try:
+        for breaker in tenants:
+            fail(breaker)
+        clock.advance(10)
+        for breaker in tenants:
+            with pytest.raises(CircuitOpenError):
+                breaker.call(lambda: "real")
+    finally:
+        release.set()
+    assert sorted(c or "" for c in calls) == ["a", "b"]  # one per breaker, not one in all
+
+
 def healthy_noting_limits(limits: list[float | None]) -> HealthCheck:
     """A healthy check that notes the time limit each run of it is given."""
 
