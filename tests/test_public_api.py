@@ -37,6 +37,7 @@ def test_public_names_are_exactly_the_promised_ones_sorted() -> None:
         "CircuitBreakerError",
         "CircuitOpenError",
         "ConfigurationError",
+        "HealthCheck",
         "RetryAfter",
         "State",
         "TooManyRequests",

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .breaker import CircuitBreaker
     from .core import BreakerPolicy, State, downstream_error
     from .errors import CircuitBreakerError, CircuitOpenError, ConfigurationError, RetryAfter, TooManyRequests
+    from .health import HealthCheck
     from .integration.install import install
     from .integration.task import BreakerTask
 
@@ -33,6 +34,7 @@ __all__ = [
     "CircuitBreakerError",
     "CircuitOpenError",
     "ConfigurationError",
+    "HealthCheck",
     "RetryAfter",
     "State",
     "TooManyRequests",
@@ -47,6 +49,7 @@ _HOMES = {
     "CircuitBreakerError": ".errors",
     "CircuitOpenError": ".errors",
     "ConfigurationError": ".errors",
+    "HealthCheck": ".health",
     "RetryAfter": ".errors",
     "State": ".core",
     "TooManyRequests": ".errors",

@@ -470,6 +470,18 @@ def test_tasks_sharing_a_breaker_with_the_same_health_check_are_accepted() -> No
     assert sorted(check_app(app)["shared"]) == ["probe-agree.a", "probe-agree.b"]
 
 
+def test_a_health_check_object_is_taken_by_the_setting_with_its_own_timeout() -> None:
+    # It was taken as a task option (breaker_probe=HealthCheck(...)) and refused in
+    # breaker_probes, with a message that said "a callable" (a HealthCheck is not one).
+    check = HealthCheck(crm_health, 1.5)
+    app = throwaway_app("probe-object", breaker_probes={"shared": check})
+    two_tasks_sharing_a_breaker(app, "probe-object", (2, 2), (None, None))
+    app.finalize()
+    found = app.tasks["probe-object.a"].breaker.probe
+    assert found is not None
+    assert (found.fn, found.timeout) == (crm_health, 1.5)
+
+
 @pytest.mark.parametrize("url", ["nosuch://somewhere", "memory://named?max_breakers=lots"])
 @pytest.mark.usefixtures("restore_worker_globals")
 def test_worker_with_an_unusable_storage_url_refuses_to_start(url: str) -> None:

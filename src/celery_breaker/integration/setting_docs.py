@@ -88,7 +88,9 @@ SETTING_DOCS: dict[str, Doc] = {
         '`"adaptive"` starts at 10 per second and grows (by 40 % every half second) while the released tasks '
         "succeed, is cut to 80 % at once on failures or slow calls (the policy's `slow_call_duration`) or on a "
         "released task's 429 (then it waits for the Retry-After, and grows back only to 95 % of the rate refused), "
-        "releases nothing after a cut while more than 1.5 s worth of tasks await their outcome, and stops "
+        "releases nothing after a cut while more than 1.5 s worth of tasks await their outcome (for at most 12 s "
+        "after the cut, less once those tasks have come back: an estimate that never drains stops holding then), "
+        "and stops "
         'while the breaker is open ([recovery](performance.md#recovery)); `"fixed"` goes at '
         "`breaker_release_rate` after `breaker_release_ramp`. No effect on the memory store, which has no parking",
     ),
@@ -129,7 +131,8 @@ SETTING_DOCS: dict[str, Doc] = {
     ),
     "breaker_probes": Doc(
         accepts="dict: breaker name or glob → a dotted path to a function (`package.module:function`), the "
-        "name of a task of the app, or a callable; each is resolved at worker start, and one that names no task "
+        "name of a task of the app, a callable, or a `celery_breaker.HealthCheck(fn, timeout)` (its own timeout "
+        "in place of `breaker_probe_timeout`); each is resolved at worker start, and one that names no task "
         "and imports nothing, or that cannot be called without arguments nor with the breaker's key alone, stops "
         "the worker",
         meaning="a health check per breaker, run instead of a real task when the breaker may half-open; real tasks "

@@ -16,7 +16,7 @@ from ..core import BreakerPolicy
 from ..core.pacing import PacingLaw
 from ..core.policy import LARGEST_COUNT
 from ..errors import ConfigurationError
-from ..health import DEFAULT_PROBE_TIMEOUT, ProbeFunction, check_timeout
+from ..health import DEFAULT_PROBE_TIMEOUT, HealthCheck, ProbeFunction, check_timeout
 from ..names import check_name
 from ..storage import check_storage_url, describe_url, is_shared_url
 from ..storage.fallback import MODES as ON_STORAGE_ERROR_CHOICES
@@ -119,7 +119,7 @@ class BreakerSettings:
     """The address that endpoint binds (this host only unless set otherwise)."""
     metrics_ttl: float
     """Seconds stored metrics snapshots (``record_metrics``) are kept."""
-    probes: tuple[tuple[str, str | ProbeFunction], ...] = ()
+    probes: tuple[tuple[str, str | ProbeFunction | HealthCheck], ...] = ()
     """``breaker_probes``: breaker name or glob -> a health check (dotted path, task name or callable)."""
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT
     """Seconds a health check may take before it counts as failed (``breaker_probe_timeout``)."""
@@ -150,7 +150,7 @@ class BreakerSettings:
         self._policy_cache[name] = policy
         return policy
 
-    def probe_for(self, name: str) -> tuple[str, str | ProbeFunction] | None:
+    def probe_for(self, name: str) -> tuple[str, str | ProbeFunction | HealthCheck] | None:
         """The ``breaker_probes`` entry of breaker ``name``, as ``(pattern, probe)``: its
         exact name, else the first matching glob; ``None`` when no entry matches."""
         for pattern, probe in self.probes:
@@ -330,17 +330,17 @@ def _route(pattern: str, breaker: Any) -> tuple[str, str]:
     return pattern, check_name(breaker, f"breaker_routes[{pattern!r}]")
 
 
-def _probe_entry(pattern: str, probe: Any) -> tuple[str, str | ProbeFunction]:
+def _probe_entry(pattern: str, probe: Any) -> tuple[str, str | ProbeFunction | HealthCheck]:
     # The shape only: whether a string names a task or an importable callable is known
     # once the app's tasks are (``probes.resolve_probe``, at worker start).
     check_name(pattern, f"breaker_probes key {pattern!r}")
     if isinstance(probe, str) and probe.strip() == probe and probe:
         return pattern, probe
-    if callable(probe) and not isinstance(probe, str):
-        return pattern, probe
+    if isinstance(probe, HealthCheck) or (callable(probe) and not isinstance(probe, str)):
+        return pattern, probe  # (a HealthCheck keeps its own timeout, as given as a task option)
     raise ConfigurationError(
         f"breaker_probes[{pattern!r}] must be a dotted path to a health-check function "
-        f"('package.module:function'), a task name, or a callable, got {probe!r}"
+        f"('package.module:function'), a task name, a callable, or a celery_breaker.HealthCheck, got {probe!r}"
     )
 
 
