@@ -8,6 +8,7 @@ import functools
 import inspect
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Generator
 from contextvars import ContextVar
 from types import TracebackType
@@ -86,9 +87,8 @@ class RunAdmission:
 
     __slots__ = (
         "breaker", "cell", "ticket", "start", "claimed", "recorded", "translate", "counts_itself", "_token",
-        "released", "refused_for", "outer", "_own",
+        "released", "refused_for", "outer", "_own", "__weakref__",
     )  # fmt: skip
-    _own: CircuitBreaker  # (unset until ``own_breaker`` makes it)
 
     def __init__(
         self,
@@ -115,6 +115,7 @@ class RunAdmission:
         """The run current when this one was admitted, whose unclaimed ticket this run took
         (a task calling another task of the same breaker directly): told what this run
         records, as its own guarded call would have told it."""
+        self._own: CircuitBreaker | None = None  # (``own_breaker``, once made)
 
     def own_breaker(self) -> CircuitBreaker:
         """This run's breaker object (``self.breaker`` in a task body), made on first use:
@@ -123,12 +124,9 @@ class RunAdmission:
         tell the run what they recorded). A thread or greenlet starts with a context of
         its own, where the run is not current: through the breaker object the run is
         found anyway (``_RunBreaker``)."""
-        try:
-            return self._own
-        except AttributeError:
-            pass
-        own: CircuitBreaker = _run_breaker(self.breaker, self)
-        self._own = self.breaker = own  # (``covers`` then knows it at once)
+        own = self._own
+        if own is None:
+            own = self._own = self.breaker = _run_breaker(self.breaker, self)  # (``covers`` then knows it at once)
         return own
 
     def covers(self, breaker: CircuitBreaker) -> bool:
@@ -748,7 +746,7 @@ class CircuitBreaker:
         run.translate = translate
         run.counts_itself = counts_itself
         run.claimed = run.released = False
-        run.recorded = run.refused_for = None
+        run.recorded = run.refused_for = run._own = None
         run.outer = took
         run._token = _RUN.set(run)
         return run
@@ -1208,11 +1206,14 @@ class _RunBreaker(CircuitBreaker):
     """
 
     __slots__ = ("_run",)
-    _run: RunAdmission
+    #: The run, referred to weakly (the run refers to this object: no reference cycle, so
+    #: both go when the run's task returns). Once the run is gone (a thread the body left
+    #: behind still calls), this is a breaker like any other.
+    _run: weakref.ReferenceType[RunAdmission]
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        run = self._run
-        if _RUN.get() is run:
+        run = self._run()
+        if run is None or _RUN.get() is run:
             return CircuitBreaker.call(self, fn, *args, **kwargs)
         token = _RUN.set(run)
         try:
@@ -1221,8 +1222,8 @@ class _RunBreaker(CircuitBreaker):
             _RUN.reset(token)
 
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
-        run = self._run
-        if _RUN.get() is run:
+        run = self._run()
+        if run is None or _RUN.get() is run:
             return await CircuitBreaker.acall(self, fn, *args, **kwargs)
         token = _RUN.set(run)
         try:
@@ -1252,8 +1253,10 @@ class _RunBreaker(CircuitBreaker):
     def _lend(self) -> None:
         """Before a block opens: lend the run to this context if it is not current here
         (or note a block nested in one lent here, which leaves it lent)."""
-        run = self._run
+        run = self._run()
         lent = _LENT.get()
+        if run is None:
+            return  # (the run is gone: nothing to lend)
         if _RUN.get() is not run:
             _LENT.set((_RUN.set(run), self, lent))
         elif lent is not None and lent[1] is self:
@@ -1271,11 +1274,11 @@ class _RunBreaker(CircuitBreaker):
     # is the breaker's own block at the cost of one more frame.)
 
     def __enter__(self) -> CircuitBreaker:
-        if _LENT.get() is None and _RUN.get() is self._run:
-            return CircuitBreaker.__enter__(self)
+        if _LENT.get() is None and _RUN.get() is self._run():
+            return _ENTER(self)
         self._lend()
         try:
-            return CircuitBreaker.__enter__(self)
+            return _ENTER(self)
         except BaseException:
             self._give_back()
             raise
@@ -1284,7 +1287,7 @@ class _RunBreaker(CircuitBreaker):
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         if _LENT.get() is None:
-            CircuitBreaker.__exit__(self, exc_type, exc, tb)
+            _EXIT(self, exc_type, exc, tb)
             return
         try:
             CircuitBreaker.__exit__(self, exc_type, exc, tb)
@@ -1292,7 +1295,7 @@ class _RunBreaker(CircuitBreaker):
             self._give_back()
 
     def _aenter(self) -> Awaitable[CircuitBreaker]:
-        if _LENT.get() is None and _RUN.get() is self._run:
+        if _LENT.get() is None and _RUN.get() is self._run():
             return CircuitBreaker._aenter(self)
         self._lend()
         try:
@@ -1343,8 +1346,12 @@ def _run_breaker(breaker: CircuitBreaker, run: RunAdmission) -> _RunBreaker:
     own._stacked = False
     own._open_blocks = {}
     own._entered = None
-    own._run = run
+    own._run = weakref.ref(run)
     return own
+
+
+_ENTER = CircuitBreaker.__enter__
+_EXIT = CircuitBreaker.__exit__
 
 
 def _log_transition(transition: Transition) -> None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -435,3 +437,24 @@ def test_runs_of_other_breakers_do_not_take_the_outer_runs_ticket(clock: FakeClo
         outer.settle(None)
     finally:
         outer.leave()
+
+
+def test_a_run_and_its_own_breaker_are_freed_with_no_cycle_and_it_then_lends_nothing(clock: FakeClock) -> None:
+    # (the run refers to its own breaker, which refers to the run weakly: freed when the
+    # task returns, not left for the cyclic GC; a thread still calling it afterwards
+    # calls a breaker like any other)
+    breaker = make(clock)
+    run = breaker.enter_run(keep)
+    own = run.own_breaker()
+    run.settle(None)
+    run.leave()
+    gone = weakref.ref(run)
+    gc.disable()
+    try:
+        del run
+        assert gone() is None
+    finally:
+        gc.enable()
+    assert in_thread(lambda: own.call(current_run)) is None
+    assert in_thread(lambda: own.call(ok)) == "ok"
+    assert breaker.snapshot().successes == 3
