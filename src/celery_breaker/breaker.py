@@ -1202,7 +1202,9 @@ class _RunBreaker(CircuitBreaker):
     own, the run is lent to that context for the call or block: its first guarded call
     uses the run's ticket (so a half-open breaker spends one probe slot per run, and
     the run is never rejected by the probe it holds), and what each records is the
-    run's, so the run does not count itself besides them (``breaker_scope``).
+    run's, so the run does not count itself besides them (``breaker_scope``). Only to a
+    context where no run is current: where another is (an object kept from an earlier
+    run and used in a later one's body), it is a breaker like any other.
     """
 
     __slots__ = ("_run",)
@@ -1213,7 +1215,7 @@ class _RunBreaker(CircuitBreaker):
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         run = self._run()
-        if run is None or _RUN.get() is run:
+        if run is None or _RUN.get() is not None:  # (gone, or a run is current here: as any breaker)
             return CircuitBreaker.call(self, fn, *args, **kwargs)
         token = _RUN.set(run)
         try:
@@ -1223,7 +1225,7 @@ class _RunBreaker(CircuitBreaker):
 
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         run = self._run()
-        if run is None or _RUN.get() is run:
+        if run is None or _RUN.get() is not None:
             return await CircuitBreaker.acall(self, fn, *args, **kwargs)
         token = _RUN.set(run)
         try:
@@ -1257,7 +1259,7 @@ class _RunBreaker(CircuitBreaker):
         lent = _LENT.get()
         if run is None:
             return  # (the run is gone: nothing to lend)
-        if _RUN.get() is not run:
+        if _RUN.get() is None:
             _LENT.set((_RUN.set(run), self, lent))
         elif lent is not None and lent[1] is self:
             _LENT.set((None, self, lent))

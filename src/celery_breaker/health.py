@@ -417,7 +417,8 @@ class PendingCheck:
 
 
 #: The check threads given up on that still run, by what they check (``_hung_key``), with
-#: when they were given up on (monotonic): a breaker's next check is not started beside one.
+#: when they were given up on (monotonic): a breaker's next check is not started beside one
+#: (for ``HUNG_ALONE_FOR`` at most).
 _HUNG: dict[object, tuple[threading.Thread, float]] = {}
 _HUNG_LOCK = threading.Lock()
 
@@ -443,16 +444,25 @@ def _returned(key: object) -> None:
             del _HUNG[key]
 
 
+#: Seconds a check given up on keeps its breaker's next checks off at most: one that never
+#: returns (a read with no timeout on a dead connection) would otherwise keep that breaker
+#: from closing in this process for good, and a shared breaker reopened by this process
+#: each time it won the probe slot. After it, one more check may start beside it.
+HUNG_ALONE_FOR = 60.0
+
+
 def _still_hung(key: object) -> float | None:
-    """Seconds since the check given up on for ``key`` was, if it still runs; else ``None``."""
+    """Seconds since the check given up on for ``key`` was, if it still runs and has not
+    kept checks off for ``HUNG_ALONE_FOR`` yet; else ``None`` (a check may start)."""
     with _HUNG_LOCK:
         found = _HUNG.get(key)
         if found is None:
             return None
-        if not found[0].is_alive():
+        age = time.monotonic() - found[1]
+        if not found[0].is_alive() or age > HUNG_ALONE_FOR:
             del _HUNG[key]
             return None
-        return time.monotonic() - found[1]
+        return age
 
 
 #: Checks handed on (``PendingCheck.then``) whose verdict has not come yet.

@@ -306,6 +306,9 @@ def test_gevents_and_eventlets_timeout_is_a_failure_though_a_base_exception(modu
     timeout = _green_timeout(module, subclass=subclass)
     assert BreakerPolicy().classify(timeout()) is FAILURE
     assert BreakerPolicy(ignore_exceptions=(timeout,)).classify(timeout()) is IGNORED  # (the user may say otherwise)
+    # (as a TimeoutError counts under the policy's rules: not recorded, it is a success)
+    assert BreakerPolicy(record_exceptions=(ValueError,)).classify(timeout()) is SUCCESS
+    assert BreakerPolicy(record_exceptions=(TimeoutError,)).classify(timeout()) is FAILURE
 
 
 def test_another_libraries_timeout_base_exception_stays_neutral() -> None:

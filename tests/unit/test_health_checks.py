@@ -288,6 +288,36 @@ def test_no_check_starts_beside_one_given_up_on_that_still_runs(
     assert state_of(breaker) is State.CLOSED
 
 
+def test_a_check_that_never_returns_keeps_others_off_for_a_while_only(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # (one that never returns, a read with no timeout on a dead connection, kept its breaker
+    # from ever closing in this process: HUNG_ALONE_FOR bounds it; here 0, so at once)
+    import celery_breaker.health as health_module
+
+    release = threading.Event()
+    calls: list[int] = []
+
+    def first_hangs() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            release.wait()
+
+    breaker = breaker_with(HealthCheck(first_hangs, timeout=0.02, name="first-hangs"), clock, backoff_multiplier=1)
+    fail(breaker)
+    try:
+        clock.advance(10)
+        with pytest.raises(CircuitOpenError):
+            breaker.call(lambda: "real")
+        monkeypatch.setattr(health_module, "HUNG_ALONE_FOR", 0.0)
+        clock.advance(10)
+        assert breaker.call(lambda: "real") == "real"  # a check started beside it, and closed it
+    finally:
+        release.set()
+    assert len(calls) > 1
+    assert state_of(breaker) is State.CLOSED
+
+
 def test_checks_of_other_breakers_start_beside_one_left_behind(clock: FakeClock) -> None:
     release = threading.Event()
     calls: list[str | None] = []

@@ -458,3 +458,24 @@ def test_a_run_and_its_own_breaker_are_freed_with_no_cycle_and_it_then_lends_not
     assert in_thread(lambda: own.call(current_run)) is None
     assert in_thread(lambda: own.call(ok)) == "ok"
     assert breaker.snapshot().successes == 3
+
+
+def test_an_own_breaker_kept_from_an_earlier_run_lends_it_nothing_where_another_run_is_current(
+    clock: FakeClock,
+) -> None:
+    # (a task that caches self.breaker on its instance: in the next run's body, the object
+    # of the first run, still alive, lent it that run, and the next run counted itself too)
+    breaker = make(clock, failure_threshold=3)
+    first = breaker.enter_run(keep)
+    kept = first.own_breaker()
+    first.settle(None)
+    first.leave()
+    second = breaker.enter_run(keep)
+    try:
+        with pytest.raises(ConnectionError):
+            kept.call(down)
+        assert recorded(second) is Outcome.FAILURE  # the current run's call, as any breaker's
+        second.settle(ConnectionError("down"))
+    finally:
+        second.leave()
+    assert breaker.snapshot().failures == 1

@@ -503,8 +503,8 @@ class BreakerPolicy:
             if _green_timeout(type(exc)):
                 # gevent's and eventlet's Timeout: a call cut off by its time (the task's
                 # hard time limit under gevent, or a ``with Timeout(...)``) got no answer
-                # in time, as an Exception's timeout would.
-                return Outcome.FAILURE
+                # in time: it counts as a TimeoutError does under this policy's rules.
+                return self.classify(TimeoutError(f"{type(exc).__name__}: the call was cut off by its time"))
             # Cancelled, interrupted or exiting (CancelledError, KeyboardInterrupt,
             # SystemExit): the downstream never answered, so it is no success.
             return Outcome.IGNORED
