@@ -119,7 +119,7 @@ class LimitedDownstream:
 
     While down (``down(True)``) every request gets 503. While up, requests are counted
     over the last second: at ``capacity`` or more, a request gets ``429`` with
-    ``Retry-After: 1`` (and is not counted); below it, a 200 after ``BASE_S``, slower
+    ``Retry-After: 1`` (``retry_after``; and is not counted); below it, a 200 after ``BASE_S``, slower
     from ``slow_from`` of the capacity on, rising linearly to ``BASE_S + SLOW_S`` at the
     capacity (a service queueing as it saturates). ``capacity=None``: no limit, always
     fast. ``usual_slow``: this share of the requests answered takes ``USUAL_S`` more,
@@ -133,8 +133,11 @@ class LimitedDownstream:
     SLOW_S = 0.4
     USUAL_S = 0.15
 
-    def __init__(self, capacity: float | None, *, slow_from: float = 0.85, usual_slow: float = 0.0) -> None:
+    def __init__(
+        self, capacity: float | None, *, slow_from: float = 0.85, usual_slow: float = 0.0, retry_after: float = 1.0
+    ) -> None:
         self.capacity = capacity
+        self.retry_after = retry_after
         self.slow_from = slow_from
         self.usual_slow = usual_slow
         self._usual_owed = 0.0  # (the share accumulated: a request is slow each time it passes 1)
@@ -206,7 +209,7 @@ class LimitedDownstream:
                 try:
                     self.send_response(status)
                     if status == 429:
-                        self.send_header("Retry-After", "1")
+                        self.send_header("Retry-After", f"{downstream.retry_after:g}")
                     self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
                     self.wfile.write(body)

@@ -6,7 +6,7 @@ broker instead, with ``breaker_park`` on), two ``celery -A recovery worker -P pr
 -c 6`` processes per run (this module is also their Celery app, configured from the
 environment), and an HTTP downstream in this process
 (``http_downstream.LimitedDownstream``): capacity C requests per second, slower from 85 %
-of it (up to +400 ms at C), ``429`` with ``Retry-After: 1`` above it. The task
+of it (up to +400 ms at C), ``429`` with ``Retry-After: 1`` above it (``--retry-after``). The task
 GETs it under a ``BreakerTask`` breaker whose policy counts a call of 100 ms or more as slow;
 a 429 is raised as urllib's ``HTTPError``, as it would be in production: met by a released
 task it is a refusal (the task is parked again, the pace is cut and waits the Retry-After;
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import os
@@ -157,6 +158,7 @@ class Case:
     slow_from: float = 0.85  # the share of C from which the downstream slows (1: it answers 429 without warning)
     burst: float = 0.0  # seconds after the breaker closed in which the downstream answers every call 429
     usual_slow: float = 0.0  # the share of calls slow (150 ms) whatever the load
+    retry_after: float = 1.0  # the seconds a 429 asks to wait
 
 
 @dataclass
@@ -289,7 +291,9 @@ def run(case: Case, server: Any, log_dir: Path, broker_url: str | None = None) -
             for n in numbers:
                 sender.send_task(TASK, args=(url, n), producer=producer)
 
-    downstream_of_case = LimitedDownstream(case.capacity, slow_from=case.slow_from, usual_slow=case.usual_slow)
+    downstream_of_case = LimitedDownstream(
+        case.capacity, slow_from=case.slow_from, usual_slow=case.usual_slow, retry_after=case.retry_after
+    )
     with downstream_of_case as downstream, workers(env, log_dir) as started:
         wait_for(lambda: int(broker.get(f"{ns}:ready") or 0) >= WORKERS, 90, "the workers", started, log_dir)
         n = case.tasks
@@ -454,6 +458,12 @@ def main() -> None:
         "(150 ms, over the policy's 100 ms) at this share whatever the load: slowness the release does not cause",
     )
     parser.add_argument(
+        "--retry-after",
+        type=float,
+        default=None,
+        help="with --capacity: the seconds the downstream's 429s ask to wait (default 1)",
+    )
+    parser.add_argument(
         "--broker",
         choices=("redis", "rabbitmq"),
         default="redis",
@@ -491,6 +501,11 @@ def main() -> None:
         where = "no limit" if c is None else f"C={c:g}/s"
         cases = [Case(f"{where}, {share:.0%} of calls slow, {pace}", pace, c, options.tasks, options.slow_from,
                       usual_slow=share) for pace in ("fixed", "adaptive")]  # fmt: skip
+    if options.retry_after is not None:
+        if not 0 < options.retry_after <= 60 or options.capacity is None:
+            parser.error("--retry-after must be in (0, 60] seconds, with --capacity")
+        cases = [dataclasses.replace(case, name=f"{case.name}, Retry-After {options.retry_after:g} s",
+                                     retry_after=options.retry_after) for case in cases]  # fmt: skip
     if options.only:
         cases = [case for case in cases if options.only in case.name]
     began = time.monotonic()
