@@ -190,58 +190,6 @@ def test_one_refusal_cuts_at_once_and_the_release_waits_as_long_as_asked() -> No
     assert pacer.pace.threshold == pytest.approx(56.0)
 
 
-def drain_against_a_capacity(wait: float, capacity: float, tasks: int) -> tuple[list[float], float, Pace]:
-    """The default law releasing ``tasks`` to a downstream that answers ``capacity`` a
-    second (in 0.25 s ticks, half a second after each release) and refuses the rest with a
-    429 asking to wait ``wait`` s. Returns when each refusal began (one that came while
-    none was being waited out), when the last task was answered, and the pace then."""
-    clock, downstream = FakeClock(), Refusing()
-    pacer = AdaptivePacer(PacingLaw(), clock)
-    refusals: list[float] = []
-    answered, owed = 0, collections.deque[tuple[int, int, int]]()
-    for tick in range(4 * 240):
-        clock.advance(0.25)
-        now = clock.monotonic()
-        while owed and owed[0][0] <= tick:
-            _, ok, refused = owed.popleft()
-            downstream.successes += ok
-            answered += ok
-            if refused:
-                if downstream.held_until is None or now >= downstream.held_until:
-                    refusals.append(now)
-                for _ in range(refused):
-                    downstream.refuse(now, wait)
-        if answered >= tasks:
-            assert pacer.pace is not None
-            return refusals, now, pacer.pace
-        waiting = tasks - answered - sum(ok + refused for _, ok, refused in owed)
-        count = pacer.release(downstream.outcomes(), waiting=waiting)
-        ok = min(count, int(capacity / 4))
-        owed.append((tick + 2, ok, count - ok))
-    raise AssertionError("not drained in 240 s")
-
-
-@pytest.mark.parametrize("capacity", [50.0, 150.0])
-def test_a_refusal_asking_a_long_wait_limits_the_pace_to_what_was_served_and_holds_it(capacity: float) -> None:
-    # A refusal asking 5 s (a Retry-After) was met again after every wait: the pace grew
-    # back to 95 % of the rate refused, which news half a second late had let far past the
-    # capacity (an acceptance run: 3.5x N / C at C = 150/s, 3.1x at 50/s). The limit is now
-    # what the downstream served, held for four waits: one refusal in the whole drain.
-    start = FakeClock().monotonic()
-    refusals, drained, pace = drain_against_a_capacity(5.0, capacity, int(20 * capacity))
-    assert len(refusals) == 1
-    assert pace.limit is not None
-    assert 0.9 * capacity <= pace.limit <= capacity  # (what it served, not the rate refused)
-    assert pace.limit_plateau == 40  # (4 waits of 5 s, in half-second judgements)
-    assert drained - start < 1.6 * 20  # (N / C = 20 s; before: 66-67 s)
-
-
-def test_a_refusal_asking_a_short_wait_limits_the_pace_to_the_rate_refused_as_before() -> None:
-    refusals, _, pace = drain_against_a_capacity(1.0, 150.0, 3000)
-    assert len(refusals) > 1  # (cheap to meet again: the limit is probed above, as before)
-    assert pace.limit_plateau == 0
-
-
 def refused_at_80(law: PacingLaw = LAW) -> tuple[AdaptivePacer, FakeClock, Refusing]:
     """A pace grown to 80/s, refused there once (a 0.25 s wait), and cut to 56/s."""
     clock, downstream = FakeClock(), Refusing()

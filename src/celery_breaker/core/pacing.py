@@ -152,16 +152,6 @@ CREEP = 0.005
 #: once it would grow the rate faster than ``STEP`` the limit is dropped: a refusal that
 #: the downstream has not repeated in all that time was a moment's, not its capacity.
 PLATEAU = 10
-#: A refusal whose wait (its Retry-After) is longer than this many seconds is costly:
-#: each one met again stops the release that long. Its limit is then what the downstream
-#: served (``Pace.served``), not the rate refused, which news a judgement late had let
-#: past the downstream's capacity; and the limit is held, neither crept up on nor probed
-#: above, for ...
-COSTLY_WAIT = 2.0
-#: ... this many times the wait (in judgements, at least ``PLATEAU``): an acceptance run
-#: against a 150/s downstream asking 5 s drained in 3.5x N / C, refused again after
-#: every wait, as the pace grew back to 95 % of a rate refused above the capacity.
-PLATEAU_WAITS = 4.0
 #: Outcomes of good news a pace must have seen before their bad share counts as the
 #: downstream's usual one (``Pace.usual``): bad outcomes up to what it predicts are no news.
 USUAL_LEAST = 50
@@ -289,13 +279,6 @@ class Pace:
     usual_seen: int = 0
     """All outcomes in those judgements: ``usual_bad / usual_seen`` is the downstream's
     usual bad share, once ``USUAL_LEAST`` outcomes are in."""
-    served: float | None = None
-    """Successes per second in the last judgement of good news in which the release
-    pushed (released at least half of what its rate allowed): what the downstream
-    answered at that pace (``None``: none yet). A costly refusal's limit."""
-    limit_plateau: int = 0
-    """A costly refusal's plateau (``PLATEAU_WAITS``; ``0``: none, ``law.plateau``):
-    judgements at the limit in which it is held, neither crept up on nor probed above."""
 
     @property
     def usual(self) -> float:
@@ -357,7 +340,6 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
     bad = failures + slow
     rate, threshold, cut_at, limit, at_limit = pace.rate, pace.threshold, pace.cut_at, pace.limit, pace.at_limit
     settle_until = pace.settle_until
-    served, limit_plateau = pace.served, pace.limit_plateau
     if settling:
         # News of tasks released before the last cut (still in flight): judges nothing,
         # but a refusal among it says where the downstream's limit was: at most the rate
@@ -393,22 +375,8 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
             return replace(pace, judged_at=now, seen=outcomes, used=0, in_flight=in_flight, owed=owed,
                            cut_share=share)  # fmt: skip
         if refused > 0:
-            wait = 0.0 if outcomes.held_until is None else outcomes.held_until - now
-            # What it served: at the last judgement that pushed, or since, as it refuses
-            # (the higher: the last judgement may have released less than it could take).
-            answered = pace.served
-            if since >= law.judge_every / 2:
-                answered = max(answered or 0.0, successes / since)
-            if wait > COSTLY_WAIT and answered:
-                # (the rate refused was news a judgement late: the downstream's capacity
-                # is nearer what it served)
-                limit = min(rate, max(law.floor, answered))
-                limit_plateau = max(law.plateau, math.ceil(wait * PLATEAU_WAITS / law.judge_every))
-            else:
-                limit, limit_plateau = rate, 0  # (the rate it was refused at)
+            limit = rate  # (the rate it was refused at)
         rate = law.bound(rate * law.back_off)
-        if refused > 0 and limit is not None:
-            rate = min(rate, law.bound(limit * law.near))  # (and the wait over, not above what it served)
         threshold, cut_at, owed, cut_share, at_limit = rate, now, in_flight, share, 0
         settle_until = now + law.judge_every * SETTLE_LEAST + min(2 * owed / rate, law.judge_every * SETTLE_MOST)
         judged_at = now
@@ -421,8 +389,6 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
         # new cadence from now.
         judged_at = pace.judged_at + law.judge_every if since < 2 * law.judge_every else now
         cut_share = None  # (news without bad news: the next bad news cuts)
-        if pace.used >= 0.5 * pace.rate * since:
-            served = successes / since  # (the release pushed: what the downstream answered at its pace)
         if usual_seen < USUAL_LEAST and bad <= USUAL_MOST * came_back:
             usual_bad, usual_seen = usual_bad + bad, usual_seen + came_back
         crowded = in_flight > law.in_flight_s * pace.rate
@@ -439,14 +405,11 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
                 # At the limit: probe above it, slowly at first (a rate limiter is met
                 # again only as its limit is probed), then faster (a refusal not repeated
                 # in all that time was a moment's, not the downstream's capacity).
-                if at_limit < limit_plateau:
-                    lift = 0.0  # (a costly refusal's limit is held, not crept up on, for its plateau)
-                else:
-                    lift = law.creep * 2 ** max(0, at_limit - (limit_plateau or law.plateau) + 1)
+                lift = law.creep * 2 ** max(0, at_limit - law.plateau + 1)
                 if lift > law.step:
                     # Dropped, and the threshold with it (set by the same news, or below
                     # the rate reached since): growth doubles again from here.
-                    limit, threshold, at_limit, limit_plateau = None, None, 0, 0
+                    limit, threshold, at_limit = None, None, 0
                 else:
                     limit, at_limit = limit * (1 + lift), at_limit + 1
             if limit is not None:
@@ -455,7 +418,7 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
     return replace(pace, rate=rate, threshold=threshold, tokens=min(max(rate, 1.0), pace.tokens), judged_at=judged_at,
                    seen=outcomes, used=0, in_flight=in_flight, cut_at=cut_at, limit=limit, owed=owed,
                    settle_until=settle_until, cut_share=cut_share, at_limit=at_limit, usual_bad=usual_bad,
-                   usual_seen=usual_seen, served=served, limit_plateau=limit_plateau)  # fmt: skip
+                   usual_seen=usual_seen)  # fmt: skip
 
 
 def _stepped_back(pace: Pace, back: float) -> Pace:

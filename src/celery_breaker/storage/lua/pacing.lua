@@ -18,9 +18,7 @@
 -- from paces older than it, and ignored without a limit: 0), 'ubd' and 'usn' the bad and all
 -- outcomes of the pace's first judgements of good news, until USUAL_LEAST were in (its usual
 -- bad share; both absent from paces older than them: 0, none yet), 'ugen' the generation they
--- were learnt under (another: an older writer began this pace, and they are the last one's),
--- 'svd' the successes per second of the last judgement the release pushed ('' none; absent
--- from paces older than it: none), 'lpl' a costly refusal's plateau (absent: 0, none).
+-- were learnt under (another: an older writer began this pace, and they are the last one's).
 -- Unreadable fields restart the pace (begin, without a threshold), with a warning.
 
 -- pacing.SETTLE_LEAST: judgements in which outcomes judge nothing after a cut.
@@ -36,10 +34,6 @@ local USUAL_LEAST = 50
 local USUAL_NOISE = 2.0
 -- pacing.USUAL_MOST: a judgement with a bad share above it teaches the usual share nothing.
 local USUAL_MOST = 0.25
--- pacing.COSTLY_WAIT: a refusal asking to wait longer is costly (its limit is what was served).
-local COSTLY_WAIT = 2.0
--- pacing.PLATEAU_WAITS: a costly refusal's limit is held this many times its wait.
-local PLATEAU_WAITS = 4.0
 
 local LAW_FIELDS = { 'start', 'ceiling', 'judge_every', 'slow_start', 'step', 'back_off', 'bad_share', 'floor',
   'least_bad', 'in_flight_s', 'near', 'creep', 'plateau' }
@@ -75,13 +69,13 @@ end
 -- The stored adaptive pace; nil when there is none (or only a fixed ramp's) or it is unreadable.
 local function read_pace()
   local p = redis.call('HMGET', K_PACE, 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used',
-    'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen', 'svd', 'lpl')
+    'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen')
   if not p[2] then return nil end
   local pace = { gen = read_whole(p[1]), rate = read_number(p[2]), thr = nil, tokens = read_number(p[4]),
     at = read_time(p[5], now, 0), jat = read_time(p[6], now, 0), sok = read_whole(p[7]), sko = read_whole(p[8]),
     ssl = read_whole(p[9]), used = read_whole(p[10]), infl = read_whole(p[12] or '0'), srf = nil,
     owe = read_whole(p[15] or '0'), alm = read_whole(p[18] or '0'), ubd = read_whole(p[19] or '0'),
-    usn = read_whole(p[20] or '0'), lpl = read_whole(p[23] or '0') }
+    usn = read_whole(p[20] or '0') }
   local good = true
   if p[13] then
     pace.srf = read_whole(p[13])
@@ -92,7 +86,7 @@ local function read_pace()
     and pace.tokens ~= nil and pace.tokens >= 0 and pace.tokens <= math.max(pace.rate, 1)
     and pace.at ~= nil and pace.jat ~= nil and pace.sok ~= nil and pace.sko ~= nil and pace.ssl ~= nil
     and pace.used ~= nil and pace.infl ~= nil and pace.owe ~= nil and pace.alm ~= nil and pace.ubd ~= nil
-    and pace.usn ~= nil and pace.ubd <= pace.usn and pace.lpl ~= nil
+    and pace.usn ~= nil and pace.ubd <= pace.usn
   if (p[3] or '') ~= '' then
     pace.thr = read_number(p[3])
     good = good and pace.thr ~= nil and pace.thr > 0
@@ -114,17 +108,13 @@ local function read_pace()
     good = good and pace.csh ~= nil and pace.csh >= 0
     if pace.cut == nil then pace.csh = nil end -- (left behind by an older writer's pace)
   end
-  if (p[22] or '') ~= '' then
-    pace.svd = read_number(p[22])
-    good = good and pace.svd ~= nil and pace.svd >= 0
-  end
-  if pace.lim == nil then pace.alm, pace.lpl = 0, 0 end -- (likewise)
+  if pace.lim == nil then pace.alm = 0 end -- (likewise)
   -- (likewise: an older writer that began this pace left the last pace's usual share)
   if read_whole(p[21] or '') ~= pace.gen then pace.ubd, pace.usn = 0, 0 end
   if not good then
     local shown = {}
     for i, name in ipairs({ 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used', 'cut',
-      'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen', 'svd', 'lpl' }) do
+      'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn' }) do
       shown[#shown + 1] = name .. '=' .. show(p[i])
     end
     repaired('unreadable adaptive pace ' .. table.concat(shown, ' ') .. ' in ' .. K_PACE .. ' (the pace restarts)')
@@ -140,7 +130,7 @@ local function begin_pace(law, outcomes, before)
   if before ~= nil then thr = bound(law, before.rate * law.back_off) end
   return { gen = outcomes.gen, rate = bound(law, math.min(law.start, thr or law.start)), thr = thr, tokens = 0,
     at = now, jat = now, sok = outcomes.ok, sko = outcomes.ko, ssl = outcomes.sl, srf = outcomes.rf, used = 0,
-    infl = 0, owe = 0, alm = 0, ubd = 0, usn = 0, lpl = 0 }
+    infl = 0, owe = 0, alm = 0, ubd = 0, usn = 0 }
 end
 
 -- pacing.beyond_usual: the bad outcomes (of came_back) beyond what the usual share predicts,
@@ -222,21 +212,8 @@ local function advance_pace(law, pace, outcomes)
       pace.infl, pace.owe, pace.csh = infl, owe, share
       return pace
     end
-    if rf > 0 then
-      local wait = 0
-      if outcomes.rh ~= nil then wait = outcomes.rh - now end
-      -- what it served: at the last judgement that pushed, or since, as it refuses
-      local answered = pace.svd
-      if since >= law.judge_every / 2 then answered = math.max(answered or 0, ok / since) end
-      if wait > COSTLY_WAIT and answered ~= nil and answered > 0 then
-        lim = math.min(rate, math.max(law.floor, answered))
-        pace.lpl = math.max(law.plateau, math.ceil(wait * PLATEAU_WAITS / law.judge_every))
-      else
-        lim, pace.lpl = rate, 0 -- (the rate it was refused at)
-      end
-    end
+    if rf > 0 then lim = rate end -- (the rate it was refused at)
     rate = bound(law, rate * law.back_off)
-    if rf > 0 and lim ~= nil then rate = math.min(rate, bound(law, lim * law.near)) end
     thr = rate
     pace.cut = now
     owe = infl
@@ -250,7 +227,6 @@ local function advance_pace(law, pace, outcomes)
     -- on the judgements' own cadence (after a long pause, a new one from now)
     if since < 2 * law.judge_every then jat = pace.jat + law.judge_every else jat = now end
     pace.csh = nil -- (news without bad news: the next bad news cuts)
-    if pace.used >= 0.5 * pace.rate * since then pace.svd = ok / since end -- (the release pushed)
     if pace.usn < USUAL_LEAST and bad <= USUAL_MOST * came_back then
       pace.ubd, pace.usn = pace.ubd + bad, pace.usn + came_back
     end
@@ -267,16 +243,9 @@ local function advance_pace(law, pace, outcomes)
       if lim ~= nil and rate >= lim * law.near then
         -- at the limit: probe above it, slowly at first, then faster; dropped (and the
         -- threshold with it) once the probe would pass the law's step
-        local lift
-        if pace.alm < pace.lpl then
-          lift = 0 -- (a costly refusal's limit is held, not crept up on, for its plateau)
-        else
-          local plateau = law.plateau
-          if pace.lpl > 0 then plateau = pace.lpl end
-          lift = law.creep * 2 ^ math.max(0, pace.alm - plateau + 1)
-        end
+        local lift = law.creep * 2 ^ math.max(0, pace.alm - law.plateau + 1)
         if lift > law.step then
-          lim, thr, pace.alm, pace.lpl = nil, nil, 0, 0
+          lim, thr, pace.alm = nil, nil, 0
         else
           lim, pace.alm = lim * (1 + lift), pace.alm + 1
         end
@@ -304,5 +273,5 @@ local function write_pace(pace)
     fmt(pace.tokens), 'a_at', fmt(pace.at), 'jat', fmt(pace.jat), 'sok', fmt(pace.sok), 'sko', fmt(pace.sko), 'ssl',
     fmt(pace.ssl), 'used', fmt(pace.used), 'cut', fmt(pace.cut), 'infl', fmt(pace.infl), 'srf', fmt(pace.srf), 'lim',
     fmt(pace.lim), 'owe', fmt(pace.owe), 'sut', fmt(pace.sut), 'csh', fmt(pace.csh), 'alm', fmt(pace.alm), 'ubd',
-    fmt(pace.ubd), 'usn', fmt(pace.usn), 'ugen', fmt(pace.gen), 'svd', fmt(pace.svd), 'lpl', fmt(pace.lpl))
+    fmt(pace.ubd), 'usn', fmt(pace.usn), 'ugen', fmt(pace.gen))
 end
