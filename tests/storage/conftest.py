@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,27 @@ _PREFIXES = itertools.count()
 def unique_prefix() -> str:
     """A key prefix no other test (or test run against the same server) uses."""
     return f"t{os.getpid()}-{next(_PREFIXES)}"
+
+
+@pytest.fixture(autouse=True)
+def _breaker_logs_reach_caplog(request: pytest.FixtureRequest) -> Iterator[None]:
+    """For a test that reads ``caplog``: the ``celery_breaker`` logger hands its records to
+    caplog's handler itself, not through the root logger. A Celery worker started in this
+    process (tests/celery's) replaces the root's handlers when its logging is set up,
+    which dropped caplog's once, while a test ran: a WARNING it asserted was not seen."""
+    if "caplog" not in request.fixturenames:
+        yield
+        return
+    caplog: pytest.LogCaptureFixture = request.getfixturevalue("caplog")
+    logger = logging.getLogger("celery_breaker")
+    propagate = logger.propagate
+    logger.addHandler(caplog.handler)
+    logger.propagate = False  # (once, not twice through the root as well)
+    try:
+        yield
+    finally:
+        logger.propagate = propagate
+        logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture
