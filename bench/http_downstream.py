@@ -125,7 +125,8 @@ class LimitedDownstream:
     fast. ``usual_slow``: this share of the requests answered takes ``USUAL_S`` more,
     whatever the load (a slow path of the downstream's own: every 1/share-th request,
     evenly). ``refuse_for(seconds)``: every request gets ``429`` for that long (a burst of
-    refusals, e.g. another client's spike filling a shared limit). ``requests()`` is
+    refusals, e.g. another client's spike filling a shared limit). ``latency``: seconds
+    every 200 takes on top (a downstream slow to answer, not loaded). ``requests()`` is
     every answer, in order: (epoch seconds, ``ok``/``429``/``503``, delay).
     """
 
@@ -134,9 +135,16 @@ class LimitedDownstream:
     USUAL_S = 0.15
 
     def __init__(
-        self, capacity: float | None, *, slow_from: float = 0.85, usual_slow: float = 0.0, retry_after: float = 1.0
+        self,
+        capacity: float | None,
+        *,
+        slow_from: float = 0.85,
+        usual_slow: float = 0.0,
+        retry_after: float = 1.0,
+        latency: float = 0.0,
     ) -> None:
         self.capacity = capacity
+        self.latency = latency
         self.retry_after = retry_after
         self.slow_from = slow_from
         self.usual_slow = usual_slow
@@ -186,7 +194,7 @@ class LimitedDownstream:
                 load = 0.0 if self.capacity is None else len(self._window) / self.capacity
                 zone = 1.0 - self.slow_from  # (none: it answers 429 without slowing first)
                 queueing = max(0.0, (load - self.slow_from) / zone) if zone > 0 else 0.0
-                answer, delay = "ok", self.BASE_S + self.SLOW_S * min(1.0, queueing)
+                answer, delay = "ok", self.BASE_S + self.latency + self.SLOW_S * min(1.0, queueing)
                 self._usual_owed += self.usual_slow
                 if self._usual_owed >= 1.0:
                     self._usual_owed -= 1.0

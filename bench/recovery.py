@@ -30,6 +30,7 @@ breaker closed, nothing parked).
     python bench/recovery.py                 # N = 3000, C = 150/s: ~4 minutes
     python bench/recovery.py --quick         # N = 600, C = 60/s, capacity runs only: a CI smoke run
     python bench/recovery.py --burst 0.5     # no limit, but every call refused for 0.5 s at the close
+    python bench/recovery.py --latency 2.5 --tasks 1000  # no limit, but every call takes 2.5 s (thread pools)
     python bench/recovery.py --capacity 150 --broker rabbitmq  # the same on RabbitMQ (confirmed publishes)
     python bench/recovery.py --json out.json # then: python bench/recovery.py --plot out.json
 """
@@ -80,6 +81,8 @@ POLICY: dict[str, Any] = {
 }
 WORKERS = 2
 CONCURRENCY = 6  # pool processes per worker: a slow downstream's calls wait in them
+#: Threads per worker with ``--latency``: calls that take seconds need more slots than processes.
+LATENCY_CONCURRENCY = 50
 SAMPLE_S = 0.1
 TIMEOUT_S = 5.0  # the task's HTTP client
 
@@ -159,6 +162,7 @@ class Case:
     burst: float = 0.0  # seconds after the breaker closed in which the downstream answers every call 429
     usual_slow: float = 0.0  # the share of calls slow (150 ms) whatever the load
     retry_after: float = 1.0  # the seconds a 429 asks to wait
+    latency: float = 0.0  # seconds every call takes on top (then: thread pools, LATENCY_CONCURRENCY each)
 
 
 @dataclass
@@ -194,7 +198,9 @@ class Run:
             "release_calls": calls,
             "refused_429": refused,
             "refused_share": round(refused / calls, 4) if calls else 0.0,
-            "slow_calls": sum(1 for _, answer, delay in self.answers if answer == "ok" and delay >= 0.095),
+            "slow_calls": sum(
+                1 for _, answer, delay in self.answers if answer == "ok" and delay >= self.case.latency + 0.095
+            ),
             "task_failures": len(self.failed),
             "reopenings": trips - self.trips_at_close,
             "peak_rate": max((s["rate"] or 0.0 for s in self.samples), default=0.0),
@@ -221,13 +227,15 @@ class Progress:
 
 
 @contextlib.contextmanager
-def workers(env: dict[str, str], log_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+def workers(
+    env: dict[str, str], log_dir: Path, pool: tuple[str, int] = ("prefork", CONCURRENCY)
+) -> Iterator[list[subprocess.Popen[bytes]]]:
     full = {**os.environ, **env, "PYTHONPATH": str(BENCH) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     started = []
     for i in range(WORKERS):
         with (log_dir / f"worker{i}.log").open("ab") as out:
             started.append(subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "recovery", "worker", "-P", "prefork", "-c", str(CONCURRENCY),
+                [sys.executable, "-m", "celery", "-A", "recovery", "worker", "-P", pool[0], "-c", str(pool[1]),
                  "-n", f"recovery{i}-{os.getpid()}@%h", "--loglevel", "WARNING", "--without-gossip",
                  "--without-mingle", "--without-heartbeat"],
                 cwd=BENCH, env=full, stdout=out, stderr=subprocess.STDOUT,
@@ -269,6 +277,10 @@ def run(case: Case, server: Any, log_dir: Path, broker_url: str | None = None) -
     extra: dict[str, Any] = {"breaker_release_pace": case.pace}
     if broker_url is not None:  # (RabbitMQ: tasks park in the store, as they do by default on Redis)
         extra["breaker_park"] = True
+    pool = ("prefork", CONCURRENCY)
+    if case.latency:  # (every call takes seconds: slow only beyond that, and threads enough to wait in)
+        extra["breaker_default_policy"] = {**POLICY, "slow_call_duration": case.latency + 0.1}
+        pool = ("threads", LATENCY_CONCURRENCY)
     broker_url = broker_url or server.url(0)
     env = {"BENCH_BROKER": broker_url, "BENCH_BREAKER_URL": store_url, "BENCH_NS": ns,
            "BENCH_COUNTER_URL": server.url(2), "BENCH_EXTRA_CONF": json.dumps(extra)}  # fmt: skip
@@ -292,9 +304,13 @@ def run(case: Case, server: Any, log_dir: Path, broker_url: str | None = None) -
                 sender.send_task(TASK, args=(url, n), producer=producer)
 
     downstream_of_case = LimitedDownstream(
-        case.capacity, slow_from=case.slow_from, usual_slow=case.usual_slow, retry_after=case.retry_after
+        case.capacity,
+        slow_from=case.slow_from,
+        usual_slow=case.usual_slow,
+        retry_after=case.retry_after,
+        latency=case.latency,
     )
-    with downstream_of_case as downstream, workers(env, log_dir) as started:
+    with downstream_of_case as downstream, workers(env, log_dir, pool) as started:
         wait_for(lambda: int(broker.get(f"{ns}:ready") or 0) >= WORKERS, 90, "the workers", started, log_dir)
         n = case.tasks
         base = 10 * n  # the numbers of the tasks that are not the backlog
@@ -464,6 +480,13 @@ def main() -> None:
         help="with --capacity: the seconds the downstream's 429s ask to wait (default 1)",
     )
     parser.add_argument(
+        "--latency",
+        type=float,
+        default=None,
+        help="run fixed and adaptive against a downstream (of --capacity, else with no limit) whose every call "
+        f"takes this many seconds more, on thread pools of {LATENCY_CONCURRENCY} (a slow downstream, not a loaded one)",
+    )
+    parser.add_argument(
         "--broker",
         choices=("redis", "rabbitmq"),
         default="redis",
@@ -506,6 +529,15 @@ def main() -> None:
             parser.error("--retry-after must be in (0, 60] seconds, with --capacity")
         cases = [dataclasses.replace(case, name=f"{case.name}, Retry-After {options.retry_after:g} s",
                                      retry_after=options.retry_after) for case in cases]  # fmt: skip
+    if options.latency is not None:
+        if not 0 < options.latency <= TIMEOUT_S - 1 or options.tasks <= 0:
+            parser.error(
+                f"--latency must be in (0, {TIMEOUT_S - 1:g}] seconds (the task's HTTP timeout is {TIMEOUT_S:g} s)"
+            )
+        c, lat = options.capacity, options.latency
+        where = "no limit" if c is None else f"C={c:g}/s"
+        cases = [Case(f"{where}, {lat:g} s a call, {pace}", pace, c, options.tasks, options.slow_from, latency=lat)
+                 for pace in ("fixed", "adaptive")]  # fmt: skip
     if options.only:
         cases = [case for case in cases if options.only in case.name]
     began = time.monotonic()
@@ -533,7 +565,9 @@ def main() -> None:
         "redis-server": redis_version,
         "broker": options.broker,
         "cpus": os.cpu_count(),
-        "workers": f"{WORKERS} x prefork -c {CONCURRENCY}",
+        "workers": f"{WORKERS} x threads -c {LATENCY_CONCURRENCY}"
+        if options.latency
+        else f"{WORKERS} x prefork -c {CONCURRENCY}",
         "wall_s": round(time.monotonic() - began, 1),
     }
     print(f"Recovery at the downstream's pace ({', '.join(f'{k} {v}' for k, v in meta.items())})")

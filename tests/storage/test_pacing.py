@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from celery_breaker import CircuitBreaker, State, TooManyRequests
-from celery_breaker.core.pacing import Outcomes, Pace, PacingLaw, advance, allowed, took
+from celery_breaker.core.pacing import KEPT_UP, Outcomes, Pace, PacingLaw, advance, allowed, took
 from celery_breaker.monitoring import BreakerStatus, ReleasePace, collect_metrics
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
@@ -65,7 +65,8 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     same pace stored. Then a refusal and a long run of successes: the limit it set creeps,
     then is dropped (the plateau), in both alike. Then a cut whose tasks do not come back:
     nothing more goes while it settles, in both alike. Then a downstream slow at 10 %
-    whatever the load: the pace grows through what was bad news, in both alike."""
+    whatever the load: the pace grows through what was bad news, in both alike. Along
+    the way, judgements whose tasks queued (fewer back than went) held the rate in both."""
     clock = FakeClock()
     tag = park(store, 20_000)
     CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)  # a CLOSED breaker's state hash
@@ -76,7 +77,7 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     pace: Pace | None = None
     seen = {
         "thresholded": False, "limited": False, "owing": False, "eased": False, "plateau": False, "dropped": False,
-        "crowded": False, "usual": False, "tolerated": False,
+        "crowded": False, "usual": False, "tolerated": False, "queueing": False,
     }  # fmt: skip
 
     def step(name: str) -> None:
@@ -100,6 +101,13 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
         assert (float(found["csh"]) if found["csh"] else None) == pace.cut_share, name
         assert int(found["alm"]) == pace.at_limit, name
         assert (int(found["ubd"]), int(found["usn"])) == (pace.usual_bad, pace.usual_seen), name
+        assert float(found["dlv"]) == pace.delivered, name
+        seen["queueing"] = seen["queueing"] or (  # (a judgement of good news whose tasks queued: no growth)
+            before is not None and pace.judged_at != before.judged_at and pace.cut_at == before.cut_at
+            and pace.delivered <= before.delivered and pace.rate == before.rate
+            and outcomes.successes + outcomes.failures - before.seen.successes - before.seen.failures
+            < KEPT_UP * before.used
+        )  # fmt: skip
         seen["usual"] = seen["usual"] or pace.usual > 0
         seen["eased"] = seen["eased"] or (
             before is not None and before.cut_share is not None and pace.cut_at == before.cut_at
@@ -299,6 +307,8 @@ def test_an_unreadable_pace_restarts_with_one_warning(
         ("alm", "-1"),
         ("ubd", "-1"),
         ("usn", "2.5"),
+        ("dlv", "-1"),
+        ("dlv", "nan"),
     ):
         client.hset(tag + ":p", field, bad)
         caplog.clear()
@@ -443,6 +453,28 @@ def test_a_pace_stored_before_owed_outcomes_reads_as_owing_nothing(
     found = stored(store)
     assert (found["owe"], found["sut"], found["csh"], found["alm"]) == ("0", "", "", "0")
     assert (found["ubd"], found["usn"]) == ("0", "0")
+    assert float(found["dlv"]) == 0.0
+
+
+def test_a_delivery_judged_under_another_generation_is_not_this_paces(store: RedisStore, redis_url: str) -> None:
+    """A release.lua older than ``dlv`` that begins a new pace (or judges one) leaves the
+    delivery another pace judged: read under another generation (``dgen``), it is none,
+    and judges nothing of this pace's queueing."""
+    clock = FakeClock()
+    tag = paced(store, clock)
+    client = redis.Redis.from_url(redis_url)
+    generation = stored(store)["a_gen"]
+    for dgen, kept in ((generation, 500.0), (str(int(generation) + 2), 0.0), (None, 0.0)):
+        client.hset(tag + ":p", "dlv", "500")
+        if dgen is None:
+            client.hdel(tag + ":p", "dgen")
+        else:
+            client.hset(tag + ":p", "dgen", dgen)
+        clock.advance(0.2)
+        release(store, clock.monotonic())
+        found = stored(store)
+        assert float(found["dlv"]) == kept, dgen
+        assert found["dgen"] == generation
 
 
 def test_a_usual_share_learnt_under_another_generation_is_not_this_paces(store: RedisStore, redis_url: str) -> None:

@@ -442,7 +442,7 @@ def test_a_cut_owes_what_is_in_flight_and_judges_again_once_it_came_back() -> No
     pace = advance(law, replace(pace, used=50), news, 16.5)  # the last 30 owed among them: still old news
     assert pace.rate == pytest.approx(70.0)
     assert pace.owed == 0
-    assert pace.in_flight > law.in_flight_s * pace.rate  # crowded: no growth, yet news is judged
+    assert pace.in_flight > law.in_flight_s * pace.rate  # (many in flight: news is judged all the same)
     news = replace(pace.seen, successes=pace.seen.successes + 50, slow=pace.seen.slow + 50)
     assert advance(law, replace(pace, used=50), news, 17.5).rate == pytest.approx(49.0)
 
@@ -687,3 +687,74 @@ def test_a_downstream_strained_at_the_start_rate_teaches_no_usual_share() -> Non
     assert pacer.pace is not None
     assert pacer.pace.usual == 0.0
     assert longest < 20  # (724 at the end, and growing)
+
+
+def through_workers(pacer: AdaptivePacer, clock: FakeClock, backlog: int, *, latency: float, slots: int) -> Any:
+    """Release ``backlog`` tasks to ``slots`` workers whose calls take ``latency`` seconds
+    each (a downstream with no limit), in 0.2 s ticks: ``(seconds to drain, most tasks
+    queued in the broker at once, highest rate)``."""
+    downstream = Downstream()
+    queued: collections.deque[float] = collections.deque()
+    running: list[float] = []
+    most_queued, peak = 0, 0.0
+    for tick in range(1, 3001):
+        now = tick * 0.2
+        clock.advance(0.2)
+        done = [end for end in running if end <= now + 1e-9]
+        running = [end for end in running if end > now + 1e-9]
+        downstream.successes += len(done)
+        count = pacer.release(downstream.outcomes(), waiting=backlog)
+        backlog -= count
+        queued.extend([now] * count)
+        while queued and len(running) < slots:
+            queued.popleft()
+            running.append(now + latency)
+        most_queued, peak = max(most_queued, len(queued)), max(peak, pacer.rate)
+        if backlog == 0 and not queued and not running:
+            return now, most_queued, peak
+    return math.inf, most_queued, peak
+
+
+@pytest.mark.parametrize("latency", [2.0, 2.5, 5.0])
+def test_a_downstream_slow_to_answer_is_released_at_the_workers_speed(latency: float) -> None:
+    # Calls that take 2 s or more, 100 workers (40 to 50 a second), 1,000 tasks: a latency's
+    # worth of releases is always in flight, above in_flight_s's worth, and the rule that
+    # held growth on it kept the release at its start rate, 10 a second, for good: 102 to
+    # 105 s. Growth is held only while fewer come back than went, no more than before.
+    clock = FakeClock()
+    took, _, peak = through_workers(AdaptivePacer(PacingLaw(), clock), clock, 1_000, latency=latency, slots=100)
+    assert peak > 50
+    assert took < 1_000 / (100 / latency) + 15  # (the workers' time, plus the ramp and a latency or two)
+
+
+def test_tasks_queueing_behind_busy_workers_hold_the_rate_that_keeps_up_with_them() -> None:
+    law = replace(LAW, in_flight_s=1.0)
+    seen = Outcomes(generation=1, successes=1000, failures=0, slow=0)
+    pace = Pace(generation=1, rate=100.0, threshold=None, tokens=0.0, at=10.0, judged_at=10.0, seen=seen, used=100,
+                delivered=40.0)  # fmt: skip
+    for second in range(1, 11):  # 100 released a second, 40 come back: they queue, no growth
+        news = replace(pace.seen, successes=pace.seen.successes + 40)
+        pace = advance(law, replace(pace, used=100), news, 10.0 + second)
+        assert pace.rate == 100.0, f"second {second}"
+        assert pace.delivered == 40.0
+    # Fewer back than went, but more than before (a slow downstream's outcomes coming back a
+    # latency after the rate grew): not queueing.
+    news = replace(pace.seen, successes=pace.seen.successes + 60)
+    pace = advance(law, replace(pace, used=100), news, 21.0)
+    assert pace.rate == 200.0
+    # As many back as went: not queueing, whatever came back before.
+    pace = replace(pace, delivered=1_000.0)
+    news = replace(pace.seen, successes=pace.seen.successes + 200)
+    assert advance(law, replace(pace, used=200), news, 22.0).rate == 400.0
+
+
+def test_a_latency_in_flight_is_no_queue() -> None:
+    # 2.5 s calls, the rate held at 40 a second: 100 in flight (2.5 s of them, above
+    # in_flight_s), and 40 a second come back: the rate grows.
+    seen = Outcomes(generation=1, successes=1000, failures=0, slow=0)
+    pace = Pace(generation=1, rate=40.0, threshold=None, tokens=0.0, at=10.0, judged_at=10.0, seen=seen, used=40,
+                in_flight=100, delivered=40.0)  # fmt: skip
+    law = replace(LAW, in_flight_s=1.5)
+    assert pace.in_flight > law.in_flight_s * pace.rate
+    news = replace(seen, successes=1040)
+    assert advance(law, pace, news, 11.0).rate == 80.0

@@ -33,11 +33,18 @@ since the last judgement (its ``Outcomes``):
   drain;
 * otherwise, every ``judge_every`` seconds (each due ``judge_every`` after the last was
   due, not after the look that made it; or once outcomes came back, if later), when
-  successes came back and the release used at least half of what the rate allowed, the
-  rate grows by ``slow_start`` while below the threshold (there is none at first), and
-  by ``1 + step`` at or above it; the first failures or slow calls too few to be bad
-  news put the threshold at the rate (the downstream's slow zone is near: it is
-  approached by small steps from there);
+  successes came back, the release used at least half of what the rate allowed, and the
+  released tasks do not queue (below), the rate grows by ``slow_start`` while below the
+  threshold (there is none at first), and by ``1 + step`` at or above it; the first
+  failures or slow calls too few to be bad news put the threshold at the rate (the
+  downstream's slow zone is near: it is approached by small steps from there);
+* released tasks queue (in the broker: the workers are all busy) when fewer outcomes came
+  back in a judgement than ``KEPT_UP`` of the tasks released in it, and no more came back
+  per second than in the judgement before: then the rate does not grow. How many are in
+  flight says nothing of it: a downstream whose calls take 2.5 s has 2.5 s of releases
+  in flight however many workers wait for them, and the rule this one replaced (no
+  growth with more than ``in_flight_s`` worth in flight) held such a release at its
+  start rate for good (docs/decisions.md, 78);
 * after a refusal nothing is released until the time the downstream asked for (its
   Retry-After: the breaker's ``held_until``), and the rate it was refused at becomes a
   ``limit``: growth stops at ``near`` of it, and from there the limit creeps up by
@@ -85,6 +92,7 @@ __all__ = [
     "FLOOR",
     "IN_FLIGHT_S",
     "JUDGE_EVERY",
+    "KEPT_UP",
     "LEAST_BAD",
     "NEAR",
     "PLATEAU",
@@ -131,10 +139,16 @@ FLOOR = 1.0
 RATE_MOST = 1_000_000.0
 #: Fewer bad outcomes than this are no news (one slow run on a busy host cuts nothing).
 LEAST_BAD = 3
-#: Seconds' worth of released tasks (at the current rate) that may await their outcome
-#: (queued in the broker, running, or their successes not yet sent); with more in flight
-#: the rate does not grow.
+#: After a cut, seconds' worth of released tasks (at the cut rate) that may await their
+#: outcome (queued in the broker, running, or their successes not yet sent) while it
+#: settles; with more in flight nothing more goes until some come back.
 IN_FLIGHT_S = 1.5
+#: Released tasks queue, and the rate does not grow, when fewer outcomes than this share of
+#: the tasks released in a judgement came back in it, and no more per second than in the
+#: judgement before (a release whose downstream answers slowly but keeps up gets back, a
+#: latency later, as many as it sends; one whose workers are all busy gets back no more
+#: however many it sends).
+KEPT_UP = 0.75
 #: After a cut, outcomes judge nothing for this many ``judge_every``: news of tasks released
 #: before it, and of the downstream working off what they left (its queue, its rate window).
 #: With 2, a downstream that counts requests per second was still slow a second after the
@@ -279,6 +293,9 @@ class Pace:
     usual_seen: int = 0
     """All outcomes in those judgements: ``usual_bad / usual_seen`` is the downstream's
     usual bad share, once ``USUAL_LEAST`` outcomes are in."""
+    delivered: float = 0.0
+    """Outcomes per second that came back in the last judgement of good news (0: none
+    yet): released tasks queue while fewer come back than went, and no more than then."""
 
     @property
     def usual(self) -> float:
@@ -391,8 +408,12 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
         cut_share = None  # (news without bad news: the next bad news cuts)
         if usual_seen < USUAL_LEAST and bad <= USUAL_MOST * came_back:
             usual_bad, usual_seen = usual_bad + bad, usual_seen + came_back
-        crowded = in_flight > law.in_flight_s * pace.rate
-        if successes > 0 and pace.used >= 0.5 * pace.rate * since and not crowded:
+        # Released tasks queue (the workers are all busy) when fewer come back than went,
+        # and no more than at the last judgement: no growth then. (Not judged by how many
+        # are in flight: a downstream slow to answer keeps a latency's worth in flight.)
+        delivered = came_back / since
+        queueing = came_back < KEPT_UP * pace.used and delivered <= pace.delivered
+        if successes > 0 and pace.used >= 0.5 * pace.rate * since and not queueing:
             if excess > 0 and (threshold is None or threshold > rate):
                 threshold = rate  # the first bad outcomes: the slow zone is near
             if threshold is None or rate < threshold:
@@ -415,10 +436,13 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
             if limit is not None:
                 grown = max(rate, min(grown, limit * law.near))
             rate = law.bound(grown)
+        return replace(pace, rate=rate, threshold=threshold, tokens=min(max(rate, 1.0), pace.tokens),
+                       judged_at=judged_at, seen=outcomes, used=0, in_flight=in_flight, limit=limit, owed=owed,
+                       cut_share=cut_share, at_limit=at_limit, usual_bad=usual_bad, usual_seen=usual_seen,
+                       delivered=delivered)  # fmt: skip
     return replace(pace, rate=rate, threshold=threshold, tokens=min(max(rate, 1.0), pace.tokens), judged_at=judged_at,
                    seen=outcomes, used=0, in_flight=in_flight, cut_at=cut_at, limit=limit, owed=owed,
-                   settle_until=settle_until, cut_share=cut_share, at_limit=at_limit, usual_bad=usual_bad,
-                   usual_seen=usual_seen)  # fmt: skip
+                   settle_until=settle_until, cut_share=cut_share, at_limit=at_limit)  # fmt: skip
 
 
 def _stepped_back(pace: Pace, back: float) -> Pace:

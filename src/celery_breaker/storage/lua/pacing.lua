@@ -18,7 +18,9 @@
 -- from paces older than it, and ignored without a limit: 0), 'ubd' and 'usn' the bad and all
 -- outcomes of the pace's first judgements of good news, until USUAL_LEAST were in (its usual
 -- bad share; both absent from paces older than them: 0, none yet), 'ugen' the generation they
--- were learnt under (another: an older writer began this pace, and they are the last one's).
+-- were learnt under (another: an older writer began this pace, and they are the last one's),
+-- 'dlv' the outcomes per second that came back in the last judgement of good news and 'dgen'
+-- the generation it was judged under (absent from paces older than it, or another: 0, none).
 -- Unreadable fields restart the pace (begin, without a threshold), with a warning.
 
 -- pacing.SETTLE_LEAST: judgements in which outcomes judge nothing after a cut.
@@ -34,6 +36,9 @@ local USUAL_LEAST = 50
 local USUAL_NOISE = 2.0
 -- pacing.USUAL_MOST: a judgement with a bad share above it teaches the usual share nothing.
 local USUAL_MOST = 0.25
+-- pacing.KEPT_UP: fewer outcomes back than this share of the tasks released, and no more per
+-- second than at the last judgement: the released tasks queue (no growth).
+local KEPT_UP = 0.75
 
 local LAW_FIELDS = { 'start', 'ceiling', 'judge_every', 'slow_start', 'step', 'back_off', 'bad_share', 'floor',
   'least_bad', 'in_flight_s', 'near', 'creep', 'plateau' }
@@ -69,13 +74,13 @@ end
 -- The stored adaptive pace; nil when there is none (or only a fixed ramp's) or it is unreadable.
 local function read_pace()
   local p = redis.call('HMGET', K_PACE, 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used',
-    'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen')
+    'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen', 'dlv', 'dgen')
   if not p[2] then return nil end
   local pace = { gen = read_whole(p[1]), rate = read_number(p[2]), thr = nil, tokens = read_number(p[4]),
     at = read_time(p[5], now, 0), jat = read_time(p[6], now, 0), sok = read_whole(p[7]), sko = read_whole(p[8]),
     ssl = read_whole(p[9]), used = read_whole(p[10]), infl = read_whole(p[12] or '0'), srf = nil,
     owe = read_whole(p[15] or '0'), alm = read_whole(p[18] or '0'), ubd = read_whole(p[19] or '0'),
-    usn = read_whole(p[20] or '0') }
+    usn = read_whole(p[20] or '0'), dlv = read_number(p[22] or '0') }
   local good = true
   if p[13] then
     pace.srf = read_whole(p[13])
@@ -86,7 +91,7 @@ local function read_pace()
     and pace.tokens ~= nil and pace.tokens >= 0 and pace.tokens <= math.max(pace.rate, 1)
     and pace.at ~= nil and pace.jat ~= nil and pace.sok ~= nil and pace.sko ~= nil and pace.ssl ~= nil
     and pace.used ~= nil and pace.infl ~= nil and pace.owe ~= nil and pace.alm ~= nil and pace.ubd ~= nil
-    and pace.usn ~= nil and pace.ubd <= pace.usn
+    and pace.usn ~= nil and pace.ubd <= pace.usn and pace.dlv ~= nil and pace.dlv >= 0
   if (p[3] or '') ~= '' then
     pace.thr = read_number(p[3])
     good = good and pace.thr ~= nil and pace.thr > 0
@@ -111,10 +116,11 @@ local function read_pace()
   if pace.lim == nil then pace.alm = 0 end -- (likewise)
   -- (likewise: an older writer that began this pace left the last pace's usual share)
   if read_whole(p[21] or '') ~= pace.gen then pace.ubd, pace.usn = 0, 0 end
+  if pace.dlv ~= nil and read_whole(p[23] or '') ~= pace.gen then pace.dlv = 0 end -- (likewise)
   if not good then
     local shown = {}
     for i, name in ipairs({ 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used', 'cut',
-      'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn' }) do
+      'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen', 'dlv' }) do
       shown[#shown + 1] = name .. '=' .. show(p[i])
     end
     repaired('unreadable adaptive pace ' .. table.concat(shown, ' ') .. ' in ' .. K_PACE .. ' (the pace restarts)')
@@ -130,7 +136,7 @@ local function begin_pace(law, outcomes, before)
   if before ~= nil then thr = bound(law, before.rate * law.back_off) end
   return { gen = outcomes.gen, rate = bound(law, math.min(law.start, thr or law.start)), thr = thr, tokens = 0,
     at = now, jat = now, sok = outcomes.ok, sko = outcomes.ko, ssl = outcomes.sl, srf = outcomes.rf, used = 0,
-    infl = 0, owe = 0, alm = 0, ubd = 0, usn = 0 }
+    infl = 0, owe = 0, alm = 0, ubd = 0, usn = 0, dlv = 0 }
 end
 
 -- pacing.beyond_usual: the bad outcomes (of came_back) beyond what the usual share predicts,
@@ -230,8 +236,12 @@ local function advance_pace(law, pace, outcomes)
     if pace.usn < USUAL_LEAST and bad <= USUAL_MOST * came_back then
       pace.ubd, pace.usn = pace.ubd + bad, pace.usn + came_back
     end
-    local crowded = infl > law.in_flight_s * pace.rate -- (too many in flight: no growth)
-    if ok > 0 and pace.used >= 0.5 * pace.rate * since and not crowded then
+    -- released tasks queue (the workers are all busy) when fewer come back than went, and no
+    -- more than at the last judgement: no growth then (however many are in flight)
+    local delivered = came_back / since
+    local queueing = came_back < KEPT_UP * pace.used and delivered <= pace.dlv
+    pace.dlv = delivered
+    if ok > 0 and pace.used >= 0.5 * pace.rate * since and not queueing then
       if excess > 0 and (thr == nil or thr > rate) then thr = rate end -- the first bad outcomes: the slow zone is near
       local grown
       if thr == nil or rate < thr then
@@ -273,5 +283,5 @@ local function write_pace(pace)
     fmt(pace.tokens), 'a_at', fmt(pace.at), 'jat', fmt(pace.jat), 'sok', fmt(pace.sok), 'sko', fmt(pace.sko), 'ssl',
     fmt(pace.ssl), 'used', fmt(pace.used), 'cut', fmt(pace.cut), 'infl', fmt(pace.infl), 'srf', fmt(pace.srf), 'lim',
     fmt(pace.lim), 'owe', fmt(pace.owe), 'sut', fmt(pace.sut), 'csh', fmt(pace.csh), 'alm', fmt(pace.alm), 'ubd',
-    fmt(pace.ubd), 'usn', fmt(pace.usn), 'ugen', fmt(pace.gen))
+    fmt(pace.ubd), 'usn', fmt(pace.usn), 'ugen', fmt(pace.gen), 'dlv', fmt(pace.dlv), 'dgen', fmt(pace.gen))
 end
