@@ -120,7 +120,7 @@ local function read_pace()
   if not good then
     local shown = {}
     for i, name in ipairs({ 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used', 'cut',
-      'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen', 'dlv' }) do
+      'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen', 'dlv', 'dgen' }) do
       shown[#shown + 1] = name .. '=' .. show(p[i])
     end
     repaired('unreadable adaptive pace ' .. table.concat(shown, ' ') .. ' in ' .. K_PACE .. ' (the pace restarts)')
