@@ -698,11 +698,9 @@ class CircuitBreaker:
         if cell.passing and outer is None:
             run = RunAdmission(self, cell, cell.generation, self._now() if cell.timed else None, translate)
         else:
-            free = outer is not None and not outer.claimed
-            cell, ticket, start = self._admit()
+            cell, ticket, start, took = self._admit_run(outer)
             run = RunAdmission(self, cell, ticket, start, translate)
-            if free and outer is not None and outer.claimed:
-                run.outer = outer  # (it took the outer run's ticket)
+            run.outer = took
         # (Set apart: a keyword argument makes the class call build a dict, ~140 ns.)
         if not counts_itself:
             run.counts_itself = False
@@ -723,18 +721,14 @@ class CircuitBreaker:
         if cell.passing and outer is None:
             ticket: Ticket = cell.generation
             start = self._now() if cell.timed else None  # (as a ``with`` block: see Cell.timed)
+        elif check_within is None:
+            cell, ticket, start, took = self._admit_run(outer)
         else:
-            free = outer is not None and not outer.claimed
-            if check_within is None:
-                cell, ticket, start = self._admit()
-            else:
-                bound = _CHECK_WITHIN.set(check_within)
-                try:
-                    cell, ticket, start = self._admit()
-                finally:
-                    _CHECK_WITHIN.reset(bound)
-            if free and outer is not None and outer.claimed:
-                took = outer  # (it took the outer run's ticket: see RunAdmission.outer)
+            bound = _CHECK_WITHIN.set(check_within)
+            try:
+                cell, ticket, start, took = self._admit_run(outer)
+            finally:
+                _CHECK_WITHIN.reset(bound)
         # A bare call of a subclass without an ``__init__`` of its own, the fields stored
         # here as ``RunAdmission.__init__`` stores them: no ``__init__`` frame, no
         # arguments passed (``object.__new__(RunAdmission)`` costs more).
@@ -750,6 +744,15 @@ class CircuitBreaker:
         run.outer = took
         run._token = _RUN.set(run)
         return run
+
+    def _admit_run(self, outer: RunAdmission | None) -> tuple[Cell, Ticket, float, RunAdmission | None]:
+        """``_admit`` for a run begun while ``outer`` is current (``begin_run``,
+        ``enter_run``): also the outer run whose unclaimed ticket it took, if it did (a
+        task calling another task of the same breaker directly: see
+        ``RunAdmission.outer``), else ``None``."""
+        free = outer is not None and not outer.claimed
+        cell, ticket, start = self._admit()
+        return cell, ticket, start, outer if free and outer is not None and outer.claimed else None
 
     # -- steps shared by every way of guarding -------------------------------
 
