@@ -456,45 +456,34 @@ def test_a_pace_stored_before_owed_outcomes_reads_as_owing_nothing(
     assert float(found["dlv"]) == 0.0
 
 
-def test_a_delivery_judged_under_another_generation_is_not_this_paces(store: RedisStore, redis_url: str) -> None:
-    """A release.lua older than ``dlv`` that begins a new pace (or judges one) leaves the
-    delivery another pace judged: read under another generation (``dgen``), it is none,
-    and judges nothing of this pace's queueing."""
+@pytest.mark.parametrize(
+    ("fields", "generation_field"),
+    [({"ubd": "3", "usn": "60"}, "ugen"), ({"dlv": "500"}, "dgen")],
+    ids=["usual share", "delivery"],
+)
+def test_what_a_pace_learnt_under_another_generation_is_not_this_paces(
+    store: RedisStore, redis_url: str, fields: dict[str, str], generation_field: str
+) -> None:
+    """A release.lua older than a field (``ubd``/``usn``, the usual share; ``dlv``, the
+    delivery) that begins a new pace, or judges one, leaves the last pace's value in the
+    hash: read under another generation (``ugen``, ``dgen``), it is none (0)."""
     clock = FakeClock()
     tag = paced(store, clock)
     client = redis.Redis.from_url(redis_url)
     generation = stored(store)["a_gen"]
-    for dgen, kept in ((generation, 500.0), (str(int(generation) + 2), 0.0), (None, 0.0)):
-        client.hset(tag + ":p", "dlv", "500")
-        if dgen is None:
-            client.hdel(tag + ":p", "dgen")
+    for written, kept in ((generation, True), (str(int(generation) + 2), False), (None, False)):
+        for name, value in fields.items():
+            client.hset(tag + ":p", name, value)
+        if written is None:
+            client.hdel(tag + ":p", generation_field)
         else:
-            client.hset(tag + ":p", "dgen", dgen)
+            client.hset(tag + ":p", generation_field, written)
         clock.advance(0.2)
         release(store, clock.monotonic())
         found = stored(store)
-        assert float(found["dlv"]) == kept, dgen
-        assert found["dgen"] == generation
-
-
-def test_a_usual_share_learnt_under_another_generation_is_not_this_paces(store: RedisStore, redis_url: str) -> None:
-    """A release.lua older than ``ubd``/``usn`` that begins a new pace leaves the last
-    pace's usual share in the hash: read under another generation (``ugen``), it is none."""
-    clock = FakeClock()
-    tag = paced(store, clock)
-    client = redis.Redis.from_url(redis_url)
-    generation = stored(store)["a_gen"]
-    for ugen, kept in ((generation, ("3", "60")), (str(int(generation) + 2), ("0", "0")), (None, ("0", "0"))):
-        client.hset(tag + ":p", mapping={"ubd": "3", "usn": "60"})
-        if ugen is None:
-            client.hdel(tag + ":p", "ugen")
-        else:
-            client.hset(tag + ":p", "ugen", ugen)
-        clock.advance(0.2)
-        release(store, clock.monotonic())
-        found = stored(store)
-        assert (found["ubd"], found["usn"]) == kept, ugen
-        assert found["ugen"] == generation
+        for name, value in fields.items():
+            assert float(found[name]) == (float(value) if kept else 0.0), (name, written)
+        assert found[generation_field] == generation
 
 
 # -- the pace as people see it (pace.lua, collect_metrics) ---------------------------------
