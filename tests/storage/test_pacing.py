@@ -338,8 +338,11 @@ def test_a_refusal_recorded_by_a_released_task_cuts_the_pace_and_holds_it(store:
     for _ in range(7):
         clock.advance(0.25)
         held.append(release(store, clock.monotonic()))
-    assert held == [0] * 5 + [7, 7]  # nothing for 1.5 s, then 28/s from empty
-    assert (float(stored(store)["rate"]), float(stored(store)["thr"])) == (28.0, 28.0)
+    # Nothing for 1.5 s, then 19/s from empty: the limit is what came back with the refusal
+    # (the tasks released since the pace doubled to 40/s went at 20/s), the cut 95 % of it.
+    assert held == [0] * 5 + [4, 5]
+    found = stored(store)
+    assert (float(found["lim"]), float(found["rate"]), float(found["thr"])) == (20.0, 19.0, 19.0)
     assert state_of(breaker) is State.CLOSED
 
 
@@ -510,11 +513,11 @@ def test_the_status_shows_the_pace_while_it_releases(store: RedisStore) -> None:
     assert release(store, clock.monotonic()) == 0
     release_now = release_row(store, clock).release
     assert release_now is not None
-    assert (release_now.rate, release_now.limit) == (28.0, 40.0)  # cut, its limit the rate refused
+    assert (release_now.rate, release_now.limit) == (19.0, 20.0)  # cut below its limit: what came back
     assert release_now.held_for == pytest.approx(1.25)  # of the 1.5 s asked for
     clock.advance(1.5)
     release(store, clock.monotonic())
-    assert release_row(store, clock).release == ReleasePace(row.snapshot.generation, 28.0, 40.0, None)
+    assert release_row(store, clock).release == ReleasePace(row.snapshot.generation, 19.0, 20.0, None)
     clock.advance(5.5)  # no release for longer than pace.lua's IDLE: no worker releases at it
     assert release_row(store, clock).release is None
     release(store, clock.monotonic())

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from celery_breaker.core.pacing import (
+    LIMIT_LEAST,
     RATE_MOST,
     SETTLE_LEAST,
     SETTLE_MOST,
@@ -181,24 +182,53 @@ def test_one_refusal_cuts_at_once_and_the_release_waits_as_long_as_asked() -> No
     pacer = AdaptivePacer(LAW, clock)
     pacer.release(downstream.outcomes(), waiting=0)
     run(pacer, clock, downstream, 4.0)
-    assert pacer.rate == 80.0
+    assert pacer.rate == 80.0  # (just doubled: the tasks released since went at 40/s)
     downstream.refuse(clock.monotonic(), 1.5)  # one refusal: below least_bad's share, still bad news
     held = [run(pacer, clock, downstream, 0.25) for _ in range(6)]
-    assert pacer.rate == pytest.approx(56.0)
-    assert held == [0] * 5 + [14]  # nothing for 1.5 s, then the cut rate from empty
     assert pacer.pace is not None
-    assert pacer.pace.threshold == pytest.approx(56.0)
+    # The limit is what came back with the refusal, 40/s (not 80/s, the rate by the time
+    # the news came), and the cut is below it: 95 % of it, under 70 % of 80/s.
+    assert pacer.pace.limit == pytest.approx(40.0)
+    assert pacer.rate == pytest.approx(38.0)
+    assert held == [0] * 5 + [9]  # nothing for 1.5 s, then the cut rate from empty
+    assert pacer.pace.threshold == pytest.approx(38.0)
+
+
+def test_a_refusal_sets_the_limit_at_what_the_downstream_took() -> None:
+    """A rate limiter taking 150/s, met by a ramp that grew to 290/s by the news: its
+    limit is the successes per second back with the refusal, and the cut goes below it.
+    As the rate at the news, the limit (290/s) let the pace grow back past the capacity
+    after every Retry-After, each refused again: 3.35x N / C with a 5 s wait."""
+    seen = Outcomes(generation=1, successes=1000, failures=0, slow=0)
+    pace = Pace(generation=1, rate=290.0, threshold=None, tokens=0.0, at=10.0, judged_at=10.0, seen=seen, used=140)
+    news = Outcomes(generation=1, successes=1075, failures=30, slow=0, refused=30, held_until=15.5)
+    cut = advance(LAW, pace, news, 10.5)
+    assert cut.limit == pytest.approx(150.0)  # 75 successes in 0.5 s
+    assert cut.rate == pytest.approx(142.5)
+    # Few successes are a rough measure: the limit is at least LIMIT_LEAST of the rate.
+    few = replace(news, successes=1010)
+    assert advance(LAW, pace, few, 10.5).limit == pytest.approx(290.0 * LIMIT_LEAST)
+    # None back but refusals (a burst, another client filling the limit): no measure at
+    # all, the rate refused is the limit, as before.
+    burst = replace(news, successes=1000)
+    refused = advance(LAW, pace, burst, 10.5)
+    assert refused.limit == 290.0
+    assert refused.rate == pytest.approx(203.0)
 
 
 def refused_at_80(law: PacingLaw = LAW) -> tuple[AdaptivePacer, FakeClock, Refusing]:
-    """A pace grown to 80/s, refused there once (a 0.25 s wait), and cut to 56/s."""
+    """A pace held at 80/s (by a ceiling, then lifted), refused there once (a 0.25 s
+    wait) with 80/s coming back, and cut to 56/s."""
     clock, downstream = FakeClock(), Refusing()
-    pacer = AdaptivePacer(law, clock)
+    pacer = AdaptivePacer(replace(law, ceiling=80.0), clock)
     pacer.release(downstream.outcomes(), waiting=0)
-    run(pacer, clock, downstream, 4.0)
+    run(pacer, clock, downstream, 5.0)
     assert pacer.rate == 80.0
+    pacer.law = law
     downstream.refuse(clock.monotonic(), 0.25)
     run(pacer, clock, downstream, 0.5)
+    assert pacer.pace is not None
+    assert pacer.pace.limit == 80.0
     assert pacer.rate == pytest.approx(56.0)
     return pacer, clock, downstream
 
@@ -265,7 +295,8 @@ def test_a_refusal_not_met_again_is_dropped_after_the_plateau_and_the_rate_doubl
 
 def test_a_rate_limiter_refusing_again_during_the_plateau_keeps_its_limit() -> None:
     """A true rate limiter is met again while the limit still creeps slowly: the refusal
-    cuts, sets the limit at the rate refused and starts the plateau over."""
+    cuts, sets the limit at what came back with it (a little below the rate: the looks
+    since the judgement) and starts the plateau over."""
     pacer, clock, downstream = at_the_limit()
     assert pacer.pace is not None
     run(pacer, clock, downstream, 6.0)
@@ -273,7 +304,9 @@ def test_a_rate_limiter_refusing_again_during_the_plateau_keeps_its_limit() -> N
     refused_at = pacer.rate
     downstream.refuse(clock.monotonic(), 0.25)
     run(pacer, clock, downstream, 0.25)
-    assert (pacer.pace.limit, pacer.pace.at_limit) == (refused_at, 0)
+    assert pacer.pace.at_limit == 0
+    assert pacer.pace.limit is not None
+    assert refused_at * 0.95 < pacer.pace.limit < refused_at
     assert pacer.rate == pytest.approx(refused_at * 0.7)
 
 

@@ -46,8 +46,14 @@ since the last judgement (its ``Outcomes``):
   growth with more than ``in_flight_s`` worth in flight) held such a release at its
   start rate for good (docs/decisions.md, 78);
 * after a refusal nothing is released until the time the downstream asked for (its
-  Retry-After: the breaker's ``held_until``), and the rate it was refused at becomes a
-  ``limit``: growth stops at ``near`` of it, and from there the limit creeps up by
+  Retry-After: the breaker's ``held_until``), and what the downstream took becomes a
+  ``limit``: the successes per second that came back with the refusal (what a rate
+  limiter lets through), no more than the rate and no less than ``LIMIT_LEAST`` of it
+  (the rate itself when nothing succeeded: a burst of refusals, not a capacity); the
+  cut rate is at most ``near`` of it. The rate at the news was no measure: the ramp
+  had grown one or two steps past the capacity by then, and each regrowth to 95 % of
+  it was refused again, a Retry-After each time (decision 79). Growth stops at ``near``
+  of the limit, and from there the limit creeps up by
   ``creep`` per judgement (a rate limiter that answers 429 with no slowdown first is
   met again only as its limit is probed, not every few seconds); after ``plateau``
   judgements there with no refusal the creep doubles every judgement, and once it would
@@ -94,6 +100,7 @@ __all__ = [
     "JUDGE_EVERY",
     "KEPT_UP",
     "LEAST_BAD",
+    "LIMIT_LEAST",
     "NEAR",
     "PLATEAU",
     "RATE_MOST",
@@ -158,8 +165,12 @@ SETTLE_LEAST = 4
 #: ``judge_every`` beyond ``SETTLE_LEAST``: an estimate of tasks in flight that never
 #: drains (tasks lost, or never parked) cannot freeze the rate for longer.
 SETTLE_MOST = 20
-#: After a refusal, growth stops at this share of the rate refused (its ``limit``) ...
+#: After a refusal, growth stops at this share of its ``limit`` (what the downstream took) ...
 NEAR = 0.95
+#: A refusal's limit is at least this share of the rate refused: the successes of one
+#: judgement measure what the downstream took only roughly (its window and the
+#: judgement's are not one), and a limit set too low holds the release until its plateau.
+LIMIT_LEAST = 0.5
 #: ... which creeps up by this share of itself per judgement while the rate is there (1 %/s),
 CREEP = 0.005
 #: ... for this many judgements (5 s); from then on the creep doubles every judgement, and
@@ -282,8 +293,10 @@ class Pace:
     better (``None`` once news without bad news came): bad news better than it cuts
     nothing, and becomes the share to beat."""
     limit: float | None = None
-    """The rate the downstream last refused at (``None``: no refusal in this pace);
-    growth stops at ``law.near`` of it, which creeps up by ``law.creep`` per judgement."""
+    """What the downstream took when it last refused (the successes per second back
+    with the refusal, between ``LIMIT_LEAST`` of the rate and the rate; ``None``: no
+    refusal in this pace); growth stops at ``law.near`` of it, which creeps up by
+    ``law.creep`` per judgement."""
     at_limit: int = 0
     """Judgements the rate has grown at its limit since the limit was set (or the rate last
     cut): from ``law.plateau`` of them on the limit's creep doubles per judgement, and
@@ -392,8 +405,14 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
             return replace(pace, judged_at=now, seen=outcomes, used=0, in_flight=in_flight, owed=owed,
                            cut_share=share)  # fmt: skip
         if refused > 0:
-            limit = rate  # (the rate it was refused at)
+            # What the downstream took, not the rate refused: by the news the ramp had
+            # grown past it. (Nothing taken: a burst of refusals says nothing of a capacity.)
+            limit = rate
+            if successes > 0 and since > 0:
+                limit = min(rate, max(law.floor, successes / since, rate * LIMIT_LEAST))
         rate = law.bound(rate * law.back_off)
+        if limit is not None and refused > 0:
+            rate = law.bound(min(rate, limit * law.near))  # (below the limit: not refused again)
         threshold, cut_at, owed, cut_share, at_limit = rate, now, in_flight, share, 0
         settle_until = now + law.judge_every * SETTLE_LEAST + min(2 * owed / rate, law.judge_every * SETTLE_MOST)
         judged_at = now

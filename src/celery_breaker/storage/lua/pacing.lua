@@ -10,7 +10,7 @@
 -- 'srf' the breaker's successes, failures, slow calls and refusals then ('srf' is absent from
 -- paces older than it: read as the breaker's count now), 'used' entries released since,
 -- 'infl' tasks released without an outcome as of the last judgement, 'cut' when the rate
--- was last cut ('' never), 'lim' the rate the downstream last refused at ('' none), 'owe'
+-- was last cut ('' never), 'lim' what the downstream took when it last refused ('' none), 'owe'
 -- outcomes still owed by tasks released before the cut and 'sut' until when they may hold
 -- judgement ('' none; both absent from paces older than them: nothing owed), 'csh' the bad
 -- share of the news that made the last cut or of better bad news since ('' none), 'alm' the
@@ -36,6 +36,8 @@ local USUAL_LEAST = 50
 local USUAL_NOISE = 2.0
 -- pacing.USUAL_MOST: a judgement with a bad share above it teaches the usual share nothing.
 local USUAL_MOST = 0.25
+-- pacing.LIMIT_LEAST: a refusal's limit is at least this share of the rate refused.
+local LIMIT_LEAST = 0.5
 -- pacing.KEPT_UP: fewer outcomes back than this share of the tasks released, and no more per
 -- second than at the last judgement: the released tasks queue (no growth).
 local KEPT_UP = 0.75
@@ -218,8 +220,14 @@ local function advance_pace(law, pace, outcomes)
       pace.infl, pace.owe, pace.csh = infl, owe, share
       return pace
     end
-    if rf > 0 then lim = rate end -- (the rate it was refused at)
+    if rf > 0 then
+      -- what the downstream took (the successes per second back with the refusal), not the
+      -- rate refused; nothing taken: a burst of refusals, the rate itself
+      lim = rate
+      if ok > 0 and since > 0 then lim = math.min(rate, math.max(law.floor, ok / since, rate * LIMIT_LEAST)) end
+    end
     rate = bound(law, rate * law.back_off)
+    if lim ~= nil and rf > 0 then rate = bound(law, math.min(rate, lim * law.near)) end
     thr = rate
     pace.cut = now
     owe = infl
