@@ -139,6 +139,7 @@ def test_the_release_pace_is_sampled_while_parked_tasks_are_released(url: str) -
     clock = FakeClock()
     partner = CircuitBreaker("partner", POLICY, storage=store, clock=clock)
     partner.call(ok)
+    store.flush()  # (its success counted before the release begins: none comes back with the refusal)
     tag = store.parking.tag("partner", None)
     for n in range(50):
         store.parking.park("partner", None, f"task-{n}:1", float(n), "payload", None)
@@ -157,9 +158,8 @@ def test_the_release_pace_is_sampled_while_parked_tasks_are_released(url: str) -
         run.settle(TooManyRequests(2.0))  # a released task refused: the release cuts and waits 2 s
     clock.advance(0.5)
     store.parking.release(tag, most=100, pace=0.0, ramp=0.0, lease=30.0, now=clock.monotonic(), law=PacingLaw())
-    # (cut below its limit: what came back with the refusal, the one success, is less than
-    # LIMIT_LEAST of the rate, so the limit is half the rate)
-    assert (pace("rate_per_second"), pace("limit_per_second")) == (4.75, 5.0)
+    # (nothing came back with the refusal: its limit is the rate refused, the cut 80 % of it)
+    assert (pace("rate_per_second"), pace("limit_per_second")) == (8.0, 10.0)
     assert pace("held_seconds") == pytest.approx(1.5)
     assert pace("usual_bad_share") is None  # (not learnt: fewer than USUAL_LEAST outcomes)
     paced = store.parking.pace(tag)
