@@ -410,9 +410,9 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
             limit = rate
             if successes > 0 and since > 0:
                 limit = min(rate, max(law.floor, successes / since, rate * LIMIT_LEAST))
-        rate = law.bound(rate * law.back_off)
-        if limit is not None and refused > 0:
-            rate = law.bound(min(rate, limit * law.near))  # (below the limit: not refused again)
+            rate = law.bound(min(rate * law.back_off, limit * law.near))  # (below the limit: not refused again)
+        else:
+            rate = law.bound(rate * law.back_off)
         threshold, cut_at, owed, cut_share, at_limit = rate, now, in_flight, share, 0
         settle_until = now + law.judge_every * SETTLE_LEAST + min(2 * owed / rate, law.judge_every * SETTLE_MOST)
         judged_at = now

@@ -225,9 +225,10 @@ local function advance_pace(law, pace, outcomes)
       -- rate refused; nothing taken: a burst of refusals, the rate itself
       lim = rate
       if ok > 0 and since > 0 then lim = math.min(rate, math.max(law.floor, ok / since, rate * LIMIT_LEAST)) end
+      rate = bound(law, math.min(rate * law.back_off, lim * law.near)) -- (below the limit: not refused again)
+    else
+      rate = bound(law, rate * law.back_off)
     end
-    rate = bound(law, rate * law.back_off)
-    if lim ~= nil and rf > 0 then rate = bound(law, math.min(rate, lim * law.near)) end
     thr = rate
     pace.cut = now
     owe = infl
