@@ -226,6 +226,17 @@ class Progress:
         return len({n for n, _ in self.done + self.failed if start <= n < below})
 
 
+def pool_of(case: Case) -> tuple[str, int]:
+    """The workers' pool and concurrency for ``case``: threads when every call takes
+    seconds (calls wait in them), else prefork processes."""
+    return ("threads", LATENCY_CONCURRENCY) if case.latency else ("prefork", CONCURRENCY)
+
+
+def where(capacity: float | None) -> str:
+    """The downstream's limit, as a case's name says it."""
+    return "no limit" if capacity is None else f"C={capacity:g}/s"
+
+
 @contextlib.contextmanager
 def workers(
     env: dict[str, str], log_dir: Path, pool: tuple[str, int] = ("prefork", CONCURRENCY)
@@ -277,10 +288,8 @@ def run(case: Case, server: Any, log_dir: Path, broker_url: str | None = None) -
     extra: dict[str, Any] = {"breaker_release_pace": case.pace}
     if broker_url is not None:  # (RabbitMQ: tasks park in the store, as they do by default on Redis)
         extra["breaker_park"] = True
-    pool = ("prefork", CONCURRENCY)
-    if case.latency:  # (every call takes seconds: slow only beyond that, and threads enough to wait in)
+    if case.latency:  # (every call takes seconds: slow only beyond that)
         extra["breaker_default_policy"] = {**POLICY, "slow_call_duration": case.latency + 0.1}
-        pool = ("threads", LATENCY_CONCURRENCY)
     broker_url = broker_url or server.url(0)
     env = {"BENCH_BROKER": broker_url, "BENCH_BREAKER_URL": store_url, "BENCH_NS": ns,
            "BENCH_COUNTER_URL": server.url(2), "BENCH_EXTRA_CONF": json.dumps(extra)}  # fmt: skip
@@ -310,7 +319,7 @@ def run(case: Case, server: Any, log_dir: Path, broker_url: str | None = None) -
         retry_after=case.retry_after,
         latency=case.latency,
     )
-    with downstream_of_case as downstream, workers(env, log_dir, pool) as started:
+    with downstream_of_case as downstream, workers(env, log_dir, pool_of(case)) as started:
         wait_for(lambda: int(broker.get(f"{ns}:ready") or 0) >= WORKERS, 90, "the workers", started, log_dir)
         n = case.tasks
         base = 10 * n  # the numbers of the tasks that are not the backlog
@@ -514,15 +523,13 @@ def main() -> None:
         if not 0 < options.burst <= 60 or options.tasks <= 0:
             parser.error("--burst must be in (0, 60] seconds, --tasks > 0")
         c, b = options.capacity, options.burst
-        where = "no limit" if c is None else f"C={c:g}/s"
-        cases = [Case(f"{where}, 429s for {b:g} s, {pace}", pace, c, options.tasks, options.slow_from, b)
+        cases = [Case(f"{where(c)}, 429s for {b:g} s, {pace}", pace, c, options.tasks, options.slow_from, b)
                  for pace in ("fixed", "adaptive")]  # fmt: skip
     if options.usual_slow is not None:
         if not 0 < options.usual_slow < 1 or options.tasks <= 0:
             parser.error("--usual-slow must be in (0, 1), --tasks > 0")
         c, share = options.capacity, options.usual_slow
-        where = "no limit" if c is None else f"C={c:g}/s"
-        cases = [Case(f"{where}, {share:.0%} of calls slow, {pace}", pace, c, options.tasks, options.slow_from,
+        cases = [Case(f"{where(c)}, {share:.0%} of calls slow, {pace}", pace, c, options.tasks, options.slow_from,
                       usual_slow=share) for pace in ("fixed", "adaptive")]  # fmt: skip
     if options.retry_after is not None:
         if not 0 < options.retry_after <= 60 or options.capacity is None:
@@ -535,8 +542,7 @@ def main() -> None:
                 f"--latency must be in (0, {TIMEOUT_S - 1:g}] seconds (the task's HTTP timeout is {TIMEOUT_S:g} s)"
             )
         c, lat = options.capacity, options.latency
-        where = "no limit" if c is None else f"C={c:g}/s"
-        cases = [Case(f"{where}, {lat:g} s a call, {pace}", pace, c, options.tasks, options.slow_from, latency=lat)
+        cases = [Case(f"{where(c)}, {lat:g} s a call, {pace}", pace, c, options.tasks, options.slow_from, latency=lat)
                  for pace in ("fixed", "adaptive")]  # fmt: skip
     if options.only:
         cases = [case for case in cases if options.only in case.name]
@@ -565,9 +571,7 @@ def main() -> None:
         "redis-server": redis_version,
         "broker": options.broker,
         "cpus": os.cpu_count(),
-        "workers": f"{WORKERS} x threads -c {LATENCY_CONCURRENCY}"
-        if options.latency
-        else f"{WORKERS} x prefork -c {CONCURRENCY}",
+        "workers": ", ".join(sorted({f"{WORKERS} x {pool} -c {count}" for pool, count in map(pool_of, cases)})),
         "wall_s": round(time.monotonic() - began, 1),
     }
     print(f"Recovery at the downstream's pace ({', '.join(f'{k} {v}' for k, v in meta.items())})")
