@@ -108,9 +108,12 @@ if [ "$#" -gt 0 ]; then
     wait "$INSTALLS" || { cat "$(cat "$DIST/failed")"; exit 1; }
     OLDEST_TESTS=""
 else
-    # Real workers, brokers and browsers, whose waits a busy machine stretches: alone.
-    echo "== pytest: tests/integration and the examples"
-    "$VENV/bin/python" -m pytest --durations=15 tests/integration tests/test_examples.py
+    # Real workers, brokers and browsers, whose waits a busy machine stretches: apart from
+    # the rest. They mostly wait (a quarter of one core, measured over the whole part), so
+    # two pytest processes share them, a test file each at a time (its module fixtures
+    # start once): 904 s alone, 459 s in two. Every server is on free ports of its own.
+    echo "== pytest: tests/integration and the examples (two processes)"
+    "$VENV/bin/python" -m pytest -n 2 --dist loadfile --durations=15 tests/integration tests/test_examples.py
     # The rest is mostly one process on one core each: beside the lower bounds' run.
     wait "$INSTALLS" || { cat "$(cat "$DIST/failed")"; exit 1; }
     echo "== pytest: everything else (the lower bounds' run beside it, reported below)"
