@@ -202,6 +202,17 @@ _LEAST_CHECK_TIME = 0.05
 #: Seconds past its timeout a health check's probe slot stays held (``_check_lease``):
 #: time for its verdict to reach the store.
 CHECK_LEASE_MARGIN = 5.0
+
+
+def check_time(half_open_max_wait: float) -> float:
+    """The longest a health check runs under a probe slot leased for at most
+    ``half_open_max_wait`` seconds: ``CHECK_LEASE_MARGIN`` less, or a fifth less where
+    that is shorter. Cut at the lease's end (a ``probe_timeout`` of ``half_open_max_wait``
+    or more), its verdict was recorded as the lease ran out, and another caller could take
+    the slot and start a second check beside it in the same half-open period."""
+    return half_open_max_wait - min(CHECK_LEASE_MARGIN, half_open_max_wait / 5)
+
+
 #: How long the health checks of a call made inside a run may take, all together, given
 #: the run and how many checks close the breaker (``None``: each its own timeout). The
 #: Celery integration sets it (``bound_checks_in_runs``): a task body's guarded call that
@@ -285,7 +296,8 @@ class CircuitBreaker:
             probe's would. Every process using the breaker should give it the same probe.
         probe_timeout: seconds the health check may take before it counts as failed
             (default 10; never more than the ``half_open_max_wait`` of the policy the
-            breaker keeps, which sets the check's lease).
+            breaker keeps, which sets the check's lease, less a margin to record its
+            verdict: 5 s, or a fifth of it where shorter).
     """
 
     __slots__ = (
@@ -899,7 +911,7 @@ class CircuitBreaker:
         # The breaker's kept policy (the store's), not this object's: it sets the lease a
         # check runs under, and how many successes close the breaker.
         policy = cell.policy
-        longest = policy.half_open_max_wait  # (a lease lasts no longer)
+        longest = check_time(policy.half_open_max_wait)  # (a lease lasts no longer: ended before it)
         within = _CHECK_WITHIN.get()
         if within is None and _RUN_CHECK_WITHIN:
             run = _RUN.get()

@@ -364,7 +364,7 @@ def test_a_health_check_subclass_given_a_probe_timeout_stays_itself(clock: FakeC
     fail(breaker)
     clock.advance(10)
     assert breaker.call(lambda: "real") == "real"
-    assert limits == [policy.half_open_max_wait]  # its run() ran the check
+    assert limits == [55.0]  # its run() ran the check (within its lease of 60 s, less 5 s to record it)
 
 
 def test_checks_are_bounded_and_counted_by_the_policy_the_breaker_keeps(clock: FakeClock) -> None:
@@ -384,8 +384,33 @@ def test_checks_are_bounded_and_counted_by_the_policy_the_breaker_keeps(clock: F
     caller = CircuitBreaker("svc", callers, storage=store, clock=clock, probe=healthy_noting_limits(limits))
     clock.advance(10)
     assert caller.call(lambda: "real") == "real"  # two checks closed the breaker
-    assert limits == [0.5, 0.5]
+    assert limits == [0.4, 0.4]  # (the kept lease of 0.5 s, less a fifth to record each verdict)
     assert state_of(caller) is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("max_wait", "probe_timeout", "limit"),
+    [(60.0, 60.0, 55.0), (60.0, 600.0, 55.0), (10.0, 10.0, 8.0), (0.5, 10.0, 0.4), (60.0, 5.0, 55.0)],
+)
+def test_a_check_ends_before_its_lease_so_no_second_starts_beside_it(
+    clock: FakeClock, max_wait: float, probe_timeout: float, limit: float
+) -> None:
+    # With probe_timeout at half_open_max_wait or more, a check was cut as its slot's lease
+    # ran out, and its verdict recorded after: another caller could take the slot in
+    # between and start a second check in the same half-open period. A check now ends 5 s
+    # (a fifth, where shorter) before its lease can, whatever its own timeout (which
+    # HealthCheck.run applies itself, under this limit).
+    limits: list[float | None] = []
+    policy = BreakerPolicy(failure_threshold=1, reset_timeout=10, success_threshold=1, half_open_max_wait=max_wait)
+    breaker = CircuitBreaker(
+        "svc", policy, storage=fresh_store(), clock=clock, probe=healthy_noting_limits(limits),
+        probe_timeout=probe_timeout,
+    )  # fmt: skip
+    fail(breaker)
+    clock.advance(10)
+    assert breaker.call(lambda: "real") == "real"
+    assert limits == [pytest.approx(limit)]
+    assert breaker_module.check_time(max_wait) == pytest.approx(limit)
 
 
 def test_a_probe_can_be_given_or_removed_later(clock: FakeClock) -> None:

@@ -148,7 +148,7 @@ SETTING_DOCS: dict[str, Doc] = {
     "breaker_probe_timeout": Doc(
         accepts="seconds of at least 0.01, at most ten years (number or `timedelta`)",
         meaning="how long a health check may take before it counts as failed (never longer than the policy's "
-        "`half_open_max_wait`); a check that hangs is left in its own thread",
+        "`half_open_max_wait` less 5 s, or a fifth of it where shorter); a check that hangs is left in its own thread",
         default="10 seconds",
     ),
 }
