@@ -68,6 +68,8 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 BREAKER = "downstream"
 TASK = "bench.recovery.call_downstream"
+#: The queue the tasks are sent to (Celery's default), read on the Redis broker for what waits there.
+QUEUE = "celery"
 POLICY: dict[str, Any] = {
     "failure_threshold": 5,
     "reset_timeout": 3.0,
@@ -163,6 +165,7 @@ class Case:
     usual_slow: float = 0.0  # the share of calls slow (150 ms) whatever the load
     retry_after: float = 1.0  # the seconds a 429 asks to wait
     latency: float = 0.0  # seconds every call takes on top (then: thread pools, LATENCY_CONCURRENCY each)
+    prefetch: int = 1  # the workers' worker_prefetch_multiplier
 
 
 @dataclass
@@ -204,6 +207,7 @@ class Run:
             "task_failures": len(self.failed),
             "reopenings": trips - self.trips_at_close,
             "peak_rate": max((s["rate"] or 0.0 for s in self.samples), default=0.0),
+            "most_queued": max((s["queued"] for s in self.samples if s.get("queued") is not None), default=None),
         }
 
 
@@ -290,6 +294,10 @@ def run(case: Case, server: Any, log_dir: Path, broker_url: str | None = None) -
         extra["breaker_park"] = True
     if case.latency:  # (every call takes seconds: slow only beyond that)
         extra["breaker_default_policy"] = {**POLICY, "slow_call_duration": case.latency + 0.1}
+    if case.prefetch != 1:
+        extra["worker_prefetch_multiplier"] = case.prefetch
+    # (released tasks waiting in the broker: the Redis broker's queue; not read on RabbitMQ)
+    queue = redis.Redis.from_url(server.url(0)) if broker_url is None else None
     broker_url = broker_url or server.url(0)
     env = {"BENCH_BROKER": broker_url, "BENCH_BREAKER_URL": store_url, "BENCH_NS": ns,
            "BENCH_COUNTER_URL": server.url(2), "BENCH_EXTRA_CONF": json.dumps(extra)}  # fmt: skip
@@ -359,6 +367,7 @@ def run(case: Case, server: Any, log_dir: Path, broker_url: str | None = None) -
                 "parked": r.parked if r else 0,
                 "claimed": r.claimed if r else 0,
                 "rate": float(pace["rate"]) if pace.get("rate") else None,
+                "queued": None if queue is None else int(queue.llen(QUEUE)),
             })  # fmt: skip
             if progress.settled(n) >= n and r is not None and r.parked == 0 and r.claimed == 0:
                 result.drained_s = max(at for k, at in progress.done + progress.failed if k < n) - result.closed_at
@@ -384,8 +393,9 @@ QUICK = [Case("C=60/s, fixed", "fixed", 60.0, 600), Case("C=60/s, adaptive", "ad
 
 def report(runs: list[Run]) -> str:
     lines = [
-        "| case | drain after close | N / C | ratio | drain rate | 429s of release calls | failures | reopenings |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | drain after close | N / C | ratio | drain rate | 429s of release calls | failures | reopenings "
+        "| most in the broker |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         s = r.summary()
@@ -395,7 +405,8 @@ def report(runs: list[Run]) -> str:
         rate = "—" if s["drain_rate"] is None else f"{s['drain_rate']:.0f}/s"
         lines.append(
             f"| {s['case']} | {drain} | {bound} | {ratio} | {rate} | {s['refused_429']} of {s['release_calls']} "
-            f"({100 * s['refused_share']:.1f} %) | {s['task_failures']} | {s['reopenings']} |"
+            f"({100 * s['refused_share']:.1f} %) | {s['task_failures']} | {s['reopenings']} "
+            f"| {'—' if s['most_queued'] is None else s['most_queued']} |"
         )
     speed = next((r.worker_speed for r in runs if r.worker_speed), None)
     if speed:
@@ -496,6 +507,14 @@ def main() -> None:
         f"takes this many seconds more, on thread pools of {LATENCY_CONCURRENCY} (a slow downstream, not a loaded one)",
     )
     parser.add_argument(
+        "--prefetch",
+        type=int,
+        default=None,
+        help="the workers' worker_prefetch_multiplier (default 1; Celery's own default is 4): a worker holds back "
+        "the adaptive release while the tasks it took and has not started cover its pool, which takes a "
+        "multiplier of 2 or more",
+    )
+    parser.add_argument(
         "--broker",
         choices=("redis", "rabbitmq"),
         default="redis",
@@ -544,6 +563,11 @@ def main() -> None:
         c, lat = options.capacity, options.latency
         cases = [Case(f"{where(c)}, {lat:g} s a call, {pace}", pace, c, options.tasks, options.slow_from, latency=lat)
                  for pace in ("fixed", "adaptive")]  # fmt: skip
+    if options.prefetch is not None:
+        if not 1 <= options.prefetch <= 64:
+            parser.error("--prefetch must be in [1, 64]")
+        cases = [dataclasses.replace(case, name=f"{case.name}, prefetch {options.prefetch}",
+                                     prefetch=options.prefetch) for case in cases]  # fmt: skip
     if options.only:
         cases = [case for case in cases if options.only in case.name]
     began = time.monotonic()

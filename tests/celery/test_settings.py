@@ -24,6 +24,7 @@ from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.core.pacing import START_RATE
 from celery_breaker.health import HealthCheck
 from celery_breaker.integration import events
+from celery_breaker.integration.deferral.backlog import WorkerBacklog
 from celery_breaker.integration.deferral.release import Releaser
 from celery_breaker.integration.inventory import check_app, near_misses
 from celery_breaker.integration.settings import build_settings, get_settings, reload_settings
@@ -796,6 +797,52 @@ def test_a_worker_that_does_not_park_still_releases_what_others_parked() -> None
     app.conf.update(breaker_storage_url="redis://127.0.0.1:1/0", breaker_park=False)
     worker = SimpleNamespace(app=app)
     assert isinstance(ReleaserStep(worker).create(worker), Releaser)
+
+
+@pytest.mark.parametrize(
+    ("worker_fields", "slots", "takes_what_it_runs"),
+    [
+        ({"concurrency": 8}, 8, False),  # (the app's worker_prefetch_multiplier: Celery's 4)
+        ({"concurrency": 8, "prefetch_multiplier": 1}, 8, True),  # (celery worker --prefetch-multiplier 1)
+        ({"concurrency": 3, "autoscale": (10, 3), "max_concurrency": 10}, 10, False),  # (an autoscaler's most)
+        ({}, 1, False),
+    ],
+)
+def test_a_workers_releaser_holds_back_on_its_own_pools_backlog(
+    worker_fields: dict[str, Any], slots: int, takes_what_it_runs: bool
+) -> None:
+    # The adaptive release learns of busy workers only a latency late: a worker's releaser
+    # is given its own pool's backlog (``WorkerBacklog``), sized to the pool's slots.
+    app = Celery("park-backlog", set_as_current=False, broker="memory://")
+    app.conf.update(breaker_storage_url="redis://127.0.0.1:1/0")
+    worker = SimpleNamespace(app=app, **worker_fields)
+    releaser = ReleaserStep(worker).create(worker)
+    assert isinstance(releaser, Releaser)
+    backlog = releaser.backlog
+    assert backlog is not None
+    owner = getattr(backlog, "__self__", None)
+    assert isinstance(owner, WorkerBacklog)
+    assert (owner.slots, owner.takes_what_it_runs) == (slots, takes_what_it_runs)
+
+
+def test_a_worker_whose_task_counts_cannot_be_read_still_starts_and_releases(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Celery whose worker state moved: the release goes unbounded, the worker starts.
+    from celery_breaker.integration import worker as worker_module
+
+    def unreadable(*args: Any, **kwargs: Any) -> WorkerBacklog:
+        raise AttributeError("module 'celery.worker.state' has no attribute 'all_total_count'")
+
+    monkeypatch.setattr(worker_module, "WorkerBacklog", unreadable)
+    app = Celery("park-no-state", set_as_current=False, broker="memory://")
+    app.conf.update(breaker_storage_url="redis://127.0.0.1:1/0")
+    worker = SimpleNamespace(app=app, concurrency=4)
+    with caplog.at_level("WARNING", logger="celery_breaker"):
+        releaser = ReleaserStep(worker).create(worker)
+    assert isinstance(releaser, Releaser)
+    assert releaser.backlog is None
+    assert "cannot read this worker's own task counts" in caplog.text
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ signal handlers below.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from celery import bootsteps
@@ -20,6 +21,7 @@ from ..health import abandon_pending_checks
 from ..storage import describe_url, flush_stores, is_shared_url, resolve_store
 from . import events
 from .broker import REDIS, broker_kind, broker_url
+from .deferral.backlog import WorkerBacklog
 from .deferral.broker_delay import forget_delay_deaths, note_delivery_queue, show_queue_delivery
 from .deferral.countdown import note_received
 from .deferral.parking import ParkInStore
@@ -179,7 +181,36 @@ class ReleaserStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 "celery-breaker: releasing any tasks parked in %s %s (this worker defers in the broker)",
                 describe_url(settings.storage_url), pace,
             )  # fmt: skip
-        return Releaser(worker.app, parking, rate=settings.release_rate, ramp=settings.release_ramp, law=law)
+        return Releaser(
+            worker.app, parking, rate=settings.release_rate, ramp=settings.release_ramp, law=law,
+            backlog=_backlog_of(worker),
+        )  # fmt: skip
+
+
+def _backlog_of(worker: Any) -> Callable[[], int | None] | None:
+    """How many tasks the worker's pool will take, asked by its releaser once a pass (the
+    adaptive release publishes no more: ``WorkerBacklog``); ``None`` where Celery's worker
+    state cannot be read (the release goes as before: a worker never fails to start on it)."""
+    prefetch = getattr(worker, "prefetch_multiplier", None)
+    if not isinstance(prefetch, int):
+        prefetch = worker.app.conf.get("worker_prefetch_multiplier")
+    try:
+        return WorkerBacklog(_pool_slots(worker), prefetch=prefetch if isinstance(prefetch, int) else 4).room
+    except Exception as exc:
+        logger.warning(
+            "celery-breaker: cannot read this worker's own task counts (%s); the adaptive release is not bounded "
+            "by what its pool takes",
+            exc,
+        )
+        return None
+
+
+def _pool_slots(worker: Any) -> int:
+    """The worker's pool slots: its concurrency (an autoscaler's most), else one."""
+    slots = getattr(worker, "max_concurrency", None) if getattr(worker, "autoscale", None) else None
+    if not (isinstance(slots, int) and slots > 0):
+        slots = getattr(worker, "concurrency", None)
+    return slots if isinstance(slots, int) and slots > 0 else 1
 
 
 # Each received task's queue, noted where the consumer is (RabbitMQ's broker-delay needs it),

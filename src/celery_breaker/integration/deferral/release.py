@@ -120,6 +120,7 @@ class Releaser(threading.Thread):
         ramp: float,
         law: PacingLaw | None = None,
         tick: float = TICK,
+        backlog: Callable[[], int | None] | None = None,
     ) -> None:
         super().__init__(name="celery-breaker releaser", daemon=True)
         self.app = app
@@ -135,6 +136,14 @@ class Releaser(threading.Thread):
         #: The adaptive release's law; ``None``: the fixed pace.
         self.law = law
         self.tick = tick
+        #: How many tasks this worker's pool will take this pass (``WorkerBacklog.room``;
+        #: ``None``: no bound): the adaptive release publishes no more, which would only
+        #: queue in the broker. ``None``: never asked (not in a worker).
+        self.backlog = backlog
+        #: Passes held back by the worker's backlog (``backlog``), and passes it bounded.
+        self.held_back = 0
+        self.bounded = 0
+        self._holding = False
         self.released = 0
         self._stop_event = threading.Event()
         self._failing_since: float | None = None
@@ -248,14 +257,22 @@ class Releaser(threading.Thread):
         hearing = self.parking.hearing() if self._unlisten is not None else None
         quiet_until, self._quiet_until = self._quiet_until, {}
         self.health_gate.begin_pass()
+        room = self._room()
         for tag in tags:
             if self._stop_event.is_set():
                 break
             if self._still_quiet(tag, quiet_until.get(tag), now, hearing, woken):
                 self._quiet_until[tag] = quiet_until[tag]  # (nothing of it can come due yet: not asked)
                 continue
+            if room is not None and room <= 0 and tag not in self._undone:
+                if tag in quiet_until:
+                    self._quiet_until[tag] = quiet_until[tag]  # (not asked: its quiet runs on)
+                continue
             try:
-                published += self._release_tag(tag, most)
+                sent = self._release_tag(tag, most if room is None else min(most, room))
+                published += sent
+                if room is not None:
+                    room -= sent
             except CheckAbandoned:
                 break  # (stopping: the check's slot is freed, nothing of this breaker was claimed)
             except Exception as exc:  # (one breaker's trouble, whatever it is, stops no other's)
@@ -284,6 +301,31 @@ class Releaser(threading.Thread):
             return False
         return quiet[1] is None or quiet[1] == hearing
 
+    def _room(self) -> int | None:
+        """The most this pass may publish (``None``: what the pace allows): for the
+        adaptive release, what this worker's pool will take (``backlog``); 0 holds back
+        all but what must be forgotten. Said at DEBUG when a hold starts and ends."""
+        if self.law is None or self.backlog is None:
+            return None
+        try:
+            room = self.backlog()
+        except Exception as exc:  # (Celery's worker state read another way: release as before)
+            logger.debug("celery-breaker releaser: could not read the worker's own backlog (%s)", exc)
+            room = None
+        held = room is not None and room <= 0
+        if held != self._holding:
+            self._holding = held
+            logger.debug(
+                "celery-breaker releaser: %s",
+                "this worker's waiting tasks cover its pool: releasing nothing until it starts them"
+                if held else "this worker's pool has room again: releasing",
+            )  # fmt: skip
+        if held:
+            self.held_back += 1
+        elif room is not None:
+            self.bounded += 1
+        return room
+
     def _release_tag(self, tag: str, most: int) -> int:
         undone = self._undone.get(tag)
         if undone:
@@ -293,6 +335,8 @@ class Releaser(threading.Thread):
             # breaker claims nothing more.
             self.parking.done(tag, undone)
             del self._undone[tag]
+        if most <= 0:
+            return 0  # (the worker's pool takes no more this pass: forgotten, nothing claimed)
         if self.health_gate.holds(self.parking.label(tag)):
             return 0
         pace = 0.0 if self.rate is None else self.rate

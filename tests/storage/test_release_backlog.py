@@ -1,0 +1,132 @@
+"""A worker whose own waiting tasks cover its pool releases nothing more (real Redis, in-memory broker).
+
+The adaptive release learns of busy workers only from the outcomes that come back, a
+latency late: against 2.5 s calls it released far faster than the workers ran, and the
+surplus waited in the broker ahead of every other task of its queue. A releaser given
+its worker's backlog (``WorkerBacklog.full``) releases nothing in a pass where it is
+full, no more than its pool will take in a pass where that is bounded, and releases as
+before once it is neither.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from celery import Celery
+
+from celery_breaker.core.pacing import PacingLaw
+from celery_breaker.integration.deferral.parking import encode_message
+from celery_breaker.integration.deferral.release import Releaser
+from celery_breaker.storage.redis import RedisStore
+
+from .conftest import unique_prefix
+
+ENTRIES = 6
+
+
+def parked_releaser(
+    redis_url: str,
+    backlog: Callable[[], int | None] | None,
+    *,
+    law: PacingLaw | None = None,
+    rate: float | None = None,
+    breakers: tuple[str, ...] = ("svc",),
+) -> tuple[Releaser, str, list[str]]:
+    """A releaser of ``ENTRIES`` tasks parked behind each of ``breakers`` (no state:
+    closed), the first one's tag, and the message ids it published."""
+    store = RedisStore.from_url(f"{redis_url}?key_prefix={unique_prefix()}")
+    parking = store.parking
+    assert parking is not None
+    app = Celery("backlog", set_as_current=False, broker="memory://")
+    app.conf.update(task_default_queue="backlog-queue")
+    for name in breakers:
+        for n in range(ENTRIES):
+            body = dict(app.signature("a.charge", args=(n,)))
+            parking.park(name, None, f"{name}-{n}:0:1", float(n), encode_message(body, "json"), None)
+    if law is None and rate is None:
+        law = PacingLaw(start=1000.0)  # (the whole backlog within a few ms once it may go)
+    releaser = Releaser(app, parking, rate=rate, ramp=0.0, law=law, backlog=backlog)
+    published: list[str] = []
+    publish = releaser._publish
+
+    def noted(tag: str, claimed: list[tuple[str, str]]) -> list[str]:
+        sent = publish(tag, claimed)
+        published.extend(sent)
+        return sent
+
+    releaser._publish = noted  # type: ignore[method-assign]
+    return releaser, parking.tag(breakers[0], None), published
+
+
+def release_for(releaser: Releaser, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        releaser.release_once()
+        time.sleep(0.01)
+
+
+def test_a_worker_whose_waiting_tasks_cover_its_pool_releases_nothing_until_it_has_room(redis_url: str) -> None:
+    room: list[int | None] = [0]
+    releaser, tag, published = parked_releaser(redis_url, lambda: room[0])
+    release_for(releaser, 0.3)  # (the pace's tokens fill within a few ms: held, not empty)
+    assert published == []
+    assert releaser.parking.count(tag) == (ENTRIES, 0)  # every entry still parked, none claimed
+    assert releaser.held_back > 0
+    room[0] = None
+    release_for(releaser, 0.3)
+    assert sorted(published) == sorted(f"svc-{n}:0:1" for n in range(ENTRIES))  # each once
+    assert releaser.parking.count(tag) == (0, 0)
+
+
+def test_the_fixed_pace_is_not_held_back(redis_url: str) -> None:
+    # breaker_release_pace="fixed" is the rate its operator chose: it releases at it.
+    releaser, _, published = parked_releaser(redis_url, lambda: 0, rate=1000.0)
+    release_for(releaser, 0.3)
+    assert len(published) == ENTRIES
+    assert releaser.held_back == 0
+
+
+def test_a_backlog_that_cannot_be_read_releases_as_before(redis_url: str) -> None:
+    def unreadable() -> bool:
+        raise AttributeError("module 'celery.worker.state' has no attribute 'all_total_count'")
+
+    releaser, _, published = parked_releaser(redis_url, unreadable)
+    release_for(releaser, 0.3)
+    assert len(published) == ENTRIES
+
+
+def test_a_held_pass_still_forgets_what_an_earlier_pass_published(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Entries published by a pass whose ``done`` failed are forgotten by the next pass,
+    # before their claim's lease runs out and they are published again: a held pass too.
+    releaser, tag, published = parked_releaser(redis_url, lambda: 0)
+    forgotten: list[tuple[str, list[str]]] = []
+    done = releaser.parking.done
+
+    def noting(tag: str, found: list[str]) -> Any:
+        forgotten.append((tag, list(found)))
+        return done(tag, found)
+
+    monkeypatch.setattr(releaser.parking, "done", noting)
+    releaser._undone[tag] = ["svc-0:0:1"]
+    releaser.release_once()
+    assert forgotten == [(tag, ["svc-0:0:1"])]
+    assert tag not in releaser._undone
+    assert published == []
+
+
+def test_a_pass_publishes_no_more_than_the_pool_will_take_across_its_breakers(redis_url: str) -> None:
+    # A pool of long calls, full but for what frees each tick: a pass publishes what it will
+    # take (3 here), over every breaker together, not a second's worth of the pace in one go.
+    releaser, _, published = parked_releaser(redis_url, lambda: 3, breakers=("svc", "other"))
+    releaser.release_once()  # (each breaker's pace begins: no token yet)
+    time.sleep(0.05)  # (50 tokens each, at 1,000/s)
+    for passes in range(1, 4):
+        releaser.release_once()
+        assert len(published) == 3 * passes
+    assert releaser.bounded == 4
+    assert releaser.held_back == 0
