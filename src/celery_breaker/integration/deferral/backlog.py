@@ -4,7 +4,7 @@ Once a downstream answers as fast as it is called, what bounds the adaptive rele
 workers themselves. The pace (``core/pacing.py``) sees that only through the outcomes that
 come back: a latency late, and never as a queue. Against calls of 2.5 s on 2 x 50
 threads, 3,000 parked tasks were released at up to 1,556/s while the workers ran 40/s,
-and 2,623 of them waited in the broker, ahead of every other task of their queue.
+and 2,629 of them waited in the broker, ahead of every other task of their queue.
 
 A worker knows better, at once: the tasks it has taken from the broker (its prefetch)
 and not yet started wait in its own process. When they are a whole pool's worth, and at
