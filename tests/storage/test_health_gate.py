@@ -17,6 +17,7 @@ from celery import Celery
 
 from celery_breaker import CircuitBreaker, State
 from celery_breaker.core import Transition
+from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.integration.deferral.health_gate import CHECK_WAIT
 from celery_breaker.integration.deferral.parking import encode_message
 from celery_breaker.integration.deferral.release import Releaser
@@ -99,6 +100,30 @@ def test_a_parked_breaker_with_a_probe_closes_on_checks_alone(app: Any) -> None:
     assert parked(breaker) == 0
     assert breaker.snapshot().state is State.CLOSED
     assert [t.reason for t in seen if t.target is State.CLOSED] == ["health check succeeded"]
+
+
+def test_a_worker_held_back_by_its_own_backlog_still_runs_health_checks(app: Any) -> None:
+    # A releaser whose worker's pool takes nothing more (WorkerBacklog.room 0) publishes
+    # nothing, but still runs a parked breaker's health check: a check adds nothing to the
+    # broker, and without it the breaker stayed open while every worker was busy.
+    url = app.conf.breaker_storage_url
+    breaker = CircuitBreaker("svc", POLICY, storage=url)
+    with pytest.raises(ConnectionError):
+        breaker.call(check)
+    park(app, breaker, 3)
+    HEALTH.update(up=True, checks=0)
+    parking = resolve_store(url).parking
+    assert parking is not None
+    room: list[int | None] = [0]
+    releaser = Releaser(app, parking, rate=None, ramp=0.0, law=PacingLaw(start=1000.0), backlog=lambda: room[0])
+    wait_for(lambda: (releaser.release_once(), breaker.snapshot().state)[1] is State.CLOSED, "the check to close it")
+    assert HEALTH["checks"] >= 1
+    for _ in range(5):
+        releaser.release_once()
+    assert releaser.released == 0  # (held: nothing published)
+    assert parked(breaker) == 3
+    room[0] = None
+    wait_for(lambda: (releaser.release_once(), releaser.released)[1] == 3, "the parked tasks to be released")
 
 
 def test_a_parked_breaker_without_a_probe_still_sends_real_probes(app: Any) -> None:

@@ -264,12 +264,10 @@ class Releaser(threading.Thread):
             if self._still_quiet(tag, quiet_until.get(tag), now, hearing, woken):
                 self._quiet_until[tag] = quiet_until[tag]  # (nothing of it can come due yet: not asked)
                 continue
-            if room is not None and room <= 0 and tag not in self._undone:
-                if tag in quiet_until:
-                    self._quiet_until[tag] = quiet_until[tag]  # (not asked: its quiet runs on)
-                continue
             try:
-                sent = self._release_tag(tag, most if room is None else min(most, room))
+                # (held back, room 0: a breaker's health check still runs, since it adds
+                # nothing to the broker, and what must be forgotten is; nothing is claimed)
+                sent = self._release_tag(tag, most if room is None else max(0, min(most, room)))
                 published += sent
                 if room is not None:
                     room -= sent
@@ -303,8 +301,9 @@ class Releaser(threading.Thread):
 
     def _room(self) -> int | None:
         """The most this pass may publish (``None``: what the pace allows): for the
-        adaptive release, what this worker's pool will take (``backlog``); 0 holds back
-        all but what must be forgotten. Said at DEBUG when a hold starts and ends."""
+        adaptive release, what this worker's pool will take (``backlog``); 0 publishes
+        nothing (what must be forgotten still is, and health checks still run). Said at
+        DEBUG when a hold starts and ends."""
         if self.law is None or self.backlog is None:
             return None
         try:
@@ -335,10 +334,10 @@ class Releaser(threading.Thread):
             # breaker claims nothing more.
             self.parking.done(tag, undone)
             del self._undone[tag]
-        if most <= 0:
-            return 0  # (the worker's pool takes no more this pass: forgotten, nothing claimed)
         if self.health_gate.holds(self.parking.label(tag)):
             return 0
+        if most <= 0:
+            return 0  # (the worker's pool takes no more this pass: nothing claimed)
         pace = 0.0 if self.rate is None else self.rate
         # (heard throughout the call, in one epoch: no transition of it can have been missed)
         heard = self.parking.hearing() if self._unlisten is not None else None
