@@ -72,11 +72,9 @@ class WorkerBacklog:
         """
         accepted: int = self.state.all_total_count[0]
         started, self._accepted = max(0, accepted - self._accepted), accepted
-        reserved: int = len(self.state.reserved_requests)
-        active: int = len(self.state.active_requests)
-        waiting = max(0, reserved - active)
-        if waiting >= max(self.slots, 2 * started):
+        if self.waiting() >= max(self.slots, 2 * started):
             return 0
+        active: int = len(self.state.active_requests)
         if self.takes_what_it_runs and 2 * active >= self.slots and active > 2 * started:
             return max(0, self.slots - active) + started // 2
         return None
