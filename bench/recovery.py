@@ -510,9 +510,9 @@ def main() -> None:
         "--prefetch",
         type=int,
         default=None,
-        help="the workers' worker_prefetch_multiplier (default 1; Celery's own default is 4): a worker holds back "
-        "the adaptive release while the tasks it took and has not started cover its pool, which takes a "
-        "multiplier of 2 or more",
+        help="the workers' worker_prefetch_multiplier (default 1; Celery's own default is 4): with 2 or more, a "
+        "worker holds back the adaptive release while the tasks it took and has not started cover its pool; with "
+        "1, it bounds each pass by its free slots and half what it started while long calls fill it",
     )
     parser.add_argument(
         "--broker",
