@@ -165,6 +165,8 @@ class RedisStore:
         #: What cells no breaker object uses any more had counted and not sent
         #: (``RedisCell.__del__``): the next flush sends it.
         self.orphans: list[Orphan] = []
+        #: Held while orphans are sent: a flush on another thread waits for the ones taken.
+        self._sending_orphans = threading.Lock()
         _STORES.add(self)
         remember(self)
 
@@ -475,16 +477,17 @@ class RedisStore:
                 cell.flush()
             else:
                 cell.wait_sent()
-        orphans = self.orphans
-        while orphans:
-            orphan = orphans.pop()
-            try:
-                cell = self.cell(orphan.name, orphan.key, orphan.policy, orphan.clock)
-            except BaseException:
-                orphans.append(orphan)  # (sent by a later flush)
-                raise
-            cell.adopt(orphan.counts)
-            cell.flush()  # (failing, it keeps them, and hands them on if it is dropped)
+        with self._sending_orphans:  # (an orphan another thread took is in Redis once this is held)
+            orphans = self.orphans
+            while orphans:
+                orphan = orphans.pop()
+                try:
+                    cell = self.cell(orphan.name, orphan.key, orphan.policy, orphan.clock)
+                except BaseException:
+                    orphans.append(orphan)  # (sent by a later flush)
+                    raise
+                cell.adopt(orphan.counts)
+                cell.flush()  # (failing, it keeps them, and hands them on if it is dropped)
 
     def close(self, timeout: float = 2.0) -> None:
         """Send what this process counted, stop following transitions and close this
@@ -573,6 +576,7 @@ def _reinit_locks_after_fork() -> None:
     # the pid).
     for store in list(_STORES):
         store._lock = threading.Lock()
+        store._sending_orphans = threading.Lock()
         store.live = False
         store.settled = False
         store.epoch += 1
