@@ -512,7 +512,8 @@ def main() -> None:
         default=None,
         help="the workers' worker_prefetch_multiplier (default 1; Celery's own default is 4): with 2 or more, a "
         "worker holds back the adaptive release while the tasks it took and has not started cover its pool; with "
-        "1, it bounds each pass by its free slots and half what it started while long calls fill it",
+        "1, it bounds each pass by its free slots and what it started (half that for long calls) while its pool is at "
+        "least half busy",
     )
     parser.add_argument(
         "--broker",

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from celery import Celery, Task
+from celery.concurrency.solo import TaskPool as SoloPool
 from celery.contrib.testing.worker import TestWorkController, start_worker
 
 from celery_breaker import BreakerTask, CircuitOpenError, ConfigurationError, State, install
@@ -805,6 +806,8 @@ def test_a_worker_that_does_not_park_still_releases_what_others_parked() -> None
         ({"concurrency": 8}, 8, False),  # (the app's worker_prefetch_multiplier: Celery's 4)
         ({"concurrency": 8, "prefetch_multiplier": 1}, 8, True),  # (celery worker --prefetch-multiplier 1)
         ({"concurrency": 3, "autoscale": (10, 3), "max_concurrency": 10}, 10, False),  # (an autoscaler's most)
+        # (-P solo runs one task at a time, its concurrency still the CPU count)
+        ({"concurrency": 8, "pool_cls": SoloPool, "prefetch_multiplier": 1}, 1, True),
         ({}, 1, False),
     ],
 )

@@ -1,11 +1,12 @@
-"""A worker whose own waiting tasks cover its pool releases nothing more (real Redis, in-memory broker).
+"""A worker whose own pool takes no more releases no more at the pace (real Redis, in-memory broker).
 
 The adaptive release learns of busy workers only from the outcomes that come back, a
 latency late: against 2.5 s calls it released far faster than the workers ran, and the
 surplus waited in the broker ahead of every other task of its queue. A releaser given
-its worker's backlog (``WorkerBacklog.full``) releases nothing in a pass where it is
-full, no more than its pool will take in a pass where that is bounded, and releases as
-before once it is neither.
+its worker's backlog (``WorkerBacklog.room``) releases nothing at the pace in a pass
+where that is 0, no more than its pool will take in a pass where it is bounded (shared
+by its breakers in turn), and as before once it is neither. Probes and tasks past their
+deadline go whatever the room.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 import pytest
 from celery import Celery
 
+from celery_breaker import CircuitBreaker, State
 from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.integration.deferral.parking import encode_message
 from celery_breaker.integration.deferral.release import Releaser
@@ -114,7 +116,7 @@ def test_a_held_pass_still_forgets_what_an_earlier_pass_published(
     monkeypatch.setattr(releaser.parking, "done", noting)
     releaser._undone[tag] = ["svc-0:0:1"]
     releaser.release_once()
-    assert forgotten == [(tag, ["svc-0:0:1"])]
+    assert [(t, found) for t, found in forgotten if found] == [(tag, ["svc-0:0:1"])]
     assert tag not in releaser._undone
     assert published == []
 
@@ -130,3 +132,48 @@ def test_a_pass_publishes_no_more_than_the_pool_will_take_across_its_breakers(re
         assert len(published) == 3 * passes
     assert releaser.bounded == 4
     assert releaser.held_back == 0
+
+
+def test_a_small_room_is_shared_by_the_breakers_in_turn(redis_url: str) -> None:
+    # Room for 2 a pass: the breaker listed first took it on every pass, and the others
+    # (their probes and expired tasks too, before those went whatever the room) waited
+    # until it had drained.
+    releaser, _, published = parked_releaser(redis_url, lambda: 2, breakers=("alpha", "beta"))
+    releaser.release_once()  # (each breaker's pace begins: no token yet)
+    time.sleep(0.05)
+    for _ in range(4):
+        releaser.release_once()
+    by_breaker = {name: sum(1 for entry in published if entry.startswith(f"{name}-")) for name in ("alpha", "beta")}
+    assert by_breaker == {"alpha": 4, "beta": 4}
+
+
+def test_a_held_worker_still_releases_probes_and_tasks_past_their_deadline(redis_url: str) -> None:
+    # A worker whose pool is full of other tasks is held on every pass (room 0). It used to
+    # skip the breakers altogether: an open breaker got no probe and never closed (its
+    # fresh tasks parked too), and tasks past their deadline were never revoked, for as
+    # long as the other work kept every worker busy.
+    releaser, tag, published = parked_releaser(redis_url, lambda: 0)
+    store = releaser.parking.store  # type: ignore[attr-defined]
+    breaker = CircuitBreaker("svc", {"failure_threshold": 1, "reset_timeout": 2.0, "half_open_max_calls": 2},
+                             storage=store)  # fmt: skip
+    with pytest.raises(ConnectionError):
+        breaker.call(_refused)
+    app_signature = dict(releaser.app.signature("a.charge", args=(-1,)))
+    releaser.parking.park("svc", None, "expired:0:1", -1.0, encode_message(app_signature, "json"), time.time() - 1)
+    releaser.release_once()
+    snapshot = breaker.snapshot()
+    if snapshot.state is State.OPEN and (snapshot.retry_after or 0.0) > 0:  # (still open as it released)
+        assert published == ["expired:0:1"]  # (only what can wait no longer)
+    deadline = time.monotonic() + 10.0
+    while len(published) < 3:  # (its open time runs out: a real clock's, with a deadline)
+        assert time.monotonic() < deadline, f"no probes released, only {published}"
+        releaser.release_once()
+        time.sleep(0.02)
+    assert published == ["expired:0:1", "svc-0:0:1", "svc-1:0:1"]  # its probes, held or not
+    assert breaker.snapshot().state in (State.OPEN, State.HALF_OPEN)
+    assert releaser.held_back >= 2
+    assert releaser.parking.count(tag)[0] == ENTRIES - 2
+
+
+def _refused() -> None:
+    raise ConnectionError("downstream down")

@@ -85,15 +85,34 @@ def test_a_pool_that_prefetches_one_a_slot_takes_what_frees_while_its_long_calls
     assert backlog.room() is None
 
 
-def test_a_full_pool_of_short_calls_is_not_bounded() -> None:
-    # 6 slots of 20 ms calls, full at this instant but starting ~60 a tick: bounded to what
-    # frees, the release could not grow past it.
+def test_a_busy_pool_of_short_calls_takes_what_it_started() -> None:
+    # 6 slots of 20 ms calls, full as a pass begins (the tasks of the last pass ran long
+    # ago: a queue in the broker keeps it full) and starting ~60 a tick: what it took is
+    # replaced, and no more. Unbounded, passes while pools of 0.5 s calls filled published
+    # a second's worth of the pace each: 1,810 tasks waited in the broker.
     state = worker_state(accepted=0)
     backlog = WorkerBacklog(6, state, prefetch=1)
     set_to(state, reserved=6, active=6, accepted=60)
-    assert backlog.room() is None
+    assert backlog.room() == 60
     set_to(state, reserved=6, active=6, accepted=62)  # (2 started in the last tick: long calls)
     assert backlog.room() == 1
+    set_to(state, reserved=5, active=5, accepted=122)  # (a slot free, 60 started: what it takes by the next)
+    assert backlog.room() == 61
+    set_to(state, reserved=2, active=2, accepted=182)  # (under half busy: room to spare, no bound)
+    assert backlog.room() is None
+
+
+def test_a_pool_of_one_slot_is_bounded_whenever_its_call_runs() -> None:
+    # A slot busy is a full pool: one call that just started was never "long" (1 > 2 * 1
+    # is false), so no bound held, and a second's worth of the pace went at once.
+    state = worker_state(accepted=0)
+    backlog = WorkerBacklog(1, state, prefetch=1)
+    set_to(state, reserved=1, active=1, accepted=1)  # (its call started since the last ask)
+    assert backlog.room() == 1
+    set_to(state, reserved=1, active=1, accepted=1)  # (still running: long)
+    assert backlog.room() == 0
+    set_to(state, reserved=0, active=0, accepted=2)  # (idle again: no bound)
+    assert backlog.room() is None
 
 
 def test_a_worker_that_prefetches_more_is_bounded_only_by_what_waits_in_it() -> None:

@@ -206,7 +206,11 @@ def _backlog_of(worker: Any) -> Callable[[], int | None] | None:
 
 
 def _pool_slots(worker: Any) -> int:
-    """The worker's pool slots: its concurrency (an autoscaler's most), else one."""
+    """The worker's pool slots: its concurrency (an autoscaler's most), else one; one for
+    the solo pool, whose ``concurrency`` is still the CPU count it ignores."""
+    pool = getattr(worker, "pool_cls", None)
+    if getattr(pool, "__module__", "") == "celery.concurrency.solo":
+        return 1
     slots = getattr(worker, "max_concurrency", None) if getattr(worker, "autoscale", None) else None
     if not (isinstance(slots, int) and slots > 0):
         slots = getattr(worker, "concurrency", None)

@@ -233,10 +233,13 @@ class Parking(Protocol):
         lease: float,
         now: float | None = None,
         law: PacingLaw | None = None,
+        paced: int | None = None,
     ) -> Claimed:
         """Claim, under a lease, the ``(entry, payload)`` pairs the breaker lets run now:
-        at the fixed ``pace`` (reached after ``ramp``), or at the adaptive pace of ``law``;
-        and say how long nothing more can come due (``Claimed.quiet``)."""
+        at the fixed ``pace`` (reached after ``ramp``), or at the adaptive pace of ``law``,
+        at most ``paced`` of those (``None``: no bound but ``most``; probes and entries
+        past their deadline are bounded by ``most`` alone); and say how long nothing more
+        can come due (``Claimed.quiet``)."""
         ...
 
     def done(self, tag: str, entries: list[str]) -> None:

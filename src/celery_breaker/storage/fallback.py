@@ -443,9 +443,10 @@ class _ReportingParking:
         lease: float,
         now: float | None = None,
         law: PacingLaw | None = None,
+        paced: int | None = None,
     ) -> Claimed:
         claimed: Claimed = self._reporting(
-            "release", tag, most=most, pace=pace, ramp=ramp, lease=lease, now=now, law=law
+            "release", tag, most=most, pace=pace, ramp=ramp, lease=lease, now=now, law=law, paced=paced
         )
         return claimed
 

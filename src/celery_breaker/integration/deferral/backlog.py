@@ -15,13 +15,14 @@ worker asks its own pool, so the release follows what the workers take, together
 whose pool has room releases at the shared pace, one whose pool is full does not.
 
 A worker that prefetches one task per slot (``worker_prefetch_multiplier = 1``, as
-``acks_late`` advises) never has anything waiting in it. While calls that last longer
-than two ticks fill its pool, a pass of its releaser publishes no more than the pool
-will take by the next: its free slots and half what it started in the last tick,
-rather than a second's worth of the shared pace in one burst. (With a larger prefetch
-the waiting tasks say more, and bounding by free slots too left slots idle: 86.8 s
-against 81.4 s.) A pool of short calls is never bounded, whatever its prefetch: a tick
-held would leave it idle.
+``acks_late`` advises) never has anything waiting in it. While its pool is at least
+half busy, a pass of its releaser publishes no more than the pool will take by the
+next: its free slots and what it started since the last pass (half that while its calls
+last longer than two passes, so a queue the ramp left in the broker drains), rather than
+a second's worth of the shared pace in one burst. (With a larger prefetch the waiting
+tasks say more, and bounding by free slots too left slots idle: 86.8 s against 81.4 s.)
+A pool with a free slot is never held: a tick held would leave it idle. The bound is the
+pace's only: a releaser still sends probes and tasks past their deadline (``Releaser``).
 """
 
 from __future__ import annotations
@@ -62,19 +63,23 @@ class WorkerBacklog:
           least twice what its pool started (two ticks of work): more would only queue
           in the broker, and the pool has work for the ticks held;
         * for a worker that prefetches no more than it runs (``worker_prefetch_multiplier
-          = 1``: nothing ever waits in it), while calls that last more than two ticks
-          fill half its pool or more (more of its slots busy than twice what started:
-          Little's law), the slots free now and half what its pool started: about what
-          it takes by the next pass, not a second's worth of the shared pace at once.
-          Slots that a queue in the broker refills are busy again by the next pass, so a
-          queue the ramp left there drains; free ones are the sign it is empty;
-        * ``None`` (no bound) otherwise: a pool of short calls, or one with room to spare.
+          = 1``: nothing ever waits in it), while half its pool or more is busy, the
+          slots free now and what its pool started: about what it takes by the next
+          pass, not a second's worth of the shared pace at once (passes while pools of
+          0.5 s calls filled published that: 1,810 tasks waited in the broker; and a pool
+          of one slot, busy whenever its call runs, was never bounded). Half what it
+          started while its calls last more than two ticks (more of its slots busy than
+          twice what started: Little's law): slots that a queue in the broker refills are
+          busy again by the next pass, so a queue the ramp left there drains; free ones
+          are the sign it is empty;
+        * ``None`` (no bound) otherwise: a pool with room to spare, or a larger prefetch
+          whose waiting tasks show no queue.
         """
         accepted: int = self.state.all_total_count[0]
         started, self._accepted = max(0, accepted - self._accepted), accepted
         if self.waiting() >= max(self.slots, 2 * started):
             return 0
         active: int = len(self.state.active_requests)
-        if self.takes_what_it_runs and 2 * active >= self.slots and active > 2 * started:
-            return max(0, self.slots - active) + started // 2
+        if self.takes_what_it_runs and 2 * active >= self.slots:
+            return max(0, self.slots - active) + (started // 2 if active > 2 * started else started)
         return None

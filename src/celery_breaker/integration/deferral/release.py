@@ -144,6 +144,7 @@ class Releaser(threading.Thread):
         self.held_back = 0
         self.bounded = 0
         self._holding = False
+        self._turn = 0  # (a bounded pass starts one breaker further on each time: see release_once)
         self.released = 0
         self._stop_event = threading.Event()
         self._failing_since: float | None = None
@@ -258,6 +259,11 @@ class Releaser(threading.Thread):
         quiet_until, self._quiet_until = self._quiet_until, {}
         self.health_gate.begin_pass()
         room = self._room()
+        if room is not None and tags:
+            # Shared by the breakers in turn: each pass starts one further on, so the first
+            # breaker listed cannot take a small room on every pass while the others wait.
+            self._turn = (self._turn + 1) % len(tags)
+            tags = tags[self._turn :] + tags[: self._turn]
         for tag in tags:
             if self._stop_event.is_set():
                 break
@@ -265,12 +271,13 @@ class Releaser(threading.Thread):
                 self._quiet_until[tag] = quiet_until[tag]  # (nothing of it can come due yet: not asked)
                 continue
             try:
-                # (held back, room 0: a breaker's health check still runs, since it adds
-                # nothing to the broker, and what must be forgotten is; nothing is claimed)
-                sent = self._release_tag(tag, most if room is None else max(0, min(most, room)))
+                # (room bounds what the pace lets go. Held back, room 0: probes and tasks
+                # past their deadline still go, a breaker's health check still runs, and
+                # what must be forgotten is; the paced tasks wait for room)
+                sent = self._release_tag(tag, most, None if room is None else max(0, room))
                 published += sent
                 if room is not None:
-                    room -= sent
+                    room -= sent  # (probes and expired tasks too: they take slots as well)
             except CheckAbandoned:
                 break  # (stopping: the check's slot is freed, nothing of this breaker was claimed)
             except Exception as exc:  # (one breaker's trouble, whatever it is, stops no other's)
@@ -300,10 +307,11 @@ class Releaser(threading.Thread):
         return quiet[1] is None or quiet[1] == hearing
 
     def _room(self) -> int | None:
-        """The most this pass may publish (``None``: what the pace allows): for the
-        adaptive release, what this worker's pool will take (``backlog``); 0 publishes
-        nothing (what must be forgotten still is, and health checks still run). Said at
-        DEBUG when a hold starts and ends."""
+        """The most this pass may publish at the pace (``None``: what the pace allows):
+        for the adaptive release, what this worker's pool will take (``backlog``). At 0
+        only probes and tasks past their deadline go (a breaker whose worker pools were
+        all busy with other tasks got no probe, and never closed), health checks still
+        run, and what must be forgotten is. Said at DEBUG when a hold starts and ends."""
         if self.law is None or self.backlog is None:
             return None
         try:
@@ -316,8 +324,9 @@ class Releaser(threading.Thread):
             self._holding = held
             logger.debug(
                 "celery-breaker releaser: %s",
-                "this worker's waiting tasks cover its pool: releasing nothing until it starts them"
-                if held else "this worker's pool has room again: releasing",
+                "this worker's pool takes no more now (tasks wait in it, or its slots run long calls): "
+                "only probes and tasks past their deadline are released until it has room"
+                if held else "this worker's pool has room again: releasing at the pace",
             )  # fmt: skip
         if held:
             self.held_back += 1
@@ -325,7 +334,7 @@ class Releaser(threading.Thread):
             self.bounded += 1
         return room
 
-    def _release_tag(self, tag: str, most: int) -> int:
+    def _release_tag(self, tag: str, most: int, paced: int | None = None) -> int:
         undone = self._undone.get(tag)
         if undone:
             # Published by an earlier tick whose ``done`` failed (the store went away just
@@ -336,12 +345,12 @@ class Releaser(threading.Thread):
             del self._undone[tag]
         if self.health_gate.holds(self.parking.label(tag)):
             return 0
-        if most <= 0:
-            return 0  # (the worker's pool takes no more this pass: nothing claimed)
         pace = 0.0 if self.rate is None else self.rate
         # (heard throughout the call, in one epoch: no transition of it can have been missed)
         heard = self.parking.hearing() if self._unlisten is not None else None
-        claimed = self.parking.release(tag, most=most, pace=pace, ramp=self.ramp, lease=LEASE, law=self.law)
+        claimed = self.parking.release(
+            tag, most=most, pace=pace, ramp=self.ramp, lease=LEASE, law=self.law, paced=paced
+        )
         quiet = claimed.quiet
         if quiet is None or quiet > 0:
             hearing = self.parking.hearing() if heard is not None else None

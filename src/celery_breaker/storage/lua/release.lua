@@ -7,7 +7,10 @@
 --       step;back_off;bad_share;floor;least_bad;in_flight_s, the ceiling '' for none; 4 and
 --       5 are then unused), 8 the transitions channel ('' none: a reset is not published),
 --       9 the idle TTL in ms ('' none): the pacing hash lives that long past the last release
---       (it names no entry; without it, every breaker that ever released kept one for good)
+--       (it names no entry; without it, every breaker that ever released kept one for good),
+--       10 the most entries the pace may let go ('' or absent: 3 alone bounds them): a
+--       releasing worker whose pool takes no more; probes and entries past their deadline
+--       are not bounded by it
 -- Returns { repairs, quiet, entry, payload, entry, payload, ... }; quiet: the seconds in
 --   which nothing can come due here unless someone moves the breaker (an OPEN breaker's time
 --   left, none for a FORCED_OPEN one, each bounded by the next deadline and the next lease
@@ -179,7 +182,11 @@ elseif (st == 'open' and now >= ou) or st == 'half_open' then
 end
 -- Probes are held back neither by `most` nor by the entries past their deadline claimed above
 -- (this period's probe slot is taken now: probes not sent now would go only a lease later).
-if not probing then allowed = math.min(allowed, most - (#out - 2) / 2) end
+if not probing then
+  allowed = math.min(allowed, most - (#out - 2) / 2)
+  local paced = read_whole(ARGV[10] or '')
+  if paced ~= nil then allowed = math.min(allowed, paced) end
+end
 local taken = 0
 if allowed > 0 then
   for _, entry in ipairs(redis.call('ZRANGE', K_QUEUE, 0, allowed - 1)) do

@@ -143,13 +143,15 @@ class RedisParking:
         lease: float,
         now: float | None = None,
         law: PacingLaw | None = None,
+        paced: int | None = None,
     ) -> Claimed:
         """Claim what the breaker of ``tag`` lets run now (see release.lua): once it has
         closed, at the fixed ``pace`` reached after ``ramp``, or with ``law`` at the
         adaptive pace (``core/pacing.py``, shared by every caller; ``pace`` and ``ramp``
-        are then unused). The pace is kept the store's ``idle_ttl`` past the last
-        release. ``now`` is for stores on the ``time=client`` test seam (the breaker's
-        times are the caller's).
+        are then unused), at most ``paced`` of them (``None``: ``most`` alone bounds
+        them; probes and entries past their deadline are bounded by ``most`` only). The
+        pace is kept the store's ``idle_ttl`` past the last release. ``now`` is for
+        stores on the ``time=client`` test seam (the breaker's times are the caller's).
 
         Raises ``StorageError`` only for this tag: Redis failing (or ``tag`` naming no
         breaker of this store). A key of another type is replaced, unreadable values are
@@ -159,7 +161,7 @@ class RedisParking:
         reply = self._script(
             "release", self._checked_tag(tag),
             [most, repr(pace), repr(ramp), repr(lease), "" if law is None else law.text(), self.store.channel,
-             self.store.ttl_ms],
+             self.store.ttl_ms, "" if paced is None else max(0, paced)],
             doing=f"releasing {tag}", state=True, now=now,
         )  # fmt: skip
         claimed = Claimed((text(reply[i]), text(reply[i + 1])) for i in range(1, len(reply) - 1, 2))
