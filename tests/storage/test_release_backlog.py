@@ -20,6 +20,7 @@ from celery import Celery
 
 from celery_breaker import CircuitBreaker, State
 from celery_breaker.core.pacing import PacingLaw
+from celery_breaker.errors import StorageError
 from celery_breaker.integration.deferral.parking import encode_message
 from celery_breaker.integration.deferral.release import Releaser
 from celery_breaker.storage.redis import RedisStore
@@ -145,6 +146,51 @@ def test_a_small_room_is_shared_by_the_breakers_in_turn(redis_url: str) -> None:
         releaser.release_once()
     by_breaker = {name: sum(1 for entry in published if entry.startswith(f"{name}-")) for name in ("alpha", "beta")}
     assert by_breaker == {"alpha": 4, "beta": 4}
+
+
+def test_breakers_with_nothing_to_release_between_them_take_no_turn_from_the_others(redis_url: str) -> None:
+    # The turn moved by place: open breakers listed between two with work handed the turn
+    # to the one after them on almost every pass (36 to 4 over 20 passes of room 2).
+    releaser, _, published = parked_releaser(redis_url, lambda: 2, breakers=("alpha", "beta", "m1", "m2", "m3"))
+    store = releaser.parking.store  # type: ignore[attr-defined]
+    for name in ("m1", "m2", "m3"):  # (listed after both: a start that lands on one fell through to alpha)
+        breaker = CircuitBreaker(name, {"failure_threshold": 1, "reset_timeout": 60}, storage=store)
+        with pytest.raises(ConnectionError):
+            breaker.call(_refused)
+    releaser.release_once()  # (each breaker's pace begins: no token yet)
+    time.sleep(0.05)
+    for _ in range(4):
+        releaser.release_once()
+    by_breaker = {name: sum(1 for entry in published if entry.startswith(f"{name}-")) for name in ("alpha", "beta")}
+    assert by_breaker == {"alpha": 4, "beta": 4}
+    assert not [entry for entry in published if entry.startswith("m")]  # (open: nothing of theirs)
+
+
+def test_tasks_past_their_deadline_count_against_the_room_of_their_own_call(redis_url: str) -> None:
+    releaser, _, published = parked_releaser(redis_url, lambda: 2)
+    signature = dict(releaser.app.signature("a.charge", args=(-1,)))
+    for n in range(3):
+        releaser.parking.park("svc", None, f"expired-{n}:0:1", -1.0, encode_message(signature, "json"), time.time() - 1)
+    releaser.release_once()  # (the pace begins: the expired ones go whatever the room)
+    assert sorted(published) == ["expired-0:0:1", "expired-1:0:1", "expired-2:0:1"]
+    time.sleep(0.05)
+    releaser.release_once()
+    assert len(published) == 5  # (room 2: two at the pace)
+    releaser.parking.park("svc", None, "expired-3:0:1", -1.0, encode_message(signature, "json"), time.time() - 1)
+    time.sleep(0.05)
+    releaser.release_once()
+    assert published[5:] == ["expired-3:0:1", "svc-2:0:1"]  # (the expired one took a place of the two)
+
+
+def test_an_unreadable_paced_count_is_an_error_not_no_bound(redis_url: str) -> None:
+    # (release.lua read -1, 1.5 or "abc" as no bound at all: every entry the pace allowed)
+    releaser, tag, _ = parked_releaser(redis_url, None)
+    parking: Any = releaser.parking
+    for bad in ("-1", "1.5", "abc"):
+        args = [5, "0.0", "0.0", "30.0", PacingLaw().text(), "", "", bad]
+        with pytest.raises(StorageError, match="unreadable paced count"):
+            parking._script("release", tag, args, doing="releasing", state=True)
+    assert parking.count(tag) == (ENTRIES, 0)  # nothing claimed
 
 
 def test_a_held_worker_still_releases_probes_and_tasks_past_their_deadline(redis_url: str) -> None:

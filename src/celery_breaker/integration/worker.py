@@ -14,6 +14,7 @@ from typing import Any
 from celery import bootsteps
 from celery.apps.worker import Worker as CliWorker
 from celery.concurrency.prefork import TaskPool as PreforkPool
+from celery.concurrency.solo import TaskPool as SoloPool
 from celery.signals import task_received, worker_process_init, worker_process_shutdown, worker_shutdown
 
 from ..errors import ConfigurationError
@@ -207,9 +208,10 @@ def _backlog_of(worker: Any) -> Callable[[], int | None] | None:
 
 def _pool_slots(worker: Any) -> int:
     """The worker's pool slots: its concurrency (an autoscaler's most), else one; one for
-    the solo pool, whose ``concurrency`` is still the CPU count it ignores."""
+    the solo pool, which runs one task at a time whatever its ``concurrency`` (the CPU
+    count by default, which Celery still multiplies into its prefetch)."""
     pool = getattr(worker, "pool_cls", None)
-    if getattr(pool, "__module__", "") == "celery.concurrency.solo":
+    if isinstance(pool, type) and issubclass(pool, SoloPool):
         return 1
     slots = getattr(worker, "max_concurrency", None) if getattr(worker, "autoscale", None) else None
     if not (isinstance(slots, int) and slots > 0):

@@ -29,6 +29,7 @@ takes it at once.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import logging
 import os
@@ -144,7 +145,9 @@ class Releaser(threading.Thread):
         self.held_back = 0
         self.bounded = 0
         self._holding = False
-        self._turn = 0  # (a bounded pass starts one breaker further on each time: see release_once)
+        #: The last breaker a bounded pass released at the pace: the next bounded pass
+        #: starts with the one listed after it (``release_once``).
+        self._last_paced: str | None = None
         self.released = 0
         self._stop_event = threading.Event()
         self._failing_since: float | None = None
@@ -259,11 +262,13 @@ class Releaser(threading.Thread):
         quiet_until, self._quiet_until = self._quiet_until, {}
         self.health_gate.begin_pass()
         room = self._room()
-        if room is not None and tags:
-            # Shared by the breakers in turn: each pass starts one further on, so the first
-            # breaker listed cannot take a small room on every pass while the others wait.
-            self._turn = (self._turn + 1) % len(tags)
-            tags = tags[self._turn :] + tags[: self._turn]
+        if room is not None and self._last_paced is not None:
+            # Shared by the breakers in turn: a pass starts after the last breaker that got
+            # some (by name, not by place: with open breakers listed between them, or a
+            # listing that changed, the same one took a small room on almost every pass).
+            tags.sort()
+            after = bisect.bisect_right(tags, self._last_paced)
+            tags = tags[after:] + tags[:after]
         for tag in tags:
             if self._stop_event.is_set():
                 break
@@ -278,6 +283,8 @@ class Releaser(threading.Thread):
                 published += sent
                 if room is not None:
                     room -= sent  # (probes and expired tasks too: they take slots as well)
+                    if sent:
+                        self._last_paced = tag
             except CheckAbandoned:
                 break  # (stopping: the check's slot is freed, nothing of this breaker was claimed)
             except Exception as exc:  # (one breaker's trouble, whatever it is, stops no other's)

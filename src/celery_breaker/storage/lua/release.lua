@@ -8,9 +8,10 @@
 --       5 are then unused), 8 the transitions channel ('' none: a reset is not published),
 --       9 the idle TTL in ms ('' none): the pacing hash lives that long past the last release
 --       (it names no entry; without it, every breaker that ever released kept one for good),
---       10 the most entries the pace may let go ('' or absent: 3 alone bounds them): a
---       releasing worker whose pool takes no more; probes and entries past their deadline
---       are not bounded by it
+--       10 the most entries the pace may let go, those past their deadline claimed in this
+--       call counted among them ('' or absent: 3 alone bounds them): what a releasing
+--       worker's pool will take; probes, and entries past their deadline, are not held
+--       back by it
 -- Returns { repairs, quiet, entry, payload, entry, payload, ... }; quiet: the seconds in
 --   which nothing can come due here unless someone moves the breaker (an OPEN breaker's time
 --   left, none for a FORCED_OPEN one, each bounded by the next deadline and the next lease
@@ -36,6 +37,13 @@ local K_STATE = KEYS[6]
 local most, pace, ramp, lease = read_whole(ARGV[3]), read_number(ARGV[4]), read_number(ARGV[5]), read_number(ARGV[6])
 if most == nil or pace == nil or ramp == nil or lease == nil or pace < 0 or ramp < 0 or lease <= 0 then
   return redis.error_reply('celery-breaker: release needs a count, a pace, a ramp and a lease')
+end
+local paced = nil -- (ARGV[10]: '' or absent, no bound of its own)
+if (ARGV[10] or '') ~= '' then
+  paced = read_whole(ARGV[10])
+  if paced == nil then
+    return redis.error_reply('celery-breaker: release got an unreadable paced count ' .. show(ARGV[10]))
+  end
 end
 local law = nil
 if (ARGV[7] or '') ~= '' then
@@ -182,10 +190,11 @@ elseif (st == 'open' and now >= ou) or st == 'half_open' then
 end
 -- Probes are held back neither by `most` nor by the entries past their deadline claimed above
 -- (this period's probe slot is taken now: probes not sent now would go only a lease later).
+-- The paced count takes in the entries past their deadline claimed above too: they take a
+-- worker's slot as well (if only to be revoked).
 if not probing then
   allowed = math.min(allowed, most - (#out - 2) / 2)
-  local paced = read_whole(ARGV[10] or '')
-  if paced ~= nil then allowed = math.min(allowed, paced) end
+  if paced ~= nil then allowed = math.min(allowed, paced - (#out - 2) / 2) end
 end
 local taken = 0
 if allowed > 0 then
