@@ -140,12 +140,16 @@ def test_a_small_room_is_shared_by_the_breakers_in_turn(redis_url: str) -> None:
     # (their probes and expired tasks too, before those went whatever the room) waited
     # until it had drained.
     releaser, _, published = parked_releaser(redis_url, lambda: 2, breakers=("alpha", "beta"))
+    assert four_passes(releaser, published) == {"alpha": 4, "beta": 4}
+
+
+def four_passes(releaser: Releaser, published: list[str]) -> dict[str, int]:
+    """What alpha and beta published in four passes, once their paces have tokens."""
     releaser.release_once()  # (each breaker's pace begins: no token yet)
     time.sleep(0.05)
     for _ in range(4):
         releaser.release_once()
-    by_breaker = {name: sum(1 for entry in published if entry.startswith(f"{name}-")) for name in ("alpha", "beta")}
-    assert by_breaker == {"alpha": 4, "beta": 4}
+    return {name: sum(1 for entry in published if entry.startswith(f"{name}-")) for name in ("alpha", "beta")}
 
 
 def test_breakers_with_nothing_to_release_between_them_take_no_turn_from_the_others(redis_url: str) -> None:
@@ -157,12 +161,7 @@ def test_breakers_with_nothing_to_release_between_them_take_no_turn_from_the_oth
         breaker = CircuitBreaker(name, {"failure_threshold": 1, "reset_timeout": 60}, storage=store)
         with pytest.raises(ConnectionError):
             breaker.call(_refused)
-    releaser.release_once()  # (each breaker's pace begins: no token yet)
-    time.sleep(0.05)
-    for _ in range(4):
-        releaser.release_once()
-    by_breaker = {name: sum(1 for entry in published if entry.startswith(f"{name}-")) for name in ("alpha", "beta")}
-    assert by_breaker == {"alpha": 4, "beta": 4}
+    assert four_passes(releaser, published) == {"alpha": 4, "beta": 4}
     assert not [entry for entry in published if entry.startswith("m")]  # (open: nothing of theirs)
 
 
