@@ -70,6 +70,18 @@ def restartable_redis() -> Iterator[RedisServer]:
         yield server
 
 
+def heard_redis_go(breaker: CircuitBreaker) -> None:
+    """Wait until the store's agent has heard Redis go. While it still follows transitions,
+    a success is counted here and asks nothing, so the next failure's admission is the
+    shared breaker's, and its outcome on the stand-in counts as stale, judged by no rule
+    (by design): a test counting failures on the stand-in must start after this."""
+    primary = cast(RedisStore, cast(FallbackStore, breaker.store).primary)
+    deadline = time.monotonic() + 10.0
+    while primary.live:  # (a real thread's progress, with a deadline)
+        assert time.monotonic() < deadline, "the store's agent did not hear Redis go"
+        time.sleep(0.01)
+
+
 def test_a_store_outage_falls_back_and_the_breaker_rejoins_when_redis_returns(restartable_redis: RedisServer) -> None:
     restartable_redis.start()
     clock = FakeClock()
@@ -79,14 +91,7 @@ def test_a_store_outage_falls_back_and_the_breaker_rejoins_when_redis_returns(re
     assert breaker.call(ok) == "ok"  # on the shared breaker
 
     restartable_redis.stop()
-    # (Once its agent has heard the loss: while it follows transitions, a success is counted
-    # here and asks nothing, the first failure's admission was the shared breaker's, and
-    # its outcome on the stand-in counted as stale, judged by no rule: a CI flake.)
-    primary = cast(RedisStore, cast(FallbackStore, breaker.store).primary)
-    deadline = time.monotonic() + 10.0
-    while primary.live:  # (a real thread's progress, with a deadline)
-        assert time.monotonic() < deadline, "the store's agent did not hear Redis go"
-        time.sleep(0.01)
+    heard_redis_go(breaker)
     # Recording that success fails: the stand-in takes over, and calls keep flowing.
     assert breaker.call(ok) == "ok"
     fail(breaker, 2)
@@ -110,6 +115,7 @@ def test_each_outage_starts_with_a_fresh_stand_in(restartable_redis: RedisServer
     breaker = CircuitBreaker("svc", {"failure_threshold": 2, "reset_timeout": 30.0}, storage=url, clock=clock)
     assert breaker.call(ok) == "ok"
     restartable_redis.stop()
+    heard_redis_go(breaker)
     fail(breaker, 2)
     assert state_of(breaker) is State.OPEN  # (the stand-in of the first outage tripped)
     restartable_redis.start()
