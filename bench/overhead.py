@@ -30,7 +30,7 @@ Method
   a plain function that raises a fresh exception, the floor for any reject path.
 * Guarding forms: ``b.call(noop)``, ``with b: noop()``, ``async with b: noop()``, a
   decorated function and a decorated coroutine function, a run admission (exactly what
-  BreakerTask does around a task's body: ``enter_run``, ``settle``, ``leave`` in a
+  BreakerTask does around a task's body: ``enter_run``, then ``succeed`` (or ``leave`` in a
   ``finally``), and BreakerTask itself, called in process (``task()``: Celery's request
   set-up without a broker or a worker) beside a plain task called the same way, and
   BreakerTask with a request pushed as a worker's tracer pushes one (what a worker calls)
@@ -290,7 +290,8 @@ def await_loop(fn: Callable[[], Awaitable[None]]) -> Runner:
 
 def run_loop(breaker: CircuitBreaker) -> Runner:
     """A run admission around ``noop()`` n times, made as BreakerTask makes one around a
-    body: ``enter_run`` (with its keyword), ``settle(None)``, ``leave()`` in a ``finally``."""
+    body: ``enter_run`` (its arguments positional), then ``succeed()`` when the body
+    returns (``leave()`` if it raises)."""
 
     def run(n: int) -> int:
         enter = breaker.enter_run
@@ -298,12 +299,13 @@ def run_loop(breaker: CircuitBreaker) -> Runner:
         f = noop
         start = now_ns()
         for _ in range(n):
-            admission = enter(t, counts_itself=True)
+            admission = enter(t, True)
             try:
                 f()
-                admission.settle(None)
-            finally:
+            except BaseException:
                 admission.leave()
+                raise
+            admission.succeed()
         return now_ns() - start
 
     return run
@@ -321,13 +323,14 @@ def run_with_loop(breaker: CircuitBreaker) -> Runner:
         f = noop
         start = now_ns()
         for _ in range(n):
-            admission = enter(t, counts_itself=True)
+            admission = enter(t, True)
             try:
                 with b:
                     f()
-                admission.settle(None)
-            finally:
+            except BaseException:
                 admission.leave()
+                raise
+            admission.succeed()
         return now_ns() - start
 
     return run

@@ -154,7 +154,7 @@ class RunAdmission:
                     moves = NO_MOVES
                 else:
                     moves = cell.record_success(ticket, 0.0 if start is None else end - start, breaker.policy, end)
-                run = _RUN.get()
+                run = _run_get()
                 if run is self or (run is not None and run.covers(breaker)):
                     run.recorded = SUCCESS
                 if moves:
@@ -170,6 +170,28 @@ class RunAdmission:
                 outer.refused_for = self.refused_for
         return self.recorded
 
+    def succeed(self) -> Outcome | None:
+        """``settle(None)`` and ``leave()`` in one call: the end of a run made current by
+        ``enter_run`` whose body returned (what ``BreakerTask`` calls; ``leave()`` alone,
+        in a ``finally``, for every other end). Returns what ``settle`` returns."""
+        try:
+            if self.outer is None:
+                # settle's commonest paths, unfolded (the run is current here, so what it
+                # records is its own: no ``_RUN`` lookup).
+                if self.claimed:  # a guarded call used the run's ticket, and recorded
+                    return self.recorded
+                cell = self.cell
+                if self.counts_itself and cell.quiet_success and self.ticket == cell.generation:
+                    self.claimed = True
+                    quiet: Any = cell  # (a memory cell: see Cell.quiet_success)
+                    next(quiet.success_tally)
+                    quiet.last_success = quiet.last_used = self.breaker._now()
+                    self.recorded = SUCCESS
+                    return SUCCESS
+            return self.settle(None)
+        finally:
+            _run_reset(self._token)
+
     def failed_while_open(self) -> bool:
         """The run recorded a failure, and its breaker no longer admits calls freely."""
         if self.recorded is not FAILURE:
@@ -178,21 +200,26 @@ class RunAdmission:
 
     def __enter__(self) -> RunAdmission:
         """Make this the current run (``current_run()``) until the block ends."""
-        self._token = _RUN.set(self)
+        self._token = _run_set(self)
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        _RUN.reset(self._token)
+        _run_reset(self._token)
 
     def leave(self) -> None:
         """Stop being the current run: the end of a run made current by ``enter_run``
         (what leaving ``with run:`` does)."""
-        _RUN.reset(self._token)
+        _run_reset(self._token)
 
 
 _RUN: ContextVar[RunAdmission | None] = ContextVar("celery_breaker_run", default=None)
+# Bound once: every guarding form reads ``_RUN`` on its closed path, and a run sets and
+# resets it; the bound methods skip a method lookup per call (docs/decisions.md, 83).
+_run_get = _RUN.get
+_run_set = _RUN.set
+_run_reset = _RUN.reset
 
 #: Seconds the health checks run for ``enter_run(check_within=...)`` may take at most, all
 #: together (a task's own time limit): set only around that admission.
@@ -248,7 +275,7 @@ class _EnteredRun(RunAdmission):
 
 def current_run() -> RunAdmission | None:
     """The run admission of the task running in this context, if any."""
-    return _RUN.get()
+    return _run_get()
 
 
 class _NoLoop:
@@ -352,7 +379,7 @@ class CircuitBreaker:
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         """Run ``fn(*args, **kwargs)`` if the breaker admits it; record how it went."""
-        if _RUN.get() is not None:
+        if _run_get() is not None:
             return self._call_in_run(fn, *args, **kwargs)
         cell = self._cell
         start: float | None
@@ -402,7 +429,7 @@ class CircuitBreaker:
             raise
         end = self._now()  # _finish's success path, without classifying
         moves = cell.record_success(ticket, end - start, self.policy, end)
-        run = _RUN.get()
+        run = _run_get()
         if run is not None and run.covers(self):
             run.recorded = SUCCESS
         if moves:
@@ -413,7 +440,7 @@ class CircuitBreaker:
         """``await fn(*args, **kwargs)`` under the breaker."""
         cell = self._cell
         start: float | None
-        if cell.passing and _RUN.get() is None:
+        if cell.passing and _run_get() is None:
             start = self._now() if cell.timed else None  # (see Cell.timed)
             ticket: Ticket = cell.generation
         else:
@@ -447,7 +474,7 @@ class CircuitBreaker:
             @functools.wraps(fn)
             async def guarded_async(*args: P.args, **kwargs: P.kwargs) -> Any:
                 cell = breaker._cell
-                if not cell.passing or _RUN.get() is not None:
+                if not cell.passing or _run_get() is not None:
                     return await acall(fn, *args, **kwargs)
                 start = now() if cell.timed else None
                 ticket = cell.generation
@@ -474,7 +501,7 @@ class CircuitBreaker:
         @functools.wraps(fn)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
             cell = breaker._cell
-            if not cell.passing or _RUN.get() is not None:
+            if not cell.passing or _run_get() is not None:
                 return call(fn, *args, **kwargs)
             start = now() if cell.timed else None
             ticket = cell.generation
@@ -513,7 +540,7 @@ class CircuitBreaker:
 
     def __enter__(self) -> CircuitBreaker:
         cell = self._cell
-        run = _RUN.get()
+        run = _run_get()
         held: _Held
         if cell.passing and run is None:
             held = (cell, cell.generation, self._now() if cell.timed else None, None)
@@ -562,7 +589,7 @@ class CircuitBreaker:
     def _aenter(self) -> Awaitable[CircuitBreaker]:
         entered = self._entered or self._make_entered()
         cell = self._cell
-        run = _RUN.get()
+        run = _run_get()
         held: _Held
         if cell.passing and run is None:
             held = (cell, cell.generation, self._now() if cell.timed else None, None)
@@ -706,7 +733,7 @@ class CircuitBreaker:
         ``enter_run`` does both steps at once (what ``BreakerTask`` uses).
         """
         cell = self._cell
-        outer = _RUN.get()
+        outer = _run_get()
         if cell.passing and outer is None:
             run = RunAdmission(self, cell, cell.generation, self._now() if cell.timed else None, translate)
         else:
@@ -719,16 +746,17 @@ class CircuitBreaker:
         return run
 
     def enter_run(
-        self, translate: ExceptionTranslator, *, counts_itself: bool = True, check_within: float | None = None
+        self, translate: ExceptionTranslator, counts_itself: bool = True, check_within: float | None = None
     ) -> RunAdmission:
         """``begin_run``, and the run is current at once, as inside ``with run:``, until
-        ``run.leave()`` (call it in a ``finally``). What ``BreakerTask`` does around every
-        task body: one call where ``begin_run`` and ``with run:`` make three (~300 ns
-        less, docs/decisions.md, 49). ``check_within``: the most seconds a health check
-        run for this admission may take (a task's time limit leaves it no more)."""
+        ``run.succeed()`` (the body returned) or ``run.leave()`` (every other end: call one
+        of them whatever happens). What ``BreakerTask`` does around every task body: one
+        call where ``begin_run`` and ``with run:`` make three (~300 ns less,
+        docs/decisions.md, 49). ``check_within``: the most seconds a health check run for
+        this admission may take (a task's time limit leaves it no more)."""
         cell = self._cell
         start: float | None
-        outer = _RUN.get()
+        outer = _run_get()
         took: RunAdmission | None = None
         if cell.passing and outer is None:
             ticket: Ticket = cell.generation
@@ -754,7 +782,7 @@ class CircuitBreaker:
         run.claimed = run.released = False
         run.recorded = run.refused_for = run._own = None
         run.outer = took
-        run._token = _RUN.set(run)
+        run._token = _run_set(run)
         return run
 
     def _admit_run(self, outer: RunAdmission | None) -> tuple[Cell, Ticket, float, RunAdmission | None]:
@@ -776,7 +804,7 @@ class CircuitBreaker:
         """Acquire a ticket (or raise ``CircuitOpenError``); ``check=False``: a probe slot
         won by a breaker with a health check is returned for the caller to check
         (``_acheck_instead``: the async callers)."""
-        run = _RUN.get()
+        run = _run_get()
         if run is not None and not run.claimed and run.covers(self):
             run.claimed = True  # the run's ticket serves this call; timed from now
             return run.cell, run.ticket, self._now()
@@ -914,7 +942,7 @@ class CircuitBreaker:
         longest = check_time(policy.half_open_max_wait)  # (a lease lasts no longer: ended before it)
         within = _CHECK_WITHIN.get()
         if within is None and _RUN_CHECK_WITHIN:
-            run = _RUN.get()
+            run = _run_get()
             if run is not None:  # (a call inside a run: a task's body)
                 within = _RUN_CHECK_WITHIN[0](run, policy.probes_to_close)
         # ``check_within`` bounds all the checks together, in real time (what a task's
@@ -1084,7 +1112,7 @@ class CircuitBreaker:
     ) -> Outcome:
         """Record how a call that started at ``start`` went (``None``: it was not timed, as
         its cell looks at no duration; see ``Cell.timed``); return how it counted."""
-        run = _RUN.get()
+        run = _run_get()
         if outcome is None:
             if exc is not None and run is not None:
                 exc = run.translate(exc)
@@ -1230,23 +1258,23 @@ class _RunBreaker(CircuitBreaker):
 
     def call(self, fn: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
         run = self._run()
-        if run is None or _RUN.get() is not None:  # (gone, or a run is current here: as any breaker)
+        if run is None or _run_get() is not None:  # (gone, or a run is current here: as any breaker)
             return CircuitBreaker.call(self, fn, *args, **kwargs)
-        token = _RUN.set(run)
+        token = _run_set(run)
         try:
             return CircuitBreaker.call(self, fn, *args, **kwargs)
         finally:
-            _RUN.reset(token)
+            _run_reset(token)
 
     async def acall(self, fn: Callable[P, Awaitable[R]], /, *args: P.args, **kwargs: P.kwargs) -> R:
         run = self._run()
-        if run is None or _RUN.get() is not None:
+        if run is None or _run_get() is not None:
             return await CircuitBreaker.acall(self, fn, *args, **kwargs)
-        token = _RUN.set(run)
+        token = _run_set(run)
         try:
             return await CircuitBreaker.acall(self, fn, *args, **kwargs)
         finally:
-            _RUN.reset(token)
+            _run_reset(token)
 
     def __call__(self, fn: Callable[P, Any]) -> Callable[P, Any]:
         # (through call() and acall(), which lend the run where it is not current)
@@ -1274,8 +1302,8 @@ class _RunBreaker(CircuitBreaker):
         lent = _LENT.get()
         if run is None:
             return  # (the run is gone: nothing to lend)
-        if _RUN.get() is None:
-            _LENT.set((_RUN.set(run), self, lent))
+        if _run_get() is None:
+            _LENT.set((_run_set(run), self, lent))
         elif lent is not None and lent[1] is self:
             _LENT.set((None, self, lent))
 
@@ -1285,13 +1313,13 @@ class _RunBreaker(CircuitBreaker):
         if lent is not None and lent[1] is self:
             _LENT.set(lent[2])
             if lent[0] is not None:
-                _RUN.reset(lent[0])
+                _run_reset(lent[0])
 
     # (A block in the body's own context, where the run is current and nothing is lent,
     # is the breaker's own block at the cost of one more frame.)
 
     def __enter__(self) -> CircuitBreaker:
-        if _LENT.get() is None and _RUN.get() is self._run():
+        if _LENT.get() is None and _run_get() is self._run():
             return _ENTER(self)
         self._lend()
         try:
@@ -1312,7 +1340,7 @@ class _RunBreaker(CircuitBreaker):
             self._give_back()
 
     def _aenter(self) -> Awaitable[CircuitBreaker]:
-        if _LENT.get() is None and _RUN.get() is self._run():
+        if _LENT.get() is None and _run_get() is self._run():
             return CircuitBreaker._aenter(self)
         self._lend()
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import gc
 import logging
 import weakref
@@ -18,7 +19,7 @@ from celery_breaker.breaker import CircuitBreaker as _Breaker
 from celery_breaker.core import Outcome, Probe
 from celery_breaker.testing import FakeClock, fresh_store
 
-from .support import down, make, ok, state_of
+from .support import down, fail, make, ok, state_of
 
 
 def keep(exc: BaseException) -> BaseException | None:
@@ -479,3 +480,104 @@ def test_an_own_breaker_kept_from_an_earlier_run_lends_it_nothing_where_another_
     finally:
         second.leave()
     assert breaker.snapshot().failures == 1
+
+
+# -- succeed: settle(None) and leave() in one call (a run whose body returned) ----------
+
+
+def _call_ok(breaker: CircuitBreaker) -> None:
+    breaker.call(ok)
+
+
+def _call_down_and_catch(breaker: CircuitBreaker) -> None:
+    with contextlib.suppress(ConnectionError):
+        breaker.call(down)
+
+
+def _stale_the_ticket(breaker: CircuitBreaker) -> None:
+    # (another context trips the breaker while the run goes on: the run's ticket is stale)
+    context = contextvars.copy_context()
+    context.run(fail, breaker)
+
+
+SUCCEED_CASES: dict[str, tuple[dict[str, object], Callable[[CircuitBreaker], None]]] = {
+    # name: (policy, what the body does before it returns)
+    "quiet cell, nothing in the body": ({}, lambda breaker: None),
+    "a guarded call used the ticket": ({}, _call_ok),
+    "a guarded call failed, caught in the body": ({"failure_threshold": 3}, _call_down_and_catch),
+    "a rule minds successes (rate)": ({"failure_rate_threshold": 0.5, "minimum_calls": 2}, lambda breaker: None),
+    "a run of consecutive failures, one failure in": ({"consecutive_failures": 2}, _call_down_and_catch),
+    "the breaker tripped meanwhile (stale ticket)": ({"failure_threshold": 1}, _stale_the_ticket),
+}
+
+
+def _ended(
+    clock: FakeClock, policy: dict[str, object], body: Callable[[CircuitBreaker], None], *, one_call: bool, **run: bool
+) -> tuple[object, ...]:
+    breaker = make(clock, **policy)  # type: ignore[arg-type]
+    admission = breaker.enter_run(keep, **run)
+    body(breaker)
+    clock.advance(0.25)
+    if one_call:
+        outcome = admission.succeed()
+    else:
+        try:
+            outcome = admission.settle(None)
+        finally:
+            admission.leave()
+    snapshot = breaker.snapshot()
+    return (
+        outcome, current_run(), admission.claimed, admission.recorded, snapshot.state,
+        snapshot.successes, snapshot.failures, snapshot.last_success,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("counts_itself", [True, False])
+@pytest.mark.parametrize("case", sorted(SUCCEED_CASES))
+def test_succeed_ends_a_run_exactly_as_settle_none_then_leave(case: str, counts_itself: bool) -> None:
+    policy, body = SUCCEED_CASES[case]
+    both = [
+        _ended(FakeClock(), policy, body, one_call=one_call, counts_itself=counts_itself) for one_call in (False, True)
+    ]
+    assert both[1] == both[0]
+    assert both[1][1] is None  # no run current after either
+    if case == "quiet cell, nothing in the body":
+        # (the unfolded path is the one taken: counted with the clock's time, once)
+        assert both[1][0] is (Outcome.SUCCESS if counts_itself else Outcome.IGNORED)
+        assert both[1][5] == (1 if counts_itself else 0)
+
+
+def test_succeed_inside_an_outer_run_tells_the_outer_and_leaves_it_current(clock: FakeClock) -> None:
+    breaker = make(clock)
+    with running(breaker) as outer:
+        inner = breaker.enter_run(keep)
+        assert inner.succeed() is Outcome.SUCCESS
+        assert current_run() is outer
+        assert outer.claimed
+        assert outer.recorded is Outcome.SUCCESS
+    assert breaker.snapshot().successes == 1
+
+
+def test_a_probe_run_that_succeeds_counts_toward_closing(clock: FakeClock) -> None:
+    breaker = make(clock, failure_threshold=1, reset_timeout=10, success_threshold=1)
+    fail(breaker)
+    clock.advance(10)
+    run = breaker.enter_run(keep)
+    assert type(run.ticket) is Probe
+    assert run.succeed() is Outcome.SUCCESS
+    assert state_of(breaker) is State.CLOSED
+    assert current_run() is None
+
+
+def test_succeed_leaves_the_run_even_when_recording_raises(clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    breaker = make(clock, failure_rate_threshold=0.5, minimum_calls=2)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("store gone")
+
+    run = breaker.enter_run(keep)
+    assert not run.cell.quiet_success  # (a rate window minds a success: it goes to the cell)
+    monkeypatch.setattr(type(run.cell), "record_success", broken)
+    with pytest.raises(RuntimeError, match="store gone"):
+        run.succeed()
+    assert current_run() is None
