@@ -30,12 +30,13 @@ Method
   a plain function that raises a fresh exception, the floor for any reject path.
 * Guarding forms: ``b.call(noop)``, ``with b: noop()``, ``async with b: noop()``, a
   decorated function and a decorated coroutine function, a run admission (exactly what
-  BreakerTask does around a task's body: ``enter_run``, then ``succeed`` (or ``leave`` in a
-  ``finally``), and BreakerTask itself, called in process (``task()``: Celery's request
+  BreakerTask does around a task's body: ``enter_run``, then ``succeed``, or ``leave``
+  if the body raises), and BreakerTask itself, called in process (``task()``: Celery's request
   set-up without a broker or a worker) beside a plain task called the same way, and
   BreakerTask with a request pushed as a worker's tracer pushes one (what a worker calls)
   beside a plain task's ``run`` (what a worker calls for a task without its own
-  ``__call__``). Async
+  ``__call__``), and one whose body is ``with self.breaker: noop()`` (the form the
+  README teaches) beside the same. Async
   variants run inside one coroutine driven without an event loop (nothing suspends),
   against a bare loop in a coroutine of the same shape (``noop()``, or ``await anoop()``
   for the decorated coroutine function). Each form's overhead is compared with ``call``'s and
@@ -388,6 +389,9 @@ class CeleryTasks:
     guarded_in_worker: Callable[[], object]
     """Another BreakerTask, with a request pushed as a worker's tracer pushes one: what a
     worker calls for it."""
+    guarded_block_in_worker: Callable[[], object]
+    """A BreakerTask whose body is ``with self.breaker:`` around the call (the form the
+    README teaches), with a request pushed as for ``guarded_in_worker``."""
 
 
 def celery_tasks(breaker_name: str) -> CeleryTasks:
@@ -414,10 +418,15 @@ def celery_tasks(breaker_name: str) -> CeleryTasks:
     def guarded_in_worker() -> None:
         return None
 
-    in_worker = [app.tasks[task.name] for task in (plain_in_worker, guarded_in_worker)]
+    @app.task(name="bench.guarded_block_in_worker", base=BreakerTask, breaker=breaker_name, bind=True, shared=False)  # type: ignore[untyped-decorator,unused-ignore]
+    def guarded_block_in_worker(self: Any) -> None:
+        with self.breaker:
+            noop()
+
+    in_worker = [app.tasks[task.name] for task in (plain_in_worker, guarded_in_worker, guarded_block_in_worker)]
     for task in in_worker:  # (this thread's request stack: the in-process rows use other tasks)
         task.push_request(args=(), kwargs={}, called_directly=False)
-    return CeleryTasks(plain, guarded, in_worker[0].run, in_worker[1])
+    return CeleryTasks(plain, guarded, in_worker[0].run, in_worker[1], in_worker[2])
 
 
 def _all_counted(*breakers: CircuitBreaker) -> bool:
@@ -485,6 +494,7 @@ def build_variants() -> Setup:
         ("celery-breaker with-blocks pass", lambda: cb_with.state is State.CLOSED and not cb_with._slot),
         ("BreakerTask runs", lambda: tasks.guarded() is None),
         ("BreakerTask runs with a request pushed", lambda: tasks.guarded_in_worker() is None),
+        ("BreakerTask with self.breaker runs", lambda: tasks.guarded_block_in_worker() is None),
         ("every guarded call counted", lambda: _all_counted(cb_with, cb_async_with, cb_run, cb_run_with)),
         ("pybreaker closed breaker is closed", lambda: pb_closed.current_state == pybreaker.STATE_CLOSED),
         ("pybreaker open breaker is open", lambda: pb_open.current_state == pybreaker.STATE_OPEN),
@@ -529,6 +539,13 @@ def build_variants() -> Setup:
             "BreakerTask, in a worker",
             "closed",
             plain_loop(tasks.guarded_in_worker),
+            "task_plain_run",
+        ),
+        Variant(
+            "cb_task_worker_block",
+            "BreakerTask, in a worker, body with self.breaker:",
+            "closed",
+            plain_loop(tasks.guarded_block_in_worker),
             "task_plain_run",
         ),
         Variant(
@@ -670,7 +687,7 @@ def environment() -> dict[str, Any]:
 #: closed overhead and below fabfuel's, in the same run.
 FORMS = (
     "cb_closed", "cb_with", "cb_async_with", "cb_decorator", "cb_async_decorator", "cb_run", "cb_run_with",
-    "cb_task", "cb_task_worker", "cb_rate",
+    "cb_task", "cb_task_worker", "cb_task_worker_block", "cb_rate",
 )  # fmt: skip
 WITHIN_CALL = 1.10
 

@@ -304,3 +304,59 @@ def test_the_task_run_is_current_in_the_body_and_its_handlers_and_left_after_eve
     assert seen[-1] is None
     assert current_run() is None
     assert len(seen) == 5
+
+
+@pytest.mark.parametrize("keyed", [False, True])
+def test_self_breaker_stays_the_runs_own_after_the_body_calls_its_own_task_directly(keyed: bool) -> None:
+    # (A run that calls its own task directly, on the request it runs on (eager, as a
+    # worker's run), makes a nested run. The run was found through an attribute of the
+    # request, which the nested run cleared as it ended: after it, self.breaker was the
+    # task's key-less breaker, not the run's own; for a per-key task its block counted on
+    # the key-less breaker, not the run's.)
+    app = throwaway_app(f"run-nested-self-{keyed}", breaker_default_policy={"failure_threshold": 5})
+    owners: list[bool] = []
+    options: dict[str, Any] = {"breaker_key": (lambda args, kwargs: "t1")} if keyed else {}
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="rns.job", breaker_scope="calls", **options)
+    def job(self: Any, depth: int) -> str:
+        if depth:
+            assert self(depth - 1) == "ok"  # a direct call: a nested run, on this request
+        run = current_run()
+        assert run is not None
+        own = getattr(self.breaker, "_run", None)  # (the run's own breaker refers to its run)
+        owners.append(own is not None and own() is run)
+        with self.breaker:
+            pass
+        return "ok"
+
+    app.finalize()
+    task = app.tasks["rns.job"]
+    assert task.apply(args=(1,)).get() == "ok"  # eager: on a request of its own, as a worker's run
+    assert owners == [True, True]
+    # Each run's block counted once, on the run's breaker, and nothing besides (scope
+    # "calls"): the inner run's block took the outer run's unclaimed ticket, so the outer's
+    # own block is a call of its own: two successes.
+    runs_breaker = CircuitBreaker("rns.job", key="t1", storage=task.breaker.store) if keyed else task.breaker
+    assert runs_breaker.snapshot().successes == 2
+    if keyed:
+        assert task.breaker.snapshot().successes == 0  # (the key-less breaker: nothing)
+
+
+def test_a_class_that_decides_is_guarded_is_asked_on_every_run() -> None:
+    app = throwaway_app("guard-override")
+    guarded = [True]
+
+    class Switchable(BreakerTask):
+        def is_guarded(self) -> bool:
+            return guarded[0]
+
+    @app.task(base=Switchable, bind=True, shared=False, name="go.job")
+    def job(self: Any) -> bool:
+        return current_run() is not None
+
+    app.finalize()
+    task = app.tasks["go.job"]
+    assert task.apply().get() is True
+    assert task.apply().get() is True  # (a stock task keeps its breaker by now)
+    guarded[0] = False
+    assert task.apply().get() is False  # unguarded from this run on

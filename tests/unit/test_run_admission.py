@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import gc
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -495,9 +495,15 @@ def _call_down_and_catch(breaker: CircuitBreaker) -> None:
 
 
 def _stale_the_ticket(breaker: CircuitBreaker) -> None:
-    # (another context trips the breaker while the run goes on: the run's ticket is stale)
-    context = contextvars.copy_context()
-    context.run(fail, breaker)
+    # (another thread, where the run is not current, trips the breaker while the run goes
+    # on: the run's ticket is stale, and still unclaimed)
+    tripper = threading.Thread(target=fail, args=(breaker,))
+    tripper.start()
+    tripper.join()
+    run = current_run()
+    assert run is not None
+    assert not run.claimed
+    assert run.ticket != run.cell.generation
 
 
 SUCCEED_CASES: dict[str, tuple[dict[str, object], Callable[[CircuitBreaker], None]]] = {

@@ -41,9 +41,6 @@ __all__ = ["BreakerTask"]
 
 logger = logging.getLogger("celery_breaker")
 
-#: The request attribute naming the task's own run admission, ``_celery_breaker_run``:
-#: spelled out where a run sets it (a plain attribute store costs less than ``setattr``).
-_RUN_ATTR = "_celery_breaker_run"
 #: Why a task the downstream refused was deferred (the deferral's reason ends with it).
 _REFUSED = "the downstream refused it"
 
@@ -93,7 +90,7 @@ def _request_of(task: Task) -> Any:
 def _running(task: BreakerTask) -> RunAdmission | None:
     """The admission of ``task``'s run in this context (not another task's)."""
     run = current_run()
-    if run is not None and getattr(_request_of(task), _RUN_ATTR, None) is run:
+    if run is not None and run.owner is task:
         return run
     return None
 
@@ -106,8 +103,8 @@ class _BreakerAttribute:
     def __get__(self, task: BreakerTask | None, owner: type | None = None) -> Any:
         if task is None:
             return self
-        run = _running(task)
-        if run is not None:
+        run = current_run()  # (``_running``, unfolded: read on every ``self.breaker``)
+        if run is not None and run.owner is task:
             return run.own_breaker()
         config = task_breaker_config(task)
         return breaker_with_probe(task.app, config.name, None, config.policy, config.probe)
@@ -230,41 +227,45 @@ class BreakerTask(Task):  # type: ignore[misc]
 
     def _run_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any], request: Any) -> Any:
         held = self._breaker_held
-        if (
+        kept = (
             held is not None
             and held[0] == OPTIONS_FORGOTTEN[0]
             and held[2].version == held[3]
             and self.breaker_key is None
-        ):
-            # The key-less breaker this task last met, while every task's options and the
-            # app's registry are as they were then (~0.4 µs a run less than asking); a task
-            # that kept one is guarded (``is_guarded`` depends on its options and name).
-            config: TaskBreakerConfig = held[1]
-            breaker: CircuitBreaker = held[4]
-            probe = config.probe
-            if breaker.probe is not probe and breaker.probe != probe:  # (as breaker_with_probe)
-                breaker.probe = probe
-        elif not self.is_guarded():
+        )
+        # A task that kept a breaker is guarded: it kept one after ``is_guarded`` said so,
+        # and the stock answer depends on its options and name only (a task whose class
+        # overrides ``is_guarded`` keeps none: ``_breaker_for``).
+        if not kept and not self.is_guarded():
             return self.run(*args, **kwargs)
-        else:
-            forgotten = OPTIONS_FORGOTTEN[0]  # (read first: options forgotten meanwhile make it stale)
-            config = task_breaker_config(self)
-            breaker = self._breaker_for(config, args, kwargs, forgotten)
         if request.eta is not None and self._can_defer():
             # A countdown deferral the worker held: sent again if the run might not fit in
             # what is left of the broker's window (``refreshed``), before it takes a ticket.
             again = refreshed(self, args, kwargs)
             if again is not None:
                 return _Deferred(again)
+        if kept and held is not None:  # (``held`` is one when ``kept``: said for the type checker)
+            # The key-less breaker this task last met, while every task's options and the
+            # app's registry are as they were then (~0.4 µs a run less than asking).
+            config: TaskBreakerConfig = held[1]
+            breaker: CircuitBreaker = held[4]
+            probe = config.probe
+            if breaker.probe is not probe and breaker.probe != probe:  # (as breaker_with_probe)
+                breaker.probe = probe
+        else:
+            forgotten = OPTIONS_FORGOTTEN[0]  # (read first: options forgotten meanwhile make it stale)
+            config = task_breaker_config(self)
+            breaker = self._breaker_for(config, args, kwargs, forgotten)
         try:
-            # Admitted and current at once (``enter_run``: one call, no ``with`` block);
-            # current until every handler below has run (they settle the run), left in
-            # the outer ``finally``.
+            # Admitted and current at once (``enter_run``: one call, no ``with`` block, its
+            # arguments positional: ~20 ns less), owned by this task (``self.breaker``
+            # knows its run by that); current until every handler below has run (they
+            # settle the run), left by ``succeed`` or in the outer ``finally``.
             if breaker.probe is None:
-                run = breaker.enter_run(_translate, config.counts_runs)  # (positional: ~20 ns less)
+                run = breaker.enter_run(_translate, config.counts_runs, None, self)
             else:  # (a health check this run may have to run must end before the task's hard limit)
                 within = _check_within(self, request, breaker.policy.probes_to_close)
-                run = breaker.enter_run(_translate, config.counts_runs, within)
+                run = breaker.enter_run(_translate, config.counts_runs, within, self)
         except CircuitOpenError as rejected:
             return self._on_rejected(breaker, rejected, args, kwargs)
         except SoftTimeLimitExceeded:
@@ -276,7 +277,6 @@ class BreakerTask(Task):  # type: ignore[misc]
             return self._on_rejected(breaker, _rejection_now(breaker), args, kwargs)
         left = False  # (a run that returned is left by ``succeed``, else in the ``finally``)
         try:
-            request._celery_breaker_run = run  # (_RUN_ATTR)
             headers = request.headers
             if headers and PARKED_HEADER in headers:
                 run.released = True  # released from the parking: a 429 now slows the release, opens nothing
@@ -326,8 +326,6 @@ class BreakerTask(Task):  # type: ignore[misc]
                 if run.released:
                     _send_outcome(breaker)
                 return result
-            finally:
-                request._celery_breaker_run = None  # (_RUN_ATTR)
         finally:
             if not left:
                 run.leave()
@@ -403,7 +401,9 @@ class BreakerTask(Task):  # type: ignore[misc]
             registry = registry_for(app)
             version = registry.version  # (read first: a breaker made meanwhile moves it on)
             breaker = breaker_with_probe(app, config.name, None, config.policy, config.probe)
-            if not isinstance(app, Proxy):  # (``current_app``: another app may be current next run)
+            if not isinstance(app, Proxy) and type(self).is_guarded is BreakerTask.is_guarded:
+                # (not on ``current_app``: another app may be current next run; nor for a
+                # class that decides ``is_guarded`` itself, which is asked on every run)
                 self._breaker_held = (forgotten, config, registry, version, breaker)
             return breaker
         if isinstance(key_fn, str):
@@ -551,13 +551,10 @@ def _body_check_within(run: RunAdmission, checks: int) -> float | None:
     held it for the check's whole timeout); then the call is rejected and the task
     deferred while the check goes on in its slot. A run that is no task's (``begin_run``
     in a program) is not bounded here."""
-    task = _task_stack.top
+    task = run.owner
     if not isinstance(task, BreakerTask):
         return None
-    request = _request_of(task)
-    if getattr(request, _RUN_ATTR, None) is not run:
-        return None
-    return _check_within(task, request, checks)
+    return _check_within(task, _request_of(task), checks)
 
 
 bound_checks_in_runs(_body_check_within)
