@@ -259,6 +259,21 @@ def bound_checks_in_runs(within: Callable[[RunAdmission, int], float | None]) ->
     _RUN_CHECK_WITHIN[:] = [within]
 
 
+#: How long a probe slot won by a run's admission is held at most, given the run's
+#: ``owner`` (``None``: the policy's ``half_open_max_wait``). The Celery integration sets
+#: it (``lease_runs_by``): a task whose pool enforces its hard time limit gives a verdict
+#: within it, or is killed and gives none, so its slot is held no longer than that and
+#: ``CHECK_LEASE_MARGIN``, where the slot of a killed probe was held for
+#: ``half_open_max_wait`` (60 s by default).
+_RUN_LEASE: list[Callable[[object], float | None]] = []
+
+
+def lease_runs_by(lease: Callable[[object], float | None]) -> None:
+    """Lease the probe slots that runs win for ``lease(owner)`` seconds at most (``None``:
+    ``half_open_max_wait``), in place of any lease set before."""
+    _RUN_LEASE[:] = [lease]
+
+
 #: The ticket of a call a health check makes through its own breaker: a generation no
 #: cell has, so its outcome is counted and judged by no rule.
 _UNJUDGED = -1
@@ -779,11 +794,11 @@ class CircuitBreaker:
             run.outer = None
         else:
             if check_within is None:
-                cell, ticket, start, took = self._admit_run(outer)
+                cell, ticket, start, took = self._admit_run(outer, owner)
             else:
                 bound = _CHECK_WITHIN.set(check_within)
                 try:
-                    cell, ticket, start, took = self._admit_run(outer)
+                    cell, ticket, start, took = self._admit_run(outer, owner)
                 finally:
                     _CHECK_WITHIN.reset(bound)
             run = _EnteredRun()
@@ -800,13 +815,16 @@ class CircuitBreaker:
         run._token = _run_set(run)
         return run
 
-    def _admit_run(self, outer: RunAdmission | None) -> tuple[Cell, Ticket, float, RunAdmission | None]:
+    def _admit_run(
+        self, outer: RunAdmission | None, owner: object = None
+    ) -> tuple[Cell, Ticket, float, RunAdmission | None]:
         """``_admit`` for a run begun while ``outer`` is current (``begin_run``,
-        ``enter_run``): also the outer run whose unclaimed ticket it took, if it did (a
-        task calling another task of the same breaker directly: see
+        ``enter_run``), of ``owner`` (``RunAdmission.owner``: the probe slot it may win is
+        leased by it, ``lease_runs_by``): also the outer run whose unclaimed ticket it
+        took, if it did (a task calling another task of the same breaker directly: see
         ``RunAdmission.outer``), else ``None``."""
         free = outer is not None and not outer.claimed
-        cell, ticket, start = self._admit()
+        cell, ticket, start = self._admit(owner=owner)
         return cell, ticket, start, outer if free and outer is not None and outer.claimed else None
 
     # -- steps shared by every way of guarding -------------------------------
@@ -815,10 +833,11 @@ class CircuitBreaker:
         self._cell = self.store.cell(self.name, self.key, self.policy, self._clock)
         return self._cell
 
-    def _admit(self, *, check: bool = True) -> tuple[Cell, Ticket, float]:
+    def _admit(self, *, check: bool = True, owner: object = None) -> tuple[Cell, Ticket, float]:
         """Acquire a ticket (or raise ``CircuitOpenError``); ``check=False``: a probe slot
         won by a breaker with a health check is returned for the caller to check
-        (``_acheck_instead``: the async callers)."""
+        (``_acheck_instead``: the async callers); ``owner``: a run's admission's
+        (``_admit_run``)."""
         run = _run_get()
         if run is not None and not run.claimed and run.covers(self):
             run.claimed = True  # the run's ticket serves this call; timed from now
@@ -827,10 +846,10 @@ class CircuitBreaker:
         start = self._now()
         if cell.passing:
             return cell, cell.generation, start
-        cell, ticket = self._acquire(cell, start, check=check)
+        cell, ticket = self._acquire(cell, start, check=check, owner=owner)
         return cell, ticket, start
 
-    def _acquire(self, cell: Cell, now: float, *, check: bool = True) -> tuple[Cell, Ticket]:
+    def _acquire(self, cell: Cell, now: float, *, check: bool = True, owner: object = None) -> tuple[Cell, Ticket]:
         """The path for a breaker that is not simply passing calls."""
         if cell.evicted:
             cell = self._refresh()
@@ -861,7 +880,7 @@ class CircuitBreaker:
             # breaker is open again, nor once the check is over: what it left behind, a
             # thread or a task, keeps its context, and is a caller like any other.)
             return cell, _UNJUDGED
-        ticket, moves = cell.acquire(self.policy, now, self._check_lease())
+        ticket, moves = cell.acquire(self.policy, now, self._check_lease(owner))
         if moves:
             self._announce(moves)
         if check and self.probe is not None and type(ticket) is Probe:
@@ -870,14 +889,19 @@ class CircuitBreaker:
 
     # -- health checks ----------------------------------------------------------
 
-    def _check_lease(self) -> float | None:
+    def _check_lease(self, owner: object = None) -> float | None:
         """How long a probe slot this breaker wins is held at most: for a breaker with a
         health check, the check's timeout and ``CHECK_LEASE_MARGIN`` (where shorter than
         ``half_open_max_wait``), since a check gives its verdict within its timeout: the
         slot of a check whose worker was killed held every other check off for
-        ``half_open_max_wait`` (60 s by default). ``None`` for a breaker without one."""
+        ``half_open_max_wait`` (60 s by default). Else, for a run's admission (``owner``:
+        the run's), what ``lease_runs_by`` says; ``None``: ``half_open_max_wait``."""
         probe = self.probe
-        return None if probe is None else probe.timeout + CHECK_LEASE_MARGIN
+        if probe is not None:
+            return probe.timeout + CHECK_LEASE_MARGIN
+        if owner is not None and _RUN_LEASE:
+            return _RUN_LEASE[0](owner)
+        return None
 
     def _check_instead(self, cell: Cell, ticket: Probe) -> tuple[Cell, Ticket]:
         """This call won a probe slot: run the health check in its place, then admit the

@@ -360,3 +360,35 @@ def test_a_class_that_decides_is_guarded_is_asked_on_every_run() -> None:
     assert task.apply().get() is True  # (a stock task keeps its breaker by now)
     guarded[0] = False
     assert task.apply().get() is False  # unguarded from this run on
+
+
+def test_a_runs_probe_slot_is_leased_for_its_hard_time_limit_where_its_pool_enforces_it() -> None:
+    from celery_breaker.breaker import CHECK_LEASE_MARGIN
+    from celery_breaker.integration.task import TIME_LIMITS_ENFORCED_ATTR, _run_lease
+
+    app = throwaway_app("run-lease")
+
+    @app.task(base=BreakerTask, shared=False, name="rl.job")
+    def job() -> None:
+        return None
+
+    app.finalize()
+    task = app.tasks["rl.job"]
+
+    def lease(**request: Any) -> float | None:
+        task.push_request(**{"is_eager": False, "called_directly": False, "timelimit": (None, None), **request})
+        try:
+            return _run_lease(task)
+        finally:
+            task.pop_request()
+
+    setattr(app, TIME_LIMITS_ENFORCED_ATTR, True)  # (a prefork worker notes it; a throwaway app has none)
+    assert lease(timelimit=(2.0, None)) == 2.0 + CHECK_LEASE_MARGIN  # the message's hard limit
+    assert lease() is None  # no limit anywhere: half_open_max_wait
+    app.conf.task_time_limit = 3.0
+    assert lease() == 3.0 + CHECK_LEASE_MARGIN  # the setting
+    assert lease(is_eager=True) is None  # nothing enforces a limit on an eager call
+    assert lease(called_directly=True) is None  # ... nor on a direct one
+    setattr(app, TIME_LIMITS_ENFORCED_ATTR, False)  # a threads or solo pool
+    assert lease(timelimit=(2.0, None)) is None
+    assert _run_lease("not a task") is None  # (a run of a program, or another integration's)

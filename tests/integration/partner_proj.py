@@ -5,7 +5,9 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import socket
+import time
 from typing import Any
 
 import redis
@@ -83,3 +85,20 @@ def call_partner(self: Any, ns: str, n: int) -> dict[str, Any]:
         "node": self.request.hostname,
         "pid": os.getpid(),
     }
+
+
+def hung_key(ns: str) -> str:
+    """Where ``hang_while_probing`` logs how its run was admitted, before it hangs."""
+    return f"{ns}:partner:hung"
+
+
+@app.task(base=BreakerTask, bind=True, breaker=BREAKER, acks_late=True)
+def hang_while_probing(self: Any, ns: str, seconds: float) -> None:
+    """Logs how the breaker admitted it, then hangs (a partner that never answers) past
+    the hard time limit it is sent with, deaf to SIGTERM, as a process stuck in C code
+    is: the prefork pool's SIGTERM at the limit cannot end the run, its SIGKILL a tenth
+    of a second later does, and the run never reports (as under the OOM killer)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    kind, generation = _admitted_as()
+    partner().rpush(hung_key(ns), json.dumps({"kind": kind, "generation": generation, "pid": os.getpid()}))
+    time.sleep(seconds)

@@ -9,6 +9,7 @@ import collections
 import contextlib
 import functools
 import json
+import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,11 +17,13 @@ from typing import Any
 
 import pytest
 import redis
+from celery.exceptions import TimeLimitExceeded
 from celery.result import AsyncResult
 
-from celery_breaker import CircuitBreaker, State
+from celery_breaker import CircuitBreaker, CircuitOpenError, State
+from celery_breaker.breaker import CHECK_LEASE_MARGIN
 from celery_breaker.storage.redis import RedisStore
-from tests.integration.partner_proj import BREAKER, call_partner, calls_key, down_key
+from tests.integration.partner_proj import BREAKER, call_partner, calls_key, down_key, hang_while_probing, hung_key
 from tests.integration.workers import WorkerProcess, wait_for
 from tests.servers import RedisServer
 
@@ -157,6 +160,76 @@ def test_an_outage_trips_one_shared_breaker_and_the_probe_cap_holds_across_both_
     assert max(per_period.values()) <= PROBES, per_period  # per half-open period, across both workers
     # Every trip after the first reopened a half-open period on its one failed probe.
     assert len(probes) == final.trips - 1, (len(probes), final.trips)
+
+
+def test_a_probe_killed_at_its_hard_time_limit_holds_its_slot_for_the_limit_not_half_open_max_wait(
+    broker: str, redis_url: str, ns: str
+) -> None:
+    # A real task admitted as the probe of a half-open breaker (no health check) hangs, and
+    # its prefork pool process is SIGKILLed at its hard time limit (deaf to the SIGTERM
+    # before it, as a process stuck in C code is): no verdict ever comes. Its slot was
+    # leased for half_open_max_wait (60 s), and with half_open_max_calls=1 no other probe
+    # could go meanwhile; it is now leased for the limit and CHECK_LEASE_MARGIN.
+    limit = 2.0
+    policy = {"failure_threshold": 1, "reset_timeout": 1.0, "half_open_max_calls": 1, "success_threshold": 1,
+              "half_open_max_wait": 60.0}  # fmt: skip
+    store_url = f"{redis_url}/5?key_prefix={ns}"
+    partner = redis.Redis.from_url(broker)
+    store = RedisStore.from_url(store_url)
+    leases_key = store.keys_for(BREAKER, None)[4]
+    with workers(broker, {"w1": {"breaker_storage_url": store_url, "breaker_default_policy": policy}}) as (w1,):
+        observer = CircuitBreaker(BREAKER, policy, storage=store)
+        with pytest.raises(ConnectionError):
+            observer.call(functools.partial(_raise, ConnectionError("partner down")))
+        wait_for(lambda: observer.snapshot().retry_after == 0.0, 10, "the breaker may half-open")
+        hung = hang_while_probing.apply_async((ns, 30.0), time_limit=limit)
+        wait_for(lambda: partner.llen(hung_key(ns)) > 0, 30, "the hung task admitted")
+        admitted = time.monotonic()
+        logged = partner.lindex(hung_key(ns), 0)
+        assert isinstance(logged, bytes)
+        assert json.loads(logged)["kind"] == "probe"
+        # Its lease, read in Redis: the limit and the margin from now, not 60 s.
+        seconds, micros = store.client().time()
+        now = seconds + micros / 1e6
+        expiries = [float(v) for v in store.client().hvals(leases_key)]
+        assert len(expiries) == 1
+        assert expiries[0] - now <= limit + CHECK_LEASE_MARGIN
+        # The pool kills it at its limit, and once the lease is over another probe goes
+        # (the observer's, in this process) and closes the breaker: long before 60 s.
+        with pytest.raises(TimeLimitExceeded):
+            hung.get(timeout=30, propagate=True)
+        wait_for(lambda: not _alive(hung_pid(partner, ns)), 10, "the hung probe's process killed")
+        with pytest.raises(CircuitOpenError):
+            observer.call(lambda: None)  # the slot is still the dead probe's: its lease frees it
+
+        def probe_admitted() -> bool:
+            with contextlib.suppress(CircuitOpenError):
+                observer.call(lambda: None)
+            return observer.snapshot().state is State.CLOSED
+
+        wait_for(probe_admitted, 30, "a probe admitted once the killed probe's lease ended")
+        freed = time.monotonic() - admitted
+        assert w1.process.poll() is None
+    print(f"\n[killed probe] slot free again {freed:.1f} s after the probe was admitted "
+          f"(lease {limit + CHECK_LEASE_MARGIN:.0f} s; half_open_max_wait 60 s)")  # fmt: skip
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
+
+
+def hung_pid(partner: redis.Redis, ns: str) -> int:
+    logged = partner.lindex(hung_key(ns), 0)
+    assert isinstance(logged, bytes)
+    return int(json.loads(logged)["pid"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # -- 2. the breaker's Redis dies mid-run -------------------------------------------

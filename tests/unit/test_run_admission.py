@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from celery_breaker import CircuitBreaker, CircuitOpenError, State
+from celery_breaker import breaker as breaker_module
 from celery_breaker.breaker import _RUN, RunAdmission, current_run
 from celery_breaker.breaker import CircuitBreaker as _Breaker
 from celery_breaker.core import Outcome, Probe
@@ -587,3 +588,45 @@ def test_succeed_leaves_the_run_even_when_recording_raises(clock: FakeClock, mon
     with pytest.raises(RuntimeError, match="store gone"):
         run.succeed()
     assert current_run() is None
+
+
+# -- the lease of a probe slot a run wins (breaker.lease_runs_by) -------------------
+
+
+@pytest.fixture
+def leases_by_owner() -> Iterator[dict[object, float]]:
+    """``lease_runs_by`` answering from a dict (the Celery integration's own lease is put
+    back afterwards)."""
+    leases: dict[object, float] = {}
+    kept = list(breaker_module._RUN_LEASE)
+    breaker_module.lease_runs_by(leases.get)
+    try:
+        yield leases
+    finally:
+        breaker_module._RUN_LEASE[:] = kept
+
+
+@pytest.mark.parametrize(("owner", "held_for"), [("task", 7.0), ("unleased", 60.0), (None, 60.0)])
+def test_a_probe_slot_a_run_wins_is_held_as_long_as_its_owners_lease(
+    clock: FakeClock, leases_by_owner: dict[object, float], owner: object, held_for: float
+) -> None:
+    # (A run that dies without a verdict, its pool process killed at the task's hard time
+    # limit, held the slot for half_open_max_wait: with half_open_max_calls=1, no probe at
+    # all could go meanwhile.)
+    leases_by_owner["task"] = 7.0
+    leases_by_owner["unleased"] = 600.0  # (never longer than half_open_max_wait)
+    breaker = make(
+        clock, failure_threshold=1, reset_timeout=10, half_open_max_calls=1, success_threshold=1, half_open_max_wait=60
+    )
+    fail(breaker)
+    clock.advance(10)
+    run = breaker.enter_run(keep, True, None, owner)
+    assert type(run.ticket) is Probe
+    run.leave()  # (the run dies here: no verdict)
+    other = CircuitBreaker("svc", breaker.policy, storage=breaker.store, clock=clock)
+    clock.advance(held_for - 0.5)
+    with pytest.raises(CircuitOpenError):
+        other.call(ok)  # the slot is still the dead run's
+    clock.advance(0.5)
+    assert other.call(ok) == "ok"
+    assert state_of(other) is State.CLOSED

@@ -340,8 +340,9 @@ class BreakerPolicy:
         default=DEFAULT_HALF_OPEN_MAX_WAIT,
         metadata=doc(
             accepts=_SECONDS_DOC,
-            meaning="a probe that has not reported by then frees its slot; a health check that has not answered "
-            "by then counts as failed",
+            meaning="a probe that has not reported by then frees its slot (sooner for a health check, its timeout "
+            "and 5 s, and for a task run on a pool that enforces its hard time limit, that limit and 5 s); a health "
+            "check that has not answered by then counts as failed",
         ),
     )
     record_exceptions: tuple[ExceptionMatcher, ...] = field(

@@ -23,7 +23,14 @@ try:  # (Celery's own request stack, read directly by _request_of)
 except ImportError:  # pragma: no cover (a Celery without them: the request property)
     _CeleryLocal = _CeleryLocalStack = None
 
-from ..breaker import CircuitBreaker, RunAdmission, bound_checks_in_runs, current_run
+from ..breaker import (
+    CHECK_LEASE_MARGIN,
+    CircuitBreaker,
+    RunAdmission,
+    bound_checks_in_runs,
+    current_run,
+    lease_runs_by,
+)
 from ..core import State
 from ..errors import CircuitOpenError, ConfigurationError, StorageError
 from ..health import HealthCheck
@@ -558,6 +565,27 @@ def _body_check_within(run: RunAdmission, checks: int) -> float | None:
 
 
 bound_checks_in_runs(_body_check_within)
+
+
+def _run_lease(owner: object) -> float | None:
+    """How long the probe slot a task's run wins at its admission is held at most
+    (``breaker.lease_runs_by``): its hard time limit (found as ``_check_within`` finds
+    it) and ``CHECK_LEASE_MARGIN``, where its pool enforces that limit (prefork, gevent).
+    Such a run gives its verdict within the limit, or is ended by it: on prefork the pool
+    process is killed, and the verdict never comes. That slot was held for the policy's
+    ``half_open_max_wait`` (60 s by default), and with ``half_open_max_calls=1`` no other
+    probe could go meanwhile. ``None`` (``half_open_max_wait``) for a run not of a
+    ``BreakerTask``, an eager or direct call, a pool that enforces no limit, or no limit."""
+    if not isinstance(owner, BreakerTask) or not getattr(owner.app, TIME_LIMITS_ENFORCED_ATTR, False):
+        return None
+    request = _request_of(owner)
+    if request.is_eager or request.called_directly:
+        return None
+    limit = run_time_limit(owner, request)
+    return None if limit is None else limit + CHECK_LEASE_MARGIN
+
+
+lease_runs_by(_run_lease)
 
 
 def _drop_frames(exc: BaseException) -> None:
