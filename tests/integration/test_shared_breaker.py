@@ -199,8 +199,10 @@ def test_a_probe_killed_at_its_hard_time_limit_holds_its_slot_for_the_limit_not_
         with pytest.raises(TimeLimitExceeded):
             hung.get(timeout=30, propagate=True)
         wait_for(lambda: not _alive(hung_pid(partner, ns)), 10, "the hung probe's process killed")
-        with pytest.raises(CircuitOpenError):
-            observer.call(lambda: None)  # the slot is still the dead probe's: its lease frees it
+        seconds, micros = store.client().time()
+        if seconds + micros / 1e6 < expiries[0] - 0.5:  # (a slow machine may have reaped it later)
+            with pytest.raises(CircuitOpenError):
+                observer.call(lambda: None)  # the slot is still the dead probe's: its lease frees it
 
         def probe_admitted() -> bool:
             with contextlib.suppress(CircuitOpenError):
