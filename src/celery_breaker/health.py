@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, cast
 
 from .core import State
 from .errors import ConfigurationError
+from .storage.urls import describe_url
 
 __all__ = [
     "DEFAULT_PROBE_TIMEOUT",
@@ -39,6 +40,7 @@ __all__ = [
     "abandon_checks_on",
     "abandon_pending_checks",
     "check_timeout",
+    "shown_probe",
 ]
 
 #: Seconds a health check may take before it counts as failed.
@@ -177,10 +179,12 @@ class HealthCheck:
     breaker has a key.
 
     ``name`` says what it is in logs (by default the function's qualified name: a
-    ``partial``'s function, a callable object's class, never a repr showing arguments).
+    ``partial``'s function, a callable object's class, never a repr showing arguments),
+    and in its repr, which never shows ``fn`` (a ``partial``'s arguments, an object's
+    fields: a URL with a password, a token).
     """
 
-    fn: Callable[..., object]
+    fn: Callable[..., object] = field(repr=False)
     timeout: float = DEFAULT_PROBE_TIMEOUT
     name: str = ""
     takes_key: bool = field(default=False, init=False, compare=False)
@@ -194,7 +198,7 @@ class HealthCheck:
         if not callable(self.fn):
             raise ConfigurationError(
                 f"probe must be a callable (sync or async, taking no arguments or the breaker's key), got "
-                f"{self.fn!r}; "
+                f"{shown_probe(self.fn)}; "
                 "a dotted path or a task name is read from the Celery settings (breaker_probes) or the "
                 "breaker_probe task option"
             )
@@ -291,9 +295,9 @@ class HealthCheck:
     async def arun(self, timeout: float | None = None) -> CheckResult:
         """``run()`` for a caller on an event loop, which it never blocks: a coroutine
         function is awaited on this loop, cancelled after the timeout; anything else runs
-        in the helper thread, waited for in another (``_run_off_loop``). Only an
-        ``Exception`` is a verdict: a cancellation of the caller (or a
-        ``KeyboardInterrupt``) goes through."""
+        in the helper thread, waited for in another (``_run_off_loop``). An ``Exception``
+        or a ``SystemExit`` the check raises is a verdict: a cancellation of the caller
+        (or a ``KeyboardInterrupt``) goes through."""
         limit = self.timeout if timeout is None else min(self.timeout, timeout)
         if not _is_coroutine_function(self.fn):
             return await self._run_off_loop(limit)
@@ -302,7 +306,7 @@ class HealthCheck:
             value = await _bounded(cast("Awaitable[object]", self._called(checked)), limit)
         except ProbeTimeout:
             return CheckResult(False, ProbeTimeout(f"health check {self.name} did not answer within {limit:g} s"))
-        except Exception as exc:  # a probe's failure is data
+        except (Exception, SystemExit) as exc:  # a probe's failure is data (its own exit too: ``_bounded``)
             return CheckResult(False, exc)
         except asyncio.CancelledError as exc:
             if _cancelling():
@@ -570,15 +574,39 @@ def _has_an_optional_key(fn: Callable[..., object]) -> bool:
 
 
 def _is_generator_function(fn: Callable[..., object]) -> bool:
-    """``fn`` is (or its ``__call__`` is) a generator function, sync or async."""
-    return any(
-        inspect.isgeneratorfunction(each) or inspect.isasyncgenfunction(each) for each in (fn, type(fn).__call__)
-    )
+    """``fn`` is (or its ``__call__``, or the ``__func__`` it calls, is) a generator
+    function, sync or async."""
+    return any(inspect.isgeneratorfunction(each) or inspect.isasyncgenfunction(each) for each in _callees(fn))
 
 
 def _is_coroutine_function(fn: Callable[..., object]) -> bool:
-    """``fn`` is (or its ``__call__`` is) an ``async def``: calling it only makes a coroutine."""
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
+    """``fn`` is (or its ``__call__``, or the ``__func__`` it calls, is) an ``async def``:
+    calling it only makes a coroutine."""
+    return any(inspect.iscoroutinefunction(each) for each in _callees(fn))
+
+
+def _callees(fn: Callable[..., object]) -> tuple[object, ...]:
+    """``fn``, its class's ``__call__``, and the ``__func__`` of a method-like object (a
+    task class's ``breaker_probe`` method, called with the task: its ``__call__`` is
+    neither a generator function nor a coroutine function, whatever the method is)."""
+    return (fn, type(fn).__call__, getattr(fn, "__func__", None))
+
+
+def shown_probe(probe: object) -> str:
+    """A probe value as errors and reprs show it, never with a secret it may hold: a
+    string (a dotted path, a task name, or a URL given by mistake) with every password
+    of a URL masked, as ``describe_url`` masks it; a ``HealthCheck`` by its name; a
+    callable by its qualified name (``_describe``: never a ``partial``'s arguments or an
+    object's fields); anything else by its type."""
+    if isinstance(probe, str):
+        return repr(describe_url(probe))
+    if isinstance(probe, HealthCheck):
+        return f"HealthCheck({probe.name!r})"
+    if callable(probe):
+        return _describe(probe)
+    if probe is None or isinstance(probe, (bool, int, float)):
+        return repr(probe)
+    return f"a {type(probe).__name__}"
 
 
 #: Async checks cancelled at their time limit and not waited for, until they end: a task
@@ -596,7 +624,7 @@ async def _bounded(awaitable: Awaitable[object], limit: float) -> object:
     cleanup hangs held its caller (and the probe slot) past its timeout, and one that
     answered after it counted as healthy. Such a check is left behind, cancelled, as a
     sync check that hangs is left in its thread."""
-    task = asyncio.ensure_future(awaitable)
+    task = asyncio.ensure_future(_exit_kept(awaitable))
     try:
         await asyncio.wait((task,), timeout=limit)
     except BaseException:  # the caller is cancelled: so is its check
@@ -605,7 +633,27 @@ async def _bounded(awaitable: Awaitable[object], limit: float) -> object:
     if not task.done():
         _abandon(task)
         raise ProbeTimeout(f"did not answer within {limit:g} s")
-    return task.result()
+    value = task.result()
+    if type(value) is _Exited:
+        raise value.exit  # (in the caller's task, which makes it a verdict: ``arun``)
+    return value
+
+
+class _Exited(NamedTuple):
+    """A ``SystemExit`` the check raised, carried out of its task as a value."""
+
+    exit: SystemExit
+
+
+async def _exit_kept(awaitable: Awaitable[object]) -> object:
+    """``await awaitable``, a ``SystemExit`` it raises kept as an ``_Exited``: raised out of
+    a task, asyncio raises it out of the event loop, which ended the caller's loop, every
+    other task on it, and its process, where the same check run in a thread failed (a
+    check's ``sys.exit()`` is the check's, not the caller's)."""
+    try:
+        return await awaitable
+    except SystemExit as exc:
+        return _Exited(exc)
 
 
 def _abandon(task: asyncio.Future[object]) -> None:

@@ -7,6 +7,7 @@ that wins the half-open probe slot runs the health check instead of its body.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import sys
 from typing import Any
@@ -227,6 +228,82 @@ def test_a_probe_method_that_takes_the_key_is_given_it() -> None:
     with checking(Checked(None, "tenant-method", "t-7", CheckRun())):
         assert probe.run() == CheckResult(True)
     assert seen == [("pk.job", "t-7")]
+
+
+def test_a_probe_method_with_an_optional_key_is_given_it_by_name() -> None:
+    # ``def breaker_probe(self, key=None)``: HealthCheck passes the key as ``key=`` (an
+    # optional key), which the method's wrapper took by position only. Every check failed
+    # with a TypeError, the method never ran, and the per-key breaker never closed.
+    app = throwaway_app("probe-method-optional-key")
+    seen: list[str | None] = []
+
+    class TenantTask(BreakerTask):
+        def breaker_probe(self, key: str | None = None) -> None:
+            seen.append(key)
+
+    @app.task(base=TenantTask, breaker="tenant-opt", breaker_key=lambda tenant: tenant, shared=False, name="po.job")
+    def job(tenant: str) -> None:
+        """A per-key task checked by its class's method, whose key is optional."""
+
+    app.finalize()
+    check_app(app)
+    probe = task_breaker_config(app.tasks["po.job"]).probe
+    assert probe is not None
+    assert probe.key_by_name
+    with checking(Checked(None, "tenant-opt", "t-1", CheckRun())):
+        assert probe.run() == CheckResult(True)
+    assert probe.run() == CheckResult(True)  # (outside a breaker: its own default)
+    assert seen == ["t-1", None]
+
+
+def test_a_probe_method_that_is_a_generator_stops_the_worker_at_start() -> None:
+    # As a generator function given as the probe is: the method's wrapper hid it, the
+    # worker started, and every check failed (its body never ran), so the breaker never closed.
+    app = throwaway_app("probe-method-generator")
+
+    class CrmTask(BreakerTask):
+        def breaker_probe(self) -> Any:
+            yield None
+
+    @app.task(base=CrmTask, breaker="crm-gen", shared=False, name="pg.job")
+    def job() -> None:
+        """A task whose class's probe method has a yield in its body."""
+
+    with pytest.raises(ConfigurationError, match=r"probe .*CrmTask\.breaker_probe is a generator function"):
+        check_app(app)
+
+
+def test_an_async_probe_method_is_awaited_on_the_callers_loop() -> None:
+    app = throwaway_app("probe-method-async")
+    seen: list[str] = []
+
+    class CrmTask(BreakerTask):
+        async def breaker_probe(self) -> None:
+            seen.append(self.name)
+
+    @app.task(base=CrmTask, breaker="crm-async", shared=False, name="pa.job")
+    def job() -> None:
+        """A task checked by its class's coroutine method."""
+
+    app.finalize()
+    check_app(app)
+    probe = task_breaker_config(app.tasks["pa.job"]).probe
+    assert probe is not None
+    assert asyncio.run(probe.arun()) == CheckResult(True)
+    assert probe.run() == CheckResult(True)
+    assert seen == ["pa.job", "pa.job"]
+
+
+def test_a_url_given_as_a_probe_is_refused_with_its_password_masked() -> None:
+    # It names no module: the refusal quoted it whole, password and all.
+    url = "https://svc:hunter2@crm.example.com/health"
+    text = start_refused({"crm": url}, "crm")
+    assert "breaker_probes['crm']='https://svc:***@crm.example.com/health' is a URL, not a health check" in text
+    assert "write a function that calls it" in text
+    assert "hunter2" not in text
+    settings = build_settings(throwaway_app("probe-url-repr", breaker_probes={"crm": url}).conf)
+    assert "svc:***@crm.example.com" in repr(settings)
+    assert "hunter2" not in repr(settings)
 
 
 def test_a_probe_that_needs_arguments_stops_the_worker_at_start() -> None:

@@ -9,6 +9,7 @@ import contextvars
 import dataclasses
 import functools
 import logging
+import sys
 import threading
 import types
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from celery_breaker.health import (
     ProbeTimeout,
     abandon_checks_on,
     abandon_pending_checks,
+    shown_probe,
 )
 from celery_breaker.testing import FakeClock, fresh_store
 
@@ -1210,3 +1212,53 @@ def test_a_killed_workers_check_holds_its_slot_for_its_timeout_not_half_open_max
     clock.advance(0.5)
     assert other.check_health().state is State.CLOSED  # 7 s, not 60
     assert CircuitBreaker("plain", policy, storage=store, clock=clock)._check_lease() is None
+
+
+def test_a_check_that_exits_is_a_failed_check_on_the_callers_loop_too(clock: FakeClock) -> None:
+    # Raised out of the check's task, asyncio raised its SystemExit out of the event loop:
+    # the caller's loop, every other task on it and its process ended, where the same
+    # check run in a thread is a failed check.
+    async def check() -> None:
+        sys.exit(3)
+
+    assert HealthCheck(check).run().detail == "SystemExit: 3"
+    others: list[int] = []
+
+    async def other() -> None:
+        for each in range(3):
+            others.append(each)
+            await asyncio.sleep(0)
+
+    async def main() -> None:
+        breaker = breaker_with(check, clock)
+        fail(breaker)
+        clock.advance(10)
+        beside = asyncio.ensure_future(other())
+        with pytest.raises(CircuitOpenError):
+            async with breaker:
+                pass
+        assert state_of(breaker) is State.OPEN  # the check failed: reopened
+        await beside
+        result = await HealthCheck(check).arun()
+        assert type(result.error) is SystemExit
+        assert not result.healthy
+
+    asyncio.run(main())
+    assert others == [0, 1, 2]
+
+
+def test_a_health_checks_repr_and_shown_probe_never_show_its_arguments() -> None:
+    secret = functools.partial(ping, "https://ops:s3cret@crm.example.com/health")
+    check = HealthCheck(secret, 2.0)
+    assert repr(check) == f"HealthCheck(timeout=2.0, name='{__name__}:ping', takes_key=False, key_by_name=False)"
+    shown = [shown_probe(each) for each in (secret, check, "https://ops:s3cret@crm.example.com/health", {"a": 1}, 42)]
+    assert shown == [
+        f"{__name__}:ping",
+        f"HealthCheck('{__name__}:ping')",
+        "'https://ops:***@crm.example.com/health'",
+        "a dict",
+        "42",
+    ]
+    with pytest.raises(ConfigurationError) as info:
+        HealthCheck("https://ops:s3cret@crm.example.com/health")  # type: ignore[arg-type]
+    assert "s3cret" not in str(info.value)

@@ -19,7 +19,8 @@ from celery import Task
 from ..breaker import CircuitBreaker
 from ..core import BreakerPolicy
 from ..errors import ConfigurationError
-from ..health import HealthCheck, ProbeFunction
+from ..health import HealthCheck, ProbeFunction, shown_probe
+from ..storage.urls import scrub_secrets
 from .registry import registry_for
 
 __all__ = ["breaker_with_probe", "resolve_probe"]
@@ -41,11 +42,19 @@ def resolve_probe(app: Any, probe: ProbeSpec, *, where: str, timeout: float) -> 
         return HealthCheck(probe, timeout)
     if not isinstance(probe, str) or not probe or probe.strip() != probe:
         raise ConfigurationError(
-            f"{where} must be a callable, a dotted path 'package.module:function' or a task name, got {probe!r}"
+            f"{where} must be a callable, a dotted path 'package.module:function' or a task name, "
+            f"got {shown_probe(probe)}"
         )
     task = app.tasks.get(probe)
     if task is not None:
         return HealthCheck(task.run, timeout, f"task {probe}")
+    if "://" in probe:
+        # (a URL to fetch, as some health checkers take: shown masked, with what to write)
+        raise ConfigurationError(
+            f"{where}={shown_probe(probe)} is a URL, not a health check; write a function that calls it "
+            "(raising, or returning False, when the downstream is unhealthy) and name it "
+            "'package.module:function', or give the function itself"
+        )
     found = _import(probe, where)
     if isinstance(found, Task):
         # A task named by its dotted path, not its name: its body too, never the task
@@ -60,20 +69,21 @@ def _import(path: str, where: str) -> ProbeFunction:
     if not colon:
         module_name, _, attr = path.rpartition(".")
     fix = "write 'package.module:function', or the name of a task of this app"
+    shown = shown_probe(path)  # (never a password it may hold)
     if not module_name or not attr:
-        raise ConfigurationError(f"{where}={path!r} names no task of this app and is no dotted path; {fix}")
+        raise ConfigurationError(f"{where}={shown} names no task of this app and is no dotted path; {fix}")
     try:
         found = importlib.import_module(module_name)
         for part in attr.split("."):
             found = getattr(found, part)
     except (ImportError, AttributeError) as exc:
-        problem = f"{where}={path!r} names no task of this app and cannot be imported ({exc})"
+        problem = f"{where}={shown} names no task of this app and cannot be imported ({scrub_secrets(str(exc), path)})"
         raise ConfigurationError(f"{problem}; {fix}") from None
     except Exception as exc:  # (the module itself fails as it is imported: a SyntaxError, its own code)
-        problem = f"{where}={path!r}: importing {module_name!r} failed ({type(exc).__name__}: {exc})"
+        problem = f"{where}={shown}: importing {module_name!r} failed ({type(exc).__name__}: {exc})"
         raise ConfigurationError(f"{problem}; fix that module, or name another check") from exc
     if not callable(found):
-        raise ConfigurationError(f"{where}={path!r} is {found!r}, not a callable; {fix}")
+        raise ConfigurationError(f"{where}={shown} is {shown_probe(found)}, not a callable; {fix}")
     checked: ProbeFunction = found
     return checked
 

@@ -16,7 +16,7 @@ from ..core import BreakerPolicy
 from ..core.pacing import PacingLaw
 from ..core.policy import LARGEST_COUNT
 from ..errors import ConfigurationError
-from ..health import DEFAULT_PROBE_TIMEOUT, HealthCheck, ProbeFunction, check_timeout
+from ..health import DEFAULT_PROBE_TIMEOUT, HealthCheck, ProbeFunction, check_timeout, shown_probe
 from ..names import check_name
 from ..storage import check_storage_url, describe_url, is_shared_url
 from ..storage.fallback import MODES as ON_STORAGE_ERROR_CHOICES
@@ -126,13 +126,17 @@ class BreakerSettings:
     _policy_cache: dict[str, BreakerPolicy] = field(default_factory=dict, repr=False, compare=False)
 
     def __repr__(self) -> str:
-        # Every field as a dataclass shows it, the store URL with its password masked.
-        shown = ", ".join(
-            f"{f.name}={describe_url(self.storage_url) if f.name == 'storage_url' else getattr(self, f.name)!r}"
-            for f in fields(self)
-            if f.repr
-        )
+        # Every field as a dataclass shows it, the store URL with its password masked, and
+        # each health check as ``shown_probe`` shows it (a URL given as one, masked).
+        shown = ", ".join(f"{f.name}={self._shown(f.name)}" for f in fields(self) if f.repr)
         return f"{type(self).__name__}({shown})"
+
+    def _shown(self, name: str) -> str:
+        if name == "storage_url":
+            return repr(describe_url(self.storage_url))
+        if name == "probes":
+            return "(" + "".join(f"({pattern!r}, {shown_probe(probe)}), " for pattern, probe in self.probes) + ")"
+        return repr(getattr(self, name))
 
     def policy_for(self, name: str) -> BreakerPolicy:
         """The default policy, then every matching ``breaker_policies`` entry in order
@@ -340,7 +344,8 @@ def _probe_entry(pattern: str, probe: Any) -> tuple[str, str | ProbeFunction | H
         return pattern, probe  # (a HealthCheck keeps its own timeout, as given as a task option)
     raise ConfigurationError(
         f"breaker_probes[{pattern!r}] must be a dotted path to a health-check function "
-        f"('package.module:function'), a task name, a callable, or a celery_breaker.HealthCheck, got {probe!r}"
+        f"('package.module:function'), a task name, a callable, or a celery_breaker.HealthCheck, "
+        f"got {shown_probe(probe)}"
     )
 
 

@@ -133,15 +133,16 @@ class _TaskMethod:
 
     def __init__(self, function: Callable[..., object], task: Any) -> None:
         functools.update_wrapper(self, function)
-        self.function = function
+        self.function = self.__func__ = function  # (``__func__``: what a check is, ``health._callees``)
         self.task = task
         # What is left to give once ``self`` is: nothing, or the breaker's key (``HealthCheck``).
         with contextlib.suppress(TypeError, ValueError):
             signature = inspect.signature(function)
             self.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])
 
-    def __call__(self, *key: object) -> object:
-        return self.function(self.task, *key)
+    def __call__(self, *key: object, **by_name: object) -> object:
+        # (the key by position, or as ``key=`` to a method whose ``key`` is optional)
+        return self.function(self.task, *key, **by_name)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _TaskMethod) and other.function is self.function
