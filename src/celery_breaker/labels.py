@@ -40,10 +40,28 @@ def split_label(label: str) -> tuple[str, str | None]:
     return label, None
 
 
+#: Characters Python calls printable that show nothing: Unicode's default ignorable code
+#: points (variation selectors, the combining grapheme joiner, Hangul fillers, tags; the
+#: rest of them are format characters, which Python already calls unprintable) and the
+#: blank braille pattern. ``tenant-7`` and ``tenant-7`` + U+FE0F read the same on the
+#: page, in ``status`` and in a metric's label: ``visible`` writes each as its escape.
+_INVISIBLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+    "\u2060-\u206f\u2800\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3"
+    "\U0001d173-\U0001d17a\U000e0000-\U000e0fff]"
+)
+
+
+def _plain(text: str) -> bool:
+    """Whether every character of ``text`` shows as itself: printable, and not invisible."""
+    return text.isprintable() and _INVISIBLE.search(text) is None
+
+
 def visible(text: str) -> str:
     """``text`` safe to print to a terminal or a log line: each character that is not
-    printable (an escape, a newline, a bell) written as its escape (``\\x1b``), and an
-    empty text as ``""``. A breaker's name is checked (``names.check_name``), but its key
+    printable (an escape, a newline, a bell), or prints as nothing (``_INVISIBLE``: a
+    variation selector), written as its escape (``\\x1b``, ``\\ufe0f``), and an empty
+    text as ``""``. A breaker's name is checked (``names.check_name``), but its key
     may come from a task's arguments (``breaker_key``) and hold anything. So that no two
     texts look alike and ``read_visible`` reads any of them back (what an operator copies
     from ``status`` names the key it shows), a backslash is doubled (``a\\nb`` is a
@@ -51,7 +69,7 @@ def visible(text: str) -> str:
     ``\\x20``, and a text of two quotes ``\\x22\\x22``."""
     if not text:
         return '""'
-    if text.isprintable() and "\\" not in text and text[0] != " " and text[-1] != " " and text != '""':
+    if _plain(text) and "\\" not in text and text[0] != " " and text[-1] != " " and text != '""':
         return text
     if text == '""':
         return "\\x22\\x22"
@@ -64,6 +82,9 @@ def _shown(char: str, at_an_end: bool) -> str:
         return "\\\\"
     if not char.isprintable():
         return repr(char)[1:-1]
+    if _INVISIBLE.match(char) is not None:  # (``repr`` shows it as it is: printable)
+        code = ord(char)
+        return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
     return "\\x20" if at_an_end and char == " " else char
 
 
@@ -72,7 +93,7 @@ def read_visible(shown: str) -> str | None:
     ``''``), when that is not ``shown`` itself; else ``None``."""
     if shown == '""':
         return ""
-    if "\\" not in shown or not shown.isprintable() or _SHOWN.fullmatch(shown) is None:
+    if "\\" not in shown or not _plain(shown) or _SHOWN.fullmatch(shown) is None:
         return None
     text = _ESCAPE.sub(_unescape, shown)
     return text if visible(text) == shown else None
@@ -91,7 +112,8 @@ def _unescape(escape: re.Match[str]) -> str:
 
 class PrintableLog(logging.Filter):
     """On the ``celery_breaker`` logger (the package installs it): each text argument of
-    a record that is not printable is written as ``visible`` shows it. A key from a
+    a record that is not printable (or holds a character that prints as nothing) is
+    written as ``visible`` shows it. A key from a
     task's arguments reaches many log lines (a transition, a parked task) as such an
     argument; with a newline or an escape sequence in it, a line could forge the next one
     or drive the terminal that tails the log. The message itself is ours and keeps its
@@ -100,6 +122,6 @@ class PrintableLog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
-        if isinstance(args, tuple) and any(type(arg) is str and not arg.isprintable() for arg in args):
-            record.args = tuple(visible(arg) if type(arg) is str and not arg.isprintable() else arg for arg in args)
+        if isinstance(args, tuple) and any(type(arg) is str and not _plain(arg) for arg in args):
+            record.args = tuple(visible(arg) if type(arg) is str and not _plain(arg) else arg for arg in args)
         return True

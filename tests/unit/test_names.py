@@ -105,13 +105,18 @@ def test_an_operators_key_must_be_printable_text(key: str) -> None:
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.text(max_size=60) | st.from_regex(r"\A[ \\n\"x]{0,6}\Z"))
+@given(
+    st.text(max_size=60)
+    | st.from_regex(r"\A[ \\n\"x]{0,6}\Z")
+    | st.from_regex("\\A[a\u034f\u3164\ufe0f\U000e0101\\\\u]{0,6}\\Z")
+)
 def test_what_visible_shows_is_printable_and_reads_back_as_the_text(text: str) -> None:
     # What `status` shows of a key is what an operator types to name it: any key, control
     # characters, backslashes, surrounding spaces and the empty key included, and no two
     # keys look alike.
     shown = visible(text)
     assert shown.isprintable()
+    assert not any(char in shown for char in "\u034f\u3164\ufe0f\U000e0101")  # (each printable, showing nothing)
     assert shown == shown.strip()
     read = read_visible(shown)
     assert (shown if read is None else read) == text
@@ -128,6 +133,13 @@ def test_what_visible_shows_is_printable_and_reads_back_as_the_text(text: str) -
         (" x ", "\\x20x\\x20"),  # spaces at its ends, which a terminal hides
         ("", '""'),
         ('""', "\\x22\\x22"),  # (not the empty key)
+        # Printable, but showing nothing: "tenant-7" and these read alike on the page,
+        # in `status` and in a metric's label.
+        ("tenant-7\ufe0f", "tenant-7\\ufe0f"),  # a variation selector
+        ("tenant-7\u034f", "tenant-7\\u034f"),  # the combining grapheme joiner
+        ("tenant-7\U000e0101", "tenant-7\\U000e0101"),  # a variation selector beyond the BMP
+        ("x\u3164", "x\\u3164"),  # a Hangul filler
+        ("te\u0301", "te\u0301"),  # a combining accent shows: kept
     ],
 )
 def test_visible_escapes_control_characters_and_doubles_backslashes(text: str, shown: str) -> None:
