@@ -7,11 +7,14 @@ from typing import Any
 
 import pytest
 from celery import Celery
+from celery.exceptions import TimeLimitExceeded
 
 from celery_breaker import BreakerTask, CircuitBreaker, ConfigurationError, State
 from celery_breaker.breaker import current_run
+from celery_breaker.core import Outcome
+from celery_breaker.integration import task as task_module
 from celery_breaker.integration.inventory import check_app
-from celery_breaker.testing import FakeClock, use_clock
+from celery_breaker.testing import FakeClock, fresh_store, use_clock
 
 
 class RateLimited(Exception):
@@ -392,3 +395,53 @@ def test_a_runs_probe_slot_is_leased_for_its_hard_time_limit_where_its_pool_enfo
     setattr(app, TIME_LIMITS_ENFORCED_ATTR, False)  # a threads or solo pool
     assert lease(timelimit=(2.0, None)) is None
     assert _run_lease("not a task") is None  # (a run of a program, or another integration's)
+
+
+def _killed_app(prefork: bool) -> Any:
+    app = Celery("killed-at-limit", set_as_current=False, broker="memory://")
+    if prefork:
+        setattr(app, task_module.SOFT_TIME_LIMITS_ENFORCED_ATTR, True)  # (as a prefork worker notes it)
+    return app
+
+
+@pytest.mark.parametrize(
+    ("prefork", "code", "into_run", "counted"),
+    [
+        (True, task_module._SIGTERM_EXIT, 8.5, True),  # the pool's SIGTERM at the 10 s limit
+        (True, task_module._SIGTERM_EXIT, 3.0, False),  # a SIGTERM early in the run: a cold shutdown, a revoke
+        (True, 1, 9.5, False),  # the body's own sys.exit(1)
+        (False, task_module._SIGTERM_EXIT, 9.5, False),  # a pool that does not kill at the limit
+    ],
+)
+def test_only_an_exit_at_the_hard_time_limit_on_prefork_counts_as_a_timeout(
+    prefork: bool, code: int, into_run: float, counted: bool
+) -> None:
+    # On prefork the pool SIGTERMs a run at its hard time limit, and billiard's handler
+    # raises SystemExit(-241) in it: neutral as an exit, so a partner that hung every call
+    # never opened its breaker (tests/integration/test_shared_breaker.py shows it on a
+    # real worker). Such an exit, at least KILLED_AT_SHARE of the limit into the run, is
+    # a TimeLimitExceeded now; any other stays what it was.
+    app = _killed_app(prefork)
+
+    @app.task(base=BreakerTask, breaker="killed", time_limit=10, shared=False)
+    def job() -> None:
+        """A task with a hard time limit."""
+
+    clock = FakeClock()
+    breaker = CircuitBreaker(
+        "killed", {"slow_call_duration": 60.0, "slow_call_rate_threshold": 1.0}, storage=fresh_store(), clock=clock
+    )
+    job.push_request(called_directly=False)
+    run = breaker.enter_run(task_module._translate, True, None, job)
+    try:
+        clock.advance(into_run)
+        exit_ = SystemExit(code)
+        seen = task_module._translate(exit_)
+    finally:
+        run.leave()
+        job.pop_request()
+    if counted:
+        assert isinstance(seen, TimeLimitExceeded)
+        assert breaker.policy.classify(seen) is Outcome.FAILURE
+    else:
+        assert seen is exit_

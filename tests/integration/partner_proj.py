@@ -102,3 +102,12 @@ def hang_while_probing(self: Any, ns: str, seconds: float) -> None:
     kind, generation = _admitted_as()
     partner().rpush(hung_key(ns), json.dumps({"kind": kind, "generation": generation, "pid": os.getpid()}))
     time.sleep(seconds)
+
+
+@app.task(base=BreakerTask, bind=True, breaker=BREAKER, acks_late=True)
+def hang_in_block(self: Any, ns: str, seconds: float) -> None:
+    """Calls a partner that never answers, inside its guarded block, past the hard time
+    limit it is sent with: the prefork pool's SIGTERM at the limit ends it."""
+    partner().rpush(hung_key(ns), json.dumps({"pid": os.getpid()}))
+    with self.breaker:
+        time.sleep(seconds)

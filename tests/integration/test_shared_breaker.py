@@ -23,7 +23,15 @@ from celery.result import AsyncResult
 from celery_breaker import CircuitBreaker, CircuitOpenError, State
 from celery_breaker.breaker import CHECK_LEASE_MARGIN
 from celery_breaker.storage.redis import RedisStore
-from tests.integration.partner_proj import BREAKER, call_partner, calls_key, down_key, hang_while_probing, hung_key
+from tests.integration.partner_proj import (
+    BREAKER,
+    call_partner,
+    calls_key,
+    down_key,
+    hang_in_block,
+    hang_while_probing,
+    hung_key,
+)
 from tests.integration.workers import WorkerProcess, wait_for
 from tests.servers import RedisServer
 
@@ -214,6 +222,36 @@ def test_a_probe_killed_at_its_hard_time_limit_holds_its_slot_for_the_limit_not_
         assert w1.process.poll() is None
     print(f"\n[killed probe] slot free again {freed:.1f} s after the probe was admitted "
           f"(lease {limit + CHECK_LEASE_MARGIN:.0f} s; half_open_max_wait 60 s)")  # fmt: skip
+
+
+def test_runs_killed_at_their_hard_time_limit_count_as_failures_and_trip_the_breaker(
+    broker: str, redis_url: str, ns: str
+) -> None:
+    # A partner that never answers, called in a guarded block until the prefork pool kills
+    # the run at its hard time limit: the exit the pool's SIGTERM raises was neutral, so
+    # every later task spent its whole limit on the hung partner and the breaker never
+    # opened (gevent's timeout, raised in the run, did open it). Now each such run is a
+    # TimeLimitExceeded: two of them trip a breaker of threshold 2, and the next task waits.
+    limit = 2.0
+    policy = {"failure_threshold": 2, "window": 120.0, "reset_timeout": 60.0}
+    store_url = f"{redis_url}/5?key_prefix={ns}"
+    partner = redis.Redis.from_url(broker)
+    store = RedisStore.from_url(store_url)
+    config = {"breaker_storage_url": store_url, "breaker_default_policy": policy}
+    with workers(broker, {"w1": config}) as (w1,):
+        observer = CircuitBreaker(BREAKER, policy, storage=store)
+        for _ in range(2):
+            hung = hang_in_block.apply_async((ns, 30.0), time_limit=limit)
+            with pytest.raises(TimeLimitExceeded):
+                hung.get(timeout=30, propagate=True)
+        wait_for(lambda: observer.snapshot().state is State.OPEN, 10, "the breaker open after two killed runs")
+        snapshot = observer.snapshot()
+        assert (snapshot.failures, snapshot.trips) == (2, 1)
+        waiting = hang_in_block.apply_async((ns, 30.0), time_limit=limit)
+        wait_for(lambda: waiting.state == "RETRY", 10, "the next task deferred, not sent to the hung partner")
+        assert partner.llen(hung_key(ns)) == 2  # only the two killed runs reached the partner
+        assert w1.process.poll() is None
+        waiting.revoke()
 
 
 def _raise(exc: BaseException) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import signal
 import sys
 import traceback
 import types
@@ -14,7 +15,7 @@ from typing import Any, ClassVar
 
 from celery import Task
 from celery.app.task import _task_stack
-from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded
+from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.local import Proxy
 
 try:  # (Celery's own request stack, read directly by _request_of)
@@ -66,13 +67,49 @@ _FAILED_ATTR = "_celery_breaker_failed_run"
 
 def _translate(exc: BaseException) -> BaseException | None:
     """What a Celery control-flow exception raised inside a run says about the downstream:
-    a ``Retry`` counts as its cause (neutral without one); ``Ignore``/``Reject`` are neutral."""
+    a ``Retry`` counts as its cause (neutral without one); ``Ignore``/``Reject`` are neutral;
+    the exit of a pool process killed at the run's hard time limit is a ``TimeLimitExceeded``
+    (``_killed_at_limit``)."""
     if isinstance(exc, Retry):
         cause = exc.exc if isinstance(exc.exc, BaseException) else getattr(exc, _CAUSE_ATTR, None)
         return cause if isinstance(cause, BaseException) else None
     if isinstance(exc, (Ignore, Reject)):
         return None
+    if type(exc) is SystemExit and exc.code == _SIGTERM_EXIT:
+        return _killed_at_limit(exc)
     return exc
+
+
+#: The exit billiard's handler raises in a prefork pool process sent SIGTERM: by its pool
+#: at the run's hard time limit (a SIGKILL follows a tenth of a second later), or at a
+#: cold shutdown, or by a revoke that terminates.
+_SIGTERM_EXIT = -(256 - signal.SIGTERM)
+#: A SIGTERM that comes at least this share of the run's hard time limit into the run is
+#: the limit's (the pool counts the limit from a moment before the run begins).
+KILLED_AT_SHARE = 0.8
+
+
+def _killed_at_limit(exc: SystemExit) -> BaseException:
+    """The exit of a prefork pool process sent SIGTERM at the run's hard time limit, as the
+    failure it is: ``TimeLimitExceeded`` (a hung downstream). As an exit it was neutral (a
+    ``BaseException``), so on prefork a downstream that hung every call to the limit never
+    opened its breaker, where gevent's timeout, raised in the run, did (decision 86). Any
+    other exit (a cold shutdown, a revoke, earlier than ``KILLED_AT_SHARE`` of the limit; a
+    pool that does not kill at the limit) stays neutral."""
+    run = current_run()
+    if run is None or run.start is None:
+        return exc
+    task = run.owner
+    if not isinstance(task, BreakerTask) or not getattr(task.app, SOFT_TIME_LIMITS_ENFORCED_ATTR, False):
+        return exc  # (only prefork sends the SIGTERM: its time limits are the only soft-enforced ones)
+    request = _request_of(task)
+    if request.is_eager or request.called_directly:
+        return exc
+    limit = run_time_limit(task, request)
+    if limit is None or run.breaker._now() - run.start < KILLED_AT_SHARE * limit:
+        return exc
+    killed: BaseException = TimeLimitExceeded(limit)
+    return killed
 
 
 def _request_of(task: Task) -> Any:
@@ -319,10 +356,11 @@ class BreakerTask(Task):  # type: ignore[misc]
                     args, kwargs = _arguments(call[0], call[1], args, kwargs)
                     asked = call[2]
                 return self._on_rejected(breaker, rejected, args, kwargs, asked)
-            except BaseException:
-                run.settle(sys.exc_info()[1])
-                # (Eager and direct calls cannot wait: they keep their real error.)
-                if self._can_defer() or self.breaker_fallback is not None:
+            except BaseException as error:
+                run.settle(error)
+                # (Eager and direct calls cannot wait: they keep their real error; nor can a
+                # pool process that is being killed: ``_killed_at_limit``.)
+                if type(error) is not SystemExit and (self._can_defer() or self.breaker_fallback is not None):
                     rejection = _waits_instead(run)
                     if rejection is not None:
                         return self._on_rejected(breaker, rejection, args, kwargs)
