@@ -216,7 +216,9 @@ def test_a_probe_method_that_takes_the_key_is_given_it() -> None:
         def breaker_probe(self, key: str | None) -> None:
             seen.append((self.name, key))
 
-    @app.task(base=TenantTask, breaker="tenant-method", breaker_key=lambda tenant: tenant, shared=False, name="pk.job")
+    @app.task(
+        base=TenantTask, breaker="tenant-method", breaker_key=lambda args, kwargs: args[0], shared=False, name="pk.job"
+    )
     def job(tenant: str) -> None:
         """A per-key task checked by its class's method, per key."""
 
@@ -241,7 +243,9 @@ def test_a_probe_method_with_an_optional_key_is_given_it_by_name() -> None:
         def breaker_probe(self, key: str | None = None) -> None:
             seen.append(key)
 
-    @app.task(base=TenantTask, breaker="tenant-opt", breaker_key=lambda tenant: tenant, shared=False, name="po.job")
+    @app.task(
+        base=TenantTask, breaker="tenant-opt", breaker_key=lambda args, kwargs: args[0], shared=False, name="po.job"
+    )
     def job(tenant: str) -> None:
         """A per-key task checked by its class's method, whose key is optional."""
 

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 from celery.result import EagerResult
 
-from celery_breaker import BreakerTask, CircuitBreaker, CircuitOpenError, State
+from celery_breaker import BreakerTask, CircuitBreaker, CircuitOpenError, ConfigurationError, State
+from celery_breaker.integration.inventory import check_app
 from celery_breaker.integration.registry import registry_for
 from celery_breaker.integration.task_options import task_breaker_config
 
 from . import tasks
 from .support import DEFERRED, TIMEOUT, deferral_text, wait_for
+from .test_settings import throwaway_app
 
 Operate = Callable[[CircuitBreaker], CircuitBreaker]
 
@@ -229,3 +232,63 @@ def test_a_rejection_that_fails_a_task_keeps_its_text_in_the_result_backend(app:
     with pytest.raises(CircuitOpenError) as info:
         result.get(timeout=TIMEOUT)
     assert str(info.value) == "breaker 't-plain-guarded' forced_open"
+
+
+def _quote_fallback_none() -> str:
+    return "cached"
+
+
+def _key_of_one(tenant: str) -> str:
+    return tenant
+
+
+def _any_fallback(*args: Any, **kwargs: Any) -> str:
+    return "cached"
+
+
+def _symbol_fallback(symbol: str, currency: str = "EUR") -> str:
+    return symbol
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"breaker_key": _key_of_one}, "breaker_key cannot be called (args, kwargs)"),
+        ({"breaker_fallback": _quote_fallback_none}, "breaker_fallback cannot be called with the task's arguments"),
+        ({"breaker_key": "key_of_one"}, "breaker_key cannot be called (args, kwargs)"),
+        ({"breaker_fallback": "fallback_of_none"}, "breaker_fallback cannot be called with the task's arguments"),
+        ({"breaker_fallback": _any_fallback, "breaker_key": lambda args, kwargs: args[0]}, None),
+        ({"breaker_fallback": _symbol_fallback, "breaker_key": "key_of_two"}, None),
+        ({"breaker_fallback": "fallback_of_symbol"}, None),
+    ],
+)
+def test_a_key_or_fallback_that_cannot_take_its_call_stops_the_worker_at_start(
+    options: dict[str, Any], problem: str | None
+) -> None:
+    # The worker started; the key then failed every run with a bare TypeError naming no
+    # option, and the fallback failed every task at the first outage instead of answering.
+    app = throwaway_app("call-shapes")
+
+    class QuoteTask(BreakerTask):
+        def key_of_one(self, tenant: str) -> str:
+            return tenant
+
+        def key_of_two(self, args: Any, kwargs: Any) -> str:
+            return str(args[0])
+
+        def fallback_of_none(self) -> str:
+            return "cached"
+
+        def fallback_of_symbol(self, symbol: str) -> str:
+            return symbol
+
+    @app.task(base=QuoteTask, bind=True, breaker="quotes-shape", shared=False, name="shape.quote", **options)
+    def quote(self: Any, symbol: str) -> str:
+        """A task of one argument."""
+        return "live"
+
+    if problem is None:
+        check_app(app)
+        return
+    with pytest.raises(ConfigurationError, match=re.escape(f"task 'shape.quote': {problem}")):
+        check_app(app)

@@ -164,8 +164,8 @@ TASK_OPTION_DOCS: dict[str, Doc] = {
         default="the task's name (under `task_cls`, the one `breaker_routes` names)",
     ),
     "breaker_key": Doc(
-        accepts="a callable `(args, kwargs) -> str`, or the name of a task method; a name that is no method "
-        "stops the worker at start",
+        accepts="a callable `(args, kwargs) -> str`, or the name of a task method; a name that is no method, "
+        "or a callable that cannot be called `(args, kwargs)`, stops the worker at start",
         meaning="per-key breakers (one per tenant, host, ...); a method defined on a `BreakerTask` subclass is "
         "called as a method (`self.breaker_key(args, kwargs)`). A key longer than 200 characters, or one "
         "that is not text (a lone surrogate), is kept as its first characters, `~` and a digest of the whole, "
@@ -179,7 +179,8 @@ TASK_OPTION_DOCS: dict[str, Doc] = {
         default="`breaker_policies`, then `breaker_default_policy`",
     ),
     "breaker_fallback": Doc(
-        accepts="a callable, or the name of a task method",
+        accepts="a callable, or the name of a task method, that takes the task's arguments (one that cannot "
+        "take those the task's body requires stops the worker at start)",
         meaning="called with the task's arguments when the breaker rejects the task; its result is returned "
         "instead of deferring",
         default="defer",

@@ -76,6 +76,7 @@ def task_breaker_config(task: Any) -> TaskBreakerConfig:
                 f"{where}: {attr}={value!r} names no method of the task; "
                 f"define {value}() on the task class or give a callable"
             )
+    _check_call_shapes(cls, task, where)
     config = TaskBreakerConfig(
         name=name,
         policy=policy,
@@ -88,6 +89,66 @@ def task_breaker_config(task: Any) -> TaskBreakerConfig:
     )
     setattr(cls, _CONFIG, config)
     return config
+
+
+#: A value standing for each argument a call shape passes.
+_ARGUMENT = object()
+
+
+def _check_call_shapes(cls: Any, task: Any, where: str) -> None:
+    """Refuse a ``breaker_key`` that cannot be called as ``key(args, kwargs)``, and a
+    ``breaker_fallback`` that cannot take the task's arguments (those its body requires):
+    either failed only at its first call, the key on every run with a bare ``TypeError``,
+    the fallback at the first outage, which failed every task it should have answered.
+    A callable without a signature to read (a C function) is left to its call."""
+    body = _signature_of(cls, task, "run")
+    fallback_shape: tuple[list[object], dict[str, object]] | None = None
+    if body is not None:
+        positional: list[object] = []
+        named: dict[str, object] = {}
+        for parameter in body.parameters.values():
+            if parameter.default is not inspect.Parameter.empty:
+                continue
+            if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
+                positional.append(_ARGUMENT)
+            elif parameter.kind is parameter.KEYWORD_ONLY:
+                named[parameter.name] = _ARGUMENT
+        fallback_shape = (positional, named)
+    shapes = {
+        "breaker_key": (([_ARGUMENT, _ARGUMENT], {}), "write it as key(args, kwargs), returning the key (or None)"),
+        "breaker_fallback": (
+            fallback_shape,
+            "give it the task's own parameters (def fallback(*args, **kwargs) takes any)",
+        ),
+    }
+    for attr, (shape, fix) in shapes.items():
+        found = _signature_of(cls, task, attr) if getattr(cls, attr) is not None else None
+        if found is None or shape is None:
+            continue
+        try:
+            found.bind(*shape[0], **shape[1])
+        except TypeError as exc:
+            needed = "(args, kwargs)" if attr == "breaker_key" else "with the task's arguments"
+            raise ConfigurationError(f"{where}: {attr} cannot be called {needed} ({exc}); {fix}") from None
+
+
+def _signature_of(cls: Any, task: Any, attr: str) -> inspect.Signature | None:
+    """The signature ``attr`` (a callable, or the name of a method of the task) is called
+    with, ``self`` left out for a method; ``None`` where it cannot be read."""
+    value = getattr(cls, attr)
+    raw = inspect.getattr_static(cls, attr)
+    if isinstance(value, str):
+        raw = inspect.getattr_static(cls, value, None)
+        value = getattr(cls, value, None)
+    if not callable(value):
+        return None
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):
+        return None
+    if isinstance(raw, types.FunctionType):  # (a method of the class: called bound, ``self`` given)
+        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
+    return signature
 
 
 def _routed_name(cls: Any, task_name: str | None, settings: BreakerSettings) -> str | None:
