@@ -197,6 +197,14 @@ class RunAdmission:
         finally:
             _run_reset(self._token)
 
+    @property
+    def enclosing(self) -> RunAdmission | None:
+        """The run that was current when this one was made current (a task body that
+        called a task directly), if any."""
+        token = getattr(self, "_token", None)
+        previous = None if token is None else token.old_value
+        return previous if isinstance(previous, RunAdmission) else None
+
     def failed_while_open(self) -> bool:
         """The run recorded a failure, and its breaker no longer admits calls freely."""
         if self.recorded is not FAILURE:

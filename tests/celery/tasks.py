@@ -304,6 +304,25 @@ def nested_outer_task(self: Any) -> dict[str, Any]:
     return report(self, nested_inner_task())
 
 
+#: Runs of ``self_nesting_task``: (depth, the run's request args) as each began.
+SELF_NESTED: list[tuple[int, Any]] = []
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-self-nested")
+def self_nesting_task(self: Any, depth: int) -> dict[str, Any]:
+    """Calls its own task directly (``self(depth - 1)``) on the worker's request, after a
+    guarded call of its own (so the nested run asks the breaker, not the run's ticket);
+    the breaker is forced open between the two, once, by the test's ``DOWN`` flag."""
+    SELF_NESTED.append((depth, list(self.request.args or ())))
+    with self.breaker:
+        pass
+    if depth and DOWN.get("t-self-nested"):
+        DOWN["t-self-nested"] = False
+        self.breaker.force_open()
+    inner = self(depth - 1)["value"] if depth else "leaf"
+    return report(self, f"depth {depth} ({inner})")
+
+
 @shared_task(base=BreakerTask, bind=True, breaker="t-retry-after")  # failure_threshold 5 in breaker_policies
 def retry_after_task(self: Any) -> dict[str, Any]:
     """The downstream answers "come back in 2 s" once (a 429 would), then works."""

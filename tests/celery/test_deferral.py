@@ -248,6 +248,25 @@ def test_a_task_called_directly_whose_failure_trips_the_shared_breaker_defers_it
     assert value["retries"] == 0
 
 
+def test_a_task_calling_itself_directly_is_deferred_with_its_own_arguments(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The nested call runs on the worker's request, so it was deferred itself: the task
+    # came back under its id with the nested call's arguments (0,), and the run around it,
+    # job(1), was lost. A direct call cannot wait: the nested call raises the rejection
+    # into the body, and the task is deferred with its own arguments.
+    breaker = operate(tasks.self_nesting_task.breaker)
+    monkeypatch.setattr(tasks, "SELF_NESTED", [])
+    monkeypatch.setitem(tasks.DOWN, "t-self-nested", True)  # (the body opens the breaker, once)
+    result = tasks.self_nesting_task.delay(1)
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    breaker.close()
+    value = get(result)
+    assert value["value"] == "depth 1 (depth 0 (leaf))"
+    assert value["retries"] == 0
+    assert tasks.SELF_NESTED == [(1, [1]), (1, [1]), (0, [1])]  # (its nested call runs on its request)
+
+
 def test_a_run_that_failed_and_left_its_breaker_open_is_deferred_to_the_back(
     app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
 ) -> None:

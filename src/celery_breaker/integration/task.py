@@ -131,6 +131,12 @@ def _request_of(task: Task) -> Any:
     return task.request
 
 
+def _nested(run: RunAdmission) -> bool:
+    """Whether ``run`` is a direct call of its task inside a run of the same task."""
+    enclosing = run.enclosing
+    return enclosing is not None and enclosing.owner is run.owner
+
+
 def _running(task: BreakerTask) -> RunAdmission | None:
     """The admission of ``task``'s run in this context (not another task's)."""
     run = current_run()
@@ -311,12 +317,12 @@ class BreakerTask(Task):  # type: ignore[misc]
                 within = _check_within(self, request, breaker.policy.probes_to_close)
                 run = breaker.enter_run(_translate, config.counts_runs, within, self)
         except CircuitOpenError as rejected:
-            return self._on_rejected(breaker, rejected, args, kwargs)
+            return self._on_rejected(breaker, rejected, args, kwargs, nested=_running(self) is not None)
         except SoftTimeLimitExceeded:
             # The task's soft time limit fired during the health check it ran for its
             # breaker (the check gave no verdict; its slot is free): it waits, as a
             # rejected run does, rather than fail without having run.
-            if not self._can_defer():
+            if not self._can_defer() or _running(self) is not None:
                 raise
             return self._on_rejected(breaker, _rejection_now(breaker), args, kwargs)
         left = False  # (a run that returned is left by ``succeed``, else in the ``finally``)
@@ -337,7 +343,11 @@ class BreakerTask(Task):  # type: ignore[misc]
                     if rejection is not None:
                         retry_args, retry_kwargs = retry.call[:2]
                         return self._on_rejected(
-                            breaker, rejection, *_arguments(retry_args, retry_kwargs, args, kwargs), retry.asked
+                            breaker,
+                            rejection,
+                            *_arguments(retry_args, retry_kwargs, args, kwargs),
+                            retry.asked,
+                            nested=_nested(run),
                         )
                     return retry
                 raise
@@ -355,15 +365,18 @@ class BreakerTask(Task):  # type: ignore[misc]
                 if call is not None:
                     args, kwargs = _arguments(call[0], call[1], args, kwargs)
                     asked = call[2]
-                return self._on_rejected(breaker, rejected, args, kwargs, asked)
+                return self._on_rejected(breaker, rejected, args, kwargs, asked, nested=_nested(run))
             except BaseException as error:
                 run.settle(error)
-                # (Eager and direct calls cannot wait: they keep their real error; nor can a
-                # pool process that is being killed: ``_killed_at_limit``.)
-                if type(error) is not SystemExit and (self._can_defer() or self.breaker_fallback is not None):
+                # (Eager and direct calls cannot wait: they keep their real error, as does a
+                # direct call of the task inside its own run; nor can a pool process that
+                # is being killed: ``_killed_at_limit``.)
+                if type(error) is not SystemExit and (
+                    (self._can_defer() and not _nested(run)) or self.breaker_fallback is not None
+                ):
                     rejection = _waits_instead(run)
                     if rejection is not None:
-                        return self._on_rejected(breaker, rejection, args, kwargs)
+                        return self._on_rejected(breaker, rejection, args, kwargs, nested=_nested(run))
                 raise
             else:
                 left = True
@@ -465,9 +478,16 @@ class BreakerTask(Task):  # type: ignore[misc]
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         asked: dict[str, Any] | None = None,
+        *,
+        nested: bool = False,
     ) -> Any:
         """The run's answer to a rejection: its fallback's result, else its deferral, with
-        the options a retry it replaces ``asked`` for (``self.retry(queue=...)``)."""
+        the options a retry it replaces ``asked`` for (``self.retry(queue=...)``).
+
+        ``nested``: the run is a direct call of the task inside a run of its own (``self(...)``
+        in its body), on the worker's request: it cannot defer, as a direct call cannot,
+        and raises the rejection into the body. It deferred the task itself, with the
+        nested call's arguments, and the run around it was lost."""
         fallback = self.breaker_fallback
         if fallback is not None:
             if isinstance(fallback, str):
@@ -477,9 +497,9 @@ class BreakerTask(Task):  # type: ignore[misc]
             except CircuitOpenError as also:
                 # The fallback's own breaker is open too (a secondary provider): the task
                 # waits for its breaker, as it would without a fallback.
-                if also.final or not self._can_defer():
+                if also.final or nested or not self._can_defer():
                     raise
-        if not self._can_defer():
+        if nested or not self._can_defer():
             raise rejected  # nothing to requeue; Celery's eager retry would recurse
         failed = getattr(rejected, _FAILED_ATTR, False) is True
         return _Deferred(defer(self, breaker, rejected, args, kwargs, asked=asked, failed=failed))
