@@ -163,6 +163,14 @@ class RunAdmission:
                     run.recorded = SUCCESS
                 if moves:
                     breaker._announce(moves)
+            elif not self.counts_itself and self.outer is not None:
+                # A run that does not count itself (``breaker_scope="calls"``), on the
+                # outer run's ticket and with no guarded call of its own: the ticket goes
+                # back unused, for the outer run to record its own outcome on. Recorded
+                # neutral, it swallowed the outer run's success, and a half-open breaker
+                # whose probes ran such a run never closed.
+                self.outer.claimed = False
+                return None
             else:
                 neutral = neutral or not self.counts_itself
                 breaker._finish(self.cell, self.ticket, exc, self.start, IGNORED if neutral else None)

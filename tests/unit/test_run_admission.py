@@ -424,6 +424,26 @@ def test_a_run_that_took_the_outer_runs_ticket_tells_it_what_it_recorded(clock: 
     assert breaker.snapshot().failures == 1
 
 
+@pytest.mark.parametrize("half_open", [False, True])
+def test_a_run_that_does_not_count_itself_gives_the_outer_runs_ticket_back(clock: FakeClock, half_open: bool) -> None:
+    # A breaker_scope="calls" task called directly by a "run" task of the same breaker took
+    # the outer's ticket and recorded it neutral: the outer's success was lost, and a
+    # half-open breaker whose probes ran such a run never closed. Unused, the ticket goes
+    # back to the outer run, which records its own outcome on it.
+    breaker = make(clock, failure_threshold=1, reset_timeout=10, success_threshold=1)
+    if half_open:
+        fail(breaker)
+        clock.advance(10)
+    outer = breaker.enter_run(keep)
+    inner = breaker.enter_run(keep, False)
+    assert inner.outer is outer
+    assert inner.succeed() is None  # (succeed leaves the run)
+    assert not outer.claimed
+    assert outer.succeed() is Outcome.SUCCESS
+    snapshot = breaker.snapshot()
+    assert (snapshot.state, snapshot.successes) == (State.CLOSED, 1)
+
+
 def test_runs_of_other_breakers_do_not_take_the_outer_runs_ticket(clock: FakeClock) -> None:
     breaker = make(clock)
     other = make(clock, name="other")
