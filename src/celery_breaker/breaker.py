@@ -801,24 +801,28 @@ class CircuitBreaker:
         run: RunAdmission
         cell = self._cell
         outer = _run_get()
-        if cell.passing and outer is None:  # (the common case: admitted as ``_admit`` would)
-            ticket: Ticket = cell.generation
-            start: float | None = self._now() if cell.timed else None  # (as a ``with`` block: see Cell.timed)
-            took = None
-        elif check_within is None:
-            cell, ticket, start, took = self._admit_run(outer, owner)
+        if cell.passing and outer is None:  # (the common case first, stored straight in)
+            run = _EnteredRun()
+            run.breaker = self
+            run.cell = cell
+            run.ticket = cell.generation
+            run.start = self._now() if cell.timed else None  # (as a ``with`` block: see Cell.timed)
+            run.outer = None
         else:
-            bound = _CHECK_WITHIN.set(check_within)
-            try:
+            if check_within is None:
                 cell, ticket, start, took = self._admit_run(outer, owner)
-            finally:
-                _CHECK_WITHIN.reset(bound)
-        run = _EnteredRun()
-        run.breaker = self
-        run.cell = cell
-        run.ticket = ticket
-        run.start = start
-        run.outer = took
+            else:
+                bound = _CHECK_WITHIN.set(check_within)
+                try:
+                    cell, ticket, start, took = self._admit_run(outer, owner)
+                finally:
+                    _CHECK_WITHIN.reset(bound)
+            run = _EnteredRun()
+            run.breaker = self
+            run.cell = cell
+            run.ticket = ticket
+            run.start = start
+            run.outer = took
         run.translate = translate
         run.counts_itself = counts_itself
         run.claimed = run.released = False
