@@ -323,6 +323,25 @@ def self_nesting_task(self: Any, depth: int) -> dict[str, Any]:
     return report(self, f"depth {depth} ({inner})")
 
 
+@shared_task(base=BreakerTask, bind=True, breaker="t-self-nested")
+def mutual_x_task(self: Any, depth: int) -> dict[str, Any]:
+    """As ``self_nesting_task``, but calls itself through ``mutual_y_task`` (x -> y -> x)."""
+    SELF_NESTED.append((depth, list(self.request.args or ())))
+    with self.breaker:
+        pass
+    if depth and DOWN.get("t-self-nested"):
+        DOWN["t-self-nested"] = False
+        self.breaker.force_open()
+    inner = mutual_y_task(depth - 1)["value"] if depth else "leaf"
+    return report(self, f"depth {depth} ({inner})")
+
+
+@shared_task(base=BreakerTask, bind=True, breaker="t-mutual-y")
+def mutual_y_task(self: Any, depth: int) -> dict[str, Any]:
+    """Calls ``mutual_x_task`` directly."""
+    return report(self, f"y {mutual_x_task(depth)['value']}")
+
+
 @shared_task(base=BreakerTask, bind=True, breaker="t-retry-after")  # failure_threshold 5 in breaker_policies
 def retry_after_task(self: Any) -> dict[str, Any]:
     """The downstream answers "come back in 2 s" once (a 429 would), then works."""

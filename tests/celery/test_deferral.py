@@ -267,6 +267,22 @@ def test_a_task_calling_itself_directly_is_deferred_with_its_own_arguments(
     assert tasks.SELF_NESTED == [(1, [1]), (1, [1]), (0, [1])]  # (its nested call runs on its request)
 
 
+def test_a_task_calling_itself_through_another_task_is_deferred_with_its_own_arguments(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # x(1) calls y directly, which calls x(0) directly: x's nested run is on x's request
+    # too, two runs in, and was deferred with (0,) as x's own was before.
+    breaker = operate(tasks.mutual_x_task.breaker)
+    monkeypatch.setattr(tasks, "SELF_NESTED", [])
+    monkeypatch.setitem(tasks.DOWN, "t-self-nested", True)
+    result = tasks.mutual_x_task.delay(1)
+    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
+    breaker.close()
+    value = get(result)
+    assert value["value"] == "depth 1 (y depth 0 (leaf))"
+    assert value["retries"] == 0
+
+
 def test_a_run_that_failed_and_left_its_breaker_open_is_deferred_to_the_back(
     app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -250,6 +251,17 @@ def _symbol_fallback(symbol: str, currency: str = "EUR") -> str:
     return symbol
 
 
+def _named_fallback(**kwargs: Any) -> str:
+    return str(kwargs)
+
+
+def _plainly_wrapped(fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @pytest.mark.parametrize(
     ("options", "problem"),
     [
@@ -260,6 +272,10 @@ def _symbol_fallback(symbol: str, currency: str = "EUR") -> str:
         ({"breaker_fallback": _any_fallback, "breaker_key": lambda args, kwargs: args[0]}, None),
         ({"breaker_fallback": _symbol_fallback, "breaker_key": "key_of_two"}, None),
         ({"breaker_fallback": "fallback_of_symbol"}, None),
+        ({"breaker_fallback": _named_fallback}, None),  # (the task's arguments may come by name)
+        ({"breaker_key": "key_wrapped"}, None),  # a method under a decorator without functools.wraps
+        ({"breaker_fallback": "fallback_wrapped"}, None),
+        ({"breaker_key": "key_partial"}, None),  # a functools.partialmethod
     ],
 )
 def test_a_key_or_fallback_that_cannot_take_its_call_stops_the_worker_at_start(
@@ -281,6 +297,19 @@ def test_a_key_or_fallback_that_cannot_take_its_call_stops_the_worker_at_start(
 
         def fallback_of_symbol(self, symbol: str) -> str:
             return symbol
+
+        @_plainly_wrapped
+        def key_wrapped(self, args: Any, kwargs: Any) -> str:
+            return str(args[0])
+
+        @_plainly_wrapped
+        def fallback_wrapped(self, symbol: str) -> str:
+            return symbol
+
+        def _key_with(self, prefix: str, args: Any, kwargs: Any) -> str:
+            return prefix + str(args[0])
+
+        key_partial = functools.partialmethod(_key_with, "k-")
 
     @app.task(base=QuoteTask, bind=True, breaker="quotes-shape", shared=False, name="shape.quote", **options)
     def quote(self: Any, symbol: str) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import signal
 import sys
 import traceback
 import types
@@ -13,6 +12,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from billiard.common import TERM_SIGNAL
 from celery import Task
 from celery.app.task import _task_stack
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
@@ -80,10 +80,11 @@ def _translate(exc: BaseException) -> BaseException | None:
     return exc
 
 
-#: The exit billiard's handler raises in a prefork pool process sent SIGTERM: by its pool
-#: at the run's hard time limit (a SIGKILL follows a tenth of a second later), or at a
-#: cold shutdown, or by a revoke that terminates.
-_SIGTERM_EXIT = -(256 - signal.SIGTERM)
+#: The exit billiard's handler raises in a prefork pool process sent its terminating
+#: signal (SIGTERM, or what ``REMAP_SIGTERM`` names): by its pool at the run's hard time
+#: limit (a SIGKILL follows a tenth of a second later), or at a cold shutdown, or by a
+#: revoke that terminates.
+_SIGTERM_EXIT = -(256 - TERM_SIGNAL)
 #: A SIGTERM that comes at least this share of the run's hard time limit into the run is
 #: the limit's (the pool counts the limit from a moment before the run begins).
 KILLED_AT_SHARE = 0.8
@@ -132,9 +133,18 @@ def _request_of(task: Task) -> Any:
 
 
 def _nested(run: RunAdmission) -> bool:
-    """Whether ``run`` is a direct call of its task inside a run of the same task."""
-    enclosing = run.enclosing
-    return enclosing is not None and enclosing.owner is run.owner
+    """Whether ``run`` is a direct call of its task inside a run of the same task (itself
+    called directly or not: ``x`` calling ``y`` calling ``x``), on that run's request."""
+    return _within_run_of(run.owner, run.enclosing)
+
+
+def _within_run_of(task: object, run: RunAdmission | None) -> bool:
+    """Whether ``run``, or a run it is nested in, is ``task``'s."""
+    while run is not None:
+        if run.owner is task:
+            return True
+        run = run.enclosing
+    return False
 
 
 def _running(task: BreakerTask) -> RunAdmission | None:
@@ -317,12 +327,12 @@ class BreakerTask(Task):  # type: ignore[misc]
                 within = _check_within(self, request, breaker.policy.probes_to_close)
                 run = breaker.enter_run(_translate, config.counts_runs, within, self)
         except CircuitOpenError as rejected:
-            return self._on_rejected(breaker, rejected, args, kwargs, nested=_running(self) is not None)
+            return self._on_rejected(breaker, rejected, args, kwargs, nested=_within_run_of(self, current_run()))
         except SoftTimeLimitExceeded:
             # The task's soft time limit fired during the health check it ran for its
             # breaker (the check gave no verdict; its slot is free): it waits, as a
             # rejected run does, rather than fail without having run.
-            if not self._can_defer() or _running(self) is not None:
+            if not self._can_defer() or _within_run_of(self, current_run()):
                 raise
             return self._on_rejected(breaker, _rejection_now(breaker), args, kwargs)
         left = False  # (a run that returned is left by ``succeed``, else in the ``finally``)

@@ -97,58 +97,77 @@ _ARGUMENT = object()
 
 def _check_call_shapes(cls: Any, task: Any, where: str) -> None:
     """Refuse a ``breaker_key`` that cannot be called as ``key(args, kwargs)``, and a
-    ``breaker_fallback`` that cannot take the task's arguments (those its body requires):
-    either failed only at its first call, the key on every run with a bare ``TypeError``,
-    the fallback at the first outage, which failed every task it should have answered.
-    A callable without a signature to read (a C function) is left to its call."""
+    ``breaker_fallback`` that cannot take the arguments the task's body requires (given
+    by position or by name, as a caller may send them): either failed only at its first
+    call, the key on every run with a bare ``TypeError``, the fallback at the first
+    outage, which failed every task it should have answered. A callable whose signature
+    cannot be read, or read for sure (a method taken from the class by another kind of
+    descriptor), is left to its call: a refusal stops the worker."""
     body = _signature_of(cls, task, "run")
-    fallback_shape: tuple[list[object], dict[str, object]] | None = None
+    fallback_shapes: list[tuple[list[object], dict[str, object]]] = []
     if body is not None:
-        positional: list[object] = []
-        named: dict[str, object] = {}
+        by_position: tuple[list[object], dict[str, object]] = ([], {})
+        by_name: tuple[list[object], dict[str, object]] = ([], {})
         for parameter in body.parameters.values():
             if parameter.default is not inspect.Parameter.empty:
                 continue
-            if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD):
-                positional.append(_ARGUMENT)
+            if parameter.kind is parameter.POSITIONAL_ONLY:
+                by_position[0].append(_ARGUMENT)
+                by_name[0].append(_ARGUMENT)
+            elif parameter.kind is parameter.POSITIONAL_OR_KEYWORD:
+                by_position[0].append(_ARGUMENT)
+                by_name[1][parameter.name] = _ARGUMENT
             elif parameter.kind is parameter.KEYWORD_ONLY:
-                named[parameter.name] = _ARGUMENT
-        fallback_shape = (positional, named)
-    shapes = {
-        "breaker_key": (([_ARGUMENT, _ARGUMENT], {}), "write it as key(args, kwargs), returning the key (or None)"),
+                by_position[1][parameter.name] = _ARGUMENT
+                by_name[1][parameter.name] = _ARGUMENT
+        fallback_shapes = [by_position, by_name]
+    checks: dict[str, tuple[list[tuple[list[object], dict[str, object]]], str]] = {
+        "breaker_key": ([([_ARGUMENT, _ARGUMENT], {})], "write it as key(args, kwargs), returning the key (or None)"),
         "breaker_fallback": (
-            fallback_shape,
+            fallback_shapes,
             "give it the task's own parameters (def fallback(*args, **kwargs) takes any)",
         ),
     }
-    for attr, (shape, fix) in shapes.items():
+    for attr, (shapes, fix) in checks.items():
         found = _signature_of(cls, task, attr) if getattr(cls, attr) is not None else None
-        if found is None or shape is None:
+        if found is None or not shapes:
             continue
-        try:
-            found.bind(*shape[0], **shape[1])
-        except TypeError as exc:
+        problems: list[str] = []
+        for positional, named in shapes:
+            try:
+                found.bind(*positional, **named)
+            except TypeError as exc:
+                problems.append(str(exc))
+            else:
+                break
+        else:
             needed = "(args, kwargs)" if attr == "breaker_key" else "with the task's arguments"
-            raise ConfigurationError(f"{where}: {attr} cannot be called {needed} ({exc}); {fix}") from None
+            raise ConfigurationError(f"{where}: {attr} cannot be called {needed} ({problems[0]}); {fix}")
 
 
 def _signature_of(cls: Any, task: Any, attr: str) -> inspect.Signature | None:
     """The signature ``attr`` (a callable, or the name of a method of the task) is called
-    with, ``self`` left out for a method; ``None`` where it cannot be read."""
+    with: read from the task itself, where a method is bound (``self`` given); from its
+    class, only for a plain function (``self`` its first parameter) or a static one.
+    ``None`` where it cannot be read for sure."""
     value = getattr(cls, attr)
-    raw = inspect.getattr_static(cls, attr)
-    if isinstance(value, str):
-        raw = inspect.getattr_static(cls, value, None)
-        value = getattr(cls, value, None)
-    if not callable(value):
+    name = value if isinstance(value, str) else attr
+    if not isinstance(task, type):
+        found = getattr(task, name, None)
+    else:
+        raw = inspect.getattr_static(cls, name, None)
+        if isinstance(raw, staticmethod):
+            found = raw.__func__
+        elif isinstance(raw, types.FunctionType):
+            found = functools.partial(raw, _ARGUMENT)  # (``self``)
+        else:
+            return None
+    if not callable(found):
         return None
     try:
-        signature = inspect.signature(value)
+        return inspect.signature(found)
     except (TypeError, ValueError):
         return None
-    if isinstance(raw, types.FunctionType):  # (a method of the class: called bound, ``self`` given)
-        signature = signature.replace(parameters=list(signature.parameters.values())[1:])
-    return signature
 
 
 def _routed_name(cls: Any, task_name: str | None, settings: BreakerSettings) -> str | None:
