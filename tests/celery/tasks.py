@@ -308,17 +308,22 @@ def nested_outer_task(self: Any) -> dict[str, Any]:
 SELF_NESTED: list[tuple[int, Any]] = []
 
 
+def _before_nested_call(task: Any, depth: int) -> None:
+    """Note the run, make a guarded call, and force the breaker open once (``DOWN``)."""
+    SELF_NESTED.append((depth, list(task.request.args or ())))
+    with task.breaker:
+        pass
+    if depth and DOWN.get("t-self-nested"):
+        DOWN["t-self-nested"] = False
+        task.breaker.force_open()
+
+
 @shared_task(base=BreakerTask, bind=True, breaker="t-self-nested")
 def self_nesting_task(self: Any, depth: int) -> dict[str, Any]:
     """Calls its own task directly (``self(depth - 1)``) on the worker's request, after a
     guarded call of its own (so the nested run asks the breaker, not the run's ticket);
     the breaker is forced open between the two, once, by the test's ``DOWN`` flag."""
-    SELF_NESTED.append((depth, list(self.request.args or ())))
-    with self.breaker:
-        pass
-    if depth and DOWN.get("t-self-nested"):
-        DOWN["t-self-nested"] = False
-        self.breaker.force_open()
+    _before_nested_call(self, depth)
     inner = self(depth - 1)["value"] if depth else "leaf"
     return report(self, f"depth {depth} ({inner})")
 
@@ -326,12 +331,7 @@ def self_nesting_task(self: Any, depth: int) -> dict[str, Any]:
 @shared_task(base=BreakerTask, bind=True, breaker="t-self-nested")
 def mutual_x_task(self: Any, depth: int) -> dict[str, Any]:
     """As ``self_nesting_task``, but calls itself through ``mutual_y_task`` (x -> y -> x)."""
-    SELF_NESTED.append((depth, list(self.request.args or ())))
-    with self.breaker:
-        pass
-    if depth and DOWN.get("t-self-nested"):
-        DOWN["t-self-nested"] = False
-        self.breaker.force_open()
+    _before_nested_call(self, depth)
     inner = mutual_y_task(depth - 1)["value"] if depth else "leaf"
     return report(self, f"depth {depth} ({inner})")
 

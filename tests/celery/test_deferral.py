@@ -248,39 +248,31 @@ def test_a_task_called_directly_whose_failure_trips_the_shared_breaker_defers_it
     assert value["retries"] == 0
 
 
+@pytest.mark.parametrize(
+    ("task", "answer"),
+    [
+        ("self_nesting_task", "depth 1 (depth 0 (leaf))"),  # self(0) in its body
+        ("mutual_x_task", "depth 1 (y depth 0 (leaf))"),  # x(1) -> y(0) -> x(0): two runs in
+    ],
+)
 def test_a_task_calling_itself_directly_is_deferred_with_its_own_arguments(
-    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch, task: str, answer: str
 ) -> None:
     # The nested call runs on the worker's request, so it was deferred itself: the task
     # came back under its id with the nested call's arguments (0,), and the run around it,
     # job(1), was lost. A direct call cannot wait: the nested call raises the rejection
     # into the body, and the task is deferred with its own arguments.
-    breaker = operate(tasks.self_nesting_task.breaker)
+    guarded = getattr(tasks, task)
+    breaker = operate(guarded.breaker)
     monkeypatch.setattr(tasks, "SELF_NESTED", [])
     monkeypatch.setitem(tasks.DOWN, "t-self-nested", True)  # (the body opens the breaker, once)
-    result = tasks.self_nesting_task.delay(1)
+    result = guarded.delay(1)
     wait_for(lambda: result.state == "RETRY", "the task to be deferred")
     breaker.close()
     value = get(result)
-    assert value["value"] == "depth 1 (depth 0 (leaf))"
+    assert value["value"] == answer
     assert value["retries"] == 0
     assert tasks.SELF_NESTED == [(1, [1]), (1, [1]), (0, [1])]  # (its nested call runs on its request)
-
-
-def test_a_task_calling_itself_through_another_task_is_deferred_with_its_own_arguments(
-    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # x(1) calls y directly, which calls x(0) directly: x's nested run is on x's request
-    # too, two runs in, and was deferred with (0,) as x's own was before.
-    breaker = operate(tasks.mutual_x_task.breaker)
-    monkeypatch.setattr(tasks, "SELF_NESTED", [])
-    monkeypatch.setitem(tasks.DOWN, "t-self-nested", True)
-    result = tasks.mutual_x_task.delay(1)
-    wait_for(lambda: result.state == "RETRY", "the task to be deferred")
-    breaker.close()
-    value = get(result)
-    assert value["value"] == "depth 1 (y depth 0 (leaf))"
-    assert value["retries"] == 0
 
 
 def test_a_run_that_failed_and_left_its_breaker_open_is_deferred_to_the_back(
