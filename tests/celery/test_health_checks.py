@@ -208,13 +208,22 @@ def test_a_probe_defined_as_a_method_of_a_task_class_gets_self() -> None:
     assert probe.name.endswith("CrmTask.breaker_probe")
 
 
-def test_a_probe_method_that_takes_the_key_is_given_it() -> None:
-    app = throwaway_app("probe-method-key")
+@pytest.mark.parametrize("optional", [False, True], ids=["required key", "optional key"])
+def test_a_probe_method_that_takes_the_key_is_given_it(optional: bool) -> None:
+    # An optional key (``def breaker_probe(self, key=None)``) is passed as ``key=``, which
+    # the method's wrapper took by position only: every check failed with a TypeError, the
+    # method never ran, and the per-key breaker never closed.
+    app = throwaway_app(f"probe-method-key-{optional}")
     seen: list[tuple[str, str | None]] = []
 
+    def with_a_key(self: Any, key: str | None) -> None:
+        seen.append((self.name, key))
+
+    def with_an_optional_key(self: Any, key: str | None = None) -> None:
+        seen.append((self.name, key))
+
     class TenantTask(BreakerTask):
-        def breaker_probe(self, key: str | None) -> None:
-            seen.append((self.name, key))
+        breaker_probe = with_an_optional_key if optional else with_a_key  # (a method of the class)
 
     @app.task(
         base=TenantTask, breaker="tenant-method", breaker_key=lambda args, kwargs: args[0], shared=False, name="pk.job"
@@ -227,37 +236,13 @@ def test_a_probe_method_that_takes_the_key_is_given_it() -> None:
     probe = task_breaker_config(app.tasks["pk.job"]).probe
     assert probe is not None
     assert probe.takes_key
+    assert probe.key_by_name is optional
     with checking(Checked(None, "tenant-method", "t-7", CheckRun())):
         assert probe.run() == CheckResult(True)
     assert seen == [("pk.job", "t-7")]
-
-
-def test_a_probe_method_with_an_optional_key_is_given_it_by_name() -> None:
-    # ``def breaker_probe(self, key=None)``: HealthCheck passes the key as ``key=`` (an
-    # optional key), which the method's wrapper took by position only. Every check failed
-    # with a TypeError, the method never ran, and the per-key breaker never closed.
-    app = throwaway_app("probe-method-optional-key")
-    seen: list[str | None] = []
-
-    class TenantTask(BreakerTask):
-        def breaker_probe(self, key: str | None = None) -> None:
-            seen.append(key)
-
-    @app.task(
-        base=TenantTask, breaker="tenant-opt", breaker_key=lambda args, kwargs: args[0], shared=False, name="po.job"
-    )
-    def job(tenant: str) -> None:
-        """A per-key task checked by its class's method, whose key is optional."""
-
-    app.finalize()
-    check_app(app)
-    probe = task_breaker_config(app.tasks["po.job"]).probe
-    assert probe is not None
-    assert probe.key_by_name
-    with checking(Checked(None, "tenant-opt", "t-1", CheckRun())):
-        assert probe.run() == CheckResult(True)
-    assert probe.run() == CheckResult(True)  # (outside a breaker: its own default)
-    assert seen == ["t-1", None]
+    if optional:
+        assert probe.run() == CheckResult(True)  # (outside a breaker: its own default)
+        assert seen[-1] == ("pk.job", None)
 
 
 def test_a_probe_method_that_is_a_generator_stops_the_worker_at_start() -> None:

@@ -100,13 +100,8 @@ def _killed_at_limit(exc: SystemExit) -> BaseException:
     run = current_run()
     if run is None or run.start is None:
         return exc
-    task = run.owner
-    if not isinstance(task, BreakerTask) or not getattr(task.app, SOFT_TIME_LIMITS_ENFORCED_ATTR, False):
-        return exc  # (only prefork sends the SIGTERM: its time limits are the only soft-enforced ones)
-    request = _request_of(task)
-    if request.is_eager or request.called_directly:
-        return exc
-    limit = run_time_limit(task, request)
+    # (only prefork sends the SIGTERM: its time limits are the only soft-enforced ones)
+    limit = _enforced_time_limit(run.owner, SOFT_TIME_LIMITS_ENFORCED_ATTR)
     if limit is None or run.breaker._now() - run.start < KILLED_AT_SHARE * limit:
         return exc
     killed: BaseException = TimeLimitExceeded(limit)
@@ -644,13 +639,22 @@ def _run_lease(owner: object) -> float | None:
     ``half_open_max_wait`` (60 s by default), and with ``half_open_max_calls=1`` no other
     probe could go meanwhile. ``None`` (``half_open_max_wait``) for a run not of a
     ``BreakerTask``, an eager or direct call, a pool that enforces no limit, or no limit."""
-    if not isinstance(owner, BreakerTask) or not getattr(owner.app, TIME_LIMITS_ENFORCED_ATTR, False):
+    limit = _enforced_time_limit(owner, TIME_LIMITS_ENFORCED_ATTR)
+    return None if limit is None else limit + CHECK_LEASE_MARGIN
+
+
+def _enforced_time_limit(owner: object, enforced_by: str) -> float | None:
+    """The hard time limit of ``owner``'s run in this context (``run_time_limit``), where
+    its worker's pool enforces time limits (the app notes it as ``enforced_by``:
+    ``TIME_LIMITS_ENFORCED_ATTR``, prefork and gevent; ``SOFT_TIME_LIMITS_ENFORCED_ATTR``,
+    prefork alone); ``None`` for a run not of a ``BreakerTask``, an eager or direct call,
+    another pool, or no limit."""
+    if not isinstance(owner, BreakerTask) or not getattr(owner.app, enforced_by, False):
         return None
     request = _request_of(owner)
     if request.is_eager or request.called_directly:
         return None
-    limit = run_time_limit(owner, request)
-    return None if limit is None else limit + CHECK_LEASE_MARGIN
+    return run_time_limit(owner, request)
 
 
 lease_runs_by(_run_lease)
