@@ -32,7 +32,7 @@ from .health import (
 )
 from .labels import breaker_label, shown_label
 from .names import check_name, kept_key
-from .storage import NO_MOVES, Cell, Moves, Store, describe_url, resolve_store, with_fallback
+from .storage import NO_MOVES, Cell, Moves, Store, describe_url, forced_why, resolve_store, with_fallback
 
 __all__ = ["CircuitBreaker", "ExceptionTranslator", "RunAdmission", "TransitionListener", "current_run"]
 
@@ -435,8 +435,9 @@ class CircuitBreaker:
                 # rejection there is (every other case asks the store).
                 cell.note_rejection(start)
                 raise CircuitOpenError.rejected(
-                    self.name, self.key, state, None if open_until is None else open_until - start
-                )
+                    self.name, self.key, state, None if open_until is None else open_until - start,
+                    "" if state is OPEN else forced_why(cell),
+                )  # fmt: skip
             cell, ticket = self._acquire(cell, start)
         try:
             result = fn(*args, **kwargs)
@@ -878,8 +879,9 @@ class CircuitBreaker:
         if state is FORCED_OPEN or (state is OPEN and open_until is not None and now < open_until):
             cell.note_rejection(now)
             raise CircuitOpenError.rejected(
-                self.name, self.key, state, None if open_until is None else open_until - now
-            )
+                self.name, self.key, state, None if open_until is None else open_until - now,
+                "" if state is OPEN else forced_why(cell),
+            )  # fmt: skip
         checked = checking_now()
         if (
             checked is not None
@@ -958,7 +960,7 @@ class CircuitBreaker:
         if state is OPEN and open_until is not None:
             retry_after = max(0.0, open_until - now)
         cell.note_rejection(now)
-        raise CircuitOpenError.rejected(self.name, self.key, state, retry_after)
+        raise CircuitOpenError.rejected(self.name, self.key, state, retry_after, forced_why(cell))
 
     def _run_checks(self, cell: Cell, ticket: Probe, *, counted: bool = True) -> Ticket:
         """Run the health check on each probe slot this caller wins, until the breaker
@@ -1279,7 +1281,10 @@ class CircuitBreaker:
         self._announce(moves)
 
     def __repr__(self) -> str:
-        return f"<CircuitBreaker {self.label!r} {self.state.value} on {describe_url(self.store.url)}>"
+        shown = self.state.value
+        if forced_why(self._cell):
+            shown += " (store unreachable: breaker_on_storage_error='deny')"
+        return f"<CircuitBreaker {self.label!r} {shown} on {describe_url(self.store.url)}>"
 
 
 #: The runs lent to this context by a run's own breaker for its open blocks (``with`` or

@@ -116,7 +116,9 @@ class CircuitOpenError(CircuitBreakerError):
         self.final = final
 
     @classmethod
-    def rejected(cls, name: str, key: str | None, state: State | None, retry_after: float | None) -> CircuitOpenError:
+    def rejected(
+        cls, name: str, key: str | None, state: State | None, retry_after: float | None, detail: str = ""
+    ) -> CircuitOpenError:
         """The error a breaker's rejection raises, made for the hot path: no keyword
         parsing, and the text is formatted only when read."""
         err = cls.__new__(cls)
@@ -124,7 +126,7 @@ class CircuitOpenError(CircuitBreakerError):
         err.key = key
         err.state = state
         err.retry_after = retry_after
-        err.detail = ""
+        err.detail = detail
         err.final = False
         return err
 

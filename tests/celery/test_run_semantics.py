@@ -398,7 +398,7 @@ def test_a_runs_probe_slot_is_leased_for_its_hard_time_limit_where_its_pool_enfo
 
 
 def _killed_app(prefork: bool) -> Any:
-    app = Celery("killed-at-limit", set_as_current=False, broker="memory://")
+    app = throwaway_app("killed-at-limit")
     if prefork:
         setattr(app, task_module.SOFT_TIME_LIMITS_ENFORCED_ATTR, True)  # (as a prefork worker notes it)
     return app

@@ -317,6 +317,9 @@ def test_the_breaker_store_killed_and_restarted_mid_run_loses_nothing_and_is_rej
                 lambda: all(r.state == "RETRY" for r in while_down["deny"]), 60, "deny's tasks deferred while down"
             )
             assert all(exception_name(r) == "CircuitOpenError" for r in while_down["deny"])
+            # (their reason, as Flower shows it, says why: no operator forced anything open)
+            why = "cannot be reached (breaker_on_storage_error='deny'"
+            assert all(why in str(r.result) for r in while_down["deny"])
 
             store_server.start()  # the same port, empty
             restarted = time.monotonic()

@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import cast
 
 import pytest
@@ -22,11 +22,20 @@ from ..servers import RedisServer
 from ..unit.support import HeldCall, down, fail, ok, state_of
 
 
-def dead_store() -> RedisStore:
+def dead_store(password: str | None = None) -> RedisStore:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # nothing listens here once the socket closes
-    return RedisStore.from_url(f"redis://127.0.0.1:{port}?time=client")
+    credentials = "" if password is None else f":{password}@"
+    return RedisStore.from_url(f"redis://{credentials}127.0.0.1:{port}?time=client")
+
+
+def block_of(breaker: CircuitBreaker) -> Callable[[], None]:
+    def block() -> None:
+        with breaker:
+            pass
+
+    return block
 
 
 def test_local_mode_keeps_a_working_breaker_of_this_process(caplog: pytest.LogCaptureFixture) -> None:
@@ -52,11 +61,56 @@ def test_allow_mode_lets_every_call_through_and_never_trips() -> None:
     assert breaker.call(ok) == "ok"
 
 
-def test_deny_mode_rejects_every_call() -> None:
-    breaker = CircuitBreaker("svc", storage=dead_store(), clock=FakeClock(), on_storage_error="deny")
+def test_deny_mode_rejects_every_call_saying_the_store_is_down_not_an_operator() -> None:
+    store = dead_store("s3cret-pw")
+    breaker = CircuitBreaker("svc", storage=store, clock=FakeClock(), on_storage_error="deny")
+    for guarded in (lambda: breaker.call(ok), breaker(ok), block_of(breaker)):
+        with pytest.raises(CircuitOpenError) as info:
+            guarded()
+        assert info.value.state is State.FORCED_OPEN
+        text = str(info.value)  # (the deferral's reason, in Flower and the worker's log, carries it)
+        assert "cannot be reached (breaker_on_storage_error='deny'" in text, text
+        assert "s3cret-pw" not in text
+        assert "s3cret-pw" not in repr(breaker)
+    assert "store unreachable: breaker_on_storage_error='deny'" in repr(breaker)
+
+
+@pytest.mark.parametrize("mode", ["local", "allow"])
+def test_other_modes_say_nothing_of_the_store_in_their_rejections(mode: str) -> None:
+    breaker = CircuitBreaker("svc", {"failure_threshold": 1}, storage=dead_store(), clock=FakeClock(),
+                             on_storage_error=mode)  # fmt: skip
+    with contextlib.suppress(ConnectionError):
+        breaker.call(down)  # (local: opens its stand-in; allow: passes)
+    if mode == "local":
+        with pytest.raises(CircuitOpenError) as info:
+            breaker.call(ok)
+        assert str(info.value).startswith("breaker 'svc' open, next probe in"), str(info.value)
+    assert "store unreachable" not in repr(breaker)
+
+
+def test_once_rejoined_a_deny_breaker_forced_open_by_an_operator_says_only_that(
+    restartable_redis: RedisServer,
+) -> None:
+    restartable_redis.start()
+    clock = FakeClock()
+    url = f"{restartable_redis.url}?time=client&key_prefix=deny"
+    breaker = CircuitBreaker("svc", storage=url, clock=clock, on_storage_error="deny")
+    assert breaker.call(ok) == "ok"
+    restartable_redis.stop()
+    heard_redis_go(breaker)
+    with contextlib.suppress(CircuitOpenError):
+        breaker.call(ok)  # (the success that finds Redis gone)
+    with pytest.raises(CircuitOpenError, match="cannot be reached"):
+        breaker.call(ok)
+
+    restartable_redis.start()
+    CircuitBreaker("svc", storage=f"{url}&socket_timeout=0.6", clock=clock).force_open()  # an operator
+    clock.advance(6)  # past the retry interval: the next call asks Redis again
     with pytest.raises(CircuitOpenError) as info:
         breaker.call(ok)
-    assert info.value.state is State.FORCED_OPEN
+    assert state_of(breaker) is State.FORCED_OPEN  # rejoined: the operator's
+    assert str(info.value) == "breaker 'svc' forced_open"
+    assert "store unreachable" not in repr(breaker)
 
 
 def test_an_unknown_mode_is_a_configuration_error() -> None:

@@ -36,6 +36,7 @@ from ..core import State
 from ..errors import CircuitOpenError, ConfigurationError, StorageError
 from ..health import HealthCheck
 from ..names import check_name, edit_distance
+from ..storage import forced_why
 from .broker import DEAD_LETTER_HEADERS
 from .deferral.defer import defer, refreshed
 from .deferral.plan import HEADERS as DEFERRAL_HEADERS
@@ -683,7 +684,7 @@ def _rejection_now(breaker: CircuitBreaker) -> CircuitOpenError:
     retry_after = snapshot.retry_after
     if snapshot.state is State.HALF_OPEN and not retry_after:
         retry_after = breaker.policy.reset_timeout  # probes are out: wait for their verdict
-    return CircuitOpenError.rejected(breaker.name, breaker.key, snapshot.state, retry_after)
+    return CircuitOpenError.rejected(breaker.name, breaker.key, snapshot.state, retry_after, forced_why(breaker._cell))
 
 
 def _waits_instead(run: RunAdmission) -> CircuitOpenError | None:

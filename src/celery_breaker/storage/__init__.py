@@ -9,7 +9,7 @@ Internal: the public names are ``celery_breaker``'s own.
 
 from . import redis as _redis  # noqa: F401  (registers the Redis schemes)
 from .contract import NO_MOVES, Cell, EvictionCheck, History, Moves, Parking, ReleasePace, Selected, Store
-from .fallback import FallbackStore, with_fallback
+from .fallback import FallbackStore, forced_why, with_fallback
 from .memory import MemoryStore
 from .registry import (
     check_storage_url,
@@ -38,6 +38,7 @@ __all__ = [
     "close_stores",
     "describe_url",
     "flush_stores",
+    "forced_why",
     "is_shared_url",
     "register_scheme",
     "resolve_store",

@@ -24,12 +24,12 @@ from typing import Any
 from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket
 from ..core.pacing import PacingLaw
-from ..errors import ConfigurationError, StorageError
+from ..errors import CircuitOpenError, ConfigurationError, StorageError
 from .contract import Cell, Claimed, EvictionCheck, History, Moves, Parking, ReleasePace, Selected, Store
 from .memory import MemoryCell
 from .urls import describe_url
 
-__all__ = ["MODES", "FallbackCell", "FallbackStore", "with_fallback"]
+__all__ = ["MODES", "FallbackCell", "FallbackStore", "forced_why", "with_fallback"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -308,6 +308,17 @@ class FallbackCell:
         return self._active.state
 
     @property
+    def denying(self) -> str:
+        """Why this cell rejects every call while its store is down (``deny``), for the
+        rejection's text: its FORCED_OPEN is no operator's (``''`` otherwise)."""
+        if self._active is not self._local or self._store.mode != "deny":
+            return ""
+        return (
+            f"its store {self._store.label} cannot be reached "
+            "(breaker_on_storage_error='deny' rejects every call until it answers)"
+        )
+
+    @property
     def policy(self) -> BreakerPolicy:
         return self._active.policy
 
@@ -345,7 +356,11 @@ class FallbackCell:
                 return cell.acquire(policy, now, lease_for)
             except StorageError as exc:
                 self._degrade(exc, now)
-        ticket, moves = self._active.acquire(policy, now, lease_for)
+        try:
+            ticket, moves = self._active.acquire(policy, now, lease_for)
+        except CircuitOpenError as rejected:
+            rejected.detail = rejected.detail or self.denying
+            raise
         generation: int = ticket.generation if type(ticket) is Probe else ticket  # type: ignore[assignment]
         return _regenerated(ticket, self._base + generation), moves
 
@@ -543,3 +558,9 @@ def _reinit_locks_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reinit_locks_after_fork)
+
+
+def forced_why(cell: Cell) -> str:
+    """Why ``cell`` rejects every call when no operator forced it open: its shared store
+    is down and ``breaker_on_storage_error`` is ``deny`` (``''`` for any other cell)."""
+    return cell.denying if type(cell) is FallbackCell else ""
