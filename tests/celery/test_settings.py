@@ -924,6 +924,13 @@ def test_a_setting_entry_one_typo_from_a_tasks_breaker_is_warned_of_at_start(
             "shipment": {},  # two edits from "shipping", a name of 8: too far
             "mail*": {},
         },
+        breaker_routes={
+            "near.send_reciept": "mailer",  # a typo of a plain task's name: warned of
+            "near.plain-2": "sms",  # a sibling of "near.plain-1" (digits): not a typo
+            "near.invoices": "erp",  # "near.invoice" is routed too: not warned of
+            "near.invoice": "erp",
+            "near.tickt*": "desk",  # a glob: not warned of
+        },
     )
 
     for name, breaker, own_probe in [
@@ -938,13 +945,23 @@ def test_a_setting_entry_one_typo_from_a_tasks_breaker_is_warned_of_at_start(
         def body() -> None: ...
 
         app.task(base=BreakerTask, breaker=breaker, breaker_probe=own_probe, name=name, shared=False)(body)
+    for name in ("near.send_receipt", "near.plain-1", "near.invoice", "near.ticket"):
+
+        def plain() -> None: ...
+
+        app.task(name=name, shared=False)(plain)
 
     slips = near_misses(app, check_app(app))
-    assert len(slips) == 3, slips
+    assert len(slips) == 4, slips
     assert slips[0].startswith("breaker_policies['parnter'] names no breaker of this app's tasks; did you mean")
     assert slips[1].startswith("breaker_probes['partnr']")
     assert "'partner' (the breaker of task 'near.pay')? As it is, breaker 'partner' goes without" in slips[1]
     assert slips[2].startswith("breaker_probes['mial'] names no breaker of this app's tasks; did you mean 'mail'")
+    assert slips[3] == (
+        "breaker_routes['near.send_reciept'] names no task of this app; did you mean 'near.send_receipt'? As it "
+        "is, no route puts task 'near.send_receipt' under a breaker. Ignore this if 'near.send_reciept' is "
+        "another app's task"
+    )
     with caplog.at_level(logging.WARNING, logger="celery_breaker"):
         # (what a starting worker runs first; its events left as the session worker's)
         BreakerStep(SimpleNamespace(app=app, task_events=events.enabled()))

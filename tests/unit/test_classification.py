@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 import ssl
@@ -177,6 +178,43 @@ def test_bad_matchers_are_configuration_errors_naming_the_field(value: Any, mess
     with pytest.raises(ConfigurationError, match="record_exceptions") as info:
         BreakerPolicy.from_mapping({"record_exceptions": value})
     assert message in str(info.value)
+
+
+def _takes_two(exc: BaseException, attempt: int) -> bool:
+    return True
+
+
+def _takes_none() -> bool:
+    return True
+
+
+class _Matcher:
+    def __call__(self, exc: BaseException, *, strict: bool = False) -> bool:
+        return isinstance(exc, ConnectionError)
+
+
+@pytest.mark.parametrize("field", ["record_exceptions", "ignore_exceptions"])
+@pytest.mark.parametrize("predicate", [_takes_two, _takes_none, lambda: True])
+def test_a_predicate_that_cannot_take_the_exception_alone_is_refused(field: str, predicate: Any) -> None:
+    # Every call of it raised TypeError, logged and read as no match: the breaker never
+    # tripped on the failures it was meant to count, with no error at start.
+    with pytest.raises(ConfigurationError, match=f"BreakerPolicy.{field}: predicate .* cannot be called") as info:
+        BreakerPolicy.from_mapping({field: [predicate]})
+    assert "predicate(exc) -> bool" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "predicate",
+    [
+        _Matcher(),  # a callable object, a keyword-only option
+        functools.partial(_takes_two, attempt=1),
+        lambda exc, *more: isinstance(exc, ConnectionError),
+        callable,  # a builtin (no signature to read: called as given)
+    ],
+)
+def test_predicates_that_take_the_exception_are_accepted(predicate: Any) -> None:
+    policy = BreakerPolicy.from_mapping({"record_exceptions": [predicate]})
+    assert policy.record_exceptions == (predicate,)
 
 
 def test_raising_predicate_is_logged_and_treated_as_no_match(caplog: pytest.LogCaptureFixture) -> None:

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import enum
 import importlib
+import inspect
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -44,7 +45,10 @@ LONGEST_SECONDS = 10 * 365 * 86_400.0
 
 # What the configuration reference says a field accepts (shared wording).
 _SECONDS_DOC = "seconds > 0, at most ten years (number or `timedelta`)"
-_MATCHERS_DOC = "exception types, dotted paths to them, or predicates `exc -> bool`"
+_MATCHERS_DOC = (
+    "exception types, dotted paths to them, or predicates `exc -> bool` (one that cannot be called with the "
+    "exception alone is refused)"
+)
 
 
 #: Exceptions that say the caller is wrong, not the downstream: bad arguments or input, a
@@ -111,6 +115,7 @@ def _resolve_matchers(
                 raise ConfigurationError(f"BreakerPolicy.{field_name}: {item.__qualname__} is not an exception type")
             types.append(item)
         elif callable(item):
+            _check_predicate(field_name, item)
             predicates.append(item)
         else:
             raise ConfigurationError(
@@ -118,6 +123,24 @@ def _resolve_matchers(
                 f"a dotted path to one, nor a predicate"
             )
     return tuple(types), tuple(predicates)
+
+
+def _check_predicate(field_name: str, predicate: Callable[..., Any]) -> None:
+    """Refuse a predicate that cannot be called with the exception alone: every call of it
+    would raise (``_any_match`` logs it and reads no match), so the breaker would never
+    count (or never ignore) what it was meant to."""
+    try:
+        signature = inspect.signature(predicate)
+    except (TypeError, ValueError):
+        return  # (no signature to read, e.g. a builtin: called as given)
+    try:
+        signature.bind(BaseException())
+    except TypeError as exc:
+        shown = getattr(predicate, "__qualname__", None) or type(predicate).__name__
+        raise ConfigurationError(
+            f"BreakerPolicy.{field_name}: predicate {shown} cannot be called with the exception alone "
+            f"({exc}); write it as predicate(exc) -> bool (functools.partial can fill in other arguments)"
+        ) from None
 
 
 def _import_exception(field_name: str, path: str) -> type[BaseException]:

@@ -175,7 +175,9 @@ def near_misses(app: Any, breakers: Mapping[str, Sequence[str]]) -> list[str]:
     option). It silently went without it (a health check meant to spare a payment API:
     its real tasks were its probes). Names that differ only in digits (``tenant-1``,
     ``tenant-2``) are siblings, not typos. Not an error: a breaker used outside tasks
-    (``CircuitBreaker("partnr")``) may have the name."""
+    (``CircuitBreaker("partnr")``) may have the name. And in ``breaker_routes``: an exact
+    task name that names no task of this app but is one typo from one no route matches
+    (``send_reciept``), which runs unguarded (another app's task may have the name)."""
     settings = get_settings(app)
     named = set(breakers)  # (and the breakers of plain tasks breaker_routes guards)
     for task_name in list(app.tasks):
@@ -206,6 +208,25 @@ def near_misses(app: Any, breakers: Mapping[str, Sequence[str]]) -> list[str]:
                     f"breaker of task {breakers[name][0]!r})? As it is, breaker {name!r} goes without {missing}. "
                     f"Ignore this if {pattern!r} is a breaker used outside tasks"
                 )
+    # breaker_routes: an exact task name that names no task of this app, one typo from a
+    # task that no route matches: that task runs without the breaker meant for it.
+    unrouted = [name for name in app.tasks if not name.startswith("celery.") and settings.route_for(name) is None]
+    for pattern, _ in settings.routes:
+        if pattern in app.tasks or _is_glob(pattern):
+            continue
+        most = 1 if len(pattern) <= 8 else 2
+        near = [
+            (distance, name)
+            for name in unrouted
+            if (distance := edit_distance(pattern, name, most)) <= most
+            and _DIGITS.sub("", pattern) != _DIGITS.sub("", name)
+        ]
+        if near:
+            _, name = min(near)
+            found.append(
+                f"breaker_routes[{pattern!r}] names no task of this app; did you mean {name!r}? As it is, no "
+                f"route puts task {name!r} under a breaker. Ignore this if {pattern!r} is another app's task"
+            )
     return found
 
 

@@ -47,7 +47,8 @@ SETTING_DOCS: dict[str, Doc] = {
         accepts="dict: task-name glob → breaker name, or `True` for the task's own name",
         meaning="puts plain tasks (not subclassing `BreakerTask`) under a breaker, and names the breaker of "
         'tasks that `task_cls="celery_breaker:BreakerTask"` makes BreakerTasks (unless they give `breaker=`); '
-        "the first matching glob wins",
+        "the first matching glob wins. An exact name one typo from a task no route matches (`send_reciept`) "
+        "is warned of at start",
     ),
     "breaker_max_deferrals": Doc(
         accepts="whole number from 0 to 1,000,000, or `None`",
