@@ -702,6 +702,45 @@ def test_a_script_missing_on_one_primary_is_sent_there_while_another_primary_is_
         store.close()
 
 
+def test_a_cluster_primary_down_puts_its_breakers_on_the_fallback_and_the_others_keep_counting() -> None:
+    # The agent judges Redis by its one subscription, which on a Cluster lives on one
+    # node; a count flush that failed was dropped silently. With a primary down, its
+    # breakers' views kept passing every call, and a `deny` breaker on it never rejected
+    # (no word logged either); a flush also stopped at the first failing cell, so the
+    # successes of breakers on healthy nodes went unsent for the whole outage.
+    with servers.RedisCluster() as cluster:
+        cluster.start()
+        for node in cluster.nodes:
+            node.admin().config_set("cluster-require-full-coverage", "no")
+        store = RedisStore.from_url(cluster.url)
+        names = names_on_every_node(store)
+        channel_port = redis_py(store).get_node_from_key(store.channel).port
+        victim_port = next(port for port in names if port != channel_port)
+        victim = CircuitBreaker(names[victim_port], storage=store, on_storage_error="deny")
+        others = [CircuitBreaker(name, storage=store, on_storage_error="deny") for port, name in names.items()
+                  if port != victim_port]  # fmt: skip
+        for breaker in (victim, *others):
+            assert breaker.call(ok) == "ok"
+        assert store.sync()  # (the agent follows transitions: their views pass calls without asking)
+        next(node for node in cluster.nodes if node.port == victim_port).kill()
+        for breaker in (victim, *others):
+            for _ in range(5):
+                assert breaker.call(ok) == "ok"  # counted here, sent by the next flush
+        for _ in range(2):  # (the victim's cell goes last the second time: it failed the first)
+            with pytest.raises(StorageError):
+                store.flush()
+        with pytest.raises(CircuitOpenError, match="cannot be reached"):
+            victim.call(ok)
+        elsewhere = RedisStore.from_url(cluster.url)  # as another process would see them
+        for breaker in others:
+            assert breaker.call(ok) == "ok"
+            found = elsewhere.find(breaker.name, None, SYSTEM_CLOCK)
+            assert found is not None
+            assert found.successes >= 6
+        elsewhere.close()
+        store.close()
+
+
 @pytest.mark.parametrize("scheme", ["redis+sentinel", "rediss+sentinel"])
 def test_sentinels_that_cannot_be_asked_are_named_by_address_not_by_a_client_repr(
     scheme: str, closing: Closing

@@ -62,7 +62,8 @@ class RedisCell:
         "name", "key", "policy", "state", "generation", "open_until", "passing", "last_used",
         "_rejections", "state_key", "_store", "_clock", "_keys", "_key_arg", "_policy_text",
         "_offset", "_rj_flushed", "_ok_tally", "_ok_flushed", "_ok_gen", "_stale_ok", "_df_tally",
-        "_df_flushed", "_incarnation", "_full_until", "_slow", "_seen", "_dropped", "_lock", "_sending", "__weakref__",
+        "_df_flushed", "_incarnation", "_full_until", "_slow", "_seen", "_dropped", "_lock", "_sending", "flush_failed",
+        "__weakref__",
     )  # fmt: skip
 
     # Every call is timed (its duration goes to Redis with a slow call), and every
@@ -78,6 +79,7 @@ class RedisCell:
         self.generation = 0
         self.open_until: float | None = None
         self.passing = False
+        self.flush_failed = False  # (its last flush could not reach Redis: RedisStore.flush)
         self.last_used = clock.monotonic()
         self._rejections = itertools.count()  # counted locally, sent with the next script call
         self._store = store
@@ -394,9 +396,18 @@ class RedisCell:
         next(self._df_tally)  # sent with the next script call or flush
 
     def flush(self) -> None:
-        """Send what was counted locally (the store's flusher calls this)."""
+        """Send what was counted locally (the store's flusher calls this). If its node
+        cannot be reached, the view stops passing calls: the next one asks Redis, and
+        meets ``breaker_on_storage_error``. On a Cluster with one node down, nothing else
+        would tell it: the agent's subscription lives on another node, and stays up."""
         with self._sending:
-            self._call("operate", self._clock.monotonic(), "view")
+            try:
+                self._call("operate", self._clock.monotonic(), "view")
+            except StorageError:
+                self.flush_failed = True
+                self.go_dark()
+                raise
+            self.flush_failed = False
 
     def __del__(self) -> None:
         # The last breaker object using this cell is gone, with counts not yet sent

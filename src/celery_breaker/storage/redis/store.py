@@ -82,6 +82,10 @@ def _positive(url: str, option: str, text: str) -> float:
     return value
 
 
+#: Seconds ``RedisStore.flush`` goes on sending other cells' counts after one failed.
+FLUSH_AFTER_FAILURE = 1.0
+
+
 class RedisStore:
     """Breakers in Redis, shared by every process and host that opens the same URL.
 
@@ -471,12 +475,35 @@ class RedisStore:
     def flush(self, *, everything: bool = False) -> None:
         """Send what each cell counted locally (``everything``: read every cell again).
         Counts another thread's flush has taken are in Redis when this returns too.
-        (A forked child's cells hold none of its parent's counts: forgotten at the fork.)"""
-        for cell in self.live_cells():
-            if everything or cell.pending:
-                cell.flush()
-            else:
+        (A forked child's cells hold none of its parent's counts: forgotten at the fork.)
+
+        A cell that fails (its node cannot be reached: a Cluster's primary down) does not
+        stop the others: they are sent, those that failed last time after the rest, for
+        at most ``FLUSH_AFTER_FAILURE`` seconds after the first failure (a node that does
+        not answer costs a socket timeout per cell); cells not tried then stop passing
+        calls until their next call has asked Redis. The first failure is raised at the
+        end (the counts stay with their cells, sent next time)."""
+        failed: StorageError | None = None
+        stop_at = math.inf
+        for cell in sorted(self.live_cells(), key=_failed_last):
+            if not (everything or cell.pending):
                 cell.wait_sent()
+            elif time.monotonic() >= stop_at:
+                cell.go_dark()
+            else:
+                try:
+                    cell.flush()
+                except StorageError as exc:
+                    if failed is None:
+                        failed, stop_at = exc, time.monotonic() + FLUSH_AFTER_FAILURE
+        if failed is not None:
+            with contextlib.suppress(StorageError):
+                self._flush_orphans()
+            raise failed
+        self._flush_orphans()
+
+    def _flush_orphans(self) -> None:
+        """Send the counts of cells dropped before they were sent (``RedisCell.__del__``)."""
         with self._sending_orphans:  # (an orphan another thread took is in Redis once this is held)
             orphans = self.orphans
             while orphans:
@@ -567,6 +594,11 @@ class RedisStore:
 
     def __repr__(self) -> str:
         return f"RedisStore({self.label!r})"
+
+
+def _failed_last(cell: RedisCell) -> bool:
+    """``RedisStore.flush``'s order: cells whose last flush failed after the others."""
+    return cell.flush_failed
 
 
 def _reinit_locks_after_fork() -> None:
