@@ -26,7 +26,11 @@ from .conftest import unique_prefix
 def test_entries_published_when_the_store_failed_to_forget_them_are_not_published_again(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # (a breaker whose store failed is asked again after at most UNREACHABLE_MOST: still
+    # within the claims' lease, so what it published is forgotten before it is claimed again)
+    assert release.UNREACHABLE_MOST < release.LEASE
     monkeypatch.setattr(release, "LEASE", 0.2)  # (seconds a claim holds an entry: shortened)
+    monkeypatch.setattr(release, "UNREACHABLE_FIRST", 0.05)  # (and the wait after the failure, with it)
     store = RedisStore.from_url(f"{redis_url}?key_prefix={unique_prefix()}")
     parking = store.parking
     assert parking is not None
@@ -62,6 +66,7 @@ def test_entries_published_when_the_store_failed_to_forget_them_are_not_publishe
         releaser.release_once()
         if len(published) == len(entries):
             break
+        time.sleep(0.06)  # (past the wait after the failure: UNREACHABLE_FIRST, shortened above)
     assert sorted(published) == entries
     time.sleep(0.3)  # (their lease has run out)
     for _ in range(5):

@@ -17,12 +17,14 @@ import pytest
 from celery import Celery
 
 from celery_breaker import CircuitBreaker
+from celery_breaker.errors import StorageError
 from celery_breaker.integration.deferral import release
 from celery_breaker.integration.deferral.parking import encode_message
-from celery_breaker.integration.deferral.release import QUIET_AT_MOST, Releaser
+from celery_breaker.integration.deferral.release import QUIET_AT_MOST, UNREACHABLE_MOST, Releaser
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
+from ..servers import RedisServer
 from ..unit.support import fail
 from .conftest import following, unique_prefix
 
@@ -180,4 +182,38 @@ def test_a_listening_releaser_asks_a_quiet_breaker_at_once_when_it_hears_it_move
         assert asked[other] == 2
     finally:
         operator.close()
+        store.close()
+
+
+def test_a_store_gone_whole_is_said_once_not_per_breaker_and_its_last_listing_is_kept(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # While the parking's index cannot be read the releaser goes on from its last listing
+    # (a Cluster node down holds back only its own breakers). A store gone whole answers
+    # for no breaker of it: that is one error for the loop to say, not one WARNING per
+    # breaker (2,000 per-key breakers would have made 2,000).
+    clock = FakeClock()
+    monkeypatch.setattr(release, "time", SimpleNamespace(monotonic=clock.monotonic))
+    with RedisServer() as server:
+        server.start()
+        store = RedisStore.from_url(f"{server.url}?key_prefix={unique_prefix()}&socket_timeout=0.3")
+        app = Celery("gone", broker="memory://", set_as_current=False)
+        body = encode_message(dict(app.signature("a.charge", args=(1,))), "json")
+        for key in ("a", "b", "c"):
+            CircuitBreaker("svc", POLICY, storage=store, key=key).force_open()
+            store.parking.park("svc", key, f"t-{key}:1", 1.0, body, None)
+        releaser = Releaser(app, store.parking, rate=1000.0, ramp=0.0)
+        assert releaser.release_once() == 0  # (listed; all quiet: forced open)
+        server.stop()
+        clock.advance(QUIET_AT_MOST + 0.2)  # (each is asked again)
+        with caplog.at_level("WARNING", logger="celery_breaker"):
+            for _ in range(3):
+                with pytest.raises(StorageError):
+                    releaser.release_once()
+                clock.advance(0.2)
+        assert not [r for r in caplog.records if "parked behind" in r.getMessage()]
+        assert len(releaser._unreachable) == 3  # (each listed breaker was asked, and waits now)
+        server.start()  # (empty: nothing is parked any more)
+        clock.advance(UNREACHABLE_MOST)
+        assert releaser.release_once() == 0
         store.close()

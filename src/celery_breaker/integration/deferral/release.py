@@ -32,6 +32,7 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
+import math
 import os
 import socket
 import threading
@@ -104,6 +105,13 @@ LOOKOUT_LEASE = 10.0
 LOOKOUT_GRACE = 10.0
 #: Seconds between two warnings about one breaker whose parked tasks cannot be released.
 TAG_COMPLAINT_EVERY = 60.0
+#: A breaker whose parking could not be reached (its Cluster node down) is asked again
+#: after this many seconds, doubled at each failure up to ``UNREACHABLE_MOST``: a node
+#: that does not answer costs a socket timeout per breaker, and held every other
+#: breaker's release to a crawl. A pass also stops asking others this many seconds
+#: after one could not be reached (the rest are asked in the next passes).
+UNREACHABLE_FIRST = 0.5
+UNREACHABLE_MOST = 5.0
 #: Breakers a log line about parked tasks names, those with the most first (an outage that
 #: tripped 20,000 per-key breakers made one INFO line of 390,000 characters).
 NAMED_IN_LOG = 10
@@ -183,6 +191,10 @@ class Releaser(threading.Thread):
         self._quiet_until: dict[str, tuple[float, int | None]] = {}
         #: The last listing (``_listing``): when (monotonic seconds), the index's size then, the tags.
         self._listed: tuple[float, int, list[str]] | None = None
+        #: By tag: when its parking may be asked again after it could not be reached, and
+        #: the wait that set it (``UNREACHABLE_FIRST``, doubling).
+        self._unreachable: dict[str, tuple[float, float]] = {}
+        self._lookout_failures = Throttle(TAG_COMPLAINT_EVERY)  # (also the index's, and unreached breakers')
         #: Tags whose breaker moved, as heard from the store (``listen``): quiet no more.
         self._woken: collections.deque[str] = collections.deque()
         #: What stops hearing the store's transitions (``listen``); ``None``: not hearing them.
@@ -230,7 +242,7 @@ class Releaser(threading.Thread):
                     self.check_eviction()
                 now = time.monotonic()
                 if self._counted_at is None or now - self._counted_at >= WATCH_EVERY:
-                    self.keep_lookout(now)
+                    self._keep_lookout_apart(now)
                 self.release_once()
                 if self._failing_since is not None:
                     logger.info("celery-breaker releaser: the store answers again")
@@ -243,6 +255,22 @@ class Releaser(threading.Thread):
             except Exception:  # the thread must outlive anything it meets
                 logger.exception("celery-breaker releaser: unexpected error; trying again")
 
+    def _keep_lookout_apart(self, now: float) -> None:
+        """``keep_lookout``, whose failure stops no release: the lookout and the parking's
+        epoch live on a slot each, and a Cluster node holding one of them down held back
+        every breaker the other nodes serve. Tried again after ``WATCH_EVERY``."""
+        try:
+            self.keep_lookout(now)
+        except StorageError as exc:
+            self._counted_at = now
+            if self._lookout_failures.due("lookout") is not None:
+                logger.warning(
+                    "celery-breaker releaser: cannot watch the parking for lost tasks (%s); parked tasks are "
+                    "released as usual meanwhile", exc,
+                )  # fmt: skip
+        else:
+            self._lookout_failures.forget("lookout")
+
     def release_once(self) -> int:
         """One pass over every breaker with parked tasks; return how many were published.
 
@@ -253,7 +281,7 @@ class Releaser(threading.Thread):
         published = 0
         most = MOST_PER_TICK if self.rate is None else max(1, min(MOST_PER_TICK, int(self.rate * self.tick * 4) + 1))
         now = time.monotonic()
-        tags = self._listing(now)
+        tags, unlisted = self._listing(now)
         tags += [tag for tag in self._undone if tag not in tags]  # (their published entries are still claimed)
         woken = set()
         while self._woken:
@@ -269,12 +297,17 @@ class Releaser(threading.Thread):
             tags.sort()
             after = bisect.bisect_right(tags, self._last_paced)
             tags = tags[after:] + tags[:after]
+        unreached: list[tuple[str, StorageError]] = []
+        give_up_at = math.inf  # (set by the first unreachable one: UNREACHABLE_FIRST more of trying)
         for tag in tags:
             if self._stop_event.is_set():
                 break
             if self._still_quiet(tag, quiet_until.get(tag), now, hearing, woken):
                 self._quiet_until[tag] = quiet_until[tag]  # (nothing of it can come due yet: not asked)
                 continue
+            away = self._unreachable.get(tag)
+            if (away is not None and now < away[0]) or (unreached and time.monotonic() >= give_up_at):
+                continue  # (its node could not be reached, or another's costs this pass too much: later)
             try:
                 # (room bounds what the pace lets go. Held back, room 0: probes and tasks
                 # past their deadline still go, a breaker's health check still runs, and
@@ -287,22 +320,62 @@ class Releaser(threading.Thread):
                         self._last_paced = tag
             except CheckAbandoned:
                 break  # (stopping: the check's slot is freed, nothing of this breaker was claimed)
+            except StorageError as exc:  # (its node cannot be reached: the others' are released)
+                failed_at = time.monotonic()
+                wait = UNREACHABLE_FIRST if away is None else min(UNREACHABLE_MOST, 2 * away[1])
+                self._unreachable[tag] = (failed_at + wait, wait)
+                if not unreached:
+                    give_up_at = failed_at + UNREACHABLE_FIRST
+                unreached.append((tag, exc))
             except Exception as exc:  # (one breaker's trouble, whatever it is, stops no other's)
+                self._unreachable.pop(tag, None)
                 self._tag_failed(tag, exc)
             else:
+                self._unreachable.pop(tag, None)
                 self._tag_failures.forget(tag)
+        if unlisted is not None and all(tag in self._unreachable for tag in tags):
+            raise unlisted  # (nothing answers: the store is down, said once by the loop)
+        self._unreached_now(unreached, unlisted)
         self.released += published
         return published
 
-    def _listing(self, now: float) -> list[str]:
+    def _unreached_now(self, unreached: list[tuple[str, StorageError]], unlisted: StorageError | None) -> None:
+        """Say (once a ``TAG_COMPLAINT_EVERY``) that the store answers for some breakers
+        only: its index, or some breakers' parkings, cannot be reached (a Cluster node
+        down); one line for them all, however many."""
+        if unlisted is not None and self._lookout_failures.due("index") is not None:
+            logger.warning(
+                "celery-breaker releaser: cannot read the parking's index (%s); the breakers it listed last are "
+                "released meanwhile (tasks parked behind others wait for it)", unlisted,
+            )  # fmt: skip
+        if unreached and self._lookout_failures.due("unreached") is not None:
+            names = self._held(dict.fromkeys((tag for tag, _ in unreached), 1)).replace(": 1", "")
+            logger.warning(
+                "celery-breaker releaser: cannot reach the tasks parked behind %d breaker(s) (%s): %s; the others "
+                "are released as usual, and these are asked again after up to %g s",
+                len(unreached), names, unreached[0][1], UNREACHABLE_MOST,
+            )  # fmt: skip
+        if unlisted is None:
+            self._lookout_failures.forget("index")
+
+    def _listing(self, now: float) -> tuple[list[str], StorageError | None]:
         """The breakers with parked tasks (``Parking.tags``): listed again every
         ``LIST_EVERY`` seconds, and at once when the index's size changed
         (``Parking.index_size``, one cheap command). Listing 2,000 breakers every tick
-        cost Redis more than all else a releaser of quiet breakers did, per worker."""
-        size = self.parking.index_size()
-        if self._listed is None or size != self._listed[1] or now - self._listed[0] >= LIST_EVERY:
-            self._listed = (now, size, self.parking.tags())
-        return list(self._listed[2])
+        cost Redis more than all else a releaser of quiet breakers did, per worker.
+
+        While the index cannot be read (its Cluster node down), the last listing, with
+        the error: the breakers the other nodes serve are released meanwhile (one parked
+        since then waits for the index). Without a listing yet, the error is raised."""
+        try:
+            size = self.parking.index_size()
+            if self._listed is None or size != self._listed[1] or now - self._listed[0] >= LIST_EVERY:
+                self._listed = (now, size, self.parking.tags())
+        except StorageError as exc:
+            if self._listed is None:
+                raise
+            return list(self._listed[2]), exc
+        return list(self._listed[2]), None
 
     def _still_quiet(
         self, tag: str, quiet: tuple[float, int | None] | None, now: float, hearing: int | None, woken: set[str]
@@ -393,7 +466,8 @@ class Releaser(threading.Thread):
         if self._tag_failures.due(tag) is not None:
             logger.warning(
                 "celery-breaker releaser: cannot release the tasks parked behind %s (%s); the other breakers' "
-                "are released as usual, and it is tried again every tick",
+                "are released as usual, and it is tried again (every tick, or after up to 5 s while its store "
+                "cannot be reached)",
                 shown_label(self.parking.label(tag)), exc,
             )  # fmt: skip
 
