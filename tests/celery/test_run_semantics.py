@@ -407,20 +407,26 @@ def _killed_app(prefork: bool) -> Any:
 @pytest.mark.parametrize(
     ("prefork", "code", "into_run", "counted"),
     [
-        (True, task_module._SIGTERM_EXIT, 8.5, True),  # the pool's SIGTERM at the 10 s limit
-        (True, task_module._SIGTERM_EXIT, 3.0, False),  # a SIGTERM early in the run: a cold shutdown, a revoke
-        (True, 1, 9.5, False),  # the body's own sys.exit(1)
-        (False, task_module._SIGTERM_EXIT, 9.5, False),  # a pool that does not kill at the limit
+        (True, task_module._SIGTERM_EXIT, 9.8, True),  # the pool's SIGTERM at the 10 s limit
+        (True, task_module._SIGTERM_EXIT, 8.8, False),  # an operator's terminating revoke, or a cold shutdown
+        (True, task_module._SIGTERM_EXIT, 3.0, False),  # the same, early in the run
+        (True, 1, 9.9, False),  # the body's own sys.exit(1)
+        (False, task_module._SIGTERM_EXIT, 9.9, False),  # a pool that does not kill at the limit
     ],
 )
+@pytest.mark.parametrize("timed", [True, False], ids=["timed", "untimed"])
 def test_only_an_exit_at_the_hard_time_limit_on_prefork_counts_as_a_timeout(
-    prefork: bool, code: int, into_run: float, counted: bool
+    prefork: bool, code: int, into_run: float, counted: bool, timed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # On prefork the pool SIGTERMs a run at its hard time limit, and billiard's handler
     # raises SystemExit(-241) in it: neutral as an exit, so a partner that hung every call
     # never opened its breaker (tests/integration/test_shared_breaker.py shows it on a
-    # real worker). Such an exit, at least KILLED_AT_SHARE of the limit into the run, is
-    # a TimeLimitExceeded now; any other stays what it was.
+    # real worker). Such an exit, within KILLED_SLACK of the limit after the task's call
+    # began, is a TimeLimitExceeded now; any other stays what it was. An operator who
+    # terminates runs at 88 % of their limit (a deploy's cold shutdown) had them counted
+    # as timeouts, and tripped a healthy downstream's breaker. A breaker that does not
+    # time its calls (a memory store without a slow-call rule: its run has no start) is
+    # judged the same.
     app = _killed_app(prefork)
 
     @app.task(base=BreakerTask, breaker="killed", time_limit=10, shared=False)
@@ -428,11 +434,13 @@ def test_only_an_exit_at_the_hard_time_limit_on_prefork_counts_as_a_timeout(
         """A task with a hard time limit."""
 
     clock = FakeClock()
-    breaker = CircuitBreaker(
-        "killed", {"slow_call_duration": 60.0, "slow_call_rate_threshold": 1.0}, storage=fresh_store(), clock=clock
-    )
+    monkeypatch.setattr(task_module, "_clock", clock.monotonic)
+    slow = {"slow_call_duration": 60.0, "slow_call_rate_threshold": 1.0} if timed else {}
+    breaker = CircuitBreaker("killed", slow, storage=fresh_store(), clock=clock)
     job.push_request(called_directly=False)
+    task_module._call_began[0] = clock.monotonic()  # (as the task's call does, before its admission)
     run = breaker.enter_run(task_module._translate, True, None, job)
+    assert (run.start is not None) is timed
     try:
         clock.advance(into_run)
         exit_ = SystemExit(code)
@@ -445,3 +453,31 @@ def test_only_an_exit_at_the_hard_time_limit_on_prefork_counts_as_a_timeout(
         assert breaker.policy.classify(seen) is Outcome.FAILURE
     else:
         assert seen is exit_
+
+
+@pytest.mark.parametrize(("into_run", "failures"), [(9.8, 1), (8.8, 0)])
+def test_a_worker_run_ended_by_sigterm_counts_only_near_its_hard_time_limit(
+    into_run: float, failures: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The task's own call notes when it began (not the test): a run SIGTERMed within
+    # KILLED_SLACK of its 10 s limit is a timeout on its breaker; one an operator ended at
+    # 8.8 s is not.
+    app = _killed_app(prefork=True)
+    clock = FakeClock()
+    monkeypatch.setattr(task_module, "_clock", clock.monotonic)
+
+    name = f"sigtermed-{into_run}"  # (the app's memory store outlives the test)
+
+    @app.task(base=BreakerTask, breaker=name, time_limit=10, shared=False)
+    def job() -> None:
+        clock.advance(into_run)
+        raise SystemExit(task_module._SIGTERM_EXIT)  # (what billiard's handler raises)
+
+    job.push_request(called_directly=False)  # (as the worker's tracer does)
+    try:
+        with pytest.raises(SystemExit):
+            job()
+    finally:
+        job.pop_request()
+    found = CircuitBreaker(name, storage=app.conf.breaker_storage_url).snapshot()
+    assert found.failures == failures

@@ -6,6 +6,7 @@ import contextlib
 import inspect
 import logging
 import sys
+import time
 import traceback
 import types
 import weakref
@@ -86,9 +87,16 @@ def _translate(exc: BaseException) -> BaseException | None:
 #: limit (a SIGKILL follows a tenth of a second later), or at a cold shutdown, or by a
 #: revoke that terminates.
 _SIGTERM_EXIT = -(256 - TERM_SIGNAL)
-#: A SIGTERM that comes at least this share of the run's hard time limit into the run is
-#: the limit's (the pool counts the limit from a moment before the run begins).
-KILLED_AT_SHARE = 0.8
+#: A SIGTERM that comes no earlier than this many seconds (at most a fifth of the limit)
+#: before the run's hard time limit, counted from when the task's call began, is the
+#: limit's. The pool starts the limit's clock when the process tells it the job started,
+#: a moment before the call: its SIGTERM comes at the limit or after. An operator's
+#: terminating revoke or a cold shutdown earlier than that stays an exit (neutral).
+KILLED_SLACK = 0.25
+#: When this process's current task call began (``_clock()``, before its admission): read
+#: only on prefork, which runs one task at a time per process.
+_call_began: list[float] = [0.0]
+_clock = time.monotonic  # (a seam for tests)
 
 
 def _killed_at_limit(exc: SystemExit) -> BaseException:
@@ -96,14 +104,14 @@ def _killed_at_limit(exc: SystemExit) -> BaseException:
     failure it is: ``TimeLimitExceeded`` (a hung downstream). As an exit it was neutral (a
     ``BaseException``), so on prefork a downstream that hung every call to the limit never
     opened its breaker, where gevent's timeout, raised in the run, did (decision 86). Any
-    other exit (a cold shutdown, a revoke, earlier than ``KILLED_AT_SHARE`` of the limit; a
+    other exit (a cold shutdown, a revoke, more than ``KILLED_SLACK`` before the limit; a
     pool that does not kill at the limit) stays neutral."""
     run = current_run()
-    if run is None or run.start is None:
+    if run is None:
         return exc
     # (only prefork sends the SIGTERM: its time limits are the only soft-enforced ones)
     limit = _enforced_time_limit(run.owner, SOFT_TIME_LIMITS_ENFORCED_ATTR)
-    if limit is None or run.breaker._now() - run.start < KILLED_AT_SHARE * limit:
+    if limit is None or _clock() - _call_began[0] < limit - min(KILLED_SLACK, limit / 5):
         return exc
     killed: BaseException = TimeLimitExceeded(limit)
     return killed
@@ -282,6 +290,7 @@ class BreakerTask(Task):  # type: ignore[misc]
         return not (request.is_eager or request.called_directly)
 
     def _run_guarded(self, args: tuple[Any, ...], kwargs: dict[str, Any], request: Any) -> Any:
+        _call_began[0] = _clock()  # (a SIGTERM near the hard time limit is the limit's: _killed_at_limit)
         held = self._breaker_held
         kept = (
             held is not None
