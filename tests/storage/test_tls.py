@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
@@ -145,14 +146,19 @@ def test_a_wrong_ca_names_the_certificate_check(
 
 
 @pytest.mark.parametrize("scheme", ["rediss+sentinel", "valkeys+sentinel"])
-def test_tls_options_reach_the_sentinels_and_the_master(scheme: str) -> None:
+def test_tls_options_reach_the_sentinels_and_the_master(scheme: str, tmp_path: Path) -> None:
+    for name in ("ca.pem", "c.crt", "c.key"):  # (files that exist: the client refuses others)
+        (tmp_path / name).write_text("")
+    (tmp_path / "cas").mkdir()
     url = (
-        f"{scheme}://h1:26379,h2/mymaster?ssl_ca_certs=/ca.pem&ssl_certfile=/c.crt&ssl_keyfile=/c.key"
-        "&ssl_cert_reqs=CERT_REQUIRED&ssl_check_hostname=false&ssl_password=pw&ssl_ca_path=/cas"
+        f"{scheme}://h1:26379,h2/mymaster?ssl_ca_certs={tmp_path}/ca.pem&ssl_certfile={tmp_path}/c.crt"
+        f"&ssl_keyfile={tmp_path}/c.key&ssl_cert_reqs=CERT_REQUIRED&ssl_check_hostname=false&ssl_password=pw"
+        f"&ssl_ca_path={tmp_path}/cas"
     )
     expected = {
-        "ssl_ca_certs": "/ca.pem", "ssl_certfile": "/c.crt", "ssl_keyfile": "/c.key", "ssl_cert_reqs": "required",
-        "ssl_check_hostname": False, "ssl_password": "pw", "ssl_ca_path": "/cas",
+        "ssl_ca_certs": f"{tmp_path}/ca.pem", "ssl_certfile": f"{tmp_path}/c.crt",
+        "ssl_keyfile": f"{tmp_path}/c.key", "ssl_cert_reqs": "required", "ssl_check_hostname": False,
+        "ssl_password": "pw", "ssl_ca_path": f"{tmp_path}/cas",
     }  # fmt: skip
     pool = cast(SentinelConnectionPool, RedisStore.from_url(url).client().connection_pool)  # no connection made
     assert pool.connection_class is SentinelManagedSSLConnection
@@ -166,6 +172,26 @@ def test_tls_options_reach_the_sentinels_and_the_master(scheme: str) -> None:
     for sentinel in plain.sentinel_manager.sentinels:
         assert sentinel.connection_pool.connection_class is Connection
         assert not any(name.startswith("ssl") for name in sentinel.connection_pool.connection_kwargs)
+
+
+@pytest.mark.parametrize("option", ["ssl_ca_certs", "ssl_certfile", "ssl_ca_path"])
+def test_a_tls_file_that_does_not_exist_is_an_outage_that_names_it(option: str, closing: Closing) -> None:
+    # redis-py's own error read "Error 2 connecting to 127.0.0.1:6380. No such file or
+    # directory", like a unix socket's, naming neither the option nor the file. Checked
+    # when the client is made (the file may exist only where the workers run), as an
+    # outage: breaker_on_storage_error applies, and the log line says what to fix.
+    url = f"rediss://:s3cret@127.0.0.1:6380/0?{option}=/nowhere/ca.pem"
+    store = closing(RedisStore.from_url(url))  # (the configuration is fine)
+    with pytest.raises(StorageError) as info:
+        store.cell("svc", None, BreakerPolicy(), SYSTEM_CLOCK)
+    assert f"{option} names '/nowhere/ca.pem', which does not exist here" in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize("option", ["retry_on_timeout", "socket_keepalive"])
+def test_a_flag_redis_py_would_read_as_true_is_refused_on_a_plain_url(option: str) -> None:
+    with pytest.raises(ConfigurationError, match=f"{option}='maybe' must be true or false"):
+        RedisStore.from_url(f"redis://127.0.0.1:6379/0?{option}=maybe")
 
 
 def test_tls_options_reach_every_cluster_node(redis_tls_cluster: RedisCluster, tls_certificates: Certificates) -> None:

@@ -614,9 +614,16 @@ def test_with_max_connections_busy_threads_wait_for_a_connection_instead_of_an_o
         store.close()
 
 
+def test_a_sentinel_url_naming_two_databases_is_refused() -> None:
+    with pytest.raises(ConfigurationError, match="names two databases, 2 in its path and 1 in db=; keep one"):
+        RedisStore.from_url("redis+sentinel://h:26379/svc/2?db=1")
+    assert RedisStore.from_url("redis+sentinel://h:26379/svc/2?db=2")  # (the same one twice: no conflict)
+
+
 @pytest.mark.parametrize(
     "url", ["redis://127.0.0.1:1?max_connections=1", "redis+sentinel://h:26379/svc?max_connections=0",
-            "redis+cluster://h:7000?max_connections=1"],
+            "redis+cluster://h:7000?max_connections=1", "redis+sentinel://h:26379/svc?max_connections=-5",
+            "redis+cluster://h:7000?max_connections=%2B1", "redis://127.0.0.1:1?max_connections=-3"],
 )  # fmt: skip
 def test_a_pool_the_subscription_would_fill_is_refused(url: str) -> None:
     with pytest.raises(ConfigurationError, match="max_connections must be at least 2"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 from collections.abc import Callable
@@ -50,6 +51,12 @@ def _flag(text: str) -> bool:
     if value is None:
         raise ValueError(text)
     return value
+
+
+#: The options redis-py reads as flags (any text but its few false ones reads as true),
+#: and those that name a file or a directory.
+_FLAGS = frozenset({"socket_keepalive", "retry_on_timeout", "ssl_check_hostname", "readonly", "sentinel_ssl"})
+_FILES = frozenset({"ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile"})
 
 
 def _protocol(text: str) -> int:
@@ -188,6 +195,15 @@ def make_client(
     ``StorageError`` here (call this on first use, as ``RedisStore.client`` does).
     """
     endpoint = _endpoint(url, parts, passed)
+    for name, value in passed:
+        if name in _FILES and value and not os.path.exists(value):
+            # An outage like any other (breaker_on_storage_error applies), said as what it is:
+            # redis-py's own reads "Error 2 connecting to host:port. No such file or directory".
+            # (Not checked with the configuration: a file may exist only where workers run.)
+            raise StorageError(
+                f"redis store {describe(url)}: {name} names {value!r}, which does not exist here; give the path "
+                "of a file (or directory) this process can read"
+            )
     timeouts: dict[str, Any] = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
     # With max_connections, a call finding every connection in use waits for one, up to
     # both timeouts (redis-py's default pool would fail it at once, "Too many
@@ -232,14 +248,34 @@ def make_client(
         raise ConfigurationError(f"redis store URL {describe(url)!r}: {exc}") from None
 
 
+def _below_two(text: str) -> bool:
+    """Whether ``max_connections=text`` reads as a whole number below 2 (``-5``, ``+1``
+    too: redis-py refused them only at the first call, with a bare ``ValueError``); text
+    that is no number is refused where the option is read."""
+    try:
+        return int(text) < 2
+    except ValueError:
+        return False
+
+
 def _endpoint(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> _Endpoint:
     topology = SCHEMES[parts.scheme.lower()]
-    if any(name == "max_connections" and value.strip().isdigit() and int(value) < 2 for name, value in passed):
+    if any(name == "max_connections" and _below_two(value) for name, value in passed):
         # The transitions subscription holds one for good: every call would wait for none.
         raise ConfigurationError(
             f"redis store URL {describe(url)!r}: max_connections must be at least 2 (one is the process's "
             "subscription to the transitions channel); give it the threads that call breakers at once, plus one"
         )
+    for name, value in passed:
+        if name in _FLAGS and value != "":
+            try:
+                _flag(value)
+            except ValueError:
+                # (redis-py reads any text but "0", "f", "false", "n" and "no" as true)
+                raise ConfigurationError(
+                    f"redis store URL {describe(url)!r}: {name}={value!r} must be true or false (write "
+                    f"{name}=true or {name}=false)"
+                ) from None
     if topology == "sentinel":
         return _sentinel_endpoint(url, parts, passed)
     if topology == "cluster":
@@ -307,6 +343,11 @@ def _sentinel_endpoint(url: str, parts: SplitResult, passed: list[tuple[str, str
             raise ConfigurationError(
                 f"redis store URL {describe(url)!r}: database {segments[1]!r} is not a number; "
                 f"write {_FORMS['sentinel']}"
+            )
+        if "db" in options and options["db"] != int(segments[1]):
+            raise ConfigurationError(
+                f"redis store URL {describe(url)!r} names two databases, {segments[1]} in its path and "
+                f"{options['db']} in db=; keep one"
             )
         options["db"] = int(segments[1])
     sentinel_options = {
