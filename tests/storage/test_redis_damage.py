@@ -169,6 +169,41 @@ def test_every_field_of_the_state_hash_is_checked(
     assert state_of(breaker) is State.OPEN
 
 
+@pytest.mark.parametrize("held", [State.FORCED_OPEN, State.DISABLED])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("rj", "abc"), ("ok", "-inf"), ("gen", "nan"), ("oa", "1e300"), ("inc", "1\n2"), ("pol", "{garbage")],
+)  # fmt: skip
+def test_an_operators_state_outlives_damage_to_the_rest_of_its_hash(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture, held: State, field: str, value: str
+) -> None:
+    # An operator held a breaker open with tasks parked behind it; one unreadable counter
+    # (rejections 'abc') reset the whole breaker, CLOSED, and the releaser sent every
+    # parked task to the downstream the operator held off. The operator's state is kept,
+    # the rest mended, with a WARNING; the release (which may read the hash first) keeps it too.
+    clock = FakeClock()
+    operator = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    operator.force_open() if held is State.FORCED_OPEN else operator.disable()
+    store.parking.park("svc", None, "t1:1", 1.0, "one", None)
+    tag = store.parking.tag("svc", None)
+    server.hset(state_key(store), field, value)
+    release = store.parking.release
+    claimed = release(tag, most=10, pace=10.0, ramp=0.0, lease=30.0, now=clock.monotonic())
+    assert server.hget(state_key(store), "st") == held.value.encode()
+    if held is State.FORCED_OPEN:
+        assert claimed == []  # (nothing goes while an operator holds it open)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        found = CircuitBreaker("svc", POLICY, storage=store, clock=clock).snapshot()  # (a breaker script)
+    assert found.state is held
+    (warning,) = [m for m in warnings_naming(caplog, "breaker svc") if "unreadable" in m]
+    assert f"unreadable {field}=" in warning
+    assert f"kept {held.value}, an operator's" in warning
+    server.hset(state_key(store), "rj", "7")  # (what is mended is read again as written)
+    assert CircuitBreaker("svc", POLICY, storage=store, clock=clock).snapshot().rejections == 7
+    operator.close()  # (only an operator leaves it)
+    assert state_of(operator) is State.CLOSED
+
+
 @pytest.mark.parametrize(
     ("policy", "corrupt", "named"),
     [

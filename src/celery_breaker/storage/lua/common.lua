@@ -493,48 +493,79 @@ local function load()
     return false, other
   end
   if not STATES[raw.st or ''] then return bad('st') end
+  -- An operator's state (FORCED_OPEN, DISABLED) is left only by an operator: what else is
+  -- unreadable is mended around it (counts and times start again, an unreadable policy
+  -- gives way to the caller's), never by resetting the breaker, which came back CLOSED
+  -- and released its parked tasks against the downstream the operator held off.
+  local held = raw.st == FORCED_OPEN or raw.st == DISABLED
+  local mended = {}
+  local function mend(name)
+    if not held then return false end
+    mended[#mended + 1] = name .. '=' .. show(raw[name])
+    return true
+  end
   local policy = parse_policy(raw.pol)
-  if policy == nil then return false, 'policy ' .. show(raw.pol) end
-  local s = { st = raw.st, pol = raw.pol, nm = raw.nm or want_nm, ky = raw.ky or want_ky, inc = raw.inc or '0' }
+  local pol = raw.pol
+  if policy == nil then
+    policy = given_policy ~= '' and parse_policy(given_policy) or nil
+    if policy == nil or not mend('pol') then return false, 'policy ' .. show(raw.pol) end
+    pol = given_policy
+  end
+  local s = { st = raw.st, pol = pol, nm = raw.nm or want_nm, ky = raw.ky or want_ky, inc = raw.inc or '0' }
   for _, name in ipairs(WHOLE_FIELDS) do
     s[name] = read_whole(raw[name])
-    if s[name] == nil then return bad(name) end
+    if s[name] == nil then
+      if not mend(name) then return bad(name) end
+      s[name] = 0
+    end
   end
   for _, name in ipairs(LATER_WHOLE_FIELDS) do
     s[name] = read_whole(raw[name] or '0')
-    if s[name] == nil then return bad(name) end
+    if s[name] == nil then
+      if not mend(name) then return bad(name) end
+      s[name] = 0
+    end
   end
   for _, name in ipairs(PAST_FIELDS) do
     local text = raw[name] or ''
     if text ~= '' then
       s[name] = read_time(text, now)
-      if s[name] == nil then return bad(name) end
+      if s[name] == nil and not mend(name) then return bad(name) end
     end
   end
   -- open_until: at most the policy's longest open duration ahead (CLOCK_SLACK aside);
   -- the open duration itself never longer. (Only an OPEN breaker has them.)
   if (raw.ou or '') ~= '' then
     s.ou = read_time(raw.ou, now, policy.longest_open)
-    if s.ou == nil then return bad('ou') end
+    if s.ou == nil and not mend('ou') then return bad('ou') end
   end
   -- The release waits until rh after a refusal (record.lua): as far ahead as open_until may be.
   if (raw.rh or '') ~= '' then
     s.rh = read_time(raw.rh, now, policy.longest_open)
-    if s.rh == nil then return bad('rh') end
+    if s.rh == nil and not mend('rh') then return bad('rh') end
   end
   if (raw.od or '') ~= '' then
     s.od = read_number(raw.od)
-    if s.od == nil or s.od < 0 or s.od > policy.longest_open then return bad('od') end
+    if s.od == nil or s.od < 0 or s.od > policy.longest_open then
+      if not mend('od') then return bad('od') end
+      s.od = nil
+    end
+  end
+  -- The incarnation is published, a line of a message: a number as fmt() writes it.
+  if #s.inc > 32 or not string.match(s.inc, '^[%d%.eE%+%-]+$') or read_number(s.inc) == nil then
+    if not mend('inc') then return bad('inc') end
+    s.inc = fmt(now) -- (another incarnation: views read the breaker again)
+  end
+  if #mended > 0 then
+    warnings[#warnings + 1] = 'unreadable ' .. table.concat(mended, ', ') .. ' in ' .. K_STATE .. ' (mended; kept '
+      .. raw.st .. ', an operator\'s)'
+    wiped = true -- (every process's view reads it again)
   end
   if s.st ~= OPEN then s.ou = nil end
   if s.st == OPEN and s.ou == nil then return false, 'open without open_until' end
   -- A half-open breaker closes after probes_to_close successes: more can only be corrupt
   -- (and would keep every probe slot taken for ever).
   if s.st == HALF_OPEN and s.hos >= policy.probes_to_close then return bad('hos') end
-  -- The incarnation is published, a line of a message: a number as fmt() writes it.
-  if #s.inc > 32 or not string.match(s.inc, '^[%d%.eE%+%-]+$') or read_number(s.inc) == nil then
-    return bad('inc')
-  end
   return s, policy
 end
 

@@ -120,6 +120,13 @@ if st then
       if ou == nil then why = 'ou=' .. show(state[2]) end
     end
   end
+  if why ~= nil and (st == 'forced_open' or st == 'disabled') then
+    -- An operator's state is left only by an operator: kept, with what it counted read as
+    -- nothing (the breaker's next script mends the rest, and says so). Reset, it came
+    -- back CLOSED and its parked tasks went to the downstream the operator held off.
+    counts, held_until, why = { 0, 0, 0, 0 }, nil, nil
+    if read_whole(gen) == nil then gen = '0' end
+  end
   if why ~= nil then
     redis.call('DEL', K_STATE)
     repaired('unreadable ' .. why .. ' in ' .. K_STATE .. ' (the breaker was reset)')
