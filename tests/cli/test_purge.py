@@ -10,6 +10,7 @@ from click.testing import CliRunner, Result
 from celery_breaker.ops.cli import EXIT_USAGE
 from celery_breaker.storage.redis import RedisStore
 
+from . import cliproj
 from .conftest import APP, breaker, run
 
 
@@ -106,3 +107,34 @@ def test_an_unknown_breaker_is_refused_and_nothing_is_discarded(store_url: str) 
     assert asked.exit_code == EXIT_USAGE
     assert "Discard" not in asked.output
     assert "no breaker named 'partner-apj'" in asked.output
+
+
+def test_purge_in_an_app_deferring_into_rabbitmq_says_those_tasks_are_out_of_its_reach(store_url: str) -> None:
+    # On RabbitMQ (breaker_park "auto") deferred tasks wait in its delay queues: purge
+    # printed "discarded 0 parked tasks", exited 0, and all 50 ran once the breaker closed;
+    # status showed PARKED 0 while they waited.
+    cliproj.app.conf.update(broker_url="amqp://guest:guest@127.0.0.1:1//")  # (never connected to)
+    cliproj.use_store(store_url)
+    try:
+        breaker(store_url, "partner-api").force_open()
+        result = run("purge", "partner-api", "--force")
+        assert result.exit_code == 1
+        assert result.stdout.startswith("partner-api: discarded 0 parked tasks in redis://")
+        assert "this app's deferred tasks wait in RabbitMQ's delay queues (celery_breaker_delayed_*)" in result.stderr
+        as_json = run("purge", "partner-api", "--force", "--json")
+        elsewhere = json.loads(as_json.stdout)["waiting_elsewhere"]
+        assert elsewhere == "in RabbitMQ's delay queues (celery_breaker_delayed_*)"
+        status = run("status")
+        assert status.exit_code == 0, status.output
+        assert "PARKED counts tasks parked in the store; this app's deferred tasks wait in RabbitMQ's" in status.stdout
+    finally:
+        cliproj.app.conf.update(broker_url="memory://")
+        cliproj.use_store(store_url)
+    cliproj.app.conf.update(broker_url="redis://127.0.0.1:1/0")  # (parks in the store: never connected to)
+    cliproj.use_store(store_url)
+    try:
+        assert "Warning" not in run("purge", "partner-api", "--force").stderr
+        assert "PARKED counts" not in run("status").stdout
+    finally:
+        cliproj.app.conf.update(broker_url="memory://")
+        cliproj.use_store(store_url)

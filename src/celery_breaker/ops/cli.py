@@ -57,6 +57,10 @@ __all__ = [
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 69
 EXIT_CONFIG = 78
+#: ``purge`` that discarded nothing in an app whose deferred tasks wait in the broker
+#: (RabbitMQ's delay queues), where it cannot reach them: not done, as a ``delete``
+#: refused for parked tasks.
+EXIT_ELSEWHERE = 1
 #: A reader that closed the pipe early (``| head``): what a shell reports for a command
 #: killed by SIGPIPE (128 + 13), with nothing written to stderr.
 SIGPIPE_EXIT = 141
@@ -256,6 +260,11 @@ def status(ctx: click.Context, patterns: tuple[str, ...], as_json: bool, wide: b
     from .console import status_text
 
     click.echo(status_text(rows, now=time.time(), wide=wide, color=_use_color(ctx, color)), color=True)
+    from ..integration.deferral.selection import waiting_elsewhere
+
+    elsewhere = waiting_elsewhere(app)
+    if elsewhere is not None:  # (RabbitMQ: PARKED 0 read as "nothing waits")
+        click.echo(f"PARKED counts tasks parked in the store; this app's deferred tasks wait {elsewhere}.")
 
 
 def _report_move(move: Move, as_json: bool, warned: bool) -> None:
@@ -419,13 +428,24 @@ def purge(ctx: click.Context, name: str, key: str | None, force: bool, as_json: 
         import json
 
         click.echo(json.dumps({"breaker": done.label, "discarded": done.discarded, "parked": done.parked,
-                               "claimed": done.claimed, "store": done.store}, indent=2))  # fmt: skip
-        return
-    noun = "task" if done.discarded == 1 else "tasks"
-    text = f"{shown_label(done.label)}: discarded {done.discarded} parked {noun} in {done.store}"
-    left = [f"{done.parked} parked since"] if done.parked else []
-    left += [f"{done.claimed} being published, which run"] if done.claimed else []
-    click.echo(text + (f" ({'; '.join(left)})" if left else "") + ".")
+                               "claimed": done.claimed, "store": done.store, "waiting_elsewhere": done.elsewhere},
+                              indent=2))  # fmt: skip
+    else:
+        noun = "task" if done.discarded == 1 else "tasks"
+        text = f"{shown_label(done.label)}: discarded {done.discarded} parked {noun} in {done.store}"
+        left = [f"{done.parked} parked since"] if done.parked else []
+        left += [f"{done.claimed} being published, which run"] if done.claimed else []
+        click.echo(text + (f" ({'; '.join(left)})" if left else "") + ".")
+    if done.elsewhere is not None:
+        # (RabbitMQ: the tasks wait in its delay queues, where no purge of ours reaches them,
+        # and run once their delay is up; "discarded 0" alone read as "there were none")
+        click.echo(
+            f"Warning: this app's deferred tasks wait {done.elsewhere}, not in {done.store}: none of those were "
+            "discarded, and they run once their delay is up (drop them in the broker if they must not run).",
+            err=True,
+        )
+        if not done.discarded:
+            ctx.exit(EXIT_ELSEWHERE)
 
 
 @breaker.command(cls=CeleryCommand)

@@ -15,6 +15,7 @@ from typing import Any
 from ..clock import SYSTEM_CLOCK, Clock
 from ..core import BreakerPolicy, BreakerSnapshot, State, Transition
 from ..errors import ConfigurationError, ParkedTasksError, UnknownBreakerError
+from ..integration.deferral.selection import waiting_elsewhere
 from ..integration.inventory import AppBreaker, app_inventory, policy_named
 from ..integration.settings import get_settings
 from ..labels import breaker_label, read_visible, shown_label, split_label, visible
@@ -87,6 +88,9 @@ class Purge:
     """Tasks a releaser had claimed and was publishing again: they run."""
     store: str
     """The store's URL, passwords masked."""
+    elsewhere: str | None = None
+    """Where the app's deferred tasks wait instead, when it does not park them in the
+    store (RabbitMQ's delay queues): no purge reaches them (``None``: it parks them)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -443,6 +447,7 @@ def purge(
         parked=parked,
         claimed=claimed,
         store=label,
+        elsewhere=waiting_elsewhere(app),
     )
 
 

@@ -18,14 +18,14 @@ import threading
 from typing import Any
 
 from ...storage import resolve_store
-from ..broker import AMQP, REDIS, broker_kind, uses_quorum_queues
+from ..broker import AMQP, MEMORY, REDIS, broker_kind, uses_quorum_queues
 from ..settings import BreakerSettings, get_settings
 from .broker_delay import BrokerDelay
 from .countdown import CountdownRepublish
 from .parking import ParkInStore
 from .strategy import DeferralStrategy
 
-__all__ = ["choose_strategies", "deferral_strategies"]
+__all__ = ["choose_strategies", "deferral_strategies", "waiting_elsewhere"]
 
 _ATTRIBUTE = "_celery_breaker_strategies"
 _LOCK = threading.Lock()
@@ -53,3 +53,15 @@ def deferral_strategies(app: Any) -> tuple[DeferralStrategy, ...]:
             found = (settings, choose_strategies(app, settings))
             setattr(app, _ATTRIBUTE, found)
     return found[1]
+
+
+def waiting_elsewhere(app: Any) -> str | None:
+    """Where ``app``'s deferred tasks wait when they are not parked in the breaker store
+    (what operators' counts of parked tasks cannot show, nor a purge reach): ``None``
+    when the app parks them there, or its broker is in-process (``memory://``: tests)."""
+    first = deferral_strategies(app)[0]
+    if isinstance(first, ParkInStore) or broker_kind(app.conf) == MEMORY:
+        return None
+    if isinstance(first, BrokerDelay):
+        return "in RabbitMQ's delay queues (celery_breaker_delayed_*)"
+    return "as countdown messages in the broker, held by workers until they are due"
