@@ -33,6 +33,7 @@ from .health import (
 from .labels import breaker_label, shown_label
 from .names import check_name, kept_key
 from .storage import NO_MOVES, Cell, Moves, Store, describe_url, forced_why, resolve_store, with_fallback
+from .storage.fallback import FallbackCell
 
 __all__ = ["CircuitBreaker", "ExceptionTranslator", "RunAdmission", "TransitionListener", "current_run"]
 
@@ -847,8 +848,12 @@ class CircuitBreaker:
     # -- steps shared by every way of guarding -------------------------------
 
     def _refresh(self) -> Cell:
-        self._cell = self.store.cell(self.name, self.key, self.policy, self._clock)
-        return self._cell
+        cell = self._cell = self.store.cell(self.name, self.key, self.policy, self._clock)
+        if type(cell) is FallbackCell:  # (rejoined the shared breaker on this refresh: say so)
+            moves = cell.take_rejoined()
+            if moves:
+                self._announce(moves)
+        return cell
 
     def _admit(self, *, check: bool = True, owner: object = None) -> tuple[Cell, Ticket, float]:
         """Acquire a ticket (or raise ``CircuitOpenError``); ``check=False``: a probe slot

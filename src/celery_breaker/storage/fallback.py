@@ -19,10 +19,11 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from ..clock import Clock
-from ..core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket
+from ..core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
 from ..core.pacing import PacingLaw
 from ..errors import CircuitOpenError, ConfigurationError, StorageError
 from .contract import Cell, Claimed, EvictionCheck, History, Moves, Parking, ReleasePace, Selected, Store
@@ -216,6 +217,9 @@ class FallbackCell:
         self._base = 0  # (the generation offset of the stand-in's tickets: _STAND_IN_SHIFT)
         self._active: Cell
         self._primary: Cell | None = None
+        #: The move back to the shared breaker's state when this cell rejoined it from a
+        #: stand-in that had left CLOSED: told with the next operation's moves (``_told``).
+        self._rejoined: Transition | None = None
         now = clock.monotonic()
         if not (store.claim_try(now) and self._try_primary(now)):
             self._active = self._fallback()
@@ -229,9 +233,40 @@ class FallbackCell:
             self._degrade(exc, now)
             return False
         self._active = self._primary
-        self._local = None  # (the next outage starts with a fresh stand-in, as documented)
+        local, self._local = self._local, None  # (the next outage starts with a fresh stand-in, as documented)
+        adopt = getattr(self._primary, "adopt", None)
+        if local is not None:
+            seen = local.snapshot(now)
+            if adopt is not None:
+                # What the stand-in counted (successes, rejections, deferrals) goes with the
+                # shared breaker's next counts: dropped, every surface kept the outage's gap
+                # for good. Its failures and trips judged this process's breaker only.
+                adopt((seen.rejections, seen.deferrals, seen.successes, 0))
+            if self._store.mode == "local" and seen.state is not State.CLOSED:
+                # Its moves were told (marked as the stand-in's); the way back is told too, or
+                # a listener (an event consumer: Flower) kept the stand-in's OPEN for good.
+                self._rejoined = self._rejoin_move(seen.state, now)
         self._store.store_answered()
         return True
+
+    def _rejoin_move(self, was: State, now: float) -> Transition | None:
+        primary = self._primary
+        if primary is None or primary.state is was:
+            return None
+        return Transition(
+            name=self._name, key=self._key, source=was, target=primary.state,
+            reason=f"rejoined the shared breaker in {self._store.label}", generation=primary.generation,
+            at=self._clock.time(), open_until=None, failures=0, calls=0, trips=0,
+        )  # fmt: skip
+
+    def _told(self, moves: Moves, *, stand_in: bool = False) -> Moves:
+        """``moves`` as the breaker tells them: a stand-in's marked as such (they are this
+        process's, not the shared breaker's), after the rejoin move if one is due."""
+        if stand_in and moves:
+            whose = f"this process's stand-in while {self._store.label} cannot be reached"
+            moves = tuple(replace(move, reason=f"{move.reason}; {whose}") for move in moves)
+        rejoined, self._rejoined = self._rejoined, None
+        return moves if rejoined is None else (rejoined, *moves)
 
     def _fallback(self) -> Cell:
         if self._local is None:
@@ -353,7 +388,8 @@ class FallbackCell:
         cell = self._target(now)
         if cell is self._primary:
             try:
-                return cell.acquire(policy, now, lease_for)
+                ticket, moves = cell.acquire(policy, now, lease_for)
+                return ticket, self._told(moves)
             except StorageError as exc:
                 self._degrade(exc, now)
         try:
@@ -362,7 +398,7 @@ class FallbackCell:
             rejected.detail = rejected.detail or self.denying
             raise
         generation: int = ticket.generation if type(ticket) is Probe else ticket  # type: ignore[assignment]
-        return _regenerated(ticket, self._base + generation), moves
+        return _regenerated(ticket, self._base + generation), self._told(moves, stand_in=True)
 
     def finish(
         self,
@@ -378,15 +414,18 @@ class FallbackCell:
         cell = self._target(now)
         if cell is self._primary:
             try:
-                return cell.finish(
-                    self._for(ticket, cell), outcome, duration, policy, now, open_for=open_for, refused=refused
+                return self._told(
+                    cell.finish(
+                        self._for(ticket, cell), outcome, duration, policy, now, open_for=open_for, refused=refused
+                    )
                 )
             except StorageError as exc:
                 self._degrade(exc, now)
         local = self._active
-        return local.finish(
+        moves = local.finish(
             self._for(ticket, local), outcome, duration, policy, now, open_for=open_for, refused=refused
         )
+        return self._told(moves, stand_in=True)
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
         active = self._active
@@ -398,19 +437,24 @@ class FallbackCell:
         cell = self._target(now)
         if cell is self._primary:
             try:
-                return cell.record_success(self._for(ticket, cell), duration, policy, now)
+                return self._told(cell.record_success(self._for(ticket, cell), duration, policy, now))
             except StorageError as exc:
                 self._degrade(exc, now)
         local = self._active
-        return local.record_success(self._for(ticket, local), duration, policy, now)
+        return self._told(local.record_success(self._for(ticket, local), duration, policy, now), stand_in=True)
 
     def force(self, target: State, policy: BreakerPolicy, now: float) -> Moves:
         moves: Moves = self._run("force", now, target, policy, now)
-        return moves
+        return self._told(moves, stand_in=self._active is self._local)
 
     def reset(self, policy: BreakerPolicy, now: float) -> Moves:
         moves: Moves = self._run("reset", now, policy, now)
-        return moves
+        return self._told(moves, stand_in=self._active is self._local)
+
+    def take_rejoined(self) -> Moves:
+        """The rejoin move due, if any (``CircuitBreaker._refresh`` tells it: a breaker that
+        rejoined on a refresh may pass its calls without another operation)."""
+        return self._told(())
 
     def note_deferral(self) -> None:
         self._run("note_deferral", self._clock.monotonic())
