@@ -71,12 +71,14 @@ class MemoryCell(BreakerMachine):
     ) -> Moves:
         with self.lock:
             home = self.home
-            if home is None or type(ticket) is not int or outcome is Outcome.IGNORED:
+            if home is None or outcome is Outcome.IGNORED:
                 self.record(ticket, outcome, duration, policy, now, open_for, refused)
                 return self.take_moves()
-            current = self._passed(ticket)
-        live, ticket = _onward(home, self, current, now)
-        return live.finish(ticket, outcome, duration, policy, now, open_for=open_for, refused=refused)
+            # (a probe's outcome too: recorded on the dropped cell, it announced a move of a
+            # breaker nobody holds, and the live one never heard of the failure)
+            current = type(ticket) is int and self._passed(ticket)
+        live, onward = _onward(home, self, current, now)
+        return live.finish(onward, outcome, duration, policy, now, open_for=open_for, refused=refused)
 
     def _passed(self, ticket: int) -> bool:
         """Whether ``ticket`` was admitted by this cell's current CLOSED (or DISABLED) state."""
