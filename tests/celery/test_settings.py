@@ -966,3 +966,30 @@ def test_a_setting_entry_one_typo_from_a_tasks_breaker_is_warned_of_at_start(
         # (what a starting worker runs first; its events left as the session worker's)
         BreakerStep(SimpleNamespace(app=app, task_events=events.enabled()))
     assert "did you mean 'partner'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("pool", "concurrency", "warned"),
+    [("prefork", 4, True), ("prefork", 1, False), ("threads", 4, False), ("solo", 1, False)],
+)
+def test_a_prefork_worker_on_a_memory_store_is_told_its_breakers_are_per_process(
+    caplog: pytest.LogCaptureFixture, pool: str, concurrency: int, warned: bool
+) -> None:
+    # The default on any broker but Redis: each pool process trips on its own (4 processes
+    # let 4 times the failures through, and probe apart); the worker said so only at INFO.
+    from celery import concurrency as pools
+
+    app = throwaway_app(f"per-process-{pool}-{concurrency}")
+
+    @app.task(base=BreakerTask, breaker="partner", name="per.process", shared=False)
+    def call_partner() -> None: ...
+
+    worker = SimpleNamespace(
+        app=app, task_events=False, concurrency=concurrency, pool_cls=pools.get_implementation(pool)
+    )
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        BreakerStep(worker)
+    said = [r.getMessage() for r in caplog.records if "each pool process's own" in r.getMessage()]
+    assert bool(said) is warned, said
+    if warned:
+        assert "with 4 processes, a breaker lets up to 4 times its failures reach the downstream" in said[0]

@@ -111,6 +111,17 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
             "celery-breaker: deferring tasks by %s (broker %s)",
             " then ".join(strategy.name for strategy in strategies), broker_kind(app.conf),
         )  # fmt: skip
+        concurrency = getattr(worker, "concurrency", None)
+        apart = unseen_breakers(worker, "a breaker")
+        if apart is not None and isinstance(concurrency, int) and concurrency > 1 and breakers:
+            # (the default on any broker but Redis: each child trips on its own)
+            logger.warning(
+                "celery-breaker: breakers stored in %s are each pool process's own: with %d processes, a "
+                "breaker lets up to %d times its failures reach the downstream before all of them trip, and each "
+                "process probes on its own. Set breaker_storage_url to a redis:// URL to share them, or run the "
+                "worker with -P threads or gevent",
+                describe_url(settings.storage_url), concurrency, concurrency,
+            )  # fmt: skip
         if any(isinstance(strategy, ParkInStore) for strategy in strategies) and broker_kind(app.conf) != REDIS:
             logger.warning(
                 "celery-breaker: parked tasks live in the breaker store %s, while queued tasks live in the broker "

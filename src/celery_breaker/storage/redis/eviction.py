@@ -57,7 +57,8 @@ def check_eviction(client: Any, label: str) -> EvictionCheck:
     if settings.get("min-replicas-to-write", "") == "0":
         failover = (
             f"redis store {label} is a Sentinel master with min-replicas-to-write 0: in a failover it takes writes "
-            "for about a second after its replica was promoted, and tasks parked then are lost without a word. "
+            "for about a second after its replica was promoted: tasks parked then are lost without a word, and "
+            "tasks released then may run twice. "
             "Set min-replicas-to-write 1 and min-replicas-max-lag 1 on every server of the service (a park the "
             "master then refuses is deferred by countdown instead; while no replica is in sync, breakers fall back)"
         )
