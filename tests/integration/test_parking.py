@@ -61,7 +61,7 @@ def test_deferred_tasks_are_parked_then_run_in_order_when_the_breaker_closes(bro
         results = [parking_proj.job.delay(n) for n in range(30)]
         wait_for(lambda: parked(store_url) == 30, 60, "30 parked tasks")
         wait_for(lambda: all(r.state == "RETRY" for r in results), 30, "30 tasks in RETRY")
-        assert "breaker 'partner' forced_open, deferred" in str(results[0].info)
+        assert "breaker 'partner' forced_open, parked until an operator closes it (deferral 1)" in str(results[0].info)
         breaker.close()
         values = [r.get(timeout=60) for r in results]
     finally:

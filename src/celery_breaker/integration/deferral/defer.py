@@ -260,6 +260,10 @@ def _announce(deferral: Deferral, strategy: DeferralStrategy, delay: float) -> R
             f"breaker {label!r} {state}, task expires first: requeued to arrive after "
             f"its expiry in {delay:.1f} s (deferral {plan.count})"
         )
+    elif state == "forced_open" and strategy.name == "park" and not rejected.detail:
+        # (parked behind an operator's open: nothing releases it after a delay, and a
+        # delay named here read as a promise Flower showed while the task waited on)
+        text = f"breaker {label!r} forced_open, parked until an operator closes it (deferral {plan.count})"
     elif rejected.detail:  # (why, beyond the state: "the downstream refused it", task.py _refusal)
         text = f"breaker {label!r} {state}, deferred {delay:.1f} s (deferral {plan.count}): {rejected.detail}"
     else:  # (parked or not: the delay is when the breaker may admit it)
