@@ -161,9 +161,19 @@ def test_integers_are_accepted_for_seconds_and_rates() -> None:
     assert type(policy.failure_rate_threshold) is float
 
 
-def test_tiny_positive_values_are_accepted() -> None:
-    policy = BreakerPolicy(window=1e-6, reset_timeout=0.001, failure_rate_threshold=1e-9)
+def test_tiny_positive_values_are_accepted_down_to_a_millisecond() -> None:
+    policy = BreakerPolicy(window=0.001, reset_timeout=0.001, failure_rate_threshold=1e-9)
     assert policy.reset_timeout == 0.001
+
+
+@pytest.mark.parametrize("field", ["window", "reset_timeout", "half_open_max_wait", "slow_call_duration"])
+@pytest.mark.parametrize("value", [1e-300, 1e-6, 0.0009])
+def test_durations_below_a_millisecond_are_refused(field: str, value: float) -> None:
+    # window=1e-300 never tripped (8 failing calls, 0 trips), reset_timeout=1e-300 let every
+    # call through while the breaker read OPEN: accepted without a word.
+    extra = {"slow_call_rate_threshold": 0.5} if field == "slow_call_duration" else {}
+    with pytest.raises(ConfigurationError, match=f"BreakerPolicy.{field} must be at least 0.001 seconds"):
+        BreakerPolicy.from_mapping({field: value, **extra})
 
 
 def test_policy_is_frozen_and_keyword_only() -> None:

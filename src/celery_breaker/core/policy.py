@@ -42,9 +42,14 @@ LARGEST_COUNT = 1_000_000
 #: The longest duration a policy field takes (ten years): ten times it (the default
 #: ``max_reset_timeout``) must stay a finite, exact number of milliseconds.
 LONGEST_SECONDS = 10 * 365 * 86_400.0
+#: The shortest duration a policy field takes (a millisecond): a window, an open period
+#: or a lease shorter than that is none the clocks these decisions run on keep apart
+#: (``window=1e-300`` never tripped, ``reset_timeout=1e-300`` let every call through
+#: while the breaker read OPEN), accepted without a word.
+SHORTEST_SECONDS = 0.001
 
 # What the configuration reference says a field accepts (shared wording).
-_SECONDS_DOC = "seconds > 0, at most ten years (number or `timedelta`)"
+_SECONDS_DOC = "seconds from 0.001 to ten years (number or `timedelta`)"
 _MATCHERS_DOC = (
     "exception types, dotted paths to them, or predicates `exc -> bool` (one that cannot be called with the "
     "exception alone is refused)"
@@ -176,6 +181,11 @@ def _seconds(name: str, value: Any, *, optional: bool) -> float | None:
         raise ConfigurationError(f"BreakerPolicy.{name} must be {kind}, got {value!r}")
     if not (value > 0 and math.isfinite(value)):
         raise ConfigurationError(f"BreakerPolicy.{name} must be a finite number > 0, got {value!r:.100}")
+    if value < SHORTEST_SECONDS:
+        raise ConfigurationError(
+            f"BreakerPolicy.{name} must be at least {SHORTEST_SECONDS:g} seconds (a millisecond: nothing shorter is "
+            f"told apart by the clocks a breaker decides on), got {value!r:.100}"
+        )
     if value > LONGEST_SECONDS:
         raise ConfigurationError(
             f"BreakerPolicy.{name} must be at most {LONGEST_SECONDS:.0f} seconds (ten years), got {value!r:.100}"
