@@ -484,7 +484,7 @@ def test_a_health_check_object_is_taken_by_the_setting_with_its_own_timeout() ->
     assert (found.fn, found.timeout) == (crm_health, 1.5)
 
 
-@pytest.mark.parametrize("url", ["nosuch://somewhere", "memory://named?max_breakers=lots"])
+@pytest.mark.parametrize("url", ["nosuch://somewhere", "memory://named?max_breakers=lots", "", "  "])
 @pytest.mark.usefixtures("restore_worker_globals")
 def test_worker_with_an_unusable_storage_url_refuses_to_start(url: str) -> None:
     app = throwaway_app("bad-store", breaker_storage_url=url)
@@ -993,3 +993,12 @@ def test_a_prefork_worker_on_a_memory_store_is_told_its_breakers_are_per_process
     assert bool(said) is warned, said
     if warned:
         assert "with 4 processes, a breaker lets up to 4 times its failures reach the downstream" in said[0]
+
+
+def test_an_empty_storage_url_is_refused_not_read_as_unset() -> None:
+    # (an environment variable set empty chose the default store without a word: memory://
+    # on any broker but Redis, each prefork process with breakers of its own)
+    app = throwaway_app("empty-store")
+    app.conf.breaker_storage_url = ""
+    with pytest.raises(ConfigurationError, match="breaker_storage_url is empty; give a store URL"):
+        reload_settings(app)

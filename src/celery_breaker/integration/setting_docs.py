@@ -19,7 +19,8 @@ _SECONDS_DOC = "seconds > 0, at most ten years (number or `timedelta`)"
 #: generated from this table and the defaults in ``settings.SETTINGS``; every setting must have a row).
 SETTING_DOCS: dict[str, Doc] = {
     "breaker_storage_url": Doc(
-        accepts="URL; an unknown scheme or a bad option stops the worker",
+        accepts="URL; an unknown scheme, a bad option or an empty text (leave the setting out for the default) "
+        "stops the worker",
         meaning="where breaker state lives: `memory://[name][?max_breakers=N&idle_ttl=SECONDS]`, `redis://`, "
         "`rediss://`, `redis+unix://`, `redis+sentinel://`, `redis+cluster://`, their TLS forms "
         "`rediss+sentinel://` and `rediss+cluster://`, and the `valkey` spellings "

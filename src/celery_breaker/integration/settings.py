@@ -306,7 +306,15 @@ def _key_prefix(value: Any) -> str:
 
 
 def _storage_url(conf: Any, key_prefix: str) -> str:
-    url = _conf_get(conf, "breaker_storage_url") or store_url_from_broker(conf) or "memory://"
+    given = _conf_get(conf, "breaker_storage_url")
+    if isinstance(given, str) and not given.strip():
+        # (an environment variable set empty: read as unset, it chose the default store
+        # without a word, memory:// on any broker but Redis)
+        raise ConfigurationError(
+            "breaker_storage_url is empty; give a store URL such as 'redis://host:6379/0', or leave the setting "
+            "out for the default (the broker's Redis, else memory://)"
+        )
+    url = given or store_url_from_broker(conf) or "memory://"
     if not isinstance(url, str) or "://" not in url:
         shown = repr(describe_url(url) if isinstance(url, str) else url)
         raise ConfigurationError(f"breaker_storage_url must be a URL such as 'memory://', got {shown}")
