@@ -18,6 +18,7 @@ import contextvars
 import functools
 import inspect
 import math
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -695,3 +696,19 @@ def _describe(fn: Callable[..., object]) -> str:
         name = owner.__qualname__
     module = getattr(owner, "__module__", None)
     return f"{module}:{name}" if isinstance(module, str) and module else name
+
+
+def _reinit_locks_after_fork() -> None:
+    # A lock another thread (the releaser, the store's agent) held at fork time would
+    # stay held for ever in the child: a prefork child forked after start (autoscale,
+    # max-tasks-per-child, one replacing a child killed at its limit) hung on it.
+    # The parent's pending checks are its own: settled here, they would free probe slots
+    # its checks still hold.
+    global _HUNG_LOCK, _PENDING_LOCK
+    _HUNG_LOCK, _PENDING_LOCK = threading.Lock(), threading.Lock()
+    _HUNG.clear()
+    _PENDING.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_locks_after_fork)

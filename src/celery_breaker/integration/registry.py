@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 from typing import Any
 
 from ..breaker import CircuitBreaker, TransitionListener
@@ -18,6 +20,8 @@ MAX_CACHED_BREAKERS = 10_000
 
 _ATTRIBUTE = "_celery_breaker_registry"
 _LOCK = threading.Lock()
+#: Every registry of this process (its lock is made again in a forked child).
+_REGISTRIES: weakref.WeakSet[BreakerRegistry] = weakref.WeakSet()
 
 
 class BreakerRegistry:
@@ -29,6 +33,7 @@ class BreakerRegistry:
         self._breakers: dict[tuple[str, str | None], CircuitBreaker] = {}
         self._listeners: list[TransitionListener] = []
         self._lock = threading.Lock()
+        _REGISTRIES.add(self)
         self.version = 0
         """Moves on whenever the registry makes a breaker or lets one go: a breaker it gave
         out is still its breaker for that (name, key) while the version is unchanged."""
@@ -83,3 +88,17 @@ def registry_for(app: Any) -> BreakerRegistry:
                 found = BreakerRegistry(app)
                 setattr(app, _ATTRIBUTE, found)
     return found
+
+
+def _reinit_locks_after_fork() -> None:
+    # A lock another thread (the releaser, the store's agent) held at fork time would
+    # stay held for ever in the child: a prefork child forked after start (autoscale,
+    # max-tasks-per-child, one replacing a child killed at its limit) hung on it.
+    global _LOCK  # noqa: PLW0603 (the lock is made again in the child)
+    _LOCK = threading.Lock()
+    for registry in list(_REGISTRIES):
+        registry._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_locks_after_fork)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import logging
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -507,3 +508,15 @@ def reload_settings(app: Any) -> BreakerSettings:
     settings = get_settings(app)
     OPTIONS_FORGOTTEN[0] += 1  # (after: a run between the two keeps a count already stale)
     return settings
+
+
+def _reinit_locks_after_fork() -> None:
+    # A lock another thread (the releaser, the store's agent) held at fork time would
+    # stay held for ever in the child: a prefork child forked after start (autoscale,
+    # max-tasks-per-child, one replacing a child killed at its limit) hung on it.
+    global _LOCK  # noqa: PLW0603 (the lock is made again in the child)
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_locks_after_fork)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import multiprocessing.util
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -148,3 +149,15 @@ def _flush_at_process_exit(_: object = None) -> None:
 atexit.register(flush_stores)
 _flush_at_process_exit()
 multiprocessing.util.register_after_fork(_flush_at_process_exit, _flush_at_process_exit)
+
+
+def _reinit_locks_after_fork() -> None:
+    # A lock another thread (the releaser, the store's agent) held at fork time would
+    # stay held for ever in the child: a prefork child forked after start (autoscale,
+    # max-tasks-per-child, one replacing a child killed at its limit) hung on it.
+    global _OPEN_LOCK  # noqa: PLW0603 (the lock is made again in the child)
+    _OPEN_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_locks_after_fork)

@@ -14,6 +14,7 @@ Adding a mechanism is one module implementing ``DeferralStrategy`` and one line 
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -65,3 +66,15 @@ def waiting_elsewhere(app: Any) -> str | None:
     if isinstance(first, BrokerDelay):
         return "in RabbitMQ's delay queues (celery_breaker_delayed_*)"
     return "as countdown messages in the broker, held by workers until they are due"
+
+
+def _reinit_locks_after_fork() -> None:
+    # A lock another thread (the releaser, the store's agent) held at fork time would
+    # stay held for ever in the child: a prefork child forked after start (autoscale,
+    # max-tasks-per-child, one replacing a child killed at its limit) hung on it.
+    global _LOCK  # noqa: PLW0603 (the lock is made again in the child)
+    _LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_locks_after_fork)
