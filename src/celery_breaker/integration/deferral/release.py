@@ -335,6 +335,10 @@ class Releaser(threading.Thread):
                 self._tag_failures.forget(tag)
         if unlisted is not None and all(tag in self._unreachable for tag in tags):
             raise unlisted  # (nothing answers: the store is down, said once by the loop)
+        if self._unreachable and unlisted is None:  # (breakers no longer listed: forgotten)
+            listed = set(tags)
+            for tag in [tag for tag in self._unreachable if tag not in listed]:
+                del self._unreachable[tag]
         self._unreached_now(unreached, unlisted)
         self.released += published
         return published
