@@ -437,7 +437,7 @@ class CircuitBreaker:
                 cell.note_rejection(start)
                 raise CircuitOpenError.rejected(
                     self.name, self.key, state, None if open_until is None else open_until - start,
-                    "" if state is OPEN else forced_why(cell),
+                    "" if state is OPEN or type(cell) is not FallbackCell else cell.denying,  # (forced_why, inline)
                 )  # fmt: skip
             cell, ticket = self._acquire(cell, start)
         try:
@@ -885,7 +885,7 @@ class CircuitBreaker:
             cell.note_rejection(now)
             raise CircuitOpenError.rejected(
                 self.name, self.key, state, None if open_until is None else open_until - now,
-                "" if state is OPEN else forced_why(cell),
+                "" if state is OPEN or type(cell) is not FallbackCell else cell.denying,  # (forced_why, inline)
             )  # fmt: skip
         checked = checking_now()
         if (
