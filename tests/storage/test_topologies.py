@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 from urllib.parse import parse_qsl, urlsplit
 
@@ -682,17 +683,24 @@ def test_a_sentinel_broker_whose_sentinels_ask_a_password_keeps_its_breakers_in_
             store.close()
 
 
-def test_a_script_missing_on_one_primary_is_sent_there_while_another_primary_is_down() -> None:
-    # redis-py loads a missing script with SCRIPT LOAD, which a Cluster client sends to
-    # every primary: with one primary down (cluster-require-full-coverage no, so the
-    # others serve their slots), a breaker on a healthy primary whose scripts were flushed
-    # failed every call, and fell back to a stand-in (a tripped breaker passed elsewhere).
+@contextmanager
+def partially_covered_cluster() -> Iterator[tuple[servers.RedisCluster, RedisStore, dict[int, str]]]:
+    """A 3-primary cluster whose live primaries serve their slots while one is down
+    (``cluster-require-full-coverage no``), a store of it, and a breaker name per primary."""
     with servers.RedisCluster() as cluster:
         cluster.start()
         for node in cluster.nodes:
             node.admin().config_set("cluster-require-full-coverage", "no")
         store = RedisStore.from_url(cluster.url)
-        names = names_on_every_node(store)
+        yield cluster, store, names_on_every_node(store)
+
+
+def test_a_script_missing_on_one_primary_is_sent_there_while_another_primary_is_down() -> None:
+    # redis-py loads a missing script with SCRIPT LOAD, which a Cluster client sends to
+    # every primary: with one primary down (cluster-require-full-coverage no, so the
+    # others serve their slots), a breaker on a healthy primary whose scripts were flushed
+    # failed every call, and fell back to a stand-in (a tripped breaker passed elsewhere).
+    with partially_covered_cluster() as (cluster, store, names):
         down_node, flushed = cluster.nodes[1], cluster.nodes[0]
         name = names[flushed.port]
         breaker = CircuitBreaker(name, TRIP_AT_TWO, storage=store, on_storage_error="deny")
@@ -715,12 +723,7 @@ def test_a_cluster_primary_down_puts_its_breakers_on_the_fallback_and_the_others
     # breakers' views kept passing every call, and a `deny` breaker on it never rejected
     # (no word logged either); a flush also stopped at the first failing cell, so the
     # successes of breakers on healthy nodes went unsent for the whole outage.
-    with servers.RedisCluster() as cluster:
-        cluster.start()
-        for node in cluster.nodes:
-            node.admin().config_set("cluster-require-full-coverage", "no")
-        store = RedisStore.from_url(cluster.url)
-        names = names_on_every_node(store)
+    with partially_covered_cluster() as (cluster, store, names):
         channel_port = redis_py(store).get_node_from_key(store.channel).port
         victim_port = next(port for port in names if port != channel_port)
         victim = CircuitBreaker(names[victim_port], storage=store, on_storage_error="deny")

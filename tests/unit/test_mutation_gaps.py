@@ -12,10 +12,22 @@ from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, Conf
 from celery_breaker.core import BreakerMachine, Outcome, Probe
 from celery_breaker.core.rules import Rates
 from celery_breaker.core.windows import TIME_BUCKETS, TimeWindow
-from celery_breaker.storage import is_shared_url
+from celery_breaker.storage import MemoryStore, is_shared_url
 from celery_breaker.testing import FakeClock, fresh_store
 
 from .support import HeldCall, down, fail, make, ok, state_of
+
+
+def sweepable_store() -> MemoryStore:
+    """A memory store of four breakers at most, idle after 100 s: the next breaker sweeps it."""
+    return fresh_store(max_breakers=4, idle_ttl=100)
+
+
+def sweep(store: MemoryStore, policy: BreakerPolicy, clock: FakeClock) -> None:
+    """Four new per-key breakers of ``tenant``: the fourth makes a sweep (which keeps two)."""
+    for key in ("a", "b", "c", "d"):
+        CircuitBreaker("tenant", policy, storage=store, clock=clock, key=key)
+
 
 # -- rules -----------------------------------------------------------------------------
 
@@ -51,15 +63,14 @@ def test_a_breaker_whose_probe_is_in_flight_is_not_idle() -> None:
     # must not rank the half-open breaker as idle since its trip and forget it while
     # the probe runs (its verdict would then close or reopen a dropped cell).
     clock = FakeClock()
-    store = fresh_store(max_breakers=4, idle_ttl=100)
+    store = sweepable_store()
     policy = BreakerPolicy(failure_threshold=1, reset_timeout=30)
     probing = CircuitBreaker("tenant", policy, storage=store, clock=clock, key="probing")
     with pytest.raises(ConnectionError):
         probing.call(down)
     clock.advance(200)  # the trip is long past idle_ttl; the open period too
     probe = HeldCall(probing)  # the first probe: HALF_OPEN, a call in flight
-    for key in ("a", "b", "c", "d"):  # the fourth makes a sweep (keeps 2)
-        CircuitBreaker("tenant", policy, storage=store, clock=clock, key=key)
+    sweep(store, policy, clock)
     kept = {s.key for s in store.snapshots(clock)}
     assert "probing" in kept
     probe.succeed()
@@ -369,14 +380,13 @@ def test_a_late_outcome_from_an_earlier_state_of_a_swept_breaker_is_judged_by_no
     # at generation 0, the breaker tripped meanwhile and was swept while idle: its failure
     # counts on the breaker made again (also at generation 0) but trips nothing.
     clock = FakeClock()
-    store = fresh_store(max_breakers=4, idle_ttl=100)
+    store = sweepable_store()
     policy = BreakerPolicy(failure_threshold=1)
     breaker = CircuitBreaker("tenant", policy, storage=store, clock=clock, key="x")
     late = HeldCall(breaker)  # admitted at generation 0
     fail(breaker)  # generation 1: OPEN
     clock.advance(1000)
-    for key in ("a", "b", "c", "d"):  # a sweep drops the idle breaker
-        CircuitBreaker("tenant", policy, storage=store, clock=clock, key=key)
+    sweep(store, policy, clock)  # (the idle breaker is dropped)
     assert "x" not in {s.key for s in store.snapshots(clock)}
     late.fail()
     snapshot = breaker.snapshot()
@@ -387,14 +397,13 @@ def test_a_breaker_unused_for_exactly_idle_ttl_is_idle() -> None:
     # (memory.py _sweep rank: ``used > idle_before``.) Idle "for idle_ttl seconds"
     # includes the boundary: ranked before breakers at rest that were used just now.
     clock = FakeClock()
-    store = fresh_store(max_breakers=4, idle_ttl=100)
+    store = sweepable_store()
     policy = BreakerPolicy(failure_threshold=5, window=1000)
     worried = CircuitBreaker("tenant", policy, storage=store, clock=clock, key="worried")
     with pytest.raises(ConnectionError):
         worried.call(down)  # not at rest: a failure in its window, its last use
     clock.advance(100)
-    for key in ("a", "b", "c", "d"):  # the fourth makes a sweep (keeps 2)
-        CircuitBreaker("tenant", policy, storage=store, clock=clock, key=key)
+    sweep(store, policy, clock)
     assert "worried" not in {s.key for s in store.snapshots(clock)}
 
 
@@ -430,7 +439,7 @@ def test_a_late_outcome_from_before_a_trip_and_recovery_of_a_swept_breaker_is_ju
     # (memory.py _passed: ``ticket == self.generation and ...``.) The dropped cell was
     # CLOSED again, but in a later generation than the call's: its failure is stale.
     clock = FakeClock()
-    store = fresh_store(max_breakers=4, idle_ttl=100)
+    store = sweepable_store()
     policy = BreakerPolicy(failure_threshold=1, reset_timeout=30, success_threshold=1)
     breaker = CircuitBreaker("tenant", policy, storage=store, clock=clock, key="x")
     late = HeldCall(breaker)  # admitted at generation 0
@@ -438,8 +447,7 @@ def test_a_late_outcome_from_before_a_trip_and_recovery_of_a_swept_breaker_is_ju
     clock.advance(30)
     breaker.call(ok)  # the probe closes it: CLOSED, generation 3, at rest
     clock.advance(1000)
-    for key in ("a", "b", "c", "d"):  # a sweep drops it
-        CircuitBreaker("tenant", policy, storage=store, clock=clock, key=key)
+    sweep(store, policy, clock)  # (it is dropped)
     assert "x" not in {s.key for s in store.snapshots(clock)}
     late.fail()
     snapshot = breaker.snapshot()
@@ -454,15 +462,14 @@ def test_a_probe_that_ends_after_a_sweep_dropped_its_breaker_is_counted_on_the_l
     # held, and the live breaker read CLOSED with no failure. Now it is counted there,
     # judged by no rule (the live one is another breaker's state), and nothing is announced.
     clock = FakeClock()
-    store = fresh_store(max_breakers=4, idle_ttl=100)
+    store = sweepable_store()
     policy = BreakerPolicy(failure_threshold=1, reset_timeout=30)
     probing = CircuitBreaker("tenant", policy, storage=store, clock=clock, key="probing")
     fail(probing)
     clock.advance(30)
     probe = HeldCall(probing)  # the probe: HALF_OPEN, in flight
     clock.advance(500)  # it runs longer than idle_ttl
-    for key in "abcd":
-        CircuitBreaker("tenant", policy, storage=store, clock=clock, key=key)
+    sweep(store, policy, clock)
     assert "probing" not in {found.key for found in store.snapshots(clock)}  # (swept)
     with caplog.at_level("INFO", logger="celery_breaker"):
         probe.fail(ConnectionError("late"))

@@ -193,16 +193,9 @@ def near_misses(app: Any, breakers: Mapping[str, Sequence[str]]) -> list[str]:
         for pattern in patterns:
             if pattern in named or _is_glob(pattern):
                 continue
-            most = 1 if len(pattern) <= 8 else 2
-            near = [
-                (distance, name)
-                for name in breakers
-                if (distance := edit_distance(pattern, name, most)) <= most
-                and _DIGITS.sub("", pattern) != _DIGITS.sub("", name)
-                and not _covered(app, breakers[name], name, patterns, option)
-            ]
-            if near:
-                _, name = min(near)
+            uncovered = [name for name in breakers if not _covered(app, breakers[name], name, patterns, option)]
+            name = _one_typo_from(pattern, uncovered)
+            if name is not None:
                 found.append(
                     f"{setting}[{pattern!r}] names no breaker of this app's tasks; did you mean {name!r} (the "
                     f"breaker of task {breakers[name][0]!r})? As it is, breaker {name!r} goes without {missing}. "
@@ -214,15 +207,8 @@ def near_misses(app: Any, breakers: Mapping[str, Sequence[str]]) -> list[str]:
     for pattern, _ in settings.routes:
         if pattern in app.tasks or _is_glob(pattern):
             continue
-        most = 1 if len(pattern) <= 8 else 2
-        near = [
-            (distance, name)
-            for name in unrouted
-            if (distance := edit_distance(pattern, name, most)) <= most
-            and _DIGITS.sub("", pattern) != _DIGITS.sub("", name)
-        ]
-        if near:
-            _, name = min(near)
+        name = _one_typo_from(pattern, unrouted)
+        if name is not None:
             found.append(
                 f"breaker_routes[{pattern!r}] names no task of this app; did you mean {name!r}? As it is, no "
                 f"route puts task {name!r} under a breaker. Ignore this if {pattern!r} is another app's task"
@@ -232,6 +218,20 @@ def near_misses(app: Any, breakers: Mapping[str, Sequence[str]]) -> list[str]:
 
 #: Digits, which set sibling breakers apart (``tenant-1``, ``tenant-2``): no typo.
 _DIGITS = re.compile(r"\d")
+
+
+def _one_typo_from(pattern: str, names: Sequence[str]) -> str | None:
+    """The name of ``names`` nearest ``pattern`` within a typo of it (one edit, two for a
+    pattern longer than 8 characters), not a sibling that differs in digits only; ``None``
+    when there is none."""
+    most = 1 if len(pattern) <= 8 else 2
+    near = [
+        (distance, name)
+        for name in names
+        if (distance := edit_distance(pattern, name, most)) <= most
+        and _DIGITS.sub("", pattern) != _DIGITS.sub("", name)
+    ]
+    return min(near)[1] if near else None
 
 
 def _covered(app: Any, tasks: Sequence[str], name: str, patterns: Sequence[str], option: str) -> bool:
