@@ -272,11 +272,16 @@ class DjangoSettingsWithBadValue:
     CELERY_BREAKER_MAX_DEFERRALS = -2
 
 
-def test_bad_django_namespace_value_is_reported() -> None:
+def test_bad_django_namespace_value_is_reported_as_it_is_written() -> None:
+    # (named breaker_max_deferrals, it was not found by a search of settings.py)
     app = Celery("django-bad", set_as_current=False)
     app.config_from_object(DjangoSettingsWithBadValue, namespace="CELERY")
-    with pytest.raises(ConfigurationError, match=r"breaker_max_deferrals .*got -2"):
+    with pytest.raises(ConfigurationError, match=r"^CELERY_BREAKER_MAX_DEFERRALS .*got -2") as info:
         build_settings(app.conf)
+    assert "breaker_max_deferrals" not in str(info.value)
+    plain = throwaway_app("plain-bad", breaker_max_deferrals=-2)  # (Celery's own spelling: kept)
+    with pytest.raises(ConfigurationError, match=r"^breaker_max_deferrals .*got -2"):
+        build_settings(plain.conf)
 
 
 # -- worker start ----------------------------------------------------------------

@@ -6,6 +6,7 @@ import difflib
 import fnmatch
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
@@ -217,6 +218,16 @@ def _respell(raw: str, key: str, setting: str) -> str:
     namespace = raw[: len(raw) - len(key)]
     spelled = namespace + setting
     return spelled.upper() if namespace and raw.isupper() else spelled  # (no namespace: Celery reads lowercase)
+
+
+def _as_written(conf: Any, text: str) -> str:
+    """``text`` with each of our settings it names as the configuration writes it
+    (Django's ``CELERY_BREAKER_MAX_DEFERRALS``): a search of settings.py for the name an
+    error gave, ``breaker_max_deferrals``, found nothing."""
+    for raw in list(conf.keys()):
+        if isinstance(raw, str) and (key := _strip_namespace(conf, raw)) in SETTINGS and raw != key:
+            text = re.sub(rf"(?<![\w.]){re.escape(key)}(?!\w)", _respell(raw, key, key), text)
+    return text
 
 
 def unknown_settings(conf: Any) -> list[str]:
@@ -479,6 +490,7 @@ def build_settings(conf: Any) -> BreakerSettings:
         probes=tuple(probes),
         probe_timeout=get("breaker_probe_timeout", _probe_timeout, DEFAULT_PROBE_TIMEOUT),
     )
+    problems.found = [_as_written(conf, text) for text in problems.found]
     problems.raise_any()
     return settings
 

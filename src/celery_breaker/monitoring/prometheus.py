@@ -60,7 +60,11 @@ _LABELS = ("breaker", "key")
 _COUNTERS: tuple[tuple[str, str, Callable[[BreakerStatus], float]], ...] = (
     ("trips", "Times the breaker opened (tripped, or a probe failed)", lambda row: row.snapshot.trips),
     ("rejections", "Calls the breaker rejected", lambda row: row.snapshot.rejections),
-    ("deferrals", "Tasks deferred because the breaker rejected them", lambda row: row.snapshot.deferrals),
+    (
+        "deferrals",
+        "Tasks deferred behind the breaker (rejected, failed as it opened, or refused on release)",
+        lambda row: row.snapshot.deferrals,
+    ),
     ("successes", "Guarded calls that succeeded", lambda row: row.snapshot.successes),
     ("failures", "Guarded calls that failed (recorded exceptions)", lambda row: row.snapshot.failures),
 )
