@@ -327,6 +327,30 @@ def test_probes_that_never_ran_go_again_after_a_lease(store: RedisStore) -> None
     assert breaker.snapshot().state is State.OPEN  # (the release moves no breaker)
 
 
+def test_a_probe_slot_freed_by_a_lease_running_out_gets_a_probe_before_the_claim_lease(store: RedisStore) -> None:
+    """A probe's worker died with it (SIGKILL): its slot's lease runs out (here 8 s, as a
+    task's time limit sets it, decision 85), and nothing reports. The next probe went only
+    once the releaser's 30 s claim lease had run out (30 s to recover where 8 s would do).
+    Now a slot found free again gets a probe, 5 s at least after the period's first."""
+    clock = FakeClock()
+    policy = {**POLICY, "half_open_max_calls": 1}
+    breaker = CircuitBreaker("svc", policy, storage=store, clock=clock)
+    fail(breaker)
+    entries = park_many(store, 4)
+    clock.advance(10.0)
+    (probe,) = release(store, clock)
+    assert probe == entries[0]
+    store.parking.done(store.parking.tag("svc", None), [probe])  # (published)
+    cell = store._cells[("svc", None)]
+    cell.acquire(breaker.policy, clock.monotonic(), 8.0)  # (its task took the slot for 8 s, and died)
+    clock.advance(6.0)
+    assert release(store, clock) == []  # (the slot is taken: its lease runs)
+    clock.advance(3.0)  # (9 s: the lease has run out)
+    assert release(store, clock) == entries[1:2]
+    assert release(store, clock) == []  # (once: that slot's probe is on its way)
+    assert breaker.snapshot().state is State.HALF_OPEN
+
+
 def test_entries_past_their_deadline_take_no_probes_place(store: RedisStore) -> None:
     """As many entries past their deadline as a tick may release (``most``) fell due when
     the open time was up: they went, and so did the probes. The probes were counted as

@@ -1,6 +1,7 @@
 -- release: claim the parked entries a breaker lets run now, under a lease.
 -- KEYS 1-5, ARGV 1-2 and the reply's first item: see parked.lua; KEYS 6 the breaker's
---   state hash (read, and reset if unreadable; never otherwise changed here).
+--   state hash (read, and reset if unreadable; never otherwise changed here); KEYS 7 its
+--   probe leases (read only).
 -- ARGV: 3 most entries to claim, 4 full pace (entries per second), 5 ramp (seconds from a
 --       tenth of the pace to all of it), 6 lease seconds, 7 '' for that fixed pace, or the
 --       adaptive law (core/pacing.py PacingLaw.text: start;ceiling;judge_every;slow_start;
@@ -34,6 +35,10 @@
 -- restarts the ramp (or the adaptive pace); claims, deadlines and orders no script wrote
 -- are repaired.
 local K_STATE = KEYS[6]
+local K_LEASES = KEYS[7] -- (the breaker's probe leases; absent from older callers)
+-- Seconds after a period's probes went before a probe slot found free again sends another
+-- (a probe on its way to a worker has taken none yet), at most the claim lease.
+local PROBES_AGAIN_AFTER = 5
 local most, pace, ramp, lease = read_whole(ARGV[3]), read_number(ARGV[4]), read_number(ARGV[5]), read_number(ARGV[6])
 if most == nil or pace == nil or ramp == nil or lease == nil or pace < 0 or ramp < 0 or lease <= 0 then
   return redis.error_reply('celery-breaker: release needs a count, a pace, a ramp and a lease')
@@ -193,6 +198,23 @@ elseif (st == 'open' and now >= ou) or st == 'half_open' then
   if p[1] ~= trips or now - probe_at > lease then
     allowed = limits.max_calls
     redis.call('HSET', K_PACE, 'probe_trip', trips, 'probe_at', fmt(now))
+  elseif st == 'half_open' and K_LEASES ~= nil and now - probe_at > math.min(lease, PROBES_AGAIN_AFTER) then
+    -- A slot of this period is free again: a probe's lease ran out (its worker died with
+    -- it: a lease as short as its task's time limit, decision 85) and it never reported.
+    -- As many probes as are free go now, not a whole claim lease (30 s) after the first.
+    local live = 0
+    if redis.call('TYPE', K_LEASES).ok == 'hash' then -- (another type: the breaker's script repairs it)
+      local flat = redis.call('HGETALL', K_LEASES)
+      for i = 2, #flat, 2 do
+        local deadline = read_number(flat[i])
+        if deadline == nil or deadline > now then live = live + 1 end -- (unreadable: counted as taken)
+      end
+    end
+    local free = limits.max_calls - hos - live
+    if free > 0 then
+      allowed = free
+      redis.call('HSET', K_PACE, 'probe_at', fmt(now))
+    end
   end
 end
 -- Probes are held back neither by `most` nor by the entries past their deadline claimed above

@@ -162,7 +162,7 @@ class RedisParking:
             "release", self._checked_tag(tag),
             [most, repr(pace), repr(ramp), repr(lease), "" if law is None else law.text(), self.store.channel,
              self.store.ttl_ms, "" if paced is None else max(0, paced)],
-            doing=f"releasing {tag}", state=True, now=now,
+            doing=f"releasing {tag}", state=True, leases=True, now=now,
         )  # fmt: skip
         claimed = Claimed((text(reply[i]), text(reply[i + 1])) for i in range(1, len(reply) - 1, 2))
         quiet = text(reply[0]) if reply else "0"
@@ -412,6 +412,7 @@ class RedisParking:
         *,
         doing: str,
         state: bool = False,
+        leases: bool = False,
         life: bool = False,
         now: float | None = None,
         check: str = "",
@@ -421,6 +422,7 @@ class RedisParking:
         failure on the keys' data (a WRONGTYPE) it is run once more, checking them
         (``check``: at once)."""
         keys = [tag + suffix for suffix in PARKING_SUFFIXES] + ([tag + ":s"] if state else [])
+        keys += [tag + ":l"] if leases else []  # (the breaker's probe leases, after its state)
         keys += [tag + LIFE_SUFFIX] if life else []
         now_arg = _opt(now) if self.store.client_time else ""
         while True:
