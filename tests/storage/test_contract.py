@@ -805,6 +805,23 @@ def test_reset_forgets_everything_and_adopts_the_callers_policy(store: Store, cl
     assert state_of(second) is State.OPEN
 
 
+def test_an_outcome_admitted_before_a_reset_is_not_counted_after_it(store: Store, clock: FakeClock) -> None:
+    # A call in flight across an operator's reset belongs to the breaker that was reset:
+    # its failure (or success) is neither judged nor counted by the fresh one.
+    breaker = make(store, clock, failure_threshold=2)
+    fail(breaker)  # (a breaker with nothing to forget is not reset)
+    failing, succeeding = HeldCall(breaker), HeldCall(breaker)
+    breaker.reset()
+    failing.fail()
+    succeeding.succeed()
+    snap = breaker.snapshot()
+    assert (snap.state, snap.failures, snap.successes, snap.last_failure) == (State.CLOSED, 0, 0, None)
+    late = HeldCall(breaker)  # admitted after the reset: counted, and judged
+    late.fail()
+    fail(breaker)
+    assert (state_of(breaker), breaker.snapshot().failures) == (State.OPEN, 2)
+
+
 def test_a_breaker_keeps_the_policy_it_was_created_with(
     store: Store, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:

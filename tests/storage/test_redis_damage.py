@@ -152,6 +152,7 @@ def test_a_nan_half_open_slot_count_is_reset(
         ("tr", ""), ("stk", "nan"), ("run", "1e999"), ("oa", "nan"), ("ls", "-inf"), ("lf", "1e300"),
         ("od", "inf"), ("od", "-5"), ("hos", "nan"), ("st", "ajar"), ("inc", "nan"), ("inc", "1\n2"),
         ("nm", "someone else"), ("ky", "+k"), ("pol", '{"v":3,"rules":[],"reset_timeout":1}'),
+        ("rg", "nan"), ("rg", "99"),  # (a reset's generation beyond the breaker's would drop every count)
     ],
 )  # fmt: skip
 def test_every_field_of_the_state_hash_is_checked(

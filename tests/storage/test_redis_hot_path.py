@@ -551,3 +551,64 @@ def test_a_flush_while_other_threads_make_breakers_never_fails(url: str) -> None
         for maker in makers:
             maker.join(10)
         store.close()
+
+
+@pytest.mark.parametrize("operator_move", ["reset", "delete"])
+def test_counts_sent_after_an_operators_reset_or_delete_do_not_undo_it(url: str, operator_move: str) -> None:
+    # A worker counts rejections, deferrals and successes locally and sends them up to a
+    # second later. An operator's reset (or delete) that came between was undone by them:
+    # the fresh breaker showed the old breaker's rejections and deferrals (8-26 of them
+    # under load). What was counted before the move is dropped; what after, kept.
+    clock = FakeClock()
+    there, there_store, cell = live_breaker(url, {"failure_threshold": 1}, clock)
+    fail(there)
+    assert there_store.sync()
+    assert state_of(there) is State.OPEN
+    with cell._sending:  # (the agent's flush waits: the counts stay unsent until after the move)
+        for _ in range(5):
+            with pytest.raises(CircuitOpenError):
+                there.call(ok)
+        for _ in range(3):
+            there.note_deferral()
+        assert cell.pending
+        here_store = RedisStore.from_url(url)
+        operator = CircuitBreaker("svc", {"failure_threshold": 1}, storage=here_store, clock=clock)
+        if operator_move == "reset":
+            operator.reset()
+        else:
+            clock.advance(1.0)  # (the breaker made again after it is of a later time: this test's clock)
+            assert here_store.delete("svc", None)
+    there_store.flush()
+    snap = operator.snapshot()
+    assert (snap.state, snap.rejections, snap.deferrals, snap.failures, snap.trips) == (State.CLOSED, 0, 0, 0, 0)
+    # Counted after this process heard the move: sent and kept.
+    assert there_store.sync()
+    for _ in range(4):
+        there.call(ok)
+    there.note_deferral()
+    there_store.flush()
+    snap = operator.snapshot()
+    assert (snap.successes, snap.deferrals) == (4, 1)
+    here_store.close()
+
+
+def test_counts_a_process_sends_without_having_heard_of_a_reset_are_dropped_once(url: str) -> None:
+    # A process that has not heard the reset yet (its subscription lags) sends what it
+    # counted before it with its next script call: dropped; its next counts are kept.
+    clock = FakeClock()
+    there, there_store, cell = live_breaker(url, {"failure_threshold": 3}, clock)
+    fail(there)  # (a breaker with nothing to forget is not reset: its failure makes one)
+    assert there_store.sync()
+    with cell._sending:
+        for _ in range(6):
+            there.call(ok)
+        here_store = RedisStore.from_url(url)
+        CircuitBreaker("svc", {"failure_threshold": 3}, storage=here_store, clock=clock).reset()
+        snap = there.snapshot  # (bound now; the call below is the first script call since)
+    found = snap()
+    assert (found.successes, found.failures, found.window_calls) == (0, 0, 0)
+    for _ in range(2):
+        there.call(ok)
+    there_store.flush()
+    assert there.snapshot().successes == 2
+    here_store.close()

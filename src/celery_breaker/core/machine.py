@@ -45,7 +45,7 @@ class BreakerMachine:
         "rules", "shown", "success_steps", "quiet_varies", "leases", "next_lease", "half_open_successes",
         "success_tally", "failures", "rejection_tally", "deferrals", "trips",
         "last_success", "last_failure", "last_used", "moves", "wall_offset", "passing", "quiet_success",
-        "streak", "open_duration", "draw",
+        "streak", "open_duration", "draw", "reset_generation",
         "unlocked_success", "timed",
     )  # fmt: skip
 
@@ -56,6 +56,7 @@ class BreakerMachine:
         self.passing = True  # calls pass without a decision: CLOSED or DISABLED
         self.quiet_success = True
         self.generation = 0
+        self.reset_generation = 0  # (outcomes admitted before it are not counted: record)
         self.opened_at: float | None = None
         self.open_until: float | None = None
         self.streak = 0  # consecutive trips: a failed probe adds one, closing ends it
@@ -179,8 +180,12 @@ class BreakerMachine:
         """
         self.last_used = now
         is_probe = type(ticket) is Probe
-        generation = ticket.generation if is_probe else ticket  # type: ignore[union-attr]
+        generation: int = ticket.generation if is_probe else ticket  # type: ignore[union-attr,assignment]
         current = generation == self.generation
+        # Admitted before an operator's reset: the breaker that was reset's, not counted.
+        # (A negative generation is a stand-in's, of no reset: fallback._STALE.)
+        if not current and 0 <= generation < self.reset_generation:
+            return
         if outcome is IGNORED:
             if current and is_probe:
                 self.leases.pop(ticket.lease, None)  # type: ignore[union-attr]
@@ -267,6 +272,7 @@ class BreakerMachine:
             return
         self._use_policy(policy)
         self._move(CLOSED, now, "reset")
+        self.reset_generation = self.generation
         self.success_tally = itertools.count()
         self.rejection_tally = itertools.count()
         self.failures = self.deferrals = self.trips = 0

@@ -10,10 +10,12 @@
 --   1 the caller's clock reading, or '' to use Redis TIME (the default: shared decisions
 --     never depend on worker clocks); 2 idle TTL in ms; 3 what the caller counted locally
 --     since its last script call: 'rejections;deferrals;generation;successes;stale successes;
---     check;incarnation;generation' (successes under that generation, stale ones under an
---     earlier one; check = 1 asks for the key types to be checked first, 2 also resets the
---     breaker: the caller's last try failed on its data; the caller's view, the incarnation
---     and generation it last saw, if any); 4 the caller's policy text (see parse_policy; '' for a
+--     check;incarnation;generation;counted incarnation;counted generation' (successes under
+--     that generation, stale ones under an earlier one; check = 1 asks for the key types to
+--     be checked first, 2 also resets the breaker: the caller's last try failed on its data;
+--     the caller's view, the incarnation and generation it last saw, if any; and the view
+--     the oldest of those counts was counted under, at the earliest: counts from before a
+--     reset or from another incarnation are dropped, see below); 4 the caller's policy text (see parse_policy; '' for a
 --     listing, which never creates a breaker); 5 name ('' for a listing: read from the
 --     keys); 6 '-' or '+' .. key; 7 the pub/sub channel transitions are published on ('' for
 --     none); 8.. the operation's own arguments.
@@ -466,7 +468,7 @@ end
 -- consecutive failures, the slow calls and the refusals counted (the adaptive release's
 -- feedback, release.lua) may be absent from a hash an earlier release wrote (read as 0).
 local WHOLE_FIELDS = { 'gen', 'hos', 'nl', 'ok', 'ko', 'rj', 'df', 'tr', 'wn', 'wl', 'wc', 'wf', 'ws' }
-local LATER_WHOLE_FIELDS = { 'stk', 'run', 'sl', 'rf' }
+local LATER_WHOLE_FIELDS = { 'stk', 'run', 'sl', 'rf', 'rg' }
 -- Times of what has happened ('' for never): within TIME_SPAN of now.
 local PAST_FIELDS = { 'oa', 'ls', 'lf' }
 
@@ -475,7 +477,7 @@ local function fresh(policy_text)
   -- wiped): generations restart with it, so local views compare generations only within one.
   local s = { st = CLOSED, pol = policy_text, nm = want_nm, ky = want_ky, inc = fmt(now) }
   for _, name in ipairs(WHOLE_FIELDS) do s[name] = 0 end
-  s.stk, s.run, s.sl, s.rf = 0, 0, 0, 0
+  s.stk, s.run, s.sl, s.rf, s.rg = 0, 0, 0, 0, 0
   return s
 end
 
@@ -525,6 +527,12 @@ local function load()
       if not mend(name) then return bad(name) end
       s[name] = 0
     end
+  end
+  -- The generation of the last reset (rg): counts sent from before it are dropped. Beyond
+  -- the generation it would drop every count for ever.
+  if s.rg > s.gen then
+    if not mend('rg') then return bad('rg') end
+    s.rg = 0
   end
   for _, name in ipairs(PAST_FIELDS) do
     local text = raw[name] or ''
@@ -598,6 +606,21 @@ else
   end
 end
 for _, rule in ipairs(P.rules) do RULES[rule.kind].check(rule) end
+-- Counts a process sends late (it flushes them every second) belong to the breaker they
+-- were counted for: not to this one when a reset came between (counted under an earlier
+-- generation than the reset's), nor when the breaker was deleted or expired meanwhile
+-- (another incarnation). Else an operator's reset or delete is undone by the rejections,
+-- deferrals and successes counted before it. '' and '0' (a process that had read no
+-- breaker yet, or heard that it was deleted) count here.
+-- Successes carry the generation they were counted under (pending[3], in the caller's
+-- incarnation, view[7]): those of the reset's generation or later are kept.
+do
+  local counted_inc, counted_gen = view[9] or '', read_whole(view[10]) or 0
+  if counted_inc ~= '' and counted_inc ~= '0' and (counted_inc ~= S.inc or counted_gen < S.rg) then
+    pending[1], pending[2], pending[5] = 0, 0, 0
+    if view[7] ~= S.inc or (pending[3] or 0) < S.rg then pending[4] = 0 end
+  end
+end
 S.rj = S.rj + (pending[1] or 0)
 S.df = S.df + (pending[2] or 0)
 
@@ -693,7 +716,7 @@ local function save()
     'gen', S.gen, 'hos', S.hos, 'nl', S.nl, 'ok', S.ok, 'ko', S.ko, 'rj', S.rj, 'df', S.df,
     'tr', S.tr, 'wn', S.wn, 'wl', S.wl, 'wc', S.wc, 'wf', S.wf, 'ws', S.ws,
     'oa', fmt(S.oa), 'ou', fmt(S.ou), 'ls', fmt(S.ls), 'lf', fmt(S.lf), 'stk', S.stk, 'od', fmt(S.od),
-    'run', S.run, 'sl', S.sl, 'rf', S.rf, 'rh', fmt(S.rh))
+    'run', S.run, 'sl', S.sl, 'rf', S.rf, 'rh', fmt(S.rh), 'rg', S.rg)
   local pttl = redis.call('PTTL', K_STATE)
   if S.st == FORCED_OPEN or S.st == DISABLED then
     -- Set by an operator and left only by an operator (DESIGN.md): its keys never expire

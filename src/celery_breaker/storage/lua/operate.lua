@@ -32,6 +32,7 @@ elseif action == 'reset' then
   clear_windows()
   S.pol, P = given_policy, policy
   move(CLOSED, 'reset')
+  S.rg = S.gen -- (counts sent later from an earlier generation are dropped: common.lua)
   S.ok, S.ko, S.rj, S.df, S.tr = 0, 0, 0, 0, 0
   S.ls, S.lf, S.oa = nil, nil, nil
 elseif action == 'deferral' then

@@ -39,6 +39,9 @@ if outcome == 2 then
   end
   return reply('ok')
 end
+-- An outcome admitted before an operator's reset belongs to the breaker that was reset.
+-- (A negative generation is one no breaker has: a stand-in's, counted as stale.)
+if not current and generation >= 0 and generation < S.rg then return reply('ok') end
 local failed = outcome == 1
 if failed then
   S.ko = S.ko + 1

@@ -62,7 +62,8 @@ class RedisCell:
         "name", "key", "policy", "state", "generation", "open_until", "passing", "last_used",
         "_rejections", "state_key", "_store", "_clock", "_keys", "_key_arg", "_policy_text",
         "_offset", "_rj_flushed", "_ok_tally", "_ok_flushed", "_ok_gen", "_stale_ok", "_df_tally",
-        "_df_flushed", "_incarnation", "_full_until", "_slow", "_seen", "_dropped", "_lock", "_sending", "flush_failed",
+        "_df_flushed", "_counted_inc", "_counted_gen", "_incarnation", "_full_until", "_slow", "_seen",
+        "_dropped", "_lock", "_sending", "flush_failed",
         "__weakref__",
     )  # fmt: skip
 
@@ -100,6 +101,10 @@ class RedisCell:
         self._stale_ok = 0
         self._df_tally = itertools.count()
         self._df_flushed = 0
+        # The view (incarnation, generation) the counts waiting to be sent were counted
+        # under, at the earliest: Redis drops them if a reset or a delete came after it.
+        self._counted_inc = ""
+        self._counted_gen = 0
         # A flush and a snapshot never overlap: counts another thread's flush has taken
         # but not yet sent would be in neither Redis nor the snapshot's own pending part.
         self._sending = threading.Lock()
@@ -132,8 +137,10 @@ class RedisCell:
 
     # -- what was counted locally --------------------------------------------
 
-    def _take_pending(self) -> tuple[str, tuple[int, int, int, int]]:
-        """The counts to send with a script call (and to give back if it fails)."""
+    def _take_pending(self) -> tuple[str, tuple[str, int], tuple[int, int, int, int]]:
+        """The counts to send with a script call, and the view they were counted under
+        (common.lua ARGV[3]; both to give back if it fails). What is counted from now on
+        is counted under the current view."""
         with self._lock:
             rejections = tally(self._rejections) - self._rj_flushed
             deferrals = tally(self._df_tally) - self._df_flushed
@@ -143,20 +150,24 @@ class RedisCell:
             self._df_flushed += deferrals
             self._ok_flushed += successes
             text = f"{rejections};{deferrals};{self._ok_gen};{successes};{stale}"
-        return text, (rejections, deferrals, successes, stale)
+            counted_in = (self._counted_inc, self._counted_gen)
+            self._counted_inc, self._counted_gen = self._incarnation, self.generation
+        return text, counted_in, (rejections, deferrals, successes, stale)
 
     def adopt(self, counts: tuple[int, int, int, int]) -> None:
         """Send ``counts`` (another cell's, as ``_take_pending`` took them) with this
         cell's own; its successes count as stale (their generation is not checked)."""
         self._give_back(counts)
 
-    def _give_back(self, counts: tuple[int, int, int, int]) -> None:
+    def _give_back(self, counts: tuple[int, int, int, int], counted_in: tuple[str, int] | None = None) -> None:
         rejections, deferrals, successes, stale = counts
         with self._lock:
             self._rj_flushed -= rejections
             self._df_flushed -= deferrals
             # The generation they were counted under may have moved on: keep them as stale.
             self._stale_ok += successes + stale
+            if counted_in is not None:  # (the earlier view: they are sent under it)
+                self._counted_inc, self._counted_gen = counted_in
 
     @property
     def pending(self) -> bool:
@@ -175,6 +186,7 @@ class RedisCell:
             self._df_flushed = tally(self._df_tally)
             self._ok_flushed = tally(self._ok_tally)
             self._stale_ok = 0
+            self._counted_inc, self._counted_gen = self._incarnation, self.generation
 
     # -- one round trip ------------------------------------------------------
 
@@ -191,14 +203,15 @@ class RedisCell:
         check, failure = "", ""
         while True:
             epoch = store.epoch
-            pending, counts = self._take_pending()
-            view = f";{check or 0};{self._incarnation};{self.generation}"  # (common.lua ARGV[3])
+            pending, counted_in, counts = self._take_pending()
+            # (common.lua ARGV[3])
+            view = f";{check or 0};{self._incarnation};{self.generation};{counted_in[0]};{counted_in[1]}"
             head = [repr(now) if store.client_time else "", store.ttl_ms, pending + view]
             argv = [*head, policy or self._policy_text, self.name, self._key_arg, store.channel, *args]
             try:
                 raw = store.run(script, self._keys, argv)
             except StorageError as exc:
-                self._give_back(counts)
+                self._give_back(counts, counted_in)
                 level = "" if check else repair_for(exc.__cause__)
                 if level:
                     check, failure = level, str(exc.__cause__)
@@ -263,6 +276,8 @@ class RedisCell:
                 open_until = min(open_until, self.open_until)
             if heard or incarnation != self._incarnation or generation != self.generation:
                 self._full_until = 0.0  # (a message in the same generation: a probe slot freed)
+                if not self.pending:  # (nothing counted before it waits)
+                    self._counted_inc, self._counted_gen = incarnation, generation
             self._incarnation = incarnation
             self.generation = generation
             self.open_until = open_until
@@ -380,6 +395,10 @@ class RedisCell:
                 return NO_MOVES
             with self._lock:
                 self._stale_ok += 1
+                # (admitted before a reset, it is dropped there: common.lua. A negative
+                # generation is a stand-in's, of no reset: fallback._STALE.)
+                if 0 <= ticket < self._counted_gen:
+                    self._counted_gen = ticket
             return NO_MOVES
         return self.finish(ticket, Outcome.SUCCESS, duration, policy, now)
 
@@ -415,7 +434,7 @@ class RedisCell:
         # them to the store, whose next flush sends them through the breaker's cell then.
         with contextlib.suppress(Exception):  # (at interpreter exit, what it refers to may be gone)
             if self.pending:  # (a fork leaves none: the parent sends what it counted)
-                counts = self._take_pending()[1]
+                counts = self._take_pending()[2]
                 self._store.orphans.append(Orphan(self.name, self.key, self.policy, self._clock, counts))
 
     def wait_sent(self) -> None:
