@@ -171,7 +171,7 @@ def test_every_metric_exposed_is_documented() -> None:
     """Each family the collector makes has its row in docs/metrics.md's table."""
     documented = set(re.findall(r"^\| `(celery_breaker_[a-z_]+)` \|", DOCS.read_text(), re.MULTILINE))
     made = {f"{PREFIX}_{name}_total" for name, _, _ in _COUNTERS} | {f"{PREFIX}_{name}" for name, _, _ in _GAUGES}
-    made |= {f"{PREFIX}_state", f"{PREFIX}_store_up"}
+    made |= {f"{PREFIX}_state", f"{PREFIX}_store_up", f"{PREFIX}_store_unreached_servers"}
     assert made == documented
 
 

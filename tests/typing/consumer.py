@@ -33,6 +33,7 @@ from celery_breaker import (
 )
 from celery_breaker.core import BreakerSnapshot
 from celery_breaker.monitoring import BreakerStatus, collect_metrics
+from celery_breaker.storage import Listing
 from celery_breaker.testing import FakeClock, fresh_store, use_clock
 
 
@@ -82,8 +83,10 @@ def breaker_api() -> None:
     assert_type(clock.advance(30), float)
 
     statuses = collect_metrics(breaker.store)
-    assert_type(statuses, list[BreakerStatus])
+    assert_type(statuses, Listing[BreakerStatus])
     assert [status.snapshot.name for status in statuses] == ["payments"]
+    assert_type(statuses.unreached, tuple[str, ...])
+    assert statuses.unreached == ()  # (servers the listing could not read: a Cluster's, in part)
 
 
 def misuses(breaker: CircuitBreaker) -> None:

@@ -34,7 +34,7 @@ from ..core import State
 from ..errors import ConfigurationError
 from ..integration.settings import get_settings
 from ..labels import visible
-from ..storage import Store, describe_url
+from ..storage import Listing, Store, describe_url
 from .serving import QUIET_FOR, Deadlined, Guarded
 from .status import BreakerStatus, collect_metrics, store_of
 
@@ -162,6 +162,8 @@ class BreakerCollector(Collector):
                 if found is not None:
                     families[name].add_metric(labels, float(found))
         families["store_up"].add_metric([], 0.0 if rows is None else 1.0)
+        if rows is not None:  # (a store not read at all is store_up 0 alone)
+            families["store_unreached_servers"].add_metric([], float(len(rows.unreached)))
         yield from families.values()
 
     def _families(self) -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
@@ -179,9 +181,15 @@ class BreakerCollector(Collector):
         families["store_up"] = GaugeMetricFamily(
             f"{PREFIX}_store_up", "1 when the last scrape could read the breaker store, else 0", labels=[]
         )
+        families["store_unreached_servers"] = GaugeMetricFamily(
+            f"{PREFIX}_store_unreached_servers",
+            "Servers of the breaker store the last scrape could not read while the others answered (a Redis "
+            "Cluster's primaries down): the series of the breakers stored there are missing",
+            labels=[],
+        )
         return families
 
-    def _read(self) -> list[BreakerStatus] | None:
+    def _read(self) -> Listing[BreakerStatus] | None:
         try:
             rows = collect_metrics(self.store, clock=self.clock)
         except Exception as exc:  # anything: an exporter must keep serving

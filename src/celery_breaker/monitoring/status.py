@@ -13,7 +13,7 @@ from typing import Any
 from ..clock import SYSTEM_CLOCK, Clock
 from ..core import BreakerSnapshot, State
 from ..integration.settings import get_settings
-from ..storage import ReleasePace, Selected, Store, resolve_store
+from ..storage import Listing, ReleasePace, Selected, Store, resolve_store
 
 __all__ = ["BreakerStatus", "app_store", "collect_metrics", "is_app", "store_of"]
 
@@ -68,7 +68,7 @@ def collect_metrics(
     clock: Clock | None = None,
     only: Sequence[tuple[str, str | None]] | None = None,
     where: Selected | None = None,
-) -> list[BreakerStatus]:
+) -> Listing[BreakerStatus]:
     """Every breaker ``source`` holds, sorted by name and key.
 
     ``source`` is a Celery app (its ``breaker_storage_url``), a store URL or a store. A
@@ -76,14 +76,19 @@ def collect_metrics(
     process's. ``only``: just these ``(name, key)`` breakers, each looked up alone
     (``Store.find``) instead of listing the store. ``where``: only the breakers for
     which ``where(name, key)`` is true, picked before any is read. Raises
-    ``StorageError`` when the store cannot be read.
+    ``StorageError`` when the store cannot be read. A Redis Cluster with primaries down
+    is listed in part: the rows of the breakers the others hold, their parked tasks
+    counted, and ``unreached`` naming those down (``Listing``).
     """
     clock = clock or SYSTEM_CLOCK
     store = store_of(source)
     wanted = None if only is None else list(dict.fromkeys(only))
     if wanted is None:
-        snapshots = list(store.snapshots(clock) if where is None else store.snapshots(clock, where))
+        listing = store.snapshots(clock) if where is None else store.snapshots(clock, where)
+        unreached = listing.unreached if isinstance(listing, Listing) else ()
+        snapshots = list(listing)
     else:
+        unreached = ()
         snapshots = [hit for ident in wanted if (hit := store.find(*ident, clock)) is not None]
     parking = store.parking
     if parking is None:
@@ -92,6 +97,10 @@ def collect_metrics(
         # (one round trip, however many; with ``where``, only the tags of breakers it picks)
         if wanted is not None:
             counted = [parking.tag(*ident) for ident in wanted]
+        elif unreached:
+            # (the parking's index may be on a primary that is down, and name breakers
+            # stored there: only those listed are counted)
+            counted = [parking.tag(snapshot.name, snapshot.key) for snapshot in snapshots]
         else:
             counted = parking.tags()
             if where is not None:
@@ -116,7 +125,7 @@ def collect_metrics(
             if release is not None and release.generation != snapshot.generation:
                 release = None  # (the breaker moved on between the two reads)
             rows.append(BreakerStatus(snapshot, *counts.get(tag, (0, 0)), release))
-    return sorted(rows, key=lambda row: (row.snapshot.name, row.snapshot.key or ""))
+    return Listing(sorted(rows, key=lambda row: (row.snapshot.name, row.snapshot.key or "")), unreached)
 
 
 #: States in which parked tasks are released at the pace (HALF_OPEN releases probes only).

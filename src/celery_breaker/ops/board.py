@@ -20,6 +20,7 @@ from ..errors import StorageError
 from ..labels import shown_label, visible
 from ..monitoring.status import BreakerStatus
 from .console import STATE_STYLES, clock_time, duration, failure_rate_text, open_until_text, release_text
+from .selection import unreached_words
 from .watch import PAUSE_PER_READ, Change, Watch, WatchRow
 
 __all__ = ["HISTORY", "Board"]
@@ -120,7 +121,11 @@ class Board:
         counts = dict.fromkeys(STATE_STYLES, 0)
         for row in observed:
             counts[row.status.snapshot.state] += 1
-        view = {**self._view, "error": None, "read_at": clock_time(now), "breakers": rows,
+        error = None
+        if self._watch.unreached:  # (a Redis Cluster with a primary down: the others' breakers were read)
+            words = unreached_words(self._watch.unreached, kept=True)
+            error = f"part of the store unreachable at {clock_time(now)}: {words}; retrying"
+        view = {**self._view, "error": error, "read_at": clock_time(now), "breakers": rows,
                 "summary": [{"state": state.value, "count": n} for state, n in counts.items() if n],
                 "changes": [_change(change) for change in self._watch.changes]}  # fmt: skip
         with self._lock:

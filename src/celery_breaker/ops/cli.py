@@ -240,18 +240,30 @@ def status(ctx: click.Context, patterns: tuple[str, ...], as_json: bool, wide: b
     """
     import json
 
-    from ..storage import describe_url
     from .operator import shared_store
-    from .selection import breakers_matching
+    from .selection import breakers_matching, unreached_text
 
     app = _app(ctx)
     store = shared_store(app)
     rows, everything = breakers_matching(store, patterns)
+    unreached = unreached_text(everything)
     if as_json:
         click.echo(json.dumps([row.as_dict() for row in rows], indent=2))
-        return
-    where = describe_url(store.url)
-    if not everything:
+    else:
+        _status_table(ctx, app, store.url, patterns, rows, everything, unreached is not None, wide, color)
+    if unreached is not None:  # (what could be read is shown; the exit code says it is not all)
+        click.echo(f"Warning: {unreached}.", err=True)
+        ctx.exit(EXIT_UNAVAILABLE)
+
+
+def _status_table(
+    ctx: click.Context, app: Any, url: str, patterns: tuple[str, ...], rows: list[BreakerStatus],
+    everything: list[BreakerStatus], partial: bool, wide: bool, color: bool | None,
+) -> None:  # fmt: skip
+    from ..storage import describe_url
+
+    where = describe_url(url)
+    if not everything and not partial:
         click.echo(f"No breakers in {where} yet: a breaker is stored once a task (or call) uses it.")
         return
     if not rows:

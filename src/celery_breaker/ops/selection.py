@@ -11,11 +11,21 @@ from typing import TYPE_CHECKING
 from ..labels import split_label, visible
 from ..monitoring.status import BreakerStatus, collect_metrics
 from ..names import kept_form, kept_key
+from ..storage import Listing
 
 if TYPE_CHECKING:
     from ..storage import Selected, Store
 
-__all__ = ["breakers_matching", "breakers_selected", "is_glob", "looked_up", "matching", "selected"]
+__all__ = [
+    "breakers_matching",
+    "breakers_selected",
+    "is_glob",
+    "looked_up",
+    "matching",
+    "selected",
+    "unreached_text",
+    "unreached_words",
+]
 
 #: What makes a pattern a glob (``fnmatch``'s marks).
 _GLOB_MARKS = "*?["
@@ -54,11 +64,14 @@ def _matches(name: str, key: str | None, pattern: _Parsed) -> bool:
 def matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[BreakerStatus]:
     """Rows matching a glob (every row without globs): ``crm*`` matches names,
     ``crm[tenant-*]`` a name and a key (so brackets are not a character class there),
-    each as it is or as ``status`` shows it (``crm[tenant\\n*]``, ``crm[C:\\\\*]``)."""
+    each as it is or as ``status`` shows it (``crm[tenant\\n*]``, ``crm[C:\\\\*]``).
+    A partial listing's rows stay one (``Listing.unreached``)."""
+    unreached = rows.unreached if isinstance(rows, Listing) else ()
     if not patterns:
-        return list(rows)
+        return Listing(rows, unreached)
     parsed = _parsed(patterns)
-    return [row for row in rows if any(_matches(row.snapshot.name, row.snapshot.key, pattern) for pattern in parsed)]
+    picked = (row for row in rows if any(_matches(row.snapshot.name, row.snapshot.key, pattern) for pattern in parsed))
+    return Listing(picked, unreached)
 
 
 def selected(patterns: Sequence[str]) -> Selected | None:
@@ -105,3 +118,21 @@ def breakers_matching(store: Store, patterns: Sequence[str]) -> tuple[list[Break
     found = looked_up(store, patterns)
     everything = collect_metrics(store) if found is None else found
     return matching(everything, patterns), everything
+
+
+def unreached_text(rows: Sequence[object]) -> str | None:
+    """What a listing left out (``Listing.unreached``: a Redis Cluster's primaries that
+    did not answer), as a warning's words; ``None`` for a whole listing."""
+    unreached = rows.unreached if isinstance(rows, Listing) else ()
+    return unreached_words(unreached) if unreached else None
+
+
+def unreached_words(unreached: Sequence[str], *, kept: bool = False) -> str:
+    """Says that the breakers stored on ``unreached`` are not shown (``kept``: they keep
+    their last view), and why."""
+    them = "it does" if len(unreached) == 1 else "they do"
+    shown = "keep their last view" if kept else "are not shown"
+    return (
+        f"the breakers stored on {', '.join(unreached)} {shown}: {them} not answer (a Redis Cluster primary "
+        "down; the other primaries' breakers are read)"
+    )

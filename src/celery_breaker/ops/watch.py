@@ -18,6 +18,7 @@ import click
 from ..clock import Clock
 from ..core import TRANSITIONS, BreakerSnapshot, State
 from ..labels import shown_label, visible
+from ..storage import Listing
 from .console import (
     ALERT,
     DIM,
@@ -34,6 +35,7 @@ from .console import (
     state_cell,
     summary,
 )
+from .selection import unreached_words
 
 if TYPE_CHECKING:
     from ..monitoring.status import BreakerStatus
@@ -89,6 +91,7 @@ class _Seen:
     snapshot: BreakerSnapshot
     at: float
     since: float | None
+    status: BreakerStatus
 
 
 def _per_second(now: int, before: int, elapsed: float) -> float:
@@ -144,6 +147,9 @@ class Watch:
         self.changes: deque[Change] = deque(maxlen=history)
         self._seen: dict[tuple[str, str | None], _Seen] = {}
         self._refreshes = 0
+        self.unreached: tuple[str, ...] = ()
+        """The servers the last refresh could not read (``Listing.unreached``): the rows
+        of breakers missing from it are their last view, and none has left the store."""
 
     def observe(self, rows: Sequence[BreakerStatus]) -> list[WatchRow]:
         """Take one refresh's rows; return them with rates and state ages."""
@@ -175,11 +181,23 @@ class Watch:
                 if new.generation != old.generation or new.state is not old.state or _remade(old, new):
                     self.changes.append(Change(wall, new.label, old.state, new.state, _reason(old, new)))
                     since = new.opened_at if new.state is State.OPEN and new.opened_at else wall
-            seen_now[ident] = _Seen(new, mono, since)
+            seen_now[ident] = _Seen(new, mono, since, row)
             out.append(WatchRow(row, rates, since))
+        # A Redis Cluster with a primary down lists the others' breakers: one missing may be
+        # stored there, and keeps its last view (no rates) rather than leave the store.
+        self.unreached = rows.unreached if isinstance(rows, Listing) else ()
+        kept = False
         for ident, gone in self._seen.items():
-            if ident not in seen_now:
+            if ident in seen_now:
+                continue
+            if self.unreached:
+                seen_now[ident] = gone
+                out.append(WatchRow(gone.status, None, gone.since))
+                kept = True
+            else:
                 self.changes.append(Change(wall, gone.snapshot.label, gone.snapshot.state, None, "left the store"))
+        if kept:
+            out.sort(key=lambda row: (row.status.snapshot.name, row.status.snapshot.key or ""))
         self._seen = seen_now
         return out
 
@@ -223,6 +241,9 @@ def watch_frame(
     lines = [click.style(title, bold=True) if color else title]
     if error is not None:
         warning = f"store unreachable at {clock_time(now)}: {error}; showing the last view, retrying"
+        lines.append(click.style(warning, fg="red", bold=True) if color else warning)
+    elif watch.unreached:
+        warning = f"part of the store unreachable at {clock_time(now)}: {unreached_words(watch.unreached, kept=True)}"
         lines.append(click.style(warning, fg="red", bold=True) if color else warning)
     lines += [summary([row.status.snapshot for row in rows], color=color), ""]
     keyed = any(row.status.snapshot.key is not None for row in rows)

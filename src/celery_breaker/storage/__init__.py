@@ -8,7 +8,7 @@ Internal: the public names are ``celery_breaker``'s own.
 """
 
 from . import redis as _redis  # noqa: F401  (registers the Redis schemes)
-from .contract import NO_MOVES, Cell, EvictionCheck, History, Moves, Parking, ReleasePace, Selected, Store
+from .contract import NO_MOVES, Cell, EvictionCheck, History, Listing, Moves, Parking, ReleasePace, Selected, Store
 from .fallback import FallbackStore, forced_why, with_fallback
 from .memory import MemoryStore
 from .registry import (
@@ -28,6 +28,7 @@ __all__ = [
     "EvictionCheck",
     "FallbackStore",
     "History",
+    "Listing",
     "MemoryStore",
     "Moves",
     "Parking",

@@ -9,9 +9,9 @@ transitions it made, for the caller to announce.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
@@ -24,6 +24,7 @@ __all__ = [
     "Claimed",
     "EvictionCheck",
     "History",
+    "Listing",
     "Moves",
     "Parking",
     "ReleasePace",
@@ -202,6 +203,22 @@ class Claimed(list[tuple[str, str]]):
     quiet: float | None = 0.0
 
 
+_Row = TypeVar("_Row")
+
+
+class Listing(list[_Row]):
+    """What a listing of the store found, and ``unreached``: the servers it could not read
+    (a Redis Cluster's primaries that are down while the others answer), whose breakers
+    are missing from it. Empty when the listing is whole; a store that cannot be read at
+    all raises ``StorageError`` instead."""
+
+    unreached: tuple[str, ...] = ()
+
+    def __init__(self, rows: Iterable[_Row] = (), unreached: Iterable[str] = ()) -> None:
+        super().__init__(rows)
+        self.unreached = tuple(unreached)
+
+
 class Parking(Protocol):
     """Where a store keeps deferred tasks until their breaker lets them run (see
     ``integration/deferral``). Entries are grouped per breaker under a *tag*; every
@@ -366,7 +383,9 @@ class Store(Protocol):
     def snapshots(self, clock: Clock, where: Selected | None = None) -> list[BreakerSnapshot]:
         """Every breaker the store currently holds; ``where``: only those whose
         ``where(name, key)`` is true, told before any is read (a listing of 10,000
-        breakers for the one a glob picks read all 10,000)."""
+        breakers for the one a glob picks read all 10,000). A store whose servers answer
+        in part (a Redis Cluster with a primary down) returns a ``Listing`` naming those
+        it could not read."""
         ...
 
     def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | None:

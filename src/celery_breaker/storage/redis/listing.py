@@ -6,7 +6,10 @@ data is run again on its own, checking its key types (after a WRONGTYPE) or rese
 (after any other failure its data caused); one that still fails, or whose keys belong to
 no breaker of this store (another app's under a colliding prefix, an earlier release's),
 is left out with one WARNING naming it. Only a store that cannot be read at all (no
-connection, a failing server) raises ``StorageError``.
+connection, a failing server) raises ``StorageError``. On a Cluster each primary is
+listed on its own: with some down (``cluster-require-full-coverage no``), the listing
+holds what the others hold and names those it could not read (``Listing.unreached``),
+with one WARNING.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from ...clock import Clock
 from ...core import BreakerSnapshot
 from ...errors import StorageError
 from ...labels import breaker_label, shown_label
-from .client import CLIENT_ERRORS
+from ..contract import Listing
+from .client import CLIENT_ERRORS, is_cluster
 from .damage import classify, failure, repair_for, text
 from .keys import breaker_of, glob_escape
 from .replies import decode_absent, decode_reply, decode_snapshot
@@ -34,20 +38,48 @@ logger = logging.getLogger("celery_breaker")
 
 def list_snapshots(
     store: RedisStore, clock: Clock, suffixes: tuple[str, ...], where: Selected | None = None
-) -> list[BreakerSnapshot]:
+) -> Listing[BreakerSnapshot]:
     """Every breaker under ``store``'s key prefix, or those ``where`` picks by name and
     key (a key naming no breaker of the store: none); ``suffixes`` are a breaker's key
     suffixes, state first."""
     pattern = "{" + glob_escape(store.quoted_prefix) + ":*}" + suffixes[0]
-    try:
-        # (bytes: a key that is not UTF-8 is still read, and left out below)
-        state_keys: list[bytes] = list(dict.fromkeys(store.client().scan_iter(match=pattern, count=500)))
-    except CLIENT_ERRORS as exc:
-        raise StorageError(failure(store.label, "listing breakers", exc)) from exc
+    state_keys, unreached = _scan(store, pattern)
     if where is not None:
         stem = len(suffixes[0])
         state_keys = [key for key in state_keys if _picked(store, key, stem, where)]
-    return read_snapshots(store, clock, suffixes, state_keys)
+    return Listing(read_snapshots(store, clock, suffixes, state_keys), unreached)
+
+
+def _scan(store: RedisStore, pattern: str) -> tuple[list[bytes], list[str]]:
+    """The state keys matching ``pattern`` (bytes: a key that is not UTF-8 is still read,
+    and left out later), and the Cluster primaries that could not be scanned."""
+    client: Any = store.client()  # a Redis or a RedisCluster
+    doing = "listing breakers"
+    if not is_cluster(client):
+        try:
+            return list(dict.fromkeys(client.scan_iter(match=pattern, count=500))), []
+        except CLIENT_ERRORS as exc:
+            raise StorageError(failure(store.label, doing, exc)) from exc
+    try:
+        primaries = client.get_primaries()
+    except CLIENT_ERRORS as exc:
+        raise StorageError(failure(store.label, doing, exc)) from exc
+    keys: dict[bytes, None] = {}
+    failed: list[tuple[str, BaseException]] = []
+    for node in primaries:
+        try:
+            keys.update(dict.fromkeys(client.scan_iter(match=pattern, count=500, target_nodes=node)))
+        except CLIENT_ERRORS as exc:
+            failed.append((node.name, exc))
+    if failed and len(failed) == len(primaries):
+        raise StorageError(failure(store.label, doing, failed[0][1])) from failed[0][1]
+    if failed:
+        logger.warning(
+            "redis store %s: listed the breakers of %d of %d cluster primaries; left out those stored on %s",
+            store.label, len(primaries) - len(failed), len(primaries),
+            ", ".join(f"{name} ({exc})" for name, exc in failed),
+        )  # fmt: skip
+    return list(keys), [name for name, _ in failed]
 
 
 def _picked(store: RedisStore, state_key: bytes, stem: int, where: Selected) -> bool:

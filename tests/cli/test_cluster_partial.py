@@ -1,0 +1,149 @@
+"""A Redis Cluster with one primary down (``cluster-require-full-coverage no``): every
+operator surface shows the breakers the other primaries hold, and says what it left out.
+
+Before, ``celery breaker status``, ``watch``, the web page and the metrics scrape failed
+whole (exit 69, ``store_up 0``) when any one primary was down: at the moment an operator
+most needs to see the breakers the healthy nodes serve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from celery_breaker import CircuitBreaker
+from celery_breaker.monitoring import collect_metrics
+from celery_breaker.monitoring.prometheus import BreakerCollector
+from celery_breaker.ops.board import Board
+from celery_breaker.ops.cli import EXIT_UNAVAILABLE
+from celery_breaker.ops.watch import Watch, watch_frame
+from celery_breaker.storage import Listing, flush_stores
+from celery_breaker.storage.redis import RedisStore
+from celery_breaker.testing import FakeClock
+from tests.servers import RedisCluster
+
+from ..storage.conftest import unique_prefix
+from . import cliproj
+from .conftest import run
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Partial:
+    url: str
+    victim: str
+    """host:port of the primary that is down."""
+    served: list[str]
+    """The breakers the other primaries hold."""
+    lost: list[str]
+    """The breakers stored on the victim."""
+    parked: str
+    """A breaker on a live primary with two tasks parked behind it."""
+    watch: Watch
+    """A watch that read the whole cluster before the primary went down."""
+
+
+@pytest.fixture(scope="module")
+def partial() -> Iterator[Partial]:
+    with RedisCluster() as cluster:
+        cluster.start()
+        for node in cluster.nodes:
+            node.admin().config_set("cluster-require-full-coverage", "no")
+        url = f"{cluster.url}?key_prefix={unique_prefix()}"
+        store = RedisStore.from_url(url)
+        client: Any = store.client()
+        parking = store.parking
+        homes: dict[str, str] = {}
+        n = 0
+        while n < 9 or len(set(homes.values())) < len(cluster.nodes):  # (some on every primary)
+            name = f"crm{n}"
+            CircuitBreaker(name, storage=store).call(lambda: None)
+            homes[name] = client.get_node_from_key(parking.tag(name, None) + ":s").name
+            n += 1
+        flush_stores()
+        victim = homes["crm0"]
+        served = sorted(name for name, home in homes.items() if home != victim)
+        parked = served[0]
+        CircuitBreaker(parked, storage=store).force_open()
+        for task in range(2):
+            parking.park(parked, None, f"t-{task}:1", float(task), "payload", None)
+        watch = Watch(FakeClock())
+        assert len(watch.observe(collect_metrics(store))) == len(homes)
+        store.close()
+        next(node for node in cluster.nodes if victim.endswith(f":{node.port}")).kill()
+        yield Partial(url, victim, served, sorted(set(homes) - set(served)), parked, watch)
+
+
+@pytest.fixture
+def app_store(partial: Partial) -> Iterator[str]:
+    cliproj.use_store(partial.url)
+    yield partial.url
+    cliproj.use_store("memory://")
+
+
+def test_a_listing_holds_the_other_primaries_breakers_and_names_the_one_down(
+    partial: Partial, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = RedisStore.from_url(partial.url)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        rows = collect_metrics(store)
+    store.close()
+    assert isinstance(rows, Listing)
+    assert rows.unreached == (partial.victim,)
+    assert [row.snapshot.name for row in rows] == partial.served
+    counted = {row.snapshot.name: (row.snapshot.state.value, row.parked) for row in rows}
+    assert counted[partial.parked] == ("forced_open", 2)  # (its parked tasks counted)
+    (warning,) = [r.getMessage() for r in caplog.records if "cluster primaries" in r.getMessage()]
+    assert f"listed the breakers of 2 of 3 cluster primaries; left out those stored on {partial.victim}" in warning
+
+
+def test_status_shows_what_it_read_warns_of_the_rest_and_exits_69(partial: Partial, app_store: str) -> None:
+    result = run("status")
+    assert result.exit_code == EXIT_UNAVAILABLE, result.output
+    names = [line.split()[0] for line in result.stdout.splitlines()[1:] if line and not line[0].isdigit()]
+    assert names == partial.served
+    assert f"Warning: the breakers stored on {partial.victim} are not shown: it does not answer" in result.stderr
+    as_json = run("status", "--json")
+    assert as_json.exit_code == EXIT_UNAVAILABLE
+    assert [row["name"] for row in json.loads(as_json.stdout)] == partial.served  # (stdout stays JSON)
+    assert partial.victim in as_json.stderr
+
+
+def test_a_watch_keeps_the_last_view_of_the_breakers_it_cannot_reach(partial: Partial) -> None:
+    store = RedisStore.from_url(partial.url)
+    watch = partial.watch
+    rows = watch.observe(collect_metrics(store))
+    store.close()
+    assert sorted(row.status.snapshot.name for row in rows) == sorted(partial.served + partial.lost)
+    assert [row.rates for row in rows if row.status.snapshot.name in partial.lost] == [None] * len(partial.lost)
+    assert not [change for change in watch.changes if change.reason == "left the store"]
+    frame = watch_frame(rows, watch, store="cluster", interval=1.0)
+    assert "part of the store unreachable at" in frame
+    assert f"the breakers stored on {partial.victim} keep their last view" in frame
+
+
+def test_a_scrape_exports_the_breakers_it_read_and_counts_the_primary_down(partial: Partial) -> None:
+    store = RedisStore.from_url(partial.url)
+    families = {family.name: family for family in BreakerCollector(store).collect()}
+    store.close()
+    assert [sample.value for sample in families["celery_breaker_store_up"].samples] == [1.0]
+    assert [sample.value for sample in families["celery_breaker_store_unreached_servers"].samples] == [1.0]
+    exported = {sample.labels["breaker"] for sample in families["celery_breaker_state"].samples}
+    assert exported == set(partial.served)
+
+
+def test_the_web_page_says_which_primary_it_could_not_read(partial: Partial) -> None:
+    store = RedisStore.from_url(partial.url)
+    board = Board(lambda: collect_metrics(store), store="cluster", interval=1.0, clock=FakeClock())
+    board.refresh(raising=True)
+    view = board.view()
+    store.close()
+    assert [row["name"] for row in view["breakers"]] == partial.served
+    assert view["error"].startswith("part of the store unreachable at ")
+    assert f"the breakers stored on {partial.victim} keep their last view" in view["error"]
