@@ -249,6 +249,27 @@ def test_an_uppercase_setting_without_a_namespace_is_reported_not_ignored() -> N
     assert "BREAKER_DEFAULTPOLCY: did you mean breaker_default_policy?" in message
 
 
+class DjangoSettingsLoadedWithoutTheNamespace:
+    broker_url = "memory://"
+    CELERY_BREAKER_PARK = False  # (read only under namespace="CELERY", which this load lacks)
+    CELERY_BREAKER_PARKK = True
+
+
+def test_our_setting_behind_djangos_namespace_in_a_config_loaded_without_it_is_reported() -> None:
+    # config_from_object(settings) without namespace="CELERY": CELERY_BREAKER_PARK=False
+    # was ignored without a word, and tasks were parked as by default.
+    app = Celery("no-namespace", set_as_current=False)
+    app.config_from_object(DjangoSettingsLoadedWithoutTheNamespace)
+    with pytest.raises(ConfigurationError) as info:
+        build_settings(app.conf)
+    message = str(info.value)
+    assert (
+        "CELERY_BREAKER_PARK is not read (Celery reads this setting as breaker_park, or as CELERY_BREAKER_PARK "
+        "under namespace='CELERY'): rename it"
+    ) in message
+    assert "unknown celery-breaker setting(s): CELERY_BREAKER_PARKK" in message
+
+
 class DjangoSettingsSpeltWithoutTheNamespace:
     CELERY_BROKER_URL = "memory://"
     BREAKER_PARK = False  # (Django's settings are uppercase: Celery reads CELERY_BREAKER_PARK)

@@ -212,6 +212,17 @@ def _strip_namespace(conf: Any, raw: str) -> str:
     return key[len(prefix) :] if prefix and key.startswith(prefix) else key
 
 
+#: Django's namespace, written in a configuration loaded without it (``CELERY_BREAKER_PARK``
+#: in a module read by ``config_from_object(...)`` with no ``namespace="CELERY"``).
+_STRAY_NAMESPACE = "celery_"
+
+
+def _stray_namespace(conf: Any, key: str) -> bool:
+    """Whether ``key`` (as ``_strip_namespace`` gives it) is one of ours behind Django's
+    namespace in a configuration loaded without one: Celery reads it nowhere."""
+    return not getattr(conf, "prefix", None) and key.startswith(_STRAY_NAMESPACE + "breaker")
+
+
 def _respell(raw: str, key: str, setting: str) -> str:
     """``setting`` as the user writes settings: Django's ``CELERY_BREAKER_DEFAULT_POLICY``
     for ``CELERY_BREAKER_DEFAULT_POLCY``, Celery's ``breaker_default_policy`` otherwise."""
@@ -238,6 +249,8 @@ def unknown_settings(conf: Any) -> list[str]:
         if not isinstance(raw, str):
             continue
         key = _strip_namespace(conf, raw)
+        if _stray_namespace(conf, key):
+            key = key[len(_STRAY_NAMESPACE) :]
         if key.startswith("breaker") and key not in SETTINGS:
             unknown.append(raw)
     return sorted(set(unknown))
@@ -273,7 +286,10 @@ def unread_settings(conf: Any) -> list[tuple[str, str]]:
         if not isinstance(raw, str):
             continue
         key = _strip_namespace(conf, raw)
-        if key in SETTINGS and conf.get(key, _UNSET) is not conf[raw]:
+        if _stray_namespace(conf, key) and key[len(_STRAY_NAMESPACE) :] in SETTINGS:
+            # (silently ignored before: no check saw it as ours)
+            unread.append((raw, f"{key[len(_STRAY_NAMESPACE) :]}, or as {raw} under namespace='CELERY'"))
+        elif key in SETTINGS and conf.get(key, _UNSET) is not conf[raw]:
             unread.append((raw, prefix + key.upper() if prefix else key))
     return sorted(set(unread))
 
