@@ -196,3 +196,20 @@ def test_a_fetch_that_takes_long_is_followed_by_a_pause_four_times_as_long() -> 
     assert slept == [pytest.approx(PAUSE_PER_READ * 6.0), pytest.approx(1.0 - 0.1)]
     assert "every 24 s" in drawn[0]
     assert "every 1 s" in drawn[1]
+
+
+def test_the_time_a_forced_open_breaker_has_been_held_open_is_exact() -> None:
+    # The store records when a breaker was forced open, as when it tripped: FOR read
+    # ">= 0.0 s" (in that state before the watch began) for an operator's hold of hours.
+    from celery_breaker import CircuitBreaker
+    from celery_breaker.monitoring import collect_metrics
+    from celery_breaker.testing import fresh_store
+
+    clock = FakeClock()
+    store = fresh_store()
+    held = CircuitBreaker("partner-api", storage=store, clock=clock)
+    held.force_open()
+    forced_at = clock.time()
+    clock.advance(3600)
+    (row,) = Watch(clock).observe(collect_metrics(store, clock=clock))
+    assert row.since == pytest.approx(forced_at)

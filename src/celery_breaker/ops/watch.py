@@ -134,6 +134,10 @@ def _remade(old: BreakerSnapshot, new: BreakerSnapshot) -> bool:
     )
 
 
+#: States whose beginning the store records (``opened_at``): their time in state is exact.
+_OPENED = (State.OPEN, State.FORCED_OPEN)
+
+
 class Watch:
     """Follows a store's breakers across refreshes: rates, time in state, recent changes.
 
@@ -165,7 +169,7 @@ class Watch:
             since: float | None
             rates = None
             if seen is None:
-                since = new.opened_at if new.state is State.OPEN else (None if first else wall)
+                since = new.opened_at if new.state in _OPENED else (None if first else wall)
                 if not first:
                     self.changes.append(Change(wall, new.label, None, new.state, "new breaker"))
             else:
@@ -180,7 +184,7 @@ class Watch:
                 since = seen.since
                 if new.generation != old.generation or new.state is not old.state or _remade(old, new):
                     self.changes.append(Change(wall, new.label, old.state, new.state, _reason(old, new)))
-                    since = new.opened_at if new.state is State.OPEN and new.opened_at else wall
+                    since = new.opened_at if new.state in _OPENED and new.opened_at else wall
             seen_now[ident] = _Seen(new, mono, since, row)
             out.append(WatchRow(row, rates, since))
         # A Redis Cluster with a primary down lists the others' breakers: one missing may be
