@@ -255,3 +255,33 @@ def test_a_time_the_platform_cannot_show_reads_as_a_dash() -> None:
     assert clock_time(1e300, now=0.0) == "-"
     far = status_text([row(snap(state=State.OPEN, retry_after=1e300, open_until=1e300))], now=0.0, wide=True)
     assert "OPEN UNTIL (TIME)" in far
+
+
+def test_wide_characters_keep_the_table_in_line() -> None:
+    # A breaker named in Chinese, a key with an emoji or a combining accent: the terminal
+    # gives the first two 2 columns a character, the accent none, and ``len`` counted 1
+    # each: every column right of the name stood out of line.
+    from celery_breaker.ops.console import text_width
+
+    rows = [row(snap("支付网关", "🙂")), row(snap("crm", "tenant-7")), row(snap("cafe\u0301", "x"))]
+    lines = status_text(rows, now=0.0).splitlines()[:4]
+    starts = {line_start(line, "closed") for line in lines[1:]}
+    assert len(starts) == 1  # STATE begins at one terminal column in every row
+    assert line_start(lines[0], "STATE") == starts.pop()
+    assert text_width("支付网关") == 8
+    assert text_width("cafe\u0301") == 4
+
+
+def line_start(line: str, word: str) -> int:
+    """The terminal column at which ``word`` begins in ``line``."""
+    from celery_breaker.ops.console import text_width
+
+    return text_width(line[: line.index(word)])
+
+
+def test_fit_cuts_wide_characters_at_the_terminal_edge() -> None:
+    from celery_breaker.ops.console import text_width
+
+    fitted = fit("支付网关支付网关", 9, 3)
+    assert text_width(fitted) <= 9
+    assert fitted == "支付网关>"

@@ -8,6 +8,7 @@ view, which follows breakers across refreshes, is in ``celery_breaker.watch``.
 from __future__ import annotations
 
 import time
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -65,15 +66,37 @@ class Column:
     numeric: bool = False
 
 
+def char_width(char: str) -> int:
+    """Columns a terminal gives ``char``: 2 for East Asian wide and fullwidth characters
+    (CJK, most emoji), 0 for combining marks, else 1."""
+    if unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in "WF" else 1
+
+
+def text_width(text: str) -> int:
+    """Columns ``text`` takes on a terminal (``char_width``): a breaker named in Chinese or
+    with an emoji key pushed the rest of its row out of line with ``len``."""
+    return len(text) if text.isascii() else sum(map(char_width, text))
+
+
+def pad(text: str, width: int) -> str:
+    """``text`` padded with spaces to ``width`` terminal columns (``ljust`` counts characters)."""
+    return text + " " * (width - text_width(text))
+
+
 def render_table(columns: Sequence[Column], rows: Sequence[Sequence[Cell]], *, color: bool) -> list[str]:
-    """Lines of an aligned table; widths are measured on the text, before any styling."""
-    widths = [max([len(column.title), *(len(row[i][0]) for row in rows)]) for i, column in enumerate(columns)]
+    """Lines of an aligned table; widths are measured on the text, in terminal columns,
+    before any styling."""
+    widths = [
+        max([text_width(column.title), *(text_width(row[i][0]) for row in rows)]) for i, column in enumerate(columns)
+    ]
 
     def line(cells: Sequence[Cell]) -> str:
         parts = []
         for (text, style), column, width in zip(cells, columns, widths, strict=True):
             shown = click.style(text, **style) if color and style else text
-            padding = " " * (width - len(text))
+            padding = " " * (width - text_width(text))
             parts.append(padding + shown if column.numeric else shown + padding)
         return "  ".join(parts).rstrip()
 

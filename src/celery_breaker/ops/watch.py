@@ -25,15 +25,18 @@ from .console import (
     STATE_STYLES,
     Cell,
     Column,
+    char_width,
     clock_time,
     count_cell,
     duration,
     failure_rate_text,
     open_until_text,
+    pad,
     release_text,
     render_table,
     state_cell,
     summary,
+    text_width,
 )
 from .selection import unreached_words
 
@@ -227,7 +230,7 @@ def _change_line(change: Change, *, width: int, color: bool) -> str:
         return click.style(value.value, **STATE_STYLES[value]) if color else value.value
 
     moved = f"{state(change.source, '(new)')} -> {state(change.target, '(gone)')}"
-    return f"  {clock_time(change.at)}  {shown_label(change.label).ljust(width)}  {moved}  ({change.reason})"
+    return f"  {clock_time(change.at)}  {pad(shown_label(change.label), width)}  {moved}  ({change.reason})"
 
 
 def watch_frame(
@@ -281,7 +284,7 @@ def watch_frame(
     lines.append("")
     heading = "Recent changes (newest last)" if watch.changes else f"No changes since {clock_time(watch.started)}"
     lines.append(click.style(heading, bold=True) if color else heading)
-    width = max((len(shown_label(change.label)) for change in watch.changes), default=0)
+    width = max((text_width(shown_label(change.label)) for change in watch.changes), default=0)
     lines += [_change_line(change, width=width, color=color) for change in watch.changes]
     return "\n".join(lines)
 
@@ -301,17 +304,20 @@ def fit(frame: str, columns: int, lines: int) -> str:
 
 
 def _cut(line: str, columns: int) -> str:
-    if len(_ANSI.sub("", line)) <= columns:
+    if text_width(_ANSI.sub("", line)) <= columns:
         return line
     kept, visible, at = [], 0, 0
-    while at < len(line) and visible < columns - 1:
+    while at < len(line):
         escape = _ANSI.match(line, at)
         if escape:
             kept.append(escape.group())
             at = escape.end()
             continue
+        width = char_width(line[at])
+        if visible + width > columns - 1:
+            break
         kept.append(line[at])
-        visible += 1
+        visible += width
         at += 1
     return "".join(kept) + ("\x1b[0m" if "\x1b[" in line else "") + ">"
 
