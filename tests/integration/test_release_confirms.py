@@ -8,6 +8,7 @@ confirms. A publish RabbitMQ refuses, here a full queue whose ``x-overflow`` is
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import pytest
@@ -65,6 +66,43 @@ def test_a_parked_task_rabbitmq_refuses_stays_parked_until_it_takes_it(
         assert releaser.released == 1
         assert parking.count(tag) == (0, 0)
         assert _messages(rabbitmq.url, queue) == [parked]  # (once)
+    finally:
+        close_stores()
+        with Connection(rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+            queue.bind(connection.default_channel).delete()  # type: ignore[no-untyped-call]
+
+
+def test_an_entry_celery_can_never_publish_is_dropped_and_the_rest_confirmed(
+    rabbitmq: RabbitMQServer, redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # With publisher confirms, Celery's TypeError for arguments that are no list (an
+    # entry another writer parked) came back as the message's error: left claimed, and
+    # claimed again after every lease for ever. It is dropped, with an ERROR; the task
+    # beside it is published and confirmed.
+    ns = uuid.uuid4().hex[:8]
+    queue = Queue(f"poison-{ns}")  # type: ignore[no-untyped-call]
+    app = Celery(f"release-{ns}", broker=rabbitmq.url, set_as_current=False)
+    app.conf.update(task_queues=[queue], task_default_queue=queue.name, broker_connection_retry_on_startup=True)
+    store = RedisStore.from_url(f"{redis_server.url}/1?key_prefix={ns}")
+    parking = store.parking
+    assert parking is not None
+    try:
+        good = app.signature("proj.charge", args=(1,)).freeze().id
+        body = dict(app.signature("proj.charge", args=(1,), task_id=good, queue=queue.name))
+        parking.park("crm", None, "bad:0:1", 1.0, encode_message({**body, "args": 5}, "json"), None)
+        parking.park("crm", None, f"{good}:0:1", 2.0, encode_message(body, "json"), None)
+        tag = parking.tag("crm", None)
+        releaser = Releaser(app, parking, rate=1000.0, ramp=0.0)
+        with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+            for _ in range(50):
+                releaser.release_once()
+                if parking.count(tag) == (0, 0):
+                    break
+        assert parking.count(tag) == (0, 0)
+        assert _messages(rabbitmq.url, queue) == [good]
+        (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert "dropped parked entry bad:0:1 of crm: it can never be published (TypeError" in error
+        assert "could not publish" not in caplog.text
     finally:
         close_stores()
         with Connection(rabbitmq.url) as connection:  # type: ignore[no-untyped-call]

@@ -197,3 +197,36 @@ def test_a_compressed_message_is_released_as_it_was_sent(redis_url: str) -> None
     assert message.headers["task"] == "a.sync"
     assert (args, kwargs) == ([LARGE], {"n": 7})
     store.close()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [{"args": 5}, {"kwargs": [1, 2]}, {"options": "x"}, {"options": {"queue": {"x": 1}}}],
+    ids=["args-no-list", "kwargs-no-mapping", "options-no-mapping", "queue-no-name"],
+)
+def test_an_entry_celery_can_never_publish_is_dropped_once_with_an_error(
+    redis_url: str, caplog: pytest.LogCaptureFixture, damage: dict[str, Any]
+) -> None:
+    # Another writer parked a task whose arguments or options Celery refuses (TypeError at
+    # publish). It stayed claimed, was claimed again after every lease (30 s) for ever with
+    # a WARNING each time, and its breaker's parked count never went to 0. The tasks beside
+    # it are released as usual.
+    store = RedisStore.from_url(f"{redis_url}?key_prefix={unique_prefix()}")
+    parking = store.parking
+    body: dict[str, Any] = {"task": "a.charge", "args": [1], "kwargs": {}, "options": {}, "subtask_type": None,
+                            "immutable": False}  # fmt: skip
+    parking.park("svc", None, "t-bad:1", 1.0, encode_message({**body, **damage}, "json"), None)
+    parking.park("svc", None, "t-good:1", 2.0, encode_message(body, "json"), None)
+    tag = parking.tag("svc", None)
+    releaser = Releaser(app_accepting("poisoned", "json"), parking, rate=1000.0, ramp=0.0)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        deadline = time.monotonic() + 10
+        while parking.count(tag) != (0, 0) and time.monotonic() < deadline:
+            releaser.release_once()
+            time.sleep(0.05)
+    assert parking.count(tag) == (0, 0)
+    assert releaser.released == 2  # (both left the parking: one published, one dropped)
+    (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.startswith("celery-breaker releaser: dropped parked entry t-bad:1 of svc: it can never be published")
+    assert "TypeError" in error
+    store.close()

@@ -298,7 +298,11 @@ class ConfirmingPublisher:
                 continue  # (settled before the connection failed)
             try:
                 sends[index](link.producer)
-            except EncodeError as exc:
+            except (EncodeError, TypeError) as exc:
+                # The message's own data, before anything is written: it fails alone. (Celery
+                # raises TypeError for arguments that are no list, options that are no
+                # mapping: taken for a broken connection, one such message failed the whole
+                # window, on a new connection, every time.)
                 published.results[index] = Confirm.FAILED
                 published.errors[index] = exc
                 continue

@@ -453,6 +453,20 @@ class Releaser(threading.Thread):
             self.parking.forget(tag)
         return len(done)
 
+    def _unpublishable(self, tag: str, entry: str, exc: BaseException) -> bool:
+        """Whether ``entry`` can never be published (``_never_publishable``): then it is
+        dropped, with an ERROR naming it, its breaker and the reason. Left claimed, it was
+        claimed again after every lease (30 s) for ever, a WARNING each time, and its
+        breaker's parked count never went to 0."""
+        if not _never_publishable(exc):
+            return False
+        logger.error(
+            "celery-breaker releaser: dropped parked entry %s of %s: it can never be published (%s: %s); a writer "
+            "of another app or release parked it with arguments or options Celery refuses",
+            entry, shown_label(self.parking.label(tag)), type(exc).__name__, exc,
+        )  # fmt: skip
+        return True
+
     def _not_accepted(self, tag: str, entry: str, exc: NotAcceptedHere) -> None:
         if self._refusals.due(tag) is not None:
             advice = (
@@ -623,28 +637,33 @@ class Releaser(threading.Thread):
             try:
                 made = self.app.signature(signature)
             except Exception as exc:  # (left claimed, as a publish that failed: the others go on)
-                _not_published(entry, exc)
+                if self._unpublishable(tag, entry, exc):
+                    done.append(entry)
+                else:
+                    _not_published(entry, exc)
                 continue
             # (in the serializer it was parked in: its arguments may take no other)
             ready.append((entry, made, {"serializer": serializer} if serializer else {}))
         _RELEASING.on = True
         try:
             if self._publisher is not None:
-                done += self._publish_confirmed(ready)
+                done += self._publish_confirmed(tag, ready)
                 return done
             for entry, signature, options in ready:
                 try:
                     signature.apply_async(**options)
                 except Exception as exc:
-                    # Left claimed: the lease runs out and it is released again.
-                    _not_published(entry, exc)
+                    if self._unpublishable(tag, entry, exc):
+                        done.append(entry)
+                    else:  # (left claimed: the lease runs out and it is released again)
+                        _not_published(entry, exc)
                 else:
                     done.append(entry)
         finally:
             _RELEASING.on = False
         return done
 
-    def _publish_confirmed(self, ready: list[tuple[str, Any, dict[str, Any]]]) -> list[str]:
+    def _publish_confirmed(self, tag: str, ready: list[tuple[str, Any, dict[str, Any]]]) -> list[str]:
         """Publish on RabbitMQ with publisher confirms (``ConfirmingPublisher``); return the
         entries RabbitMQ took.
 
@@ -663,6 +682,11 @@ class Releaser(threading.Thread):
         assert self._publisher is not None
         published = self._publisher.publish(self.app, [send(signature, options) for _, signature, options in ready])
         confirmed = []
+        for index, exc in list(published.errors.items()):
+            entry = ready[index][0]
+            if published.results[index] is not Confirm.CONFIRMED and self._unpublishable(tag, entry, exc):
+                confirmed.append(entry)  # (forgotten, as a task published is)
+                del published.errors[index]
         refused = unconfirmed = 0
         for (entry, _, _), result in zip(ready, published.results, strict=True):
             if result is Confirm.CONFIRMED:
@@ -696,6 +720,15 @@ class Releaser(threading.Thread):
                     published.error, len(ready) - len(confirmed),
                 )  # fmt: skip
         return confirmed
+
+
+def _never_publishable(exc: BaseException) -> bool:
+    """Whether a publish failed on the task's own data, as no retry can mend: Celery
+    raises ``TypeError`` for arguments that are no list, keyword arguments that are no
+    mapping, options that are no mapping or a queue that is no name (an entry another
+    writer parked). A broker or network failure is never one: those raise kombu's,
+    redis-py's and the socket's own errors, and the entry is released again."""
+    return isinstance(exc, TypeError)
 
 
 def _not_published(entry: str, exc: BaseException) -> None:
