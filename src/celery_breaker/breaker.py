@@ -19,6 +19,7 @@ from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket,
 from .core.retry_after import refusal_of, retry_after_of
 from .errors import CircuitOpenError, ConfigurationError
 from .health import (
+    LEAST_PROBE_TIMEOUT,
     Checked,
     CheckResult,
     CheckRun,
@@ -262,6 +263,22 @@ def check_time(half_open_max_wait: float) -> float:
     return half_open_max_wait - min(CHECK_LEASE_MARGIN, half_open_max_wait / 5)
 
 
+def check_fits(policy: BreakerPolicy, probe: HealthCheck | None, where: str) -> None:
+    """Refuse a health check under a ``half_open_max_wait`` that leaves it less than
+    ``LEAST_PROBE_TIMEOUT`` (``check_time``: a fifth of the wait goes to the slot's
+    margin): every check was cut before it could answer, and the breaker never closed."""
+    if probe is None:
+        return
+    wait = policy.half_open_max_wait
+    if check_time(wait) < LEAST_PROBE_TIMEOUT:
+        least = LEAST_PROBE_TIMEOUT * 5 / 4  # (check_time(least) is LEAST_PROBE_TIMEOUT)
+        raise ConfigurationError(
+            f"{where}: half_open_max_wait={wait:g} s leaves its health check {probe.name} {check_time(wait):g} s, "
+            f"less than the {LEAST_PROBE_TIMEOUT:g} s a check needs; raise half_open_max_wait to {least:g} s or "
+            "more, or give the breaker no probe"
+        )
+
+
 #: How long the health checks of a call made inside a run may take, all together, given
 #: the run and how many checks close the breaker (``None``: each its own timeout). The
 #: Celery integration sets it (``bound_checks_in_runs``): a task body's guarded call that
@@ -391,6 +408,7 @@ class CircuitBreaker:
         self.policy = BreakerPolicy.coerce(policy)
         self.probe = HealthCheck.coerce(probe, probe_timeout)
         """The health check run instead of a real call when the breaker may half-open (or ``None``)."""
+        check_fits(self.policy, self.probe, f"breaker {breaker_label(self.name, key)!r}")
         self.store = with_fallback(resolve_store(storage), on_storage_error)
         self._clock = clock or SYSTEM_CLOCK
         self._now = self._clock.monotonic

@@ -155,6 +155,25 @@ def test_a_task_option_probe_timeout_too_short_for_any_check_names_the_task() ->
         task_breaker_config(job)
 
 
+def test_a_half_open_wait_too_short_for_a_health_check_stops_the_worker_at_start() -> None:
+    # half_open_max_wait=0.01 s: the check gets a fifth less, 0.008 s, under the 0.01 s no
+    # check answers sooner than; every check was cut short, and the breaker never closed.
+    app = throwaway_app(
+        "probe-wait-short", breaker_probes={"crm": "tests.celery.probe_tasks:check_setting"},
+        breaker_policies={"crm": {"half_open_max_wait": 0.01}},
+    )  # fmt: skip
+
+    @app.task(base=BreakerTask, breaker="crm", shared=False)
+    def job() -> None:
+        """A task whose breaker's half-open wait leaves its check no time."""
+
+    with pytest.raises(ConfigurationError) as info:
+        task_breaker_config(job)
+    text = str(info.value)
+    assert "half_open_max_wait=0.01 s leaves its health check" in text
+    assert "0.008 s, less than the 0.01 s a check needs; raise half_open_max_wait to 0.0125 s or more" in text
+
+
 #: A task guarded by the breaker it checks, whose name is not its dotted path.
 PATH_APP = throwaway_app("probe-by-path", breaker_probes={"crm-path": f"{__name__}:ping_crm"})
 

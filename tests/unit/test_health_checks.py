@@ -172,6 +172,16 @@ def test_a_bad_timeout_names_probe_timeout(timeout: Any) -> None:
         HealthCheck(lambda: None, timeout)
 
 
+@pytest.mark.parametrize("wait", [0.001, 0.0124])
+def test_a_half_open_wait_that_leaves_a_check_no_time_is_refused(wait: float) -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"breaker 'svc': half_open_max_wait=.* raise half_open_max_wait to 0\.0125 s"
+    ):
+        CircuitBreaker("svc", {"half_open_max_wait": wait}, probe=lambda: True, storage=fresh_store())
+    CircuitBreaker("svc", {"half_open_max_wait": 0.0125}, probe=lambda: True, storage=fresh_store())  # (the least)
+    CircuitBreaker("svc", {"half_open_max_wait": wait}, storage=fresh_store())  # (no check: nothing to fit)
+
+
 def test_a_probe_that_is_not_callable_says_where_strings_belong() -> None:
     with pytest.raises(ConfigurationError, match=r"probe must be a callable.*breaker_probes"):
         CircuitBreaker("svc", probe="myapp.health:check", storage=fresh_store())  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..breaker import check_fits
 from ..core import BreakerPolicy
 from ..errors import ConfigurationError
 from ..health import HealthCheck, check_timeout
@@ -87,6 +88,7 @@ def task_breaker_config(task: Any) -> TaskBreakerConfig:
         probe=_probe(cls, task, where, name, settings),
         settings=settings,
     )
+    check_fits(config.policy, config.probe, where)
     setattr(cls, _CONFIG, config)
     return config
 
