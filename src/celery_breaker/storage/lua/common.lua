@@ -15,10 +15,10 @@
 --     be checked first, 2 also resets the breaker: the caller's last try failed on its data;
 --     the caller's view, the incarnation and generation it last saw, if any; and the view
 --     the oldest of those counts was counted under, at the earliest: counts from before a
---     reset or from another incarnation are dropped, see below); 4 the caller's policy text (see parse_policy; '' for a
---     listing, which never creates a breaker); 5 name ('' for a listing: read from the
---     keys); 6 '-' or '+' .. key; 7 the pub/sub channel transitions are published on ('' for
---     none); 8.. the operation's own arguments.
+--     reset or from another incarnation are dropped, see below); 4 the caller's policy
+--     text (see parse_policy; '' for a listing, which never creates a breaker); 5 name
+--     ('' for a listing: read from the keys); 6 '-' or '+' .. key; 7 the pub/sub channel
+--     transitions are published on ('' for none); 8.. the operation's own arguments.
 --
 -- Everything read from the keys is checked (checks.lua): a key of another type, a value
 -- that is no number or out of its bounds, a state hash naming another breaker. A bad
