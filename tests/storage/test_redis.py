@@ -628,7 +628,9 @@ def test_counts_of_a_breaker_dropped_during_an_outage_are_sent_once_redis_is_bac
     # must outlive the outage to send them, however long the outage.
     monkeypatch.setattr(agent_module, "IDLE_EXIT", 0.0)
     monkeypatch.setattr(agent_module, "FLUSH_INTERVAL", 1000.0)  # (the successes are still pending)
-    server = RedisServer().start()
+    # (A Redis that keeps its data across the restart: one that comes back empty lost the
+    # breaker they were counted for, and drops them with it, decision 87.)
+    server = RedisServer("--appendonly", "yes").start()
     try:
         url = f"{server.url}/0?socket_timeout=0.2&socket_connect_timeout=0.2&key_prefix={unique_prefix()}"
         store = RedisStore.from_url(url)
@@ -647,8 +649,7 @@ def test_counts_of_a_breaker_dropped_during_an_outage_are_sent_once_redis_is_bac
         _until(lambda: len(attempts) >= 3)  # failing, with no cells, past IDLE_EXIT
         server.start()
         # (Sent by the agent, which may then stop at once: idle. The orphans leave the
-        # list just before their flush, so Redis is read until it has them: the restarted
-        # server holds no breaker "svc" until that flush has made it again.)
+        # list just before their flush, so Redis is read until it has them.)
         fresh = RedisStore.from_url(url)
 
         seen: list[object] = []

@@ -26,7 +26,7 @@ from celery_breaker.storage.redis import agent as agent_module
 from celery_breaker.testing import FakeClock
 
 from ..servers import RedisServer
-from ..unit.support import fail, ok, state_of
+from ..unit.support import HeldCall, fail, ok, state_of
 from .conftest import unique_prefix
 
 
@@ -611,4 +611,79 @@ def test_counts_a_process_sends_without_having_heard_of_a_reset_are_dropped_once
         there.call(ok)
     there_store.flush()
     assert there.snapshot().successes == 2
+    here_store.close()
+
+
+def test_counts_made_after_an_idle_breaker_expired_are_the_new_ones(url: str, server: redis.Redis) -> None:
+    # A worker keeps its breaker, and its view, for its whole life, and a key that expires
+    # tells nobody. After a breaker sat idle past idle_ttl, its first second's successes were
+    # sent under the expired incarnation and dropped: the window held the failures alone,
+    # and a healthy breaker tripped (5 failures of 13 calls read as 5 of 5).
+    clock = FakeClock()
+    policy = {"failure_threshold": None, "failure_rate_threshold": 0.5, "count_window": 20, "minimum_calls": 5}
+    there, there_store, cell = live_breaker(f"{url}&idle_ttl=60", policy, clock)
+    there.call(ok)
+    there_store.flush()
+    server.delete(*cell._keys)  # (the keys expire: nothing is published)
+    cell._seen -= 61.0  # (nothing read or heard of the breaker for longer than idle_ttl)
+    clock.advance(61.0)
+    for _ in range(8):
+        there.call(ok)
+    for _ in range(5):
+        fail(there)
+    there_store.flush()
+    snap = there.snapshot()
+    assert (snap.successes, snap.failures, snap.window_calls, snap.window_failures) == (8, 5, 13, 5)
+    assert snap.state is State.CLOSED
+
+
+def test_a_success_admitted_before_a_reset_drops_only_itself(url: str) -> None:
+    # A call admitted before a reset finished long after it, in the same send as rejections
+    # and deferrals counted since the breaker tripped again: its old generation took the
+    # whole send for one from before the reset, and they were dropped with it.
+    clock = FakeClock()
+    there, there_store, cell = live_breaker(url, {"failure_threshold": 2}, clock)
+    fail(there)  # (a breaker with something to forget)
+    held = HeldCall(there)
+    here_store = RedisStore.from_url(url)
+    CircuitBreaker("svc", {"failure_threshold": 2}, storage=here_store).reset()
+    assert there_store.sync()
+    fail(there, 2)
+    assert state_of(there) is State.OPEN
+    with cell._sending:
+        for _ in range(5):
+            with pytest.raises(CircuitOpenError):
+                there.call(ok)
+        for _ in range(3):
+            there.note_deferral()
+        held.succeed()  # (admitted before the reset: the reset breaker's)
+    there_store.flush()
+    snap = there.snapshot()
+    assert (snap.rejections, snap.deferrals, snap.successes, snap.failures) == (5, 3, 0, 2)
+    here_store.close()
+
+
+def test_counts_of_a_dropped_breaker_object_do_not_undo_a_reset(url: str) -> None:
+    # Code that makes a breaker object per call leaves its counts to the store when the
+    # last object goes (RedisCell.__del__); they were sent under a fresh cell's view, so a
+    # reset between counting and sending was undone by them (30 rejections, 30 deferrals).
+    store = RedisStore.from_url(url)
+    breaker = CircuitBreaker("svc", {"failure_threshold": 1}, storage=store)
+    breaker.force_open()
+    cell = store._cells[("svc", None)]
+    with store._sending_orphans, cell._sending:  # (held: the reset comes before they are sent)
+        for _ in range(5):
+            with pytest.raises(CircuitOpenError):
+                breaker.call(ok)
+            breaker.note_deferral()
+        cell.__del__()  # (what the garbage collector runs when the last breaker object goes)
+        del store._cells[("svc", None)]  # (and the store forgets the cell: the next is a new one)
+        assert len(store.orphans) == 1
+        here_store = RedisStore.from_url(url)
+        operator = CircuitBreaker("svc", {"failure_threshold": 1}, storage=here_store)
+        operator.reset()
+    store.flush()
+    snap = operator.snapshot()
+    assert (snap.state, snap.rejections, snap.deferrals) == (State.CLOSED, 0, 0)
+    store.close()
     here_store.close()

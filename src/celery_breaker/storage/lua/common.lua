@@ -10,12 +10,14 @@
 --   1 the caller's clock reading, or '' to use Redis TIME (the default: shared decisions
 --     never depend on worker clocks); 2 idle TTL in ms; 3 what the caller counted locally
 --     since its last script call: 'rejections;deferrals;generation;successes;stale successes;
---     check;incarnation;generation;counted incarnation;counted generation' (successes under
---     that generation, stale ones under an earlier one; check = 1 asks for the key types to
---     be checked first, 2 also resets the breaker: the caller's last try failed on its data;
---     the caller's view, the incarnation and generation it last saw, if any; and the view
---     the oldest of those counts was counted under, at the earliest: counts from before a
---     reset or from another incarnation are dropped, see below); 4 the caller's policy
+--     check;incarnation;generation;counted incarnation;counted generation;stale generation'
+--     (successes under that generation, stale ones under an earlier one; check = 1 asks
+--     for the key types to be checked first, 2 also resets the breaker: the caller's last
+--     try failed on its data; the caller's view, the incarnation and generation it last
+--     saw, if any; the view the oldest of those counts was counted under, at the
+--     earliest, '' for one it cannot tell; and the oldest generation a stale success was
+--     admitted in, '' for none: counts from before a reset or from another incarnation
+--     are dropped, see below); 4 the caller's policy
 --     text (see parse_policy; '' for a listing, which never creates a breaker); 5 name
 --     ('' for a listing: read from the keys); 6 '-' or '+' .. key; 7 the pub/sub channel
 --     transitions are published on ('' for none); 8.. the operation's own arguments.
@@ -613,12 +615,19 @@ for _, rule in ipairs(P.rules) do RULES[rule.kind].check(rule) end
 -- deferrals and successes counted before it. '' and '0' (a process that had read no
 -- breaker yet, or heard that it was deleted) count here.
 -- Successes carry the generation they were counted under (pending[3], in the caller's
--- incarnation, view[7]): those of the reset's generation or later are kept.
+-- incarnation, view[7]): those of the reset's generation or later are kept. Stale ones,
+-- the oldest generation they were admitted in (view[11]; a caller without it: the view's).
 do
   local counted_inc, counted_gen = view[9] or '', read_whole(view[10]) or 0
-  if counted_inc ~= '' and counted_inc ~= '0' and (counted_inc ~= S.inc or counted_gen < S.rg) then
-    pending[1], pending[2], pending[5] = 0, 0, 0
+  local told = counted_inc ~= '' and counted_inc ~= '0'
+  local elsewhere = told and counted_inc ~= S.inc
+  if elsewhere or (told and counted_gen < S.rg) then
+    pending[1], pending[2] = 0, 0
     if view[7] ~= S.inc or (pending[3] or 0) < S.rg then pending[4] = 0 end
+  end
+  local stale_gen = read_whole(view[11]) -- (nil: '' or absent)
+  if elsewhere or (stale_gen ~= nil and stale_gen < S.rg) or (stale_gen == nil and told and counted_gen < S.rg) then
+    pending[5] = 0
   end
 end
 S.rj = S.rj + (pending[1] or 0)

@@ -35,6 +35,25 @@ _PASSING = (State.CLOSED, State.DISABLED)
 VIEW_TTL = 1.0
 
 
+class Counted(NamedTuple):
+    """The view counts waiting to be sent were counted under, at the earliest (common.lua
+    ARGV[3]): Redis drops those from before a reset or of another incarnation."""
+
+    incarnation: str
+    """``""``: none that can be told (nothing read yet, or so long ago that the breaker
+    may have expired since: the counts are then the breaker's that is there now)."""
+    generation: int
+    stale: int | None
+    """The oldest generation a stale success was admitted in (``None``: none, or unknown)."""
+
+    def text(self) -> str:
+        return f"{self.incarnation};{self.generation};{'' if self.stale is None else self.stale}"
+
+
+#: Counts of no known view: Redis takes them as they are.
+UNTOLD = Counted("", 0, None)
+
+
 class Orphan(NamedTuple):
     """What a cell dropped with its last breaker object had counted and not sent."""
 
@@ -43,6 +62,7 @@ class Orphan(NamedTuple):
     policy: BreakerPolicy
     clock: Clock
     counts: tuple[int, int, int, int]
+    counted: Counted
 
 
 class RedisCell:
@@ -62,7 +82,7 @@ class RedisCell:
         "name", "key", "policy", "state", "generation", "open_until", "passing", "last_used",
         "_rejections", "state_key", "_store", "_clock", "_keys", "_key_arg", "_policy_text",
         "_offset", "_rj_flushed", "_ok_tally", "_ok_flushed", "_ok_gen", "_stale_ok", "_df_tally",
-        "_df_flushed", "_counted_inc", "_counted_gen", "_incarnation", "_full_until", "_slow", "_seen",
+        "_df_flushed", "_counted", "_incarnation", "_full_until", "_slow", "_seen",
         "_dropped", "_lock", "_sending", "flush_failed",
         "__weakref__",
     )  # fmt: skip
@@ -101,10 +121,9 @@ class RedisCell:
         self._stale_ok = 0
         self._df_tally = itertools.count()
         self._df_flushed = 0
-        # The view (incarnation, generation) the counts waiting to be sent were counted
-        # under, at the earliest: Redis drops them if a reset or a delete came after it.
-        self._counted_inc = ""
-        self._counted_gen = 0
+        # The view the counts waiting to be sent were counted under, at the earliest:
+        # Redis drops them if a reset or a delete came after it.
+        self._counted = UNTOLD
         # A flush and a snapshot never overlap: counts another thread's flush has taken
         # but not yet sent would be in neither Redis nor the snapshot's own pending part.
         self._sending = threading.Lock()
@@ -137,7 +156,7 @@ class RedisCell:
 
     # -- what was counted locally --------------------------------------------
 
-    def _take_pending(self) -> tuple[str, tuple[str, int], tuple[int, int, int, int]]:
+    def _take_pending(self) -> tuple[str, Counted, tuple[int, int, int, int]]:
         """The counts to send with a script call, and the view they were counted under
         (common.lua ARGV[3]; both to give back if it fails). What is counted from now on
         is counted under the current view."""
@@ -150,24 +169,32 @@ class RedisCell:
             self._df_flushed += deferrals
             self._ok_flushed += successes
             text = f"{rejections};{deferrals};{self._ok_gen};{successes};{stale}"
-            counted_in = (self._counted_inc, self._counted_gen)
-            self._counted_inc, self._counted_gen = self._incarnation, self.generation
-        return text, counted_in, (rejections, deferrals, successes, stale)
+            counted = self._counted
+            if time.monotonic() - self._seen > self._store.idle_ttl:
+                # Nothing read or heard of the breaker for longer than its keys live idle:
+                # it may have expired (which nobody hears), and what was counted since (in
+                # the second before this send) is the breaker's made again. A delete or a
+                # reset is heard: the view is then newer than that.
+                counted = UNTOLD
+            self._counted = Counted(self._incarnation, self.generation, None)
+        return text, counted, (rejections, deferrals, successes, stale)
 
-    def adopt(self, counts: tuple[int, int, int, int]) -> None:
+    def adopt(self, counts: tuple[int, int, int, int], counted: Counted | None = None) -> None:
         """Send ``counts`` (another cell's, as ``_take_pending`` took them) with this
-        cell's own; its successes count as stale (their generation is not checked)."""
-        self._give_back(counts)
+        cell's own; its successes count as stale (their generation is not checked).
+        ``counted``: the view they were counted under, which this cell's next send then
+        carries (flush it first: its own counts would be sent under that view)."""
+        self._give_back(counts, counted)
 
-    def _give_back(self, counts: tuple[int, int, int, int], counted_in: tuple[str, int] | None = None) -> None:
+    def _give_back(self, counts: tuple[int, int, int, int], counted: Counted | None = None) -> None:
         rejections, deferrals, successes, stale = counts
         with self._lock:
             self._rj_flushed -= rejections
             self._df_flushed -= deferrals
             # The generation they were counted under may have moved on: keep them as stale.
             self._stale_ok += successes + stale
-            if counted_in is not None:  # (the earlier view: they are sent under it)
-                self._counted_inc, self._counted_gen = counted_in
+            if counted is not None:  # (the earlier view: they are sent under it)
+                self._counted = counted
 
     @property
     def pending(self) -> bool:
@@ -186,7 +213,7 @@ class RedisCell:
             self._df_flushed = tally(self._df_tally)
             self._ok_flushed = tally(self._ok_tally)
             self._stale_ok = 0
-            self._counted_inc, self._counted_gen = self._incarnation, self.generation
+            self._counted = Counted(self._incarnation, self.generation, None)
 
     # -- one round trip ------------------------------------------------------
 
@@ -205,7 +232,7 @@ class RedisCell:
             epoch = store.epoch
             pending, counted_in, counts = self._take_pending()
             # (common.lua ARGV[3])
-            view = f";{check or 0};{self._incarnation};{self.generation};{counted_in[0]};{counted_in[1]}"
+            view = f";{check or 0};{self._incarnation};{self.generation};{counted_in.text()}"
             head = [repr(now) if store.client_time else "", store.ttl_ms, pending + view]
             argv = [*head, policy or self._policy_text, self.name, self._key_arg, store.channel, *args]
             try:
@@ -277,7 +304,7 @@ class RedisCell:
             if heard or incarnation != self._incarnation or generation != self.generation:
                 self._full_until = 0.0  # (a message in the same generation: a probe slot freed)
                 if not self.pending:  # (nothing counted before it waits)
-                    self._counted_inc, self._counted_gen = incarnation, generation
+                    self._counted = Counted(incarnation, generation, None)
             self._incarnation = incarnation
             self.generation = generation
             self.open_until = open_until
@@ -286,8 +313,11 @@ class RedisCell:
             passing = state in _PASSING
             if passing and generation != self._ok_gen:
                 # Successes counted under the old generation no longer count in the window.
-                self._stale_ok += tally(self._ok_tally) - self._ok_flushed
-                self._ok_flushed = tally(self._ok_tally)
+                moved = tally(self._ok_tally) - self._ok_flushed
+                if moved:
+                    self._stale_ok += moved
+                    self._counted = _with_stale(self._counted, self._ok_gen)
+                self._ok_flushed += moved
                 self._ok_gen = generation
             # Calls pass without asking only while this process hears every transition,
             # and only on a view read since it started hearing them. A transition heard,
@@ -395,10 +425,7 @@ class RedisCell:
                 return NO_MOVES
             with self._lock:
                 self._stale_ok += 1
-                # (admitted before a reset, it is dropped there: common.lua. A negative
-                # generation is a stand-in's, of no reset: fallback._STALE.)
-                if 0 <= ticket < self._counted_gen:
-                    self._counted_gen = ticket
+                self._counted = _with_stale(self._counted, ticket)  # (admitted before a reset: dropped)
             return NO_MOVES
         return self.finish(ticket, Outcome.SUCCESS, duration, policy, now)
 
@@ -434,8 +461,8 @@ class RedisCell:
         # them to the store, whose next flush sends them through the breaker's cell then.
         with contextlib.suppress(Exception):  # (at interpreter exit, what it refers to may be gone)
             if self.pending:  # (a fork leaves none: the parent sends what it counted)
-                counts = self._take_pending()[2]
-                self._store.orphans.append(Orphan(self.name, self.key, self.policy, self._clock, counts))
+                _, counted, counts = self._take_pending()
+                self._store.orphans.append(Orphan(self.name, self.key, self.policy, self._clock, counts, counted))
 
     def wait_sent(self) -> None:
         """Return once a flush in flight on another thread (its counts taken, not yet in
@@ -449,3 +476,11 @@ class RedisCell:
 
     def __repr__(self) -> str:
         return f"<RedisCell {self.label!r} {self.state.value} generation {self.generation}>"
+
+
+def _with_stale(counted: Counted, generation: int) -> Counted:
+    """``counted`` with a stale success admitted in ``generation``: the oldest is kept.
+    (A negative generation is a stand-in's, of no reset: ``fallback._STALE``.)"""
+    if generation < 0 or (counted.stale is not None and counted.stale <= generation):
+        return counted
+    return counted._replace(stale=generation)

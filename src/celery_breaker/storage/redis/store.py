@@ -510,10 +510,13 @@ class RedisStore:
                 orphan = orphans.pop()
                 try:
                     cell = self.cell(orphan.name, orphan.key, orphan.policy, orphan.clock)
+                    # Its counts go under the view they were counted under (a reset since
+                    # drops them, as it drops any cell's): the cell's own go first, under its own.
+                    cell.flush()
                 except BaseException:
                     orphans.append(orphan)  # (sent by a later flush)
                     raise
-                cell.adopt(orphan.counts)
+                cell.adopt(orphan.counts, orphan.counted)
                 cell.flush()  # (failing, it keeps them, and hands them on if it is dropped)
 
     def close(self, timeout: float = 2.0) -> None:
