@@ -22,6 +22,9 @@ from celery_breaker.integration import registry, settings
 from celery_breaker.integration.deferral import selection
 from celery_breaker.storage import registry as stores
 
+# (Forking while another thread holds a lock is the point here: Python 3.12+ warns of it.)
+pytestmark = pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+
 
 @contextmanager
 def held_elsewhere(lock: Any) -> Iterator[None]:
