@@ -8,22 +8,27 @@ most needs to see the breakers the healthy nodes serve.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from celery_breaker import CircuitBreaker
+from celery_breaker.errors import StorageError
 from celery_breaker.monitoring import collect_metrics
 from celery_breaker.monitoring.prometheus import BreakerCollector
+from celery_breaker.ops import control
 from celery_breaker.ops.board import Board
 from celery_breaker.ops.cli import EXIT_UNAVAILABLE
 from celery_breaker.ops.watch import Watch, watch_frame
 from celery_breaker.storage import Listing, flush_stores
 from celery_breaker.storage.redis import RedisStore
+from celery_breaker.storage.redis import listing as listing_module
 from celery_breaker.testing import FakeClock
 from tests.servers import RedisCluster
 
@@ -45,8 +50,19 @@ class Partial:
     """The breakers stored on the victim."""
     parked: str
     """A breaker on a live primary with two tasks parked behind it."""
+    ghost: str
+    """A breaker with nothing but three parked tasks left, on a live primary."""
+    label_key: str
+    """A key of per-key breaker ``crm`` stored on a live primary whose label, read as a
+    key-less breaker's name (``crm[KEY]``), hashes to the victim."""
     watch: Watch
     """A watch that read the whole cluster before the primary went down."""
+
+    @property
+    def shown(self) -> list[str]:
+        """The names a listing shows: the other primaries' breakers, ``crm`` (its key's),
+        and the ghost, as a new breaker with its parked tasks."""
+        return sorted([*self.served, "crm", self.ghost])
 
 
 @pytest.fixture(scope="module")
@@ -59,25 +75,39 @@ def partial() -> Iterator[Partial]:
         store = RedisStore.from_url(url)
         client: Any = store.client()
         parking = store.parking
+
+        def home(name: str, key: str | None = None) -> str:
+            return str(client.get_node_from_key(store.keys_for(name, key)[0]).name)
+
+        # (the victim holds no key of the parking's own: its index answers)
+        index_home = client.get_node_from_key(parking.index).name
+        victim = next(node.name for node in client.get_primaries() if node.name != index_home)
         homes: dict[str, str] = {}
         n = 0
         while n < 9 or len(set(homes.values())) < len(cluster.nodes):  # (some on every primary)
             name = f"crm{n}"
             CircuitBreaker(name, storage=store).call(lambda: None)
-            homes[name] = client.get_node_from_key(parking.tag(name, None) + ":s").name
+            homes[name] = home(name)
             n += 1
-        flush_stores()
-        victim = homes["crm0"]
-        served = sorted(name for name, home in homes.items() if home != victim)
+        served = sorted(name for name, where in homes.items() if where != victim)
         parked = served[0]
         CircuitBreaker(parked, storage=store).force_open()
         for task in range(2):
             parking.park(parked, None, f"t-{task}:1", float(task), "payload", None)
+        ghost = next(f"ghost{n}" for n in itertools.count() if home(f"ghost{n}") != victim)
+        for task in range(3):
+            parking.park(ghost, None, f"g-{task}:1", float(task), "payload", None)
+        label_key = next(
+            f"t{n}" for n in itertools.count() if home(f"crm[t{n}]") == victim and home("crm", f"t{n}") != victim
+        )
+        CircuitBreaker("crm", storage=store, key=label_key).call(lambda: None)
+        flush_stores()
         watch = Watch(FakeClock())
-        assert len(watch.observe(collect_metrics(store))) == len(homes)
+        assert len(watch.observe(collect_metrics(store))) == len(homes) + 2  # (and crm[KEY], ghost)
         store.close()
         next(node for node in cluster.nodes if victim.endswith(f":{node.port}")).kill()
-        yield Partial(url, victim, served, sorted(set(homes) - set(served)), parked, watch)
+        lost = sorted(set(homes) - set(served))
+        yield Partial(url, victim, served, lost, parked, ghost, label_key, watch)
 
 
 @pytest.fixture
@@ -88,30 +118,41 @@ def app_store(partial: Partial) -> Iterator[str]:
 
 
 def test_a_listing_holds_the_other_primaries_breakers_and_names_the_one_down(
-    partial: Partial, caplog: pytest.LogCaptureFixture
+    partial: Partial, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(listing_module, "_TOLD", {})  # (told once a minute: this store not yet)
     store = RedisStore.from_url(partial.url)
-    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+    with caplog.at_level(logging.DEBUG, logger="celery_breaker"):
         rows = collect_metrics(store)
+        again = collect_metrics(store)
     store.close()
     assert isinstance(rows, Listing)
     assert rows.unreached == (partial.victim,)
-    assert [row.snapshot.name for row in rows] == partial.served
+    assert [row.snapshot.name for row in rows] == partial.shown
     counted = {row.snapshot.name: (row.snapshot.state.value, row.parked) for row in rows}
     assert counted[partial.parked] == ("forced_open", 2)  # (its parked tasks counted)
-    (warning,) = [r.getMessage() for r in caplog.records if "cluster primaries" in r.getMessage()]
-    assert f"listed the breakers of 2 of 3 cluster primaries; left out those stored on {partial.victim}" in warning
+    assert counted[partial.ghost] == ("closed", 3)  # (parked tasks alone, on a primary that answers)
+    assert rows.stranded is not None
+    assert [rows.stranded(name, None) for name in (*partial.lost, *partial.served)] == [True] * len(partial.lost) + [
+        False
+    ] * len(partial.served)
+    assert again.unreached == rows.unreached
+    told = [r for r in caplog.records if "cluster primaries" in r.getMessage()]
+    assert [r.levelno for r in told] == [logging.WARNING, logging.DEBUG]  # (a watch lists every few seconds)
+    assert f"listed the breakers of 2 of 3 cluster primaries; left out those stored on {partial.victim}" in (
+        told[0].getMessage()
+    )
 
 
 def test_status_shows_what_it_read_warns_of_the_rest_and_exits_69(partial: Partial, app_store: str) -> None:
     result = run("status")
     assert result.exit_code == EXIT_UNAVAILABLE, result.output
     names = [line.split()[0] for line in result.stdout.splitlines()[1:] if line and not line[0].isdigit()]
-    assert names == partial.served
+    assert names == partial.shown
     assert f"Warning: the breakers stored on {partial.victim} are not shown: it does not answer" in result.stderr
     as_json = run("status", "--json")
     assert as_json.exit_code == EXIT_UNAVAILABLE
-    assert [row["name"] for row in json.loads(as_json.stdout)] == partial.served  # (stdout stays JSON)
+    assert [row["name"] for row in json.loads(as_json.stdout)] == partial.shown  # (stdout stays JSON)
     assert partial.victim in as_json.stderr
 
 
@@ -120,7 +161,7 @@ def test_a_watch_keeps_the_last_view_of_the_breakers_it_cannot_reach(partial: Pa
     watch = partial.watch
     rows = watch.observe(collect_metrics(store))
     store.close()
-    assert sorted(row.status.snapshot.name for row in rows) == sorted(partial.served + partial.lost)
+    assert sorted(row.status.snapshot.name for row in rows) == sorted(partial.shown + partial.lost)
     assert [row.rates for row in rows if row.status.snapshot.name in partial.lost] == [None] * len(partial.lost)
     assert not [change for change in watch.changes if change.reason == "left the store"]
     frame = watch_frame(rows, watch, store="cluster", interval=1.0)
@@ -135,7 +176,7 @@ def test_a_scrape_exports_the_breakers_it_read_and_counts_the_primary_down(parti
     assert [sample.value for sample in families["celery_breaker_store_up"].samples] == [1.0]
     assert [sample.value for sample in families["celery_breaker_store_unreached_servers"].samples] == [1.0]
     exported = {sample.labels["breaker"] for sample in families["celery_breaker_state"].samples}
-    assert exported == set(partial.served)
+    assert exported == set(partial.shown)
 
 
 def test_the_web_page_says_which_primary_it_could_not_read(partial: Partial) -> None:
@@ -144,6 +185,43 @@ def test_the_web_page_says_which_primary_it_could_not_read(partial: Partial) -> 
     board.refresh(raising=True)
     view = board.view()
     store.close()
-    assert [row["name"] for row in view["breakers"]] == partial.served
+    assert [row["name"] for row in view["breakers"]] == partial.shown
     assert view["error"].startswith("part of the store unreachable at ")
     assert f"the breakers stored on {partial.victim} keep their last view" in view["error"]
+
+
+def test_an_operator_names_a_breaker_on_a_live_primary_by_its_label(partial: Partial, app_store: str) -> None:
+    # `open 'crm[KEY]'` first asks whether a key-less breaker of that name exists: that
+    # name hashes to the primary that is down, and the command failed with exit 69 while
+    # `open crm --key KEY` worked on the same breaker.
+    label = f"crm[{partial.label_key}]"
+    opened = run("open", label)
+    assert opened.exit_code == 0, opened.output
+    assert opened.stdout.startswith(f"{label}: forced_open (was closed)")
+    closed = run("close", label, "--yes")
+    assert closed.exit_code == 0, closed.output
+
+
+def test_inspect_breakers_says_what_it_left_out(partial: Partial, app_store: str) -> None:
+    # The worker's reply was the list alone: a reader took the part for the whole.
+    state = SimpleNamespace(consumer=SimpleNamespace(app=cliproj.app, controller=None))
+    reply = control.breakers(state)
+    assert isinstance(reply, dict)
+    assert [row["name"] for row in reply["breakers"]] == partial.shown
+    assert reply["unreached"] == [partial.victim]
+    assert reply["warning"].startswith(f"the breakers stored on {partial.victim} are not shown")
+
+
+def test_a_cluster_client_that_knows_no_primary_is_made_again(
+    partial: Partial, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # redis-py 5.1 forgets every node once none answered (a blip of the whole cluster):
+    # the listing looped over no primary and listed an empty store for good.
+    store = RedisStore.from_url(partial.url)
+    forgetful: Any = store.client()
+    monkeypatch.setattr(forgetful, "get_primaries", list)
+    with pytest.raises(StorageError, match="the cluster client knows no primary"):
+        collect_metrics(store)
+    assert store.client() is not forgetful
+    assert [row.snapshot.name for row in collect_metrics(store)] == partial.shown
+    store.close()

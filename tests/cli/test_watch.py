@@ -213,3 +213,26 @@ def test_the_time_a_forced_open_breaker_has_been_held_open_is_exact() -> None:
     clock.advance(3600)
     (row,) = Watch(clock).observe(collect_metrics(store, clock=clock))
     assert row.since == pytest.approx(forced_at)
+
+
+def test_a_partial_reading_keeps_only_the_breakers_stored_on_the_servers_it_missed() -> None:
+    # A Redis Cluster with a primary down: a breaker deleted meanwhile from a primary that
+    # answers was kept on screen as "last view", under a line blaming the one down, and
+    # its "left the store" came only when that primary was back.
+    from celery_breaker import CircuitBreaker
+    from celery_breaker.monitoring import collect_metrics
+    from celery_breaker.storage import Listing
+    from celery_breaker.testing import fresh_store
+
+    clock = FakeClock()
+    store = fresh_store()
+    for name in ("on-the-down-one", "deleted", "served"):
+        CircuitBreaker(name, storage=store, clock=clock).call(lambda: None)
+    watch = Watch(clock)
+    whole = collect_metrics(store, clock=clock)
+    watch.observe(whole)
+    served = [row for row in whole if row.snapshot.name == "served"]
+    partial = Listing(served, ("10.0.0.3:6379",), lambda name, key: name == "on-the-down-one")
+    rows = watch.observe(partial)
+    assert [row.status.snapshot.name for row in rows] == ["on-the-down-one", "served"]
+    assert [(change.label, change.reason) for change in watch.changes] == [("deleted", "left the store")]

@@ -12,8 +12,9 @@ from typing import Any
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..core import BreakerSnapshot, State
+from ..errors import StorageError
 from ..integration.settings import get_settings
-from ..storage import Listing, ReleasePace, Selected, Store, resolve_store
+from ..storage import Listing, Parking, ReleasePace, Selected, Store, resolve_store
 
 __all__ = ["BreakerStatus", "app_store", "collect_metrics", "is_app", "store_of"]
 
@@ -85,10 +86,10 @@ def collect_metrics(
     wanted = None if only is None else list(dict.fromkeys(only))
     if wanted is None:
         listing = store.snapshots(clock) if where is None else store.snapshots(clock, where)
-        unreached = listing.unreached if isinstance(listing, Listing) else ()
+        partial = listing if isinstance(listing, Listing) and listing.unreached else None
         snapshots = list(listing)
     else:
-        unreached = ()
+        partial = None
         snapshots = [hit for ident in wanted if (hit := store.find(*ident, clock)) is not None]
     parking = store.parking
     if parking is None:
@@ -97,10 +98,8 @@ def collect_metrics(
         # (one round trip, however many; with ``where``, only the tags of breakers it picks)
         if wanted is not None:
             counted = [parking.tag(*ident) for ident in wanted]
-        elif unreached:
-            # (the parking's index may be on a primary that is down, and name breakers
-            # stored there: only those listed are counted)
-            counted = [parking.tag(snapshot.name, snapshot.key) for snapshot in snapshots]
+        elif partial is not None:
+            counted = _reachable_tags(parking, snapshots, partial, where)
         else:
             counted = parking.tags()
             if where is not None:
@@ -125,7 +124,29 @@ def collect_metrics(
             if release is not None and release.generation != snapshot.generation:
                 release = None  # (the breaker moved on between the two reads)
             rows.append(BreakerStatus(snapshot, *counts.get(tag, (0, 0)), release))
-    return Listing(sorted(rows, key=lambda row: (row.snapshot.name, row.snapshot.key or "")), unreached)
+    rows.sort(key=lambda row: (row.snapshot.name, row.snapshot.key or ""))
+    return Listing(rows) if partial is None else partial.like(rows)
+
+
+def _reachable_tags(
+    parking: Parking, snapshots: list[BreakerSnapshot], partial: Listing[BreakerSnapshot], where: Selected | None
+) -> list[str]:
+    """The tags to count parked tasks of, in a listing that left some servers out: those of
+    the breakers listed, and those the parking's index names (if its server answers) of
+    breakers stored on a server that answered: a breaker with only parked tasks left is
+    listed as a new one, as in a whole listing. Tags stored on a server down are not asked
+    about: one of them failed the whole count."""
+    counted = [parking.tag(snapshot.name, snapshot.key) for snapshot in snapshots]
+    try:
+        indexed = parking.tags()
+    except StorageError:
+        return counted  # (the index's own server is down: the listed breakers alone)
+    stranded = partial.stranded
+    for tag in indexed:
+        ident = parking.breaker(tag)
+        if ident is not None and not (stranded is not None and stranded(*ident)) and (where is None or where(*ident)):
+            counted.append(tag)
+    return list(dict.fromkeys(counted))
 
 
 #: States in which parked tasks are released at the pace (HALF_OPEN releases probes only).

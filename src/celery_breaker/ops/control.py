@@ -182,16 +182,24 @@ def breakers(state: Any, patterns: list[str] | None = None, **_: Any) -> Any:
     """The breakers this worker's store holds (a Redis store: the whole cluster's), as
     dicts: every one, or those ``patterns`` match, as ``celery breaker status`` selects
     them (a pattern that names one breaker exactly is looked up alone: with 40,000
-    per-key breakers, every worker's reply listed them all, 20.7 MB)."""
+    per-key breakers, every worker's reply listed them all, 20.7 MB). A Redis Cluster
+    with a primary down is listed in part, and says so: ``{"breakers": [...],
+    "unreached": [servers], "warning": ...}`` (a reader of the list alone took the
+    part for the whole)."""
     from ..monitoring.status import store_of
-    from .selection import breakers_selected
+    from .selection import breakers_selected, unreached_text
 
     unseen = _unseen(state, "inspect breakers")
     if unseen is not None:  # (the main process's breakers: none a task uses)
         return {"error": unseen}
     try:
         wanted = [str(pattern) for pattern in patterns or ()]
-        return [row.as_dict() for row in breakers_selected(store_of(state.consumer.app), wanted)]
+        rows = breakers_selected(store_of(state.consumer.app), wanted)
+        listed = [row.as_dict() for row in rows]
+        warning = unreached_text(rows)
+        if warning is None:
+            return listed
+        return {"breakers": listed, "unreached": list(getattr(rows, "unreached", ())), "warning": warning}
     except Exception as exc:
         logger.exception("celery-breaker: inspect breakers failed")
         return {"error": f"inspect breakers: {exc}"}

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..core import BreakerPolicy, BreakerSnapshot, State, Transition
-from ..errors import ConfigurationError, ParkedTasksError, UnknownBreakerError
+from ..errors import ConfigurationError, ParkedTasksError, StorageError, UnknownBreakerError
 from ..integration.deferral.selection import waiting_elsewhere
 from ..integration.inventory import AppBreaker, app_inventory, policy_named
 from ..integration.settings import get_settings
@@ -221,8 +221,20 @@ def _target(
         in_app = key is None and name in named and not named[name].per_key
         return in_app or (name, key) in in_store or (also_known is not None and also_known(name, key))
 
-    if key is None and not known(name, key):
-        name, key = split_label(name)
+    if key is None:
+        label = split_label(name)
+        try:
+            plain = known(name, key)
+        except StorageError:
+            # A Redis Cluster with a primary down: ``crm[t3]`` read as a breaker of that name
+            # hashes to a slot of its own, which may be the down one's, while the breaker the
+            # label names lives on one that answers (`open 'crm[t3]'` failed where `open crm
+            # --key t3` worked). A name that is no label has nothing else to be.
+            if label[1] is None:
+                raise
+            plain = False
+        if not plain:
+            name, key = label
     if key is not None:
         # Typed, a key is read as `status` shows it (``a\\nb``: a newline; ``C:\\\\tmp``: one
         # backslash), which is how a key a task made with control characters is named

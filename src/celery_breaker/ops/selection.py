@@ -66,12 +66,12 @@ def matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[Bre
     ``crm[tenant-*]`` a name and a key (so brackets are not a character class there),
     each as it is or as ``status`` shows it (``crm[tenant\\n*]``, ``crm[C:\\\\*]``).
     A partial listing's rows stay one (``Listing.unreached``)."""
-    unreached = rows.unreached if isinstance(rows, Listing) else ()
+    listing = rows if isinstance(rows, Listing) else Listing[BreakerStatus]()
     if not patterns:
-        return Listing(rows, unreached)
+        return listing.like(rows)
     parsed = _parsed(patterns)
     picked = (row for row in rows if any(_matches(row.snapshot.name, row.snapshot.key, pattern) for pattern in parsed))
-    return Listing(picked, unreached)
+    return listing.like(picked)
 
 
 def selected(patterns: Sequence[str]) -> Selected | None:

@@ -193,11 +193,12 @@ class Watch:
         # A Redis Cluster with a primary down lists the others' breakers: one missing may be
         # stored there, and keeps its last view (no rates) rather than leave the store.
         self.unreached = rows.unreached if isinstance(rows, Listing) else ()
+        stranded = rows.stranded if isinstance(rows, Listing) else None
         kept = False
         for ident, gone in self._seen.items():
             if ident in seen_now:
                 continue
-            if self.unreached:
+            if self.unreached and (stranded is None or stranded(*ident)):
                 seen_now[ident] = gone
                 out.append(WatchRow(gone.status, None, gone.since))
                 kept = True

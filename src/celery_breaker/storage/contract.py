@@ -204,6 +204,7 @@ class Claimed(list[tuple[str, str]]):
 
 
 _Row = TypeVar("_Row")
+_Row2 = TypeVar("_Row2")
 
 
 class Listing(list[_Row]):
@@ -213,10 +214,20 @@ class Listing(list[_Row]):
     all raises ``StorageError`` instead."""
 
     unreached: tuple[str, ...] = ()
+    stranded: Selected | None = None
+    """Whether breaker ``(name, key)`` is stored on one of ``unreached`` (its absence from
+    the listing then says nothing); ``None``: the listing is whole."""
 
-    def __init__(self, rows: Iterable[_Row] = (), unreached: Iterable[str] = ()) -> None:
+    def __init__(
+        self, rows: Iterable[_Row] = (), unreached: Iterable[str] = (), stranded: Selected | None = None
+    ) -> None:
         super().__init__(rows)
         self.unreached = tuple(unreached)
+        self.stranded = stranded if self.unreached else None
+
+    def like(self, rows: Iterable[_Row2]) -> Listing[_Row2]:
+        """``rows`` as a listing that left out what this one left out."""
+        return Listing(rows, self.unreached, self.stranded)
 
 
 class Parking(Protocol):

@@ -15,6 +15,7 @@ with one WARNING.
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 from ...clock import Clock
@@ -35,6 +36,10 @@ __all__ = ["list_snapshots", "read_snapshots"]
 
 logger = logging.getLogger("celery_breaker")
 
+#: Seconds between two WARNINGs that a store was listed in part; when each was told, by store.
+TELL_EVERY = 60.0
+_TOLD: dict[str, float] = {}
+
 
 def list_snapshots(
     store: RedisStore, clock: Clock, suffixes: tuple[str, ...], where: Selected | None = None
@@ -47,7 +52,24 @@ def list_snapshots(
     if where is not None:
         stem = len(suffixes[0])
         state_keys = [key for key in state_keys if _picked(store, key, stem, where)]
-    return Listing(read_snapshots(store, clock, suffixes, state_keys), unreached)
+    return Listing(read_snapshots(store, clock, suffixes, state_keys), unreached, _stranded(store, unreached))
+
+
+def _stranded(store: RedisStore, unreached: list[str]) -> Selected | None:
+    """Whether a breaker's keys live on one of the Cluster primaries ``unreached`` (told
+    from the client's slot map, without asking the Cluster)."""
+    if not unreached:
+        return None
+    client: Any = store.client()
+    down = set(unreached)
+
+    def stranded(name: str, key: str | None) -> bool:
+        try:
+            return bool(client.get_node_from_key(store.keys_for(name, key)[0]).name in down)
+        except Exception:  # (a slot no node serves now: as good as down)
+            return True
+
+    return stranded
 
 
 def _scan(store: RedisStore, pattern: str) -> tuple[list[bytes], list[str]]:
@@ -64,6 +86,13 @@ def _scan(store: RedisStore, pattern: str) -> tuple[list[bytes], list[str]]:
         primaries = client.get_primaries()
     except CLIENT_ERRORS as exc:
         raise StorageError(failure(store.label, doing, exc)) from exc
+    if not primaries:
+        # redis-py 5.1 forgets every node it knew once none answered (a blip of the whole
+        # Cluster), and finds none again: it listed an empty store for good, and the watch
+        # had every breaker leave it. A listing of no primary is none; the next reading
+        # connects afresh, from the URL.
+        store.forget_client(client)
+        raise StorageError(f"redis store {store.label}: {doing} failed: the cluster client knows no primary")
     keys: dict[bytes, None] = {}
     failed: list[tuple[str, BaseException]] = []
     for node in primaries:
@@ -73,12 +102,19 @@ def _scan(store: RedisStore, pattern: str) -> tuple[list[bytes], list[str]]:
             failed.append((node.name, exc))
     if failed and len(failed) == len(primaries):
         raise StorageError(failure(store.label, doing, failed[0][1])) from failed[0][1]
-    if failed:
-        logger.warning(
-            "redis store %s: listed the breakers of %d of %d cluster primaries; left out those stored on %s",
-            store.label, len(primaries) - len(failed), len(primaries),
-            ", ".join(f"{name} ({exc})" for name, exc in failed),
-        )  # fmt: skip
+    if not failed:
+        _TOLD.pop(store.label, None)  # (the next partial listing is told at once)
+        return list(keys), []
+    # (once a minute, at DEBUG between: a watch or a page lists every few seconds)
+    now = time.monotonic()
+    told = now - _TOLD.get(store.label, -TELL_EVERY) >= TELL_EVERY
+    if told:
+        _TOLD[store.label] = now
+    logger.log(
+        logging.WARNING if told else logging.DEBUG,
+        "redis store %s: listed the breakers of %d of %d cluster primaries; left out those stored on %s",
+        store.label, len(primaries) - len(failed), len(primaries), ", ".join(f"{name} ({exc})" for name, exc in failed),
+    )  # fmt: skip
     return list(keys), [name for name, _ in failed]
 
 

@@ -231,6 +231,14 @@ class RedisStore:
             assert self._client is not None
             return self._client
 
+    def forget_client(self, client: Any) -> None:
+        """Make the next ``client()`` connect afresh, if ``client`` is still this process's
+        (a Cluster client that knows no node any more: redis-py 5.1 after every node
+        failed it once). Its connections close as it is collected."""
+        with self._lock:
+            if self._client is client:
+                self._client = None
+
     def _connect(self) -> None:
         socket_timeout, connect_timeout = self._timeouts
         try:
