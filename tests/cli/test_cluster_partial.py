@@ -156,6 +156,15 @@ def test_status_shows_what_it_read_warns_of_the_rest_and_exits_69(partial: Parti
     assert partial.victim in as_json.stderr
 
 
+def test_a_pattern_matching_none_of_what_status_read_says_so(partial: Partial, app_store: str) -> None:
+    # `status b3` of a breaker on the primary down read "No breaker matches b3 (11 in ...)",
+    # as if it were not there.
+    result = run("status", partial.lost[0])
+    assert result.exit_code == EXIT_UNAVAILABLE
+    assert result.stdout.startswith(f"No breaker matches {partial.lost[0]} ({len(partial.shown)} read in ")
+    assert f"the breakers stored on {partial.victim} are not shown" in result.stderr
+
+
 def test_a_watch_keeps_the_last_view_of_the_breakers_it_cannot_reach(partial: Partial) -> None:
     store = RedisStore.from_url(partial.url)
     watch = partial.watch

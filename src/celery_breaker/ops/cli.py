@@ -267,7 +267,8 @@ def _status_table(
         click.echo(f"No breakers in {where} yet: a breaker is stored once a task (or call) uses it.")
         return
     if not rows:
-        click.echo(f"No breaker matches {' '.join(patterns)} ({len(everything)} in {where}).")
+        read = " read" if partial else ""  # (it may be stored where the listing could not read)
+        click.echo(f"No breaker matches {' '.join(patterns)} ({len(everything)}{read} in {where}).")
         return
     from .console import status_text
 
