@@ -234,3 +234,39 @@ def test_a_cluster_client_that_knows_no_primary_is_made_again(
     assert store.client() is not forgetful
     assert [row.snapshot.name for row in collect_metrics(store)] == partial.shown
     store.close()
+
+
+def test_a_node_that_refuses_its_keys_while_it_answers_scan_fails_only_its_counts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # For about two seconds after a primary restarts empty it answers SCAN but refuses
+    # its keys (CLUSTERDOWN): the parking's count of its breakers failed every listing
+    # whole (store_up 0, status exit 69). Made here as that node is then: empty, serving
+    # no slot.
+    with RedisCluster() as cluster:
+        cluster.start()
+        for node in cluster.nodes:
+            node.admin().config_set("cluster-require-full-coverage", "no")
+        store = RedisStore.from_url(f"{cluster.url}?key_prefix={unique_prefix()}")
+        client: Any = store.client()
+        parking = store.parking
+        index_home = client.get_node_from_key(parking.index).name
+        homes: dict[str, str] = {}
+        for n in itertools.count():  # (tasks parked behind breakers on every primary)
+            parking.park(f"g{n}", None, f"t{n}:1", 1.0, "payload", None)
+            homes[f"g{n}"] = client.get_node_from_key(store.keys_for(f"g{n}", None)[0]).name
+            if n >= 8 and len(set(homes.values())) == len(cluster.nodes):
+                break
+        victim = next(node for node in cluster.nodes if not index_home.endswith(f":{node.port}"))
+        admin = victim.admin()
+        admin.flushall()
+        admin.execute_command("CLUSTER", "FLUSHSLOTS")
+        refusing = sorted(name for name, home in homes.items() if home.endswith(f":{victim.port}"))
+        with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+            rows = collect_metrics(store)
+        store.close()
+    assert [(row.snapshot.name, row.parked) for row in rows] == [
+        (name, 1) for name in sorted(set(homes) - set(refusing))
+    ]
+    (warning,) = [r.getMessage() for r in caplog.records if "could not count" in r.getMessage()]
+    assert f"could not count the tasks parked behind {len(refusing)} breaker(s)" in warning

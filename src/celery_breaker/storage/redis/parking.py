@@ -27,7 +27,7 @@ from ...core.pacing import PacingLaw
 from ...errors import StorageError
 from ...labels import breaker_label, shown_label
 from ..contract import KEPT_LIFE, Claimed, EvictionCheck, ReleasePace
-from .client import CLIENT_ERRORS
+from .client import CLIENT_ERRORS, is_cluster
 from .damage import CHECK_TYPES, classify, failure, text
 from .eviction import check_eviction
 from .keys import breaker_of, breaker_tag, glob_escape
@@ -317,18 +317,27 @@ class RedisParking:
     def counts(self, tags: list[str]) -> dict[str, tuple[int, int]]:
         """``count`` for many breakers, in one round trip (a Cluster splits it per node).
         A breaker whose keys hold another type is repaired (``count``); one that still
-        cannot be counted is left out, with a WARNING."""
+        cannot be counted is left out, with a WARNING. On a Cluster, so are the breakers
+        of a node that refuses while others answer (for about two seconds after it
+        restarts empty, it answers SCAN but refuses its keys with CLUSTERDOWN: it failed
+        every breaker's count, and with it every listing); if none answers, the error is
+        raised, as it is on one server."""
         if not tags:
             return {}
+        client = self.store.client()
+        apart = is_cluster(client)
         try:
-            pipe = self.store.client().pipeline(transaction=False)
+            pipe = client.pipeline(transaction=False)
             for tag in tags:
                 pipe.zcard(tag + ":q")
                 pipe.zcard(tag + ":c")
-            found = pipe.execute(raise_on_error=False)
+            found: list[Any] = pipe.execute(raise_on_error=False)
         except CLIENT_ERRORS as exc:
-            raise StorageError(failure(self.store.label, "counting parked entries", exc)) from exc
+            if not apart:
+                raise StorageError(failure(self.store.label, "counting parked entries", exc)) from exc
+            found = [exc, exc] * len(tags)  # (each counted on its own below)
         counted: dict[str, tuple[int, int]] = {}
+        refused: list[tuple[str, StorageError]] = []
         for i, tag in enumerate(tags):
             parked, claimed = found[2 * i], found[2 * i + 1]
             if not isinstance(parked, Exception) and not isinstance(claimed, Exception):
@@ -338,9 +347,21 @@ class RedisParking:
                 counted[tag] = self.count(tag)  # (repairs it)
             except StorageError as exc:
                 if classify(exc.__cause__) == "store":
-                    raise
+                    if not apart:
+                        raise
+                    refused.append((tag, exc))
+                    continue
                 logger.warning("redis store %s: left %s out of the parked counts: %s", self.store.label,
                                shown_label(self.label(tag)), exc)  # fmt: skip
+        if refused and not counted:
+            raise refused[0][1]
+        if refused:
+            logger.warning(
+                "redis store %s: could not count the tasks parked behind %d breaker(s) (%s): their cluster node "
+                "refuses (%s); the others are counted",
+                self.store.label, len(refused), ", ".join(shown_label(self.label(tag)) for tag, _ in refused[:5]),
+                refused[0][1].__cause__ or refused[0][1],
+            )  # fmt: skip
         return counted
 
     def lives(self, tags: list[str]) -> dict[str, str | None]:
