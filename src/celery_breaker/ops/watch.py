@@ -155,8 +155,9 @@ class Watch:
         self._seen: dict[tuple[str, str | None], _Seen] = {}
         self._refreshes = 0
         self.unreached: tuple[str, ...] = ()
-        """The servers the last refresh could not read (``Listing.unreached``): the rows
-        of breakers missing from it are their last view, and none has left the store."""
+        """The servers the last refresh could not read (``Listing.unreached``): the
+        breakers stored there that are missing from it keep their last view, and have
+        not left the store."""
 
     def observe(self, rows: Sequence[BreakerStatus]) -> list[WatchRow]:
         """Take one refresh's rows; return them with rates and state ages."""
