@@ -258,7 +258,7 @@ def test_a_node_that_refuses_its_keys_while_it_answers_scan_fails_only_its_count
             if n >= 8 and len(set(homes.values())) == len(cluster.nodes):
                 break
         victim = next(node for node in cluster.nodes if not index_home.endswith(f":{node.port}"))
-        admin = victim.admin()
+        admin: Any = victim.admin()
         admin.flushall()
         admin.execute_command("CLUSTER", "FLUSHSLOTS")
         refusing = sorted(name for name, home in homes.items() if home.endswith(f":{victim.port}"))

@@ -84,6 +84,29 @@ def test_each_message_a_full_queue_refuses_is_told_refused_and_the_others_confir
     assert _ids(app, queue) == list(range(5))
 
 
+@pytest.mark.parametrize("window", [1, 3])
+def test_each_message_gets_its_own_confirm_when_celery_also_publishes_a_task_sent_event(
+    app: Celery, window: int
+) -> None:
+    # With task_send_sent_event, Celery publishes a task-sent event on the same producer
+    # after each task: two numbers per send. Counted one per send, a refused task was
+    # forgotten as confirmed (lost), and confirmed ones waited out the timeout: countdown
+    # deferrals (one message a batch) failed with "could not be deferred" after 20 s.
+    app.conf.task_send_sent_event = True
+    queue = _queue(app, **{"x-max-length": 5, "x-overflow": "reject-publish"})
+    publisher = ConfirmingPublisher(window=window, confirm_timeout=5.0)
+    try:
+        published = [publisher.publish(app, [send]) for send in _sends(app, queue, range(3))]
+        batch = publisher.publish(app, _sends(app, queue, range(3, 8)))
+    finally:
+        publisher.close_all()
+    assert [one.results for one in published] == [[Confirm.CONFIRMED]] * 3
+    assert [one.error for one in published] == [None] * 3
+    assert batch.results == [Confirm.CONFIRMED] * 2 + [Confirm.REFUSED] * 3
+    assert batch.error is None
+    assert _ids(app, queue) == list(range(5))
+
+
 def test_a_message_that_cannot_be_encoded_fails_alone(app: Celery) -> None:
     queue = _queue(app)
     sends = _sends(app, queue, range(4))

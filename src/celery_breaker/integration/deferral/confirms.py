@@ -176,6 +176,7 @@ class _Link:
         self.published: Published | None = None
         self.producer: Any = None
         self.prepared: Any = None
+        self.sending: int | None = None  # the index of the message being sent, until its first publish
 
     def open(self) -> None:
         channel = self.connection.default_channel
@@ -183,6 +184,28 @@ class _Link:
         channel.events["basic_ack"].add(self.acked)
         channel.events["basic_nack"].add(self.refused)
         self.producer = self.connection.Producer(channel=channel)
+        publish = channel.basic_publish
+
+        def numbered(*args: Any, **kwargs: Any) -> Any:
+            # RabbitMQ numbers every publish on the channel, and a send may publish more
+            # than its message: with task_send_sent_event, Celery publishes a task-sent
+            # event on the same producer right after the task. Counted one per send, every
+            # number after the first event named the wrong message: a refused task was
+            # forgotten as confirmed, confirmed ones waited out the timeout. The message's
+            # own number (its first publish) is awaited, and noted before it is written:
+            # its confirm may be read while the event is published.
+            self.written += 1
+            if self.sending is not None:
+                self.waiting[self.written] = self.sending
+                self.sending = None
+            return publish(*args, **kwargs)
+
+        channel.basic_publish = numbered
+
+    def took(self) -> bool:
+        """Whether the message being sent was published (its number awaited); it is sent no longer."""
+        published, self.sending = self.sending is None, None
+        return published
 
     def acked(self, number: int, multiple: bool) -> None:
         self._settle(number, multiple, Confirm.CONFIRMED)
@@ -296,6 +319,7 @@ class ConfirmingPublisher:
         for index in range(first, end):
             if published.results[index] is not Confirm.UNSENT:
                 continue  # (settled before the connection failed)
+            link.sending = index
             try:
                 sends[index](link.producer)
             except (EncodeError, TypeError) as exc:
@@ -303,12 +327,16 @@ class ConfirmingPublisher:
                 # raises TypeError for arguments that are no list, options that are no
                 # mapping: taken for a broken connection, one such message failed the whole
                 # window, on a new connection, every time.)
+                link.sending = None
                 published.results[index] = Confirm.FAILED
                 published.errors[index] = exc
                 continue
-            link.written += 1
-            link.waiting[link.written] = index
-            published.results[index] = Confirm.UNCONFIRMED  # (until its confirm comes)
+            if not link.took():  # (the send published nothing: nothing to await)
+                published.results[index] = Confirm.FAILED
+                published.errors[index] = RuntimeError("nothing was published")
+                continue
+            if published.results[index] is Confirm.UNSENT:  # (its confirm may have come already)
+                published.results[index] = Confirm.UNCONFIRMED  # (until its confirm comes)
         link.await_confirms(self.confirm_timeout)
         link.published = None
         return end
