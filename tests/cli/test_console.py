@@ -263,13 +263,15 @@ def test_wide_characters_keep_the_table_in_line() -> None:
     # each: every column right of the name stood out of line.
     from celery_breaker.ops.console import text_width
 
-    rows = [row(snap("支付网关", "🙂")), row(snap("crm", "tenant-7")), row(snap("cafe\u0301", "x"))]
-    lines = status_text(rows, now=0.0).splitlines()[:4]
+    rows = [row(snap("支付网关", "🙂")), row(snap("crm", "tenant-7")), row(snap("cafe\u0301", "x")),
+            row(snap("ที่ดิน", "👍🏽")), row(snap("नमस्ते", "\u1100\u1161"))]  # fmt: skip
+    lines = status_text(rows, now=0.0).splitlines()[:6]
     starts = {line_start(line, "closed") for line in lines[1:]}
     assert len(starts) == 1  # STATE begins at one terminal column in every row
     assert line_start(lines[0], "STATE") == starts.pop()
     assert text_width("支付网关") == 8
     assert text_width("cafe\u0301") == 4
+    assert [text_width(text) for text in ("ที่ดิน", "नमस्ते", "👍🏽", "\u1100\u1161")] == [3, 4, 2, 2]
 
 
 def line_start(line: str, word: str) -> int:

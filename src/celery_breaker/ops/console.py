@@ -68,10 +68,20 @@ class Column:
 
 def char_width(char: str) -> int:
     """Columns a terminal gives ``char``: 2 for East Asian wide and fullwidth characters
-    (CJK, most emoji), 0 for combining marks, else 1."""
-    if unicodedata.combining(char):
+    (CJK, most emoji), 0 for marks that sit on the character before (nonspacing and
+    enclosing marks, whatever their combining class: Thai's and Devanagari's vowel signs
+    have none), Hangul's medial and final jamo and emoji skin tones, else 1."""
+    if (
+        unicodedata.category(char) in _ON_THE_ONE_BEFORE
+        or "\u1160" <= char <= "\u11ff"
+        or ("\U0001f3fb" <= char <= "\U0001f3ff")
+    ):
         return 0
     return 2 if unicodedata.east_asian_width(char) in "WF" else 1
+
+
+#: General categories of marks that take no column of their own.
+_ON_THE_ONE_BEFORE = ("Mn", "Me")
 
 
 def text_width(text: str) -> int:
