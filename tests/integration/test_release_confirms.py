@@ -21,6 +21,7 @@ from celery_breaker.integration.deferral.parking import encode_message
 from celery_breaker.integration.deferral.release import Releaser
 from celery_breaker.storage import close_stores
 from celery_breaker.storage.redis import RedisStore
+from celery_breaker.storage.redis.parking import RedisParking
 from tests.rabbitmq import RabbitMQServer, taken_off
 from tests.servers import RedisServer
 
@@ -32,6 +33,17 @@ def _messages(url: str, queue: Queue) -> list[str]:
     return [message.headers["id"] for message in taken_off(url, queue)]
 
 
+def _releasing_to(
+    queue: Queue, ns: str, rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> tuple[Celery, RedisParking]:
+    """An app whose tasks go to ``queue`` on RabbitMQ, and a Redis parking of its own."""
+    app = Celery(f"release-{ns}", broker=rabbitmq.url, set_as_current=False)
+    app.conf.update(task_queues=[queue], task_default_queue=queue.name, broker_connection_retry_on_startup=True)
+    parking = RedisStore.from_url(f"{redis_server.url}/1?key_prefix={ns}").parking
+    assert parking is not None
+    return app, parking
+
+
 def test_a_parked_task_rabbitmq_refuses_stays_parked_until_it_takes_it(
     rabbitmq: RabbitMQServer, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -39,11 +51,7 @@ def test_a_parked_task_rabbitmq_refuses_stays_parked_until_it_takes_it(
     ns = uuid.uuid4().hex[:8]
     arguments = {"x-max-length": 1, "x-overflow": "reject-publish"}
     queue = Queue(f"full-{ns}", queue_arguments=arguments)  # type: ignore[no-untyped-call]
-    app = Celery(f"release-{ns}", broker=rabbitmq.url, set_as_current=False)
-    app.conf.update(task_queues=[queue], task_default_queue=queue.name, broker_connection_retry_on_startup=True)
-    store = RedisStore.from_url(f"{redis_server.url}/1?key_prefix={ns}")
-    parking = store.parking
-    assert parking is not None
+    app, parking = _releasing_to(queue, ns, rabbitmq, redis_server)
     try:
         filler = app.send_task("proj.filler").id  # (the queue is full: RabbitMQ refuses the next message)
         parked = app.signature("proj.charge", args=(1,)).freeze().id
@@ -81,11 +89,7 @@ def test_an_entry_celery_can_never_publish_is_dropped_and_the_rest_confirmed(
     # beside it is published and confirmed.
     ns = uuid.uuid4().hex[:8]
     queue = Queue(f"poison-{ns}")  # type: ignore[no-untyped-call]
-    app = Celery(f"release-{ns}", broker=rabbitmq.url, set_as_current=False)
-    app.conf.update(task_queues=[queue], task_default_queue=queue.name, broker_connection_retry_on_startup=True)
-    store = RedisStore.from_url(f"{redis_server.url}/1?key_prefix={ns}")
-    parking = store.parking
-    assert parking is not None
+    app, parking = _releasing_to(queue, ns, rabbitmq, redis_server)
     try:
         good = app.signature("proj.charge", args=(1,)).freeze().id
         body = dict(app.signature("proj.charge", args=(1,), task_id=good, queue=queue.name))
