@@ -520,7 +520,8 @@ class RedisStore:
                     cell = self.cell(orphan.name, orphan.key, orphan.policy, orphan.clock)
                     # Its counts go under the view they were counted under (a reset since
                     # drops them, as it drops any cell's): the cell's own go first, under its own.
-                    cell.flush()
+                    if cell.pending:
+                        cell.flush()
                 except BaseException:
                     orphans.append(orphan)  # (sent by a later flush)
                     raise
