@@ -270,6 +270,20 @@ def test_our_setting_behind_djangos_namespace_in_a_config_loaded_without_it_is_r
     assert "unknown celery-breaker setting(s): CELERY_BREAKER_PARKK" in message
 
 
+def test_our_setting_behind_djangos_namespace_in_a_config_loaded_under_another_is_reported() -> None:
+    # namespace="WORKER" reads WORKER_BREAKER_PARK: CELERY_BREAKER_PARK was ignored silently.
+    app = Celery("other-namespace", set_as_current=False)
+    app.config_from_object(DjangoSettingsLoadedWithoutTheNamespace, namespace="WORKER")
+    with pytest.raises(ConfigurationError) as info:
+        build_settings(app.conf)
+    message = str(info.value)
+    assert (
+        "CELERY_BREAKER_PARK is not read (Celery reads this setting as WORKER_BREAKER_PARK, or as "
+        "CELERY_BREAKER_PARK under namespace='CELERY'): rename it"
+    ) in message
+    assert "unknown celery-breaker setting(s): CELERY_BREAKER_PARKK" in message
+
+
 class DjangoSettingsSpeltWithoutTheNamespace:
     CELERY_BROKER_URL = "memory://"
     BREAKER_PARK = False  # (Django's settings are uppercase: Celery reads CELERY_BREAKER_PARK)

@@ -213,14 +213,17 @@ def _strip_namespace(conf: Any, raw: str) -> str:
 
 
 #: Django's namespace, written in a configuration loaded without it (``CELERY_BREAKER_PARK``
-#: in a module read by ``config_from_object(...)`` with no ``namespace="CELERY"``).
+#: in a module read by ``config_from_object(...)`` with no ``namespace="CELERY"``, or
+#: with another one).
 _STRAY_NAMESPACE = "celery_"
 
 
 def _stray_namespace(conf: Any, key: str) -> bool:
     """Whether ``key`` (as ``_strip_namespace`` gives it) is one of ours behind Django's
-    namespace in a configuration loaded without one: Celery reads it nowhere."""
-    return not getattr(conf, "prefix", None) and key.startswith(_STRAY_NAMESPACE + "breaker")
+    namespace in a configuration loaded with no namespace or another one: Celery reads
+    it nowhere."""
+    prefix = (getattr(conf, "prefix", None) or "").lower()
+    return prefix != _STRAY_NAMESPACE and key.startswith(_STRAY_NAMESPACE + "breaker")
 
 
 def _respell(raw: str, key: str, setting: str) -> str:
@@ -286,9 +289,10 @@ def unread_settings(conf: Any) -> list[tuple[str, str]]:
         if not isinstance(raw, str):
             continue
         key = _strip_namespace(conf, raw)
-        if _stray_namespace(conf, key) and key[len(_STRAY_NAMESPACE) :] in SETTINGS:
+        if _stray_namespace(conf, key) and (setting := key[len(_STRAY_NAMESPACE) :]) in SETTINGS:
             # (silently ignored before: no check saw it as ours)
-            unread.append((raw, f"{key[len(_STRAY_NAMESPACE) :]}, or as {raw} under namespace='CELERY'"))
+            read_as = prefix + setting.upper() if prefix else setting
+            unread.append((raw, f"{read_as}, or as {raw} under namespace='CELERY'"))
         elif key in SETTINGS and conf.get(key, _UNSET) is not conf[raw]:
             unread.append((raw, prefix + key.upper() if prefix else key))
     return sorted(set(unread))
