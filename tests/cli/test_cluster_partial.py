@@ -270,3 +270,33 @@ def test_a_node_that_refuses_its_keys_while_it_answers_scan_fails_only_its_count
     ]
     (warning,) = [r.getMessage() for r in caplog.records if "could not count" in r.getMessage()]
     assert f"could not count the tasks parked behind {len(refusing)} breaker(s)" in warning
+
+
+def test_a_node_that_refuses_is_asked_once_for_all_its_breakers_counts(
+    partial: Partial, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # When the counts' pipeline failed, each breaker was counted on its own, and a node
+    # that hangs made each of its breakers wait out the client's timeout: a listing of
+    # many breakers took seconds to fail. One refusal stands for the node's other breakers.
+    store = RedisStore.from_url(partial.url)
+    client: Any = store.client()
+    parking = store.parking
+    on_victim = [
+        tag
+        for tag in (parking.tag(f"v{n}", None) for n in range(200))
+        if client.get_node_from_key(tag + ":q").name == partial.victim
+    ][:5]
+    served = [parking.tag(name, None) for name in partial.served]
+    asked: list[str] = []
+    count = parking.count
+
+    def counting(tag: str) -> tuple[int, int]:
+        asked.append(tag)
+        return count(tag)
+
+    monkeypatch.setattr(parking, "count", counting)
+    counted = parking.counts([*on_victim, *served])
+    store.close()
+    assert len(on_victim) == 5
+    assert sorted(counted) == sorted(served)
+    assert len([tag for tag in asked if tag in on_victim]) == 1

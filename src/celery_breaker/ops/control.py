@@ -187,7 +187,7 @@ def breakers(state: Any, patterns: list[str] | None = None, **_: Any) -> Any:
     "unreached": [servers], "warning": ...}`` (a reader of the list alone took the
     part for the whole)."""
     from ..monitoring.status import store_of
-    from .selection import breakers_selected, unreached_text
+    from .selection import breakers_selected, unreached_of, unreached_text
 
     unseen = _unseen(state, "inspect breakers")
     if unseen is not None:  # (the main process's breakers: none a task uses)
@@ -199,7 +199,7 @@ def breakers(state: Any, patterns: list[str] | None = None, **_: Any) -> Any:
         warning = unreached_text(rows)
         if warning is None:
             return listed
-        return {"breakers": listed, "unreached": list(getattr(rows, "unreached", ())), "warning": warning}
+        return {"breakers": listed, "unreached": list(unreached_of(rows)), "warning": warning}
     except Exception as exc:
         logger.exception("celery-breaker: inspect breakers failed")
         return {"error": f"inspect breakers: {exc}"}

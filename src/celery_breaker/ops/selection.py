@@ -120,10 +120,16 @@ def breakers_matching(store: Store, patterns: Sequence[str]) -> tuple[list[Break
     return matching(everything, patterns), everything
 
 
+def unreached_of(rows: Sequence[object]) -> Sequence[str]:
+    """The servers a listing left out (``Listing.unreached``: a Redis Cluster's primaries
+    that did not answer); none for a whole listing or a plain list."""
+    return rows.unreached if isinstance(rows, Listing) else ()
+
+
 def unreached_text(rows: Sequence[object]) -> str | None:
-    """What a listing left out (``Listing.unreached``: a Redis Cluster's primaries that
-    did not answer), as a warning's words; ``None`` for a whole listing."""
-    unreached = rows.unreached if isinstance(rows, Listing) else ()
+    """What a listing left out (``unreached_of``), as a warning's words; ``None`` for a
+    whole listing."""
+    unreached = unreached_of(rows)
     return unreached_words(unreached) if unreached else None
 
 

@@ -176,7 +176,7 @@ class RedisCell:
                 # the second before this send) is the breaker's made again. A delete or a
                 # reset is heard: the view is then newer than that.
                 counted = UNTOLD
-            self._counted = Counted(self._incarnation, self.generation, None)
+            self._counted = self._view_now()
         return text, counted, (rejections, deferrals, successes, stale)
 
     def adopt(self, counts: tuple[int, int, int, int], counted: Counted | None = None) -> None:
@@ -196,6 +196,10 @@ class RedisCell:
             if counted is not None:  # (the earlier view: they are sent under it)
                 self._counted = counted
 
+    def _view_now(self) -> Counted:
+        """The view what this cell counts from now on is counted under."""
+        return Counted(self._incarnation, self.generation, None)
+
     @property
     def pending(self) -> bool:
         """Whether anything counted locally waits to be sent."""
@@ -213,7 +217,7 @@ class RedisCell:
             self._df_flushed = tally(self._df_tally)
             self._ok_flushed = tally(self._ok_tally)
             self._stale_ok = 0
-            self._counted = Counted(self._incarnation, self.generation, None)
+            self._counted = self._view_now()
 
     # -- one round trip ------------------------------------------------------
 

@@ -338,10 +338,18 @@ class RedisParking:
             found = [exc, exc] * len(tags)  # (each counted on its own below)
         counted: dict[str, tuple[int, int]] = {}
         refused: list[tuple[str, StorageError]] = []
+        # A Cluster node that refused one breaker's count refuses the rest of its own: they
+        # are left out without asking it again (each ask of a node that hangs waits out the
+        # client's timeout, so a listing of many breakers took seconds per node to fail).
+        refusing: dict[object, StorageError] = {}
         for i, tag in enumerate(tags):
             parked, claimed = found[2 * i], found[2 * i + 1]
             if not isinstance(parked, Exception) and not isinstance(claimed, Exception):
                 counted[tag] = (int(parked), int(claimed))
+                continue
+            node = _node_of(client, tag + ":q") if apart else None
+            if node in refusing:
+                refused.append((tag, refusing[node]))
                 continue
             try:
                 counted[tag] = self.count(tag)  # (repairs it)
@@ -350,6 +358,7 @@ class RedisParking:
                     if not apart:
                         raise
                     refused.append((tag, exc))
+                    refusing[node] = exc
                     continue
                 logger.warning("redis store %s: left %s out of the parked counts: %s", self.store.label,
                                shown_label(self.label(tag)), exc)  # fmt: skip
@@ -540,3 +549,12 @@ class RedisParking:
 
 def _opt(value: float | None) -> str:
     return "" if value is None else repr(value)
+
+
+def _node_of(client: Any, key: str) -> object:
+    """The name of the Cluster node serving ``key`` as ``client`` last saw the slots, or
+    ``None`` where no node serves it (``RedisParking.counts`` groups refusals by it)."""
+    try:
+        return client.get_node_from_key(key).name
+    except Exception:  # (a slot no node serves, a topology being refreshed)
+        return None
