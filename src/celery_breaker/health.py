@@ -307,12 +307,11 @@ class HealthCheck:
             value = await _bounded(cast("Awaitable[object]", self._called(checked)), limit)
         except ProbeTimeout:
             return CheckResult(False, ProbeTimeout(f"health check {self.name} did not answer within {limit:g} s"))
+        except _SelfCancelled as cancelled:  # (what it awaited was cancelled: a failure too)
+            return CheckResult(False, cancelled.error)
         except (Exception, SystemExit) as exc:  # a probe's failure is data (its own exit too: ``_bounded``)
             return CheckResult(False, exc)
-        except asyncio.CancelledError as exc:
-            if _cancelling():
-                raise  # the caller is being cancelled: no verdict
-            return CheckResult(False, exc)  # the check cancelled itself (what it awaited was cancelled)
+        # (a CancelledError here is the caller's: it goes through, with no verdict)
         finally:
             if checked is not None:
                 checked.run.end()  # (tasks it started on this loop no longer pass)
@@ -510,13 +509,6 @@ def _settle(future: asyncio.Future[CheckResult], result: CheckResult | BaseExcep
         future.set_result(result)
 
 
-def _cancelling() -> bool:
-    """Whether the running task is being cancelled (Python 3.10, which cannot tell: yes)."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    return cancelling is None or bool(cancelling())
-
-
 def _unmet_arguments(fn: Callable[..., object], *args: object) -> str | None:
     """Why ``fn(*args)`` cannot be called (an argument it requires, or one too many), or
     ``None``: it can, or its signature cannot be read (some builtins). A wrapper is read
@@ -634,10 +626,26 @@ async def _bounded(awaitable: Awaitable[object], limit: float) -> object:
     if not task.done():
         _abandon(task)
         raise ProbeTimeout(f"did not answer within {limit:g} s")
-    value = task.result()
+    try:
+        value = task.result()
+    except asyncio.CancelledError as exc:
+        # The check's task ended cancelled while its caller was not (the caller's own
+        # cancellation is raised by the wait above): the check cancelled itself. Told
+        # apart here, where every Python can; after, on 3.10 (no ``Task.cancelling``),
+        # it read as the caller's, which was cancelled instead of rejected.
+        raise _SelfCancelled(exc) from None
     if type(value) is _Exited:
         raise value.exit  # (in the caller's task, which makes it a verdict: ``arun``)
     return value
+
+
+class _SelfCancelled(Exception):
+    """A check that cancelled itself (``_bounded``), carrying its ``CancelledError``: a
+    failed check, where the caller's own cancellation goes through."""
+
+    def __init__(self, error: asyncio.CancelledError) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class _Exited(NamedTuple):
