@@ -279,6 +279,13 @@ def check_fits(policy: BreakerPolicy, probe: HealthCheck | None, where: str) -> 
         )
 
 
+#: The breakers already told that the ``half_open_max_wait`` they keep leaves their health
+#: check no time (``_tell_short_lease``): by store, each (name, key) with the wait told of.
+#: Once per breaker and wait in a process, not at every check (nor at every task run,
+#: whose breaker object is made for the run).
+_TOLD_SHORT: weakref.WeakKeyDictionary[object, dict[tuple[str, str | None], float]] = weakref.WeakKeyDictionary()
+
+
 #: How long the health checks of a call made inside a run may take, all together, given
 #: the run and how many checks close the breaker (``None``: each its own timeout). The
 #: Celery integration sets it (``bound_checks_in_runs``): a task body's guarded call that
@@ -1020,6 +1027,8 @@ class CircuitBreaker:
         # check runs under, and how many successes close the breaker.
         policy = cell.policy
         longest = check_time(policy.half_open_max_wait)  # (a lease lasts no longer: ended before it)
+        if longest < LEAST_PROBE_TIMEOUT:
+            self._tell_short_lease(policy.half_open_max_wait, probe)
         within = _CHECK_WITHIN.get()
         if within is None and _RUN_CHECK_WITHIN:
             run = _run_get()
@@ -1071,6 +1080,37 @@ class CircuitBreaker:
                 return next_ticket
             ticket = next_ticket
         return ticket
+
+    def _tell_short_lease(self, wait: float, probe: HealthCheck) -> None:
+        """Warn, once per breaker and kept ``wait``, that the check runs for less than
+        ``LEAST_PROBE_TIMEOUT``. ``check_fits`` refuses such a wait where a breaker is made,
+        but sees only the maker's policy: the breaker keeps the one it was created (or last
+        reset) with, anywhere, perhaps by a caller with no check, and a probe may be set
+        later. The check still ends before its slot's lease (a longer one would run beside
+        the next caller's): one slower than the kept wait allows fails, and the breaker does
+        not close until it is reset to a longer wait. Refusing the call instead would fail
+        every task of a worker over another process's setting."""
+        told = _TOLD_SHORT.setdefault(_primary(self.store), {})
+        ident = (self.name, self.key)
+        if told.get(ident) == wait:
+            return
+        told[ident] = wait
+        least = LEAST_PROBE_TIMEOUT * 5 / 4  # (check_time(least) is LEAST_PROBE_TIMEOUT)
+        own = self.policy.half_open_max_wait
+        if check_time(own) >= LEAST_PROBE_TIMEOUT:
+            fix = (
+                f"reset the breaker to adopt this process's policy (half_open_max_wait={own:g} s): "
+                f"`celery -A <app> breaker reset {self.label}`, or CircuitBreaker.reset()"
+            )
+        else:
+            fix = f"raise half_open_max_wait to {least:g} s or more, and reset the breaker to adopt it"
+        logger.warning(
+            "breaker %s keeps half_open_max_wait=%g s (the policy it was created or last reset with, in %s), "
+            "which leaves its health check %s %g s, less than the %g s a check needs: a slower check fails, "
+            "and the breaker does not close; %s",
+            shown_label(self.label), wait, describe_url(self.store.url), probe.name, check_time(wait),
+            LEAST_PROBE_TIMEOUT, fix, extra={"breaker": self.name, "breaker_key": self.key},
+        )  # fmt: skip
 
     def _handed_on(self, cell: Cell, pending: PendingCheck, counted: bool) -> CircuitOpenError:
         """The rejection of a caller whose check goes on without it: retry once the check

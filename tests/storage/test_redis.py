@@ -23,6 +23,7 @@ import redis
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
 from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.errors import StorageError
+from celery_breaker.health import CheckResult, HealthCheck
 from celery_breaker.storage import store_from_url
 from celery_breaker.storage.fallback import FallbackCell
 from celery_breaker.storage.redis import DEFAULT_IDLE_TTL, RedisStore
@@ -432,6 +433,39 @@ def test_a_second_store_adopts_the_stored_policy(redis_url: str, caplog: pytest.
     assert other._cell.policy.failure_threshold == 1
     fail(other)
     assert state_of(other) is State.OPEN
+
+
+def test_a_check_runs_under_the_policy_another_process_reset_the_breaker_to(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The kept policy can change under a live breaker: another process's reset (or its
+    # call re-creating the breaker after its keys expired). Made with a wait of 60 s, this
+    # breaker's check passed check_fits, then ran cut at 4 ms by the wait another process
+    # set, with nothing saying why: a check slower than that failed, and it never closed.
+    url = f"{redis_url}?time=client&key_prefix={unique_prefix()}"
+    clock = FakeClock()
+    limits: list[float | None] = []
+
+    class Noting(HealthCheck):
+        def run(self, timeout: float | None = None) -> CheckResult:
+            limits.append(timeout)
+            return CheckResult(True)
+
+    mine = BreakerPolicy(failure_threshold=1, reset_timeout=10, success_threshold=1)
+    checked = CircuitBreaker("svc", mine, storage=RedisStore.from_url(url), clock=clock, probe=Noting(lambda: None))
+    tiny = BreakerPolicy(failure_threshold=1, reset_timeout=10, success_threshold=1, half_open_max_wait=0.005)
+    other = CircuitBreaker("svc", tiny, storage=RedisStore.from_url(url), clock=clock)  # (no probe: it fits)
+    other.reset()  # adopts its own policy
+    fail(other)
+    assert checked.store.sync()
+    caplog.set_level(logging.WARNING, logger="celery_breaker")
+    clock.advance(10)
+    assert checked.call(lambda: "real") == "real"
+    assert limits == [pytest.approx(0.004)]  # the stored wait's, learnt by the check's own acquire
+    told = [record.getMessage() for record in caplog.records if "a check needs" in record.getMessage()]
+    assert len(told) == 1
+    assert "breaker svc keeps half_open_max_wait=0.005 s" in told[0]
+    assert "half_open_max_wait=60 s" in told[0]  # this process's, which a reset adopts
 
 
 # -- outages -------------------------------------------------------------------------

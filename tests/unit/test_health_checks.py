@@ -400,6 +400,52 @@ def test_checks_are_bounded_and_counted_by_the_policy_the_breaker_keeps(clock: F
     assert state_of(caller) is State.CLOSED
 
 
+def test_a_check_under_a_kept_policy_too_short_for_it_warns_once(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # check_fits refuses a probe whose half_open_max_wait leaves it no time, but it sees
+    # only the caller's policy: the breaker keeps the one it was created with (here by a
+    # caller with no probe), and its checks ran under that one, cut at 4 ms with nothing
+    # saying why: a check slower than that failed every time, and the breaker never closed.
+    store = fresh_store()
+    kept = BreakerPolicy(
+        failure_threshold=1, reset_timeout=10, backoff_multiplier=1, success_threshold=1, half_open_max_wait=0.005
+    )
+    first = CircuitBreaker("svc", kept, storage=store, clock=clock)
+    limits: list[float | None] = []
+    callers = BreakerPolicy(failure_threshold=1, reset_timeout=10, backoff_multiplier=1, success_threshold=1)
+    caller = CircuitBreaker("svc", callers, storage=store, clock=clock, probe=healthy_noting_limits(limits))
+    caplog.set_level(logging.WARNING, logger="celery_breaker")
+    for _ in range(2):
+        fail(first)
+        clock.advance(10)
+        assert caller.call(lambda: "real") == "real"
+    assert limits == [pytest.approx(0.004)] * 2  # the kept wait's time, not the caller's (55 s)
+    told = [record for record in caplog.records if "less than the 0.01 s a check needs" in record.getMessage()]
+    assert len(told) == 1  # once, not at every check
+    assert told[0].levelno == logging.WARNING
+    message = told[0].getMessage()
+    assert "breaker svc keeps half_open_max_wait=0.005 s" in message
+    assert "reset the breaker to adopt this process's policy (half_open_max_wait=60 s)" in message
+    assert "celery -A <app> breaker reset svc" in message
+
+
+def test_a_probe_given_later_under_a_wait_too_short_for_it_warns(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (check_fits runs where the breaker is made: a probe set afterwards passed it by)
+    breaker = breaker_with(None, clock, success_threshold=1, half_open_max_wait=0.01)
+    limits: list[float | None] = []
+    breaker.probe = healthy_noting_limits(limits)
+    fail(breaker)
+    clock.advance(10)
+    caplog.set_level(logging.WARNING, logger="celery_breaker")
+    assert breaker.call(lambda: "real") == "real"
+    assert limits == [pytest.approx(0.008)]
+    assert "breaker svc keeps half_open_max_wait=0.01 s" in caplog.text
+    assert "raise half_open_max_wait to 0.0125 s or more" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("max_wait", "probe_timeout", "limit"),
     [(60.0, 60.0, 55.0), (60.0, 600.0, 55.0), (10.0, 10.0, 8.0), (0.5, 10.0, 0.4), (60.0, 5.0, 55.0)],
