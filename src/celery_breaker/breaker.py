@@ -1064,6 +1064,11 @@ class CircuitBreaker:
                 late = functools.partial(self._late_verdict, cell, ticket, start, probe.name)
                 result.pending.then(late, within=min(longest, probe.timeout) - limit)
                 raise self._handed_on(cell, result.pending, counted)
+            if result.pending is not None:
+                # Cut at its slot's lease, short of its own timeout: it fails now, and is given
+                # up on as one cut at its timeout is (a check that hung left one more thread
+                # beside it each half-open period, its calls on this breaker still passing).
+                result.pending.give_up()
             self._record_check(cell, ticket, start, result, probe.name)
             if cell.state in _ADMITTING:
                 return cell.generation

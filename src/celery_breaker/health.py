@@ -398,6 +398,15 @@ class PendingCheck:
         name = f"celery-breaker probe {self._check.name} verdict"
         threading.Thread(target=self._wait, name=name, daemon=True).start()
 
+    def give_up(self) -> None:
+        """Stop waiting for the check for good (its caller records it as failed now): its
+        calls no longer pass, and while it still runs, its breaker starts no other check
+        beside it in this process (``HealthCheck.run``'s rule for a check cut at its own
+        timeout)."""
+        if self._checked is not None:
+            self._checked.run.end()
+        _given_up(_hung_key(self._check, self._checked), self._thread)
+
     def _wait(self) -> None:
         self._thread.join(self.left())
         if self._outcome:

@@ -446,6 +446,35 @@ def test_a_probe_given_later_under_a_wait_too_short_for_it_warns(
     assert "raise half_open_max_wait to 0.0125 s or more" in caplog.text
 
 
+def test_a_check_cut_at_its_lease_is_given_up_so_none_starts_beside_it(clock: FakeClock) -> None:
+    # Cut at its probe slot's lease, short of its own timeout, a check that hangs was not
+    # given up on (only one cut at its own timeout was): each half-open period started
+    # one more beside it, as before HUNG_ALONE_FOR's rule.
+    release = threading.Event()
+    calls: list[int] = []
+
+    def hangs() -> None:
+        calls.append(1)
+        release.wait()
+
+    breaker = breaker_with(
+        HealthCheck(hangs, timeout=5.0, name="hangs-past-lease"), clock, backoff_multiplier=1, half_open_max_wait=0.025
+    )
+    fail(breaker)
+    try:
+        for _ in range(3):
+            clock.advance(10)
+            with pytest.raises(CircuitOpenError):
+                breaker.call(lambda: "real")
+            assert state_of(breaker) is State.OPEN
+        assert len(calls) == 1  # cut at 0.02 s (the lease's 0.025 s less a fifth), then alone
+    finally:
+        release.set()
+    for thread in threading.enumerate():
+        if thread.name == "celery-breaker probe hangs-past-lease":
+            thread.join(10)
+
+
 @pytest.mark.parametrize(
     ("max_wait", "probe_timeout", "limit"),
     [(60.0, 60.0, 55.0), (60.0, 600.0, 55.0), (10.0, 10.0, 8.0), (0.5, 10.0, 0.4), (60.0, 5.0, 55.0)],
