@@ -7,6 +7,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import shlex
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Generator
@@ -1105,7 +1106,7 @@ class CircuitBreaker:
         if check_time(own) >= LEAST_PROBE_TIMEOUT:
             fix = (
                 f"reset the breaker to adopt this process's policy (half_open_max_wait={own:g} s): "
-                f"`celery -A <app> breaker reset {self.label}`, or CircuitBreaker.reset()"
+                f"`celery -A <app> breaker reset {shlex.quote(shown_label(self.label))}`, or CircuitBreaker.reset()"
             )
         else:
             fix = f"raise half_open_max_wait to {least:g} s or more, and reset the breaker to adopt it"
