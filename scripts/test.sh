@@ -47,16 +47,20 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIST"' EXIT
         python3 -m venv "$DIST/redis-venv" &&
         "$DIST/redis-venv/bin/python" -m pip install -q --disable-pip-version-check "$(ls "$DIST"/*.whl)[redis]"
     } > "$DIST/package.log" 2>&1 || { echo "$DIST/package.log"; exit 1; }
-    # The lower bounds' venv on the oldest Python the package claims (3.10), where the
-    # machine has it (pyenv's or the system's, tried as for 3.13 below), so that the
-    # oldest of everything runs together; else, or if it cannot be made, on python3.
-    PY310=""
-    for candidate in "$HOME"/.pyenv/versions/3.10*/bin/python "$(command -v python3.10 || true)"; do
-        if [ -n "$candidate" ] && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 10)' 2>/dev/null; then
-            PY310="$candidate"
-            break
-        fi
-    done
+    # Python $1 (3.10) where the machine has it, pyenv's or the system's, else nothing.
+    # (A pyenv shim on PATH answers only where that version is selected: each is tried.)
+    python_of() {
+        for candidate in "$HOME"/.pyenv/versions/"$1".*/bin/python "$(command -v "python$1" || true)"; do
+            if [ -n "$candidate" ] && "$candidate" -c "import sys; assert sys.version_info[:2] == (${1/./, })" 2>/dev/null; then
+                echo "$candidate"
+                return
+            fi
+        done
+    }
+    # The lower bounds' venv on the oldest Python the package claims, where the machine
+    # has it, so that the oldest of everything runs together; else, or if it cannot be
+    # made, on python3.
+    PY310="$(python_of 3.10)"
     make_oldest() {
         rm -rf "$DIST/oldest" &&
         "$1" -m venv "$DIST/oldest" &&
@@ -66,16 +70,9 @@ trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$DIST"' EXIT
     {
         { [ -n "$PY310" ] && make_oldest "$PY310"; } || make_oldest python3
     } > "$DIST/oldest.log" 2>&1 || { echo "$DIST/oldest.log"; exit 1; }
-    # The newest Python the package claims, where the machine has it (pyenv's or the
-    # system's): its venv, for tests/unit and tests/web below. Not having it skips them.
-    # (A pyenv shim on PATH answers only where that version is selected: each is tried.)
-    PY313=""
-    for candidate in "$HOME"/.pyenv/versions/3.13*/bin/python "$(command -v python3.13 || true)"; do
-        if [ -n "$candidate" ] && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null; then
-            PY313="$candidate"
-            break
-        fi
-    done
+    # The newest Python the package claims, where the machine has it: its venv, for
+    # tests/unit and tests/web below. Not having it skips them.
+    PY313="$(python_of 3.13)"
     if [ -n "$PY313" ]; then
         { "$PY313" -m venv "$DIST/py313" && "$DIST/py313/bin/python" -m pip install -q \
             --disable-pip-version-check -e '.[dev]'; } > "$DIST/py313.log" 2>&1 || rm -rf "$DIST/py313"
