@@ -530,6 +530,13 @@ local function load()
       s[name] = 0
     end
   end
+  -- A generation mended to 0 went back within its incarnation: a process whose view was
+  -- ahead ignored the replies and messages of the breaker's next moves, and its next script
+  -- found the generation gone back and warned again, for the same damage. Generations
+  -- restart under another incarnation instead, which every view takes at once (and the
+  -- last reset's generation with them: counts from before are dropped as another's).
+  local renumbered = read_whole(raw.gen) == nil
+  if renumbered then s.rg = 0 end
   -- The generation of the last reset (rg): counts sent from before it are dropped. Beyond
   -- the generation it would drop every count for ever.
   if s.rg > s.gen then
@@ -564,7 +571,14 @@ local function load()
   -- The incarnation is published, a line of a message: a number as fmt() writes it.
   if #s.inc > 32 or not string.match(s.inc, '^[%d%.eE%+%-]+$') or read_number(s.inc) == nil then
     if not mend('inc') then return bad('inc') end
-    s.inc = fmt(now) -- (another incarnation: views read the breaker again)
+    renumbered = true
+  end
+  if renumbered then
+    -- Another incarnation (views read the breaker again): now, as a new breaker's, unless
+    -- that is the stored one (a clock that has not moved since: the caller's, on the test
+    -- seam); then a millisecond on, a distinct number at any time read_time accepts.
+    s.inc = fmt(now)
+    if s.inc == raw.inc then s.inc = fmt(now + 0.001) end
   end
   if #mended > 0 then
     warnings[#warnings + 1] = 'unreadable ' .. table.concat(mended, ', ') .. ' in ' .. K_STATE .. ' (mended; kept '
