@@ -136,8 +136,8 @@ def expire_now(store: RedisStore, name: str, key: str | None = None, *, after: f
 
 def following(store: Store, timeout: float = 10.0) -> None:
     """Return once a Redis store's agent has subscribed (and so re-read every view it holds,
-    which re-creates a breaker deleted meanwhile); at once for any other store. Polls a
-    real thread's progress, with a deadline."""
+    and hears every transition from then on); at once for any other store. Polls a real
+    thread's progress, with a deadline."""
     deadline = time.monotonic() + timeout
     while isinstance(store, RedisStore) and not (store.live and store.settled):
         if time.monotonic() > deadline:

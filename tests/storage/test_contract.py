@@ -890,7 +890,7 @@ def test_a_deleted_breaker_leaves_the_listing_and_its_next_call_starts_afresh(st
     fail(breaker)
     fail(other)
     assert state_of(breaker) is State.OPEN
-    following(store)  # (a process subscribing reads its views again: that would re-create it)
+    following(store)  # (it hears the delete: its view of the tripped breaker would reject)
     assert store.delete("stray", None) is True
     assert {snapshot.name for snapshot in store.snapshots(clock)} == {"kept"}
     assert store.sync()  # (every process hears it: this one too)
@@ -900,6 +900,23 @@ def test_a_deleted_breaker_leaves_the_listing_and_its_next_call_starts_afresh(st
     assert state_of(other) is State.OPEN  # another breaker is untouched
     assert store.delete("stray", "no-such-key") is False
     assert store.delete("never-was", None) is False
+
+
+def test_what_a_breaker_counted_before_its_delete_does_not_bring_it_back(store: Store, clock: FakeClock) -> None:
+    # On Redis a process sends its rejections and deferrals up to a second later: their
+    # send made the deleted breaker again, closed and empty, listed as if never deleted.
+    breaker = make(store, clock, name="stray", failure_threshold=1, reset_timeout=60.0)
+    fail(breaker)
+    following(store)
+    for _ in range(3):
+        rejected(breaker)
+    breaker.note_deferral()
+    assert store.delete("stray", None) is True
+    store.flush()
+    assert store.snapshots(clock) == []
+    assert store.sync()  # (heard by this process now, if not before)
+    store.flush()
+    assert store.snapshots(clock) == []
 
 
 def test_deleting_a_per_key_breaker_leaves_its_siblings(store: Store, clock: FakeClock) -> None:

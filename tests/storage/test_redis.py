@@ -723,10 +723,10 @@ def test_a_flush_returns_once_orphans_another_thread_took_are_in_redis(
     taken, go = threading.Event(), threading.Event()
     making = store.cell
 
-    def slow_cell(*args: Any) -> Any:  # (the agent's flush, between taking the orphan and sending it)
+    def slow_cell(*args: Any, **options: Any) -> Any:  # (the agent's flush, between taking the orphan and sending it)
         taken.set()
         assert go.wait(10.0)
-        return making(*args)
+        return making(*args, **options)
 
     monkeypatch.setattr(store, "cell", slow_cell)
     first = threading.Thread(target=store.flush)

@@ -10,14 +10,15 @@
 --   1 the caller's clock reading, or '' to use Redis TIME (the default: shared decisions
 --     never depend on worker clocks); 2 idle TTL in ms; 3 what the caller counted locally
 --     since its last script call: 'rejections;deferrals;generation;successes;stale successes;
---     check;incarnation;generation;counted incarnation;counted generation;stale generation'
---     (successes under that generation, stale ones under an earlier one; check = 1 asks
---     for the key types to be checked first, 2 also resets the breaker: the caller's last
---     try failed on its data; the caller's view, the incarnation and generation it last
---     saw, if any; the view the oldest of those counts was counted under, at the
---     earliest, '' for one it cannot tell; and the oldest generation a stale success was
+--     check;incarnation;generation;counted incarnation;counted generation;stale generation;
+--     send' (successes under that generation, stale ones under an earlier one; check = 1
+--     asks for the key types to be checked first, 2 also resets the breaker: the caller's
+--     last try failed on its data; the caller's view, the incarnation and generation it
+--     last saw, if any; the view the oldest of those counts was counted under, at the
+--     earliest, '' for one it cannot tell; the oldest generation a stale success was
 --     admitted in, '' for none: counts from before a reset or from another incarnation
---     are dropped, see below); 4 the caller's policy
+--     are dropped, see below; and send = 1 when the call only sends those counts, a
+--     flush, which makes no breaker for counts it drops); 4 the caller's policy
 --     text (see parse_policy; '' for a listing, which never creates a breaker); 5 name
 --     ('' for a listing: read from the keys); 6 '-' or '+' .. key; 7 the pub/sub channel
 --     transitions are published on ('' for none); 8.. the operation's own arguments.
@@ -448,6 +449,12 @@ for item in (ARGV[3] .. ';'):gmatch('([^;]*);') do
   pending[#pending + 1] = math.max(0, tonumber(item) or 0)
 end
 local check = pending[6] or 0
+-- The view the counts were counted under, if the caller can tell it ('' and '0': a process
+-- that had read no breaker yet, or heard that it was deleted, or whose view is older than
+-- the keys' idle life: the counts are the breaker's that is there now).
+local counted_inc = view[9] or ''
+local told = counted_inc ~= '' and counted_inc ~= '0'
+local sending = view[12] == '1'
 if check >= 1 then
   local EXPECTED_TYPES = { { K_STATE, 'hash' }, { K_FAILS, 'list' }, { K_RING, 'string' },
     { K_BUCKETS, 'hash' }, { K_LEASES, 'hash' } }
@@ -603,6 +610,16 @@ if loaded == nil then
   -- Asked about a breaker without a policy (a listing) that expired meanwhile, or was
   -- just reset: nothing to show, but what was reset.
   if listing then do return { 'absent', 1, 'warn', table.concat(warnings, '; ') } end end
+  -- A flush that finds no breaker makes one only for counts that are the new breaker's
+  -- (untold). Counted under a breaker since deleted (told: every incarnation but the one
+  -- made here is gone), they are dropped below; made for nothing, the breaker came back,
+  -- closed and empty, where the operator had deleted it. Nothing is written: the caller
+  -- takes the view a delete publishes (forget.lua), so its next call asks, and makes it.
+  local nothing = (pending[1] or 0) + (pending[2] or 0) + (pending[4] or 0) + (pending[5] or 0) == 0
+  if sending and not wiped and (told or nothing) then
+    do return { 'st', CLOSED, 'gen', 0, 'left', '', 'now', fmt(now), 'verdict', 'gone', 'value', '',
+      'warn', table.concat(warnings, '; '), 'pol', '', 'inc', '0' } end
+  end
   S = fresh(given_policy)
   redis.call('DEL', K_FAILS, K_RING, K_BUCKETS, K_LEASES) -- leftovers of an expired breaker
   -- The stored policy wins (the breaker keeps the policy it was created with); a new one has the caller's.
@@ -626,14 +643,12 @@ for _, rule in ipairs(P.rules) do RULES[rule.kind].check(rule) end
 -- were counted for: not to this one when a reset came between (counted under an earlier
 -- generation than the reset's), nor when the breaker was deleted or expired meanwhile
 -- (another incarnation). Else an operator's reset or delete is undone by the rejections,
--- deferrals and successes counted before it. '' and '0' (a process that had read no
--- breaker yet, or heard that it was deleted) count here.
+-- deferrals and successes counted before it. Untold counts (above) count here.
 -- Successes carry the generation they were counted under (pending[3], in the caller's
 -- incarnation, view[7]): those of the reset's generation or later are kept. Stale ones,
 -- the oldest generation they were admitted in (view[11]; a caller without it: the view's).
 do
-  local counted_inc, counted_gen = view[9] or '', read_whole(view[10]) or 0
-  local told = counted_inc ~= '' and counted_inc ~= '0'
+  local counted_gen = read_whole(view[10]) or 0
   local elsewhere = told and counted_inc ~= S.inc
   if elsewhere or (told and counted_gen < S.rg) then
     pending[1], pending[2] = 0, 0

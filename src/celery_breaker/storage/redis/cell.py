@@ -23,7 +23,7 @@ from .replies import Reply, decode_reply, decode_snapshot, opt_float, policy_fro
 if TYPE_CHECKING:
     from .store import RedisStore
 
-__all__ = ["VIEW_TTL", "Orphan", "RedisCell"]
+__all__ = ["GONE", "VIEW_TTL", "Orphan", "RedisCell"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -33,6 +33,9 @@ _PASSING = (State.CLOSED, State.DISABLED)
 #: again while this process hears no transitions (its subscription is down), so an
 #: operator's close or reset in another process still reaches it.
 VIEW_TTL = 1.0
+#: A flush's verdict when it found no breaker and made none (``common.lua``): its view is
+#: the one a delete publishes, incarnation ``"0"`` (``forget.lua``).
+GONE = "gone"
 
 
 class Counted(NamedTuple):
@@ -221,9 +224,15 @@ class RedisCell:
 
     # -- one round trip ------------------------------------------------------
 
-    def _call(self, script: str, now: float, *args: str, policy: str | None = None) -> tuple[Reply, Moves]:
+    def _call(
+        self, script: str, now: float, *args: str, policy: str | None = None, sending: bool = False
+    ) -> tuple[Reply, Moves]:
         """Run ``script`` on this breaker, sending what was counted locally; return its
         reply and the transition it made, after taking the view it answered.
+
+        ``sending``: the call only sends those counts (a flush), and makes no breaker for
+        counts Redis drops (``common.lua``): finding none, it answers the view a delete
+        publishes (``GONE``), which is taken as if heard.
 
         A script that fails on the breaker's data (``damage.repair_for``) is run once more,
         checking the key types (after a WRONGTYPE: a key of another type resets the
@@ -236,7 +245,7 @@ class RedisCell:
             epoch = store.epoch
             pending, counted_in, counts = self._take_pending()
             # (common.lua ARGV[3])
-            view = f";{check or 0};{self._incarnation};{self.generation};{counted_in.text()}"
+            view = f";{check or 0};{self._incarnation};{self.generation};{counted_in.text()};{int(sending)}"
             head = [repr(now) if store.client_time else "", store.ttl_ms, pending + view]
             argv = [*head, policy or self._policy_text, self.name, self._key_arg, store.channel, *args]
             try:
@@ -269,7 +278,10 @@ class RedisCell:
         if reply.policy:
             self._adopt(reply.policy)
         open_until = None if remaining is None else now + remaining
-        self._view(reply.incarnation, reply.generation, reply.state, open_until, epoch, heard=False)
+        # A flush that found no breaker (deleted, or expired) made none: taken as the delete
+        # is heard, so the next call asks Redis, which makes it, rather than pass unasked.
+        gone = reply.verdict == GONE
+        self._view(reply.incarnation, reply.generation, reply.state, open_until, epoch, heard=gone)
         self.last_used = now
         moved = reply.moved
         if moved is None:
@@ -446,13 +458,15 @@ class RedisCell:
         next(self._df_tally)  # sent with the next script call or flush
 
     def flush(self) -> None:
-        """Send what was counted locally (the store's flusher calls this). If its node
+        """Send what was counted locally (the store's flusher calls this), and read the
+        view; a breaker that is gone is made again only for counts it is owed (counted
+        since it was deleted or may have expired), not for those it drops. If its node
         cannot be reached, the view stops passing calls: the next one asks Redis, and
         meets ``breaker_on_storage_error``. On a Cluster with one node down, nothing else
         would tell it: the agent's subscription lives on another node, and stays up."""
         with self._sending:
             try:
-                self._call("operate", self._clock.monotonic(), "view")
+                self._call("operate", self._clock.monotonic(), "view", sending=True)
             except StorageError:
                 self.flush_failed = True
                 self.go_dark()

@@ -294,7 +294,10 @@ class RedisStore:
         tag = breaker_tag(self.quoted_prefix, name, key)
         return [tag + suffix for suffix in _KEY_SUFFIXES]
 
-    def cell(self, name: str, key: str | None, policy: BreakerPolicy, clock: Clock) -> RedisCell:
+    def cell(self, name: str, key: str | None, policy: BreakerPolicy, clock: Clock, *, read: bool = True) -> RedisCell:
+        """This process's cell of the breaker, made and read (which makes the breaker in
+        Redis if it is not there) if need be; ``read=False``: made unread, left to be read
+        by its next use (``_flush_orphans``: an orphan's send must not make the breaker)."""
         ident = (name, key)
         found = self._cells.get(ident)
         if found is None:
@@ -305,7 +308,7 @@ class RedisStore:
                     self._by_state_key[found.state_key] = found
                     found.evicted = True  # nothing read yet
         self.ensure_agent()
-        if found.evicted:
+        if read and found.evicted:
             # A new cell learns the stored policy and state; an old rejecting view is
             # read again. (Outside the lock: the round trip may create the client.)
             found.refresh(clock.monotonic())
@@ -517,7 +520,9 @@ class RedisStore:
             while orphans:
                 orphan = orphans.pop()
                 try:
-                    cell = self.cell(orphan.name, orphan.key, orphan.policy, orphan.clock)
+                    # (Unread: reading it would make again a breaker deleted since, for
+                    # counts that are then dropped; the flush makes it only for counts kept.)
+                    cell = self.cell(orphan.name, orphan.key, orphan.policy, orphan.clock, read=False)
                     # Its counts go under the view they were counted under (a reset since
                     # drops them, as it drops any cell's): the cell's own go first, under its own.
                     if cell.pending:
