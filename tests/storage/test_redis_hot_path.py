@@ -346,7 +346,12 @@ def test_a_redis_refusing_writes_is_not_a_channel_lost_ten_times_a_second(
             with caplog.at_level(logging.INFO, logger="celery_breaker"):
                 server.admin().client_kill_filter(_type="pubsub")
                 wait_for(lambda: len(tries) >= 5)
-            lost = [r for r in caplog.records if "lost the breaker transitions channel" in r.getMessage()]
+            # (This store's: earlier tests' stores, never closed, log their own, their
+            # heartbeats missed on a loaded machine: 11 of them in a random-order run.)
+            lost = [
+                r for r in caplog.records
+                if "lost the breaker transitions channel" in r.getMessage() and store.label in r.getMessage()
+            ]  # fmt: skip
             assert len(lost) <= 1  # the connection killed, not each failed reading
             assert store.losses <= 1
             assert tries[4] - tries[1] >= 1.5  # backing off (0.25 + 0.5 + 1 s), not every 0.1 s
