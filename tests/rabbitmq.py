@@ -205,10 +205,11 @@ class RabbitMQServer(Owned):
             raise ServerError(f"rabbitmqctl {' '.join(args)} failed ({done.returncode}): {done.stderr or done.stdout}")
         return done.stdout
 
-    def queues(self, *fields: str) -> list[dict[str, Any]]:
-        """``rabbitmqctl list_queues``: one dict per queue (default fields: name, messages, consumers, arguments)."""
+    def queues(self, *fields: str, vhost: str = "/") -> list[dict[str, Any]]:
+        """``rabbitmqctl list_queues``: one dict per queue of ``vhost`` (default fields: name,
+        messages, consumers, arguments)."""
         names = fields or ("name", "messages", "messages_unacknowledged", "consumers", "arguments")
-        out = self.rabbitmqctl("list_queues", "--quiet", "--formatter", "json", *names)
+        out = self.rabbitmqctl("list_queues", "--vhost", vhost, "--quiet", "--formatter", "json", *names)
         return cast(list[dict[str, Any]], json.loads(out))
 
     def log_tail(self, lines: int = 20) -> str:

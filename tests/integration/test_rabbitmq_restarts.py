@@ -36,7 +36,7 @@ from kombu.transport.native_delayed_delivery import (
 )
 
 from celery_breaker import CircuitBreaker
-from celery_breaker.integration.deferral import broker_delay, confirms
+from celery_breaker.integration.deferral import broker_delay, confirms, delay_depth
 from celery_breaker.integration.deferral.countdown import CountdownRepublish
 from celery_breaker.integration.deferral.defer import _deliver
 from celery_breaker.integration.deferral.plan import DeferralPlan
@@ -509,7 +509,7 @@ def test_deferred_tasks_of_a_deleted_queue_never_hold_back_the_others(
         def kept() -> bool:  # (kept for an operator, not lost; RabbitMQ counts a quorum queue's messages every few s)
             left = {row["name"]: row["messages"] for row in own_rabbitmq.queues("name", "messages")}
             with publisher.connection_for_write() as connection:  # (and as a starting worker counts them)
-                counted = broker_delay.unroutable_count(connection)
+                counted = delay_depth.unroutable_count(connection)
             return bool(left.get(broker_delay.UNROUTABLE, 0) >= 40 and counted >= 40)
 
         wait_for(kept, 30, "the doomed queue's 40 tasks kept in the unroutable queue")

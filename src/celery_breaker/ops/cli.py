@@ -237,6 +237,8 @@ def status(ctx: click.Context, patterns: tuple[str, ...], as_json: bool, wide: b
     """Every breaker in the store: state, failure rate, calls, open until, trips, deferred, parked.
 
     PATTERN: only breakers matching a glob, by name ('crm*') or NAME[KEY] ('crm[tenant-*]').
+    An app deferring into RabbitMQ's delay queues parks nothing in the store: a line under
+    the table counts the tasks waiting there (all breakers together).
     """
     import json
 
@@ -277,7 +279,33 @@ def _status_table(
 
     elsewhere = waiting_elsewhere(app)
     if elsewhere is not None:  # (RabbitMQ: PARKED 0 read as "nothing waits")
-        click.echo(f"PARKED counts tasks parked in the store; this app's deferred tasks wait {elsewhere}.")
+        click.echo(f"PARKED counts tasks parked in the store; {_waiting_there(app, elsewhere)}.")
+
+
+def _waiting_there(app: Any, elsewhere: str) -> str:
+    """What waits outside the store: on RabbitMQ, the delay queues' total (every breaker's,
+    which the queues mix), read now; where the tasks wait, and why not how many, when it
+    cannot be read. A count that fails is said here, and changes no exit code: the
+    store's status stands without it."""
+    from ..integration.deferral.selection import delays_in_rabbitmq
+
+    if not delays_in_rabbitmq(app):
+        return f"this app's deferred tasks wait {elsewhere}"
+    from ..integration.deferral.delay_depth import failure_text, read_delay_depth
+
+    try:
+        depth = read_delay_depth(app)
+    except Exception as exc:  # (whatever connecting or reading met: said, not raised)
+        return f"this app's deferred tasks wait {elsewhere}, not counted ({failure_text(app, exc)})"
+    tasks, wait = ("task", "waits") if depth.delayed == 1 else ("tasks", "wait")
+    text = f"{depth.delayed} deferred {tasks} (all breakers, all apps on the vhost) {wait} {elsewhere}"
+    if depth.unroutable:
+        # (they do not come back by themselves: a worker's start log says it too)
+        text += (
+            f", and {depth.unroutable} in celery_breaker_delayed_unroutable: their queue was gone when they came "
+            "due; move them back to it (a shovel, or the management UI) or purge that queue"
+        )
+    return text
 
 
 def _report_move(move: Move, as_json: bool, warned: bool) -> None:

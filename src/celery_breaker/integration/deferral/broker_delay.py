@@ -54,7 +54,7 @@ __all__ = [
     "ROUTING_EXCHANGE", "UNROUTABLE", "BrokerDelay", "asked_queue", "destination_queue", "ensure_topology",
     "forget_delay_deaths", "level_name", "note_delivery_queue", "queue_binding", "queue_token",
     "show_queue_delivery",
-    "topic_matches", "unroutable_count",
+    "topic_matches",
 ]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
@@ -439,18 +439,6 @@ def _exists(connection: Any, exchange: str) -> bool:
     with contextlib.suppress(Exception):
         channel.close()
     return True
-
-
-def unroutable_count(connection: Any) -> int:
-    """How many due runs wait in ``UNROUTABLE``, their queue gone when they came due (0: none, or no topology)."""
-    channel = connection.channel()
-    try:
-        found = channel.queue_declare(UNROUTABLE, passive=True)
-    except connection.channel_errors:
-        return 0
-    with contextlib.suppress(Exception):
-        channel.close()
-    return int(found.message_count)
 
 
 def ensure_topology(connection: Any, app: Any, consumed: Iterable[str] = ()) -> set[str]:

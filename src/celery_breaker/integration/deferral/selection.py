@@ -26,7 +26,7 @@ from .countdown import CountdownRepublish
 from .parking import ParkInStore
 from .strategy import DeferralStrategy
 
-__all__ = ["choose_strategies", "deferral_strategies", "waiting_elsewhere"]
+__all__ = ["choose_strategies", "deferral_strategies", "delays_in_rabbitmq", "waiting_elsewhere"]
 
 _ATTRIBUTE = "_celery_breaker_strategies"
 _LOCK = threading.Lock()
@@ -56,6 +56,12 @@ def deferral_strategies(app: Any) -> tuple[DeferralStrategy, ...]:
     return found[1]
 
 
+def delays_in_rabbitmq(app: Any) -> bool:
+    """Whether ``app`` defers its tasks into RabbitMQ's delay queues (broker-delay first):
+    what waits there is counted there (``delay_depth.py``), not in the store."""
+    return isinstance(deferral_strategies(app)[0], BrokerDelay)
+
+
 def waiting_elsewhere(app: Any) -> str | None:
     """Where ``app``'s deferred tasks wait when they are not parked in the breaker store
     (what operators' counts of parked tasks cannot show, nor a purge reach): ``None``
@@ -63,7 +69,7 @@ def waiting_elsewhere(app: Any) -> str | None:
     first = deferral_strategies(app)[0]
     if isinstance(first, ParkInStore) or broker_kind(app.conf) == MEMORY:
         return None
-    if isinstance(first, BrokerDelay):
+    if delays_in_rabbitmq(app):
         return "in RabbitMQ's delay queues (celery_breaker_delayed_*)"
     return "as countdown messages in the broker, held by workers until they are due"
 

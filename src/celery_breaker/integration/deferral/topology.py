@@ -25,7 +25,8 @@ from typing import Any
 from celery import bootsteps
 
 from ..broker import AMQP, broker_kind
-from .broker_delay import UNROUTABLE, BrokerDelay, ensure_topology, unroutable_count
+from .broker_delay import UNROUTABLE, BrokerDelay, ensure_topology
+from .delay_depth import unroutable_count
 from .selection import deferral_strategies
 
 __all__ = ["DelayTopologyStep"]

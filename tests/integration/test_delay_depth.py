@@ -1,0 +1,183 @@
+"""What waits in RabbitMQ's delay queues, counted for operators: ``celery breaker status``.
+
+Against the session's real RabbitMQ, each test in a vhost of its own: broker-delay's
+topology is one per vhost, shared by every app that defers there, so a count is exact
+only where nothing else defers. Runs are deferred as a worker defers them
+(``BrokerDelay.deliver``: the topology declared, the publish confirmed), by hand and for
+far longer than a test lasts, so they wait in the delay queues while it reads them. No
+worker process.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from amqp.exceptions import ChannelError  # type: ignore[import-untyped]
+from celery import Celery
+from celery.bin.celery import celery as celery_main
+from click.testing import CliRunner, Result
+from kombu.connection import Connection
+
+from celery_breaker import CircuitBreaker
+from celery_breaker.integration.deferral.broker_delay import UNROUTABLE, BrokerDelay, level_name
+from celery_breaker.integration.deferral.delay_depth import DelayDepth, delay_depth, read_delay_depth, unroutable_count
+from celery_breaker.integration.deferral.plan import DeferralPlan
+from celery_breaker.ops.cli import EXIT_UNAVAILABLE
+from celery_breaker.storage import close_stores
+from tests.integration import depth_proj
+from tests.rabbitmq import RabbitMQServer
+from tests.servers import free_port
+
+#: Delays (seconds) whose runs start in levels 6, 9, 11, 12 and 16 of the delay topology.
+DELAYS = (100, 1000, 3600, 5000, 70000)
+WHERE = "in RabbitMQ's delay queues (celery_breaker_delayed_*)"
+PARKED = "PARKED counts tasks parked in the store;"
+
+
+@dataclass(frozen=True)
+class Vhost:
+    name: str
+    url: str
+
+
+@pytest.fixture
+def vhost(rabbitmq: RabbitMQServer) -> Iterator[Vhost]:
+    """A vhost of this test's own on the session's RabbitMQ, deleted after it with all it holds."""
+    name = f"depth-{time.monotonic_ns()}"
+    rabbitmq.rabbitmqctl("add_vhost", name)
+    try:
+        rabbitmq.rabbitmqctl("set_permissions", "--vhost", name, "guest", ".*", ".*", ".*")
+        yield Vhost(name, f"amqp://guest:guest@127.0.0.1:{rabbitmq.port}/{name}")
+    finally:
+        rabbitmq.rabbitmqctl("delete_vhost", name)
+
+
+@pytest.fixture
+def store_url(redis_url: str) -> Iterator[str]:
+    """A breaker store of this test's own (a key prefix), with ``partner-api`` forced open in it."""
+    url = f"{redis_url}/0?key_prefix=depth{time.monotonic_ns()}"
+    CircuitBreaker("partner-api", depth_proj.POLICY, storage=url).force_open()
+    yield url
+    depth_proj.use("memory://", "memory://")
+    close_stores()
+
+
+def status(*args: str) -> Result:
+    """``celery -A depth_proj breaker status <args>``, in-process."""
+    command = ["-A", "tests.integration.depth_proj:app", "breaker", "status", *args]
+    return CliRunner().invoke(celery_main, command, catch_exceptions=False)
+
+
+def last_line(result: Result) -> str:
+    return result.stdout.splitlines()[-1]
+
+
+def defer(delays: tuple[int, ...]) -> None:
+    """Defer one run of ``depth_proj``'s task per delay, by broker-delay, wherever its app points."""
+    strategy, task = BrokerDelay(), depth_proj.call_partner
+    for n, delay in enumerate(delays):
+        task.push_request(id=f"run-{n}", args=(n,), kwargs={}, delivery_info={"exchange": "", "routing_key": "celery"})
+        try:
+            plan = DeferralPlan(delay=float(delay), count=1, since=time.time())
+            deferral = types.SimpleNamespace(task=task, args=(n,), kwargs={}, headers={}, plan=plan, options={})
+            assert strategy.deliver(deferral) == delay  # type: ignore[arg-type]
+        finally:
+            task.pop_request()
+
+
+def strand(url: str, count: int) -> None:
+    """``count`` messages in ``UNROUTABLE``, as runs whose queue was gone when they came due (confirmed)."""
+    with Connection(url, transport_options={"confirm_publish": True}) as connection:  # type: ignore[no-untyped-call]
+        producer = connection.Producer()
+        for n in range(count):
+            producer.publish({"n": n}, exchange=UNROUTABLE, routing_key="")
+
+
+def test_status_counts_every_task_waiting_in_the_delay_queues(
+    rabbitmq: RabbitMQServer, vhost: Vhost, store_url: str
+) -> None:
+    # On RabbitMQ, PARKED read 0 while every deferred task waited in the delay queues:
+    # status said where they wait, not how many.
+    depth_proj.use(vhost.url, store_url)
+    nothing = status()
+    assert nothing.exit_code == 0, nothing.output
+    assert last_line(nothing) == f"{PARKED} 0 deferred tasks (all breakers, all apps on the vhost) wait {WHERE}."
+    assert rabbitmq.queues("name", vhost=vhost.name) == []  # (nothing deferred yet: no queue, none made by counting)
+
+    defer(DELAYS[:1])
+    one = f"{PARKED} 1 deferred task (all breakers, all apps on the vhost) waits {WHERE}."
+    assert last_line(status()) == one
+    defer(DELAYS[1:])  # (levels 6 to 16: the count is the sum of the levels)
+    counted = status()
+    assert counted.exit_code == 0, counted.output
+    assert counted.stderr == ""
+    assert last_line(counted) == f"{PARKED} 5 deferred tasks (all breakers, all apps on the vhost) wait {WHERE}."
+
+    strand(vhost.url, 2)
+    assert last_line(status()) == (
+        f"{PARKED} 5 deferred tasks (all breakers, all apps on the vhost) wait {WHERE}, and 2 in "
+        "celery_breaker_delayed_unroutable: their queue was gone when they came due; move them back to it (a "
+        "shovel, or the management UI) or purge that queue."
+    )
+    # --json stays the list of breakers it was (one object per breaker).
+    assert [row["name"] for row in json.loads(status("--json").stdout)] == ["partner-api"]
+
+
+def test_a_broker_that_cannot_be_counted_is_said_in_the_line_and_changes_no_exit_code(store_url: str) -> None:
+    refused = free_port()
+    depth_proj.use(f"amqp://guest:secret@127.0.0.1:{refused}//", store_url)
+    result = status()
+    assert result.exit_code == 0, result.output
+    assert last_line(result) == (
+        f"{PARKED} this app's deferred tasks wait {WHERE}, not counted "
+        f"(amqp://guest:**@127.0.0.1:{refused}//: [Errno 111] Connection refused)."
+    )
+    assert "secret" not in result.output
+
+    # A broker that takes the connection and never answers: given up in the app's own
+    # broker_connection_timeout, not waited on.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        depth_proj.use(f"amqp://guest:secret@127.0.0.1:{port}//", store_url, connect_timeout=0.5)
+        result = status()
+    assert result.exit_code == 0, result.output
+    assert last_line(result).endswith(f", not counted (amqp://guest:**@127.0.0.1:{port}//: no answer (timed out)).")
+
+    # The store's own failure keeps its exit code; the broker is not asked.
+    depth_proj.use(f"amqp://guest:secret@127.0.0.1:{refused}//", f"redis://127.0.0.1:{free_port()}/0")
+    unreachable = status()
+    assert unreachable.exit_code == EXIT_UNAVAILABLE
+    assert "cannot reach the breaker store" in unreachable.stderr
+
+
+def test_a_queue_that_does_not_exist_counts_zero_and_is_not_created(rabbitmq: RabbitMQServer, vhost: Vhost) -> None:
+    # Only level 5 exists, with 2 messages: the levels asked before it and UNROUTABLE after
+    # it answer 404, which closes the channel that asked.
+    with Connection(vhost.url, transport_options={"confirm_publish": True}) as connection:  # type: ignore[no-untyped-call]
+        channel = connection.channel()
+        channel.queue_declare(level_name(5), durable=True, auto_delete=False)
+        producer = connection.Producer(channel)
+        for n in range(2):
+            producer.publish({"n": n}, exchange="", routing_key=level_name(5))
+        channel.close()
+        assert delay_depth(connection) == DelayDepth(delayed=2, unroutable=0)
+        assert unroutable_count(connection) == 0
+        assert list(connection.connection.channels) == [0]  # (the connection's own: none left open)
+    assert [row["name"] for row in rabbitmq.queues("name", vhost=vhost.name)] == [level_name(5)]
+    # The same through an app's settings, on a connection of its own.
+    app = Celery("depth.settings", broker=vhost.url, set_as_current=False)
+    assert read_delay_depth(app) == DelayDepth(2, 0)
+    # Any other answer is no count of 0: a level held exclusively by another connection is
+    # RESOURCE_LOCKED (405) to the count's, which fails.
+    with Connection(vhost.url) as holder:  # type: ignore[no-untyped-call]
+        holder.channel().queue_declare(level_name(3), exclusive=True)
+        with pytest.raises(ChannelError, match="RESOURCE_LOCKED"):
+            read_delay_depth(app)
