@@ -26,6 +26,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -211,6 +212,20 @@ class RabbitMQServer(Owned):
         names = fields or ("name", "messages", "messages_unacknowledged", "consumers", "arguments")
         out = self.rabbitmqctl("list_queues", "--vhost", vhost, "--quiet", "--formatter", "json", *names)
         return cast(list[dict[str, Any]], json.loads(out))
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The node frozen (SIGSTOP to its process group) until the block ends, then resumed:
+        the kernel still takes connections and bytes, and nothing answers, as a node cut off
+        by a partition."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            raise ServerError(f"{self} is not running")
+        os.killpg(process.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(process.pid, signal.SIGCONT)
 
     def log_tail(self, lines: int = 20) -> str:
         texts = []

@@ -1,4 +1,4 @@
-"""What waits in RabbitMQ's delay queues, counted for operators: ``celery breaker status``.
+"""What waits in RabbitMQ's delay queues, counted for operators: ``celery breaker status`` and the Prometheus gauges.
 
 Against the session's real RabbitMQ, each test in a vhost of its own: broker-delay's
 topology is one per vhost, shared by every app that defers there, so a count is exact
@@ -11,6 +11,7 @@ worker process.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 import types
@@ -23,13 +24,24 @@ from celery import Celery
 from celery.bin.celery import celery as celery_main
 from click.testing import CliRunner, Result
 from kombu.connection import Connection
+from prometheus_client import CollectorRegistry, generate_latest
 
 from celery_breaker import CircuitBreaker
 from celery_breaker.integration.deferral.broker_delay import UNROUTABLE, BrokerDelay, level_name
-from celery_breaker.integration.deferral.delay_depth import DelayDepth, delay_depth, read_delay_depth, unroutable_count
+from celery_breaker.integration.deferral.confirms import timed_out
+from celery_breaker.integration.deferral.delay_depth import (
+    DelayDepth,
+    delay_depth,
+    depth_connection,
+    read_delay_depth,
+    unroutable_count,
+)
 from celery_breaker.integration.deferral.plan import DeferralPlan
+from celery_breaker.monitoring.delay_gauge import RETRY_AFTER, DelayDepthReader
+from celery_breaker.monitoring.prometheus import BreakerCollector, register
 from celery_breaker.ops.cli import EXIT_UNAVAILABLE
 from celery_breaker.storage import close_stores
+from celery_breaker.testing import FakeClock
 from tests.integration import depth_proj
 from tests.rabbitmq import RabbitMQServer
 from tests.servers import free_port
@@ -181,3 +193,95 @@ def test_a_queue_that_does_not_exist_counts_zero_and_is_not_created(rabbitmq: Ra
         holder.channel().queue_declare(level_name(3), exclusive=True)
         with pytest.raises(ChannelError, match="RESOURCE_LOCKED"):
             read_delay_depth(app)
+
+
+def broker_samples(collector: BreakerCollector) -> dict[str, float]:
+    return {
+        sample.name: sample.value
+        for family in collector.collect()
+        for sample in family.samples
+        if sample.name.startswith("celery_breaker_broker_")
+    }
+
+
+def test_the_metrics_count_the_delay_queues_of_an_app_deferring_there(vhost: Vhost, store_url: str) -> None:
+    depth_proj.use(vhost.url, store_url)
+    defer(DELAYS[:3])
+    strand(vhost.url, 1)
+    registry = CollectorRegistry()
+    collector = register(depth_proj.app, registry)
+    try:
+        exposed = generate_latest(registry).decode()
+        assert "\ncelery_breaker_broker_delayed_tasks 3.0\n" in exposed
+        assert "\ncelery_breaker_broker_unroutable_tasks 1.0\n" in exposed
+        assert "\ncelery_breaker_broker_delay_up 1.0\n" in exposed
+        assert 'celery_breaker_state{breaker="partner-api",key="",state="forced_open"} 1.0' in exposed
+        defer(DELAYS[3:])
+        assert broker_samples(collector)["celery_breaker_broker_delayed_tasks"] == 5.0
+    finally:
+        collector.close()
+    # Nothing of the broker for a store alone: which broker, and whether it defers there, is the app's.
+    assert broker_samples(BreakerCollector(store_url)) == {}
+
+
+def test_a_scrape_while_the_broker_is_down_says_so_and_still_exports_the_breakers(store_url: str) -> None:
+    depth_proj.use(f"amqp://guest:guest@127.0.0.1:{free_port()}//", store_url)
+    collector = BreakerCollector(depth_proj.app, clock=FakeClock())
+    samples = [
+        (sample.name, sample.labels, sample.value) for family in collector.collect() for sample in family.samples
+    ]
+    assert ("celery_breaker_broker_delay_up", {}, 0.0) in samples
+    assert not [name for name, _, _ in samples if name.endswith("_tasks") and "broker" in name]  # (no 0 for "none")
+    assert ("celery_breaker_store_up", {}, 1.0) in samples
+    assert ("celery_breaker_state", {"breaker": "partner-api", "key": "", "state": "forced_open"}, 1.0) in samples
+
+
+def test_a_reader_keeps_its_connection_never_hangs_and_tries_again_after_a_pause(
+    rabbitmq: RabbitMQServer, vhost: Vhost, store_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    depth_proj.use(vhost.url, store_url)
+    defer(DELAYS[:2])
+    clock = FakeClock()
+    connected: list[object] = []
+
+    def connect(app: object, timeout: float) -> object:
+        connected.append(depth_connection(app, timeout))
+        return connected[-1]
+
+    reader = DelayDepthReader(depth_proj.app, clock=clock, log_interval=60.0, timeout=0.5, connect=connect)
+    caplog.set_level(logging.INFO, logger="celery_breaker")
+    try:
+        assert reader.read().depth == DelayDepth(2, 0)
+        assert reader.read().depth == DelayDepth(2, 0)
+        assert len(connected) == 1  # (kept between reads: no connection churn on RabbitMQ)
+
+        # RabbitMQ closes the kept connection (as a restart does; it has sent its connection.close
+        # when rabbitmqctl returns): the read goes on over a new connection at once.
+        rabbitmq.rabbitmqctl("close_all_connections", "--vhost", vhost.name, "closed by the test")
+        assert reader.read().depth == DelayDepth(2, 0)
+        assert len(connected) == 2
+
+        # RabbitMQ frozen: the answer does not come, the read gives up in its timeout, and
+        # tries no new connection (a broker that does not answer would not answer it either).
+        with rabbitmq.paused():
+            failed = reader.read()
+        assert failed.depth is None
+        assert failed.error is not None
+        assert timed_out(failed.error)
+        assert len(connected) == 2
+        # Until RETRY_AFTER has passed the failure is the answer, at once: RabbitMQ is not asked.
+        clock.advance(RETRY_AFTER - 1)
+        assert reader.read() is failed
+        assert len(connected) == 2
+        clock.advance(1)
+        assert reader.read().depth == DelayDepth(2, 0)
+        assert len(connected) == 3
+    finally:
+        reader.close()
+    told = [(record.levelname, record.getMessage()) for record in caplog.records]
+    assert told == [
+        ("WARNING", f"celery-breaker metrics: cannot count the deferred tasks in RabbitMQ's delay queues "
+                    f"(amqp://guest:**@127.0.0.1:{rabbitmq.port}/{vhost.name}: no answer (timed out)); exporting "
+                    f"celery_breaker_broker_delay_up 0, trying again in {RETRY_AFTER:g} s"),
+        ("INFO", "celery-breaker metrics: RabbitMQ's delay queues are counted again"),
+    ]  # fmt: skip

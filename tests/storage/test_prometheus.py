@@ -26,6 +26,7 @@ from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.monitoring.flower import register_breakers, store_url
 from celery_breaker.monitoring.prometheus import (
+    _BROKER_GAUGES,
     _COUNTERS,
     _GAUGES,
     PREFIX,
@@ -172,6 +173,7 @@ def test_every_metric_exposed_is_documented() -> None:
     documented = set(re.findall(r"^\| `(celery_breaker_[a-z_]+)` \|", DOCS.read_text(), re.MULTILINE))
     made = {f"{PREFIX}_{name}_total" for name, _, _ in _COUNTERS} | {f"{PREFIX}_{name}" for name, _, _ in _GAUGES}
     made |= {f"{PREFIX}_state", f"{PREFIX}_store_up", f"{PREFIX}_store_unreached_servers"}
+    made |= {f"{PREFIX}_{name}" for name, _ in _BROKER_GAUGES}  # (an app deferring into RabbitMQ)
     assert made == documented
 
 

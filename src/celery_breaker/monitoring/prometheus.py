@@ -32,11 +32,13 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a test by 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..core import State
 from ..errors import ConfigurationError
+from ..integration.deferral.selection import delays_in_rabbitmq
 from ..integration.settings import get_settings
 from ..labels import visible
 from ..storage import Listing, Store, describe_url
+from .delay_gauge import DelayDepthReader
 from .serving import QUIET_FOR, Deadlined, Guarded
-from .status import BreakerStatus, collect_metrics, store_of
+from .status import BreakerStatus, collect_metrics, is_app, store_of
 
 __all__ = [
     "LOG_INTERVAL",
@@ -120,6 +122,21 @@ _GAUGES: tuple[tuple[str, str, Callable[[BreakerStatus], float | None]], ...] = 
     ("probes_in_flight", "HALF_OPEN probes admitted and not yet reported", lambda row: row.snapshot.probes_in_flight),
 )
 
+#: (name, help): gauges of an app that defers into RabbitMQ's delay queues, without labels.
+_BROKER_GAUGES = (
+    (
+        "broker_delayed_tasks",
+        "Deferred tasks waiting in RabbitMQ's delay queues (celery_breaker_delayed_*) for their delay: every "
+        "breaker's, of every app deferring on the vhost",
+    ),
+    (
+        "broker_unroutable_tasks",
+        "Deferred tasks in celery_breaker_delayed_unroutable: their queue was gone when they came due; they wait "
+        "for an operator",
+    ),
+    ("broker_delay_up", "1 when the last scrape could count RabbitMQ's delay queues, else 0"),
+)
+
 
 class BreakerCollector(Collector):
     """A Prometheus collector that reads every breaker of one store on each scrape.
@@ -131,12 +148,23 @@ class BreakerCollector(Collector):
     ``celery_breaker_store_up``. A scrape whose store read fails never raises: it
     exposes ``celery_breaker_store_up 0`` and no breaker samples, and the failure is
     logged at most once per ``log_interval`` seconds (on ``clock``).
+
+    For an app that defers into RabbitMQ's delay queues, each scrape also counts what
+    waits there (``delay_gauge.DelayDepthReader``: one kept connection, bounded reads):
+    ``celery_breaker_broker_delayed_tasks``, ``celery_breaker_broker_unroutable_tasks``
+    and ``celery_breaker_broker_delay_up``. ``close()`` closes that connection.
     """
 
     def __init__(self, source: Any, *, clock: Clock | None = None, log_interval: float = LOG_INTERVAL) -> None:
         self.store: Store = store_of(source)
         self.clock = clock or SYSTEM_CLOCK
         self.log_interval = log_interval
+        # (the tasks of such an app wait in RabbitMQ, where the store's counts never see them)
+        self.delays = (
+            DelayDepthReader(source, clock=self.clock, log_interval=log_interval)
+            if is_app(source) and delays_in_rabbitmq(source)
+            else None
+        )
         self._lock = threading.Lock()  # the outage bookkeeping (scrapes may run in parallel)
         self._failing_since: float | None = None
         self._last_log = float("-inf")
@@ -164,7 +192,18 @@ class BreakerCollector(Collector):
         families["store_up"].add_metric([], 0.0 if rows is None else 1.0)
         if rows is not None:  # (a store not read at all is store_up 0 alone)
             families["store_unreached_servers"].add_metric([], float(len(rows.unreached)))
+        if self.delays is not None:
+            depth = self.delays.read().depth
+            families["broker_delay_up"].add_metric([], 0.0 if depth is None else 1.0)
+            if depth is not None:  # (not counted: no sample, never a 0 that says "none wait")
+                families["broker_delayed_tasks"].add_metric([], float(depth.delayed))
+                families["broker_unroutable_tasks"].add_metric([], float(depth.unroutable))
         yield from families.values()
+
+    def close(self) -> None:
+        """Close the connection kept to count RabbitMQ's delay queues, if any (a later scrape opens another)."""
+        if self.delays is not None:
+            self.delays.close()
 
     def _families(self) -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
         families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
@@ -187,6 +226,9 @@ class BreakerCollector(Collector):
             "Cluster's primaries down): the series of the breakers stored there are missing",
             labels=[],
         )
+        if self.delays is not None:
+            for name, documentation in _BROKER_GAUGES:
+                families[name] = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=[])
         return families
 
     def _read(self) -> Listing[BreakerStatus] | None:
@@ -244,7 +286,7 @@ def register(source: Any, registry: CollectorRegistry = REGISTRY, *, clock: Cloc
         found = collectors.get(store.url)
         if found is not None:
             return found
-        collector = BreakerCollector(store, clock=clock)
+        collector = BreakerCollector(source if is_app(source) else store, clock=clock)
         try:
             registry.register(collector)
         except ValueError as exc:  # prometheus_client: "Duplicated timeseries in CollectorRegistry"
@@ -266,7 +308,8 @@ def unregister(source: Any, registry: CollectorRegistry = REGISTRY) -> bool:
         if collector is None:
             return False
         registry.unregister(collector)
-        return True
+    collector.close()
+    return True
 
 
 @dataclass
@@ -297,6 +340,7 @@ class MetricsServer:
             self._httpd.shutdown()
             self._thread.join(timeout)
         self._httpd.server_close()
+        self.collector.close()  # (a worker that stops says goodbye to RabbitMQ, not a dropped connection)
 
 
 _SERVERS: dict[int, MetricsServer] = {}
