@@ -647,6 +647,36 @@ def test_counts_made_after_an_idle_breaker_expired_are_the_new_ones(url: str, se
     assert snap.state is State.CLOSED
 
 
+def test_counts_made_after_keys_expired_sooner_than_idle_ttl_after_the_last_read_are_the_new_ones(
+    url: str, server: redis.Redis
+) -> None:
+    # A script gives the keys idle_ttl again only once a tenth of it (at most a minute)
+    # has run down (common.lua save()), so keys read last with 54.5 s of 60 left expired
+    # while this process's view was younger than idle_ttl: its first counts went under
+    # the expired incarnation, were dropped, and a healthy breaker tripped on its failures
+    # alone (5 of 13 calls read as 5 of 5), as before decision 87's idle-expiry fix.
+    clock = FakeClock()
+    policy = {"failure_threshold": None, "failure_rate_threshold": 0.5, "count_window": 20, "minimum_calls": 5}
+    there, there_store, cell = live_breaker(f"{url}&idle_ttl=60", policy, clock)
+    there.call(ok)
+    there_store.flush()
+    for key in server.keys(cell.state_key[: -len(":s")].replace("{", "\\{").replace("}", "\\}") + "*"):
+        server.pexpire(key, 54_500)  # (their TTL refreshed 5.5 s ago)
+    cell.refresh(clock.monotonic())  # this process's last read of the breaker ...
+    assert 0 < server.pttl(cell.state_key) <= 54_500  # ... leaves their TTL as it was
+    server.delete(*cell._keys)  # (54.5 s later they expire: nothing is published)
+    cell._seen -= 55.0
+    clock.advance(55.0)
+    for _ in range(8):
+        there.call(ok)
+    for _ in range(5):
+        fail(there)
+    there_store.flush()
+    snap = there.snapshot()
+    assert (snap.successes, snap.failures, snap.window_calls, snap.window_failures) == (8, 5, 13, 5)
+    assert snap.state is State.CLOSED
+
+
 def test_a_success_admitted_before_a_reset_drops_only_itself(url: str) -> None:
     # A call admitted before a reset finished long after it, in the same send as rejections
     # and deferrals counted since the breaker tripped again: its old generation took the

@@ -173,11 +173,12 @@ class RedisCell:
             self._ok_flushed += successes
             text = f"{rejections};{deferrals};{self._ok_gen};{successes};{stale}"
             counted = self._counted
-            if time.monotonic() - self._seen > self._store.idle_ttl:
-                # Nothing read or heard of the breaker for longer than its keys live idle:
-                # it may have expired (which nobody hears), and what was counted since (in
-                # the second before this send) is the breaker's made again. A delete or a
-                # reset is heard: the view is then newer than that.
+            if time.monotonic() - self._seen > self._store.sure_life:
+                # Nothing read or heard of the breaker for longer than its keys surely live
+                # idle (idle_ttl less the tenth a script leaves run down): it may have
+                # expired (which nobody hears), and what was counted since (in the second
+                # before this send) is the breaker's made again. A delete or a reset is
+                # heard: the view is then newer than that.
                 counted = UNTOLD
             self._counted = self._view_now()
         return text, counted, (rejections, deferrals, successes, stale)

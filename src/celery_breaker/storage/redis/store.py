@@ -161,6 +161,10 @@ class RedisStore:
         self._parking: RedisParking | None = None
         self._history: RedisHistory | None = None
         self.ttl_ms = str(max(1, int(idle_ttl * 1000)))
+        #: Seconds a breaker's keys outlive any script that read them, at the least: a script
+        #: gives them idle_ttl again only once a tenth of it, at most a minute, has run down
+        #: (``common.lua`` save()). A view older may be of a breaker that expired since.
+        self.sure_life = idle_ttl - min(idle_ttl / 10, 60.0)
         self._lock = threading.Lock()
         self._pid = -1
         self._client: redis.Redis | None = None
