@@ -31,6 +31,7 @@ __all__ = [
     "describe",
     "is_cluster",
     "make_client",
+    "node_of",
 ]
 
 _REDIS_PY_SCHEMES = {"standalone": "redis", "tls": "rediss", "unix": "unix"}
@@ -168,6 +169,16 @@ def is_cluster(client: Any) -> bool:
     """Whether ``client`` (one ``make_client`` made) talks to a Redis Cluster: its keys
     live on several nodes, so no pipeline across breakers and one PUBLISH per primary."""
     return isinstance(client, RedisCluster)
+
+
+def node_of(client: Any, key: str) -> str | None:
+    """The name (``host:port``) of the Cluster node serving ``key`` as ``client`` (a
+    Cluster's) last saw the slots, without asking the Cluster; ``None`` where no node
+    serves it (a slot not covered, a topology being refreshed)."""
+    try:
+        return str(client.get_node_from_key(key).name)
+    except Exception:
+        return None
 
 
 def check_url(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> None:

@@ -23,7 +23,7 @@ from ...core import BreakerSnapshot
 from ...errors import StorageError
 from ...labels import breaker_label, shown_label
 from ..contract import Listing
-from .client import CLIENT_ERRORS, is_cluster
+from .client import CLIENT_ERRORS, is_cluster, node_of
 from .damage import classify, failure, repair_for, text
 from .keys import breaker_of, glob_escape
 from .replies import decode_absent, decode_reply, decode_snapshot
@@ -64,10 +64,8 @@ def _stranded(store: RedisStore, unreached: list[str]) -> Selected | None:
     down = set(unreached)
 
     def stranded(name: str, key: str | None) -> bool:
-        try:
-            return bool(client.get_node_from_key(store.keys_for(name, key)[0]).name in down)
-        except Exception:  # (a slot no node serves now: as good as down)
-            return True
+        node = node_of(client, store.keys_for(name, key)[0])
+        return node is None or node in down  # (a slot no node serves now: as good as down)
 
     return stranded
 

@@ -27,7 +27,7 @@ from ...core.pacing import PacingLaw
 from ...errors import StorageError
 from ...labels import breaker_label, shown_label
 from ..contract import KEPT_LIFE, Claimed, EvictionCheck, ReleasePace
-from .client import CLIENT_ERRORS, is_cluster
+from .client import CLIENT_ERRORS, is_cluster, node_of
 from .damage import CHECK_TYPES, classify, failure, text
 from .eviction import check_eviction
 from .keys import breaker_of, breaker_tag, glob_escape
@@ -341,13 +341,13 @@ class RedisParking:
         # A Cluster node that refused one breaker's count refuses the rest of its own: they
         # are left out without asking it again (each ask of a node that hangs waits out the
         # client's timeout, so a listing of many breakers took seconds per node to fail).
-        refusing: dict[object, StorageError] = {}
+        refusing: dict[str | None, StorageError] = {}  # (None: a slot no node serves)
         for i, tag in enumerate(tags):
             parked, claimed = found[2 * i], found[2 * i + 1]
             if not isinstance(parked, Exception) and not isinstance(claimed, Exception):
                 counted[tag] = (int(parked), int(claimed))
                 continue
-            node = _node_of(client, tag + ":q") if apart else None
+            node = node_of(client, tag + ":q") if apart else None
             if node in refusing:
                 refused.append((tag, refusing[node]))
                 continue
@@ -549,12 +549,3 @@ class RedisParking:
 
 def _opt(value: float | None) -> str:
     return "" if value is None else repr(value)
-
-
-def _node_of(client: Any, key: str) -> object:
-    """The name of the Cluster node serving ``key`` as ``client`` last saw the slots, or
-    ``None`` where no node serves it (``RedisParking.counts`` groups refusals by it)."""
-    try:
-        return client.get_node_from_key(key).name
-    except Exception:  # (a slot no node serves, a topology being refreshed)
-        return None
