@@ -50,6 +50,22 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+@pytest.fixture
+def url(redis_url: str) -> str:
+    """A Redis store URL of the test's own: its keys under a prefix no other test uses, its
+    times the caller's (``time=client``: a test's ``FakeClock``, so that expiries and
+    windows are testable without waiting)."""
+    return f"{redis_url}?time=client&key_prefix={unique_prefix()}"
+
+
+@pytest.fixture
+def server(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain client of the test's Redis, to read or damage keys behind a store's back."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
 #: The idle TTL of ``idle_store``: a Redis key's TTL, a memory breaker's idleness before
 #: a sweep. Long enough that no key expires by itself during a test (tests simulate it).
 IDLE_TTL = 30.0

@@ -32,12 +32,6 @@ from .conftest import unique_prefix
 POLICY = {"failure_threshold": 1, "reset_timeout": 10.0}
 
 
-@pytest.fixture
-def url(redis_url: str) -> str:
-    # time=client: records are stamped with the test's FakeClock, so the TTL is testable without waiting.
-    return f"{redis_url}?time=client&key_prefix={unique_prefix()}"
-
-
 def admin(redis_url: str) -> redis.Redis:
     return redis.Redis.from_url(redis_url, decode_responses=True)
 

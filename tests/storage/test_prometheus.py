@@ -67,12 +67,6 @@ def names(samples: Samples) -> set[str]:
     return {name for name, _ in samples}
 
 
-@pytest.fixture
-def url(redis_url: str) -> str:
-    # time=client: the breakers' times are the test's FakeClock.
-    return f"{redis_url}?time=client&key_prefix={unique_prefix()}"
-
-
 def throwaway_app(**settings: Any) -> Celery:
     app = Celery("prometheus-test", set_as_current=False, broker="memory://")
     app.conf.update(**settings)

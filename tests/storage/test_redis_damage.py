@@ -5,7 +5,6 @@ arbitrary values)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,13 +23,6 @@ from ..unit.support import fail, ok, state_of
 from .conftest import Closing, following, replace, unique_prefix
 
 POLICY = {"failure_threshold": 2, "reset_timeout": 5.0, "half_open_max_calls": 2, "success_threshold": 1}
-
-
-@pytest.fixture
-def server(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 @pytest.fixture

@@ -11,8 +11,6 @@ expired idle) still make it, and a call still makes it at once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import redis
 
@@ -22,20 +20,7 @@ from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
 from ..unit.support import fail, ok
-from .conftest import unique_prefix
 from .test_redis_hot_path import Trips, live_breaker
-
-
-@pytest.fixture
-def url(redis_url: str) -> str:
-    return f"{redis_url}?time=client&key_prefix={unique_prefix()}"
-
-
-@pytest.fixture
-def server(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def keys_of(server: redis.Redis, store: RedisStore, name: str) -> list[bytes | str]:

@@ -12,7 +12,7 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -61,18 +61,6 @@ def view_of(cell: RedisCell) -> State:
 
 def pending(cell: RedisCell) -> bool:
     return cell.pending
-
-
-@pytest.fixture
-def url(redis_url: str) -> str:
-    return f"{redis_url}?time=client&key_prefix={unique_prefix()}"
-
-
-@pytest.fixture
-def server(redis_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_url)
-    yield client
-    client.close()
 
 
 def live_breaker(url: str, policy: dict[str, Any], clock: FakeClock) -> tuple[CircuitBreaker, RedisStore, RedisCell]:
