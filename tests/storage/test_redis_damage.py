@@ -678,6 +678,33 @@ def test_a_deleted_index_is_rebuilt_from_the_parked_entries(
     store.close(timeout=0)
 
 
+def test_a_tag_a_releaser_dropped_and_put_back_is_not_reported_lost(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A releaser's ``forget`` drops a tag it found empty, then puts it back when an entry
+    arrived meanwhile. A first listing (the index not yet whole) that read the index in
+    between rebuilt it and warned that the index "was deleted, evicted or lost", though
+    nothing was: seen in a recovery bench run on a fresh store. The tag is back in the
+    index by the time the scan ends, and that is no loss."""
+    parking = store.parking
+    parking.park("a", None, "a:1", 1.0, "a", None)
+    tag = parking.tag("a", None)
+    server.srem(parking.index, tag)  # (forget's SREM: the index as the listing reads it)
+    client = store.client()
+    scan_iter = client.scan_iter
+
+    def scan_then_put_back(*args: Any, **kwargs: Any) -> Any:
+        yield from scan_iter(*args, **kwargs)
+        server.sadd(parking.index, tag)  # (forget's second look: the entry is there, the tag back)
+
+    monkeypatch.setattr(client, "scan_iter", scan_then_put_back)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert [parking.label(found) for found in parking.tags()] == ["a"]
+    assert caplog.text == ""
+    monkeypatch.undo()
+    assert server.sismember(parking.index, "~whole")  # (whole from now on: not scanned again)
+
+
 def test_an_index_with_nothing_missing_is_not_rebuilt_twice(
     store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -287,8 +287,10 @@ class RedisParking:
                 tags.add(tag)
         rebuilt: set[str] | None = None
         if WHOLE not in members:
-            rebuilt = self._rebuild_index(doing)
-            missed = sorted(rebuilt - tags)
+            rebuilt, named = self._rebuild_index(doing)
+            # (named: the index as the scan ended; a tag dropped by ``forget`` while its
+            # first entry arrived is back in it by then, and was not lost)
+            missed = sorted(rebuilt - tags - named)
             if missed:
                 logger.warning(
                     "redis store %s: %s did not name %d breaker(s) with parked tasks (%s): it was deleted, evicted "
@@ -305,7 +307,7 @@ class RedisParking:
             )  # fmt: skip
             self._own_keys("updating the parked index", lambda pipe: (pipe.srem(self.index, *strays),))
             if rebuilt is None:
-                rebuilt = self._rebuild_index(doing)
+                rebuilt, _ = self._rebuild_index(doing)
         return sorted(tags if rebuilt is None else tags | rebuilt)
 
     def index_size(self) -> int:
@@ -529,9 +531,10 @@ class RedisParking:
             )  # fmt: skip
         return bool(found)
 
-    def _rebuild_index(self, doing: str) -> set[str]:
+    def _rebuild_index(self, doing: str) -> tuple[set[str], set[str]]:
         """Every breaker with queued, claimed or only stored entries back in the index (a
-        SCAN), which is then whole (``WHOLE``); returns their tags."""
+        SCAN), which is then whole (``WHOLE``); returns their tags, and the tags the index
+        named as the scan ended (read just before they are added)."""
         stem = "{" + glob_escape(self.store.quoted_prefix) + ":*}"
         tags: set[str] = set()
         try:
@@ -541,10 +544,13 @@ class RedisParking:
                     tag = text(key)[: -len(suffix)]
                     if breaker_of(tag, self.store.quoted_prefix) is not None:
                         tags.add(tag)
-            client.sadd(self.index, *tags, WHOLE)
+            pipe = client.pipeline(transaction=False)
+            pipe.smembers(self.index)
+            pipe.sadd(self.index, *tags, WHOLE)
+            named, _ = pipe.execute()
         except CLIENT_ERRORS as exc:
             raise StorageError(failure(self.store.label, f"{doing}", exc)) from exc
-        return tags
+        return tags, {text(member) for member in named}
 
 
 def _opt(value: float | None) -> str:
