@@ -1,4 +1,5 @@
-"""Fixtures shared by every test: real Redis servers (standalone, Cluster, Sentinel, TLS) started once per session."""
+"""Fixtures shared by every test: real Redis servers (standalone, Cluster, Sentinel, TLS) and a real RabbitMQ,
+started once per session (when first asked for)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from .rabbitmq import CONSUMER_TIMEOUT_S, RabbitMQServer
 from .servers import RedisCluster, RedisSentinel, RedisServer, ServerError
 from .tls import Certificates, make_certificates
 
@@ -25,6 +27,15 @@ def redis_url() -> Iterator[str]:
     with RedisServer() as server:
         _started(server)
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def rabbitmq() -> Iterator[RabbitMQServer]:
+    """A real RabbitMQ (Debian's), its ``consumer_timeout`` short: ``CONSUMER_TIMEOUT_S``, checked every second.
+    One for the session, whichever directory's tests ask for it (the web page's too)."""
+    with RabbitMQServer(consumer_timeout_ms=CONSUMER_TIMEOUT_S * 1000) as server:
+        server.start()
+        yield server
 
 
 @pytest.fixture(scope="session")

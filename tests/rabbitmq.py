@@ -34,7 +34,10 @@ from kombu.connection import Connection
 
 from .servers import Owned, ServerError, free_port, poll
 
-__all__ = ["RabbitMQServer", "rabbitmq_scripts_dir", "taken_off"]
+__all__ = ["CONSUMER_TIMEOUT_S", "RabbitMQServer", "rabbitmq_scripts_dir", "taken_off"]
+
+#: RabbitMQ's consumer_timeout in these tests (the session's broker, ``tests/conftest.py``, is started with it).
+CONSUMER_TIMEOUT_S = 6
 
 #: Seconds a node gets to start (about 5 s on 2 cores) and to stop.
 START_TIMEOUT = 60.0

@@ -16,8 +16,6 @@ import redis
 
 from tests.conftest import emptied
 from tests.integration import partner_proj, proj
-from tests.integration.deployments import CONSUMER_TIMEOUT_S
-from tests.rabbitmq import RabbitMQServer
 from tests.servers import RedisServer
 
 PARTNER_DB = 4
@@ -35,14 +33,6 @@ def partner_broker(partner_url: str) -> Iterator[str]:
     """``partner_proj``'s broker (and result backend), empty for this module."""
     with emptied(partner_url) as url:
         yield url
-
-
-@pytest.fixture(scope="session")
-def rabbitmq() -> Iterator[RabbitMQServer]:
-    """A real RabbitMQ (Debian's), its ``consumer_timeout`` short: ``CONSUMER_TIMEOUT_S``, checked every second."""
-    with RabbitMQServer(consumer_timeout_ms=CONSUMER_TIMEOUT_S * 1000) as server:
-        server.start()
-        yield server
 
 
 @pytest.fixture(scope="module")

@@ -20,14 +20,12 @@ from typing import Any
 from celery import Celery
 
 from tests.integration.workers import WorkerProcess
-from tests.rabbitmq import RabbitMQServer
+from tests.rabbitmq import CONSUMER_TIMEOUT_S, RabbitMQServer
 from tests.servers import RedisServer
 
 __all__ = ["CONSUMER_TIMEOUT_S", "Deployment", "deploy"]
 
 APP = "tests.integration.backlog_proj"
-#: RabbitMQ's consumer_timeout in these tests (the session's broker is started with it).
-CONSUMER_TIMEOUT_S = 6
 PARK_SETTING = {"park": "auto", "countdown": False, "store": True}
 
 
