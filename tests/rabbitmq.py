@@ -26,7 +26,9 @@ import signal
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -34,7 +36,7 @@ from kombu.connection import Connection
 
 from .servers import Owned, ServerError, free_port, poll
 
-__all__ = ["CONSUMER_TIMEOUT_S", "RabbitMQServer", "rabbitmq_scripts_dir", "taken_off"]
+__all__ = ["CONSUMER_TIMEOUT_S", "RabbitMQServer", "Vhost", "own_vhost", "rabbitmq_scripts_dir", "taken_off"]
 
 #: RabbitMQ's consumer_timeout in these tests (the session's broker, ``tests/conftest.py``, is started with it).
 CONSUMER_TIMEOUT_S = 6
@@ -216,6 +218,11 @@ class RabbitMQServer(Owned):
         out = self.rabbitmqctl("list_queues", "--vhost", vhost, "--quiet", "--formatter", "json", *names)
         return cast(list[dict[str, Any]], json.loads(out))
 
+    def connections(self, vhost: str) -> list[dict[str, Any]]:
+        """``rabbitmqctl list_connections``: one dict per client connection to ``vhost`` (its name, user, vhost)."""
+        out = self.rabbitmqctl("list_connections", "--quiet", "--formatter", "json", "name", "user", "vhost")
+        return [found for found in cast(list[dict[str, Any]], json.loads(out)) if found["vhost"] == vhost]
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """The node frozen (SIGSTOP to its process group) until the block ends, then resumed:
@@ -299,3 +306,32 @@ def taken_off(url: str, queue: Any) -> list[Any]:
         finally:
             bound.close()
     return found
+
+
+@dataclass(frozen=True)
+class Vhost:
+    """A vhost on a test's RabbitMQ, and the URL reaching it (as the user ``own_vhost`` was given)."""
+
+    name: str
+    url: str
+
+
+@contextlib.contextmanager
+def own_vhost(server: RabbitMQServer, prefix: str, *, user: str = "guest", password: str = "guest") -> Iterator[Vhost]:
+    """A vhost of its own on ``server``, deleted after with all it holds: broker-delay's
+    topology is one per vhost, so a count of its queues is exact only there. Its URL logs
+    in as ``user`` (made for it, and deleted after, unless ``guest``); ``guest`` and
+    ``user`` may do anything there."""
+    name = f"{prefix}-{time.monotonic_ns()}"
+    server.rabbitmqctl("add_vhost", name)
+    try:
+        server.rabbitmqctl("set_permissions", "--vhost", name, "guest", ".*", ".*", ".*")
+        if user != "guest":
+            server.rabbitmqctl("add_user", user, password)
+            server.rabbitmqctl("set_permissions", "--vhost", name, user, ".*", ".*", ".*")
+        yield Vhost(name, f"amqp://{user}:{password}@127.0.0.1:{server.port}/{name}")
+    finally:
+        server.rabbitmqctl("delete_vhost", name)
+        if user != "guest":
+            with contextlib.suppress(ServerError):  # (not made: add_user failed)
+                server.rabbitmqctl("delete_user", user)

@@ -1,4 +1,5 @@
-"""What waits in RabbitMQ's delay queues, counted for operators: ``celery breaker status`` and the Prometheus gauges.
+"""What waits in RabbitMQ's delay queues, counted for operators: ``celery breaker status`` and
+``watch``, and the Prometheus gauges (the web page's count: ``tests/web/test_page.py``).
 
 Against the session's real RabbitMQ, each test in a vhost of its own: broker-delay's
 topology is one per vhost, shared by every app that defers there, so a count is exact
@@ -15,8 +16,7 @@ import logging
 import socket
 import time
 import types
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 
 import pytest
 from amqp.exceptions import ChannelError  # type: ignore[import-untyped]
@@ -27,8 +27,9 @@ from kombu.connection import Connection
 from prometheus_client import CollectorRegistry, generate_latest
 
 from celery_breaker import CircuitBreaker
-from celery_breaker.integration.deferral.broker_delay import UNROUTABLE, BrokerDelay, level_name
+from celery_breaker.integration.deferral.broker_delay import level_name
 from celery_breaker.integration.deferral.confirms import timed_out
+from celery_breaker.integration.deferral.defer import _deliver
 from celery_breaker.integration.deferral.delay_depth import (
     DelayDepth,
     delay_depth,
@@ -36,38 +37,36 @@ from celery_breaker.integration.deferral.delay_depth import (
     read_delay_depth,
     unroutable_count,
 )
-from celery_breaker.integration.deferral.plan import DeferralPlan
+from celery_breaker.integration.deferral.selection import (
+    deferral_strategies,
+    delays_in_rabbitmq,
+    falls_back_to_rabbitmq,
+)
+from celery_breaker.monitoring import delay_gauge
 from celery_breaker.monitoring.delay_gauge import RETRY_AFTER, DelayDepthReader
 from celery_breaker.monitoring.prometheus import BreakerCollector, register
+from celery_breaker.ops import cli
 from celery_breaker.ops.cli import EXIT_UNAVAILABLE
 from celery_breaker.storage import close_stores
 from celery_breaker.testing import FakeClock
 from tests.integration import depth_proj
-from tests.rabbitmq import RabbitMQServer
+from tests.integration.depth_proj import defer, strand
+from tests.rabbitmq import RabbitMQServer, Vhost, own_vhost
 from tests.servers import free_port
 
 #: Delays (seconds) whose runs start in levels 6, 9, 11, 12 and 16 of the delay topology.
 DELAYS = (100, 1000, 3600, 5000, 70000)
 WHERE = "in RabbitMQ's delay queues (celery_breaker_delayed_*)"
 PARKED = "PARKED counts tasks parked in the store;"
-
-
-@dataclass(frozen=True)
-class Vhost:
-    name: str
-    url: str
+#: What the line adds for an app that parks in its store (breaker_park=True).
+FALLBACK = "where this app defers the tasks it cannot park (its store down, say)"
 
 
 @pytest.fixture
 def vhost(rabbitmq: RabbitMQServer) -> Iterator[Vhost]:
     """A vhost of this test's own on the session's RabbitMQ, deleted after it with all it holds."""
-    name = f"depth-{time.monotonic_ns()}"
-    rabbitmq.rabbitmqctl("add_vhost", name)
-    try:
-        rabbitmq.rabbitmqctl("set_permissions", "--vhost", name, "guest", ".*", ".*", ".*")
-        yield Vhost(name, f"amqp://guest:guest@127.0.0.1:{rabbitmq.port}/{name}")
-    finally:
-        rabbitmq.rabbitmqctl("delete_vhost", name)
+    with own_vhost(rabbitmq, "depth") as own:
+        yield own
 
 
 @pytest.fixture
@@ -88,27 +87,6 @@ def status(*args: str) -> Result:
 
 def last_line(result: Result) -> str:
     return result.stdout.splitlines()[-1]
-
-
-def defer(delays: tuple[int, ...]) -> None:
-    """Defer one run of ``depth_proj``'s task per delay, by broker-delay, wherever its app points."""
-    strategy, task = BrokerDelay(), depth_proj.call_partner
-    for n, delay in enumerate(delays):
-        task.push_request(id=f"run-{n}", args=(n,), kwargs={}, delivery_info={"exchange": "", "routing_key": "celery"})
-        try:
-            plan = DeferralPlan(delay=float(delay), count=1, since=time.time())
-            deferral = types.SimpleNamespace(task=task, args=(n,), kwargs={}, headers={}, plan=plan, options={})
-            assert strategy.deliver(deferral) == delay  # type: ignore[arg-type]
-        finally:
-            task.pop_request()
-
-
-def strand(url: str, count: int) -> None:
-    """``count`` messages in ``UNROUTABLE``, as runs whose queue was gone when they came due (confirmed)."""
-    with Connection(url, transport_options={"confirm_publish": True}) as connection:  # type: ignore[no-untyped-call]
-        producer = connection.Producer()
-        for n in range(count):
-            producer.publish({"n": n}, exchange=UNROUTABLE, routing_key="")
 
 
 def test_status_counts_every_task_waiting_in_the_delay_queues(
@@ -285,3 +263,150 @@ def test_a_reader_keeps_its_connection_never_hangs_and_tries_again_after_a_pause
                     f"celery_breaker_broker_delay_up 0, trying again in {RETRY_AFTER:g} s"),
         ("INFO", "celery-breaker metrics: RabbitMQ's delay queues are counted again"),
     ]  # fmt: skip
+
+
+def deferred_while_the_store_is_down(n: int, delay: int) -> str:
+    """Defer run ``n`` of ``depth_proj``'s task by the app's own strategies, in order, as a
+    worker does, while its breaker's store is down; the name of the strategy that took it."""
+    store = types.SimpleNamespace(parking=object(), down=True)  # (what ParkInStore reads of a store)
+    breaker = types.SimpleNamespace(name="partner-api", key=None, store=store)
+    rejected = types.SimpleNamespace(name="partner-api", key=None)  # (the task's own breaker rejected it)
+    depth_proj.pushed(n)
+    try:
+        deferral = depth_proj.deferral(n, delay, breaker=breaker, rejected=rejected)
+        strategy, delayed = _deliver(deferral, deferral_strategies(depth_proj.app))  # type: ignore[arg-type]
+    finally:
+        depth_proj.call_partner.pop_request()
+    assert delayed == delay
+    return strategy.name
+
+
+def test_an_app_parking_in_its_store_counts_the_delay_queues_when_tasks_wait_there(
+    vhost: Vhost, store_url: str
+) -> None:
+    # breaker_park=True on RabbitMQ parks in the store, and defers into the delay queues
+    # what parking does not take: every run while the store is down. status said nothing
+    # of those (no line at all for such an app).
+    depth_proj.use(vhost.url, store_url, park=True)
+    app = depth_proj.app
+    assert falls_back_to_rabbitmq(app)
+    assert not delays_in_rabbitmq(app)
+    assert [strategy.name for strategy in deferral_strategies(app)] == ["park", "broker-delay", "countdown"]
+    nothing = status()
+    assert nothing.exit_code == 0, nothing.output
+    assert PARKED not in nothing.stdout  # (none wait there: nothing to say, as before)
+    assert last_line(nothing) == "1 breaker: 1 forced_open"
+
+    assert deferred_while_the_store_is_down(0, 1000) == "broker-delay"
+    one = status()
+    assert one.exit_code == 0, one.output
+    waits = f"1 deferred task (all breakers, all apps on the vhost) waits {WHERE}, {FALLBACK}"
+    assert last_line(one) == f"{PARKED} {waits}."
+    strand(vhost.url, 2)
+    unroutable = (
+        ", and 2 in celery_breaker_delayed_unroutable: their queue was gone when they came due; move them back to "
+        "it (a shovel, or the management UI) or purge that queue"
+    )
+    assert last_line(status()) == f"{PARKED} {waits}{unroutable}."
+    assert [row["name"] for row in json.loads(status("--json").stdout)] == ["partner-api"]
+
+    # The store down, as when they went there: status exits 69 as it did, and says first
+    # what waits in the delay queues (not in --json, whose stdout is a list or nothing).
+    depth_proj.use(vhost.url, f"redis://127.0.0.1:{free_port()}/0", park=True)
+    down = status()
+    assert down.exit_code == EXIT_UNAVAILABLE
+    assert (
+        down.stdout == f"1 deferred task (all breakers, all apps on the vhost) waits {WHERE}, {FALLBACK}{unroutable}.\n"
+    )
+    assert "cannot reach the breaker store" in down.stderr
+    as_json = status("--json")
+    assert (as_json.exit_code, as_json.stdout) == (EXIT_UNAVAILABLE, "")
+
+
+def test_an_app_parking_in_its_store_says_nothing_of_a_broker_that_cannot_be_counted(store_url: str) -> None:
+    # Its backlog is PARKED: a broker that cannot be asked is no news about it (its workers log it).
+    depth_proj.use(f"amqp://guest:secret@127.0.0.1:{free_port()}//", store_url, park=True)
+    result = status()
+    assert result.exit_code == 0, result.output
+    assert last_line(result) == "1 breaker: 1 forced_open"
+    assert (result.stderr, "not counted" in result.stdout, "secret" in result.stdout) == ("", False, False)
+    depth_proj.use(f"amqp://guest:secret@127.0.0.1:{free_port()}//", f"redis://127.0.0.1:{free_port()}/0", park=True)
+    down = status()
+    assert (down.exit_code, down.stdout) == (EXIT_UNAVAILABLE, "")
+
+
+def watch(monkeypatch: pytest.MonkeyPatch, *steps: Callable[[], None]) -> list[str]:
+    """``celery -A depth_proj breaker watch``, one frame more than ``steps``, each step run
+    between two frames (a fake clock, no waiting); each frame's line under the table."""
+    clock = FakeClock()
+    pending = iter(steps)
+
+    def sleep(seconds: float) -> None:
+        clock.advance(seconds)
+        next(pending)()
+
+    monkeypatch.setattr(cli, "_clock", clock)
+    monkeypatch.setattr(cli, "_sleep", sleep)
+    command = ["-A", "tests.integration.depth_proj:app", "breaker", "watch", "-n", str(len(steps) + 1)]
+    result = CliRunner().invoke(celery_main, command, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    frames = result.stdout.split("celery breaker watch")[1:]
+    assert len(frames) == len(steps) + 1
+    return [next((line for line in frame.splitlines() if line.startswith("PARKED")), "") for frame in frames]
+
+
+def kept_connections(monkeypatch: pytest.MonkeyPatch) -> list[Connection]:
+    """Every connection a ``DelayDepthReader`` opens from now on (unless given its own ``connect``)."""
+    opened: list[Connection] = []
+
+    def connect(app: object, timeout: float) -> Connection:
+        opened.append(depth_connection(app, timeout))
+        return opened[-1]
+
+    monkeypatch.setattr(delay_gauge, "depth_connection", connect)
+    return opened
+
+
+def test_watch_counts_at_each_refresh_over_one_kept_connection(
+    vhost: Vhost, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # watch did not count them: a connection to RabbitMQ each refresh. It keeps one now.
+    depth_proj.use(vhost.url, store_url)
+    defer(DELAYS[:2])
+    opened = kept_connections(monkeypatch)
+    lines = watch(monkeypatch, lambda: defer(DELAYS[2:4]), lambda: strand(vhost.url, 1))
+    assert lines == [
+        f"{PARKED} 2 deferred tasks (all breakers, all apps on the vhost) wait {WHERE}.",
+        f"{PARKED} 4 deferred tasks (all breakers, all apps on the vhost) wait {WHERE}.",
+        f"{PARKED} 4 deferred tasks (all breakers, all apps on the vhost) wait {WHERE}, and 1 in "
+        "celery_breaker_delayed_unroutable: their queue was gone when they came due; move them back to it (a "
+        "shovel, or the management UI) or purge that queue.",
+    ]
+    assert len(opened) == 1  # (three counts, one connection)
+    assert not opened[0].connected  # (closed when the watch ended)
+
+
+def test_watch_says_why_a_count_failed_and_an_app_parking_in_its_store_only_what_waits(
+    vhost: Vhost, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused = free_port()
+    depth_proj.use(f"amqp://guest:secret@127.0.0.1:{refused}//", store_url)
+    assert watch(monkeypatch) == [
+        f"{PARKED} this app's deferred tasks wait {WHERE}, not counted "
+        f"(amqp://guest:**@127.0.0.1:{refused}//: [Errno 111] Connection refused)."
+    ]
+    # breaker_park=True: nothing while none wait there, the count once some do.
+    depth_proj.use(vhost.url, store_url, park=True)
+
+    def store_down() -> None:
+        for n in range(3):
+            assert deferred_while_the_store_is_down(n, 1000) == "broker-delay"
+
+    lines = watch(monkeypatch, store_down)
+    assert lines == ["", f"{PARKED} 3 deferred tasks (all breakers, all apps on the vhost) wait {WHERE}, {FALLBACK}."]
+    # Its store down at the first refresh: exit 69 as before, the count said first.
+    depth_proj.use(vhost.url, f"redis://127.0.0.1:{free_port()}/0", park=True)
+    command = ["-A", "tests.integration.depth_proj:app", "breaker", "watch", "--once"]
+    down = CliRunner().invoke(celery_main, command, catch_exceptions=False)
+    assert down.exit_code == EXIT_UNAVAILABLE
+    assert down.stdout == f"3 deferred tasks (all breakers, all apps on the vhost) wait {WHERE}, {FALLBACK}.\n"

@@ -15,8 +15,10 @@ import pytest
 
 from celery_breaker.core import BreakerSnapshot, State
 from celery_breaker.errors import ConfigurationError, StorageError
+from celery_breaker.integration.deferral.delay_depth import DelayDepth
 from celery_breaker.monitoring.status import BreakerStatus
 from celery_breaker.ops.board import Board
+from celery_breaker.ops.delayed import DelayCount
 from celery_breaker.ops.watch import PAUSE_PER_READ
 from celery_breaker.ops.web import (
     TOKEN_ENV,
@@ -326,3 +328,108 @@ def test_a_view_is_encoded_once_and_a_new_reading_gets_a_new_etag(monkeypatch: p
     board.refresh()
     assert board.encoded()[0] != tag
     assert len(encodings) == 2
+
+
+def counts(*found: DelayCount) -> Callable[[], DelayCount]:
+    """A delay-queue counter that answers ``found`` in turn."""
+    pending = iter(found)
+    return lambda: next(pending)
+
+
+def test_the_delay_queues_count_is_in_the_view_and_an_unchanged_one_keeps_its_etag() -> None:
+    refused = "amqp://guest:**@rabbit:5672//: [Errno 111] Connection refused"
+    board = Board(
+        scripted([status("crm")], [status("crm")]),
+        store="redis://h/0",
+        interval=1.0,
+        delays=counts(
+            DelayCount(DelayDepth(3, 0), None, fallback=False),
+            DelayCount(DelayDepth(3, 0), None, fallback=False),
+            DelayCount(DelayDepth(3, 2), None, fallback=False),
+            DelayCount(None, refused, fallback=False),
+        ),
+    )
+    assert board.counts_delays
+    board.refresh()
+    assert board.view()["delay_queues"] is None  # (not counted yet)
+    board.count_delays()
+    where = "in RabbitMQ's delay queues (celery_breaker_delayed_*)"
+    text = (
+        f"Parked counts tasks parked in the store; 3 deferred tasks (all breakers, all apps on the vhost) wait {where}"
+    )
+    assert board.view()["delay_queues"] == {
+        "delayed": 3, "unroutable": 0, "error": None, "fallback": False, "text": f"{text}.",
+    }  # fmt: skip
+    tag = board.encoded()[0]
+    board.count_delays()  # the same count: the same view, not encoded again (304 for every page)
+    assert board.encoded()[0] == tag
+    board.refresh()  # a reading of the store keeps the count
+    assert board.view()["delay_queues"]["delayed"] == 3
+    board.count_delays()
+    assert board.view()["delay_queues"]["text"] == (
+        f"{text}, and 2 in celery_breaker_delayed_unroutable: their queue was gone when they came due; move them "
+        "back to it (a shovel, or the management UI) or purge that queue."
+    )
+    board.count_delays()
+    assert board.view()["delay_queues"] == {
+        "delayed": None, "unroutable": None, "error": refused, "fallback": False,
+        "text": f"Parked counts tasks parked in the store; this app's deferred tasks wait {where}, not counted: "
+                f"{refused}; retrying.",
+    }  # fmt: skip
+    assert [row["label"] for row in board.view()["breakers"]] == ["crm"]
+
+
+def test_an_app_parking_in_its_store_shows_only_a_count_that_is_not_zero() -> None:
+    board = Board(
+        scripted([status("crm")]),
+        store="redis://h/0",
+        interval=1.0,
+        delays=counts(
+            DelayCount(DelayDepth(0, 0), None, fallback=True),
+            DelayCount(DelayDepth(4, 0), None, fallback=True),
+            DelayCount(None, "amqp://guest:**@rabbit:5672//: [Errno 111] Connection refused", fallback=True),
+            DelayCount(DelayDepth(0, 1), None, fallback=True),
+        ),
+    )
+    board.count_delays()
+    assert board.view()["delay_queues"] is None
+    board.count_delays()
+    assert board.view()["delay_queues"]["text"].endswith(
+        "4 deferred tasks (all breakers, all apps on the vhost) wait in RabbitMQ's delay queues "
+        "(celery_breaker_delayed_*), where this app defers the tasks it cannot park (its store down, say)."
+    )
+    board.count_delays()  # not counted: nothing said (its backlog is in the store)
+    assert board.view()["delay_queues"] is None
+    board.count_delays()
+    assert board.view()["delay_queues"]["unroutable"] == 1  # (one that needs an operator: said)
+
+
+def test_a_count_that_hangs_holds_up_no_reading_of_the_store() -> None:
+    # A RabbitMQ that does not answer holds a count for seconds (its timeout): the store is
+    # read all along, by the other thread.
+    asked, answer, answered = threading.Event(), threading.Event(), threading.Event()
+
+    def hanging() -> DelayCount:
+        asked.set()
+        assert answer.wait(timeout=10)
+        answered.set()
+        return DelayCount(DelayDepth(5, 0), None, fallback=False)
+
+    board = Board(scripted([status("crm")], [status("crm"), status("billing")]), store="redis://h/0",
+                  interval=60.0, delays=hanging)  # fmt: skip
+    board.refresh()
+    counting = threading.Thread(target=board.run_delay_counts)
+    counting.start()
+    try:
+        assert asked.wait(timeout=5)
+        board.refresh()  # while the count hangs
+        assert [row["label"] for row in board.view()["breakers"]] == ["crm", "billing"]
+        assert board.view()["delay_queues"] is None
+    finally:
+        answer.set()
+    assert answered.wait(timeout=5)
+    board.stop()
+    counting.join(timeout=5)
+    assert not counting.is_alive()
+    assert board.view()["delay_queues"]["delayed"] == 5
+    assert [row["label"] for row in board.view()["breakers"]] == ["crm", "billing"]

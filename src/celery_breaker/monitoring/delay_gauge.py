@@ -57,8 +57,11 @@ class DelayDepthReader:
 
     ``read()`` never raises: a failure is a ``DepthReading`` without a depth, logged as a
     WARNING at most once per ``log_interval`` seconds, then an INFO line once a read
-    succeeds again. ``connect`` opens the connection (``depth_connection``: a test seam);
-    ``clock`` times the pause after a failure. ``close()`` lets the connection go."""
+    succeeds again; the lines name the reader's user (``logged_as``: ``celery-breaker
+    metrics: ...``) and what it does meanwhile (``meanwhile``); ``logged_as=None`` logs
+    nothing (a view that says the failure itself, or nothing). ``connect`` opens the
+    connection (``depth_connection`` unless given: a test seam); ``clock`` times the pause
+    after a failure. ``close()`` lets the connection go."""
 
     def __init__(
         self,
@@ -68,13 +71,17 @@ class DelayDepthReader:
         log_interval: float,
         retry_after: float = RETRY_AFTER,
         timeout: float = DEPTH_TIMEOUT,
-        connect: Callable[[Any, float], Any] = depth_connection,
+        connect: Callable[[Any, float], Any] | None = None,
+        logged_as: str | None = "metrics",
+        meanwhile: str = "exporting celery_breaker_broker_delay_up 0",
     ) -> None:
         self.app = app
+        self.logged_as = logged_as
+        self.meanwhile = meanwhile
         self.clock = clock
         self.retry_after = retry_after
         self.timeout = timeout
-        self._connect = connect
+        self._connect = connect if connect is not None else depth_connection
         self._told = Throttle(log_interval, clock=clock.monotonic)
         self._lock = threading.Lock()  # one read at a time: the connection is not thread-safe
         self._pid = os.getpid()
@@ -97,7 +104,8 @@ class DelayDepthReader:
             elif self._failed_at is not None:
                 self._failed_at = None
                 self._told.forget("")
-                logger.info("celery-breaker metrics: RabbitMQ's delay queues are counted again")
+                if self.logged_as is not None:
+                    logger.info("celery-breaker %s: RabbitMQ's delay queues are counted again", self.logged_as)
             self._last = reading
             return reading
 
@@ -135,12 +143,12 @@ class DelayDepthReader:
                 connection.collect()  # (closed without a goodbye: one may never be answered)
 
     def _failed(self, exc: BaseException) -> None:
-        if self._told.due("") is None:
+        if self.logged_as is None or self._told.due("") is None:
             return
         logger.warning(
-            "celery-breaker metrics: cannot count the deferred tasks in RabbitMQ's delay queues (%s); exporting "
-            "celery_breaker_broker_delay_up 0, trying again in %g s",
-            failure_text(self.app, exc), self.retry_after,
+            "celery-breaker %s: cannot count the deferred tasks in RabbitMQ's delay queues (%s); %s, trying again in "
+            "%g s",
+            self.logged_as, failure_text(self.app, exc), self.meanwhile, self.retry_after,
         )  # fmt: skip
 
     def __repr__(self) -> str:

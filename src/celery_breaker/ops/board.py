@@ -2,7 +2,10 @@
 
 One reader thread, whatever the number of open pages; ``watch.Watch`` follows the
 readings (rates, time in state, recent changes) and the board adds how fast each parked
-backlog drains. ``web`` serves ``Board.view()`` as JSON.
+backlog drains. For an app whose deferred tasks wait in RabbitMQ's delay queues, a
+second thread counts them (``delayed.py``), so a broker that does not answer holds up
+no reading of the store, nor a store that does not answer a count. ``web`` serves
+``Board.view()`` as JSON.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ..errors import StorageError
 from ..labels import shown_label, visible
 from ..monitoring.status import BreakerStatus
 from .console import STATE_STYLES, clock_time, duration, failure_rate_text, open_until_text, release_text
+from .delayed import DelayCount, delay_view
 from .selection import unreached_words
 from .watch import PAUSE_PER_READ, Change, Watch, WatchRow
 
@@ -56,6 +60,10 @@ class Board:
     One reader whatever the number of open pages, so every page sees the same rates and
     the store is read once per interval. A reading that fails keeps the last view with
     the error; the next reading tries again. ``view()`` is safe from any thread.
+
+    ``delays``, if given, counts the app's delay queues (``DelayCounter.count``,
+    which never raises), every ``interval`` seconds in ``run_delay_counts``, a thread of
+    its own: the view's ``delay_queues`` (``delayed.delay_view``).
     """
 
     def __init__(
@@ -66,14 +74,17 @@ class Board:
         interval: float,
         history: int = HISTORY,
         clock: Clock = SYSTEM_CLOCK,
+        delays: Callable[[], DelayCount] | None = None,
     ) -> None:
         self._read = read
+        self._delays = delays
         self.interval = interval
         self._clock = clock
         self._watch = Watch(clock, history=history)
         self._backlogs: dict[_Ident, _Backlog] = {}
         self._view: dict[str, Any] = {"store": store, "interval": interval, "error": None, "read_at": None,
-                                      "breakers": [], "summary": [], "changes": []}  # fmt: skip
+                                      "breakers": [], "summary": [], "changes": [],
+                                      "delay_queues": None}  # fmt: skip
         self.pause = interval
         """Seconds ``run`` waits between two readings: ``interval``, or ``PAUSE_PER_READ``
         times as long as the last reading took, if longer (a store of many breakers)."""
@@ -125,11 +136,25 @@ class Board:
         if self._watch.unreached:  # (a Redis Cluster with a primary down: the others' breakers were read)
             words = unreached_words(self._watch.unreached, kept=True)
             error = f"part of the store unreachable at {clock_time(now)}: {words}; retrying"
-        view = {**self._view, "error": error, "read_at": clock_time(now), "breakers": rows,
+        read = {"error": error, "read_at": clock_time(now), "breakers": rows,
                 "summary": [{"state": state.value, "count": n} for state, n in counts.items() if n],
                 "changes": [_change(change) for change in self._watch.changes]}  # fmt: skip
+        with self._lock:  # (the view of now: the delay count may have changed it since this reading began)
+            self._view = {**self._view, **read}
+
+    def count_delays(self) -> None:
+        """Count the delay queues once (``delays``); a count that changes what the page
+        says makes a new view (an unchanged one keeps its ETag)."""
+        if self._delays is None:
+            return
+        try:
+            shown = delay_view(self._delays())
+        except Exception:  # a bug: the log has the traceback, the page its last count
+            logger.exception("celery-breaker web: counting RabbitMQ's delay queues failed")
+            return
         with self._lock:
-            self._view = view
+            if self._view["delay_queues"] != shown:
+                self._view = {**self._view, "delay_queues": shown}
 
     def _failed(self, exc: Exception) -> None:
         at = clock_time(self._clock.time())
@@ -181,11 +206,23 @@ class Board:
             if not self._stopped.is_set():
                 self.refresh()
 
+    @property
+    def counts_delays(self) -> bool:
+        """Whether it counts the delay queues (``run_delay_counts`` has work to do)."""
+        return self._delays is not None
+
+    def run_delay_counts(self) -> None:
+        """Count the delay queues now, then every ``interval`` seconds until ``stop()``."""
+        while True:
+            self.count_delays()
+            if self._stopped.wait(self.interval):
+                return
+
     def wake(self) -> None:
         """Read now (an action changed a breaker)."""
         self._wake.set()
 
     def stop(self) -> None:
-        """End ``run()`` (at once: it is woken)."""
+        """End ``run()`` (at once: it is woken) and ``run_delay_counts()`` (once a count under way ends)."""
         self._stopped.set()
         self._wake.set()

@@ -238,7 +238,8 @@ def status(ctx: click.Context, patterns: tuple[str, ...], as_json: bool, wide: b
 
     PATTERN: only breakers matching a glob, by name ('crm*') or NAME[KEY] ('crm[tenant-*]').
     An app deferring into RabbitMQ's delay queues parks nothing in the store: a line under
-    the table counts the tasks waiting there (all breakers together).
+    the table counts the tasks waiting there (all breakers together). One parking in the
+    store (breaker_park=True) on RabbitMQ gets the line when tasks wait there.
     """
     import json
 
@@ -247,7 +248,12 @@ def status(ctx: click.Context, patterns: tuple[str, ...], as_json: bool, wide: b
 
     app = _app(ctx)
     store = shared_store(app)
-    rows, everything = breakers_matching(store, patterns)
+    try:
+        rows, everything = breakers_matching(store, patterns)
+    except StorageError:
+        if not as_json:
+            _while_the_store_is_down(app)
+        raise
     unreached = unreached_text(everything)
     if as_json:
         click.echo(json.dumps([row.as_dict() for row in rows], indent=2))
@@ -275,37 +281,27 @@ def _status_table(
     from .console import status_text
 
     click.echo(status_text(rows, now=time.time(), wide=wide, color=_use_color(ctx, color)), color=True)
-    from ..integration.deferral.selection import waiting_elsewhere
+    from .delayed import DelayCounter, status_line
 
-    elsewhere = waiting_elsewhere(app)
-    if elsewhere is not None:  # (RabbitMQ: PARKED 0 read as "nothing waits")
-        click.echo(f"PARKED counts tasks parked in the store; {_waiting_there(app, elsewhere)}.")
+    # What PARKED cannot show (RabbitMQ: PARKED 0 read as "nothing waits"), counted now:
+    # a count that fails is said in the line and changes no exit code (the store's stands).
+    counter = DelayCounter.of(app)
+    line = status_line(app, None if counter is None else counter.count())
+    if line is not None:
+        click.echo(line)
 
 
-def _waiting_there(app: Any, elsewhere: str) -> str:
-    """What waits outside the store: on RabbitMQ, the delay queues' total (every breaker's,
-    which the queues mix), read now; where the tasks wait, and why not how many, when it
-    cannot be read. A count that fails is said here, and changes no exit code: the
-    store's status stands without it."""
-    from ..integration.deferral.selection import delays_in_rabbitmq
+def _while_the_store_is_down(app: Any) -> None:
+    """Before the store's error: what an app that parks in its store (``breaker_park=True``
+    on RabbitMQ) deferred into RabbitMQ's delay queues instead, as it does while its store
+    is down; nothing when none wait there, it cannot be counted, or the app defers there
+    anyway (its tasks' place does not depend on the store: the error alone is said)."""
+    from .delayed import DelayCounter, waiting_text
 
-    if not delays_in_rabbitmq(app):
-        return f"this app's deferred tasks wait {elsewhere}"
-    from ..integration.deferral.delay_depth import failure_text, read_delay_depth
-
-    try:
-        depth = read_delay_depth(app)
-    except Exception as exc:  # (whatever connecting or reading met: said, not raised)
-        return f"this app's deferred tasks wait {elsewhere}, not counted ({failure_text(app, exc)})"
-    tasks, wait = ("task", "waits") if depth.delayed == 1 else ("tasks", "wait")
-    text = f"{depth.delayed} deferred {tasks} (all breakers, all apps on the vhost) {wait} {elsewhere}"
-    if depth.unroutable:
-        # (they do not come back by themselves: a worker's start log says it too)
-        text += (
-            f", and {depth.unroutable} in celery_breaker_delayed_unroutable: their queue was gone when they came "
-            "due; move them back to it (a shovel, or the management UI) or purge that queue"
-        )
-    return text
+    counter = DelayCounter.of(app)
+    said = waiting_text(counter.count()) if counter is not None and counter.fallback else None
+    if said is not None:
+        click.echo(f"{said}.")
 
 
 def _report_move(move: Move, as_json: bool, warned: bool) -> None:
@@ -516,20 +512,35 @@ def watch(
     second, and the changes seen between refreshes. Ctrl-C quits.
 
     On a terminal it redraws in place; otherwise each refresh is printed after the last.
-    PATTERN: only breakers matching a glob, as for `status`.
+    PATTERN: only breakers matching a glob, as for `status`. Under the table, the line
+    `status` prints there, counted again at each refresh.
     """
+    import textwrap
+
     from ..clock import SYSTEM_CLOCK
     from ..storage import describe_url
+    from .delayed import DelayCounter, status_line
     from .operator import shared_store
     from .selection import breakers_matching
     from .watch import Watch, fit, run_watch
 
-    store = shared_store(_app(ctx))
+    app = _app(ctx)
+    store = shared_store(app)
     terminal = sys.stdout.isatty()
     use_color = _use_color(ctx, color)
+    clock = _clock or SYSTEM_CLOCK
+    # Over one kept connection (a refresh each second must not open one each time), logging
+    # nothing: the line says a failure, and a log line would be written over the view.
+    counter = DelayCounter.of(app, kept=True, clock=clock)
 
     def fetch() -> list[BreakerStatus]:
         return breakers_matching(store, patterns)[0]
+
+    def note() -> str | None:
+        line = status_line(app, None if counter is None else counter.count())
+        if line is None or not terminal:
+            return line
+        return "\n".join(textwrap.wrap(line, max(20, shutil.get_terminal_size().columns - 1)))  # (fit cuts lines)
 
     drawn = False
 
@@ -550,18 +561,24 @@ def watch(
         run_watch(
             fetch,
             draw,
-            Watch(_clock or SYSTEM_CLOCK),
+            Watch(clock),
             store=describe_url(store.url),
             interval=interval,
             iterations=1 if once else iterations,
             sleep=_sleep,
             errors=(StorageError,),
             color=use_color,
+            note=note,
         )
     except KeyboardInterrupt:  # Ctrl-C is how a watch ends: no traceback, exit 0
         if terminal:
             click.echo("")  # the prompt comes back under the view, not after the ^C
+    except StorageError:  # (the first reading: later ones are shown and survived)
+        _while_the_store_is_down(app)
+        raise
     finally:
+        if counter is not None:
+            counter.close()
         if terminal and drawn:
             click.echo(_SHOW_CURSOR, nl=False, color=True)
 

@@ -243,8 +243,10 @@ def watch_frame(
     interval: float,
     color: bool = False,
     error: str | None = None,
+    note: str | None = None,
 ) -> str:
-    """One screen of ``watch``: a title, the summary, the table, recent changes."""
+    """One screen of ``watch``: a title, the summary, the table, ``note`` under it (the
+    line ``status`` prints there: deferred tasks PARKED cannot show), recent changes."""
     now = watch.clock.time()
     title = f"celery breaker watch  {store}  {clock_time(now)}  every {interval:g} s  (Ctrl-C to quit)"
     lines = [click.style(title, bold=True) if color else title]
@@ -283,6 +285,8 @@ def watch_frame(
         ]
         table.append(cells)
     lines += render_table(columns, table, color=color) if rows else ["(no breakers yet)"]
+    if note is not None:
+        lines.append(note)
     lines.append("")
     heading = "Recent changes (newest last)" if watch.changes else f"No changes since {clock_time(watch.started)}"
     lines.append(click.style(heading, bold=True) if color else heading)
@@ -335,10 +339,12 @@ def run_watch(
     sleep: Callable[[float], None],
     errors: tuple[type[Exception], ...],
     color: bool = False,
+    note: Callable[[], str | None] | None = None,
 ) -> int:
     """Fetch, observe and draw every ``interval`` seconds, ``iterations`` times (``None``:
     until interrupted); return the number of frames drawn. A fetch that took ``t``
     seconds is followed by at least ``PAUSE_PER_READ * t`` (the title says the pace).
+    ``note()``, read for each frame, is drawn under the table (``watch_frame``).
 
     The first fetch's errors propagate; a later one that raises one of ``errors`` keeps
     the last view on screen with a warning and tries again at the next refresh.
@@ -353,7 +359,8 @@ def run_watch(
     while True:
         paced = PAUSE_PER_READ * took
         every = interval if paced <= interval else float(round(paced))  # (the title's figure)
-        draw(watch_frame(rows, watch, store=store, interval=every, color=color, error=error))
+        below = note() if note is not None else None
+        draw(watch_frame(rows, watch, store=store, interval=every, color=color, error=error, note=below))
         drawn += 1
         if iterations is not None and drawn >= iterations:
             return drawn

@@ -3,7 +3,9 @@
 One self-contained page (``web_page.html``: inline CSS and script, nothing fetched from
 elsewhere) polls ``api/breakers``: the view a ``Board`` keeps, the store read every
 ``--interval`` seconds by one thread and followed across readings by ``watch.Watch``
-(rates, time in state, recent changes), plus the parked backlog and how fast it drains.
+(rates, time in state, recent changes), plus the parked backlog and how fast it drains,
+and on RabbitMQ what waits in its delay queues (counted by a thread of its own over one
+kept connection: ``delayed.py``).
 With ``--allow-actions`` and a token, ``POST api/actions`` applies ``operator.operate``.
 
 ``ops/cli.py`` loads this module only when the command runs (it passes the command the
@@ -45,6 +47,7 @@ from ..storage import describe_url
 from .actions import ACTIONS, DELETE
 from .board import HISTORY, Board
 from .console import STATE_STYLES
+from .delayed import DelayCounter
 from .operator import assess, delete, operate, shared_store
 from .options import REFRESH_INTERVAL
 
@@ -497,7 +500,12 @@ def web(app: Any, address: str, port: int, interval: float, history: int, allow_
     app.loader.import_default_modules()  # the app's tasks name its breakers (for the actions)
     store = shared_store(app)
     where = describe_url(store.url)
-    board = Board(lambda: collect_metrics(store), store=where, interval=interval, history=history)
+    # RabbitMQ's delay queues, counted by a thread of the board's over one kept connection
+    # (opened at the first count); a failure is on the page, and logged once a minute (not
+    # for an app that parks in its store: its views say nothing of it).
+    counter = DelayCounter.of(app, kept=True, logged_as="web", meanwhile="the page says it is not counted")
+    board = Board(lambda: collect_metrics(store), store=where, interval=interval, history=history,
+                  delays=None if counter is None else counter.count)  # fmt: skip
     board.refresh(raising=True)  # a store that cannot be reached now: exit 69, as `watch`
     try:
         server = WebServer((address, port), tls)
@@ -516,7 +524,11 @@ def web(app: Any, address: str, port: int, interval: float, history: int, allow_
                        "(--certfile), or keep the default address behind a TLS proxy.", err=True)  # fmt: skip
     if token:
         click.echo(f"Actions are on ({', '.join(NAMES)}): each needs the token, and is logged.")
-    _serve(server, url, f"Serving the breakers of {where} at {url} (Ctrl-C to quit)")
+    try:
+        _serve(server, url, f"Serving the breakers of {where} at {url} (Ctrl-C to quit)")
+    finally:
+        if counter is not None:
+            counter.close()
 
 
 #: The signals that stop the server: Ctrl-C, and SIGTERM (systemd, docker stop).
@@ -539,6 +551,7 @@ def _serve(server: WebServer, url: str, ready: str) -> None:
         logger.addHandler(handler)
     board = server.site.board
     reader = threading.Thread(target=board.run, name="celery-breaker-web", daemon=True)
+    counting = threading.Thread(target=board.run_delay_counts, name="celery-breaker-web-delays", daemon=True)
     stopping = threading.Event()
 
     def stop(signum: int, frame: Any) -> None:
@@ -549,6 +562,8 @@ def _serve(server: WebServer, url: str, ready: str) -> None:
     previous = {signum: signal.signal(signum, stop) for signum in _STOP_SIGNALS}
     try:
         reader.start()
+        if board.counts_delays:
+            counting.start()
         click.echo(ready)  # the last line before serving: scripts and tests wait for it
         server.serve_forever(poll_interval=0.2)
         click.echo(f"Stopped serving {url}")  # (no traceback, exit 0)
@@ -559,7 +574,8 @@ def _serve(server: WebServer, url: str, ready: str) -> None:
             signal.signal(signum, before)
         board.stop()
         server.server_close()
-        if reader.is_alive():
-            reader.join(timeout=5)
+        for thread in (reader, counting):
+            if thread.is_alive():
+                thread.join(timeout=5)
         if handler is not None:
             logger.removeHandler(handler)

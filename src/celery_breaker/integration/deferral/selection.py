@@ -26,7 +26,13 @@ from .countdown import CountdownRepublish
 from .parking import ParkInStore
 from .strategy import DeferralStrategy
 
-__all__ = ["choose_strategies", "deferral_strategies", "delays_in_rabbitmq", "waiting_elsewhere"]
+__all__ = [
+    "IN_DELAY_QUEUES", "choose_strategies", "deferral_strategies", "delays_in_rabbitmq", "falls_back_to_rabbitmq",
+    "waiting_elsewhere",
+]  # fmt: skip
+
+#: Where broker-delay's runs wait, as operators' views say it.
+IN_DELAY_QUEUES = "in RabbitMQ's delay queues (celery_breaker_delayed_*)"
 
 _ATTRIBUTE = "_celery_breaker_strategies"
 _LOCK = threading.Lock()
@@ -62,6 +68,15 @@ def delays_in_rabbitmq(app: Any) -> bool:
     return isinstance(deferral_strategies(app)[0], BrokerDelay)
 
 
+def falls_back_to_rabbitmq(app: Any) -> bool:
+    """Whether ``app`` parks its deferred tasks in the breaker store and defers into
+    RabbitMQ's delay queues the runs parking does not take (``breaker_park=True`` on
+    RabbitMQ): every run while its store is down, and, with the store up, a run that
+    would expire before it could be released or one a breaker nested in its body rejected."""
+    first, *others = deferral_strategies(app)
+    return isinstance(first, ParkInStore) and any(isinstance(strategy, BrokerDelay) for strategy in others)
+
+
 def waiting_elsewhere(app: Any) -> str | None:
     """Where ``app``'s deferred tasks wait when they are not parked in the breaker store
     (what operators' counts of parked tasks cannot show, nor a purge reach): ``None``
@@ -70,7 +85,7 @@ def waiting_elsewhere(app: Any) -> str | None:
     if isinstance(first, ParkInStore) or broker_kind(app.conf) == MEMORY:
         return None
     if delays_in_rabbitmq(app):
-        return "in RabbitMQ's delay queues (celery_breaker_delayed_*)"
+        return IN_DELAY_QUEUES
     return "as countdown messages in the broker, held by workers until they are due"
 
 
