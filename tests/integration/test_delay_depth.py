@@ -309,6 +309,15 @@ def test_an_app_parking_in_its_store_counts_the_delay_queues_when_tasks_wait_the
     )
     assert last_line(status()) == f"{PARKED} {waits}{unroutable}."
     assert [row["name"] for row in json.loads(status("--json").stdout)] == ["partner-api"]
+    # The metrics count them too: an alert on the gauge is how such an outage is seen.
+    collector = BreakerCollector(app)
+    try:
+        assert broker_samples(collector) == {
+            "celery_breaker_broker_delayed_tasks": 1.0, "celery_breaker_broker_unroutable_tasks": 2.0,
+            "celery_breaker_broker_delay_up": 1.0,
+        }  # fmt: skip
+    finally:
+        collector.close()
 
     # The store down, as when they went there: status exits 69 as it did, and says first
     # what waits in the delay queues (not in --json, whose stdout is a list or nothing).

@@ -32,7 +32,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a test by 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..core import State
 from ..errors import ConfigurationError
-from ..integration.deferral.selection import delays_in_rabbitmq
+from ..integration.deferral.selection import delays_in_rabbitmq, falls_back_to_rabbitmq
 from ..integration.settings import get_settings
 from ..labels import visible
 from ..storage import Listing, Store, describe_url
@@ -149,20 +149,24 @@ class BreakerCollector(Collector):
     exposes ``celery_breaker_store_up 0`` and no breaker samples, and the failure is
     logged at most once per ``log_interval`` seconds (on ``clock``).
 
-    For an app that defers into RabbitMQ's delay queues, each scrape also counts what
-    waits there (``delay_gauge.DelayDepthReader``: one kept connection, bounded reads):
-    ``celery_breaker_broker_delayed_tasks``, ``celery_breaker_broker_unroutable_tasks``
-    and ``celery_breaker_broker_delay_up``. ``close()`` closes that connection.
+    For an app that defers into RabbitMQ's delay queues, first or when its store does not
+    take a run (``breaker_park=True`` on RabbitMQ: every run while the store is down),
+    each scrape also counts what waits there (``delay_gauge.DelayDepthReader``: one kept
+    connection, bounded reads): ``celery_breaker_broker_delayed_tasks``,
+    ``celery_breaker_broker_unroutable_tasks`` and ``celery_breaker_broker_delay_up``.
+    ``close()`` closes that connection.
     """
 
     def __init__(self, source: Any, *, clock: Clock | None = None, log_interval: float = LOG_INTERVAL) -> None:
         self.store: Store = store_of(source)
         self.clock = clock or SYSTEM_CLOCK
         self.log_interval = log_interval
-        # (the tasks of such an app wait in RabbitMQ, where the store's counts never see them)
+        # (the tasks of such an app wait in RabbitMQ, where the store's counts never see
+        # them; a gauge, unlike a view's line, says 0 for a parking app without noise, and
+        # an alert on it is how an outage of the store that sent runs there is seen)
         self.delays = (
             DelayDepthReader(source, clock=self.clock, log_interval=log_interval)
-            if is_app(source) and delays_in_rabbitmq(source)
+            if is_app(source) and (delays_in_rabbitmq(source) or falls_back_to_rabbitmq(source))
             else None
         )
         self._lock = threading.Lock()  # the outage bookkeeping (scrapes may run in parallel)
