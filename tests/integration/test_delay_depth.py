@@ -318,6 +318,16 @@ def test_an_app_parking_in_its_store_counts_the_delay_queues_when_tasks_wait_the
         }  # fmt: skip
     finally:
         collector.close()
+    # A purge discards what is parked, and says what it does not reach (its exit code, 0, is
+    # the purge's: all it was asked to discard, it did).
+    command = ["-A", "tests.integration.depth_proj:app", "breaker", "purge", "partner-api", "--force"]
+    purged = CliRunner().invoke(celery_main, command, catch_exceptions=False)
+    assert purged.exit_code == 0, purged.output
+    assert purged.stdout.startswith("partner-api: discarded 0 parked tasks in ")
+    assert purged.stderr == (
+        f"Note: {waits}{unroutable}. The purge does not reach those: they run once their delay is up (drop them in "
+        "the broker if they must not run).\n"
+    )
 
     # The store down, as when they went there: status exits 69 as it did, and says first
     # what waits in the delay queues (not in --json, whose stdout is a list or nothing).
@@ -339,6 +349,9 @@ def test_an_app_parking_in_its_store_says_nothing_of_a_broker_that_cannot_be_cou
     assert result.exit_code == 0, result.output
     assert last_line(result) == "1 breaker: 1 forced_open"
     assert (result.stderr, "not counted" in result.stdout, "secret" in result.stdout) == ("", False, False)
+    command = ["-A", "tests.integration.depth_proj:app", "breaker", "purge", "partner-api", "--force"]
+    purged = CliRunner().invoke(celery_main, command, catch_exceptions=False)
+    assert (purged.exit_code, purged.stderr) == (0, "")  # (nothing of a broker it cannot ask)
     depth_proj.use(f"amqp://guest:secret@127.0.0.1:{free_port()}//", f"redis://127.0.0.1:{free_port()}/0", park=True)
     down = status()
     assert (down.exit_code, down.stdout) == (EXIT_UNAVAILABLE, "")

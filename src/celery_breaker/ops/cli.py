@@ -304,6 +304,24 @@ def _while_the_store_is_down(app: Any) -> None:
         click.echo(f"{said}.")
 
 
+def _fallen_back_unpurged(app: Any) -> None:
+    """After a purge, for an app that parks in its store (``breaker_park=True`` on
+    RabbitMQ): the tasks it deferred into RabbitMQ's delay queues instead (every run while
+    its store was down), which no purge reaches and which run once their delay is up;
+    nothing when none wait there or they cannot be counted (as ``status`` says it). The
+    exit code stays the purge's: what it was asked to discard, it did."""
+    from .delayed import DelayCounter, waiting_text
+
+    counter = DelayCounter.of(app)
+    said = waiting_text(counter.count()) if counter is not None and counter.fallback else None
+    if said is not None:
+        click.echo(
+            f"Note: {said}. The purge does not reach those: they run once their delay is up (drop them in the "
+            "broker if they must not run).",
+            err=True,
+        )
+
+
 def _report_move(move: Move, as_json: bool, warned: bool) -> None:
     if move.warning is not None and not warned:  # (--yes, or it began failing after we asked)
         click.echo(f"Warning: {move.warning}.", err=True)
@@ -483,6 +501,8 @@ def purge(ctx: click.Context, name: str, key: str | None, force: bool, as_json: 
         )
         if not done.discarded:
             ctx.exit(EXIT_ELSEWHERE)
+    else:
+        _fallen_back_unpurged(app)
 
 
 @breaker.command(cls=CeleryCommand)
