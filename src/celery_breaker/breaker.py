@@ -24,6 +24,7 @@ from .health import (
     Checked,
     CheckResult,
     CheckRun,
+    CheckStillHung,
     HealthCheck,
     HealthState,
     PendingCheck,
@@ -1051,6 +1052,10 @@ class CircuitBreaker:
                 and limit < min(longest, probe.timeout)
                 and not result.healthy
                 and isinstance(result.error, ProbeTimeout)
+                # (one not started beside a hung one was not cut short: it failed at once; taken
+                # for cut short, it left the breaker HALF_OPEN through the outage, its slot
+                # taken and freed by every releaser each tick)
+                and not isinstance(result.error, CheckStillHung)
             ):
                 # Cut short by the caller's own time budget, not by the check's timeout: this
                 # caller is rejected, and the check goes on without it, in its slot, its

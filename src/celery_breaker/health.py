@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_PROBE_TIMEOUT",
     "CheckAbandoned",
     "CheckResult",
+    "CheckStillHung",
     "HealthCheck",
     "HealthState",
     "PendingCheck",
@@ -128,6 +129,12 @@ def abandon_checks_on(event: threading.Event) -> Iterator[None]:
 
 class ProbeTimeout(TimeoutError):
     """A health check that did not answer within its timeout (it counts as failed)."""
+
+
+class CheckStillHung(ProbeTimeout):
+    """A health check not started, because the one its breaker's last check was given up
+    on still runs (``HealthCheck.run``): it fails at once, whatever its caller's wait. It
+    is no check cut short by that wait, which gives no verdict (``CircuitBreaker._checks``)."""
 
 
 class HealthState(NamedTuple):
@@ -254,7 +261,7 @@ class HealthCheck:
                 breaker.run.end()
             return CheckResult(
                 False,
-                ProbeTimeout(
+                CheckStillHung(
                     f"health check {self.name}: the one given up on {still:.0f} s ago is still running, so no other "
                     "is started beside it; give the check a timeout of its own (its client's) shorter than "
                     "breaker_probe_timeout"

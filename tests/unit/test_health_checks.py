@@ -300,6 +300,38 @@ def test_no_check_starts_beside_one_given_up_on_that_still_runs(
     assert state_of(breaker) is State.CLOSED
 
 
+def test_a_check_not_started_beside_a_hung_one_fails_for_callers_that_wait_a_moment(clock: FakeClock) -> None:
+    # The worker's releaser waits 0.25 s for a check, a task's admission 1 s: less than the
+    # check's own timeout. The check refused because the one given up on still runs was
+    # taken for one cut short by that wait, and gave no verdict: the breaker stayed
+    # HALF_OPEN through the outage, and every releaser took and freed its slot each tick
+    # (20 per-key breakers, 2 workers: 500 scripts a second against 80 while OPEN).
+    release = threading.Event()
+    calls: list[int] = []
+
+    def hangs() -> None:
+        calls.append(1)
+        release.wait()
+
+    breaker = breaker_with(HealthCheck(hangs, timeout=0.1, name="hangs"), clock, backoff_multiplier=1)
+    fail(breaker)
+    try:
+        clock.advance(10)
+        with pytest.raises(CircuitOpenError):
+            breaker.call(lambda: "real")  # the first check, given up on at its timeout
+        trips = breaker.snapshot().trips
+        clock.advance(10)
+        assert breaker.check_health(wait=0.05).state is State.OPEN  # (the releaser's wait: shorter)
+        clock.advance(10)
+        with pytest.raises(CircuitOpenError):
+            breaker.enter_run(lambda exc: exc, check_within=0.05)  # (a task's admission)
+        snap = breaker.snapshot()
+        assert (snap.state, snap.trips, snap.probes_in_flight) == (State.OPEN, trips + 2, 0)
+        assert len(calls) == 1  # none started beside it
+    finally:
+        release.set()
+
+
 def test_a_check_that_never_returns_keeps_others_off_for_a_while_only(
     clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
