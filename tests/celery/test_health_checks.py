@@ -567,3 +567,39 @@ def test_a_probe_given_as_a_task_object_runs_its_body_not_through_its_breaker(gi
         breaker.call(down)  # the trip
     wait_for(lambda: breaker.check_health().state is State.CLOSED, "the check to close the breaker")
     assert pings == [1]  # the body ran once, as the check
+
+
+def test_a_per_key_breakers_task_probe_guards_its_body_with_the_key_it_checks() -> None:
+    # The check's body, a BreakerTask of the breaker it checks, guards its call with
+    # ``self.breaker``: outside a run that was the key-less breaker, not the tenant's. An
+    # acceptance run (5 tenants down, real prefork workers): the tenants' failing checks
+    # tripped a key-less ``acc`` no task used, which then ran checks of its own (key None)
+    # and failed every tenant's check with its CircuitOpenError until it closed itself.
+    policy = {"failure_threshold": 1, "reset_timeout": 0.05, "half_open_max_calls": 1, "success_threshold": 1}
+    app = throwaway_app("probe-per-key", breaker_default_policy=policy)
+    pings: list[str | None] = []
+
+    @app.task(
+        base=BreakerTask, bind=True, breaker="tenants", shared=False, name="pk.ping",
+        breaker_key=lambda args, kwargs: kwargs.get("key") or args[0],
+    )  # fmt: skip
+    def ping(self: Any, key: str | None = None) -> None:
+        with self.breaker:
+            pings.append(key)
+
+    app.finalize()
+    probe = resolve_probe(app, "pk.ping", where="breaker_probes['tenants']", timeout=5)
+    tenant = breaker_with_probe(app, "tenants", "t-1", BreakerPolicy.coerce(policy), probe)
+    keyless = breaker_with_probe(app, "tenants", None, BreakerPolicy.coerce(policy), probe)
+    keyless.force_open()  # (as the other tenants' failing checks left it)
+
+    def down() -> None:
+        raise ConnectionError("down")
+
+    try:
+        with pytest.raises(ConnectionError):
+            tenant.call(down)  # the trip
+        wait_for(lambda: tenant.check_health().state is State.CLOSED, "the check to close the tenant's breaker")
+    finally:
+        keyless.reset()
+    assert pings == ["t-1"]  # the body ran once, as the tenant's check, on the tenant's breaker

@@ -35,7 +35,7 @@ from ..breaker import (
 )
 from ..core import State
 from ..errors import CircuitOpenError, ConfigurationError, StorageError
-from ..health import HealthCheck
+from ..health import HealthCheck, checking_now
 from ..names import check_name, edit_distance
 from ..storage import forced_why
 from .broker import DEAD_LETTER_HEADERS
@@ -161,8 +161,9 @@ def _running(task: BreakerTask) -> RunAdmission | None:
 
 class _BreakerAttribute:
     """``task.breaker``: the running call's breaker inside a task body (its first guarded
-    call uses the run's admission), else the task's key-less breaker. The ``breaker=``
-    task option names it (``task.breaker_name``)."""
+    call uses the run's admission); in a body run as the health check of its own breaker
+    (a task named as the probe), the breaker it checks, with its key; else the task's
+    key-less breaker. The ``breaker=`` task option names it (``task.breaker_name``)."""
 
     def __get__(self, task: BreakerTask | None, owner: type | None = None) -> Any:
         if task is None:
@@ -171,7 +172,15 @@ class _BreakerAttribute:
         if run is not None and run.owner is task:
             return run.own_breaker()
         config = task_breaker_config(task)
-        return breaker_with_probe(task.app, config.name, None, config.policy, config.probe)
+        key = None
+        checked = checking_now()
+        if checked is not None and not checked.run.over and checked.name == config.name:
+            # A per-key breaker's check: its guarded call passes on the check's slot
+            # (``CircuitBreaker``, decision 44). The key-less breaker, which no task used,
+            # took the checks' outcomes: the tenants' failures tripped it, and it then
+            # failed every tenant's check until it closed.
+            key = checked.key
+        return breaker_with_probe(task.app, config.name, key, config.policy, config.probe)
 
 
 class BreakerTask(Task):  # type: ignore[misc]
