@@ -1172,6 +1172,18 @@ class CircuitBreaker:
                     "breaker %s: health check %s failed (%s)", shown_label(self.label), name, result.detail,
                     extra={"breaker": self.name, "breaker_key": self.key},
                 )  # fmt: skip
+            elif any(move.target is OPEN for move in moves):
+                # Healthy, but slower than the kept policy's slow calls: it reopened the
+                # breaker, and checks as slow never close it. Said with the fix (the
+                # transition's reason alone, "slow health check", left operators guessing).
+                slow = cell.policy.slow_call_duration
+                logger.warning(
+                    "breaker %s: health check %s succeeded in %.3g s, over slow_call_duration=%s s, so it counted "
+                    "as a slow call and reopened the breaker; only checks faster than that close it: make the "
+                    "check faster, or raise slow_call_duration (and reset the breaker to adopt it)",
+                    shown_label(self.label), name, end - start, "?" if slow is None else f"{slow:g}",
+                    extra={"breaker": self.name, "breaker_key": self.key},
+                )  # fmt: skip
         finally:
             # The move is stored: it is announced whatever logging does (a filter of the
             # user's may raise), or listeners, events and logs would never hear of it.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import threading
 from typing import Any
 
@@ -214,13 +215,18 @@ def test_a_check_failing_with_a_retry_after_reopens_for_that_long(store: Store, 
     assert info.value.retry_after == pytest.approx(120)
 
 
-def test_a_slow_check_reopens(store: Store, clock: FakeClock) -> None:
+def test_a_slow_check_reopens(store: Store, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     breaker = tripped(store, clock, lambda: clock.advance(3), slow_call_duration=2, slow_call_rate_threshold=1.0)
     seen = transitions(breaker)
     clock.advance(30)
-    with pytest.raises(CircuitOpenError):
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"), pytest.raises(CircuitOpenError):
         breaker.call(lambda: "real")
     assert seen[-1].reason == "slow health check"
+    # Said with the fix: checks as slow never close the breaker.
+    (said,) = [r.getMessage() for r in caplog.records if "slow_call_duration" in r.getMessage()]
+    assert said.startswith("breaker svc: health check tests.storage.test_health_checks:test_a_slow_check_reopens")
+    assert "<lambda> succeeded in 3 s, over slow_call_duration=2 s, so it counted as a slow call" in said
+    assert said.endswith("make the check faster, or raise slow_call_duration (and reset the breaker to adopt it)")
 
 
 def test_check_health_runs_only_when_due_and_closes_on_checks_alone(store: Store, clock: FakeClock) -> None:
