@@ -121,6 +121,35 @@ def test_a_breaker_open_longer_than_the_consumer_timeout_never_stops_the_worker(
         publisher.close()
 
 
+def test_a_broker_given_as_a_list_of_urls_is_rabbitmq_to_the_worker(
+    rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """Celery takes a list of broker URLs (failover: ``broker_url=["amqp://a//",
+    "amqp://b//"]``). celery-breaker read it as ``str(list)``, which named no broker: its
+    tasks were deferred by countdowns capped by nothing, held by the worker past
+    RabbitMQ's consumer_timeout, and RabbitMQ closed the channel ("Unrecoverable
+    error: PreconditionFailed", the worker exited). Now it is RabbitMQ: broker-delay."""
+    policy = {"failure_threshold": 1, "reset_timeout": 60.0}
+    cell = deploy("rabbitmq-classic", "redis", "park", rabbitmq=rabbitmq, redis_server=redis_server,
+                  policy=policy, breaker_defer_spread=0, broker_url=[rabbitmq.url])  # fmt: skip
+    client = counts(cell)
+    publisher = cell.publisher()
+    try:
+        with Downstream() as downstream, cell.worker() as started:
+            with held_open(cell, policy):
+                ids = [publisher.send_task(TASK, args=(cell.ns, downstream.url, n)).id for n in range(4)]
+                wait_for(lambda: client.hlen(deferral_counts_key(cell.ns)) >= len(ids), 30, "every task deferred")
+                time.sleep(CONSUMER_TIMEOUT_S + 2)  # (observing: RabbitMQ checks each channel every second)
+                assert started.process.poll() is None, started.log()
+            wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids), 60, "the tasks after the close")
+            log = started.log()
+        assert "deferring tasks by broker-delay then countdown (broker amqp)" in log
+        assert "Unrecoverable error" not in log
+        assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
+    finally:
+        publisher.close()
+
+
 def test_a_task_run_after_a_held_countdown_has_the_whole_consumer_timeout(
     rabbitmq: RabbitMQServer, redis_server: RedisServer
 ) -> None:

@@ -13,7 +13,7 @@ from celery import Celery
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from celery_breaker.integration.broker import redelivery_window
+from celery_breaker.integration.broker import broker_kind, broker_url, redelivery_window
 from celery_breaker.integration.deferral.countdown import RECEIVED_KEY
 from celery_breaker.integration.deferral.defer import _retry_options, refreshed
 from celery_breaker.integration.deferral.plan import (
@@ -33,7 +33,9 @@ from celery_breaker.integration.deferral.plan import (
     run_time_limit,
     seconds_until,
 )
+from celery_breaker.integration.deferral.selection import deferral_strategies
 from celery_breaker.integration.settings import build_settings
+from celery_breaker.storage.urls import describe_url
 
 NOW = 1_700_000_000.0
 
@@ -303,6 +305,31 @@ def test_the_broker_url_from_the_environment_counts(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("CELERY_BROKER_URL", "redis://localhost:6379/0")
     app = Celery()
     assert redelivery_window(app.conf) == 3600.0
+
+
+@pytest.mark.parametrize(
+    ("broker", "kind", "strategies", "hold", "store"),
+    [
+        (["amqp://u:p@rabbit-a//", "amqp://u:p@rabbit-b//"], "amqp", ["broker-delay", "countdown"], 1800.0, "memory://"),
+        (("redis://cache-a:6379/0", "redis://cache-b:6379/0"), "redis", ["park", "countdown"], 3600.0,
+         "redis://cache-a:6379/0"),
+    ],
+)  # fmt: skip
+def test_a_broker_given_as_a_list_of_urls_is_read_as_its_first(
+    broker: list[str] | tuple[str, ...], kind: str, strategies: list[str], hold: float, store: str
+) -> None:
+    # Celery takes a list of broker URLs (failover). Read as str(list), it named no
+    # broker: RabbitMQ was deferred by uncapped countdowns (no broker-delay, no
+    # consumer_timeout cap: a worker held a deferral past consumer_timeout, and RabbitMQ's
+    # PRECONDITION_FAILED stopped it), a Redis broker kept its breakers in memory.
+    app = Celery(broker=broker, set_as_current=False)
+    assert broker_url(app.conf) == ";".join(broker)
+    assert broker_kind(app.conf) == kind
+    assert [strategy.name for strategy in deferral_strategies(app)] == strategies
+    read = build_settings(app.conf)
+    assert read.hold_limit == hold
+    assert read.storage_url == store
+    assert describe_url(broker_url(app.conf)) == ";".join(describe_url(url) for url in broker)
 
 
 def test_seconds_until_reads_iso_text_and_datetimes() -> None:

@@ -71,8 +71,15 @@ _REDELIVERING_BROKERS = {
 
 
 def broker_url(conf: Any) -> str:
-    """The app's broker URL (``conf.broker_url`` honours the ``CELERY_BROKER_URL`` variable)."""
-    return str(getattr(conf, "broker_url", None) or conf.get("broker_url") or "")
+    """The app's broker URL (``conf.broker_url`` honours the ``CELERY_BROKER_URL`` variable);
+    a list of URLs (Celery's failover form, ``broker_url=["amqp://a//", "amqp://b//"]``)
+    as kombu's text for it, ``amqp://a//;amqp://b//``. Read as ``str()``, a list was no
+    URL: RabbitMQ was taken for an unknown broker (no broker-delay, countdowns not capped
+    by ``consumer_timeout``: the worker exited), a Redis for none (breakers in memory)."""
+    url = getattr(conf, "broker_url", None) or conf.get("broker_url") or ""
+    if isinstance(url, (list, tuple)):
+        return ";".join(str(part).strip() for part in url if part)
+    return str(url)
 
 
 def broker_scheme(conf: Any) -> str:
