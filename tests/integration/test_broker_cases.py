@@ -129,9 +129,28 @@ def test_a_broker_given_as_a_list_of_urls_is_rabbitmq_to_the_worker(
     tasks were deferred by countdowns capped by nothing, held by the worker past
     RabbitMQ's consumer_timeout, and RabbitMQ closed the channel ("Unrecoverable
     error: PreconditionFailed", the worker exited). Now it is RabbitMQ: broker-delay."""
+    _outlives_the_consumer_timeout(rabbitmq, redis_server, broker_url=[rabbitmq.url])
+
+
+def test_a_broker_given_by_host_and_port_alone_is_rabbitmq_to_the_worker(
+    rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """A broker with no URL (``broker_host`` and ``broker_port``; or none at all, Celery's
+    default ``amqp://guest@localhost//``) is RabbitMQ, kombu's default transport:
+    celery-breaker found no scheme in it and took it for an unknown broker, with the
+    same uncapped countdowns and the same exit."""
+    _outlives_the_consumer_timeout(
+        rabbitmq, redis_server, broker_url=None, broker_host="127.0.0.1", broker_port=rabbitmq.port
+    )
+
+
+def _outlives_the_consumer_timeout(rabbitmq: RabbitMQServer, redis_server: RedisServer, **broker: Any) -> None:
+    """A breaker held open past RabbitMQ's consumer_timeout under a worker whose broker is
+    given by ``broker`` (settings): it defers by broker-delay, stays up, and every task
+    runs once after the close."""
     policy = {"failure_threshold": 1, "reset_timeout": 60.0}
     cell = deploy("rabbitmq-classic", "redis", "park", rabbitmq=rabbitmq, redis_server=redis_server,
-                  policy=policy, breaker_defer_spread=0, broker_url=[rabbitmq.url])  # fmt: skip
+                  policy=policy, breaker_defer_spread=0, **broker)  # fmt: skip
     client = counts(cell)
     publisher = cell.publisher()
     try:

@@ -332,6 +332,28 @@ def test_a_broker_given_as_a_list_of_urls_is_read_as_its_first(
     assert describe_url(broker_url(app.conf)) == ";".join(describe_url(url) for url in broker)
 
 
+@pytest.mark.parametrize(
+    ("conf", "kind"),
+    [
+        ({}, "amqp"),  # (Celery's default broker: amqp://guest@localhost//)
+        ({"broker_host": "rabbit", "broker_port": 5673}, "amqp"),
+        ({"broker_transport": "redis", "broker_host": "cache"}, "redis"),
+        ({"broker_write_url": "amqp://u:p@rabbit-primary//"}, "amqp"),
+        ({"broker_url": "memory://"}, "memory"),
+    ],
+)
+def test_a_broker_given_without_a_url_is_the_one_kombu_connects_to(conf: dict[str, Any], kind: str) -> None:
+    # No URL, only a host, or only broker_write_url: the kind was read from the text of
+    # broker_url alone, which named no scheme, so RabbitMQ was an unknown broker (no
+    # broker-delay, no consumer_timeout cap) where kombu connects to it all the same.
+    app = Celery("no-url", set_as_current=False)
+    app.conf.update(conf)
+    assert broker_kind(app.conf) == kind
+    assert app.connection_for_write().transport_cls == kind
+    assert (build_settings(app.conf).hold_limit == 1800.0) == (kind == "amqp")
+    assert (deferral_strategies(app)[0].name == "broker-delay") == (kind == "amqp")
+
+
 def test_seconds_until_reads_iso_text_and_datetimes() -> None:
     assert seconds_until(None, NOW) is None
     assert seconds_until("", NOW) is None

@@ -23,6 +23,7 @@ __all__ = [
     "AMQP",
     "DEAD_LETTER_HEADERS",
     "DEFAULT_CONSUMER_TIMEOUT",
+    "DEFAULT_TRANSPORT",
     "REDIS",
     "broker_kind",
     "broker_scheme",
@@ -71,23 +72,41 @@ _REDELIVERING_BROKERS = {
 
 
 def broker_url(conf: Any) -> str:
-    """The app's broker URL (``conf.broker_url`` honours the ``CELERY_BROKER_URL`` variable);
-    a list of URLs (Celery's failover form, ``broker_url=["amqp://a//", "amqp://b//"]``)
-    as kombu's text for it, ``amqp://a//;amqp://b//``. Read as ``str()``, a list was no
-    URL: RabbitMQ was taken for an unknown broker (no broker-delay, countdowns not capped
-    by ``consumer_timeout``: the worker exited), a Redis for none (breakers in memory)."""
-    url = getattr(conf, "broker_url", None) or conf.get("broker_url") or ""
+    """The URL the app publishes its tasks to: ``broker_write_url`` when set, else
+    ``broker_url`` (Celery's own reading, which honours ``CELERY_BROKER_WRITE_URL`` and
+    ``CELERY_BROKER_URL``); a list of URLs (Celery's failover form,
+    ``broker_url=["amqp://a//", "amqp://b//"]``) as kombu's text for it,
+    ``amqp://a//;amqp://b//``. Read as ``str()``, a list was no URL: RabbitMQ was taken
+    for an unknown broker (no broker-delay, countdowns not capped by ``consumer_timeout``:
+    the worker exited), a Redis for none (breakers in memory)."""
+    url = (
+        getattr(conf, "broker_write_url", None)
+        or conf.get("broker_write_url")
+        or getattr(conf, "broker_url", None)
+        or conf.get("broker_url")
+        or ""
+    )
     if isinstance(url, (list, tuple)):
         return ";".join(str(part).strip() for part in url if part)
     return str(url)
 
 
+#: kombu's transport for a broker URL that names none (no URL at all: Celery's default
+#: broker, ``amqp://guest@localhost//``; or only a host, ``broker_host``).
+DEFAULT_TRANSPORT = "amqp"
+
+
 def broker_scheme(conf: Any) -> str:
-    """The scheme of the (first) broker URL, lowercase: ``redis``, ``amqp``, ``sqs``, ..."""
+    """The scheme of the (first) broker URL, lowercase: ``redis``, ``amqp``, ``sqs``, ...;
+    for a URL that names none, the transport kombu connects with: ``broker_transport``,
+    else ``amqp`` (Celery's default broker is RabbitMQ on localhost)."""
     first = broker_url(conf).split(";", maxsplit=1)[0].strip()
     # (the scheme alone: ``urlsplit`` raised ValueError on the rest of a malformed URL,
     # ``redis://[::1:6379``, before Celery or the store could say what was wrong with it)
-    return first.partition("://")[0].lower() if "://" in first else ""
+    if "://" in first:
+        return first.partition("://")[0].lower()
+    transport = conf.get("broker_transport")
+    return str(transport).lower() if isinstance(transport, str) and transport else DEFAULT_TRANSPORT
 
 
 def broker_kind(conf: Any) -> str:
@@ -151,7 +170,7 @@ def store_url_from_broker(conf: Any) -> str | None:
     first = url.split(";", maxsplit=1)[0].strip()
     scheme = broker_scheme(conf)
     target = _REDIS_BROKERS.get(scheme)
-    if target is None:
+    if target is None or "://" not in first:  # (a host alone, broker_host: no URL to take the store's from)
         return None
     transport_options = conf.get("broker_transport_options") or {}
     use_ssl = conf.get("broker_use_ssl")
