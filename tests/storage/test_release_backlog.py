@@ -64,9 +64,11 @@ def parked_releaser(
     return releaser, parking.tag(breakers[0], None), published
 
 
-def release_for(releaser: Releaser, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+def release_for(releaser: Releaser, seconds: float, until: Callable[[], bool] | None = None) -> None:
+    """Release passes for ``seconds``; with ``until``, until it holds (at most 20 s: the
+    pace releases in milliseconds, but a busy machine may give the passes little time)."""
+    deadline = time.monotonic() + (seconds if until is None else 20.0)
+    while time.monotonic() < deadline and not (until is not None and until()):
         releaser.release_once()
         time.sleep(0.01)
 
@@ -79,7 +81,7 @@ def test_a_worker_whose_waiting_tasks_cover_its_pool_releases_nothing_until_it_h
     assert releaser.parking.count(tag) == (ENTRIES, 0)  # every entry still parked, none claimed
     assert releaser.held_back > 0
     room[0] = None
-    release_for(releaser, 0.3)
+    release_for(releaser, 0.3, until=lambda: len(published) >= ENTRIES)
     assert sorted(published) == sorted(f"svc-{n}:0:1" for n in range(ENTRIES))  # each once
     assert releaser.parking.count(tag) == (0, 0)
 
@@ -87,7 +89,7 @@ def test_a_worker_whose_waiting_tasks_cover_its_pool_releases_nothing_until_it_h
 def test_the_fixed_pace_is_not_held_back(redis_url: str) -> None:
     # breaker_release_pace="fixed" is the rate its operator chose: it releases at it.
     releaser, _, published = parked_releaser(redis_url, lambda: 0, rate=1000.0)
-    release_for(releaser, 0.3)
+    release_for(releaser, 0.3, until=lambda: len(published) >= ENTRIES)
     assert len(published) == ENTRIES
     assert releaser.held_back == 0
 
@@ -97,7 +99,7 @@ def test_a_backlog_that_cannot_be_read_releases_as_before(redis_url: str) -> Non
         raise AttributeError("module 'celery.worker.state' has no attribute 'all_total_count'")
 
     releaser, _, published = parked_releaser(redis_url, unreadable)
-    release_for(releaser, 0.3)
+    release_for(releaser, 0.3, until=lambda: len(published) >= ENTRIES)
     assert len(published) == ENTRIES
 
 
