@@ -86,7 +86,9 @@ class RunAdmission:
     never rejected by the admission it already holds. ``recorded`` is what the run last
     recorded on that breaker. ``released``: the run is a task released from its breaker's
     parking (``BreakerTask`` sets it); a 429 it meets on its own breaker is then a
-    refusal (``refused_for``: the seconds it asked for; see ``BreakerMachine.record``).
+    refusal (``refused_for``: the seconds it asked for; see ``BreakerMachine.record``), as
+    is one met by any run while its breaker's release is under way, if the store says so
+    (``Cell.finish_refusal``).
     """
 
     __slots__ = (
@@ -1268,15 +1270,21 @@ class CircuitBreaker:
             moves = cell.record_success(ticket, duration, self.policy, end)
         elif outcome is FAILURE and exc is not None:
             # Only failures pay for this: a Retry-After opens the breaker for that long;
-            # a 429 met by a task released from the parking is a refusal (see RunAdmission).
-            refused_for = None
-            if run is not None and run.released and run.covers(self):
-                refused_for = run.refused_for = refusal_of(exc, self._clock.time())
-            if refused_for is not None:
+            # a 429 met by a task released from the parking is a refusal (see RunAdmission),
+            # and so is one met by any other call while the breaker's release is under way,
+            # as the store says (``Cell.finish_refusal``; docs/decisions.md, 91).
+            wall = self._clock.time()
+            refused_for = refusal_of(exc, wall)
+            own = run if run is not None and run.covers(self) else None
+            if refused_for is None:
+                moves = cell.finish(ticket, outcome, duration, self.policy, end, open_for=retry_after_of(exc, wall))
+            elif own is not None and own.released:
+                own.refused_for = refused_for
                 moves = cell.finish(ticket, outcome, duration, self.policy, end, open_for=refused_for, refused=True)
             else:
-                open_for = retry_after_of(exc, self._clock.time())
-                moves = cell.finish(ticket, outcome, duration, self.policy, end, open_for=open_for)
+                refusing, moves = cell.finish_refusal(ticket, duration, self.policy, end, retry_after_of(exc, wall))
+                if refusing and own is not None:
+                    own.refused_for = refused_for
         else:
             moves = cell.finish(ticket, outcome, duration, self.policy, end)
         if run is not None and run.covers(self):

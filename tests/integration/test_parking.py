@@ -128,6 +128,39 @@ def test_released_tasks_the_downstream_refuses_are_parked_again_and_the_breaker_
     assert any(pace.held_for is not None and 0 < pace.held_for <= 0.5 for pace in paces)
 
 
+def test_a_fresh_task_refused_while_the_release_is_under_way_waits_and_opens_nothing(
+    broker: str, store_url: str
+) -> None:
+    """A 429 met by a task that was never parked while the parked backlog is released (a
+    fixed pace of 5/s: 20 tasks take 4 s) is a refusal: the breaker stays CLOSED and the
+    task is parked, no retry spent. Once nothing is parked, a fresh task's 429 opens the
+    breaker for its Retry-After, as before (and the task waits that out: it failed while
+    open)."""
+    breaker = CircuitBreaker("partner", parking_proj.POLICY, storage=store_url)
+    breaker.force_open()
+    worker = start_worker(broker, store_url, breaker_release_rate=5.0)
+    client = redis.Redis.from_url(broker)
+    try:
+        backlog = [parking_proj.job.delay(n) for n in range(20)]
+        wait_for(lambda: parked(store_url) == 20, 60, "20 parked tasks")
+        breaker.close()
+        backlog[0].get(timeout=30)  # (the worker has heard the close: the release is under way)
+        client.set("refuse:100", 1)
+        during = parking_proj.refused_once.delay(100).get(timeout=60)  # (parked last: run after the backlog)
+        snapshot = breaker.snapshot()
+        [r.get(timeout=60) for r in backlog]
+        wait_for(lambda: parked(store_url) == 0, 30, "the backlog released")
+        client.set("refuse:200", 1)
+        after = parking_proj.refused_once.delay(200).get(timeout=60)
+        later = breaker.snapshot()
+    finally:
+        worker.stop()
+    assert (during["retries"], during["headers"]["x-breaker-deferrals"]) == (0, 1)  # parked once, no retry
+    assert (snapshot.state.value, snapshot.trips) == ("closed", 0)  # (force_open is no trip)
+    assert (after["retries"], after["headers"]["x-breaker-deferrals"]) == (0, 1)
+    assert later.trips == 1  # nothing being released: the 429 opened the breaker
+
+
 def test_an_expiring_parked_task_is_released_at_its_expiry_and_revoked(broker: str, store_url: str) -> None:
     CircuitBreaker("partner", parking_proj.POLICY, storage=store_url).force_open()
     worker = start_worker(broker, store_url)

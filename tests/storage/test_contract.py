@@ -547,6 +547,25 @@ def test_a_429_met_by_a_task_that_was_never_deferred_opens_the_breaker(store: St
     assert rejected(breaker).retry_after == pytest.approx(7)
 
 
+def test_a_fresh_run_refused_with_nothing_parked_opens_the_breaker_and_is_told_no_wait(
+    store: Store, clock: FakeClock
+) -> None:
+    """A run that was not released (a fresh task's) meets a 429 while nothing is parked
+    (the memory store never parks): the Retry-After opens the breaker, as before, and the
+    run is not told to wait as a refused one (it waits, if at all, because the breaker is
+    open). With tasks parked, a Redis store counts it as a refusal:
+    ``tests/storage/test_pacing.py``."""
+    breaker = make(store, clock, failure_threshold=5, reset_timeout=30)
+    run = breaker.begin_run(lambda e: e)
+    with run:
+        with pytest.raises(TooManyRequests):
+            breaker.call(raise_, TooManyRequests(7))
+        run.settle(None)
+    assert run.refused_for is None
+    assert state_of(breaker) is State.OPEN
+    assert rejected(breaker).retry_after == pytest.approx(7)
+
+
 def test_a_probe_refused_reopens_as_a_retry_after_does(store: Store, clock: FakeClock) -> None:
     breaker = half_open(store, clock, reset_timeout=30, half_open_max_calls=1)
     seen = recorder(breaker)

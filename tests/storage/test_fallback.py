@@ -13,7 +13,7 @@ from typing import cast
 import pytest
 import redis
 
-from celery_breaker import CircuitBreaker, CircuitOpenError, ConfigurationError, State
+from celery_breaker import CircuitBreaker, CircuitOpenError, ConfigurationError, State, TooManyRequests
 from celery_breaker.core import Transition
 from celery_breaker.storage import FallbackStore
 from celery_breaker.storage.redis import RedisStore
@@ -51,6 +51,17 @@ def test_local_mode_keeps_a_working_breaker_of_this_process(caplog: pytest.LogCa
     warnings = [r for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(warnings) == 1  # logged once, not per call (the stand-in's trip says it too, as its own)
     assert "breaker_on_storage_error=local" in warnings[0].getMessage()
+
+
+def test_a_stand_in_parks_nothing_so_a_fresh_runs_429_opens_it() -> None:
+    """``finish_refusal`` on the stand-in of an outage: no release is under way there (it
+    parks nothing), so a 429 met by a run that was not released opens it for the Retry-After."""
+    breaker = CircuitBreaker("svc", {"failure_threshold": 5}, storage=dead_store(), clock=FakeClock())
+    run = breaker.begin_run(lambda e: e)
+    with run:
+        run.settle(TooManyRequests(7))
+    assert run.refused_for is None
+    assert state_of(breaker) is State.OPEN
 
 
 def test_allow_mode_lets_every_call_through_and_never_trips() -> None:

@@ -396,6 +396,76 @@ def test_the_fixed_pace_waits_for_a_refusal_too(store: RedisStore, operator: boo
     assert held == [0, 0, 0, 10, 10]  # held for 2 s (nothing saved up), then 20/s again
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def either_store(request: pytest.FixtureRequest) -> RedisStore:
+    """``store`` on a standalone Redis and on a Cluster: record.lua reads the parking's keys."""
+    return new_store(request.getfixturevalue("redis_cluster_url" if request.param == "cluster" else "redis_url"),
+                     unique_prefix())  # fmt: skip
+
+
+def fresh_refusal(breaker: CircuitBreaker, exc: BaseException) -> float | None:
+    """``exc`` met by a run that was not released from the parking (a fresh task's); what
+    the run was told to wait for (``None``: it is the failure it is)."""
+    run = breaker.begin_run(lambda e: e)
+    with run:
+        run.settle(exc)
+    return run.refused_for
+
+
+def refuse(exc: BaseException) -> None:
+    raise exc
+
+
+def test_a_fresh_task_refused_while_the_release_is_under_way_is_a_refusal(either_store: RedisStore) -> None:
+    """A 429 met by a task that was not parked, while parked tasks are being released:
+    the release and the fresh traffic were too fast together. record.lua finds the parked
+    queue and answers 'refused': the breaker stays CLOSED, the release cuts and holds for
+    the Retry-After exactly as for a released task (the same numbers as
+    ``test_a_refusal_recorded_by_a_released_task_cuts_the_pace_and_holds_it``), and the
+    run is told to wait. A plain guarded call (no task) opens nothing either."""
+    store, clock = either_store, FakeClock()
+    breaker = grown_to_40(store, clock)
+    assert fresh_refusal(breaker, TooManyRequests(1.5)) == 1.5
+    assert state_of(breaker) is State.CLOSED
+    held = []
+    for _ in range(7):
+        clock.advance(0.25)
+        held.append(release(store, clock.monotonic()))
+    assert held == [0] * 5 + [4, 5]
+    found = stored(store)
+    assert (float(found["lim"]), float(found["rate"]), float(found["thr"])) == (20.0, 19.0, 19.0)
+    with pytest.raises(TooManyRequests):
+        breaker.call(refuse, TooManyRequests(1.0))
+    assert state_of(breaker) is State.CLOSED
+    assert breaker.snapshot().trips == 0
+
+
+@pytest.mark.parametrize("parked", ["none", "released and done", "claimed"])
+def test_a_fresh_task_refused_with_nothing_being_released_opens_the_breaker(
+    either_store: RedisStore, parked: str
+) -> None:
+    """With no task parked or claimed (none ever, or all released and published), a fresh
+    task's 429 opens the breaker for its Retry-After, as before. Claimed entries (being
+    published by a releaser) are a release under way."""
+    store, clock = either_store, FakeClock()
+    breaker = CircuitBreaker("svc", {**POLICY, "failure_threshold": 5}, storage=store, clock=clock)
+    breaker.call(ok)
+    if parked != "none":
+        tag = park(store, 3)
+        for _ in range(2):  # (the pace starts empty)
+            claimed = store.parking.release(tag, most=10, pace=100.0, ramp=0.0, lease=30.0, now=clock.monotonic())
+            clock.advance(1.0)
+        assert len(claimed) == 3
+        if parked == "released and done":
+            store.parking.done(tag, [entry for entry, _ in claimed])
+    waits = fresh_refusal(breaker, TooManyRequests(1.5))
+    if parked == "claimed":
+        assert (waits, state_of(breaker)) == (1.5, State.CLOSED)
+        return
+    assert (waits, state_of(breaker)) == (None, State.OPEN)
+    assert breaker.snapshot().retry_after == pytest.approx(1.5)
+
+
 def test_a_lower_ceiling_holds_a_stored_pace_at_once(store: RedisStore) -> None:
     """release.lua as the law in Python: a pace grown to 40/s, then read by workers whose
     ``breaker_release_rate`` is 10: 10/s from the next look, with no released task answering."""

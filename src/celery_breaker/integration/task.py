@@ -708,8 +708,9 @@ def _rejection_now(breaker: CircuitBreaker) -> CircuitOpenError:
 def _waits_instead(run: RunAdmission) -> CircuitOpenError | None:
     """Whether a run that just failed waits (is deferred) instead of failing, and its
     rejection if so: its downstream call failed and the breaker is open now (the task
-    too waits for recovery), or the downstream refused a task released from the parking
-    (a 429: the release was too fast for it; parked again, no retry spent)."""
+    too waits for recovery), or the downstream refused a task released from the parking,
+    or any task while that release is under way (a 429: the release was too fast for it;
+    parked, no retry spent)."""
     if run.failed_while_open():
         rejection = _rejection_now(run.breaker)
         setattr(rejection, _FAILED_ATTR, True)  # (parked, it goes to the back: ParkInStore)

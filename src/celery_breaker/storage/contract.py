@@ -139,6 +139,19 @@ class Cell(Protocol):
         """``finish`` for a success: the hot path, kept separate so stores can make it cheap."""
         ...
 
+    def finish_refusal(
+        self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float, open_for: float | None
+    ) -> tuple[bool, Moves]:
+        """Record a failure that is the downstream refusing (429) a call not released from
+        the parking (a fresh task's, any caller's); ``open_for``: its Retry-After, if any.
+        While the breaker's release is under way (CLOSED or DISABLED, with tasks parked or
+        claimed) it is a refusal, as ``finish(refused=True)`` records one (the release
+        waits ``open_for``, ``REFUSAL_WAIT`` without one), and the first item is True: the
+        caller's call waits too. Otherwise (nothing being released, a probe, or a store
+        that parks nothing) it is the failure it is, as ``finish(open_for=open_for)``
+        records it (a Retry-After opens the breaker), and the first item is False."""
+        ...
+
     def force(self, target: State, policy: BreakerPolicy, now: float) -> Moves:
         """Operator move to CLOSED, FORCED_OPEN or DISABLED."""
         ...

@@ -427,6 +427,21 @@ class FallbackCell:
         )
         return self._told(moves, stand_in=True)
 
+    def finish_refusal(
+        self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float, open_for: float | None
+    ) -> tuple[bool, Moves]:
+        cell = self._target(now)
+        if cell is self._primary:
+            try:
+                refusing, moves = cell.finish_refusal(self._for(ticket, cell), duration, policy, now, open_for)
+                return refusing, self._told(moves)
+            except StorageError as exc:
+                self._degrade(exc, now)
+        # (the stand-in parks nothing: the failure it is)
+        local = self._active
+        moves = local.finish(self._for(ticket, local), Outcome.FAILURE, duration, policy, now, open_for=open_for)
+        return False, self._told(moves, stand_in=True)
+
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
         active = self._active
         if active is self._primary and ticket.__class__ is int and ticket < _FIRST_STAND_IN_TICKET:

@@ -84,6 +84,12 @@ class MemoryCell(BreakerMachine):
         """Whether ``ticket`` was admitted by this cell's current CLOSED (or DISABLED) state."""
         return ticket == self.generation and self.state in _PASSING
 
+    def finish_refusal(
+        self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float, open_for: float | None
+    ) -> tuple[bool, Moves]:
+        # Nothing is parked in memory, so nothing is ever being released: the failure it is.
+        return False, self.finish(ticket, Outcome.FAILURE, duration, policy, now, open_for=open_for)
+
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
         if self.quiet_success and ticket == self.generation:
             # The common case needs no lock: when no rule minds a success (no rate window,

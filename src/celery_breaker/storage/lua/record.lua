@@ -6,8 +6,15 @@
 -- ARGV[14] '1' when the probe lease was spent on the breaker's health check ('' otherwise:
 -- the transition it causes says which it was; see BreakerMachine._record_probe),
 -- ARGV[15] '1' when the failure is the downstream refusing (429) a task released from the
--- parking (BreakerMachine.record's refused; ARGV[12] then says how long it asked for),
+-- parking (BreakerMachine.record's refused; ARGV[12] then says how long it asked for);
+-- '2' when it refused a call that was not released (a fresh task's): a refusal too while
+-- the breaker's release is under way (CLOSED or DISABLED, with tasks in its parked queue
+-- or claimed from it: KEYS[6] and KEYS[7], parking.py's ':q' and ':c' under the breaker's
+-- hash tag), else the failure it is (ARGV[12] then opens the breaker, as ever; the memory
+-- store parks nothing, so BreakerMachine has no twin of this: RedisCell.finish_refusal);
 -- ARGV[16] the incarnation whose acquire leased a probe ('' for an ordinary call).
+-- Replies 'refused' when it counted the failure as a refusal (the caller's call then
+-- waits, as a released one does), else 'ok'.
 
 local generation, lease = tonumber(ARGV[8]), tonumber(ARGV[9])
 local outcome, duration = tonumber(ARGV[10]), tonumber(ARGV[11])
@@ -55,12 +62,20 @@ if not current then return reply('ok') end
 local slow = P.slow_duration ~= nil and duration >= P.slow_duration
 if slow and not failed then S.sl = S.sl + 1 end -- (slow successes: the adaptive release reads them, release.lua)
 if not failed then open_for = nil end
-if (S.st == CLOSED or S.st == DISABLED) and failed and refused then
+local releasing = S.st == CLOSED or S.st == DISABLED
+if releasing and failed and not refused and ARGV[15] == '2' then
+  -- A fresh call's 429 while parked tasks are being released: the release and the fresh
+  -- traffic together went faster than the downstream takes, and only the release can slow
+  -- down; opening the breaker would stop both and start the release over (decision 91).
+  refused = redis.call('EXISTS', KEYS[6], KEYS[7]) > 0
+end
+if releasing and failed and refused then
   -- The release went faster than the downstream takes: no rule sees it, nothing opens;
   -- the release counts the refusal (rf) and waits as long as it was asked (rh). DISABLED
   -- releases too (an operator's breaker passes everything): its release waits alike.
   S.rf = S.rf + 1
   S.rh = math.max(S.rh or now, now + math.min(open_for or 1, P.longest_open))
+  return reply('refused')
 elseif S.st == CLOSED then
   record_closed(failed, slow, open_for)
 elseif S.st == HALF_OPEN and is_probe then -- only probes speak in HALF_OPEN

@@ -18,6 +18,8 @@ from ...errors import CircuitOpenError, ConfigurationError, StorageError
 from ...labels import breaker_label, shown_label
 from ..contract import NO_MOVES, Moves
 from .damage import CLOCK_SLACK, RESET, repair_for
+from .keys import breaker_tag
+from .parking import PARKING_SUFFIXES
 from .replies import Reply, decode_reply, decode_snapshot, opt_float, policy_from_text, policy_text
 
 if TYPE_CHECKING:
@@ -36,6 +38,8 @@ VIEW_TTL = 1.0
 #: A flush's verdict when it found no breaker and made none (``common.lua``): its view is
 #: the one a delete publishes, incarnation ``"0"`` (``forget.lua``).
 GONE = "gone"
+#: record.lua's verdict when it counted a fresh call's 429 as a refusal (``finish_refusal``).
+REFUSED = "refused"
 
 
 class Counted(NamedTuple):
@@ -226,7 +230,13 @@ class RedisCell:
     # -- one round trip ------------------------------------------------------
 
     def _call(
-        self, script: str, now: float, *args: str, policy: str | None = None, sending: bool = False
+        self,
+        script: str,
+        now: float,
+        *args: str,
+        policy: str | None = None,
+        sending: bool = False,
+        extra_keys: list[str] | None = None,
     ) -> tuple[Reply, Moves]:
         """Run ``script`` on this breaker, sending what was counted locally; return its
         reply and the transition it made, after taking the view it answered.
@@ -250,7 +260,7 @@ class RedisCell:
             head = [repr(now) if store.client_time else "", store.ttl_ms, pending + view]
             argv = [*head, policy or self._policy_text, self.name, self._key_arg, store.channel, *args]
             try:
-                raw = store.run(script, self._keys, argv)
+                raw = store.run(script, self._keys if extra_keys is None else self._keys + extra_keys, argv)
             except StorageError as exc:
                 self._give_back(counts, counted_in)
                 level = "" if check else repair_for(exc.__cause__)
@@ -431,6 +441,22 @@ class RedisCell:
             "record", now, str(generation), str(lease), str(int(outcome)), repr(float(duration)), hint,
             repr(CHANCE.random()), check, "1" if refused else "", incarnation,
         )[1]  # fmt: skip
+
+    def finish_refusal(
+        self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float, open_for: float | None
+    ) -> tuple[bool, Moves]:
+        # record.lua decides from the breaker's parked queue and claims (its own slot):
+        # they go as KEYS only here, so no other call names them. Its reply says which it was.
+        if isinstance(ticket, Probe):
+            return False, self.finish(ticket, Outcome.FAILURE, duration, policy, now, open_for=open_for)
+        tag = breaker_tag(self._store.quoted_prefix, self.name, self.key)
+        parked = [tag + PARKING_SUFFIXES[0], tag + PARKING_SUFFIXES[2]]  # (the queue and the claims)
+        hint = "" if open_for is None else repr(float(open_for))
+        reply, moves = self._call(
+            "record", now, str(ticket), "-1", str(int(Outcome.FAILURE)), repr(float(duration)), hint,
+            repr(CHANCE.random()), "", "2", "", extra_keys=parked,
+        )  # fmt: skip
+        return reply.verdict == REFUSED, moves
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
         # The hot path: a success admitted without a probe is counted here and sent later

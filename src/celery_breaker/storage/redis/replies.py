@@ -180,7 +180,7 @@ class Reply:
     generation: int  # gen
     remaining: float | None  # left: seconds until open_until
     now: float  # now: the script's clock
-    verdict: str  # verdict: 'ok', or acquire's 'admit', 'probe', 'reject'
+    verdict: str  # verdict: 'ok', record's 'refused', or acquire's 'admit', 'probe', 'reject'
     value: str  # value: the probe's lease, or a rejection's retry_after
     warnings: str  # warn: what was reset as unreadable ('' when nothing)
     policy: str  # pol: the stored policy text when it is not the caller's, else ''
