@@ -440,6 +440,23 @@ def test_a_fresh_task_refused_while_the_release_is_under_way_is_a_refusal(either
     assert breaker.snapshot().trips == 0
 
 
+def test_a_fresh_task_told_to_stop_for_longer_than_the_breaker_opens_opens_it(either_store: RedisStore) -> None:
+    """A fresh task's 429 during a release whose Retry-After is longer than the breaker's
+    own ``reset_timeout`` (10 s here) says "stop", not "slow down" (a quota spent for the
+    day): counted as a refusal, the breaker stayed CLOSED and the fresh traffic went on
+    meeting the 429 at its own rate while only the release waited. It opens the breaker
+    for that long, as it does with nothing parked; the run is not told it was refused."""
+    store, clock = either_store, FakeClock()
+    breaker = grown_to_40(store, clock)
+    assert fresh_refusal(breaker, TooManyRequests(3600)) is None
+    assert state_of(breaker) is State.OPEN
+    assert breaker.snapshot().retry_after == pytest.approx(100)  # (as long as it opens: max_reset_timeout)
+    # At reset_timeout exactly it is still a slow-down, not a stop.
+    other = grown_to_40(new_store(store.url.split("?")[0], unique_prefix()), clock)
+    assert fresh_refusal(other, TooManyRequests(10)) == 10
+    assert state_of(other) is State.CLOSED
+
+
 @pytest.mark.parametrize("parked", ["none", "released and done", "claimed"])
 def test_a_fresh_task_refused_with_nothing_being_released_opens_the_breaker(
     either_store: RedisStore, parked: str

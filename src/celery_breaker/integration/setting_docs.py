@@ -89,7 +89,8 @@ SETTING_DOCS: dict[str, Doc] = {
         meaning="how parked tasks are released once their breaker has closed, decided in Redis for all workers: "
         '`"adaptive"` starts at 10 per second and grows (by 40 % every half second) while the released tasks '
         "succeed, is cut to 80 % at once on failures or slow calls (the policy's `slow_call_duration`) or on a "
-        "429 met by a released task, or by any task while tasks are still parked (then it waits for the "
+        "429 met by a released task, or by any task while tasks are still parked and its Retry-After is at most "
+        "`reset_timeout` (then it waits for the "
         "Retry-After, and grows back only to 95 % of what the downstream "
         "took: the successes per second back with the refusal), "
         "releases nothing after a cut while more than 1.5 s worth of tasks await their outcome (for at most 12 s "

@@ -63,10 +63,13 @@ local slow = P.slow_duration ~= nil and duration >= P.slow_duration
 if slow and not failed then S.sl = S.sl + 1 end -- (slow successes: the adaptive release reads them, release.lua)
 if not failed then open_for = nil end
 local releasing = S.st == CLOSED or S.st == DISABLED
-if releasing and failed and not refused and ARGV[15] == '2' then
+if releasing and failed and not refused and ARGV[15] == '2' and (open_for == nil or open_for <= P.reset_timeout) then
   -- A fresh call's 429 while parked tasks are being released: the release and the fresh
   -- traffic together went faster than the downstream takes, and only the release can slow
   -- down; opening the breaker would stop both and start the release over (decision 91).
+  -- One asking to wait longer than the breaker's own reset_timeout says "stop", not "slow
+  -- down" (a quota spent for the day): it opens the breaker for that long, as before, or
+  -- the fresh traffic would go on meeting it at its own rate while the release waits.
   refused = redis.call('EXISTS', KEYS[6], KEYS[7]) > 0
 end
 if releasing and failed and refused then
