@@ -457,6 +457,29 @@ def test_a_fresh_task_told_to_stop_for_longer_than_the_breaker_opens_opens_it(ei
     assert state_of(other) is State.CLOSED
 
 
+def test_a_fresh_task_refused_during_the_release_leaves_the_parked_tasks_no_expiry(either_store: RedisStore) -> None:
+    """record.lua reads the parked queue and claims (KEYS 6 and 7) to tell a fresh 429's
+    verdict; the save that renews the breaker's own keys' idle TTL (every key of the call,
+    once the state hash's TTL has run down) gave those two the idle TTL too: the parked
+    tasks (and claims) then vanished once it ran out, while the breaker kept them parked
+    (the next outage, an operator's force_open). Only the breaker's five keys are renewed."""
+    store, clock = either_store, FakeClock()
+    breaker = CircuitBreaker("svc", {**POLICY, "failure_threshold": 5}, storage=store, clock=clock)
+    breaker.call(ok)
+    tag = park(store, 3)
+    claimed: list[tuple[str, str]] = []
+    while not claimed:  # (the pace starts empty)
+        claimed = store.parking.release(tag, most=1, pace=100.0, ramp=0.0, lease=30.0, now=clock.monotonic())
+        clock.advance(1.0)
+    store.flush()  # (no counts left for the agent to send meanwhile: that would renew the state first)
+    client = store.client()
+    state_key = store.keys_for("svc", None)[0]
+    client.pexpire(state_key, 1000)  # (the state's TTL has run down: this save renews every key it was given)
+    assert fresh_refusal(breaker, TooManyRequests(1.5)) == 1.5
+    assert client.pttl(state_key) > 1000  # (renewed)
+    assert (client.pttl(tag + ":q"), client.pttl(tag + ":c")) == (-1, -1)
+
+
 @pytest.mark.parametrize("parked", ["none", "released and done", "claimed"])
 def test_a_fresh_task_refused_with_nothing_being_released_opens_the_breaker(
     either_store: RedisStore, parked: str

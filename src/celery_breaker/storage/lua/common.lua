@@ -34,6 +34,9 @@
 -- each process's local view follows it.
 
 local K_STATE, K_FAILS, K_RING, K_BUCKETS, K_LEASES = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+-- The five a save keeps alive (never KEYS itself: record.lua is also given the parked
+-- queue and claims to read, which must never get a TTL; decision 91).
+local BREAKER_KEYS = { K_STATE, K_FAILS, K_RING, K_BUCKETS, K_LEASES }
 local TIME_BUCKETS = 20
 -- A count window's ring is a string: SETRANGE past Redis's 512 MB string limit fails.
 local MAX_RING = 536870912
@@ -761,7 +764,7 @@ local function save()
     -- meanwhile, or an idle breaker would come back CLOSED and release its parked tasks.
     -- Leaving the state (PTTL -1 below the threshold) gives all five the idle TTL again.
     if pttl ~= -1 then
-      for _, key in ipairs(KEYS) do redis.call('PERSIST', key) end
+      for _, key in ipairs(BREAKER_KEYS) do redis.call('PERSIST', key) end
     end
     return
   end
@@ -771,7 +774,7 @@ local function save()
   local keep = ttl_ms
   if S.st == OPEN and S.ou ~= nil and S.ou > now then keep = ttl_ms + math.ceil((S.ou - now) * 1000) end
   if pttl < keep - math.min(keep / 10, 60000) then
-    for _, key in ipairs(KEYS) do redis.call('PEXPIRE', key, keep) end
+    for _, key in ipairs(BREAKER_KEYS) do redis.call('PEXPIRE', key, keep) end
   else
     for key in pairs(touched) do redis.call('PEXPIRE', key, keep) end
   end
