@@ -480,6 +480,41 @@ def test_a_fresh_task_refused_during_the_release_leaves_the_parked_tasks_no_expi
     assert (client.pttl(tag + ":q"), client.pttl(tag + ":c")) == (-1, -1)
 
 
+def test_fresh_refusals_long_after_the_release_held_back_open_the_breaker(either_store: RedisStore) -> None:
+    """Fresh traffic alone beyond what the downstream takes, while tasks stay parked: each
+    fresh 429 held the release back again, so it sent nothing, and the breaker never
+    opened (a review: 90 fresh tasks/s against 60/s, 25 % of the downstream's calls
+    refused, for as long as it lasted). A fresh 429 counts as the release's doing only
+    while the release has held back for at most twice the wait asked (3 s at least: the
+    released tasks still queued when it began); after that it is the fresh traffic's
+    own, and opens the breaker for its Retry-After, which relieves the downstream."""
+    store, clock = either_store, FakeClock()
+    breaker = grown_to_40(store, clock)
+    assert fresh_refusal(breaker, TooManyRequests(1.0)) == 1.0  # (the hold begins)
+    for _ in range(6):  # every half second for 3 s: each still within the grace, each holding on
+        clock.advance(0.5)
+        assert fresh_refusal(breaker, TooManyRequests(1.0)) == 1.0
+    assert state_of(breaker) is State.CLOSED
+    clock.advance(0.5)  # 3.5 s held back: the fresh traffic's own 429
+    assert fresh_refusal(breaker, TooManyRequests(1.0)) is None
+    assert state_of(breaker) is State.OPEN
+    assert breaker.snapshot().retry_after == pytest.approx(1.0)
+
+
+def test_a_hold_that_ended_gives_fresh_refusals_their_grace_again(either_store: RedisStore) -> None:
+    """The grace runs from when the release began holding back, not from its first
+    refusal ever: a hold that ended (the release sent again) starts the next from zero."""
+    store, clock = either_store, FakeClock()
+    breaker = grown_to_40(store, clock)
+    assert fresh_refusal(breaker, TooManyRequests(1.0)) == 1.0
+    clock.advance(10.0)  # (that hold over long ago: the release sent again since)
+    assert fresh_refusal(breaker, TooManyRequests(1.0)) == 1.0  # (a new hold begins)
+    for _ in range(5):  # 0.5 to 2.5 s into it: within its grace, 12.5 s after the first
+        clock.advance(0.5)
+        assert fresh_refusal(breaker, TooManyRequests(1.0)) == 1.0
+    assert state_of(breaker) is State.CLOSED
+
+
 @pytest.mark.parametrize("parked", ["none", "released and done", "claimed"])
 def test_a_fresh_task_refused_with_nothing_being_released_opens_the_breaker(
     either_store: RedisStore, parked: str

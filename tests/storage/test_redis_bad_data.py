@@ -39,8 +39,8 @@ POLICIES: dict[str, dict[str, Any]] = {
                   **_OPEN},
     "consecutive": {"failure_threshold": None, "consecutive_failures": 2, **_OPEN},
 }  # fmt: skip
-STATE_FIELDS = ("st", "pol", "gen", "hos", "nl", "ok", "ko", "rj", "df", "tr", "wn", "wl", "wc", "wf", "ws",
-                "oa", "ou", "ls", "lf", "stk", "od", "run", "sl", "rf", "rh", "rg", "inc", "nm", "ky")  # fmt: skip
+STATE_FIELDS = ("st", "pol", "gen", "hos", "nl", "ok", "ko", "rj", "df", "tr", "wn", "wl", "wc", "wf", "ws", "oa",
+                "ou", "ls", "lf", "stk", "od", "run", "sl", "rf", "rh", "rs", "rg", "inc", "nm", "ky")  # fmt: skip
 #: What no field of the state hash may hold: each must reset the breaker, with a warning.
 NEVER_VALID = ("nan", "inf", "-inf")
 TEXTS = st.sampled_from(

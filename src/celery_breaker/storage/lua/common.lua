@@ -482,7 +482,8 @@ end
 local WHOLE_FIELDS = { 'gen', 'hos', 'nl', 'ok', 'ko', 'rj', 'df', 'tr', 'wn', 'wl', 'wc', 'wf', 'ws' }
 local LATER_WHOLE_FIELDS = { 'stk', 'run', 'sl', 'rf', 'rg' }
 -- Times of what has happened ('' for never): within TIME_SPAN of now.
-local PAST_FIELDS = { 'oa', 'ls', 'lf' }
+-- ('rs': when the release began holding back for a refusal, record.lua.)
+local PAST_FIELDS = { 'oa', 'ls', 'lf', 'rs' }
 
 local function fresh(policy_text)
   -- The incarnation tells a breaker from an earlier one under the same keys (expired or
@@ -757,7 +758,7 @@ local function save()
     'gen', S.gen, 'hos', S.hos, 'nl', S.nl, 'ok', S.ok, 'ko', S.ko, 'rj', S.rj, 'df', S.df,
     'tr', S.tr, 'wn', S.wn, 'wl', S.wl, 'wc', S.wc, 'wf', S.wf, 'ws', S.ws,
     'oa', fmt(S.oa), 'ou', fmt(S.ou), 'ls', fmt(S.ls), 'lf', fmt(S.lf), 'stk', S.stk, 'od', fmt(S.od),
-    'run', S.run, 'sl', S.sl, 'rf', S.rf, 'rh', fmt(S.rh), 'rg', S.rg)
+    'run', S.run, 'sl', S.sl, 'rf', S.rf, 'rh', fmt(S.rh), 'rs', fmt(S.rs), 'rg', S.rg)
   local pttl = redis.call('PTTL', K_STATE)
   if S.st == FORCED_OPEN or S.st == DISABLED then
     -- Set by an operator and left only by an operator (DESIGN.md): its keys never expire

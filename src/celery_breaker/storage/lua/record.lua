@@ -29,6 +29,9 @@ local kind = ARGV[14] == '1' and 'health check' or 'probe'
 local leased_by = ARGV[16] or ''
 local current = generation == S.gen and (leased_by == S.inc or (leased_by == '' and not is_probe))
 local refused = ARGV[15] == '1'
+-- Seconds a release may hold back before a fresh call's 429 is no longer taken for its
+-- doing (at least: twice the wait the 429 asks for, if longer; decision 91).
+local FRESH_GRACE = 3
 
 -- A CLOSED breaker's outcome goes through every trip rule (RULES, common.lua).
 local function record_closed(failed, slow, hint)
@@ -63,20 +66,27 @@ local slow = P.slow_duration ~= nil and duration >= P.slow_duration
 if slow and not failed then S.sl = S.sl + 1 end -- (slow successes: the adaptive release reads them, release.lua)
 if not failed then open_for = nil end
 local releasing = S.st == CLOSED or S.st == DISABLED
-if releasing and failed and not refused and ARGV[15] == '2' and (open_for == nil or open_for <= P.reset_timeout) then
+local holding = S.rh ~= nil and now < S.rh
+if releasing and failed and not refused and ARGV[15] == '2' and (open_for == nil or open_for <= P.reset_timeout)
+  and not (holding and S.rs ~= nil and now - S.rs > math.max(FRESH_GRACE, 2 * (open_for or 1))) then
   -- A fresh call's 429 while parked tasks are being released: the release and the fresh
   -- traffic together went faster than the downstream takes, and only the release can slow
   -- down; opening the breaker would stop both and start the release over (decision 91).
   -- One asking to wait longer than the breaker's own reset_timeout says "stop", not "slow
   -- down" (a quota spent for the day): it opens the breaker for that long, as before, or
   -- the fresh traffic would go on meeting it at its own rate while the release waits.
+  -- Nor is one met once the release has held back (sent nothing) for longer than twice
+  -- what the downstream asks (FRESH_GRACE at least, for the released tasks still queued
+  -- when it began): those 429s are the fresh traffic's own, which only opening relieves.
   refused = redis.call('EXISTS', KEYS[6], KEYS[7]) > 0
 end
 if releasing and failed and refused then
   -- The release went faster than the downstream takes: no rule sees it, nothing opens;
-  -- the release counts the refusal (rf) and waits as long as it was asked (rh). DISABLED
-  -- releases too (an operator's breaker passes everything): its release waits alike.
+  -- the release counts the refusal (rf) and waits as long as it was asked (rh), since
+  -- rs if it was not waiting already. DISABLED releases too (an operator's breaker passes
+  -- everything): its release waits alike.
   S.rf = S.rf + 1
+  if not holding then S.rs = now end
   S.rh = math.max(S.rh or now, now + math.min(open_for or 1, P.longest_open))
   return reply('refused')
 elseif S.st == CLOSED then
