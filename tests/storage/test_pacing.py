@@ -241,6 +241,20 @@ def test_slow_calls_counted_by_the_breaker_cut_the_pace(store: RedisStore) -> No
     assert float(stored(store)["thr"]) == 7.0
 
 
+def held_as_refused_at_40(store: RedisStore, clock: FakeClock) -> None:
+    """After a refusal asking 1.5 s of a pace ``grown_to_40``, releases every quarter
+    second: nothing for 1.5 s, then 19/s from empty. The limit is what came back with the
+    refusal (the tasks released since the pace doubled to 40/s went at 20/s), the cut
+    95 % of it."""
+    held = []
+    for _ in range(7):
+        clock.advance(0.25)
+        held.append(release(store, clock.monotonic()))
+    assert held == [0] * 5 + [4, 5]
+    found = stored(store)
+    assert (float(found["lim"]), float(found["rate"]), float(found["thr"])) == (20.0, 19.0, 19.0)
+
+
 def grown_to_40(store: RedisStore, clock: FakeClock) -> CircuitBreaker:
     """5,000 parked tasks, released for 3 s while each succeeds: the pace at 40/s (5, 10, 20, 40)."""
     park(store, 5_000)
@@ -335,15 +349,7 @@ def test_a_refusal_recorded_by_a_released_task_cuts_the_pace_and_holds_it(store:
         run.settle(TooManyRequests(1.5))
     assert run.refused_for == 1.5
     assert state_of(breaker) is State.CLOSED
-    held = []
-    for _ in range(7):
-        clock.advance(0.25)
-        held.append(release(store, clock.monotonic()))
-    # Nothing for 1.5 s, then 19/s from empty: the limit is what came back with the refusal
-    # (the tasks released since the pace doubled to 40/s went at 20/s), the cut 95 % of it.
-    assert held == [0] * 5 + [4, 5]
-    found = stored(store)
-    assert (float(found["lim"]), float(found["rate"]), float(found["thr"])) == (20.0, 19.0, 19.0)
+    held_as_refused_at_40(store, clock)
     assert state_of(breaker) is State.CLOSED
 
 
@@ -427,13 +433,7 @@ def test_a_fresh_task_refused_while_the_release_is_under_way_is_a_refusal(either
     breaker = grown_to_40(store, clock)
     assert fresh_refusal(breaker, TooManyRequests(1.5)) == 1.5
     assert state_of(breaker) is State.CLOSED
-    held = []
-    for _ in range(7):
-        clock.advance(0.25)
-        held.append(release(store, clock.monotonic()))
-    assert held == [0] * 5 + [4, 5]
-    found = stored(store)
-    assert (float(found["lim"]), float(found["rate"]), float(found["thr"])) == (20.0, 19.0, 19.0)
+    held_as_refused_at_40(store, clock)
     with pytest.raises(TooManyRequests):
         breaker.call(refuse, TooManyRequests(1.0))
     assert state_of(breaker) is State.CLOSED
