@@ -18,7 +18,6 @@ from ...errors import CircuitOpenError, ConfigurationError, StorageError
 from ...labels import breaker_label, shown_label
 from ..contract import NO_MOVES, Moves
 from .damage import CLOCK_SLACK, RESET, repair_for
-from .keys import breaker_tag
 from .parking import PARKING_SUFFIXES
 from .replies import Reply, decode_reply, decode_snapshot, opt_float, policy_from_text, policy_text
 
@@ -427,6 +426,26 @@ class RedisCell:
         open_for: float | None = None,
         refused: bool = False,
     ) -> Moves:
+        return self._record(ticket, outcome, duration, now, open_for, "1" if refused else "")[1]
+
+    def finish_refusal(
+        self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float, open_for: float | None
+    ) -> tuple[bool, Moves]:
+        # record.lua decides from the breaker's parked queue and claims (its own slot):
+        # they go as KEYS only here, so no other call names them. Its reply says which it was.
+        if isinstance(ticket, Probe):
+            return False, self.finish(ticket, Outcome.FAILURE, duration, policy, now, open_for=open_for)
+        tag = self._store.parking.tag(self.name, self.key)
+        parked = [tag + PARKING_SUFFIXES[0], tag + PARKING_SUFFIXES[2]]  # (the queue and the claims)
+        reply, moves = self._record(ticket, Outcome.FAILURE, duration, now, open_for, "2", parked)
+        return reply.verdict == REFUSED, moves
+
+    def _record(
+        self, ticket: Ticket, outcome: Outcome, duration: float, now: float, open_for: float | None, refusal: str,
+        extra_keys: list[str] | None = None,
+    ) -> tuple[Reply, Moves]:  # fmt: skip
+        """One ``record.lua`` call for ``ticket``'s outcome; ``refusal`` is its ARGV[15]
+        (``'1'`` a released task's 429, ``'2'`` another call's, ``''`` neither)."""
         if isinstance(ticket, Probe):
             generation, lease, check = ticket.generation, ticket.lease, "1" if ticket.check else ""
             incarnation = ticket.incarnation
@@ -439,24 +458,8 @@ class RedisCell:
         # The jitter's draw comes from here: a script's math.random repeats itself.
         return self._call(
             "record", now, str(generation), str(lease), str(int(outcome)), repr(float(duration)), hint,
-            repr(CHANCE.random()), check, "1" if refused else "", incarnation,
-        )[1]  # fmt: skip
-
-    def finish_refusal(
-        self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float, open_for: float | None
-    ) -> tuple[bool, Moves]:
-        # record.lua decides from the breaker's parked queue and claims (its own slot):
-        # they go as KEYS only here, so no other call names them. Its reply says which it was.
-        if isinstance(ticket, Probe):
-            return False, self.finish(ticket, Outcome.FAILURE, duration, policy, now, open_for=open_for)
-        tag = breaker_tag(self._store.quoted_prefix, self.name, self.key)
-        parked = [tag + PARKING_SUFFIXES[0], tag + PARKING_SUFFIXES[2]]  # (the queue and the claims)
-        hint = "" if open_for is None else repr(float(open_for))
-        reply, moves = self._call(
-            "record", now, str(ticket), "-1", str(int(Outcome.FAILURE)), repr(float(duration)), hint,
-            repr(CHANCE.random()), "", "2", "", extra_keys=parked,
+            repr(CHANCE.random()), check, refusal, incarnation, extra_keys=extra_keys,
         )  # fmt: skip
-        return reply.verdict == REFUSED, moves
 
     def record_success(self, ticket: Ticket, duration: float, policy: BreakerPolicy, now: float) -> Moves:
         # The hot path: a success admitted without a probe is counted here and sent later
