@@ -296,10 +296,9 @@ def _while_the_store_is_down(app: Any) -> None:
     on RabbitMQ) deferred into RabbitMQ's delay queues instead, as it does while its store
     is down; nothing when none wait there, it cannot be counted, or the app defers there
     anyway (its tasks' place does not depend on the store: the error alone is said)."""
-    from .delayed import DelayCounter, waiting_text
+    from .delayed import fallen_back_text
 
-    counter = DelayCounter.of(app)
-    said = waiting_text(counter.count()) if counter is not None and counter.fallback else None
+    said = fallen_back_text(app)
     if said is not None:
         click.echo(f"{said}.")
 
@@ -310,10 +309,9 @@ def _fallen_back_unpurged(app: Any) -> None:
     its store was down), which no purge reaches and which run once their delay is up;
     nothing when none wait there or they cannot be counted (as ``status`` says it). The
     exit code stays the purge's: what it was asked to discard, it did."""
-    from .delayed import DelayCounter, waiting_text
+    from .delayed import fallen_back_text
 
-    counter = DelayCounter.of(app)
-    said = waiting_text(counter.count()) if counter is not None and counter.fallback else None
+    said = fallen_back_text(app)
     if said is not None:
         click.echo(
             f"Note: {said}. The purge does not reach those: they run once their delay is up (drop them in the "

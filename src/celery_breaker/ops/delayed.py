@@ -35,7 +35,7 @@ from ..integration.deferral.selection import (
 from ..integration.throttle import EVERY
 from ..monitoring.delay_gauge import DelayDepthReader
 
-__all__ = ["DelayCount", "DelayCounter", "delay_view", "status_line", "waiting_text"]
+__all__ = ["DelayCount", "DelayCounter", "delay_view", "fallen_back_text", "status_line", "waiting_text"]
 
 _IN_STORE = "counts tasks parked in the store"
 
@@ -130,6 +130,15 @@ def waiting_text(count: DelayCount) -> str | None:
             "due; move them back to it (a shovel, or the management UI) or purge that queue"
         )
     return text
+
+
+def fallen_back_text(app: Any) -> str | None:
+    """For an app that parks in its store (``breaker_park=True`` on RabbitMQ), counted now
+    over a connection of its own: the tasks it deferred into the delay queues instead
+    (``waiting_text``); ``None`` for any other app, or when none wait there or they
+    cannot be counted."""
+    counter = DelayCounter.of(app)
+    return waiting_text(counter.count()) if counter is not None and counter.fallback else None
 
 
 def status_line(app: Any, count: DelayCount | None) -> str | None:
