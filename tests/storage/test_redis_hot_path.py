@@ -612,19 +612,19 @@ def test_counts_a_process_sends_without_having_heard_of_a_reset_are_dropped_once
     here_store.close()
 
 
-def test_counts_made_after_an_idle_breaker_expired_are_the_new_ones(url: str, server: redis.Redis) -> None:
-    # A worker keeps its breaker, and its view, for its whole life, and a key that expires
-    # tells nobody. After a breaker sat idle past idle_ttl, its first second's successes were
-    # sent under the expired incarnation and dropped: the window held the failures alone,
-    # and a healthy breaker tripped (5 failures of 13 calls read as 5 of 5).
-    clock = FakeClock()
+def used_rate_breaker(url: str, clock: FakeClock) -> tuple[CircuitBreaker, RedisStore, RedisCell]:
+    """A failure-rate breaker (half of at least 5 calls) on a store of ``idle_ttl=60``,
+    called once and its count sent."""
     policy = {"failure_threshold": None, "failure_rate_threshold": 0.5, "count_window": 20, "minimum_calls": 5}
     there, there_store, cell = live_breaker(f"{url}&idle_ttl=60", policy, clock)
     there.call(ok)
     there_store.flush()
-    server.delete(*cell._keys)  # (the keys expire: nothing is published)
-    cell._seen -= 61.0  # (nothing read or heard of the breaker for longer than idle_ttl)
-    clock.advance(61.0)
+    return there, there_store, cell
+
+
+def counted_as_the_new_breaker(there: CircuitBreaker, there_store: RedisStore) -> None:
+    """8 successes and 5 failures after the breaker's keys expired, sent: all counted by the
+    breaker made again, which stays CLOSED (dropped, the successes left 5 failures of 5)."""
     for _ in range(8):
         there.call(ok)
     for _ in range(5):
@@ -633,6 +633,19 @@ def test_counts_made_after_an_idle_breaker_expired_are_the_new_ones(url: str, se
     snap = there.snapshot()
     assert (snap.successes, snap.failures, snap.window_calls, snap.window_failures) == (8, 5, 13, 5)
     assert snap.state is State.CLOSED
+
+
+def test_counts_made_after_an_idle_breaker_expired_are_the_new_ones(url: str, server: redis.Redis) -> None:
+    # A worker keeps its breaker, and its view, for its whole life, and a key that expires
+    # tells nobody. After a breaker sat idle past idle_ttl, its first second's successes were
+    # sent under the expired incarnation and dropped: the window held the failures alone,
+    # and a healthy breaker tripped (5 failures of 13 calls read as 5 of 5).
+    clock = FakeClock()
+    there, there_store, cell = used_rate_breaker(url, clock)
+    server.delete(*cell._keys)  # (the keys expire: nothing is published)
+    cell._seen -= 61.0  # (nothing read or heard of the breaker for longer than idle_ttl)
+    clock.advance(61.0)
+    counted_as_the_new_breaker(there, there_store)
 
 
 def test_counts_made_after_keys_expired_sooner_than_idle_ttl_after_the_last_read_are_the_new_ones(
@@ -644,10 +657,7 @@ def test_counts_made_after_keys_expired_sooner_than_idle_ttl_after_the_last_read
     # the expired incarnation, were dropped, and a healthy breaker tripped on its failures
     # alone (5 of 13 calls read as 5 of 5), as before decision 87's idle-expiry fix.
     clock = FakeClock()
-    policy = {"failure_threshold": None, "failure_rate_threshold": 0.5, "count_window": 20, "minimum_calls": 5}
-    there, there_store, cell = live_breaker(f"{url}&idle_ttl=60", policy, clock)
-    there.call(ok)
-    there_store.flush()
+    there, there_store, cell = used_rate_breaker(url, clock)
     for key in server.keys(cell.state_key[: -len(":s")].replace("{", "\\{").replace("}", "\\}") + "*"):
         server.pexpire(key, 54_500)  # (their TTL refreshed 5.5 s ago)
     cell.refresh(clock.monotonic())  # this process's last read of the breaker ...
@@ -655,14 +665,7 @@ def test_counts_made_after_keys_expired_sooner_than_idle_ttl_after_the_last_read
     server.delete(*cell._keys)  # (54.5 s later they expire: nothing is published)
     cell._seen -= 55.0
     clock.advance(55.0)
-    for _ in range(8):
-        there.call(ok)
-    for _ in range(5):
-        fail(there)
-    there_store.flush()
-    snap = there.snapshot()
-    assert (snap.successes, snap.failures, snap.window_calls, snap.window_failures) == (8, 5, 13, 5)
-    assert snap.state is State.CLOSED
+    counted_as_the_new_breaker(there, there_store)
 
 
 def test_a_success_admitted_before_a_reset_drops_only_itself(url: str) -> None:
