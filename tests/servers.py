@@ -457,14 +457,14 @@ class RedisCluster(Owned):
         self.workdir = Path(tempfile.mkdtemp(prefix="celery-breaker-cluster-"))
         # Bus ports are chosen, not port + 10000 (which a free port above 55535 would overflow).
         self.bus_ports = [free_port() for _ in range(masters)]
-        self.nodes = [
-            RedisServer(
-                "--cluster-enabled", "yes", "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf",
-                "--cluster-node-timeout", "2000", *(("--tls-cluster", "yes") if tls else ()),
-                workdir=str(self.workdir / f"node-{index}"), tls=tls,
-            )
-            for index, bus in enumerate(self.bus_ports)
-        ]  # fmt: skip
+        self.nodes = [self._node(index, bus) for index, bus in enumerate(self.bus_ports)]
+
+    def _node(self, index: int, bus: int) -> RedisServer:
+        return RedisServer(
+            "--cluster-enabled", "yes", "--cluster-port", str(bus), "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "2000", *(("--tls-cluster", "yes") if self.tls else ()),
+            workdir=str(self.workdir / f"node-{index}"), tls=self.tls,
+        )  # fmt: skip
 
     @property
     def url(self) -> str:
@@ -475,8 +475,19 @@ class RedisCluster(Owned):
     def start(self) -> RedisCluster:
         """What ``redis-cli --cluster create`` does, but every node meets every other
         directly: learning of each other by gossip alone may take seconds more."""
-        for node in self.nodes:
-            node.start()
+        for index in range(len(self.nodes)):
+            for attempt in range(3):
+                try:
+                    self.nodes[index].start()
+                    break
+                except ServerError as exc:
+                    # A port free_port chose was taken by another process before the node
+                    # bound it (a CI run's parallel suites): the node again, on new ports.
+                    if "Address already in use" not in str(exc) or attempt == 2:
+                        raise
+                    shutil.rmtree(self.workdir / f"node-{index}", ignore_errors=True)  # (its nodes.conf)
+                    self.bus_ports[index] = free_port()
+                    self.nodes[index] = self._node(index, self.bus_ports[index])
         count = len(self.nodes)
         # Every node takes its slots and its epoch before any meets another: a node that
         # already knows another (a MEET's handshake is quick on an idle machine, and may
