@@ -12,13 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from celery import Celery
 
 from celery_breaker.core import BreakerSnapshot, State
 from celery_breaker.errors import ConfigurationError, StorageError
 from celery_breaker.integration.deferral.delay_depth import DelayDepth
 from celery_breaker.monitoring.status import BreakerStatus
 from celery_breaker.ops.board import Board
-from celery_breaker.ops.delayed import DelayCount
+from celery_breaker.ops.delayed import DelayCount, elsewhere_view
 from celery_breaker.ops.watch import PAUSE_PER_READ
 from celery_breaker.ops.web import (
     TOKEN_ENV,
@@ -433,3 +434,34 @@ def test_a_count_that_hangs_holds_up_no_reading_of_the_store() -> None:
     assert not counting.is_alive()
     assert board.view()["delay_queues"]["delayed"] == 5
     assert [row["label"] for row in board.view()["breakers"]] == ["crm", "billing"]
+
+
+@pytest.mark.parametrize(
+    ("broker", "park", "said"),
+    [
+        ("redis://h:6379/0", False, "as countdown messages in the broker, held by workers until they are due"),
+        ("sqs://", "auto", "as countdown messages in the broker, held by workers until they are due"),
+        ("redis://h:6379/0", "auto", None),  # (parked in the store: the Parked column)
+        ("amqp://guest:guest@rabbit//", "auto", None),  # (counted: DelayCounter)
+        ("amqp://guest:guest@rabbit//", True, None),  # (counted when it falls back there)
+        ("memory://", False, None),  # (in-process: tests)
+    ],
+)
+def test_an_app_deferring_by_countdown_says_on_the_page_where_its_tasks_wait(
+    broker: str, park: bool | str, said: str | None
+) -> None:
+    # `status` and `watch` say where a countdown app's deferred tasks wait (the Parked column
+    # cannot count them); the page said nothing.
+    app = Celery("page", broker=broker, set_as_current=False)
+    app.conf.update(breaker_storage_url="redis://h:6379/1", breaker_park=park)
+    shown = elsewhere_view(app)
+    if said is None:
+        assert shown is None
+        return
+    text = f"Parked counts tasks parked in the store; this app's deferred tasks wait {said}."
+    assert shown == {"delayed": None, "unroutable": None, "error": None, "fallback": False, "text": text}
+    board = Board(scripted([status("crm")], [status("crm")]), store="redis://h/1", interval=1.0, elsewhere=shown)
+    assert not board.counts_delays
+    board.refresh()
+    board.refresh()  # (kept by every reading)
+    assert board.view()["delay_queues"] == shown

@@ -125,3 +125,19 @@ def test_an_app_parking_in_its_store_shows_the_delay_queues_only_when_tasks_wait
         )
         until(browser, lambda: delayed(browser) == line, "the tasks its store could not take")
         assert request(web.url + "api/breakers")[1]["delay_queues"]["fallback"] is True
+
+
+def test_an_app_deferring_by_countdown_says_where_its_tasks_wait(browser: WebDriver, store_url: str) -> None:
+    # No count to show (countdown messages are held by the workers), but the Parked column
+    # reads 0 for them: the page says where they are, as `status` and `watch` do.
+    breaker(store_url, "partner-api").force_open()
+    with WebProcess(store_url, "--interval", INTERVAL, env={BROKER_ENV: store_url, PARK_ENV: "false"}) as web:
+        browser.get(web.url)
+        until(browser, lambda: "partner-api" in rows(browser), "the breaker")
+        line = (
+            f"{PARKED} this app's deferred tasks wait as countdown messages in the broker, held by workers until "
+            "they are due."
+        )
+        until(browser, lambda: delayed(browser) == line, "where the countdown app's tasks wait")
+        assert "alert" not in str(browser.find_element(By.ID, "delayed").get_attribute("class"))
+        assert request(web.url + "api/breakers")[1]["delay_queues"]["text"] == line

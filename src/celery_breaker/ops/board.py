@@ -63,7 +63,9 @@ class Board:
 
     ``delays``, if given, counts the app's delay queues (``DelayCounter.count``,
     which never raises), every ``interval`` seconds in ``run_delay_counts``, a thread of
-    its own: the view's ``delay_queues`` (``delayed.delay_view``).
+    its own: the view's ``delay_queues`` (``delayed.delay_view``). ``elsewhere``, if
+    given instead, is that field for good: where an app's deferred tasks wait when nothing
+    counts them (``delayed.elsewhere_view``: countdown messages).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class Board:
         history: int = HISTORY,
         clock: Clock = SYSTEM_CLOCK,
         delays: Callable[[], DelayCount] | None = None,
+        elsewhere: dict[str, Any] | None = None,
     ) -> None:
         self._read = read
         self._delays = delays
@@ -84,7 +87,7 @@ class Board:
         self._backlogs: dict[_Ident, _Backlog] = {}
         self._view: dict[str, Any] = {"store": store, "interval": interval, "error": None, "read_at": None,
                                       "breakers": [], "summary": [], "changes": [],
-                                      "delay_queues": None}  # fmt: skip
+                                      "delay_queues": elsewhere}  # fmt: skip
         self.pause = interval
         """Seconds ``run`` waits between two readings: ``interval``, or ``PAUSE_PER_READ``
         times as long as the last reading took, if longer (a store of many breakers)."""

@@ -35,7 +35,15 @@ from ..integration.deferral.selection import (
 from ..integration.throttle import EVERY
 from ..monitoring.delay_gauge import DelayDepthReader
 
-__all__ = ["DelayCount", "DelayCounter", "delay_view", "fallen_back_text", "status_line", "waiting_text"]
+__all__ = [
+    "DelayCount",
+    "DelayCounter",
+    "delay_view",
+    "elsewhere_view",
+    "fallen_back_text",
+    "status_line",
+    "waiting_text",
+]
 
 _IN_STORE = "counts tasks parked in the store"
 
@@ -162,10 +170,27 @@ def delay_view(count: DelayCount | None) -> dict[str, Any] | None:
         text = f"this app's deferred tasks wait {IN_DELAY_QUEUES}, not counted: {count.failure}; retrying"
     else:
         text = str(waiting_text(count))
+    return _view(depth, count.failure, count.fallback, f"Parked {_IN_STORE}; {text}.")
+
+
+def elsewhere_view(app: Any) -> dict[str, Any] | None:
+    """The page's ``delay_queues`` for an app whose deferred tasks wait where nothing counts
+    them (countdown messages, held by the workers): where they wait, as ``status`` and
+    ``watch`` say it, never how many; ``None`` for an app that parks them in its store or
+    defers them into RabbitMQ's delay queues (``DelayCounter.of`` counts those)."""
+    if DelayCounter.of(app) is not None:
+        return None
+    elsewhere = waiting_elsewhere(app)
+    if elsewhere is None:
+        return None
+    return _view(None, None, False, f"Parked {_IN_STORE}; this app's deferred tasks wait {elsewhere}.")
+
+
+def _view(depth: DelayDepth | None, failure: str | None, fallback: bool, text: str) -> dict[str, Any]:
     return {
         "delayed": None if depth is None else depth.delayed,
         "unroutable": None if depth is None else depth.unroutable,
-        "error": count.failure,
-        "fallback": count.fallback,
-        "text": f"Parked {_IN_STORE}; {text}.",
+        "error": failure,
+        "fallback": fallback,
+        "text": text,
     }

@@ -47,7 +47,7 @@ from ..storage import describe_url
 from .actions import ACTIONS, DELETE
 from .board import HISTORY, Board
 from .console import STATE_STYLES
-from .delayed import DelayCounter
+from .delayed import DelayCounter, elsewhere_view
 from .operator import assess, delete, operate, shared_store
 from .options import REFRESH_INTERVAL
 
@@ -504,8 +504,10 @@ def web(app: Any, address: str, port: int, interval: float, history: int, allow_
     # (opened at the first count); a failure is on the page, and logged once a minute (not
     # for an app that parks in its store: its views say nothing of it).
     counter = DelayCounter.of(app, kept=True, logged_as="web", meanwhile="the page says it is not counted")
+    # (An app deferring by countdown: where they wait, as `status` says, never how many.)
     board = Board(lambda: collect_metrics(store), store=where, interval=interval, history=history,
-                  delays=None if counter is None else counter.count)  # fmt: skip
+                  delays=None if counter is None else counter.count,
+                  elsewhere=elsewhere_view(app) if counter is None else None)  # fmt: skip
     board.refresh(raising=True)  # a store that cannot be reached now: exit 69, as `watch`
     try:
         server = WebServer((address, port), tls)
