@@ -41,6 +41,7 @@ from celery_breaker.integration.deferral.selection import (
     deferral_strategies,
     delays_in_rabbitmq,
     falls_back_to_rabbitmq,
+    uses_delay_queues,
 )
 from celery_breaker.monitoring import delay_gauge
 from celery_breaker.monitoring.delay_gauge import RETRY_AFTER, DelayDepthReader
@@ -291,6 +292,7 @@ def test_an_app_parking_in_its_store_counts_the_delay_queues_when_tasks_wait_the
     app = depth_proj.app
     assert falls_back_to_rabbitmq(app)
     assert not delays_in_rabbitmq(app)
+    assert uses_delay_queues(app)
     assert [strategy.name for strategy in deferral_strategies(app)] == ["park", "broker-delay", "countdown"]
     nothing = status()
     assert nothing.exit_code == 0, nothing.output

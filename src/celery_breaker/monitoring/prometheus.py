@@ -32,7 +32,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised in a test by 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..core import State
 from ..errors import ConfigurationError
-from ..integration.deferral.selection import delays_in_rabbitmq, falls_back_to_rabbitmq
+from ..integration.deferral.selection import uses_delay_queues
 from ..integration.settings import get_settings
 from ..labels import visible
 from ..storage import Listing, Store, describe_url
@@ -166,7 +166,7 @@ class BreakerCollector(Collector):
         # an alert on it is how an outage of the store that sent runs there is seen)
         self.delays = (
             DelayDepthReader(source, clock=self.clock, log_interval=log_interval)
-            if is_app(source) and (delays_in_rabbitmq(source) or falls_back_to_rabbitmq(source))
+            if is_app(source) and uses_delay_queues(source)
             else None
         )
         self._lock = threading.Lock()  # the outage bookkeeping (scrapes may run in parallel)

@@ -28,8 +28,8 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..integration.deferral.delay_depth import DelayDepth, failure_text, read_delay_depth
 from ..integration.deferral.selection import (
     IN_DELAY_QUEUES,
-    delays_in_rabbitmq,
     falls_back_to_rabbitmq,
+    uses_delay_queues,
     waiting_elsewhere,
 )
 from ..integration.throttle import EVERY
@@ -88,9 +88,9 @@ class DelayCounter:
         """``app``'s counter: over a kept connection if ``kept``, its failures logged as
         ``DelayDepthReader`` logs them under ``logged_as`` (``None``: not logged; never for
         an app that falls back there, whose views say nothing of a failure either)."""
-        fallback = falls_back_to_rabbitmq(app)
-        if not fallback and not delays_in_rabbitmq(app):
+        if not uses_delay_queues(app):
             return None
+        fallback = falls_back_to_rabbitmq(app)
         reader = None
         if kept:
             told = None if fallback else logged_as

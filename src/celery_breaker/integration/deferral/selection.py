@@ -28,7 +28,7 @@ from .strategy import DeferralStrategy
 
 __all__ = [
     "IN_DELAY_QUEUES", "choose_strategies", "deferral_strategies", "delays_in_rabbitmq", "falls_back_to_rabbitmq",
-    "waiting_elsewhere",
+    "uses_delay_queues", "waiting_elsewhere",
 ]  # fmt: skip
 
 #: Where broker-delay's runs wait, as operators' views say it.
@@ -66,6 +66,13 @@ def delays_in_rabbitmq(app: Any) -> bool:
     """Whether ``app`` defers its tasks into RabbitMQ's delay queues (broker-delay first):
     what waits there is counted there (``delay_depth.py``), not in the store."""
     return isinstance(deferral_strategies(app)[0], BrokerDelay)
+
+
+def uses_delay_queues(app: Any) -> bool:
+    """Whether any of ``app``'s deferred tasks may wait in RabbitMQ's delay queues: it
+    defers there first (``delays_in_rabbitmq``) or falls back there
+    (``falls_back_to_rabbitmq``). What waits there is worth counting for it."""
+    return any(isinstance(strategy, BrokerDelay) for strategy in deferral_strategies(app))
 
 
 def falls_back_to_rabbitmq(app: Any) -> bool:
