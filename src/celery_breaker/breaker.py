@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, overload
 
 from .clock import SYSTEM_CLOCK, Clock
 from .core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
-from .core.retry_after import refusal_of, retry_after_of
+from .core.retry_after import asked_of, retry_after_of
 from .errors import CircuitOpenError, ConfigurationError
 from .health import (
     LEAST_PROBE_TIMEOUT,
@@ -1273,16 +1273,15 @@ class CircuitBreaker:
             # a 429 met by a task released from the parking is a refusal (see RunAdmission),
             # and so is one met by any other call while the breaker's release is under way,
             # as the store says (``Cell.finish_refusal``; docs/decisions.md, 91).
-            wall = self._clock.time()
-            refused_for = refusal_of(exc, wall)
+            asked, refused_for = asked_of(exc, self._clock.time())
             own = run if run is not None and run.covers(self) else None
             if refused_for is None:
-                moves = cell.finish(ticket, outcome, duration, self.policy, end, open_for=retry_after_of(exc, wall))
+                moves = cell.finish(ticket, outcome, duration, self.policy, end, open_for=asked)
             elif own is not None and own.released:
                 own.refused_for = refused_for
                 moves = cell.finish(ticket, outcome, duration, self.policy, end, open_for=refused_for, refused=True)
             else:
-                refusing, moves = cell.finish_refusal(ticket, duration, self.policy, end, retry_after_of(exc, wall))
+                refusing, moves = cell.finish_refusal(ticket, duration, self.policy, end, asked)
                 if refusing and own is not None:
                     own.refused_for = refused_for
         else:

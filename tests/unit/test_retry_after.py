@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from celery_breaker import CircuitBreakerError, CircuitOpenError, RetryAfter, State, TooManyRequests
-from celery_breaker.core.retry_after import REFUSAL_WAIT, parse_retry_after, refusal_of, retry_after_of
+from celery_breaker.core.retry_after import REFUSAL_WAIT, asked_of, parse_retry_after, refusal_of, retry_after_of
 from celery_breaker.testing import FakeClock
 
 from .support import HeldCall, fail, make, ok, state_of
@@ -288,6 +288,8 @@ def urllib_error(code: int, **headers: str) -> urllib.error.HTTPError:
 )
 def test_refusal_of_tells_a_429_from_an_outage(exc: BaseException, expected: float | None) -> None:
     assert refusal_of(exc, NOW) == expected
+    # (a recorded failure reads both at once: its Retry-After parsed once)
+    assert asked_of(exc, NOW) == (retry_after_of(exc, NOW), expected)
 
 
 def test_too_many_requests_is_a_retry_after_and_survives_pickling() -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import RetryAfter, TooManyRequests
 
-__all__ = ["REFUSAL_WAIT", "RETRY_AFTER_STATUSES", "parse_retry_after", "refusal_of", "retry_after_of"]
+__all__ = ["REFUSAL_WAIT", "RETRY_AFTER_STATUSES", "asked_of", "parse_retry_after", "refusal_of", "retry_after_of"]
 
 #: Responses whose Retry-After means "the service is unavailable for this long" (RFC 9110
 #: 10.2.3); on a redirect it means something else.
@@ -55,17 +55,21 @@ def refusal_of(exc: BaseException, now: float | None = None) -> float | None:
     none (or an unreadable one). A 503, even with a Retry-After, is no refusal: the
     downstream is unavailable, not busy. Never raises.
     """
+    return asked_of(exc, now)[1]
+
+
+def asked_of(exc: BaseException, now: float | None = None) -> tuple[float | None, float | None]:
+    """``(retry_after_of(exc, now), refusal_of(exc, now))``, its Retry-After read once: what
+    a failure's recording asks of it (the failure path only). Never raises."""
+    retry_after = retry_after_of(exc, now)
     try:
-        if isinstance(exc, TooManyRequests):
-            return _positive(exc.seconds) or REFUSAL_WAIT
         if isinstance(exc, RetryAfter):
-            return None
-        response = _response_of(exc)
-        if response is None or getattr(response, "status_code", None) != 429:
-            return None
-        return retry_after_of(exc, now) or REFUSAL_WAIT
+            refusing = isinstance(exc, TooManyRequests)
+        else:
+            refusing = getattr(_response_of(exc), "status_code", None) == 429
     except Exception:  # a response object we do not understand must not break recording
-        return None
+        refusing = False
+    return retry_after, (retry_after or REFUSAL_WAIT) if refusing else None
 
 
 def parse_retry_after(value: Any, now: float) -> float | None:
