@@ -9,6 +9,7 @@ never for time to pass.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -38,12 +39,41 @@ class ServerError(RuntimeError):
     """A test server would not start, agree or fail over in time."""
 
 
+#: Ports ``free_port`` chose in this process (never handed out twice).
+_CHOSEN: set[int] = set()
+_PICK = random.Random()  # (seeded from the OS: parallel suites pick apart)
+
+
+def _ephemeral_start() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux: 32768 by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A loopback port nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port nothing listens on right now, below the ephemeral range.
+
+    A port the kernel chose (``bind(0)``) is an ephemeral one, which any process's next
+    outgoing connection may take before the server binds it: CI runs two suites side by
+    side, and a Redis or RabbitMQ node now and then failed with "Address already in use".
+    Outgoing connections never take a port below the ephemeral range; the only race left
+    is another suite choosing the same one of ~17,000 at the same moment."""
+    top = min(_ephemeral_start(), 65536)
+    for _ in range(200):
+        port = _PICK.randrange(15000, top) if top > 15000 else 0
+        if port in _CHOSEN:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            chosen: int = sock.getsockname()[1]
+        _CHOSEN.add(chosen)
+        return chosen
+    raise ServerError("no free loopback port below the ephemeral range after 200 tries")
 
 
 def check_connection_guard(
