@@ -13,6 +13,7 @@ from ..core.policy import LONGEST_SECONDS
 from ..errors import CircuitOpenError, ConfigurationError
 from .contract import NO_MOVES, History, Moves, Parking, Selected
 from .registry import register_scheme, remember
+from .urls import describe_url
 
 __all__ = ["DEFAULT_IDLE_TTL", "DEFAULT_MAX_BREAKERS", "MemoryCell", "MemoryStore"]
 
@@ -248,16 +249,17 @@ class MemoryStore:
         """``memory://[name][?max_breakers=N&idle_ttl=SECONDS]``; the name separates stores."""
         query = parse_qs(urlsplit(url).query, keep_blank_values=True)
         options: dict[str, float] = {}
+        shown = describe_url(url)  # (an unknown option may be a password=: its value is masked)
         for field, value in query.items():
             if field not in ("max_breakers", "idle_ttl"):
                 raise ConfigurationError(
-                    f"memory store URL {url!r}: unknown option {field!r}; allowed: max_breakers, idle_ttl"
+                    f"memory store URL {shown!r}: unknown option {field!r}; allowed: max_breakers, idle_ttl"
                 )
             try:
                 options[field] = int(value[-1]) if field == "max_breakers" else float(value[-1])
             except ValueError:
                 kind = "a whole number" if field == "max_breakers" else "a number of seconds"
-                raise ConfigurationError(f"memory store URL {url!r}: {field}={value[-1]!r} is not {kind}") from None
+                raise ConfigurationError(f"memory store URL {shown!r}: {field}={value[-1]!r} is not {kind}") from None
         return cls(url, **options)  # type: ignore[arg-type]
 
     def __len__(self) -> int:
