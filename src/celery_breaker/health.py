@@ -17,7 +17,6 @@ import contextlib
 import contextvars
 import functools
 import inspect
-import math
 import os
 import threading
 import time
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple, cast
 
 from .core import State
+from .core.policy import finite_number
 from .errors import ConfigurationError
 from .storage.urls import describe_url
 
@@ -698,7 +698,7 @@ def check_timeout(where: str, value: Any) -> float:
     ``ConfigurationError`` naming ``where``."""
     if (
         isinstance(value, bool) or not isinstance(value, (int, float))
-        or not (value >= LEAST_PROBE_TIMEOUT and math.isfinite(value))
+        or not (value >= LEAST_PROBE_TIMEOUT and finite_number(value))
     ):  # fmt: skip
         raise ConfigurationError(
             f"{where} must be a number of seconds of at least {LEAST_PROBE_TIMEOUT:g} (no check answers sooner, "

@@ -165,9 +165,12 @@ def test_even_a_base_exception_is_only_an_unhealthy_verdict() -> None:
     assert not HealthCheck(check).run().healthy
 
 
-@pytest.mark.parametrize("timeout", [0, -1, float("inf"), "5", True, 1e-300, 0.009])
+@pytest.mark.parametrize(
+    "timeout", [0, -1, float("inf"), float("nan"), "5", True, 1e-300, 0.009, pytest.param(10**400, id="10**400")]
+)
 def test_a_bad_timeout_names_probe_timeout(timeout: Any) -> None:
-    # (1e-300 was accepted: every check then failed, and no breaker closed)
+    # (1e-300 was accepted: every check then failed, and no breaker closed; 10**400, an
+    # int no float holds, raised a bare OverflowError)
     with pytest.raises(ConfigurationError, match=r"probe_timeout must be a number of seconds of at least 0\.01"):
         HealthCheck(lambda: None, timeout)
 

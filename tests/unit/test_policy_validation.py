@@ -59,6 +59,14 @@ def test_bad_value_names_the_field_and_the_value(field: str, value: Any) -> None
     assert repr(value) in message
 
 
+@pytest.mark.parametrize("field", [*SECONDS, "max_reset_timeout", "backoff_multiplier"])
+def test_an_int_too_large_for_a_float_is_refused_naming_the_field(field: str) -> None:
+    # (math.isfinite(10**400) raised OverflowError: no ConfigurationError, and a worker
+    # given breaker_default_policy={"window": 10**400} stopped on a bare traceback.)
+    with pytest.raises(ConfigurationError, match=f"BreakerPolicy.{field} must be a finite number"):
+        build(field, 10**400)
+
+
 @pytest.mark.parametrize(("field", "value"), cases(COUNTS, [2.5, 3.0, -7]))
 def test_counts_must_be_whole_numbers(field: str, value: Any) -> None:
     with pytest.raises(ConfigurationError, match=f"{field} must be a whole number from 1 to 1,000,000"):

@@ -171,6 +171,15 @@ def _import_exception(field_name: str, path: str) -> type[BaseException]:
     return found
 
 
+def finite_number(value: float) -> bool:
+    """Whether a number is finite as a float: an ``int`` too large for one (``10**400``)
+    is not (``math.isfinite`` raised ``OverflowError`` on it, no ConfigurationError)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _seconds(name: str, value: Any, *, optional: bool) -> float | None:
     if value is None and optional:
         return None
@@ -179,7 +188,7 @@ def _seconds(name: str, value: Any, *, optional: bool) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         kind = "a number of seconds > 0" + (" or None" if optional else "")
         raise ConfigurationError(f"BreakerPolicy.{name} must be {kind}, got {value!r}")
-    if not (value > 0 and math.isfinite(value)):
+    if not (value > 0 and finite_number(value)):
         raise ConfigurationError(f"BreakerPolicy.{name} must be a finite number > 0, got {value!r:.100}")
     if value < SHORTEST_SECONDS:
         raise ConfigurationError(
@@ -212,10 +221,10 @@ def _rate(name: str, value: Any) -> float | None:
 
 
 def _multiplier(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 1):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (finite_number(value) and value >= 1):
         raise ConfigurationError(
             f"BreakerPolicy.{name} must be a finite number >= 1 (1 = the same open duration "
-            f"after every trip), got {value!r}"
+            f"after every trip), got {value!r:.100}"
         )
     return float(value)
 
