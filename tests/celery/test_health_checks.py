@@ -23,7 +23,7 @@ from celery_breaker.integration.settings import build_settings
 from celery_breaker.integration.task_options import task_breaker_config
 
 from . import probe_tasks, tasks
-from .probe_tasks import CHECKS
+from .probe_tasks import CHECKS, check_two
 from .support import TIMEOUT, wait_for
 from .test_settings import throwaway_app
 
@@ -318,9 +318,27 @@ def test_a_probe_that_needs_arguments_stops_the_worker_at_start() -> None:
     # probe_tasks.check_two needs two: the worker started, and every check then failed with
     # a TypeError, so the breaker never closed and its tasks waited for good. (One it may
     # take: the key of the breaker it checks.)
+    # The refusal names the setting it came from (it named only the function).
     text = start_refused({"crm": "tests.celery.probe_tasks:check_two"}, "crm")
-    assert "probe tests.celery.probe_tasks:check_two cannot be called without arguments, nor with the breaker" in text
+    assert (
+        "breaker_probes['crm']: probe tests.celery.probe_tasks:check_two cannot be called without arguments, "
+        "nor with the breaker" in text
+    )
     assert "missing a required argument: 'name'" in text
+
+
+def test_a_task_option_probe_that_needs_arguments_names_the_task_and_the_option() -> None:
+    app = throwaway_app("probe-two-arguments")
+
+    @app.task(base=BreakerTask, breaker="crm", breaker_probe=check_two, shared=False)
+    def job() -> None:
+        """A task whose probe no check can call."""
+
+    with pytest.raises(ConfigurationError) as info:
+        check_app(app)
+    assert f"task {job.name!r}: breaker_probe: probe tests.celery.probe_tasks:check_two cannot be called" in str(
+        info.value
+    )
 
 
 def test_a_task_option_probe_of_the_wrong_type_is_refused() -> None:

@@ -37,9 +37,9 @@ def resolve_probe(app: Any, probe: ProbeSpec, *, where: str, timeout: float) -> 
     if isinstance(probe, Task):  # (a task, or the proxy ``@app.task`` returns: evaluated here)
         # Its body, as for a task named: called, the task went through its own breaker,
         # whose half-open slot the check held, and was rejected: it never closed.
-        return HealthCheck(probe.run, timeout, f"task {probe.name}")
+        return _check(where, probe.run, timeout, f"task {probe.name}")
     if callable(probe) and not isinstance(probe, str):
-        return HealthCheck(probe, timeout)
+        return _check(where, probe, timeout)
     if not isinstance(probe, str) or not probe or probe.strip() != probe:
         raise ConfigurationError(
             f"{where} must be a callable, a dotted path 'package.module:function' or a task name, "
@@ -47,7 +47,7 @@ def resolve_probe(app: Any, probe: ProbeSpec, *, where: str, timeout: float) -> 
         )
     task = app.tasks.get(probe)
     if task is not None:
-        return HealthCheck(task.run, timeout, f"task {probe}")
+        return _check(where, task.run, timeout, f"task {probe}")
     if "://" in probe:
         # (a URL to fetch, as some health checkers take: shown masked, with what to write)
         raise ConfigurationError(
@@ -60,8 +60,17 @@ def resolve_probe(app: Any, probe: ProbeSpec, *, where: str, timeout: float) -> 
         # A task named by its dotted path, not its name: its body too, never the task
         # itself, whose call would go through its breaker (the one it checks, when it is
         # guarded by it: the check then always failed, rejected, and it never closed).
-        return HealthCheck(found.run, timeout, f"task {found.name}")
-    return HealthCheck(found, timeout, probe)
+        return _check(where, found.run, timeout, f"task {found.name}")
+    return _check(where, found, timeout, probe)
+
+
+def _check(where: str, fn: ProbeFunction, timeout: float, name: str = "") -> HealthCheck:
+    """``HealthCheck(fn, timeout, name)``; its refusal (a function no check can call)
+    names ``where`` too: alone, it named neither the setting nor the task it came from."""
+    try:
+        return HealthCheck(fn, timeout, name)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{where}: {exc}") from None
 
 
 def _import(path: str, where: str) -> ProbeFunction:
