@@ -445,6 +445,21 @@ def test_a_busy_port_is_logged_and_the_worker_runs_on(endpoint_app: Celery, capl
     assert "Set breaker_metrics_port to a free port" in message
 
 
+@pytest.mark.parametrize("address", ["192.0.2.1", "metrics.invalid"])
+def test_an_address_it_cannot_bind_is_logged_naming_the_address_setting(
+    url: str, address: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (An address of no interface here, or a name that resolves to nothing: the log told
+    # to change the port, which fails the same way.)
+    app = throwaway_app(breaker_storage_url=url, breaker_metrics_port=free_port(), breaker_metrics_address=address)
+    with caplog.at_level(logging.ERROR, logger="celery_breaker"):
+        assert start_metrics_server(app, CollectorRegistry()) is None
+    message = caplog.records[-1].getMessage()
+    assert f"cannot serve Prometheus metrics on {address}:" in message
+    assert "Set breaker_metrics_address to an address of this host" in message
+    assert "breaker_metrics_port" not in message
+
+
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_forked_process_does_not_hold_the_port(endpoint_app: Celery) -> None:
     server = start_metrics_server(endpoint_app, CollectorRegistry())

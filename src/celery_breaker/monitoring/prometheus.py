@@ -6,6 +6,7 @@ in celery-breaker imports it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -351,6 +352,20 @@ _SERVERS: dict[int, MetricsServer] = {}
 _START_LOCK = threading.Lock()
 
 
+def _bind_fix(exc: OSError) -> str:
+    """What to change when the endpoint cannot bind: the port when it is taken (or
+    privileged), else the address (no interface of this host has it, or it resolves to
+    nothing): a port changed then fails the same way."""
+    if isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL:
+        return (
+            "Set breaker_metrics_address to an address of this host: '127.0.0.1' (this host only) or '0.0.0.0' "
+            "(every interface)"
+        )
+    if exc.errno == errno.EACCES:
+        return "Set breaker_metrics_port to a free port from 1024 up (lower ones need privileges)"
+    return "Set breaker_metrics_port to a free port: each worker on a host needs its own"
+
+
 def start_metrics_server(app: Any, registry: CollectorRegistry = REGISTRY) -> MetricsServer | None:
     """Serve ``registry`` (with the app's ``BreakerCollector`` registered) on
     ``breaker_metrics_address``:``breaker_metrics_port``, once per process.
@@ -375,8 +390,7 @@ def start_metrics_server(app: Any, registry: CollectorRegistry = REGISTRY) -> Me
         except OSError as exc:
             logger.error(
                 "celery-breaker: cannot serve Prometheus metrics on %s:%d (%s); the worker runs without its "
-                "metrics endpoint. Set breaker_metrics_port to a free port: each worker on a host needs its own",
-                address, port, exc,
+                "metrics endpoint. %s", address, port, exc, _bind_fix(exc),
             )  # fmt: skip
             return None
         server = MetricsServer(address, port, collector, httpd, thread)
