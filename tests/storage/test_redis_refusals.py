@@ -39,6 +39,14 @@ def short_of_replicas(server: RedisServer, master: RedisServer) -> str:
     return server.url
 
 
+def no_such_db(server: RedisServer, master: RedisServer) -> str:
+    return f"{server.url}/16"  # (a server has databases 0 to 15 unless configured otherwise)
+
+
+def spaced_client_name(server: RedisServer, master: RedisServer) -> str:
+    return f"{server.url}/0?client_name=celery%20worker"
+
+
 def user_without(*commands: str, channels: tuple[str, ...] = ("*",)) -> Callable[[RedisServer, RedisServer], str]:
     def made(server: RedisServer, master: RedisServer) -> str:
         server.admin().acl_setuser(
@@ -74,8 +82,12 @@ ACL_FIX = "the store URL's ACL user may not run a command, or use a key or chann
         (short_of_replicas, "until min-replicas-to-write replicas are connected: bring a replica back", False),
         (user_without("evalsha"), ACL_FIX, False),
         (user_without(channels=()), ACL_FIX, True),  # (parking publishes nothing)
+        # (Both quoted Redis's error alone: the worker ran on for good with every breaker
+        # fallen back, as through an outage, with nothing said about the URL.)
+        (no_such_db, "the store URL names a database this Redis does not have", False),
+        (spaced_client_name, "the store URL's client_name holds a space", False),
     ],
-    ids=["replica", "full", "no-replicas", "no-evalsha", "no-channel"],
+    ids=["replica", "full", "no-replicas", "no-evalsha", "no-channel", "no-such-db", "client-name"],
 )
 def test_a_refusing_redis_names_the_fix_in_the_outage_warning_and_the_park_error(
     servers: tuple[RedisServer, RedisServer],
@@ -84,7 +96,8 @@ def test_a_refusing_redis_names_the_fix_in_the_outage_warning_and_the_park_error
     fix: str,
     parks: bool,
 ) -> None:
-    url = f"{refusal(*servers)}?key_prefix={unique_prefix()}"
+    base = refusal(*servers)
+    url = f"{base}{'&' if '?' in base else '?'}key_prefix={unique_prefix()}"
     # (Made inside the block too: the store may fail as the breaker first reads it, and a
     # Celery app set up by an earlier test leaves the root logger above WARNING.)
     with caplog.at_level(logging.WARNING, logger="celery_breaker"):

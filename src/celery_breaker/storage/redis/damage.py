@@ -117,6 +117,16 @@ _FIXES = (
         "user, with characters such as @ : / % in it percent-encoded",
     ),
     (
+        ("DB index is out of range",),
+        "the store URL names a database this Redis does not have (it has as many as its 'databases' setting, "
+        "16 by default: /0 to /15): name one it has in breaker_storage_url (or the broker URL it is taken from)",
+    ),
+    (
+        ("Client names cannot contain",),
+        "the store URL's client_name holds a space, a line break or another character Redis refuses in a "
+        "client name: give one without them",
+    ),
+    (
         ("NoPermissionError", *_DENIED),
         "the store URL's ACL user may not run a command, or use a key or channel, that breakers need: grant it "
         "+@read +@write +@scripting +publish +subscribe +ping on its keys (~*, or those of the key prefix) and "
