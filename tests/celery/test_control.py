@@ -51,6 +51,11 @@ def test_inspect_breakers_lists_only_the_breakers_its_patterns_match(app: Any, o
     assert all(name.startswith("t-forc") for name, _ in listed("t-forc*"))
     assert ("other-breaker", None) not in listed("t-forc*")
     assert listed("no-such-breaker*") == []
+    # A program's own request may give one pattern as a string: it matched as its letters
+    # ("t", "-", ..., "*"), and "*" listed every breaker.
+    (rows,) = inspect._request("breakers", patterns="t-forc*").values()
+    assert ("other-breaker", None) not in [(row["name"], row["key"]) for row in rows]
+    assert ("t-forced", None) in [(row["name"], row["key"]) for row in rows]
     assert {("t-forced", None), ("other-breaker", None)} <= set(listed())  # (no pattern: every one)
     # What the `celery inspect breakers 'crm*' 'x'` client sends (it dropped the arguments).
     assert _compile_arguments("breakers", ["crm*", "x"]) == {"patterns": ["crm*", "x"]}

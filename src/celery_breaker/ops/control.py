@@ -178,7 +178,7 @@ _SIGNATURE = "<breaker name> [key]"
     signature="[PATTERN]...",
     help="State of the breakers in the shared store: every one, or those a pattern matches (crm*, crm[tenant-7]).",
 )
-def breakers(state: Any, patterns: list[str] | None = None, **_: Any) -> Any:
+def breakers(state: Any, patterns: list[str] | str | None = None, **_: Any) -> Any:
     """The breakers this worker's store holds (a Redis store: the whole cluster's), as
     dicts: every one, or those ``patterns`` match, as ``celery breaker status`` selects
     them (a pattern that names one breaker exactly is looked up alone: with 40,000
@@ -193,6 +193,8 @@ def breakers(state: Any, patterns: list[str] | None = None, **_: Any) -> Any:
     if unseen is not None:  # (the main process's breakers: none a task uses)
         return {"error": unseen}
     try:
+        if isinstance(patterns, str):  # (a program's broadcast, patterns="crm*": one pattern, not its letters)
+            patterns = [patterns]
         wanted = [str(pattern) for pattern in patterns or ()]
         rows = breakers_selected(store_of(state.consumer.app), wanted)
         listed = [row.as_dict() for row in rows]
