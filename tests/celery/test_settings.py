@@ -1042,3 +1042,25 @@ def test_an_empty_storage_url_is_refused_not_read_as_unset() -> None:
     app.conf.breaker_storage_url = ""
     with pytest.raises(ConfigurationError, match="breaker_storage_url is empty; give a store URL"):
         reload_settings(app)
+
+
+@pytest.mark.parametrize("given", [list, tuple])
+def test_a_list_of_store_urls_is_refused_with_their_passwords_masked(given: type) -> None:
+    # (broker_url's failover form given as the store: the refusal, which the worker logs
+    # at CRITICAL, showed the list as it was, passwords and all)
+    app = throwaway_app("listed-store")
+    app.conf.breaker_storage_url = given(["redis://:s3cret-pw@h1:6379/0", "redis://:s3cret-pw@h2:6379/0"])
+    with pytest.raises(ConfigurationError) as info:
+        reload_settings(app)
+    text = str(info.value)
+    assert "s3cret-pw" not in text
+    assert f"breaker_storage_url must be one URL string, got a {given.__name__}: ['redis://:***@h1:6379/0'" in text
+    assert "redis+sentinel://" in text
+
+
+def test_a_store_url_of_another_type_is_refused_naming_only_its_type() -> None:
+    app = throwaway_app("bytes-store")
+    app.conf.breaker_storage_url = b"redis://:s3cret-pw@h1:6379/0"
+    with pytest.raises(ConfigurationError) as info:
+        reload_settings(app)
+    assert str(info.value) == "breaker_storage_url must be a URL such as 'memory://', got a bytes"

@@ -347,8 +347,20 @@ def _storage_url(conf: Any, key_prefix: str) -> str:
             "out for the default (the broker's Redis, else memory://)"
         )
     url = given or store_url_from_broker(conf) or "memory://"
+    if isinstance(url, (list, tuple)):
+        # (broker_url's failover form, whose URLs hold passwords: shown masked, as any URL)
+        shown = ", ".join(repr(describe_url(part)) if isinstance(part, str) else type(part).__name__ for part in url)
+        raise ConfigurationError(
+            f"breaker_storage_url must be one URL string, got a {type(url).__name__}: [{shown}]; a list of URLs "
+            "is broker_url's failover form: give the one store URL (for a Redis that fails over, its Sentinels: "
+            "redis+sentinel://host:26379,host:26379/service_name)"
+        )
     if not isinstance(url, str) or "://" not in url:
-        shown = repr(describe_url(url) if isinstance(url, str) else url)
+        # (a number as it is; any other value by its type: bytes or a dict may hold a password)
+        if isinstance(url, str):
+            shown = repr(describe_url(url))
+        else:
+            shown = repr(url) if isinstance(url, int | float) else f"a {type(url).__name__}"
         raise ConfigurationError(f"breaker_storage_url must be a URL such as 'memory://', got {shown}")
     check_storage_url(url)
     return with_key_prefix(url, key_prefix)
