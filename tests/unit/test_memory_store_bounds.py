@@ -418,8 +418,21 @@ def test_unhashable_url_is_a_configuration_error() -> None:
 def test_resolve_store_passes_store_objects_through() -> None:
     store = fresh_store()
     assert resolve_store(store) is store
-    with pytest.raises(ConfigurationError, match="store URL or a store object"):
+    with pytest.raises(ConfigurationError, match="or a store object, got a object"):
         resolve_store(object())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "storage", [["redis://:s3cret-pw@h/0"], b"redis://:s3cret-pw@h/0", {"url": "redis://:s3cret-pw@h/0"}]
+)
+def test_a_storage_of_another_type_is_refused_by_its_type_alone(storage: Any) -> None:
+    # (the refusal showed its repr: a list or bytes of URLs, passwords and all)
+    with pytest.raises(ConfigurationError) as info:
+        CircuitBreaker("svc", storage=storage)
+    assert "s3cret-pw" not in str(info.value)
+    assert f"store URL (a str such as 'redis://host:6379/0') or a store object, got a {type(storage).__name__}" in str(
+        info.value
+    )
 
 
 def test_fresh_stores_share_nothing() -> None:

@@ -117,7 +117,11 @@ def resolve_store(storage: str | Store) -> Store:
     if isinstance(storage, str):
         return store_from_url(storage)
     if not hasattr(storage, "cell"):
-        raise ConfigurationError(f"storage must be a store URL or a store object, got {storage!r}")
+        # (its type only: a list or bytes of URLs, a dict of options, may hold a password)
+        raise ConfigurationError(
+            f"storage must be a store URL (a str such as 'redis://host:6379/0') or a store object, got a "
+            f"{type(storage).__name__}"
+        )
     return storage
 
 
