@@ -170,6 +170,12 @@ def test_a_malformed_since_header_restarts_the_age_and_says_so(bad: Any) -> None
         ("sqs://", {}, 1800.0),  # kombu's SQS default
         ("amqp://guest@localhost//", {"visibility_timeout": 10}, None),
         ("memory://", {}, None),
+        # No number of seconds > 0: the broker's default (10**400 raised OverflowError at
+        # the worker's start; NaN capped every countdown at 1 s).
+        ("redis://localhost:6379/0", {"visibility_timeout": 10**400}, 3600.0),
+        ("redis://localhost:6379/0", {"visibility_timeout": float("nan")}, 3600.0),
+        ("redis://localhost:6379/0", {"visibility_timeout": "soon"}, 3600.0),
+        ("redis://localhost:6379/0", {"visibility_timeout": -5}, 3600.0),
     ],
 )
 def test_visibility_timeout_applies_only_to_brokers_that_redeliver(

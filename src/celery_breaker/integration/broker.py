@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -134,16 +135,20 @@ def hold_limit(conf: Any, consumer_timeout: float) -> float | None:
 
 
 def redelivery_window(conf: Any) -> float | None:
-    """The broker's redelivery window in seconds, or None for brokers without one."""
+    """The broker's redelivery window in seconds, or None for brokers without one. A
+    ``visibility_timeout`` that is no number of seconds > 0 (text, NaN, an int too large
+    for a float) counts as the broker's default: it capped every countdown at 1 s (NaN)
+    or stopped the worker's start on an ``OverflowError`` (``10**400``)."""
     default = _REDELIVERING_BROKERS.get(broker_scheme(conf))
     if default is None:
         return None
     options = conf.get("broker_transport_options") or {}
     value = options.get("visibility_timeout", default)
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        found = float(value)
+    except (TypeError, ValueError, OverflowError):
         return default
+    return found if found > 0 and not math.isnan(found) else default
 
 
 #: Broker URL schemes whose server can hold the breakers too, and the store scheme for each.
