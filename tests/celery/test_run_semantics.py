@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any
 
 import pytest
@@ -46,6 +47,26 @@ def test_a_retry_inside_a_guarded_block_counts_as_its_cause_not_as_a_failure() -
     snapshot = app.tasks["rib.job"].breaker.snapshot()
     assert snapshot.state is State.CLOSED  # the ignored cause did not trip it
     assert snapshot.failures == 0
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are Python 3.11+")
+def test_a_breaker_key_that_raises_fails_the_task_naming_breaker_key() -> None:
+    # (the failure showed KeyError('tenant') from a lambda, as if the task's body raised it)
+    app = throwaway_app("key-raises")
+    ran: list[str] = []
+
+    @app.task(base=BreakerTask, shared=False, name="kr.job", breaker_key=lambda args, kwargs: kwargs["tenant"])
+    def job(**kwargs: Any) -> None:
+        ran.append("ran")
+
+    app.finalize()
+    result = app.tasks["kr.job"].apply(kwargs={"other": 1})
+    assert isinstance(result.result, KeyError)
+    notes = getattr(result.result, "__notes__", [])
+    assert any("raised by the breaker_key of task 'kr.job'" in note for note in notes), notes
+    assert ran == []
+    assert app.tasks["kr.job"].apply(kwargs={"tenant": "t-1"}).get() is None  # (a key: it runs)
+    assert ran == ["ran"]
 
 
 def test_a_fallback_defined_as_a_method_of_a_task_class_gets_self() -> None:

@@ -490,9 +490,19 @@ class BreakerTask(Task):  # type: ignore[misc]
             return breaker
         if isinstance(key_fn, str):
             key_fn = getattr(self, key_fn)
-        key = key_fn(args, kwargs)
-        if key is not None and not isinstance(key, str):
-            key = str(key)
+        try:
+            key = key_fn(args, kwargs)
+            if key is not None and not isinstance(key, str):
+                key = str(key)
+        except Exception as exc:
+            # The task fails, unrun: its traceback alone showed a KeyError('tenant') from a
+            # lambda, as if the task's own code had raised it.
+            if hasattr(exc, "add_note"):  # (Python 3.11+)
+                exc.add_note(
+                    f"celery-breaker: raised by the breaker_key of task {self.name!r}, which found no key in the "
+                    "task's arguments; the task failed without running (fix breaker_key, or the arguments sent)"
+                )
+            raise
         return breaker_with_probe(self.app, config.name, key, config.policy, config.probe)
 
     def _on_rejected(
