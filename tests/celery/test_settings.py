@@ -1064,3 +1064,24 @@ def test_a_store_url_of_another_type_is_refused_naming_only_its_type() -> None:
     with pytest.raises(ConfigurationError) as info:
         reload_settings(app)
     assert str(info.value) == "breaker_storage_url must be a URL such as 'memory://', got a bytes"
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"breaker_default_policy": "redis://:s3cret-pw@h:6379/0"},
+        {"breaker_max_deferrals": "redis://:s3cret-pw@h:6379/0"},
+        {"breaker_policies": {"crm": {"window": "redis://u:s3cret-pw@h:6379/0"}}},
+        {"breaker_key_prefix": ["rediss://:s3cret-pw@h:6379/0"]},
+    ],
+    ids=["policy", "count", "nested", "listed"],
+)
+def test_a_store_url_given_to_another_setting_is_refused_with_its_password_masked(settings: dict[str, Any]) -> None:
+    # (a URL put in the wrong setting: the refusal, logged at the worker's CRITICAL,
+    # quoted the value, password and all)
+    app = throwaway_app("url-elsewhere", **settings)
+    with pytest.raises(ConfigurationError) as info:
+        reload_settings(app)
+    text = str(info.value)
+    assert "s3cret-pw" not in text
+    assert ":***@h:6379/0" in text
