@@ -703,6 +703,11 @@ def test_task_options_resolved_before_the_settings_are_read_again_follow_them() 
             "redis+sentinel://:pw@s1:26379,s2:26380/mymaster",
         ),
         ("sentinel://s1:26379", {}, "memory://"),  # no master_name: cannot tell which master
+        (  # a master named by a number, which kombu asks for as text (it raised TypeError here)
+            "sentinel://s1:26379",
+            {"broker_transport_options": {"master_name": 5}},
+            "redis+sentinel://s1:26379/5",
+        ),
         (  # the Sentinels' own credentials, from the transport's sentinel_kwargs
             "sentinel://:pw@s1:26379",
             {

@@ -186,7 +186,8 @@ def store_url_from_broker(conf: Any) -> str | None:
         hosts = [urlsplit(part.strip()) for part in url.split(";") if part.strip()]
         auth = hosts[0].netloc.rpartition("@")[0]
         netloc = ",".join(part.netloc.rpartition("@")[2] for part in hosts)
-        store = f"redis+sentinel://{auth + '@' if auth else ''}{netloc}/{quote(master, safe='')}"
+        # (str: kombu asks the Sentinels for master_name=5 as "5"; quote() raised TypeError on it)
+        store = f"redis+sentinel://{auth + '@' if auth else ''}{netloc}/{quote(str(master), safe='')}"
         # kombu hands the URL's credentials and broker_use_ssl to the master's connections
         # only; the Sentinels get theirs (TLS, a password) from the transport's own
         # sentinel_kwargs, if at all.
