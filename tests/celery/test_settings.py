@@ -1090,3 +1090,19 @@ def test_a_store_url_given_to_another_setting_is_refused_with_its_password_maske
     text = str(info.value)
     assert "s3cret-pw" not in text
     assert ":***@h:6379/0" in text
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["breaker_storage_url", "breaker_default_policy", "breaker_policies", "breaker_routes", "breaker_on_storage_error",
+     "breaker_send_events", "breaker_park", "breaker_release_pace", "breaker_metrics_port", "breaker_metrics_address",
+     "breaker_probes"],
+)  # fmt: skip
+def test_a_huge_bad_value_is_quoted_in_part(setting: str) -> None:
+    # (a value of a megabyte, an environment variable gone wrong, was quoted whole: the
+    # worker's CRITICAL at start, and each refusal, a megabyte long)
+    app = throwaway_app("huge-value", **{setting: "x" * 1_000_000})
+    with pytest.raises(ConfigurationError) as info:
+        reload_settings(app)
+    assert setting in str(info.value)
+    assert len(str(info.value)) < 1_000

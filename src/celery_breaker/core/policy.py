@@ -109,7 +109,7 @@ def _resolve_matchers(
     except TypeError:
         raise ConfigurationError(
             f"BreakerPolicy.{field_name} must be a sequence of exception types, dotted "
-            f"paths or predicates, got {value!r}"
+            f"paths or predicates, got {value!r:.100}"
         ) from None
     types: list[type[BaseException]] = []
     predicates: list[Callable[[BaseException], bool]] = []
@@ -187,7 +187,7 @@ def _seconds(name: str, value: Any, *, optional: bool) -> float | None:
         value = value.total_seconds()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         kind = "a number of seconds > 0" + (" or None" if optional else "")
-        raise ConfigurationError(f"BreakerPolicy.{name} must be {kind}, got {value!r}")
+        raise ConfigurationError(f"BreakerPolicy.{name} must be {kind}, got {value!r:.100}")
     if not (value > 0 and finite_number(value)):
         raise ConfigurationError(f"BreakerPolicy.{name} must be a finite number > 0, got {value!r:.100}")
     if value < SHORTEST_SECONDS:
@@ -216,7 +216,7 @@ def _rate(name: str, value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
         hint = f"; for {value}% write {value / 100:g}" if isinstance(value, (int, float)) and 1 < value <= 100 else ""
-        raise ConfigurationError(f"BreakerPolicy.{name} must be a fraction in (0, 1] or None, got {value!r}{hint}")
+        raise ConfigurationError(f"BreakerPolicy.{name} must be a fraction in (0, 1] or None, got {value!r:.100}{hint}")
     return float(value)
 
 
@@ -232,7 +232,7 @@ def _multiplier(name: str, value: Any) -> float:
 def _jitter(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         hint = f"; for {value}% write {value / 100:g}" if isinstance(value, (int, float)) and 1 <= value < 100 else ""
-        raise ConfigurationError(f"BreakerPolicy.{name} must be a fraction in [0, 1), got {value!r}{hint}")
+        raise ConfigurationError(f"BreakerPolicy.{name} must be a fraction in [0, 1), got {value!r:.100}{hint}")
     return float(value)
 
 
@@ -568,7 +568,7 @@ class BreakerPolicy:
         """Build a policy from a settings dict, over ``base``; errors name ``source``."""
         if not isinstance(values, Mapping):
             raise ConfigurationError(
-                f"{source} must be a dict of BreakerPolicy fields or a BreakerPolicy, got {values!r}"
+                f"{source} must be a dict of BreakerPolicy fields or a BreakerPolicy, got {values!r:.100}"
             )
         allowed = {f.name for f in dataclasses.fields(cls) if f.init}
         problems = []

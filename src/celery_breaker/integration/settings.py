@@ -328,7 +328,7 @@ def _unknown(conf: Any) -> list[str]:
 
 def _key_prefix(value: Any) -> str:
     if not isinstance(value, str) or not value or any(c in value for c in "{}"):
-        raise ConfigurationError(f"breaker_key_prefix must be a non-empty string without braces, got {value!r}")
+        raise ConfigurationError(f"breaker_key_prefix must be a non-empty string without braces, got {value!r:.100}")
     surrogate = next((c for c in value if "\ud800" <= c <= "\udfff"), None)
     if surrogate is not None:  # (a byte that is not UTF-8, from an environment variable say: no key can hold it)
         raise ConfigurationError(
@@ -362,7 +362,7 @@ def _storage_url(conf: Any, key_prefix: str) -> str:
             shown = repr(describe_url(url))
         else:
             shown = repr(url) if isinstance(url, int | float) else f"a {type(url).__name__}"
-        raise ConfigurationError(f"breaker_storage_url must be a URL such as 'memory://', got {shown}")
+        raise ConfigurationError(f"breaker_storage_url must be a URL such as 'memory://', got {shown:.100}")
     check_storage_url(url)
     return with_key_prefix(url, key_prefix)
 
@@ -407,7 +407,7 @@ def _one_of(key: str, value: Any, choices: tuple[Any, ...], shown: str) -> Any:
     for choice in choices:
         if value is choice or (not isinstance(value, bool) and not isinstance(choice, bool) and value == choice):
             return choice
-    raise ConfigurationError(f"{key} must be {shown}, got {value!r}")
+    raise ConfigurationError(f"{key} must be {shown}, got {value!r:.100}")
 
 
 def _release_rate(value: Any) -> float | None:
@@ -436,7 +436,7 @@ def _release_pace(key: str, value: Any) -> str:
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ConfigurationError(
         f"{key} must be 'adaptive' (the pace follows the released tasks' outcomes) or 'fixed' "
-        f"(breaker_release_rate, reached after breaker_release_ramp), got {value!r}{hint}"
+        f"(breaker_release_rate, reached after breaker_release_ramp), got {value!r:.100}{hint}"
     )
 
 

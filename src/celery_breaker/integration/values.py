@@ -69,10 +69,10 @@ def mapping(key: str, value: Any) -> Mapping[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ConfigurationError(f"{key} must be a dict, got {type(value).__name__} {value!r}")
+        raise ConfigurationError(f"{key} must be a dict, got {type(value).__name__} {value!r:.100}")
     for name in value:
         if not isinstance(name, str) or not name:
-            raise ConfigurationError(f"{key}: every key must be a non-empty string, got {name!r}")
+            raise ConfigurationError(f"{key}: every key must be a non-empty string, got {name!r:.100}")
     return value
 
 
@@ -82,7 +82,8 @@ def port(key: str, value: Any) -> int | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
         raise ConfigurationError(
-            f"{key} must be a TCP port number from 1 to 65535 as an int (or None: no metrics endpoint), got {value!r}"
+            f"{key} must be a TCP port number from 1 to 65535 as an int (or None: no metrics endpoint), "
+            f"got {value!r:.100}"
         )
     return value
 
@@ -102,7 +103,7 @@ def bind_address(key: str, value: Any) -> str:
                 return value
     raise ConfigurationError(
         f"{key} must be an IP address or host name to bind, such as '127.0.0.1' (this host only, the default) "
-        f"or '0.0.0.0' (every interface), got {value!r}"
+        f"or '0.0.0.0' (every interface), got {value!r:.100}"
     )
 
 
