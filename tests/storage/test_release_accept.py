@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
+import types
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from celery import Celery
 
 from celery_breaker.integration.deferral import parking as parking_module
 from celery_breaker.integration.deferral import release
-from celery_breaker.integration.deferral.parking import NotAcceptedHere, decode_message, encode_message
+from celery_breaker.integration.deferral.parking import NeedsCode, NotAcceptedHere, decode_message, encode_message
 from celery_breaker.integration.deferral.release import Releaser
 from celery_breaker.storage.redis import RedisStore
 
@@ -79,6 +81,11 @@ def test_an_unreadable_message_is_told_apart_from_one_not_accepted() -> None:
     with pytest.raises(ValueError, match="unreadable parked message") as caught:
         decode_message('{"v": 1, "ct": "application/json", "ce": "utf-8", "b64": false, "body": "{"}', None)
     assert not isinstance(caught.value, NotAcceptedHere)
+    # A body that is no signature is named by its type: a log line never quotes arguments.
+    stored = encode_message({"args": ["card 4111 1111 1111 1111"]}, "json")
+    with pytest.raises(ValueError, match="unreadable parked message: a dict, not a task's signature") as caught:
+        decode_message(stored, None)
+    assert "4111" not in str(caught.value)
 
 
 def test_one_breaker_failing_in_any_way_stops_no_other_release(
@@ -230,3 +237,53 @@ def test_an_entry_celery_can_never_publish_is_dropped_once_with_an_error(
     assert error.startswith("celery-breaker releaser: dropped parked entry t-bad:1 of svc: it can never be published")
     assert "TypeError" in error
     store.close()
+
+
+def test_a_task_whose_arguments_need_code_this_worker_lacks_is_left_parked(
+    redis_url: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rolling deploy: a newer worker parked a pickle task whose argument is an object of
+    # a module this older worker does not have. Its releaser dropped the entry as
+    # unreadable ("No module named ..."): the task was lost, where the newer workers
+    # would have released it.
+    monkeypatch.setattr(release, "LEASE", 0.5)
+    billing = types.ModuleType("billing_v2_money")
+
+    class Money:
+        def __init__(self, cents: int) -> None:
+            self.cents = cents
+
+    Money.__module__ = billing.__name__
+    Money.__qualname__ = "Money"
+    billing.Money = Money  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, billing.__name__, billing)
+    store = RedisStore.from_url(f"{redis_url}?key_prefix={unique_prefix()}")
+    parking = store.parking
+    app = app_accepting("rolling", "json", "pickle")
+    payload = encode_message(dict(app.signature("a.charge", args=(Money(1250),))), "pickle")
+    parking.park("svc", None, "t-1:1", 1.0, payload, None)
+    tag = parking.tag("svc", None)
+
+    del sys.modules[billing.__name__]  # (this worker has no such module)
+    with pytest.raises(NeedsCode, match="No module named 'billing_v2_money'"):
+        decode_message(payload, {"application/x-python-serialize"})
+    older = Releaser(app, parking, rate=1000.0, ramp=0.0)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "left t-1:1" not in caplog.text:
+            older.release_once()
+            time.sleep(0.05)
+    assert older.released == 0
+    assert sum(parking.count(tag)) == 1  # (parked or claimed: not dropped)
+    assert "needs code this worker cannot import" in caplog.text
+    assert "deploy it to every worker" in caplog.text
+    assert "dropped" not in caplog.text
+
+    sys.modules[billing.__name__] = billing  # (a worker that has it)
+    newer = Releaser(app, parking, rate=1000.0, ramp=0.0)
+    deadline = time.monotonic() + 10
+    while newer.released == 0 and time.monotonic() < deadline:
+        newer.release_once()
+        time.sleep(0.05)
+    assert newer.released == 1
+    assert parking.count(tag) == (0, 0)

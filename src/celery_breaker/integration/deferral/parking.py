@@ -24,7 +24,7 @@ import zlib
 from collections.abc import Collection
 from typing import Any
 
-from kombu.exceptions import SerializerNotInstalled
+from kombu.exceptions import DecodeError, SerializerNotInstalled
 from kombu.serialization import dumps, loads, registry
 
 from ...errors import StorageError
@@ -32,7 +32,7 @@ from .plan import PARKED_HEADER, park_deadline
 from .strategy import Deferral, in_a_serializer
 
 __all__ = [
-    "COMPRESS_FROM", "LARGEST_BODY", "NewerFormat", "NotAcceptedHere", "ParkInStore", "decode_message",
+    "COMPRESS_FROM", "LARGEST_BODY", "NeedsCode", "NewerFormat", "NotAcceptedHere", "ParkInStore", "decode_message",
     "encode_message", "entry_id", "read_parked",
 ]  # fmt: skip
 
@@ -80,6 +80,12 @@ class NotAcceptedHere(ValueError):
     or has no serializer for: readable by a worker that does, so it must not be dropped."""
 
 
+class NeedsCode(NotAcceptedHere):
+    """A parked message whose arguments name code this worker cannot import (a pickled
+    object of a module or class it does not have: a rolling deploy's older worker):
+    readable by a worker that has it, so it must not be dropped."""
+
+
 class NewerFormat(NotAcceptedHere):
     """A parked message stored in a format this worker does not read (a newer release's):
     readable by a worker that does, so it must not be dropped."""
@@ -123,9 +129,14 @@ def read_parked(payload: str, accept: Collection[str] | None) -> tuple[dict[str,
     except SerializerNotInstalled as exc:  # (ContentDisallowed too)
         raise NotAcceptedHere(f"parked message in {outer.get('ct')!r}, which this app does not accept: {exc}") from exc
     except Exception as exc:  # any decoding failure: the caller reports the entry
+        cause = exc.args[0] if isinstance(exc, DecodeError) and exc.args else exc  # (kombu wraps what it met)
+        if isinstance(cause, (ImportError, AttributeError)):
+            # (pickle: "No module named 'billing.money'", "Can't get attribute 'Money'")
+            raise NeedsCode(f"parked message needs code this worker cannot import ({cause!r:.200})") from exc
         raise ValueError(f"unreadable parked message: {exc!r}") from exc
     if not isinstance(found, dict) or "task" not in found:
-        raise ValueError(f"unreadable parked message: {found!r:.200}")
+        # (its type only: a decoded body holds the task's arguments, not for a log)
+        raise ValueError(f"unreadable parked message: a {type(found).__name__}, not a task's signature")
     serializer = registry.type_to_name.get(outer["ct"])
     return found, serializer if isinstance(serializer, str) else None
 

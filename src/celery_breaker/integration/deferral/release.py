@@ -54,7 +54,7 @@ from ..throttle import Throttle
 from . import confirms
 from .confirms import Confirm, ConfirmingPublisher, Send
 from .health_gate import HealthGate
-from .parking import NewerFormat, NotAcceptedHere, read_parked
+from .parking import NeedsCode, NewerFormat, NotAcceptedHere, read_parked
 
 __all__ = [
     "LEASE", "LIST_EVERY", "LOOKOUT_GRACE", "LOOKOUT_LEASE", "MOST_PER_TICK", "NAMED_IN_LOG", "QUIET_AT_MOST",
@@ -469,12 +469,18 @@ class Releaser(threading.Thread):
 
     def _not_accepted(self, tag: str, entry: str, exc: NotAcceptedHere) -> None:
         if self._refusals.due(tag) is not None:
-            advice = (
-                "Upgrade this worker: until then, workers of the newer release release it"
-                if isinstance(exc, NewerFormat)
-                else "A worker whose accept_content takes it releases it; a worker of another app sharing this "
-                "store's key_prefix should use its own"
-            )
+            if isinstance(exc, NewerFormat):
+                advice = "Upgrade this worker: until then, workers of the newer release release it"
+            elif isinstance(exc, NeedsCode):
+                advice = (
+                    "A worker that has that code releases it: deploy it to every worker (a worker of another app "
+                    "sharing this store's key_prefix should use its own)"
+                )
+            else:
+                advice = (
+                    "A worker whose accept_content takes it releases it; a worker of another app sharing this "
+                    "store's key_prefix should use its own"
+                )
             logger.warning(
                 "celery-breaker releaser: left %s of %s parked: %s. %s",
                 entry, shown_label(self.parking.label(tag)), exc, advice,
