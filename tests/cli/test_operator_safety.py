@@ -10,6 +10,7 @@ from click.testing import CliRunner, Result
 from celery_breaker import State
 
 from .conftest import APP, breaker, run, stored, trip
+from .test_purge import park, parked
 
 
 def answered(answer: str, *args: str) -> Result:
@@ -66,3 +67,27 @@ def test_opening_never_asks(store_url: str) -> None:
     assert done.stderr == ""
     assert "--yes" not in run("open", "--help").stdout
     assert "--yes" in run("close", "--help").stdout
+
+
+def test_a_question_with_no_one_to_answer_it_names_the_option_that_skips_it(store_url: str) -> None:
+    # A script or CI job (stdin not a terminal, at its end): click said only "Aborted!",
+    # and the operator had to guess --yes (--force for purge).
+    trip(breaker(store_url, "partner-api"))
+    refused = answered("", "close", "partner-api")
+    assert refused.exit_code == 1, refused.output
+    assert refused.stderr.splitlines()[-1] == (
+        "Error: no answer to 'Close partner-api anyway?': stdin is not a terminal; pass --yes to go on without asking"
+    )
+    assert "Aborted" not in refused.stderr
+    assert stored(store_url, "partner-api").state is State.OPEN
+    deleted = answered("", "delete", "partner-api")
+    assert deleted.exit_code == 1, deleted.output
+    assert deleted.stderr.endswith("pass --yes to go on without asking\n")
+    assert stored(store_url, "partner-api").state is State.OPEN
+
+    store = park(store_url, "partner-api", 2)
+    purged = answered("", "purge", "partner-api")
+    assert purged.exit_code == 1, purged.output
+    assert purged.stderr.endswith("pass --force to go on without asking\n")
+    assert parked(store, "partner-api") == (2, 0)
+    assert answered("n\n", "purge", "partner-api").stderr.endswith("Aborted!\n")  # (a "no" is a no, as before)

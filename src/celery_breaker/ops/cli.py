@@ -102,6 +102,24 @@ class NotConfiguredError(BreakerCommandError):
     exit_code = EXIT_CONFIG
 
 
+def _confirm(question: str, skip: str) -> None:
+    """Ask ``question`` on stderr (stdout carries only the report: ``--json`` stays JSON);
+    abort unless the answer is yes. With no answer to read (a script, CI, a cron job: stdin
+    at its end, not a terminal) the refusal says which option (``skip``) does it without
+    asking, where it said only "Aborted!"."""
+    try:
+        answered = click.confirm(question, err=True)
+    except click.Abort:
+        if sys.stdin is not None and not sys.stdin.isatty():
+            click.echo(err=True)  # (ends the question's line)
+            raise click.ClickException(
+                f"no answer to {question!r}: stdin is not a terminal; pass {skip} to go on without asking"
+            ) from None
+        raise
+    if not answered:
+        raise click.Abort
+
+
 def _reporting(command: Callable[P, R]) -> Callable[P, R]:
     """Turn every error a command can meet into one line and an exit code, never a traceback."""
 
@@ -382,7 +400,7 @@ def _operator_command(action: str, summary: str) -> click.Command:
         if warning is not None:
             click.echo(f"Warning: {warning}.", err=True)
             # (as typed: printable, and what the warning showed of it)
-            click.confirm(f"{action.capitalize()} {breaker_label(name, key)} anyway?", abort=True, err=True)
+            _confirm(f"{action.capitalize()} {breaker_label(name, key)} anyway?", "--yes")
         move = operate(app, action, name, key, create=create, store=store, as_shown=True)
         _report_move(move, as_json, warned=warning is not None)
 
@@ -423,7 +441,7 @@ def delete(ctx: click.Context, name: str, key: str | None, discard: bool, yes: b
         if plan.warning is not None:
             click.echo(f"Warning: {plan.warning}.", err=True)
         tasks = f" and discard the {plan.discarded} task(s) parked behind it (they will never run)"
-        click.confirm(f"Delete {shown_label(plan.label)}{tasks if plan.discarded else ''}?", abort=True, err=True)
+        _confirm(f"Delete {shown_label(plan.label)}{tasks if plan.discarded else ''}?", "--yes")
     done = delete_breaker(app, name, key, purge=discard, store=store, as_shown=True)
     if done.warning is not None and (yes or plan.warning is None):
         click.echo(f"Warning: {done.warning}.", err=True)
@@ -473,9 +491,7 @@ def purge(ctx: click.Context, name: str, key: str | None, force: bool, as_json: 
         plan = purge_parked(app, name, key, dry_run=True, as_shown=True)  # (one it would refuse: before asking)
         if plan.parked:
             tasks = "the task" if plan.parked == 1 else f"the {plan.parked} tasks"
-            click.confirm(
-                f"Discard {tasks} parked behind {shown_label(plan.label)}? They will never run.", abort=True, err=True
-            )  # (stdout carries only the report: --json stays JSON)
+            _confirm(f"Discard {tasks} parked behind {shown_label(plan.label)}? They will never run.", "--force")
     done = purge_parked(app, name, key, as_shown=True)
     if as_json:
         import json
