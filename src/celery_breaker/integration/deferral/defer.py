@@ -164,8 +164,17 @@ def _unsent_options(request: Any, args: tuple[Any, ...], kwargs: dict[str, Any])
     Its ``argsrepr`` and ``kwargsrepr``: the copy showed the real arguments in the
     worker's events and logs (Flower) where the sender had hidden them
     (``apply_async(argsrepr="('****',)")``). Only while the arguments are the ones they
-    stand for: a ``self.retry(args=...)`` deferred instead gets reprs of its own."""
+    stand for: a ``self.retry(args=...)`` deferred instead gets reprs of its own.
+
+    Its ``delivery_mode`` (``apply_async(delivery_mode=2)`` where ``task_default_delivery_mode``
+    is ``"transient"``, or the other way round): the copy went out in the app's default, so
+    a persistent task deferred became transient, and a broker restarted while it waited
+    dropped it. (Celery's own retry drops it too.) Its priority Celery keeps already."""
     found: dict[str, Any] = {}
+    properties = getattr(request, "properties", None)  # (the message's, passed on to the pool by the worker)
+    mode = properties.get("delivery_mode") if isinstance(properties, dict) else None
+    if mode in (1, 2) and not isinstance(mode, bool):
+        found["delivery_mode"] = mode
     compression = getattr(request, "compression", None)  # (its content type: kombu takes it as a name)
     if isinstance(compression, str) and compression:
         found["compression"] = compression
