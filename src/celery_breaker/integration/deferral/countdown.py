@@ -17,22 +17,36 @@ came back to the default queue, which the worker may not consume. When the queue
 be told (a consumer that notes no queue, a headers exchange) the copy goes as Celery's
 retry would, and on quorum queues a WARNING (once a minute) says it may reach the
 default queue.
+
+On quorum queues the copy goes through Celery's native delayed delivery only once this
+process's connection has made sure it is set up for its queue (``native_delay.py``). When
+it is not (Celery's delay queues exist with another type than
+``broker_native_delayed_delivery_queue_type``, or may not be declared), RabbitMQ would
+confirm the copy into a delay queue that never brings it back. The run then goes straight
+back to its queue, without a countdown, after a pause of ``REQUEUE_PAUSE`` in the pool
+process, as a new message (a quorum queue's ``delivery-limit`` counts requeues, not new
+messages), and an ERROR (once a minute per queue) names the setting and the fix. It
+does not spend a deferral of the task's ``breaker_max_deferrals``: its planned delay was
+not kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from celery.exceptions import Reject
 
 from ...errors import CircuitOpenError
 from ..broker import AMQP, broker_kind
-from . import confirms
+from . import confirms, native_delay
 from .broker_delay import UnroutedWarning, destination_queue
 from .confirms import Confirm, ConfirmingPublisher
+from .native_delay import NativeDelay
+from .plan import DEFERRALS_HEADER
 from .strategy import Deferral, names_destination, publish
 
 __all__ = ["RECEIVED_KEY", "REQUEUE_PAUSE", "CountdownRepublish", "note_received"]
@@ -69,7 +83,8 @@ class CountdownRepublish:
 
     def __init__(self, *, whole_seconds: bool = False) -> None:
         self.whole_seconds = whole_seconds
-        self._publisher = ConfirmingPublisher()  # (RabbitMQ: each process's own connection)
+        # (RabbitMQ: each process's own connection, on which Celery's native delay is made sure of)
+        self._publisher = ConfirmingPublisher(prepare=native_delay.prepare)
         self._cannot_tell = UnroutedWarning(
             "which Celery delays in RabbitMQ by task_default_queue's routing key on quorum queues: the queue it "
             "came from cannot be told, so it may come back to task_default_queue"
@@ -90,7 +105,7 @@ class CountdownRepublish:
             self._cannot_tell(info)
         return {}
 
-    def send(self, task: Any, signature: Any) -> None:
+    def send(self, task: Any, signature: Any, *, instead: _Instead | None = None) -> BaseException | None:
         """Publish the copy; on RabbitMQ with publisher confirms (``ConfirmingPublisher``),
         over a connection of this process's own. Without them, a publish RabbitMQ refuses
         (no write permission on the default exchange the copy goes through, a queue whose
@@ -100,11 +115,23 @@ class CountdownRepublish:
         not come within ``CONFIRM_TIMEOUT`` counts as sent on a connection RabbitMQ said it
         blocks (a memory or disk alarm: it routes the copy once the alarm clears); on any
         other (a peer gone silent, which may have taken the copy with it) the copy is
-        published again over a new connection, and may then run twice, never not at all."""
+        published again over a new connection, and may then run twice, never not at all.
+
+        ``instead``: a copy through Celery's native delay, and what to publish in its place
+        when this connection finds that delay not set up for its queue; returns why it
+        was not (``None``: the copy went as asked)."""
         if broker_kind(task.app.conf) != AMQP:
             publish(task, signature)
-            return
-        sends = [lambda producer: publish(task, signature, producer=producer, retry=False)]
+            return None
+        why: list[BaseException | None] = [None]
+
+        def send(producer: Any) -> None:
+            found = self._publisher.prepared
+            why[0] = found.problem(instead.queue) if instead is not None and isinstance(found, NativeDelay) else None
+            chosen = signature if why[0] is None or instead is None else instead.signature
+            publish(task, chosen, producer=producer, retry=False)
+
+        sends = [send]
         published = self._publisher.publish(task.app, sends)
         if self._unconfirmed(published) and not published.blocked:
             # Written, not confirmed in time, and RabbitMQ did not say it blocks: a dead peer
@@ -119,7 +146,7 @@ class CountdownRepublish:
             published = self._publisher.publish(task.app, sends)
         result = published.results[0]
         if result is Confirm.CONFIRMED:
-            return
+            return why[0]
         if self._unconfirmed(published) and published.blocked:
             # Under a memory or disk alarm: RabbitMQ routes it once it reads it, and
             # publishing it again would run the task twice.
@@ -128,7 +155,7 @@ class CountdownRepublish:
                 "memory or disk alarm); counted as sent, not sent again",
                 task.name, task.request.id, confirms.CONFIRM_TIMEOUT,
             )  # fmt: skip
-            return
+            return why[0]
         raise published.failure(0)
 
     @staticmethod
@@ -148,8 +175,9 @@ class CountdownRepublish:
             request, deferral.args, deferral.kwargs, countdown=delay, headers=deferral.headers,
             **deferral.options, **route,
         )  # fmt: skip
+        instead = self._instead(deferral, route)
         try:
-            self.send(task, signature)
+            why = self.send(task, signature, instead=instead)
         except Exception as exc:
             if task.acks_late:
                 # Not acknowledged: the broker gives the message back, nothing is lost.
@@ -164,4 +192,39 @@ class CountdownRepublish:
                 name=breaker.name, key=breaker.key, state=deferral.rejected.state, final=True,
             )  # fmt: skip
             raise failed from exc
+        if why is not None:
+            queue = route.get("queue") or deferral.options.get("queue")
+            native_delay.not_set_up(task, getattr(queue, "name", queue), why, REQUEUE_PAUSE)
+            time.sleep(REQUEUE_PAUSE)  # (sent already: a worker killed now loses nothing)
+            return REQUEUE_PAUSE
         return delay
+
+    def _instead(self, deferral: Deferral, route: dict[str, Any]) -> _Instead | None:
+        """When the copy goes through Celery's native delay (quorum queues, a queue not on a
+        direct exchange): the copy to publish in its place if that delay is not set up for
+        its queue (no countdown, the deferral count as the delivery had it), and the queue."""
+        task = deferral.task
+        if not self.whole_seconds or broker_kind(task.app.conf) != AMQP:
+            return None
+        name = route.get("queue") or deferral.options.get("queue")
+        name = getattr(name, "name", name)  # (a kombu Queue, or its name)
+        queue: Any = None
+        if isinstance(name, str) and name:
+            with contextlib.suppress(KeyError):  # (Celery's router makes a queue it does not know, as here)
+                queue = task.app.amqp.queues[name]
+            if queue is not None and not native_delay.goes_through_native_delay(queue):
+                return None
+        headers = {**deferral.headers, DEFERRALS_HEADER: max(0, deferral.plan.count - 1)}
+        straight = task.signature_from_request(
+            task.request, deferral.args, deferral.kwargs, headers=headers, **deferral.options, **route
+        )
+        return _Instead(queue, straight)
+
+
+class _Instead(NamedTuple):
+    """A countdown copy's stand-in, when Celery's native delay is not set up for its queue."""
+
+    queue: Any
+    """The kombu ``Queue`` the copy goes to (``None``: it cannot be told; only the delay levels are checked)."""
+    signature: Any
+    """The copy without a countdown, straight to that queue."""

@@ -7,7 +7,8 @@
 * on RabbitMQ, unless ``breaker_park=False``, RabbitMQ's own delayed delivery
   (``broker_delay.py``): durable like the queue, held by no worker;
 * last, a countdown the receiving worker holds (``countdown.py``), in whole seconds when
-  the app uses quorum queues (Celery then delays it in the broker itself).
+  the app uses quorum queues (Celery then delays it in the broker itself, where its
+  delay queues are set up for the queue: ``native_delay.py``).
 
 Adding a mechanism is one module implementing ``DeferralStrategy`` and one line here.
 """

@@ -1,0 +1,121 @@
+"""Whether Celery's native delayed delivery will bring a countdown copy back to its queue, made sure of per connection.
+
+On an app with a quorum queue Celery delays every countdown in RabbitMQ itself: it
+publishes the copy to ``celery_delayed_27`` with its delay spelt in the routing key, and
+the copy comes back through ``celery_delayed_delivery``, which the worker's
+``DelayedDelivery`` step binds to each of the app's queues (``#.<key>``) after declaring
+the 28 delay levels with ``broker_native_delayed_delivery_queue_type``. When that step
+fails (the levels exist with another queue type: a 406; a user without configure
+permission on ``celery_delayed_*``: a 403), Celery logs CRITICAL and goes on, and nothing
+binds the app's queues. A countdown published then is confirmed (a delay level took it)
+and never comes back: lost.
+
+So before a countdown goes that way, the countdown's own connection (``CountdownRepublish``'s
+confirming publisher: ``prepare``) declares the levels exactly as Celery does, with the
+app's queue type, and binds the app's queues as Celery does (the queue a copy goes to,
+again before its first copy over that connection). What succeeds there is what Celery's
+step would have made; a failure means the copy would not come back, and the countdown
+sends it another way (``countdown.py``). kombu's helpers open a channel for the levels and
+one per queue bound; they stay open with the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kombu.transport.native_delayed_delivery import (
+    bind_queue_to_native_delayed_delivery_exchange,
+    declare_native_delayed_delivery_exchanges_and_queues,
+)
+
+from ..broker import uses_quorum_queues
+from ..throttle import Throttle
+
+__all__ = ["NativeDelay", "goes_through_native_delay", "not_set_up", "prepare"]
+
+logger = logging.getLogger("celery_breaker")
+
+
+class NativeDelay:
+    """What one connection found of Celery's native delayed delivery: whether its levels
+    could be declared (``levels_error``), and each queue bound to it (``None``) or not
+    (what RabbitMQ answered)."""
+
+    def __init__(self, connection: Any, levels_error: BaseException | None) -> None:
+        self.connection = connection
+        self.levels_error = levels_error
+        self.bound: dict[str, BaseException | None] = {}
+
+    def problem(self, queue: Any) -> BaseException | None:
+        """Why a copy delayed for ``queue`` (a kombu ``Queue``; ``None``: not told) would
+        not come back (``None``: it would). The queue is bound on first asking."""
+        if self.levels_error is not None or queue is None:
+            return self.levels_error
+        name: str = queue.name
+        if name not in self.bound:
+            self.bound[name] = _bind(self.connection, queue)
+        return self.bound[name]
+
+
+def _bind(connection: Any, queue: Any) -> BaseException | None:
+    """Bind ``queue`` to ``celery_delayed_delivery`` as Celery's worker does; RabbitMQ's refusal, if any."""
+    try:
+        bind_queue_to_native_delayed_delivery_exchange(connection, queue)
+    except connection.channel_errors as exc:  # (a 403, a 404: RabbitMQ closed that channel, not the connection)
+        refused: BaseException = exc
+        return refused
+    return None
+
+
+def prepare(connection: Any, app: Any) -> NativeDelay | None:
+    """On a new connection of the countdown's: declare Celery's delay levels with the app's
+    ``broker_native_delayed_delivery_queue_type`` and bind the app's queues (not a direct
+    exchange's: Celery does not delay through those), as Celery's ``DelayedDelivery`` step
+    does; ``None`` when the app has no quorum queue (Celery then delays nothing in
+    RabbitMQ). A connection error raises (the publisher opens a new connection)."""
+    if not uses_quorum_queues(app):
+        return None
+    try:
+        declare_native_delayed_delivery_exchanges_and_queues(
+            connection, app.conf.broker_native_delayed_delivery_queue_type
+        )
+    except connection.channel_errors as exc:  # (a level declared with other arguments, or no permission)
+        return NativeDelay(connection, exc)
+    found = NativeDelay(connection, None)
+    for queue in app.amqp.queues.values():
+        if goes_through_native_delay(queue):
+            found.problem(queue)
+    return found
+
+
+def goes_through_native_delay(queue: Any) -> bool:
+    """Whether Celery delays a countdown for ``queue`` in RabbitMQ (a quorum-queue app): not
+    for a direct exchange's queue, which a worker holds instead (Celery warns)."""
+    exchange = getattr(queue, "exchange", None)
+    if exchange is None:
+        return bool(getattr(queue, "bindings", None))
+    return bool(exchange.name) and exchange.type != "direct"
+
+
+#: One ERROR a minute per queue whose countdowns cannot go through the native delay.
+_told = Throttle()
+
+
+def not_set_up(task: Any, queue: str | None, exc: BaseException, pause: float) -> None:
+    """The ERROR (at most once a minute per queue) that ``queue``'s countdowns cannot go
+    through Celery's native delayed delivery, with the setting and the fix."""
+    quiet = _told.due(queue or "")
+    if quiet is None:
+        return
+    queue_type = task.app.conf.broker_native_delayed_delivery_queue_type
+    logger.error(
+        "celery-breaker: task %s[%s]: RabbitMQ's native delayed delivery is not set up for queue %r (%r): a countdown "
+        "copy would be confirmed into celery_delayed_* and never come back. It goes straight back to its queue after a "
+        "%g s pause instead, without its planned delay, until this is fixed. Fix: make "
+        "broker_native_delayed_delivery_queue_type (now %r) the type of the celery_delayed_* and "
+        "celery_breaker_delayed_* queues that exist on this vhost, or delete those queues (when empty) so they are "
+        "declared again; or grant the user configure permission on them (logged at most once a minute per queue; %d "
+        "more since the last time)",
+        task.name, task.request.id, queue, exc, pause, queue_type, quiet,
+    )  # fmt: skip

@@ -1,0 +1,108 @@
+"""Deferred tasks where neither broker-delay nor Celery's native delayed delivery can be set up for a queue.
+
+On a vhost where another app (default settings) already declared the delay queues as
+quorum queues, an app whose ``broker_native_delayed_delivery_queue_type`` is
+``"classic"`` over quorum app queues meets a 406 on both topologies: Celery's worker
+logs CRITICAL and never binds the app's queues to ``celery_delayed_delivery``, and
+broker-delay's levels cannot be declared either. A countdown deferral then went through
+Celery's delay queues (RabbitMQ confirmed it) and never came back. Real prefork workers
+and a real RabbitMQ, a vhost of the test's own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+import redis
+from kombu.connection import Connection
+from kombu.transport.native_delayed_delivery import declare_native_delayed_delivery_exchanges_and_queues
+
+from celery_breaker import CircuitBreaker
+from celery_breaker.integration.deferral import broker_delay
+from celery_breaker.storage import close_stores
+from tests.integration.backlog_proj import BREAKER, EARLY_ACK_TASK, TASK, executions_key
+from tests.integration.deployments import Deployment, deploy
+from tests.integration.downstream import Downstream
+from tests.integration.workers import wait_for
+from tests.rabbitmq import RabbitMQServer, own_vhost
+from tests.servers import RedisServer
+
+pytestmark = pytest.mark.slow
+
+#: Held open, tasks are deferred by a second at a time.
+POLICY = {"failure_threshold": 1, "reset_timeout": 1.0}
+
+
+@pytest.fixture(autouse=True)
+def _let_go() -> Iterator[None]:
+    yield
+    close_stores()
+
+
+@contextlib.contextmanager
+def held_open(cell: Deployment) -> Iterator[None]:
+    breaker = CircuitBreaker(BREAKER, POLICY, storage=cell.store_url)
+    breaker.force_open()
+    try:
+        yield
+    finally:
+        breaker.close()
+
+
+def _declare_both_topologies(url: str, queue_type: str) -> None:
+    """What an app with these delay queue types leaves on the vhost: Celery's delay
+    topology and broker-delay's."""
+    with Connection(url) as connection:  # type: ignore[no-untyped-call]
+        declare_native_delayed_delivery_exchanges_and_queues(connection, queue_type)
+        channel = connection.channel()
+        broker_delay._declare_levels(channel, queue_type)
+        channel.close()
+
+
+#: Each way neither delay can be set up for the app's quorum queue: the delay queues
+#: exist as quorum queues and the app says classic (a 406 for both), or the app's user
+#: may not configure them (a 403; an administrator declared them).
+CASES = [
+    pytest.param("other-type", TASK, id="other-type-late-ack"),
+    pytest.param("other-type", EARLY_ACK_TASK, id="other-type-early-ack"),
+    pytest.param("no-configure", TASK, id="no-configure-late-ack"),
+]
+
+
+@pytest.mark.parametrize(("case", "task"), CASES)
+def test_a_deferral_neither_delay_can_take_is_never_lost(
+    case: str, task: str, rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """Every task deferred while neither broker-delay nor Celery's native delay is set up
+    for its queue comes back while the breaker is open, runs once after it closes, and
+    each pool process says at ERROR (once) which setting to change. Before, the
+    countdown copies went into Celery's delay queues, were confirmed, and never came back."""
+    cell = deploy("rabbitmq-quorum", "redis", "park", rabbitmq=rabbitmq, redis_server=redis_server, policy=POLICY,
+                  breaker_defer_spread=0, broker_native_delayed_delivery_queue_type="classic")  # fmt: skip
+    client = redis.Redis.from_url(cell.counter_url, decode_responses=True)
+    user, password = ("guest", "guest") if case == "other-type" else (f"u-{cell.ns}", "secret")
+    with own_vhost(rabbitmq, "nodelay", user=user, password=password) as vhost:
+        if case == "other-type":
+            _declare_both_topologies(vhost.url, "quorum")
+        else:
+            _declare_both_topologies(vhost.url.replace(f"{user}:{password}", "guest:guest"), "classic")
+            rabbitmq.rabbitmqctl("set_permissions", "--vhost", vhost.name, user,
+                                 "^(?!celery_delayed_|celery_breaker_delayed_).*", ".*", ".*")  # fmt: skip
+        cell.broker_url = vhost.url
+        publisher = cell.publisher()
+        try:
+            with Downstream() as downstream, cell.worker() as started:
+                with held_open(cell):
+                    ids = [publisher.send_task(task, args=(cell.ns, downstream.url, n)).id for n in range(4)]
+                    wait_for(lambda: started.log().count("retry: deferred") >= 3 * len(ids), 30, "runs back, open")
+                wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids), 20, "every task run (none lost)")
+                log = started.log()
+            assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
+            errors = [line for line in log.splitlines() if "ERROR/" in line]
+            assert 1 <= len(errors) <= 2, errors  # (one per pool process, throttled)
+            assert "broker_native_delayed_delivery_queue_type" in errors[0]
+            assert cell.queue in errors[0]
+        finally:
+            publisher.close()
