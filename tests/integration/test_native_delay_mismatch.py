@@ -63,23 +63,25 @@ def _declare_both_topologies(url: str, queue_type: str) -> None:
 
 #: Each way neither delay can be set up for the app's quorum queue: the delay queues
 #: exist as quorum queues and the app says classic (a 406 for both), or the app's user
-#: may not configure them (a 403; an administrator declared them).
+#: may not configure them (a 403; an administrator declared them). With broker-delay
+#: (``park``, the default) and without it (``breaker_park=False``: the countdown alone).
 CASES = [
-    pytest.param("other-type", TASK, id="other-type-late-ack"),
-    pytest.param("other-type", EARLY_ACK_TASK, id="other-type-early-ack"),
-    pytest.param("no-configure", TASK, id="no-configure-late-ack"),
+    pytest.param("other-type", "park", TASK, id="other-type-late-ack"),
+    pytest.param("other-type", "park", EARLY_ACK_TASK, id="other-type-early-ack"),
+    pytest.param("other-type", "countdown", TASK, id="other-type-no-broker-delay"),
+    pytest.param("no-configure", "park", TASK, id="no-configure-late-ack"),
 ]
 
 
-@pytest.mark.parametrize(("case", "task"), CASES)
+@pytest.mark.parametrize(("case", "mode", "task"), CASES)
 def test_a_deferral_neither_delay_can_take_is_never_lost(
-    case: str, task: str, rabbitmq: RabbitMQServer, redis_server: RedisServer
+    case: str, mode: str, task: str, rabbitmq: RabbitMQServer, redis_server: RedisServer
 ) -> None:
     """Every task deferred while neither broker-delay nor Celery's native delay is set up
     for its queue comes back while the breaker is open, runs once after it closes, and
     each pool process says at ERROR (once) which setting to change. Before, the
     countdown copies went into Celery's delay queues, were confirmed, and never came back."""
-    cell = deploy("rabbitmq-quorum", "redis", "park", rabbitmq=rabbitmq, redis_server=redis_server, policy=POLICY,
+    cell = deploy("rabbitmq-quorum", "redis", mode, rabbitmq=rabbitmq, redis_server=redis_server, policy=POLICY,
                   breaker_defer_spread=0, broker_native_delayed_delivery_queue_type="classic")  # fmt: skip
     client = redis.Redis.from_url(cell.counter_url, decode_responses=True)
     user, password = ("guest", "guest") if case == "other-type" else (f"u-{cell.ns}", "secret")
@@ -100,9 +102,11 @@ def test_a_deferral_neither_delay_can_take_is_never_lost(
                 wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids), 20, "every task run (none lost)")
                 log = started.log()
             assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
-            errors = [line for line in log.splitlines() if "ERROR/" in line]
+            errors = [line for line in log.splitlines() if "ERROR/ForkPoolWorker" in line]
             assert 1 <= len(errors) <= 2, errors  # (one per pool process, throttled)
             assert "broker_native_delayed_delivery_queue_type" in errors[0]
             assert cell.queue in errors[0]
+            if case == "other-type" and mode == "park":  # (the worker says why broker-delay is not used, too)
+                assert "ERROR/MainProcess] celery-breaker: broker-delay's delay queues exist" in log
         finally:
             publisher.close()

@@ -59,6 +59,15 @@ class DelayTopologyStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 bound = ensure_topology(connection, app, consumed)  # (a queue that fails is left out, warned)
                 unroutable = unroutable_count(connection)
         except Exception as exc:
+            if _another_type(exc):
+                logger.error(
+                    "celery-breaker: broker-delay's delay queues exist on this vhost with another type than "
+                    "broker_native_delayed_delivery_queue_type (%r) says (%r): runs are deferred by countdown instead. "
+                    "Fix: make the setting the type of the existing celery_breaker_delayed_* queues (and "
+                    "celery_delayed_*), or delete those queues (when empty) so they are declared again",
+                    app.conf.broker_native_delayed_delivery_queue_type, exc,
+                )  # fmt: skip
+                return
             logger.warning(
                 "celery-breaker: could not declare broker-delay's topology or bind queues %s to it (%r): runs "
                 "already delayed for them may not come back until a deferral declares it again",
@@ -73,3 +82,18 @@ class DelayTopologyStep(bootsteps.StartStopStep):  # type: ignore[misc]
                 "UI) or purge it",
                 unroutable, UNROUTABLE,
             )  # fmt: skip
+
+
+#: The arguments a delay queue of the other type differs by (a classic one has no
+#: dead-letter strategy, so RabbitMQ may name that one first).
+_TYPE_ARGUMENTS = ("'x-queue-type'", "'x-dead-letter-strategy'")
+
+
+def _another_type(exc: BaseException) -> bool:
+    """Whether ``exc`` is RabbitMQ's 406 for a delay queue that exists with another queue type."""
+    text = str(getattr(exc, "reply_text", "") or exc)
+    return (
+        getattr(exc, "reply_code", None) == 406
+        and "celery_breaker_delayed_" in text
+        and any(argument in text for argument in _TYPE_ARGUMENTS)
+    )
