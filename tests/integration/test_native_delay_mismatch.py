@@ -16,11 +16,13 @@ from collections.abc import Iterator
 
 import pytest
 import redis
+from celery import Celery
 from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
 from kombu.transport.native_delayed_delivery import declare_native_delayed_delivery_exchanges_and_queues
 
 from celery_breaker import CircuitBreaker
-from celery_breaker.integration.deferral import broker_delay
+from celery_breaker.integration.deferral import broker_delay, native_delay
 from celery_breaker.storage import close_stores
 from tests.integration.backlog_proj import BREAKER, EARLY_ACK_TASK, TASK, executions_key
 from tests.integration.deployments import Deployment, deploy
@@ -110,3 +112,32 @@ def test_a_deferral_neither_delay_can_take_is_never_lost(
                 assert "ERROR/MainProcess] celery-breaker: broker-delay's delay queues exist" in log
         finally:
             publisher.close()
+
+
+def test_a_connection_that_found_the_native_delay_not_set_up_looks_again_a_minute_later(
+    rabbitmq: RabbitMQServer,
+) -> None:
+    """Once the operator has deleted the delay queues of the other type, a connection that
+    found them looks again after ``LOOK_AGAIN_AFTER`` (a manual clock here) and binds the
+    queue: its countdowns go through Celery's delay again, without a worker restart."""
+    now = [0.0]
+    with own_vhost(rabbitmq, "lookagain") as vhost:
+        _declare_both_topologies(vhost.url, "quorum")
+        app = Celery("lookagain", broker=vhost.url, set_as_current=False)
+        queue = Queue("work", Exchange("work", type="topic"), routing_key="work",  # type: ignore[no-untyped-call]
+                      queue_arguments={"x-queue-type": "quorum"})  # fmt: skip
+        app.conf.update(task_queues=[queue], broker_native_delayed_delivery_queue_type="classic")
+        with Connection(vhost.url) as connection:  # type: ignore[no-untyped-call]
+            queue.bind(connection.default_channel).declare()  # type: ignore[no-untyped-call]
+            found = native_delay.NativeDelay(connection, app, clock=lambda: now[0])
+            assert "PRECONDITION_FAILED" in repr(found.problem(queue))
+            operator = connection.channel()
+            for level in range(28):
+                operator.queue_delete(f"celery_delayed_{level}")
+            operator.close()
+            now[0] += native_delay.LOOK_AGAIN_AFTER - 1
+            assert found.problem(queue) is not None  # (not yet: once a minute)
+            now[0] += 1
+            assert found.problem(queue) is None
+        bindings = rabbitmq.rabbitmqctl("list_bindings", "--vhost", vhost.name, "source_name", "destination_name")
+        assert "celery_delayed_delivery\twork" in bindings

@@ -15,13 +15,16 @@ confirming publisher: ``prepare``) declares the levels exactly as Celery does, w
 app's queue type, and binds the app's queues as Celery does (the queue a copy goes to,
 again before its first copy over that connection). What succeeds there is what Celery's
 step would have made; a failure means the copy would not come back, and the countdown
-sends it another way (``countdown.py``). kombu's helpers open a channel for the levels and
+sends it another way (``countdown.py``), and the connection looks again a minute later
+(``LOOK_AGAIN_AFTER``: the operator may have fixed it). kombu's helpers open a channel for the levels and
 one per queue bound; they stay open with the connection.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from kombu.transport.native_delayed_delivery import (
@@ -32,30 +35,56 @@ from kombu.transport.native_delayed_delivery import (
 from ..broker import uses_quorum_queues
 from ..throttle import Throttle
 
-__all__ = ["NativeDelay", "goes_through_native_delay", "not_set_up", "prepare"]
+__all__ = ["LOOK_AGAIN_AFTER", "NativeDelay", "goes_through_native_delay", "not_set_up", "prepare"]
 
 logger = logging.getLogger("celery_breaker")
+
+
+#: Seconds after which a connection that found the native delay not set up looks again
+#: (an operator may have fixed it: deleted the delay queues of the other type, granted a
+#: permission), instead of sending runs without their delay for as long as it lives.
+LOOK_AGAIN_AFTER = 60.0
 
 
 class NativeDelay:
     """What one connection found of Celery's native delayed delivery: whether its levels
     could be declared (``levels_error``), and each queue bound to it (``None``) or not
-    (what RabbitMQ answered)."""
+    (what RabbitMQ answered). A failure is looked at again after ``LOOK_AGAIN_AFTER``."""
 
-    def __init__(self, connection: Any, levels_error: BaseException | None) -> None:
+    def __init__(self, connection: Any, app: Any, clock: Callable[[], float] = time.monotonic) -> None:
         self.connection = connection
-        self.levels_error = levels_error
-        self.bound: dict[str, BaseException | None] = {}
+        self.app = app
+        self._clock = clock
+        self.levels_error: BaseException | None = None
+        self._levels_at = 0.0
+        self.bound: dict[str, tuple[BaseException | None, float]] = {}
+        self._declare_levels()
+
+    def _declare_levels(self) -> None:
+        self._levels_at = self._clock()
+        try:
+            declare_native_delayed_delivery_exchanges_and_queues(
+                self.connection, self.app.conf.broker_native_delayed_delivery_queue_type
+            )
+        except self.connection.channel_errors as exc:  # (a level declared with other arguments, or no permission)
+            self.levels_error = exc
+        else:
+            self.levels_error = None
 
     def problem(self, queue: Any) -> BaseException | None:
         """Why a copy delayed for ``queue`` (a kombu ``Queue``; ``None``: not told) would
         not come back (``None``: it would). The queue is bound on first asking."""
+        if self.levels_error is not None and self._clock() - self._levels_at >= LOOK_AGAIN_AFTER:
+            self._declare_levels()
+            self.bound.clear()  # (bound again below, once the levels are there)
         if self.levels_error is not None or queue is None:
             return self.levels_error
         name: str = queue.name
-        if name not in self.bound:
-            self.bound[name] = _bind(self.connection, queue)
-        return self.bound[name]
+        found = self.bound.get(name)
+        if found is None or (found[0] is not None and self._clock() - found[1] >= LOOK_AGAIN_AFTER):
+            found = (_bind(self.connection, queue), self._clock())
+            self.bound[name] = found
+        return found[0]
 
 
 def _bind(connection: Any, queue: Any) -> BaseException | None:
@@ -76,16 +105,11 @@ def prepare(connection: Any, app: Any) -> NativeDelay | None:
     RabbitMQ). A connection error raises (the publisher opens a new connection)."""
     if not uses_quorum_queues(app):
         return None
-    try:
-        declare_native_delayed_delivery_exchanges_and_queues(
-            connection, app.conf.broker_native_delayed_delivery_queue_type
-        )
-    except connection.channel_errors as exc:  # (a level declared with other arguments, or no permission)
-        return NativeDelay(connection, exc)
-    found = NativeDelay(connection, None)
-    for queue in app.amqp.queues.values():
-        if goes_through_native_delay(queue):
-            found.problem(queue)
+    found = NativeDelay(connection, app)
+    if found.levels_error is None:
+        for queue in app.amqp.queues.values():
+            if goes_through_native_delay(queue):
+                found.problem(queue)
     return found
 
 
