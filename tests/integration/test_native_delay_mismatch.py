@@ -24,7 +24,7 @@ from kombu.transport.native_delayed_delivery import declare_native_delayed_deliv
 from celery_breaker import CircuitBreaker
 from celery_breaker.integration.deferral import broker_delay, native_delay
 from celery_breaker.storage import close_stores
-from tests.integration.backlog_proj import BREAKER, EARLY_ACK_TASK, TASK, executions_key
+from tests.integration.backlog_proj import BREAKER, EARLY_ACK_TASK, TASK, executions_key, failed_ids_key
 from tests.integration.deployments import Deployment, deploy
 from tests.integration.downstream import Downstream
 from tests.integration.workers import wait_for
@@ -141,3 +141,33 @@ def test_a_connection_that_found_the_native_delay_not_set_up_looks_again_a_minut
             assert found.problem(queue) is None
         bindings = rabbitmq.rabbitmqctl("list_bindings", "--vhost", vhost.name, "source_name", "destination_name")
         assert "celery_delayed_delivery\twork" in bindings
+
+
+def test_a_countdown_refused_on_its_way_into_the_delay_queues_goes_straight_back(
+    rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """A length policy of 0 on Celery's delay queues (with their ``x-overflow:
+    reject-publish``): RabbitMQ refuses every countdown copy. An early-acknowledged task
+    failed (``could not be deferred``); now it goes straight back to its queue, and runs
+    once the breaker closes."""
+    cell = deploy("rabbitmq-quorum", "redis", "countdown", rabbitmq=rabbitmq, redis_server=redis_server,
+                  policy=POLICY, breaker_defer_spread=0)  # fmt: skip
+    client = redis.Redis.from_url(cell.counter_url, decode_responses=True)
+    with own_vhost(rabbitmq, "refused") as vhost:
+        rabbitmq.rabbitmqctl("set_policy", "--vhost", vhost.name, "--apply-to", "queues", "full",
+                             "^celery_delayed_", '{"max-length": 0}')  # fmt: skip
+        cell.broker_url = vhost.url
+        publisher = cell.publisher()
+        try:
+            with Downstream() as downstream, cell.worker() as started:
+                with held_open(cell):
+                    ids = [publisher.send_task(EARLY_ACK_TASK, args=(cell.ns, downstream.url, n)).id for n in range(4)]
+                    wait_for(lambda: started.log().count("retry: deferred") >= 3 * len(ids), 30, "runs back, open")
+                wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids), 20, "every task run (none failed)")
+                log = started.log()
+            assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
+            assert client.scard(failed_ids_key(cell.ns)) == 0
+            assert "MessageNacked" in log
+            assert "could not be deferred" not in log
+        finally:
+            publisher.close()

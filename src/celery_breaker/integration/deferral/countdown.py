@@ -25,7 +25,9 @@ it is not (Celery's delay queues exist with another type than
 confirm the copy into a delay queue that never brings it back. The run then goes straight
 back to its queue, without a countdown, after a pause of ``REQUEUE_PAUSE`` in the pool
 process, as a new message (a quorum queue's ``delivery-limit`` counts requeues, not new
-messages), and an ERROR (once a minute per queue) names the setting and the fix. It
+messages), and an ERROR (once a minute per queue) names the setting and the fix; so does a
+copy RabbitMQ refuses on its way into them (a length policy, a missing write
+permission), which a late acknowledgement would requeue and an early one fail. It
 does not spend a deferral of the task's ``breaker_max_deferrals``: its planned delay was
 not kept.
 """
@@ -36,7 +38,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from celery.exceptions import Reject
 
@@ -179,25 +181,32 @@ class CountdownRepublish:
         try:
             why = self.send(task, signature, instead=instead)
         except Exception as exc:
-            if task.acks_late:
-                # Not acknowledged: the broker gives the message back, nothing is lost.
-                # Pause first, so a broker that delivers but will not take a publish
-                # does not turn this into a busy loop.
-                logger.warning("task %s[%s]: could not defer (%r); requeueing it", task.name, request.id, exc)
-                time.sleep(REQUEUE_PAUSE)
-                raise Reject(exc, requeue=True) from exc
-            breaker = deferral.breaker
-            failed = CircuitOpenError(
-                f"breaker {breaker.label!r} {deferral.state} and the task could not be deferred: {exc!r}",
-                name=breaker.name, key=breaker.key, state=deferral.rejected.state, final=True,
-            )  # fmt: skip
-            raise failed from exc
+            why = self._straight_back(task, instead, exc)  # (refused on its way into Celery's delay queues)
+            if why is None:
+                _not_deferred(deferral, exc)
         if why is not None:
             queue = route.get("queue") or deferral.options.get("queue")
             native_delay.not_set_up(task, getattr(queue, "name", queue), why, REQUEUE_PAUSE)
             time.sleep(REQUEUE_PAUSE)  # (sent already: a worker killed now loses nothing)
             return REQUEUE_PAUSE
         return delay
+
+    def _straight_back(self, task: Any, instead: _Instead | None, exc: Exception) -> BaseException | None:
+        """When a copy through Celery's native delay could not be published (RabbitMQ
+        refused it: a delay queue full under a length policy, no write permission on
+        ``celery_delayed_27``), publish its stand-in straight to its queue; ``exc`` if that
+        went, ``None`` if not (or there is no stand-in). Requeued instead, a late
+        acknowledgement spends a quorum queue's ``delivery-limit``; an early one fails."""
+        if instead is None:
+            return None
+        try:
+            self.send(task, instead.signature)
+        except Exception:
+            logger.debug(
+                "task %s[%s]: could not send it straight back either", task.name, task.request.id, exc_info=True
+            )
+            return None
+        return exc
 
     def _instead(self, deferral: Deferral, route: dict[str, Any]) -> _Instead | None:
         """When the copy goes through Celery's native delay (quorum queues, a queue not on a
@@ -219,6 +228,24 @@ class CountdownRepublish:
             task.request, deferral.args, deferral.kwargs, headers=headers, **deferral.options, **route
         )
         return _Instead(queue, straight)
+
+
+def _not_deferred(deferral: Deferral, exc: Exception) -> NoReturn:
+    """The run could not be deferred: requeue its delivery (late acknowledgement), else fail it saying so."""
+    task = deferral.task
+    if task.acks_late:
+        # Not acknowledged: the broker gives the message back, nothing is lost.
+        # Pause first, so a broker that delivers but will not take a publish
+        # does not turn this into a busy loop.
+        logger.warning("task %s[%s]: could not defer (%r); requeueing it", task.name, task.request.id, exc)
+        time.sleep(REQUEUE_PAUSE)
+        raise Reject(exc, requeue=True) from exc
+    breaker = deferral.breaker
+    failed = CircuitOpenError(
+        f"breaker {breaker.label!r} {deferral.state} and the task could not be deferred: {exc!r}",
+        name=breaker.name, key=breaker.key, state=deferral.rejected.state, final=True,
+    )  # fmt: skip
+    raise failed from exc
 
 
 class _Instead(NamedTuple):

@@ -134,12 +134,11 @@ def not_set_up(task: Any, queue: str | None, exc: BaseException, pause: float) -
         return
     queue_type = task.app.conf.broker_native_delayed_delivery_queue_type
     logger.error(
-        "celery-breaker: task %s[%s]: RabbitMQ's native delayed delivery is not set up for queue %r (%r): a countdown "
-        "copy would be confirmed into celery_delayed_* and never come back. It goes straight back to its queue after a "
-        "%g s pause instead, without its planned delay, until this is fixed. Fix: make "
-        "broker_native_delayed_delivery_queue_type (now %r) the type of the celery_delayed_* and "
-        "celery_breaker_delayed_* queues that exist on this vhost, or delete those queues (when empty) so they are "
-        "declared again; or grant the user configure permission on them (logged at most once a minute per queue; %d "
-        "more since the last time)",
+        "celery-breaker: task %s[%s]: RabbitMQ's native delayed delivery cannot bring a countdown copy back to queue "
+        "%r (%r): it goes straight back to its queue after a %g s pause instead, without its planned delay, until "
+        "this is fixed. Fix: make broker_native_delayed_delivery_queue_type (now %r) the type of the celery_delayed_* "
+        "and celery_breaker_delayed_* queues that exist on this vhost, or delete those queues (when empty) so they "
+        "are declared again; grant the user configure and write permission on them; lift a length limit a policy "
+        "puts on them (logged at most once a minute per queue; %d more since the last time)",
         task.name, task.request.id, queue, exc, pause, queue_type, quiet,
     )  # fmt: skip
