@@ -100,6 +100,9 @@ class Scenario:
     fresh: float = 0.0
     """Fresh tasks per second published beside the release (not parked)."""
     law: PacingLaw = field(default_factory=PacingLaw)
+    change_at: float | None = None
+    """When the downstream's capacity changes (``None``: never), to ``changed_to``."""
+    changed_to: float = 0.0
     limit_s: float = 600.0
     """Simulated seconds after which a release that has not drained is given up."""
 
@@ -158,6 +161,11 @@ class Limiter:
 
     def answer(self, now: float) -> tuple[bool, float]:
         return False, BASE_S
+
+    def change(self, capacity: float) -> None:
+        """The capacity from now on (a token bucket keeps its size; no limit stays none)."""
+        if isinstance(self, SlidingWindow | FixedWindow | TokenBucket):
+            self.capacity = capacity
 
 
 class SlidingWindow(Limiter):
@@ -308,6 +316,8 @@ def simulate(s: Scenario, trace: Callable[[float, str], None] | None = None) -> 
         if now > s.limit_s:
             break
         clock.set(now)
+        if s.change_at is not None and now >= s.change_at:
+            downstream.change(s.changed_to)
         if kind == "pass":
             room = workers[who].room()
             waiting = parked if room is None else min(parked, room)
