@@ -42,6 +42,18 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another(model: Module
     assert (other.drain_s, other.refused) != (one.drain_s, one.refused)
 
 
+def test_stalled_workers_drain_later_and_alike_for_one_seed(model: ModuleType) -> None:
+    """Workers stalled at random (a loaded machine): their outcomes come back in bursts,
+    the release drains later, and one seed still gives one run."""
+    smooth = model.simulate(model.Scenario(capacity=60.0, tasks=300, limiter="bench", seed=3))
+    stalled = model.Scenario(capacity=60.0, tasks=300, limiter="bench", seed=3, stall_every=0.1, stall_s=0.1)
+    one, two = model.simulate(stalled), model.simulate(stalled)
+    assert one == two
+    assert one.drain_s is not None
+    assert smooth.drain_s is not None
+    assert one.drain_s > smooth.drain_s
+
+
 def test_no_limit_drains_at_the_pools_speed_after_the_ramp(model: ModuleType) -> None:
     """12 slots of ~27 ms: ~440 tasks/s once the pace has grown past it, so 1,500 tasks in
     under 10 s (the ramp from 10/s takes ~5 s of it), with nothing refused."""
