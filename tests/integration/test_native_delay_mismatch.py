@@ -12,14 +12,19 @@ and a real RabbitMQ, a vhost of the test's own.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import redis
 from celery import Celery
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
-from kombu.transport.native_delayed_delivery import declare_native_delayed_delivery_exchanges_and_queues
+from kombu.transport.native_delayed_delivery import (
+    calculate_routing_key,
+    declare_native_delayed_delivery_exchanges_and_queues,
+)
 
 from celery_breaker import CircuitBreaker
 from celery_breaker.integration.deferral import broker_delay, native_delay
@@ -28,7 +33,7 @@ from tests.integration.backlog_proj import BREAKER, EARLY_ACK_TASK, TASK, execut
 from tests.integration.deployments import Deployment, deploy
 from tests.integration.downstream import Downstream
 from tests.integration.workers import wait_for
-from tests.rabbitmq import RabbitMQServer, own_vhost
+from tests.rabbitmq import RabbitMQServer, own_vhost, taken_off
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -53,11 +58,12 @@ def held_open(cell: Deployment) -> Iterator[None]:
         breaker.close()
 
 
-def _declare_both_topologies(url: str, queue_type: str) -> None:
+def _declare_both_topologies(url: str, queue_type: str, *, celery: bool = True) -> None:
     """What an app with these delay queue types leaves on the vhost: Celery's delay
-    topology and broker-delay's."""
+    topology (unless not ``celery``) and broker-delay's."""
     with Connection(url) as connection:  # type: ignore[no-untyped-call]
-        declare_native_delayed_delivery_exchanges_and_queues(connection, queue_type)
+        if celery:
+            declare_native_delayed_delivery_exchanges_and_queues(connection, queue_type)
         channel = connection.channel()
         broker_delay._declare_levels(channel, queue_type)
         channel.close()
@@ -65,7 +71,7 @@ def _declare_both_topologies(url: str, queue_type: str) -> None:
 
 #: Each way neither delay can be set up for the app's quorum queue: the delay queues
 #: exist as quorum queues and the app says classic (a 406 for both), or the app's user
-#: may not configure them (a 403; an administrator declared them). With broker-delay
+#: may not configure them (a 403; an administrator declared broker-delay's). With broker-delay
 #: (``park``, the default) and without it (``breaker_park=False``: the countdown alone).
 CASES = [
     pytest.param("other-type", "park", TASK, id="other-type-late-ack"),
@@ -91,7 +97,8 @@ def test_a_deferral_neither_delay_can_take_is_never_lost(
         if case == "other-type":
             _declare_both_topologies(vhost.url, "quorum")
         else:
-            _declare_both_topologies(vhost.url.replace(f"{user}:{password}", "guest:guest"), "classic")
+            # (Celery's levels an administrator declared would serve: bound, they bring copies back)
+            _declare_both_topologies(vhost.url.replace(f"{user}:{password}", "guest:guest"), "classic", celery=False)
             rabbitmq.rabbitmqctl("set_permissions", "--vhost", vhost.name, user,
                                  "^(?!celery_delayed_|celery_breaker_delayed_).*", ".*", ".*")  # fmt: skip
         cell.broker_url = vhost.url
@@ -171,3 +178,38 @@ def test_a_countdown_refused_on_its_way_into_the_delay_queues_goes_straight_back
             assert "could not be deferred" not in log
         finally:
             publisher.close()
+
+
+def test_delay_queues_an_administrator_declared_serve_a_user_who_may_not_configure_them(
+    rabbitmq: RabbitMQServer,
+) -> None:
+    """An administrator declared Celery's delay levels (the app's user may write to them
+    and read them, not configure them, as a hardened vhost has it): they bring copies
+    back once the queue is bound, which needs no configure permission. The countdown
+    used them before; a 403 on declaring them sent every run straight back without its
+    delay (an ERROR a minute) for as long as it lasted."""
+    user = f"u-{time.monotonic_ns()}"
+    with own_vhost(rabbitmq, "admin", user=user, password="secret") as vhost:
+        admin_url = vhost.url.replace(f"{user}:secret", "guest:guest")
+        with Connection(admin_url) as admin:  # type: ignore[no-untyped-call]
+            declare_native_delayed_delivery_exchanges_and_queues(admin, "quorum")
+        rabbitmq.rabbitmqctl("set_permissions", "--vhost", vhost.name, user, "^(?!celery_delayed_).*", ".*", ".*")
+        app = Celery("hardened", broker=vhost.url, set_as_current=False)
+        queue = Queue("work", Exchange("work", type="topic"), routing_key="work",  # type: ignore[no-untyped-call]
+                      queue_arguments={"x-queue-type": "quorum"})  # fmt: skip
+        app.conf.update(task_queues=[queue])
+        with Connection(vhost.url) as connection:  # type: ignore[no-untyped-call]
+            queue.bind(connection.default_channel).declare()  # type: ignore[no-untyped-call]
+            found = native_delay.prepare(connection, app)
+            assert found is not None
+            assert found.problem(queue) is None
+            producer = connection.Producer()
+            producer.publish({"n": 1}, exchange="celery_delayed_27", routing_key=calculate_routing_key(1, "work"))
+            back: list[Any] = []
+
+            def came_back() -> bool:
+                back.extend(taken_off(vhost.url, queue))
+                return bool(back)
+
+            wait_for(came_back, 10, "the copy back through the administrator's levels")
+        assert [message.payload for message in back] == [{"n": 1}]

@@ -13,7 +13,9 @@ and never comes back: lost.
 So before a countdown goes that way, the countdown's own connection (``CountdownRepublish``'s
 confirming publisher: ``prepare``) declares the levels exactly as Celery does, with the
 app's queue type, and binds the app's queues as Celery does (the queue a copy goes to,
-again before its first copy over that connection). What succeeds there is what Celery's
+again before its first copy over that connection). A 403 on the levels is no failure
+where they all exist (an administrator declared them for a user who may not configure
+them; passive declarations tell): binding needs no configure permission. What succeeds there is what Celery's
 step would have made; a failure means the copy would not come back, and the countdown
 sends it another way (``countdown.py``), and the connection looks again a minute later
 (``LOOK_AGAIN_AFTER``: the operator may have fixed it). kombu's helpers open a channel for the levels and
@@ -22,14 +24,18 @@ one per queue bound; they stay open with the connection.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 from kombu.transport.native_delayed_delivery import (
+    CELERY_DELAYED_DELIVERY_EXCHANGE,
+    MAX_LEVEL,
     bind_queue_to_native_delayed_delivery_exchange,
     declare_native_delayed_delivery_exchanges_and_queues,
+    level_name,
 )
 
 from ..broker import uses_quorum_queues
@@ -38,6 +44,9 @@ from ..throttle import Throttle
 __all__ = ["LOOK_AGAIN_AFTER", "NativeDelay", "goes_through_native_delay", "not_set_up", "prepare"]
 
 logger = logging.getLogger("celery_breaker")
+
+#: RabbitMQ's reply code for an operation the user has no permission for.
+ACCESS_REFUSED = 403
 
 
 #: Seconds after which a connection that found the native delay not set up looks again
@@ -67,7 +76,7 @@ class NativeDelay:
                 self.connection, self.app.conf.broker_native_delayed_delivery_queue_type
             )
         except self.connection.channel_errors as exc:  # (a level declared with other arguments, or no permission)
-            self.levels_error = exc
+            self.levels_error = None if _refused(exc) and _levels_exist(self.connection) else exc
         else:
             self.levels_error = None
 
@@ -85,6 +94,30 @@ class NativeDelay:
             found = (_bind(self.connection, queue), self._clock())
             self.bound[name] = found
         return found[0]
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether ``exc`` is RabbitMQ's 403: the user may not configure what it declared."""
+    return getattr(exc, "reply_code", None) == ACCESS_REFUSED
+
+
+def _levels_exist(connection: Any) -> bool:
+    """Whether Celery's delay levels and ``celery_delayed_delivery`` exist, as passive
+    declarations tell (they need no permission): an administrator declared them for a
+    user who may not configure them. They bring a copy back once its queue is bound,
+    which needs no configure permission either; before, a 403 sent every run there
+    straight back without its delay."""
+    channel = connection.channel()
+    try:
+        for level in range(MAX_LEVEL + 1):
+            channel.exchange_declare(level_name(level), "topic", passive=True)
+            channel.queue_declare(level_name(level), passive=True)
+        channel.exchange_declare(CELERY_DELAYED_DELIVERY_EXCHANGE, "topic", passive=True)
+    except connection.channel_errors:  # (a 404: RabbitMQ closed the channel)
+        return False
+    with contextlib.suppress(*connection.channel_errors, *connection.connection_errors):
+        channel.close()
+    return True
 
 
 def _bind(connection: Any, queue: Any) -> BaseException | None:
