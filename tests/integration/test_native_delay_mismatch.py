@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import redis
 from celery import Celery
+from kombu.common import Broadcast
 from kombu.connection import Connection
 from kombu.entity import Exchange, Queue
 from kombu.transport.native_delayed_delivery import (
@@ -213,3 +214,32 @@ def test_delay_queues_an_administrator_declared_serve_a_user_who_may_not_configu
 
             wait_for(came_back, 10, "the copy back through the administrator's levels")
         assert [message.payload for message in back] == [{"n": 1}]
+
+
+def test_a_broadcast_queue_is_not_bound_to_the_native_delay(rabbitmq: RabbitMQServer) -> None:
+    """Celery's step binds every queue of the app but a ``Broadcast`` one; bound here, its
+    fanout exchange took every delayed copy keyed ``...celery`` (its routing key, the
+    app's default) from ``celery_delayed_delivery``, so a countdown for the default queue
+    also reached each worker's broadcast queue: run once more per worker."""
+    with own_vhost(rabbitmq, "broadcast") as vhost:
+        app = Celery("broadcast", broker=vhost.url, set_as_current=False)
+        default = Queue("celery", Exchange("celery", type="topic"), routing_key="celery",  # type: ignore[no-untyped-call]
+                        queue_arguments={"x-queue-type": "quorum"})  # fmt: skip
+        app.conf.update(task_queues=[default, Broadcast("broadcast_tasks")])  # type: ignore[no-untyped-call]
+        broadcast = next(queue for queue in app.amqp.queues.values() if isinstance(queue, Broadcast))
+        with Connection(vhost.url) as connection:  # type: ignore[no-untyped-call]
+            for queue in (default, broadcast):
+                queue.bind(connection.default_channel).declare()  # type: ignore[no-untyped-call]  # (as a worker does)
+            assert native_delay.prepare(connection, app) is not None
+            producer = connection.Producer()
+            producer.publish({"n": 1}, exchange="celery_delayed_27", routing_key=calculate_routing_key(1, "celery"))
+            back: list[Any] = []
+
+            def came_back() -> bool:
+                back.extend(taken_off(vhost.url, default))
+                return bool(back)
+
+            wait_for(came_back, 10, "the copy back to the default queue")
+            assert taken_off(vhost.url, broadcast) == []
+        bindings = rabbitmq.rabbitmqctl("list_bindings", "--vhost", vhost.name, "source_name", "destination_name")
+        assert "celery_delayed_delivery\tbroadcast_tasks" not in bindings

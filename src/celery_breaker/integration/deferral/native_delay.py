@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from kombu.common import Broadcast
 from kombu.transport.native_delayed_delivery import (
     CELERY_DELAYED_DELIVERY_EXCHANGE,
     MAX_LEVEL,
@@ -147,8 +148,14 @@ def prepare(connection: Any, app: Any) -> NativeDelay | None:
 
 
 def goes_through_native_delay(queue: Any) -> bool:
-    """Whether Celery delays a countdown for ``queue`` in RabbitMQ (a quorum-queue app): not
-    for a direct exchange's queue, which a worker holds instead (Celery warns)."""
+    """Whether Celery delays a countdown for ``queue`` in RabbitMQ (a quorum-queue app) and
+    binds it for that: not for a direct exchange's queue, which a worker holds instead
+    (Celery warns); not for a ``Broadcast`` queue, which Celery's step never binds. Bound,
+    its fanout exchange took every delayed copy whose key ends in its routing key (the
+    app's default, ``celery``) from ``celery_delayed_delivery``: the default queue's
+    countdowns, Celery's own too, reached every worker's broadcast queue as well."""
+    if isinstance(queue, Broadcast):
+        return False
     exchange = getattr(queue, "exchange", None)
     if exchange is None:
         return bool(getattr(queue, "bindings", None))
