@@ -9,11 +9,20 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from amqp.exceptions import (  # type: ignore[import-untyped]
+    AccessRefused,
+    MessageNacked,
+    NotFound,
+    PreconditionFailed,
+    RecoverableConnectionError,
+)
 from celery import Celery
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from kombu.exceptions import OperationalError
 
 from celery_breaker.integration.broker import broker_kind, broker_url, redelivery_window
+from celery_breaker.integration.deferral import countdown
 from celery_breaker.integration.deferral.countdown import RECEIVED_KEY
 from celery_breaker.integration.deferral.defer import _retry_options, refreshed
 from celery_breaker.integration.deferral.plan import (
@@ -422,3 +431,21 @@ def test_a_retry_replaced_by_a_deferral_lends_it_its_options_but_not_its_timing(
     }  # fmt: skip
     when = datetime.fromtimestamp(now + 5, tz=timezone.utc)
     assert _retry_options({"expires": when}, now) == {"expires": when}  # (a time stays that time)
+
+
+@pytest.mark.parametrize(
+    ("exc", "refused"),
+    [
+        (MessageNacked("RabbitMQ refused the message (basic.nack)"), True),
+        (AccessRefused("no write permission on celery_delayed_27", reply_code=403), True),
+        (PreconditionFailed("inequivalent arg 'x-queue-type'", reply_code=406), True),
+        (NotFound("no exchange 'celery_delayed_delivery'", reply_code=404), True),
+        (ConnectionRefusedError(111, "Connection refused"), False),
+        (OperationalError("[Errno 104] Connection reset by peer"), False),
+        (RecoverableConnectionError("connection already closed"), False),
+    ],
+)
+def test_only_a_refusal_blames_the_native_delay_setting(exc: BaseException, refused: bool) -> None:
+    # A run sent straight back because its connection failed twice was logged at ERROR
+    # blaming broker_native_delayed_delivery_queue_type; only RabbitMQ's refusals do now.
+    assert countdown._refusal(exc) is refused

@@ -40,6 +40,7 @@ import math
 import time
 from typing import Any, NamedTuple, NoReturn
 
+from amqp.exceptions import ChannelError  # type: ignore[import-untyped]
 from celery.exceptions import Reject
 
 from ...errors import CircuitOpenError
@@ -186,7 +187,14 @@ class CountdownRepublish:
                 _not_deferred(deferral, exc)
         if why is not None:
             queue = route.get("queue") or deferral.options.get("queue")
-            native_delay.not_set_up(task, getattr(queue, "name", queue), why, REQUEUE_PAUSE)
+            if _refusal(why):
+                native_delay.not_set_up(task, getattr(queue, "name", queue), why, REQUEUE_PAUSE)
+            else:  # (a connection that failed twice, then came back: no setting is to blame)
+                logger.warning(
+                    "task %s[%s]: its countdown copy could not be published (%r); it went straight back to its queue "
+                    "instead, without its planned delay, after a %g s pause",
+                    task.name, request.id, why, REQUEUE_PAUSE,
+                )  # fmt: skip
             time.sleep(REQUEUE_PAUSE)  # (sent already: a worker killed now loses nothing)
             return REQUEUE_PAUSE
         return delay
@@ -228,6 +236,13 @@ class CountdownRepublish:
             task.request, deferral.args, deferral.kwargs, headers=headers, **deferral.options, **route
         )
         return _Instead(queue, straight)
+
+
+def _refusal(exc: BaseException) -> bool:
+    """Whether ``exc`` is RabbitMQ refusing the copy or the delay's set-up (a ``basic.nack``;
+    a channel it closed: 403, 404, 406...), not a connection that failed: only a refusal
+    says Celery's native delay is not set up for the queue, which the ERROR blames."""
+    return confirms.nacked(exc) or isinstance(exc, ChannelError)
 
 
 def _not_deferred(deferral: Deferral, exc: Exception) -> NoReturn:
