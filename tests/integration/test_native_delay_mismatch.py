@@ -59,6 +59,22 @@ def held_open(cell: Deployment) -> Iterator[None]:
         breaker.close()
 
 
+def deferred_while_open_then_run(cell: Deployment, task: str, client: redis.Redis) -> tuple[list[str], str]:
+    """Four runs of ``task`` sent while the breaker is held open, each deferred and back
+    three times; then the breaker closed and every run done (none lost, none failed): the
+    runs' ids and the worker's log."""
+    publisher = cell.publisher()
+    try:
+        with Downstream() as downstream, cell.worker() as started:
+            with held_open(cell):
+                ids = [publisher.send_task(task, args=(cell.ns, downstream.url, n)).id for n in range(4)]
+                wait_for(lambda: started.log().count("retry: deferred") >= 3 * len(ids), 30, "runs back, open")
+            wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids), 20, "every task run (none lost)")
+            return ids, started.log()
+    finally:
+        publisher.close()
+
+
 def _declare_both_topologies(url: str, queue_type: str, *, celery: bool = True) -> None:
     """What an app with these delay queue types leaves on the vhost: Celery's delay
     topology (unless not ``celery``) and broker-delay's."""
@@ -103,23 +119,14 @@ def test_a_deferral_neither_delay_can_take_is_never_lost(
             rabbitmq.rabbitmqctl("set_permissions", "--vhost", vhost.name, user,
                                  "^(?!celery_delayed_|celery_breaker_delayed_).*", ".*", ".*")  # fmt: skip
         cell.broker_url = vhost.url
-        publisher = cell.publisher()
-        try:
-            with Downstream() as downstream, cell.worker() as started:
-                with held_open(cell):
-                    ids = [publisher.send_task(task, args=(cell.ns, downstream.url, n)).id for n in range(4)]
-                    wait_for(lambda: started.log().count("retry: deferred") >= 3 * len(ids), 30, "runs back, open")
-                wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids), 20, "every task run (none lost)")
-                log = started.log()
-            assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
-            errors = [line for line in log.splitlines() if "ERROR/ForkPoolWorker" in line]
-            assert 1 <= len(errors) <= 2, errors  # (one per pool process, throttled)
-            assert "broker_native_delayed_delivery_queue_type" in errors[0]
-            assert cell.queue in errors[0]
-            if case == "other-type" and mode == "park":  # (the worker says why broker-delay is not used, too)
-                assert "ERROR/MainProcess] celery-breaker: broker-delay's delay queues exist" in log
-        finally:
-            publisher.close()
+        ids, log = deferred_while_open_then_run(cell, task, client)
+    assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
+    errors = [line for line in log.splitlines() if "ERROR/ForkPoolWorker" in line]
+    assert 1 <= len(errors) <= 2, errors  # (one per pool process, throttled)
+    assert "broker_native_delayed_delivery_queue_type" in errors[0]
+    assert cell.queue in errors[0]
+    if case == "other-type" and mode == "park":  # (the worker says why broker-delay is not used, too)
+        assert "ERROR/MainProcess] celery-breaker: broker-delay's delay queues exist" in log
 
 
 def test_a_connection_that_found_the_native_delay_not_set_up_looks_again_a_minute_later(
@@ -165,20 +172,11 @@ def test_a_countdown_refused_on_its_way_into_the_delay_queues_goes_straight_back
         rabbitmq.rabbitmqctl("set_policy", "--vhost", vhost.name, "--apply-to", "queues", "full",
                              "^celery_delayed_", '{"max-length": 0}')  # fmt: skip
         cell.broker_url = vhost.url
-        publisher = cell.publisher()
-        try:
-            with Downstream() as downstream, cell.worker() as started:
-                with held_open(cell):
-                    ids = [publisher.send_task(EARLY_ACK_TASK, args=(cell.ns, downstream.url, n)).id for n in range(4)]
-                    wait_for(lambda: started.log().count("retry: deferred") >= 3 * len(ids), 30, "runs back, open")
-                wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids), 20, "every task run (none failed)")
-                log = started.log()
-            assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
-            assert client.scard(failed_ids_key(cell.ns)) == 0
-            assert "MessageNacked" in log
-            assert "could not be deferred" not in log
-        finally:
-            publisher.close()
+        ids, log = deferred_while_open_then_run(cell, EARLY_ACK_TASK, client)
+    assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
+    assert client.scard(failed_ids_key(cell.ns)) == 0
+    assert "MessageNacked" in log
+    assert "could not be deferred" not in log
 
 
 def test_delay_queues_an_administrator_declared_serve_a_user_who_may_not_configure_them(

@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,6 +25,14 @@ from celery_breaker.integration.deferral.release import Releaser
 from celery_breaker.storage.redis import RedisStore
 
 from .conftest import unique_prefix
+
+
+def release_until(releaser: Releaser, done: Callable[[], bool]) -> None:
+    """Run ``releaser``'s passes, 50 ms apart, until ``done()`` (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while not done() and time.monotonic() < deadline:
+        releaser.release_once()
+        time.sleep(0.05)
 
 
 def app_accepting(name: str, *content: str) -> Celery:
@@ -51,10 +60,7 @@ def test_a_task_this_app_does_not_accept_is_left_parked_for_one_that_does(
 
     json_only = Releaser(app_accepting("json-only", "json"), parking, rate=1000.0, ramp=0.0)
     with caplog.at_level(logging.WARNING, logger="celery_breaker"):
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and caplog.text.count("left t-1:1") < 1:
-            json_only.release_once()
-            time.sleep(0.05)
+        release_until(json_only, lambda: "left t-1:1" in caplog.text)
         for _ in range(20):  # (claimed again as each lease runs out)
             json_only.release_once()
             time.sleep(0.05)
@@ -66,10 +72,7 @@ def test_a_task_this_app_does_not_accept_is_left_parked_for_one_that_does(
     assert caplog.text.count("left t-1:1") == 1  # (once a minute, not at every claim)
 
     with_pickle = Releaser(app_accepting("with-pickle", "json", "pickle"), parking, rate=1000.0, ramp=0.0)
-    deadline = time.monotonic() + 10
-    while with_pickle.released == 0 and time.monotonic() < deadline:
-        with_pickle.release_once()
-        time.sleep(0.05)
+    release_until(with_pickle, lambda: with_pickle.released > 0)
     assert with_pickle.released == 1
     assert parking.count(tag) == (0, 0)
 
@@ -109,10 +112,7 @@ def test_one_breaker_failing_in_any_way_stops_no_other_release(
 
     monkeypatch.setattr(releaser.health_gate, "holds", broken_for_a)
     with caplog.at_level(logging.WARNING, logger="celery_breaker"):
-        deadline = time.monotonic() + 10
-        while releaser.released < 2 and time.monotonic() < deadline:
-            releaser.release_once()
-            time.sleep(0.05)
+        release_until(releaser, lambda: releaser.released >= 2)
     assert releaser.released == 2
     assert parking.count(parking.tag("a", None)) == (1, 0)
     assert "cannot release the tasks parked behind a" in caplog.text
@@ -172,10 +172,7 @@ def test_a_message_of_a_newer_format_is_left_parked_for_a_newer_worker(
     parking.park("svc", None, "t-1:1", 1.0, newer, None)
     releaser = Releaser(app_accepting("older", "json"), parking, rate=1000.0, ramp=0.0)
     with caplog.at_level(logging.WARNING, logger="celery_breaker"):
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "left t-1:1" not in caplog.text:
-            releaser.release_once()
-            time.sleep(0.05)
+        release_until(releaser, lambda: "left t-1:1" in caplog.text)
     assert "left t-1:1 of svc parked: parked message in format 3" in caplog.text
     assert "Upgrade this worker" in caplog.text
     assert "dropped" not in caplog.text
@@ -191,10 +188,7 @@ def test_a_compressed_message_is_released_as_it_was_sent(redis_url: str) -> None
     assert json.loads(payload)["z"] == "zlib"
     store.parking.park("svc", None, "t-1:1", 1.0, payload, None)
     releaser = Releaser(app, store.parking, rate=1000.0, ramp=0.0)
-    deadline = time.monotonic() + 10
-    while releaser.released == 0 and time.monotonic() < deadline:
-        releaser.release_once()
-        time.sleep(0.05)
+    release_until(releaser, lambda: releaser.released > 0)
     assert releaser.released == 1
     with app.connection_for_read() as connection:
         queue = connection.SimpleQueue(app.conf.task_default_queue)
@@ -227,10 +221,7 @@ def test_an_entry_celery_can_never_publish_is_dropped_once_with_an_error(
     tag = parking.tag("svc", None)
     releaser = Releaser(app_accepting("poisoned", "json"), parking, rate=1000.0, ramp=0.0)
     with caplog.at_level(logging.WARNING, logger="celery_breaker"):
-        deadline = time.monotonic() + 10
-        while parking.count(tag) != (0, 0) and time.monotonic() < deadline:
-            releaser.release_once()
-            time.sleep(0.05)
+        release_until(releaser, lambda: parking.count(tag) == (0, 0))
     assert parking.count(tag) == (0, 0)
     assert releaser.released == 2  # (both left the parking: one published, one dropped)
     (error,) = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
@@ -269,10 +260,7 @@ def test_a_task_whose_arguments_need_code_this_worker_lacks_is_left_parked(
         decode_message(payload, {"application/x-python-serialize"})
     older = Releaser(app, parking, rate=1000.0, ramp=0.0)
     with caplog.at_level(logging.WARNING, logger="celery_breaker"):
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and "left t-1:1" not in caplog.text:
-            older.release_once()
-            time.sleep(0.05)
+        release_until(older, lambda: "left t-1:1" in caplog.text)
     assert older.released == 0
     assert sum(parking.count(tag)) == 1  # (parked or claimed: not dropped)
     assert "needs code this worker cannot import" in caplog.text
@@ -281,9 +269,6 @@ def test_a_task_whose_arguments_need_code_this_worker_lacks_is_left_parked(
 
     sys.modules[billing.__name__] = billing  # (a worker that has it)
     newer = Releaser(app, parking, rate=1000.0, ramp=0.0)
-    deadline = time.monotonic() + 10
-    while newer.released == 0 and time.monotonic() < deadline:
-        newer.release_once()
-        time.sleep(0.05)
+    release_until(newer, lambda: newer.released > 0)
     assert newer.released == 1
     assert parking.count(tag) == (0, 0)
