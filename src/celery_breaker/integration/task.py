@@ -499,8 +499,9 @@ class BreakerTask(Task):  # type: ignore[misc]
             # lambda, as if the task's own code had raised it.
             if hasattr(exc, "add_note"):  # (Python 3.11+)
                 exc.add_note(
-                    f"celery-breaker: raised by the breaker_key of task {self.name!r}, which found no key in the "
-                    "task's arguments; the task failed without running (fix breaker_key, or the arguments sent)"
+                    f"celery-breaker: raised by the breaker_key of task {self.name!r}, computing the breaker's key "
+                    "from the task's arguments; the task failed without running (fix breaker_key, or the arguments "
+                    "sent)"
                 )
             raise
         return breaker_with_probe(self.app, config.name, key, config.policy, config.probe)
