@@ -186,9 +186,8 @@ class CountdownRepublish:
             if why is None:
                 _not_deferred(deferral, exc)
         if why is not None:
-            queue = route.get("queue") or deferral.options.get("queue")
             if _refusal(why):
-                native_delay.not_set_up(task, getattr(queue, "name", queue), why, REQUEUE_PAUSE)
+                native_delay.not_set_up(task, _queue_name(deferral, route), why, REQUEUE_PAUSE)
             else:  # (a connection that failed twice, then came back: no setting is to blame)
                 logger.warning(
                     "task %s[%s]: its countdown copy could not be published (%r); it went straight back to its queue "
@@ -223,8 +222,7 @@ class CountdownRepublish:
         task = deferral.task
         if not self.whole_seconds or broker_kind(task.app.conf) != AMQP:
             return None
-        name = route.get("queue") or deferral.options.get("queue")
-        name = getattr(name, "name", name)  # (a kombu Queue, or its name)
+        name = _queue_name(deferral, route)
         queue: Any = None
         if isinstance(name, str) and name:
             with contextlib.suppress(KeyError):  # (Celery's router makes a queue it does not know, as here)
@@ -236,6 +234,13 @@ class CountdownRepublish:
             task.request, deferral.args, deferral.kwargs, headers=headers, **deferral.options, **route
         )
         return _Instead(queue, straight)
+
+
+def _queue_name(deferral: Deferral, route: dict[str, Any]) -> Any:
+    """The name of the queue the copy is sent to (``route``'s, else the deferral's options'),
+    whether given as a kombu ``Queue`` or as its name; ``None`` if neither names one."""
+    queue = route.get("queue") or deferral.options.get("queue")
+    return getattr(queue, "name", queue)
 
 
 def _refusal(exc: BaseException) -> bool:
