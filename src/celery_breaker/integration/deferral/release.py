@@ -471,16 +471,13 @@ class Releaser(threading.Thread):
         if self._refusals.due(tag) is not None:
             if isinstance(exc, NewerFormat):
                 advice = "Upgrade this worker: until then, workers of the newer release release it"
-            elif isinstance(exc, NeedsCode):
-                advice = (
-                    "A worker that has that code releases it: deploy it to every worker (a worker of another app "
-                    "sharing this store's key_prefix should use its own)"
-                )
             else:
-                advice = (
-                    "A worker whose accept_content takes it releases it; a worker of another app sharing this "
-                    "store's key_prefix should use its own"
+                who = (
+                    "that has that code releases it: deploy it to every worker"
+                    if isinstance(exc, NeedsCode)
+                    else "whose accept_content takes it releases it"
                 )
+                advice = f"A worker {who}; a worker of another app sharing this store's key_prefix should use its own"
             logger.warning(
                 "celery-breaker releaser: left %s of %s parked: %s. %s",
                 entry, shown_label(self.parking.label(tag)), exc, advice,
