@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import re
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -321,3 +322,50 @@ def test_a_key_or_fallback_that_cannot_take_its_call_stops_the_worker_at_start(
         return
     with pytest.raises(ConfigurationError, match=re.escape(f"task 'shape.quote': {problem}")):
         check_app(app)
+
+
+_STORE_URL = "redis://:s3cret-pw@cache.internal:6379/0"
+
+
+_URL_OPTIONS = [
+    "breaker",
+    "breaker_policy",
+    "breaker_max_deferrals",
+    "breaker_max_defer_age",
+    "breaker_defer_spread",
+    "breaker_scope",
+    "breaker_probe",
+    "breaker_probe_timeout",
+    "breaker_key",
+    "breaker_fallback",
+]
+
+
+@pytest.mark.parametrize(
+    ("option", "shape"),
+    # (a breaker name is the user's to choose, URL-like or not: ``breaker`` only nested)
+    [(option, shape) for option in _URL_OPTIONS for shape in ("itself", "in a dict", "in a list")][1:],
+)
+def test_a_store_url_given_to_a_task_option_is_refused_with_its_password_masked(option: str, shape: str) -> None:
+    # (a URL put in the wrong option: its refusal, which a worker logs at CRITICAL on
+    # start, quoted the value, password and all, as the settings' did before e919c8d)
+    value: Any = {"itself": _STORE_URL, "in a dict": {"window": _STORE_URL}, "in a list": [_STORE_URL]}[shape]
+    app = throwaway_app(f"url-option-{option}")
+
+    def declare_and_start() -> None:  # (refused when the task is made, or at the worker's start)
+        @app.task(base=BreakerTask, shared=False, name="url.option", **{option: value})
+        def job() -> None:
+            return None
+
+        app.finalize()
+        check_app(app)
+
+    with pytest.raises(ConfigurationError) as info:
+        declare_and_start()
+    refusal = info.value
+    assert option in str(refusal)
+    for text in (str(refusal), *refusal.problems):
+        assert "s3cret-pw" not in text
+        assert ":***@cache.internal:6379/0" in text
+    logged = "".join(traceback.format_exception(refusal))  # (as a worker logs it: causes and contexts too)
+    assert "s3cret-pw" not in logged

@@ -22,7 +22,7 @@ from ..health import DEFAULT_PROBE_TIMEOUT, HealthCheck, ProbeFunction, check_ti
 from ..names import check_name
 from ..storage import check_storage_url, describe_url, is_shared_url
 from ..storage.fallback import MODES as ON_STORAGE_ERROR_CHOICES
-from ..storage.urls import scrub_secrets
+from ..storage.urls import scrub_each, urls_in
 from . import values
 from .broker import DEFAULT_CONSUMER_TIMEOUT, hold_limit, store_url_from_broker
 from .problems import Problems
@@ -523,32 +523,10 @@ def build_settings(conf: Any) -> BreakerSettings:
         probes=tuple(probes),
         probe_timeout=get("breaker_probe_timeout", _probe_timeout, DEFAULT_PROBE_TIMEOUT),
     )
-    urls = [url for key in SETTINGS for url in _urls_in(_conf_get(conf, key))]
-    problems.found = [_without_secrets(_as_written(conf, text), urls) for text in problems.found]
+    urls = [url for key in SETTINGS for url in urls_in(_conf_get(conf, key))]
+    problems.found = [scrub_each(_as_written(conf, text), urls) for text in problems.found]
     problems.raise_any()
     return settings
-
-
-def _urls_in(value: Any, depth: int = 0) -> list[str]:
-    """The URLs a setting's value holds (itself, or in a dict, list or tuple, two levels
-    deep): a store URL given to the wrong setting, a policy or a route, whose error quotes
-    the value."""
-    if isinstance(value, str):
-        return [value] if "://" in value else []
-    if depth >= 2:
-        return []
-    if isinstance(value, Mapping):
-        value = [*value.keys(), *value.values()]
-    if isinstance(value, (list, tuple)):
-        return [url for item in value for url in _urls_in(item, depth + 1)]
-    return []
-
-
-def _without_secrets(text: str, urls: list[str]) -> str:
-    """``text`` with every password of ``urls`` masked (``scrub_secrets``)."""
-    for url in urls:
-        text = scrub_secrets(text, url)
-    return text
 
 
 def get_settings(app: Any) -> BreakerSettings:

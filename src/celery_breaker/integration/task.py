@@ -45,7 +45,13 @@ from .deferral.plan import PARKED_HEADER, run_soft_time_limit, run_time_limit
 from .probes import breaker_with_probe
 from .registry import BreakerRegistry, registry_for
 from .setting_docs import TASK_OPTION_DOCS
-from .task_options import OPTIONS_FORGOTTEN, TaskBreakerConfig, forget_task_breaker_config, task_breaker_config
+from .task_options import (
+    OPTIONS_FORGOTTEN,
+    TaskBreakerConfig,
+    forget_task_breaker_config,
+    secrets_masked,
+    task_breaker_config,
+)
 
 __all__ = ["BreakerTask"]
 
@@ -762,33 +768,34 @@ def _prepare(cls: type[BreakerTask]) -> None:
     Functions given as ``breaker_key``/``breaker_fallback``/``breaker_probe`` would become methods of the
     task class: keep them plain.
     """
-    _check_option_names(cls)
-    raw = inspect.getattr_static(cls, "breaker")
-    if not isinstance(raw, _BreakerAttribute):
-        if raw is not None:
-            check_name(raw, f"task {cls.name or cls.__qualname__!r}: the breaker option")
-        cls.breaker_name = raw
-        cls.breaker = _BreakerAttribute()
-    for option in ("breaker_key", "breaker_fallback", "breaker_probe"):
-        owner = next((klass for klass in cls.__mro__ if option in vars(klass)), None)
-        value = inspect.getattr_static(cls, option)
-        if isinstance(value, types.FunctionType) and owner is not None and vars(owner).get("_decorated"):
-            # Given to @app.task(...): a plain function, not a method of the task.
-            setattr(owner, option, staticmethod(value))
-        elif (
-            value is not None
-            and not isinstance(value, (str, staticmethod, classmethod))
-            and not callable(value)
-            and not (option == "breaker_probe" and isinstance(value, HealthCheck))
-        ):
-            accepted = (
-                "a callable, a HealthCheck, a dotted path or a task name"
-                if option == "breaker_probe"
-                else "a callable or a method name"
-            )
-            raise ConfigurationError(
-                f"task {cls.name or cls.__qualname__!r}: {option} must be {accepted}, got {value!r}"
-            )
+    with secrets_masked(cls):  # (a URL given to the wrong option is quoted masked)
+        _check_option_names(cls)
+        raw = inspect.getattr_static(cls, "breaker")
+        if not isinstance(raw, _BreakerAttribute):
+            if raw is not None:
+                check_name(raw, f"task {cls.name or cls.__qualname__!r}: the breaker option")
+            cls.breaker_name = raw
+            cls.breaker = _BreakerAttribute()
+        for option in ("breaker_key", "breaker_fallback", "breaker_probe"):
+            owner = next((klass for klass in cls.__mro__ if option in vars(klass)), None)
+            value = inspect.getattr_static(cls, option)
+            if isinstance(value, types.FunctionType) and owner is not None and vars(owner).get("_decorated"):
+                # Given to @app.task(...): a plain function, not a method of the task.
+                setattr(owner, option, staticmethod(value))
+            elif (
+                value is not None
+                and not isinstance(value, (str, staticmethod, classmethod))
+                and not callable(value)
+                and not (option == "breaker_probe" and isinstance(value, HealthCheck))
+            ):
+                accepted = (
+                    "a callable, a HealthCheck, a dotted path or a task name"
+                    if option == "breaker_probe"
+                    else "a callable or a method name"
+                )
+                raise ConfigurationError(
+                    f"task {cls.name or cls.__qualname__!r}: {option} must be {accepted}, got {value!r}"
+                )
 
     forget_task_breaker_config(cls)  # options changed: resolve them again
 

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import inspect
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,11 +15,19 @@ from ..core import BreakerPolicy
 from ..errors import ConfigurationError
 from ..health import HealthCheck, check_timeout
 from ..names import check_name
+from ..storage.urls import scrub_each, urls_in
 from . import values
 from .probes import resolve_probe
+from .setting_docs import TASK_OPTION_DOCS
 from .settings import OPTIONS_FORGOTTEN, BreakerSettings, get_settings
 
-__all__ = ["OPTIONS_FORGOTTEN", "TaskBreakerConfig", "forget_task_breaker_config", "task_breaker_config"]
+__all__ = [
+    "OPTIONS_FORGOTTEN",
+    "TaskBreakerConfig",
+    "forget_task_breaker_config",
+    "secrets_masked",
+    "task_breaker_config",
+]
 
 _CONFIG = "_celery_breaker_config"  # the class attribute caching the resolved options
 
@@ -56,6 +64,32 @@ def task_breaker_config(task: Any) -> TaskBreakerConfig:
     settings = get_settings(cls.app)
     if found is not None and found.settings is settings:
         return found
+    with secrets_masked(cls):
+        return _resolve(cls, task, settings)
+
+
+@contextlib.contextmanager
+def secrets_masked(cls: Any) -> Iterator[None]:
+    """Refusals of ``cls``'s options with the password of every URL an option holds
+    masked: a store URL given to the wrong option (``breaker_policy="redis://:pw@..."``)
+    is quoted by its refusal, which a worker logs at CRITICAL."""
+    try:
+        yield
+    except ConfigurationError as error:
+        urls = [url for attr in _OPTIONS for url in urls_in(inspect.getattr_static(cls, attr, None))]
+        text = scrub_each(str(error), urls)
+        if text == str(error):
+            raise
+        problems = tuple(scrub_each(problem, urls) for problem in error.problems)
+        raise ConfigurationError(text, problems=problems) from None  # (its cause quotes the value too)
+
+
+#: Every attribute a task option is kept in (``breaker``'s value, before the class is
+#: prepared, and ``breaker_name``, after).
+_OPTIONS = (*TASK_OPTION_DOCS, "breaker", "breaker_name")
+
+
+def _resolve(cls: Any, task: Any, settings: BreakerSettings) -> TaskBreakerConfig:
     # A task class without a name of its own, registered with app.register_task: Celery
     # names the instance (after its module and class), not the class.
     task_name = cls.name or (None if task is cls else getattr(task, "name", None))

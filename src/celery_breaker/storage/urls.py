@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from urllib.parse import unquote
 
-__all__ = ["ENCODE_PASSWORD", "SHOWN_OPTIONS", "describe_url", "password_misread", "scrub_secrets"]
+__all__ = [
+    "ENCODE_PASSWORD",
+    "SHOWN_OPTIONS",
+    "describe_url",
+    "password_misread",
+    "scrub_each",
+    "scrub_secrets",
+    "urls_in",
+]
 
 #: The fix for a password that a URL parser misreads.
 ENCODE_PASSWORD = "percent-encode a password's '/', '?', '#' and '@' (as %2F, %3F, %23 and %40)"
@@ -165,6 +174,28 @@ def scrub_secrets(text: str, url: str) -> str:
     for piece in sorted(pieces, key=len, reverse=True):
         if len(piece) >= _SHORTEST_PIECE:
             text = text.replace(piece, "***")
+    return text
+
+
+def urls_in(value: object, depth: int = 0) -> list[str]:
+    """The URLs a setting's or a task option's value holds (itself, or in a dict, list or
+    tuple, two levels deep): a store URL given where something else belongs, whose
+    refusal quotes the value."""
+    if isinstance(value, str):
+        return [value] if "://" in value else []
+    if depth >= 2:
+        return []
+    if isinstance(value, Mapping):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, (list, tuple)):
+        return [url for item in value for url in urls_in(item, depth + 1)]
+    return []
+
+
+def scrub_each(text: str, urls: Iterable[str]) -> str:
+    """``text`` with every password of each of ``urls`` masked (``scrub_secrets``)."""
+    for url in urls:
+        text = scrub_secrets(text, url)
     return text
 
 
