@@ -776,6 +776,35 @@ def test_storage_defaults_to_the_brokers_redis(broker: str, options: dict[str, A
     assert build_settings(app.conf).storage_url == expected
 
 
+@pytest.mark.parametrize(
+    ("broker", "options", "named"),
+    [
+        ("redis://cache/0", {"broker_transport_options": "visibility_timeout=3600"}, "broker_transport_options"),
+        ("redis://cache/0", {"broker_transport_options": ["redis://:s3cret-pw@h/0"]}, "broker_transport_options"),
+        ("redis://cache/0", {"broker_transport_options": 3600}, "broker_transport_options"),
+        (
+            "sentinel://s1:26379",
+            {"broker_transport_options": {"master_name": "mymaster", "sentinel_kwargs": "password=s3cret-pw"}},
+            "broker_transport_options['sentinel_kwargs']",
+        ),
+    ],
+    ids=["text", "list", "number", "sentinel_kwargs"],
+)
+def test_broker_transport_options_that_are_no_dict_are_refused_by_name(
+    broker: str, options: dict[str, Any], named: str
+) -> None:
+    # (they failed the worker's start with an AttributeError from this package: "'str'
+    # object has no attribute 'get'", naming neither the setting nor the fix)
+    app = Celery("odd-transport-options", broker=broker, set_as_current=False)
+    app.conf.update(options)
+    with pytest.raises(ConfigurationError) as info:
+        build_settings(app.conf)
+    text = str(info.value)
+    assert text.startswith(f"{named} must be a dict")
+    assert "give a dict such as" in text
+    assert "s3cret-pw" not in text  # (its type is named, not its value: it may hold a password)
+
+
 def test_an_explicit_storage_url_wins_over_the_broker() -> None:
     app = Celery("explicit-store", broker="redis://cache/0", set_as_current=False)
     app.conf.update(breaker_storage_url="memory://")

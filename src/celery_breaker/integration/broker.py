@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlsplit
 
+from ..errors import ConfigurationError
+
 __all__ = [
     "AMQP",
     "DEAD_LETTER_HEADERS",
@@ -32,6 +34,7 @@ __all__ = [
     "hold_limit",
     "redelivery_window",
     "store_url_from_broker",
+    "transport_options",
     "uses_quorum_queues",
 ]
 
@@ -142,13 +145,26 @@ def redelivery_window(conf: Any) -> float | None:
     default = _REDELIVERING_BROKERS.get(broker_scheme(conf))
     if default is None:
         return None
-    options = conf.get("broker_transport_options") or {}
-    value = options.get("visibility_timeout", default)
+    value = transport_options(conf).get("visibility_timeout", default)
     try:
         found = float(value)
     except (TypeError, ValueError, OverflowError):
         return default
     return found if found > 0 and not math.isnan(found) else default
+
+
+def transport_options(conf: Any) -> Mapping[str, Any]:
+    """Celery's ``broker_transport_options``: a dict, or none. Anything else is refused by
+    name (its type only: a value put in the wrong place may hold a password); it failed
+    with an ``AttributeError`` from this module, and kombu fails on it at its first
+    connection."""
+    options = conf.get("broker_transport_options") or {}
+    if not isinstance(options, Mapping):
+        raise ConfigurationError(
+            "broker_transport_options must be a dict of the broker transport's options, got a value "
+            f"of type {type(options).__name__}; give a dict such as {{'visibility_timeout': 3600}}, or leave it unset"
+        )
+    return options
 
 
 #: Broker URL schemes whose server can hold the breakers too, and the store scheme for each.
@@ -177,10 +193,10 @@ def store_url_from_broker(conf: Any) -> str | None:
     target = _REDIS_BROKERS.get(scheme)
     if target is None or "://" not in first:  # (a host alone, broker_host: no URL to take the store's from)
         return None
-    transport_options = conf.get("broker_transport_options") or {}
+    options = transport_options(conf)
     use_ssl = conf.get("broker_use_ssl")
     if target == "redis+sentinel":
-        master = transport_options.get("master_name")
+        master = options.get("master_name")
         if not master:
             return None
         hosts = [urlsplit(part.strip()) for part in url.split(";") if part.strip()]
@@ -191,7 +207,12 @@ def store_url_from_broker(conf: Any) -> str | None:
         # kombu hands the URL's credentials and broker_use_ssl to the master's connections
         # only; the Sentinels get theirs (TLS, a password) from the transport's own
         # sentinel_kwargs, if at all.
-        sentinel_kwargs = transport_options.get("sentinel_kwargs") or {}
+        sentinel_kwargs = options.get("sentinel_kwargs") or {}
+        if not isinstance(sentinel_kwargs, Mapping):
+            raise ConfigurationError(
+                "broker_transport_options['sentinel_kwargs'] must be a dict of the Sentinels' connection options, "
+                f"got a value of type {type(sentinel_kwargs).__name__}; give a dict such as {{'password': ...}}"
+            )
         credentials = [
             f"sentinel_{name}={quote(str(sentinel_kwargs[name]), safe='')}"
             for name in ("username", "password")
