@@ -392,6 +392,9 @@ class CeleryTasks:
     guarded_block_in_worker: Callable[[], object]
     """A BreakerTask whose body is ``with self.breaker:`` around the call (the form the
     README teaches), with a request pushed as for ``guarded_in_worker``."""
+    least_guard_in_worker: Callable[[], object]
+    """A task whose ``__call__`` does only what any breaker around a task must, with a
+    request pushed as for ``guarded_in_worker``: the floor of a BreakerTask."""
 
 
 def celery_tasks(breaker_name: str) -> CeleryTasks:
@@ -423,10 +426,59 @@ def celery_tasks(breaker_name: str) -> CeleryTasks:
         with self.breaker:
             noop()
 
-    in_worker = [app.tasks[task.name] for task in (plain_in_worker, guarded_in_worker, guarded_block_in_worker)]
+    @app.task(name="bench.least_guard_in_worker", base=_least_guard_task(breaker_name), shared=False)  # type: ignore[untyped-decorator,unused-ignore]
+    def least_guard_in_worker() -> None:
+        return None
+
+    in_worker = [
+        app.tasks[task.name]
+        for task in (plain_in_worker, guarded_in_worker, guarded_block_in_worker, least_guard_in_worker)
+    ]
     for task in in_worker:  # (this thread's request stack: the in-process rows use other tasks)
         task.push_request(args=(), kwargs={}, called_directly=False)
-    return CeleryTasks(plain, guarded, in_worker[0].run, in_worker[1], in_worker[2])
+    return CeleryTasks(plain, guarded, in_worker[0].run, in_worker[1], in_worker[2], in_worker[3])
+
+
+def _least_guard_task(breaker_name: str) -> type:
+    """A task class whose ``__call__`` does only what any breaker around a task run must:
+    read Celery's request (whether the run is a held countdown or a released one: its
+    ``eta``, its headers), check that the breaker passes calls, run the body, and count
+    its success: no run made current for the body, no admission object, no option
+    checked. What a BreakerTask cannot go below on this interpreter (the bench's checks
+    keep it honest: it counts into a real breaker)."""
+    from celery import Task
+
+    from celery_breaker.integration.task import _request_of
+
+    breaker = CircuitBreaker(f"{breaker_name}-least")
+    now = time.monotonic
+
+    class LeastGuard(Task):  # type: ignore[misc]
+        least_breaker = breaker
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            request = _request_of(self)
+            headers = request.headers
+            if request.eta is not None or (headers and "x-least-guard" in headers):
+                raise RuntimeError("the bench's request is neither held nor released")
+            cell = breaker._cell
+            if not cell.passing:
+                raise RuntimeError("the bench's breaker passes every call")
+            ticket = cell.generation
+            result = self.run(*args, **kwargs)
+            end = now()
+            if cell.quiet_success and ticket == cell.generation:
+                quiet: Any = cell
+                next(quiet.success_tally)
+                quiet.last_success = quiet.last_used = end
+            return result
+
+    return LeastGuard
+
+
+def _counted(task: Any) -> bool:
+    """Whether the least guard's breaker counted a success (its successes are real)."""
+    return bool(type(task).least_breaker.snapshot().successes)
 
 
 def _all_counted(*breakers: CircuitBreaker) -> bool:
@@ -495,6 +547,10 @@ def build_variants() -> Setup:
         ("BreakerTask runs", lambda: tasks.guarded() is None),
         ("BreakerTask runs with a request pushed", lambda: tasks.guarded_in_worker() is None),
         ("BreakerTask with self.breaker runs", lambda: tasks.guarded_block_in_worker() is None),
+        (
+            "the least task guard runs and counts",
+            lambda: tasks.least_guard_in_worker() is None and _counted(tasks.least_guard_in_worker),
+        ),
         ("every guarded call counted", lambda: _all_counted(cb_with, cb_async_with, cb_run, cb_run_with)),
         ("pybreaker closed breaker is closed", lambda: pb_closed.current_state == pybreaker.STATE_CLOSED),
         ("pybreaker open breaker is open", lambda: pb_open.current_state == pybreaker.STATE_OPEN),
@@ -583,6 +639,13 @@ def build_variants() -> Setup:
         Variant("ref_raise", "reference: raise + catch, no breaker", "ref", reject_loop(raise_fresh, _Reference)),
         Variant("ref_with", "reference: with on a do-nothing block", "ref", with_loop(NoopBlock())),
         Variant("ref_contextvar", "reference: ContextVar set + reset", "ref", contextvar_loop()),
+        Variant(
+            "ref_least_task",
+            "reference: a task's least guard, in a worker",
+            "ref",
+            plain_loop(tasks.least_guard_in_worker),
+            "task_plain_run",
+        ),
     ]
     return Setup(variants, checks)
 
@@ -746,10 +809,14 @@ def goals(variants: list[Variant]) -> dict[str, Any]:
     # (two special-method calls from C, where `call` is one Python call) and a context
     # variable's set + reset (what makes a run current for its body).
     with_floor = by_key["ref_with"].median - bare.median
+    least_task = by_key["ref_least_task"].median - by_key["task_plain_run"].median
     result["floors"] = {
         "with_statement_ns": with_floor,
         "with_statement_vs_call": with_floor / call_over,
         "contextvar_set_reset_ns": by_key["ref_contextvar"].median - bare.median,
+        "least_task_guard_ns": least_task,
+        "least_task_guard_vs_fabfuel": least_task / fab_over,
+        "least_task_guard_rounds_below_fabfuel": rounds_below("ref_least_task", fab),
         "with_minus_floor_vs_call": (by_key["cb_with"].median - bare.median - with_floor) / call_over,
     }
     return result
@@ -832,8 +899,12 @@ def print_report(res: Results) -> None:
         f"\nFloors on this interpreter: a `with` on a do-nothing block costs {_ns(f['with_statement_ns'])} ns "
         f"over a bare call (x{f['with_statement_vs_call']:.2f} b.call's\nwhole overhead), paid by every `with` "
         f"form on top of the admission and recording b.call does; `with b:` less\nthat floor is "
-        f"x{f['with_minus_floor_vs_call']:.2f} b.call's. A context variable's set + reset costs "
-        f"{_ns(f['contextvar_set_reset_ns'])} ns (a run admission makes one)."
+        f"x{f['with_minus_floor_vs_call']:.2f} b.call's.\nA context variable's set + reset costs "
+        f"{_ns(f['contextvar_set_reset_ns'])} ns (a run admission makes one). A task whose `__call__`\n"
+        f"does only what any breaker around a task must (read the request, check, run, count) costs\n"
+        f"{_ns(f['least_task_guard_ns'])} ns over a plain task's run: x{f['least_task_guard_vs_fabfuel']:.2f} "
+        f"fabfuel's closed overhead (below it in {f['least_task_guard_rounds_below_fabfuel']}/"
+        f"{len(by_key['bare'].samples)} rounds):\nthe floor of a BreakerTask on this interpreter."
     )
 
     if res.threads is not None:
