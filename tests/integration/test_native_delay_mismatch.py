@@ -29,8 +29,20 @@ from kombu.transport.native_delayed_delivery import (
 
 from celery_breaker import CircuitBreaker
 from celery_breaker.integration.deferral import broker_delay, native_delay
-from celery_breaker.storage import close_stores
-from tests.integration.backlog_proj import BREAKER, EARLY_ACK_TASK, TASK, executions_key, failed_ids_key
+from celery_breaker.integration.deferral.parking import decode_message
+from celery_breaker.integration.deferral.plan import DEFERRALS_HEADER
+from celery_breaker.monitoring.status import collect_metrics
+from celery_breaker.storage import close_stores, resolve_store
+from tests.integration.backlog_proj import (
+    BREAKER,
+    EARLY_ACK_TASK,
+    PLAIN_SLOW_TASK,
+    TASK,
+    deferral_counts_key,
+    executions_key,
+    failed_ids_key,
+    finished_key,
+)
 from tests.integration.deployments import Deployment, deploy
 from tests.integration.downstream import Downstream
 from tests.integration.workers import wait_for
@@ -59,20 +71,62 @@ def held_open(cell: Deployment) -> Iterator[None]:
         breaker.close()
 
 
-def deferred_while_open_then_run(cell: Deployment, task: str, client: redis.Redis) -> tuple[list[str], str]:
-    """Four runs of ``task`` sent while the breaker is held open, each deferred and back
-    three times; then the breaker closed and every run done (none lost, none failed): the
-    runs' ids and the worker's log."""
+def deferred_while_open_then_run(
+    cell: Deployment, task: str, client: redis.Redis, *, parked: bool = False, store: RedisServer | None = None
+) -> tuple[list[str], str]:
+    """Four runs of ``task`` sent while the breaker is held open, each ``parked`` in the
+    store (counted where ``celery breaker status``, the page and the metrics count parked
+    tasks; no run back while it is open) or else deferred and back three times; a plain
+    task's latency on the same worker meanwhile (printed: the figure is the report's); then
+    the breaker closed and every run done (none lost, none failed): the runs' ids and the
+    worker's log. ``store``: the breaker store's own server, stopped while the runs are
+    deferred (``breaker_on_storage_error="deny"`` holds the breaker open then) and started
+    again, empty, to close it."""
     publisher = cell.publisher()
     try:
         with Downstream() as downstream, cell.worker() as started:
-            with held_open(cell):
+            with contextlib.nullcontext() if store is not None else held_open(cell):
+                if store is not None:
+                    store.stop()
                 ids = [publisher.send_task(task, args=(cell.ns, downstream.url, n)).id for n in range(4)]
-                wait_for(lambda: started.log().count("retry: deferred") >= 3 * len(ids), 30, "runs back, open")
+                if parked:
+                    wait_for(lambda: _parked(cell) == len(ids), 30, "every run parked in the store")
+                else:
+                    wait_for(lambda: started.log().count("retry: deferred") >= 3 * len(ids), 30, "runs back, open")
+                publisher.send_task(PLAIN_SLOW_TASK, args=(cell.ns, 0))
+                latency = wait_for(lambda: client.hget(finished_key(cell.ns), "plain") == "1", 30, "the plain task")
+                print(f"\n{cell.mode} {task}: a plain task's latency beside the deferred runs {latency:.2f} s")
+                if parked:
+                    assert started.log().count("retry: deferred") == len(ids)  # (none back while open)
+                    _assert_kept(cell, ids)
+                if store is not None:
+                    store.start()  # (empty: the breaker is closed, as the stand-ins find within 5 s)
             wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(ids), 20, "every task run (none lost)")
             return ids, started.log()
     finally:
         publisher.close()
+
+
+def _parked(cell: Deployment) -> int:
+    """The tasks parked behind the breaker, as ``celery breaker status`` (and the page, and the metrics) count them."""
+    return sum(row.parked for row in collect_metrics(cell.store_url) if row.snapshot.name == BREAKER)
+
+
+def _assert_kept(cell: Deployment, ids: list[str]) -> None:
+    """Each parked entry is its run, counted as one deferral and released to the queue it came from, by name."""
+    parking = resolve_store(cell.store_url).parking
+    assert parking is not None
+    client = redis.Redis.from_url(cell.store_url.split("?")[0], decode_responses=True)
+    stored = [
+        decode_message(str(payload).split("\n", 1)[-1], None)
+        for payload in client.hvals(parking.tag(BREAKER, None) + ":m")
+    ]
+    client.close()
+    assert sorted(body["options"]["task_id"] for body in stored) == sorted(ids)
+    for body in stored:
+        assert body["options"]["queue"] == cell.queue
+        assert body["options"]["headers"][DEFERRALS_HEADER] == 1
+        assert "countdown" not in body["options"]
 
 
 def _declare_both_topologies(url: str, queue_type: str, *, celery: bool = True) -> None:
@@ -89,12 +143,14 @@ def _declare_both_topologies(url: str, queue_type: str, *, celery: bool = True) 
 #: Each way neither delay can be set up for the app's quorum queue: the delay queues
 #: exist as quorum queues and the app says classic (a 406 for both), or the app's user
 #: may not configure them (a 403; an administrator declared broker-delay's). With broker-delay
-#: (``park``, the default) and without it (``breaker_park=False``: the countdown alone).
+#: (``park``, the default) the countdown's runs are parked in the Redis store (decision 95),
+#: or go straight back while it is stopped (``store-down``); without it
+#: (``breaker_park=False``: the countdown alone) they go straight back.
 CASES = [
-    pytest.param("other-type", "park", TASK, id="other-type-late-ack"),
-    pytest.param("other-type", "park", EARLY_ACK_TASK, id="other-type-early-ack"),
+    pytest.param("other-type", "park", TASK, id="other-type-parked"),
+    pytest.param("other-type", "store-down", EARLY_ACK_TASK, id="other-type-store-down-early-ack"),
     pytest.param("other-type", "countdown", TASK, id="other-type-no-broker-delay"),
-    pytest.param("no-configure", "park", TASK, id="no-configure-late-ack"),
+    pytest.param("no-configure", "park", TASK, id="no-configure-parked"),
 ]
 
 
@@ -103,29 +159,53 @@ def test_a_deferral_neither_delay_can_take_is_never_lost(
     case: str, mode: str, task: str, rabbitmq: RabbitMQServer, redis_server: RedisServer
 ) -> None:
     """Every task deferred while neither broker-delay nor Celery's native delay is set up
-    for its queue comes back while the breaker is open, runs once after it closes, and
-    each pool process says at ERROR (once) which setting to change. Before, the
-    countdown copies went into Celery's delay queues, were confirmed, and never came back."""
-    cell = deploy("rabbitmq-quorum", "redis", mode, rabbitmq=rabbitmq, redis_server=redis_server, policy=POLICY,
-                  breaker_defer_spread=0, broker_native_delayed_delivery_queue_type="classic")  # fmt: skip
-    client = redis.Redis.from_url(cell.counter_url, decode_responses=True)
-    user, password = ("guest", "guest") if case == "other-type" else (f"u-{cell.ns}", "secret")
-    with own_vhost(rabbitmq, "nodelay", user=user, password=password) as vhost:
-        if case == "other-type":
-            _declare_both_topologies(vhost.url, "quorum")
-        else:
-            # (Celery's levels an administrator declared would serve: bound, they bring copies back)
-            _declare_both_topologies(vhost.url.replace(f"{user}:{password}", "guest:guest"), "classic", celery=False)
-            rabbitmq.rabbitmqctl("set_permissions", "--vhost", vhost.name, user,
-                                 "^(?!celery_delayed_|celery_breaker_delayed_).*", ".*", ".*")  # fmt: skip
-        cell.broker_url = vhost.url
-        ids, log = deferred_while_open_then_run(cell, task, client)
+    for its queue runs once after the breaker closes, and each pool process says at ERROR
+    (once) which setting to change and where the tasks wait. Before, the countdown copies
+    went into Celery's delay queues, were confirmed, and never came back. With a Redis
+    store they are parked there, counted once, and leave the pool free; before decision
+    95 each came back to its queue every second, and took a pool process for a second
+    each time; while that store is down, and without parking, they still go that way."""
+    parked = mode == "park"
+    with RedisServer() as store:
+        conf: dict[str, Any] = {"breaker_defer_spread": 0, "broker_native_delayed_delivery_queue_type": "classic"}
+        if mode == "store-down":
+            store.start()
+            conf.update(breaker_on_storage_error="deny")
+        cell = deploy("rabbitmq-quorum", "redis", "park" if mode == "store-down" else mode, rabbitmq=rabbitmq,
+                      redis_server=redis_server, policy=POLICY, **conf)  # fmt: skip
+        if mode == "store-down":
+            cell.store_url = cell.conf["breaker_storage_url"] = f"{store.url}/1?key_prefix={cell.ns}"
+            cell.mode = mode
+        client = redis.Redis.from_url(cell.counter_url, decode_responses=True)
+        user, password = ("guest", "guest") if case == "other-type" else (f"u-{cell.ns}", "secret")
+        with own_vhost(rabbitmq, "nodelay", user=user, password=password) as vhost:
+            if case == "other-type":
+                _declare_both_topologies(vhost.url, "quorum")
+            else:
+                # (Celery's levels an administrator declared would serve: bound, they bring copies back)
+                _declare_both_topologies(vhost.url.replace(f"{user}:{password}", "guest:guest"), "classic",
+                                         celery=False)  # fmt: skip
+                rabbitmq.rabbitmqctl("set_permissions", "--vhost", vhost.name, user,
+                                     "^(?!celery_delayed_|celery_breaker_delayed_).*", ".*", ".*")  # fmt: skip
+            cell.broker_url = vhost.url
+            ids, log = deferred_while_open_then_run(
+                cell, task, client, parked=parked, store=store if mode == "store-down" else None
+            )
     assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
-    errors = [line for line in log.splitlines() if "ERROR/ForkPoolWorker" in line]
-    assert 1 <= len(errors) <= 2, errors  # (one per pool process, throttled)
-    assert "broker_native_delayed_delivery_queue_type" in errors[0]
-    assert cell.queue in errors[0]
-    if case == "other-type" and mode == "park":  # (the worker says why broker-delay is not used, too)
+    if parked:  # (each counted as one deferral: parked once, released once; said as parked)
+        assert client.hgetall(deferral_counts_key(cell.ns)) == dict.fromkeys(ids, "1")
+        assert log.count("forced_open, parked until an operator closes it (deferral 1)") == len(ids)
+    errors = [line for line in log.splitlines() if "ERROR/ForkPoolWorker" in line and "native delayed" in line]
+    back = [line for line in errors if "goes straight back to its queue after a 1 s pause" in line]
+    told = [line for line in errors if "is parked in the breaker store redis://" in line] if parked else back
+    assert 1 <= len(told) <= 2, errors  # (one per pool process, throttled)
+    assert "broker_native_delayed_delivery_queue_type" in told[0]
+    assert cell.queue in told[0]
+    if parked:
+        assert back == [], back
+    else:  # (while the store is down, the ERROR says why the runs are not parked)
+        assert ("not parked: its breaker store is down" in told[0]) == (mode == "store-down")
+    if case == "other-type" and mode != "countdown":  # (the worker says why broker-delay is not used, too)
         assert "ERROR/MainProcess] celery-breaker: broker-delay's delay queues exist" in log
 
 
@@ -158,21 +238,26 @@ def test_a_connection_that_found_the_native_delay_not_set_up_looks_again_a_minut
         assert "celery_delayed_delivery\twork" in bindings
 
 
-def test_a_countdown_refused_on_its_way_into_the_delay_queues_goes_straight_back(
-    rabbitmq: RabbitMQServer, redis_server: RedisServer
+@pytest.mark.parametrize("mode", ["countdown", "park"])
+def test_a_countdown_refused_on_its_way_into_the_delay_queues_goes_straight_back_or_is_parked(
+    mode: str, rabbitmq: RabbitMQServer, redis_server: RedisServer
 ) -> None:
-    """A length policy of 0 on Celery's delay queues (with their ``x-overflow:
+    """A length policy of 0 on the delay queues (with their ``x-overflow:
     reject-publish``): RabbitMQ refuses every countdown copy. An early-acknowledged task
-    failed (``could not be deferred``); now it goes straight back to its queue, and runs
-    once the breaker closes."""
-    cell = deploy("rabbitmq-quorum", "redis", "countdown", rabbitmq=rabbitmq, redis_server=redis_server,
-                  policy=POLICY, breaker_defer_spread=0)  # fmt: skip
+    failed (``could not be deferred``); now it goes straight back to its queue
+    (``breaker_park=False``), or is parked in the Redis store (``park``: broker-delay's
+    copies are refused too, so the runs reach the countdown), and runs once the breaker
+    closes. (Parked, with classic delay queues: quorum ones took a copy now and then
+    despite the limit, which came back delayed, as it should, and was not parked.)"""
+    classic: dict[str, Any] = {"broker_native_delayed_delivery_queue_type": "classic"} if mode == "park" else {}
+    cell = deploy("rabbitmq-quorum", "redis", mode, rabbitmq=rabbitmq, redis_server=redis_server,
+                  policy=POLICY, breaker_defer_spread=0, **classic)  # fmt: skip
     client = redis.Redis.from_url(cell.counter_url, decode_responses=True)
     with own_vhost(rabbitmq, "refused") as vhost:
         rabbitmq.rabbitmqctl("set_policy", "--vhost", vhost.name, "--apply-to", "queues", "full",
-                             "^celery_delayed_", '{"max-length": 0}')  # fmt: skip
+                             "^celery_(breaker_)?delayed_", '{"max-length": 0}')  # fmt: skip
         cell.broker_url = vhost.url
-        ids, log = deferred_while_open_then_run(cell, EARLY_ACK_TASK, client)
+        ids, log = deferred_while_open_then_run(cell, EARLY_ACK_TASK, client, parked=mode == "park")
     assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
     assert client.scard(failed_ids_key(cell.ns)) == 0
     assert "MessageNacked" in log

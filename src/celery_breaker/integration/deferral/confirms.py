@@ -41,7 +41,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from amqp.exceptions import MessageNacked  # type: ignore[import-untyped]
 from kombu.exceptions import EncodeError
@@ -50,6 +50,8 @@ __all__ = [
     "CONFIRM_TIMEOUT", "RETIRED_AT_MOST", "WINDOW", "Blocking", "Confirm", "ConfirmingPublisher", "Published",
     "Send", "discard", "nacked", "timed_out",
 ]  # fmt: skip
+
+T = TypeVar("T")
 
 logger = logging.getLogger("celery_breaker")
 
@@ -276,6 +278,13 @@ class ConfirmingPublisher:
         """What ``prepare`` returned for the connection in use (``None``: none open)."""
         link = self._link
         return None if link is None or self._pid != os.getpid() else link.prepared
+
+    def ask(self, app: Any, question: Callable[[Any], T]) -> T:
+        """``question(prepared)``: asked of what ``prepare`` returned for this process's
+        connection (opened if none serves), under the lock batches take turns by. A
+        connection error raises."""
+        with self._lock:
+            return question(self._connected(app).prepared)
 
     def publish(self, app: Any, sends: Sequence[Send]) -> Published:
         """Write each message (``send(producer)``), a window at a time; return what became of each."""

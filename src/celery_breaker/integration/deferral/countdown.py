@@ -29,7 +29,10 @@ messages), and an ERROR (once a minute per queue) names the setting and the fix;
 copy RabbitMQ refuses on its way into them (a length policy, a missing write
 permission), which a late acknowledgement would requeue and an early one fail. It
 does not spend a deferral of the task's ``breaker_max_deferrals``: its planned delay was
-not kept.
+not kept. Where the app has a Redis breaker store and may park (``breaker_park`` not
+``False``), such a run is parked there instead (``park``: the pool process is not held
+for the pause, and the run waits for its breaker as any parked task, counted as one
+deferral); only a run the store does not take (down) goes straight back.
 """
 
 from __future__ import annotations
@@ -44,13 +47,15 @@ from amqp.exceptions import ChannelError  # type: ignore[import-untyped]
 from celery.exceptions import Reject
 
 from ...errors import CircuitOpenError
+from ...storage import describe_url
 from ..broker import AMQP, broker_kind
 from . import confirms, native_delay
 from .broker_delay import UnroutedWarning, destination_queue
 from .confirms import Confirm, ConfirmingPublisher
 from .native_delay import NativeDelay
+from .parking import ParkInStore
 from .plan import DEFERRALS_HEADER
-from .strategy import Deferral, names_destination, publish
+from .strategy import Deferral, Handed, names_destination, publish
 
 __all__ = ["RECEIVED_KEY", "REQUEUE_PAUSE", "CountdownRepublish", "note_received"]
 
@@ -84,8 +89,12 @@ class CountdownRepublish:
     name = "countdown"
     parks = False
 
-    def __init__(self, *, whole_seconds: bool = False) -> None:
+    def __init__(self, *, whole_seconds: bool = False, park: ParkInStore | None = None) -> None:
         self.whole_seconds = whole_seconds
+        #: Where a run goes that Celery's native delay would not bring back (decision 95):
+        #: parked in the breaker store, rather than straight back to its queue after a
+        #: pause; ``None``: no store to park in (``memory://``), or ``breaker_park=False``.
+        self.park = park
         # (RabbitMQ: each process's own connection, on which Celery's native delay is made sure of)
         self._publisher = ConfirmingPublisher(prepare=native_delay.prepare)
         self._cannot_tell = UnroutedWarning(
@@ -166,7 +175,7 @@ class CountdownRepublish:
         """Written, and its confirm did not come in time."""
         return published.results[0] is Confirm.UNCONFIRMED and published.stopped_by_timeout
 
-    def deliver(self, deferral: Deferral) -> float | None:
+    def deliver(self, deferral: Deferral) -> float | Handed:
         task = deferral.task
         request = task.request
         delay = deferral.plan.delay
@@ -179,15 +188,34 @@ class CountdownRepublish:
             **deferral.options, **route,
         )  # fmt: skip
         instead = self._instead(deferral, route)
+        if instead is not None and self.park is not None:
+            problem = self._not_set_up(task, instead)
+            parked = None if problem is None else self._parked(deferral, route, problem)
+            if parked is not None:
+                return parked
         try:
             why = self.send(task, signature, instead=instead)
         except Exception as exc:
-            why = self._straight_back(task, instead, exc)  # (refused on its way into Celery's delay queues)
+            # (refused on its way into Celery's delay queues: RabbitMQ routed nothing, so parked, or
+            # sent straight back, it runs once)
+            parked = self._parked(deferral, route, exc) if instead is not None and _refusal(exc) else None
+            if parked is not None:
+                return parked
+            why = self._straight_back(task, instead, exc)
             if why is None:
                 _not_deferred(deferral, exc)
         if why is not None:
             if _refusal(why):
-                native_delay.not_set_up(task, _queue_name(deferral, route), why, REQUEUE_PAUSE)
+                where = (
+                    f"goes straight back to its queue after a {REQUEUE_PAUSE:g} s pause, without its planned delay"
+                    + (
+                        ""
+                        if self.park is None
+                        else " (not parked: its breaker store is down or refused it, or it expires first, or a "
+                        "breaker in its body rejected it)"
+                    )
+                )
+                native_delay.not_set_up(task, _queue_name(deferral, route), why, where)
             else:  # (a connection that failed twice, then came back: no setting is to blame)
                 logger.warning(
                     "task %s[%s]: its countdown copy could not be published (%r); it went straight back to its queue "
@@ -197,6 +225,44 @@ class CountdownRepublish:
             time.sleep(REQUEUE_PAUSE)  # (sent already: a worker killed now loses nothing)
             return REQUEUE_PAUSE
         return delay
+
+    def _not_set_up(self, task: Any, instead: _Instead) -> BaseException | None:
+        """Why this process's connection finds that Celery's native delay would not bring a
+        copy back to ``instead``'s queue (``None``: it would, or the connection cannot be
+        had now, which the publish meets and tells)."""
+
+        def problem(found: Any) -> BaseException | None:
+            return found.problem(instead.queue) if isinstance(found, NativeDelay) else None
+
+        try:
+            return self._publisher.ask(task.app, problem)
+        except Exception:
+            logger.debug("task %s[%s]: could not look at the native delay", task.name, task.request.id, exc_info=True)
+            return None
+
+    def _parked(self, deferral: Deferral, route: dict[str, Any], why: BaseException) -> Handed | None:
+        """Park a run Celery's native delay would not bring back (``why``), released to its
+        queue by name; ``None`` when the store does not take it (down, refusing, or no
+        parking for it: it expires first, a nested breaker rejected it), and it goes
+        straight back instead. The ERROR says where it waits."""
+        park = self.park
+        if park is None:
+            return None
+        task = deferral.task
+        try:
+            delay = park.park(deferral, route)
+        except Exception:  # (sent straight back instead: it runs once, twice if the store kept it, never not at all)
+            logger.debug("task %s[%s]: could not park it", task.name, task.request.id, exc_info=True)
+            return None
+        if delay is None:
+            return None
+        store = describe_url(deferral.breaker.store.url)
+        where = (
+            f"is parked in the breaker store {store} (PARKED in `celery breaker status`) and released when its "
+            "breaker admits it"
+        )
+        native_delay.not_set_up(task, _queue_name(deferral, route), why, where, parked=True)
+        return Handed(park, delay)
 
     def _straight_back(self, task: Any, instead: _Instead | None, exc: Exception) -> BaseException | None:
         """When a copy through Celery's native delay could not be published (RabbitMQ

@@ -30,7 +30,7 @@ from .plan import (
     seconds_until,
 )
 from .selection import deferral_strategies
-from .strategy import Deferral, DeferralStrategy
+from .strategy import Deferral, DeferralStrategy, Handed
 
 __all__ = ["REFRESH_AFTER", "defer", "refreshed"]
 
@@ -233,11 +233,16 @@ def _deliver(deferral: Deferral, strategies: tuple[DeferralStrategy, ...]) -> tu
             continue
         if delay is not None:
             _passing_on.forget(strategy.name)
-            return strategy, delay
+            return _by(strategy, delay)
     delay = last.deliver(deferral)
     if delay is None:
         raise RuntimeError(f"the last deferral strategy ({last.name}) refused a run: every run must be taken")
-    return last, delay
+    return _by(last, delay)
+
+
+def _by(strategy: DeferralStrategy, delay: float | Handed) -> tuple[DeferralStrategy, float]:
+    """The strategy that took the run, and its delay: ``strategy``'s own, or the one it handed the run to."""
+    return (delay.by, delay.delay) if isinstance(delay, Handed) else (strategy, delay)
 
 
 #: One WARNING a minute per strategy that fails to defer runs (a broker refusing its

@@ -166,19 +166,20 @@ def goes_through_native_delay(queue: Any) -> bool:
 _told = Throttle()
 
 
-def not_set_up(task: Any, queue: str | None, exc: BaseException, pause: float) -> None:
-    """The ERROR (at most once a minute per queue) that ``queue``'s countdowns cannot go
-    through Celery's native delayed delivery, with the setting and the fix."""
-    quiet = _told.due(queue or "")
+def not_set_up(task: Any, queue: str | None, exc: BaseException, waits: str, *, parked: bool = False) -> None:
+    """The ERROR (at most once a minute per queue, and apart for runs ``parked`` and runs
+    sent straight back) that ``queue``'s countdowns cannot go through Celery's native
+    delayed delivery, with where each run ``waits`` instead, the setting and the fix."""
+    quiet = _told.due(f"{queue or ''}\0{'parked' if parked else 'back'}")
     if quiet is None:
         return
     queue_type = task.app.conf.broker_native_delayed_delivery_queue_type
     logger.error(
         "celery-breaker: task %s[%s]: RabbitMQ's native delayed delivery cannot bring a countdown copy back to queue "
-        "%r (%r): it goes straight back to its queue after a %g s pause instead, without its planned delay, until "
-        "this is fixed. Fix: make broker_native_delayed_delivery_queue_type (now %r) the type of the celery_delayed_* "
-        "and celery_breaker_delayed_* queues that exist on this vhost, or delete those queues (when empty) so they "
-        "are declared again; grant the user configure and write permission on them; lift a length limit a policy "
-        "puts on them (logged at most once a minute per queue; %d more since the last time)",
-        task.name, task.request.id, queue, exc, pause, queue_type, quiet,
+        "%r (%r): instead, each such run %s, until this is fixed. Fix: make broker_native_delayed_delivery_queue_type "
+        "(now %r) the type of the celery_delayed_* and celery_breaker_delayed_* queues that exist on this vhost, or "
+        "delete those queues (when empty) so they are declared again; grant the user configure and write permission "
+        "on them; lift a length limit a policy puts on them (logged at most once a minute per queue; %d more since "
+        "the last time)",
+        task.name, task.request.id, queue, exc, waits, queue_type, quiet,
     )  # fmt: skip

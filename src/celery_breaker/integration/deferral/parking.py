@@ -21,7 +21,7 @@ import base64
 import json
 import logging
 import zlib
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 from kombu.exceptions import DecodeError, SerializerNotInstalled
@@ -166,6 +166,13 @@ class ParkInStore:
     parks = True
 
     def deliver(self, deferral: Deferral) -> float | None:
+        return self.park(deferral)
+
+    def park(self, deferral: Deferral, route: Mapping[str, Any] | None = None) -> float | None:
+        """Park the run; its delay, or ``None`` when it is not parked (the store is down or
+        refused it, it expires first, a nested breaker rejected it). ``route``: the options
+        that release it to a queue by name (the countdown's, when it parks a run in its
+        place), instead of through the exchange and key it was delivered by."""
         plan = deferral.plan
         if plan.expires_first:
             return None  # it must arrive just after its expiry, to be revoked: a countdown does that
@@ -185,7 +192,7 @@ class ParkInStore:
         request = task.request
         headers = {**deferral.headers, PARKED_HEADER: 1}  # (released, it is paced: see PARKED_HEADER)
         signature = task.signature_from_request(
-            request, deferral.args, deferral.kwargs, headers=headers, **deferral.options
+            request, deferral.args, deferral.kwargs, headers=headers, **deferral.options, **(route or {})
         )
         body = dict(signature)
         body["options"] = {k: v for k, v in body.get("options", {}).items() if k not in ("countdown", "eta")}

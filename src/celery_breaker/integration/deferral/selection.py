@@ -8,7 +8,8 @@
   (``broker_delay.py``): durable like the queue, held by no worker;
 * last, a countdown the receiving worker holds (``countdown.py``), in whole seconds when
   the app uses quorum queues (Celery then delays it in the broker itself, where its
-  delay queues are set up for the queue: ``native_delay.py``).
+  delay queues are set up for the queue: ``native_delay.py``; where they are not, the
+  run is parked in a Redis store unless ``breaker_park=False``, else sent straight back).
 
 Adding a mechanism is one module implementing ``DeferralStrategy`` and one line here.
 """
@@ -48,7 +49,10 @@ def choose_strategies(app: Any, settings: BreakerSettings) -> tuple[DeferralStra
         chosen.append(ParkInStore())
     if kind == AMQP and settings.park is not False:
         chosen.append(BrokerDelay())
-    chosen.append(CountdownRepublish(whole_seconds=uses_quorum_queues(app)))
+    # (a run Celery's native delay would not bring back is parked rather than sent straight
+    # back, where the app may park: decision 95)
+    park = ParkInStore() if parks_in_store and settings.park is not False else None
+    chosen.append(CountdownRepublish(whole_seconds=uses_quorum_queues(app), park=park))
     return tuple(chosen)
 
 

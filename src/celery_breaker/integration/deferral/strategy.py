@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from kombu.exceptions import EncodeError
 from kombu.serialization import registry
@@ -23,7 +23,7 @@ from ...errors import CircuitOpenError
 from .plan import DeferralPlan
 
 __all__ = [
-    "CONTENT_TYPE_KEY", "DESTINATION_OPTIONS", "Deferral", "DeferralStrategy", "in_a_serializer",
+    "CONTENT_TYPE_KEY", "DESTINATION_OPTIONS", "Deferral", "DeferralStrategy", "Handed", "in_a_serializer",
     "names_destination", "note_content_type", "publish", "serializers_of",
 ]  # fmt: skip
 
@@ -82,13 +82,22 @@ class DeferralStrategy(Protocol):
     parks: bool
     """True when the run waits outside every worker (a store, a queue) until released."""
 
-    def deliver(self, deferral: Deferral) -> float | None:
+    def deliver(self, deferral: Deferral) -> float | Handed | None:
         """Deliver the run; return the seconds until it comes back (the plan's delay, or
         what the mechanism made of it), or ``None`` when this strategy cannot take it
-        now (the next one is tried). An error while publishing passes the run to the
-        next strategy too; the last one, which takes every run, raises instead
-        (``Reject`` to requeue it, or a final error): nothing is dropped silently."""
+        now (the next one is tried), or ``Handed`` when another strategy took it in its
+        place. An error while publishing passes the run to the next strategy too; the
+        last one, which takes every run, raises instead (``Reject`` to requeue it, or a
+        final error): nothing is dropped silently."""
         ...
+
+
+class Handed(NamedTuple):
+    """A run a strategy handed to another in its place (the countdown parks a run Celery's
+    native delay would not bring back: ``countdown.py``); logged and announced as ``by``'s."""
+
+    by: DeferralStrategy
+    delay: float
 
 
 #: Where the worker's main process notes, in a request's ``delivery_info``, the content
