@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,8 +30,9 @@ from kombu.transport.native_delayed_delivery import (
 
 from celery_breaker import CircuitBreaker
 from celery_breaker.integration.deferral import broker_delay, native_delay
+from celery_breaker.integration.deferral.defer import _deliver
 from celery_breaker.integration.deferral.parking import decode_message
-from celery_breaker.integration.deferral.plan import DEFERRALS_HEADER
+from celery_breaker.integration.deferral.plan import DEFERRALS_HEADER, DeferralPlan
 from celery_breaker.monitoring.status import collect_metrics
 from celery_breaker.storage import close_stores, resolve_store
 from tests.integration.backlog_proj import (
@@ -236,6 +238,73 @@ def test_a_connection_that_found_the_native_delay_not_set_up_looks_again_a_minut
             assert found.problem(queue) is None
         bindings = rabbitmq.rabbitmqctl("list_bindings", "--vhost", vhost.name, "source_name", "destination_name")
         assert "celery_delayed_delivery\twork" in bindings
+
+
+def test_broker_delay_refused_its_topology_opens_no_connection_per_run_for_a_minute(rabbitmq: RabbitMQServer) -> None:
+    """Broker-delay's delay queues exist with the other type (a 406 on declaring them):
+    each run opened two connections (its publish and the retry), declaring the topology
+    on each, to meet the same refusal before going to the next strategy; with decision
+    95 parking such runs at once, a backlog opened two connections per run in a burst.
+    Now a process remembers the refusal for ``LOOK_AGAIN_AFTER`` (a manual clock here):
+    the next runs go on without a connection, and a minute later, the queues deleted by
+    the operator, broker-delay declares them again and takes the run (decision 96)."""
+    now = [0.0]
+    with own_vhost(rabbitmq, "refusedtopology") as vhost:
+        _declare_both_topologies(vhost.url, "quorum", celery=False)
+        app = Celery("refusedtopology", broker=vhost.url, set_as_current=False)
+        app.conf.update(task_default_queue="work", broker_native_delayed_delivery_queue_type="classic")
+
+        @app.task(bind=True, name="refused.job")
+        def job(self: Any, n: int) -> int:
+            return n
+
+        app.finalize()
+        with app.connection_for_write() as connection:
+            app.amqp.queues["work"].bind(connection.default_channel).declare()
+        opened: list[str] = []
+        connect = app.connection_for_write
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if "transport_options" in kwargs:  # (a publisher's own; Celery's disabled event dispatcher connects not)
+                opened.append("connection")
+            return connect(*args, **kwargs)
+
+        app.connection_for_write = counted
+
+        class Last:
+            """The next strategy: takes every run (a countdown would, here)."""
+
+            name, parks = "last", False
+
+            def deliver(self, deferral: Any) -> float:
+                return 1.0
+
+        strategies = (broker_delay.BrokerDelay(clock=lambda: now[0]), Last())
+
+        def deferred_by(task_id: str) -> str:
+            job.push_request(id=task_id, args=(1,), kwargs={}, delivery_info={"exchange": "", "routing_key": "work"})
+            try:
+                plan = DeferralPlan(delay=1.0, count=1, since=time.time())
+                deferral = SimpleNamespace(task=job, args=(1,), kwargs={}, headers={}, plan=plan, options={})
+                strategy, _ = _deliver(deferral, strategies)  # type: ignore[arg-type]
+                return str(strategy.name)
+            finally:
+                job.pop_request()
+
+        assert [deferred_by(f"t{n}") for n in range(4)] == ["last"] * 4
+        assert len(opened) == 2  # (the first run's publish and its retry; before: 8, two for each run)
+        now[0] += native_delay.LOOK_AGAIN_AFTER - 1
+        assert deferred_by("t4") == "last"
+        assert len(opened) == 2
+        with Connection(vhost.url) as operator:  # type: ignore[no-untyped-call]
+            channel = operator.channel()
+            for level in range(broker_delay.LEVELS):
+                channel.queue_delete(broker_delay.level_name(level))
+            channel.queue_delete(broker_delay.UNROUTABLE)
+            channel.close()
+        now[0] += 1
+        assert deferred_by("t5") == "broker-delay"  # (declared again, the other type gone)
+        assert len(opened) == 3
 
 
 @pytest.mark.parametrize("mode", ["countdown", "park"])

@@ -38,7 +38,8 @@ import hashlib
 import logging
 import math
 import re
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from kombu.entity import Exchange
@@ -47,6 +48,7 @@ from kombu.transport.native_delayed_delivery import calculate_routing_key
 from ..throttle import Throttle
 from . import confirms
 from .confirms import Confirm, ConfirmingPublisher, Send
+from .native_delay import LOOK_AGAIN_AFTER
 from .strategy import DESTINATION_OPTIONS, Deferral, names_destination, publish
 
 __all__ = [
@@ -293,6 +295,10 @@ def _declare_again(exc: BaseException) -> None:
     )  # fmt: skip
 
 
+class _TopologyRefused(Exception):
+    """RabbitMQ refused broker-delay's delay topology a moment ago (``BrokerDelay._still_refused``)."""
+
+
 class _ConfirmLost(Exception):
     """A broker-delay message was written and not confirmed in time, and RabbitMQ never
     said it blocks the connection: the peer is taken for gone (a crashed node, a
@@ -498,7 +504,8 @@ class BrokerDelay:
     queue the app does not declare (one added with ``add_consumer``) is bound on its
     first run there. A publish that fails is tried once more over a new connection; if
     that fails too, or the queue cannot be told (``destination_queue``), the run goes
-    to the next strategy. A publish not confirmed in time counts as delivered on a
+    to the next strategy; so does every run for a minute after RabbitMQ refused the
+    topology itself (``_still_refused``, decision 96). A publish not confirmed in time counts as delivered on a
     connection RabbitMQ said it blocks (``_Blocking``), and otherwise goes to the next
     strategy at once (``_ConfirmLost``). A blocked connection is retired, not closed:
     RabbitMQ has not read the message yet, and a connection closed under it (an RST
@@ -508,13 +515,46 @@ class BrokerDelay:
     name = "broker-delay"
     parks = True
 
-    def __init__(self) -> None:
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
         # Each process's confirming connection, the topology declared on it (``prepared``:
         # the queues bound by their token over it).
-        self._publisher = ConfirmingPublisher(prepare=ensure_topology, on_failure=_declare_again)
+        self._publisher = ConfirmingPublisher(prepare=self._prepare, on_failure=_declare_again)
+        self._clock = clock
+        #: RabbitMQ's refusal of the delay topology itself, and when (decision 96).
+        self._refused: tuple[BaseException, float] | None = None
         self._cannot_tell = UnroutedWarning(
             "not broker-delay: not exactly one queue of the app is bound there, so the queue it came from cannot "
             "be told"
+        )
+
+    def _prepare(self, connection: Any, app: Any) -> set[str]:
+        """``ensure_topology`` on a new connection, noting RabbitMQ's refusal of the
+        topology itself (a 406: its queues exist with another type; a 403: no configure
+        permission), which every new connection would meet again."""
+        try:
+            bound = ensure_topology(connection, app)
+        except connection.channel_errors as exc:
+            self._refused = (exc, self._clock())
+            raise
+        self._refused = None
+        return bound
+
+    def _still_refused(self) -> BaseException | None:
+        """Why runs do not go this way for now: RabbitMQ refused the topology less than
+        ``LOOK_AGAIN_AFTER`` seconds ago (decision 96). Each run opened two connections
+        before (the publish and its retry), declaring the topology on each, to meet the
+        same refusal: on this path, which decision 95 made fast, that was two connections
+        per deferral, a burst of them for a backlog."""
+        refused = self._refused
+        if refused is None:
+            return None
+        exc, since = refused
+        ago = self._clock() - since
+        if ago >= LOOK_AGAIN_AFTER:
+            return None  # (the operator may have fixed it: the next publish declares it again)
+        return _TopologyRefused(
+            f"RabbitMQ refused broker-delay's delay topology {ago:.0f} s ago ({exc!r}); looked at again "
+            f"{LOOK_AGAIN_AFTER:g} s after"
         )
 
     def _send(self, task: Any, signature: Any, queue: str | None, routing_key: str) -> Send:
@@ -562,6 +602,9 @@ class BrokerDelay:
         if token is None:
             self._cannot_tell(request.delivery_info)
             return None
+        refused = self._still_refused()
+        if refused is not None:
+            raise refused  # (the next strategy takes the run, without a connection opened for nothing)
         seconds = min(LONGEST_DELAY, max(1, math.ceil(deferral.plan.delay)))
         signature = task.signature_from_request(
             request, deferral.args, deferral.kwargs, headers=deferral.headers, **deferral.options
