@@ -29,7 +29,7 @@ from kombu.transport.native_delayed_delivery import (
 )
 
 from celery_breaker import CircuitBreaker
-from celery_breaker.integration.deferral import broker_delay, native_delay
+from celery_breaker.integration.deferral import broker_delay, countdown, native_delay
 from celery_breaker.integration.deferral.defer import _deliver
 from celery_breaker.integration.deferral.parking import decode_message
 from celery_breaker.integration.deferral.plan import DEFERRALS_HEADER, DeferralPlan
@@ -305,6 +305,86 @@ def test_broker_delay_refused_its_topology_opens_no_connection_per_run_for_a_min
         now[0] += 1
         assert deferred_by("t5") == "broker-delay"  # (declared again, the other type gone)
         assert len(opened) == 3
+
+
+def test_a_countdown_refused_on_its_way_into_the_delay_queues_is_parked_without_publishing_for_a_minute(
+    rabbitmq: RabbitMQServer,
+) -> None:
+    """Celery's levels an administrator declared, and a user who may not write to
+    ``celery_delayed_27``: RabbitMQ closes the channel on each countdown copy. Each run
+    parked in its place (decision 95) had published it first, over its connection and
+    again over a new one (the retry): two connections per run, the burst as large as the
+    backlog. Now the refusal is remembered per queue for ``LOOK_AGAIN_AFTER`` (a manual
+    clock here): the next runs are parked without a publish, and a minute later, the
+    permission granted, the copy goes through Celery's delay again (decision 96)."""
+    now = [0.0]
+    user = f"u-{time.monotonic_ns()}"
+    with own_vhost(rabbitmq, "nowrite", user=user, password="secret") as vhost:
+        with Connection(vhost.url.replace(f"{user}:secret", "guest:guest")) as admin:  # type: ignore[no-untyped-call]
+            declare_native_delayed_delivery_exchanges_and_queues(admin, "quorum")
+        rabbitmq.rabbitmqctl("set_permissions", "--vhost", vhost.name, user,
+                             "^(?!celery_delayed_).*", "^(?!celery_delayed_27$).*", ".*")  # fmt: skip
+        app = Celery("nowrite", broker=vhost.url, set_as_current=False)
+        queue = Queue("work", Exchange("work", type="topic"), routing_key="work",  # type: ignore[no-untyped-call]
+                      queue_arguments={"x-queue-type": "quorum"})  # fmt: skip
+        app.conf.update(task_queues=[queue], task_default_queue="work")
+
+        @app.task(bind=True, name="nowrite.job")
+        def job(self: Any, n: int) -> int:
+            return n
+
+        app.finalize()
+        with app.connection_for_write() as connection:
+            queue.bind(connection.default_channel).declare()  # type: ignore[no-untyped-call]
+        opened: list[str] = []
+        connect = app.connection_for_write
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if "transport_options" in kwargs:  # (a publisher's own)
+                opened.append("connection")
+            return connect(*args, **kwargs)
+
+        app.connection_for_write = counted
+
+        class Park:
+            """The store, taking every run."""
+
+            name, parks = "park", True
+
+            def park(self, deferral: Any, route: Any) -> float:
+                return 1.0
+
+        strategy = countdown.CountdownRepublish(whole_seconds=True, park=Park(), clock=lambda: now[0])  # type: ignore[arg-type]
+        store = SimpleNamespace(store=SimpleNamespace(url="redis://127.0.0.1:6379/1"))
+
+        def deferred_by(task_id: str) -> str:
+            info = {"exchange": "work", "routing_key": "work"}
+            job.push_request(id=task_id, args=(1,), kwargs={}, delivery_info=info)
+            try:
+                plan = DeferralPlan(delay=1.0, count=1, since=time.time())
+                deferral = SimpleNamespace(task=job, args=(1,), kwargs={}, headers={}, plan=plan, options={},
+                                           breaker=store)  # fmt: skip
+                by, _ = _deliver(deferral, (strategy,))  # type: ignore[arg-type]
+                return str(by.name)
+            finally:
+                job.pop_request()
+
+        assert [deferred_by(f"t{n}") for n in range(4)] == ["park"] * 4
+        assert len(opened) == 2  # (the first run's publish and its retry; before: 8, two for each run)
+        now[0] += native_delay.LOOK_AGAIN_AFTER - 1
+        assert deferred_by("t4") == "park"
+        assert len(opened) == 2
+        rabbitmq.rabbitmqctl("set_permissions", "--vhost", vhost.name, user, "^(?!celery_delayed_).*", ".*", ".*")
+        now[0] += 1
+        assert deferred_by("t5") == "countdown"  # (through Celery's delay again)
+        back: list[Any] = []
+
+        def came_back() -> bool:
+            back.extend(taken_off(vhost.url, queue))
+            return bool(back)
+
+        wait_for(came_back, 10, "the copy back through Celery's delay")
+        assert [message.headers["id"] for message in back] == ["t5"]
 
 
 @pytest.mark.parametrize("mode", ["countdown", "park"])

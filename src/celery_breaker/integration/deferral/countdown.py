@@ -32,7 +32,9 @@ does not spend a deferral of the task's ``breaker_max_deferrals``: its planned d
 not kept. Where the app has a Redis breaker store and may park (``breaker_park`` not
 ``False``), such a run is parked there instead (``park``: the pool process is not held
 for the pause, and the run waits for its breaker as any parked task, counted as one
-deferral); only a run the store does not take (down) goes straight back.
+deferral); only a run the store does not take (down) goes straight back. A copy RabbitMQ
+refused on its way into Celery's delay queues is not published again for its queue for
+``LOOK_AGAIN_AFTER``: those runs are parked at once (decision 96).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import contextlib
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple, NoReturn
 
 from amqp.exceptions import ChannelError  # type: ignore[import-untyped]
@@ -89,12 +92,19 @@ class CountdownRepublish:
     name = "countdown"
     parks = False
 
-    def __init__(self, *, whole_seconds: bool = False, park: ParkInStore | None = None) -> None:
+    def __init__(
+        self, *, whole_seconds: bool = False, park: ParkInStore | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self.whole_seconds = whole_seconds
         #: Where a run goes that Celery's native delay would not bring back (decision 95):
         #: parked in the breaker store, rather than straight back to its queue after a
         #: pause; ``None``: no store to park in (``memory://``), or ``breaker_park=False``.
         self.park = park
+        self._clock = clock
+        #: Per queue, RabbitMQ's refusal of a copy on its way into Celery's delay queues,
+        #: and when: for ``LOOK_AGAIN_AFTER`` such runs are parked without that publish (decision 96).
+        self._refused: dict[str, tuple[BaseException, float]] = {}
         # (RabbitMQ: each process's own connection, on which Celery's native delay is made sure of)
         self._publisher = ConfirmingPublisher(prepare=native_delay.prepare)
         self._cannot_tell = UnroutedWarning(
@@ -188,8 +198,9 @@ class CountdownRepublish:
             **deferral.options, **route,
         )  # fmt: skip
         instead = self._instead(deferral, route)
+        queue = str(_queue_name(deferral, route) or "")
         if instead is not None and self.park is not None:
-            problem = self._not_set_up(task, instead)
+            problem = self._refused_lately(queue) or self._not_set_up(task, instead)
             parked = None if problem is None else self._parked(deferral, route, problem)
             if parked is not None:
                 return parked
@@ -198,6 +209,8 @@ class CountdownRepublish:
         except Exception as exc:
             # (refused on its way into Celery's delay queues: RabbitMQ routed nothing, so parked, or
             # sent straight back, it runs once)
+            if instead is not None and _refusal(exc):
+                self._refused[queue] = (exc, self._clock())
             parked = self._parked(deferral, route, exc) if instead is not None and _refusal(exc) else None
             if parked is not None:
                 return parked
@@ -225,6 +238,20 @@ class CountdownRepublish:
             time.sleep(REQUEUE_PAUSE)  # (sent already: a worker killed now loses nothing)
             return REQUEUE_PAUSE
         return delay
+
+    def _refused_lately(self, queue: str) -> BaseException | None:
+        """RabbitMQ's refusal of a copy for ``queue`` on its way into Celery's delay queues
+        (a length policy's ``basic.nack``, no write permission on ``celery_delayed_27``),
+        less than ``LOOK_AGAIN_AFTER`` seconds ago: such a run is parked without publishing
+        it again (decision 96). The publish met the refusal every run, and a closed
+        channel cost two new connections (the publish and its retry) each time."""
+        found = self._refused.get(queue)
+        if found is None:
+            return None
+        if self._clock() - found[1] >= native_delay.LOOK_AGAIN_AFTER:
+            self._refused.pop(queue, None)  # (the operator may have fixed it: the next copy tries)
+            return None
+        return found[0]
 
     def _not_set_up(self, task: Any, instead: _Instead) -> BaseException | None:
         """Why this process's connection finds that Celery's native delay would not bring a
