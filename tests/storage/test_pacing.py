@@ -77,7 +77,7 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     pace: Pace | None = None
     seen = {
         "thresholded": False, "limited": False, "owing": False, "eased": False, "plateau": False, "dropped": False,
-        "crowded": False, "usual": False, "tolerated": False, "queueing": False,
+        "crowded": False, "usual": False, "tolerated": False, "queueing": False, "kept": False,
     }  # fmt: skip
 
     def step(name: str) -> None:
@@ -100,6 +100,7 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
         assert (float(found["sut"]) if found["sut"] else None) == pace.settle_until, name
         assert (float(found["csh"]) if found["csh"] else None) == pace.cut_share, name
         assert int(found["alm"]) == pace.at_limit, name
+        assert int(found["lkp"]) == pace.kept, name
         assert (int(found["ubd"]), int(found["usn"])) == (pace.usual_bad, pace.usual_seen), name
         assert float(found["dlv"]) == pace.delivered, name
         seen["queueing"] = seen["queueing"] or (  # (a judgement of good news whose tasks queued: no growth)
@@ -121,6 +122,7 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
             and pace.tokens == 0
         )  # fmt: skip
         seen["plateau"] = seen["plateau"] or pace.at_limit > law.plateau
+        seen["kept"] = seen["kept"] or pace.kept > 0
         seen["dropped"] = seen["dropped"] or (
             before is not None and before.generation == pace.generation and before.limit is not None
             and pace.limit is None
@@ -148,10 +150,18 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
         step(f"step {i}")
     client.hincrby(state_key, "rf", 1)
     client.hincrby(state_key, "ko", 1)
-    for i in range(80):  # every task released comes back a success at once
+    refused_again = False
+    for i in range(120):  # every task released comes back a success at once
         clock.advance(0.5)
         assert pace is not None
         client.hincrby(state_key, "ok", pace.used + pace.in_flight)
+        if not refused_again and pace.at_limit == 3:
+            # refused again at the limit, after the rate held there: the limit is kept,
+            # does not creep for twice the plateau, then is dropped as any
+            refused_again = True
+            client.hincrby(state_key, "rf", 1)
+            client.hincrby(state_key, "ko", 1)
+            client.hset(state_key, "rh", repr(clock.monotonic() + 0.5))
         step(f"success {i}")
         if seen["dropped"]:
             break
@@ -307,6 +317,7 @@ def test_an_unreadable_pace_restarts_with_one_warning(
     tag = paced(store, clock)
     client = redis.Redis.from_url(redis_url)
     for field, bad in (
+        ("lkp", "-1"),
         ("rate", "inf"),
         ("rate", "1e300"),  # (finite, but no release writes a rate above RATE_MOST: the backlog went at once)
         ("a_tokens", "1e300"),  # (more than a second's worth)
@@ -585,13 +596,13 @@ def test_the_fixed_pace_ignores_the_adaptive_fields_and_the_other_way_round(stor
 def test_a_pace_stored_before_owed_outcomes_reads_as_owing_nothing(
     store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture, at_limit: str | None
 ) -> None:
-    """A pace written by a release.lua older than ``owe``, ``sut``, ``csh``, ``alm``, ``ubd``
-    and ``usn`` (a rolling upgrade) goes on where it was, with no warning; a ``csh`` an
+    """A pace written by a release.lua older than ``owe``, ``sut``, ``csh``, ``alm``, ``ubd``,
+    ``usn`` and ``lkp`` (a rolling upgrade) goes on where it was, with no warning; a ``csh`` an
     older writer left behind with no cut is dropped, and an ``alm`` with no limit."""
     clock = FakeClock()
     tag = paced(store, clock)
     client = redis.Redis.from_url(redis_url)
-    client.hdel(tag + ":p", "owe", "sut", "alm", "ubd", "usn")
+    client.hdel(tag + ":p", "owe", "sut", "alm", "ubd", "usn", "lkp")
     client.hset(tag + ":p", "csh", "0.9")
     if at_limit is not None:
         client.hset(tag + ":p", "alm", at_limit)
@@ -600,7 +611,7 @@ def test_a_pace_stored_before_owed_outcomes_reads_as_owing_nothing(
         assert release(store, clock.monotonic()) == 5  # (no success back: no growth, no restart)
     assert caplog.records == []
     found = stored(store)
-    assert (found["owe"], found["sut"], found["csh"], found["alm"]) == ("0", "", "", "0")
+    assert (found["owe"], found["sut"], found["csh"], found["alm"], found["lkp"]) == ("0", "", "", "0", "0")
     assert (found["ubd"], found["usn"]) == ("0", "0")
     assert float(found["dlv"]) == 0.0
 

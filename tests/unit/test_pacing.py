@@ -293,10 +293,12 @@ def test_a_refusal_not_met_again_is_dropped_after_the_plateau_and_the_rate_doubl
     assert pacer.rate == pytest.approx(before * 2.0)  # slow start again (ROUND_LAW: x2 a judgement)
 
 
-def test_a_rate_limiter_refusing_again_during_the_plateau_keeps_its_limit() -> None:
-    """A true rate limiter is met again while the limit still creeps slowly: the refusal
-    cuts, sets the limit at what came back with it (a little below the rate: the looks
-    since the judgement) and starts the plateau over."""
+def test_a_refusal_met_at_a_limit_held_keeps_the_limit_at_the_rate_refused() -> None:
+    """A true rate limiter is met again while the limit still creeps slowly, after the rate
+    had held at it for seconds: the downstream took about that rate, so the limit becomes
+    the rate refused (not the successes of the look since the judgement, which measured a
+    fixed window of 300/s refusing a 306/s release at 178/s), the cut goes to 95 % of it,
+    and the plateau starts over, kept (decision 94)."""
     pacer, clock, downstream = at_the_limit()
     assert pacer.pace is not None
     run(pacer, clock, downstream, 6.0)
@@ -304,10 +306,47 @@ def test_a_rate_limiter_refusing_again_during_the_plateau_keeps_its_limit() -> N
     refused_at = pacer.rate
     downstream.refuse(clock.monotonic(), 0.25)
     run(pacer, clock, downstream, 0.25)
-    assert pacer.pace.at_limit == 0
-    assert pacer.pace.limit is not None
-    assert refused_at * 0.95 < pacer.pace.limit < refused_at
-    assert pacer.rate == pytest.approx(refused_at * 0.7)
+    assert (pacer.pace.at_limit, pacer.pace.kept) == (0, 1)
+    assert pacer.pace.limit == refused_at
+    assert pacer.rate == pytest.approx(refused_at * 0.95)  # (0.7 of it, measured again, before)
+
+
+def test_a_refusal_met_as_the_rate_reaches_its_limit_measures_it_again() -> None:
+    """A limit met again within a second of the rate reaching it was no measure of the
+    downstream (the first refusal's few successes, come back in a burst): it is measured
+    again from what came back, and nothing is kept. Then, once the rate held a second at
+    the new limit, a refusal there keeps it; a kept limit does not creep for twice the
+    plateau (its downstream was refused just above it), then probes, and is dropped as any."""
+    pacer, clock, downstream = at_the_limit()
+    assert pacer.pace is not None
+    run(pacer, clock, downstream, 1.0)
+    assert pacer.pace.at_limit == 1
+    refused_at = pacer.rate
+    downstream.refuse(clock.monotonic(), 0.25)
+    run(pacer, clock, downstream, 0.25)
+    assert pacer.pace.kept == 0
+    assert pacer.rate == pytest.approx(refused_at * 0.7)  # (measured: cut by back_off, the rule before)
+    pacer, clock, downstream = at_the_limit()
+    run(pacer, clock, downstream, 2.0)
+    assert pacer.pace is not None
+    assert pacer.pace.at_limit == 2
+    refused_at = pacer.rate
+    downstream.refuse(clock.monotonic(), 0.25)
+    run(pacer, clock, downstream, 0.25)
+    assert (pacer.pace.limit, pacer.pace.kept) == (refused_at, 1)
+    held, lifts = [], []
+    while pacer.pace.limit == refused_at:
+        run(pacer, clock, downstream, 1.0)
+        held.append(pacer.pace.at_limit)
+    # (20 judgements at the limit without creep, twice the plateau; the next lifts it)
+    assert held[-2:] == [2 * LAW.plateau, 2 * LAW.plateau + 1]
+    limit = refused_at
+    while pacer.pace.limit is not None:
+        lifts.append(pacer.pace.limit / limit)
+        limit = pacer.pace.limit
+        run(pacer, clock, downstream, 1.0)
+    assert lifts == pytest.approx([1.01, 1.02, 1.04, 1.08])  # (then dropped, as any limit)
+    assert pacer.pace.kept == 0
 
 
 def test_bad_news_at_the_limit_starts_its_plateau_over() -> None:

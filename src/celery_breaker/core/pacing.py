@@ -60,6 +60,13 @@ since the last judgement (its ``Outcomes``):
   grow the rate by more than ``step`` the limit is dropped, with the threshold: the
   rate doubles again (a refusal not met again in all that time was a moment's, not the
   downstream's capacity, and held the rest of the release near it);
+* a refusal met at a limit the rate had held for ``LIMIT_HELD`` judgements or more
+  (``at_limit``) is not measured again: the limit becomes the rate refused, the cut goes
+  to ``near`` of it, and the limit is ``kept``: it does not creep for its plateau, which
+  doubles with each refusal so met (``plateau * 2 ** kept`` judgements). A limiter that
+  answers only 429 gives no other news of where its capacity is: a refusal after a second
+  or more at a rate says that rate is the capacity, give or take a creep, where the few
+  successes of a fraction of a judgement measured it at 0.5-0.7 of it (decision 94);
 * a breaker that reopens releases nothing (the release script sees it OPEN); when it
   closes again (a new generation) the pace starts again from ``start``, with the
   threshold at ``back_off`` of the rate it had reached (a Retry-After met by a task
@@ -100,6 +107,7 @@ __all__ = [
     "JUDGE_EVERY",
     "KEPT_UP",
     "LEAST_BAD",
+    "LIMIT_HELD",
     "LIMIT_LEAST",
     "NEAR",
     "PLATEAU",
@@ -171,6 +179,10 @@ NEAR = 0.95
 #: judgement measure what the downstream took only roughly (its window and the
 #: judgement's are not one), and a limit set too low holds the release until its plateau.
 LIMIT_LEAST = 0.5
+#: A refusal met after the rate had grown at its limit for this many judgements (a whole
+#: second: a rate limiter's window took it) keeps the limit at the rate refused, and its
+#: plateau doubles (``Pace.kept``).
+LIMIT_HELD = 2
 #: ... which creeps up by this share of itself per judgement while the rate is there (1 %/s),
 CREEP = 0.005
 #: ... for this many judgements (5 s); from then on the creep doubles every judgement, and
@@ -301,6 +313,10 @@ class Pace:
     """Judgements the rate has grown at its limit since the limit was set (or the rate last
     cut): from ``law.plateau`` of them on the limit's creep doubles per judgement, and
     once it would pass ``law.step`` the limit is dropped."""
+    kept: int = 0
+    """Refusals met in a row at a limit the rate had held for ``LIMIT_HELD`` judgements
+    (0: the limit is a measure, or there is none): a kept limit does not creep during its
+    plateau, ``law.plateau * 2 ** kept`` judgements."""
     usual_bad: int = 0
     """Bad outcomes (failures, slow calls) in the judgements of good news of this pace."""
     usual_seen: int = 0
@@ -369,6 +385,7 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
     since = now - pace.judged_at
     bad = failures + slow
     rate, threshold, cut_at, limit, at_limit = pace.rate, pace.threshold, pace.cut_at, pace.limit, pace.at_limit
+    kept = pace.kept
     settle_until = pace.settle_until
     if settling:
         # News of tasks released before the last cut (still in flight): judges nothing,
@@ -404,10 +421,17 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
                 return pace
             return replace(pace, judged_at=now, seen=outcomes, used=0, in_flight=in_flight, owed=owed,
                            cut_share=share)  # fmt: skip
-        if refused > 0:
+        if refused > 0 and limit is not None and at_limit >= LIMIT_HELD:
+            # Met again at a limit the rate had held for a second or more: the downstream
+            # took about that rate, and refuses just above it. The limit is the rate
+            # refused, not what a fraction of a judgement's successes measured (half of
+            # it, or less), and it is kept: no creep for a plateau twice as long.
+            limit, kept = rate, kept + 1
+            rate = law.bound(limit * law.near)
+        elif refused > 0:
             # What the downstream took, not the rate refused: by the news the ramp had
             # grown past it. (Nothing taken: a burst of refusals says nothing of a capacity.)
-            limit = rate
+            limit, kept = rate, 0
             if successes > 0 and since > 0:
                 limit = min(rate, max(law.floor, successes / since, rate * LIMIT_LEAST))
             rate = law.bound(min(rate * law.back_off, limit * law.near))  # (below the limit: not refused again)
@@ -445,11 +469,13 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
                 # At the limit: probe above it, slowly at first (a rate limiter is met
                 # again only as its limit is probed), then faster (a refusal not repeated
                 # in all that time was a moment's, not the downstream's capacity).
-                lift = law.creep * 2 ** max(0, at_limit - law.plateau + 1)
+                # (a kept limit: no creep for a plateau twice as long per refusal that kept it)
+                plateau = law.plateau * 2**kept
+                lift = 0.0 if kept and at_limit < plateau else law.creep * 2 ** max(0, at_limit - plateau + 1)
                 if lift > law.step:
                     # Dropped, and the threshold with it (set by the same news, or below
                     # the rate reached since): growth doubles again from here.
-                    limit, threshold, at_limit = None, None, 0
+                    limit, threshold, at_limit, kept = None, None, 0, 0
                 else:
                     limit, at_limit = limit * (1 + lift), at_limit + 1
             if limit is not None:
@@ -457,11 +483,11 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
             rate = law.bound(grown)
         return replace(pace, rate=rate, threshold=threshold, tokens=min(max(rate, 1.0), pace.tokens),
                        judged_at=judged_at, seen=outcomes, used=0, in_flight=in_flight, limit=limit, owed=owed,
-                       cut_share=cut_share, at_limit=at_limit, usual_bad=usual_bad, usual_seen=usual_seen,
-                       delivered=delivered)  # fmt: skip
+                       cut_share=cut_share, at_limit=at_limit, kept=kept, usual_bad=usual_bad,
+                       usual_seen=usual_seen, delivered=delivered)  # fmt: skip
     return replace(pace, rate=rate, threshold=threshold, tokens=min(max(rate, 1.0), pace.tokens), judged_at=judged_at,
                    seen=outcomes, used=0, in_flight=in_flight, cut_at=cut_at, limit=limit, owed=owed,
-                   settle_until=settle_until, cut_share=cut_share, at_limit=at_limit)  # fmt: skip
+                   settle_until=settle_until, cut_share=cut_share, at_limit=at_limit, kept=kept)  # fmt: skip
 
 
 def _stepped_back(pace: Pace, back: float) -> Pace:

@@ -20,7 +20,10 @@
 -- bad share; both absent from paces older than them: 0, none yet), 'ugen' the generation they
 -- were learnt under (another: an older writer began this pace, and they are the last one's),
 -- 'dlv' the outcomes per second that came back in the last judgement of good news and 'dgen'
--- the generation it was judged under (absent from paces older than it, or another: 0, none).
+-- the generation it was judged under (absent from paces older than it, or another: 0, none),
+-- 'lkp' the refusals met in a row at a limit the rate had held for LIMIT_HELD judgements (a
+-- kept limit: no creep during its plateau, plateau * 2^lkp judgements; absent from paces
+-- older than it, and ignored without a limit: 0).
 -- Unreadable fields restart the pace (begin, without a threshold), with a warning.
 
 -- pacing.SETTLE_LEAST: judgements in which outcomes judge nothing after a cut.
@@ -41,6 +44,9 @@ local LIMIT_LEAST = 0.5
 -- pacing.KEPT_UP: fewer outcomes back than this share of the tasks released, and no more per
 -- second than at the last judgement: the released tasks queue (no growth).
 local KEPT_UP = 0.75
+-- pacing.LIMIT_HELD: a refusal met after this many judgements at the limit keeps the limit
+-- at the rate refused.
+local LIMIT_HELD = 2
 
 local LAW_FIELDS = { 'start', 'ceiling', 'judge_every', 'slow_start', 'step', 'back_off', 'bad_share', 'floor',
   'least_bad', 'in_flight_s', 'near', 'creep', 'plateau' }
@@ -76,13 +82,13 @@ end
 -- The stored adaptive pace; nil when there is none (or only a fixed ramp's) or it is unreadable.
 local function read_pace()
   local p = redis.call('HMGET', K_PACE, 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used',
-    'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen', 'dlv', 'dgen')
+    'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen', 'dlv', 'dgen', 'lkp')
   if not p[2] then return nil end
   local pace = { gen = read_whole(p[1]), rate = read_number(p[2]), thr = nil, tokens = read_number(p[4]),
     at = read_time(p[5], now, 0), jat = read_time(p[6], now, 0), sok = read_whole(p[7]), sko = read_whole(p[8]),
     ssl = read_whole(p[9]), used = read_whole(p[10]), infl = read_whole(p[12] or '0'), srf = nil,
     owe = read_whole(p[15] or '0'), alm = read_whole(p[18] or '0'), ubd = read_whole(p[19] or '0'),
-    usn = read_whole(p[20] or '0'), dlv = read_number(p[22] or '0') }
+    usn = read_whole(p[20] or '0'), dlv = read_number(p[22] or '0'), lkp = read_whole(p[24] or '0') }
   local good = true
   if p[13] then
     pace.srf = read_whole(p[13])
@@ -93,7 +99,7 @@ local function read_pace()
     and pace.tokens ~= nil and pace.tokens >= 0 and pace.tokens <= math.max(pace.rate, 1)
     and pace.at ~= nil and pace.jat ~= nil and pace.sok ~= nil and pace.sko ~= nil and pace.ssl ~= nil
     and pace.used ~= nil and pace.infl ~= nil and pace.owe ~= nil and pace.alm ~= nil and pace.ubd ~= nil
-    and pace.usn ~= nil and pace.ubd <= pace.usn and pace.dlv ~= nil and pace.dlv >= 0
+    and pace.usn ~= nil and pace.ubd <= pace.usn and pace.dlv ~= nil and pace.dlv >= 0 and pace.lkp ~= nil
   if (p[3] or '') ~= '' then
     pace.thr = read_number(p[3])
     good = good and pace.thr ~= nil and pace.thr > 0
@@ -115,14 +121,14 @@ local function read_pace()
     good = good and pace.csh ~= nil and pace.csh >= 0
     if pace.cut == nil then pace.csh = nil end -- (left behind by an older writer's pace)
   end
-  if pace.lim == nil then pace.alm = 0 end -- (likewise)
+  if pace.lim == nil then pace.alm, pace.lkp = 0, 0 end -- (likewise)
   -- (likewise: an older writer that began this pace left the last pace's usual share)
   if read_whole(p[21] or '') ~= pace.gen then pace.ubd, pace.usn = 0, 0 end
   if pace.dlv ~= nil and read_whole(p[23] or '') ~= pace.gen then pace.dlv = 0 end -- (likewise)
   if not good then
     local shown = {}
     for i, name in ipairs({ 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used', 'cut',
-      'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen', 'dlv', 'dgen' }) do
+      'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen', 'dlv', 'dgen', 'lkp' }) do
       shown[#shown + 1] = name .. '=' .. show(p[i])
     end
     repaired('unreadable adaptive pace ' .. table.concat(shown, ' ') .. ' in ' .. K_PACE .. ' (the pace restarts)')
@@ -138,7 +144,7 @@ local function begin_pace(law, outcomes, before)
   if before ~= nil then thr = bound(law, before.rate * law.back_off) end
   return { gen = outcomes.gen, rate = bound(law, math.min(law.start, thr or law.start)), thr = thr, tokens = 0,
     at = now, jat = now, sok = outcomes.ok, sko = outcomes.ko, ssl = outcomes.sl, srf = outcomes.rf, used = 0,
-    infl = 0, owe = 0, alm = 0, ubd = 0, usn = 0, dlv = 0 }
+    infl = 0, owe = 0, alm = 0, ubd = 0, usn = 0, dlv = 0, lkp = 0 }
 end
 
 -- pacing.beyond_usual: the bad outcomes (of came_back) beyond what the usual share predicts,
@@ -220,10 +226,15 @@ local function advance_pace(law, pace, outcomes)
       pace.infl, pace.owe, pace.csh = infl, owe, share
       return pace
     end
-    if rf > 0 then
+    if rf > 0 and lim ~= nil and pace.alm >= LIMIT_HELD then
+      -- met again at a limit the rate had held for a second or more: the limit is the rate
+      -- refused (not a fraction of a judgement's successes), and it is kept
+      lim, pace.lkp = rate, pace.lkp + 1
+      rate = bound(law, lim * law.near)
+    elseif rf > 0 then
       -- what the downstream took (the successes per second back with the refusal), not the
       -- rate refused; nothing taken: a burst of refusals, the rate itself
-      lim = rate
+      lim, pace.lkp = rate, 0
       if ok > 0 and since > 0 then lim = math.min(rate, math.max(law.floor, ok / since, rate * LIMIT_LEAST)) end
       rate = bound(law, math.min(rate * law.back_off, lim * law.near)) -- (below the limit: not refused again)
     else
@@ -262,9 +273,12 @@ local function advance_pace(law, pace, outcomes)
       if lim ~= nil and rate >= lim * law.near then
         -- at the limit: probe above it, slowly at first, then faster; dropped (and the
         -- threshold with it) once the probe would pass the law's step
-        local lift = law.creep * 2 ^ math.max(0, pace.alm - law.plateau + 1)
+        -- (a kept limit: no creep for a plateau twice as long per refusal that kept it)
+        local plateau = law.plateau * 2 ^ pace.lkp
+        local lift = law.creep * 2 ^ math.max(0, pace.alm - plateau + 1)
+        if pace.lkp > 0 and pace.alm < plateau then lift = 0 end
         if lift > law.step then
-          lim, thr, pace.alm = nil, nil, 0
+          lim, thr, pace.alm, pace.lkp = nil, nil, 0, 0
         else
           lim, pace.alm = lim * (1 + lift), pace.alm + 1
         end
@@ -292,5 +306,5 @@ local function write_pace(pace)
     fmt(pace.tokens), 'a_at', fmt(pace.at), 'jat', fmt(pace.jat), 'sok', fmt(pace.sok), 'sko', fmt(pace.sko), 'ssl',
     fmt(pace.ssl), 'used', fmt(pace.used), 'cut', fmt(pace.cut), 'infl', fmt(pace.infl), 'srf', fmt(pace.srf), 'lim',
     fmt(pace.lim), 'owe', fmt(pace.owe), 'sut', fmt(pace.sut), 'csh', fmt(pace.csh), 'alm', fmt(pace.alm), 'ubd',
-    fmt(pace.ubd), 'usn', fmt(pace.usn), 'ugen', fmt(pace.gen), 'dlv', fmt(pace.dlv), 'dgen', fmt(pace.gen))
+    fmt(pace.ubd), 'usn', fmt(pace.usn), 'ugen', fmt(pace.gen), 'dlv', fmt(pace.dlv), 'dgen', fmt(pace.gen), 'lkp', fmt(pace.lkp))
 end
