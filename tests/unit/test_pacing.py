@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from celery_breaker.core.pacing import (
+    LIMIT_AGAIN,
     LIMIT_LEAST,
     RATE_MOST,
     SETTLE_LEAST,
@@ -214,6 +215,25 @@ def test_a_refusal_sets_the_limit_at_what_the_downstream_took() -> None:
     refused = advance(LAW, pace, burst, 10.5)
     assert refused.limit == 290.0
     assert refused.rate == pytest.approx(203.0)
+
+
+def test_a_refusal_at_a_limit_already_set_measures_it_at_most_a_fifth_below_the_rate() -> None:
+    """A pace back at 95 % of a limit, refused again before the rate held it a second (a
+    limiter that takes a little less than the first refusal measured): the few successes
+    back since the judgement measure it roughly, as at the first refusal, but the rate
+    was no ramp's overshoot, set below a limit the downstream had taken once already: the
+    limit is at least LIMIT_AGAIN (80 %) of the rate, not half of it. Against the bench's
+    sliding window of 150/s, the release sat at 60 % of it for a plateau."""
+    seen = Outcomes(generation=1, successes=1000, failures=0, slow=0)
+    pace = Pace(generation=1, rate=95.0, threshold=95.0, tokens=0.0, at=10.0, judged_at=10.0, seen=seen, used=20,
+                limit=100.0, at_limit=1)  # fmt: skip
+    news = Outcomes(generation=1, successes=1008, failures=1, slow=0, refused=1, held_until=11.2)
+    cut = advance(LAW, pace, news, 10.2)  # (8 successes in 0.2 s: 40/s)
+    assert cut.limit == pytest.approx(95.0 * LIMIT_AGAIN)
+    assert cut.rate == pytest.approx(95.0 * 0.7)  # (back_off: below 95 % of the limit)
+    # A pace's first refusal (no limit yet: the ramp's overshoot) is measured as before.
+    first = advance(LAW, replace(pace, limit=None, at_limit=0), news, 10.2)
+    assert first.limit == pytest.approx(95.0 * LIMIT_LEAST)
 
 
 def refused_at_80(law: PacingLaw = LAW) -> tuple[AdaptivePacer, FakeClock, Refusing]:

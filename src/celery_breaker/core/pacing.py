@@ -48,8 +48,10 @@ since the last judgement (its ``Outcomes``):
 * after a refusal nothing is released until the time the downstream asked for (its
   Retry-After: the breaker's ``held_until``), and what the downstream took becomes a
   ``limit``: the successes per second that came back with the refusal (what a rate
-  limiter lets through), no more than the rate and no less than ``LIMIT_LEAST`` of it
-  (the rate itself when nothing succeeded: a burst of refusals, not a capacity); the
+  limiter lets through), no more than the rate and no less than ``LIMIT_LEAST`` of it,
+  or ``LIMIT_AGAIN`` of it when a limit was set already (the rate was then one the pace
+  set below a limit, no ramp's overshoot; decision 94), the rate itself when nothing
+  succeeded (a burst of refusals, not a capacity); the
   cut rate is at most ``near`` of it. The rate at the news was no measure: the ramp
   had grown one or two steps past the capacity by then, and each regrowth to 95 % of
   it was refused again, a Retry-After each time (decision 79). Growth stops at ``near``
@@ -107,6 +109,7 @@ __all__ = [
     "JUDGE_EVERY",
     "KEPT_UP",
     "LEAST_BAD",
+    "LIMIT_AGAIN",
     "LIMIT_HELD",
     "LIMIT_LEAST",
     "NEAR",
@@ -179,6 +182,8 @@ NEAR = 0.95
 #: judgement measure what the downstream took only roughly (its window and the
 #: judgement's are not one), and a limit set too low holds the release until its plateau.
 LIMIT_LEAST = 0.5
+#: ... and at least this share of it when a limit was set already (the rate was below it).
+LIMIT_AGAIN = 0.8
 #: A refusal met after the rate had grown at its limit for this many judgements (a whole
 #: second: a rate limiter's window took it) keeps the limit at the rate refused, and its
 #: plateau doubles (``Pace.kept``).
@@ -431,9 +436,12 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
         elif refused > 0:
             # What the downstream took, not the rate refused: by the news the ramp had
             # grown past it. (Nothing taken: a burst of refusals says nothing of a capacity.)
+            # (At a limit set already, the rate was the pace's own, below that limit, not a
+            # ramp's overshoot: measured at LIMIT_AGAIN of it at least.)
             limit, kept = rate, 0
             if successes > 0 and since > 0:
-                limit = min(rate, max(law.floor, successes / since, rate * LIMIT_LEAST))
+                least = rate * (LIMIT_LEAST if pace.limit is None else LIMIT_AGAIN)
+                limit = min(rate, max(law.floor, successes / since, least))
             rate = law.bound(min(rate * law.back_off, limit * law.near))  # (below the limit: not refused again)
         else:
             rate = law.bound(rate * law.back_off)

@@ -41,6 +41,8 @@ local USUAL_NOISE = 2.0
 local USUAL_MOST = 0.25
 -- pacing.LIMIT_LEAST: a refusal's limit is at least this share of the rate refused.
 local LIMIT_LEAST = 0.5
+-- pacing.LIMIT_AGAIN: ... and at least this share of it when a limit was set already.
+local LIMIT_AGAIN = 0.8
 -- pacing.KEPT_UP: fewer outcomes back than this share of the tasks released, and no more per
 -- second than at the last judgement: the released tasks queue (no growth).
 local KEPT_UP = 0.75
@@ -234,8 +236,10 @@ local function advance_pace(law, pace, outcomes)
     elseif rf > 0 then
       -- what the downstream took (the successes per second back with the refusal), not the
       -- rate refused; nothing taken: a burst of refusals, the rate itself
+      local least = rate * LIMIT_LEAST
+      if lim ~= nil then least = rate * LIMIT_AGAIN end
       lim, pace.lkp = rate, 0
-      if ok > 0 and since > 0 then lim = math.min(rate, math.max(law.floor, ok / since, rate * LIMIT_LEAST)) end
+      if ok > 0 and since > 0 then lim = math.min(rate, math.max(law.floor, ok / since, least)) end
       rate = bound(law, math.min(rate * law.back_off, lim * law.near)) -- (below the limit: not refused again)
     else
       rate = bound(law, rate * law.back_off)
