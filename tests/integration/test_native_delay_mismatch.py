@@ -240,6 +240,34 @@ def test_a_connection_that_found_the_native_delay_not_set_up_looks_again_a_minut
         assert "celery_delayed_delivery\twork" in bindings
 
 
+def _connections_opened(app: Any) -> list[str]:
+    """A list that grows by one for each connection a publisher of ``app`` opens from now
+    on (its own: with ``transport_options``; Celery's disabled event dispatcher opens none)."""
+    opened: list[str] = []
+    connect = app.connection_for_write
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        if "transport_options" in kwargs:
+            opened.append("connection")
+        return connect(*args, **kwargs)
+
+    app.connection_for_write = counted
+    return opened
+
+
+def _deferred_by(job: Any, task_id: str, strategies: tuple[Any, ...], *, exchange: str, **fields: Any) -> str:
+    """The name of the strategy that takes a deferral of ``job`` delivered on ``exchange``
+    with the routing key ``work`` (``fields``: more of the deferral's, its ``breaker``)."""
+    job.push_request(id=task_id, args=(1,), kwargs={}, delivery_info={"exchange": exchange, "routing_key": "work"})
+    try:
+        plan = DeferralPlan(delay=1.0, count=1, since=time.time())
+        deferral = SimpleNamespace(task=job, args=(1,), kwargs={}, headers={}, plan=plan, options={}, **fields)
+        by, _ = _deliver(deferral, strategies)  # type: ignore[arg-type]
+        return str(by.name)
+    finally:
+        job.pop_request()
+
+
 def test_broker_delay_refused_its_topology_opens_no_connection_per_run_for_a_minute(rabbitmq: RabbitMQServer) -> None:
     """Broker-delay's delay queues exist with the other type (a 406 on declaring them):
     each run opened two connections (its publish and the retry), declaring the topology
@@ -261,15 +289,7 @@ def test_broker_delay_refused_its_topology_opens_no_connection_per_run_for_a_min
         app.finalize()
         with app.connection_for_write() as connection:
             app.amqp.queues["work"].bind(connection.default_channel).declare()
-        opened: list[str] = []
-        connect = app.connection_for_write
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            if "transport_options" in kwargs:  # (a publisher's own; Celery's disabled event dispatcher connects not)
-                opened.append("connection")
-            return connect(*args, **kwargs)
-
-        app.connection_for_write = counted
+        opened = _connections_opened(app)
 
         class Last:
             """The next strategy: takes every run (a countdown would, here)."""
@@ -282,14 +302,7 @@ def test_broker_delay_refused_its_topology_opens_no_connection_per_run_for_a_min
         strategies = (broker_delay.BrokerDelay(clock=lambda: now[0]), Last())
 
         def deferred_by(task_id: str) -> str:
-            job.push_request(id=task_id, args=(1,), kwargs={}, delivery_info={"exchange": "", "routing_key": "work"})
-            try:
-                plan = DeferralPlan(delay=1.0, count=1, since=time.time())
-                deferral = SimpleNamespace(task=job, args=(1,), kwargs={}, headers={}, plan=plan, options={})
-                strategy, _ = _deliver(deferral, strategies)  # type: ignore[arg-type]
-                return str(strategy.name)
-            finally:
-                job.pop_request()
+            return _deferred_by(job, task_id, strategies, exchange="")
 
         assert [deferred_by(f"t{n}") for n in range(4)] == ["last"] * 4
         assert len(opened) == 2  # (the first run's publish and its retry; before: 8, two for each run)
@@ -336,15 +349,7 @@ def test_a_countdown_refused_on_its_way_into_the_delay_queues_is_parked_without_
         app.finalize()
         with app.connection_for_write() as connection:
             queue.bind(connection.default_channel).declare()  # type: ignore[no-untyped-call]
-        opened: list[str] = []
-        connect = app.connection_for_write
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            if "transport_options" in kwargs:  # (a publisher's own)
-                opened.append("connection")
-            return connect(*args, **kwargs)
-
-        app.connection_for_write = counted
+        opened = _connections_opened(app)
 
         class Park:
             """The store, taking every run."""
@@ -358,16 +363,7 @@ def test_a_countdown_refused_on_its_way_into_the_delay_queues_is_parked_without_
         store = SimpleNamespace(store=SimpleNamespace(url="redis://127.0.0.1:6379/1"))
 
         def deferred_by(task_id: str) -> str:
-            info = {"exchange": "work", "routing_key": "work"}
-            job.push_request(id=task_id, args=(1,), kwargs={}, delivery_info=info)
-            try:
-                plan = DeferralPlan(delay=1.0, count=1, since=time.time())
-                deferral = SimpleNamespace(task=job, args=(1,), kwargs={}, headers={}, plan=plan, options={},
-                                           breaker=store)  # fmt: skip
-                by, _ = _deliver(deferral, (strategy,))  # type: ignore[arg-type]
-                return str(by.name)
-            finally:
-                job.pop_request()
+            return _deferred_by(job, task_id, (strategy,), exchange="work", breaker=store)
 
         assert [deferred_by(f"t{n}") for n in range(4)] == ["park"] * 4
         assert len(opened) == 2  # (the first run's publish and its retry; before: 8, two for each run)
