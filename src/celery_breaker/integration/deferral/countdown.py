@@ -211,9 +211,9 @@ class CountdownRepublish:
             # sent straight back, it runs once)
             if instead is not None and _refusal(exc):
                 self._refused[queue] = (exc, self._clock())
-            parked = self._parked(deferral, route, exc) if instead is not None and _refusal(exc) else None
-            if parked is not None:
-                return parked
+                parked = self._parked(deferral, route, exc)
+                if parked is not None:
+                    return parked
             why = self._straight_back(task, instead, exc)
             if why is None:
                 _not_deferred(deferral, exc)
