@@ -395,6 +395,12 @@ class CeleryTasks:
     least_guard_in_worker: Callable[[], object]
     """A task whose ``__call__`` does only what any breaker around a task must, with a
     request pushed as for ``guarded_in_worker``: the floor of a BreakerTask."""
+    plain_traced: Callable[[], object]
+    """A plain task through Celery's own tracer (``build_tracer``), as a pool process runs
+    each task it is given: its request set up and pushed, its body called, its state
+    settled (no result stored), with a protocol-2 message's request."""
+    guarded_traced: Callable[[], object]
+    """A BreakerTask through Celery's tracer, as ``plain_traced``."""
 
 
 def celery_tasks(breaker_name: str) -> CeleryTasks:
@@ -430,13 +436,56 @@ def celery_tasks(breaker_name: str) -> CeleryTasks:
     def least_guard_in_worker() -> None:
         return None
 
+    @app.task(name="bench.plain_traced", shared=False, ignore_result=True)  # type: ignore[untyped-decorator,unused-ignore]
+    def plain_traced() -> None:
+        return None
+
+    @app.task(name="bench.guarded_traced", base=BreakerTask, breaker=breaker_name, shared=False, ignore_result=True)  # type: ignore[untyped-decorator,unused-ignore]
+    def guarded_traced() -> None:
+        return None
+
     in_worker = [
         app.tasks[task.name]
         for task in (plain_in_worker, guarded_in_worker, guarded_block_in_worker, least_guard_in_worker)
     ]
     for task in in_worker:  # (this thread's request stack: the in-process rows use other tasks)
         task.push_request(args=(), kwargs={}, called_directly=False)
-    return CeleryTasks(plain, guarded, in_worker[0].run, in_worker[1], in_worker[2], in_worker[3])
+    return CeleryTasks(
+        plain,
+        guarded,
+        in_worker[0].run,
+        in_worker[1],
+        in_worker[2],
+        in_worker[3],
+        _traced(app, plain_traced.name),
+        _traced(app, guarded_traced.name),
+    )
+
+
+def _traced(app: Any, name: str) -> Callable[[], object]:
+    """``name`` run as a pool process runs a task: Celery's tracer for it, called with the
+    request a worker hands it (a protocol-2 message's headers, its properties and
+    delivery info). Returns the traced return value (the tracer's ``trace_ok_t``)."""
+    from celery.app.trace import build_tracer
+
+    task = app.tasks[name]
+    message = app.amqp.as_task_v2("bench-traced-id", name, (), {})
+    request = dict(message.headers)
+    request.update(
+        properties=dict(message.properties),
+        delivery_info={"exchange": "", "routing_key": "celery", "priority": 0, "redelivered": False},
+        hostname="bench@localhost",
+        reply_to=None,
+        correlation_id="bench-traced-id",
+    )
+    tracer = build_tracer(name, task, app=app, eager=False, propagate=True, hostname="bench@localhost")
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = {}
+
+    def traced() -> object:
+        return tracer("bench-traced-id", args, kwargs, request)
+
+    return traced
 
 
 def _least_guard_task(breaker_name: str) -> type:
@@ -474,6 +523,12 @@ def _least_guard_task(breaker_name: str) -> type:
             return result
 
     return LeastGuard
+
+
+def _traced_ok(traced: Callable[[], object]) -> bool:
+    """Whether a traced task ran its body and returned (no retry, no failure)."""
+    outcome: Any = traced()
+    return outcome.retval is None and outcome.info is None
 
 
 def _counted(task: Any) -> bool:
@@ -551,6 +606,8 @@ def build_variants() -> Setup:
             "the least task guard runs and counts",
             lambda: tasks.least_guard_in_worker() is None and _counted(tasks.least_guard_in_worker),
         ),
+        ("a plain task traces to its return value", lambda: _traced_ok(tasks.plain_traced)),
+        ("a BreakerTask traces to its return value", lambda: _traced_ok(tasks.guarded_traced)),
         ("every guarded call counted", lambda: _all_counted(cb_with, cb_async_with, cb_run, cb_run_with)),
         ("pybreaker closed breaker is closed", lambda: pb_closed.current_state == pybreaker.STATE_CLOSED),
         ("pybreaker open breaker is open", lambda: pb_open.current_state == pybreaker.STATE_OPEN),
@@ -603,6 +660,19 @@ def build_variants() -> Setup:
             "closed",
             plain_loop(tasks.guarded_block_in_worker),
             "task_plain_run",
+        ),
+        Variant(
+            "task_plain_traced",
+            "plain task through Celery's tracer (a pool process)",
+            "bare",
+            plain_loop(tasks.plain_traced),
+        ),
+        Variant(
+            "cb_task_traced",
+            "BreakerTask through Celery's tracer (a pool process)",
+            "closed",
+            plain_loop(tasks.guarded_traced),
+            "task_plain_traced",
         ),
         Variant(
             "cb_rate",
@@ -819,6 +889,13 @@ def goals(variants: list[Variant]) -> dict[str, Any]:
         "least_task_guard_rounds_below_fabfuel": rounds_below("ref_least_task", fab),
         "with_minus_floor_vs_call": (by_key["cb_with"].median - bare.median - with_floor) / call_over,
     }
+    # What a pool process pays per task, in Celery's tracer, with and without the breaker.
+    traced = by_key["task_plain_traced"].median
+    result["per_task_in_tracer"] = {
+        "plain_task_ns": traced,
+        "breaker_task_over_ns": by_key["cb_task_traced"].median - traced,
+        "breaker_task_vs_plain": by_key["cb_task_traced"].median / traced,
+    }
     return result
 
 
@@ -905,6 +982,12 @@ def print_report(res: Results) -> None:
         f"{_ns(f['least_task_guard_ns'])} ns over a plain task's run: x{f['least_task_guard_vs_fabfuel']:.2f} "
         f"fabfuel's closed overhead (below it in {f['least_task_guard_rounds_below_fabfuel']}/"
         f"{len(by_key['bare'].samples)} rounds):\nthe floor of a BreakerTask on this interpreter."
+    )
+    t = g["per_task_in_tracer"]
+    print(
+        f"\nPer task, in Celery's tracer (what a pool process runs for each task it is given): a plain task "
+        f"{_ns(t['plain_task_ns'])} ns,\na BreakerTask {_ns(t['breaker_task_over_ns'])} ns more "
+        f"(x{t['breaker_task_vs_plain']:.2f} of the plain task's whole cost)."
     )
 
     if res.threads is not None:
