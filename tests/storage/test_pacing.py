@@ -15,7 +15,16 @@ import pytest
 import redis
 
 from celery_breaker import CircuitBreaker, State, TooManyRequests
-from celery_breaker.core.pacing import KEPT_UP, Outcomes, Pace, PacingLaw, advance, allowed, took
+from celery_breaker.core.pacing import (
+    KEPT_UP,
+    LIMIT_HELD,
+    Outcomes,
+    Pace,
+    PacingLaw,
+    advance,
+    allowed,
+    took,
+)
 from celery_breaker.monitoring import BreakerStatus, ReleasePace, collect_metrics
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
@@ -42,9 +51,9 @@ def park(store: RedisStore, count: int) -> str:
     return store.parking.tag("svc", None)
 
 
-def release(store: RedisStore, now: float, *, law: PacingLaw = LAW, most: int = 100_000) -> int:
+def release(store: RedisStore, now: float, *, law: PacingLaw = LAW, most: int = 100_000, lease: float = 30.0) -> int:
     tag = store.parking.tag("svc", None)
-    return len(store.parking.release(tag, most=most, pace=0.0, ramp=0.0, lease=30.0, now=now, law=law))
+    return len(store.parking.release(tag, most=most, pace=0.0, ramp=0.0, lease=lease, now=now, law=law))
 
 
 def stored(store: RedisStore) -> dict[str, str]:
@@ -59,6 +68,30 @@ def counts(client: redis.Redis, state_key: str) -> Outcomes:
                     held_until=float(held) if held else None)  # fmt: skip
 
 
+def assert_stored(store: RedisStore, law: PacingLaw, pace: Pace, name: str) -> None:
+    """The pace release.lua stored is ``pace``, the law's in Python, field for field."""
+    found = stored(store)
+    assert (int(found["a_gen"]), float(found["a_at"]), float(found["jat"])) == (
+        pace.generation, pace.at, pace.judged_at
+    ), name  # fmt: skip
+    seen_counts = (pace.seen.successes, pace.seen.failures, pace.seen.slow, pace.seen.refused)
+    assert tuple(int(found[field]) for field in ("sok", "sko", "ssl", "srf")) == seen_counts, name
+    assert float(found["rate"]) == pace.rate, name
+    assert (float(found["thr"]) if found["thr"] else None) == pace.threshold, name
+    assert float(found["a_tokens"]) == pytest.approx(pace.tokens, abs=1e-9), name
+    assert int(found["used"]) == pace.used, name
+    assert int(found["infl"]) == pace.in_flight, name
+    assert (float(found["cut"]) if found["cut"] else None) == pace.cut_at, name
+    assert (float(found["lim"]) if found["lim"] else None) == pace.limit, name
+    assert int(found["owe"]) == pace.owed, name
+    assert (float(found["sut"]) if found["sut"] else None) == pace.settle_until, name
+    assert (float(found["csh"]) if found["csh"] else None) == pace.cut_share, name
+    assert int(found["alm"]) == pace.at_limit, name
+    assert int(found["lkp"]) == pace.kept, name
+    assert (int(found["ubd"]), int(found["usn"])) == (pace.usual_bad, pace.usual_seen), name
+    assert float(found["dlv"]) == pace.delivered, name
+
+
 def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -> None:
     """Random clock steps and breaker counts (successes, failures, slow calls, refusals
     and their waits, new generations), the same for both: the same releases, and the
@@ -66,9 +99,13 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     then is dropped (the plateau), in both alike. Then a cut whose tasks do not come back:
     nothing more goes while it settles, in both alike. Then a downstream slow at 10 %
     whatever the load: the pace grows through what was bad news, in both alike. Along
-    the way, judgements whose tasks queued (fewer back than went) held the rate in both."""
+    the way, judgements whose tasks queued (fewer back than went) held the rate in both.
+    Last, a rate limiter met from the ceiling, at random (decision 94): limits measured
+    again at LIMIT_AGAIN, kept ones, their plateau doubling, in both alike.
+    Every field of the pacing hash is compared after every step (~600 steps, ~2 s)."""
     clock = FakeClock()
-    tag = park(store, 20_000)
+    # (claims go back to the queue after 2 s: at 400/s at most, some 1,200 are out at once)
+    tag = park(store, 2_500)
     CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)  # a CLOSED breaker's state hash
     client = redis.Redis.from_url(redis_url)
     state_key = tag + ":s"
@@ -78,6 +115,7 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     seen = {
         "thresholded": False, "limited": False, "owing": False, "eased": False, "plateau": False, "dropped": False,
         "crowded": False, "usual": False, "tolerated": False, "queueing": False, "kept": False,
+        "measured again": False, "kept again": False, "ceiling": False, "held": False,
     }  # fmt: skip
 
     def step(name: str) -> None:
@@ -87,22 +125,8 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
         pace = advance(law, pace, outcomes, clock.monotonic())
         expected = allowed(pace)
         pace = took(pace, expected)
-        assert release(store, clock.monotonic(), law=law) == expected, name
-        found = stored(store)
-        assert float(found["rate"]) == pace.rate, name
-        assert (float(found["thr"]) if found["thr"] else None) == pace.threshold, name
-        assert float(found["a_tokens"]) == pytest.approx(pace.tokens, abs=1e-9), name
-        assert int(found["used"]) == pace.used
-        assert int(found["infl"]) == pace.in_flight
-        assert (float(found["cut"]) if found["cut"] else None) == pace.cut_at, name
-        assert (float(found["lim"]) if found["lim"] else None) == pace.limit, name
-        assert int(found["owe"]) == pace.owed, name
-        assert (float(found["sut"]) if found["sut"] else None) == pace.settle_until, name
-        assert (float(found["csh"]) if found["csh"] else None) == pace.cut_share, name
-        assert int(found["alm"]) == pace.at_limit, name
-        assert int(found["lkp"]) == pace.kept, name
-        assert (int(found["ubd"]), int(found["usn"])) == (pace.usual_bad, pace.usual_seen), name
-        assert float(found["dlv"]) == pace.delivered, name
+        assert release(store, clock.monotonic(), law=law, lease=2.0) == expected, name
+        assert_stored(store, law, pace, name)
         seen["queueing"] = seen["queueing"] or (  # (a judgement of good news whose tasks queued: no growth)
             before is not None and pace.judged_at != before.judged_at and pace.cut_at == before.cut_at
             and pace.delivered <= before.delivered and pace.rate == before.rate
@@ -123,6 +147,17 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
         )  # fmt: skip
         seen["plateau"] = seen["plateau"] or pace.at_limit > law.plateau
         seen["kept"] = seen["kept"] or pace.kept > 0
+        seen["kept again"] = seen["kept again"] or pace.kept > 1
+        seen["ceiling"] = seen["ceiling"] or pace.rate == law.ceiling
+        seen["held"] = seen["held"] or (  # (a look within a refusal's wait: nothing went)
+            outcomes.held_until is not None and clock.monotonic() < outcomes.held_until and pace.tokens == 0
+            and before is not None and before.tokens > 0
+        )  # fmt: skip
+        seen["measured again"] = seen["measured again"] or (  # (a refusal at a limit held under LIMIT_HELD)
+            before is not None and before.limit is not None and before.at_limit < LIMIT_HELD
+            and outcomes.refused > before.seen.refused and pace.cut_at == clock.monotonic() != before.cut_at
+            and pace.kept == 0
+        )  # fmt: skip
         seen["dropped"] = seen["dropped"] or (
             before is not None and before.generation == pace.generation and before.limit is not None
             and pace.limit is None
@@ -187,6 +222,29 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
         step(f"usually slow {i}")
         grown = pace is not None and rate is not None and pace.rate > rate
         seen["tolerated"] = seen["tolerated"] or (slow >= law.least_bad and grown)
+    # A rate limiter (decision 94), met from the ceiling: every task released comes back
+    # (all at once, or some), with looks between the judgements. First refused now and
+    # then whatever the rate (its limit measured, again at LIMIT_AGAIN of the rate when set),
+    # then only once the rate has held its limit: kept limits, their plateau doubling with
+    # each, refused there again and again. A wait each time, and now and then a burst of
+    # failures (a cut that keeps the limit).
+    assert pace is not None
+    assert pace.rate == law.ceiling
+    rng = random.Random(94)
+    for i in range(300):
+        clock.advance(rng.choice((0.05, 0.25, 0.5, 0.5, 0.75)))
+        assert pace is not None
+        back = pace.used + pace.in_flight
+        client.hincrby(state_key, "ok", back if rng.random() < 0.7 else rng.randint(0, back))
+        roll = rng.random()
+        held = pace.limit is not None and pace.at_limit >= LIMIT_HELD
+        if (held and roll < (0.2 if i < 150 else 0.7)) or (i < 150 and roll < 0.03):
+            client.hincrby(state_key, "rf", 1)
+            client.hincrby(state_key, "ko", 1)
+            client.hset(state_key, "rh", repr(clock.monotonic() + rng.choice((0.1, 0.5, 1.0))))
+        elif roll > 0.99:
+            client.hincrby(state_key, "ko", rng.randint(1, 20))
+        step(f"limiter {i}")
     assert all(seen.values()), seen  # (each part of the law was met, and compared, along the way)
 
 
