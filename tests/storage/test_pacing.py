@@ -16,6 +16,8 @@ import redis
 
 from celery_breaker import CircuitBreaker, State, TooManyRequests
 from celery_breaker.core.pacing import (
+    DOUBLINGS_MOST,
+    KEPT_MOST,
     KEPT_UP,
     LIMIT_HELD,
     Outcomes,
@@ -23,6 +25,7 @@ from celery_breaker.core.pacing import (
     PacingLaw,
     advance,
     allowed,
+    beyond_the_law,
     took,
 )
 from celery_breaker.monitoring import BreakerStatus, ReleasePace, collect_metrics
@@ -69,8 +72,10 @@ def counts(client: redis.Redis, state_key: str) -> Outcomes:
 
 
 def assert_stored(store: RedisStore, law: PacingLaw, pace: Pace, name: str) -> None:
-    """The pace release.lua stored is ``pace``, the law's in Python, field for field."""
+    """The pace release.lua stored is ``pace``, the law's in Python, field for field; and
+    one release.lua reads back (within what the law writes: ``beyond_the_law``)."""
     found = stored(store)
+    assert beyond_the_law(law, pace) is None, name  # (release.lua would restart it: the bounds too tight)
     assert (int(found["a_gen"]), float(found["a_at"]), float(found["jat"])) == (
         pace.generation, pace.at, pace.judged_at
     ), name  # fmt: skip
@@ -101,7 +106,7 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     whatever the load: the pace grows through what was bad news, in both alike. Along
     the way, judgements whose tasks queued (fewer back than went) held the rate in both.
     Last, a rate limiter met from the ceiling, at random (decision 94): limits measured
-    again at LIMIT_AGAIN, kept ones, their plateau doubling, in both alike.
+    again at LIMIT_AGAIN, kept ones, their plateau doubling up to KEPT_MOST, in both alike.
     Every field of the pacing hash is compared after every step (~600 steps, ~2 s)."""
     clock = FakeClock()
     # (claims go back to the queue after 2 s: at 400/s at most, some 1,200 are out at once)
@@ -115,7 +120,7 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     seen = {
         "thresholded": False, "limited": False, "owing": False, "eased": False, "plateau": False, "dropped": False,
         "crowded": False, "usual": False, "tolerated": False, "queueing": False, "kept": False,
-        "measured again": False, "kept again": False, "ceiling": False, "held": False,
+        "measured again": False, "kept again": False, "kept most": False, "ceiling": False, "held": False,
     }  # fmt: skip
 
     def step(name: str) -> None:
@@ -148,6 +153,10 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
         seen["plateau"] = seen["plateau"] or pace.at_limit > law.plateau
         seen["kept"] = seen["kept"] or pace.kept > 0
         seen["kept again"] = seen["kept again"] or pace.kept > 1
+        seen["kept most"] = seen["kept most"] or (  # (refused at the cap: kept again, its plateau no longer)
+            before is not None and before.kept == pace.kept == KEPT_MOST and pace.cut_at == clock.monotonic()
+            and outcomes.refused > before.seen.refused and pace.limit == before.rate
+        )  # fmt: skip
         seen["ceiling"] = seen["ceiling"] or pace.rate == law.ceiling
         seen["held"] = seen["held"] or (  # (a look within a refusal's wait: nothing went)
             outcomes.held_until is not None and clock.monotonic() < outcomes.held_until and pace.tokens == 0
@@ -225,8 +234,8 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     # A rate limiter (decision 94), met from the ceiling: every task released comes back
     # (all at once, or some), with looks between the judgements. First refused now and
     # then whatever the rate (its limit measured, again at LIMIT_AGAIN of the rate when set),
-    # then only once the rate has held its limit: kept limits, their plateau doubling with
-    # each, refused there again and again. A wait each time, and now and then a burst of
+    # then only once the rate has held its limit: kept limits, their plateau doubling up to
+    # KEPT_MOST, and refused there again. A wait each time, and now and then a burst of
     # failures (a cut that keeps the limit).
     assert pace is not None
     assert pace.rate == law.ceiling
@@ -246,6 +255,37 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
             client.hincrby(state_key, "ko", rng.randint(1, 20))
         step(f"limiter {i}")
     assert all(seen.values()), seen  # (each part of the law was met, and compared, along the way)
+
+
+def test_python_and_lua_agree_on_a_limit_held_without_creep(store: RedisStore, redis_url: str) -> None:
+    """A law without creep holds a limit for good, and counts its judgements there only up
+    to DOUBLINGS_MOST past the plateau. Counted on, after 1,023 judgements at the limit
+    (8.5 minutes at the defaults) ``creep * 2**at_limit`` was no float: the law in Python
+    raised OverflowError, and release.lua's lift was 0 * inf, NaN, which made the limit NaN
+    (stored as 'nan', an unreadable pace that restarted at the next look). Neither was
+    right: a limit without creep is kept as it is."""
+    clock = FakeClock()
+    tag = park(store, 500)
+    CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)
+    client = redis.Redis.from_url(redis_url)
+    state_key = tag + ":s"
+    law = PacingLaw(ceiling=40.0, creep=0.0, plateau=0)
+    pace: Pace | None = None
+    for i in range(1_100):
+        clock.advance(law.judge_every)
+        if pace is not None:
+            client.hincrby(state_key, "ok", pace.used + pace.in_flight)  # every task released succeeds
+            if i == 20:  # (at the ceiling by then) refused once: a limit is set
+                client.hincrby(state_key, "rf", 1)
+                client.hincrby(state_key, "ko", 1)
+        pace = advance(law, pace, counts(client, state_key), clock.monotonic())
+        expected = allowed(pace)
+        pace = took(pace, expected)
+        assert release(store, clock.monotonic(), law=law, lease=2.0) == expected, f"step {i}"
+        assert_stored(store, law, pace, f"step {i}")
+    assert pace is not None
+    assert pace.limit is not None
+    assert pace.at_limit == DOUBLINGS_MOST
 
 
 def test_two_workers_share_one_pace(store: RedisStore, redis_url: str) -> None:
@@ -405,6 +445,59 @@ def test_an_unreadable_pace_restarts_with_one_warning(
         assert stored(store)["thr"] == ""
         clock.advance(1.0)
         assert release(store, clock.monotonic()) == 5
+
+
+def test_a_pace_holding_what_no_release_writes_restarts_with_one_warning(
+    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Readable, but beyond what any step of the law writes (decision 97): restarted as an
+    unreadable pace is, with one warning naming the field. Before, each was taken as it
+    stood: a kept count of 10**9 held its limit from creeping for good; a usual share of 1
+    made no failure news; a judgement, a cut or a settling minutes ahead held the pace."""
+    clock = FakeClock()
+    tag = paced(store, clock)
+    client = redis.Redis.from_url(redis_url)
+    generation = stored(store)["a_gen"]
+    at_bounds = {"lim": "80", "lkp": str(KEPT_MOST), "alm": str(LAW.plateau * 2**KEPT_MOST + DOUBLINGS_MOST)}
+    # (a float: that many seconds from now)
+    cases: list[tuple[str, dict[str, str | float]]] = [
+        ("lkp", {"lim": "80", "lkp": "1000000000"}),
+        ("lkp", {"lim": "80", "lkp": str(KEPT_MOST + 1)}),
+        ("alm", {"lim": "80", "alm": "1000000000"}),
+        ("alm", {"lim": "80", "lkp": "1", "alm": str(2 * LAW.plateau + DOUBLINGS_MOST + 1)}),
+        ("thr", {"thr": "1e300"}),
+        ("thr", {"thr": "0.001"}),  # (below the floor: growth as after a cut)
+        ("lim", {"lim": "1e300"}),
+        ("lim", {"lim": "1e-300", "lkp": "3"}),  # (held for 80 s)
+        ("jat", {"jat": 200.0}),
+        ("cut", {"cut": 200.0}),
+        ("sut", {"cut": 0.0, "owe": "50", "sut": 290.0}),
+        ("used", {"used": "1000000000"}),
+        ("ubd", {"ubd": "60", "usn": "60", "ugen": generation}),
+    ]
+    for field, damage in cases:
+        now = clock.monotonic()
+        written = {name: value if isinstance(value, str) else repr(now + value) for name, value in damage.items()}
+        for name, value in written.items():
+            client.hset(tag + ":p", name, value)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+            assert release(store, now) == 0  # begun again: nothing held
+        [record] = caplog.records
+        assert f"{field}='{written[field]}'" in record.getMessage()
+        assert f"({field}: beyond what the law writes) (the pace restarts)" in record.getMessage()
+        assert (float(stored(store)["rate"]), stored(store)["thr"], stored(store)["lim"]) == (5.0, "", "")
+        clock.advance(1.0)
+        assert release(store, clock.monotonic()) == 5
+    # At the bounds: read as written, no warning.
+    for name, value in at_bounds.items():
+        client.hset(tag + ":p", name, value)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        clock.advance(1.0)
+        release(store, clock.monotonic())
+    assert caplog.records == []
+    assert (stored(store)["lkp"], stored(store)["lim"]) == (str(KEPT_MOST), "80")
 
 
 def test_a_refusal_recorded_by_a_released_task_cuts_the_pace_and_holds_it(store: RedisStore) -> None:

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from celery_breaker.core.pacing import (
+    DOUBLINGS_MOST,
+    KEPT_MOST,
     LIMIT_AGAIN,
     LIMIT_LEAST,
     RATE_MOST,
@@ -23,6 +25,7 @@ from celery_breaker.core.pacing import (
     advance,
     allowed,
     begin,
+    beyond_the_law,
     beyond_usual,
     took,
 )
@@ -384,6 +387,63 @@ def test_without_creep_a_limit_is_never_dropped() -> None:
     run(pacer, clock, downstream, 60.0)
     assert pacer.pace is not None
     assert (pacer.rate, pacer.pace.limit) == (76.0, 80.0)
+
+
+def test_without_creep_a_limit_held_for_half_an_hour_counts_its_judgements_no_further() -> None:
+    """``at_limit`` stops at ``DOUBLINGS_MOST`` judgements past the plateau. Counted on, a
+    limit held without creep for 1,024 judgements past it made ``creep * 2**at_limit`` an
+    int too large for a float: the law raised OverflowError (where ``release.lua`` made the
+    limit NaN, and restarted the pace at its next look)."""
+    pacer, clock, downstream = at_the_limit(replace(LAW, creep=0.0))
+    run(pacer, clock, downstream, 1_800.0)
+    assert pacer.pace is not None
+    assert (pacer.rate, pacer.pace.limit) == (76.0, 80.0)
+    assert pacer.pace.at_limit == LAW.plateau + DOUBLINGS_MOST
+    assert beyond_the_law(pacer.law, pacer.pace) is None
+
+
+def test_a_kept_limits_plateau_doubles_kept_most_times_and_no_more() -> None:
+    """A downstream that refuses the rate each time it has held its limit a second: each
+    refusal keeps the limit, and its plateau doubles, ``KEPT_MOST`` times (85 min at the
+    defaults); the next ones keep it as long. Counted on, ``kept`` grew without bound."""
+    pacer, clock, downstream = at_the_limit()
+    assert pacer.pace is not None
+    kept = []
+    for _ in range(KEPT_MOST + 3):
+        while pacer.pace.at_limit < 2:
+            run(pacer, clock, downstream, 1.0)
+        downstream.refuse(clock.monotonic(), 0.25)
+        run(pacer, clock, downstream, 0.25)
+        kept.append(pacer.pace.kept)
+        assert beyond_the_law(LAW, pacer.pace) is None
+    assert kept == [*range(1, KEPT_MOST + 1), KEPT_MOST, KEPT_MOST, KEPT_MOST]
+    assert pacer.pace.limit is not None
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"threshold": RATE_MOST * 2}, "threshold"),
+        ({"threshold": LAW.floor / 2}, "threshold"),
+        ({"limit": RATE_MOST * 2}, "limit"),
+        ({"limit": 1e-300}, "limit"),
+        ({"kept": KEPT_MOST + 1}, "kept"),
+        ({"kept": 0, "at_limit": LAW.plateau + DOUBLINGS_MOST + 1}, "at_limit"),
+        ({"kept": 3, "at_limit": LAW.plateau * 8 + DOUBLINGS_MOST + 1}, "at_limit"),
+        ({"judged_at": 10.0 + 2 * LAW.judge_every}, "judged_at"),
+        ({"cut_at": 10.5}, "cut_at"),
+        ({"cut_at": 9.0, "settle_until": 9.0 + 26 * LAW.judge_every}, "settle_until"),
+        ({"used": 3 * int(RATE_MOST)}, "used"),
+        ({"usual_bad": 60, "usual_seen": 60}, "usual_bad"),
+    ],
+)
+def test_a_pace_no_step_of_the_law_writes_names_its_field(changes: dict[str, Any], field: str) -> None:
+    seen = Outcomes(generation=1, successes=0, failures=0, slow=0)
+    pace = Pace(generation=1, rate=50.0, threshold=40.0, tokens=0.0, at=10.0, judged_at=9.0, seen=seen, used=20,
+                limit=60.0, kept=3, at_limit=LAW.plateau * 8 + DOUBLINGS_MOST, usual_bad=15, usual_seen=60)  # fmt: skip
+    assert beyond_the_law(LAW, pace) is None  # (each at its bound)
+    assert beyond_the_law(LAW, replace(pace, kept=KEPT_MOST)) is None
+    assert beyond_the_law(LAW, replace(pace, **changes)) == field
 
 
 def test_a_refusal_counted_under_an_earlier_generation_starts_no_cut() -> None:

@@ -65,7 +65,8 @@ since the last judgement (its ``Outcomes``):
 * a refusal met at a limit the rate had held for ``LIMIT_HELD`` judgements or more
   (``at_limit``) is not measured again: the limit becomes the rate refused, the cut goes
   to ``near`` of it, and the limit is ``kept``: it does not creep for its plateau, which
-  doubles with each refusal so met (``plateau * 2 ** kept`` judgements). A limiter that
+  doubles with each refusal so met (``plateau * 2 ** kept`` judgements), ``KEPT_MOST``
+  times at most (a stored pace beyond what the law writes restarts). A limiter that
   answers only 429 gives no other news of where its capacity is: a refusal after a second
   or more at a rate says that rate is the capacity, give or take a creep, where the few
   successes of a fraction of a judgement measured it at 0.5-0.7 of it (decision 94);
@@ -104,9 +105,11 @@ __all__ = [
     "BACK_OFF",
     "BAD_SHARE",
     "CREEP",
+    "DOUBLINGS_MOST",
     "FLOOR",
     "IN_FLIGHT_S",
     "JUDGE_EVERY",
+    "KEPT_MOST",
     "KEPT_UP",
     "LEAST_BAD",
     "LIMIT_AGAIN",
@@ -130,6 +133,7 @@ __all__ = [
     "advance",
     "allowed",
     "begin",
+    "beyond_the_law",
     "beyond_usual",
     "took",
 ]
@@ -194,6 +198,18 @@ CREEP = 0.005
 #: once it would grow the rate faster than ``STEP`` the limit is dropped: a refusal that
 #: the downstream has not repeated in all that time was a moment's, not its capacity.
 PLATEAU = 10
+#: A kept limit's plateau doubles with each refusal that keeps it up to this many times
+#: (``law.plateau * 2 ** KEPT_MOST`` judgements: 85 min at the defaults), and no more:
+#: counted without end, the ``kept`` of a downstream refusing every few seconds for hours
+#: grew with no bound, and a stored ``lkp`` of any size was as good as any other, one
+#: of 10**9 holding a limit from creeping for good. Bounded, a larger one is none the law
+#: wrote, and the pace restarts (decision 97).
+KEPT_MOST = 10
+#: Past its plateau, a limit's creep doubles at most this many times (``at_limit`` counts
+#: no further): any law's creep has passed its step by then, but for a creep below
+#: ``step / 2**64`` (0 among them: a limit never dropped, its ``at_limit`` counted without
+#: end, and ``creep * 2**at_limit`` no float in Python, where Lua made it NaN).
+DOUBLINGS_MOST = 64
 #: Outcomes of good news a pace must have seen before their bad share counts as the
 #: downstream's usual one (``Pace.usual``): bad outcomes up to what it predicts are no news.
 USUAL_LEAST = 50
@@ -320,8 +336,8 @@ class Pace:
     once it would pass ``law.step`` the limit is dropped."""
     kept: int = 0
     """Refusals met in a row at a limit the rate had held for ``LIMIT_HELD`` judgements
-    (0: the limit is a measure, or there is none): a kept limit does not creep during its
-    plateau, ``law.plateau * 2 ** kept`` judgements."""
+    (0: the limit is a measure, or there is none), at most ``KEPT_MOST``: a kept limit does
+    not creep during its plateau, ``law.plateau * 2 ** kept`` judgements."""
     usual_bad: int = 0
     """Bad outcomes (failures, slow calls) in the judgements of good news of this pace."""
     usual_seen: int = 0
@@ -345,6 +361,35 @@ def beyond_usual(pace: Pace, bad: int, came_back: int) -> float:
     if expected <= 0:
         return float(bad)
     return max(0.0, bad - expected - USUAL_NOISE * math.sqrt(expected))
+
+
+def beyond_the_law(law: PacingLaw, pace: Pace) -> str | None:
+    """The first field of ``pace`` holding a value no step of ``law`` writes (``None``:
+    none). ``pacing.lua`` restarts a stored pace with such a field, as it does an unreadable
+    one (decision 97): each of these, readable but absurd, held the release wrong for good
+    or for a long while (a ``kept`` of 10**9: a limit that never creeps; a usual share of
+    1: no failure ever news; a judgement 5 minutes ahead: no growth for 5 minutes). Times
+    are allowed a judgement's rounding; ``used`` a second's worth at ``RATE_MOST`` more
+    than the time since the last judgement could refill."""
+    judge = law.judge_every
+    bounds = {
+        # (both set at a rate the law bounded, or above it)
+        "threshold": pace.threshold is None or law.floor <= pace.threshold <= RATE_MOST,
+        # (set at most at the rate, or at the rate before a cut; crept only from near of it)
+        "limit": pace.limit is None
+        or law.floor <= pace.limit <= RATE_MOST * max(1 / law.back_off, (1 + law.step) / law.near),
+        "kept": pace.kept <= KEPT_MOST,
+        "at_limit": pace.kept > KEPT_MOST or pace.at_limit <= law.plateau * 2**pace.kept + DOUBLINGS_MOST,
+        "judged_at": pace.judged_at <= pace.at + judge,
+        "cut_at": pace.cut_at is None or pace.cut_at <= pace.at,
+        "settle_until": pace.settle_until is None
+        or pace.cut_at is None
+        or pace.settle_until - pace.cut_at <= judge * (SETTLE_LEAST + SETTLE_MOST + 1),
+        "used": pace.used <= RATE_MOST * (1 + max(0.0, pace.at - pace.judged_at)),
+        # (a judgement with more than USUAL_MOST of its outcomes bad teaches it nothing)
+        "usual_bad": pace.usual_bad <= USUAL_MOST * pace.usual_seen,
+    }
+    return next((name for name, good in bounds.items() if not good), None)
 
 
 def begin(law: PacingLaw, outcomes: Outcomes, now: float, before: Pace | None = None) -> Pace:
@@ -431,7 +476,7 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
             # took about that rate, and refuses just above it. The limit is the rate
             # refused, not what a fraction of a judgement's successes measured (half of
             # it, or less), and it is kept: no creep for a plateau twice as long.
-            limit, kept = rate, kept + 1
+            limit, kept = rate, min(kept + 1, KEPT_MOST)
             rate = law.bound(limit * law.near)
         elif refused > 0:
             # What the downstream took, not the rate refused: by the news the ramp had
@@ -485,7 +530,7 @@ def advance(law: PacingLaw, pace: Pace | None, outcomes: Outcomes, now: float) -
                     # the rate reached since): growth doubles again from here.
                     limit, threshold, at_limit, kept = None, None, 0, 0
                 else:
-                    limit, at_limit = limit * (1 + lift), at_limit + 1
+                    limit, at_limit = limit * (1 + lift), min(at_limit + 1, plateau + DOUBLINGS_MOST)
             if limit is not None:
                 grown = max(rate, min(grown, limit * law.near))
             rate = law.bound(grown)

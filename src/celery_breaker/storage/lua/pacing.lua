@@ -22,9 +22,10 @@
 -- 'dlv' the outcomes per second that came back in the last judgement of good news and 'dgen'
 -- the generation it was judged under (absent from paces older than it, or another: 0, none),
 -- 'lkp' the refusals met in a row at a limit the rate had held for LIMIT_HELD judgements (a
--- kept limit: no creep during its plateau, plateau * 2^lkp judgements; absent from paces
--- older than it, and ignored without a limit: 0).
--- Unreadable fields restart the pace (begin, without a threshold), with a warning.
+-- kept limit: no creep during its plateau, plateau * 2^lkp judgements; at most KEPT_MOST;
+-- absent from paces older than it, and ignored without a limit: 0).
+-- Unreadable fields restart the pace (begin, without a threshold), with a warning; so do
+-- readable ones no step of the law writes (beyond_the_law).
 
 -- pacing.SETTLE_LEAST: judgements in which outcomes judge nothing after a cut.
 local SETTLE_LEAST = 4
@@ -49,6 +50,10 @@ local KEPT_UP = 0.75
 -- pacing.LIMIT_HELD: a refusal met after this many judgements at the limit keeps the limit
 -- at the rate refused.
 local LIMIT_HELD = 2
+-- pacing.KEPT_MOST: a kept limit's plateau doubles this many times at most ('lkp' no higher).
+local KEPT_MOST = 10
+-- pacing.DOUBLINGS_MOST: past its plateau, a limit's creep doubles this many times at most.
+local DOUBLINGS_MOST = 64
 
 local LAW_FIELDS = { 'start', 'ceiling', 'judge_every', 'slow_start', 'step', 'back_off', 'bad_share', 'floor',
   'least_bad', 'in_flight_s', 'near', 'creep', 'plateau' }
@@ -81,8 +86,31 @@ local function bound(law, rate)
   return math.min(law.ceiling or RATE_MOST, math.max(law.floor, rate))
 end
 
+-- pacing.beyond_the_law: the first field of a pace holding a value no step of the law writes
+-- (nil: none). Readable but absurd ('lkp' 1e9: a limit that never creeps; 'ubd' = 'usn': no
+-- failure ever news; 'jat' minutes ahead: no growth meanwhile), it restarts the pace as an
+-- unreadable one does.
+local function beyond_the_law(law, pace)
+  local judge = law.judge_every
+  if pace.thr ~= nil and (pace.thr < law.floor or pace.thr > RATE_MOST) then return 'thr' end
+  if pace.lim ~= nil and (pace.lim < law.floor
+      or pace.lim > RATE_MOST * math.max(1 / law.back_off, (1 + law.step) / law.near)) then
+    return 'lim'
+  end
+  if pace.lkp > KEPT_MOST then return 'lkp' end
+  if pace.alm > law.plateau * 2 ^ pace.lkp + DOUBLINGS_MOST then return 'alm' end
+  if pace.jat > pace.at + judge then return 'jat' end
+  if pace.cut ~= nil and pace.cut > pace.at then return 'cut' end
+  if pace.sut ~= nil and pace.cut ~= nil and pace.sut - pace.cut > judge * (SETTLE_LEAST + SETTLE_MOST + 1) then
+    return 'sut'
+  end
+  if pace.used > RATE_MOST * (1 + math.max(0, pace.at - pace.jat)) then return 'used' end
+  if pace.ubd > USUAL_MOST * pace.usn then return 'ubd' end
+  return nil
+end
+
 -- The stored adaptive pace; nil when there is none (or only a fixed ramp's) or it is unreadable.
-local function read_pace()
+local function read_pace(law)
   local p = redis.call('HMGET', K_PACE, 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used',
     'cut', 'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen', 'dlv', 'dgen', 'lkp')
   if not p[2] then return nil end
@@ -127,13 +155,17 @@ local function read_pace()
   -- (likewise: an older writer that began this pace left the last pace's usual share)
   if read_whole(p[21] or '') ~= pace.gen then pace.ubd, pace.usn = 0, 0 end
   if pace.dlv ~= nil and read_whole(p[23] or '') ~= pace.gen then pace.dlv = 0 end -- (likewise)
-  if not good then
+  local absurd = nil
+  if good then absurd = beyond_the_law(law, pace) end
+  if not good or absurd ~= nil then
     local shown = {}
     for i, name in ipairs({ 'a_gen', 'rate', 'thr', 'a_tokens', 'a_at', 'jat', 'sok', 'sko', 'ssl', 'used', 'cut',
       'infl', 'srf', 'lim', 'owe', 'sut', 'csh', 'alm', 'ubd', 'usn', 'ugen', 'dlv', 'dgen', 'lkp' }) do
       shown[#shown + 1] = name .. '=' .. show(p[i])
     end
-    repaired('unreadable adaptive pace ' .. table.concat(shown, ' ') .. ' in ' .. K_PACE .. ' (the pace restarts)')
+    local why = ''
+    if absurd ~= nil then why = ' (' .. absurd .. ': beyond what the law writes)' end
+    repaired('unreadable adaptive pace ' .. table.concat(shown, ' ') .. ' in ' .. K_PACE .. why .. ' (the pace restarts)')
     return nil
   end
   return pace
@@ -231,7 +263,7 @@ local function advance_pace(law, pace, outcomes)
     if rf > 0 and lim ~= nil and pace.alm >= LIMIT_HELD then
       -- met again at a limit the rate had held for a second or more: the limit is the rate
       -- refused (not a fraction of a judgement's successes), and it is kept
-      lim, pace.lkp = rate, pace.lkp + 1
+      lim, pace.lkp = rate, math.min(pace.lkp + 1, KEPT_MOST)
       rate = bound(law, lim * law.near)
     elseif rf > 0 then
       -- what the downstream took (the successes per second back with the refusal), not the
@@ -284,7 +316,7 @@ local function advance_pace(law, pace, outcomes)
         if lift > law.step then
           lim, thr, pace.alm, pace.lkp = nil, nil, 0, 0
         else
-          lim, pace.alm = lim * (1 + lift), pace.alm + 1
+          lim, pace.alm = lim * (1 + lift), math.min(pace.alm + 1, plateau + DOUBLINGS_MOST)
         end
       end
       if lim ~= nil then grown = math.max(rate, math.min(grown, lim * law.near)) end

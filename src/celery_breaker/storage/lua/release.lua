@@ -150,7 +150,7 @@ local allowed = 0
 local probing = false -- (releasing this open period's probes)
 local adaptive = nil -- the adaptive pace, written back once the entries are claimed
 if law ~= nil and (not st or st == 'closed' or st == 'disabled') then
-  adaptive = advance_pace(law, read_pace(), { gen = read_whole(gen), ok = counts[1], ko = counts[2], sl = counts[3],
+  adaptive = advance_pace(law, read_pace(law), { gen = read_whole(gen), ok = counts[1], ko = counts[2], sl = counts[3],
     rf = counts[4], rh = held_until })
   allowed = math.floor(adaptive.tokens)
 elseif not st or st == 'closed' or st == 'disabled' then
