@@ -33,6 +33,7 @@ from celery_breaker.integration.deferral import broker_delay, countdown, native_
 from celery_breaker.integration.deferral.defer import _deliver
 from celery_breaker.integration.deferral.parking import decode_message
 from celery_breaker.integration.deferral.plan import DEFERRALS_HEADER, DeferralPlan
+from celery_breaker.integration.deferral.strategy import publish
 from celery_breaker.monitoring.status import collect_metrics
 from celery_breaker.storage import close_stores, resolve_store
 from tests.integration.backlog_proj import (
@@ -255,17 +256,29 @@ def _connections_opened(app: Any) -> list[str]:
     return opened
 
 
-def _deferred_by(job: Any, task_id: str, strategies: tuple[Any, ...], *, exchange: str, **fields: Any) -> str:
-    """The name of the strategy that takes a deferral of ``job`` delivered on ``exchange``
-    with the routing key ``work`` (``fields``: more of the deferral's, its ``breaker``)."""
+def _deferred_by(
+    job: Any, task_id: str, strategies: tuple[Any, ...], *, exchange: str, delay: float = 1.0, **fields: Any
+) -> str:
+    """The name of the strategy that takes a deferral of ``job`` by ``delay`` seconds,
+    delivered on ``exchange`` with the routing key ``work`` (``fields``: more of the
+    deferral's, its ``breaker``)."""
     job.push_request(id=task_id, args=(1,), kwargs={}, delivery_info={"exchange": exchange, "routing_key": "work"})
     try:
-        plan = DeferralPlan(delay=1.0, count=1, since=time.time())
+        plan = DeferralPlan(delay=delay, count=1, since=time.time())
         deferral = SimpleNamespace(task=job, args=(1,), kwargs={}, headers={}, plan=plan, options={}, **fields)
         by, _ = _deliver(deferral, strategies)  # type: ignore[arg-type]
         return str(by.name)
     finally:
         job.pop_request()
+
+
+class _Last:
+    """The next strategy after broker-delay: takes every run (a countdown would, here)."""
+
+    name, parks = "last", False
+
+    def deliver(self, deferral: Any) -> float:
+        return 1.0
 
 
 def test_broker_delay_refused_its_topology_opens_no_connection_per_run_for_a_minute(rabbitmq: RabbitMQServer) -> None:
@@ -291,15 +304,7 @@ def test_broker_delay_refused_its_topology_opens_no_connection_per_run_for_a_min
             app.amqp.queues["work"].bind(connection.default_channel).declare()
         opened = _connections_opened(app)
 
-        class Last:
-            """The next strategy: takes every run (a countdown would, here)."""
-
-            name, parks = "last", False
-
-            def deliver(self, deferral: Any) -> float:
-                return 1.0
-
-        strategies = (broker_delay.BrokerDelay(clock=lambda: now[0]), Last())
+        strategies = (broker_delay.BrokerDelay(clock=lambda: now[0]), _Last())
 
         def deferred_by(task_id: str) -> str:
             return _deferred_by(job, task_id, strategies, exchange="")
@@ -318,6 +323,59 @@ def test_broker_delay_refused_its_topology_opens_no_connection_per_run_for_a_min
         now[0] += 1
         assert deferred_by("t5") == "broker-delay"  # (declared again, the other type gone)
         assert len(opened) == 3
+
+
+def test_broker_delay_refused_by_a_length_policy_publishes_once_a_minute_per_level(
+    rabbitmq: RabbitMQServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``max-length`` 0 policy on broker-delay's delay queues (declared with ``x-overflow:
+    reject-publish``): RabbitMQ nacks every copy. Each run published its copy, met the
+    nack and went to the next strategy: one refused publish per run (4 for 4 runs), on
+    the path decision 95 made fast. Now a process remembers the nack of a level (the one
+    a run of that delay enters first) for ``LOOK_AGAIN_AFTER`` (a manual clock here): the
+    next runs of that level go on without publishing, another level's still publish, and
+    a minute later, the policy gone, broker-delay takes the run (decision 98)."""
+    now = [0.0]
+    with own_vhost(rabbitmq, "fulllevels") as vhost:
+        rabbitmq.rabbitmqctl("set_policy", "--vhost", vhost.name, "--apply-to", "queues", "full",
+                             "^celery_breaker_delayed_[0-9]", '{"max-length": 0}')  # fmt: skip
+        app = Celery("fulllevels", broker=vhost.url, set_as_current=False)
+        app.conf.update(task_default_queue="work", broker_native_delayed_delivery_queue_type="classic")
+
+        @app.task(bind=True, name="full.job")
+        def job(self: Any, n: int) -> int:
+            return n
+
+        app.finalize()
+        with app.connection_for_write() as connection:
+            app.amqp.queues["work"].bind(connection.default_channel).declare()
+        opened = _connections_opened(app)
+        published: list[str] = []
+
+        def counted(task: Any, signature: Any, **options: Any) -> None:
+            published.append(options["routing_key"])
+            publish(task, signature, **options)
+
+        monkeypatch.setattr(broker_delay, "publish", counted)
+        strategies = (broker_delay.BrokerDelay(clock=lambda: now[0]), _Last())
+
+        def deferred_by(task_id: str, delay: float = 1.0) -> str:
+            return _deferred_by(job, task_id, strategies, exchange="", delay=delay)
+
+        assert [deferred_by(f"t{n}") for n in range(4)] == ["last"] * 4
+        assert len(published) == 1  # (the first run's, nacked; before: 4, one for each run)
+        assert deferred_by("t4", delay=5.0) == "last"  # (5 s enters level 2, not level 0: published, nacked)
+        assert len(published) == 2
+        assert deferred_by("t5", delay=4.0) == "last"  # (level 2 again)
+        assert len(published) == 2
+        now[0] += native_delay.LOOK_AGAIN_AFTER - 1
+        assert deferred_by("t6") == "last"
+        assert len(published) == 2
+        rabbitmq.rabbitmqctl("clear_policy", "--vhost", vhost.name, "full")
+        now[0] += 1
+        assert deferred_by("t7") == "broker-delay"  # (the policy gone and the minute up)
+        assert len(published) == 3
+        assert len(opened) == 1  # (a nack closes nothing: one connection all along)
 
 
 def test_a_countdown_refused_on_its_way_into_the_delay_queues_is_parked_without_publishing_for_a_minute(

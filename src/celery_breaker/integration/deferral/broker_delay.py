@@ -299,6 +299,10 @@ class _TopologyRefused(Exception):
     """RabbitMQ refused broker-delay's delay topology a moment ago (``BrokerDelay._still_refused``)."""
 
 
+class _LevelRefused(Exception):
+    """RabbitMQ nacked a run entering a level of the delay topology a moment ago (``BrokerDelay._nacked_lately``)."""
+
+
 class _ConfirmLost(Exception):
     """A broker-delay message was written and not confirmed in time, and RabbitMQ never
     said it blocks the connection: the peer is taken for gone (a crashed node, a
@@ -505,9 +509,11 @@ class BrokerDelay:
     first run there. A publish that fails is tried once more over a new connection; if
     that fails too, or the queue cannot be told (``destination_queue``), the run goes
     to the next strategy; so does every run for a minute after RabbitMQ refused the
-    topology itself (``_still_refused``, decision 96). A publish not confirmed in time counts as delivered on a
-    connection RabbitMQ said it blocks (``_Blocking``), and otherwise goes to the next
-    strategy at once (``_ConfirmLost``). A blocked connection is retired, not closed:
+    topology itself (``_still_refused``, decision 96), and every run entering a level for
+    a minute after RabbitMQ nacked one entering it (``_nacked_lately``, decision 98). A
+    publish not confirmed in time counts as delivered on a connection RabbitMQ said it
+    blocks (``_Blocking``), and otherwise goes to the next strategy at once
+    (``_ConfirmLost``). A blocked connection is retired, not closed:
     RabbitMQ has not read the message yet, and a connection closed under it (an RST
     when unread frames are left) can take the message with it; it is closed once
     RabbitMQ unblocks it, or after ``RETIRED_AT_MOST`` seconds."""
@@ -522,6 +528,8 @@ class BrokerDelay:
         self._clock = clock
         #: RabbitMQ's refusal of the delay topology itself, and when (decision 96).
         self._refused: tuple[BaseException, float] | None = None
+        #: Per level, RabbitMQ's nack of a run entering it (a length policy), and when (decision 98).
+        self._nacked: dict[int, tuple[BaseException, float]] = {}
         self._cannot_tell = UnroutedWarning(
             "not broker-delay: not exactly one queue of the app is bound there, so the queue it came from cannot "
             "be told"
@@ -554,6 +562,24 @@ class BrokerDelay:
             return None  # (the operator may have fixed it: the next publish declares it again)
         return _TopologyRefused(
             f"RabbitMQ refused broker-delay's delay topology {ago:.0f} s ago ({exc!r}); looked at again "
+            f"{LOOK_AGAIN_AFTER:g} s after"
+        )
+
+    def _nacked_lately(self, level: int) -> BaseException | None:
+        """Why runs entering ``level`` do not go this way for now: RabbitMQ nacked one less
+        than ``LOOK_AGAIN_AFTER`` seconds ago (a length policy on the delay queues, whose
+        ``x-overflow`` is ``reject-publish``: decision 98). Each such run published its
+        copy first, to meet the same nack: one refused round trip per run."""
+        found = self._nacked.get(level)
+        if found is None:
+            return None
+        exc, since = found
+        ago = self._clock() - since
+        if ago >= LOOK_AGAIN_AFTER:
+            self._nacked.pop(level, None)  # (fixed by an operator, or the level drained: the next run tries)
+            return None
+        return _LevelRefused(
+            f"RabbitMQ refused a run entering {level_name(level)} {ago:.0f} s ago ({exc!r}); tried again "
             f"{LOOK_AGAIN_AFTER:g} s after"
         )
 
@@ -606,6 +632,10 @@ class BrokerDelay:
         if refused is not None:
             raise refused  # (the next strategy takes the run, without a connection opened for nothing)
         seconds = min(LONGEST_DELAY, max(1, math.ceil(deferral.plan.delay)))
+        level = seconds.bit_length() - 1  # (the level a run of this delay enters: its highest binary digit)
+        nacked = self._nacked_lately(level)
+        if nacked is not None:
+            raise nacked  # (the next strategy takes the run, as after the nack, without the publish)
         signature = task.signature_from_request(
             request, deferral.args, deferral.kwargs, headers=deferral.headers, **deferral.options
         )
@@ -639,4 +669,7 @@ class BrokerDelay:
                 task.name, request.id, confirms.CONFIRM_TIMEOUT,
             )  # fmt: skip
             return float(seconds)
-        raise published.failure(0)
+        failure = published.failure(0)
+        if result is Confirm.REFUSED:
+            self._nacked[level] = (failure, self._clock())  # (every run entering that level would meet it)
+        raise failure
