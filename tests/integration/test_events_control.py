@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +25,7 @@ import redis
 
 from celery_breaker import CircuitBreaker, State
 from tests.integration import partner_proj
+from tests.integration.event_capture import Events
 from tests.integration.partner_proj import BREAKER, call_partner, down_key
 from tests.integration.workers import ROOT, WorkerProcess, wait_for
 from tests.servers import free_port
@@ -46,49 +46,6 @@ def ns() -> str:
     return f"events-{uuid.uuid4().hex[:8]}"
 
 
-class Events:
-    """Every event on the broker, captured by a real ``Receiver`` in a thread."""
-
-    def __init__(self) -> None:
-        self.seen: list[dict[str, Any]] = []
-        self._lock = threading.Lock()
-        self._ready = threading.Event()
-        self._receiver: Any = None
-
-    def of(self, *types: str) -> list[dict[str, Any]]:
-        with self._lock:
-            return [event for event in self.seen if event["type"] in types]
-
-    def _on_event(self, event: dict[str, Any]) -> None:
-        with self._lock:
-            self.seen.append(event)
-
-    def _run(self) -> None:
-        app = partner_proj.app
-        with app.connection_for_read() as connection:
-            receiver = self._receiver = app.events.Receiver(connection, handlers={"*": self._on_event})
-            bind = receiver.on_consume_ready
-
-            def ready(*args: Any, **kwargs: Any) -> None:
-                bind(*args, **kwargs)
-                self._ready.set()
-
-            receiver.on_consume_ready = ready
-            for _ in receiver.consume(limit=None, timeout=None, safety_interval=0.2, wakeup=False):
-                pass
-
-    @contextlib.contextmanager
-    def running(self) -> Iterator[Events]:
-        thread = threading.Thread(target=self._run, name="event-receiver", daemon=True)
-        thread.start()
-        assert self._ready.wait(10), "the event receiver did not start"
-        try:
-            yield self
-        finally:
-            self._receiver.should_stop = True
-            thread.join(timeout=5)
-
-
 @contextlib.contextmanager
 def workers(broker: str, conf: dict[str, Any], names: list[str]) -> Iterator[list[WorkerProcess]]:
     with contextlib.ExitStack() as stack:
@@ -107,7 +64,7 @@ def test_transitions_and_deferrals_are_events_sent_once_with_the_worker_node_nam
     client = redis.Redis.from_url(broker)
     observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
     nodes = {f"{name}@{socket.gethostname()}" for name in ("e1", "e2")}
-    with Events().running() as events, workers(broker, conf, ["e1", "e2"]):
+    with Events(partner_proj.app).running() as events, workers(broker, conf, ["e1", "e2"]):
         client.set(down_key(ns), 1)
         results = [call_partner.delay(ns, n) for n in range(8)]
         wait_for(lambda: observer.snapshot().trips >= 2, 60, "two trips (a failed probe reopens)")
@@ -152,7 +109,7 @@ def test_events_stay_off_without_minus_e_or_breaker_send_events(broker: str, ns:
     conf = {"breaker_storage_url": store_url, "breaker_default_policy": POLICY, "breaker_send_events": False}
     client = redis.Redis.from_url(broker)
     observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
-    with Events().running() as events, workers(broker, conf, ["q1"]):
+    with Events(partner_proj.app).running() as events, workers(broker, conf, ["q1"]):
         client.set(down_key(ns), 1)
         results = [call_partner.delay(ns, n) for n in range(4)]
         wait_for(lambda: observer.snapshot().deferrals >= 2, 60, "deferrals")
@@ -172,7 +129,7 @@ def test_breaker_events_follow_enable_events_as_flower_sends_it(broker: str, ns:
     observer = CircuitBreaker(BREAKER, POLICY, storage=store_url)
     node = f"n1@{socket.gethostname()}"
     with (
-        Events().running() as events,
+        Events(partner_proj.app).running() as events,
         WorkerProcess(broker, concurrency=2, extra_conf=json.dumps(conf), name="n1", app=APP, events=False) as worker,
     ):
         worker.wait_ready()

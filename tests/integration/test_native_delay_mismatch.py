@@ -12,6 +12,8 @@ and a real RabbitMQ, a vhost of the test's own.
 from __future__ import annotations
 
 import contextlib
+import json
+import secrets
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -34,6 +36,7 @@ from celery_breaker.integration.deferral.defer import _deliver
 from celery_breaker.integration.deferral.parking import decode_message
 from celery_breaker.integration.deferral.plan import DEFERRALS_HEADER, DeferralPlan
 from celery_breaker.integration.deferral.strategy import publish
+from celery_breaker.integration.events import DEFERRED_EVENT
 from celery_breaker.monitoring.status import collect_metrics
 from celery_breaker.storage import close_stores, resolve_store
 from tests.integration.backlog_proj import (
@@ -48,6 +51,7 @@ from tests.integration.backlog_proj import (
 )
 from tests.integration.deployments import Deployment, deploy
 from tests.integration.downstream import Downstream
+from tests.integration.event_capture import Events
 from tests.integration.workers import wait_for
 from tests.rabbitmq import RabbitMQServer, own_vhost, taken_off
 from tests.servers import RedisServer
@@ -132,6 +136,19 @@ def _assert_kept(cell: Deployment, ids: list[str]) -> None:
         assert "countdown" not in body["options"]
 
 
+def _with_a_password(redis_server: RedisServer, cell: Deployment) -> str:
+    """The deployment's store reached as a Redis user of its own, whose password (returned)
+    is in the store URL: no event, no log line may show it."""
+    password = f"store-pw-{secrets.token_hex(8)}"
+    redis_server.admin().acl_setuser(
+        cell.ns, enabled=True, passwords=[f"+{password}"], keys=["*"], channels=["*"], categories=["+@all"]
+    )
+    cell.store_url = cell.conf["breaker_storage_url"] = cell.store_url.replace(
+        "redis://", f"redis://{cell.ns}:{password}@"
+    )
+    return password
+
+
 def _declare_both_topologies(url: str, queue_type: str, *, celery: bool = True) -> None:
     """What an app with these delay queue types leaves on the vhost: Celery's delay
     topology (unless not ``celery``) and broker-delay's."""
@@ -167,7 +184,10 @@ def test_a_deferral_neither_delay_can_take_is_never_lost(
     went into Celery's delay queues, were confirmed, and never came back. With a Redis
     store they are parked there, counted once, and leave the pool free; before decision
     95 each came back to its queue every second, and took a pool process for a second
-    each time; while that store is down, and without parking, they still go that way."""
+    each time; while that store is down, and without parking, they still go that way.
+    Each deferral's ``task-breaker-deferred`` event (captured as Flower does) names the way
+    it took: ``mechanism: park`` and ``parked: true`` for a parked run, which the countdown
+    hands to the store (``strategy.Handed``), and never shows the store URL's password."""
     parked = mode == "park"
     with RedisServer() as store:
         conf: dict[str, Any] = {"breaker_defer_spread": 0, "broker_native_delayed_delivery_queue_type": "classic"}
@@ -179,6 +199,7 @@ def test_a_deferral_neither_delay_can_take_is_never_lost(
         if mode == "store-down":
             cell.store_url = cell.conf["breaker_storage_url"] = f"{store.url}/1?key_prefix={cell.ns}"
             cell.mode = mode
+        secret = _with_a_password(redis_server, cell) if parked else None
         client = redis.Redis.from_url(cell.counter_url, decode_responses=True)
         user, password = ("guest", "guest") if case == "other-type" else (f"u-{cell.ns}", "secret")
         with own_vhost(rabbitmq, "nodelay", user=user, password=password) as vhost:
@@ -191,11 +212,25 @@ def test_a_deferral_neither_delay_can_take_is_never_lost(
                 rabbitmq.rabbitmqctl("set_permissions", "--vhost", vhost.name, user,
                                      "^(?!celery_delayed_|celery_breaker_delayed_).*", ".*", ".*")  # fmt: skip
             cell.broker_url = vhost.url
-            ids, log = deferred_while_open_then_run(
-                cell, task, client, parked=parked, store=store if mode == "store-down" else None
-            )
+            with Events(Celery("events", broker=vhost.url, set_as_current=False)).running() as events:
+                ids, log = deferred_while_open_then_run(
+                    cell, task, client, parked=parked, store=store if mode == "store-down" else None
+                )
+                wait_for(lambda: {e["uuid"] for e in events.of(DEFERRED_EVENT)} >= set(ids), 10, "each run's event")
     assert client.hgetall(executions_key(cell.ns)) == dict.fromkeys(ids, "1")
-    if parked:  # (each counted as one deferral: parked once, released once; said as parked)
+    deferred = events.of(DEFERRED_EVENT)
+    assert {event["uuid"] for event in deferred} == set(ids)
+    for event in deferred:  # (parked: the store's; straight back: the countdown's, which parks nothing)
+        assert (event["mechanism"], event["parked"]) == (("park", True) if parked else ("countdown", False)), event
+        assert (event["breaker"], event["key"]) == (BREAKER, None)
+        assert event["hostname"].startswith(f"w-{cell.ns}@")
+    if parked:  # (once each, behind the operator's open; no secret in any event, nor in the log)
+        assert sorted(event["uuid"] for event in deferred) == sorted(ids)
+        assert {(event["state"], event["deferral"]) for event in deferred} == {("forced_open", 1)}
+        assert secret is not None
+        assert secret not in json.dumps(events.seen)
+        assert secret not in log
+        # (each counted as one deferral: parked once, released once; said as parked)
         assert client.hgetall(deferral_counts_key(cell.ns)) == dict.fromkeys(ids, "1")
         assert log.count("forced_open, parked until an operator closes it (deferral 1)") == len(ids)
     errors = [line for line in log.splitlines() if "ERROR/ForkPoolWorker" in line and "native delayed" in line]
