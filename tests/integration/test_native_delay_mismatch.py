@@ -31,9 +31,10 @@ from kombu.transport.native_delayed_delivery import (
 )
 
 from celery_breaker import CircuitBreaker
+from celery_breaker.errors import CircuitOpenError
 from celery_breaker.integration.deferral import broker_delay, countdown, native_delay
 from celery_breaker.integration.deferral.defer import _deliver
-from celery_breaker.integration.deferral.parking import decode_message
+from celery_breaker.integration.deferral.parking import ParkInStore, decode_message
 from celery_breaker.integration.deferral.plan import DEFERRALS_HEADER, DeferralPlan
 from celery_breaker.integration.deferral.strategy import publish
 from celery_breaker.integration.events import DEFERRED_EVENT
@@ -54,6 +55,7 @@ from tests.integration.downstream import Downstream
 from tests.integration.event_capture import Events
 from tests.integration.workers import wait_for
 from tests.rabbitmq import RabbitMQServer, own_vhost, taken_off
+from tests.reply_dropper import ReplyDropper
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -474,6 +476,74 @@ def test_a_countdown_refused_on_its_way_into_the_delay_queues_is_parked_without_
 
         wait_for(came_back, 10, "the copy back through Celery's delay")
         assert [message.headers["id"] for message in back] == ["t5"]
+
+
+@pytest.mark.parametrize("lost", ["closed", "timed-out"])
+def test_a_park_whose_reply_is_lost_sends_the_run_straight_back_as_well_never_nowhere(
+    lost: str, rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """A countdown Celery's native delay would not bring back (its levels of the other
+    type) is parked in a real Redis store, through a proxy that loses the park's reply:
+    Redis parks the entry, then the connection closes before the reply reaches the
+    worker (``closed``: redis-py retries once, lost again), or stays silent past the
+    store's ``socket_timeout`` (``timed-out``: the store asks again once, lost again).
+    The store cannot tell the countdown it took the run, so ``ParkInStore`` declines it
+    and the countdown sends it straight back to its queue as well (decision 95): the run
+    waits in both, so it runs once or twice, never zero times. Taken for parked instead
+    (the store's failure read as a park), the queue would stay empty, and a lost entry
+    (the store restarted empty) would lose the task."""
+    with (
+        own_vhost(rabbitmq, "lostreply") as vhost,
+        ReplyDropper(redis_server.address, close=lost == "closed") as proxy,
+    ):
+        _declare_both_topologies(vhost.url, "quorum")  # (the app says classic: Celery's delay is not set up)
+        app = Celery("lostreply", broker=vhost.url, set_as_current=False)
+        queue = Queue("work", Exchange("work", type="topic"), routing_key="work",  # type: ignore[no-untyped-call]
+                      queue_arguments={"x-queue-type": "quorum"})  # fmt: skip
+        app.conf.update(task_queues=[queue], task_default_queue="work",
+                        broker_native_delayed_delivery_queue_type="classic")  # fmt: skip
+
+        @app.task(bind=True, name=f"lostreply.job.{lost}")
+        def job(self: Any, n: int) -> int:
+            return n
+
+        app.finalize()
+        with app.connection_for_write() as connection:
+            queue.bind(connection.default_channel).declare()  # type: ignore[no-untyped-call]
+        ns = f"lost-{secrets.token_hex(4)}"
+        breaker = CircuitBreaker(
+            BREAKER, POLICY, storage=f"redis://127.0.0.1:{proxy.port}/1?key_prefix={ns}&socket_timeout=1"
+        )
+        breaker.force_open()
+        strategy = countdown.CountdownRepublish(whole_seconds=True, park=ParkInStore())
+
+        def deferred_by(task_id: str) -> str:
+            rejected = CircuitOpenError("forced open", name=BREAKER, state=breaker.state)
+            return _deferred_by(job, task_id, (strategy,), exchange="work", breaker=breaker, rejected=rejected,
+                                expires_in=None, max_defer_age=None, now=time.time(), failed=False)  # fmt: skip
+
+        parking = resolve_store(breaker.store.url).parking
+        assert parking is not None
+        entries = parking.tag(BREAKER, None) + ":m"
+        assert deferred_by("t-kept") == "park"  # (the proxy passing replies on: parked, nothing published)
+        assert taken_off(vhost.url, queue) == []
+        proxy.marker = b"t-lost:0:1"  # (the entry's id: only the park of that run carries it)
+        assert deferred_by("t-lost") == "countdown"  # (straight back, after the pause)
+        assert proxy.dropped == 2  # (the park, and the one retry: redis-py's, or the store's own after a timeout)
+        store = redis.Redis.from_url(f"{redis_server.url}/1", decode_responses=True)
+        parked = sorted(store.hkeys(entries))
+        assert parked == ["t-kept:0:1", "t-lost:0:1"]  # (Redis parked it: its reply alone was lost)
+        store.close()
+        back: list[Any] = []
+
+        def came_back() -> bool:
+            back.extend(taken_off(vhost.url, queue))
+            return bool(back)
+
+        wait_for(came_back, 10, "the run straight back to its queue")
+        assert [message.headers["id"] for message in back] == ["t-lost"]
+        assert back[0].headers.get("eta") is None  # (no countdown: straight back)
+        breaker.close()
 
 
 @pytest.mark.parametrize("mode", ["countdown", "park"])
