@@ -277,6 +277,8 @@ class HealthCheck:
                 elif inspect.isgenerator(value) or inspect.isasyncgen(value):
                     # (from a callable that returns one) healthy, it would pass with nothing checked
                     raise TypeError(f"the check returned {value!r}, whose body does not run: nothing was checked")
+            except _SelfCancelled as own:  # (raised by ``_bounded``: what the check itself raised)
+                outcome.append(CheckResult(False, own.error))
             except BaseException as exc:  # a probe's failure is data, whatever it raised
                 outcome.append(CheckResult(False, exc))
             else:
@@ -303,9 +305,10 @@ class HealthCheck:
     async def arun(self, timeout: float | None = None) -> CheckResult:
         """``run()`` for a caller on an event loop, which it never blocks: a coroutine
         function is awaited on this loop, cancelled after the timeout; anything else runs
-        in the helper thread, waited for in another (``_run_off_loop``). An ``Exception``
-        or a ``SystemExit`` the check raises is a verdict: a cancellation of the caller
-        (or a ``KeyboardInterrupt``) goes through."""
+        in the helper thread, waited for in another (``_run_off_loop``). Whatever the
+        check raises is a verdict (an ``Exception``, a ``SystemExit``, a ``BaseException``
+        of its own: ``_exit_kept``): a cancellation of the caller (or a
+        ``KeyboardInterrupt``) goes through."""
         limit = self.timeout if timeout is None else min(self.timeout, timeout)
         if not _is_coroutine_function(self.fn):
             return await self._run_off_loop(limit)
@@ -651,33 +654,46 @@ async def _bounded(awaitable: Awaitable[object], limit: float) -> object:
         # it read as the caller's, which was cancelled instead of rejected.
         raise _SelfCancelled(exc) from None
     if type(value) is _Exited:
-        raise value.exit  # (in the caller's task, which makes it a verdict: ``arun``)
+        if isinstance(value.exit, SystemExit):
+            raise value.exit  # (in the caller's task, which makes it a verdict: ``arun``)
+        raise _SelfCancelled(value.exit)  # (its own BaseException: a verdict too, in ``arun``)
     return value
 
 
 class _SelfCancelled(Exception):
-    """A check that cancelled itself (``_bounded``), carrying its ``CancelledError``: a
-    failed check, where the caller's own cancellation goes through."""
+    """A check that cancelled itself (``_bounded``), carrying its ``CancelledError`` (or
+    another ``BaseException`` of its own, ``_exit_kept``): a failed check, where the
+    caller's own cancellation goes through."""
 
-    def __init__(self, error: asyncio.CancelledError) -> None:
+    def __init__(self, error: BaseException) -> None:
         super().__init__(error)
         self.error = error
 
 
 class _Exited(NamedTuple):
-    """A ``SystemExit`` the check raised, carried out of its task as a value."""
+    """A ``SystemExit`` (or another ``BaseException`` that is no ``Exception``) the check
+    raised, carried out of its task as a value."""
 
-    exit: SystemExit
+    exit: BaseException
 
 
 async def _exit_kept(awaitable: Awaitable[object]) -> object:
     """``await awaitable``, a ``SystemExit`` it raises kept as an ``_Exited``: raised out of
     a task, asyncio raises it out of the event loop, which ended the caller's loop, every
     other task on it, and its process, where the same check run in a thread failed (a
-    check's ``sys.exit()`` is the check's, not the caller's)."""
+    check's ``sys.exit()`` is the check's, not the caller's). So is any other
+    ``BaseException`` of the check's own (gevent's ``Timeout``, a test framework's
+    failure), but a ``KeyboardInterrupt`` or a cancellation: re-raised out of ``_bounded``
+    as it was, it read as the caller's in ``arun`` and went through to the caller, no
+    verdict given, where run in a thread it failed the check (an acceptance tester's
+    async check raising one left its breaker HALF_OPEN for good, every caller handed it)."""
     try:
         return await awaitable
-    except SystemExit as exc:
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        raise
+    except Exception:
+        raise
+    except BaseException as exc:
         return _Exited(exc)
 
 

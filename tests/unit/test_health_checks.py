@@ -1382,3 +1382,34 @@ def test_a_health_checks_repr_and_shown_probe_never_show_its_arguments() -> None
     with pytest.raises(ConfigurationError) as info:
         HealthCheck("https://ops:s3cret@crm.example.com/health")  # type: ignore[arg-type]
     assert "s3cret" not in str(info.value)
+
+
+class _Interrupted(BaseException):
+    """What a check's client may raise that is no ``Exception`` (gevent's ``Timeout``, a
+    test framework's failure): the check's own failure, not its caller's."""
+
+
+def test_a_check_raising_a_base_exception_of_its_own_is_a_failed_check_on_the_callers_loop_too(
+    clock: FakeClock,
+) -> None:
+    # Run in a thread, such a check failed; awaited on the caller's loop it went through to
+    # the caller, no verdict given: the breaker stayed HALF_OPEN for good, and every caller
+    # that came ran the check again and was handed its error instead of a rejection.
+    async def check() -> None:
+        raise _Interrupted("probe")
+
+    assert HealthCheck(check).run().detail == "_Interrupted: probe"
+
+    async def main() -> None:
+        result = await HealthCheck(check).arun()
+        assert type(result.error) is _Interrupted
+        assert not result.healthy
+        breaker = breaker_with(check, clock)
+        fail(breaker)
+        clock.advance(10)
+        with pytest.raises(CircuitOpenError):
+            async with breaker:
+                pass
+        assert state_of(breaker) is State.OPEN  # the check failed: reopened
+
+    asyncio.run(main())
