@@ -199,6 +199,24 @@ def test_a_task_named_by_its_dotted_path_is_checked_by_its_body_not_through_its_
     assert probe.name == "task crm.ping"
 
 
+def test_a_dotted_path_naming_a_health_check_object_is_that_check() -> None:
+    # A HealthCheck is accepted in breaker_probes and as the task option, but one named by
+    # its dotted path (all a setting read from a file or the environment can give) was
+    # refused as "not a callable", and its worker did not start.
+    app = throwaway_app("probe-kept", breaker_probes={"kept": "tests.celery.probe_tasks:KEPT_CHECK"})
+    for where, value in (("breaker_probes['kept']", "tests.celery.probe_tasks:KEPT_CHECK"),
+                         ("breaker_probe", "tests.celery.probe_tasks.KEPT_CHECK")):  # fmt: skip
+        assert resolve_probe(app, value, where=where, timeout=10.0) is probe_tasks.KEPT_CHECK
+
+    @app.task(base=BreakerTask, breaker="kept", shared=False, name="kept.job")
+    def job() -> None:
+        """A task whose breaker's check is the module's HealthCheck, with its own 3 s timeout."""
+
+    probe = task_breaker_config(job).probe
+    assert probe is probe_tasks.KEPT_CHECK
+    assert probe.timeout == 3.0
+
+
 def test_a_probe_defined_as_a_method_of_a_task_class_gets_self() -> None:
     # As breaker_key and breaker_fallback methods are. Taken from the class, it was called
     # without self: every check failed (TypeError) and the breaker never closed. (Its own

@@ -2,7 +2,8 @@
 
 A string names a task of the app when one has that name; otherwise it is imported as
 ``package.module:function`` (or ``package.module.function``), which may find a task too
-(one named otherwise than its path); a task object may be given too. A task's body is
+(one named otherwise than its path), or a ``HealthCheck`` (kept as it is, with its own
+timeout); a task object may be given too. A task's body is
 called in the process that checks (``task.run()``), without its breaker, its retries or
 a result backend: a health check that had to travel through the broker and back could
 wait behind the very backlog it is meant to release, and a worker blocking on another
@@ -56,6 +57,11 @@ def resolve_probe(app: Any, probe: ProbeSpec, *, where: str, timeout: float) -> 
             "'package.module:function', or give the function itself"
         )
     found = _import(probe, where)
+    if isinstance(found, HealthCheck):
+        # A check kept in a module, with its own timeout, as it may be given itself: named
+        # by its path (all a setting read from a file or the environment can say), it was
+        # refused as no callable, and the worker did not start.
+        return found
     if isinstance(found, Task):
         # A task named by its dotted path, not its name: its body too, never the task
         # itself, whose call would go through its breaker (the one it checks, when it is
@@ -73,7 +79,7 @@ def _check(where: str, fn: ProbeFunction, timeout: float, name: str = "") -> Hea
         raise ConfigurationError(f"{where}: {exc}") from None
 
 
-def _import(path: str, where: str) -> ProbeFunction:
+def _import(path: str, where: str) -> ProbeFunction | HealthCheck:
     module_name, colon, attr = path.partition(":")
     if not colon:
         module_name, _, attr = path.rpartition(".")
@@ -82,7 +88,7 @@ def _import(path: str, where: str) -> ProbeFunction:
     if not module_name or not attr:
         raise ConfigurationError(f"{where}={shown} names no task of this app and is no dotted path; {fix}")
     try:
-        found = importlib.import_module(module_name)
+        found: object = importlib.import_module(module_name)
         for part in attr.split("."):
             found = getattr(found, part)
     except (ImportError, AttributeError) as exc:
@@ -91,6 +97,8 @@ def _import(path: str, where: str) -> ProbeFunction:
     except Exception as exc:  # (the module itself fails as it is imported: a SyntaxError, its own code)
         problem = f"{where}={shown}: importing {module_name!r} failed ({type(exc).__name__}: {exc})"
         raise ConfigurationError(f"{problem}; fix that module, or name another check") from exc
+    if isinstance(found, HealthCheck):
+        return found
     if not callable(found):
         raise ConfigurationError(f"{where}={shown} is {shown_probe(found)}, not a callable; {fix}")
     checked: ProbeFunction = found

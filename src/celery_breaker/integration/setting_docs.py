@@ -135,11 +135,11 @@ SETTING_DOCS: dict[str, Doc] = {
         default="one day",
     ),
     "breaker_probes": Doc(
-        accepts="dict: breaker name or glob → a dotted path to a function (`package.module:function`), the "
-        "name of a task of the app, a callable, or a `celery_breaker.HealthCheck(fn, timeout)` (its own timeout "
-        "in place of `breaker_probe_timeout`); each is resolved at worker start, and one that names no task "
-        "and imports nothing, or that cannot be called without arguments nor with the breaker's key alone, stops "
-        "the worker",
+        accepts="dict: breaker name or glob → a dotted path to a function (`package.module:function`) or to a "
+        "`HealthCheck`, the name of a task of the app, a callable, or a `celery_breaker.HealthCheck(fn, timeout)` "
+        "(its own timeout in place of `breaker_probe_timeout`); each is resolved at worker start, and one that "
+        "names no task and imports nothing, or that cannot be called without arguments nor with the breaker's key "
+        "alone, stops the worker",
         meaning="a health check per breaker, run instead of a real task when the breaker may half-open; real tasks "
         "stay deferred or parked until the checks close it. A check fails by raising or returning `False`; one that "
         "requires an argument, or has an optional `key=None`, is given the key of the per-key breaker it "
@@ -197,7 +197,8 @@ TASK_OPTION_DOCS: dict[str, Doc] = {
         default='`"run"`',
     ),
     "breaker_probe": Doc(
-        accepts="a callable (sync or async), a dotted path `package.module:function`, or a task name",
+        accepts="a callable (sync or async), a `HealthCheck`, a dotted path `package.module:function` (to either), "
+        "or a task name",
         meaning="this task's breaker's health check, as in `breaker_probes`; a method defined on a `BreakerTask` "
         "subclass is called as a method (`self.breaker_probe()`). Tasks sharing a breaker must give it the same "
         "check (and timeout), or all none: a conflict stops the worker at start (set it once in "
