@@ -37,6 +37,7 @@ from .labels import breaker_label, shown_label
 from .names import check_name, kept_key
 from .storage import NO_MOVES, Cell, Moves, Store, describe_url, forced_why, resolve_store, with_fallback
 from .storage.fallback import FallbackCell
+from .storage.urls import MaskedRepr
 
 __all__ = ["CircuitBreaker", "ExceptionTranslator", "RunAdmission", "TransitionListener", "current_run"]
 
@@ -1290,7 +1291,7 @@ class CircuitBreaker:
             run.recorded = outcome
         if outcome is FAILURE:
             logger.debug(
-                "breaker %s: recorded failure %r", shown_label(self.label), exc,
+                "breaker %s: recorded failure %s", shown_label(self.label), MaskedRepr(exc),
                 extra={"breaker": self.name, "breaker_key": self.key},
             )  # fmt: skip
         if moves:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, cast
 from .core import State
 from .core.policy import finite_number
 from .errors import ConfigurationError
-from .storage.urls import describe_url
+from .storage.urls import describe_url, masked_in_text
 
 __all__ = [
     "DEFAULT_PROBE_TIMEOUT",
@@ -158,12 +158,15 @@ class CheckResult:
 
     @property
     def detail(self) -> str:
-        """A short reason for the logs: ``'returned False'``, ``'ConnectionError: refused'``."""
+        """A short reason for the logs: ``'returned False'``, ``'ConnectionError: refused'``.
+        A URL's password, or a ``password=``/``token=`` value, the check's error quotes
+        (``cannot reach https://user:pw@partner/health``) is masked: the error is the
+        user's, and the WARNING that quotes it may go anywhere logs go."""
         if self.healthy:
             return "healthy"
         if self.error is None:
             return "returned False"
-        text = f"{type(self.error).__name__}: {_text_of(self.error)}"
+        text = f"{type(self.error).__name__}: {masked_in_text(_text_of(self.error))}"
         return text if len(text) <= 200 else text[:197] + "..."
 
 

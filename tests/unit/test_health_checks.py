@@ -54,6 +54,62 @@ def test_returning_normally_is_healthy_and_false_or_raising_is_not() -> None:
     assert failed.detail == "ConnectionError: refused"
 
 
+@pytest.mark.parametrize(
+    ("message", "secret", "kept"),
+    [
+        ("cannot reach https://monitor:s3cr3t-pw@partner.example/health", "s3cr3t-pw", "partner.example/health"),
+        ("Error connecting to redis://:s3cr3t-pw@cache:6379/0.", "s3cr3t-pw", "cache:6379/0"),
+        ("('amqp://guest:s3cr3t-pw@mq:5672//', 'refused')", "s3cr3t-pw", "mq:5672//"),
+        ("https://s3cr3t-token@api.example/v1 answered 401", "s3cr3t-token", "api.example/v1 answered 401"),
+        ("GET /status?api_key=s3cr3t-key&region=eu: 503", "s3cr3t-key", "region=eu: 503"),
+        ("login refused (password=s3cr3t-pw)", "s3cr3t-pw", "login refused"),
+    ],
+)
+def test_a_checks_error_quoting_a_secret_is_logged_masked(
+    message: str, secret: str, kept: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The check's error is the user's: the WARNING that quotes it (the check that reopened
+    # the breaker) showed a URL's password, or a token, as the check's error had it.
+    def check() -> None:
+        raise ConnectionError(message)
+
+    result = HealthCheck(check).run()
+    assert secret not in result.detail
+    assert kept in result.detail
+    assert result.detail.startswith("ConnectionError: ")
+    policy = BreakerPolicy(failure_threshold=1, reset_timeout=10, backoff_multiplier=1, success_threshold=1)
+    breaker = CircuitBreaker("svc", policy, storage=fresh_store(), clock=clock, probe=check)
+    caplog.set_level(logging.DEBUG, logger="celery_breaker")
+    fail(breaker)
+    clock.advance(10)
+    with pytest.raises(CircuitOpenError):
+        breaker.call(lambda: "real")
+    logged = [record.getMessage() for record in caplog.records if " failed (ConnectionError: " in record.getMessage()]
+    assert len(logged) == 1
+    assert kept in logged[0]
+    assert secret not in caplog.text
+
+
+def test_a_failure_quoting_a_secret_is_logged_masked(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    # Every failure a breaker records is logged at DEBUG with the downstream's error: the
+    # user's, which may quote the URL it failed to reach, password and all.
+    breaker = CircuitBreaker("svc", BreakerPolicy(failure_threshold=5), storage=fresh_store(), clock=clock)
+    caplog.set_level(logging.DEBUG, logger="celery_breaker")
+    with pytest.raises(ConnectionError):
+        breaker.call(_raise, "POST https://shop:s3cr3t-pw@payments.example/charge refused")
+    assert "recorded failure ConnectionError('POST https://shop:***@payments.example/charge refused')" in caplog.text
+    assert "s3cr3t-pw" not in caplog.text
+
+
+def test_a_checks_error_with_no_secret_is_logged_as_it_is() -> None:
+    message = "GET https://partner.example/health?region=eu: 503 from user@host (token expired)"
+    assert HealthCheck(functools.partial(_raise, message)).run().detail == f"ConnectionError: {message}"
+
+
+def _raise(message: str) -> None:
+    raise ConnectionError(message)
+
+
 def test_an_async_check_runs_on_its_own_loop() -> None:
     async def check() -> bool:
         await asyncio.sleep(0)

@@ -9,7 +9,9 @@ from urllib.parse import unquote
 __all__ = [
     "ENCODE_PASSWORD",
     "SHOWN_OPTIONS",
+    "MaskedRepr",
     "describe_url",
+    "masked_in_text",
     "password_misread",
     "scrub_each",
     "scrub_secrets",
@@ -175,6 +177,47 @@ def scrub_secrets(text: str, url: str) -> str:
         if len(piece) >= _SHORTEST_PIECE:
             text = text.replace(piece, "***")
     return text
+
+
+#: A URL in free text: its scheme to the next space (a password may hold any other mark).
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+#: A secret given by name in free text (a query option, a keyword, a log line's field).
+_SECRET_IN_TEXT = re.compile(
+    r"(?P<name>\b(?:[A-Za-z_]*password|passwd|pwd|token|secret|api_?key|access_?key)=)[^&#\s'\",;)]*", re.I
+)
+#: Characters of a text masked at the most (what a log line quotes of it is shorter).
+_MASKED_AT_MOST = 2_000
+
+
+def masked_in_text(text: str) -> str:
+    """``text`` from code this package does not know (a health check's error), the user
+    info of every URL in it masked (``describe_url``) and the value of every
+    ``password=``, ``token=``, ``secret=``, ``api_key=``: no URL to mask by is known, as
+    ``scrub_secrets`` has, so both are found by their shape. Only its first
+    ``_MASKED_AT_MOST`` characters are kept."""
+    text = text[:_MASKED_AT_MOST]
+    text = _URL_IN_TEXT.sub(lambda url: describe_url(url[0]) if "@" in url[0] else url[0], text)
+    return _SECRET_IN_TEXT.sub(r"\g<name>***", text)
+
+
+class MaskedRepr:
+    """``repr(value)``, masked (``masked_in_text``), for a log line's argument: made only
+    when the line is emitted, as logging formats its arguments (a DEBUG line that is not
+    emitted costs no masking)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        try:
+            text = repr(self.value)
+        except Exception:  # (the user's object: its repr must not fail the line)
+            text = f"<{type(self.value).__name__}: repr() failed>"
+        return masked_in_text(text)
+
+    __str__ = __repr__
 
 
 def urls_in(value: object, depth: int = 0) -> list[str]:
