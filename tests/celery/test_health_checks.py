@@ -142,6 +142,44 @@ def test_a_task_option_probe_wins_over_the_setting_and_takes_its_timeout() -> No
     assert (setting.fn, setting.timeout) == (probe_tasks.check_setting, 1.5)
 
 
+def test_an_entry_of_none_exempts_a_breaker_from_a_glob_and_false_a_tasks_breaker() -> None:
+    # One breaker under a glob's health check could not be left without one: None was
+    # refused ("must be a dotted path ..."), the worker did not start, and the task option
+    # had no way either (None there means "the setting's").
+    app = throwaway_app(
+        "probe-exempt",
+        breaker_probes={"crm*": "tests.celery.probe_tasks:check_setting", "crm-legacy": None, "old-*": None},
+    )
+
+    @app.task(base=BreakerTask, breaker="crm-eu", shared=False)
+    def eu() -> None:
+        """Checked by the glob's probe."""
+
+    @app.task(base=BreakerTask, breaker="crm-legacy", shared=False)
+    def legacy() -> None:
+        """Exempted by name: its real tasks are its probes."""
+
+    @app.task(base=BreakerTask, breaker="crm-us", breaker_probe=False, shared=False)
+    def us() -> None:
+        """Exempted by its own option."""
+
+    @app.task(base=BreakerTask, breaker="old-crm", shared=False)
+    def old() -> None:
+        """Under a glob of None."""
+
+    check_app(app)  # (the worker starts)
+    checked = task_breaker_config(eu).probe
+    assert checked is not None
+    assert checked.fn is probe_tasks.check_setting
+    assert task_breaker_config(legacy).probe is None
+    assert task_breaker_config(us).probe is None
+    assert task_breaker_config(old).probe is None
+    settings = build_settings(app.conf)
+    assert settings.probe_for("crm-legacy") is None
+    assert settings.probe_for("crm-eu") == ("crm*", "tests.celery.probe_tasks:check_setting")
+    assert breaker_with_probe(app, "crm-legacy", None, task_breaker_config(legacy).policy, None).probe is None
+
+
 def test_a_task_option_probe_timeout_too_short_for_any_check_names_the_task() -> None:
     app = throwaway_app("probe-option-short", breaker_probes={"crm": "tests.celery.probe_tasks:check_setting"})
 
@@ -366,7 +404,7 @@ def test_a_task_option_probe_of_the_wrong_type_is_refused() -> None:
     def job() -> None:
         """A task with a probe that cannot be one."""
 
-    with pytest.raises(ConfigurationError, match="breaker_probe must be a callable, a HealthCheck, a dotted path or"):
+    with pytest.raises(ConfigurationError, match="breaker_probe must be a callable, a HealthCheck, a dotted path, a"):
         check_app(app)
 
 

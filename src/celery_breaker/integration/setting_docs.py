@@ -146,7 +146,9 @@ SETTING_DOCS: dict[str, Doc] = {
         "checks. A task "
         "named here has its body called in the worker's process, without its breaker "
         "([health-check probes](concepts.md#health-check-probes)); the exact name wins over globs, then the first "
-        "matching glob. A name one typo from a task's breaker (`partnr` for `partner`) is warned of at start",
+        'matching glob, and an entry of `None` gives what it names no health check (`{"pay*": check, '
+        '"pay-legacy": None}`). A name one typo from a task\'s breaker (`partnr` for `partner`) is warned of at '
+        "start",
         default="none (real tasks are the probes)",
     ),
     "breaker_probe_timeout": Doc(
@@ -198,8 +200,9 @@ TASK_OPTION_DOCS: dict[str, Doc] = {
     ),
     "breaker_probe": Doc(
         accepts="a callable (sync or async), a `HealthCheck`, a dotted path `package.module:function` (to either), "
-        "or a task name",
-        meaning="this task's breaker's health check, as in `breaker_probes`; a method defined on a `BreakerTask` "
+        "a task name, or `False`",
+        meaning="this task's breaker's health check, as in `breaker_probes` (`False`: none, whatever "
+        "`breaker_probes` says); a method defined on a `BreakerTask` "
         "subclass is called as a method (`self.breaker_probe()`). Tasks sharing a breaker must give it the same "
         "check (and timeout), or all none: a conflict stops the worker at start (set it once in "
         "`breaker_probes`).",

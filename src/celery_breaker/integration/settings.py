@@ -122,7 +122,7 @@ class BreakerSettings:
     """The address that endpoint binds (this host only unless set otherwise)."""
     metrics_ttl: float
     """Seconds stored metrics snapshots (``record_metrics``) are kept."""
-    probes: tuple[tuple[str, str | ProbeFunction | HealthCheck], ...] = ()
+    probes: tuple[tuple[str, str | ProbeFunction | HealthCheck | None], ...] = ()
     """``breaker_probes``: breaker name or glob -> a health check (dotted path, task name or callable)."""
     probe_timeout: float = DEFAULT_PROBE_TIMEOUT
     """Seconds a health check may take before it counts as failed (``breaker_probe_timeout``)."""
@@ -159,14 +159,15 @@ class BreakerSettings:
 
     def probe_for(self, name: str) -> tuple[str, str | ProbeFunction | HealthCheck] | None:
         """The ``breaker_probes`` entry of breaker ``name``, as ``(pattern, probe)``: its
-        exact name, else the first matching glob; ``None`` when no entry matches."""
-        for pattern, probe in self.probes:
-            if pattern == name:
-                return pattern, probe
-        for pattern, probe in self.probes:
-            if entry_matches(pattern, name):
-                return pattern, probe
-        return None
+        exact name, else the first matching glob; ``None`` when no entry matches, or when
+        the one that does is ``None`` (no health check: ``{"pay*": check, "pay-legacy":
+        None}`` exempts one breaker from a glob)."""
+        found = next((entry for entry in self.probes if entry[0] == name), None)
+        if found is None:
+            found = next((entry for entry in self.probes if entry_matches(entry[0], name)), None)
+        if found is None or found[1] is None:
+            return None
+        return found[0], found[1]
 
     def release_law(self) -> PacingLaw | None:
         """The adaptive release's law (its ceiling ``release_rate``); ``None`` for the fixed pace."""
@@ -387,18 +388,21 @@ def _route(pattern: str, breaker: Any) -> tuple[str, str]:
     return pattern, check_name(breaker, f"breaker_routes[{pattern!r}]")
 
 
-def _probe_entry(pattern: str, probe: Any) -> tuple[str, str | ProbeFunction | HealthCheck]:
+def _probe_entry(pattern: str, probe: Any) -> tuple[str, str | ProbeFunction | HealthCheck | None]:
     # The shape only: whether a string names a task or an importable callable is known
-    # once the app's tasks are (``probes.resolve_probe``, at worker start).
+    # once the app's tasks are (``probes.resolve_probe``, at worker start). ``None``: no
+    # health check for what the entry names (an exact name exempted from a glob).
     check_name(pattern, f"breaker_probes key {pattern!r}")
+    if probe is None:
+        return pattern, None
     if isinstance(probe, str) and probe.strip() == probe and probe:
         return pattern, probe
     if isinstance(probe, HealthCheck) or (callable(probe) and not isinstance(probe, str)):
         return pattern, probe  # (a HealthCheck keeps its own timeout, as given as a task option)
     raise ConfigurationError(
         f"breaker_probes[{pattern!r}] must be a dotted path to a health-check function "
-        f"('package.module:function'), a task name, a callable, or a celery_breaker.HealthCheck, "
-        f"got {shown_probe(probe)}"
+        f"('package.module:function'), a task name, a callable, a celery_breaker.HealthCheck, or None "
+        f"(no health check), got {shown_probe(probe)}"
     )
 
 

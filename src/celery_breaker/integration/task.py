@@ -784,12 +784,13 @@ def _prepare(cls: type[BreakerTask]) -> None:
                 setattr(owner, option, staticmethod(value))
             elif (
                 value is not None
+                and not (option == "breaker_probe" and value is False)
                 and not isinstance(value, (str, staticmethod, classmethod))
                 and not callable(value)
                 and not (option == "breaker_probe" and isinstance(value, HealthCheck))
             ):
                 accepted = (
-                    "a callable, a HealthCheck, a dotted path or a task name"
+                    "a callable, a HealthCheck, a dotted path, a task name, or False (no health check)"
                     if option == "breaker_probe"
                     else "a callable or a method name"
                 )

@@ -227,6 +227,8 @@ def _probe(cls: Any, task: Any, where: str, name: str, settings: BreakerSettings
         option = f"{where}: breaker_probe_timeout"
         timeout = check_timeout(option, values.duration(option, cls.breaker_probe_timeout))
     probe = cls.breaker_probe
+    if probe is False:  # (no health check for this task's breaker, whatever breaker_probes says)
+        return None
     if probe is not None:
         if task is not cls and isinstance(inspect.getattr_static(cls, "breaker_probe"), types.FunctionType):
             # A method of the task class (a function given to @app.task is made static):
