@@ -466,7 +466,7 @@ def test_a_pace_holding_what_no_release_writes_restarts_with_one_warning(
         ("alm", {"lim": "80", "alm": "1000000000"}),
         ("alm", {"lim": "80", "lkp": "1", "alm": str(2 * LAW.plateau + DOUBLINGS_MOST + 1)}),
         ("thr", {"thr": "1e300"}),
-        ("thr", {"thr": "0.001"}),  # (below the floor: growth as after a cut)
+        ("thr", {"thr": "1e-05"}),  # (below any ceiling: growth as after a cut)
         ("lim", {"lim": "1e300"}),
         ("lim", {"lim": "1e-300", "lkp": "3"}),  # (held for 80 s)
         ("jat", {"jat": 200.0}),
@@ -498,6 +498,42 @@ def test_a_pace_holding_what_no_release_writes_restarts_with_one_warning(
         release(store, clock.monotonic())
     assert caplog.records == []
     assert (stored(store)["lkp"], stored(store)["lim"]) == (str(KEPT_MOST), "80")
+
+
+@pytest.mark.parametrize("reader_ceiling", [0.5, None])
+def test_a_pace_under_a_ceiling_below_the_floor_is_read_as_written(
+    store: RedisStore, reader_ceiling: float | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``breaker_release_rate=0.5`` (below the law's floor of 1/s): the law bounds every
+    rate to the ceiling, so a reopened breaker's pace begins with a threshold of 0.5/s.
+    Read back by the same law, or by workers that raised ``breaker_release_rate`` (a
+    rolling deploy: ``None``), it is a pace the law wrote, taken with no warning. Before
+    decision 103, each look after a reopen restarted it with a WARNING."""
+    clock = FakeClock()
+    slow = replace(LAW, ceiling=0.5)
+    park(store, 100)
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    breaker.call(ok)
+    store.flush()
+    release(store, clock.monotonic(), law=slow)
+    clock.advance(2.0)
+    assert release(store, clock.monotonic(), law=slow) == 1
+    fail(breaker)
+    assert store.sync()
+    clock.advance(POLICY["reset_timeout"] + 1.0)
+    assert release(store, clock.monotonic(), law=slow) == 1  # the probe
+    breaker.call(ok)
+    store.flush()
+    assert release(store, clock.monotonic(), law=slow) == 0  # the pace begins again
+    assert (float(stored(store)["rate"]), float(stored(store)["thr"])) == (0.5, 0.5)
+    reader = replace(LAW, ceiling=reader_ceiling)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        for _ in range(4):
+            clock.advance(1.0)
+            release(store, clock.monotonic(), law=reader)
+    assert caplog.records == []
+    assert float(stored(store)["thr"]) == 0.5
 
 
 def test_a_refusal_recorded_by_a_released_task_cuts_the_pace_and_holds_it(store: RedisStore) -> None:

@@ -14,6 +14,7 @@ from celery_breaker.core.pacing import (
     KEPT_MOST,
     LIMIT_AGAIN,
     LIMIT_LEAST,
+    RATE_LEAST,
     RATE_MOST,
     SETTLE_LEAST,
     SETTLE_MOST,
@@ -424,7 +425,7 @@ def test_a_kept_limits_plateau_doubles_kept_most_times_and_no_more() -> None:
     ("changes", "field"),
     [
         ({"threshold": RATE_MOST * 2}, "threshold"),
-        ({"threshold": LAW.floor / 2}, "threshold"),
+        ({"threshold": RATE_LEAST / 2}, "threshold"),
         ({"limit": RATE_MOST * 2}, "limit"),
         ({"limit": 1e-300}, "limit"),
         ({"kept": KEPT_MOST + 1}, "kept"),
@@ -444,6 +445,22 @@ def test_a_pace_no_step_of_the_law_writes_names_its_field(changes: dict[str, Any
     assert beyond_the_law(LAW, pace) is None  # (each at its bound)
     assert beyond_the_law(LAW, replace(pace, kept=KEPT_MOST)) is None
     assert beyond_the_law(LAW, replace(pace, **changes)) == field
+
+
+@pytest.mark.parametrize("reader_ceiling", [0.5, None, 20.0])
+def test_a_threshold_the_law_writes_under_a_ceiling_below_its_floor_is_within_it(
+    reader_ceiling: float | None,
+) -> None:
+    """``breaker_release_rate=0.5``, below the floor: every rate is bounded to 0.5, the
+    threshold of a reopened breaker's pace too. The law wrote it, so it is within its
+    bounds, and within those of a worker with another ceiling (a rolling deploy). Before
+    decision 103, ``release.lua`` restarted it with a WARNING at each look."""
+    slow = replace(LAW, ceiling=0.5)
+    seen = Outcomes(generation=1, successes=10, failures=0, slow=0)
+    before = Pace(generation=1, rate=0.5, threshold=None, tokens=0.0, at=10.0, judged_at=10.0, seen=seen, used=0)
+    pace = advance(slow, before, replace(seen, generation=2, failures=1), 20.0)
+    assert (pace.rate, pace.threshold) == (0.5, 0.5)
+    assert beyond_the_law(replace(LAW, ceiling=reader_ceiling), pace) is None
 
 
 def test_a_refusal_counted_under_an_earlier_generation_starts_no_cut() -> None:

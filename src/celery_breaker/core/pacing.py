@@ -117,6 +117,7 @@ __all__ = [
     "LIMIT_LEAST",
     "NEAR",
     "PLATEAU",
+    "RATE_LEAST",
     "RATE_MOST",
     "SETTLE_LEAST",
     "SETTLE_MOST",
@@ -156,6 +157,11 @@ BACK_OFF = 0.8
 BAD_SHARE = 0.05
 #: The lowest rate, in tasks per second, however bad the news.
 FLOOR = 1.0
+#: The lowest ceiling a worker is given (``breaker_release_rate``: one task an hour). A
+#: threshold or a limit as low is one the law writes under such a ceiling, which may be
+#: below ``floor``, and under it whatever another worker's ceiling (a rolling deploy); a
+#: lower one is damage (decision 103).
+RATE_LEAST = 1 / 3600
 #: The highest rate, in tasks per second, with no ceiling (``breaker_release_rate``'s
 #: largest): a stored pace above it is none a release wrote, and begins again.
 RATE_MOST = 1_000_000.0
@@ -372,12 +378,15 @@ def beyond_the_law(law: PacingLaw, pace: Pace) -> str | None:
     are allowed a judgement's rounding; ``used`` a second's worth at ``RATE_MOST`` more
     than the time since the last judgement could refill."""
     judge = law.judge_every
+    # (the law bounds a rate to its ceiling, which may be below its floor; another
+    # worker's ceiling may be lower still, down to RATE_LEAST: decision 103)
+    least = min(law.bound(0.0), RATE_LEAST)
     bounds = {
         # (both set at a rate the law bounded, or above it)
-        "threshold": pace.threshold is None or law.floor <= pace.threshold <= RATE_MOST,
+        "threshold": pace.threshold is None or least <= pace.threshold <= RATE_MOST,
         # (set at most at the rate, or at the rate before a cut; crept only from near of it)
         "limit": pace.limit is None
-        or law.floor <= pace.limit <= RATE_MOST * max(1 / law.back_off, (1 + law.step) / law.near),
+        or least <= pace.limit <= RATE_MOST * max(1 / law.back_off, (1 + law.step) / law.near),
         "kept": pace.kept <= KEPT_MOST,
         "at_limit": pace.kept > KEPT_MOST or pace.at_limit <= law.plateau * 2**pace.kept + DOUBLINGS_MOST,
         "judged_at": pace.judged_at <= pace.at + judge,

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, quote, urlsplit
 
 from ..core import BreakerPolicy
-from ..core.pacing import PacingLaw
+from ..core.pacing import RATE_LEAST, PacingLaw
 from ..core.policy import LARGEST_COUNT
 from ..errors import ConfigurationError
 from ..health import DEFAULT_PROBE_TIMEOUT, HealthCheck, ProbeFunction, check_timeout, shown_probe
@@ -50,7 +50,7 @@ RELEASE_PACES = ("adaptive", "fixed")
 FIXED_RELEASE_RATE = 50.0
 #: The lowest ``breaker_release_rate``: one task an hour. Below it a rate is a slip (a
 #: ``1e-300`` released nothing, silently, as long as the backlog waited).
-LEAST_RELEASE_RATE = 1 / 3600
+LEAST_RELEASE_RATE = RATE_LEAST
 
 #: Every setting celery-breaker reads, with its default. Anything else named
 #: ``breaker_*`` is a typo and fails at worker start.

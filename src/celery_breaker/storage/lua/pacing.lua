@@ -34,6 +34,8 @@ local SETTLE_LEAST = 4
 local SETTLE_MOST = 20
 -- pacing.RATE_MOST: the highest rate with no ceiling; a stored pace above it restarts.
 local RATE_MOST = 1000000
+-- pacing.RATE_LEAST: the lowest ceiling a worker is given; a threshold or limit below it restarts.
+local RATE_LEAST = 1 / 3600
 -- pacing.USUAL_LEAST: outcomes of good news before their bad share is the usual one.
 local USUAL_LEAST = 50
 -- pacing.USUAL_NOISE: standard deviations above the usual share's prediction that are chance.
@@ -92,8 +94,9 @@ end
 -- unreadable one does.
 local function beyond_the_law(law, pace)
   local judge = law.judge_every
-  if pace.thr ~= nil and (pace.thr < law.floor or pace.thr > RATE_MOST) then return 'thr' end
-  if pace.lim ~= nil and (pace.lim < law.floor
+  local least = math.min(bound(law, 0), RATE_LEAST) -- (a ceiling below the floor, or another worker's)
+  if pace.thr ~= nil and (pace.thr < least or pace.thr > RATE_MOST) then return 'thr' end
+  if pace.lim ~= nil and (pace.lim < least
       or pace.lim > RATE_MOST * math.max(1 / law.back_off, (1 + law.step) / law.near)) then
     return 'lim'
   end
