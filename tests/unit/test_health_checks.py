@@ -63,6 +63,14 @@ def test_returning_normally_is_healthy_and_false_or_raising_is_not() -> None:
         ("https://s3cr3t-token@api.example/v1 answered 401", "s3cr3t-token", "api.example/v1 answered 401"),
         ("GET /status?api_key=s3cr3t-key&region=eu: 503", "s3cr3t-key", "region=eu: 503"),
         ("login refused (password=s3cr3t-pw)", "s3cr3t-pw", "login refused"),
+        # (quoted, as a repr or a keyword shows it; a dict's or JSON's key; a name ending
+        # in token or secret; a header: each shown as it was before)
+        ("connect(host='db', password='s3cr3t pw') failed", "s3cr3t", "connect(host='db', password='***') failed"),
+        ("{'user': 'monitor', 'password': 's3cr3t-pw'}", "s3cr3t-pw", "{'user': 'monitor', 'password': '***'}"),
+        ('token endpoint: {"client_secret": "s3cr3t-key", "x": 1}', "s3cr3t-key", '{"client_secret": "***", "x": 1}'),
+        ("GET /v1?access_token=s3cr3t-token&page=2: 401", "s3cr3t-token", "access_token=***&page=2: 401"),
+        ("Authorization: Bearer s3cr3t-token rejected", "s3cr3t-token", "Authorization: *** rejected"),
+        ("sent Bearer eyJhbGciOi.s3cr3t-token, 401", "s3cr3t-token", "sent Bearer ***, 401"),
     ],
 )
 def test_a_checks_error_quoting_a_secret_is_logged_masked(
@@ -101,8 +109,29 @@ def test_a_failure_quoting_a_secret_is_logged_masked(clock: FakeClock, caplog: p
     assert "s3cr3t-pw" not in caplog.text
 
 
-def test_a_checks_error_with_no_secret_is_logged_as_it_is() -> None:
-    message = "GET https://partner.example/health?region=eu: 503 from user@host (token expired)"
+def test_a_long_failure_cut_before_a_urls_at_is_logged_masked(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Only the first 2,000 characters of a failure's repr are masked and logged: a URL the
+    # cut ended before its "@" read as no user info, and its password was logged.
+    breaker = CircuitBreaker("svc", BreakerPolicy(failure_threshold=5), storage=fresh_store(), clock=clock)
+    caplog.set_level(logging.DEBUG, logger="celery_breaker")
+    message = "x" * 1960 + " https://shop:s3cr3t-pw@payments.example/charge refused"
+    assert len(repr(ConnectionError(message))[:2000].rpartition("@")[0]) < 1980  # (the cut is before its "@")
+    with pytest.raises(ConnectionError):
+        breaker.call(_raise, message)
+    assert "recorded failure ConnectionError('xxx" in caplog.text
+    assert "s3cr3t-pw" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "GET https://partner.example/health?region=eu: 503 from user@host (token expired)",
+        "invalid token: expired; max_tokens=100, password_length=8 (bearer of bad news)",
+    ],
+)
+def test_a_checks_error_with_no_secret_is_logged_as_it_is(message: str) -> None:
     assert HealthCheck(functools.partial(_raise, message)).run().detail == f"ConnectionError: {message}"
 
 
