@@ -17,7 +17,7 @@ import pytest
 from celery_breaker import BreakerPolicy, BreakerTask, CircuitBreaker, ConfigurationError, State
 from celery_breaker.core import Transition
 from celery_breaker.health import Checked, CheckResult, CheckRun, checking
-from celery_breaker.integration.inventory import check_app
+from celery_breaker.integration.inventory import check_app, near_misses
 from celery_breaker.integration.probes import breaker_with_probe, resolve_probe
 from celery_breaker.integration.settings import build_settings
 from celery_breaker.integration.task_options import task_breaker_config
@@ -178,6 +178,57 @@ def test_an_entry_of_none_exempts_a_breaker_from_a_glob_and_false_a_tasks_breake
     assert settings.probe_for("crm-legacy") is None
     assert settings.probe_for("crm-eu") == ("crm*", "tests.celery.probe_tasks:check_setting")
     assert breaker_with_probe(app, "crm-legacy", None, task_breaker_config(legacy).policy, None).probe is None
+
+
+def test_an_exemption_one_typo_from_a_breaker_a_glob_checks_is_warned_of() -> None:
+    # {"crm*": check, "crm-legcy": None}: the exemption missed, and crm-legacy kept the
+    # glob's check, silently (a near miss was warned of only for a breaker with no check
+    # at all, for which None changes nothing). A None one typo from a breaker that gets no
+    # check anyway is no slip; nor is an exemption from a breaker whose task says its own.
+    app = throwaway_app(
+        "probe-exempt-typo",
+        breaker_probes={
+            "crm*": "tests.celery.probe_tasks:check_setting",
+            "crm-legcy": None,
+            "partnr": None,
+            "crm-uss": None,
+        },
+    )
+
+    @app.task(base=BreakerTask, breaker="crm-legacy", shared=False)
+    def legacy() -> None:
+        """Meant to be exempted."""
+
+    @app.task(base=BreakerTask, breaker="partner", shared=False)
+    def partner() -> None:
+        """No check in any case."""
+
+    @app.task(base=BreakerTask, breaker="crm-us", breaker_probe=False, shared=False)
+    def us() -> None:
+        """Exempted by its own option."""
+
+    slips = near_misses(app, check_app(app))
+    assert slips == [
+        "breaker_probes['crm-legcy'] is None (no health check) but names no breaker of this app's tasks; did you "
+        "mean 'crm-legacy' (the breaker of task 'tests.celery.test_health_checks.legacy')? As it is, breaker "
+        "'crm-legacy' gets the health check of breaker_probes['crm*']. Ignore this if 'crm-legcy' is a breaker used "
+        "outside tasks"
+    ]
+
+
+def test_tasks_sharing_a_breaker_one_without_a_check_are_told_none_is_a_way() -> None:
+    app = throwaway_app("probe-exempt-conflict", breaker_probes={"crm*": "tests.celery.probe_tasks:check_setting"})
+
+    @app.task(base=BreakerTask, breaker="crm-us", breaker_probe=False, shared=False)
+    def first() -> None:
+        """None for its breaker."""
+
+    @app.task(base=BreakerTask, breaker="crm-us", shared=False)
+    def second() -> None:
+        """The glob's check."""
+
+    with pytest.raises(ConfigurationError, match=r"breaker_probes\['crm-us'\] \(and breaker_probe_timeout once; None"):
+        check_app(app)
 
 
 def test_a_task_option_probe_timeout_too_short_for_any_check_names_the_task() -> None:

@@ -26,7 +26,7 @@ from ..health import HealthCheck
 from ..names import edit_distance
 from .problems import Problems
 from .setting_docs import TASK_OPTION_DOCS
-from .settings import entry_matches, get_settings
+from .settings import BreakerSettings, entry_matches, get_settings
 from .task import BreakerTask
 from .task_options import task_breaker_config
 
@@ -73,7 +73,7 @@ def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
                 f"tasks {seen.tasks[0]!r} and {task!r} share breaker {name!r} but give it different health "
                 f"checks ({_shown(checks[name])} and {_shown(probe)}): a task without the check would reach "
                 f"the downstream as a real probe; set it once in breaker_probes[{name!r}] (and "
-                f"breaker_probe_timeout once) instead of breaker_probe per task"
+                f"breaker_probe_timeout once; None: no health check) instead of breaker_probe per task"
             )
         if task:
             found[name] = AppBreaker(name, seen.policy, (*seen.tasks, task))
@@ -190,8 +190,13 @@ def near_misses(app: Any, breakers: Mapping[str, Sequence[str]]) -> list[str]:
         ("breaker_probes", settings.probes, "breaker_probe", "that health check (its tasks are its probes)"),
     ):
         patterns = [pattern for pattern, _ in entries]
-        for pattern in patterns:
+        for pattern, value in entries:
             if pattern in named or _is_glob(pattern):
+                continue
+            if value is None:  # (breaker_probes: an exemption, missed where a glob still gives a check)
+                exemption = _missed_exemption(app, breakers, pattern, settings)
+                if exemption is not None:
+                    found.append(exemption)
                 continue
             uncovered = [name for name in breakers if not _covered(app, breakers[name], name, patterns, option)]
             name = _one_typo_from(pattern, uncovered)
@@ -214,6 +219,28 @@ def near_misses(app: Any, breakers: Mapping[str, Sequence[str]]) -> list[str]:
                 f"route puts task {name!r} under a breaker. Ignore this if {pattern!r} is another app's task"
             )
     return found
+
+
+def _missed_exemption(
+    app: Any, breakers: Mapping[str, Sequence[str]], pattern: str, settings: BreakerSettings
+) -> str | None:
+    """The warning for ``breaker_probes[pattern] = None`` (no health check) that names no
+    breaker of the app's tasks, one typo from a breaker a glob of the setting gives a check
+    (its tasks giving none of their own): the exemption meant for it missed, silently."""
+    checked = {
+        name: entry[0]
+        for name in breakers
+        if (entry := settings.probe_for(name)) is not None
+        and not any(getattr(app.tasks.get(task), "breaker_probe", None) is not None for task in breakers[name])
+    }
+    name = _one_typo_from(pattern, list(checked))
+    if name is None:
+        return None
+    return (
+        f"breaker_probes[{pattern!r}] is None (no health check) but names no breaker of this app's tasks; did you "
+        f"mean {name!r} (the breaker of task {breakers[name][0]!r})? As it is, breaker {name!r} gets the health "
+        f"check of breaker_probes[{checked[name]!r}]. Ignore this if {pattern!r} is a breaker used outside tasks"
+    )
 
 
 #: Digits, which set sibling breakers apart (``tenant-1``, ``tenant-2``): no typo.
