@@ -497,7 +497,7 @@ def _least_guard_task(breaker_name: str) -> type:
     keep it honest: it counts into a real breaker)."""
     from celery import Task
 
-    from celery_breaker.integration.task import _request_of
+    from celery_breaker.integration.task_context import request_of as _request_of
 
     breaker = CircuitBreaker(f"{breaker_name}-least")
     now = time.monotonic

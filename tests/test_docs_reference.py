@@ -14,7 +14,7 @@ import pytest
 
 from celery_breaker import BreakerTask
 from celery_breaker.core.reference import Doc, doc
-from celery_breaker.integration import task as task_module
+from celery_breaker.integration import task_prepare
 from celery_breaker.integration.setting_docs import SETTING_DOCS, TASK_OPTION_DOCS
 from celery_breaker.integration.settings import SETTINGS
 
@@ -68,7 +68,7 @@ def test_a_policy_field_without_a_description_is_reported() -> None:
 def test_a_task_option_without_a_description_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     # (An option added to BreakerTask itself; on a subclass, as here, the task refuses a
     # breaker_* name that is no option, which this test is not about.)
-    monkeypatch.setattr(task_module, "_check_option_names", lambda cls: None)
+    monkeypatch.setattr(task_prepare, "_check_option_names", lambda cls, base: None)
 
     class Task(BreakerTask):
         breaker_new_option: Any = None

@@ -490,7 +490,7 @@ def test_a_check_slower_than_the_tasks_soft_time_limit_still_closes_the_breaker(
     # run began another, and the breaker never closed. Where no time limit is enforced
     # (this worker's pool), the run waits ADMISSION_CHECK_WAIT (1 s): it waited for the
     # check's whole timeout (30 s here), holding its pool process meanwhile.
-    from celery_breaker.integration.task import SOFT_TIME_LIMITS_ENFORCED_ATTR, TIME_LIMITS_ENFORCED_ATTR
+    from celery_breaker.integration.task_limits import SOFT_TIME_LIMITS_ENFORCED_ATTR, TIME_LIMITS_ENFORCED_ATTR
 
     name = "t-probe-slow"
     task = probe_tasks.probe_slow_check_task
@@ -571,12 +571,12 @@ def test_a_check_whose_error_cannot_be_shown_defers_the_task_it_does_not_fail_it
 def test_a_check_run_at_a_tasks_admission_is_waited_for_within_its_time_limits(app: Any) -> None:
     # (ADMISSION_CHECK_WAIT, 1 s, bounds it too: the limits here are below 1 / 0.8 s.)
     from celery_breaker.integration.deferral.plan import WORKER_SOFT_TIME_LIMIT_ATTR, WORKER_TIME_LIMIT_ATTR
-    from celery_breaker.integration.task import (
+    from celery_breaker.integration.task_limits import (
         ADMISSION_CHECK_WAIT,
         CHECK_SHARE_OF_TIME_LIMIT,
         SOFT_TIME_LIMITS_ENFORCED_ATTR,
         TIME_LIMITS_ENFORCED_ATTR,
-        _check_within,
+        check_within,
     )
 
     task = probe_tasks.probe_option_task
@@ -589,35 +589,35 @@ def test_a_check_run_at_a_tasks_admission_is_waited_for_within_its_time_limits(a
     request = Request()
     setattr(app, TIME_LIMITS_ENFORCED_ATTR, True)  # (a prefork worker; the session worker's pool has none)
     setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, True)
-    assert _check_within(task, request) == ADMISSION_CHECK_WAIT  # no limit anywhere
-    assert _check_within(task, request, 2) == 2 * ADMISSION_CHECK_WAIT  # (a second each check closing needs)
+    assert check_within(task, request) == ADMISSION_CHECK_WAIT  # no limit anywhere
+    assert check_within(task, request, 2) == 2 * ADMISSION_CHECK_WAIT  # (a second each check closing needs)
     request.timelimit = (1.2, None)
-    assert _check_within(task, request) == 1.2 * share  # the message's hard limit
+    assert check_within(task, request) == 1.2 * share  # the message's hard limit
     request.timelimit = (1.2, 0.6)
-    assert _check_within(task, request) == 0.6 * share  # its soft limit, sooner
+    assert check_within(task, request) == 0.6 * share  # its soft limit, sooner
     request.timelimit = (30, None)
-    assert _check_within(task, request) == ADMISSION_CHECK_WAIT  # (a limit far off: the admission's own)
+    assert check_within(task, request) == ADMISSION_CHECK_WAIT  # (a limit far off: the admission's own)
     request.timelimit = (None, None)
     app.conf.task_time_limit = 1.1
     try:
-        assert _check_within(task, request) == 1.1 * share  # the setting
+        assert check_within(task, request) == 1.1 * share  # the setting
         app.conf.task_time_limit = 10**400  # no float holds it: no limit, not an OverflowError
-        assert _check_within(task, request) == ADMISSION_CHECK_WAIT
+        assert check_within(task, request) == ADMISSION_CHECK_WAIT
         app.conf.task_time_limit = 1.1
         setattr(app, WORKER_TIME_LIMIT_ATTR, 1.0)  # celery worker --time-limit 1 (BreakerStep notes it)
-        assert _check_within(task, request) == 1.0 * share
+        assert check_within(task, request) == 1.0 * share
         app.conf.task_soft_time_limit = 1.05  # (later than the hard limit: the hard one counts)
-        assert _check_within(task, request) == 1.0 * share
+        assert check_within(task, request) == 1.0 * share
         setattr(app, WORKER_SOFT_TIME_LIMIT_ATTR, 0.5)  # --soft-time-limit 0.5
-        assert _check_within(task, request) == 0.5 * share
+        assert check_within(task, request) == 0.5 * share
         setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, False)  # gevent: only the hard limit is enforced
-        assert _check_within(task, request) == 1.0 * share
+        assert check_within(task, request) == 1.0 * share
         setattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, True)
         request.is_eager = True  # nothing enforces a limit on an eager (or a direct) call
-        assert _check_within(task, request) is None
+        assert check_within(task, request) is None
         request.is_eager = False
         setattr(app, TIME_LIMITS_ENFORCED_ATTR, False)  # a threads or solo pool: no limit is enforced
-        assert _check_within(task, request) == ADMISSION_CHECK_WAIT  # (it held a thread the check's timeout)
+        assert check_within(task, request) == ADMISSION_CHECK_WAIT  # (it held a thread the check's timeout)
     finally:
         app.conf.task_time_limit = app.conf.task_soft_time_limit = None
         setattr(app, WORKER_TIME_LIMIT_ATTR, None)

@@ -13,7 +13,7 @@ from celery import Celery
 from celery.utils.threads import _FastLocalStack, _LocalStack
 
 from celery_breaker import BreakerTask
-from celery_breaker.integration.task import _request_of
+from celery_breaker.integration.task_context import request_of as _request_of
 
 
 @pytest.fixture

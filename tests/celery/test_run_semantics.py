@@ -14,6 +14,7 @@ from celery_breaker import BreakerTask, CircuitBreaker, ConfigurationError, Stat
 from celery_breaker.breaker import current_run
 from celery_breaker.core import Outcome
 from celery_breaker.integration import task as task_module
+from celery_breaker.integration import task_limits
 from celery_breaker.integration.inventory import check_app
 from celery_breaker.testing import FakeClock, fresh_store, use_clock
 
@@ -388,7 +389,8 @@ def test_a_class_that_decides_is_guarded_is_asked_on_every_run() -> None:
 
 def test_a_runs_probe_slot_is_leased_for_its_hard_time_limit_where_its_pool_enforces_it() -> None:
     from celery_breaker.breaker import CHECK_LEASE_MARGIN
-    from celery_breaker.integration.task import TIME_LIMITS_ENFORCED_ATTR, _run_lease
+    from celery_breaker.integration.task import _run_lease
+    from celery_breaker.integration.task_limits import TIME_LIMITS_ENFORCED_ATTR
 
     app = throwaway_app("run-lease")
 
@@ -421,7 +423,7 @@ def test_a_runs_probe_slot_is_leased_for_its_hard_time_limit_where_its_pool_enfo
 def _killed_app(prefork: bool) -> Any:
     app = throwaway_app("killed-at-limit")
     if prefork:
-        setattr(app, task_module.SOFT_TIME_LIMITS_ENFORCED_ATTR, True)  # (as a prefork worker notes it)
+        setattr(app, task_limits.SOFT_TIME_LIMITS_ENFORCED_ATTR, True)  # (as a prefork worker notes it)
     return app
 
 

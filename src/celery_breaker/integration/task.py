@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import inspect
-import logging
 import sys
 import time
-import traceback
 import types
-import weakref
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -19,12 +14,6 @@ from celery.app.task import _task_stack
 from celery.exceptions import Ignore, Reject, Retry, SoftTimeLimitExceeded, TimeLimitExceeded
 from celery.local import Proxy
 
-try:  # (Celery's own request stack, read directly by _request_of)
-    from celery.utils.threads import Local as _CeleryLocal
-    from celery.utils.threads import _LocalStack as _CeleryLocalStack
-except ImportError:  # pragma: no cover (a Celery without them: the request property)
-    _CeleryLocal = _CeleryLocalStack = None
-
 from ..breaker import (
     CHECK_LEASE_MARGIN,
     CircuitBreaker,
@@ -33,44 +22,46 @@ from ..breaker import (
     current_run,
     lease_runs_by,
 )
-from ..core import State
-from ..errors import CircuitOpenError, ConfigurationError, StorageError
-from ..health import HealthCheck, checking_now
-from ..names import check_name, edit_distance
-from ..storage import forced_why
+from ..errors import CircuitOpenError
 from .broker import DEAD_LETTER_HEADERS
 from .deferral.defer import defer, refreshed
 from .deferral.plan import HEADERS as DEFERRAL_HEADERS
-from .deferral.plan import PARKED_HEADER, run_soft_time_limit, run_time_limit
+from .deferral.plan import PARKED_HEADER, run_time_limit
 from .probes import breaker_with_probe
 from .registry import BreakerRegistry, registry_for
-from .setting_docs import TASK_OPTION_DOCS
+from .task_context import nested as _nested
+from .task_context import request_of as _request_of
+from .task_context import running as _running
+from .task_context import within_run_of as _within_run_of
+from .task_limits import (  # (the first two are used here no more: still importable from here)
+    ADMISSION_CHECK_WAIT,  # noqa: F401
+    CHECK_SHARE_OF_TIME_LIMIT,  # noqa: F401
+    SOFT_TIME_LIMITS_ENFORCED_ATTR,
+    TIME_LIMITS_ENFORCED_ATTR,
+)
+from .task_limits import check_within as _check_within
 from .task_options import (
     OPTIONS_FORGOTTEN,
     TaskBreakerConfig,
-    forget_task_breaker_config,
-    secrets_masked,
     task_breaker_config,
 )
+from .task_prepare import BreakerAttribute as _BreakerAttribute
+from .task_prepare import prepare as _prepare
+from .task_rejection import FAILED_ATTR as _FAILED_ATTR
+from .task_rejection import RETRY_CALL_ATTR as _RETRY_CALL_ATTR
+from .task_rejection import arguments as _arguments
+from .task_rejection import drop_frames as _drop_frames
+from .task_rejection import note_retry_call as _note_retry_call
+from .task_rejection import rejection_now as _rejection_now
+from .task_rejection import send_outcome as _send_outcome
+from .task_rejection import waits_instead as _waits_instead
 
 __all__ = ["BreakerTask"]
-
-logger = logging.getLogger("celery_breaker")
-
-#: Why a task the downstream refused was deferred (the deferral's reason ends with it).
-_REFUSED = "the downstream refused it"
 
 
 #: Where ``BreakerTask.retry`` notes a retry's cause on a ``Retry`` Celery made without one
 #: (``self.retry()`` in an ``except`` clause): the exception being handled then.
 _CAUSE_ATTR = "_celery_breaker_cause"
-#: Where ``BreakerTask.retry`` notes, on the rejection it raises instead of retrying, the
-#: arguments and the options the retry asked for (``self.retry(args=..., queue=...)``): the
-#: deferral takes them.
-_RETRY_CALL_ATTR = "_celery_breaker_retry_call"
-#: Where ``_waits_instead`` notes, on the rejection it makes, that the run itself failed
-#: and left its breaker open: its deferral goes to the back of the parking.
-_FAILED_ATTR = "_celery_breaker_failed_run"
 
 
 def _translate(exc: BaseException) -> BaseException | None:
@@ -123,72 +114,6 @@ def _killed_at_limit(exc: SystemExit) -> BaseException:
     return killed
 
 
-def _request_of(task: Task) -> Any:
-    """``task.request``, read from Celery's request stack itself when it is Celery's own
-    (~0.15 µs where the property takes ~0.7 µs: each read of it misses a slot on
-    Celery's ``Local`` before its ``__getattr__`` answers). The same request: the top
-    of this thread's (or greenlet's) stack, else the task's default one."""
-    stack = task.request_stack
-    if type(stack) is _CeleryLocalStack:
-        local = stack._local
-        if type(local) is _CeleryLocal:
-            try:
-                request = local.__storage__[local.__ident_func__()]["stack"][-1]
-            except (KeyError, IndexError):
-                pass
-            else:
-                if request is not None:
-                    return request
-    return task.request
-
-
-def _nested(run: RunAdmission) -> bool:
-    """Whether ``run`` is a direct call of its task inside a run of the same task (itself
-    called directly or not: ``x`` calling ``y`` calling ``x``), on that run's request."""
-    return _within_run_of(run.owner, run.enclosing)
-
-
-def _within_run_of(task: object, run: RunAdmission | None) -> bool:
-    """Whether ``run``, or a run it is nested in, is ``task``'s."""
-    while run is not None:
-        if run.owner is task:
-            return True
-        run = run.enclosing
-    return False
-
-
-def _running(task: BreakerTask) -> RunAdmission | None:
-    """The admission of ``task``'s run in this context (not another task's)."""
-    run = current_run()
-    if run is not None and run.owner is task:
-        return run
-    return None
-
-
-class _BreakerAttribute:
-    """``task.breaker``: the running call's breaker inside a task body (its first guarded
-    call uses the run's admission); in a body run as the health check of its own breaker
-    (a task named as the probe), the breaker it checks, with its key; else the task's
-    key-less breaker. The ``breaker=`` task option names it (``task.breaker_name``)."""
-
-    def __get__(self, task: BreakerTask | None, owner: type | None = None) -> Any:
-        if task is None:
-            return self
-        run = current_run()  # (``_running``, unfolded: read on every ``self.breaker``)
-        if run is not None and run.owner is task:
-            return run.own_breaker()
-        config = task_breaker_config(task)
-        key = None
-        checked = checking_now()
-        if checked is not None and not checked.run.over and checked.name == config.name:
-            # A per-key breaker's check: its guarded call passes on the check's slot
-            # (``CircuitBreaker``, decision 44). The key-less breaker, which no task used,
-            # took the checks' outcomes: the tenants' failures tripped it, and it then
-            # failed every tenant's check until it closed.
-            key = checked.key
-        return breaker_with_probe(task.app, config.name, key, config.policy, config.probe)
-
-
 class BreakerTask(Task):  # type: ignore[misc]
     """A task guarded by a circuit breaker: ``@app.task(base=BreakerTask, breaker="crm")``.
 
@@ -233,13 +158,13 @@ class BreakerTask(Task):  # type: ignore[misc]
         # Every task class is made by subclassing (``@app.task(base=...)``, ``task_cls``,
         # ``breaker_routes``): its options take their working form here.
         super().__init_subclass__(**kwargs)
-        _prepare(cls)
+        _prepare(cls, BreakerTask)
 
     @classmethod
     def on_bound(cls, app: Any) -> None:
         """Bound to ``app``: ``task_annotations`` may have set breaker options since the class was made."""
         super().on_bound(app)
-        _prepare(cls)
+        _prepare(cls, BreakerTask)
 
     # -- execution -----------------------------------------------------------
 
@@ -563,25 +488,6 @@ class _PendingRetry(Retry):  # type: ignore[misc]
         self.asked = asked
 
 
-def _note_retry_call(rejection: CircuitOpenError, args: Any, kwargs: Any, asked: dict[str, Any]) -> None:
-    """Note on ``rejection`` (raised by ``BreakerTask.retry`` instead of a retry) the
-    arguments and options that retry asked for, if it asked for any: the run defers the
-    task with them (``self.retry(queue="slow", priority=9)``), as Celery's retry would
-    have sent it, not with the ones this run had."""
-    if args is not None or kwargs is not None or asked:
-        setattr(rejection, _RETRY_CALL_ATTR, (args, kwargs, asked))
-
-
-def _arguments(
-    retry_args: Any, retry_kwargs: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """The arguments a retry asked for (``None``: this run's, as ``Task.retry`` takes them)."""
-    return (
-        args if retry_args is None else tuple(retry_args),
-        kwargs if retry_kwargs is None else dict(retry_kwargs),
-    )
-
-
 @dataclass(frozen=True, slots=True)
 class _Deferred:
     """What a deferred run returns to ``BreakerTask.__call__``, which raises the ``Retry``."""
@@ -605,48 +511,6 @@ def _handled_in_this_run(exc: BaseException) -> bool:
             return False  # the run's entry reached first: handled outside the run
         frame = frame.f_back
     return False
-
-
-#: Share of a task's hard time limit a health check run at its admission may take.
-CHECK_SHARE_OF_TIME_LIMIT = 0.8
-#: Seconds a task run waits at most for each health check it needs at its admission (the
-#: policy's ``probes_to_close``); a check still running then goes on without it, in its
-#: probe slot, and the run is deferred. A
-#: check that hung held its pool process for the check's whole timeout (10 s by default):
-#: with many per-key breakers coming due, it stalled every tenant's tasks on that worker
-#: (an acceptance test: no task ran for 7 s, healthy tenants' latency 8.5 s at the worst).
-ADMISSION_CHECK_WAIT = 1.0
-
-
-#: Where the worker notes whether its pool enforces time limits (prefork and gevent do;
-#: eventlet, threads and solo do not) ...
-TIME_LIMITS_ENFORCED_ATTR = "_celery_breaker_time_limits_enforced"
-#: ... and soft ones (prefork only: gevent drops them).
-SOFT_TIME_LIMITS_ENFORCED_ATTR = "_celery_breaker_soft_time_limits_enforced"
-
-
-def _check_within(task: BreakerTask, request: Any, checks: int = 1) -> float | None:
-    """How long the run may wait for the health checks at its admission (``checks`` of
-    them close the breaker: the policy's ``probes_to_close``): at most
-    ``ADMISSION_CHECK_WAIT`` for each, and a share of its time limit, the lower of the hard one
-    (the message's, else the task's, else the worker's ``--time-limit``, else
-    ``task_time_limit``) and the soft one (found alike; counted on prefork, the only pool
-    that enforces it), so the run stops waiting, and is rejected and deferred, before the
-    pool interrupts or kills it. A check still running then goes on without it, and
-    counts when it ends. ``None`` (the check's own timeout) for an eager or a direct call."""
-    if request.is_eager or request.called_directly:
-        return None
-    app = task.app
-    # (for each check: with the default policy's two, a 0.6 s check ran out of time at the
-    # second, and the task was deferred for the 9.4 s the check had left, not 1.2 s)
-    most = ADMISSION_CHECK_WAIT * max(1, checks)
-    if not getattr(app, TIME_LIMITS_ENFORCED_ATTR, False):
-        return most
-    limits = [run_time_limit(task, request)]
-    if getattr(app, SOFT_TIME_LIMITS_ENFORCED_ATTR, False):
-        limits.append(run_soft_time_limit(task, request))
-    found = [limit * CHECK_SHARE_OF_TIME_LIMIT for limit in limits if limit is not None]
-    return min([most, *found])
 
 
 def _body_check_within(run: RunAdmission, checks: int) -> float | None:
@@ -694,171 +558,6 @@ def _enforced_time_limit(owner: object, enforced_by: str) -> float | None:
 
 
 lease_runs_by(_run_lease)
-
-
-def _drop_frames(exc: BaseException) -> None:
-    """Clear the tracebacks of ``exc``, its cause, context and a ``Retry``'s ``exc``:
-    finished frames drop their locals (running ones are left alone) and no exception
-    keeps a traceback, so nothing of the run waits for the cyclic GC."""
-    pending: list[Any] = [exc]
-    seen: set[int] = set()
-    while pending:
-        current = pending.pop()
-        if not isinstance(current, BaseException) or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if current.__traceback__ is not None:
-            traceback.clear_frames(current.__traceback__)
-            current.__traceback__ = None
-        pending += [current.__cause__, current.__context__, getattr(current, "exc", None)]
-
-
-def _rejection_now(breaker: CircuitBreaker) -> CircuitOpenError:
-    """The rejection an open breaker would give a new call right now."""
-    snapshot = breaker.snapshot()
-    retry_after = snapshot.retry_after
-    if snapshot.state is State.HALF_OPEN and not retry_after:
-        retry_after = breaker.policy.reset_timeout  # probes are out: wait for their verdict
-    return CircuitOpenError.rejected(breaker.name, breaker.key, snapshot.state, retry_after, forced_why(breaker._cell))
-
-
-def _waits_instead(run: RunAdmission) -> CircuitOpenError | None:
-    """Whether a run that just failed waits (is deferred) instead of failing, and its
-    rejection if so: its downstream call failed and the breaker is open now (the task
-    too waits for recovery), or the downstream refused a task released from the parking,
-    or any task while that release is under way (a 429: the release was too fast for it;
-    parked, no retry spent)."""
-    if run.failed_while_open():
-        rejection = _rejection_now(run.breaker)
-        setattr(rejection, _FAILED_ATTR, True)  # (parked, it goes to the back: ParkInStore)
-        return rejection
-    if run.refused_for is not None:
-        return _refusal(run.breaker, run.refused_for)
-    return None
-
-
-def _send_outcome(breaker: CircuitBreaker) -> None:
-    """Send this process's counts to the store now, not with the next second's flush: the
-    success of a task released from the parking is what the adaptive release grows on, and
-    news a second late held its growth to one step a second (``core/pacing.py``)."""
-    store = breaker.store
-    if not store.down:
-        with contextlib.suppress(StorageError):  # (the store reports its outage itself)
-            store.flush()
-
-
-def _refusal(breaker: CircuitBreaker, seconds: float) -> CircuitOpenError:
-    """The rejection of a task the downstream refused (429) while its breaker stayed
-    CLOSED (or an operator's DISABLED): deferred again for the ``seconds`` the
-    downstream asked for."""
-    state = State.DISABLED if breaker.state is State.DISABLED else State.CLOSED
-    rejection = CircuitOpenError.rejected(breaker.name, breaker.key, state, seconds)
-    rejection.detail = _REFUSED
-    return rejection
-
-
-# -- class preparation -------------------------------------------------------
-
-
-def _prepare(cls: type[BreakerTask]) -> None:
-    """Turn decorator options into their working form (idempotent).
-
-    ``@app.task(base=BreakerTask, breaker="crm")`` makes ``breaker`` a class attribute
-    string, which would hide the ``self.breaker`` accessor: move it to ``breaker_name``.
-    Functions given as ``breaker_key``/``breaker_fallback``/``breaker_probe`` would become methods of the
-    task class: keep them plain.
-    """
-    with secrets_masked(cls):  # (a URL given to the wrong option is quoted masked)
-        _check_option_names(cls)
-        raw = inspect.getattr_static(cls, "breaker")
-        if not isinstance(raw, _BreakerAttribute):
-            if raw is not None:
-                check_name(raw, f"task {cls.name or cls.__qualname__!r}: the breaker option")
-            cls.breaker_name = raw
-            cls.breaker = _BreakerAttribute()
-        for option in ("breaker_key", "breaker_fallback", "breaker_probe"):
-            owner = next((klass for klass in cls.__mro__ if option in vars(klass)), None)
-            value = inspect.getattr_static(cls, option)
-            if isinstance(value, types.FunctionType) and owner is not None and vars(owner).get("_decorated"):
-                # Given to @app.task(...): a plain function, not a method of the task.
-                setattr(owner, option, staticmethod(value))
-            elif (
-                value is not None
-                and not (option == "breaker_probe" and value is False)
-                and not isinstance(value, (str, staticmethod, classmethod))
-                and not callable(value)
-                and not (option == "breaker_probe" and isinstance(value, HealthCheck))
-            ):
-                accepted = (
-                    "a callable, a HealthCheck, a dotted path, a task name, or False (no health check)"
-                    if option == "breaker_probe"
-                    else "a callable or a method name"
-                )
-                raise ConfigurationError(
-                    f"task {cls.name or cls.__qualname__!r}: {option} must be {accepted}, got {value!r}"
-                )
-
-    forget_task_breaker_config(cls)  # options changed: resolve them again
-
-
-#: The task options (``breaker_name`` is where ``breaker``'s value is kept: known, never
-#: suggested).
-_OPTION_NAMES = frozenset(TASK_OPTION_DOCS)
-#: Options whose value may name a method of the task.
-_METHOD_OPTIONS = ("breaker_key", "breaker_fallback", "breaker_probe")
-#: The names Celery's ``Task`` defines (read from the class dicts: ``hasattr(Task, "app")``
-#: would bind Celery's own ``Task`` class to the current app, and no task made after
-#: that would be annotated).
-_CELERY_NAMES = frozenset(name for klass in Task.__mro__ for name in vars(klass))
-#: A name this many edits or fewer from an option (and not one) is taken for a typo of it.
-_TYPO_EDITS = 2
-#: By task class: the options without their prefix already warned of (``_check_option_names``).
-_WARNED_UNPREFIXED: weakref.WeakKeyDictionary[type, set[str]] = weakref.WeakKeyDictionary()
-
-
-def _check_option_names(cls: type[BreakerTask]) -> None:
-    """Refuse an option misspelt in ``@app.task(...)``, ``task_annotations`` or the class
-    (``breaker_polcy``, ``breakr``): it would be ignored silently, where a misspelt
-    setting stops the worker. A typo is a name at most ``_TYPO_EDITS`` edits from an
-    option; an option given to the decorator without its ``breaker_`` prefix (``probe=``)
-    is warned of (an app may have such an attribute of its own). Given to the decorator
-    (its class says ``_decorated``; annotations land there too), any name but Celery's
-    own task attributes counts; on a class of the
-    user's, only a ``breaker_*`` name that holds no method: a helper of its own
-    (``breaker_probe_url``) is further from every option, and a method an option names
-    (``breaker_key = "breaker_tenant"``) is left alone."""
-    named = {value for option in _METHOD_OPTIONS if isinstance(value := getattr(cls, option, None), str)}
-    for klass in cls.__mro__:
-        if klass is BreakerTask:
-            break  # (its own names, and Celery's, are known)
-        decorated = bool(vars(klass).get("_decorated"))
-        for attr, value in vars(klass).items():
-            if attr.startswith("_") or attr in _OPTION_NAMES or attr == "breaker_name" or attr in named:
-                continue
-            if decorated:
-                if attr in _CELERY_NAMES:
-                    continue  # (Celery's own option: acks_late, name, run...)
-            elif not attr.startswith("breaker_") or callable(value) or isinstance(value, (classmethod, property)):
-                continue
-            if decorated and f"breaker_{attr}" in _OPTION_NAMES:
-                # An option without its prefix (``probe=`` for ``breaker_probe=``: the breaker
-                # had no health check, and its real tasks went as probes). A word an app may
-                # use for an attribute of its own, so said, not refused.
-                warned = _WARNED_UNPREFIXED.setdefault(cls, set())
-                if attr not in warned:  # (once: the check runs at each binding of the class)
-                    warned.add(attr)
-                    logger.warning(
-                        "task %r: %r is no celery-breaker task option and changes nothing here; did you mean "
-                        "breaker_%s?", getattr(cls, "name", None) or cls.__qualname__, attr, attr,
-                    )  # fmt: skip
-                continue
-            distance, near = min((edit_distance(attr, option, _TYPO_EDITS), option) for option in _OPTION_NAMES)
-            if distance <= _TYPO_EDITS:
-                task = getattr(cls, "name", None) or cls.__qualname__
-                raise ConfigurationError(
-                    f"task {task!r}: {attr!r} is no celery-breaker task option; did you mean {near}? "
-                    f"The options are {', '.join(sorted(TASK_OPTION_DOCS))}"
-                )
 
 
 _CALL_CODE = BreakerTask.__call__.__code__

@@ -34,7 +34,7 @@ from .inventory import check_app, near_misses
 from .registry import registry_for
 from .routes import apply_routes
 from .settings import get_settings, reload_settings
-from .task import SOFT_TIME_LIMITS_ENFORCED_ATTR, TIME_LIMITS_ENFORCED_ATTR
+from .task_limits import SOFT_TIME_LIMITS_ENFORCED_ATTR, TIME_LIMITS_ENFORCED_ATTR
 
 __all__ = ["EXIT_CONFIG", "BreakerStep", "ReleaserStep", "unseen_breakers"]
 
