@@ -12,19 +12,8 @@ cluster-wide, reached after ``breaker_release_ramp`` seconds). Released
 tasks are published again exactly as they were; one that meets an open breaker again
 is parked again, keeping its place.
 
-The releaser also watches for a store that lost its parked tasks (restarted without
-persistence, or flushed): every ``WATCH_EVERY`` seconds it counts them and reads the
-parking's epoch (``Parking.epoch``); an epoch that changed or vanished while tasks were
-parked is logged at ERROR, naming the breakers that held the most at the last count, and
-how many. Of all the workers sharing the store, one releaser at a time does (it holds
-the store's lookout, ``Parking.lookout``): with 2,000 breakers holding parked tasks, a
-count costs Redis ~5 ms of CPU, and every worker counting every second made that cost
-grow with the workers (1.0 % of a Redis core for one worker, 8.7 % for 16:
-``bench/idle_releasers.py``). The others only ask for the lookout; once it has been
-free for ``LOOKOUT_GRACE`` seconds one takes it. Its last holder takes it back at once:
-a store restarted empty also lost the lookout, and only that holder remembers the count
-before, which tells what was lost. A releaser that stops gives it up, and the next to ask
-takes it at once.
+The releaser also watches for a store that lost its parked tasks: ``release_watch.py``. It
+publishes what it claimed as ``release_publish.py`` does.
 """
 
 from __future__ import annotations
@@ -48,13 +37,12 @@ from ...errors import StorageError
 from ...health import CheckAbandoned, abandon_checks_on, abandon_pending_checks
 from ...labels import shown_label
 from ...storage import Parking
-from ...storage.contract import KEPT_LIFE
 from ..broker import AMQP, broker_kind
 from ..throttle import Throttle
-from . import confirms
-from .confirms import Confirm, ConfirmingPublisher, Send
+from .confirms import ConfirmingPublisher
 from .health_gate import HealthGate
-from .parking import NeedsCode, NewerFormat, NotAcceptedHere, read_parked
+from .release_publish import Republishing
+from .release_watch import LOOKOUT_GRACE, LOOKOUT_LEASE, NAMED_IN_LOG, ParkingWatch
 
 __all__ = [
     "LEASE", "LIST_EVERY", "LOOKOUT_GRACE", "LOOKOUT_LEASE", "MOST_PER_TICK", "NAMED_IN_LOG", "QUIET_AT_MOST",
@@ -62,22 +50,6 @@ __all__ = [
 ]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
-
-#: Set while this thread publishes a parked task again (``Releaser._publish``).
-_RELEASING = threading.local()
-
-
-class _ExpiredOnPurpose(logging.Filter):
-    """Drops Celery's WARNING that a task "has an expiration date in the past" when the
-    releaser publishes it: a parked task is released at its expiry on purpose, so that
-    the worker revokes it as Celery does any expired task (``task_revoked``, REVOKED)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (getattr(_RELEASING, "on", False) and "has an expiration date in the past" in str(record.msg))
-
-
-_EXPIRED_ON_PURPOSE = _ExpiredOnPurpose()
-logging.getLogger("celery.app.base").addFilter(_EXPIRED_ON_PURPOSE)  # (once: addFilter keeps one of each)
 
 #: Seconds between two looks at the parked tasks.
 TICK = 0.2
@@ -96,13 +68,6 @@ QUIET_HEARD_AT_MOST = 60.0
 LIST_EVERY = 1.0
 #: Seconds between two counts of the parked tasks (to notice, and report, a store that lost them).
 WATCH_EVERY = 1.0
-#: Seconds the lookout (the turn to count them, one releaser's at a time) lasts unless its
-#: holder renews it: how long a worker that died with it leaves the parking unwatched.
-LOOKOUT_LEASE = 10.0
-#: Seconds a releaser that saw another hold the lookout waits, once it finds it free, before
-#: taking it: its last holder, which asks every ``WATCH_EVERY`` unless a pass of its loop
-#: takes longer (a health check, a RabbitMQ confirm: up to 10 s each), takes it back first.
-LOOKOUT_GRACE = 10.0
 #: Seconds between two warnings about one breaker whose parked tasks cannot be released.
 TAG_COMPLAINT_EVERY = 60.0
 #: A breaker whose parking could not be reached (its Cluster node down) is asked again
@@ -112,12 +77,9 @@ TAG_COMPLAINT_EVERY = 60.0
 #: after one could not be reached (the rest are asked in the next passes).
 UNREACHABLE_FIRST = 0.5
 UNREACHABLE_MOST = 5.0
-#: Breakers a log line about parked tasks names, those with the most first (an outage that
-#: tripped 20,000 per-key breakers made one INFO line of 390,000 characters).
-NAMED_IN_LOG = 10
 
 
-class Releaser(threading.Thread):
+class Releaser(ParkingWatch, Republishing, threading.Thread):
     """Publishes parked tasks again when their breakers let them run (one per worker)."""
 
     def __init__(
@@ -453,36 +415,6 @@ class Releaser(threading.Thread):
             self.parking.forget(tag)
         return len(done)
 
-    def _unpublishable(self, tag: str, entry: str, exc: BaseException) -> bool:
-        """Whether ``entry`` can never be published (``_never_publishable``): then it is
-        dropped, with an ERROR naming it, its breaker and the reason. Left claimed, it was
-        claimed again after every lease (30 s) for ever, a WARNING each time, and its
-        breaker's parked count never went to 0."""
-        if not _never_publishable(exc):
-            return False
-        logger.error(
-            "celery-breaker releaser: dropped parked entry %s of %s: it can never be published (%s: %s); a writer "
-            "of another app or release parked it with arguments or options Celery refuses",
-            entry, shown_label(self.parking.label(tag)), type(exc).__name__, exc,
-        )  # fmt: skip
-        return True
-
-    def _not_accepted(self, tag: str, entry: str, exc: NotAcceptedHere) -> None:
-        if self._refusals.due(tag) is not None:
-            if isinstance(exc, NewerFormat):
-                advice = "Upgrade this worker: until then, workers of the newer release release it"
-            else:
-                who = (
-                    "that has that code releases it: deploy it to every worker"
-                    if isinstance(exc, NeedsCode)
-                    else "whose accept_content takes it releases it"
-                )
-                advice = f"A worker {who}; a worker of another app sharing this store's key_prefix should use its own"
-            logger.warning(
-                "celery-breaker releaser: left %s of %s parked: %s. %s",
-                entry, shown_label(self.parking.label(tag)), exc, advice,
-            )  # fmt: skip
-
     def _tag_failed(self, tag: str, exc: Exception) -> None:
         if self._tag_failures.due(tag) is not None:
             logger.warning(
@@ -491,249 +423,3 @@ class Releaser(threading.Thread):
                 "cannot be reached)",
                 shown_label(self.parking.label(tag)), exc,
             )  # fmt: skip
-
-    def check_eviction(self) -> None:
-        """Say once, at a WARNING, when the store may evict parked tasks or breakers'
-        state when full (``maxmemory-policy``), or lose parked tasks in a Sentinel
-        failover (``min-replicas-to-write 0``), or at INFO that it would not say. Raises
-        ``StorageError`` while the store cannot be reached (the loop tries again)."""
-        found = self.parking.eviction()
-        self._eviction_checked = True
-        if found.risk is not None:
-            logger.warning(
-                "celery-breaker: %s. Set maxmemory-policy noeviction on it (a full Redis "
-                "then refuses writes: tasks are deferred in the broker instead, nothing is lost), or give it "
-                "memory enough never to fill",
-                found.risk,
-            )  # fmt: skip
-        if found.failover is not None:
-            logger.warning("celery-breaker: %s", found.failover)
-        if found.risk is None and found.unknown is not None:
-            logger.info(
-                "celery-breaker: could not read the maxmemory-policy of the breaker store (%s); unless it is "
-                "noeviction, a full Redis may evict parked tasks",
-                found.unknown,
-            )  # fmt: skip
-
-    def keep_lookout(self, now: float) -> int:
-        """Count the parked tasks (``watch_for_loss``) if this releaser holds the store's
-        lookout, taking it if it is free (at once when this releaser held it last, saw
-        nobody hold it, or its holder gave it up; else after ``LOOKOUT_GRACE``); otherwise
-        forget its own last count, so that a turn taken later starts from a count of its
-        own, never from a stale one. Returns what ``watch_for_loss`` does (0 without the
-        lookout)."""
-        take_free = self._had_lookout or not self._saw_holder
-        if not take_free and self._free_since is not None and now - self._free_since >= LOOKOUT_GRACE:
-            take_free = True
-        held = self.parking.lookout(self._lookout_id, LOOKOUT_LEASE, take_free=take_free)
-        if held is not None:
-            self._free_since = None
-        elif self._free_since is None:
-            self._free_since = now
-        if held is False:
-            self._saw_holder = True
-        self._had_lookout = bool(held)
-        if held:
-            return self.watch_for_loss(now)
-        self._epoch, self._known, self._lives = None, {}, {}
-        self._counted_at = now
-        return 0
-
-    def watch_for_loss(self, now: float) -> int:
-        """Count the parked tasks and check the parking's epoch and each breaker's life; if
-        the store lost tasks since the last count (the epoch, or the life of a breaker
-        holding some, changed or vanished), log it at ERROR. Returns how many tasks the
-        last count knew of and the store lost (0: none)."""
-        epoch = self.parking.epoch()
-        counts = self.parking.counts(self.parking.tags())
-        known = {tag: parked + claimed for tag, (parked, claimed) in counts.items() if parked + claimed}
-        # (the breakers known before too: a node restarted empty may have taken the index's
-        # members with their entries)
-        lives = self.parking.lives(sorted(set(known) | set(self._known)))
-        lost = self._report_loss(now, known, lives, whole=epoch != self._epoch)
-        self._epoch = epoch
-        self._lives = {tag: lives.get(tag) for tag in known}
-        if known and not self._known:
-            logger.info("celery-breaker releaser: %d task(s) parked (%s)", sum(known.values()), self._held(known))
-        elif self._known and not known and not lost:
-            logger.info("celery-breaker releaser: no task parked any more")
-        self._known = known
-        self._counted_at = now
-        return lost
-
-    def _report_loss(self, now: float, known: dict[str, int], lives: dict[str, str | None], *, whole: bool) -> int:
-        """Log at ERROR the tasks of the last count that the store lost; return how many.
-
-        ``whole``: the parking's epoch moved (the store, or on a Cluster the marker's node,
-        lost its data): every breaker is lost but one whose life is known and unchanged
-        (it lived on another node). Otherwise only a breaker whose life changed or
-        vanished is (a Cluster node restarted empty, its keys deleted or evicted); one
-        whose life was not known (parked by an older release) is not judged, and a life
-        gone alone, its breaker's tasks still counted (evicted), is no loss; nor is one
-        written again over entries still parked (``KEPT_LIFE``: the next task parked
-        behind it found them there)."""
-
-        def lost_for(tag: str) -> bool | None:  # (None: cannot tell)
-            remembered = self._lives.get(tag)
-            if remembered is None or tag not in lives:
-                return None
-            life = lives[tag]
-            if life is None:
-                return tag not in known
-            return life != remembered and not life.endswith(KEPT_LIFE)
-
-        gone = {
-            tag: count
-            for tag, count in self._known.items()
-            if (lost_for(tag) is not False if whole else lost_for(tag) is True)
-        }
-        lost = sum(gone.values())
-        if not lost:
-            return 0
-        ago, held = now - (self._counted_at or now), self._held(gone)
-        if len(gone) == len(self._known) and whole:
-            logger.error(
-                "celery-breaker releaser: the breaker store lost its parked tasks (restarted without its data, "
-                "or flushed): %d task(s) were parked %.0f s before (%s); they will not run. Keep parking in a store "
-                "at least as durable as the broker (docs/brokers.md)",
-                lost, ago, held,
-                extra={"breaker_parked_lost": lost},
-            )  # fmt: skip
-        else:
-            logger.error(
-                "celery-breaker releaser: the breaker store lost the tasks parked behind %d breaker(s) (their keys "
-                "went: a Cluster node restarted without its data, a failover that lost writes, or deleted or evicted "
-                "keys): %d task(s) were parked %.0f s before (%s); they will not run; the other breakers' are kept. "
-                "Keep parking in a store at least as durable as the broker (docs/brokers.md)",
-                len(gone), lost, ago, held,
-                extra={"breaker_parked_lost": lost},
-            )  # fmt: skip
-        return lost
-
-    def _held(self, known: dict[str, int]) -> str:
-        """``crm[t-1]: 7, crm[t-2]: 3`` for a log line: at most ``NAMED_IN_LOG`` breakers,
-        those with the most tasks first, then how many more."""
-        labelled = sorted((-count, shown_label(self.parking.label(tag))) for tag, count in known.items())
-        held = ", ".join(f"{label}: {-count}" for count, label in labelled[:NAMED_IN_LOG])
-        more = len(labelled) - NAMED_IN_LOG
-        return held + (f", and {more} more breakers" if more > 0 else "")
-
-    def _publish(self, tag: str, claimed: list[tuple[str, str]]) -> list[str]:
-        """Publish the claimed entries again; return those to forget: published (on RabbitMQ:
-        confirmed), or never publishable. The others stay claimed, and are released again
-        after their lease."""
-        done: list[str] = []
-        ready: list[tuple[str, Any, dict[str, Any]]] = []  # (entry, signature, publish options)
-        for entry, payload in claimed:
-            try:
-                signature, serializer = read_parked(payload, self.accept)
-            except NotAcceptedHere as exc:
-                # Another app or worker on this store parked it, in a serializer this one does
-                # not accept: left claimed, its lease puts it back for a worker that does.
-                self._not_accepted(tag, entry, exc)
-                continue
-            except ValueError as exc:
-                # Never publishable: dropping it is the only way forward; say so loudly.
-                logger.error("celery-breaker releaser: dropped parked entry %s of %s: %s", entry, tag, exc)
-                done.append(entry)
-                continue
-            try:
-                made = self.app.signature(signature)
-            except Exception as exc:  # (left claimed, as a publish that failed: the others go on)
-                if self._unpublishable(tag, entry, exc):
-                    done.append(entry)
-                else:
-                    _not_published(entry, exc)
-                continue
-            # (in the serializer it was parked in: its arguments may take no other)
-            ready.append((entry, made, {"serializer": serializer} if serializer else {}))
-        _RELEASING.on = True
-        try:
-            if self._publisher is not None:
-                done += self._publish_confirmed(tag, ready)
-                return done
-            for entry, signature, options in ready:
-                try:
-                    signature.apply_async(**options)
-                except Exception as exc:
-                    if self._unpublishable(tag, entry, exc):
-                        done.append(entry)
-                    else:  # (left claimed: the lease runs out and it is released again)
-                        _not_published(entry, exc)
-                else:
-                    done.append(entry)
-        finally:
-            _RELEASING.on = False
-        return done
-
-    def _publish_confirmed(self, tag: str, ready: list[tuple[str, Any, dict[str, Any]]]) -> list[str]:
-        """Publish on RabbitMQ with publisher confirms (``ConfirmingPublisher``); return the
-        entries RabbitMQ took.
-
-        Published as Celery publishes, without confirms, a message RabbitMQ refused (a full
-        queue whose ``x-overflow`` is ``reject-publish``, a user who may not write to the
-        exchange) raised nothing: the entry was forgotten and the task lost. A refusal now
-        leaves it claimed (released again after the lease). A confirm that does not come
-        within ``CONFIRM_TIMEOUT`` (RabbitMQ blocks publishers under a memory or disk
-        alarm, or the peer is gone) leaves the unconfirmed ones claimed, and the rest of
-        the claim waits: they may run twice (a copy is routed when the alarm clears),
-        never not at all."""
-
-        def send(signature: Any, options: dict[str, Any]) -> Send:
-            return lambda producer: signature.apply_async(producer=producer, retry=False, **options)
-
-        assert self._publisher is not None
-        published = self._publisher.publish(self.app, [send(signature, options) for _, signature, options in ready])
-        confirmed = []
-        for index, exc in list(published.errors.items()):
-            entry = ready[index][0]
-            if published.results[index] is not Confirm.CONFIRMED and self._unpublishable(tag, entry, exc):
-                confirmed.append(entry)  # (forgotten, as a task published is)
-                del published.errors[index]
-        refused = unconfirmed = 0
-        for (entry, _, _), result in zip(ready, published.results, strict=True):
-            if result is Confirm.CONFIRMED:
-                confirmed.append(entry)
-            elif result is Confirm.REFUSED:
-                refused += 1
-            elif result is Confirm.UNCONFIRMED:
-                unconfirmed += 1
-        for index, exc in published.errors.items():
-            _not_published(ready[index][0], exc)
-        if refused:
-            quiet = self._nacks.due("")
-            logger.log(
-                logging.DEBUG if quiet is None else logging.WARNING,
-                "celery-breaker releaser: RabbitMQ refused %d parked task(s) (a full queue that rejects publishes?); "
-                "they stay parked, and are released again after their lease (logged at most once a minute; %d "
-                "more refused since the last time, at DEBUG)",
-                refused, quiet or 0,
-            )  # fmt: skip
-        if published.error is not None:
-            if published.stopped_by_timeout:
-                logger.warning(
-                    "celery-breaker releaser: RabbitMQ did not confirm %d released task(s) within %g s%s; they stay "
-                    "parked, and are released again after their lease (they may run twice)",
-                    unconfirmed, confirms.CONFIRM_TIMEOUT, " (it blocks publishers)" if published.blocked else "",
-                )  # fmt: skip
-            else:
-                logger.warning(
-                    "celery-breaker releaser: could not publish to RabbitMQ (%r); %d task(s) stay parked, and are "
-                    "released again after their lease",
-                    published.error, len(ready) - len(confirmed),
-                )  # fmt: skip
-        return confirmed
-
-
-def _never_publishable(exc: BaseException) -> bool:
-    """Whether a publish failed on the task's own data, as no retry can mend: Celery
-    raises ``TypeError`` for arguments that are no list, keyword arguments that are no
-    mapping, options that are no mapping or a queue that is no name (an entry another
-    writer parked). A broker or network failure is never one: those raise kombu's,
-    redis-py's and the socket's own errors, and the entry is released again."""
-    return isinstance(exc, TypeError)
-
-
-def _not_published(entry: str, exc: BaseException) -> None:
-    """Say that ``entry`` could not be published: left claimed, it is released again after its lease."""
-    logger.warning("celery-breaker releaser: could not publish %s (%r); it stays parked", entry, exc)
