@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 import celery_breaker.breaker as breaker_module
+import celery_breaker.breaker.checks as checks_module
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
 from celery_breaker.core import BreakerMachine, Outcome, Probe, Transition
 from celery_breaker.health import (
@@ -1060,7 +1061,7 @@ def test_check_within_bounds_all_the_checks_of_an_admission_together(
 ) -> None:
     # Three checks of 0.15 s each close this breaker; a task's time limit that leaves 0.3 s
     # must not give each check 0.3 s (its process would be killed during the third).
-    monkeypatch.setattr(breaker_module, "time", types.SimpleNamespace(monotonic=lambda: NOW[0]))
+    monkeypatch.setattr(checks_module, "time", types.SimpleNamespace(monotonic=lambda: NOW[0]))
     LIMITS.clear()
     breaker = breaker_with(_TimedCheck(lambda: None), clock, success_threshold=3, half_open_max_calls=3)
     fail(breaker)

@@ -17,6 +17,7 @@ from celery_breaker import CircuitBreaker, CircuitOpenError, State
 from celery_breaker import breaker as breaker_module
 from celery_breaker.breaker import _RUN, RunAdmission, current_run
 from celery_breaker.breaker import CircuitBreaker as _Breaker
+from celery_breaker.breaker import checks as checks_module
 from celery_breaker.core import Outcome, Probe
 from celery_breaker.testing import FakeClock, fresh_store
 
@@ -388,7 +389,8 @@ def test_the_runs_own_breaker_has_every_field_of_its_breaker(clock: FakeClock) -
     run = breaker.enter_run(keep)
     try:
         own = run.own_breaker()
-        for name in _Breaker.__slots__:
+        fields = [name for cls in _Breaker.__mro__ for name in getattr(cls, "__slots__", ())]  # (each part's own)
+        for name in fields:
             if name != "__weakref__":
                 assert hasattr(own, name), name
         assert isinstance(own, CircuitBreaker)
@@ -618,12 +620,12 @@ def leases_by_owner() -> Iterator[dict[object, float]]:
     """``lease_runs_by`` answering from a dict (the Celery integration's own lease is put
     back afterwards)."""
     leases: dict[object, float] = {}
-    kept = list(breaker_module._RUN_LEASE)
+    kept = list(checks_module._RUN_LEASE)
     breaker_module.lease_runs_by(leases.get)
     try:
         yield leases
     finally:
-        breaker_module._RUN_LEASE[:] = kept
+        checks_module._RUN_LEASE[:] = kept
 
 
 @pytest.mark.parametrize(("owner", "held_for"), [("task", 7.0), ("unleased", 60.0), (None, 60.0)])
