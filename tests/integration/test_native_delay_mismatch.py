@@ -278,6 +278,24 @@ def test_a_connection_that_found_the_native_delay_not_set_up_looks_again_a_minut
         assert "celery_delayed_delivery\twork" in bindings
 
 
+def _work_app(url: str, name: str, queue: Any = None, **conf: Any) -> tuple[Celery, Any]:
+    """An app on ``url`` whose tasks go to the queue ``work`` (``queue``, else the default
+    one), declared, with ``conf`` set; and its one task, ``job(n)``, returning ``n``."""
+    app = Celery(name, broker=url, set_as_current=False)
+    app.conf.update(task_default_queue="work", **conf)
+    if queue is not None:
+        app.conf.task_queues = [queue]
+
+    @app.task(bind=True, name=f"{name}.job")
+    def job(self: Any, n: int) -> int:
+        return n
+
+    app.finalize()
+    with app.connection_for_write() as connection:
+        (app.amqp.queues["work"] if queue is None else queue).bind(connection.default_channel).declare()
+    return app, job
+
+
 def _connections_opened(app: Any) -> list[str]:
     """A list that grows by one for each connection a publisher of ``app`` opens from now
     on (its own: with ``transport_options``; Celery's disabled event dispatcher opens none)."""
@@ -329,16 +347,7 @@ def test_broker_delay_refused_its_topology_opens_no_connection_per_run_for_a_min
     now = [0.0]
     with own_vhost(rabbitmq, "refusedtopology") as vhost:
         _declare_both_topologies(vhost.url, "quorum", celery=False)
-        app = Celery("refusedtopology", broker=vhost.url, set_as_current=False)
-        app.conf.update(task_default_queue="work", broker_native_delayed_delivery_queue_type="classic")
-
-        @app.task(bind=True, name="refused.job")
-        def job(self: Any, n: int) -> int:
-            return n
-
-        app.finalize()
-        with app.connection_for_write() as connection:
-            app.amqp.queues["work"].bind(connection.default_channel).declare()
+        app, job = _work_app(vhost.url, "refused", broker_native_delayed_delivery_queue_type="classic")
         opened = _connections_opened(app)
 
         strategies = (broker_delay.BrokerDelay(clock=lambda: now[0]), _Last())
@@ -376,16 +385,7 @@ def test_broker_delay_refused_by_a_length_policy_publishes_once_a_minute_per_lev
     with own_vhost(rabbitmq, "fulllevels") as vhost:
         rabbitmq.rabbitmqctl("set_policy", "--vhost", vhost.name, "--apply-to", "queues", "full",
                              "^celery_breaker_delayed_[0-9]", '{"max-length": 0}')  # fmt: skip
-        app = Celery("fulllevels", broker=vhost.url, set_as_current=False)
-        app.conf.update(task_default_queue="work", broker_native_delayed_delivery_queue_type="classic")
-
-        @app.task(bind=True, name="full.job")
-        def job(self: Any, n: int) -> int:
-            return n
-
-        app.finalize()
-        with app.connection_for_write() as connection:
-            app.amqp.queues["work"].bind(connection.default_channel).declare()
+        app, job = _work_app(vhost.url, "full", broker_native_delayed_delivery_queue_type="classic")
         opened = _connections_opened(app)
         published: list[str] = []
 
@@ -432,18 +432,9 @@ def test_a_countdown_refused_on_its_way_into_the_delay_queues_is_parked_without_
             declare_native_delayed_delivery_exchanges_and_queues(admin, "quorum")
         rabbitmq.rabbitmqctl("set_permissions", "--vhost", vhost.name, user,
                              "^(?!celery_delayed_).*", "^(?!celery_delayed_27$).*", ".*")  # fmt: skip
-        app = Celery("nowrite", broker=vhost.url, set_as_current=False)
         queue = Queue("work", Exchange("work", type="topic"), routing_key="work",  # type: ignore[no-untyped-call]
                       queue_arguments={"x-queue-type": "quorum"})  # fmt: skip
-        app.conf.update(task_queues=[queue], task_default_queue="work")
-
-        @app.task(bind=True, name="nowrite.job")
-        def job(self: Any, n: int) -> int:
-            return n
-
-        app.finalize()
-        with app.connection_for_write() as connection:
-            queue.bind(connection.default_channel).declare()  # type: ignore[no-untyped-call]
+        app, job = _work_app(vhost.url, "nowrite", queue)
         opened = _connections_opened(app)
 
         class Park:
@@ -497,19 +488,11 @@ def test_a_park_whose_reply_is_lost_sends_the_run_straight_back_as_well_never_no
         ReplyDropper(redis_server.address, close=lost == "closed") as proxy,
     ):
         _declare_both_topologies(vhost.url, "quorum")  # (the app says classic: Celery's delay is not set up)
-        app = Celery("lostreply", broker=vhost.url, set_as_current=False)
         queue = Queue("work", Exchange("work", type="topic"), routing_key="work",  # type: ignore[no-untyped-call]
                       queue_arguments={"x-queue-type": "quorum"})  # fmt: skip
-        app.conf.update(task_queues=[queue], task_default_queue="work",
-                        broker_native_delayed_delivery_queue_type="classic")  # fmt: skip
-
-        @app.task(bind=True, name=f"lostreply.job.{lost}")
-        def job(self: Any, n: int) -> int:
-            return n
-
-        app.finalize()
-        with app.connection_for_write() as connection:
-            queue.bind(connection.default_channel).declare()  # type: ignore[no-untyped-call]
+        _app, job = _work_app(
+            vhost.url, f"lostreply.{lost}", queue, broker_native_delayed_delivery_queue_type="classic"
+        )
         ns = f"lost-{secrets.token_hex(4)}"
         breaker = CircuitBreaker(
             BREAKER, POLICY, storage=f"redis://127.0.0.1:{proxy.port}/1?key_prefix={ns}&socket_timeout=1"
