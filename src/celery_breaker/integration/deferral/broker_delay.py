@@ -48,7 +48,7 @@ from kombu.transport.native_delayed_delivery import calculate_routing_key
 from ..throttle import Throttle
 from . import confirms
 from .confirms import Confirm, ConfirmingPublisher, Send
-from .native_delay import LOOK_AGAIN_AFTER
+from .native_delay import LOOK_AGAIN_AFTER, RecentRefusals
 from .strategy import DESTINATION_OPTIONS, Deferral, names_destination, publish
 
 __all__ = [
@@ -295,6 +295,10 @@ def _declare_again(exc: BaseException) -> None:
     )  # fmt: skip
 
 
+#: What ``BrokerDelay._refused`` remembers a refusal of: the delay topology itself.
+_TOPOLOGY = "topology"
+
+
 class _TopologyRefused(Exception):
     """RabbitMQ refused broker-delay's delay topology a moment ago (``BrokerDelay._still_refused``)."""
 
@@ -525,11 +529,10 @@ class BrokerDelay:
         # Each process's confirming connection, the topology declared on it (``prepared``:
         # the queues bound by their token over it).
         self._publisher = ConfirmingPublisher(prepare=self._prepare, on_failure=_declare_again)
-        self._clock = clock
-        #: RabbitMQ's refusal of the delay topology itself, and when (decision 96).
-        self._refused: tuple[BaseException, float] | None = None
-        #: Per level, RabbitMQ's nack of a run entering it (a length policy), and when (decision 98).
-        self._nacked: dict[int, tuple[BaseException, float]] = {}
+        #: RabbitMQ's refusal of the delay topology itself (decision 96).
+        self._refused = RecentRefusals(clock)
+        #: Per level, RabbitMQ's nack of a run entering it (a length policy; decision 98).
+        self._nacked = RecentRefusals(clock)
         self._cannot_tell = UnroutedWarning(
             "not broker-delay: not exactly one queue of the app is bound there, so the queue it came from cannot "
             "be told"
@@ -542,9 +545,9 @@ class BrokerDelay:
         try:
             bound = ensure_topology(connection, app)
         except connection.channel_errors as exc:
-            self._refused = (exc, self._clock())
+            self._refused.note(_TOPOLOGY, exc)
             raise
-        self._refused = None
+        self._refused.forget(_TOPOLOGY)
         return bound
 
     def _still_refused(self) -> BaseException | None:
@@ -553,13 +556,10 @@ class BrokerDelay:
         before (the publish and its retry), declaring the topology on each, to meet the
         same refusal: on this path, which decision 95 made fast, that was two connections
         per deferral, a burst of them for a backlog."""
-        refused = self._refused
-        if refused is None:
-            return None
-        exc, since = refused
-        ago = self._clock() - since
-        if ago >= LOOK_AGAIN_AFTER:
-            return None  # (the operator may have fixed it: the next publish declares it again)
+        found = self._refused.lately(_TOPOLOGY)
+        if found is None:
+            return None  # (none, or the operator may have fixed it: the next publish declares it again)
+        exc, ago = found
         return _TopologyRefused(
             f"RabbitMQ refused broker-delay's delay topology {ago:.0f} s ago ({exc!r}); looked at again "
             f"{LOOK_AGAIN_AFTER:g} s after"
@@ -570,14 +570,10 @@ class BrokerDelay:
         than ``LOOK_AGAIN_AFTER`` seconds ago (a length policy on the delay queues, whose
         ``x-overflow`` is ``reject-publish``: decision 98). Each such run published its
         copy first, to meet the same nack: one refused round trip per run."""
-        found = self._nacked.get(level)
+        found = self._nacked.lately(level)
         if found is None:
-            return None
-        exc, since = found
-        ago = self._clock() - since
-        if ago >= LOOK_AGAIN_AFTER:
-            self._nacked.pop(level, None)  # (fixed by an operator, or the level drained: the next run tries)
-            return None
+            return None  # (none, or fixed by an operator, or the level drained: the next run tries)
+        exc, ago = found
         return _LevelRefused(
             f"RabbitMQ refused a run entering {level_name(level)} {ago:.0f} s ago ({exc!r}); tried again "
             f"{LOOK_AGAIN_AFTER:g} s after"
@@ -671,5 +667,5 @@ class BrokerDelay:
             return float(seconds)
         failure = published.failure(0)
         if result is Confirm.REFUSED:
-            self._nacked[level] = (failure, self._clock())  # (every run entering that level would meet it)
+            self._nacked.note(level, failure)  # (every run entering that level would meet it)
         raise failure

@@ -101,10 +101,9 @@ class CountdownRepublish:
         #: parked in the breaker store, rather than straight back to its queue after a
         #: pause; ``None``: no store to park in (``memory://``), or ``breaker_park=False``.
         self.park = park
-        self._clock = clock
-        #: Per queue, RabbitMQ's refusal of a copy on its way into Celery's delay queues,
-        #: and when: for ``LOOK_AGAIN_AFTER`` such runs are parked without that publish (decision 96).
-        self._refused: dict[str, tuple[BaseException, float]] = {}
+        #: Per queue, RabbitMQ's refusal of a copy on its way into Celery's delay queues:
+        #: for ``LOOK_AGAIN_AFTER`` such runs are parked without that publish (decision 96).
+        self._refused = native_delay.RecentRefusals(clock)
         # (RabbitMQ: each process's own connection, on which Celery's native delay is made sure of)
         self._publisher = ConfirmingPublisher(prepare=native_delay.prepare)
         self._cannot_tell = UnroutedWarning(
@@ -210,7 +209,7 @@ class CountdownRepublish:
             # (refused on its way into Celery's delay queues: RabbitMQ routed nothing, so parked, or
             # sent straight back, it runs once)
             if instead is not None and _refusal(exc):
-                self._refused[queue] = (exc, self._clock())
+                self._refused.note(queue, exc)
                 parked = self._parked(deferral, route, exc)
                 if parked is not None:
                     return parked
@@ -245,13 +244,8 @@ class CountdownRepublish:
         less than ``LOOK_AGAIN_AFTER`` seconds ago: such a run is parked without publishing
         it again (decision 96). The publish met the refusal every run, and a closed
         channel cost two new connections (the publish and its retry) each time."""
-        found = self._refused.get(queue)
-        if found is None:
-            return None
-        if self._clock() - found[1] >= native_delay.LOOK_AGAIN_AFTER:
-            self._refused.pop(queue, None)  # (the operator may have fixed it: the next copy tries)
-            return None
-        return found[0]
+        found = self._refused.lately(queue)
+        return None if found is None else found[0]  # (none: the operator may have fixed it, the next copy tries)
 
     def _not_set_up(self, task: Any, instead: _Instead) -> BaseException | None:
         """Why this process's connection finds that Celery's native delay would not bring a

@@ -42,7 +42,7 @@ from kombu.transport.native_delayed_delivery import (
 from ..broker import uses_quorum_queues
 from ..throttle import Throttle
 
-__all__ = ["LOOK_AGAIN_AFTER", "NativeDelay", "goes_through_native_delay", "not_set_up", "prepare"]
+__all__ = ["LOOK_AGAIN_AFTER", "NativeDelay", "RecentRefusals", "goes_through_native_delay", "not_set_up", "prepare"]
 
 logger = logging.getLogger("celery_breaker")
 
@@ -54,6 +54,37 @@ ACCESS_REFUSED = 403
 #: (an operator may have fixed it: deleted the delay queues of the other type, granted a
 #: permission), instead of sending runs without their delay for as long as it lives.
 LOOK_AGAIN_AFTER = 60.0
+
+
+class RecentRefusals:
+    """RabbitMQ's refusals this process remembers, by what was refused (a topology, a
+    level, a queue), for ``LOOK_AGAIN_AFTER`` seconds: a run that would meet one again goes
+    its other way at once, without the connection or the publish that met it (decisions 96
+    and 98); after that, the next run tries again (an operator may have fixed it)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._found: dict[object, tuple[BaseException, float]] = {}
+
+    def note(self, what: object, exc: BaseException) -> None:
+        """RabbitMQ refused ``what`` just now, with ``exc``."""
+        self._found[what] = (exc, self._clock())
+
+    def forget(self, what: object) -> None:
+        """RabbitMQ took ``what``: nothing of it is remembered."""
+        self._found.pop(what, None)
+
+    def lately(self, what: object) -> tuple[BaseException, float] | None:
+        """RabbitMQ's refusal of ``what`` and how many seconds ago, if less than
+        ``LOOK_AGAIN_AFTER``; ``None`` otherwise (an older one is forgotten)."""
+        found = self._found.get(what)
+        if found is None:
+            return None
+        ago = self._clock() - found[1]
+        if ago >= LOOK_AGAIN_AFTER:
+            self._found.pop(what, None)
+            return None
+        return found[0], ago
 
 
 class NativeDelay:
