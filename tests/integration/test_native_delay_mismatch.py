@@ -54,8 +54,8 @@ from tests.integration.deployments import Deployment, deploy
 from tests.integration.downstream import Downstream
 from tests.integration.event_capture import Events
 from tests.integration.workers import wait_for
+from tests.proxies import ReplyDropper
 from tests.rabbitmq import RabbitMQServer, own_vhost, taken_off
-from tests.reply_dropper import ReplyDropper
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,6 @@ import json
 import logging
 import shutil
 import socket
-import threading
 import time
 import types
 from collections.abc import Iterator
@@ -45,6 +44,7 @@ from tests.integration.backlog_proj import BREAKER, TASK, deferred_key, executio
 from tests.integration.deployments import APP, Deployment, deploy
 from tests.integration.downstream import Downstream
 from tests.integration.workers import WorkerProcess, wait_for
+from tests.proxies import BlackHole
 from tests.rabbitmq import RabbitMQServer
 from tests.servers import RedisServer
 
@@ -321,45 +321,6 @@ def test_a_run_for_a_length_limited_queue_is_not_left_to_classic_delay_queues(
         assert way == "countdown"
     finally:
         own_rabbitmq.rabbitmqctl("delete_vhost", vhost)
-
-
-class BlackHole:
-    """A TCP proxy in front of RabbitMQ that can make the connections through it go silent,
-    as a peer that vanished does (a crashed node, a partition, a firewall that dropped the
-    flow): what is written to them goes nowhere, and nothing comes back."""
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"amqp://guest:guest@127.0.0.1:{self.listener.getsockname()[1]}//"
-        self.silenced: set[socket.socket] = set()
-        self.sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                client, _ = self.listener.accept()
-                server = socket.create_connection(self.upstream)
-                self.sockets += [client, server]
-                threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
-                threading.Thread(target=self._pump, args=(server, client), daemon=True).start()
-
-    def _pump(self, source: socket.socket, target: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if source not in self.silenced and target not in self.silenced:
-                    target.sendall(data)
-
-    def silence(self) -> None:
-        """Every connection open now goes silent; later ones pass."""
-        self.silenced.update(self.sockets)
-
-    def close(self) -> None:
-        self.listener.close()
-        for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
 
 
 @pytest.mark.parametrize(
