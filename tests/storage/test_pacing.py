@@ -112,6 +112,7 @@ def test_python_and_lua_agree_on_every_step(store: RedisStore, redis_url: str) -
     # (claims go back to the queue after 2 s: at 400/s at most, some 1,200 are out at once)
     tag = park(store, 2_500)
     CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)  # a CLOSED breaker's state hash
+    store.flush()  # (its success in Redis now: sent by the agent a second later, it lands mid-test)
     client = redis.Redis.from_url(redis_url)
     state_key = tag + ":s"
     law = PacingLaw(ceiling=400.0)  # (the defaults)
@@ -267,6 +268,7 @@ def test_python_and_lua_agree_on_a_limit_held_without_creep(store: RedisStore, r
     clock = FakeClock()
     tag = park(store, 500)
     CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)
+    store.flush()  # (its success in Redis now: sent by the agent a second later, it lands mid-test)
     client = redis.Redis.from_url(redis_url)
     state_key = tag + ":s"
     law = PacingLaw(ceiling=40.0, creep=0.0, plateau=0)
@@ -772,6 +774,7 @@ def test_the_fixed_pace_ignores_the_adaptive_fields_and_the_other_way_round(stor
     clock = FakeClock()
     tag = park(store, 1_000)
     CircuitBreaker("svc", POLICY, storage=store, clock=clock).call(ok)
+    store.flush()
     release(store, clock.monotonic())
     store.parking.release(tag, most=100, pace=20.0, ramp=0.0, lease=30.0, now=clock.monotonic())
     clock.advance(1.0)
