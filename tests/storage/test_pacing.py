@@ -873,7 +873,8 @@ def test_the_status_shows_the_pace_while_it_releases(store: RedisStore) -> None:
 
 def test_the_status_shows_the_usual_share_once_learnt_under_this_pace(store: RedisStore, redis_url: str) -> None:
     """``usual_bad_share``: ``ubd / usn`` once ``USUAL_LEAST`` outcomes are in, and only
-    when learnt under the pace's own generation (as ``pacing.lua`` reads it)."""
+    when learnt under the pace's own generation (as ``pacing.lua`` reads it). A share no
+    release learns (above ``USUAL_MOST``) restarts the pace: none is shown."""
     clock = FakeClock()
     grown_to_40(store, clock)
     tag = store.parking.tag("svc", None)
@@ -884,10 +885,16 @@ def test_the_status_shows_the_usual_share_once_learnt_under_this_pace(store: Red
         (0, 60, generation, 0.0),
         (4, 49, generation, None),
         (4, 50, str(int(generation) + 2), None),
-        (51, 50, generation, None),
+        (12, 50, generation, 0.24),
+        (13, 50, generation, "no pace"),
+        (51, 50, generation, "no pace"),
+        (13, 50, str(int(generation) + 2), None),  # (another generation's: not read)
     ):
         client.hset(tag + ":p", mapping={"ubd": ubd, "usn": usn, "ugen": ugen})
         release = release_row(store, clock).release
+        if shown == "no pace":
+            assert release is None, (ubd, usn, ugen)
+            continue
         assert release is not None
         assert release.usual_bad_share == (None if shown is None else pytest.approx(shown)), (ubd, usn, ugen)
     assert release_row(store, clock).as_dict()["release_usual_bad_share"] is None
@@ -931,15 +938,11 @@ def test_an_unreadable_pace_is_shown_as_none_and_fails_nothing(
     clock = FakeClock()
     tag = paced(store, clock)
     client = redis.Redis.from_url(redis_url)
-    for field, bad in (("rate", "inf"), ("rate", "-1"), ("a_gen", "x"), ("a_at", "1e300")):
+    for field, bad in (("rate", "inf"), ("rate", "-1"), ("a_gen", "x"), ("a_at", "1e300"), ("lim", "nan")):
         client.hset(tag + ":p", field, bad)
         assert release_row(store, clock).release is None
         release(store, clock.monotonic())  # (repaired: the pace restarts)
         assert release_row(store, clock).release is not None
-    client.hset(tag + ":p", "lim", "nan")
-    assert release_row(store, clock).release == ReleasePace(
-        release_row(store, clock).snapshot.generation, 5.0, None, None
-    )
     client.hset(tag + ":s", "rh", "1e300")  # (the listing resets such a breaker; pace.lua only reads)
     assert store.parking.release_paces([tag], clock.monotonic()) == {tag: ReleasePace(0, 5.0, None, None)}
     client.hdel(tag + ":s", "rh")
@@ -950,6 +953,57 @@ def test_an_unreadable_pace_is_shown_as_none_and_fails_nothing(
     assert row.release is None
     assert row.parked > 0
     assert "left svc's release pace out" in caplog.text
+
+
+def test_a_pace_the_next_release_restarts_is_shown_as_none(
+    store: RedisStore, redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pace ``release.lua`` restarts (a field unreadable, or beyond what the law writes:
+    decisions 97 and 103) is no pace in the status either, as the release takes it; the
+    pace the release begins again is shown from then on. Before, pace.lua read five fields
+    and bounded none of them as the release does: a rate of 1e308, a limit of 1e-300 or
+    NaN, a kept count of 10**9 were shown (on the page, the CLI and the metrics) until the
+    next release restarted the pace. At the bounds, the pace is shown as stored."""
+    clock = FakeClock()
+    tag = paced(store, clock)
+    client = redis.Redis.from_url(redis_url)
+    generation = stored(store)["a_gen"]
+    # (a float: that many seconds from now)
+    cases: list[dict[str, str | float]] = [
+        {"rate": "1e308"},
+        {"rate": "nan"},
+        {"rate": "-5"},
+        {"lim": "nan"},
+        {"lim": "-1"},
+        {"lim": "1e-300"},
+        {"lim": "80", "lkp": "1000000000"},
+        {"lim": "80", "alm": "1000000000"},
+        {"thr": "1e-300"},
+        {"a_tokens": "1e300"},
+        {"sok": "x"},
+        {"jat": 200.0},
+        {"ubd": "60", "usn": "60", "ugen": generation},
+    ]
+    for damage in cases:
+        now = clock.monotonic()
+        for name, value in damage.items():
+            client.hset(tag + ":p", name, value if isinstance(value, str) else repr(now + value))
+        assert release_row(store, clock).release is None, damage
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+            assert release(store, now) == 0  # begun again: nothing held
+        [record] = caplog.records  # (the same bounds: the release restarts each)
+        assert "(the pace restarts)" in record.getMessage(), damage
+        row = release_row(store, clock)
+        assert row.release == ReleasePace(row.snapshot.generation, 5.0, None, None), damage
+        clock.advance(1.0)
+        assert release(store, clock.monotonic()) == 5
+    # At the bounds (a threshold below the floor: a low ceiling's, decision 103): shown as stored.
+    most_at_limit = LAW.plateau * 2**KEPT_MOST + DOUBLINGS_MOST
+    for name, value in {"thr": "0.5", "lim": "80", "lkp": str(KEPT_MOST), "alm": str(most_at_limit)}.items():
+        client.hset(tag + ":p", name, value)
+    row = release_row(store, clock)
+    assert row.release == ReleasePace(row.snapshot.generation, 5.0, 80.0, None)
 
 
 def test_a_redis_clock_that_steps_back_holds_nothing_back(store: RedisStore) -> None:

@@ -442,9 +442,13 @@ def test_a_pace_no_step_of_the_law_writes_names_its_field(changes: dict[str, Any
     seen = Outcomes(generation=1, successes=0, failures=0, slow=0)
     pace = Pace(generation=1, rate=50.0, threshold=40.0, tokens=0.0, at=10.0, judged_at=9.0, seen=seen, used=20,
                 limit=60.0, kept=3, at_limit=LAW.plateau * 8 + DOUBLINGS_MOST, usual_bad=15, usual_seen=60)  # fmt: skip
-    assert beyond_the_law(LAW, pace) is None  # (each at its bound)
-    assert beyond_the_law(LAW, replace(pace, kept=KEPT_MOST)) is None
-    assert beyond_the_law(LAW, replace(pace, **changes)) == field
+    # (whatever the ceiling a worker is given: the status reads every pace without it,
+    # storage/redis/parking.py SHOWN_LAW)
+    for ceiling in (None, RATE_LEAST, 0.5, 40.0, RATE_MOST):
+        law = replace(LAW, ceiling=ceiling)
+        assert beyond_the_law(law, pace) is None  # (each at its bound)
+        assert beyond_the_law(law, replace(pace, kept=KEPT_MOST)) is None
+        assert beyond_the_law(law, replace(pace, **changes)) == field
 
 
 @pytest.mark.parametrize("reader_ceiling", [0.5, None, 20.0])

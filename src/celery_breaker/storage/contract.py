@@ -356,7 +356,8 @@ class Parking(Protocol):
 
     def release_paces(self, tags: list[str], now: float | None = None) -> dict[str, ReleasePace]:
         """The adaptive release's pace under way for each of ``tags`` that has one (begun
-        under its breaker's generation now and in use); ``now`` as in ``release``."""
+        under its breaker's generation now and in use; one the next ``release`` would
+        restart, as damaged, is none); ``now`` as in ``release``."""
         ...
 
 

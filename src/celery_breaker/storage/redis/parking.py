@@ -54,6 +54,11 @@ LIFE_SUFFIX = ":e"
 #: Entries one purge script call discards: bounded, so Redis is never blocked for long.
 PURGE_CHUNK = 1000
 
+#: The law ``pace.lua`` reads a stored pace under, as a release would (``pacing.lua``
+#: ``read_pace``): every worker's is ``PacingLaw(ceiling=breaker_release_rate)``, and no
+#: bound a pace is read within depends on the ceiling (``beyond_the_law``).
+SHOWN_LAW = PacingLaw().text()
+
 #: A member of the index that names no breaker, added when the index is built from the
 #: parked entries and never removed: an index without it was deleted or evicted (or
 #: predates it), and may miss breakers whose tasks are still parked.
@@ -199,13 +204,16 @@ class RedisParking:
         """The adaptive pace under way for each of ``tags`` (``pace.lua``, read only: one
         pipelined round trip, one by one on a Cluster): begun under its breaker's generation now
         and used by a release within the last few seconds. A breaker without one is left
-        out, and so is one whose keys hold another type, with a WARNING (``release``
-        repairs them). Raises ``StorageError`` only when Redis cannot be reached or fails.
-        ``now`` is for stores on the ``time=client`` test seam, as in ``release``."""
+        out; so is one whose pace the next release restarts (a field unreadable, or beyond
+        what the law writes: read as ``release`` reads it, ``SHOWN_LAW``), silently, and one
+        whose keys hold another type, with a WARNING (``release`` repairs them). Raises
+        ``StorageError`` only when Redis cannot be reached or fails. ``now`` is for stores
+        on the ``time=client`` test seam, as in ``release``."""
         if not tags:
             return {}
         now_arg = _opt(now) if self.store.client_time else ""
-        replies = self.store.run_many("pace", [([tag + ":p", tag + ":s"], [now_arg]) for tag in tags])
+        args = [now_arg, SHOWN_LAW]
+        replies = self.store.run_many("pace", [([tag + ":p", tag + ":s"], args) for tag in tags])
         found: dict[str, ReleasePace] = {}
         for tag, reply in zip(tags, replies, strict=True):
             if isinstance(reply, StorageError):

@@ -4,8 +4,9 @@ Every script starts with ``checks.lua`` (the bounds every value read from Redis 
 to). A breaker script goes on with the shared prelude ``common.lua`` (load, validate,
 rules, save) and its operation (``acquire.lua``, ``record.lua``, ...); a parking script
 with ``parked.lua`` (its keys, their types repaired) and its own (``release.lua`` after
-``pacing.lua``, the adaptive release's law); ``history.lua``, ``forget.lua``,
-``lookout.lua``, ``pace.lua`` and ``retype.lua`` follow ``checks.lua`` alone. redis-py's ``Script`` runs
+``pacing.lua``, the adaptive release's law); ``pace.lua`` reads the pace as ``release.lua``
+does, after ``pace_prelude.lua`` (its keys and clock) and ``pacing.lua``; ``history.lua``,
+``forget.lua``, ``lookout.lua`` and ``retype.lua`` follow ``checks.lua`` alone. redis-py's ``Script`` runs
 each by EVALSHA and loads it again after a ``SCRIPT FLUSH`` or on a new server; on a
 Cluster a script the node lacks is sent with EVAL, to that node alone (``Scripts``).
 """
@@ -27,7 +28,7 @@ BREAKER_SCRIPTS = ("acquire", "record", "operate", "snapshot")
 #: Scripts that operate on one breaker's parked entries: ``parked.lua`` + the script.
 PARKING_SCRIPTS = ("park", "release", "done", "purge", "tidy")
 #: Scripts that stand alone (after ``checks.lua``).
-STANDALONE_SCRIPTS = ("forget", "history", "lookout", "pace", "retype")
+STANDALONE_SCRIPTS = ("forget", "history", "lookout", "retype")
 
 
 def _read(name: str) -> str:
@@ -38,7 +39,9 @@ def _sources() -> dict[str, str]:
     checks, common, parked = _read("checks"), _read("common"), _read("parked")
     found = {name: "\n".join((checks, common, _read(name))) for name in BREAKER_SCRIPTS}
     found.update((name, "\n".join((checks, parked, _read(name)))) for name in PARKING_SCRIPTS)
-    found["release"] = "\n".join((checks, parked, _read("pacing"), _read("release")))  # the adaptive law first
+    pacing = _read("pacing")
+    found["release"] = "\n".join((checks, parked, pacing, _read("release")))  # the adaptive law first
+    found["pace"] = "\n".join((checks, _read("pace_prelude"), pacing, _read("pace")))  # (read_pace, as release reads)
     found.update((name, "\n".join((checks, _read(name)))) for name in STANDALONE_SCRIPTS)
     return found
 
