@@ -196,11 +196,12 @@ class CountdownRepublish:
             request, deferral.args, deferral.kwargs, countdown=delay, headers=deferral.headers,
             **deferral.options, **route,
         )  # fmt: skip
-        instead = self._instead(deferral, route)
-        queue = str(_queue_name(deferral, route) or "")
+        name = _queue_name(deferral, route)  # (the copy's queue, named once for every use below)
+        instead = self._instead(deferral, route, name)
+        queue = str(name or "")
         if instead is not None and self.park is not None:
             problem = self._refused_lately(queue) or self._not_set_up(task, instead)
-            parked = None if problem is None else self._parked(deferral, route, problem)
+            parked = None if problem is None else self._parked(deferral, route, name, problem)
             if parked is not None:
                 return parked
         try:
@@ -210,7 +211,7 @@ class CountdownRepublish:
             # sent straight back, it runs once)
             if instead is not None and _refusal(exc):
                 self._refused.note(queue, exc)
-                parked = self._parked(deferral, route, exc)
+                parked = self._parked(deferral, route, name, exc)
                 if parked is not None:
                     return parked
             why = self._straight_back(task, instead, exc)
@@ -227,7 +228,7 @@ class CountdownRepublish:
                         "breaker in its body rejected it)"
                     )
                 )
-                native_delay.not_set_up(task, _queue_name(deferral, route), why, where)
+                native_delay.not_set_up(task, name, why, where)
             else:  # (a connection that failed twice, then came back: no setting is to blame)
                 logger.warning(
                     "task %s[%s]: its countdown copy could not be published (%r); it went straight back to its queue "
@@ -261,11 +262,12 @@ class CountdownRepublish:
             logger.debug("task %s[%s]: could not look at the native delay", task.name, task.request.id, exc_info=True)
             return None
 
-    def _parked(self, deferral: Deferral, route: dict[str, Any], why: BaseException) -> Handed | None:
+    def _parked(self, deferral: Deferral, route: dict[str, Any], name: Any, why: BaseException) -> Handed | None:
         """Park a run Celery's native delay would not bring back (``why``), released to its
         queue by name; ``None`` when the store does not take it (down, refusing, or no
         parking for it: it expires first, a nested breaker rejected it), and it goes
-        straight back instead. The ERROR says where it waits."""
+        straight back instead. The ERROR names the queue (``name``, as ``_queue_name`` gives
+        it) and says where it waits."""
         park = self.park
         if park is None:
             return None
@@ -282,7 +284,7 @@ class CountdownRepublish:
             f"is parked in the breaker store {store} (PARKED in `celery breaker status`) and released when its "
             "breaker admits it"
         )
-        native_delay.not_set_up(task, _queue_name(deferral, route), why, where, parked=True)
+        native_delay.not_set_up(task, name, why, where, parked=True)
         return Handed(park, delay)
 
     def _straight_back(self, task: Any, instead: _Instead | None, exc: Exception) -> BaseException | None:
@@ -302,14 +304,14 @@ class CountdownRepublish:
             return None
         return exc
 
-    def _instead(self, deferral: Deferral, route: dict[str, Any]) -> _Instead | None:
+    def _instead(self, deferral: Deferral, route: dict[str, Any], name: Any) -> _Instead | None:
         """When the copy goes through Celery's native delay (quorum queues, a queue not on a
         direct exchange): the copy to publish in its place if that delay is not set up for
-        its queue (no countdown, the deferral count as the delivery had it), and the queue."""
+        its queue (``name``, as ``_queue_name`` gives it: no countdown, the deferral count as
+        the delivery had it), and the queue."""
         task = deferral.task
         if not self.whole_seconds or broker_kind(task.app.conf) != AMQP:
             return None
-        name = _queue_name(deferral, route)
         queue: Any = None
         if isinstance(name, str) and name:
             with contextlib.suppress(KeyError):  # (Celery's router makes a queue it does not know, as here)
