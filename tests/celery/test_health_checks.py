@@ -306,6 +306,16 @@ def test_a_dotted_path_naming_a_health_check_object_is_that_check() -> None:
     assert probe.timeout == 3.0
 
 
+def test_a_dotted_path_naming_no_callable_is_refused_saying_what_it_names() -> None:
+    app = throwaway_app("probe-not-callable")
+    with pytest.raises(ConfigurationError) as info:
+        resolve_probe(app, "tests.celery.probe_tasks:SLOW_CHECK_ANSWERS", where="breaker_probe", timeout=10.0)
+    assert str(info.value) == (
+        "breaker_probe='tests.celery.probe_tasks:SLOW_CHECK_ANSWERS' is a Event, not a callable; "
+        "write 'package.module:function', or the name of a task of this app"
+    )
+
+
 def test_a_probe_defined_as_a_method_of_a_task_class_gets_self() -> None:
     # As breaker_key and breaker_fallback methods are. Taken from the class, it was called
     # without self: every check failed (TypeError) and the breaker never closed. (Its own

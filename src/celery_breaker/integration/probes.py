@@ -33,12 +33,9 @@ def resolve_probe(app: Any, probe: ProbeSpec, *, where: str, timeout: float) -> 
     """``probe`` (from ``where``: a setting or a task option) as a ``HealthCheck`` that
     waits at most ``timeout`` seconds, or a ``ConfigurationError`` naming ``where``, the
     value and the fix."""
-    if isinstance(probe, HealthCheck):
-        return probe
-    if isinstance(probe, Task):  # (a task, or the proxy ``@app.task`` returns: evaluated here)
-        # Its body, as for a task named: called, the task went through its own breaker,
-        # whose half-open slot the check held, and was rejected: it never closed.
-        return _check(where, probe.run, timeout, f"task {probe.name}")
+    given = _as_check(where, probe, timeout)
+    if given is not None:
+        return given
     if callable(probe) and not isinstance(probe, str):
         return _check(where, probe, timeout)
     if not isinstance(probe, str) or not probe or probe.strip() != probe:
@@ -57,17 +54,28 @@ def resolve_probe(app: Any, probe: ProbeSpec, *, where: str, timeout: float) -> 
             "'package.module:function', or give the function itself"
         )
     found = _import(probe, where)
-    if isinstance(found, HealthCheck):
-        # A check kept in a module, with its own timeout, as it may be given itself: named
-        # by its path (all a setting read from a file or the environment can say), it was
-        # refused as no callable, and the worker did not start.
-        return found
-    if isinstance(found, Task):
-        # A task named by its dotted path, not its name: its body too, never the task
-        # itself, whose call would go through its breaker (the one it checks, when it is
-        # guarded by it: the check then always failed, rejected, and it never closed).
-        return _check(where, found.run, timeout, f"task {found.name}")
+    given = _as_check(where, found, timeout)
+    if given is not None:
+        return given
+    if not callable(found):
+        raise ConfigurationError(f"{where}={shown_probe(probe)} is {shown_probe(found)}, not a callable; {_IMPORT_FIX}")
     return _check(where, found, timeout, probe)
+
+
+def _as_check(where: str, probe: object, timeout: float) -> HealthCheck | None:
+    """``probe``, given or named by its dotted path, when it is a ``HealthCheck`` (kept as
+    it is, with its own timeout) or a task (its body); ``None`` for anything else.
+
+    A check kept in a module, named by its path (all a setting read from a file or the
+    environment can say), was refused as no callable, and the worker did not start. A
+    task (or the proxy ``@app.task`` returns: evaluated here) is its body, never the task
+    itself, whose call would go through its breaker (the one it checks, when it is guarded
+    by it: the check held its half-open slot, the task was rejected, and it never closed)."""
+    if isinstance(probe, HealthCheck):
+        return probe
+    if isinstance(probe, Task):
+        return _check(where, probe.run, timeout, f"task {probe.name}")
+    return None
 
 
 def _check(where: str, fn: ProbeFunction, timeout: float, name: str = "") -> HealthCheck:
@@ -79,30 +87,30 @@ def _check(where: str, fn: ProbeFunction, timeout: float, name: str = "") -> Hea
         raise ConfigurationError(f"{where}: {exc}") from None
 
 
-def _import(path: str, where: str) -> ProbeFunction | HealthCheck:
+#: What a probe that names neither a task nor something importable should be.
+_IMPORT_FIX = "write 'package.module:function', or the name of a task of this app"
+
+
+def _import(path: str, where: str) -> object:
+    """What ``path`` (``package.module:function`` or ``package.module.function``) names,
+    whatever it is (``resolve_probe`` tells); a ``ConfigurationError`` when it names nothing."""
     module_name, colon, attr = path.partition(":")
     if not colon:
         module_name, _, attr = path.rpartition(".")
-    fix = "write 'package.module:function', or the name of a task of this app"
     shown = shown_probe(path)  # (never a password it may hold)
     if not module_name or not attr:
-        raise ConfigurationError(f"{where}={shown} names no task of this app and is no dotted path; {fix}")
+        raise ConfigurationError(f"{where}={shown} names no task of this app and is no dotted path; {_IMPORT_FIX}")
     try:
         found: object = importlib.import_module(module_name)
         for part in attr.split("."):
             found = getattr(found, part)
     except (ImportError, AttributeError) as exc:
         problem = f"{where}={shown} names no task of this app and cannot be imported ({scrub_secrets(str(exc), path)})"
-        raise ConfigurationError(f"{problem}; {fix}") from None
+        raise ConfigurationError(f"{problem}; {_IMPORT_FIX}") from None
     except Exception as exc:  # (the module itself fails as it is imported: a SyntaxError, its own code)
         problem = f"{where}={shown}: importing {module_name!r} failed ({type(exc).__name__}: {exc})"
         raise ConfigurationError(f"{problem}; fix that module, or name another check") from exc
-    if isinstance(found, HealthCheck):
-        return found
-    if not callable(found):
-        raise ConfigurationError(f"{where}={shown} is {shown_probe(found)}, not a callable; {fix}")
-    checked: ProbeFunction = found
-    return checked
+    return found
 
 
 def breaker_with_probe(
