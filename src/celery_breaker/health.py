@@ -27,7 +27,8 @@ from typing import Any, NamedTuple, cast
 from .core import State
 from .core.policy import finite_number
 from .errors import ConfigurationError
-from .storage.urls import describe_url, masked_in_text
+from .storage.masking import masked_in_text
+from .storage.urls import describe_url
 
 __all__ = [
     "DEFAULT_PROBE_TIMEOUT",

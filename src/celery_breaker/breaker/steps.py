@@ -14,7 +14,7 @@ from ..health import HealthCheck, checking_now
 from ..labels import breaker_label, shown_label
 from ..storage import Cell, Moves, Store
 from ..storage.fallback import FallbackCell
-from ..storage.urls import MaskedRepr
+from ..storage.masking import MaskedRepr
 from .runs import RUN
 
 __all__ = ["GuardSteps", "TransitionListener", "primary"]

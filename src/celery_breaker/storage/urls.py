@@ -9,9 +9,7 @@ from urllib.parse import unquote
 __all__ = [
     "ENCODE_PASSWORD",
     "SHOWN_OPTIONS",
-    "MaskedRepr",
     "describe_url",
-    "masked_in_text",
     "password_misread",
     "scrub_each",
     "scrub_secrets",
@@ -177,66 +175,6 @@ def scrub_secrets(text: str, url: str) -> str:
         if len(piece) >= _SHORTEST_PIECE:
             text = text.replace(piece, "***")
     return text
-
-
-#: A URL in free text: its scheme to the next space (a password may hold any other mark).
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
-#: A secret given by name in free text: a query option or a keyword (``password=x``,
-#: ``access_token=x``, ``password='x'``), a dict's or JSON's key (``'password': 'x'``,
-#: ``"client_secret": "x"``), a header (``Authorization: Bearer x``, ``X-Api-Key: x``).
-#: Its value is quoted (to the closing quote, or the end), or runs to a separator.
-_SECRET_IN_TEXT = re.compile(
-    r"""(?P<name>\b(?:\w*?(?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|authorization)"""
-    r"""(?:['"]\s*[:=]|\s*=)|(?:authorization|(?:x-)?api[_-]?key)\s*:)\s*)"""
-    r"""(?P<value>(?:(?:bearer|basic|token|digest)\s+)?(?:'[^']*(?:'|\Z)|"[^"]*(?:"|\Z)|[^&#\s'",;)}\]]+))""",
-    re.I,
-)
-#: A bearer token standing alone (``sent Bearer eyJ0...``): 8 characters or more, a digit
-#: among them (``bearer of bad news`` is no token).
-_BEARER_IN_TEXT = re.compile(r"\b(?P<name>bearer\s+)(?=[A-Za-z._~+/=-]*\d)[A-Za-z0-9._~+/=-]{8,}", re.I)
-#: Characters of a text masked at the most (what a log line quotes of it is shorter).
-_MASKED_AT_MOST = 2_000
-
-
-def _masked_value(found: re.Match[str]) -> str:
-    """A named secret with its value masked, its quotes kept (``password='***'``)."""
-    value = found["value"]
-    quote = value[-1] if value[:1] in ("'", '"') and len(value) > 1 and value[-1] == value[0] else ""
-    return f"{found['name']}{value[:1] if quote else ''}***{quote}"
-
-
-def masked_in_text(text: str) -> str:
-    """``text`` from code this package does not know (a health check's error), the user
-    info of every URL in it masked (``describe_url``) and the value of every secret given
-    by name (``password=``, ``access_token=``, ``'password': 'x'``, ``Authorization:
-    Bearer x``): no URL to mask by is known, as ``scrub_secrets`` has, so both are found by
-    their shape. Only its first ``_MASKED_AT_MOST`` characters are kept, less the word
-    they cut (a URL cut before its "@" would show its password)."""
-    if len(text) > _MASKED_AT_MOST:
-        text = re.sub(r"\S*\Z", "", text[:_MASKED_AT_MOST]) + "..."
-    text = _URL_IN_TEXT.sub(lambda url: describe_url(url[0]) if "@" in url[0] else url[0], text)
-    text = _SECRET_IN_TEXT.sub(_masked_value, text)
-    return _BEARER_IN_TEXT.sub(r"\g<name>***", text)
-
-
-class MaskedRepr:
-    """``repr(value)``, masked (``masked_in_text``), for a log line's argument: made only
-    when the line is emitted, as logging formats its arguments (a DEBUG line that is not
-    emitted costs no masking)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: object) -> None:
-        self.value = value
-
-    def __repr__(self) -> str:
-        try:
-            text = repr(self.value)
-        except Exception:  # (the user's object: its repr must not fail the line)
-            text = f"<{type(self.value).__name__}: repr() failed>"
-        return masked_in_text(text)
-
-    __str__ = __repr__
 
 
 def urls_in(value: object, depth: int = 0) -> list[str]:
