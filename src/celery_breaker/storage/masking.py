@@ -9,7 +9,9 @@ from .urls import describe_url
 __all__ = ["MaskedRepr", "masked_in_text"]
 
 #: A URL in free text: its scheme to the next space (a password may hold any other mark).
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+#: A scheme starts where no scheme's character stands before it: tried from inside a run
+#: of them, a match would scan the rest of the run again (2,000 letters: 15 ms, not 0.1).
+_URL_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://\S+")
 #: A secret given by name in free text: a query option or a keyword (``password=x``,
 #: ``access_token=x``, ``password='x'``), a dict's or JSON's key (``'password': 'x'``,
 #: ``"client_secret": "x"``), a header (``Authorization: Bearer x``, ``X-Api-Key: x``).
@@ -42,10 +44,19 @@ def masked_in_text(text: str) -> str:
     their shape. Only its first ``_MASKED_AT_MOST`` characters are kept, less the word
     they cut (a URL cut before its "@" would show its password)."""
     if len(text) > _MASKED_AT_MOST:
-        text = re.sub(r"\S*\Z", "", text[:_MASKED_AT_MOST]) + "..."
+        text = _less_the_last_word(text[:_MASKED_AT_MOST]) + "..."
     text = _URL_IN_TEXT.sub(lambda url: describe_url(url[0]) if "@" in url[0] else url[0], text)
     text = _SECRET_IN_TEXT.sub(_masked_value, text)
     return _BEARER_IN_TEXT.sub(r"\g<name>***", text)
+
+
+def _less_the_last_word(text: str) -> str:
+    """``text`` less the word it ends in (none when it ends in a space): in one pass, where
+    ``re.sub(r"\\S*\\Z", ...)`` tried ``\\S*`` from every character of the word (2,000: 46 ms)."""
+    if not text or text[-1].isspace():
+        return text
+    words = text.rsplit(None, 1)
+    return text[: len(text) - len(words[-1])]
 
 
 class MaskedRepr:
