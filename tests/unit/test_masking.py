@@ -36,3 +36,39 @@ def test_a_text_cut_keeps_its_first_words_and_drops_the_one_it_cut() -> None:
     assert masked_in_text("word " * 500) == "word " * 400 + "..."
     assert masked_in_text("ab " + "x" * 2100) == "ab ..."
     assert masked_in_text("x" * 2100) == "..."
+
+
+# -- URLs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # A URL with user info had every query option masked (describe_url's rule for a
+        # store's URL, whose options are all known): only the secret-named ones are now.
+        ("https://u:s3cr3t@api.example/v1?region=eu&page=2 401", "https://u:***@api.example/v1?region=eu&page=2 401"),
+        ("https://u:s3cr3t@api.example/v1?access_token=s3cr3t&region=eu",
+         "https://u:***@api.example/v1?access_token=***&region=eu"),
+        ("amqp://guest:s3cr3t@mq:5672//?heartbeat=30 refused", "amqp://guest:***@mq:5672//?heartbeat=30 refused"),
+        # A query's key, signature, credential or auth (none was masked, with user info or not).
+        ("GET https://maps.example/geo?key=AIzaS3cr3t&q=x: 403", "GET https://maps.example/geo?key=***&q=x: 403"),
+        ("https://b.s3.example/o?X-Amz-Credential=AKIAS3CR3T&X-Amz-Signature=s3cr3t&X-Amz-Expires=60",
+         "https://b.s3.example/o?X-Amz-Credential=***&X-Amz-Signature=***&X-Amz-Expires=60"),
+        ("https://acct.blob.example/c/b?sv=2022-11-02&sig=s3cr3t%3D", "https://acct.blob.example/c/b?sv=2022-11-02&sig=***"),
+        ("https://db.example/x.json?auth=s3cr3t", "https://db.example/x.json?auth=***"),
+    ],
+)  # fmt: skip
+def test_a_urls_user_info_and_secret_named_options_are_masked_and_its_others_kept(text: str, shown: str) -> None:
+    assert masked_in_text(text) == shown
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "GET https://api.example/v1?region=eu&page=2: 503",
+        "https://api.example/v1?monkey=1&sortkey=name&keys=3 (from bob@example.com)",
+        "the key=value form; sig=1 of 3",
+    ],
+)
+def test_a_url_or_text_with_no_secret_is_left_as_it_is(text: str) -> None:
+    assert masked_in_text(text) == text

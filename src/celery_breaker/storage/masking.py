@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .urls import describe_url
+from .urls import masked_user_info
 
 __all__ = ["MaskedRepr", "masked_in_text"]
 
@@ -22,6 +22,13 @@ _SECRET_IN_TEXT = re.compile(
     r"""(?P<value>(?:(?:bearer|basic|token|digest)\s+)?(?:'[^']*(?:'|\Z)|"[^"]*(?:"|\Z)|[^&#\s'",;)}\]]+))""",
     re.I,
 )
+#: A query option named like a key, a signature, a credential or an auth value
+#: (``?key=``, ``&sig=``, ``X-Amz-Signature=``, ``?auth=``): in a query, where such a
+#: name holds a secret (an API key, a pre-signed URL's signature); in prose,
+#: ``key=`` or ``auth=`` names nothing secret as often.
+_QUERY_SECRET = re.compile(
+    r"(?P<name>[?&](?:[\w.-]*?[_.-])?(?:key|sig|signature|credential|auth)=)(?P<value>[^&#\s'\"]*)", re.I
+)
 #: A bearer token standing alone (``sent Bearer eyJ0...``): 8 characters or more, a digit
 #: among them (``bearer of bad news`` is no token).
 _BEARER_IN_TEXT = re.compile(r"\b(?P<name>bearer\s+)(?=[A-Za-z._~+/=-]*\d)[A-Za-z0-9._~+/=-]{8,}", re.I)
@@ -38,15 +45,18 @@ def _masked_value(found: re.Match[str]) -> str:
 
 def masked_in_text(text: str) -> str:
     """``text`` from code this package does not know (a health check's error), the user
-    info of every URL in it masked (``describe_url``) and the value of every secret given
-    by name (``password=``, ``access_token=``, ``'password': 'x'``, ``Authorization:
-    Bearer x``): no URL to mask by is known, as ``scrub_secrets`` has, so both are found by
-    their shape. Only its first ``_MASKED_AT_MOST`` characters are kept, less the word
+    info of every URL in it masked (``masked_user_info``) and the value of every secret
+    given by name (``password=``, ``access_token=``, ``'password': 'x'``, ``Authorization:
+    Bearer x``, a query's ``key=`` or ``sig=``): no URL to mask by is known, as
+    ``scrub_secrets`` has, so both are found by their shape. A URL's other query options
+    are the downstream's own, shown as they are (``describe_url``'s list of the options
+    known to hold no secret is the stores'). Only its first ``_MASKED_AT_MOST`` characters are kept, less the word
     they cut (a URL cut before its "@" would show its password)."""
     if len(text) > _MASKED_AT_MOST:
         text = _less_the_last_word(text[:_MASKED_AT_MOST]) + "..."
-    text = _URL_IN_TEXT.sub(lambda url: describe_url(url[0]) if "@" in url[0] else url[0], text)
+    text = _URL_IN_TEXT.sub(lambda url: masked_user_info(url[0]) if "@" in url[0] else url[0], text)
     text = _SECRET_IN_TEXT.sub(_masked_value, text)
+    text = _QUERY_SECRET.sub(r"\g<name>***", text)
     return _BEARER_IN_TEXT.sub(r"\g<name>***", text)
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from urllib.parse import unquote
 
 __all__ = [
     "ENCODE_PASSWORD",
     "SHOWN_OPTIONS",
     "describe_url",
+    "masked_user_info",
     "password_misread",
     "scrub_each",
     "scrub_secrets",
@@ -56,16 +57,31 @@ def _masked_query(text: str) -> str:
 def describe_url(url: str) -> str:
     """``url`` with every password masked (user info, ``password=``, ``sentinel_password=``,
     ``ssl_password=``, and the value of any query option not known to hold no secret,
-    ``SHOWN_OPTIONS``): the one rule for every URL celery-breaker shows, in logs, errors,
-    reprs and the CLI. Each URL of a kombu list (``a://...;b://...``) is masked; text that
-    is no URL loses whatever stands before an ``@``."""
+    ``SHOWN_OPTIONS``): the one rule for every URL celery-breaker is given (a store's, the
+    broker's, a probe given as one), in logs, errors, reprs and the CLI. Each URL of a
+    kombu list (``a://...;b://...``) is masked; text that is no URL loses whatever stands
+    before an ``@``."""
+    return _described(url, _masked_query)
+
+
+def masked_user_info(url: str) -> str:
+    """``url`` with the user info of each URL masked as ``describe_url`` masks it, its query
+    as it is: for a URL of code this package does not know (quoted in a downstream's
+    error), whose query options are its own; ``masking.masked_in_text`` masks those named
+    like a secret."""
+    return _described(url, lambda tail: tail)
+
+
+def _described(url: str, query: Callable[[str], str]) -> str:
+    """``url`` with the user info of each URL masked, and what follows its hosts as
+    ``query`` masks it."""
     urls = _each_url(url)
     if len(urls) > 1:
-        return ";".join(describe_url(part) for part in urls)
+        return ";".join(_described(part, query) for part in urls)
     scheme, sep, rest = url.partition("://")
     if not sep:
         _, at, tail = url.rpartition("@")
-        return _masked_query(f"***@{tail}" if at else url)
+        return query(f"***@{tail}" if at else url)
     credentials, after, cut = _user_info(scheme, rest)
     end = len(after)
     for mark in "/?#":
@@ -79,7 +95,7 @@ def describe_url(url: str) -> str:
         if any(mark in user for mark in "/?#"):
             user, colon = "", ":"
         netloc = f"{user}:***@{hosts}" if colon else f"***@{hosts}"
-    return f"{scheme}://{netloc}" + _masked_query(tail)
+    return f"{scheme}://{netloc}" + query(tail)
 
 
 #: Where a kombu list of URLs (``a://...;b://...``) goes on to its next URL: a ";" that
