@@ -72,3 +72,33 @@ def test_a_urls_user_info_and_secret_named_options_are_masked_and_its_others_kep
 )
 def test_a_url_or_text_with_no_secret_is_left_as_it_is(text: str) -> None:
     assert masked_in_text(text) == text
+
+
+# -- user info with no scheme ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("cannot log in as admin:s3cr3t@10.0.0.5:5672", "cannot log in as admin:***@10.0.0.5:5672"),
+        ("ConnectionError('guest:s3cr3t@mq.example:5672/vhost refused')",
+         "ConnectionError('guest:***@mq.example:5672/vhost refused')"),
+        ("Error connecting to :s3cr3t@127.0.0.1:6379.", "Error connecting to :***@127.0.0.1:6379."),
+        ("(admin:p@ss:s3cr3t@[::1]:5672)", "(admin:***@[::1]:5672)"),
+    ],
+)  # fmt: skip
+def test_user_info_with_no_scheme_is_masked(text: str, shown: str) -> None:
+    assert masked_in_text(text) == shown
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "mail to bob@example.com failed: 550",
+        "<mailto:bob@example.com> bounced (To:alice@example.com)",
+        "pull nginx:1.25@sha256:0e8f5a3b9c1d2e4f6a7b8c9d0e1f2a3b4c5d6e7f8a9b0c1d2e3f4a5b6c7d8e9f failed",
+        "git@github.com:org/repo.git: ssh admin@10.0.0.5:22 refused at 12:30",
+    ],
+)
+def test_an_address_with_no_user_info_is_left_as_it_is(text: str) -> None:
+    assert masked_in_text(text) == text

@@ -12,6 +12,17 @@ __all__ = ["MaskedRepr", "masked_in_text"]
 #: A scheme starts where no scheme's character stands before it: tried from inside a run
 #: of them, a match would scan the rest of the run again (2,000 letters: 15 ms, not 0.1).
 _URL_IN_TEXT = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://\S+")
+#: A word of free text (where user info with no scheme before it may stand).
+_WORD = re.compile(r"\S+")
+#: The host (and port) an "@" of user info is followed by, ending there: a name, an
+#: IPv4 or a bracketed IPv6 address (``sha256:0e8f`` of an image digest is none).
+_HOST_AFTER_AT = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9-]*(?:\.[A-Za-z0-9-]+)*)(?::[0-9]+)?(?![\w@:-]|\.\w)"
+)
+#: What a user name is made of, before its ":" (the word may open with a quote, a bracket).
+_USER_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.%+~!$-")
+#: Labels an e-mail address follows with no space (``mailto:bob@example.com``): no user info.
+_MAIL_LABELS = frozenset({"mailto", "mail", "email", "e-mail", "to", "from", "cc", "bcc", "reply-to", "sender"})
 #: A secret given by name in free text: a query option or a keyword (``password=x``,
 #: ``access_token=x``, ``password='x'``), a dict's or JSON's key (``'password': 'x'``,
 #: ``"client_secret": "x"``), a header (``Authorization: Bearer x``, ``X-Api-Key: x``).
@@ -55,9 +66,35 @@ def masked_in_text(text: str) -> str:
     if len(text) > _MASKED_AT_MOST:
         text = _less_the_last_word(text[:_MASKED_AT_MOST]) + "..."
     text = _URL_IN_TEXT.sub(lambda url: masked_user_info(url[0]) if "@" in url[0] else url[0], text)
+    if "@" in text:
+        text = _WORD.sub(_masked_bare_user_info, text)
     text = _SECRET_IN_TEXT.sub(_masked_value, text)
     text = _QUERY_SECRET.sub(r"\g<name>***", text)
     return _BEARER_IN_TEXT.sub(r"\g<name>***", text)
+
+
+def _masked_bare_user_info(found: re.Match[str]) -> str:
+    """A word holding user info with no scheme before it (``admin:s3cret@10.0.0.5:5672``,
+    as AMQP and Redis clients quote their peer), its password masked: from its first ":"
+    to the last "@" that a host follows, so a password may hold either. A word with a
+    URL in it was masked as one; ``mailto:bob@example.com`` is an e-mail address."""
+    word = found[0]
+    colon = word.find(":")
+    if colon == -1 or "@" not in word or "://" in word:
+        return word
+    at = word.rfind("@")
+    while at > colon:
+        if _HOST_AFTER_AT.match(word, at + 1):
+            break
+        at = word.rfind("@", colon, at)
+    else:
+        return word
+    start = colon
+    while start and word[start - 1] in _USER_CHARACTERS:
+        start -= 1
+    if word[start:colon].lower() in _MAIL_LABELS:
+        return word
+    return f"{word[: colon + 1]}***{word[at:]}"
 
 
 def _less_the_last_word(text: str) -> str:
