@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from celery_breaker.storage.masking import masked_in_text
+from celery_breaker.storage.masking import MaskedRepr, masked_in_text
 
 # -- adversarial texts -------------------------------------------------------------
 # Each regex is linear: worst cases measured on these, not asserted (a timed assertion
@@ -102,3 +102,46 @@ def test_user_info_with_no_scheme_is_masked(text: str, shown: str) -> None:
 )
 def test_an_address_with_no_user_info_is_left_as_it_is(text: str) -> None:
     assert masked_in_text(text) == text
+
+
+# -- quoted values -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # A repr quoting text that holds both quotes escapes its own: the value was cut
+        # at the backslash, and the rest of the password shown.
+        (r"""ConnectionError('connect(password=\'s3cr3t pw\', db="x")')""",
+         r"""ConnectionError('connect(password=\'***\', db="x")')"""),
+        (r"""ValueError('bad {\'password\': \'s3cr3t pw\', "n": 1}')""",
+         r"""ValueError('bad {\'password\': \'***\', "n": 1}')"""),
+        # An escaped quote in a quoted value ended it.
+        (r"""{"password": "s3\"cr3t pw", "user": "x"}""", r"""{"password": "***", "user": "x"}"""),
+        (r"""connect(password='it\'s s3cr3t') failed""", r"""connect(password='***') failed"""),
+        # A bytes value: its "b" was taken for the value.
+        ("connect(password=b's3cr3t pw') failed", "connect(password=b'***') failed"),
+        ("{'password': b's3cr3t pw'}", "{'password': b'***'}"),
+    ],
+)  # fmt: skip
+def test_a_quoted_value_is_masked_to_its_closing_quote(text: str, shown: str) -> None:
+    assert masked_in_text(text) == shown
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        """it's the user's 'password' field, and "token" says 'expired'""",
+        r"""the 'password\' key is missing; max_tokens=100""",
+    ],
+)
+def test_quoted_text_with_no_secret_is_left_as_it_is(text: str) -> None:
+    assert masked_in_text(text) == text
+
+
+def test_a_failures_repr_quoting_both_quotes_is_masked() -> None:
+    # What a breaker's DEBUG "recorded failure" line shows: the exception's repr.
+    failure = ConnectionError("""connect(host='db', password='s3cr3t pw', note="x") failed""")
+    assert repr(failure).count("\\'") == 4  # (its repr escapes its single quotes)
+    shown = r"""ConnectionError('connect(host=\'db\', password=\'***\', note="x") failed')"""
+    assert repr(MaskedRepr(failure)) == shown

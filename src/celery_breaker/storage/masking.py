@@ -26,11 +26,16 @@ _MAIL_LABELS = frozenset({"mailto", "mail", "email", "e-mail", "to", "from", "cc
 #: A secret given by name in free text: a query option or a keyword (``password=x``,
 #: ``access_token=x``, ``password='x'``), a dict's or JSON's key (``'password': 'x'``,
 #: ``"client_secret": "x"``), a header (``Authorization: Bearer x``, ``X-Api-Key: x``).
-#: Its value is quoted (to the closing quote, or the end), or runs to a separator.
+#: Its value is quoted (to the closing quote, or the end), or runs to a separator. A
+#: quote in a quoted value is escaped (``'it\'s'``, JSON's ``"a\"b"``), a ``bytes`` is
+#: ``b'x'``, and a repr quoting text with both quotes escapes its own (``\'x\'``).
 _SECRET_IN_TEXT = re.compile(
     r"""(?P<name>\b(?:\w*?(?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|authorization)"""
-    r"""(?:['"]\s*[:=]|\s*=)|(?:authorization|(?:x-)?api[_-]?key)\s*:)\s*)"""
-    r"""(?P<value>(?:(?:bearer|basic|token|digest)\s+)?(?:'[^']*(?:'|\Z)|"[^"]*(?:"|\Z)|[^&#\s'",;)}\]]+))""",
+    r"""(?:\\?['"]\s*[:=]|\s*=)|(?:authorization|(?:x-)?api[_-]?key)\s*:)\s*)"""
+    r"""(?P<value>(?:(?:bearer|basic|token|digest)\s+)?(?:[bB]?(?:"""
+    r"""'(?:[^'\\]|\\[\s\S]|\\\Z)*(?:'|\Z)|"(?:[^"\\]|\\[\s\S]|\\\Z)*(?:"|\Z)"""
+    r"""|\\'(?:[^'\\]|\\[^']|\\\Z)*(?:\\?'|\Z)|\\"(?:[^"\\]|\\[^"]|\\\Z)*(?:\\?"|\Z))"""
+    r"""|[^&#\s'",;)}\]]+))""",
     re.I,
 )
 #: A query option named like a key, a signature, a credential or an auth value
@@ -48,10 +53,22 @@ _MASKED_AT_MOST = 2_000
 
 
 def _masked_value(found: re.Match[str]) -> str:
-    """A named secret with its value masked, its quotes kept (``password='***'``)."""
+    """A named secret with its value masked, its quotes kept when it has both
+    (``password='***'``, ``password=b'***'``, ``password=\\'***\\'``)."""
     value = found["value"]
-    quote = value[-1] if value[:1] in ("'", '"') and len(value) > 1 and value[-1] == value[0] else ""
-    return f"{found['name']}{value[:1] if quote else ''}***{quote}"
+    opening = _QUOTE_OPENING.match(value)
+    if opening is None:
+        return f"{found['name']}***"
+    closing = opening[0].lstrip("bB")
+    if not closing.startswith("\\") or not value.endswith(closing):
+        closing = closing[-1]
+    if len(value) < len(opening[0]) + len(closing) or not value.endswith(closing):
+        return f"{found['name']}***"
+    return f"{found['name']}{opening[0]}***{closing}"
+
+
+#: How a quoted value opens: a quote, a ``bytes``' ``b'``, an escaped quote.
+_QUOTE_OPENING = re.compile(r"[bB]?\\?['\"]")
 
 
 def masked_in_text(text: str) -> str:
