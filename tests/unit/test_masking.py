@@ -145,3 +145,26 @@ def test_a_failures_repr_quoting_both_quotes_is_masked() -> None:
     assert repr(failure).count("\\'") == 4  # (its repr escapes its single quotes)
     shown = r"""ConnectionError('connect(host=\'db\', password=\'***\', note="x") failed')"""
     assert repr(MaskedRepr(failure)) == shown
+
+
+# -- cookies -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("401 with Cookie: session=s3cr3t; theme=dark", "401 with Cookie: session=***; theme=***"),
+        ("HTTPError('Set-Cookie: sid=s3cr3t==; Path=/; HttpOnly')",
+         "HTTPError('Set-Cookie: sid=***; Path=***; HttpOnly')"),
+        ('cookie:sid="s3cr3t"; lang=en\nnext line', "cookie:sid=***; lang=***\nnext line"),
+        ("{'Cookie': 'sid=s3cr3t; theme=dark', 'Accept': '*/*'}", "{'Cookie': '***', 'Accept': '*/*'}"),
+        ('{"set-cookie": "sid=s3cr3t; Path=/"}', '{"set-cookie": "***"}'),
+    ],
+)  # fmt: skip
+def test_a_cookie_headers_values_are_masked(text: str, shown: str) -> None:
+    assert masked_in_text(text) == shown
+
+
+@pytest.mark.parametrize("text", ["the Cookie header is missing", "accept the cookie banner; cookies=3", "Cookie:"])
+def test_a_cookie_named_with_no_value_is_left_as_it_is(text: str) -> None:
+    assert masked_in_text(text) == text

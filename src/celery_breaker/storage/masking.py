@@ -30,7 +30,7 @@ _MAIL_LABELS = frozenset({"mailto", "mail", "email", "e-mail", "to", "from", "cc
 #: quote in a quoted value is escaped (``'it\'s'``, JSON's ``"a\"b"``), a ``bytes`` is
 #: ``b'x'``, and a repr quoting text with both quotes escapes its own (``\'x\'``).
 _SECRET_IN_TEXT = re.compile(
-    r"""(?P<name>\b(?:\w*?(?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|authorization)"""
+    r"""(?P<name>\b(?:\w*?(?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|authorization|cookie)"""
     r"""(?:\\?['"]\s*[:=]|\s*=)|(?:authorization|(?:x-)?api[_-]?key)\s*:)\s*)"""
     r"""(?P<value>(?:(?:bearer|basic|token|digest)\s+)?(?:[bB]?(?:"""
     r"""'(?:[^'\\]|\\[\s\S]|\\\Z)*(?:'|\Z)|"(?:[^"\\]|\\[\s\S]|\\\Z)*(?:"|\Z)"""
@@ -45,6 +45,16 @@ _SECRET_IN_TEXT = re.compile(
 _QUERY_SECRET = re.compile(
     r"(?P<name>[?&](?:[\w.-]*?[_.-])?(?:key|sig|signature|credential|auth)=)(?P<value>[^&#\s'\"]*)", re.I
 )
+#: A Cookie or Set-Cookie header (``Cookie: sid=x; theme=y``): its ``name=value`` pairs,
+#: separated by ";", each value masked (which cookie holds the session is not known).
+#: A quote ends them (the repr's own), but for a cookie's quoted value (``sid="x"``).
+_COOKIE_IN_TEXT = re.compile(
+    r"""\b(?P<name>(?:set-)?cookie[ \t]*:[ \t]*)"""
+    r"""(?P<value>(?:"[^"\s;]*"|[^\s;'"])*(?:;[ \t]*(?:"[^"\s;]*"|[^\s;'"])*)*)""",
+    re.I,
+)
+#: A cookie's value, in a header's pairs: from its "=" to the next ";".
+_COOKIE_VALUE = re.compile(r"=[^;]*")
 #: A bearer token standing alone (``sent Bearer eyJ0...``): 8 characters or more, a digit
 #: among them (``bearer of bad news`` is no token).
 _BEARER_IN_TEXT = re.compile(r"\b(?P<name>bearer\s+)(?=[A-Za-z._~+/=-]*\d)[A-Za-z0-9._~+/=-]{8,}", re.I)
@@ -75,7 +85,7 @@ def masked_in_text(text: str) -> str:
     """``text`` from code this package does not know (a health check's error), the user
     info of every URL in it masked (``masked_user_info``) and the value of every secret
     given by name (``password=``, ``access_token=``, ``'password': 'x'``, ``Authorization:
-    Bearer x``, a query's ``key=`` or ``sig=``): no URL to mask by is known, as
+    Bearer x``, a query's ``key=`` or ``sig=``, a ``Cookie:`` header's): no URL to mask by is known, as
     ``scrub_secrets`` has, so both are found by their shape. A URL's other query options
     are the downstream's own, shown as they are (``describe_url``'s list of the options
     known to hold no secret is the stores'). Only its first ``_MASKED_AT_MOST`` characters are kept, less the word
@@ -87,6 +97,7 @@ def masked_in_text(text: str) -> str:
         text = _WORD.sub(_masked_bare_user_info, text)
     text = _SECRET_IN_TEXT.sub(_masked_value, text)
     text = _QUERY_SECRET.sub(r"\g<name>***", text)
+    text = _COOKIE_IN_TEXT.sub(lambda found: found["name"] + _COOKIE_VALUE.sub("=***", found["value"]), text)
     return _BEARER_IN_TEXT.sub(r"\g<name>***", text)
 
 
