@@ -24,6 +24,10 @@ from celery_breaker.storage.masking import MaskedRepr, masked_in_text
         "\\'" * 1000,
         "user:" + "a" * 1990 + "@",
         "https://" + "a@" * 1000,
+        "a=b password: s3cr3t " * 140,
+        "(password: s3cr3t)" * 120,
+        "Cookie: " + "a=s3cr3t;" * 220,
+        "password='" + "\\" * 2000,
     ],
 )
 def test_an_adversarial_text_is_masked_as_it_should_be(text: str) -> None:
@@ -167,4 +171,43 @@ def test_a_cookie_headers_values_are_masked(text: str, shown: str) -> None:
 
 @pytest.mark.parametrize("text", ["the Cookie header is missing", "accept the cookie banner; cookies=3", "Cookie:"])
 def test_a_cookie_named_with_no_value_is_left_as_it_is(text: str) -> None:
+    assert masked_in_text(text) == text
+
+
+# -- name: value -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        # A pair opening the text, a line (YAML's, a repr's "\n"), a mapping or a string.
+        ("password: s3cr3t", "password: ***"),
+        ("db:\n  host: pg\n  password: s3cr3t\n", "db:\n  host: pg\n  password: ***\n"),
+        (r"ValueError('db:\n  password: s3cr3t\n  host: pg')", r"ValueError('db:\n  password: ***\n  host: pg')"),
+        ("{password: s3cr3t, user: bob}", "{password: ***, user: bob}"),
+        ("login failed (api_key: s3cr3t)", "login failed (api_key: ***)"),
+        ("- db_password: s3cr3t", "- db_password: ***"),
+        # A pair among pairs, a log's.
+        ("user=bob password: s3cr3t", "user=bob password: ***"),
+        ("user: bob password: s3cr3t host: db", "user: bob password: *** host: db"),
+        # Quoted, or with no space after its colon: a value wherever it stands.
+        ("rejected password: 's3cr3t pw'", "rejected password: '***'"),
+        ("rejected password:s3cr3t", "rejected password:***"),
+    ],
+)
+def test_a_secret_in_a_name_value_pair_is_masked(text: str, shown: str) -> None:
+    assert masked_in_text(text) == shown
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "invalid password: too short",
+        "Error: invalid password: too short (8 characters at least)",
+        "Error: token: expired",
+        "invalid token: expired; max_tokens=100, password_length=8",
+        "the secret: keep retries low, and tokens: 5 a second",
+    ],
+)
+def test_a_secrets_name_in_prose_is_left_as_it_is(text: str) -> None:
     assert masked_in_text(text) == text

@@ -23,21 +23,42 @@ _HOST_AFTER_AT = re.compile(
 _USER_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.%+~!$-")
 #: Labels an e-mail address follows with no space (``mailto:bob@example.com``): no user info.
 _MAIL_LABELS = frozenset({"mailto", "mail", "email", "e-mail", "to", "from", "cc", "bcc", "reply-to", "sender"})
+#: A quoted value, to its closing quote (or the end): a quote in it is escaped
+#: (``'it\'s'``, JSON's ``"a\"b"``), a ``bytes`` is ``b'x'``, and a repr quoting text
+#: with both quotes escapes its own (``\'x\'``).
+_QUOTED = (
+    r"""[bB]?(?:'(?:[^'\\]|\\[\s\S]|\\\Z)*(?:'|\Z)|"(?:[^"\\]|\\[\s\S]|\\\Z)*(?:"|\Z)"""
+    r"""|\\'(?:[^'\\]|\\[^']|\\\Z)*(?:\\?'|\Z)|\\"(?:[^"\\]|\\[^"]|\\\Z)*(?:\\?"|\Z))"""
+)
+#: Names a secret's name ends in (``password``, ``db_password``, ``access_token``).
+_SECRET_NAMES = r"password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key"
 #: A secret given by name in free text: a query option or a keyword (``password=x``,
 #: ``access_token=x``, ``password='x'``), a dict's or JSON's key (``'password': 'x'``,
 #: ``"client_secret": "x"``), a header (``Authorization: Bearer x``, ``X-Api-Key: x``).
-#: Its value is quoted (to the closing quote, or the end), or runs to a separator. A
-#: quote in a quoted value is escaped (``'it\'s'``, JSON's ``"a\"b"``), a ``bytes`` is
-#: ``b'x'``, and a repr quoting text with both quotes escapes its own (``\'x\'``).
+#: Its value is quoted (``_QUOTED``), or runs to a separator.
 _SECRET_IN_TEXT = re.compile(
-    r"""(?P<name>\b(?:\w*?(?:password|passwd|pwd|token|secret|api[_-]?key|access[_-]?key|authorization|cookie)"""
+    r"""(?P<name>\b(?:\w*?(?:""" + _SECRET_NAMES + r"""|authorization|cookie)"""
     r"""(?:\\?['"]\s*[:=]|\s*=)|(?:authorization|(?:x-)?api[_-]?key)\s*:)\s*)"""
-    r"""(?P<value>(?:(?:bearer|basic|token|digest)\s+)?(?:[bB]?(?:"""
-    r"""'(?:[^'\\]|\\[\s\S]|\\\Z)*(?:'|\Z)|"(?:[^"\\]|\\[\s\S]|\\\Z)*(?:"|\Z)"""
-    r"""|\\'(?:[^'\\]|\\[^']|\\\Z)*(?:\\?'|\Z)|\\"(?:[^"\\]|\\[^"]|\\\Z)*(?:\\?"|\Z))"""
-    r"""|[^&#\s'",;)}\]]+))""",
+    r"""(?P<value>(?:(?:bearer|basic|token|digest)\s+)?(?:""" + _QUOTED + r"""|[^&#\s'",;)}\]]+))""",
     re.I,
 )
+#: A secret's name and a colon, unquoted (``password: hunter2``: YAML's, a log's
+#: ``key: value``). Its value is masked when quoted, when no space follows the colon, or
+#: when the pair reads as one of a list of pairs (``_among_pairs``), not as prose
+#: (``invalid password: too short``, ``invalid token: expired``).
+_KEYED_IN_TEXT = re.compile(
+    r"""\b(?P<name>\w*?(?:""" + _SECRET_NAMES + r""")[ \t]*:(?P<space>[ \t]*))"""
+    r"""(?P<value>""" + _QUOTED + r"""|(?:[^\s'",;)}\]\\]|\\(?![nrt]))+)""",
+    re.I,
+)
+#: The next pair of a list of them, after a value: `` host: db``, `` user=bob``.
+_NEXT_PAIR = re.compile(r"[ \t]+[\w.-]+[ \t]*[:=]")
+#: What ends a value of a list of pairs (``\\n``: a newline as a repr shows it).
+_VALUE_ENDS = ("\r", "\n", ",", ";", ")", "}", "]", "'", '"', "\\n", "\\r")
+#: What a pair follows when it opens a line, a mapping, a list or a string.
+_PAIR_OPENS = ("\r", "\n", "{", "(", "[", ",", ";", "|", "-", "'", '"', "\\n", "\\r")
+#: How far back the word before a pair is looked for (a bound on each match's cost).
+_LOOK_BACK = 200
 #: A query option named like a key, a signature, a credential or an auth value
 #: (``?key=``, ``&sig=``, ``X-Amz-Signature=``, ``?auth=``): in a query, where such a
 #: name holds a secret (an API key, a pre-signed URL's signature); in prose,
@@ -81,11 +102,38 @@ def _masked_value(found: re.Match[str]) -> str:
 _QUOTE_OPENING = re.compile(r"[bB]?\\?['\"]")
 
 
+def _masked_keyed_value(found: re.Match[str]) -> str:
+    """``name: value`` with its value masked when it is a secret (``_KEYED_IN_TEXT``)."""
+    if _QUOTE_OPENING.match(found["value"]):
+        return _masked_value(found)
+    if not found["space"] or _among_pairs(found):
+        return f"{found['name']}***"
+    return found[0]
+
+
+def _among_pairs(found: re.Match[str]) -> bool:
+    """Whether ``name: value`` is one of a list of pairs: another pair follows it
+    (``user: bob password: x host: db``), or its value ends there (the end, a line's, a
+    ",", a bracket) and it opens a line, a mapping or a string, or follows a pair
+    (``user=bob password: x``). Prose has a word before it and more after."""
+    text, start, end = found.string, found.start(), found.end()
+    if _NEXT_PAIR.match(text, end):
+        return True
+    if end < len(text) and not text.startswith(_VALUE_ENDS, end):
+        return False
+    before = text[max(0, start - _LOOK_BACK) : start].rstrip(" \t")
+    if not before or before.endswith(_PAIR_OPENS):
+        return True
+    word = before.rsplit(None, 1)[-1]
+    return "=" in word or ":" in word[:-1]
+
+
 def masked_in_text(text: str) -> str:
     """``text`` from code this package does not know (a health check's error), the user
     info of every URL in it masked (``masked_user_info``) and the value of every secret
     given by name (``password=``, ``access_token=``, ``'password': 'x'``, ``Authorization:
-    Bearer x``, a query's ``key=`` or ``sig=``, a ``Cookie:`` header's): no URL to mask by is known, as
+    Bearer x``, a query's ``key=`` or ``sig=``, a ``Cookie:`` header's, ``password:
+    hunter2`` among pairs): no URL to mask by is known, as
     ``scrub_secrets`` has, so both are found by their shape. A URL's other query options
     are the downstream's own, shown as they are (``describe_url``'s list of the options
     known to hold no secret is the stores'). Only its first ``_MASKED_AT_MOST`` characters are kept, less the word
@@ -97,6 +145,7 @@ def masked_in_text(text: str) -> str:
         text = _WORD.sub(_masked_bare_user_info, text)
     text = _SECRET_IN_TEXT.sub(_masked_value, text)
     text = _QUERY_SECRET.sub(r"\g<name>***", text)
+    text = _KEYED_IN_TEXT.sub(_masked_keyed_value, text)
     text = _COOKIE_IN_TEXT.sub(lambda found: found["name"] + _COOKIE_VALUE.sub("=***", found["value"]), text)
     return _BEARER_IN_TEXT.sub(r"\g<name>***", text)
 
