@@ -43,6 +43,7 @@ __all__ = [
     "abandon_checks_on",
     "abandon_pending_checks",
     "check_timeout",
+    "shown_callable",
     "shown_probe",
 ]
 
@@ -216,7 +217,7 @@ class HealthCheck:
             )
         object.__setattr__(self, "timeout", check_timeout("probe_timeout", self.timeout))
         if not self.name:
-            object.__setattr__(self, "name", _describe(self.fn))
+            object.__setattr__(self, "name", shown_callable(self.fn))
         unmet = _unmet_arguments(self.fn)
         if unmet is not None:
             if _unmet_arguments(self.fn, None) is None:
@@ -612,14 +613,14 @@ def shown_probe(probe: object) -> str:
     """A probe value as errors and reprs show it, never with a secret it may hold: a
     string (a dotted path, a task name, or a URL given by mistake) with every password
     of a URL masked, as ``describe_url`` masks it; a ``HealthCheck`` by its name; a
-    callable by its qualified name (``_describe``: never a ``partial``'s arguments or an
+    callable by its qualified name (``shown_callable``: never a ``partial``'s arguments or an
     object's fields); anything else by its type."""
     if isinstance(probe, str):
         return repr(describe_url(probe))
     if isinstance(probe, HealthCheck):
         return f"HealthCheck({probe.name!r})"
     if callable(probe):
-        return _describe(probe)
+        return shown_callable(probe)
     if probe is None or isinstance(probe, (bool, int, float)):
         return repr(probe)
     return f"a {type(probe).__name__}"
@@ -727,10 +728,11 @@ def check_timeout(where: str, value: Any) -> float:
     return float(value)
 
 
-def _describe(fn: Callable[..., object]) -> str:
-    """What a check is called in logs: its function's qualified name, never its ``repr``.
-    A ``partial``'s repr shows its arguments, and a callable object's its fields (a URL
-    with a password, a token): logged with every failed check, they leaked."""
+def shown_callable(fn: Callable[..., object]) -> str:
+    """What a user's callable (a check, a transition listener) is called in logs: its
+    function's qualified name, never its ``repr``. A ``partial``'s repr shows its
+    arguments, and a callable object's its fields (a URL with a password, a webhook's
+    token): logged with every failed check, they leaked."""
     while isinstance(fn, functools.partial):
         fn = fn.func
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -161,6 +162,24 @@ def test_raising_listener_is_logged_and_does_not_break_the_call(
     errors = [r for r in logs.records if r.levelno == logging.ERROR]
     assert len(errors) == 3
     assert all("transition listener" in r.getMessage() and r.exc_info is not None for r in errors)
+
+
+def test_a_raising_listener_is_named_never_shown_with_its_arguments(
+    clock: FakeClock, logs: pytest.LogCaptureFixture
+) -> None:
+    # Its repr was logged: a partial's shows its arguments (a webhook URL, a token).
+    def notify(url: str, transition: Transition) -> None:
+        raise ConnectionError("webhook down")
+
+    breaker = make(clock, failure_threshold=1)
+    breaker.add_listener(functools.partial(notify, "https://hooks.example/services/T0/B0/s3cr3t-token"))
+    fail(breaker)
+    (error,) = [r.getMessage() for r in logs.records if r.levelno == logging.ERROR]
+    assert error.endswith(
+        "transition listener tests.unit.test_logging_and_listeners:"
+        "test_a_raising_listener_is_named_never_shown_with_its_arguments.<locals>.notify raised"
+    )
+    assert "s3cr3t" not in logs.text
 
 
 def test_raising_listener_on_an_operator_move_does_not_undo_it(clock: FakeClock) -> None:

@@ -10,7 +10,7 @@ from ..clock import Clock
 from ..core import BreakerPolicy, Outcome, Probe, State, Ticket, Transition
 from ..core.retry_after import asked_of
 from ..errors import CircuitOpenError
-from ..health import HealthCheck, checking_now
+from ..health import HealthCheck, checking_now, shown_callable
 from ..labels import breaker_label, shown_label
 from ..storage import Cell, Moves, Store
 from ..storage.fallback import FallbackCell
@@ -188,7 +188,9 @@ class GuardSteps:
                 try:
                     listener(transition)
                 except Exception:  # a hook cannot change the breaker's decision
-                    logger.exception("breaker %s: transition listener %r raised", shown_label(self.label), listener)
+                    logger.exception(  # (named, never its repr: a partial's arguments, a webhook URL)
+                        "breaker %s: transition listener %s raised", shown_label(self.label), shown_callable(listener)
+                    )
 
 
 def _log_transition(transition: Transition) -> None:
