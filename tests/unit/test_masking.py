@@ -211,3 +211,29 @@ def test_a_secret_in_a_name_value_pair_is_masked(text: str, shown: str) -> None:
 )
 def test_a_secrets_name_in_prose_is_left_as_it_is(text: str) -> None:
     assert masked_in_text(text) == text
+
+
+# -- webhooks ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("POST https://hooks.slack.com/services/T000/B000/s3cr3t: 404", "POST https://hooks.slack.com/***: 404"),
+        ("https://discord.com/api/webhooks/123/s3cr3t?wait=true", "https://discord.com/api/webhooks/***?wait=true"),
+        ("https://o.webhook.office.com/webhookb2/a@b/IncomingWebhook/c/s3cr3t",
+         "https://o.webhook.office.com/webhookb2/***"),
+        ("https://api.telegram.org/bot123456:AAFs3cr3t/sendMessage 401",
+         "https://api.telegram.org/bot123456:***/sendMessage 401"),
+        ("https://u:p/w@hooks.example/s3cr3t", "https://u:***@hooks.example/***"),
+    ],
+)  # fmt: skip
+def test_a_webhooks_secret_path_is_masked(text: str, shown: str) -> None:
+    assert masked_in_text(text) == shown
+
+
+@pytest.mark.parametrize(
+    "text", ["https://api.example/v1/books/12?page=2", "see https://example.com/hooks/ and https://example.com/robots"]
+)
+def test_a_path_of_no_webhook_is_left_as_it_is(text: str) -> None:
+    assert masked_in_text(text) == text

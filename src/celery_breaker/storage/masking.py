@@ -130,17 +130,18 @@ def _among_pairs(found: re.Match[str]) -> bool:
 
 def masked_in_text(text: str) -> str:
     """``text`` from code this package does not know (a health check's error), the user
-    info of every URL in it masked (``masked_user_info``) and the value of every secret
-    given by name (``password=``, ``access_token=``, ``'password': 'x'``, ``Authorization:
-    Bearer x``, a query's ``key=`` or ``sig=``, a ``Cookie:`` header's, ``password:
-    hunter2`` among pairs): no URL to mask by is known, as
-    ``scrub_secrets`` has, so both are found by their shape. A URL's other query options
-    are the downstream's own, shown as they are (``describe_url``'s list of the options
-    known to hold no secret is the stores'). Only its first ``_MASKED_AT_MOST`` characters are kept, less the word
-    they cut (a URL cut before its "@" would show its password)."""
+    info of every URL in it masked (``masked_user_info``, and with no scheme:
+    ``admin:pw@host``), a webhook URL's path, and the value of every secret given by name
+    (``password=``, ``access_token=``, ``'password': 'x'``, ``Authorization: Bearer x``, a
+    query's ``key=`` or ``sig=``, a ``Cookie:`` header's, ``password: hunter2`` among
+    pairs): no URL to mask by is known, as ``scrub_secrets`` has, so all are found by
+    their shape. A URL's other query options are the downstream's own, shown as they are
+    (``describe_url``'s list of the options known to hold no secret is the stores').
+    Only its first ``_MASKED_AT_MOST`` characters are kept, less the word they cut (a URL
+    cut before its "@" would show its password)."""
     if len(text) > _MASKED_AT_MOST:
         text = _less_the_last_word(text[:_MASKED_AT_MOST]) + "..."
-    text = _URL_IN_TEXT.sub(lambda url: masked_user_info(url[0]) if "@" in url[0] else url[0], text)
+    text = _URL_IN_TEXT.sub(_masked_url, text)
     if "@" in text:
         text = _WORD.sub(_masked_bare_user_info, text)
     text = _SECRET_IN_TEXT.sub(_masked_value, text)
@@ -148,6 +149,45 @@ def masked_in_text(text: str) -> str:
     text = _KEYED_IN_TEXT.sub(_masked_keyed_value, text)
     text = _COOKIE_IN_TEXT.sub(lambda found: found["name"] + _COOKIE_VALUE.sub("=***", found["value"]), text)
     return _BEARER_IN_TEXT.sub(r"\g<name>***", text)
+
+
+def _masked_url(found: re.Match[str]) -> str:
+    """A URL in free text with its user info masked (``masked_user_info``), and the path
+    of a webhook's: a webhook URL carries its secret in its path (``_masked_hook_path``)."""
+    # Its path first (Teams' holds an "@" that would read as user info), and again after
+    # the user info (a password's unencoded "/" hid the host).
+    url = _masked_hook_path(found[0])
+    return _masked_hook_path(masked_user_info(url)) if "@" in url else url
+
+
+#: Path segments after which a webhook's URL holds its secret (Discord's
+#: ``/api/webhooks/<id>/<token>``, Teams' ``/webhookb2/...``, ``/hooks/<token>``).
+_HOOK_SEGMENTS = frozenset({"hooks", "webhook", "webhooks", "webhookb2"})
+#: A Telegram bot's token, a path segment of its API's URLs (``/bot123456:AAF.../``).
+_BOT_TOKEN = re.compile(r"(?P<name>bot[0-9]+:)[^/]+", re.I)
+
+
+def _masked_hook_path(url: str) -> str:
+    """``url`` with the secret of a webhook's path masked: every segment after a
+    ``hooks``/``webhooks`` segment, or the whole path of a ``hooks.`` host (Slack's
+    ``hooks.slack.com/services/T0/B0/<secret>``), and a bot token's segment. The URL
+    names the capability: a general rule, no list of services."""
+    shown = url.rstrip(".,:;!)]}'\"")  # (what a sentence puts after a URL, kept)
+    scheme, sep, rest = shown.partition("://")
+    end = min((at for at in (rest.find(mark) for mark in "?#") if at != -1), default=len(rest))
+    netloc, slash, path = rest[:end].partition("/")
+    if not sep or not slash or not path:
+        return url
+    segments = path.split("/")
+    host = netloc.rpartition("@")[2].lower()
+    cut = 0 if host.startswith("hooks.") else None
+    for index, segment in enumerate(segments):
+        if cut is None and segment.lower() in _HOOK_SEGMENTS:
+            cut = index + 1
+        segments[index] = _BOT_TOKEN.sub(r"\g<name>***", segment)
+    if cut is not None and cut < len(segments) and any(segments[cut:]):
+        segments[cut:] = ["***"]
+    return f"{scheme}://{netloc}/{'/'.join(segments)}{rest[end:]}{url[len(shown) :]}"
 
 
 def _masked_bare_user_info(found: re.Match[str]) -> str:
