@@ -140,11 +140,18 @@ def test_an_outage_loses_nothing_on_every_deployment(
     assert not lost, sorted(lost)
     assert not duplicated, duplicated
     assert set(tally.failures) <= {"DownstreamError"}, tally.failures
-    assert len(tally.failed) <= processes * (THRESHOLD - 1), tally.failures
+    # (a store that did not answer within its socket timeout, as on a starved machine, has a
+    # breaker of each process stand in, which counts its failures from none: the log says so)
+    assert len(tally.failed) <= processes * (THRESHOLD - 1), (tally.failures, _warnings(log))
     assert outage_calls <= bound, counts
     assert counts.get("outage", {}).get("ok", 0) == 0
     assert "Unrecoverable error" not in log
     assert "could not defer it by" not in log  # the first strategy took every deferral
+
+
+def _warnings(log: str, most: int = 30) -> list[str]:
+    """The worker log's WARNING and ERROR lines (the last ``most``): what a failed bound shows."""
+    return [line for line in log.splitlines() if "WARNING/" in line or "ERROR/" in line][-most:]
 
 
 def test_zz_print_the_deployment_table() -> None:

@@ -106,6 +106,8 @@ def deferred_while_open_then_run(
                 latency = wait_for(lambda: client.hget(finished_key(cell.ns), "plain") == "1", 30, "the plain task")
                 print(f"\n{cell.mode} {task}: a plain task's latency beside the deferred runs {latency:.2f} s")
                 if parked:
+                    # (a run logs its retry after it parked: the last may not have yet)
+                    wait_for(lambda: started.log().count("retry: deferred") >= len(ids), 30, "every retry logged")
                     assert started.log().count("retry: deferred") == len(ids)  # (none back while open)
                     _assert_kept(cell, ids)
                 if store is not None:

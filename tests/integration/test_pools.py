@@ -31,6 +31,19 @@ def broker(proj_url: str) -> Iterator[str]:
         yield url
 
 
+CONCURRENCY = 20
+# Kombu's Redis transport holds at most 10 connections per channel (``max_connections``),
+# and every task of a late-acking worker acks through it: 20 acks at once, as a release of
+# parked tasks makes them, met ``MaxConnectionsError`` ("Couldn't ack") on a busy machine.
+# A gevent or threads worker is given a pool as large as its concurrency, as in production.
+POOLED = {"broker_transport_options": {"max_connections": 2 * CONCURRENCY}}
+
+
+def conf(**settings: Any) -> str:
+    """``PROJ_EXTRA_CONF`` for a worker: ``POOLED`` and ``settings``."""
+    return json.dumps({**POOLED, **settings})
+
+
 def problems(worker: WorkerProcess) -> list[str]:
     """The worker's log lines at ERROR or above, and any traceback."""
     marks = ("ERROR/", "CRITICAL/", "Traceback")
@@ -41,7 +54,7 @@ def problems(worker: WorkerProcess) -> list[str]:
 def test_an_outage_defers_every_concurrent_task_then_all_complete(
     pool: str, broker: str, downstream: redis.Redis
 ) -> None:
-    with WorkerProcess(broker, pool=pool, concurrency=20, name=f"{pool}-outage") as worker:
+    with WorkerProcess(broker, pool=pool, concurrency=CONCURRENCY, extra_conf=conf(), name=f"{pool}-outage") as worker:
         worker.wait_ready()
         downstream.set(proj.DOWN_KEY, 1)
         results = [proj.call_partner.delay(n) for n in range(60)]
@@ -67,8 +80,8 @@ def test_parked_tasks_are_released_in_order_once_each(pool: str, redis_url: str)
         store_url = f"{url}?key_prefix={unique_prefix()}"
         breaker = CircuitBreaker("partner", parking_proj.POLICY, storage=store_url)
         breaker.force_open()
-        extra = json.dumps({"breaker_storage_url": store_url})
-        with WorkerProcess(url, app="tests.integration.parking_proj", pool=pool, concurrency=20,
+        extra = conf(breaker_storage_url=store_url)
+        with WorkerProcess(url, app="tests.integration.parking_proj", pool=pool, concurrency=CONCURRENCY,
                            extra_conf=extra, name=f"{pool}-park") as worker:  # fmt: skip
             worker.wait_ready()
             results = [parking_proj.job.delay(n) for n in range(40)]
@@ -95,10 +108,10 @@ def test_health_checks_alone_close_the_breaker(pool: str, redis_url: str) -> Non
         keys = f"probe-{prefix}"
         client = redis.Redis.from_url(url)
         client.set(f"{keys}:down", 1)
-        extra = json.dumps({"breaker_storage_url": store_url})
+        extra = conf(breaker_storage_url=store_url)
         breaker = CircuitBreaker("partner", probe_proj.POLICY, storage=store_url)
-        with WorkerProcess(url, app="tests.integration.probe_proj", pool=pool, concurrency=20, extra_conf=extra,
-                           name=f"{pool}-probe", env={"PROBE_KEYS": keys}) as worker:  # fmt: skip
+        with WorkerProcess(url, app="tests.integration.probe_proj", pool=pool, concurrency=CONCURRENCY,
+                           extra_conf=extra, name=f"{pool}-probe", env={"PROBE_KEYS": keys}) as worker:  # fmt: skip
             worker.wait_ready()
             first = probe_proj.pay.delay(0)
             wait_for(lambda: breaker.state is not State.CLOSED, 30, "the first task to trip the breaker")
