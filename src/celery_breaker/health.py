@@ -27,6 +27,7 @@ from typing import Any, NamedTuple, cast
 from .core import State
 from .core.policy import finite_number
 from .errors import ConfigurationError
+from .labels import shown_callable
 from .storage.masking import masked_in_text
 from .storage.urls import describe_url
 
@@ -726,22 +727,6 @@ def check_timeout(where: str, value: Any) -> float:
             f"so every one would fail), got {value!r:.100}"
         )
     return float(value)
-
-
-def shown_callable(fn: Callable[..., object]) -> str:
-    """What a user's callable (a check, a transition listener) is called in logs: its
-    function's qualified name, never its ``repr``. A ``partial``'s repr shows its
-    arguments, and a callable object's its fields (a URL with a password, a webhook's
-    token): logged with every failed check, they leaked."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
-    owner = fn
-    if not isinstance(name, str):  # a callable object: named by its class
-        owner = type(fn)
-        name = owner.__qualname__
-    module = getattr(owner, "__module__", None)
-    return f"{module}:{name}" if isinstance(module, str) and module else name
 
 
 def _reinit_locks_after_fork() -> None:

@@ -8,10 +8,14 @@ it names, whatever its key holds (brackets included), because a name holds no br
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
+from collections.abc import Callable
 
-__all__ = ["LABEL_MARKS", "PrintableLog", "breaker_label", "read_visible", "split_label", "visible"]
+__all__ = [
+    "LABEL_MARKS", "PrintableLog", "breaker_label", "read_visible", "shown_callable", "split_label", "visible"
+]  # fmt: skip
 
 #: The characters that set a key apart in a label; a breaker name never holds them.
 LABEL_MARKS = "[]"
@@ -125,3 +129,19 @@ class PrintableLog(logging.Filter):
         if isinstance(args, tuple) and any(type(arg) is str and not _plain(arg) for arg in args):
             record.args = tuple(visible(arg) if type(arg) is str and not _plain(arg) else arg for arg in args)
         return True
+
+
+def shown_callable(fn: Callable[..., object]) -> str:
+    """What a user's callable (a check, a transition listener, an exception predicate) is
+    called in logs: its function's qualified name, never its ``repr``. A ``partial``'s
+    repr shows its arguments, and a callable object's its fields (a URL with a password,
+    a webhook's token): logged with every failed check, they leaked."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    owner: object = fn
+    if not isinstance(name, str):  # a callable object: named by its class
+        owner = type(fn)
+        name = type(fn).__qualname__
+    module = getattr(owner, "__module__", None)
+    return f"{module}:{name}" if isinstance(module, str) and module else name

@@ -230,6 +230,38 @@ def test_raising_predicate_is_logged_and_treated_as_no_match(caplog: pytest.LogC
     assert all(r.name == "celery_breaker" and r.exc_info is not None for r in records)
 
 
+def test_a_raising_predicate_is_named_never_shown_with_its_arguments(caplog: pytest.LogCaptureFixture) -> None:
+    # Its repr was logged: a partial's shows its arguments (a URL with a password).
+    def matches(url: str, exc: BaseException) -> bool:
+        raise RuntimeError("predicate bug")
+
+    policy = BreakerPolicy(record_exceptions=(functools.partial(matches, "https://ops:hunter2@api.example/"),))
+    with caplog.at_level(logging.ERROR, logger="celery_breaker"):
+        assert policy.classify(ConnectionError()) is SUCCESS
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message == (
+        "celery_breaker: exception predicate tests.unit.test_classification:"
+        "test_a_raising_predicate_is_named_never_shown_with_its_arguments.<locals>.matches raised; treated as no match"
+    )
+    assert "hunter2" not in caplog.text
+
+
+def test_the_other_policy_warning_masks_what_a_predicate_holds(caplog: pytest.LogCaptureFixture) -> None:
+    # The warning that a breaker exists with another policy shows both policies' reprs,
+    # and a policy's repr its predicates as given: a partial's arguments, masked now.
+    def matches(url: str, exc: BaseException) -> bool:
+        return False
+
+    store = fresh_store()
+    CircuitBreaker("svc", BreakerPolicy(failure_threshold=1), storage=store)
+    given = BreakerPolicy(record_exceptions=(functools.partial(matches, "https://ops:hunter2@api.example/"),))
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        CircuitBreaker("svc", given, storage=store)
+    (message,) = [r.getMessage() for r in caplog.records if "another policy" in r.getMessage()]
+    assert "https://ops:***@api.example/" in message
+    assert "hunter2" not in caplog.text
+
+
 # -- through a breaker ------------------------------------------------------------
 
 

@@ -182,6 +182,27 @@ def test_a_raising_listener_is_named_never_shown_with_its_arguments(
     assert "s3cr3t" not in logs.text
 
 
+def test_the_traceback_of_a_raising_listener_is_masked(clock: FakeClock, logs: pytest.LogCaptureFixture) -> None:
+    """The listener's own error and the source lines its traceback quotes show no secret:
+    before, the log line was masked and its traceback printed the password twice (the
+    raise's line and the exception's message). The rest of the traceback is kept."""
+
+    def notify(transition: Transition) -> None:
+        raise ConnectionError("cannot post to https://alerts:pa55w0rd@partner.example/notify?token=t0k3n-x")
+
+    breaker = make(clock, failure_threshold=1)
+    breaker.add_listener(notify)
+    fail(breaker)
+    (error,) = [r for r in logs.records if r.levelno == logging.ERROR]
+    assert error.exc_text is not None
+    assert "pa55w0rd" not in logs.text
+    assert "t0k3n" not in logs.text
+    assert "Traceback (most recent call last):" in error.exc_text
+    assert "in notify" in error.exc_text  # (its frames and their lines are kept)
+    assert "ConnectionError: cannot post to https://alerts:***@partner.example/notify?token=***" in error.exc_text
+    assert error.exc_text.count("alerts:***@") == 2  # the raise's source line, and the message
+
+
 def test_raising_listener_on_an_operator_move_does_not_undo_it(clock: FakeClock) -> None:
     breaker = make(clock)
 

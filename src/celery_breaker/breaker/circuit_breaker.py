@@ -16,6 +16,7 @@ from ..labels import breaker_label, shown_label
 from ..names import check_name, kept_key
 from ..storage import Cell, Store, describe_url, resolve_store, with_fallback
 from ..storage.fallback import FallbackCell
+from ..storage.masking import MaskedRepr
 from .blocks import GuardedBlocks
 from .check_limits import CHECK_WITHIN, check_fits
 from .checks import HealthCheckAdmission
@@ -115,7 +116,7 @@ class CircuitBreaker(GuardedBlocks, HealthCheckAdmission, Operating):
             logger.warning(
                 "breaker %s already exists in %s with another policy; it keeps that one "
                 "(reset() adopts a new policy): existing %r, this one %r",
-                shown_label(self.label), describe_url(self.store.url), existing, self.policy,
+                shown_label(self.label), describe_url(self.store.url), MaskedRepr(existing), MaskedRepr(self.policy),
             )  # fmt: skip
 
     # -- the guarded call ----------------------------------------------------

@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from ..errors import CircuitOpenError, ConfigurationError, RetryAfter
+from ..labels import shown_callable
 from .reference import doc
 
 __all__ = ["CALLER_ERRORS", "BreakerPolicy", "ExceptionMatcher", "Outcome", "downstream_error"]
@@ -620,7 +621,10 @@ def _any_match(predicates: tuple[Callable[[BaseException], bool], ...], exc: Bas
             if predicate(exc):
                 return True
         except Exception:  # a predicate that raises cannot change the decision
-            logger.exception("celery_breaker: exception predicate %r raised; treated as no match", predicate)
+            # (named, never its repr: a partial's arguments may hold a URL with a password)
+            logger.exception(
+                "celery_breaker: exception predicate %s raised; treated as no match", shown_callable(predicate)
+            )
     return False
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 from .urls import masked_user_info
 
-__all__ = ["MaskedRepr", "masked_in_text"]
+__all__ = ["MaskedRepr", "MaskedTracebacks", "masked_in_text"]
 
 #: A URL in free text: its scheme to the next space (a password may hold any other mark).
 #: A scheme starts where no scheme's character stands before it: tried from inside a run
@@ -241,3 +242,30 @@ class MaskedRepr:
         return masked_in_text(text)
 
     __str__ = __repr__
+
+
+class MaskedTracebacks(logging.Filter):
+    """On the ``celery_breaker`` logger (installed below, with the first module that masks
+    anything): the traceback a record carries (``logger.exception``, ``exc_info=True``),
+    masked line by line (``masked_in_text``) and set as the record's ``exc_text``, which
+    a ``logging.Formatter`` shows instead of formatting the exception again. A listener's,
+    a health check's or a watcher's error is the user's, and its message or a source line
+    of its traceback may quote a URL with a password or a token; the log line's own
+    arguments are masked where they are made (``MaskedRepr``). A handler whose formatter
+    reads ``exc_info`` itself (not through ``exc_text``) sees the exception as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc_info = record.exc_info
+        if exc_info and exc_info[0] is not None and not record.exc_text:
+            try:
+                shown = _FORMATTER.formatException(exc_info)
+            except Exception:  # (the user's exception: its formatting must not lose the line)
+                shown = f"{exc_info[0].__name__}: (its traceback could not be formatted)"
+            record.exc_text = "\n".join(masked_in_text(line) for line in shown.splitlines())
+        return True
+
+
+_FORMATTER = logging.Formatter()
+# (addFilter keeps one of each: a second import adds none)
+_MASKED_TRACEBACKS = MaskedTracebacks()
+logging.getLogger("celery_breaker").addFilter(_MASKED_TRACEBACKS)
