@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shlex
 
 import pytest
 
@@ -122,6 +124,25 @@ def test_reset_adopts_the_apps_policy_and_other_moves_say_it_differs(store_url: 
     assert stored(store_url, "crm", "t1", cliproj.CRM_POLICY).state is State.CLOSED
     trip(odd)
     assert stored(store_url, "crm", "t1", cliproj.CRM_POLICY).state is State.OPEN
+
+
+@pytest.mark.parametrize(
+    ("name", "key"), [("crm pay*", None), ("crm pay*", "t 1?"), ("crm's", None), ("crm\\x", "a\\b")]
+)
+def test_the_reset_the_note_suggests_is_a_command_the_shell_reads_back(
+    store_url: str, name: str, key: str | None
+) -> None:
+    """A name with a space, a quote or a glob character (``crm*`` gives these a policy of
+    the app's) was pasted into the suggested command as it is: the shell split it, or
+    expanded it against the files there. Read back, the command resets that breaker."""
+    breaker(store_url, name, key=key, policy={"failure_threshold": 9, "reset_timeout": 5.0}).call(lambda: None)
+    opened = run("open", name, *(("--key", key) if key is not None else ()))
+    assert opened.exit_code == 0, opened.output
+    suggested = re.search(r"`(celery breaker reset .*)` adopts it", opened.stdout)
+    assert suggested is not None, opened.stdout
+    words = shlex.split(suggested.group(1))
+    assert words == ["celery", "breaker", "reset", name, *(("--key", visible(key)) if key else ())]
+    assert "the breaker now keeps the app's" in run(*words[2:]).stdout
 
 
 def test_an_unknown_name_lists_the_known_ones_and_changes_nothing(store_url: str) -> None:

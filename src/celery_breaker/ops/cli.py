@@ -361,7 +361,11 @@ def _report_move(move: Move, as_json: bool, warned: bool) -> None:
         click.echo("The stored policy differed from the app's settings: the breaker now keeps the app's.")
     elif move.policy_differs:
         key = move.after.key
-        name = move.label if key is None else f"{move.after.name} --key {shlex.quote(visible(key))}"
+        # (quoted as a shell reads it back: a name may hold spaces, quotes and glob characters;
+        # a name is printable text, and is read back as typed, not as `visible` escapes it)
+        name = shlex.quote(move.after.name)
+        if key is not None:
+            name += f" --key {shlex.quote(visible(key))}"
         click.echo(f"Note: the stored policy differs from the app's settings; `celery breaker reset {name}` adopts it.")
 
 
