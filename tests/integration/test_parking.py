@@ -174,6 +174,29 @@ def test_an_expiring_parked_task_is_released_at_its_expiry_and_revoked(broker: s
     assert "has an expiration date in the past" not in worker.log()  # (released at its expiry on purpose)
 
 
+def test_an_expiring_task_behind_a_forced_open_breaker_runs_if_it_is_closed_in_time(
+    broker: str, store_url: str
+) -> None:
+    """A forced open breaker gives its reset_timeout as retry_after, a guess: an operator
+    closes it when they choose. A task expiring before that guess was sent by countdown to
+    arrive after its expiry, and revoked, though the breaker closed with 10 s of its life
+    left. Now it is parked, and runs at the close."""
+    policy = {**parking_proj.POLICY, "reset_timeout": 30.0}
+    breaker = CircuitBreaker("partner", policy, storage=store_url)
+    breaker.force_open()
+    worker = start_worker(broker, store_url, breaker_default_policy=policy)
+    try:
+        result = parking_proj.job.apply_async((1,), expires=25.0)
+        wait_for(lambda: parked(store_url) == 1, 15, "the expiring task parked")
+        breaker.close()
+        value = result.get(timeout=20)
+    finally:
+        worker.stop()
+    assert value["n"] == 1
+    assert value["retries"] == 0
+    assert parked(store_url) == 0
+
+
 def test_parked_tasks_survive_a_worker_restart(broker: str, store_url: str) -> None:
     breaker = CircuitBreaker("partner", parking_proj.POLICY, storage=store_url)
     breaker.force_open()

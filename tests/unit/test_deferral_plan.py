@@ -29,6 +29,7 @@ from celery_breaker.integration.deferral.plan import (
     CLOCK_SKEW,
     DEFERRALS_HEADER,
     EARLIEST_SINCE,
+    EXPIRY_MARGIN,
     EXPIRY_OVERSHOOT,
     MINIMUM_DELAY,
     MOST_DEFERRALS,
@@ -100,6 +101,22 @@ def test_a_task_that_expires_first_arrives_just_after_its_expiry() -> None:
     assert result.expires_first
     assert result.delay == 4.0 + EXPIRY_OVERSHOOT
     assert result.count == 1
+
+
+def test_a_task_behind_a_forced_open_breaker_looks_again_before_its_expiry() -> None:
+    """A forced open breaker admits when an operator closes it: the reset_timeout its
+    retry_after gives is a guess. An expiring task sent after its expiry was revoked
+    even when the operator closed the breaker long before it (an acceptance run: expires
+    28 s, reset_timeout 30 s, closed after 10 s: REVOKED, never run)."""
+    result = plan(state="forced_open", retry_after=30.0, expires_in=28.0, spread=30.0)
+    assert not result.expires_first
+    assert result.delay == 28.0 - EXPIRY_MARGIN
+    # Back just before its expiry, still forced open: now it arrives after it, to be revoked.
+    again = plan(state="forced_open", retry_after=30.0, expires_in=1.2, past=DeferralHeaders(1, NOW))
+    assert again.expires_first
+    assert again.delay == pytest.approx(1.2 + EXPIRY_OVERSHOOT)
+    # A tripped breaker's retry_after is when it may half-open: it cannot admit before.
+    assert plan(state="open", retry_after=30.0, expires_in=28.0).expires_first
 
 
 def test_an_already_expired_task_is_not_held_back() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from celery.utils.time import maybe_iso8601, maybe_make_aware
 
+from ...core import State
 from ...core.chance import CHANCE
 from ..values import positive_finite
 
@@ -155,6 +156,13 @@ def plan_deferral(
             f"giving up (breaker_max_defer_age={max_defer_age:g} s)",
         )  # fmt: skip
     earliest = max(retry_after, MINIMUM_DELAY)  # when the breaker may admit it
+    operators_open = state == State.FORCED_OPEN.value
+    if operators_open and expires_in is not None and MINIMUM_DELAY <= expires_in - EXPIRY_MARGIN < earliest:
+        # An operator's open ends when an operator closes it: its retry_after (the policy's
+        # reset_timeout) is no promise. So a task that may still run looks again just before
+        # its expiry (parked, it is released at its close or at its expiry), rather than
+        # coming back after it, revoked though the breaker closed in time.
+        earliest = expires_in - EXPIRY_MARGIN
     if expires_in is not None and earliest >= expires_in:
         # It cannot run before it expires: let it arrive just after, to be revoked.
         delay = max(expires_in, 0.0) + EXPIRY_OVERSHOOT
