@@ -9,6 +9,8 @@ from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any, cast
 
+import click
+import pytest
 from celery.bin.control import _compile_arguments
 
 from celery_breaker import CircuitBreaker, State
@@ -141,6 +143,33 @@ def test_a_breaker_the_tasks_guard_only_per_key_is_not_opened_without_a_key(app:
     (answer,) = answers[0].values()
     assert answer["ok"].startswith("breaker t-tenant[A] forced open"), answer
     assert keyed.state is State.FORCED_OPEN
+
+
+def test_a_label_given_as_the_name_is_told_to_give_its_key_apart(app: Any, operate: Operate) -> None:
+    """``t-tenant[A]``, as ``celery breaker status`` shows a per-key breaker (and as the
+    error just above tells an operator to name one), was refused by ``celery control``
+    with a fix that named another breaker: "write it with other characters, e.g.
+    't-tenant(A)'". The fix is the key after the name."""
+    policy = task_breaker_config(app.tasks[tasks.tenant_task.name]).policy
+    keyed = operate(CircuitBreaker("t-tenant", policy, storage=resolve_store(tasks.STORE_URL), key="t 1"))
+    says = "celery control takes the key as an argument of its own, after the name: celery control"
+    # The client (`celery control breaker_close 't-tenant[t 1]'`) refuses it before sending.
+    with click.Context(click.Command("control")) as context:
+        context.params["command"] = "breaker_close"  # (as `celery control` has parsed it)
+        with pytest.raises(click.BadParameter) as refused:
+            _compile_arguments("breaker_close", ["t-tenant[t 1]"])
+        with pytest.raises(click.BadParameter) as dashed:
+            _compile_arguments("breaker_close", ["t-tenant[-x]"])
+    assert f"{says} breaker_close t-tenant 't 1' (celery breaker takes the label as it is)" in str(refused.value)
+    assert "breaker_close -- t-tenant -x" in str(dashed.value)
+    # A program's broadcast is answered the same way, naming its command.
+    answers = app.control.broadcast(
+        "breaker_close", arguments={"name": "t-tenant[t 1]"}, reply=True, timeout=3, limit=1
+    )
+    (answer,) = answers[0].values()
+    assert f"{says} breaker_close t-tenant 't 1'" in answer["error"], answer
+    assert "other characters" not in answer["error"]
+    assert keyed.state is State.CLOSED
 
 
 def test_a_memory_store_is_refused_only_where_a_prefork_pool_runs_the_tasks(app: Any) -> None:

@@ -21,6 +21,7 @@ the operator functions load inside the commands (import cost, not import cycles)
 from __future__ import annotations
 
 import logging
+import shlex
 from typing import Any
 
 import click
@@ -28,7 +29,7 @@ from celery import bootsteps, current_app
 from celery.worker.control import Panel, control_command, inspect_command
 
 from ..errors import BreakerKeyError, ConfigurationError, UnknownBreakerError
-from ..labels import breaker_label, shown_label, visible
+from ..labels import breaker_label, shown_label, split_label, visible
 from ..names import check_key, check_name
 from .actions import ACTIONS
 
@@ -114,7 +115,7 @@ def _reply(state: Any, action: str, name: Any, key: Any) -> dict[str, Any]:
     try:
         check_name(name, f"breaker_{action}: the breaker name")
     except ConfigurationError as exc:
-        return {"error": str(exc)}
+        return {"error": _as_label(name, f"breaker_{action}") or str(exc)}
     if key is not None and not isinstance(key, str):
         return {"error": f"breaker_{action}: the key of breaker {name!r} must be text (or null for no key), "
                          f"got {type(key).__name__} {key!r:.100}"}  # fmt: skip
@@ -140,6 +141,27 @@ def _reply(state: Any, action: str, name: Any, key: Any) -> dict[str, Any]:
     return {"ok": text}
 
 
+def _as_label(value: Any, command: str = "breaker_open") -> str | None:
+    """The fix for a name that is a label (``crm[tenant-7]``, as ``celery breaker status``
+    shows a per-key breaker): the key goes apart, after the name. ``None`` for any other
+    malformed name (``check_name``'s own message says what is wrong with it)."""
+    if not isinstance(value, str):
+        return None
+    name, key = split_label(value)
+    if key is None:
+        return None
+    try:
+        check_name(name)
+    except ConfigurationError:
+        return None
+    dashes = "-- " if key.startswith("-") else ""  # (else Celery's own option parser reads it)
+    return (
+        f"breaker name {value!r} is a per-key breaker's label (NAME[KEY]); celery control takes the key as an "
+        f"argument of its own, after the name: celery control {command} {dashes}{shlex.quote(name)} "
+        f"{shlex.quote(key) if key else '<KEY>'} (celery breaker takes the label as it is)"
+    )
+
+
 def _typed_key(value: str) -> str:
     """A breaker key for the ``celery`` client: one that cannot name a breaker is a usage error (exit 2)."""
     try:
@@ -156,7 +178,9 @@ def _typed_name(value: str) -> str:
     try:
         name = check_name(value, "breaker name")
     except ConfigurationError as exc:
-        raise click.BadParameter(str(exc)) from None
+        context = click.get_current_context(silent=True)  # (`celery control COMMAND ...`: its COMMAND)
+        command = str(context.params.get("command") or "breaker_open") if context is not None else "breaker_open"
+        raise click.BadParameter(_as_label(value, command) or str(exc)) from None
     app = current_app._get_current_object()
     try:
         store, known = _knows(app, name)
