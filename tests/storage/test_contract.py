@@ -641,6 +641,24 @@ def test_slow_call_rate_trips(store: Store, clock: FakeClock) -> None:
     assert seen[-1].reason == "slow-call rate 1/2 >= 50%"
 
 
+def test_a_fractional_rate_threshold_is_named_as_it_was_set(store: Store, clock: FakeClock) -> None:
+    """A trip's reason rounded the threshold to whole percents: 0.001 read ">= 0%", and
+    0.125 ">= 12%" (a rate of 12.1% did not trip it)."""
+    breaker = rate_breaker(store, clock, slow_call_duration=1, slow_call_rate_threshold=0.001, count_window=2)
+    seen = recorder(breaker)
+    breaker.call(ok)
+    slow = HeldCall(breaker)
+    clock.advance(1)
+    slow.succeed()
+    assert seen[-1].reason == "slow-call rate 1/2 >= 0.1%"
+    other = make(store, clock, name="eighth", failure_threshold=None, failure_rate_threshold=0.125, minimum_calls=8)
+    seen = recorder(other)
+    for _ in range(7):
+        other.call(ok)
+    fail(other)
+    assert seen[-1].reason == "failure rate 1/8 >= 12.5%"
+
+
 # -- operators -------------------------------------------------------------------
 
 

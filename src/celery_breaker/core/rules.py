@@ -209,10 +209,12 @@ class Rates:
         if calls < self._calls_to_judge:
             return None
         rate, slow_rate = self._failure_rate, self._slow_rate
+        # (thresholds as percentages to six significant digits, as Lua's %g writes them in
+        # the Redis scripts: a threshold of 0.001 read ">= 0%" rounded to whole percents)
         if rate is not None and failures >= rate * calls:
-            return f"failure rate {failures}/{calls} >= {rate:.0%}"
+            return f"failure rate {failures}/{calls} >= {rate * 100:g}%"
         if slow_rate is not None and slow_calls >= slow_rate * calls:
-            return f"slow-call rate {slow_calls}/{calls} >= {slow_rate:.0%}"
+            return f"slow-call rate {slow_calls}/{calls} >= {slow_rate * 100:g}%"
         return None
 
     def succeed(self, now: float) -> None:

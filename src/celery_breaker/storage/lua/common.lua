@@ -314,10 +314,10 @@ RULES.rates = {
     local calls, failures, slow_calls = rate_totals(rule)
     if calls < rule.calls_to_judge then return nil end
     if rule.failure_rate ~= nil and failures >= rule.failure_rate * calls then
-      return string.format('failure rate %d/%d >= %.0f%%', failures, calls, rule.failure_rate * 100)
+      return string.format('failure rate %d/%d >= %g%%', failures, calls, rule.failure_rate * 100)
     end
     if rule.slow_rate ~= nil and slow_calls >= rule.slow_rate * calls then
-      return string.format('slow-call rate %d/%d >= %.0f%%', slow_calls, calls, rule.slow_rate * 100)
+      return string.format('slow-call rate %d/%d >= %g%%', slow_calls, calls, rule.slow_rate * 100)
     end
     return nil
   end,
