@@ -369,3 +369,29 @@ def test_a_store_url_given_to_a_task_option_is_refused_with_its_password_masked(
         assert ":***@cache.internal:6379/0" in text
     logged = "".join(traceback.format_exception(refusal))  # (as a worker logs it: causes and contexts too)
     assert "s3cret-pw" not in logged
+
+
+@pytest.mark.parametrize(
+    ("routes", "options", "fix"),
+    [
+        ({}, {"base": BreakerTask}, "the task names no breaker, so its breaker is named after the task: give it "),
+        ({"shapes.*": True}, {}, "breaker_routes gives it True (the task's own name): map it to a breaker name "),
+    ],
+)
+def test_a_task_name_no_breaker_can_take_is_refused_with_the_option_that_names_one(
+    routes: dict[str, Any], options: dict[str, Any], fix: str
+) -> None:
+    # A task that names no breaker lends it its own name. A name a breaker cannot take
+    # (a bracket, here) was refused with check_name's fix alone, "write it with other
+    # characters", about a breaker name the user never wrote.
+    app = throwaway_app("bracket-names", breaker_routes=routes, breaker_storage_url="memory://")
+
+    def process() -> None:
+        """A task whose name holds a bracket."""
+
+    app.task(name="shapes.process[v2]", shared=False, **options)(process)
+    with pytest.raises(ConfigurationError) as refused:
+        check_app(app)
+    text = str(refused.value)
+    assert "task 'shapes.process[v2]': breaker name 'shapes.process[v2]' holds '['" in text
+    assert fix in text

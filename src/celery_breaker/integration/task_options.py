@@ -94,7 +94,19 @@ def _resolve(cls: Any, task: Any, settings: BreakerSettings) -> TaskBreakerConfi
     # names the instance (after its module and class), not the class.
     task_name = cls.name or (None if task is cls else getattr(task, "name", None))
     where = f"task {task_name!r}"
-    name = check_name(cls.breaker_name or _routed_name(cls, task_name, settings) or task_name, f"{where}: breaker name")
+    given = cls.breaker_name or _routed_name(cls, task_name, settings)
+    try:
+        name = check_name(given or task_name, f"{where}: breaker name")
+    except ConfigurationError as exc:
+        if given:
+            raise
+        # (no breaker was named: the task's own name stands for it, which the user never wrote
+        # as a breaker name; renaming the task is no fix they need)
+        if task_name and settings.route_for(task_name) == "":  # (a route of True: "the task's own name")
+            fix = "breaker_routes gives it True (the task's own name): map it to a breaker name there instead"
+        else:
+            fix = "the task names no breaker, so its breaker is named after the task: give it breaker='...'"
+        raise ConfigurationError(f"{exc}; {fix}") from None
     base_policy = settings.policy_for(name)
     policy = BreakerPolicy.coerce(cls.breaker_policy, base=base_policy, source=f"{where}: breaker_policy")
 
