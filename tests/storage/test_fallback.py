@@ -148,6 +148,17 @@ def heard_redis_go(breaker: CircuitBreaker) -> None:
         time.sleep(0.01)
 
 
+def view_expired(breaker: CircuitBreaker) -> None:
+    """Wait until this process's rejecting view of the breaker is too old to reject calls
+    by (``VIEW_TTL`` of real time with no transitions heard): its next call asks the store."""
+    primary = cast(RedisStore, cast(FallbackStore, breaker.store).primary)
+    cell = primary.cell(breaker.name, breaker.key, breaker.policy, FakeClock(), read=False)
+    deadline = time.monotonic() + 10.0
+    while not cell.evicted:  # (a real clock's progress, with a deadline)
+        assert time.monotonic() < deadline, "the view did not expire"
+        time.sleep(0.01)
+
+
 def test_a_store_outage_falls_back_and_the_breaker_rejoins_when_redis_returns(restartable_redis: RedisServer) -> None:
     restartable_redis.start()
     clock = FakeClock()
@@ -250,6 +261,66 @@ def test_each_outage_starts_with_a_fresh_stand_in(restartable_redis: RedisServer
     fail(breaker)  # (the second outage: on a stand-in again)
     assert breaker.call(ok) == "ok"
     assert state_of(breaker) is State.CLOSED
+
+
+def test_a_stand_in_starts_where_the_shared_breaker_was_last_seen(restartable_redis: RedisServer) -> None:
+    """An OPEN shared breaker's stand-in is OPEN until the same time, then half-opens: one
+    probe, not every call, and one failure reopens it. A fresh CLOSED stand-in let
+    ``failure_threshold`` failures per process through to a downstream every process knew
+    was down (decision 105)."""
+    restartable_redis.start()
+    clock = FakeClock()
+    url = f"{restartable_redis.url}?time=client&key_prefix=seen-open"
+    policy = {"failure_threshold": 3, "reset_timeout": 30.0, "half_open_max_calls": 1}
+    breaker = CircuitBreaker("svc", policy, storage=url, clock=clock)
+    fail(breaker, 3)
+    assert state_of(breaker) is State.OPEN  # (the shared breaker)
+    restartable_redis.stop()
+    heard_redis_go(breaker)
+    clock.advance(10)
+    with pytest.raises(CircuitOpenError):
+        breaker.call(ok)  # (still the shared breaker's open time: 20 s left)
+    clock.advance(21)
+    probe = HeldCall(breaker)  # the stand-in's: its time is up
+    with pytest.raises(CircuitOpenError):
+        breaker.call(ok)  # one probe at a time, as the policy says
+    probe.fail()
+    assert state_of(breaker) is State.OPEN  # one failure reopens it
+    with pytest.raises(CircuitOpenError):
+        breaker.call(ok)
+
+
+@pytest.mark.parametrize("operator", [State.FORCED_OPEN, State.DISABLED])
+def test_a_stand_in_keeps_what_an_operator_set(restartable_redis: RedisServer, operator: State) -> None:
+    """An operator's FORCED_OPEN (a partner asked to be left alone) holds every call while
+    the store is down, however long, and DISABLED passes every call: a fresh CLOSED
+    stand-in called the downstream an operator had closed off. Rejoining an empty store
+    (the shared breaker CLOSED) is told as the way back."""
+    restartable_redis.start()
+    clock = FakeClock()
+    url = f"{restartable_redis.url}?time=client&key_prefix=seen-{operator.value}"
+    breaker = CircuitBreaker("svc", {"failure_threshold": 1}, storage=url, clock=clock)
+    told: list[Transition] = []
+    breaker.add_listener(told.append)
+    breaker.force_open() if operator is State.FORCED_OPEN else breaker.disable()
+    restartable_redis.stop()
+    heard_redis_go(breaker)
+    if operator is State.FORCED_OPEN:
+        view_expired(breaker)  # (then the next call asks the store, and finds it down)
+    # (a DISABLED view is not trusted once the channel is lost: the next call asks already)
+    clock.advance(3_600)
+    for _ in range(3):
+        if operator is State.FORCED_OPEN:
+            with pytest.raises(CircuitOpenError):
+                breaker.call(ok)
+        else:
+            fail(breaker)  # (passed, and trips nothing)
+    assert state_of(breaker) is operator
+    restartable_redis.start()  # (empty: the shared breaker is CLOSED)
+    clock.advance(6)  # past the retry interval
+    assert breaker.call(ok) == "ok"
+    assert [(t.source, t.target) for t in told[1:]] == [(operator, State.CLOSED)]
+    assert told[1].reason.startswith("rejoined the shared breaker in redis://")
 
 
 def _leases(store: RedisStore, name: str) -> dict[bytes, bytes]:

@@ -2,11 +2,13 @@
 
 ``FallbackStore`` wraps a shared store. Its cells follow the shared breaker while the
 store answers; when an operation raises ``StorageError`` they switch to a breaker of
-this process — fresh and CLOSED (``local``), DISABLED (``allow``: every call passes) or
-FORCED_OPEN (``deny``: every call is rejected) — and the shared store is tried again
-every ``retry_interval`` seconds, by one cell for the whole store: while it is down, a
-breaker made meanwhile (a new per-key breaker) takes its stand-in at once instead of
-waiting out the store's timeout. Every cell rejoins the shared state once it answers.
+this process — where the shared breaker was last seen (``local``: OPEN until its time
+is up, FORCED_OPEN or DISABLED as an operator left it, else fresh and CLOSED), DISABLED
+(``allow``: every call passes) or FORCED_OPEN (``deny``: every call is rejected) — and
+the shared store is tried again every ``retry_interval`` seconds, by one cell for the
+whole store: while it is down, a breaker made meanwhile (a new per-key breaker) takes
+its stand-in at once instead of waiting out the store's timeout. Every cell rejoins the
+shared state once it answers.
 The outage is logged once per ``log_interval`` per store, not per call.
 """
 
@@ -277,6 +279,11 @@ class FallbackCell:
             if mode != "local":
                 # (its transition is not announced: a move of this process's stand-in, not of the breaker)
                 local.force(State.DISABLED if mode == "allow" else State.FORCED_OPEN, self._policy, now)
+            elif self._primary is not None:
+                # Where the shared breaker was last seen: started CLOSED, a stand-in let this
+                # process's first failures through to a downstream every process knew was
+                # down, and called one an operator had forced open (docs/decisions.md, 105).
+                local.take_view(self._primary.state, self._primary.open_until, now)
             self._base = next(_STAND_INS) << _STAND_IN_SHIFT
             self._local = local
         return self._local

@@ -47,6 +47,21 @@ class MemoryCell(BreakerMachine):
     def stale(self) -> None:
         """Nothing to forget: the view is the breaker itself."""
 
+    def take_view(self, state: State, open_until: float | None, now: float) -> None:
+        """Start where a shared breaker was last seen (a stand-in: ``FallbackCell``), with no
+        transition told and no trip counted: the state is the shared breaker's, which this
+        process has told already. FORCED_OPEN and DISABLED as they are; OPEN until
+        ``open_until`` (over already: half-opens at the next call); HALF_OPEN, whose probes
+        are other processes', as an OPEN whose time is up; CLOSED as made."""
+        with self.lock:
+            if state is State.FORCED_OPEN or state is State.DISABLED:
+                self.operate(state, now)
+            elif state is State.OPEN or state is State.HALF_OPEN:
+                until = now if open_until is None or state is State.HALF_OPEN else open_until
+                self._move(State.OPEN, now, "the shared breaker's, as last seen", max(0.0, until - now))
+                self.trips, self.streak = 0, 1
+            self.moves.clear()
+
     def note_rejection(self, now: float) -> None:
         next(self.rejection_tally)
         self.last_used = now
