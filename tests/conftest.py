@@ -14,6 +14,17 @@ from .servers import RedisCluster, RedisSentinel, RedisServer, ServerError
 from .tls import Certificates, make_certificates
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that start a worker of their own (``celery_worker``) run after every other.
+
+    Celery's test worker is stopped by setting ``celery.worker.state.should_terminate``,
+    which is process-wide: stopping one in-process worker stops them all, tests/celery's
+    session worker too. Run before a tests/celery module (a random order), the guide's
+    worker test left every later test that needed that worker timing out (57 failed).
+    A stable sort: the others keep their order, random or not."""
+    items.sort(key=lambda item: "celery_worker" in getattr(item, "fixturenames", ()))
+
+
 def _started(server: RedisServer | RedisCluster | RedisSentinel) -> None:
     try:
         server.start()
