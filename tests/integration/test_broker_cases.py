@@ -398,9 +398,12 @@ def test_a_task_that_expires_while_deferred_or_parked_ends_revoked(
     publisher = cell.publisher()
     results: list[AsyncResult] = []
     try:
-        with cell.worker(), held_open(cell, policy):
+        with cell.worker() as started, held_open(cell, policy):
             results += [publisher.send_task(TASK, args=(cell.ns, NO_URL, n), expires=3) for n in range(2)]
-            wait_for(lambda: all(r.state == "REVOKED" for r in results), 60, "both tasks revoked as expired")
+            try:
+                wait_for(lambda: all(r.state == "REVOKED" for r in results), 60, "both tasks revoked as expired")
+            except AssertionError as timed_out:  # (what the worker did with them, to tell why)
+                raise AssertionError(f"{timed_out}: {[r.state for r in results]}\n{started.log()[-6_000:]}") from None
             wait_for(lambda: client.scard(revoked_key(cell.ns)) >= 2, 30, "task_revoked(expired=True) twice")
         assert client.smembers(revoked_key(cell.ns)) == {r.id for r in results}
         assert client.hlen(executions_key(cell.ns)) == 0
