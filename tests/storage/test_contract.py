@@ -630,27 +630,22 @@ def test_failure_rate_over_a_time_window_trips(store: Store, clock: FakeClock) -
     assert state_of(breaker) is State.OPEN
 
 
-def test_slow_call_rate_trips(store: Store, clock: FakeClock) -> None:
-    breaker = rate_breaker(store, clock, slow_call_duration=1, slow_call_rate_threshold=0.5, count_window=2)
+@pytest.mark.parametrize(("threshold", "shown"), [(0.5, "50%"), (0.001, "0.1%")])
+def test_slow_call_rate_trips(store: Store, clock: FakeClock, threshold: float, shown: str) -> None:
+    """(0.001: a trip's reason rounded the threshold to whole percents, ">= 0%".)"""
+    breaker = rate_breaker(store, clock, slow_call_duration=1, slow_call_rate_threshold=threshold, count_window=2)
     seen = recorder(breaker)
     breaker.call(ok)
     slow = HeldCall(breaker)
     clock.advance(1)
     slow.succeed()
     assert state_of(breaker) is State.OPEN
-    assert seen[-1].reason == "slow-call rate 1/2 >= 50%"
+    assert seen[-1].reason == f"slow-call rate 1/2 >= {shown}"
 
 
 def test_a_fractional_rate_threshold_is_named_as_it_was_set(store: Store, clock: FakeClock) -> None:
-    """A trip's reason rounded the threshold to whole percents: 0.001 read ">= 0%", and
-    0.125 ">= 12%" (a rate of 12.1% did not trip it)."""
-    breaker = rate_breaker(store, clock, slow_call_duration=1, slow_call_rate_threshold=0.001, count_window=2)
-    seen = recorder(breaker)
-    breaker.call(ok)
-    slow = HeldCall(breaker)
-    clock.advance(1)
-    slow.succeed()
-    assert seen[-1].reason == "slow-call rate 1/2 >= 0.1%"
+    """A trip's reason rounded the threshold to whole percents: 0.125 read ">= 12%" (a
+    rate of 12.1% did not trip it); the slow-call rate's 0.001 is in test_slow_call_rate_trips."""
     other = make(store, clock, name="eighth", failure_threshold=None, failure_rate_threshold=0.125, minimum_calls=8)
     seen = recorder(other)
     for _ in range(7):
