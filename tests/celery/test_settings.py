@@ -66,6 +66,11 @@ BAD_VALUES: list[tuple[str, Any, tuple[str, ...]]] = [
     ("breaker_policies", ["crm"], ("got list ['crm']",)),
     ("breaker_policies", {"crm": {"reset_timeout": -1}}, ("breaker_policies['crm']", "reset_timeout", "got -1")),
     ("breaker_policies", {"": {"reset_timeout": 1}}, ("got ''",)),
+    (
+        "breaker_policies",
+        {"crm": {"record_exceptions": ["socket:no_such_error"]}},
+        ("breaker_policies['crm']", "record_exceptions", "'socket:no_such_error'", "write 'package.module:Exc"),
+    ),
     ("breaker_routes", "proj.*", ("'proj.*'",)),
     ("breaker_routes", {"proj.*": 5}, ("breaker_routes['proj.*']", "got 5")),
     ("breaker_routes", {"proj.*": ""}, ("breaker_routes['proj.*']", "got ''")),

@@ -141,7 +141,11 @@ def test_ignore_predicates() -> None:
     assert policy.classify(HTTPError(500)) is FAILURE
 
 
-@pytest.mark.parametrize("path", ["builtins.ConnectionError", "ConnectionError", "socket.timeout"])
+@pytest.mark.parametrize(
+    "path",
+    # (the colon form, as breaker_probes and task_cls take a path, was refused: "cannot import")
+    ["builtins.ConnectionError", "ConnectionError", "socket.timeout", "socket:timeout", "builtins:ConnectionError"],
+)
 def test_dotted_paths_resolve_to_exception_types(path: str) -> None:
     policy = BreakerPolicy.from_mapping({"record_exceptions": [path]})
     (resolved,) = policy.record_exceptions
@@ -169,6 +173,10 @@ def test_none_means_no_ignored_exceptions() -> None:
         (["no_such_module_xyz.Error"], "cannot import 'no_such_module_xyz.Error'"),
         (["builtins.NoSuchError"], "cannot import 'builtins.NoSuchError'"),
         (["builtins.len"], "'builtins.len' is not an exception type"),
+        (["builtins:len"], "'builtins:len' is not an exception type; name an exception class"),
+        (["socket:no_such_error"], "cannot import 'socket:no_such_error'"),
+        ([":Error"], "':Error' names no module and class; write 'package.module:ExceptionClass'"),
+        (["socket:"], "'socket:' names no module and class"),
         ([int], "int is not an exception type"),
         ([42], "42 is neither an exception type"),
         (42, "must be a sequence"),

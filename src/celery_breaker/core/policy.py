@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import dataclasses
 import difflib
 import enum
-import importlib
 import inspect
 import logging
 import math
@@ -16,6 +16,7 @@ from typing import Any
 
 from ..errors import CircuitOpenError, ConfigurationError, RetryAfter
 from ..labels import shown_callable
+from .dotted import find_by_path, split_path
 from .reference import doc
 
 __all__ = ["CALLER_ERRORS", "BreakerPolicy", "ExceptionMatcher", "Outcome", "downstream_error"]
@@ -52,7 +53,8 @@ SHORTEST_SECONDS = 0.001
 # What the configuration reference says a field accepts (shared wording).
 _SECONDS_DOC = "seconds from 0.001 to ten years (number or `timedelta`)"
 _MATCHERS_DOC = (
-    "exception types, dotted paths to them, or predicates `exc -> bool` (one that cannot be called with the "
+    "exception types, paths to them (`package.module:Error` or `package.module.Error`), or predicates "
+    "`exc -> bool` (one that cannot be called with the "
     "exception alone is refused)"
 )
 
@@ -150,25 +152,31 @@ def _check_predicate(field_name: str, predicate: Callable[..., Any]) -> None:
 
 
 def _import_exception(field_name: str, path: str) -> type[BaseException]:
-    module_name, _, attr = path.rpartition(".")
-    if not module_name:
-        import builtins
-
-        module_name, attr = builtins.__name__, path
+    """The exception type ``path`` names: ``package.module:Error`` or ``package.module.Error``
+    (read as every setting that names an object by its path is: ``find_by_path``), or a
+    builtin's bare name (``TimeoutError``)."""
+    module_name, attr = split_path(path)
+    if not module_name and attr and ":" not in path:
+        module_name = builtins.__name__
+    fix = (
+        "write 'package.module:ExceptionClass' or 'package.module.ExceptionClass', "
+        "such as 'requests.exceptions:ConnectionError'"
+    )
+    if not module_name or not attr:
+        raise ConfigurationError(f"BreakerPolicy.{field_name}: {path!r} names no module and class; {fix}")
     try:
-        found = getattr(importlib.import_module(module_name), attr)
+        found = find_by_path(f"{module_name}:{attr}")
     except (ImportError, AttributeError) as exc:
-        raise ConfigurationError(
-            f"BreakerPolicy.{field_name}: cannot import {path!r} ({exc}); "
-            f"write a dotted path such as 'requests.exceptions.ConnectionError'"
-        ) from None
+        raise ConfigurationError(f"BreakerPolicy.{field_name}: cannot import {path!r} ({exc}); {fix}") from None
     except Exception as exc:  # (the module itself fails as it is imported: a SyntaxError, its own code)
         raise ConfigurationError(
             f"BreakerPolicy.{field_name}: cannot import {path!r}: importing {module_name!r} failed "
             f"({type(exc).__name__}: {exc}); fix that module, or name another exception type"
         ) from exc
     if not (isinstance(found, type) and issubclass(found, BaseException)):
-        raise ConfigurationError(f"BreakerPolicy.{field_name}: {path!r} is not an exception type")
+        raise ConfigurationError(
+            f"BreakerPolicy.{field_name}: {path!r} is not an exception type; name an exception class ({fix})"
+        )
     return found
 
 

@@ -12,13 +12,13 @@ task's result is what Celery forbids inside tasks (docs/decisions.md, decision 4
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
 from celery import Task
 
 from ..breaker import CircuitBreaker
 from ..core import BreakerPolicy
+from ..core.dotted import find_by_path, split_path
 from ..errors import ConfigurationError
 from ..health import HealthCheck, ProbeFunction, shown_probe
 from ..storage.urls import scrub_secrets
@@ -94,16 +94,12 @@ _IMPORT_FIX = "write 'package.module:function', or the name of a task of this ap
 def _import(path: str, where: str) -> object:
     """What ``path`` (``package.module:function`` or ``package.module.function``) names,
     whatever it is (``resolve_probe`` tells); a ``ConfigurationError`` when it names nothing."""
-    module_name, colon, attr = path.partition(":")
-    if not colon:
-        module_name, _, attr = path.rpartition(".")
     shown = shown_probe(path)  # (never a password it may hold)
+    module_name, attr = split_path(path)
     if not module_name or not attr:
         raise ConfigurationError(f"{where}={shown} names no task of this app and is no dotted path; {_IMPORT_FIX}")
     try:
-        found: object = importlib.import_module(module_name)
-        for part in attr.split("."):
-            found = getattr(found, part)
+        found = find_by_path(path)
     except (ImportError, AttributeError) as exc:
         problem = f"{where}={shown} names no task of this app and cannot be imported ({scrub_secrets(str(exc), path)})"
         raise ConfigurationError(f"{problem}; {_IMPORT_FIX}") from None
