@@ -724,15 +724,18 @@ def test_breaker_max_defer_age_exceeded_fails_the_task(app: Any, operate: Operat
 # -- a broker that will not take the deferred copy ------------------------------
 
 
-def refuse_publishing(monkeypatch: pytest.MonkeyPatch, times: int | None) -> list[str]:
-    """Make publishing a deferral (``Signature.apply_async``) fail ``times`` times (None: always)."""
+def refuse_publishing(
+    monkeypatch: pytest.MonkeyPatch, times: int | None, message: str = "broker refused the publish"
+) -> list[str]:
+    """Make publishing a deferral (``Signature.apply_async``) fail ``times`` times (None:
+    always), with an ``OperationalError`` saying ``message``."""
     attempts: list[str] = []
     publish = Signature.apply_async
 
     def flaky(signature: Signature, *args: Any, **kwargs: Any) -> Any:
         attempts.append(signature.task)
         if times is None or len(attempts) <= times:
-            raise OperationalError("broker refused the publish")
+            raise OperationalError(message)
         return publish(signature, *args, **kwargs)
 
     monkeypatch.setattr(Signature, "apply_async", flaky)
@@ -775,6 +778,48 @@ def test_a_deferral_the_broker_refuses_is_requeued_with_acks_late(
     assert all("requeueing it" in line for line in refused)
     breaker.close()
     assert get(result)["retries"] == 0  # it ran, once, without spending a retry
+
+
+#: What a broker's client may say of its connection: its URL, the password in it.
+LEAKY = "Error connecting to redis://:hunter2@broker.example:6379/0"
+
+
+def test_a_refused_deferral_logs_no_password_from_the_brokers_error(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # (kombu's and redis-py's errors may quote the URL they connect to; the lines below
+    # quoted the error with %r, the password in it too)
+    breaker = operate(tasks.unpublishable_late_task.breaker)
+    breaker.force_open()
+    monkeypatch.setattr(countdown, "REQUEUE_PAUSE", 0.05)
+    attempts = refuse_publishing(monkeypatch, 1, LEAKY)
+
+    with caplog.at_level(logging.DEBUG):
+        result = tasks.unpublishable_late_task.delay()
+        wait_for(lambda: result.state == "RETRY", "the deferral published on the second attempt")
+    assert len(attempts) == 2
+    refused = [r.getMessage() for r in caplog.records if "could not defer" in r.getMessage()]
+    assert refused, caplog.text
+    assert "redis://:***@broker.example:6379/0" in refused[0]
+    assert "hunter2" not in caplog.text
+    breaker.close()
+    assert get(result)["retries"] == 0
+
+
+def test_a_deferral_refused_with_a_password_in_the_error_fails_without_it(
+    app: Any, operate: Operate, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    breaker = operate(tasks.unpublishable_task.breaker)
+    breaker.force_open()
+    refuse_publishing(monkeypatch, None, LEAKY)
+
+    with caplog.at_level(logging.DEBUG):
+        result = tasks.unpublishable_task.delay()
+        with pytest.raises(CircuitOpenError) as info:
+            get(result)
+    assert "could not be deferred: OperationalError('Error connecting to redis://:***@broker.example" in str(info.value)
+    assert "hunter2" not in str(info.value)
+    assert "hunter2" not in caplog.text
 
 
 # -- 7. a deferral never outlives the task's expires ---------------------------

@@ -16,6 +16,7 @@ import mmap
 from typing import Any
 
 from ..core import State, Transition
+from ..storage.masking import MaskedRepr
 from .throttle import Throttle
 
 __all__ = [
@@ -88,7 +89,7 @@ def send(app: Any, type_: str, **fields: Any) -> bool:
         if quiet is not None:
             logger.warning(
                 "celery-breaker: could not send the %s event (%r); events are skipped meanwhile%s",
-                type_, exc, f" ({quiet} more could not be sent in the last minute)" if quiet else "",
+                type_, MaskedRepr(exc), f" ({quiet} more could not be sent in the last minute)" if quiet else "",
             )  # fmt: skip
         return False
     return True

@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Any
 
+from ..storage.masking import MaskedRepr
+
 __all__ = ["ACCEPT_PAUSE", "QUIET_FOR", "REQUEST_WITHIN", "Deadlined", "Guarded"]
 
 logger = logging.getLogger("celery_breaker")
@@ -109,7 +111,7 @@ class Guarded:
         """A client that went quiet (the handler's timeout) or away is no error of ours."""
         exc = sys.exc_info()[1]
         if isinstance(exc, OSError):
-            logger.debug("celery-breaker: connection from %s ended: %r", client_address[0], exc)
+            logger.debug("celery-breaker: connection from %s ended: %r", client_address[0], MaskedRepr(exc))
             return
         super().handle_error(request, client_address)  # type: ignore[misc]
 

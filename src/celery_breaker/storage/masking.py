@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 
 from .urls import masked_user_info
 
-__all__ = ["MaskedRepr", "MaskedTracebacks", "masked_in_text"]
+__all__ = ["MaskedRepr", "MaskedTracebacks", "masked_error", "masked_in_text"]
 
 #: A URL in free text: its scheme to the next space (a password may hold any other mark).
 #: A scheme starts where no scheme's character stands before it: tried from inside a run
@@ -242,6 +243,25 @@ class MaskedRepr:
         return masked_in_text(text)
 
     __str__ = __repr__
+
+
+def masked_error(exc: BaseException) -> BaseException:
+    """``exc``, each text among its arguments masked (``masked_in_text``) in place, and so
+    in the errors it was raised from or during: for an error raised on into logs this
+    package does not write, a ``Reject``'s reason or a failure's cause, whose text and
+    whole chain Celery's log of the task prints (a kombu or redis-py error may quote the
+    URL it connects to, its password too). ``repr`` and ``str`` read the arguments; an
+    error whose text comes from elsewhere is left as it is."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen and len(seen) < 8:
+        seen.add(id(link))
+        masked = tuple(masked_in_text(arg) if isinstance(arg, str) else arg for arg in link.args)
+        if masked != link.args:
+            with contextlib.suppress(Exception):  # (an error that refuses new arguments: left as it is)
+                link.args = masked
+        link = link.__cause__ or link.__context__
+    return exc
 
 
 class MaskedTracebacks(logging.Filter):

@@ -45,6 +45,7 @@ from typing import Any
 from kombu.entity import Exchange
 from kombu.transport.native_delayed_delivery import calculate_routing_key
 
+from ...storage.masking import MaskedRepr
 from ..throttle import Throttle
 from . import confirms
 from .confirms import Confirm, ConfirmingPublisher, Send
@@ -291,7 +292,7 @@ def _declare_again(exc: BaseException) -> None:
     deferral meets, a permission missing, would otherwise add a line to each)."""
     logger.log(
         logging.DEBUG if _declaring_again.due("") is None else logging.INFO,
-        "celery-breaker: broker-delay publish failed (%r); declaring the delay topology again", exc,
+        "celery-breaker: broker-delay publish failed (%r); declaring the delay topology again", MaskedRepr(exc),
     )  # fmt: skip
 
 
@@ -399,7 +400,7 @@ class _UnboundWarning:
         logger.warning(
             "celery-breaker: could not declare queue %r or bind it to broker-delay's delivery exchange (%r); its "
             "deferred tasks go by countdown until it can be, the other queues are not affected",
-            name, exc,
+            name, MaskedRepr(exc),
         )  # fmt: skip
 
 
@@ -561,7 +562,7 @@ class BrokerDelay:
             return None  # (none, or the operator may have fixed it: the next publish declares it again)
         exc, ago = found
         return _TopologyRefused(
-            f"RabbitMQ refused broker-delay's delay topology {ago:.0f} s ago ({exc!r}); looked at again "
+            f"RabbitMQ refused broker-delay's delay topology {ago:.0f} s ago ({MaskedRepr(exc)}); looked at again "
             f"{LOOK_AGAIN_AFTER:g} s after"
         )
 
@@ -575,7 +576,7 @@ class BrokerDelay:
             return None  # (none, or fixed by an operator, or the level drained: the next run tries)
         exc, ago = found
         return _LevelRefused(
-            f"RabbitMQ refused a run entering {level_name(level)} {ago:.0f} s ago ({exc!r}); tried again "
+            f"RabbitMQ refused a run entering {level_name(level)} {ago:.0f} s ago ({MaskedRepr(exc)}); tried again "
             f"{LOOK_AGAIN_AFTER:g} s after"
         )
 
@@ -653,7 +654,7 @@ class BrokerDelay:
                 # the message did reach RabbitMQ the task runs twice, which is better than never)
                 raise _ConfirmLost(
                     f"RabbitMQ did not confirm the deferral within {confirms.CONFIRM_TIMEOUT:g} s and did not say it "
-                    f"blocks publishers: its connection is taken for dead ({published.error!r})"
+                    f"blocks publishers: its connection is taken for dead ({MaskedRepr(published.error)})"
                 ) from published.error
             # Sent, and not confirmed in time, on a connection RabbitMQ said it blocks (a
             # memory or disk alarm): it routes the message once it reads it. Publishing

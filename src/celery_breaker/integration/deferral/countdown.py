@@ -51,6 +51,7 @@ from celery.exceptions import Reject
 
 from ...errors import CircuitOpenError
 from ...storage import describe_url
+from ...storage.masking import MaskedRepr, masked_error
 from ..broker import AMQP, broker_kind
 from . import confirms, native_delay
 from .broker_delay import UnroutedWarning, destination_queue
@@ -233,7 +234,7 @@ class CountdownRepublish:
                 logger.warning(
                     "task %s[%s]: its countdown copy could not be published (%r); it went straight back to its queue "
                     "instead, without its planned delay, after a %g s pause",
-                    task.name, request.id, why, REQUEUE_PAUSE,
+                    task.name, request.id, MaskedRepr(why), REQUEUE_PAUSE,
                 )  # fmt: skip
             time.sleep(REQUEUE_PAUSE)  # (sent already: a worker killed now loses nothing)
             return REQUEUE_PAUSE
@@ -340,18 +341,20 @@ def _refusal(exc: BaseException) -> bool:
 
 
 def _not_deferred(deferral: Deferral, exc: Exception) -> NoReturn:
-    """The run could not be deferred: requeue its delivery (late acknowledgement), else fail it saying so."""
+    """The run could not be deferred: requeue its delivery (late acknowledgement), else fail it saying so.
+    Either way Celery logs ``exc`` (the reason, the cause): its text is masked first."""
     task = deferral.task
+    masked_error(exc)
     if task.acks_late:
         # Not acknowledged: the broker gives the message back, nothing is lost.
         # Pause first, so a broker that delivers but will not take a publish
         # does not turn this into a busy loop.
-        logger.warning("task %s[%s]: could not defer (%r); requeueing it", task.name, task.request.id, exc)
+        logger.warning("task %s[%s]: could not defer (%r); requeueing it", task.name, task.request.id, MaskedRepr(exc))
         time.sleep(REQUEUE_PAUSE)
         raise Reject(exc, requeue=True) from exc
     breaker = deferral.breaker
     failed = CircuitOpenError(
-        f"breaker {breaker.label!r} {deferral.state} and the task could not be deferred: {exc!r}",
+        f"breaker {breaker.label!r} {deferral.state} and the task could not be deferred: {MaskedRepr(exc)}",
         name=breaker.name, key=breaker.key, state=deferral.rejected.state, final=True,
     )  # fmt: skip
     raise failed from exc

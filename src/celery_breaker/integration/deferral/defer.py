@@ -13,6 +13,7 @@ from celery.exceptions import Retry
 from ...breaker import CircuitBreaker
 from ...errors import CircuitOpenError
 from ...labels import breaker_label
+from ...storage.masking import MaskedRepr
 from .. import events
 from ..broker import DEAD_LETTER_HEADERS
 from ..settings import get_settings
@@ -145,7 +146,7 @@ def refreshed(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Retry
         logger.warning(
             "task %s[%s]: held %.1f s of the broker's %g s window and could not be sent again (%r): run in the held "
             "delivery",
-            task.name, request.id, held, limit, exc,
+            task.name, request.id, held, limit, MaskedRepr(exc),
         )  # fmt: skip
         return None
     text = f"held {held:.1f} s of the broker's {limit:g} s window by a countdown: sent again to run in a fresh delivery"
@@ -254,12 +255,14 @@ def _passed_on(task: Any, strategy: DeferralStrategy, exc: Exception) -> None:
     """Log that ``strategy`` could not defer this run, which goes to the next one."""
     quiet = _passing_on.due(strategy.name)
     if quiet is None:
-        logger.debug("task %s[%s]: could not defer it by %s (%r)", task.name, task.request.id, strategy.name, exc)
+        logger.debug(
+            "task %s[%s]: could not defer it by %s (%r)", task.name, task.request.id, strategy.name, MaskedRepr(exc)
+        )
         return
     logger.warning(
         "task %s[%s]: could not defer it by %s (%r); trying the next way (logged at most once a minute per "
         "way; %d more runs since the last time, at DEBUG)",
-        task.name, task.request.id, strategy.name, exc, quiet,
+        task.name, task.request.id, strategy.name, MaskedRepr(exc), quiet,
     )  # fmt: skip
 
 

@@ -40,6 +40,7 @@ from celery import bootsteps
 from celery.worker import state as worker_state
 
 from ...errors import ConfigurationError
+from ...storage.masking import MaskedRepr
 from ..broker import AMQP, broker_kind
 from ..settings import get_settings
 from .broker_delay import QUEUE_KEY
@@ -173,7 +174,7 @@ def hand_on(app: Any, request: Any) -> bool:
             "task %s[%s]: its held deferral came due with every pool process busy and could not be handed back to "
             "queue %r (%r): it waits for a process here, and RabbitMQ may close the channel if that outlasts "
             "breaker_consumer_timeout",
-            name, task_id, queue, failure,
+            name, task_id, queue, MaskedRepr(failure),
         )  # fmt: skip
         return False
     request.acknowledge()

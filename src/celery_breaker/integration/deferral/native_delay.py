@@ -39,6 +39,7 @@ from kombu.transport.native_delayed_delivery import (
     level_name,
 )
 
+from ...storage.masking import MaskedRepr
 from ..broker import uses_quorum_queues
 from ..throttle import Throttle
 
@@ -212,5 +213,5 @@ def not_set_up(task: Any, queue: str | None, exc: BaseException, waits: str, *, 
         "delete those queues (when empty) so they are declared again; grant the user configure and write permission "
         "on them; lift a length limit a policy puts on them (logged at most once a minute per queue; %d more since "
         "the last time)",
-        task.name, task.request.id, queue, exc, waits, queue_type, quiet,
+        task.name, task.request.id, queue, MaskedRepr(exc), waits, queue_type, quiet,
     )  # fmt: skip

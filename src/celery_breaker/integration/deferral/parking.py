@@ -28,6 +28,7 @@ from kombu.exceptions import DecodeError, SerializerNotInstalled
 from kombu.serialization import dumps, loads, registry
 
 from ...errors import StorageError
+from ...storage.masking import MaskedRepr
 from .plan import PARKED_HEADER, park_deadline
 from .strategy import Deferral, in_a_serializer
 
@@ -199,7 +200,9 @@ class ParkInStore:
         try:
             payload = in_a_serializer(task, lambda serializer: encode_message(body, serializer))
         except Exception as exc:
-            logger.warning("task %s[%s]: cannot park it (%r); deferring it another way", task.name, request.id, exc)
+            logger.warning(
+                "task %s[%s]: cannot park it (%r); deferring it another way", task.name, request.id, MaskedRepr(exc)
+            )
             return None
         deadline = park_deadline(deferral.expires_in, plan.since, deferral.max_defer_age, deferral.now)
         entry = entry_id(request.id, request.retries, plan.count)

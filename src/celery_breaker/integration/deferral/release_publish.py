@@ -8,6 +8,7 @@ from typing import Any
 
 from ...labels import shown_label
 from ...storage import Parking
+from ...storage.masking import MaskedRepr
 from ..throttle import Throttle
 from . import confirms
 from .confirms import Confirm, ConfirmingPublisher, Send
@@ -178,7 +179,7 @@ class Republishing:
                 logger.warning(
                     "celery-breaker releaser: could not publish to RabbitMQ (%r); %d task(s) stay parked, and are "
                     "released again after their lease",
-                    published.error, len(ready) - len(confirmed),
+                    MaskedRepr(published.error), len(ready) - len(confirmed),
                 )  # fmt: skip
         return confirmed
 
@@ -194,4 +195,4 @@ def _never_publishable(exc: BaseException) -> bool:
 
 def _not_published(entry: str, exc: BaseException) -> None:
     """Say that ``entry`` could not be published: left claimed, it is released again after its lease."""
-    logger.warning("celery-breaker releaser: could not publish %s (%r); it stays parked", entry, exc)
+    logger.warning("celery-breaker releaser: could not publish %s (%r); it stays parked", entry, MaskedRepr(exc))

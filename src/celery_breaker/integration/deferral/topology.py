@@ -24,6 +24,7 @@ from typing import Any
 
 from celery import bootsteps
 
+from ...storage.masking import MaskedRepr
 from ..broker import AMQP, broker_kind
 from .broker_delay import UNROUTABLE, BrokerDelay, ensure_topology
 from .delay_depth import unroutable_count
@@ -65,13 +66,13 @@ class DelayTopologyStep(bootsteps.StartStopStep):  # type: ignore[misc]
                     "broker_native_delayed_delivery_queue_type (%r) says (%r): runs are deferred by countdown instead. "
                     "Fix: make the setting the type of the existing celery_breaker_delayed_* queues (and "
                     "celery_delayed_*), or delete those queues (when empty) so they are declared again",
-                    app.conf.broker_native_delayed_delivery_queue_type, exc,
+                    app.conf.broker_native_delayed_delivery_queue_type, MaskedRepr(exc),
                 )  # fmt: skip
                 return
             logger.warning(
                 "celery-breaker: could not declare broker-delay's topology or bind queues %s to it (%r): runs "
                 "already delayed for them may not come back until a deferral declares it again",
-                ", ".join(consumed) or "(none)", exc,
+                ", ".join(consumed) or "(none)", MaskedRepr(exc),
             )  # fmt: skip
             return
         logger.debug("celery-breaker: broker-delay topology declared; bound %s", ", ".join(sorted(bound)))
