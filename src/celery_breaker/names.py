@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import unicodedata
+import uuid
 from typing import overload
 
 from .errors import BreakerKeyError, ConfigurationError
@@ -18,7 +19,7 @@ from .labels import LABEL_MARKS, visible
 
 __all__ = [
     "MAX_KEY_LENGTH", "MAX_NAME_LENGTH", "check_key", "check_name", "edit_distance", "encodable", "kept_form",
-    "kept_key",
+    "kept_key", "key_text",
 ]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
@@ -94,6 +95,34 @@ def check_key(key: str | None) -> None:
             f"breaker key {key!r} holds the control character {bad!r}; keys are printable text (a stored key "
             f"that holds one is named as `status` shows it: {visible(key)})"
         )
+
+
+def key_text(key: object, where: str) -> str:
+    """The key a task's ``breaker_key`` returned (``where`` names the task and the option),
+    as text: a ``str`` as it is (a subclass, a ``StrEnum``, as its text), a whole number
+    (an ``int``, an ``IntEnum``) in decimal digits, so ``7`` and ``"7"`` are one breaker,
+    and a ``uuid.UUID`` in its canonical form. These read the same on every run, process
+    and Python version. Anything else raises ``ConfigurationError``: ``None`` (a missing
+    argument, most often), and an object whose text is not the same for the same key
+    (a default ``repr`` holds its memory address: a new breaker every run, never freed),
+    or reads alike for different keys; a ``bool`` (a test where a key was meant), a
+    ``float``, ``bytes``, a tuple."""
+    if isinstance(key, str):
+        return str.__str__(key)
+    if isinstance(key, int) and not isinstance(key, bool):
+        return int.__repr__(key)
+    if isinstance(key, uuid.UUID):
+        return str(key)
+    fix = (
+        "return the key as a str, a whole number or a UUID; str() anything else yourself where its text is the "
+        "same for the same key on every run and process"
+    )
+    if key is None:
+        raise ConfigurationError(
+            f"{where} returned None for this run's arguments, which names no breaker; {fix} (for runs without a "
+            "key, raise, or return a fixed key such as 'none' for one breaker among them)"
+        )
+    raise ConfigurationError(f"{where} returned a value of type {type(key).__qualname__}, which is no key; {fix}")
 
 
 @overload

@@ -8,8 +8,11 @@ get them too: their options must be valid against the default settings as well.
 from __future__ import annotations
 
 import email.message
+import enum
 import threading
 import urllib.error
+import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar
 
@@ -442,6 +445,34 @@ def fallback_method_task(self: Any, symbol: str) -> dict[str, Any]:
 def tenant_task(self: Any, *, tenant: str) -> dict[str, Any]:
     breaker = self.breaker
     return {**report(self, tenant), "breaker": breaker.name, "key": breaker.key}
+
+
+class Tier(enum.IntEnum):
+    GOLD = 7
+
+
+#: What ``any_key_task``'s ``breaker_key`` returns for each ``kind`` (made anew each run,
+#: as a key function's value is).
+KEYS_OF_KIND: dict[str, Callable[[], Any]] = {
+    "int": lambda: 7,
+    "str": lambda: "7",
+    "int-enum": lambda: Tier.GOLD,
+    "uuid": lambda: uuid.UUID(int=7),
+    "none": lambda: None,
+    "object": object,
+    "tuple": lambda: ("tenant", 7),
+    "float": lambda: 7.0,
+    "bool": lambda: True,
+}
+ANY_KEY_RUNS: list[str] = []
+
+
+@shared_task(
+    base=BreakerTask, bind=True, breaker="t-any-key", breaker_key=lambda args, kwargs: KEYS_OF_KIND[kwargs["kind"]]()
+)
+def any_key_task(self: Any, *, kind: str) -> Any:
+    ANY_KEY_RUNS.append(kind)
+    return self.breaker.key
 
 
 @shared_task(base=BreakerTask, bind=True, breaker="t-guard-once")  # failure_threshold 5 in breaker_policies

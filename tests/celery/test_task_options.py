@@ -15,6 +15,8 @@ from celery_breaker import BreakerTask, CircuitBreaker, CircuitOpenError, Config
 from celery_breaker.integration.inventory import check_app
 from celery_breaker.integration.registry import registry_for
 from celery_breaker.integration.task_options import task_breaker_config
+from celery_breaker.storage import resolve_store
+from celery_breaker.testing import FakeClock
 
 from . import tasks
 from .support import DEFERRED, TIMEOUT, deferral_text, wait_for
@@ -132,6 +134,59 @@ def test_per_key_breaker_defers_one_tenant_while_another_runs(app: Any, operate:
         # (Made by that read, in the session's store: a later test's breaker_open t-tenant
         # found it and opened it, where no task's breaker should be made.)
         keyless.store.delete("t-tenant", None)
+
+
+def _any_key_store() -> Any:
+    # (not the task's ``.breaker``: read outside a run, it makes the key-less breaker)
+    return resolve_store(tasks.STORE_URL)
+
+
+def _any_key_breakers() -> dict[str | None, Any]:
+    return {row.key: row for row in _any_key_store().snapshots(FakeClock()) if row.name == "t-any-key"}
+
+
+def test_a_whole_number_key_is_the_breaker_of_its_digits_and_a_uuid_of_its_text(app: Any) -> None:
+    # (they were str()-ed: an IntEnum's text is 'Tier.GOLD' on Python 3.10, '7' on 3.11)
+    try:
+        keys = {kind: get(tasks.any_key_task.delay(kind=kind)) for kind in ("int", "str", "int-enum", "uuid")}
+        assert keys == {"int": "7", "str": "7", "int-enum": "7", "uuid": "00000000-0000-0000-0000-000000000007"}
+        breakers = _any_key_breakers()
+        assert set(breakers) == {"7", "00000000-0000-0000-0000-000000000007"}  # 7, "7" and GOLD: one breaker
+        assert breakers["7"].successes == 3
+    finally:
+        for key in ("7", "00000000-0000-0000-0000-000000000007"):
+            _any_key_store().delete("t-any-key", key)
+
+
+@pytest.mark.parametrize(
+    ("kind", "said"),
+    [
+        ("none", "returned None for this run's arguments, which names no breaker"),
+        ("object", "returned a value of type object, which is no key"),  # (its repr: a new breaker a run)
+        ("tuple", "returned a value of type tuple, which is no key"),
+        ("float", "returned a value of type float, which is no key"),
+        ("bool", "returned a value of type bool, which is no key"),
+    ],
+)
+def test_a_key_that_is_no_key_fails_that_run_unrun_naming_the_task_and_the_fix(
+    app: Any, kind: str, said: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # None was the key-less breaker (which the operator's commands say no task of a
+    # keyed breaker consults), anything else str()-ed: an object's repr made a breaker a run.
+    runs: list[str] = []
+    monkeypatch.setattr(tasks, "ANY_KEY_RUNS", runs)
+    result = tasks.any_key_task.delay(kind=kind)
+    with pytest.raises(ConfigurationError) as info:
+        get(result)
+    assert str(info.value).startswith(f"task 'tests.celery.tasks.any_key_task': breaker_key {said}; return the key")
+    assert result.state == "FAILURE"
+    assert runs == []  # the body never ran
+    assert _any_key_breakers() == {}  # and no breaker was made for it
+    try:
+        assert get(tasks.any_key_task.delay(kind="str")) == "7"  # the next run, with a key, runs
+        assert runs == ["str"]
+    finally:
+        _any_key_store().delete("t-any-key", "7")
 
 
 # -- 10. self.breaker inside the body ------------------------------------------

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
+import uuid
 
 import pytest
 from celery import Celery
@@ -15,7 +17,7 @@ from celery_breaker.errors import BreakerKeyError
 from celery_breaker.integration.inventory import check_app
 from celery_breaker.integration.settings import build_settings
 from celery_breaker.labels import LABEL_MARKS, breaker_label, read_visible, shown_label, split_label, visible
-from celery_breaker.names import MAX_KEY_LENGTH, MAX_NAME_LENGTH, check_key, check_name, kept_key
+from celery_breaker.names import MAX_KEY_LENGTH, MAX_NAME_LENGTH, check_key, check_name, kept_key, key_text
 from celery_breaker.testing import fresh_store
 
 
@@ -224,3 +226,34 @@ def test_a_key_that_is_not_text_is_refused_naming_it(key: object) -> None:
     assert "pass str(key)" in message
     with pytest.raises(BreakerKeyError, match=r"is no text \("):
         check_key(key)  # type: ignore[arg-type]
+
+
+class _Region(str, enum.Enum):
+    EU = "eu"
+
+
+class _Tier(enum.IntEnum):
+    GOLD = 7
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("tenant-7", "tenant-7"),
+        (_Region.EU, "eu"),  # (str() is 'Region.EU', its format() 'eu' or not by Python version)
+        (7, "7"),
+        (_Tier.GOLD, "7"),  # (str() is 'Tier.GOLD' on Python 3.10, '7' on 3.11)
+        (-(10**30), "-1000000000000000000000000000000"),
+        (uuid.UUID(int=7), "00000000-0000-0000-0000-000000000007"),
+    ],
+)
+def test_a_key_functions_value_is_read_as_the_same_plain_text_everywhere(value: object, text: str) -> None:
+    found = key_text(value, "task 'job': breaker_key")
+    assert found == text
+    assert type(found) is str
+
+
+@pytest.mark.parametrize("value", [None, object(), ("a", 1), 7.0, True, b"tenant"])
+def test_a_value_that_is_no_key_is_refused_naming_where_it_came_from(value: object) -> None:
+    with pytest.raises(ConfigurationError, match=r"^task 'job': breaker_key returned .*; return the key as a str"):
+        key_text(value, "task 'job': breaker_key")

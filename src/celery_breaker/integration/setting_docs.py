@@ -173,9 +173,12 @@ TASK_OPTION_DOCS: dict[str, Doc] = {
         accepts="a callable `(args, kwargs) -> str`, or the name of a task method; a name that is no method, "
         "or a callable that cannot be called `(args, kwargs)`, stops the worker at start",
         meaning="per-key breakers (one per tenant, host, ...); a method defined on a `BreakerTask` subclass is "
-        "called as a method (`self.breaker_key(args, kwargs)`). A key longer than 200 characters, or one "
-        "that is not text (a lone surrogate), is kept as its first characters, `~` and a digest of the whole, "
-        "with a WARNING",
+        "called as a method (`self.breaker_key(args, kwargs)`). The key is a `str` (a `StrEnum` as its value), "
+        'a whole number (`7` and `"7"` are one breaker) or a `UUID` (its canonical text); anything else '
+        "(`None`, a `float`, a `bool`, a tuple, an object) fails that run without running it, with a "
+        "`ConfigurationError` naming the task (as a `breaker_key` that raises). A key longer than 200 "
+        "characters, or one that is not text (a lone surrogate), is kept as its first characters, `~` and a "
+        "digest of the whole, with a WARNING",
         default="one breaker for every call",
     ),
     "breaker_policy": Doc(

@@ -23,6 +23,7 @@ from ..breaker import (
     lease_runs_by,
 )
 from ..errors import CircuitOpenError
+from ..names import key_text
 from .broker import DEAD_LETTER_HEADERS
 from .deferral.defer import defer, refreshed
 from .deferral.plan import HEADERS as DEFERRAL_HEADERS
@@ -423,8 +424,6 @@ class BreakerTask(Task):  # type: ignore[misc]
             key_fn = getattr(self, key_fn)
         try:
             key = key_fn(args, kwargs)
-            if key is not None and not isinstance(key, str):
-                key = str(key)
         except Exception as exc:
             # The task fails, unrun: its traceback alone showed a KeyError('tenant') from a
             # lambda, as if the task's own code had raised it.
@@ -435,6 +434,9 @@ class BreakerTask(Task):  # type: ignore[misc]
                     "sent)"
                 )
             raise
+        if type(key) is not str:
+            # (as a key that raises: this run fails without running, a ConfigurationError saying why)
+            key = key_text(key, f"task {self.name!r}: breaker_key")
         return breaker_with_probe(self.app, config.name, key, config.policy, config.probe)
 
     def _on_rejected(

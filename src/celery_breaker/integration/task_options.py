@@ -170,7 +170,7 @@ def _check_call_shapes(cls: Any, task: Any, where: str) -> None:
                 by_name[1][parameter.name] = _ARGUMENT
         fallback_shapes = [by_position, by_name]
     checks: dict[str, tuple[list[tuple[list[object], dict[str, object]]], str]] = {
-        "breaker_key": ([([_ARGUMENT, _ARGUMENT], {})], "write it as key(args, kwargs), returning the key (or None)"),
+        "breaker_key": ([([_ARGUMENT, _ARGUMENT], {})], "write it as key(args, kwargs), returning the key"),
         "breaker_fallback": (
             fallback_shapes,
             "give it the task's own parameters (def fallback(*args, **kwargs) takes any)",
