@@ -175,6 +175,7 @@ def test_none_means_no_ignored_exceptions() -> None:
         (["builtins.len"], "'builtins.len' is not an exception type"),
         (["builtins:len"], "'builtins:len' is not an exception type; name an exception class"),
         (["socket:no_such_error"], "cannot import 'socket:no_such_error'"),
+        (["socket.timeot"], "has no attribute 'timeot') (did you mean 'socket:timeout'?); write"),
         ([":Error"], "':Error' names no module and class; write 'package.module:ExceptionClass'"),
         (["socket:"], "'socket:' names no module and class"),
         ([int], "int is not an exception type"),

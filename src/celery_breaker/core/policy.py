@@ -9,6 +9,7 @@ import enum
 import inspect
 import logging
 import math
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -167,7 +168,8 @@ def _import_exception(field_name: str, path: str) -> type[BaseException]:
     try:
         found = find_by_path(f"{module_name}:{attr}")
     except (ImportError, AttributeError) as exc:
-        raise ConfigurationError(f"BreakerPolicy.{field_name}: cannot import {path!r} ({exc}); {fix}") from None
+        hint = _exception_like(module_name, attr) if isinstance(exc, AttributeError) else ""
+        raise ConfigurationError(f"BreakerPolicy.{field_name}: cannot import {path!r} ({exc}){hint}; {fix}") from None
     except Exception as exc:  # (the module itself fails as it is imported: a SyntaxError, its own code)
         raise ConfigurationError(
             f"BreakerPolicy.{field_name}: cannot import {path!r}: importing {module_name!r} failed "
@@ -178,6 +180,16 @@ def _import_exception(field_name: str, path: str) -> type[BaseException]:
             f"BreakerPolicy.{field_name}: {path!r} is not an exception type; name an exception class ({fix})"
         )
     return found
+
+
+def _exception_like(module_name: str, attr: str) -> str:
+    """A did-you-mean for ``attr``, not found in the module ``module_name`` (imported): the
+    exception class of that module whose name is closest, if one is close."""
+    module = sys.modules.get(module_name)
+    found = vars(module) if module is not None else {}
+    names = [name for name, value in found.items() if isinstance(value, type) and issubclass(value, BaseException)]
+    close = difflib.get_close_matches(attr, names, n=1)
+    return f" (did you mean '{module_name}:{close[0]}'?)" if close else ""
 
 
 def finite_number(value: float) -> bool:
