@@ -54,6 +54,7 @@ from tests.integration.backlog_proj import (
 )
 from tests.integration.deployments import CONSUMER_TIMEOUT_S, Deployment, deploy
 from tests.integration.downstream import Downstream
+from tests.integration.event_capture import Events
 from tests.integration.workers import WorkerProcess, wait_for
 from tests.rabbitmq import RabbitMQServer
 from tests.servers import RedisServer
@@ -196,6 +197,37 @@ def test_a_task_run_after_a_held_countdown_has_the_whole_consumer_timeout(
             assert started.process.poll() is None, started.log()
         assert "Unrecoverable error" not in started.log()
         assert client.hgetall(finished_key(cell.ns)) == dict.fromkeys(ids, "1")
+    finally:
+        publisher.close()
+
+
+def test_a_held_countdown_sent_again_reads_as_its_deferral_in_celery_events(
+    rabbitmq: RabbitMQServer, redis_server: RedisServer
+) -> None:
+    """A countdown held longer than a tenth of the broker's window is sent again before it
+    runs (the test above). Celery recorded that as a RETRY whose exception was ``None``:
+    Flower showed "None" as the reason, a ``task_retry`` handler read it as a retry of the
+    task's own, and ``BreakerTask.on_retry`` left its frames to the cyclic GC. It reads as
+    the deferral it continues now."""
+    policy = {"failure_threshold": 1, "reset_timeout": 2.0}  # (held 2 s: over a tenth of CONSUMER_TIMEOUT_S)
+    cell = deploy("rabbitmq-classic", "redis", "countdown", rabbitmq=rabbitmq, redis_server=redis_server,
+                  policy=policy, breaker_defer_spread=0)  # fmt: skip
+    client = counts(cell)
+    publisher = cell.publisher()
+    try:
+        with Events(publisher).running() as events, cell.worker():
+            with held_open(cell, policy):
+                task_id = publisher.send_task(TASK, args=(cell.ns, NO_URL, 0)).id
+
+                def retried() -> list[str]:
+                    return [str(e.get("exception")) for e in events.of("task-retried") if e.get("uuid") == task_id]
+
+                wait_for(lambda: len(retried()) >= 3, 30, "the deferral, and its countdown sent again")
+            reasons = retried()
+        # (each deferral is followed by its copy sent again: every one of them a CircuitOpenError)
+        assert all(reason.startswith("CircuitOpenError: breaker 'downstream'") for reason in reasons), reasons
+        assert any("sent again" in reason for reason in reasons), reasons
+        assert int(client.hget(deferral_counts_key(cell.ns), task_id) or 0) >= len(reasons)
     finally:
         publisher.close()
 
@@ -605,7 +637,10 @@ def test_a_retry_deferred_instead_comes_back_where_and_as_the_retry_asked(
         seen = [json.loads(entry) for entry in client.lrange(seen_key(cell.ns), 0, -1)]
     finally:
         publisher.close()
-    assert client.hget(deferral_counts_key(cell.ns), task_id) == "1", log  # deferred, not retried
+    # Deferred, not retried: once; by countdown on RabbitMQ, a countdown held over a tenth
+    # of the window is sent again before it runs, one more RETRY of that deferral.
+    resent = {"2"} if (broker, mode) == ("rabbitmq-classic", "countdown") else set()
+    assert client.hget(deferral_counts_key(cell.ns), task_id) in {"1", *resent}, log
     assert seen == [
         {"queue": cell.queue, "priority": 2, "timelimit": [None, None], "retries": 0},
         {"queue": elsewhere, "priority": 7, "timelimit": [40, 30], "retries": 0},

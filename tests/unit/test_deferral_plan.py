@@ -21,9 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kombu.exceptions import OperationalError
 
+from celery_breaker import BreakerTask, CircuitOpenError
 from celery_breaker.integration.broker import broker_kind, broker_url, redelivery_window
 from celery_breaker.integration.deferral import countdown
-from celery_breaker.integration.deferral.countdown import RECEIVED_KEY
+from celery_breaker.integration.deferral.countdown import RECEIVED_KEY, CountdownRepublish
 from celery_breaker.integration.deferral.defer import _retry_options, refreshed
 from celery_breaker.integration.deferral.plan import (
     CLOCK_SKEW,
@@ -241,6 +242,35 @@ def test_a_held_countdown_is_sent_again_only_when_its_run_would_be_in_the_window
 
     assert refreshed(held_for(500.0, acks_late=False), (), {}) is None  # (acknowledged at its start)
     assert refreshed(held_for(50.0, acks_late=True), (), {}) is None  # (a tenth of the window at most)
+
+
+def test_a_held_countdown_sent_again_names_its_breaker_key_and_deferral(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Celery records the send as a RETRY: its reason is the deferral's error, naming the
+    # breaker (with the key breaker_key makes) and the deferral, not None. (The publish
+    # is stubbed: the integration test sends it through RabbitMQ.)
+    app = Celery(broker="redis://localhost:6379/0", set_as_current=False)
+    app.conf.broker_transport_options = {"visibility_timeout": 1000}
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="held.job", breaker="crm", acks_late=True,
+              breaker_key=lambda args, kwargs: args[0])  # fmt: skip
+    def job(self: Any, tenant: Any) -> None: ...
+
+    sent: list[Any] = []
+    monkeypatch.setattr(CountdownRepublish, "send", lambda self, task, signature, **kw: sent.append(signature))
+    now = datetime.now(timezone.utc).timestamp()
+    for tenant, label in (("tenant-7", "crm[tenant-7]"), (7, "crm[7]"), (None, "crm")):
+        job.push_request(id=f"id-{tenant}", args=[tenant], kwargs={}, delivery_info={RECEIVED_KEY: now - 500},
+                         headers={DEFERRALS_HEADER: 3}, eta=now)  # fmt: skip
+        try:
+            retry = refreshed(job, (tenant,), {})
+        finally:
+            job.pop_request()
+        assert retry is not None
+        assert isinstance(retry.exc, CircuitOpenError)
+        assert (retry.exc.name, retry.exc.key) == ("crm", None if tenant is None else str(tenant))
+        assert repr(retry.exc).startswith(f"CircuitOpenError: breaker {label!r}, deferral 3 held 500.")
+        assert "sent again to run in a fresh delivery" in str(retry.exc)
+    assert len(sent) == 3
 
 
 def test_the_margin_is_the_runs_time_limit_wherever_it_is_set() -> None:

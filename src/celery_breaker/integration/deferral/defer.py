@@ -13,6 +13,7 @@ from celery.exceptions import Retry
 from ...breaker import CircuitBreaker
 from ...errors import CircuitOpenError
 from ...labels import breaker_label
+from ...names import kept_form, key_text
 from ...storage.masking import MaskedRepr
 from .. import events
 from ..broker import DEAD_LETTER_HEADERS
@@ -149,9 +150,35 @@ def refreshed(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Retry
             task.name, request.id, held, limit, MaskedRepr(exc),
         )  # fmt: skip
         return None
-    text = f"held {held:.1f} s of the broker's {limit:g} s window by a countdown: sent again to run in a fresh delivery"
+    name, key = _breaker_of(task, args, kwargs)
+    label = breaker_label(name, key)
+    text = (
+        f"breaker {label!r}, deferral {headers[DEFERRALS_HEADER]} held {held:.1f} s of the broker's {limit:g} s "
+        "window by a countdown: sent again to run in a fresh delivery"
+    )
     logger.debug("task %s[%s]: %s", task.name, request.id, text)
-    return Retry(message=text, when=0)
+    # Celery records it as a RETRY, as the deferral it continues: with that deferral's
+    # error (a Retry without one showed "None" as the reason in Flower, read as a retry
+    # of the task's own to a task_retry handler, and kept its frames for the cyclic GC).
+    reason = CircuitOpenError(text, name=name, key=key)
+    return Retry(message=f"sent again: {text}", exc=reason, when=0)
+
+
+def _breaker_of(task: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, str | None]:
+    """The name and key of the breaker ``task`` defers behind, for its reason's text: the
+    key its ``breaker_key`` makes of these arguments (``None`` when it raises: the run it
+    ends raises nothing, its next run does)."""
+    name = task_breaker_config(task).name
+    key_fn = getattr(task, "breaker_key", None)
+    if key_fn is None:
+        return name, None
+    try:
+        if isinstance(key_fn, str):
+            key_fn = getattr(task, key_fn)
+        key = kept_form(key_text(key_fn(args, kwargs), f"task {task.name!r}: breaker_key"))
+    except Exception:  # (a ConfigurationError too: a key that is no key)
+        return name, None
+    return name, key
 
 
 def _unsent_options(request: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
