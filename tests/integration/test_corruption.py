@@ -118,15 +118,22 @@ def test_one_corrupted_tenant_neither_stops_nor_loses_the_others(redis_server: R
     assert set(executions.values()) == {"1"}  # nothing run twice
     assert len(failed) <= 2 * len(TENANTS)  # only the failures that tripped each breaker
     assert all(parked(tenant) == 0 for tenant in TENANTS)
-    # Whichever process meets the damage first repairs it and says so: the worker, or
-    # `breaker status`, whose listing reads every parking (the releaser leaves an OPEN
-    # breaker unasked until its open time is up, decision 68, so the CLI may come first).
+    # Whichever process meets the damage first repairs it and says so: the worker (the
+    # state, the queue), or `breaker status`, whose listing reads every parking (the queue:
+    # the releaser leaves an OPEN breaker unasked until its open time is up, decision 68,
+    # so the CLI may come first).
     # The CLI logs through Python's last-resort handler: its stderr holds only messages.
     warnings = [line for line in log.splitlines() if "WARNING" in line and "tenants[" in line and "->" not in line]
     warnings += [line for line in status.stderr.splitlines() if "tenants[" in line]
     about_bad = [line for line in warnings if f"tenants[{BAD}]" in line]
     assert about_bad, log + status.stderr
-    assert len(about_bad) <= 3, about_bad  # one for each thing repaired: the state, the queue
+    # A listing (status, the scrape, inspect) shows the state unreadable and leaves it, told
+    # once a minute per process (decision 107); the worker's scripts repair it.
+    shown = [line for line in about_bad if "a listing leaves it as it is" in line]
+    assert len(shown) <= 4, shown  # (the CLI's; the worker's, once a minute while it lasts)
+    repaired = [line for line in about_bad if line not in shown]
+    assert repaired, log
+    assert len(repaired) <= 3, repaired  # one for each thing repaired: the state, the queue
     assert all(f"tenants[{BAD}]" in line for line in warnings), warnings  # no other tenant is warned about
     breaker_errors = [line for line in log.splitlines() if "ERROR" in line and "DownstreamError" not in line]
     assert breaker_errors == []  # (the tasks that tripped the breakers failed, as the project's tasks do)

@@ -167,8 +167,37 @@ def test_every_metric_exposed_is_documented() -> None:
     documented = set(re.findall(r"^\| `(celery_breaker_[a-z_]+)` \|", DOCS.read_text(), re.MULTILINE))
     made = {f"{PREFIX}_{name}_total" for name, _, _ in _COUNTERS} | {f"{PREFIX}_{name}" for name, _, _ in _GAUGES}
     made |= {f"{PREFIX}_state", f"{PREFIX}_store_up", f"{PREFIX}_store_unreached_servers"}
+    made |= {f"{PREFIX}_store_unreadable_breakers", f"{PREFIX}_unreadable"}
     made |= {f"{PREFIX}_{name}" for name, _ in _BROKER_GAUGES}  # (an app deferring into RabbitMQ)
     assert made == documented
+
+
+def test_an_unreadable_breaker_is_a_series_of_its_own_and_is_left_as_it_is(url: str, redis_url: str) -> None:
+    """A scrape finding an operator's forced-open breaker unreadable reset it (deleted its
+    keys): it came back closed. Now it is ``celery_breaker_unreadable`` with the state its
+    hash still names, counted in ``celery_breaker_store_unreadable_breakers``, with no
+    other series (nothing of it was read), and its keys are as they were."""
+    store = RedisStore.from_url(url)
+    clock = FakeClock()
+    CircuitBreaker("crm", POLICY, storage=store, clock=clock).force_open()
+    CircuitBreaker("billing", POLICY, storage=store, clock=clock, key="acme").call(ok)
+    store.flush()
+    server = redis.Redis.from_url(redis_url)
+    state_key = store.keys_for("crm", None)[0]
+    server.hset(state_key, "gen", "-3")
+    before = server.dump(state_key)
+    registry = CollectorRegistry()
+    registry.register(BreakerCollector(url, clock=clock))
+
+    samples = scrape(registry)
+
+    assert series(samples, f"{PREFIX}_unreadable", breaker="crm", key="", stored_state="forced_open") == 1.0
+    assert series(samples, f"{PREFIX}_store_unreadable_breakers") == 1.0
+    assert not [labels for name, labels in samples if ("breaker", "crm") in labels and name != f"{PREFIX}_unreadable"]
+    assert series(samples, f"{PREFIX}_state", breaker="billing", key="acme", state="closed") == 1.0
+    assert server.dump(state_key) == before
+    assert server.ttl(state_key) == -1  # (forced open: no TTL, none given)
+    server.close()
 
 
 def test_the_state_follows_the_breaker_between_scrapes(url: str) -> None:

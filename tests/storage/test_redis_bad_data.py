@@ -307,6 +307,65 @@ def test_a_breaker_survives_whatever_its_keys_hold(
     client.close()
 
 
+def dumped(client: redis.Redis, keys: list[str]) -> dict[str, tuple[bytes | None, int]]:
+    """Each key's serialized value and TTL: what any write would change (a refreshed TTL
+    too, given one shorter than a script gives back)."""
+    return {key: (client.dump(key), client.pttl(key)) for key in keys}
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    policy=st.sampled_from(sorted(POLICIES)),
+    start=st.sampled_from(["closed", "open", "half_open", "forced_open"]),
+    corruptions=st.lists(CORRUPTIONS, min_size=1, max_size=3),
+)
+def test_a_listing_never_writes_and_never_loses_a_breaker(
+    redis_url: str, policy: str, start: str, corruptions: list[tuple[str, str, Any]]
+) -> None:
+    """Whatever a breaker's keys hold, a listing (``status``, ``watch``, the page,
+    Prometheus, ``inspect``) and a lookup change nothing in them, and show the breaker,
+    read or unreadable (decision 107): a reset deleted an operator's ``forced_open``
+    with the keys, and the breaker vanished from every view."""
+    client = redis.Redis.from_url(redis_url)
+    with example(redis_url) as (holder, clock, _):
+        victim, _ = set_up(holder, clock, POLICIES[policy], "closed" if start == "forced_open" else start)
+        if start == "forced_open":
+            victim.force_open()
+        holder.flush()
+        holder.close(timeout=5.0)  # (its holders gone: none repairs the keys behind the listing's back)
+        store = RedisStore(redis_url, key_prefix=holder.key_prefix, client_time=True)  # (as status opens it)
+        state = store.keys_for("victim", "k")[0]
+        named = client.hmget(state, "nm", "ky")
+        for corruption in corruptions:
+            corrupt(client, store, corruption)
+        # (a hash naming another breaker is that breaker's, a colliding prefix's: left out, alone)
+        foreign = kind_of(client, state) == "hash" and any(
+            now is not None and now != then for now, then in zip(client.hmget(state, "nm", "ky"), named, strict=True)
+        )
+        keys = [*store.keys_for("victim", "k"), *neighbour_keys(store)]
+        for key in keys:  # (shorter than a script's: a refresh of the idle TTL would show)
+            if client.pttl(key) > 0:
+                client.pexpire(key, 600_000)
+        before = dumped(client, keys)
+        listing = store.snapshots(clock)
+        found = store.find("victim", "k", clock)
+        listed = {(s.name, s.key) for s in listing}
+        unreadable = {(f.name, f.key) for f in getattr(listing, "unreadable", ())}
+        after = dumped(client, keys)
+        assert {key: value for key, (value, _) in after.items()} == {key: value for key, (value, _) in before.items()}
+        assert all(after[key][1] <= before[key][1] for key in keys)  # (no TTL given back, none taken)
+        assert ("neighbour", None) in listed
+        if foreign:
+            assert ("victim", "k") not in listed | unreadable
+            assert found is None
+        else:
+            assert ("victim", "k") in listed | unreadable
+            assert found is not None
+            assert (found.name, found.key) == ("victim", "k")
+        store.close(timeout=0)
+    client.close()
+
+
 # -- its parked tasks --------------------------------------------------------------
 
 PARKING_CORRUPTIONS = st.one_of(

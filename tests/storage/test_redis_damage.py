@@ -14,6 +14,7 @@ from redis.exceptions import ResponseError
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, State
 from celery_breaker.core import Outcome
 from celery_breaker.errors import StorageError
+from celery_breaker.storage import Listing
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.storage.redis.damage import CHECK_TYPES, RESET, classify, repair_for
 from celery_breaker.storage.redis.parking import PARKING_SUFFIXES, WHOLE
@@ -338,6 +339,65 @@ def test_a_script_failing_on_its_data_is_run_again_and_resets_the_breaker(
     assert state_of(breaker) is State.OPEN
 
 
+def test_a_listing_shows_a_breaker_a_script_fails_on_and_runs_nothing_more(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a call resets (above), a listing shows the breaker as unreadable, with Redis's
+    error, and does not run the script again to reset it (decision 107)."""
+    clock = FakeClock()
+    fail(CircuitBreaker("svc", POLICY, storage=store, clock=clock))
+    fail(CircuitBreaker("other", POLICY, storage=store, clock=clock))
+    svc = state_key(store, "svc").encode()
+    run_many, again = store.run_many, []
+
+    def failing(script: str, calls: list[tuple[list[Any], list[Any]]]) -> list[Any]:
+        answers = run_many(script, calls)
+        cause = ResponseError("user_script:9: attempt to compare nil with number")
+        failed = StorageError("snapshot failed")
+        failed.__cause__ = cause
+        return [failed if keys[0] == svc else answer for (keys, _), answer in zip(calls, answers, strict=True)]
+
+    monkeypatch.setattr(store, "run_many", failing)
+    monkeypatch.setattr(store, "run", lambda *args: again.append(args))
+    before = server.dump(state_key(store, "svc"))
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        listing = store.snapshots(clock)
+    assert [s.name for s in listing] == ["other"]
+    assert isinstance(listing, Listing)
+    (found,) = listing.unreadable
+    assert found.name == "svc"
+    assert "a script failed on its data: user_script:9: attempt to compare nil" in found.problem
+    assert not again
+    assert server.dump(state_key(store, "svc")) == before
+    assert warnings_naming(caplog, "breaker svc: unreadable state in Redis")
+
+
+def test_an_operators_state_is_shown_unreadable_and_kept_by_the_next_call(
+    store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A forced-open breaker with a count no script writes: a listing shows what it holds
+    and leaves it; its holder (a worker's call, its own snapshot) mends it as before,
+    forced open still."""
+    clock = FakeClock()
+    breaker = CircuitBreaker("svc", POLICY, storage=store, clock=clock)
+    breaker.force_open()
+    server.hset(state_key(store), "ok", "nan")
+    listing = store.snapshots(clock)
+    assert isinstance(listing, Listing)
+    assert [(f.name, f.problem, f.stored_state) for f in listing.unreadable] == [
+        ("svc", f"unreadable ok='nan' in {state_key(store)}", State.FORCED_OPEN)
+    ]
+    found = store.find("svc", None, clock)
+    assert found == listing.unreadable[0]
+    assert server.hget(state_key(store), "ok") == b"nan"
+    assert server.ttl(state_key(store)) == -1  # (an operator's state keeps no TTL: none given)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        assert breaker.snapshot().state is State.FORCED_OPEN  # (its holder asks Redis, as a call would)
+    assert any("mended" in m for m in warnings_naming(caplog, "breaker svc: reset unreadable state in Redis"))
+    (shown,) = store.snapshots(clock)
+    assert (shown.state, shown.successes) == (State.FORCED_OPEN, 0)
+
+
 @pytest.mark.parametrize(
     ("message", "damage"),
     [
@@ -577,6 +637,7 @@ def test_one_tags_failure_leaves_the_others_released(
 def test_one_wrong_typed_breaker_never_stops_a_listing(
     request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture, topology: str, which: int
 ) -> None:
+    """It is listed as unreadable, its key left as it is: a listing writes nothing (decision 107)."""
     url = request.getfixturevalue("redis_url" if topology == "redis" else "redis_cluster_url")
     store = RedisStore.from_url(f"{url}?time=client&key_prefix={unique_prefix()}")
     client: Any = store.client()
@@ -587,27 +648,43 @@ def test_one_wrong_typed_breaker_never_stops_a_listing(
     bad = store.keys_for("b3", None)[which]
     client.delete(bad)
     client.set(bad, "junk")
-    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
-        listed = sorted(s.name for s in store.snapshots(clock))
-    assert listed == [n for n in names if n != "b3"]  # reset: no policy to show it with
-    (warning,) = warnings_naming(caplog, "breaker b3")
-    assert f"{bad} held a string" in warning
-    assert sorted(s.name for s in store.snapshots(clock)) == [n for n in names if n != "b3"]
+    for listed in range(2):  # (the same each time: nothing was reset)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+            listing = store.snapshots(clock)
+        assert sorted(s.name for s in listing) == [n for n in names if n != "b3"]
+        assert isinstance(listing, Listing)
+        (found,) = listing.unreadable
+        assert (found.name, found.key, found.stored_state) == ("b3", None, None if which == 0 else State.CLOSED)
+        assert f"{bad} holds a string, expected a" in found.problem
+        warnings = warnings_naming(caplog, "breaker b3")
+        if listed == 0:
+            (warning,) = warnings
+            assert f"{bad} holds a string" in warning
+        else:
+            assert warnings == []  # (told once a minute: a page or a scrape lists every few seconds)
+        assert client.get(bad) == b"junk"
 
 
-def test_a_listing_leaves_out_what_it_cannot_read_and_lists_the_rest(
+def test_a_listing_shows_what_it_cannot_read_and_lists_the_rest(
     store: RedisStore, server: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = FakeClock()
     for name in ("a", "b", "c", "d"):
         fail(CircuitBreaker(name, POLICY, storage=store, clock=clock))
-    server.hset(state_key(store, "b"), "gen", "nan")  # reset: left out, reported
+    server.hset(state_key(store, "b"), "gen", "nan")  # unreadable: shown as such, left as it is
     server.hset(state_key(store, "c"), "nm", "someone")  # another breaker's hash: left alone
     server.hset("{" + store.quoted_prefix + ":a b}:s", "st", "closed")  # no key this store writes
     server.hset("{" + store.quoted_prefix + ":%zz}:s", "st", "closed")
     with caplog.at_level(logging.WARNING, logger="celery_breaker"):
-        assert sorted(s.name for s in store.snapshots(clock)) == ["a", "d"]
-    assert any("gen='nan'" in m for m in warnings_naming(caplog, "breaker b: reset unreadable"))
+        listing = store.snapshots(clock)
+    assert sorted(s.name for s in listing) == ["a", "d"]
+    assert isinstance(listing, Listing)
+    assert [(f.name, f.problem, f.stored_state) for f in listing.unreadable] == [
+        ("b", f"unreadable gen='nan' in {state_key(store, 'b')}", State.CLOSED)
+    ]
+    assert any("gen='nan'" in m for m in warnings_naming(caplog, "breaker b: unreadable state in Redis"))
+    assert server.hget(state_key(store, "b"), "gen") == b"nan"  # untouched
     assert warnings_naming(caplog, "left {" + store.quoted_prefix + ":c}:s out of the listing")
     assert len(warnings_naming(caplog, "not a key this store writes")) == 2
     assert server.hget(state_key(store, "c"), "nm") == b"someone"  # untouched

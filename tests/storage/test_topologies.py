@@ -21,6 +21,7 @@ from redis.sentinel import SentinelConnectionPool
 
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
 from celery_breaker.clock import SYSTEM_CLOCK
+from celery_breaker.core import BreakerSnapshot
 from celery_breaker.core.pacing import PacingLaw
 from celery_breaker.errors import StorageError
 from celery_breaker.integration.settings import build_settings
@@ -712,7 +713,7 @@ def test_a_script_missing_on_one_primary_is_sent_there_while_another_primary_is_
         assert state_of(breaker) is State.OPEN
         elsewhere = RedisStore.from_url(cluster.url)  # as another process would see it
         found = elsewhere.find(name, None, SYSTEM_CLOCK)
-        assert found is not None
+        assert isinstance(found, BreakerSnapshot)
         assert found.state is State.OPEN
         elsewhere.close()
         store.close()
@@ -751,7 +752,7 @@ def test_a_cluster_primary_down_puts_its_breakers_on_the_fallback_and_the_others
         for breaker in others:
             assert breaker.call(ok) == "ok"
             found = elsewhere.find(breaker.name, None, SYSTEM_CLOCK)
-            assert found is not None
+            assert isinstance(found, BreakerSnapshot)
             assert found.successes >= 6
         elsewhere.close()
         store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import ssl
 import subprocess
@@ -12,12 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 from celery import Celery
 
+from celery_breaker import CircuitBreaker
 from celery_breaker.core import BreakerSnapshot, State
 from celery_breaker.errors import ConfigurationError, StorageError
 from celery_breaker.integration.deferral.delay_depth import DelayDepth
-from celery_breaker.monitoring.status import BreakerStatus
+from celery_breaker.monitoring.status import BreakerStatus, collect_metrics
 from celery_breaker.ops.board import Board
 from celery_breaker.ops.delayed import DelayCount, elsewhere_view
 from celery_breaker.ops.watch import PAUSE_PER_READ
@@ -31,6 +34,7 @@ from celery_breaker.ops.web import (
     tls_context,
 )
 from celery_breaker.storage import ReleasePace
+from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 from tests.tls import Certificates
 
@@ -465,3 +469,35 @@ def test_an_app_deferring_by_countdown_says_on_the_page_where_its_tasks_wait(
     board.refresh()
     board.refresh()  # (kept by every reading)
     assert board.view()["delay_queues"] == shown
+
+
+def test_an_unreadable_breaker_is_named_with_its_fix_and_has_not_left_the_store(redis_url: str) -> None:
+    """A breaker whose stored state turned unreadable between two readings is in the
+    view's ``unreadable`` (the line ``status`` prints, the repair command) and its
+    summary, and has not "left the store": the page's reading changes nothing in Redis."""
+    store = RedisStore.from_url(f"{redis_url}?key_prefix=board-{os.getpid()}-unreadable")
+    CircuitBreaker("crm", {"failure_threshold": 1}, storage=store).force_open()
+    CircuitBreaker("billing", {"failure_threshold": 1}, storage=store).call(lambda: None)
+    store.flush()
+    clock = FakeClock()
+    board = Board(lambda: collect_metrics(store), store="redis://127.0.0.1/0", interval=1.0, clock=clock)
+    board.refresh(raising=True)
+    server = redis.Redis.from_url(redis_url)
+    state_key = store.keys_for("crm", None)[0]
+    server.hset(state_key, "st", "ajar")
+    before = server.dump(state_key)
+    clock.advance(1.0)
+    board.refresh(raising=True)
+    view = board.view()
+    assert server.dump(state_key) == before
+    server.close()
+    assert [row["name"] for row in view["breakers"]] == ["billing"]
+    (unreadable,) = view["unreadable"]
+    assert (unreadable["name"], unreadable["stored_state"]) == ("crm", None)
+    assert unreadable["repair"] == "celery breaker reset crm"
+    assert f"unreadable st='ajar' in {state_key}" in unreadable["line"]
+    assert view["summary"] == [{"state": "unreadable", "count": 1}, {"state": "closed", "count": 1}]
+    assert [(c["label"], c["source"], c["target"], c["reason"]) for c in view["changes"]] == [
+        ("crm", "forced_open", None, "unreadable")
+    ]
+    store.close()

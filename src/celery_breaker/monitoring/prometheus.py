@@ -197,6 +197,11 @@ class BreakerCollector(Collector):
         families["store_up"].add_metric([], 0.0 if rows is None else 1.0)
         if rows is not None:  # (a store not read at all is store_up 0 alone)
             families["store_unreached_servers"].add_metric([], float(len(rows.unreached)))
+            families["store_unreadable_breakers"].add_metric([], float(len(rows.unreadable)))
+            for unread in rows.unreadable:  # (no other series: nothing of it could be read)
+                stored = "" if unread.stored_state is None else unread.stored_state.value
+                key = "" if unread.key is None else visible(unread.key)
+                families["unreadable"].add_metric([unread.name, key, stored], 1.0)
         if self.delays is not None:
             depth = self.delays.read().depth
             families["broker_delay_up"].add_metric([], 0.0 if depth is None else 1.0)
@@ -230,6 +235,18 @@ class BreakerCollector(Collector):
             "Servers of the breaker store the last scrape could not read while the others answered (a Redis "
             "Cluster's primaries down): the series of the breakers stored there are missing",
             labels=[],
+        )
+        families["store_unreadable_breakers"] = GaugeMetricFamily(
+            f"{PREFIX}_store_unreadable_breakers",
+            "Breakers whose stored state the last scrape found unreadable (values no script writes): they have no "
+            "other series; each is left as it is until a call through it or an operator repairs it",
+            labels=[],
+        )
+        families["unreadable"] = GaugeMetricFamily(
+            f"{PREFIX}_unreadable",
+            "1 for each breaker whose stored state the last scrape found unreadable; stored_state: the state its "
+            "hash still names ('' when that too is unreadable)",
+            labels=[*_LABELS, "stored_state"],
         )
         if self.delays is not None:
             for name, documentation in _BROKER_GAUGES:

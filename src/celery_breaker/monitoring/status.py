@@ -14,9 +14,9 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..core import BreakerSnapshot, State
 from ..errors import StorageError
 from ..integration.settings import get_settings
-from ..storage import Listing, Parking, ReleasePace, Selected, Store, resolve_store
+from ..storage import Listing, Parking, ReleasePace, Selected, Store, UnreadableBreaker, resolve_store
 
-__all__ = ["BreakerStatus", "app_store", "collect_metrics", "is_app", "store_of"]
+__all__ = ["BreakerStatus", "app_store", "collect_metrics", "is_app", "new_breaker", "store_of"]
 
 
 @dataclass(frozen=True)
@@ -79,18 +79,29 @@ def collect_metrics(
     which ``where(name, key)`` is true, picked before any is read. Raises
     ``StorageError`` when the store cannot be read. A Redis Cluster with primaries down
     is listed in part: the rows of the breakers the others hold, their parked tasks
-    counted, and ``unreached`` naming those down (``Listing``).
+    counted, and ``unreached`` naming those down (``Listing``). Breakers the store holds
+    but cannot read are in no row: ``unreadable`` names them (``Listing``), and nothing is
+    written to them.
     """
     clock = clock or SYSTEM_CLOCK
     store = store_of(source)
     wanted = None if only is None else list(dict.fromkeys(only))
+    unreadable: list[UnreadableBreaker] = []
     if wanted is None:
         listing = store.snapshots(clock) if where is None else store.snapshots(clock, where)
         partial = listing if isinstance(listing, Listing) and listing.unreached else None
         snapshots = list(listing)
+        if isinstance(listing, Listing):
+            unreadable.extend(listing.unreadable)
     else:
         partial = None
-        snapshots = [hit for ident in wanted if (hit := store.find(*ident, clock)) is not None]
+        snapshots = []
+        for wanted_ident in wanted:
+            hit = store.find(*wanted_ident, clock)
+            if isinstance(hit, UnreadableBreaker):
+                unreadable.append(hit)
+            elif hit is not None:
+                snapshots.append(hit)
     parking = store.parking
     if parking is None:
         rows = [BreakerStatus(snapshot) for snapshot in snapshots]
@@ -109,11 +120,11 @@ def collect_metrics(
         # Tasks parked behind a breaker whose state the store no longer holds (its idle
         # TTL ran out, an operator or a listing reset it): they are released as a new,
         # closed breaker's would be, so the breaker is listed as one, not left out.
-        listed = set(tags)
+        listed = {*tags, *(parking.tag(found.name, found.key) for found in unreadable)}  # (held, not new)
         for tag, held in counts.items():
             found = None if tag in listed or not any(held) else parking.breaker(tag)
             if found is not None:
-                snapshots.append(_new_breaker(*found))
+                snapshots.append(new_breaker(*found))
                 tags.append(tag)
         releasing = [tag for tag, snapshot in zip(tags, snapshots, strict=True)
                      if snapshot.state in _RELEASING and any(counts.get(tag, (0, 0)))]  # fmt: skip
@@ -125,7 +136,7 @@ def collect_metrics(
                 release = None  # (the breaker moved on between the two reads)
             rows.append(BreakerStatus(snapshot, *counts.get(tag, (0, 0)), release))
     rows.sort(key=lambda row: (row.snapshot.name, row.snapshot.key or ""))
-    return Listing(rows) if partial is None else partial.like(rows)
+    return Listing(rows, unreadable=unreadable) if partial is None else partial.like(rows, unreadable)
 
 
 def _reachable_tags(
@@ -153,7 +164,7 @@ def _reachable_tags(
 _RELEASING = (State.CLOSED, State.DISABLED)
 
 
-def _new_breaker(name: str, key: str | None) -> BreakerSnapshot:
+def new_breaker(name: str, key: str | None) -> BreakerSnapshot:
     """The snapshot of a breaker the store holds no state for: closed, generation 0,
     nothing counted (what the store's scripts take it for)."""
     return BreakerSnapshot(

@@ -22,7 +22,18 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..errors import StorageError
 from ..labels import shown_label, visible
 from ..monitoring.status import BreakerStatus
-from .console import STATE_STYLES, clock_time, duration, failure_rate_text, open_until_text, release_text
+from ..storage import UnreadableBreaker
+from .console import (
+    STATE_STYLES,
+    UNREADABLE,
+    clock_time,
+    duration,
+    failure_rate_text,
+    open_until_text,
+    release_text,
+    repair_command,
+    unreadable_text,
+)
 from .delayed import DelayCount, delay_view
 from .selection import unreached_words
 from .watch import PAUSE_PER_READ, Change, Watch, WatchRow
@@ -51,6 +62,13 @@ def _change(change: Change) -> dict[str, Any]:
     source, target = change.source, change.target
     return {"at": clock_time(change.at), "label": shown_label(change.label), "reason": change.reason,
             "source": source.value if source else None, "target": target.value if target else None}  # fmt: skip
+
+
+def _unreadable(found: UnreadableBreaker) -> dict[str, Any]:
+    """An unreadable breaker as the page names it: the line ``status`` prints, and its parts."""
+    return {"label": found.label, "shown": shown_label(found.label), "name": found.name, "key": found.key,
+            "problem": found.problem, "repair": repair_command(found), "line": unreadable_text(found),
+            "stored_state": None if found.stored_state is None else found.stored_state.value}  # fmt: skip
 
 
 class Board:
@@ -86,7 +104,7 @@ class Board:
         self._watch = Watch(clock, history=history)
         self._backlogs: dict[_Ident, _Backlog] = {}
         self._view: dict[str, Any] = {"store": store, "interval": interval, "error": None, "read_at": None,
-                                      "breakers": [], "summary": [], "changes": [],
+                                      "breakers": [], "summary": [], "unreadable": [], "changes": [],
                                       "delay_queues": elsewhere}  # fmt: skip
         self.pause = interval
         """Seconds ``run`` waits between two readings: ``interval``, or ``PAUSE_PER_READ``
@@ -139,8 +157,11 @@ class Board:
         if self._watch.unreached:  # (a Redis Cluster with a primary down: the others' breakers were read)
             words = unreached_words(self._watch.unreached, kept=True)
             error = f"part of the store unreachable at {clock_time(now)}: {words}; retrying"
-        read = {"error": error, "read_at": clock_time(now), "breakers": rows,
-                "summary": [{"state": state.value, "count": n} for state, n in counts.items() if n],
+        unreadable = self._watch.unreadable  # (rows of their own would show numbers none could read)
+        summary = [{"state": UNREADABLE, "count": len(unreadable)}] if unreadable else []
+        summary += [{"state": state.value, "count": n} for state, n in counts.items() if n]
+        read = {"error": error, "read_at": clock_time(now), "breakers": rows, "summary": summary,
+                "unreadable": [_unreadable(found) for found in unreadable],
                 "changes": [_change(change) for change in self._watch.changes]}  # fmt: skip
         with self._lock:  # (the view of now: the delay count may have changed it since this reading began)
             self._view = {**self._view, **read}

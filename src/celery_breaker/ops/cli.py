@@ -261,6 +261,7 @@ def status(ctx: click.Context, patterns: tuple[str, ...], as_json: bool, wide: b
     """
     import json
 
+    from .console import listed_rows
     from .operator import shared_store
     from .selection import breakers_matching, unreached_text
 
@@ -274,7 +275,7 @@ def status(ctx: click.Context, patterns: tuple[str, ...], as_json: bool, wide: b
         raise
     unreached = unreached_text(everything)
     if as_json:
-        click.echo(json.dumps([row.as_dict() for row in rows], indent=2))
+        click.echo(json.dumps(listed_rows(rows), indent=2))  # (an unreadable breaker: a row of its own)
     else:
         _status_table(ctx, app, store.url, patterns, rows, everything, unreached is not None, wide, color)
     if unreached is not None:  # (what could be read is shown; the exit code says it is not all)
@@ -287,18 +288,21 @@ def _status_table(
     everything: list[BreakerStatus], partial: bool, wide: bool, color: bool | None,
 ) -> None:  # fmt: skip
     from ..storage import describe_url
+    from .selection import unreadable_of
 
     where = describe_url(url)
-    if not everything and not partial:
+    unreadable = unreadable_of(rows)
+    if not everything and not unreadable_of(everything) and not partial:
         click.echo(f"No breakers in {where} yet: a breaker is stored once a task (or call) uses it.")
         return
-    if not rows:
+    if not rows and not unreadable:
         read = " read" if partial else ""  # (it may be stored where the listing could not read)
         click.echo(f"No breaker matches {' '.join(patterns)} ({len(everything)}{read} in {where}).")
         return
     from .console import status_text
 
-    click.echo(status_text(rows, now=time.time(), wide=wide, color=_use_color(ctx, color)), color=True)
+    shown = status_text(rows, now=time.time(), wide=wide, color=_use_color(ctx, color), unreadable=unreadable)
+    click.echo(shown, color=True)
     from .delayed import DelayCounter, status_line
 
     # What PARKED cannot show (RabbitMQ: PARKED 0 read as "nothing waits"), counted now:

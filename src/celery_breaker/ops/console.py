@@ -7,6 +7,7 @@ view, which follows breakers across refreshes, is in ``celery_breaker.watch``.
 
 from __future__ import annotations
 
+import shlex
 import time
 import unicodedata
 from collections.abc import Sequence
@@ -17,29 +18,37 @@ import click
 
 from ..core import BreakerSnapshot, State
 from ..labels import visible
+from ..monitoring.status import BreakerStatus, new_breaker
+from ..storage import Listing
 
 if TYPE_CHECKING:
-    from ..monitoring.status import BreakerStatus
-    from ..storage import ReleasePace
+    from ..storage import ReleasePace, UnreadableBreaker
 
 __all__ = [
     "ALERT",
     "BOLD",
     "DIM",
     "STATE_STYLES",
+    "UNREADABLE",
+    "UNREADABLE_STYLE",
     "Cell",
     "Column",
     "clock_time",
     "count_cell",
     "duration",
     "failure_rate_text",
+    "listed_rows",
     "open_until_text",
     "per_second",
     "release_text",
     "render_table",
+    "repair_command",
     "state_cell",
     "status_text",
     "summary",
+    "unreadable_cells",
+    "unreadable_row",
+    "unreadable_text",
 ]
 
 #: How each state looks in colour; the order is the summary's (the worst first).
@@ -50,6 +59,9 @@ STATE_STYLES: dict[State, dict[str, Any]] = {
     State.CLOSED: {"fg": "green"},
     State.DISABLED: {"fg": "blue"},
 }
+#: What the STATE column says of a breaker whose stored state a listing cannot read, and its colour.
+UNREADABLE = "unreadable"
+UNREADABLE_STYLE: dict[str, Any] = {"fg": "red", "bold": True, "underline": True}
 BOLD = {"bold": True}
 DIM = {"dim": True}
 ALERT = {"fg": "yellow"}
@@ -197,26 +209,107 @@ def count_cell(value: int) -> Cell:
     return str(value), None
 
 
-def summary(snapshots: Sequence[BreakerSnapshot], *, color: bool) -> str:
-    """``3 breakers: 1 open, 2 closed``, the worst states first."""
+def summary(snapshots: Sequence[BreakerSnapshot], *, color: bool, unreadable: int = 0) -> str:
+    """``3 breakers: 1 unreadable, 1 open, 1 closed``, the worst states first."""
     counts = dict.fromkeys(STATE_STYLES, 0)
     for snapshot in snapshots:
         counts[snapshot.state] += 1
-    noun = "breaker" if len(snapshots) == 1 else "breakers"
+    total = len(snapshots) + unreadable
+    noun = "breaker" if total == 1 else "breakers"
     parts = []
+    if unreadable:
+        parts.append(
+            click.style(f"{unreadable} {UNREADABLE}", **UNREADABLE_STYLE) if color else f"{unreadable} {UNREADABLE}"
+        )
     for state, count in counts.items():
         if count:
             text = f"{count} {state.value}"
             parts.append(click.style(text, **STATE_STYLES[state]) if color else text)
-    return f"{len(snapshots)} {noun}" + (f": {', '.join(parts)}" if parts else "")
+    return f"{total} {noun}" + (f": {', '.join(parts)}" if parts else "")
+
+
+# -- unreadable breakers ------------------------------------------------------------
+
+#: The operator's move that repairs an unreadable breaker, by the state its hash still
+#: names: an operator's state is kept (mended around), anything else starts afresh.
+_REPAIRS = {State.FORCED_OPEN: "open", State.DISABLED: "disable"}
+
+
+def repair_command(found: UnreadableBreaker) -> str:
+    """The ``celery breaker`` command that repairs ``found`` now, quoted as a shell reads
+    it back (a name may hold spaces, quotes, glob characters): ``open`` or ``disable`` for
+    a breaker whose hash still names that operator's state (kept, the rest mended), else
+    ``reset`` (a fresh closed breaker)."""
+    action = _REPAIRS.get(found.stored_state, "reset") if found.stored_state is not None else "reset"
+    words = f"celery breaker {action} {shlex.quote(found.name)}"
+    return words if found.key is None else f"{words} --key {shlex.quote(visible(found.key))}"
+
+
+def unreadable_text(found: UnreadableBreaker) -> str:
+    """One line naming an unreadable breaker, what is wrong and the fix: ``crm[t7]:
+    unreadable state in the store (unreadable gen='nan' in {breaker:crm:t7}:s); left as
+    it is: the next call through it resets it, or now: celery breaker reset crm --key t7``."""
+    held = found.stored_state
+    kept = f"; its hash still names {held.value}, which the repair keeps" if held in _REPAIRS else ""
+    then = "mends it" if held in _REPAIRS else "resets it"
+    return (
+        f"{visible(found.label)}: unreadable state in the store ({visible(found.problem)}{kept}); left as it is: "
+        f"the next call through it {then}, or now: {repair_command(found)}"
+    )
+
+
+def unreadable_row(found: UnreadableBreaker) -> dict[str, Any]:
+    """An unreadable breaker as a ``status --json`` row: every other row's keys
+    (``BreakerStatus.as_dict``'s), none of them read (``None``), the state ``unreadable``
+    and ``unreadable``: what is wrong (``problem``), the state its hash still names
+    (``stored_state``, or ``None``) and the command that repairs it now (``repair``)."""
+    row: dict[str, Any] = dict.fromkeys(BreakerStatus(new_breaker(found.name, found.key)).as_dict())
+    row.update(
+        name=found.name, key=found.key, state=UNREADABLE,
+        unreadable={
+            "problem": found.problem,
+            "stored_state": None if found.stored_state is None else found.stored_state.value,
+            "repair": repair_command(found),
+        },
+    )  # fmt: skip
+    return row
+
+
+def listed_rows(rows: Sequence[BreakerStatus]) -> list[dict[str, Any]]:
+    """A listing as ``status --json`` and ``inspect breakers`` give it: one JSON-ready row a
+    breaker, by name and key, each with ``unreadable`` (``None`` for one read whole), an
+    unreadable breaker a row of its own (``unreadable_row``)."""
+    listed = [{**row.as_dict(), "unreadable": None} for row in rows]
+    listed += [unreadable_row(found) for found in (rows.unreadable if isinstance(rows, Listing) else ())]
+    listed.sort(key=lambda row: (row["name"], row["key"] or ""))
+    return listed
+
+
+def unreadable_cells(found: UnreadableBreaker, columns: int, *, keyed: bool) -> list[Cell]:
+    """A table row of ``columns`` cells for an unreadable breaker: its name (and key, when
+    ``keyed``), ``unreadable``, then ``?`` (nothing of it could be read as a whole)."""
+    cells: list[Cell] = [(visible(found.name), None)]
+    if keyed:
+        cells.append((visible(found.key) if found.key is not None else "-", None))
+    cells.append((UNREADABLE, UNREADABLE_STYLE))
+    return cells + [("?", None)] * (columns - len(cells))
 
 
 # -- status -----------------------------------------------------------------------
 
 
-def status_text(rows: Sequence[BreakerStatus], *, now: float, wide: bool = False, color: bool = False) -> str:
-    """The ``status`` table and its summary line (``now``: epoch seconds, for ``--wide``'s times)."""
-    keyed = any(row.snapshot.key is not None for row in rows)
+def status_text(
+    rows: Sequence[BreakerStatus],
+    *,
+    now: float,
+    wide: bool = False,
+    color: bool = False,
+    unreadable: Sequence[UnreadableBreaker] = (),
+) -> str:
+    """The ``status`` table and its summary line (``now``: epoch seconds, for ``--wide``'s
+    times); ``unreadable``: breakers the listing could not read, each a row in order and a
+    line under the summary saying what is wrong and the fix."""
+    keyed = any(row.snapshot.key is not None for row in rows) or any(found.key is not None for found in unreadable)
     columns = [Column("NAME"), *([Column("KEY")] if keyed else []), Column("STATE"), Column("FAIL%", True),
                Column("CALLS", True), Column("FAILS", True), Column("OPEN UNTIL")]  # fmt: skip
     if wide:
@@ -225,7 +318,9 @@ def status_text(rows: Sequence[BreakerStatus], *, now: float, wide: bool = False
     if wide:
         columns += [Column("REJECTED", True), Column("CLAIMED", True), Column("STREAK", True), Column("GEN", True)]
     columns.append(Column("RELEASE"))  # (last: its text has spaces)
-    table: list[list[Cell]] = []
+    table = [
+        ((found.name, found.key or ""), unreadable_cells(found, len(columns), keyed=keyed)) for found in unreadable
+    ]
     for row in rows:
         snapshot = row.snapshot
         cells: list[Cell] = [(visible(snapshot.name), None)]
@@ -250,6 +345,11 @@ def status_text(rows: Sequence[BreakerStatus], *, now: float, wide: bool = False
             cells += [count_cell(snapshot.rejections), count_cell(row.claimed), count_cell(snapshot.streak),
                       count_cell(snapshot.generation)]  # fmt: skip
         cells.append((release_text(row.release), None))
-        table.append(cells)
-    lines = render_table(columns, table, color=color)
-    return "\n".join([*lines, "", summary([row.snapshot for row in rows], color=color)])
+        table.append(((snapshot.name, snapshot.key or ""), cells))
+    if unreadable:  # (in among the rows, which come sorted)
+        table.sort(key=lambda item: item[0])
+    lines = render_table(columns, [cells for _, cells in table], color=color)
+    told = [f"Unreadable: {unreadable_text(found)}" for found in unreadable]
+    return "\n".join(
+        [*lines, "", summary([row.snapshot for row in rows], color=color, unreadable=len(unreadable)), *told]
+    )

@@ -211,6 +211,7 @@ def breakers(state: Any, patterns: list[str] | str | None = None, **_: Any) -> A
     "unreached": [servers], "warning": ...}`` (a reader of the list alone took the
     part for the whole)."""
     from ..monitoring.status import store_of
+    from .console import listed_rows
     from .selection import breakers_selected, unreached_of, unreached_text
 
     unseen = _unseen(state, "inspect breakers")
@@ -221,7 +222,7 @@ def breakers(state: Any, patterns: list[str] | str | None = None, **_: Any) -> A
             patterns = [patterns]
         wanted = [str(pattern) for pattern in patterns or ()]
         rows = breakers_selected(store_of(state.consumer.app), wanted)
-        listed = [row.as_dict() for row in rows]
+        listed = listed_rows(rows)  # (as status --json: an unreadable breaker, a row of its own)
         warning = unreached_text(rows)
         if warning is None:
             return listed

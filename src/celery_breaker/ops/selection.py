@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ..labels import split_label, visible
 from ..monitoring.status import BreakerStatus, collect_metrics
 from ..names import kept_form, kept_key
-from ..storage import Listing
+from ..storage import Listing, UnreadableBreaker
 
 if TYPE_CHECKING:
     from ..storage import Selected, Store
@@ -25,6 +25,7 @@ __all__ = [
     "selected",
     "unreached_text",
     "unreached_words",
+    "unreadable_of",
 ]
 
 #: What makes a pattern a glob (``fnmatch``'s marks).
@@ -65,13 +66,15 @@ def matching(rows: Sequence[BreakerStatus], patterns: Sequence[str]) -> list[Bre
     """Rows matching a glob (every row without globs): ``crm*`` matches names,
     ``crm[tenant-*]`` a name and a key (so brackets are not a character class there),
     each as it is or as ``status`` shows it (``crm[tenant\\n*]``, ``crm[C:\\\\*]``).
-    A partial listing's rows stay one (``Listing.unreached``)."""
+    A partial listing's rows stay one (``Listing.unreached``), and the unreadable
+    breakers it names are picked alike (``Listing.unreadable``)."""
     listing = rows if isinstance(rows, Listing) else Listing[BreakerStatus]()
     if not patterns:
         return listing.like(rows)
     parsed = _parsed(patterns)
     picked = (row for row in rows if any(_matches(row.snapshot.name, row.snapshot.key, pattern) for pattern in parsed))
-    return listing.like(picked)
+    unreadable = [found for found in listing.unreadable if any(_matches(found.name, found.key, p) for p in parsed)]
+    return listing.like(picked, unreadable)
 
 
 def selected(patterns: Sequence[str]) -> Selected | None:
@@ -98,6 +101,7 @@ def looked_up(store: Store, patterns: Sequence[str]) -> list[BreakerStatus] | No
         return None
     rows = collect_metrics(store, only=wanted)
     found = {(row.snapshot.name, row.snapshot.key) for row in rows}
+    found.update((unread.name, unread.key) for unread in unreadable_of(rows))
     return rows if found >= set(wanted) else None
 
 
@@ -124,6 +128,11 @@ def unreached_of(rows: Sequence[object]) -> Sequence[str]:
     """The servers a listing left out (``Listing.unreached``: a Redis Cluster's primaries
     that did not answer); none for a whole listing or a plain list."""
     return rows.unreached if isinstance(rows, Listing) else ()
+
+
+def unreadable_of(rows: Sequence[object]) -> Sequence[UnreadableBreaker]:
+    """The breakers a listing found unreadable (``Listing.unreadable``); none for a plain list."""
+    return rows.unreadable if isinstance(rows, Listing) else ()
 
 
 def unreached_text(rows: Sequence[object]) -> str | None:

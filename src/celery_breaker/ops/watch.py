@@ -18,7 +18,7 @@ import click
 from ..clock import Clock
 from ..core import TRANSITIONS, BreakerSnapshot, State
 from ..labels import shown_label, visible
-from ..storage import Listing
+from ..storage import Listing, UnreadableBreaker
 from .console import (
     ALERT,
     DIM,
@@ -37,6 +37,8 @@ from .console import (
     state_cell,
     summary,
     text_width,
+    unreadable_cells,
+    unreadable_text,
 )
 from .selection import unreached_words
 
@@ -158,6 +160,9 @@ class Watch:
         """The servers the last refresh could not read (``Listing.unreached``): the
         breakers stored there that are missing from it keep their last view, and have
         not left the store."""
+        self.unreadable: tuple[UnreadableBreaker, ...] = ()
+        """The breakers the last refresh found but could not read (``Listing.unreadable``):
+        shown as such, and not said to have left the store."""
 
     def observe(self, rows: Sequence[BreakerStatus]) -> list[WatchRow]:
         """Take one refresh's rows; return them with rates and state ages."""
@@ -195,11 +200,15 @@ class Watch:
         # stored there, and keeps its last view (no rates) rather than leave the store.
         self.unreached = rows.unreached if isinstance(rows, Listing) else ()
         stranded = rows.stranded if isinstance(rows, Listing) else None
+        self.unreadable = rows.unreadable if isinstance(rows, Listing) else ()
+        unreadable = {(found.name, found.key): found for found in self.unreadable}
         kept = False
         for ident, gone in self._seen.items():
             if ident in seen_now:
                 continue
-            if self.unreached and (stranded is None or stranded(*ident)):
+            if ident in unreadable:  # (still there, left as it is: its line says what is wrong)
+                self.changes.append(Change(wall, gone.snapshot.label, gone.snapshot.state, None, "unreadable"))
+            elif self.unreached and (stranded is None or stranded(*ident)):
                 seen_now[ident] = gone
                 out.append(WatchRow(gone.status, None, gone.since))
                 kept = True
@@ -256,13 +265,16 @@ def watch_frame(
     elif watch.unreached:
         warning = f"part of the store unreachable at {clock_time(now)}: {unreached_words(watch.unreached, kept=True)}"
         lines.append(click.style(warning, fg="red", bold=True) if color else warning)
-    lines += [summary([row.status.snapshot for row in rows], color=color), ""]
-    keyed = any(row.status.snapshot.key is not None for row in rows)
+    unreadable = watch.unreadable
+    lines += [summary([row.status.snapshot for row in rows], color=color, unreadable=len(unreadable)), ""]
+    keyed = any(row.status.snapshot.key is not None for row in rows) or any(f.key is not None for f in unreadable)
     columns = [Column("NAME"), *([Column("KEY")] if keyed else []), Column("STATE"), Column("FOR", True),
                Column("FAIL%", True), Column("CALLS", True), Column("OPEN UNTIL"), Column("TRIPS", True),
                Column("CALLS/S", True), Column("DEFER/S", True), Column("REJ/S", True),
                Column("DEFERRED", True), Column("PARKED", True), Column("RELEASE")]  # fmt: skip
-    table: list[list[Cell]] = []
+    table = [
+        ((found.name, found.key or ""), unreadable_cells(found, len(columns), keyed=keyed)) for found in unreadable
+    ]
     for row in rows:
         snapshot, rates = row.status.snapshot, row.rates
         cells: list[Cell] = [(visible(snapshot.name), None)]
@@ -283,8 +295,12 @@ def watch_frame(
             (str(parked), ALERT if parked else None),
             (release_text(row.status.release), None if row.status.release is not None else DIM),
         ]
-        table.append(cells)
-    lines += render_table(columns, table, color=color) if rows else ["(no breakers yet)"]
+        table.append(((snapshot.name, snapshot.key or ""), cells))
+    if unreadable:  # (in among the rows, which come sorted)
+        table.sort(key=lambda item: item[0])
+    shown_rows = [cells for _, cells in table]
+    lines += render_table(columns, shown_rows, color=color) if shown_rows else ["(no breakers yet)"]
+    lines += [f"Unreadable: {unreadable_text(found)}" for found in unreadable]
     if note is not None:
         lines.append(note)
     lines.append("")

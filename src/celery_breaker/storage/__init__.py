@@ -8,7 +8,19 @@ Internal: the public names are ``celery_breaker``'s own.
 """
 
 from . import redis as _redis  # noqa: F401  (registers the Redis schemes)
-from .contract import NO_MOVES, Cell, EvictionCheck, History, Listing, Moves, Parking, ReleasePace, Selected, Store
+from .contract import (
+    NO_MOVES,
+    Cell,
+    EvictionCheck,
+    History,
+    Listing,
+    Moves,
+    Parking,
+    ReleasePace,
+    Selected,
+    Store,
+    UnreadableBreaker,
+)
 from .fallback import FallbackStore, forced_why, with_fallback
 from .memory import MemoryStore
 from .registry import (
@@ -35,6 +47,7 @@ __all__ = [
     "ReleasePace",
     "Selected",
     "Store",
+    "UnreadableBreaker",
     "check_storage_url",
     "close_stores",
     "describe_url",

@@ -16,6 +16,7 @@ from typing import Protocol, TypeVar
 from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, State, Ticket, Transition
 from ..core.pacing import PacingLaw
+from ..labels import breaker_label
 
 __all__ = [
     "KEPT_LIFE",
@@ -30,6 +31,7 @@ __all__ = [
     "ReleasePace",
     "Selected",
     "Store",
+    "UnreadableBreaker",
 ]
 
 #: The end of a parking life written while the breaker still held entries (``Parking.lives``).
@@ -216,6 +218,27 @@ class Claimed(list[tuple[str, str]]):
     quiet: float | None = 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableBreaker:
+    """A breaker a listing found but could not read: its stored state holds what no
+    script writes (a value out of its bounds, a key of another type: ``docs/redis.md``).
+    A listing shows it as it is and changes nothing; the next call through it (a
+    worker's) or an operator's move repairs it, as it always did."""
+
+    name: str
+    key: str | None
+    problem: str
+    """What is wrong, as far as the listing read: the key and the value, or Redis's error."""
+    stored_state: State | None = None
+    """The state its state hash names, when it names one (an operator's ``forced_open``
+    is kept by the repair); ``None`` when that too is unreadable."""
+
+    @property
+    def label(self) -> str:
+        """``'crm'`` or ``'crm[tenant-7]'``: the breaker as people read it."""
+        return breaker_label(self.name, self.key)
+
+
 _Row = TypeVar("_Row")
 _Row2 = TypeVar("_Row2")
 
@@ -230,17 +253,26 @@ class Listing(list[_Row]):
     stranded: Selected | None = None
     """Whether breaker ``(name, key)`` is stored on one of ``unreached`` (its absence from
     the listing then says nothing); ``None``: the listing is whole."""
+    unreadable: tuple[UnreadableBreaker, ...] = ()
+    """The breakers found but not read (not in the rows), sorted by name and key: a listing
+    shows them and leaves their keys as they are."""
 
     def __init__(
-        self, rows: Iterable[_Row] = (), unreached: Iterable[str] = (), stranded: Selected | None = None
+        self,
+        rows: Iterable[_Row] = (),
+        unreached: Iterable[str] = (),
+        stranded: Selected | None = None,
+        unreadable: Iterable[UnreadableBreaker] = (),
     ) -> None:
         super().__init__(rows)
         self.unreached = tuple(unreached)
         self.stranded = stranded if self.unreached else None
+        self.unreadable = tuple(sorted(unreadable, key=lambda found: (found.name, found.key or "")))
 
-    def like(self, rows: Iterable[_Row2]) -> Listing[_Row2]:
-        """``rows`` as a listing that left out what this one left out."""
-        return Listing(rows, self.unreached, self.stranded)
+    def like(self, rows: Iterable[_Row2], unreadable: Iterable[UnreadableBreaker] | None = None) -> Listing[_Row2]:
+        """``rows`` as a listing that left out what this one left out (and found unreadable
+        what this one did, unless ``unreadable`` is given: those of them still wanted)."""
+        return Listing(rows, self.unreached, self.stranded, self.unreadable if unreadable is None else unreadable)
 
 
 class Parking(Protocol):
@@ -413,9 +445,11 @@ class Store(Protocol):
         it could not read."""
         ...
 
-    def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | None:
+    def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | UnreadableBreaker | None:
         """Breaker ``name``/``key`` as ``snapshots`` would list it, or ``None`` when the
-        store does not hold it: one lookup, whatever the number of breakers, creating none."""
+        store does not hold it: one lookup, whatever the number of breakers, creating none.
+        A breaker it holds but cannot read is an ``UnreadableBreaker`` (``Listing.unreadable``),
+        left as it is."""
         ...
 
     def delete(self, name: str, key: str | None) -> bool:

@@ -28,7 +28,18 @@ from ..clock import Clock
 from ..core import BreakerPolicy, BreakerSnapshot, Outcome, Probe, State, Ticket, Transition
 from ..core.pacing import PacingLaw
 from ..errors import CircuitOpenError, ConfigurationError, StorageError
-from .contract import Cell, Claimed, EvictionCheck, History, Moves, Parking, ReleasePace, Selected, Store
+from .contract import (
+    Cell,
+    Claimed,
+    EvictionCheck,
+    History,
+    Moves,
+    Parking,
+    ReleasePace,
+    Selected,
+    Store,
+    UnreadableBreaker,
+)
 from .memory import MemoryCell
 from .urls import describe_url
 
@@ -89,7 +100,7 @@ class FallbackStore:
             self.store_failed(exc, clock.monotonic())
             return []
 
-    def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | None:
+    def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | UnreadableBreaker | None:
         """The shared store's ``find``; ``None`` while it cannot be read, as ``snapshots`` lists none."""
         try:
             return self.primary.find(name, key, clock)

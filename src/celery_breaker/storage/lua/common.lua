@@ -26,7 +26,8 @@
 -- Everything read from the keys is checked (checks.lua): a key of another type, a value
 -- that is no number or out of its bounds, a state hash naming another breaker. A bad
 -- state hash resets the breaker (all five keys); a bad window or lease is cleared alone.
--- Each is reported in the reply's warn, naming the key and the value.
+-- Each is reported in the reply's warn, naming the key and the value. A listing (ARGV[4]
+-- '') repairs nothing: it answers such a breaker as unreadable, and writes nothing at all.
 --
 -- Replies are flat key/value pairs, as HGETALL's (see reply(); storage/redis/replies.py
 -- reads them by name). Every transition (and every reset) is PUBLISHed on ARGV[7] as
@@ -58,6 +59,17 @@ local wiped = false -- the breaker was reset as unreadable: every process's view
 local now = script_now(ARGV[1])
 local ttl_ms = tonumber(ARGV[2])
 local given_policy = ARGV[4]
+-- A listing (no policy: status, watch, the page, Prometheus, inspect) only reads: it
+-- never creates a breaker, and writes nothing, not even what a call would repair. A
+-- breaker it cannot read is answered as unreadable (unreadable() below) and left as it
+-- is, for an operator to see: a reset deleted an operator's forced_open with its keys
+-- (decision 107). Its keys' TTLs are not refreshed either: only use keeps a breaker alive.
+local listing = given_policy == ''
+
+-- Delete keys, unless listing (what was cleared is still reported in warnings).
+local function del(...)
+  if not listing then redis.call('DEL', ...) end
+end
 
 -- The breaker's state hash as a table (S) and its policy (P), set once loaded (below);
 -- the rules read and write them.
@@ -73,7 +85,7 @@ local function touch(key) touched[key] = true end
 -- -- windows: where the rules keep their outcomes ----------------------------------
 
 local function clear_failure_times()
-  redis.call('DEL', K_FAILS)
+  del(K_FAILS)
 end
 
 -- A failure time: it has happened (CLOCK_SLACK aside), within TIME_SPAN.
@@ -134,7 +146,7 @@ local function read_buckets(rule)
       end
     end
     if bad ~= nil then
-      redis.call('DEL', K_BUCKETS)
+      del(K_BUCKETS)
       warnings[#warnings + 1] = 'unreadable time bucket ' .. bad .. ' in ' .. K_BUCKETS .. ' (cleared)'
       return {}, -1
     end
@@ -331,7 +343,7 @@ RULES.rates = {
     return slow
   end,
   clear = function(rule)
-    redis.call('DEL', K_RING, K_BUCKETS)
+    del(K_RING, K_BUCKETS)
     S.wn, S.wl, S.wc, S.wf, S.ws = 0, 0, 0, 0, 0
   end,
 }
@@ -415,15 +427,23 @@ end
 -- -- loading -------------------------------------------------------------------------
 
 local function wipe(reason)
-  redis.call('DEL', K_STATE, K_FAILS, K_RING, K_BUCKETS, K_LEASES)
+  del(K_STATE, K_FAILS, K_RING, K_BUCKETS, K_LEASES)
   warnings[#warnings + 1] = reason
   wiped = true
+end
+
+-- A listing's answer for a breaker it cannot read, written nothing: why, and the state the
+-- hash holds when it names one (an operator's forced_open is what matters most to see).
+local function unreadable(why)
+  local st = ''
+  if redis.call('TYPE', K_STATE).ok == 'hash' then st = redis.call('HGET', K_STATE, 'st') or '' end
+  if not STATES[st] then st = '' end
+  return { 'absent', 1, 'unreadable', why, 'st', st }
 end
 
 -- Which breaker the keys belong to: the caller's, or for a listing the one store.py's
 -- quoting wrote into the keys. A listing leaves keys it cannot tell as a breaker's of this
 -- prefix alone (another app's, or an earlier release's, under a colliding prefix): it skips them.
-local listing = given_policy == '' -- (a listing never creates a breaker)
 local want_nm, want_ky = ARGV[5], ARGV[6]
 local function skip(why)
   return { 'absent', 1, 'foreign', why }
@@ -464,6 +484,7 @@ if check >= 1 then
   for _, pair in ipairs(EXPECTED_TYPES) do
     local found = redis.call('TYPE', pair[1]).ok
     if found ~= 'none' and found ~= pair[2] then
+      if listing then do return unreadable(pair[1] .. ' holds a ' .. found .. ', expected a ' .. pair[2]) end end
       wipe(pair[1] .. ' held a ' .. found .. ', expected a ' .. pair[2])
       break
     end
@@ -473,7 +494,7 @@ if check >= 1 then
       if other ~= nil then do return skip(other) end end
     end
   end
-  if check >= 2 and not wiped then wipe('reset after a script failed on its data') end
+  if check >= 2 and not wiped and not listing then wipe('reset after a script failed on its data') end
 end
 
 -- Counters and generations must be whole (WHOLE_FIELDS); the trip streak, the run of
@@ -515,7 +536,7 @@ local function load()
   local held = raw.st == FORCED_OPEN or raw.st == DISABLED
   local mended = {}
   local function mend(name)
-    if not held then return false end
+    if not held or listing then return false end -- (a listing mends nothing: it is unreadable)
     mended[#mended + 1] = name .. '=' .. show(raw[name])
     return true
   end
@@ -607,6 +628,7 @@ end
 local loaded, policy_or_why = load()
 if loaded == 'foreign' then do return skip(policy_or_why) end end
 if loaded == false then
+  if listing then do return unreadable('unreadable ' .. policy_or_why .. ' in ' .. K_STATE) end end
   wipe('unreadable ' .. policy_or_why .. ' in ' .. K_STATE)
   loaded = nil
 end
@@ -676,7 +698,7 @@ local function read_leases()
   for i = 1, #flat, 2 do
     local id, deadline = read_whole(flat[i], S.nl - 1), read_time(flat[i + 1], now, P.max_wait)
     if id == nil or deadline == nil then
-      redis.call('HDEL', K_LEASES, flat[i])
+      if not listing then redis.call('HDEL', K_LEASES, flat[i]) end
       warnings[#warnings + 1] = 'unreadable probe lease ' .. show(flat[i]) .. ' = ' .. show(flat[i + 1]) .. ' in '
         .. K_LEASES .. ' (dropped)'
     else
@@ -797,8 +819,13 @@ end
 -- the caller's), the transition made if any (from, to, why, mgen, mko, mcalls, mtr), then
 -- the operation's `extra` pairs. The caller converts times to its own clock.
 local function reply(verdict, value, extra)
-  save()
-  if transition ~= nil or announce or wiped then publish() end
+  if listing then
+    -- (what a call would have cleared or dropped is named, and left as it is)
+    if #warnings > 0 then return unreadable((string.gsub(table.concat(warnings, '; '), ' %((%a+)%)', ''))) end
+  else
+    save()
+    if transition ~= nil or announce or wiped then publish() end
+  end
   local remaining = ''
   if S.ou ~= nil then remaining = fmt(S.ou - now) end
   local policy_back = ''

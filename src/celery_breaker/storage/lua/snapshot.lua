@@ -1,6 +1,8 @@
 -- snapshot: the breaker's state and metrics now (BreakerMachine.snapshot), after the local
 -- view's part: lifetime counters, times (script clock), retry_after, the shown rule's counts
--- (wcalls, wko, wslow), probes in flight (replies.py Metrics names each key).
+-- (wcalls, wko, wslow), probes in flight (replies.py Metrics names each key). For a listing
+-- (no policy) it writes nothing, and a breaker it cannot read is answered as unreadable
+-- (common.lua's unreadable(): {'absent', 1, 'unreadable', why, 'st', state}).
 
 local calls, failures, slow = shown('calls'), shown('failures'), shown('slow_calls')
 local live, soonest = 0, nil

@@ -1,11 +1,15 @@
 """Listing every breaker of a Redis store (``RedisStore.snapshots``): one SCAN, then the
 snapshot script over what it found, pipelined; or reading one (``RedisStore.find``) alike.
 
-One bad breaker never fails the listing. A breaker whose snapshot script fails on its
-data is run again on its own, checking its key types (after a WRONGTYPE) or resetting it
-(after any other failure its data caused); one that still fails, or whose keys belong to
-no breaker of this store (another app's under a colliding prefix, an earlier release's),
-is left out with one WARNING naming it. Only a store that cannot be read at all (no
+One bad breaker never fails the listing, and a listing writes nothing (decision 107). A
+breaker whose stored state holds what no script writes is listed as unreadable
+(``Listing.unreadable``: what is wrong, and the state its hash names if any), its keys left
+as they are for an operator to see, with one WARNING naming it: the next call through it
+(a worker's) or an operator's move repairs it, as before. A snapshot script that fails
+with a WRONGTYPE is run again on its own, checking its key types (still writing nothing);
+one that fails on its data otherwise is unreadable as it stands. Keys that belong to no
+breaker of this store (another app's under a colliding prefix, an earlier release's) are
+left out with one WARNING naming them. Only a store that cannot be read at all (no
 connection, a failing server) raises ``StorageError``. On a Cluster each primary is
 listed on its own: with some down (``cluster-require-full-coverage no``), the listing
 holds what the others hold and names those it could not read (``Listing.unreached``),
@@ -19,12 +23,12 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ...clock import Clock
-from ...core import BreakerSnapshot
+from ...core import BreakerSnapshot, State
 from ...errors import StorageError
 from ...labels import breaker_label, shown_label
-from ..contract import Listing
+from ..contract import Listing, UnreadableBreaker
 from .client import CLIENT_ERRORS, is_cluster, node_of
-from .damage import classify, failure, repair_for, text
+from .damage import CHECK_TYPES, classify, error_text, failure, text
 from .keys import breaker_of, glob_escape
 from .replies import decode_absent, decode_reply, decode_snapshot
 
@@ -39,6 +43,10 @@ logger = logging.getLogger("celery_breaker")
 #: Seconds between two WARNINGs that a store was listed in part; when each was told, by store.
 TELL_EVERY = 60.0
 _TOLD: dict[str, float] = {}
+#: When each unreadable breaker was last told, by store and breaker label; at most about
+#: this many are remembered.
+_TOLD_UNREADABLE: dict[tuple[str, str], float] = {}
+_MOST_TOLD = 10_000
 
 
 def list_snapshots(
@@ -52,7 +60,8 @@ def list_snapshots(
     if where is not None:
         stem = len(suffixes[0])
         state_keys = [key for key in state_keys if _picked(store, key, stem, where)]
-    return Listing(read_snapshots(store, clock, suffixes, state_keys), unreached, _stranded(store, unreached))
+    found, unreadable = read_snapshots(store, clock, suffixes, state_keys)
+    return Listing(found, unreached, _stranded(store, unreached), unreadable)
 
 
 def _stranded(store: RedisStore, unreached: list[str]) -> Selected | None:
@@ -123,9 +132,9 @@ def _picked(store: RedisStore, state_key: bytes, stem: int, where: Selected) -> 
 
 def read_snapshots(
     store: RedisStore, clock: Clock, suffixes: tuple[str, ...], state_keys: list[bytes]
-) -> list[BreakerSnapshot]:
-    """The breakers whose state keys are ``state_keys``, as the listing reads them: one
-    that is absent, or left out, is not in the list."""
+) -> tuple[list[BreakerSnapshot], list[UnreadableBreaker]]:
+    """The breakers whose state keys are ``state_keys``, as the listing reads them, and
+    those it found unreadable: one that is absent, or left out, is in neither."""
     now = clock.monotonic()
     offset = clock.time() - now if store.client_time else 0.0
     head = [repr(now) if store.client_time else "", store.ttl_ms]
@@ -133,31 +142,44 @@ def read_snapshots(
     stem = len(suffixes[0])
     calls = [([key[:-stem] + suffix.encode() for suffix in suffixes], [*head, "0", *tail]) for key in state_keys]
     found: list[BreakerSnapshot] = []
+    unreadable: list[UnreadableBreaker] = []
     for state_key, (keys, _), outcome in zip(state_keys, calls, store.run_many("snapshot", calls), strict=True):
         label = _label(store, state_key, stem)
+        ident = breaker_of(text(state_key)[:-stem], store.quoted_prefix)
         raw = outcome
-        if isinstance(raw, StorageError):
-            level = repair_for(raw.__cause__)
-            if not level:
-                _left_out(store, label, raw)
-                continue
-            try:
-                raw = store.run("snapshot", keys, [*head, f"0;0;0;0;0;{level}", *tail])
+        if isinstance(raw, StorageError) and classify(raw.__cause__) == "types":
+            try:  # (the types checked: a listing's check reports, and writes nothing)
+                raw = store.run("snapshot", keys, [*head, f"0;0;0;0;0;{CHECK_TYPES}", *tail])
             except StorageError as exc:
                 if classify(exc.__cause__) == "store":
                     raise
-                _left_out(store, label, exc)
+                raw = exc
+        if isinstance(raw, StorageError):
+            if classify(raw.__cause__) != "data" or ident is None:
+                _left_out(store, label, raw)
                 continue
-        snapshot = _read(store, label, state_key, raw, offset)
-        if snapshot is not None:
+            # (a failure no check foresaw: a call resets the breaker, a listing shows it)
+            cause = raw.__cause__
+            shown = _unreadable(store, *ident, f"a script failed on its data: {error_text(cause or raw)}", "")
+            unreadable.append(shown)
+            continue
+        snapshot = _read(store, label, ident, state_key, raw, offset)
+        if isinstance(snapshot, UnreadableBreaker):
+            unreadable.append(snapshot)
+        elif snapshot is not None:
             found.append(snapshot)
-    return found
+    return found, unreadable
 
 
-def _read(store: RedisStore, label: str, state_key: bytes, raw: list[Any], offset: float) -> BreakerSnapshot | None:
-    """The snapshot a script answered, or None (logged) for a breaker to leave out."""
+def _read(
+    store: RedisStore, label: str, ident: tuple[str, str | None] | None, state_key: bytes, raw: list[Any], offset: float
+) -> BreakerSnapshot | UnreadableBreaker | None:
+    """The snapshot a script answered, the breaker it found unreadable, or None (logged)
+    for a breaker to leave out."""
     try:
         absent = decode_absent(raw)
+        if absent is not None and absent.unreadable and ident is not None:
+            return _unreadable(store, *ident, absent.unreadable, absent.stored)
         if absent is not None:
             if absent.warnings:
                 logger.warning("breaker %s: reset unreadable state in Redis (%s)", shown_label(label), absent.warnings)
@@ -180,6 +202,28 @@ def _read(store: RedisStore, label: str, state_key: bytes, raw: list[Any], offse
         _left_out(store, label, StorageError(f"its state names {breaker_label(snapshot.name, snapshot.key)}"))
         return None
     return snapshot
+
+
+def _unreadable(store: RedisStore, name: str, key: str | None, problem: str, stored: str) -> UnreadableBreaker:
+    """The breaker as the listing shows it unreadable, told at WARNING once a minute per
+    store and breaker (DEBUG between: a page or a scrape lists every few seconds, and the
+    breaker stays unreadable until something repairs it)."""
+    state = next((state for state in State if state.value == stored), None)
+    held = f"; it holds {state.value}" if state is not None else ""
+    label = breaker_label(name, key)
+    now = time.monotonic()
+    told = now - _TOLD_UNREADABLE.get((store.label, label), -TELL_EVERY) >= TELL_EVERY
+    if told:
+        if len(_TOLD_UNREADABLE) >= _MOST_TOLD:  # (forget those told over a minute ago)
+            for old in [seen for seen, at in _TOLD_UNREADABLE.items() if now - at >= TELL_EVERY]:
+                del _TOLD_UNREADABLE[old]
+        _TOLD_UNREADABLE[store.label, label] = now
+    logger.log(
+        logging.WARNING if told else logging.DEBUG,
+        "breaker %s: unreadable state in Redis (%s%s); a listing leaves it as it is: the next call through it, or "
+        "an operator's move, repairs it", shown_label(label), problem, held, extra={"breaker_label": label},
+    )  # fmt: skip
+    return UnreadableBreaker(name, key, problem, state)
 
 
 def _label(store: RedisStore, state_key: bytes, stem: int) -> str:

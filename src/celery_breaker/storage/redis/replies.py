@@ -191,12 +191,16 @@ class Reply:
 
 @dataclass(frozen=True, slots=True)
 class Absent:
-    """A listing's answer for a breaker it does not show (``absent``): one that expired
-    since the scan saw it, one it reset as unreadable (``warnings``, as ``Reply``'s), or
-    keys that belong to no breaker of this store (``foreign``: why)."""
+    """A listing's answer for a breaker it does not show as read (``absent``): one that
+    expired since the scan saw it, one it cannot read (``unreadable``: what is wrong, and
+    ``stored``, the state its hash names if it names one; the listing wrote nothing), or
+    keys that belong to no breaker of this store (``foreign``: why). ``warnings``: what a
+    reset found, as ``Reply``'s (a listing resets nothing since decision 107)."""
 
     warnings: str
     foreign: str
+    unreadable: str = ""
+    stored: str = ""
 
 
 def decode_absent(raw: list[Any]) -> Absent | None:
@@ -204,7 +208,10 @@ def decode_absent(raw: list[Any]) -> Absent | None:
     fields = dict(zip(raw[::2], raw[1::2], strict=True))
     if b"absent" not in fields:
         return None
-    return Absent(warnings=_text(fields.get(b"warn", b"")), foreign=_text(fields.get(b"foreign", b"")))
+    return Absent(
+        warnings=_text(fields.get(b"warn", b"")), foreign=_text(fields.get(b"foreign", b"")),
+        unreadable=_text(fields.get(b"unreadable", b"")), stored=_text(fields.get(b"st", b"")),
+    )  # fmt: skip
 
 
 def decode_reply(raw: list[Any]) -> Reply | None:

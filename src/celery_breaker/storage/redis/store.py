@@ -20,7 +20,7 @@ from ...core import BreakerPolicy, BreakerSnapshot, State
 from ...core.policy import LONGEST_SECONDS
 from ...errors import ConfigurationError, StorageError
 from ...labels import breaker_label
-from ..contract import Selected
+from ..contract import Selected, UnreadableBreaker
 from ..registry import remember
 from ..urls import ENCODE_PASSWORD, describe_url, password_misread, scrub_secrets
 from .agent import Agent
@@ -562,15 +562,17 @@ class RedisStore:
     def snapshots(self, clock: Clock, where: Selected | None = None) -> list[BreakerSnapshot]:
         """Every breaker under this store's key prefix (a SCAN: for operators, not hot
         paths), or those ``where`` picks by name and key (told from the keys, before any
-        is read). A breaker that cannot be read is repaired or left out, with a WARNING
+        is read). A breaker that cannot be read is listed in ``Listing.unreadable``, left as
+        it is, and keys of no breaker of this store are left out, each with a WARNING
         (``listing.py``); ``StorageError`` only when the store cannot be read at all."""
         return list_snapshots(self, clock, _KEY_SUFFIXES, where)
 
-    def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | None:
-        """Breaker ``name``/``key`` as ``snapshots`` would list it, or ``None``: one script,
-        however many breakers the store holds (creating none)."""
-        found = read_snapshots(self, clock, _KEY_SUFFIXES, [self.keys_for(name, key)[0].encode()])
-        return found[0] if found else None
+    def find(self, name: str, key: str | None, clock: Clock) -> BreakerSnapshot | UnreadableBreaker | None:
+        """Breaker ``name``/``key`` as ``snapshots`` would list it (``UnreadableBreaker``:
+        found unreadable, left as it is), or ``None``: one script, however many breakers the
+        store holds (creating or changing none)."""
+        found, unreadable = read_snapshots(self, clock, _KEY_SUFFIXES, [self.keys_for(name, key)[0].encode()])
+        return found[0] if found else unreadable[0] if unreadable else None
 
     def run_many(self, script: str, calls: Sequence[tuple[list[Any], list[Any]]]) -> list[list[Any] | StorageError]:
         """``run`` for many breakers, ``PIPELINE_BATCH`` scripts per round trip (one by one

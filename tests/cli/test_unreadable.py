@@ -1,0 +1,157 @@
+"""``status`` (table and JSON) and ``watch`` against a breaker whose stored state is
+unreadable, with no worker running: the breaker is shown as unreadable, with what is
+wrong and the command that repairs it, and nothing in Redis is written (decision 107).
+Before, the listing reset it: its keys deleted, an operator's ``forced_open`` with them,
+and the breaker gone from every view."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from celery_breaker import State
+from celery_breaker.labels import visible
+from celery_breaker.storage import close_stores
+from celery_breaker.storage.redis import RedisStore
+
+from .conftest import breaker, run, stored, trip
+
+
+@pytest.fixture
+def server(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def keys_of(server: redis.Redis, url: str, name: str, key: str | None = None) -> list[str]:
+    """The breaker's keys and its parking's."""
+    store = RedisStore.from_url(url)
+    tag = store.parking.tag(name, key)
+    return [*store.keys_for(name, key), *(k.decode() for k in server.scan_iter(match=f"{tag}*"))]
+
+
+def dumped(server: redis.Redis, keys: list[str]) -> dict[str, tuple[Any, int]]:
+    return {key: (server.dump(key), server.pttl(key)) for key in keys}
+
+
+def unchanged(before: dict[str, tuple[Any, int]], after: dict[str, tuple[Any, int]]) -> bool:
+    """The same values, and no TTL given back (each may only have run down)."""
+    return {k: v for k, (v, _) in before.items()} == {k: v for k, (v, _) in after.items()} and all(
+        after[k][1] <= before[k][1] for k in before
+    )
+
+
+#: (what is written, what the line says is wrong, the state the hash still names)
+DAMAGES = {
+    "garbage state": ({"st": "garbage"}, "unreadable st='garbage'", None),
+    "open for ever": ({"st": "open", "ou": "1e300"}, "unreadable ou='1e300'", "open"),
+    "forced open, a nan count": ({"ok": "nan"}, "unreadable ok='nan'", "forced_open"),
+    "a string": (None, "holds a string, expected a hash", None),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
+def test_status_shows_an_unreadable_breaker_and_changes_nothing(
+    store_url: str, server: redis.Redis, damage: str
+) -> None:
+    written, said, held = DAMAGES[damage]
+    breaker(store_url, "held").force_open()  # (an operator's: what a reset lost)
+    trip(breaker(store_url, "other"))
+    RedisStore.from_url(store_url).parking.park("held", None, "task-1:1", 1.0, "payload", None)
+    close_stores()  # (no holder left in this process to repair it, as a worker's call would)
+    state_key = RedisStore.from_url(store_url).keys_for("held", None)[0]
+    if written is None:
+        server.delete(state_key)
+        server.set(state_key, "junk")
+    else:
+        for field, value in written.items():
+            server.hset(state_key, field, value)
+    keys = keys_of(server, store_url, "held")
+    for key in keys:  # (shorter than a script gives back: a refreshed TTL would show)
+        server.expire(key, 600)
+    before = dumped(server, keys)
+
+    table = run("status")
+    listed = run("status", "--json")
+    alone = run("status", "held")  # (looked up alone, not listed)
+
+    assert unchanged(before, dumped(server, keys))
+    assert table.exit_code == 0, table.output
+    lines = table.stdout.splitlines()
+    assert lines[1].split()[:3] == ["held", "unreadable", "?"]  # (in its place, by name)
+    assert lines[2].split()[:2] == ["other", "open"]
+    assert "2 breakers: 1 unreadable, 1 open" in lines
+    (line,) = [line for line in lines if line.startswith("Unreadable: held: ")]
+    assert said in line
+    assert state_key in line
+    repair = "open" if held == "forced_open" else "reset"
+    assert line.endswith(f"or now: celery breaker {repair} held")
+    assert len(table.stdout.split("held")) == 2 + line.count("held")  # (no second row, a new closed one)
+
+    rows = json.loads(listed.stdout)
+    assert [(row["name"], row["state"]) for row in rows] == [("held", "unreadable"), ("other", "open")]
+    assert set(rows[0]) == set(rows[1])  # (the documented shape: one field more, on every row)
+    assert rows[1]["unreadable"] is None
+    assert rows[0]["trips"] is None
+    found = rows[0]["unreadable"]
+    assert said in found["problem"]
+    assert found["stored_state"] == held
+    assert found["repair"] == f"celery breaker {repair} held"
+
+    assert alone.exit_code == 0, alone.output
+    assert alone.stdout.splitlines()[1].split()[:2] == ["held", "unreadable"]
+
+
+@pytest.mark.parametrize(
+    ("name", "key"), [("pay ments'x*", None), ("crm pay*", "t 1?"), ("crm\\x", "a\\b"), ("réseau", "t[1]")]
+)
+@pytest.mark.parametrize("held", [False, True])
+def test_the_repair_the_line_suggests_is_a_command_the_shell_reads_back(
+    store_url: str, server: redis.Redis, name: str, key: str | None, held: bool
+) -> None:
+    """Quoted as the shell reads it (a space, a quote, a glob, a backslash, brackets): run,
+    it repairs the breaker; one an operator forced open stays forced open."""
+    held_open = breaker(store_url, name, key=key)
+    if held:
+        held_open.force_open()
+    else:
+        held_open.call(lambda: None)
+    # (its success sent, and no holder of it left in this process: a flush, or a view
+    # refreshed, meeting the damage would repair it, as a worker's call does)
+    close_stores()
+    state_key = RedisStore.from_url(store_url).keys_for(name, key)[0]
+    server.hset(state_key, "gen", "nan")
+    table = run("status")
+    (line,) = [line for line in table.stdout.splitlines() if line.startswith("Unreadable: ")]
+    suggested = re.search(r"or now: (celery breaker .*)$", line)
+    assert suggested is not None, line
+    words = shlex.split(suggested.group(1))
+    action = "open" if held else "reset"
+    assert words == ["celery", "breaker", action, name, *(("--key", visible(key)) if key is not None else ())]
+    repaired = run(*words[2:], "--yes") if action == "reset" else run(*words[2:])
+    assert repaired.exit_code == 0, repaired.output
+    assert stored(store_url, name, key).state is (State.FORCED_OPEN if held else State.CLOSED)
+    assert "unreadable" not in run("status").stdout
+
+
+def test_watch_shows_an_unreadable_breaker_and_changes_nothing(store_url: str, server: redis.Redis) -> None:
+    breaker(store_url, "held").force_open()
+    breaker(store_url, "other").call(lambda: None)
+    close_stores()  # (no holder left in this process to repair it, as a worker's call would)
+    state_key = RedisStore.from_url(store_url).keys_for("held", None)[0]
+    server.hset(state_key, "tr", "-1")
+    before = dumped(server, keys_of(server, store_url, "held"))
+    result = run("watch", "--once")
+    assert result.exit_code == 0, result.output
+    assert unchanged(before, dumped(server, keys_of(server, store_url, "held")))
+    assert "2 breakers: 1 unreadable, 1 closed" in result.stdout
+    assert re.search(r"^held +unreadable", result.stdout, re.MULTILINE)
+    assert "Unreadable: held: unreadable state in the store (unreadable tr='-1'" in result.stdout
+    assert "or now: celery breaker open held" in result.stdout
