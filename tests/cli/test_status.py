@@ -82,6 +82,20 @@ def test_globs_filter_by_name_or_label(store_url: str) -> None:
     assert none.stdout.startswith("No breaker matches nothing* (3 in redis://")
 
 
+def test_a_pattern_matching_nothing_is_echoed_without_its_control_characters(store_url: str) -> None:
+    """``status PATTERN`` echoed the pattern as typed: one pasted from a task's key, with
+    an escape sequence in it (``\x1b]0;owned\x07`` sets a terminal's title), ran in the
+    operator's terminal. It is shown as status shows names and keys."""
+    populate(store_url)
+    result = run("status", "crm[\x1b]0;owned\x07*]", "pay\x1b[2Jments")
+    assert result.exit_code == 0, result.output
+    assert "\x1b" not in result.stdout
+    assert "\x07" not in result.stdout
+    assert result.stdout.startswith("No breaker matches crm[\\x1b]0;owned\\x07*] pay\\x1b[2Jments (3 in redis://"), (
+        result.stdout
+    )
+
+
 def test_wide_adds_the_time_an_open_breaker_may_probe(store_url: str) -> None:
     populate(store_url)
     lines = run("status", "--wide").stdout.splitlines()

@@ -297,7 +297,10 @@ def _status_table(
         return
     if not rows and not unreadable:
         read = " read" if partial else ""  # (it may be stored where the listing could not read)
-        click.echo(f"No breaker matches {' '.join(patterns)} ({len(everything)}{read} in {where}).")
+        # (as typed, escaped as status shows names: a pattern pasted from a task's key may
+        # hold an escape sequence, which the terminal ran)
+        shown = " ".join(visible(pattern) for pattern in patterns)
+        click.echo(f"No breaker matches {shown} ({len(everything)}{read} in {where}).")
         return
     from .console import status_text
 
