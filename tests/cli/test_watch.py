@@ -112,6 +112,17 @@ def test_an_interval_that_is_not_a_sane_number_of_seconds_is_a_usage_error(
     assert not result.stdout  # refused before any frame
 
 
+@pytest.mark.parametrize("interval", ["5s", "abc", "1,5", ""])
+def test_an_interval_that_is_no_number_says_what_it_must_be(store_url: str, clock: FakeClock, interval: str) -> None:
+    """``-i 5s`` was refused as "'5s' is not a valid float range" (click's name for the
+    type): it now says what the option takes, as for ``nan``."""
+    result = run("watch", "--interval", interval, "--once")
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert f"{interval!r} is not a number of seconds from 0.1 to 3600" in result.stderr
+    assert "float range" not in result.stderr
+    assert not result.stdout
+
+
 def test_globs_narrow_the_view(store_url: str, clock: FakeClock) -> None:
     breaker(store_url, "partner-api").call(lambda: None)
     breaker(store_url, "billing").call(lambda: None)

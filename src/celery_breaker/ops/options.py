@@ -19,9 +19,14 @@ class _Seconds(click.FloatRange):
     """
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        wanted = f"{value!r} is not a number of seconds from {self.min:g} to {self.max:g}"
+        try:
+            float(value)
+        except (TypeError, ValueError):  # (click's own words: "'5s' is not a valid float range")
+            self.fail(wanted, param, ctx)
         seconds = super().convert(value, param, ctx)
         if math.isnan(seconds):
-            self.fail(f"{value!r} is not a number of seconds from {self.min:g} to {self.max:g}", param, ctx)
+            self.fail(wanted, param, ctx)
         return seconds
 
 
