@@ -145,6 +145,26 @@ def test_the_reset_the_note_suggests_is_a_command_the_shell_reads_back(
     assert "the breaker now keeps the app's" in run(*words[2:]).stdout
 
 
+@pytest.mark.parametrize("key", [None, "-k"])
+def test_the_reset_the_note_suggests_for_a_name_starting_with_a_dash_reads_back(
+    store_url: str, monkeypatch: pytest.MonkeyPatch, key: str | None
+) -> None:
+    """``celery breaker reset -pay`` takes ``-pay`` for an option ("No such option"): the
+    note now suggests ``celery breaker reset [--key K] -- -pay``, which resets it."""
+    policies = {**cliproj.app.conf.breaker_policies, "-*": cliproj.CRM_POLICY}
+    monkeypatch.setitem(cliproj.app.conf, "breaker_policies", policies)
+    cliproj.use_store(store_url)  # (the settings read again, with the policy of -*)
+    breaker(store_url, "-pay", key=key, policy={"failure_threshold": 9, "reset_timeout": 5.0}).call(lambda: None)
+    opened = run("open", *(("--key", key) if key is not None else ()), "--", "-pay")
+    assert opened.exit_code == 0, opened.output
+    suggested = re.search(r"`(celery breaker reset .*)` adopts it", opened.stdout)
+    assert suggested is not None, opened.stdout
+    words = shlex.split(suggested.group(1))
+    assert words == ["celery", "breaker", "reset", *(("--key", key) if key is not None else ()), "--", "-pay"]
+    reset = run("reset", "--yes", *words[3:])
+    assert "the breaker now keeps the app's" in reset.stdout, reset.output
+
+
 def test_an_unknown_name_lists_the_known_ones_and_changes_nothing(store_url: str) -> None:
     breaker(store_url, "stored-only").call(lambda: None)
     result = run("open", "partnr-api")

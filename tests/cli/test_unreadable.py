@@ -110,14 +110,16 @@ def test_status_shows_an_unreadable_breaker_and_changes_nothing(
 
 
 @pytest.mark.parametrize(
-    ("name", "key"), [("pay ments'x*", None), ("crm pay*", "t 1?"), ("crm\\x", "a\\b"), ("réseau", "t[1]")]
+    ("name", "key"),
+    [("pay ments'x*", None), ("crm pay*", "t 1?"), ("crm\\x", "a\\b"), ("réseau", "t[1]"), ("-x", None), ("-y", "-k")],
 )
 @pytest.mark.parametrize("held", [False, True])
 def test_the_repair_the_line_suggests_is_a_command_the_shell_reads_back(
     store_url: str, server: redis.Redis, name: str, key: str | None, held: bool
 ) -> None:
-    """Quoted as the shell reads it (a space, a quote, a glob, a backslash, brackets): run,
-    it repairs the breaker; one an operator forced open stays forced open."""
+    """Quoted as the shell reads it (a space, a quote, a glob, a backslash, brackets; a
+    name that starts with ``-`` after ``--``, or it was taken for an option): run, it
+    repairs the breaker; one an operator forced open stays forced open."""
     held_open = breaker(store_url, name, key=key)
     if held:
         held_open.force_open()
@@ -134,8 +136,10 @@ def test_the_repair_the_line_suggests_is_a_command_the_shell_reads_back(
     assert suggested is not None, line
     words = shlex.split(suggested.group(1))
     action = "open" if held else "reset"
-    assert words == ["celery", "breaker", action, name, *(("--key", visible(key)) if key is not None else ())]
-    repaired = run(*words[2:], "--yes") if action == "reset" else run(*words[2:])
+    keyed = ["--key", visible(key)] if key is not None else []
+    named = [*keyed, "--", name] if name.startswith("-") else [name, *keyed]
+    assert words == ["celery", "breaker", action, *named]
+    repaired = run(action, *(["--yes"] if action == "reset" else []), *words[3:])
     assert repaired.exit_code == 0, repaired.output
     assert stored(store_url, name, key).state is (State.FORCED_OPEN if held else State.CLOSED)
     assert "unreadable" not in run("status").stdout

@@ -16,7 +16,6 @@ import contextlib
 import functools
 import io
 import os
-import shlex
 import shutil
 import sys
 import time
@@ -367,13 +366,12 @@ def _report_move(move: Move, as_json: bool, warned: bool) -> None:
     if move.policy_differs and move.action == "reset":
         click.echo("The stored policy differed from the app's settings: the breaker now keeps the app's.")
     elif move.policy_differs:
-        key = move.after.key
         # (quoted as a shell reads it back: a name may hold spaces, quotes and glob characters;
         # a name is printable text, and is read back as typed, not as `visible` escapes it)
-        name = shlex.quote(move.after.name)
-        if key is not None:
-            name += f" --key {shlex.quote(visible(key))}"
-        click.echo(f"Note: the stored policy differs from the app's settings; `celery breaker reset {name}` adopts it.")
+        from .console import breaker_command
+
+        command = breaker_command("reset", move.after.name, move.after.key)
+        click.echo(f"Note: the stored policy differs from the app's settings; `{command}` adopts it.")
 
 
 _YES_OPTION = click.option(

@@ -33,6 +33,7 @@ __all__ = [
     "UNREADABLE_STYLE",
     "Cell",
     "Column",
+    "breaker_command",
     "clock_time",
     "count_cell",
     "duration",
@@ -235,14 +236,25 @@ def summary(snapshots: Sequence[BreakerSnapshot], *, color: bool, unreadable: in
 _REPAIRS = {State.FORCED_OPEN: "open", State.DISABLED: "disable"}
 
 
+def breaker_command(action: str, name: str, key: str | None) -> str:
+    """``celery breaker ACTION NAME [--key KEY]`` as a shell reads it back: the name quoted
+    as typed (it may hold spaces, quotes, glob characters), the key as ``status`` shows
+    it; a name that starts with ``-`` after ``--``, the key given before it (else the
+    command took the name for an option: "No such option '-x'")."""
+    words = f"celery breaker {action}"
+    keyed = "" if key is None else f" --key {shlex.quote(visible(key))}"
+    if name.startswith("-"):
+        return f"{words}{keyed} -- {shlex.quote(name)}"
+    return f"{words} {shlex.quote(name)}{keyed}"
+
+
 def repair_command(found: UnreadableBreaker) -> str:
     """The ``celery breaker`` command that repairs ``found`` now, quoted as a shell reads
     it back (a name may hold spaces, quotes, glob characters): ``open`` or ``disable`` for
     a breaker whose hash still names that operator's state (kept, the rest mended), else
     ``reset`` (a fresh closed breaker)."""
     action = _REPAIRS.get(found.stored_state, "reset") if found.stored_state is not None else "reset"
-    words = f"celery breaker {action} {shlex.quote(found.name)}"
-    return words if found.key is None else f"{words} --key {shlex.quote(visible(found.key))}"
+    return breaker_command(action, found.name, found.key)
 
 
 def unreadable_text(found: UnreadableBreaker) -> str:
