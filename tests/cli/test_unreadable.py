@@ -10,6 +10,7 @@ import json
 import re
 import shlex
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,9 +18,11 @@ import redis
 
 from celery_breaker import State
 from celery_breaker.labels import visible
+from celery_breaker.ops import control
 from celery_breaker.storage import close_stores
 from celery_breaker.storage.redis import RedisStore
 
+from . import cliproj
 from .conftest import breaker, run, stored, trip
 
 
@@ -159,3 +162,42 @@ def test_watch_shows_an_unreadable_breaker_and_changes_nothing(store_url: str, s
     assert re.search(r"^held +unreadable", result.stdout, re.MULTILINE)
     assert "Unreadable: held: unreadable state in the store (unreadable tr='-1'" in result.stdout
     assert "or now: celery breaker open held" in result.stdout
+
+
+@pytest.mark.parametrize("patterns", [None, ["held"], ["he*"]])
+def test_inspect_breakers_gives_an_unreadable_breaker_a_row_of_its_own(
+    store_url: str, server: redis.Redis, patterns: list[str] | None
+) -> None:
+    """``celery inspect breakers`` (the worker's reply, as ``status --json`` rows): the
+    breaker is there, state ``unreadable``, and its keys are as they were."""
+    breaker(store_url, "held").force_open()
+    breaker(store_url, "other").call(lambda: None)
+    close_stores()
+    state_key = RedisStore.from_url(store_url).keys_for("held", None)[0]
+    server.hset(state_key, "st", "ajar")
+    before = dumped(server, keys_of(server, store_url, "held"))
+    state = SimpleNamespace(consumer=SimpleNamespace(app=cliproj.app, controller=None))
+    reply = control.breakers(state, patterns)
+    assert unchanged(before, dumped(server, keys_of(server, store_url, "held")))
+    assert isinstance(reply, list), reply
+    shown = [(row["name"], row["state"]) for row in reply]
+    assert shown == ([("held", "unreadable"), ("other", "closed")] if patterns is None else [("held", "unreadable")])
+    assert reply[0]["unreadable"]["problem"] == f"unreadable st='ajar' in {state_key}"
+    assert reply[0]["unreadable"]["repair"] == "celery breaker reset held"
+
+
+def test_a_label_looked_up_alone_finds_an_unreadable_breaker(
+    store_url: str, server: redis.Redis, listings: list[RedisStore]
+) -> None:
+    """``status 'crm[t1]'`` reads that breaker alone (``Store.find``): found unreadable, it
+    is shown as such, not taken for missing (which listed the whole store to say so)."""
+    breaker(store_url, "crm", key="t1").call(lambda: None)
+    close_stores()
+    state_key = RedisStore.from_url(store_url).keys_for("crm", "t1")[0]
+    server.hset(state_key, "ok", "-1")
+    before = dumped(server, keys_of(server, store_url, "crm", "t1"))
+    result = run("status", "crm[t1]")
+    assert unchanged(before, dumped(server, keys_of(server, store_url, "crm", "t1")))
+    assert result.stdout.splitlines()[1].split() == ["crm", "t1", "unreadable", *["?"] * 8]
+    assert "or now: celery breaker reset crm --key t1" in result.stdout
+    assert listings == []  # (no listing of the store)
