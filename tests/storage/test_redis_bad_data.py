@@ -313,7 +313,7 @@ def dumped(client: redis.Redis, keys: list[str]) -> dict[str, tuple[bytes | None
     return {key: (client.dump(key), client.pttl(key)) for key in keys}
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     policy=st.sampled_from(sorted(POLICIES)),
     start=st.sampled_from(["closed", "open", "half_open", "forced_open"]),
