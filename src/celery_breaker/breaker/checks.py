@@ -28,6 +28,7 @@ from ..health import (
 )
 from ..labels import shown_label
 from ..storage import Cell, describe_url, forced_why
+from ..storage.masking import MaskedText
 from .check_limits import CHECK_LEASE_MARGIN, CHECK_WITHIN, check_time
 from .runs import RUN
 from .steps import GuardSteps, primary
@@ -295,7 +296,7 @@ class HealthCheckAdmission(GuardSteps):
         except Exception as exc:  # (a thread of its own: nobody else would hear of it)
             logger.warning(
                 "breaker %s: the verdict of health check %s was not recorded (%s); its probe slot is "
-                "freed when its lease runs out", shown_label(self.label), name, exc,
+                "freed when its lease runs out", shown_label(self.label), name, MaskedText(exc),
                 extra={"breaker": self.name, "breaker_key": self.key},
             )  # fmt: skip
 

@@ -21,6 +21,7 @@ from ..core import BreakerPolicy
 from ..core.dotted import find_by_path, split_path
 from ..errors import ConfigurationError
 from ..health import HealthCheck, ProbeFunction, shown_probe
+from ..storage.masking import MaskedText
 from ..storage.urls import scrub_secrets
 from .registry import registry_for
 
@@ -104,7 +105,8 @@ def _import(path: str, where: str) -> object:
         problem = f"{where}={shown} names no task of this app and cannot be imported ({scrub_secrets(str(exc), path)})"
         raise ConfigurationError(f"{problem}; {_IMPORT_FIX}") from None
     except Exception as exc:  # (the module itself fails as it is imported: a SyntaxError, its own code)
-        problem = f"{where}={shown}: importing {module_name!r} failed ({type(exc).__name__}: {exc})"
+        # (its own code may connect somewhere as it is imported: its error may quote a URL)
+        problem = f"{where}={shown}: importing {module_name!r} failed ({type(exc).__name__}: {MaskedText(exc)})"
         raise ConfigurationError(f"{problem}; fix that module, or name another check") from exc
     return found
 

@@ -20,6 +20,7 @@ from celery.signals import task_received, worker_process_init, worker_process_sh
 from ..errors import ConfigurationError
 from ..health import abandon_pending_checks
 from ..storage import describe_url, flush_stores, is_shared_url, resolve_store
+from ..storage.masking import MaskedText
 from . import events
 from .broker import REDIS, broker_kind, broker_url
 from .deferral.backlog import WorkerBacklog
@@ -212,7 +213,7 @@ def _backlog_of(worker: Any) -> Callable[[], int | None] | None:
         logger.warning(
             "celery-breaker: cannot read this worker's own task counts (%s); the adaptive release is not bounded "
             "by what its pool takes",
-            exc,
+            MaskedText(exc),
         )
         return None
 

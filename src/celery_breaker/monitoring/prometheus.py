@@ -37,6 +37,7 @@ from ..integration.deferral.selection import uses_delay_queues
 from ..integration.settings import get_settings
 from ..labels import visible
 from ..storage import Listing, Store, describe_url
+from ..storage.masking import MaskedText
 from .delay_gauge import DelayDepthReader
 from .serving import QUIET_FOR, Deadlined, Guarded
 from .status import BreakerStatus, collect_metrics, is_app, store_of
@@ -273,7 +274,7 @@ class BreakerCollector(Collector):
             since = now - self._failing_since
         logger.warning(
             "celery-breaker metrics: cannot read breakers from %s%s: %s; exporting %s_store_up 0",
-            describe_url(self.store.url), f" (failing for {since:.0f} s)" if since else "", exc, PREFIX,
+            describe_url(self.store.url), f" (failing for {since:.0f} s)" if since else "", MaskedText(exc), PREFIX,
         )  # fmt: skip
 
     def _answered(self) -> None:

@@ -23,6 +23,7 @@ from ..errors import StorageError
 from ..labels import shown_label, visible
 from ..monitoring.status import BreakerStatus
 from ..storage import UnreadableBreaker
+from ..storage.masking import MaskedText
 from .console import (
     STATE_STYLES,
     UNREADABLE,
@@ -183,10 +184,10 @@ class Board:
     def _failed(self, exc: Exception) -> None:
         at = clock_time(self._clock.time())
         if isinstance(exc, StorageError):
-            error = f"store unreachable at {at}: {exc}; showing the last reading, retrying"
+            error = f"store unreachable at {at}: {MaskedText(exc)}; showing the last reading, retrying"
         else:  # a bug: the page says so, the log has the traceback, the reader goes on
             logger.exception("celery-breaker web: reading the breakers failed")
-            error = f"reading the breakers failed at {at}: {type(exc).__name__}: {exc}; retrying"
+            error = f"reading the breakers failed at {at}: {type(exc).__name__}: {MaskedText(exc)}; retrying"
         with self._lock:
             self._view = {**self._view, "error": error}
 

@@ -29,6 +29,7 @@ from celery.bin.base import CeleryCommand
 # commands here lets `celery inspect breakers` / `celery control breaker_open` be sent.
 from ..errors import BreakerKeyError, ConfigurationError, ParkedTasksError, StorageError, UnknownBreakerError
 from ..labels import breaker_label, shown_label, split_label, visible
+from ..storage.masking import MaskedText, masked_in_text
 from . import control  # noqa: F401
 from .actions import ACTIONS, DELETE
 from .options import REFRESH_INTERVAL
@@ -147,7 +148,7 @@ def _reporting(command: Callable[P, R]) -> Callable[P, R]:
             if os.environ.get(TRACEBACK_ENV):
                 raise
             raise BreakerCommandError(
-                f"unexpected {type(exc).__name__}: {exc} (set {TRACEBACK_ENV}=1 to see the traceback)"
+                f"unexpected {type(exc).__name__}: {MaskedText(exc)} (set {TRACEBACK_ENV}=1 to see the traceback)"
             ) from None
 
     return reported
@@ -159,7 +160,7 @@ def _unreachable(exc: Exception) -> str:
     from ..storage.redis.damage import advice, error_text
 
     cause = exc.__cause__
-    reason = error_text(cause) if cause is not None else str(exc)
+    reason = masked_in_text(error_text(cause) if cause is not None else str(exc))
     fix = advice(cause) if cause is not None else ""
     if fix:  # (Redis's own text, the cause's, never holds it)
         reason += f" ({fix})"

@@ -31,6 +31,7 @@ from celery.worker.control import Panel, control_command, inspect_command
 from ..errors import BreakerKeyError, ConfigurationError, UnknownBreakerError
 from ..labels import breaker_label, shown_label, split_label, visible
 from ..names import check_key, check_name
+from ..storage.masking import MaskedText
 from .actions import ACTIONS
 
 __all__ = ["ControlStep", "operate"]
@@ -131,7 +132,7 @@ def _reply(state: Any, action: str, name: Any, key: Any) -> dict[str, Any]:
         return {"error": str(exc)}
     except Exception as exc:  # a store outage, say: a reply, never a dead control thread
         logger.exception("celery-breaker: breaker_%s %s failed", action, label)
-        return {"error": f"breaker_{action} {label}: {exc}"}
+        return {"error": f"breaker_{action} {label}: {MaskedText(exc)}"}
     label = shown_label(breaker_label(snapshot["name"], snapshot["key"]))  # (the breaker it named, as status shows it)
     text = f"breaker {label} {ACTIONS[action].done}; state {snapshot['state']}"
     if not snapshot["changed"]:
@@ -229,7 +230,7 @@ def breakers(state: Any, patterns: list[str] | str | None = None, **_: Any) -> A
         return {"breakers": listed, "unreached": list(unreached_of(rows)), "warning": warning}
     except Exception as exc:
         logger.exception("celery-breaker: inspect breakers failed")
-        return {"error": f"inspect breakers: {exc}"}
+        return {"error": f"inspect breakers: {MaskedText(exc)}"}
 
 
 def _register(action: str, help_text: str) -> None:

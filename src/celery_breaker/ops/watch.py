@@ -19,6 +19,7 @@ from ..clock import Clock
 from ..core import TRANSITIONS, BreakerSnapshot, State
 from ..labels import shown_label, visible
 from ..storage import Listing, UnreadableBreaker
+from ..storage.masking import MaskedText
 from .console import (
     ALERT,
     DIM,
@@ -260,7 +261,7 @@ def watch_frame(
     title = f"celery breaker watch  {store}  {clock_time(now)}  every {interval:g} s  (Ctrl-C to quit)"
     lines = [click.style(title, bold=True) if color else title]
     if error is not None:
-        warning = f"store unreachable at {clock_time(now)}: {error}; showing the last view, retrying"
+        warning = f"store unreachable at {clock_time(now)}: {MaskedText(error)}; showing the last view, retrying"
         lines.append(click.style(warning, fg="red", bold=True) if color else warning)
     elif watch.unreached:
         warning = f"part of the store unreachable at {clock_time(now)}: {unreached_words(watch.unreached, kept=True)}"

@@ -44,6 +44,7 @@ from ..labels import breaker_label, shown_label
 from ..monitoring.serving import QUIET_FOR, Deadlined, Guarded
 from ..monitoring.status import collect_metrics
 from ..storage import describe_url
+from ..storage.masking import MaskedText
 from .actions import ACTIONS, DELETE
 from .board import HISTORY, Board
 from .console import STATE_STYLES
@@ -408,11 +409,13 @@ def _perform(site: Site, asked: Asked, *, client: str) -> tuple[int, dict[str, A
                 return 409, {"warning": warning, "error": f"{warning}: confirm to {asked.action} it anyway"}
         move = operate(site.app, asked.action, asked.name, asked.key, create_hint=_GONE)
     except (UnknownBreakerError, BreakerKeyError, StorageError, ConfigurationError) as exc:
-        logger.warning("celery-breaker web: %s %s, asked from %s, failed: %s", asked.action, label, client, exc)
-        return (503 if isinstance(exc, StorageError) else 400), {"error": str(exc)}
+        logger.warning(
+            "celery-breaker web: %s %s, asked from %s, failed: %s", asked.action, label, client, MaskedText(exc)
+        )
+        return (503 if isinstance(exc, StorageError) else 400), {"error": str(MaskedText(exc))}
     except Exception as exc:
         logger.exception("celery-breaker web: %s %s, asked from %s, failed", asked.action, label, client)
-        return 500, {"error": f"unexpected {type(exc).__name__}: {exc}"}
+        return 500, {"error": f"unexpected {type(exc).__name__}: {MaskedText(exc)}"}
     done = ACTIONS[asked.action].done
     _log_done(move.label, done, client, move.warning)
     site.board.wake()

@@ -40,6 +40,7 @@ from .contract import (
     Store,
     UnreadableBreaker,
 )
+from .masking import MaskedText
 from .memory import MemoryCell
 from .urls import describe_url
 
@@ -177,7 +178,7 @@ class FallbackStore:
             logger.warning(
                 "breaker store %s unreachable (%s); breakers follow breaker_on_storage_error=%s "
                 "until it answers again (retried every %g s)",
-                self.label, exc, self.mode, self.retry_interval,
+                self.label, MaskedText(exc), self.mode, self.retry_interval,
                 extra={"breaker_store": self.label, "breaker_on_storage_error": self.mode},
             )  # fmt: skip
 

@@ -8,7 +8,7 @@ import re
 
 from .urls import masked_user_info
 
-__all__ = ["MaskedRepr", "MaskedTracebacks", "masked_error", "masked_in_text"]
+__all__ = ["MaskedRepr", "MaskedText", "MaskedTracebacks", "masked_error", "masked_in_text"]
 
 #: A URL in free text: its scheme to the next space (a password may hold any other mark).
 #: A scheme starts where no scheme's character stands before it: tried from inside a run
@@ -243,6 +243,29 @@ class MaskedRepr:
         return masked_in_text(text)
 
     __str__ = __repr__
+
+
+class MaskedText:
+    """``str(value)``, masked (``masked_in_text``): an error quoted as its text, by a log
+    line's ``%s`` or an error's f-string (``MaskedRepr`` is its ``repr``, whatever the
+    format). Made only when formatted, as logging formats its arguments: a DEBUG line
+    that is not emitted costs no masking. A redis-py or kombu error's text may quote the
+    URL it connects to (``Error connecting to redis://:pw@host``), its password too."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __str__(self) -> str:
+        try:
+            text = str(self.value)
+        except Exception:  # (the user's object: its text must not fail the line)
+            text = f"<{type(self.value).__name__}: str() failed>"
+        return masked_in_text(text)
+
+    def __repr__(self) -> str:
+        return repr(MaskedRepr(self.value))
 
 
 def masked_error(exc: BaseException) -> BaseException:

@@ -22,6 +22,7 @@ import contextlib
 from dataclasses import dataclass
 from typing import Any
 
+from ...storage.masking import masked_in_text
 from .broker_delay import LEVELS, UNROUTABLE, level_name
 from .confirms import timed_out
 
@@ -119,7 +120,8 @@ def read_delay_depth(app: Any, timeout: float = DEPTH_TIMEOUT) -> DelayDepth:
 
 
 def failure_text(app: Any, exc: BaseException) -> str:
-    """Why a count failed, in one line for an operator: the broker (its password masked) and its error."""
+    """Why a count failed, in one line for an operator: the broker and its error, the
+    password masked in both (kombu's error may quote the broker's URL)."""
     where = app.connection_for_read().as_uri()  # (not connected: only the URL is read)
-    reason = "no answer (timed out)" if timed_out(exc) else (str(exc) or type(exc).__name__)
+    reason = "no answer (timed out)" if timed_out(exc) else (masked_in_text(str(exc)) or type(exc).__name__)
     return f"{where}: {reason}"

@@ -28,7 +28,7 @@ from kombu.exceptions import DecodeError, SerializerNotInstalled
 from kombu.serialization import dumps, loads, registry
 
 from ...errors import StorageError
-from ...storage.masking import MaskedRepr
+from ...storage.masking import MaskedRepr, MaskedText
 from .plan import PARKED_HEADER, park_deadline
 from .strategy import Deferral, in_a_serializer
 
@@ -111,7 +111,7 @@ def read_parked(payload: str, accept: Collection[str] | None) -> tuple[dict[str,
         outer = json.loads(payload)
         version = outer["v"]
     except Exception as exc:
-        raise ValueError(f"unreadable parked message: {exc!r}") from exc
+        raise ValueError(f"unreadable parked message: {MaskedRepr(exc)}") from exc
     if version not in _FORMATS:
         # (a newer release's format: a worker that reads it releases it; dropped, the task was lost)
         raise NewerFormat(
@@ -128,13 +128,17 @@ def read_parked(payload: str, accept: Collection[str] | None) -> tuple[dict[str,
             body = base64.b64decode(body)
         found = loads(body, outer["ct"], outer["ce"], accept=accept)  # type: ignore[no-untyped-call]
     except SerializerNotInstalled as exc:  # (ContentDisallowed too)
-        raise NotAcceptedHere(f"parked message in {outer.get('ct')!r}, which this app does not accept: {exc}") from exc
+        raise NotAcceptedHere(
+            f"parked message in {outer.get('ct')!r}, which this app does not accept: {MaskedText(exc)}"
+        ) from exc
     except Exception as exc:  # any decoding failure: the caller reports the entry
         cause = exc.args[0] if isinstance(exc, DecodeError) and exc.args else exc  # (kombu wraps what it met)
         if isinstance(cause, (ImportError, AttributeError)):
             # (pickle: "No module named 'billing.money'", "Can't get attribute 'Money'")
-            raise NeedsCode(f"parked message needs code this worker cannot import ({cause!r:.200})") from exc
-        raise ValueError(f"unreadable parked message: {exc!r}") from exc
+            raise NeedsCode(
+                f"parked message needs code this worker cannot import ({MaskedRepr(cause)!s:.200})"
+            ) from exc
+        raise ValueError(f"unreadable parked message: {MaskedRepr(exc)}") from exc
     if not isinstance(found, dict) or "task" not in found:
         # (its type only: a decoded body holds the task's arguments, not for a log)
         raise ValueError(f"unreadable parked message: a {type(found).__name__}, not a task's signature")

@@ -37,6 +37,7 @@ from ...errors import StorageError
 from ...health import CheckAbandoned, abandon_checks_on, abandon_pending_checks
 from ...labels import shown_label
 from ...storage import Parking
+from ...storage.masking import MaskedText
 from ..broker import AMQP, broker_kind
 from ..throttle import Throttle
 from .confirms import ConfirmingPublisher
@@ -193,7 +194,7 @@ class Releaser(ParkingWatch, Republishing, threading.Thread):
                 try:
                     self.parking.stand_down(self._lookout_id, LOOKOUT_LEASE)
                 except Exception as exc:  # (a store gone at shutdown: the lease runs out instead)
-                    logger.debug("celery-breaker releaser: could not give up the lookout: %s", exc)
+                    logger.debug("celery-breaker releaser: could not give up the lookout: %s", MaskedText(exc))
             if self._publisher is not None:  # (RabbitMQ's confirming connections: closed with the thread)
                 self._publisher.close_all()
 
@@ -213,7 +214,7 @@ class Releaser(ParkingWatch, Republishing, threading.Thread):
                 now = time.monotonic()
                 if self._failing_since is None:
                     self._failing_since = now
-                    logger.warning("celery-breaker releaser: %s; parked tasks wait until it answers", exc)
+                    logger.warning("celery-breaker releaser: %s; parked tasks wait until it answers", MaskedText(exc))
             except Exception:  # the thread must outlive anything it meets
                 logger.exception("celery-breaker releaser: unexpected error; trying again")
 
@@ -228,7 +229,7 @@ class Releaser(ParkingWatch, Republishing, threading.Thread):
             if self._lookout_failures.due("lookout") is not None:
                 logger.warning(
                     "celery-breaker releaser: cannot watch the parking for lost tasks (%s); parked tasks are "
-                    "released as usual meanwhile", exc,
+                    "released as usual meanwhile", MaskedText(exc),
                 )  # fmt: skip
         else:
             self._lookout_failures.forget("lookout")
@@ -363,7 +364,7 @@ class Releaser(ParkingWatch, Republishing, threading.Thread):
         try:
             room = self.backlog()
         except Exception as exc:  # (Celery's worker state read another way: release as before)
-            logger.debug("celery-breaker releaser: could not read the worker's own backlog (%s)", exc)
+            logger.debug("celery-breaker releaser: could not read the worker's own backlog (%s)", MaskedText(exc))
             room = None
         held = room is not None and room <= 0
         if held != self._holding:
@@ -421,5 +422,5 @@ class Releaser(ParkingWatch, Republishing, threading.Thread):
                 "celery-breaker releaser: cannot release the tasks parked behind %s (%s); the other breakers' "
                 "are released as usual, and it is tried again (every tick, or after up to 5 s while its store "
                 "cannot be reached)",
-                shown_label(self.parking.label(tag)), exc,
+                shown_label(self.parking.label(tag)), MaskedText(exc),
             )  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Any
 
 from ...labels import shown_label
 from ...storage import Parking
-from ...storage.masking import MaskedRepr
+from ...storage.masking import MaskedRepr, MaskedText
 from ..throttle import Throttle
 from . import confirms
 from .confirms import Confirm, ConfirmingPublisher, Send
@@ -57,7 +57,7 @@ class Republishing:
         logger.error(
             "celery-breaker releaser: dropped parked entry %s of %s: it can never be published (%s: %s); a writer "
             "of another app or release parked it with arguments or options Celery refuses",
-            entry, shown_label(self.parking.label(tag)), type(exc).__name__, exc,
+            entry, shown_label(self.parking.label(tag)), type(exc).__name__, MaskedText(exc),
         )  # fmt: skip
         return True
 
@@ -74,7 +74,7 @@ class Republishing:
                 advice = f"A worker {who}; a worker of another app sharing this store's key_prefix should use its own"
             logger.warning(
                 "celery-breaker releaser: left %s of %s parked: %s. %s",
-                entry, shown_label(self.parking.label(tag)), exc, advice,
+                entry, shown_label(self.parking.label(tag)), MaskedText(exc), advice,
             )  # fmt: skip
 
     def _publish(self, tag: str, claimed: list[tuple[str, str]]) -> list[str]:
@@ -93,7 +93,7 @@ class Republishing:
                 continue
             except ValueError as exc:
                 # Never publishable: dropping it is the only way forward; say so loudly.
-                logger.error("celery-breaker releaser: dropped parked entry %s of %s: %s", entry, tag, exc)
+                logger.error("celery-breaker releaser: dropped parked entry %s of %s: %s", entry, tag, MaskedText(exc))
                 done.append(entry)
                 continue
             try:

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from ...errors import StorageError
+from ..masking import MaskedRepr, MaskedText
 
 if TYPE_CHECKING:
     from .store import RedisStore
@@ -111,7 +112,9 @@ class Agent(threading.Thread):
                         return
                 except Exception as exc:  # the thread must outlive anything it meets
                     if not isinstance(exc, (redis.RedisError, OSError, StorageError, _Lost, _Unread)):
-                        logger.warning("redis store agent: unexpected %r; resubscribing", exc, exc_info=True)
+                        logger.warning(
+                            "redis store agent: unexpected %r; resubscribing", MaskedRepr(exc), exc_info=True
+                        )
                     elif _refused(exc) and not self._refusal_told:
                         # Redis answered, refusing the SUBSCRIBE (an ACL user without the
                         # command or the channel, or a disabled command): calls still work,
@@ -122,7 +125,8 @@ class Agent(threading.Thread):
                         logger.warning(
                             "redis store %s: Redis refused to subscribe to %s (%s); every breaker call asks Redis "
                             "until it can (the store's user needs SUBSCRIBE and the channel)",
-                            store.label if store else "?", store.channel if store else "the transitions channel", exc,
+                            store.label if store else "?", store.channel if store else "the transitions channel",
+                            MaskedText(exc),
                         )  # fmt: skip
                     failures += 1
                     store = self._store()
@@ -133,7 +137,9 @@ class Agent(threading.Thread):
                         # next try waits longer each time.
                         store.go_dark(None if isinstance(exc, _Unread) else exc)
                         if isinstance(exc, _Unread):
-                            logger.debug("redis store %s: views not read again (%s); retrying", store.label, exc)
+                            logger.debug(
+                                "redis store %s: views not read again (%s); retrying", store.label, MaskedText(exc)
+                            )
                         # A store that cannot be reached stops its agent too once it has
                         # needed none for IDLE_EXIT (a new cell starts another).
                         now = time.monotonic()

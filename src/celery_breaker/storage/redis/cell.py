@@ -17,6 +17,7 @@ from ...core.policy import LONGEST_SECONDS
 from ...errors import CircuitOpenError, ConfigurationError, StorageError
 from ...labels import breaker_label, shown_label
 from ..contract import NO_MOVES, Moves
+from ..masking import masked_in_text
 from .damage import CLOCK_SLACK, RESET, repair_for
 from .parking import PARKING_SUFFIXES
 from .replies import Reply, decode_reply, decode_snapshot, opt_float, policy_from_text, policy_text
@@ -282,7 +283,7 @@ class RedisCell:
         if reply.warnings:
             found = f"{reply.warnings}: {failure}" if failure else reply.warnings
             logger.warning(
-                "breaker %s: reset unreadable state in Redis (%s)", shown_label(self.label), found,
+                "breaker %s: reset unreadable state in Redis (%s)", shown_label(self.label), masked_in_text(found),
                 extra={"breaker": self.name, "breaker_key": self.key},
             )  # fmt: skip
         if reply.policy:

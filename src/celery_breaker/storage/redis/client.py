@@ -19,6 +19,7 @@ from redis.sentinel import Sentinel, SentinelConnectionPool
 
 from ...errors import ConfigurationError, StorageError
 from ..urls import describe_url as describe
+from ..urls import scrub_secrets
 from .schemes import SCHEMES, TLS_SCHEMES
 
 __all__ = [
@@ -247,7 +248,9 @@ def make_client(
                 **endpoint.options,
             )
         except CLIENT_ERRORS as exc:
-            raise StorageError(f"redis store {describe(url)}: cannot read the cluster's slot map: {exc}") from exc
+            raise StorageError(
+                f"redis store {describe(url)}: cannot read the cluster's slot map: {scrub_secrets(str(exc), url)}"
+            ) from exc
     try:
         if not bounded:
             return redis.Redis.from_url(endpoint.target, retry=_retry(), **timeouts)
@@ -256,7 +259,7 @@ def make_client(
         client.auto_close_connection_pool = True  # (as Redis.from_url: close() closes the pool)
         return client
     except ValueError as exc:
-        raise ConfigurationError(f"redis store URL {describe(url)!r}: {exc}") from None
+        raise ConfigurationError(f"redis store URL {describe(url)!r}: {scrub_secrets(str(exc), url)}") from None
 
 
 def _below_two(text: str) -> bool:
@@ -336,7 +339,7 @@ def _endpoint(url: str, parts: SplitResult, passed: list[tuple[str, str]]) -> _E
             "options (db, username, password, client_name, protocol, health_check_interval, ssl_* ...)"
         ) from None
     except (ValueError, redis.RedisError) as exc:
-        raise ConfigurationError(f"redis store URL {describe(url)!r}: {exc}") from None
+        raise ConfigurationError(f"redis store URL {describe(url)!r}: {scrub_secrets(str(exc), url)}") from None
     return _Endpoint(topology=topology, target=target)
 
 

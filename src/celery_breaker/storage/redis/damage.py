@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import redis
 
+from ..masking import masked_in_text
 from .client import CLIENT_ERRORS
 
 __all__ = [
@@ -147,9 +148,10 @@ def advice(exc: BaseException | None) -> str:
 
 def failure(label: str, doing: str, exc: BaseException) -> str:
     """The text of the ``StorageError`` a failed command becomes: the store, what was being
-    done, Redis's error and, when Redis refuses for a reason of its own, the fix."""
+    done, Redis's error (masked: redis-py's may quote a URL with its password) and, when
+    Redis refuses for a reason of its own, the fix."""
     fix = advice(exc)
-    return f"redis store {label}: {doing} failed: {error_text(exc)}" + (f" ({fix})" if fix else "")
+    return f"redis store {label}: {doing} failed: {masked_in_text(error_text(exc))}" + (f" ({fix})" if fix else "")
 
 
 #: A client's repr in redis-py's ``MasterNotFoundError`` (one per Sentinel asked), which

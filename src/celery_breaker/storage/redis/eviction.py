@@ -23,6 +23,7 @@ import redis
 from redis.sentinel import SentinelConnectionPool
 
 from ..contract import EvictionCheck
+from ..masking import masked_in_text
 from .client import is_cluster
 from .damage import text
 
@@ -48,7 +49,7 @@ def check_eviction(client: Any, label: str) -> EvictionCheck:
             if node is None and isinstance(client.connection_pool, SentinelConnectionPool):
                 found.update(client.config_get("min-replicas-to-write"))
         except redis.ResponseError as exc:  # (NOPERM, an unknown command: the server will not say)
-            return EvictionCheck(unknown=f"redis store {label}: {exc}")
+            return EvictionCheck(unknown=f"redis store {label}: {masked_in_text(str(exc))}")
         settings = {text(option): text(value) for option, value in found.items()}
         policy = settings.get("maxmemory-policy", "noeviction")
         if policy != "noeviction" and settings.get("maxmemory", "0") not in ("0", ""):

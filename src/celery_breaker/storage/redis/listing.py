@@ -27,6 +27,7 @@ from ...core import BreakerSnapshot, State
 from ...errors import StorageError
 from ...labels import breaker_label, shown_label
 from ..contract import Listing, UnreadableBreaker
+from ..masking import MaskedText, masked_in_text
 from .client import CLIENT_ERRORS, is_cluster, node_of
 from .damage import CHECK_TYPES, classify, error_text, failure, text
 from .keys import breaker_of, glob_escape
@@ -117,11 +118,14 @@ def _scan(store: RedisStore, pattern: str) -> tuple[list[bytes], list[str]]:
     told = now - _TOLD.get(store.label, -TELL_EVERY) >= TELL_EVERY
     if told:
         _TOLD[store.label] = now
-    logger.log(
-        logging.WARNING if told else logging.DEBUG,
-        "redis store %s: listed the breakers of %d of %d cluster primaries; left out those stored on %s",
-        store.label, len(primaries) - len(failed), len(primaries), ", ".join(f"{name} ({exc})" for name, exc in failed),
-    )  # fmt: skip
+    level = logging.WARNING if told else logging.DEBUG
+    if logger.isEnabledFor(level):  # (masked only for a line emitted; a str, which PrintableLog sees)
+        logger.log(
+            level,
+            "redis store %s: listed the breakers of %d of %d cluster primaries; left out those stored on %s",
+            store.label, len(primaries) - len(failed), len(primaries),
+            masked_in_text(", ".join(f"{name} ({exc})" for name, exc in failed)),
+        )  # fmt: skip
     return list(keys), [name for name, _ in failed]
 
 
@@ -160,7 +164,8 @@ def read_snapshots(
                 continue
             # (a failure no check foresaw: a call resets the breaker, a listing shows it)
             cause = raw.__cause__
-            shown = _unreadable(store, *ident, f"a script failed on its data: {error_text(cause or raw)}", "")
+            said = masked_in_text(error_text(cause or raw))
+            shown = _unreadable(store, *ident, f"a script failed on its data: {said}", "")
             unreadable.append(shown)
             continue
         snapshot = _read(store, label, ident, state_key, raw, offset)
@@ -234,6 +239,6 @@ def _label(store: RedisStore, state_key: bytes, stem: int) -> str:
 
 def _left_out(store: RedisStore, label: str, exc: StorageError) -> None:
     logger.warning(
-        "redis store %s: left breaker %s out of the listing: %s", store.label, shown_label(label), exc,
+        "redis store %s: left breaker %s out of the listing: %s", store.label, shown_label(label), MaskedText(exc),
         extra={"breaker_label": label},
     )  # fmt: skip

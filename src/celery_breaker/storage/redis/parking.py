@@ -27,6 +27,7 @@ from ...core.pacing import PacingLaw
 from ...errors import StorageError
 from ...labels import breaker_label, shown_label
 from ..contract import KEPT_LIFE, Claimed, EvictionCheck, ReleasePace
+from ..masking import MaskedText
 from .client import CLIENT_ERRORS, is_cluster, node_of
 from .damage import CHECK_TYPES, classify, failure, text
 from .eviction import check_eviction
@@ -135,7 +136,7 @@ class RedisParking:
         try:
             self._own_keys(doing, indexed)
         except StorageError as exc:
-            logger.warning("redis store %s: parked %s, then %s", self.store.label, entry, exc)
+            logger.warning("redis store %s: parked %s, then %s", self.store.label, entry, MaskedText(exc))
         return int(count)
 
     def release(
@@ -371,7 +372,7 @@ class RedisParking:
                     refusing[node] = exc
                     continue
                 logger.warning("redis store %s: left %s out of the parked counts: %s", self.store.label,
-                               shown_label(self.label(tag)), exc)  # fmt: skip
+                               shown_label(self.label(tag)), MaskedText(exc))  # fmt: skip
         if refused and not counted:
             raise refused[0][1]
         if refused:

@@ -21,6 +21,7 @@ from ...core.policy import LONGEST_SECONDS
 from ...errors import ConfigurationError, StorageError
 from ...labels import breaker_label
 from ..contract import Selected, UnreadableBreaker
+from ..masking import MaskedText
 from ..registry import remember
 from ..urls import ENCODE_PASSWORD, describe_url, password_misread, scrub_secrets
 from .agent import Agent
@@ -423,7 +424,7 @@ class RedisStore:
             self._dark_since = time.monotonic()
             logger.warning(
                 "redis store %s: lost the breaker transitions channel (%s); every call asks Redis until it is back",
-                self.label, exc,
+                self.label, MaskedText(exc),
             )  # fmt: skip
 
     def agent_stopped(self, agent: Agent) -> None:
