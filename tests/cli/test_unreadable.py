@@ -89,10 +89,13 @@ def test_status_shows_an_unreadable_breaker_and_changes_nothing(
     assert table.exit_code == 0, table.output
     lines = table.stdout.splitlines()
     assert lines[1].split()[:3] == ["held", "unreadable", "?"]  # (in its place, by name)
+    parked_end = lines[0].index("PARKED") + len("PARKED")  # (a count, aligned right under its title)
+    assert lines[1][:parked_end].split()[-1] == "1"  # (its parking is read apart: the task waits)
     assert lines[2].split()[:2] == ["other", "open"]
     assert "2 breakers: 1 unreadable, 1 open" in lines
     (line,) = [line for line in lines if line.startswith("Unreadable: held: ")]
     assert said in line
+    assert "; 1 task parked behind it; left as it is" in line
     assert state_key in line
     repair = "open" if held == "forced_open" else "reset"
     assert line.endswith(f"or now: celery breaker {repair} held")
@@ -103,6 +106,7 @@ def test_status_shows_an_unreadable_breaker_and_changes_nothing(
     assert set(rows[0]) == set(rows[1])  # (the documented shape: one field more, on every row)
     assert rows[1]["unreadable"] is None
     assert rows[0]["trips"] is None
+    assert (rows[0]["parked"], rows[0]["claimed"]) == (1, 0)  # (its parking is read: the task waits)
     found = rows[0]["unreadable"]
     assert said in found["problem"]
     assert found["stored_state"] == held
@@ -198,6 +202,6 @@ def test_a_label_looked_up_alone_finds_an_unreadable_breaker(
     before = dumped(server, keys_of(server, store_url, "crm", "t1"))
     result = run("status", "crm[t1]")
     assert unchanged(before, dumped(server, keys_of(server, store_url, "crm", "t1")))
-    assert result.stdout.splitlines()[1].split() == ["crm", "t1", "unreadable", *["?"] * 8]
+    assert result.stdout.splitlines()[1].split() == ["crm", "t1", "unreadable", *["?"] * 6, "0", "?"]  # (PARKED: read)
     assert "or now: celery breaker reset crm --key t1" in result.stdout
     assert listings == []  # (no listing of the store)

@@ -176,7 +176,8 @@ def test_an_unreadable_breaker_is_a_series_of_its_own_and_is_left_as_it_is(url: 
     """A scrape finding an operator's forced-open breaker unreadable reset it (deleted its
     keys): it came back closed. Now it is ``celery_breaker_unreadable`` with the state its
     hash still names, counted in ``celery_breaker_store_unreadable_breakers``, with no
-    other series (nothing of it was read), and its keys are as they were."""
+    series of its state (nothing of it was read) but its parking's, and its keys are as
+    they were."""
     store = RedisStore.from_url(url)
     clock = FakeClock()
     CircuitBreaker("crm", POLICY, storage=store, clock=clock).force_open()
@@ -193,10 +194,36 @@ def test_an_unreadable_breaker_is_a_series_of_its_own_and_is_left_as_it_is(url: 
 
     assert series(samples, f"{PREFIX}_unreadable", breaker="crm", key="", stored_state="forced_open") == 1.0
     assert series(samples, f"{PREFIX}_store_unreadable_breakers") == 1.0
-    assert not [labels for name, labels in samples if ("breaker", "crm") in labels and name != f"{PREFIX}_unreadable"]
+    parking = {f"{PREFIX}_unreadable", f"{PREFIX}_parked_tasks", f"{PREFIX}_claimed_tasks"}
+    assert not [labels for name, labels in samples if ("breaker", "crm") in labels and name not in parking]
+    assert series(samples, f"{PREFIX}_parked_tasks", breaker="crm", key="") == 0.0
     assert series(samples, f"{PREFIX}_state", breaker="billing", key="acme", state="closed") == 1.0
     assert server.dump(state_key) == before
     assert server.ttl(state_key) == -1  # (forced open: no TTL, none given)
+    server.close()
+
+
+def test_the_tasks_parked_behind_an_unreadable_breaker_are_still_counted(url: str, redis_url: str) -> None:
+    """Its parking is read apart from its state: a backlog held behind an operator's
+    forced-open breaker whose state hash went unreadable vanished from
+    ``celery_breaker_parked_tasks`` (and a backlog alert resolved) while it still waited."""
+    store = RedisStore.from_url(url)
+    clock = FakeClock()
+    CircuitBreaker("crm", POLICY, storage=store, clock=clock).force_open()
+    for n in range(3):
+        store.parking.park("crm", None, f"task-{n}:1", float(n), "payload", None)
+    store.flush()
+    server = redis.Redis.from_url(redis_url)
+    server.hset(store.keys_for("crm", None)[0], "ok", "nan")
+    registry = CollectorRegistry()
+    registry.register(BreakerCollector(url, clock=clock))
+
+    samples = scrape(registry)
+
+    assert series(samples, f"{PREFIX}_unreadable", breaker="crm", key="", stored_state="forced_open") == 1.0
+    assert series(samples, f"{PREFIX}_parked_tasks", breaker="crm", key="") == 3.0
+    assert series(samples, f"{PREFIX}_claimed_tasks", breaker="crm", key="") == 0.0
+    assert series(samples, f"{PREFIX}_state", breaker="crm", key="", state="closed") is None  # (not read: no state)
     server.close()
 
 

@@ -199,10 +199,13 @@ class BreakerCollector(Collector):
         if rows is not None:  # (a store not read at all is store_up 0 alone)
             families["store_unreached_servers"].add_metric([], float(len(rows.unreached)))
             families["store_unreadable_breakers"].add_metric([], float(len(rows.unreadable)))
-            for unread in rows.unreadable:  # (no other series: nothing of it could be read)
+            for unread in rows.unreadable:  # (no series of its state: nothing of it could be read)
                 stored = "" if unread.stored_state is None else unread.stored_state.value
                 key = "" if unread.key is None else visible(unread.key)
                 families["unreadable"].add_metric([unread.name, key, stored], 1.0)
+                # (its parking is read apart: a backlog behind it still waits, and is counted)
+                families["parked_tasks"].add_metric([unread.name, key], float(unread.parked))
+                families["claimed_tasks"].add_metric([unread.name, key], float(unread.claimed))
         if self.delays is not None:
             depth = self.delays.read().depth
             families["broker_delay_up"].add_metric([], 0.0 if depth is None else 1.0)

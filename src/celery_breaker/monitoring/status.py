@@ -7,7 +7,7 @@ the ``celery breaker`` CLI and the Prometheus collector.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..clock import SYSTEM_CLOCK, Clock
@@ -80,8 +80,8 @@ def collect_metrics(
     ``StorageError`` when the store cannot be read. A Redis Cluster with primaries down
     is listed in part: the rows of the breakers the others hold, their parked tasks
     counted, and ``unreached`` naming those down (``Listing``). Breakers the store holds
-    but cannot read are in no row: ``unreadable`` names them (``Listing``), and nothing is
-    written to them.
+    but cannot read are in no row: ``unreadable`` names them (``Listing``), with the tasks
+    parked behind them counted, and nothing is written to them.
     """
     clock = clock or SYSTEM_CLOCK
     store = store_of(source)
@@ -129,6 +129,13 @@ def collect_metrics(
         releasing = [tag for tag, snapshot in zip(tags, snapshots, strict=True)
                      if snapshot.state in _RELEASING and any(counts.get(tag, (0, 0)))]  # fmt: skip
         paces = parking.release_paces(releasing, clock.monotonic())
+        # (their parking is read apart from their state: a backlog behind one still waits)
+        unreadable = [
+            replace(found, parked=held[0], claimed=held[1])
+            if any(held := counts.get(parking.tag(found.name, found.key), (0, 0)))
+            else found
+            for found in unreadable
+        ]
         rows = []
         for tag, snapshot in zip(tags, snapshots, strict=True):
             release = paces.get(tag)

@@ -69,7 +69,8 @@ def _unreadable(found: UnreadableBreaker) -> dict[str, Any]:
     """An unreadable breaker as the page names it: the line ``status`` prints, and its parts."""
     return {"label": found.label, "shown": shown_label(found.label), "name": found.name, "key": found.key,
             "problem": found.problem, "repair": repair_command(found), "line": unreadable_text(found),
-            "stored_state": None if found.stored_state is None else found.stored_state.value}  # fmt: skip
+            "stored_state": None if found.stored_state is None else found.stored_state.value,
+            "parked": found.parked, "claimed": found.claimed}  # fmt: skip
 
 
 class Board:

@@ -264,9 +264,11 @@ def unreadable_text(found: UnreadableBreaker) -> str:
     held = found.stored_state
     kept = f"; its hash still names {held.value}, which the repair keeps" if held in _REPAIRS else ""
     then = "mends it" if held in _REPAIRS else "resets it"
+    waiting = found.parked + found.claimed
+    parked = f"; {waiting} task{'' if waiting == 1 else 's'} parked behind it" if waiting else ""
     return (
-        f"{visible(found.label)}: unreadable state in the store ({visible(found.problem)}{kept}); left as it is: "
-        f"the next call through it {then}, or now: {repair_command(found)}"
+        f"{visible(found.label)}: unreadable state in the store ({visible(found.problem)}{kept}){parked}; left as it "
+        f"is: the next call through it {then}, or now: {repair_command(found)}"
     )
 
 
@@ -277,7 +279,7 @@ def unreadable_row(found: UnreadableBreaker) -> dict[str, Any]:
     (``stored_state``, or ``None``) and the command that repairs it now (``repair``)."""
     row: dict[str, Any] = dict.fromkeys(BreakerStatus(new_breaker(found.name, found.key)).as_dict())
     row.update(
-        name=found.name, key=found.key, state=UNREADABLE,
+        name=found.name, key=found.key, state=UNREADABLE, parked=found.parked, claimed=found.claimed,
         unreadable={
             "problem": found.problem,
             "stored_state": None if found.stored_state is None else found.stored_state.value,
@@ -297,14 +299,17 @@ def listed_rows(rows: Sequence[BreakerStatus]) -> list[dict[str, Any]]:
     return listed
 
 
-def unreadable_cells(found: UnreadableBreaker, columns: int, *, keyed: bool) -> list[Cell]:
-    """A table row of ``columns`` cells for an unreadable breaker: its name (and key, when
-    ``keyed``), ``unreadable``, then ``?`` (nothing of it could be read as a whole)."""
+def unreadable_cells(found: UnreadableBreaker, columns: Sequence[Column], *, keyed: bool) -> list[Cell]:
+    """A table row of ``columns`` for an unreadable breaker: its name (and key, when
+    ``keyed``), ``unreadable``, its parked and claimed tasks (its parking is read apart),
+    and ``?`` for the rest (nothing of its state could be read as a whole)."""
     cells: list[Cell] = [(visible(found.name), None)]
     if keyed:
         cells.append((visible(found.key) if found.key is not None else "-", None))
     cells.append((UNREADABLE, UNREADABLE_STYLE))
-    return cells + [("?", None)] * (columns - len(cells))
+    read: dict[str, Cell] = {"PARKED": (str(found.parked), ALERT if found.parked else None),
+                             "CLAIMED": count_cell(found.claimed)}  # fmt: skip
+    return cells + [read.get(column.title, ("?", None)) for column in columns[len(cells) :]]
 
 
 # -- status -----------------------------------------------------------------------
@@ -330,9 +335,7 @@ def status_text(
     if wide:
         columns += [Column("REJECTED", True), Column("CLAIMED", True), Column("STREAK", True), Column("GEN", True)]
     columns.append(Column("RELEASE"))  # (last: its text has spaces)
-    table = [
-        ((found.name, found.key or ""), unreadable_cells(found, len(columns), keyed=keyed)) for found in unreadable
-    ]
+    table = [((found.name, found.key or ""), unreadable_cells(found, columns, keyed=keyed)) for found in unreadable]
     for row in rows:
         snapshot = row.snapshot
         cells: list[Cell] = [(visible(snapshot.name), None)]

@@ -273,9 +273,7 @@ def watch_frame(
                Column("FAIL%", True), Column("CALLS", True), Column("OPEN UNTIL"), Column("TRIPS", True),
                Column("CALLS/S", True), Column("DEFER/S", True), Column("REJ/S", True),
                Column("DEFERRED", True), Column("PARKED", True), Column("RELEASE")]  # fmt: skip
-    table = [
-        ((found.name, found.key or ""), unreadable_cells(found, len(columns), keyed=keyed)) for found in unreadable
-    ]
+    table = [((found.name, found.key or ""), unreadable_cells(found, columns, keyed=keyed)) for found in unreadable]
     for row in rows:
         snapshot, rates = row.status.snapshot, row.rates
         cells: list[Cell] = [(visible(snapshot.name), None)]

@@ -232,6 +232,11 @@ class UnreadableBreaker:
     stored_state: State | None = None
     """The state its state hash names, when it names one (an operator's ``forced_open``
     is kept by the repair); ``None`` when that too is unreadable."""
+    parked: int = 0
+    """Deferred tasks waiting in its parking, which is read apart from its state
+    (``collect_metrics`` counts them; a store's listing leaves 0)."""
+    claimed: int = 0
+    """Parked tasks a releaser has claimed and is publishing again (as ``parked``)."""
 
     @property
     def label(self) -> str:
