@@ -205,3 +205,18 @@ def test_a_label_looked_up_alone_finds_an_unreadable_breaker(
     assert result.stdout.splitlines()[1].split() == ["crm", "t1", "unreadable", *["?"] * 6, "0", "?"]  # (PARKED: read)
     assert "or now: celery breaker reset crm --key t1" in result.stdout
     assert listings == []  # (no listing of the store)
+
+
+def test_celery_control_repairs_an_unreadable_per_key_breaker_of_a_name_the_app_does_not_give(
+    store_url: str, server: redis.Redis
+) -> None:
+    """``celery control breaker_reset NAME KEY`` knows a name the app does not give by the
+    store's listing: a name whose only breaker was unreadable was refused as unknown
+    ("this worker knows: ..."), though ``status`` showed it and told to repair it."""
+    breaker(store_url, "orphan", key="t1").call(lambda: None)  # (made by a program, not a task)
+    close_stores()
+    state_key = RedisStore.from_url(store_url).keys_for("orphan", "t1")[0]
+    server.hset(state_key, "gen", "nan")
+    reply = control.operate(cliproj.app, "reset", "orphan", "t1")
+    assert (reply["name"], reply["key"], reply["state"]) == ("orphan", "t1", "closed")
+    assert server.hget(state_key, "gen") != b"nan"  # (repaired: a reset, as the line suggests)

@@ -46,11 +46,15 @@ class ControlStep(bootsteps.Step):  # type: ignore[misc]
 
 
 def _known_names(app: Any, store: Any) -> set[str]:
-    """The breaker names known to the app or held in its store (a listing: for messages)."""
+    """The breaker names known to the app or held in its store (a listing: for messages),
+    those it holds but cannot read too (``Listing.unreadable``: a move repairs them)."""
     from ..clock import SYSTEM_CLOCK
     from ..integration.inventory import app_breakers
+    from ..storage import Listing
 
-    return set(app_breakers(app)) | {snapshot.name for snapshot in store.snapshots(SYSTEM_CLOCK)}
+    listing = store.snapshots(SYSTEM_CLOCK)
+    unreadable = listing.unreadable if isinstance(listing, Listing) else ()
+    return set(app_breakers(app)) | {snapshot.name for snapshot in listing} | {found.name for found in unreadable}
 
 
 def _knows(app: Any, name: str) -> tuple[Any, bool]:

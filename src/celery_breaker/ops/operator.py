@@ -20,7 +20,7 @@ from ..integration.inventory import AppBreaker, app_inventory, policy_named
 from ..integration.settings import get_settings
 from ..labels import breaker_label, read_visible, shown_label, split_label, visible
 from ..names import check_key, check_name, encodable, kept_key
-from ..storage import Cell, Store, describe_url, resolve_store
+from ..storage import Cell, Listing, Store, describe_url, resolve_store
 from .actions import ACTIONS, DELETE, Action
 
 #: At most this many names are listed in an error message.
@@ -152,7 +152,10 @@ class _Stored:
     def everything(self) -> set[tuple[str, str | None]]:
         """Every breaker the store holds (a listing: for messages, not for every action)."""
         if self._everything is None:
-            self._everything = {(snapshot.name, snapshot.key) for snapshot in self.store.snapshots(self.clock)}
+            listing = self.store.snapshots(self.clock)
+            unreadable = listing.unreadable if isinstance(listing, Listing) else ()  # (held: a move repairs them)
+            self._everything = {(snapshot.name, snapshot.key) for snapshot in listing}
+            self._everything |= {(found.name, found.key) for found in unreadable}
         return self._everything
 
 
