@@ -110,7 +110,13 @@ def key_text(key: object, where: str) -> str:
     if isinstance(key, str):
         return str.__str__(key)
     if isinstance(key, int) and not isinstance(key, bool):
-        return int.__repr__(key)
+        try:
+            return int.__repr__(key)
+        except ValueError:  # (more digits than Python writes: sys.get_int_max_str_digits())
+            raise ConfigurationError(
+                f"{where} returned a whole number of more digits than Python writes as text "
+                "(sys.get_int_max_str_digits()); return a shorter key (a str, a whole number or a UUID)"
+            ) from None
     if isinstance(key, uuid.UUID):
         return str(key)
     fix = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import sys
 import uuid
 
 import pytest
@@ -224,6 +225,9 @@ def test_a_key_that_is_not_text_is_refused_naming_it(key: object) -> None:
     assert message.startswith("CircuitBreaker key of breaker 'crm' must be a str (or None: no key), got ")
     assert repr(key) in message
     assert "pass str(key)" in message
+    # (the advice BreakerTask's rule gives, decision 108: it no longer str()s anything it is given)
+    assert "for a whole number or a UUID" in message
+    assert "as a BreakerTask does" not in message
     with pytest.raises(BreakerKeyError, match=r"is no text \("):
         check_key(key)  # type: ignore[arg-type]
 
@@ -257,3 +261,15 @@ def test_a_key_functions_value_is_read_as_the_same_plain_text_everywhere(value: 
 def test_a_value_that_is_no_key_is_refused_naming_where_it_came_from(value: object) -> None:
     with pytest.raises(ConfigurationError, match=r"^task 'job': breaker_key returned .*; return the key as a str"):
         key_text(value, "task 'job': breaker_key")
+
+
+def test_a_whole_number_too_long_to_write_as_text_is_refused_naming_where_it_came_from() -> None:
+    """Python refuses to write an int of more than ``sys.get_int_max_str_digits()`` digits
+    (4300 by default): ``ValueError: Exceeds the limit``, which failed the run naming
+    neither the task nor ``breaker_key``."""
+    if not hasattr(sys, "get_int_max_str_digits"):  # (Pythons before the limit write any)
+        pytest.skip("no limit on int to str conversion")
+    with pytest.raises(
+        ConfigurationError, match=r"^task 'job': breaker_key returned a whole number of more digits than Python writes"
+    ):
+        key_text(10 ** (sys.get_int_max_str_digits() + 1), "task 'job': breaker_key")

@@ -91,7 +91,8 @@ class CircuitBreaker(GuardedBlocks, HealthCheckAdmission, Operating):
         if key is not None and not isinstance(key, str):
             raise ConfigurationError(
                 f"CircuitBreaker key of breaker {name!r} must be a str (or None: no key), got {type(key).__name__} "
-                f"{key!r:.100}; pass str(key), as a BreakerTask does with what its breaker_key returns"
+                f"{key!r:.100}; pass str(key) for a whole number or a UUID (a BreakerTask reads what its "
+                "breaker_key returns so), else a text that is the same for the same key on every run and process"
             )
         self.key = key = kept_key(name, key)
         self.policy = BreakerPolicy.coerce(policy)
