@@ -45,9 +45,10 @@ def dumped(server: redis.Redis, keys: list[str]) -> dict[str, tuple[Any, int]]:
 
 
 def unchanged(before: dict[str, tuple[Any, int]], after: dict[str, tuple[Any, int]]) -> bool:
-    """The same values, and no TTL given back (each may only have run down)."""
+    """The same values, and no TTL given back or taken (each may only have run down; a
+    PERSIST reads -1, below any TTL left, and is a write too)."""
     return {k: v for k, (v, _) in before.items()} == {k: v for k, (v, _) in after.items()} and all(
-        after[k][1] <= before[k][1] for k in before
+        0 < after[k][1] <= before[k][1] or after[k][1] == before[k][1] < 0 for k in before
     )
 
 
