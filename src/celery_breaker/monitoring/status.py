@@ -118,7 +118,7 @@ def collect_metrics(
         counts = parking.counts(counted)
         tags = [parking.tag(snapshot.name, snapshot.key) for snapshot in snapshots]
         # Tasks parked behind a breaker whose state the store no longer holds (its idle
-        # TTL ran out, an operator or a listing reset it): they are released as a new,
+        # TTL ran out, or an operator deleted it): they are released as a new,
         # closed breaker's would be, so the breaker is listed as one, not left out.
         listed = {*tags, *(parking.tag(found.name, found.key) for found in unreadable)}  # (held, not new)
         for tag, held in counts.items():
