@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from celery_breaker import CircuitOpenError
+from celery_breaker import CircuitOpenError, State
 from celery_breaker.monitoring.status import BreakerStatus
 from celery_breaker.ops import cli
 from celery_breaker.ops.cli import EXIT_UNAVAILABLE, EXIT_USAGE
@@ -247,3 +247,28 @@ def test_a_partial_reading_keeps_only_the_breakers_stored_on_the_servers_it_miss
     rows = watch.observe(partial)
     assert [row.status.snapshot.name for row in rows] == ["on-the-down-one", "served"]
     assert [(change.label, change.reason) for change in watch.changes] == [("deleted", "left the store")]
+
+
+def test_a_breaker_read_again_after_it_was_unreadable_is_no_new_breaker() -> None:
+    # A breaker whose state a listing could not read has not left the store (decision
+    # 107); once a call repaired it, the watch and the page's changes called it a "new
+    # breaker", though it had been there all along.
+    from celery_breaker import CircuitBreaker
+    from celery_breaker.monitoring import collect_metrics
+    from celery_breaker.storage import Listing, UnreadableBreaker
+    from celery_breaker.testing import fresh_store
+
+    clock = FakeClock()
+    store = fresh_store()
+    for name in ("crm", "other"):
+        CircuitBreaker(name, storage=store, clock=clock).call(lambda: None)
+    watch = Watch(clock)
+    whole = collect_metrics(store, clock=clock)
+    watch.observe(whole)
+    others = [row for row in whole if row.snapshot.name == "other"]
+    watch.observe(Listing(others, unreadable=[UnreadableBreaker("crm", None, "unreadable gen='nan' in k")]))
+    watch.observe(whole)  # (repaired by a call: read whole again)
+    assert [(change.label, change.source, change.target, change.reason) for change in watch.changes] == [
+        ("crm", State.CLOSED, None, "unreadable"),
+        ("crm", None, State.CLOSED, "readable again (repaired)"),
+    ]

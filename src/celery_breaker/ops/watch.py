@@ -172,6 +172,7 @@ class Watch:
         self._refreshes += 1
         seen_now: dict[tuple[str, str | None], _Seen] = {}
         out = []
+        was_unreadable = {(found.name, found.key) for found in self.unreadable}  # (at the last refresh)
         for row in rows:
             new = row.snapshot
             ident = (new.name, new.key)
@@ -181,7 +182,9 @@ class Watch:
             if seen is None:
                 since = new.opened_at if new.state in _OPENED else (None if first else wall)
                 if not first:
-                    self.changes.append(Change(wall, new.label, None, new.state, "new breaker"))
+                    # (one the last refresh found unreadable was there all along: a call repaired it)
+                    reason = "readable again (repaired)" if ident in was_unreadable else "new breaker"
+                    self.changes.append(Change(wall, new.label, None, new.state, reason))
             else:
                 old = seen.snapshot
                 elapsed = mono - seen.at
