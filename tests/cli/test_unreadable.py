@@ -221,3 +221,30 @@ def test_celery_control_repairs_an_unreadable_per_key_breaker_of_a_name_the_app_
     reply = control.operate(cliproj.app, "reset", "orphan", "t1")
     assert (reply["name"], reply["key"], reply["state"]) == ("orphan", "t1", "closed")
     assert server.hget(state_key, "gen") != b"nan"  # (repaired: a reset, as the line suggests)
+
+
+def test_what_the_cli_asks_before_it_acts_writes_nothing(store_url: str, server: redis.Redis) -> None:
+    """``delete``'s plan (its dry run, before "Delete held?") and the caution ``close`` asks
+    about first read the breaker with a policy, which repairs it as a call does: an
+    operator's forced-open breaker with a window key of another type was reset to a new
+    closed one (published to every worker, whose releaser then let its parked tasks go)
+    before the operator had answered. A read writes nothing (decision 107): the move
+    repairs it, once made."""
+    from celery_breaker.ops import operator
+
+    breaker(store_url, "held").force_open()
+    RedisStore.from_url(store_url).parking.park("held", None, "task-1:1", 1.0, "payload", None)
+    close_stores()
+    store = RedisStore.from_url(store_url)
+    window = store.keys_for("held", None)[1]
+    server.delete(window)
+    server.set(window, "junk")
+    keys = keys_of(server, store_url, "held")
+    before = dumped(server, keys)
+
+    plan = operator.delete(cliproj.app, "held", None, purge=True, dry_run=True, store=store)
+    warning = operator.assess(cliproj.app, "close", "held", store=store)
+
+    assert unchanged(before, dumped(server, keys))
+    assert (plan.discarded, plan.warning, warning) == (1, None, None)
+    assert server.hget(store.keys_for("held", None)[0], "st") == b"forced_open"

@@ -20,7 +20,7 @@ from ..integration.inventory import AppBreaker, app_inventory, policy_named
 from ..integration.settings import get_settings
 from ..labels import breaker_label, read_visible, shown_label, split_label, visible
 from ..names import check_key, check_name, encodable, kept_key
-from ..storage import Cell, Listing, Store, describe_url, resolve_store
+from ..storage import Cell, Listing, Store, UnreadableBreaker, describe_url, resolve_store
 from .actions import ACTIONS, DELETE, Action
 
 #: At most this many names are listed in an error message.
@@ -139,15 +139,19 @@ class _Stored:
     def __init__(self, store: Store, clock: Clock) -> None:
         self.store = store
         self.clock = clock
-        self._found: dict[tuple[str, str | None], bool] = {}
+        self._found: dict[tuple[str, str | None], BreakerSnapshot | UnreadableBreaker | None] = {}
         self._everything: set[tuple[str, str | None]] | None = None
 
     def __contains__(self, ident: tuple[str, str | None]) -> bool:
         """Whether the store held ``ident`` when first asked (later answers repeat it)."""
-        found = self._found.get(ident)
-        if found is None:
-            found = self._found[ident] = self.store.find(*ident, self.clock) is not None
-        return found
+        return self.found(ident) is not None
+
+    def found(self, ident: tuple[str, str | None]) -> BreakerSnapshot | UnreadableBreaker | None:
+        """``ident`` as the store held it when first asked (``Store.find``: read, never
+        written; an ``UnreadableBreaker`` when its state cannot be read)."""
+        if ident not in self._found:
+            self._found[ident] = self.store.find(*ident, self.clock)
+        return self._found[ident]
 
     def everything(self) -> set[tuple[str, str | None]]:
         """Every breaker the store holds (a listing: for messages, not for every action)."""
@@ -338,14 +342,17 @@ def _action(name: str) -> Action | None:
 
 def _cell(
     app: Any, name: str, key: str | None, store: Store, clock: Clock, *, create: bool, hint: str, as_shown: bool
-) -> tuple[Cell, bool, BreakerPolicy | None]:
-    """The named breaker's cell in ``store``, whether it existed, and the app's policy for it (if the app names it)."""
+) -> tuple[Cell, bool, BreakerPolicy | None, bool]:
+    """The named breaker's cell in ``store``, whether it existed, the app's policy for it
+    (if the app names it), and whether the store holds it unreadable (``Store.find``: a
+    cell's snapshot, which runs with a policy, would repair it, a write)."""
     name, key, named, in_store = _target(app, name, key, store, clock, create=create, hint=hint, as_shown=as_shown)
     found = named.get(name)
     wanted = found.policy if found is not None else policy_named(app, name)
     existed = (name, key) in in_store  # (asked before the cell is made: making it may store the breaker)
+    unreadable = isinstance(in_store.found((name, key)), UnreadableBreaker)
     cell = store.cell(name, key, wanted or get_settings(app).policy_for(name), clock)
-    return cell, existed, wanted
+    return cell, existed, wanted, unreadable
 
 
 def assess(
@@ -368,8 +375,9 @@ def assess(
     _check_name(name, key)
     store = store if store is not None else shared_store(app)
     clock = clock or SYSTEM_CLOCK
-    cell, exists, _ = _cell(app, name, key, store, clock, create=create, hint=create_hint, as_shown=as_shown)
-    if not exists:
+    cell, exists, _, unreadable = _cell(app, name, key, store, clock, create=create, hint=create_hint,
+                                        as_shown=as_shown)  # fmt: skip
+    if not exists or unreadable:  # (nothing read to judge by; reading it with a policy would repair it)
         return None
     return caution(action, cell.snapshot(clock.monotonic()), cell.policy, clock.time())
 
@@ -402,7 +410,7 @@ def operate(
     _check_name(name, key)
     store = store if store is not None else shared_store(app)
     clock = clock or SYSTEM_CLOCK
-    cell, exists, wanted = _cell(app, name, key, store, clock, create=create, hint=create_hint, as_shown=as_shown)
+    cell, exists, wanted, _ = _cell(app, name, key, store, clock, create=create, hint=create_hint, as_shown=as_shown)
     stored = cell.policy
     found_as = cell.snapshot(clock.monotonic()) if exists else None
     before = found_as.state if found_as is not None else None
@@ -511,7 +519,9 @@ def delete(
             f"purge them with it (--purge: they never run), or close it and delete it once they have been released"
         )
     before, warning = None, None
-    if (name, key) in in_store:
+    # (a plan reads nothing with a policy from a breaker it cannot read: that would repair
+    # it, a write, before the operator has answered; the delete itself may)
+    if (name, key) in in_store and not (dry_run and isinstance(in_store.found((name, key)), UnreadableBreaker)):
         found = named.get(name)
         wanted = found.policy if found is not None else policy_named(app, name) or get_settings(app).policy_for(name)
         cell = store.cell(name, key, wanted, clock)
