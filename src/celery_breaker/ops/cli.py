@@ -29,7 +29,6 @@ from celery.bin.base import CeleryCommand
 # commands here lets `celery inspect breakers` / `celery control breaker_open` be sent.
 from ..errors import BreakerKeyError, ConfigurationError, ParkedTasksError, StorageError, UnknownBreakerError
 from ..labels import breaker_label, shown_label, split_label, visible
-from ..storage.masking import MaskedText, masked_in_text
 from . import control  # noqa: F401
 from .actions import ACTIONS, DELETE
 from .options import REFRESH_INTERVAL
@@ -147,6 +146,8 @@ def _reporting(command: Callable[P, R]) -> Callable[P, R]:
         except Exception as exc:
             if os.environ.get(TRACEBACK_ENV):
                 raise
+            from ..storage.masking import MaskedText
+
             raise BreakerCommandError(
                 f"unexpected {type(exc).__name__}: {MaskedText(exc)} (set {TRACEBACK_ENV}=1 to see the traceback)"
             ) from None
@@ -157,6 +158,7 @@ def _reporting(command: Callable[P, R]) -> Callable[P, R]:
 def _unreachable(exc: Exception) -> str:
     from ..integration.settings import get_settings
     from ..storage import describe_url
+    from ..storage.masking import masked_in_text
     from ..storage.redis.damage import advice, error_text
 
     cause = exc.__cause__

@@ -31,7 +31,6 @@ from celery.worker.control import Panel, control_command, inspect_command
 from ..errors import BreakerKeyError, ConfigurationError, UnknownBreakerError
 from ..labels import breaker_label, shown_label, split_label, visible
 from ..names import check_key, check_name
-from ..storage.masking import MaskedText
 from .actions import ACTIONS
 
 __all__ = ["ControlStep", "operate"]
@@ -136,6 +135,8 @@ def _reply(state: Any, action: str, name: Any, key: Any) -> dict[str, Any]:
         return {"error": str(exc)}
     except Exception as exc:  # a store outage, say: a reply, never a dead control thread
         logger.exception("celery-breaker: breaker_%s %s failed", action, label)
+        from ..storage.masking import MaskedText  # (here: every celery command imports this module)
+
         return {"error": f"breaker_{action} {label}: {MaskedText(exc)}"}
     label = shown_label(breaker_label(snapshot["name"], snapshot["key"]))  # (the breaker it named, as status shows it)
     text = f"breaker {label} {ACTIONS[action].done}; state {snapshot['state']}"
@@ -234,6 +235,8 @@ def breakers(state: Any, patterns: list[str] | str | None = None, **_: Any) -> A
         return {"breakers": listed, "unreached": list(unreached_of(rows)), "warning": warning}
     except Exception as exc:
         logger.exception("celery-breaker: inspect breakers failed")
+        from ..storage.masking import MaskedText  # (here: every celery command imports this module)
+
         return {"error": f"inspect breakers: {MaskedText(exc)}"}
 
 
