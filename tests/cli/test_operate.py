@@ -165,6 +165,40 @@ def test_the_reset_the_note_suggests_for_a_name_starting_with_a_dash_reads_back(
     assert "the breaker now keeps the app's" in reset.stdout, reset.output
 
 
+@pytest.mark.parametrize(
+    ("typed", "suggested"),
+    [
+        (["reset", "-pay"], "celery breaker reset -- -pay"),
+        (["open", "--key", "-k", "-pay", "--json"], "celery breaker open --key -k --json -- -pay"),
+        (["close", "-kt1", "-y", "-x y"], "celery breaker close -kt1 -y -- '-x y'"),
+        (["delete", "--key=t1", "--pay"], "celery breaker delete --key=t1 -- --pay"),
+        (["status", "crm", "-pay*"], "celery breaker status crm -- '-pay*'"),
+        (["watch", "-pay"], "celery breaker watch -- -pay"),
+    ],
+)
+def test_a_name_taken_for_an_option_says_to_put_it_after_dashes(
+    store_url: str, typed: list[str], suggested: str
+) -> None:
+    """``celery breaker reset -pay`` said "No such option '-p'" and nothing of the way
+    out: the error now gives the command with the name after ``--``, the rest as typed
+    (an option's value that starts with ``-`` and options run together stay options)."""
+    result = run(*typed)
+    assert result.exit_code == EXIT_USAGE
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("Error: No such option"), error
+    assert error.endswith(f"put it after '--': {suggested}"), error
+
+
+def test_a_name_taken_for_an_option_goes_among_those_after_the_dashes(store_url: str) -> None:
+    """With ``--`` typed already, the word goes after it, before the names there; click's
+    own suggestion of the option it may have meant stays."""
+    result = run("status", "--jsn", "--", "-pay")
+    assert result.exit_code == EXIT_USAGE
+    error = result.stderr.strip().splitlines()[-1]
+    assert "Did you mean '--json'?" in error, error
+    assert error.endswith("put it after '--': celery breaker status -- --jsn -pay"), error
+
+
 def test_an_unknown_name_lists_the_known_ones_and_changes_nothing(store_url: str) -> None:
     breaker(store_url, "stored-only").call(lambda: None)
     result = run("open", "partnr-api")

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import io
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -241,7 +242,62 @@ def _whole_writes() -> None:
     )
 
 
-@breaker.command(cls=CeleryCommand)
+class NamingCommand(CeleryCommand):  # type: ignore[misc]  # (CeleryCommand is untyped)
+    """A command whose arguments are breaker names or patterns. Click reads a word that
+    starts with ``-`` as an option, so ``celery breaker reset -pay`` failed with "No such
+    option '-p'" and no word of the way out: the error now says that a name starting
+    with ``-`` goes after ``--`` and gives the command that reads it so."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        typed = list(args)  # (click's parser takes the words out of ``args`` as it reads them)
+        try:
+            return cast("list[str]", super().parse_args(ctx, args))
+        except click.NoSuchOption as error:
+            word = _unknown_word(self.get_params(ctx), typed)
+            if word is None:
+                raise
+            rest = [arg for arg in typed if arg is not word]
+            after = rest.index("--") + 1 if "--" in rest else len(rest)
+            words = ["celery", "breaker", ctx.info_name or "", *rest[:after], *(() if "--" in rest else ("--",)),
+                     word, *rest[after:]]  # fmt: skip
+            hint = f"If {word!r} is a breaker's name, put it after '--': {shlex.join(words)}"
+            raise click.UsageError(f"{error.format_message()} {hint}", ctx=ctx) from None
+
+
+def _unknown_word(params: list[click.Parameter], args: list[str]) -> str | None:
+    """The first word of ``args`` (before ``--``) that starts with ``-`` and is none of
+    ``params``' options (``--key=K``, ``-kK`` and ``-yf`` are theirs), or ``None``."""
+    options = [param for param in params if isinstance(param, click.Option)]
+    valued = {name for param in options if not param.is_flag for name in param.opts}
+    known = {name for param in options for name in (*param.opts, *param.secondary_opts)}
+    words = iter(args)
+    for word in words:
+        if word == "--":
+            return None
+        if word in valued:
+            next(words, None)  # (its value, whatever it starts with)
+        elif word.startswith("--") and word.split("=", 1)[0] in known:
+            continue
+        elif word.startswith("-") and len(word) > 1 and not _short_options(word, known, valued):
+            return word
+    return None
+
+
+def _short_options(word: str, known: set[str], valued: set[str]) -> bool:
+    """Whether ``word`` is short options run together (``-yf``), the last perhaps with
+    its value attached (``-kt1``)."""
+    if word.startswith("--"):
+        return False
+    for char in word[1:]:
+        option = f"-{char}"
+        if option not in known:
+            return False
+        if option in valued:
+            return True  # (the rest of the word is its value)
+    return True
+
+
+@breaker.command(cls=NamingCommand)
 @_PATTERNS
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per breaker.")
 @click.option(
@@ -392,7 +448,7 @@ def _operator_command(action: str, summary: str) -> click.Command:
             " their retries, and asks first (--yes: do not ask)."
         )
 
-    @click.command(name=action, cls=CeleryCommand, help=f"{summary}\n\n{details}", short_help=summary)
+    @click.command(name=action, cls=NamingCommand, help=f"{summary}\n\n{details}", short_help=summary)
     @click.argument("name")
     @click.option("--key", "-k", default=None, help="The key of a per-key breaker (NAME[KEY] works too).")
     @click.option("--create", is_flag=True, help="Act even on a breaker neither the store nor the app knows.")
@@ -425,7 +481,7 @@ for _action in ACTIONS.values():
     breaker.add_command(_operator_command(_action.name, _action.summary))
 
 
-@breaker.command(cls=CeleryCommand, short_help=DELETE.summary)
+@breaker.command(cls=NamingCommand, short_help=DELETE.summary)
 @click.argument("name")
 @click.option("--key", "-k", default=None, help="The key of a per-key breaker (NAME[KEY] works too).")
 @click.option("--purge", "discard", is_flag=True, help="Discard the tasks parked behind it too: they never run.")
@@ -481,7 +537,7 @@ def delete(ctx: click.Context, name: str, key: str | None, discard: bool, yes: b
         click.echo(f"The app's tasks use {name}: {which} creates {shown} afresh, closed, under the app's policy.")
 
 
-@breaker.command(cls=CeleryCommand)
+@breaker.command(cls=NamingCommand)
 @click.argument("name")
 @click.option("--key", "-k", default=None, help="The key of a per-key breaker (NAME[KEY] works too).")
 @click.option("--force", "-f", is_flag=True, help="Do not ask for confirmation.")
@@ -531,7 +587,7 @@ def purge(ctx: click.Context, name: str, key: str | None, force: bool, as_json: 
         _fallen_back_unpurged(app)
 
 
-@breaker.command(cls=CeleryCommand)
+@breaker.command(cls=NamingCommand)
 @_PATTERNS
 @click.option(
     "--interval",
