@@ -189,6 +189,14 @@ def test_a_name_taken_for_an_option_says_to_put_it_after_dashes(
     assert error.endswith(f"put it after '--': {suggested}"), error
 
 
+def test_an_option_of_another_command_gets_no_name_hint(store_url: str) -> None:
+    """``status --key K`` is an option given to the wrong command, not a name."""
+    result = run("status", "--key", "t1")
+    assert result.exit_code == EXIT_USAGE
+    assert "No such option" in result.stderr
+    assert "breaker's name" not in result.stderr
+
+
 def test_a_name_taken_for_an_option_goes_among_those_after_the_dashes(store_url: str) -> None:
     """With ``--`` typed already, the word goes after it, before the names there; click's
     own suggestion of the option it may have meant stays."""

@@ -254,14 +254,27 @@ class NamingCommand(CeleryCommand):  # type: ignore[misc]  # (CeleryCommand is u
             return cast("list[str]", super().parse_args(ctx, args))
         except click.NoSuchOption as error:
             word = _unknown_word(self.get_params(ctx), typed)
-            if word is None:
-                raise
+            if word is None or word.split("=", 1)[0] in _sibling_options(ctx):
+                raise  # (``status --key K``: an option of another command, no name)
             rest = [arg for arg in typed if arg is not word]
             after = rest.index("--") + 1 if "--" in rest else len(rest)
             words = ["celery", "breaker", ctx.info_name or "", *rest[:after], *(() if "--" in rest else ("--",)),
                      word, *rest[after:]]  # fmt: skip
             hint = f"If {word!r} is a breaker's name, put it after '--': {shlex.join(words)}"
             raise click.UsageError(f"{error.format_message()} {hint}", ctx=ctx) from None
+
+
+def _sibling_options(ctx: click.Context) -> set[str]:
+    """The options of every ``celery breaker`` command (this one's parent's)."""
+    group = ctx.parent.command if ctx.parent is not None else None
+    commands = group.commands.values() if isinstance(group, click.Group) else ()
+    return {
+        name
+        for command in commands
+        for param in command.params
+        if isinstance(param, click.Option)
+        for name in (*param.opts, *param.secondary_opts)
+    }
 
 
 def _unknown_word(params: list[click.Parameter], args: list[str]) -> str | None:
