@@ -473,6 +473,29 @@ def test_a_long_key_is_cut_on_its_row_and_keeps_the_columns_on_the_page(browser:
     assert {row["label"]: row["title"] for row in placed} == {label: f"crm [{key}]", "billing": "billing"}
 
 
+def test_hostile_names_and_keys_are_text_and_no_two_breakers_read_alike(browser: WebDriver, store_url: str) -> None:
+    # A key is any text a task's breaker_key makes: markup in it stays text. A name may
+    # hold a character that prints as nothing (a variation selector): its row read
+    # "billing", as the plain billing's did, while `status` shows it as billing\\ufe0f.
+    keys = ['<img src=x onerror="window.pwned=1">', "</script><script>window.pwned=2</script>", "a\u202eevil"]
+    for name, key in (("billing", None), ("billing\ufe0f", None), *(("crm", key) for key in keys)):
+        breaker(store_url, name, key).call(lambda: None)
+    flush_stores()
+    with WebProcess(store_url, "--interval", INTERVAL, "--allow-actions", env={TOKEN_ENV: "t" * 32}) as web:
+        browser.get(web.url)
+        until(browser, lambda: len(rows(browser)) == 5, "every row")
+        shown = {label: row["breaker"] for label, row in rows(browser).items()}
+        titles = browser.execute_script(
+            "return Object.fromEntries(Array.from(document.querySelectorAll('#breakers tbody tr'))"
+            ".map(tr => [tr.dataset.label, tr.querySelector('.who').title]));"
+        )
+        assert browser.execute_script("return [window.pwned, document.querySelectorAll('img').length];") == [None, 0]
+    assert shown["billing"] == titles["billing"] == "billing"
+    assert shown["billing\ufe0f"] == titles["billing\ufe0f"] == "billing\\ufe0f"  # (as `status` shows it)
+    assert shown[f"crm[{keys[0]}]"] == titles[f"crm[{keys[0]}]"] == f"crm [{keys[0]}]"
+    assert shown["crm[a\u202eevil]"] == "crm [a\\u202eevil]"  # (a bidi override, escaped: it reorders nothing)
+
+
 def test_rows_follow_the_stores_order_as_breakers_come_and_go(browser: WebDriver, store_url: str) -> None:
     # The rows are put in order walking the table once (a live collection indexed after
     # each insertion made the first reading of 10,000 breakers take seconds): a breaker

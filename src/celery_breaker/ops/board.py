@@ -212,8 +212,10 @@ class Board:
             in_state = f">= {duration(watched)}" if watched >= 0.05 else "-"
         return {
             "label": snapshot.label, "name": snapshot.name, "key": snapshot.key, "state": snapshot.state.value,
-            # (as status shows them: a key from a task's arguments may hold control characters)
-            "shown": shown_label(snapshot.label), "key_shown": None if snapshot.key is None else visible(snapshot.key),
+            # (as status shows them: a key from a task's arguments may hold control characters, and a
+            # name a character that prints as nothing, which would read as another name)
+            "shown": shown_label(snapshot.label), "name_shown": visible(snapshot.name),
+            "key_shown": None if snapshot.key is None else visible(snapshot.key),
             "in_state": in_state, "open_until": open_until_text(snapshot), "retry_after": snapshot.retry_after,
             "failure_rate": failure_rate_text(snapshot), "window_calls": snapshot.window_calls,
             "window_failures": snapshot.window_failures, "calls_per_s": rates.calls if rates else None,
