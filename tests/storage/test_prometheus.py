@@ -567,3 +567,18 @@ def test_a_breaker_without_a_key_and_one_with_an_empty_key_are_two_series(url: s
     samples = scrape(registry)
     assert series(samples, "celery_breaker_state", breaker="crm", key="", state="open") == 1.0
     assert series(samples, "celery_breaker_state", breaker="crm", key='""', state="closed") == 1.0
+
+
+def test_a_name_holding_a_character_that_prints_nothing_is_labelled_as_status_shows_it(url: str) -> None:
+    """A name may hold a variation selector (``check_name`` allows printable text): its
+    ``breaker`` label read ``billing`` on a dashboard's legend, as the plain billing's did.
+    It is labelled as ``status`` shows it, as a key is."""
+    store = RedisStore.from_url(url)
+    clock = FakeClock()
+    fail(CircuitBreaker("billing\ufe0f", POLICY, storage=store, clock=clock))
+    CircuitBreaker("billing", POLICY, storage=store, clock=clock).call(ok)
+    registry = CollectorRegistry()
+    registry.register(BreakerCollector(url, clock=clock))
+    samples = scrape(registry)
+    assert series(samples, "celery_breaker_state", breaker="billing\\ufe0f", key="", state="open") == 1.0
+    assert series(samples, "celery_breaker_state", breaker="billing", key="", state="closed") == 1.0

@@ -184,9 +184,10 @@ class BreakerCollector(Collector):
         families = self._families()
         rows = self._read()
         for row in rows or ():
-            # (no key: ""; an empty key: '""', so the two are two series, not one twice)
+            # (no key: ""; an empty key: '""', so the two are two series, not one twice; the name
+            # as `status` shows it too: one holding a character that prints as nothing read as another)
             key = row.snapshot.key
-            labels = [row.snapshot.name, "" if key is None else visible(key)]
+            labels = [visible(row.snapshot.name), "" if key is None else visible(key)]
             for state in State:
                 families["state"].add_metric([*labels, state.value], 1.0 if row.snapshot.state is state else 0.0)
             for name, _, value in _COUNTERS:
@@ -202,10 +203,11 @@ class BreakerCollector(Collector):
             for unread in rows.unreadable:  # (no series of its state: nothing of it could be read)
                 stored = "" if unread.stored_state is None else unread.stored_state.value
                 key = "" if unread.key is None else visible(unread.key)
-                families["unreadable"].add_metric([unread.name, key, stored], 1.0)
+                name = visible(unread.name)
+                families["unreadable"].add_metric([name, key, stored], 1.0)
                 # (its parking is read apart: a backlog behind it still waits, and is counted)
-                families["parked_tasks"].add_metric([unread.name, key], float(unread.parked))
-                families["claimed_tasks"].add_metric([unread.name, key], float(unread.claimed))
+                families["parked_tasks"].add_metric([name, key], float(unread.parked))
+                families["claimed_tasks"].add_metric([name, key], float(unread.claimed))
         if self.delays is not None:
             depth = self.delays.read().depth
             families["broker_delay_up"].add_metric([], 0.0 if depth is None else 1.0)
