@@ -27,6 +27,7 @@ from celery_breaker.ops.watch import PAUSE_PER_READ
 from celery_breaker.ops.web import (
     TOKEN_ENV,
     host_allowed,
+    host_name,
     load_token,
     loopback,
     loopback_hosts,
@@ -227,6 +228,20 @@ def test_only_loopback_is_served_without_allow_remote_and_only_under_its_own_nam
     assert not host_allowed("evil.example:8787", hosts)
     assert not host_allowed(None, hosts)
     assert host_allowed("breakers.internal:8787", None)  # --allow-remote: any name
+
+
+def test_a_host_named_with_allow_host_is_answered_with_any_port_and_no_other_name() -> None:
+    hosts = loopback_hosts("127.0.0.1", 8787) | {host_name("Breakers.Example.com"), host_name("fd00::5")}
+    assert host_allowed("breakers.example.com", hosts)  # (a proxy's Host: no port)
+    assert host_allowed("BREAKERS.example.com:8443", hosts)  # (a proxy on another port passing it on)
+    assert host_allowed("[fd00::5]:8787", hosts)
+    assert host_allowed("localhost:8787", hosts)
+    assert not host_allowed("evil.example:8787", hosts)  # DNS rebinding
+    assert not host_allowed("breakers.example.com.evil.example", hosts)
+    assert not host_allowed("breakers.example.com:x", hosts)
+    for value in ("https://breakers.example.com", "breakers.example.com:443", "a b", "", "user@host"):
+        with pytest.raises(ValueError, match="is not a host name"):
+            host_name(value)
 
 
 def test_an_action_request_must_come_from_the_page_itself() -> None:

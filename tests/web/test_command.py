@@ -71,6 +71,26 @@ def test_an_address_other_machines_reach_needs_allow_remote() -> None:
     assert "pass --allow-remote" in result.output
 
 
+@pytest.mark.parametrize("value", ["https://breakers.example.com", "breakers.example.com:8443", "host/breakers", ""])
+def test_allow_host_takes_a_host_name_alone(value: str) -> None:
+    result = run("--allow-host", value)
+    assert result.exit_code == EXIT_USAGE
+    assert "is not a host name: give the name the browser shows" in result.output
+
+
+@pytest.mark.slow
+def test_allow_remote_without_allow_host_warns_that_any_name_is_answered(redis_url: str) -> None:
+    # (a site whose name resolves to the server's address reads the page: DNS rebinding)
+    url = f"{redis_url}/0?key_prefix=web-hosts"
+    with WebProcess(url, "--allow-remote") as any_name:
+        pass
+    assert "Warning: the page answers under any host name" in any_name.stderr()
+    assert "--allow-host NAME" in any_name.stderr()
+    with WebProcess(url, "--allow-remote", "--allow-host", "breakers.example.com") as named:
+        pass
+    assert "any host name" not in named.stderr()
+
+
 @pytest.mark.parametrize("interval", ["nan", "inf", "1e9"])
 def test_an_interval_that_is_not_a_sane_number_of_seconds_is_a_usage_error(interval: str) -> None:
     """``nan`` passed click.FloatRange: the reader never slept and the page's config
@@ -169,6 +189,7 @@ def test_help_lists_the_options_and_every_other_celery_call_does_not_load_the_se
         "--interval",
         "--history",
         "--allow-remote",
+        "--allow-host",
         "--allow-actions",
         "--token-file",
         "--certfile",

@@ -347,6 +347,36 @@ def test_over_https_the_page_shows_the_breakers_and_its_actions_work(
     assert token not in web.stderr() + web.stdout
 
 
+def test_under_a_named_host_the_page_and_its_actions_work_and_another_name_gets_nothing(store_url: str) -> None:
+    # Behind a proxy the page answers under the proxy's name. `--allow-remote`, which the
+    # docs had such a setup pass, answered every name: a site whose name resolves to the
+    # server's address (DNS rebinding) read every breaker in its visitors' browsers.
+    # `--allow-host` names the one the page answers under, and keeps the others out.
+    token = "t" * 32
+    traffic = Traffic(store_url, ("partner-api", None))
+    traffic.tick()
+    resolve = "--host-resolver-rules=MAP breakers.test 127.0.0.1, MAP evil.test 127.0.0.1"
+    with (
+        WebProcess(store_url, "--interval", INTERVAL, "--allow-actions", "--allow-host", "Breakers.test",
+                   env={TOKEN_ENV: token}) as web,
+        chromium(resolve) as browser,
+    ):  # fmt: skip
+        port = web.url.rstrip("/").rsplit(":", 1)[1]
+        browser.get(f"http://breakers.test:{port}/")
+        until(browser, lambda: rows(browser).get("partner-api", {}).get("state") == "closed", "the page, polled")
+        browser.find_element(By.ID, "token").send_keys(token)
+        browser.find_element(By.CSS_SELECTOR, 'tr[data-label="partner-api"] button[data-action="open"]').click()
+        WebDriverWait(browser, 5).until(expected_conditions.alert_is_present()).accept()
+        # (its POST carries the Origin http://breakers.test:PORT, the page's own)
+        until(browser, lambda: rows(browser)["partner-api"]["state"] == "forced_open", "the action, done")
+        browser.get(f"http://evil.test:{port}/api/breakers")  # (a rebound name: what its script could read)
+        assert "unexpected Host header" in browser.find_element(By.TAG_NAME, "body").text
+        assert "partner-api" not in browser.page_source
+        browser.get(f"http://localhost:{port}/api/breakers")  # (loopback stays answered: an SSH tunnel)
+        assert "partner-api" in browser.page_source
+    assert breaker(store_url, "partner-api").state is State.FORCED_OPEN
+
+
 def test_a_store_outage_shows_on_the_page_which_keeps_polling_and_ctrl_c_ends_it_cleanly(browser: WebDriver) -> None:
     with RedisServer() as redis_server:
         redis_server.start()

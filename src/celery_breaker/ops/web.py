@@ -10,7 +10,8 @@ With ``--allow-actions`` and a token, ``POST api/actions`` applies ``operator.op
 
 ``ops/cli.py`` loads this module only when the command runs (it passes the command the
 app as its ``obj``): the store, the monitoring and the server are no cost to other
-``celery`` calls. Security: loopback unless ``--allow-remote``; actions need the opt-in,
+``celery`` calls. Security: loopback unless ``--allow-remote``, under loopback's host
+names and ``--allow-host``'s only (any with ``--allow-remote`` alone); actions need the opt-in,
 the token (compared in constant time) and a same-origin request; HTTPS with
 ``--certfile`` (the handshake made in the request's own thread, so a client that never
 finishes one holds up no other); see ``docs/web.md``.
@@ -53,7 +54,8 @@ from .operator import assess, delete, operate, shared_store
 from .options import REFRESH_INTERVAL
 
 __all__ = [
-    "TOKEN_ENV", "Site", "WebServer", "host_allowed", "load_token", "loopback", "same_origin", "tls_context", "web",
+    "TOKEN_ENV", "Site", "WebServer", "host_allowed", "host_name", "load_token", "loopback", "same_origin",
+    "tls_context", "web",
 ]  # fmt: skip
 
 logger = logging.getLogger("celery_breaker")
@@ -95,8 +97,33 @@ def loopback_hosts(address: str, port: int) -> frozenset[str]:
 
 
 def host_allowed(host: str | None, allowed: frozenset[str] | None) -> bool:
-    """``allowed``: the accepted ``Host`` headers; ``None`` accepts any (``--allow-remote``)."""
-    return allowed is None or (host is not None and host.lower() in allowed)
+    """``allowed``: the accepted ``Host`` headers, a name alone accepting it with any port
+    (a proxy on another port passes the browser's ``Host`` on); ``None`` accepts any
+    (``--allow-remote`` without ``--allow-host``)."""
+    if allowed is None:
+        return True
+    if host is None:
+        return False
+    host = host.lower()
+    name, colon, port = host.rpartition(":")
+    return host in allowed or (bool(colon) and port.isdigit() and name in allowed)
+
+
+def host_name(text: str) -> str:
+    """An ``--allow-host`` value as a ``Host`` header names it: lower case, an IPv6
+    address in brackets; ``ValueError`` for anything with a scheme, a port or a path."""
+    name = text.strip().lower()
+    try:
+        if ipaddress.ip_address(name.strip("[]")).version == 6:
+            return f"[{name.strip('[]')}]"
+    except ValueError:
+        pass
+    if not name or any(char in name for char in ":/@[] \t"):
+        raise ValueError(
+            f"--allow-host {text!r} is not a host name: give the name the browser shows (breakers.example.com), "
+            "without scheme, port or path"
+        )
+    return name
 
 
 def same_origin(origin: str | None, host: str | None) -> bool:
@@ -155,7 +182,7 @@ class Site:
     """``None``: actions are off, and their endpoint does not exist. A secret: not in the
     repr (an error reporter that records a frame's locals shows them by their repr)."""
     hosts: frozenset[str] | None
-    """The ``Host`` headers answered; ``None``: any (``--allow-remote``)."""
+    """The ``Host`` headers answered; ``None``: any (``--allow-remote`` without ``--allow-host``)."""
     template: str = field(repr=False)
 
 
@@ -474,6 +501,9 @@ def _log_done(label: str, done: str, client: str, warning: str | None) -> None:
 @click.option(
     "--allow-remote", is_flag=True, help="Allow an --address other machines reach: they all see every breaker."
 )
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME", callback=lambda _c, _p, v: _host_names(v),
+              help="Answer under this host name too (a proxy's), and, with --allow-remote, only under these "
+                   "and loopback's (repeatable).")  # fmt: skip
 @click.option("--allow-actions", is_flag=True,
               help=f"Show buttons for the actions; each needs the token (--token-file or {TOKEN_ENV}).")  # fmt: skip
 @click.option("--token-file", type=click.Path(dir_okay=False), default=None,
@@ -483,13 +513,15 @@ def _log_done(label: str, done: str, client: str, warning: str | None) -> None:
 @click.option("--keyfile", default=None, help="The private key (PEM, unencrypted) of --certfile.")
 @click.pass_obj
 def web(app: Any, address: str, port: int, interval: float, history: int, allow_remote: bool,
-        allow_actions: bool, token_file: str | None, certfile: str | None, keyfile: str | None) -> None:  # fmt: skip
+        allow_hosts: tuple[str, ...], allow_actions: bool, token_file: str | None, certfile: str | None,
+        keyfile: str | None) -> None:  # fmt: skip
     """Serve a live page of the breakers: states, time to half-open, failure rates,
     rejections and deferrals per second, parked tasks and their release, trips and the
     recent changes. Ctrl-C quits.
 
-    Loopback only unless --allow-remote. With --allow-actions, the page has buttons for
-    open, close, reset and disable; each needs the token.
+    Loopback only unless --allow-remote; under loopback's names only, and those of
+    --allow-host. With --allow-actions, the page has buttons for open, close, reset and
+    disable; each needs the token.
     """
     if not allow_remote and not loopback(address):
         raise click.UsageError(f"--address {address} is reachable from other machines, which would all see every "
@@ -518,7 +550,9 @@ def web(app: Any, address: str, port: int, interval: float, history: int, allow_
         raise click.ClickException(f"cannot listen on {address} port {port}: {exc.strerror or exc}") from None
     bound = server.server_port  # (--port 0: the one the system chose)
     template = resources.files(__package__).joinpath("web_page.html").read_text(encoding="utf-8")
-    server.site = Site(board, app, token, None if allow_remote else loopback_hosts(address, bound), template)
+    # (Any name only with --allow-remote and no --allow-host: a name rebound to this address reads the page.)
+    hosts = None if allow_remote and not allow_hosts else loopback_hosts(address, bound) | frozenset(allow_hosts)
+    server.site = Site(board, app, token, hosts, template)
     shown = socket.getfqdn() if address in ("0.0.0.0", "::") else (f"[{address}]" if ":" in address else address)
     url = f"{server.scheme}://{shown}:{bound}/"
     if not loopback(address):
@@ -527,6 +561,10 @@ def web(app: Any, address: str, port: int, interval: float, history: int, allow_
         if token and tls is None:
             click.echo("Warning: without --certfile the token crosses the network in the clear: serve HTTPS "
                        "(--certfile), or keep the default address behind a TLS proxy.", err=True)  # fmt: skip
+    if hosts is None:
+        click.echo("Warning: the page answers under any host name: a site whose name resolves to this address "
+                   "(DNS rebinding) can read it in its visitors' browsers; name the page's host names with "
+                   "--allow-host NAME.", err=True)  # fmt: skip
     if token:
         click.echo(f"Actions are on ({', '.join(NAMES)}): each needs the token, and is logged.")
     try:
@@ -534,6 +572,14 @@ def web(app: Any, address: str, port: int, interval: float, history: int, allow_
     finally:
         if counter is not None:
             counter.close()
+
+
+def _host_names(values: tuple[str, ...]) -> tuple[str, ...]:
+    """``--allow-host``'s values as ``Host`` headers name them; a usage error (exit 2) for one that is no name."""
+    try:
+        return tuple(host_name(value) for value in values)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 #: The signals that stop the server: Ctrl-C, and SIGTERM (systemd, docker stop).
