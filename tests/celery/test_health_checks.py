@@ -121,6 +121,39 @@ def test_a_probe_that_names_nothing_stops_the_worker_at_start() -> None:
     assert "write 'package.module:function', or the name of a task of this app" in text
 
 
+@pytest.mark.parametrize(
+    ("probe", "meant"),
+    [
+        ("ping_partnr", "'ping_partner'"),
+        ("tests.celery.probe_tasks.chek_setting", "'tests.celery.probe_tasks:check_setting'"),
+    ],
+)
+def test_a_misspelt_probe_task_name_names_the_task_meant(probe: str, meant: str) -> None:
+    # A task name one typo off was refused as "names no task of this app and is no dotted
+    # path", with nothing to say which task was meant; the task name of a module's tasks
+    # ('tests.celery.probe_tasks.chek_setting') read as a path that has no such attribute.
+    app = throwaway_app("probe-typo", breaker_probes={"partner": probe})
+
+    @app.task(name="ping_partner", shared=False)
+    def ping_partner() -> None:
+        """A task used as a health check."""
+
+    @app.task(base=BreakerTask, breaker="partner", shared=False)
+    def job() -> None:
+        """A task whose breaker's probe is misspelt."""
+
+    with pytest.raises(ConfigurationError) as info:
+        check_app(app)
+    text = str(info.value)
+    assert f"breaker_probes['partner']={probe!r} names no task of this app" in text
+    assert f"(did you mean {meant}?)" in text
+
+
+def test_a_misspelt_probe_function_names_the_closest_one_of_its_module() -> None:
+    text = start_refused({"crm": "tests.celery.probe_tasks:check_settings"}, "crm")
+    assert "did you mean 'tests.celery.probe_tasks:check_setting'?" in text
+
+
 def test_a_task_option_probe_wins_over_the_setting_and_takes_its_timeout() -> None:
     app = throwaway_app(
         "probe-option", breaker_probes={"crm": "tests.celery.probe_tasks:check_setting"}, breaker_probe_timeout=3

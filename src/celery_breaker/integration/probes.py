@@ -12,6 +12,8 @@ task's result is what Celery forbids inside tasks (docs/decisions.md, decision 4
 
 from __future__ import annotations
 
+import difflib
+import sys
 from typing import Any
 
 from celery import Task
@@ -54,7 +56,7 @@ def resolve_probe(app: Any, probe: ProbeSpec, *, where: str, timeout: float) -> 
             "(raising, or returning False, when the downstream is unhealthy) and name it "
             "'package.module:function', or give the function itself"
         )
-    found = _import(probe, where)
+    found = _import(app, probe, where)
     given = _as_check(where, found, timeout)
     if given is not None:
         return given
@@ -92,23 +94,41 @@ def _check(where: str, fn: ProbeFunction, timeout: float, name: str = "") -> Hea
 _IMPORT_FIX = "write 'package.module:function', or the name of a task of this app"
 
 
-def _import(path: str, where: str) -> object:
+def _import(app: Any, path: str, where: str) -> object:
     """What ``path`` (``package.module:function`` or ``package.module.function``) names,
     whatever it is (``resolve_probe`` tells); a ``ConfigurationError`` when it names nothing."""
     shown = shown_probe(path)  # (never a password it may hold)
     module_name, attr = split_path(path)
     if not module_name or not attr:
-        raise ConfigurationError(f"{where}={shown} names no task of this app and is no dotted path; {_IMPORT_FIX}")
+        problem = f"{where}={shown} names no task of this app and is no dotted path{_meant(app, path)}"
+        raise ConfigurationError(f"{problem}; {_IMPORT_FIX}")
     try:
         found = find_by_path(path)
     except (ImportError, AttributeError) as exc:
         problem = f"{where}={shown} names no task of this app and cannot be imported ({scrub_secrets(str(exc), path)})"
-        raise ConfigurationError(f"{problem}; {_IMPORT_FIX}") from None
+        raise ConfigurationError(f"{problem}{_meant(app, path)}; {_IMPORT_FIX}") from None
     except Exception as exc:  # (the module itself fails as it is imported: a SyntaxError, its own code)
         # (its own code may connect somewhere as it is imported: its error may quote a URL)
         problem = f"{where}={shown}: importing {module_name!r} failed ({type(exc).__name__}: {MaskedText(exc)})"
         raise ConfigurationError(f"{problem}; fix that module, or name another check") from exc
     return found
+
+
+def _meant(app: Any, path: str) -> str:
+    """A did-you-mean for ``path``, which names nothing: the callable of its module (when
+    that imports) whose name is closest to its attribute, else the app's task whose name
+    is closest to it; empty when nothing is close. (A task name or a function one typo off
+    was refused with nothing to say which was meant.)"""
+    module_name, attr = split_path(path)
+    module = sys.modules.get(module_name) if module_name else None
+    if module is not None and "." not in attr:
+        names = [name for name, value in vars(module).items() if callable(value) and not name.startswith("_")]
+        close = difflib.get_close_matches(attr, names, n=1)
+        if close:
+            return f" (did you mean '{module_name}:{close[0]}'?)"
+    tasks = [name for name in app.tasks if not name.startswith("celery.")]
+    close = difflib.get_close_matches(path, tasks, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def breaker_with_probe(
