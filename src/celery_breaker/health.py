@@ -219,6 +219,14 @@ class HealthCheck:
         object.__setattr__(self, "timeout", check_timeout("probe_timeout", self.timeout))
         if not self.name:
             object.__setattr__(self, "name", shown_callable(self.fn))
+        if inspect.isclass(self.fn):
+            # (calling it makes an instance, "anything else" than False: healthy, with its
+            # __call__ never run; a Task class named by its path, not its task, likewise)
+            raise ConfigurationError(
+                f"probe {self.name} is a class: calling it makes an instance and checks nothing, so it would "
+                f"pass every check; give an instance whose __call__ checks ({self.fn.__name__}()), a function, "
+                "or a task's name"
+            )
         unmet = _unmet_arguments(self.fn)
         if unmet is not None:
             if _unmet_arguments(self.fn, None) is None:

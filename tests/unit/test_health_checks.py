@@ -296,6 +296,23 @@ def test_a_generator_function_is_refused_as_a_probe_it_would_pass_every_check(cl
     assert "whose body does not run: nothing was checked" in result.detail
 
 
+class PartnerHealth:
+    """A check written as a class, its check in ``__call__``: an instance is the check."""
+
+    def __call__(self) -> None:
+        if DOWN:
+            raise ConnectionError("down")
+
+
+def test_a_class_is_refused_as_a_probe_its_instance_would_pass_every_check(clock: FakeClock) -> None:
+    # Named by its path ('myapp.health:PartnerHealth'), the class was accepted: each check
+    # made an instance, "anything else" than False, healthy with its __call__ never run,
+    # and the breaker closed on a downstream that was down.
+    with pytest.raises(ConfigurationError, match=r"probe .*:PartnerHealth is a class.*PartnerHealth\(\)"):
+        breaker_with(PartnerHealth, clock)
+    assert not HealthCheck(PartnerHealth()).run().healthy  # (an instance is the check)
+
+
 def test_coerce_wraps_a_callable_and_keeps_a_health_check() -> None:
     check = HealthCheck(lambda: None, 2.0, "mine")
     assert HealthCheck.coerce(check, None) is check
