@@ -121,6 +121,14 @@ def test_a_probe_that_names_nothing_stops_the_worker_at_start() -> None:
     assert "write 'package.module:function', or the name of a task of this app" in text
 
 
+def test_a_probe_of_a_breaker_no_task_uses_is_resolved_at_start_too() -> None:
+    # Only the entries of the tasks' breakers were resolved: this worker started, and its
+    # releaser met the error at every tick for the tasks parked behind 'legacy-eu' (by an
+    # earlier deploy, or another app on the store), which it never released.
+    text = start_refused({"legacy-*": "no_such_module:check", "crm": "tests.celery.probe_tasks:check_setting"}, "crm")
+    assert "breaker_probes['legacy-*']='no_such_module:check' names no task of this app and cannot be imported" in text
+
+
 @pytest.mark.parametrize(
     ("probe", "meant"),
     [

@@ -24,6 +24,7 @@ from celery.app.annotations import resolve_all
 from ..core import BreakerPolicy
 from ..health import HealthCheck
 from ..names import edit_distance
+from .probes import resolve_probe
 from .problems import Problems
 from .setting_docs import TASK_OPTION_DOCS
 from .settings import BreakerSettings, entry_matches, get_settings
@@ -114,6 +115,14 @@ def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
         if not _is_glob(pattern):
             add(pattern, settings.policy_for(pattern), None)
     if strict:
+        # Every health check is resolved, not only those of the tasks' breakers: the
+        # releaser runs the one of any breaker with tasks parked (one no task of this app
+        # names: an earlier deploy's, another app's on the store), and one that named
+        # nothing held that breaker's backlog parked, a WARNING at every tick.
+        for pattern, probe in settings.probes:
+            if probe is not None:
+                where = f"breaker_probes[{pattern!r}]"
+                problems.check(partial(resolve_probe, app, probe, where=where, timeout=settings.probe_timeout), None)
         problems.raise_any()
     for name in keyed - keyless:
         found[name] = replace(found[name], per_key=True)
