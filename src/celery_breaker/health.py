@@ -41,6 +41,7 @@ __all__ = [
     "PendingCheck",
     "ProbeFunction",
     "ProbeTimeout",
+    "UnhealthyResponse",
     "abandon_checks_on",
     "abandon_pending_checks",
     "check_timeout",
@@ -138,6 +139,29 @@ class CheckStillHung(ProbeTimeout):
     """A health check not started, because the one its breaker's last check was given up
     on still runs (``HealthCheck.run``): it fails at once, whatever its caller's wait. It
     is no check cut short by that wait, which gives no verdict (``CircuitBreaker._checks``)."""
+
+
+class UnhealthyResponse(Exception):
+    """A health check returned an HTTP response with an error status (``_verdict``)."""
+
+
+def _verdict(value: object) -> CheckResult:
+    """What a check's return says: ``False`` is unhealthy, and so is an HTTP response with
+    an error status (400 or more: requests' and httpx's ``status_code``, aiohttp's and
+    urllib's ``status`` beside its ``headers``); anything else is healthy. A check written
+    ``return requests.get(url)`` without ``raise_for_status()`` passed on a 503 and closed
+    the breaker on a downstream that was down (decision 109)."""
+    if value is False:
+        return CheckResult(False)
+    try:
+        status = getattr(value, "status_code", None)
+        if status is None and hasattr(value, "headers"):
+            status = getattr(value, "status", None)
+    except Exception:  # (the user's object: a property that raises says nothing of its health)
+        return CheckResult(True)
+    if isinstance(status, int) and not isinstance(status, bool) and status >= 400:
+        return CheckResult(False, UnhealthyResponse(f"the check returned an HTTP {status} response"))
+    return CheckResult(True)
 
 
 class HealthState(NamedTuple):
@@ -296,7 +320,7 @@ class HealthCheck:
             except BaseException as exc:  # a probe's failure is data, whatever it raised
                 outcome.append(CheckResult(False, exc))
             else:
-                outcome.append(CheckResult(value is not False))
+                outcome.append(_verdict(value))
             finally:
                 if breaker is not None:
                     breaker.run.end()  # (what it left behind no longer passes)
@@ -339,7 +363,7 @@ class HealthCheck:
         finally:
             if checked is not None:
                 checked.run.end()  # (tasks it started on this loop no longer pass)
-        return CheckResult(value is not False)
+        return _verdict(value)
 
     def _called(self, checked: Checked | None) -> Any:
         """``fn()``, or ``fn(key)`` with the key of the breaker it checks (``takes_key``)."""

@@ -55,6 +55,39 @@ def test_returning_normally_is_healthy_and_false_or_raising_is_not() -> None:
     assert failed.detail == "ConnectionError: refused"
 
 
+class Response:
+    """Shaped as an HTTP client's response: requests' and httpx's ``status_code``, or
+    aiohttp's and urllib's ``status`` beside its ``headers``."""
+
+    def __init__(self, status_code: int | None = None, *, status: int | None = None) -> None:
+        if status_code is not None:
+            self.status_code = status_code
+        if status is not None:
+            self.status = status
+            self.headers: dict[str, str] = {}
+
+    def __bool__(self) -> bool:  # (as requests' Response: False for an error status)
+        return getattr(self, "status_code", 200) < 400
+
+
+def test_a_check_returning_an_http_error_response_is_unhealthy() -> None:
+    # `def check(): return requests.get(url, timeout=2)` without raise_for_status(): a 503
+    # was "anything else than False", healthy, and the breaker closed on a downstream that
+    # answered every call with 503 (decision 109).
+    unhealthy = HealthCheck(lambda: Response(503)).run()
+    assert not unhealthy.healthy
+    assert unhealthy.detail == "UnhealthyResponse: the check returned an HTTP 503 response"
+    assert not HealthCheck(lambda: Response(status=500)).run().healthy
+    assert HealthCheck(lambda: Response(200)).run().healthy
+    assert HealthCheck(lambda: Response(204)).run().healthy
+    assert HealthCheck(lambda: Response(status=302)).run().healthy
+
+    async def check() -> Response:
+        return Response(502)
+
+    assert not asyncio.run(HealthCheck(check).arun()).healthy
+
+
 @pytest.mark.parametrize(
     ("message", "secret", "kept"),
     [

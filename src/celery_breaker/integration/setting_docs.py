@@ -141,7 +141,8 @@ SETTING_DOCS: dict[str, Doc] = {
         "names no task and imports nothing, or that cannot be called without arguments nor with the breaker's key "
         "alone, stops the worker",
         meaning="a health check per breaker, run instead of a real task when the breaker may half-open; real tasks "
-        "stay deferred or parked until the checks close it. A check fails by raising or returning `False`; one that "
+        "stay deferred or parked until the checks close it. A check fails by raising, returning `False` or "
+        "returning an HTTP response with an error status (400 or more); one that "
         "requires an argument, or has an optional `key=None`, is given the key of the per-key breaker it "
         "checks. A task "
         "named here has its body called in the worker's process, without its breaker "
