@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+from collections.abc import Callable
 
 from .urls import masked_user_info
 
@@ -225,6 +226,16 @@ def _less_the_last_word(text: str) -> str:
     return text[: len(text) - len(words[-1])]
 
 
+def _masked(value: object, show: Callable[[object], str]) -> str:
+    """``show(value)`` (``repr`` or ``str``), masked; a placeholder naming the type when
+    it raises (the user's object: its text must not fail the line quoting it)."""
+    try:
+        text = show(value)
+    except Exception:
+        text = f"<{type(value).__name__}: {show.__name__}() failed>"
+    return masked_in_text(text)
+
+
 class MaskedRepr:
     """``repr(value)``, masked (``masked_in_text``), for a log line's argument: made only
     when the line is emitted, as logging formats its arguments (a DEBUG line that is not
@@ -236,11 +247,7 @@ class MaskedRepr:
         self.value = value
 
     def __repr__(self) -> str:
-        try:
-            text = repr(self.value)
-        except Exception:  # (the user's object: its repr must not fail the line)
-            text = f"<{type(self.value).__name__}: repr() failed>"
-        return masked_in_text(text)
+        return _masked(self.value, repr)
 
     __str__ = __repr__
 
@@ -258,11 +265,7 @@ class MaskedText:
         self.value = value
 
     def __str__(self) -> str:
-        try:
-            text = str(self.value)
-        except Exception:  # (the user's object: its text must not fail the line)
-            text = f"<{type(self.value).__name__}: str() failed>"
-        return masked_in_text(text)
+        return _masked(self.value, str)
 
     def __repr__(self) -> str:
         return repr(MaskedRepr(self.value))
