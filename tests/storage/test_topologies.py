@@ -758,6 +758,36 @@ def test_a_cluster_primary_down_puts_its_breakers_on_the_fallback_and_the_others
         store.close()
 
 
+def test_a_breaker_made_while_another_primary_is_down_is_shared_if_its_own_primary_answers() -> None:
+    # The fallback's outage is the whole store's: once a breaker on the dead primary had
+    # failed, a breaker made afterwards took its stand-in without asking (so as not to wait
+    # out a dead store's timeout), even on a primary that answers: a new per-key `deny`
+    # breaker rejected every task it guarded for 5 s at a time, and a `local` one judged
+    # alone what every process shares.
+    with partially_covered_cluster() as (cluster, store, names):
+        client = redis_py(store)
+        channel_port = client.get_node_from_key(store.channel).port
+        victim_port = next(port for port in names if port != channel_port)
+        victim = CircuitBreaker(names[victim_port], storage=store, on_storage_error="deny")
+        assert victim.call(ok) == "ok"
+        servers.poll(lambda: store.live and store.settled, "the agent to hear the store")
+        next(node for node in cluster.nodes if node.port == victim_port).kill()
+        fail(victim, 1)  # (its failure meets the dead primary: the store is down)
+        with pytest.raises(CircuitOpenError, match="cannot be reached"):
+            victim.call(ok)
+        tenant = next(f"t{i}" for i in range(1000)
+                      if client.get_node_from_key(store.keys_for("crm", f"t{i}")[0]).port != victim_port)  # fmt: skip
+        fresh = CircuitBreaker("crm", TRIP_AT_TWO, storage=store, key=tenant, on_storage_error="deny")
+        assert fresh.call(ok) == "ok"
+        fail(fresh, 2)
+        elsewhere = RedisStore.from_url(cluster.url)  # as another process would see it
+        found = elsewhere.find("crm", tenant, SYSTEM_CLOCK)
+        assert isinstance(found, BreakerSnapshot)
+        assert found.state is State.OPEN
+        elsewhere.close()
+        store.close()
+
+
 @pytest.mark.parametrize("scheme", ["redis+sentinel", "rediss+sentinel"])
 def test_sentinels_that_cannot_be_asked_are_named_by_address_not_by_a_client_repr(
     scheme: str, closing: Closing

@@ -7,8 +7,9 @@ is up, FORCED_OPEN or DISABLED as an operator left it, else fresh and CLOSED), D
 (``allow``: every call passes) or FORCED_OPEN (``deny``: every call is rejected) — and
 the shared store is tried again every ``retry_interval`` seconds, by one cell for the
 whole store: while it is down, a breaker made meanwhile (a new per-key breaker) takes
-its stand-in at once instead of waiting out the store's timeout. Every cell rejoins the
-shared state once it answers.
+its stand-in at once instead of waiting out the store's timeout, unless this process still
+hears the store's transitions (a Cluster with another primary down): it then asks. Every
+cell rejoins the shared state once it answers.
 The outage is logged once per ``log_interval`` per store, not per call.
 """
 
@@ -154,6 +155,12 @@ class FallbackStore:
         """Whether the shared store may be tried now: it is not down, or its retry is due."""
         return not self._down or now >= self._retry_at
 
+    def hears_primary(self) -> bool:
+        """Whether this process hears the shared store's transitions now: it answers, at
+        least where its channel lives, whatever breaker failed (a Cluster's other primary)."""
+        parking = self.primary.parking
+        return parking is not None and parking.hearing() is not None
+
     def claim_try(self, now: float) -> bool:
         """Like ``may_try``, but a due retry is taken by this caller alone: the next is
         due ``retry_interval`` later, whatever this one finds."""
@@ -235,12 +242,21 @@ class FallbackCell:
         #: stand-in that had left CLOSED: told with the next operation's moves (``_told``).
         self._rejoined: Transition | None = None
         now = clock.monotonic()
-        if not (store.claim_try(now) and self._try_primary(now)):
+        if store.claim_try(now):
+            if not self._try_primary(now):
+                self._active = self._fallback()
+        elif not (store.hears_primary() and self._try_primary(now, rejoined=False)):
+            # (A store that failed another breaker and whose transitions this process still
+            # hears answers, on a Cluster with one primary down: a new breaker whose own
+            # primary answers is shared; one whose primary is down fails at once.)
             self._active = self._fallback()
 
     # -- switching ------------------------------------------------------------
 
-    def _try_primary(self, now: float) -> bool:
+    def _try_primary(self, now: float, *, rejoined: bool = True) -> bool:
+        """Switch to the shared cell if the store answers; ``rejoined``: the store as a
+        whole is then taken to answer again (not so for one breaker made while it was
+        down: another's primary may still be down, and the outage is still logged)."""
         try:
             self._primary = self._store.primary.cell(self._name, self._key, self._policy, self._clock)
         except StorageError as exc:
@@ -260,7 +276,8 @@ class FallbackCell:
                 # Its moves were told (marked as the stand-in's); the way back is told too, or
                 # a listener (an event consumer: Flower) kept the stand-in's OPEN for good.
                 self._rejoined = self._rejoin_move(seen.state, now)
-        self._store.store_answered()
+        if rejoined:
+            self._store.store_answered()
         return True
 
     def _rejoin_move(self, was: State, now: float) -> Transition | None:
