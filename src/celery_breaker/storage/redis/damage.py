@@ -101,6 +101,13 @@ _FIXES = (
         "deferred tasks wait in the broker",
     ),
     (
+        # (redis-py's words once a Cluster kept answering TRYAGAIN, or redirecting, 16 times)
+        ("TTL exhausted", "Multiple keys request during rehashing of slot"),
+        "the Cluster kept redirecting the call: the breaker's slot is being migrated (a reshard or a rebalance; "
+        "calls go through again once it is done), or a reshard stopped halfway left it migrating: finish it with "
+        "redis-cli --cluster fix HOST:PORT",
+    ),
+    (
         ("NOREPLICAS", "Not enough good replicas"),
         "the master refuses writes until min-replicas-to-write replicas are connected: bring a replica back",
     ),
@@ -138,7 +145,8 @@ _FIXES = (
 
 def advice(exc: BaseException | None) -> str:
     """What the operator must do when Redis refuses every call for a reason of its own
-    (a read-only replica, out of memory, too few replicas, an ACL): ``''`` for anything
+    (a read-only replica, out of memory, too few replicas, an ACL, a Cluster slot being
+    migrated): ``''`` for anything
     else (an outage, the data's doing)."""
     if exc is None:
         return ""
