@@ -816,6 +816,36 @@ def test_a_breaker_made_while_another_primary_is_down_is_shared_if_its_own_prima
         store.close()
 
 
+def test_a_subscription_lost_while_a_primary_is_down_is_heard_again_before_it_returns() -> None:
+    # After a reconnect the agent reads every view again before it trusts them, and took
+    # one breaker it could not read (its primary down) for a store it could not read: it
+    # never went live until that primary came back. Every call on every breaker of the
+    # process asked Redis (twice, instead of not at all) for the whole outage, and so did
+    # every process started during it (a recycled pool child).
+    with partially_covered_cluster() as (cluster, store, names):
+        client = redis_py(store)
+        channel_port = client.get_node_from_key(store.channel).port
+        victim_port = next(port for port in names if port != channel_port)
+        victim = CircuitBreaker(names[victim_port], storage=store, on_storage_error="deny")
+        others = [CircuitBreaker(name, storage=store, on_storage_error="deny") for port, name in names.items()
+                  if port != victim_port]  # fmt: skip
+        for breaker in (victim, *others):
+            assert breaker.call(ok) == "ok"
+        servers.poll(lambda: store.live and store.settled, "the agent to hear the store")
+        next(node for node in cluster.nodes if node.port == victim_port).kill()
+        fail(victim, 1)  # (its failure meets the dead primary)
+        channel_node = next(node for node in cluster.nodes if node.port == channel_port)
+        losses = store.losses
+        channel_node.admin().client_kill_filter(_type="pubsub")  # (the agent subscribes again)
+        servers.poll(lambda: store.losses > losses, "the agent to notice its lost subscription", timeout=5.0)
+        servers.poll(lambda: store.live and store.settled, "the agent to hear the store again", timeout=5.0)
+        for breaker in others:
+            assert breaker.call(ok) == "ok"
+        with pytest.raises(CircuitOpenError, match="cannot be reached"):
+            victim.call(ok)  # (its view was not read: it asks Redis, and meets the dead primary)
+        store.close()
+
+
 @pytest.mark.parametrize("scheme", ["redis+sentinel", "rediss+sentinel"])
 def test_sentinels_that_cannot_be_asked_are_named_by_address_not_by_a_client_repr(
     scheme: str, closing: Closing

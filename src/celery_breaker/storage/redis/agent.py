@@ -28,6 +28,7 @@ import redis
 
 from ...errors import StorageError
 from ..masking import MaskedRepr, MaskedText
+from .client import is_cluster
 
 if TYPE_CHECKING:
     from .store import RedisStore
@@ -104,7 +105,12 @@ class Agent(threading.Thread):
                     try:
                         store.flush(everything=True)  # views read from here on are followed
                     except StorageError as exc:
-                        raise _Unread(exc) from exc
+                        # On a Cluster a breaker fails on its own primary: the views that could
+                        # not be read went dark each (their next call asks Redis), the others
+                        # are followed. Not live until that primary came back, every call on
+                        # every breaker of the process asked Redis meanwhile.
+                        if not is_cluster(store.client()):
+                            raise _Unread(exc) from exc
                     store.settle()
                     failures = 0  # (only now: a Redis refusing writes answers a SUBSCRIBE)
                     store = None  # (only the weak reference while listening)
