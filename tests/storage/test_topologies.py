@@ -425,6 +425,22 @@ def test_a_breakers_slot_left_migrating_by_a_reshard_names_the_fix(caplog: pytes
     assert "redis-cli --cluster fix" in outage[0]
 
 
+def test_a_cluster_refusing_the_password_names_the_fix_without_the_password() -> None:
+    # The slot map is read when the client is made, and that error quoted redis-py's alone
+    # ("... at least one reachable node: invalid username-password pair ..."), where a
+    # server or Sentinel store's says what to give.
+    with servers.RedisCluster(masters=1) as cluster:
+        cluster.start()
+        for node in cluster.nodes:
+            node.admin().config_set("requirepass", "right-one")
+        url = cluster.url.replace("redis+cluster://", "redis+cluster://:wrong-one@", 1)
+        store = RedisStore.from_url(f"{url}?key_prefix={unique_prefix()}")
+        with pytest.raises(StorageError) as info:
+            store.cell("svc", None, BreakerPolicy(), SYSTEM_CLOCK)
+        assert "Redis wants a password, or another one" in str(info.value)
+        assert "wrong-one" not in str(info.value)
+
+
 def test_a_cluster_gone_after_the_client_is_made_raises_storage_error() -> None:
     with servers.RedisCluster(masters=1) as cluster:
         cluster.start()

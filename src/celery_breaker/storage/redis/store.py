@@ -34,7 +34,7 @@ from .client import (
     is_cluster,
     make_client,
 )
-from .damage import classify, failure
+from .damage import advice, classify, failure
 from .history import RedisHistory
 from .keys import breaker_tag, quote_part
 from .listing import list_snapshots, read_snapshots
@@ -255,7 +255,8 @@ class RedisStore:
                 socket_connect_timeout=connect_timeout,
             )
         except StorageError as exc:  # (a Cluster's slot map: redis-py's error may quote the URL)
-            raise StorageError(scrub_secrets(str(exc), self.url)) from exc.__cause__
+            fix = advice(exc.__cause__)  # (a refused password, say: as every other command's error)
+            raise StorageError(scrub_secrets(str(exc), self.url) + (f" ({fix})" if fix else "")) from exc.__cause__
         except ConfigurationError as exc:
             raise ConfigurationError(_url_problem(exc, self.url)) from None
         self._client = client
