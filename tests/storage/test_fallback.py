@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -321,6 +322,65 @@ def test_a_stand_in_keeps_what_an_operator_set(restartable_redis: RedisServer, o
     assert breaker.call(ok) == "ok"
     assert [(t.source, t.target) for t in told[1:]] == [(operator, State.CLOSED)]
     assert told[1].reason.startswith("rejoined the shared breaker in redis://")
+
+
+@pytest.mark.parametrize(
+    ("held", "fix"),
+    [
+        (State.FORCED_OPEN, "; if the operator's forced_open must hold, set it again: celery breaker open svc"),
+        (State.DISABLED, "; if the operator's disabled must hold, set it again: celery breaker disable svc"),
+        (State.OPEN, "; it trips again on the next failures"),
+    ],
+)
+def test_a_state_lost_with_a_store_restarted_empty_is_said_with_the_fix(
+    restartable_redis: RedisServer, held: State, fix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis restarted empty (no persistence) between two calls, each process still
+    holding the breaker's view: it came back CLOSED, and the downstream an operator had
+    held off (or that had tripped it) was called again, with no word in any process."""
+    restartable_redis.start()
+    clock = FakeClock()
+    url = f"{restartable_redis.url}?time=client&key_prefix=lost-{held.value}"
+    breaker = CircuitBreaker("svc", {"failure_threshold": 1}, storage=url, clock=clock)
+    if held is State.OPEN:
+        fail(breaker)
+    else:
+        breaker.force_open() if held is State.FORCED_OPEN else breaker.disable()
+    assert state_of(breaker) is held
+    primary = cast(RedisStore, cast(FallbackStore, breaker.store).primary)
+    losses = primary.losses
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        restartable_redis.stop()
+        restartable_redis.start()  # (empty: the breaker's keys are gone)
+        deadline = time.monotonic() + 10.0
+        while not (primary.losses > losses and primary.live and primary.settled):  # (a real thread's progress)
+            assert time.monotonic() < deadline, "the store's agent did not hear Redis again"
+            time.sleep(0.01)
+        assert breaker.call(ok) == "ok"  # (as documented: a store that lost it has a fresh breaker)
+    lost = [r.getMessage() for r in caplog.records if "is gone from" in r.getMessage()]
+    assert len(lost) == 1, [r.getMessage() for r in caplog.records]
+    assert f"breaker svc: its {held.value} state is gone from redis://" in lost[0]
+    assert lost[0].endswith(f"it is closed now{fix}")
+
+
+def test_a_breaker_deleted_by_the_process_holding_it_is_not_said_lost(
+    restartable_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its own delete is heard through its subscription only once the agent hears it: the
+    # process that deleted a breaker whose operator state it held took its next read for a
+    # state lost in Redis.
+    restartable_redis.start()
+    store = RedisStore.from_url(f"{restartable_redis.url}?key_prefix=deleted-here")
+    try:
+        breaker = CircuitBreaker("svc", storage=store)
+        breaker.force_open()
+        with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+            assert store.delete("svc", None)
+            assert breaker.call(ok) == "ok"  # (afresh, closed)
+            store.flush()
+    finally:
+        store.close()
+    assert not [r.getMessage() for r in caplog.records if "is gone from" in r.getMessage()]
 
 
 def _leases(store: RedisStore, name: str) -> dict[bytes, bytes]:

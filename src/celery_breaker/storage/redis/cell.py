@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import shlex
 import threading
 import time
 from typing import TYPE_CHECKING, NamedTuple
@@ -38,6 +39,8 @@ VIEW_TTL = 1.0
 #: A flush's verdict when it found no breaker and made none (``common.lua``): its view is
 #: the one a delete publishes, incarnation ``"0"`` (``forget.lua``).
 GONE = "gone"
+#: An operator's states, whose keys never expire, and the ``celery breaker`` move that sets each.
+_HELD = {State.FORCED_OPEN: "open", State.DISABLED: "disable"}
 #: record.lua's verdict when it counted a fresh call's 429 as a refusal (``finish_refusal``).
 REFUSED = "refused"
 
@@ -289,10 +292,22 @@ class RedisCell:
         if reply.policy:
             self._adopt(reply.policy)
         open_until = None if remaining is None else now + remaining
+        lost = self._lost(reply, now)
         # A flush that found no breaker (deleted, or expired) made none: taken as the delete
         # is heard, so the next call asks Redis, which makes it, rather than pass unasked.
         gone = reply.verdict == GONE
         self._view(reply.incarnation, reply.generation, reply.state, open_until, epoch, heard=gone)
+        if lost is not None:
+            label = shown_label(self.label)
+            action = _HELD.get(lost)
+            logger.warning(
+                "breaker %s: its %s state is gone from %s (the store restarted empty, was flushed or evicted it, "
+                "a failover lost it, or it was deleted while this process did not hear it); it is %s now%s",
+                label, lost.value, self._store.label, reply.state.value,
+                f"; if the operator's {lost.value} must hold, set it again: celery breaker {action} "
+                f"{shlex.quote(label)}" if action else "; it trips again on the next failures",
+                extra={"breaker": self.name, "breaker_key": self.key},
+            )  # fmt: skip
         self.last_used = now
         moved = reply.moved
         if moved is None:
@@ -312,6 +327,16 @@ class RedisCell:
             calls=moved.calls,
             trips=moved.trips,
         )
+
+    def _lost(self, reply: Reply, now: float) -> State | None:
+        """The state this process last saw, if ``reply`` (another incarnation, in another
+        state, no repair) shows the breaker lost it where its keys cannot have expired: an
+        operator's state (no TTL), an open period not over (they live past its end)."""
+        was = self.state
+        if not self._incarnation or reply.incarnation == self._incarnation or reply.state is was or reply.warnings:
+            return None
+        held = was in _HELD or (was is State.OPEN and self.open_until is not None and now < self.open_until)
+        return was if held else None
 
     def _view(
         self, incarnation: str, generation: int, state: State, open_until: float | None, epoch: int, *, heard: bool

@@ -329,6 +329,11 @@ class RedisStore:
         keys = [*self.keys_for(name, key), self.history.key(name, key)]
         doing = f"deleting breaker {breaker_label(name, key)}"
         reply = self._checked("forget", self.eval("forget", keys, [self.channel], doing=doing))
+        cell = self._cells.get((name, key))
+        if cell is not None:
+            # What forget.lua publishes, taken here at once: heard later (or, the agent not
+            # yet subscribed, never), the next read found the breaker's state lost.
+            cell.hear("0", 0, State.CLOSED, None)
         return bool(int(reply[0]))
 
     @property
