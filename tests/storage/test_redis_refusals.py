@@ -8,19 +8,23 @@ which named neither the setting nor the fix.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 
 import pytest
 import redis
 
-from celery_breaker import CircuitBreaker
+from celery_breaker import CircuitBreaker, CircuitOpenError, State
 from celery_breaker.errors import StorageError
 from celery_breaker.storage import close_stores
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.storage.redis.damage import advice
+from celery_breaker.testing import FakeClock
 
+from ..proxies import LoopbackProxy
 from ..servers import RedisServer
+from ..unit.support import down, fail, ok, state_of
 from .conftest import unique_prefix
 
 
@@ -136,3 +140,36 @@ def test_an_outage_or_a_data_error_gets_no_fix() -> None:
     assert advice(redis.TimeoutError("Timeout reading from socket")) == ""
     assert advice(redis.ResponseError("WRONGTYPE Operation against a key holding the wrong kind of value")) == ""
     assert advice(None) == ""
+
+
+@pytest.mark.parametrize("pool", ["", "&max_connections=8"], ids=["pool", "waiting-pool"])
+def test_a_master_demoted_behind_its_address_is_left_for_the_new_one(
+    servers: tuple[RedisServer, RedisServer], pool: str
+) -> None:
+    # A failover behind one address (a DNS name or a virtual IP moved to the new master:
+    # a managed Redis's primary endpoint, a Kubernetes service): the old master, demoted
+    # to a replica, keeps the connections already open to it and answers every write
+    # READONLY. redis-py keeps a connection that got an error reply, so every retry went
+    # to the replica again, and every breaker stayed on its stand-in until the worker
+    # restarted.
+    old, new = servers
+    new.admin().replicaof(*old.address)
+    with LoopbackProxy(old.address) as address:
+        url = f"redis://127.0.0.1:{address.port}?key_prefix={unique_prefix()}&time=client{pool}"
+        clock = FakeClock()
+        breaker = CircuitBreaker("svc", {"failure_threshold": 2}, storage=url, clock=clock, on_storage_error="deny")
+        assert breaker.call(ok) == "ok"
+        new.admin().replicaof("no", "one")
+        old.admin().replicaof(*new.address)  # (demoted: it answers writes READONLY)
+        address.target = new.address  # (the name now points to the new master)
+        with contextlib.suppress(CircuitOpenError, ConnectionError):
+            breaker.call(down)  # (a write: it meets READONLY, and the stand-in takes the call)
+        for _ in range(2):
+            clock.advance(6)  # (past the retry interval: the next call asks Redis again)
+            with contextlib.suppress(CircuitOpenError):
+                breaker.call(ok)
+        fail(breaker, 2)
+        assert state_of(breaker) is State.OPEN
+        found = new.admin().hget(RedisStore.from_url(url).keys_for("svc", None)[0], "st")
+        assert found == "open"
+        close_stores()

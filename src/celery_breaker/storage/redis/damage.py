@@ -93,7 +93,8 @@ _FIXES = (
     (
         ("ReadOnlyError", "read only replica", "MasterDownError", "Link with MASTER is down"),
         "the store URL names a replica, which takes no writes: point breaker_storage_url at the master, or at "
-        "its Sentinels (redis+sentinel://host:26379/service_name) to follow failovers",
+        "its Sentinels (redis+sentinel://host:26379/service_name) to follow failovers; after a failover that "
+        "moved the URL's address to the new master, the next try connects to it",
     ),
     (
         ("OutOfMemoryError", "used memory > 'maxmemory'"),

@@ -280,7 +280,26 @@ class RedisStore:
         try:
             return self.scripts()(script, keys, args)
         except CLIENT_ERRORS as exc:
+            if isinstance(exc, redis.ReadOnlyError):
+                self._leave_replica()
             raise StorageError(failure(self.label, doing, exc)) from exc
+
+    def _leave_replica(self) -> None:
+        """A write met a replica at the store's address: a failover that moved a DNS name
+        or a virtual IP to the new master leaves the connections already open on the old
+        one, demoted, and redis-py keeps a connection that got an error reply (every retry
+        met the replica again, for good). The idle ones are closed, so the next command
+        connects anew. (Sentinel's connections leave a demoted master themselves; a
+        Cluster's replicas redirect.)"""
+        client = self._client
+        if client is None or is_cluster(client):
+            return
+        pool = client.connection_pool
+        with contextlib.suppress(*CLIENT_ERRORS, OSError):
+            try:
+                pool.disconnect(inuse_connections=False)
+            except TypeError:  # (before redis-py 7.0 a waiting pool's takes no argument: it closes all)
+                pool.disconnect()
 
     def run(self, script: str, keys: list[Any], args: list[Any]) -> list[Any]:
         """Run one breaker script (``keys``: text or bytes); any Redis failure becomes ``StorageError``."""
