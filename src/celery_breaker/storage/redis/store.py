@@ -33,6 +33,7 @@ from .client import (
     check_url,
     is_cluster,
     make_client,
+    node_of,
 )
 from .damage import advice, classify, failure
 from .history import RedisHistory
@@ -85,6 +86,9 @@ def _positive(url: str, option: str, text: str) -> float:
 
 #: Seconds ``RedisStore.flush`` goes on sending other cells' counts after one failed.
 FLUSH_AFTER_FAILURE = 1.0
+#: Seconds a Cluster node that did not answer a script is not asked to read a new breaker
+#: (the fallback's retry interval: a store that is down is tried as often).
+UNANSWERED_FOR = 5.0
 
 
 class RedisStore:
@@ -171,6 +175,9 @@ class RedisStore:
         self._client: redis.Redis | None = None
         self._scripts: Scripts | None = None
         self._cells: weakref.WeakValueDictionary[tuple[str, str | None], RedisCell] = weakref.WeakValueDictionary()
+        #: Cluster nodes a script could not reach, and until when a new breaker's first read
+        #: is not sent there (``UNANSWERED_FOR``): it fails at once, as on a store that is down.
+        self._unanswered: dict[str, float] = {}
         #: What cells no breaker object uses any more had counted and not sent
         #: (``RedisCell.__del__``): the next flush sends it.
         self.orphans: list[Orphan] = []
@@ -282,7 +289,37 @@ class RedisStore:
         except CLIENT_ERRORS as exc:
             if isinstance(exc, redis.ReadOnlyError):
                 self._leave_replica()
+            elif isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) and keys:
+                self._unanswering(keys[0])
             raise StorageError(failure(self.label, doing, exc)) from exc
+
+    def _unanswering(self, key: str | bytes) -> None:
+        """On a Cluster: the node serving ``key`` did not answer; new breakers there are
+        not asked for ``UNANSWERED_FOR`` (``refuse_unanswered``)."""
+        client = self._client
+        if client is not None and is_cluster(client):
+            node = node_of(client, key.decode() if isinstance(key, bytes) else key)
+            if node is not None:
+                self._unanswered[node] = time.monotonic() + UNANSWERED_FOR
+
+    def _refuse_unanswered(self, cell: RedisCell) -> None:
+        """Raise ``StorageError`` for a new breaker whose Cluster node just failed another:
+        asked, it would wait out the timeouts again, for each new per-key breaker (a second
+        each on a hung node), where a store that is down gives its stand-in at once."""
+        if not self._unanswered:
+            return
+        node = node_of(self.client(), cell.state_key)
+        until = self._unanswered.get(node or "")
+        if until is None:
+            return
+        left = until - time.monotonic()
+        if left <= 0:
+            self._unanswered.pop(node or "", None)
+            return
+        raise StorageError(
+            f"redis store {self.label}: breaker {cell.label}: its cluster node {node} did not answer another "
+            f"breaker's call; asked again in {left:.1f} s"
+        )
 
     def _leave_replica(self) -> None:
         """A write met a replica at the store's address: a failover that moved a DNS name
@@ -325,6 +362,7 @@ class RedisStore:
         by its next use (``_flush_orphans``: an orphan's send must not make the breaker)."""
         ident = (name, key)
         found = self._cells.get(ident)
+        made = False
         if found is None:
             with self._lock:
                 found = self._cells.get(ident)
@@ -332,8 +370,11 @@ class RedisStore:
                     found = self._cells[ident] = RedisCell(self, name, key, policy, clock)
                     self._by_state_key[found.state_key] = found
                     found.evicted = True  # nothing read yet
+                    made = True
         self.ensure_agent()
         if read and found.evicted:
+            if made:
+                self._refuse_unanswered(found)
             # A new cell learns the stored policy and state; an old rejecting view is
             # read again. (Outside the lock: the round trip may create the client.)
             found.refresh(clock.monotonic())
