@@ -7,7 +7,7 @@ answers cost every new per-key breaker its socket timeout (0.5 s): two calls a s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -91,3 +91,35 @@ def test_every_breaker_rejoins_once_the_store_answers(silent: SilentStore, clock
     assert {breaker.state for breaker in breakers} == {State.CLOSED}
     shared: list[Cell] = [silent.cell("tenant", f"t{i}", BreakerPolicy(), clock) for i in range(5)]
     assert {cell.state for cell in shared} == {State.CLOSED}
+
+
+class _Heard:
+    """A parking whose store's transitions this process hears (``hearing``)."""
+
+    def hearing(self) -> int:
+        return 1
+
+
+class PartlyDownStore(SilentStore):
+    """A shared store this process still hears while its breakers cannot be reached (a
+    Cluster whose other primary answers the transitions channel)."""
+
+    parking = cast(Any, _Heard())
+
+
+def test_a_new_breaker_failing_on_a_store_it_still_hears_does_not_postpone_the_retry(clock: FakeClock) -> None:
+    # A breaker made while the store is down asks it when this process still hears it;
+    # failing, it pushed the retry of every stand-in 5 s on: with a new per-key breaker
+    # every few seconds, those on their stand-ins were never retried.
+    partly = PartlyDownStore()
+    store = FallbackStore(partly, "local", retry_interval=RETRY)
+    first = keyed(store, clock, "t0")
+    assert partly.attempts == 1
+    clock.advance(RETRY - 1)
+    keyed(store, clock, "t1")  # (asks, as the store is heard, and fails)
+    assert partly.attempts == 2
+    clock.advance(1)  # (the first failure's retry is due)
+    partly.down_now = False
+    assert first.call(ok) == "ok"
+    assert partly.attempts == 3
+    assert not store.down

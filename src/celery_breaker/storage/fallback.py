@@ -172,12 +172,15 @@ class FallbackStore:
             self._retry_at = now + self.retry_interval
             return True
 
-    def store_failed(self, exc: StorageError, now: float) -> None:
-        """Note that the shared store failed; logs the outage at most once per ``log_interval``."""
+    def store_failed(self, exc: StorageError, now: float, *, postpone: bool = True) -> None:
+        """Note that the shared store failed; logs the outage at most once per ``log_interval``.
+        ``postpone``: the next retry is ``retry_interval`` from now at the earliest (not so
+        for a failure that was no retry, while the store was known to be down already)."""
         with self._lock:
             first = not self._down
             self._down = True
-            self._retry_at = max(self._retry_at, now + self.retry_interval)
+            if postpone or first:
+                self._retry_at = max(self._retry_at, now + self.retry_interval)
             due = now - self._last_log >= self.log_interval
             if first or due:
                 self._last_log = now
@@ -260,7 +263,9 @@ class FallbackCell:
         try:
             self._primary = self._store.primary.cell(self._name, self._key, self._policy, self._clock)
         except StorageError as exc:
-            self._degrade(exc, now)
+            # (A breaker made while the store is down and asking only for itself leaves the
+            # next retry of the others where it was: else each new one postponed it.)
+            self._degrade(exc, now, postpone=rejoined)
             return False
         self._active = self._primary
         local, self._local = self._local, None  # (the next outage starts with a fresh stand-in, as documented)
@@ -317,10 +322,10 @@ class FallbackCell:
             self._local = local
         return self._local
 
-    def _degrade(self, exc: StorageError, now: float) -> None:
+    def _degrade(self, exc: StorageError, now: float, *, postpone: bool = True) -> None:
         if self._primary is not None:
             self._primary.stale()  # so rejoining reads the shared state: a real check
-        self._store.store_failed(exc, now)
+        self._store.store_failed(exc, now, postpone=postpone)
         self._active = self._fallback()
 
     def refresh(self, now: float) -> None:
