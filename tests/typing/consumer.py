@@ -58,6 +58,10 @@ def breaker_api() -> None:
     assert_type(guarded(2, amount=1.0), str)
 
     assert_type(asyncio.run(breaker.acall(fetch, "https://partner.example")), bytes)
+    # (a decorated coroutine function still returns a coroutine: asyncio.run and
+    # create_task take nothing less)
+    guarded_fetch = breaker(fetch)
+    assert_type(asyncio.run(guarded_fetch("https://partner.example")), bytes)
 
     with breaker as entered:
         assert_type(entered, CircuitBreaker)

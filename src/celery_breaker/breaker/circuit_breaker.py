@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, overload
 
 from ..clock import SYSTEM_CLOCK, Clock
@@ -201,8 +201,10 @@ class CircuitBreaker(GuardedBlocks, HealthCheckAdmission, Operating):
         self._finish(cell, ticket, None, start)
         return result
 
+    # (a coroutine function stays one: ``asyncio.run`` and ``create_task`` take a
+    # coroutine, not any awaitable; any other callable keeps its own return type)
     @overload
-    def __call__(self, fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]: ...
+    def __call__(self, fn: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]: ...
     @overload
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]: ...
 
