@@ -93,8 +93,9 @@ def breaker_api() -> None:
     assert statuses.unreached == ()  # (servers the listing could not read: a Cluster's, in part)
 
 
-def misuses(breaker: CircuitBreaker) -> None:
+def misuses(breaker: CircuitBreaker, task: BreakerTask) -> None:
     """Never run: each line must stay a type error."""
+    task.breaker.call(charge, "1", amount=9.5)  # type: ignore[arg-type]
     breaker.call(charge, "1", amount=9.5)  # type: ignore[arg-type]
     breaker.call(charge, 1)  # type: ignore[call-arg]
     breaker(charge)(2, amount="1")  # type: ignore[arg-type]
@@ -123,11 +124,23 @@ def task_api() -> None:
 
     @app.task(base=BreakerTask, bind=True, breaker="payments")
     def pay(self: BreakerTask, order_id: int) -> str:
+        assert_type(self.breaker, CircuitBreaker)  # (the run's breaker: typed, not Any)
         with self.breaker:
             return charge(order_id, amount=1.0)
 
+    # (a task class of one's own names its breaker with breaker_name: ``breaker`` is the
+    # typed accessor, so ``breaker = "refunds"`` there would be a type error)
+    class RefundTask(BreakerTask):
+        breaker_name = "refunds"
+
+    @app.task(base=RefundTask, bind=True)
+    def refund(self: RefundTask, order_id: int) -> str:
+        return self.breaker.call(charge, order_id, amount=-1.0)
+
     use_clock(app, FakeClock())
     assert pay.apply(args=(7,)).get() == "charged 7: 1.00"
+    assert refund.apply(args=(8,)).get() == "charged 8: -1.00"
+    assert refund.breaker.name == "refunds"
 
 
 def main() -> None:

@@ -167,7 +167,8 @@ TASK_OPTION_DOCS: dict[str, Doc] = {
     "breaker": Doc(
         accepts="a non-empty string",
         meaning="the breaker's name. Inside the body, `self.breaker` is this call's `CircuitBreaker` "
-        "(the name is kept in `breaker_name`).",
+        '(the name is kept in `breaker_name`; a task class of your own sets `breaker_name = "crm"`, '
+        "as `breaker` there is the typed accessor).",
         default="the task's name (under `task_cls`, the one `breaker_routes` names)",
     ),
     "breaker_key": Doc(

@@ -138,7 +138,9 @@ class BreakerTask(Task):  # type: ignore[misc]
     """
 
     breaker_name: ClassVar[str | None] = None
-    breaker: Any = _BreakerAttribute()
+    #: (a subclass names its breaker with ``breaker_name = "crm"``: a class attribute
+    #: ``breaker = "crm"`` works too, but is a string where mypy expects this accessor)
+    breaker: _BreakerAttribute = _BreakerAttribute()
     breaker_key: Any = None
     breaker_policy: Any = None
     breaker_fallback: Any = None

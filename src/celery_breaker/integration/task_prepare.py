@@ -6,7 +6,7 @@ import inspect
 import logging
 import types
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, overload
 
 from celery import Task
 
@@ -19,6 +19,7 @@ from .setting_docs import TASK_OPTION_DOCS
 from .task_options import forget_task_breaker_config, secrets_masked, task_breaker_config
 
 if TYPE_CHECKING:
+    from ..breaker import CircuitBreaker
     from .task import BreakerTask
 
 __all__ = ["BreakerAttribute", "prepare"]
@@ -32,7 +33,13 @@ class BreakerAttribute:
     (a task named as the probe), the breaker it checks, with its key; else the task's
     key-less breaker. The ``breaker=`` task option names it (``task.breaker_name``)."""
 
-    def __get__(self, task: BreakerTask | None, owner: type | None = None) -> Any:
+    # (typed, so a task body's ``self.breaker.call(fn, ...)`` is checked as any breaker's)
+    @overload
+    def __get__(self, task: None, owner: type | None = None) -> BreakerAttribute: ...
+    @overload
+    def __get__(self, task: BreakerTask, owner: type | None = None) -> CircuitBreaker: ...
+
+    def __get__(self, task: BreakerTask | None, owner: type | None = None) -> BreakerAttribute | CircuitBreaker:
         if task is None:
             return self
         run = current_run()  # (``task_context.running``, unfolded: read on every ``self.breaker``)
