@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from types import MappingProxyType
 from typing import assert_type
 
 from celery import Celery
@@ -50,6 +51,8 @@ def breaker_api() -> None:
     policy = BreakerPolicy(failure_threshold=2, window=60, reset_timeout=timedelta(seconds=30).total_seconds())
     breaker = CircuitBreaker("payments", policy, storage=fresh_store(), clock=clock)
     CircuitBreaker("crm", {"failure_rate_threshold": 0.5, "minimum_calls": 10}, storage="memory://typed")
+    # (any mapping of fields, as at run time: a read-only constant, a TypedDict)
+    CircuitBreaker("erp", MappingProxyType({"failure_threshold": 3}), storage="memory://typed")
     assert_type(downstream_error(ValueError("bad input")), bool)
     BreakerPolicy(record_exceptions=(downstream_error, KeyError, "builtins.TimeoutError"))
 

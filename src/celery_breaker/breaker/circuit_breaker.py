@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, ParamSpec, TypeVar, overload
 
 from ..clock import SYSTEM_CLOCK, Clock
@@ -55,7 +55,7 @@ class CircuitBreaker(GuardedBlocks, HealthCheckAdmission, Operating):
 
     Args:
         name: the breaker's name.
-        policy: a ``BreakerPolicy`` or a dict of its fields (over the defaults).
+        policy: a ``BreakerPolicy`` or a dict (any mapping) of its fields (over the defaults).
         storage: a store URL (``memory://`` by default) or a store object.
         clock: where time comes from (``celery_breaker.testing.FakeClock`` in tests).
         key: the per-key part (tenant, host, ...) of a per-key breaker.
@@ -78,7 +78,7 @@ class CircuitBreaker(GuardedBlocks, HealthCheckAdmission, Operating):
     def __init__(
         self,
         name: str,
-        policy: BreakerPolicy | dict[str, Any] | None = None,
+        policy: BreakerPolicy | Mapping[str, Any] | None = None,
         *,
         storage: str | Store = "memory://",
         clock: Clock | None = None,
