@@ -369,6 +369,29 @@ def test_worker_refuses_breaker_options_on_a_plain_task() -> None:
         start_and_stop(app)
 
 
+class AuditedTask(Task):  # type: ignore[misc]
+    """A project's own task base, which tasks keep when they are put under a breaker."""
+
+
+def test_breaker_options_on_a_task_of_another_base_name_the_class_that_keeps_both() -> None:
+    # "give it base=BreakerTask" would drop the task's own base (its auditing, its
+    # retries): the fix is a class deriving from both, or a route, which keeps it.
+    app = throwaway_app("other-base")
+
+    @app.task(base=AuditedTask, shared=False, name="other_base.refund", breaker="payments")
+    def refund() -> None:
+        return None
+
+    with pytest.raises(ConfigurationError) as refused:
+        check_app(app)
+    message = str(refused.value)
+    assert "'other_base.refund' is given breaker='payments'" in message
+    assert "its base AuditedTask is not a BreakerTask" in message
+    assert "class AuditedBreakerTask(AuditedTask, BreakerTask)" in message
+    assert "base=AuditedBreakerTask" in message
+    assert "breaker_routes" in message
+
+
 def test_breaker_options_a_plain_task_gets_from_annotations_or_routes_are_accepted() -> None:
     app = throwaway_app(
         "plain-options-ok",

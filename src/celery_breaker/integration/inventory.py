@@ -107,9 +107,18 @@ def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
                 unguarded = _options_of_a_plain_task(app, task)
                 if unguarded:
                     given = ", ".join(f"{option}={getattr(task, option)!r:.60}" for option in unguarded)
+                    base = _own_base(app, task)
+                    fix = (
+                        "give it base=BreakerTask (or name it in breaker_routes)"
+                        if base is None
+                        else f"its base {base} is not a BreakerTask: give it a base that is both, "
+                        f"class {base.removesuffix('Task')}BreakerTask({base}, BreakerTask), as "
+                        f"base={base.removesuffix('Task')}BreakerTask (or name it in breaker_routes, which "
+                        f"puts BreakerTask after {base})"
+                    )
                     problems.add(
                         f"task {task_name!r} is given {given} but is a plain task, not a BreakerTask, so no "
-                        f"breaker guards it; give it base=BreakerTask (or name it in breaker_routes)"
+                        f"breaker guards it; {fix}"
                     )
     for pattern, _ in settings.policies:
         if not _is_glob(pattern):
@@ -162,6 +171,13 @@ def _options_of_a_plain_task(app: Any, task: Any) -> list[str]:
     return sorted(
         option for option in TASK_OPTION_DOCS if own.get(option) is not None and option not in annotated
     )  # (None is every option's default: it asks for nothing)
+
+
+def _own_base(app: Any, task: Any) -> str | None:
+    """The name of the class a plain task was given as ``base=`` (``None`` without one):
+    "give it base=BreakerTask" would drop it, with what it does for the task."""
+    base = type(task).__bases__[0]
+    return None if base is app.Task else str(base.__name__)
 
 
 def _shown(probe: HealthCheck | None) -> str:
