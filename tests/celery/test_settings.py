@@ -392,6 +392,28 @@ def test_breaker_options_on_a_task_of_another_base_name_the_class_that_keeps_bot
     assert "breaker_routes" in message
 
 
+def test_a_breaker_task_whose_function_takes_self_unbound_is_refused_naming_bind() -> None:
+    # Without bind=True Celery passes the task's first argument as ``self``: every call
+    # failed with "charge() missing 1 required positional argument", naming no fix.
+    app = throwaway_app("unbound-self")
+
+    @app.task(base=BreakerTask, shared=False, name="unbound_self.charge", breaker="payments")
+    def charge(self: Any, order_id: int) -> int:
+        with self.breaker:
+            return order_id
+
+    @app.task(base=BreakerTask, bind=True, shared=False, name="unbound_self.bound", breaker="payments")
+    def bound(self: Any, order_id: int) -> int:
+        return order_id
+
+    with pytest.raises(ConfigurationError) as refused:
+        check_app(app)
+    message = str(refused.value)
+    assert "task 'unbound_self.charge'" in message
+    assert "bind=True" in message
+    assert "unbound_self.bound" not in message
+
+
 def test_breaker_options_a_plain_task_gets_from_annotations_or_routes_are_accepted() -> None:
     app = throwaway_app(
         "plain-options-ok",

@@ -13,6 +13,7 @@ the others reach the downstream as real probes while it half-opens.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -92,6 +93,12 @@ def _walk(app: Any, *, strict: bool) -> dict[str, AppBreaker]:
                         f"super().__call__(*args, **kwargs), so BreakerTask.__call__ never runs and no breaker "
                         f"guards the task; call it there (it runs the task's body under the breaker)"
                     )
+            if strict and _takes_self_unbound(type(task)):
+                problems.add(
+                    f"task {task_name!r}: its function's first argument is self, but the task is not bound, so "
+                    f"Celery passes the task's first argument as self (and self.breaker is no breaker); add "
+                    f"bind=True to its @app.task(...)"
+                )
             # A task whose options are invalid: noted (the worker refuses to start on it),
             # or skipped for operators, who must still act on the other breakers.
             config = problems.check(partial(task_breaker_config, task), None)
@@ -178,6 +185,27 @@ def _own_base(app: Any, task: Any) -> str | None:
     "give it base=BreakerTask" would drop it, with what it does for the task."""
     base = type(task).__bases__[0]
     return None if base is app.Task else str(base.__name__)
+
+
+def _takes_self_unbound(cls: type) -> bool:
+    """Whether a task made by ``@app.task(...)`` without ``bind=True`` has a function whose
+    first argument, with no default, is named ``self``: Celery passes it the task's first
+    argument (``run`` is then a static method), so every call failed with a ``TypeError``
+    naming an argument, not the ``bind=True`` that was forgotten."""
+    own = vars(cls)
+    run = own.get("run")
+    if not own.get("_decorated") or not isinstance(run, staticmethod):
+        return False
+    try:
+        first = next(iter(inspect.signature(run.__func__).parameters.values()), None)
+    except (TypeError, ValueError):  # (a callable without a signature: nothing to say)
+        return False
+    return (
+        first is not None
+        and first.name == "self"
+        and first.kind in (first.POSITIONAL_ONLY, first.POSITIONAL_OR_KEYWORD)
+        and first.default is first.empty
+    )
 
 
 def _shown(probe: HealthCheck | None) -> str:
