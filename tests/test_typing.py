@@ -7,12 +7,18 @@ package (its ``py.typed`` marker and inline types), not through the project's ``
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from celery_breaker import BreakerPolicy
+from celery_breaker.core import policy
+from celery_breaker.core.reference import DOC_KEY
 
 CONSUMER = Path(__file__).parent / "typing" / "consumer.py"
 # A user's strict configuration: Celery ships no types (so ``@app.task`` is an untyped
@@ -70,3 +76,22 @@ def test_the_consumer_program_runs() -> None:
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip() == "public API ok"
+
+
+def test_the_policy_constructors_typed_signature_keeps_to_its_fields() -> None:
+    # BreakerPolicy declares its constructor for type checkers only (durations as a
+    # timedelta too): a field added, renamed or moved without it would be a type error
+    # for a correct program, or a misspelt argument one mypy lets pass.
+    tree = ast.parse(Path(policy.__file__).read_text())
+    body = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "BreakerPolicy").body
+    guarded = next(node for node in body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING")
+    init = next(node for node in guarded.body if isinstance(node, ast.FunctionDef) and node.name == "__init__")
+    typed = {arg.arg: ast.unparse(arg.annotation) for arg in init.args.kwonlyargs if arg.annotation is not None}
+    fields = [found for found in dataclasses.fields(BreakerPolicy) if found.init]
+    assert list(typed) == [found.name for found in fields]
+    assert [arg.arg for arg in init.args.args] == ["self"]
+    assert init.args.vararg is None
+    assert init.args.kwarg is None
+    for found in fields:
+        if "timedelta" in found.metadata[DOC_KEY].accepts:
+            assert "timedelta" in typed[found.name], found.name

@@ -48,13 +48,17 @@ async def fetch(url: str) -> bytes:
 
 def breaker_api() -> None:
     clock = FakeClock()
-    policy = BreakerPolicy(failure_threshold=2, window=60, reset_timeout=timedelta(seconds=30).total_seconds())
+    policy = BreakerPolicy(failure_threshold=2, window=60, reset_timeout=timedelta(seconds=30))
     breaker = CircuitBreaker("payments", policy, storage=fresh_store(), clock=clock)
     CircuitBreaker("crm", {"failure_rate_threshold": 0.5, "minimum_calls": 10}, storage="memory://typed")
     # (any mapping of fields, as at run time: a read-only constant, a TypedDict)
     CircuitBreaker("erp", MappingProxyType({"failure_threshold": 3}), storage="memory://typed")
     assert_type(downstream_error(ValueError("bad input")), bool)
     BreakerPolicy(record_exceptions=(downstream_error, KeyError, "builtins.TimeoutError"))
+    # (as the docs teach: durations as timedelta, matchers as a list or a single one)
+    BreakerPolicy(window=timedelta(minutes=1), max_reset_timeout=timedelta(minutes=5), ignore_exceptions=[KeyError])
+    assert BreakerPolicy(record_exceptions=ConnectionError).record_exceptions == (ConnectionError,)
+    assert_type(policy.window, float)
 
     assert_type(breaker.call(charge, 1, amount=9.5), str)
     guarded = breaker(charge)

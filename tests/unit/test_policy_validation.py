@@ -155,9 +155,9 @@ def test_defaults_are_the_seed_values() -> None:
 
 def test_timedeltas_become_seconds() -> None:
     policy = BreakerPolicy(
-        window=timedelta(minutes=2),  # type: ignore[arg-type]
-        reset_timeout=timedelta(seconds=1.5),  # type: ignore[arg-type]
-        half_open_max_wait=timedelta(hours=1),  # type: ignore[arg-type]
+        window=timedelta(minutes=2),
+        reset_timeout=timedelta(seconds=1.5),
+        half_open_max_wait=timedelta(hours=1),
     )
     assert (policy.window, policy.reset_timeout, policy.half_open_max_wait) == (120.0, 1.5, 3600.0)
     assert type(policy.window) is float

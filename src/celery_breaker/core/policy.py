@@ -10,10 +10,10 @@ import inspect
 import logging
 import math
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CircuitOpenError, ConfigurationError, RetryAfter
 from ..labels import shown_callable
@@ -426,6 +426,34 @@ class BreakerPolicy:
             "(`CircuitOpenError` from another breaker always is)",
         ),
     )
+
+    if TYPE_CHECKING:
+        # What the constructor takes, as ``__post_init__`` reads it: durations as a number
+        # or a ``timedelta``, matchers as any iterable or a single one. The fields hold
+        # the converted values (seconds, a tuple); dataclass's own signature would type
+        # the arguments so, and refuse what the docs teach. (Kept to the fields by
+        # tests/test_typing.py.)
+        def __init__(
+            self,
+            *,
+            failure_threshold: int | None = ...,
+            window: float | timedelta = ...,
+            consecutive_failures: int | None = ...,
+            failure_rate_threshold: float | None = ...,
+            minimum_calls: int | None = ...,
+            count_window: int | None = ...,
+            slow_call_duration: float | timedelta | None = ...,
+            slow_call_rate_threshold: float | None = ...,
+            reset_timeout: float | timedelta = ...,
+            backoff_multiplier: float = ...,
+            max_reset_timeout: float | timedelta | None = ...,
+            reset_jitter: float = ...,
+            half_open_max_calls: int = ...,
+            success_threshold: int | None = ...,
+            half_open_max_wait: float | timedelta = ...,
+            record_exceptions: ExceptionMatcher | Iterable[ExceptionMatcher] | None = ...,
+            ignore_exceptions: ExceptionMatcher | Iterable[ExceptionMatcher] | None = ...,
+        ) -> None: ...
 
     probes_to_close: int = field(init=False, repr=False, compare=False)
     """``success_threshold``, or its default: 2, or ``half_open_max_calls`` if fewer."""
