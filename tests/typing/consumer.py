@@ -103,6 +103,7 @@ def breaker_api() -> None:
 def misuses(breaker: CircuitBreaker, task: BreakerTask) -> None:
     """Never run: each line must stay a type error."""
     task.breaker.call(charge, "1", amount=9.5)  # type: ignore[arg-type]
+    print(celery_breaker.CircuitBreakr)  # type: ignore[attr-defined]
     breaker.call(charge, "1", amount=9.5)  # type: ignore[arg-type]
     breaker.call(charge, 1)  # type: ignore[call-arg]
     breaker(charge)(2, amount="1")  # type: ignore[arg-type]
