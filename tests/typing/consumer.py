@@ -20,6 +20,8 @@ from typing import assert_type
 from celery import Celery
 
 import celery_breaker
+import celery_breaker.ops
+import celery_breaker.storage.redis
 from celery_breaker import (
     BreakerPolicy,
     BreakerTask,
@@ -104,6 +106,7 @@ def misuses(breaker: CircuitBreaker, task: BreakerTask) -> None:
     """Never run: each line must stay a type error."""
     task.breaker.call(charge, "1", amount=9.5)  # type: ignore[arg-type]
     print(celery_breaker.CircuitBreakr)  # type: ignore[attr-defined]
+    print(celery_breaker.ops.operat, celery_breaker.storage.redis.RedisStor)  # type: ignore[attr-defined]
     breaker.call(charge, "1", amount=9.5)  # type: ignore[arg-type]
     breaker.call(charge, 1)  # type: ignore[call-arg]
     breaker(charge)(2, amount="1")  # type: ignore[arg-type]

@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 __all__ = ["ACTIONS", "DELETE", "Action", "Deletion", "Move", "Purge", "delete", "operate", "purge", "shared_store"]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in __all__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    home = ".actions" if name in ("ACTIONS", "DELETE", "Action") else ".operator"
-    value = getattr(importlib.import_module(home, __name__), name)
-    globals()[name] = value
-    return value
+if not TYPE_CHECKING:  # (a module __getattr__ a type checker sees makes any name pass, as Any)
+
+    def __getattr__(name: str) -> Any:
+        if name not in __all__:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        home = ".actions" if name in ("ACTIONS", "DELETE", "Action") else ".operator"
+        value = getattr(importlib.import_module(home, __name__), name)
+        globals()[name] = value
+        return value
