@@ -405,6 +405,28 @@ def test_unknown_scheme_is_a_configuration_error_naming_the_scheme() -> None:
     assert "memory://" in message  # lists what this build supports
 
 
+@pytest.mark.parametrize(
+    ("url", "meant"),
+    [
+        ("reddis://localhost:6379/0", "redis://"),  # a typo of a scheme
+        ("redis+sentinal://s1:26379/mymaster", "redis+sentinel://"),
+        ("memory", "memory://"),  # a scheme without "://"
+        ("localhost:6379", "redis://localhost:6379"),  # a host and port without a scheme
+    ],
+)
+def test_an_unknown_scheme_names_the_one_probably_meant(url: str, meant: str) -> None:
+    # (the list of every scheme this build supports came alone: fifteen names to compare)
+    with pytest.raises(ConfigurationError) as info:
+        store_from_url(url)
+    assert f"did you mean {meant}" in str(info.value)
+
+
+def test_an_unknown_scheme_near_no_known_one_suggests_none() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        store_from_url("amqp://guest@rabbit//")
+    assert "did you mean" not in str(info.value)
+
+
 def test_non_string_url_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="URL string"):
         store_from_url(42)  # type: ignore[arg-type]

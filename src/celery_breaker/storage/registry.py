@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ..errors import ConfigurationError, StorageError
+from ..names import edit_distance
 from .contract import Store
 from .urls import describe_url, scrub_secrets
 
@@ -80,10 +81,27 @@ def _scheme(url: str) -> str:
 def check_storage_url(url: str) -> None:
     """Raise ConfigurationError unless ``url`` names a scheme this build can open."""
     if _scheme(url) not in _BACKENDS:
+        meant = _meant(url)
         raise ConfigurationError(
-            f"breaker_storage_url: unknown scheme {_scheme(url)!r} in {describe_url(url)!r}; "
-            f"this build supports: {', '.join(sorted(f + '://' for f in _BACKENDS))}"
+            f"breaker_storage_url: unknown scheme {_scheme(url)!r} in {describe_url(url)!r}"
+            + (f" (did you mean {meant}?)" if meant else "")
+            + f"; this build supports: {', '.join(sorted(f + '://' for f in _BACKENDS))}"
         )
+
+
+def _meant(url: str) -> str | None:
+    """What a URL of no known scheme was probably meant to be: a scheme one typo away
+    (``reddis://``), a scheme alone (``memory``), or a host and port with no scheme at
+    all (``localhost:6379``, a Redis's), shown masked; else ``None``."""
+    if not url.strip():
+        return None
+    if "://" not in url:
+        if url.lower() in _BACKENDS:
+            return f"{url.lower()}://"
+        return describe_url(f"redis://{url}") if "redis" in _BACKENDS else None
+    scheme = _scheme(url)
+    near = sorted((edit_distance(scheme, known, 2), known) for known in _BACKENDS)
+    return f"{near[0][1]}://" if near and near[0][0] <= 2 else None
 
 
 def is_shared_url(url: str) -> bool:
