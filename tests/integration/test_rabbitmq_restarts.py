@@ -478,3 +478,23 @@ def test_deferred_tasks_of_a_deleted_queue_never_hold_back_the_others(
             assert "40 deferred task(s) came due for a queue that no longer existed" in following.log()
     finally:
         publisher.close()
+
+
+def test_a_delay_queue_deleted_under_a_live_connection_loses_no_deferral(own_rabbitmq: RabbitMQServer) -> None:
+    # An operator deleted a level of the delay topology (its exchange left): the pool
+    # process's connection had declared it, and published into it again. RabbitMQ routed
+    # the message to no queue and confirmed it all the same (an unroutable message is
+    # acked): the deferral counted as sent, and the task never ran (0 of 1).
+    queue = f"level-gone-{time.monotonic_ns()}"
+    app, job = standalone("level.gone", own_rabbitmq.url, task_default_queue=queue)
+    with Connection(own_rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+        app.amqp.queues[queue].bind(connection.default_channel).declare()
+    strategies = (broker_delay.BrokerDelay(), CountdownRepublish(whole_seconds=True))
+    delivered = {"exchange": "", "routing_key": queue}
+    used = [deferred_by(job, strategies, "before", delivered)]  # (its connection made, the topology declared)
+    assert copies_in(own_rabbitmq.url, queue, {"before": 1}, settle=0) == {"before": 1}
+    with Connection(own_rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+        connection.default_channel.queue_delete(broker_delay.level_name(0))  # (a 1 s delay ends there)
+    used.append(deferred_by(job, strategies, "after", delivered))
+    assert used == ["broker-delay", "broker-delay"]  # (the level declared again, over a new connection)
+    assert copies_in(own_rabbitmq.url, queue, {"after": 1}, settle=0) == {"after": 1}

@@ -598,6 +598,11 @@ class BrokerDelay:
                 routing_key=routing_key,
                 declare=[],  # (the topology is declared on this connection; nothing else is published to)
                 retry=False,  # (a connection error comes back here, to open a new one and declare the topology)
+                # A level an operator deleted since this connection declared it routes the
+                # message to no queue, and RabbitMQ confirms it all the same: mandatory, it
+                # is returned first (py-amqp raises NO_ROUTE while the confirm is awaited),
+                # and it goes again over a new connection, the topology declared again.
+                mandatory=True,
             )
 
         return send
