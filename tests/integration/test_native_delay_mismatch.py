@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -619,3 +620,41 @@ def test_a_broadcast_queue_is_not_bound_to_the_native_delay(rabbitmq: RabbitMQSe
             assert taken_off(vhost.url, broadcast) == []
         bindings = rabbitmq.rabbitmqctl("list_bindings", "--vhost", vhost.name, "source_name", "destination_name")
         assert "celery_delayed_delivery\tbroadcast_tasks" not in bindings
+
+
+def test_an_early_acknowledged_run_deferred_while_rabbitmq_is_down_is_parked_not_failed(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """RabbitMQ down (restarted, or the connection dropped) while a run is deferred, its
+    delivery acknowledged on receipt (Celery's default): broker-delay could not publish,
+    nor the countdown, and the run failed for good (``could not be deferred``), though
+    the app had a Redis breaker store that could hold it. It is parked there now, and
+    released once RabbitMQ and its breaker take it again."""
+    with socket.socket() as closed:  # (a port nothing listens on: RabbitMQ down)
+        closed.bind(("127.0.0.1", 0))
+        down = f"amqp://guest:secret@127.0.0.1:{closed.getsockname()[1]}//"
+    app = Celery("down.early", broker=down, set_as_current=False)
+    app.conf.update(task_default_queue="work", broker_connection_timeout=0.5)
+
+    @app.task(bind=True, name="down.early.job")
+    def job(self: Any, n: int) -> int:
+        return n
+
+    app.finalize()
+    ns = f"down-{secrets.token_hex(4)}"
+    breaker = CircuitBreaker(BREAKER, POLICY, storage=f"{redis_server.url}/1?key_prefix={ns}")
+    breaker.force_open()
+    strategies = (broker_delay.BrokerDelay(), countdown.CountdownRepublish(whole_seconds=False, park=ParkInStore()))
+    rejected = CircuitOpenError("forced open", name=BREAKER, state=breaker.state)
+    by = _deferred_by(job, "t-down", strategies, exchange="", breaker=breaker, rejected=rejected,
+                      state="forced_open", expires_in=None, max_defer_age=None, now=time.time(),
+                      failed=False)  # fmt: skip
+    assert by == "park"
+    parking = resolve_store(breaker.store.url).parking
+    assert parking is not None
+    store = redis.Redis.from_url(f"{redis_server.url}/1", decode_responses=True)
+    assert store.hkeys(parking.tag(BREAKER, None) + ":m") == ["t-down:0:1"]
+    store.close()
+    breaker.close()
+    assert "parked in the breaker store" in caplog.text
+    assert "secret" not in caplog.text

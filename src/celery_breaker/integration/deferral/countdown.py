@@ -53,6 +53,7 @@ from ...errors import CircuitOpenError
 from ...storage import describe_url
 from ...storage.masking import MaskedRepr, masked_error
 from ..broker import AMQP, broker_kind
+from ..throttle import Throttle
 from . import confirms, native_delay
 from .broker_delay import UnroutedWarning, destination_queue
 from .confirms import Confirm, ConfirmingPublisher
@@ -100,8 +101,11 @@ class CountdownRepublish:
         self.whole_seconds = whole_seconds
         #: Where a run goes that Celery's native delay would not bring back (decision 95):
         #: parked in the breaker store, rather than straight back to its queue after a
-        #: pause; ``None``: no store to park in (``memory://``), or ``breaker_park=False``.
+        #: pause; and an early-acknowledged run RabbitMQ could not take at all (decision
+        #: 112). ``None``: no store to park in (``memory://``), or ``breaker_park=False``.
         self.park = park
+        #: The WARNING, once a minute, that runs RabbitMQ could not take are parked (decision 112).
+        self._parked_told = Throttle()
         #: Per queue, RabbitMQ's refusal of a copy on its way into Celery's delay queues:
         #: for ``LOOK_AGAIN_AFTER`` such runs are parked without that publish (decision 96).
         self._refused = native_delay.RecentRefusals(clock)
@@ -217,6 +221,9 @@ class CountdownRepublish:
                     return parked
             why = self._straight_back(task, instead, exc)
             if why is None:
+                kept = self._parked_for_now(deferral, route, exc)
+                if kept is not None:
+                    return kept
                 _not_deferred(deferral, exc)
         if why is not None:
             if _refusal(why):
@@ -239,6 +246,33 @@ class CountdownRepublish:
             time.sleep(REQUEUE_PAUSE)  # (sent already: a worker killed now loses nothing)
             return REQUEUE_PAUSE
         return delay
+
+    def _parked_for_now(self, deferral: Deferral, route: dict[str, Any], exc: Exception) -> Handed | None:
+        """Park a run neither RabbitMQ way could defer (``exc``: RabbitMQ down or restarting,
+        the connection dropped, a refusal) when its delivery is acknowledged already (not
+        ``acks_late``) and the app has a Redis breaker store: the run failed for good
+        before, lost though the store could hold it (decision 112). ``None`` when the store
+        does not take it either, or the delivery goes back to RabbitMQ (``acks_late``:
+        parked too, it would run twice)."""
+        park, task = self.park, deferral.task
+        if park is None or task.acks_late or broker_kind(task.app.conf) != AMQP:
+            return None  # (on Redis, parking came first, and failed)
+        try:
+            delay = park.park(deferral, route)
+        except Exception:
+            logger.debug("task %s[%s]: could not park it either", task.name, task.request.id, exc_info=True)
+            return None
+        if delay is None:
+            return None
+        quiet = self._parked_told.due("")
+        logger.log(
+            logging.DEBUG if quiet is None else logging.WARNING,
+            "task %s[%s]: could not defer it through RabbitMQ (%r); parked in the breaker store %s instead (PARKED "
+            "in `celery breaker status`), released once RabbitMQ and its breaker take it (logged at most once a "
+            "minute; %d more since, at DEBUG)",
+            task.name, task.request.id, MaskedRepr(exc), describe_url(deferral.breaker.store.url), quiet or 0,
+        )  # fmt: skip
+        return Handed(park, delay)
 
     def _refused_lately(self, queue: str) -> BaseException | None:
         """RabbitMQ's refusal of a copy for ``queue`` on its way into Celery's delay queues
