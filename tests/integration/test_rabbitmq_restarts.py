@@ -498,3 +498,24 @@ def test_a_delay_queue_deleted_under_a_live_connection_loses_no_deferral(own_rab
     used.append(deferred_by(job, strategies, "after", delivered))
     assert used == ["broker-delay", "broker-delay"]  # (the level declared again, over a new connection)
     assert copies_in(own_rabbitmq.url, queue, {"after": 1}, settle=0) == {"after": 1}
+
+
+def test_a_celery_delay_queue_deleted_under_a_live_connection_loses_no_countdown(own_rabbitmq: RabbitMQServer) -> None:
+    # The same on quorum queues, whose countdowns Celery delays in its own celery_delayed_*
+    # queues: an operator deleted one under the countdown's live connection, and the next
+    # copy through it was routed to no queue and confirmed all the same (0 of 1 came back).
+    ns = time.monotonic_ns()
+    work = f"work-gone-{ns}"
+    queue = Queue(work, Exchange(f"tasks-gone-{ns}", type="topic"), routing_key="work",  # type: ignore[no-untyped-call]
+                  queue_arguments={"x-queue-type": "quorum"})  # fmt: skip
+    _app, job = standalone("celery.level.gone", own_rabbitmq.url, task_queues=[queue], task_default_queue=work)
+    with Connection(own_rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+        queue.bind(connection.default_channel).declare()  # type: ignore[no-untyped-call]
+    strategies = (CountdownRepublish(whole_seconds=True),)
+    delivered = {"exchange": f"tasks-gone-{ns}", "routing_key": "work", broker_delay.QUEUE_KEY: work}
+    assert deferred_by(job, strategies, "before", delivered) == "countdown"  # (the delay set up on its connection)
+    assert copies_in(own_rabbitmq.url, queue, {"before": 1}, settle=0) == {"before": 1}
+    with Connection(own_rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+        connection.default_channel.queue_delete("celery_delayed_0")  # (a 1 s delay ends there)
+    assert deferred_by(job, strategies, "after", delivered) == "countdown"
+    assert copies_in(own_rabbitmq.url, queue, {"after": 1}, settle=0) == {"after": 1}

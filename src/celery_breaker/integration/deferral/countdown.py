@@ -155,7 +155,12 @@ class CountdownRepublish:
             found = self._publisher.prepared
             why[0] = found.problem(instead.queue) if instead is not None and isinstance(found, NativeDelay) else None
             chosen = signature if why[0] is None or instead is None else instead.signature
-            publish(task, chosen, producer=producer, retry=False)
+            # (through Celery's delay levels: one an operator deleted since this connection
+            # declared it routes the copy to no queue, and RabbitMQ confirms it all the same;
+            # mandatory, it is returned, and goes again over a new connection, which declares
+            # the levels again)
+            through_levels = instead is not None and chosen is signature
+            publish(task, chosen, producer=producer, retry=False, **({"mandatory": True} if through_levels else {}))
 
         sends = [send]
         published = self._publisher.publish(task.app, sends)
