@@ -853,6 +853,37 @@ def test_a_breaker_made_on_a_primary_that_just_failed_is_not_asked_there_again_a
         store.close()
 
 
+def test_a_primary_that_answers_again_is_asked_for_new_breakers_at_once() -> None:
+    # A node that did not answer a script was not asked for a new breaker for 5 s after
+    # its last failure, even once it answered again: after a primary's restart (or a
+    # hang that ended), each new per-key breaker there took its stand-in (a `deny` one
+    # rejected its tasks), and the outage the store had just said was over was said again.
+    with partially_covered_cluster() as (cluster, store, names):
+        client = redis_py(store)
+        channel_port = client.get_node_from_key(store.channel).port
+        victim_port = next(port for port in names if port != channel_port)
+        victim = CircuitBreaker(names[victim_port], storage=store, on_storage_error="deny")
+        assert victim.call(ok) == "ok"
+        node = next(node for node in cluster.nodes if node.port == victim_port)
+        node.kill()
+        with pytest.raises((CircuitOpenError, ConnectionError)):
+            victim.call(down)  # (its outcome or its admission meets the dead primary)
+        node.start()
+
+        def answers() -> bool:  # (each try that fails is another script the node did not answer)
+            try:
+                store.cell(names[victim_port], None, BreakerPolicy(), SYSTEM_CLOCK).refresh(SYSTEM_CLOCK.monotonic())
+            except StorageError:
+                return False
+            return True
+
+        servers.poll(answers, "the restarted primary to answer the store's scripts")
+        tenant = next(f"t{i}" for i in range(1000)
+                      if client.get_node_from_key(store.keys_for("crm", f"t{i}")[0]).port == victim_port)  # fmt: skip
+        assert store.cell("crm", tenant, BreakerPolicy(), SYSTEM_CLOCK).state is State.CLOSED
+        store.close()
+
+
 def test_a_subscription_lost_while_a_primary_is_down_is_heard_again_before_it_returns() -> None:
     # After a reconnect the agent reads every view again before it trusts them, and took
     # one breaker it could not read (its primary down) for a store it could not read: it

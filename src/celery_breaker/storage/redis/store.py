@@ -285,22 +285,33 @@ class RedisStore:
         """Run one script (``storage/lua/<script>.lua``) and return its raw reply; any Redis
         failure becomes ``StorageError`` saying what was being done (``doing``)."""
         try:
-            return self.scripts()(script, keys, args)
+            reply = self.scripts()(script, keys, args)
         except CLIENT_ERRORS as exc:
             if isinstance(exc, redis.ReadOnlyError):
                 self._leave_replica()
             elif isinstance(exc, (redis.ConnectionError, redis.TimeoutError)) and keys:
                 self._unanswering(keys[0])
             raise StorageError(failure(self.label, doing, exc)) from exc
+        if self._unanswered and keys:
+            # (A node that answers again is asked for new breakers at once: else each new
+            # one there took its stand-in until 5 s after its last failure, the outage said again.)
+            self._unanswered.pop(self._node_of(keys[0]) or "", None)
+        return reply
+
+    def _node_of(self, key: str | bytes) -> str | None:
+        """The Cluster node serving ``key`` (``None`` on a single server or Sentinel)."""
+        client = self._client
+        if client is None or not is_cluster(client):
+            return None
+        return node_of(client, key.decode() if isinstance(key, bytes) else key)
 
     def _unanswering(self, key: str | bytes) -> None:
         """On a Cluster: the node serving ``key`` did not answer; new breakers there are
-        not asked for ``UNANSWERED_FOR`` (``refuse_unanswered``)."""
-        client = self._client
-        if client is not None and is_cluster(client):
-            node = node_of(client, key.decode() if isinstance(key, bytes) else key)
-            if node is not None:
-                self._unanswered[node] = time.monotonic() + UNANSWERED_FOR
+        not asked for ``UNANSWERED_FOR`` (``refuse_unanswered``), or until a script there
+        is answered (``eval``)."""
+        node = self._node_of(key)
+        if node is not None:
+            self._unanswered[node] = time.monotonic() + UNANSWERED_FOR
 
     def _refuse_unanswered(self, cell: RedisCell) -> None:
         """Raise ``StorageError`` for a new breaker whose Cluster node just failed another:
