@@ -409,6 +409,9 @@ def test_a_breakers_slot_left_migrating_by_a_reshard_names_the_fix(caplog: pytes
             breaker = CircuitBreaker("svc", TRIP_AT_TWO, storage=url, on_storage_error="deny")
             assert breaker.call(ok) == "ok"
             store = cast(RedisStore, cast(FallbackStore, breaker.store).primary)
+            # (Heard, the failing call is admitted without asking: its outcome is the script
+            # the slot refuses. Else its admission asked, and the call was rejected instead.)
+            servers.poll(lambda: store.live and store.settled, "the agent to hear the store")
             key = store.keys_for("svc", None)[0]
             slot, port = redis_py(store).keyslot(key), redis_py(store).get_node_from_key(key).port
             source = next(node for node in cluster.nodes if node.port == port)
