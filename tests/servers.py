@@ -9,13 +9,15 @@ never for time to pass.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from types import TracebackType
@@ -256,6 +258,19 @@ class RedisServer(Owned):
         if process is not None and process.poll() is None:
             process.kill()
             process.wait()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """The server frozen (SIGSTOP) until the block ends, then resumed: the kernel still
+        takes connections and bytes, and nothing answers, as a hung server."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            raise ServerError(f"{self} is not running")
+        process.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         """Stop the process (its port stays ours for ``start()``)."""

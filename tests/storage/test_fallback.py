@@ -14,14 +14,17 @@ from typing import cast
 import pytest
 import redis
 
-from celery_breaker import CircuitBreaker, CircuitOpenError, ConfigurationError, State, TooManyRequests
+from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State, TooManyRequests
+from celery_breaker.clock import SYSTEM_CLOCK
 from celery_breaker.core import Transition
+from celery_breaker.errors import StorageError
 from celery_breaker.storage import FallbackStore
 from celery_breaker.storage.redis import RedisStore
 from celery_breaker.testing import FakeClock
 
 from ..servers import RedisServer
 from ..unit.support import HeldCall, down, fail, ok, state_of
+from .conftest import unique_prefix
 
 
 def dead_store(password: str | None = None) -> RedisStore:
@@ -386,6 +389,29 @@ def test_a_breaker_deleted_by_the_process_holding_it_is_not_said_lost(
 def _leases(store: RedisStore, name: str) -> dict[bytes, bytes]:
     client = store.client()
     return cast(dict[bytes, bytes], client.hgetall(store.keys_for(name, None)[4]))
+
+
+def test_a_new_breaker_on_a_server_that_just_did_not_answer_is_not_asked_at_once(
+    restartable_redis: RedisServer,
+) -> None:
+    # A breaker made while the store is down asks it when the process still hears its
+    # transitions (meant for a Cluster with another primary down): a single server that
+    # hangs is heard for up to 1.5 s more (the agent's heartbeat), and each new per-key
+    # breaker made meanwhile waited out the socket timeout again, where a store that is
+    # down gave its stand-in at once. As on a Cluster's node, it fails at once.
+    restartable_redis.start()
+    store = RedisStore.from_url(f"{restartable_redis.url}?key_prefix={unique_prefix()}")
+    try:
+        first = store.cell("svc", None, BreakerPolicy(), SYSTEM_CLOCK)
+        with restartable_redis.paused():
+            with pytest.raises(StorageError, match="Timeout"):
+                first.refresh(SYSTEM_CLOCK.monotonic())
+            with pytest.raises(StorageError, match="did not answer another breaker's call"):
+                store.cell("crm", "t1", BreakerPolicy(), SYSTEM_CLOCK)
+        first.refresh(SYSTEM_CLOCK.monotonic())  # (answered: new breakers are asked again)
+        assert store.cell("crm", "t1", BreakerPolicy(), SYSTEM_CLOCK).state is State.CLOSED
+    finally:
+        store.close()
 
 
 @pytest.mark.parametrize("outcome", ["ignored", "success", "failure"])

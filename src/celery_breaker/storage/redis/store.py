@@ -86,8 +86,8 @@ def _positive(url: str, option: str, text: str) -> float:
 
 #: Seconds ``RedisStore.flush`` goes on sending other cells' counts after one failed.
 FLUSH_AFTER_FAILURE = 1.0
-#: Seconds a Cluster node that did not answer a script is not asked to read a new breaker
-#: (the fallback's retry interval: a store that is down is tried as often).
+#: Seconds a Cluster node (or a single server) that did not answer a script is not asked
+#: to read a new breaker (the fallback's retry interval: a store that is down is tried as often).
 UNANSWERED_FOR = 5.0
 
 
@@ -175,8 +175,9 @@ class RedisStore:
         self._client: redis.Redis | None = None
         self._scripts: Scripts | None = None
         self._cells: weakref.WeakValueDictionary[tuple[str, str | None], RedisCell] = weakref.WeakValueDictionary()
-        #: Cluster nodes a script could not reach, and until when a new breaker's first read
-        #: is not sent there (``UNANSWERED_FOR``): it fails at once, as on a store that is down.
+        #: Cluster nodes a script could not reach (``""``: the server, on a single server or a
+        #: Sentinel master), and until when a new breaker's first read is not sent there
+        #: (``UNANSWERED_FOR``): it fails at once, as on a store that is down.
         self._unanswered: dict[str, float] = {}
         #: What cells no breaker object uses any more had counted and not sent
         #: (``RedisCell.__del__``): the next flush sends it.
@@ -299,36 +300,42 @@ class RedisStore:
         return reply
 
     def _node_of(self, key: str | bytes) -> str | None:
-        """The Cluster node serving ``key`` (``None`` on a single server or Sentinel)."""
+        """The Cluster node serving ``key``; ``""`` on a single server or a Sentinel master
+        (one serves every key); ``None`` where the Cluster's slot map names none."""
         client = self._client
         if client is None or not is_cluster(client):
-            return None
+            return ""
         return node_of(client, key.decode() if isinstance(key, bytes) else key)
 
     def _unanswering(self, key: str | bytes) -> None:
-        """On a Cluster: the node serving ``key`` did not answer; new breakers there are
-        not asked for ``UNANSWERED_FOR`` (``refuse_unanswered``), or until a script there
-        is answered (``eval``)."""
+        """The node serving ``key`` (on a Cluster; else the server) did not answer: new
+        breakers there are not asked for ``UNANSWERED_FOR`` (``_refuse_unanswered``), or
+        until a script there is answered (``eval``)."""
         node = self._node_of(key)
         if node is not None:
             self._unanswered[node] = time.monotonic() + UNANSWERED_FOR
 
     def _refuse_unanswered(self, cell: RedisCell) -> None:
-        """Raise ``StorageError`` for a new breaker whose Cluster node just failed another:
-        asked, it would wait out the timeouts again, for each new per-key breaker (a second
-        each on a hung node), where a store that is down gives its stand-in at once."""
+        """Raise ``StorageError`` for a new breaker whose node (a Cluster's, or the server)
+        just failed another: asked, it would wait out the timeouts again, for each new
+        per-key breaker (a second each on a hung node), where a store that is down gives
+        its stand-in at once. (The fallback asks a store that is down for a new breaker
+        while it still hears its transitions: a Cluster with another primary down, or a
+        hung server for the 1.5 s its agent takes to notice.)"""
         if not self._unanswered:
             return
-        node = node_of(self.client(), cell.state_key)
-        until = self._unanswered.get(node or "")
-        if until is None:
+        self.client()  # (made: its topology names the node)
+        node = self._node_of(cell.state_key)
+        until = None if node is None else self._unanswered.get(node)
+        if node is None or until is None:
             return
         left = until - time.monotonic()
         if left <= 0:
-            self._unanswered.pop(node or "", None)
+            self._unanswered.pop(node, None)
             return
+        where = f"its cluster node {node}" if node else "the server"
         raise StorageError(
-            f"redis store {self.label}: breaker {cell.label}: its cluster node {node} did not answer another "
+            f"redis store {self.label}: breaker {cell.label}: {where} did not answer another "
             f"breaker's call; asked again in {left:.1f} s"
         )
 
