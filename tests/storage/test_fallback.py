@@ -391,6 +391,51 @@ def _leases(store: RedisStore, name: str) -> dict[bytes, bytes]:
     return cast(dict[bytes, bytes], client.hgetall(store.keys_for(name, None)[4]))
 
 
+def test_a_breaker_deleted_elsewhere_is_not_said_lost_by_a_count_flush_that_beat_the_delete(
+    restartable_redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A count flush that reaches Redis after another process's `celery breaker delete`,
+    # before this process's agent has heard the delete (it was busy: flushing other cells,
+    # or, here, another message), found the breaker gone: the operator's delete was
+    # logged as a forced_open state lost by the store.
+    restartable_redis.start()
+    url = f"{restartable_redis.url}?key_prefix={unique_prefix()}"
+    store, elsewhere = RedisStore.from_url(url), RedisStore.from_url(url)
+    busy, done = threading.Event(), threading.Event()
+
+    def stall(state_key: str) -> None:  # (the agent, hearing a transition, waits here)
+        if state_key == store.keys_for("other", None)[0]:
+            busy.set()
+            done.wait(10.0)
+
+    try:
+        breaker, other = CircuitBreaker("svc", storage=store), CircuitBreaker("other", storage=store)
+        breaker.force_open()
+        assert other.call(ok) == "ok"
+        deadline = time.monotonic() + 10.0
+        while not (store.live and store.settled):  # (a real thread's progress)
+            assert time.monotonic() < deadline, "the store's agent did not hear Redis"
+            time.sleep(0.01)
+        with pytest.raises(CircuitOpenError):
+            breaker.call(ok)  # (a rejection counted here, sent by the next flush)
+        store.watch(stall)
+        elsewhere.cell("other", None, BreakerPolicy(), SYSTEM_CLOCK).force(
+            State.FORCED_OPEN, BreakerPolicy(), SYSTEM_CLOCK.monotonic()
+        )
+        assert busy.wait(10.0)
+        with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+            assert elsewhere.delete("svc", None)
+            store.flush()  # (before the agent hears the delete)
+            done.set()
+            assert store.sync()  # (the delete heard)
+            assert breaker.call(ok) == "ok"  # (afresh, closed)
+    finally:
+        done.set()
+        store.close()
+        elsewhere.close()
+    assert not [r.getMessage() for r in caplog.records if "is gone from" in r.getMessage()]
+
+
 def test_a_new_breaker_on_a_server_that_just_did_not_answer_is_not_asked_at_once(
     restartable_redis: RedisServer,
 ) -> None:

@@ -39,6 +39,8 @@ VIEW_TTL = 1.0
 #: A flush's verdict when it found no breaker and made none (``common.lua``): its view is
 #: the one a delete publishes, incarnation ``"0"`` (``forget.lua``).
 GONE = "gone"
+#: The incarnation of the view a delete publishes (``forget.lua``): no breaker has it.
+DELETED = "0"
 #: An operator's states, whose keys never expire, and the ``celery breaker`` move that sets each.
 _HELD = {State.FORCED_OPEN: "open", State.DISABLED: "disable"}
 #: record.lua's verdict when it counted a fresh call's 429 as a refusal (``finish_refusal``).
@@ -92,7 +94,7 @@ class RedisCell:
         "name", "key", "policy", "state", "generation", "open_until", "passing", "last_used",
         "_rejections", "state_key", "_store", "_clock", "_keys", "_key_arg", "_policy_text",
         "_offset", "_rj_flushed", "_ok_tally", "_ok_flushed", "_ok_gen", "_stale_ok", "_df_tally",
-        "_df_flushed", "_counted", "_incarnation", "_full_until", "_slow", "_seen",
+        "_df_flushed", "_counted", "_incarnation", "_gone_held", "_full_until", "_slow", "_seen",
         "_dropped", "_lock", "_sending", "flush_failed",
         "__weakref__",
     )  # fmt: skip
@@ -138,6 +140,9 @@ class RedisCell:
         # but not yet sent would be in neither Redis nor the snapshot's own pending part.
         self._sending = threading.Lock()
         self._incarnation = ""
+        #: The held state a flush found gone (``GONE``), judged lost only by the next read
+        #: that makes the breaker again: a delete heard meanwhile (``hear``) was the cause.
+        self._gone_held: State | None = None
         self._full_until = 0.0  # HALF_OPEN with every probe slot taken: reject until then
         self._slow = policy.slow_call_duration
         self._seen = time.monotonic()
@@ -296,6 +301,14 @@ class RedisCell:
         # A flush that found no breaker (deleted, or expired) made none: taken as the delete
         # is heard, so the next call asks Redis, which makes it, rather than pass unasked.
         gone = reply.verdict == GONE
+        if gone:
+            # (Not said yet: another process's delete, published before this flush ran, may
+            # not be heard yet, the agent busy. Said by the read that makes it again, unless
+            # the delete was heard by then.)
+            self._gone_held, lost = lost or self._gone_held, None
+        elif self._gone_held is not None:
+            lost = lost or self._gone_held
+            self._gone_held = None
         self._view(reply.incarnation, reply.generation, reply.state, open_until, epoch, heard=gone)
         if lost is not None:
             label = shown_label(self.label)
@@ -386,6 +399,8 @@ class RedisCell:
         # only at its next script call.)
         if remaining is not None and remaining > LONGEST_SECONDS + CLOCK_SLACK:
             return
+        if incarnation == DELETED:
+            self._gone_held = None  # (the breaker was deleted: nothing was lost)
         now = self._clock.monotonic()
         open_until = None if remaining is None else now + remaining
         self._view(incarnation, generation, state, open_until, self._store.epoch, heard=True)
