@@ -890,6 +890,33 @@ def test_a_primary_that_answers_again_is_asked_for_new_breakers_at_once() -> Non
         store.close()
 
 
+def test_a_breaker_read_again_on_a_healthy_primary_does_not_end_another_primarys_outage() -> None:
+    # With the transitions channel's own primary down, a rejecting view on a healthy
+    # primary is read again each second (VIEW_TTL); that read answering was taken for the
+    # whole store answering: the outage ended (INFO), and the next call on the dead
+    # primary began it again (WARNING, not once a minute but each second), every stand-in
+    # retried at once meanwhile.
+    with partially_covered_cluster() as (cluster, store, names):
+        client = redis_py(store)
+        channel_port = client.get_node_from_key(store.channel).port
+        victim = CircuitBreaker(names[channel_port], storage=store, on_storage_error="deny")
+        held = CircuitBreaker(next(name for port, name in names.items() if port != channel_port), storage=store,
+                              on_storage_error="deny")  # fmt: skip
+        assert victim.call(ok) == "ok"
+        held.force_open()
+        next(node for node in cluster.nodes if node.port == channel_port).kill()
+        with pytest.raises((CircuitOpenError, ConnectionError)):
+            victim.call(down)  # (its admission or its outcome meets the dead primary)
+        fallback = cast(FallbackStore, victim.store)
+        assert fallback.down
+        cell = store.cell(held.name, None, BreakerPolicy(), SYSTEM_CLOCK, read=False)
+        servers.poll(lambda: cell.evicted, "the held breaker's view to be read again (not live)")
+        with pytest.raises(CircuitOpenError, match="forced_open"):
+            held.call(ok)  # (read again, on its primary, which answers)
+        assert fallback.down
+        store.close()
+
+
 def test_a_subscription_lost_while_a_primary_is_down_is_heard_again_before_it_returns() -> None:
     # After a reconnect the agent reads every view again before it trusts them, and took
     # one breaker it could not read (its primary down) for a store it could not read: it

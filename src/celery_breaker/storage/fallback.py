@@ -335,7 +335,10 @@ class FallbackCell:
             if self._store.claim_try(now):
                 self._try_primary(now)
         elif self._active is self._primary and self._primary.evicted:
-            self._try_primary(now)
+            # (Its own breaker read again, no retry of the store: answering, it does not end
+            # an outage another's primary may still be in, a Cluster's, which its next call
+            # then began again, a WARNING each second; failing, it does not postpone the retry.)
+            self._try_primary(now, rejoined=False)
 
     def _due(self, now: float) -> bool:
         return self._active is self._local and self._store.may_try(now)
