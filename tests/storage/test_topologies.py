@@ -811,6 +811,11 @@ def test_a_breaker_made_while_another_primary_is_down_is_shared_if_its_own_prima
     # out a dead store's timeout), even on a primary that answers: a new per-key `deny`
     # breaker rejected every task it guarded for 5 s at a time, and a `local` one judged
     # alone what every process shares.
+    if int(redis.__version__.split(".")[0]) < 8:
+        # (before 8.0 its Cluster client drops the subscription whenever a node fails, and
+        # again on each reconnect while it is down (measured on 5.1, 5.2, 6.0 and 7.0): the
+        # store does not hear steadily, so a new breaker takes its stand-in, as before)
+        pytest.skip(f"redis-py {redis.__version__}: the Cluster's subscription drops while a node is down")
     with partially_covered_cluster() as (cluster, store, names):
         client = redis_py(store)
         channel_port = client.get_node_from_key(store.channel).port
