@@ -271,6 +271,29 @@ def test_the_other_policy_warning_masks_what_a_predicate_holds(caplog: pytest.Lo
     assert "hunter2" not in caplog.text
 
 
+def test_the_other_policy_warning_is_said_once_per_process_for_a_name_not_per_key_or_object(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A rolling deploy that changes a policy: the new code meets breakers the old code made.
+    # A WARNING for each breaker object made flooded the log: one per tenant of a per-key
+    # breaker, and one per run under a registry that makes them again.
+    store = fresh_store()
+    kept, given = BreakerPolicy(failure_threshold=5), BreakerPolicy(failure_threshold=1)
+    for key in ("tenant-1", "tenant-2", "tenant-3"):
+        CircuitBreaker("svc", kept, storage=store, key=key)
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        for key in ("tenant-1", "tenant-2", "tenant-3", "tenant-1"):
+            CircuitBreaker("svc", given, storage=store, key=key)
+        warned = [r for r in caplog.records if "another policy" in r.getMessage()]
+        assert len(warned) == 1
+        assert "said once per process" in warned[0].getMessage()
+        # Another breaker, or the same one met with yet another policy, is said again.
+        CircuitBreaker("other", kept, storage=store)
+        CircuitBreaker("other", given, storage=store)
+        CircuitBreaker("svc", BreakerPolicy(failure_threshold=2), storage=store, key="tenant-1")
+    assert len([r for r in caplog.records if "another policy" in r.getMessage()]) == 3
+
+
 # -- through a breaker ------------------------------------------------------------
 
 

@@ -37,6 +37,30 @@ OPEN, FORCED_OPEN = State.OPEN, State.FORCED_OPEN
 _run_get = RUN.get  # (bound once: see ``RUN``)
 _run_set = RUN.set
 
+#: The policy mismatches this process has warned of: (store URL, breaker name, the policy
+#: kept, the policy given). Warned for each breaker object made, a rolling deploy that
+#: changed a policy logged the WARNING once per key of a per-key breaker (one per tenant),
+#: and once per breaker a registry made again, in every pool process: a flood.
+_MISMATCHES_WARNED: set[tuple[str, str, BreakerPolicy, BreakerPolicy]] = set()
+#: Beyond this many, the set is emptied (policies made anew for each breaker, a lambda
+#: predicate each time, never match one another: they are warned of each time anyway).
+_MOST_MISMATCHES_KEPT = 1_000
+
+
+def _first_mismatch(breaker: CircuitBreaker, existing: BreakerPolicy) -> bool:
+    """Whether ``breaker``'s policy, other than the ``existing`` one its store keeps, is a
+    mismatch this process has not warned of yet (any key of its name counts)."""
+    seen = (breaker.store.url, breaker.name, existing, breaker.policy)
+    try:
+        if seen in _MISMATCHES_WARNED:
+            return False
+        if len(_MISMATCHES_WARNED) >= _MOST_MISMATCHES_KEPT:
+            _MISMATCHES_WARNED.clear()
+        _MISMATCHES_WARNED.add(seen)
+    except TypeError:  # (a policy holding something unhashable: warned each time, as before)
+        return True
+    return True
+
 
 class _EnteredRun(RunAdmission):
     """The admissions ``enter_run`` makes: a ``RunAdmission`` made without ``__init__``
@@ -113,10 +137,11 @@ class CircuitBreaker(GuardedBlocks, HealthCheckAdmission, Operating):
         self._entered = None  # (see __aenter__)
         self._cell = self.store.cell(name, key, self.policy, self._clock)
         existing = self._cell.policy
-        if existing is not self.policy and existing != self.policy:
+        if existing is not self.policy and existing != self.policy and _first_mismatch(self, existing):
             logger.warning(
                 "breaker %s already exists in %s with another policy; it keeps that one "
-                "(reset() adopts a new policy): existing %r, this one %r",
+                "(reset() adopts a new policy): existing %r, this one %r (said once per process for this "
+                "breaker's name and these two policies, whatever its key)",
                 shown_label(self.label), describe_url(self.store.url), MaskedRepr(existing), MaskedRepr(self.policy),
             )  # fmt: skip
 
