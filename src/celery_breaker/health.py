@@ -44,6 +44,7 @@ __all__ = [
     "UnhealthyResponse",
     "abandon_checks_on",
     "abandon_pending_checks",
+    "await_pending_checks",
     "check_timeout",
     "shown_callable",
     "shown_probe",
@@ -406,6 +407,7 @@ class PendingCheck:
 
     __slots__ = (
         "_check", "_thread", "_outcome", "_started", "_deadline", "_lock", "_settle", "_abandon_on", "_checked",
+        "_done",
     )  # fmt: skip
 
     def __init__(
@@ -425,6 +427,7 @@ class PendingCheck:
         self._lock = threading.Lock()
         self._settle: Callable[[CheckResult | None], object] | None = None
         self._abandon_on: threading.Event | None = None
+        self._done = threading.Event()  # (set once its verdict, or its abandonment, is handed on)
 
     def left(self) -> float:
         """Seconds until the check's time is up (0: it is)."""
@@ -473,8 +476,11 @@ class PendingCheck:
             settle, self._settle = self._settle, None
         with _PENDING_LOCK:
             _PENDING.discard(self)
-        if settle is not None:
-            settle(result)
+        try:
+            if settle is not None:
+                settle(result)
+        finally:
+            self._done.set()
 
 
 #: The check threads given up on that still run, by what they check (``_hung_key``), with
@@ -540,6 +546,33 @@ def abandon_pending_checks(event: threading.Event | None = None) -> int:
         found = [pending for pending in _PENDING if event is None or pending._abandon_on is event]
     for pending in found:
         pending._finish(None)
+    return len(found)
+
+
+#: Seconds ``await_pending_checks`` gives a check's verdict, once its time is up, to be
+#: recorded (a round trip to the store).
+VERDICT_GRACE = 2.0
+#: Most seconds ``await_pending_checks`` waits in all: a process leaving waits no longer
+#: for a check given a long ``probe_timeout`` (its pool slot stays empty meanwhile).
+AWAIT_AT_MOST = DEFAULT_PROBE_TIMEOUT
+
+
+def await_pending_checks() -> int:
+    """Wait for the verdicts of this process's checks still running after their callers
+    stopped waiting, each until its time is up (and ``VERDICT_GRACE`` to record it), all
+    within ``AWAIT_AT_MOST``; then give up on any left (``abandon_pending_checks``).
+    Returns how many were waited for.
+
+    For a pool process leaving in order (``--max-tasks-per-child``,
+    ``worker_max_memory_per_child``, a warm shutdown): abandoned at once, a healthy check
+    slower than a task's admission waits gave no verdict, and with a process recycled
+    after each task, every check was cut so and the breaker never closed."""
+    with _PENDING_LOCK:
+        found = list(_PENDING)
+    end = time.monotonic() + AWAIT_AT_MOST
+    for pending in found:
+        pending._done.wait(max(0.0, min(pending.left() + VERDICT_GRACE, end - time.monotonic())))
+    abandon_pending_checks()
     return len(found)
 
 

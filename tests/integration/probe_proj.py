@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any
 
 import redis
@@ -47,9 +48,15 @@ def client() -> redis.Redis:
     return _CLIENTS[COUNTER]
 
 
+#: Seconds the health endpoint takes to answer (``PROBE_SLEEP``; default: at once).
+CHECK_TAKES = float(os.environ.get("PROBE_SLEEP", "0"))
+
+
 def check() -> None:
     """The downstream's health endpoint."""
     client().incr(f"{KEYS}:checks")
+    if CHECK_TAKES:
+        time.sleep(CHECK_TAKES)  # (a slow health endpoint, slower than a task's admission waits)
     if client().exists(f"{KEYS}:down"):
         raise ConnectionError("partner health endpoint: down")
 

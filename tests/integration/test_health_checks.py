@@ -71,6 +71,33 @@ def test_only_health_checks_reach_the_downstream_and_they_alone_close_the_breake
     assert "MainProcess] breaker partner: health check tests.integration.probe_proj:check failed" in log
 
 
+def test_a_slow_health_check_closes_the_breaker_from_pool_processes_recycled_after_each_task(broker: str) -> None:
+    # --max-tasks-per-child 1 (or worker_max_memory_per_child): the pool process whose task
+    # started the check leaves as soon as the task is deferred. A healthy check slower than
+    # the second a task's admission waits for it was abandoned at that exit, its verdict
+    # lost: the next task's process began another, and the breaker never closed.
+    prefix = unique_prefix()
+    store_url = f"{broker}?key_prefix={prefix}"
+    keys = f"probe-{prefix}"
+    client = redis.Redis.from_url(broker)
+    client.set(f"{keys}:down", 1)
+    extra = json.dumps({"breaker_storage_url": store_url, "breaker_park": False, "worker_max_tasks_per_child": 1})
+    worker = WorkerProcess(broker, app="tests.integration.probe_proj", extra_conf=extra, name="recycled",
+                           env={"PROBE_KEYS": keys, "PROBE_SLEEP": "1.4"})  # fmt: skip
+    worker.wait_ready()
+    breaker = CircuitBreaker("partner", probe_proj.POLICY, storage=store_url)
+    try:
+        first = probe_proj.pay.delay(0)
+        wait_for(lambda: breaker.state is not State.CLOSED, 30, "the first task to trip the breaker")
+        client.delete(f"{keys}:down")
+        results = [first] + [probe_proj.pay.delay(n) for n in range(1, 4)]
+        values = [result.get(timeout=30) for result in results]
+    finally:
+        worker.stop()
+    assert sorted(value["n"] for value in values) == [0, 1, 2, 3]
+    assert "breaker partner half_open -> closed (health check succeeded" in worker.log()
+
+
 @pytest.mark.parametrize(("queues", "store"), [("classic", "redis"), ("classic", "memory"), ("quorum", "redis")])
 def test_health_checks_alone_close_the_breaker_on_rabbitmq(
     rabbitmq: RabbitMQServer, redis_url: str, queues: str, store: str

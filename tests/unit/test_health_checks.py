@@ -19,6 +19,7 @@ import pytest
 
 import celery_breaker.breaker as breaker_module
 import celery_breaker.breaker.checks as checks_module
+import celery_breaker.health as health_module
 from celery_breaker import BreakerPolicy, CircuitBreaker, CircuitOpenError, ConfigurationError, State
 from celery_breaker.core import BreakerMachine, Outcome, Probe, Transition
 from celery_breaker.health import (
@@ -29,6 +30,7 @@ from celery_breaker.health import (
     ProbeTimeout,
     abandon_checks_on,
     abandon_pending_checks,
+    await_pending_checks,
     shown_probe,
 )
 from celery_breaker.testing import FakeClock, fresh_store
@@ -1052,6 +1054,39 @@ def test_a_check_going_on_when_its_process_stops_frees_its_slot_with_no_verdict(
             thread.join(5)
     assert breaker.snapshot().state is State.HALF_OPEN
     assert abandon_pending_checks() == 0
+
+
+def test_a_process_leaving_in_order_records_the_verdict_of_a_check_going_on(clock: FakeClock) -> None:
+    # (a pool process recycled by --max-tasks-per-child: the check its task stopped waiting
+    # for still closes the breaker; abandoned, it never did with a process per task)
+    release = threading.Event()
+    breaker = breaker_with(functools.partial(release.wait, 5), clock, success_threshold=1)
+    fail(breaker)
+    clock.advance(10)
+    with pytest.raises(CircuitOpenError):
+        breaker.enter_run(lambda exc: exc, check_within=0.02)
+    release.set()  # the check answers healthy while the process waits for it
+    assert await_pending_checks() == 1
+    assert breaker.snapshot().state is State.CLOSED
+    assert await_pending_checks() == 0
+
+
+def test_a_process_leaving_in_order_waits_for_its_checks_no_longer_than_await_at_most(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(health_module, "AWAIT_AT_MOST", 0.0)
+    release = threading.Event()
+    breaker = breaker_with(functools.partial(release.wait, 5), clock)
+    fail(breaker)
+    clock.advance(10)
+    with pytest.raises(CircuitOpenError):
+        breaker.enter_run(lambda exc: exc, check_within=0.02)
+    try:
+        assert await_pending_checks() == 1  # (its time is not up: given up on, as at a cold exit)
+        snap = breaker.snapshot()
+        assert (snap.state, snap.probes_in_flight) == (State.HALF_OPEN, 0)
+    finally:
+        release.set()
 
 
 def test_a_check_that_cannot_go_on_without_its_caller_gives_no_verdict(

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from billiard import common as billiard_common
 from celery import bootsteps
 from celery.apps.worker import Worker as CliWorker
 from celery.concurrency.prefork import TaskPool as PreforkPool
@@ -18,7 +19,7 @@ from celery.concurrency.solo import TaskPool as SoloPool
 from celery.signals import task_received, worker_process_init, worker_process_shutdown, worker_shutdown
 
 from ..errors import ConfigurationError
-from ..health import abandon_pending_checks
+from ..health import abandon_pending_checks, await_pending_checks
 from ..storage import describe_url, flush_stores, is_shared_url, resolve_store
 from ..storage.masking import MaskedText
 from . import events
@@ -257,6 +258,21 @@ def _on_worker_shutdown(**_: Any) -> None:
 @worker_process_shutdown.connect(weak=False)  # type: ignore[untyped-decorator]
 def _on_worker_process_shutdown(**_: Any) -> None:
     # A prefork child leaves through os._exit (no atexit): send what it counted first, and
-    # free the probe slots of health checks its runs stopped waiting for.
-    abandon_pending_checks()
-    flush_stores()
+    # settle the health checks its runs stopped waiting for. One leaving in order (recycled
+    # by --max-tasks-per-child or worker_max_memory_per_child, a warm shutdown) waits for
+    # their verdicts, each at most until its time is up; one terminated by a signal (a cold
+    # shutdown, its hard time limit) frees their probe slots at once.
+    try:
+        if not _terminated():
+            await_pending_checks()
+    finally:  # (also when a cold shutdown's signal ends the wait)
+        abandon_pending_checks()
+        flush_stores()
+
+
+def _terminated() -> bool:
+    """Whether this pool process is leaving because billiard's terminating signal handler
+    ran in it (a cold shutdown, a hard time limit, a terminating revoke); ``True`` where
+    billiard cannot say (the checks are abandoned at once, as they always were)."""
+    fired = getattr(billiard_common, "terminate_handler_fired", None)
+    return True if fired is None else bool(fired())
