@@ -1119,6 +1119,41 @@ def test_a_prefork_worker_on_a_memory_store_is_told_its_breakers_are_per_process
         assert "with 4 processes, a breaker lets up to 4 times its failures reach the downstream" in said[0]
 
 
+@pytest.mark.parametrize(
+    ("pool", "recycled", "warned"),
+    [
+        ("prefork", {"max_tasks_per_child": 1}, True),
+        ("prefork", {"max_memory_per_child": 200_000}, True),
+        ("prefork", {}, False),
+        ("threads", {"max_tasks_per_child": 1}, False),
+    ],
+)
+def test_a_prefork_worker_recycling_its_processes_on_a_memory_store_is_told_its_breakers_are_forgotten(
+    caplog: pytest.LogCaptureFixture, pool: str, recycled: dict[str, int], warned: bool
+) -> None:
+    # `-c 1 --max-tasks-per-child 1` on a memory store (the default on any broker but Redis):
+    # each task ran in a new process on a new breaker, which never saw failure_threshold
+    # failures; the breaker never tripped, and the worker said nothing (one process only).
+    from celery import concurrency as pools
+
+    app = throwaway_app(f"recycled-{pool}-{sorted(recycled)}")
+
+    @app.task(base=BreakerTask, breaker="partner", name="recycled.call", shared=False)
+    def call_partner() -> None: ...
+
+    worker = SimpleNamespace(
+        app=app, task_events=False, concurrency=1, pool_cls=pools.get_implementation(pool),
+        **{"max_tasks_per_child": None, "max_memory_per_child": None, **recycled},
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+        BreakerStep(worker)
+    said = [r.getMessage() for r in caplog.records if "forgets its breakers" in r.getMessage()]
+    assert bool(said) is warned, said
+    if warned:
+        assert "breaker_storage_url to a redis:// URL" in said[0]
+        assert next(iter(recycled)) in said[0]
+
+
 def test_an_empty_storage_url_is_refused_not_read_as_unset() -> None:
     # (an environment variable set empty chose the default store without a word: memory://
     # on any broker but Redis, each prefork process with breakers of its own)

@@ -124,6 +124,16 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
                 "worker with -P threads or gevent",
                 describe_url(settings.storage_url), concurrency, concurrency,
             )  # fmt: skip
+        recycled = _recycled_by(worker)
+        if apart is not None and recycled and breakers:
+            # (`-c 1 --max-tasks-per-child 1` said nothing above, and its breakers never tripped)
+            logger.warning(
+                "celery-breaker: breakers stored in %s are each pool process's own, and this worker replaces its "
+                "pool processes (%s): each new process forgets its breakers, an open one included, and with fewer "
+                "tasks per process than a policy's failure_threshold a breaker never trips. Set breaker_storage_url "
+                "to a redis:// URL to keep them, or run the worker with -P threads or gevent",
+                describe_url(settings.storage_url), recycled,
+            )  # fmt: skip
         if any(isinstance(strategy, ParkInStore) for strategy in strategies) and broker_kind(app.conf) != REDIS:
             logger.warning(
                 "celery-breaker: parked tasks live in the breaker store %s, while queued tasks live in the broker "
@@ -131,6 +141,17 @@ class BreakerStep(bootsteps.Step):  # type: ignore[misc]
                 "Unset breaker_park (deferred tasks then wait in the broker itself), or keep that Redis persistent",
                 describe_url(settings.storage_url), describe_url(broker_url(app.conf)),
             )  # fmt: skip
+
+
+def _recycled_by(worker: Any) -> str:
+    """What makes the worker replace its pool processes (``--max-tasks-per-child``,
+    ``worker_max_memory_per_child``), as the settings and their values; empty for none."""
+    found = []
+    for option in ("max_tasks_per_child", "max_memory_per_child"):
+        value = getattr(worker, option, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            found.append(f"worker_{option}={value}")
+    return ", ".join(found)
 
 
 def _pool_enforces_time_limits(worker: Any, *, soft: bool = False) -> bool:
