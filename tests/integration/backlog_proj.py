@@ -317,3 +317,34 @@ KEYED_TASK = "backlog.keyed"
 def keyed(self: Any, ns: str, url: str, n: int, tenant: str) -> None:
     """``call_downstream`` under the breaker of ``tenant``."""
     _call_downstream(self, ns, url, n)
+
+
+# -- every form a task message takes, through a deferral (tests/integration/test_message_forms.py) ----
+
+#: A task that notes, at each run that gets past its breaker, what its message said.
+MIRROR_TASK = "backlog.mirror"
+
+
+def mirrored_key(ns: str) -> str:
+    return f"{ns}:mirrored"
+
+
+@app.task(name=MIRROR_TASK, base=BreakerTask, bind=True, breaker=BREAKER, acks_late=True, max_retries=0)
+def mirror(self: Any, ns: str, *args: Any, **kwargs: Any) -> None:
+    """Notes its request (arguments, headers, options) as ``repr`` texts, then counts its run."""
+    request = self.request
+    info = request.delivery_info or {}
+    headers = {k: v for k, v in (request.headers or {}).items() if not k.startswith("x-breaker-")}
+    seen = {
+        "args": repr(args), "kwargs": repr(sorted(kwargs.items())), "headers": repr(sorted(headers.items())),
+        "shadow": request.shadow, "timelimit": repr(request.timelimit), "expires": repr(request.expires),
+        "priority": info.get("priority"), "reply_to": request.reply_to, "correlation_id": request.correlation_id,
+        "ignore_result": request.ignore_result, "callbacks": repr(request.callbacks),
+        "errbacks": repr(request.errbacks), "compression": getattr(request, "compression", None),
+        "content_type": info.get("celery_breaker_content_type"), "retries": request.retries,
+        "deferrals": (request.headers or {}).get("x-breaker-deferrals"),
+        "delivery_mode": (request.properties or {}).get("delivery_mode"),
+        "routing_key": info.get(QUEUE_KEY) or info.get("routing_key"),
+    }  # fmt: skip
+    counter().rpush(mirrored_key(ns), json.dumps({"id": request.id, **seen}))
+    counter().hincrby(executions_key(ns), request.id, 1)

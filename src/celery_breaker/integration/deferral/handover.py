@@ -18,7 +18,7 @@ delivered from, with publisher confirms, and only once RabbitMQ confirmed the co
 held delivery acknowledged: the task then waits in the queue, not in the worker, and
 its new delivery's window starts when a worker takes it. A task with a ``rate_limit``
 comes due through its bucket (``Consumer._limit_post_eta``), which is wrapped alike. The
-copy goes without the ``compression`` header (kombu gave the body decompressed); task
+copy is compressed again as its message was (kombu gave the body decompressed); task
 protocol 1, which keeps the ETA in the body, is left as it was. The consumer's event loop
 waits ``CONFIRM_WAIT`` at most for the confirm; a copy written while RabbitMQ blocks
 publishers (a memory or disk alarm) is routed once the alarm clears, so it counts as
@@ -137,14 +137,17 @@ def hand_on(app: Any, request: Any) -> bool:
     ):  # fmt: skip
         return False
     properties = dict(getattr(message, "properties", None) or {})
-    # kombu gave the body decompressed: the copy goes without its compression header (a
-    # worker would decompress plain text, fail to decode it, and drop the task).
+    # kombu gave the body decompressed: the copy is compressed again by the publish, which
+    # sets the header (the header alone, a worker would decompress plain text, fail to
+    # decode it, and drop the task; neither, the copy went out megabytes larger, and so
+    # did its next deferral: the request no longer named a compression).
+    compression = headers.get("compression") or None
     copy = {key: value for key, value in headers.items() if key != "compression"}
     copy["eta"] = None
 
     def send(producer: Any) -> object:
         return producer.publish(
-            message.body, exchange="", routing_key=queue, headers=copy, retry=False,
+            message.body, exchange="", routing_key=queue, headers=copy, retry=False, compression=compression,
             content_type=message.content_type, content_encoding=message.content_encoding,
             priority=properties.get("priority"), correlation_id=properties.get("correlation_id"),
             reply_to=properties.get("reply_to"), delivery_mode=properties.get("delivery_mode", 2),
