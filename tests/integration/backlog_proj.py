@@ -28,7 +28,9 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.app.task import get_actual_ignore_result
 from celery.signals import task_failure, task_retry, task_revoked
+from kombu.serialization import register
 
 from celery_breaker import BreakerTask, CircuitOpenError
 from celery_breaker.core import Transition
@@ -339,7 +341,7 @@ def mirror(self: Any, ns: str, *args: Any, **kwargs: Any) -> None:
         "args": repr(args), "kwargs": repr(sorted(kwargs.items())), "headers": repr(sorted(headers.items())),
         "shadow": request.shadow, "timelimit": repr(request.timelimit), "expires": repr(request.expires),
         "priority": info.get("priority"), "reply_to": request.reply_to, "correlation_id": request.correlation_id,
-        "ignore_result": request.ignore_result, "callbacks": repr(request.callbacks),
+        "ignore_result": get_actual_ignore_result(self, request), "callbacks": repr(request.callbacks),
         "errbacks": repr(request.errbacks), "compression": getattr(request, "compression", None),
         "content_type": info.get("celery_breaker_content_type"), "retries": request.retries,
         "deferrals": (request.headers or {}).get("x-breaker-deferrals"),
@@ -348,3 +350,12 @@ def mirror(self: Any, ns: str, *args: Any, **kwargs: Any) -> None:
     }  # fmt: skip
     counter().rpush(mirrored_key(ns), json.dumps({"id": request.id, **seen}))
     counter().hincrby(executions_key(ns), request.id, 1)
+
+
+#: A serializer of the project's own, registered with kombu: JSON in UTF-16 (a content
+#: encoding other than UTF-8), accepted by its workers when a test lists it.
+UTF16_SERIALIZER = "json-utf16"
+register(  # type: ignore[no-untyped-call]
+    UTF16_SERIALIZER, lambda value: json.dumps(value, ensure_ascii=False), json.loads,
+    content_type="application/x-json-utf16", content_encoding="utf-16",
+)  # fmt: skip
