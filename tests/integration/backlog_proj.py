@@ -347,6 +347,7 @@ def mirror(self: Any, ns: str, *args: Any, **kwargs: Any) -> None:
         "deferrals": (request.headers or {}).get("x-breaker-deferrals"),
         "delivery_mode": (request.properties or {}).get("delivery_mode"),
         "routing_key": info.get(QUEUE_KEY) or info.get("routing_key"),
+        "stamps": repr(sorted((request.stamps or {}).items())), "stamped_headers": repr(request.stamped_headers),
     }  # fmt: skip
     counter().rpush(mirrored_key(ns), json.dumps({"id": request.id, **seen}))
     counter().hincrby(executions_key(ns), request.id, 1)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 import redis
+from kombu.connection import Connection
 
 from celery_breaker import CircuitBreaker
 from celery_breaker.storage import close_stores
@@ -80,6 +82,7 @@ def forms(cell: Deployment) -> dict[str, dict[str, Any]]:
         "msgpack-bytes-lzma": {"args": (b"\x00\xff binary", "ü"), "serializer": "msgpack", "compression": "lzma"},
         "ignore-result-reply-to": {"args": (2,), "ignore_result": True, "reply_to": "my-reply-queue"},
         "utf16-serializer": {"args": ("Grüße ✓", "y" * 2_000), "serializer": UTF16_SERIALIZER},
+        "stamped": {"args": (6,), "stamped_headers": ["tenant_stamp"], "tenant_stamp": "acme"},
         "eta": {"args": (3,), "eta": datetime.now(timezone.utc) + timedelta(seconds=0.5)},
         "hostile-headers": {
             "args": (4,),
@@ -90,6 +93,18 @@ def forms(cell: Deployment) -> dict[str, dict[str, Any]]:
             },
         },
     }
+
+
+def _send_minimal(cell: Deployment) -> str:
+    """Publish the fewest headers a worker takes, as a producer in another language might
+    (no ``timelimit``, ``root_id``, ``origin``... and none of celery-breaker's); its id."""
+    task_id = str(uuid.uuid4())
+    with Connection(cell.broker_url) as connection:  # type: ignore[no-untyped-call]
+        connection.Producer().publish(
+            [[cell.ns, "minimal", 7], {}, {}], routing_key=cell.queue, exchange="", serializer="json",
+            headers={"lang": "py", "task": MIRROR_TASK, "id": task_id},
+        )  # fmt: skip
+    return task_id
 
 
 def _seen(client: redis.Redis, ns: str) -> dict[str, list[dict[str, Any]]]:
@@ -122,12 +137,14 @@ def test_every_form_of_message_comes_back_the_same_task_after_a_deferral(
             closed = [publisher.send_task(MIRROR_TASK, args=(cell.ns, name, *o.get("args", ())),
                                           **{k: v for k, v in o.items() if k != "args"}).id
                       for name, o in sent.items()]  # fmt: skip
+            closed.append(_send_minimal(cell))
             closed.append(old_protocol.send_task(MIRROR_TASK, args=(cell.ns, "protocol-1", 5), time_limit=40).id)
             wait_for(lambda: client.hlen(executions_key(cell.ns)) >= len(closed), 30, "the undeferred runs")
             breaker.force_open()
             deferred = [publisher.send_task(MIRROR_TASK, args=(cell.ns, name, *o.get("args", ())),
                                             **{k: v for k, v in o.items() if k != "args"}).id
                         for name, o in sent.items()]  # fmt: skip
+            deferred.append(_send_minimal(cell))
             deferred.append(old_protocol.send_task(MIRROR_TASK, args=(cell.ns, "protocol-1", 5), time_limit=40).id)
             wait_for(lambda: client.hlen(deferral_counts_key(cell.ns)) >= len(deferred), 30, "every task deferred")
             breaker.close()
@@ -148,13 +165,17 @@ def test_every_form_of_message_comes_back_the_same_task_after_a_deferral(
         assert second["retries"] == 0, name
         if isinstance(sent.get(name, {}).get("expires"), float):  # (seconds from each send: two times)
             del first["expires"]
+        if name == "minimal":  # (what Celery fills in for any message it sends: no limits, its own reply_to)
+            assert (first["timelimit"], second["timelimit"], first["reply_to"]) == ("None", "[None, None]", None)
+            del first["timelimit"], first["reply_to"]
         if first["content_type"] is None:  # (task protocol 1: its copy goes in protocol 2, in the task's serializer)
             del first["content_type"]
         differ = {k: (first[k], second[k]) for k in first if k not in OWN and first[k] != second[k]}
         if differ:
             differences[name] = differ
     assert not differences
-    assert set(_seen(client, cell.ns)) == {*sent, "protocol-1"}
+    assert "acme" in _seen(client, cell.ns)["stamped"][1]["stamps"]  # (a stamp revoke_by_stamped_headers finds)
+    assert set(_seen(client, cell.ns)) == {*sent, "protocol-1", "minimal"}
 
 
 def test_a_held_countdown_handed_back_from_a_busy_pool_keeps_its_compression(
