@@ -496,3 +496,11 @@ def test_only_a_refusal_blames_the_native_delay_setting(exc: BaseException, refu
     # A run sent straight back because its connection failed twice was logged at ERROR
     # blaming broker_native_delayed_delivery_queue_type; only RabbitMQ's refusals do now.
     assert countdown._refusal(exc) is refused
+
+
+@pytest.mark.parametrize("headers", [{DEFERRALS_HEADER: "many"}, {SINCE_HEADER: "yesterday"}])
+def test_a_malformed_deferral_header_is_told_with_its_fix(headers: dict[str, Any]) -> None:
+    # A producer (or a replay tool copying a delivered task's headers) set it: the
+    # WARNING named the header and what was done, not how to stop it coming.
+    (problem,) = read_headers(headers, now=NOW).problems
+    assert problem.endswith("(celery-breaker sets it; do not send it)")

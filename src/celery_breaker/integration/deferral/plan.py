@@ -81,6 +81,10 @@ class DeferralPlan:
     give_up: str | None = None
 
 
+#: The fix a malformed deferral header's WARNING names: it came from a sender, not from us.
+_NOT_YOURS = "celery-breaker sets it; do not send it"
+
+
 def read_headers(headers: Mapping[str, Any] | None, *, now: float) -> DeferralHeaders:
     """Parse the deferral headers leniently: a malformed value is reported, not fatal."""
     if not headers:
@@ -98,7 +102,7 @@ def read_headers(headers: Mapping[str, Any] | None, *, now: float) -> DeferralHe
         except (TypeError, ValueError, OverflowError):
             problems.append(
                 f"header {DEFERRALS_HEADER}={_shown(raw_count)} is not a whole number from 0 to {MOST_DEFERRALS}; "
-                "counting from 0"
+                f"counting from 0 ({_NOT_YOURS})"
             )
             count = 0
     since: float | None = None
@@ -115,7 +119,7 @@ def read_headers(headers: Mapping[str, Any] | None, *, now: float) -> DeferralHe
         except (TypeError, ValueError, OverflowError):
             problems.append(
                 f"header {SINCE_HEADER}={_shown(raw_since)} is not the epoch seconds of a past deferral; "
-                "measuring the deferral age from now"
+                f"measuring the deferral age from now ({_NOT_YOURS})"
             )
             since = None
     return DeferralHeaders(count, since, tuple(problems))
