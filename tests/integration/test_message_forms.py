@@ -119,7 +119,7 @@ def _seen(client: redis.Redis, ns: str) -> dict[str, list[dict[str, Any]]]:
 @pytest.mark.parametrize(
     ("broker", "mode"),
     [("redis", "park"), ("redis", "countdown"), ("rabbitmq-classic", "park"), ("rabbitmq-classic", "countdown"),
-     ("rabbitmq-classic", "store")],
+     ("rabbitmq-classic", "store"), ("rabbitmq-quorum", "park"), ("rabbitmq-quorum", "countdown")],
 )  # fmt: skip
 def test_every_form_of_message_comes_back_the_same_task_after_a_deferral(
     broker: str, mode: str, rabbitmq: RabbitMQServer, redis_server: RedisServer

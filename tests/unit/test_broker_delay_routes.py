@@ -281,3 +281,21 @@ def test_a_run_back_from_broker_delay_sees_no_dead_lettering_headers_of_the_dela
     only_ours = SimpleNamespace(request_dict={**sent, "x-death": [ours]}, delivery_info={})
     task_received.send(sender=None, request=only_ours)
     assert only_ours.request_dict == sent
+
+
+def test_a_deferral_back_from_celerys_native_delay_sees_no_dead_lettering_headers_of_its_levels() -> None:
+    # A countdown deferral on quorum queues waits in Celery's native delay
+    # (celery_delayed_0..27), which dead-letters it back: the run saw x-death and
+    # x-first-death-* naming celery_delayed_0 beside its caller's headers (seen on a real
+    # RabbitMQ). A task of the app's own countdown keeps them, as Celery gives them.
+    celerys = {"count": 1, "reason": "expired", "queue": "celery_delayed_0", "exchange": "celery_delayed_27"}
+    deaths = {
+        "x-death": [celerys], "x-first-death-exchange": "celery_delayed_27", "x-first-death-queue": "celery_delayed_0",
+        "x-first-death-reason": "expired",
+    }  # fmt: skip
+    deferred = SimpleNamespace(request_dict={"trace": "t", "x-breaker-deferrals": 2, **deaths}, delivery_info={})
+    task_received.send(sender=None, request=deferred)
+    assert deferred.request_dict == {"trace": "t", "x-breaker-deferrals": 2}
+    own_countdown = SimpleNamespace(request_dict={"trace": "t", **deaths}, delivery_info={})
+    task_received.send(sender=None, request=own_countdown)
+    assert own_countdown.request_dict == {"trace": "t", **deaths}

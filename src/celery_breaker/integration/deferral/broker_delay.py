@@ -50,6 +50,7 @@ from ..throttle import Throttle
 from . import confirms
 from .confirms import Confirm, ConfirmingPublisher, Send
 from .native_delay import LOOK_AGAIN_AFTER, RecentRefusals
+from .plan import DEFERRALS_HEADER
 from .strategy import DESTINATION_OPTIONS, Deferral, names_destination, publish
 
 __all__ = [
@@ -149,30 +150,40 @@ def show_queue_delivery(sender: Any = None, request: Any = None, **_: Any) -> No
 
 #: A level of the delay topology, as RabbitMQ names it in the dead-lettering headers.
 _LEVEL_QUEUE = re.compile(r"celery_breaker_delayed_[0-9]+")
+#: A level of Celery's native delay (quorum queues), which carries countdown deferrals there.
+_CELERY_LEVEL_QUEUE = re.compile(r"celery_delayed_[0-9]+")
 
 
-def _a_level(queue: Any) -> bool:
-    return isinstance(queue, str) and _LEVEL_QUEUE.fullmatch(queue) is not None
+def _a_level(queue: Any, *, celerys: bool = False) -> bool:
+    """Whether ``queue`` is a level of the delay topology (``celerys``: or of Celery's native delay)."""
+    if not isinstance(queue, str):
+        return False
+    return _LEVEL_QUEUE.fullmatch(queue) is not None or (celerys and _CELERY_LEVEL_QUEUE.fullmatch(queue) is not None)
 
 
 def forget_delay_deaths(sender: Any = None, request: Any = None, **_: Any) -> None:
     """``task_received`` (the worker's main process): take out of the run's headers what
     RabbitMQ wrote when a level of the delay topology dead-lettered it (``x-death``
     entries, ``x-first-death-*``, ``x-last-death-*``): a run that came back from
-    broker-delay saw them in ``self.request.headers``, beside what its caller sent.
-    Entries of other dead-lettering (the app's own) are kept."""
+    broker-delay saw them in ``self.request.headers``, beside what its caller sent. So
+    too for a deferral (``DEFERRALS_HEADER``) back from Celery's native delay, where a
+    countdown waits on quorum queues. Entries of other dead-lettering (the app's own, and
+    Celery's delay of the app's own countdowns, as Celery gives them) are kept."""
     headers = getattr(request, "request_dict", None)  # (what the pool builds the run's request from)
     if not isinstance(headers, dict):
         return
+    celerys = DEFERRALS_HEADER in headers
     deaths = headers.get("x-death")
     if isinstance(deaths, list):
-        kept = [death for death in deaths if not (isinstance(death, dict) and _a_level(death.get("queue")))]
+        kept = [
+            death for death in deaths if not (isinstance(death, dict) and _a_level(death.get("queue"), celerys=celerys))
+        ]
         if kept:
             headers["x-death"] = kept
         else:
             del headers["x-death"]
     for which in ("first", "last"):
-        if _a_level(headers.get(f"x-{which}-death-queue")):
+        if _a_level(headers.get(f"x-{which}-death-queue"), celerys=celerys):
             for part in ("exchange", "queue", "reason"):
                 headers.pop(f"x-{which}-death-{part}", None)
 
