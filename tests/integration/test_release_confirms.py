@@ -14,7 +14,7 @@ import uuid
 import pytest
 from celery import Celery
 from kombu.connection import Connection
-from kombu.entity import Queue
+from kombu.entity import Exchange, Queue
 
 from celery_breaker.integration.deferral import release
 from celery_breaker.integration.deferral.parking import encode_message
@@ -111,3 +111,57 @@ def test_an_entry_celery_can_never_publish_is_dropped_and_the_rest_confirmed(
         close_stores()
         with Connection(rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
             queue.bind(connection.default_channel).delete()  # type: ignore[no-untyped-call]
+
+
+def test_a_parked_task_whose_queue_is_gone_stays_parked_not_routed_nowhere(
+    rabbitmq: RabbitMQServer,
+    redis_server: RedisServer,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A task parked from a queue of its own (delivered through exchange "gone-...", so
+    # parked with that exchange and routing key) whose queue was deleted before the
+    # release (an auto_delete queue whose consumers left, an x-expires queue, an
+    # operator's delete): RabbitMQ routed the release nowhere and confirmed it, and the
+    # entry was forgotten: the task was gone, with no word of it. It stays parked now,
+    # and goes once a queue takes it again.
+    monkeypatch.setattr(release, "LEASE", 0.2)  # (seconds a claim holds an entry: shortened)
+    ns = uuid.uuid4().hex[:8]
+    queue = Queue(f"default-{ns}")  # type: ignore[no-untyped-call]
+    app, parking = _releasing_to(queue, ns, rabbitmq, redis_server)
+    gone = f"gone-{ns}"
+    try:
+        with Connection(rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+            connection.default_channel.exchange_declare(
+                gone, "direct", durable=True, auto_delete=False
+            )  # (its queue: deleted)
+        parked = app.signature("proj.charge", args=(1,)).freeze().id
+        body = dict(app.signature("proj.charge", args=(1,), task_id=parked, exchange=gone, routing_key=gone))
+        parking.park("crm", None, f"{parked}:0:1", 1.0, encode_message(body, "json"), None)
+        tag = parking.tag("crm", None)
+        releaser = Releaser(app, parking, rate=1000.0, ramp=0.0)
+        with caplog.at_level(logging.WARNING, logger="celery_breaker"):
+            for _ in range(20):
+                releaser.release_once()
+        assert releaser.released == 0
+        assert sum(parking.count(tag)) == 1  # (still parked or claimed: not forgotten)
+        assert _messages(rabbitmq.url, queue) == []
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert f"routed parked task {parked}:0:1 of crm to no queue (exchange {gone!r}, routing key {gone!r}" in warning
+        assert "Declare the queue again" in warning
+
+        back = Queue(gone, Exchange(gone, "direct"), routing_key=gone)  # type: ignore[no-untyped-call]
+        with Connection(rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+            back.bind(connection.default_channel).declare()  # type: ignore[no-untyped-call]
+        for _ in range(50):  # (claimed again once its lease has run out)
+            if releaser.release_once():
+                break
+        assert releaser.released == 1
+        assert parking.count(tag) == (0, 0)
+        assert _messages(rabbitmq.url, back) == [parked]  # (once)
+    finally:
+        close_stores()
+        with Connection(rabbitmq.url) as connection:  # type: ignore[no-untyped-call]
+            queue.bind(connection.default_channel).delete()  # type: ignore[no-untyped-call]
+            connection.default_channel.queue_delete(gone)
+            connection.default_channel.exchange_delete(gone)

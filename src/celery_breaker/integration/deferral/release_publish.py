@@ -125,6 +125,19 @@ class Republishing:
             _RELEASING.on = False
         return done
 
+    def _unrouted(self, tag: str, entry: str, exchange: str, routing_key: str) -> None:
+        """Say that RabbitMQ routed ``entry`` to no queue: it stays parked (claimed, released
+        again after its lease) until a queue takes it again."""
+        quiet = self._nacks.due(f"unrouted {tag}")
+        logger.log(
+            logging.DEBUG if quiet is None else logging.WARNING,
+            "celery-breaker releaser: RabbitMQ routed parked task %s of %s to no queue (exchange %r, routing key %r: "
+            "its queue deleted since it was parked?); it stays parked and is released again after its lease. Declare "
+            "the queue again (a worker consuming it does, or task_queues) (logged at most once a minute per breaker; "
+            "%d more since the last time, at DEBUG)",
+            entry, shown_label(self.parking.label(tag)), exchange, routing_key, quiet or 0,
+        )  # fmt: skip
+
     def _publish_confirmed(self, tag: str, ready: list[tuple[str, Any, dict[str, Any]]]) -> list[str]:
         """Publish on RabbitMQ with publisher confirms (``ConfirmingPublisher``); return the
         entries RabbitMQ took.
@@ -136,13 +149,41 @@ class Republishing:
         within ``CONFIRM_TIMEOUT`` (RabbitMQ blocks publishers under a memory or disk
         alarm, or the peer is gone) leaves the unconfirmed ones claimed, and the rest of
         the claim waits: they may run twice (a copy is routed when the alarm clears),
-        never not at all."""
+        never not at all.
+
+        Each goes ``mandatory``: one that no queue takes (its queue deleted since it was
+        parked: an ``auto_delete`` or ``x-expires`` queue, an operator's delete) RabbitMQ
+        returns, then confirms. Taken for published, it was forgotten, and the task lost
+        without a word; it stays claimed now (``_unrouted``)."""
+        returned: dict[str, tuple[str, str]] = {}  # (task id -> the exchange and key RabbitMQ returned it from)
+        channels: list[Any] = []
+
+        def on_return(exc: Any, exchange: str, routing_key: str, message: Any) -> None:
+            task_id = (getattr(message, "headers", None) or {}).get("id")
+            if isinstance(task_id, str):
+                returned[task_id] = (exchange, routing_key)
 
         def send(signature: Any, options: dict[str, Any]) -> Send:
-            return lambda producer: signature.apply_async(producer=producer, retry=False, **options)
+            def publish(producer: Any) -> object:
+                handlers = producer.channel.events["basic_return"]
+                if on_return not in handlers:
+                    handlers.add(on_return)
+                    channels.append(handlers)
+                return signature.apply_async(producer=producer, retry=False, mandatory=True, **options)
+
+            return publish
 
         assert self._publisher is not None
-        published = self._publisher.publish(self.app, [send(signature, options) for _, signature, options in ready])
+        try:
+            published = self._publisher.publish(self.app, [send(signature, options) for _, signature, options in ready])
+        finally:
+            for handlers in channels:  # (this batch's: a handler left behind is one more each batch)
+                handlers.discard(on_return)
+        for index, (entry, signature, _) in enumerate(ready):
+            route = returned.get(signature.id) if published.results[index] is Confirm.CONFIRMED else None
+            if route is not None:  # (confirmed after it was returned: routed to no queue)
+                published.results[index] = Confirm.UNSENT
+                self._unrouted(tag, entry, *route)
         confirmed = []
         for index, exc in list(published.errors.items()):
             entry = ready[index][0]
