@@ -8,6 +8,7 @@ import logging
 import socket
 import ssl
 import sys
+import uuid
 from typing import Any
 
 import pytest
@@ -278,19 +279,22 @@ def test_the_other_policy_warning_is_said_once_per_process_for_a_name_not_per_ke
     # A WARNING for each breaker object made flooded the log: one per tenant of a per-key
     # breaker, and one per run under a registry that makes them again.
     store = fresh_store()
+    # (names of this test alone: what the process warned of is kept for its lifetime, and
+    # every fresh_store() is memory://test, so another test's "svc" would count here)
+    svc, other = f"svc-{uuid.uuid4().hex[:8]}", f"other-{uuid.uuid4().hex[:8]}"
     kept, given = BreakerPolicy(failure_threshold=5), BreakerPolicy(failure_threshold=1)
     for key in ("tenant-1", "tenant-2", "tenant-3"):
-        CircuitBreaker("svc", kept, storage=store, key=key)
+        CircuitBreaker(svc, kept, storage=store, key=key)
     with caplog.at_level(logging.WARNING, logger="celery_breaker"):
         for key in ("tenant-1", "tenant-2", "tenant-3", "tenant-1"):
-            CircuitBreaker("svc", given, storage=store, key=key)
+            CircuitBreaker(svc, given, storage=store, key=key)
         warned = [r for r in caplog.records if "another policy" in r.getMessage()]
         assert len(warned) == 1
         assert "said once per process" in warned[0].getMessage()
         # Another breaker, or the same one met with yet another policy, is said again.
-        CircuitBreaker("other", kept, storage=store)
-        CircuitBreaker("other", given, storage=store)
-        CircuitBreaker("svc", BreakerPolicy(failure_threshold=2), storage=store, key="tenant-1")
+        CircuitBreaker(other, kept, storage=store)
+        CircuitBreaker(other, given, storage=store)
+        CircuitBreaker(svc, BreakerPolicy(failure_threshold=2), storage=store, key="tenant-1")
     assert len([r for r in caplog.records if "another policy" in r.getMessage()]) == 3
 
 
